@@ -1,0 +1,79 @@
+"""Fit a converted state dict to a model: resample position tables, drop a head of another size, and
+load strictly with an error that lists what does not fit."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from torch import Tensor, nn
+
+from vitlab.checkpoints.io import CheckpointError
+from vitlab.layers import resample_pos_embed
+
+log = logging.getLogger(__name__)
+
+
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Names of the modules that make up the classification head(s)."""
+    return tuple(getattr(model, "classifier_names", ("head",)))
+
+
+def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) -> dict[str, Tensor]:
+    """Resample ``*pos_embed`` tables to the model's grid and drop heads whose shape differs."""
+    target = model.state_dict()
+    out = dict(sd)
+    for k, v in sd.items():
+        if k.endswith("pos_embed") and k in target and v.shape != target[k].shape:
+            out[k] = _resample_to(v, target[k], model, k, source)
+    heads = classifier_prefixes(model)
+    dropped = [
+        k for k in out
+        if k.split(".")[0] in heads and (k not in target or out[k].shape != target[k].shape)
+    ]
+    if dropped:
+        # a head for other classes (or none asked for): the model keeps its own, zero-initialised one
+        for k in dropped:
+            del out[k]
+        for k in [k for k in out if k.startswith("pre_logits.") and k not in target]:
+            del out[k]  # the paper drops the pre-logits layer with the pre-training head
+        for k in (k for k in target if k.split(".")[0] in heads):
+            out[k] = target[k]
+        log.info("%s: classifier head replaced (%s)", source, ", ".join(sorted(dropped)))
+    return out
+
+
+def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str) -> Tensor:
+    prefix = getattr(model, "pos_embed_prefix", getattr(model, "num_prefix_tokens", 0))
+    if v.ndim != 3 or t.ndim != 3 or v.shape[-1] != t.shape[-1]:
+        raise CheckpointError(
+            f"{source}: {key} has shape {tuple(v.shape)}, the model needs {tuple(t.shape)}; "
+            f"these differ in width, not only in grid size"
+        )
+    new_grid = model.patch_embed.grid_size
+    n_old = v.shape[1] - prefix
+    side = math.isqrt(max(n_old, 0))
+    if side * side != n_old:
+        raise CheckpointError(f"{source}: {key} has {n_old} grid positions, which is not a square grid")
+    log.info("%s: resampling %s from %dx%d to %dx%d", source, key, side, side, *new_grid)
+    return resample_pos_embed(v, new_grid, old_size=(side, side), num_prefix_tokens=prefix)
+
+
+def load_strict(model: nn.Module, sd: dict[str, Tensor], *, source: str) -> None:
+    """Load ``sd`` into ``model``; anything that does not fit is one clear error."""
+    target = model.state_dict()
+    missing = sorted(set(target) - set(sd))
+    unexpected = sorted(set(sd) - set(target))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in set(sd) & set(target) if sd[k].shape != target[k].shape
+    )
+    if missing or unexpected or shapes:
+        parts = [f"{source} does not fit {getattr(model, 'model_name', type(model).__name__)}:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shapes that differ", shapes)):
+            if items:
+                shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+                parts.append(f"  {title}: {shown}")
+        parts.append("  Is it a checkpoint of another architecture or size?")
+        raise CheckpointError("\n".join(parts))
+    model.load_state_dict(sd, strict=True)

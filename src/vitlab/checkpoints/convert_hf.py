@@ -1,0 +1,99 @@
+"""Hugging Face transformers ViT (``ViTModel`` / ``ViTForImageClassification``) -> vitlab."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vitlab.checkpoints.converters import Converted, register_converter
+from vitlab.checkpoints.convert_timm import head_overrides
+
+_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+_LAYER_MAP = {
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.output.dense": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "lambda1": "ls1.gamma",
+    "lambda2": "ls2.gamma",
+}
+
+
+def hf_vit_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """Architecture fields of a ViT ``config.json``."""
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"HF ViT config: hidden_act={config.get('hidden_act')!r}; vitlab's ViT uses exact 'gelu'")
+    hidden = int(config["hidden_size"])
+    return {
+        "embed_dim": hidden,
+        "depth": int(config["num_hidden_layers"]),
+        "num_heads": int(config["num_attention_heads"]),
+        "mlp_ratio": int(config.get("intermediate_size", 4 * hidden)) / hidden,
+        "img_size": int(config.get("image_size", 224)),
+        "patch_size": int(config.get("patch_size", 16)),
+        "in_chans": int(config.get("num_channels", 3)),
+        "qkv_bias": bool(config.get("qkv_bias", True)),
+        "norm_eps": float(config.get("layer_norm_eps", 1e-12)),
+    }
+
+
+def convert_hf_encoder(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The shared embeddings + encoder part of HF ViT-like models (ViT, DeiT) under ``prefix``."""
+    out: dict[str, Tensor] = {}
+    qkv: dict[int, dict[str, Tensor]] = {}
+    for k, v in sd.items():
+        if not k.startswith(prefix):
+            continue
+        k = k[len(prefix):]
+        if k == "embeddings.cls_token":
+            out["cls_token"] = v
+        elif k == "embeddings.distillation_token":
+            out["dist_token"] = v
+        elif k == "embeddings.position_embeddings":
+            out["pos_embed"] = v
+        elif k.startswith("embeddings.patch_embeddings.projection."):
+            out["patch_embed.proj." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("layernorm."):
+            out["norm." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("pooler.dense."):
+            out["pre_logits.fc." + k.rsplit(".", 1)[1]] = v
+        elif k == "embeddings.mask_token":
+            continue  # only used for masked image modelling
+        elif m := _LAYER.match(k):
+            i, rest = int(m.group(1)), m.group(2)
+            if rest.startswith("attention.attention."):
+                which, param = rest[len("attention.attention."):].split(".")
+                qkv.setdefault(i, {})[f"{which}.{param}"] = v
+                continue
+            name, param = rest.rsplit(".", 1) if rest.count(".") else (rest, "")
+            if rest in _LAYER_MAP:
+                out[f"blocks.{i}.{_LAYER_MAP[rest]}"] = v
+            elif name in _LAYER_MAP:
+                out[f"blocks.{i}.{_LAYER_MAP[name]}.{param}"] = v
+            else:
+                raise ValueError(f"HF checkpoint: unexpected key {prefix}{k}")
+        else:
+            raise ValueError(f"HF checkpoint: unexpected key {prefix}{k}")
+    for i, parts in qkv.items():  # separate q, k, v projections -> one fused (3D, D) projection
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts[f"{n}.weight"] for n in ("query", "key", "value")])
+        if "query.bias" in parts:
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([parts[f"{n}.bias"] for n in ("query", "key", "value")])
+    return out
+
+
+@register_converter("vit", "hf")
+def convert_hf_vit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
+    prefix = "vit." if any(k.startswith("vit.") for k in sd) else ""
+    out = convert_hf_encoder(sd, prefix)
+    for k, v in sd.items():
+        if k.startswith("classifier."):
+            out["head." + k.split(".", 1)[1]] = v
+    overrides = hf_vit_overrides(meta.get("config", {})) if meta.get("config") else {}
+    overrides.update(head_overrides(out))
+    if "pre_logits.fc.weight" in out:
+        overrides["representation_size"] = int(out["pre_logits.fc.weight"].shape[0])
+    return Converted(out, overrides)

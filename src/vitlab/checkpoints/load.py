@@ -1,0 +1,110 @@
+"""Find, read and convert a pretrained source: a local file or folder, or ``hf-hub:ORG/NAME``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitlab.checkpoints.converters import Converted, SourceFormat, get_converter
+from vitlab.checkpoints.io import (
+    PICKLE_SUFFIXES,
+    CheckpointError,
+    read_json,
+    read_npz,
+    read_pickle,
+    read_safetensors,
+    unwrap_state_dict,
+)
+from vitlab.checkpoints.vitlab_format import read_vitlab
+
+HF_HUB_PREFIX = "hf-hub:"
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+@dataclass
+class Source:
+    """A read and converted checkpoint."""
+
+    path: Path
+    format: SourceFormat
+    converted: Converted
+    meta: dict[str, Any] = field(default_factory=dict)  # vitlab metadata, or {"config": hf_config}
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """Local path of ``source``; ``hf-hub:ORG/NAME`` is fetched (or found in the local cache offline)."""
+    s = str(source)
+    if s.startswith(HF_HUB_PREFIX):
+        return _hub_snapshot(s[len(HF_HUB_PREFIX):])
+    p = Path(s).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"pretrained={s!r}: no such file or folder")
+    return p
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"hf-hub:{repo_id}: huggingface_hub is not installed; pip install 'vitlab[hub]'"
+        ) from None
+    patterns = ["*.json", "*.safetensors", "*.bin", "*.npz"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as online_error:  # network down: fall back to whatever the cache holds
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            raise CheckpointError(
+                f"hf-hub:{repo_id}: not reachable and not in the local Hugging Face cache ({online_error})"
+            ) from online_error
+
+
+def read_source(path: Path, family: str) -> Source:
+    """Detect the format of ``path`` and convert it for ``family``."""
+    if path.is_dir():
+        return _read_folder(path, family)
+    name = path.name.lower()
+    if name.endswith(".npz"):
+        return Source(path, "jax", get_converter(family, "jax")(read_npz(path), {}))
+    if name.endswith(".safetensors"):
+        got = read_vitlab(path)
+        if got is not None:
+            sd, meta = got
+            return Source(path, "vitlab", Converted(sd, {}), meta)
+        sd, _ = read_safetensors(path)
+        return Source(path, "timm", get_converter(family, "timm")(sd, {}))
+    if name.endswith(PICKLE_SUFFIXES):
+        sd = unwrap_state_dict(read_pickle(path), path)
+        fmt: SourceFormat = "hf" if _looks_hf(sd) else "timm"
+        return Source(path, fmt, get_converter(family, fmt)(sd, {}))
+    raise CheckpointError(
+        f"{path}: unknown checkpoint type; expected .safetensors, .pth/.pt/.bin, .npz, or a folder "
+        f"with config.json and model.safetensors / pytorch_model.bin"
+    )
+
+
+def _looks_hf(sd: dict) -> bool:
+    return any(".embeddings.patch_embeddings." in k or k.startswith("embeddings.patch_embeddings.") for k in sd)
+
+
+def _read_folder(path: Path, family: str) -> Source:
+    weights = next((path / f for f in HF_WEIGHT_FILES if (path / f).exists()), None)
+    if weights is None:
+        raise CheckpointError(f"{path}: folder has none of {', '.join(HF_WEIGHT_FILES)}")
+    config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+    if weights.suffix == ".safetensors":
+        got = read_vitlab(weights)
+        if got is not None:
+            sd, meta = got
+            return Source(weights, "vitlab", Converted(sd, {}), meta)
+        sd, _ = read_safetensors(weights)
+    else:
+        sd = unwrap_state_dict(read_pickle(weights), weights)
+    if "architectures" in config or "model_type" in config or _looks_hf(sd):
+        return Source(weights, "hf", get_converter(family, "hf")(sd, {"config": config}), {"config": config})
+    # a timm hub folder: config.json with "architecture" and "pretrained_cfg", weights in timm's names
+    return Source(weights, "timm", get_converter(family, "timm")(sd, {}), {"timm_config": config})

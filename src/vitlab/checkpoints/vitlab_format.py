@@ -1,0 +1,81 @@
+"""vitlab's own checkpoint: one safetensors file whose header carries the JSON metadata.
+
+The metadata names the registered model, its full config, the class names and the preprocessing, so
+that every later command (finetune, eval, predict, explain, export) needs nothing but the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from vitlab.checkpoints.io import CheckpointError, atomic_write, read_safetensors
+
+FORMAT_KEY = "format"
+FORMAT_NAME = "vitlab"
+FORMAT_VERSION = 1
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, JSON-safe
+
+
+def config_from_dict(template: Any, d: dict[str, Any]) -> Any:
+    """Rebuild a family config from its dict, refusing unknown fields."""
+    names = {f.name for f in dataclasses.fields(template)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise CheckpointError(f"config has fields {unknown} that {type(template).__name__} does not know")
+    return dataclasses.replace(template, **{k: _tuplify(v) for k, v in d.items()})
+
+
+def _tuplify(v: Any) -> Any:
+    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+
+
+def model_metadata(model: nn.Module, *, class_names: list[str] | None = None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    name = getattr(model, "model_name", None)
+    if name is None:
+        raise ValueError("save_model: the model has no registered name; build it with vitlab.create_model")
+    meta: dict[str, Any] = {
+        FORMAT_KEY: FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "model": name,
+        "config": config_to_dict(model.cfg),
+        "preprocessing": model.preprocessing.to_dict(),
+        "class_names": list(class_names) if class_names is not None else getattr(model, "class_names", None),
+    }
+    if extra:
+        meta["extra"] = extra
+    return meta
+
+
+def save_model(model: nn.Module, path: str | Path, *, class_names: list[str] | None = None,
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a self-describing vitlab checkpoint, atomically."""
+    from safetensors.torch import save_file
+
+    meta = model_metadata(model, class_names=class_names, extra=extra)
+    # safetensors refuses shared storage; contiguous copies of tied/viewed tensors are fine here
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    header = {"vitlab": json.dumps(meta)}
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=header))
+
+
+def read_vitlab(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """(state dict, metadata) if ``path`` is a vitlab checkpoint, else None."""
+    sd, header = read_safetensors(path)
+    if "vitlab" not in header:
+        return None
+    try:
+        meta = json.loads(header["vitlab"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: vitlab metadata is not valid JSON ({e})") from e
+    if meta.get(FORMAT_KEY) != FORMAT_NAME or "model" not in meta or "config" not in meta:
+        raise CheckpointError(f"{path}: vitlab metadata lacks the model name or config")
+    return sd, meta

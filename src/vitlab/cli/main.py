@@ -1,0 +1,72 @@
+"""The ``vitlab`` command. Each subcommand is a module in this package exposing
+``add_parser(subparsers)`` (which sets ``func``) and its ``run(args) -> int``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from vitlab import __version__
+from vitlab.checkpoints.io import CheckpointError
+
+# Subcommand modules, in the order `vitlab --help` lists them.
+SUBCOMMANDS = (
+    "models", "info", "train", "finetune", "eval", "predict", "fewshot", "explain", "analyze", "benchmark",
+)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitlab", formatter_class=HelpFormatter,
+        description="Vision transformers: build, train, fine-tune, evaluate, explain.",
+        epilog="Run `vitlab COMMAND --help` for a command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"vitlab.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"vitlab.cli.{name}":
+                continue  # not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["train"]  # the main job: `vitlab` alone trains the default model on the bundled digits
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
+        logging.getLogger("vitlab").error("error: %s", e)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("vitlab").error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

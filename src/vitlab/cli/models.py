@@ -1,0 +1,34 @@
+"""``vitlab models [PATTERN]``: list registered model names."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vitlab.models import get_entry, list_models
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list registered models",
+                       description="List registered model names, optionally matching a shell-style pattern.",
+                       epilog="example:\n  vitlab models 'vit_*_patch16_224'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'vit_base_*'")
+    p.add_argument("--family", help="only this family (vit, resnet, ...)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = list_models(args.pattern, family=args.family)
+    if args.json:
+        print(json.dumps([{"name": n, "family": get_entry(n).family, "description": get_entry(n).description}
+                          for n in names], indent=2))
+    else:
+        width = max((len(n) for n in names), default=0)
+        for n in names:
+            print(f"{n:<{width}}  {get_entry(n).description}")
+    if not names:
+        print(f"no model matches {args.pattern!r}")
+        return 1
+    return 0

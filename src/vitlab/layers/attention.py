@@ -1,0 +1,132 @@
+"""Multi-head self-attention with an SDPA fast path and an explicit capture mode.
+
+The fast path calls ``F.scaled_dot_product_attention`` and never materialises the attention matrix.
+Capture mode computes ``softmax(q k^T / sqrt(d))`` explicitly, hands the weights to whoever asked for
+them and produces the same output; it is switched on per module by :func:`capture_attention`, so a
+model's default forward stays untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+AttentionSink = Callable[[Tensor], None]
+
+
+class CapturableAttention(nn.Module):
+    """Base of every attention module that can report its softmax weights.
+
+    Subclasses call :meth:`_emit` with the (batch, heads, queries, keys) weights whenever
+    ``self.attn_sink`` is set; :func:`capture_attention` sets and clears it.
+    """
+
+    attn_sink: AttentionSink | None = None
+
+    @property
+    def capturing(self) -> bool:
+        return self.attn_sink is not None
+
+    def _emit(self, attn: Tensor) -> None:
+        if self.attn_sink is not None:
+            self.attn_sink(attn)
+
+
+@contextmanager
+def capture_attention(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Collect the attention weights of every attention layer of ``model`` during the block.
+
+    Yields a list that fills, in execution order, with one (batch, heads, queries, keys) tensor per
+    attention call. Outputs are the same as without capture (up to float rounding).
+
+    Example::
+
+        with capture_attention(model) as maps:
+            logits = model(x)
+        # maps[i]: layer i's attention weights
+    """
+    maps: list[Tensor] = []
+    modules = [m for m in model.modules() if isinstance(m, CapturableAttention)]
+    for m in modules:
+        m.attn_sink = maps.append
+    try:
+        yield maps
+    finally:
+        for m in modules:
+            m.attn_sink = None
+
+
+class Attention(CapturableAttention):
+    """Multi-head self-attention with a fused qkv projection.
+
+    Args:
+        dim: token width.
+        num_heads: number of heads; ``dim`` must be divisible by it.
+        qkv_bias: bias on the fused q, k, v projection (the paper uses one).
+        attn_drop: dropout on the attention weights (training only).
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"Attention: dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        B, N, C = x.shape
+        # (B, N, 3*C) -> (3, B, heads, N, head_dim)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.capturing:
+            x = attend_explicit(q, k, v, scale=self.scale, attn_mask=attn_mask, dropout=self.attn_drop,
+                                sink=self._emit)
+        else:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+def attend_explicit(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    attn_mask: Tensor | None = None,
+    dropout: nn.Module | None = None,
+    sink: AttentionSink | None = None,
+) -> Tensor:
+    """``softmax(q k^T * scale) v`` with the weights materialised; shapes (B, heads, N, hd)."""
+    attn = (q * scale) @ k.transpose(-2, -1)  # (B, heads, Nq, Nk)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn = attn.masked_fill(~attn_mask, float("-inf"))
+        else:
+            attn = attn + attn_mask
+    attn = attn.softmax(dim=-1)
+    if sink is not None:
+        sink(attn)
+    if dropout is not None:
+        attn = dropout(attn)
+    return attn @ v

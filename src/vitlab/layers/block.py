@@ -1,0 +1,52 @@
+"""The pre-norm transformer encoder block of ViT: x + MSA(LN(x)); x + MLP(LN(x))."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import Tensor, nn
+
+from vitlab.layers.attention import Attention
+from vitlab.layers.drop_path import DropPath
+from vitlab.layers.layer_scale import LayerScale
+from vitlab.layers.mlp import Mlp
+
+
+class Block(nn.Module):
+    """One encoder block.
+
+    Args:
+        init_values: LayerScale initial value; ``None`` disables LayerScale (plain ViT).
+        drop_path: stochastic-depth probability of both residual branches.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] | partial = partial(nn.LayerNorm, eps=1e-6),
+        act_layer: type[nn.Module] = nn.GELU,
+        attn_layer: type[nn.Module] = Attention,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn_layer(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                               proj_drop=proj_drop)
+        self.ls1 = LayerScale(dim, init_values=init_values) if init_values is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values=init_values) if init_values is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x

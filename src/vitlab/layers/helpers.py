@@ -1,0 +1,14 @@
+"""Small shared helpers for the layers package."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def to_2tuple(x: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    t = tuple(int(v) for v in x)
+    if len(t) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {x!r}")
+    return t  # type: ignore[return-value]

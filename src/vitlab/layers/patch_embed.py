@@ -1,0 +1,73 @@
+"""Patch embedding: a stride-P convolution that turns an image into a grid of patch tokens."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from vitlab.layers.helpers import to_2tuple
+
+
+def check_image_size(h: int, w: int, patch: tuple[int, int], expected: tuple[int, int] | None, what: str) -> None:
+    """Raise a clear error when (h, w) does not fit the patch size or a fixed input size."""
+    if expected is not None and (h, w) != tuple(expected):
+        raise ValueError(
+            f"{what}: input image is {h}x{w} but this model was built for {expected[0]}x{expected[1]}; "
+            f"resize the input, create the model with img_size=({h}, {w}), or pass dynamic_img_size=True"
+        )
+    if h % patch[0] or w % patch[1]:
+        raise ValueError(
+            f"{what}: input image {h}x{w} is not divisible by the patch size {patch[0]}x{patch[1]}"
+        )
+
+
+class PatchEmbed(nn.Module):
+    """Split an image into P x P patches and project each to ``embed_dim``.
+
+    Args:
+        img_size: the size the model is built for (sets the position table's grid).
+        strict_img_size: reject inputs of another size (turned off by ``dynamic_img_size``).
+        flatten: return tokens (B, N, D); otherwise the map (B, D, H/P, W/P).
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        bias: bool = True,
+        strict_img_size: bool = True,
+        flatten: bool = True,
+    ) -> None:
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        check_image_size(*self.img_size, self.patch_size, None, "PatchEmbed")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.strict_img_size = strict_img_size
+        self.flatten = flatten
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        self.img_size = to_2tuple(img_size)
+        check_image_size(*self.img_size, self.patch_size, None, "PatchEmbed")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def dynamic_grid(self, h: int, w: int) -> tuple[int, int]:
+        return h // self.patch_size[0], w // self.patch_size[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"PatchEmbed: expected images of shape (batch, {self.in_chans}, H, W), got {tuple(x.shape)}"
+            )
+        check_image_size(x.shape[2], x.shape[3], self.patch_size,
+                         self.img_size if self.strict_img_size else None, "PatchEmbed")
+        x = self.proj(x)  # (B, D, H/P, W/P)
+        if self.flatten:
+            x = x.flatten(2).transpose(1, 2)  # (B, D, N) -> (B, N, D)
+        return x

@@ -1,0 +1,12 @@
+"""Model families. Importing this package registers every family's named variants."""
+
+from vitlab.models import resnet, vit  # noqa: F401  (registration side effect)
+from vitlab.models.base import Preprocessing
+from vitlab.models.registry import ModelEntry, get_entry, list_models, register_model
+from vitlab.models.resnet import ResNet, ResNetConfig
+from vitlab.models.vit import VisionTransformer, ViTConfig
+
+__all__ = [
+    "ModelEntry", "Preprocessing", "ResNet", "ResNetConfig", "ViTConfig", "VisionTransformer", "get_entry",
+    "list_models", "register_model",
+]

@@ -1,0 +1,62 @@
+"""What every vitlab classifier shares: default preprocessing and the block-index helper.
+
+The common surface (``forward_features``, ``forward_head(x, pre_logits=False)``, ``forward``,
+``forward_intermediates``, ``reset_classifier``, ``no_weight_decay``, ``num_prefix_tokens``,
+``preprocessing``) is what training, distillation, probing and the analysis tools rely on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocessing:
+    """How images must be prepared for a model: resize to input_size / crop_pct, centre-crop, normalise."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)  # (C, H, W)
+    mean: tuple[float, ...] = INCEPTION_MEAN
+    std: tuple[float, ...] = INCEPTION_STD
+    crop_pct: float = 0.9
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**fields)
+
+
+def take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    """Absolute block indices: None -> all, int n -> last n, sequence -> those (negative from the end)."""
+    if indices is None:
+        return list(range(num_blocks))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"indices={indices}: the last-n count must be in 1..{num_blocks}")
+        return list(range(num_blocks - indices, num_blocks))
+    out = []
+    for i in indices:
+        j = i + num_blocks if i < 0 else i
+        if not 0 <= j < num_blocks:
+            raise ValueError(f"indices: block {i} is out of range for a model with {num_blocks} blocks")
+        out.append(j)
+    return out
+
+
+def init_linear_jax(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for Linear layers, as in the reference JAX code."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

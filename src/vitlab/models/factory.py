@@ -1,0 +1,169 @@
+"""``create_model``, ``load_model`` and ``model_info``: the entry points of the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitlab.models.base import Preprocessing
+from vitlab.models.registry import get_entry
+
+log = logging.getLogger(__name__)
+
+
+def _apply_overrides(name: str, template: Any, overrides: dict[str, Any]) -> Any:
+    fields = {f.name for f in dataclasses.fields(template)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(
+            f"create_model({name!r}): unknown option(s) {unknown}; {type(template).__name__} accepts: "
+            f"{', '.join(sorted(fields))}"
+        )
+    return dataclasses.replace(template, **overrides)
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered model, optionally with weights.
+
+    Args:
+        name: a registered name (``vitlab.list_models()``).
+        pretrained: a vitlab checkpoint, a timm state dict (.safetensors/.pth/.bin), a Hugging Face
+            folder (config.json + weights), an original JAX .npz, or ``hf-hub:ORG/NAME``.
+        num_classes: classes of the head; a checkpoint's head of another size is replaced by a
+            zero-initialised one. Default: the checkpoint's, else the variant's.
+        img_size: input resolution; a checkpoint's position table is resampled to it.
+        overrides: any field of the family's config (e.g. ``depth=2``, ``drop_path_rate=0.1``).
+
+    Example::
+
+        model = vitlab.create_model("vit_base_patch16_224", pretrained="ViT-B_16.npz", num_classes=10)
+    """
+    entry = get_entry(name)
+    source = None
+    file_overrides: dict[str, Any] = {}
+    if pretrained is not None:
+        from vitlab.checkpoints import read_source, resolve
+
+        source = read_source(resolve(pretrained), entry.family)
+        if source.format == "vitlab":
+            file_overrides = _vitlab_overrides(name, source)
+        else:
+            file_overrides = dict(source.converted.overrides)
+    cfg_overrides = {**file_overrides, **overrides}
+    if num_classes is not None:
+        cfg_overrides["num_classes"] = num_classes
+    if img_size is not None:
+        cfg_overrides["img_size"] = img_size
+    cfg = _apply_overrides(name, entry.config, cfg_overrides)
+    model = entry.build(cfg)
+    model.model_name = name
+    if source is not None:
+        from vitlab.checkpoints import adapt_state_dict, load_strict
+
+        label = str(source.path)
+        sd = adapt_state_dict(source.converted.state_dict, model, source=label)
+        load_strict(model, sd, source=label)
+        if source.format == "vitlab" and source.meta.get("class_names"):
+            names = source.meta["class_names"]
+            if len(names) == model.num_classes:
+                model.class_names = list(names)
+        log.info("loaded %s weights from %s", source.format, label)
+    return model
+
+
+def _vitlab_overrides(name: str, source: Any) -> dict[str, Any]:
+    """A vitlab checkpoint carries its whole config; it must be of the same family as ``name``."""
+    meta = source.meta
+    saved_entry = get_entry(meta["model"]) if _is_registered(meta["model"]) else None
+    entry = get_entry(name)
+    if saved_entry is not None and saved_entry.family != entry.family:
+        from vitlab.checkpoints import CheckpointError
+
+        raise CheckpointError(
+            f"{source.path}: a checkpoint of {meta['model']} ({saved_entry.family}), not of the "
+            f"{entry.family} family that {name} belongs to"
+        )
+    return {k: _tuplify(v) for k, v in meta["config"].items()}
+
+
+def _is_registered(name: str) -> bool:
+    try:
+        get_entry(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _tuplify(v: Any) -> Any:
+    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+
+
+def load_model(path: str | os.PathLike, *, num_classes: int | None = None,
+               img_size: int | tuple[int, int] | None = None, **overrides: Any) -> nn.Module:
+    """Load a self-describing checkpoint (vitlab's own, or a Hugging Face ViT folder) without naming the model."""
+    from vitlab.checkpoints import CheckpointError, read_vitlab, resolve
+
+    p = resolve(path)
+    if p.is_dir() or not p.name.endswith(".safetensors"):
+        return _load_hf_folder(p, num_classes=num_classes, img_size=img_size, **overrides)
+    got = read_vitlab(p)
+    if got is None:
+        raise CheckpointError(
+            f"{p}: not a vitlab checkpoint (no vitlab metadata); use "
+            f"vitlab.create_model(NAME, pretrained={str(p)!r}) for timm or Hugging Face weights"
+        )
+    return create_model(got[1]["model"], pretrained=p, num_classes=num_classes, img_size=img_size, **overrides)
+
+
+def _load_hf_folder(p, **kwargs: Any) -> nn.Module:
+    from vitlab.checkpoints import CheckpointError
+    from vitlab.checkpoints.io import read_json
+
+    cfg_path = p / "config.json" if p.is_dir() else None
+    if cfg_path is None or not cfg_path.exists():
+        raise CheckpointError(f"{p}: neither a vitlab checkpoint nor a folder with config.json")
+    cfg = read_json(cfg_path)
+    model_type = cfg.get("model_type")
+    family_default = {"vit": "vit_base_patch16_224", "deit": "deit_base_patch16_224"}
+    if model_type not in family_default:
+        raise CheckpointError(f"{cfg_path}: model_type {model_type!r} is not one vitlab reads "
+                              f"(known: {', '.join(family_default)})")
+    return create_model(family_default[model_type], pretrained=p, **kwargs)
+
+
+def model_info(name: str, **overrides: Any) -> dict[str, Any]:
+    """Parameters, GMACs at the default input size, and default preprocessing of a registered model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    entry = get_entry(name)
+    cfg = _apply_overrides(name, entry.config, overrides)
+    with torch.device("meta"):  # no memory and no init cost, even for ViT-H
+        model = entry.build(cfg)
+        pre: Preprocessing = model.preprocessing
+        x = torch.empty(1, *pre.input_size)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "name": name,
+        "family": entry.family,
+        "description": entry.description,
+        "params": params,
+        "params_m": round(params / 1e6, 2),
+        "gmacs": round(counter.get_total_flops() / 2 / 1e9, 2),
+        "num_classes": model.num_classes,
+        "preprocessing": pre.to_dict(),
+        "config": dataclasses.asdict(cfg),
+    }

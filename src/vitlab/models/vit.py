@@ -1,0 +1,338 @@
+"""Vision Transformer: "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale".
+
+Dosovitskiy et al., 2020, arXiv:2010.11929. An image is cut into P x P patches, each linearly embedded;
+a learned class token is prepended, learned 1-D position embeddings are added, and a stack of pre-norm
+transformer blocks follows. The classifier reads the class token (or the average of the patch
+tokens), optionally through the pre-training "pre-logits" layer (Dense + tanh).
+
+The hybrid model (section 3.1) takes its "patches" from a ResNet feature map instead of raw pixels:
+ResNet-50 with group norm and weight standardisation, cut after stage 3 (stride 16) or 4 (stride 32).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from vitlab.layers import Block, PatchEmbed, check_image_size, resample_pos_embed, sincos_2d_pos_embed, to_2tuple
+from vitlab.models.base import INCEPTION_MEAN, INCEPTION_STD, Preprocessing, init_linear_jax, take_indices
+from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.resnet import ResNet, ResNetConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViTConfig:
+    """Args:
+    global_pool: "token" reads the class token, "avg" averages the patch tokens (paper, Appendix D.3).
+    pos_embed: "learn" (1-D learned, the paper's default), "sincos" (fixed 2-D) or "none" (Appendix D.4).
+    representation_size: width of the pre-logits layer (Dense + tanh) used in pre-training; None: none.
+    fc_norm: put the final LayerNorm after pooling instead of before (None: only for "avg" pooling).
+    init_values: LayerScale initial value (None: no LayerScale).
+    hybrid_layers: blocks per ResNet stage of the hybrid stem (None: plain patch embedding).
+    dynamic_img_size: accept any input size, resampling the position table per batch.
+    """
+
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    class_token: bool = True
+    global_pool: Literal["token", "avg"] = "token"
+    pos_embed: Literal["learn", "sincos", "none"] = "learn"
+    representation_size: int | None = None
+    fc_norm: bool | None = None
+    init_values: float | None = None
+    norm_eps: float = 1e-6
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dynamic_img_size: bool = False
+    hybrid_layers: tuple[int, ...] | None = None
+    hybrid_channels: tuple[int, ...] | None = None
+    hybrid_stem_chs: int = 64
+    mean: tuple[float, ...] = field(default=INCEPTION_MEAN)
+    std: tuple[float, ...] = field(default=INCEPTION_STD)
+    crop_pct: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("ViTConfig: global_pool='token' needs class_token=True")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"ViTConfig: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+
+
+class HybridEmbed(nn.Module):
+    """Patch embedding from a CNN feature map: ResNet stages, then a 1x1 projection to ``embed_dim``."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        assert cfg.hybrid_layers is not None
+        self.backbone = ResNet(ResNetConfig(
+            layers=cfg.hybrid_layers, block="bottleneck", channels=cfg.hybrid_channels, stem_chs=cfg.hybrid_stem_chs,
+            norm="group", std_conv=True, padding="same", in_chans=cfg.in_chans, num_classes=0,
+        ))
+        self.in_chans = cfg.in_chans
+        self.reduction = self.backbone.cfg.reduction
+        self.patch_size = (self.reduction, self.reduction)
+        self.img_size = to_2tuple(cfg.img_size)
+        self.strict_img_size = not cfg.dynamic_img_size
+        self.grid_size = (self.img_size[0] // self.reduction, self.img_size[1] // self.reduction)
+        check_image_size(*self.img_size, self.patch_size, None, "HybridEmbed")
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(self.backbone.num_features, cfg.embed_dim, kernel_size=1)
+
+    def dynamic_grid(self, h: int, w: int) -> tuple[int, int]:
+        return h // self.reduction, w // self.reduction
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"HybridEmbed: expected images of shape (batch, {self.in_chans}, H, W), got {tuple(x.shape)}"
+            )
+        check_image_size(x.shape[2], x.shape[3], self.patch_size,
+                         self.img_size if self.strict_img_size else None, "HybridEmbed")
+        x = self.proj(self.backbone.forward_features(x))  # (B, D, H/r, W/r)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier; build with a :class:`ViTConfig` or through ``vitlab.create_model``."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
+        self.num_features = D
+        self.global_pool = cfg.global_pool
+        self.dynamic_img_size = cfg.dynamic_img_size
+        self.num_prefix_tokens = 1 if cfg.class_token else 0
+        use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
+
+        if cfg.hybrid_layers is not None:
+            self.patch_embed: PatchEmbed | HybridEmbed = HybridEmbed(cfg)
+        else:
+            self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                                          embed_dim=D, strict_img_size=not cfg.dynamic_img_size)
+        grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        # The learned table has an entry for the class token (as in the paper); the sin-cos one does not.
+        self.pos_embed_prefix = self.num_prefix_tokens if cfg.pos_embed == "learn" else 0
+        if cfg.pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_embed_prefix + grid[0] * grid[1], D))
+        else:
+            self.pos_embed = None
+            if cfg.pos_embed == "sincos":
+                self.register_buffer("pos_embed_fixed", sincos_2d_pos_embed(D, grid), persistent=False)
+        self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
+
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # grows with depth
+        self.blocks = nn.Sequential(*[
+            Block(D, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                  proj_drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate, init_values=cfg.init_values,
+                  drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(cfg.depth)
+        ])
+        self.norm = norm_layer(D) if not use_fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(D) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        if cfg.representation_size:
+            self.pre_logits = nn.Sequential(OrderedDict(
+                fc=nn.Linear(D, cfg.representation_size), act=nn.Tanh()))
+            self.head_hidden_size = cfg.representation_size
+        else:
+            self.pre_logits = nn.Identity()
+            self.head_hidden_size = D
+        self.head = nn.Linear(self.head_hidden_size, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _init_weights(self) -> None:
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(init_linear_jax)
+        if isinstance(self.patch_embed, PatchEmbed):  # LeCun normal on the patch projection, as in JAX
+            w = self.patch_embed.proj.weight
+            nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()))
+            nn.init.zeros_(self.patch_embed.proj.bias)
+        for blk in self.blocks:  # MLP biases: small normal noise, as in the reference JAX code
+            nn.init.normal_(blk.mlp.fc1.bias, std=1e-6)
+            nn.init.normal_(blk.mlp.fc2.bias, std=1e-6)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features if isinstance(self.head, nn.Linear) else 0
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        h, w = self.patch_embed.img_size
+        crop = self.cfg.crop_pct if self.cfg.crop_pct is not None else (0.9 if max(h, w) <= 224 else 1.0)
+        return Preprocessing(input_size=(self.cfg.in_chans, h, w), mean=self.cfg.mean, std=self.cfg.std,
+                             crop_pct=crop, interpolation="bicubic")
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that should not be weight-decayed (position table and prefix tokens)."""
+        return {"pos_embed", "cls_token"}
+
+    def reset_classifier(self, num_classes: int, *, global_pool: Literal["token", "avg"] | None = None,
+                         keep_pre_logits: bool = False) -> None:
+        """Replace the head by a zero-initialised (D x K) layer, as the paper does for fine-tuning.
+
+        The pre-logits layer is removed too (the paper fine-tunes without it) unless ``keep_pre_logits``.
+        """
+        if global_pool is not None:
+            if global_pool == "token" and self.cls_token is None:
+                raise ValueError("reset_classifier: global_pool='token' needs a model with a class token")
+            self.global_pool = global_pool
+        if not keep_pre_logits and not isinstance(self.pre_logits, nn.Identity):
+            self.pre_logits = nn.Identity()
+            self.head_hidden_size = self.num_features
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def _pos_embed(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Prepend prefix tokens and add position embeddings; x: (B, N, D) patch tokens on ``grid``."""
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if self.dynamic_img_size and tuple(grid) != tuple(self.patch_embed.grid_size):
+                pos = resample_pos_embed(pos, grid, old_size=self.patch_embed.grid_size,
+                                         num_prefix_tokens=self.pos_embed_prefix)
+        elif self.cfg.pos_embed == "sincos":
+            pos = self.pos_embed_fixed
+            if tuple(grid) != tuple(self.patch_embed.grid_size):
+                pos = sincos_2d_pos_embed(self.num_features, grid).to(x.device, x.dtype)
+        else:
+            pos = None
+        if pos is not None and self.pos_embed_prefix == 0:
+            x = x + pos
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
+        if pos is not None and self.pos_embed_prefix > 0:
+            x = x + pos
+        return self.pos_drop(x)
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        grid = self.patch_embed.dynamic_grid(x.shape[-2], x.shape[-1]) if x.ndim == 4 else (0, 0)
+        x = self.patch_embed(x)
+        return self._pos_embed(x, grid), grid
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> normalised tokens (B, prefix + N, D)."""
+        x, _ = self._embed(x)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        *,
+        norm: bool = False,
+        output_fmt: Literal["NLC", "NCHW"] = "NLC",
+        return_prefix_tokens: bool = False,
+    ) -> tuple[Tensor, list[Tensor] | list[tuple[Tensor, Tensor]]]:
+        """Run the model and keep the outputs of the chosen blocks.
+
+        Args:
+            indices: None for all blocks, n for the last n, or a list of block indices.
+            norm: pass each intermediate through the final norm.
+            output_fmt: "NLC" (B, N, D) patch tokens or "NCHW" (B, D, rows, cols) maps.
+            return_prefix_tokens: return (patch_tokens, prefix_tokens) pairs.
+        Returns:
+            (the output of forward_features, the intermediates).
+        """
+        if output_fmt not in ("NLC", "NCHW"):
+            raise ValueError(f"forward_intermediates: output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}")
+        take = set(take_indices(len(self.blocks), indices))
+        final_norm = self.norm if not isinstance(self.norm, nn.Identity) else self.fc_norm
+        B = x.shape[0]
+        x, grid = self._embed(x)
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in take:
+                outs.append(final_norm(x) if norm else x)
+        p = self.num_prefix_tokens
+        results: list = []
+        for y in outs:
+            prefix, tokens = y[:, :p], y[:, p:]
+            if output_fmt == "NCHW":
+                tokens = tokens.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # (B, D, rows, cols)
+            results.append((tokens, prefix) if return_prefix_tokens else tokens)
+        return self.norm(x), results
+
+    def pool(self, x: Tensor) -> Tensor:
+        if self.global_pool == "token":
+            return x[:, 0]
+        return x[:, self.num_prefix_tokens:].mean(dim=1)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens (B, prefix + N, D) -> logits (B, K), or the features the head reads if ``pre_logits``."""
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        x = self.pre_logits(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ------------------------------------------------------------------------------------------- variants
+# Widths, depths and heads: Dosovitskiy et al. 2020, Table 1 (Base, Large, Huge); Touvron et al. 2020
+# (DeiT), Table 1 (Tiny, Small). MLP width is 4x the token width throughout.
+VIT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+VIT_PATCH_SIZES = (8, 14, 16, 32)
+VIT_RESOLUTIONS = (224, 384)
+# Hybrids (section 3.1): ResNet-50 cut after stage 3 (stride 16) or kept whole (stride 32).
+VIT_HYBRIDS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "r50_s16": ("base", (3, 4, 9)),
+    "r50_s32": ("large", (3, 4, 6, 3)),
+}
+
+
+def _register_vit_variants() -> None:
+    for size, dims in VIT_SIZES.items():
+        for patch in VIT_PATCH_SIZES:
+            for res in VIT_RESOLUTIONS:
+                if res % patch:
+                    continue  # e.g. 384 is not a multiple of 14
+                name = f"vit_{size}_patch{patch}_{res}"
+                cfg = ViTConfig(img_size=res, patch_size=patch, **dims)
+                register_model(ModelEntry(name=name, family="vit", config=cfg, build=VisionTransformer,
+                                          description=f"ViT-{size[0].upper()}/{patch} at {res}px"))
+    for tag, (size, layers) in VIT_HYBRIDS.items():
+        for res in VIT_RESOLUTIONS:
+            name = f"vit_{size}_{tag}_{res}"
+            cfg = ViTConfig(img_size=res, patch_size=1, hybrid_layers=layers, **VIT_SIZES[size])
+            register_model(ModelEntry(name=name, family="vit", config=cfg, build=VisionTransformer,
+                                      description=f"R50+ViT-{size[0].upper()} hybrid, stride "
+                                                  f"{4 * 2 ** (len(layers) - 1)}, at {res}px"))
+
+
+_register_vit_variants()
