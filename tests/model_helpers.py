@@ -1,0 +1,53 @@
+"""Tiny overrides per family, so that registry-wide tests build every registered name quickly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import vitlab
+from vitlab.models import get_entry
+
+
+def tiny_overrides(name: str) -> dict[str, Any]:
+    """Small widths/depths for ``name`` that keep what makes the variant distinct (patch size, hybrid stride)."""
+    entry = get_entry(name)
+    cfg = entry.config
+    fields = set(type(cfg).__dataclass_fields__)
+    over: dict[str, Any] = {}
+    if entry.family == "resnet":
+        basic = cfg.block == "basic"
+        over.update(layers=(1,) * len(cfg.layers), stem_chs=16,
+                    channels=(16, 32, 32, 64) if basic else (32, 64, 64, 128), img_size=32)
+        return over
+    for key, value in (("embed_dim", 64), ("depth", 2), ("num_heads", 4), ("depth_token_only", 1)):
+        if key in fields:
+            over[key] = value
+    if getattr(cfg, "hybrid_layers", None) is not None:
+        n = len(cfg.hybrid_layers)
+        over.update(hybrid_layers=(1,) * n, hybrid_channels=(128,) * n, hybrid_stem_chs=32)
+        over["img_size"] = 4 * 2 ** (n - 1) * 2  # a 2x2 grid at the hybrid's stride
+    elif "patch_size" in fields:
+        p = cfg.patch_size
+        over["img_size"] = 2 * p if p >= 14 else 4 * p
+    return over
+
+
+def make_tiny(name: str, num_classes: int = 5, **extra: Any) -> nn.Module:
+    return vitlab.create_model(name, num_classes=num_classes, **{**tiny_overrides(name), **extra})
+
+
+def perturb_(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
+    """Add noise to every parameter, so that zero-initialised heads/scales do not hide gradient paths."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def input_for(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    c, h, w = model.preprocessing.input_size
+    return torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(seed))
