@@ -1,0 +1,339 @@
+"""Throughput measurement: timed steps, interleaved repeats, matmul reference and FLOP accounting.
+
+Everything here works on any ``nn.Module`` that maps images to logits, so the same timing code measures
+vitlab and, in ``benchmarks/``, other libraries' models. Nothing here imports a peer library.
+
+Timings on a shared machine drift while they are taken, so :func:`run_interleaved` never times one
+contender's repeats back to back: it runs one repeat of every contender per round (A, B, C, A, B, C,
+...), rotating the starting contender each round, and keeps every repeat so that the spread can be
+reported next to the median. Ratios between two contenders are best taken per round
+(:func:`paired_ratio`), since both saw nearly the same machine load.
+
+Example::
+
+    steps = {"vit": make_infer_step(model, images, dtype="float32"), "matmul": matmul_step(2048)[0]}
+    stats = run_interleaved(steps, warmup=1, repeats=5)
+    images_per_s = 16 / stats["vit"].median
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+DType = Literal["float32", "bfloat16"]
+Mode = Literal["infer", "train"]
+DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+MODES: tuple[str, ...] = ("infer", "train")
+# A training step costs about three forward passes: the forward, plus backward's two matmuls per
+# forward matmul (gradient w.r.t. the input and w.r.t. the weight).
+TRAIN_FLOP_FACTOR = 3.0
+
+Step = Callable[[], Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimingStats:
+    """Seconds per call of one contender, one entry per timed repeat (each repeat may average several calls)."""
+
+    times_s: tuple[float, ...]
+    calls_per_repeat: int = 1
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def min(self) -> float:
+        return min(self.times_s)
+
+    @property
+    def max(self) -> float:
+        return max(self.times_s)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: the relative range of the repeats, the noise we report."""
+        return (self.max - self.min) / self.median if self.median > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median_s": self.median, "min_s": self.min, "max_s": self.max, "spread": round(self.spread, 4),
+                "calls_per_repeat": self.calls_per_repeat, "times_s": list(self.times_s)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RatioStats:
+    """Per-round ratios a/b of two contenders' throughput (b's seconds / a's seconds)."""
+
+    ratios: tuple[float, ...] = field(default=())
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median": self.median, "min": min(self.ratios), "max": max(self.ratios),
+                "per_round": list(self.ratios)}
+
+
+def paired_ratio(a: TimingStats, b: TimingStats) -> RatioStats:
+    """Throughput of ``a`` over that of ``b``, round by round (both timed by the same :func:`run_interleaved`)."""
+    return RatioStats(ratios=tuple(tb / ta for ta, tb in zip(a.times_s, b.times_s, strict=True)))
+
+
+# --------------------------------------------------------------------------------------------- steps
+def autocast(dtype: str) -> Any:
+    """The context a step's forward runs in: nothing for float32, CPU autocast for bfloat16."""
+    if dtype == "float32":
+        return nullcontext()
+    if dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+
+
+def make_infer_step(model: nn.Module, images: Tensor, *, dtype: str) -> Step:
+    """One inference forward (eval mode, no autograd); ``model`` is put in eval mode."""
+    model.eval()
+
+    def step() -> None:
+        with torch.no_grad(), autocast(dtype):
+            model(images)
+
+    return step
+
+
+def make_train_step(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    *,
+    dtype: str,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+) -> Step:
+    """One optimisation step: forward, cross-entropy, backward, AdamW update (``model`` goes to train mode).
+
+    The optimiser is built here with torch's defaults (foreach on), so every library is stepped the same way.
+    """
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def step() -> None:
+        with autocast(dtype):
+            loss = F.cross_entropy(model(images), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def matmul_step(n: int = 2048, *, dtype: str = "float32") -> tuple[Step, float]:
+    """An (n x n) @ (n x n) matmul in ``dtype`` and its FLOP count: the machine's practical peak."""
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(torch_dtype)
+    b = torch.randn(n, n, generator=g).to(torch_dtype)
+    out = torch.empty(n, n, dtype=torch_dtype)
+
+    def step() -> None:
+        torch.mm(a, b, out=out)
+
+    return step, 2.0 * n**3
+
+
+# ------------------------------------------------------------------------------------------- timing
+def _time_calls(fn: Step, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def run_interleaved(
+    steps: dict[str, Step],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    min_repeat_s: float = 0.5,
+) -> dict[str, TimingStats]:
+    """Time every step in rounds: one repeat of each contender per round, rotating who goes first.
+
+    Args:
+        warmup: untimed calls of each step before timing (allocator, oneDNN kernel selection).
+        repeats: timed rounds; each contender's median over them is its result.
+        min_repeat_s: a repeat averages as many calls as needed to last about this long (measured on the
+            last warm-up call), so fast steps are not dominated by timer and scheduler jitter.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    names = list(steps)
+    calls: dict[str, int] = {}
+    for name in names:
+        t = 0.0
+        for _ in range(max(warmup, 1)):  # at least one untimed call, to size the repeats
+            t0 = time.perf_counter()
+            steps[name]()
+            t = time.perf_counter() - t0
+        calls[name] = max(1, int(min_repeat_s / max(t, 1e-9) + 0.5))
+        log.debug("%s: %.4f s per call, %d call(s) per repeat", name, t, calls[name])
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no contender always follows another
+        for name in order:
+            times[name].append(_time_calls(steps[name], calls[name]))
+    return {n: TimingStats(times_s=tuple(times[n]), calls_per_repeat=calls[n]) for n in names}
+
+
+# -------------------------------------------------------------------------------------------- FLOPs
+def forward_flops(model: nn.Module, input_size: tuple[int, ...]) -> float:
+    """FLOPs of one forward pass on one image, counted by torch's FlopCounterMode (matmuls, convs, SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.empty(1, *input_size, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return float(counter.get_total_flops())
+
+
+def registry_forward_flops(name: str, **overrides: Any) -> tuple[float, tuple[int, ...]]:
+    """FLOPs per image of a registered model (built on the meta device, so free), and its input size."""
+    from vitlab.models.factory import _apply_overrides
+    from vitlab.models.registry import get_entry
+
+    entry = get_entry(name)
+    with torch.device("meta"):
+        model = entry.build(_apply_overrides(name, entry.config, overrides))
+        size = tuple(model.preprocessing.input_size)
+        return forward_flops(model, size), size
+
+
+def step_flops(forward_flops_per_image: float, batch_size: int, mode: str) -> float:
+    return forward_flops_per_image * batch_size * (TRAIN_FLOP_FACTOR if mode == "train" else 1.0)
+
+
+# ---------------------------------------------------------------------------------------- machine
+def cpu_model_name() -> str:
+    """The CPU's model name as /proc/cpuinfo (what ``lscpu`` shows) gives it, else platform's guess."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model_name(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg": _loadavg(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (None: leave torch's setting)."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------- vitlab models
+def benchmark_models(
+    names: list[str],
+    *,
+    batch_size: int = 16,
+    dtype: str = "float32",
+    mode: str = "infer",
+    warmup: int = 1,
+    repeats: int = 5,
+    min_repeat_s: float = 0.5,
+    matmul_size: int = 2048,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Throughput of vitlab models, each interleaved with a reference matmul timed in the same rounds.
+
+    Returns a JSON-ready dict: ``machine``, ``settings`` and one ``results`` entry per model with
+    images/s, achieved GFLOP/s, the matmul's GFLOP/s and their ratio (an MFU-like fraction of the
+    machine's practical peak), and the raw repeat times.
+    """
+    from vitlab.models.factory import create_model
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    overrides = dict(overrides or {})
+    results = []
+    for name in names:
+        torch.manual_seed(seed)
+        fwd_flops, size = registry_forward_flops(name, **overrides)
+        model = create_model(name, **overrides)
+        images = torch.randn(batch_size, *size)
+        if mode == "infer":
+            step = make_infer_step(model, images, dtype=dtype)
+        else:
+            targets = torch.randint(0, max(model.num_classes, 1), (batch_size,))
+            step = make_train_step(model, images, targets, dtype=dtype)
+        mm, mm_flops = matmul_step(matmul_size, dtype=dtype)
+        stats = run_interleaved({"model": step, "matmul": mm}, warmup=warmup, repeats=repeats,
+                                min_repeat_s=min_repeat_s)
+        flops = step_flops(fwd_flops, batch_size, mode)
+        achieved = flops / stats["model"].median / 1e9
+        peak = mm_flops / stats["matmul"].median / 1e9
+        results.append({
+            "model": name,
+            "mode": mode,
+            "dtype": dtype,
+            "batch_size": batch_size,
+            "images_per_s": batch_size / stats["model"].median,
+            "gflops_per_image_fwd": fwd_flops / 1e9,
+            "achieved_gflops": achieved,
+            "matmul_gflops": peak,
+            "fraction_of_matmul": achieved / peak,
+            "timing": stats["model"].to_dict(),
+            "matmul_timing": stats["matmul"].to_dict(),
+        })
+        log.info("%s %s %s: %.1f img/s, %.1f GFLOP/s (%.0f%% of matmul %.1f GFLOP/s), spread %.0f%%",
+                 name, mode, dtype, results[-1]["images_per_s"], achieved, 100 * achieved / peak, peak,
+                 100 * stats["model"].spread)
+        del model, step
+    return {
+        "machine": machine_info(),
+        "settings": {"batch_size": batch_size, "dtype": dtype, "mode": mode, "warmup": warmup,
+                     "repeats": repeats, "min_repeat_s": min_repeat_s, "matmul_size": matmul_size,
+                     "overrides": overrides},
+        "results": results,
+    }

@@ -1,0 +1,88 @@
+"""``vitlab benchmark``: vitlab's own throughput, achieved GFLOP/s and the fraction of a matmul's GFLOP/s.
+
+Comparisons against other libraries live in ``benchmarks/bench_models.py``; this command measures
+vitlab alone and needs nothing beyond vitlab's own dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+from typing import Any
+
+from vitlab.benchmark import DTYPES, MODES, benchmark_models, num_threads
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "benchmark", help="measure a model's throughput (images/s) and achieved GFLOP/s on this machine",
+        description="Time inference or training steps of vitlab models on random images. Each model is "
+                    "interleaved with a large matmul timed in the same rounds; the model's achieved GFLOP/s "
+                    "over the matmul's is an MFU-like fraction of the machine's practical peak.",
+        epilog="example:\n  vitlab benchmark --models vit_tiny_patch16_224 vit_small_patch16_224 "
+               "--mode train --dtype bfloat16\n"
+               "  vitlab benchmark --models vit_base_patch16_224 --set depth=2 --repeats 1 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["vit_tiny_patch16_224"], metavar="NAME",
+                   help="registered model names (default: vit_tiny_patch16_224)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="float32, or bfloat16 autocast (default: float32)")
+    p.add_argument("--mode", choices=MODES, default="infer",
+                   help="infer: eval forward without autograd; train: forward + backward + AdamW step "
+                        "(default: infer)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default: 1)")
+    p.add_argument("--min-repeat-s", type=float, default=0.5,
+                   help="each repeat averages enough steps to last about this long (default: 0.5)")
+    p.add_argument("--matmul-size", type=int, default=2048, help="size n of the n x n reference matmul")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override, repeatable, e.g. --set depth=2 --set img_size=64")
+    p.add_argument("--json", action="store_true", help="print the full results as JSON")
+    p.set_defaults(func=run)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["depth=2", "img_size=64", "global_pool='avg'"]`` -> {"depth": 2, "img_size": 64, "global_pool": "avg"}.
+
+    Values are Python literals; anything that is not one is taken as a plain string.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.repeats < 1:
+        raise ValueError("--batch-size and --repeats must be >= 1")
+    overrides = parse_overrides(args.overrides)
+    with num_threads(args.threads):
+        report = benchmark_models(
+            args.models, batch_size=args.batch_size, dtype=args.dtype, mode=args.mode, warmup=args.warmup,
+            repeats=args.repeats, min_repeat_s=args.min_repeat_s, matmul_size=args.matmul_size,
+            overrides=overrides)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    m = report["machine"]
+    print(f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}; batch {args.batch_size}, "
+          f"{args.dtype}, {args.mode}, median of {args.repeats}")
+    header = f"{'model':<28} {'img/s':>9} {'GFLOP/s':>9} {'matmul GFLOP/s':>15} {'of matmul':>10} {'spread':>7}"
+    print(header)
+    for r in report["results"]:
+        print(f"{r['model']:<28} {r['images_per_s']:>9.1f} {r['achieved_gflops']:>9.1f} "
+              f"{r['matmul_gflops']:>15.1f} {100 * r['fraction_of_matmul']:>9.0f}% "
+              f"{100 * r['timing']['spread']:>6.0f}%")
+    return 0
