@@ -31,4 +31,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  input size     {tuple(pre['input_size'])}")
     print(f"  mean / std     {tuple(pre['mean'])} / {tuple(pre['std'])}")
     print(f"  crop fraction  {pre['crop_pct']}, {pre['interpolation']} interpolation")
+    for w in info["pretrained"]:
+        print(f"  weights        {args.name}.{w['tag']}: {w['hub']} ({w['format']}, {w['num_classes']} classes, "
+              f"{w['license']})")
     return 0

@@ -30,7 +30,7 @@ def _apply_overrides(name: str, template: Any, overrides: dict[str, Any]) -> Any
 def create_model(
     name: str,
     *,
-    pretrained: str | os.PathLike | None = None,
+    pretrained: str | os.PathLike | bool | None = None,
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
     **overrides: Any,
@@ -38,8 +38,10 @@ def create_model(
     """Build a registered model, optionally with weights.
 
     Args:
-        name: a registered name (``vitlab.list_models()``).
-        pretrained: a vitlab checkpoint, a timm state dict (.safetensors/.pth/.bin), a Hugging Face
+        name: a registered name (``vitlab.list_models()``), optionally with a weights tag
+            (``"vit_base_patch16_224.augreg2_in21k_ft_in1k"``) for ``pretrained=True``.
+        pretrained: True for the published weights listed for the name (fetched from the hub when the
+            network allows, else from the local cache), or a vitlab checkpoint, a timm state dict (.safetensors/.pth/.bin), a Hugging Face
             folder (config.json + weights), an original JAX .npz, or ``hf-hub:ORG/NAME``.
         num_classes: classes of the head; a checkpoint's head of another size is replaced by a
             zero-initialised one. Default: the checkpoint's, else the variant's.
@@ -50,9 +52,22 @@ def create_model(
 
         model = vitlab.create_model("vit_base_patch16_224", pretrained="ViT-B_16.npz", num_classes=10)
     """
+    name, _, tag = name.partition(".")
     entry = get_entry(name)
     source = None
     file_overrides: dict[str, Any] = {}
+    weights_overrides: dict[str, Any] = {}
+    if pretrained is True:
+        from vitlab.models.pretrained import find_weights
+
+        weights = find_weights(name, tag or None)
+        pretrained = weights.hub
+        fields = {f.name for f in dataclasses.fields(entry.config)}
+        weights_overrides = {k: getattr(weights, k) for k in ("mean", "std", "crop_pct") if k in fields}
+    elif tag:
+        raise ValueError(f"create_model({name}.{tag!r}): a weights tag needs pretrained=True")
+    if pretrained is False:
+        pretrained = None
     if pretrained is not None:
         from vitlab.checkpoints import read_source, resolve
 
@@ -61,7 +76,7 @@ def create_model(
             file_overrides = _vitlab_overrides(name, source)
         else:
             file_overrides = dict(source.converted.overrides)
-    cfg_overrides = {**file_overrides, **overrides}
+    cfg_overrides = {**weights_overrides, **file_overrides, **overrides}
     if num_classes is not None:
         cfg_overrides["num_classes"] = num_classes
     if img_size is not None:
@@ -147,6 +162,8 @@ def model_info(name: str, **overrides: Any) -> dict[str, Any]:
     """Parameters, GMACs at the default input size, and default preprocessing of a registered model."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from vitlab.models.pretrained import pretrained_weights
+
     entry = get_entry(name)
     cfg = _apply_overrides(name, entry.config, overrides)
     with torch.device("meta"):  # no memory and no init cost, even for ViT-H
@@ -165,5 +182,6 @@ def model_info(name: str, **overrides: Any) -> dict[str, Any]:
         "gmacs": round(counter.get_total_flops() / 2 / 1e9, 2),
         "num_classes": model.num_classes,
         "preprocessing": pre.to_dict(),
+        "pretrained": [dataclasses.asdict(w) for w in pretrained_weights(name)],
         "config": dataclasses.asdict(cfg),
     }
