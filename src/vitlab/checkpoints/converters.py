@@ -46,4 +46,4 @@ def get_converter(family: str, fmt: SourceFormat) -> Converter:
 
 
 def _ensure_loaded() -> None:
-    from vitlab.checkpoints import convert_hf, convert_jax, convert_timm  # noqa: F401
+    from vitlab.checkpoints import convert_cait, convert_deit, convert_hf, convert_jax, convert_timm  # noqa: F401
