@@ -1,0 +1,183 @@
+"""``build_dataset(source, split=...)``: one entry point for every data source vitlab reads.
+
+Accepted forms of ``source``:
+    "digits"                      scikit-learn's bundled 8x8 digits (stratified train/val/test split)
+    "mnist:PATH" / "idx:PATH"     folder with MNIST-style IDX files (train-*/t10k-*, raw or .gz)
+    "cifar:PATH"                  CIFAR-10 / CIFAR-100 python-batch folder
+    "folder:PATH"                 image folder: PATH/<class>/*.png or PATH/{train,val|test}/<class>/*
+    "PATH"                        any of the three above, recognised by content
+
+Splits are disjoint and a pure function of (source, val_fraction, seed). Where the source has no held-out
+set of its own, "val" is a seeded stratified ``val_fraction`` of the training data and "train" the rest.
+"test" is the source's own test set (MNIST t10k, CIFAR test batch, a ``test/`` folder); a source
+without one (a flat image folder) answers "test" with its validation part, and says so in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from vitlab.data.dataset import ImageFileDataset, TensorImageDataset, Transform, VisionDataset
+from vitlab.data.errors import DatasetError
+from vitlab.data.folder import folder_layout, guess_channels, list_class_dirs, scan_folder
+from vitlab.data.sources import has_idx_files, is_cifar_dir, read_cifar, read_digits, read_mnist
+from vitlab.data.splits import stratified_split
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# The digits test split is drawn with a fixed seed so that test numbers stay comparable across the
+# training seeds; validation is carved from the remainder with the caller's seed.
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_TEST_SEED = 1234
+
+ACCEPTED_FORMS = (
+    "'digits' (scikit-learn's 8x8 digits); "
+    "'mnist:PATH' or 'idx:PATH' (folder with train-images-idx3-ubyte[.gz] etc.); "
+    "'cifar:PATH' (CIFAR-10/100 python batches: data_batch_*, test_batch, batches.meta or train, test, meta); "
+    "'folder:PATH' (PATH/<class>/<images> or PATH/train|val|test/<class>/<images>); "
+    "or a plain PATH to any of these, recognised by its content"
+)
+_PREFIX = re.compile(r"^(digits|mnist|idx|cifar|cifar10|cifar100|folder|imagefolder):(.*)$", re.IGNORECASE)
+
+
+def parse_source(source: str | Path) -> tuple[str, Path | None]:
+    """(kind, path) with kind in {"digits", "mnist", "cifar", "folder"}; raises DatasetError otherwise."""
+    s = str(source).strip()
+    if s.lower() in ("digits", "sklearn:digits", "digits:"):
+        return "digits", None
+    m = _PREFIX.match(s)
+    if m:
+        kind = m.group(1).lower()
+        kind = {"idx": "mnist", "cifar10": "cifar", "cifar100": "cifar", "imagefolder": "folder"}.get(kind, kind)
+        if kind == "digits":
+            return "digits", None
+        path = Path(m.group(2)).expanduser()
+        if not path.is_dir():
+            raise DatasetError(f"data source {s!r}: {path} is not a folder")
+        return kind, path
+    path = Path(s).expanduser()
+    if not path.exists():
+        raise DatasetError(f"unknown data source {s!r}: not a known name and no such path. "
+                           f"Accepted forms: {ACCEPTED_FORMS}")
+    if not path.is_dir():
+        raise DatasetError(f"data source {s!r}: {path} is a file; a data source is a folder. "
+                           f"Accepted forms: {ACCEPTED_FORMS}")
+    if is_cifar_dir(path):
+        return "cifar", path
+    if has_idx_files(path):
+        return "mnist", path
+    if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        return "folder", path
+    raise DatasetError(f"data source {s!r}: cannot tell what {path} holds (no CIFAR batches, no IDX files, "
+                       f"no class folders). Accepted forms: {ACCEPTED_FORMS}")
+
+
+def _pick(kept: list[int], held: list[int], split: str) -> list[int]:
+    return held if split == "val" else kept
+
+
+def _check_split(split: str, val_fraction: float) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
+def _subset_tensor(images, targets: Sequence[int], idx: list[int], **kw) -> TensorImageDataset:
+    ds = TensorImageDataset(images[idx], [targets[i] for i in idx], **kw)
+    ds.indices = list(idx)
+    return ds
+
+
+def build_dataset(
+    source: str | Path,
+    *,
+    split: str = "train",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    transform: Transform | None = None,
+    skip_bad_images: bool = False,
+) -> VisionDataset:
+    """Build the ``split`` ("train" | "val" | "test") of ``source``; see the module docstring for the forms.
+
+    Args:
+        val_fraction: share of the training data held out as "val" when the source has no val set.
+        seed: seeds the held-out selection (stratified per class).
+        transform: applied to the uint8 (C, H, W) image in ``__getitem__``.
+        skip_bad_images: undecodable images yield ``None`` (dropped by ``create_loader``'s collate)
+            instead of raising :class:`BadImageError`.
+    """
+    _check_split(split, val_fraction)
+    kind, path = parse_source(source)
+    kw = dict(transform=transform, skip_bad_images=skip_bad_images)
+    if split == "val" and val_fraction == 0.0 and not (kind == "folder" and folder_layout(path)[1] is not None):
+        raise DatasetError(f"{source}: split='val' requested with val_fraction=0 (the source has no "
+                           f"validation set of its own)")
+
+    if kind == "digits":
+        images, targets, classes = read_digits()
+        rest, test_idx = stratified_split(targets, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
+        if split == "test":
+            idx = test_idx
+        else:
+            kept, held = stratified_split([targets[i] for i in rest], val_fraction, seed)
+            idx = [rest[i] for i in _pick(kept, held, split)]
+        desc = f"digits[{split}, seed={seed}]" if split != "test" else "digits[test]"
+        ds = _subset_tensor(images, targets, idx, classes=classes, source=desc, **kw)
+
+    elif kind == "mnist":
+        if split == "test":
+            images, targets, classes = read_mnist(path, "t10k")
+            ds = TensorImageDataset(images, targets, classes=classes, source=f"mnist:{path}[test]", **kw)
+        else:
+            images, targets, classes = read_mnist(path, "train")
+            idx = _pick(*stratified_split(targets, val_fraction, seed), split)
+            ds = _subset_tensor(images, targets, idx, classes=classes,
+                                source=f"mnist:{path}[{split}, val_fraction={val_fraction}, seed={seed}]", **kw)
+
+    elif kind == "cifar":
+        if split == "test":
+            images, targets, classes = read_cifar(path, "test")
+            ds = TensorImageDataset(images, targets, classes=classes, source=f"cifar:{path}[test]", **kw)
+        else:
+            images, targets, classes = read_cifar(path, "train")
+            idx = _pick(*stratified_split(targets, val_fraction, seed), split)
+            ds = _subset_tensor(images, targets, idx, classes=classes,
+                                source=f"cifar:{path}[{split}, val_fraction={val_fraction}, seed={seed}]", **kw)
+
+    else:
+        ds = _build_folder(path, split, val_fraction, seed, **kw)
+
+    log.info("dataset %s: %d images, %d classes", ds.source, len(ds), len(ds.classes))
+    if len(ds) == 0:
+        raise DatasetError(f"{ds.source}: split {split!r} is empty")
+    return ds
+
+
+def _build_folder(root: Path, split: str, val_fraction: float, seed: int, **kw) -> ImageFileDataset:
+    train_dir, val_dir, test_dir = folder_layout(root)
+    paths, targets, classes = scan_folder(train_dir)
+    # Channels are decided from the training files, so every split of one source agrees.
+    in_chans = guess_channels(paths, targets)
+    if split == "test" and test_dir is None:
+        log.info("%s has no test/ folder: split 'test' is the validation part", root)
+        split_eff = "val"
+    else:
+        split_eff = split
+    if split_eff == "test":
+        paths, targets, _ = scan_folder(test_dir, list_class_dirs(train_dir))
+        desc = f"folder:{test_dir}"
+    elif split_eff == "val" and val_dir is not None:
+        paths, targets, _ = scan_folder(val_dir, classes)
+        desc = f"folder:{val_dir}"
+    elif val_dir is not None:  # train, with a separate val folder: all of train/
+        desc = f"folder:{train_dir}"
+    else:
+        idx = _pick(*stratified_split(targets, val_fraction, seed), split_eff)
+        paths, targets = [paths[i] for i in idx], [targets[i] for i in idx]
+        desc = f"folder:{train_dir}[{split}, val_fraction={val_fraction}, seed={seed}]"
+    return ImageFileDataset(paths, targets, classes=classes, in_chans=in_chans, source=desc, **kw)

@@ -1,0 +1,146 @@
+"""The dataset type every vitlab data source produces, and its in-memory and on-disk kinds.
+
+``VisionDataset[i]`` returns ``(transform(image), label)`` where ``image`` is a uint8 (C, H, W) tensor with
+``in_chans`` channels. A dataset built with ``skip_bad_images=True`` returns ``None`` for an undecodable
+image instead of raising, and records it; :func:`vitlab.data.create_loader` drops those samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from vitlab.data.errors import BadImageError
+from vitlab.data.image import load_image, to_channels
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Tensor], Tensor]
+
+
+class VisionDataset(Dataset):
+    """Base class: labelled uint8 images plus what reports and models need to know about them.
+
+    Attributes:
+        classes: class names, index = label.
+        targets: label of every sample (no decoding needed to read them, e.g. for stratified splits).
+        in_chans: channels of the uint8 images this dataset yields (1 for digits/MNIST, 3 for colour).
+        native_size: (H, W) when every image has that size, else None.
+        source: human-readable description for logs and reports.
+    """
+
+    def __init__(
+        self,
+        *,
+        classes: Sequence[str],
+        targets: Sequence[int],
+        in_chans: int,
+        native_size: tuple[int, int] | None,
+        source: str,
+        transform: Transform | None = None,
+        skip_bad_images: bool = False,
+    ) -> None:
+        self.classes = list(classes)
+        self.targets = [int(t) for t in targets]
+        self.in_chans = int(in_chans)
+        self.native_size = native_size
+        self.source = source
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+        # One flag per sample in shared memory: DataLoader workers (fork or spawn) write into the same
+        # storage, so the parent sees how many distinct images were skipped, across epochs without
+        # double counting.
+        self._skipped = torch.zeros(len(self.targets), dtype=torch.bool).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct images skipped so far because they could not be decoded (``skip_bad_images=True``)."""
+        return int(self._skipped.sum())
+
+    def load(self, index: int) -> Tensor:
+        """The uint8 (in_chans, H, W) image of sample ``index``, untransformed; raises BadImageError."""
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` comes from (a path, or source + index), for error messages."""
+        return f"{self.source}[{index}]"
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
+        try:
+            img = self.load(index)
+        except BadImageError as e:
+            if not self.skip_bad_images:
+                raise
+            if not self._skipped[index]:
+                log.warning("skipping bad image: %s", e)
+            self._skipped[index] = True
+            return None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+    def class_counts(self) -> list[int]:
+        counts = [0] * len(self.classes)
+        for t in self.targets:
+            counts[t] += 1
+        return counts
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(source={self.source!r}, samples={len(self)}, classes={len(self.classes)}, "
+            f"in_chans={self.in_chans}, native_size={self.native_size})"
+        )
+
+
+class TensorImageDataset(VisionDataset):
+    """Images held in memory as one uint8 tensor (N, C, H, W): digits, MNIST, CIFAR."""
+
+    def __init__(self, images: Tensor, targets: Sequence[int], *, classes: Sequence[str], source: str,
+                 transform: Transform | None = None, skip_bad_images: bool = False) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"{source}: expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if images.shape[0] != len(targets):
+            raise ValueError(f"{source}: {images.shape[0]} images but {len(targets)} labels")
+        super().__init__(classes=classes, targets=targets, in_chans=images.shape[1],
+                         native_size=(int(images.shape[2]), int(images.shape[3])), source=source,
+                         transform=transform, skip_bad_images=skip_bad_images)
+        self.images = images
+        self.indices: list[int] | None = None  # positions in the stored split, when this is a subset
+
+    def load(self, index: int) -> Tensor:
+        return self.images[index]
+
+
+class ImageFileDataset(VisionDataset):
+    """Images decoded lazily from files; building the dataset only lists paths."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], targets: Sequence[int], *, classes: Sequence[str],
+                 in_chans: int, source: str, native_size: tuple[int, int] | None = None,
+                 transform: Transform | None = None, skip_bad_images: bool = False) -> None:
+        if len(paths) != len(targets):
+            raise ValueError(f"{source}: {len(paths)} paths but {len(targets)} labels")
+        super().__init__(classes=classes, targets=targets, in_chans=in_chans, native_size=native_size,
+                         source=source, transform=transform, skip_bad_images=skip_bad_images)
+        self.paths = [os.fspath(p) for p in paths]
+
+    def load(self, index: int) -> Tensor:
+        return to_channels(load_image(self.paths[index]), self.in_chans)
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]

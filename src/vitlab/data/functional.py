@@ -1,0 +1,141 @@
+"""Tensor image operations shared by the transforms: resizing, cropping, affine warps, normalisation.
+
+Images are (C, H, W) tensors, either uint8 (0..255) or float (0..1); operations that interpolate return
+the input dtype (uint8 results are rounded and clamped, like a PIL round trip would be).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Interpolation = str  # "bicubic" | "bilinear" | "nearest"
+
+
+class Rng:
+    """Random draws from an explicit ``torch.Generator``, or the global torch RNG when it is None.
+
+    The global RNG is what DataLoader seeds per worker (``base_seed + worker_id``), so transforms without an
+    explicit generator are still reproducible under ``create_loader(seed=...)``.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def random(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self.random()
+
+    def randint(self, low: int, high: int) -> int:
+        """Uniform integer in [low, high)."""
+        return int(torch.randint(low, high, (), generator=self.generator))
+
+    def normal(self, shape: Sequence[int] = ()) -> Tensor:
+        return torch.randn(tuple(shape), generator=self.generator)
+
+    def sign(self) -> float:
+        return -1.0 if self.random() < 0.5 else 1.0
+
+
+def to_float(x: Tensor) -> Tensor:
+    """uint8 0..255 -> float32 0..1; float tensors are returned as float32 unchanged."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def resize(x: Tensor, size: tuple[int, int], interpolation: Interpolation = "bilinear") -> Tensor:
+    """Resize a (C, H, W) or (B, C, H, W) image to ``size`` = (H, W); anti-aliased when shrinking."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    squeeze = x.ndim == 3
+    v = x[None] if squeeze else x
+    dtype = v.dtype
+    v = v.float()
+    antialias = interpolation in ("bilinear", "bicubic")
+    kwargs = {"align_corners": False} if interpolation in ("bilinear", "bicubic") else {}
+    v = F.interpolate(v, size=tuple(size), mode=interpolation, antialias=antialias, **kwargs)
+    if dtype == torch.uint8:
+        v = v.round_().clamp_(0, 255).to(torch.uint8)
+    elif interpolation == "bicubic":
+        v = v.clamp_(0.0, 1.0)  # bicubic overshoots; keep values in the image range
+    else:
+        v = v.to(dtype)
+    return v[0] if squeeze else v
+
+
+def resize_shorter(x: Tensor, shorter: int, interpolation: Interpolation = "bilinear") -> Tensor:
+    """Resize so that the shorter side becomes ``shorter``, keeping the aspect ratio."""
+    h, w = x.shape[-2:]
+    if h <= w:
+        size = (shorter, max(1, int(shorter * w / h)))
+    else:
+        size = (max(1, int(shorter * h / w)), shorter)
+    return resize(x, size, interpolation)
+
+
+def center_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Centre crop to ``size`` = (H, W); an image smaller than that is zero-padded around the centre first."""
+    th, tw = size
+    h, w = x.shape[-2:]
+    if h < th or w < tw:
+        ph, pw = max(th - h, 0), max(tw - w, 0)
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        h, w = x.shape[-2:]
+    top = int(round((h - th) / 2.0))
+    left = int(round((w - tw) / 2.0))
+    return x[..., top:top + th, left:left + tw]
+
+
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """(x - mean) / std per channel; a one-value mean/std applies to every channel."""
+    c = x.shape[-3]
+    if len(mean) not in (1, c) or len(std) not in (1, c):
+        raise ValueError(f"normalisation has {len(mean)} mean / {len(std)} std values for a {c}-channel image")
+    m = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    return (x - m) / s
+
+
+def affine(v: Tensor, matrix: Sequence[Sequence[float]], translate: tuple[float, float] = (0.0, 0.0), *,
+           fill: float | Sequence[float] = 0.0, interpolation: str = "bilinear") -> Tensor:
+    """Warp a float (C, H, W) image; ``matrix`` (2x2) and ``translate`` (pixels, x then y) map an output
+    pixel's offset from the image centre to the input offset it samples. Outside pixels get ``fill``."""
+    c, h, w = v.shape
+    (a, b), (cc, d) = matrix
+    tx, ty = translate
+    # Pixel offsets -> normalised coordinates (align_corners=False: x_norm = 2 * x_pix / W), so
+    # theta = S A S^-1 with S = diag(2/W, 2/H), and the translation scaled by S.
+    theta = torch.tensor([[a, b * h / w, 2.0 * tx / w], [cc * w / h, d, 2.0 * ty / h]], dtype=torch.float32)
+    grid = F.affine_grid(theta[None], [1, c, h, w], align_corners=False)  # (1, H, W, 2)
+    f = torch.as_tensor(fill, dtype=v.dtype).reshape(-1, 1, 1)
+    # grid_sample pads with zeros: shift so that the padding value becomes `fill`.
+    out = F.grid_sample((v - f)[None], grid, mode=interpolation, padding_mode="zeros", align_corners=False)[0]
+    return out + f
+
+
+def random_resized_crop_params(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
+                               rng: Rng, attempts: int = 10) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a crop covering a random area fraction in ``scale`` with a
+    log-uniform aspect ratio in ``ratio``; falls back to the largest centred crop within ``ratio``."""
+    area = h * w
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(attempts):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return rng.randint(0, h - ch + 1), rng.randint(0, w - cw + 1), ch, cw
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        ch, cw = h, int(round(h * max(ratio)))
+    else:
+        ch, cw = h, w
+    return (h - ch) // 2, (w - cw) // 2, ch, cw

@@ -1,0 +1,155 @@
+"""Evaluation and training pipelines: uint8 (C, H, W) image in, normalised float (C', H', W') out.
+
+Both are plain picklable callables (DataLoader workers may be spawned), built from a model's
+:class:`~vitlab.models.base.Preprocessing`:
+
+    eval:  resize shorter side to size / crop_pct -> centre crop -> channels -> [0, 1] -> normalise
+    train: random resized crop -> h-flip -> channels -> RandAugment -> [0, 1] -> normalise -> random erasing
+
+as in the DeiT recipe (arXiv:2012.12877), except that the crop uses the model's interpolation mode
+instead of a random one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from vitlab.data.functional import (
+    Rng,
+    center_crop,
+    normalize,
+    random_resized_crop_params,
+    resize,
+    resize_shorter,
+    to_float,
+)
+from vitlab.data.image import to_channels
+from vitlab.data.randaugment import RandAugment
+from vitlab.models.base import Preprocessing
+
+
+class EvalTransform:
+    """Deterministic evaluation preprocessing for ``pre`` (see :func:`eval_transform`)."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.pre = pre
+        c, h, w = pre.input_size
+        self.channels, self.size = c, (h, w)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        h, w = self.size
+        crop_pct = self.pre.crop_pct
+        v = to_float(x)
+        if h == w:
+            v = resize_shorter(v, int(math.floor(h / crop_pct)), self.pre.interpolation)
+        else:  # non-square target: scale both sides by 1 / crop_pct (no aspect-preserving rule fits both)
+            v = resize(v, (int(math.floor(h / crop_pct)), int(math.floor(w / crop_pct))), self.pre.interpolation)
+        v = center_crop(v, self.size)
+        v = to_channels(v, self.channels)
+        return normalize(v, self.pre.mean, self.pre.std)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform({self.pre})"
+
+
+def eval_transform(pre: Preprocessing) -> EvalTransform:
+    """Resize the shorter side to ``size / crop_pct`` (``pre.interpolation``), centre-crop to
+    ``pre.input_size[1:]``, convert to ``pre.input_size[0]`` channels (1->3 repeat, 3->1 luma), scale to
+    [0, 1] and normalise with ``pre.mean`` / ``pre.std``."""
+    return EvalTransform(pre)
+
+
+class RandomErasing:
+    """Random erasing (Zhong et al., arXiv:1708.04896) in DeiT/timm's "pixel" mode: with probability
+    ``prob`` one rectangle of 2%..1/3 of the area (aspect 0.3..3.3) is replaced by N(0, 1) noise per
+    pixel and channel. Applied after normalisation, where N(0, 1) is a plausible pixel distribution."""
+
+    def __init__(self, prob: float = 0.25, *, area: tuple[float, float] = (0.02, 1 / 3),
+                 aspect: tuple[float, float] = (0.3, 1 / 0.3), generator: torch.Generator | None = None) -> None:
+        self.prob, self.area, self.aspect = prob, area, aspect
+        self.generator = generator
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rng = Rng(self.generator)
+        if self.prob <= 0 or rng.random() >= self.prob:
+            return x
+        c, h, w = x.shape
+        log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
+        for _ in range(10):
+            target = rng.uniform(*self.area) * h * w
+            ar = math.exp(rng.uniform(log_lo, log_hi))
+            eh, ew = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+            if 0 < eh < h and 0 < ew < w:
+                top, left = rng.randint(0, h - eh + 1), rng.randint(0, w - ew + 1)
+                x = x.clone()
+                x[:, top:top + eh, left:left + ew] = rng.normal((c, eh, ew)).to(x.dtype)
+                break
+        return x
+
+
+class TrainTransform:
+    """Training augmentation for ``pre`` (see :func:`train_transform`).
+
+    ``generator`` is shared by every random step. :func:`vitlab.data.create_loader` reseeds it in each
+    worker (``reseed``), so workers do not replay the same random stream.
+    """
+
+    def __init__(self, pre: Preprocessing, *, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 randaugment: tuple[int, float] | None = None, randaugment_mstd: float = 0.0,
+                 re_prob: float = 0.0, generator: torch.Generator | None = None) -> None:
+        self.pre = pre
+        c, h, w = pre.input_size
+        self.channels, self.size = c, (h, w)
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
+        self.generator = generator
+        # Pixels warped in by rotate/shear/translate take the dataset mean colour (0..255 scale).
+        fill = [255.0 * m for m in pre.mean]
+        self.randaugment = (
+            RandAugment(int(randaugment[0]), float(randaugment[1]), magnitude_std=randaugment_mstd, fill=fill,
+                        generator=generator)
+            if randaugment is not None and int(randaugment[0]) > 0 else None
+        )
+        self.erasing = RandomErasing(re_prob, generator=generator) if re_prob > 0 else None
+
+    def reseed(self, seed: int) -> None:
+        """Give this copy of the transform its own random stream (called in each DataLoader worker)."""
+        if self.generator is not None:
+            self.generator.manual_seed(int(seed))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rng = Rng(self.generator)
+        top, left, ch, cw = random_resized_crop_params(x.shape[-2], x.shape[-1], self.scale, self.ratio, rng)
+        x = resize(x[..., top:top + ch, left:left + cw], self.size, self.pre.interpolation)
+        if self.hflip > 0 and rng.random() < self.hflip:
+            x = x.flip(-1)
+        x = to_channels(x, self.channels)
+        if self.randaugment is not None:
+            x = self.randaugment(x)
+        v = normalize(to_float(x), self.pre.mean, self.pre.std)
+        if self.erasing is not None:
+            v = self.erasing(v)
+        return v
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(size={self.size}, channels={self.channels}, scale={self.scale}, "
+                f"ratio={self.ratio}, hflip={self.hflip}, randaugment={self.randaugment}, "
+                f"re_prob={self.erasing.prob if self.erasing else 0.0})")
+
+
+def train_transform(pre: Preprocessing, *, scale: tuple[float, float] = (0.08, 1.0),
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                    randaugment: tuple[int, float] | None = None, randaugment_mstd: float = 0.0,
+                    re_prob: float = 0.0, generator: torch.Generator | None = None) -> TrainTransform:
+    """Random resized crop to ``pre.input_size[1:]`` (area fraction ``scale``, aspect ``ratio``),
+    horizontal flip with probability ``hflip``, channel conversion, RandAugment ``(num_ops, magnitude)``
+    with magnitude noise ``randaugment_mstd``, [0, 1] + normalisation, random erasing with ``re_prob``.
+
+    Every random draw comes from ``generator`` (or, when None, the global torch RNG, which DataLoader
+    seeds per worker), so the output is a function of the seed.
+    """
+    return TrainTransform(pre, scale=scale, ratio=ratio, hflip=hflip, randaugment=randaugment,
+                          randaugment_mstd=randaugment_mstd, re_prob=re_prob, generator=generator)
