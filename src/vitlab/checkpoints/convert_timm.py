@@ -1,5 +1,6 @@
 """timm-format state dicts -> vitlab. vitlab's ViT uses timm's module names, so this is mostly renaming
-of legacy keys, plus inferring the head size."""
+of legacy keys, plus reading off the file the choices that change which tensors exist: head size, class
+token, where the final norm sits (and so the pooling), LayerScale, qkv bias."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ from typing import Any
 from torch import Tensor
 
 from vitlab.checkpoints.converters import Converted, register_converter
+
+# timm ViT options whose tensors vitlab's ViT has no place for
+_UNSUPPORTED = {
+    "norm_pre.": "a pre-norm before the blocks ('norm_pre', as in CLIP)",
+    "reg_token": "register tokens ('reg_token')",
+    "attn_pool.": "attention pooling ('attn_pool', as in SigLIP)",
+    "dist_token": "a distillation token (load it as a DeiT model)",
+}
 
 
 def head_overrides(sd: dict[str, Tensor], head: str = "head") -> dict[str, Any]:
@@ -22,14 +31,27 @@ def convert_timm_vit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
     for k, v in sd.items():
         if k.startswith("head.fc."):  # older ClassifierHead wrappers
             k = "head." + k[len("head.fc."):]
-        if k.startswith("norm_pre."):
-            raise ValueError("timm checkpoint has a pre-norm ('norm_pre'), which vitlab's ViT does not use")
+        for prefix, what in _UNSUPPORTED.items():
+            if k.startswith(prefix):
+                raise ValueError(f"timm checkpoint has {what}, which vitlab's ViT does not have (key {k!r})")
+        if ".q_norm." in k or ".k_norm." in k:
+            raise ValueError(f"timm checkpoint normalises queries and keys (key {k!r}); vitlab's ViT does not")
         out[k] = v
     overrides = head_overrides(out)
     if "pre_logits.fc.weight" in out:  # timm < 0.9 kept the representation layer
         overrides["representation_size"] = int(out["pre_logits.fc.weight"].shape[0])
+    has_norm, has_fc_norm = "norm.weight" in out, "fc_norm.weight" in out
+    if has_norm and has_fc_norm:
+        raise ValueError("timm checkpoint has both 'norm' and 'fc_norm'; vitlab's ViT has one final norm")
+    if has_fc_norm:
+        # timm puts the final norm after pooling only when it averages the patch tokens (fc_norm=None default)
+        overrides.update(global_pool="avg", fc_norm=True)
     if "cls_token" not in out:
-        overrides.update(class_token=False, global_pool="avg")
+        overrides.update(class_token=False, global_pool="avg", fc_norm=has_fc_norm)
     if "pos_embed" not in out:
         overrides["pos_embed"] = "none"
+    if "blocks.0.ls1.gamma" in out:
+        overrides["init_values"] = 1.0  # any value: it only makes the LayerScale modules exist
+    if "blocks.0.attn.qkv.weight" in out and "blocks.0.attn.qkv.bias" not in out:
+        overrides["qkv_bias"] = False
     return Converted(out, overrides)
