@@ -20,8 +20,8 @@ from vitlab.models.cait import layer_scale_init
 from vitlab.models.factory import create_model, load_model
 
 FIX = Path(__file__).resolve().parent / "fixtures"
-TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4)
-TOL = dict(atol=1e-5, rtol=1e-5)
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4}
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,10 @@ def test_cait_intermediates_and_reset(io) -> None:
                                                    return_prefix_tokens=True)
         torch.testing.assert_close(final, io["cait_timm_features"], **TOL)
     (t0, p0), (t1, p1) = inter
-    assert t0.shape == (3, 48, 4, 4) and p0.shape == (3, 1, 48)
+    assert t0.shape == t1.shape == (3, 48, 4, 4)
+    # the class token has not joined yet: each intermediate's prefix is the learned token itself
+    torch.testing.assert_close(p0, model.cls_token.expand(3, -1, -1))
+    torch.testing.assert_close(p1, p0)
     model.reset_classifier(7)
     with torch.no_grad():
         assert torch.count_nonzero(model(io["x"])) == 0

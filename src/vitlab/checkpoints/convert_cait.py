@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
-from vitlab.checkpoints.converters import Converted, register_converter
 from vitlab.checkpoints.convert_timm import head_overrides
+from vitlab.checkpoints.converters import Converted, register_converter
 
 _GAMMA = re.compile(r"^(blocks(?:_token_only)?\.\d+)\.gamma_([12])$")
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import Tensor
 
-from vitlab.checkpoints.converters import Converted, register_converter
 from vitlab.checkpoints.convert_hf import convert_hf_encoder, hf_vit_overrides
 from vitlab.checkpoints.convert_timm import convert_timm_vit, head_overrides
+from vitlab.checkpoints.converters import Converted, register_converter
 
 _HF_HEADS = {"cls_classifier.": "head.", "distillation_classifier.": "head_dist.", "classifier.": "head."}
 

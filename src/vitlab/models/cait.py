@@ -229,10 +229,10 @@ class CaiT(nn.Module):
 # CaiT, Table 2 (and the released checkpoints): width and heads per size, depth in the name; every model
 # has 2 class-attention blocks and 16x16 patches. Resolutions are those of the published weights.
 CAIT_SIZES: dict[str, dict[str, int]] = {
-    "xxs": dict(embed_dim=192, num_heads=4),
-    "xs": dict(embed_dim=288, num_heads=6),
-    "s": dict(embed_dim=384, num_heads=8),
-    "m": dict(embed_dim=768, num_heads=16),
+    "xxs": {"embed_dim": 192, "num_heads": 4},
+    "xs": {"embed_dim": 288, "num_heads": 6},
+    "s": {"embed_dim": 384, "num_heads": 8},
+    "m": {"embed_dim": 768, "num_heads": 16},
 }
 CAIT_VARIANTS: tuple[tuple[str, int, tuple[int, ...]], ...] = (
     ("xxs", 24, (224, 384)),
