@@ -1,0 +1,67 @@
+"""``vitlab analyze --checkpoint CKPT --data SOURCE``: the ViT paper's Figure 7 for any checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXAMPLE = """example:
+  vitlab analyze --checkpoint runs/demo/model.safetensors --data digits --output analysis/
+
+Writes attention_distance.png, position_similarity.png, embedding_filters.png, analysis.json (the
+numbers) and report.html (figures and tables together) to the output folder.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="attention distance, position similarity and filter figures",
+                       description="Mean attention distance per head and layer, position-embedding similarity "
+                                   "and the principal components of the embedding filters (ViT paper, Fig. 7), "
+                                   "with an HTML report of the figures and the numbers behind them.",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a vitlab checkpoint (model.safetensors)")
+    p.add_argument("--data", required=True, metavar="SOURCE", help="data source (e.g. digits, a folder, mnist)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split's images to use")
+    p.add_argument("--num-images", type=int, default=256, metavar="N", help="images for the attention distance")
+    p.add_argument("--components", type=int, default=28, help="principal components of the filters to draw")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--output", default="analysis", metavar="DIR", help="folder for the figures and report")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=run)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, with every option spelled out."""
+    parts = ["vitlab", "analyze", "--checkpoint", str(args.checkpoint), "--data", str(args.data),
+             "--split", args.split, "--num-images", str(args.num_images), "--components", str(args.components),
+             "--output", str(args.output)]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitlab import load_model
+    from vitlab.analysis.analyze import REPORT_HTML, analyze_model
+    from vitlab.cli.explain import pick_device
+    from vitlab.data import build_dataset, eval_transform
+
+    if args.num_images < 1:
+        raise ValueError("--num-images must be at least 1")
+    device = pick_device(args.device)
+    model = load_model(args.checkpoint)
+    dataset = build_dataset(args.data, split=args.split, transform=eval_transform(model.preprocessing))
+    name = getattr(model, "model_name", type(model).__name__)
+    model_desc = f"{name} from {args.checkpoint}"
+    data_desc = f"{args.data} ({args.split} split, {len(dataset)} images, classes: {', '.join(map(str, dataset.classes))})"
+    numbers = analyze_model(model, dataset, args.output, num_images=args.num_images, batch_size=args.batch_size,
+                            num_components=args.components, device=device, model_desc=model_desc,
+                            data_desc=data_desc, command=command_line(args))
+    spread = numbers["attention_distance"]["layer_spread"]
+    means = numbers["attention_distance"]["layer_mean"]
+    for i, (m, s) in enumerate(zip(means, spread)):
+        log.info("layer %d: mean attention distance %.2f px, spread over heads %.2f px", i + 1, m, s)
+    print(Path(args.output) / REPORT_HTML)
+    return 0

@@ -1,0 +1,118 @@
+"""``vitlab explain IMAGE... --checkpoint CKPT``: attention rollout maps with the model's prediction."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EXAMPLE = """example:
+  vitlab explain cat.png dog.jpg --checkpoint runs/demo/model.safetensors --output explain/
+  vitlab explain cat.png --checkpoint model.safetensors --method grad-rollout --class dog
+
+Writes one PNG per image: the image as the model sees it, the relevance map and the overlay,
+titled with the predicted class and its probability.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from vitlab.analysis import METHODS
+
+    p = sub.add_parser("explain", help="attention rollout maps for images",
+                       description="Relevance maps of a checkpoint's prediction: attention rollout "
+                                   "(Abnar & Zuidema 2020), gradient-weighted rollout for a chosen class, or "
+                                   "the last layer's attention.",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--checkpoint", required=True, help="a vitlab checkpoint (model.safetensors)")
+    p.add_argument("--method", choices=METHODS, default="rollout", help="how the map is computed")
+    p.add_argument("--class", dest="target", default=None, metavar="NAME",
+                   help="class to explain with grad-rollout (name or index; default: the predicted class)")
+    p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean",
+                   help="how the heads of a layer are combined (rollout, last-layer)")
+    p.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
+                   help="fraction of the lowest attentions dropped in each layer (0 keeps all)")
+    p.add_argument("--output", default="explain", metavar="DIR", help="folder for the PNGs")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=run)
+
+
+def resolve_class(target: str | None, class_names: list[str]) -> int | None:
+    """A class given by name (exact, then case-insensitive) or by index."""
+    if target is None:
+        return None
+    if target in class_names:
+        return class_names.index(target)
+    lowered = [c.lower() for c in class_names]
+    if target.lower() in lowered:
+        return lowered.index(target.lower())
+    if target.lstrip("-").isdigit() and 0 <= int(target) < len(class_names):
+        return int(target)
+    raise ValueError(f"--class {target!r} is not one of the model's classes: {', '.join(class_names)}")
+
+
+def model_class_names(model: torch.nn.Module) -> list[str]:
+    names = getattr(model, "class_names", None)
+    return list(names) if names else [str(i) for i in range(model.num_classes)]
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare_image(path: str, transform) -> torch.Tensor:
+    """Decode a file to the normalised (C, H, W) tensor the model expects (channels converted too)."""
+    from vitlab.data import load_image
+
+    return transform(load_image(path))
+
+
+def _output_names(paths: list[str], method: str) -> list[str]:
+    """``STEM_METHOD.png``, made unique when two inputs share a stem."""
+    names, seen = [], {}
+    for p in paths:
+        stem = Path(p).stem
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        names.append(f"{stem}_{method}.png" if n == 0 else f"{stem}-{n}_{method}.png")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitlab import load_model
+    from vitlab.analysis import explain, normalize_map
+    from vitlab.analysis.figures import explain_figure, to_display
+    from vitlab.data import eval_transform
+
+    device = pick_device(args.device)
+    model = load_model(args.checkpoint).to(device).eval()
+    names = model_class_names(model)
+    target = resolve_class(args.target, names)
+    if target is not None and args.method != "grad-rollout":
+        log.warning("--class only changes the map with --method grad-rollout; %s maps do not depend on the class",
+                    args.method)
+    pre = model.preprocessing
+    transform = eval_transform(pre)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path, out_name in zip(args.images, _output_names(args.images, args.method)):
+        x = prepare_image(path, transform).unsqueeze(0).to(device)  # (1, C, H, W)
+        e = explain(model, x, method=args.method, target=target, head_fusion=args.head_fusion,
+                    discard_ratio=args.discard_ratio)
+        pred = int(e.probs[0].argmax())
+        title = f"{Path(path).name}: {names[pred]} ({float(e.probs[0, pred]):.1%})  [{args.method}"
+        if args.method == "grad-rollout":
+            t = int(e.target[0])
+            title += f" for {names[t]} ({float(e.probs[0, t]):.1%})"
+        title += "]"
+        image = to_display(x[0], pre.mean, pre.std)
+        out = explain_figure(image, normalize_map(e.maps)[0], out_dir / out_name, title=title)
+        log.info("%s -> %s (predicted %s, %.1f%%)", path, out, names[pred], 100 * float(e.probs[0, pred]))
+        print(out)
+    return 0

@@ -1,0 +1,88 @@
+"""``vitlab fewshot --checkpoint CKPT --data SOURCE``: linear few-shot and k-NN accuracy of frozen features."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+log = logging.getLogger(__name__)
+
+EXAMPLE = """example:
+  vitlab fewshot --checkpoint runs/demo/model.safetensors --data digits --shots 1,5,10,25 --seeds 5
+  vitlab fewshot --checkpoint model.safetensors --data /work/shared/data/mnist --shots 1,5,10 --json
+
+Support images come from the train split, accuracy is measured on the test split; each shot count is
+drawn --seeds times and reported as mean +- standard deviation (ViT paper, section 4.1).
+"""
+
+
+def _shots(text: str) -> tuple[int, ...]:
+    try:
+        shots = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--shots: expected comma-separated integers, got {text!r}") from e
+    if not shots or min(shots) < 1:
+        raise argparse.ArgumentTypeError(f"--shots: expected positive integers, got {text!r}")
+    return shots
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fewshot", help="linear few-shot and k-NN accuracy of a checkpoint's features",
+                       description="Closed-form regularised least squares from frozen pre-logit features to "
+                                   "{-1, 1}^K targets with a few examples per class, plus cosine k-NN.",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a vitlab checkpoint (model.safetensors)")
+    p.add_argument("--data", required=True, metavar="SOURCE", help="data source (e.g. digits, a folder, mnist)")
+    p.add_argument("--shots", type=_shots, default=(1, 5, 10, 25), help="examples per class, comma-separated")
+    p.add_argument("--seeds", type=int, default=5, metavar="N", help="random support draws per shot count")
+    p.add_argument("--l2-reg", type=float, default=1.0, help="ridge regularisation (features are standardised)")
+    p.add_argument("--knn-k", type=int, default=5, help="neighbours for k-NN (capped at the shot count)")
+    p.add_argument("--train-split", default="train", choices=("train", "val", "test"))
+    p.add_argument("--test-split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--max-test", type=int, default=None, metavar="N", help="evaluate on at most N test images")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitlab import load_model
+    from vitlab.analysis.analyze import collate_present, spread_images
+    from vitlab.analysis.fewshot import extract_features, fewshot_evaluate
+    from vitlab.cli.explain import pick_device
+    from vitlab.data import build_dataset, eval_transform
+
+    if args.seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    device = pick_device(args.device)
+    model = load_model(args.checkpoint).to(device).eval()
+    transform = eval_transform(model.preprocessing)
+    train = build_dataset(args.data, split=args.train_split, transform=transform)
+    test = build_dataset(args.data, split=args.test_split, transform=transform)
+    num_classes = len(train.classes)
+    train_x, train_y = extract_features(model, train, batch_size=args.batch_size, device=device,
+                                        collate_fn=collate_present)
+    if args.max_test is not None:
+        test = spread_images(test, args.max_test)  # evenly spaced, so a class-sorted split keeps every class
+    test_x, test_y = extract_features(model, test, batch_size=args.batch_size, device=device,
+                                      collate_fn=collate_present)
+    log.info("features: %d train, %d test, dimension %d", len(train_y), len(test_y), train_x.shape[1])
+    results = fewshot_evaluate(train_x, train_y, test_x, test_y, num_classes=num_classes, shots=args.shots,
+                               seeds=args.seeds, l2_reg=args.l2_reg, knn_k=args.knn_k)
+    if args.json:
+        print(json.dumps({
+            "checkpoint": str(args.checkpoint), "model": getattr(model, "model_name", None), "data": args.data,
+            "train_split": args.train_split, "test_split": args.test_split, "num_classes": num_classes,
+            "num_train": len(train_y), "num_test": len(test_y), "feature_dim": int(train_x.shape[1]),
+            "seeds": args.seeds, "l2_reg": args.l2_reg, "results": [r.to_dict() for r in results],
+        }, indent=2))
+        return 0
+    print(f"{getattr(model, 'model_name', 'model')} on {args.data}: {num_classes} classes, "
+          f"{len(test_y)} test images, {args.seeds} seeds")
+    print(f"{'shots':>5}  {'linear':>17}  {'k-NN':>17}  k")
+    for r in results:
+        print(f"{r.shots:>5}  {r.linear_mean:>8.2%} ± {r.linear_std:>6.2%}  {r.knn_mean:>8.2%} ± {r.knn_std:>6.2%}  "
+              f"{r.knn_k}")
+    return 0

@@ -1,0 +1,126 @@
+"""Capture and relevance maps on real (tiny) models: parity with the fast path, any resolution, any variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_helpers import input_for, make_tiny, perturb_
+
+import vitlab
+from vitlab.analysis import attention_blocks, capture, explain, fuse_heads
+from vitlab.layers import CapturableAttention
+
+ATTENTION_MODELS = [n for n in vitlab.list_models() if vitlab.get_entry(n).family != "resnet"]
+
+
+def _tiny_vit(**over) -> torch.nn.Module:
+    kw = {"depth": 2, "embed_dim": 64, "num_heads": 4, "img_size": 32, "num_classes": 3, "patch_size": 8}
+    kw.update(over)
+    return perturb_(vitlab.create_model("vit_tiny_patch16_224", **kw)).eval()
+
+
+@pytest.mark.parametrize("name", ATTENTION_MODELS)
+def test_capture_equals_fast_path_for_every_registered_model(name: str) -> None:
+    model = perturb_(make_tiny(name)).eval()
+    x = input_for(model)
+    with torch.no_grad():
+        fast = model(x)
+        feats = model.forward_features(x)
+    out = capture(model, x)
+    torch.testing.assert_close(out.logits, fast, atol=1e-5, rtol=1e-4)
+    depth = len(attention_blocks(model))
+    assert len(out.attentions) == depth and len(out.tokens) == depth
+    n = model.num_prefix_tokens + out.layout.num_patches
+    for a in out.attentions:
+        assert a.shape[0] == x.shape[0] and a.shape[-1] in (n, out.layout.num_patches)
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
+    if vitlab.get_entry(name).family in ("vit", "deit"):
+        assert all(a.shape == (x.shape[0], model.cfg.num_heads, n, n) for a in out.attentions)
+        torch.testing.assert_close(model.norm(out.tokens[-1]), feats, atol=1e-5, rtol=1e-4)
+    assert all(m.attn_sink is None for m in model.modules() if isinstance(m, CapturableAttention))
+    # every method gives a finite map on every family (CaiT: patch-only and class-attention layers)
+    for method in ("rollout", "grad-rollout", "last-layer"):
+        e = explain(model, x, method=method)
+        assert e.maps.shape == (x.shape[0], *x.shape[-2:]) and torch.isfinite(e.maps).all()
+
+
+def test_capture_tokens_match_forward_intermediates() -> None:
+    model = _tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    out = capture(model, x)
+    with torch.no_grad():
+        _, inter = model.forward_intermediates(x)
+    for t, i in zip(out.tokens, inter):
+        torch.testing.assert_close(t[:, 1:], i)
+
+
+def test_capture_with_dynamic_img_size_at_other_resolutions() -> None:
+    model = _tiny_vit(dynamic_img_size=True)
+    for h, w in ((32, 32), (48, 40), (16, 24)):
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            fast = model(x)
+        out = capture(model, x)
+        torch.testing.assert_close(out.logits, fast, atol=1e-5, rtol=1e-4)
+        assert out.layout.grid == (h // 8, w // 8)
+        n = 1 + (h // 8) * (w // 8)
+        assert out.attentions[0].shape == (2, 4, n, n)
+        e = explain(model, x)
+        assert e.maps.shape == (2, h, w) and e.patch_maps.shape == (2, h // 8, w // 8)
+
+
+def test_capture_of_a_checkpoint_loaded_at_another_resolution(tmp_path) -> None:
+    model = _tiny_vit()
+    vitlab.save_model(model, tmp_path / "m.safetensors", class_names=["a", "b", "c"])
+    big = vitlab.load_model(tmp_path / "m.safetensors", img_size=48).eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        fast = big(x)
+    out = capture(big, x)
+    torch.testing.assert_close(out.logits, fast, atol=1e-5, rtol=1e-4)
+    assert out.layout.grid == (6, 6)
+
+
+def test_grad_rollout_differs_between_classes_and_rollout_does_not() -> None:
+    model = _tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    g0 = explain(model, x, method="grad-rollout", target=0)
+    g1 = explain(model, x, method="grad-rollout", target=1)
+    assert g0.target.tolist() == [0] and g1.target.tolist() == [1]
+    assert (g0.maps - g1.maps).abs().max() > 1e-4 * g0.maps.abs().max()
+    r0 = explain(model, x, method="rollout", target=0)
+    r1 = explain(model, x, method="rollout", target=1)
+    torch.testing.assert_close(r0.maps, r1.maps)
+    assert all(p.grad is None for p in model.parameters())  # explaining does not leave gradients behind
+
+
+def test_last_layer_map_is_the_class_token_row_of_the_last_attention() -> None:
+    model = _tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    out = capture(model, x)
+    e = explain(model, x, method="last-layer", head_fusion="max")
+    expected = fuse_heads(out.attentions[-1], "max")[:, 0, 1:].reshape(2, 4, 4)
+    torch.testing.assert_close(e.patch_maps, expected)
+    torch.testing.assert_close(e.probs, out.logits.softmax(-1))
+
+
+def test_pooled_model_without_class_token_uses_mean_over_queries() -> None:
+    model = _tiny_vit(class_token=False, global_pool="avg")
+    x = torch.randn(1, 3, 32, 32)
+    out = capture(model, x)
+    assert out.layout.num_prefix_tokens == 0
+    e = explain(model, x, method="last-layer")
+    torch.testing.assert_close(e.patch_maps, out.attentions[-1].mean(1).mean(1).reshape(1, 4, 4))
+
+
+def test_explain_keeps_training_mode_and_rejects_bad_input() -> None:
+    model = _tiny_vit().train()
+    explain(model, torch.randn(1, 3, 32, 32))
+    assert model.training
+    with pytest.raises(ValueError, match="method"):
+        explain(model, torch.randn(1, 3, 32, 32), method="saliency")
+    with pytest.raises(ValueError, match="out of range"):
+        explain(model, torch.randn(1, 3, 32, 32), method="grad-rollout", target=7)
+    cnn = vitlab.create_model("resnet18", num_classes=3)
+    with pytest.raises(ValueError, match="no attention"):
+        capture(cnn, torch.randn(1, 3, 32, 32))

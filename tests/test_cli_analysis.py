@@ -1,0 +1,132 @@
+"""`vitlab explain`, `vitlab analyze` and `vitlab fewshot` end to end on a tiny checkpoint and the digits."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from model_helpers import perturb_
+from PIL import Image
+
+import vitlab
+from vitlab.cli.main import build_parser, main
+
+DIGIT_CLASSES = [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = vitlab.create_model("vit_tiny_patch16_224", depth=2, embed_dim=64, num_heads=4, img_size=16,
+                                patch_size=4, in_chans=1, num_classes=10, mean=(0.5,), std=(0.5,))
+    perturb_(model, std=0.1)
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    vitlab.save_model(model, path, class_names=DIGIT_CLASSES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digit_pngs(tmp_path_factory) -> list[Path]:
+    from vitlab.data import build_dataset
+
+    ds = build_dataset("digits", split="test")
+    folder = tmp_path_factory.mktemp("pngs")
+    paths = []
+    for i in range(3):
+        img, label = ds[i]
+        p = folder / f"digit{i}_{label}.png"
+        Image.fromarray(img[0].numpy()).save(p)  # uint8 (1, 8, 8) -> grayscale PNG
+        paths.append(p)
+    return paths
+
+
+def _help(cmd: str) -> str:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices[cmd].format_help()
+
+
+@pytest.mark.parametrize("cmd", ["explain", "analyze", "fewshot"])
+def test_help_has_an_example(cmd: str) -> None:
+    text = _help(cmd)
+    assert "example:" in text and f"vitlab {cmd} " in text
+
+
+@pytest.mark.parametrize("method", ["rollout", "grad-rollout", "last-layer"])
+def test_explain_writes_one_png_per_image(tmp_path, checkpoint, digit_pngs, capsys, method) -> None:
+    out = tmp_path / "explain"
+    extra = ["--class", "3"] if method == "grad-rollout" else ["--head-fusion", "max", "--discard-ratio", "0.5"]
+    rc = main(["explain", *map(str, digit_pngs), "--checkpoint", str(checkpoint), "--method", method,
+               "--output", str(out), *extra])
+    assert rc == 0
+    printed = capsys.readouterr().out.split()
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == len(digit_pngs) and sorted(map(str, pngs)) == sorted(printed)
+    for p in pngs:
+        assert p.name.endswith(f"_{method}.png")
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size == (900, 340)
+
+
+def test_explain_grad_rollout_depends_on_the_class(tmp_path, checkpoint, digit_pngs) -> None:
+    def run(cls: str) -> bytes:
+        out = tmp_path / cls
+        assert main(["explain", str(digit_pngs[0]), "--checkpoint", str(checkpoint), "--method", "grad-rollout",
+                     "--class", cls, "--output", str(out)]) == 0
+        return next(out.glob("*.png")).read_bytes()
+
+    assert run("1") != run("7")
+
+
+def test_explain_rejects_unknown_class(tmp_path, checkpoint, digit_pngs, caplog) -> None:
+    rc = main(["explain", str(digit_pngs[0]), "--checkpoint", str(checkpoint), "--class", "cat",
+               "--output", str(tmp_path)])
+    assert rc == 2
+    assert "not one of the model's classes" in caplog.text
+
+
+def test_analyze_writes_figures_report_and_numbers(tmp_path, checkpoint, capsys) -> None:
+    out = tmp_path / "analysis"
+    rc = main(["analyze", "--checkpoint", str(checkpoint), "--data", "digits", "--output", str(out),
+               "--num-images", "40", "--components", "12"])
+    assert rc == 0
+    report = out / "report.html"
+    assert capsys.readouterr().out.strip() == str(report)
+    text = report.read_text()
+    links = re.findall(r"(?:src|href)='([^']+)'", text)
+    assert {"attention_distance.png", "position_similarity.png", "embedding_filters.png"} <= set(links)
+    assert all((out / link).is_file() for link in links)
+    for name in ("attention_distance.png", "position_similarity.png", "embedding_filters.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG"
+    numbers = json.loads((out / "analysis.json").read_text())
+    assert numbers["num_images"] == 40 and numbers["grid"] == [4, 4] and numbers["patch_size"] == [4, 4]
+    dist = numbers["attention_distance"]["pixels"]
+    assert len(dist) == 2 and all(len(row) == 4 for row in dist)
+    # a 4x4 grid of 4-px patches: no head can average beyond the grid's diagonal
+    assert all(0 <= d <= 4 * 3 * 2**0.5 for row in dist for d in row)
+    assert numbers["position_similarity"]["kind"] == "learn"
+    assert len(numbers["embedding_filters"]["explained_variance_ratio"]) == 12
+    assert "vitlab analyze --checkpoint" in text and "digits" in text and "vit_tiny_patch16_224" in text
+
+
+def test_fewshot_table_and_json(checkpoint, capsys) -> None:
+    args = ["fewshot", "--checkpoint", str(checkpoint), "--data", "digits", "--shots", "1,5", "--seeds", "2"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^\s+1\s+\d+\.\d+% ± ", table, re.MULTILINE) and re.search(r"^\s+5\s+", table, re.MULTILINE)
+    assert main([*args, "--json", "--max-test", "100"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["num_classes"] == 10 and got["num_test"] == 100 and got["feature_dim"] == 64
+    assert [r["shots"] for r in got["results"]] == [1, 5]
+    for r in got["results"]:
+        assert len(r["linear"]) == 2 and 0.0 <= r["linear_mean"] <= 1.0 and r["knn_k"] == min(5, r["shots"])
+
+
+def test_fewshot_rejects_bad_shots(checkpoint, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["fewshot", "--checkpoint", str(checkpoint), "--data", "digits", "--shots", "1,x"])
+    assert "comma-separated integers" in capsys.readouterr().err
