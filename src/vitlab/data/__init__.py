@@ -12,12 +12,41 @@ from vitlab.data.randaugment import RandAugment, apply_op
 from vitlab.data.sampler import RepeatAugSampler
 from vitlab.data.sources import read_idx
 from vitlab.data.splits import stratified_split
-from vitlab.data.transforms import EvalTransform, RandomErasing, TrainTransform, eval_transform, train_transform
+from vitlab.data.transforms import (
+    EvalTransform,
+    RandomErasing,
+    TrainTransform,
+    eval_transform,
+    train_transform,
+)
 
 __all__ = [
-    "ACCEPTED_FORMS", "BadImageError", "DatasetError", "EvalTransform", "IMAGE_EXTENSIONS", "ImageFileDataset",
-    "Mixup", "RANDAUGMENT_OPS", "RandAugment", "RandomErasing", "RepeatAugSampler", "TensorImageDataset",
-    "TrainTransform", "VisionDataset", "apply_op", "build_dataset", "collate_skip_none", "create_loader",
-    "eval_transform", "is_image_file", "load_image", "one_hot_smooth", "parse_source", "read_idx",
-    "seed_worker", "stratified_split", "to_channels", "train_transform",
+    "ACCEPTED_FORMS",
+    "IMAGE_EXTENSIONS",
+    "RANDAUGMENT_OPS",
+    "BadImageError",
+    "DatasetError",
+    "EvalTransform",
+    "ImageFileDataset",
+    "Mixup",
+    "RandAugment",
+    "RandomErasing",
+    "RepeatAugSampler",
+    "TensorImageDataset",
+    "TrainTransform",
+    "VisionDataset",
+    "apply_op",
+    "build_dataset",
+    "collate_skip_none",
+    "create_loader",
+    "eval_transform",
+    "is_image_file",
+    "load_image",
+    "one_hot_smooth",
+    "parse_source",
+    "read_idx",
+    "seed_worker",
+    "stratified_split",
+    "to_channels",
+    "train_transform",
 ]

@@ -113,7 +113,7 @@ def build_dataset(
     """
     _check_split(split, val_fraction)
     kind, path = parse_source(source)
-    kw = dict(transform=transform, skip_bad_images=skip_bad_images)
+    kw = {"transform": transform, "skip_bad_images": skip_bad_images}
     if split == "val" and val_fraction == 0.0 and not (kind == "folder" and folder_layout(path)[1] is not None):
         raise DatasetError(f"{source}: split='val' requested with val_fraction=0 (the source has no "
                            f"validation set of its own)")

@@ -86,8 +86,8 @@ def center_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
         ph, pw = max(th - h, 0), max(tw - w, 0)
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
         h, w = x.shape[-2:]
-    top = int(round((h - th) / 2.0))
-    left = int(round((w - tw) / 2.0))
+    top = round((h - th) / 2.0)
+    left = round((w - tw) / 2.0)
     return x[..., top:top + th, left:left + tw]
 
 
@@ -127,15 +127,15 @@ def random_resized_crop_params(h: int, w: int, scale: tuple[float, float], ratio
     for _ in range(attempts):
         target = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(log_lo, log_hi))
-        cw = int(round(math.sqrt(target * aspect)))
-        ch = int(round(math.sqrt(target / aspect)))
+        cw = round(math.sqrt(target * aspect))
+        ch = round(math.sqrt(target / aspect))
         if 0 < cw <= w and 0 < ch <= h:
             return rng.randint(0, h - ch + 1), rng.randint(0, w - cw + 1), ch, cw
     in_ratio = w / h
     if in_ratio < min(ratio):
-        cw, ch = w, int(round(w / min(ratio)))
+        cw, ch = w, round(w / min(ratio))
     elif in_ratio > max(ratio):
-        ch, cw = h, int(round(h * max(ratio)))
+        ch, cw = h, round(h * max(ratio))
     else:
         ch, cw = h, w
     return (h - ch) // 2, (w - cw) // 2, ch, cw

@@ -7,7 +7,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    default_collate,
+    get_worker_info,
+)
 
 
 def collate_skip_none(batch: list[Any]) -> Any:

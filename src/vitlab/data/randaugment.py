@@ -108,7 +108,7 @@ _SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13
 
 
 def sharpness(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
-    c, h, w = v.shape
+    _c, h, w = v.shape
     if h < 3 or w < 3:
         return v
     # PIL's SMOOTH filter on the interior; the one-pixel border keeps its original values.

@@ -40,9 +40,9 @@ class RepeatAugSampler(Sampler[int]):
         self.shuffle, self.num_repeats, self.seed = shuffle, int(num_repeats), int(seed)
         self.epoch = 0
         # Padded so that every replica gets the same number of repeated indices.
-        self.num_repeated = int(math.ceil(self.length * self.num_repeats / self.num_replicas))
+        self.num_repeated = math.ceil(self.length * self.num_repeats / self.num_replicas)
         self.total_size = self.num_repeated * self.num_replicas
-        self.num_selected = int(math.ceil(self.length / self.num_replicas))
+        self.num_selected = math.ceil(self.length / self.num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -7,6 +7,7 @@ helpers a batch needs, so a crafted file cannot run code.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import pickle
 from pathlib import Path
@@ -21,8 +22,11 @@ from vitlab.data.errors import DatasetError
 # --------------------------------------------------------------------------------------------- digits
 
 
+@functools.lru_cache(maxsize=1)
 def read_digits() -> tuple[Tensor, list[int], list[str]]:
-    """scikit-learn's bundled 8x8 digits (1797 images, no download), 0..16 scaled to 0..255."""
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), 0..16 scaled to 0..255.
+
+    Cached: callers index the tensor (which copies) and must not modify it in place."""
     from sklearn.datasets import load_digits
 
     d = load_digits()

@@ -25,7 +25,7 @@ def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tupl
     for c in sorted(by_class):
         idx = by_class[c]
         n = len(idx)
-        k = int(round(fraction * n))
+        k = round(fraction * n)
         if fraction > 0 and n >= 2:
             k = min(max(k, 1), n - 1)
         elif n < 2:

@@ -44,9 +44,9 @@ class EvalTransform:
         crop_pct = self.pre.crop_pct
         v = to_float(x)
         if h == w:
-            v = resize_shorter(v, int(math.floor(h / crop_pct)), self.pre.interpolation)
+            v = resize_shorter(v, math.floor(h / crop_pct), self.pre.interpolation)
         else:  # non-square target: scale both sides by 1 / crop_pct (no aspect-preserving rule fits both)
-            v = resize(v, (int(math.floor(h / crop_pct)), int(math.floor(w / crop_pct))), self.pre.interpolation)
+            v = resize(v, (math.floor(h / crop_pct), math.floor(w / crop_pct)), self.pre.interpolation)
         v = center_crop(v, self.size)
         v = to_channels(v, self.channels)
         return normalize(v, self.pre.mean, self.pre.std)
@@ -81,7 +81,7 @@ class RandomErasing:
         for _ in range(10):
             target = rng.uniform(*self.area) * h * w
             ar = math.exp(rng.uniform(log_lo, log_hi))
-            eh, ew = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+            eh, ew = round(math.sqrt(target * ar)), round(math.sqrt(target / ar))
             if 0 < eh < h and 0 < ew < w:
                 top, left = rng.randint(0, h - eh + 1), rng.randint(0, w - ew + 1)
                 x = x.clone()
