@@ -36,8 +36,8 @@ def timm_deit(**kw) -> torch.nn.Module:
 
 def timm_cait(**kw) -> torch.nn.Module:
     # depth, width, heads and class-attention depth come from the file itself
-    return create_model("cait_xxs24_224", pretrained=FIX / "cait_timm_tiny.safetensors", img_size=32, patch_size=8,
-                        **kw)
+    return create_model("cait_xxs24_224", pretrained=FIX / "cait_timm_tiny.safetensors",
+                        **{"img_size": 32, "patch_size": 8, **kw})
 
 
 # ------------------------------------------------------------------------------------------ parity
@@ -225,3 +225,12 @@ def test_cait_intermediates_and_reset(io) -> None:
     model.reset_classifier(7)
     with torch.no_grad():
         assert torch.count_nonzero(model(io["x"])) == 0
+
+
+@pytest.mark.parametrize("build", [timm_deit, timm_cait], ids=["deit", "cait"])
+def test_dynamic_img_size_equals_loading_at_that_size(build) -> None:
+    dynamic = build(dynamic_img_size=True).eval()
+    fixed = build(img_size=48).eval()  # the checkpoint's table resampled once at load time
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic(x), fixed(x), **TOL)
