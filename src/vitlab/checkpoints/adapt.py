@@ -24,7 +24,9 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
     target = model.state_dict()
     out = dict(sd)
     for k, v in sd.items():
-        if k.endswith("pos_embed") and k in target and v.shape != target[k].shape:
+        # a table of another width is no resolution change: leave it to load_strict, which lists every misfit
+        if (k.endswith("pos_embed") and k in target and v.shape != target[k].shape
+                and v.ndim == target[k].ndim == 3 and v.shape[-1] == target[k].shape[-1]):
             out[k] = _resample_to(v, target[k], model, k, source)
     heads = classifier_prefixes(model)
     dropped = [

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitlab.checkpoints.converters import Converted, register_converter
 from vitlab.checkpoints.convert_timm import head_overrides
+from vitlab.checkpoints.converters import Converted, register_converter
 
 _LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _LAYER_MAP = {
@@ -23,21 +23,33 @@ _LAYER_MAP = {
 }
 
 
+# transformers' ViTConfig defaults, for the fields a config.json may leave out
+HF_LAYER_NORM_EPS = 1e-12
+
+
 def hf_vit_overrides(config: dict[str, Any]) -> dict[str, Any]:
     """Architecture fields of a ViT ``config.json``."""
+    # "gelu" is the exact (erf) GELU in transformers, as in vitlab; the tanh approximation differs at 1e-4
     if config.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"HF ViT config: hidden_act={config.get('hidden_act')!r}; vitlab's ViT uses exact 'gelu'")
-    hidden = int(config["hidden_size"])
+    if config.get("pooler_act", "tanh") != "tanh":
+        raise ValueError(f"HF ViT config: pooler_act={config.get('pooler_act')!r}; vitlab's pre-logits use 'tanh'")
+    try:
+        hidden = int(config["hidden_size"])
+        depth, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+    except KeyError as e:
+        raise ValueError(f"HF ViT config lacks {e.args[0]!r}") from None
+    img, patch = config.get("image_size", 224), config.get("patch_size", 16)
     return {
         "embed_dim": hidden,
-        "depth": int(config["num_hidden_layers"]),
-        "num_heads": int(config["num_attention_heads"]),
+        "depth": depth,
+        "num_heads": heads,
         "mlp_ratio": int(config.get("intermediate_size", 4 * hidden)) / hidden,
-        "img_size": int(config.get("image_size", 224)),
-        "patch_size": int(config.get("patch_size", 16)),
+        "img_size": tuple(int(s) for s in img) if isinstance(img, (list, tuple)) else int(img),
+        "patch_size": int(patch[0] if isinstance(patch, (list, tuple)) else patch),
         "in_chans": int(config.get("num_channels", 3)),
         "qkv_bias": bool(config.get("qkv_bias", True)),
-        "norm_eps": float(config.get("layer_norm_eps", 1e-12)),
+        "norm_eps": float(config.get("layer_norm_eps", HF_LAYER_NORM_EPS)),
     }
 
 
@@ -92,7 +104,8 @@ def convert_hf_vit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
     for k, v in sd.items():
         if k.startswith("classifier."):
             out["head." + k.split(".", 1)[1]] = v
-    overrides = hf_vit_overrides(meta.get("config", {})) if meta.get("config") else {}
+    # without a config.json (a bare state dict) the sizes come from the caller; the eps is HF's default
+    overrides = hf_vit_overrides(meta["config"]) if meta.get("config") else {"norm_eps": HF_LAYER_NORM_EPS}
     overrides.update(head_overrides(out))
     if "pre_logits.fc.weight" in out:
         overrides["representation_size"] = int(out["pre_logits.fc.weight"].shape[0])

@@ -16,6 +16,28 @@ from torch import Tensor
 from vitlab.checkpoints.converters import Converted, register_converter
 
 _ENC = "Transformer/encoderblock_{}/"
+# roots under which some releases nest the parameter tree (optimizer state, Flax "params")
+_ROOTS = ("opt/target/", "params/")
+
+
+class _Arrays(dict):
+    """The .npz arrays; a missing one is a ValueError that says which key the layout needs."""
+
+    def __missing__(self, key: str) -> np.ndarray:
+        raise ValueError(
+            f"no array {key!r}: expected the google-research/vision_transformer ViT layout "
+            f"(embedding/kernel, Transformer/encoderblock_N/..., Transformer/encoder_norm, head)"
+        )
+
+
+def _strip_root(w: dict[str, np.ndarray]) -> _Arrays:
+    for root in _ROOTS:
+        if f"{root}embedding/kernel" in w:
+            return _Arrays({k[len(root):]: v for k, v in w.items() if k.startswith(root)})
+    if "Transformer/encoderblock/LayerNorm_0/scale" in w or "pos_embedding" in w:
+        raise ValueError("a big_vision checkpoint (stacked 'Transformer/encoderblock/' layers); vitlab reads the "
+                         "google-research/vision_transformer layout with one 'encoderblock_N' per layer")
+    return _Arrays(w)
 
 
 def _t(a: np.ndarray) -> Tensor:
@@ -26,6 +48,10 @@ def _conv(a: np.ndarray) -> Tensor:
     return _t(a.transpose(3, 2, 0, 1))  # HWIO -> OIHW
 
 
+def _vec(a: np.ndarray) -> Tensor:
+    return _t(a.reshape(-1))  # BiT-era GroupNorm parameters are stored (1, 1, 1, C)
+
+
 def _dense(a: np.ndarray) -> Tensor:
     return _t(a.T)  # (in, out) -> (out, in)
 
@@ -33,35 +59,32 @@ def _dense(a: np.ndarray) -> Tensor:
 def _convert_resnet(w: dict[str, np.ndarray], prefix: str, out: dict[str, Tensor]) -> None:
     """BiT-style ResNet (conv_root/gn_root, block{s}/unit{u}/conv{1,2,3}, gn{1,2,3}, conv_proj/gn_proj)."""
     out["patch_embed.backbone.stem.conv.weight"] = _conv(w[f"{prefix}conv_root/kernel"])
-    out["patch_embed.backbone.stem.norm.weight"] = _t(w[f"{prefix}gn_root/scale"])
-    out["patch_embed.backbone.stem.norm.bias"] = _t(w[f"{prefix}gn_root/bias"])
-    units = sorted({(int(m[1]), int(m[2])) for k in w if (m := re.match(rf"^{re.escape(prefix)}block(\d+)/unit(\d+)/", k))})
+    out["patch_embed.backbone.stem.norm.weight"] = _vec(w[f"{prefix}gn_root/scale"])
+    out["patch_embed.backbone.stem.norm.bias"] = _vec(w[f"{prefix}gn_root/bias"])
+    unit = re.compile(rf"^{re.escape(prefix)}block(\d+)/unit(\d+)/")
+    units = sorted({(int(m[1]), int(m[2])) for k in w if (m := unit.match(k))})
     for s, u in units:
         src = f"{prefix}block{s}/unit{u}/"
         dst = f"patch_embed.backbone.stages.{s - 1}.blocks.{u - 1}."
         for i in (1, 2, 3):
             out[f"{dst}conv{i}.weight"] = _conv(w[f"{src}conv{i}/kernel"])
-            out[f"{dst}norm{i}.weight"] = _t(w[f"{src}gn{i}/scale"])
-            out[f"{dst}norm{i}.bias"] = _t(w[f"{src}gn{i}/bias"])
+            out[f"{dst}norm{i}.weight"] = _vec(w[f"{src}gn{i}/scale"])
+            out[f"{dst}norm{i}.bias"] = _vec(w[f"{src}gn{i}/bias"])
         if f"{src}conv_proj/kernel" in w:
             out[f"{dst}downsample.conv.weight"] = _conv(w[f"{src}conv_proj/kernel"])
-            out[f"{dst}downsample.norm.weight"] = _t(w[f"{src}gn_proj/scale"])
-            out[f"{dst}downsample.norm.bias"] = _t(w[f"{src}gn_proj/bias"])
+            out[f"{dst}downsample.norm.weight"] = _vec(w[f"{src}gn_proj/scale"])
+            out[f"{dst}downsample.norm.bias"] = _vec(w[f"{src}gn_proj/bias"])
 
 
 @register_converter("vit", "jax")
-def convert_jax_vit(w: dict[str, np.ndarray], meta: dict[str, Any]) -> Converted:
+def convert_jax_vit(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Converted:
+    w = _strip_root(arrays)
     out: dict[str, Tensor] = {}
     overrides: dict[str, Any] = {}
-    hybrid = "embedding/kernel" in w and any(k.startswith("conv_root") or "/conv_root" in k for k in w)
-    if hybrid:
-        prefix = "ResNet/" if "ResNet/conv_root/kernel" in w else ""
-        _convert_resnet(w, prefix, out)
-        out["patch_embed.proj.weight"] = _conv(w["embedding/kernel"])
-        out["patch_embed.proj.bias"] = _t(w["embedding/bias"])
-    else:
-        out["patch_embed.proj.weight"] = _conv(w["embedding/kernel"])
-        out["patch_embed.proj.bias"] = _t(w["embedding/bias"])
+    if any(k.startswith(("conv_root/", "ResNet/conv_root/")) for k in w):  # hybrid: a ResNet before the embedding
+        _convert_resnet(w, "ResNet/" if "ResNet/conv_root/kernel" in w else "", out)
+    out["patch_embed.proj.weight"] = _conv(w["embedding/kernel"])  # a 1x1 kernel in the hybrid
+    out["patch_embed.proj.bias"] = _t(w["embedding/bias"])
     if "cls" in w:
         out["cls_token"] = _t(w["cls"])
     else:

@@ -24,6 +24,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No file or folder at the given path (caught by ``except FileNotFoundError`` too)."""
+
+
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 # Containers that training scripts wrap their weights in, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
@@ -47,16 +51,22 @@ def read_pickle(path: Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message opens with advice to retry with weights_only=False; keep only what it refused
+        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln]
+        what = f" ({lines[0].strip()})" if lines else ""
         raise CheckpointError(
             f"{path}: refused to load: the pickle holds objects other than tensors and plain containers, "
-            f"and loading it could execute code ({str(e).splitlines()[0]}). Convert it to safetensors "
-            f"with the tool that wrote it."
+            f"and loading it could execute code{what}. Convert it to safetensors with the tool that wrote it."
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {e}") from e
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
+    # np.load treats anything that is neither a zip nor a .npy as a pickle; say what the file is not instead
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise CheckpointError(f"{path}: not a .npz archive (no zip signature at the start of the file)")
     try:
         with np.load(str(path), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}

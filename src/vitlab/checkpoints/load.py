@@ -11,6 +11,7 @@ from vitlab.checkpoints.converters import Converted, SourceFormat, get_converter
 from vitlab.checkpoints.io import (
     PICKLE_SUFFIXES,
     CheckpointError,
+    CheckpointNotFoundError,
     read_json,
     read_npz,
     read_pickle,
@@ -40,7 +41,7 @@ def resolve(source: str | os.PathLike) -> Path:
         return _hub_snapshot(s[len(HF_HUB_PREFIX):])
     p = Path(s).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"pretrained={s!r}: no such file or folder")
+        raise CheckpointNotFoundError(f"pretrained={s!r}: no such file or folder ({p.absolute()})")
     return p
 
 
@@ -63,24 +64,34 @@ def _hub_snapshot(repo_id: str) -> Path:
             ) from online_error
 
 
+def _convert(path: Path, family: str, fmt: SourceFormat, data: Any, meta: dict[str, Any]) -> Converted:
+    """Run the converter; its complaints (unknown keys, missing arrays, unsupported options) name the file."""
+    try:
+        return get_converter(family, fmt)(data, meta)
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as a {fmt} checkpoint of the {family!r} family: {e}") from e
+
+
 def read_source(path: Path, family: str) -> Source:
     """Detect the format of ``path`` and convert it for ``family``."""
     if path.is_dir():
         return _read_folder(path, family)
     name = path.name.lower()
     if name.endswith(".npz"):
-        return Source(path, "jax", get_converter(family, "jax")(read_npz(path), {}))
+        return Source(path, "jax", _convert(path, family, "jax", read_npz(path), {}))
     if name.endswith(".safetensors"):
         got = read_vitlab(path)
         if got is not None:
             sd, meta = got
             return Source(path, "vitlab", Converted(sd, {}), meta)
         sd, _ = read_safetensors(path)
-        return Source(path, "timm", get_converter(family, "timm")(sd, {}))
+        return Source(path, "timm", _convert(path, family, "timm", sd, {}))
     if name.endswith(PICKLE_SUFFIXES):
         sd = unwrap_state_dict(read_pickle(path), path)
         fmt: SourceFormat = "hf" if _looks_hf(sd) else "timm"
-        return Source(path, fmt, get_converter(family, fmt)(sd, {}))
+        return Source(path, fmt, _convert(path, family, fmt, sd, {}))
     raise CheckpointError(
         f"{path}: unknown checkpoint type; expected .safetensors, .pth/.pt/.bin, .npz, or a folder "
         f"with config.json and model.safetensors / pytorch_model.bin"
@@ -105,6 +116,6 @@ def _read_folder(path: Path, family: str) -> Source:
     else:
         sd = unwrap_state_dict(read_pickle(weights), weights)
     if "architectures" in config or "model_type" in config or _looks_hf(sd):
-        return Source(weights, "hf", get_converter(family, "hf")(sd, {"config": config}), {"config": config})
+        return Source(weights, "hf", _convert(weights, family, "hf", sd, {"config": config}), {"config": config})
     # a timm hub folder: config.json with "architecture" and "pretrained_cfg", weights in timm's names
-    return Source(weights, "timm", get_converter(family, "timm")(sd, {}), {"timm_config": config})
+    return Source(weights, "timm", _convert(weights, family, "timm", sd, {}), {"timm_config": config})
