@@ -124,3 +124,54 @@ def test_explain_keeps_training_mode_and_rejects_bad_input() -> None:
     cnn = vitlab.create_model("resnet18", num_classes=3)
     with pytest.raises(ValueError, match="no attention"):
         capture(cnn, torch.randn(1, 3, 32, 32))
+
+
+def test_position_table_drops_the_class_token_entry_and_names_its_kind() -> None:
+    from vitlab.analysis import position_similarity, position_table
+
+    model = _tiny_vit()
+    pt = position_table(model)
+    assert pt.kind == "learn" and pt.grid == (4, 4)
+    torch.testing.assert_close(pt.table, model.pos_embed[0, 1:].detach())  # entry 0 is the class token's
+    sincos = position_table(_tiny_vit(pos_embed="sincos"))
+    assert sincos.kind == "sincos" and sincos.table.shape == (16, 64)
+    sim = position_similarity(sincos.table).reshape(16, 4, 4)
+    # a fixed 2-D table encodes topology: position (1, 1) is more like its neighbour than the far corner
+    assert sim[5, 1, 2] > sim[5, 3, 3]
+    assert position_table(_tiny_vit(pos_embed="none")) is None
+    assert position_table(vitlab.create_model("resnet18", num_classes=3)) is None
+
+
+def test_rollout_through_cait_class_attention_reaches_the_patches() -> None:
+    from vitlab.analysis import attention_rollout, embed_square
+
+    model = perturb_(make_tiny("cait_xxs24_224")).eval()
+    x = input_for(model)
+    out = capture(model, x)
+    n = out.layout.num_patches
+    kinds = {tuple(a.shape[-2:]) for a in out.attentions}
+    assert kinds == {(n, n), (1, n + 1)}  # patch-only self-attention, then class attention
+    joint = attention_rollout(out.attentions, num_prefix_tokens=1)
+    torch.testing.assert_close(joint.sum(-1), torch.ones(x.shape[0], n + 1))
+    assert float(joint[:, 0, 1:].sum(-1).min()) > 0.1  # the class token draws on the patches
+    with pytest.raises(ValueError, match="windowed"):
+        embed_square(torch.rand(1, 3, 3), 5, num_prefix_tokens=1)
+
+
+def test_analyze_model_on_cait_and_a_model_without_positions(tmp_path) -> None:
+    from torch.utils.data import TensorDataset
+
+    from vitlab.analysis.analyze import analyze_model
+
+    cait = perturb_(make_tiny("cait_xxs24_224")).eval()
+    c, h, w = cait.preprocessing.input_size
+    data = TensorDataset(torch.randn(6, c, h, w), torch.arange(6) % 5)
+    numbers = analyze_model(cait, data, tmp_path / "cait", num_images=6, batch_size=4)
+    assert numbers["attention_distance"]["layers"] == [1, 2]  # the class-attention layers have no patch queries
+    assert numbers["num_images"] == 6
+    nopos = _tiny_vit(pos_embed="none")
+    data = TensorDataset(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))
+    numbers = analyze_model(nopos, data, tmp_path / "nopos", num_images=3)
+    assert numbers["position_similarity"] is None
+    assert "no position embeddings" in (tmp_path / "nopos" / "report.html").read_text()
+    assert not (tmp_path / "nopos" / "position_similarity.png").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def test_analyze_writes_figures_report_and_numbers(tmp_path, checkpoint, capsys)
     assert len(dist) == 2 and all(len(row) == 4 for row in dist)
     # a 4x4 grid of 4-px patches: no head can average beyond the grid's diagonal
     assert all(0 <= d <= 4 * 3 * 2**0.5 for row in dist for d in row)
+    uniform = numbers["attention_distance"]["uniform_reference"]
+    pts = [(4 * r, 4 * c) for r in range(4) for c in range(4)]
+    assert uniform == pytest.approx(sum(math.dist(p, q) for p in pts for q in pts) / 256, rel=1e-5)
     assert numbers["position_similarity"]["kind"] == "learn"
     assert len(numbers["embedding_filters"]["explained_variance_ratio"]) == 12
     assert "vitlab analyze --checkpoint" in text and "digits" in text and "vit_tiny_patch16_224" in text

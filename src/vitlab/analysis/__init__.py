@@ -25,6 +25,7 @@ from vitlab.analysis.pos_similarity import PositionTable, position_similarity, p
 from vitlab.analysis.rollout import (
     attention_rollout,
     discard_lowest,
+    embed_square,
     fuse_heads,
     gradient_rollout,
     normalize_map,
@@ -36,7 +37,7 @@ from vitlab.analysis.rollout import (
 __all__ = [
     "METHODS", "AttentionDistanceMeter", "Captured", "Explanation", "FewShotResult", "FilterComponents",
     "PositionTable", "TokenLayout", "attention_blocks", "attention_rollout", "capture", "discard_lowest",
-    "explain", "extract_features", "fewshot_evaluate", "filter_components", "fuse_heads", "gradient_rollout",
+    "embed_square", "explain", "extract_features", "fewshot_evaluate", "filter_components", "fuse_heads", "gradient_rollout",
     "knn_accuracy", "linear_accuracy", "mean_attention_distance", "normalize_map", "patch_centre_distances",
     "patch_embedding_weight", "position_similarity", "position_table", "relevance_to_image", "ridge_classifier",
     "rollout_fused", "token_layout", "token_relevance", "uses_class_token",

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitlab.analysis.capture import capture
-from vitlab.analysis.distance import AttentionDistanceMeter
+from vitlab.analysis.distance import AttentionDistanceMeter, patch_centre_distances
 from vitlab.analysis.figures import attention_distance_figure, filters_figure, position_similarity_figure
 from vitlab.analysis.filters import filter_components, patch_embedding_weight
 from vitlab.analysis.pos_similarity import position_similarity, position_similarity_summary, position_table
@@ -95,6 +95,8 @@ def analyze_model(
         "layer_min": dist.amin(dim=1).tolist(),
         "layer_max": dist.amax(dim=1).tolist(),
         "layer_spread": (dist.amax(dim=1) - dist.amin(dim=1)).tolist(),
+        # what a head attending uniformly over the grid would score: the yardstick for "local" vs "global"
+        "uniform_reference": float(patch_centre_distances(layout.grid, layout.patch_size).mean()),
     }
     depth = [i + 1 for i in meter.layers]  # class-attention layers (CaiT) have no patch queries
     numbers["attention_distance"]["layers"] = depth
@@ -106,7 +108,9 @@ def analyze_model(
         title="Mean attention distance (paper Fig. 7, right)", figure=DISTANCE_PNG,
         text=f"Attention-weighted distance in pixels between query and key patch centres, averaged over query "
              f"patches (prefix tokens excluded) and {seen} images; patch {layout.patch_size[0]}x"
-             f"{layout.patch_size[1]} px on a {layout.grid[0]}x{layout.grid[1]} grid. Accuracy on these images: "
+             f"{layout.patch_size[1]} px on a {layout.grid[0]}x{layout.grid[1]} grid; a head attending "
+             f"uniformly would score {numbers['attention_distance']['uniform_reference']:.2f} px. "
+             f"Accuracy on these images: "
              f"{correct / seen:.1%}.",
         table=table))
 

@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
                             data_desc=data_desc, command=command_line(args))
     spread = numbers["attention_distance"]["layer_spread"]
     means = numbers["attention_distance"]["layer_mean"]
-    for i, (m, s) in enumerate(zip(means, spread)):
-        log.info("layer %d: mean attention distance %.2f px, spread over heads %.2f px", i + 1, m, s)
+    layers = numbers["attention_distance"]["layers"]
+    for i, m, s in zip(layers, means, spread):
+        log.info("layer %d: mean attention distance %.2f px, spread over heads %.2f px", i, m, s)
+    log.info("(uniform attention would give %.2f px)", numbers["attention_distance"]["uniform_reference"])
     print(Path(args.output) / REPORT_HTML)
     return 0
