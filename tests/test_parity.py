@@ -31,6 +31,7 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "timm_hybrid": ("vit_base_r50_s16_224", "model.safetensors", dict(TINY_HYBRID, img_size=32)),
     "jax_token_p16": ("vit_base_patch16_224", "model.npz", dict(TINY, img_size=48)),
     "jax_gap_p16": ("vit_base_patch16_224", "model.npz", dict(TINY, img_size=48)),
+    "jax_prelogits_p16": ("vit_base_patch16_224", "model.npz", dict(TINY, img_size=48)),
     "jax_hybrid": ("vit_base_r50_s16_224", "model.npz", dict(TINY_HYBRID, img_size=32)),
 }
 
@@ -78,6 +79,7 @@ def test_pooling_and_tokens_read_from_the_files() -> None:
     assert jgap.global_pool == "avg" and jgap.cls_token is None
     assert isinstance(jgap.fc_norm, torch.nn.Identity) and not isinstance(jgap.norm, torch.nn.Identity)
     assert load_case("timm_token_p16").global_pool == "token"
+    assert load_case("jax_prelogits_p16").cfg.representation_size == 24  # the npz's pre_logits layer
 
 
 @pytest.mark.parametrize("size", [96, 48])

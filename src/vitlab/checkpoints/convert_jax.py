@@ -102,7 +102,8 @@ def convert_jax_vit(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Conv
         qkv_w = [w[f"{att}{n}/kernel"] for n in ("query", "key", "value")]  # each (D, heads, hd)
         out[dst + "attn.qkv.weight"] = torch.cat([_t(k.reshape(k.shape[0], -1).T) for k in qkv_w])
         if f"{att}query/bias" in w:
-            out[dst + "attn.qkv.bias"] = torch.cat([_t(w[f"{att}{n}/bias"].reshape(-1)) for n in ("query", "key", "value")])
+            biases = [w[f"{att}{n}/bias"].reshape(-1) for n in ("query", "key", "value")]  # each (heads, hd)
+            out[dst + "attn.qkv.bias"] = torch.cat([_t(b) for b in biases])
         o = w[att + "out/kernel"]  # (heads, hd, D)
         out[dst + "attn.proj.weight"] = _t(o.reshape(-1, o.shape[-1]).T)
         out[dst + "attn.proj.bias"] = _t(w[att + "out/bias"])
