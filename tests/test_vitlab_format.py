@@ -51,3 +51,12 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.bin"]  # no temporary left behind
     atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"new"))
     assert target.read_bytes() == b"new"
+
+
+def test_hf_folder_class_names_come_from_id2label() -> None:
+    folder = Path(__file__).parent / "fixtures" / "deit_hf_plain_tiny"
+    import json
+
+    id2label = json.loads((folder / "config.json").read_text())["id2label"]
+    model = vitlab.load_model(folder)
+    assert model.class_names == [id2label[str(i)] for i in range(len(id2label))]

@@ -2,11 +2,11 @@
 
 from vitlab.checkpoints.adapt import adapt_state_dict, load_strict
 from vitlab.checkpoints.converters import Converted, get_converter, register_converter
-from vitlab.checkpoints.io import CheckpointError, atomic_write
+from vitlab.checkpoints.io import CheckpointError, CheckpointNotFoundError, atomic_write
 from vitlab.checkpoints.load import read_source, resolve
 from vitlab.checkpoints.vitlab_format import read_vitlab, save_model
 
 __all__ = [
-    "CheckpointError", "Converted", "adapt_state_dict", "atomic_write", "get_converter", "load_strict",
+    "CheckpointError", "CheckpointNotFoundError", "Converted", "adapt_state_dict", "atomic_write", "get_converter", "load_strict",
     "read_source", "read_vitlab", "register_converter", "resolve", "save_model",
 ]

@@ -90,12 +90,25 @@ def create_model(
         label = str(source.path)
         sd = adapt_state_dict(source.converted.state_dict, model, source=label)
         load_strict(model, sd, source=label)
-        if source.format == "vitlab" and source.meta.get("class_names"):
-            names = source.meta["class_names"]
-            if len(names) == model.num_classes:
-                model.class_names = list(names)
+        names = _class_names(source)
+        if names is not None and len(names) == model.num_classes:
+            model.class_names = names
         log.info("loaded %s weights from %s", source.format, label)
     return model
+
+
+def _class_names(source: Any) -> list[str] | None:
+    """Class names a checkpoint carries: vitlab metadata, or a Hugging Face config's id2label."""
+    if source.format == "vitlab":
+        names = source.meta.get("class_names")
+        return list(names) if names else None
+    id2label = (source.meta.get("config") or {}).get("id2label")
+    if source.format == "hf" and id2label:
+        try:
+            return [str(id2label[k]) for k in sorted(id2label, key=int)]
+        except (ValueError, TypeError):
+            return None
+    return None
 
 
 def _vitlab_overrides(name: str, source: Any) -> dict[str, Any]:
