@@ -2,6 +2,7 @@
 
 from vitlab.layers.attention import Attention, CapturableAttention, attend_explicit, capture_attention
 from vitlab.layers.block import Block
+from vitlab.layers.class_attention import ClassAttention, ClassAttentionBlock
 from vitlab.layers.drop_path import DropPath, drop_path
 from vitlab.layers.helpers import to_2tuple
 from vitlab.layers.layer_scale import LayerScale
@@ -9,9 +10,10 @@ from vitlab.layers.mlp import Mlp
 from vitlab.layers.patch_embed import PatchEmbed, check_image_size
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
 from vitlab.layers.std_conv import MaxPool2dSame, StdConv2d, pad_same
+from vitlab.layers.talking_heads import TalkingHeadsAttention
 
 __all__ = [
-    "Attention", "Block", "CapturableAttention", "DropPath", "LayerScale", "MaxPool2dSame", "Mlp",
+    "Attention", "Block", "CapturableAttention", "ClassAttention", "ClassAttentionBlock", "DropPath", "LayerScale", "MaxPool2dSame", "Mlp",
     "PatchEmbed", "StdConv2d", "attend_explicit", "capture_attention", "check_image_size", "drop_path",
-    "pad_same", "resample_pos_embed", "sincos_2d_pos_embed", "to_2tuple",
+    "TalkingHeadsAttention", "pad_same", "resample_pos_embed", "sincos_2d_pos_embed", "to_2tuple",
 ]
