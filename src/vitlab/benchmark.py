@@ -51,6 +51,9 @@ class TimingStats:
 
     times_s: tuple[float, ...]
     calls_per_repeat: int = 1
+    # CPU seconds of this process per call (all threads, spin-waits included): on a shared machine it
+    # moves far less than wall time when other processes take the cores, so it cross-checks ratios.
+    cpu_times_s: tuple[float, ...] = ()
 
     @property
     def median(self) -> float:
@@ -71,7 +74,9 @@ class TimingStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"median_s": self.median, "min_s": self.min, "max_s": self.max, "spread": round(self.spread, 4),
-                "calls_per_repeat": self.calls_per_repeat, "times_s": list(self.times_s)}
+                "calls_per_repeat": self.calls_per_repeat, "times_s": list(self.times_s),
+                "cpu_median_s": statistics.median(self.cpu_times_s) if self.cpu_times_s else None,
+                "cpu_times_s": list(self.cpu_times_s)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,9 +94,13 @@ class RatioStats:
                 "per_round": list(self.ratios)}
 
 
-def paired_ratio(a: TimingStats, b: TimingStats) -> RatioStats:
-    """Throughput of ``a`` over that of ``b``, round by round (both timed by the same :func:`run_interleaved`)."""
-    return RatioStats(ratios=tuple(tb / ta for ta, tb in zip(a.times_s, b.times_s, strict=True)))
+def paired_ratio(a: TimingStats, b: TimingStats, *, cpu: bool = False) -> RatioStats:
+    """Throughput of ``a`` over that of ``b``, round by round (both timed by the same :func:`run_interleaved`).
+
+    ``cpu=True`` compares CPU seconds instead of wall seconds.
+    """
+    ta, tb = (a.cpu_times_s, b.cpu_times_s) if cpu else (a.times_s, b.times_s)
+    return RatioStats(ratios=tuple(y / x for x, y in zip(ta, tb, strict=True)))
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -156,11 +165,12 @@ def matmul_step(n: int = 2048, *, dtype: str = "float32") -> tuple[Step, float]:
 
 
 # ------------------------------------------------------------------------------------------- timing
-def _time_calls(fn: Step, calls: int) -> float:
-    t0 = time.perf_counter()
+def _time_calls(fn: Step, calls: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per call."""
+    c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - t0) / calls
+    return (time.perf_counter() - t0) / calls, (time.process_time() - c0) / calls
 
 
 def run_interleaved(
@@ -191,11 +201,15 @@ def run_interleaved(
         calls[name] = max(1, int(min_repeat_s / max(t, 1e-9) + 0.5))
         log.debug("%s: %.4f s per call, %d call(s) per repeat", name, t, calls[name])
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no contender always follows another
         for name in order:
-            times[name].append(_time_calls(steps[name], calls[name]))
-    return {n: TimingStats(times_s=tuple(times[n]), calls_per_repeat=calls[n]) for n in names}
+            wall, cpu_s = _time_calls(steps[name], calls[name])
+            times[name].append(wall)
+            cpu[name].append(cpu_s)
+    return {n: TimingStats(times_s=tuple(times[n]), calls_per_repeat=calls[n], cpu_times_s=tuple(cpu[n]))
+            for n in names}
 
 
 # -------------------------------------------------------------------------------------------- FLOPs

@@ -1,0 +1,207 @@
+"""Throughput of vitlab's ViTs against timm and Hugging Face transformers, in one interleaved run.
+
+For each (model, dtype, mode) the three implementations and a reference matmul are timed in rounds
+(vitlab, timm, HF, matmul, then rotated), so that all of them see the same machine load; the
+reported numbers are medians over rounds, the vitlab/peer ratios are medians of per-round ratios,
+and the spread ((max - min) / median over rounds) is reported as the noise.
+
+Run with the peer venv (timm, transformers); vitlab is imported from this checkout's src/:
+
+    /tmp/peers/bin/python benchmarks/bench_models.py                      # ViT-Ti and ViT-S, < 10 min
+    /tmp/peers/bin/python benchmarks/bench_models.py --models vit_base_patch16_224 --dtypes float32 \
+        --modes train --repeats 7
+
+Achieved GFLOP/s = vitlab's counted forward FLOPs per image (``vitlab.model_info`` GMACs x 2) x images/s,
+x 3 for a training step; "of matmul" divides that by the GFLOP/s of an n x n matmul in the same dtype,
+timed in the same rounds: an MFU-like fraction of what this CPU practically reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import torch
+from torch import Tensor, nn
+
+import vitlab
+from vitlab.benchmark import (
+    DTYPES,
+    MODES,
+    machine_info,
+    make_infer_step,
+    make_train_step,
+    matmul_step,
+    paired_ratio,
+    run_interleaved,
+    step_flops,
+)
+
+log = logging.getLogger("bench_models")
+IMPLS = ("vitlab", "timm", "hf")
+# ViT-B is left out of the default run to keep it under 10 minutes on 2 cores; add it with --models.
+DEFAULT_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224")
+ALL_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
+
+
+class LogitsOnly(nn.Module):
+    """Hugging Face models return an output object; the timed steps want the logits tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def build(impl: str, name: str) -> nn.Module:
+    """The same architecture from each library, randomly initialised, 1000 classes."""
+    if impl == "vitlab":
+        return vitlab.create_model(name)
+    if impl == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+    if impl == "hf":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        cfg = vitlab.get_entry(name).config
+        hf_cfg = ViTConfig(hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+                           intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), image_size=cfg.img_size,
+                           patch_size=cfg.patch_size, num_labels=cfg.num_classes, layer_norm_eps=cfg.norm_eps,
+                           qkv_bias=cfg.qkv_bias, attn_implementation="sdpa")
+        return LogitsOnly(ViTForImageClassification(hf_cfg))
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def bench_group(name: str, dtype: str, mode: str, impls: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    info = vitlab.model_info(name)
+    c, h, w = info["preprocessing"]["input_size"]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, c, h, w, generator=g)
+    targets = torch.randint(0, info["num_classes"], (args.batch_size,), generator=g)
+    steps = {}
+    params = {}
+    for impl in impls:
+        torch.manual_seed(0)
+        model = build(impl, name)
+        params[impl] = sum(p.numel() for p in model.parameters())
+        steps[impl] = (make_infer_step(model, images, dtype=dtype) if mode == "infer"
+                       else make_train_step(model, images, targets, dtype=dtype))
+    mm, mm_flops = matmul_step(args.matmul_size, dtype=dtype)
+    steps["matmul"] = mm
+    load_before = _loadavg()
+    t0 = time.perf_counter()
+    stats = run_interleaved(steps, warmup=args.warmup, repeats=args.repeats, min_repeat_s=args.min_repeat_s)
+    wall = time.perf_counter() - t0
+    matmul_gflops = mm_flops / stats["matmul"].median / 1e9
+    flops = step_flops(info["gmacs"] * 2e9, args.batch_size, mode)
+    out: dict[str, Any] = {
+        "model": name, "dtype": dtype, "mode": mode, "batch_size": args.batch_size, "gmacs": info["gmacs"],
+        "params": params, "matmul_gflops": matmul_gflops, "matmul_timing": stats["matmul"].to_dict(),
+        "loadavg_before": load_before, "loadavg_after": _loadavg(), "wall_s": wall, "impls": {},
+    }
+    for impl in impls:
+        s = stats[impl]
+        achieved = flops / s.median / 1e9
+        out["impls"][impl] = {"images_per_s": args.batch_size / s.median, "achieved_gflops": achieved,
+                              "fraction_of_matmul": achieved / matmul_gflops, "timing": s.to_dict()}
+    if "vitlab" in impls:
+        out["ratios"] = {f"vitlab/{p}": paired_ratio(stats["vitlab"], stats[p]).to_dict()
+                         for p in impls if p != "vitlab"}
+        out["ratios_cpu_time"] = {f"vitlab/{p}": paired_ratio(stats["vitlab"], stats[p], cpu=True).to_dict()
+                                  for p in impls if p != "vitlab"}
+    log.info("%s %s %s (%.0f s): %s; matmul %.0f GFLOP/s", name, dtype, mode, wall,
+             ", ".join(f"{i} {out['impls'][i]['images_per_s']:.1f} img/s" for i in impls), matmul_gflops)
+    return out
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def markdown(report: dict[str, Any]) -> str:
+    impls = report["settings"]["impls"]
+    peers = [p for p in impls if p != "vitlab"] if "vitlab" in impls else []
+    head = ["model", "dtype", "mode"] + [f"{i} img/s" for i in impls]
+    head += [f"vitlab/{p} (per-round min-max)" for p in peers] + [f"vitlab/{p} CPU-time" for p in peers]
+    head += ["vitlab GFLOP/s", "matmul GFLOP/s", "vitlab of matmul", "spread (max over impls)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in report["groups"]:
+        short = g["model"].replace("_patch16_224", "").replace("vit_", "ViT-")
+        row = [short, g["dtype"], g["mode"]]
+        row += [f"{g['impls'][i]['images_per_s']:.1f}" for i in impls]
+        for p in peers:
+            r = g["ratios"][f"vitlab/{p}"]
+            row.append(f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})")
+        row += [f"{g['ratios_cpu_time'][f'vitlab/{p}']['median']:.2f}" for p in peers]
+        v = g["impls"].get("vitlab")
+        row += [f"{v['achieved_gflops']:.0f}" if v else "-", f"{g['matmul_gflops']:.0f}",
+                f"{100 * v['fraction_of_matmul']:.0f}%" if v else "-",
+                f"{100 * max(g['impls'][i]['timing']['spread'] for i in impls):.0f}%"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=4, help="timed rounds per group (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per implementation and group")
+    p.add_argument("--min-repeat-s", type=float, default=0.3,
+                   help="a repeat averages enough steps to last about this long (small models)")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_models",
+                   help="writes OUT.json and OUT.md")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    machine = machine_info()
+    groups = []
+    for name in args.models:
+        for dtype in args.dtypes:
+            for mode in args.modes:
+                groups.append(bench_group(name, dtype, mode, args.impls, args))
+                gc.collect()
+    import timm
+    import transformers
+
+    report = {
+        "machine": {**machine, "loadavg_end": _loadavg()},
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__},
+        "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "wall_s": time.time() - start,
+        "groups": groups,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    log.info("total %.0f s; wrote %s.{json,md}", report["wall_s"], args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
