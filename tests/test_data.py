@@ -400,6 +400,8 @@ def test_skip_bad_images_collate_and_count(tmp_path):
         xs, ys = next(iter(create_loader(ds2, batch_size=6, shuffle=False, num_workers=workers)))
         assert xs.shape == (5, 3, 8, 8) and ys.tolist() == [0, 0, 0, 1, 1]
     assert ds2.num_skipped == 1  # counted once, also from the worker process
+    sub = torch.utils.data.Subset(ds2, [0, 1, 3, 4])  # wrappers keep the None-dropping collate
+    assert next(iter(create_loader(sub, batch_size=4, shuffle=False)))[0].shape[0] == 3
 
 
 def test_loader_seeded_order():

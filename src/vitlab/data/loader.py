@@ -26,6 +26,20 @@ def collate_skip_none(batch: list[Any]) -> Any:
     return default_collate(kept)
 
 
+def _skips_bad_images(dataset: Any) -> bool:
+    """True when the dataset (or the dataset a Subset/ConcatDataset-style wrapper holds) may yield None."""
+    for _ in range(4):
+        if getattr(dataset, "skip_bad_images", False):
+            return True
+        inner = getattr(dataset, "datasets", None)
+        if inner is not None:  # ConcatDataset
+            return any(_skips_bad_images(d) for d in inner)
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            return False
+    return False
+
+
 def _reseed_transforms(obj: Any, seed: int, depth: int = 0) -> None:
     """Reseed explicit generators of the dataset's transform (also inside Subset-style wrappers)."""
     if obj is None or depth > 3:
@@ -61,7 +75,7 @@ def create_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_worke
     """
     if sampler is None and distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    collate = collate_skip_none if getattr(dataset, "skip_bad_images", False) else default_collate
+    collate = collate_skip_none if _skips_bad_images(dataset) else default_collate
     generator = torch.Generator().manual_seed(int(seed))
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
