@@ -310,3 +310,26 @@ def test_loader_augmentation_reproducible_across_runs_and_workers():
     a, b, c = first_batches(1, 1), first_batches(1, 1), first_batches(2, 1)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert not torch.equal(a[0], c[0])
+
+
+def test_transforms_pickle_with_generator_state():
+    import pickle
+
+    pre = Preprocessing(input_size=(3, 16, 16))
+    t = train_transform(pre, randaugment=(2, 9), re_prob=0.5, generator=torch.Generator().manual_seed(5))
+    x = rand_img(20, 20)
+    t2 = pickle.loads(pickle.dumps(t))
+    assert t2.randaugment.generator is t2.generator and t2.erasing.generator is t2.generator
+    assert torch.equal(t(x), t2(x)) and torch.equal(t(x), t2(x))  # same state, same stream
+
+
+def test_spawned_workers_receive_seeded_transform():
+    from vitlab.data import build_dataset, create_loader
+
+    tf = train_transform(Preprocessing(input_size=(1, 8, 8), mean=(0.5,), std=(0.5,)),
+                         generator=torch.Generator().manual_seed(0))
+    ds = build_dataset("digits", split="val", transform=tf)
+    loader = create_loader(ds, batch_size=8, shuffle=False, num_workers=1, persistent_workers=False)
+    loader.multiprocessing_context = "spawn"
+    x, _ = next(iter(loader))
+    assert x.shape == (8, 1, 8, 8)

@@ -43,6 +43,30 @@ class Rng:
         return -1.0 if self.random() < 0.5 else 1.0
 
 
+class PicklableGenerator:
+    """Mixin for callables holding an optional ``self.generator``: pickles the generator as plain bytes.
+
+    DataLoader workers started with "spawn" receive the dataset through torch's shared-memory pickler,
+    which cannot rebuild a ``torch.Generator`` (its state tensor fails to map); bytes travel fine, and
+    the worker gets a generator in the same state.
+    """
+
+    def __getstate__(self) -> dict:
+        d = self.__dict__.copy()
+        g = d.get("generator")
+        if isinstance(g, torch.Generator):
+            d["generator"] = ("torch.Generator", str(g.device), g.get_state().numpy().tobytes())
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        g = d.get("generator")
+        if isinstance(g, tuple) and len(g) == 3 and g[0] == "torch.Generator":
+            gen = torch.Generator(device=g[1])
+            gen.set_state(torch.frombuffer(bytearray(g[2]), dtype=torch.uint8))
+            d = {**d, "generator": gen}
+        self.__dict__.update(d)
+
+
 def to_float(x: Tensor) -> Tensor:
     """uint8 0..255 -> float32 0..1; float tensors are returned as float32 unchanged."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vitlab.data.functional import Rng
+from vitlab.data.functional import PicklableGenerator, Rng
 
 
 def one_hot_smooth(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
@@ -25,7 +25,7 @@ def one_hot_smooth(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tenso
     return out.scatter_(1, y.view(-1, 1), 1.0 - smoothing + off)
 
 
-class Mixup:
+class Mixup(PicklableGenerator):
     """Batch-level Mixup / CutMix with label smoothing.
 
     Args:

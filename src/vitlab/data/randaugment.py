@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vitlab.data.functional import Rng, affine
+from vitlab.data.functional import PicklableGenerator, Rng, affine
 
 MAX_LEVEL = 10.0
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
@@ -162,7 +162,7 @@ def apply_op(name: str, x: Tensor, level: float, rng: Rng | None = None,
     return (out / 255.0).to(x.dtype)
 
 
-class RandAugment:
+class RandAugment(PicklableGenerator):
     """Callable RandAugment on (C, H, W) uint8/float images; see the module docstring.
 
     Args:

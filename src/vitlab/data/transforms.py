@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from vitlab.data.functional import (
+    PicklableGenerator,
     Rng,
     center_crop,
     normalize,
@@ -62,7 +63,7 @@ def eval_transform(pre: Preprocessing) -> EvalTransform:
     return EvalTransform(pre)
 
 
-class RandomErasing:
+class RandomErasing(PicklableGenerator):
     """Random erasing (Zhong et al., arXiv:1708.04896) in DeiT/timm's "pixel" mode: with probability
     ``prob`` one rectangle of 2%..1/3 of the area (aspect 0.3..3.3) is replaced by N(0, 1) noise per
     pixel and channel. Applied after normalisation, where N(0, 1) is a plausible pixel distribution."""
@@ -90,7 +91,7 @@ class RandomErasing:
         return x
 
 
-class TrainTransform:
+class TrainTransform(PicklableGenerator):
     """Training augmentation for ``pre`` (see :func:`train_transform`).
 
     ``generator`` is shared by every random step. :func:`vitlab.data.create_loader` reseeds it in each
@@ -114,6 +115,14 @@ class TrainTransform:
             if randaugment is not None and int(randaugment[0]) > 0 else None
         )
         self.erasing = RandomErasing(re_prob, generator=generator) if re_prob > 0 else None
+
+    def __setstate__(self, d: dict) -> None:
+        super().__setstate__(d)
+        # Unpickling gives each part its own generator object; make them share the parent's again,
+        # so that ``reseed`` reaches every random step.
+        for part in (self.randaugment, self.erasing):
+            if part is not None:
+                part.generator = self.generator
 
     def reseed(self, seed: int) -> None:
         """Give this copy of the transform its own random stream (called in each DataLoader worker)."""
