@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split's images to use")
     p.add_argument("--num-images", type=int, default=256, metavar="N", help="images for the attention distance")
     p.add_argument("--components", type=int, default=28, help="principal components of the filters to draw")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="images per captured forward pass (all maps are kept)")
     p.add_argument("--output", default="analysis", metavar="DIR", help="folder for the figures and report")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=run)
