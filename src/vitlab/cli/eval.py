@@ -1,0 +1,125 @@
+"""``vitlab eval``: accuracy of a checkpoint on a labelled data split, with the checkpoint's own preprocessing.
+
+Writes ``metrics.json``, ``per_class.csv``, ``confusion.csv`` and ``confusion.png`` to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("vitlab")
+
+EXAMPLE = """examples:
+  vitlab eval --checkpoint runs/digits-vit/model.safetensors --data digits
+  vitlab eval --checkpoint runs/mine/model.safetensors --data ./images --split val --output runs/mine/eval_val"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a checkpoint",
+                       description="Evaluate a vitlab checkpoint on a data split with its own preprocessing.",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="vitlab checkpoint (model.safetensors of a run)")
+    p.add_argument("--data", default="digits", help="data source")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share when the source has no val set")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast precision")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
+    p.add_argument("--output", type=Path, help="report folder (default: beside the checkpoint, eval_SPLIT)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=run)
+
+
+def check_classes(model, classes: list[str], checkpoint: str, data: str) -> None:
+    """The data's classes must be the head's; a different count needs fine-tuning first."""
+    if len(classes) != model.num_classes:
+        raise ValueError(
+            f"{data} has {len(classes)} classes but the checkpoint {checkpoint} has a head for "
+            f"{model.num_classes}; fine-tune it for this data first: vitlab finetune --from {checkpoint} --data {data}"
+        )
+    names = getattr(model, "class_names", None)
+    if names and list(names) != list(classes):
+        log.warning("the data's class names differ from the checkpoint's (%s... vs %s...); labels are matched by "
+                    "index", classes[:3], list(names)[:3])
+
+
+def run(args: argparse.Namespace) -> int:
+    import vitlab
+    from vitlab.data import build_dataset, eval_transform
+    from vitlab.train.distributed import resolve_device
+    from vitlab.train.evaluate import evaluate
+
+    device = resolve_device(None if args.device == "auto" else args.device)
+    model = vitlab.load_model(args.checkpoint).to(device).eval()
+    ds = build_dataset(args.data, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
+                       transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
+    check_classes(model, ds.classes, args.checkpoint, args.data)
+    r = evaluate(model, ds, num_classes=model.num_classes, batch_size=args.batch_size, device=device, amp=args.amp,
+                 workers=args.workers, class_names=ds.classes, progress=not args.json)
+    out = args.output or Path(args.checkpoint).parent / f"eval_{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, **r.summary(),
+               "per_class": dict(zip(ds.classes, r.per_class))}
+    if args.skip_bad_images:
+        metrics["skipped_images"] = ds.num_skipped
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with open(out / "per_class.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "support", "accuracy"])
+        for name, support, acc in zip(ds.classes, r.confusion.sum(dim=1).tolist(), r.per_class):
+            w.writerow([name, support, f"{acc:.6f}"])
+    with open(out / "confusion.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *ds.classes])
+        for name, row in zip(ds.classes, r.confusion.tolist()):
+            w.writerow([name, *row])
+    save_confusion_png(r.confusion, ds.classes, out / "confusion.png", title=f"{Path(args.checkpoint).name} on "
+                       f"{args.data} [{args.split}]: top-1 {100 * r.top1:.2f}%")
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{args.data} [{args.split}], {r.num_samples} images: top-1 {100 * r.top1:.2f}%  "
+              f"top-5 {100 * r.top5:.2f}%  loss {r.loss:.4f}")
+        width = max(len(c) for c in ds.classes)
+        for name, acc in zip(ds.classes, r.per_class):
+            print(f"  {name:<{width}}  {100 * acc:6.2f}%")
+        print(f"report: {out}/ (metrics.json, per_class.csv, confusion.csv, confusion.png)")
+    return 0
+
+
+def save_confusion_png(confusion, classes: list[str], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    size = min(4 + 0.35 * k, 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    try:
+        im = ax.imshow(confusion.numpy(), cmap="Blues")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        if k <= 40:
+            ax.set_xticks(range(k), classes, rotation=90)
+            ax.set_yticks(range(k), classes)
+        if k <= 20:
+            peak = confusion.max().item() or 1
+            for i in range(k):
+                for j in range(k):
+                    v = confusion[i, j].item()
+                    ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                            color="white" if v > peak / 2 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,45 @@
+"""``vitlab finetune``: fine-tune a checkpoint or published weights on new data, as the ViT paper does.
+
+The head is replaced by a zero-initialised D x K layer for the new classes and the position
+embeddings are resampled to the fine-tuning resolution; the ``vit_finetune`` recipe is the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from vitlab.cli.train import add_common_args, make_job, report, resolve_recipe
+from vitlab.train.recipe import list_recipes
+
+EXAMPLE = """examples:
+  vitlab finetune --from runs/digits-vit/model.safetensors --data ./my_digits --img-size 16 --steps 200
+  vitlab finetune --from ViT-B_16.npz --model vit_base_patch16_384 --data ./flowers --img-size 384 \\
+      --set max_steps=500 --set lr=0.003
+  vitlab finetune --from hf-hub:google/vit-base-patch16-224 --model vit_base_patch16_224 --data ./pets
+
+recipes: {recipes} or a JSON file (default vit_finetune: SGD momentum 0.9, global batch 512 through
+gradient accumulation, cosine decay, no weight decay, clipping at norm 1, zero-initialised head)."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on new data (new head, resampled positions)",
+                       description="Fine-tune pretrained weights on a data set: zero-initialised head for its "
+                                   "classes, position embeddings resampled to --img-size.",
+                       epilog=EXAMPLE.format(recipes=", ".join(list_recipes())),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="source", required=True,
+                   help="vitlab checkpoint, timm/HF weights, JAX .npz or hf-hub:ORG/NAME")
+    p.add_argument("--model", help="registered architecture (needed unless --from is a vitlab checkpoint)")
+    add_common_args(p, default_recipe="vit_finetune")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitlab.train.run import pretrained_model_name, run_training
+
+    recipe = resolve_recipe(args, "vit_finetune")
+    model = args.model or pretrained_model_name(args.source)
+    summary = run_training(make_job(args, recipe, model=model, pretrained=args.source,
+                                    output_tag=f"finetune-{model}"))
+    report(summary)
+    return 0

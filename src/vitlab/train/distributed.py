@@ -1,0 +1,89 @@
+"""Process-group set-up for runs under ``torchrun``: one process per device, gloo on CPU, NCCL on GPU.
+
+A rank that fails must not leave the others waiting forever: the group gets a finite timeout, the group
+is destroyed in ``finally``, and exceptions propagate so the process exits non-zero (``torchrun`` then
+stops the remaining workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available on this machine; use --device cpu")
+        return torch.device("cuda", local_rank if device == "cuda" else torch.device(device).index or 0)
+    if device != "cpu":
+        raise ValueError(f"--device {device!r}: expected cpu or cuda")
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def distributed_context(device: str | None = None, *, timeout_s: float | None = None) -> Iterator[DistContext]:
+    """Yield the run's :class:`DistContext`; under torchrun (WORLD_SIZE > 1) set up and tear down the group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        if dist.is_available() and dist.is_initialized():
+            yield DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                              device=dev)
+        else:
+            yield DistContext(device=dev)
+        return
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    timeout = float(timeout_s or os.environ.get("VITLAB_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    log.debug("rank %d/%d: %s process group up on %s", rank, world, backend, dev)
+    try:
+        yield DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    finally:
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= ctx.world_size
+    return value
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()

@@ -1,0 +1,37 @@
+"""Classification losses: cross entropy on soft targets (Mixup/CutMix) and a uniform signature."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SoftTargetCrossEntropy(nn.Module):
+    """Cross entropy against a probability vector per sample (Mixup/CutMix labels, smoothing included)."""
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+class ClassificationLoss(nn.Module):
+    """``loss(images, outputs, targets)``: the signature the trainer calls, shared with distillation.
+
+    ``targets`` are class indices (label smoothing applied here) or soft targets (already smoothed by Mixup).
+    A tuple of outputs (a distilled DeiT's class and distillation heads) is averaged for the plain loss.
+    """
+
+    def __init__(self, *, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.soft = SoftTargetCrossEntropy()
+
+    def base(self, logits: Tensor, targets: Tensor) -> Tensor:
+        if targets.ndim == 2:
+            return self.soft(logits, targets)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+
+    def forward(self, images: Tensor, outputs: Tensor | tuple[Tensor, Tensor], targets: Tensor) -> Tensor:
+        if isinstance(outputs, tuple):
+            return sum(self.base(o, targets) for o in outputs) / len(outputs)
+        return self.base(outputs, targets)

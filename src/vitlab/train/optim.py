@@ -1,0 +1,85 @@
+"""Optimisers with the usual parameter grouping: no weight decay on norms, biases, position embeddings
+and prefix tokens, and optional layer-wise learning-rate decay for fine-tuning."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitlab.train.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+# Parameters before the first block (patch embedding, prefix tokens, position table) share layer 0.
+_EMBED_PREFIXES = ("patch_embed", "cls_token", "dist_token", "reg_token", "pos_embed", "pos_drop")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _skip_decay(name: str, param: nn.Parameter, skip: set[str]) -> bool:
+    # ndim <= 1: biases, norm scales and shifts, LayerScale gammas; ``skip``: the model's own list
+    # (position embeddings, class/distillation tokens), matched as a name or a module prefix.
+    return param.ndim <= 1 or name in skip or any(name.startswith(s + ".") for s in skip)
+
+
+def num_layers_for_decay(model: nn.Module) -> int:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(
+            f"layer_decay: {getattr(model, 'model_name', type(model).__name__)} has no `blocks` sequence; "
+            f"layer-wise learning-rate decay needs a transformer with blocks (set layer_decay to none)"
+        )
+    return len(blocks)
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """ViT layer of a parameter: embeddings -> 0, ``blocks.i`` -> i + 1, everything after -> L + 1."""
+    if name.startswith(_EMBED_PREFIXES):
+        return 0
+    m = _BLOCK.match(name)
+    if m:
+        return int(m.group(1)) + 1
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
+    """Parameter groups with ``weight_decay`` and an ``lr_scale`` each (1.0 without layer decay)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    num_layers = num_layers_for_decay(model) if layer_decay is not None else 0
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = _skip_decay(name, p, skip)
+        lid = layer_id(name, num_layers) if layer_decay is not None else 0
+        key = (lid, no_decay)
+        if key not in groups:
+            scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
+            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr_scale": scale, "layer_id": lid}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe, *, lr: float) -> torch.optim.Optimizer:
+    """The recipe's optimiser over ``param_groups``; each group's lr is ``lr * lr_scale``."""
+    groups = param_groups(model, weight_decay=recipe.weight_decay, layer_decay=recipe.layer_decay)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    if recipe.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, betas=recipe.betas, eps=recipe.eps)
+    elif recipe.optimizer == "adam":
+        # torch's Adam adds weight decay to the gradient (L2); choose adamw for decoupled decay
+        opt = torch.optim.Adam(groups, lr=lr, betas=recipe.betas, eps=recipe.eps)
+    elif recipe.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    else:  # pragma: no cover - Recipe validates the name
+        raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+    n_decay = sum(len(g["params"]) for g in groups if g["weight_decay"] > 0)
+    n_all = sum(len(g["params"]) for g in groups)
+    log.debug("%s: %d parameter tensors, %d with weight decay, %d groups", recipe.optimizer, n_all, n_decay, len(groups))
+    return opt

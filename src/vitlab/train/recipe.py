@@ -1,0 +1,288 @@
+"""Training recipes: every hyper-parameter of a run as one frozen dataclass, stored as JSON data.
+
+The shipped recipes live in ``vitlab/train/recipes/*.json``; a user's recipe is any JSON file with a
+subset of the fields. ``--set key=value`` on the command line overrides any field, typed by that
+field's declared type, so ``--set lr=3e-4 --set betas=0.9,0.95 --set model_overrides.depth=6`` all work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+RECIPE_DIR = "recipes"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """Args:
+    model / model_overrides: default model name and config overrides (e.g. ``drop_path_rate`` for
+        stochastic depth); the command line's ``--model`` wins over ``model``.
+    img_size: training resolution (None: the data set's native size, or the model's own).
+    batch_size: per process and per micro-step; the global batch is batch_size * accum_steps * world size.
+    global_batch: if set, accum_steps is derived from it (global_batch / (batch_size * world size)), so a
+        paper's batch (4096, 512) is reached on any hardware; it must divide evenly.
+    max_steps: the run's length in optimiser steps (None: epochs x steps per epoch); the schedule spans it.
+    lr_base_batch: if set, the effective learning rate is lr * global_batch / lr_base_batch (DeiT's rule).
+    warmup_steps / warmup_epochs: linear warm-up length; the larger of the two (epochs converted) is used.
+    schedule: decay after warm-up down to min_lr: "cosine", "linear" or "constant".
+    layer_decay: layer-wise learning-rate decay for fine-tuning (ViT: lr * layer_decay ** (L + 1 - layer)).
+    ema_decay: keep an exponential moving average of the weights (None: off).
+    amp: "bf16" autocast (CPU or CUDA), "fp16" autocast with a gradient scaler (CUDA only), or "none".
+    augment: random resized crop / flip / RandAugment / erasing on training images (False: eval transform).
+    randaugment: (number of ops, magnitude) or None; randaugment_mstd is the magnitude noise.
+    repeat_aug: DeiT's repeated augmentation: each image appears this many times per epoch (1: off).
+    checkpoint_every: also checkpoint every N optimiser steps (0: only at epoch ends and at the end).
+    """
+
+    name: str = "custom"
+    description: str = ""
+    model: str | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None
+    zero_init_head: bool = False
+    # length and batch
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 64
+    accum_steps: int = 1
+    global_batch: int | None = None
+    # optimiser
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    lr_base_batch: int | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.05
+    layer_decay: float | None = None
+    clip_grad: float | None = None
+    # schedule
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    # regularisation
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None
+    # precision
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    # data and augmentation
+    val_fraction: float = 0.1
+    augment: bool = True
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    hflip: float = 0.5
+    randaugment: tuple[int, int] | None = None
+    randaugment_mstd: float = 0.0
+    re_prob: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    repeat_aug: int = 1
+    # logistics
+    seed: int = 0
+    workers: int = 0
+    eval_every_epochs: int = 1
+    checkpoint_every: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.accum_steps >= 1, "accum_steps must be >= 1"),
+            (self.global_batch is None or self.global_batch >= 1, "global_batch must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.repeat_aug >= 1, "repeat_aug must be >= 1"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
+            (self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must be in (0, 1)"),
+            (self.layer_decay is None or 0.0 < self.layer_decay <= 1.0, "layer_decay must be in (0, 1]"),
+            (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"recipe {self.name!r}: {msg}")
+        for name, allowed in (("optimizer", ("adamw", "adam", "sgd")), ("schedule", ("cosine", "linear", "constant")),
+                              ("amp", ("none", "bf16", "fp16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"recipe {self.name!r}: {name}={getattr(self, name)!r}; choose from {allowed}")
+
+    @property
+    def uses_mixup(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def accum_for(self, world_size: int) -> int:
+        """Micro-steps per optimiser step on ``world_size`` processes."""
+        if self.global_batch is None:
+            return self.accum_steps
+        per_step = self.batch_size * world_size
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"recipe {self.name!r}: global_batch={self.global_batch} is not a multiple of batch_size x "
+                f"processes = {self.batch_size} x {world_size}; change --batch-size or --set global_batch=..."
+            )
+        return self.global_batch // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+
+def recipe_fields() -> dict[str, Any]:
+    """Field name -> declared type of every recipe field."""
+    hints = typing.get_type_hints(Recipe)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Recipe)}
+
+
+def list_recipes() -> list[str]:
+    root = resources.files("vitlab.train") / RECIPE_DIR
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A shipped recipe by name (``vit_pretrain``, ``vit_finetune``, ``digits``, ``deit``) or a JSON file."""
+    s = str(name_or_path)
+    path = Path(s)
+    if s.endswith(".json") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {s!r} does not exist")
+        text, source = path.read_text(), str(path)
+    else:
+        res = resources.files("vitlab.train") / RECIPE_DIR / f"{s}.json"
+        if not res.is_file():
+            raise ValueError(f"unknown recipe {s!r}; shipped recipes: {', '.join(list_recipes())}, or give a .json file")
+        text, source = res.read_text(), f"recipe {s}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a recipe is a JSON object of field -> value")
+    data.setdefault("name", path.stem if source == str(path) else s)
+    return recipe_from_dict(data, source=source)
+
+
+def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe") -> Recipe:
+    types_ = recipe_fields()
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ValueError(f"{source}: unknown recipe key(s) {unknown}; valid keys: {', '.join(sorted(types_))}")
+    return Recipe(**{k: _coerce(v, types_[k], k) for k, v in data.items()})
+
+
+def apply_overrides(recipe: Recipe, assignments: list[str] | None) -> Recipe:
+    """Apply ``key=value`` strings; ``model_overrides.KEY=VALUE`` sets one model option (value parsed as JSON)."""
+    if not assignments:
+        return recipe
+    types_ = recipe_fields()
+    changes: dict[str, Any] = {}
+    model_overrides = dict(recipe.model_overrides)
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        if key.startswith("model_overrides."):
+            model_overrides[key.split(".", 1)[1]] = _parse_json_or_str(raw)
+            changes["model_overrides"] = model_overrides
+            continue
+        if key not in types_:
+            raise ValueError(f"--set {key}=...: unknown recipe key {key!r}; valid keys: {', '.join(sorted(types_))}")
+        changes[key] = _parse(raw, types_[key], key)
+    return dataclasses.replace(recipe, **changes)
+
+
+# ------------------------------------------------------------------------------------------ typing
+def _parse_json_or_str(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _parse(raw: str, tp: Any, key: str) -> Any:
+    """A command-line string -> a value of the field's type."""
+    if _is_optional(tp) and raw.lower() in ("none", "null", ""):
+        return None
+    base = _strip_optional(tp)
+    origin = typing.get_origin(base)
+    if base is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--set {key}={raw}: expected true or false")
+    if origin is tuple:
+        parts = json.loads(raw) if raw.startswith("[") else [p for p in raw.strip("()").split(",") if p.strip()]
+        return _coerce(parts, base, key)
+    if origin is dict:
+        value = _parse_json_or_str(raw)
+        return _coerce(value, base, key)
+    if origin is Literal or base in (int, float, str):
+        return _coerce(raw, base, key)
+    return _coerce(_parse_json_or_str(raw), base, key)
+
+
+def _coerce(v: Any, tp: Any, key: str) -> Any:
+    """A JSON value -> the field's type, or a clear error."""
+    if v is None:
+        if _is_optional(tp):
+            return None
+        raise ValueError(f"recipe key {key!r} cannot be null")
+    base = _strip_optional(tp)
+    origin = typing.get_origin(base)
+    try:
+        if origin is Literal:
+            allowed = typing.get_args(base)
+            if v not in allowed:
+                raise ValueError(f"choose from {allowed}")
+            return v
+        if origin is tuple:
+            args = typing.get_args(base)
+            if not isinstance(v, (list, tuple)) or len(v) != len(args):
+                raise ValueError(f"expected {len(args)} values")
+            return tuple(_coerce(x, a, key) for x, a in zip(v, args))
+        if origin is dict:
+            if not isinstance(v, dict):
+                raise ValueError("expected a JSON object")
+            return dict(v)
+        if base is bool:
+            if not isinstance(v, bool):
+                raise ValueError("expected true or false")
+            return v
+        if base is int:
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError("expected an integer")
+            return int(float(v)) if isinstance(v, str) and "e" in v.lower() else int(v)
+        if base is float:
+            if isinstance(v, bool):
+                raise ValueError("expected a number")
+            return float(v)
+        if base is str:
+            return str(v)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"recipe key {key!r}: cannot use {v!r} ({e})") from None
+    return v
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    if _is_optional(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else typing.Union[tuple(args)]
+    return tp

@@ -1,0 +1,443 @@
+"""The training loop: one function, :func:`fit`, that runs a recipe on one CPU or many GPUs.
+
+What a step does, in order: ``accum_steps`` micro-batches (Mixup/CutMix if the recipe asks), forward
+under autocast, loss / accum_steps, backward (DDP synchronises gradients on the last micro-batch only);
+then the loss is averaged over ranks and checked for finiteness *before* the update, gradients are
+unscaled and clipped to the global norm, the optimiser, scheduler and EMA step.
+
+The run directory holds ``model.safetensors`` (a vitlab checkpoint: later commands need only this
+file), ``model_ema.safetensors`` when EMA is on, ``train_state.pt`` (everything ``--resume`` needs),
+``recipe.json``, ``metrics.jsonl`` and TensorBoard events under ``tb/``. Only rank 0 writes.
+
+Exact resumption: the sampler's order is a function of (seed, epoch) and the resumed epoch skips the
+sample indices already consumed without loading them; every random generator is restored; evaluation
+and checkpointing run inside :func:`preserved_rng` so they never move the training run's generators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from vitlab.checkpoints import CheckpointError, load_strict, save_model
+from vitlab.checkpoints.vitlab_format import config_to_dict
+from vitlab.train.distributed import DistContext, all_reduce_mean, barrier
+from vitlab.train.ema import ModelEMA
+from vitlab.train.evaluate import EvalResult, autocast_context, evaluate
+from vitlab.train.losses import ClassificationLoss
+from vitlab.train.optim import build_optimizer
+from vitlab.train.recipe import Recipe
+from vitlab.train.schedule import build_scheduler
+from vitlab.train.state import get_rng_state, load_train_state, preserved_rng, save_train_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "model_ema.safetensors"
+STATE_FILE = "train_state.pt"
+RECIPE_FILE = "recipe.json"
+METRICS_FILE = "metrics.jsonl"
+
+Criterion = Callable[[Tensor, Any, Tensor], Tensor]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before applying that step."""
+
+
+@dataclass(kw_only=True)
+class FitResult:
+    output_dir: Path
+    step: int
+    epoch: int
+    total_steps: int
+    global_batch: int
+    lr: float
+    seconds: float
+    val: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def model_path(self) -> Path:
+        return self.output_dir / MODEL_FILE
+
+
+class _SkipSampler(Sampler[int]):
+    """The base sampler's indices for this epoch, minus the first ``skip`` (already consumed before a resume)."""
+
+    def __init__(self, base: Sampler[int]) -> None:
+        self.base = base
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        for i, idx in enumerate(self.base):
+            if i >= self.skip:
+                yield idx
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)  # type: ignore[arg-type]
+
+
+def _build_sampler(dataset: Dataset, recipe: Recipe, ctx: DistContext) -> Sampler[int]:
+    if recipe.repeat_aug > 1:
+        from vitlab.data import RepeatAugSampler
+
+        return RepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                num_repeats=recipe.repeat_aug, seed=recipe.seed)
+    # The same permutation of (seed, epoch) on every rank; rank r takes every world_size-th index, so
+    # one process with batch B*W sees the same samples per step as W processes with batch B.
+    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                              seed=recipe.seed, drop_last=False)
+
+
+def _make_loader(dataset: Dataset, sampler: Sampler[int], recipe: Recipe, batch_size: int) -> DataLoader:
+    from vitlab.data import create_loader
+
+    # create_loader's private, seeded generator: creating an iterator draws a base seed from it, not
+    # from the global RNG, so a resumed epoch (a new iterator mid-epoch) consumes the global generators
+    # exactly as the uninterrupted run did.
+    return create_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=recipe.workers,
+                         seed=recipe.seed, drop_last=True, sampler=sampler)
+
+
+def _non_empty(loader: DataLoader) -> Iterator[Any]:
+    for batch in loader:
+        if batch is not None:  # every image of the batch was undecodable and skipped
+            yield batch
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class _Writers:
+    """metrics.jsonl and TensorBoard, on rank 0 only; TensorBoard is optional."""
+
+    def __init__(self, out: Path, enabled: bool, start_step: int) -> None:
+        self.enabled = enabled
+        self.metrics = out / METRICS_FILE
+        self.tb = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(out / "tb"), purge_step=start_step or None)
+        except Exception as e:  # tensorboard missing or broken: metrics.jsonl still records everything
+            log.warning("TensorBoard logging off (%s); metrics.jsonl still records the run", e)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if k not in ("step", "epoch", "kind") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def fit(
+    model: nn.Module,
+    recipe: Recipe,
+    *,
+    train_set: Dataset,
+    val_set: Dataset | None = None,
+    output_dir: str | Path,
+    ctx: DistContext | None = None,
+    resume: bool = False,
+    class_names: list[str] | None = None,
+    criterion: Criterion | None = None,
+    until_step: int | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` (built with ``vitlab.create_model``) on ``train_set`` following ``recipe``.
+
+    Args:
+        train_set / val_set: map-style data sets yielding (image tensor, label), already transformed.
+        ctx: the distributed context (``distributed_context()``); None: one process on the model's device.
+        resume: continue from ``output_dir/train_state.pt``.
+        criterion: ``loss(images, outputs, targets)``; default: cross entropy with the recipe's label
+            smoothing (soft targets under Mixup). Distillation passes its own.
+        until_step: stop (with a checkpoint) after this many optimiser steps in all, as if killed there;
+            the schedule still spans the whole run.
+    """
+    ctx = ctx or DistContext(device=next(model.parameters()).device)
+    out = Path(output_dir)
+    device = ctx.device
+    model.to(device)
+    net = _unwrap(model)
+    if not hasattr(net, "model_name"):
+        raise ValueError("fit: build the model with vitlab.create_model so that its checkpoint is self-describing")
+    num_classes = net.num_classes
+    class_names = list(class_names) if class_names is not None else getattr(train_set, "classes", None)
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"fit: the data has {len(class_names)} classes but the model's head has {num_classes}")
+
+    # ---- data and run length
+    accum = recipe.accum_for(ctx.world_size)
+    base_sampler = _build_sampler(train_set, recipe, ctx)
+    sampler = _SkipSampler(base_sampler)
+    loader = _make_loader(train_set, sampler, recipe, recipe.batch_size)
+    micro_per_epoch = len(base_sampler) // recipe.batch_size  # type: ignore[arg-type]
+    steps_per_epoch = micro_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"fit: {len(base_sampler)} samples per process cannot fill one step of batch_size {recipe.batch_size} x "
+            f"accum {accum}; lower --batch-size or global_batch"
+        )
+    total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    global_batch = recipe.batch_size * accum * ctx.world_size
+    lr = recipe.lr * (global_batch / recipe.lr_base_batch if recipe.lr_base_batch else 1.0)
+    warmup = max(recipe.warmup_steps, round(recipe.warmup_epochs * steps_per_epoch))
+    warmup = min(warmup, max(0, total_steps - 1))
+
+    # ---- optimisation
+    if hasattr(net, "set_distilled_training") and criterion is not None:
+        net.set_distilled_training(True)
+    optimizer = build_optimizer(net, recipe, lr=lr)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, kind=recipe.schedule,
+                                peak_lr=lr, min_lr=min(recipe.min_lr, lr))
+    scaler = torch.amp.GradScaler("cuda", enabled=recipe.amp == "fp16" and device.type == "cuda")
+    if recipe.amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp=fp16 needs CUDA (a gradient scaler on the GPU); use --set amp=bf16 on the CPU")
+    ema = ModelEMA(net, decay=recipe.ema_decay) if recipe.ema_decay is not None else None
+    criterion = criterion or ClassificationLoss(label_smoothing=recipe.label_smoothing)
+    mixup = None
+    if recipe.uses_mixup:
+        from vitlab.data import Mixup
+
+        mixup = Mixup(num_classes=num_classes, mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha,
+                      prob=recipe.mixup_prob, switch_prob=recipe.mixup_switch_prob,
+                      label_smoothing=recipe.label_smoothing)
+
+    # ---- state: fresh or resumed
+    step = 0
+    if resume:
+        state = load_train_state(out / STATE_FILE)
+        _check_same_model(state, net, out / STATE_FILE)
+        load_strict(net, state["model"], source=str(out / STATE_FILE))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            if state.get("ema") is None:
+                raise CheckpointError(f"{out / STATE_FILE}: the run had no EMA; resume with the same recipe")
+            ema.module.load_state_dict(state["ema"])
+        step = int(state["step"])
+        if state.get("total_steps") != total_steps or state.get("global_batch") != global_batch:
+            log.warning("resuming with a different run length or global batch (was %s steps x %s, now %s x %s): "
+                        "the continuation will not match an uninterrupted run",
+                        state.get("total_steps"), state.get("global_batch"), total_steps, global_batch)
+        rngs = state["rng"]
+        if len(rngs) == ctx.world_size:
+            set_rng_state(rngs[ctx.rank])
+        else:
+            log.warning("resuming on %d processes from a run on %d: random streams are re-seeded",
+                        ctx.world_size, len(rngs))
+            _seed_everything(recipe.seed + 1000 * ctx.rank + step)
+        log.info("resumed %s at step %d of %d", out, step, total_steps)
+    else:
+        _seed_everything(recipe.seed + 1000 * ctx.rank)
+
+    if ctx.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        model = net
+
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_text(out / RECIPE_FILE, json.dumps(
+            {**recipe.to_dict(), "resolved": {"lr": lr, "global_batch": global_batch, "accum_steps": accum,
+                                              "world_size": ctx.world_size, "total_steps": total_steps,
+                                              "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
+                                              "model": net.model_name, "model_config": config_to_dict(net.cfg)}},
+            indent=2))
+    writers = _Writers(out, ctx.is_main, step)
+    log.info("training %s: %d steps (%d epochs x %d), global batch %d (%d x %d accum x %d processes), lr %.3g, "
+             "warm-up %d", net.model_name, total_steps, epochs, steps_per_epoch, global_batch, recipe.batch_size,
+             accum, ctx.world_size, lr, warmup)
+
+    def checkpoint(val: dict[str, Any] | None = None) -> None:
+        with preserved_rng():
+            rngs = [get_rng_state()]
+            if ctx.distributed:
+                rngs = [None] * ctx.world_size
+                dist.all_gather_object(rngs, get_rng_state())
+            if ctx.is_main:
+                extra = {"step": step, "recipe": recipe.name, **({"val": val} if val else {})}
+                save_model(net, out / MODEL_FILE, class_names=class_names, extra=extra)
+                if ema is not None:
+                    save_model(ema.module, out / EMA_FILE, class_names=class_names, extra={**extra, "ema": True})
+                save_train_state(out / STATE_FILE, {
+                    "model_name": net.model_name, "model_config": config_to_dict(net.cfg),
+                    "step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
+                    "global_batch": global_batch, "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+                    "rng": rngs, "recipe": recipe.to_dict(),
+                })
+            barrier(ctx)
+
+    def validate(epoch: int) -> dict[str, Any] | None:
+        if val_set is None:
+            return None
+        res: dict[str, Any] = {}
+        with preserved_rng():
+            if ctx.is_main:
+                r = evaluate(net, val_set, num_classes=num_classes, batch_size=max(recipe.batch_size, 256),
+                             device=device, amp=recipe.amp)
+                res = {f"val_{k}": v for k, v in r.summary().items()}
+                if ema is not None:
+                    re_ = evaluate(ema.module, val_set, num_classes=num_classes,
+                                   batch_size=max(recipe.batch_size, 256), device=device, amp=recipe.amp)
+                    res.update({f"val_ema_{k}": v for k, v in re_.summary().items()})
+                writers.write({"kind": "val", "step": step, "epoch": epoch, **res})
+                log.info("epoch %d step %d: val loss %.4f top-1 %.4f%s", epoch + 1, step, res["val_loss"],
+                         res["val_top1"], f" (EMA {res['val_ema_top1']:.4f})" if ema is not None else "")
+            barrier(ctx)
+        return res
+
+    # ---- the loop
+    stop = min(total_steps, until_step) if until_step is not None else total_steps
+    bar = None
+    if progress and ctx.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    history: list[dict[str, Any]] = []
+    val: dict[str, Any] | None = None
+    t_start = time.perf_counter()
+    t_log, steps_since_log = t_start, 0
+    model.train()
+    try:
+        start_epoch = step // steps_per_epoch
+        for epoch in range(start_epoch, epochs):
+            if step >= stop:
+                break
+            base_sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+            done_in_epoch = step - epoch * steps_per_epoch
+            sampler.skip = done_in_epoch * accum * recipe.batch_size
+            batches = _non_empty(loader)
+            for _ in range(done_in_epoch, steps_per_epoch):
+                if step >= stop:
+                    break
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(accum):
+                    batch = next(batches, None)
+                    if batch is None:
+                        raise RuntimeError("fit: the data loader ran out of batches mid-epoch: whole batches of "
+                                           "undecodable images were skipped")
+                    x, y = batch
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if mixup is not None:
+                        x, y = mixup(x, y)
+                    sync = micro == accum - 1
+                    no_sync = model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()
+                    with no_sync:
+                        with autocast_context(device, recipe.amp):
+                            outputs = model(x)
+                            loss = criterion(x, outputs, y)
+                        scaler.scale(loss / accum).backward()
+                    loss_sum += loss.detach().float()
+                loss_mean = all_reduce_mean(loss_sum / accum, ctx).item()
+                if not math.isfinite(loss_mean):
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss_mean}) at step {step + 1}: the run stopped before applying it. "
+                        f"The last good checkpoint in {out} is kept (resume with --resume after lowering lr, "
+                        f"enabling clip_grad or switching amp off)"
+                    )
+                grad_norm = None
+                if recipe.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), recipe.clip_grad).item()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                lr_now = optimizer.param_groups[-1]["lr"] / optimizer.param_groups[-1]["lr_scale"]
+                scheduler.step()
+                step += 1
+                steps_since_log += 1
+                if ema is not None:
+                    ema.update(net)
+                if bar is not None:
+                    bar.update(1)
+                if step % recipe.log_every == 0 or step == stop:
+                    now = time.perf_counter()
+                    ips = steps_since_log * global_batch / max(now - t_log, 1e-9)
+                    t_log, steps_since_log = now, 0
+                    rec = {"kind": "train", "step": step, "epoch": epoch, "loss": round(loss_mean, 6), "lr": lr_now,
+                           "img_per_s": round(ips, 1), **({"grad_norm": round(grad_norm, 4)} if grad_norm else {})}
+                    history.append(rec)
+                    writers.write(rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}")
+                if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < stop:
+                    checkpoint()
+            epoch_done = step == (epoch + 1) * steps_per_epoch or step == total_steps
+            if epoch_done and ((epoch + 1) % recipe.eval_every_epochs == 0 or step == total_steps):
+                val = validate(epoch)
+            if step < stop:
+                checkpoint(val)
+        checkpoint(val)
+    finally:
+        if bar is not None:
+            bar.close()
+        writers.close()
+    seconds = time.perf_counter() - t_start
+    return FitResult(output_dir=out, step=step, epoch=step // steps_per_epoch, total_steps=total_steps,
+                     global_batch=global_batch, lr=lr, seconds=seconds, val=val, history=history)
+
+
+def _check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None:
+    name, cfg = state.get("model_name"), state.get("model_config")
+    mine = config_to_dict(net.cfg)
+    if name != net.model_name or cfg != mine:
+        diff = sorted(k for k in set(cfg or {}) | set(mine) if (cfg or {}).get(k) != mine.get(k))
+        raise CheckpointError(
+            f"--resume: {path} is a checkpoint of {name!r}, but this run builds {net.model_name!r}"
+            + (f" (config differs in: {', '.join(diff)})" if diff else "")
+            + "; resume with the same --model / recipe, or choose another --output"
+        )
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    from vitlab.checkpoints import atomic_write
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    atomic_write(path, write)
+
+
+__all__ = ["FitResult", "NonFiniteLossError", "EvalResult", "fit"]

@@ -1,0 +1,154 @@
+"""`vitlab train / finetune / eval / predict` end to end on the bundled digits, a few steps each."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitlab.cli.main import main
+
+torch.set_num_threads(1)
+
+FAST = ["--steps", "4", "--batch-size", "32", "--no-progress", "--set", "model_overrides.depth=1",
+        "--set", "model_overrides.embed_dim=32", "--set", "model_overrides.num_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--output", str(out), *FAST]) == 0
+    return out
+
+
+def write_digit_pngs(root, classes=(0, 1, 2), per_class=4):
+    """PNG files of held-out digits, one folder per class; returns the files and their labels."""
+    from vitlab.data import build_dataset
+
+    ds = build_dataset("digits", split="test")
+    files, labels = [], []
+    for c in classes:
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+        idx = [i for i, t in enumerate(ds.targets) if t == c][:per_class]
+        for i in idx:
+            img = ds.load(i)[0].numpy().astype(np.uint8)  # (8, 8)
+            path = root / str(c) / f"{i}.png"
+            Image.fromarray(img, mode="L").save(path)
+            files.append(str(path))
+            labels.append(c)
+    return files, labels
+
+
+def test_train_writes_a_complete_run(run_dir):
+    for name in ("model.safetensors", "train_state.pt", "recipe.json", "metrics.jsonl", "results.json"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == 4 and results["recipe"] == "digits" and 0.0 <= results["test"]["top1"] <= 1.0
+    recipe = json.loads((run_dir / "recipe.json").read_text())
+    assert recipe["model_overrides"]["depth"] == 1 and recipe["resolved"]["total_steps"] == 4
+
+
+def test_eval_reports_and_writes_confusion(run_dir, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(run_dir / "model.safetensors"), "--data", "digits",
+                 "--output", str(tmp_path), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["samples"] > 300 and 0 <= metrics["top1"] <= metrics["top5"] <= 1
+    rows = (tmp_path / "confusion.csv").read_text().splitlines()
+    assert len(rows) == 11  # header + 10 classes
+    total = sum(int(v) for r in rows[1:] for v in r.split(",")[1:])
+    assert total == metrics["samples"]
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+    per_class = (tmp_path / "per_class.csv").read_text().splitlines()
+    assert per_class[0] == "class,support,accuracy" and len(per_class) == 11
+
+
+def test_predict_on_png_files(run_dir, tmp_path, capsys):
+    files, _ = write_digit_pngs(tmp_path, per_class=2)
+    assert main(["predict", *files, "--checkpoint", str(run_dir / "model.safetensors"), "--topk", "3",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in out] == files
+    for r in out:
+        probs = [p["probability"] for p in r["predictions"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-5
+        assert all(p["class"] in [str(i) for i in range(10)] for p in r["predictions"])
+    assert main(["predict", files[0], "--checkpoint", str(run_dir / "model.safetensors")]) == 0
+    assert files[0] in capsys.readouterr().out
+
+
+def test_predict_bad_image_is_a_clear_error(run_dir, tmp_path, caplog):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with caplog.at_level(logging.ERROR):
+        assert main(["predict", str(bad), "--checkpoint", str(run_dir / "model.safetensors")]) == 2
+    assert "broken.png" in caplog.text
+
+
+def test_eval_class_count_mismatch_points_at_finetune(run_dir, tmp_path, caplog):
+    write_digit_pngs(tmp_path / "three")
+    with caplog.at_level(logging.ERROR):
+        assert main(["eval", "--checkpoint", str(run_dir / "model.safetensors"), "--data",
+                     str(tmp_path / "three"), "--split", "val"]) == 2
+    assert "3 classes" in caplog.text and "head for 10" in caplog.text and "vitlab finetune" in caplog.text
+
+
+def test_finetune_to_new_classes(run_dir, tmp_path):
+    write_digit_pngs(tmp_path / "three", per_class=8)
+    out = tmp_path / "ft"
+    assert main(["finetune", "--from", str(run_dir / "model.safetensors"), "--data", str(tmp_path / "three"),
+                 "--img-size", "16", "--output", str(out), "--steps", "2", "--batch-size", "4", "--no-progress",
+                 "--set", "global_batch=none", "--set", "warmup_steps=0"]) == 0
+    import vitlab
+
+    model = vitlab.load_model(out / "model.safetensors")
+    assert model.num_classes == 3 and model.class_names == ["0", "1", "2"]
+    assert model.preprocessing.input_size[1:] == (16, 16)  # position table resampled from 8x8 to 16x16
+    src = vitlab.load_model(run_dir / "model.safetensors")
+    assert model.pos_embed.shape[1] == 1 + (16 // 2) ** 2 and src.pos_embed.shape[1] == 1 + (8 // 2) ** 2
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--model", "vit_tinny_patch16_224"], "unknown model 'vit_tinny_patch16_224'; did you mean"),
+    (["train", "--set", "lerning_rate=0.1"], "unknown recipe key 'lerning_rate'; valid keys:"),
+    (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
+    (["train", "--set", "epochs=ten"], "recipe key 'epochs'"),
+])
+def test_bad_arguments_are_clear_errors(argv, needle, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert main([*argv, "--output", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert needle in caplog.text
+
+
+def test_resume_from_another_models_run_is_refused(run_dir, tmp_path, caplog):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", "--output", str(other), "--resume", *FAST, "--set", "model_overrides.embed_dim=48"]) == 2
+    assert "config differs in: embed_dim" in caplog.text and "--resume" in caplog.text
+
+
+def test_unfinished_run_is_not_overwritten(run_dir, tmp_path, caplog):
+    import shutil
+
+    out = tmp_path / "unfinished"
+    shutil.copytree(run_dir, out)
+    # a finished run may be replaced; an unfinished one (step < total_steps) needs --resume or --overwrite
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    state["total_steps"] = 100
+    torch.save(state, out / "train_state.pt")
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", "--output", str(out), *FAST]) == 2
+    assert "unfinished run" in caplog.text and "--resume" in caplog.text
+
+
+def test_help_shows_examples(capsys):
+    for cmd in ("train", "finetune", "eval", "predict"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "example" in capsys.readouterr().out
