@@ -1,0 +1,78 @@
+"""Distributed training under torchrun on the CPU (gloo): equivalence with one process, and failure handling."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vitlab.checkpoints import read_vitlab
+
+# SGD, no augmentation, no dropout: the two runs then differ only by float summation order.
+RUN = ["train", "--data", "digits", "--steps", "3", "--no-progress", "--set", "optimizer=sgd", "--set", "lr=0.05",
+       "--set", "augment=false", "--set", "model_overrides.drop_path_rate=0", "--set", "model_overrides.depth=1",
+       "--set", "model_overrides.embed_dim=32", "--set", "model_overrides.num_heads=2", "--set", "warmup_steps=0",
+       "--set", "warmup_epochs=0", "--device", "cpu"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", VITLAB_DIST_TIMEOUT="60")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _torchrun(args, timeout=150):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    two = _torchrun(["-m", "vitlab.cli.main", *RUN, "--batch-size", "16", "--output", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "vitlab.cli.main", *RUN, "--batch-size", "32",
+                          "--output", str(tmp_path / "one")], env=_env(), capture_output=True, text=True, timeout=150)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, _ = read_vitlab(tmp_path / "one" / "model.safetensors")
+    b, meta = read_vitlab(tmp_path / "two" / "model.safetensors")
+    assert meta["extra"]["step"] == 3
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    # training did move the weights: the zero-initialised head is no longer zero
+    assert a["head.weight"].abs().max() > 1e-3
+    assert "global batch 32 (16 x 1 accum x 2 processes)" in two.stderr
+
+
+FAILING = textwrap.dedent("""
+    import os, sys
+    import vitlab.train.losses as losses
+    from vitlab.cli.main import main
+
+    if os.environ["RANK"] == "1":
+        original = losses.ClassificationLoss.forward
+        calls = {"n": 0}
+
+        def failing(self, *args):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("injected failure on rank 1")
+            return original(self, *args)
+
+        losses.ClassificationLoss.forward = failing
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_failing_rank_fails_the_run_without_hanging(tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    try:
+        res = _torchrun([str(script), *RUN, "--set", "max_steps=50", "--batch-size", "16", "--output",
+                         str(tmp_path / "out")], timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run hung after a rank failed")
+    assert res.returncode != 0
+    assert "injected failure on rank 1" in res.stderr + res.stdout
