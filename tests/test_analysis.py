@@ -237,3 +237,13 @@ def test_fewshot_refuses_too_few_examples() -> None:
     x, y = torch.randn(6, 4), torch.tensor([0, 0, 0, 1, 1, 1])
     with pytest.raises(ValueError, match="fewer than 5 shots"):
         fewshot_evaluate(x, y, x, y, num_classes=2, shots=(5,), seeds=1)
+
+
+def test_class_pool_takes_per_class_samples() -> None:
+    from vitlab.analysis.fewshot import class_pool
+
+    targets = [0] * 10 + [1] * 3 + [2] * 7
+    idx = class_pool(targets, 4, seed=1)
+    got = [targets[i] for i in idx]
+    assert got.count(0) == 4 and got.count(1) == 3 and got.count(2) == 4
+    assert idx == sorted(set(idx)) and class_pool(targets, 4, seed=1) == idx

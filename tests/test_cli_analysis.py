@@ -125,6 +125,7 @@ def test_fewshot_table_and_json(checkpoint, capsys) -> None:
     assert main([*args, "--json", "--max-test", "100"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["num_classes"] == 10 and got["num_test"] == 100 and got["feature_dim"] == 64
+    assert got["num_train"] == 10 * 5 * 2  # the default pool: max shots x seeds per class
     assert [r["shots"] for r in got["results"]] == [1, 5]
     for r in got["results"]:
         assert len(r["linear"]) == 2 and 0.0 <= r["linear_mean"] <= 1.0 and r["knn_k"] == min(5, r["shots"])

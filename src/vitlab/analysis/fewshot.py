@@ -106,6 +106,21 @@ def sample_shots(labels: Tensor, shots: int, num_classes: int, generator: torch.
     return torch.cat(picked)
 
 
+def class_pool(targets: list[int] | Tensor, per_class: int, *, seed: int = 0) -> list[int]:
+    """A random ``per_class`` examples of every class (all of a smaller class), sorted.
+
+    Few-shot draws need features of only a few images per class; drawing the support sets from a
+    random pool is still uniform over the class, and saves decoding and embedding a whole training set.
+    """
+    t = torch.as_tensor(targets)
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in t.unique().tolist():
+        idx = (t == c).nonzero().flatten()
+        picked.append(idx[torch.randperm(idx.numel(), generator=g)[:per_class]])
+    return sorted(torch.cat(picked).tolist())
+
+
 @dataclass(frozen=True, kw_only=True)
 class FewShotResult:
     """Accuracies at one shot count, over seeds."""

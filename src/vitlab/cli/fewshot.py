@@ -12,8 +12,9 @@ EXAMPLE = """example:
   vitlab fewshot --checkpoint runs/demo/model.safetensors --data digits --shots 1,5,10,25 --seeds 5
   vitlab fewshot --checkpoint model.safetensors --data /work/shared/data/mnist --shots 1,5,10 --json
 
-Support images come from the train split, accuracy is measured on the test split; each shot count is
-drawn --seeds times and reported as mean +- standard deviation (ViT paper, section 4.1).
+Support images come from the train split (a random pool of --pool per class), accuracy is measured
+on the test split; each shot count is drawn --seeds times and reported as mean +- standard deviation
+(ViT paper, section 4.1).
 """
 
 
@@ -40,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--knn-k", type=int, default=5, help="neighbours for k-NN (capped at the shot count)")
     p.add_argument("--train-split", default="train", choices=("train", "val", "test"))
     p.add_argument("--test-split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--pool", type=int, default=None, metavar="N",
+                   help="embed only N random training images per class (default: max shots x seeds, so that "
+                        "a large training set is not embedded whole; 0: all)")
     p.add_argument("--max-test", type=int, default=None, metavar="N", help="evaluate on at most N test images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -62,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     train = build_dataset(args.data, split=args.train_split, transform=transform)
     test = build_dataset(args.data, split=args.test_split, transform=transform)
     num_classes = len(train.classes)
+    pool = max(args.shots) * args.seeds if args.pool is None else args.pool
+    if pool > 0 and hasattr(train, "targets"):
+        from torch.utils.data import Subset
+
+        from vitlab.analysis.fewshot import class_pool
+
+        train = Subset(train, class_pool(train.targets, pool))
     train_x, train_y = extract_features(model, train, batch_size=args.batch_size, device=device,
                                         collate_fn=collate_present)
     if args.max_test is not None:
@@ -76,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint": str(args.checkpoint), "model": getattr(model, "model_name", None), "data": args.data,
             "train_split": args.train_split, "test_split": args.test_split, "num_classes": num_classes,
             "num_train": len(train_y), "num_test": len(test_y), "feature_dim": int(train_x.shape[1]),
-            "seeds": args.seeds, "l2_reg": args.l2_reg, "results": [r.to_dict() for r in results],
+            "pool_per_class": pool, "seeds": args.seeds, "l2_reg": args.l2_reg, "results": [r.to_dict() for r in results],
         }, indent=2))
         return 0
     print(f"{getattr(model, 'model_name', 'model')} on {args.data}: {num_classes} classes, "
