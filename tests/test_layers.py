@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import perturb_
 
 import vitlab
-from model_helpers import perturb_
 from vitlab.layers import (
     Attention,
     DropPath,
@@ -176,3 +176,11 @@ def test_create_model_errors() -> None:
         vitlab.create_model("vit_tiny_patch16_224", widht=3)
     with pytest.raises(ValueError, match="global_pool='token' needs class_token=True"):
         vitlab.create_model("vit_tiny_patch16_224", class_token=False)
+
+
+def test_preprocessing_fits_the_channel_count() -> None:
+    gray = vitlab.create_model("vit_tiny_patch16_224", in_chans=1, img_size=32, **TINY)
+    assert gray.preprocessing.input_size == (1, 32, 32)
+    assert gray.preprocessing.mean == (0.5,) and gray.preprocessing.std == (0.5,)
+    deit = vitlab.create_model("deit_tiny_patch16_224", in_chans=1, img_size=32, **TINY)
+    assert deit.preprocessing.mean == pytest.approx(((0.485 + 0.456 + 0.406) / 3,))

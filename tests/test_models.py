@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from model_helpers import input_for, make_tiny, perturb_, tiny_overrides
 
 import vitlab
-from model_helpers import input_for, make_tiny, perturb_, tiny_overrides
 from vitlab.layers import CapturableAttention, capture_attention
 
 ALL = vitlab.list_models()

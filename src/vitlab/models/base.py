@@ -37,6 +37,18 @@ class Preprocessing:
         return cls(**fields)
 
 
+def fit_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """Per-channel normalisation values for ``channels`` inputs: RGB statistics averaged for one channel,
+    a single value repeated for many."""
+    if len(values) == channels:
+        return tuple(values)
+    if channels == 1:
+        return (sum(values) / len(values),)
+    if len(values) == 1:
+        return tuple(values) * channels
+    raise ValueError(f"normalisation values {values} do not fit {channels} input channels")
+
+
 def take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
     """Absolute block indices: None -> all, int n -> last n, sequence -> those (negative from the end)."""
     if indices is None:

@@ -20,8 +20,22 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import Block, PatchEmbed, check_image_size, resample_pos_embed, sincos_2d_pos_embed, to_2tuple
-from vitlab.models.base import INCEPTION_MEAN, INCEPTION_STD, Preprocessing, init_linear_jax, take_indices
+from vitlab.layers import (
+    Block,
+    PatchEmbed,
+    check_image_size,
+    resample_pos_embed,
+    sincos_2d_pos_embed,
+    to_2tuple,
+)
+from vitlab.models.base import (
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    Preprocessing,
+    fit_channels,
+    init_linear_jax,
+    take_indices,
+)
 from vitlab.models.registry import ModelEntry, register_model
 from vitlab.models.resnet import ResNet, ResNetConfig
 
@@ -185,7 +199,8 @@ class VisionTransformer(nn.Module):
     def preprocessing(self) -> Preprocessing:
         h, w = self.patch_embed.img_size
         crop = self.cfg.crop_pct if self.cfg.crop_pct is not None else (0.9 if max(h, w) <= 224 else 1.0)
-        return Preprocessing(input_size=(self.cfg.in_chans, h, w), mean=self.cfg.mean, std=self.cfg.std,
+        return Preprocessing(input_size=(self.cfg.in_chans, h, w), mean=fit_channels(self.cfg.mean, self.cfg.in_chans),
+                             std=fit_channels(self.cfg.std, self.cfg.in_chans),
                              crop_pct=crop, interpolation="bicubic")
 
     def no_weight_decay(self) -> set[str]:
