@@ -111,6 +111,13 @@ def test_finetune_to_new_classes(run_dir, tmp_path):
     assert model.pos_embed.shape[1] == 1 + (16 // 2) ** 2 and src.pos_embed.shape[1] == 1 + (8 // 2) ** 2
 
 
+def test_train_with_a_distillation_teacher(run_dir, tmp_path):
+    out = tmp_path / "student"
+    assert main(["train", "--output", str(out), *FAST, "--steps", "2", "--teacher",
+                 str(run_dir / "model.safetensors"), "--distill", "soft", "--tau", "2", "--alpha", "0.7"]) == 0
+    assert json.loads((out / "results.json").read_text())["steps"] == 2
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["train", "--model", "vit_tinny_patch16_224"], "unknown model 'vit_tinny_patch16_224'; did you mean"),
     (["train", "--set", "lerning_rate=0.1"], "unknown recipe key 'lerning_rate'; valid keys:"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -55,15 +56,15 @@ class Quadrants(Dataset):
 
 def tiny_vit(num_classes: int = 4, **kw):
     torch.manual_seed(0)
-    opts = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0,
-                mean=(0.5,), std=(0.5,))
+    opts = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 16, "depth": 2, "num_heads": 2,
+            "mlp_ratio": 2.0, "mean": (0.5,), "std": (0.5,)}
     opts.update(kw)
     return vitlab.create_model("vit_tiny_patch16_224", num_classes=num_classes, **opts)
 
 
 def small_recipe(**kw) -> Recipe:
-    base = dict(name="test", epochs=2, batch_size=16, lr=3e-3, weight_decay=0.01, warmup_steps=2, log_every=1,
-                augment=False, hflip=0.0)
+    base = {"name": "test", "epochs": 2, "batch_size": 16, "lr": 3e-3, "weight_decay": 0.01, "warmup_steps": 2,
+            "log_every": 1, "augment": False, "hflip": 0.0}
     base.update(kw)
     return Recipe(**base)
 
@@ -75,7 +76,7 @@ def test_schedule_warmup_and_end_values(kind):
     f = [lr_factor(s, total_steps=total, warmup_steps=warm, kind=kind, min_factor=min_f) for s in range(total + 1)]
     assert f[0] == pytest.approx(1 / warm)
     assert f[warm - 1] == pytest.approx(1.0)  # peak at the end of warm-up
-    assert all(a < b for a, b in zip(f[:warm - 1], f[1:warm]))  # strictly rising during warm-up
+    assert all(a < b for a, b in itertools.pairwise(f[:warm]))  # strictly rising during warm-up
     assert f[total] == pytest.approx(min_f)
     assert all(a >= b for a, b in zip(f[warm:], f[warm + 1:]))  # never rising after
     mid = lr_factor(warm + (total - warm) // 2, total_steps=total, warmup_steps=warm, kind=kind, min_factor=0.0)
@@ -237,7 +238,7 @@ def _weights(path):
 def test_resume_is_exact(tmp_path):
     """N steps, then resume for N more == 2N straight, with dropout, drop-path, data noise and EMA on."""
     recipe = small_recipe(epochs=3, ema_decay=0.9, label_smoothing=0.1, clip_grad=1.0)
-    kw = dict(drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.2)
+    kw = {"drop_rate": 0.1, "proj_drop_rate": 0.1, "drop_path_rate": 0.2}
     data = Quadrants(112, augment=True)  # 7 steps per epoch: the break falls mid-epoch
     straight = fit(tiny_vit(**kw), recipe, train_set=data, val_set=Quadrants(32, seed=1),
                    output_dir=tmp_path / "a", progress=False)
@@ -311,3 +312,12 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
 def test_class_count_mismatch(tmp_path):
     with pytest.raises(ValueError, match="4 classes but the model's head has 3"):
         fit(tiny_vit(num_classes=3), small_recipe(), train_set=Quadrants(64), output_dir=tmp_path, progress=False)
+
+
+def test_deit_style_run_with_mixup_repeated_augmentation_and_layer_decay(tmp_path):
+    recipe = small_recipe(max_steps=3, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, repeat_aug=3,
+                          ema_decay=0.99, lr_base_batch=512, layer_decay=0.75)
+    res = fit(tiny_vit(drop_path_rate=0.1), recipe, train_set=Quadrants(64), output_dir=tmp_path, progress=False)
+    assert res.step == 3 and all(math.isfinite(h["loss"]) for h in res.history)
+    assert res.lr == pytest.approx(3e-3 * 16 / 512)  # DeiT's lr x batch / 512
+    assert (tmp_path / "model_ema.safetensors").is_file()

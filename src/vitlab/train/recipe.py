@@ -169,7 +169,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: a recipe is a JSON object of field -> value")
+        raise TypeError(f"{source}: a recipe is a JSON object of field -> value")
     data.setdefault("name", path.stem if source == str(path) else s)
     return recipe_from_dict(data, source=source)
 
@@ -284,5 +284,5 @@ def _is_optional(tp: Any) -> bool:
 def _strip_optional(tp: Any) -> Any:
     if _is_optional(tp):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else typing.Union[tuple(args)]
+        return args[0] if len(args) == 1 else tp
     return tp

@@ -130,7 +130,7 @@ def run_training(job: TrainJob, ctx_hook: Callable[[DistContext], None] | None =
             ctx_hook(ctx)
         if ctx.is_main:
             _check_output(job)
-        common = dict(val_fraction=recipe.val_fraction, seed=recipe.seed, skip_bad_images=job.skip_bad_images)
+        common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
         train_set = build_dataset(job.data, split="train", **common)
         val_set = build_dataset(job.data, split="val", **common) if recipe.val_fraction > 0 else None
         test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
@@ -181,9 +181,7 @@ def _distillation(job: TrainJob, ctx: DistContext):
     from vitlab.train.distill import DistillationLoss  # written alongside; only needed with --teacher
 
     d = job.distill
-    teacher = vitlab.load_model(d.teacher).to(ctx.device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    base = ClassificationLoss(label_smoothing=job.recipe.label_smoothing).base
+    teacher = vitlab.load_model(d.teacher).to(ctx.device)
+    base = ClassificationLoss(label_smoothing=job.recipe.label_smoothing)
     log.info("distilling from %s (%s, alpha %.2f, tau %.2f)", d.teacher, d.kind, d.alpha, d.tau)
     return DistillationLoss(base, teacher, kind=d.kind, alpha=d.alpha, tau=d.tau)

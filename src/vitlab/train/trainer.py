@@ -136,7 +136,7 @@ class _Writers:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(out / "tb"), purge_step=start_step or None)
-        except Exception as e:  # tensorboard missing or broken: metrics.jsonl still records everything
+        except Exception as e:  # noqa: BLE001 - tensorboard missing or broken: metrics.jsonl still has it all
             log.warning("TensorBoard logging off (%s); metrics.jsonl still records the run", e)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -440,4 +440,4 @@ def atomic_text(path: Path, text: str) -> None:
     atomic_write(path, write)
 
 
-__all__ = ["FitResult", "NonFiniteLossError", "EvalResult", "fit"]
+__all__ = ["EvalResult", "FitResult", "NonFiniteLossError", "fit"]
