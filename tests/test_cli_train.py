@@ -186,3 +186,21 @@ def test_resume_is_exact_with_real_augmentation_on_digits(tmp_path):
         b, _ = read_vitlab(tmp_path / "b" / name)
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (name, k)
+
+
+def test_non_finite_loss_is_one_clear_error(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):  # an absurd learning rate blows the loss up within a few steps
+        code = main(["train", "--output", str(tmp_path / "nan"), *FAST, "--steps", "20", "--set", "lr=1e30",
+                     "--set", "warmup_steps=0", "--set", "warmup_epochs=0"])
+    assert code == 1
+    assert "non-finite loss" in caplog.text and "last good checkpoint" in caplog.text
+
+
+def test_resume_with_another_optimizer_is_refused(run_dir, tmp_path, caplog):
+    import shutil
+
+    out = tmp_path / "opt"
+    shutil.copytree(run_dir, out)
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", "--output", str(out), "--resume", *FAST, "--set", "optimizer=sgd"]) == 2
+    assert "optimizer" in caplog.text and "adamw" in caplog.text

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitlab.cli.train import add_common_args, make_job, report, resolve_recipe
+from vitlab.cli.train import add_common_args, make_job, resolve_recipe, train_or_explain
 from vitlab.train.recipe import list_recipes
 
 EXAMPLE = """examples:
@@ -35,11 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.train.run import pretrained_model_name, run_training
+    from vitlab.train.run import pretrained_model_name
 
     recipe = resolve_recipe(args, "vit_finetune")
     model = args.model or pretrained_model_name(args.source)
-    summary = run_training(make_job(args, recipe, model=model, pretrained=args.source,
-                                    output_tag=f"finetune-{model}"))
-    report(summary)
-    return 0
+    return train_or_explain(make_job(args, recipe, model=model, pretrained=args.source,
+                                     output_tag=f"finetune-{model}"))

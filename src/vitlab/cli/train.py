@@ -83,6 +83,20 @@ def make_job(args: argparse.Namespace, recipe, *, model: str | None, pretrained:
                     progress=not args.no_progress)
 
 
+def train_or_explain(job) -> int:
+    """Run the job; a non-finite loss is reported as one clear error line (exit status 1), not a traceback."""
+    from vitlab.train import NonFiniteLossError
+    from vitlab.train.run import run_training
+
+    try:
+        summary = run_training(job)
+    except NonFiniteLossError as e:
+        log.error("error: %s", e)
+        return 1
+    report(summary)
+    return 0
+
+
 def report(summary: dict) -> None:
     test = summary.get("test")
     if test is None:
@@ -96,14 +110,10 @@ def report(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.train.run import run_training
-
     default = "digits" if args.data == "digits" else "deit"
     recipe = resolve_recipe(args, default)
     model = args.model or recipe.model
     if model is None:
         raise ValueError("no model: give --model NAME (see `vitlab models`)")
     tag = "digits-vit" if recipe.name == "digits" and args.model is None else f"{recipe.name}-{model}"
-    summary = run_training(make_job(args, recipe, model=model, pretrained=None, output_tag=tag))
-    report(summary)
-    return 0
+    return train_or_explain(make_job(args, recipe, model=model, pretrained=None, output_tag=tag))

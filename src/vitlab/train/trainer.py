@@ -235,6 +235,10 @@ def fit(
     if resume:
         state = load_train_state(out / STATE_FILE)
         _check_same_model(state, net, out / STATE_FILE)
+        was = state.get("recipe", {}).get("optimizer")
+        if was != recipe.optimizer:
+            raise CheckpointError(f"--resume: {out / STATE_FILE} was trained with optimizer {was!r}, this run "
+                                  f"asks for {recipe.optimizer!r}; its optimizer state cannot be reused")
         load_strict(net, state["model"], source=str(out / STATE_FILE))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -244,10 +248,14 @@ def fit(
                 raise CheckpointError(f"{out / STATE_FILE}: the run had no EMA; resume with the same recipe")
             ema.module.load_state_dict(state["ema"])
         step = int(state["step"])
-        if state.get("total_steps") != total_steps or state.get("global_batch") != global_batch:
-            log.warning("resuming with a different run length or global batch (was %s steps x %s, now %s x %s): "
-                        "the continuation will not match an uninterrupted run",
-                        state.get("total_steps"), state.get("global_batch"), total_steps, global_batch)
+        logistics = {"workers", "log_every", "checkpoint_every", "eval_every_epochs", "description"}
+        changed = sorted(k for k, v in recipe.to_dict().items()
+                         if k not in logistics and state.get("recipe", {}).get(k) != v)
+        if changed or state.get("total_steps") != total_steps or state.get("global_batch") != global_batch:
+            log.warning("resuming with a changed recipe (%s; %s -> %s steps, global batch %s -> %s): the optimiser "
+                        "and schedule continue from their saved state, and the run will not match an "
+                        "uninterrupted one", ", ".join(changed) or "no field", state.get("total_steps"), total_steps,
+                        state.get("global_batch"), global_batch)
         rngs = state["rng"]
         if len(rngs) == ctx.world_size:
             set_rng_state(rngs[ctx.rank])
