@@ -177,28 +177,28 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     start = time.time()
     machine = machine_info()
-    groups = []
-    for name in args.models:
-        for dtype in args.dtypes:
-            for mode in args.modes:
-                groups.append(bench_group(name, dtype, mode, args.impls, args))
-                gc.collect()
     import timm
     import transformers
 
-    report = {
-        "machine": {**machine, "loadavg_end": _loadavg()},
+    report: dict[str, Any] = {
+        "machine": machine,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__},
         "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "wall_s": time.time() - start,
-        "groups": groups,
+        "groups": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    for name in args.models:
+        for dtype in args.dtypes:
+            for mode in args.modes:
+                report["groups"].append(bench_group(name, dtype, mode, args.impls, args))
+                gc.collect()
+                # written after every group, so an interrupted run keeps what it measured
+                report["wall_s"] = time.time() - start
+                report["machine"]["loadavg_end"] = _loadavg()
+                args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+                args.out.with_suffix(".md").write_text(markdown(report) + "\n")
+    print(markdown(report))
     log.info("total %.0f s; wrote %s.{json,md}", report["wall_s"], args.out)
     return 0
 
