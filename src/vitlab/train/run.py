@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -118,7 +117,7 @@ def _check_output(job: TrainJob) -> None:
     log.warning("%s holds a finished run; it is replaced", job.output)
 
 
-def run_training(job: TrainJob, ctx_hook: Callable[[DistContext], None] | None = None) -> dict[str, Any]:
+def run_training(job: TrainJob) -> dict[str, Any]:
     """Build data and model, train, evaluate on the test split; returns the results (rank 0: also written)."""
     from vitlab.data import build_dataset, eval_transform, train_transform
 
@@ -126,8 +125,8 @@ def run_training(job: TrainJob, ctx_hook: Callable[[DistContext], None] | None =
     with distributed_context(job.device) as ctx:
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)
-        if ctx_hook is not None:
-            ctx_hook(ctx)
+        if ctx.device.type == "cpu" and recipe.cpu_threads is not None:
+            torch.set_num_threads(recipe.cpu_threads)
         if ctx.is_main:
             _check_output(job)
         common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
