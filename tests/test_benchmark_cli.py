@@ -76,3 +76,20 @@ def test_interleaved_rounds_and_paired_ratio() -> None:
     r = paired_ratio(TimingStats(times_s=(1.0, 2.0)), TimingStats(times_s=(2.0, 3.0)))
     assert r.ratios == (2.0, 1.5)
     torch.testing.assert_close(torch.tensor(r.median), torch.tensor(1.75))
+
+
+def test_benchmark_code_imports_no_peer_library() -> None:
+    # `vitlab benchmark` must run with vitlab's own dependencies; the peer comparisons live in benchmarks/.
+    import ast
+    from pathlib import Path
+
+    import vitlab.benchmark
+    import vitlab.cli.benchmark
+
+    peers = {"timm", "transformers", "torchvision", "vit_pytorch"}
+    for module in (vitlab.benchmark, vitlab.cli.benchmark):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & peers, f"{module.__name__} imports {imported & peers}"
+        assert "torch" in imported  # the parse found the real import list
