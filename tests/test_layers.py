@@ -184,3 +184,11 @@ def test_preprocessing_fits_the_channel_count() -> None:
     assert gray.preprocessing.mean == (0.5,) and gray.preprocessing.std == (0.5,)
     deit = vitlab.create_model("deit_tiny_patch16_224", in_chans=1, img_size=32, **TINY)
     assert deit.preprocessing.mean == pytest.approx(((0.485 + 0.456 + 0.406) / 3,))
+
+
+def test_resnet_small_stem_keeps_resolution_for_cifar_sized_images() -> None:
+    net = vitlab.create_model("resnet18", num_classes=10, stem="small", stem_chs=16, channels=(16, 32, 64, 128))
+    feats = net.forward_features(torch.randn(2, 3, 32, 32))
+    assert feats.shape == (2, 128, 4, 4)  # stride 8 in all (stride 1 stem) instead of 32
+    assert net.cfg.reduction == 8
+    assert vitlab.create_model("resnet18").forward_features(torch.randn(1, 3, 64, 64)).shape[-1] == 2

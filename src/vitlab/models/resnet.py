@@ -30,6 +30,8 @@ class ResNetConfig:
     norm: "batch" (classic ResNet) or "group" (BiT / ViT hybrid, 32 groups).
     std_conv: weight standardisation on every convolution (BiT / ViT hybrid).
     padding: "symmetric" (PyTorch) or "same" (TensorFlow, needed for JAX checkpoints).
+    stem: "imagenet" (7x7 stride-2 convolution and max pool: stride 4) or "small" (one 3x3 stride-1
+        convolution, for 32x32 images such as CIFAR, as in He et al. section 4.2).
     num_classes: 0 leaves the model headless (a backbone returning feature maps).
     """
 
@@ -40,6 +42,7 @@ class ResNetConfig:
     norm: Literal["batch", "group"] = "batch"
     std_conv: bool = False
     padding: Literal["symmetric", "same"] = "symmetric"
+    stem: Literal["imagenet", "small"] = "imagenet"
     in_chans: int = 3
     num_classes: int = 1000
     img_size: int | tuple[int, int] = 224
@@ -59,8 +62,8 @@ class ResNetConfig:
 
     @property
     def reduction(self) -> int:
-        """Total stride of the feature map: stem (4) times 2 for every stage after the first."""
-        return 4 * 2 ** (len(self.layers) - 1)
+        """Total stride of the feature map: the stem's (4 or 1) times 2 for every stage after the first."""
+        return (4 if self.stem == "imagenet" else 1) * 2 ** (len(self.layers) - 1)
 
 
 def _conv(cfg: ResNetConfig, cin: int, cout: int, k: int, stride: int = 1) -> nn.Module:
@@ -144,10 +147,12 @@ class ResNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         stem: OrderedDict[str, nn.Module] = OrderedDict()
-        stem["conv"] = _conv(cfg, cfg.in_chans, cfg.stem_chs, 7, 2)
+        small = cfg.stem == "small"
+        stem["conv"] = _conv(cfg, cfg.in_chans, cfg.stem_chs, 3 if small else 7, 1 if small else 2)
         stem["norm"] = _norm(cfg, cfg.stem_chs)
         stem["act"] = nn.ReLU(inplace=True)
-        stem["pool"] = MaxPool2dSame(3, 2) if cfg.padding == "same" else nn.MaxPool2d(3, 2, padding=1)
+        if not small:
+            stem["pool"] = MaxPool2dSame(3, 2) if cfg.padding == "same" else nn.MaxPool2d(3, 2, padding=1)
         self.stem = nn.Sequential(stem)
         block_cls = Bottleneck if cfg.block == "bottleneck" else BasicBlock
         total = sum(cfg.layers)
