@@ -170,8 +170,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
 def _test(model: nn.Module, test_set, recipe: Recipe, ctx: DistContext, label: str) -> dict[str, Any]:
     r: EvalResult = evaluate(model, test_set, num_classes=len(test_set.classes), device=ctx.device, amp=recipe.amp,
                              batch_size=max(256, recipe.batch_size))
-    log.info("test accuracy (%s, %d images): top-1 %.2f%%, top-5 %.2f%%", label, r.num_samples, 100 * r.top1,
-             100 * r.top5)
+    log.debug("test accuracy (%s, %d images): top-1 %.4f, top-5 %.4f", label, r.num_samples, r.top1, r.top5)
     return r.summary()
 
 
