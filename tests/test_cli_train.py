@@ -204,3 +204,17 @@ def test_resume_with_another_optimizer_is_refused(run_dir, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert main(["train", "--output", str(out), "--resume", *FAST, "--set", "optimizer=sgd"]) == 2
     assert "optimizer" in caplog.text and "adamw" in caplog.text
+
+
+def test_resume_needs_only_the_run_directory(tmp_path):
+    """`vitlab train --output DIR --resume` alone continues with the run's own recipe, model and data."""
+    from vitlab.checkpoints import read_vitlab
+
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), *FAST, "--steps", "3"]) == 0
+    assert json.loads((out / "job.json").read_text())["data"] == "digits"
+    # a longer run length on resume is allowed (with a warning) and the run continues to it
+    assert main(["train", "--output", str(out), "--resume", "--no-progress", "--steps", "5"]) == 0
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 5
+    _, meta = read_vitlab(out / "model.safetensors")
+    assert meta["config"]["depth"] == 1 and meta["config"]["embed_dim"] == 32  # the run's model, not the default

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitlab.cli.train import add_common_args, make_job, resolve_recipe, train_or_explain
+from vitlab.cli.train import add_common_args, make_job, resolve_recipe, saved_run, train_or_explain
 from vitlab.train.recipe import list_recipes
 
 EXAMPLE = """examples:
@@ -37,7 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitlab.train.run import pretrained_model_name
 
-    recipe = resolve_recipe(args, "vit_finetune")
+    saved = saved_run(args, args.output) if args.output is not None else None
+    if saved is not None:
+        args.data = args.data or saved["job"].get("data")
+    recipe = resolve_recipe(args, "vit_finetune", saved)
     model = args.model or pretrained_model_name(args.source)
     return train_or_explain(make_job(args, recipe, model=model, pretrained=args.source,
                                      output_tag=f"finetune-{model}"))

@@ -20,7 +20,7 @@ EXAMPLE = """examples:
       --set lr=1e-3 --set model_overrides.drop_path_rate=0.1 --output runs/mine
   vitlab train --model vit_tiny_patch16_224 --data /data/mnist --img-size 28 --set model_overrides.patch_size=4
   torchrun --nproc_per_node 4 -m vitlab.cli.main train --model vit_base_patch16_224 --data ./images --device cuda
-  vitlab train --output runs/mine --resume        # continue exactly where a run stopped
+  vitlab train --output runs/mine --resume        # continue that run exactly where it stopped
 
 data sources: digits (bundled), an image folder (class sub-folders, or train/ val/ [test/]),
 an MNIST IDX folder, a CIFAR python-batch folder.
@@ -28,10 +28,9 @@ recipes: {recipes} or a JSON file; every field can be changed with --set key=val
 
 
 def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -> None:
-    p.add_argument("--data", default="digits", help="data source")
-    p.add_argument("--recipe", default=default_recipe,
-                   help="shipped recipe name or JSON file" + ("" if default_recipe else
-                                                               " (default: digits for --data digits, else deit)"))
+    p.add_argument("--data", help="data source (default: digits; with --resume: the run's own)")
+    p.add_argument("--recipe", help=f"shipped recipe name or JSON file (default: "
+                   f"{default_recipe or 'digits for --data digits, else deit'}; with --resume: the run's own)")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--steps", type=int, help="override the run length in optimiser steps (recipe max_steps)")
     p.add_argument("--batch-size", type=int, help="per-process batch of one micro-step")
@@ -63,8 +62,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def resolve_recipe(args: argparse.Namespace, default: str):
-    recipe = load_recipe(args.recipe or default)
+def saved_run(args: argparse.Namespace, output: Path) -> dict | None:
+    """With --resume and no --recipe: the recipe, model and data recorded in the run directory."""
+    import json
+
+    if not args.resume or args.recipe is not None or not (output / "recipe.json").is_file():
+        return None
+    saved = json.loads((output / "recipe.json").read_text())
+    job = json.loads((output / "job.json").read_text()) if (output / "job.json").is_file() else {}
+    return {"recipe": {k: v for k, v in saved.items() if k != "resolved"}, "job": job}
+
+
+def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = None):
+    from vitlab.train.recipe import recipe_from_dict
+
+    if saved is not None:
+        recipe = recipe_from_dict(saved["recipe"], source="the run's recipe.json")
+    else:
+        recipe = load_recipe(args.recipe or default)
     changes = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.steps), ("batch_size", args.batch_size),
                                   ("img_size", args.img_size), ("workers", args.workers), ("seed", args.seed))
                if v is not None}
@@ -76,6 +91,8 @@ def make_job(args: argparse.Namespace, recipe, *, model: str | None, pretrained:
     from vitlab.train.run import Distill, TrainJob
 
     output = args.output or Path("runs") / output_tag
+    if args.data is None:
+        args.data = "digits"
     distill = Distill(teacher=args.teacher, kind=args.distill, alpha=args.alpha, tau=args.tau) if args.teacher else None
     return TrainJob(recipe=recipe, data=args.data, output=output, model=model, pretrained=pretrained,
                     device=None if args.device == "auto" else args.device, resume=args.resume,
@@ -110,8 +127,12 @@ def report(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    default = "digits" if args.data == "digits" else "deit"
-    recipe = resolve_recipe(args, default)
+    saved = saved_run(args, args.output) if args.output is not None else None
+    if saved is not None:  # `vitlab train --output DIR --resume` alone continues that run as it was
+        args.model = args.model or saved["job"].get("model")
+        args.data = args.data or saved["job"].get("data")
+    default = "digits" if args.data in (None, "digits") else "deit"
+    recipe = resolve_recipe(args, default, saved)
     model = args.model or recipe.model
     if model is None:
         raise ValueError("no model: give --model NAME (see `vitlab models`)")

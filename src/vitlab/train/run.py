@@ -129,6 +129,11 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             torch.set_num_threads(recipe.cpu_threads)
         if ctx.is_main:
             _check_output(job)
+        if ctx.is_main:
+            job.output.mkdir(parents=True, exist_ok=True)
+            atomic_text(job.output / "job.json", json.dumps({
+                "data": job.data, "model": job.model or recipe.model, "pretrained": job.pretrained,
+                "skip_bad_images": job.skip_bad_images}, indent=2))
         common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
         train_set = build_dataset(job.data, split="train", **common)
         val_set = build_dataset(job.data, split="val", **common) if recipe.val_fraction > 0 else None
