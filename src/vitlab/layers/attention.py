@@ -27,6 +27,14 @@ class CapturableAttention(nn.Module):
 
     attn_sink: AttentionSink | None = None
 
+    def _init_heads(self, dim: int, num_heads: int) -> None:
+        """Set num_heads, head_dim and the 1/sqrt(head_dim) scale, refusing widths heads do not divide."""
+        if dim % num_heads != 0:
+            raise ValueError(f"{type(self).__name__}: dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+
     @property
     def capturing(self) -> bool:
         return self.attn_sink is not None
@@ -81,11 +89,7 @@ class Attention(CapturableAttention):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"Attention: dim={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
+        self._init_heads(dim, num_heads)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)

@@ -38,11 +38,7 @@ class ClassAttention(CapturableAttention):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"ClassAttention: dim={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
+        self._init_heads(dim, num_heads)
         # separate projections: q reads only the class token, k and v read every token
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.k = nn.Linear(dim, dim, bias=qkv_bias)

@@ -39,11 +39,7 @@ class TalkingHeadsAttention(CapturableAttention):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"TalkingHeadsAttention: dim={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
+        self._init_heads(dim, num_heads)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
