@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(VENV)/bin/vitlab benchmark
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

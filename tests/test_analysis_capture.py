@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import input_for, make_tiny, perturb_
 
 import vitlab
 from vitlab.analysis import attention_blocks, capture, explain, fuse_heads
 from vitlab.layers import CapturableAttention
+
+from model_helpers import input_for, make_tiny, perturb_
 
 ATTENTION_MODELS = [n for n in vitlab.list_models() if vitlab.get_entry(n).family != "resnet"]
 

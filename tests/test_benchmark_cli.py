@@ -81,9 +81,8 @@ def test_interleaved_rounds_and_paired_ratio() -> None:
 def test_benchmark_code_imports_no_peer_library() -> None:
     # `vitlab benchmark` must run with vitlab's own dependencies; the peer comparisons live in benchmarks/.
     import ast
-    from pathlib import Path
-
     from importlib.util import find_spec
+    from pathlib import Path
 
     peers = {"timm", "transformers", "torchvision", "vit_pytorch"}
     for name in ("vitlab.benchmark", "vitlab.cli.benchmark"):

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import perturb_
 from PIL import Image
 
 import vitlab
 from vitlab.cli.main import build_parser, main
+
+from model_helpers import perturb_
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
 

@@ -137,7 +137,7 @@ def test_teacher_cache_runs_the_teacher_once_per_sample() -> None:
     table = torch.randn(5, 3)
     teacher = FixedTeacher(table)
     cache = TeacherCache(teacher, num_samples=5)
-    for epoch in range(3):
+    for _epoch in range(3):
         for idx in ([3, 1], [0, 4, 2]):
             got = cache(images_for(idx), torch.tensor(idx))
             torch.testing.assert_close(got, table[idx])

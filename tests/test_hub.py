@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import perturb_
 
 import vitlab
+
+from model_helpers import perturb_
 
 pytest.importorskip("huggingface_hub")
 

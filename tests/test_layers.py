@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import perturb_
 
 import vitlab
 from vitlab.layers import (
@@ -16,6 +15,8 @@ from vitlab.layers import (
     resample_pos_embed,
     sincos_2d_pos_embed,
 )
+
+from model_helpers import perturb_
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4)
 

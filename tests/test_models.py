@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import input_for, make_tiny, perturb_, tiny_overrides
 
 import vitlab
 from vitlab.layers import CapturableAttention, capture_attention
+
+from model_helpers import input_for, make_tiny, perturb_, tiny_overrides
 
 ALL = vitlab.list_models()
 ATTENTION = [n for n in ALL if vitlab.get_entry(n).family != "resnet"]

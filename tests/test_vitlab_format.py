@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import perturb_
 
 import vitlab
 from vitlab.checkpoints import atomic_write
+
+from model_helpers import perturb_
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4, img_size=32)
 
