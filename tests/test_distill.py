@@ -176,3 +176,38 @@ def test_base_loss_with_a_base_method_and_bad_arguments() -> None:
 def test_freeze_teacher() -> None:
     m = freeze_teacher(nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train())
     assert not m.training and not any(p.requires_grad for p in m.parameters())
+
+
+def test_teacher_input_is_renormalised_and_resized_for_the_teacher() -> None:
+    import vitlab
+    from vitlab.models.base import Preprocessing
+    from vitlab.train.distill import TeacherInput, adapt_teacher
+
+    class Probe(torch.nn.Module):  # records what the teacher sees
+        preprocessing = Preprocessing(input_size=(3, 16, 16), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen = x
+            return x.mean((2, 3))
+
+    student = Preprocessing(input_size=(3, 8, 8), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    pixels = torch.rand(2, 3, 8, 8)
+    probe = Probe()
+    wrapped = adapt_teacher(probe, student)
+    assert isinstance(wrapped, TeacherInput)
+    wrapped((pixels - 0.5) / 0.5)
+    expected = torch.nn.functional.interpolate(pixels, size=(16, 16), mode="bilinear", antialias=True)
+    mean, std = torch.tensor(Probe.preprocessing.mean).view(1, 3, 1, 1), torch.tensor(Probe.preprocessing.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(probe.seen, (expected - mean) / std)
+    same = vitlab.create_model("resnet18", num_classes=3, layers=(1, 1, 1, 1), img_size=8, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert adapt_teacher(same, student) is same  # nothing to adapt: no wrapper
+
+
+def test_teacher_with_other_classes_is_refused() -> None:
+    from vitlab.train.distill import check_teacher_classes
+
+    teacher = torch.nn.Linear(2, 3)
+    teacher.class_names = ["cat", "dog", "emu"]
+    check_teacher_classes(teacher, ["cat", "dog", "emu"])
+    with pytest.raises(ValueError, match="differ from the training data's"):
+        check_teacher_classes(teacher, ["dog", "cat", "emu"])

@@ -50,6 +50,7 @@ class ResNetConfig:
     drop_path_rate: float = 0.0
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
+    crop_pct: float = 0.875
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
@@ -192,7 +193,7 @@ class ResNet(nn.Module):
         size = self.cfg.img_size if isinstance(self.cfg.img_size, tuple) else (self.cfg.img_size,) * 2
         return Preprocessing(input_size=(self.cfg.in_chans, *size), mean=fit_channels(self.cfg.mean, self.cfg.in_chans),
                              std=fit_channels(self.cfg.std, self.cfg.in_chans),
-                             crop_pct=0.875, interpolation="bilinear")
+                             crop_pct=self.cfg.crop_pct, interpolation="bilinear")
 
     def no_weight_decay(self) -> set[str]:
         return set()

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitlab.models.base import Preprocessing
+
 StudentOutput = Tensor | tuple[Tensor, Tensor]
 DistillKind = Literal["soft", "hard"]
 
@@ -41,6 +43,61 @@ def load_teacher(path: str | os.PathLike, **kwargs) -> nn.Module:
     from vitlab.models.factory import load_model
 
     return freeze_teacher(load_model(path, **kwargs))
+
+
+class TeacherInput(nn.Module):
+    """A teacher fed with the student's batches: undoes the student's normalisation, converts the channel
+    count, resizes to the teacher's input size and applies the teacher's own normalisation.
+
+    Teacher and student are often trained with different statistics (ImageNet mean/std for a CNN, 0.5 for a
+    ViT) or resolutions; without this the teacher would silently see wrongly normalised images.
+    """
+
+    def __init__(self, teacher: nn.Module, student: Preprocessing, teacher_pre: Preprocessing) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.size = tuple(teacher_pre.input_size[1:])
+        self.channels = teacher_pre.input_size[0]
+        self.register_buffer("s_mean", torch.tensor(student.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("s_std", torch.tensor(student.std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("t_mean", torch.tensor(teacher_pre.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("t_std", torch.tensor(teacher_pre.std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * self.s_std + self.s_mean  # back to [0, 1] pixels: (B, C_s, H, W)
+        if x.shape[1] != self.channels:
+            if self.channels == 1:  # ITU-R 601 luma, as Pillow's "L"
+                w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+                x = (x * w).sum(1, keepdim=True)
+            else:
+                x = x.expand(-1, self.channels, -1, -1)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return self.teacher((x - self.t_mean) / self.t_std)
+
+
+def adapt_teacher(teacher: nn.Module, student: Preprocessing) -> nn.Module:
+    """``teacher`` as is when it expects the student's input, else wrapped in :class:`TeacherInput`."""
+    pre: Preprocessing | None = getattr(teacher, "preprocessing", None)
+    if pre is None:
+        return teacher
+    same = (tuple(pre.input_size) == tuple(student.input_size) and tuple(pre.mean) == tuple(student.mean)
+            and tuple(pre.std) == tuple(student.std))
+    return teacher if same else freeze_teacher(TeacherInput(teacher, student, pre))
+
+
+def check_teacher_classes(teacher: nn.Module, classes: list[str]) -> None:
+    """A teacher trained with other classes (or another class order) would distil wrong targets."""
+    names = getattr(teacher, "class_names", None)
+    if names is None:
+        if getattr(teacher, "num_classes", len(classes)) != len(classes):
+            raise ValueError(f"teacher has {teacher.num_classes} classes, the training data {len(classes)}")
+        return
+    if list(names) != list(classes):
+        raise ValueError(
+            f"the teacher's classes {list(names)[:10]} differ from the training data's {list(classes)[:10]} "
+            f"(names or order); train or fine-tune the teacher on the same classes"
+        )
 
 
 def _teacher_logits(teacher: nn.Module, images: Tensor) -> Tensor:

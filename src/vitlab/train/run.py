@@ -149,7 +149,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         for ds in (val_set, test_set):
             if ds is not None:
                 ds.transform = eval_transform(pre)
-        criterion = _distillation(job, ctx) if job.distill is not None else None
+        criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
         result = fit(model, recipe, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
                      resume=job.resume, class_names=train_set.classes, criterion=criterion,
                      until_step=job.until_step, progress=job.progress)
@@ -179,12 +179,14 @@ def _test(model: nn.Module, test_set, recipe: Recipe, ctx: DistContext, label: s
     return r.summary()
 
 
-def _distillation(job: TrainJob, ctx: DistContext):
+def _distillation(job: TrainJob, ctx: DistContext, student: nn.Module, classes: list[str]):
     import vitlab
-    from vitlab.train.distill import DistillationLoss  # written alongside; only needed with --teacher
+    from vitlab.train.distill import DistillationLoss, adapt_teacher, check_teacher_classes
 
     d = job.distill
-    teacher = vitlab.load_model(d.teacher).to(ctx.device)
+    teacher = vitlab.load_model(d.teacher)
+    check_teacher_classes(teacher, classes)
+    teacher = adapt_teacher(teacher, student.preprocessing).to(ctx.device)
     base = ClassificationLoss(label_smoothing=job.recipe.label_smoothing)
     log.info("distilling from %s (%s, alpha %.2f, tau %.2f)", d.teacher, d.kind, d.alpha, d.tau)
     return DistillationLoss(base, teacher, kind=d.kind, alpha=d.alpha, tau=d.tau)
