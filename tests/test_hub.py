@@ -48,8 +48,10 @@ def test_hf_hub_source_loads_from_local_cache_offline(tmp_path: Path) -> None:
         "import sys, torch, vitlab\n"
         "m = vitlab.create_model('vit_tiny_patch16_224', pretrained='hf-hub:someorg/tiny-vit', embed_dim=64,"
         " depth=2, num_heads=4, img_size=32).eval()\n"
-        f"y = m(torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True))\n"
-        f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
+        "same = vitlab.load_model('hf-hub:someorg/tiny-vit', embed_dim=64, depth=2, num_heads=4, img_size=32).eval()\n"
+        "assert torch.equal(same(x), m(x)) and same.model_name == 'vit_tiny_patch16_224'\n"
+        f"torch.save(m(x), {str(tmp_path / 'y.pt')!r})\n"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)

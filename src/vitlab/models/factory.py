@@ -163,6 +163,9 @@ def _load_hf_folder(p, **kwargs: Any) -> nn.Module:
     if cfg_path is None or not cfg_path.exists():
         raise CheckpointError(f"{p}: neither a vitlab checkpoint nor a folder with config.json")
     cfg = read_json(cfg_path)
+    arch = cfg.get("architecture")  # a timm hub folder: config.json names the timm model, weights in timm's keys
+    if isinstance(arch, str) and _is_registered(arch.partition(".")[0]):
+        return create_model(arch.partition(".")[0], pretrained=p, **kwargs)
     model_type = cfg.get("model_type")
     family_default = {"vit": "vit_base_patch16_224", "deit": "deit_base_patch16_224"}
     if model_type not in family_default:
