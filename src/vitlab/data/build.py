@@ -129,25 +129,17 @@ def build_dataset(
         desc = f"digits[{split}, seed={seed}]" if split != "test" else "digits[test]"
         ds = _subset_tensor(images, targets, idx, classes=classes, source=desc, **kw)
 
-    elif kind == "mnist":
+    elif kind in ("mnist", "cifar"):
+        # both ship a fixed test set; train and val are a seeded stratified split of the training set
+        read, test_name = (read_mnist, "t10k") if kind == "mnist" else (read_cifar, "test")
         if split == "test":
-            images, targets, classes = read_mnist(path, "t10k")
-            ds = TensorImageDataset(images, targets, classes=classes, source=f"mnist:{path}[test]", **kw)
+            images, targets, classes = read(path, test_name)
+            ds = TensorImageDataset(images, targets, classes=classes, source=f"{kind}:{path}[test]", **kw)
         else:
-            images, targets, classes = read_mnist(path, "train")
+            images, targets, classes = read(path, "train")
             idx = _pick(*stratified_split(targets, val_fraction, seed), split)
             ds = _subset_tensor(images, targets, idx, classes=classes,
-                                source=f"mnist:{path}[{split}, val_fraction={val_fraction}, seed={seed}]", **kw)
-
-    elif kind == "cifar":
-        if split == "test":
-            images, targets, classes = read_cifar(path, "test")
-            ds = TensorImageDataset(images, targets, classes=classes, source=f"cifar:{path}[test]", **kw)
-        else:
-            images, targets, classes = read_cifar(path, "train")
-            idx = _pick(*stratified_split(targets, val_fraction, seed), split)
-            ds = _subset_tensor(images, targets, idx, classes=classes,
-                                source=f"cifar:{path}[{split}, val_fraction={val_fraction}, seed={seed}]", **kw)
+                                source=f"{kind}:{path}[{split}, val_fraction={val_fraction}, seed={seed}]", **kw)
 
     else:
         ds = _build_folder(path, split, val_fraction, seed, **kw)
