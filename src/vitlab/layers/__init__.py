@@ -7,13 +7,13 @@ from vitlab.layers.drop_path import DropPath, drop_path
 from vitlab.layers.helpers import to_2tuple
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
-from vitlab.layers.patch_embed import PatchEmbed, check_image_size
+from vitlab.layers.patch_embed import PatchEmbed, check_image_size, check_images
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
 from vitlab.layers.std_conv import MaxPool2dSame, StdConv2d, pad_same
 from vitlab.layers.talking_heads import TalkingHeadsAttention
 
 __all__ = [
     "Attention", "Block", "CapturableAttention", "ClassAttention", "ClassAttentionBlock", "DropPath", "LayerScale", "MaxPool2dSame", "Mlp",
-    "PatchEmbed", "StdConv2d", "attend_explicit", "capture_attention", "check_image_size", "drop_path",
+    "PatchEmbed", "StdConv2d", "attend_explicit", "capture_attention", "check_image_size", "check_images", "drop_path",
     "TalkingHeadsAttention", "pad_same", "resample_pos_embed", "sincos_2d_pos_embed", "to_2tuple",
 ]

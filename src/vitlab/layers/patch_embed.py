@@ -20,6 +20,14 @@ def check_image_size(h: int, w: int, patch: tuple[int, int], expected: tuple[int
         )
 
 
+def check_images(x: Tensor, *, in_chans: int, patch: tuple[int, int], expected: tuple[int, int] | None,
+                 what: str) -> None:
+    """Raise a clear error unless ``x`` is a (batch, in_chans, H, W) batch that fits the patch (and size)."""
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"{what}: expected images of shape (batch, {in_chans}, H, W), got {tuple(x.shape)}")
+    check_image_size(x.shape[2], x.shape[3], patch, expected, what)
+
+
 class PatchEmbed(nn.Module):
     """Split an image into P x P patches and project each to ``embed_dim``.
 
@@ -61,12 +69,8 @@ class PatchEmbed(nn.Module):
         return h // self.patch_size[0], w // self.patch_size[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"PatchEmbed: expected images of shape (batch, {self.in_chans}, H, W), got {tuple(x.shape)}"
-            )
-        check_image_size(x.shape[2], x.shape[3], self.patch_size,
-                         self.img_size if self.strict_img_size else None, "PatchEmbed")
+        check_images(x, in_chans=self.in_chans, patch=self.patch_size,
+                     expected=self.img_size if self.strict_img_size else None, what="PatchEmbed")
         x = self.proj(x)  # (B, D, H/P, W/P)
         if self.flatten:
             x = x.flatten(2).transpose(1, 2)  # (B, D, N) -> (B, N, D)

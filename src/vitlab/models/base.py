@@ -28,6 +28,12 @@ class Preprocessing:
     crop_pct: float = 0.9
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
 
+    def __post_init__(self) -> None:
+        # one place for every family: a grayscale model built from RGB statistics gets their average
+        channels = self.input_size[0]
+        object.__setattr__(self, "mean", fit_channels(tuple(self.mean), channels))
+        object.__setattr__(self, "std", fit_channels(tuple(self.std), channels))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

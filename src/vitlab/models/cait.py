@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from vitlab.layers import Block, PatchEmbed, resample_pos_embed
 from vitlab.layers.class_attention import ClassAttentionBlock
 from vitlab.layers.talking_heads import TalkingHeadsAttention
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, fit_channels, take_indices
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -138,8 +138,8 @@ class CaiT(nn.Module):
     @property
     def preprocessing(self) -> Preprocessing:
         h, w = self.patch_embed.img_size
-        return Preprocessing(input_size=(self.cfg.in_chans, h, w), mean=fit_channels(self.cfg.mean, self.cfg.in_chans),
-                             std=fit_channels(self.cfg.std, self.cfg.in_chans),
+        return Preprocessing(input_size=(self.cfg.in_chans, h, w), mean=self.cfg.mean,
+                             std=self.cfg.std,
                              crop_pct=self.cfg.crop_pct, interpolation="bicubic")
 
     def no_weight_decay(self) -> set[str]:

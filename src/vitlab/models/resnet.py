@@ -18,7 +18,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from vitlab.layers import DropPath, MaxPool2dSame, StdConv2d
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, fit_channels, take_indices
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -191,8 +191,8 @@ class ResNet(nn.Module):
     @property
     def preprocessing(self) -> Preprocessing:
         size = self.cfg.img_size if isinstance(self.cfg.img_size, tuple) else (self.cfg.img_size,) * 2
-        return Preprocessing(input_size=(self.cfg.in_chans, *size), mean=fit_channels(self.cfg.mean, self.cfg.in_chans),
-                             std=fit_channels(self.cfg.std, self.cfg.in_chans),
+        return Preprocessing(input_size=(self.cfg.in_chans, *size), mean=self.cfg.mean,
+                             std=self.cfg.std,
                              crop_pct=self.cfg.crop_pct, interpolation="bilinear")
 
     def no_weight_decay(self) -> set[str]:

@@ -24,6 +24,7 @@ from vitlab.layers import (
     Block,
     PatchEmbed,
     check_image_size,
+    check_images,
     resample_pos_embed,
     sincos_2d_pos_embed,
     to_2tuple,
@@ -32,7 +33,6 @@ from vitlab.models.base import (
     INCEPTION_MEAN,
     INCEPTION_STD,
     Preprocessing,
-    fit_channels,
     init_linear_jax,
     take_indices,
 )
@@ -112,12 +112,8 @@ class HybridEmbed(nn.Module):
         return h // self.reduction, w // self.reduction
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"HybridEmbed: expected images of shape (batch, {self.in_chans}, H, W), got {tuple(x.shape)}"
-            )
-        check_image_size(x.shape[2], x.shape[3], self.patch_size,
-                         self.img_size if self.strict_img_size else None, "HybridEmbed")
+        check_images(x, in_chans=self.in_chans, patch=self.patch_size,
+                     expected=self.img_size if self.strict_img_size else None, what="HybridEmbed")
         x = self.proj(self.backbone.forward_features(x))  # (B, D, H/r, W/r)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
@@ -199,8 +195,8 @@ class VisionTransformer(nn.Module):
     def preprocessing(self) -> Preprocessing:
         h, w = self.patch_embed.img_size
         crop = self.cfg.crop_pct if self.cfg.crop_pct is not None else (0.9 if max(h, w) <= 224 else 1.0)
-        return Preprocessing(input_size=(self.cfg.in_chans, h, w), mean=fit_channels(self.cfg.mean, self.cfg.in_chans),
-                             std=fit_channels(self.cfg.std, self.cfg.in_chans),
+        return Preprocessing(input_size=(self.cfg.in_chans, h, w), mean=self.cfg.mean,
+                             std=self.cfg.std,
                              crop_pct=crop, interpolation="bicubic")
 
     def no_weight_decay(self) -> set[str]:
@@ -248,8 +244,9 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(x)
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        grid = self.patch_embed.dynamic_grid(x.shape[-2], x.shape[-1]) if x.ndim == 4 else (0, 0)
-        x = self.patch_embed(x)
+        h, w = x.shape[-2:]
+        x = self.patch_embed(x)  # validates the input: (B, C, H, W) -> (B, N, D)
+        grid = self.patch_embed.dynamic_grid(h, w)
         return self._pos_embed(x, grid), grid
 
     def forward_features(self, x: Tensor) -> Tensor:
