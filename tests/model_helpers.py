@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -11,10 +14,34 @@ import vitlab
 from vitlab.models import get_entry
 
 
+def _family_plugins() -> dict[str, ModuleType]:
+    """Per-family tiny settings: every ``tests/tiny_<family>.py`` defines ``FAMILY`` (the registry's family
+    name), ``tiny(name, cfg) -> dict`` and optionally ``HAS_ATTENTION = False`` (no attention layer to
+    capture, e.g. MLP-Mixer). New families add a file instead of editing this one."""
+    plugins: dict[str, ModuleType] = {}
+    for path in sorted(Path(__file__).parent.glob("tiny_*.py")):
+        module = importlib.import_module(path.stem)
+        plugins[module.FAMILY] = module
+    return plugins
+
+
+FAMILY_PLUGINS = _family_plugins()
+
+
+def has_attention(name: str) -> bool:
+    """Whether the family has attention layers that capture mode reports."""
+    family = get_entry(name).family
+    if family == "resnet":
+        return False
+    return getattr(FAMILY_PLUGINS.get(family), "HAS_ATTENTION", True)
+
+
 def tiny_overrides(name: str) -> dict[str, Any]:
     """Small widths/depths for ``name`` that keep what makes the variant distinct (patch size, hybrid stride)."""
     entry = get_entry(name)
     cfg = entry.config
+    if entry.family in FAMILY_PLUGINS:
+        return dict(FAMILY_PLUGINS[entry.family].tiny(name, cfg))
     fields = set(type(cfg).__dataclass_fields__)
     over: dict[str, Any] = {}
     if entry.family == "resnet":

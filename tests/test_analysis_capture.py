@@ -176,3 +176,60 @@ def test_analyze_model_on_cait_and_a_model_without_positions(tmp_path) -> None:
     assert numbers["position_similarity"] is None
     assert "no position embeddings" in (tmp_path / "nopos" / "report.html").read_text()
     assert not (tmp_path / "nopos" / "position_similarity.png").exists()
+
+
+def test_auto_method_is_rollout_for_token_attention_and_recorded() -> None:
+    model = _tiny_vit()
+    e = explain(model, torch.randn(1, 3, 32, 32))
+    assert e.method == "rollout"
+    ref = explain(model, torch.zeros(1, 3, 32, 32) + 0.0, method="rollout")
+    assert ref.method == "rollout"
+
+
+def test_grad_cam_on_a_linear_feature_map_is_the_class_weighted_map() -> None:
+    # a head that reads the mean of an NCHW map: Grad-CAM's channel weights are the head's class row / (h*w),
+    # so the map is relu(sum_c w_c * f_c) / (h*w)
+    class GapNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 4, stride=4)
+            self.head = torch.nn.Linear(4, 3)
+
+        def cam_layer(self):
+            return self.conv
+
+        def forward_head(self, f, pre_logits=False):
+            return self.head(f.mean(dim=(2, 3)))
+
+        def forward(self, x):
+            return self.forward_head(self.conv(x))
+
+    torch.manual_seed(0)
+    net = GapNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    e = explain(net, x, method="grad-cam", target=1)
+    f = net.conv(x).detach()
+    expected = (net.head.weight[1].detach()[None, :, None, None] * f).sum(1).clamp(min=0) / 16
+    torch.testing.assert_close(e.patch_maps, expected, atol=1e-6, rtol=1e-5)
+    assert e.maps.shape == (2, 16, 16) and e.method == "grad-cam"
+    with pytest.raises(ValueError, match="not defined for GapNet"):
+        explain(net, x, method="rollout")
+    assert explain(net, x).method == "grad-cam"  # auto falls back to Grad-CAM
+
+
+def test_grad_input_of_a_linear_model_is_weight_times_input() -> None:
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    x = torch.randn(1, 3, 4, 4)
+    e = explain(lin, x, method="grad-input", target=0)
+    w = lin[1].weight[0].detach().reshape(3, 4, 4)
+    torch.testing.assert_close(e.maps[0], (w * x[0]).sum(0).abs())
+
+
+@pytest.mark.parametrize("method", ["grad-cam", "grad-input"])
+def test_gradient_methods_work_on_every_vit_and_depend_on_the_class(method: str) -> None:
+    model = _tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    a = explain(model, x, method=method, target=0).maps
+    b = explain(model, x, method=method, target=1).maps
+    assert a.shape == (1, 32, 32) and torch.isfinite(a).all()
+    assert not torch.allclose(a, b)

@@ -8,10 +8,10 @@ import torch
 import vitlab
 from vitlab.layers import CapturableAttention, capture_attention
 
-from model_helpers import input_for, make_tiny, perturb_, tiny_overrides
+from model_helpers import has_attention, input_for, make_tiny, perturb_, tiny_overrides
 
 ALL = vitlab.list_models()
-ATTENTION = [n for n in ALL if vitlab.get_entry(n).family != "resnet"]
+ATTENTION = [n for n in ALL if has_attention(n)]
 
 
 def test_registry_has_the_paper_variants() -> None:

@@ -1,14 +1,33 @@
-"""One call from images to relevance maps: rollout, gradient-weighted rollout or last-layer attention."""
+"""One call from images to relevance maps.
+
+Methods for every model:
+
+- "rollout", "grad-rollout", "last-layer": attention rollout (Abnar & Zuidema), its class-specific
+  gradient-weighted form, and the last layer's class-token attention. Defined where tokens attend to
+  tokens of one sequence (ViT, DeiT, CaiT); families whose attention is windowed, pooled or cross-branch
+  register their own form of these methods (:func:`register_explainer`).
+- "grad-cam": Grad-CAM (Selvaraju et al. 2017) on the output of the model's ``cam_layer()`` (default: the
+  last transformer block, its patch tokens laid on the grid): channels weighted by the mean gradient of
+  the class score, positive part. Also for models without token-to-token attention (MLP-Mixer, XCiT's
+  channel attention, Linformer, MobileViT), which name their last spatial stage in ``cam_layer()``.
+- "grad-input": gradient x input, summed over colour channels, absolute value. Any differentiable model.
+
+``method="auto"`` picks rollout where the model supports it, else Grad-CAM; the chosen method is recorded
+in :attr:`Explanation.method`.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from vitlab.analysis.capture import capture
+from vitlab.analysis.capture import attention_blocks, capture, token_layout
 from vitlab.analysis.rollout import (
     HeadFusion,
     attention_rollout,
@@ -19,23 +38,97 @@ from vitlab.analysis.rollout import (
     token_relevance,
 )
 
-Method = Literal["rollout", "grad-rollout", "last-layer"]
-METHODS: tuple[str, ...] = ("rollout", "grad-rollout", "last-layer")
+Method = Literal["auto", "rollout", "grad-rollout", "last-layer", "grad-cam", "grad-input"]
+METHODS: tuple[str, ...] = ("auto", "rollout", "grad-rollout", "last-layer", "grad-cam", "grad-input")
+ATTENTION_METHODS: tuple[str, ...] = ("rollout", "grad-rollout", "last-layer")
+GRADIENT_METHODS: tuple[str, ...] = ("grad-cam", "grad-input")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Explanation:
     """Args:
     maps: (B, H, W) relevance at image resolution (not normalised; see ``normalize_map``).
-    patch_maps: (B, rows, cols) relevance on the patch grid.
+    patch_maps: (B, rows, cols) relevance on the grid the method works on (patch tokens, a feature
+        map, or the pixels themselves for grad-input).
     probs: (B, K) softmax of the logits.
     target: (B,) the class each map explains (the prediction unless one was asked for).
+    method: the method that made the maps (what "auto" resolved to).
     """
 
     maps: Tensor
     patch_maps: Tensor
     probs: Tensor
     target: Tensor
+    method: str = ""
+
+
+# fn(model, x, *, target, head_fusion, discard_ratio) -> Explanation, for one (model class, method)
+Explainer = Callable[..., Explanation]
+_EXPLAINERS: dict[tuple[type, str], Explainer] = {}
+_loaded = False
+
+
+def register_explainer(model_cls: type, method: str) -> Callable[[Explainer], Explainer]:
+    """Register a family's own form of an attention method (e.g. rollout through Swin's windows).
+
+    Modules ``vitlab/analysis/explain_*.py`` are imported on first use, so a family's explainers live in
+    one file of their own. The function receives ``target`` as a (B,) tensor or None (the prediction).
+    """
+    if method not in ATTENTION_METHODS:
+        raise ValueError(f"register_explainer: {method!r} is not one of {', '.join(ATTENTION_METHODS)}")
+
+    def deco(fn: Explainer) -> Explainer:
+        _EXPLAINERS[(model_cls, method)] = fn
+        return fn
+
+    return deco
+
+
+def _load_family_explainers() -> None:
+    global _loaded
+    if _loaded:
+        return
+    import vitlab.analysis as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("explain_"):
+            importlib.import_module(f"vitlab.analysis.{info.name}")
+    _loaded = True
+
+
+def _family_explainer(model: nn.Module, method: str) -> Explainer | None:
+    _load_family_explainers()
+    for cls in type(model).__mro__:
+        fn = _EXPLAINERS.get((cls, method))
+        if fn is not None:
+            return fn
+    return None
+
+
+def _token_attention(model: nn.Module) -> bool:
+    """Whether the model's attention is token-to-token over one sequence (generic rollout applies)."""
+    return bool(getattr(model, "token_attention", False))
+
+
+def methods_for(model: nn.Module) -> tuple[str, ...]:
+    """The methods that give a meaningful map for ``model`` (besides "auto")."""
+    attention = [m for m in ATTENTION_METHODS
+                 if _token_attention(model) or _family_explainer(model, m) is not None]
+    return (*attention, *GRADIENT_METHODS)
+
+
+def resolve_method(model: nn.Module, method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    available = methods_for(model)
+    if method == "auto":
+        return "rollout" if "rollout" in available else "grad-cam"
+    if method not in available:
+        raise ValueError(
+            f"explain: {method!r} is not defined for {type(model).__name__} (its attention is not "
+            f"token-to-token); use one of: {', '.join(available)}"
+        )
+    return method
 
 
 def uses_class_token(model: nn.Module) -> bool:
@@ -43,11 +136,23 @@ def uses_class_token(model: nn.Module) -> bool:
     return getattr(model, "global_pool", "token") == "token" and getattr(model, "num_prefix_tokens", 0) > 0
 
 
+def class_targets(logits: Tensor, target: int | Tensor | None) -> Tensor:
+    """(B,) class indices: the prediction, or the asked-for class(es), range-checked."""
+    B = logits.shape[0]
+    if target is None:
+        return logits.detach().argmax(dim=-1)
+    tgt = torch.as_tensor(target, device=logits.device).long()
+    tgt = tgt.expand(B) if tgt.ndim == 0 else tgt
+    if (tgt < 0).any() or (tgt >= logits.shape[-1]).any():
+        raise ValueError(f"explain: target class out of range for {logits.shape[-1]} classes")
+    return tgt
+
+
 def explain(
     model: nn.Module,
     x: Tensor,
     *,
-    method: Method = "rollout",
+    method: Method = "auto",
     target: int | Tensor | None = None,
     head_fusion: HeadFusion = "mean",
     discard_ratio: float = 0.0,
@@ -55,29 +160,33 @@ def explain(
     """Relevance maps of ``model`` for images ``x`` (B, C, H, W).
 
     Args:
-        method: "rollout" (Abnar & Zuidema), "grad-rollout" (class-specific) or "last-layer"
-            (the last layer's attention of the class token, fused over heads).
-        target: class index (or (B,) indices) for grad-rollout; default: the predicted class.
-            Plain rollout and last-layer maps do not depend on it.
+        method: see the module docstring; "auto" picks rollout where defined, else Grad-CAM.
+        target: class index (or (B,) indices) for the class-specific methods (grad-rollout, grad-cam,
+            grad-input); default: the predicted class. Rollout and last-layer maps do not depend on it.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    method = resolve_method(model, method)
     was_training = model.training
     model.eval()
     try:
-        out = capture(model, x, with_grad=method == "grad-rollout")
+        if method in GRADIENT_METHODS:
+            fn = _grad_cam if method == "grad-cam" else _grad_input
+            return fn(model, x, target=target)
+        family_fn = _family_explainer(model, method)
+        if family_fn is not None:
+            return family_fn(model, x, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
+        return _token_explain(model, x, method=method, target=target, head_fusion=head_fusion,
+                              discard_ratio=discard_ratio)
     finally:
         model.train(was_training)
+
+
+def _token_explain(model: nn.Module, x: Tensor, *, method: str, target: int | Tensor | None,
+                   head_fusion: HeadFusion, discard_ratio: float) -> Explanation:
+    out = capture(model, x, with_grad=method == "grad-rollout")
     B = x.shape[0]
     logits = out.logits
     probs = logits.detach().float().softmax(dim=-1)
-    if target is None:
-        tgt = probs.argmax(dim=-1)
-    else:
-        tgt = torch.as_tensor(target, device=logits.device).long()
-        tgt = tgt.expand(B) if tgt.ndim == 0 else tgt
-        if (tgt < 0).any() or (tgt >= logits.shape[-1]).any():
-            raise ValueError(f"explain: target class out of range for {logits.shape[-1]} classes")
+    tgt = class_targets(logits, target)
     layout = out.layout
     p = layout.num_prefix_tokens
     if method == "rollout":
@@ -94,4 +203,75 @@ def explain(
     relevance = token_relevance(joint.detach(), num_prefix_tokens=p, use_class_token=uses_class_token(model))
     patch_maps = relevance.reshape(B, *layout.grid)  # (B, rows, cols)
     maps = relevance_to_image(relevance, layout.grid, (x.shape[-2], x.shape[-1]))
-    return Explanation(maps=maps, patch_maps=patch_maps, probs=probs, target=tgt.detach())
+    return Explanation(maps=maps, patch_maps=patch_maps, probs=probs, target=tgt.detach(), method=method)
+
+
+def cam_layer(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The module Grad-CAM weighs, and whether its input (True) or output (False) is the map.
+
+    ``model.cam_layer()`` where a family defines it (its output is used); else the INPUT of the last
+    transformer block: the class token reads the patch tokens in the last block's attention, so the
+    last block's output patch tokens never reach a class-token head and have no gradient.
+    """
+    own = getattr(model, "cam_layer", None)
+    if callable(own):
+        return own(), False
+    blocks = attention_blocks(model)
+    if not blocks:
+        raise ValueError(f"grad-cam: {type(model).__name__} defines no cam_layer() and has no attention blocks")
+    return blocks[-1], True
+
+
+def _as_feature_map(model: nn.Module, out: Tensor | tuple, image_size: tuple[int, int]) -> Tensor:
+    """A cam layer's output as (B, C, h, w): NCHW maps as they are, (B, h, w, C) where the model says
+    ``cam_channels_last = True``, token sequences (B, N, D) without their prefix tokens on the patch grid."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if out.ndim == 4:
+        return out.permute(0, 3, 1, 2) if getattr(model, "cam_channels_last", False) else out
+    if out.ndim == 3:
+        layout = token_layout(model, image_size, out.shape[1])
+        p = out.shape[1] - layout.num_patches
+        B, _, D = out.shape
+        # (B, N, D) -> (B, D, rows, cols)
+        return out[:, p:].transpose(1, 2).reshape(B, D, *layout.grid)
+    raise ValueError(f"grad-cam: the cam layer of {type(model).__name__} gave a {out.ndim}-D output")
+
+
+def _grad_cam(model: nn.Module, x: Tensor, *, target: int | Tensor | None) -> Explanation:
+    seen: list[Tensor] = []
+    layer, use_input = cam_layer(model)
+    if use_input:
+        hook = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    else:
+        hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            tgt = class_targets(logits, target)
+            score = logits.gather(1, tgt[:, None]).sum()
+            raw = seen[-1][0] if isinstance(seen[-1], (tuple, list)) else seen[-1]
+            (grad,) = torch.autograd.grad(score, raw)
+    finally:
+        hook.remove()
+    image_size = (x.shape[-2], x.shape[-1])
+    fmap = _as_feature_map(model, raw.detach(), image_size)
+    gmap = _as_feature_map(model, grad, image_size)
+    weights = gmap.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1): channel importance
+    cam = (weights * fmap).sum(dim=1).clamp(min=0)  # (B, h, w)
+    B, h, w = cam.shape
+    maps = relevance_to_image(cam.reshape(B, h * w), (h, w), image_size)
+    probs = logits.detach().float().softmax(dim=-1)
+    return Explanation(maps=maps, patch_maps=cam, probs=probs, target=tgt.detach(), method="grad-cam")
+
+
+def _grad_input(model: nn.Module, x: Tensor, *, target: int | Tensor | None) -> Explanation:
+    with torch.enable_grad():
+        xi = x.detach().clone().requires_grad_(True)
+        logits = model(xi)
+        tgt = class_targets(logits, target)
+        score = logits.gather(1, tgt[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, xi)
+    maps = (grad * xi).detach().sum(dim=1).abs()  # (B, H, W)
+    probs = logits.detach().float().softmax(dim=-1)
+    return Explanation(maps=maps, patch_maps=maps, probs=probs, target=tgt.detach(), method="grad-input")

@@ -23,7 +23,11 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
     """Resample ``*pos_embed`` tables to the model's grid and drop heads whose shape differs."""
     target = model.state_dict()
     out = dict(sd)
-    for k, v in sd.items():
+    family_adapt = getattr(model, "adapt_checkpoint", None)
+    if family_adapt is not None:
+        # a family's own tables that depend on resolution or window (e.g. Swin's relative-position bias)
+        out = family_adapt(out, source=source)
+    for k, v in list(out.items()):
         # a table of another width is no resolution change: leave it to load_strict, which lists every misfit
         if (k.endswith("pos_embed") and k in target and v.shape != target[k].shape
                 and v.ndim == target[k].ndim == 3 and v.shape[-1] == target[k].shape[-1]):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vitlab.checkpoints.convert_hf import convert_hf_encoder, hf_vit_overrides
 from vitlab.checkpoints.convert_timm import convert_timm_vit, head_overrides
-from vitlab.checkpoints.converters import Converted, register_converter
+from vitlab.checkpoints.converters import Converted, register_converter, register_hf_model_type
 
 _HF_HEADS = {"cls_classifier.": "head.", "distillation_classifier.": "head_dist.", "classifier.": "head."}
 
@@ -35,6 +35,9 @@ def convert_timm_deit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
     if distilled:
         overrides["dist_head"] = True
     return Converted(out, overrides)
+
+
+register_hf_model_type("deit", "deit_base_patch16_224")
 
 
 @register_converter("deit", "hf")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from vitlab.checkpoints.convert_timm import head_overrides
-from vitlab.checkpoints.converters import Converted, register_converter
+from vitlab.checkpoints.converters import Converted, register_converter, register_hf_model_type
 
 _LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _LAYER_MAP = {
@@ -95,6 +95,9 @@ def convert_hf_encoder(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
         if "query.bias" in parts:
             out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([parts[f"{n}.bias"] for n in ("query", "key", "value")])
     return out
+
+
+register_hf_model_type("vit", "vit_base_patch16_224")
 
 
 @register_converter("vit", "hf")

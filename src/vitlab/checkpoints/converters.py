@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-SourceFormat = Literal["vitlab", "timm", "hf", "jax"]
+# "official": the layout of a family's original repository (Microsoft Swin, cvnets, T2T-ViT, MAE, DINO, ...)
+SourceFormat = Literal["vitlab", "timm", "hf", "jax", "official"]
 
 
 @dataclass
@@ -23,7 +24,10 @@ class Converted:
 
 
 Converter = Callable[[Any, dict[str, Any]], Converted]
+FormatDetector = Callable[[dict[str, Any]], "SourceFormat | None"]
 _CONVERTERS: dict[tuple[str, str], Converter] = {}
+_DETECTORS: dict[str, FormatDetector] = {}
+_HF_MODEL_TYPES: dict[str, str] = {}
 
 
 def register_converter(family: str, fmt: SourceFormat) -> Callable[[Converter], Converter]:
@@ -32,6 +36,39 @@ def register_converter(family: str, fmt: SourceFormat) -> Callable[[Converter], 
         return fn
 
     return deco
+
+
+def register_format_detector(family: str) -> Callable[[FormatDetector], FormatDetector]:
+    """Register how to tell a family's state-dict layouts apart (e.g. timm vs the official repository's).
+
+    The detector sees a plain state dict (already unwrapped from ``{"model": ...}`` / ``state_dict``) and
+    returns its format, or None to keep the default guess (Hugging Face names, else timm).
+    """
+
+    def deco(fn: FormatDetector) -> FormatDetector:
+        _DETECTORS[family] = fn
+        return fn
+
+    return deco
+
+
+def detect_format(family: str, sd: dict[str, Any], default: SourceFormat) -> SourceFormat:
+    """The format of a state dict for ``family``: its detector's answer, else ``default``."""
+    _ensure_loaded()
+    fn = _DETECTORS.get(family)
+    found = fn(sd) if fn is not None else None
+    return found or default
+
+
+def register_hf_model_type(model_type: str, default_model: str) -> None:
+    """A Hugging Face ``config.json`` ``model_type`` that vitlab reads, and the registered name that
+    ``load_model`` builds for it (the converter's overrides then fit the size to the file)."""
+    _HF_MODEL_TYPES[model_type] = default_model
+
+
+def hf_model_types() -> dict[str, str]:
+    _ensure_loaded()
+    return dict(_HF_MODEL_TYPES)
 
 
 def get_converter(family: str, fmt: SourceFormat) -> Converter:
@@ -46,4 +83,12 @@ def get_converter(family: str, fmt: SourceFormat) -> Converter:
 
 
 def _ensure_loaded() -> None:
-    from vitlab.checkpoints import convert_cait, convert_deit, convert_hf, convert_jax, convert_timm  # noqa: F401
+    # every module checkpoints/convert_*.py registers its converters on import
+    import importlib
+    import pkgutil
+
+    import vitlab.checkpoints as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("convert_"):
+            importlib.import_module(f"vitlab.checkpoints.{info.name}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitlab.checkpoints.converters import Converted, SourceFormat, get_converter
+from vitlab.checkpoints.converters import Converted, SourceFormat, detect_format, get_converter
 from vitlab.checkpoints.io import (
     PICKLE_SUFFIXES,
     CheckpointError,
@@ -87,10 +87,11 @@ def read_source(path: Path, family: str) -> Source:
             sd, meta = got
             return Source(path, "vitlab", Converted(sd, {}), meta)
         sd, _ = read_safetensors(path)
-        return Source(path, "timm", _convert(path, family, "timm", sd, {}))
+        fmt: SourceFormat = detect_format(family, sd, "hf" if _looks_hf(sd) else "timm")
+        return Source(path, fmt, _convert(path, family, fmt, sd, {}))
     if name.endswith(PICKLE_SUFFIXES):
         sd = unwrap_state_dict(read_pickle(path), path)
-        fmt: SourceFormat = "hf" if _looks_hf(sd) else "timm"
+        fmt = detect_format(family, sd, "hf" if _looks_hf(sd) else "timm")
         return Source(path, fmt, _convert(path, family, fmt, sd, {}))
     raise CheckpointError(
         f"{path}: unknown checkpoint type; expected .safetensors, .pth/.pt/.bin, .npz, or a folder "
@@ -118,4 +119,5 @@ def _read_folder(path: Path, family: str) -> Source:
     if "architectures" in config or "model_type" in config or _looks_hf(sd):
         return Source(weights, "hf", _convert(weights, family, "hf", sd, {"config": config}), {"config": config})
     # a timm hub folder: config.json with "architecture" and "pretrained_cfg", weights in timm's names
-    return Source(weights, "timm", _convert(weights, family, "timm", sd, {}), {"timm_config": config})
+    fmt = detect_format(family, sd, "timm")
+    return Source(weights, fmt, _convert(weights, family, fmt, sd, {}), {"timm_config": config})

@@ -29,9 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--checkpoint", required=True, help="a vitlab checkpoint (model.safetensors)")
-    p.add_argument("--method", choices=METHODS, default="rollout", help="how the map is computed")
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help="how the map is computed (auto: attention rollout where the model's attention allows "
+                        "it, else Grad-CAM on the last feature map)")
     p.add_argument("--class", dest="target", default=None, metavar="NAME",
-                   help="class to explain with grad-rollout (name or index; default: the predicted class)")
+                   help="class to explain with grad-rollout, grad-cam or grad-input (name or index; default: "
+                        "the predicted class)")
     p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean",
                    help="how the heads of a layer are combined (rollout, last-layer)")
     p.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
@@ -94,20 +97,22 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint).to(device).eval()
     names = model_class_names(model)
     target = resolve_class(args.target, names)
-    if target is not None and args.method != "grad-rollout":
-        log.warning("--class only changes the map with --method grad-rollout; %s maps do not depend on the class",
-                    args.method)
+    from vitlab.analysis.explain import resolve_method
+
+    method = resolve_method(model, args.method)
+    if target is not None and method in ("rollout", "last-layer"):
+        log.warning("--class does not change %s maps; use grad-rollout, grad-cam or grad-input", method)
     pre = model.preprocessing
     transform = eval_transform(pre)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path, out_name in zip(args.images, _output_names(args.images, args.method)):
+    for path, out_name in zip(args.images, _output_names(args.images, method)):
         x = prepare_image(path, transform).unsqueeze(0).to(device)  # (1, C, H, W)
-        e = explain(model, x, method=args.method, target=target, head_fusion=args.head_fusion,
+        e = explain(model, x, method=method, target=target, head_fusion=args.head_fusion,
                     discard_ratio=args.discard_ratio)
         pred = int(e.probs[0].argmax())
-        title = f"{Path(path).name}: {names[pred]} ({float(e.probs[0, pred]):.1%})  [{args.method}"
-        if args.method == "grad-rollout":
+        title = f"{Path(path).name}: {names[pred]} ({float(e.probs[0, pred]):.1%})  [{e.method}"
+        if e.method not in ("rollout", "last-layer"):
             t = int(e.target[0])
             title += f" for {names[t]} ({float(e.probs[0, t]):.1%})"
         title += "]"

@@ -86,6 +86,8 @@ class CaiTConfig:
 class CaiT(nn.Module):
     """CaiT classifier; build with a :class:`CaiTConfig` or through ``vitlab.create_model``."""
 
+    token_attention = True  # tokens attend to tokens of one sequence: rollout applies
+
     num_prefix_tokens = 1  # the class token, present in forward_features' output
     pos_embed_prefix = 0  # ... but not in the position table, which covers the patches only
 

@@ -166,8 +166,10 @@ def _load_hf_folder(p, **kwargs: Any) -> nn.Module:
     arch = cfg.get("architecture")  # a timm hub folder: config.json names the timm model, weights in timm's keys
     if isinstance(arch, str) and _is_registered(arch.partition(".")[0]):
         return create_model(arch.partition(".")[0], pretrained=p, **kwargs)
+    from vitlab.checkpoints.converters import hf_model_types
+
     model_type = cfg.get("model_type")
-    family_default = {"vit": "vit_base_patch16_224", "deit": "deit_base_patch16_224"}
+    family_default = hf_model_types()  # each family's converter module registers the model_types it reads
     if model_type not in family_default:
         raise CheckpointError(f"{cfg_path}: model_type {model_type!r} is not one vitlab reads "
                               f"(known: {', '.join(family_default)})")

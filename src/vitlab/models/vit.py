@@ -121,6 +121,8 @@ class HybridEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT classifier; build with a :class:`ViTConfig` or through ``vitlab.create_model``."""
 
+    token_attention = True  # tokens attend to tokens of one sequence: rollout applies
+
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
