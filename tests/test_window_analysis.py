@@ -129,6 +129,9 @@ def test_window_index_matches_roll_pad_partition(geom: WindowGeometry) -> None:
     assert torch.equal(slots[inverse], torch.arange(H * W))
     back = reverse(partition(ids, geom), geom, 1)
     assert torch.equal(back, ids)  # the test's own partition is the inverse of its reverse
+    as_lists = WindowGeometry(size=list(geom.size), padded=list(geom.padded), window=list(geom.window),
+                              shift=list(geom.shift))  # a model may record lists: still one cached index
+    assert torch.equal(window_index(as_lists)[0], slots)
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=str)

@@ -125,10 +125,14 @@ def _check_geometry(geom: WindowGeometry) -> None:
         raise ValueError(f"inconsistent {geom}: padded must be size rounded up to a multiple of window")
 
 
+def _key(geom: WindowGeometry) -> tuple[tuple[int, int], ...]:
+    """The geometry as a hashable tuple of int pairs (a model may record lists or tensors' ints)."""
+    return tuple((int(p[0]), int(p[1])) for p in (geom.size, geom.padded, geom.window, geom.shift))
+
+
 @functools.lru_cache(maxsize=128)
-def _window_index_cpu(geom: WindowGeometry) -> tuple[Tensor, Tensor]:
-    _check_geometry(geom)
-    (H, W), (Hp, Wp), (wh, ww), (sh, sw) = geom.size, geom.padded, geom.window, geom.shift
+def _window_index_cpu(key: tuple[tuple[int, int], ...]) -> tuple[Tensor, Tensor]:
+    (H, W), (Hp, Wp), (wh, ww), (sh, sw) = key
     # padded-map row pi < H holds the shifted map's row pi, i.e. the input's row (pi + sh) % H
     rows = torch.arange(Hp)
     cols = torch.arange(Wp)
@@ -152,7 +156,8 @@ def window_index(geom: WindowGeometry, device: torch.device | str | None = None)
             position i * W + j of the input token there, or -1 for padding.
         inverse: (H * W,) long: the window slot of each input token (slots[inverse] == arange(H * W)).
     """
-    slots, inverse = _window_index_cpu(geom)
+    _check_geometry(geom)
+    slots, inverse = _window_index_cpu(_key(geom))
     return slots.to(device), inverse.to(device)
 
 
