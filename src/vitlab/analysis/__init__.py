@@ -3,6 +3,8 @@
 - :func:`capture`: every layer's attention weights and token states in one forward pass.
 - rollout: attention rollout, gradient-weighted rollout, last-layer maps (:func:`explain`).
 - distance: mean attention distance per head and layer.
+- windows / explain_windows: rollout, gradient rollout and attention distance through the windows, shifts
+  and patch merging of windowed attention (Swin), for models that describe their windows.
 - pos_similarity: cosine similarity of the learned position embeddings.
 - filters: principal components of the patch-embedding filters.
 - fewshot: closed-form linear few-shot and k-NN accuracy on frozen features.
@@ -12,6 +14,7 @@
 from vitlab.analysis.capture import Captured, TokenLayout, attention_blocks, capture, token_layout
 from vitlab.analysis.distance import AttentionDistanceMeter, mean_attention_distance, patch_centre_distances
 from vitlab.analysis.explain import METHODS, Explanation, explain, uses_class_token
+from vitlab.analysis.explain_windows import capture_windowed, explain_windowed, register_windowed
 from vitlab.analysis.fewshot import (
     FewShotResult,
     extract_features,
@@ -33,6 +36,18 @@ from vitlab.analysis.rollout import (
     rollout_fused,
     token_relevance,
 )
+from vitlab.analysis.windows import (
+    MergeStep,
+    WindowDistanceMeter,
+    analysis_steps,
+    propagate_through_merge,
+    propagate_through_window,
+    window_attention_dense,
+    window_attention_distance,
+    window_gradient_rollout,
+    window_last_layer,
+    window_rollout,
+)
 
 __all__ = [
     "METHODS", "AttentionDistanceMeter", "Captured", "Explanation", "FewShotResult", "FilterComponents",
@@ -41,4 +56,7 @@ __all__ = [
     "knn_accuracy", "linear_accuracy", "mean_attention_distance", "normalize_map", "patch_centre_distances",
     "patch_embedding_weight", "position_similarity", "position_table", "relevance_to_image", "ridge_classifier",
     "rollout_fused", "token_layout", "token_relevance", "uses_class_token",
+    "MergeStep", "WindowDistanceMeter", "analysis_steps", "capture_windowed", "explain_windowed",
+    "propagate_through_merge", "propagate_through_window", "register_windowed", "window_attention_dense",
+    "window_attention_distance", "window_gradient_rollout", "window_last_layer", "window_rollout",
 ]

@@ -16,11 +16,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitlab.analysis.capture import capture
 from vitlab.analysis.distance import AttentionDistanceMeter, patch_centre_distances
+from vitlab.analysis.explain_windows import capture_windowed, is_windowed
 from vitlab.analysis.figures import attention_distance_figure, filters_figure, position_similarity_figure
 from vitlab.analysis.filters import filter_components, patch_embedding_weight
 from vitlab.analysis.pos_similarity import position_similarity, position_similarity_summary, position_table
 from vitlab.analysis.report import Section, write_report
+from vitlab.analysis.windows import WindowDistanceMeter, window_attention_distance
 from vitlab.checkpoints.io import atomic_write
+from vitlab.layers.window_geometry import WindowGeometry
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,137 @@ def spread_images(dataset: Dataset, num_images: int) -> Dataset:
     return Subset(dataset, idx)
 
 
+def token_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *, device: str | torch.device,
+                             name: str) -> tuple[dict[str, Any], Section, int, int]:
+    """Mean attention distance per layer and head of a model whose tokens attend to one sequence (ViT,
+    DeiT, CaiT): the numbers, the report section (its figure written to ``out``), images seen, correct."""
+    meter = AttentionDistanceMeter()
+    correct = seen = 0
+    layout = None
+    for x, y in loader:
+        x, y = x.to(device), torch.as_tensor(y).to(device)
+        cap = capture(model, x)
+        layout = cap.layout
+        meter.update(cap.attentions, layout.grid, layout.patch_size)
+        correct += int((cap.logits.argmax(dim=-1) == y).sum())
+        seen += x.shape[0]
+    if seen == 0:
+        raise ValueError("analyze: no images to analyse")
+    dist = meter.compute()  # (layers, heads)
+    L, H = dist.shape
+    numbers: dict[str, Any] = {"num_images": seen, "accuracy_on_images": correct / seen}
+    numbers["grid"] = list(layout.grid)
+    numbers["patch_size"] = list(layout.patch_size)
+    numbers["attention_distance"] = {
+        "pixels": dist.tolist(),
+        "layer_mean": dist.mean(dim=1).tolist(),
+        "layer_min": dist.amin(dim=1).tolist(),
+        "layer_max": dist.amax(dim=1).tolist(),
+        "layer_spread": (dist.amax(dim=1) - dist.amin(dim=1)).tolist(),
+        # what a head attending uniformly over the grid would score: the yardstick for "local" vs "global"
+        "uniform_reference": float(patch_centre_distances(layout.grid, layout.patch_size).mean()),
+    }
+    depth = [i + 1 for i in meter.layers]  # class-attention layers (CaiT) have no patch queries
+    numbers["attention_distance"]["layers"] = depth
+    attention_distance_figure(dist, out / DISTANCE_PNG, layers=depth, title=f"mean attention distance: {name} ({seen} images)")
+    table: list[list] = [["layer", *[f"head {h + 1}" for h in range(H)], "mean", "max - min"]]
+    for i in range(L):
+        table.append([depth[i], *[float(v) for v in dist[i]], float(dist[i].mean()), float(dist[i].max() - dist[i].min())])
+    section = Section(
+        title="Mean attention distance (paper Fig. 7, right)", figure=DISTANCE_PNG,
+        text=f"Attention-weighted distance in pixels between query and key patch centres, averaged over query "
+             f"patches (prefix tokens excluded) and {seen} images; patch {layout.patch_size[0]}x"
+             f"{layout.patch_size[1]} px on a {layout.grid[0]}x{layout.grid[1]} grid; a head attending "
+             f"uniformly would score {numbers['attention_distance']['uniform_reference']:.2f} px. "
+             f"Accuracy on these images: "
+             f"{correct / seen:.1%}.",
+        table=table)
+    return numbers, section, seen, correct
+
+
+def _uniform_window_distance(geom: WindowGeometry, stride: tuple[int, int]) -> float:
+    """Mean distance of heads attending uniformly inside unshifted windows of ``geom``'s size: the most a
+    window-bound head can reach on average, the windowed counterpart of the whole-image yardstick."""
+    plain = WindowGeometry(size=geom.size, padded=geom.padded, window=geom.window, shift=(0, 0))
+    N = plain.window_area
+    uniform = torch.full((plain.num_windows, 1, N, N), 1.0 / N, dtype=torch.float64)
+    return float(window_attention_distance(uniform, plain, stride)[0])
+
+
+def windowed_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *, device: str | torch.device,
+                                name: str) -> tuple[dict[str, Any], Section, int, int]:
+    """Mean attention distance per block, stage and head of a windowed-attention model (Swin), between
+    the true positions of query and key tokens (cyclic shift undone, padding left out), in input pixels:
+    the numbers, the report section (its figure written to ``out``), images seen, correct predictions."""
+    meter = WindowDistanceMeter()
+    correct = seen = 0
+    grid = patch = None
+    for x, y in loader:
+        x, y = x.to(device), torch.as_tensor(y).to(device)
+        cap = capture_windowed(model, x)
+        grid, patch = cap.grid, cap.patch_size
+        meter.update(cap.attentions, cap.steps, cap.patch_size)
+        correct += int((cap.logits.argmax(dim=-1) == y).sum())
+        seen += x.shape[0]
+    if seen == 0:
+        raise ValueError("analyze: no images to analyse")
+    per_block = meter.compute()  # one (heads,) per block; heads differ between stages
+    per_stage = meter.compute_stages()
+    blocks = [s for s in meter.steps if isinstance(s, WindowGeometry)]
+    first_of_stage = {}
+    for i, s in enumerate(meter.stages):
+        first_of_stage.setdefault(s, i)
+    stage_ids = sorted(first_of_stage)
+    depth = list(range(1, len(per_block) + 1))
+    numbers: dict[str, Any] = {"num_images": seen, "accuracy_on_images": correct / seen,
+                               "grid": list(grid), "patch_size": list(patch)}
+    numbers["attention_distance"] = {
+        "pixels": [d.tolist() for d in per_block],  # [block][head]
+        "layers": depth,
+        "stage_of_layer": [s + 1 for s in meter.stages],
+        "layer_mean": [float(d.mean()) for d in per_block],
+        "layer_min": [float(d.min()) for d in per_block],
+        "layer_max": [float(d.max()) for d in per_block],
+        "layer_spread": [float(d.max() - d.min()) for d in per_block],
+        "stage_pixels": [d.tolist() for d in per_stage],  # [stage][head], mean over the stage's blocks
+        "stage_mean": [float(d.mean()) for d in per_stage],
+        "stage_grid": [list(blocks[first_of_stage[s]].size) for s in stage_ids],
+        "stage_window": [list(blocks[first_of_stage[s]].window) for s in stage_ids],
+        "stage_token_stride": [list(meter.strides[first_of_stage[s]]) for s in stage_ids],
+        # heads attending uniformly inside their windows: the reach windows allow at each stage
+        "stage_window_uniform_reference": [_uniform_window_distance(blocks[first_of_stage[s]],
+                                                                    meter.strides[first_of_stage[s]])
+                                           for s in stage_ids],
+        # a head attending uniformly over the whole first-stage grid: the yardstick ViT reports use
+        "uniform_reference": float(patch_centre_distances(grid, patch).mean()),
+    }
+    heads = max(d.numel() for d in per_block)
+    padded = torch.full((len(per_block), heads), float("nan"))  # heads differ per stage: NaN is not drawn
+    for i, d in enumerate(per_block):
+        padded[i, : d.numel()] = d
+    attention_distance_figure(padded, out / DISTANCE_PNG, layers=depth,
+                              title=f"mean attention distance: {name} ({seen} images)")
+    ad = numbers["attention_distance"]
+    table: list[list] = [["layer", "stage", "heads", "mean", "min", "max", "max - min"]]
+    for i, d in enumerate(per_block):
+        table.append([depth[i], meter.stages[i] + 1, d.numel(), ad["layer_mean"][i], ad["layer_min"][i],
+                      ad["layer_max"][i], ad["layer_spread"][i]])
+    stages_text = "; ".join(
+        f"stage {s + 1}: {ad['stage_grid'][k][0]}x{ad['stage_grid'][k][1]} tokens of "
+        f"{ad['stage_token_stride'][k][0]}x{ad['stage_token_stride'][k][1]} px, window "
+        f"{ad['stage_window'][k][0]}x{ad['stage_window'][k][1]}, mean {ad['stage_mean'][k]:.2f} px "
+        f"(uniform in the window: {ad['stage_window_uniform_reference'][k]:.2f} px)"
+        for k, s in enumerate(stage_ids))
+    section = Section(
+        title="Mean attention distance per stage (windowed attention)", figure=DISTANCE_PNG,
+        text=f"Attention-weighted distance in pixels between the true positions of query and key tokens "
+             f"(cyclic shift undone, padding excluded), averaged over queries and {seen} images; one point "
+             f"per head. {stages_text}. A head attending uniformly over the whole image would score "
+             f"{ad['uniform_reference']:.2f} px. Accuracy on these images: {correct / seen:.1%}.",
+        table=table)
+    return numbers, section, seen, correct
+
+
 @torch.no_grad()
 def analyze_model(
     model: nn.Module,
@@ -70,49 +204,12 @@ def analyze_model(
     sections: list[Section] = []
 
     # ---- mean attention distance over the images, plus accuracy on them as a sanity check
-    meter = AttentionDistanceMeter()
-    correct = seen = 0
-    layout = None
     images = spread_images(dataset, num_images)
-    for x, y in DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_present):
-        x, y = x.to(device), torch.as_tensor(y).to(device)
-        cap = capture(model, x)
-        layout = cap.layout
-        meter.update(cap.attentions, layout.grid, layout.patch_size)
-        correct += int((cap.logits.argmax(dim=-1) == y).sum())
-        seen += x.shape[0]
-    if seen == 0:
-        raise ValueError("analyze: no images to analyse")
-    dist = meter.compute()  # (layers, heads)
-    L, H = dist.shape
-    numbers["num_images"] = seen
-    numbers["accuracy_on_images"] = correct / seen
-    numbers["grid"] = list(layout.grid)
-    numbers["patch_size"] = list(layout.patch_size)
-    numbers["attention_distance"] = {
-        "pixels": dist.tolist(),
-        "layer_mean": dist.mean(dim=1).tolist(),
-        "layer_min": dist.amin(dim=1).tolist(),
-        "layer_max": dist.amax(dim=1).tolist(),
-        "layer_spread": (dist.amax(dim=1) - dist.amin(dim=1)).tolist(),
-        # what a head attending uniformly over the grid would score: the yardstick for "local" vs "global"
-        "uniform_reference": float(patch_centre_distances(layout.grid, layout.patch_size).mean()),
-    }
-    depth = [i + 1 for i in meter.layers]  # class-attention layers (CaiT) have no patch queries
-    numbers["attention_distance"]["layers"] = depth
-    attention_distance_figure(dist, out / DISTANCE_PNG, layers=depth, title=f"mean attention distance: {name} ({seen} images)")
-    table: list[list] = [["layer", *[f"head {h + 1}" for h in range(H)], "mean", "max - min"]]
-    for i in range(L):
-        table.append([depth[i], *[float(v) for v in dist[i]], float(dist[i].mean()), float(dist[i].max() - dist[i].min())])
-    sections.append(Section(
-        title="Mean attention distance (paper Fig. 7, right)", figure=DISTANCE_PNG,
-        text=f"Attention-weighted distance in pixels between query and key patch centres, averaged over query "
-             f"patches (prefix tokens excluded) and {seen} images; patch {layout.patch_size[0]}x"
-             f"{layout.patch_size[1]} px on a {layout.grid[0]}x{layout.grid[1]} grid; a head attending "
-             f"uniformly would score {numbers['attention_distance']['uniform_reference']:.2f} px. "
-             f"Accuracy on these images: "
-             f"{correct / seen:.1%}.",
-        table=table))
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_present)
+    distance = windowed_attention_distance if is_windowed(model) else token_attention_distance
+    dist_numbers, section, seen, correct = distance(model, loader, out, device=device, name=name)
+    numbers.update(dist_numbers)
+    sections.append(section)
 
     # ---- position-embedding similarity
     pt = position_table(model)
