@@ -150,3 +150,21 @@ def test_bad_inputs() -> None:
         m(torch.randn(1, 3, 48, 48))
     with pytest.raises(CheckpointError, match="T2T-ViT"):
         vitlab.create_model("t2t_vit_7", pretrained=FIX / "tnt_timm_tiny.safetensors")
+
+
+@pytest.mark.parametrize("name", ["crossvit_9_240", "tnt_s_patch16_224", "t2t_vit_7"])
+def test_analyze_reports_what_applies(name: str, tmp_path) -> None:
+    from torch.utils.data import TensorDataset
+
+    from vitlab.analysis.analyze import analyze_model
+
+    model = perturb_(make_tiny(name)).eval()
+    c, h, w = model.preprocessing.input_size
+    numbers = analyze_model(model, TensorDataset(torch.randn(4, c, h, w), torch.arange(4) % 5), tmp_path,
+                            num_images=4)
+    # only layers over [class, patches]: CrossViT's small branch, TNT's outer and T2T-ViT's backbone blocks
+    assert numbers["attention_distance"]["layers"] == {"crossvit_9_240": [1], "tnt_s_patch16_224": [2, 4],
+                                                       "t2t_vit_7": [3, 4]}[name]
+    assert max(numbers["attention_distance"]["layer_mean"]) < 2 * numbers["attention_distance"]["uniform_reference"]
+    kind = numbers["position_similarity"]["kind"]
+    assert kind == ("sincos-1d" if name == "t2t_vit_7" else "learn")

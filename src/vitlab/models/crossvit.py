@@ -238,6 +238,10 @@ class CrossViT(nn.Module):
         class token reads them there, and so does the other branch's class token in the fusion)."""
         return self.cam_tap
 
+    def position_grid_table(self) -> tuple[Tensor, tuple[int, int], str]:
+        """For the analysis tools: the small branch's learned table without its class-token entry."""
+        return self.pos_embed[0][0, 1:], self.grids[0], "learn"
+
     def adapt_checkpoint(self, sd: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:
         """Resample both branches' position tables to this model's grids (a checkpoint of another size)."""
         out = dict(sd)

@@ -211,6 +211,10 @@ class T2TViT(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
+    def position_grid_table(self) -> tuple[Tensor, tuple[int, int], str]:
+        """For the analysis tools: the fixed 1-D sinusoid table without its class-token entry."""
+        return self.pos_embed[0, 1:], self.tokens_to_token.grid_size, "sincos-1d"
+
     def adapt_checkpoint(self, sd: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:
         """The position table is fixed: a checkpoint's table for another grid is replaced by this model's."""
         out = dict(sd)

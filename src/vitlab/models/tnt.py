@@ -226,6 +226,10 @@ class TNT(nn.Module):
         """Grad-CAM's map: the patch tokens entering the last block."""
         return self.cam_tap
 
+    def position_grid_table(self) -> tuple[Tensor, tuple[int, int], str]:
+        """For the analysis tools: the learned patch table without its class-token entry."""
+        return self.patch_pos[0, 1:], self.pixel_embed.grid_size, "learn"
+
     def adapt_checkpoint(self, sd: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:
         """Resample ``patch_pos`` to this model's grid; the pixel table is per patch and does not change."""
         out = dict(sd)
