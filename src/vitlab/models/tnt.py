@@ -117,7 +117,9 @@ class TNTBlock(nn.Module):
         super().__init__()
         norm = partial(nn.LayerNorm, eps=cfg.norm_eps)
         d_in, d_out = cfg.inner_dim, cfg.embed_dim
-        attn = partial(Attention, qkv_bias=cfg.qkv_bias, attn_drop=cfg.attn_drop_rate, proj_drop=cfg.proj_drop_rate)
+        # materialised attention weights: faster than the fused kernel on CPU for these short sequences
+        attn = partial(Attention, qkv_bias=cfg.qkv_bias, attn_drop=cfg.attn_drop_rate, proj_drop=cfg.proj_drop_rate,
+                       fused=False)
         self.norm_in = norm(d_in)
         self.attn_in = attn(d_in, num_heads=cfg.num_heads_inner)
         self.norm_mlp_in = norm(d_in)
