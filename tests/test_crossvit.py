@@ -139,3 +139,16 @@ def test_forward_intermediates_per_branch() -> None:
     assert [t.shape for t in both] == [(2, 48, 4, 4)] * 2
     assert small[0].shape == (2, 16, 4, 4) and large[0].shape == (2, 9, 32)
     torch.testing.assert_close(both[1][:, :16], small[1])
+
+
+@pytest.mark.parametrize("name", ["crossvit_15_dagger_408", "tnt_s_legacy_patch16_224", "t2t_vit_t_14"])
+def test_vitlab_checkpoint_round_trip_and_resolution_change(name: str, tmp_path) -> None:
+    model = perturb_(make_tiny(name)).eval()
+    vitlab.save_model(model, tmp_path / "m.safetensors")
+    back = vitlab.load_model(tmp_path / "m.safetensors").eval()
+    x = input_for(model)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
+    big = vitlab.load_model(tmp_path / "m.safetensors", img_size=64).eval()
+    with torch.no_grad():
+        assert torch.isfinite(big(torch.randn(1, 3, 64, 64))).all()
