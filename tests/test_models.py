@@ -52,7 +52,7 @@ def test_capture_mode_equals_fast_mode(name: str) -> None:
     n_attn = sum(isinstance(m, CapturableAttention) for m in model.modules())
     assert len(maps) == n_attn > 0
     for a in maps:
-        assert a.ndim == 4 and a.shape[0] == 2
+        assert a.ndim == 4 and a.shape[0] % 2 == 0  # (B * groups, ...) for attention inside windows/patches
         torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)), atol=1e-5, rtol=0)
 
 

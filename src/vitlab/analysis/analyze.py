@@ -33,6 +33,9 @@ FILTERS_PNG = "embedding_filters.png"
 REPORT_HTML = "report.html"
 NUMBERS_JSON = "analysis.json"
 
+POSITION_KINDS = {"learn": "learned", "sincos": "fixed 2-D sin-cos (not learned)",
+                  "sincos-1d": "fixed 1-D sinusoid over the row-major grid (not learned)"}
+
 
 def collate_present(batch: list) -> Any:
     """Default collation after dropping samples a dataset skipped (returned as None)."""
@@ -61,7 +64,7 @@ def token_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *,
         x, y = x.to(device), torch.as_tensor(y).to(device)
         cap = capture(model, x)
         layout = cap.layout
-        meter.update(cap.attentions, layout.grid, layout.patch_size)
+        meter.update(cap.attentions, layout.grid, layout.patch_size, max_prefix=layout.num_prefix_tokens)
         correct += int((cap.logits.argmax(dim=-1) == y).sum())
         seen += x.shape[0]
     if seen == 0:
@@ -221,7 +224,7 @@ def analyze_model(
         sim = position_similarity(pt.table)
         summary = position_similarity_summary(sim, pt.grid)
         numbers["position_similarity"] = {"kind": pt.kind, "grid": list(pt.grid), **summary}
-        kind = "learned" if pt.kind == "learn" else "fixed 2-D sin-cos (not learned)"
+        kind = POSITION_KINDS.get(pt.kind, pt.kind)
         position_similarity_figure(sim, pt.grid, out / POSITION_PNG, title=f"position embedding similarity ({kind})")
         sections.append(Section(
             title="Position embedding similarity (paper Fig. 7, centre)", figure=POSITION_PNG,

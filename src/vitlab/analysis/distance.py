@@ -53,15 +53,19 @@ class AttentionDistanceMeter:
         self._count = 0
         self.layers: list[int] = []  # indices of the attention layers measured
 
-    def update(self, attentions: list[Tensor], grid: tuple[int, int], patch_size: tuple[int, int]) -> None:
+    def update(self, attentions: list[Tensor], grid: tuple[int, int], patch_size: tuple[int, int], *,
+               max_prefix: int | None = None) -> None:
         """Add a batch's per-layer (B, heads, N, N) maps.
 
         Each layer's prefix count is what its token count exceeds the grid by (CaiT's self-attention
         layers have none); layers whose queries are not the patches (class attention) are left out
-        and :attr:`layers` lists the ones kept.
+        and :attr:`layers` lists the ones kept. ``max_prefix`` (the model's prefix-token count) also leaves
+        out layers over longer sequences of other tokens (TNT's pixels, T2T-ViT's soft-split tokens).
         """
         n = grid[0] * grid[1]
-        kept = [i for i, a in enumerate(attentions) if a.shape[-2] == a.shape[-1] >= n]
+        longest = None if max_prefix is None else n + max_prefix
+        kept = [i for i, a in enumerate(attentions)
+                if a.shape[-2] == a.shape[-1] >= n and (longest is None or a.shape[-1] <= longest)]
         if not kept:
             raise ValueError("AttentionDistanceMeter: no layer attends among the patch tokens")
         per_layer = torch.stack([
@@ -71,7 +75,7 @@ class AttentionDistanceMeter:
         ])  # (layers, heads)
         self.layers = kept
         self._sum = per_layer if self._sum is None else self._sum + per_layer
-        self._count += attentions[0].shape[0]
+        self._count += attentions[kept[0]].shape[0]
 
     @property
     def count(self) -> int:

@@ -29,6 +29,13 @@ class PositionTable:
 
 def position_table(model: nn.Module) -> PositionTable | None:
     """The model's per-patch position embeddings, or None if it has none (``pos_embed="none"``, CNNs)."""
+    own = getattr(model, "position_grid_table", None)
+    if callable(own):  # a family whose tables are not ViT's (CrossViT's two, TNT's patch_pos, T2T-ViT's)
+        got = own()
+        if got is None:
+            return None
+        table, grid, kind = got
+        return PositionTable(table=table.detach().float(), grid=(int(grid[0]), int(grid[1])), kind=kind)
     cfg = getattr(model, "cfg", None)
     kind = getattr(cfg, "pos_embed", None)
     pe = getattr(model, "patch_embed", None)

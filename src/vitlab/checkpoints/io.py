@@ -7,6 +7,7 @@ safetensors files are read with ``safetensors``; PyTorch pickles only with
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import tempfile
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
@@ -29,8 +32,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
-# Containers that training scripts wrap their weights in, tried in this order.
-WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
+# Containers that training scripts wrap their weights in, tried in this order. timm's train script (and
+# the repositories built on it, e.g. T2T-ViT) saves "state_dict" and, with EMA on, "state_dict_ema": the
+# averaged weights are the ones those repositories evaluate and publish, so they come first.
+WRAPPER_KEYS = ("state_dict_ema", "state_dict", "model", "model_state", "module")
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -82,6 +87,8 @@ def unwrap_state_dict(obj: Any, path: Path | str) -> dict[str, Tensor]:
         if isinstance(obj, Mapping) and not _is_tensor_map(obj):
             for key in WRAPPER_KEYS:
                 if key in obj and isinstance(obj[key], Mapping):
+                    if key == "state_dict_ema":
+                        log.info("%s: using the EMA weights (state_dict_ema)", path)
                     obj = obj[key]
                     break
             else:

@@ -1,0 +1,72 @@
+"""Capture and roll out chosen attention layers only, for families that mix several kinds of attention.
+
+TNT runs an inner (pixel) transformer beside its outer (patch) one, T2T-ViT runs attention over the
+soft-split tokens of its tokens-to-token module before the backbone: generic rollout must not see those
+maps, since they are over other sequences. :func:`capture_tagged` records the maps of the modules asked
+for, each with a tag, in execution order; :func:`explain_token_layers` is the ViT explainer restricted
+to layers that attend over one (prefix + patches) sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from vitlab.analysis.capture import TokenLayout
+from vitlab.analysis.rollout import (
+    HeadFusion,
+    attention_rollout,
+    embed_square,
+    fuse_heads,
+    gradient_rollout,
+    relevance_to_image,
+    token_relevance,
+)
+from vitlab.layers import CapturableAttention
+
+
+def capture_tagged(model: nn.Module, x: Tensor, modules: Mapping[CapturableAttention, Hashable], *,
+                   with_grad: bool = False) -> tuple[Tensor, list[tuple[Hashable, Tensor]]]:
+    """Run ``model`` on ``x``; return its logits and the (tag, weights) of the given modules, in call order."""
+    seen: list[tuple[Hashable, Tensor]] = []
+    for m, tag in modules.items():
+        m.attn_sink = lambda a, tag=tag: seen.append((tag, a))
+    try:
+        with torch.set_grad_enabled(with_grad):
+            if with_grad and not x.requires_grad:
+                x = x.detach().requires_grad_(True)  # the maps join a graph even with frozen parameters
+            logits = model(x)
+    finally:
+        for m in modules:
+            m.attn_sink = None
+    return logits, seen
+
+
+def explain_token_layers(model: nn.Module, x: Tensor, modules: list[CapturableAttention], layout: TokenLayout, *,
+                         method: str, target, head_fusion: HeadFusion, discard_ratio: float,
+                         use_class_token: bool = True):
+    """Rollout, gradient rollout or last-layer map over ``modules``, whose maps are all over the sequence
+    ``layout`` describes (prefix tokens, then the patch grid)."""
+    from vitlab.analysis.explain import Explanation, class_targets
+
+    logits, seen = capture_tagged(model, x, {m: i for i, m in enumerate(modules)},
+                                  with_grad=method == "grad-rollout")
+    maps = [a for _, a in seen]
+    probs = logits.detach().float().softmax(dim=-1)
+    tgt = class_targets(logits, target)
+    p = layout.num_prefix_tokens
+    if method == "rollout":
+        joint = attention_rollout(maps, head_fusion=head_fusion, discard_ratio=discard_ratio, num_prefix_tokens=p)
+    elif method == "grad-rollout":
+        grads = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), maps)
+        joint = gradient_rollout([a.detach() for a in maps], [g.detach() for g in grads],
+                                 discard_ratio=discard_ratio, num_prefix_tokens=p)
+    else:
+        joint = embed_square(fuse_heads(maps[-1].float(), head_fusion), p + layout.num_patches, num_prefix_tokens=p)
+    relevance = token_relevance(joint.detach(), num_prefix_tokens=p, use_class_token=use_class_token)
+    B = x.shape[0]
+    return Explanation(maps=relevance_to_image(relevance, layout.grid, (x.shape[-2], x.shape[-1])),
+                       patch_maps=relevance.reshape(B, *layout.grid), probs=probs, target=tgt.detach(),
+                       method=method)
