@@ -9,9 +9,9 @@ import vitlab
 from vitlab.analysis import attention_blocks, capture, explain, fuse_heads
 from vitlab.layers import CapturableAttention
 
-from model_helpers import input_for, make_tiny, perturb_
+from model_helpers import has_attention, input_for, make_tiny, perturb_
 
-ATTENTION_MODELS = [n for n in vitlab.list_models() if vitlab.get_entry(n).family != "resnet"]
+ATTENTION_MODELS = [n for n in vitlab.list_models() if has_attention(n)]
 
 
 def _tiny_vit(**over) -> torch.nn.Module:
@@ -233,3 +233,17 @@ def test_gradient_methods_work_on_every_vit_and_depend_on_the_class(method: str)
     b = explain(model, x, method=method, target=1).maps
     assert a.shape == (1, 32, 32) and torch.isfinite(a).all()
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("name", vitlab.list_models())
+def test_every_listed_method_gives_a_finite_map_for_every_registered_model(name: str) -> None:
+    from vitlab.analysis.explain import ATTENTION_METHODS, methods_for
+
+    model = perturb_(make_tiny(name)).eval()
+    x = input_for(model, batch=1)
+    # the attention methods of token-attention models are exercised above; here the rest, and "auto"
+    listed = [m for m in methods_for(model) if m not in ATTENTION_METHODS or not model.token_attention]
+    for method in (*listed, "auto"):
+        e = explain(model, x, method=method)
+        assert e.maps.shape == (1, *x.shape[-2:]) and torch.isfinite(e.maps).all(), (name, method)
+        assert e.method in methods_for(model)
