@@ -7,6 +7,7 @@ import torch
 
 import vitlab
 from vitlab.analysis import attention_blocks, capture, explain, fuse_heads
+from vitlab.analysis.explain import methods_for
 from vitlab.layers import CapturableAttention
 
 from model_helpers import has_attention, input_for, make_tiny, perturb_
@@ -32,15 +33,17 @@ def test_capture_equals_fast_path_for_every_registered_model(name: str) -> None:
     depth = len(attention_blocks(model))
     assert len(out.attentions) == depth and len(out.tokens) == depth
     n = model.num_prefix_tokens + out.layout.num_patches
-    for a in out.attentions:
-        assert a.shape[0] == x.shape[0] and a.shape[-1] in (n, out.layout.num_patches)
+    assert len(out.token_maps) == len(out.attentions)
+    for a, is_token_map in zip(out.attentions, out.token_maps):
+        # token maps have the sequence's tokens as keys; the others (XCiT's channel maps) say so
+        assert a.shape[0] == x.shape[0] and (a.shape[-1] in (n, out.layout.num_patches) or not is_token_map)
         torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
     if vitlab.get_entry(name).family in ("vit", "deit"):
         assert all(a.shape == (x.shape[0], model.cfg.num_heads, n, n) for a in out.attentions)
         torch.testing.assert_close(model.norm(out.tokens[-1]), feats, atol=1e-5, rtol=1e-4)
     assert all(m.attn_sink is None for m in model.modules() if isinstance(m, CapturableAttention))
     # every method gives a finite map on every family (CaiT: patch-only and class-attention layers)
-    for method in ("rollout", "grad-rollout", "last-layer"):
+    for method in [m for m in methods_for(model) if m in ("rollout", "grad-rollout", "last-layer")]:
         e = explain(model, x, method=method)
         assert e.maps.shape == (x.shape[0], *x.shape[-2:]) and torch.isfinite(e.maps).all()
 
@@ -247,3 +250,20 @@ def test_every_listed_method_gives_a_finite_map_for_every_registered_model(name:
         e = explain(model, x, method=method)
         assert e.maps.shape == (1, *x.shape[-2:]) and torch.isfinite(e.maps).all(), (name, method)
         assert e.method in methods_for(model)
+
+
+@pytest.mark.parametrize("name", ["mixer_s16_224", "xcit_tiny_12_p16_224"])
+def test_analyze_says_what_does_not_apply_to_models_without_token_attention(tmp_path, name: str) -> None:
+    from torch.utils.data import TensorDataset
+
+    from vitlab.analysis.analyze import analyze_model
+
+    model = perturb_(make_tiny(name)).eval()
+    c, h, w = model.preprocessing.input_size
+    data = TensorDataset(torch.randn(3, c, h, w), torch.tensor([0, 1, 2]))
+    numbers = analyze_model(model, data, tmp_path, num_images=3)
+    assert numbers["attention_distance"] is None and numbers["position_similarity"] is None
+    assert numbers["num_images"] == 3 and numbers["grid"] == [2, 2]
+    report = (tmp_path / "report.html").read_text()
+    assert report.count("Does not apply") >= 2
+    assert not (tmp_path / "attention_distance.png").exists()

@@ -70,56 +70,49 @@ def analyze_model(
     sections: list[Section] = []
 
     # ---- mean attention distance over the images, plus accuracy on them as a sanity check
+    images = spread_images(dataset, num_images)
     meter = AttentionDistanceMeter()
+    why_not = no_token_attention_reason(model)
     correct = seen = 0
     layout = None
-    images = spread_images(dataset, num_images)
     for x, y in DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_present):
         x, y = x.to(device), torch.as_tensor(y).to(device)
-        cap = capture(model, x)
-        layout = cap.layout
-        meter.update(cap.attentions, layout.grid, layout.patch_size)
-        correct += int((cap.logits.argmax(dim=-1) == y).sum())
+        if why_not is None:
+            cap = capture(model, x)
+            layout = cap.layout
+            token_maps = [a for a, t in zip(cap.attentions, cap.token_maps or [True] * len(cap.attentions)) if t]
+            logits = cap.logits
+            try:
+                meter.update(token_maps, layout.grid, layout.patch_size)
+            except ValueError:
+                why_not = "none of its attention layers has patch tokens as queries and keys"
+        else:
+            logits = model(x)
+            layout = layout or token_layout_or_none(model, x)
+        correct += int((logits.argmax(dim=-1) == y).sum())
         seen += x.shape[0]
     if seen == 0:
         raise ValueError("analyze: no images to analyse")
-    dist = meter.compute()  # (layers, heads)
-    L, H = dist.shape
     numbers["num_images"] = seen
     numbers["accuracy_on_images"] = correct / seen
-    numbers["grid"] = list(layout.grid)
-    numbers["patch_size"] = list(layout.patch_size)
-    numbers["attention_distance"] = {
-        "pixels": dist.tolist(),
-        "layer_mean": dist.mean(dim=1).tolist(),
-        "layer_min": dist.amin(dim=1).tolist(),
-        "layer_max": dist.amax(dim=1).tolist(),
-        "layer_spread": (dist.amax(dim=1) - dist.amin(dim=1)).tolist(),
-        # what a head attending uniformly over the grid would score: the yardstick for "local" vs "global"
-        "uniform_reference": float(patch_centre_distances(layout.grid, layout.patch_size).mean()),
-    }
-    depth = [i + 1 for i in meter.layers]  # class-attention layers (CaiT) have no patch queries
-    numbers["attention_distance"]["layers"] = depth
-    attention_distance_figure(dist, out / DISTANCE_PNG, layers=depth, title=f"mean attention distance: {name} ({seen} images)")
-    table: list[list] = [["layer", *[f"head {h + 1}" for h in range(H)], "mean", "max - min"]]
-    for i in range(L):
-        table.append([depth[i], *[float(v) for v in dist[i]], float(dist[i].mean()), float(dist[i].max() - dist[i].min())])
-    sections.append(Section(
-        title="Mean attention distance (paper Fig. 7, right)", figure=DISTANCE_PNG,
-        text=f"Attention-weighted distance in pixels between query and key patch centres, averaged over query "
-             f"patches (prefix tokens excluded) and {seen} images; patch {layout.patch_size[0]}x"
-             f"{layout.patch_size[1]} px on a {layout.grid[0]}x{layout.grid[1]} grid; a head attending "
-             f"uniformly would score {numbers['attention_distance']['uniform_reference']:.2f} px. "
-             f"Accuracy on these images: "
-             f"{correct / seen:.1%}.",
-        table=table))
+    numbers["grid"] = list(layout.grid) if layout is not None else None
+    numbers["patch_size"] = list(layout.patch_size) if layout is not None else None
+    if why_not is not None:
+        numbers["attention_distance"] = None
+        numbers["attention_distance_not_applicable"] = why_not
+        sections.append(Section(
+            title="Mean attention distance (paper Fig. 7, right)",
+            text=f"Does not apply to {name}: {why_not}. Mean attention distance needs attention from patch "
+                 f"tokens to patch tokens. Accuracy on these {seen} images: {correct / seen:.1%}."))
+    else:
+        _distance_section(meter, layout, seen, correct, name, out, numbers, sections)
 
     # ---- position-embedding similarity
     pt = position_table(model)
     if pt is None:
         numbers["position_similarity"] = None
         sections.append(Section(title="Position embedding similarity (paper Fig. 7, centre)",
-                                text="This model has no position embeddings (pos_embed='none'); nothing to show."))
+                                text=no_position_table_reason(model)))
     else:
         sim = position_similarity(pt.table)
         summary = position_similarity_summary(sim, pt.grid)
@@ -160,3 +153,68 @@ def analyze_model(
                  sections=sections)
     log.info("wrote %s", out / REPORT_HTML)
     return numbers
+
+
+def no_token_attention_reason(model: nn.Module) -> str | None:
+    """Why mean attention distance does not apply to ``model``, or None when it does."""
+    from vitlab.analysis.capture import attention_blocks
+
+    if not attention_blocks(model):
+        return "it has no attention layers (e.g. MLP-Mixer mixes tokens with MLPs)"
+    if not getattr(model, "token_attention", False):
+        return (f"its attention is not token-to-token over the patch grid ({type(model).__name__}: e.g. XCiT's "
+                f"channel attention, Linformer's attention to projected keys)")
+    return None
+
+
+def token_layout_or_none(model: nn.Module, x: torch.Tensor):
+    from vitlab.analysis.capture import token_layout
+
+    try:
+        return token_layout(model, (x.shape[-2], x.shape[-1]))
+    except ValueError:
+        return None
+
+
+def _distance_section(meter: AttentionDistanceMeter, layout, seen: int, correct: int, name: str, out: Path,
+                      numbers: dict[str, Any], sections: list[Section]) -> None:
+    dist = meter.compute()  # (layers, heads)
+    L, H = dist.shape
+    numbers["attention_distance"] = {
+        "pixels": dist.tolist(),
+        "layer_mean": dist.mean(dim=1).tolist(),
+        "layer_min": dist.amin(dim=1).tolist(),
+        "layer_max": dist.amax(dim=1).tolist(),
+        "layer_spread": (dist.amax(dim=1) - dist.amin(dim=1)).tolist(),
+        # what a head attending uniformly over the grid would score: the yardstick for "local" vs "global"
+        "uniform_reference": float(patch_centre_distances(layout.grid, layout.patch_size).mean()),
+    }
+    depth = [i + 1 for i in meter.layers]  # class-attention layers (CaiT) have no patch queries
+    numbers["attention_distance"]["layers"] = depth
+    attention_distance_figure(dist, out / DISTANCE_PNG, layers=depth,
+                              title=f"mean attention distance: {name} ({seen} images)")
+    table: list[list] = [["layer", *[f"head {h + 1}" for h in range(H)], "mean", "max - min"]]
+    for i in range(L):
+        table.append([depth[i], *[float(v) for v in dist[i]], float(dist[i].mean()),
+                      float(dist[i].max() - dist[i].min())])
+    sections.append(Section(
+        title="Mean attention distance (paper Fig. 7, right)", figure=DISTANCE_PNG,
+        text=f"Attention-weighted distance in pixels between query and key patch centres, averaged over query "
+             f"patches (prefix tokens excluded) and {seen} images; patch {layout.patch_size[0]}x"
+             f"{layout.patch_size[1]} px on a {layout.grid[0]}x{layout.grid[1]} grid; a head attending "
+             f"uniformly would score {numbers['attention_distance']['uniform_reference']:.2f} px. "
+             f"Accuracy on these images: "
+             f"{correct / seen:.1%}.",
+        table=table))
+
+
+def no_position_table_reason(model: nn.Module) -> str:
+    """What the report says when a model has no per-patch position table to compare."""
+    kind = getattr(getattr(model, "cfg", None), "pos_embed", None)
+    if kind == "none":
+        return "This model has no position embeddings (pos_embed='none'); nothing to show."
+    explained = getattr(model, "position_note", None)
+    if explained:
+        return f"Does not apply: {explained}"
+    return (f"Does not apply: {type(model).__name__} has no position table of one embedding per patch "
+            "(no position embeddings, or positions computed rather than stored); nothing to show.")

@@ -65,6 +65,7 @@ class MlpMixer(nn.Module):
     token_attention = False  # no attention: rollout is undefined, explain falls back to Grad-CAM
     num_prefix_tokens = 0
     global_pool = "avg"
+    position_note = "MLP-Mixer has no position embeddings: its token-mixing MLPs are tied to the patch positions"
 
     def __init__(self, cfg: MixerConfig) -> None:
         super().__init__()

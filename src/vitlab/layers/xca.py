@@ -1,0 +1,63 @@
+"""Cross-covariance attention, XCA (El-Nouby et al., 2021, XCiT, arXiv:2106.09681, section 3.1).
+
+XCA transposes self-attention: per head, queries and keys are (head_dim x N) with each channel
+L2-normalised over the N tokens, and the attention is the (head_dim x head_dim) softmax of their
+cross-covariance ``q k^T`` scaled by a learned per-head temperature. The values' channels are mixed by
+it, so the cost grows linearly with the number of tokens (quadratically with the head width).
+
+Its weights are therefore a CHANNEL map (head_dim x head_dim), not a token map: nothing in them says
+which patch looks at which. Capture mode emits them as (B, heads, head_dim, head_dim) and marks the
+layer with ``token_map = False`` so that analysis tools do not read them as token attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitlab.layers.attention import CapturableAttention, attend_explicit
+
+
+class XCA(CapturableAttention):
+    """Cross-covariance attention on (B, N, D) tokens.
+
+    Args:
+        dim: token width; split over ``num_heads`` heads of ``dim / num_heads`` channels.
+        qkv_bias: bias on the fused q, k, v projection.
+    """
+
+    token_map = False  # capture emits (B, heads, head_dim, head_dim) channel attention
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self._init_heads(dim, num_heads)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))  # learned, one per head
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        # (B, N, 3*C) -> (3, B, heads, head_dim, N): channels are the "sequence", tokens the features
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 4, 1)
+        q, k, v = qkv.unbind(0)
+        q = F.normalize(q, dim=-1)  # each channel a unit vector over the N tokens
+        k = F.normalize(k, dim=-1)
+        if self.capturing:
+            # the temperature is the scale; attend_explicit takes a float, so fold it into q
+            out = attend_explicit(q * self.temperature, k, v, scale=1.0, dropout=self.attn_drop, sink=self._emit)
+        else:
+            out = F.scaled_dot_product_attention(q * self.temperature, k, v, scale=1.0,
+                                                 dropout_p=self.attn_drop.p if self.training else 0.0)
+        out = out.permute(0, 3, 1, 2).reshape(B, N, C)  # (B, heads, hd, N) -> (B, N, heads*hd)
+        return self.proj_drop(self.proj(out))
