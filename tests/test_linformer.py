@@ -137,3 +137,19 @@ def test_analyze_reports_positions_but_not_attention_distance(tmp_path) -> None:
     assert numbers["attention_distance"] is None
     assert "Linformer" in numbers["attention_distance_not_applicable"]
     assert numbers["position_similarity"]["kind"] == "learn"  # the learned table is still there
+
+
+@pytest.mark.parametrize("mode", ["none", "headwise", "kv", "layerwise"])
+def test_backward_reaches_every_parameter_and_checkpoints_round_trip(tmp_path, mode: str) -> None:
+    m = tiny_vit(linformer_sharing=mode).train()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    assert not [n for n, p in m.named_parameters() if p.grad is None or not p.grad.any()]
+    vitlab.save_model(m.eval(), tmp_path / "m.safetensors")
+    again = vitlab.load_model(tmp_path / "m.safetensors").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), m(x))
+    assert again.cfg.linformer_sharing == mode and not again.token_attention
