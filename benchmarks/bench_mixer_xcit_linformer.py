@@ -40,7 +40,7 @@ def part_timm(args: argparse.Namespace) -> list[dict[str, Any]]:
     import timm
 
     rows = []
-    for name in TIMM_MODELS:
+    for name in args.models:
         for dtype in ("float32", "bfloat16"):
             torch.manual_seed(0)
             images = torch.randn(args.batch_size, 3, 224, 224)
@@ -111,6 +111,8 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", choices=("timm", "resolution"), default=["timm", "resolution"])
+    p.add_argument("--models", nargs="+", choices=TIMM_MODELS, default=list(TIMM_MODELS),
+                   help="models of the timm comparison")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--min-repeat-s", type=float, default=0.3)
