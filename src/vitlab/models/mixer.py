@@ -53,6 +53,7 @@ class MixerConfig:
     mean: tuple[float, ...] = field(default=INCEPTION_MEAN)
     std: tuple[float, ...] = field(default=INCEPTION_STD)
     crop_pct: float = 0.875
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # the miil weights were trained with bilinear
 
     def __post_init__(self) -> None:
         if self.gelu not in ("exact", "tanh"):
@@ -113,7 +114,7 @@ class MlpMixer(nn.Module):
     def preprocessing(self) -> Preprocessing:
         h, w = self.patch_embed.img_size
         return Preprocessing(input_size=(self.cfg.in_chans, h, w), mean=self.cfg.mean, std=self.cfg.std,
-                             crop_pct=self.cfg.crop_pct, interpolation="bicubic")
+                             crop_pct=self.cfg.crop_pct, interpolation=self.cfg.interpolation)
 
     def no_weight_decay(self) -> set[str]:
         return set()  # no position table, no prefix tokens
