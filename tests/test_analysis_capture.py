@@ -10,9 +10,9 @@ from vitlab.analysis import attention_blocks, capture, explain, fuse_heads
 from vitlab.analysis.explain import methods_for
 from vitlab.layers import CapturableAttention
 
-from model_helpers import input_for, make_tiny, perturb_
+from model_helpers import has_attention, input_for, make_tiny, perturb_
 
-ATTENTION_MODELS = [n for n in vitlab.list_models() if vitlab.get_entry(n).family != "resnet"]
+ATTENTION_MODELS = [n for n in vitlab.list_models() if has_attention(n)]
 
 
 def _tiny_vit(**over) -> torch.nn.Module:
@@ -31,6 +31,7 @@ def test_capture_equals_fast_path_for_every_registered_model(name: str) -> None:
     out = capture(model, x)
     torch.testing.assert_close(out.logits, fast, atol=1e-5, rtol=1e-4)
     depth = len(attention_blocks(model))
+    assert len(out.token_maps) == len(out.attentions)
     for a in out.attentions:
         torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
     if getattr(model, "token_attention", False):  # one sequence, one attention layer per block
@@ -235,3 +236,34 @@ def test_gradient_methods_work_on_every_vit_and_depend_on_the_class(method: str)
     b = explain(model, x, method=method, target=1).maps
     assert a.shape == (1, 32, 32) and torch.isfinite(a).all()
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("name", vitlab.list_models())
+def test_every_listed_method_gives_a_finite_map_for_every_registered_model(name: str) -> None:
+    from vitlab.analysis.explain import ATTENTION_METHODS, methods_for
+
+    model = perturb_(make_tiny(name)).eval()
+    x = input_for(model, batch=1)
+    # the attention methods of token-attention models are exercised above; here the rest, and "auto"
+    listed = [m for m in methods_for(model) if m not in ATTENTION_METHODS or not model.token_attention]
+    for method in (*listed, "auto"):
+        e = explain(model, x, method=method)
+        assert e.maps.shape == (1, *x.shape[-2:]) and torch.isfinite(e.maps).all(), (name, method)
+        assert e.method in methods_for(model)
+
+
+@pytest.mark.parametrize("name", ["mixer_s16_224", "xcit_tiny_12_p16_224"])
+def test_analyze_says_what_does_not_apply_to_models_without_token_attention(tmp_path, name: str) -> None:
+    from torch.utils.data import TensorDataset
+
+    from vitlab.analysis.analyze import analyze_model
+
+    model = perturb_(make_tiny(name)).eval()
+    c, h, w = model.preprocessing.input_size
+    data = TensorDataset(torch.randn(3, c, h, w), torch.tensor([0, 1, 2]))
+    numbers = analyze_model(model, data, tmp_path, num_images=3)
+    assert numbers["attention_distance"] is None and numbers["position_similarity"] is None
+    assert numbers["num_images"] == 3 and numbers["grid"] == [2, 2]
+    report = (tmp_path / "report.html").read_text()
+    assert report.count("Does not apply") >= 2
+    assert not (tmp_path / "attention_distance.png").exists()

@@ -55,25 +55,45 @@ def spread_images(dataset: Dataset, num_images: int) -> Dataset:
 
 def token_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *, device: str | torch.device,
                              name: str) -> tuple[dict[str, Any], Section, int, int]:
-    """Mean attention distance per layer and head of a model whose tokens attend to one sequence (ViT,
-    DeiT, CaiT): the numbers, the report section (its figure written to ``out``), images seen, correct."""
+    """Mean attention distance per layer and head over the layers whose tokens attend among the patch tokens
+    (ViT, DeiT, CaiT; CrossViT's, TNT's and T2T-ViT's layers over [prefix + patches]): the numbers, the report
+    section (its figure written to ``out``), images seen, correct. Where no layer qualifies (MLP-Mixer, XCiT's
+    channel attention, Linformer's projected keys) the section says why the measure does not apply."""
     meter = AttentionDistanceMeter()
+    why_not = no_token_attention_reason(model)
     correct = seen = 0
     layout = None
     for x, y in loader:
         x, y = x.to(device), torch.as_tensor(y).to(device)
-        cap = capture(model, x)
-        layout = cap.layout
-        meter.update(cap.attentions, layout.grid, layout.patch_size, max_prefix=layout.num_prefix_tokens)
-        correct += int((cap.logits.argmax(dim=-1) == y).sum())
+        if why_not is None:
+            cap = capture(model, x)
+            layout = cap.layout
+            logits = cap.logits
+            token_maps = [a for a, t in zip(cap.attentions, cap.token_maps or [True] * len(cap.attentions)) if t]
+            try:
+                meter.update(token_maps, layout.grid, layout.patch_size, max_prefix=layout.num_prefix_tokens)
+            except ValueError:
+                why_not = "none of its attention layers has patch tokens as queries and keys" + _other_maps(model)
+        else:
+            logits = model(x)
+            layout = layout or token_layout_or_none(model, x)
+        correct += int((logits.argmax(dim=-1) == y).sum())
         seen += x.shape[0]
     if seen == 0:
         raise ValueError("analyze: no images to analyse")
+    numbers: dict[str, Any] = {"num_images": seen, "accuracy_on_images": correct / seen}
+    numbers["grid"] = list(layout.grid) if layout is not None else None
+    numbers["patch_size"] = list(layout.patch_size) if layout is not None else None
+    if why_not is not None:
+        numbers["attention_distance"] = None
+        numbers["attention_distance_not_applicable"] = why_not
+        section = Section(
+            title="Mean attention distance (paper Fig. 7, right)",
+            text=f"Does not apply to {name}: {why_not}. Mean attention distance needs attention from patch "
+                 f"tokens to patch tokens. Accuracy on these {seen} images: {correct / seen:.1%}.")
+        return numbers, section, seen, correct
     dist = meter.compute()  # (layers, heads)
     L, H = dist.shape
-    numbers: dict[str, Any] = {"num_images": seen, "accuracy_on_images": correct / seen}
-    numbers["grid"] = list(layout.grid)
-    numbers["patch_size"] = list(layout.patch_size)
     numbers["attention_distance"] = {
         "pixels": dist.tolist(),
         "layer_mean": dist.mean(dim=1).tolist(),
@@ -219,7 +239,7 @@ def analyze_model(
     if pt is None:
         numbers["position_similarity"] = None
         sections.append(Section(title="Position embedding similarity (paper Fig. 7, centre)",
-                                text="This model has no position embeddings (pos_embed='none'); nothing to show."))
+                                text=no_position_table_reason(model)))
     else:
         sim = position_similarity(pt.table)
         summary = position_similarity_summary(sim, pt.grid)
@@ -260,3 +280,43 @@ def analyze_model(
                  sections=sections)
     log.info("wrote %s", out / REPORT_HTML)
     return numbers
+
+
+def _other_maps(model: nn.Module) -> str:
+    """Names the attention kinds whose maps are not token-to-token (XCiT's channel attention, Linformer)."""
+    from vitlab.layers import CapturableAttention
+
+    kinds = sorted({type(m).__name__ for m in model.modules()
+                    if isinstance(m, CapturableAttention) and not getattr(m, "token_map", True)})
+    return f" (its {', '.join(kinds)} maps are not token-to-token)" if kinds else ""
+
+
+def no_token_attention_reason(model: nn.Module) -> str | None:
+    """Why mean attention distance cannot apply to ``model`` at all (no attention layers), else None; whether
+    any of its layers attends among the patch tokens is found from the captured maps."""
+    from vitlab.analysis.capture import attention_blocks
+
+    if not attention_blocks(model):
+        return "it has no attention layers (e.g. MLP-Mixer mixes tokens with MLPs)"
+    return None
+
+
+def token_layout_or_none(model: nn.Module, x: torch.Tensor):
+    from vitlab.analysis.capture import token_layout
+
+    try:
+        return token_layout(model, (x.shape[-2], x.shape[-1]))
+    except ValueError:
+        return None
+
+
+def no_position_table_reason(model: nn.Module) -> str:
+    """What the report says when a model has no per-patch position table to compare."""
+    kind = getattr(getattr(model, "cfg", None), "pos_embed", None)
+    if kind == "none":
+        return "This model has no position embeddings (pos_embed='none'); nothing to show."
+    explained = getattr(model, "position_note", None)
+    if explained:
+        return f"Does not apply: {explained}"
+    return (f"Does not apply: {type(model).__name__} has no position table of one embedding per patch "
+            "(no position embeddings, or positions computed rather than stored); nothing to show.")

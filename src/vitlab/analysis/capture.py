@@ -44,6 +44,8 @@ class Captured:
     Args:
         logits: (B, K) model output, equal to ``model(x)`` up to float rounding.
         attentions: one (B, heads, N, N) tensor per attention layer, in execution order.
+        token_maps: per attention map, whether it is token-to-token (False for XCiT's channel
+            attention and Linformer's projected keys; see ``CapturableAttention.token_map``).
         tokens: one (B, N, D) tensor per block: the block's output tokens.
         layout: the patch grid of this input.
     """
@@ -52,6 +54,7 @@ class Captured:
     attentions: list[Tensor]
     tokens: list[Tensor]
     layout: TokenLayout
+    token_maps: tuple[bool, ...] = ()
 
 
 def attention_blocks(model: nn.Module) -> list[nn.Module]:
@@ -118,5 +121,8 @@ def capture(model: nn.Module, x: Tensor, *, with_grad: bool = False) -> Captured
     finally:
         for h in hooks:
             h.remove()
-    layout = token_layout(model, (x.shape[-2], x.shape[-1]), maps[0].shape[-1] if maps else None)
-    return Captured(logits=logits, attentions=list(maps), tokens=tokens, layout=layout)
+    first_token_map = next((a for a, t in zip(maps, maps.token_maps) if t), None)
+    layout = token_layout(model, (x.shape[-2], x.shape[-1]),
+                          first_token_map.shape[-1] if first_token_map is not None else None)
+    return Captured(logits=logits, attentions=list(maps), tokens=tokens, layout=layout,
+                    token_maps=tuple(maps.token_maps))

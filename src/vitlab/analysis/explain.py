@@ -125,8 +125,8 @@ def resolve_method(model: nn.Module, method: str) -> str:
         return "rollout" if "rollout" in available else "grad-cam"
     if method not in available:
         raise ValueError(
-            f"explain: {method!r} is not defined for {type(model).__name__} (its attention is not "
-            f"token-to-token); use one of: {', '.join(available)}"
+            f"explain: {method!r} is not defined for {type(model).__name__} (it has no token-to-token "
+            f"attention over one sequence); use one of: {', '.join(available)}"
         )
     return method
 

@@ -59,11 +59,14 @@ def run(args: argparse.Namespace) -> int:
     numbers = analyze_model(model, dataset, args.output, num_images=args.num_images, batch_size=args.batch_size,
                             num_components=args.components, device=device, model_desc=model_desc,
                             data_desc=data_desc, command=command_line(args))
-    spread = numbers["attention_distance"]["layer_spread"]
-    means = numbers["attention_distance"]["layer_mean"]
-    layers = numbers["attention_distance"]["layers"]
-    for i, m, s in zip(layers, means, spread):
-        log.info("layer %d: mean attention distance %.2f px, spread over heads %.2f px", i, m, s)
-    log.info("(uniform attention would give %.2f px)", numbers["attention_distance"]["uniform_reference"])
+    dist = numbers["attention_distance"]
+    if dist is None:
+        log.info("mean attention distance does not apply: %s", numbers["attention_distance_not_applicable"])
+    else:
+        for i, m, s in zip(dist["layers"], dist["layer_mean"], dist["layer_spread"]):
+            log.info("layer %d: mean attention distance %.2f px, spread over heads %.2f px", i, m, s)
+        log.info("(uniform attention would give %.2f px)", dist["uniform_reference"])
+    if numbers["position_similarity"] is None:
+        log.info("position similarity does not apply: no learned or fixed per-patch position table")
     print(Path(args.output) / REPORT_HTML)
     return 0

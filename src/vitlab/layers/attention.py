@@ -22,10 +22,13 @@ class CapturableAttention(nn.Module):
     """Base of every attention module that can report its softmax weights.
 
     Subclasses call :meth:`_emit` with the (batch, heads, queries, keys) weights whenever
-    ``self.attn_sink`` is set; :func:`capture_attention` sets and clears it.
+    ``self.attn_sink`` is set; :func:`capture_attention` sets and clears it. A kind whose weights are
+    not queries over key TOKENS of the sequence (XCiT's channel attention, Linformer's projected keys)
+    sets ``token_map = False``, so that analysis tools do not read them as token-to-token attention.
     """
 
     attn_sink: AttentionSink | None = None
+    token_map: bool = True
 
     def _init_heads(self, dim: int, num_heads: int) -> None:
         """Set num_heads, head_dim and the 1/sqrt(head_dim) scale, refusing widths heads do not divide."""
@@ -44,12 +47,31 @@ class CapturableAttention(nn.Module):
             self.attn_sink(attn)
 
 
+class AttentionMaps(list):
+    """The captured maps in execution order; ``token_maps[i]`` says whether map i is token-to-token
+    (its layer's ``token_map``) and ``layers[i]`` which module emitted it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token_maps: list[bool] = []
+        self.layers: list[nn.Module] = []
+
+    def sink_for(self, module: CapturableAttention) -> AttentionSink:
+        def sink(attn: Tensor) -> None:
+            self.append(attn)
+            self.token_maps.append(bool(module.token_map))
+            self.layers.append(module)
+
+        return sink
+
+
 @contextmanager
-def capture_attention(model: nn.Module) -> Iterator[list[Tensor]]:
+def capture_attention(model: nn.Module) -> Iterator[AttentionMaps]:
     """Collect the attention weights of every attention layer of ``model`` during the block.
 
     Yields a list that fills, in execution order, with one (batch, heads, queries, keys) tensor per
-    attention call. Outputs are the same as without capture (up to float rounding).
+    attention call (see :class:`AttentionMaps` for which are token maps). Outputs are the same as
+    without capture (up to float rounding).
 
     Example::
 
@@ -57,10 +79,10 @@ def capture_attention(model: nn.Module) -> Iterator[list[Tensor]]:
             logits = model(x)
         # maps[i]: layer i's attention weights
     """
-    maps: list[Tensor] = []
+    maps = AttentionMaps()
     modules = [m for m in model.modules() if isinstance(m, CapturableAttention)]
     for m in modules:
-        m.attn_sink = maps.append
+        m.attn_sink = maps.sink_for(m)
     try:
         yield maps
     finally:

@@ -11,7 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vitlab.layers.helpers import to_2tuple
 
@@ -75,3 +75,45 @@ def sincos_2d_pos_embed(
     x = cols.flatten()[:, None] * omega[None, :]
     pe = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)  # (H*W, D)
     return pe.unsqueeze(0)
+
+
+def fourier_features_2d(rows: int, cols: int, *, hidden_dim: int = 32, temperature: float = 10000.0,
+                        eps: float = 1e-6) -> Tensor:
+    """XCiT's Fourier position features (El-Nouby et al. 2021, after Vaswani et al.), (1, 2*hidden_dim, rows, cols).
+
+    Row and column indices 1..n are normalised to (0, 2 pi]; channel i of each half is sin (even i) or
+    cos (odd i) of the position over ``temperature ** (2 * (i // 2) / hidden_dim)``; rows first, then columns.
+    """
+    y = torch.arange(1, rows + 1, dtype=torch.float32) / (rows + eps) * (2 * math.pi)  # (rows,)
+    x = torch.arange(1, cols + 1, dtype=torch.float32) / (cols + eps) * (2 * math.pi)  # (cols,)
+    i = torch.arange(hidden_dim, dtype=torch.float32)
+    freq = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / hidden_dim)  # (hidden,)
+    even = (torch.arange(hidden_dim) % 2 == 0)
+
+    def encode(p: Tensor) -> Tensor:
+        a = p[:, None] / freq  # (n, hidden)
+        return torch.where(even, a.sin(), a.cos())
+
+    fy = encode(y)[:, None, :].expand(rows, cols, hidden_dim)  # (rows, cols, hidden)
+    fx = encode(x)[None, :, :].expand(rows, cols, hidden_dim)
+    return torch.cat([fy, fx], dim=-1).permute(2, 0, 1).unsqueeze(0)  # (1, 2*hidden, rows, cols)
+
+
+class FourierPosEmbed(nn.Module):
+    """Fourier position features on the token grid, projected to ``dim`` by a learned 1x1 convolution.
+
+    Recomputed for each grid, so a model that uses it runs at any input size.
+    """
+
+    def __init__(self, dim: int, *, hidden_dim: int = 32, temperature: float = 10000.0) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.temperature = temperature
+        self.token_projection = nn.Conv2d(2 * hidden_dim, dim, kernel_size=1)
+
+    def forward(self, grid: tuple[int, int]) -> Tensor:
+        """(rows, cols) -> (1, rows*cols, dim) to add to the patch tokens."""
+        w = self.token_projection.weight
+        feats = fourier_features_2d(*grid, hidden_dim=self.hidden_dim, temperature=self.temperature)
+        pos = self.token_projection(feats.to(w.device, w.dtype))  # (1, dim, rows, cols)
+        return pos.flatten(2).transpose(1, 2)

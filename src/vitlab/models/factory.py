@@ -63,7 +63,8 @@ def create_model(
         weights = find_weights(name, tag or None)
         pretrained = weights.hub
         fields = {f.name for f in dataclasses.fields(entry.config)}
-        weights_overrides = {k: getattr(weights, k) for k in ("mean", "std", "crop_pct") if k in fields}
+        weights_overrides = {k: getattr(weights, k) for k in ("mean", "std", "crop_pct", "interpolation")
+                             if k in fields}
     elif tag:
         raise ValueError(f"create_model({name}.{tag!r}): a weights tag needs pretrained=True")
     if pretrained is False:

@@ -230,6 +230,10 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def cam_layer(self) -> nn.Module:
+        """Grad-CAM's layer: the last stage, whose output is the final (B, C, H/r, W/r) feature map."""
+        return self.stages[-1]
+
     def reset_classifier(self, num_classes: int) -> None:
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from vitlab.layers import (
+    Attention,
     Block,
     PatchEmbed,
     check_image_size,
@@ -29,6 +30,7 @@ from vitlab.layers import (
     sincos_2d_pos_embed,
     to_2tuple,
 )
+from vitlab.layers.linformer import LinformerAttention, init_projection, resample_projection
 from vitlab.models.base import (
     INCEPTION_MEAN,
     INCEPTION_STD,
@@ -50,6 +52,11 @@ class ViTConfig:
     init_values: LayerScale initial value (None: no LayerScale).
     hybrid_layers: blocks per ResNet stage of the hybrid stem (None: plain patch embedding).
     dynamic_img_size: accept any input size, resampling the position table per batch.
+    attn_type: "softmax" (the paper's attention) or "linformer" (Wang et al. 2020, arXiv:2006.04768: keys and
+        values projected along the sequence to ``linformer_k``; :mod:`vitlab.layers.linformer`).
+    linformer_k: the projected length k.
+    linformer_sharing: "none" (E, F per head and layer), "headwise" (per layer), "kv" (E = F per layer) or
+        "layerwise" (one E = F for the whole model).
     """
 
     img_size: int | tuple[int, int] = 224
@@ -80,8 +87,16 @@ class ViTConfig:
     mean: tuple[float, ...] = field(default=INCEPTION_MEAN)
     std: tuple[float, ...] = field(default=INCEPTION_STD)
     crop_pct: float | None = None
+    attn_type: Literal["softmax", "linformer"] = "softmax"
+    linformer_k: int = 256
+    linformer_sharing: Literal["none", "headwise", "kv", "layerwise"] = "headwise"
 
     def __post_init__(self) -> None:
+        if self.attn_type not in ("softmax", "linformer"):
+            raise ValueError(f"ViTConfig: attn_type must be 'softmax' or 'linformer', got {self.attn_type!r}")
+        if self.attn_type == "linformer" and self.dynamic_img_size:
+            raise ValueError("ViTConfig: Linformer projections are tied to the sequence length; dynamic_img_size "
+                             "is not supported with attn_type='linformer' (build the model at its img_size)")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("ViTConfig: global_pool='token' needs class_token=True")
         if self.embed_dim % self.num_heads:
@@ -151,11 +166,12 @@ class VisionTransformer(nn.Module):
                 self.register_buffer("pos_embed_fixed", sincos_2d_pos_embed(D, grid), persistent=False)
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
 
+        attn_layer = self._linformer_layer(grid) if cfg.attn_type == "linformer" else Attention
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # grows with depth
         self.blocks = nn.Sequential(*[
             Block(D, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
                   proj_drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate, init_values=cfg.init_values,
-                  drop_path=dpr[i], norm_layer=norm_layer)
+                  drop_path=dpr[i], norm_layer=norm_layer, attn_layer=attn_layer)
             for i in range(cfg.depth)
         ])
         self.norm = norm_layer(D) if not use_fc_norm else nn.Identity()
@@ -172,6 +188,32 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     # ----------------------------------------------------------------------------------------- set-up
+    def _linformer_layer(self, grid: tuple[int, int]) -> partial:
+        """Linformer attention for this model's sequence length (prefix + patches)."""
+        cfg = self.cfg
+        n = self.num_prefix_tokens + grid[0] * grid[1]
+        # n x k maps: no token-to-token attention, so rollout does not apply (explain uses Grad-CAM)
+        self.token_attention = False
+        shared = None
+        if cfg.linformer_sharing == "layerwise":
+            self.linformer_proj = nn.Parameter(init_projection(torch.empty(cfg.linformer_k, n)))
+            shared = self.linformer_proj
+        return partial(LinformerAttention, seq_len=n, k=cfg.linformer_k, sharing=cfg.linformer_sharing,
+                       shared=shared)
+
+    def adapt_checkpoint(self, sd: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:
+        """Move Linformer projections saved for another patch grid to this model's (see resample_projection)."""
+        if self.cfg.attn_type != "linformer":
+            return sd
+        p, grid = self.num_prefix_tokens, self.patch_embed.grid_size
+        out = dict(sd)
+        for key, v in sd.items():
+            if key == "linformer_proj" or key.endswith((".attn.proj_e", ".attn.proj_f")):
+                side = math.isqrt(v.shape[-1] - p)
+                if side * side == v.shape[-1] - p and v.shape[-1] != p + grid[0] * grid[1]:
+                    out[key] = resample_projection(v, grid, old_grid=(side, side), num_prefix_tokens=p)
+        return out
+
     def _init_weights(self) -> None:
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
