@@ -240,3 +240,17 @@ def test_param_counts_and_gmacs() -> None:
         assert round(info["params"] / 1e6, 1) == params_m, name
         if gmacs is not None:
             assert abs(info["gmacs"] - gmacs) / gmacs < 0.01, name
+
+
+def test_recipes_load_and_build_their_model() -> None:
+    from vitlab.train.recipe import list_recipes, load_recipe
+
+    for name in ("mobilevit", "mobilevitv2", "mobilevit_small_data"):
+        assert name in list_recipes()
+        r = load_recipe(name)
+        assert r.optimizer == "adamw" and r.schedule == "cosine" and r.label_smoothing == 0.1
+        assert vitlab.get_entry(r.model).family == "mobilevit"
+        model = make_tiny(r.model, **r.model_overrides)
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 5)
+    paper = load_recipe("mobilevit")
+    assert (paper.lr, paper.min_lr, paper.weight_decay, paper.global_batch) == (0.002, 0.0002, 0.01, 1024)
