@@ -6,7 +6,7 @@ Layouts:
     patches (B, C, P, N)   P = ph*pw pixel position inside a patch (row-major), N = nh*nw patch index
     tokens  (B*P, N, C)    the P sequences of one image next to each other in the batch
 
-Every reshape here is at most 4-D, so the functions trace to ONNX / CoreML without rank-6 tensors.
+Every reshape here is at most 5-D (CoreML's limit; timm #1407), so the functions export without rank-6 tensors.
 Maps whose sides are not multiples of the patch are resized first (see :func:`resize_to_patches`).
 """
 
@@ -37,12 +37,12 @@ def resize_to_patches(x: Tensor, patch: tuple[int, int], *, align_corners: bool)
 
 
 def unfold_patches(x: Tensor, patch: tuple[int, int]) -> Tensor:
-    """(B, C, H, W) -> (B, C, P, N); H and W must be multiples of the patch."""
+    """(B, C, H, W) -> (B, C, P, N); H and W must be multiples of the patch. One copy."""
     B, C, H, W = x.shape
     ph, pw = patch
     nh, nw = H // ph, W // pw
-    x = x.reshape(B * C * nh, ph, nw, pw).transpose(1, 2)  # (B*C*nh, nw, ph, pw)
-    return x.reshape(B, C, nh * nw, ph * pw).transpose(2, 3)  # (B, C, N, P) -> (B, C, P, N)
+    x = x.reshape(B * C, nh, ph, nw, pw).permute(0, 2, 4, 1, 3)  # (B*C, ph, pw, nh, nw)
+    return x.reshape(B, C, ph * pw, nh * nw)
 
 
 def fold_patches(x: Tensor, grid: tuple[int, int], patch: tuple[int, int]) -> Tensor:
@@ -50,26 +50,19 @@ def fold_patches(x: Tensor, grid: tuple[int, int], patch: tuple[int, int]) -> Te
     B, C = x.shape[:2]
     ph, pw = patch
     nh, nw = grid
-    x = x.transpose(2, 3).reshape(B * C * nh, nw, ph, pw)  # (B, C, N, P) -> (B*C*nh, nw, ph, pw)
-    return x.transpose(1, 2).reshape(B, C, nh * ph, nw * pw)  # (B*C*nh, ph, nw, pw) -> (B, C, H, W)
+    x = x.reshape(B * C, ph, pw, nh, nw).permute(0, 3, 1, 4, 2)  # (B*C, nh, ph, nw, pw)
+    return x.reshape(B, C, nh * ph, nw * pw)
 
 
 def unfold_tokens(x: Tensor, patch: tuple[int, int]) -> Tensor:
     """(B, C, H, W) -> (B*P, N, C): one token sequence per pixel position, for a standard transformer."""
-    B, C, H, W = x.shape
-    ph, pw = patch
-    nh, nw = H // ph, W // pw
-    x = x.reshape(B * C * nh, ph, nw, pw).transpose(1, 2)  # (B*C*nh, nw, ph, pw)
-    x = x.reshape(B, C, nh * nw, ph * pw).transpose(1, 3)  # (B, C, N, P) -> (B, P, N, C)
-    return x.reshape(B * ph * pw, nh * nw, C)
+    B, C = x.shape[:2]
+    p = unfold_patches(x, patch)  # (B, C, P, N)
+    return p.permute(0, 2, 3, 1).reshape(B * p.shape[2], p.shape[3], C)  # (B, P, N, C) -> (B*P, N, C)
 
 
 def fold_tokens(x: Tensor, grid: tuple[int, int], patch: tuple[int, int]) -> Tensor:
     """(B*P, N, C) -> (B, C, H, W); the inverse of :func:`unfold_tokens`."""
-    ph, pw = patch
-    nh, nw = grid
-    P, N, C = ph * pw, nh * nw, x.shape[-1]
+    P, N, C = patch[0] * patch[1], grid[0] * grid[1], x.shape[-1]
     B = x.shape[0] // P
-    x = x.reshape(B, P, N, C).transpose(1, 3)  # (B, C, N, P)
-    x = x.reshape(B * C * nh, nw, ph, pw).transpose(1, 2)  # (B*C*nh, ph, nw, pw)
-    return x.reshape(B, C, nh * ph, nw * pw)
+    return fold_patches(x.reshape(B, P, N, C).permute(0, 3, 1, 2), grid, patch)  # via (B, C, P, N)
