@@ -254,3 +254,14 @@ def test_recipes_load_and_build_their_model() -> None:
         assert model(torch.rand(1, 3, 64, 64)).shape == (1, 5)
     paper = load_recipe("mobilevit")
     assert (paper.lr, paper.min_lr, paper.weight_decay, paper.global_batch) == (0.002, 0.0002, 0.01, 1024)
+
+
+def test_a_bgr_teacher_sees_bgr_images_when_distilling_into_an_rgb_student() -> None:
+    from vitlab.train.distill import adapt_teacher
+
+    teacher = perturb_(make_tiny("mobilevit_s", channel_order="BGR")).eval()
+    student_pre = make_tiny("mobilevit_xs").preprocessing  # same size and statistics, RGB
+    wrapped = adapt_teacher(teacher, student_pre)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), teacher(x.flip(1)))
