@@ -265,3 +265,14 @@ def test_a_bgr_teacher_sees_bgr_images_when_distilling_into_an_rgb_student() -> 
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), teacher(x.flip(1)))
+
+
+@pytest.mark.parametrize("name", ["mobilevit_s", "mobilevitv2_100"])
+def test_last_layer_map_is_the_attention_each_patch_receives(name: str) -> None:
+    model = perturb_(make_tiny(name)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    e = explain(model, x, method="last-layer")
+    assert e.patch_maps.shape == (2, 1, 1) and e.maps.shape == (2, 64, 64)  # 64 px: a 2x2 map, one patch
+    e = explain(model, torch.rand(1, 3, 128, 192), method="last-layer")
+    assert e.patch_maps.shape == (1, 2, 3)  # stage 5: 4x6 map -> 2x3 patches
+    torch.testing.assert_close(e.patch_maps.sum(), torch.tensor(1.0))  # weights over the patches sum to 1
