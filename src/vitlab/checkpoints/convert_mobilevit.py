@@ -7,7 +7,9 @@ Three layouts:
   ``mobilevit[v2].conv_stem``, ``encoder.layer.{i}`` with ``downsampling_layer`` / ``conv_kxk`` /
   ``transformer.layer.{j}`` (v1: split query/key/value), ``conv_projection``, ``fusion``, ``conv_1x1_exp``,
   ``classifier``. Hugging Face's processor feeds BGR images, so the converted model records
-  ``channel_order="BGR"`` and vitlab's transforms flip the channels for it.
+  ``channel_order="BGR"`` and vitlab's transforms flip the channels for it. Hugging Face's v2 does not
+  resize odd maps (a 224 px input ends on a 7x7 map) where cvnets, timm and vitlab resize the block input
+  to an even size (8x8): the same weights agree at 256 px (all maps even) and differ at 224 px.
 * the official cvnets layout (apple/ml-cvnets and micronDLA/MobileViTv3 ``checkpoint_ema_best.pt``):
   ``conv_1.block.{conv,norm}``, ``layer_{i}.{j}.block.{exp_1x1,conv_3x3,red_1x1}.block.*``,
   ``layer_{i}.1.local_rep.{conv_3x3,conv_1x1}`` (v1, v3-S/XS/XXS) or ``local_rep.{0,1}`` (v2, v3-0.5..1.0),
