@@ -80,6 +80,9 @@ def test_converters_read_the_architecture_and_the_colour_order() -> None:
     v3 = load_case("official_v3_100")
     assert v3.cfg.version == "v3" and v3.cfg.attention == "separable" and v3.cfg.final_chs == 0
     assert load_case("timm_v1").preprocessing.channel_order == "RGB"
+    assert load_case("official_v1").cfg.channel_order == "BGR"  # cvnets v0.1 (OpenCV), as HF's renamed copies
+    assert load_case("official_v3_s").cfg.channel_order == "BGR"
+    assert v3.cfg.channel_order == "RGB" and load_case("official_v2").cfg.channel_order == "RGB"  # cvnets v0.2
 
 
 def test_hf_checkpoint_gives_hf_logits_through_the_predict_path(tmp_path, capsys) -> None:

@@ -175,7 +175,13 @@ def convert_official_mobilevit(sd: dict[str, Tensor], meta: dict[str, Any]) -> C
     unknown = [k for k in out if not k.startswith(("stem.", "stages.", "final_conv.", "head."))]
     if unknown:
         raise ValueError(f"keys outside the cvnets MobileViT layout: {unknown[:5]}")
-    return Converted(out, infer_overrides(out))
+    overrides = infer_overrides(out)
+    if any(".attn.qkv." in k for k in out):
+        # multi-head attention files (v1, v3-S/XS/XXS) come from cvnets v0.1, which decoded images with
+        # OpenCV (BGR); Hugging Face's v1 weights are these files renamed and are fed BGR. The v2-layout
+        # files (v2, v3-0.5..1.0) come from cvnets v0.2 (PIL, RGB). Override with channel_order=... if needed.
+        overrides["channel_order"] = "BGR"
+    return Converted(out, overrides)
 
 
 # -------------------------------------------------------------------------------- architecture read-off
