@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
             title += f" for {names[t]} ({float(e.probs[0, t]):.1%})"
         title += "]"
         image = to_display(x[0], pre.mean, pre.std)
+        if pre.channel_order == "BGR" and image.shape[0] == 3:
+            image = image.flip(0)  # shown in RGB
         out = explain_figure(image, normalize_map(e.maps)[0], out_dir / out_name, title=title)
         log.info("%s -> %s (predicted %s, %.1f%%)", path, out, names[pred], 100 * float(e.probs[0, pred]))
         print(out)

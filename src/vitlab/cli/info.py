@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  classes        {info['num_classes']}")
     print(f"  input size     {tuple(pre['input_size'])}")
     print(f"  mean / std     {tuple(pre['mean'])} / {tuple(pre['std'])}")
+    if pre.get("channel_order", "RGB") != "RGB":
+        print(f"  channel order  {pre['channel_order']}")
     print(f"  crop fraction  {pre['crop_pct']}, {pre['interpolation']} interpolation")
     for w in info["pretrained"]:
         print(f"  weights        {args.name}.{w['tag']}: {w['hub']} ({w['format']}, {w['num_classes']} classes, "

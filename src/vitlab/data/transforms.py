@@ -6,6 +6,9 @@ Both are plain picklable callables (DataLoader workers may be spawned), built fr
     eval:  resize shorter side to size / crop_pct -> centre crop -> channels -> [0, 1] -> normalise
     train: random resized crop -> h-flip -> channels -> RandAugment -> [0, 1] -> normalise -> random erasing
 
+Images are decoded as RGB; a model whose ``channel_order`` is "BGR" gets the channels reversed just before
+normalisation (its mean/std are in its own order).
+
 as in the DeiT recipe (arXiv:2012.12877), except that the crop uses the model's interpolation mode
 instead of a random one.
 """
@@ -32,6 +35,11 @@ from vitlab.data.randaugment import RandAugment
 from vitlab.models.base import Preprocessing
 
 
+def to_channel_order(x: Tensor, order: str) -> Tensor:
+    """RGB (C, H, W) image -> the model's channel order ("RGB" unchanged, "BGR" reversed)."""
+    return x.flip(-3) if order == "BGR" and x.shape[-3] == 3 else x
+
+
 class EvalTransform:
     """Deterministic evaluation preprocessing for ``pre`` (see :func:`eval_transform`)."""
 
@@ -49,7 +57,7 @@ class EvalTransform:
         else:  # non-square target: scale both sides by 1 / crop_pct (no aspect-preserving rule fits both)
             v = resize(v, (math.floor(h / crop_pct), math.floor(w / crop_pct)), self.pre.interpolation)
         v = center_crop(v, self.size)
-        v = to_channels(v, self.channels)
+        v = to_channel_order(to_channels(v, self.channels), self.pre.channel_order)
         return normalize(v, self.pre.mean, self.pre.std)
 
     def __repr__(self) -> str:
@@ -138,7 +146,7 @@ class TrainTransform(PicklableGenerator):
         x = to_channels(x, self.channels)
         if self.randaugment is not None:
             x = self.randaugment(x)
-        v = normalize(to_float(x), self.pre.mean, self.pre.std)
+        v = normalize(to_channel_order(to_float(x), self.pre.channel_order), self.pre.mean, self.pre.std)
         if self.erasing is not None:
             v = self.erasing(v)
         return v

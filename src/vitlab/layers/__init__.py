@@ -1,19 +1,38 @@
 """Building blocks shared by every model family; each concept lives in one file."""
 
-from vitlab.layers.attention import Attention, CapturableAttention, attend_explicit, capture_attention
+from vitlab.layers.attention import (
+    Attention,
+    CapturableAttention,
+    FoldedAttention,
+    attend_explicit,
+    capture_attention,
+)
 from vitlab.layers.block import Block
 from vitlab.layers.class_attention import ClassAttention, ClassAttentionBlock
+from vitlab.layers.conv_norm_act import ConvNormAct
 from vitlab.layers.drop_path import DropPath, drop_path
-from vitlab.layers.helpers import to_2tuple
+from vitlab.layers.helpers import make_divisible, to_2tuple
+from vitlab.layers.inverted_residual import InvertedResidual
 from vitlab.layers.layer_scale import LayerScale
-from vitlab.layers.mlp import Mlp
+from vitlab.layers.mlp import ConvMlp, Mlp
 from vitlab.layers.patch_embed import PatchEmbed, check_image_size, check_images
+from vitlab.layers.patch_fold import (
+    fold_patches,
+    fold_tokens,
+    patch_grid,
+    resize_to_patches,
+    unfold_patches,
+    unfold_tokens,
+)
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
+from vitlab.layers.separable_attention import SeparableAttentionBlock, SeparableSelfAttention
 from vitlab.layers.std_conv import MaxPool2dSame, StdConv2d, pad_same
 from vitlab.layers.talking_heads import TalkingHeadsAttention
 
 __all__ = [
     "Attention", "Block", "CapturableAttention", "ClassAttention", "ClassAttentionBlock", "DropPath", "LayerScale", "MaxPool2dSame", "Mlp",
     "PatchEmbed", "StdConv2d", "attend_explicit", "capture_attention", "check_image_size", "check_images", "drop_path",
-    "TalkingHeadsAttention", "pad_same", "resample_pos_embed", "sincos_2d_pos_embed", "to_2tuple",
+    "TalkingHeadsAttention", "pad_same", "ConvMlp", "ConvNormAct", "FoldedAttention", "InvertedResidual",
+    "SeparableAttentionBlock", "SeparableSelfAttention", "fold_patches", "fold_tokens", "make_divisible", "patch_grid",
+    "resize_to_patches", "unfold_patches", "unfold_tokens", "resample_pos_embed", "sincos_2d_pos_embed", "to_2tuple",
 ]

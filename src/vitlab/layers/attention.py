@@ -160,3 +160,21 @@ def attend_explicit(
     if dropout is not None:
         attn = dropout(attn)
     return attn @ v
+
+
+class FoldedAttention(Attention):
+    """:class:`Attention` over ``groups`` sequences per image folded into the batch ((B*G, N, C) in,
+    image-major), as MobileViT v1 runs one sequence per pixel position of its 2x2 patches.
+
+    Computes exactly what :class:`Attention` computes; capture mode reports the weights per image as
+    (B, G*heads, N, N): each (sequence, head) pair appears as one head.
+    """
+
+    def __init__(self, dim: int, *, groups: int, **kwargs) -> None:
+        super().__init__(dim, **kwargs)
+        self.groups = groups
+
+    def _emit(self, attn: Tensor) -> None:
+        if self.attn_sink is not None:
+            BG, h, N, M = attn.shape
+            self.attn_sink(attn.reshape(BG // self.groups, self.groups * h, N, M))  # (B, G*heads, N, N)

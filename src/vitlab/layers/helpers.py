@@ -12,3 +12,13 @@ def to_2tuple(x: int | Sequence[int]) -> tuple[int, int]:
     if len(t) != 2:
         raise ValueError(f"expected an int or a pair of ints, got {x!r}")
     return t  # type: ignore[return-value]
+
+
+def make_divisible(v: float, divisor: int = 8, *, min_value: int | None = None, round_limit: float = 0.9) -> int:
+    """``v`` rounded to the nearest multiple of ``divisor`` (MobileNet's channel rule): never below
+    ``min_value`` (default ``divisor``) and never more than 10% below ``v``."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v

@@ -20,19 +20,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True, kw_only=True)
 class Preprocessing:
-    """How images must be prepared for a model: resize to input_size / crop_pct, centre-crop, normalise."""
+    """How images must be prepared for a model: resize to input_size / crop_pct, centre-crop, normalise.
+
+    ``channel_order`` is the colour order the weights expect: "BGR" for checkpoints trained on OpenCV-loaded
+    images (e.g. Hugging Face's MobileViT, whose processor flips RGB to BGR); vitlab's transforms apply it.
+    """
 
     input_size: tuple[int, int, int] = (3, 224, 224)  # (C, H, W)
     mean: tuple[float, ...] = INCEPTION_MEAN
     std: tuple[float, ...] = INCEPTION_STD
     crop_pct: float = 0.9
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    channel_order: Literal["RGB", "BGR"] = "RGB"
 
     def __post_init__(self) -> None:
         # one place for every family: a grayscale model built from RGB statistics gets their average
         channels = self.input_size[0]
         object.__setattr__(self, "mean", fit_channels(tuple(self.mean), channels))
         object.__setattr__(self, "std", fit_channels(tuple(self.std), channels))
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"Preprocessing: channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

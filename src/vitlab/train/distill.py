@@ -58,6 +58,7 @@ class TeacherInput(nn.Module):
         self.teacher = teacher
         self.size = tuple(teacher_pre.input_size[1:])
         self.channels = teacher_pre.input_size[0]
+        self.flip = student.channel_order != teacher_pre.channel_order  # e.g. a BGR Hugging Face MobileViT
         self.register_buffer("s_mean", torch.tensor(student.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("s_std", torch.tensor(student.std).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("t_mean", torch.tensor(teacher_pre.mean).view(1, -1, 1, 1), persistent=False)
@@ -65,6 +66,8 @@ class TeacherInput(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x * self.s_std + self.s_mean  # back to [0, 1] pixels: (B, C_s, H, W)
+        if self.flip and x.shape[1] == 3:
+            x = x.flip(1)
         if x.shape[1] != self.channels:
             if self.channels == 1:  # ITU-R 601 luma, as Pillow's "L"
                 w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
@@ -82,7 +85,7 @@ def adapt_teacher(teacher: nn.Module, student: Preprocessing) -> nn.Module:
     if pre is None:
         return teacher
     same = (tuple(pre.input_size) == tuple(student.input_size) and tuple(pre.mean) == tuple(student.mean)
-            and tuple(pre.std) == tuple(student.std))
+            and tuple(pre.std) == tuple(student.std) and pre.channel_order == student.channel_order)
     return teacher if same else freeze_teacher(TeacherInput(teacher, student, pre))
 
 
