@@ -8,12 +8,25 @@ from vitlab.layers.helpers import to_2tuple
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
 from vitlab.layers.patch_embed import PatchEmbed, check_image_size, check_images
+from vitlab.layers.patch_merging import PatchMerging, merge_2x2
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
 from vitlab.layers.std_conv import MaxPool2dSame, StdConv2d, pad_same
 from vitlab.layers.talking_heads import TalkingHeadsAttention
+from vitlab.layers.window_attention import (
+    WindowAttention,
+    WindowAttentionV2,
+    relative_position_index,
+    resample_rel_pos_table,
+    shift_attention_mask,
+    window_partition,
+    window_reverse,
+)
+from vitlab.layers.window_geometry import WindowGeometry
 
 __all__ = [
     "Attention", "Block", "CapturableAttention", "ClassAttention", "ClassAttentionBlock", "DropPath", "LayerScale", "MaxPool2dSame", "Mlp",
     "PatchEmbed", "StdConv2d", "attend_explicit", "capture_attention", "check_image_size", "check_images", "drop_path",
     "TalkingHeadsAttention", "pad_same", "resample_pos_embed", "sincos_2d_pos_embed", "to_2tuple",
+    "PatchMerging", "WindowAttention", "WindowAttentionV2", "WindowGeometry", "merge_2x2", "relative_position_index",
+    "resample_rel_pos_table", "shift_attention_mask", "window_partition", "window_reverse",
 ]
