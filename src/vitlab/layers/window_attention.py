@@ -97,7 +97,8 @@ def resample_rel_pos_table(table: Tensor, old_window: tuple[int, int], new_windo
 
     Modes:
         "timm": timm's ``resize_rel_pos_bias_table`` (from BEiT): the source offsets are spread on a
-            geometric progression that reaches the new table's extent, then linearly interpolated.
+            geometric progression (ratio at most 1.5) towards the new table's extent, then linearly
+            interpolated (constant beyond the outermost source offset).
         "bicubic": Microsoft's ``load_pretrained``: bicubic interpolation of the table as an image.
     """
     src = (2 * old_window[0] - 1, 2 * old_window[1] - 1)
@@ -137,8 +138,10 @@ def _progression(src: int, dst: int) -> Tensor:
 
 
 def _interp_rectilinear(values: Tensor, ys: Tensor, xs: Tensor, ty: Tensor, tx: Tensor) -> Tensor:
-    """Bilinear interpolation of (C, len(ys), len(xs)) samples on the grid ys x xs at ty x tx."""
+    """Bilinear interpolation of (C, len(ys), len(xs)) samples on the grid ys x xs at ty x tx, constant
+    beyond the grid's edges."""
     def cell(grid: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = t.clamp(grid[0], grid[-1])  # beyond the outermost sample: its value (no extrapolation)
         i = torch.searchsorted(grid, t, right=True).sub(1).clamp(0, len(grid) - 2)
         w = (t - grid[i]) / (grid[i + 1] - grid[i])
         return i, w
