@@ -302,3 +302,20 @@ def test_no_weight_decay_and_layer_decay_know_the_stages() -> None:
     assert lid["head.weight"] == lid["norm.weight"] == 7
     scale = {g["layer_id"]: g["lr_scale"] for g in groups}
     assert scale[7] == 1.0 and scale[0] == 0.5**7
+
+
+def test_recipes_load_and_build_their_swin(tmp_path: Path) -> None:
+    from vitlab.train.recipe import load_recipe
+    from vitlab.train.run import TrainJob, build_model
+
+    paper = load_recipe("swin")
+    assert (paper.lr, paper.lr_base_batch, paper.global_batch, paper.weight_decay, paper.warmup_epochs) == (
+        1e-3, 1024, 1024, 0.05, 20)
+    assert paper.model_overrides["drop_path_rate"] == 0.2 and paper.schedule == "cosine"
+    small = load_recipe("cifar10_swin")
+    model = build_model(TrainJob(recipe=small, data="cifar10", output=tmp_path), num_classes=10, in_chans=3)
+    assert model.cfg.depths == (2, 2, 2) and model.preprocessing.input_size == (3, 32, 32)
+    assert [b.shift for b in model.blocks_in_order()] == [(0, 0), (2, 2)] * 2 + [(0, 0)] * 2
+    assert sum(p.numel() for p in model.parameters()) < 600_000
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

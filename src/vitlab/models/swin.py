@@ -87,6 +87,10 @@ class SwinConfig:
     crop_pct: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("depths", "num_heads", "window_size", "pretrained_window_sizes", "img_size", "mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # from JSON (recipes, saved configs)
+                object.__setattr__(self, name, tuple(value))
         n = len(self.depths)
         if len(self.num_heads) != n:
             raise ValueError(f"SwinConfig: depths {self.depths} and num_heads {self.num_heads} differ in length")
