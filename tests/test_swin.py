@@ -319,3 +319,15 @@ def test_recipes_load_and_build_their_swin(tmp_path: Path) -> None:
     assert sum(p.numel() for p in model.parameters()) < 600_000
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", [V1, V2])
+def test_vitlab_checkpoint_round_trip_keeps_the_architecture(tmp_path: Path, name: str) -> None:
+    arch = V2_ARCH if name == V2 else ARCH
+    model = perturb_(vitlab.create_model(name, num_classes=3, **arch)).eval()
+    vitlab.save_model(model, tmp_path / "m.safetensors", class_names=["a", "b", "c"])
+    again = vitlab.load_model(tmp_path / "m.safetensors").eval()
+    assert again.cfg == model.cfg and again.class_names == ["a", "b", "c"]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)
