@@ -176,9 +176,12 @@ class _WindowAttentionBase(CapturableAttention):
         return table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, scale: float | None) -> Tensor:
-        if self.capturing:
+        # On the CPU in bfloat16 / float16, torch's fused kernel is slower than the explicit product for
+        # windows this small (49-256 tokens; measured: benchmarks/RESULTS.md); float32 and CUDA use SDPA.
+        explicit = q.is_cpu and q.dtype in (torch.bfloat16, torch.float16)
+        if self.capturing or explicit:
             return attend_explicit(q, k, v, scale=self.scale if scale is None else scale, attn_mask=attn_mask,
-                                   dropout=self.attn_drop, sink=self._emit)
+                                   dropout=self.attn_drop if self.training else None, sink=self._emit)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype),
                                               dropout_p=self.attn_drop.p if self.training else 0.0, scale=scale)
 
