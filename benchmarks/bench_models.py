@@ -10,6 +10,12 @@ Run with the peer venv (timm, transformers); vitlab is imported from this checko
     /tmp/peers/bin/python benchmarks/bench_models.py                      # ViT-Ti and ViT-S, < 10 min
     /tmp/peers/bin/python benchmarks/bench_models.py --models vit_base_patch16_224 --dtypes float32 \
         --modes train --repeats 7
+    /tmp/peers/bin/python benchmarks/bench_models.py --models swin_tiny_patch4_window7_224 \
+        swin_small_patch4_window7_224 --batch-size 8 --out benchmarks/results/bench_swin
+
+Swin (v1 and v2) names are built in timm by the same name and in HF as Swin(v2)ForImageClassification with
+the matching config; drop path is 0 in all three (timm's and HF's defaults are 0.1), so training steps
+compare the same work.
 
 Achieved GFLOP/s = vitlab's counted forward FLOPs per image (``vitlab.model_info`` GMACs x 2) x images/s,
 x 3 for a training step; "of matmul" divides that by the GFLOP/s of an n x n matmul in the same dtype,
@@ -69,10 +75,15 @@ def build(impl: str, name: str) -> nn.Module:
     """The same architecture from each library, randomly initialised, 1000 classes."""
     if impl == "vitlab":
         return vitlab.create_model(name)
+    family = vitlab.get_entry(name).family
     if impl == "timm":
         import timm
 
+        if family in ("swin", "swinv2"):
+            return timm.create_model(name, pretrained=False, drop_path_rate=0.0)
         return timm.create_model(name, pretrained=False)
+    if impl == "hf" and family in ("swin", "swinv2"):
+        return LogitsOnly(_hf_swin(name))
     if impl == "hf":
         from transformers import ViTConfig, ViTForImageClassification
 
@@ -83,6 +94,20 @@ def build(impl: str, name: str) -> nn.Module:
                            qkv_bias=cfg.qkv_bias, attn_implementation="sdpa")
         return LogitsOnly(ViTForImageClassification(hf_cfg))
     raise ValueError(f"unknown implementation {impl!r}")
+
+
+def _hf_swin(name: str) -> nn.Module:
+    from transformers import SwinConfig, SwinForImageClassification, Swinv2Config, Swinv2ForImageClassification
+
+    cfg = vitlab.get_entry(name).config
+    common = dict(image_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                  depths=list(cfg.depths), num_heads=list(cfg.num_heads), window_size=cfg.windows()[0],
+                  mlp_ratio=cfg.mlp_ratio, num_labels=cfg.num_classes, layer_norm_eps=cfg.norm_eps,
+                  drop_path_rate=0.0, attn_implementation="sdpa")
+    if cfg.version == 2:
+        pretrained = list(cfg.pretrained_window_sizes or (0,) * len(cfg.depths))
+        return Swinv2ForImageClassification(Swinv2Config(pretrained_window_sizes=pretrained, **common))
+    return SwinForImageClassification(SwinConfig(**common))
 
 
 def bench_group(name: str, dtype: str, mode: str, impls: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -142,7 +167,7 @@ def markdown(report: dict[str, Any]) -> str:
     head += ["vitlab GFLOP/s", "matmul GFLOP/s", "vitlab of matmul", "spread (max over impls)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in report["groups"]:
-        short = g["model"].replace("_patch16_224", "").replace("vit_", "ViT-")
+        short = g["model"].replace("_patch16_224", "").replace("vit_", "ViT-").replace("_patch4_window7_224", "")
         row = [short, g["dtype"], g["mode"]]
         row += [f"{g['impls'][i]['images_per_s']:.1f}" for i in impls]
         for p in peers:

@@ -24,10 +24,21 @@ from vitlab.layers.patch_fold import (
     unfold_patches,
     unfold_tokens,
 )
+from vitlab.layers.patch_merging import PatchMerging, merge_2x2
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
 from vitlab.layers.separable_attention import SeparableAttentionBlock, SeparableSelfAttention
 from vitlab.layers.std_conv import MaxPool2dSame, StdConv2d, pad_same
 from vitlab.layers.talking_heads import TalkingHeadsAttention
+from vitlab.layers.window_attention import (
+    WindowAttention,
+    WindowAttentionV2,
+    relative_position_index,
+    resample_rel_pos_table,
+    shift_attention_mask,
+    window_partition,
+    window_reverse,
+)
+from vitlab.layers.window_geometry import WindowGeometry
 
 __all__ = [
     "Attention", "Block", "CapturableAttention", "ClassAttention", "ClassAttentionBlock", "DropPath", "LayerScale", "MaxPool2dSame", "Mlp",
@@ -35,4 +46,6 @@ __all__ = [
     "TalkingHeadsAttention", "pad_same", "ConvMlp", "ConvNormAct", "FoldedAttention", "InvertedResidual",
     "SeparableAttentionBlock", "SeparableSelfAttention", "fold_patches", "fold_tokens", "make_divisible", "patch_grid",
     "resize_to_patches", "unfold_patches", "unfold_tokens", "resample_pos_embed", "sincos_2d_pos_embed", "to_2tuple",
+        "PatchMerging", "WindowAttention", "WindowAttentionV2", "WindowGeometry", "merge_2x2", "relative_position_index",
+    "resample_rel_pos_table", "shift_attention_mask", "window_partition", "window_reverse",
 ]

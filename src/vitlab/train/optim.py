@@ -26,6 +26,11 @@ def _skip_decay(name: str, param: nn.Parameter, skip: set[str]) -> bool:
 
 
 def num_layers_for_decay(model: nn.Module) -> int:
+    """Blocks counted by layer-wise decay: the model's own count (``num_decay_layers()``, e.g. Swin's blocks
+    over all stages) or the length of its ``blocks`` sequence."""
+    own = getattr(model, "num_decay_layers", None)
+    if own is not None:
+        return int(own())
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(
@@ -54,7 +59,9 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float | 
         if not p.requires_grad:
             continue
         no_decay = _skip_decay(name, p, skip)
-        lid = layer_id(name, num_layers) if layer_decay is not None else 0
+        lid = 0
+        if layer_decay is not None:  # a hierarchical model (Swin) numbers its own parameters' layers
+            lid = model.decay_layer_id(name) if hasattr(model, "decay_layer_id") else layer_id(name, num_layers)
         key = (lid, no_decay)
         if key not in groups:
             scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
