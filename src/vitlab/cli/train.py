@@ -10,6 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from vitlab.cli.common import add_device_argument, add_image_limit_argument
 from vitlab.train.recipe import apply_overrides, list_recipes, load_recipe
 
 log = logging.getLogger("vitlab")
@@ -42,7 +43,8 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -
                    help="override a recipe field (repeatable), e.g. --set lr=3e-4 --set model_overrides.depth=6")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
     p.add_argument("--workers", type=int, help="data loader worker processes")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="device")
+    add_device_argument(p)
+    add_image_limit_argument(p)
     p.add_argument("--seed", type=int, help="override the recipe's seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("distillation (DeiT)")
@@ -115,6 +117,9 @@ def train_or_explain(job) -> int:
 
 
 def report(summary: dict) -> None:
+    if "skipped_images" in summary:
+        log.info("skipped %d undecodable image(s) in total (--skip-bad-images; each was named above)",
+                 summary["skipped_images"])
     test = summary.get("test")
     if test is None:
         log.info("stopped at step %d; checkpoint: %s", summary["steps"], summary["checkpoint"])

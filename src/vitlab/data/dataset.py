@@ -69,6 +69,10 @@ class VisionDataset(Dataset):
         """Distinct images skipped so far because they could not be decoded (``skip_bad_images=True``)."""
         return int(self._skipped.sum())
 
+    def skipped(self) -> list[str]:
+        """Where each skipped image comes from (``describe``), for totals across splits of one source."""
+        return [self.describe(i) for i in self._skipped.nonzero().flatten().tolist()]
+
     def load(self, index: int) -> Tensor:
         """The uint8 (in_chans, H, W) image of sample ``index``, untransformed; raises BadImageError."""
         raise NotImplementedError
@@ -140,7 +144,9 @@ class ImageFileDataset(VisionDataset):
         self.paths = [os.fspath(p) for p in paths]
 
     def load(self, index: int) -> Tensor:
-        return to_channels(load_image(self.paths[index]), self.in_chans)
+        # the transform says what resolution it needs, so that a huge photo is decoded no larger than that
+        min_size = getattr(self.transform, "min_source_size", None)
+        return to_channels(load_image(self.paths[index], min_size=min_size), self.in_chans)
 
     def describe(self, index: int) -> str:
         return self.paths[index]

@@ -23,7 +23,7 @@ from vitlab.train.evaluate import EvalResult, evaluate
 from vitlab.train.losses import ClassificationLoss
 from vitlab.train.recipe import Recipe
 from vitlab.train.state import load_train_state
-from vitlab.train.trainer import EMA_FILE, STATE_FILE, atomic_text, fit
+from vitlab.train.trainer import EMA_FILE, MODEL_FILE, STATE_FILE, atomic_text, fit
 
 log = logging.getLogger(__name__)
 
@@ -103,23 +103,49 @@ def pretrained_model_name(source: str) -> str:
 
 
 def _check_output(job: TrainJob) -> None:
-    state = job.output / STATE_FILE
-    if job.resume or job.overwrite or not state.exists():
+    """Without --resume or --overwrite, a run directory that already holds a run (finished or not) is refused."""
+    if job.resume or job.overwrite:
         return
-    try:
-        s = load_train_state(state)
-        unfinished = int(s["step"]) < int(s.get("total_steps", 0))
-    except (CheckpointError, KeyError, ValueError):
-        unfinished = True
-    if unfinished:
-        raise ValueError(f"{job.output} holds an unfinished run (step {s.get('step', '?')}); "
+    state = job.output / STATE_FILE
+    if state.exists():
+        try:
+            s = load_train_state(state)
+            step, total = int(s["step"]), int(s.get("total_steps", 0))
+        except (CheckpointError, KeyError, ValueError):
+            step, total = None, None
+        if step is not None and step >= total:
+            raise ValueError(f"{job.output} holds a finished run ({step} steps); replace it with --overwrite, "
+                             f"or choose another --output")
+        raise ValueError(f"{job.output} holds an unfinished run (step {step if step is not None else '?'}); "
                          f"continue it with --resume, or start over with --overwrite or another --output")
-    log.warning("%s holds a finished run; it is replaced", job.output)
+    if (job.output / MODEL_FILE).exists():
+        raise ValueError(f"{job.output} already holds a model ({MODEL_FILE}); replace it with --overwrite, "
+                         f"or choose another --output")
+
+
+def check_resumable(output: Path, model: nn.Module, recipe: Recipe) -> None:
+    """Everything --resume needs, checked before the run directory is touched: the state exists and was
+    written by the same model and optimiser. (``fit`` checks again as it loads; this is the early refusal
+    that keeps a wrong --resume from rewriting the run's job.json.)"""
+    from vitlab.train.trainer import check_same_model
+
+    path = output / STATE_FILE
+    state = load_train_state(path, mmap=True)
+    check_same_model(state, model, path)
+    was = state.get("recipe", {}).get("optimizer")
+    if was != recipe.optimizer:
+        raise CheckpointError(f"--resume: {path} was trained with optimizer {was!r}, this run asks for "
+                              f"{recipe.optimizer!r}; its optimizer state cannot be reused")
 
 
 def run_training(job: TrainJob) -> dict[str, Any]:
-    """Build data and model, train, evaluate on the test split; returns the results (rank 0: also written)."""
+    """Build data and model, train, evaluate on the test split; returns the results (rank 0: also written).
+
+    Nothing is written to the run directory before the data, the model and (with --resume) the saved
+    state have been checked.
+    """
     from vitlab.data import build_dataset, eval_transform, train_transform
+    from vitlab.data.checks import check_classification_data
 
     recipe = job.recipe
     with distributed_context(job.device) as ctx:
@@ -129,16 +155,20 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             torch.set_num_threads(recipe.cpu_threads)
         if ctx.is_main:
             _check_output(job)
+        common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
+        train_set = build_dataset(job.data, split="train", **common)
+        check_classification_data(train_set)
+        val_set = build_dataset(job.data, split="val", **common) if recipe.val_fraction > 0 else None
+        test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
+        model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans)
+        if job.resume:
+            check_resumable(job.output, model, recipe)
+        criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
         if ctx.is_main:
             job.output.mkdir(parents=True, exist_ok=True)
             atomic_text(job.output / "job.json", json.dumps({
                 "data": job.data, "model": job.model or recipe.model, "pretrained": job.pretrained,
                 "skip_bad_images": job.skip_bad_images}, indent=2))
-        common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
-        train_set = build_dataset(job.data, split="train", **common)
-        val_set = build_dataset(job.data, split="val", **common) if recipe.val_fraction > 0 else None
-        test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
-        model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans)
         pre = model.preprocessing
         if recipe.augment:
             train_set.transform = train_transform(
@@ -149,7 +179,6 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         for ds in (val_set, test_set):
             if ds is not None:
                 ds.transform = eval_transform(pre)
-        criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
         result = fit(model, recipe, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
                      resume=job.resume, class_names=train_set.classes, criterion=criterion,
                      until_step=job.until_step, progress=job.progress)
@@ -166,8 +195,10 @@ def run_training(job: TrainJob) -> dict[str, Any]:
 
                 ema_model = vitlab.load_model(job.output / EMA_FILE).to(ctx.device)
                 summary["test_ema"] = _test(ema_model, test_set, recipe, ctx, "EMA model")
-            if job.skip_bad_images:
-                summary["skipped_images"] = train_set.num_skipped + (val_set.num_skipped if val_set else 0)
+        if job.skip_bad_images:  # distinct files, counted across worker processes and epochs
+            summary["skipped_images"] = len({f for ds in (train_set, val_set, test_set) if ds is not None
+                                             for f in ds.skipped()})
+        if ctx.is_main and "test" in summary:
             atomic_text(job.output / "results.json", json.dumps(summary, indent=2))
         return summary
 

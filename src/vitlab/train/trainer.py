@@ -234,7 +234,7 @@ def fit(
     step = 0
     if resume:
         state = load_train_state(out / STATE_FILE)
-        _check_same_model(state, net, out / STATE_FILE)
+        check_same_model(state, net, out / STATE_FILE)
         was = state.get("recipe", {}).get("optimizer")
         if was != recipe.optimizer:
             raise CheckpointError(f"--resume: {out / STATE_FILE} was trained with optimizer {was!r}, this run "
@@ -263,6 +263,8 @@ def fit(
             log.warning("resuming on %d processes from a run on %d: random streams are re-seeded",
                         ctx.world_size, len(rngs))
             _seed_everything(recipe.seed + 1000 * ctx.rank + step)
+        if ctx.is_main:
+            tidy_run_directory(out, step)
         log.info("resumed %s at step %d of %d", out, step, total_steps)
     else:
         _seed_everything(recipe.seed + 1000 * ctx.rank)
@@ -417,7 +419,7 @@ def fit(
                      global_batch=global_batch, lr=lr, seconds=seconds, val=val, history=history)
 
 
-def _check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None:
+def check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None:
     name, cfg = state.get("model_name"), state.get("model_config")
     mine = config_to_dict(net.cfg)
     if name != net.model_name or cfg != mine:
@@ -427,6 +429,18 @@ def _check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None
             + (f" (config differs in: {', '.join(diff)})" if diff else "")
             + "; resume with the same --model / recipe, or choose another --output"
         )
+
+
+def tidy_run_directory(out: Path, step: int) -> None:
+    """On resume from ``step``: remove temporary files of a killed checkpoint write and the metrics records
+    logged after that checkpoint (the resumed run logs them again)."""
+    from vitlab.train.state import remove_stale_temporaries, truncate_metrics
+
+    for p in remove_stale_temporaries(out):
+        log.info("removed %s, left by an interrupted checkpoint write", p.name)
+    dropped = truncate_metrics(out / METRICS_FILE, step)
+    if dropped:
+        log.info("%s: dropped %d record(s) logged after step %d, where the run resumes", METRICS_FILE, dropped, step)
 
 
 def _seed_everything(seed: int) -> None:
