@@ -332,9 +332,9 @@ def fit(
     stop = min(total_steps, until_step) if until_step is not None else total_steps
     bar = None
     if progress and ctx.is_main:
-        from tqdm.auto import tqdm
+        from vitlab.train.progress import make_progress
 
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        bar = make_progress(total_steps, step)  # a bar on a terminal, else a log line every N seconds
     history: list[dict[str, Any]] = []
     val: dict[str, Any] | None = None
     t_start = time.perf_counter()
