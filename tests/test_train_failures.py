@@ -86,7 +86,7 @@ def test_corrupt_image_is_one_line_error_with_any_number_of_workers(tmp_path, ca
     data = write_folder(tmp_path / "data", bad=("a/3.png", "b/3.png"))
     with caplog.at_level(logging.ERROR):
         code = main(["train", "--data", str(data), "--output", str(tmp_path / "out"), "--steps", "4",
-                     "--workers", str(workers), *FAST])
+                     "--workers", str(workers), "--set", "cache_images=false", *FAST])
     assert code == 2
     (msg,) = errors(caplog)
     assert "\n" not in msg and "Traceback" not in msg and "worker" not in msg

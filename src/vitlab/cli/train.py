@@ -42,7 +42,9 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (repeatable), e.g. --set lr=3e-4 --set model_overrides.depth=6")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
-    p.add_argument("--workers", type=int, help="data loader worker processes")
+    p.add_argument("--workers", type=int, help="data loader worker processes (default: from the data and cores)")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: the cores given, or "
+                   "OMP_NUM_THREADS; overrides the recipe's cpu_threads)")
     add_device_argument(p)
     add_image_limit_argument(p)
     p.add_argument("--seed", type=int, help="override the recipe's seed")
@@ -99,7 +101,7 @@ def make_job(args: argparse.Namespace, recipe, *, model: str | None, pretrained:
     return TrainJob(recipe=recipe, data=args.data, output=output, model=model, pretrained=pretrained,
                     device=None if args.device == "auto" else args.device, resume=args.resume,
                     overwrite=args.overwrite, skip_bad_images=args.skip_bad_images, distill=distill,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, threads=args.threads)
 
 
 def train_or_explain(job) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from vitlab.checkpoints import CheckpointError
 from vitlab.models.registry import get_entry
 from vitlab.train.distributed import DistContext, distributed_context
 from vitlab.train.evaluate import EvalResult, evaluate
+from vitlab.train.hardware import training_threads
 from vitlab.train.losses import ClassificationLoss
 from vitlab.train.recipe import Recipe
 from vitlab.train.state import load_train_state
@@ -52,6 +54,7 @@ class TrainJob:
     distill: Distill | None = None
     progress: bool = True
     until_step: int | None = None
+    threads: int | None = None  # --threads: intra-op CPU threads (None: the recipe's, else the cores given)
     extra_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -144,63 +147,98 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     Nothing is written to the run directory before the data, the model and (with --resume) the saved
     state have been checked.
     """
-    from vitlab.data import build_dataset, eval_transform, train_transform
-    from vitlab.data.checks import check_classification_data
-
     recipe = job.recipe
     with distributed_context(job.device) as ctx:
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)
-        if ctx.device.type == "cpu" and recipe.cpu_threads is not None:
-            torch.set_num_threads(recipe.cpu_threads)
-        if ctx.is_main:
-            _check_output(job)
-        common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
-        train_set = build_dataset(job.data, split="train", **common)
-        check_classification_data(train_set)
-        val_set = build_dataset(job.data, split="val", **common) if recipe.val_fraction > 0 else None
-        test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
-        model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans)
-        if job.resume:
-            check_resumable(job.output, model, recipe)
-        criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
-        if ctx.is_main:
-            job.output.mkdir(parents=True, exist_ok=True)
-            atomic_text(job.output / "job.json", json.dumps({
-                "data": job.data, "model": job.model or recipe.model, "pretrained": job.pretrained,
-                "skip_bad_images": job.skip_bad_images}, indent=2))
-        pre = model.preprocessing
-        if recipe.augment:
-            train_set.transform = train_transform(
-                pre, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip, randaugment=recipe.randaugment,
-                randaugment_mstd=recipe.randaugment_mstd, re_prob=recipe.re_prob)
-        else:
-            train_set.transform = eval_transform(pre)
-        for ds in (val_set, test_set):
-            if ds is not None:
-                ds.transform = eval_transform(pre)
-        result = fit(model, recipe, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
-                     resume=job.resume, class_names=train_set.classes, criterion=criterion,
-                     until_step=job.until_step, progress=job.progress)
-        summary: dict[str, Any] = {"model": model.model_name, "recipe": recipe.name, "data": job.data,
-                                   "steps": result.step, "global_batch": result.global_batch,
-                                   "train_seconds": round(result.seconds, 1), "val": result.val,
-                                   "checkpoint": str(result.model_path)}
-        if ctx.is_main and test_set is not None and result.step >= result.total_steps:
-            if hasattr(model, "set_distilled_training"):
-                model.set_distilled_training(False)
-            summary["test"] = _test(model, test_set, recipe, ctx, "model")
-            if recipe.ema_decay is not None:
-                import vitlab
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        with training_threads(job.threads if job.threads is not None else recipe.cpu_threads, local) as threads:
+            log.info("%d CPU thread(s) per process", threads)
+            return _run(job, ctx)
 
-                ema_model = vitlab.load_model(job.output / EMA_FILE).to(ctx.device)
-                summary["test_ema"] = _test(ema_model, test_set, recipe, ctx, "EMA model")
-        if job.skip_bad_images:  # distinct files, counted across worker processes and epochs
-            summary["skipped_images"] = len({f for ds in (train_set, val_set, test_set) if ds is not None
-                                             for f in ds.skipped()})
-        if ctx.is_main and "test" in summary:
-            atomic_text(job.output / "results.json", json.dumps(summary, indent=2))
-        return summary
+
+def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
+    """run_training inside its process group and thread setting."""
+    from vitlab.data import build_dataset, eval_transform, train_transform
+    from vitlab.data.checks import check_classification_data
+
+    recipe = job.recipe
+    if ctx.is_main:
+        _check_output(job)
+    common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
+    train_set = build_dataset(job.data, split="train", **common)
+    check_classification_data(train_set)
+    val_set = build_dataset(job.data, split="val", **common) if recipe.val_fraction > 0 else None
+    test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
+    model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans)
+    if job.resume:
+        check_resumable(job.output, model, recipe)
+    criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
+    if ctx.is_main:
+        job.output.mkdir(parents=True, exist_ok=True)
+        atomic_text(job.output / "job.json", json.dumps({
+            "data": job.data, "model": job.model or recipe.model, "pretrained": job.pretrained,
+            "skip_bad_images": job.skip_bad_images}, indent=2))
+    pre = model.preprocessing
+    if recipe.augment:
+        train_set.transform = train_transform(
+            pre, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip, randaugment=recipe.randaugment,
+            randaugment_mstd=recipe.randaugment_mstd, re_prob=recipe.re_prob)
+    else:
+        train_set.transform = eval_transform(pre)
+    for ds in (val_set, test_set):
+        if ds is not None:
+            ds.transform = eval_transform(pre)
+    recipe = _prepare_data(recipe, [train_set, val_set, test_set])
+    result = fit(model, recipe, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
+                 resume=job.resume, class_names=train_set.classes, criterion=criterion,
+                 until_step=job.until_step, progress=job.progress)
+    summary: dict[str, Any] = {"model": model.model_name, "recipe": recipe.name, "data": job.data,
+                               "steps": result.step, "global_batch": result.global_batch,
+                               "train_seconds": round(result.seconds, 1), "val": result.val,
+                               "checkpoint": str(result.model_path)}
+    if ctx.is_main and test_set is not None and result.step >= result.total_steps:
+        if hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(False)
+        summary["test"] = _test(model, test_set, recipe, ctx, "model")
+        if recipe.ema_decay is not None:
+            import vitlab
+
+            ema_model = vitlab.load_model(job.output / EMA_FILE).to(ctx.device)
+            summary["test_ema"] = _test(ema_model, test_set, recipe, ctx, "EMA model")
+    if job.skip_bad_images:  # distinct files, counted across worker processes and epochs
+        summary["skipped_images"] = len({f for ds in (train_set, val_set, test_set) if ds is not None
+                                         for f in ds.skipped()})
+    if ctx.is_main and "test" in summary:
+        atomic_text(job.output / "results.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _prepare_data(recipe: Recipe, datasets: list) -> Recipe:
+    """Decode small image folders into memory once (``cache_images``) and choose the loader's workers."""
+    from vitlab.data.cache import MEMORY_SHARE, cache_decoded
+    from vitlab.data.dataset import ImageFileDataset
+    from vitlab.train.hardware import available_cores, available_memory_gb, default_workers
+
+    cores = available_cores()
+    in_memory = True
+    budget = int(MEMORY_SHARE * available_memory_gb() * 2**30)
+    for ds in datasets:
+        if isinstance(ds, ImageFileDataset):
+            if recipe.cache_images is False:
+                in_memory = False
+                continue
+            workers = max(0, min(8, cores - 1))
+            cached = cache_decoded(ds, max_bytes=budget, workers=workers)
+            budget -= ds.cache_nbytes
+            if not cached and recipe.cache_images:
+                raise ValueError(f"cache_images=true: {ds.source} does not fit in memory; set it to false or none")
+            in_memory = in_memory and cached
+    if recipe.workers is None:
+        recipe = recipe.replace(workers=default_workers(in_memory=in_memory, cores=cores))
+        log.info("data loader: %d worker process(es) (%s)", recipe.workers,
+                 "images in memory" if in_memory else "decoding files")
+    return recipe
 
 
 def _test(model: nn.Module, test_set, recipe: Recipe, ctx: DistContext, label: str) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def _make_loader(dataset: Dataset, sampler: Sampler[int], recipe: Recipe, batch_
     # create_loader's private, seeded generator: creating an iterator draws a base seed from it, not
     # from the global RNG, so a resumed epoch (a new iterator mid-epoch) consumes the global generators
     # exactly as the uninterrupted run did.
-    return create_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=recipe.workers,
+    return create_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=recipe.workers or 0,
                          seed=recipe.seed, drop_last=True, sampler=sampler)
 
 
@@ -248,7 +248,7 @@ def fit(
                 raise CheckpointError(f"{out / STATE_FILE}: the run had no EMA; resume with the same recipe")
             ema.module.load_state_dict(state["ema"])
         step = int(state["step"])
-        logistics = {"workers", "log_every", "checkpoint_every", "eval_every_epochs", "description"}
+        logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description"}
         changed = sorted(k for k, v in recipe.to_dict().items()
                          if k not in logistics and state.get("recipe", {}).get(k) != v)
         if changed or state.get("total_steps") != total_steps or state.get("global_batch") != global_batch:
