@@ -85,3 +85,20 @@ def test_training_caches_a_small_folder(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert main(["train", "--data", str(data), "--output", str(tmp_path / "out"), "--steps", "2", *FAST]) == 0
     assert "images decoded into memory" in caplog.text and "0 worker process(es) (images in memory)" in caplog.text
+
+
+def test_the_printed_model_description_says_what_was_built(tmp_path, caplog):
+    import vitlab
+    from vitlab.models.describe import describe_model
+
+    model = vitlab.create_model("vit_tiny_patch16_224", img_size=28, in_chans=1, num_classes=10, patch_size=4,
+                                embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0)
+    assert describe_model(model) == ("vit_tiny_patch16_224 with patch_size=4, embed_dim=64, depth=6, num_heads=4, "
+                                     "mlp_ratio=2 at 28 px, 1 channel, 10 classes, 0.21 M parameters")
+    assert describe_model(vitlab.create_model("vit_small_patch16_224")).startswith(
+        "vit_small_patch16_224 at 224 px, 3 channels, 1000 classes, 22.")
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--output", str(tmp_path / "run"), "--steps", "1", "--batch-size", "32",
+                     "--no-progress", "--set", "model_overrides.depth=1"]) == 0
+    assert ("model: vit_tiny_patch16_224 with patch_size=2, embed_dim=64, depth=1, num_heads=4, mlp_ratio=2, "
+            "drop_path_rate=0.1 at 8 px, 1 channel, 10 classes, 0.04 M parameters") in caplog.text

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vitlab.checkpoints import CheckpointError
+from vitlab.models.describe import describe_model
 from vitlab.models.registry import get_entry
 from vitlab.train.distributed import DistContext, distributed_context
 from vitlab.train.evaluate import EvalResult, evaluate
@@ -171,6 +172,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     val_set = build_dataset(job.data, split="val", **common) if recipe.val_fraction > 0 else None
     test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
     model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans)
+    log.info("model: %s", describe_model(model))
     if job.resume:
         check_resumable(job.output, model, recipe)
     criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
