@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +57,8 @@ class TrainJob:
     progress: bool = True
     until_step: int | None = None
     threads: int | None = None  # --threads: intra-op CPU threads (None: the recipe's, else the cores given)
+    time_budget_s: float | None = None  # --time-budget: size the schedule to end on time (fresh runs)
+    started: float = field(default_factory=time.monotonic)  # when the command began, for the budget
     extra_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -192,6 +195,9 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         if ds is not None:
             ds.transform = eval_transform(pre)
     recipe = _prepare_data(recipe, [train_set, val_set, test_set])
+    recipe = _check_precision(recipe, ctx.device)
+    if job.time_budget_s is not None and not job.resume:
+        recipe = _fit_to_budget(job, ctx, recipe, model, train_set, val_set, test_set)
     result = fit(model, recipe, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
                  resume=job.resume, class_names=train_set.classes, criterion=criterion,
                  until_step=job.until_step, progress=job.progress)
@@ -214,6 +220,41 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     if ctx.is_main and "test" in summary:
         atomic_text(job.output / "results.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Module, train_set, val_set,
+                   test_set) -> Recipe:
+    """Time the first steps and give the run the number of steps that ends its schedule on time."""
+    from vitlab.train.budget import fit_recipe_to_budget, measure_step_seconds
+    from vitlab.train.progress import format_duration
+
+    step_s = measure_step_seconds(model, recipe, train_set, ctx.device)
+    if ctx.distributed:  # every rank runs the same number of steps: rank 0's
+        import torch.distributed as dist
+
+        box = [step_s]
+        dist.broadcast_object_list(box, src=0)
+        step_s = box[0]
+    eval_images = sum(len(ds) for ds in (val_set, test_set) if ds is not None) * (2 if recipe.ema_decay else 1)
+    elapsed = time.monotonic() - job.started
+    fitted = fit_recipe_to_budget(recipe, budget_s=job.time_budget_s, elapsed_s=elapsed, step_s=step_s,
+                                  num_images=len(train_set) * (recipe.repeat_aug or 1), eval_images=eval_images,
+                                  world_size=ctx.world_size)
+    log.info("time budget %s: %.3f s per step measured, %s already spent -> %d steps (%d epoch(s)); the cosine "
+             "decay ends on time and the model is evaluated at the end", format_duration(job.time_budget_s), step_s,
+             format_duration(elapsed), fitted.max_steps, fitted.epochs)
+    return fitted
+
+
+def _check_precision(recipe: Recipe, device: torch.device) -> Recipe:
+    """amp=bf16 on a CPU without native bfloat16 (AVX512-BF16 / AMX) would be emulated, slower than float32:
+    it runs in float32 instead, with a warning."""
+    from vitlab.train.hardware import cpu_has_bf16
+
+    if recipe.amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        log.warning("amp=bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); training in float32")
+        return recipe.replace(amp="none")
+    return recipe
 
 
 def _prepare_data(recipe: Recipe, datasets: list) -> Recipe:
