@@ -170,7 +170,13 @@ def auto_recipe(args: argparse.Namespace):
     return choice.recipe
 
 
+def check_length_options(args: argparse.Namespace) -> None:
+    if getattr(args, "time_budget", None) is not None and (args.steps is not None or args.epochs is not None):
+        raise ValueError("--time-budget sizes the run itself; give it without --steps / --epochs")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_length_options(args)
     saved = saved_run(args, args.output) if args.output is not None else None
     if saved is not None:  # `vitlab train --output DIR --resume` alone continues that run as it was
         args.model = args.model or saved["job"].get("model")
