@@ -121,11 +121,14 @@ def test_steps_for_budget():
     assert steps_for_budget(budget_s=10, elapsed_s=60, step_s=0.5, eval_images=0, batch=1) == 1  # over already
 
 
-def test_time_steps_is_the_median_after_warmup():
-    ticks = iter([0, 1, 10, 12, 20, 21, 30, 39])  # durations 1, 2, 1, 9 -> median 1.5
+def test_time_steps_is_the_mean_after_warmup():
+    ticks = iter([0, 1, 10, 12, 20, 21, 30, 39, 40, 41, 50, 51])  # durations 1, 2, 1, 9, then 1, 1
     calls = []
-    assert time_steps(lambda: calls.append(1), steps=4, warmup=2, clock=lambda: next(ticks)) == 1.5
+    assert time_steps(lambda: calls.append(1), steps=4, warmup=2, clock=lambda: next(ticks)) == 13 / 4
     assert len(calls) == 6
+    ticks = iter([0, 1, 10, 12, 20, 21, 30, 39, 40, 41, 50, 51])
+    # at least 14 s timed: one more step
+    assert time_steps(lambda: None, steps=4, warmup=0, min_seconds=14, clock=lambda: next(ticks)) == 14 / 5
 
 
 def test_fit_recipe_to_budget_ends_the_schedule_on_time():

@@ -56,21 +56,23 @@ def steps_for_budget(*, budget_s: float, elapsed_s: float, step_s: float, eval_i
     return max(1, int(safety * remaining / step_s))
 
 
-def time_steps(step: Callable[[], None], *, steps: int = 8, warmup: int = 2,
-               clock: Callable[[], float] = time.perf_counter) -> float:
-    """Median seconds of ``step()`` over ``steps`` calls after ``warmup`` untimed ones."""
+def time_steps(step: Callable[[], None], *, steps: int = 8, warmup: int = 2, min_seconds: float = 0.0,
+               max_steps: int = 200, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Mean seconds of ``step()`` after ``warmup`` untimed calls: at least ``steps`` calls, and more (up to
+    ``max_steps``) until ``min_seconds`` have been timed. The mean, not the median: the occasional slow
+    step (a busy machine, a page fault) costs the run time too."""
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
+    times: list[float] = []
+    while len(times) < steps or (sum(times) < min_seconds and len(times) < max_steps):
         t0 = clock()
         step()
         times.append(clock() - t0)
-    return statistics.median(times)
+    return statistics.fmean(times)
 
 
 def measure_step_seconds(model: nn.Module, recipe: Recipe, train_set: Dataset, device: torch.device, *,
-                         steps: int = 8, warmup: int = 2) -> float:
+                         steps: int = 8, warmup: int = 2, min_seconds: float = 0.0) -> float:
     """Seconds per optimiser step of ``recipe`` on a copy of ``model``, data loading included. Every
     random generator is left as it was, so the run itself is unchanged by the measurement."""
     from vitlab.data import create_loader
@@ -111,7 +113,7 @@ def measure_step_seconds(model: nn.Module, recipe: Recipe, train_set: Dataset, d
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
-        seconds = time_steps(one_step, steps=steps, warmup=warmup)
+        seconds = time_steps(one_step, steps=steps, warmup=warmup, min_seconds=min_seconds)
     return seconds
 
 

@@ -228,7 +228,8 @@ def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Mo
     from vitlab.train.budget import fit_recipe_to_budget, measure_step_seconds
     from vitlab.train.progress import format_duration
 
-    step_s = measure_step_seconds(model, recipe, train_set, ctx.device)
+    # timed for 2% of the budget (at least 8 steps): long enough to average over a busy machine's noise
+    step_s = measure_step_seconds(model, recipe, train_set, ctx.device, min_seconds=0.02 * job.time_budget_s)
     if ctx.distributed:  # every rank runs the same number of steps: rank 0's
         import torch.distributed as dist
 
