@@ -85,7 +85,10 @@ def test_more_machine_more_model():
 
 def test_small_models_stay_float32_on_a_bf16_cpu():
     assert choose_recipe(MNIST, BF16_CPU).recipe.amp == "none"
-    assert choose_recipe(MNIST, BF16_CPU, model="vit_base_patch16_224", model_flops=5e10).recipe.amp == "bf16"
+    assert choose_recipe(MNIST, BF16_CPU, model="vit_base_patch16_224", model_flops=5e10,
+                         model_width=768).recipe.amp == "bf16"
+    assert choose_recipe(MNIST, BF16_CPU, model="vit_tiny_patch16_224", model_flops=7e9,
+                         model_width=192).recipe.amp == "none"
 
 
 def test_too_much_data_for_one_pass_stops_part_way_on_time():
@@ -96,9 +99,12 @@ def test_too_much_data_for_one_pass_stops_part_way_on_time():
 
 def test_a_named_model_gets_a_schedule_only():
     flops = vit_train_flops(img=224, patch=16, channels=3, embed_dim=768, depth=12, mlp_ratio=4.0)
-    c = choose_recipe(PHOTOS, LAPTOP, model="vit_base_patch16_224", model_flops=flops)
+    c = choose_recipe(PHOTOS, H100, model="vit_base_patch16_224", model_flops=flops, model_width=768)
+    # a long run: still no stochastic depth or other change to the model the user named
     assert c.recipe.model == "vit_base_patch16_224" and c.recipe.model_overrides == {} and c.recipe.img_size is None
-    assert c.estimated_s <= 20 * 60 * 1.001
+    assert c.recipe.epochs >= 40 and c.estimated_s <= 30 * 60 * 1.001 and c.recipe.amp == "bf16"
+    short = choose_recipe(PHOTOS, LAPTOP, model="vit_base_patch16_224", model_flops=flops)
+    assert short.estimated_s <= 20 * 60 * 1.001 and "at its own resolution" in short.summary
 
 
 def test_single_class_is_refused():

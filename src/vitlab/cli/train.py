@@ -160,12 +160,15 @@ def auto_recipe(args: argparse.Namespace):
 
     facts = facts_for_source(args.data)
     hw = detect(check_device(args), threads=args.threads or default_threads())
-    model_flops = None
+    model_flops = model_width = None
     if args.model is not None:
         from vitlab.benchmark import registry_forward_flops
+        from vitlab.models.registry import get_entry
 
         model_flops = registry_forward_flops(args.model, in_chans=facts.channels)[0] * TRAIN_FLOP_FACTOR
-    choice = choose_recipe(facts, hw, time_budget_s=args.time_budget, model=args.model, model_flops=model_flops)
+        model_width = getattr(get_entry(args.model).config, "embed_dim", None)
+    choice = choose_recipe(facts, hw, time_budget_s=args.time_budget, model=args.model, model_flops=model_flops,
+                           model_width=model_width)
     log.info("%s", choice.summary)
     return choice.recipe
 

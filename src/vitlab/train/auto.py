@@ -162,12 +162,14 @@ def wanted_epochs(num_images: int) -> int:
 
 
 def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None = None,
-                  model: str | None = None, model_flops: float | None = None) -> AutoChoice:
+                  model: str | None = None, model_flops: float | None = None,
+                  model_width: int | None = None) -> AutoChoice:
     """A recipe for ``data`` on ``hw`` that finishes within ``time_budget_s`` (default: 20 min CPU, 30 GPU).
 
     Args:
-        model / model_flops: a model the user named (``--model``) and its training FLOPs per image at its
-            own resolution: the chooser then sizes only the schedule, batch and augmentation for it.
+        model / model_flops / model_width: a model the user named (``--model``), its training FLOPs per
+            image at its own resolution and its token width: the chooser then sizes only the schedule,
+            batch, augmentation and precision for it.
     """
     if data.num_classes < 2:
         raise ValueError(f"choose_recipe: {data.num_classes} class(es); a classifier needs at least two")
@@ -203,7 +205,7 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
         if model_flops is None:
             raise ValueError("choose_recipe: give model_flops with model")
         flops, model_name, img = model_flops, model, None
-        bf16 = use_bf16(hw, CPU_BF16_MIN_WIDTH if flops > 1e9 else 0)
+        bf16 = use_bf16(hw, model_width or 0)
 
     batch = 256 if hw.gpu else 128
     batch = max(8, min(batch, 2 ** int(math.log2(max(8, n // 16)))))
@@ -219,7 +221,7 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
     long_run = epochs >= 40
     colour = data.channels == 3
     small = min(data.image_size) <= 64
-    if long_run and depth_of(overrides) >= 6:
+    if model is None and long_run and depth_of(overrides) >= 6:
         overrides["drop_path_rate"] = 0.1
     scale_min = (0.35 if long_run else 0.6) if colour or not small else 0.8
     recipe = Recipe(
@@ -252,7 +254,7 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
     where = f"{hw.gpu}" if hw.gpu else f"{hw.threads} CPU thread{'s' if hw.threads != 1 else ''}"
     arch = (f"{model_name} with embed_dim={overrides['embed_dim']}, depth={overrides['depth']}, "
             f"patch_size={patch}" if model is None else model_name)
-    summary = (f"auto recipe: {arch} at {img or 'its own size'} px; batch {batch}, "
+    summary = (f"auto recipe: {arch} at {f'{img} px' if img else 'its own resolution'}; batch {batch}, "
                f"{epochs if max_steps is None else f'{max_steps} steps of 1'} epoch(s) of {n:,} images "
                f"({total_steps:,} steps), {'bf16' if bf16 else 'float32'}, "
                f"{'flips, ' if colour else ''}crops {scale_min:g}-1; estimated {_duration(estimated)} on {where} "
