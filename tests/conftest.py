@@ -9,6 +9,8 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# Training runs choose their threads from OMP_NUM_THREADS (else the cores given): one per test worker too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parents[1]

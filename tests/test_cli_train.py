@@ -145,7 +145,7 @@ def test_unfinished_run_is_not_overwritten(run_dir, tmp_path, caplog):
 
     out = tmp_path / "unfinished"
     shutil.copytree(run_dir, out)
-    # a finished run may be replaced; an unfinished one (step < total_steps) needs --resume or --overwrite
+    # an unfinished run (step < total_steps) needs --resume or --overwrite (a finished one: --overwrite)
     state = torch.load(out / "train_state.pt", weights_only=True)
     state["total_steps"] = 100
     torch.save(state, out / "train_state.pt")

@@ -52,9 +52,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def read_pickle(path: Path) -> Any:
+def read_pickle(path: Path, *, mmap: bool = False) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's message opens with advice to retry with weights_only=False; keep only what it refused
         lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln]

@@ -7,6 +7,8 @@ import logging
 import shlex
 from pathlib import Path
 
+from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+
 log = logging.getLogger(__name__)
 
 EXAMPLE = """example:
@@ -30,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--components", type=int, default=28, help="principal components of the filters to draw")
     p.add_argument("--batch-size", type=int, default=32, help="images per captured forward pass (all maps are kept)")
     p.add_argument("--output", default="analysis", metavar="DIR", help="folder for the figures and report")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_device_argument(p)
+    add_image_limit_argument(p)
     p.set_defaults(func=run)
 
 
@@ -45,12 +48,11 @@ def command_line(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from vitlab import load_model
     from vitlab.analysis.analyze import REPORT_HTML, analyze_model
-    from vitlab.cli.explain import pick_device
     from vitlab.data import build_dataset, eval_transform
 
     if args.num_images < 1:
         raise ValueError("--num-images must be at least 1")
-    device = pick_device(args.device)
+    device = check_device(args)
     model = load_model(args.checkpoint)
     dataset = build_dataset(args.data, split=args.split, transform=eval_transform(model.preprocessing))
     name = getattr(model, "model_name", type(model).__name__)

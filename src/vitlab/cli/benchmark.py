@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from vitlab.benchmark import DTYPES, MODES, benchmark_models, num_threads
+from vitlab.cli.common import add_device_argument, check_device
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, repeatable, e.g. --set depth=2 --set img_size=64")
+    add_device_argument(p)
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     p.set_defaults(func=run)
 
@@ -67,6 +69,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.repeats < 1:
         raise ValueError("--batch-size and --repeats must be >= 1")
+    if check_device(args).type != "cpu" and args.device != "auto":
+        raise ValueError(f"--device {args.device}: vitlab benchmark measures the CPU only; use --device cpu")
     overrides = parse_overrides(args.overrides)
     with num_threads(args.threads):
         report = benchmark_models(

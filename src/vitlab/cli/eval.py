@@ -11,6 +11,8 @@ import json
 import logging
 from pathlib import Path
 
+from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+
 log = logging.getLogger("vitlab")
 
 EXAMPLE = """examples:
@@ -29,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    add_device_argument(p)
+    add_image_limit_argument(p)
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast precision")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
     p.add_argument("--output", type=Path, help="report folder (default: beside the checkpoint, eval_SPLIT)")
@@ -53,10 +56,9 @@ def check_classes(model, classes: list[str], checkpoint: str, data: str) -> None
 def run(args: argparse.Namespace) -> int:
     import vitlab
     from vitlab.data import build_dataset, eval_transform
-    from vitlab.train.distributed import resolve_device
     from vitlab.train.evaluate import evaluate
 
-    device = resolve_device(None if args.device == "auto" else args.device)
+    device = check_device(args)
     model = vitlab.load_model(args.checkpoint).to(device).eval()
     ds = build_dataset(args.data, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
                        transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
@@ -90,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         width = max(len(c) for c in ds.classes)
         for name, acc in zip(ds.classes, r.per_class):
             print(f"  {name:<{width}}  {100 * acc:6.2f}%")
+        if args.skip_bad_images:
+            print(f"skipped {ds.num_skipped} undecodable image(s) in total")
         print(f"report: {out}/ (metrics.json, per_class.csv, confusion.csv, confusion.png)")
     return 0
 

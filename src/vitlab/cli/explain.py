@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+
 log = logging.getLogger(__name__)
 
 EXAMPLE = """example:
@@ -40,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
                    help="fraction of the lowest attentions dropped in each layer (0 keeps all)")
     p.add_argument("--output", default="explain", metavar="DIR", help="folder for the PNGs")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_device_argument(p)
+    add_image_limit_argument(p)
     p.set_defaults(func=run)
 
 
@@ -63,17 +66,11 @@ def model_class_names(model: torch.nn.Module) -> list[str]:
     return list(names) if names else [str(i) for i in range(model.num_classes)]
 
 
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def prepare_image(path: str, transform) -> torch.Tensor:
     """Decode a file to the normalised (C, H, W) tensor the model expects (channels converted too)."""
     from vitlab.data import load_image
 
-    return transform(load_image(path))
+    return transform(load_image(path, min_size=transform.min_source_size))
 
 
 def _output_names(paths: list[str], method: str) -> list[str]:
@@ -93,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.analysis.figures import explain_figure, to_display
     from vitlab.data import eval_transform
 
-    device = pick_device(args.device)
+    device = check_device(args)
     model = load_model(args.checkpoint).to(device).eval()
     names = model_class_names(model)
     target = resolve_class(args.target, names)

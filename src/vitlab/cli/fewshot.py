@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 
+from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+
 log = logging.getLogger(__name__)
 
 EXAMPLE = """example:
@@ -46,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "a large training set is not embedded whole; 0: all)")
     p.add_argument("--max-test", type=int, default=None, metavar="N", help="evaluate on at most N test images")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_device_argument(p)
+    add_image_limit_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -55,12 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from vitlab import load_model
     from vitlab.analysis.analyze import collate_present, spread_images
     from vitlab.analysis.fewshot import extract_features, fewshot_evaluate
-    from vitlab.cli.explain import pick_device
     from vitlab.data import build_dataset, eval_transform
 
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
-    device = pick_device(args.device)
+    device = check_device(args)
     model = load_model(args.checkpoint).to(device).eval()
     transform = eval_transform(model.preprocessing)
     train = build_dataset(args.data, split=args.train_split, transform=transform)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from vitlab.cli.train import add_common_args, make_job, resolve_recipe, saved_run, train_or_explain
+from vitlab.cli.train import (
+    add_common_args,
+    check_length_options,
+    make_job,
+    resolve_recipe,
+    saved_run,
+    train_or_explain,
+)
 from vitlab.train.recipe import list_recipes
 
 EXAMPLE = """examples:
@@ -37,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitlab.train.run import pretrained_model_name
 
+    check_length_options(args)
     saved = saved_run(args, args.output) if args.output is not None else None
     if saved is not None:
         args.data = args.data or saved["job"].get("data")

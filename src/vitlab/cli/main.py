@@ -10,6 +10,7 @@ import sys
 
 from vitlab import __version__
 from vitlab.checkpoints.io import CheckpointError
+from vitlab.cli.common import apply_image_limit, check_device
 
 # Subcommand modules, in the order `vitlab --help` lists them.
 SUBCOMMANDS = (
@@ -59,13 +60,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.verbose, args.quiet)
     try:
+        check_device(args)  # every command's --device, checked the same way before any work
+        apply_image_limit(args)
         return int(args.func(args) or 0)
     except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
-        logging.getLogger("vitlab").error("error: %s", e)
+        logging.getLogger("vitlab").error("error: %s", one_line(e))
         return 2
     except KeyboardInterrupt:
         logging.getLogger("vitlab").error("interrupted")
         return 130
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message; one raised in a DataLoader worker comes back wrapped in the worker's traceback,
+    of which only its own last line (``module.Class: message``) is kept."""
+    text = str(e)
+    if text.startswith("Caught ") and "DataLoader worker" in text.split("\n", 1)[0]:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+
 EXAMPLE = """examples:
   vitlab predict digit0.png digit1.png --checkpoint runs/digits-vit/model.safetensors
   vitlab predict photo.jpg --checkpoint runs/mine/model.safetensors --topk 3 --json"""
@@ -18,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="vitlab checkpoint")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    add_device_argument(p)
+    add_image_limit_argument(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=run)
 
@@ -28,12 +31,11 @@ def run(args: argparse.Namespace) -> int:
 
     import vitlab
     from vitlab.data import eval_transform, load_image
-    from vitlab.train.distributed import resolve_device
     from vitlab.train.evaluate import logits_of
 
     if args.topk < 1:
         raise ValueError("--topk must be >= 1")
-    device = resolve_device(None if args.device == "auto" else args.device)
+    device = check_device(args)
     model = vitlab.load_model(args.checkpoint).to(device).eval()
     transform = eval_transform(model.preprocessing)
     names = getattr(model, "class_names", None) or [str(i) for i in range(model.num_classes)]
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]
-        x = torch.stack([transform(load_image(p)) for p in paths]).to(device)  # (B, C, H, W)
+        x = torch.stack([transform(load_image(p, min_size=transform.min_source_size)) for p in paths]).to(device)  # (B, C, H, W)
         with torch.no_grad():
             probs = logits_of(model(x)).float().softmax(dim=-1)
         top = probs.topk(k, dim=-1)

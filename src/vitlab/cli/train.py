@@ -10,12 +10,15 @@ import argparse
 import logging
 from pathlib import Path
 
+from vitlab.cli.common import add_device_argument, add_image_limit_argument
 from vitlab.train.recipe import apply_overrides, list_recipes, load_recipe
 
 log = logging.getLogger("vitlab")
 
 EXAMPLE = """examples:
   vitlab train                                   # the main job: small ViT on the bundled digits
+  vitlab train --data ./my_images                # recipe chosen from the data and this machine (printed)
+  vitlab train --data ./my_images --time-budget 20m   # the best model that trains in 20 minutes
   vitlab train --model vit_small_patch16_224 --data ./images --recipe deit --epochs 30 --batch-size 64 \\
       --set lr=1e-3 --set model_overrides.drop_path_rate=0.1 --output runs/mine
   vitlab train --model vit_tiny_patch16_224 --data /data/mnist --img-size 28 --set model_overrides.patch_size=4
@@ -29,8 +32,13 @@ recipes: {recipes} or a JSON file; every field can be changed with --set key=val
 
 def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -> None:
     p.add_argument("--data", help="data source (default: digits; with --resume: the run's own)")
-    p.add_argument("--recipe", help=f"shipped recipe name or JSON file (default: "
-                   f"{default_recipe or 'digits for --data digits, else deit'}; with --resume: the run's own)")
+    p.add_argument("--recipe", help=f"shipped recipe name, a JSON file, or auto (default: "
+                   f"{default_recipe or 'digits for the bundled digits, else auto: chosen from the data and the machine'}"
+                   f"; with --resume: the run's own)")
+    p.add_argument("--time-budget", type=_duration, metavar="DURATION",
+                   help="train for this long in all (e.g. 20m, 1h30m): the first steps are timed and the schedule "
+                        "sized to end on time, then the model is evaluated; with the auto recipe the model size "
+                        "is chosen for it too")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--steps", type=int, help="override the run length in optimiser steps (recipe max_steps)")
     p.add_argument("--batch-size", type=int, help="per-process batch of one micro-step")
@@ -41,8 +49,11 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (repeatable), e.g. --set lr=3e-4 --set model_overrides.depth=6")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
-    p.add_argument("--workers", type=int, help="data loader worker processes")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="device")
+    p.add_argument("--workers", type=int, help="data loader worker processes (default: from the data and cores)")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: the cores given, or "
+                   "OMP_NUM_THREADS; overrides the recipe's cpu_threads)")
+    add_device_argument(p)
+    add_image_limit_argument(p)
     p.add_argument("--seed", type=int, help="override the recipe's seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("distillation (DeiT)")
@@ -50,6 +61,15 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -
     g.add_argument("--distill", choices=["soft", "hard"], default="hard", help="distillation kind")
     g.add_argument("--tau", type=float, default=1.0, help="soft distillation temperature")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term")
+
+
+def _duration(text: str) -> float:
+    from vitlab.train.budget import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -73,10 +93,12 @@ def saved_run(args: argparse.Namespace, output: Path) -> dict | None:
     return {"recipe": {k: v for k, v in saved.items() if k != "resolved"}, "job": job}
 
 
-def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = None):
+def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = None, base=None):
     from vitlab.train.recipe import recipe_from_dict
 
-    if saved is not None:
+    if base is not None:
+        recipe = base
+    elif saved is not None:
         recipe = recipe_from_dict(saved["recipe"], source="the run's recipe.json")
     else:
         recipe = load_recipe(args.recipe or default)
@@ -97,7 +119,8 @@ def make_job(args: argparse.Namespace, recipe, *, model: str | None, pretrained:
     return TrainJob(recipe=recipe, data=args.data, output=output, model=model, pretrained=pretrained,
                     device=None if args.device == "auto" else args.device, resume=args.resume,
                     overwrite=args.overwrite, skip_bad_images=args.skip_bad_images, distill=distill,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, threads=args.threads,
+                    time_budget_s=None if args.resume else args.time_budget)
 
 
 def train_or_explain(job) -> int:
@@ -115,6 +138,9 @@ def train_or_explain(job) -> int:
 
 
 def report(summary: dict) -> None:
+    if "skipped_images" in summary:
+        log.info("skipped %d undecodable image(s) in total (--skip-bad-images; each was named above)",
+                 summary["skipped_images"])
     test = summary.get("test")
     if test is None:
         log.info("stopped at step %d; checkpoint: %s", summary["steps"], summary["checkpoint"])
@@ -126,13 +152,42 @@ def report(summary: dict) -> None:
              summary["checkpoint"])
 
 
+def auto_recipe(args: argparse.Namespace):
+    """The recipe vitlab.train.auto chooses for the data and this machine (printed in one line)."""
+    from vitlab.cli.common import check_device
+    from vitlab.train.auto import TRAIN_FLOP_FACTOR, choose_recipe, facts_for_source
+    from vitlab.train.hardware import default_threads, detect
+
+    facts = facts_for_source(args.data)
+    hw = detect(check_device(args), threads=args.threads or default_threads())
+    model_flops = model_width = None
+    if args.model is not None:
+        from vitlab.benchmark import registry_forward_flops
+        from vitlab.models.registry import get_entry
+
+        model_flops = registry_forward_flops(args.model, in_chans=facts.channels)[0] * TRAIN_FLOP_FACTOR
+        model_width = getattr(get_entry(args.model).config, "embed_dim", None)
+    choice = choose_recipe(facts, hw, time_budget_s=args.time_budget, model=args.model, model_flops=model_flops,
+                           model_width=model_width)
+    log.info("%s", choice.summary)
+    return choice.recipe
+
+
+def check_length_options(args: argparse.Namespace) -> None:
+    if getattr(args, "time_budget", None) is not None and (args.steps is not None or args.epochs is not None):
+        raise ValueError("--time-budget sizes the run itself; give it without --steps / --epochs")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_length_options(args)
     saved = saved_run(args, args.output) if args.output is not None else None
     if saved is not None:  # `vitlab train --output DIR --resume` alone continues that run as it was
         args.model = args.model or saved["job"].get("model")
         args.data = args.data or saved["job"].get("data")
-    default = "digits" if args.data in (None, "digits") else "deit"
-    recipe = resolve_recipe(args, default, saved)
+    base = None
+    if saved is None and (args.recipe == "auto" or (args.recipe is None and args.data not in (None, "digits"))):
+        base = auto_recipe(args)
+    recipe = resolve_recipe(args, "digits", saved, base)
     model = args.model or recipe.model
     if model is None:
         raise ValueError("no model: give --model NAME (see `vitlab models`)")

@@ -69,6 +69,10 @@ class VisionDataset(Dataset):
         """Distinct images skipped so far because they could not be decoded (``skip_bad_images=True``)."""
         return int(self._skipped.sum())
 
+    def skipped(self) -> list[str]:
+        """Where each skipped image comes from (``describe``), for totals across splits of one source."""
+        return [self.describe(i) for i in self._skipped.nonzero().flatten().tolist()]
+
     def load(self, index: int) -> Tensor:
         """The uint8 (in_chans, H, W) image of sample ``index``, untransformed; raises BadImageError."""
         raise NotImplementedError
@@ -138,9 +142,40 @@ class ImageFileDataset(VisionDataset):
         super().__init__(classes=classes, targets=targets, in_chans=in_chans, native_size=native_size,
                          source=source, transform=transform, skip_bad_images=skip_bad_images)
         self.paths = [os.fspath(p) for p in paths]
+        self._cache: Tensor | list[Tensor | None] | None = None
+        self._cache_errors: dict[int, str] = {}
+
+    @property
+    def cached(self) -> bool:
+        """True once :func:`vitlab.data.cache.cache_decoded` has decoded the images into memory."""
+        return self._cache is not None
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Memory the decoded images take (0 when not cached)."""
+        if self._cache is None:
+            return 0
+        if isinstance(self._cache, Tensor):
+            return self._cache.numel()
+        return sum(t.numel() for t in self._cache if t is not None)
+
+    def set_cache(self, images: Tensor | list[Tensor | None], errors: dict[int, str]) -> None:
+        """Serve ``images[i]`` instead of decoding file i (``errors``: the files that failed, by index)."""
+        if len(images) != len(self):
+            raise ValueError(f"{self.source}: cache of {len(images)} images for {len(self)} files")
+        self._cache, self._cache_errors = images, dict(errors)
+
+    def decode(self, index: int, *, min_size: int | None = None) -> Tensor:
+        """Decode file ``index`` to uint8 (in_chans, H, W); raises BadImageError."""
+        return to_channels(load_image(self.paths[index], min_size=min_size), self.in_chans)
 
     def load(self, index: int) -> Tensor:
-        return to_channels(load_image(self.paths[index]), self.in_chans)
+        if self._cache is not None:
+            if index in self._cache_errors:
+                raise BadImageError(self._cache_errors[index])
+            return self._cache[index]
+        # the transform says what resolution it needs, so that a huge photo is decoded no larger than that
+        return self.decode(index, min_size=getattr(self.transform, "min_source_size", None))
 
     def describe(self, index: int) -> str:
         return self.paths[index]

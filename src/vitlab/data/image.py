@@ -8,6 +8,7 @@ keep their look instead of showing whatever colour hides under alpha = 0.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -74,29 +75,104 @@ def _to_uint8_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def load_image(path: str | os.PathLike) -> Tensor:
+# The largest image (width x height) that load_image decodes. Pillow's own guard warns above about 89
+# megapixels and refuses above 179, which stops ordinary panoramas and large camera photos; vitlab keeps a
+# guard against decompression bombs but at a limit a real photo does not reach. Change it with
+# set_max_image_pixels, the --max-image-pixels option or the VITLAB_MAX_IMAGE_PIXELS environment variable
+# (read at import, so DataLoader workers started with "spawn" see it too).
+DEFAULT_MAX_IMAGE_PIXELS = 400_000_000
+_ENV_MAX_PIXELS = "VITLAB_MAX_IMAGE_PIXELS"
+_pillow_guard = threading.Lock()
+# Modes Image.reduce handles (not "1", "P", "I;16"; those are decoded at full size).
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr", "PA"})
+
+
+def _initial_max_pixels() -> int | None:
+    raw = os.environ.get(_ENV_MAX_PIXELS, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if raw.lower() in ("none", "0", "off"):
+        return None
+    try:
+        return int(float(raw))
+    except ValueError:
+        raise ValueError(f"{_ENV_MAX_PIXELS}={raw!r}: expected a number of pixels (e.g. 400000000) or none") from None
+
+
+MAX_IMAGE_PIXELS: int | None = _initial_max_pixels()
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Refuse images of more than ``limit`` pixels (None: no limit). Also exported to the environment, so
+    that worker processes agree."""
+    global MAX_IMAGE_PIXELS
+    if limit is not None and limit < 1:
+        raise ValueError(f"--max-image-pixels must be >= 1 (or none), got {limit}")
+    MAX_IMAGE_PIXELS = limit
+    os.environ[_ENV_MAX_PIXELS] = "none" if limit is None else str(int(limit))
+
+
+def _open_unguarded(p: Path) -> Image.Image:
+    """``Image.open`` without Pillow's global pixel guard (load_image applies MAX_IMAGE_PIXELS instead)."""
+    with _pillow_guard:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(p)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _reduce_factor(size: tuple[int, int], min_size: int | None) -> int:
+    """Integer downscale that keeps the shorter side at least twice ``min_size`` (1: keep the image)."""
+    if not min_size:
+        return 1
+    return max(1, min(size) // (2 * int(min_size)))
+
+
+def load_image(path: str | os.PathLike, *, min_size: int | None = None) -> Tensor:
     """Decode ``path`` to a uint8 tensor (C, H, W), C = 1 for grayscale files and 3 for colour ones.
 
     EXIF orientation is applied. Any failure (missing file, not an image, truncated data, unsupported
-    mode, decompression bomb) raises :class:`BadImageError` whose message names the file and the reason.
+    mode, more than ``MAX_IMAGE_PIXELS`` pixels) raises :class:`BadImageError` whose message names the
+    file and the reason.
+
+    Args:
+        min_size: the shorter side the caller needs (e.g. ``EvalTransform.min_source_size``). An image
+            at least four times larger is decoded smaller, to a shorter side of at least ``2 * min_size``:
+            JPEGs at 1/2, 1/4 or 1/8 scale inside the decoder (``Image.draft``), other formats by an
+            integer box reduction after decoding, so a 100-megapixel photo never exists as several
+            full-size copies.
     """
     p = Path(path)
     try:
         with warnings.catch_warnings():
-            # Pillow warns (DecompressionBombWarning, palette/EXIF oddities); turn the bomb warning into
-            # an error and keep the rest quiet so that a bad file never floods a training log.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns about palette/EXIF oddities; keep them quiet so that a bad file never floods a log.
             warnings.simplefilter("ignore", UserWarning)
-            with Image.open(p) as img:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _open_unguarded(p) as img:
+                w, h = img.size
+                if MAX_IMAGE_PIXELS is not None and w * h > MAX_IMAGE_PIXELS:
+                    raise BadImageError(
+                        f"{p}: refused, {w} x {h} = {w * h / 1e6:.0f} megapixels is above the limit of "
+                        f"{MAX_IMAGE_PIXELS / 1e6:.0f} (a decompression bomb?); raise it with --max-image-pixels "
+                        f"or {_ENV_MAX_PIXELS}")
+                factor = _reduce_factor((w, h), min_size)
+                if factor > 1 and img.format == "JPEG":
+                    # the decoder picks the largest of 1/2..1/8 that still gives at least this size
+                    img.draft(None, (max(1, w // factor), max(1, h // factor)))
                 img.load()  # force the full decode here, so truncation errors surface inside the try
-                img = ImageOps.exif_transpose(img) or img
-                arr = _to_uint8_array(img)
+                factor = _reduce_factor(img.size, min_size) if img.mode in _REDUCIBLE_MODES else 1
+                small = img.reduce(factor) if factor > 1 else img
+                small = ImageOps.exif_transpose(small) or small
+                arr = _to_uint8_array(small)
+                del small
+    except BadImageError:
+        raise
     except FileNotFoundError as e:
         raise BadImageError(f"{p}: file not found") from e
     except UnidentifiedImageError as e:
         raise BadImageError(f"{p}: not an image file Pillow can identify") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(f"{p}: refused, too many pixels (decompression bomb?): {e}") from e
     except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError) as e:
         # OSError covers "image file is truncated" and decoder errors; SyntaxError is what some Pillow
         # plugins raise on malformed headers.
@@ -116,7 +192,7 @@ def load_image(path: str | os.PathLike) -> Tensor:
 def peek_channels(path: str | os.PathLike) -> int | None:
     """Natural channel count (1 or 3) from the file header only, or None when the header is unreadable."""
     try:
-        with Image.open(path) as img:
+        with _open_unguarded(Path(path)) as img:
             return 1 if img.mode in GRAY_MODES else 3
     except Exception:  # noqa: BLE001 - a bad file is reported when it is decoded, not while peeking
         return None

@@ -48,6 +48,12 @@ class EvalTransform:
         c, h, w = pre.input_size
         self.channels, self.size = c, (h, w)
 
+    @property
+    def min_source_size(self) -> int:
+        """The shorter side an input needs for full quality (the resize target): larger photos may be
+        decoded smaller (``load_image(min_size=...)``)."""
+        return math.floor(max(self.size) / self.pre.crop_pct)
+
     def __call__(self, x: Tensor) -> Tensor:
         h, w = self.size
         crop_pct = self.pre.crop_pct
@@ -131,6 +137,12 @@ class TrainTransform(PicklableGenerator):
         for part in (self.randaugment, self.erasing):
             if part is not None:
                 part.generator = self.generator
+
+    @property
+    def min_source_size(self) -> int:
+        """The shorter side at which the smallest random crop (area ``scale[0]``) still has the output's
+        resolution; larger photos may be decoded smaller (``load_image(min_size=...)``)."""
+        return math.ceil(max(self.size) / math.sqrt(max(self.scale[0], 1e-3)))
 
     def reseed(self, seed: int) -> None:
         """Give this copy of the transform its own random stream (called in each DataLoader worker)."""

@@ -32,6 +32,8 @@ from vitlab.layers import (
 )
 from vitlab.layers.linformer import LinformerAttention, init_projection, resample_projection
 from vitlab.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     INCEPTION_MEAN,
     INCEPTION_STD,
     Preprocessing,
@@ -245,7 +247,8 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that should not be weight-decayed (position table and prefix tokens)."""
-        return {"pos_embed", "cls_token"}
+        names = {n for n, _ in self.named_parameters(recurse=False)}
+        return {n for n in ("pos_embed", "cls_token") if n in names}  # a gap model has no class token
 
     def reset_classifier(self, num_classes: int, *, global_pool: Literal["token", "avg"] | None = None,
                          keep_pre_logits: bool = False) -> None:
@@ -372,6 +375,44 @@ VIT_HYBRIDS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 
 
+# Further published layouts of the same blocks, under timm's names so that a timm user's name works
+# unchanged (tests/fixtures/timm_vit_names.json holds timm's parameter count for each). "gap": no class
+# token, patch tokens averaged after the final norm (timm's class_token=False, global_pool="avg",
+# fc_norm=False); "ls": LayerScale. Heads, preprocessing and crop are those of the published weights.
+_GAP = dict(class_token=False, global_pool="avg", fc_norm=False)
+_IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_MEDIUM = dict(embed_dim=512, depth=12, num_heads=8, qkv_bias=False, init_values=1e-6, crop_pct=0.95)
+_PLUS = dict(embed_dim=896, depth=12, num_heads=14, init_values=1e-5, crop_pct=0.95)
+_GIANT = dict(embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11)
+# name: (patch, resolution, config fields, description)
+TIMM_VIT_LAYOUTS: dict[str, tuple[int, int, dict, str]] = {
+    "vit_base_patch16_gap_224": (16, 224, dict(embed_dim=768, depth=12, num_heads=16, **_GAP),
+                                 "ViT-B/16 with 16 heads, average pooling, no class token"),
+    "vit_medium_patch16_gap_240": (16, 240, dict(**_MEDIUM, **_GAP, num_classes=11821),
+                                   "ViT-M/16 (width 512), LayerScale, average pooling, ImageNet-12k head"),
+    "vit_medium_patch16_gap_256": (16, 256, dict(**_MEDIUM, **_GAP), "ViT-M/16 (width 512), average pooling"),
+    "vit_medium_patch16_gap_384": (16, 384, dict(**_MEDIUM, **_GAP),
+                                   "ViT-M/16 (width 512), average pooling, at 384px"),
+    "vit_betwixt_patch16_gap_256": (16, 256, dict(embed_dim=640, depth=12, num_heads=10, qkv_bias=False,
+                                                  init_values=1e-6, crop_pct=0.95, **_GAP),
+                                    "ViT between S and B (width 640), LayerScale, average pooling"),
+    "vit_huge_patch14_gap_224": (14, 224, dict(**VIT_SIZES["huge"], **_GAP, **_IMAGENET, num_classes=0),
+                                 "ViT-H/14, average pooling, headless (I-JEPA)"),
+    "vit_huge_patch16_gap_448": (16, 448, dict(**VIT_SIZES["huge"], **_GAP, **_IMAGENET, num_classes=0,
+                                               crop_pct=1.0), "ViT-H/16 at 448px, average pooling, headless"),
+    "vit_giant_patch16_gap_224": (16, 224, dict(**_GIANT, **_GAP, **_IMAGENET, num_classes=0),
+                                  "ViT-g/16 (width 1408, depth 40), average pooling, headless"),
+    "vit_giant_patch14_224": (14, 224, dict(**_GIANT), "ViT-g/14 (width 1408, depth 40, MLP 6144)"),
+    "vit_gigantic_patch14_224": (14, 224, dict(embed_dim=1664, depth=48, num_heads=16, mlp_ratio=64 / 13),
+                                 "ViT-G/14 (width 1664, depth 48, MLP 8192)"),
+    "vit_base_patch16_224_miil": (16, 224, dict(**VIT_SIZES["base"], qkv_bias=False, num_classes=11221,
+                                                mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_pct=0.875),
+                                  "ViT-B/16 without qkv bias, ImageNet-21k-P head (MIIL)"),
+    "vit_base_patch16_plus_240": (16, 240, dict(**_PLUS), "ViT-B+/16 (width 896, 14 heads), LayerScale"),
+    "vit_base_patch32_plus_256": (32, 256, dict(**_PLUS), "ViT-B+/32 (width 896, 14 heads), LayerScale"),
+}
+
+
 def _register_vit_variants() -> None:
     for size, dims in VIT_SIZES.items():
         for patch in VIT_PATCH_SIZES:
@@ -389,6 +430,10 @@ def _register_vit_variants() -> None:
             register_model(ModelEntry(name=name, family="vit", config=cfg, build=VisionTransformer,
                                       description=f"R50+ViT-{size[0].upper()} hybrid, stride "
                                                   f"{4 * 2 ** (len(layers) - 1)}, at {res}px"))
+    for name, (patch, res, fields, description) in TIMM_VIT_LAYOUTS.items():
+        cfg = ViTConfig(img_size=res, patch_size=patch, **fields)
+        register_model(ModelEntry(name=name, family="vit", config=cfg, build=VisionTransformer,
+                                  description=description))
 
 
 _register_vit_variants()

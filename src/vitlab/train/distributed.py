@@ -39,15 +39,25 @@ class DistContext:
 
 
 def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: CUDA is not available on this machine; use --device cpu")
-        return torch.device("cuda", local_rank if device == "cuda" else torch.device(device).index or 0)
-    if device != "cpu":
-        raise ValueError(f"--device {device!r}: expected cpu or cuda")
-    return torch.device("cpu")
+    """``--device`` (None/"auto", "cpu", "cuda", "cuda:N") -> a device that exists here, else a ValueError.
+
+    The one check every command uses (``vitlab.cli.common.check_device``). Plain "cuda" under torchrun is
+    the process's local rank.
+    """
+    name = "auto" if device is None else str(device).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ValueError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    index = local_rank if name == "cuda" else int(name[5:])
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return torch.device("cuda", index)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +60,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum, n, top5_hits = 0.0, 0, 0
     bar = None
-    if progress:
+    if progress and sys.stderr.isatty():  # a redrawn bar is noise in a log file
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(loader), desc="eval", unit="batch", leave=False)

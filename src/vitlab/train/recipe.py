@@ -38,9 +38,12 @@ class Recipe:
     augment: random resized crop / flip / RandAugment / erasing on training images (False: eval transform).
     randaugment: (number of ops, magnitude) or None; randaugment_mstd is the magnitude noise.
     repeat_aug: DeiT's repeated augmentation: each image appears this many times per epoch (1: off).
-    cpu_threads: intra-op threads of each process on the CPU (None: torch's default). Tiny models run
-        faster on one thread: their operations are too small to split, and on a busy machine the
-        threads wait for each other.
+    workers: DataLoader worker processes (None: chosen from the data and the cores, see
+        ``train.hardware.default_workers``).
+    cache_images: decode an image folder once into memory (None: when the decoded images fit in a
+        quarter of the available memory).
+    cpu_threads: intra-op threads of each process on the CPU (None: the cores the process is given,
+        or OMP_NUM_THREADS; ``--threads`` wins). Shipped recipes leave it unset.
     checkpoint_every: also checkpoint every N optimiser steps (0: only at epoch ends and at the end).
     """
 
@@ -93,7 +96,8 @@ class Recipe:
     repeat_aug: int = 1
     # logistics
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None
+    cache_images: bool | None = None
     cpu_threads: int | None = None
     eval_every_epochs: int = 1
     checkpoint_every: int = 0
@@ -108,6 +112,7 @@ class Recipe:
             (self.global_batch is None or self.global_batch >= 1, "global_batch must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.repeat_aug >= 1, "repeat_aug must be >= 1"),
+            (self.workers is None or self.workers >= 0, "workers must be >= 0"),
             (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads must be >= 1"),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must be in (0, 1)"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,13 +19,15 @@ import torch
 from torch import nn
 
 from vitlab.checkpoints import CheckpointError
+from vitlab.models.describe import describe_model
 from vitlab.models.registry import get_entry
 from vitlab.train.distributed import DistContext, distributed_context
 from vitlab.train.evaluate import EvalResult, evaluate
+from vitlab.train.hardware import training_threads
 from vitlab.train.losses import ClassificationLoss
 from vitlab.train.recipe import Recipe
 from vitlab.train.state import load_train_state
-from vitlab.train.trainer import EMA_FILE, STATE_FILE, atomic_text, fit
+from vitlab.train.trainer import EMA_FILE, MODEL_FILE, STATE_FILE, atomic_text, fit
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,9 @@ class TrainJob:
     distill: Distill | None = None
     progress: bool = True
     until_step: int | None = None
+    threads: int | None = None  # --threads: intra-op CPU threads (None: the recipe's, else the cores given)
+    time_budget_s: float | None = None  # --time-budget: size the schedule to end on time (fresh runs)
+    started: float = field(default_factory=time.monotonic)  # when the command began, for the budget
     extra_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -103,73 +110,179 @@ def pretrained_model_name(source: str) -> str:
 
 
 def _check_output(job: TrainJob) -> None:
-    state = job.output / STATE_FILE
-    if job.resume or job.overwrite or not state.exists():
+    """Without --resume or --overwrite, a run directory that already holds a run (finished or not) is refused."""
+    if job.resume or job.overwrite:
         return
-    try:
-        s = load_train_state(state)
-        unfinished = int(s["step"]) < int(s.get("total_steps", 0))
-    except (CheckpointError, KeyError, ValueError):
-        unfinished = True
-    if unfinished:
-        raise ValueError(f"{job.output} holds an unfinished run (step {s.get('step', '?')}); "
+    state = job.output / STATE_FILE
+    if state.exists():
+        try:
+            s = load_train_state(state)
+            step, total = int(s["step"]), int(s.get("total_steps", 0))
+        except (CheckpointError, KeyError, ValueError):
+            step, total = None, None
+        if step is not None and step >= total:
+            raise ValueError(f"{job.output} holds a finished run ({step} steps); replace it with --overwrite, "
+                             f"or choose another --output")
+        raise ValueError(f"{job.output} holds an unfinished run (step {step if step is not None else '?'}); "
                          f"continue it with --resume, or start over with --overwrite or another --output")
-    log.warning("%s holds a finished run; it is replaced", job.output)
+    if (job.output / MODEL_FILE).exists():
+        raise ValueError(f"{job.output} already holds a model ({MODEL_FILE}); replace it with --overwrite, "
+                         f"or choose another --output")
+
+
+def check_resumable(output: Path, model: nn.Module, recipe: Recipe) -> None:
+    """Everything --resume needs, checked before the run directory is touched: the state exists and was
+    written by the same model and optimiser. (``fit`` checks again as it loads; this is the early refusal
+    that keeps a wrong --resume from rewriting the run's job.json.)"""
+    from vitlab.train.trainer import check_same_model
+
+    path = output / STATE_FILE
+    state = load_train_state(path, mmap=True)
+    check_same_model(state, model, path)
+    was = state.get("recipe", {}).get("optimizer")
+    if was != recipe.optimizer:
+        raise CheckpointError(f"--resume: {path} was trained with optimizer {was!r}, this run asks for "
+                              f"{recipe.optimizer!r}; its optimizer state cannot be reused")
 
 
 def run_training(job: TrainJob) -> dict[str, Any]:
-    """Build data and model, train, evaluate on the test split; returns the results (rank 0: also written)."""
-    from vitlab.data import build_dataset, eval_transform, train_transform
+    """Build data and model, train, evaluate on the test split; returns the results (rank 0: also written).
 
+    Nothing is written to the run directory before the data, the model and (with --resume) the saved
+    state have been checked.
+    """
     recipe = job.recipe
     with distributed_context(job.device) as ctx:
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)
-        if ctx.device.type == "cpu" and recipe.cpu_threads is not None:
-            torch.set_num_threads(recipe.cpu_threads)
-        if ctx.is_main:
-            _check_output(job)
-        if ctx.is_main:
-            job.output.mkdir(parents=True, exist_ok=True)
-            atomic_text(job.output / "job.json", json.dumps({
-                "data": job.data, "model": job.model or recipe.model, "pretrained": job.pretrained,
-                "skip_bad_images": job.skip_bad_images}, indent=2))
-        common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
-        train_set = build_dataset(job.data, split="train", **common)
-        val_set = build_dataset(job.data, split="val", **common) if recipe.val_fraction > 0 else None
-        test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
-        model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans)
-        pre = model.preprocessing
-        if recipe.augment:
-            train_set.transform = train_transform(
-                pre, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip, randaugment=recipe.randaugment,
-                randaugment_mstd=recipe.randaugment_mstd, re_prob=recipe.re_prob)
-        else:
-            train_set.transform = eval_transform(pre)
-        for ds in (val_set, test_set):
-            if ds is not None:
-                ds.transform = eval_transform(pre)
-        criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
-        result = fit(model, recipe, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
-                     resume=job.resume, class_names=train_set.classes, criterion=criterion,
-                     until_step=job.until_step, progress=job.progress)
-        summary: dict[str, Any] = {"model": model.model_name, "recipe": recipe.name, "data": job.data,
-                                   "steps": result.step, "global_batch": result.global_batch,
-                                   "train_seconds": round(result.seconds, 1), "val": result.val,
-                                   "checkpoint": str(result.model_path)}
-        if ctx.is_main and test_set is not None and result.step >= result.total_steps:
-            if hasattr(model, "set_distilled_training"):
-                model.set_distilled_training(False)
-            summary["test"] = _test(model, test_set, recipe, ctx, "model")
-            if recipe.ema_decay is not None:
-                import vitlab
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        with training_threads(job.threads if job.threads is not None else recipe.cpu_threads, local) as threads:
+            log.info("%d CPU thread(s) per process", threads)
+            return _run(job, ctx)
 
-                ema_model = vitlab.load_model(job.output / EMA_FILE).to(ctx.device)
-                summary["test_ema"] = _test(ema_model, test_set, recipe, ctx, "EMA model")
-            if job.skip_bad_images:
-                summary["skipped_images"] = train_set.num_skipped + (val_set.num_skipped if val_set else 0)
-            atomic_text(job.output / "results.json", json.dumps(summary, indent=2))
-        return summary
+
+def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
+    """run_training inside its process group and thread setting."""
+    from vitlab.data import build_dataset, eval_transform, train_transform
+    from vitlab.data.checks import check_classification_data
+
+    recipe = job.recipe
+    if ctx.is_main:
+        _check_output(job)
+    common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
+    train_set = build_dataset(job.data, split="train", **common)
+    check_classification_data(train_set)
+    val_set = build_dataset(job.data, split="val", **common) if recipe.val_fraction > 0 else None
+    test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
+    model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans)
+    log.info("model: %s", describe_model(model))
+    if job.resume:
+        check_resumable(job.output, model, recipe)
+    criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
+    if ctx.is_main:
+        job.output.mkdir(parents=True, exist_ok=True)
+        atomic_text(job.output / "job.json", json.dumps({
+            "data": job.data, "model": job.model or recipe.model, "pretrained": job.pretrained,
+            "skip_bad_images": job.skip_bad_images}, indent=2))
+    pre = model.preprocessing
+    if recipe.augment:
+        train_set.transform = train_transform(
+            pre, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip, randaugment=recipe.randaugment,
+            randaugment_mstd=recipe.randaugment_mstd, re_prob=recipe.re_prob)
+    else:
+        train_set.transform = eval_transform(pre)
+    for ds in (val_set, test_set):
+        if ds is not None:
+            ds.transform = eval_transform(pre)
+    recipe = _prepare_data(recipe, [train_set, val_set, test_set])
+    recipe = _check_precision(recipe, ctx.device)
+    if job.time_budget_s is not None and not job.resume:
+        recipe = _fit_to_budget(job, ctx, recipe, model, train_set, val_set, test_set)
+    result = fit(model, recipe, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
+                 resume=job.resume, class_names=train_set.classes, criterion=criterion,
+                 until_step=job.until_step, progress=job.progress)
+    summary: dict[str, Any] = {"model": model.model_name, "recipe": recipe.name, "data": job.data,
+                               "steps": result.step, "global_batch": result.global_batch,
+                               "train_seconds": round(result.seconds, 1), "val": result.val,
+                               "checkpoint": str(result.model_path)}
+    if ctx.is_main and test_set is not None and result.step >= result.total_steps:
+        if hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(False)
+        summary["test"] = _test(model, test_set, recipe, ctx, "model")
+        if recipe.ema_decay is not None:
+            import vitlab
+
+            ema_model = vitlab.load_model(job.output / EMA_FILE).to(ctx.device)
+            summary["test_ema"] = _test(ema_model, test_set, recipe, ctx, "EMA model")
+    if job.skip_bad_images:  # distinct files, counted across worker processes and epochs
+        summary["skipped_images"] = len({f for ds in (train_set, val_set, test_set) if ds is not None
+                                         for f in ds.skipped()})
+    if ctx.is_main and "test" in summary:
+        atomic_text(job.output / "results.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Module, train_set, val_set,
+                   test_set) -> Recipe:
+    """Time the first steps and give the run the number of steps that ends its schedule on time."""
+    from vitlab.train.budget import fit_recipe_to_budget, measure_step_seconds
+    from vitlab.train.progress import format_duration
+
+    # timed for 2% of the budget (at least 8 steps): long enough to average over a busy machine's noise
+    step_s = measure_step_seconds(model, recipe, train_set, ctx.device, min_seconds=0.02 * job.time_budget_s)
+    if ctx.distributed:  # every rank runs the same number of steps: rank 0's
+        import torch.distributed as dist
+
+        box = [step_s]
+        dist.broadcast_object_list(box, src=0)
+        step_s = box[0]
+    eval_images = sum(len(ds) for ds in (val_set, test_set) if ds is not None) * (2 if recipe.ema_decay else 1)
+    elapsed = time.monotonic() - job.started
+    fitted = fit_recipe_to_budget(recipe, budget_s=job.time_budget_s, elapsed_s=elapsed, step_s=step_s,
+                                  num_images=len(train_set) * (recipe.repeat_aug or 1), eval_images=eval_images,
+                                  world_size=ctx.world_size)
+    log.info("time budget %s: %.3f s per step measured, %s already spent -> %d steps (%d epoch(s)); the cosine "
+             "decay ends on time and the model is evaluated at the end", format_duration(job.time_budget_s), step_s,
+             format_duration(elapsed), fitted.max_steps, fitted.epochs)
+    return fitted
+
+
+def _check_precision(recipe: Recipe, device: torch.device) -> Recipe:
+    """amp=bf16 on a CPU without native bfloat16 (AVX512-BF16 / AMX) would be emulated, slower than float32:
+    it runs in float32 instead, with a warning."""
+    from vitlab.train.hardware import cpu_has_bf16
+
+    if recipe.amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        log.warning("amp=bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); training in float32")
+        return recipe.replace(amp="none")
+    return recipe
+
+
+def _prepare_data(recipe: Recipe, datasets: list) -> Recipe:
+    """Decode small image folders into memory once (``cache_images``) and choose the loader's workers."""
+    from vitlab.data.cache import MEMORY_SHARE, cache_decoded
+    from vitlab.data.dataset import ImageFileDataset
+    from vitlab.train.hardware import available_cores, available_memory_gb, default_workers
+
+    cores = available_cores()
+    in_memory = True
+    budget = int(MEMORY_SHARE * available_memory_gb() * 2**30)
+    for ds in datasets:
+        if isinstance(ds, ImageFileDataset):
+            if recipe.cache_images is False:
+                in_memory = False
+                continue
+            workers = max(0, min(8, cores - 1))
+            cached = cache_decoded(ds, max_bytes=budget, workers=workers)
+            budget -= ds.cache_nbytes
+            if not cached and recipe.cache_images:
+                raise ValueError(f"cache_images=true: {ds.source} does not fit in memory; set it to false or none")
+            in_memory = in_memory and cached
+    if recipe.workers is None:
+        recipe = recipe.replace(workers=default_workers(in_memory=in_memory, cores=cores))
+        log.info("data loader: %d worker process(es) (%s)", recipe.workers,
+                 "images in memory" if in_memory else "decoding files")
+    return recipe
 
 
 def _test(model: nn.Module, test_set, recipe: Recipe, ctx: DistContext, label: str) -> dict[str, Any]:

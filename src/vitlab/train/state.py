@@ -63,11 +63,52 @@ def save_train_state(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_train_state(path: str | Path) -> dict[str, Any]:
+def load_train_state(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """The training state at ``path``; ``mmap=True`` maps the tensors instead of reading them (cheap checks)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no training state at {path}; start without --resume")
-    state = read_pickle(path)
+    state = read_pickle(path, mmap=mmap)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a vitlab training state")
     return state
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files a killed :func:`~vitlab.checkpoints.io.atomic_write` left in ``run_dir``.
+
+    ``atomic_write`` writes ``.NAME.XXXXXXXX.tmp`` beside its target and renames it into place; a SIGKILL
+    between the two leaves the temporary file (as large as a checkpoint) behind. Called on --resume,
+    when no other writer of this run can be active. Returns the files removed.
+    """
+    removed = []
+    for p in Path(run_dir).glob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Drop the records of ``metrics.jsonl`` logged after optimiser step ``step`` (the checkpoint resumed
+    from), which the resumed run logs again. A torn last line (killed mid-write) goes too. Returns how
+    many lines were dropped."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record.get("step", 0)) <= step
+        except (ValueError, TypeError, AttributeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{ln}\n" for ln in kept)))
+    return dropped

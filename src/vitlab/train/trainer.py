@@ -109,7 +109,7 @@ def _make_loader(dataset: Dataset, sampler: Sampler[int], recipe: Recipe, batch_
     # create_loader's private, seeded generator: creating an iterator draws a base seed from it, not
     # from the global RNG, so a resumed epoch (a new iterator mid-epoch) consumes the global generators
     # exactly as the uninterrupted run did.
-    return create_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=recipe.workers,
+    return create_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=recipe.workers or 0,
                          seed=recipe.seed, drop_last=True, sampler=sampler)
 
 
@@ -234,7 +234,7 @@ def fit(
     step = 0
     if resume:
         state = load_train_state(out / STATE_FILE)
-        _check_same_model(state, net, out / STATE_FILE)
+        check_same_model(state, net, out / STATE_FILE)
         was = state.get("recipe", {}).get("optimizer")
         if was != recipe.optimizer:
             raise CheckpointError(f"--resume: {out / STATE_FILE} was trained with optimizer {was!r}, this run "
@@ -248,7 +248,7 @@ def fit(
                 raise CheckpointError(f"{out / STATE_FILE}: the run had no EMA; resume with the same recipe")
             ema.module.load_state_dict(state["ema"])
         step = int(state["step"])
-        logistics = {"workers", "log_every", "checkpoint_every", "eval_every_epochs", "description"}
+        logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description"}
         changed = sorted(k for k, v in recipe.to_dict().items()
                          if k not in logistics and state.get("recipe", {}).get(k) != v)
         if changed or state.get("total_steps") != total_steps or state.get("global_batch") != global_batch:
@@ -263,6 +263,8 @@ def fit(
             log.warning("resuming on %d processes from a run on %d: random streams are re-seeded",
                         ctx.world_size, len(rngs))
             _seed_everything(recipe.seed + 1000 * ctx.rank + step)
+        if ctx.is_main:
+            tidy_run_directory(out, step)
         log.info("resumed %s at step %d of %d", out, step, total_steps)
     else:
         _seed_everything(recipe.seed + 1000 * ctx.rank)
@@ -330,9 +332,9 @@ def fit(
     stop = min(total_steps, until_step) if until_step is not None else total_steps
     bar = None
     if progress and ctx.is_main:
-        from tqdm.auto import tqdm
+        from vitlab.train.progress import make_progress
 
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        bar = make_progress(total_steps, step)  # a bar on a terminal, else a log line every N seconds
     history: list[dict[str, Any]] = []
     val: dict[str, Any] | None = None
     t_start = time.perf_counter()
@@ -417,7 +419,7 @@ def fit(
                      global_batch=global_batch, lr=lr, seconds=seconds, val=val, history=history)
 
 
-def _check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None:
+def check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None:
     name, cfg = state.get("model_name"), state.get("model_config")
     mine = config_to_dict(net.cfg)
     if name != net.model_name or cfg != mine:
@@ -427,6 +429,18 @@ def _check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None
             + (f" (config differs in: {', '.join(diff)})" if diff else "")
             + "; resume with the same --model / recipe, or choose another --output"
         )
+
+
+def tidy_run_directory(out: Path, step: int) -> None:
+    """On resume from ``step``: remove temporary files of a killed checkpoint write and the metrics records
+    logged after that checkpoint (the resumed run logs them again)."""
+    from vitlab.train.state import remove_stale_temporaries, truncate_metrics
+
+    for p in remove_stale_temporaries(out):
+        log.info("removed %s, left by an interrupted checkpoint write", p.name)
+    dropped = truncate_metrics(out / METRICS_FILE, step)
+    if dropped:
+        log.info("%s: dropped %d record(s) logged after step %d, where the run resumes", METRICS_FILE, dropped, step)
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,0 +1,56 @@
+"""Options that several subcommands share, declared and checked in one place.
+
+``--device`` is validated by :func:`check_device` for every command that has the option, in
+``vitlab.cli.main`` before the command does any work: ``--device cuda`` on a machine without CUDA is the
+same one-line error (exit status 2) for ``train``, ``eval``, ``explain`` and the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from vitlab.train.distributed import resolve_device
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+
+
+def _pixels(text: str) -> int | None:
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or none, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels, got {text!r}")
+    return value
+
+
+def add_image_limit_argument(p: argparse.ArgumentParser) -> None:
+    from vitlab.data.image import DEFAULT_MAX_IMAGE_PIXELS
+
+    p.add_argument("--max-image-pixels", type=_pixels, default=argparse.SUPPRESS, metavar="N",
+                   help=f"refuse images of more than N pixels as decompression bombs (default "
+                        f"{DEFAULT_MAX_IMAGE_PIXELS:,}, or VITLAB_MAX_IMAGE_PIXELS; none: no limit); larger "
+                        f"photos below it are decoded at the size the model needs")
+
+
+def apply_image_limit(args: argparse.Namespace) -> None:
+    """Set the decoder's pixel limit from ``--max-image-pixels`` when the command has it and it was given."""
+    limit = getattr(args, "max_image_pixels", "keep")
+    if limit != "keep":
+        from vitlab.data.image import set_max_image_pixels
+
+        set_max_image_pixels(limit)
+
+
+def check_device(args: argparse.Namespace) -> torch.device | None:
+    """The device ``args.device`` names (None when the command has no ``--device``); ValueError if unusable."""
+    if not hasattr(args, "device"):
+        return None
+    return resolve_device(args.device)

@@ -1,0 +1,130 @@
+"""``--time-budget``: size a run so that its schedule ends on time.
+
+The first few training steps are timed on a throw-away copy of the model, through the run's own data
+loader (so decoding, augmentation and the optimiser are included); the run then gets as many steps as
+fit the time left after the set-up already spent and the final evaluation, and its cosine decay spans
+exactly those steps. The arithmetic is :func:`steps_for_budget`, a pure function.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from vitlab.train.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+# Share of the remaining time given to training steps; the rest absorbs noise in the measurement
+# (a machine whose load changes, checkpoints, logging).
+SAFETY = 0.92
+# A forward pass costs about a third of a training step per image.
+EVAL_COST = 1 / 3
+
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(hr|h|min|m|sec|s)")
+
+
+def parse_duration(text: str) -> float:
+    """"20m", "1h30m", "90s", "1.5h" -> seconds. A unit is required."""
+    s = str(text).strip().lower().replace(" ", "")
+    parts = _PART.findall(s)
+    if not parts or "".join(n + u for n, u in parts) != s:
+        raise ValueError(f"--time-budget {text!r}: expected a duration such as 20m, 1h30m or 90s")
+    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"--time-budget {text!r}: must be positive")
+    return seconds
+
+
+def steps_for_budget(*, budget_s: float, elapsed_s: float, step_s: float, eval_images: int, batch: int,
+                     safety: float = SAFETY) -> int:
+    """Optimiser steps that fit in ``budget_s`` after ``elapsed_s`` already spent, at ``step_s`` per step of
+    ``batch`` images, keeping time to evaluate ``eval_images`` at the end. At least 1."""
+    if step_s <= 0 or budget_s <= 0:
+        raise ValueError("steps_for_budget: budget and step time must be positive")
+    eval_s = eval_images * EVAL_COST * step_s / max(1, batch)
+    remaining = budget_s - elapsed_s - eval_s
+    return max(1, int(safety * remaining / step_s))
+
+
+def time_steps(step: Callable[[], None], *, steps: int = 8, warmup: int = 2, min_seconds: float = 0.0,
+               max_steps: int = 200, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Mean seconds of ``step()`` after ``warmup`` untimed calls: at least ``steps`` calls, and more (up to
+    ``max_steps``) until ``min_seconds`` have been timed. The mean, not the median: the occasional slow
+    step (a busy machine, a page fault) costs the run time too."""
+    for _ in range(warmup):
+        step()
+    times: list[float] = []
+    while len(times) < steps or (sum(times) < min_seconds and len(times) < max_steps):
+        t0 = clock()
+        step()
+        times.append(clock() - t0)
+    return statistics.fmean(times)
+
+
+def measure_step_seconds(model: nn.Module, recipe: Recipe, train_set: Dataset, device: torch.device, *,
+                         steps: int = 8, warmup: int = 2, min_seconds: float = 0.0) -> float:
+    """Seconds per optimiser step of ``recipe`` on a copy of ``model``, data loading included. Every
+    random generator is left as it was, so the run itself is unchanged by the measurement."""
+    from vitlab.data import create_loader
+    from vitlab.train.evaluate import autocast_context
+    from vitlab.train.losses import ClassificationLoss
+    from vitlab.train.optim import build_optimizer
+    from vitlab.train.state import preserved_rng
+
+    with preserved_rng():
+        net = copy.deepcopy(model).to(device).train()
+        optimizer = build_optimizer(net, recipe, lr=recipe.lr)
+        criterion = ClassificationLoss(label_smoothing=recipe.label_smoothing)
+        loader = create_loader(train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=recipe.workers or 0,
+                               seed=recipe.seed + 7919, drop_last=True, persistent_workers=False)
+        accum = recipe.accum_for(1)
+        batches = iter(loader)
+
+        def next_batch():
+            nonlocal batches
+            while True:
+                try:
+                    b = next(batches)
+                except StopIteration:
+                    batches = iter(loader)
+                    continue
+                if b is not None:
+                    return b
+
+        def one_step() -> None:
+            for _ in range(accum):
+                x, y = next_batch()
+                x, y = x.to(device), y.to(device)
+                with autocast_context(device, recipe.amp):
+                    loss = criterion(x, net(x), y)
+                (loss / accum).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        seconds = time_steps(one_step, steps=steps, warmup=warmup, min_seconds=min_seconds)
+    return seconds
+
+
+def fit_recipe_to_budget(recipe: Recipe, *, budget_s: float, elapsed_s: float, step_s: float, num_images: int,
+                         eval_images: int, world_size: int = 1) -> Recipe:
+    """The recipe with ``max_steps`` (and warm-up) sized to the budget; evaluation only at the end."""
+    accum = recipe.accum_for(world_size)
+    batch = recipe.batch_size * accum * world_size
+    steps = steps_for_budget(budget_s=budget_s, elapsed_s=elapsed_s, step_s=step_s, eval_images=eval_images,
+                             batch=batch)
+    steps_per_epoch = max(1, num_images // batch)
+    warmup = min(max(recipe.warmup_steps, round(recipe.warmup_epochs * steps_per_epoch)), max(1, steps // 20))
+    return recipe.replace(max_steps=steps, epochs=max(1, -(-steps // steps_per_epoch)), warmup_steps=warmup,
+                          warmup_epochs=0.0, eval_every_epochs=10**6)

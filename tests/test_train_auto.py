@@ -1,0 +1,191 @@
+"""The recipe chooser (train/auto.py) on data sets described by hand, and the time budget (train/budget.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+import vitlab
+from test_train_failures import write_folder
+from vitlab.cli.main import main
+from vitlab.train import budget as budget_module
+from vitlab.train.auto import DataFacts, choose_recipe, vit_params, vit_train_flops
+from vitlab.train.budget import fit_recipe_to_budget, parse_duration, steps_for_budget, time_steps
+from vitlab.train.hardware import Hardware
+
+LAPTOP = Hardware(cores=2, threads=2, memory_gb=8, cpu_bf16=False)
+BF16_CPU = Hardware(cores=2, threads=2, memory_gb=8, cpu_bf16=True)
+H100 = Hardware(cores=16, threads=16, memory_gb=128, gpu="NVIDIA H100", gpu_memory_gb=80, gpu_bf16=True)
+SMALL_GPU = Hardware(cores=4, threads=4, memory_gb=16, gpu="NVIDIA T4", gpu_memory_gb=15, gpu_bf16=False)
+
+MNIST = DataFacts(num_images=60000, num_classes=10, image_size=(28, 28), channels=1, has_test=True)
+CIFAR = DataFacts(num_images=45000, num_classes=10, image_size=(32, 32), channels=3)
+DIGITS = DataFacts(num_images=1437, num_classes=10, image_size=(8, 8), channels=1, has_test=True)
+PHOTOS = DataFacts(num_images=3000, num_classes=5, image_size=(375, 500), channels=3)
+IMAGENET = DataFacts(num_images=1_281_167, num_classes=1000, image_size=(375, 500), channels=3)
+TINY = DataFacts(num_images=40, num_classes=2, image_size=(64, 48), channels=3)
+
+
+def estimated_steps(choice):
+    r = choice.recipe
+    return r.max_steps or r.epochs * (MNIST.num_images // r.batch_size)
+
+
+def test_the_issues_example_is_minutes_not_days():
+    """A 60,000-image 28x28 set on a 2-core CPU: the issue saw ViT-B/16 at 224 px, 99 hours."""
+    c = choose_recipe(MNIST, LAPTOP)
+    r = c.recipe
+    assert c.estimated_s <= 20 * 60
+    assert r.img_size == 28 and r.model_overrides["patch_size"] == 4  # 7x7 patches of the native image
+    assert r.model_overrides["embed_dim"] <= 128 and r.batch_size == 128 and r.global_batch is None
+    assert r.hflip == 0.0 and r.amp == "none" and r.val_fraction == 0.0  # grayscale: no flips; MNIST has a test set
+    assert r.epochs >= 10 and r.schedule == "cosine"
+    assert c.summary.startswith("auto recipe: vit_tiny_patch16_224 with embed_dim=") and "estimated" in c.summary
+    # the parameter count the chooser reasons with is the model's own
+    model = vitlab.create_model(r.model, num_classes=10, img_size=r.img_size, in_chans=1, **r.model_overrides)
+    o = r.model_overrides
+    assert sum(p.numel() for p in model.parameters()) == vit_params(
+        img=28, patch=o["patch_size"], channels=1, embed_dim=o["embed_dim"], depth=o["depth"],
+        mlp_ratio=o["mlp_ratio"], num_classes=10)
+
+
+@pytest.mark.parametrize("data", [MNIST, CIFAR, DIGITS, PHOTOS, IMAGENET, TINY], ids=lambda d: f"{d.num_images}")
+@pytest.mark.parametrize("hw", [LAPTOP, BF16_CPU, SMALL_GPU, H100], ids=["laptop", "bf16cpu", "t4", "h100"])
+def test_every_choice_fits_the_budget_and_builds(data, hw):
+    c = choose_recipe(data, hw)
+    r = c.recipe
+    assert c.estimated_s <= (30 if hw.gpu else 20) * 60 * 1.001
+    img = r.img_size
+    assert img % r.model_overrides["patch_size"] == 0 and 4 <= (img // r.model_overrides["patch_size"]) <= 14
+    assert r.batch_size <= max(8, data.num_images // 8)
+    assert (r.hflip > 0) == (data.channels == 3)
+    o = r.model_overrides
+    params = vit_params(img=img, patch=o["patch_size"], channels=data.channels, embed_dim=o["embed_dim"],
+                        depth=o["depth"], mlp_ratio=o["mlp_ratio"], num_classes=data.num_classes)
+    assert params <= max(200 * data.num_images, 200_000)
+    assert r.val_fraction == (0.0 if data.has_test else 0.1)
+    with torch.device("meta"):
+        model = vitlab.create_model(r.model, num_classes=data.num_classes, img_size=img, in_chans=data.channels,
+                                    **o)
+    assert model.preprocessing.input_size == (data.channels, img, img)
+
+
+def test_more_machine_more_model():
+    laptop, gpu = choose_recipe(CIFAR, LAPTOP).recipe, choose_recipe(CIFAR, H100).recipe
+    assert gpu.model_overrides["embed_dim"] > laptop.model_overrides["embed_dim"]
+    assert gpu.epochs > laptop.epochs and gpu.amp == "bf16"
+    assert choose_recipe(PHOTOS, H100).recipe.img_size == 224 and choose_recipe(PHOTOS, SMALL_GPU).recipe.img_size == 128
+    assert choose_recipe(PHOTOS, LAPTOP).recipe.img_size == 64
+    long = choose_recipe(CIFAR, LAPTOP, time_budget_s=4 * 3600).recipe
+    assert long.epochs > laptop.epochs and long.scale[0] < laptop.scale[0]  # longer runs: stronger augmentation
+
+
+def test_small_models_stay_float32_on_a_bf16_cpu():
+    assert choose_recipe(MNIST, BF16_CPU).recipe.amp == "none"
+    assert choose_recipe(MNIST, BF16_CPU, model="vit_base_patch16_224", model_flops=5e10,
+                         model_width=768).recipe.amp == "bf16"
+    assert choose_recipe(MNIST, BF16_CPU, model="vit_tiny_patch16_224", model_flops=7e9,
+                         model_width=192).recipe.amp == "none"
+
+
+def test_too_much_data_for_one_pass_stops_part_way_on_time():
+    c = choose_recipe(IMAGENET, LAPTOP)
+    assert c.recipe.max_steps is not None and c.recipe.epochs == 1
+    assert c.estimated_s == pytest.approx(20 * 60, rel=0.01)
+
+
+def test_a_named_model_gets_a_schedule_only():
+    flops = vit_train_flops(img=224, patch=16, channels=3, embed_dim=768, depth=12, mlp_ratio=4.0)
+    c = choose_recipe(PHOTOS, H100, model="vit_base_patch16_224", model_flops=flops, model_width=768)
+    # a long run: still no stochastic depth or other change to the model the user named
+    assert c.recipe.model == "vit_base_patch16_224" and c.recipe.model_overrides == {} and c.recipe.img_size is None
+    assert c.recipe.epochs >= 40 and c.estimated_s <= 30 * 60 * 1.001 and c.recipe.amp == "bf16"
+    short = choose_recipe(PHOTOS, LAPTOP, model="vit_base_patch16_224", model_flops=flops)
+    assert short.estimated_s <= 20 * 60 * 1.001 and "at its own resolution" in short.summary
+
+
+def test_single_class_is_refused():
+    with pytest.raises(ValueError, match="at least two"):
+        choose_recipe(DataFacts(num_images=10, num_classes=1, image_size=(8, 8), channels=1), LAPTOP)
+
+
+# ------------------------------------------------------------------------------------------- budget
+def test_parse_duration():
+    assert [parse_duration(s) for s in ("20m", "1h30m", "90s", "1.5h", "2min")] == [1200, 5400, 90, 5400, 120]
+    for bad in ("20", "m", "-5m", "20 parsecs", "0s"):
+        with pytest.raises(ValueError, match="--time-budget"):
+            parse_duration(bad)
+
+
+def test_steps_for_budget():
+    # 10 min, 60 s spent, 0.5 s/step of 100 images, 1000 images to evaluate (1000/100 * 0.5/3 = 1.67 s)
+    assert steps_for_budget(budget_s=600, elapsed_s=60, step_s=0.5, eval_images=1000, batch=100) == \
+        int(0.92 * (600 - 60 - 1000 / 100 * 0.5 / 3) / 0.5)
+    assert steps_for_budget(budget_s=10, elapsed_s=60, step_s=0.5, eval_images=0, batch=1) == 1  # over already
+
+
+def test_time_steps_is_the_mean_after_warmup():
+    ticks = iter([0, 1, 10, 12, 20, 21, 30, 39, 40, 41, 50, 51])  # durations 1, 2, 1, 9, then 1, 1
+    calls = []
+    assert time_steps(lambda: calls.append(1), steps=4, warmup=2, clock=lambda: next(ticks)) == 13 / 4
+    assert len(calls) == 6
+    ticks = iter([0, 1, 10, 12, 20, 21, 30, 39, 40, 41, 50, 51])
+    # at least 14 s timed: one more step
+    assert time_steps(lambda: None, steps=4, warmup=0, min_seconds=14, clock=lambda: next(ticks)) == 14 / 5
+
+
+def test_fit_recipe_to_budget_ends_the_schedule_on_time():
+    r = choose_recipe(CIFAR, LAPTOP).recipe
+    fitted = fit_recipe_to_budget(r, budget_s=1200, elapsed_s=30, step_s=0.25, num_images=45000, eval_images=5000)
+    assert fitted.max_steps == steps_for_budget(budget_s=1200, elapsed_s=30, step_s=0.25, eval_images=5000,
+                                                batch=r.batch_size)
+    assert fitted.epochs == -(-fitted.max_steps // (45000 // r.batch_size))
+    assert fitted.warmup_steps <= fitted.max_steps // 20 and fitted.eval_every_epochs > fitted.epochs
+
+
+def test_cli_auto_recipe_and_time_budget(tmp_path, monkeypatch, caplog):
+    data = write_folder(tmp_path / "data", per_class=12)
+    monkeypatch.setattr(budget_module, "measure_step_seconds", lambda *a, **k: 10.0)  # no timing in tests
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--data", str(data), "--output", str(tmp_path / "run"), "--time-budget", "2m",
+                     "--no-progress"]) == 0
+    assert "auto recipe: vit_tiny_patch16_224 with embed_dim=" in caplog.text
+    assert "time budget 2m00s: 10.000 s per step measured" in caplog.text
+    saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert saved["name"] == "auto" and saved["img_size"] == 8 and saved["description"].startswith("Chosen by")
+    assert 1 <= saved["max_steps"] <= int(0.92 * 120 / 10) and saved["resolved"]["total_steps"] == saved["max_steps"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == saved["max_steps"]
+
+
+def test_measure_step_seconds_leaves_the_run_untouched():
+    from vitlab.data import build_dataset, eval_transform
+    from vitlab.train.budget import measure_step_seconds
+    from vitlab.train.state import get_rng_state
+
+    model = vitlab.create_model("vit_tiny_patch16_224", img_size=8, in_chans=1, num_classes=10, patch_size=2,
+                                embed_dim=16, depth=1, num_heads=2)
+    ds = build_dataset("digits", split="train", transform=eval_transform(model.preprocessing))
+    recipe = choose_recipe(DIGITS, LAPTOP).recipe.replace(batch_size=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = get_rng_state()["torch"].clone()
+    seconds = measure_step_seconds(model, recipe, ds, torch.device("cpu"), steps=2, warmup=1)
+    assert 0 < seconds < 60
+    assert torch.equal(get_rng_state()["torch"], rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_only_where_the_cpu_has_it(monkeypatch, caplog, native):
+    from vitlab.train import hardware
+    from vitlab.train.recipe import Recipe
+    from vitlab.train.run import _check_precision
+
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING):
+        got = _check_precision(Recipe(amp="bf16"), torch.device("cpu"))
+    assert got.amp == ("bf16" if native else "none")
+    assert ("no native bfloat16" in caplog.text) != native
+    assert _check_precision(Recipe(amp="none"), torch.device("cpu")).amp == "none"

@@ -1,0 +1,212 @@
+"""Issue 14's reliability battery: bad input that used to lose work or end in a traceback.
+
+Single-class data, a corrupt image read by a DataLoader worker, --resume into another model's run, --device
+cuda without CUDA (every command), a finished run given as --output, a killed checkpoint write, and the
+--skip-bad-images total and large-photo limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitlab.cli.main import main
+from vitlab.data import BadImageError, build_dataset
+from vitlab.data import image as image_module
+from vitlab.data.checks import check_classification_data
+from vitlab.data.errors import DatasetError
+
+FAST = ["--recipe", "digits", "--img-size", "8", "--batch-size", "4", "--no-progress", "--set", "model_overrides.depth=1", "--set",
+        "model_overrides.embed_dim=16", "--set", "model_overrides.num_heads=2", "--set", "val_fraction=0.25",
+        "--set", "warmup_epochs=0"]
+
+
+def write_folder(root, classes=("a", "b"), per_class=8, bad=()):
+    """PNG digits-like images under root/<class>/; ``bad`` names files (class/name) written as garbage."""
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), mode="L").save(root / c / f"{i}.png")
+    for rel in bad:
+        (root / rel).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+def errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """An unfinished digits run (2 of 4 steps), as a kill would leave it."""
+    from vitlab.train import apply_overrides, load_recipe
+    from vitlab.train.run import TrainJob, run_training
+
+    out = tmp_path_factory.mktemp("digits") / "run"
+    recipe = apply_overrides(load_recipe("digits"), ["max_steps=4", "batch_size=16", "model_overrides.depth=1",
+                                                     "model_overrides.embed_dim=16", "model_overrides.num_heads=2",
+                                                     "log_every=1", "checkpoint_every=1"])
+    run_training(TrainJob(recipe=recipe, data="digits", output=out, progress=False, until_step=2))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the data
+def test_single_class_is_refused_before_anything_is_written(tmp_path, caplog):
+    data = write_folder(tmp_path / "data", classes=("only",))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", "--data", str(data), "--output", str(out), "--steps", "2", *FAST]) == 2
+    assert "only the class 'only'" in caplog.text and "at least two classes" in caplog.text
+    assert not out.exists()
+
+
+def test_classes_with_few_images_are_warned_about(tmp_path, caplog):
+    data = write_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=12)
+    for p in sorted((data / "c").iterdir())[3:]:
+        p.unlink()
+    ds = build_dataset(data, split="train", val_fraction=0.0)
+    with caplog.at_level(logging.WARNING):
+        assert check_classification_data(ds) == ["c"]
+    assert "c (3)" in caplog.text and "fewer than 10" in caplog.text
+    with pytest.raises(DatasetError, match="at least two classes"):
+        check_classification_data(build_dataset(data, split="train", val_fraction=0.0).__class__(
+            ds.paths[:3], [0, 0, 0], classes=["a"], in_chans=1, source="one"))
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_corrupt_image_is_one_line_error_with_any_number_of_workers(tmp_path, caplog, workers):
+    data = write_folder(tmp_path / "data", bad=("a/3.png", "b/3.png"))
+    with caplog.at_level(logging.ERROR):
+        code = main(["train", "--data", str(data), "--output", str(tmp_path / "out"), "--steps", "4",
+                     "--workers", str(workers), "--set", "cache_images=false", *FAST])
+    assert code == 2
+    (msg,) = errors(caplog)
+    assert "\n" not in msg and "Traceback" not in msg and "worker" not in msg
+    assert re.fullmatch(r"error: \S+/data/[ab]/3\.png: cannot decode image \(OSError: .*\)", msg), msg
+
+
+# ------------------------------------------------------------------------------------ the run folder
+def test_resume_into_another_model_changes_nothing(digits_run, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(digits_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", "--output", str(out), "--resume", "--no-progress", "--model",
+                     "vit_small_patch16_224"]) == 2
+    assert "vit_small_patch16_224" in caplog.text and "--resume" in caplog.text
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before  # job.json, recipe.json, metrics and checkpoints untouched
+    # and the original run is still resumable as it was
+    assert main(["train", "--output", str(out), "--resume", "--no-progress"]) == 0
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 4
+
+
+def test_finished_run_is_refused_without_overwrite(digits_run, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(digits_run, out)
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    state["total_steps"] = state["step"]  # as if the run had finished
+    torch.save(state, out / "train_state.pt")
+    model_before = (out / "model.safetensors").read_bytes()
+    argv = ["train", "--output", str(out), "--steps", "1", *FAST]
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert "finished run" in caplog.text and "--overwrite" in caplog.text
+    assert (out / "model.safetensors").read_bytes() == model_before
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_resume_removes_stale_temporaries_and_repeated_metrics(digits_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(digits_run, out)
+    # a kill after step 3 was logged but before its checkpoint, in the middle of writing the checkpoint
+    stale = out / ".model.safetensors.k1ll3d.tmp"
+    stale.write_bytes(b"\0" * 4096)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "train", "step": 3, "epoch": 0, "loss": 9.0}) + "\n")
+        f.write('{"kind": "train", "step": 4, "ep')  # torn by the kill
+    assert main(["train", "--output", str(out), "--resume", "--no-progress"]) == 0
+    assert not stale.exists() and not list(out.glob(".*.tmp"))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+    assert all(json.loads(line).get("loss") != 9.0 for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+# ------------------------------------------------------------------------------------------ --device
+COMMANDS = {
+    "train": ["train"],
+    "finetune": ["finetune", "--from", "x.safetensors"],
+    "eval": ["eval", "--checkpoint", "x.safetensors"],
+    "predict": ["predict", "a.png", "--checkpoint", "x.safetensors"],
+    "explain": ["explain", "a.png", "--checkpoint", "x.safetensors"],
+    "fewshot": ["fewshot", "--checkpoint", "x.safetensors", "--data", "digits"],
+    "analyze": ["analyze", "--checkpoint", "x.safetensors", "--data", "digits"],
+    "benchmark": ["benchmark"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("device, needle", [("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
+                                            ("gpu", "expected auto, cpu, cuda or cuda:N")])
+def test_every_command_checks_device_the_same_way(command, device, needle, monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.ERROR):
+        assert main([*COMMANDS[command], "--device", device]) == 2
+    (msg,) = errors(caplog)
+    assert msg.startswith(f"error: --device {device}") and needle in msg and "\n" not in msg
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+# ----------------------------------------------------------------------------------- bad and big images
+def test_skip_bad_images_reports_the_total(tmp_path, caplog):
+    data = write_folder(tmp_path / "data", bad=("a/1.png", "b/5.png"))
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--data", str(data), "--output", str(tmp_path / "out"), "--steps", "4",
+                     "--skip-bad-images", *FAST]) == 0
+    assert "skipped 2 undecodable image(s) in total" in caplog.text
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["skipped_images"] == 2
+
+
+@pytest.fixture
+def small_pixel_limits(monkeypatch):
+    """Pillow's guard and vitlab's limit scaled down 1000x, so that a 0.12-megapixel image plays a big photo."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # Pillow alone refuses above 20,000 pixels
+    monkeypatch.setattr(image_module, "MAX_IMAGE_PIXELS", 400_000)
+    monkeypatch.setenv("VITLAB_MAX_IMAGE_PIXELS", "400000")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_large_photo_is_decoded_at_the_size_needed(tmp_path, small_pixel_limits, fmt):
+    path = tmp_path / f"big.{fmt.lower()}"
+    rgb = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path, format=fmt)
+    full = image_module.load_image(path)  # above Pillow's limit, below vitlab's
+    assert full.shape == (3, 300, 400)
+    small = image_module.load_image(path, min_size=50)  # the caller needs 50 px: decoded at >= 100, < 300
+    assert small.shape[0] == 3 and 100 <= min(small.shape[1:]) < 300
+    assert abs(small.shape[2] / small.shape[1] - 4 / 3) < 0.02
+    assert abs(small.float().mean() - full.float().mean()) < 3
+    image_module.set_max_image_pixels(100_000)
+    with pytest.raises(BadImageError, match=r"400 x 300 = 0 megapixels is above the limit.*--max-image-pixels"):
+        image_module.load_image(path)
+
+
+def test_predict_applies_max_image_pixels(digits_run, tmp_path, small_pixel_limits, caplog, capsys):
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((300, 400), dtype=np.uint8)).save(path)
+    ckpt = str(digits_run / "model.safetensors")
+    assert main(["predict", str(path), "--checkpoint", ckpt]) == 0
+    assert "big.png" in capsys.readouterr().out
+    with caplog.at_level(logging.ERROR):
+        assert main(["predict", str(path), "--checkpoint", ckpt, "--max-image-pixels", "100000"]) == 2
+    assert "--max-image-pixels" in caplog.text
