@@ -65,9 +65,31 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float | 
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, *, lr: float) -> torch.optim.Optimizer:
-    """The recipe's optimiser over ``param_groups``; each group's lr is ``lr * lr_scale``."""
+def owned_param_groups(modules: dict[str, nn.Module], *, weight_decay: float) -> list[dict[str, Any]]:
+    """Groups for an objective's own modules (heads, decoders): no decay on 1-D parameters and on the
+    names a module lists in ``no_weight_decay()``; the full learning rate (they sit above every block)."""
+    decay: dict[str, Any] = {"params": [], "names": [], "weight_decay": weight_decay, "lr_scale": 1.0}
+    plain: dict[str, Any] = {"params": [], "names": [], "weight_decay": 0.0, "lr_scale": 1.0}
+    for prefix, module in modules.items():
+        skip = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            g = plain if _skip_decay(name, p, skip) else decay
+            g["params"].append(p)
+            g["names"].append(f"{prefix}.{name}")
+    return [g for g in (plain, decay) if g["params"]]
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe, *, lr: float,
+                    extra: dict[str, nn.Module] | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimiser over ``param_groups``; each group's lr is ``lr * lr_scale``.
+
+    ``extra``: modules an objective trains besides the model (heads, decoders), in groups of their own.
+    """
     groups = param_groups(model, weight_decay=recipe.weight_decay, layer_decay=recipe.layer_decay)
+    if extra:
+        groups += owned_param_groups(extra, weight_decay=recipe.weight_decay)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     if recipe.optimizer == "adamw":
