@@ -3,17 +3,20 @@
 from vitlab.layers.attention import Attention, CapturableAttention, attend_explicit, capture_attention
 from vitlab.layers.block import Block
 from vitlab.layers.class_attention import ClassAttention, ClassAttentionBlock
+from vitlab.layers.cross_attention import CrossAttention
 from vitlab.layers.drop_path import DropPath, drop_path
+from vitlab.layers.frozen_batch_norm import FrozenBatchNorm2d, freeze_batch_norm
 from vitlab.layers.helpers import to_2tuple
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
 from vitlab.layers.patch_embed import PatchEmbed, check_image_size, check_images
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
+from vitlab.layers.sine_position import sine_position_2d
 from vitlab.layers.std_conv import MaxPool2dSame, StdConv2d, pad_same
 from vitlab.layers.talking_heads import TalkingHeadsAttention
 
 __all__ = [
-    "Attention", "Block", "CapturableAttention", "ClassAttention", "ClassAttentionBlock", "DropPath", "LayerScale", "MaxPool2dSame", "Mlp",
-    "PatchEmbed", "StdConv2d", "attend_explicit", "capture_attention", "check_image_size", "check_images", "drop_path",
+    "Attention", "Block", "CapturableAttention", "ClassAttention", "ClassAttentionBlock", "CrossAttention", "FrozenBatchNorm2d", "DropPath", "LayerScale", "MaxPool2dSame", "Mlp",
+    "PatchEmbed", "StdConv2d", "attend_explicit", "capture_attention", "check_image_size", "check_images", "drop_path", "freeze_batch_norm", "sine_position_2d",
     "TalkingHeadsAttention", "pad_same", "resample_pos_embed", "sincos_2d_pos_embed", "to_2tuple",
 ]

@@ -49,17 +49,20 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float | 
     """Parameter groups with ``weight_decay`` and an ``lr_scale`` each (1.0 without layer decay)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     num_layers = num_layers_for_decay(model) if layer_decay is not None else 0
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    prefix_scales: dict[str, float] = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    groups: dict[tuple[int, bool, float], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = _skip_decay(name, p, skip)
         lid = layer_id(name, num_layers) if layer_decay is not None else 0
-        key = (lid, no_decay)
+        # a model's own multipliers by name prefix (e.g. DETR's backbone at 0.1, SETR's heads at 10)
+        extra = next((s for prefix, s in prefix_scales.items() if name.startswith(prefix)), 1.0)
+        key = (lid, no_decay, extra)
         if key not in groups:
             scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
             groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                           "lr_scale": scale, "layer_id": lid}
+                           "lr_scale": scale * extra, "layer_id": lid}
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]
