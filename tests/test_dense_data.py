@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dense_helpers import write_fake_mnist
 from vitlab.data import DatasetError
 from vitlab.data.dense import (
     CocoDetection,
@@ -23,8 +24,6 @@ from vitlab.data.dense import (
     pad_batch,
     resize_sample,
 )
-
-from dense_helpers import write_fake_mnist
 
 
 def _sample() -> dict:
