@@ -88,7 +88,7 @@ class DenseTransform:
         size: shorter side after resizing (a sequence: one drawn per sample, DETR's multi-scale);
             ``square=True`` resizes to (size, size) instead (fixed-size inputs, e.g. SETR / ViT).
         max_size: cap on the longer side (DETR: 1333).
-        train: random horizontal flip (p=0.5) and, with probability ``crop_prob``, a random crop of
+        train: random horizontal flip (probability ``hflip``) and, with probability ``crop_prob``, a random crop of
             ``crop_scale`` of each side before resizing.
         mean / std: normalisation after scaling to [0, 1].
         channels: the model's input channels (grey images are repeated, RGB averaged).
@@ -98,6 +98,7 @@ class DenseTransform:
     max_size: int | None = 1333
     square: bool = False
     train: bool = False
+    hflip: float = 0.5
     crop_prob: float = 0.0
     crop_scale: tuple[float, float] = (0.6, 1.0)
     mean: Sequence[float] = (0.485, 0.456, 0.406)
@@ -111,7 +112,7 @@ class DenseTransform:
     def __call__(self, s: Sample) -> Sample:
         s = {**s, "image": to_channels(s["image"], self.channels)}
         if self.train:
-            if self._rand() < 0.5:
+            if self.hflip > 0 and self._rand() < self.hflip:
                 s = hflip(s)
             if self.crop_prob > 0 and self._rand() < self.crop_prob:
                 h, w = s["image"].shape[-2:]
@@ -331,7 +332,7 @@ def make_canvases(output: str | os.PathLike, *, mnist: str | os.PathLike, seed: 
             placed: list[tuple[int, int, int, int]] = []
             for _ in range(int(g.integers(digits[0], digits[1] + 1))):
                 k = int(g.integers(len(labels)))
-                side = max(8, int(round(28 * g.uniform(*scale))))
+                side = min(size, max(8, int(round(28 * g.uniform(*scale)))))
                 digit = resize(pool[k], (side, side), "bilinear")[0].numpy()
                 for _attempt in range(20):
                     y0, x0 = int(g.integers(0, size - side + 1)), int(g.integers(0, size - side + 1))
@@ -360,6 +361,20 @@ def make_canvases(output: str | os.PathLike, *, mnist: str | os.PathLike, seed: 
     return summary
 
 
+class Repeated(Dataset):
+    """``dataset`` seen ``times`` times per epoch (small sets: fewer epoch ends, same batching)."""
+
+    def __init__(self, dataset: Dataset, times: int) -> None:
+        self.dataset, self.times = dataset, times
+        self.collate = getattr(dataset, "collate", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index % len(self.dataset)]
+
+
 SEGMENTATION_CLASSES = ["background"] + [str(d) for d in range(10)]
 
 
@@ -375,5 +390,5 @@ def canvas_datasets(root: str | os.PathLike, split: str, *, task: str, transform
     raise ValueError(f"canvas_datasets: task must be 'detection' or 'segmentation', got {task!r}")
 
 
-__all__ = ["CocoDetection", "DenseTransform", "MaskFolder", "canvas_datasets", "crop_sample", "hflip",
+__all__ = ["CocoDetection", "DenseTransform", "MaskFolder", "Repeated", "canvas_datasets", "crop_sample", "hflip",
            "make_canvases", "pad_batch", "resize_sample"]

@@ -155,6 +155,7 @@ def build_backbone(cfg: DETRConfig) -> nn.Module:
     from vitlab.models.registry import get_entry
 
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.backbone_args.items()}
+    args.setdefault("in_chans", cfg.in_chans)
     net = create_model(cfg.backbone, num_classes=0, **args)
     if get_entry(cfg.backbone).family == "resnet" and cfg.freeze_stem:
         freeze_batch_norm(net)
