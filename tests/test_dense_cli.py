@@ -74,3 +74,19 @@ def test_segmentation_commands(data: Path, tmp_path: Path, capsys) -> None:
 def test_task_and_model_must_agree(data: Path, tmp_path: Path) -> None:
     assert main(["train", "--task", "segmentation", "--data", str(data), "--model", "detr_resnet50",
                  "--output", str(tmp_path / "x"), "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("name, classes", [("detr_canvases", 10), ("setr_canvases", 11)])
+def test_canvas_recipes_build_their_models(name: str, classes: int) -> None:
+    import torch
+
+    import vitlab
+    from vitlab.train.recipe import load_recipe
+
+    recipe = load_recipe(name)
+    assert recipe.hflip == 0.0  # digits are not mirror-symmetric
+    model = vitlab.create_model(recipe.model, img_size=recipe.img_size,
+                                **{**recipe.model_overrides, "num_classes": classes}).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, recipe.img_size, recipe.img_size))
+    assert out["logits"].shape[:2] == ((1, 12) if name == "detr_canvases" else (1, classes))
