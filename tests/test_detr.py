@@ -107,3 +107,20 @@ def test_vit_backbone_through_forward_intermediates() -> None:
     assert out["logits"].shape == (2, 4, 3)
     out["logits"].sum().backward()
     assert model.backbone.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_explain_shows_each_objects_cross_attention() -> None:
+    from vitlab.analysis import explain
+    from vitlab.analysis.explain_detr import detection_attention
+
+    torch.manual_seed(0)
+    model = _tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    out, maps = detection_attention(model, x)
+    h, w = model._feature_size
+    assert maps.shape == (2, 5, h, w)
+    torch.testing.assert_close(maps.sum((-2, -1)), torch.ones(2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(out["logits"], model(x)["logits"])
+    e = explain(model, x, method="last-layer")
+    assert e.maps.shape == (2, 64, 64) and torch.isfinite(e.maps).all()
