@@ -55,3 +55,29 @@ def test_setr_learns_the_canvas_masks(tmp_path: Path) -> None:
     losses = [h["loss"] for h in res.history if h.get("kind") == "train"]
     assert losses[-1] < 0.7 * losses[0]
     assert evaluate_segmentation(model, ds, num_classes=11)["pixel_acc"] > 0.9
+
+
+def test_detection_training_resumes_exactly(tmp_path: Path) -> None:
+    root = _canvases(tmp_path)
+    t = DenseTransform(size=(24, 32), channels=1, mean=(0.5,), std=(0.5,), train=True, hflip=0.5, crop_prob=0.5)
+    ds = canvas_datasets(root, "train", task="detection", transform=t)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return vitlab.create_model(
+            "detr_resnet50", in_chans=1, img_size=32, dim=16, num_heads=2, enc_depth=1, dec_depth=2, ffn_dim=16,
+            num_queries=3, num_classes=10, backbone_args={"layers": (1, 1), "channels": (8, 16), "stem_chs": 8})
+
+    recipe = Recipe(max_steps=4, batch_size=3, lr=1e-3, weight_decay=1e-4, clip_grad=0.1, augment=False,
+                    cpu_threads=1)
+    whole = build()
+    fit(whole, recipe, train_set=Repeated(ds, 2), output_dir=tmp_path / "a", objective=DetectionObjective(10),
+        progress=False)
+    part = build()
+    fit(part, recipe, train_set=Repeated(ds, 2), output_dir=tmp_path / "b", objective=DetectionObjective(10),
+        progress=False, until_step=3)
+    part = build()
+    fit(part, recipe, train_set=Repeated(ds, 2), output_dir=tmp_path / "b", objective=DetectionObjective(10),
+        progress=False, resume=True)
+    for (n, a), (_, b) in zip(whole.state_dict().items(), part.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
