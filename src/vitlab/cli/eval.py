@@ -53,6 +53,23 @@ def check_classes(model, classes: list[str], checkpoint: str, data: str) -> None
                     "index", classes[:3], list(names)[:3])
 
 
+def _run_dense(args: argparse.Namespace, model) -> int:
+    """A DETR / SETR checkpoint: COCO AP / AP50 / AP75 or mean IoU / pixel accuracy on DATA/SPLIT."""
+
+
+    from vitlab.tasks.run import evaluate_folder, format_metrics
+
+    split = "val" if args.split == "test" else args.split
+    metrics = evaluate_folder(model, args.data, split)
+    out = args.output or Path(args.checkpoint).parent / f"eval_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data,
+                                                  "split": split, **metrics}, indent=2))
+    print(json.dumps(metrics) if args.json else f"{model.task} on {args.data}/{split}: "
+          f"{format_metrics(model.task, metrics)}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import vitlab
     from vitlab.data import build_dataset, eval_transform
@@ -60,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = check_device(args)
     model = vitlab.load_model(args.checkpoint).to(device).eval()
+    if getattr(model, "task", "classification") != "classification":
+        return _run_dense(args, model.cpu())
     ds = build_dataset(args.data, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
                        transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
     check_classes(model, ds.classes, args.checkpoint, args.data)

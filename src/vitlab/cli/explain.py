@@ -92,6 +92,13 @@ def run(args: argparse.Namespace) -> int:
 
     device = check_device(args)
     model = load_model(args.checkpoint).to(device).eval()
+    if getattr(model, "task", "classification") == "detection":
+        # DETR: each detected object's decoder cross-attention over the image (the paper's figure)
+        from vitlab.tasks.run import detect_images
+
+        for r in detect_images(model.cpu(), [Path(p) for p in args.images], Path(args.output), attention=True):
+            print(f"{r['image']}: {len(r['objects'])} objects -> {Path(args.output)}")
+        return 0
     names = model_class_names(model)
     target = resolve_class(args.target, names)
     from vitlab.analysis.explain import resolve_method

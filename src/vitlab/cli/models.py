@@ -15,12 +15,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'vit_base_*'")
     p.add_argument("--family", help="only this family (vit, resnet, ...)")
+    p.add_argument("--task", default="all", choices=["all", "classification", "detection", "segmentation"],
+                   help="only models for this task (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    names = list_models(args.pattern, family=args.family)
+    names = list_models(args.pattern, family=args.family, task=None if args.task == "all" else args.task)
     if args.json:
         print(json.dumps([{"name": n, "family": get_entry(n).family, "description": get_entry(n).description}
                           for n in names], indent=2))

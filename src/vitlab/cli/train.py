@@ -78,6 +78,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EXAMPLE.format(recipes=", ".join(list_recipes())),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="registered model name (default: the recipe's model)")
+    p.add_argument("--task", choices=["classification", "detection", "segmentation"], default="classification",
+                   help="detection (DETR) or segmentation (SETR): --data is a folder with train/ and val/ "
+                        "(images/ + annotations.json or masks/, as `vitlab make-canvases` writes)")
+    p.add_argument("--pretrained-backbone", help="detection/segmentation: a classifier checkpoint for the backbone")
     add_common_args(p, default_recipe=None)
     p.set_defaults(func=run)
 
@@ -178,7 +182,30 @@ def check_length_options(args: argparse.Namespace) -> None:
         raise ValueError("--time-budget sizes the run itself; give it without --steps / --epochs")
 
 
+def run_dense(args: argparse.Namespace) -> int:
+    """``--task detection|segmentation``: DETR / SETR on a data folder, then the held-out metrics."""
+    from vitlab.tasks.run import DenseJob, format_metrics, run_dense_training
+
+    if args.data is None:
+        raise ValueError(f"--task {args.task} needs --data DIR (train/ and val/ folders; see `vitlab make-canvases`)")
+    default = "detr_canvases" if args.task == "detection" else "setr_canvases"
+    recipe = resolve_recipe(args, default)
+    model = args.model or recipe.model
+    if model is None:
+        raise ValueError(f"no model: give --model NAME (see `vitlab models --task {args.task}`)")
+    output = args.output or Path("runs") / f"{recipe.name}-{model}"
+    summary = run_dense_training(DenseJob(
+        task=args.task, model=model, data=Path(args.data), output=output, recipe=recipe,
+        pretrained_backbone=args.pretrained_backbone, resume=args.resume,
+        device=None if args.device == "auto" else args.device, progress=not args.no_progress))
+    log.info("val %s after %.1f s; checkpoint: %s", format_metrics(args.task, summary["val"]),
+             summary["train_seconds"], summary["checkpoint"])
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "task", "classification") != "classification":
+        return run_dense(args)
     check_length_options(args)
     saved = saved_run(args, args.output) if args.output is not None else None
     if saved is not None:  # `vitlab train --output DIR --resume` alone continues that run as it was

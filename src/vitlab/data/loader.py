@@ -75,7 +75,8 @@ def create_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_worke
     """
     if sampler is None and distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    collate = collate_skip_none if _skips_bad_images(dataset) else default_collate
+    # a dataset may batch its own way (detection: padded images, pixel masks, per-image target lists)
+    collate = getattr(dataset, "collate", None) or (collate_skip_none if _skips_bad_images(dataset) else default_collate)
     generator = torch.Generator().manual_seed(int(seed))
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

@@ -10,7 +10,9 @@ from vitlab.layers.attention import (
 from vitlab.layers.block import Block
 from vitlab.layers.class_attention import ClassAttention, ClassAttentionBlock
 from vitlab.layers.conv_norm_act import ConvNormAct
+from vitlab.layers.cross_attention import CrossAttention, CrossAttentionBlock
 from vitlab.layers.drop_path import DropPath, drop_path
+from vitlab.layers.frozen_batch_norm import FrozenBatchNorm2d, freeze_batch_norm
 from vitlab.layers.helpers import make_divisible, to_2tuple
 from vitlab.layers.inverted_residual import InvertedResidual
 from vitlab.layers.layer_scale import LayerScale
@@ -27,6 +29,7 @@ from vitlab.layers.patch_fold import (
 from vitlab.layers.patch_merging import PatchMerging, merge_2x2
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
 from vitlab.layers.separable_attention import SeparableAttentionBlock, SeparableSelfAttention
+from vitlab.layers.sine_position import sine_position_2d
 from vitlab.layers.std_conv import MaxPool2dSame, StdConv2d, pad_same
 from vitlab.layers.talking_heads import TalkingHeadsAttention
 from vitlab.layers.window_attention import (
@@ -46,6 +49,7 @@ __all__ = [
     "TalkingHeadsAttention", "pad_same", "ConvMlp", "ConvNormAct", "FoldedAttention", "InvertedResidual",
     "SeparableAttentionBlock", "SeparableSelfAttention", "fold_patches", "fold_tokens", "make_divisible", "patch_grid",
     "resize_to_patches", "unfold_patches", "unfold_tokens", "resample_pos_embed", "sincos_2d_pos_embed", "to_2tuple",
-        "PatchMerging", "WindowAttention", "WindowAttentionV2", "WindowGeometry", "merge_2x2", "relative_position_index",
+    "PatchMerging", "WindowAttention", "WindowAttentionV2", "WindowGeometry", "merge_2x2", "relative_position_index",
     "resample_rel_pos_table", "shift_attention_mask", "window_partition", "window_reverse",
+    "CrossAttention", "CrossAttentionBlock", "FrozenBatchNorm2d", "freeze_batch_norm", "sine_position_2d",
 ]

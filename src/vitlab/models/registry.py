@@ -20,6 +20,7 @@ class ModelEntry:
     config: Any
     build: Callable[[Any], nn.Module]
     description: str = ""
+    task: str = "classification"  # "detection" / "segmentation": not on the classifier surface
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -31,11 +32,15 @@ def register_model(entry: ModelEntry) -> None:
     _REGISTRY[entry.name] = entry
 
 
-def list_models(pattern: str = "*", *, family: str | None = None) -> list[str]:
-    """Registered names matching a shell-style ``pattern`` (e.g. ``"vit_*_patch16_*"``), sorted."""
+def list_models(pattern: str = "*", *, family: str | None = None, task: str | None = "classification") -> list[str]:
+    """Registered names matching a shell-style ``pattern`` (e.g. ``"vit_*_patch16_*"``), sorted.
+
+    ``task`` selects classifiers (the default), ``"detection"`` or ``"segmentation"`` models, or all (None).
+    """
     _ensure_families_loaded()
     return sorted(
         n for n, e in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and (family is None or e.family == family)
+        and (task is None or e.task == task)
     )
 
 

@@ -54,7 +54,8 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float | 
     """Parameter groups with ``weight_decay`` and an ``lr_scale`` each (1.0 without layer decay)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     num_layers = num_layers_for_decay(model) if layer_decay is not None else 0
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    prefix_scales: dict[str, float] = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    groups: dict[tuple[int, bool, float], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -62,19 +63,43 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float | 
         lid = 0
         if layer_decay is not None:  # a hierarchical model (Swin) numbers its own parameters' layers
             lid = model.decay_layer_id(name) if hasattr(model, "decay_layer_id") else layer_id(name, num_layers)
-        key = (lid, no_decay)
+        # a model's own multipliers by name prefix (e.g. DETR's backbone at 0.1, SETR's heads at 10)
+        extra = next((s for prefix, s in prefix_scales.items() if name.startswith(prefix)), 1.0)
+        key = (lid, no_decay, extra)
         if key not in groups:
             scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
             groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                           "lr_scale": scale, "layer_id": lid}
+                           "lr_scale": scale * extra, "layer_id": lid}
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, *, lr: float) -> torch.optim.Optimizer:
-    """The recipe's optimiser over ``param_groups``; each group's lr is ``lr * lr_scale``."""
+def owned_param_groups(modules: dict[str, nn.Module], *, weight_decay: float) -> list[dict[str, Any]]:
+    """Groups for an objective's own modules (heads, decoders): no decay on 1-D parameters and on the
+    names a module lists in ``no_weight_decay()``; the full learning rate (they sit above every block)."""
+    decay: dict[str, Any] = {"params": [], "names": [], "weight_decay": weight_decay, "lr_scale": 1.0}
+    plain: dict[str, Any] = {"params": [], "names": [], "weight_decay": 0.0, "lr_scale": 1.0}
+    for prefix, module in modules.items():
+        skip = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            g = plain if _skip_decay(name, p, skip) else decay
+            g["params"].append(p)
+            g["names"].append(f"{prefix}.{name}")
+    return [g for g in (plain, decay) if g["params"]]
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe, *, lr: float,
+                    extra: dict[str, nn.Module] | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimiser over ``param_groups``; each group's lr is ``lr * lr_scale``.
+
+    ``extra``: modules an objective trains besides the model (heads, decoders), in groups of their own.
+    """
     groups = param_groups(model, weight_decay=recipe.weight_decay, layer_decay=recipe.layer_decay)
+    if extra:
+        groups += owned_param_groups(extra, weight_decay=recipe.weight_decay)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     if recipe.optimizer == "adamw":

@@ -1,9 +1,12 @@
 """The training loop: one function, :func:`fit`, that runs a recipe on one CPU or many GPUs.
 
-What a step does, in order: ``accum_steps`` micro-batches (Mixup/CutMix if the recipe asks), forward
-under autocast, loss / accum_steps, backward (DDP synchronises gradients on the last micro-batch only);
-then the loss is averaged over ranks and checked for finiteness *before* the update, gradients are
-unscaled and clipped to the global norm, the optimiser, scheduler and EMA step.
+What the step computes is an :class:`~vitlab.train.objective.Objective` (classification by default,
+distillation, the self-supervised objectives of :mod:`vitlab.ssl`); the loop around it is the same for
+all. What a step does, in order: ``accum_steps`` micro-batches through ``objective.step`` under
+autocast, loss / accum_steps, backward (DDP synchronises gradients on the last micro-batch only); then
+the loss is averaged over ranks and checked for finiteness *before* the update, gradients are unscaled,
+the objective's ``before_optimizer_step`` runs, gradients are clipped to the global norm, the optimiser
+and scheduler step, then the objective's ``after_optimizer_step`` (EMA teachers) and the model EMA.
 
 The run directory holds ``model.safetensors`` (a vitlab checkpoint: later commands need only this
 file), ``model_ema.safetensors`` when EMA is on, ``train_state.pt`` (everything ``--resume`` needs),
@@ -37,7 +40,7 @@ from vitlab.checkpoints.vitlab_format import config_to_dict
 from vitlab.train.distributed import DistContext, all_reduce_mean, barrier
 from vitlab.train.ema import ModelEMA
 from vitlab.train.evaluate import EvalResult, autocast_context, evaluate
-from vitlab.train.losses import ClassificationLoss
+from vitlab.train.objective import Metrics, Objective, objective_for
 from vitlab.train.optim import build_optimizer
 from vitlab.train.recipe import Recipe
 from vitlab.train.schedule import build_scheduler
@@ -123,6 +126,29 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a batch (also nested in tuples/lists, e.g. multi-crop views) on ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
+
+
+class _Step(nn.Module):
+    """The model and the objective's trainable modules as one module, so that DDP synchronises the
+    gradients of heads and decoders too; ``forward(batch)`` is ``objective.step(model, batch)``."""
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.owned = nn.ModuleDict(objective.trainable_modules())
+        self.objective = objective
+
+    def forward(self, batch: Any) -> tuple[Tensor, Metrics]:
+        return self.objective.step(self.model, batch)
+
+
 class _Writers:
     """metrics.jsonl and TensorBoard, on rank 0 only; TensorBoard is optional."""
 
@@ -166,6 +192,7 @@ def fit(
     resume: bool = False,
     class_names: list[str] | None = None,
     criterion: Criterion | None = None,
+    objective: Objective | None = None,
     until_step: int | None = None,
     progress: bool = True,
 ) -> FitResult:
@@ -177,6 +204,9 @@ def fit(
         resume: continue from ``output_dir/train_state.pt``.
         criterion: ``loss(images, outputs, targets)``; default: cross entropy with the recipe's label
             smoothing (soft targets under Mixup). Distillation passes its own.
+        objective: what a step computes (:class:`~vitlab.train.objective.Objective`); default: the
+            classification objective over ``criterion`` (distillation for a DistillationLoss).
+            Self-supervised objectives ignore labels; ``val_set`` is then not evaluated.
         until_step: stop (with a checkpoint) after this many optimiser steps in all, as if killed there;
             the schedule still spans the whole run.
     """
@@ -187,8 +217,13 @@ def fit(
     net = _unwrap(model)
     if not hasattr(net, "model_name"):
         raise ValueError("fit: build the model with vitlab.create_model so that its checkpoint is self-describing")
+    if objective is not None and criterion is not None:
+        raise ValueError("fit: give either criterion= or objective=, not both")
     num_classes = net.num_classes
     class_names = list(class_names) if class_names is not None else getattr(train_set, "classes", None)
+    supervised = objective is None or objective.supervised
+    if not supervised:
+        class_names = None  # a self-supervised backbone knows no classes
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"fit: the data has {len(class_names)} classes but the model's head has {num_classes}")
 
@@ -211,24 +246,26 @@ def fit(
     warmup = max(recipe.warmup_steps, round(recipe.warmup_epochs * steps_per_epoch))
     warmup = min(warmup, max(0, total_steps - 1))
 
-    # ---- optimisation
-    if hasattr(net, "set_distilled_training") and criterion is not None:
-        net.set_distilled_training(True)
-    optimizer = build_optimizer(net, recipe, lr=lr)
+    # ---- the objective and optimisation
+    if objective is None:
+        mixup = None
+        if recipe.uses_mixup:
+            from vitlab.data import Mixup
+
+            mixup = Mixup(num_classes=num_classes, mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha,
+                          prob=recipe.mixup_prob, switch_prob=recipe.mixup_switch_prob,
+                          label_smoothing=recipe.label_smoothing)
+        objective = objective_for(criterion, label_smoothing=recipe.label_smoothing, mixup=mixup)
+    objective.to(device)
+    objective.setup(net, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    owned = objective.trainable_modules()
+    optimizer = build_optimizer(net, recipe, lr=lr, extra=owned)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, kind=recipe.schedule,
                                 peak_lr=lr, min_lr=min(recipe.min_lr, lr))
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.amp == "fp16" and device.type == "cuda")
     if recipe.amp == "fp16" and device.type != "cuda":
         raise ValueError("amp=fp16 needs CUDA (a gradient scaler on the GPU); use --set amp=bf16 on the CPU")
     ema = ModelEMA(net, decay=recipe.ema_decay) if recipe.ema_decay is not None else None
-    criterion = criterion or ClassificationLoss(label_smoothing=recipe.label_smoothing)
-    mixup = None
-    if recipe.uses_mixup:
-        from vitlab.data import Mixup
-
-        mixup = Mixup(num_classes=num_classes, mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha,
-                      prob=recipe.mixup_prob, switch_prob=recipe.mixup_switch_prob,
-                      label_smoothing=recipe.label_smoothing)
 
     # ---- state: fresh or resumed
     step = 0
@@ -240,6 +277,10 @@ def fit(
             raise CheckpointError(f"--resume: {out / STATE_FILE} was trained with optimizer {was!r}, this run "
                                   f"asks for {recipe.optimizer!r}; its optimizer state cannot be reused")
         load_strict(net, state["model"], source=str(out / STATE_FILE))
+        if state.get("objective_name", "classification") != objective.name:
+            raise CheckpointError(f"--resume: {out / STATE_FILE} was trained with the {state.get('objective_name')!r} "
+                                  f"objective, this run asks for {objective.name!r}")
+        objective.load_state_dict(state.get("objective", {}))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -269,11 +310,12 @@ def fit(
     else:
         _seed_everything(recipe.seed + 1000 * ctx.rank)
 
+    step_module = _Step(net, objective)
     if ctx.distributed:
         model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
     else:
-        model = net
+        model = step_module
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -281,11 +323,12 @@ def fit(
             {**recipe.to_dict(), "resolved": {"lr": lr, "global_batch": global_batch, "accum_steps": accum,
                                               "world_size": ctx.world_size, "total_steps": total_steps,
                                               "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
+                                              "objective": objective.describe(),
                                               "model": net.model_name, "model_config": config_to_dict(net.cfg)}},
             indent=2))
     writers = _Writers(out, ctx.is_main, step)
-    log.info("training %s: %d steps (%d epochs x %d), global batch %d (%d x %d accum x %d processes), lr %.3g, "
-             "warm-up %d", net.model_name, total_steps, epochs, steps_per_epoch, global_batch, recipe.batch_size,
+    log.info("training %s (%s): %d steps (%d epochs x %d), global batch %d (%d x %d accum x %d processes), lr %.3g, "
+             "warm-up %d", net.model_name, objective.describe(), total_steps, epochs, steps_per_epoch, global_batch, recipe.batch_size,
              accum, ctx.world_size, lr, warmup)
 
     def checkpoint(val: dict[str, Any] | None = None) -> None:
@@ -295,7 +338,8 @@ def fit(
                 rngs = [None] * ctx.world_size
                 dist.all_gather_object(rngs, get_rng_state())
             if ctx.is_main:
-                extra = {"step": step, "recipe": recipe.name, **({"val": val} if val else {})}
+                extra = {"step": step, "recipe": recipe.name, **({"val": val} if val else {}),
+                         **({} if supervised else {"objective": objective.describe()})}
                 save_model(net, out / MODEL_FILE, class_names=class_names, extra=extra)
                 if ema is not None:
                     save_model(ema.module, out / EMA_FILE, class_names=class_names, extra={**extra, "ema": True})
@@ -305,12 +349,13 @@ def fit(
                     "global_batch": global_batch, "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+                    "objective_name": objective.name, "objective": objective.state_dict(),
                     "rng": rngs, "recipe": recipe.to_dict(),
                 })
             barrier(ctx)
 
     def validate(epoch: int) -> dict[str, Any] | None:
-        if val_set is None:
+        if val_set is None or not supervised:
             return None
         res: dict[str, Any] = {}
         with preserved_rng():
@@ -340,6 +385,8 @@ def fit(
     t_start = time.perf_counter()
     t_log, steps_since_log = t_start, 0
     model.train()
+    objective.train()
+    params = list(net.parameters()) + objective.parameters()
     try:
         start_epoch = step // steps_per_epoch
         for epoch in range(start_epoch, epochs):
@@ -353,23 +400,23 @@ def fit(
                 if step >= stop:
                     break
                 loss_sum = torch.zeros((), device=device)
+                metric_sums: dict[str, Any] = {}
                 for micro in range(accum):
                     batch = next(batches, None)
                     if batch is None:
                         raise RuntimeError("fit: the data loader ran out of batches mid-epoch: whole batches of "
                                            "undecodable images were skipped")
-                    x, y = batch
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    if mixup is not None:
-                        x, y = mixup(x, y)
+                    batch = _to_device(batch, device)
                     sync = micro == accum - 1
                     no_sync = model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()
                     with no_sync:
                         with autocast_context(device, recipe.amp):
-                            outputs = model(x)
-                            loss = criterion(x, outputs, y)
+                            loss, metrics = model(batch)
                         scaler.scale(loss / accum).backward()
                     loss_sum += loss.detach().float()
+                    for k, v in metrics.items():
+                        v = v.detach().float() if isinstance(v, Tensor) else float(v)
+                        metric_sums[k] = metric_sums.get(k, 0.0) + v / accum
                 loss_mean = all_reduce_mean(loss_sum / accum, ctx).item()
                 if not math.isfinite(loss_mean):
                     raise NonFiniteLossError(
@@ -378,9 +425,10 @@ def fit(
                         f"enabling clip_grad or switching amp off)"
                     )
                 grad_norm = None
+                scaler.unscale_(optimizer)  # a no-op without fp16: the hooks and clipping see true gradients
+                objective.before_optimizer_step(step)
                 if recipe.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), recipe.clip_grad).item()
+                    grad_norm = nn.utils.clip_grad_norm_(params, recipe.clip_grad).item()
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -388,6 +436,7 @@ def fit(
                 scheduler.step()
                 step += 1
                 steps_since_log += 1
+                objective.after_optimizer_step(step)
                 if ema is not None:
                     ema.update(net)
                 if bar is not None:
@@ -396,12 +445,15 @@ def fit(
                     now = time.perf_counter()
                     ips = steps_since_log * global_batch / max(now - t_log, 1e-9)
                     t_log, steps_since_log = now, 0
+                    shown = {k: round(float(v), 6) for k, v in metric_sums.items()}
                     rec = {"kind": "train", "step": step, "epoch": epoch, "loss": round(loss_mean, 6), "lr": lr_now,
-                           "img_per_s": round(ips, 1), **({"grad_norm": round(grad_norm, 4)} if grad_norm else {})}
+                           "img_per_s": round(ips, 1), **({"grad_norm": round(grad_norm, 4)} if grad_norm else {}),
+                           **shown}
                     history.append(rec)
                     writers.write(rec)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}")
+                        bar.set_postfix(loss=f"{loss_mean:.4f}", **{k: f"{v:.4g}" for k, v in shown.items()},
+                                        lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}")
                 if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < stop:
                     checkpoint()
             epoch_done = step == (epoch + 1) * steps_per_epoch or step == total_steps

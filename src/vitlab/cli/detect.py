@@ -1,0 +1,34 @@
+"""``vitlab detect IMAGE...``: boxes, labels and scores of a trained detector, drawn and as JSON."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("detect", help="detect objects in images (DETR)",
+                       description="Run a trained detector; writes OUTPUT/NAME.png with boxes, labels and scores, "
+                                   "and OUTPUT/detections.json (boxes xyxy in the image's pixels).",
+                       epilog="example:\n  vitlab detect canvas.png --checkpoint runs/detr/model.safetensors",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE", type=Path)
+    p.add_argument("--checkpoint", required=True, help="a DETR checkpoint (vitlab, Hugging Face folder)")
+    p.add_argument("--threshold", type=float, default=0.5, help="lowest score kept")
+    p.add_argument("--attention", action="store_true", help="also each object's decoder cross-attention")
+    p.add_argument("--output", type=Path, default=Path("detections"), help="output folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import vitlab
+    from vitlab.tasks.run import detect_images, task_of
+
+    model = vitlab.load_model(args.checkpoint).eval()
+    if task_of(model) != "detection":
+        raise ValueError(f"{args.checkpoint}: a {task_of(model)} model, not a detector")
+    for r in detect_images(model, args.images, args.output, threshold=args.threshold, attention=args.attention):
+        objs = ", ".join(f"{o['label']} {o['score']:.2f}" for o in r["objects"]) or "nothing"
+        print(f"{r['image']}: {objs}")
+    print(f"pictures and detections.json in {args.output}")
+    return 0

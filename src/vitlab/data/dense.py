@@ -1,0 +1,394 @@
+"""Detection and segmentation data: COCO-format JSON + image folder, VOC-style mask-PNG folders, and
+augmentations that move boxes and masks with the pixels.
+
+A sample is a dict: ``image`` (C, H, W), ``boxes`` (N, 4) xyxy in pixels, ``labels`` (N,) contiguous
+class indices, and/or ``mask`` (H, W) int64 class per pixel (``ignore_index`` where unlabelled). The
+transforms (:class:`DenseTransform`: flip, resize, crop) change all of them together; at the end the
+image is normalised and the boxes become DETR's normalised (cx, cy, w, h) of the transformed image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from vitlab.data.errors import DatasetError
+from vitlab.data.functional import normalize, resize, to_float
+from vitlab.data.image import IMAGE_EXTENSIONS, load_image, to_channels
+
+Sample = dict[str, Any]
+
+# ------------------------------------------------------------------------------------ transforms
+
+
+def hflip(s: Sample) -> Sample:
+    """Mirror left-right: x -> W - x for the boxes (their corners swap)."""
+    w = s["image"].shape[-1]
+    out = {**s, "image": s["image"].flip(-1)}
+    if "boxes" in s:
+        b = s["boxes"]
+        out["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
+    if "mask" in s:
+        out["mask"] = s["mask"].flip(-1)
+    return out
+
+
+def resize_sample(s: Sample, size: tuple[int, int]) -> Sample:
+    """Resize to (H, W): bilinear image, nearest mask, boxes scaled per axis."""
+    h, w = s["image"].shape[-2:]
+    out = {**s, "image": resize(s["image"], size, "bilinear")}
+    if "boxes" in s:
+        sy, sx = size[0] / h, size[1] / w
+        out["boxes"] = s["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=s["boxes"].dtype)
+    if "mask" in s:
+        out["mask"] = F.interpolate(s["mask"][None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return out
+
+
+def crop_sample(s: Sample, top: int, left: int, height: int, width: int) -> Sample:
+    """Crop the region; boxes are shifted and clipped to it, and those left without area are dropped."""
+    out = {**s, "image": s["image"][..., top:top + height, left:left + width]}
+    if "boxes" in s:
+        b = s["boxes"] - torch.tensor([left, top, left, top], dtype=s["boxes"].dtype)
+        b = torch.stack([b[:, 0].clamp(0, width), b[:, 1].clamp(0, height), b[:, 2].clamp(0, width),
+                         b[:, 3].clamp(0, height)], dim=1)
+        keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        out["boxes"], out["labels"] = b[keep], s["labels"][keep]
+    if "mask" in s:
+        out["mask"] = s["mask"][top:top + height, left:left + width]
+    return out
+
+
+def _shorter_side_size(h: int, w: int, shorter: int, max_size: int | None) -> tuple[int, int]:
+    """DETR's resize: the shorter side to ``shorter`` unless the longer would exceed ``max_size``."""
+    if max_size is not None:
+        lo, hi = min(h, w), max(h, w)
+        if hi / lo * shorter > max_size:
+            shorter = int(round(max_size * lo / hi))
+    if h <= w:
+        return shorter, int(shorter * w / h)
+    return int(shorter * h / w), shorter
+
+
+@dataclass
+class DenseTransform:
+    """Training or evaluation transform of a detection / segmentation sample.
+
+    Args:
+        size: shorter side after resizing (a sequence: one drawn per sample, DETR's multi-scale);
+            ``square=True`` resizes to (size, size) instead (fixed-size inputs, e.g. SETR / ViT).
+        max_size: cap on the longer side (DETR: 1333).
+        train: random horizontal flip (probability ``hflip``) and, with probability ``crop_prob``, a random crop of
+            ``crop_scale`` of each side before resizing.
+        mean / std: normalisation after scaling to [0, 1].
+        channels: the model's input channels (grey images are repeated, RGB averaged).
+    """
+
+    size: int | Sequence[int] = 800
+    max_size: int | None = 1333
+    square: bool = False
+    train: bool = False
+    hflip: float = 0.5
+    crop_prob: float = 0.0
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    mean: Sequence[float] = (0.485, 0.456, 0.406)
+    std: Sequence[float] = (0.229, 0.224, 0.225)
+    channels: int = 3
+    generator: torch.Generator | None = None
+
+    def _rand(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+    def __call__(self, s: Sample) -> Sample:
+        s = {**s, "image": to_channels(s["image"], self.channels)}
+        if self.train:
+            if self.hflip > 0 and self._rand() < self.hflip:
+                s = hflip(s)
+            if self.crop_prob > 0 and self._rand() < self.crop_prob:
+                h, w = s["image"].shape[-2:]
+                lo, hi = self.crop_scale
+                ch = max(1, int(h * (lo + (hi - lo) * self._rand())))
+                cw = max(1, int(w * (lo + (hi - lo) * self._rand())))
+                top, left = int((h - ch) * self._rand()), int((w - cw) * self._rand())
+                s = crop_sample(s, top, left, ch, cw)
+        sizes = [self.size] if isinstance(self.size, int) else list(self.size)
+        size = sizes[min(int(self._rand() * len(sizes)), len(sizes) - 1)] if self.train else sizes[-1]
+        h, w = s["image"].shape[-2:]
+        s = resize_sample(s, (size, size) if self.square else _shorter_side_size(h, w, size, self.max_size))
+        s["image"] = normalize(to_float(s["image"]), self.mean, self.std)
+        if "boxes" in s:
+            h, w = s["image"].shape[-2:]
+            b = s["boxes"]
+            s["boxes_xyxy"] = b
+            s["boxes"] = torch.stack([(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h,
+                                      (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], dim=1)
+        return s
+
+
+# ------------------------------------------------------------------------------------ COCO detection
+
+
+class CocoDetection(Dataset):
+    """COCO-format detection: ``annotations`` JSON (``images``, ``annotations`` with ``bbox`` =
+    [x, y, w, h] in pixels, ``categories``) and the folder the ``file_name``s are relative to.
+
+    Categories become contiguous labels 0..K-1 in the order of their ids (``cat_ids[label]`` maps
+    back). Crowd annotations are skipped in training targets. Every annotation is checked when the
+    data set is opened: a box outside its image, an unknown category id, a missing image or a
+    malformed entry raises a :class:`DatasetError` naming the JSON file and the entry.
+    """
+
+    def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, *,
+                 transform: DenseTransform | None = None, tolerance: float = 1.0) -> None:
+        self.root, self.ann_path = Path(images), Path(annotations)
+        self.transform = transform
+        try:
+            data = json.loads(self.ann_path.read_text())
+        except FileNotFoundError:
+            raise DatasetError(f"{self.ann_path}: annotation file not found") from None
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{self.ann_path}: not valid JSON ({e})") from None
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data.get(key), list):
+                raise DatasetError(f"{self.ann_path}: COCO JSON needs a list {key!r}")
+        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.cat_ids = [int(c["id"]) for c in self.categories]
+        self.classes = [str(c.get("name", c["id"])) for c in self.categories]
+        label_of = {cid: i for i, cid in enumerate(self.cat_ids)}
+        self.images = data["images"]
+        by_id: dict[int, dict] = {}
+        for img in self.images:
+            try:
+                iid, name, W, H = int(img["id"]), img["file_name"], img["width"], img["height"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise DatasetError(f"{self.ann_path}: image entry {img!r} lacks {e}") from None
+            if not (self.root / name).is_file():
+                raise DatasetError(f"{self.ann_path}: image id {iid}: file {self.root / name} not found")
+            by_id[iid] = img
+        self.targets: dict[int, list[tuple[list[float], int]]] = {int(i["id"]): [] for i in self.images}
+        for ann in data["annotations"]:
+            aid = ann.get("id", "?")
+            try:
+                iid, cid, (x, y, w, h) = int(ann["image_id"]), int(ann["category_id"]), map(float, ann["bbox"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise DatasetError(f"{self.ann_path}: annotation id {aid}: malformed entry ({e!r})") from None
+            if iid not in by_id:
+                raise DatasetError(f"{self.ann_path}: annotation id {aid}: unknown image_id {iid}")
+            if cid not in label_of:
+                raise DatasetError(f"{self.ann_path}: annotation id {aid}: unknown category_id {cid} "
+                                   f"(categories: {self.cat_ids})")
+            W, H = float(by_id[iid]["width"]), float(by_id[iid]["height"])
+            if w <= 0 or h <= 0 or x < -tolerance or y < -tolerance or x + w > W + tolerance or y + h > H + tolerance:
+                raise DatasetError(f"{self.ann_path}: annotation id {aid}: bbox {[x, y, w, h]} (x, y, w, h) lies "
+                                   f"outside image id {iid} ({by_id[iid]['file_name']}, {W:g}x{H:g}) or is empty")
+            if ann.get("iscrowd", 0):
+                continue
+            self.targets[iid].append(([x, y, x + w, y + h], label_of[cid]))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def raw(self, index: int) -> Sample:
+        img = self.images[index]
+        iid = int(img["id"])
+        anns = self.targets[iid]
+        boxes = torch.tensor([a[0] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        image = load_image(self.root / img["file_name"])
+        if tuple(image.shape[-2:]) != (int(img["height"]), int(img["width"])):
+            raise DatasetError(f"{self.ann_path}: image id {iid}: {img['file_name']} is "
+                               f"{image.shape[-1]}x{image.shape[-2]}, the JSON says {img['width']}x{img['height']}")
+        W, H = image.shape[-1], image.shape[-2]
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+        return {"image": image, "boxes": boxes, "labels": torch.tensor([a[1] for a in anns], dtype=torch.int64),
+                "image_id": iid, "orig_size": (H, W)}
+
+    def __getitem__(self, index: int) -> Sample:
+        s = self.raw(index)
+        return self.transform(s) if self.transform is not None else s
+
+    @staticmethod
+    def collate(batch: list[Sample]) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
+        """Pad images to the largest in the batch: (images, pixel_mask True on real pixels, targets)."""
+        return pad_batch(batch)
+
+
+def pad_batch(batch: list[Sample]) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
+    H = max(s["image"].shape[-2] for s in batch)
+    W = max(s["image"].shape[-1] for s in batch)
+    C = batch[0]["image"].shape[0]
+    images = torch.zeros(len(batch), C, H, W)
+    mask = torch.zeros(len(batch), H, W, dtype=torch.bool)
+    targets = []
+    for i, s in enumerate(batch):
+        h, w = s["image"].shape[-2:]
+        images[i, :, :h, :w] = s["image"]
+        mask[i, :h, :w] = True
+        targets.append({k: v for k, v in s.items() if k != "image"} | {"size": (h, w)})
+    return images, mask, targets
+
+
+# ------------------------------------------------------------------------------------ segmentation
+
+
+class MaskFolder(Dataset):
+    """VOC-style segmentation: ``images/NAME.jpg|png`` and ``masks/NAME.png`` whose pixel values are
+    class indices (palette or grey PNGs), ``ignore_index`` (255) for unlabelled pixels."""
+
+    def __init__(self, images: str | os.PathLike, masks: str | os.PathLike, *, num_classes: int | None = None,
+                 transform: DenseTransform | None = None, ignore_index: int = 255,
+                 classes: list[str] | None = None) -> None:
+        self.images_dir, self.masks_dir = Path(images), Path(masks)
+        self.transform, self.ignore_index = transform, ignore_index
+        if not self.images_dir.is_dir():
+            raise DatasetError(f"{self.images_dir}: image folder not found")
+        files = sorted(p for p in self.images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DatasetError(f"{self.images_dir}: no images")
+        self.pairs = []
+        for p in files:
+            m = self.masks_dir / (p.stem + ".png")
+            if not m.is_file():
+                raise DatasetError(f"{p}: no mask {m}")
+            self.pairs.append((p, m))
+        self.num_classes = num_classes
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def raw(self, index: int) -> Sample:
+        from PIL import Image
+
+        img_path, mask_path = self.pairs[index]
+        image = load_image(img_path)
+        try:
+            with Image.open(mask_path) as m:
+                if m.mode not in ("L", "P", "I", "I;16"):
+                    raise DatasetError(f"{mask_path}: mask mode {m.mode}; expected a grey or palette PNG of class "
+                                       f"indices")
+                mask = torch.from_numpy(np.array(m, dtype=np.int64))
+        except OSError as e:
+            raise DatasetError(f"{mask_path}: cannot read the mask ({e})") from None
+        if tuple(mask.shape) != tuple(image.shape[-2:]):
+            raise DatasetError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {img_path.name} is "
+                               f"{image.shape[-1]}x{image.shape[-2]}")
+        if self.num_classes is not None:
+            bad = (mask >= self.num_classes) & (mask != self.ignore_index)
+            if bad.any():
+                raise DatasetError(f"{mask_path}: class {int(mask[bad][0])} outside 0..{self.num_classes - 1} "
+                                   f"(ignore index {self.ignore_index})")
+        return {"image": image, "mask": mask}
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        s = self.raw(index)
+        if self.transform is not None:
+            s = self.transform(s)
+        return s["image"], s["mask"]
+
+
+# ------------------------------------------------------------------------------------ digit canvases
+
+
+def make_canvases(output: str | os.PathLike, *, mnist: str | os.PathLike, seed: int = 0, n_train: int = 512,
+                  n_val: int = 128, size: int = 96, digits: tuple[int, int] = (1, 4),
+                  scale: tuple[float, float] = (0.6, 1.4), threshold: int = 128) -> dict[str, Any]:
+    """Write detection and segmentation canvases of MNIST digits, deterministically from ``seed``.
+
+    Each ``size`` x ``size`` grey canvas holds ``digits`` digits (drawn from MNIST's training images
+    for ``train``, its test images for ``val``), each resized by a random factor in ``scale`` of 28 px
+    and placed at a random position without overlapping another digit's box. A digit's pixels at or
+    above ``threshold`` give its per-pixel mask (class digit + 1; 0 is background) and its tight box.
+
+    Layout under ``output``: ``{train,val}/images/*.png``, ``{train,val}/annotations.json`` (COCO:
+    categories 1..10 named "0".."9") and ``{train,val}/masks/*.png``. Returns a summary.
+    """
+    from PIL import Image
+
+    from vitlab.data.sources import read_mnist
+
+    out = Path(output)
+    summary: dict[str, Any] = {"output": str(out), "seed": seed, "size": size}
+    for split, prefix, n in (("train", "train", n_train), ("val", "t10k", n_val)):
+        pool, labels, _ = read_mnist(mnist, prefix)
+        g = np.random.default_rng([seed, 0 if split == "train" else 1])
+        (out / split / "images").mkdir(parents=True, exist_ok=True)
+        (out / split / "masks").mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        n_objects = 0
+        for i in range(n):
+            canvas = np.zeros((size, size), dtype=np.uint8)
+            mask = np.zeros((size, size), dtype=np.uint8)
+            placed: list[tuple[int, int, int, int]] = []
+            for _ in range(int(g.integers(digits[0], digits[1] + 1))):
+                k = int(g.integers(len(labels)))
+                side = min(size, max(8, int(round(28 * g.uniform(*scale)))))
+                digit = resize(pool[k], (side, side), "bilinear")[0].numpy()
+                for _attempt in range(20):
+                    y0, x0 = int(g.integers(0, size - side + 1)), int(g.integers(0, size - side + 1))
+                    ys, xs = np.nonzero(digit >= threshold)
+                    if len(ys) == 0:
+                        break
+                    box = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
+                    if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed):
+                        region = canvas[y0:y0 + side, x0:x0 + side]
+                        np.maximum(region, digit, out=region)
+                        mask[y0:y0 + side, x0:x0 + side][digit >= threshold] = labels[k] + 1
+                        placed.append(box)
+                        n_objects += 1
+                        x, y, w, h = box[0], box[1], box[2] - box[0], box[3] - box[1]
+                        anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": labels[k] + 1,
+                                     "bbox": [x, y, w, h], "area": int((digit >= threshold).sum()), "iscrowd": 0})
+                        break
+            name = f"{i:05d}.png"
+            Image.fromarray(canvas, mode="L").save(out / split / "images" / name)
+            Image.fromarray(mask, mode="L").save(out / split / "masks" / name)
+            images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+        coco = {"images": images, "annotations": anns,
+                "categories": [{"id": d + 1, "name": str(d)} for d in range(10)]}
+        (out / split / "annotations.json").write_text(json.dumps(coco))
+        summary[split] = {"images": n, "objects": n_objects}
+    return summary
+
+
+class Repeated(Dataset):
+    """``dataset`` seen ``times`` times per epoch (small sets: fewer epoch ends, same batching)."""
+
+    def __init__(self, dataset: Dataset, times: int) -> None:
+        self.dataset, self.times = dataset, times
+        self.collate = getattr(dataset, "collate", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index % len(self.dataset)]
+
+
+SEGMENTATION_CLASSES = ["background"] + [str(d) for d in range(10)]
+
+
+def canvas_datasets(root: str | os.PathLike, split: str, *, task: str, transform: DenseTransform | None = None
+                    ) -> Dataset:
+    """The canvases of :func:`make_canvases` as a detection or segmentation data set."""
+    base = Path(root) / split
+    if task == "detection":
+        return CocoDetection(base / "images", base / "annotations.json", transform=transform)
+    if task == "segmentation":
+        return MaskFolder(base / "images", base / "masks", num_classes=11, transform=transform,
+                          classes=SEGMENTATION_CLASSES)
+    raise ValueError(f"canvas_datasets: task must be 'detection' or 'segmentation', got {task!r}")
+
+
+__all__ = ["CocoDetection", "DenseTransform", "MaskFolder", "Repeated", "canvas_datasets", "crop_sample", "hflip",
+           "make_canvases", "pad_batch", "resize_sample"]

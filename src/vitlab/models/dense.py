@@ -1,0 +1,27 @@
+"""What the dense-prediction models (DETR, SETR) share: loading a pretrained backbone into them."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+
+def load_backbone(model: nn.Module, source: str | os.PathLike) -> nn.Module:
+    """Load a classifier checkpoint (vitlab, timm, Hugging Face, JAX - whatever ``create_model`` reads)
+    into ``model.backbone``: its head is dropped and its position table resampled to the model's
+    resolution. Returns ``model``."""
+    from vitlab.checkpoints import load_strict
+    from vitlab.models.factory import create_model
+
+    cfg = model.cfg
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.backbone_args.items()}
+    if hasattr(model.backbone, "patch_embed"):
+        args.setdefault("img_size", tuple(model.backbone.patch_embed.img_size))
+    pretrained = create_model(cfg.backbone, pretrained=source, num_classes=0, **args)
+    target = model.backbone.state_dict()
+    # batch-norm counters (frozen batch norm has none) and a final norm the dense model does not use (SETR)
+    sd = {k: v for k, v in pretrained.state_dict().items() if not k.endswith("num_batches_tracked")
+          and (k in target or not k.startswith(("norm.", "fc_norm.")))}
+    load_strict(model.backbone, sd, source=str(source))
+    return model

@@ -1,0 +1,274 @@
+"""DETR: End-to-End Object Detection with Transformers (Carion et al., 2020, arXiv:2005.12872).
+
+What differs from a ViT classifier:
+
+* A backbone gives one feature map: ResNet-50 (vitlab's, batch norm frozen, stem and first stage not
+  trained, its own smaller learning rate) or any vitlab backbone through ``forward_intermediates``
+  (ViT, DeiT, Swin: the last block's map). A 1x1 convolution projects it to the transformer width.
+* Padding masks are carried through: images of a batch are padded to a common size, the mask (True on
+  real pixels) is resized to the feature map, padded cells are never attended and do not shift the
+  2-D sine position encodings.
+* A post-norm encoder-decoder transformer (6 + 6 layers, width 256, 8 heads, FFN 2048, ReLU, dropout
+  0.1). Position encodings are added to queries and keys - never values - in every attention layer:
+  sine encodings of the pixels in encoder self-attention and on the decoder's cross-attention keys,
+  the learned object queries (``query_embed``) on the decoder's self-attention queries/keys and its
+  cross-attention queries. The decoder input is zeros.
+* Heads on every decoder layer (after the shared final LayerNorm): a linear classifier over the
+  classes plus "no object" (the last logit) and a 3-layer MLP with a sigmoid giving normalised
+  (cx, cy, w, h) boxes. Earlier layers' predictions feed the auxiliary losses.
+
+``forward(x, pixel_mask=None)`` returns a dict: ``logits`` (B, Q, C+1), ``boxes`` (B, Q, 4) and, when
+``aux_loss``, ``aux_logits`` / ``aux_boxes`` (layers-1, B, Q, ...). The set loss and matcher live in
+:mod:`vitlab.tasks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitlab.layers import CrossAttention, Mlp, freeze_batch_norm, sine_position_2d
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from vitlab.models.registry import ModelEntry, register_model
+
+
+@dataclass(frozen=True, kw_only=True)
+class DETRConfig:
+    """Args:
+    backbone: a registered vitlab name (``resnet50``, ``vit_small_patch16_224``, ...).
+    backbone_args: config overrides for the backbone (e.g. a tiny ResNet's ``layers`` / ``channels``,
+        a ViT's ``img_size`` / ``dynamic_img_size``).
+    backbone_lr_scale: the backbone's learning rate relative to the transformer's (1e-5 / 1e-4).
+    freeze_stem: freeze the ResNet stem and first stage (DETR) and turn its batch norms into frozen ones.
+    num_classes: object classes, without "no object" (COCO: 91 = largest category id + 1).
+    num_queries: object queries (100 for COCO).
+    img_size: the nominal input size (preprocessing; any size runs).
+    """
+
+    backbone: str = "resnet50"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    backbone_lr_scale: float = 0.1
+    freeze_stem: bool = True
+    num_classes: int = 91
+    num_queries: int = 100
+    dim: int = 256
+    num_heads: int = 8
+    enc_depth: int = 6
+    dec_depth: int = 6
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    aux_loss: bool = True
+    img_size: int | tuple[int, int] = 800
+    in_chans: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm: x = norm1(x + attn(x + pos, x + pos, x)); x = norm2(x + ffn(x))."""
+
+    def __init__(self, cfg: DETRConfig) -> None:
+        super().__init__()
+        self.attn = CrossAttention(cfg.dim, num_heads=cfg.num_heads, attn_drop=cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.mlp = Mlp(cfg.dim, hidden_features=cfg.ffn_dim, act_layer=nn.ReLU, drop=cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+
+    def forward(self, x: Tensor, pos: Tensor, key_mask: Tensor | None) -> Tensor:
+        qk = x + pos
+        x = self.norm1(x + self.drop(self.attn(qk, qk, x, key_mask)))
+        return self.norm2(x + self.mlp(x))
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm self-attention among the queries, cross-attention to the image, FFN."""
+
+    def __init__(self, cfg: DETRConfig) -> None:
+        super().__init__()
+        self.self_attn = CrossAttention(cfg.dim, num_heads=cfg.num_heads, attn_drop=cfg.dropout)
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.cross_attn = CrossAttention(cfg.dim, num_heads=cfg.num_heads, attn_drop=cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.mlp = Mlp(cfg.dim, hidden_features=cfg.ffn_dim, act_layer=nn.ReLU, drop=cfg.dropout)
+        self.norm3 = nn.LayerNorm(cfg.dim)
+        self.drop1 = nn.Dropout(cfg.dropout)
+        self.drop2 = nn.Dropout(cfg.dropout)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor, key_mask: Tensor | None) -> Tensor:
+        qk = tgt + query_pos
+        tgt = self.norm1(tgt + self.drop1(self.self_attn(qk, qk, tgt)))
+        tgt = self.norm2(tgt + self.drop2(self.cross_attn(tgt + query_pos, memory + pos, memory, key_mask)))
+        return self.norm3(tgt + self.mlp(tgt))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: DETRConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_depth))
+
+    def forward(self, x: Tensor, pos: Tensor, key_mask: Tensor | None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, pos, key_mask)
+        return x
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DETRConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor,
+                key_mask: Tensor | None) -> list[Tensor]:
+        """Every layer's output through the shared final norm (the last is the prediction)."""
+        outs = []
+        for layer in self.layers:
+            tgt = layer(tgt, query_pos, memory, pos, key_mask)
+            outs.append(self.norm(tgt))
+        return outs
+
+
+class BoxHead(nn.Module):
+    """The 3-layer MLP (ReLU between) predicting normalised (cx, cy, w, h) through a sigmoid."""
+
+    def __init__(self, dim: int, num_layers: int = 3) -> None:
+        super().__init__()
+        dims = [dim] * num_layers + [4]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x.sigmoid()
+
+
+def build_backbone(cfg: DETRConfig) -> nn.Module:
+    """A headless vitlab backbone; a ResNet gets frozen batch norm and a frozen stem and first stage."""
+    from vitlab.models.factory import create_model
+    from vitlab.models.registry import get_entry
+
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.backbone_args.items()}
+    args.setdefault("in_chans", cfg.in_chans)
+    net = create_model(cfg.backbone, num_classes=0, **args)
+    if get_entry(cfg.backbone).family == "resnet" and cfg.freeze_stem:
+        freeze_batch_norm(net)
+        for m in (net.stem, net.stages[0]):
+            m.requires_grad_(False)
+    return net
+
+
+class DETR(nn.Module):
+    """DETR on a vitlab backbone: ``forward(images, pixel_mask=None) -> {"logits", "boxes", ...}``."""
+
+    num_prefix_tokens = 0
+    classifier_names = ("class_embed",)
+    task = "detection"
+
+    def __init__(self, cfg: DETRConfig) -> None:
+        super().__init__()
+        if cfg.dim % 4 != 0:
+            raise ValueError(f"DETRConfig: dim={cfg.dim} must be divisible by 4 (the 2-D sine encoding)")
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg)
+        self.input_proj = nn.Conv2d(self.backbone.num_features, cfg.dim, kernel_size=1)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.query_embed = nn.Embedding(cfg.num_queries, cfg.dim)
+        self.class_embed = nn.Linear(cfg.dim, cfg.num_classes + 1)
+        self.bbox_embed = BoxHead(cfg.dim)
+        self.num_features = cfg.dim
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # xavier-uniform on the transformer's matrices, as in the reference; backbone and heads keep theirs
+        for module in (self.encoder, self.decoder):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        nn.init.normal_(self.query_embed.weight)
+
+    # ------------------------------------------------------------------------- common surface
+    @property
+    def num_classes(self) -> int:
+        return self.class_embed.out_features - 1
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        size = self.cfg.img_size if isinstance(self.cfg.img_size, tuple) else (self.cfg.img_size,) * 2
+        return Preprocessing(input_size=(self.cfg.in_chans, *size), mean=self.cfg.mean, std=self.cfg.std,
+                             crop_pct=1.0, interpolation="bilinear")
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A zero-initialised class head for ``num_classes`` objects (+ no object)."""
+        self.class_embed = nn.Linear(self.cfg.dim, num_classes + 1)
+        nn.init.zeros_(self.class_embed.weight)
+        nn.init.zeros_(self.class_embed.bias)
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name prefix (the backbone trains 10x slower)."""
+        return {"backbone.": self.cfg.backbone_lr_scale}
+
+    # ------------------------------------------------------------------------- forward
+    def forward_backbone(self, x: Tensor, pixel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The projected feature map (B, dim, h, w) and its mask (B, h, w), True on real cells."""
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
+            raise ValueError(f"DETR: expected images (batch, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
+        if pixel_mask is not None and pixel_mask.shape != (x.shape[0], *x.shape[-2:]):
+            raise ValueError(f"DETR: pixel_mask must be (batch, H, W) = {(x.shape[0], *x.shape[-2:])}, "
+                             f"got {tuple(pixel_mask.shape)}")
+        if hasattr(self.backbone, "stages") and hasattr(self.backbone, "stem"):
+            feat = self.backbone.forward_features(x)
+        else:
+            _, inter = self.backbone.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW")
+            feat = inter[-1]
+        if pixel_mask is None:
+            mask = torch.ones(feat.shape[0], *feat.shape[-2:], dtype=torch.bool, device=feat.device)
+        else:
+            mask = F.interpolate(pixel_mask[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
+        return self.input_proj(feat), mask
+
+    def forward_features(self, x: Tensor, pixel_mask: Tensor | None = None) -> list[Tensor]:
+        """Every decoder layer's normalised query embeddings (B, Q, dim); the last is the final one."""
+        feat, mask = self.forward_backbone(x, pixel_mask)
+        B = feat.shape[0]
+        pos = sine_position_2d(mask, self.cfg.dim, dtype=feat.dtype).flatten(2).transpose(1, 2)
+        src = feat.flatten(2).transpose(1, 2)  # (B, h*w, dim)
+        key_mask = None if pixel_mask is None else mask.flatten(1)  # no padding: the unmasked fast path
+        memory = self.encoder(src, pos, key_mask)
+        query_pos = self.query_embed.weight[None].expand(B, -1, -1)
+        tgt = torch.zeros_like(query_pos)
+        self._feature_size = tuple(feat.shape[-2:])  # for explain: the cross-attention's key grid
+        return self.decoder(tgt, query_pos, memory, pos, key_mask)
+
+    def forward_head(self, hs: list[Tensor]) -> dict[str, Tensor]:
+        out = {"logits": self.class_embed(hs[-1]), "boxes": self.bbox_embed(hs[-1])}
+        if self.cfg.aux_loss and len(hs) > 1:
+            aux = torch.stack(hs[:-1])
+            out["aux_logits"] = self.class_embed(aux)
+            out["aux_boxes"] = self.bbox_embed(aux)
+        return out
+
+    def forward(self, x: Tensor, pixel_mask: Tensor | None = None) -> dict[str, Tensor]:
+        return self.forward_head(self.forward_features(x, pixel_mask))
+
+
+# Carion et al. 2020, Table 1 (R50 backbone, 41.3 M parameters, 42.0 AP at 500 epochs).
+DETR_VARIANTS: dict[str, DETRConfig] = {
+    "detr_resnet50": DETRConfig(backbone="resnet50"),
+    "detr_vit_small_patch16": DETRConfig(backbone="vit_small_patch16_224",
+                                         backbone_args={"dynamic_img_size": True}, img_size=224),
+}
+
+for _name, _cfg in DETR_VARIANTS.items():
+    register_model(ModelEntry(name=_name, family="detr", config=_cfg, build=DETR, task="detection",
+                              description=f"DETR detector on {_cfg.backbone}, {_cfg.num_queries} queries"))

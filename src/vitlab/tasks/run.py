@@ -1,0 +1,255 @@
+"""The command-line jobs of the dense tasks: train / evaluate DETR and SETR on a data folder, and run a
+trained model on images (boxes, colour overlays, DETR's per-object cross-attention).
+
+A data folder holds ``train/`` and ``val/``, each with ``images/`` and either ``annotations.json``
+(COCO format: detection) or ``masks/`` (VOC-style PNGs of class indices: segmentation), as
+``vitlab make-canvases`` writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vitlab.data.dense import CocoDetection, DenseTransform, MaskFolder
+
+log = logging.getLogger(__name__)
+
+TASKS = ("detection", "segmentation")
+
+
+def task_of(model: nn.Module) -> str:
+    return getattr(model, "task", "classification")
+
+
+def transform_for(model: nn.Module, *, train: bool, hflip: float = 0.5) -> DenseTransform:
+    """DETR: shorter side to the model's size (multi-scale in training), SETR: the square size it is built for."""
+    pp = model.preprocessing
+    c, h, _ = pp.input_size
+    if task_of(model) == "segmentation":
+        return DenseTransform(size=h, square=True, train=train, hflip=hflip, mean=pp.mean, std=pp.std, channels=c)
+    sizes = sorted({max(16, int(h * f) // 16 * 16) for f in (0.75, 0.875, 1.0)}) if train else h
+    return DenseTransform(size=sizes, max_size=int(h * 5 / 3), train=train, hflip=hflip,
+                          crop_prob=0.5 if train else 0.0,
+                          mean=pp.mean, std=pp.std, channels=c)
+
+
+def open_split(root: str | os.PathLike, split: str, task: str, transform: DenseTransform | None,
+               num_classes: int | None = None):
+    base = Path(root) / split
+    if task == "detection":
+        return CocoDetection(base / "images", base / "annotations.json", transform=transform)
+    return MaskFolder(base / "images", base / "masks", transform=transform, num_classes=num_classes)
+
+
+def _segmentation_classes(root: Path) -> list[str] | None:
+    p = root / "classes.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+@dataclass
+class DenseJob:
+    task: str
+    model: str
+    data: Path
+    output: Path
+    recipe: Any
+    pretrained_backbone: str | None = None
+    resume: bool = False
+    device: str | None = None
+    progress: bool = True
+
+
+def run_dense_training(job: DenseJob) -> dict[str, Any]:
+    """Train on ``job.data/train``, evaluate on ``job.data/val``; writes the run folder and metrics.json."""
+    import time
+
+    import vitlab
+    from vitlab.checkpoints import save_model
+    from vitlab.models.dense import load_backbone
+    from vitlab.tasks.detection import DetectionObjective, evaluate_detection
+    from vitlab.tasks.segmentation import SegmentationObjective, evaluate_segmentation
+    from vitlab.train import fit
+
+    if job.task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {job.task!r}")
+    if vitlab.get_entry(job.model).task != job.task:
+        raise ValueError(f"--model {job.model} is a {vitlab.get_entry(job.model).task} model, not a {job.task} one "
+                         f"(see `vitlab models --task {job.task}`)")
+    recipe = job.recipe
+    overrides = dict(recipe.model_overrides)
+    if recipe.img_size is not None:
+        overrides["img_size"] = recipe.img_size
+    if job.task == "detection":
+        probe = CocoDetection(job.data / "train" / "images", job.data / "train" / "annotations.json")
+        classes = probe.classes
+    else:
+        classes = _segmentation_classes(job.data) or [str(i) for i in range(int(overrides.get("num_classes", 0)))]
+    overrides["num_classes"] = len(classes) if classes else overrides.get("num_classes")
+    device = torch.device(job.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = vitlab.create_model(job.model, **overrides)
+    if job.pretrained_backbone and not job.resume:
+        load_backbone(model, job.pretrained_backbone)
+    train_set = open_split(job.data, "train", job.task,
+                           transform_for(model, train=recipe.augment, hflip=recipe.hflip),
+                           model.num_classes)
+    val_set = open_split(job.data, "val", job.task, transform_for(model, train=False), model.num_classes)
+    objective = DetectionObjective(model.num_classes) if job.task == "detection" else \
+        SegmentationObjective(ignore_index=model.cfg.ignore_index, aux_weight=model.cfg.aux_weight)
+    t0 = time.perf_counter()
+    result = fit(model.to(device), recipe, train_set=train_set, output_dir=job.output, resume=job.resume,
+                 objective=objective, progress=job.progress)
+    seconds = time.perf_counter() - t0
+    model = model.cpu()
+    save_model(model, job.output / "model.safetensors", class_names=classes,
+               extra={"task": job.task, "steps": result.steps if hasattr(result, "steps") else None})
+    if job.task == "detection":
+        metrics = evaluate_detection(model, val_set)
+    else:
+        metrics = evaluate_segmentation(model, val_set, num_classes=model.num_classes,
+                                        ignore_index=model.cfg.ignore_index)
+    summary = {"task": job.task, "model": job.model, "val": metrics, "train_seconds": seconds,
+               "checkpoint": str(job.output / "model.safetensors")}
+    (job.output / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate_folder(model: nn.Module, data: str | os.PathLike, split: str = "val") -> dict[str, Any]:
+    """COCO AP or mean IoU of a loaded dense model on ``data/split``."""
+    from vitlab.tasks.detection import evaluate_detection
+    from vitlab.tasks.segmentation import evaluate_segmentation
+
+    task = task_of(model)
+    ds = open_split(data, split, task, transform_for(model, train=False), model.num_classes)
+    if task == "detection":
+        return evaluate_detection(model, ds)
+    return evaluate_segmentation(model, ds, num_classes=model.num_classes, ignore_index=model.cfg.ignore_index)
+
+
+def format_metrics(task: str, m: dict[str, Any]) -> str:
+    if task == "detection":
+        return f"AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}"
+    return f"mIoU {m['mIoU']:.4f}  pixel accuracy {m['pixel_acc']:.4f}"
+
+
+def _prepare(model: nn.Module, path: Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    from vitlab.data.image import load_image
+
+    image = load_image(path)
+    s = transform_for(model, train=False)({"image": image})
+    return s["image"], image, s
+
+
+def _names(model: nn.Module) -> list[str]:
+    return list(getattr(model, "class_names", None) or [str(i) for i in range(model.num_classes)])
+
+
+@torch.no_grad()
+def detect_images(model: nn.Module, paths: list[Path], output: Path, *, threshold: float = 0.5,
+                  attention: bool = False) -> list[dict[str, Any]]:
+    """Draw boxes, labels and scores on each image (``output/NAME.png``) and write ``detections.json``;
+    with ``attention``, also each detected object's decoder cross-attention (``NAME_attention.png``)."""
+    from PIL import Image, ImageDraw
+
+    from vitlab.tasks.metrics import detections_from_outputs
+
+    names = _names(model)
+    output.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in paths:
+        x, image, _ = _prepare(model, path)
+        H, W = image.shape[-2:]
+        if attention:
+            from vitlab.analysis.explain_detr import detection_attention
+
+            out, maps = detection_attention(model, x[None])
+        else:
+            out = model(x[None])
+        (det,) = detections_from_outputs(out["logits"], out["boxes"], [(H, W)], threshold=threshold)
+        pic = Image.fromarray(_rgb(image)).convert("RGB")
+        draw = ImageDraw.Draw(pic)
+        objects = []
+        for box, label, score in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
+            draw.rectangle(box, outline=(255, 64, 64), width=max(1, round(min(H, W) / 150)))
+            draw.text((box[0] + 2, box[1] + 1), f"{names[label]} {score:.2f}", fill=(255, 255, 0))
+            objects.append({"label": names[label], "class_index": label, "score": round(score, 4),
+                            "box_xyxy": [round(v, 2) for v in box]})
+        pic.save(output / f"{path.stem}.png")
+        if attention and objects:
+            keep = (out["logits"][0].softmax(-1)[:, :-1].max(-1).values >= threshold).nonzero().flatten()
+            _save_attention(pic, maps[0, keep], output / f"{path.stem}_attention.png",
+                            [f"{o['label']} {o['score']:.2f}" for o in objects])
+        results.append({"image": str(path), "width": W, "height": H, "objects": objects})
+    (output / "detections.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _rgb(image: Tensor):
+    import numpy as np
+
+    a = image.permute(1, 2, 0).numpy()
+    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a
+
+
+def _save_attention(pic, maps: Tensor, path: Path, titles: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(maps)
+    fig, axes = plt.subplots(1, n + 1, figsize=(3 * (n + 1), 3), squeeze=False)
+    axes[0, 0].imshow(pic)
+    axes[0, 0].set_title("detections")
+    for i in range(n):
+        m = torch.nn.functional.interpolate(maps[i][None, None], size=(pic.height, pic.width), mode="bilinear")[0, 0]
+        axes[0, i + 1].imshow(pic)
+        axes[0, i + 1].imshow(m.numpy(), alpha=0.6, cmap="jet")
+        axes[0, i + 1].set_title(titles[i] if i < len(titles) else "")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+           (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+           (0, 0, 128), (128, 128, 128)]
+
+
+@torch.no_grad()
+def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: float = 0.5) -> list[dict[str, Any]]:
+    """A colour overlay (``NAME.png``) and the class-index mask (``NAME_mask.png``) per image."""
+    import numpy as np
+    from PIL import Image
+
+    output.mkdir(parents=True, exist_ok=True)
+    names = _names(model)
+    results = []
+    for path in paths:
+        x, image, _ = _prepare(model, path)
+        H, W = image.shape[-2:]
+        logits = model(x[None])["logits"]
+        pred = torch.nn.functional.interpolate(logits, size=(H, W), mode="bilinear").argmax(1)[0].numpy()
+        colours = np.array([PALETTE[i % len(PALETTE)] for i in range(model.num_classes)], dtype=np.float32)
+        overlay = (1 - alpha) * _rgb(image).astype(np.float32) + alpha * colours[pred]
+        overlay = np.where((pred == 0)[..., None], _rgb(image), overlay)  # class 0 (background) left as is
+        Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(output / f"{path.stem}.png")
+        Image.fromarray(pred.astype(np.uint8)).save(output / f"{path.stem}_mask.png")
+        present = {names[c]: int((pred == c).sum()) for c in np.unique(pred).tolist()}
+        results.append({"image": str(path), "pixels_per_class": present})
+    (output / "segments.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+__all__ = ["DenseJob", "detect_images", "evaluate_folder", "format_metrics", "run_dense_training", "segment_images",
+           "task_of", "transform_for"]

@@ -1,0 +1,158 @@
+"""What a training step computes: the engine's one interface to every objective.
+
+:func:`vitlab.train.fit` owns the loop (accumulation, AMP, clipping, the optimiser, schedule, EMA of the
+model, checkpoints and exact resume, DDP). What the step computes from a batch is an :class:`Objective`:
+
+* ``step(model, batch) -> (loss, metrics)``: the scalar loss to minimise and the values to log
+  (detached tensors or floats: masked accuracy, reconstruction loss, teacher entropy, ...).
+* ``modules()``: the modules the objective owns besides the model, by name: trainable ones (heads,
+  decoders: their parameters join the optimiser and are synchronised under DDP) and frozen ones
+  (EMA teachers, tokenizers, distillation teachers). Their state goes into the training state, except
+  the names listed in ``unsaved`` (e.g. a distillation teacher that is re-read from its own file).
+* ``before_optimizer_step(step)``: after gradients are final (unscaled, not yet clipped), before the
+  update: e.g. DINO drops the last layer's gradients in the first epoch and clips per parameter.
+* ``after_optimizer_step(step)``: after each update: EMA teachers, momentum schedules.
+  ``step`` is the number of optimiser steps taken so far (1 after the first update).
+
+Random draws inside ``step`` (masks, noise) must come from torch's global generator, which the trainer
+saves and restores, so that resumed runs equal uninterrupted ones.
+
+Objectives are plain objects rather than ``nn.Module``s, so that ``modules()`` can keep its name and a
+frozen teacher never becomes a submodule that someone trains by accident.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Metrics = dict[str, Tensor | float]
+
+
+class Objective:
+    """Base class: classification-free defaults for every hook; subclasses implement :meth:`step`."""
+
+    name: str = "objective"
+    supervised: bool = False  # labels matter: the engine checks class counts and validates on labelled data
+    unsaved: frozenset[str] = frozenset()  # owned modules kept out of the training state
+
+    # ---------------------------------------------------------------------------------- ownership
+    def modules(self) -> dict[str, nn.Module]:
+        """Modules owned besides the model (trainable and frozen), by name."""
+        return {}
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {k: m for k, m in self.modules().items() if any(p.requires_grad for p in m.parameters())}
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the owned modules (the optimiser and gradient clipping see them)."""
+        return [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+
+    def to(self, device: torch.device | str) -> Objective:
+        for m in self.modules().values():
+            m.to(device)
+        return self
+
+    def train(self, mode: bool = True) -> Objective:
+        """Trainable modules follow ``mode``; frozen ones (teachers, tokenizers) stay in eval mode."""
+        trainable = self.trainable_modules()
+        for k, m in self.modules().items():
+            m.train(mode and k in trainable)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: {n: t.detach().cpu() for n, t in m.state_dict().items()}
+                for k, m in self.modules().items() if k not in self.unsaved}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = {k: m for k, m in self.modules().items() if k not in self.unsaved}
+        if set(state) != set(mine):
+            raise ValueError(f"{self.name}: the saved objective state holds {sorted(state)}, this objective "
+                             f"owns {sorted(mine)}")
+        for k, m in mine.items():
+            m.load_state_dict(state[k], strict=True)
+
+    # ---------------------------------------------------------------------------------- the step
+    def setup(self, model: nn.Module, *, steps_per_epoch: int, total_steps: int) -> None:
+        """Called once by the engine before the optimiser is built (and before a resume loads state):
+        the model being trained and the run length, for schedules that depend on it."""
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+
+    def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
+        raise NotImplementedError
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Gradients are final; ``step`` optimiser steps were taken before this one."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """The optimiser has taken its ``step``-th step."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+class ClassificationObjective(Objective):
+    """Cross entropy on (images, labels), optionally under Mixup/CutMix, or any ``criterion(images,
+    outputs, targets)`` (the form distillation losses take)."""
+
+    name = "classification"
+    supervised = True
+
+    def __init__(self, criterion: Callable[[Tensor, Any, Tensor], Tensor] | None = None, *,
+                 label_smoothing: float = 0.0, mixup: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+                 ) -> None:
+        from vitlab.train.losses import ClassificationLoss
+
+        self.custom = criterion is not None
+        self.criterion = criterion or ClassificationLoss(label_smoothing=label_smoothing)
+        self.mixup = mixup
+
+    def setup(self, model: nn.Module, *, steps_per_epoch: int, total_steps: int) -> None:
+        super().setup(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        if self.custom and hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(True)  # a custom criterion reads both heads of a distilled DeiT
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"criterion": self.criterion} if isinstance(self.criterion, nn.Module) else {}
+
+    def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
+        x, y = batch
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        loss = self.criterion(x, model(x), y)
+        return loss, {}
+
+
+class DistillationObjective(ClassificationObjective):
+    """A :class:`~vitlab.train.distill.DistillationLoss` as the criterion: the frozen teacher is owned
+    (moved with the objective) but not saved; a distillation-token student trains both heads."""
+
+    name = "distillation"
+    unsaved = frozenset({"criterion"})  # the teacher is re-read from its own checkpoint on resume
+
+    def __init__(self, criterion: nn.Module, *, mixup=None) -> None:
+        super().__init__(criterion, mixup=mixup)
+
+    def train(self, mode: bool = True) -> Objective:
+        self.criterion.train(mode)  # DistillationLoss keeps its teacher in eval mode itself
+        return self
+
+    def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
+        loss, _ = super().step(model, batch)
+        return loss, dict(getattr(self.criterion, "last_parts", {}))
+
+
+def objective_for(criterion: Callable | None, *, label_smoothing: float = 0.0, mixup=None) -> Objective:
+    """The classification objective for ``fit(criterion=...)``: distillation for a DistillationLoss."""
+    from vitlab.train.distill import DistillationLoss
+
+    if isinstance(criterion, DistillationLoss):
+        return DistillationObjective(criterion, mixup=mixup)
+    return ClassificationObjective(criterion, label_smoothing=label_smoothing, mixup=mixup)
+
+
+__all__ = ["ClassificationObjective", "DistillationObjective", "Metrics", "Objective", "objective_for"]

@@ -1,0 +1,25 @@
+"""A small MNIST-style IDX folder of synthetic glyphs, so that canvas tests need not read all of MNIST."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def write_fake_mnist(root: Path, n: int = 40, seed: int = 0) -> Path:
+    """``n`` 28x28 glyphs per split: class c is a filled bar whose shape depends on c."""
+    g = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix in ("train", "t10k"):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            h, w = 6 + 2 * (c % 5), 6 + 3 * (c // 5) * 2
+            y, x = int(g.integers(2, 26 - h)), int(g.integers(2, 26 - w))
+            images[i, y:y + h, x:x + w] = 255
+        with open(root / f"{prefix}-images-idx3-ubyte", "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + np.array([n, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+        with open(root / f"{prefix}-labels-idx1-ubyte", "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + np.array([n], dtype=">i4").tobytes() + labels.tobytes())
+    return root

@@ -1,0 +1,92 @@
+"""The dense-task commands end to end on tiny canvases: make-canvases, train --task, eval, detect,
+explain (DETR's per-object cross-attention) and segment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dense_helpers import write_fake_mnist
+from vitlab.cli.main import main
+
+DETR_TINY = {"in_chans": 1, "backbone_args": {"layers": [1, 1], "channels": [16, 32], "stem_chs": 8},
+             "dim": 32, "num_heads": 2, "enc_depth": 1, "dec_depth": 2, "ffn_dim": 32, "num_queries": 4,
+             "dropout": 0.0, "mean": [0.5], "std": [0.5]}
+SETR_TINY = {"in_chans": 1, "channels": 16, "mean": [0.5], "std": [0.5],
+             "backbone_args": {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("canvases")
+    mnist = write_fake_mnist(tmp / "mnist")
+    assert main(["make-canvases", "--mnist", str(mnist), "--seed", "1", "--output", str(tmp / "c"), "--train", "4",
+                 "--val", "2", "--size", "32"]) == 0
+    assert json.loads((tmp / "c" / "classes.json").read_text())[0] == "background"
+    return tmp / "c"
+
+
+def _recipe(tmp: Path, model: str, overrides: dict) -> Path:
+    p = tmp / f"{model}.json"
+    p.write_text(json.dumps({"model": model, "model_overrides": overrides, "img_size": 32, "max_steps": 2,
+                             "batch_size": 2, "augment": True, "hflip": 0.0, "cpu_threads": 1}))
+    return p
+
+
+def test_detection_commands(data: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--task", "detection", "--data", str(data), "--recipe",
+                 str(_recipe(tmp_path, "detr_resnet50", DETR_TINY)), "--output", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary["val"]) == {"AP", "AP50", "AP75"}
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "model.safetensors"), "--data", str(data), "--split", "val"]) == 0
+    assert "AP50" in capsys.readouterr().out
+    image = data / "val" / "images" / "00000.png"
+    assert main(["detect", str(image), "--checkpoint", str(out / "model.safetensors"), "--threshold", "0.0",
+                 "--output", str(tmp_path / "det")]) == 0
+    dets = json.loads((tmp_path / "det" / "detections.json").read_text())
+    assert len(dets[0]["objects"]) == 4 and (tmp_path / "det" / "00000.png").is_file()
+    assert dets[0]["objects"][0]["label"] in [str(d) for d in range(10)]
+    assert main(["explain", str(image), "--checkpoint", str(out / "model.safetensors"),
+                 "--output", str(tmp_path / "exp")]) == 0
+    # the detector's threshold (0.5) may keep no object of an untrained model; the picture is always written
+    assert (tmp_path / "exp" / "00000.png").is_file()
+
+
+def test_segmentation_commands(data: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--task", "segmentation", "--data", str(data), "--recipe",
+                 str(_recipe(tmp_path, "setr_pup_vit_small_patch16", SETR_TINY)), "--output", str(out),
+                 "--no-progress"]) == 0
+    assert {"mIoU", "pixel_acc"} <= set(json.loads((out / "metrics.json").read_text())["val"])
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "model.safetensors"), "--data", str(data), "--split", "val"]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    image = data / "val" / "images" / "00001.png"
+    assert main(["segment", str(image), "--checkpoint", str(out / "model.safetensors"),
+                 "--output", str(tmp_path / "seg")]) == 0
+    assert (tmp_path / "seg" / "00001.png").is_file() and (tmp_path / "seg" / "00001_mask.png").is_file()
+
+
+def test_task_and_model_must_agree(data: Path, tmp_path: Path) -> None:
+    assert main(["train", "--task", "segmentation", "--data", str(data), "--model", "detr_resnet50",
+                 "--output", str(tmp_path / "x"), "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("name, classes", [("detr_canvases", 10), ("setr_canvases", 11)])
+def test_canvas_recipes_build_their_models(name: str, classes: int) -> None:
+    import torch
+
+    import vitlab
+    from vitlab.train.recipe import load_recipe
+
+    recipe = load_recipe(name)
+    assert recipe.hflip == 0.0  # digits are not mirror-symmetric
+    model = vitlab.create_model(recipe.model, img_size=recipe.img_size,
+                                **{**recipe.model_overrides, "num_classes": classes}).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, recipe.img_size, recipe.img_size))
+    assert out["logits"].shape[:2] == ((1, 12) if name == "detr_canvases" else (1, classes))
