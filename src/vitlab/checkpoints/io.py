@@ -30,7 +30,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 # Containers that training scripts wrap their weights in, tried in this order.
-WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
+WRAPPER_KEYS = ("state_dict", "model", "model_state", "module", "teacher")  # teacher: DINO training checkpoints
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

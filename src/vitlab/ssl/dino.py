@@ -216,3 +216,30 @@ class DINO(Objective):
                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
             for bs, bt in zip(src.buffers(), dst.buffers(), strict=True):
                 bt.copy_(bs)
+
+
+def load_dino(path: Any, model: str, *, use: str = "teacher", **model_overrides: Any) -> tuple[nn.Module, DINOHead]:
+    """A network of an official DINO training checkpoint as (backbone, projection head).
+
+    Args:
+        model: the registered ViT name whose size the checkpoint has (with ``model_overrides``).
+        use: "teacher" (what the paper evaluates) or "student".
+    """
+    import vitlab
+    from vitlab.checkpoints import adapt_state_dict, load_strict
+    from vitlab.checkpoints.convert_dino import read_dino_checkpoint
+    from vitlab.checkpoints.convert_timm import convert_timm_vit
+
+    if use not in ("teacher", "student"):
+        raise ValueError(f"load_dino: use must be 'teacher' or 'student', got {use!r}")
+    ck = read_dino_checkpoint(path)
+    backbone_sd = ck.teacher_backbone if use == "teacher" else ck.student_backbone
+    head_sd = ck.teacher_head if use == "teacher" else ck.student_head
+    converted = convert_timm_vit(backbone_sd, {})
+    backbone = vitlab.create_model(model, **{**converted.overrides, **model_overrides})
+    label = f"{path} ({use})"
+    load_strict(backbone, adapt_state_dict(converted.state_dict, backbone, source=label), source=label)
+    g = head_sd["last_layer.parametrizations.weight.original0"]
+    head = DINOHead(backbone.num_features, **ck.head_dims(), norm_last_layer=bool(torch.all(g == 1)))
+    load_strict(head, head_sd, source=f"{label} head")
+    return backbone, head

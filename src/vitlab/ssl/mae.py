@@ -143,3 +143,43 @@ class MAE(Objective):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         out = self.forward(model, images)
         return out.loss, {"recon": out.loss.detach()}
+
+
+def load_mae(path: Any, *, model: str | None = None, decoder_heads: int | None = None,
+             model_overrides: dict[str, Any] | None = None, **options: Any) -> tuple[nn.Module, MAE]:
+    """An MAE pre-training checkpoint as (encoder, MAE objective with the file's decoder).
+
+    Args:
+        path: a Hugging Face ``ViTMAEForPreTraining`` folder, or an official full checkpoint
+            (``{"model": ...}`` with ``decoder_*`` keys).
+        model: the registered name to build (needed for official files; a HF folder describes itself).
+        decoder_heads: heads of the decoder's attention (official files do not record it; default
+            width / 32, i.e. 16 at width 512).
+        model_overrides: config fields of the encoder (official files: the size of a tiny variant).
+        options: MAE options (mask_ratio, norm_pix_loss); a HF config supplies its own.
+    """
+    import vitlab
+    from vitlab.checkpoints import resolve
+    from vitlab.checkpoints.convert_mae import read_mae_decoder
+
+    p = resolve(path)
+    weights = read_mae_decoder(p)
+    if p.is_dir() and model is None:
+        encoder = vitlab.load_model(p, **(model_overrides or {}))
+    else:
+        encoder = vitlab.create_model(model or "vit_base_patch16_224", pretrained=p, **(model_overrides or {}))
+    opts = {**(weights.options or {}), **options}
+    heads = decoder_heads or weights.num_heads or max(1, weights.dim // 32)
+    mae = MAE(encoder, decoder_dim=weights.dim, decoder_depth=weights.depth, decoder_heads=heads,
+              decoder_mlp_ratio=weights.mlp_ratio, **opts)
+    from vitlab.checkpoints import load_strict
+
+    load_strict(mae.decoder, weights.state_dict, source=f"{p} (MAE decoder)")
+    if weights.pos_embed is not None:
+        table = mae.decoder.pos_embed
+        if weights.pos_embed.shape != table.shape or not torch.allclose(weights.pos_embed.float(), table, atol=1e-4):
+            from vitlab.checkpoints import CheckpointError
+
+            raise CheckpointError(f"{p}: the decoder's position table is not the fixed 2-D sin-cos table "
+                                  f"{tuple(table.shape)} that vitlab computes")
+    return encoder, mae
