@@ -271,3 +271,15 @@ def test_block_masking_statistics_over_seeds():
     nb = torch.nn.functional.conv2d(m[None, None], torch.tensor([[[[0, 1, 0], [1, 0, 1], [0, 1, 0]]]]).float(),
                                     padding=1)[0, 0]
     assert float(((nb > 0) & (m > 0)).sum()) >= 0.9 * float(m.sum())
+
+
+def test_weighted_knn_votes_with_exp_similarity_over_t():
+    from vitlab.ssl.knn import weighted_knn
+
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 1.0], [0.2, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    test = torch.tensor([[1.0, 0.05]])
+    # k=5: three class-1 neighbours but far away; exp(sim / 0.07) makes the two close ones win
+    assert weighted_knn(train, labels, test, 2, k=5, temperature=0.07).tolist() == [0]
+    # a very high temperature makes votes equal: the majority wins
+    assert weighted_knn(train, labels, test, 2, k=5, temperature=1e6).tolist() == [1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -128,3 +130,8 @@ def test_pretrain_then_finetune_without_key_surgery(tmp_path, method, opts, capl
     assert (tuned[key] - sd[key]).abs().max() < 0.05
     assert main(["fewshot", "--checkpoint", str(out / "model.safetensors"), "--data", "digits", "--shots", "2",
                  "--seeds", "1"]) == 0
+    # eval of a backbone without classifier: DINO's weighted k-NN from the training split
+    assert main(["eval", "--checkpoint", str(out / "model.safetensors"), "--data", "digits", "--output",
+                 str(tmp_path / f"eval-{method}")]) == 0
+    metrics = json.loads((tmp_path / f"eval-{method}" / "metrics.json").read_text())
+    assert metrics["protocol"] == "knn" and metrics["k"] == 20 and 0 <= metrics["top1"] <= 1
