@@ -9,6 +9,7 @@ import torch
 
 import vitlab
 from vitlab.ssl import DINO, MAE, BlockMasking, MaskedPatchPrediction, RandomMasking, patch_grid, patchify
+from vitlab.ssl.beit import BEiT, BlockMasker, KMeansTokenizer
 from vitlab.ssl.dino import DINOHead, DINOLoss, teacher_momentum
 from vitlab.ssl.mae import mae_loss
 from vitlab.ssl.mpp import PatchCorruption, mean_colour_targets
@@ -283,3 +284,34 @@ def test_weighted_knn_votes_with_exp_similarity_over_t():
     assert weighted_knn(train, labels, test, 2, k=5, temperature=0.07).tolist() == [0]
     # a very high temperature makes votes equal: the majority wins
     assert weighted_knn(train, labels, test, 2, k=5, temperature=1e6).tolist() == [1]
+
+
+# ------------------------------------------------------------------------------------------ BEiT
+def test_kmeans_tokenizer_separates_two_kinds_of_patch():
+    # 2x2 patches that are either a left-right or a top-bottom edge (per-patch normalisation removes level)
+    lr = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    tb = lr.T
+    img = torch.cat([torch.cat([lr, tb], 1), torch.cat([tb, lr], 1)], 0)  # (4, 4): patches lr, tb / tb, lr
+    images = img.expand(3, 1, 4, 4) * torch.tensor([1.0, 2.0, 5.0]).view(3, 1, 1, 1)
+    tok = KMeansTokenizer(2, (2, 2), 1).fit(images, iters=5)
+    ids = tok(images)
+    assert ids.shape == (3, 4)
+    assert torch.all(ids[:, 0] == ids[:, 3]) and torch.all(ids[:, 1] == ids[:, 2]) and torch.all(ids[:, 0] != ids[:, 1])
+
+
+def test_beit_masks_blocks_replaces_embeddings_and_predicts_masked_tokens_only():
+    torch.manual_seed(0)
+    emb = torch.full((6,), 3.0)
+    m = BlockMasker(emb, 0.4)
+    tokens = torch.randn(4, 196, 6)
+    out, keep = m(tokens, (14, 14))
+    assert keep is None and m.mask.shape == (4, 196)
+    assert torch.all(m.mask.sum(1) <= round(0.4 * 196)) and torch.all(m.mask.sum(1) >= 16)
+    assert torch.all(out[m.mask] == 3.0) and torch.equal(out[~m.mask], tokens[~m.mask])
+    model = tiny()
+    beit = BEiT(model, vocab_size=8).fit_tokenizer(torch.randn(6, 3, 16, 16), iters=3)
+    loss, metrics = beit.step(model, torch.randn(2, 3, 16, 16))
+    loss.backward()
+    assert "mlm_acc" in metrics and beit.mask_embedding.weight.grad is not None
+    assert set(beit.trainable_modules()) == {"mask_embedding", "head"}  # the tokenizer is frozen
+    assert "codebook" in beit.state_dict()["tokenizer"]

@@ -12,7 +12,7 @@ import vitlab
 from vitlab.checkpoints import read_vitlab
 from vitlab.cli.main import main
 from vitlab.data.multicrop import MultiCropTransform
-from vitlab.ssl import DINO, MAE, MaskedPatchPrediction
+from vitlab.ssl import DINO, MAE, BEiT, MaskedPatchPrediction
 from vitlab.train import Recipe, fit
 from vitlab.train.state import load_train_state
 
@@ -67,7 +67,14 @@ def dino_setup():
     return m, DINO(m, out_dim=32, hidden_dim=24, bottleneck_dim=8), data
 
 
-@pytest.mark.parametrize("setup", [mae_setup, mpp_setup, dino_setup], ids=["mae", "mpp", "dino"])
+def beit_setup():
+    m = backbone()
+    data = Blobs(40)
+    obj = BEiT(m, vocab_size=16).fit_tokenizer(torch.stack([data[i][0] for i in range(20)]), iters=5)
+    return m, obj, data
+
+
+@pytest.mark.parametrize("setup", [mae_setup, mpp_setup, dino_setup, beit_setup], ids=["mae", "mpp", "dino", "beit"])
 def test_resume_of_a_pretraining_run_is_exact(tmp_path, setup):
     """N steps, then resume for the rest == the whole run at once: weights, owned modules (decoder, heads,
     EMA teacher, DINO centre) and the masks drawn in between."""
@@ -93,7 +100,8 @@ def test_resume_of_a_pretraining_run_is_exact(tmp_path, setup):
         for k in sa[name]:
             assert torch.allclose(sa[name][k], sb[name][k], atol=1e-6, rtol=0), (name, k)
     assert straight.history[-1]["loss"] == pytest.approx(resumed.history[-1]["loss"], abs=1e-6)
-    assert {"mae": "recon", "mpp": "masked_acc", "dino": "t_entropy"}[obj.name] in straight.history[-1]
+    assert {"mae": "recon", "mpp": "masked_acc", "dino": "t_entropy", "beit": "mlm_acc"}[obj.name] in \
+        straight.history[-1]
 
 
 def test_resume_with_another_objective_is_refused(tmp_path):
@@ -112,7 +120,8 @@ FAST = ["--data", "digits", "--recipe", "digits", "--steps", "3", "--no-progress
 
 
 @pytest.mark.parametrize("method,opts", [("mae", ["--opt", "decoder_dim=16", "--opt", "decoder_depth=1"]),
-                                         ("mpp", []), ("dino", ["--opt", "out_dim=64", "--opt", "num_local=2"])])
+                                         ("mpp", []), ("dino", ["--opt", "out_dim=64", "--opt", "num_local=2"]),
+                                         ("beit", ["--opt", "vocab_size=32", "--opt", "tokenizer_iters=3"])])
 def test_pretrain_then_finetune_without_key_surgery(tmp_path, method, opts, caplog):
     out = tmp_path / method
     assert main(["pretrain", "--method", method, *FAST, *opts, "--output", str(out)]) == 0

@@ -1,7 +1,8 @@
 """``vitlab pretrain``: self-supervised pre-training of a backbone on unlabelled images.
 
 Methods: ``mpp`` (the ViT paper's masked patch prediction), ``mae`` (masked autoencoder), ``dino``
-(self-distillation). Labels of the data source, if any, are ignored. The run directory's
+(self-distillation), ``beit`` (blockwise masked image modelling against k-means visual tokens).
+Labels of the data source, if any, are ignored. The run directory's
 ``model.safetensors`` is a backbone without a classifier that ``vitlab finetune --from``, ``eval``,
 ``fewshot`` and ``explain`` read directly.
 """
@@ -28,16 +29,17 @@ EXAMPLE = """examples:
 --opt sets the objective's own options (JSON values): mae: mask_ratio, decoder_dim, decoder_depth,
 decoder_heads, norm_pix_loss; mpp: ratio, mask_prob, random_prob, bits; dino: out_dim, hidden_dim,
 bottleneck_dim, teacher_temp, student_temp, momentum, center_momentum, freeze_last_layer_epochs,
-clip_per_param, num_local, local_size.
+clip_per_param, num_local, local_size; beit: vocab_size, ratio, min_patches, tokenizer_iters
+(BEiT here: blockwise masks with a k-means tokenizer over patch pixels, not the DALL-E dVAE).
 recipes: {recipes} (default: the method's own) or a JSON file; --set changes any field."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="self-supervised pre-training (mpp, mae, dino) on unlabelled images",
+    p = sub.add_parser("pretrain", help="self-supervised pre-training (mpp, mae, dino, beit) on unlabelled images",
                        description="Pre-train a backbone with a self-supervised objective; labels are ignored.",
                        epilog=EXAMPLE.format(recipes=", ".join(list_recipes())),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=["mpp", "mae", "dino"], help="the objective (with --resume: the run's own)")
+    p.add_argument("--method", choices=["mpp", "mae", "dino", "beit"], help="the objective (with --resume: the run's own)")
     p.add_argument("--model", help="registered model name (default: the recipe's model)")
     p.add_argument("--data", help="data source (default: digits)")
     p.add_argument("--recipe", help="shipped recipe name or JSON file (default: the method's recipe)")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         args.data = args.data or job_saved.get("data")
         options = {**job_saved.get("options", {}), **options}
     if args.method is None:
-        raise ValueError("--method: choose mpp, mae or dino")
+        raise ValueError("--method: choose mpp, mae, dino or beit")
     recipe = resolve_recipe(args, args.method, saved)  # default: the method's own recipe
     model = args.model or recipe.model
     output = args.output or Path("runs") / f"pretrain-{args.method}-{model}"

@@ -32,7 +32,9 @@ METHOD_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "mae": {"pos_embed": "sincos"},  # MAE's encoder has fixed 2-D sin-cos positions
     "dino": {"dynamic_img_size": True},  # local crops at their own resolution
     "mpp": {},
+    "beit": {},
 }
+TOKENIZER_SAMPLE = 2000  # images whose patches fit BEiT's k-means tokenizer
 
 
 @dataclass(kw_only=True)
@@ -52,12 +54,12 @@ class PretrainJob:
 
 
 def build_objective(method: str, model: nn.Module, options: dict[str, Any]) -> Objective:
-    from vitlab.ssl import DINO, MAE, MaskedPatchPrediction
+    from vitlab.ssl import DINO, MAE, BEiT, MaskedPatchPrediction
 
-    classes = {"mae": MAE, "mpp": MaskedPatchPrediction, "dino": DINO}
+    classes = {"mae": MAE, "mpp": MaskedPatchPrediction, "dino": DINO, "beit": BEiT}
     if method not in classes:
         raise ValueError(f"--method {method!r}: choose one of {', '.join(classes)}")
-    opts = {k: v for k, v in options.items() if k not in ("num_local", "local_size")}
+    opts = {k: v for k, v in options.items() if k not in ("num_local", "local_size", "tokenizer_iters")}
     try:
         return classes[method](model, **opts)
     except TypeError as e:
@@ -94,6 +96,18 @@ def build_backbone(job: PretrainJob, in_chans: int) -> nn.Module:
     return vitlab.create_model(name, num_classes=0, img_size=recipe.img_size, **overrides)
 
 
+def _fit_tokenizer(objective, train_set, model: nn.Module, job: PretrainJob) -> None:
+    """BEiT's k-means codebook from the first images of the training split (eval transform: no randomness)."""
+    from vitlab.data import eval_transform
+
+    train_set.transform = eval_transform(model.preprocessing)
+    n = min(TOKENIZER_SAMPLE, len(train_set))
+    images = torch.stack([train_set[i][0] for i in range(n)])
+    objective.fit_tokenizer(images, iters=int(job.options.get("tokenizer_iters", 20)), seed=job.recipe.seed)
+    log.info("BEiT tokenizer: k-means codebook of %d tokens fitted on the patches of %d images",
+             objective.head.out_features, n)
+
+
 def run_pretraining(job: PretrainJob) -> dict[str, Any]:
     from vitlab.checkpoints import save_model
     from vitlab.data import build_dataset
@@ -114,8 +128,10 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
         train_set = build_dataset(job.data, split="train", val_fraction=recipe.val_fraction, seed=recipe.seed,
                                   skip_bad_images=job.skip_bad_images)
         model = build_backbone(job, train_set.in_chans).to(ctx.device)
-        train_set.transform = _transform(job, model)
         objective = build_objective(job.method, model, job.options)
+        if job.method == "beit" and not job.resume:  # (a resumed run reads its tokenizer from the state)
+            _fit_tokenizer(objective, train_set, model, job)
+        train_set.transform = _transform(job, model)
         result = fit(model, recipe, train_set=train_set, output_dir=job.output, ctx=ctx, resume=job.resume,
                      objective=objective, until_step=job.until_step, progress=job.progress)
         last = result.history[-1] if result.history else {}
