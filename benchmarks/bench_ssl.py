@@ -6,10 +6,11 @@ the objective's hooks: DINO's clipping and teacher EMA), on in-memory random ima
 * supervised: cross entropy on the class token's logits (10 classes), images at the model's size;
 * mpp: 50% of patch embeddings corrupted, 3-bit colour head;
 * mae: 75% of patches removed, decoder ``--mae-decoder`` (width x depth);
+* beit: ~40% of patches masked in blocks, k-means tokenizer (512 tokens) run on every batch;
 * dino: 2 global crops at the model's size + ``--local`` local crops at 3/7 of it, K = ``--dino-k``;
   teacher forward on the global crops. DINO's throughput counts *images* (each image gives 2 + N views).
 
-Arms alternate within each round (supervised, mpp, mae, dino, then reversed); images/s is the median
+Arms alternate within each round (supervised, mpp, mae, beit, dino, then reversed); images/s is the median
 over rounds and the ratio to supervised is the median of per-round ratios. No peer is involved: this
 measures vitlab's objectives against vitlab's own supervised step.
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 
 import vitlab  # noqa: E402
-from vitlab.ssl import DINO, MAE, MaskedPatchPrediction  # noqa: E402
+from vitlab.ssl import DINO, MAE, BEiT, MaskedPatchPrediction  # noqa: E402
 from vitlab.train.objective import ClassificationObjective  # noqa: E402
 
 
@@ -51,6 +52,8 @@ def build(args, method: str):
     elif method == "mae":
         dim, depth = (int(v) for v in args.mae_decoder.split("x"))
         obj = MAE(model, decoder_dim=dim, decoder_depth=depth, decoder_heads=max(1, dim // 32))
+    elif method == "beit":
+        obj = BEiT(model, vocab_size=512).fit_tokenizer(torch.randn(64, 3, args.img_size, args.img_size), iters=2)
     else:
         obj = DINO(model, out_dim=args.dino_k)
     steps = args.steps + args.skip
@@ -101,7 +104,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    arms = ["supervised", "mpp", "mae", "dino"]
+    arms = ["supervised", "mpp", "mae", "beit", "dino"]
     rows: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(args.rounds):
         order = arms if r % 2 == 0 else arms[::-1]
