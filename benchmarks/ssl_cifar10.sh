@@ -7,7 +7,8 @@
 # 15-25 min each on one CPU thread. Run from the repository root:
 #     bash benchmarks/ssl_cifar10.sh            # all arms, sequentially (~3.5 h)
 #     ARMS="prep scratch10 mae mae10" bash benchmarks/ssl_cifar10.sh
-# Results: runs under $OUT/*/results.json; fewshot k-NN lines in $OUT/*.knn.txt.
+#     EXTRA="--steps 2" OUT=/tmp/ssl_smoke bash benchmarks/ssl_cifar10.sh   # smoke test of every command
+# Results: runs under $OUT/*/results.json; k-NN lines in $OUT/*.knn.txt.
 set -euo pipefail
 PY=${PY:-python}
 export PYTHONPATH=${PYTHONPATH:-$PWD/src}
@@ -17,8 +18,9 @@ SEED=${SEED:-0}
 ARMS=${ARMS:-"prep scratch10 scratch100 mpp mpp10 mpp100 mae mae10 mae100 dino"}
 V="$PY -m vitlab.cli.main"
 # the cifar10 recipe's model (6 x 64, 4x4 patches at 32 px); pre-training and fine-tuning use it unchanged
-PRE="--recipe cifar10 --set val_fraction=0 --set eval_every_epochs=100 --seed $SEED --no-progress"
-FT="--recipe cifar10 --set val_fraction=0 --seed $SEED --no-progress"
+EXTRA=${EXTRA:-}
+PRE="--recipe cifar10 --set val_fraction=0 --set eval_every_epochs=100 --seed $SEED --no-progress $EXTRA"
+FT="--recipe cifar10 --set val_fraction=0 --seed $SEED --no-progress $EXTRA"
 
 run() { echo "== $*"; local t=$SECONDS; "$@"; echo "== $((SECONDS - t)) s wall"; }
 
@@ -64,9 +66,9 @@ PYEOF
       --set warmup_epochs=1 --opt out_dim=4096 --opt num_local=4 --opt local_size=16 --opt momentum=0.99 --output $OUT/dino
     $V pretrain --method dino $PRE --data folder:$DATA/all --steps 1 --set lr=0 --set warmup_epochs=0 \
       --opt out_dim=4096 --opt num_local=4 --opt local_size=16 --output $OUT/dino_init >/dev/null
-    for ck in dino_init/teacher dino/teacher dino/model; do
-      $V fewshot --checkpoint $OUT/$ck.safetensors --data folder:$DATA/all --train-split train --test-split test \
-        --shots 1,10,100 --seeds 3 --knn-k 20 | tee $OUT/${ck//\//_}.knn.txt
+    for ck in dino_init/teacher dino/teacher dino/model; do  # DINO's k-NN (k 20, T 0.07) from all 45,000 training images
+      $V eval --checkpoint $OUT/$ck.safetensors --data folder:$DATA/all --split test --val-fraction 0 \
+        --output $OUT/knn_${ck//\//_} | tee $OUT/${ck//\//_}.knn.txt
     done ;;
   esac
 done
