@@ -33,6 +33,11 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
                 and v.ndim == target[k].ndim == 3 and v.shape[-1] == target[k].shape[-1]):
             out[k] = _resample_to(v, target[k], model, k, source)
     heads = classifier_prefixes(model)
+    if not any(k.split(".")[0] in heads for k in out):
+        own = [k for k in target if k.split(".")[0] in heads]
+        if own:  # a backbone without a classifier (self-supervised, num_classes=0): keep the model's new head
+            out.update({k: target[k] for k in own})
+            log.info("%s: no classifier in the checkpoint; the model's zero-initialised head is kept", source)
     dropped = [
         k for k in out
         if k.split(".")[0] in heads and (k not in target or out[k].shape != target[k].shape)

@@ -35,7 +35,7 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 # Containers that training scripts wrap their weights in, tried in this order. timm's train script (and
 # the repositories built on it, e.g. T2T-ViT) saves "state_dict" and, with EMA on, "state_dict_ema": the
 # averaged weights are the ones those repositories evaluate and publish, so they come first.
-WRAPPER_KEYS = ("state_dict_ema", "state_dict", "model", "model_state", "module")
+WRAPPER_KEYS = ("state_dict_ema", "state_dict", "model", "model_state", "module", "teacher")  # teacher: DINO training checkpoints
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -37,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
     p.add_argument("--output", type=Path, help="report folder (default: beside the checkpoint, eval_SPLIT)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (backbones without a classifier)")
+    p.add_argument("--knn-t", type=float, default=0.07, help="k-NN vote temperature (DINO: 0.07)")
     p.set_defaults(func=run)
 
 
@@ -81,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_dense(args, model.cpu())
     ds = build_dataset(args.data, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
                        transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
+    if model.num_classes == 0:  # a pre-trained backbone: k-NN on its features (DINO's protocol)
+        return knn_report(model, ds, args, device)
     check_classes(model, ds.classes, args.checkpoint, args.data)
     r = evaluate(model, ds, num_classes=model.num_classes, batch_size=args.batch_size, device=device, amp=args.amp,
                  workers=args.workers, class_names=ds.classes, progress=not args.json)
@@ -114,6 +118,34 @@ def run(args: argparse.Namespace) -> int:
         if args.skip_bad_images:
             print(f"skipped {ds.num_skipped} undecodable image(s) in total")
         print(f"report: {out}/ (metrics.json, per_class.csv, confusion.csv, confusion.png)")
+    return 0
+
+
+def knn_report(model, test_set, args: argparse.Namespace, device) -> int:
+    """Weighted k-NN (k 20, T 0.07) from the training split's features to the evaluated split's."""
+    from vitlab.analysis.fewshot import extract_features
+    from vitlab.data import build_dataset, eval_transform
+    from vitlab.ssl.knn import weighted_knn
+
+    train = build_dataset(args.data, split="train", val_fraction=args.val_fraction, seed=args.seed,
+                          transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
+    log.info("%s has no classifier: k-NN evaluation (k=%d, T=%g) from %d training images", args.checkpoint,
+             args.knn_k, args.knn_t, len(train))
+    tx, ty = extract_features(model, train, batch_size=args.batch_size, device=device)
+    vx, vy = extract_features(model, test_set, batch_size=args.batch_size, device=device)
+    pred = weighted_knn(tx, ty, vx, len(train.classes), k=args.knn_k, temperature=args.knn_t)
+    top1 = float((pred == vy).float().mean())
+    metrics = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "protocol": "knn",
+               "k": args.knn_k, "temperature": args.knn_t, "train_images": len(train), "samples": len(vy),
+               "top1": top1}
+    out = args.output or Path(args.checkpoint).parent / f"eval_{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{args.data} [{args.split}], {len(vy)} images: k-NN top-1 {100 * top1:.2f}% (k {args.knn_k}, "
+              f"T {args.knn_t:g}, {len(train)} training images; a backbone without classifier)")
     return 0
 
 

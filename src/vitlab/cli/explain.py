@@ -104,6 +104,12 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.analysis.explain import resolve_method
 
     method = resolve_method(model, args.method)
+    headless = model.num_classes == 0  # a self-supervised backbone: only class-agnostic attention maps
+    if headless and method not in ("rollout", "last-layer"):
+        if args.method != "auto":
+            raise ValueError(f"--method {args.method}: {args.checkpoint} has no classifier (a pre-trained backbone); "
+                             f"use rollout or last-layer, or fine-tune it first")
+        method = "last-layer"  # DINO's class-token attention maps
     if target is not None and method in ("rollout", "last-layer"):
         log.warning("--class does not change %s maps; use grad-rollout, grad-cam or grad-input", method)
     pre = model.preprocessing
@@ -114,6 +120,13 @@ def run(args: argparse.Namespace) -> int:
         x = prepare_image(path, transform).unsqueeze(0).to(device)  # (1, C, H, W)
         e = explain(model, x, method=method, target=target, head_fusion=args.head_fusion,
                     discard_ratio=args.discard_ratio)
+        if headless:
+            image = to_display(x[0], pre.mean, pre.std)
+            out = explain_figure(image, normalize_map(e.maps)[0], out_dir / out_name,
+                                 title=f"{Path(path).name}  [{e.method}, backbone without classifier]")
+            log.info("%s -> %s", path, out)
+            print(out)
+            continue
         pred = int(e.probs[0].argmax())
         title = f"{Path(path).name}: {names[pred]} ({float(e.probs[0, pred]):.1%})  [{e.method}"
         if e.method not in ("rollout", "last-layer"):

@@ -24,8 +24,10 @@ from vitlab.layers import (
     Attention,
     Block,
     PatchEmbed,
+    TokenMasker,
     check_image_size,
     check_images,
+    keep_tokens,
     resample_pos_embed,
     sincos_2d_pos_embed,
     to_2tuple,
@@ -290,15 +292,26 @@ class VisionTransformer(nn.Module):
             x = x + pos
         return self.pos_drop(x)
 
-    def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def _embed(self, x: Tensor, mask: TokenMasker | None = None) -> tuple[Tensor, tuple[int, int]]:
         h, w = x.shape[-2:]
         x = self.patch_embed(x)  # validates the input: (B, C, H, W) -> (B, N, D)
         grid = self.patch_embed.dynamic_grid(h, w)
-        return self._pos_embed(x, grid), grid
+        keep = None
+        if mask is not None:
+            x, keep = mask(x, grid)
+        x = self._pos_embed(x, grid)  # (B, prefix + N, D)
+        if keep is not None:  # each kept patch carries its own position; prefix tokens go in front after
+            p = self.num_prefix_tokens
+            x = torch.cat([x[:, :p], keep_tokens(x[:, p:], keep)], dim=1)  # (B, prefix + K, D)
+        return x, grid
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images (B, C, H, W) -> normalised tokens (B, prefix + N, D)."""
-        x, _ = self._embed(x)
+    def forward_features(self, x: Tensor, *, mask: TokenMasker | None = None) -> Tensor:
+        """Images (B, C, H, W) -> normalised tokens (B, prefix + N, D).
+
+        ``mask``: the masked-image-modelling hook (:mod:`vitlab.layers.token_mask`): it may replace
+        patch embeddings and choose the K patches kept; the output is then (B, prefix + K, D).
+        """
+        x, _ = self._embed(x, mask)
         x = self.blocks(x)
         return self.norm(x)
 

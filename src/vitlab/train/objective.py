@@ -146,13 +146,21 @@ class DistillationObjective(ClassificationObjective):
         return loss, dict(getattr(self.criterion, "last_parts", {}))
 
 
-def objective_for(criterion: Callable | None, *, label_smoothing: float = 0.0, mixup=None) -> Objective:
-    """The classification objective for ``fit(criterion=...)``: distillation for a DistillationLoss."""
+def objective_for(criterion: Callable | None, recipe: Any, num_classes: int) -> Objective:
+    """The classification objective ``fit`` runs by default: cross entropy (or ``criterion``; distillation
+    for a DistillationLoss) with the recipe's label smoothing and Mixup/CutMix."""
     from vitlab.train.distill import DistillationLoss
 
+    mixup = None
+    if recipe.uses_mixup:
+        from vitlab.data import Mixup
+
+        mixup = Mixup(num_classes=num_classes, mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha,
+                      prob=recipe.mixup_prob, switch_prob=recipe.mixup_switch_prob,
+                      label_smoothing=recipe.label_smoothing)
     if isinstance(criterion, DistillationLoss):
         return DistillationObjective(criterion, mixup=mixup)
-    return ClassificationObjective(criterion, label_smoothing=label_smoothing, mixup=mixup)
+    return ClassificationObjective(criterion, label_smoothing=recipe.label_smoothing, mixup=mixup)
 
 
 __all__ = ["ClassificationObjective", "DistillationObjective", "Metrics", "Objective", "objective_for"]

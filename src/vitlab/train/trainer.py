@@ -247,15 +247,7 @@ def fit(
     warmup = min(warmup, max(0, total_steps - 1))
 
     # ---- the objective and optimisation
-    if objective is None:
-        mixup = None
-        if recipe.uses_mixup:
-            from vitlab.data import Mixup
-
-            mixup = Mixup(num_classes=num_classes, mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha,
-                          prob=recipe.mixup_prob, switch_prob=recipe.mixup_switch_prob,
-                          label_smoothing=recipe.label_smoothing)
-        objective = objective_for(criterion, label_smoothing=recipe.label_smoothing, mixup=mixup)
+    objective = objective or objective_for(criterion, recipe, num_classes)
     objective.to(device)
     objective.setup(net, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     owned = objective.trainable_modules()
@@ -270,43 +262,11 @@ def fit(
     # ---- state: fresh or resumed
     step = 0
     if resume:
-        state = load_train_state(out / STATE_FILE)
-        check_same_model(state, net, out / STATE_FILE)
-        was = state.get("recipe", {}).get("optimizer")
-        if was != recipe.optimizer:
-            raise CheckpointError(f"--resume: {out / STATE_FILE} was trained with optimizer {was!r}, this run "
-                                  f"asks for {recipe.optimizer!r}; its optimizer state cannot be reused")
-        load_strict(net, state["model"], source=str(out / STATE_FILE))
-        if state.get("objective_name", "classification") != objective.name:
-            raise CheckpointError(f"--resume: {out / STATE_FILE} was trained with the {state.get('objective_name')!r} "
-                                  f"objective, this run asks for {objective.name!r}")
-        objective.load_state_dict(state.get("objective", {}))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            if state.get("ema") is None:
-                raise CheckpointError(f"{out / STATE_FILE}: the run had no EMA; resume with the same recipe")
-            ema.module.load_state_dict(state["ema"])
-        step = int(state["step"])
-        logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description"}
-        changed = sorted(k for k, v in recipe.to_dict().items()
-                         if k not in logistics and state.get("recipe", {}).get(k) != v)
-        if changed or state.get("total_steps") != total_steps or state.get("global_batch") != global_batch:
-            log.warning("resuming with a changed recipe (%s; %s -> %s steps, global batch %s -> %s): the optimiser "
-                        "and schedule continue from their saved state, and the run will not match an "
-                        "uninterrupted one", ", ".join(changed) or "no field", state.get("total_steps"), total_steps,
-                        state.get("global_batch"), global_batch)
-        rngs = state["rng"]
-        if len(rngs) == ctx.world_size:
-            set_rng_state(rngs[ctx.rank])
-        else:
-            log.warning("resuming on %d processes from a run on %d: random streams are re-seeded",
-                        ctx.world_size, len(rngs))
-            _seed_everything(recipe.seed + 1000 * ctx.rank + step)
+        step = _restore(out / STATE_FILE, net=net, objective=objective, optimizer=optimizer, scheduler=scheduler,
+                        scaler=scaler, ema=ema, recipe=recipe, ctx=ctx, total_steps=total_steps,
+                        global_batch=global_batch)
         if ctx.is_main:
             tidy_run_directory(out, step)
-        log.info("resumed %s at step %d of %d", out, step, total_steps)
     else:
         _seed_everything(recipe.seed + 1000 * ctx.rank)
 
@@ -469,6 +429,47 @@ def fit(
     seconds = time.perf_counter() - t_start
     return FitResult(output_dir=out, step=step, epoch=step // steps_per_epoch, total_steps=total_steps,
                      global_batch=global_batch, lr=lr, seconds=seconds, val=val, history=history)
+
+
+def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, scheduler, scaler, ema, recipe: Recipe,
+             ctx: DistContext, total_steps: int, global_batch: int) -> int:
+    """Load everything ``--resume`` needs from ``path`` into the run's objects; returns the step reached."""
+    state = load_train_state(path)
+    check_same_model(state, net, path)
+    was = state.get("recipe", {}).get("optimizer")
+    if was != recipe.optimizer:
+        raise CheckpointError(f"--resume: {path} was trained with optimizer {was!r}, this run "
+                              f"asks for {recipe.optimizer!r}; its optimizer state cannot be reused")
+    load_strict(net, state["model"], source=str(path))
+    if state.get("objective_name", "classification") != objective.name:
+        raise CheckpointError(f"--resume: {path} was trained with the {state.get('objective_name')!r} "
+                              f"objective, this run asks for {objective.name!r}")
+    objective.load_state_dict(state.get("objective", {}))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if state.get("ema") is None:
+            raise CheckpointError(f"{path}: the run had no EMA; resume with the same recipe")
+        ema.module.load_state_dict(state["ema"])
+    step = int(state["step"])
+    logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description"}
+    changed = sorted(k for k, v in recipe.to_dict().items()
+                     if k not in logistics and state.get("recipe", {}).get(k) != v)
+    if changed or state.get("total_steps") != total_steps or state.get("global_batch") != global_batch:
+        log.warning("resuming with a changed recipe (%s; %s -> %s steps, global batch %s -> %s): the optimiser "
+                    "and schedule continue from their saved state, and the run will not match an "
+                    "uninterrupted one", ", ".join(changed) or "no field", state.get("total_steps"), total_steps,
+                    state.get("global_batch"), global_batch)
+    rngs = state["rng"]
+    if len(rngs) == ctx.world_size:
+        set_rng_state(rngs[ctx.rank])
+    else:
+        log.warning("resuming on %d processes from a run on %d: random streams are re-seeded",
+                    ctx.world_size, len(rngs))
+        _seed_everything(recipe.seed + 1000 * ctx.rank + step)
+    log.info("resumed %s at step %d of %d", path.parent, step, total_steps)
+    return step
 
 
 def check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None:

@@ -1,0 +1,107 @@
+"""``vitlab pretrain``: self-supervised pre-training of a backbone on unlabelled images.
+
+Methods: ``mpp`` (the ViT paper's masked patch prediction), ``mae`` (masked autoencoder), ``dino``
+(self-distillation), ``beit`` (blockwise masked image modelling against k-means visual tokens).
+Labels of the data source, if any, are ignored. The run directory's
+``model.safetensors`` is a backbone without a classifier that ``vitlab finetune --from``, ``eval``,
+``fewshot`` and ``explain`` read directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from vitlab.train.recipe import list_recipes
+
+log = logging.getLogger("vitlab")
+
+EXAMPLE = """examples:
+  vitlab pretrain --method mae --model vit_small_patch16_224 --data ./unlabelled --img-size 224 --epochs 100
+  vitlab pretrain --method dino --model vit_tiny_patch16_224 --data /data/cifar10 --img-size 32 \\
+      --set model_overrides.patch_size=4 --opt out_dim=4096 --opt num_local=6
+  vitlab pretrain --method mpp --recipe digits --data digits --steps 200
+  vitlab finetune --from runs/pretrain-mae-vit_small_patch16_224/model.safetensors --data ./labelled
+  vitlab pretrain --output runs/mine --resume      # continue that run exactly where it stopped
+
+--opt sets the objective's own options (JSON values): mae: mask_ratio, decoder_dim, decoder_depth,
+decoder_heads, norm_pix_loss; mpp: ratio, mask_prob, random_prob, bits; dino: out_dim, hidden_dim,
+bottleneck_dim, teacher_temp, student_temp, momentum, center_momentum, freeze_last_layer_epochs,
+clip_per_param, num_local, local_size; beit: vocab_size, ratio, min_patches, tokenizer_iters
+(BEiT here: blockwise masks with a k-means tokenizer over patch pixels, not the DALL-E dVAE).
+recipes: {recipes} (default: the method's own) or a JSON file; --set changes any field."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="self-supervised pre-training (mpp, mae, dino, beit) on unlabelled images",
+                       description="Pre-train a backbone with a self-supervised objective; labels are ignored.",
+                       epilog=EXAMPLE.format(recipes=", ".join(list_recipes())),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=["mpp", "mae", "dino", "beit"], help="the objective (with --resume: the run's own)")
+    p.add_argument("--model", help="registered model name (default: the recipe's model)")
+    p.add_argument("--data", help="data source (default: digits)")
+    p.add_argument("--recipe", help="shipped recipe name or JSON file (default: the method's recipe)")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--steps", type=int, help="run length in optimiser steps (recipe max_steps)")
+    p.add_argument("--batch-size", type=int, help="per-process batch of one micro-step")
+    p.add_argument("--img-size", type=int, help="training resolution")
+    p.add_argument("--output", type=Path, help="run directory (default: runs/pretrain-METHOD-MODEL)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an unfinished run in --output")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field (repeatable)")
+    p.add_argument("--opt", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the objective (repeatable; value as JSON, e.g. --opt mask_ratio=0.6)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
+    p.add_argument("--workers", type=int, help="data loader worker processes")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="device")
+    p.add_argument("--seed", type=int, help="override the recipe's seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--opt {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitlab.cli.train import resolve_recipe, saved_run
+    from vitlab.ssl.run import PretrainJob, run_pretraining
+    from vitlab.train import NonFiniteLossError
+
+    saved = saved_run(args, args.output) if args.output is not None else None
+    options = parse_options(args.options)
+    if saved is not None:
+        job_saved = saved["job"]
+        args.method = args.method or job_saved.get("method")
+        args.model = args.model or job_saved.get("model")
+        args.data = args.data or job_saved.get("data")
+        options = {**job_saved.get("options", {}), **options}
+    if args.method is None:
+        raise ValueError("--method: choose mpp, mae, dino or beit")
+    recipe = resolve_recipe(args, args.method, saved)  # default: the method's own recipe
+    model = args.model or recipe.model
+    output = args.output or Path("runs") / f"pretrain-{args.method}-{model}"
+    job = PretrainJob(method=args.method, recipe=recipe, data=args.data or "digits", output=output, model=model,
+                      options=options, device=None if args.device == "auto" else args.device, resume=args.resume,
+                      overwrite=args.overwrite, skip_bad_images=args.skip_bad_images, progress=not args.no_progress)
+    try:
+        summary = run_pretraining(job)
+    except NonFiniteLossError as e:
+        log.error("error: %s", e)
+        return 1
+    last = {k: v for k, v in summary["last"].items() if k not in ("kind", "epoch", "step", "lr")}
+    log.info("%s pre-training: %d steps in %.1f s (%s); backbone: %s", summary["method"], summary["steps"],
+             summary["train_seconds"], ", ".join(f"{k} {v:.4g}" for k, v in last.items()), summary["checkpoint"])
+    return 0

@@ -1,0 +1,148 @@
+"""A pre-training job: what ``vitlab pretrain`` runs.
+
+It builds the training split of a data source (labels are ignored; the split is the one ``train`` and
+``finetune`` use with the same recipe seed, so pre-training never sees their validation or test
+images), a backbone without a classifier, the method's objective and data augmentation, and runs
+:func:`vitlab.train.fit`. The run directory's ``model.safetensors`` is the backbone: ``vitlab
+finetune --from DIR/model.safetensors``, ``eval``, ``fewshot`` and ``explain`` read it as it is. DINO
+also writes the teacher backbone (``teacher.safetensors``, the one the paper evaluates).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitlab.train.distributed import distributed_context
+from vitlab.train.objective import Objective
+from vitlab.train.recipe import Recipe
+from vitlab.train.trainer import atomic_text, fit
+
+log = logging.getLogger(__name__)
+
+TEACHER_FILE = "teacher.safetensors"
+# what each method needs from the backbone, unless the recipe or --set says otherwise
+METHOD_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mae": {"pos_embed": "sincos"},  # MAE's encoder has fixed 2-D sin-cos positions
+    "dino": {"dynamic_img_size": True},  # local crops at their own resolution
+    "mpp": {},
+    "beit": {},
+}
+TOKENIZER_SAMPLE = 2000  # images whose patches fit BEiT's k-means tokenizer
+
+
+@dataclass(kw_only=True)
+class PretrainJob:
+    method: str
+    recipe: Recipe
+    data: str
+    output: Path
+    model: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the objective
+    device: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    skip_bad_images: bool = False
+    progress: bool = True
+    until_step: int | None = None
+
+
+def build_objective(method: str, model: nn.Module, options: dict[str, Any]) -> Objective:
+    from vitlab.ssl import DINO, MAE, BEiT, MaskedPatchPrediction
+
+    classes = {"mae": MAE, "mpp": MaskedPatchPrediction, "dino": DINO, "beit": BEiT}
+    if method not in classes:
+        raise ValueError(f"--method {method!r}: choose one of {', '.join(classes)}")
+    opts = {k: v for k, v in options.items() if k not in ("num_local", "local_size", "tokenizer_iters")}
+    try:
+        return classes[method](model, **opts)
+    except TypeError as e:
+        raise ValueError(f"--opt for {method}: {e}") from None
+
+
+def _transform(job: PretrainJob, model: nn.Module):
+    from vitlab.data import eval_transform, train_transform
+    from vitlab.data.multicrop import MultiCropTransform
+    from vitlab.ssl.masking import patch_grid
+
+    recipe, pre = job.recipe, model.preprocessing
+    if job.method == "dino":
+        _, patch = patch_grid(model)
+        h = pre.input_size[1]
+        local = job.options.get("local_size") or max(patch[0], round(h * 3 / 7 / patch[0]) * patch[0])
+        return MultiCropTransform(pre, local_size=int(local), num_local=int(job.options.get("num_local", 6)),
+                                  hflip=recipe.hflip)
+    if not recipe.augment:
+        return eval_transform(pre)
+    return train_transform(pre, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip)
+
+
+def build_backbone(job: PretrainJob, in_chans: int) -> nn.Module:
+    import vitlab
+    from vitlab.train.run import _model_overrides
+
+    recipe = job.recipe
+    name = job.model or recipe.model
+    if name is None:
+        raise ValueError("no model: give --model NAME (see `vitlab models`)")
+    torch.manual_seed(recipe.seed)
+    overrides = {**METHOD_MODEL_DEFAULTS.get(job.method, {}), **_model_overrides(name, recipe, in_chans)}
+    return vitlab.create_model(name, num_classes=0, img_size=recipe.img_size, **overrides)
+
+
+def _fit_tokenizer(objective, train_set, model: nn.Module, job: PretrainJob) -> None:
+    """BEiT's k-means codebook from the first images of the training split (eval transform: no randomness)."""
+    from vitlab.data import eval_transform
+
+    train_set.transform = eval_transform(model.preprocessing)
+    n = min(TOKENIZER_SAMPLE, len(train_set))
+    images = torch.stack([train_set[i][0] for i in range(n)])
+    objective.fit_tokenizer(images, iters=int(job.options.get("tokenizer_iters", 20)), seed=job.recipe.seed)
+    log.info("BEiT tokenizer: k-means codebook of %d tokens fitted on the patches of %d images",
+             objective.head.out_features, n)
+
+
+def run_pretraining(job: PretrainJob) -> dict[str, Any]:
+    from vitlab.checkpoints import save_model
+    from vitlab.data import build_dataset
+    from vitlab.train.run import _check_output
+
+    recipe = job.recipe
+    with distributed_context(job.device) as ctx:
+        if not ctx.is_main:
+            logging.getLogger("vitlab").setLevel(logging.WARNING)
+        if ctx.device.type == "cpu" and recipe.cpu_threads is not None:
+            torch.set_num_threads(recipe.cpu_threads)
+        if ctx.is_main:
+            _check_output(job)
+            job.output.mkdir(parents=True, exist_ok=True)
+            atomic_text(job.output / "job.json", json.dumps({
+                "method": job.method, "data": job.data, "model": job.model or recipe.model, "options": job.options,
+                "skip_bad_images": job.skip_bad_images}, indent=2))
+        train_set = build_dataset(job.data, split="train", val_fraction=recipe.val_fraction, seed=recipe.seed,
+                                  skip_bad_images=job.skip_bad_images)
+        model = build_backbone(job, train_set.in_chans).to(ctx.device)
+        objective = build_objective(job.method, model, job.options)
+        if job.method == "beit" and not job.resume:  # (a resumed run reads its tokenizer from the state)
+            _fit_tokenizer(objective, train_set, model, job)
+        train_set.transform = _transform(job, model)
+        result = fit(model, recipe, train_set=train_set, output_dir=job.output, ctx=ctx, resume=job.resume,
+                     objective=objective, until_step=job.until_step, progress=job.progress)
+        last = result.history[-1] if result.history else {}
+        summary: dict[str, Any] = {"method": job.method, "model": model.model_name, "recipe": recipe.name,
+                                   "data": job.data, "steps": result.step, "global_batch": result.global_batch,
+                                   "train_seconds": round(result.seconds, 1), "last": last,
+                                   "checkpoint": str(result.model_path)}
+        if ctx.is_main and job.method == "dino":
+            save_model(objective.teacher, job.output / TEACHER_FILE,
+                       extra={"step": result.step, "objective": "dino teacher"})
+            summary["teacher"] = str(job.output / TEACHER_FILE)
+        if ctx.is_main:
+            atomic_text(job.output / "results.json", json.dumps(summary, indent=2))
+        return summary

@@ -1,0 +1,146 @@
+"""Pre-training through the engine: exact resume of MAE, MPP and DINO runs, and the pretrain -> finetune path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import vitlab
+from vitlab.checkpoints import read_vitlab
+from vitlab.cli.main import main
+from vitlab.data.multicrop import MultiCropTransform
+from vitlab.ssl import DINO, MAE, BEiT, MaskedPatchPrediction
+from vitlab.train import Recipe, fit
+from vitlab.train.state import load_train_state
+
+torch.set_num_threads(1)
+
+
+class Blobs(Dataset):
+    """Unlabelled 16x16 RGB images; an optional transform (multi-crop) draws from the global generator."""
+
+    def __init__(self, n: int, transform=None) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(n, 3, 16, 16, generator=g)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        x = self.x[i]
+        return (self.transform(x) if self.transform else x * 2 - 1), 0
+
+
+def backbone(**kw):
+    torch.manual_seed(0)
+    opts = dict(num_classes=0, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                drop_path_rate=0.1)
+    opts.update(kw)
+    return vitlab.create_model("vit_tiny_patch16_224", **opts)
+
+
+def recipe(**kw) -> Recipe:
+    base = {"name": "ssl-test", "epochs": 3, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 2,
+            "log_every": 1, "augment": False, "val_fraction": 0.0, "betas": (0.9, 0.95)}
+    base.update(kw)
+    return Recipe(**base)
+
+
+def mae_setup():
+    m = backbone(pos_embed="sincos")
+    return m, MAE(m, decoder_dim=16, decoder_depth=1, decoder_heads=2), Blobs(40)
+
+
+def mpp_setup():
+    m = backbone()
+    return m, MaskedPatchPrediction(m), Blobs(40)
+
+
+def dino_setup():
+    m = backbone(dynamic_img_size=True)
+    pre = m.preprocessing
+    data = Blobs(40, MultiCropTransform(pre, local_size=8, num_local=2))
+    return m, DINO(m, out_dim=32, hidden_dim=24, bottleneck_dim=8), data
+
+
+def beit_setup():
+    m = backbone()
+    data = Blobs(40)
+    obj = BEiT(m, vocab_size=16).fit_tokenizer(torch.stack([data[i][0] for i in range(20)]), iters=5)
+    return m, obj, data
+
+
+@pytest.mark.parametrize("setup", [mae_setup, mpp_setup, dino_setup, beit_setup], ids=["mae", "mpp", "dino", "beit"])
+def test_resume_of_a_pretraining_run_is_exact(tmp_path, setup):
+    """N steps, then resume for the rest == the whole run at once: weights, owned modules (decoder, heads,
+    EMA teacher, DINO centre) and the masks drawn in between."""
+    rec = recipe(clip_grad=1.0 if setup is not dino_setup else None)  # 5 steps per epoch, 15 in all
+    model, obj, data = setup()
+    straight = fit(model, rec, train_set=data, output_dir=tmp_path / "a", objective=obj, progress=False)
+    assert straight.total_steps == 15
+    model, obj, data = setup()
+    fit(model, rec, train_set=data, output_dir=tmp_path / "b", objective=obj, progress=False, until_step=7)
+    torch.manual_seed(999)
+    model, obj, data = setup()
+    resumed = fit(model, rec, train_set=data, output_dir=tmp_path / "b", objective=obj, progress=False, resume=True)
+    assert resumed.step == 15
+    a, _ = read_vitlab(tmp_path / "a" / "model.safetensors")
+    b, meta = read_vitlab(tmp_path / "b" / "model.safetensors")
+    assert meta["class_names"] is None or meta["class_names"] == []
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    sa = load_train_state(tmp_path / "a" / "train_state.pt")["objective"]
+    sb = load_train_state(tmp_path / "b" / "train_state.pt")["objective"]
+    assert set(sa) == set(obj.modules())
+    for name in sa:
+        for k in sa[name]:
+            assert torch.allclose(sa[name][k], sb[name][k], atol=1e-6, rtol=0), (name, k)
+    assert straight.history[-1]["loss"] == pytest.approx(resumed.history[-1]["loss"], abs=1e-6)
+    assert {"mae": "recon", "mpp": "masked_acc", "dino": "t_entropy", "beit": "mlm_acc"}[obj.name] in \
+        straight.history[-1]
+
+
+def test_resume_with_another_objective_is_refused(tmp_path):
+    model, obj, data = mae_setup()
+    fit(model, recipe(max_steps=2), train_set=data, output_dir=tmp_path, objective=obj, progress=False)
+    model, obj, data = mpp_setup()
+    model = backbone(pos_embed="sincos")
+    with pytest.raises(ValueError, match="'mae' objective"):
+        fit(model, recipe(max_steps=4), train_set=data, output_dir=tmp_path, objective=MaskedPatchPrediction(model),
+            progress=False, resume=True)
+
+
+SMALL = ["--set", "model_overrides.depth=1", "--set", "model_overrides.embed_dim=32", "--set",
+         "model_overrides.num_heads=2"]  # the digits recipe's model made smaller, in both runs
+FAST = ["--data", "digits", "--recipe", "digits", "--steps", "3", "--no-progress", "--set", "log_every=1", *SMALL]
+
+
+@pytest.mark.parametrize("method,opts", [("mae", ["--opt", "decoder_dim=16", "--opt", "decoder_depth=1"]),
+                                         ("mpp", []), ("dino", ["--opt", "out_dim=64", "--opt", "num_local=2"]),
+                                         ("beit", ["--opt", "vocab_size=32", "--opt", "tokenizer_iters=3"])])
+def test_pretrain_then_finetune_without_key_surgery(tmp_path, method, opts, caplog):
+    out = tmp_path / method
+    assert main(["pretrain", "--method", method, *FAST, *opts, "--output", str(out)]) == 0
+    sd, meta = read_vitlab(out / "model.safetensors")
+    assert meta["config"]["num_classes"] == 0 and not any(k.startswith("head.") for k in sd)
+    if method == "dino":
+        assert (out / "teacher.safetensors").is_file()
+    ft = tmp_path / f"ft-{method}"
+    assert main(["finetune", "--from", str(out / "model.safetensors"), "--data", "digits", "--recipe", "digits",
+                 "--steps", "2", "--no-progress", *SMALL, "--output", str(ft)]) == 0
+    tuned, _ = read_vitlab(ft / "model.safetensors")
+    assert tuned["head.weight"].shape[0] == 10
+    # the encoder came from the pre-training run (moved only by two fine-tuning steps)
+    key = "blocks.0.attn.qkv.weight"
+    assert (tuned[key] - sd[key]).abs().max() < 0.05
+    assert main(["fewshot", "--checkpoint", str(out / "model.safetensors"), "--data", "digits", "--shots", "2",
+                 "--seeds", "1"]) == 0
+    # eval of a backbone without classifier: DINO's weighted k-NN from the training split
+    assert main(["eval", "--checkpoint", str(out / "model.safetensors"), "--data", "digits", "--output",
+                 str(tmp_path / f"eval-{method}")]) == 0
+    metrics = json.loads((tmp_path / f"eval-{method}" / "metrics.json").read_text())
+    assert metrics["protocol"] == "knn" and metrics["k"] == 20 and 0 <= metrics["top1"] <= 1
