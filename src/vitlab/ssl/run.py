@@ -85,14 +85,14 @@ def _transform(job: PretrainJob, model: nn.Module):
 
 def build_backbone(job: PretrainJob, in_chans: int) -> nn.Module:
     import vitlab
-    from vitlab.train.run import _model_overrides
+    from vitlab.train.run import model_overrides
 
     recipe = job.recipe
     name = job.model or recipe.model
     if name is None:
         raise ValueError("no model: give --model NAME (see `vitlab models`)")
     torch.manual_seed(recipe.seed)
-    overrides = {**METHOD_MODEL_DEFAULTS.get(job.method, {}), **_model_overrides(name, recipe, in_chans)}
+    overrides = {**METHOD_MODEL_DEFAULTS.get(job.method, {}), **model_overrides(name, recipe, in_chans)}
     return vitlab.create_model(name, num_classes=0, img_size=recipe.img_size, **overrides)
 
 
@@ -111,7 +111,7 @@ def _fit_tokenizer(objective, train_set, model: nn.Module, job: PretrainJob) -> 
 def run_pretraining(job: PretrainJob) -> dict[str, Any]:
     from vitlab.checkpoints import save_model
     from vitlab.data import build_dataset
-    from vitlab.train.run import _check_output
+    from vitlab.train.run import check_output
 
     recipe = job.recipe
     with distributed_context(job.device) as ctx:
@@ -120,7 +120,7 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
         if ctx.device.type == "cpu" and recipe.cpu_threads is not None:
             torch.set_num_threads(recipe.cpu_threads)
         if ctx.is_main:
-            _check_output(job)
+            check_output(job)
             job.output.mkdir(parents=True, exist_ok=True)
             atomic_text(job.output / "job.json", json.dumps({
                 "method": job.method, "data": job.data, "model": job.model or recipe.model, "options": job.options,

@@ -62,7 +62,7 @@ class TrainJob:
     extra_overrides: dict[str, Any] = field(default_factory=dict)
 
 
-def _model_overrides(name: str, recipe: Recipe, in_chans: int | None) -> dict[str, Any]:
+def model_overrides(name: str, recipe: Recipe, in_chans: int | None) -> dict[str, Any]:
     """The recipe's model overrides, plus the data's channel count for a model trained from scratch."""
     template = get_entry(name).config
     fields = {f.name for f in dataclasses.fields(template)}
@@ -85,7 +85,7 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int) -> nn.Module:
         name = job.model or recipe.model
         if name is None:
             raise ValueError("no model: give --model NAME (see `vitlab models`) or a recipe with a `model` field")
-        overrides = {**_model_overrides(name, recipe, in_chans), **job.extra_overrides}
+        overrides = {**model_overrides(name, recipe, in_chans), **job.extra_overrides}
         return vitlab.create_model(name, num_classes=num_classes, img_size=recipe.img_size, **overrides)
     name = job.model or pretrained_model_name(job.pretrained)
     overrides = {**recipe.model_overrides, **job.extra_overrides}
@@ -109,7 +109,7 @@ def pretrained_model_name(source: str) -> str:
     return got[1]["model"]
 
 
-def _check_output(job: TrainJob) -> None:
+def check_output(job: TrainJob) -> None:
     """Without --resume or --overwrite, a run directory that already holds a run (finished or not) is refused."""
     if job.resume or job.overwrite:
         return
@@ -168,7 +168,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
 
     recipe = job.recipe
     if ctx.is_main:
-        _check_output(job)
+        check_output(job)
     common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
     train_set = build_dataset(job.data, split="train", **common)
     check_classification_data(train_set)
