@@ -73,13 +73,17 @@ def saved_run(args: argparse.Namespace, output: Path) -> dict | None:
     return {"recipe": {k: v for k, v in saved.items() if k != "resolved"}, "job": job}
 
 
-def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = None):
+def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = None, *, model: str | None = None):
+    """The recipe with the command line's changes; for ``model`` of another family than the recipe's own model,
+    only the recipe's model options that carry over are kept (``Recipe.for_model``), then --set applies."""
     from vitlab.train.recipe import recipe_from_dict
 
     if saved is not None:
         recipe = recipe_from_dict(saved["recipe"], source="the run's recipe.json")
     else:
         recipe = load_recipe(args.recipe or default)
+        if model is not None:
+            recipe = recipe.for_model(model)
     changes = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.steps), ("batch_size", args.batch_size),
                                   ("img_size", args.img_size), ("workers", args.workers), ("seed", args.seed))
                if v is not None}
@@ -132,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         args.model = args.model or saved["job"].get("model")
         args.data = args.data or saved["job"].get("data")
     default = "digits" if args.data in (None, "digits") else "deit"
-    recipe = resolve_recipe(args, default, saved)
+    recipe = resolve_recipe(args, default, saved, model=args.model)
     model = args.model or recipe.model
     if model is None:
         raise ValueError("no model: give --model NAME (see `vitlab models`)")
