@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import vitlab
+from test_cli_train import write_digit_pngs
 from vitlab.checkpoints.io import CheckpointError
 from vitlab.cli.main import main
-
-from test_cli_train import write_digit_pngs
 
 torch.set_num_threads(1)
 
@@ -159,3 +158,18 @@ def test_mixer_wrong_input_size_is_a_clear_error():
     model = vitlab.create_model("mixer_s16_224", embed_dim=32, depth=1, img_size=32)
     with pytest.raises(ValueError, match="32"):
         model(torch.randn(1, 3, 48, 48))
+
+
+FIXTURES = {"crossvit": "crossvit_timm_tiny.safetensors", "tnt": "tnt_timm_tiny.safetensors",
+            "t2t": "t2t_vit_official_tiny.pth.tar", "mixer": "mixer_timm_tiny.safetensors",
+            "xcit": "xcit_timm_tiny_p16.safetensors"}
+
+
+@pytest.mark.parametrize(("family", "other"), [(f, o) for f in FIXTURES for o in FIXTURES if f != o])
+def test_foreign_state_dict_is_refused_clearly(family, other):
+    """A timm/official state dict of another family: a CheckpointError that says it is not this family's."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / FIXTURES[other]
+    with pytest.raises(CheckpointError, match="not an? .*(checkpoint|state dict)|no converter"):
+        vitlab.create_model(FAMILIES[family][0], pretrained=str(path))
