@@ -173,3 +173,17 @@ def test_foreign_state_dict_is_refused_clearly(family, other):
     path = Path(__file__).parent / "fixtures" / FIXTURES[other]
     with pytest.raises(CheckpointError, match="not an? .*(checkpoint|state dict)|no converter"):
         vitlab.create_model(FAMILIES[family][0], pretrained=str(path))
+
+
+def test_recipe_model_options_follow_the_family(caplog):
+    """The digits recipe's ViT options reach ViT-like configs (DeiT, CaiT) whole; for the new families only
+    the options that carry over (drop rates, crop_pct) remain, and the log says which were not applied."""
+    from vitlab.train.recipe import load_recipe
+
+    recipe = load_recipe("digits")
+    for name in ("vit_small_patch16_224", "deit_tiny_patch16_224", "cait_xxs24_224"):
+        assert recipe.for_model(name).model_overrides == recipe.model_overrides
+    with caplog.at_level(logging.INFO, logger="vitlab"):
+        for family in ("crossvit", "tnt", "t2t", "mixer", "xcit"):
+            assert recipe.for_model(FAMILIES[family][0]).model_overrides == {"drop_path_rate": 0.1}
+    assert "not applied to xcit_nano_12_p16_224 (family xcit)" in caplog.text

@@ -19,6 +19,8 @@ EXAMPLE = """examples:
   vitlab train --model vit_small_patch16_224 --data ./images --recipe deit --epochs 30 --batch-size 64 \\
       --set lr=1e-3 --set model_overrides.drop_path_rate=0.1 --output runs/mine
   vitlab train --model vit_tiny_patch16_224 --data /data/mnist --img-size 28 --set model_overrides.patch_size=4
+  vitlab train --model xcit_nano_12_p16_224 --img-size 32 --set model_overrides.depth=2   # another family on digits
+      (a recipe's model_overrides are for its own model: another family gets only the drop rates and crop_pct)
   torchrun --nproc_per_node 4 -m vitlab.cli.main train --model vit_base_patch16_224 --data ./images --device cuda
   vitlab train --output runs/mine --resume        # continue that run exactly where it stopped
 
