@@ -17,7 +17,8 @@ from vitlab.models import get_entry
 def _family_plugins() -> dict[str, ModuleType]:
     """Per-family tiny settings: every ``tests/tiny_<family>.py`` defines ``FAMILY`` (the registry's family
     name), ``tiny(name, cfg) -> dict`` and optionally ``HAS_ATTENTION = False`` (no attention layer to
-    capture, e.g. MLP-Mixer). New families add a file instead of editing this one."""
+    capture, e.g. MLP-Mixer) and ``PUBLISHED = {name: (params, GMACs or None)}`` (checked by the registry-wide
+    model_info test, which computes them anyway). New families add a file instead of editing this one."""
     plugins: dict[str, ModuleType] = {}
     for path in sorted(Path(__file__).parent.glob("tiny_*.py")):
         module = importlib.import_module(path.stem)
@@ -34,6 +35,13 @@ def has_attention(name: str) -> bool:
     if family == "resnet":
         return False
     return getattr(FAMILY_PLUGINS.get(family), "HAS_ATTENTION", True)
+
+
+def published_size(name: str) -> tuple[int, float | None] | None:
+    """(parameters, GMACs at the default size or None) that the family's ``tiny_<family>.PUBLISHED`` lists for
+    ``name`` (the reference implementation's figures), checked where model_info is computed anyway."""
+    plugin = FAMILY_PLUGINS.get(get_entry(name).family)
+    return getattr(plugin, "PUBLISHED", {}).get(name)
 
 
 def tiny_overrides(name: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 import vitlab
 from vitlab.layers import CapturableAttention, capture_attention
 
-from model_helpers import has_attention, input_for, make_tiny, perturb_, tiny_overrides
+from model_helpers import has_attention, input_for, make_tiny, perturb_, published_size, tiny_overrides
 
 ALL = vitlab.list_models()
 ATTENTION = [n for n in ALL if has_attention(n)]
@@ -97,6 +97,11 @@ def test_model_info_at_default_size(name: str) -> None:
     info = vitlab.model_info(name)
     assert info["params"] > 0 and info["gmacs"] > 0
     assert info["preprocessing"]["input_size"][0] == 3
+    published = published_size(name)  # the reference implementation's figures, where the family lists them
+    if published is not None:
+        params, gmacs = published
+        assert info["params"] == params, (name, info["params"], params)
+        assert gmacs is None or round(info["gmacs"], 2) == gmacs, (name, info["gmacs"], gmacs)
 
 
 def test_model_info_matches_published_figures() -> None:

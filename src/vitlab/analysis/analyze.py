@@ -238,6 +238,7 @@ def analyze_model(
     pt = position_table(model)
     if pt is None:
         numbers["position_similarity"] = None
+        numbers["position_similarity_not_applicable"] = no_position_table_reason(model)
         sections.append(Section(title="Position embedding similarity (paper Fig. 7, centre)",
                                 text=no_position_table_reason(model)))
     else:
@@ -258,6 +259,7 @@ def analyze_model(
         comps = filter_components(patch_embedding_weight(model), k=num_components)
     except ValueError as e:
         numbers["embedding_filters"] = None
+        numbers["embedding_filters_not_applicable"] = str(e)
         sections.append(Section(title="Embedding filters (paper Fig. 7, left)", text=str(e)))
     else:
         k = comps.components.shape[0]

@@ -30,8 +30,9 @@ def patch_embedding_weight(model: nn.Module) -> Tensor:
     proj = getattr(pe, "proj", None)
     w = getattr(proj, "weight", None)
     if w is None or w.ndim != 4 or w.shape[-1] == 1:
-        raise ValueError(f"{type(model).__name__} has no pixel patch projection (hybrid or CNN stem); "
-                         "embedding filters apply to models that embed raw pixel patches")
+        raise ValueError(f"{type(model).__name__} has no single linear projection of raw pixel patches "
+                         "(`patch_embed.proj`, a P x P kernel with P > 1; its stem is e.g. a CNN, a convolution stack, "
+                         "a soft split or two branches); embedding filters apply to models that embed raw pixel patches")
     return w.detach()
 
 

@@ -47,7 +47,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from vitlab import load_model
-    from vitlab.analysis.analyze import REPORT_HTML, analyze_model
+    from vitlab.analysis.analyze import POSITION_KINDS, REPORT_HTML, analyze_model
     from vitlab.data import build_dataset, eval_transform
 
     if args.num_images < 1:
@@ -68,7 +68,18 @@ def run(args: argparse.Namespace) -> int:
         for i, m, s in zip(dist["layers"], dist["layer_mean"], dist["layer_spread"]):
             log.info("layer %d: mean attention distance %.2f px, spread over heads %.2f px", i, m, s)
         log.info("(uniform attention would give %.2f px)", dist["uniform_reference"])
-    if numbers["position_similarity"] is None:
-        log.info("position similarity does not apply: no learned or fixed per-patch position table")
+    pos = numbers["position_similarity"]
+    if pos is None:
+        reason = numbers["position_similarity_not_applicable"]
+        log.info("position similarity does not apply: %s", reason.removeprefix("Does not apply: "))
+    else:
+        log.info("position similarity (%s table, %s grid): grid neighbours %.3f, all other positions %.3f",
+                 POSITION_KINDS.get(pos["kind"], pos["kind"]), "x".join(map(str, pos["grid"])), pos["mean_neighbours"], pos["mean_offdiag"])
+    filters = numbers["embedding_filters"]
+    if filters is None:
+        log.info("embedding filters do not apply: %s", numbers["embedding_filters_not_applicable"])
+    else:
+        log.info("embedding filters: %d principal components, the first explains %.1f%% of the variance",
+                 filters["num_components"], 100 * filters["explained_variance_ratio"][0])
     print(Path(args.output) / REPORT_HTML)
     return 0

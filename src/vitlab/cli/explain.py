@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         if pre.channel_order == "BGR" and image.shape[0] == 3:
             image = image.flip(0)  # shown in RGB
         out = explain_figure(image, normalize_map(e.maps)[0], out_dir / out_name, title=title)
-        log.info("%s -> %s (predicted %s, %.1f%%)", path, out, names[pred], 100 * float(e.probs[0, pred]))
+        how = e.method + (" chosen by --method auto" if args.method == "auto" else "")
+        log.info("%s -> %s (method %s; predicted %s, %.1f%%)", path, out, how, names[pred],
+                 100 * float(e.probs[0, pred]))
         print(out)
     return 0

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     saved = saved_run(args, args.output) if args.output is not None else None
     if saved is not None:
         args.data = args.data or saved["job"].get("data")
-    recipe = resolve_recipe(args, "vit_finetune", saved)
     model = args.model or pretrained_model_name(args.source)
+    recipe = resolve_recipe(args, "vit_finetune", saved, model=model)
     return train_or_explain(make_job(args, recipe, model=model, pretrained=args.source,
                                      output_tag=f"finetune-{model}"))

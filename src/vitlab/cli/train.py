@@ -22,6 +22,8 @@ EXAMPLE = """examples:
   vitlab train --model vit_small_patch16_224 --data ./images --recipe deit --epochs 30 --batch-size 64 \\
       --set lr=1e-3 --set model_overrides.drop_path_rate=0.1 --output runs/mine
   vitlab train --model vit_tiny_patch16_224 --data /data/mnist --img-size 28 --set model_overrides.patch_size=4
+  vitlab train --model xcit_nano_12_p16_224 --img-size 32 --set model_overrides.depth=2   # another family on digits
+      (a recipe's model_overrides are for its own model: another family gets only the drop rates and crop_pct)
   torchrun --nproc_per_node 4 -m vitlab.cli.main train --model vit_base_patch16_224 --data ./images --device cuda
   vitlab train --output runs/mine --resume        # continue that run exactly where it stopped
 
@@ -97,7 +99,11 @@ def saved_run(args: argparse.Namespace, output: Path) -> dict | None:
     return {"recipe": {k: v for k, v in saved.items() if k != "resolved"}, "job": job}
 
 
-def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = None, base=None):
+def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = None, base=None, *,
+                   model: str | None = None):
+    """The recipe with the command line's changes: ``base`` (the auto recipe) when given, else the run's saved
+    recipe, else the named one; for ``model`` of another family than a named recipe's own model, only the
+    recipe's model options that carry over are kept (``Recipe.for_model``); then --set applies."""
     from vitlab.train.recipe import recipe_from_dict
 
     if base is not None:
@@ -106,6 +112,8 @@ def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = 
         recipe = recipe_from_dict(saved["recipe"], source="the run's recipe.json")
     else:
         recipe = load_recipe(args.recipe or default)
+        if model is not None:
+            recipe = recipe.for_model(model)
     changes = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.steps), ("batch_size", args.batch_size),
                                   ("img_size", args.img_size), ("workers", args.workers), ("seed", args.seed))
                if v is not None}
@@ -214,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     base = None
     if saved is None and (args.recipe == "auto" or (args.recipe is None and args.data not in (None, "digits"))):
         base = auto_recipe(args)
-    recipe = resolve_recipe(args, "digits", saved, base)
+    recipe = resolve_recipe(args, "digits", saved, base, model=args.model)
     model = args.model or recipe.model
     if model is None:
         raise ValueError("no model: give --model NAME (see `vitlab models`)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 RECIPE_DIR = "recipes"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +150,52 @@ class Recipe:
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
+
+    def for_model(self, name: str) -> Recipe:
+        """This recipe for model ``name``. ``model_overrides`` describe the recipe's own ``model``. A model of
+        another family gets all of them when its config has every one of those fields with a value of the same
+        kind and accepts the values (e.g. CaiT or DeiT under the digits recipe's ViT options); otherwise only the
+        training-behaviour options its config also has (``CARRY_OVER``: drop rates, ``crop_pct``) are kept and
+        the architecture options (patch size, width, depth, heads) are dropped, since there they mean something
+        else or do not exist (CrossViT's per-branch tuples, TNT's two head counts, XCiT's 8/16 stems)."""
+        from vitlab.models.registry import get_entry, list_models
+
+        if self.model is None or not self.model_overrides or self.model not in list_models():
+            return self
+        try:
+            entry, own = get_entry(name.split(".", 1)[0]), get_entry(self.model)
+        except ValueError:
+            return self  # an unknown name: create_model reports it
+        if entry.family == own.family or _fits(entry.config, self.model_overrides):
+            return self
+        fields = {f.name for f in dataclasses.fields(entry.config)}
+        kept = {k: v for k, v in self.model_overrides.items() if k in CARRY_OVER and k in fields}
+        dropped = sorted(set(self.model_overrides) - set(kept))
+        log.info("recipe %s: model_overrides %s are for %s (family %s), not applied to %s (family %s); "
+                 "set options of %s with --set model_overrides.KEY=VALUE (see `vitlab info %s`)",
+                 self.name, dropped, self.model, own.family, name, entry.family, name, name)
+        return dataclasses.replace(self, model_overrides=kept)
+
+
+def _fits(config: Any, overrides: dict[str, Any]) -> bool:
+    """Whether ``config`` has every field of ``overrides``, each of the same kind (number, sequence, text, flag)
+    as the config's own value, and validates with them."""
+    def kind(v: Any) -> str:
+        return ("flag" if isinstance(v, bool) else "number" if isinstance(v, (int, float))
+                else "sequence" if isinstance(v, (list, tuple)) else type(v).__name__)
+
+    fields = {f.name for f in dataclasses.fields(config)}
+    if any(k not in fields or kind(v) != kind(getattr(config, k)) for k, v in overrides.items()):
+        return False
+    try:
+        dataclasses.replace(config, **overrides)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# Model options a recipe written for one family passes on to a model of another family (Recipe.for_model).
+CARRY_OVER = ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "crop_pct")
 
 
 def recipe_fields() -> dict[str, Any]:
