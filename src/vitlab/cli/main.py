@@ -13,7 +13,7 @@ from vitlab.checkpoints.io import CheckpointError
 
 # Subcommand modules, in the order `vitlab --help` lists them.
 SUBCOMMANDS = (
-    "models", "info", "train", "finetune", "eval", "predict", "fewshot", "explain", "analyze", "benchmark",
+    "models", "info", "train", "finetune", "eval", "predict", "fewshot", "explain", "analyze", "benchmark", "export",
 )
 
 
