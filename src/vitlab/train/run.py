@@ -52,6 +52,7 @@ class TrainJob:
     distill: Distill | None = None
     progress: bool = True
     until_step: int | None = None
+    compile: bool = False  # torch.compile the training forward (compile time reported apart)
     extra_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,11 +153,14 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
         result = fit(model, recipe, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
                      resume=job.resume, class_names=train_set.classes, criterion=criterion,
-                     until_step=job.until_step, progress=job.progress)
+                     until_step=job.until_step, progress=job.progress, compile=job.compile)
         summary: dict[str, Any] = {"model": model.model_name, "recipe": recipe.name, "data": job.data,
                                    "steps": result.step, "global_batch": result.global_batch,
                                    "train_seconds": round(result.seconds, 1), "val": result.val,
                                    "checkpoint": str(result.model_path)}
+        if job.compile:
+            summary["compile_seconds"] = None if result.compile_seconds is None else round(result.compile_seconds, 1)
+            summary["compile_failed"] = result.compile_failed
         if ctx.is_main and test_set is not None and result.step >= result.total_steps:
             if hasattr(model, "set_distilled_training"):
                 model.set_distilled_training(False)

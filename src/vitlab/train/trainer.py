@@ -68,6 +68,8 @@ class FitResult:
     lr: float
     seconds: float
     val: dict[str, Any] | None = None
+    compile_seconds: float | None = None  # torch.compile's first call (the compile), part of ``seconds``
+    compile_failed: str | None = None  # why torch.compile fell back to eager
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -168,6 +170,7 @@ def fit(
     criterion: Criterion | None = None,
     until_step: int | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> FitResult:
     """Train ``model`` (built with ``vitlab.create_model``) on ``train_set`` following ``recipe``.
 
@@ -179,6 +182,8 @@ def fit(
             smoothing (soft targets under Mixup). Distillation passes its own.
         until_step: stop (with a checkpoint) after this many optimiser steps in all, as if killed there;
             the schedule still spans the whole run.
+        compile: run the forward through ``torch.compile`` (falls back to eager, logged, when it fails);
+            the compile time is reported apart in the result.
     """
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     out = Path(output_dir)
@@ -338,6 +343,11 @@ def fit(
     t_start = time.perf_counter()
     t_log, steps_since_log = t_start, 0
     model.train()
+    forward = model
+    if compile:
+        from vitlab.export.runtimes import compile_model
+
+        forward = compile_model(model)
     try:
         start_epoch = step // steps_per_epoch
         for epoch in range(start_epoch, epochs):
@@ -364,7 +374,7 @@ def fit(
                     no_sync = model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()
                     with no_sync:
                         with autocast_context(device, recipe.amp):
-                            outputs = model(x)
+                            outputs = forward(x)
                             loss = criterion(x, outputs, y)
                         scaler.scale(loss / accum).backward()
                     loss_sum += loss.detach().float()
@@ -414,7 +424,9 @@ def fit(
         writers.close()
     seconds = time.perf_counter() - t_start
     return FitResult(output_dir=out, step=step, epoch=step // steps_per_epoch, total_steps=total_steps,
-                     global_batch=global_batch, lr=lr, seconds=seconds, val=val, history=history)
+                     global_batch=global_batch, lr=lr, seconds=seconds, val=val, history=history,
+                     compile_seconds=getattr(forward, "compile_s", None),
+                     compile_failed=getattr(forward, "failed", None))
 
 
 def _check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None:
