@@ -37,16 +37,20 @@ def _kind(name: str) -> str:
     return entry.family + ("-hybrid" if getattr(entry.config, "hybrid_layers", None) else "")
 
 
+def _tiny_size(name: str) -> int:
+    with torch.device("meta"):  # free: no memory, no init cost
+        return sum(p.numel() for p in make_tiny(name).parameters())
+
+
 def _registry_params() -> list:
-    """Every registered name; the first of each family (and hybrid kind) in the default run, the rest slow."""
-    seen: set[str] = set()
-    params = []
-    for name in sorted(vitlab.list_models()):
-        kind = _kind(name)
-        marks = [] if kind not in seen else [pytest.mark.slow]
-        seen.add(kind)
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    """Every registered name; the smallest tiny model of each family (and hybrid kind) in the default run,
+    the others marked slow (``make test-slow`` runs the whole registry)."""
+    names = sorted(vitlab.list_models())
+    first: dict[str, str] = {}
+    for name in sorted(names, key=lambda n: (_tiny_size(n), n)):
+        first.setdefault(_kind(name), name)
+    chosen = set(first.values())
+    return [pytest.param(n, marks=[] if n in chosen else [pytest.mark.slow], id=n) for n in names]
 
 
 def _tiny(name: str) -> torch.nn.Module:

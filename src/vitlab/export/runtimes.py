@@ -89,7 +89,8 @@ class Compiled(nn.Module):
     def __init__(self, model: nn.Module, **compile_kwargs: Any) -> None:
         super().__init__()
         self.model = model
-        self.compiled: Any = torch.compile(model, **compile_kwargs)
+        # not a child module: its parameters are ``model``'s, and state_dict() must not list them twice
+        object.__setattr__(self, "compiled", torch.compile(model, **compile_kwargs))
         self.compile_s: float | None = None
         self.failed: str | None = None
 
