@@ -35,46 +35,49 @@ from vitlab.export.runtimes import build_runtime
 TIMM_NAMES = {"vit_small_patch16_224": "vit_small_patch16_224", "deit_small_patch16_224": "deit_small_patch16_224"}
 
 
-def speed(names: list[str], runtimes: list[str], batch: int, repeats: int, use_timm: bool) -> list[dict]:
+def speed(names: list[str], runtimes: list[str], batches: list[int], repeats: int, use_timm: bool) -> list[dict]:
     rows = []
     for name in names:
         torch.manual_seed(0)
         model = vitlab.create_model(name).eval()
         model.model_name = name
         flops, size = registry_forward_flops(name)
-        x = torch.randn(batch, *size)
-        built = {rt: build_runtime(rt, model, num_images=8) for rt in runtimes}
-        steps = {rt: (lambda r=r, x=x: r(x)) for rt, r in built.items()}
+        built = {rt: build_runtime(rt, model, num_images=8) for rt in runtimes}  # one export per runtime
+        tm = None
         if use_timm and name in TIMM_NAMES:
             import timm
 
             tm = timm.create_model(TIMM_NAMES[name], pretrained=False).eval()
+        for batch in batches:
+            x = torch.randn(batch, *size)
+            steps = {rt: (lambda r=r, x=x: r(x)) for rt, r in built.items()}
+            if tm is not None:
 
-            def timm_step(dtype: torch.dtype | None, tm=tm, x=x) -> None:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-                    tm(x)
+                def timm_step(bf16: bool, tm=tm, x=x) -> None:
+                    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        tm(x)
 
-            steps["timm"] = lambda: timm_step(None)
-            steps["timm-bf16"] = lambda: timm_step(torch.bfloat16)
-        mm32, mmf = matmul_step(2048, dtype="float32")
-        mm16, _ = matmul_step(2048, dtype="bfloat16")
-        steps["matmul-fp32"], steps["matmul-bf16"] = mm32, mm16
-        stats = run_interleaved(steps, warmup=1, repeats=repeats, min_repeat_s=0.0)
-        for k, st in stats.items():
-            if k.startswith("matmul"):
-                continue
-            row = {"model": name, "runtime": k, "batch": batch, "images_per_s": batch / st.median,
-                   "spread": st.spread, "vs_torch": paired_ratio(st, stats["torch"]).median,
-                   "gflops": flops * batch / st.median / 1e9}
-            if "timm" in stats:
-                row["vs_timm_fp32"] = paired_ratio(st, stats["timm"]).median
-            if "timm-bf16" in stats:
-                row["vs_timm_bf16"] = paired_ratio(st, stats["timm-bf16"]).median
-            rows.append(row)
-        for k in ("matmul-fp32", "matmul-bf16"):
-            rows.append({"model": name, "runtime": k, "batch": batch, "gflops": mmf / stats[k].median / 1e9,
-                         "spread": stats[k].spread})
-        print(json.dumps(rows[-len(stats):], indent=1), flush=True)
+                steps["timm"] = lambda: timm_step(False)
+                steps["timm-bf16"] = lambda: timm_step(True)
+            mm32, mmf = matmul_step(2048, dtype="float32")
+            mm16, _ = matmul_step(2048, dtype="bfloat16")
+            steps["matmul-fp32"], steps["matmul-bf16"] = mm32, mm16
+            stats = run_interleaved(steps, warmup=1, repeats=repeats, min_repeat_s=0.0)
+            new_rows = []
+            for k, st in stats.items():
+                if k.startswith("matmul"):
+                    new_rows.append({"model": name, "runtime": k, "batch": batch, "spread": st.spread,
+                                     "gflops": mmf / st.median / 1e9})
+                    continue
+                row = {"model": name, "runtime": k, "batch": batch, "images_per_s": batch / st.median,
+                       "spread": st.spread, "vs_torch": paired_ratio(st, stats["torch"]).median,
+                       "gflops": flops * batch / st.median / 1e9}
+                for ref in ("timm", "timm-bf16"):
+                    if ref in stats:
+                        row[f"vs_{ref}"] = paired_ratio(st, stats[ref]).median
+                new_rows.append(row)
+            rows += new_rows
+            print(json.dumps(new_rows, indent=1), flush=True)
     return rows
 
 
@@ -145,7 +148,7 @@ def main() -> None:
     ap.add_argument("--runtimes", default="torch,torch-bf16,torch-int8,onnx,onnx-int8")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 1])
-    ap.add_argument("--agreement-steps", type=int, default=300)
+    ap.add_argument("--agreement-steps", type=int, default=200)
     ap.add_argument("--skip", nargs="*", default=[], choices=["speed", "agreement", "profile"])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "runtimes.json"))
     args = ap.parse_args()
@@ -159,7 +162,7 @@ def main() -> None:
     if "agreement" not in args.skip:
         result["agreement"] = agreement(runtimes, args.agreement_steps)
     if "speed" not in args.skip:
-        result["speed"] = [r for b in args.batches for r in speed(args.models, runtimes, b, args.repeats, use_timm)]
+        result["speed"] = speed(args.models, runtimes, args.batches, args.repeats, use_timm)
     if "profile" not in args.skip:
         result["profile_vit_s_bf16"] = profile(16)
     Path(args.out).write_text(json.dumps(result, indent=1))
