@@ -13,7 +13,7 @@ $(PY):
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c $(CONSTRAINTS) torch
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev,tensorboard,detection]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev,tensorboard,detection,export]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -351,3 +351,77 @@ def benchmark_models(
                      "overrides": overrides},
         "results": results,
     }
+
+
+# ------------------------------------------------------------------------------------------ runtimes
+def benchmark_runtimes(
+    names: list[str],
+    runtimes: list[str],
+    *,
+    batch_size: int = 16,
+    repeats: int = 5,
+    warmup: int = 1,
+    min_repeat_s: float = 0.5,
+    overrides: dict[str, Any] | None = None,
+    agreement_images: Any = None,
+    num_agreement_images: int = 64,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Inference runtimes of each model side by side (``vitlab.export.runtimes``): images/s at
+    ``batch_size`` and latency at batch 1, all runtimes timed in the same interleaved rounds, and each
+    runtime's top-1 agreement and max |logit difference| with float32 PyTorch on real images
+    (``agreement_images``: a data source, else the bundled digits, at the model's preprocessing).
+
+    Set-up time (export, quantisation, torch.compile's compile on the first call) is reported apart.
+    """
+    from vitlab.export.onnx import _resolve_images, preprocess
+    from vitlab.export.runtimes import build_runtime, setup_seconds
+    from vitlab.models.factory import create_model
+
+    overrides = dict(overrides or {})
+    results = []
+    for name in names:
+        torch.manual_seed(seed)
+        model = create_model(name, **overrides).eval()
+        model.model_name = name
+        raw, source = _resolve_images(agreement_images, num_agreement_images)
+        x_real = preprocess(raw, model.preprocessing)
+        c, h, w = model.preprocessing.input_size
+        g = torch.Generator().manual_seed(seed)
+        x_batch = torch.randn(batch_size, c, h, w, generator=g)
+        x_one = x_batch[:1]
+        with torch.no_grad():
+            ref = model(x_real).float()
+        built = {}
+        for rt in runtimes:
+            built[rt] = build_runtime(rt, model, validate_images=agreement_images,
+                                      num_images=min(num_agreement_images, 16))
+            built[rt](x_one)  # first call: compiles torch-compile, warms the others
+        steps_b = {rt: (lambda r=r, xb=x_batch: r(xb)) for rt, r in built.items()}
+        steps_1 = {rt: (lambda r=r, x1=x_one: r(x1)) for rt, r in built.items()}
+        stats_b = run_interleaved(steps_b, warmup=warmup, repeats=repeats, min_repeat_s=min_repeat_s)
+        stats_1 = run_interleaved(steps_1, warmup=warmup, repeats=repeats, min_repeat_s=min_repeat_s)
+        base = stats_b[runtimes[0]] if "torch" not in stats_b else stats_b["torch"]
+        for rt, r in built.items():
+            out = r(x_real)
+            results.append({
+                "model": name, "runtime": rt, "batch_size": batch_size,
+                "images_per_s": batch_size / stats_b[rt].median,
+                "latency_ms_batch1": 1000 * stats_1[rt].median,
+                "speedup_vs_first": paired_ratio(stats_b[rt], base).median,
+                "top1_agreement": (out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                "max_abs_logit_diff": (out - ref).abs().max().item(),
+                "agreement_images": f"{len(x_real)} ({source})",
+                "setup_s": setup_seconds(r),
+                "compile_failed": getattr(r.inner, "failed", None),
+                "timing": stats_b[rt].to_dict(), "timing_batch1": stats_1[rt].to_dict(),
+            })
+            log.info("%s %s: %.1f img/s, batch-1 %.1f ms, agreement %.3f", name, rt, results[-1]["images_per_s"],
+                     results[-1]["latency_ms_batch1"], results[-1]["top1_agreement"])
+        del built
+    return {
+        "machine": machine_info(),
+        "settings": {"batch_size": batch_size, "runtimes": runtimes, "repeats": repeats, "warmup": warmup,
+                     "min_repeat_s": min_repeat_s, "overrides": overrides},
+        "results": results,
+    }

@@ -45,6 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, repeatable, e.g. --set depth=2 --set img_size=64")
     add_device_argument(p)
+    p.add_argument("--runtime", metavar="LIST",
+                   help="compare inference runtimes side by side, comma-separated from: torch, torch-bf16, "
+                        "torch-compile, torch-int8, onnx, onnx-int8 (images/s, batch-1 latency, top-1 agreement "
+                        "with float32 PyTorch on real images; --dtype/--mode do not apply)")
+    p.add_argument("--data", help="with --runtime: data source for the agreement images (default: bundled digits)")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     p.set_defaults(func=run)
 
@@ -72,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if check_device(args).type != "cpu" and args.device != "auto":
         raise ValueError(f"--device {args.device}: vitlab benchmark measures the CPU only; use --device cpu")
     overrides = parse_overrides(args.overrides)
+    if args.runtime:
+        return run_runtimes(args, overrides)
     with num_threads(args.threads):
         report = benchmark_models(
             args.models, batch_size=args.batch_size, dtype=args.dtype, mode=args.mode, warmup=args.warmup,
@@ -89,4 +96,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['model']:<28} {r['images_per_s']:>9.1f} {r['achieved_gflops']:>9.1f} "
               f"{r['matmul_gflops']:>15.1f} {100 * r['fraction_of_matmul']:>9.0f}% "
               f"{100 * r['timing']['spread']:>6.0f}%")
+    return 0
+
+
+def run_runtimes(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from vitlab.benchmark import benchmark_runtimes
+    from vitlab.export.runtimes import parse_runtimes
+
+    runtimes = parse_runtimes(args.runtime)
+    with num_threads(args.threads):
+        report = benchmark_runtimes(args.models, runtimes, batch_size=args.batch_size, repeats=args.repeats,
+                                    warmup=args.warmup, min_repeat_s=args.min_repeat_s, overrides=overrides,
+                                    agreement_images=args.data)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    m = report["machine"]
+    print(f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}; batch {args.batch_size}, median of "
+          f"{args.repeats} interleaved rounds; agreement = top-1 agreement with float32 PyTorch")
+    print(f"{'model':<28} {'runtime':<14} {'img/s':>8} {'vs first':>8} {'batch-1 ms':>10} {'agreement':>9} "
+          f"{'max diff':>9} {'set-up s':>8}")
+    for r in report["results"]:
+        print(f"{r['model']:<28} {r['runtime']:<14} {r['images_per_s']:>8.1f} {r['speedup_vs_first']:>7.2f}x "
+              f"{r['latency_ms_batch1']:>10.1f} {100 * r['top1_agreement']:>8.1f}% {r['max_abs_logit_diff']:>9.2g} "
+              f"{r['setup_s']:>8.1f}" + (f"  (compile failed: {r['compile_failed']}; ran eager)"
+                                          if r["compile_failed"] else ""))
+    print(f"agreement images: {report['results'][0]['agreement_images']}" if report["results"] else "")
     return 0

@@ -12,19 +12,27 @@ import logging
 from pathlib import Path
 
 from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+from vitlab.export.runtimes import RUNTIMES
 
 log = logging.getLogger("vitlab")
 
 EXAMPLE = """examples:
   vitlab eval --checkpoint runs/digits-vit/model.safetensors --data digits
-  vitlab eval --checkpoint runs/mine/model.safetensors --data ./images --split val --output runs/mine/eval_val"""
+  vitlab eval --checkpoint runs/mine/model.safetensors --data ./images --split val --output runs/mine/eval_val
+  vitlab eval --checkpoint digits.onnx --data digits                     (ONNX Runtime)
+  vitlab eval --checkpoint runs/digits-vit/model.safetensors --runtime onnx-int8   (reports agreement with float32)"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a checkpoint",
                        description="Evaluate a vitlab checkpoint on a data split with its own preprocessing.",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="vitlab checkpoint (model.safetensors of a run)")
+    p.add_argument("--checkpoint", required=True,
+                   help="vitlab checkpoint (model.safetensors of a run), or an ONNX file written by vitlab export")
+    p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
+                   help="auto: ONNX Runtime for an .onnx file, else PyTorch float32; runtimes other than float32 "
+                        "PyTorch also report their top-1 agreement with it")
+    p.add_argument("--compile", action="store_true", help="same as --runtime torch-compile")
     p.add_argument("--data", default="digits", help="data source")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share when the source has no val set")
@@ -57,8 +65,6 @@ def check_classes(model, classes: list[str], checkpoint: str, data: str) -> None
 
 def _run_dense(args: argparse.Namespace, model) -> int:
     """A DETR / SETR checkpoint: COCO AP / AP50 / AP75 or mean IoU / pixel accuracy on DATA/SPLIT."""
-
-
     from vitlab.tasks.run import evaluate_folder, format_metrics
 
     split = "val" if args.split == "test" else args.split
@@ -73,25 +79,46 @@ def _run_dense(args: argparse.Namespace, model) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import vitlab
+    import torch
+
     from vitlab.data import build_dataset, eval_transform
+    from vitlab.export.runtimes import load_for_inference, setup_seconds
     from vitlab.train.evaluate import evaluate
 
+    runtime = "torch-compile" if args.compile else args.runtime
+    if args.compile and args.runtime not in ("auto", "torch", "torch-compile"):
+        raise ValueError(f"--compile and --runtime {args.runtime} exclude each other")
+    if args.amp != "none" and runtime not in ("auto", "torch"):
+        raise ValueError(f"--amp {args.amp} applies to the plain PyTorch runtime; use --runtime torch-bf16 "
+                         f"for bfloat16 inference with agreement")
     device = check_device(args)
-    model = vitlab.load_model(args.checkpoint).to(device).eval()
-    if getattr(model, "task", "classification") != "classification":
-        return _run_dense(args, model.cpu())
+    model, reference = load_for_inference(args.checkpoint, runtime)
+    if reference is not None and getattr(reference, "task", "classification") != "classification":
+        return _run_dense(args, reference.cpu())
+    if model.name.startswith("onnx") or model.name == "torch-int8":
+        device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
+    model = model.to(device).eval()
     ds = build_dataset(args.data, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
                        transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
     if model.num_classes == 0:  # a pre-trained backbone: k-NN on its features (DINO's protocol)
-        return knn_report(model, ds, args, device)
+        if reference is None:
+            raise ValueError(f"{args.checkpoint}: a backbone without a classifier; evaluate its vitlab checkpoint "
+                             "(k-NN on its features), not an exported file")
+        return knn_report(reference.to(device), ds, args, device)
     check_classes(model, ds.classes, args.checkpoint, args.data)
     r = evaluate(model, ds, num_classes=model.num_classes, batch_size=args.batch_size, device=device, amp=args.amp,
                  workers=args.workers, class_names=ds.classes, progress=not args.json)
     out = args.output or Path(args.checkpoint).parent / f"eval_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, **r.summary(),
-               "per_class": dict(zip(ds.classes, r.per_class))}
+    metrics = {"checkpoint": str(args.checkpoint), "runtime": model.name, "data": args.data, "split": args.split,
+               **r.summary(), "per_class": dict(zip(ds.classes, r.per_class))}
+    if model.name != "torch":
+        metrics["setup_s"] = round(setup_seconds(model), 3)  # export / quantisation / compile time
+    if reference is not None and model.name != "torch":
+        ref = evaluate(reference.to(device), ds, num_classes=model.num_classes, batch_size=args.batch_size,
+                       device=device, workers=args.workers, class_names=ds.classes, progress=False)
+        metrics["float32_top1"] = round(ref.top1, 6)
+        metrics["top1_agreement_with_float32"] = round((ref.predictions == r.predictions).float().mean().item(), 6)
     if args.skip_bad_images:
         metrics["skipped_images"] = ds.num_skipped
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -111,7 +138,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2))
     else:
         print(f"{args.data} [{args.split}], {r.num_samples} images: top-1 {100 * r.top1:.2f}%  "
-              f"top-5 {100 * r.top5:.2f}%  loss {r.loss:.4f}")
+              f"top-5 {100 * r.top5:.2f}%  loss {r.loss:.4f}" + ("" if model.name == "torch" else f"  ({model.name})"))
+        if "top1_agreement_with_float32" in metrics:
+            print(f"  {model.name} vs float32 PyTorch: top-1 agreement "
+                  f"{100 * metrics['top1_agreement_with_float32']:.2f}% (float32 top-1 "
+                  f"{100 * metrics['float32_top1']:.2f}%), set-up {metrics['setup_s']:.1f} s")
         width = max(len(c) for c in ds.classes)
         for name, acc in zip(ds.classes, r.per_class):
             print(f"  {name:<{width}}  {100 * acc:6.2f}%")

@@ -15,7 +15,7 @@ from vitlab.cli.common import apply_image_limit, check_device
 # Subcommand modules, in the order `vitlab --help` lists them.
 SUBCOMMANDS = (
     "models", "info", "train", "pretrain", "finetune", "eval", "predict", "fewshot", "explain", "analyze", "benchmark",
-    "detect", "segment", "make_canvases",
+    "export", "detect", "segment", "make_canvases",
 )
 
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+from vitlab.export.runtimes import RUNTIMES
+
+log = logging.getLogger("vitlab")
 
 EXAMPLE = """examples:
   vitlab predict digit0.png digit1.png --checkpoint runs/digits-vit/model.safetensors
-  vitlab predict photo.jpg --checkpoint runs/mine/model.safetensors --topk 3 --json"""
+  vitlab predict photo.jpg --checkpoint runs/mine/model.safetensors --topk 3 --json
+  vitlab predict digit0.png --checkpoint digits.onnx          (ONNX Runtime; the file carries the preprocessing)
+  vitlab predict digit0.png --checkpoint runs/digits-vit/model.safetensors --runtime torch-bf16"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Classify images with a vitlab checkpoint, using its own preprocessing.",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", required=True, help="vitlab checkpoint")
+    p.add_argument("--checkpoint", required=True, help="vitlab checkpoint, or an ONNX file written by vitlab export")
+    p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
+                   help="auto: ONNX Runtime for an .onnx file, else PyTorch float32; other runtimes report their "
+                        "top-1 agreement with float32 PyTorch")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_device_argument(p)
@@ -29,27 +38,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import vitlab
     from vitlab.data import eval_transform, load_image
     from vitlab.train.evaluate import logits_of
 
     if args.topk < 1:
         raise ValueError("--topk must be >= 1")
+    from vitlab.export.runtimes import load_for_inference
+
     device = check_device(args)
-    model = vitlab.load_model(args.checkpoint).to(device).eval()
+    model, reference = load_for_inference(args.checkpoint, args.runtime)
+    if model.name.startswith("onnx") or model.name == "torch-int8":
+        device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
+    model = model.to(device).eval()
+    if reference is not None:
+        reference = reference.to(device)
     transform = eval_transform(model.preprocessing)
-    names = getattr(model, "class_names", None) or [str(i) for i in range(model.num_classes)]
+    names = model.class_names
     k = min(args.topk, model.num_classes)
     results = []
+    agree, seen = 0, 0
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]
         x = torch.stack([transform(load_image(p, min_size=transform.min_source_size)) for p in paths]).to(device)  # (B, C, H, W)
         with torch.no_grad():
-            probs = logits_of(model(x)).float().softmax(dim=-1)
+            logits = logits_of(model(x)).float()
+            if reference is not None and model.name != "torch":
+                agree += (logits_of(reference(x)).argmax(-1) == logits.argmax(-1)).sum().item()
+                seen += len(x)
+            probs = logits.softmax(dim=-1)
         top = probs.topk(k, dim=-1)
         for p, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
             results.append({"image": p, "predictions": [
                 {"class": names[i], "index": i, "probability": round(v, 6)} for v, i in zip(values, indices)]})
+    if seen:
+        log.info("runtime %s: top-1 agreement with float32 PyTorch on these images: %d/%d", model.name, agree, seen)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -58,6 +58,8 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -
     add_image_limit_argument(p)
     p.add_argument("--seed", type=int, help="override the recipe's seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (compile time reported apart; falls back to eager)")
     g = p.add_argument_group("distillation (DeiT)")
     g.add_argument("--teacher", help="teacher checkpoint (enables distillation)")
     g.add_argument("--distill", choices=["soft", "hard"], default="hard", help="distillation kind")
@@ -132,7 +134,7 @@ def make_job(args: argparse.Namespace, recipe, *, model: str | None, pretrained:
                     device=None if args.device == "auto" else args.device, resume=args.resume,
                     overwrite=args.overwrite, skip_bad_images=args.skip_bad_images, distill=distill,
                     progress=not args.no_progress, threads=args.threads,
-                    time_budget_s=None if args.resume else args.time_budget)
+                    time_budget_s=None if args.resume else args.time_budget, compile=getattr(args, "compile", False))
 
 
 def train_or_explain(job) -> int:
@@ -162,6 +164,11 @@ def report(summary: dict) -> None:
         line += f"; EMA weights {100 * summary['test_ema']['top1']:.2f}%"
     log.info("%s after %d steps in %.1f s; checkpoint: %s", line, summary["steps"], summary["train_seconds"],
              summary["checkpoint"])
+    if "compile_seconds" in summary:
+        if summary.get("compile_failed"):
+            log.info("torch.compile failed (%s): trained eager", summary["compile_failed"])
+        else:
+            log.info("torch.compile: %s s of the training time was the compile", summary["compile_seconds"])
 
 
 def auto_recipe(args: argparse.Namespace):

@@ -33,6 +33,7 @@ from vitlab.layers.sine_position import sine_position_2d
 from vitlab.layers.std_conv import MaxPool2dSame, StdConv2d, pad_same
 from vitlab.layers.talking_heads import TalkingHeadsAttention
 from vitlab.layers.token_mask import TokenMasker, keep_tokens
+from vitlab.layers.tracing import is_tracing_any_size, size_differs, tracing_any_size
 from vitlab.layers.window_attention import (
     WindowAttention,
     WindowAttentionV2,
@@ -54,4 +55,5 @@ __all__ = [
     "resample_rel_pos_table", "shift_attention_mask", "window_partition", "window_reverse",
     "CrossAttention", "CrossAttentionBlock", "FrozenBatchNorm2d", "freeze_batch_norm", "sine_position_2d",
     "TokenMasker", "keep_tokens",
+    "is_tracing_any_size", "size_differs", "tracing_any_size",
 ]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitlab.layers.helpers import to_2tuple
+from vitlab.layers.tracing import size_differs
 
 
 def resample_pos_embed(
@@ -50,7 +51,7 @@ def resample_pos_embed(
             f"resample_pos_embed: old_size {old_size} does not match {num_grid} grid positions "
             f"(table of {posemb.shape[1]} with {num_prefix_tokens} prefix tokens)"
         )
-    if new_size == old_size:
+    if not size_differs(new_size, old_size):
         return posemb
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
     dim, dtype = posemb.shape[-1], posemb.dtype

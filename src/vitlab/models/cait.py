@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import Block, PatchEmbed, resample_pos_embed
+from vitlab.layers import Block, PatchEmbed, resample_pos_embed, size_differs
 from vitlab.layers.class_attention import ClassAttentionBlock
 from vitlab.layers.talking_heads import TalkingHeadsAttention
 from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
@@ -164,7 +164,7 @@ class CaiT(nn.Module):
         grid = self.patch_embed.dynamic_grid(x.shape[-2], x.shape[-1])
         x = self.patch_embed(x)
         pos = self.pos_embed
-        if self.dynamic_img_size and tuple(grid) != tuple(self.patch_embed.grid_size):
+        if self.dynamic_img_size and size_differs(grid, self.patch_embed.grid_size):
             pos = resample_pos_embed(pos, grid, old_size=self.patch_embed.grid_size, num_prefix_tokens=0)
         return self.pos_drop(x + pos), grid
 

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import resample_pos_embed
+from vitlab.layers import resample_pos_embed, size_differs
 from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD
 from vitlab.models.registry import ModelEntry, register_model
 from vitlab.models.vit import VIT_SIZES, VisionTransformer, ViTConfig
@@ -119,7 +119,7 @@ class DeiT(VisionTransformer):
         if self.dist_token is None:
             return super()._pos_embed(x, grid)
         pos = self.pos_embed
-        if self.dynamic_img_size and tuple(grid) != tuple(self.patch_embed.grid_size):
+        if self.dynamic_img_size and size_differs(grid, self.patch_embed.grid_size):
             pos = resample_pos_embed(pos, grid, old_size=self.patch_embed.grid_size, num_prefix_tokens=2)
         B = x.shape[0]
         # (B, N, D) -> (B, 2 + N, D): class token, distillation token, patches; then the table is added

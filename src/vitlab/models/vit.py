@@ -30,6 +30,7 @@ from vitlab.layers import (
     keep_tokens,
     resample_pos_embed,
     sincos_2d_pos_embed,
+    size_differs,
     to_2tuple,
 )
 from vitlab.layers.linformer import LinformerAttention, init_projection, resample_projection
@@ -275,12 +276,12 @@ class VisionTransformer(nn.Module):
         """Prepend prefix tokens and add position embeddings; x: (B, N, D) patch tokens on ``grid``."""
         if self.pos_embed is not None:
             pos = self.pos_embed
-            if self.dynamic_img_size and tuple(grid) != tuple(self.patch_embed.grid_size):
+            if self.dynamic_img_size and size_differs(grid, self.patch_embed.grid_size):
                 pos = resample_pos_embed(pos, grid, old_size=self.patch_embed.grid_size,
                                          num_prefix_tokens=self.pos_embed_prefix)
         elif self.cfg.pos_embed == "sincos":
             pos = self.pos_embed_fixed
-            if tuple(grid) != tuple(self.patch_embed.grid_size):
+            if size_differs(grid, self.patch_embed.grid_size):
                 pos = sincos_2d_pos_embed(self.num_features, grid).to(x.device, x.dtype)
         else:
             pos = None

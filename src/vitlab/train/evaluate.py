@@ -24,6 +24,7 @@ class EvalResult:
     per_class: list[float]
     confusion: Tensor  # (K, K) int64: row = true class, column = predicted class
     class_names: list[str] = field(default_factory=list)
+    predictions: Tensor | None = None  # (N,) top-1 class of every sample, in data set order
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.num_samples, "loss": round(self.loss, 6), "top1": round(self.top1, 6),
@@ -59,6 +60,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
                         collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(0))
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum, n, top5_hits = 0.0, 0, 0
+    preds: list[Tensor] = []
     bar = None
     if progress and sys.stderr.isatty():  # a redrawn bar is noise in a log file
         from tqdm.auto import tqdm
@@ -80,6 +82,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
             topk = logits.topk(k, dim=-1).indices  # (B, k)
             top5_hits += (topk == y[:, None]).any(dim=-1).sum().item()
             pred = topk[:, 0]
+            preds.append(pred.cpu())
             confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes ** 2).view(
                 num_classes, num_classes)  # (K, K)
             n += y.numel()
@@ -95,4 +98,5 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
     support = confusion.sum(dim=1)
     per_class = [c / s if s > 0 else float("nan") for c, s in zip(correct.tolist(), support.tolist())]
     return EvalResult(num_samples=n, loss=loss_sum / n, top1=correct.sum().item() / n, top5=top5_hits / n,
-                      per_class=per_class, confusion=confusion, class_names=list(class_names or []))
+                      per_class=per_class, confusion=confusion, class_names=list(class_names or []),
+                      predictions=torch.cat(preds))

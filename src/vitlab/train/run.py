@@ -59,6 +59,7 @@ class TrainJob:
     threads: int | None = None  # --threads: intra-op CPU threads (None: the recipe's, else the cores given)
     time_budget_s: float | None = None  # --time-budget: size the schedule to end on time (fresh runs)
     started: float = field(default_factory=time.monotonic)  # when the command began, for the budget
+    compile: bool = False  # torch.compile the training forward (compile time reported apart)
     extra_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -200,11 +201,14 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         recipe = _fit_to_budget(job, ctx, recipe, model, train_set, val_set, test_set)
     result = fit(model, recipe, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
                  resume=job.resume, class_names=train_set.classes, criterion=criterion,
-                 until_step=job.until_step, progress=job.progress)
+                 until_step=job.until_step, progress=job.progress, compile=job.compile)
     summary: dict[str, Any] = {"model": model.model_name, "recipe": recipe.name, "data": job.data,
                                "steps": result.step, "global_batch": result.global_batch,
                                "train_seconds": round(result.seconds, 1), "val": result.val,
                                "checkpoint": str(result.model_path)}
+    if job.compile:
+        summary["compile_seconds"] = None if result.compile_seconds is None else round(result.compile_seconds, 1)
+        summary["compile_failed"] = result.compile_failed
     if ctx.is_main and test_set is not None and result.step >= result.total_steps:
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(False)

@@ -71,6 +71,8 @@ class FitResult:
     lr: float
     seconds: float
     val: dict[str, Any] | None = None
+    compile_seconds: float | None = None  # torch.compile's first call (the compile), part of ``seconds``
+    compile_failed: str | None = None  # why torch.compile fell back to eager
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -195,6 +197,7 @@ def fit(
     objective: Objective | None = None,
     until_step: int | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> FitResult:
     """Train ``model`` (built with ``vitlab.create_model``) on ``train_set`` following ``recipe``.
 
@@ -209,6 +212,8 @@ def fit(
             Self-supervised objectives ignore labels; ``val_set`` is then not evaluated.
         until_step: stop (with a checkpoint) after this many optimiser steps in all, as if killed there;
             the schedule still spans the whole run.
+        compile: run the forward through ``torch.compile`` (falls back to eager, logged, when it fails);
+            the compile time is reported apart in the result.
     """
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     out = Path(output_dir)
@@ -347,6 +352,11 @@ def fit(
     model.train()
     objective.train()
     params = list(net.parameters()) + objective.parameters()
+    forward = model  # the step module (or its DDP wrapper): objective and model in one call
+    if compile:
+        from vitlab.export.runtimes import compile_model
+
+        forward = compile_model(model)
     try:
         start_epoch = step // steps_per_epoch
         for epoch in range(start_epoch, epochs):
@@ -371,7 +381,7 @@ def fit(
                     no_sync = model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()
                     with no_sync:
                         with autocast_context(device, recipe.amp):
-                            loss, metrics = model(batch)
+                            loss, metrics = forward(batch)
                         scaler.scale(loss / accum).backward()
                     loss_sum += loss.detach().float()
                     for k, v in metrics.items():
@@ -428,7 +438,9 @@ def fit(
         writers.close()
     seconds = time.perf_counter() - t_start
     return FitResult(output_dir=out, step=step, epoch=step // steps_per_epoch, total_steps=total_steps,
-                     global_batch=global_batch, lr=lr, seconds=seconds, val=val, history=history)
+                     global_batch=global_batch, lr=lr, seconds=seconds, val=val, history=history,
+                     compile_seconds=getattr(forward, "compile_s", None),
+                     compile_failed=getattr(forward, "failed", None))
 
 
 def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, scheduler, scaler, ema, recipe: Recipe,

@@ -1,0 +1,73 @@
+"""``vitlab export``: a checkpoint to a validated ONNX file (optionally int8), with a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from vitlab.export.onnx import DEFAULT_MIN_AGREEMENT, DEFAULT_NUM_IMAGES, DEFAULT_TOLERANCE
+
+log = logging.getLogger("vitlab")
+
+EXAMPLE = """examples:
+  vitlab export --checkpoint runs/digits-vit/model.safetensors --output digits.onnx
+  vitlab export --checkpoint runs/mine/model.safetensors --output mine-int8.onnx --int8 --dynamic-batch
+  vitlab export --checkpoint runs/mine/model.safetensors --output any.onnx --dynamic-size --data ./images
+
+The file is written only after the same real images (--data, else bundled digits) went through PyTorch
+and ONNX Runtime with the checkpoint's own preprocessing and agreed (max |logit diff| <= --tolerance;
+for --int8, top-1 agreement >= --min-agreement). --force writes it anyway and says so."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (validated, optionally int8)",
+                       description="Export a vitlab checkpoint to ONNX with its preprocessing and class names in "
+                                   "the file's metadata, validated against PyTorch before it is written.",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="vitlab checkpoint (or a Hugging Face / timm folder)")
+    src.add_argument("--model", help="a registered model name with random weights (for trying the export)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="output format")
+    p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="any input size, checked at two other sizes (refused for families that cannot)")
+    p.add_argument("--img-size", type=int, help="export resolution (default: the checkpoint's)")
+    p.add_argument("--int8", action="store_true",
+                   help="ONNX Runtime dynamic int8 quantisation of the linear layers (convs, norms, softmax "
+                        "stay float)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--data", help="data source whose test images validate the export (default: bundled digits)")
+    p.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES, help="validation images")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="largest accepted |logit difference| between ONNX Runtime (float32) and PyTorch")
+    p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
+                   help="smallest accepted top-1 agreement of an --int8 file with float32 PyTorch")
+    p.add_argument("--force", action="store_true", help="write the file even when a check fails (reported)")
+    p.add_argument("--no-timing", action="store_true", help="skip the PyTorch vs ONNX Runtime speed comparison")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import vitlab
+    from vitlab.export import ExportUnavailableError, ExportValidationError, export_onnx
+
+    if args.num_images < 1:
+        raise ValueError("--num-images must be >= 1")
+    model = vitlab.load_model(args.checkpoint) if args.checkpoint else vitlab.create_model(args.model)
+    try:
+        report = export_onnx(
+            model, args.output, img_size=args.img_size, dynamic_batch=args.dynamic_batch,
+            dynamic_size=args.dynamic_size, opset=args.opset, validate_images=args.data, num_images=args.num_images,
+            tolerance=args.tolerance, int8=args.int8, min_agreement=args.min_agreement, force=args.force,
+            timing=not args.no_timing)
+    except ExportValidationError as e:
+        print(json.dumps(e.report.to_dict(), indent=2) if args.json else e.report.format())
+        raise
+    except ExportUnavailableError as e:
+        log.error("error: %s", e)
+        return 2
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0

@@ -1,0 +1,557 @@
+"""Validated ONNX export: :func:`export_onnx`.
+
+The graph is written to a temporary file beside the target, checked, and only then renamed into place:
+
+1. export with the exporter the installed torch recommends (``torch.onnx.export(dynamo=True)``, which
+   needs onnxscript); without onnxscript, or when the dynamo exporter fails, the TorchScript exporter
+   (logged);
+2. vitlab's metadata goes into the file's ``metadata_props``: model name, config, class names and the
+   preprocessing (input size, channel order, mean/std, crop, interpolation);
+3. the same real images (``validate_images``, by default digits from the bundled scikit-learn set rendered
+   at the model's input size) go through PyTorch and ONNX Runtime after the model's own preprocessing;
+   the maximum absolute logit difference and the top-1 agreement are measured, and the file is refused
+   (:class:`ExportValidationError`, nothing written) when the difference exceeds ``tolerance``, unless
+   ``force=True`` (then the report says so);
+4. a dynamic-size export is also checked at two other sizes, against PyTorch at those sizes; a graph that
+   runs there but gives other numbers is refused, never written;
+5. ``int8=True``: ONNX Runtime's dynamic quantisation of the linear layers (MatMul/Gemm nodes whose
+   weight is a constant), leaving convolutions, LayerNorm, softmax and the attention's activation-by-
+   activation products in float; its top-1 agreement with the float PyTorch model must reach
+   ``min_agreement``.
+
+Families: a model whose config has ``dynamic_img_size`` is rebuilt with it switched on for a dynamic-size
+export; shape-dependent branches use :func:`vitlab.layers.size_differs`, which the exporter sets to take
+the general side while tracing. A family that cannot export a size-independent graph declares it with a
+class attribute ``onnx_fixed_size_reason = "why"``; the exporter then refuses ``dynamic_size`` with that
+reason. A family whose inputs must be a multiple of something other than its patch size sets
+``input_size_multiple``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vitlab.export.runtime import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, OnnxModel, require
+from vitlab.models.base import Preprocessing
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = 1e-3  # max |logit difference| between ONNX Runtime and PyTorch in float32
+DEFAULT_MIN_AGREEMENT = 0.98  # top-1 agreement of an int8 file with the float32 PyTorch model
+DEFAULT_NUM_IMAGES = 64
+MAX_PROTO_BYTES = 2_000_000_000  # a single-file ONNX model is one protobuf message, limited to 2 GiB
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked (and why)."""
+
+
+class ExportValidationError(ExportError):
+    """The exported graph disagrees with PyTorch beyond the tolerance; nothing was written."""
+
+    def __init__(self, message: str, report: ExportReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(kw_only=True)
+class SizeCheck:
+    """PyTorch vs ONNX Runtime at one input size."""
+
+    size: tuple[int, int]
+    max_abs_diff: float
+    top1_agreement: float
+
+
+@dataclass(kw_only=True)
+class ExportReport:
+    """What :func:`export_onnx` did and measured (``format()`` for text, ``to_dict()`` for JSON)."""
+
+    path: str
+    model: str
+    exporter: str = ""
+    opset: int | None = None
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    dynamic_batch: bool = False
+    dynamic_size: bool = False
+    int8: bool = False
+    images: int = 0
+    image_source: str = ""
+    tolerance: float = DEFAULT_TOLERANCE
+    max_abs_diff: float = float("nan")
+    top1_agreement: float = float("nan")
+    other_sizes: list[SizeCheck] = field(default_factory=list)
+    int8_max_abs_diff: float | None = None
+    int8_top1_agreement: float | None = None
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    timing_batch: int = 0
+    torch_images_per_s: float | None = None
+    onnx_images_per_s: float | None = None
+    export_s: float = 0.0
+    file_bytes: int = 0
+    written: bool = False
+    forced: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        if self.torch_images_per_s and self.onnx_images_per_s:
+            return self.onnx_images_per_s / self.torch_images_per_s
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["speedup"] = self.speedup
+        return d
+
+    def format(self) -> str:
+        c, h, w = self.input_size
+        lines = [f"{self.model} -> {self.path}" + ("" if self.written else " (NOT written)"),
+                 f"  exporter {self.exporter}, opset {self.opset}, input (batch, {c}, {h}, {w}), batch "
+                 f"{'dynamic' if self.dynamic_batch else 'fixed 1'}, size {'dynamic' if self.dynamic_size else 'fixed'}"
+                 + (", int8 linear layers" if self.int8 else "")]
+        lines.append(f"  validation: {self.images} real images ({self.image_source}), model's own preprocessing")
+        lines.append(f"  float32 ONNX vs PyTorch: max |logit diff| {self.max_abs_diff:.2e} (tolerance "
+                     f"{self.tolerance:g}), top-1 agreement {100 * self.top1_agreement:.1f}%")
+        for s in self.other_sizes:
+            lines.append(f"  at {s.size[0]}x{s.size[1]}: max |logit diff| {s.max_abs_diff:.2e}, top-1 agreement "
+                         f"{100 * s.top1_agreement:.1f}%")
+        if self.int8_top1_agreement is not None:
+            lines.append(f"  int8 ONNX vs float32 PyTorch: top-1 agreement {100 * self.int8_top1_agreement:.1f}% "
+                         f"(required {100 * self.min_agreement:.0f}%), max |logit diff| {self.int8_max_abs_diff:.3g}")
+        if self.speedup is not None:
+            lines.append(f"  speed at batch {self.timing_batch}: PyTorch {self.torch_images_per_s:.1f} img/s, "
+                         f"ONNX Runtime{' int8' if self.int8 else ''} {self.onnx_images_per_s:.1f} img/s "
+                         f"({self.speedup:.2f}x)")
+        if self.file_bytes:
+            lines.append(f"  file {self.file_bytes / 1e6:.1f} MB, export took {self.export_s:.1f} s")
+        for p in self.problems:
+            lines.append(f"  {'FORCED past: ' if self.forced else 'problem: '}{p}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- images
+def bundled_images(n: int = DEFAULT_NUM_IMAGES) -> Tensor:
+    """``n`` real images that ship with vitlab: digits of scikit-learn's bundled set (uint8 (n, 1, 8, 8)),
+    evenly spread over the set; the model's preprocessing resizes them to its input size."""
+    from vitlab.data.sources import read_digits
+
+    images, _, _ = read_digits()
+    idx = torch.linspace(0, len(images) - 1, steps=min(n, len(images))).long()
+    return images[idx].clone()
+
+
+def images_from_source(source: str | os.PathLike, n: int = DEFAULT_NUM_IMAGES) -> Tensor:
+    """``n`` raw images (uint8 (n, C, H, W), one size) from a data source (``vitlab.data.build_dataset``'s
+    forms: a folder, ``mnist:DIR``, ``digits``...), test split, evenly spread."""
+    from vitlab.data import build_dataset
+
+    ds = build_dataset(source, split="test", transform=None)
+    idx = torch.linspace(0, len(ds) - 1, steps=min(n, len(ds))).long().tolist()
+    imgs = [ds[i][0] for i in idx]
+    sizes = {tuple(t.shape) for t in imgs}
+    if len(sizes) > 1:  # a folder of assorted sizes: the preprocessing handles each; keep them as a list
+        return imgs  # type: ignore[return-value]
+    return torch.stack(imgs)
+
+
+def preprocess(images: Tensor | list[Tensor], pre: Preprocessing) -> Tensor:
+    """Raw uint8 images -> the model's input batch (B, C, H, W), with ``pre``'s eval pipeline."""
+    from vitlab.data import eval_transform
+
+    t = eval_transform(pre)
+    return torch.stack([t(img) for img in images])
+
+
+def _resolve_images(validate_images: Any, n: int) -> tuple[Any, str]:
+    if validate_images is None:
+        return bundled_images(n), "bundled scikit-learn digits"
+    if isinstance(validate_images, (str, os.PathLike)):
+        return images_from_source(validate_images, n), str(validate_images)
+    if isinstance(validate_images, Tensor):
+        if validate_images.ndim != 4 or validate_images.dtype != torch.uint8:
+            raise ValueError(f"validate_images: expected uint8 images (N, C, H, W), got {validate_images.dtype} "
+                             f"{tuple(validate_images.shape)}")
+        return validate_images, f"{len(validate_images)} given images"
+    return list(validate_images), f"{len(validate_images)} given images"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def compare(ref: Tensor, out: Tensor) -> tuple[float, float]:
+    """(max |difference|, top-1 agreement) of two logit batches (B, K)."""
+    ref, out = ref.float(), out.float()
+    if ref.shape != out.shape:
+        raise ExportError(f"output shapes differ: PyTorch {tuple(ref.shape)}, ONNX {tuple(out.shape)}")
+    diff = (ref - out).abs().max().item() if ref.numel() else 0.0
+    agree = (ref.argmax(-1) == out.argmax(-1)).float().mean().item() if ref.numel() else 1.0
+    return diff, agree
+
+
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    from vitlab.train.evaluate import logits_of
+
+    with torch.no_grad():
+        return logits_of(model(x)).float()
+
+
+def size_multiple(model: nn.Module) -> tuple[int, int]:
+    """The step between valid input sizes: ``model.input_size_multiple``, else its patch (or hybrid stem's
+    reduction), else 32 (a ResNet's stride)."""
+    from vitlab.layers import to_2tuple
+
+    m = getattr(model, "input_size_multiple", None)
+    if m is not None:
+        return to_2tuple(m)
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "patch_size", None) is not None:
+        return to_2tuple(pe.patch_size)
+    red = getattr(getattr(model, "cfg", None), "reduction", None)
+    return to_2tuple(red) if isinstance(red, int) else (32, 32)
+
+
+def other_sizes(model: nn.Module, h: int, w: int) -> list[tuple[int, int]]:
+    """Two sizes besides (h, w) a dynamic-size export is checked at: one step larger (square), and a
+    non-square one two steps taller."""
+    sh, sw = size_multiple(model)
+    return [(h + sh, w + sw), (h + 2 * sh, w)]
+
+
+def rebuild(model: nn.Module, **changes: Any) -> nn.Module:
+    """A copy of ``model`` built from its config with ``changes``, carrying its weights (position tables
+    resampled where the size changed)."""
+    from vitlab.checkpoints import adapt_state_dict, load_strict
+
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg):
+        raise ExportError(f"{type(model).__name__} has no config (model.cfg) to rebuild it with {changes}")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise ExportError(f"{type(model).__name__}'s config has no field(s) {unknown}")
+    new = type(model)(dataclasses.replace(cfg, **changes))
+    sd = adapt_state_dict(dict(model.state_dict()), new, source="the model being exported")
+    load_strict(new, sd, source="the model being exported")
+    for attr in ("model_name", "class_names"):
+        if hasattr(model, attr):
+            setattr(new, attr, getattr(model, attr))
+    return new.eval()
+
+
+def metadata(model: nn.Module, pre: Preprocessing, *, class_names: list[str] | None, dynamic_batch: bool,
+             dynamic_size: bool, int8: bool) -> dict[str, str]:
+    """The ``metadata_props`` entries: the full JSON record under "vitlab", plus flat copies that a
+    deployment can read without knowing vitlab."""
+    from vitlab import __version__
+    from vitlab.checkpoints.vitlab_format import config_to_dict
+
+    names = list(class_names) if class_names is not None else getattr(model, "class_names", None)
+    c, h, w = pre.input_size
+    channel_order = {1: "L", 3: "RGB"}.get(c, f"{c} channels")
+    record = {
+        "format": "vitlab", "version": 1, "vitlab_version": __version__,
+        "model": getattr(model, "model_name", type(model).__name__),
+        "config": config_to_dict(model.cfg) if dataclasses.is_dataclass(getattr(model, "cfg", None)) else None,
+        "class_names": names,
+        "preprocessing": pre.to_dict(),
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channel_order": channel_order,
+                  "pixel_scale": "values in [0, 1] (uint8 / 255), then (x - mean) / std",
+                  "dynamic_batch": dynamic_batch, "dynamic_size": dynamic_size},
+        "output": {"name": OUTPUT_NAME, "meaning": "logits; softmax gives class probabilities"},
+        "int8": int8,
+    }
+    flat = {
+        METADATA_KEY: json.dumps(record),
+        "model_name": record["model"],
+        "class_names": json.dumps(names),
+        "input_size": json.dumps([c, h, w]),
+        "channel_order": channel_order,
+        "layout": "NCHW",
+        "mean": json.dumps(list(pre.mean)),
+        "std": json.dumps(list(pre.std)),
+        "crop_pct": str(pre.crop_pct),
+        "interpolation": pre.interpolation,
+        "pixel_scale": "1/255",
+    }
+    return flat
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporters warn at length about things that do not concern the user (torchvision ops, pytree
+    deprecations); keep the CLI's output readable. Errors still propagate."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir", "onnxruntime")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    root = logging.getLogger()
+    # onnxruntime.quantization advises through the root logger itself (logging.warning); a filter on the root
+    # logger drops only records made there, not vitlab's own, which reach the root's handlers by propagation
+    drop_root_records = _DropBelow(logging.ERROR)
+    root.addFilter(drop_root_records)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.removeFilter(drop_root_records)
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+class _DropBelow(logging.Filter):
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+def _has_onnxscript() -> bool:
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_graph(model: nn.Module, x: Tensor, path: str, *, dynamic_batch: bool, dynamic_size: bool,
+                 opset: int | None) -> str:
+    """Write the bare graph of ``model`` traced on ``x``; returns which exporter wrote it."""
+    from vitlab.layers import tracing_any_size
+
+    any_size = tracing_any_size() if dynamic_size else contextlib.nullcontext()
+    axes = {**({0: "batch"} if dynamic_batch else {}), **({2: "height", 3: "width"} if dynamic_size else {})}
+    dynamo_error: Exception | None = None
+    if _has_onnxscript():
+        try:
+            with _quiet_exporter(), any_size, torch.no_grad():
+                torch.onnx.export(model, (x,), path, dynamo=True, input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], opset_version=opset, external_data=False,
+                                  dynamic_shapes=(axes,) if axes else None, verbose=False,
+                                  optimize=True)
+            return "torch.onnx dynamo"
+        except Exception as e:  # the dynamo exporter's failures come from many layers; report and fall back
+            dynamo_error = e
+            log.warning("the dynamo ONNX exporter failed (%s: %s); trying the TorchScript exporter",
+                        type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+    else:
+        log.warning("onnxscript is not installed: using the TorchScript ONNX exporter (pip install 'vitlab[export]' "
+                    "for the exporter torch recommends)")
+    dyn_axes = {INPUT_NAME: axes, OUTPUT_NAME: ({0: "batch"} if dynamic_batch else {})} if axes else None
+    try:
+        with _quiet_exporter(), any_size, torch.no_grad():
+            torch.onnx.export(model, (x,), path, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              opset_version=opset or 17, dynamic_axes=dyn_axes, do_constant_folding=True)
+    except Exception as e:
+        extra = f"; the dynamo exporter failed first with {type(dynamo_error).__name__}: {dynamo_error}" \
+            if dynamo_error else ""
+        raise ExportError(f"ONNX export of {getattr(model, 'model_name', type(model).__name__)} failed: "
+                          f"{type(e).__name__}: {e}{extra}") from e
+    return "torch.onnx TorchScript"
+
+
+def linear_nodes(path: str) -> list[str]:
+    """Names of the MatMul/Gemm nodes whose second operand is a constant weight: the linear layers
+    (the attention's query-key and weight-value products multiply two activations and are left out)."""
+    import onnx
+
+    proto = onnx.load(path)
+    consts = {t.name for t in proto.graph.initializer}
+    consts |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in proto.graph.node
+            if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in consts]
+
+
+def quantize_int8(src: str, dst: str) -> int:
+    """ONNX Runtime dynamic int8 quantisation of ``src``'s linear layers into ``dst``; returns how many
+    layers were quantised. Weights int8 per output channel, activations quantised per call (uint8)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    nodes = linear_nodes(src)
+    if not nodes:
+        raise ExportError(f"{src}: found no linear layer (MatMul/Gemm with a constant weight) to quantise")
+    prepared = dst + ".prep.onnx"
+    try:
+        with _quiet_exporter():
+            quant_pre_process(src, prepared, skip_optimization=True)  # shape inference, as ORT recommends
+            nodes = [n for n in linear_nodes(prepared) if n in set(nodes)] or nodes
+            quantize_dynamic(prepared, dst, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
+                             per_channel=True, weight_type=QuantType.QInt8)
+    finally:
+        if os.path.exists(prepared):
+            os.remove(prepared)
+    return len(nodes)
+
+
+def _set_metadata(path: str, props: dict[str, str]) -> int | None:
+    """Write ``props`` into the file's metadata_props; returns the file's default-domain opset."""
+    import onnx
+
+    proto = onnx.load(path)
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, path)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _time_pair(model: nn.Module, onnx_model: nn.Module, x: Tensor) -> tuple[float, float]:
+    """Images/s of PyTorch and ONNX Runtime on ``x``, timed in interleaved rounds."""
+    from vitlab.benchmark import run_interleaved
+
+    def torch_step() -> None:
+        with torch.no_grad():
+            model(x)
+
+    stats = run_interleaved({"torch": torch_step, "onnx": lambda: onnx_model(x)}, warmup=1, repeats=3,
+                            min_repeat_s=0.2)
+    return len(x) / stats["torch"].median, len(x) / stats["onnx"].median
+
+
+# ------------------------------------------------------------------------------------------- export
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    img_size: int | tuple[int, int] | None = None,
+    dynamic_batch: bool = False,
+    dynamic_size: bool = False,
+    opset: int | None = None,
+    validate_images: Tensor | str | os.PathLike | None = None,
+    num_images: int = DEFAULT_NUM_IMAGES,
+    tolerance: float = DEFAULT_TOLERANCE,
+    int8: bool = False,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    force: bool = False,
+    class_names: list[str] | None = None,
+    timing: bool = True,
+) -> ExportReport:
+    """Export ``model`` to ONNX at ``path``, validated against PyTorch before the file is written.
+
+    Args:
+        img_size: export resolution (default: the model's); the position table is resampled to it.
+        dynamic_batch: a symbolic batch axis (else the batch is fixed to 1).
+        dynamic_size: symbolic height and width, checked at two other sizes; refused for families that
+            declare ``onnx_fixed_size_reason`` or whose graph is not correct at other sizes.
+        opset: ONNX opset (default: the exporter's).
+        validate_images: real images: uint8 (N, C, H, W), a data source (folder, ``mnist:DIR``...), or
+            None for digits of the bundled scikit-learn set; ``num_images`` of them are used.
+        tolerance: largest acceptable |logit difference| between ONNX Runtime (float32) and PyTorch.
+        int8: quantise the linear layers (ONNX Runtime dynamic quantisation) and write that file; its
+            top-1 agreement with float32 PyTorch must reach ``min_agreement``.
+        force: write the file even when a check fails (the report lists what failed).
+        class_names: stored in the metadata (default: ``model.class_names``).
+    Returns:
+        The :class:`ExportReport`; raises :class:`ExportValidationError` (nothing written) when a check
+        fails and ``force`` is False.
+    """
+    require("onnx", "onnxruntime")
+    if tolerance <= 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    path = Path(path)
+    name = getattr(model, "model_name", type(model).__name__)
+    model = model.eval()
+    if img_size is not None:
+        from vitlab.layers import to_2tuple
+
+        if tuple(to_2tuple(img_size)) != tuple(model.preprocessing.input_size[1:]):
+            model = rebuild(model, img_size=img_size)
+    if dynamic_size:
+        reason = getattr(model, "onnx_fixed_size_reason", None)
+        if reason:
+            raise ExportError(f"{name}: --dynamic-size is not supported for {type(model).__name__}: {reason}")
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None and "dynamic_img_size" in {f.name for f in dataclasses.fields(cfg)} \
+                and not cfg.dynamic_img_size:
+            model = rebuild(model, dynamic_img_size=True)
+    nparams = sum(p.numel() * p.element_size() for p in model.parameters())
+    if nparams > MAX_PROTO_BYTES:
+        raise ExportError(f"{name}: {nparams / 1e9:.1f} GB of weights exceed the 2 GB limit of a single-file ONNX "
+                          f"model; vitlab does not write external-data exports yet")
+    pre = model.preprocessing
+    c, h, w = pre.input_size
+    raw, source = _resolve_images(validate_images, num_images)
+    x = preprocess(raw, pre)  # (N, C, H, W)
+    report = ExportReport(path=str(path), model=name, input_size=(c, h, w), dynamic_batch=dynamic_batch,
+                          dynamic_size=dynamic_size, int8=int8, images=len(x), image_source=source,
+                          tolerance=tolerance, min_agreement=min_agreement, forced=force)
+    ref = _logits(model, x)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        float_path = os.path.join(tmpdir, "float.onnx")
+        t0 = time.perf_counter()
+        trace_x = x[:2] if dynamic_batch and len(x) >= 2 else x[:1]  # batch 2: never specialised like 1
+        report.exporter = export_graph(model, trace_x, float_path, dynamic_batch=dynamic_batch,
+                                       dynamic_size=dynamic_size, opset=opset)
+        props = metadata(model, pre, class_names=class_names, dynamic_batch=dynamic_batch,
+                         dynamic_size=dynamic_size, int8=False)
+        report.opset = _set_metadata(float_path, props)
+        report.export_s = time.perf_counter() - t0
+
+        onnx_float = OnnxModel(float_path)
+        report.max_abs_diff, report.top1_agreement = compare(ref, onnx_float(x))
+        if not report.max_abs_diff <= tolerance:  # also catches NaN
+            report.problems.append(f"float32 ONNX differs from PyTorch by {report.max_abs_diff:.3g} "
+                                   f"(> tolerance {tolerance:g})")
+        if dynamic_size:
+            for hw in other_sizes(model, h, w):
+                xs = preprocess(raw, dataclasses.replace(pre, input_size=(c, *hw)))
+                try:
+                    d, a = compare(_logits(model, xs), onnx_float(xs))
+                except Exception as e:  # a graph with the size baked in fails at run time
+                    report.problems.append(f"at {hw[0]}x{hw[1]} the graph fails: {str(e).splitlines()[0][:300]}")
+                    continue
+                report.other_sizes.append(SizeCheck(size=hw, max_abs_diff=d, top1_agreement=a))
+                if not d <= tolerance:
+                    report.problems.append(f"at {hw[0]}x{hw[1]} ONNX differs from PyTorch by {d:.3g} "
+                                           f"(> tolerance {tolerance:g}): the size is baked into the graph")
+        final_path, final_model = float_path, onnx_float
+        if int8:
+            int8_path = os.path.join(tmpdir, "int8.onnx")
+            n = quantize_int8(float_path, int8_path)
+            _set_metadata(int8_path, metadata(model, pre, class_names=class_names, dynamic_batch=dynamic_batch,
+                                              dynamic_size=dynamic_size, int8=True))
+            log.info("%s: quantised %d linear layers to int8", name, n)
+            onnx_int8 = OnnxModel(int8_path)
+            report.int8_max_abs_diff, report.int8_top1_agreement = compare(ref, onnx_int8(x))
+            if not report.int8_top1_agreement >= min_agreement:
+                report.problems.append(f"int8 top-1 agreement with float32 PyTorch {100 * report.int8_top1_agreement:.1f}%"
+                                       f" < required {100 * min_agreement:.0f}%")
+            final_path, final_model = int8_path, onnx_int8
+        if timing:
+            tx = x if dynamic_batch else x[:1]
+            report.timing_batch = len(tx)
+            report.torch_images_per_s, report.onnx_images_per_s = _time_pair(model, final_model, tx)
+        if report.problems and not force:
+            raise ExportValidationError(f"{name}: refusing to write {path}: " + "; ".join(report.problems)
+                                        + " (pass force=True / --force to write it anyway)", report)
+        if report.problems:
+            log.warning("%s: writing %s despite failed checks (forced): %s", name, path, "; ".join(report.problems))
+        os.chmod(final_path, 0o644)
+        os.replace(final_path, path)
+        report.written = True
+        report.file_bytes = path.stat().st_size
+        return report
+    finally:
+        for f in Path(tmpdir).iterdir():
+            f.unlink()
+        os.rmdir(tmpdir)

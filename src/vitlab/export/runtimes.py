@@ -1,0 +1,200 @@
+"""Inference runtimes behind one interface: :func:`build_runtime` and :func:`load_for_inference`.
+
+=================  ======================================================================================
+``torch``          the PyTorch model in float32
+``torch-bf16``     CPU autocast to bfloat16 (fast on CPUs with AVX-512 BF16 / AMX), logits back in float32
+``torch-compile``  ``torch.compile``; the first call's time is reported as compile time, and a failure to
+                   compile falls back to eager with a logged warning
+``torch-int8``     ``torch.ao`` dynamic int8 quantisation of the ``nn.Linear`` layers (convs stay float)
+``onnx``           ONNX Runtime on an exported file (exported and validated on the fly from a checkpoint)
+``onnx-int8``      ONNX Runtime on an int8 export (linear layers quantised, see :func:`quantize_int8`)
+=================  ======================================================================================
+
+Every runtime is an ``nn.Module`` mapping images (B, C, H, W) to float32 logits (B, K), with the
+``preprocessing``, ``class_names`` and ``num_classes`` of the model it runs, so predict/eval/benchmark
+treat them alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vitlab.export.runtime import OnnxModel, is_onnx_file
+
+log = logging.getLogger(__name__)
+
+RUNTIMES: tuple[str, ...] = ("torch", "torch-bf16", "torch-compile", "torch-int8", "onnx", "onnx-int8")
+
+
+def parse_runtimes(spec: str) -> list[str]:
+    """``"torch,onnx-int8"`` -> ["torch", "onnx-int8"], each checked against :data:`RUNTIMES`."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in RUNTIMES]
+    if bad or not names:
+        raise ValueError(f"--runtime: unknown runtime(s) {bad or spec!r}; choose from {', '.join(RUNTIMES)}")
+    return names
+
+
+class Runtime(nn.Module):
+    """A model run one way; ``setup_s`` is the time spent preparing it (export, quantisation; for
+    ``torch-compile`` the compile, measured on the first call)."""
+
+    def __init__(self, name: str, inner: nn.Module, *, reference: nn.Module | None = None,
+                 setup_s: float = 0.0) -> None:
+        super().__init__()
+        self.name = name
+        self.inner = inner
+        described = reference if reference is not None else inner
+        self.preprocessing = described.preprocessing
+        self.num_classes = described.num_classes
+        self.class_names = list(getattr(described, "class_names", None) or
+                                [str(i) for i in range(self.num_classes)])
+        self.model_name = getattr(described, "model_name", type(described).__name__)
+        self.setup_s = setup_s
+
+    def forward(self, x: Tensor) -> Tensor:
+        from vitlab.train.evaluate import logits_of
+
+        with torch.no_grad():
+            return logits_of(self.inner(x)).float()
+
+
+class Bf16Autocast(nn.Module):
+    """Runs ``model`` under CPU (or CUDA) bfloat16 autocast."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        from vitlab.train.evaluate import logits_of
+
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            return logits_of(self.model(x)).float()
+
+
+class Compiled(nn.Module):
+    """``torch.compile(model)``, compiled on the first call; falls back to eager (logged) when compiling or
+    running the compiled graph fails. ``compile_s`` holds the first call's time (the compile)."""
+
+    def __init__(self, model: nn.Module, **compile_kwargs: Any) -> None:
+        super().__init__()
+        self.model = model
+        # not a child module: its parameters are ``model``'s, and state_dict() must not list them twice
+        object.__setattr__(self, "compiled", torch.compile(model, **compile_kwargs))
+        self.compile_s: float | None = None
+        self.failed: str | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.failed is not None:
+            return self.model(x)
+        t0 = time.perf_counter()
+        try:
+            out = self.compiled(x)
+        except Exception as e:  # inductor needs a C++ compiler; any failure means: run eager
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            log.warning("torch.compile failed (%s); running eager instead", self.failed)
+            return self.model(x)
+        if self.compile_s is None:
+            self.compile_s = time.perf_counter() - t0
+            log.info("torch.compile: first call (compile) took %.1f s", self.compile_s)
+        return out
+
+
+def compile_model(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """``torch.compile`` with the fallback of :class:`Compiled` (for training: the module's parameters are
+    the original's, so optimisers and checkpoints see the same tensors)."""
+    try:
+        return Compiled(model, **kwargs)
+    except Exception as e:
+        log.warning("torch.compile is not available (%s); running eager", e)
+        return model
+
+
+def quantize_torch_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its ``nn.Linear`` layers dynamically quantised to int8 (``torch.ao``).
+
+    Convolutions (the patch embedding, a hybrid's ResNet stem) stay float: dynamic quantisation of Conv2d
+    is known to destroy accuracy (pytorch#70480)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its deprecation in favour of torchao
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def _onnx_from_model(model: nn.Module, *, int8: bool, dynamic_batch: bool = True, **export_kwargs: Any) -> OnnxModel:
+    """Export ``model`` into a temporary file (validated as always) and load it; the file is removed once
+    ONNX Runtime has read it."""
+    from vitlab.export.onnx import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="vitlab-onnx-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        export_onnx(model, path, dynamic_batch=dynamic_batch, int8=int8, timing=False, **export_kwargs)
+        return OnnxModel(path)
+
+
+def build_runtime(name: str, model: nn.Module | None = None, *, onnx_path: str | os.PathLike | None = None,
+                  **export_kwargs: Any) -> Runtime:
+    """The runtime ``name`` for a PyTorch ``model`` or an exported ``onnx_path``.
+
+    ``export_kwargs`` go to :func:`~vitlab.export.export_onnx` when an ONNX runtime is made from a model.
+    """
+    if name not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {name!r}")
+    if onnx_path is not None:
+        if name not in ("onnx", "onnx-int8"):
+            raise ValueError(f"{onnx_path} is an ONNX file: it runs with --runtime onnx, not {name}")
+        m = OnnxModel(onnx_path)
+        return Runtime(name, m)
+    if model is None:
+        raise ValueError("build_runtime: give a model or an ONNX file")
+    model = model.eval()
+    t0 = time.perf_counter()
+    if name == "torch":
+        inner: nn.Module = model
+    elif name == "torch-bf16":
+        inner = Bf16Autocast(model)
+    elif name == "torch-compile":
+        inner = compile_model(model)
+    elif name == "torch-int8":
+        inner = quantize_torch_int8(model)
+    else:
+        inner = _onnx_from_model(model, int8=name == "onnx-int8", **export_kwargs)
+    return Runtime(name, inner, reference=model, setup_s=time.perf_counter() - t0)
+
+
+def setup_seconds(rt: Runtime) -> float:
+    """Preparation time of a runtime, including a compile that happened on its first call."""
+    compile_s = getattr(rt.inner, "compile_s", None)
+    return rt.setup_s + (compile_s or 0.0)
+
+
+def load_for_inference(path: str | os.PathLike, runtime: str = "auto") -> tuple[Runtime, nn.Module | None]:
+    """(runtime, float32 PyTorch model or None) for a checkpoint or an ONNX file.
+
+    ``runtime="auto"``: ONNX Runtime for an ``.onnx`` file, PyTorch float32 otherwise. The PyTorch model
+    is returned too (None for an ONNX file) so that callers can report agreement with float32.
+    """
+    if is_onnx_file(path):
+        if runtime not in ("auto", "onnx", "onnx-int8"):
+            raise ValueError(f"{path} is an ONNX file: use --runtime onnx (or leave --runtime out), not {runtime}")
+        return build_runtime("onnx", onnx_path=path), None
+    import vitlab
+
+    model = vitlab.load_model(path).eval()
+    return build_runtime("torch" if runtime == "auto" else runtime, model), model
+
+
+def agreement(a: Tensor, b: Tensor) -> float:
+    """Top-1 agreement of two logit batches."""
+    return (a.argmax(-1) == b.argmax(-1)).float().mean().item() if len(a) else 1.0

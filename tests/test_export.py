@@ -1,0 +1,305 @@
+"""ONNX export, int8 and the inference runtimes (needs the optional extra vitlab[export])."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnx", reason="ONNX export tests need the optional extra: pip install 'vitlab[export]'")
+pytest.importorskip("onnxruntime", reason="ONNX export tests need the optional extra: pip install 'vitlab[export]'")
+pytest.importorskip("onnxscript", reason="ONNX export tests need the optional extra: pip install 'vitlab[export]'")
+
+import vitlab
+from vitlab.cli.main import main
+from vitlab.export import (
+    ExportError,
+    ExportValidationError,
+    InputSizeError,
+    OnnxModel,
+    bundled_images,
+    export_onnx,
+    preprocess,
+    read_metadata,
+)
+from vitlab.export.runtimes import build_runtime
+from vitlab.models import get_entry
+
+from model_helpers import make_tiny, perturb_
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _kind(name: str) -> str:
+    """A family, with ViT's hybrids (ResNet stem) apart: they export a different graph."""
+    entry = get_entry(name)
+    return entry.family + ("-hybrid" if getattr(entry.config, "hybrid_layers", None) else "")
+
+
+def _tiny_size(name: str) -> int:
+    with torch.device("meta"):  # free: no memory, no init cost
+        return sum(p.numel() for p in make_tiny(name).parameters())
+
+
+def _registry_params() -> list:
+    """Every registered name; the smallest tiny model of each family (and hybrid kind) in the default run,
+    the others marked slow (``make test-slow`` runs the whole registry)."""
+    names = sorted(vitlab.list_models())
+    first: dict[str, str] = {}
+    for name in sorted(names, key=lambda n: (_tiny_size(n), n)):
+        first.setdefault(_kind(name), name)
+    chosen = set(first.values())
+    return [pytest.param(n, marks=[] if n in chosen else [pytest.mark.slow], id=n) for n in names]
+
+
+def _tiny(name: str) -> torch.nn.Module:
+    return perturb_(make_tiny(name), std=0.05).eval()
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    """A tiny ViT trained for a few seconds on the bundled digits (about 90% test accuracy): a model whose
+    predictions mean something, for agreement checks."""
+    from vitlab.data import build_dataset, eval_transform
+
+    torch.manual_seed(0)
+    model = vitlab.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32,
+                                depth=2, num_heads=2, num_classes=10, crop_pct=1.0, mean=(0.5,), std=(0.5,))
+    ds = build_dataset("digits", split="train", transform=eval_transform(model.preprocessing))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(100):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("digits") / "model.safetensors"
+    vitlab.save_model(model.eval(), path, class_names=[f"digit {i}" for i in range(10)])
+    return path
+
+
+# ------------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("name", _registry_params())
+def test_export_round_trip(name, tmp_path):
+    """Every registered model exports; ONNX Runtime gives PyTorch's logits on real images; metadata reads back."""
+    model = _tiny(name)
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, path, dynamic_batch=True, num_images=8, timing=False)
+    assert report.written and path.exists()
+    assert report.max_abs_diff < 1e-4 and report.top1_agreement == 1.0
+    onnx_model = OnnxModel(path)
+    x = preprocess(bundled_images(3), model.preprocessing)
+    with torch.no_grad():
+        ref = model(x)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    torch.testing.assert_close(onnx_model(x), ref, atol=1e-4, rtol=1e-4)
+    meta = read_metadata(path)
+    assert meta["model"] == name
+    assert vitlab.Preprocessing.from_dict(meta["preprocessing"]) == model.preprocessing
+    assert onnx_model.preprocessing == model.preprocessing
+    assert onnx_model.num_classes == model.num_classes
+
+
+def test_metadata_flat_keys(tmp_path, digits_checkpoint):
+    """A deployment without vitlab reads mean/std, input size, channel order and class names from the file."""
+    import onnx
+
+    model = vitlab.load_model(digits_checkpoint)
+    export_onnx(model, tmp_path / "d.onnx", timing=False, num_images=8)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "d.onnx")).metadata_props}
+    assert json.loads(props["input_size"]) == [1, 16, 16]
+    assert props["channel_order"] == "L" and props["layout"] == "NCHW"
+    assert json.loads(props["mean"]) == [0.5] and json.loads(props["std"]) == [0.5]
+    assert json.loads(props["class_names"]) == [f"digit {i}" for i in range(10)]
+    assert props["model_name"] == "vit_tiny_patch16_224"
+
+
+# --------------------------------------------------------------------------------------- input size
+def test_fixed_size_refuses_other_sizes(tmp_path):
+    model = _tiny("vit_tiny_patch16_224")
+    export_onnx(model, tmp_path / "f.onnx", num_images=4, timing=False)
+    m = OnnxModel(tmp_path / "f.onnx")
+    assert m.input_hw == (32, 32) and m.fixed_batch == 1
+    assert m(torch.randn(3, 3, 32, 32)).shape == (3, 5)  # fixed batch 1: run image by image
+    with pytest.raises(InputSizeError, match=r"exported for 32x32 images and got 48x48.*--dynamic-size"):
+        m(torch.randn(1, 3, 48, 48))
+    # ONNX Runtime's own refusal (bypassing the adapter's check) is wrapped too
+    with pytest.raises(InputSizeError, match="ONNX Runtime rejected"):
+        m.run_numpy(torch.randn(1, 3, 48, 48).numpy())
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "resnet18", *[
+    pytest.param(n, marks=pytest.mark.slow) for n in ("deit_tiny_distilled_patch16_224", "cait_xxs24_224",
+                                                     "vit_base_r50_s16_224")]])
+def test_dynamic_size_correct_at_other_sizes(name, tmp_path):
+    model = _tiny(name)
+    report = export_onnx(model, tmp_path / "d.onnx", dynamic_batch=True, dynamic_size=True, num_images=4,
+                         timing=False)
+    assert len(report.other_sizes) == 2 and all(s.max_abs_diff < 1e-4 for s in report.other_sizes)
+    m = OnnxModel(tmp_path / "d.onnx")
+    assert m.dynamic_size
+    # a third size, not among those the export checked: still PyTorch's numbers
+    from vitlab.export.onnx import rebuild, size_multiple
+
+    sh, sw = size_multiple(model)
+    c, h, w = model.preprocessing.input_size
+    x = torch.randn(2, c, h + 3 * sh, w + sw)
+    dyn = rebuild(model, dynamic_img_size=True) if hasattr(model.cfg, "dynamic_img_size") else model
+    with torch.no_grad():
+        ref = dyn(x)
+    torch.testing.assert_close(m(x), ref[0] if isinstance(ref, tuple) else ref, atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_size_refused_with_declared_reason(tmp_path, monkeypatch):
+    model = _tiny("vit_tiny_patch16_224")
+    monkeypatch.setattr(type(model), "onnx_fixed_size_reason", "windows are baked in", raising=False)
+    with pytest.raises(ExportError, match="not supported for VisionTransformer: windows are baked in"):
+        export_onnx(model, tmp_path / "x.onnx", dynamic_size=True, num_images=2, timing=False)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# ----------------------------------------------------------------------------------------- refusal
+def test_refuses_to_write_beyond_tolerance(tmp_path, monkeypatch):
+    """Outputs that disagree are never written silently; force writes them and says so."""
+    model = _tiny("vit_tiny_patch16_224")
+    real_forward = OnnxModel.forward
+    monkeypatch.setattr(OnnxModel, "forward", lambda self, x: real_forward(self, x) + 0.01)
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(ExportValidationError, match=r"refusing to write .*tolerance") as e:
+        export_onnx(model, path, num_images=4, timing=False)
+    assert not path.exists() and not e.value.report.written
+    assert list(tmp_path.iterdir()) == []  # no temporary left behind
+    report = export_onnx(model, path, num_images=4, timing=False, force=True)
+    assert path.exists() and report.forced and report.problems
+    assert "FORCED" in report.format()
+
+
+def test_cli_refusal_prints_report(tmp_path, monkeypatch, capsys, digits_checkpoint):
+    real_forward = OnnxModel.forward
+    monkeypatch.setattr(OnnxModel, "forward", lambda self, x: real_forward(self, x) + 1.0)
+    rc = main(["export", "--checkpoint", str(digits_checkpoint), "--output", str(tmp_path / "m.onnx"),
+               "--num-images", "4", "--no-timing"])
+    assert rc == 2 and not (tmp_path / "m.onnx").exists()
+    assert "NOT written" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------------------------- int8
+def test_int8_agrees_on_real_images(tmp_path, digits_checkpoint, capsys):
+    rc = main(["export", "--checkpoint", str(digits_checkpoint), "--output", str(tmp_path / "q.onnx"), "--int8",
+               "--dynamic-batch", "--num-images", "64", "--min-agreement", "0.95", "--no-timing", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["written"] and report["int8"]
+    # a 2-layer, 32-wide model has small logit margins: 1-2 of 64 digits may flip (measured 96.9%)
+    assert report["int8_top1_agreement"] >= 0.95
+    assert read_metadata(tmp_path / "q.onnx")["int8"] is True
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert "Conv" in ops and "LayerNormalization" in ops and "Softmax" in ops  # left in float
+
+
+# -------------------------------------------------------------------------------------- runtimes
+def test_predict_runtime_onnx_same_class(tmp_path, digits_checkpoint, capsys):
+    from PIL import Image
+
+    from vitlab.data.sources import read_digits
+
+    images, _, _ = read_digits()
+    paths = []
+    for i in (0, 1, 2, 3):
+        p = tmp_path / f"d{i}.png"
+        Image.fromarray(images[i * 7, 0].numpy()).save(p)
+        paths.append(str(p))
+    assert main(["predict", *paths, "--checkpoint", str(digits_checkpoint), "--json"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert main(["predict", *paths, "--checkpoint", str(digits_checkpoint), "--runtime", "onnx", "--json"]) == 0
+    via_export = json.loads(capsys.readouterr().out)
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(digits_checkpoint), "--output", str(onnx_path), "--no-timing",
+                 "--num-images", "8"]) == 0
+    capsys.readouterr()
+    assert main(["predict", *paths, "--checkpoint", str(onnx_path), "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    top = lambda r: [x["predictions"][0]["class"] for x in r]
+    assert top(ref) == top(via_export) == top(from_file)
+    assert top(ref)[0].startswith("digit ")
+
+
+def test_eval_runtimes_report_agreement(tmp_path, digits_checkpoint, capsys):
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(vitlab.load_model(digits_checkpoint), onnx_path, dynamic_batch=True, num_images=8, timing=False)
+    assert main(["eval", "--checkpoint", str(digits_checkpoint), "--json", "--output", str(tmp_path / "a")]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--checkpoint", str(onnx_path), "--json", "--output", str(tmp_path / "b")]) == 0
+    onnx_metrics = json.loads(capsys.readouterr().out)
+    assert onnx_metrics["runtime"] == "onnx" and onnx_metrics["top1"] == pytest.approx(ref["top1"], abs=1e-6)
+    assert ref["top1"] > 0.6  # the fixture's model learned something
+    assert main(["eval", "--checkpoint", str(digits_checkpoint), "--runtime", "torch-bf16", "--json",
+                 "--output", str(tmp_path / "c")]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert bf16["top1_agreement_with_float32"] >= 0.97
+
+
+def test_torch_runtimes_agree(digits_checkpoint):
+    model = vitlab.load_model(digits_checkpoint).eval()
+    x = preprocess(bundled_images(64), model.preprocessing)
+    with torch.no_grad():
+        ref = model(x)
+    for name in ("torch-bf16", "torch-int8"):
+        out = build_runtime(name, model)(x)
+        assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95, name
+
+
+def test_compile_falls_back_cleanly(monkeypatch, caplog):
+    from vitlab.export.runtimes import Compiled
+
+    model = _tiny("vit_tiny_patch16_224")
+    c = Compiled(model)
+
+    def broken(x):
+        raise RuntimeError("no C++ compiler")
+
+    c.compiled = broken
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), model(x))
+    assert "no C++ compiler" in c.failed
+    assert any("torch.compile failed" in r.getMessage() for r in caplog.records)
+
+
+def test_benchmark_runtimes_cli(capsys):
+    rc = main(["benchmark", "--models", "vit_tiny_patch16_224", "--set", "depth=1", "--set", "img_size=32",
+               "--set", "embed_dim=64", "--set", "num_heads=2", "--batch-size", "4", "--repeats", "1",
+               "--min-repeat-s", "0.01", "--runtime", "torch,torch-bf16,onnx", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["runtime"]: r for r in report["results"]}
+    assert set(rows) == {"torch", "torch-bf16", "onnx"}
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and r["latency_ms_batch1"] > 0 and 0 <= r["top1_agreement"] <= 1
+    assert rows["torch"]["top1_agreement"] == 1.0
+
+
+def test_missing_extra_is_a_clear_error(monkeypatch):
+    import importlib
+
+    from vitlab.export import ExportUnavailableError
+    from vitlab.export.runtime import require
+
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(ExportUnavailableError, match=r"onnxruntime not installed.*vitlab\[export\]"):
+        require("onnx", "onnxruntime")
