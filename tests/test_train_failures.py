@@ -151,7 +151,19 @@ COMMANDS = {
     "fewshot": ["fewshot", "--checkpoint", "x.safetensors", "--data", "digits"],
     "analyze": ["analyze", "--checkpoint", "x.safetensors", "--data", "digits"],
     "benchmark": ["benchmark"],
+    "pretrain": ["pretrain"],
 }
+
+
+def test_every_command_with_a_device_option_is_checked_above() -> None:
+    import argparse
+
+    from vitlab.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    with_device = {name for name, p in sub.choices.items()
+                   if any("--device" in a.option_strings for a in p._actions)}
+    assert with_device == set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

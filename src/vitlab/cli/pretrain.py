@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from vitlab.cli.common import add_device_argument
 from vitlab.train.recipe import list_recipes
 
 log = logging.getLogger("vitlab")
@@ -56,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="an option of the objective (repeatable; value as JSON, e.g. --opt mask_ratio=0.6)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
     p.add_argument("--workers", type=int, help="data loader worker processes")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="device")
+    add_device_argument(p)
     p.add_argument("--seed", type=int, help="override the recipe's seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
