@@ -429,8 +429,10 @@ def _register_swin_variants() -> None:
                                   description=f"Swin-{size[0].upper()} window {window} at {res}px"))
     for size, tag, window, res, pretrained in SWINV2_VARIANTS:
         name = f"swinv2_{size}_{tag}"
+        # the 192 px models are the ImageNet-22k pre-training checkpoints: a 21,841-class head, as timm registers
+        classes = 21841 if tag == "window12_192" else 1000
         cfg = SwinConfig(version=2, img_size=res, window_size=window, pretrained_window_sizes=pretrained,
-                         **SWIN_SIZES[size])
+                         num_classes=classes, **SWIN_SIZES[size])
         register_model(ModelEntry(name=name, family="swinv2", config=cfg, build=SwinTransformer,
                                   description=f"SwinV2-{size[0].upper()} window {window} at {res}px"
                                               + (f" (from window {pretrained[0]})" if pretrained else "")))
