@@ -124,3 +124,6 @@ def test_explain_shows_each_objects_cross_attention() -> None:
         torch.testing.assert_close(out["logits"], model(x)["logits"])
     e = explain(model, x, method="last-layer")
     assert e.maps.shape == (2, 64, 64) and torch.isfinite(e.maps).all()
+    auto = explain(model, x)  # "auto" is the cross-attention for DETR, not a gradient map
+    assert auto.method == "last-layer"
+    torch.testing.assert_close(auto.maps, e.maps)

@@ -12,7 +12,8 @@ Methods for every model:
   channel attention, Linformer, MobileViT), which name their last spatial stage in ``cam_layer()``.
 - "grad-input": gradient x input, summed over colour channels, absolute value. Any differentiable model.
 
-``method="auto"`` picks rollout where the model supports it, else Grad-CAM; the chosen method is recorded
+``method="auto"`` picks the family's ``explain_default`` where it declares one (DETR: "last-layer", the
+decoder's cross-attention), else rollout where the model supports it, else Grad-CAM; the chosen method is recorded
 in :attr:`Explanation.method`.
 """
 
@@ -122,6 +123,9 @@ def resolve_method(model: nn.Module, method: str) -> str:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     available = methods_for(model)
     if method == "auto":
+        preferred = getattr(model, "explain_default", None)  # a family's own best map (DETR: cross-attention)
+        if preferred in available:
+            return preferred
         return "rollout" if "rollout" in available else "grad-cam"
     if method not in available:
         raise ValueError(

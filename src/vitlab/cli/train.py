@@ -212,9 +212,11 @@ def run_dense(args: argparse.Namespace) -> int:
     summary = run_dense_training(DenseJob(
         task=args.task, model=model, data=Path(args.data), output=output, recipe=recipe,
         pretrained_backbone=args.pretrained_backbone, resume=args.resume,
-        device=None if args.device == "auto" else args.device, progress=not args.no_progress))
-    log.info("val %s after %.1f s; checkpoint: %s", format_metrics(args.task, summary["val"]),
-             summary["train_seconds"], summary["checkpoint"])
+        device=None if args.device == "auto" else args.device, progress=not args.no_progress,
+        threads=args.threads, overwrite=args.overwrite))
+    if summary["val"]:  # (empty on the other processes of a torchrun job: rank 0 evaluates)
+        log.info("val %s after %.1f s; checkpoint: %s", format_metrics(args.task, summary["val"]),
+                 summary["train_seconds"], summary["checkpoint"])
     return 0
 
 

@@ -170,6 +170,7 @@ class DETR(nn.Module):
     num_prefix_tokens = 0
     classifier_names = ("class_embed",)
     task = "detection"
+    explain_default = "last-layer"  # the paper's figure: an object's decoder cross-attention
 
     def __init__(self, cfg: DETRConfig) -> None:
         super().__init__()

@@ -65,10 +65,31 @@ class DenseJob:
     resume: bool = False
     device: str | None = None
     progress: bool = True
+    threads: int | None = None  # --threads (None: the recipe's cpu_threads, else the cores given)
+    overwrite: bool = False
 
 
 def run_dense_training(job: DenseJob) -> dict[str, Any]:
-    """Train on ``job.data/train``, evaluate on ``job.data/val``; writes the run folder and metrics.json."""
+    """Train on ``job.data/train``, evaluate on ``job.data/val``; writes the run folder and metrics.json.
+
+    Under torchrun every process trains on its share of each batch (DDP, as for classification; DETR's box
+    losses are normalised by the boxes of all processes); rank 0 writes the run and evaluates. Nothing is
+    written before the options, the data and the run directory have been checked.
+    """
+    from vitlab.train.distributed import distributed_context
+    from vitlab.train.hardware import training_threads
+
+    recipe = job.recipe
+    with distributed_context(job.device) as ctx:
+        if not ctx.is_main:
+            logging.getLogger("vitlab").setLevel(logging.WARNING)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        with training_threads(job.threads if job.threads is not None else recipe.cpu_threads, local) as threads:
+            log.info("%d CPU thread(s) per process", threads)
+            return _run_dense(job, ctx)
+
+
+def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
     import time
 
     import vitlab
@@ -77,6 +98,8 @@ def run_dense_training(job: DenseJob) -> dict[str, Any]:
     from vitlab.tasks.detection import DetectionObjective, evaluate_detection
     from vitlab.tasks.segmentation import SegmentationObjective, evaluate_segmentation
     from vitlab.train import fit
+    from vitlab.train.distributed import barrier
+    from vitlab.train.run import check_run_dir
 
     if job.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {job.task!r}")
@@ -93,7 +116,9 @@ def run_dense_training(job: DenseJob) -> dict[str, Any]:
     else:
         classes = _segmentation_classes(job.data) or [str(i) for i in range(int(overrides.get("num_classes", 0)))]
     overrides["num_classes"] = len(classes) if classes else overrides.get("num_classes")
-    device = torch.device(job.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if ctx.is_main:
+        check_run_dir(job.output, resume=job.resume, overwrite=job.overwrite)
+    torch.manual_seed(recipe.seed)  # the same initial weights on every rank and every run
     model = vitlab.create_model(job.model, **overrides)
     if job.pretrained_backbone and not job.resume:
         load_backbone(model, job.pretrained_backbone)
@@ -104,10 +129,14 @@ def run_dense_training(job: DenseJob) -> dict[str, Any]:
     objective = DetectionObjective(model.num_classes) if job.task == "detection" else \
         SegmentationObjective(ignore_index=model.cfg.ignore_index, aux_weight=model.cfg.aux_weight)
     t0 = time.perf_counter()
-    result = fit(model.to(device), recipe, train_set=train_set, output_dir=job.output, resume=job.resume,
-                 objective=objective, progress=job.progress)
+    result = fit(model.to(ctx.device), recipe, train_set=train_set, output_dir=job.output, resume=job.resume,
+                 objective=objective, progress=job.progress, ctx=ctx)
     seconds = time.perf_counter() - t0
     model = model.cpu()
+    if not ctx.is_main:  # rank 0 writes the model and evaluates; the others wait for it
+        barrier(ctx)
+        return {"task": job.task, "model": job.model, "val": {}, "train_seconds": seconds,
+                "checkpoint": str(job.output / "model.safetensors")}
     save_model(model, job.output / "model.safetensors", class_names=classes,
                extra={"task": job.task, "steps": result.steps if hasattr(result, "steps") else None})
     if job.task == "detection":
@@ -118,6 +147,7 @@ def run_dense_training(job: DenseJob) -> dict[str, Any]:
     summary = {"task": job.task, "model": job.model, "val": metrics, "train_seconds": seconds,
                "checkpoint": str(job.output / "model.safetensors")}
     (job.output / "metrics.json").write_text(json.dumps(summary, indent=2))
+    barrier(ctx)
     return summary
 
 

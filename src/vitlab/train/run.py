@@ -112,9 +112,14 @@ def pretrained_model_name(source: str) -> str:
 
 def check_output(job: TrainJob) -> None:
     """Without --resume or --overwrite, a run directory that already holds a run (finished or not) is refused."""
-    if job.resume or job.overwrite:
+    check_run_dir(job.output, resume=job.resume, overwrite=job.overwrite)
+
+
+def check_run_dir(output: Path, *, resume: bool, overwrite: bool) -> None:
+    """:func:`check_output` for any job writing a run directory (classification, detection, segmentation)."""
+    if resume or overwrite:
         return
-    state = job.output / STATE_FILE
+    state = output / STATE_FILE
     if state.exists():
         try:
             s = load_train_state(state)
@@ -122,12 +127,12 @@ def check_output(job: TrainJob) -> None:
         except (CheckpointError, KeyError, ValueError):
             step, total = None, None
         if step is not None and step >= total:
-            raise ValueError(f"{job.output} holds a finished run ({step} steps); replace it with --overwrite, "
+            raise ValueError(f"{output} holds a finished run ({step} steps); replace it with --overwrite, "
                              f"or choose another --output")
-        raise ValueError(f"{job.output} holds an unfinished run (step {step if step is not None else '?'}); "
+        raise ValueError(f"{output} holds an unfinished run (step {step if step is not None else '?'}); "
                          f"continue it with --resume, or start over with --overwrite or another --output")
-    if (job.output / MODEL_FILE).exists():
-        raise ValueError(f"{job.output} already holds a model ({MODEL_FILE}); replace it with --overwrite, "
+    if (output / MODEL_FILE).exists():
+        raise ValueError(f"{output} already holds a model ({MODEL_FILE}); replace it with --overwrite, "
                          f"or choose another --output")
 
 
