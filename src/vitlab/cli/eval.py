@@ -45,6 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
     p.add_argument("--output", type=Path, help="report folder (default: beside the checkpoint, eval_SPLIT)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--protocol", choices=["auto", "classifier", "knn", "linear"], default="auto",
+                   help="classifier: the checkpoint's own head; knn: weighted k-NN on the pre-logit features of "
+                        "the training split; linear: a linear probe (non-affine BatchNorm + linear, MAE's) trained "
+                        "on those features; auto: classifier, or knn for a backbone without one")
+    p.add_argument("--probe-epochs", type=int, default=90, help="linear probe epochs over the cached features")
     p.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (backbones without a classifier)")
     p.add_argument("--knn-t", type=float, default=0.07, help="k-NN vote temperature (DINO: 0.07)")
     p.set_defaults(func=run)
@@ -100,11 +105,17 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(device).eval()
     ds = build_dataset(args.data, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
                        transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
-    if model.num_classes == 0:  # a pre-trained backbone: k-NN on its features (DINO's protocol)
+    protocol = args.protocol
+    if protocol == "auto":
+        protocol = "knn" if model.num_classes == 0 else "classifier"  # a backbone: DINO's k-NN protocol
+    if protocol == "classifier" and model.num_classes == 0:
+        raise ValueError(f"--protocol classifier: {args.checkpoint} is a backbone without a classifier; "
+                         "use --protocol knn or linear, or fine-tune it first")
+    if protocol in ("knn", "linear"):
         if reference is None:
-            raise ValueError(f"{args.checkpoint}: a backbone without a classifier; evaluate its vitlab checkpoint "
-                             "(k-NN on its features), not an exported file")
-        return knn_report(reference.to(device), ds, args, device)
+            raise ValueError(f"--protocol {protocol}: evaluate the vitlab checkpoint (features of the backbone), "
+                             f"not an exported file ({args.checkpoint})")
+        return feature_report(reference.to(device), ds, args, device, protocol)
     check_classes(model, ds.classes, args.checkpoint, args.data)
     r = evaluate(model, ds, num_classes=model.num_classes, batch_size=args.batch_size, device=device, amp=args.amp,
                  workers=args.workers, class_names=ds.classes, progress=not args.json)
@@ -152,31 +163,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def knn_report(model, test_set, args: argparse.Namespace, device) -> int:
-    """Weighted k-NN (k 20, T 0.07) from the training split's features to the evaluated split's."""
+def feature_report(model, test_set, args: argparse.Namespace, device, protocol: str) -> int:
+    """k-NN (k 20, T 0.07) or a linear probe from the training split's pre-logit features to the evaluated
+    split's."""
+    import torch
+
     from vitlab.analysis.fewshot import extract_features
     from vitlab.data import build_dataset, eval_transform
     from vitlab.ssl.knn import weighted_knn
+    from vitlab.ssl.probe import train_linear_probe
 
     train = build_dataset(args.data, split="train", val_fraction=args.val_fraction, seed=args.seed,
                           transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
-    log.info("%s has no classifier: k-NN evaluation (k=%d, T=%g) from %d training images", args.checkpoint,
-             args.knn_k, args.knn_t, len(train))
+    what = (f"k-NN evaluation (k={args.knn_k}, T={args.knn_t:g})" if protocol == "knn"
+            else f"linear probe ({args.probe_epochs} epochs)")
+    log.info("%s: %s on its features, from %d training images", args.checkpoint, what, len(train))
     tx, ty = extract_features(model, train, batch_size=args.batch_size, device=device)
     vx, vy = extract_features(model, test_set, batch_size=args.batch_size, device=device)
-    pred = weighted_knn(tx, ty, vx, len(train.classes), k=args.knn_k, temperature=args.knn_t)
+    metrics = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "protocol": protocol}
+    if protocol == "knn":
+        pred = weighted_knn(tx, ty, vx, len(train.classes), k=args.knn_k, temperature=args.knn_t)
+        metrics.update(k=args.knn_k, temperature=args.knn_t)
+    else:
+        probe = train_linear_probe(tx, ty, len(train.classes), epochs=args.probe_epochs, seed=args.seed)
+        with torch.no_grad():
+            pred = probe(vx).argmax(-1)
+        metrics.update(epochs=args.probe_epochs)
     top1 = float((pred == vy).float().mean())
-    metrics = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "protocol": "knn",
-               "k": args.knn_k, "temperature": args.knn_t, "train_images": len(train), "samples": len(vy),
-               "top1": top1}
+    metrics.update(train_images=len(train), samples=len(vy), top1=top1)
     out = args.output or Path(args.checkpoint).parent / f"eval_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(f"{args.data} [{args.split}], {len(vy)} images: k-NN top-1 {100 * top1:.2f}% (k {args.knn_k}, "
-              f"T {args.knn_t:g}, {len(train)} training images; a backbone without classifier)")
+        print(f"{args.data} [{args.split}], {len(vy)} images: {what} top-1 {100 * top1:.2f}% "
+              f"({len(train)} training images)")
     return 0
 
 
