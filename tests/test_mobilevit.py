@@ -351,3 +351,18 @@ def test_last_layer_map_is_the_attention_each_patch_receives(name: str) -> None:
     e = explain(model, torch.rand(1, 3, 128, 192), method="last-layer")
     assert e.patch_maps.shape == (1, 2, 3)  # stage 5: 4x6 map -> 2x3 patches
     torch.testing.assert_close(e.patch_maps.sum(), torch.tensor(1.0))  # weights over the patches sum to 1
+
+
+def test_onnx_metadata_states_the_bgr_order_a_deployment_must_feed() -> None:
+    """The flat ONNX metadata (read by deployments without vitlab) gives the order the weights expect,
+    and the full record's preprocessing, which vitlab's ONNX runtime applies, keeps it."""
+    from vitlab.export.onnx import METADATA_KEY, metadata
+    from vitlab.models.base import Preprocessing
+
+    for order in ("BGR", "RGB"):
+        model = make_tiny("mobilevit_xxs", channel_order=order)
+        meta = metadata(model, model.preprocessing, class_names=None, dynamic_batch=True, dynamic_size=False,
+                        int8=False)
+        record = json.loads(meta[METADATA_KEY])
+        assert meta["channel_order"] == record["input"]["channel_order"] == order
+        assert Preprocessing.from_dict(record["preprocessing"]).channel_order == order
