@@ -176,3 +176,46 @@ def test_training_job_crops_at_the_largest_size(tmp_path, monkeypatch) -> None:
     summary = run.run_training(run.TrainJob(recipe=recipe, data="digits", output=tmp_path / "r", progress=False))
     assert seen["crop"] == (1, 48, 48) and seen["sizes"] <= {16, 32, 48} and len(seen["sizes"]) >= 2
     assert summary["steps"] == 3 and "test" in summary
+
+
+DDP_SCRIPT = """
+import os
+import sys
+import vitlab.data.multiscale as ms
+from vitlab.cli.main import main
+
+plans = []
+real_plan = ms.MultiScaleBatchSampler.plan
+def plan(self):
+    p = real_plan(self)
+    plans.append(p)
+    return p
+ms.MultiScaleBatchSampler.plan = plan
+code = main(sys.argv[1:])
+print("PLAN", os.environ["RANK"], plans[0][:8], flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_the_same_sizes(tmp_path) -> None:
+    """Under torchrun (gloo), both ranks draw the same size at each step and the run completes."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    args = ["train", "--data", "digits", "--model", "mobilevit_xxs", "--recipe", "mobilevit_small_data", "--steps",
+            "4", "--batch-size", "8", "--no-progress", "--device", "cpu", "--set", "img_size=32", "--set",
+            "multi_scale=[16,32,48]", "--set", "randaugment=null", "--set", "model_overrides.stem_chs=8", "--set",
+            "model_overrides.channels=[8,8,16,16,24]", "--set", "model_overrides.transformer_dims=[8,16,16]",
+            "--set", "model_overrides.transformer_depths=[1,1,1]", "--output", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", VITLAB_DIST_TIMEOUT="60")
+    env.pop("WORLD_SIZE", None)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *args], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    plans = {line.split(" ", 2)[1]: line.split(" ", 2)[2] for line in res.stdout.splitlines() if line.startswith("PLAN")}
+    assert set(plans) == {"0", "1"} and plans["0"] == plans["1"], res.stdout
+    assert "multi-scale sampling: 16: 32, 32: 8, 48: 4 per process" in res.stderr

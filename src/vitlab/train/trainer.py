@@ -254,6 +254,8 @@ def fit(
     per_micro = recipe.batch_size
     if recipe.multi_scale:
         base_sampler, per_micro = _multiscale_sampler(base_sampler, recipe, net), 1
+        log.info("multi-scale sampling: %s per process (size px: batch), %d batches per epoch",
+                 ", ".join(f"{s}: {b}" for s, b in base_sampler.scales), len(base_sampler))  # type: ignore[attr-defined]
     sampler = _SkipSampler(base_sampler)
     loader = _make_loader(train_set, sampler, recipe, recipe.batch_size)
     micro_per_epoch = len(base_sampler) // per_micro  # type: ignore[arg-type]
