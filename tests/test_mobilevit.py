@@ -57,8 +57,11 @@ def load_case(case: str) -> torch.nn.Module:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    # 1e-5 absolute, relative to the largest value above 1: the HF v2 fixture's head is made 30x louder
+    # (logits ~20), where float32 convolutions with 1 thread and with 2 differ by 1e-5 (measured 1.05e-5 vs 1.9e-6)
+    tol = ATOL * max(1.0, expected.abs().max().item())
     err = (actual - expected).abs().max().item()
-    assert err <= ATOL, f"{what}: max abs difference {err:.3g} > {ATOL}"
+    assert err <= tol, f"{what}: max abs difference {err:.3g} > {tol:.3g}"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
