@@ -57,8 +57,11 @@ def load_case(case: str) -> torch.nn.Module:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    # 1e-5 absolute, relative to the largest value above 1: the HF v2 fixture's head is made 30x louder
+    # (logits ~20), where float32 convolutions with 1 thread and with 2 differ by 1e-5 (measured 1.05e-5 vs 1.9e-6)
+    tol = ATOL * max(1.0, expected.abs().max().item())
     err = (actual - expected).abs().max().item()
-    assert err <= ATOL, f"{what}: max abs difference {err:.3g} > {ATOL}"
+    assert err <= tol, f"{what}: max abs difference {err:.3g} > {tol:.3g}"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -227,22 +230,94 @@ def test_explain_auto_is_a_grad_cam_map_at_image_resolution() -> None:
 
 
 def test_param_counts_and_gmacs() -> None:
-    # timm 1.0.31 on the meta device: exact parameter counts; GMACs at 256 px
-    for name, params, gmacs in (("mobilevit_s", 5_578_632, 2.00), ("mobilevit_xs", 2_317_848, 1.03),
-                                ("mobilevit_xxs", 1_272_024, 0.41), ("mobilevitv2_050", 1_370_593, 0.46),
-                                ("mobilevitv2_100", 4_901_841, 1.81), ("mobilevitv2_200", 18_449_329, 7.16)):
-        info = vitlab.model_info(name)
-        assert info["params"] == params and abs(info["gmacs"] - gmacs) < 0.006, name
-        assert info["preprocessing"]["mean"] == [0.0, 0.0, 0.0] or tuple(info["preprocessing"]["mean"]) == (0, 0, 0)
-    # MobileViTv3 paper (arXiv:2209.15159), params in M as published (one decimal); MobileViTv3-S and the
-    # v2-based models' published GFLOPs (multiply-adds) within 1%
-    for name, params_m, gmacs in (("mobilevitv3_s", 5.8, 1.841), ("mobilevitv3_xs", 2.5, None),
-                                  ("mobilevitv3_xxs", 1.2, None), ("mobilevitv3_100", 5.1, 1.876),
-                                  ("mobilevitv3_075", 3.0, 1.064), ("mobilevitv3_050", 1.4, 0.481)):
-        info = vitlab.model_info(name)
-        assert round(info["params"] / 1e6, 1) == params_m, name
-        if gmacs is not None:
-            assert abs(info["gmacs"] - gmacs) / gmacs < 0.01, name
+    # v1/v2: tiny_mobilevit.PUBLISHED holds timm's exact counts for every v1/v2 name (test_models checks them)
+    import tiny_mobilevit
+
+    assert sorted(tiny_mobilevit.PUBLISHED) == [n for n in vitlab.list_models("mobilevit*") if "v3" not in n]
+    assert tuple(vitlab.model_info("mobilevit_s")["preprocessing"]["mean"]) == (0.0, 0.0, 0.0)  # pixels in [0, 1]
+    # MobileViTv3 paper (arXiv:2209.15159) / micronDLA README: params in M as published (one decimal)
+    for name, params_m in (("mobilevitv3_s", 5.8), ("mobilevitv3_xs", 2.5), ("mobilevitv3_xxs", 1.2),
+                           ("mobilevitv3_100", 5.1), ("mobilevitv3_075", 3.0), ("mobilevitv3_050", 1.4)):
+        assert round(vitlab.model_info(name)["params"] / 1e6, 1) == params_m, name
+
+
+def cvnets_profile_macs(model: torch.nn.Module, size: int = 256) -> float:
+    """MACs of one 3 x size x size image as the MobileViTv3 authors counted them: cvnets' ``profile_model``
+    (apple/ml-cvnets @d38a116 for v3-S/XS/XXS, @84d992f for v3-0.5..1.0, the commits micronDLA/MobileViTv3's
+    README builds on). Its rules, module by module (cvnets/layers/conv_layer.py, linear_layer.py,
+    multi_head_attention.py, modules/transformer.py, misc/profiler.py):
+
+    * convolution: k_h k_w C_in C_out H_out W_out / groups, plus C_out H_out W_out for a bias;
+    * linear layer: its parameter count (weights + bias) per token;
+    * multi-head attention on (B*P, N, d): the qkv and output projections, plus ``seq_len * C * C`` per
+      sequence for q k^T and the same for attn @ v, i.e. N d^2 each where the product costs N^2 d;
+    * norms, activations, softmax, pooling, unfold/fold, resizing, residual adds: nothing.
+    """
+    total = 0.0
+
+    def conv(m: torch.nn.Conv2d, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        hw = out.shape[-2] * out.shape[-1]
+        total += m.kernel_size[0] * m.kernel_size[1] * m.in_channels * m.out_channels * hw / m.groups
+        total += m.out_channels * hw if m.bias is not None else 0
+
+    def linear(m: torch.nn.Linear, inp, _out) -> None:
+        nonlocal total
+        total += inp[0].numel() // m.in_features * sum(p.numel() for p in m.parameters())
+
+    def attention(_m, inp, _out) -> None:
+        nonlocal total
+        b, n, c = inp[0].shape  # (B*P, N, d)
+        total += 2 * b * n * c * c
+
+    from vitlab.layers import FoldedAttention
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv))
+        elif isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_hook(linear))
+        if isinstance(m, FoldedAttention):
+            hooks.append(m.register_forward_hook(attention))
+    with torch.no_grad():
+        model(torch.empty(1, 3, size, size, device="meta"))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+# micronDLA/MobileViTv3 README @d381beb (= the paper's ImageNet table): FLOPs in millions, which are MACs
+# counted by cvnets' profiler; the "-L2" low-latency models have 2 instead of 4 blocks in layer 4.
+MOBILEVITV3_PUBLISHED_MMACS = [
+    ("mobilevitv3_s", {}, 1841), ("mobilevitv3_xs", {}, 927), ("mobilevitv3_xxs", {}, 289),
+    ("mobilevitv3_100", {}, 1876), ("mobilevitv3_075", {}, 1064), ("mobilevitv3_050", {}, 481),
+    ("mobilevitv3_s", {"transformer_depths": (2, 2, 3)}, 1651),
+    ("mobilevitv3_xs", {"transformer_depths": (2, 2, 3)}, 853),
+    ("mobilevitv3_xxs", {"transformer_depths": (2, 2, 3)}, 256),
+]
+
+
+@pytest.mark.parametrize("name, overrides, published", MOBILEVITV3_PUBLISHED_MMACS)
+def test_mobilevitv3_macs_equal_the_papers_under_its_counting_convention(name, overrides, published) -> None:
+    """vitlab's GMACs (torch's FlopCounterMode: q k^T and attn @ v at N^2 d each, biases free) differ from
+    the paper's for XS/XXS by 4.6% and 14%; counted as the paper did, all nine published figures are met to
+    0.1%, so the architectures are the paper's and the difference is the convention."""
+    with torch.device("meta"):
+        model = vitlab.create_model(name, **overrides).eval()
+    macs = cvnets_profile_macs(model) / 1e6
+    assert abs(macs - published) / published < 1e-3, (name, overrides, macs, published)
+
+
+def test_flop_counter_and_the_papers_convention_differ_by_the_attention_products() -> None:
+    """XS/XXS: vitlab's count is higher because stage 3 (32x32 map, N=256 patches per pixel position) has
+    N > d, where the paper's N d^2 undercounts N^2 d; for S, stages 4-5 (N=64, 16 < d) overcount by as much."""
+    for name, lo, hi in (("mobilevitv3_xxs", 0.13, 0.15), ("mobilevitv3_xs", 0.04, 0.06), ("mobilevitv3_s", -0.01, 0.0)):
+        with torch.device("meta"):
+            model = vitlab.create_model(name).eval()
+        ours = vitlab.model_info(name)["gmacs"] * 1e9
+        paper = cvnets_profile_macs(model)
+        assert lo < ours / paper - 1 < hi, (name, ours, paper)
 
 
 def test_recipes_load_and_build_their_model() -> None:
@@ -279,3 +354,18 @@ def test_last_layer_map_is_the_attention_each_patch_receives(name: str) -> None:
     e = explain(model, torch.rand(1, 3, 128, 192), method="last-layer")
     assert e.patch_maps.shape == (1, 2, 3)  # stage 5: 4x6 map -> 2x3 patches
     torch.testing.assert_close(e.patch_maps.sum(), torch.tensor(1.0))  # weights over the patches sum to 1
+
+
+def test_onnx_metadata_states_the_bgr_order_a_deployment_must_feed() -> None:
+    """The flat ONNX metadata (read by deployments without vitlab) gives the order the weights expect,
+    and the full record's preprocessing, which vitlab's ONNX runtime applies, keeps it."""
+    from vitlab.export.onnx import METADATA_KEY, metadata
+    from vitlab.models.base import Preprocessing
+
+    for order in ("BGR", "RGB"):
+        model = make_tiny("mobilevit_xxs", channel_order=order)
+        meta = metadata(model, model.preprocessing, class_names=None, dynamic_batch=True, dynamic_size=False,
+                        int8=False)
+        record = json.loads(meta[METADATA_KEY])
+        assert meta["channel_order"] == record["input"]["channel_order"] == order
+        assert Preprocessing.from_dict(record["preprocessing"]).channel_order == order

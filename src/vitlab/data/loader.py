@@ -63,6 +63,7 @@ def seed_worker(worker_id: int) -> None:
 
 def create_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
                   drop_last: bool = False, sampler: Sampler | None = None, distributed: bool = False,
+                  batch_sampler: Sampler | None = None,
                   pin_memory: bool | None = None, persistent_workers: bool | None = None) -> DataLoader:
     """A DataLoader whose order and augmentation are a function of ``seed``.
 
@@ -72,6 +73,8 @@ def create_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_worke
             call ``loader.sampler.set_epoch(epoch)`` each epoch (as for ``RepeatAugSampler``).
         pin_memory: default True when CUDA is available.
         persistent_workers: default True when ``num_workers > 0`` (workers keep their RNG across epochs).
+        batch_sampler: yields whole batches (e.g. :class:`~vitlab.data.multiscale.MultiScaleBatchSampler`);
+            ``batch_size``, ``shuffle``, ``sampler`` and ``drop_last`` are then unused.
     """
     if sampler is None and distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
@@ -82,15 +85,17 @@ def create_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_worke
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:
         persistent_workers = num_workers > 0
+    if batch_sampler is not None:
+        batching: dict[str, Any] = {"batch_sampler": batch_sampler}
+    else:
+        batching = {"batch_size": batch_size, "shuffle": shuffle if sampler is None else False, "sampler": sampler,
+                    "drop_last": drop_last}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
+        **batching,
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        drop_last=drop_last,
         worker_init_fn=seed_worker,
         generator=generator,
         persistent_workers=persistent_workers and num_workers > 0,

@@ -260,7 +260,9 @@ def metadata(model: nn.Module, pre: Preprocessing, *, class_names: list[str] | N
 
     names = list(class_names) if class_names is not None else getattr(model, "class_names", None)
     c, h, w = pre.input_size
-    channel_order = {1: "L", 3: "RGB"}.get(c, f"{c} channels")
+    # the order the weights expect (a Hugging Face MobileViT wants BGR): a deployment reading only these
+    # keys must feed what vitlab's own preprocessing feeds
+    channel_order = {1: "L", 3: pre.channel_order}.get(c, f"{c} channels")
     record = {
         "format": "vitlab", "version": 1, "vitlab_version": __version__,
         "model": getattr(model, "model_name", type(model).__name__),

@@ -27,6 +27,17 @@ The blocks:
 
 Input: 256 x 256, pixels in [0, 1] without mean/std shift. Module names follow timm's, so timm state dicts
 load as they are; Hugging Face and the official cvnets layout are converted (checkpoints/convert_mobilevit.py).
+
+Counting MACs: ``vitlab info`` (torch's FlopCounterMode, 256 px) gives v3-S/XS/XXS 1.83 / 0.97 / 0.33 GMACs
+where the v3 paper lists 1.841 / 0.927 / 0.289 "GFLOPs". The architectures are the paper's (parameters
+match, and the official configs above give these channels and depths); the convention differs. The
+authors counted with cvnets' ``profile_model`` (apple/ml-cvnets @d38a116, cvnets/layers/
+multi_head_attention.py), which charges q k^T and attn @ v ``seq_len * C * C`` each per sequence, i.e.
+N d^2 where the products cost N^2 d, and adds linear/conv biases. At 256 px stage 3 has N = 256 patches per
+pixel position, more than d (64 / 96 / 144), so the paper undercounts it; stages 4-5 (N = 64, 16) are
+overcounted. For S the two nearly cancel (-0.6%); for XS (+4.6%) and XXS (+14%) stage 3 dominates.
+Counted by cvnets' rules (tests/test_mobilevit.py ``cvnets_profile_macs``), vitlab's models give every
+figure the paper and the micronDLA README publish to within 0.1%, the -L2 low-latency models included.
 """
 
 from __future__ import annotations

@@ -40,6 +40,10 @@ class Recipe:
     augment: random resized crop / flip / RandAugment / erasing on training images (False: eval transform).
     randaugment: (number of ops, magnitude) or None; randaugment_mstd is the magnitude noise.
     repeat_aug: DeiT's repeated augmentation: each image appears this many times per epoch (1: off).
+    multi_scale: MobileViT's multi-scale sampler (``vitlab.data.multiscale``): the square training sizes
+        (e.g. [160, 192, 256, 288, 320]); each batch is drawn at one of them with batch_size scaled by
+        (input size / size)^2, so that batches hold as many pixels as at the model's input size; the
+        training crops are made at the largest size. None: off (every batch at the input size).
     workers: DataLoader worker processes (None: chosen from the data and the cores, see
         ``train.hardware.default_workers``).
     cache_images: decode an image folder once into memory (None: when the decoded images fit in a
@@ -96,6 +100,7 @@ class Recipe:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     repeat_aug: int = 1
+    multi_scale: tuple[int, ...] | None = None
     # logistics
     seed: int = 0
     workers: int | None = None
@@ -114,6 +119,8 @@ class Recipe:
             (self.global_batch is None or self.global_batch >= 1, "global_batch must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.repeat_aug >= 1, "repeat_aug must be >= 1"),
+            (self.multi_scale is None or (len(self.multi_scale) > 0 and all(s >= 1 for s in self.multi_scale)),
+             "multi_scale must be a non-empty list of positive sizes, or null"),
             (self.workers is None or self.workers >= 0, "workers must be >= 0"),
             (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads must be >= 1"),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
@@ -309,6 +316,10 @@ def _coerce(v: Any, tp: Any, key: str) -> Any:
             return v
         if origin is tuple:
             args = typing.get_args(base)
+            if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
+                if not isinstance(v, (list, tuple)):
+                    raise ValueError("expected a list of values")
+                return tuple(_coerce(x, args[0], key) for x in v)
             if not isinstance(v, (list, tuple)) or len(v) != len(args):
                 raise ValueError(f"expected {len(args)} values")
             return tuple(_coerce(x, a, key) for x, a in zip(v, args))

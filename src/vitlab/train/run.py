@@ -192,8 +192,13 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
             "skip_bad_images": job.skip_bad_images}, indent=2))
     pre = model.preprocessing
     if recipe.augment:
+        crop = pre
+        if recipe.multi_scale:  # crops at the largest size: every batch's resize is then a down-sampling
+            c, h, w = pre.input_size
+            side = max(max(recipe.multi_scale), h, w)
+            crop = dataclasses.replace(pre, input_size=(c, side, side))
         train_set.transform = train_transform(
-            pre, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip, randaugment=recipe.randaugment,
+            crop, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip, randaugment=recipe.randaugment,
             randaugment_mstd=recipe.randaugment_mstd, re_prob=recipe.re_prob)
     else:
         train_set.transform = eval_transform(pre)

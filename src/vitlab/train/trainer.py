@@ -80,14 +80,15 @@ class FitResult:
         return self.output_dir / MODEL_FILE
 
 
-class _SkipSampler(Sampler[int]):
-    """The base sampler's indices for this epoch, minus the first ``skip`` (already consumed before a resume)."""
+class _SkipSampler(Sampler[Any]):
+    """The base sampler's items (indices, or batches of a batch sampler) for this epoch, minus the first
+    ``skip`` (already consumed before a resume)."""
 
-    def __init__(self, base: Sampler[int]) -> None:
+    def __init__(self, base: Sampler[Any]) -> None:
         self.base = base
         self.skip = 0
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         for i, idx in enumerate(self.base):
             if i >= self.skip:
                 yield idx
@@ -108,12 +109,26 @@ def _build_sampler(dataset: Dataset, recipe: Recipe, ctx: DistContext) -> Sample
                               seed=recipe.seed, drop_last=False)
 
 
-def _make_loader(dataset: Dataset, sampler: Sampler[int], recipe: Recipe, batch_size: int) -> DataLoader:
+def _multiscale_sampler(indices: Sampler[int], recipe: Recipe, net: nn.Module) -> Sampler[Any]:
+    """MobileViT's multi-scale batches over ``indices``, with the recipe's batch size at the model's input size."""
+    from vitlab.data.multiscale import MultiScaleBatchSampler
+
+    base = tuple(net.preprocessing.input_size[1:])
+    return MultiScaleBatchSampler(indices, base_size=base, base_batch=recipe.batch_size,  # type: ignore[arg-type]
+                                  sizes=recipe.multi_scale or (), seed=recipe.seed)
+
+
+def _make_loader(dataset: Dataset, sampler: Sampler[Any], recipe: Recipe, batch_size: int) -> DataLoader:
     from vitlab.data import create_loader
 
     # create_loader's private, seeded generator: creating an iterator draws a base seed from it, not
     # from the global RNG, so a resumed epoch (a new iterator mid-epoch) consumes the global generators
     # exactly as the uninterrupted run did.
+    if recipe.multi_scale:
+        from vitlab.data.multiscale import MultiScaleDataset
+
+        return create_loader(MultiScaleDataset(dataset), batch_size=batch_size, shuffle=False,
+                             num_workers=recipe.workers or 0, seed=recipe.seed, batch_sampler=sampler)
     return create_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=recipe.workers or 0,
                          seed=recipe.seed, drop_last=True, sampler=sampler)
 
@@ -235,13 +250,21 @@ def fit(
     # ---- data and run length
     accum = recipe.accum_for(ctx.world_size)
     base_sampler = _build_sampler(train_set, recipe, ctx)
+    # the unit the resumed epoch skips: sample indices, or whole batches of the multi-scale sampler
+    per_micro = recipe.batch_size
+    if recipe.multi_scale:
+        base_sampler, per_micro = _multiscale_sampler(base_sampler, recipe, net), 1
+        log.info("multi-scale sampling: %s per process (size px: batch), %d batches per epoch",
+                 ", ".join(f"{s}: {b}" for s, b in base_sampler.scales), len(base_sampler))  # type: ignore[attr-defined]
     sampler = _SkipSampler(base_sampler)
     loader = _make_loader(train_set, sampler, recipe, recipe.batch_size)
-    micro_per_epoch = len(base_sampler) // recipe.batch_size  # type: ignore[arg-type]
+    micro_per_epoch = len(base_sampler) // per_micro  # type: ignore[arg-type]
     steps_per_epoch = micro_per_epoch // accum
     if steps_per_epoch < 1:
+        have = (f"{len(base_sampler)} multi-scale batches per epoch" if recipe.multi_scale  # type: ignore[arg-type]
+                else f"{len(base_sampler)} samples per process")  # type: ignore[arg-type]
         raise ValueError(
-            f"fit: {len(base_sampler)} samples per process cannot fill one step of batch_size {recipe.batch_size} x "
+            f"fit: {have} cannot fill one step of batch_size {recipe.batch_size} x "
             f"accum {accum}; lower --batch-size or global_batch"
         )
     total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
@@ -364,7 +387,7 @@ def fit(
                 break
             base_sampler.set_epoch(epoch)  # type: ignore[attr-defined]
             done_in_epoch = step - epoch * steps_per_epoch
-            sampler.skip = done_in_epoch * accum * recipe.batch_size
+            sampler.skip = done_in_epoch * accum * per_micro
             batches = _non_empty(loader)
             for _ in range(done_in_epoch, steps_per_epoch):
                 if step >= stop:
