@@ -230,3 +230,69 @@ def test_optimizer_state_by_name_round_trips():
                                                 depth=2, embed_dim=16, num_heads=2), load_recipe("digits"), lr=1e-3)
     with pytest.raises(ValueError, match="other parameters"):
         optimizer_state_by_index(by_name, other)
+
+
+# ---------------------------------------------------------------------------------------------- every family
+FAMILIES = textwrap.dedent("""
+    import json, sys, tempfile
+    from pathlib import Path
+    import torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[1])
+    import vitlab
+    from model_helpers import make_tiny
+    from vitlab.checkpoints import read_vitlab
+    from vitlab.models import get_entry
+    from vitlab.train import fit
+    from vitlab.train.distributed import DistContext
+    from vitlab.train.recipe import Recipe
+
+    dist.init_process_group("gloo")
+    rank, found = dist.get_rank(), {}
+    for name in vitlab.list_models():
+        found.setdefault(get_entry(name).family, name)
+    report = {}
+    for family, name in sorted(found.items()):
+        torch.manual_seed(0)
+        models = [make_tiny(name, num_classes=3) for _ in range(3)]
+        for m in models[1:]:
+            m.load_state_dict(models[0].state_dict())
+        c, h, w = models[0].preprocessing.input_size
+        g = torch.Generator().manual_seed(1)
+        data = torch.utils.data.TensorDataset(torch.randn(16, c, h, w, generator=g), torch.randint(0, 3, (16,), generator=g))
+        recipe = Recipe(optimizer="sgd", lr=0.01, batch_size=4, max_steps=2, workers=0, augment=False, log_every=1,
+                        fsdp=True)
+        with tempfile.TemporaryDirectory() as d:
+            two = DistContext(rank=rank, world_size=2)
+            fit(models[0], recipe, train_set=data, output_dir=f"{d}/fsdp", ctx=two, progress=False)
+            fit(models[1], recipe.replace(fsdp=False), train_set=data, output_dir=f"{d}/ddp", ctx=two, progress=False)
+            if rank == 0:
+                fit(models[2], recipe.replace(fsdp=False, batch_size=8), train_set=data, output_dir=f"{d}/one",
+                    ctx=DistContext(), progress=False)
+                sd = {k: read_vitlab(Path(d, k, "model.safetensors"))[0] for k in ("fsdp", "ddp", "one")}
+                diff = {k: max((sd["fsdp"][n] - sd[k][n]).abs().max().item() for n in sd["fsdp"]) for k in ("ddp", "one")}
+                report[family] = {"name": name, **diff,
+                                  "batch_norm": any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                    for m in models[2].modules())}
+            dist.barrier()
+    if rank == 0:
+        Path(sys.argv[2]).write_text(json.dumps(report))
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_every_family_trains_sharded_as_replicated(tmp_path):
+    """Each family's tiny model, 2 steps: FSDP equals DDP, and equals one process unless BatchNorm (whose
+    statistics are per process under DDP and FSDP alike) is in the model."""
+    script, out = tmp_path / "families.py", tmp_path / "report.json"
+    script.write_text(FAMILIES)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(Path(__file__).parent), str(out)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert len(report) >= 12
+    for family, r in report.items():
+        assert r["ddp"] < 1e-6, (family, r)
+        if not r["batch_norm"]:
+            assert r["one"] < 1e-6, (family, r)
