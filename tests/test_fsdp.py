@@ -32,6 +32,11 @@ TINY = ["--set", "augment=false", "--set", "model_overrides.drop_path_rate=0", "
         "--set", "warmup_epochs=0", "--set", "log_every=1", "--set", "ema_decay=0.9", "--set", "clip_grad=0.5", "--set", "val_fraction=0.1"]
 PARITY = ["train", "--data", "digits", "--steps", "3", "--no-progress", "--device", "cpu", "--set", "optimizer=sgd",
           "--set", "lr=0.05", *TINY]
+# fine-tuning the parity run's checkpoint at 12 px (positions resampled), and distilling it into a DeiT
+FINETUNE = ["finetune", "--data", "digits", "--img-size", "12", "--steps", "2", "--no-progress", "--device", "cpu",
+            "--set", "augment=false", "--set", "warmup_steps=0", "--set", "log_every=1", "--set", "global_batch=32"]
+DISTILL = ["train", "--model", "deit_tiny_distilled_patch16_224", "--data", "digits", "--steps", "2", "--no-progress",
+           "--device", "cpu", "--set", "optimizer=sgd", "--set", "lr=0.05", *TINY[:-6], "--set", "global_batch=32"]
 # resume: AdamW (its state per parameter is what must be re-sharded), 4 steps cut after 2
 RESUME = ["--set", "optimizer=adamw", "--set", "lr=0.003", "--set", "max_steps=4", *TINY]
 
@@ -44,9 +49,13 @@ SCRIPT = textwrap.dedent("""
     from vitlab.train.run import TrainJob, run_training
 
     out, parity, resume = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split()
+    finetune, distill = sys.argv[4].split(), sys.argv[5].split()
     dist.init_process_group("gloo")  # once for all jobs below
     assert main([*parity, "--fsdp", "--batch-size", "8", "--set", "global_batch=32", "--output",
                  str(out / "parity")]) == 0
+    ckpt = str(out / "parity" / "model.safetensors")
+    assert main([*finetune, "--from", ckpt, "--fsdp", "--batch-size", "16", "--output", str(out / "finetune")]) == 0
+    assert main([*distill, "--teacher", ckpt, "--fsdp", "--batch-size", "16", "--output", str(out / "distill")]) == 0
     recipe = apply_overrides(load_recipe("digits"), [s for s in resume if s != "--set"]).replace(
         fsdp=True, batch_size=16)
 
@@ -80,10 +89,18 @@ def sharded(tmp_path_factory) -> Path:
     script = out / "jobs.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(out), " ".join(PARITY), " ".join(RESUME)]
+           str(out), " ".join(PARITY), " ".join(RESUME), " ".join(FINETUNE), " ".join(DISTILL)]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     (out / "log.txt").write_text(res.stderr)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> Path:
+    """The parity run in one plain process with the same global batch (32)."""
+    out = tmp_path_factory.mktemp("plain") / "one"
+    assert main([*PARITY, "--batch-size", "32", "--output", str(out)]) == 0
     return out
 
 
@@ -96,9 +113,8 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
-def test_two_sharded_processes_match_one_plain_process(sharded, tmp_path):
-    assert main([*PARITY, "--batch-size", "32", "--output", str(tmp_path / "one")]) == 0
-    one, two = tmp_path / "one", sharded / "parity"
+def test_two_sharded_processes_match_one_plain_process(sharded, plain):
+    one, two = plain, sharded / "parity"
     log = (sharded / "log.txt").read_text()
     assert "global batch 32 (8 x 2 accum x 2 processes)" in log
     assert "FSDP: vit_tiny_patch16_224 sharded over 2 processes in 2 block unit(s)" in log
@@ -118,17 +134,31 @@ def test_two_sharded_processes_match_one_plain_process(sharded, tmp_path):
         r1["val"]["val_top1"])
 
 
-def test_sharded_checkpoint_loads_without_fsdp(sharded, tmp_path):
-    assert main([*PARITY, "--batch-size", "32", "--output", str(tmp_path / "one")]) == 0
-    plain = vitlab.load_model(tmp_path / "one" / "model.safetensors").eval()
+def test_sharded_checkpoint_loads_without_fsdp(sharded, plain):
+    reference = vitlab.load_model(plain / "model.safetensors").eval()
     loaded = vitlab.load_model(sharded / "parity" / "model.safetensors").eval()
     assert type(loaded).__name__ == "VisionTransformer"  # a plain module, not an FSDP subclass
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert (plain(x) - loaded(x)).abs().max() < 1e-5
+        assert (reference(x) - loaded(x)).abs().max() < 1e-5
     # and the other commands read it as any checkpoint
     assert main(["eval", "--checkpoint", str(sharded / "parity" / "model.safetensors"), "--data", "digits",
                  "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["finetune", "distill"])
+def test_finetune_and_distillation_sharded_match_one_process(sharded, tmp_path, kind):
+    ckpt = str(sharded / "parity" / "model.safetensors")
+    args = [*FINETUNE, "--from", ckpt] if kind == "finetune" else [*DISTILL, "--teacher", ckpt]
+    assert main([*args, "--batch-size", "32", "--output", str(tmp_path / "one")]) == 0
+    assert _losses(sharded / kind) == pytest.approx(_losses(tmp_path / "one"), abs=1e-6)
+    a, _ = read_vitlab(tmp_path / "one" / "model.safetensors")
+    b, meta = read_vitlab(sharded / kind / "model.safetensors")
+    assert _max_diff(a, b) < 1e-6
+    if kind == "finetune":
+        assert meta["config"]["img_size"] == 12 and b["pos_embed"].shape == a["pos_embed"].shape
+    else:
+        assert "head_dist.weight" in b
 
 
 def test_resume_under_fsdp_is_exact(sharded):
