@@ -109,6 +109,10 @@ def shard_model(model: nn.Module, *, device: torch.device, amp: str = "none") ->
 
 
 def is_sharded(module: nn.Module) -> bool:
+    import torch.distributed as dist
+
+    if not dist.is_available():  # a torch build without distributed support shards nothing
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)

@@ -42,7 +42,13 @@ from vitlab.checkpoints.vitlab_format import config_to_dict
 from vitlab.train.distributed import DistContext, all_reduce_mean, barrier
 from vitlab.train.ema import ModelEMA
 from vitlab.train.evaluate import EvalResult, autocast_context, evaluate
-from vitlab.train.fsdp import full_model_state, full_optimizer_state, load_full_model_state, load_optimizer_state, reshard
+from vitlab.train.fsdp import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_optimizer_state,
+    reshard,
+)
 from vitlab.train.objective import Metrics, Objective, objective_for
 from vitlab.train.optim import build_optimizer
 from vitlab.train.recipe import Recipe
@@ -316,10 +322,11 @@ def fit(
             if ctx.distributed:
                 rngs = [None] * ctx.world_size
                 dist.all_gather_object(rngs, get_rng_state())
-            # full state dicts on the CPU; under FSDP gathered on rank 0 (every rank takes part)
-            model_sd = full_model_state(net)
-            ema_sd = full_model_state(ema.module) if ema is not None else None
-            optim_sd = full_optimizer_state(net, optimizer) if recipe.fsdp else optimizer.state_dict()
+            model_sd = ema_sd = optim_sd = None
+            if ctx.is_main or recipe.fsdp:  # full state dicts on the CPU; FSDP gathers them (every rank takes part)
+                model_sd = full_model_state(net)
+                ema_sd = full_model_state(ema.module) if ema is not None else None
+                optim_sd = full_optimizer_state(net, optimizer) if recipe.fsdp else optimizer.state_dict()
             if ctx.is_main:
                 extra = {"step": step, "recipe": recipe.name, **({"val": val} if val else {}),
                          **({} if supervised else {"objective": objective.describe()})}
