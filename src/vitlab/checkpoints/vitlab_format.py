@@ -56,13 +56,17 @@ def model_metadata(model: nn.Module, *, class_names: list[str] | None = None,
 
 
 def save_model(model: nn.Module, path: str | Path, *, class_names: list[str] | None = None,
-               extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` as a self-describing vitlab checkpoint, atomically."""
+               extra: dict[str, Any] | None = None, state_dict: dict[str, Tensor] | None = None) -> Path:
+    """Write ``model`` as a self-describing vitlab checkpoint, atomically.
+
+    ``state_dict``: the weights to write instead of ``model.state_dict()`` (a sharded model's gathered
+    full state dict; ``model`` then only describes them)."""
     from safetensors.torch import save_file
 
     meta = model_metadata(model, class_names=class_names, extra=extra)
     # safetensors refuses shared storage; contiguous copies of tied/viewed tensors are fine here
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     header = {"vitlab": json.dumps(meta)}
     return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=header))
 

@@ -25,6 +25,8 @@ EXAMPLE = """examples:
   vitlab train --model xcit_nano_12_p16_224 --img-size 32 --set model_overrides.depth=2   # another family on digits
       (a recipe's model_overrides are for its own model: another family gets only the drop rates and crop_pct)
   torchrun --nproc_per_node 4 -m vitlab.cli.main train --model vit_base_patch16_224 --data ./images --device cuda
+  torchrun --nproc_per_node 8 -m vitlab.cli.main train --model vit_huge_patch14_224 --data ./images --device cuda \
+      --fsdp --set amp=bf16                      # sharded (FSDP): each GPU holds 1/8 of the model and optimiser
   vitlab train --output runs/mine --resume        # continue that run exactly where it stopped
 
 data sources: digits (bundled), an image folder (class sub-folders, or train/ val/ [test/]),
@@ -60,6 +62,10 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward (compile time reported apart; falls back to eager)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun (2+ processes): shard parameters, gradients and optimiser state across "
+                        "the processes (FSDP) instead of replicating them (DDP), for models too large for one "
+                        "device; checkpoints are written in the plain format (recipe field fsdp)")
     g = p.add_argument_group("distillation (DeiT)")
     g.add_argument("--teacher", help="teacher checkpoint (enables distillation)")
     g.add_argument("--distill", choices=["soft", "hard"], default="hard", help="distillation kind")
@@ -117,7 +123,8 @@ def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = 
         if model is not None:
             recipe = recipe.for_model(model)
     changes = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.steps), ("batch_size", args.batch_size),
-                                  ("img_size", args.img_size), ("workers", args.workers), ("seed", args.seed))
+                                  ("img_size", args.img_size), ("workers", args.workers), ("seed", args.seed),
+                                  ("fsdp", True if getattr(args, "fsdp", False) else None))
                if v is not None}
     recipe = recipe.replace(**changes) if changes else recipe
     return apply_overrides(recipe, args.overrides)
@@ -201,6 +208,9 @@ def run_dense(args: argparse.Namespace) -> int:
     """``--task detection|segmentation``: DETR / SETR on a data folder, then the held-out metrics."""
     from vitlab.tasks.run import DenseJob, format_metrics, run_dense_training
 
+    if getattr(args, "fsdp", False):
+        raise ValueError(f"--fsdp supports classification only, not --task {args.task} (which runs with DDP "
+                         f"under torchrun)")
     if args.data is None:
         raise ValueError(f"--task {args.task} needs --data DIR (train/ and val/ folders; see `vitlab make-canvases`)")
     default = "detr_canvases" if args.task == "detection" else "setr_canvases"

@@ -51,6 +51,8 @@ class Recipe:
     cpu_threads: intra-op threads of each process on the CPU (None: the cores the process is given,
         or OMP_NUM_THREADS; ``--threads`` wins). Shipped recipes leave it unset.
     checkpoint_every: also checkpoint every N optimiser steps (0: only at epoch ends and at the end).
+    fsdp: under torchrun, shard parameters, gradients and optimiser state across the processes (FSDP)
+        instead of replicating them (DDP); see :mod:`vitlab.train.fsdp` for what it supports.
     """
 
     name: str = "custom"
@@ -109,6 +111,7 @@ class Recipe:
     eval_every_epochs: int = 1
     checkpoint_every: int = 0
     log_every: int = 10
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         checks = [

@@ -173,6 +173,11 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     from vitlab.data.checks import check_classification_data
 
     recipe = job.recipe
+    if recipe.fsdp:
+        from vitlab.train.fsdp import check_fsdp
+
+        check_fsdp(world_size=ctx.world_size, amp=recipe.amp, compile=job.compile,
+                   time_budget=job.time_budget_s is not None and not job.resume)
     if ctx.is_main:
         check_output(job)
     common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
@@ -222,6 +227,10 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     if ctx.is_main and test_set is not None and result.step >= result.total_steps:
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(False)
+        if recipe.fsdp:  # the sharded model cannot run on one rank: its checkpoint, loaded without FSDP, can
+            import vitlab
+
+            model = vitlab.load_model(job.output / MODEL_FILE).to(ctx.device)
         summary["test"] = _test(model, test_set, recipe, ctx, "model")
         if recipe.ema_decay is not None:
             import vitlab

@@ -11,6 +11,8 @@ and scheduler step, then the objective's ``after_optimizer_step`` (EMA teachers)
 The run directory holds ``model.safetensors`` (a vitlab checkpoint: later commands need only this
 file), ``model_ema.safetensors`` when EMA is on, ``train_state.pt`` (everything ``--resume`` needs),
 ``recipe.json``, ``metrics.jsonl`` and TensorBoard events under ``tb/``. Only rank 0 writes.
+Under torchrun the model is replicated (DDP), or sharded with ``recipe.fsdp`` (:mod:`vitlab.train.fsdp`:
+the same files, gathered on rank 0; the optimiser state then by parameter name).
 
 Exact resumption: the sampler's order is a function of (seed, epoch) and the resumed epoch skips the
 sample indices already consumed without loading them; every random generator is restored; evaluation
@@ -40,6 +42,13 @@ from vitlab.checkpoints.vitlab_format import config_to_dict
 from vitlab.train.distributed import DistContext, all_reduce_mean, barrier
 from vitlab.train.ema import ModelEMA
 from vitlab.train.evaluate import EvalResult, autocast_context, evaluate
+from vitlab.train.fsdp import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_optimizer_state,
+    reshard,
+)
 from vitlab.train.objective import Metrics, Objective, objective_for
 from vitlab.train.optim import build_optimizer
 from vitlab.train.recipe import Recipe
@@ -233,7 +242,8 @@ def fit(
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     out = Path(output_dir)
     device = ctx.device
-    model.to(device)
+    if not recipe.fsdp:  # FSDP moves only each rank's shard to the device
+        model.to(device)
     net = _unwrap(model)
     if not hasattr(net, "model_name"):
         raise ValueError("fit: build the model with vitlab.create_model so that its checkpoint is self-describing")
@@ -276,16 +286,26 @@ def fit(
 
     # ---- the objective and optimisation
     objective = objective or objective_for(criterion, recipe, num_classes)
+    if recipe.fsdp:
+        from vitlab.train.fsdp import check_fsdp
+
+        check_fsdp(world_size=ctx.world_size, amp=recipe.amp, compile=compile, objective=objective.name,
+                   trains_extra_modules=bool(objective.trainable_modules()))
     objective.to(device)
     objective.setup(net, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     owned = objective.trainable_modules()
+    ema = ModelEMA(net, decay=recipe.ema_decay) if recipe.ema_decay is not None else None
+    if recipe.fsdp:  # before the optimiser: sharding replaces the parameters; the EMA is sharded alike
+        from vitlab.train.fsdp import shard_model
+
+        for m in (net, *([ema.module] if ema is not None else [])):
+            shard_model(m, device=device, amp=recipe.amp)
     optimizer = build_optimizer(net, recipe, lr=lr, extra=owned)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, kind=recipe.schedule,
                                 peak_lr=lr, min_lr=min(recipe.min_lr, lr))
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.amp == "fp16" and device.type == "cuda")
     if recipe.amp == "fp16" and device.type != "cuda":
         raise ValueError("amp=fp16 needs CUDA (a gradient scaler on the GPU); use --set amp=bf16 on the CPU")
-    ema = ModelEMA(net, decay=recipe.ema_decay) if recipe.ema_decay is not None else None
 
     # ---- state: fresh or resumed
     step = 0
@@ -299,7 +319,7 @@ def fit(
         _seed_everything(recipe.seed + 1000 * ctx.rank)
 
     step_module = _Step(net, objective)
-    if ctx.distributed:
+    if ctx.distributed and not recipe.fsdp:
         model = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None)
     else:
@@ -325,18 +345,24 @@ def fit(
             if ctx.distributed:
                 rngs = [None] * ctx.world_size
                 dist.all_gather_object(rngs, get_rng_state())
+            model_sd = ema_sd = optim_sd = None
+            if ctx.is_main or recipe.fsdp:  # full state dicts on the CPU; FSDP gathers them (every rank takes part)
+                model_sd = full_model_state(net)
+                ema_sd = full_model_state(ema.module) if ema is not None else None
+                optim_sd = full_optimizer_state(net, optimizer) if recipe.fsdp else optimizer.state_dict()
             if ctx.is_main:
                 extra = {"step": step, "recipe": recipe.name, **({"val": val} if val else {}),
                          **({} if supervised else {"objective": objective.describe()})}
-                save_model(net, out / MODEL_FILE, class_names=class_names, extra=extra)
+                save_model(net, out / MODEL_FILE, class_names=class_names, extra=extra, state_dict=model_sd)
                 if ema is not None:
-                    save_model(ema.module, out / EMA_FILE, class_names=class_names, extra={**extra, "ema": True})
+                    save_model(ema.module, out / EMA_FILE, class_names=class_names, extra={**extra, "ema": True},
+                               state_dict=ema_sd)
                 save_train_state(out / STATE_FILE, {
                     "model_name": net.model_name, "model_config": config_to_dict(net.cfg),
                     "step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
-                    "global_batch": global_batch, "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+                    "global_batch": global_batch, "model": model_sd,
+                    "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "ema": ema_sd,
                     "objective_name": objective.name, "objective": objective.state_dict(),
                     "rng": rngs, "recipe": recipe.to_dict(),
                 })
@@ -347,7 +373,7 @@ def fit(
             return None
         res: dict[str, Any] = {}
         with preserved_rng():
-            if ctx.is_main:
+            if ctx.is_main or recipe.fsdp:  # a sharded model evaluates on every rank (each gathers its units)
                 r = evaluate(net, val_set, num_classes=num_classes, batch_size=max(recipe.batch_size, 256),
                              device=device, amp=recipe.amp)
                 res = {f"val_{k}": v for k, v in r.summary().items()}
@@ -355,6 +381,9 @@ def fit(
                     re_ = evaluate(ema.module, val_set, num_classes=num_classes,
                                    batch_size=max(recipe.batch_size, 256), device=device, amp=recipe.amp)
                     res.update({f"val_ema_{k}": v for k, v in re_.summary().items()})
+                for m in (net, *([ema.module] if ema is not None else [])):
+                    reshard(m)
+            if ctx.is_main:
                 writers.write({"kind": "val", "step": step, "epoch": epoch, **res})
                 log.info("epoch %d step %d: val loss %.4f top-1 %.4f%s", epoch + 1, step, res["val_loss"],
                          res["val_top1"], f" (EMA {res['val_ema_top1']:.4f})" if ema is not None else "")
@@ -401,7 +430,9 @@ def fit(
                                            "undecodable images were skipped")
                     batch = _to_device(batch, device)
                     sync = micro == accum - 1
-                    no_sync = model.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()
+                    # DDP: no all-reduce before the last micro-batch; FSDP reduce-scatters each (sharded sums)
+                    no_sync = (model.no_sync() if ctx.distributed and not sync and not recipe.fsdp
+                               else contextlib.nullcontext())
                     with no_sync:
                         with autocast_context(device, recipe.amp):
                             loss, metrics = forward(batch)
@@ -475,20 +506,27 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     if was != recipe.optimizer:
         raise CheckpointError(f"--resume: {path} was trained with optimizer {was!r}, this run "
                               f"asks for {recipe.optimizer!r}; its optimizer state cannot be reused")
-    load_strict(net, state["model"], source=str(path))
+    if recipe.fsdp:
+        load_full_model_state(net, state["model"])
+    else:
+        load_strict(net, state["model"], source=str(path))
     if state.get("objective_name", "classification") != objective.name:
         raise CheckpointError(f"--resume: {path} was trained with the {state.get('objective_name')!r} "
                               f"objective, this run asks for {objective.name!r}")
     objective.load_state_dict(state.get("objective", {}))
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(net, optimizer, state["optimizer"])  # by index (one process, DDP) or by name (FSDP)
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     if ema is not None:
         if state.get("ema") is None:
             raise CheckpointError(f"{path}: the run had no EMA; resume with the same recipe")
-        ema.module.load_state_dict(state["ema"])
+        if recipe.fsdp:
+            load_full_model_state(ema.module, state["ema"])
+        else:
+            ema.module.load_state_dict(state["ema"])
     step = int(state["step"])
-    logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description"}
+    logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description",
+                 "fsdp"}
     changed = sorted(k for k, v in recipe.to_dict().items()
                      if k not in logistics and state.get("recipe", {}).get(k) != v)
     if changed or state.get("total_steps") != total_steps or state.get("global_batch") != global_batch:
