@@ -399,8 +399,12 @@ def test_pretrain_dvae_then_beit_with_its_tokenizer(tmp_path):
     assert "dvae tokens" in json.loads((out / "recipe.json").read_text())["resolved"]["objective"]
     sd, meta = read_vitlab(out / "model.safetensors")
     assert meta["config"]["num_classes"] == 0
-    # a resumed run reads the tokenizer from its own state
+    # the run keeps its tokenizer: a resumed run needs nothing outside its directory
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(load_tokenizer(out).tokenize(x), tok.tokenize(x))
+    (tok_run / "tokenizer.safetensors").unlink()
     assert main(["pretrain", "--output", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
+    assert load_train_state(out / "train_state.pt")["step"] == 3
 
 
 def test_pretrain_vqkd_with_a_teacher_then_beit2(tmp_path, caplog):

@@ -256,7 +256,8 @@ class DVAETokenizer(nn.Module):
         if pixels.shape[-2] % p or pixels.shape[-1] % p:
             raise ValueError(f"dVAE tokenizer: image size {tuple(pixels.shape[-2:])} is not a multiple of its "
                              f"patch size {p}")
-        return self.dvae.tokens(pixels.to(self.dvae.codebook.weight.dtype))
+        with torch.autocast(pixels.device.type, enabled=False):  # tokens do not depend on mixed precision
+            return self.dvae.tokens(pixels.to(self.dvae.codebook.weight.dtype))
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.tokenize(pixels)

@@ -11,7 +11,9 @@ The tokenizer methods train a tokenizer for BEiT instead of a backbone: ``dvae``
 with one token per patch of the recipe's (or ``--model``'s) backbone (the run's ``model.safetensors``
 is then the dVAE, not a backbone), ``vqkd`` trains BEiT v2's tokenizer whose encoder is the backbone
 (against ``--teacher``'s features). Both write ``tokenizer.safetensors``, which ``--method beit`` and
-``--method beit2`` read with ``--tokenizer`` (the file or the run directory).
+``--method beit2`` read with ``--tokenizer`` (the file or the run directory). A beit / beit2 run keeps a
+copy of the tokenizer it uses (the fitted k-means codebook included) as its own ``tokenizer.safetensors``:
+``--resume`` reads it from there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitlab.ssl.tokenizer import TOKENIZER_FILE, save_tokenizer
 from vitlab.train.distributed import distributed_context
 from vitlab.train.objective import Objective
 from vitlab.train.recipe import Recipe
@@ -180,9 +183,17 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
                 model = DiscreteVAE.for_backbone(model, **dvae_opts).to(ctx.device)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"--opt for dvae: {e}") from None
-        objective = build_objective(job.method, model, job.options)
-        if job.method == "beit" and not job.options.get("tokenizer") and not job.resume:
+        options = dict(job.options)
+        own_tokenizer = job.output / TOKENIZER_FILE
+        if job.method in ("beit", "beit2") and job.resume and own_tokenizer.is_file():
+            options["tokenizer"] = str(own_tokenizer)  # the run's own copy (the original may have moved)
+        objective = build_objective(job.method, model, options)
+        if job.method == "beit" and not options.get("tokenizer") and not job.resume:
             _fit_tokenizer(objective, train_set, model, job)  # (a resumed run reads its tokenizer from the state)
+        if ctx.is_main and job.method in ("beit", "beit2") and not job.resume:
+            # the run directory keeps the tokenizer its targets come from: resumable and reusable as --tokenizer
+            save_tokenizer(objective.tokenizer, own_tokenizer,
+                           extra={"source": options.get("tokenizer") or f"k-means on {job.data}"})
         train_set.transform = _transform(job, model)
         result = fit(model, recipe, train_set=train_set, output_dir=job.output, ctx=ctx, resume=job.resume,
                      objective=objective, until_step=job.until_step, progress=job.progress)
@@ -193,8 +204,6 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
                                    "checkpoint": str(result.model_path)}
         tokenizer = _tokenizer_of(job, model, objective)
         if ctx.is_main and tokenizer is not None:
-            from vitlab.ssl.tokenizer import TOKENIZER_FILE, save_tokenizer
-
             save_tokenizer(tokenizer, job.output / TOKENIZER_FILE, extra={"step": result.step, "data": job.data})
             summary["tokenizer"] = str(job.output / TOKENIZER_FILE)
         if ctx.is_main and job.method == "dino":

@@ -108,8 +108,10 @@ class NormEMAQuantizer(nn.Module):
         """z (..., d) -> (normalised z, its codes' vectors, code ids (...,)); the codebook is untouched."""
         z = F.normalize(z, dim=-1)
         flat = z.reshape(-1, z.shape[-1])  # (n, d)
-        # on unit vectors the nearest code by distance is the one with the largest dot product
-        ids = (flat @ self.codebook.to(flat.dtype).t()).argmax(1)  # (n,)
+        # on unit vectors the nearest code by distance is the one with the largest dot product (in float32,
+        # so that mixed precision does not change the tokens)
+        with torch.autocast(z.device.type, enabled=False):
+            ids = (flat.float() @ self.codebook.float().t()).argmax(1)  # (n,)
         z_q = self.codebook[ids].to(z.dtype).view_as(z)
         return z, z_q, ids.view(z.shape[:-1])
 
@@ -269,7 +271,8 @@ class VQKDTokenizer(nn.Module):
         pre = self.encoder.preprocessing
         c, h, w = pre.input_size
         x = normalise(_fit_channels(resize_to(pixels.float(), (h, w)), c, "the VQ-KD tokenizer"), pre.mean, pre.std)
-        _, _, ids = self.quantizer.quantize(self.encode(x))
+        with torch.autocast(x.device.type, enabled=False):  # tokens do not depend on mixed precision
+            _, _, ids = self.quantizer.quantize(self.encode(x))
         rows, cols = self.token_grid((h, w))
         return ids.view(-1, rows, cols)
 
