@@ -177,7 +177,8 @@ class DiscreteVAE(nn.Module):
 
     def decode_tokens(self, tokens: Tensor) -> Tensor:
         """Token ids (B, h, w) -> reconstructed [0, 1] pixels (B, C, H, W)."""
-        one_hot = F.one_hot(tokens, self.cfg.vocab_size).permute(0, 3, 1, 2).to(self.codebook.weight.dtype)
+        one_hot = F.one_hot(tokens, self.cfg.vocab_size).permute(0, 3, 1, 2)  # (B, V, h, w)
+        one_hot = one_hot.to(self.codebook.weight.dtype)
         return self.reconstruction(self.decode(one_hot))
 
     def reconstruction(self, out: Tensor) -> Tensor:
