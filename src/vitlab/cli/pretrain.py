@@ -1,7 +1,10 @@
 """``vitlab pretrain``: self-supervised pre-training of a backbone on unlabelled images.
 
 Methods: ``mpp`` (the ViT paper's masked patch prediction), ``mae`` (masked autoencoder), ``dino``
-(self-distillation), ``beit`` (blockwise masked image modelling against k-means visual tokens).
+(self-distillation), ``beit`` (blockwise masked image modelling against visual tokens: k-means, or a
+tokenizer given with ``--tokenizer``), ``beit2`` (BEiT v2: against a VQ-KD tokenizer, with patch
+aggregation). Tokenizers for BEiT: ``dvae`` (a discrete VAE) and ``vqkd`` (BEiT v2's vector-quantised
+knowledge distillation of ``--teacher``'s features); they write ``tokenizer.safetensors``.
 Labels of the data source, if any, are ignored. The run directory's
 ``model.safetensors`` is a backbone without a classifier that ``vitlab finetune --from``, ``eval``,
 ``fewshot`` and ``explain`` read directly.
@@ -18,12 +21,18 @@ from vitlab.cli.common import add_device_argument
 from vitlab.train.recipe import list_recipes
 
 log = logging.getLogger("vitlab")
+METHODS = ("mpp", "mae", "dino", "beit", "beit2", "dvae", "vqkd")  # vitlab.ssl.METHODS, without importing torch here
 
 EXAMPLE = """examples:
   vitlab pretrain --method mae --model vit_small_patch16_224 --data ./unlabelled --img-size 224 --epochs 100
   vitlab pretrain --method dino --model vit_tiny_patch16_224 --data /data/cifar10 --img-size 32 \\
       --set model_overrides.patch_size=4 --opt out_dim=4096 --opt num_local=6
   vitlab pretrain --method mpp --recipe digits --data digits --steps 200
+  vitlab pretrain --method dvae --recipe digits --data digits --output runs/dvae --opt vocab_size=64
+  vitlab pretrain --method beit --recipe digits --data digits --tokenizer runs/dvae
+  vitlab pretrain --method vqkd --recipe digits --data digits --teacher runs/dino/teacher.safetensors \
+      --output runs/vqkd --opt vocab_size=256
+  vitlab pretrain --method beit2 --recipe digits --data digits --tokenizer runs/vqkd
   vitlab finetune --from runs/pretrain-mae-vit_small_patch16_224/model.safetensors --data ./labelled
   vitlab pretrain --output runs/mine --resume      # continue that run exactly where it stopped
 
@@ -31,16 +40,21 @@ EXAMPLE = """examples:
 decoder_heads, norm_pix_loss; mpp: ratio, mask_prob, random_prob, bits; dino: out_dim, hidden_dim,
 bottleneck_dim, teacher_temp, student_temp, momentum, center_momentum, freeze_last_layer_epochs,
 clip_per_param, num_local, local_size; beit: vocab_size, ratio, min_patches, tokenizer_iters
-(BEiT here: blockwise masks with a k-means tokenizer over patch pixels, not the DALL-E dVAE).
+(without --tokenizer: a k-means tokenizer over patch pixels, not the DALL-E dVAE); beit2: ratio,
+min_patches, early_layers, aggregation_depth, aggregation_heads; dvae: vocab_size, embed_dim,
+hidden_dim, num_resblocks, recon (logit_laplace, l1, mse), tau_start, tau_end, anneal, kl_weight,
+kl_warmup, hard; vqkd: vocab_size, code_dim, decay, beta, kmeans_init, decoder_dim, decoder_depth,
+decoder_heads, dead_after.
 recipes: {recipes} (default: the method's own) or a JSON file; --set changes any field."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="self-supervised pre-training (mpp, mae, dino, beit) on unlabelled images",
+    p = sub.add_parser("pretrain", help="self-supervised pre-training (mpp, mae, dino, beit, beit2) and BEiT "
+                                        "tokenizers (dvae, vqkd) on unlabelled images",
                        description="Pre-train a backbone with a self-supervised objective; labels are ignored.",
                        epilog=EXAMPLE.format(recipes=", ".join(list_recipes())),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=["mpp", "mae", "dino", "beit"], help="the objective (with --resume: the run's own)")
+    p.add_argument("--method", choices=list(METHODS), help="the objective (with --resume: the run's own)")
     p.add_argument("--model", help="registered model name (default: the recipe's model)")
     p.add_argument("--data", help="data source (default: digits)")
     p.add_argument("--recipe", help="shipped recipe name or JSON file (default: the method's recipe)")
@@ -55,6 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a recipe field (repeatable)")
     p.add_argument("--opt", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the objective (repeatable; value as JSON, e.g. --opt mask_ratio=0.6)")
+    p.add_argument("--tokenizer", metavar="RUN_OR_FILE",
+                   help="beit, beit2: the visual tokenizer (tokenizer.safetensors of a dvae or vqkd run, or its "
+                        "directory); beit without it fits a k-means codebook")
+    p.add_argument("--teacher", metavar="CKPT", help="vqkd: the vitlab checkpoint whose features are the targets")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
     p.add_argument("--workers", type=int, help="data loader worker processes")
     add_device_argument(p)
@@ -83,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
 
     saved = saved_run(args, args.output) if args.output is not None else None
     options = parse_options(args.options)
+    for key in ("tokenizer", "teacher"):  # kept as absolute paths, so that --resume works from anywhere
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = str(Path(value).expanduser().absolute())
     if saved is not None:
         job_saved = saved["job"]
         args.method = args.method or job_saved.get("method")
@@ -90,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         args.data = args.data or job_saved.get("data")
         options = {**job_saved.get("options", {}), **options}
     if args.method is None:
-        raise ValueError("--method: choose mpp, mae, dino or beit")
+        raise ValueError(f"--method: choose one of {', '.join(METHODS)}")
     recipe = resolve_recipe(args, args.method, saved)  # default: the method's own recipe
     model = args.model or recipe.model
     output = args.output or Path("runs") / f"pretrain-{args.method}-{model}"
@@ -103,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("error: %s", e)
         return 1
     last = {k: v for k, v in summary["last"].items() if k not in ("kind", "epoch", "step", "lr")}
-    log.info("%s pre-training: %d steps in %.1f s (%s); backbone: %s", summary["method"], summary["steps"],
-             summary["train_seconds"], ", ".join(f"{k} {v:.4g}" for k, v in last.items()), summary["checkpoint"])
+    made = f"tokenizer: {summary['tokenizer']}" if "tokenizer" in summary else f"backbone: {summary['checkpoint']}"
+    log.info("%s pre-training: %d steps in %.1f s (%s); %s", summary["method"], summary["steps"],
+             summary["train_seconds"], ", ".join(f"{k} {v:.4g}" for k, v in last.items()), made)
     return 0

@@ -324,6 +324,7 @@ class VisionTransformer(nn.Module):
         norm: bool = False,
         output_fmt: Literal["NLC", "NCHW"] = "NLC",
         return_prefix_tokens: bool = False,
+        mask: TokenMasker | None = None,
     ) -> tuple[Tensor, list[Tensor] | list[tuple[Tensor, Tensor]]]:
         """Run the model and keep the outputs of the chosen blocks.
 
@@ -332,6 +333,8 @@ class VisionTransformer(nn.Module):
             norm: pass each intermediate through the final norm.
             output_fmt: "NLC" (B, N, D) patch tokens or "NCHW" (B, D, rows, cols) maps.
             return_prefix_tokens: return (patch_tokens, prefix_tokens) pairs.
+            mask: the token-masking hook, as in ``forward_features`` (BEiT v2's patch aggregation reads a
+                masked forward's intermediate tokens); "NCHW" needs a masker that keeps every token.
         Returns:
             (the output of forward_features, the intermediates).
         """
@@ -340,7 +343,9 @@ class VisionTransformer(nn.Module):
         take = set(take_indices(len(self.blocks), indices))
         final_norm = self.norm if not isinstance(self.norm, nn.Identity) else self.fc_norm
         B = x.shape[0]
-        x, grid = self._embed(x)
+        x, grid = self._embed(x, mask)
+        if output_fmt == "NCHW" and x.shape[1] != self.num_prefix_tokens + grid[0] * grid[1]:
+            raise ValueError("forward_intermediates: output_fmt='NCHW' needs every token; the mask dropped some")
         outs = []
         for i, blk in enumerate(self.blocks):
             x = blk(x)

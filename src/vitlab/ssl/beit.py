@@ -6,25 +6,34 @@ of at least 16 patches on a 14 x 14 grid, aspect ratio 0.3-3.3); their patch emb
 by a learned mask embedding before position embeddings are added, and the model predicts each masked
 patch's visual token from its output token (cross entropy on masked positions only, accuracy logged).
 
-Deviations, stated: BEiT's tokenizer is the DALL-E discrete VAE (8192 tokens), an external download
-that executes code when unpickled; here the tokenizer is a k-means codebook over per-patch-normalised
-pixels (:class:`KMeansTokenizer`, fitted on a sample of the training images; the reference notes list
-it as the practical CPU-scale stand-in, not in the official code). The backbone is whatever model is
-trained (a vitlab ViT), not BEiT's own family with a shared relative position bias and LayerScale;
-that family, BEiT v2's VQ-KD tokenizer and BEiT-3 are not implemented. The minimum block scales with
-the grid (16 patches of 196, so at least 2 on small grids) unless given.
+Tokenizers (:mod:`vitlab.ssl.tokenizer`): BEiT's is the DALL-E discrete VAE (8192 tokens), an external
+download that executes code when unpickled. vitlab's are (a) a k-means codebook over per-patch-normalised
+pixels (:class:`KMeansTokenizer`, fitted on a sample of the training images before training: the
+default, a CPU-scale stand-in that is not in the official code), (b) a discrete VAE trained by
+``vitlab pretrain --method dvae`` (:mod:`vitlab.ssl.dvae`, the DALL-E kind, one token per patch) and
+(c) BEiT v2's VQ-KD tokenizer (:mod:`vitlab.ssl.vqkd`), given with ``--tokenizer RUN_OR_FILE``.
+
+:class:`BEiT2` adds BEiT v2's patch-aggregation loss (``vitlab pretrain --method beit2``).
+
+Deviations, stated: the backbone is whatever model is trained (a vitlab ViT), not necessarily BEiT's own
+family with a shared relative position bias and LayerScale. The minimum block scales with the grid (16
+patches of 196, so at least 2 on small grids) unless given.
 """
 
 from __future__ import annotations
 
+import os
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitlab.layers import Block
 from vitlab.ssl.masking import BlockMasking, patch_grid, patchify
 from vitlab.ssl.mpp import MaskEmbedding
+from vitlab.ssl.tokenizer import Tokenizer, check_grid, load_tokenizer, to_pixels
 from vitlab.train.objective import Metrics, Objective
 
 
@@ -33,12 +42,34 @@ def _normalise_patches(p: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 class KMeansTokenizer(nn.Module):
-    """Visual tokens from a k-means codebook (V, P) over per-patch-normalised pixels; frozen."""
+    """Visual tokens from a k-means codebook (V, P) over per-patch-normalised pixels; frozen.
+
+    A :class:`~vitlab.ssl.tokenizer.Tokenizer` (``kind="kmeans"``): ``tokenize`` takes [0, 1] pixels; ``fit``
+    and ``forward`` take any images in the same representation as each other (per-patch normalisation
+    removes a level and a scale common to all channels).
+    """
+
+    kind = "kmeans"
 
     def __init__(self, vocab_size: int, patch: tuple[int, int], channels: int) -> None:
         super().__init__()
         self.patch = tuple(patch)
+        self.channels = channels
         self.register_buffer("codebook", torch.zeros(vocab_size, patch[0] * patch[1] * channels))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.codebook.shape[0]
+
+    def config(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size, "patch": list(self.patch), "channels": self.channels}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> KMeansTokenizer:
+        return cls(int(cfg["vocab_size"]), tuple(cfg["patch"]), int(cfg["channels"]))
+
+    def token_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        return size[0] // self.patch[0], size[1] // self.patch[1]
 
     @torch.no_grad()
     def fit(self, images: Tensor, *, iters: int = 20, seed: int = 0) -> KMeansTokenizer:
@@ -64,6 +95,10 @@ class KMeansTokenizer(nn.Module):
         p = _normalise_patches(patchify(images.float(), self.patch))  # (B, N, P)
         return torch.cdist(p, self.codebook.unsqueeze(0).expand(p.shape[0], -1, -1)).argmin(-1)
 
+    def tokenize(self, pixels: Tensor) -> Tensor:
+        """[0, 1] pixels (B, C, H, W) -> token ids (B, rows, cols)."""
+        return self(pixels).view(pixels.shape[0], *self.token_grid(tuple(pixels.shape[-2:])))
+
 
 class BlockMasker:
     """BEiT's masking as a :class:`~vitlab.layers.token_mask.TokenMasker`: a block mask per sample,
@@ -83,40 +118,162 @@ class BlockMasker:
 
 
 class BEiT(Objective):
-    """Masked image modelling against visual tokens of a frozen ``tokenizer`` (default: a k-means codebook
-    fitted by :meth:`fit_tokenizer` before training)."""
+    """Masked image modelling against visual tokens of a frozen ``tokenizer``: a
+    :class:`~vitlab.ssl.tokenizer.Tokenizer` module, the path of a tokenizer file or run directory
+    (``vitlab pretrain --method dvae|vqkd``), or None for a k-means codebook (``vocab_size`` tokens,
+    default 512) fitted by :meth:`fit_tokenizer` before training. The tokenizer sees the backbone's
+    input as [0, 1] pixels and must give one token per patch."""
 
     name = "beit"
 
-    def __init__(self, model: nn.Module, *, vocab_size: int = 512, ratio: float = 0.4,
-                 min_patches: int | None = None, tokenizer: nn.Module | None = None) -> None:
-        _, patch = patch_grid(model)
+    def __init__(self, model: nn.Module, *, vocab_size: int | None = None, ratio: float = 0.4,
+                 min_patches: int | None = None, tokenizer: nn.Module | str | None = None) -> None:
+        grid, patch = patch_grid(model)
         device = next(model.parameters()).device
+        pre = model.preprocessing
+        self.mean, self.std = pre.mean, pre.std
         self.ratio, self.min_patches = ratio, min_patches
         self.num_prefix_tokens = model.num_prefix_tokens
-        self.tokenizer = (tokenizer or KMeansTokenizer(vocab_size, patch, model.preprocessing.input_size[0]))
-        self.tokenizer.to(device).eval().requires_grad_(False)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer, device=device)
+        if tokenizer is None:
+            tokenizer = KMeansTokenizer(vocab_size or 512, patch, pre.input_size[0])
+        elif not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"{self.name}: {type(tokenizer).__name__} is not a Tokenizer (tokenize, token_grid, "
+                            f"vocab_size, kind, config)")
+        elif vocab_size is not None and vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"{self.name}: vocab_size={vocab_size} but the {tokenizer.kind} tokenizer has "
+                             f"{tokenizer.vocab_size} tokens; leave vocab_size out with a tokenizer")
+        check_grid(tokenizer, tuple(pre.input_size[1:]), grid, self.name)
+        self.tokenizer = tokenizer.to(device).eval().requires_grad_(False)
         self.mask_embedding = MaskEmbedding(model.num_features).to(device)
-        self.head = nn.Linear(model.num_features, vocab_size).to(device)
+        self.head = nn.Linear(model.num_features, tokenizer.vocab_size).to(device)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     def fit_tokenizer(self, images: Tensor, **kw: Any) -> BEiT:
-        self.tokenizer.fit(images, **kw)
+        """Fit the k-means tokenizer on ``images`` (normalised as the backbone's input)."""
+        if not isinstance(self.tokenizer, KMeansTokenizer):
+            raise TypeError(f"{self.name}: only the k-means tokenizer is fitted here; the {self.tokenizer.kind} "
+                            f"tokenizer was trained by its own run")
+        self.tokenizer.fit(to_pixels(images.float(), self.mean, self.std), **kw)
         return self
 
     def modules(self) -> dict[str, nn.Module]:
         return {"mask_embedding": self.mask_embedding, "head": self.head, "tokenizer": self.tokenizer}
 
     def describe(self) -> str:
-        return f"beit (blockwise {self.ratio:g}, {self.head.out_features} k-means tokens)"
+        return f"{self.name} (blockwise {self.ratio:g}, {self.head.out_features} {self.tokenizer.kind} tokens)"
+
+    def targets(self, images: Tensor) -> Tensor:
+        """Token ids (B, N) of the backbone's input ``images``."""
+        return self.tokenizer.tokenize(to_pixels(images.float(), self.mean, self.std)).flatten(1)
+
+    def masker(self) -> BlockMasker:
+        return BlockMasker(self.mask_embedding.weight, self.ratio, self.min_patches)
 
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        targets = self.tokenizer(images)  # (B, N)
-        masker = BlockMasker(self.mask_embedding.weight, self.ratio, self.min_patches)
+        targets = self.targets(images)  # (B, N)
+        masker = self.masker()
         tokens = model.forward_features(images, mask=masker)[:, self.num_prefix_tokens:]  # (B, N, D)
         logits = self.head(tokens[masker.mask])  # (M, V): masked positions only
         loss = F.cross_entropy(logits.float(), targets[masker.mask])
         acc = (logits.argmax(-1) == targets[masker.mask]).float().mean()
         return loss, {"mlm_acc": acc.detach()}
+
+
+class PatchAggregation(nn.Module):
+    """BEiT v2's shallow head: a few blocks over [prefix tokens of the last layer, patch tokens of an
+    earlier layer], then a LayerNorm; its patch outputs go through the shared MIM head."""
+
+    def __init__(self, dim: int, *, depth: int = 2, num_heads: int | None = None, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        heads = num_heads or (dim // 64 if dim % 64 == 0 and dim >= 64 else 1)
+        self.blocks = nn.Sequential(*[Block(dim, num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+                                            norm_layer=norm_layer) for _ in range(depth)])
+        self.norm = norm_layer(dim)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.blocks(x))
+
+
+class BEiT2(BEiT):
+    """BEiT v2 masked image modelling (Peng et al. 2022, arXiv:2208.06366, section 2.3): BEiT's blockwise
+    masking and masked-token cross entropy against a VQ-KD tokenizer's codes, plus the patch-aggregation
+    loss: the last layer's class token(s) joined with the patch tokens of block ``early_layers`` (9 of 12
+    for ViT-B, 21 of 24 for ViT-L; default: depth - 3) pass through ``aggregation_depth`` (2) new blocks,
+    and the shared MIM head predicts the masked tokens from them too; loss = CE(last layer) + CE(aggregated).
+    The aggregation head is discarded after pre-training, so the class token must gather the image's
+    information to serve it.
+
+    The backbone needs a class token and ``forward_intermediates(..., mask=...)`` (the masking hook of
+    :mod:`vitlab.layers.token_mask` on the intermediate-feature path).
+    """
+
+    name = "beit2"
+
+    def __init__(self, model: nn.Module, *, tokenizer: nn.Module | str, vocab_size: int | None = None,
+                 ratio: float = 0.4, min_patches: int | None = None, early_layers: int | None = None,
+                 aggregation_depth: int = 2, aggregation_heads: int | None = None) -> None:
+        if tokenizer is None:
+            raise ValueError("beit2: give a tokenizer (--tokenizer RUN_OR_FILE of a `vitlab pretrain --method vqkd` "
+                             "run)")
+        if model.num_prefix_tokens < 1:
+            raise ValueError("beit2: the patch aggregation reads the class token; this backbone has none")
+        super().__init__(model, vocab_size=vocab_size, ratio=ratio, min_patches=min_patches, tokenizer=tokenizer)
+        depth = self._depth(model)
+        self.early_layers = early_layers if early_layers is not None else max(1, depth - 3)
+        if not 1 <= self.early_layers <= depth:
+            raise ValueError(f"beit2: early_layers must lie in 1..{depth} (the backbone's blocks), got {early_layers}")
+        device = next(model.parameters()).device
+        self.aggregation = PatchAggregation(model.num_features, depth=aggregation_depth,
+                                            num_heads=aggregation_heads).to(device)
+
+    @staticmethod
+    @torch.no_grad()
+    def _depth(model: nn.Module) -> int:
+        c, h, w = model.preprocessing.input_size
+        x = torch.zeros(1, c, h, w, device=next(model.parameters()).device)
+        was = model.training
+        model.eval()
+        try:
+            _, inter = model.forward_intermediates(x, None, mask=lambda t, g: (t, None))
+        except TypeError as e:
+            raise TypeError(f"beit2: {getattr(model, 'model_name', type(model).__name__)} has no masking hook on "
+                            f"forward_intermediates(x, indices, mask=...); the patch aggregation needs it") from e
+        finally:
+            model.train(was)
+        return len(inter)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {**super().modules(), "aggregation": self.aggregation}
+
+    def describe(self) -> str:
+        return super().describe() + f", patch aggregation from block {self.early_layers}"
+
+    def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        targets = self.targets(images)  # (B, N)
+        masker = self.masker()
+        p = self.num_prefix_tokens
+        final, inter = model.forward_intermediates(images, [self.early_layers - 1], mask=masker,
+                                                   return_prefix_tokens=True)
+        early_patches = inter[0][0]  # (B, N, D): patch tokens after block early_layers, before the final norm
+        agg = self.aggregation(torch.cat([final[:, :p], early_patches], dim=1))[:, p:]  # (B, N, D)
+        m = masker.mask
+        t = targets[m]
+        logits = self.head(final[:, p:][m])  # (M, V): masked positions only
+        logits_agg = self.head(agg[m])
+        loss_mim = F.cross_entropy(logits.float(), t)
+        loss_agg = F.cross_entropy(logits_agg.float(), t)
+        acc = (logits.argmax(-1) == t).float().mean()
+        acc_agg = (logits_agg.argmax(-1) == t).float().mean()
+        return loss_mim + loss_agg, {"mlm_acc": acc.detach(), "agg_acc": acc_agg.detach(),
+                                     "loss_mim": loss_mim.detach(), "loss_agg": loss_agg.detach()}

@@ -6,6 +6,14 @@ images), a backbone without a classifier, the method's objective and data augmen
 :func:`vitlab.train.fit`. The run directory's ``model.safetensors`` is the backbone: ``vitlab
 finetune --from DIR/model.safetensors``, ``eval``, ``fewshot`` and ``explain`` read it as it is. DINO
 also writes the teacher backbone (``teacher.safetensors``, the one the paper evaluates).
+
+The tokenizer methods train a tokenizer for BEiT instead of a backbone: ``dvae`` trains a discrete VAE
+with one token per patch of the recipe's (or ``--model``'s) backbone (the run's ``model.safetensors``
+is then the dVAE, not a backbone), ``vqkd`` trains BEiT v2's tokenizer whose encoder is the backbone
+(against ``--teacher``'s features). Both write ``tokenizer.safetensors``, which ``--method beit`` and
+``--method beit2`` read with ``--tokenizer`` (the file or the run directory). A beit / beit2 run keeps a
+copy of the tokenizer it uses (the fitted k-means codebook included) as its own ``tokenizer.safetensors``:
+``--resume`` reads it from there.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitlab.ssl.tokenizer import TOKENIZER_FILE, save_tokenizer
 from vitlab.train.distributed import distributed_context
 from vitlab.train.objective import Objective
 from vitlab.train.recipe import Recipe
@@ -33,7 +42,11 @@ METHOD_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "dino": {"dynamic_img_size": True},  # local crops at their own resolution
     "mpp": {},
     "beit": {},
+    "beit2": {},
+    "dvae": {},
+    "vqkd": {},
 }
+RUN_OPTIONS = ("num_local", "local_size", "tokenizer_iters")  # options of the job, not of the objective
 TOKENIZER_SAMPLE = 2000  # images whose patches fit BEiT's k-means tokenizer
 
 
@@ -54,16 +67,50 @@ class PretrainJob:
 
 
 def build_objective(method: str, model: nn.Module, options: dict[str, Any]) -> Objective:
-    from vitlab.ssl import DINO, MAE, BEiT, MaskedPatchPrediction
+    """The method's objective over ``model`` (for ``dvae``: the DiscreteVAE) with ``options`` (``--opt``,
+    ``--tokenizer``, ``--teacher``)."""
+    from vitlab.ssl import DINO, MAE, VQKD, BEiT, BEiT2, DVAEObjective, MaskedPatchPrediction
+    from vitlab.ssl.dvae import DVAE_MODEL_OPTIONS
 
-    classes = {"mae": MAE, "mpp": MaskedPatchPrediction, "dino": DINO, "beit": BEiT}
+    classes = {"mae": MAE, "mpp": MaskedPatchPrediction, "dino": DINO, "beit": BEiT, "beit2": BEiT2,
+               "dvae": DVAEObjective, "vqkd": VQKD}
     if method not in classes:
         raise ValueError(f"--method {method!r}: choose one of {', '.join(classes)}")
-    opts = {k: v for k, v in options.items() if k not in ("num_local", "local_size", "tokenizer_iters")}
+    skip = set(RUN_OPTIONS) | (set(DVAE_MODEL_OPTIONS) if method == "dvae" else set())
+    opts = {k: v for k, v in options.items() if k not in skip}
+    if method == "beit2" and not opts.get("tokenizer"):
+        raise ValueError("--method beit2 needs --tokenizer RUN_OR_FILE (a `vitlab pretrain --method vqkd` run)")
+    if method == "vqkd":
+        if not opts.get("teacher"):
+            raise ValueError("--method vqkd needs --teacher CKPT: a vitlab checkpoint whose features the tokenizer "
+                             "learns to reconstruct (e.g. a DINO run's teacher.safetensors)")
+        opts["teacher"] = load_teacher(opts["teacher"])
     try:
         return classes[method](model, **opts)
     except TypeError as e:
         raise ValueError(f"--opt for {method}: {e}") from None
+
+
+def load_teacher(path: str) -> nn.Module:
+    """A frozen model from a vitlab checkpoint (or Hugging Face folder), for VQ-KD's targets."""
+    import vitlab
+    from vitlab.checkpoints import CheckpointError
+
+    try:
+        teacher = vitlab.load_model(path)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        raise ValueError(f"--teacher {path}: {e}") from e
+    return teacher.eval().requires_grad_(False)
+
+
+def _tokenizer_of(job: PretrainJob, model: nn.Module, objective: Objective) -> nn.Module | None:
+    from vitlab.ssl.dvae import DVAETokenizer
+
+    if job.method == "dvae":
+        return DVAETokenizer(model)
+    if job.method == "vqkd":
+        return objective.tokenizer(model)
+    return None
 
 
 def _transform(job: PretrainJob, model: nn.Module):
@@ -128,9 +175,25 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
         train_set = build_dataset(job.data, split="train", val_fraction=recipe.val_fraction, seed=recipe.seed,
                                   skip_bad_images=job.skip_bad_images)
         model = build_backbone(job, train_set.in_chans).to(ctx.device)
-        objective = build_objective(job.method, model, job.options)
-        if job.method == "beit" and not job.resume:  # (a resumed run reads its tokenizer from the state)
-            _fit_tokenizer(objective, train_set, model, job)
+        if job.method == "dvae":  # one token per patch of the backbone, which is not trained itself
+            from vitlab.ssl.dvae import DVAE_MODEL_OPTIONS, DiscreteVAE
+
+            dvae_opts = {k: v for k, v in job.options.items() if k in DVAE_MODEL_OPTIONS}
+            try:
+                model = DiscreteVAE.for_backbone(model, **dvae_opts).to(ctx.device)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"--opt for dvae: {e}") from None
+        options = dict(job.options)
+        own_tokenizer = job.output / TOKENIZER_FILE
+        if job.method in ("beit", "beit2") and job.resume and own_tokenizer.is_file():
+            options["tokenizer"] = str(own_tokenizer)  # the run's own copy (the original may have moved)
+        objective = build_objective(job.method, model, options)
+        if job.method == "beit" and not options.get("tokenizer") and not job.resume:
+            _fit_tokenizer(objective, train_set, model, job)  # (a resumed run reads its tokenizer from the state)
+        if ctx.is_main and job.method in ("beit", "beit2") and not job.resume:
+            # the run directory keeps the tokenizer its targets come from: resumable and reusable as --tokenizer
+            save_tokenizer(objective.tokenizer, own_tokenizer,
+                           extra={"source": options.get("tokenizer") or f"k-means on {job.data}"})
         train_set.transform = _transform(job, model)
         result = fit(model, recipe, train_set=train_set, output_dir=job.output, ctx=ctx, resume=job.resume,
                      objective=objective, until_step=job.until_step, progress=job.progress)
@@ -139,6 +202,10 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
                                    "data": job.data, "steps": result.step, "global_batch": result.global_batch,
                                    "train_seconds": round(result.seconds, 1), "last": last,
                                    "checkpoint": str(result.model_path)}
+        tokenizer = _tokenizer_of(job, model, objective)
+        if ctx.is_main and tokenizer is not None:
+            save_tokenizer(tokenizer, job.output / TOKENIZER_FILE, extra={"step": result.step, "data": job.data})
+            summary["tokenizer"] = str(job.output / TOKENIZER_FILE)
         if ctx.is_main and job.method == "dino":
             save_model(objective.teacher, job.output / TEACHER_FILE,
                        extra={"step": result.step, "objective": "dino teacher"})
