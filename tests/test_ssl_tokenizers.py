@@ -391,6 +391,9 @@ def test_pretrain_dvae_then_beit_with_its_tokenizer(tmp_path):
     assert results["tokenizer"] == str(tok_run / "tokenizer.safetensors")
     tok = load_tokenizer(tok_run)
     assert tok.kind == "dvae" and tok.vocab_size == 16 and tok.token_grid((8, 8)) == (4, 4)  # digits: 8 px, patch 2
+    # the dVAE run's model file is not a backbone: loading it says so and points at the tokenizer file
+    with pytest.raises(CheckpointError, match="not a registered vitlab model.*--tokenizer"):
+        vitlab.load_model(tok_run / "model.safetensors")
     out = tmp_path / "beit"
     assert main(["pretrain", "--method", "beit", *FAST, "--tokenizer", str(tok_run), "--output", str(out)]) == 0
     state = load_train_state(out / "train_state.pt")

@@ -153,7 +153,14 @@ def load_model(path: str | os.PathLike, *, num_classes: int | None = None,
             f"{p}: not a vitlab checkpoint (no vitlab metadata); use "
             f"vitlab.create_model(NAME, pretrained={str(p)!r}) for timm or Hugging Face weights"
         )
-    return create_model(got[1]["model"], pretrained=p, num_classes=num_classes, img_size=img_size, **overrides)
+    name = got[1].get("model")
+    if not isinstance(name, str) or not _is_registered(name):
+        tokenizer = p.with_name("tokenizer.safetensors")
+        hint = (f"; it is a tokenizer's training state: use {tokenizer} as `vitlab pretrain --method beit|beit2 "
+                f"--tokenizer`" if tokenizer.is_file() else "")
+        raise CheckpointError(f"{p}: its metadata names the model {name!r}, which is not a registered vitlab "
+                              f"model (see `vitlab models`){hint}")
+    return create_model(name, pretrained=p, num_classes=num_classes, img_size=img_size, **overrides)
 
 
 def _load_hf_folder(p, **kwargs: Any) -> nn.Module:
