@@ -226,3 +226,35 @@ def test_token_dropping_masks_need_absolute_positions() -> None:
         model.forward_features(torch.randn(1, 3, 32, 32), mask=drop_half)
     b3 = vitlab.create_model("beit3_base_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=4)
     assert b3.forward_features(torch.randn(1, 3, 32, 32), mask=drop_half).shape == (1, 3, 32)
+
+
+@pytest.mark.parametrize("name", ["beit_base_patch16_224", "beit3_base_patch16_224"])
+def test_explain_methods_and_save_load_round_trip(name: str, tmp_path: Path) -> None:
+    from vitlab.analysis.explain import explain, methods_for
+
+    model = vitlab.create_model(name, img_size=32, embed_dim=32, depth=2, num_heads=4, num_classes=3).eval()
+    assert {"rollout", "grad-rollout", "last-layer", "grad-cam"} <= set(methods_for(model))
+    x = torch.randn(2, 3, 32, 32)
+    for method in ("rollout", "grad-rollout", "last-layer"):
+        out = explain(model, x, method=method)
+        assert out.method == method and out.maps.shape == (2, 32, 32) and out.patch_maps.shape == (2, 2, 2)
+        assert torch.isfinite(out.maps).all()
+    vitlab.save_model(model, tmp_path / "m.safetensors", class_names=["a", "b", "c"])
+    again = vitlab.load_model(tmp_path / "m.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)
+
+
+def test_onnx_export_fixed_size_and_refused_dynamic_size(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vitlab.export import ExportError, OnnxModel, export_onnx
+
+    model = vitlab.create_model("beit_base_patch16_224", pretrained=FIX / "timm_beit.safetensors", **ARCH).eval()
+    with pytest.raises(ExportError, match="built for one patch grid"):
+        export_onnx(model, tmp_path / "d.onnx", dynamic_size=True, num_images=2, timing=False)
+    report = export_onnx(model, tmp_path / "f.onnx", img_size=40, num_images=4, timing=False)  # tables resampled
+    assert report.written and report.max_abs_diff < 1e-4
+    assert OnnxModel(tmp_path / "f.onnx").input_hw == (40, 40)
+    torch.testing.assert_close(OnnxModel(tmp_path / "f.onnx")(IO["x_res"][:1]), IO["timm_beit_res_logits"][:1],
+                               atol=1e-4, rtol=1e-4)

@@ -120,6 +120,9 @@ class Beit(nn.Module):
 
     token_attention = True  # global attention over [class, patches]: rollout applies
     num_prefix_tokens = 1
+    onnx_fixed_size_reason = ("its position tables (BEiT's relative position bias, BEiT-3's absolute table) are "
+                              "built for one patch grid, as in timm; export at another fixed size with img_size= "
+                              "(the tables are resampled to it)")
 
     def __init__(self, cfg: BeitConfig) -> None:
         super().__init__()
