@@ -258,3 +258,25 @@ def test_onnx_export_fixed_size_and_refused_dynamic_size(tmp_path: Path) -> None
     assert OnnxModel(tmp_path / "f.onnx").input_hw == (40, 40)
     torch.testing.assert_close(OnnxModel(tmp_path / "f.onnx")(IO["x_res"][:1]), IO["timm_beit_res_logits"][:1],
                                atol=1e-4, rtol=1e-4)
+
+
+def test_hf_bare_beit_model_keeps_its_own_final_norm(tmp_path: Path) -> None:
+    # a BeitModel (no "beit." prefix) with use_mean_pooling=False: its top-level "layernorm" is the backbone's
+    # final norm, not a MIM head's; built from hf_cls by moving the pooler's norm there
+    sd = load_file(FIX / "hf_cls" / "model.safetensors")
+    bare = {k[len("beit."):]: v for k, v in sd.items() if k.startswith("beit.")}
+    bare = {("layernorm." + k.rsplit(".", 1)[1] if k.startswith("pooler.layernorm.") else k): v for k, v in bare.items()}
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    save_file(bare, folder / "model.safetensors")
+    import json
+
+    cfg = json.loads((FIX / "hf_cls" / "config.json").read_text())
+    cfg.update(use_mean_pooling=False, architectures=["BeitModel"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model = vitlab.load_model(folder).eval()
+    assert model.num_classes == 0 and isinstance(model.norm, torch.nn.LayerNorm)
+    cls = vitlab.create_model("beit_base_patch16_224", pretrained=FIX / "hf_cls").eval()
+    with torch.no_grad():
+        blocks_out = cls.forward_features(IO["x"])  # no final norm in the classifier: fc_norm after pooling
+        torch.testing.assert_close(model.forward_features(IO["x"]), cls.fc_norm(blocks_out), atol=1e-6, rtol=1e-6)
