@@ -74,7 +74,7 @@ class _TableBias:
         """(heads, 1 + N, 1 + N); differentiable w.r.t. the table."""
         n = self.relative_position_index.shape[0]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (n * n, heads)
-        return bias.view(n, n, -1).permute(2, 0, 1)
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()  # a dense mask keeps SDPA on its fast kernel
 
 
 class RelativePositionBias(_TableBias, nn.Module):
