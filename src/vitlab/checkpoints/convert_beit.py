@@ -37,8 +37,8 @@ from vitlab.checkpoints.converters import (
 log = logging.getLogger(__name__)
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-# pre-training parts that are not the backbone (BEiT's MIM head, BEiT v2's patch-aggregation blocks)
-PRETRAINING_KEYS = ("mask_token", "lm_head.", "cls_pt_layers.")
+# pre-training parts that are not the backbone (BEiT's MIM head, BEiT v2's patch-aggregation "cls_pt_*" blocks)
+PRETRAINING_KEYS = ("mask_token", "lm_head.", "cls_pt_")
 
 
 def _report_dropped(dropped: list[str], what: str) -> None:
