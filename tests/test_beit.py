@@ -211,6 +211,7 @@ def test_pretraining_keys_are_dropped_and_reported(tmp_path: Path, caplog) -> No
 def test_dynamic_size_is_refused_with_the_reason() -> None:
     with pytest.raises(ValueError, match="tied to the patch grid"):
         vitlab.create_model("beit_base_patch16_224", dynamic_img_size=True)
+    assert "one patch grid" in vitlab.create_model("beit_base_patch16_224", img_size=32, depth=1).onnx_fixed_size_reason
     model = vitlab.create_model("beit_base_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=4)
     with pytest.raises(ValueError, match="built for 32x32"):
         model(torch.randn(1, 3, 48, 48))
@@ -280,3 +281,30 @@ def test_hf_bare_beit_model_keeps_its_own_final_norm(tmp_path: Path) -> None:
     with torch.no_grad():
         blocks_out = cls.forward_features(IO["x"])  # no final norm in the classifier: fc_norm after pooling
         torch.testing.assert_close(model.forward_features(IO["x"]), cls.fc_norm(blocks_out), atol=1e-6, rtol=1e-6)
+
+
+def test_beit3_dynamic_size_resamples_the_absolute_table_as_at_build_time() -> None:
+    fixed = vitlab.create_model("beit3_base_patch16_224", pretrained=FIX / "timm_beit3.safetensors", **B3).eval()
+    assert fixed.onnx_fixed_size_reason is None  # no relative position tables
+    dyn = vitlab.create_model("beit3_base_patch16_224", pretrained=FIX / "timm_beit3.safetensors", **B3,
+                              dynamic_img_size=True).eval()
+    big = vitlab.create_model("beit3_base_patch16_224", pretrained=FIX / "timm_beit3.safetensors", num_heads=4,
+                              img_size=40).eval()  # the checkpoint's table resampled when loading
+    with torch.no_grad():
+        torch.testing.assert_close(dyn(IO["x"]), IO["timm_beit3_logits"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(dyn(IO["x_res"]), big(IO["x_res"]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_beit3_onnx_dynamic_size(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vitlab.export import OnnxModel, export_onnx
+
+    model = vitlab.create_model("beit3_base_patch16_224", pretrained=FIX / "timm_beit3.safetensors", **B3).eval()
+    report = export_onnx(model, tmp_path / "d.onnx", dynamic_batch=True, dynamic_size=True, num_images=4, timing=False)
+    assert len(report.other_sizes) == 2 and all(s.max_abs_diff < 1e-4 for s in report.other_sizes)
+    big = vitlab.create_model("beit3_base_patch16_224", pretrained=FIX / "timm_beit3.safetensors", num_heads=4,
+                              img_size=40).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxModel(tmp_path / "d.onnx")(IO["x_res"]), big(IO["x_res"]), atol=1e-4, rtol=1e-4)

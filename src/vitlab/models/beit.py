@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import Block, PatchEmbed, TokenMasker, keep_tokens
+from vitlab.layers import Block, PatchEmbed, TokenMasker, keep_tokens, resample_pos_embed, size_differs
 from vitlab.layers.rel_pos_attention import (
     RelativePositionBias,
     RelPosAttention,
@@ -88,7 +88,7 @@ class BeitConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     head_init_scale: float = 0.001
-    dynamic_img_size: bool = False
+    dynamic_img_size: bool = False  # only without relative position tables (BEiT-3): the absolute table is resampled
     mean: tuple[float, ...] = field(default=INCEPTION_MEAN)
     std: tuple[float, ...] = field(default=INCEPTION_STD)
     crop_pct: float | None = None
@@ -100,9 +100,9 @@ class BeitConfig:
             raise ValueError(f"BeitConfig: qkv_bias_layout must be 'qv' or 'qkv', got {self.qkv_bias_layout!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"BeitConfig: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
-        if self.dynamic_img_size:
-            raise ValueError("BeitConfig: dynamic_img_size is not supported (the relative position tables are tied "
-                             "to the patch grid, as in timm); build the model with img_size= instead: a "
+        if self.dynamic_img_size and (self.use_rel_pos_bias or self.use_shared_rel_pos_bias):
+            raise ValueError("BeitConfig: dynamic_img_size is not supported with relative position tables (they are "
+                             "tied to the patch grid, as in timm); build the model with img_size= instead: a "
                              "checkpoint's tables are then resampled to that grid")
 
     @property
@@ -120,9 +120,6 @@ class Beit(nn.Module):
 
     token_attention = True  # global attention over [class, patches]: rollout applies
     num_prefix_tokens = 1
-    onnx_fixed_size_reason = ("its position tables (BEiT's relative position bias, BEiT-3's absolute table) are "
-                              "built for one patch grid, as in timm; export at another fixed size with img_size= "
-                              "(the tables are resampled to it)")
 
     def __init__(self, cfg: BeitConfig) -> None:
         super().__init__()
@@ -131,8 +128,9 @@ class Beit(nn.Module):
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
         self.num_features = self.head_hidden_size = D
         self.global_pool = cfg.global_pool
+        self.dynamic_img_size = cfg.dynamic_img_size
         self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-                                      embed_dim=D)
+                                      embed_dim=D, strict_img_size=not cfg.dynamic_img_size)
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], D)) if cfg.use_abs_pos_emb else None
@@ -227,10 +225,21 @@ class Beit(nn.Module):
                                  "(BEiT's masking) or use a model with use_abs_pos_emb only")
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
         if self.pos_embed is not None:
-            x = x + self.pos_embed
+            pos = self.pos_embed
+            if self.dynamic_img_size and size_differs(grid, self.patch_embed.grid_size):
+                pos = resample_pos_embed(pos, grid, old_size=self.patch_embed.grid_size, num_prefix_tokens=1)
+            x = x + pos
         if keep is not None:  # each kept patch carries its own position; the class token stays in front
             x = torch.cat([x[:, :1], keep_tokens(x[:, 1:], keep)], dim=1)  # (B, 1 + K, D)
         return self.pos_drop(x), grid
+
+    @property
+    def onnx_fixed_size_reason(self) -> str | None:
+        """Why a dynamic-size ONNX graph is refused (read by the exporter), or None (BEiT-3: no tables)."""
+        if not self.has_rel_pos_tables:
+            return None
+        return ("its relative position tables are built for one patch grid, as in timm; export at another fixed "
+                "size with img_size= (the tables are resampled to it)")
 
     @property
     def has_rel_pos_tables(self) -> bool:
