@@ -308,3 +308,16 @@ def test_beit3_onnx_dynamic_size(tmp_path: Path) -> None:
                               img_size=40).eval()
     with torch.no_grad():
         torch.testing.assert_close(OnnxModel(tmp_path / "d.onnx")(IO["x_res"]), big(IO["x_res"]), atol=1e-4, rtol=1e-4)
+
+
+def test_forward_intermediates_take_the_masking_hook() -> None:
+    from vitlab.ssl.beit_mim import FixedMask
+
+    model = vitlab.create_model("beit_base_patch16_224", pretrained=FIX / "timm_beit.safetensors", **ARCH).eval()
+    token = torch.randn(32)
+    masker = FixedMask(token, IO["mim_mask"])
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(IO["x"], [1], mask=masker)
+        torch.testing.assert_close(final, model.forward_features(IO["x"], mask=masker), atol=0, rtol=0)
+        unmasked, _ = model.forward_intermediates(IO["x"], [1])
+    assert (final - unmasked).abs().max() > 1e-3 and inter[0].shape == (2, 9, 32)

@@ -271,6 +271,7 @@ class Beit(nn.Module):
         norm: bool = False,
         output_fmt: Literal["NLC", "NCHW"] = "NLC",
         return_prefix_tokens: bool = False,
+        mask: TokenMasker | None = None,
     ) -> tuple[Tensor, list[Tensor] | list[tuple[Tensor, Tensor]]]:
         """Run the model and keep the outputs of the chosen blocks.
 
@@ -279,6 +280,8 @@ class Beit(nn.Module):
             norm: pass each intermediate through the final norm (the pooling norm when there is none).
             output_fmt: "NLC" (B, N, D) patch tokens or "NCHW" (B, D, rows, cols) maps.
             return_prefix_tokens: return (patch_tokens, class_token) pairs.
+            mask: the token-masking hook, as in ``forward_features`` (BEiT v2's patch aggregation reads a
+                masked forward's intermediate tokens); "NCHW" needs a masker that keeps every token.
         Returns:
             (the output of forward_features, the intermediates).
         """
@@ -287,7 +290,9 @@ class Beit(nn.Module):
         take = set(take_indices(len(self.blocks), indices))
         final_norm = self.norm if not isinstance(self.norm, nn.Identity) else self.fc_norm
         B = x.shape[0]
-        x, grid = self._embed(x)
+        x, grid = self._embed(x, mask)
+        if output_fmt == "NCHW" and x.shape[1] != 1 + grid[0] * grid[1]:
+            raise ValueError("forward_intermediates: output_fmt='NCHW' needs every token; the mask dropped some")
         x, outs = self._blocks(x, take)
         results: list = []
         for y in outs:
