@@ -217,16 +217,33 @@ def test_dynamic_size_is_refused_with_the_reason() -> None:
         model(torch.randn(1, 3, 48, 48))
 
 
-def test_token_dropping_masks_need_absolute_positions() -> None:
-    model = vitlab.create_model("beit_base_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=4)
+def test_token_dropping_masks_keep_each_tokens_biases() -> None:
+    # MAE-style masking (keep K patches): the result equals attention over all tokens where the dropped ones
+    # are masked out as keys, with the kept tokens' own relative-position biases
+    model = vitlab.create_model("beit_base_patch16_224", pretrained=FIX / "timm_beit_shared.safetensors", **ARCH).eval()
+    keep = torch.tensor([[0, 4, 8], [7, 1, 2]])
 
-    def drop_half(tokens, grid):
-        return tokens, torch.arange(2).expand(tokens.shape[0], -1)
+    def drop(tokens, grid):
+        return tokens, keep
 
-    with pytest.raises(ValueError, match="does not fit relative position tables"):
-        model.forward_features(torch.randn(1, 3, 32, 32), mask=drop_half)
+    with torch.no_grad():
+        out = model.forward_features(IO["x"], mask=drop)  # (2, 1 + 3, D)
+        x, _, _ = model._embed(IO["x"])
+        allowed = torch.zeros(2, 10, dtype=torch.bool)
+        allowed[:, 0] = True
+        allowed.scatter_(1, keep + 1, True)
+        bias = model.rel_pos_bias()
+        full = model.blocks[0].attn
+        key_mask = torch.where(allowed[:, None, None, :], 0.0, float("-inf"))  # (2, 1, 1, 10)
+        ref = x
+        for blk in model.blocks:  # each layer adds its own table inside the attention
+            ref = blk(ref, attn_mask=bias.unsqueeze(0) + key_mask)
+        ref = model.norm(ref)
+    rows = torch.cat([torch.zeros(2, 1, dtype=torch.long), keep + 1], 1)
+    torch.testing.assert_close(out, torch.stack([ref[b, rows[b]] for b in range(2)]), atol=1e-5, rtol=1e-5)
+    assert full.relative_position_bias_table is not None  # the layer's own table took part too
     b3 = vitlab.create_model("beit3_base_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=4)
-    assert b3.forward_features(torch.randn(1, 3, 32, 32), mask=drop_half).shape == (1, 3, 32)
+    assert b3.forward_features(torch.randn(1, 3, 32, 32), mask=lambda t, g: (t, torch.tensor([[0, 3]]))).shape == (1, 3, 32)
 
 
 @pytest.mark.parametrize("name", ["beit_base_patch16_224", "beit3_base_patch16_224"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -20,8 +21,8 @@ class Block(nn.Module):
         drop_path: stochastic-depth probability of both residual branches.
         mlp_norm: a norm inside the MLP before its second Linear (BEiT-3's sub-LN).
 
-    ``forward(x, attn_mask=None)``: an ``attn_mask`` (e.g. BEiT's shared relative position bias) is handed
-    to the attention layer, which must accept it.
+    ``forward(x, **attn_kwargs)``: keyword arguments (e.g. BEiT's shared relative position bias as
+    ``attn_mask``) are handed to the attention layer, which must accept them.
     """
 
     def __init__(
@@ -52,9 +53,9 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, **attn_kwargs: Any) -> Tensor:
         y = self.norm1(x)
-        y = self.attn(y) if attn_mask is None else self.attn(y, attn_mask=attn_mask)
+        y = self.attn(y, **attn_kwargs) if attn_kwargs else self.attn(y)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x

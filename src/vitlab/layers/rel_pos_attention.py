@@ -49,6 +49,11 @@ def resample_class_rel_pos_table(table: Tensor, old_grid: tuple[int, int], new_g
     return torch.cat([resample_rel_pos_table(grid_part, old_grid, new_grid, mode="timm"), cls_part])
 
 
+def gather_bias(bias: Tensor, index: Tensor) -> Tensor:
+    """The bias between the tokens a mask kept: (heads, M, M) bias, (B, n) token indices -> (B, heads, n, n)."""
+    return bias[:, index[:, :, None], index[:, None, :]].permute(1, 0, 2, 3)  # (heads, B, n, n) -> (B, heads, n, n)
+
+
 def table_grid(rows: int) -> tuple[int, int] | None:
     """The square grid whose table (with the class rows) has ``rows`` rows, or None."""
     side = int(round((rows - CLASS_SLOTS) ** 0.5))
@@ -100,9 +105,11 @@ class RelPosAttention(_TableBias, Attention):
             table or BEiT-3; a bias can still come in through ``forward``'s ``attn_mask``).
         inner_norm: a norm on the attention output before the projection (BEiT-3); None: none.
 
-    ``forward(x, attn_mask=None)``: x (B, 1 + N, C); ``attn_mask`` an additive (heads, 1+N, 1+N) or
-    (B, heads, 1+N, 1+N) bias (the shared table's), added to this layer's own. The SDPA path and capture
-    mode are :class:`~vitlab.layers.attention.Attention`'s.
+    ``forward(x, attn_mask=None, token_index=None)``: x (B, n, C); ``attn_mask`` an additive (heads, n, n) or
+    (B, heads, n, n) bias (the shared table's), added to this layer's own; ``token_index`` (B, n): which of the
+    1 + N tokens of the grid x holds (after a mask dropped some, as MAE's), so that this layer's own bias is
+    taken between those; None: all of them, in order. The SDPA path and capture mode are
+    :class:`~vitlab.layers.attention.Attention`'s.
     """
 
     def __init__(
@@ -131,7 +138,7 @@ class RelPosAttention(_TableBias, Attention):
             self.relative_position_bias_table = None
         self.norm = inner_norm(dim) if inner_norm is not None else nn.Identity()
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, token_index: Tensor | None = None) -> Tensor:
         B, N, C = x.shape
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # k has no bias
@@ -141,7 +148,9 @@ class RelPosAttention(_TableBias, Attention):
         # (B, N, 3*C) -> (3, B, heads, N, head_dim)
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.relative_position_bias_table is not None:
-            own = self.position_bias()
+            own = self.position_bias()  # (heads, 1 + N, 1 + N)
+            if token_index is not None:
+                own = gather_bias(own, token_index)  # (B, heads, n, n)
             if own.shape[-1] != N:
                 raise ValueError(f"RelPosAttention: the relative position table is for {own.shape[-1]} tokens "
                                  f"(1 + {self.grid[0]}x{self.grid[1]}), got {N}")

@@ -20,7 +20,7 @@ original torchscale checkpoints also normalise the tokens before pooling (``fina
 
 Masking hook (:mod:`vitlab.layers.token_mask`): BEiT replaces masked patch embeddings by a mask token
 before the class token and position information are added, which is what ``forward_features(x,
-mask=...)`` does; masks that drop tokens (MAE) work only without a relative position table.
+mask=...)`` does; masks that drop tokens (MAE) keep each kept token's biases (the tables' rows and columns of those tokens).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from vitlab.layers import Block, PatchEmbed, TokenMasker, keep_tokens, resample_
 from vitlab.layers.rel_pos_attention import (
     RelativePositionBias,
     RelPosAttention,
+    gather_bias,
     resample_class_rel_pos_table,
     table_grid,
 )
@@ -211,27 +212,26 @@ class Beit(nn.Module):
         return len(self.blocks)
 
     # ------------------------------------------------------------------------------------------ forward
-    def _embed(self, x: Tensor, mask: TokenMasker | None = None) -> tuple[Tensor, tuple[int, int]]:
-        """Patch tokens (masked if asked), class token in front, absolute positions: (B, 1 + N, D)."""
+    def _embed(self, x: Tensor, mask: TokenMasker | None = None) -> tuple[Tensor, tuple[int, int], Tensor | None]:
+        """Patch tokens (masked if asked), class token in front, absolute positions: (B, 1 + N, D), or
+        (B, 1 + K, D) when the mask kept K patches; then also their (B, 1 + K) indices among the 1 + N tokens."""
         h, w = x.shape[-2:]
         x = self.patch_embed(x)  # validates the input: (B, C, H, W) -> (B, N, D)
         grid = self.patch_embed.dynamic_grid(h, w)
         keep = None
         if mask is not None:
             x, keep = mask(x, grid)
-            if keep is not None and self.has_rel_pos_tables:
-                raise ValueError(f"{type(self).__name__}: a mask that drops tokens (keep indices) does not fit "
-                                 "relative position tables over the whole grid; replace embeddings instead "
-                                 "(BEiT's masking) or use a model with use_abs_pos_emb only")
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
         if self.pos_embed is not None:
             pos = self.pos_embed
             if self.dynamic_img_size and size_differs(grid, self.patch_embed.grid_size):
                 pos = resample_pos_embed(pos, grid, old_size=self.patch_embed.grid_size, num_prefix_tokens=1)
             x = x + pos
+        index = None
         if keep is not None:  # each kept patch carries its own position; the class token stays in front
             x = torch.cat([x[:, :1], keep_tokens(x[:, 1:], keep)], dim=1)  # (B, 1 + K, D)
-        return self.pos_drop(x), grid
+            index = torch.cat([torch.zeros_like(keep[:, :1]), keep + 1], dim=1)  # (B, 1 + K) among 1 + N tokens
+        return self.pos_drop(x), grid, index
 
     @property
     def onnx_fixed_size_reason(self) -> str | None:
@@ -245,11 +245,14 @@ class Beit(nn.Module):
     def has_rel_pos_tables(self) -> bool:
         return self.cfg.use_rel_pos_bias or self.cfg.use_shared_rel_pos_bias
 
-    def _blocks(self, x: Tensor, take: set[int] | None = None) -> tuple[Tensor, list[Tensor]]:
+    def _blocks(self, x: Tensor, index: Tensor | None, take: set[int] | None = None) -> tuple[Tensor, list[Tensor]]:
         shared = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (heads, 1 + N, 1 + N)
+        if shared is not None and index is not None:
+            shared = gather_bias(shared, index)  # (B, heads, 1 + K, 1 + K)
+        kw = {"token_index": index} if index is not None and self.cfg.use_rel_pos_bias else {}
         kept: list[Tensor] = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, attn_mask=shared)
+            x = blk(x, attn_mask=shared, **kw)
             if take is not None and i in take:
                 kept.append(x)
         return x, kept
@@ -259,8 +262,8 @@ class Beit(nn.Module):
 
         ``mask``: the masked-image-modelling hook (:mod:`vitlab.layers.token_mask`).
         """
-        x, _ = self._embed(x, mask)
-        x, _ = self._blocks(x)
+        x, _, index = self._embed(x, mask)
+        x, _ = self._blocks(x, index)
         return self.norm(x)
 
     def forward_intermediates(
@@ -290,10 +293,10 @@ class Beit(nn.Module):
         take = set(take_indices(len(self.blocks), indices))
         final_norm = self.norm if not isinstance(self.norm, nn.Identity) else self.fc_norm
         B = x.shape[0]
-        x, grid = self._embed(x, mask)
+        x, grid, index = self._embed(x, mask)
         if output_fmt == "NCHW" and x.shape[1] != 1 + grid[0] * grid[1]:
             raise ValueError("forward_intermediates: output_fmt='NCHW' needs every token; the mask dropped some")
-        x, outs = self._blocks(x, take)
+        x, outs = self._blocks(x, index, take)
         results: list = []
         for y in outs:
             y = final_norm(y) if norm else y
