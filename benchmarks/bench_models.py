@@ -14,7 +14,7 @@ Run with the peer venv (timm, transformers); vitlab is imported from this checko
         swin_small_patch4_window7_224 --batch-size 8 --out benchmarks/results/bench_swin
 
 Swin (v1 and v2) names are built in timm by the same name and in HF as Swin(v2)ForImageClassification with
-the matching config; drop path is 0 in all three (timm's and HF's defaults are 0.1), so training steps
+the matching config (BEiT names: BeitForImageClassification; BEiT-3 and the other families: --impls vitlab timm); drop path is 0 in all three (timm's and HF's defaults are 0.1), so training steps
 compare the same work.
 
 Achieved GFLOP/s = vitlab's counted forward FLOPs per image (``vitlab.model_info`` GMACs x 2) x images/s,
@@ -84,6 +84,10 @@ def build(impl: str, name: str) -> nn.Module:
         return timm.create_model(name, pretrained=False)
     if impl == "hf" and family in ("swin", "swinv2"):
         return LogitsOnly(_hf_swin(name))
+    if impl == "hf" and family == "beit":
+        return LogitsOnly(_hf_beit(name))
+    if impl == "hf" and family != "vit":
+        raise ValueError(f"{name}: no Hugging Face counterpart is built for the {family} family; pass --impls vitlab timm")
     if impl == "hf":
         from transformers import ViTConfig, ViTForImageClassification
 
@@ -108,6 +112,18 @@ def _hf_swin(name: str) -> nn.Module:
         pretrained = list(cfg.pretrained_window_sizes or (0,) * len(cfg.depths))
         return Swinv2ForImageClassification(Swinv2Config(pretrained_window_sizes=pretrained, **common))
     return SwinForImageClassification(SwinConfig(**common))
+
+
+def _hf_beit(name: str) -> nn.Module:
+    from transformers import BeitConfig, BeitForImageClassification
+
+    cfg = vitlab.get_entry(name).config
+    return BeitForImageClassification(BeitConfig(
+        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), image_size=cfg.img_size, patch_size=cfg.patch_size,
+        num_labels=cfg.num_classes, layer_norm_eps=cfg.norm_eps, use_relative_position_bias=cfg.use_rel_pos_bias,
+        use_absolute_position_embeddings=cfg.use_abs_pos_emb, layer_scale_init_value=cfg.init_values or 0.0,
+        use_mean_pooling=cfg.global_pool == "avg", drop_path_rate=0.0, attn_implementation="sdpa"))
 
 
 def bench_group(name: str, dtype: str, mode: str, impls: list[str], args: argparse.Namespace) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from vitlab.layers.patch_fold import (
 )
 from vitlab.layers.patch_merging import PatchMerging, merge_2x2
 from vitlab.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
+from vitlab.layers.rel_pos_attention import RelativePositionBias, RelPosAttention
 from vitlab.layers.separable_attention import SeparableAttentionBlock, SeparableSelfAttention
 from vitlab.layers.sine_position import sine_position_2d
 from vitlab.layers.std_conv import MaxPool2dSame, StdConv2d, pad_same
@@ -54,6 +55,6 @@ __all__ = [
     "PatchMerging", "WindowAttention", "WindowAttentionV2", "WindowGeometry", "merge_2x2", "relative_position_index",
     "resample_rel_pos_table", "shift_attention_mask", "window_partition", "window_reverse",
     "CrossAttention", "CrossAttentionBlock", "FrozenBatchNorm2d", "freeze_batch_norm", "sine_position_2d",
-    "TokenMasker", "keep_tokens",
+    "TokenMasker", "keep_tokens", "RelativePositionBias", "RelPosAttention",
     "is_tracing_any_size", "size_differs", "tracing_any_size",
 ]

@@ -126,15 +126,19 @@ class Attention(CapturableAttention):
         # (B, N, 3*C) -> (3, B, heads, N, head_dim)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if self.capturing or not self.fused:
-            x = attend_explicit(q, k, v, scale=self.scale, attn_mask=attn_mask, dropout=self.attn_drop,
-                                sink=self._emit if self.capturing else None)
-        else:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
-            )
+        x = self._attend(q, k, v, attn_mask)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)
         return self.proj_drop(self.proj(x))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """The two paths on (B, heads, N, hd) q, k, v: SDPA, or the explicit product in capture mode
+        (and when ``fused`` is off); subclasses that only change the projections or the mask reuse it."""
+        if self.capturing or not self.fused:
+            return attend_explicit(q, k, v, scale=self.scale, attn_mask=attn_mask, dropout=self.attn_drop,
+                                   sink=self._emit if self.capturing else None)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
+        )
 
 
 def attend_explicit(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -18,6 +19,10 @@ class Block(nn.Module):
     Args:
         init_values: LayerScale initial value; ``None`` disables LayerScale (plain ViT).
         drop_path: stochastic-depth probability of both residual branches.
+        mlp_norm: a norm inside the MLP before its second Linear (BEiT-3's sub-LN).
+
+    ``forward(x, **attn_kwargs)``: keyword arguments (e.g. BEiT's shared relative position bias as
+    ``attn_mask``) are handed to the attention layer, which must accept them.
     """
 
     def __init__(
@@ -34,6 +39,7 @@ class Block(nn.Module):
         norm_layer: type[nn.Module] | partial = partial(nn.LayerNorm, eps=1e-6),
         act_layer: type[nn.Module] = nn.GELU,
         attn_layer: type[nn.Module] = Attention,
+        mlp_norm: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -42,11 +48,14 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop,
+                       norm_layer=norm_layer if mlp_norm else None)
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: Tensor, **attn_kwargs: Any) -> Tensor:
+        y = self.norm1(x)
+        y = self.attn(y, **attn_kwargs) if attn_kwargs else self.attn(y)
+        x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
