@@ -21,11 +21,15 @@ The graph is written to a temporary file beside the target, checked, and only th
    ``min_agreement``.
 
 Families: a model whose config has ``dynamic_img_size`` is rebuilt with it switched on for a dynamic-size
-export; shape-dependent branches use :func:`vitlab.layers.size_differs`, which the exporter sets to take
-the general side while tracing. A family that cannot export a size-independent graph declares it with a
-class attribute ``onnx_fixed_size_reason = "why"``; the exporter then refuses ``dynamic_size`` with that
+export; shape-dependent branches use :func:`vitlab.layers.size_differs` / ``is_tracing_any_size``, which
+the exporter sets to take the general side while tracing (ViT/DeiT/CaiT position-table resampling, Swin's
+window padding, crop, patch merging and shift mask, MobileViT's resize to a multiple of its patch), and
+sizes are computed with integer ceil-divisions so that they stay symbolic. A family that cannot export a
+size-independent graph declares it with a class attribute (or property) ``onnx_fixed_size_reason = "why"``
+(CrossViT, T2T, TNT, MLP-Mixer, a Linformer ViT); the exporter then refuses ``dynamic_size`` with that
 reason. A family whose inputs must be a multiple of something other than its patch size sets
-``input_size_multiple``.
+``input_size_multiple``. Detection and segmentation models (``task`` other than "classification": DETR,
+SETR) are refused: their dict outputs are not what the classifier validation compares.
 """
 
 from __future__ import annotations
