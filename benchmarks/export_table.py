@@ -1,16 +1,19 @@
-"""The export table of benchmarks/RESULTS.md: every model kind exported (fixed size, then dynamic size),
-validated against PyTorch on the bundled digits, as a Markdown table.
+"""The export table of benchmarks/RESULTS.md: one tiny model of every family exported (fixed size, then
+dynamic size), validated against PyTorch on the bundled digits, as a Markdown table.
 
-    /work/main/.venv/bin/python benchmarks/export_table.py [NAME ...]    # default: one tiny model per kind
+    /work/main/.venv/bin/python benchmarks/export_table.py [ROW ...]    # default: every row of ROWS
 
-Each model is built tiny (tests/model_helpers.py overrides, weights perturbed so that no zero-initialised
-head hides a difference) and exported with a dynamic batch.
+Each model is built tiny (tests/model_helpers.py overrides plus the row's own, weights perturbed so that no
+zero-initialised head hides a difference) and exported with a dynamic batch. The dynamic-size column says
+"yes" only when the graph agreed with PyTorch at the model's size and at two other sizes (export_onnx
+checks them), else the reason the export refused it.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,37 +22,77 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import vitlab
 from vitlab.export import ExportError, export_onnx
-from vitlab.models import get_entry
 
 from model_helpers import make_tiny, perturb_
 
-DEFAULT = ["vit_tiny_patch16_224", "vit_base_r50_s16_224", "deit_tiny_distilled_patch16_224", "cait_xxs24_224",
-           "resnet18"]
+# Swin: a 64 px image, window 4: a 16 x 16 then 8 x 8 map, so both stages have shifted windows (masked)
+SWIN_SHIFTED = {"img_size": 64, "window_size": 4}
+DETR_TINY = dict(backbone_args={"layers": (1, 1, 1, 1), "channels": (16, 16, 32, 32), "stem_chs": 8}, dim=32,
+                 num_heads=4, enc_depth=1, dec_depth=1, ffn_dim=64, num_queries=5, num_classes=3, img_size=64)
+SETR_TINY = dict(backbone_args={"embed_dim": 32, "depth": 4, "num_heads": 2}, img_size=32, channels=16,
+                 num_classes=3)
+
+# (row label, registered name, overrides of the tiny model)
+ROWS: list[tuple[str, str, dict]] = [
+    ("vit", "vit_tiny_patch16_224", {}),
+    ("vit (hybrid R50 stem)", "vit_base_r50_s16_224", {}),
+    ("vit (Linformer attention)", "vit_tiny_patch16_224", {"attn_type": "linformer", "linformer_k": 4}),
+    ("deit (distilled)", "deit_tiny_distilled_patch16_224", {}),
+    ("cait", "cait_xxs24_224", {}),
+    ("swin", "swin_tiny_patch4_window7_224", SWIN_SHIFTED),
+    ("swinv2", "swinv2_tiny_window8_256", SWIN_SHIFTED),
+    ("mobilevit v1", "mobilevit_xxs", {}),
+    ("mobilevit v2", "mobilevitv2_050", {}),
+    ("mobilevit v3 (v1-based)", "mobilevitv3_xxs", {}),
+    ("mobilevit v3 (v2-based)", "mobilevitv3_050", {}),
+    ("crossvit", "crossvit_tiny_240", {}),
+    ("t2t", "t2t_vit_7", {}),
+    ("tnt", "tnt_s_patch16_224", {}),
+    ("xcit", "xcit_nano_12_p16_224", {}),
+    ("mixer", "mixer_s16_224", {}),
+    ("resnet", "resnet18", {}),
+    ("detr", "detr_resnet50", DETR_TINY),
+    ("setr", "setr_naive_vit_small_patch16", SETR_TINY),
+]
 
 
-def row(name: str) -> str:
-    model = perturb_(make_tiny(name), std=0.05).eval()
-    fam = get_entry(name).family
+def build(name: str, over: dict):
+    if name.startswith(("detr", "setr")):
+        return perturb_(vitlab.create_model(name, **over), std=0.05).eval()
+    return perturb_(make_tiny(name, **over), std=0.05).eval()
+
+
+def _short(e: Exception) -> str:
+    text = str(e)
+    return (text.split(": ", 1)[1] if ": " in text else text).replace("|", "/")[:260]
+
+
+def row(label: str, name: str, over: dict) -> str:
+    model = build(name, over)
+    c, h, w = model.preprocessing.input_size
     with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
         try:
             r = export_onnx(model, Path(tmp) / "f.onnx", dynamic_batch=True, num_images=32, timing=False)
-            fixed = f"yes | {r.max_abs_diff:.1e} | {100 * r.top1_agreement:.0f}%"
+            fixed = f"yes ({h}x{w}) | {r.max_abs_diff:.1e} | {100 * r.top1_agreement:.0f}%"
         except ExportError as e:
-            return f"| {fam} | {name} | no: {str(e)[:120]} | | | |"
+            return f"| {label} | {name} | no: {_short(e)} | | | no |"
         try:
             d = export_onnx(model, Path(tmp) / "d.onnx", dynamic_batch=True, dynamic_size=True, num_images=32,
                             timing=False)
-            sizes = ", ".join(f"{s.size[0]}x{s.size[1]} {s.max_abs_diff:.0e}" for s in d.other_sizes)
-            dyn = f"yes (checked at {sizes})"
+            sizes = ", ".join(f"{s.size[0]}x{s.size[1]}: {s.max_abs_diff:.0e}" for s in d.other_sizes)
+            dyn = f"yes (at {h}x{w}: {d.max_abs_diff:.0e}, {sizes})"
         except ExportError as e:
-            dyn = f"no: {str(e)[:160]}"
-    return f"| {fam} | {name} | {fixed} | {dyn} |"
+            dyn = f"no: {_short(e)}"
+        took = time.perf_counter() - t0
+    return f"| {label} | {name} | {fixed} | {dyn} |  <!-- {took:.0f} s -->"
 
 
 if __name__ == "__main__":
-    names = sys.argv[1:] or DEFAULT
+    wanted = set(sys.argv[1:])
+    rows = [r for r in ROWS if not wanted or r[0] in wanted or r[1] in wanted]
     print(f"vitlab {vitlab.__version__}; tiny models, 32 bundled digits, ONNX Runtime CPU, float32")
     print("| family | model (tiny) | exported | max abs logit diff | top-1 agreement | dynamic size |")
     print("|---|---|---|---|---|---|")
-    for n in names:
-        print(row(n), flush=True)
+    for label, name, over in rows:
+        print(row(label, name, over), flush=True)

@@ -133,26 +133,153 @@ def test_fixed_size_refuses_other_sizes(tmp_path):
         m.run_numpy(torch.randn(1, 3, 48, 48).numpy())
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "resnet18", *[
-    pytest.param(n, marks=pytest.mark.slow) for n in ("deit_tiny_distilled_patch16_224", "cait_xxs24_224",
-                                                     "vit_base_r50_s16_224")]])
-def test_dynamic_size_correct_at_other_sizes(name, tmp_path):
-    model = _tiny(name)
+# Families whose dynamic-size export is correct at other sizes, with the tiny model each is checked on (a Swin
+# whose two stages both have shifted, masked windows: a 64 px image, window 4); every other classifier family
+# declares ``onnx_fixed_size_reason`` (test_every_family_decides_dynamic_size). Swin and MobileViT (the
+# families whose exports used to bake the input size) and ViT/ResNet run by default, the rest with -m slow.
+SWIN_SHIFTED = {"img_size": 64, "window_size": 4}
+DYNAMIC_SIZE_MODELS = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "resnet": ("resnet18", {}),
+    "swin": ("swin_tiny_patch4_window7_224", SWIN_SHIFTED),
+    "mobilevit": ("mobilevit_xxs", {}),
+    "swinv2": ("swinv2_tiny_window8_256", SWIN_SHIFTED),
+    "mobilevit-v2": ("mobilevitv2_050", {}),
+    "mobilevit-v3": ("mobilevitv3_xxs", {}),
+    "mobilevit-v3-separable": ("mobilevitv3_050", {}),
+    "deit": ("deit_tiny_distilled_patch16_224", {}),
+    "cait": ("cait_xxs24_224", {}),
+    "vit-hybrid": ("vit_base_r50_s16_224", {}),
+    "xcit": ("xcit_nano_12_p16_224", {}),
+}
+DEFAULT_DYNAMIC = {"vit", "resnet", "swin", "mobilevit"}
+PADDING_FAMILIES = ("swin", "swinv2", "mobilevit")  # take any size, not only multiples of the patch
+
+
+def _dynamic_params() -> list:
+    return [pytest.param(*v, marks=[] if k in DEFAULT_DYNAMIC else [pytest.mark.slow], id=k)
+            for k, v in DYNAMIC_SIZE_MODELS.items()]
+
+
+@pytest.mark.parametrize(("name", "over"), _dynamic_params())
+def test_dynamic_size_correct_at_other_sizes(name, over, tmp_path):
+    """The export checks two other sizes itself; sizes it did not check (a larger one, and for the padding
+    families one that fits neither patch nor window, and a smaller one) give PyTorch's numbers too."""
+    model = perturb_(make_tiny(name, **over), std=0.05).eval()
     report = export_onnx(model, tmp_path / "d.onnx", dynamic_batch=True, dynamic_size=True, num_images=4,
                          timing=False)
+    assert report.written and report.max_abs_diff < 1e-4
     assert len(report.other_sizes) == 2 and all(s.max_abs_diff < 1e-4 for s in report.other_sizes)
     m = OnnxModel(tmp_path / "d.onnx")
     assert m.dynamic_size
-    # a third size, not among those the export checked: still PyTorch's numbers
     from vitlab.export.onnx import rebuild, size_multiple
 
     sh, sw = size_multiple(model)
     c, h, w = model.preprocessing.input_size
-    x = torch.randn(2, c, h + 3 * sh, w + sw)
+    sizes = [(h + 3 * sh, w + sw)]
+    if get_entry(name).family in PADDING_FAMILIES:
+        sizes += [(h + 3 * sh + 3, w + sw + 1), (h - sh // 2 + 1, w - sw)]
     dyn = rebuild(model, dynamic_img_size=True) if hasattr(model.cfg, "dynamic_img_size") else model
-    with torch.no_grad():
-        ref = dyn(x)
-    torch.testing.assert_close(m(x), ref[0] if isinstance(ref, tuple) else ref, atol=1e-4, rtol=1e-4)
+    for hw in sizes:
+        x = torch.randn(2, c, *hw, generator=torch.Generator().manual_seed(hw[0]))
+        with torch.no_grad():
+            ref = dyn(x)
+        torch.testing.assert_close(m(x), ref[0] if isinstance(ref, tuple) else ref, atol=1e-4, rtol=1e-4,
+                                   msg=lambda e, hw=hw: f"at {hw[0]}x{hw[1]}: {e}")
+
+
+@pytest.mark.parametrize(("name", "over"), [("swin_tiny_patch4_window7_224", SWIN_SHIFTED),
+                                            ("swinv2_tiny_window8_256", SWIN_SHIFTED),
+                                            ("mobilevit_xxs", {}), ("mobilevitv2_050", {})])
+def test_any_size_paths_equal_eager(name, over):
+    """The always-pad / always-resize paths a dynamic-size graph is traced with compute exactly what the
+    eager model computes (run here in eager mode), also at sizes that need no padding."""
+    from vitlab.export.onnx import rebuild
+    from vitlab.layers import tracing_any_size
+
+    model = perturb_(make_tiny(name, **over), std=0.05).eval()
+    model = rebuild(model, dynamic_img_size=True) if hasattr(model.cfg, "dynamic_img_size") else model
+    c, h, w = model.preprocessing.input_size
+    for hw in [(h, w), (h + 12, w + 4), (h + 7, w - 5)]:
+        x = torch.randn(2, c, *hw, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = model(x)
+            with tracing_any_size():
+                out = model(x)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+FIXED_SIZE_FAMILIES = {"crossvit": "crossvit_tiny_240", "t2t": "t2t_vit_7", "tnt": "tnt_s_patch16_224",
+                       "mixer": "mixer_s16_224"}
+
+
+def test_every_family_decides_dynamic_size():
+    """Each classifier family either has a dynamic-size round trip above or declares why it cannot."""
+    families = {get_entry(n).family for n in vitlab.list_models()}
+    dynamic = {get_entry(name).family for name, _ in DYNAMIC_SIZE_MODELS.values()}
+    assert families == dynamic | set(FIXED_SIZE_FAMILIES), "a family neither tested dynamic nor declared fixed"
+    assert not dynamic & set(FIXED_SIZE_FAMILIES)
+    for family, name in FIXED_SIZE_FAMILIES.items():
+        reason = getattr(make_tiny(name), "onnx_fixed_size_reason", None)
+        assert isinstance(reason, str) and len(reason) > 40, family
+    for name, over in DYNAMIC_SIZE_MODELS.values():
+        assert getattr(make_tiny(name, **over), "onnx_fixed_size_reason", None) is None, name
+
+
+@pytest.mark.parametrize(("name", "over", "phrase"), [
+    *[(n, {}, None) for n in FIXED_SIZE_FAMILIES.values()],
+    ("vit_tiny_patch16_224", {"attn_type": "linformer", "linformer_k": 4}, "Linformer's key/value projections"),
+])
+def test_fixed_size_family_refuses_dynamic_size_with_its_reason(name, over, phrase, tmp_path):
+    model = _tiny_with(name, **over)
+    reason = model.onnx_fixed_size_reason
+    assert phrase is None or phrase in reason
+    with pytest.raises(ExportError, match="--dynamic-size is not supported") as e:
+        export_onnx(model, tmp_path / "x.onnx", dynamic_size=True, num_images=2, timing=False)
+    assert reason in str(e.value)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_refuses_dynamic_size_with_the_reason(tmp_path, caplog, capsys):
+    model = _tiny("mixer_s16_224")
+    ckpt = vitlab.save_model(model, tmp_path / "mixer.safetensors")
+    rc = main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "m.onnx"), "--dynamic-size",
+               "--num-images", "2", "--no-timing"])
+    assert rc == 2 and not (tmp_path / "m.onnx").exists()
+    assert "token-mixing MLPs have one weight per patch" in caplog.text + capsys.readouterr().err
+
+
+def _tiny_with(name: str, **over) -> torch.nn.Module:
+    return perturb_(make_tiny(name, **over), std=0.05).eval()
+
+
+# ------------------------------------------------------------------------------ detection / segmentation
+def _tiny_dense(task: str) -> torch.nn.Module:
+    if task == "detection":
+        return vitlab.create_model("detr_resnet50", backbone_args={"layers": (1, 1, 1, 1), "channels": (16, 16, 32, 32),
+                                   "stem_chs": 8}, dim=32, num_heads=4, enc_depth=1, dec_depth=1, ffn_dim=64,
+                                   num_queries=5, num_classes=3, img_size=64).eval()
+    return vitlab.create_model("setr_naive_vit_small_patch16", backbone_args={"embed_dim": 32, "depth": 4,
+                               "num_heads": 2}, img_size=32, channels=16, num_classes=3).eval()
+
+
+@pytest.mark.parametrize(("task", "outputs"), [("detection", "boxes (B, queries, 4)"),
+                                               ("segmentation", "per-pixel logits")])
+def test_dense_models_are_refused_with_a_clear_message(task, outputs, tmp_path):
+    """DETR / SETR return dicts (logits + boxes, per-pixel logits) that the classifier validation cannot
+    judge: refused up front, naming the task and the outputs, nothing written."""
+    model = _tiny_dense(task)
+    with pytest.raises(ExportError, match=f"a {task} model .* is not exported yet") as e:
+        export_onnx(model, tmp_path / "d.onnx", num_images=2, timing=False)
+    assert outputs in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_a_detection_checkpoint(tmp_path, caplog, capsys):
+    ckpt = vitlab.save_model(_tiny_dense("detection"), tmp_path / "detr.safetensors")
+    rc = main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "d.onnx"), "--no-timing"])
+    assert rc == 2 and not (tmp_path / "d.onnx").exists()
+    assert "a detection model (DETR" in caplog.text + capsys.readouterr().err
 
 
 def test_dynamic_size_refused_with_declared_reason(tmp_path, monkeypatch):

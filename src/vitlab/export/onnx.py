@@ -12,19 +12,24 @@ The graph is written to a temporary file beside the target, checked, and only th
    the maximum absolute logit difference and the top-1 agreement are measured, and the file is refused
    (:class:`ExportValidationError`, nothing written) when the difference exceeds ``tolerance``, unless
    ``force=True`` (then the report says so);
-4. a dynamic-size export is also checked at two other sizes, against PyTorch at those sizes; a graph that
-   runs there but gives other numbers is refused, never written;
+4. a dynamic-size export is traced at a larger size (:func:`trace_size`: no 1 x 1 map that the tracer
+   would fix) and checked at the model's size and two other sizes, against PyTorch at those sizes; a
+   graph that runs there but gives other numbers is refused, never written;
 5. ``int8=True``: ONNX Runtime's dynamic quantisation of the linear layers (MatMul/Gemm nodes whose
    weight is a constant), leaving convolutions, LayerNorm, softmax and the attention's activation-by-
    activation products in float; its top-1 agreement with the float PyTorch model must reach
    ``min_agreement``.
 
 Families: a model whose config has ``dynamic_img_size`` is rebuilt with it switched on for a dynamic-size
-export; shape-dependent branches use :func:`vitlab.layers.size_differs`, which the exporter sets to take
-the general side while tracing. A family that cannot export a size-independent graph declares it with a
-class attribute ``onnx_fixed_size_reason = "why"``; the exporter then refuses ``dynamic_size`` with that
+export; shape-dependent branches use :func:`vitlab.layers.size_differs` / ``is_tracing_any_size``, which
+the exporter sets to take the general side while tracing (ViT/DeiT/CaiT position-table resampling, Swin's
+window padding, crop, patch merging and shift mask, MobileViT's resize to a multiple of its patch), and
+sizes are computed with integer ceil-divisions so that they stay symbolic. A family that cannot export a
+size-independent graph declares it with a class attribute (or property) ``onnx_fixed_size_reason = "why"``
+(CrossViT, T2T, TNT, MLP-Mixer, a Linformer ViT); the exporter then refuses ``dynamic_size`` with that
 reason. A family whose inputs must be a multiple of something other than its patch size sets
-``input_size_multiple``.
+``input_size_multiple``. Detection and segmentation models (``task`` other than "classification": DETR,
+SETR) are refused: their dict outputs are not what the classifier validation compares.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ DEFAULT_TOLERANCE = 1e-3  # max |logit difference| between ONNX Runtime and PyTo
 DEFAULT_MIN_AGREEMENT = 0.98  # top-1 agreement of an int8 file with the float32 PyTorch model
 DEFAULT_NUM_IMAGES = 64
 MAX_PROTO_BYTES = 2_000_000_000  # a single-file ONNX model is one protobuf message, limited to 2 GiB
+
+
+DENSE_OUTPUTS = {"detection": "class logits (B, queries, classes + 1) and boxes (B, queries, 4)",
+                 "segmentation": "per-pixel logits (B, classes, H, W)"}
 
 
 class ExportError(ValueError):
@@ -228,6 +237,17 @@ def other_sizes(model: nn.Module, h: int, w: int) -> list[tuple[int, int]]:
     non-square one two steps taller."""
     sh, sw = size_multiple(model)
     return [(h + sh, w + sw), (h + 2 * sh, w)]
+
+
+def trace_size(model: nn.Module, h: int, w: int) -> tuple[int, int]:
+    """The input size a dynamic-size graph is traced at: about twice the model's, and not square.
+
+    The tracer fixes any size that is 1 at the traced input (a feature map of 1 x 1, a single window per
+    axis, a 1 x 1 patch grid: PyTorch specialises sizes 0 and 1) and may tie sizes that happen to be equal;
+    a small model traced at its own size has such maps in its last stages, and its graph would be wrong at
+    larger inputs. Twice the size, one step taller, gives every stage at least two of everything."""
+    sh, _ = size_multiple(model)
+    return 2 * h + sh, 2 * w
 
 
 def rebuild(model: nn.Module, **changes: Any) -> nn.Module:
@@ -465,6 +485,13 @@ def export_onnx(
         fails and ``force`` is False.
     """
     require("onnx", "onnxruntime")
+    task = getattr(model, "task", "classification")
+    if task != "classification":
+        raise ExportError(
+            f"{getattr(model, 'model_name', type(model).__name__)}: vitlab export writes classifiers (images -> "
+            f"logits) and validates them by their top-1 agreement; a {task} model ({type(model).__name__}, whose "
+            f"forward returns a dict of {DENSE_OUTPUTS.get(task, 'outputs')}) is not exported yet. Export it with "
+            f"torch.onnx.export on a wrapper that returns those tensors, and compare them with PyTorch's yourself")
     if tolerance <= 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
     path = Path(path)
@@ -502,6 +529,9 @@ def export_onnx(
         float_path = os.path.join(tmpdir, "float.onnx")
         t0 = time.perf_counter()
         trace_x = x[:2] if dynamic_batch and len(x) >= 2 else x[:1]  # batch 2: never specialised like 1
+        if dynamic_size:  # traced at a larger size, where no map is 1 x 1 (see trace_size)
+            trace_pre = dataclasses.replace(pre, input_size=(c, *trace_size(model, h, w)))
+            trace_x = preprocess(raw[:len(trace_x)], trace_pre)
         report.exporter = export_graph(model, trace_x, float_path, dynamic_batch=dynamic_batch,
                                        dynamic_size=dynamic_size, opset=opset)
         props = metadata(model, pre, class_names=class_names, dynamic_batch=dynamic_batch,

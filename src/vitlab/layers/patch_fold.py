@@ -12,26 +12,29 @@ Maps whose sides are not multiples of the patch are resized first (see :func:`re
 
 from __future__ import annotations
 
-import math
-
 import torch.nn.functional as F
 from torch import Tensor
 
+from vitlab.layers.tracing import size_differs
+
 
 def patch_grid(h: int, w: int, patch: tuple[int, int]) -> tuple[int, int]:
-    """Sides of the map rounded up to the next multiple of the patch."""
-    return math.ceil(h / patch[0]) * patch[0], math.ceil(w / patch[1]) * patch[1]
+    """Sides of the map rounded up to the next multiple of the patch (integer ceil-division, so that
+    symbolic sizes stay symbolic while an exporter traces any size)."""
+    return (h + patch[0] - 1) // patch[0] * patch[0], (w + patch[1] - 1) // patch[1] * patch[1]
 
 
 def resize_to_patches(x: Tensor, patch: tuple[int, int], *, align_corners: bool) -> Tensor:
     """Bilinear resize of ``x`` (B, C, H, W) to the next multiple of the patch; unchanged if it fits.
 
     MobileViT v1 resizes with ``align_corners=False`` before unfolding and back after folding; v2 (cvnets
-    and timm) resizes the block input with ``align_corners=True`` and keeps the larger output.
+    and timm) resizes the block input with ``align_corners=True`` and keeps the larger output. While an
+    exporter traces any size (:func:`vitlab.layers.tracing_any_size`) the resize is always in the graph:
+    at a size that fits it maps every pixel onto itself with weight 1, an exact identity.
     """
     h, w = x.shape[-2:]
     size = patch_grid(h, w, patch)
-    if size == (h, w):
+    if not size_differs(size, (h, w)):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 

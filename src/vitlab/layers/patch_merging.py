@@ -13,15 +13,17 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitlab.layers.tracing import is_tracing_any_size
+
 
 def merge_2x2(x: Tensor) -> Tensor:
     """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 4C) in the order (0,0), (1,0), (0,1), (1,1)."""
     B, H, W, C = x.shape
-    if H % 2 or W % 2:
-        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-        H, W = H + H % 2, W + W % 2
-    # (B, H/2, dy, W/2, dx, C) -> (B, H/2, W/2, dx, dy, C): dy varies fastest in the flattened 4C
-    return x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+    h, w = (H + 1) // 2, (W + 1) // 2  # the merged map (ceil-divisions keep symbolic sizes simple)
+    if is_tracing_any_size() or 2 * h != H or 2 * w != W:  # symbolic sizes: always pad (by 0 where even)
+        x = F.pad(x, (0, 0, 0, 2 * w - W, 0, 2 * h - H))
+    # (B, h, dy, w, dx, C) -> (B, h, w, dx, dy, C): dy varies fastest in the flattened 4C
+    return x.reshape(B, h, 2, w, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
 
 
 class PatchMerging(nn.Module):
@@ -47,7 +49,8 @@ class PatchMerging(nn.Module):
             self.norm = norm_layer(self.out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        self.last_input_size = (int(x.shape[1]), int(x.shape[2]))
+        if not is_tracing_any_size():  # int() would fix a symbolic size to the traced one
+            self.last_input_size = (int(x.shape[1]), int(x.shape[2]))
         x = merge_2x2(x)
         if self.norm_first:
             return self.reduction(self.norm(x))

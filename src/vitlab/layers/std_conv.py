@@ -6,19 +6,25 @@ trained in JAX/TF give the same feature maps.
 
 from __future__ import annotations
 
-import math
-
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vitlab.layers.tracing import is_tracing_any_size
 
 
 def pad_same(x: Tensor, kernel: int, stride: int, dilation: int = 1, value: float = 0.0) -> Tensor:
     """Pad (B, C, H, W) like TF's 'SAME': output size ceil(in / stride), extra pixel on the bottom/right."""
+    # integer ceil-division, and no branch on the sizes while an exporter traces any size (they are
+    # symbolic then: math.ceil, max() and any() would fix them to the traced size)
+    any_size = is_tracing_any_size()
     pads = []
     for size in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
-        total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+        total = ((size + stride - 1) // stride - 1) * stride + (kernel - 1) * dilation + 1 - size
+        if (kernel - 1) * dilation + 1 < stride:  # only then can the total be negative
+            total = torch.sym_max(total, 0) if any_size else max(total, 0)
         pads += [total // 2, total - total // 2]
-    if any(pads):
+    if any_size or any(pads):
         x = F.pad(x, pads, value=value)
     return x
 

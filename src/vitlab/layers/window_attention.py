@@ -14,8 +14,6 @@ padded map, batch-major: (B * nW, wh * ww, C).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,30 +63,33 @@ def log_spaced_coords(window: tuple[int, int], pretrained_window: tuple[int, int
     return torch.sign(t) * torch.log2(t.abs() + 1.0) / math.log2(8)
 
 
-@lru_cache(maxsize=64)
-def _shift_region_ids(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> Tensor:
-    Hp, Wp = padded
-    ids = torch.zeros(Hp, Wp, device="cpu")  # cached: never on the meta device
-    regions = [
-        [slice(0, -w), slice(-w, -s), slice(-s, None)] for w, s in zip(window, shift)
-    ]
-    n = 0
-    for rows in regions[0]:
-        for cols in regions[1]:
-            ids[rows, cols] = n
-            n += 1
+def shift_region_ids(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
+                     device: torch.device | str | None = None) -> Tensor:
+    """(nW, N) region of every token of every window of a shifted block's (padded) map.
+
+    The rolled map is cut into 3 x 3 regions by the slices ``[0, -w)``, ``[-w, -s)``, ``[-s, H)`` per
+    axis (an axis without shift is one region: the reference code's ``slice(-0, None)`` covers it all).
+    Computed from comparisons with ``arange``, so the sizes may be symbolic (an exporter tracing any size
+    records the ops rather than a constant).
+    """
+    def axis(n: int, w: int, s: int) -> Tensor:  # (n,) region index 0, 1, 2 along one axis
+        r = torch.arange(n, device=device)
+        if s == 0:
+            return torch.zeros_like(r)
+        return (r >= n - w).to(torch.int64) + (r >= n - s).to(torch.int64)
+
+    (Hp, Wp), (wh, ww), (sh, sw) = padded, window, shift
+    ids = (axis(Hp, wh, sh)[:, None] * 3 + axis(Wp, ww, sw)[None, :]).float()  # (Hp, Wp)
     return window_partition(ids[None, :, :, None], window).squeeze(-1)  # (nW, N)
 
 
-def shift_attention_mask(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> Tensor:
-    """(nW, N, N) additive mask of a shifted block on a (padded) map: 0 within a region, -100 across.
-
-    The rolled map is cut into 3 x 3 regions by the slices ``[0, -w)``, ``[-w, -s)``, ``[-s, H)`` per
-    axis; tokens of different regions were not adjacent before the roll.
-    """
-    ids = _shift_region_ids(tuple(padded), tuple(window), tuple(shift))
+def shift_attention_mask(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
+                         device: torch.device | str | None = None) -> Tensor:
+    """(nW, N, N) additive mask of a shifted block on a (padded) map: 0 within a region, -100 across
+    (regions: :func:`shift_region_ids`; tokens of different regions were not adjacent before the roll)."""
+    ids = shift_region_ids(padded, window, shift, device)
     diff = ids[:, None, :] - ids[:, :, None]
-    return torch.zeros_like(diff).masked_fill_(diff != 0, SHIFT_MASK_VALUE)
+    return torch.zeros_like(diff).masked_fill(diff != 0, SHIFT_MASK_VALUE)
 
 
 def resample_rel_pos_table(table: Tensor, old_window: tuple[int, int], new_window: tuple[int, int],

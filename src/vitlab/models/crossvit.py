@@ -160,6 +160,9 @@ class CrossViT(nn.Module):
 
     token_attention = False  # two token sequences: the family's explainer (analysis/explain_crossvit.py) applies
     num_prefix_tokens = 1  # per branch
+    onnx_fixed_size_reason = ("the model runs only at the size it was built for: each branch's position table "
+                              "is tied to its patch grid at that size and is not resampled per input"
+                              " (export another fixed size with --img-size)")
 
     def __init__(self, cfg: CrossViTConfig) -> None:
         super().__init__()

@@ -65,6 +65,9 @@ class MlpMixer(nn.Module):
 
     token_attention = False  # no attention: rollout is undefined, explain falls back to Grad-CAM
     num_prefix_tokens = 0
+    onnx_fixed_size_reason = ("the token-mixing MLPs have one weight per patch of the built size (N = H/P x W/P "
+                              "tokens); another input size has another token count"
+                              " (export another fixed size with --img-size)")
     global_pool = "avg"
     position_note = "MLP-Mixer has no position embeddings: its token-mixing MLPs are tied to the patch positions"
 

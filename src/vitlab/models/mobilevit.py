@@ -60,6 +60,7 @@ from vitlab.layers import (
     fold_tokens,
     make_divisible,
     resize_to_patches,
+    size_differs,
     unfold_patches,
     unfold_tokens,
 )
@@ -153,7 +154,7 @@ class MobileViTBlock(nn.Module):
         grid = (y.shape[-2] // self.patch[0], y.shape[-1] // self.patch[1])
         t = self.norm(self.transformer(unfold_tokens(y, self.patch)))  # (B*P, N, d)
         y = fold_tokens(t, grid, self.patch)  # (B, d, H', W')
-        if y.shape[-2:] != (h, w):
+        if size_differs(y.shape[-2:], (h, w)):
             y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
         y = self.conv_proj(y)  # (B, C, H, W)
         if self.v3:

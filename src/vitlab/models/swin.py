@@ -23,7 +23,9 @@ inside the model; ``forward_features`` returns that normalised map.
 Geometry (window, shift) of each block is fixed when the model is built, from ``img_size``, as timm
 does. With ``dynamic_img_size=True`` inputs of other sizes are accepted: the image is padded to a
 multiple of the patch size and every block pads its (rolled) map at the bottom / right to a multiple
-of its window (the shift mask is then built for that padded size, cached per size).
+of its window (the shift mask is then built for that padded size, cached per size). The padding and
+the mask are expressed in traceable operations, so a dynamic-size ONNX export computes them per input
+(``vitlab.layers.tracing_any_size``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.layers import DropPath, Mlp, PatchEmbed, to_2tuple
+from vitlab.layers import DropPath, Mlp, PatchEmbed, is_tracing_any_size, to_2tuple
 from vitlab.layers.patch_merging import PatchMerging
 from vitlab.layers.window_attention import (
     WindowAttention,
@@ -128,7 +130,8 @@ class SwinPatchEmbed(PatchEmbed):
     def forward(self, x: Tensor) -> Tensor:
         if self.pad and x.ndim == 4:
             ph, pw = self.patch_size
-            x = F.pad(x, (0, (-x.shape[-1]) % pw, 0, (-x.shape[-2]) % ph))
+            H, W = x.shape[-2:]  # padded up to multiples of the patch (ceil-divisions: see SwinBlock)
+            x = F.pad(x, (0, (W + pw - 1) // pw * pw - W, 0, (H + ph - 1) // ph * ph - H))
         return self.norm(super().forward(x).permute(0, 2, 3, 1))  # (B, C, h, w) -> (B, h, w, C)
 
 
@@ -164,27 +167,37 @@ class SwinBlock(nn.Module):
     def _mask(self, padded: tuple[int, int], device: torch.device) -> Tensor | None:
         if not any(self.shift):
             return None
+        if is_tracing_any_size():  # symbolic sizes: the mask's ops go into the graph (no cache keyed by them)
+            return shift_attention_mask(padded, self.window, self.shift, device)
         key = (padded, device)
         mask = self._masks.get(key)
         if mask is None:
             if len(self._masks) >= 8:  # dynamic sizes: keep a few
                 self._masks.clear()
-            mask = self._masks[key] = shift_attention_mask(padded, self.window, self.shift).to(device)
+            mask = self._masks[key] = shift_attention_mask(padded, self.window, self.shift, device)
         return mask
 
     def _window_attention(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape
         (wh, ww), (sh, sw) = self.window, self.shift
+        # while an exporter traces any size, H and W are symbolic: pad and crop unconditionally (by zero
+        # at sizes that fit, an exact identity) instead of branching on the traced size
+        any_size = is_tracing_any_size()
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        pad_h, pad_w = (-H) % wh, (-W) % ww
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        Hp, Wp = H + pad_h, W + pad_w
-        self.last_geometry = WindowGeometry((H, W), (Hp, Wp), self.window, self.shift)
+        # windows per axis, the last one padded; written as ceil-divisions (not (-H) % wh) so that symbolic
+        # sizes stay short expressions the tracer can reason about
+        Hp, Wp = (H + wh - 1) // wh * wh, (W + ww - 1) // ww * ww
+        padded = any_size or Hp != H or Wp != W
+        if padded:
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        if not any_size:
+            self.last_geometry = WindowGeometry((H, W), (Hp, Wp), self.window, self.shift)
         windows = self.attn(window_partition(x, self.window), self._mask((Hp, Wp), x.device))
         x = window_reverse(windows, self.window, (Hp, Wp))
-        if pad_h or pad_w:
+        if any_size:  # gathered, not sliced: a view of the padded map would make the tracer fix its strides
+            x = x.index_select(1, torch.arange(H, device=x.device)).index_select(2, torch.arange(W, device=x.device))
+        elif padded:
             x = x[:, :H, :W]
         if sh or sw:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))

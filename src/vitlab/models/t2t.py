@@ -153,6 +153,9 @@ class T2TViT(nn.Module):
     # explainer (analysis/explain_t2t.py) rolls out the backbone blocks only
     token_attention = False
     num_prefix_tokens = 1
+    onnx_fixed_size_reason = ("the model runs only at the size it was built for: its fixed 1-D sinusoid position "
+                              "table has one row per token of the soft split at that size"
+                              " (export another fixed size with --img-size)")
 
     def __init__(self, cfg: T2TConfig) -> None:
         super().__init__()

@@ -162,6 +162,9 @@ class TNT(nn.Module):
     # (analysis/explain_tnt.py) rolls out the outer transformer only
     token_attention = False
     num_prefix_tokens = 1
+    onnx_fixed_size_reason = ("the model runs only at the size it was built for: its patch position table is "
+                              "tied to the patch grid at that size and is not resampled per input"
+                              " (export another fixed size with --img-size)")
 
     def __init__(self, cfg: TNTConfig) -> None:
         super().__init__()

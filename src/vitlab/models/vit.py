@@ -237,6 +237,14 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     @property
+    def onnx_fixed_size_reason(self) -> str | None:
+        """Why a dynamic-size ONNX export is refused (None: it is supported)."""
+        if self.cfg.attn_type == "linformer":
+            return ("Linformer's key/value projections (k x n) are sized for the sequence length n of the built "
+                    "resolution; another input size has another n (export another fixed size with --img-size)")
+        return None
+
+    @property
     def num_classes(self) -> int:
         return self.head.out_features if isinstance(self.head, nn.Linear) else 0
 
