@@ -193,3 +193,15 @@ def test_resnet_small_stem_keeps_resolution_for_cifar_sized_images() -> None:
     assert feats.shape == (2, 128, 4, 4)  # stride 8 in all (stride 1 stem) instead of 32
     assert net.cfg.reduction == 8
     assert vitlab.create_model("resnet18").forward_features(torch.randn(1, 3, 64, 64)).shape[-1] == 2
+
+
+@pytest.mark.parametrize("name,size,dynamic", [("tnt_s_patch16_224", 32, False), ("t2t_vit_7", 32, False),
+                                               ("crossvit_tiny_240", 48, False), ("vit_tiny_patch16_224", 32, True)])
+def test_a_wrong_input_size_suggests_only_options_the_family_has(name, size, dynamic) -> None:
+    import vitlab
+    from model_helpers import tiny_overrides
+
+    model = vitlab.create_model(name, **{**tiny_overrides(name), "img_size": size}).eval()
+    with pytest.raises(ValueError, match=f"built for {size}x{size}") as e:
+        model(torch.randn(1, 3, size + 16, size + 16))
+    assert ("dynamic_img_size" in str(e.value)) == dynamic

@@ -7,12 +7,16 @@ from torch import Tensor, nn
 from vitlab.layers.helpers import to_2tuple
 
 
-def check_image_size(h: int, w: int, patch: tuple[int, int], expected: tuple[int, int] | None, what: str) -> None:
-    """Raise a clear error when (h, w) does not fit the patch size or a fixed input size."""
+def check_image_size(h: int, w: int, patch: tuple[int, int], expected: tuple[int, int] | None, what: str,
+                     *, dynamic: bool = True) -> None:
+    """Raise a clear error when (h, w) does not fit the patch size or a fixed input size.
+
+    ``dynamic``: whether the family has a ``dynamic_img_size`` option to suggest."""
     if expected is not None and (h, w) != tuple(expected):
         raise ValueError(
             f"{what}: input image is {h}x{w} but this model was built for {expected[0]}x{expected[1]}; "
-            f"resize the input, create the model with img_size=({h}, {w}), or pass dynamic_img_size=True"
+            f"resize the input{', ' if dynamic else ' or '}create the model with img_size=({h}, {w})"
+            + (", or pass dynamic_img_size=True" if dynamic else "")
         )
     if h % patch[0] or w % patch[1]:
         raise ValueError(
@@ -21,11 +25,11 @@ def check_image_size(h: int, w: int, patch: tuple[int, int], expected: tuple[int
 
 
 def check_images(x: Tensor, *, in_chans: int, patch: tuple[int, int], expected: tuple[int, int] | None,
-                 what: str) -> None:
+                 what: str, dynamic: bool = True) -> None:
     """Raise a clear error unless ``x`` is a (batch, in_chans, H, W) batch that fits the patch (and size)."""
     if x.ndim != 4 or x.shape[1] != in_chans:
         raise ValueError(f"{what}: expected images of shape (batch, {in_chans}, H, W), got {tuple(x.shape)}")
-    check_image_size(x.shape[2], x.shape[3], patch, expected, what)
+    check_image_size(x.shape[2], x.shape[3], patch, expected, what, dynamic=dynamic)
 
 
 class PatchEmbed(nn.Module):

@@ -259,7 +259,7 @@ class CrossViT(nn.Module):
     def _embed(self, x: Tensor) -> list[Tensor]:
         """Images -> [(B, 1 + N_i, D_i)] per branch: resized, embedded, class token and positions added."""
         h, w = to_2tuple(self.cfg.img_size)
-        check_images(x, in_chans=self.cfg.in_chans, patch=(1, 1), expected=(h, w), what="CrossViT")
+        check_images(x, in_chans=self.cfg.in_chans, patch=(1, 1), expected=(h, w), what="CrossViT", dynamic=False)
         xs = []
         for i, pe in enumerate(self.patch_embed):
             xi = x

@@ -159,7 +159,7 @@ class MlpMixer(nn.Module):
                 f"(or, without pretrained weights, create the model with img_size=({x.shape[-2]}, {x.shape[-1]}))"
             )
         check_images(x, in_chans=self.cfg.in_chans, patch=self.patch_embed.patch_size, expected=(h, w),
-                     what="MlpMixer")
+                     what="MlpMixer", dynamic=False)
         return self.patch_embed(x)  # (B, N, D)
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -133,7 +133,7 @@ class TokensToToken(nn.Module):
         return h, w
 
     def forward(self, x: Tensor) -> Tensor:
-        check_images(x, in_chans=self.in_chans, patch=(1, 1), expected=self.img_size, what="T2T-ViT")
+        check_images(x, in_chans=self.in_chans, patch=(1, 1), expected=self.img_size, what="T2T-ViT", dynamic=False)
         B = x.shape[0]
         grid = tuple(x.shape[-2:])
         for i, (k, s, p) in enumerate(SOFT_SPLITS):

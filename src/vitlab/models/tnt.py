@@ -93,7 +93,7 @@ class PixelEmbed(nn.Module):
         return h // self.patch_size[0], w // self.patch_size[1]
 
     def forward(self, x: Tensor, pixel_pos: Tensor) -> Tensor:
-        check_images(x, in_chans=self.in_chans, patch=self.patch_size, expected=self.img_size, what="TNT")
+        check_images(x, in_chans=self.in_chans, patch=self.patch_size, expected=self.img_size, what="TNT", dynamic=False)
         B = x.shape[0]
         gh, gw = self.grid_size
         if self.legacy:
