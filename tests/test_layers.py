@@ -199,6 +199,7 @@ def test_resnet_small_stem_keeps_resolution_for_cifar_sized_images() -> None:
                                                ("crossvit_tiny_240", 48, False), ("vit_tiny_patch16_224", 32, True)])
 def test_a_wrong_input_size_suggests_only_options_the_family_has(name, size, dynamic) -> None:
     import vitlab
+
     from model_helpers import tiny_overrides
 
     model = vitlab.create_model(name, **{**tiny_overrides(name), "img_size": size}).eval()

@@ -14,6 +14,7 @@ padded map, batch-major: (B * nW, wh * ww, C).
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
