@@ -127,3 +127,14 @@ def test_explain_shows_each_objects_cross_attention() -> None:
     auto = explain(model, x)  # "auto" is the cross-attention for DETR, not a gradient map
     assert auto.method == "last-layer"
     torch.testing.assert_close(auto.maps, e.maps)
+
+
+def test_a_grey_classifier_loads_as_the_backbone_of_a_grey_detr(tmp_path) -> None:
+    from vitlab.models.dense import load_backbone
+
+    # the dense model gives its in_chans to the backbone; loading a checkpoint must build it the same way
+    resnet = vitlab.create_model("resnet50", layers=(1, 1, 1, 1), channels=(16, 16, 32, 32), stem_chs=8, in_chans=1,
+                                 num_classes=10)
+    vitlab.save_model(resnet, tmp_path / "resnet.safetensors")
+    model = load_backbone(_tiny(in_chans=1), tmp_path / "resnet.safetensors")
+    torch.testing.assert_close(model.backbone.stem.conv.weight, resnet.stem.conv.weight)

@@ -16,6 +16,8 @@ def load_backbone(model: nn.Module, source: str | os.PathLike) -> nn.Module:
 
     cfg = model.cfg
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.backbone_args.items()}
+    if hasattr(cfg, "in_chans"):
+        args.setdefault("in_chans", cfg.in_chans)  # as the dense model built its backbone (grey canvases: 1)
     if hasattr(model.backbone, "patch_embed"):
         args.setdefault("img_size", tuple(model.backbone.patch_embed.img_size))
     pretrained = create_model(cfg.backbone, pretrained=source, num_classes=0, **args)
