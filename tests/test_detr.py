@@ -129,12 +129,20 @@ def test_explain_shows_each_objects_cross_attention() -> None:
     torch.testing.assert_close(auto.maps, e.maps)
 
 
-def test_a_grey_classifier_loads_as_the_backbone_of_a_grey_detr(tmp_path) -> None:
+@pytest.mark.parametrize("freeze_stem", [True, False])
+def test_a_grey_classifier_loads_as_the_backbone_of_a_grey_detr(tmp_path, freeze_stem) -> None:
     from vitlab.models.dense import load_backbone
 
-    # the dense model gives its in_chans to the backbone; loading a checkpoint must build it the same way
+    # the dense model gives its in_chans to the backbone; loading a checkpoint must build it the same way, and
+    # keep the batch-norm statistics (and counters) where the backbone trains its batch norms (freeze_stem=False)
     resnet = vitlab.create_model("resnet50", layers=(1, 1, 1, 1), channels=(16, 16, 32, 32), stem_chs=8, in_chans=1,
                                  num_classes=10)
+    with torch.no_grad():
+        resnet.train()(torch.randn(4, 1, 32, 32))  # non-default running statistics
     vitlab.save_model(resnet, tmp_path / "resnet.safetensors")
-    model = load_backbone(_tiny(in_chans=1), tmp_path / "resnet.safetensors")
+    model = load_backbone(_tiny(in_chans=1, freeze_stem=freeze_stem), tmp_path / "resnet.safetensors")
     torch.testing.assert_close(model.backbone.stem.conv.weight, resnet.stem.conv.weight)
+    src = resnet.state_dict()
+    for k, v in model.backbone.state_dict().items():
+        if k.endswith("running_mean"):
+            torch.testing.assert_close(v, src[k])

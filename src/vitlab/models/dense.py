@@ -22,8 +22,9 @@ def load_backbone(model: nn.Module, source: str | os.PathLike) -> nn.Module:
         args.setdefault("img_size", tuple(model.backbone.patch_embed.img_size))
     pretrained = create_model(cfg.backbone, pretrained=source, num_classes=0, **args)
     target = model.backbone.state_dict()
-    # batch-norm counters (frozen batch norm has none) and a final norm the dense model does not use (SETR)
-    sd = {k: v for k, v in pretrained.state_dict().items() if not k.endswith("num_batches_tracked")
-          and (k in target or not k.startswith(("norm.", "fc_norm.")))}
+    # batch-norm counters where the backbone has none (frozen batch norm) and a final norm the dense model does
+    # not use (SETR)
+    sd = {k: v for k, v in pretrained.state_dict().items()
+          if k in target or not (k.endswith("num_batches_tracked") or k.startswith(("norm.", "fc_norm.")))}
     load_strict(model.backbone, sd, source=str(source))
     return model
