@@ -151,6 +151,7 @@ DYNAMIC_SIZE_MODELS = {
     "cait": ("cait_xxs24_224", {}),
     "vit-hybrid": ("vit_base_r50_s16_224", {}),
     "xcit": ("xcit_nano_12_p16_224", {}),
+    "beit3": ("beit3_base_patch16_224", {}),  # no relative position tables: the absolute table resamples
 }
 DEFAULT_DYNAMIC = {"vit", "resnet", "swin", "mobilevit"}
 PADDING_FAMILIES = ("swin", "swinv2", "mobilevit")  # take any size, not only multiples of the patch
@@ -210,7 +211,7 @@ def test_any_size_paths_equal_eager(name, over):
 
 
 FIXED_SIZE_FAMILIES = {"crossvit": "crossvit_tiny_240", "t2t": "t2t_vit_7", "tnt": "tnt_s_patch16_224",
-                       "mixer": "mixer_s16_224"}
+                       "mixer": "mixer_s16_224", "beit": "beit_base_patch16_224"}
 
 
 def test_every_family_decides_dynamic_size():
