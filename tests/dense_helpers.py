@@ -23,3 +23,9 @@ def write_fake_mnist(root: Path, n: int = 40, seed: int = 0) -> Path:
         with open(root / f"{prefix}-labels-idx1-ubyte", "wb") as f:
             f.write(bytes([0, 0, 8, 1]) + np.array([n], dtype=">i4").tobytes() + labels.tobytes())
     return root
+
+
+# a tiny grey DETR (small ResNet, one encoder and two decoder layers) for the command-line tests
+DETR_TINY = {"in_chans": 1, "backbone_args": {"layers": [1, 1], "channels": [16, 32], "stem_chs": 8},
+             "dim": 32, "num_heads": 2, "enc_depth": 1, "dec_depth": 2, "ffn_dim": 32, "num_queries": 4,
+             "dropout": 0.0, "mean": [0.5], "std": [0.5]}

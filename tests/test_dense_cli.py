@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dense_helpers import write_fake_mnist
+from dense_helpers import DETR_TINY, write_fake_mnist
 from vitlab.cli.main import main
 
-DETR_TINY = {"in_chans": 1, "backbone_args": {"layers": [1, 1], "channels": [16, 32], "stem_chs": 8},
-             "dim": 32, "num_heads": 2, "enc_depth": 1, "dec_depth": 2, "ffn_dim": 32, "num_queries": 4,
-             "dropout": 0.0, "mean": [0.5], "std": [0.5]}
 SETR_TINY = {"in_chans": 1, "channels": 16, "mean": [0.5], "std": [0.5],
              "backbone_args": {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8}}
 

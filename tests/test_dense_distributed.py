@@ -13,13 +13,10 @@ from pathlib import Path
 
 import torch
 
+from dense_helpers import DETR_TINY as TINY
 from dense_helpers import write_fake_mnist
 from vitlab.checkpoints import read_vitlab
 from vitlab.cli.main import main
-
-TINY = {"in_chans": 1, "backbone_args": {"layers": [1, 1], "channels": [16, 32], "stem_chs": 8},
-        "dim": 32, "num_heads": 2, "enc_depth": 1, "dec_depth": 2, "ffn_dim": 32, "num_queries": 4,
-        "dropout": 0.0, "mean": [0.5], "std": [0.5]}
 
 
 def _env() -> dict[str, str]:
