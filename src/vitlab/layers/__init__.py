@@ -27,7 +27,7 @@ from vitlab.layers.patch_fold import (
     unfold_tokens,
 )
 from vitlab.layers.patch_merging import PatchMerging, merge_2x2
-from vitlab.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed
+from vitlab.layers.pos_embed import resample_pos_embed, sincos_2d_pos_embed, sinusoid_1d_pos_embed
 from vitlab.layers.rel_pos_attention import RelativePositionBias, RelPosAttention
 from vitlab.layers.separable_attention import SeparableAttentionBlock, SeparableSelfAttention
 from vitlab.layers.sine_position import sine_position_2d
@@ -51,7 +51,7 @@ __all__ = [
     "PatchEmbed", "StdConv2d", "attend_explicit", "capture_attention", "check_image_size", "check_images", "drop_path",
     "TalkingHeadsAttention", "pad_same", "ConvMlp", "ConvNormAct", "FoldedAttention", "InvertedResidual",
     "SeparableAttentionBlock", "SeparableSelfAttention", "fold_patches", "fold_tokens", "make_divisible", "patch_grid",
-    "resize_to_patches", "unfold_patches", "unfold_tokens", "resample_pos_embed", "sincos_2d_pos_embed", "to_2tuple",
+    "resize_to_patches", "unfold_patches", "unfold_tokens", "resample_pos_embed", "sincos_2d_pos_embed", "sinusoid_1d_pos_embed", "to_2tuple",
     "PatchMerging", "WindowAttention", "WindowAttentionV2", "WindowGeometry", "merge_2x2", "relative_position_index",
     "resample_rel_pos_table", "shift_attention_mask", "window_partition", "window_reverse",
     "CrossAttention", "CrossAttentionBlock", "FrozenBatchNorm2d", "freeze_batch_norm", "sine_position_2d",

@@ -78,6 +78,16 @@ def sincos_2d_pos_embed(
     return pe.unsqueeze(0)
 
 
+def sinusoid_1d_pos_embed(num_positions: int, dim: int) -> Tensor:
+    """Fixed 1-D sinusoid table of "Attention is all you need" (T2T-ViT, CCT), (1, num_positions, dim):
+    position p, channel j -> sin (even j) / cos (odd j) of p / 10000^(2 floor(j/2) / dim)."""
+    pos = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    rate = torch.pow(10000.0, 2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim)[None, :]
+    angle = pos / rate
+    table = torch.where(torch.arange(dim)[None, :] % 2 == 0, angle.sin(), angle.cos())
+    return table.float().unsqueeze(0)
+
+
 def fourier_features_2d(rows: int, cols: int, *, hidden_dim: int = 32, temperature: float = 10000.0,
                         eps: float = 1e-6) -> Tensor:
     """XCiT's Fourier position features (El-Nouby et al. 2021, after Vaswani et al.), (1, 2*hidden_dim, rows, cols).

@@ -1,6 +1,22 @@
 """Model families. Importing this package registers every family's named variants."""
 
-from vitlab.models import beit, cait, crossvit, deit, detr, mixer, mobilevit, resnet, setr, swin, t2t, tnt, vit, xcit  # noqa: F401  (registration side effect)
+from vitlab.models import (  # noqa: F401  (registration side effect)
+    beit,
+    cait,
+    cct,
+    crossvit,
+    deit,
+    detr,
+    mixer,
+    mobilevit,
+    resnet,
+    setr,
+    swin,
+    t2t,
+    tnt,
+    vit,
+    xcit,
+)
 from vitlab.models.base import Preprocessing
 from vitlab.models.registry import ModelEntry, get_entry, list_models, register_model
 from vitlab.models.resnet import ResNet, ResNetConfig

@@ -35,13 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.layers import Block, Mlp, check_images, to_2tuple
+from vitlab.layers import Block, Mlp, check_images, sinusoid_1d_pos_embed, to_2tuple
 from vitlab.layers.t2t_attention import PerformerAttention, TokenAttention
 from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
 from vitlab.models.registry import ModelEntry, register_model
 
 # (kernel, stride, padding) of the three soft splits
 SOFT_SPLITS: tuple[tuple[int, int, int], ...] = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+sinusoid_table = sinusoid_1d_pos_embed  # the fixed table, under the name this module has always exported
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,15 +79,6 @@ class T2TConfig:
             raise ValueError(f"T2TConfig: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.t2t_type not in ("performer", "transformer"):
             raise ValueError(f"T2TConfig: t2t_type must be 'performer' or 'transformer', got {self.t2t_type!r}")
-
-
-def sinusoid_table(num_positions: int, dim: int) -> Tensor:
-    """(1, num_positions, dim): position p, channel j -> sin (even j) / cos (odd j) of p / 10000^(2 floor(j/2) / dim)."""
-    pos = torch.arange(num_positions, dtype=torch.float64)[:, None]
-    rate = torch.pow(10000.0, 2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim)[None, :]
-    angle = pos / rate
-    table = torch.where(torch.arange(dim)[None, :] % 2 == 0, angle.sin(), angle.cos())
-    return table.float().unsqueeze(0)
 
 
 def split_grid(h: int, w: int, kernel: int, stride: int, padding: int) -> tuple[int, int]:
