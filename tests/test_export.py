@@ -152,8 +152,11 @@ DYNAMIC_SIZE_MODELS = {
     "vit-hybrid": ("vit_base_r50_s16_224", {}),
     "xcit": ("xcit_nano_12_p16_224", {}),
     "beit3": ("beit3_base_patch16_224", {}),  # no relative position tables: the absolute table resamples
+    "cct": ("cct_7_3x1_32", {}),  # learned table resampled; the tokenizer takes any size
+    "cct-sine": ("cct_7_3x2_32_sine", {}),  # the sinusoid table recomputed for the new length
+    "cct-token": ("cct_7_3x1_32", {"global_pool": "token", "pos_embed": "none"}),
 }
-DEFAULT_DYNAMIC = {"vit", "resnet", "swin", "mobilevit"}
+DEFAULT_DYNAMIC = {"vit", "resnet", "swin", "mobilevit", "cct", "cct-sine"}
 PADDING_FAMILIES = ("swin", "swinv2", "mobilevit")  # take any size, not only multiples of the patch
 
 

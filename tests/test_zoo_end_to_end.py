@@ -35,11 +35,12 @@ FAMILIES = {
     "xcit": ("xcit_nano_12_p16_224", 32, dict(embed_dim=32, depth=1, num_heads=4), 48),
     "linformer": ("vit_tiny_patch16_224", 8, dict(attn_type="linformer", embed_dim=32, depth=1, num_heads=2,
                                                   patch_size=2), 16),
+    "cct": ("cct_7_3x1_32", 16, dict(embed_dim=32, depth=1, num_heads=2), 24),
 }
 # what `vitlab explain` picks by default: rollout where tokens attend to tokens of one sequence (or the
 # family's own rollout), Grad-CAM otherwise
 AUTO_METHOD = {"crossvit": "rollout", "tnt": "rollout", "t2t": "rollout", "mixer": "grad-cam",
-               "xcit": "grad-cam", "linformer": "grad-cam"}
+               "xcit": "grad-cam", "linformer": "grad-cam", "cct": "rollout"}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,8 @@ def test_cli_analyze_says_what_applies(family, trained, tmp_path, caplog):
     expected = {"crossvit": {"attention_distance", "position_similarity"},
                 "tnt": {"attention_distance", "position_similarity"},
                 "t2t": {"attention_distance", "position_similarity"},
-                "mixer": set(), "xcit": set(), "linformer": {"position_similarity"}}[family]
+                "mixer": set(), "xcit": set(), "linformer": {"position_similarity"},
+                "cct": {"attention_distance", "position_similarity"}}[family]
     assert applies == expected
 
 
@@ -141,7 +143,8 @@ def test_cli_finetune_other_classes_and_size(family, trained, images, tmp_path, 
         assert model(torch.randn(1, 1, size, size)).shape == (1, 3)  # digits: one channel
 
 
-FOREIGN = {"crossvit": "xcit", "tnt": "t2t", "t2t": "tnt", "mixer": "crossvit", "xcit": "mixer", "linformer": "tnt"}
+FOREIGN = {"crossvit": "xcit", "tnt": "t2t", "t2t": "tnt", "mixer": "crossvit", "xcit": "mixer", "linformer": "tnt",
+           "cct": "t2t"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -163,7 +166,7 @@ def test_mixer_wrong_input_size_is_a_clear_error():
 
 FIXTURES = {"crossvit": "crossvit_timm_tiny.safetensors", "tnt": "tnt_timm_tiny.safetensors",
             "t2t": "t2t_vit_official_tiny.pth.tar", "mixer": "mixer_timm_tiny.safetensors",
-            "xcit": "xcit_timm_tiny_p16.safetensors"}
+            "xcit": "xcit_timm_tiny_p16.safetensors", "cct": "cct_official_learn.pth"}
 
 
 @pytest.mark.parametrize(("family", "other"), [(f, o) for f in FIXTURES for o in FIXTURES if f != o])
@@ -185,6 +188,6 @@ def test_recipe_model_options_follow_the_family(caplog):
     for name in ("vit_small_patch16_224", "deit_tiny_patch16_224", "cait_xxs24_224"):
         assert recipe.for_model(name).model_overrides == recipe.model_overrides
     with caplog.at_level(logging.INFO, logger="vitlab"):
-        for family in ("crossvit", "tnt", "t2t", "mixer", "xcit"):
+        for family in ("crossvit", "tnt", "t2t", "mixer", "xcit", "cct"):
             assert recipe.for_model(FAMILIES[family][0]).model_overrides == {"drop_path_rate": 0.1}
     assert "not applied to xcit_nano_12_p16_224 (family xcit)" in caplog.text

@@ -46,13 +46,26 @@ def capture_tagged(model: nn.Module, x: Tensor, modules: Mapping[CapturableAtten
 
 def explain_token_layers(model: nn.Module, x: Tensor, modules: list[CapturableAttention], layout: TokenLayout, *,
                          method: str, target, head_fusion: HeadFusion, discard_ratio: float,
-                         use_class_token: bool = True):
+                         use_class_token: bool = True, pool_logits: nn.Module | None = None):
     """Rollout, gradient rollout or last-layer map over ``modules``, whose maps are all over the sequence
-    ``layout`` describes (prefix tokens, then the patch grid)."""
+    ``layout`` describes (prefix tokens, then the patch grid).
+
+    ``pool_logits``: a module whose output (B, N, 1) is the head's softmax logits over the N patch tokens
+    (CCT's sequence pooling): the rows of the joint attention are weighted by that softmax; the
+    "last-layer" map is then the pooling weights themselves (the last attention before the head).
+    """
     from vitlab.analysis.explain import Explanation, class_targets
 
-    logits, seen = capture_tagged(model, x, {m: i for i, m in enumerate(modules)},
-                                  with_grad=method == "grad-rollout")
+    pooled: list[Tensor] = []
+    hook = (pool_logits.register_forward_hook(lambda _m, _i, out: pooled.append(out.detach()))
+            if pool_logits is not None else None)
+    try:
+        logits, seen = capture_tagged(model, x, {m: i for i, m in enumerate(modules)},
+                                      with_grad=method == "grad-rollout")
+    finally:
+        if hook is not None:
+            hook.remove()
+    query = pooled[-1].squeeze(-1).float().softmax(dim=1)[:, layout.num_prefix_tokens:] if pooled else None
     maps = [a for _, a in seen]
     probs = logits.detach().float().softmax(dim=-1)
     tgt = class_targets(logits, target)
@@ -63,9 +76,12 @@ def explain_token_layers(model: nn.Module, x: Tensor, modules: list[CapturableAt
         grads = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), maps)
         joint = gradient_rollout([a.detach() for a in maps], [g.detach() for g in grads],
                                  discard_ratio=discard_ratio, num_prefix_tokens=p)
+    elif query is not None:  # last-layer: the head's own attention over the tokens
+        joint = torch.eye(p + layout.num_patches, device=query.device).expand(x.shape[0], -1, -1)
     else:
         joint = embed_square(fuse_heads(maps[-1].float(), head_fusion), p + layout.num_patches, num_prefix_tokens=p)
-    relevance = token_relevance(joint.detach(), num_prefix_tokens=p, use_class_token=use_class_token)
+    relevance = token_relevance(joint.detach(), num_prefix_tokens=p, use_class_token=use_class_token,
+                                query_weights=query)
     B = x.shape[0]
     return Explanation(maps=relevance_to_image(relevance, layout.grid, (x.shape[-2], x.shape[-1])),
                        patch_maps=relevance.reshape(B, *layout.grid), probs=probs, target=tgt.detach(),

@@ -132,13 +132,18 @@ def gradient_rollout(
     return rollout_fused(fused, discard_ratio=discard_ratio, num_prefix_tokens=num_prefix_tokens)
 
 
-def token_relevance(joint: Tensor, *, num_prefix_tokens: int, use_class_token: bool) -> Tensor:
+def token_relevance(joint: Tensor, *, num_prefix_tokens: int, use_class_token: bool,
+                    query_weights: Tensor | None = None) -> Tensor:
     """Relevance of each patch token, (B, num_patches), read off a (B, N, N) token-to-token matrix.
 
     With a class token that the head reads, its row; otherwise (average pooling, no class token) the
-    mean of the patch tokens' rows, since the head reads their mean.
+    mean of the patch tokens' rows, since the head reads their mean. ``query_weights`` (B, num_patches):
+    the head reads that weighted sum of the patch tokens instead (CCT's sequence pooling), so the rows
+    are weighted by it.
     """
     p = num_prefix_tokens
+    if query_weights is not None:
+        return torch.einsum("bq,bqk->bk", query_weights.to(joint.dtype), joint[:, p:, p:])  # (B, num_patches)
     if use_class_token:
         if p == 0:
             raise ValueError("token_relevance: use_class_token needs a prefix token")
