@@ -133,7 +133,10 @@ class Attention(CapturableAttention):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
         """The two paths on (B, heads, N, hd) q, k, v: SDPA, or the explicit product in capture mode
         (and when ``fused`` is off); subclasses that only change the projections or the mask reuse it."""
-        if self.capturing or not self.fused:
+        # On the CPU, SDPA with attention dropout falls back to its unfused math path, which does more than the
+        # explicit product (scales q and k separately, scans the mask for -inf rows): explicit is faster there.
+        cpu_dropout = self.training and self.attn_drop.p > 0 and q.device.type == "cpu"
+        if self.capturing or not self.fused or cpu_dropout:
             return attend_explicit(q, k, v, scale=self.scale, attn_mask=attn_mask, dropout=self.attn_drop,
                                    sink=self._emit if self.capturing else None)
         return F.scaled_dot_product_attention(
