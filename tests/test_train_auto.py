@@ -12,7 +12,16 @@ import vitlab
 from test_train_failures import write_folder
 from vitlab.cli.main import main
 from vitlab.train import budget as budget_module
-from vitlab.train.auto import DataFacts, choose_recipe, vit_params, vit_train_flops
+from vitlab.train.auto import (
+    CCT_BASE_MODEL,
+    DataFacts,
+    cct_grid,
+    cct_train_flops,
+    choose_recipe,
+    model_params,
+    vit_params,
+    vit_train_flops,
+)
 from vitlab.train.budget import fit_recipe_to_budget, parse_duration, steps_for_budget, time_steps
 from vitlab.train.hardware import Hardware
 
@@ -39,17 +48,23 @@ def test_the_issues_example_is_minutes_not_days():
     c = choose_recipe(MNIST, LAPTOP)
     r = c.recipe
     assert c.estimated_s <= 20 * 60
-    assert r.img_size == 28 and r.model_overrides["patch_size"] == 4  # 7x7 patches of the native image
-    assert r.model_overrides["embed_dim"] <= 128 and r.batch_size == 128 and r.global_batch is None
-    assert r.hflip == 0.0 and r.amp == "none" and r.val_fraction == 0.0  # grayscale: no flips; MNIST has a test set
-    assert r.epochs >= 10 and r.schedule == "cosine"
-    assert c.summary.startswith("auto recipe: vit_tiny_patch16_224 with embed_dim=") and "estimated" in c.summary
-    # the parameter count the chooser reasons with is the model's own
-    model = vitlab.create_model(r.model, num_classes=10, img_size=r.img_size, in_chans=1, **r.model_overrides)
     o = r.model_overrides
-    assert sum(p.numel() for p in model.parameters()) == vit_params(
-        img=28, patch=o["patch_size"], channels=1, embed_dim=o["embed_dim"], depth=o["depth"],
-        mlp_ratio=o["mlp_ratio"], num_classes=10)
+    # small images: a CCT at the native size, two conv + pool blocks giving 7x7 tokens
+    assert r.model == CCT_BASE_MODEL and r.img_size == 28 and o["num_conv_layers"] == 2
+    assert o["embed_dim"] <= 128 and r.batch_size == 128 and r.global_batch is None
+    assert o["drop_path_rate"] == o["attn_drop_rate"] == 0.0  # a short run: CCT's regularisers off
+    assert r.hflip == 0.0 and r.amp == "none" and r.val_fraction == 0.0  # grayscale: no flips; MNIST has a test set
+    assert r.epochs >= 3 and r.schedule == "cosine"
+    assert c.summary.startswith("auto recipe: cct_7_3x2_32 with embed_dim=") and "(7x7 tokens)" in c.summary
+    model = vitlab.create_model(r.model, num_classes=10, img_size=r.img_size, in_chans=1, **o)
+    assert model.tokenizer.grid_size == (7, 7)
+    # the FLOPs the chooser reasons with are the model's own (forward, x3 for training)
+    from vitlab.benchmark import forward_flops
+    fwd = forward_flops(model, (1, 28, 28))
+    est = cct_train_flops(img=28, channels=1, embed_dim=o["embed_dim"], depth=o["depth"], mlp_ratio=o["mlp_ratio"],
+                          num_conv=2) / 3
+    attention = 2 * 2 * 49 * 49 * o["embed_dim"] * o["depth"]  # q k^T and attn v, which the counter leaves out
+    assert abs(est - attention - fwd) / fwd < 0.01, (est, fwd)
 
 
 @pytest.mark.parametrize("data", [MNIST, CIFAR, DIGITS, PHOTOS, IMAGENET, TINY], ids=lambda d: f"{d.num_images}")
@@ -59,12 +74,16 @@ def test_every_choice_fits_the_budget_and_builds(data, hw):
     r = c.recipe
     assert c.estimated_s <= (30 if hw.gpu else 20) * 60 * 1.001
     img = r.img_size
-    assert img % r.model_overrides["patch_size"] == 0 and 4 <= (img // r.model_overrides["patch_size"]) <= 14
+    o = r.model_overrides
+    if r.model == CCT_BASE_MODEL:  # up to 64 px: a CCT with a token grid of about 8 per side
+        assert img <= 64 and 4 <= cct_grid(img, o["num_conv_layers"]) <= 11
+        params = model_params(r.model, o, img=img, channels=data.channels, num_classes=data.num_classes)
+    else:
+        assert img > 64 and img % o["patch_size"] == 0 and 4 <= (img // o["patch_size"]) <= 14
+        params = vit_params(img=img, patch=o["patch_size"], channels=data.channels, embed_dim=o["embed_dim"],
+                            depth=o["depth"], mlp_ratio=o["mlp_ratio"], num_classes=data.num_classes)
     assert r.batch_size <= max(8, data.num_images // 8)
     assert (r.hflip > 0) == (data.channels == 3)
-    o = r.model_overrides
-    params = vit_params(img=img, patch=o["patch_size"], channels=data.channels, embed_dim=o["embed_dim"],
-                        depth=o["depth"], mlp_ratio=o["mlp_ratio"], num_classes=data.num_classes)
     assert params <= max(200 * data.num_images, 200_000)
     assert r.val_fraction == (0.0 if data.has_test else 0.1)
     with torch.device("meta"):
@@ -152,7 +171,7 @@ def test_cli_auto_recipe_and_time_budget(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO):
         assert main(["train", "--data", str(data), "--output", str(tmp_path / "run"), "--time-budget", "2m",
                      "--no-progress"]) == 0
-    assert "auto recipe: vit_tiny_patch16_224 with embed_dim=" in caplog.text
+    assert "auto recipe: cct_7_3x2_32 with embed_dim=" in caplog.text
     assert "time budget 2m00s: 10.000 s per step measured" in caplog.text
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert saved["name"] == "auto" and saved["img_size"] == 8 and saved["description"].startswith("Chosen by")

@@ -6,14 +6,18 @@ It is a pure function, so that it can be checked on data sets described by hand.
 
 How it decides, in order:
 
-1. Resolution and patches. Small images (short side <= 64 px) train at their own size; larger ones at
-   64 px on a CPU, 128 px on a GPU with less than 16 GB, 224 px on a larger GPU. The patch size gives a
-   grid of about 7-8 patches per side (14 at 224 px), the layout that small-data ViT work found to
-   learn fastest; the resolution is rounded to a multiple of it.
+1. Resolution and tokens. Small images (short side <= 64 px) train at their own size; larger ones at
+   64 px on a CPU, 128 px on a GPU with less than 16 GB, 224 px on a larger GPU. Up to 64 px the model is
+   a Compact Convolutional Transformer (CCT, Hassani et al. 2021: a convolutional tokenizer and sequence
+   pooling, the small-data ViT levers that paid most per CPU second on CIFAR-10, see
+   benchmarks/RESULTS.md), with as many conv + max-pool blocks as give a token grid of about 8 per side;
+   above 64 px a plain ViT whose patch size gives a grid of about 7-8 patches per side (14 at 224 px),
+   the resolution rounded to a multiple of it.
 2. The time available: ``time_budget_s``, or by default 20 minutes on a CPU and 30 on a GPU, so that no
    data set gets a configuration that cannot finish on the machine at hand (the paper-scale recipes stay
    available by name).
-3. Model size: the widest/deepest rung of a ladder of small ViTs (width 64 .. 384, depth 4 .. 12) that
+3. Model size: the widest/deepest rung of a ladder of small models (CCT-2 .. CCT-14, or ViTs of width
+   64 .. 384 and depth 4 .. 12) that
    fits the data (parameters at most ``PARAMS_PER_IMAGE`` x images) and fits a third of the wanted
    epochs into the time (failing that, ``MIN_EPOCHS``), by an estimate of training FLOPs per image and
    the machine's FLOP rate. The wanted number of epochs falls with the data set's size (small data
@@ -23,7 +27,7 @@ How it decides, in order:
    0.1, weight decay 0.05.
 5. Augmentation strength: random-resized crops whose smallest area falls with the run's length;
    horizontal flips for colour images only (small grayscale images are usually characters, which
-   mirroring changes); RandAugment and stochastic depth only for long runs.
+   mirroring changes); RandAugment, stochastic depth and attention dropout only for long runs.
 6. Precision: bfloat16 autocast on a GPU that has it; on a CPU with native bfloat16 (AVX512-BF16/AMX)
    only for models of width >= ``CPU_BF16_MIN_WIDTH``: the small models' matmuls are too small for
    bf16 to pay for autocast's casts (measured 2-3x slower than float32 for width 64 on an AMD EPYC with
@@ -74,6 +78,25 @@ LADDER: tuple[tuple[int, int, int, float], ...] = (
 )
 BASE_MODEL = "vit_tiny_patch16_224"
 
+# CCT rungs (embed_dim, depth, num_heads, mlp_ratio): a half-width CCT-2 for tiny data sets, then the
+# published sizes CCT-2, -4, -6, -7, -14.
+CCT_LADDER: tuple[tuple[int, int, int, float], ...] = (
+    (64, 2, 2, 1.0),
+    (128, 2, 2, 1.0),
+    (128, 4, 2, 1.0),
+    (256, 6, 4, 2.0),
+    (256, 7, 4, 2.0),
+    (384, 14, 6, 3.0),
+)
+CCT_BASE_MODEL = "cct_7_3x2_32"
+CCT_MAX_SIZE = 64  # resolutions up to this train a CCT, larger ones a ViT
+CCT_CONV_CHANNELS = 64
+# A CCT's convolutions and 64-token sequences run nearer the CPU's peak than a tiny ViT's small matmuls:
+# measured 47 vs 29 effective GFLOP/s in training steps on one core of an Intel Xeon (CCT-2/3x2 against the
+# width-64, depth-6 ViT with 4 px patches at 32 px, batch 128, channels-last), so a CCT's FLOPs count this much
+# less in the time estimate. ``--time-budget`` measures the real speed anyway.
+CCT_CPU_EFFICIENCY = 1.6
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataFacts:
@@ -105,6 +128,43 @@ def vit_train_flops(*, img: int, patch: int, channels: int, embed_dim: int, dept
     macs = depth * (tokens * per_token + 2 * tokens * tokens * embed_dim)  # + QK^T and AV
     macs += grid * grid * channels * patch * patch * embed_dim  # patch embedding
     return 2.0 * macs * TRAIN_FLOP_FACTOR
+
+
+def cct_grid(img: int, num_conv: int) -> int:
+    """Tokens per side after ``num_conv`` blocks of (3x3 conv, stride 1) -> max pool (3, stride 2, padding 1)."""
+    for _ in range(num_conv):
+        img = (img - 1) // 2 + 1
+    return img
+
+
+def cct_conv_layers(img: int) -> int:
+    """The number of tokenizer blocks whose grid is nearest 8 per side (1 to 3)."""
+    return min((1, 2, 3), key=lambda n: (abs(cct_grid(img, n) - 8), n))
+
+
+def cct_train_flops(*, img: int, channels: int, embed_dim: int, depth: int, mlp_ratio: float, num_conv: int,
+                    conv_channels: int = CCT_CONV_CHANNELS, kernel: int = 3) -> float:
+    """Training FLOPs per image of a CCT (conv tokenizer, no class token, sequence pooling)."""
+    macs, side, cin = 0.0, img, channels
+    for i in range(num_conv):
+        cout = embed_dim if i == num_conv - 1 else conv_channels
+        macs += side * side * cin * cout * kernel * kernel
+        side, cin = (side - 1) // 2 + 1, cout
+    tokens = side * side
+    macs += depth * (tokens * (4 + 2 * mlp_ratio) * embed_dim * embed_dim + 2 * tokens * tokens * embed_dim)
+    macs += tokens * embed_dim  # sequence pooling
+    return 2.0 * macs * TRAIN_FLOP_FACTOR
+
+
+def model_params(name: str, overrides: dict[str, Any], *, img: int, channels: int, num_classes: int) -> int:
+    """The parameter count of the model the recipe builds (built on the meta device: no memory, no init)."""
+    import torch
+
+    from vitlab.models.factory import create_model
+
+    with torch.device("meta"):
+        model = create_model(name, num_classes=num_classes, img_size=img, in_chans=channels, **overrides)
+    return sum(p.numel() for p in model.parameters())
 
 
 def vit_params(*, img: int, patch: int, channels: int, embed_dim: int, depth: int, mlp_ratio: float,
@@ -184,23 +244,19 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
     img, patch = choose_resolution(data, hw)
     overrides: dict[str, Any] = {}
     if model is None:
-        fits: list[tuple[tuple[int, int, int, float], float]] = []  # (rung, epochs that fit), data-sized rungs
-        for cand in LADDER:
-            d, depth, heads, mlp = cand
-            shape = {"img": img, "patch": patch, "channels": data.channels, "embed_dim": d, "depth": depth,
-                     "mlp_ratio": mlp}
-            if vit_params(**shape, num_classes=data.num_classes) <= PARAMS_PER_IMAGE * n or cand == LADDER[0]:
-                fits.append((cand, budget / (n * image_seconds(hw, vit_train_flops(**shape), use_bf16(hw, d)))))
+        cct = img <= CCT_MAX_SIZE
+        candidates = cct_candidates(img, data, hw) if cct else vit_candidates(img, patch, data)
+        fits: list[tuple[Candidate, float]] = []  # (rung, epochs that fit), data-sized rungs
+        for i, cand in enumerate(candidates):
+            if cand.params <= PARAMS_PER_IMAGE * n or i == 0:
+                fits.append((cand, budget / (n * image_seconds(hw, cand.cost_flops, use_bf16(hw, cand.width)))))
         # the largest rung that gets a third of the wanted epochs; failing that, MIN_EPOCHS; else the smallest
-        rung = next((c for c, e in reversed(fits) if e >= generous), None) or \
-            next((c for c, e in reversed(fits) if e >= floor), LADDER[0])
-        d, depth, heads, mlp = rung
-        bf16 = use_bf16(hw, d)
-        flops = vit_train_flops(img=img, patch=patch, channels=data.channels, embed_dim=d, depth=depth,
-                                mlp_ratio=mlp)
-        overrides = {"patch_size": patch, "embed_dim": d, "depth": depth, "num_heads": heads, "mlp_ratio": mlp,
-                     "crop_pct": 1.0}
-        model_name = BASE_MODEL
+        chosen = next((c for c, e in reversed(fits) if e >= generous), None) or \
+            next((c for c, e in reversed(fits) if e >= floor), candidates[0])
+        overrides = dict(chosen.overrides)
+        bf16 = use_bf16(hw, chosen.width)
+        flops = chosen.cost_flops
+        model_name = CCT_BASE_MODEL if cct else BASE_MODEL
     else:
         if model_flops is None:
             raise ValueError("choose_recipe: give model_flops with model")
@@ -221,7 +277,9 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
     long_run = epochs >= 40
     colour = data.channels == 3
     small = min(data.image_size) <= 64
-    if model is None and long_run and depth_of(overrides) >= 6:
+    if model is None and model_name == CCT_BASE_MODEL:  # CCT's regularisers only pay in long runs
+        overrides["drop_path_rate"] = overrides["attn_drop_rate"] = 0.1 if long_run else 0.0
+    elif model is None and long_run and depth_of(overrides) >= 6:
         overrides["drop_path_rate"] = 0.1
     scale_min = (0.35 if long_run else 0.6) if colour or not small else 0.8
     recipe = Recipe(
@@ -252,8 +310,15 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
     )
     estimated = total_steps * batch * per_image
     where = f"{hw.gpu}" if hw.gpu else f"{hw.threads} CPU thread{'s' if hw.threads != 1 else ''}"
-    arch = (f"{model_name} with embed_dim={overrides['embed_dim']}, depth={overrides['depth']}, "
-            f"patch_size={patch}" if model is None else model_name)
+    if model is None and model_name == CCT_BASE_MODEL:
+        g = cct_grid(img, overrides["num_conv_layers"])
+        arch = (f"{model_name} with embed_dim={overrides['embed_dim']}, depth={overrides['depth']}, "
+                f"num_conv_layers={overrides['num_conv_layers']} ({g}x{g} tokens)")
+    elif model is None:
+        arch = (f"{model_name} with embed_dim={overrides['embed_dim']}, depth={overrides['depth']}, "
+                f"patch_size={patch}")
+    else:
+        arch = model_name
     summary = (f"auto recipe: {arch} at {f'{img} px' if img else 'its own resolution'}; batch {batch}, "
                f"{epochs if max_steps is None else f'{max_steps} steps of 1'} epoch(s) of {n:,} images "
                f"({total_steps:,} steps), {'bf16' if bf16 else 'float32'}, "
@@ -262,6 +327,44 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
     description = (f"Chosen by vitlab.train.auto for {n:,} images of {data.image_size[0]}x{data.image_size[1]} px, "
                    f"{data.channels} channel(s), {data.num_classes} classes on {where}: {summary}")
     return AutoChoice(recipe=recipe.replace(description=description), estimated_s=estimated, summary=summary)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One rung of a ladder: the model overrides, its parameters and its training FLOPs per image as the
+    time estimate counts them (``cost_flops``)."""
+
+    overrides: dict[str, Any]
+    params: int
+    cost_flops: float
+    width: int
+
+
+def vit_candidates(img: int, patch: int, data: DataFacts) -> list[Candidate]:
+    out = []
+    for d, depth, heads, mlp in LADDER:
+        shape = {"img": img, "patch": patch, "channels": data.channels, "embed_dim": d, "depth": depth,
+                 "mlp_ratio": mlp}
+        out.append(Candidate(
+            overrides={"patch_size": patch, "embed_dim": d, "depth": depth, "num_heads": heads, "mlp_ratio": mlp,
+                       "crop_pct": 1.0},
+            params=vit_params(**shape, num_classes=data.num_classes), cost_flops=vit_train_flops(**shape), width=d))
+    return out
+
+
+def cct_candidates(img: int, data: DataFacts, hw: Hardware) -> list[Candidate]:
+    num_conv = cct_conv_layers(img)
+    out = []
+    for d, depth, heads, mlp in CCT_LADDER:
+        o = {"embed_dim": d, "depth": depth, "num_heads": heads, "mlp_ratio": mlp, "num_conv_layers": num_conv,
+             "kernel_size": 3, "conv_channels": CCT_CONV_CHANNELS, "crop_pct": 1.0}
+        flops = cct_train_flops(img=img, channels=data.channels, embed_dim=d, depth=depth, mlp_ratio=mlp,
+                                num_conv=num_conv)
+        out.append(Candidate(
+            overrides=o, params=model_params(CCT_BASE_MODEL, o, img=img, channels=data.channels,
+                                             num_classes=data.num_classes),
+            cost_flops=flops if hw.gpu else flops / CCT_CPU_EFFICIENCY, width=d))
+    return out
 
 
 def depth_of(overrides: dict[str, Any]) -> int:
