@@ -85,7 +85,9 @@ def cache_decoded(ds: ImageFileDataset, *, max_bytes: int, workers: int = 0) -> 
                     raise BadImageError(item)
                 errors[i] = item
             else:
-                images[i] = item
+                # a tensor from a worker lives in shared memory held by an open file descriptor; a copy lets it
+                # go, so that caching 50,000 images does not exhaust the process's descriptors (ulimit -n)
+                images[i] = item.clone() if workers else item
     shapes = {tuple(t.shape) for t in images if t is not None}
     if len(shapes) == 1 and not errors:
         store: Tensor | list[Tensor | None] = torch.stack(images)  # (N, C, H, W) in one block
