@@ -110,16 +110,16 @@ def test_cache_decoded_with_workers_keeps_no_file_descriptor_per_image(tmp_path)
     import subprocess
     import sys
 
-    data = write_folder(tmp_path / "data", per_class=150)
+    data = write_folder(tmp_path / "data", per_class=300)
     script = f"""
 import resource
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
+resource.setrlimit(resource.RLIMIT_NOFILE, (400, hard))  # fewer than the images
 from vitlab.data import build_dataset
 from vitlab.data.cache import cache_decoded
 ds = build_dataset({str(data)!r}, split="train", val_fraction=0.0)
-assert cache_decoded(ds, max_bytes=10**8, workers=1) and len(ds) == 300
-print("cached", ds[299][0].shape)
+assert cache_decoded(ds, max_bytes=10**8, workers=1) and len(ds) == 600
+print("cached", ds[599][0].shape)
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
