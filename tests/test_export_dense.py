@@ -29,14 +29,13 @@ from vitlab.export.onnx import rebuild
 
 from model_helpers import perturb_
 
-DETR_VIT = {**DETR_EXPORT, "backbone": "vit_small_patch16_224",
-            "backbone_args": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32}}
+DETR_VIT = {**DETR_EXPORT, "backbone_args": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32}}
 CLASSES = ["ring", "bar", "dot"]
 
 
-def _detr(**over) -> torch.nn.Module:
+def _detr(name: str = "detr_resnet50", **over) -> torch.nn.Module:
     torch.manual_seed(0)
-    return perturb_(vitlab.create_model("detr_resnet50", **{**DETR_EXPORT, **over}), std=0.05).eval()
+    return perturb_(vitlab.create_model(name, **{**DETR_EXPORT, **over}), std=0.05).eval()
 
 
 def _setr(decoder: str = "naive") -> torch.nn.Module:
@@ -239,7 +238,7 @@ def test_dynamic_size_refused_for_a_fixed_size_backbone(tmp_path):
     """A backbone that cannot change size (a Linformer ViT) makes DETR / SETR refuse --dynamic-size up
     front, with the backbone's reason; nothing is written."""
     lin = {"attn_type": "linformer", "linformer_k": 4}
-    detr = vitlab.create_model("detr_resnet50", **{**DETR_VIT, "backbone_args": {**DETR_VIT["backbone_args"], **lin}})
+    detr = vitlab.create_model("detr_vit_small_patch16", **{**DETR_VIT, "backbone_args": {**DETR_VIT["backbone_args"], **lin}})
     setr = vitlab.create_model("setr_naive_vit_small_patch16",
                                **{**SETR_EXPORT, "backbone_args": {**SETR_EXPORT["backbone_args"], **lin}})
     for model in (detr, setr):
@@ -257,7 +256,7 @@ def test_dynamic_size_refused_for_a_fixed_size_backbone(tmp_path):
 def test_dense_dynamic_size_export_matches_pytorch(kind, over, tmp_path):
     """DETR on a ViT backbone (through forward_intermediates; its position table resampled per size) and
     SETR with each decoder: one dynamic-size export, checked here at sizes the export did not check."""
-    model = _detr(**over) if kind.startswith("detr") else _setr(over)
+    model = _detr("detr_vit_small_patch16", **over) if kind.startswith("detr") else _setr(over)
     names = ("logits", "boxes") if kind.startswith("detr") else ("logits",)
     report = export_onnx(model, tmp_path / "d.onnx", dynamic_batch=True, dynamic_size=True, num_images=4,
                          timing=False)

@@ -616,9 +616,11 @@ def export_onnx(
         opset: ONNX opset (default: the exporter's).
         validate_images: real images: uint8 (N, C, H, W), a data source (folder, ``mnist:DIR``...), or
             None for digits of the bundled scikit-learn set; ``num_images`` of them are used.
-        tolerance: largest acceptable |logit difference| between ONNX Runtime (float32) and PyTorch.
+        tolerance: largest acceptable |difference| of each output (logits; a detector's boxes too)
+            between ONNX Runtime (float32) and PyTorch.
         int8: quantise the linear layers (ONNX Runtime dynamic quantisation) and write that file; its
-            top-1 agreement with float32 PyTorch must reach ``min_agreement``.
+            agreement with float32 PyTorch (top-1; per query for a detector, per pixel for a segmenter)
+            must reach ``min_agreement``.
         force: write the file even when a check fails (the report lists what failed).
         class_names: stored in the metadata (default: ``model.class_names``).
     Returns:
