@@ -13,10 +13,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Run a trained detector; writes OUTPUT/NAME.png with boxes, labels and scores, "
                                    "and OUTPUT/detections.json (boxes xyxy in the image's pixels).",
                        epilog="examples:\n  vitlab detect canvas.png --checkpoint runs/detr/model.safetensors\n"
-                              "  vitlab detect canvas.png --checkpoint detr.onnx        (ONNX Runtime, file from vitlab export)",
+                              "  vitlab detect canvas.png --checkpoint detr.onnx    (ONNX Runtime; a file from vitlab export)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", type=Path)
-    p.add_argument("--checkpoint", required=True, help="a DETR checkpoint (vitlab, Hugging Face folder), or an ONNX file written by vitlab export")
+    p.add_argument("--checkpoint", required=True,
+                   help="a DETR checkpoint (vitlab, Hugging Face folder), or an ONNX file written by vitlab export")
     p.add_argument("--runtime", choices=DENSE_RUNTIMES, default="auto",
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch; onnx: a checkpoint is exported (validated) "
                         "and run by ONNX Runtime")

@@ -13,10 +13,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Run a trained segmenter; writes OUTPUT/NAME.png (colour overlay), "
                                    "OUTPUT/NAME_mask.png (class indices) and OUTPUT/segments.json.",
                        epilog="examples:\n  vitlab segment canvas.png --checkpoint runs/setr/model.safetensors\n"
-                              "  vitlab segment canvas.png --checkpoint setr.onnx        (ONNX Runtime, file from vitlab export)",
+                              "  vitlab segment canvas.png --checkpoint setr.onnx    (ONNX Runtime; a file from vitlab export)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", type=Path)
-    p.add_argument("--checkpoint", required=True, help="a SETR checkpoint, or an ONNX file written by vitlab export")
+    p.add_argument("--checkpoint", required=True,
+                   help="a SETR checkpoint, or an ONNX file written by vitlab export")
     p.add_argument("--runtime", choices=DENSE_RUNTIMES, default="auto",
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch; onnx: a checkpoint is exported (validated) "
                         "and run by ONNX Runtime")

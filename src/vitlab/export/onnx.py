@@ -205,7 +205,8 @@ class ExportReport:
 
 
 def _diffs_text(diffs: dict[str, float], overall: float | None, fmt: str) -> str:
-    """"max |logits diff| 1e-06" for one output; one figure per output for several."""
+    """The report's difference figure: one for a single output, one per output (``max |boxes diff|``) for
+    several."""
     if len(diffs) <= 1:
         return f"max |logit diff| {format(overall if overall is not None else float('nan'), fmt)}"
     return ", ".join(f"max |{k} diff| {format(v, fmt)}" for k, v in diffs.items())
@@ -268,16 +269,6 @@ def _resolve_images(validate_images: Any, n: int) -> tuple[Any, str]:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def compare(ref: Tensor, out: Tensor) -> tuple[float, float]:
-    """(max |difference|, top-1 agreement) of two logit batches (B, K)."""
-    ref, out = ref.float(), out.float()
-    if ref.shape != out.shape:
-        raise ExportError(f"output shapes differ: PyTorch {tuple(ref.shape)}, ONNX {tuple(out.shape)}")
-    diff = (ref - out).abs().max().item() if ref.numel() else 0.0
-    agree = (ref.argmax(-1) == out.argmax(-1)).float().mean().item() if ref.numel() else 1.0
-    return diff, agree
-
-
 def compare_outputs(spec: TaskOutputs, ref: dict[str, Tensor], out: dict[str, Tensor]) -> tuple[dict[str, float], float]:
     """({output: max |difference|}, agreement of the argmax of ``logits`` over the classes, position by
     position: per image, per query or per pixel)."""
@@ -326,8 +317,6 @@ def _outputs(model: nn.Module, x: Tensor, spec: TaskOutputs) -> dict[str, Tensor
     if isinstance(out, dict):
         return {k: out[k].float() for k in spec.names}
     return {"logits": logits_of(out).float()}
-
-
 
 
 def size_multiple(model: nn.Module) -> tuple[int, int]:

@@ -199,7 +199,9 @@ def load_dense(path: str | os.PathLike, task: str, runtime: str = "auto") -> nn.
         if runtime == "onnx" and task_of(model) == task:
             from vitlab.export.runtimes import _onnx_from_model
 
-            model = _onnx_from_model(model, int8=False, dynamic_batch=True, dynamic_size=True)
+            # any size where the family allows it, so that DETR keeps its aspect-preserving resize
+            model = _onnx_from_model(model, int8=False, dynamic_batch=True,
+                                     dynamic_size=getattr(model, "onnx_fixed_size_reason", None) is None)
     if task_of(model) != task:
         raise ValueError(f"{path}: a {task_of(model)} model, not a {task} one")
     return model
