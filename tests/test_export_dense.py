@@ -128,7 +128,7 @@ def test_exported_detr_refuses_a_padding_mask(detr_export):
         m(x, mask)
 
 
-def test_detect_with_the_onnx_file(detr_export, tmp_path, capsys):
+def test_detect_with_the_onnx_file(detr_export, tmp_path, capsys, caplog):
     """`vitlab detect` with the .onnx file gives the checkpoint's detections (a non-square image: the
     dynamic-size file keeps DETR's aspect-preserving resize)."""
     ckpt, path, _ = detr_export
@@ -145,6 +145,9 @@ def test_detect_with_the_onnx_file(detr_export, tmp_path, capsys):
         assert a["box_xyxy"] == pytest.approx(b["box_xyxy"], abs=0.02)
     assert main(["detect", str(image), "--checkpoint", str(path), "--runtime", "torch",
                  "--output", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    assert main(["predict", str(image), "--checkpoint", str(path)]) == 2  # a classifier's command
+    assert "a detection model, not a classifier; run it with vitlab detect" in caplog.text + capsys.readouterr().err
 
 
 @pytest.fixture

@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitlab.tasks.run import detect_images, load_dense
 
+    if args.attention and (args.runtime == "onnx" or str(args.checkpoint).lower().endswith(".onnx")):
+        raise ValueError("--attention reads the decoder's cross-attention inside the PyTorch model; an ONNX file "
+                         "exports only logits and boxes: give the checkpoint and --runtime torch")
     model = load_dense(args.checkpoint, "detection", args.runtime)
     for r in detect_images(model, args.images, args.output, threshold=args.threshold, attention=args.attention):
         objs = ", ".join(f"{o['label']} {o['score']:.2f}" for o in r["objects"]) or "nothing"

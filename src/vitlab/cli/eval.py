@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                          f"for bfloat16 inference with agreement")
     device = check_device(args)
     model, reference = load_for_inference(args.checkpoint, runtime)
-    task = getattr(reference if reference is not None else model.inner, "task", "classification")
+    task = model.task
     if task != "classification":
         if runtime not in ("auto", "torch", "onnx"):
             raise ValueError(f"--runtime {runtime}: a {task} model evaluates with PyTorch (auto, torch) or ONNX "
