@@ -6,7 +6,9 @@ dynamic size), validated against PyTorch on the bundled digits, as a Markdown ta
 Each model is built tiny (tests/model_helpers.py overrides plus the row's own, weights perturbed so that no
 zero-initialised head hides a difference) and exported with a dynamic batch. The dynamic-size column says
 "yes" only when the graph agreed with PyTorch at the model's size and at two other sizes (export_onnx
-checks them), else the reason the export refused it.
+checks them), else the reason the export refused it. For DETR the difference is that of the logits and
+the boxes (the larger) and the agreement is the argmax class per query; for SETR the per-pixel logits
+and the argmax class per pixel.
 """
 
 from __future__ import annotations
@@ -21,16 +23,15 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
 
 import vitlab
+from dense_helpers import DETR_EXPORT, SETR_EXPORT
 from vitlab.export import ExportError, export_onnx
 
 from model_helpers import make_tiny, perturb_
 
 # Swin: a 64 px image, window 4: a 16 x 16 then 8 x 8 map, so both stages have shifted windows (masked)
 SWIN_SHIFTED = {"img_size": 64, "window_size": 4}
-DETR_TINY = dict(backbone_args={"layers": (1, 1, 1, 1), "channels": (16, 16, 32, 32), "stem_chs": 8}, dim=32,
-                 num_heads=4, enc_depth=1, dec_depth=1, ffn_dim=64, num_queries=5, num_classes=3, img_size=64)
-SETR_TINY = dict(backbone_args={"embed_dim": 32, "depth": 4, "num_heads": 2}, img_size=32, channels=16,
-                 num_classes=3)
+# the dense models of tests/test_export_dense.py: grey, 32 px, three classes; DETR also on a ViT
+DETR_VIT = {**DETR_EXPORT, "backbone_args": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32}}
 
 # (row label, registered name, overrides of the tiny model)
 ROWS: list[tuple[str, str, dict]] = [
@@ -51,8 +52,11 @@ ROWS: list[tuple[str, str, dict]] = [
     ("xcit", "xcit_nano_12_p16_224", {}),
     ("mixer", "mixer_s16_224", {}),
     ("resnet", "resnet18", {}),
-    ("detr", "detr_resnet50", DETR_TINY),
-    ("setr", "setr_naive_vit_small_patch16", SETR_TINY),
+    ("detr (ResNet backbone)", "detr_resnet50", DETR_EXPORT),
+    ("detr (ViT backbone)", "detr_vit_small_patch16", DETR_VIT),
+    ("setr naive", "setr_naive_vit_small_patch16", SETR_EXPORT),
+    ("setr pup", "setr_pup_vit_small_patch16", SETR_EXPORT),
+    ("setr mla", "setr_mla_vit_small_patch16", SETR_EXPORT),
 ]
 
 
@@ -74,7 +78,8 @@ def row(label: str, name: str, over: dict) -> str:
         t0 = time.perf_counter()
         try:
             r = export_onnx(model, Path(tmp) / "f.onnx", dynamic_batch=True, num_images=32, timing=False)
-            fixed = f"yes ({h}x{w}) | {r.max_abs_diff:.1e} | {100 * r.top1_agreement:.0f}%"
+            agreement = "" if r.task == "classification" else f" ({r.agreement})"
+            fixed = f"yes ({h}x{w}) | {r.max_abs_diff:.1e} | {100 * r.top1_agreement:.0f}%{agreement}"
         except ExportError as e:
             return f"| {label} | {name} | no: {_short(e)} | | | no |"
         try:

@@ -29,3 +29,11 @@ def write_fake_mnist(root: Path, n: int = 40, seed: int = 0) -> Path:
 DETR_TINY = {"in_chans": 1, "backbone_args": {"layers": [1, 1], "channels": [16, 32], "stem_chs": 8},
              "dim": 32, "num_heads": 2, "enc_depth": 1, "dec_depth": 2, "ffn_dim": 32, "num_queries": 4,
              "dropout": 0.0, "mean": [0.5], "std": [0.5]}
+
+# a tiny grey SETR (three blocks, patch 8, 16-wide decoder) for the command-line and export tests
+SETR_TINY = {"in_chans": 1, "channels": 16, "mean": [0.5], "std": [0.5],
+             "backbone_args": {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8}}
+
+# the same at 32 px with three classes, for the ONNX export tests and the export table
+DETR_EXPORT = {**DETR_TINY, "img_size": 32, "num_classes": 3}
+SETR_EXPORT = {**SETR_TINY, "img_size": 32, "num_classes": 3}

@@ -8,11 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dense_helpers import DETR_TINY, write_fake_mnist
+from dense_helpers import DETR_TINY, SETR_TINY, write_fake_mnist
 from vitlab.cli.main import main
-
-SETR_TINY = {"in_chans": 1, "channels": 16, "mean": [0.5], "std": [0.5],
-             "backbone_args": {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8}}
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ pytest.importorskip("onnxruntime", reason="ONNX export tests need the optional e
 pytest.importorskip("onnxscript", reason="ONNX export tests need the optional extra: pip install 'vitlab[export]'")
 
 import vitlab
+from dense_helpers import DETR_EXPORT, SETR_EXPORT
 from vitlab.cli.main import main
 from vitlab.export import (
     ExportError,
@@ -217,10 +218,16 @@ FIXED_SIZE_FAMILIES = {"crossvit": "crossvit_tiny_240", "t2t": "t2t_vit_7", "tnt
                        "mixer": "mixer_s16_224", "beit": "beit_base_patch16_224"}
 
 
+# The dense families' dynamic-size round trips are in test_export_dense.py (DETR on a ResNet by default, on a ViT
+# and SETR with each decoder with -m slow); they are size-independent unless their backbone is not (Linformer).
+DENSE_DYNAMIC = {"detr": ("detr_resnet50", DETR_EXPORT), "setr": ("setr_naive_vit_small_patch16", SETR_EXPORT)}
+
+
 def test_every_family_decides_dynamic_size():
-    """Each classifier family either has a dynamic-size round trip above or declares why it cannot."""
-    families = {get_entry(n).family for n in vitlab.list_models()}
-    dynamic = {get_entry(name).family for name, _ in DYNAMIC_SIZE_MODELS.values()}
+    """Each family (classifiers, detectors, segmenters) either has a dynamic-size round trip or declares why it
+    cannot."""
+    families = {get_entry(n).family for n in vitlab.list_models(task=None)}
+    dynamic = {get_entry(name).family for name, _ in DYNAMIC_SIZE_MODELS.values()} | set(DENSE_DYNAMIC)
     assert families == dynamic | set(FIXED_SIZE_FAMILIES), "a family neither tested dynamic nor declared fixed"
     assert not dynamic & set(FIXED_SIZE_FAMILIES)
     for family, name in FIXED_SIZE_FAMILIES.items():
@@ -228,6 +235,8 @@ def test_every_family_decides_dynamic_size():
         assert isinstance(reason, str) and len(reason) > 40, family
     for name, over in DYNAMIC_SIZE_MODELS.values():
         assert getattr(make_tiny(name, **over), "onnx_fixed_size_reason", None) is None, name
+    for name, over in DENSE_DYNAMIC.values():
+        assert vitlab.create_model(name, **over).onnx_fixed_size_reason is None, name
 
 
 @pytest.mark.parametrize(("name", "over", "phrase"), [
@@ -255,35 +264,6 @@ def test_cli_refuses_dynamic_size_with_the_reason(tmp_path, caplog, capsys):
 
 def _tiny_with(name: str, **over) -> torch.nn.Module:
     return perturb_(make_tiny(name, **over), std=0.05).eval()
-
-
-# ------------------------------------------------------------------------------ detection / segmentation
-def _tiny_dense(task: str) -> torch.nn.Module:
-    if task == "detection":
-        return vitlab.create_model("detr_resnet50", backbone_args={"layers": (1, 1, 1, 1), "channels": (16, 16, 32, 32),
-                                   "stem_chs": 8}, dim=32, num_heads=4, enc_depth=1, dec_depth=1, ffn_dim=64,
-                                   num_queries=5, num_classes=3, img_size=64).eval()
-    return vitlab.create_model("setr_naive_vit_small_patch16", backbone_args={"embed_dim": 32, "depth": 4,
-                               "num_heads": 2}, img_size=32, channels=16, num_classes=3).eval()
-
-
-@pytest.mark.parametrize(("task", "outputs"), [("detection", "boxes (B, queries, 4)"),
-                                               ("segmentation", "per-pixel logits")])
-def test_dense_models_are_refused_with_a_clear_message(task, outputs, tmp_path):
-    """DETR / SETR return dicts (logits + boxes, per-pixel logits) that the classifier validation cannot
-    judge: refused up front, naming the task and the outputs, nothing written."""
-    model = _tiny_dense(task)
-    with pytest.raises(ExportError, match=f"a {task} model .* is not exported yet") as e:
-        export_onnx(model, tmp_path / "d.onnx", num_images=2, timing=False)
-    assert outputs in str(e.value)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_cli_refuses_a_detection_checkpoint(tmp_path, caplog, capsys):
-    ckpt = vitlab.save_model(_tiny_dense("detection"), tmp_path / "detr.safetensors")
-    rc = main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "d.onnx"), "--no-timing"])
-    assert rc == 2 and not (tmp_path / "d.onnx").exists()
-    assert "a detection model (DETR" in caplog.text + capsys.readouterr().err
 
 
 def test_dynamic_size_refused_with_declared_reason(tmp_path, monkeypatch):

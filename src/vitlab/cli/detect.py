@@ -5,15 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vitlab.tasks.run import DENSE_RUNTIMES
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="detect objects in images (DETR)",
                        description="Run a trained detector; writes OUTPUT/NAME.png with boxes, labels and scores, "
                                    "and OUTPUT/detections.json (boxes xyxy in the image's pixels).",
-                       epilog="example:\n  vitlab detect canvas.png --checkpoint runs/detr/model.safetensors",
+                       epilog="examples:\n  vitlab detect canvas.png --checkpoint runs/detr/model.safetensors\n"
+                              "  vitlab detect canvas.png --checkpoint detr.onnx    (ONNX Runtime; a file from vitlab export)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", type=Path)
-    p.add_argument("--checkpoint", required=True, help="a DETR checkpoint (vitlab, Hugging Face folder)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a DETR checkpoint (vitlab, Hugging Face folder), or an ONNX file written by vitlab export")
+    p.add_argument("--runtime", choices=DENSE_RUNTIMES, default="auto",
+                   help="auto: ONNX Runtime for an .onnx file, else PyTorch; onnx: a checkpoint is exported (validated) "
+                        "and run by ONNX Runtime")
     p.add_argument("--threshold", type=float, default=0.5, help="lowest score kept")
     p.add_argument("--attention", action="store_true", help="also each object's decoder cross-attention")
     p.add_argument("--output", type=Path, default=Path("detections"), help="output folder")
@@ -21,12 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import vitlab
-    from vitlab.tasks.run import detect_images, task_of
+    from vitlab.tasks.run import detect_images, load_dense
 
-    model = vitlab.load_model(args.checkpoint).eval()
-    if task_of(model) != "detection":
-        raise ValueError(f"{args.checkpoint}: a {task_of(model)} model, not a detector")
+    if args.attention and (args.runtime == "onnx" or str(args.checkpoint).lower().endswith(".onnx")):
+        raise ValueError("--attention reads the decoder's cross-attention inside the PyTorch model; an ONNX file "
+                         "exports only logits and boxes: give the checkpoint and --runtime torch")
+    model = load_dense(args.checkpoint, "detection", args.runtime)
     for r in detect_images(model, args.images, args.output, threshold=args.threshold, attention=args.attention):
         objs = ", ".join(f"{o['label']} {o['score']:.2f}" for o in r["objects"]) or "nothing"
         print(f"{r['image']}: {objs}")

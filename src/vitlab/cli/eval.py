@@ -98,8 +98,12 @@ def run(args: argparse.Namespace) -> int:
                          f"for bfloat16 inference with agreement")
     device = check_device(args)
     model, reference = load_for_inference(args.checkpoint, runtime)
-    if reference is not None and getattr(reference, "task", "classification") != "classification":
-        return _run_dense(args, reference.cpu())
+    task = model.task
+    if task != "classification":
+        if runtime not in ("auto", "torch", "onnx"):
+            raise ValueError(f"--runtime {runtime}: a {task} model evaluates with PyTorch (auto, torch) or ONNX "
+                             f"Runtime (onnx, or an .onnx file)")
+        return _run_dense(args, model.inner if runtime == "onnx" or reference is None else reference.cpu())
     if model.name.startswith("onnx") or model.name == "torch-int8":
         device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
     model = model.to(device).eval()

@@ -14,10 +14,18 @@ EXAMPLE = """examples:
   vitlab export --checkpoint runs/digits-vit/model.safetensors --output digits.onnx
   vitlab export --checkpoint runs/mine/model.safetensors --output mine-int8.onnx --int8 --dynamic-batch
   vitlab export --checkpoint runs/mine/model.safetensors --output any.onnx --dynamic-size --data ./images
+  vitlab export --checkpoint runs/detr/model.safetensors --output detr.onnx --dynamic-size   (then: vitlab detect
+      IMG --checkpoint detr.onnx; likewise a SETR checkpoint and vitlab segment / eval)
 
 The file is written only after the same real images (--data, else bundled digits) went through PyTorch
-and ONNX Runtime with the checkpoint's own preprocessing and agreed (max |logit diff| <= --tolerance;
-for --int8, top-1 agreement >= --min-agreement). --force writes it anyway and says so."""
+and ONNX Runtime with the checkpoint's own preprocessing and agreed (max |difference| of every output <=
+--tolerance; for --int8, agreement >= --min-agreement). --force writes it anyway and says so.
+
+Outputs: a classifier's "logits" (B, K); a DETR's "logits" (B, queries, classes + 1, the last "no object")
+and "boxes" (B, queries, 4: normalised cx, cy, w, h), compared by the argmax class per query; a SETR's
+"logits" (B, classes, H, W) at the input resolution, compared by the argmax class per pixel. Auxiliary
+outputs are not exported. An exported DETR takes the image only: no padding mask, every pixel is real.
+The task, the outputs' meaning and the class names are in the file's metadata."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,9 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="data source whose test images validate the export (default: bundled digits)")
     p.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES, help="validation images")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="largest accepted |logit difference| between ONNX Runtime (float32) and PyTorch")
+                   help="largest accepted |difference| of each output (logits, DETR's boxes) between ONNX Runtime "
+                        "(float32) and PyTorch")
     p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
-                   help="smallest accepted top-1 agreement of an --int8 file with float32 PyTorch")
+                   help="smallest accepted agreement of an --int8 file with float32 PyTorch (top-1; per query for "
+                        "DETR, per pixel for SETR)")
     p.add_argument("--force", action="store_true", help="write the file even when a check fails (reported)")
     p.add_argument("--no-timing", action="store_true", help="skip the PyTorch vs ONNX Runtime speed comparison")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

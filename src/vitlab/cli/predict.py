@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = check_device(args)
     model, reference = load_for_inference(args.checkpoint, args.runtime)
+    if model.task != "classification":
+        command = {"detection": "vitlab detect", "segmentation": "vitlab segment"}.get(model.task, "its own command")
+        raise ValueError(f"{args.checkpoint}: a {model.task} model, not a classifier; run it with {command}")
     if model.name.startswith("onnx") or model.name == "torch-int8":
         device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
     model = model.to(device).eval()

@@ -28,8 +28,16 @@ sizes are computed with integer ceil-divisions so that they stay symbolic. A fam
 size-independent graph declares it with a class attribute (or property) ``onnx_fixed_size_reason = "why"``
 (CrossViT, T2T, TNT, MLP-Mixer, a Linformer ViT); the exporter then refuses ``dynamic_size`` with that
 reason. A family whose inputs must be a multiple of something other than its patch size sets
-``input_size_multiple``. Detection and segmentation models (``task`` other than "classification": DETR,
-SETR) are refused: their dict outputs are not what the classifier validation compares.
+``input_size_multiple``.
+
+Detection and segmentation models (``task`` "detection" / "segmentation": DETR, SETR) are exported with
+their inference outputs as named graph outputs (:data:`TASK_OUTPUTS`: DETR ``logits`` (B, Q, C+1) and
+``boxes`` (B, Q, 4, normalised cx, cy, w, h); SETR ``logits`` (B, C, H, W) at the input resolution);
+auxiliary outputs (DETR's earlier decoder layers, SETR's auxiliary heads) are training-only and left
+out. An exported DETR takes the image only: no padding mask, every pixel is real (as ``pixel_mask=None``).
+They are validated the same way, with the dense tasks' own evaluation preprocessing (a resize to the
+input size, no crop) and a task agreement: the argmax class of each query (DETR, plus the largest box
+difference) or of each pixel (SETR).
 """
 
 from __future__ import annotations
@@ -59,10 +67,44 @@ DEFAULT_TOLERANCE = 1e-3  # max |logit difference| between ONNX Runtime and PyTo
 DEFAULT_MIN_AGREEMENT = 0.98  # top-1 agreement of an int8 file with the float32 PyTorch model
 DEFAULT_NUM_IMAGES = 64
 MAX_PROTO_BYTES = 2_000_000_000  # a single-file ONNX model is one protobuf message, limited to 2 GiB
+DETECTION_NO_MASK = ("none: the exported detector takes the image only and treats every pixel as real (PyTorch's "
+                     "pixel_mask=None); run images one by one, or batch images of one size, never padded ones")
 
 
-DENSE_OUTPUTS = {"detection": "class logits (B, queries, classes + 1) and boxes (B, queries, 4)",
-                 "segmentation": "per-pixel logits (B, classes, H, W)"}
+@dataclass(frozen=True)
+class TaskOutputs:
+    """The named outputs of an exported model of one task, what they mean, and what the validation's
+    agreement measures (the argmax of ``logits`` over ``class_dim``, compared position by position)."""
+
+    names: tuple[str, ...]
+    meaning: dict[str, str]
+    agreement: str
+    class_dim: int = -1
+
+
+TASK_OUTPUTS: dict[str, TaskOutputs] = {
+    "classification": TaskOutputs(
+        ("logits",), {"logits": "class logits (batch, classes); softmax gives class probabilities"},
+        "top-1 agreement"),
+    "detection": TaskOutputs(
+        ("logits", "boxes"),
+        {"logits": "class logits (batch, queries, classes + 1); the last class is 'no object'; softmax gives "
+                   "probabilities",
+         "boxes": "boxes (batch, queries, 4): normalised (cx, cy, w, h) in [0, 1], relative to the input image"},
+        "per-query class agreement"),
+    "segmentation": TaskOutputs(
+        ("logits",), {"logits": "per-pixel class logits (batch, classes, H, W) at the input resolution; argmax over "
+                                "the classes gives the mask"},
+        "per-pixel class agreement", class_dim=1),
+}
+
+
+def task_outputs(model: nn.Module) -> tuple[str, TaskOutputs]:
+    task = getattr(model, "task", "classification")
+    if task not in TASK_OUTPUTS:
+        raise ExportError(f"{getattr(model, 'model_name', type(model).__name__)}: vitlab export writes "
+                          f"{', '.join(TASK_OUTPUTS)} models, not a {task!r} one")
+    return task, TASK_OUTPUTS[task]
 
 
 class ExportError(ValueError):
@@ -83,15 +125,21 @@ class SizeCheck:
 
     size: tuple[int, int]
     max_abs_diff: float
-    top1_agreement: float
+    top1_agreement: float  # the task's agreement (see ExportReport)
 
 
 @dataclass(kw_only=True)
 class ExportReport:
-    """What :func:`export_onnx` did and measured (``format()`` for text, ``to_dict()`` for JSON)."""
+    """What :func:`export_onnx` did and measured (``format()`` for text, ``to_dict()`` for JSON).
+
+    ``max_abs_diff`` is the largest difference over all outputs (``output_diffs`` has each output's);
+    ``top1_agreement`` is the task's agreement (``agreement``): top-1 of a classifier, the argmax class
+    per query of a detector, per pixel of a segmenter."""
 
     path: str
     model: str
+    task: str = "classification"
+    agreement: str = TASK_OUTPUTS["classification"].agreement
     exporter: str = ""
     opset: int | None = None
     input_size: tuple[int, int, int] = (3, 224, 224)
@@ -102,9 +150,11 @@ class ExportReport:
     image_source: str = ""
     tolerance: float = DEFAULT_TOLERANCE
     max_abs_diff: float = float("nan")
+    output_diffs: dict[str, float] = field(default_factory=dict)
     top1_agreement: float = float("nan")
     other_sizes: list[SizeCheck] = field(default_factory=list)
     int8_max_abs_diff: float | None = None
+    int8_output_diffs: dict[str, float] | None = None
     int8_top1_agreement: float | None = None
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     timing_batch: int = 0
@@ -134,14 +184,15 @@ class ExportReport:
                  f"{'dynamic' if self.dynamic_batch else 'fixed 1'}, size {'dynamic' if self.dynamic_size else 'fixed'}"
                  + (", int8 linear layers" if self.int8 else "")]
         lines.append(f"  validation: {self.images} real images ({self.image_source}), model's own preprocessing")
-        lines.append(f"  float32 ONNX vs PyTorch: max |logit diff| {self.max_abs_diff:.2e} (tolerance "
-                     f"{self.tolerance:g}), top-1 agreement {100 * self.top1_agreement:.1f}%")
+        lines.append(f"  float32 ONNX vs PyTorch: {_diffs_text(self.output_diffs, self.max_abs_diff, '.2e')} (tolerance "
+                     f"{self.tolerance:g}), {self.agreement} {100 * self.top1_agreement:.1f}%")
         for s in self.other_sizes:
-            lines.append(f"  at {s.size[0]}x{s.size[1]}: max |logit diff| {s.max_abs_diff:.2e}, top-1 agreement "
+            lines.append(f"  at {s.size[0]}x{s.size[1]}: max |diff| {s.max_abs_diff:.2e}, {self.agreement} "
                          f"{100 * s.top1_agreement:.1f}%")
         if self.int8_top1_agreement is not None:
-            lines.append(f"  int8 ONNX vs float32 PyTorch: top-1 agreement {100 * self.int8_top1_agreement:.1f}% "
-                         f"(required {100 * self.min_agreement:.0f}%), max |logit diff| {self.int8_max_abs_diff:.3g}")
+            lines.append(f"  int8 ONNX vs float32 PyTorch: {self.agreement} {100 * self.int8_top1_agreement:.1f}% "
+                         f"(required {100 * self.min_agreement:.0f}%), "
+                         f"{_diffs_text(self.int8_output_diffs or {}, self.int8_max_abs_diff, '.3g')}")
         if self.speedup is not None:
             lines.append(f"  speed at batch {self.timing_batch}: PyTorch {self.torch_images_per_s:.1f} img/s, "
                          f"ONNX Runtime{' int8' if self.int8 else ''} {self.onnx_images_per_s:.1f} img/s "
@@ -151,6 +202,14 @@ class ExportReport:
         for p in self.problems:
             lines.append(f"  {'FORCED past: ' if self.forced else 'problem: '}{p}")
         return "\n".join(lines)
+
+
+def _diffs_text(diffs: dict[str, float], overall: float | None, fmt: str) -> str:
+    """The report's difference figure: one for a single output, one per output (``max |boxes diff|``) for
+    several."""
+    if len(diffs) <= 1:
+        return f"max |logit diff| {format(overall if overall is not None else float('nan'), fmt)}"
+    return ", ".join(f"max |{k} diff| {format(v, fmt)}" for k, v in diffs.items())
 
 
 # ------------------------------------------------------------------------------------------- images
@@ -178,12 +237,22 @@ def images_from_source(source: str | os.PathLike, n: int = DEFAULT_NUM_IMAGES) -
     return torch.stack(imgs)
 
 
-def preprocess(images: Tensor | list[Tensor], pre: Preprocessing) -> Tensor:
-    """Raw uint8 images -> the model's input batch (B, C, H, W), with ``pre``'s eval pipeline."""
-    from vitlab.data import eval_transform
+def preprocess(images: Tensor | list[Tensor], pre: Preprocessing, task: str = "classification") -> Tensor:
+    """Raw uint8 images -> the model's input batch (B, C, H, W), with ``pre``'s eval pipeline: a
+    classifier's (resize, centre crop), or for detection / segmentation the dense tasks' evaluation
+    transform (bilinear resize to the input size, no crop; :class:`~vitlab.data.dense.DenseTransform`)."""
+    if task == "classification":
+        from vitlab.data import eval_transform
 
-    t = eval_transform(pre)
-    return torch.stack([t(img) for img in images])
+        t = eval_transform(pre)
+        return torch.stack([t(img) for img in images])
+    from vitlab.data.dense import resize_sample
+    from vitlab.data.functional import normalize, to_float
+    from vitlab.data.image import to_channels
+
+    c, h, w = pre.input_size
+    return torch.stack([normalize(to_float(resize_sample({"image": to_channels(img, c)}, (h, w))["image"]),
+                                  pre.mean, pre.std) for img in images])
 
 
 def _resolve_images(validate_images: Any, n: int) -> tuple[Any, str]:
@@ -200,21 +269,54 @@ def _resolve_images(validate_images: Any, n: int) -> tuple[Any, str]:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def compare(ref: Tensor, out: Tensor) -> tuple[float, float]:
-    """(max |difference|, top-1 agreement) of two logit batches (B, K)."""
-    ref, out = ref.float(), out.float()
-    if ref.shape != out.shape:
-        raise ExportError(f"output shapes differ: PyTorch {tuple(ref.shape)}, ONNX {tuple(out.shape)}")
-    diff = (ref - out).abs().max().item() if ref.numel() else 0.0
-    agree = (ref.argmax(-1) == out.argmax(-1)).float().mean().item() if ref.numel() else 1.0
-    return diff, agree
+def compare_outputs(spec: TaskOutputs, ref: dict[str, Tensor], out: dict[str, Tensor]) -> tuple[dict[str, float], float]:
+    """({output: max |difference|}, agreement of the argmax of ``logits`` over the classes, position by
+    position: per image, per query or per pixel)."""
+    diffs = {}
+    for name in spec.names:
+        r, o = ref[name].float(), out[name].float()
+        if r.shape != o.shape:
+            raise ExportError(f"output {name!r} shapes differ: PyTorch {tuple(r.shape)}, ONNX {tuple(o.shape)}")
+        diffs[name] = (r - o).abs().max().item() if r.numel() else 0.0
+    r, o = ref["logits"].float(), out["logits"].float()
+    agree = (r.argmax(spec.class_dim) == o.argmax(spec.class_dim)).float().mean().item() if r.numel() else 1.0
+    return diffs, agree
 
 
-def _logits(model: nn.Module, x: Tensor) -> Tensor:
+def _worst(diffs: dict[str, float]) -> float:
+    """The largest difference; NaN if any is NaN (a NaN must never pass a tolerance check)."""
+    vals = list(diffs.values())
+    return float("nan") if any(v != v for v in vals) else max(vals, default=0.0)
+
+
+def _onnx_outputs(onnx_model: OnnxModel, x: Tensor) -> dict[str, Tensor]:
+    """ONNX Runtime's outputs by name, through the adapter's forward (as predict / detect run it)."""
+    out = onnx_model(x)
+    return out if isinstance(out, dict) else {"logits": out}
+
+
+class InferenceOutputs(nn.Module):
+    """A detection / segmentation model as a graph of named tensors: ``forward(images)`` returns its
+    inference outputs (``names``) in order, without the training-only auxiliary outputs."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(x)
+        return tuple(out[k] for k in self.names)
+
+
+def _outputs(model: nn.Module, x: Tensor, spec: TaskOutputs) -> dict[str, Tensor]:
+    """PyTorch's outputs by name, float32."""
     from vitlab.train.evaluate import logits_of
 
     with torch.no_grad():
-        return logits_of(model(x)).float()
+        out = model(x)
+    if isinstance(out, dict):
+        return {k: out[k].float() for k in spec.names}
+    return {"logits": logits_of(out).float()}
 
 
 def size_multiple(model: nn.Module) -> tuple[int, int]:
@@ -250,6 +352,23 @@ def trace_size(model: nn.Module, h: int, w: int) -> tuple[int, int]:
     return 2 * h + sh, 2 * w
 
 
+def _any_size_model(model: nn.Module) -> nn.Module:
+    """The model rebuilt to accept any input size, where its config (or its backbone's, for DETR / SETR)
+    has ``dynamic_img_size`` switched off; otherwise ``model`` itself."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg):
+        return model
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if "dynamic_img_size" in fields:
+        return model if cfg.dynamic_img_size else rebuild(model, dynamic_img_size=True)
+    backbone_cfg = getattr(getattr(model, "backbone", None), "cfg", None)
+    if "backbone_args" in fields and dataclasses.is_dataclass(backbone_cfg) \
+            and "dynamic_img_size" in {f.name for f in dataclasses.fields(backbone_cfg)} \
+            and not backbone_cfg.dynamic_img_size:
+        return rebuild(model, backbone_args={**cfg.backbone_args, "dynamic_img_size": True})
+    return model
+
+
 def rebuild(model: nn.Module, **changes: Any) -> nn.Module:
     """A copy of ``model`` built from its config with ``changes``, carrying its weights (position tables
     resampled where the size changed)."""
@@ -279,6 +398,7 @@ def metadata(model: nn.Module, pre: Preprocessing, *, class_names: list[str] | N
     from vitlab.checkpoints.vitlab_format import config_to_dict
 
     names = list(class_names) if class_names is not None else getattr(model, "class_names", None)
+    task, spec = task_outputs(model)
     c, h, w = pre.input_size
     # the order the weights expect (a Hugging Face MobileViT wants BGR): a deployment reading only these
     # keys must feed what vitlab's own preprocessing feeds
@@ -292,9 +412,14 @@ def metadata(model: nn.Module, pre: Preprocessing, *, class_names: list[str] | N
         "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channel_order": channel_order,
                   "pixel_scale": "values in [0, 1] (uint8 / 255), then (x - mean) / std",
                   "dynamic_batch": dynamic_batch, "dynamic_size": dynamic_size},
-        "output": {"name": OUTPUT_NAME, "meaning": "logits; softmax gives class probabilities"},
+        "task": task,
+        "num_classes": int(model.num_classes),
+        "output": {"name": OUTPUT_NAME, "meaning": spec.meaning[OUTPUT_NAME]},  # the (first) logits output
+        "outputs": [{"name": k, "meaning": spec.meaning[k]} for k in spec.names],
         "int8": int8,
     }
+    if task == "detection":
+        record["input"]["padding_mask"] = DETECTION_NO_MASK
     flat = {
         METADATA_KEY: json.dumps(record),
         "model_name": record["model"],
@@ -307,6 +432,9 @@ def metadata(model: nn.Module, pre: Preprocessing, *, class_names: list[str] | N
         "crop_pct": str(pre.crop_pct),
         "interpolation": pre.interpolation,
         "pixel_scale": "1/255",
+        "task": task,
+        "output_names": json.dumps(list(spec.names)),
+        "outputs": json.dumps(spec.meaning),
     }
     return flat
 
@@ -352,8 +480,9 @@ def _has_onnxscript() -> bool:
 
 
 def export_graph(model: nn.Module, x: Tensor, path: str, *, dynamic_batch: bool, dynamic_size: bool,
-                 opset: int | None) -> str:
-    """Write the bare graph of ``model`` traced on ``x``; returns which exporter wrote it."""
+                 opset: int | None, output_names: tuple[str, ...] = (OUTPUT_NAME,)) -> str:
+    """Write the bare graph of ``model`` traced on ``x`` (outputs named ``output_names``); returns which
+    exporter wrote it."""
     from vitlab.layers import tracing_any_size
 
     any_size = tracing_any_size() if dynamic_size else contextlib.nullcontext()
@@ -363,7 +492,7 @@ def export_graph(model: nn.Module, x: Tensor, path: str, *, dynamic_batch: bool,
         try:
             with _quiet_exporter(), any_size, torch.no_grad():
                 torch.onnx.export(model, (x,), path, dynamo=True, input_names=[INPUT_NAME],
-                                  output_names=[OUTPUT_NAME], opset_version=opset, external_data=False,
+                                  output_names=list(output_names), opset_version=opset, external_data=False,
                                   dynamic_shapes=(axes,) if axes else None, verbose=False,
                                   optimize=True)
             return "torch.onnx dynamo"
@@ -374,11 +503,12 @@ def export_graph(model: nn.Module, x: Tensor, path: str, *, dynamic_batch: bool,
     else:
         log.warning("onnxscript is not installed: using the TorchScript ONNX exporter (pip install 'vitlab[export]' "
                     "for the exporter torch recommends)")
-    dyn_axes = {INPUT_NAME: axes, OUTPUT_NAME: ({0: "batch"} if dynamic_batch else {})} if axes else None
+    dyn_axes = {INPUT_NAME: axes, **{k: ({0: "batch"} if dynamic_batch else {}) for k in output_names}} if axes else None
     try:
         with _quiet_exporter(), any_size, torch.no_grad():
-            torch.onnx.export(model, (x,), path, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              opset_version=opset or 17, dynamic_axes=dyn_axes, do_constant_folding=True)
+            torch.onnx.export(model, (x,), path, dynamo=False, input_names=[INPUT_NAME],
+                              output_names=list(output_names), opset_version=opset or 17, dynamic_axes=dyn_axes,
+                              do_constant_folding=True)
     except Exception as e:
         extra = f"; the dynamo exporter failed first with {type(dynamo_error).__name__}: {dynamo_error}" \
             if dynamo_error else ""
@@ -475,9 +605,11 @@ def export_onnx(
         opset: ONNX opset (default: the exporter's).
         validate_images: real images: uint8 (N, C, H, W), a data source (folder, ``mnist:DIR``...), or
             None for digits of the bundled scikit-learn set; ``num_images`` of them are used.
-        tolerance: largest acceptable |logit difference| between ONNX Runtime (float32) and PyTorch.
+        tolerance: largest acceptable |difference| of each output (logits; a detector's boxes too)
+            between ONNX Runtime (float32) and PyTorch.
         int8: quantise the linear layers (ONNX Runtime dynamic quantisation) and write that file; its
-            top-1 agreement with float32 PyTorch must reach ``min_agreement``.
+            agreement with float32 PyTorch (top-1; per query for a detector, per pixel for a segmenter)
+            must reach ``min_agreement``.
         force: write the file even when a check fails (the report lists what failed).
         class_names: stored in the metadata (default: ``model.class_names``).
     Returns:
@@ -485,13 +617,7 @@ def export_onnx(
         fails and ``force`` is False.
     """
     require("onnx", "onnxruntime")
-    task = getattr(model, "task", "classification")
-    if task != "classification":
-        raise ExportError(
-            f"{getattr(model, 'model_name', type(model).__name__)}: vitlab export writes classifiers (images -> "
-            f"logits) and validates them by their top-1 agreement; a {task} model ({type(model).__name__}, whose "
-            f"forward returns a dict of {DENSE_OUTPUTS.get(task, 'outputs')}) is not exported yet. Export it with "
-            f"torch.onnx.export on a wrapper that returns those tensors, and compare them with PyTorch's yourself")
+    task, spec = task_outputs(model)
     if tolerance <= 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
     path = Path(path)
@@ -506,10 +632,7 @@ def export_onnx(
         reason = getattr(model, "onnx_fixed_size_reason", None)
         if reason:
             raise ExportError(f"{name}: --dynamic-size is not supported for {type(model).__name__}: {reason}")
-        cfg = getattr(model, "cfg", None)
-        if cfg is not None and "dynamic_img_size" in {f.name for f in dataclasses.fields(cfg)} \
-                and not cfg.dynamic_img_size:
-            model = rebuild(model, dynamic_img_size=True)
+        model = _any_size_model(model)
     nparams = sum(p.numel() * p.element_size() for p in model.parameters())
     if nparams > MAX_PROTO_BYTES:
         raise ExportError(f"{name}: {nparams / 1e9:.1f} GB of weights exceed the 2 GB limit of a single-file ONNX "
@@ -517,11 +640,12 @@ def export_onnx(
     pre = model.preprocessing
     c, h, w = pre.input_size
     raw, source = _resolve_images(validate_images, num_images)
-    x = preprocess(raw, pre)  # (N, C, H, W)
-    report = ExportReport(path=str(path), model=name, input_size=(c, h, w), dynamic_batch=dynamic_batch,
-                          dynamic_size=dynamic_size, int8=int8, images=len(x), image_source=source,
-                          tolerance=tolerance, min_agreement=min_agreement, forced=force)
-    ref = _logits(model, x)
+    x = preprocess(raw, pre, task)  # (N, C, H, W)
+    report = ExportReport(path=str(path), model=name, task=task, agreement=spec.agreement, input_size=(c, h, w),
+                          dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, int8=int8, images=len(x),
+                          image_source=source, tolerance=tolerance, min_agreement=min_agreement, forced=force)
+    ref = _outputs(model, x, spec)
+    graph = model if task == "classification" else InferenceOutputs(model, spec.names)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
@@ -531,24 +655,26 @@ def export_onnx(
         trace_x = x[:2] if dynamic_batch and len(x) >= 2 else x[:1]  # batch 2: never specialised like 1
         if dynamic_size:  # traced at a larger size, where no map is 1 x 1 (see trace_size)
             trace_pre = dataclasses.replace(pre, input_size=(c, *trace_size(model, h, w)))
-            trace_x = preprocess(raw[:len(trace_x)], trace_pre)
-        report.exporter = export_graph(model, trace_x, float_path, dynamic_batch=dynamic_batch,
-                                       dynamic_size=dynamic_size, opset=opset)
+            trace_x = preprocess(raw[:len(trace_x)], trace_pre, task)
+        report.exporter = export_graph(graph, trace_x, float_path, dynamic_batch=dynamic_batch,
+                                       dynamic_size=dynamic_size, opset=opset, output_names=spec.names)
         props = metadata(model, pre, class_names=class_names, dynamic_batch=dynamic_batch,
                          dynamic_size=dynamic_size, int8=False)
         report.opset = _set_metadata(float_path, props)
         report.export_s = time.perf_counter() - t0
 
         onnx_float = OnnxModel(float_path)
-        report.max_abs_diff, report.top1_agreement = compare(ref, onnx_float(x))
-        if not report.max_abs_diff <= tolerance:  # also catches NaN
-            report.problems.append(f"float32 ONNX differs from PyTorch by {report.max_abs_diff:.3g} "
-                                   f"(> tolerance {tolerance:g})")
+        report.output_diffs, report.top1_agreement = compare_outputs(spec, ref, _onnx_outputs(onnx_float, x))
+        report.max_abs_diff = _worst(report.output_diffs)
+        for k, d in report.output_diffs.items():
+            if not d <= tolerance:  # also catches NaN
+                report.problems.append(f"float32 ONNX {k} differ from PyTorch's by {d:.3g} (> tolerance {tolerance:g})")
         if dynamic_size:
             for hw in other_sizes(model, h, w):
-                xs = preprocess(raw, dataclasses.replace(pre, input_size=(c, *hw)))
+                xs = preprocess(raw, dataclasses.replace(pre, input_size=(c, *hw)), task)
                 try:
-                    d, a = compare(_logits(model, xs), onnx_float(xs))
+                    ds, a = compare_outputs(spec, _outputs(model, xs, spec), _onnx_outputs(onnx_float, xs))
+                    d = _worst(ds)
                 except Exception as e:  # a graph with the size baked in fails at run time
                     report.problems.append(f"at {hw[0]}x{hw[1]} the graph fails: {str(e).splitlines()[0][:300]}")
                     continue
@@ -564,15 +690,16 @@ def export_onnx(
                                               dynamic_size=dynamic_size, int8=True))
             log.info("%s: quantised %d linear layers to int8", name, n)
             onnx_int8 = OnnxModel(int8_path)
-            report.int8_max_abs_diff, report.int8_top1_agreement = compare(ref, onnx_int8(x))
+            report.int8_output_diffs, report.int8_top1_agreement = compare_outputs(spec, ref, _onnx_outputs(onnx_int8, x))
+            report.int8_max_abs_diff = _worst(report.int8_output_diffs)
             if not report.int8_top1_agreement >= min_agreement:
-                report.problems.append(f"int8 top-1 agreement with float32 PyTorch {100 * report.int8_top1_agreement:.1f}%"
+                report.problems.append(f"int8 {spec.agreement} with float32 PyTorch {100 * report.int8_top1_agreement:.1f}%"
                                        f" < required {100 * min_agreement:.0f}%")
             final_path, final_model = int8_path, onnx_int8
         if timing:
             tx = x if dynamic_batch else x[:1]
             report.timing_batch = len(tx)
-            report.torch_images_per_s, report.onnx_images_per_s = _time_pair(model, final_model, tx)
+            report.torch_images_per_s, report.onnx_images_per_s = _time_pair(graph, final_model, tx)
         if report.problems and not force:
             raise ExportValidationError(f"{name}: refusing to write {path}: " + "; ".join(report.problems)
                                         + " (pass force=True / --force to write it anyway)", report)

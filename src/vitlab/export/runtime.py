@@ -1,9 +1,11 @@
 """Run an exported ONNX file like a vitlab model: :class:`OnnxModel`.
 
 The file's metadata (written by :func:`vitlab.export.export_onnx`) gives the preprocessing, the class
-names and the model name, so predict/eval need nothing but the file. The adapter is an ``nn.Module``
-without parameters: images (B, C, H, W) in, float32 logits (B, K) out, so the evaluation and benchmark
-code runs it as it runs a PyTorch model.
+names, the model name and the task, so predict/eval/detect/segment need nothing but the file. The adapter
+is an ``nn.Module`` without parameters that answers like the PyTorch model it was exported from: images
+(B, C, H, W) in; float32 logits (B, K) out for a classifier, a dict of the named outputs for a detector
+(``logits`` (B, Q, C+1), ``boxes`` (B, Q, 4)) or a segmenter (``logits`` (B, C, H, W)), so the evaluation,
+detection and benchmark code runs it as it runs a PyTorch model.
 
 A fixed-size file refuses other sizes with :class:`InputSizeError` before ONNX Runtime sees them (ONNX
 Runtime's own message is "INVALID_ARGUMENT : Got invalid dimensions for input ..."); a file exported
@@ -97,6 +99,10 @@ class OnnxModel(nn.Module):
         class_names: the class names recorded at export (or "0".."K-1").
         input_hw: (H, W) of a fixed-size file, None for a dynamic-size one.
         fixed_batch: the batch size of a file exported without a dynamic batch axis, else None.
+        task: "classification", "detection" or "segmentation" (from the metadata; classification for a
+            foreign file).
+        output_names: the graph's outputs in order.
+        config: the exported model's config (a dict; empty for a foreign file).
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
@@ -124,10 +130,15 @@ class OnnxModel(nn.Module):
                         self.path)
             c, (h, w) = self.in_chans or 3, self.input_hw or (224, 224)
             self.preprocessing = Preprocessing(input_size=(c, h, w))
-        out = self.session.get_outputs()[0]
-        k = out.shape[-1] if isinstance(out.shape[-1], int) else None
+        self.task = self.meta.get("task", "classification")
+        self.config = dict(self.meta.get("config") or {})
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        shape = self.session.get_outputs()[0].shape
+        # the class axis: (B, K) logits, (B, Q, C + 1) with "no object" last, (B, C, H, W)
+        k = {"detection": shape[-1], "segmentation": shape[1]}.get(self.task, shape[-1])
+        k = k - (self.task == "detection") if isinstance(k, int) else None
         names = self.meta.get("class_names")
-        self.num_classes = len(names) if names else (k or 0)
+        self.num_classes = len(names) if names else (k or self.meta.get("num_classes") or 0)
         self.class_names = list(names) if names else [str(i) for i in range(self.num_classes)]
         self.model_name = self.meta.get("model", self.path.stem)
 
@@ -146,26 +157,45 @@ class OnnxModel(nn.Module):
                 f"resize the images to {h}x{w} (its preprocessing does), or export again with --dynamic-size")
 
     def run_numpy(self, x: np.ndarray) -> np.ndarray:
-        """One ORT call; ORT's own complaints about the input come back as :class:`InputSizeError`."""
+        """One ORT call, the first output; ORT's complaints about the input come back as :class:`InputSizeError`."""
+        return self.run_all_numpy(x)[0]
+
+    def run_all_numpy(self, x: np.ndarray) -> list[np.ndarray]:
+        """One ORT call, every output (in ``output_names``' order)."""
         try:
-            return self.session.run(None, {self.input_name: x})[0]
+            return self.session.run(None, {self.input_name: x})
         except Exception as e:  # onnxruntime's InvalidArgument/Fail are not importable portably
             if "INVALID_ARGUMENT" in str(e) or "invalid dimensions" in str(e).lower():
                 raise InputSizeError(f"{self.path.name}: ONNX Runtime rejected an input of shape {x.shape}: {e}") from e
             raise
 
-    def forward(self, x: Tensor) -> Tensor:
+    def run_outputs(self, x: Tensor) -> dict[str, Tensor]:
+        """Every output by name for images ``x`` (B, C, H, W); a file with a fixed batch of 1 runs them one
+        by one."""
         self.check_input(x)
         a = x.detach().to("cpu", torch.float32).contiguous().numpy()
         if self.fixed_batch is not None and a.shape[0] != self.fixed_batch:
             if self.fixed_batch != 1:
                 raise InputSizeError(f"{self.path.name} was exported for batches of {self.fixed_batch}, got "
                                      f"{a.shape[0]}; export again with --dynamic-batch")
-            out = np.concatenate([self.run_numpy(a[i:i + 1]) for i in range(a.shape[0])], axis=0)
+            parts = [self.run_all_numpy(a[i:i + 1]) for i in range(a.shape[0])]
+            outs = [np.concatenate(p, axis=0) for p in zip(*parts)]
         else:
-            out = self.run_numpy(a)
-        return torch.from_numpy(out).to(x.device)
+            outs = self.run_all_numpy(a)
+        return {k: torch.from_numpy(o).to(x.device) for k, o in zip(self.output_names, outs)}
+
+    def forward(self, x: Tensor, pixel_mask: Tensor | None = None) -> Tensor | dict[str, Tensor]:
+        """A classifier's logits, or a detector's / segmenter's dict of outputs (as the PyTorch model's
+        forward in eval mode, without auxiliary outputs). An exported detector takes no padding mask:
+        ``pixel_mask`` is accepted only when it marks every pixel real."""
+        if pixel_mask is not None and not bool(pixel_mask.all()):
+            raise InputSizeError(f"{self.path.name}: an exported {self.task} model takes the image only (no padding "
+                                 f"mask); run padded images one by one at their own size (a dynamic-size export)")
+        outs = self.run_outputs(x)
+        if self.task == "classification":
+            return outs[self.output_names[0]]
+        return outs
 
     def extra_repr(self) -> str:
         size = "any size" if self.input_hw is None else f"{self.input_hw[0]}x{self.input_hw[1]}"
-        return f"{self.path.name}, {self.model_name}, {size}"
+        return f"{self.path.name}, {self.model_name}, {self.task}, {size}"

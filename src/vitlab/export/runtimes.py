@@ -59,6 +59,7 @@ class Runtime(nn.Module):
         self.class_names = list(getattr(described, "class_names", None) or
                                 [str(i) for i in range(self.num_classes)])
         self.model_name = getattr(described, "model_name", type(described).__name__)
+        self.task = getattr(described, "task", "classification")
         self.setup_s = setup_s
 
     def forward(self, x: Tensor) -> Tensor:

@@ -28,3 +28,11 @@ def load_backbone(model: nn.Module, source: str | os.PathLike) -> nn.Module:
           if k in target or not (k.endswith("num_batches_tracked") or k.startswith(("norm.", "fc_norm.")))}
     load_strict(model.backbone, sd, source=str(source))
     return model
+
+
+def backbone_fixed_size_reason(model: nn.Module) -> str | None:
+    """Why a dense model (DETR, SETR) cannot be exported to a dynamic-size ONNX graph: its backbone's
+    reason (e.g. a Linformer ViT), or None. The rest of both models is size-independent: DETR's sine
+    encodings are computed from the feature map, SETR upsamples to the input's size."""
+    reason = getattr(model.backbone, "onnx_fixed_size_reason", None)
+    return f"its backbone ({model.cfg.backbone}): {reason}" if reason else None

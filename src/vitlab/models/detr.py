@@ -219,6 +219,20 @@ class DETR(nn.Module):
         """Learning-rate multipliers by parameter-name prefix (the backbone trains 10x slower)."""
         return {"backbone.": self.cfg.backbone_lr_scale}
 
+    @property
+    def onnx_fixed_size_reason(self) -> str | None:
+        """Why a dynamic-size ONNX export is refused (None: it is supported)."""
+        from vitlab.models.dense import backbone_fixed_size_reason
+
+        return backbone_fixed_size_reason(self)
+
+    @property
+    def input_size_multiple(self) -> int:
+        """The step between input sizes that export checks: a plain ViT's patch, else 32 (the output stride
+        of a ResNet or a Swin)."""
+        pe = getattr(self.backbone, "patch_embed", None)
+        return max(pe.patch_size) if hasattr(self.backbone, "blocks") and pe is not None else 32
+
     # ------------------------------------------------------------------------- forward
     def forward_backbone(self, x: Tensor, pixel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The projected feature map (B, dim, h, w) and its mask (B, h, w), True on real cells."""

@@ -224,6 +224,17 @@ class SETR(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
+    @property
+    def onnx_fixed_size_reason(self) -> str | None:
+        """Why a dynamic-size ONNX export is refused (None: it is supported)."""
+        from vitlab.models.dense import backbone_fixed_size_reason
+
+        return backbone_fixed_size_reason(self)
+
+    @property
+    def input_size_multiple(self) -> tuple[int, int]:
+        return tuple(self.backbone.patch_embed.patch_size)
+
     def lr_scales(self) -> dict[str, float]:
         s = self.cfg.head_lr_scale
         return {"decode_head.": s, "aux_heads.": s, "neck.": s}

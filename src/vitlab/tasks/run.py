@@ -30,10 +30,14 @@ def task_of(model: nn.Module) -> str:
 
 
 def transform_for(model: nn.Module, *, train: bool, hflip: float = 0.5) -> DenseTransform:
-    """DETR: shorter side to the model's size (multi-scale in training), SETR: the square size it is built for."""
+    """DETR: shorter side to the model's size (multi-scale in training), SETR: the square size it is built for.
+
+    A fixed-size ONNX export (``model.input_hw`` set, :class:`~vitlab.export.OnnxModel`) takes images of
+    exactly its size: a detector's images are then resized to it without keeping their aspect (its boxes
+    are normalised, so they map back to the original pixels all the same)."""
     pp = model.preprocessing
     c, h, _ = pp.input_size
-    if task_of(model) == "segmentation":
+    if task_of(model) == "segmentation" or getattr(model, "input_hw", None) is not None:
         return DenseTransform(size=h, square=True, train=train, hflip=hflip, mean=pp.mean, std=pp.std, channels=c)
     sizes = sorted({max(16, int(h * f) // 16 * 16) for f in (0.75, 0.875, 1.0)}) if train else h
     return DenseTransform(size=sizes, max_size=int(h * 5 / 3), train=train, hflip=hflip,
@@ -151,16 +155,56 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
     return summary
 
 
+def ignore_index_of(model: nn.Module) -> int:
+    """A segmenter's ignore index: its config's, or the one recorded in an ONNX file's metadata."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        return cfg.ignore_index
+    return int(getattr(model, "config", {}).get("ignore_index", 255))
+
+
 def evaluate_folder(model: nn.Module, data: str | os.PathLike, split: str = "val") -> dict[str, Any]:
-    """COCO AP or mean IoU of a loaded dense model on ``data/split``."""
+    """COCO AP or mean IoU of a loaded dense model (or an exported ONNX one) on ``data/split``."""
+    from vitlab.export.runtime import OnnxModel
     from vitlab.tasks.detection import evaluate_detection
     from vitlab.tasks.segmentation import evaluate_segmentation
 
     task = task_of(model)
     ds = open_split(data, split, task, transform_for(model, train=False), model.num_classes)
     if task == "detection":
-        return evaluate_detection(model, ds)
-    return evaluate_segmentation(model, ds, num_classes=model.num_classes, ignore_index=model.cfg.ignore_index)
+        # an exported detector takes no padding mask: images one by one, each at its own size
+        return evaluate_detection(model, ds, batch_size=1 if isinstance(model, OnnxModel) else 8)
+    return evaluate_segmentation(model, ds, num_classes=model.num_classes, ignore_index=ignore_index_of(model))
+
+
+DENSE_RUNTIMES = ("auto", "torch", "onnx")
+
+
+def load_dense(path: str | os.PathLike, task: str, runtime: str = "auto") -> nn.Module:
+    """The ``task`` model of a checkpoint or an exported ONNX file, for detect / segment / eval.
+
+    ``runtime``: "auto" (ONNX Runtime for an ``.onnx`` file, else PyTorch), "torch", or "onnx" (an ``.onnx``
+    file, or a checkpoint exported on the fly: validated, any size, then run by ONNX Runtime)."""
+    import vitlab
+    from vitlab.export.runtime import OnnxModel, is_onnx_file
+
+    if runtime not in DENSE_RUNTIMES:
+        raise ValueError(f"--runtime must be one of {', '.join(DENSE_RUNTIMES)} for a {task} model, got {runtime!r}")
+    if is_onnx_file(path):
+        if runtime == "torch":
+            raise ValueError(f"{path} is an ONNX file: use --runtime onnx (or leave --runtime out), not torch")
+        model: nn.Module = OnnxModel(path)
+    else:
+        model = vitlab.load_model(path).eval()
+        if runtime == "onnx" and task_of(model) == task:
+            from vitlab.export.runtimes import _onnx_from_model
+
+            # any size where the family allows it, so that DETR keeps its aspect-preserving resize
+            model = _onnx_from_model(model, int8=False, dynamic_batch=True,
+                                     dynamic_size=getattr(model, "onnx_fixed_size_reason", None) is None)
+    if task_of(model) != task:
+        raise ValueError(f"{path}: a {task_of(model)} model, not a {task} one")
+    return model
 
 
 def format_metrics(task: str, m: dict[str, Any]) -> str:
@@ -281,5 +325,5 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
     return results
 
 
-__all__ = ["DenseJob", "detect_images", "evaluate_folder", "format_metrics", "run_dense_training", "segment_images",
-           "task_of", "transform_for"]
+__all__ = ["DENSE_RUNTIMES", "DenseJob", "detect_images", "evaluate_folder", "format_metrics", "ignore_index_of",
+           "load_dense", "run_dense_training", "segment_images", "task_of", "transform_for"]
