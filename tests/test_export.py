@@ -137,7 +137,7 @@ def test_fixed_size_refuses_other_sizes(tmp_path):
 # Families whose dynamic-size export is correct at other sizes, with the tiny model each is checked on (a Swin
 # whose two stages both have shifted, masked windows: a 64 px image, window 4); every other classifier family
 # declares ``onnx_fixed_size_reason`` (test_every_family_decides_dynamic_size). Swin and MobileViT (the
-# families whose exports used to bake the input size) and ViT/ResNet run by default, the rest with -m slow.
+# families whose exports used to bake the input size), ViT/ResNet and CCT run by default, the rest with -m slow.
 SWIN_SHIFTED = {"img_size": 64, "window_size": 4}
 DYNAMIC_SIZE_MODELS = {
     "vit": ("vit_tiny_patch16_224", {}),
@@ -157,7 +157,7 @@ DYNAMIC_SIZE_MODELS = {
     "cct-sine": ("cct_7_3x2_32_sine", {}),  # the sinusoid table recomputed for the new length
     "cct-token": ("cct_7_3x1_32", {"global_pool": "token", "pos_embed": "none"}),
 }
-DEFAULT_DYNAMIC = {"vit", "resnet", "swin", "mobilevit", "cct", "cct-sine"}
+DEFAULT_DYNAMIC = {"vit", "resnet", "swin", "mobilevit", "cct"}
 PADDING_FAMILIES = ("swin", "swinv2", "mobilevit")  # take any size, not only multiples of the patch
 
 

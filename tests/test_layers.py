@@ -206,3 +206,27 @@ def test_a_wrong_input_size_suggests_only_options_the_family_has(name, size, dyn
     with pytest.raises(ValueError, match=f"built for {size}x{size}") as e:
         model(torch.randn(1, 3, size + 16, size + 16))
     assert ("dynamic_img_size" in str(e.value)) == dynamic
+
+
+def test_attention_dropout_on_cpu_takes_the_explicit_product(monkeypatch) -> None:
+    """Training with attention dropout on the CPU skips SDPA (its unfused fallback is slower than the explicit
+    product there); without dropout, or in eval mode, SDPA runs. The outputs do not depend on the path."""
+    import torch.nn.functional as F
+
+    from vitlab.layers import Attention
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    x = torch.randn(2, 5, 16)
+    drop = Attention(16, num_heads=2, attn_drop=0.1).train()
+    drop(x)
+    assert calls == []
+    drop.eval()(x)
+    Attention(16, num_heads=2).train()(x)
+    assert len(calls) == 2
+    torch.manual_seed(0)
+    a = drop.train()(x)
+    drop.fused = False
+    torch.manual_seed(0)
+    torch.testing.assert_close(drop(x), a)
