@@ -59,6 +59,23 @@ def test_pup_upsamples_16x_in_four_2x_steps() -> None:
     assert seen == [4, 8, 16, 32]  # 2x after each of the first three stages; the fourth 2x after the classifier
 
 
+@pytest.mark.parametrize("patch,stages", [(8, 3), (4, 2), (16, 4)])
+def test_pup_steps_follow_the_patch_size(patch: int, stages: int) -> None:
+    # 8 px patches: three stages (1/8, 1/4, 1/2 of the input), not a full-resolution fourth one and a 2x detour
+    args = {**TINY, "backbone_args": {**TINY["backbone_args"], "patch_size": patch}}
+    model = vitlab.create_model("setr_pup_vit_small_patch16", **args).eval()
+    seen = []
+    for s in model.decode_head.stages:
+        s.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64))["logits"].shape == (1, 5, 64, 64)
+    assert seen == [64 // patch * 2 ** i for i in range(stages)] and seen[-1] == 32
+    fixed = vitlab.create_model("setr_pup_vit_small_patch16", **args, pup_upsamples=4)
+    assert len(fixed.decode_head.stages) == 4
+    with pytest.raises(ValueError, match="pup_upsamples"):
+        vitlab.create_model("setr_pup_vit_small_patch16", **args, pup_upsamples=0)
+
+
 def test_heads_train_at_ten_times_the_encoder_lr() -> None:
     model = vitlab.create_model("setr_naive_vit_small_patch16", **TINY)
     for g in param_groups(model, weight_decay=0.0):

@@ -7,7 +7,9 @@ the encoder's final norm (each head has its own LayerNorm and drops the prefix t
 
 * ``naive``: LN -> 1x1 conv to 256 + BN + ReLU -> 1x1 conv to the classes -> bilinear to the input.
 * ``pup`` (progressive upsampling): four stages of 3x3 conv 256 + BN + ReLU, 2x bilinear after the
-  first three; a 1x1 conv to the classes, then the fourth 2x (16x in all).
+  first three; a 1x1 conv to the classes, then the fourth 2x (16x in all, the 16 px patch). On other
+  patch sizes the number of 2x steps follows the patch (log2: three stages for 8 px patches), so the
+  last stage again runs at half the input resolution (``pup_upsamples`` overrides it).
 * ``mla`` (multi-level aggregation): taps at four depths (blocks 6/12/18/24 of 24), each LN -> 1x1
   conv 256 (no bias) + BN + ReLU, summed top-down (deepest first) and each refined by a 3x3 conv;
   per stream 2 x (3x3 conv 128 + BN + ReLU) and 4x bilinear, concatenated -> 3x3 conv to the classes.
@@ -54,6 +56,7 @@ class SETRConfig:
     channels: decoder width (256); ``mla_head_channels``: the MLA head's per-stream width (128).
     aux_weight: weight of each auxiliary head's loss (0.4); ``aux``: build the auxiliary heads.
     head_lr_scale: learning rate of the decoder and auxiliary heads relative to the encoder (10).
+    pup_upsamples: PUP's 2x steps (= its conv stages); None: log2 of the encoder's patch size (4 for 16 px).
     """
 
     backbone: str = "vit_large_patch16_384"
@@ -67,6 +70,7 @@ class SETRConfig:
     aux: bool = True
     aux_weight: float = 0.4
     head_lr_scale: float = 10.0
+    pup_upsamples: int | None = None
     ignore_index: int = 255
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -103,18 +107,21 @@ class NaiveHead(nn.Module):
 
 
 class PUPHead(nn.Module):
-    def __init__(self, dim: int, channels: int, num_classes: int) -> None:
+    """``upsamples`` stages of 3x3 conv + BN + ReLU, 2x bilinear after each but the last; the classifier,
+    then the last 2x (the paper: four, 16x)."""
+
+    def __init__(self, dim: int, channels: int, num_classes: int, upsamples: int = 4) -> None:
         super().__init__()
         self.norm = TokenNorm(dim)
         self.stages = nn.ModuleList([conv_bn_relu(dim, channels, 3)] +
-                                    [conv_bn_relu(channels, channels, 3) for _ in range(3)])
+                                    [conv_bn_relu(channels, channels, 3) for _ in range(upsamples - 1)])
         self.cls = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         x = self.norm(x)
         for i, stage in enumerate(self.stages):
             x = stage(x)
-            if i < 3:
+            if i < len(self.stages) - 1:
                 x = _up(x, scale=2)
         return _up(_up(self.cls(x), scale=2), size)
 
@@ -199,7 +206,12 @@ class SETR(nn.Module):
         elif cfg.decoder == "pup":
             self.main_index = [depth - 1]
             self.aux_indices = scaled_blocks(_PUP_AUX, depth) if cfg.aux else []
-            self.decode_head = PUPHead(dim, C, K)
+            ups = cfg.pup_upsamples
+            if ups is None:
+                ups = max(1, round(math.log2(max(self.backbone.patch_embed.patch_size))))
+            if ups < 1:
+                raise ValueError(f"SETRConfig: pup_upsamples must be at least 1, got {ups}")
+            self.decode_head = PUPHead(dim, C, K, ups)
             self.aux_heads = nn.ModuleList(PUPAuxHead(dim, C, K) for _ in self.aux_indices)
         elif cfg.decoder == "mla":
             self.main_index = scaled_blocks(_MLA_TAPS, depth)
