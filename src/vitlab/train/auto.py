@@ -120,12 +120,18 @@ class AutoChoice:
     summary: str
 
 
+def encoder_macs(*, tokens: int, embed_dim: int, depth: int, mlp_ratio: float) -> float:
+    """Multiply-adds of ``depth`` transformer blocks on ``tokens`` tokens: qkv, projection and MLP per token,
+    plus q k^T and attn v."""
+    per_token = (4 + 2 * mlp_ratio) * embed_dim * embed_dim
+    return depth * (tokens * per_token + 2 * tokens * tokens * embed_dim)
+
+
 def vit_train_flops(*, img: int, patch: int, channels: int, embed_dim: int, depth: int, mlp_ratio: float) -> float:
     """Training FLOPs per image of a plain ViT (class token, learned positions), forward x TRAIN_FLOP_FACTOR."""
     grid = img // patch
     tokens = grid * grid + 1
-    per_token = (4 + 2 * mlp_ratio) * embed_dim * embed_dim  # qkv + proj + MLP, multiply-adds
-    macs = depth * (tokens * per_token + 2 * tokens * tokens * embed_dim)  # + QK^T and AV
+    macs = encoder_macs(tokens=tokens, embed_dim=embed_dim, depth=depth, mlp_ratio=mlp_ratio)
     macs += grid * grid * channels * patch * patch * embed_dim  # patch embedding
     return 2.0 * macs * TRAIN_FLOP_FACTOR
 
@@ -151,7 +157,7 @@ def cct_train_flops(*, img: int, channels: int, embed_dim: int, depth: int, mlp_
         macs += side * side * cin * cout * kernel * kernel
         side, cin = (side - 1) // 2 + 1, cout
     tokens = side * side
-    macs += depth * (tokens * (4 + 2 * mlp_ratio) * embed_dim * embed_dim + 2 * tokens * tokens * embed_dim)
+    macs += encoder_macs(tokens=tokens, embed_dim=embed_dim, depth=depth, mlp_ratio=mlp_ratio)
     macs += tokens * embed_dim  # sequence pooling
     return 2.0 * macs * TRAIN_FLOP_FACTOR
 
