@@ -256,6 +256,51 @@ def test_resume_is_exact(tmp_path):
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (name, k)
 
 
+def _fake_clock(step_s: float):
+    """A clock that moves ``step_s`` per call: the re-planner reads it once per timed point."""
+    t = [0.0]
+
+    def clock() -> float:
+        t[0] += step_s
+        return t[0]
+    return clock
+
+
+def test_a_deadline_replans_the_run_and_resume_follows_the_new_plan(tmp_path):
+    """The run re-plans its length at its checks; recipe.json and the state record the new plan, and a run
+    killed after the re-plan resumes (without a deadline, as --resume does) to the same weights."""
+    from vitlab.train.budget import Deadline
+    from vitlab.train.recipe import recipe_from_dict
+
+    recipe = small_recipe(epochs=2, warmup_steps=4)  # 7 steps per epoch: 14 planned
+    data, val = Quadrants(112, augment=True), Quadrants(32, seed=1)
+
+    def deadline():  # 1 s between the clock's reads; the end leaves room for many more steps than planned
+        return Deadline(end=30.0, checks=(0.0, 0.5), clock=_fake_clock(1.0))
+
+    straight = fit(tiny_vit(), recipe, train_set=data, val_set=val, output_dir=tmp_path / "a", progress=False,
+                   deadline=deadline())
+    saved = json.loads((tmp_path / "a" / "recipe.json").read_text())
+    assert straight.total_steps != 14 and straight.step == straight.total_steps
+    assert saved["max_steps"] == saved["resolved"]["total_steps"] == straight.total_steps
+    state = load_train_state(tmp_path / "a" / "train_state.pt")
+    assert state["total_steps"] == straight.total_steps and state["horizon"]["knot_step"] is not None
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "train"]
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # after warm-up the decay never rises: no jump
+    assert lrs[-1] == pytest.approx(recipe.min_lr, abs=1e-6)  # and it ends at the floor, at the new end
+
+    until = straight.total_steps - 3
+    fit(tiny_vit(), recipe, train_set=data, val_set=val, output_dir=tmp_path / "b", progress=False,
+        deadline=deadline(), until_step=until)
+    saved = json.loads((tmp_path / "b" / "recipe.json").read_text())
+    resumed = fit(tiny_vit(), recipe_from_dict({k: v for k, v in saved.items() if k != "resolved"}), train_set=data,
+                  val_set=val, output_dir=tmp_path / "b", progress=False, resume=True)
+    assert resumed.step == straight.step
+    a, b = _weights(tmp_path / "a" / "model.safetensors"), _weights(tmp_path / "b" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
 def test_resume_from_another_model_is_a_clear_error(tmp_path):
     fit(tiny_vit(), small_recipe(max_steps=2), train_set=Quadrants(64), output_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="config differs in: embed_dim"):

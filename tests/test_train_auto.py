@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ import torch
 import vitlab
 from test_train_failures import write_folder
 from vitlab.cli.main import main
+from vitlab.data import build_dataset
 from vitlab.train import budget as budget_module
+from vitlab.train import run as run_module
 from vitlab.train.auto import (
     CCT_BASE_MODEL,
     DataFacts,
@@ -168,15 +172,76 @@ def test_fit_recipe_to_budget_ends_the_schedule_on_time():
 def test_cli_auto_recipe_and_time_budget(tmp_path, monkeypatch, caplog):
     data = write_folder(tmp_path / "data", per_class=12)
     monkeypatch.setattr(budget_module, "measure_step_seconds", lambda *a, **k: 10.0)  # no timing in tests
+    deadlines = []
+
+    def deadline(**kw):  # the run's deadline, without its checks: re-timing real steps would fill the 2 minutes
+        deadlines.append(budget_module.Deadline(**kw))
+        return dataclasses.replace(deadlines[-1], checks=())
+
+    monkeypatch.setattr(run_module, "Deadline", deadline)
+    t0 = time.monotonic()
     with caplog.at_level(logging.INFO):
         assert main(["train", "--data", str(data), "--output", str(tmp_path / "run"), "--time-budget", "2m",
                      "--no-progress"]) == 0
+    (d,) = deadlines  # fit was given the command's deadline, and time for the final evaluation
+    val = build_dataset(str(data), split="val", val_fraction=0.1, seed=0)
+    assert abs(d.end - 120 - t0) < 5 and d.eval_images == 2 * len(val)  # no test/: the val part, evaluated twice
     assert "auto recipe: cct_7_3x2_32 with embed_dim=" in caplog.text
     assert "time budget 2m00s: 10.000 s per step measured" in caplog.text
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert saved["name"] == "auto" and saved["img_size"] == 8 and saved["description"].startswith("Chosen by")
     assert 1 <= saved["max_steps"] <= int(0.92 * 120 / 10) and saved["resolved"]["total_steps"] == saved["max_steps"]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == saved["max_steps"]
+
+
+def test_a_replanned_horizon_keeps_the_learning_rate_continuous():
+    from vitlab.train.schedule import Horizon, lr_factor
+
+    def f(step, h):
+        return lr_factor(step, total_steps=h.total_steps, warmup_steps=10, kind="cosine", min_factor=0.01, horizon=h)
+
+    for new_end in (300, 60):  # longer, and shorter
+        h = Horizon(total_steps=100, warmup_steps=10)
+        before = f(40, h)
+        h.replan(40, new_end)
+        assert f(40, h) == pytest.approx(before)  # no jump where it changes
+        lrs = [f(s, h) for s in range(40, new_end + 1)]
+        assert all(a > b for a, b in zip(lrs, lrs[1:]))  # still decaying, at a new pace
+        assert lrs[-1] == pytest.approx(0.01)  # and reaching the floor at the new end
+    h = Horizon(total_steps=100, warmup_steps=10)
+    h.replan(10, 200)  # at the end of the warm-up: simply the schedule of a 200-step run
+    assert [f(s, h) for s in range(201)] == [lr_factor(s, total_steps=200, warmup_steps=10, kind="cosine",
+                                                       min_factor=0.01) for s in range(201)]
+    with pytest.raises(ValueError, match="after step"):
+        h.replan(50, 50)
+
+
+def test_the_replanner_times_the_runs_own_steps():
+    from vitlab.train.budget import REPLAN_SAFETY, Deadline, Replanner
+
+    now = [0.0]
+    per_step = {True: 2.0, False: 0.5}  # the first steps run slow, then 0.5 s each
+    deadline = Deadline(end=1000.0, eval_images=400, checks=(0.0, 0.5), clock=lambda: now[0])
+    r = Replanner(deadline, warmup=40, total_steps=400, batch=100)
+    total, got = 400, []
+    for step in range(1, 2000):
+        if step > total:
+            break
+        now[0] += per_step[step <= 10] if len(got) < 1 else 1.0  # after the first re-plan: twice as slow
+        out = r.after_step(step, total)
+        if out is not None:
+            got.append((step, *out))
+            total = out[0]
+    (s1, t1, dt1), (s2, t2, dt2) = got
+    assert s1 == 40 and dt1 == pytest.approx(0.5)  # timed over steps 20-40, after the slow start
+    eval_s = 400 * budget_module.EVAL_COST * 0.5 / 100
+    assert t1 == 40 + int(REPLAN_SAFETY * (1000 - now_at(s1, 10, 2.0, 0.5) - eval_s) / 0.5)
+    assert s2 == 40 + round(0.5 * (t1 - 40)) and dt2 == pytest.approx(1.0)
+    assert t2 < t1  # slower now: the run is shortened to end on time
+
+
+def now_at(step, slow_steps, slow, fast):
+    return slow_steps * slow + (step - slow_steps) * fast
 
 
 def test_measure_step_seconds_leaves_the_run_untouched():

@@ -4,6 +4,12 @@ The first few training steps are timed on a throw-away copy of the model, throug
 loader (so decoding, augmentation and the optimiser are included); the run then gets as many steps as
 fit the time left after the set-up already spent and the final evaluation, and its cosine decay spans
 exactly those steps. The arithmetic is :func:`steps_for_budget`, a pure function.
+
+That first measurement is short and taken while the process is still warming up (on a 2-core Xeon it read
+0.307 s per step where the run then averaged 0.262), and a shared machine's speed drifts. So the run also
+carries a :class:`Deadline`: ``fit`` re-times its own steps at the end of the warm-up and at set points of the
+decay, and re-plans its length (:func:`replan_total_steps`) with the learning rate kept continuous
+(:class:`vitlab.train.schedule.Horizon`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +33,8 @@ log = logging.getLogger(__name__)
 # Share of the remaining time given to training steps; the rest absorbs noise in the measurement
 # (a machine whose load changes, checkpoints, logging).
 SAFETY = 0.92
+# The same for a re-plan from the run's own steps: a longer, later measurement of a shorter remainder.
+REPLAN_SAFETY = 0.95
 # A forward pass costs about a third of a training step per image.
 EVAL_COST = 1 / 3
 
@@ -54,6 +63,70 @@ def steps_for_budget(*, budget_s: float, elapsed_s: float, step_s: float, eval_i
     eval_s = eval_images * EVAL_COST * step_s / max(1, batch)
     remaining = budget_s - elapsed_s - eval_s
     return max(1, int(safety * remaining / step_s))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deadline:
+    """When the whole command should be done, for ``fit`` to re-plan its length against.
+
+    Args:
+        end: ``time.monotonic()`` value of the deadline.
+        eval_images: images evaluated after the last step (validation and test), whose time is kept free.
+        checks: where the length is re-planned, as fractions of the planned decay; 0 is the end of the
+            warm-up (timed over its second half, after the first slow steps).
+        clock: the clock ``end`` is on (tests give a fake one).
+    """
+
+    end: float
+    eval_images: int = 0
+    checks: tuple[float, ...] = (0.0, 0.5, 0.9)
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
+
+
+def replan_total_steps(*, step: int, now: float, deadline: Deadline, step_s: float, batch: int,
+                       safety: float = REPLAN_SAFETY) -> int:
+    """The run's new length at ``step`` (``now`` on the monotonic clock), at ``step_s`` seconds per step of
+    ``batch`` images: the steps that fit before the deadline, less the final evaluation. At least one more."""
+    return step + steps_for_budget(budget_s=max(deadline.end - now, 1e-9), elapsed_s=0.0, step_s=step_s,
+                                   eval_images=deadline.eval_images, batch=batch, safety=safety)
+
+
+class Replanner:
+    """Times a run's own steps and, at the :class:`Deadline`'s checks, gives the run's new length (``fit``
+    calls :meth:`after_step` after every optimiser step). Each measurement covers the steps since the
+    previous check; the first skips the first half of the warm-up, whose steps run slow."""
+
+    def __init__(self, deadline: Deadline, *, warmup: int, total_steps: int, batch: int, step: int = 0) -> None:
+        self.deadline, self.warmup, self.batch, self.clock = deadline, warmup, batch, deadline.clock
+        self.pending = sorted(deadline.checks)
+        self.next: int | None = None
+        self._advance(step, total_steps)
+        self.mark_step = max(step, self.next // 2) if self.next is not None else step
+        self.mark_time: float | None = self.clock() if self.mark_step == step else None
+
+    def _advance(self, step: int, total_steps: int) -> None:
+        while self.pending:
+            at = max(self.warmup, 2, self.warmup + round(self.pending[0] * (total_steps - self.warmup)))
+            if step < at < total_steps:
+                self.next = at
+                return
+            self.pending.pop(0)
+        self.next = None
+
+    def after_step(self, step: int, total_steps: int) -> tuple[int, float] | None:
+        """At a check: (the new total steps, the seconds per step measured); else None."""
+        if step == self.mark_step and self.mark_time is None:
+            self.mark_time = self.clock()
+            return None
+        if step != self.next or self.mark_time is None:
+            return None
+        now = self.clock()
+        step_s = (now - self.mark_time) / max(1, step - self.mark_step)
+        new_total = replan_total_steps(step=step, now=now, deadline=self.deadline, step_s=step_s, batch=self.batch)
+        self.pending.pop(0)
+        self.mark_step, self.mark_time = step, now
+        self._advance(step, new_total)
+        return new_total, step_s
 
 
 def time_steps(step: Callable[[], None], *, steps: int = 8, warmup: int = 2, min_seconds: float = 0.0,

@@ -21,6 +21,7 @@ from torch import nn
 from vitlab.checkpoints import CheckpointError
 from vitlab.models.describe import describe_model
 from vitlab.models.registry import get_entry
+from vitlab.train.budget import Deadline
 from vitlab.train.distributed import DistContext, distributed_context
 from vitlab.train.evaluate import EvalResult, evaluate
 from vitlab.train.hardware import training_threads
@@ -212,11 +213,12 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
             ds.transform = eval_transform(pre)
     recipe = _prepare_data(recipe, [train_set, val_set, test_set])
     recipe = _check_precision(recipe, ctx.device)
+    deadline = None
     if job.time_budget_s is not None and not job.resume:
-        recipe = _fit_to_budget(job, ctx, recipe, model, train_set, val_set, test_set)
+        recipe, deadline = _fit_to_budget(job, ctx, recipe, model, train_set, val_set, test_set)
     result = fit(model, recipe, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
                  resume=job.resume, class_names=train_set.classes, criterion=criterion,
-                 until_step=job.until_step, progress=job.progress, compile=job.compile)
+                 until_step=job.until_step, progress=job.progress, compile=job.compile, deadline=deadline)
     summary: dict[str, Any] = {"model": model.model_name, "recipe": recipe.name, "data": job.data,
                                "steps": result.step, "global_batch": result.global_batch,
                                "train_seconds": round(result.seconds, 1), "val": result.val,
@@ -246,13 +248,15 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
 
 
 def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Module, train_set, val_set,
-                   test_set) -> Recipe:
-    """Time the first steps and give the run the number of steps that ends its schedule on time."""
+                   test_set) -> tuple[Recipe, Deadline]:
+    """Time the first steps and give the run the number of steps that ends its schedule on time; the
+    deadline lets the run re-time its own steps and correct that number as it goes."""
     from vitlab.train.budget import fit_recipe_to_budget, measure_step_seconds
     from vitlab.train.progress import format_duration
 
-    # timed for 2% of the budget (at least 8 steps): long enough to average over a busy machine's noise
-    step_s = measure_step_seconds(model, recipe, train_set, ctx.device, min_seconds=0.02 * job.time_budget_s)
+    # a first estimate, timed for 0.5% of the budget (at least 8 steps); the run re-times its own steps at the
+    # end of its warm-up and corrects the plan (the Deadline), so these steps need not be many
+    step_s = measure_step_seconds(model, recipe, train_set, ctx.device, min_seconds=0.005 * job.time_budget_s)
     if ctx.distributed:  # every rank runs the same number of steps: rank 0's
         import torch.distributed as dist
 
@@ -267,7 +271,7 @@ def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Mo
     log.info("time budget %s: %.3f s per step measured, %s already spent -> %d steps (%d epoch(s)); the cosine "
              "decay ends on time and the model is evaluated at the end", format_duration(job.time_budget_s), step_s,
              format_duration(elapsed), fitted.max_steps, fitted.epochs)
-    return fitted
+    return fitted, Deadline(end=job.started + job.time_budget_s, eval_images=eval_images)
 
 
 def _check_precision(recipe: Recipe, device: torch.device) -> Recipe:
@@ -295,7 +299,7 @@ def _prepare_data(recipe: Recipe, datasets: list) -> Recipe:
             if recipe.cache_images is False:
                 in_memory = False
                 continue
-            workers = max(0, min(8, cores - 1))
+            workers = min(8, cores) if cores > 1 else 0  # the main process only collects: decode on every core
             cached = cache_decoded(ds, max_bytes=budget, workers=workers)
             budget -= ds.cache_nbytes
             if not cached and recipe.cache_images:

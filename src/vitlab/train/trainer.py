@@ -22,6 +22,7 @@ and checkpointing run inside :func:`preserved_rng` so they never move the traini
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from vitlab.checkpoints import CheckpointError, load_strict, save_model
 from vitlab.checkpoints.vitlab_format import config_to_dict
+from vitlab.train.budget import Deadline, Replanner
 from vitlab.train.distributed import DistContext, all_reduce_mean, barrier
 from vitlab.train.ema import ModelEMA
 from vitlab.train.evaluate import EvalResult, autocast_context, evaluate
@@ -52,7 +54,7 @@ from vitlab.train.fsdp import (
 from vitlab.train.objective import Metrics, Objective, objective_for
 from vitlab.train.optim import build_optimizer
 from vitlab.train.recipe import Recipe
-from vitlab.train.schedule import build_scheduler
+from vitlab.train.schedule import Horizon, build_scheduler
 from vitlab.train.state import get_rng_state, load_train_state, preserved_rng, save_train_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -222,6 +224,7 @@ def fit(
     until_step: int | None = None,
     progress: bool = True,
     compile: bool = False,
+    deadline: Deadline | None = None,
 ) -> FitResult:
     """Train ``model`` (built with ``vitlab.create_model``) on ``train_set`` following ``recipe``.
 
@@ -238,6 +241,10 @@ def fit(
             the schedule still spans the whole run.
         compile: run the forward through ``torch.compile`` (falls back to eager, logged, when it fails);
             the compile time is reported apart in the result.
+        deadline: when the whole command should be done (``--time-budget``): the run times its own steps at
+            the end of the warm-up and at set points of the decay and re-plans its length to end on time,
+            the learning rate kept continuous; ``recipe.json`` and the saved state follow the new length,
+            so that ``--resume`` continues the same schedule. Supervised objectives only.
     """
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     out = Path(output_dir)
@@ -254,6 +261,9 @@ def fit(
     supervised = objective is None or objective.supervised
     if not supervised:
         class_names = None  # a self-supervised backbone knows no classes
+    if deadline is not None and not supervised:
+        raise ValueError("fit: a deadline re-plans the run's length, which self-supervised objectives' own "
+                         "schedules (teacher momentum, masking) do not follow; give them a fixed max_steps")
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"fit: the data has {len(class_names)} classes but the model's head has {num_classes}")
 
@@ -301,8 +311,9 @@ def fit(
         for m in (net, *([ema.module] if ema is not None else [])):
             shard_model(m, device=device, amp=recipe.amp)
     optimizer = build_optimizer(net, recipe, lr=lr, extra=owned)
+    horizon = Horizon(total_steps=total_steps, warmup_steps=warmup)  # re-planned by a deadline
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, kind=recipe.schedule,
-                                peak_lr=lr, min_lr=min(recipe.min_lr, lr))
+                                peak_lr=lr, min_lr=min(recipe.min_lr, lr), horizon=horizon)
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.amp == "fp16" and device.type == "cuda")
     if recipe.amp == "fp16" and device.type != "cuda":
         raise ValueError("amp=fp16 needs CUDA (a gradient scaler on the GPU); use --set amp=bf16 on the CPU")
@@ -311,7 +322,7 @@ def fit(
     step = 0
     if resume:
         step = _restore(out / STATE_FILE, net=net, objective=objective, optimizer=optimizer, scheduler=scheduler,
-                        scaler=scaler, ema=ema, recipe=recipe, ctx=ctx, total_steps=total_steps,
+                        horizon=horizon, scaler=scaler, ema=ema, recipe=recipe, ctx=ctx, total_steps=total_steps,
                         global_batch=global_batch)
         if ctx.is_main:
             tidy_run_directory(out, step)
@@ -325,8 +336,7 @@ def fit(
     else:
         model = step_module
 
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    def write_recipe() -> None:
         atomic_text(out / RECIPE_FILE, json.dumps(
             {**recipe.to_dict(), "resolved": {"lr": lr, "global_batch": global_batch, "accum_steps": accum,
                                               "world_size": ctx.world_size, "total_steps": total_steps,
@@ -334,6 +344,10 @@ def fit(
                                               "objective": objective.describe(),
                                               "model": net.model_name, "model_config": config_to_dict(net.cfg)}},
             indent=2))
+
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_recipe()
     writers = _Writers(out, ctx.is_main, step)
     log.info("training %s (%s): %d steps (%d epochs x %d), global batch %d (%d x %d accum x %d processes), lr %.3g, "
              "warm-up %d", net.model_name, objective.describe(), total_steps, epochs, steps_per_epoch, global_batch, recipe.batch_size,
@@ -362,6 +376,7 @@ def fit(
                     "step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
                     "global_batch": global_batch, "model": model_sd,
                     "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+                    "horizon": horizon.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema_sd,
                     "objective_name": objective.name, "objective": objective.state_dict(),
                     "rng": rngs, "recipe": recipe.to_dict(),
@@ -409,9 +424,27 @@ def fit(
         from vitlab.export.runtimes import compile_model
 
         forward = compile_model(model)
+    replanner = (Replanner(deadline, warmup=warmup, total_steps=total_steps, batch=global_batch, step=step)
+                 if deadline is not None else None)
+
+    def replan(new_total: int, step_s: float) -> None:
+        nonlocal total_steps, epochs, stop, recipe
+        if new_total == total_steps:
+            return
+        log.info("time budget: %.3f s per step over the last steps; %d steps now fit instead of %d (the learning "
+                 "rate decays from here to the new end)", step_s, new_total, total_steps)
+        horizon.replan(step, new_total)
+        total_steps, epochs = new_total, math.ceil(new_total / steps_per_epoch)
+        stop = min(total_steps, until_step) if until_step is not None else total_steps
+        recipe = recipe.replace(max_steps=total_steps, epochs=epochs)
+        if bar is not None:
+            bar.total = total_steps
+        if ctx.is_main:
+            write_recipe()
+
     try:
         start_epoch = step // steps_per_epoch
-        for epoch in range(start_epoch, epochs):
+        for epoch in itertools.count(start_epoch):
             if step >= stop:
                 break
             base_sampler.set_epoch(epoch)  # type: ignore[attr-defined]
@@ -461,6 +494,12 @@ def fit(
                 step += 1
                 steps_since_log += 1
                 objective.after_optimizer_step(step)
+                if replanner is not None and (got := replanner.after_step(step, total_steps)) is not None:
+                    if ctx.distributed:  # every rank runs rank 0's plan
+                        box = [got]
+                        dist.broadcast_object_list(box, src=0)
+                        got = box[0]
+                    replan(*got)
                 if ema is not None:
                     ema.update(net)
                 if bar is not None:
@@ -497,8 +536,8 @@ def fit(
                      compile_failed=getattr(forward, "failed", None))
 
 
-def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, scheduler, scaler, ema, recipe: Recipe,
-             ctx: DistContext, total_steps: int, global_batch: int) -> int:
+def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, scheduler, horizon: Horizon, scaler, ema,
+             recipe: Recipe, ctx: DistContext, total_steps: int, global_batch: int) -> int:
     """Load everything ``--resume`` needs from ``path`` into the run's objects; returns the step reached."""
     state = load_train_state(path)
     check_same_model(state, net, path)
@@ -516,6 +555,8 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     objective.load_state_dict(state.get("objective", {}))
     load_optimizer_state(net, optimizer, state["optimizer"])  # by index (one process, DDP) or by name (FSDP)
     scheduler.load_state_dict(state["scheduler"])
+    if "horizon" in state:  # a re-planned run's pace (the end is this run's length)
+        horizon.load_state_dict({k: state["horizon"][k] for k in ("knot_step", "knot_progress")})
     scaler.load_state_dict(state["scaler"])
     if ema is not None:
         if state.get("ema") is None:
