@@ -179,6 +179,31 @@ def test_every_command_checks_device_the_same_way(command, device, needle, monke
     assert list(tmp_path.iterdir()) == []  # refused before any work
 
 
+# ------------------------------------------------------------------------------------------ --threads
+def test_every_command_that_runs_a_model_takes_threads() -> None:
+    import argparse
+
+    from vitlab.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    with_threads = {name for name, p in sub.choices.items() if any("--threads" in a.option_strings for a in p._actions)}
+    assert with_threads >= set(COMMANDS) - {"finetune"} | {"detect", "segment"}
+
+
+def test_threads_is_applied_and_checked(monkeypatch, caplog, tmp_path, capsys):
+    from vitlab.cli.common import apply_threads
+    from vitlab.cli.main import build_parser
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    apply_threads(build_parser().parse_args(["eval", "--checkpoint", "x.safetensors", "--threads", "1"]))
+    apply_threads(build_parser().parse_args(["eval", "--checkpoint", "x.safetensors"]))  # torch's own setting
+    assert calls == [1]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["predict", "a.png", "--checkpoint", "x.safetensors", "--threads", "0"])
+    assert "--threads: expected at least 1 thread, got '0'" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------- bad and big images
 def test_skip_bad_images_reports_the_total(tmp_path, caplog):
     data = write_folder(tmp_path / "data", bad=("a/1.png", "b/5.png"))

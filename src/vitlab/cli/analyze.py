@@ -7,7 +7,7 @@ import logging
 import shlex
 from pathlib import Path
 
-from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+from vitlab.cli.common import add_device_argument, add_image_limit_argument, add_threads_argument, check_device
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="analysis", metavar="DIR", help="folder for the figures and report")
     add_device_argument(p)
     add_image_limit_argument(p)
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 

@@ -40,6 +40,30 @@ def add_image_limit_argument(p: argparse.ArgumentParser) -> None:
                         f"photos below it are decoded at the size the model needs")
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 thread, got {text!r}")
+    return value
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads N`` for a command that only runs models (eval, predict, explain, ...): torch's intra-op
+    CPU threads for the whole command, set by :func:`apply_threads`. (train and benchmark have their own.)"""
+    p.add_argument("--threads", type=_threads, default=None, metavar="N",
+                   help="CPU threads for the model (default: torch's, which follows OMP_NUM_THREADS)")
+    p.set_defaults(apply_threads=True)
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's intra-op threads from ``--threads`` for the commands declared with add_threads_argument."""
+    if getattr(args, "apply_threads", False) and args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
 def apply_image_limit(args: argparse.Namespace) -> None:
     """Set the decoder's pixel limit from ``--max-image-pixels`` when the command has it and it was given."""
     limit = getattr(args, "max_image_pixels", "keep")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vitlab.cli.common import add_threads_argument
 from vitlab.tasks.run import DENSE_RUNTIMES
 
 
@@ -23,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "and run by ONNX Runtime")
     p.add_argument("--threshold", type=float, default=0.5, help="lowest score kept")
     p.add_argument("--attention", action="store_true", help="also each object's decoder cross-attention")
+    add_threads_argument(p)
     p.add_argument("--output", type=Path, default=Path("detections"), help="output folder")
     p.set_defaults(func=run)
 

@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+from vitlab.cli.common import add_device_argument, add_image_limit_argument, add_threads_argument, check_device
 from vitlab.export.runtimes import RUNTIMES
 
 log = logging.getLogger("vitlab")
@@ -41,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0)
     add_device_argument(p)
     add_image_limit_argument(p)
+    add_threads_argument(p)
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast precision")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
     p.add_argument("--output", type=Path, help="report folder (default: beside the checkpoint, eval_SPLIT)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+from vitlab.cli.common import add_device_argument, add_image_limit_argument, add_threads_argument, check_device
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="explain", metavar="DIR", help="folder for the PNGs")
     add_device_argument(p)
     add_image_limit_argument(p)
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 

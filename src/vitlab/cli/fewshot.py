@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+from vitlab.cli.common import add_device_argument, add_image_limit_argument, add_threads_argument, check_device
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     add_device_argument(p)
     add_image_limit_argument(p)
+    add_threads_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 

@@ -10,7 +10,7 @@ import sys
 
 from vitlab import __version__
 from vitlab.checkpoints.io import CheckpointError
-from vitlab.cli.common import apply_image_limit, check_device
+from vitlab.cli.common import apply_image_limit, apply_threads, check_device
 
 # Subcommand modules, in the order `vitlab --help` lists them.
 SUBCOMMANDS = (
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_device(args)  # every command's --device, checked the same way before any work
         apply_image_limit(args)
+        apply_threads(args)
         return int(args.func(args) or 0)
     except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
         logging.getLogger("vitlab").error("error: %s", one_line(e))

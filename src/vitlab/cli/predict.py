@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from vitlab.cli.common import add_device_argument, add_image_limit_argument, check_device
+from vitlab.cli.common import add_device_argument, add_image_limit_argument, add_threads_argument, check_device
 from vitlab.export.runtimes import RUNTIMES
 
 log = logging.getLogger("vitlab")
@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_device_argument(p)
     add_image_limit_argument(p)
+    add_threads_argument(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=run)
 

@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from vitlab.cli.common import add_device_argument
+from vitlab.cli.common import add_device_argument, add_threads_argument
 from vitlab.train.recipe import list_recipes
 
 log = logging.getLogger("vitlab")
@@ -65,6 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, help="run directory (default: runs/pretrain-METHOD-MODEL)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an unfinished run in --output")
+    add_threads_argument(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (repeatable)")
     p.add_argument("--opt", dest="options", action="append", default=[], metavar="KEY=VALUE",
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or Path("runs") / f"pretrain-{args.method}-{model}"
     job = PretrainJob(method=args.method, recipe=recipe, data=args.data or "digits", output=output, model=model,
                       options=options, device=None if args.device == "auto" else args.device, resume=args.resume,
-                      overwrite=args.overwrite, skip_bad_images=args.skip_bad_images, progress=not args.no_progress)
+                      overwrite=args.overwrite, skip_bad_images=args.skip_bad_images, progress=not args.no_progress,
+                      threads=args.threads)
     try:
         summary = run_pretraining(job)
     except NonFiniteLossError as e:

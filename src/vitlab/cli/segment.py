@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vitlab.cli.common import add_threads_argument
 from vitlab.tasks.run import DENSE_RUNTIMES
 
 
@@ -22,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch; onnx: a checkpoint is exported (validated) "
                         "and run by ONNX Runtime")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    add_threads_argument(p)
     p.add_argument("--output", type=Path, default=Path("segments"), help="output folder")
     p.set_defaults(func=run)
 

@@ -133,9 +133,10 @@ def quantize_torch_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
 
 
-def _onnx_from_model(model: nn.Module, *, int8: bool, dynamic_batch: bool = True, **export_kwargs: Any) -> OnnxModel:
-    """Export ``model`` into a temporary file (validated as always) and load it; the file is removed once
-    ONNX Runtime has read it."""
+def onnx_from_model(model: nn.Module, *, int8: bool, dynamic_batch: bool = True, **export_kwargs: Any) -> OnnxModel:
+    """Export ``model`` into a temporary file (validated as always) and load it, for running a checkpoint
+    through ONNX Runtime without keeping a file (``--runtime onnx``); the file is removed once ONNX Runtime
+    has read it. ``export_kwargs`` go to :func:`~vitlab.export.export_onnx`."""
     from vitlab.export.onnx import export_onnx
 
     with tempfile.TemporaryDirectory(prefix="vitlab-onnx-") as tmp:
@@ -170,7 +171,7 @@ def build_runtime(name: str, model: nn.Module | None = None, *, onnx_path: str |
     elif name == "torch-int8":
         inner = quantize_torch_int8(model)
     else:
-        inner = _onnx_from_model(model, int8=name == "onnx-int8", **export_kwargs)
+        inner = onnx_from_model(model, int8=name == "onnx-int8", **export_kwargs)
     return Runtime(name, inner, reference=model, setup_s=time.perf_counter() - t0)
 
 

@@ -64,6 +64,7 @@ class PretrainJob:
     skip_bad_images: bool = False
     progress: bool = True
     until_step: int | None = None
+    threads: int | None = None  # --threads: intra-op CPU threads (None: the recipe's, else torch's)
 
 
 def build_objective(method: str, model: nn.Module, options: dict[str, Any]) -> Objective:
@@ -164,8 +165,9 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
     with distributed_context(job.device) as ctx:
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)
-        if ctx.device.type == "cpu" and recipe.cpu_threads is not None:
-            torch.set_num_threads(recipe.cpu_threads)
+        threads = job.threads if job.threads is not None else recipe.cpu_threads  # --threads, else the recipe's
+        if ctx.device.type == "cpu" and threads is not None:
+            torch.set_num_threads(threads)
         if ctx.is_main:
             check_output(job)
             job.output.mkdir(parents=True, exist_ok=True)

@@ -197,10 +197,10 @@ def load_dense(path: str | os.PathLike, task: str, runtime: str = "auto") -> nn.
     else:
         model = vitlab.load_model(path).eval()
         if runtime == "onnx" and task_of(model) == task:
-            from vitlab.export.runtimes import _onnx_from_model
+            from vitlab.export.runtimes import onnx_from_model
 
             # any size where the family allows it, so that DETR keeps its aspect-preserving resize
-            model = _onnx_from_model(model, int8=False, dynamic_batch=True,
+            model = onnx_from_model(model, int8=False, dynamic_batch=True,
                                      dynamic_size=getattr(model, "onnx_fixed_size_reason", None) is None)
     if task_of(model) != task:
         raise ValueError(f"{path}: a {task_of(model)} model, not a {task} one")
