@@ -256,13 +256,15 @@ def test_resume_is_exact(tmp_path):
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (name, k)
 
 
-def _fake_clock(step_s: float):
-    """A clock that moves ``step_s`` per call: the re-planner reads it once per timed point."""
-    t = [0.0]
+def _fake_clock(*reads: float):
+    """A clock giving ``reads`` in turn (then one more second per read): the re-planner reads it once per
+    timed point."""
+    it = iter(reads)
+    last = [reads[-1]]
 
     def clock() -> float:
-        t[0] += step_s
-        return t[0]
+        last[0] = next(it, last[0] + 1.0)
+        return last[0]
     return clock
 
 
@@ -271,24 +273,29 @@ def test_a_deadline_replans_the_run_and_resume_follows_the_new_plan(tmp_path):
     killed after the re-plan resumes (without a deadline, as --resume does) to the same weights."""
     from vitlab.train.budget import Deadline
     from vitlab.train.recipe import recipe_from_dict
+    from vitlab.train.schedule import Horizon
 
     recipe = small_recipe(epochs=2, warmup_steps=4)  # 7 steps per epoch: 14 planned
     data, val = Quadrants(112, augment=True), Quadrants(32, seed=1)
 
-    def deadline():  # 1 s between the clock's reads; the end leaves room for many more steps than planned
-        return Deadline(end=30.0, checks=(0.0, 0.5), clock=_fake_clock(1.0))
+    def deadline():  # timed at step 2, then checks at 4 (0.5 s per step: 19 steps fit) and 12 (0.625 s: 16)
+        return Deadline(end=9.0, checks=(0.0, 0.5), clock=_fake_clock(0.0, 1.0, 6.0))
 
     straight = fit(tiny_vit(), recipe, train_set=data, val_set=val, output_dir=tmp_path / "a", progress=False,
                    deadline=deadline())
     saved = json.loads((tmp_path / "a" / "recipe.json").read_text())
-    assert straight.total_steps != 14 and straight.step == straight.total_steps
+    assert straight.total_steps == straight.step == 16  # 14 planned, 19 at the end of warm-up, then 16
     assert saved["max_steps"] == saved["resolved"]["total_steps"] == straight.total_steps
     state = load_train_state(tmp_path / "a" / "train_state.pt")
-    assert state["total_steps"] == straight.total_steps and state["horizon"]["knot_step"] is not None
+    assert state["total_steps"] == straight.total_steps and state["horizon"]["knot_step"] == 12
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
            if r["kind"] == "train"]
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # after warm-up the decay never rises: no jump
-    assert lrs[-1] == pytest.approx(recipe.min_lr, abs=1e-6)  # and it ends at the floor, at the new end
+    # from step 12 the decay runs from where the 19-step plan had it to the floor at step 16
+    h = Horizon(total_steps=16, warmup_steps=4, knot_step=12, knot_progress=(12 - 4) / (19 - 4))
+    expect = [recipe.lr * lr_factor(s, total_steps=16, warmup_steps=4, kind="cosine",
+                                    min_factor=recipe.min_lr / recipe.lr, horizon=h) for s in range(12, 17)]
+    assert lrs[12:] == pytest.approx(expect[:-1]) and expect[-1] == pytest.approx(recipe.min_lr)
 
     until = straight.total_steps - 3
     fit(tiny_vit(), recipe, train_set=data, val_set=val, output_dir=tmp_path / "b", progress=False,
