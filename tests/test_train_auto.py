@@ -240,6 +240,31 @@ def test_the_replanner_times_the_runs_own_steps():
     assert t2 < t1  # slower now: the run is shortened to end on time
 
 
+def test_processes_that_measure_differently_check_again_together():
+    """Under DDP each rank times its own steps but runs rank 0's plan: follow() puts every rank's next check
+    at the same step (else the broadcast there would hang)."""
+    from vitlab.train.budget import Deadline, Replanner
+
+    clocks = {"fast": [0.0], "slow": [0.0]}
+    ranks = {k: Replanner(Deadline(end=500.0, checks=(0.0, 0.5, 0.9), clock=lambda k=k: clocks[k][0]), warmup=10,
+                          total_steps=100, batch=8) for k in clocks}
+    total, checks = 100, []
+    for step in range(1, 2000):
+        if step >= total:
+            break
+        clocks["fast"][0] += 1.0
+        clocks["slow"][0] += 1.7
+        got = {k: r.after_step(step, total) for k, r in ranks.items()}
+        assert (got["fast"] is None) == (got["slow"] is None), step  # both at a check, or neither
+        if got["fast"] is not None:
+            assert got["fast"][0] != got["slow"][0]  # they measured differently
+            total = got["fast"][0]  # rank 0's plan
+            for r in ranks.values():
+                r.follow(step, total)
+            checks.append(step)
+    assert len(checks) == 3
+
+
 def now_at(step, slow_steps, slow, fast):
     return slow_steps * slow + (step - slow_steps) * fast
 

@@ -128,6 +128,11 @@ class Replanner:
         self._advance(step, new_total)
         return new_total, step_s
 
+    def follow(self, step: int, total_steps: int) -> None:
+        """The run goes on with ``total_steps`` (another process's plan, under DDP): place the next check
+        as every process does, so that all of them stop at it together."""
+        self._advance(step, total_steps)
+
 
 def time_steps(step: Callable[[], None], *, steps: int = 8, warmup: int = 2, min_seconds: float = 0.0,
                max_steps: int = 200, clock: Callable[[], float] = time.perf_counter) -> float:

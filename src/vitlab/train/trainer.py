@@ -495,10 +495,11 @@ def fit(
                 steps_since_log += 1
                 objective.after_optimizer_step(step)
                 if replanner is not None and (got := replanner.after_step(step, total_steps)) is not None:
-                    if ctx.distributed:  # every rank runs rank 0's plan
+                    if ctx.distributed:  # every rank runs rank 0's plan, and checks again at the same step
                         box = [got]
                         dist.broadcast_object_list(box, src=0)
                         got = box[0]
+                        replanner.follow(step, got[0])
                     replan(*got)
                 if ema is not None:
                     ema.update(net)
