@@ -99,6 +99,29 @@ def test_shared_table_is_copied_into_every_layer_for_fine_tuning(tmp_path: Path)
         torch.testing.assert_close(fine.eval()(IO["x"]), shared(IO["x"]), atol=1e-6, rtol=1e-6)
 
 
+def test_finetune_unshares_the_pretraining_table_unless_told(tmp_path: Path) -> None:
+    """`vitlab finetune` from a pre-training file (one shared table) gives each layer its own copy, as BEiT
+    fine-tunes; a recipe that sets the option keeps it shared."""
+    from vitlab.train.recipe import Recipe
+    from vitlab.train.run import TrainJob, build_model
+
+    sd = load_file(FIX / "timm_beit_shared.safetensors")
+    sd = {k: v for k, v in sd.items() if not k.startswith("blocks.") or "relative_position_bias_table" not in k}
+    save_file(sd, tmp_path / "pretrain.safetensors")
+
+    def job(**over):
+        return TrainJob(recipe=Recipe(name="t", img_size=24, model_overrides=over), data="digits",
+                        output=tmp_path / "run", pretrained=str(tmp_path / "pretrain.safetensors"),
+                        model="beit_base_patch16_224")
+
+    fine = build_model(job(), num_classes=3, in_chans=3)
+    assert fine.rel_pos_bias is None and fine.num_classes == 3
+    for blk in fine.blocks:
+        torch.testing.assert_close(blk.attn.relative_position_bias_table, sd["rel_pos_bias.relative_position_bias_table"])
+    kept = build_model(job(use_shared_rel_pos_bias=True), num_classes=3, in_chans=3)
+    assert kept.rel_pos_bias is not None and kept.blocks[0].attn.relative_position_bias_table is None
+
+
 def test_hf_image_classification_both_spellings(tmp_path: Path) -> None:
     model = vitlab.create_model("beit_base_patch16_224", pretrained=FIX / "hf_cls").eval()
     assert model.cfg.norm_eps == 1e-12 and model.num_classes == 10 and model.class_names[0] == "LABEL_0"

@@ -93,6 +93,16 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int) -> nn.Module:
     overrides = {**recipe.model_overrides, **job.extra_overrides}
     model = vitlab.create_model(name, pretrained=job.pretrained, num_classes=num_classes, img_size=recipe.img_size,
                                 **overrides)
+    cfg = model.cfg
+    if (getattr(cfg, "use_shared_rel_pos_bias", False) and not getattr(cfg, "use_rel_pos_bias", True)
+            and not {"use_shared_rel_pos_bias", "use_rel_pos_bias"} & set(overrides)):
+        # BEiT's fine-tuning: the table shared by every layer in pre-training becomes one copy per layer
+        log.info("%s: its relative position table, shared by all layers in pre-training, is copied into each "
+                 "layer to fine-tune (keep it shared: --set model_overrides.use_shared_rel_pos_bias=true)",
+                 job.pretrained)
+        model = vitlab.create_model(name, pretrained=job.pretrained, num_classes=num_classes,
+                                    img_size=recipe.img_size, **overrides, use_shared_rel_pos_bias=False,
+                                    use_rel_pos_bias=True)
     if recipe.zero_init_head:
         model.reset_classifier(num_classes)  # the paper's zero-initialised D x K head, also when K is unchanged
     return model
