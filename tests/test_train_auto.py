@@ -55,7 +55,7 @@ def test_the_issues_example_is_minutes_not_days():
     o = r.model_overrides
     # small images: a CCT at the native size, two conv + pool blocks giving 7x7 tokens
     assert r.model == CCT_BASE_MODEL and r.img_size == 28 and o["num_conv_layers"] == 2
-    assert o["embed_dim"] <= 128 and r.batch_size == 128 and r.global_batch is None
+    assert o["embed_dim"] <= 128 and r.batch_size == 64 and r.global_batch is None
     assert o["drop_path_rate"] == o["attn_drop_rate"] == 0.0  # a short run: CCT's regularisers off
     assert r.hflip == 0.0 and r.amp == "none" and r.val_fraction == 0.0  # grayscale: no flips; MNIST has a test set
     assert r.epochs >= 3 and r.schedule == "cosine"
