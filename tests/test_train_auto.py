@@ -185,13 +185,26 @@ def test_cli_auto_recipe_and_time_budget(tmp_path, monkeypatch, caplog):
                      "--no-progress"]) == 0
     (d,) = deadlines  # fit was given the command's deadline, and time for the final evaluation
     val = build_dataset(str(data), split="val", val_fraction=0.1, seed=0)
-    assert abs(d.end - 120 - t0) < 5 and d.eval_images == 2 * len(val)  # no test/: the val part, evaluated twice
+    # from the command's start (a young process: its own start, up to 30 s before main() was entered)
+    assert t0 - 31 < d.end - 120 < t0 + 1 and d.eval_images == 2 * len(val)  # no test/: val part, evaluated twice
     assert "auto recipe: cct_7_3x2_32 with embed_dim=" in caplog.text
     assert "time budget 2m00s: 10.000 s per step measured" in caplog.text
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert saved["name"] == "auto" and saved["img_size"] == 8 and saved["description"].startswith("Chosen by")
     assert 1 <= saved["max_steps"] <= int(0.92 * 120 / 10) and saved["resolved"]["total_steps"] == saved["max_steps"]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == saved["max_steps"]
+
+
+def test_the_budget_counts_from_the_process_start_of_a_fresh_command():
+    import subprocess
+    import sys
+
+    code = ("import time; time.sleep(0.5); from vitlab.train.budget import process_started; "
+            "t = time.monotonic(); print(t - process_started(), t - process_started(max_age_s=0))")
+    young, old = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout.split())
+    assert 0.45 < young < 30  # the half second slept, and the start-up and imports around it
+    assert old < 0.1  # a process older than max_age_s: now
 
 
 def test_a_replanned_horizon_keeps_the_learning_rate_continuous():

@@ -51,11 +51,15 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vitlab.train.budget import process_started
+
+    started = process_started()  # a --time-budget is the whole command's: start-up and imports included
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["train"]  # the main job: `vitlab` alone trains the default model on the bundled digits
     args = parser.parse_args(argv)
+    args.started = started
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -131,6 +131,8 @@ def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = 
 
 
 def make_job(args: argparse.Namespace, recipe, *, model: str | None, pretrained: str | None, output_tag: str):
+    import time
+
     from vitlab.train.run import Distill, TrainJob
 
     output = args.output or Path("runs") / output_tag
@@ -141,7 +143,8 @@ def make_job(args: argparse.Namespace, recipe, *, model: str | None, pretrained:
                     device=None if args.device == "auto" else args.device, resume=args.resume,
                     overwrite=args.overwrite, skip_bad_images=args.skip_bad_images, distill=distill,
                     progress=not args.no_progress, threads=args.threads,
-                    time_budget_s=None if args.resume else args.time_budget, compile=getattr(args, "compile", False))
+                    time_budget_s=None if args.resume else args.time_budget, compile=getattr(args, "compile", False),
+                    started=getattr(args, "started", None) or time.monotonic())  # set by main: the command's start
 
 
 def train_or_explain(job) -> int:

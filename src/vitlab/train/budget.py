@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import statistics
 import time
@@ -63,6 +64,21 @@ def steps_for_budget(*, budget_s: float, elapsed_s: float, step_s: float, eval_i
     eval_s = eval_images * EVAL_COST * step_s / max(1, batch)
     remaining = budget_s - elapsed_s - eval_s
     return max(1, int(safety * remaining / step_s))
+
+
+def process_started(max_age_s: float = 30.0) -> float:
+    """When this process started, on the ``time.monotonic()`` clock, if that was at most ``max_age_s`` ago
+    (a command just launched: its budget includes the interpreter's start-up and imports); else, and where
+    ``/proc`` is missing, now (a long-lived process that runs a command, e.g. a notebook or a test)."""
+    try:  # both on the boot clock: seconds since boot, and the process's start in clock ticks since boot
+        with open("/proc/uptime") as f:
+            up = float(f.read().split()[0])
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        age = up - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: starttime
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+    return time.monotonic() - age if 0 <= age <= max_age_s else time.monotonic()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -59,7 +59,8 @@ class TrainJob:
     until_step: int | None = None
     threads: int | None = None  # --threads: intra-op CPU threads (None: the recipe's, else the cores given)
     time_budget_s: float | None = None  # --time-budget: size the schedule to end on time (fresh runs)
-    started: float = field(default_factory=time.monotonic)  # when the command began, for the budget
+    # when the job began, for the budget (time.monotonic(); the CLI gives the process's start)
+    started: float = field(default_factory=time.monotonic)
     compile: bool = False  # torch.compile the training forward (compile time reported apart)
     extra_overrides: dict[str, Any] = field(default_factory=dict)
 
