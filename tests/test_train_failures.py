@@ -199,9 +199,10 @@ def test_threads_is_applied_and_checked(monkeypatch, caplog, tmp_path, capsys):
     apply_threads(build_parser().parse_args(["eval", "--checkpoint", "x.safetensors", "--threads", "1"]))
     apply_threads(build_parser().parse_args(["eval", "--checkpoint", "x.safetensors"]))  # torch's own setting
     assert calls == [1]
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["predict", "a.png", "--checkpoint", "x.safetensors", "--threads", "0"])
-    assert "--threads: expected at least 1 thread, got '0'" in capsys.readouterr().err
+    for argv in (["predict", "a.png", "--checkpoint", "x.safetensors"], ["train"], ["benchmark"]):
+        with pytest.raises(SystemExit):  # every command's --threads is checked the same way
+            build_parser().parse_args([*argv, "--threads", "0"])
+        assert "--threads: expected at least 1 thread, got '0'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- bad and big images

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from vitlab.benchmark import DTYPES, MODES, benchmark_models, num_threads
-from vitlab.cli.common import add_device_argument, check_device
+from vitlab.cli.common import add_device_argument, check_device, threads_type
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-repeat-s", type=float, default=0.5,
                    help="each repeat averages enough steps to last about this long (default: 0.5)")
     p.add_argument("--matmul-size", type=int, default=2048, help="size n of the n x n reference matmul")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=threads_type, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, repeatable, e.g. --set depth=2 --set img_size=64")
     add_device_argument(p)

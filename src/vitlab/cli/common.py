@@ -40,7 +40,8 @@ def add_image_limit_argument(p: argparse.ArgumentParser) -> None:
                         f"photos below it are decoded at the size the model needs")
 
 
-def _threads(text: str) -> int:
+def threads_type(text: str) -> int:
+    """argparse type of every --threads: a whole number, at least 1."""
     try:
         value = int(text)
     except ValueError:
@@ -53,7 +54,7 @@ def _threads(text: str) -> int:
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     """``--threads N`` for a command that only runs models (eval, predict, explain, ...): torch's intra-op
     CPU threads for the whole command, set by :func:`apply_threads`. (train and benchmark have their own.)"""
-    p.add_argument("--threads", type=_threads, default=None, metavar="N",
+    p.add_argument("--threads", type=threads_type, default=None, metavar="N",
                    help="CPU threads for the model (default: torch's, which follows OMP_NUM_THREADS)")
     p.set_defaults(apply_threads=True)
 

@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from vitlab.cli.common import add_device_argument, add_image_limit_argument
+from vitlab.cli.common import add_device_argument, add_image_limit_argument, threads_type
 from vitlab.train.recipe import apply_overrides, list_recipes, load_recipe
 
 log = logging.getLogger("vitlab")
@@ -54,7 +54,7 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -
                    help="override a recipe field (repeatable), e.g. --set lr=3e-4 --set model_overrides.depth=6")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
     p.add_argument("--workers", type=int, help="data loader worker processes (default: from the data and cores)")
-    p.add_argument("--threads", type=int, help="CPU threads per process (default: the cores given, or "
+    p.add_argument("--threads", type=threads_type, help="CPU threads per process (default: the cores given, or "
                    "OMP_NUM_THREADS; overrides the recipe's cpu_threads)")
     add_device_argument(p)
     add_image_limit_argument(p)
