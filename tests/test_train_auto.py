@@ -186,7 +186,7 @@ def test_cli_auto_recipe_and_time_budget(tmp_path, monkeypatch, caplog):
     (d,) = deadlines  # fit was given the command's deadline, and time for the final evaluation
     val = build_dataset(str(data), split="val", val_fraction=0.1, seed=0)
     # from the command's start (a young process: its own start, up to 30 s before main() was entered)
-    assert t0 - 31 < d.end - 120 < t0 + 1 and d.eval_images == 2 * len(val)  # no test/: val part, evaluated twice
+    assert t0 - 31 < d.end - 120 < t0 + 1 and d.eval_images == len(val)  # no test/: the val part, evaluated once
     assert "auto recipe: cct_7_3x2_32 with embed_dim=" in caplog.text
     assert "time budget 2m00s: 10.000 s per step measured" in caplog.text
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())

@@ -80,6 +80,25 @@ def test_cache_decoded_with_bad_images(tmp_path):
     assert ds[bad] is None and ds.num_skipped == 1 and ds[0] is not None
 
 
+def test_cache_decoded_through_workers_with_mixed_sizes_and_bad_images(tmp_path):
+    """Workers send a batch's most common size as one stacked tensor; other sizes and errors go one by one,
+    and every image still lands at its own index."""
+    import numpy as np
+    from PIL import Image
+
+    data = write_folder(tmp_path / "data", per_class=6, bad=("a/3.png",))
+    rng = np.random.default_rng(1)
+    for name, size in (("b/1.png", (5, 7)), ("b/4.png", (9, 9)), ("a/5.png", (5, 7))):
+        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8), mode="L").save(data / name)
+    ds = build_dataset(data, split="train", val_fraction=0.0, skip_bad_images=True)
+    expected = {i: ds.decode(i) for i in range(len(ds)) if not ds.paths[i].endswith("a/3.png")}
+    assert cache_decoded(ds, max_bytes=10**6, workers=1)
+    assert isinstance(ds._cache, list)  # mixed sizes: one tensor per image
+    for i, want in expected.items():
+        assert torch.equal(ds._cache[i], want), ds.paths[i]
+    assert ds[ds.paths.index(str(data / "a" / "3.png"))] is None and ds.num_skipped == 1
+
+
 def test_training_caches_a_small_folder(tmp_path, caplog):
     data = write_folder(tmp_path / "data")
     with caplog.at_level(logging.INFO):
@@ -124,3 +143,33 @@ print("cached", ds[599][0].shape)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "cached" in r.stdout
+
+
+@pytest.mark.parametrize("with_test_folder", [False, True])
+def test_held_out_part_is_decoded_and_evaluated_once(tmp_path, monkeypatch, with_test_folder):
+    """A folder without test/ answers "test" with its held-out part: the run caches it once and reports the
+    fit's last validation as the test result, with the EMA model's too; a real test/ folder is evaluated."""
+    import json
+
+    from vitlab.train import run as run_module
+
+    data = tmp_path / "data"
+    write_folder(data / "train" if with_test_folder else data, per_class=8)
+    if with_test_folder:
+        write_folder(data / "test", per_class=3)
+    calls = []
+    real_test = run_module._test
+    monkeypatch.setattr(run_module, "_test", lambda *a, **k: calls.append(a[-1]) or real_test(*a, **k))
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(data), "--output", str(out), "--steps", "3", *FAST,
+                 "--set", "ema_decay=0.9"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    last_val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "val"][-1]
+    if with_test_folder:
+        assert calls == ["model", "EMA model"] and results["test"]["samples"] == 6
+    else:
+        assert calls == []
+        assert results["test"] == {k[4:]: v for k, v in last_val.items()
+                                   if k.startswith("val_") and not k.startswith("val_ema_")}
+        assert results["test_ema"]["top1"] == last_val["val_ema_top1"] and results["test"]["samples"] == 4

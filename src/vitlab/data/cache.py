@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,8 +40,23 @@ class _Decode(Dataset):
             return i, str(e)
 
 
-def _as_list(batch: list[Any]) -> list[Any]:
-    return batch
+def _pack(batch: list[tuple[int, Tensor | str]]) -> tuple[list[int], Tensor | None, list[tuple[int, Tensor | str]]]:
+    """A worker's batch as (indices, their images stacked, the rest as (index, item) pairs).
+
+    A tensor sent from a worker travels through its own shared-memory file descriptor, and receiving one
+    costs about 0.4 ms (CIFAR-10's 50,000 images: 25 of the 29 s the cache took), so the images of the
+    batch's most common size go as one stacked tensor; other sizes and error messages go one by one.
+    """
+    shapes: dict[tuple[int, ...], int] = {}
+    for _, item in batch:
+        if isinstance(item, Tensor):
+            shapes[tuple(item.shape)] = shapes.get(tuple(item.shape), 0) + 1
+    if not shapes:
+        return [], None, batch
+    common = max(shapes, key=shapes.__getitem__)
+    same = [(i, t) for i, t in batch if isinstance(t, Tensor) and tuple(t.shape) == common]
+    rest = [(i, t) for i, t in batch if not (isinstance(t, Tensor) and tuple(t.shape) == common)]
+    return [i for i, _ in same], torch.stack([t for _, t in same]), rest
 
 
 def estimated_bytes(ds: ImageFileDataset, min_size: int | None = None, sample: int = 8) -> int:
@@ -77,16 +91,20 @@ def cache_decoded(ds: ImageFileDataset, *, max_bytes: int, workers: int = 0) -> 
     images: list[Tensor | None] = [None] * len(ds)
     errors: dict[int, str] = {}
     loader = DataLoader(_Decode(ds, min_size), batch_size=64, shuffle=False, num_workers=workers,
-                        collate_fn=_as_list)
-    for batch in loader:
-        for i, item in batch:
+                        collate_fn=_pack)
+    for indices, stacked, rest in loader:
+        if stacked is not None:
+            # a tensor from a worker lives in shared memory held by an open file descriptor; a copy lets it
+            # go, so that caching 50,000 images does not exhaust the process's descriptors (ulimit -n)
+            stacked = stacked.clone() if workers else stacked
+            for j, i in enumerate(indices):
+                images[i] = stacked[j]
+        for i, item in rest:
             if isinstance(item, str):
                 if not ds.skip_bad_images:
                     raise BadImageError(item)
                 errors[i] = item
             else:
-                # a tensor from a worker lives in shared memory held by an open file descriptor; a copy lets it
-                # go, so that caching 50,000 images does not exhaust the process's descriptors (ulimit -n)
                 images[i] = item.clone() if workers else item
     shapes = {tuple(t.shape) for t in images if t is not None}
     if len(shapes) == 1 and not errors:

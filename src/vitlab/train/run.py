@@ -197,6 +197,8 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     check_classification_data(train_set)
     val_set = build_dataset(job.data, split="val", **common) if recipe.val_fraction > 0 else None
     test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
+    if _same_images(val_set, test_set):  # a source without a test set: "test" is the held-out part itself
+        test_set = val_set  # decoded and cached once; its final validation is the test result
     model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans)
     log.info("model: %s", describe_model(model))
     if job.resume:
@@ -244,18 +246,35 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
             import vitlab
 
             model = vitlab.load_model(job.output / MODEL_FILE).to(ctx.device)
-        summary["test"] = _test(model, test_set, recipe, ctx, "model")
+        reuse = test_set is val_set and result.val is not None and "val_top1" in result.val
+        if reuse:  # the fit's last validation ran on these images with this final model (and EMA model)
+            summary["test"] = {k[len("val_"):]: v for k, v in result.val.items()
+                               if k.startswith("val_") and not k.startswith("val_ema_")}
+        else:
+            summary["test"] = _test(model, test_set, recipe, ctx, "model")
         if recipe.ema_decay is not None:
-            import vitlab
+            if reuse and "val_ema_top1" in result.val:
+                summary["test_ema"] = {k[len("val_ema_"):]: v for k, v in result.val.items()
+                                       if k.startswith("val_ema_")}
+            else:
+                import vitlab
 
-            ema_model = vitlab.load_model(job.output / EMA_FILE).to(ctx.device)
-            summary["test_ema"] = _test(ema_model, test_set, recipe, ctx, "EMA model")
+                ema_model = vitlab.load_model(job.output / EMA_FILE).to(ctx.device)
+                summary["test_ema"] = _test(ema_model, test_set, recipe, ctx, "EMA model")
     if job.skip_bad_images:  # distinct files, counted across worker processes and epochs
         summary["skipped_images"] = len({f for ds in (train_set, val_set, test_set) if ds is not None
                                          for f in ds.skipped()})
     if ctx.is_main and "test" in summary:
         atomic_text(job.output / "results.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _same_images(a, b) -> bool:
+    """Two splits that are the same files with the same labels (a folder without test/ answers "test" with
+    its held-out part)."""
+    if a is None or b is None or getattr(a, "paths", None) is None or getattr(b, "paths", None) is None:
+        return False
+    return a.paths == b.paths and a.targets == b.targets
 
 
 def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Module, train_set, val_set,
@@ -274,7 +293,8 @@ def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Mo
         box = [step_s]
         dist.broadcast_object_list(box, src=0)
         step_s = box[0]
-    eval_images = sum(len(ds) for ds in (val_set, test_set) if ds is not None) * (2 if recipe.ema_decay else 1)
+    eval_sets = [val_set] + ([test_set] if test_set is not val_set else [])
+    eval_images = sum(len(ds) for ds in eval_sets if ds is not None) * (2 if recipe.ema_decay else 1)
     elapsed = time.monotonic() - job.started
     fitted = fit_recipe_to_budget(recipe, budget_s=job.time_budget_s, elapsed_s=elapsed, step_s=step_s,
                                   num_images=len(train_set) * (recipe.repeat_aug or 1), eval_images=eval_images,
@@ -305,7 +325,7 @@ def _prepare_data(recipe: Recipe, datasets: list) -> Recipe:
     cores = available_cores()
     in_memory = True
     budget = int(MEMORY_SHARE * available_memory_gb() * 2**30)
-    for ds in datasets:
+    for ds in {id(d): d for d in datasets}.values():  # a split given twice is cached once
         if isinstance(ds, ImageFileDataset):
             if recipe.cache_images is False:
                 in_memory = False
