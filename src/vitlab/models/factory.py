@@ -65,6 +65,9 @@ def create_model(
         fields = {f.name for f in dataclasses.fields(entry.config)}
         weights_overrides = {k: getattr(weights, k) for k in ("mean", "std", "crop_pct", "interpolation")
                              if k in fields}
+        if "img_size" in fields:  # weights fine-tuned at another size than the name's (mobilevitv2_150 at 384)
+            h, w = weights.input_size[1:]
+            weights_overrides["img_size"] = h if h == w else (h, w)
     elif tag:
         raise ValueError(f"create_model({name}.{tag!r}): a weights tag needs pretrained=True")
     if pretrained is False:

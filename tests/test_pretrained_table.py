@@ -1,0 +1,86 @@
+"""models/pretrained.json: published weights as data (generated from timm's configurations by
+tools/make_pretrained_table.py), and ``create_model("name.tag", pretrained=True)`` building the model those
+weights were trained as."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitlab
+from vitlab.checkpoints.converters import get_converter
+from vitlab.models import get_entry, list_models
+from vitlab.models.pretrained import find_weights, pretrained_weights
+
+FIX = Path(__file__).resolve().parent / "fixtures"
+ROWS = json.loads(resources.files("vitlab.models").joinpath("pretrained.json").read_text())["weights"]
+
+
+def test_every_row_names_a_registered_model_a_readable_format_and_its_preprocessing():
+    registered = set(list_models())
+    seen = set()
+    for r in ROWS:
+        key = (r["model"], r["tag"])
+        assert key not in seen, f"{key} twice"
+        seen.add(key)
+        assert r["model"] in registered, r
+        get_converter(get_entry(r["model"]).family, r["format"])  # raises when vitlab cannot read the format
+        assert r["hub"].startswith("hf-hub:") and r["num_classes"] >= 0, r
+        assert len(r["input_size"]) == 3 and len(r["mean"]) == len(r["std"]) == r["input_size"][0], r
+        assert 0 < r["crop_pct"] <= 1 and r["interpolation"] in ("bicubic", "bilinear", "nearest"), r
+
+
+@pytest.mark.parametrize("model, tags", [
+    ("beit_base_patch16_224", {"in22k_ft_in22k_in1k", "in22k_ft_in22k"}),
+    ("beitv2_base_patch16_224", {"in1k_ft_in1k", "in1k_ft_in22k_in1k"}),
+    ("beit3_base_patch16_224", {"in22k_ft_in1k"}),
+    ("vit_small_patch16_224", {"dino"}),  # DINO's backbones as timm publishes them (issue 11)
+    ("vit_base_patch16_224", {"dino", "mae"}),
+    ("swin_tiny_patch4_window7_224", {"ms_in1k"}),
+    ("mobilevit_s", {"cvnets_in1k"}),
+])
+def test_the_families_published_weights_are_listed(model, tags):
+    assert tags <= {w.tag for w in pretrained_weights(model)}
+
+
+def test_default_weights_are_an_imagenet_classifier():
+    assert find_weights("beit_base_patch16_224").tag == "in22k_ft_in22k_in1k"
+    assert find_weights("vit_small_patch16_224", "dino").num_classes == 0
+    with pytest.raises(ValueError, match="no weights tagged 'nope'"):
+        find_weights("vit_small_patch16_224", "nope")
+
+
+def _local(monkeypatch, path: Path, seen: list[str]):
+    import vitlab.checkpoints as ck
+
+    real = ck.resolve
+    monkeypatch.setattr(ck, "resolve", lambda src: seen.append(str(src)) or real(path))
+
+
+def test_pretrained_true_builds_the_row_preprocessing_and_loads_the_hub_file(monkeypatch):
+    """The hub file is replaced by the tiny timm BEiT fixture: the row picks the file, the file's shapes the
+    architecture, and the row the preprocessing."""
+    seen: list[str] = []
+    _local(monkeypatch, FIX / "beit" / "timm_beit.safetensors", seen)
+    m = vitlab.create_model("beit_base_patch16_224.in22k_ft_in22k_in1k", pretrained=True)
+    assert seen == ["hf-hub:timm/beit_base_patch16_224.in22k_ft_in22k_in1k"]
+    ref = vitlab.create_model("beit_base_patch16_224", pretrained=FIX / "beit" / "timm_beit.safetensors")
+    for (k, a), (_, b) in zip(m.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    pre = m.preprocessing
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.crop_pct == 0.9 and pre.input_size == (3, 224, 224)
+
+
+def test_pretrained_true_at_the_weights_own_resolution(monkeypatch):
+    """mobilevitv2_150's ImageNet-22k weights were fine-tuned at 384 px: the model is built for 384."""
+    row = find_weights("mobilevitv2_150", "cvnets_in22k_ft_in1k_384")
+    assert row.input_size == (3, 384, 384)
+    _local(monkeypatch, FIX / "mobilevit" / "timm_v2" / "model.safetensors", [])
+    m = vitlab.create_model("mobilevitv2_150.cvnets_in22k_ft_in1k_384", pretrained=True)
+    assert m.preprocessing.input_size == (3, 384, 384)
+    assert vitlab.create_model("mobilevitv2_150", pretrained=FIX / "mobilevit" / "timm_v2" / "model.safetensors"
+                               ).preprocessing.input_size == (3, 256, 256)

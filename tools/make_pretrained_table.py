@@ -1,0 +1,61 @@
+"""Regenerate ``src/vitlab/models/pretrained.json``'s timm rows from timm's own pretrained configurations.
+
+Every (model, tag) that timm publishes on the Hugging Face hub for a model name vitlab registers becomes one
+row: hub id, class count, input size, mean/std, crop and interpolation, license, as timm's ``PretrainedCfg``
+states them. Rows in other formats (Hugging Face folders, written by hand) are kept as they are. Families
+whose timm weights vitlab does not read (timm's ResNets, which the DETR backbone does not take) are left out.
+
+Run in the peer environment (``../shared/tools/peer-venv.sh``), from the repository root:
+
+    PYTHONPATH=src /tmp/peers/bin/python tools/make_pretrained_table.py
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import timm
+from timm.models import get_pretrained_cfg
+
+import vitlab
+
+TABLE = Path(__file__).resolve().parents[1] / "src" / "vitlab" / "models" / "pretrained.json"
+NOT_READ = ("resnet",)  # timm layouts vitlab has no converter for
+
+
+def timm_rows() -> list[dict]:
+    names = set(vitlab.list_models())
+    tags: dict[str, list[str]] = collections.defaultdict(list)
+    for full in timm.list_pretrained():  # timm's order: each model's default tag first
+        name, _, tag = full.partition(".")
+        if name in names and not name.startswith(NOT_READ):
+            tags[name].append(tag)
+    rows = []
+    for name in sorted(tags):
+        for tag in tags[name]:
+            cfg = get_pretrained_cfg(f"{name}.{tag}")
+            if not cfg.hf_hub_id:
+                continue
+            rows.append({"model": name, "tag": tag, "hub": f"hf-hub:{cfg.hf_hub_id}", "format": "timm",
+                         "num_classes": cfg.num_classes, "input_size": list(cfg.input_size),
+                         "mean": [round(float(v), 6) for v in cfg.mean], "std": [round(float(v), 6) for v in cfg.std],
+                         "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation,
+                         "license": cfg.license or "unknown"})
+    return rows
+
+
+def main() -> None:
+    table = json.loads(TABLE.read_text())
+    kept = [r for r in table["weights"] if r["format"] != "timm"]
+    rows = timm_rows() + kept
+    rows.sort(key=lambda r: r["model"])  # stable: each model's rows keep timm's order, default first
+    table["weights"] = rows
+    lines = ",\n".join("  " + json.dumps(r) for r in rows)  # one row per line, as the file is read by people too
+    TABLE.write_text(f'{{\n "_comment": {json.dumps(table["_comment"])},\n "weights": [\n{lines}\n ]\n}}\n')
+    print(f"{TABLE}: {len(rows)} rows ({len(rows) - len(kept)} timm, {len(kept)} other)")
+
+
+if __name__ == "__main__":
+    main()
