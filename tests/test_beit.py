@@ -361,3 +361,27 @@ def test_forward_intermediates_take_the_masking_hook() -> None:
         torch.testing.assert_close(final, model.forward_features(IO["x"], mask=masker), atol=0, rtol=0)
         unmasked, _ = model.forward_intermediates(IO["x"], [1])
     assert (final - unmasked).abs().max() > 1e-3 and inter[0].shape == (2, 9, 32)
+
+
+def test_hf_data2vec_vision_gives_transformers_logits() -> None:
+    """data2vec-vision is BEiT's architecture under ``data2vec_vision.``: its folder loads by model_type."""
+    io = load_file(str(FIX / "io_hf_more.safetensors"))
+    model = vitlab.load_model(FIX / "hf_data2vec_cls").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(io["x"]), io["data2vec_logits"], atol=1e-5, rtol=0)
+
+
+def test_hf_semantic_segmentation_backbone_gives_transformers_hidden_states(caplog) -> None:
+    """BeitForSemanticSegmentation: the backbone's blocks equal transformers' hidden states; the FPN necks and the
+    UperNet / auxiliary heads are dropped, and the log says so."""
+    io = load_file(str(FIX / "io_hf_more.safetensors"))
+    with caplog.at_level(logging.INFO):
+        model = vitlab.load_model(FIX / "hf_seg").eval()
+    assert "FPN necks and the UperNet / auxiliary heads dropped" in caplog.text
+    assert model.num_classes == 0 and len(model.blocks) == 4
+    with torch.no_grad():
+        _, inter = model.forward_intermediates(io["x"], return_prefix_tokens=True)
+    for i, (patches, cls) in enumerate(inter):
+        hidden = io[f"seg_hidden_{i}"]  # (B, 1 + N, D), class token first
+        torch.testing.assert_close(cls.reshape(hidden[:, :1].shape), hidden[:, :1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(patches, hidden[:, 1:], atol=1e-5, rtol=0)

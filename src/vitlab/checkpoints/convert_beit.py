@@ -10,7 +10,9 @@
   (vision) of every Multiway module is kept, branch B (text) and the text embedding dropped; q, k, v
   fused; the position table loses its first 2 rows (fairseq numbers positions from 2); the encoder's
   final ``layer_norm`` becomes ``norm`` (those files normalise before pooling AND after: ``final_norm``).
-* Hugging Face ``BeitModel`` / ``BeitForImageClassification`` / ``BeitForMaskedImageModeling``: the hub spelling
+* Hugging Face ``BeitModel`` / ``BeitForImageClassification`` / ``BeitForMaskedImageModeling`` /
+  ``BeitForSemanticSegmentation`` (its backbone: the FPN necks and UperNet heads are dropped with a log line), and
+  data2vec-vision's ``Data2VecVision*`` classes (the same architecture under ``data2vec_vision.``): the hub spelling
   (``beit.encoder.layer.N.attention.attention.query``, ``...relative_position_bias...``, ``intermediate.dense``)
   and transformers 5's in-memory one (``beit.layers.N.attention.q_proj``, ``mlp.fc1``,
   ``beit.shared_position_bias``) are both read. The MIM head (mask token, ``lm_head``) is dropped with a log
@@ -203,6 +205,10 @@ _HF_TOP = {
     "shared_position_bias.relative_position_bias_table": "rel_pos_bias.relative_position_bias_table",
 }
 HF_LAYER_NORM_EPS = 1e-12  # transformers' BeitConfig default
+# where a task model keeps the backbone: BEiT's classes, and data2vec-vision's (the same architecture)
+HF_BACKBONE_PREFIXES = ("beit.", "data2vec_vision.")
+# ForSemanticSegmentation's necks (fpn1-fpn4, "fpn." in transformers 5's spelling), UperNet and FCN heads
+HF_SEGMENTATION_HEAD = ("fpn1.", "fpn2.", "fpn3.", "fpn4.", "fpn.", "decode_head.", "auxiliary_head.")
 
 
 def _hf_param(rest: str, table: dict[str, str]) -> tuple[str, str] | None:
@@ -225,7 +231,7 @@ def convert_hf_beit_state_dict(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor]
     qkv: dict[int, dict[str, Tensor]] = {}
     # a task model (ForImageClassification / ForMaskedImageModeling) keeps the backbone under "beit."; a bare
     # BeitModel has no prefix, and its top-level "layernorm" is its own final norm
-    task_model = any(k.startswith("beit.") for k in sd)
+    task_model = any(k.startswith(HF_BACKBONE_PREFIXES) for k in sd)
     mim_norm = {k: v for k, v in sd.items() if task_model and k.startswith("layernorm.")}
     for k, v in sd.items():
         if k.endswith("relative_position_index"):
@@ -233,11 +239,13 @@ def convert_hf_beit_state_dict(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor]
         if k.startswith("classifier."):
             out["head." + k[len("classifier."):]] = v
             continue
-        if k.startswith("lm_head.") or k in mim_norm or k.endswith("embeddings.mask_token"):
+        if k.startswith(("lm_head.", *HF_SEGMENTATION_HEAD)) or k in mim_norm or k.endswith("embeddings.mask_token"):
             head_keys.append(k)
             continue
-        if k.startswith("beit."):
-            k = k[len("beit."):]
+        for prefix in HF_BACKBONE_PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                break
         if k in _HF_TOP:
             out[_HF_TOP[k]] = v
         elif k.startswith("embeddings.patch_embeddings.projection."):
@@ -292,7 +300,11 @@ def hf_beit_overrides(config: dict[str, Any]) -> dict[str, Any]:
 @register_converter("beit", "hf")
 def convert_hf_beit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
     out, head_keys = convert_hf_beit_state_dict(sd)
-    _report_dropped(head_keys, "HF BEiT checkpoint")
+    seg = [k for k in head_keys if k.startswith(HF_SEGMENTATION_HEAD)]
+    if seg:
+        log.info("HF BEiT segmentation checkpoint: %d key(s) of the FPN necks and the UperNet / auxiliary heads "
+                 "dropped; the backbone is read (its blocks' outputs: forward_intermediates)", len(seg))
+    _report_dropped([k for k in head_keys if not k.startswith(HF_SEGMENTATION_HEAD)], "HF BEiT checkpoint")
     over = beit_overrides(out)
     over.update(hf_beit_overrides(meta.get("config") or {}))
     if "norm.weight" in out and "fc_norm.weight" not in out and "head.weight" in out:
@@ -301,3 +313,4 @@ def convert_hf_beit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
 
 
 register_hf_model_type("beit", "beit_base_patch16_224")
+register_hf_model_type("data2vec-vision", "beit_base_patch16_224")  # data2vec's vision model is BEiT's
