@@ -144,3 +144,35 @@ def test_pretrain_then_finetune_without_key_surgery(tmp_path, method, opts, capl
                  str(tmp_path / f"eval-{method}")]) == 0
     metrics = json.loads((tmp_path / f"eval-{method}" / "metrics.json").read_text())
     assert metrics["protocol"] == "knn" and metrics["k"] == 20 and 0 <= metrics["top1"] <= 1
+
+
+@pytest.mark.parametrize("model,local", [("cct_2_3x2_32", 16), ("xcit_nano_12_p16_224", 16), ("mobilevit_xxs", 16)])
+def test_dino_over_backbones_without_a_patch_grid(tmp_path, model, local):
+    """DINO needs no token masking: a convolutional tokenizer (CCT), XCiT and MobileViT pre-train, their local
+    crops at the nearest size they run at, and the dino recipe's ViT options are not forced onto them."""
+    from vitlab.ssl.run import dino_local_size
+
+    m = vitlab.create_model(model, num_classes=0, img_size=32, **({"dynamic_img_size": True} if "cct" in model else {}))
+    assert dino_local_size(m) == local
+    out = tmp_path / model
+    assert main(["pretrain", "--method", "dino", "--model", model, "--data", "digits", "--img-size", "32", "--steps",
+                 "1", "--no-progress", "--set", "batch_size=4", "--set", "global_batch=4", "--opt", "out_dim=32",
+                 "--opt", "num_local=2", "--output", str(out)]) == 0
+    assert (out / "teacher.safetensors").is_file()
+
+
+def test_dino_local_size_that_no_backbone_size_fits_is_an_error(monkeypatch):
+    from vitlab.ssl import run as ssl_run
+
+    m = vitlab.create_model("mobilevit_xxs", num_classes=0, img_size=32)
+    monkeypatch.setattr(ssl_run, "_runs_at", lambda *a: False)
+    with pytest.raises(ValueError, match=r"does not run on local crops of 16, 32 px; give --opt local_size"):
+        ssl_run.dino_local_size(m)
+
+
+@pytest.mark.parametrize("method", ["mae", "mpp", "beit"])
+def test_masked_objectives_refuse_a_backbone_without_the_masking_hook(tmp_path, method, caplog):
+    assert main(["pretrain", "--method", method, "--model", "cct_2_3x2_32", "--data", "digits", "--steps", "1",
+                 "--no-progress", "--output", str(tmp_path / method)]) != 0
+    assert f"--method {method} masks patch tokens, and cct_2_3x2_32 (cct) has no token-masking hook" in caplog.text
+    assert not (tmp_path / method / "model.safetensors").exists()

@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         options = {**job_saved.get("options", {}), **options}
     if args.method is None:
         raise ValueError(f"--method: choose one of {', '.join(METHODS)}")
-    recipe = resolve_recipe(args, args.method, saved)  # default: the method's own recipe
+    # default: the method's own recipe; its model options are for its own model (Recipe.for_model)
+    recipe = resolve_recipe(args, args.method, saved, model=args.model if saved is None else None)
     model = args.model or recipe.model
     output = args.output or Path("runs") / f"pretrain-{args.method}-{model}"
     job = PretrainJob(method=args.method, recipe=recipe, data=args.data or "digits", output=output, model=model,

@@ -18,6 +18,8 @@ copy of the tokenizer it uses (the fitted k-means codebook included) as its own 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ METHOD_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "dvae": {},
     "vqkd": {},
 }
+MASKED_METHODS = ("mpp", "mae", "beit", "beit2")  # objectives that corrupt or drop patch tokens
 RUN_OPTIONS = ("num_local", "local_size", "tokenizer_iters")  # options of the job, not of the objective
 TOKENIZER_SAMPLE = 2000  # images whose patches fit BEiT's k-means tokenizer
 
@@ -117,13 +120,10 @@ def _tokenizer_of(job: PretrainJob, model: nn.Module, objective: Objective) -> n
 def _transform(job: PretrainJob, model: nn.Module):
     from vitlab.data import eval_transform, train_transform
     from vitlab.data.multicrop import MultiCropTransform
-    from vitlab.ssl.masking import patch_grid
 
     recipe, pre = job.recipe, model.preprocessing
     if job.method == "dino":
-        _, patch = patch_grid(model)
-        h = pre.input_size[1]
-        local = job.options.get("local_size") or max(patch[0], round(h * 3 / 7 / patch[0]) * patch[0])
+        local = job.options.get("local_size") or dino_local_size(model)
         return MultiCropTransform(pre, local_size=int(local), num_local=int(job.options.get("num_local", 6)),
                                   hflip=recipe.hflip)
     if not recipe.augment:
@@ -131,16 +131,67 @@ def _transform(job: PretrainJob, model: nn.Module):
     return train_transform(pre, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip)
 
 
+def dino_local_size(model: nn.Module) -> int:
+    """DINO's local crop side: 3/7 of the global one (96 of 224), a whole number of patches. A backbone
+    without a patch grid (a convolutional tokenizer, Swin's windows, MobileViT) gets the nearest multiple of
+    8, 16 or 32 it runs at, found by trying one blank image."""
+    from vitlab.ssl.masking import patch_grid
+
+    c, h, _ = model.preprocessing.input_size
+    try:
+        _, patch = patch_grid(model)
+    except TypeError:
+        patch = None
+    if patch is not None:
+        return max(patch[0], round(h * 3 / 7 / patch[0]) * patch[0])
+    tried = []
+    for step in (8, 16, 32):
+        side = max(step, round(h * 3 / 7 / step) * step)
+        if side in tried:
+            continue
+        tried.append(side)
+        if _runs_at(model, c, side):
+            return side
+    raise ValueError(f"--method dino: {getattr(model, 'model_name', type(model).__name__)} does not run on local "
+                     f"crops of {', '.join(map(str, tried))} px; give --opt local_size=N (a size it accepts)")
+
+
+@torch.no_grad()
+def _runs_at(model: nn.Module, chans: int, side: int) -> bool:
+    was = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model.forward_features(torch.zeros(1, chans, side, side, device=device))
+        return True
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+    finally:
+        model.train(was)
+
+
 def build_backbone(job: PretrainJob, in_chans: int) -> nn.Module:
     import vitlab
+    from vitlab.models import get_entry
     from vitlab.train.run import model_overrides
 
     recipe = job.recipe
     name = job.model or recipe.model
     if name is None:
         raise ValueError("no model: give --model NAME (see `vitlab models`)")
+    entry = get_entry(name)
+    if job.method in MASKED_METHODS:
+        with torch.device("meta"):  # the class, without memory or init cost
+            probe = entry.build(entry.config)
+        if "mask" not in inspect.signature(probe.forward_features).parameters:
+            raise ValueError(
+                f"--method {job.method} masks patch tokens, and {name} ({entry.family}) has no token-masking hook "
+                f"(forward_features(x, mask=...)): use a ViT, DeiT or BEiT backbone; --method dino takes any backbone")
+    # a method's model defaults apply where the family has the option (XCiT and MobileViT take any size anyway)
+    fields = {f.name for f in dataclasses.fields(entry.config)}
+    defaults = {k: v for k, v in METHOD_MODEL_DEFAULTS.get(job.method, {}).items() if k in fields}
     torch.manual_seed(recipe.seed)
-    overrides = {**METHOD_MODEL_DEFAULTS.get(job.method, {}), **model_overrides(name, recipe, in_chans)}
+    overrides = {**defaults, **model_overrides(name, recipe, in_chans)}
     return vitlab.create_model(name, num_classes=0, img_size=recipe.img_size, **overrides)
 
 
