@@ -90,12 +90,18 @@ CCT_LADDER: tuple[tuple[int, int, int, float], ...] = (
 )
 CCT_BASE_MODEL = "cct_7_3x2_32"
 CCT_MAX_SIZE = 64  # resolutions up to this train a CCT, larger ones a ViT
-CCT_CONV_CHANNELS = 64
+# The tokenizer's first convolution has 32 channels, half the published CCTs' 64: on CIFAR-10, for the same 45
+# minutes (three 1-thread runs side by side, seed 0), CCT-2 reached 78.64% with 32 channels (10,989 steps)
+# against 76.90% with 64 (8,265 steps), and 78.56% with 32 channels and MLP ratio 2 (9,866 steps).
+# benchmarks/RESULTS.md, "the tokenizer's width".
+CCT_CONV_CHANNELS = 32
 # A CCT's convolutions and 64-token sequences run nearer the CPU's peak than a tiny ViT's small matmuls:
-# measured 47 vs 29 effective GFLOP/s in training steps on one core of an Intel Xeon (CCT-2/3x2 against the
-# width-64, depth-6 ViT with 4 px patches at 32 px, batch 128, channels-last), so a CCT's FLOPs count this much
-# less in the time estimate. ``--time-budget`` measures the real speed anyway.
-CCT_CPU_EFFICIENCY = 1.6
+# measured 47 vs 29 effective GFLOP/s in training steps on one core of an Intel Xeon (CCT-2/3x2 with 64 tokenizer
+# channels against the width-64, depth-6 ViT with 4 px patches at 32 px, batch 128, channels-last): 1.6x. With
+# 32 channels the convolutions are a smaller share: a step is 1.23x faster on 2 threads for 1.41x fewer FLOPs,
+# so 1.6 x 1.23 / 1.41 = 1.4. A CCT's FLOPs count this much less in the time estimate; ``--time-budget``
+# measures the real speed anyway.
+CCT_CPU_EFFICIENCY = 1.4
 
 
 @dataclass(frozen=True, kw_only=True)
