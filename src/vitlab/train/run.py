@@ -281,7 +281,7 @@ def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Mo
                    test_set) -> tuple[Recipe, Deadline]:
     """Time the first steps and give the run the number of steps that ends its schedule on time; the
     deadline lets the run re-time its own steps and correct that number as it goes."""
-    from vitlab.train.budget import fit_recipe_to_budget, measure_step_seconds
+    from vitlab.train.budget import finish_reserve_s, fit_recipe_to_budget, measure_step_seconds
     from vitlab.train.progress import format_duration
 
     # a first estimate, timed for 0.5% of the budget (at least 8 steps); the run re-times its own steps at the
@@ -296,13 +296,14 @@ def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Mo
     eval_sets = [val_set] + ([test_set] if test_set is not val_set else [])
     eval_images = sum(len(ds) for ds in eval_sets if ds is not None) * (2 if recipe.ema_decay else 1)
     elapsed = time.monotonic() - job.started
-    fitted = fit_recipe_to_budget(recipe, budget_s=job.time_budget_s, elapsed_s=elapsed, step_s=step_s,
+    budget = job.time_budget_s - finish_reserve_s(job.time_budget_s)  # the steps and the evaluation end by then
+    fitted = fit_recipe_to_budget(recipe, budget_s=budget, elapsed_s=elapsed, step_s=step_s,
                                   num_images=len(train_set) * (recipe.repeat_aug or 1), eval_images=eval_images,
                                   world_size=ctx.world_size)
     log.info("time budget %s: %.3f s per step measured, %s already spent -> %d steps (%d epoch(s)); the cosine "
              "decay ends on time and the model is evaluated at the end", format_duration(job.time_budget_s), step_s,
              format_duration(elapsed), fitted.max_steps, fitted.epochs)
-    return fitted, Deadline(end=job.started + job.time_budget_s, eval_images=eval_images)
+    return fitted, Deadline(end=job.started + budget, eval_images=eval_images)
 
 
 def _check_precision(recipe: Recipe, device: torch.device) -> Recipe:
