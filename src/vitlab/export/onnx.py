@@ -165,6 +165,7 @@ class ExportReport:
     written: bool = False
     forced: bool = False
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # checks that passed only after a closer look (float64)
 
     @property
     def speedup(self) -> float | None:
@@ -186,6 +187,7 @@ class ExportReport:
         lines.append(f"  validation: {self.images} real images ({self.image_source}), model's own preprocessing")
         lines.append(f"  float32 ONNX vs PyTorch: {_diffs_text(self.output_diffs, self.max_abs_diff, '.2e')} (tolerance "
                      f"{self.tolerance:g}), {self.agreement} {100 * self.top1_agreement:.1f}%")
+        lines.extend(f"  note: {n}" for n in self.notes)
         for s in self.other_sizes:
             lines.append(f"  at {s.size[0]}x{s.size[1]}: max |diff| {s.max_abs_diff:.2e}, {self.agreement} "
                          f"{100 * s.top1_agreement:.1f}%")
@@ -281,6 +283,52 @@ def compare_outputs(spec: TaskOutputs, ref: dict[str, Tensor], out: dict[str, Te
     r, o = ref["logits"].float(), out["logits"].float()
     agree = (r.argmax(spec.class_dim) == o.argmax(spec.class_dim)).float().mean().item() if r.numel() else 1.0
     return diffs, agree
+
+
+# Images re-run in float64 when an output exceeds the tolerance, and how much further from float64 than
+# PyTorch's own float32 the ONNX file may be.
+FLOAT64_IMAGES = 16
+FLOAT64_SLACK = 2.0
+
+
+@dataclass(frozen=True)
+class Float64Verdict:
+    accepted: bool
+    text: str
+
+
+def float64_verdict(model: nn.Module, x: Tensor, spec: TaskOutputs, name: str, ref: dict[str, Tensor],
+                    got: dict[str, Tensor], tolerance: float) -> Float64Verdict | None:
+    """Whether output ``name`` exceeds the tolerance because the graph is wrong or because the inputs are
+    ill-conditioned in float32 (a LayerNorm over near-constant tokens amplifies rounding: a trained Swin-T on
+    flat CIFAR-10 images was 6e-4 from float64 in PyTorch float32 and 7e-4 in ONNX Runtime). The images where
+    the two differ most go through a float64 copy of the model: the file is accepted when ONNX Runtime is at
+    most ``FLOAT64_SLACK`` x as far from float64 as PyTorch's float32 is (plus the tolerance). None when the
+    model does not run in float64."""
+    import copy
+
+    diff = (ref[name].float() - got[name].float()).abs().flatten(1).amax(1)
+    idx = diff.argsort(descending=True)[:FLOAT64_IMAGES]
+    try:
+        exact = copy.deepcopy(model).double()
+        with torch.no_grad():
+            out = exact(x[idx].double())
+        r64 = (out[name] if isinstance(out, dict) else _logits64(out)).double()
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    torch_err = (ref[name][idx].double() - r64).abs().max().item()
+    onnx_err = (got[name][idx].double() - r64).abs().max().item()
+    accepted = onnx_err <= FLOAT64_SLACK * torch_err + tolerance
+    text = (f"on the {len(idx)} images where float32 ONNX {name} and PyTorch differ most, against float64 PyTorch: "
+            f"PyTorch float32 is {torch_err:.3g} off, ONNX Runtime {onnx_err:.3g}")
+    return Float64Verdict(accepted, text + (" (ill-conditioned inputs, not a graph error: accepted)" if accepted
+                                            else ""))
+
+
+def _logits64(out: Any) -> Tensor:
+    from vitlab.train.evaluate import logits_of
+
+    return logits_of(out)
 
 
 def _worst(diffs: dict[str, float]) -> float:
@@ -664,11 +712,18 @@ def export_onnx(
         report.export_s = time.perf_counter() - t0
 
         onnx_float = OnnxModel(float_path)
-        report.output_diffs, report.top1_agreement = compare_outputs(spec, ref, _onnx_outputs(onnx_float, x))
+        got = _onnx_outputs(onnx_float, x)
+        report.output_diffs, report.top1_agreement = compare_outputs(spec, ref, got)
         report.max_abs_diff = _worst(report.output_diffs)
         for k, d in report.output_diffs.items():
-            if not d <= tolerance:  # also catches NaN
-                report.problems.append(f"float32 ONNX {k} differ from PyTorch's by {d:.3g} (> tolerance {tolerance:g})")
+            if d <= tolerance:
+                continue
+            verdict = float64_verdict(model, x, spec, k, ref, got, tolerance) if d == d else None  # not for NaN
+            if verdict is not None and verdict.accepted:
+                report.notes.append(verdict.text)
+            else:
+                report.problems.append(f"float32 ONNX {k} differ from PyTorch's by {d:.3g} (> tolerance {tolerance:g})"
+                                       + (f"; {verdict.text}" if verdict is not None else ""))
         if dynamic_size:
             for hw in other_sizes(model, h, w):
                 xs = preprocess(raw, dataclasses.replace(pre, input_size=(c, *hw)), task)
