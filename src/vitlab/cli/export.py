@@ -19,7 +19,9 @@ EXAMPLE = """examples:
 
 The file is written only after the same real images (--data, else bundled digits) went through PyTorch
 and ONNX Runtime with the checkpoint's own preprocessing and agreed (max |difference| of every output <=
---tolerance; for --int8, agreement >= --min-agreement). --force writes it anyway and says so.
+--tolerance; for --int8, agreement >= --min-agreement). An output beyond the tolerance is re-run in float64
+on the images where it differs most: if ONNX Runtime is no further from float64 than PyTorch's own float32
+(ill-conditioned inputs, not a wrong graph), the file is written with a note. --force writes it anyway and says so.
 
 Outputs: a classifier's "logits" (B, K); a DETR's "logits" (B, queries, classes + 1, the last "no object")
 and "boxes" (B, queries, 4: normalised cx, cy, w, h), compared by the argmax class per query; a SETR's
