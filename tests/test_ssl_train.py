@@ -146,6 +146,45 @@ def test_pretrain_then_finetune_without_key_surgery(tmp_path, method, opts, capl
     assert metrics["protocol"] == "knn" and metrics["k"] == 20 and 0 <= metrics["top1"] <= 1
 
 
+
+def test_mae_finetune_recipe_pools_the_patch_tokens_with_a_new_fc_norm(tmp_path, caplog):
+    """MAE's fine-tuning (main_finetune.py): average pooling, the pre-training's final norm dropped and fc_norm
+    started afresh, layer decay 0.65; the encoder's weights arrive unchanged (lr ~0 for one step)."""
+    out = tmp_path / "mae"
+    assert main(["pretrain", "--method", "mae", *FAST, "--opt", "decoder_dim=16", "--opt", "decoder_depth=1",
+                 "--output", str(out)]) == 0
+    sd, _ = read_vitlab(out / "model.safetensors")
+    assert "norm.weight" in sd and "fc_norm.weight" not in sd  # class-token pooling in pre-training
+    ft = tmp_path / "ft"
+    caplog.set_level("INFO")
+    assert main(["finetune", "--from", str(out / "model.safetensors"), "--recipe", "mae_finetune", "--data", "digits",
+                 "--steps", "1", "--batch-size", "8", "--set", "global_batch=8", "--set", "lr=1e-12",
+                 "--set", "warmup_epochs=0", "--no-progress", "--output", str(ft)]) == 0
+    tuned, meta = read_vitlab(ft / "model.safetensors")
+    assert meta["config"]["global_pool"] == "avg" and meta["config"]["drop_path_rate"] == 0.1
+    assert "norm.weight" not in tuned
+    assert torch.equal(tuned["fc_norm.weight"], torch.ones_like(sd["norm.weight"]))
+    assert torch.equal(tuned["fc_norm.bias"], torch.zeros_like(sd["norm.bias"]))
+    key = "blocks.0.attn.qkv.weight"
+    assert (tuned[key] - sd[key]).abs().max() < 1e-6
+    assert "its final norm is dropped and the model's new fc_norm kept" in caplog.text
+    assert json.loads((ft / "recipe.json").read_text())["layer_decay"] == 0.65
+
+
+def test_a_change_of_pooling_back_to_the_class_token_starts_a_new_final_norm():
+    from vitlab.checkpoints import adapt_state_dict, load_strict
+
+    avg = backbone(global_pool="avg", num_classes=10)
+    token = backbone(num_classes=10)
+    sd = adapt_state_dict(dict(avg.state_dict()), token, source="avg.safetensors")
+    load_strict(token, sd, source="avg.safetensors")
+    assert torch.equal(token.norm.weight, torch.ones(32)) and torch.equal(token.blocks[0].mlp.fc1.weight,
+                                                                          avg.blocks[0].mlp.fc1.weight)
+    # a mismatch that is not the pooling's stays an error that lists it
+    other = {k: v for k, v in avg.state_dict().items() if k != "fc_norm.bias"}
+    with pytest.raises(Exception, match="missing keys: norm.bias"):
+        load_strict(token, adapt_state_dict(other, token, source="x"), source="x")
+
 @pytest.mark.parametrize("model,local", [("cct_2_3x2_32", 16), ("xcit_nano_12_p16_224", 16), ("mobilevit_xxs", 16)])
 def test_dino_over_backbones_without_a_patch_grid(tmp_path, model, local):
     """DINO needs no token masking: a convolutional tokenizer (CCT), XCiT and MobileViT pre-train, their local

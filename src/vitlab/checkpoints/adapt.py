@@ -32,6 +32,7 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
         if (k.endswith("pos_embed") and k in target and v.shape != target[k].shape
                 and v.ndim == target[k].ndim == 3 and v.shape[-1] == target[k].shape[-1]):
             out[k] = _resample_to(v, target[k], model, k, source)
+    _swap_pooling_norm(out, target, source)
     heads = classifier_prefixes(model)
     if not any(k.split(".")[0] in heads for k in out):
         own = [k for k in target if k.split(".")[0] in heads]
@@ -52,6 +53,25 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
             out[k] = target[k]
         log.info("%s: classifier head replaced (%s)", source, ", ".join(sorted(dropped)))
     return out
+
+
+def _swap_pooling_norm(out: dict[str, Tensor], target: dict[str, Tensor], source: str) -> None:
+    """A change of pooling between checkpoint and model moves the final LayerNorm: class-token pooling normalises
+    every token (``norm``), average pooling normalises the pooled vector (``fc_norm``). MAE's fine-tuning recipe
+    (main_finetune.py) drops the pre-training's ``norm`` and starts ``fc_norm`` afresh (weight 1, bias 0), and so
+    does this, in either direction; any other mismatch is left to :func:`load_strict`."""
+    for old, new in (("norm.", "fc_norm."), ("fc_norm.", "norm.")):
+        have = [k for k in out if k.startswith(old)]
+        wanted = [k for k in target if k.startswith(new)]
+        if (have and wanted and not any(k in target for k in have) and not any(k in out for k in wanted)
+                and {k[len(old):] for k in have} == {k[len(new):] for k in wanted}):
+            for k in have:
+                del out[k]
+            out.update({k: target[k] for k in wanted})
+            log.info("%s: the model pools %s, the checkpoint did not: its final %s is dropped and the model's "
+                     "new %s kept (weight 1, bias 0), as MAE's fine-tuning does", source,
+                     "the patch tokens" if new == "fc_norm." else "the class token", old[:-1], new[:-1])
+            return
 
 
 def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str) -> Tensor:
