@@ -82,6 +82,9 @@ def distributed_context(device: str | None = None, *, timeout_s: float | None = 
     log.debug("rank %d/%d: %s process group up on %s", rank, world, backend, dev)
     try:
         yield DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+        # no rank tears the group down while another may still use it (rank 0 writes the last checkpoint and
+        # evaluates alone); skipped when this rank failed, as the job has then failed anyway
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
