@@ -7,6 +7,11 @@ the objective's hooks: DINO's clipping and teacher EMA), on in-memory random ima
 * mpp: 50% of patch embeddings corrupted, 3-bit colour head;
 * mae: 75% of patches removed, decoder ``--mae-decoder`` (width x depth);
 * beit: ~40% of patches masked in blocks, k-means tokenizer (512 tokens) run on every batch;
+* beit_dvae: the same with a (randomly initialised) discrete VAE of vitlab's as the tokenizer (8192 codes);
+* beit2: BEiT v2: a VQ-KD tokenizer (a second backbone of the same size, 8192 x 32 codes) on every batch, and the
+  patch-aggregation head (2 blocks) on top of the masked-token loss;
+* vqkd: one step of training BEiT v2's tokenizer: the backbone as its encoder, the codebook, a 1-block decoder
+  regressing a frozen teacher's features (a second backbone of the same size);
 * dino: 2 global crops at the model's size + ``--local`` local crops at 3/7 of it, K = ``--dino-k``;
   teacher forward on the global crops. DINO's throughput counts *images* (each image gives 2 + N views).
 
@@ -33,7 +38,7 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 
 import vitlab  # noqa: E402
-from vitlab.ssl import DINO, MAE, BEiT, MaskedPatchPrediction  # noqa: E402
+from vitlab.ssl import DINO, MAE, VQKD, BEiT, BEiT2, DiscreteVAE, DVAETokenizer, MaskedPatchPrediction  # noqa: E402
 from vitlab.train.objective import ClassificationObjective  # noqa: E402
 
 
@@ -54,6 +59,16 @@ def build(args, method: str):
         obj = MAE(model, decoder_dim=dim, decoder_depth=depth, decoder_heads=max(1, dim // 32))
     elif method == "beit":
         obj = BEiT(model, vocab_size=512).fit_tokenizer(torch.randn(64, 3, args.img_size, args.img_size), iters=2)
+    elif method == "beit_dvae":
+        obj = BEiT(model, tokenizer=DVAETokenizer(DiscreteVAE.for_backbone(model)))
+    elif method in ("beit2", "vqkd"):
+        other = vitlab.create_model(args.model, **kw)  # the teacher (vqkd) or the tokenizer's encoder (beit2)
+        if method == "vqkd":
+            obj = VQKD(model, teacher=other)
+        else:
+            vq = VQKD(other, teacher=vitlab.create_model(args.model, **kw))
+            vq.quantizer.initted.fill_(True)
+            obj = BEiT2(model, tokenizer=vq.tokenizer(other))
     else:
         obj = DINO(model, out_dim=args.dino_k)
     steps = args.steps + args.skip
@@ -104,7 +119,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    arms = ["supervised", "mpp", "mae", "beit", "dino"]
+    arms = ["supervised", "mpp", "mae", "beit", "beit_dvae", "beit2", "vqkd", "dino"]
     rows: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(args.rounds):
         order = arms if r % 2 == 0 else arms[::-1]

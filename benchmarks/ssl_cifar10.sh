@@ -8,6 +8,10 @@
 #     bash benchmarks/ssl_cifar10.sh            # all arms, sequentially (~3.5 h)
 #     ARMS="prep scratch10 mae mae10" bash benchmarks/ssl_cifar10.sh
 #     EXTRA="--steps 2" OUT=/tmp/ssl_smoke bash benchmarks/ssl_cifar10.sh   # smoke test of every command
+# Two chains side by side, one thread each (what RESULTS.md reports; ~100 min):
+#     ARMS=prep bash benchmarks/ssl_cifar10.sh
+#     OMP_NUM_THREADS=1 ARMS="mae mae10 mae100 scratch10 scratch100" bash benchmarks/ssl_cifar10.sh &
+#     OMP_NUM_THREADS=1 ARMS="dino mpp mpp10 mpp100" bash benchmarks/ssl_cifar10.sh
 # Results: runs under $OUT/*/results.json; k-NN lines in $OUT/*.knn.txt.
 set -euo pipefail
 PY=${PY:-python}
@@ -15,7 +19,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD/src}
 OUT=${OUT:-/tmp/ssl_cifar10}
 DATA=$OUT/data
 SEED=${SEED:-0}
-ARMS=${ARMS:-"prep scratch10 scratch100 mpp mpp10 mpp100 mae mae10 mae100 dino"}
+ARMS=${ARMS:-"prep scratch10 scratch100 mpp mpp10 mpp100 mae mae10 mae100 dino probes"}
 V="$PY -m vitlab.cli.main"
 # the cifar10 recipe's model (6 x 64, 4x4 patches at 32 px); pre-training and fine-tuning use it unchanged
 EXTRA=${EXTRA:-}
@@ -47,18 +51,19 @@ link(out / "data/lab10/train", [train[i] for i in lab10]); link(out / "data/lab1
 print(len(train), len(test), len(lab10))
 PYEOF
     ;;
-  # ---- from scratch, the fine-tuning budget (the cifar10 recipe: 9 epochs over the labelled images)
-  scratch10)  run $V train $FT --data folder:$DATA/lab10 --set epochs=90 --output $OUT/scratch10 ;;  # same steps as 9 ep x 45k
+  # ---- from scratch, the fine-tuning budget (the cifar10 recipe: 9 epochs over the labelled images;
+  # the 10% arms run 90 epochs of 35 steps with the warm-up stretched to the same ~175 steps)
+  scratch10)  run $V train $FT --data folder:$DATA/lab10 --set epochs=90 --set warmup_epochs=5 --output $OUT/scratch10 ;;  # same steps as 9 ep x 45k
   scratch100) run $V train $FT --data folder:$DATA/all --output $OUT/scratch100 ;;
   # ---- masked patch prediction: ~20 min of pre-training on the 45,000 unlabelled images
   mpp)    run $V pretrain --method mpp $PRE --data folder:$DATA/all --epochs 12 --set lr=1e-3 --set weight_decay=0.0 \
             --set scale=0.6,1.0 --output $OUT/mpp ;;
-  mpp10)  run $V finetune --from $OUT/mpp/model.safetensors $FT --data folder:$DATA/lab10 --set epochs=90 --output $OUT/mpp10 ;;
+  mpp10)  run $V finetune --from $OUT/mpp/model.safetensors $FT --data folder:$DATA/lab10 --set epochs=90 --set warmup_epochs=5 --output $OUT/mpp10 ;;
   mpp100) run $V finetune --from $OUT/mpp/model.safetensors $FT --data folder:$DATA/all --output $OUT/mpp100 ;;
   # ---- MAE: 75% masking, decoder 64 x 2, normalised pixels, AdamW betas (0.9, 0.95); the encoder sees 16 of 64 patches
   mae)    run $V pretrain --method mae $PRE --data folder:$DATA/all --epochs 30 --set lr=1.5e-3 --set betas=0.9,0.95 \
             --set scale=0.2,1.0 --opt decoder_dim=64 --opt decoder_depth=2 --opt decoder_heads=2 --output $OUT/mae ;;
-  mae10)  run $V finetune --from $OUT/mae/model.safetensors $FT --data folder:$DATA/lab10 --set epochs=90 --output $OUT/mae10 ;;
+  mae10)  run $V finetune --from $OUT/mae/model.safetensors $FT --data folder:$DATA/lab10 --set epochs=90 --set warmup_epochs=5 --output $OUT/mae10 ;;
   mae100) run $V finetune --from $OUT/mae/model.safetensors $FT --data folder:$DATA/all --output $OUT/mae100 ;;
   # ---- DINO: 2 x 32 px + 4 x 16 px crops, K 4096, teacher k-NN before (random init: one step at lr 1e-12) and after
   dino)
@@ -69,6 +74,15 @@ PYEOF
     for ck in dino_init/teacher dino/teacher dino/model; do  # DINO's k-NN (k 20, T 0.07) from all 45,000 training images
       $V eval --checkpoint $OUT/$ck.safetensors --data folder:$DATA/all --split test --val-fraction 0 \
         --output $OUT/knn_${ck//\//_} | tee $OUT/${ck//\//_}.knn.txt
+    done ;;
+  # ---- frozen features of every pre-trained backbone: k-NN and MAE's linear probe (non-affine BatchNorm + linear,
+  # 90 epochs over the cached features), from all 45,000 training images; dino_init's teacher is the random init
+  probes)
+    for ck in dino_init/teacher mpp/model mae/model dino/teacher; do
+      for protocol in knn linear; do
+        $V eval --checkpoint $OUT/$ck.safetensors --data folder:$DATA/all --split test --val-fraction 0 \
+          --protocol $protocol --output $OUT/probe_${protocol}_${ck//\//_} | tee $OUT/${ck//\//_}.$protocol.txt
+      done
     done ;;
   esac
 done
