@@ -6,6 +6,8 @@
 #
 #   vit        the shipped cifar10 recipe's ViT (width 64, depth 6, 4 px patches, 32 px)
 #   swin       swin_tiny_patch4_window7_224 at 32 px with 4x4 windows (Swin-T's widths and depths)
+#   swin_cifar the cifar10_swin recipe's small Swin (2 px patches, widths 32/64/128, window 4), which trains
+#              well on one thread
 #   mobilevit  mobilevit_xxs at 64 px
 #   cct        the auto recipe's CCT (whatever --time-budget chooses for CIFAR-10 on one thread)
 #
@@ -28,6 +30,7 @@ train() {
     vit)       $V train --recipe cifar10 "${COMMON[@]}" --output "$OUT/vit" ;;
     swin)      $V train --model swin_tiny_patch4_window7_224 --img-size 32 --set model_overrides.window_size=4 \
                    "${COMMON[@]}" --output "$OUT/swin" ;;
+    swin_cifar) $V train --recipe cifar10_swin "${COMMON[@]}" --output "$OUT/swin_cifar" ;;
     mobilevit) $V train --model mobilevit_xxs --img-size 64 "${COMMON[@]}" --output "$OUT/mobilevit" ;;
     cct)       $V train "${COMMON[@]}" --output "$OUT/cct" ;;
     esac > "$OUT/$1.train.log" 2>&1
