@@ -44,6 +44,7 @@ import vitlab
 from vitlab.benchmark import (
     DTYPES,
     MODES,
+    TimingStats,
     machine_info,
     make_infer_step,
     make_train_step,
@@ -132,19 +133,31 @@ def bench_group(name: str, dtype: str, mode: str, impls: list[str], args: argpar
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, c, h, w, generator=g)
     targets = torch.randint(0, info["num_classes"], (args.batch_size,), generator=g)
-    steps = {}
     params = {}
-    for impl in impls:
-        torch.manual_seed(0)
-        model = build(impl, name)
-        params[impl] = sum(p.numel() for p in model.parameters())
-        steps[impl] = (make_infer_step(model, images, dtype=dtype) if mode == "infer"
-                       else make_train_step(model, images, targets, dtype=dtype))
     mm, mm_flops = matmul_step(args.matmul_size, dtype=dtype)
-    steps["matmul"] = mm
     load_before = _loadavg()
     t0 = time.perf_counter()
-    stats = run_interleaved(steps, warmup=args.warmup, repeats=args.repeats, min_repeat_s=args.min_repeat_s)
+    # The model built first can run a few percent faster or slower than the one built after it (measured: ViT-S
+    # 0.93x timm built first, 1.02x built second), so with --build-orders both every round is timed once with the
+    # implementations built in the given order and once with fresh models built in the reverse order.
+    orders = [impls] if args.build_orders == "given" else [impls, impls[::-1]]
+    parts = []
+    for order in orders:
+        steps = {}
+        for impl in order:
+            torch.manual_seed(0)
+            model = build(impl, name)
+            params[impl] = sum(p.numel() for p in model.parameters())
+            steps[impl] = (make_infer_step(model, images, dtype=dtype) if mode == "infer"
+                           else make_train_step(model, images, targets, dtype=dtype))
+        steps["matmul"] = mm
+        parts.append(run_interleaved(steps, warmup=args.warmup, repeats=args.repeats,
+                                     min_repeat_s=args.min_repeat_s))
+        del steps, model
+        gc.collect()
+    stats = {k: TimingStats(times_s=sum((p[k].times_s for p in parts), ()),
+                            calls_per_repeat=parts[0][k].calls_per_repeat,
+                            cpu_times_s=sum((p[k].cpu_times_s for p in parts), ())) for k in parts[0]}
     wall = time.perf_counter() - t0
     matmul_gflops = mm_flops / stats["matmul"].median / 1e9
     flops = step_flops(info["gmacs"] * 2e9, args.batch_size, mode)
@@ -211,6 +224,9 @@ def main() -> int:
                    help="a repeat averages enough steps to last about this long (small models)")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--build-orders", choices=["both", "given"], default="both",
+                   help="both: --repeats rounds with the models built in --impls order, then as many with fresh "
+                        "models built in the reverse order (the first-built model's speed differs); given: one order")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_models",
                    help="writes OUT.json and OUT.md")
     args = p.parse_args()
