@@ -424,8 +424,8 @@ def test_ill_conditioned_inputs_are_arbitrated_in_float64(tmp_path, monkeypatch)
 
     model = _tiny("vit_tiny_patch16_224")
     real_outputs = onnx_module._outputs
-    monkeypatch.setattr(onnx_module, "_outputs", lambda m, x, spec: {
-        k: v + 0.01 for k, v in real_outputs(m, x, spec).items()})
+    monkeypatch.setattr(onnx_module, "_outputs", lambda m, x, spec: {  # float32 PyTorch off, float64 exact
+        k: v + (0.01 if x.dtype == torch.float32 else 0.0) for k, v in real_outputs(m, x, spec).items()})
     report = export_onnx(model, tmp_path / "ok.onnx", num_images=4, timing=False)
     assert report.written and not report.problems and report.max_abs_diff > report.tolerance
     (note,) = report.notes

@@ -307,15 +307,10 @@ def float64_verdict(model: nn.Module, x: Tensor, spec: TaskOutputs, name: str, r
     model does not run in float64. Costs a float64 copy of the model (twice its float32 memory), only here."""
     import copy
 
-    from vitlab.train.evaluate import logits_of
-
     diff = (ref[name].float() - got[name].float()).abs().flatten(1).amax(1)
     idx = diff.argsort(descending=True)[:FLOAT64_IMAGES]
     try:
-        exact = copy.deepcopy(model).double()
-        with torch.no_grad():
-            out = exact(x[idx].double())
-        r64 = (out[name] if isinstance(out, dict) else logits_of(out)).double()
+        r64 = _outputs(copy.deepcopy(model).double(), x[idx].double(), spec)[name]
     except (RuntimeError, TypeError, ValueError):
         return None
     torch_err = (ref[name][idx].double() - r64).abs().max().item()
@@ -353,14 +348,14 @@ class InferenceOutputs(nn.Module):
 
 
 def _outputs(model: nn.Module, x: Tensor, spec: TaskOutputs) -> dict[str, Tensor]:
-    """PyTorch's outputs by name, float32."""
+    """PyTorch's outputs by name, in the dtype of ``x`` (float32, or float64 for :func:`float64_verdict`)."""
     from vitlab.train.evaluate import logits_of
 
     with torch.no_grad():
         out = model(x)
     if isinstance(out, dict):
-        return {k: out[k].float() for k in spec.names}
-    return {"logits": logits_of(out).float()}
+        return {k: out[k].to(x.dtype) for k in spec.names}
+    return {"logits": logits_of(out).to(x.dtype)}
 
 
 def size_multiple(model: nn.Module) -> tuple[int, int]:
