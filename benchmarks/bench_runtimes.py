@@ -2,12 +2,12 @@
 
 Three measurements, written to benchmarks/results/runtimes.json:
 
-1. speed: for each model (random init, 224 px) every runtime (and timm float32 / bfloat16 autocast for the
-   same architecture) is timed in interleaved rounds at batch 16 and at batch 1 (vitlab.benchmark's
+1. speed: for each model (random init, 224 px) every runtime (and timm float32 / bfloat16 autocast / bfloat16
+   weights for the same architecture) is timed in interleaved rounds at batch 16 and at batch 1 (vitlab.benchmark's
    run_interleaved), with a 2048^2 matmul in float32 and bfloat16 in the same rounds as the practical peak;
 2. agreement on a real test set: a small ViT trained for a few seconds on the bundled digits, each runtime's
    top-1 agreement with float32 PyTorch over the whole digits test split (359 images);
-3. profile: where a ViT-S/16 bfloat16 forward (batch 16) spends its time, by operator.
+3. profile: where a ViT-S/16 forward (batch 16) spends its time, by operator, in each --profile-runtimes.
 
 Run with the project's venv (onnx, onnxruntime, onnxscript); timm is borrowed from the peer venv:
 
@@ -17,6 +17,7 @@ Run with the project's venv (onnx, onnxruntime, onnxscript); timm is borrowed fr
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import json
 import sys
@@ -36,7 +37,8 @@ TIMM_NAMES = {"vit_small_patch16_224": "vit_small_patch16_224", "deit_small_patc
               "swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224", "mobilevit_s": "mobilevit_s"}
 
 
-def speed(names: list[str], runtimes: list[str], batches: list[int], repeats: int, use_timm: bool) -> list[dict]:
+def speed(names: list[str], runtimes: list[str], batches: list[int], repeats: int, use_timm: bool,
+          min_repeat_s: float = 0.0) -> list[dict]:
     rows = []
     for name in names:
         torch.manual_seed(0)
@@ -55,17 +57,24 @@ def speed(names: list[str], runtimes: list[str], batches: list[int], repeats: in
             x = torch.randn(batch, *size)
             steps = {rt: (lambda r=r, x=x: r(x)) for rt, r in built.items()}
             if tm is not None:
+                tm_bf16 = copy.deepcopy(tm).to(torch.bfloat16)  # timm's --model-dtype bfloat16
 
                 def timm_step(bf16: bool, tm=tm, x=x) -> None:
                     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                         tm(x)
 
+                def timm_full(tm=tm_bf16, x=x.to(torch.bfloat16)) -> None:
+                    with torch.no_grad():
+                        tm(x).float()
+
                 steps["timm"] = lambda: timm_step(False)
                 steps["timm-bf16"] = lambda: timm_step(True)
+                if "torch-bf16-full" in built:
+                    steps["timm-bf16-full"] = timm_full
             mm32, mmf = matmul_step(2048, dtype="float32")
             mm16, _ = matmul_step(2048, dtype="bfloat16")
             steps["matmul-fp32"], steps["matmul-bf16"] = mm32, mm16
-            stats = run_interleaved(steps, warmup=1, repeats=repeats, min_repeat_s=0.0)
+            stats = run_interleaved(steps, warmup=1, repeats=repeats, min_repeat_s=min_repeat_s)
             new_rows = []
             for k, st in stats.items():
                 if k.startswith("matmul"):
@@ -75,7 +84,7 @@ def speed(names: list[str], runtimes: list[str], batches: list[int], repeats: in
                 row = {"model": name, "runtime": k, "batch": batch, "images_per_s": batch / st.median,
                        "spread": st.spread, "vs_torch": paired_ratio(st, stats["torch"]).median,
                        "gflops": flops * batch / st.median / 1e9}
-                for ref in ("timm", "timm-bf16"):
+                for ref in ("timm", "timm-bf16", "timm-bf16-full"):
                     if ref in stats:
                         row[f"vs_{ref}"] = paired_ratio(st, stats[ref]).median
                 new_rows.append(row)
@@ -124,33 +133,40 @@ def agreement(runtimes: list[str], steps: int) -> dict:
     return out
 
 
-def profile(batch: int) -> dict:
+def profile(batch: int, runtime: str) -> dict:
+    """Where a ViT-S/16 forward (batch ``batch``) spends its time, by operator, in ``runtime``."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
     torch.manual_seed(0)
     model = vitlab.create_model("vit_small_patch16_224").eval()
+    model.model_name = "vit_small_patch16_224"
+    rt = build_runtime(runtime, model)
     x = torch.randn(batch, 3, 224, 224)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(x)
-        with prof(activities=[ProfilerActivity.CPU]) as p:
-            model(x)
+    rt(x)
+    rt(x)
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(3):
+            rt(x)
     rows = []
     total = sum(e.self_cpu_time_total for e in p.key_averages())
     for e in sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]:
-        rows.append({"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
-                     "calls": e.count})
-    print(json.dumps(rows, indent=1), flush=True)
-    return {"batch": batch, "total_ms": total / 1e3, "top_ops": rows}
+        rows.append({"op": e.key, "self_ms": e.self_cpu_time_total / 3e3, "share": e.self_cpu_time_total / total,
+                     "calls": e.count // 3})
+    print(runtime, json.dumps(rows, indent=1), flush=True)
+    return {"batch": batch, "runtime": runtime, "total_ms_per_forward": total / 3e3, "top_ops": rows}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peers", default="/tmp/peers", help="peer venv to borrow timm from")
     ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "deit_small_patch16_224"])
-    ap.add_argument("--runtimes", default="torch,torch-bf16,torch-int8,onnx,onnx-int8")
+    ap.add_argument("--runtimes", default="torch,torch-bf16,torch-bf16-full,torch-int8,onnx,onnx-int8")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 1])
+    ap.add_argument("--min-repeat-s", type=float, default=0.0, help="a repeat averages calls for this long")
+    ap.add_argument("--profile-runtimes", default="torch-bf16", help="runtimes to profile ViT-S/16 in")
+    ap.add_argument("--note", default="", help="what the machine was doing, recorded in the JSON")
     ap.add_argument("--agreement-steps", type=int, default=200)
     ap.add_argument("--skip", nargs="*", default=[], choices=["speed", "agreement", "profile"])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "runtimes.json"))
@@ -160,14 +176,13 @@ def main() -> None:
         sys.path.append(sp)  # after our own: torch and numpy stay the project's
         use_timm = True
     runtimes = args.runtimes.split(",")
-    result = {"machine": machine_info(), "command": " ".join(sys.argv),
-              "note": "machine shared with other agents while measured: interleaved rounds, ratios per round"}
+    result = {"machine": machine_info(), "command": " ".join(sys.argv), "note": args.note}
     if "agreement" not in args.skip:
         result["agreement"] = agreement(runtimes, args.agreement_steps)
     if "speed" not in args.skip:
-        result["speed"] = speed(args.models, runtimes, args.batches, args.repeats, use_timm)
+        result["speed"] = speed(args.models, runtimes, args.batches, args.repeats, use_timm, args.min_repeat_s)
     if "profile" not in args.skip:
-        result["profile_vit_s_bf16"] = profile(16)
+        result["profile_vit_s"] = [profile(16, rt) for rt in args.profile_runtimes.split(",")]
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 

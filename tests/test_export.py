@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -363,9 +364,51 @@ def test_torch_runtimes_agree(digits_checkpoint):
     x = preprocess(bundled_images(64), model.preprocessing)
     with torch.no_grad():
         ref = model(x)
-    for name in ("torch-bf16", "torch-int8"):
+    for name in ("torch-bf16", "torch-bf16-full", "torch-int8"):
         out = build_runtime(name, model)(x)
         assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95, name
+
+
+@pytest.mark.parametrize("name", _registry_params())
+def test_bf16_full_runtime_runs_every_family(name):
+    """The bfloat16 copy of every family runs end to end in bfloat16 (no float32 buffer or mask meets a
+    bfloat16 matmul), returns float32 logits within bfloat16 rounding of float32's, and leaves the float32
+    model as it was."""
+    model = _tiny(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = preprocess(bundled_images(4), model.preprocessing)
+    with torch.no_grad():
+        ref = model(x)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    rt = build_runtime("torch-bf16-full", model)
+    out = rt(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert all(p.dtype == torch.bfloat16 for p in rt.inner.model.parameters())
+    # bfloat16 keeps 8 bits of mantissa; the worst of the whole registry (a ResNet hybrid) is at about half this bound
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max() + 0.02, (out - ref).abs().max()
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's inductor needs a C++ compiler")
+def test_bf16_compile_runtime_compiles_frozen_and_matches_eager_bf16():
+    """``torch-bf16-compile`` really compiles (no silent fallback to eager), reports the compile as set-up time,
+    gives the eager bfloat16 copy's logits up to bfloat16 rounding, and follows a new batch size."""
+    from vitlab.export.runtimes import Compiled, setup_seconds
+
+    model = _tiny("vit_tiny_patch16_224")
+    x = preprocess(bundled_images(4), model.preprocessing)
+    eager = build_runtime("torch-bf16-full", model)(x)
+    rt = build_runtime("torch-bf16-compile", model)
+    out = rt(x)
+    compiled = [m for m in rt.modules() if isinstance(m, Compiled)]
+    assert len(compiled) == 1 and compiled[0].freeze and compiled[0].failed is None
+    assert setup_seconds(rt) >= compiled[0].compile_s > 0
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, eager, atol=0.05 * eager.abs().max().item() + 0.02, rtol=0)
+    torch.testing.assert_close(rt(x[:3]), out[:3], atol=1e-2, rtol=0)  # another batch size: a recompile
+    assert compiled[0].failed is None
 
 
 def test_compile_falls_back_cleanly(monkeypatch, caplog):

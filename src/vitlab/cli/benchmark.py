@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_device_argument(p)
     p.add_argument("--runtime", metavar="LIST",
                    help="compare inference runtimes side by side, comma-separated from: torch, torch-bf16, "
-                        "torch-compile, torch-int8, onnx, onnx-int8 (images/s, batch-1 latency, top-1 agreement "
+                        "torch-bf16-full, torch-compile, torch-int8, onnx, onnx-int8 (images/s, batch-1 latency, top-1 agreement "
                         "with float32 PyTorch on real images; --dtype/--mode do not apply)")
     p.add_argument("--data", help="with --runtime: data source for the agreement images (default: bundled digits)")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")

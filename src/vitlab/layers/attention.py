@@ -166,7 +166,8 @@ def attend_explicit(
         sink(attn)
     if dropout is not None:
         attn = dropout(attn)
-    return attn @ v
+    # a float32 mask promotes bfloat16 scores to float32 (softmax in float32); the product is in v's dtype
+    return attn.to(v.dtype) @ v
 
 
 class FoldedAttention(Attention):
