@@ -169,7 +169,8 @@ class _WindowAttentionBase(CapturableAttention):
         if mask is None:
             return bias.unsqueeze(0)  # broadcast over all windows
         nw, n = mask.shape[0], mask.shape[-1]
-        combined = bias.unsqueeze(0) + mask.unsqueeze(1)  # (nW, heads, N, N)
+        # the mask is 0 or -100, exact in any float dtype: in the bias's dtype, a bfloat16 model stays bfloat16
+        combined = bias.unsqueeze(0) + mask.to(bias.dtype).unsqueeze(1)  # (nW, heads, N, N)
         return combined.unsqueeze(0).expand(batch_windows // nw, -1, -1, -1, -1).reshape(-1, self.num_heads, n, n)
 
     def _bias_gather(self, table: Tensor) -> Tensor:
