@@ -30,7 +30,14 @@ sys.path.insert(0, str(REPO / "src"))
 import torch
 
 import vitlab
-from vitlab.benchmark import machine_info, matmul_step, paired_ratio, registry_forward_flops, run_interleaved
+from vitlab.benchmark import (
+    TimingStats,
+    machine_info,
+    matmul_step,
+    paired_ratio,
+    registry_forward_flops,
+    run_interleaved,
+)
 from vitlab.export.runtimes import build_runtime
 
 TIMM_NAMES = {"vit_small_patch16_224": "vit_small_patch16_224", "deit_small_patch16_224": "deit_small_patch16_224",
@@ -75,18 +82,27 @@ def speed(names: list[str], runtimes: list[str], batches: list[int], repeats: in
             mm16, _ = matmul_step(2048, dtype="bfloat16")
             steps["matmul-fp32"], steps["matmul-bf16"] = mm32, mm16
             stats = run_interleaved(steps, warmup=1, repeats=repeats, min_repeat_s=min_repeat_s)
+            timm_arms = [stats[k] for k in ("timm", "timm-bf16", "timm-bf16-full") if k in stats]
+            if timm_arms:  # timm at its best eager setting, round by round: the fastest of its arms that round
+                stats["timm-best-eager"] = TimingStats(times_s=tuple(map(min, zip(*(t.times_s for t in timm_arms)))))
             new_rows = []
             for k, st in stats.items():
                 if k.startswith("matmul"):
                     new_rows.append({"model": name, "runtime": k, "batch": batch, "spread": st.spread,
-                                     "gflops": mmf / st.median / 1e9})
+                                     "gflops": mmf / st.median / 1e9, "gflops_per_round": [mmf / t / 1e9
+                                                                                           for t in st.times_s]})
                     continue
                 row = {"model": name, "runtime": k, "batch": batch, "images_per_s": batch / st.median,
                        "spread": st.spread, "vs_torch": paired_ratio(st, stats["torch"]).median,
-                       "gflops": flops * batch / st.median / 1e9}
-                for ref in ("timm", "timm-bf16", "timm-bf16-full"):
+                       "gflops": flops * batch / st.median / 1e9, "seconds_per_round": list(st.times_s)}
+                for ref in ("timm", "timm-bf16", "timm-bf16-full", "timm-best-eager"):
                     if ref in stats:
-                        row[f"vs_{ref}"] = paired_ratio(st, stats[ref]).median
+                        r = paired_ratio(st, stats[ref])
+                        row[f"vs_{ref}"] = r.median
+                        row[f"vs_{ref}_range"] = [min(r.ratios), max(r.ratios)]
+                # achieved GFLOP/s over the same round's matmul (float32 or bfloat16, by the runtime's compute)
+                mm = stats["matmul-bf16" if "bf16" in k or k == "timm-best-eager" else "matmul-fp32"]
+                row["of_matmul"] = paired_ratio(st, mm).median * flops * batch / mmf
                 new_rows.append(row)
             rows += new_rows
             print(json.dumps(new_rows, indent=1), flush=True)
