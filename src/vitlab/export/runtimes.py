@@ -6,7 +6,7 @@
                         matmuls and convolutions in bfloat16; norms, softmax and the residual stream in float32
 ``torch-bf16-full``     a bfloat16 copy of the model (weights, activations and residual stream; timm's
                         ``--model-dtype bfloat16``), logits back in float32: no per-call casts, half the memory
-                        traffic, the fastest PyTorch path on AMX CPUs; agreement with float32 is a little lower
+                        traffic, faster than autocast on AMX CPUs; agreement with float32 is a little lower
 ``torch-compile``       ``torch.compile`` with inductor's freezing (weights folded in as constants and prepacked
                         for oneDNN: inference only); the first call's time is reported as compile time, and a
                         failure to compile falls back to eager with a logged warning
