@@ -114,12 +114,17 @@ def run_runtimes(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     m = report["machine"]
     print(f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}; batch {args.batch_size}, median of "
           f"{args.repeats} interleaved rounds; agreement = top-1 agreement with float32 PyTorch")
-    print(f"{'model':<28} {'runtime':<14} {'img/s':>8} {'vs first':>8} {'batch-1 ms':>10} {'agreement':>9} "
+    print(f"{'model':<28} {'runtime':<18} {'img/s':>8} {'vs first':>8} {'batch-1 ms':>10} {'agreement':>9} "
           f"{'max diff':>9} {'set-up s':>8}")
     for r in report["results"]:
-        print(f"{r['model']:<28} {r['runtime']:<14} {r['images_per_s']:>8.1f} {r['speedup_vs_first']:>7.2f}x "
-              f"{r['latency_ms_batch1']:>10.1f} {100 * r['top1_agreement']:>8.1f}% {r['max_abs_logit_diff']:>9.2g} "
+        agree = "n/a" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.1f}%"
+        print(f"{r['model']:<28} {r['runtime']:<18} {r['images_per_s']:>8.1f} {r['speedup_vs_first']:>7.2f}x "
+              f"{r['latency_ms_batch1']:>10.1f} {agree:>9} {r['max_abs_logit_diff']:>9.2g} "
               f"{r['setup_s']:>8.1f}" + (f"  (compile failed: {r['compile_failed']}; ran eager)"
                                           if r["compile_failed"] else ""))
-    print(f"agreement images: {report['results'][0]['agreement_images']}" if report["results"] else "")
+    if report["results"]:
+        print(f"agreement images: {report['results'][0]['agreement_images']}")
+    if any(r["top1_agreement"] is None for r in report["results"]):
+        print("agreement n/a: a randomly initialised model's logits are all 0 (zero-initialised head); measure "
+              "agreement on a trained checkpoint with `vitlab eval --checkpoint CKPT --data DATA --runtime R`")
     return 0

@@ -222,6 +222,11 @@ def setup_seconds(rt: Runtime) -> float:
     return rt.setup_s + compile_s
 
 
+def compile_failure(rt: Runtime) -> str | None:
+    """Why a compiled runtime runs eager instead (None: it compiled, or it is not a compiled runtime)."""
+    return next((m.failed for m in rt.inner.modules() if isinstance(m, Compiled) and m.failed), None)
+
+
 def load_for_inference(path: str | os.PathLike, runtime: str = "auto") -> tuple[Runtime, nn.Module | None]:
     """(runtime, float32 PyTorch model or None) for a checkpoint or an ONNX file.
 
