@@ -411,6 +411,29 @@ def test_bf16_compile_runtime_compiles_frozen_and_matches_eager_bf16():
     assert compiled[0].failed is None
 
 
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's inductor needs a C++ compiler")
+def test_compiled_shifted_swin_compiles_once():
+    """Swin's shift-mask cache is bypassed under torch.compile: filled by the first compiled call, it failed
+    dynamo's guard on the second and cost a full recompile (seen as a 50x slower round in benchmarks)."""
+    from torch._dynamo.utils import counters
+
+    model = perturb_(vitlab.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, depths=(2,),
+                                         embed_dim=16, num_heads=(2,), num_classes=5)).eval()
+    assert any(any(blk.shift) for blk in model.modules() if hasattr(blk, "shift"))  # a shifted block is there
+    torch._dynamo.reset()
+    counters.clear()
+    rt = build_runtime("torch-compile", model)
+    x = torch.randn(2, 3, 32, 32)
+    first = rt(x)
+    graphs = counters["stats"]["unique_graphs"]
+    second = rt(x)
+    assert counters["stats"]["unique_graphs"] == graphs == 1
+    with torch.no_grad():
+        torch.testing.assert_close(second, model(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first, second)
+
+
 def test_compile_falls_back_cleanly(monkeypatch, caplog):
     from vitlab.export.runtimes import Compiled
 

@@ -167,7 +167,10 @@ class SwinBlock(nn.Module):
     def _mask(self, padded: tuple[int, int], device: torch.device) -> Tensor | None:
         if not any(self.shift):
             return None
-        if is_tracing_any_size():  # symbolic sizes: the mask's ops go into the graph (no cache keyed by them)
+        # symbolic sizes: the mask's ops go into the graph (no cache keyed by them). Under torch.compile too: a
+        # cache that the first compiled call fills fails dynamo's guard on the next call, a full recompile
+        # (freezing folds the in-graph mask into a constant anyway)
+        if is_tracing_any_size() or torch.compiler.is_compiling():
             return shift_attention_mask(padded, self.window, self.shift, device)
         key = (padded, device)
         mask = self._masks.get(key)
