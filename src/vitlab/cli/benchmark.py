@@ -14,6 +14,7 @@ from typing import Any
 
 from vitlab.benchmark import DTYPES, MODES, benchmark_models, num_threads
 from vitlab.cli.common import add_device_argument, check_device, threads_type
+from vitlab.export.runtimes import RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="model config override, repeatable, e.g. --set depth=2 --set img_size=64")
     add_device_argument(p)
     p.add_argument("--runtime", metavar="LIST",
-                   help="compare inference runtimes side by side, comma-separated from: torch, torch-bf16, "
-                        "torch-bf16-full, torch-compile, torch-int8, onnx, onnx-int8 (images/s, batch-1 latency, top-1 agreement "
-                        "with float32 PyTorch on real images; --dtype/--mode do not apply)")
+                   help=f"compare inference runtimes side by side, comma-separated from: {', '.join(RUNTIMES)} "
+                        "(images/s, batch-1 latency, top-1 agreement with float32 PyTorch on real images; "
+                        "--dtype/--mode do not apply)")
     p.add_argument("--data", help="with --runtime: data source for the agreement images (default: bundled digits)")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     p.set_defaults(func=run)

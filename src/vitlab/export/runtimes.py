@@ -39,7 +39,8 @@ from vitlab.export.runtime import OnnxModel, is_onnx_file
 
 log = logging.getLogger(__name__)
 
-RUNTIMES: tuple[str, ...] = ("torch", "torch-bf16", "torch-bf16-full", "torch-compile", "torch-bf16-compile", "torch-int8", "onnx", "onnx-int8")
+RUNTIMES: tuple[str, ...] = ("torch", "torch-bf16", "torch-bf16-full", "torch-compile", "torch-bf16-compile",
+                              "torch-int8", "onnx", "onnx-int8")
 
 
 def parse_runtimes(spec: str) -> list[str]:
