@@ -177,6 +177,13 @@ def test_create_model_errors() -> None:
         vitlab.create_model("vit_tiny_patch16_224", widht=3)
     with pytest.raises(ValueError, match="global_pool='token' needs class_token=True"):
         vitlab.create_model("vit_tiny_patch16_224", class_token=False)
+    # text where the variant has a tuple, number or flag (a --set value that is not JSON), named with the option
+    with pytest.raises(TypeError, match=r"option depths expects a list like \[2, 2, 6, 2\], got the text '\(2,2\)'"):
+        vitlab.create_model("swin_tiny_patch4_window7_224", depths="(2,2)")
+    with pytest.raises(TypeError, match=r"option depth expects a number like 12, got the text 'two'"):
+        vitlab.create_model("vit_tiny_patch16_224", depth="two")
+    with pytest.raises(TypeError, match="option class_token expects true or false"):
+        vitlab.create_model("vit_tiny_patch16_224", class_token="yes")
 
 
 def test_preprocessing_fits_the_channel_count() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -24,7 +25,26 @@ def _apply_overrides(name: str, template: Any, overrides: dict[str, Any]) -> Any
             f"create_model({name!r}): unknown option(s) {unknown}; {type(template).__name__} accepts: "
             f"{', '.join(sorted(fields))}"
         )
+    for key, value in overrides.items():
+        _check_option_type(name, key, getattr(template, key), value)
     return dataclasses.replace(template, **overrides)
+
+
+def _check_option_type(name: str, key: str, default: Any, value: Any) -> None:
+    """A string where the variant has a number, flag or tuple is a mistyped option (``--set
+    model_overrides.depths=(2,2)`` arrives as the text "(2,2)"): say so here, not as a TypeError deep in a layer."""
+    if not isinstance(value, str) or default is None or isinstance(default, str):
+        return
+    if isinstance(default, (tuple, list)):
+        expected = f"a list like {json.dumps(list(default))}"
+    elif isinstance(default, bool):
+        expected = "true or false"
+    elif isinstance(default, (int, float)):
+        expected = f"a number like {default}"
+    else:
+        return
+    raise TypeError(f"create_model({name!r}): option {key} expects {expected}, got the text {value!r} "
+                    f"(command-line values are JSON)")
 
 
 def create_model(
