@@ -166,8 +166,7 @@ def attend_explicit(
         sink(attn)
     if dropout is not None:
         attn = dropout(attn)
-    # a float32 mask promotes bfloat16 scores to float32 (softmax in float32); the product is in v's dtype
-    return attn.to(v.dtype) @ v
+    return attn @ v
 
 
 class FoldedAttention(Attention):
