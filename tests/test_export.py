@@ -394,7 +394,7 @@ def test_bf16_full_runtime_runs_every_family(name):
                     reason="torch.compile's inductor needs a C++ compiler")
 def test_bf16_compile_runtime_compiles_frozen_and_matches_eager_bf16():
     """``torch-bf16-compile`` really compiles (no silent fallback to eager), reports the compile as set-up time,
-    gives the eager bfloat16 copy's logits up to bfloat16 rounding, and follows a new batch size."""
+    gives the eager bfloat16 copy's logits up to bfloat16 rounding, follows a new batch size, and is frozen."""
     from vitlab.export.runtimes import Compiled, setup_seconds
 
     model = _tiny("vit_tiny_patch16_224")
@@ -409,6 +409,13 @@ def test_bf16_compile_runtime_compiles_frozen_and_matches_eager_bf16():
     torch.testing.assert_close(out, eager, atol=0.05 * eager.abs().max().item() + 0.02, rtol=0)
     torch.testing.assert_close(rt(x[:3]), out[:3], atol=1e-2, rtol=0)  # another batch size: a recompile
     assert compiled[0].failed is None
+    # frozen: the linear weights were prepacked into the compiled graph, so changing the copy's linear weights
+    # afterwards does not reach it (an unfrozen compile reads the parameters on every call and would follow)
+    with torch.no_grad():
+        for m in compiled[0].model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.zero_()
+    torch.testing.assert_close(rt(x), out)
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
