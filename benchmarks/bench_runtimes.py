@@ -20,6 +20,7 @@ import argparse
 import copy
 import glob
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ sys.path.insert(0, str(REPO / "src"))
 import torch
 
 import vitlab
+from vitlab.allocator import keep_freed_memory
 from vitlab.benchmark import (
     TimingStats,
     machine_info,
@@ -82,6 +84,7 @@ def speed(names: list[str], runtimes: list[str], batches: list[int], repeats: in
             mm16, _ = matmul_step(2048, dtype="bfloat16")
             steps["matmul-fp32"], steps["matmul-bf16"] = mm32, mm16
             stats = run_interleaved(steps, warmup=1, repeats=repeats, min_repeat_s=min_repeat_s)
+            faults = {k: page_faults(f) for k, f in steps.items() if not k.startswith("matmul")}
             timm_arms = [stats[k] for k in ("timm", "timm-bf16", "timm-bf16-full") if k in stats]
             if timm_arms:  # timm at its best eager setting, round by round: the fastest of its arms that round
                 stats["timm-best-eager"] = TimingStats(times_s=tuple(map(min, zip(*(t.times_s for t in timm_arms)))))
@@ -94,7 +97,8 @@ def speed(names: list[str], runtimes: list[str], batches: list[int], repeats: in
                     continue
                 row = {"model": name, "runtime": k, "batch": batch, "images_per_s": batch / st.median,
                        "spread": st.spread, "vs_torch": paired_ratio(st, stats["torch"]).median,
-                       "gflops": flops * batch / st.median / 1e9, "seconds_per_round": list(st.times_s)}
+                       "gflops": flops * batch / st.median / 1e9, "seconds_per_round": list(st.times_s),
+                       "page_faults_per_call": faults.get(k)}
                 for ref in ("timm", "timm-bf16", "timm-bf16-full", "timm-best-eager"):
                     if ref in stats:
                         r = paired_ratio(st, stats[ref])
@@ -107,6 +111,13 @@ def speed(names: list[str], runtimes: list[str], batches: list[int], repeats: in
             rows += new_rows
             print(json.dumps(new_rows, indent=1), flush=True)
     return rows
+
+
+def page_faults(step) -> int:
+    """Minor page faults of one more call of ``step``: pages the allocator took afresh from the system."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def agreement(runtimes: list[str], steps: int) -> dict:
@@ -186,13 +197,20 @@ def main() -> None:
     ap.add_argument("--agreement-steps", type=int, default=200)
     ap.add_argument("--skip", nargs="*", default=[], choices=["speed", "agreement", "profile"])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "runtimes.json"))
+    ap.add_argument("--allocator", choices=["keep", "system"], default="keep",
+                    help="keep: glibc keeps freed memory, as `vitlab eval/predict/benchmark` set it (every arm, "
+                         "timm's too, shares the process); system: glibc's defaults")
     args = ap.parse_args()
+    if args.allocator == "keep" and not keep_freed_memory():
+        raise SystemExit("--allocator keep: glibc's mallopt is not available here, or VITLAB_ALLOCATOR/MALLOC_* "
+                         "is set")
     use_timm = False
     for sp in glob.glob(f"{args.peers}/lib/python3*/site-packages"):
         sys.path.append(sp)  # after our own: torch and numpy stay the project's
         use_timm = True
     runtimes = args.runtimes.split(",")
-    result = {"machine": machine_info(), "command": " ".join(sys.argv), "note": args.note}
+    result = {"machine": machine_info(), "command": " ".join(sys.argv), "note": args.note,
+              "allocator": args.allocator}
     if "agreement" not in args.skip:
         result["agreement"] = agreement(runtimes, args.agreement_steps)
     if "speed" not in args.skip:
