@@ -259,6 +259,26 @@ def test_masks_and_index_are_cached_not_rebuilt() -> None:
     assert "relative_position_index" not in model.state_dict()  # a buffer, recomputed, never saved
 
 
+def test_the_built_size_mask_is_a_buffer_never_saved() -> None:
+    """At the built size the shift mask is a non-persistent buffer (torch.compile folds it into a constant);
+    other sizes build the same function of the padded size; checkpoints never hold it."""
+    model = vitlab.create_model(V1, num_classes=3, dynamic_img_size=True, **ARCH).eval()
+    blk: SwinBlock = model.blocks_in_order()[1]
+    assert any(blk.shift)
+    built = blk._mask(blk._built_padded, torch.device("cpu"))
+    assert built is blk.shift_mask
+    torch.testing.assert_close(built, shift_attention_mask(blk._built_padded, blk.window, blk.shift))
+    assert not any(k.endswith("shift_mask") for k in model.state_dict())
+    other = (blk._built_padded[0] + blk.window[0], blk._built_padded[1])
+    torch.testing.assert_close(blk._mask(other, torch.device("cpu")),
+                               shift_attention_mask(other, blk.window, blk.shift))
+    # the buffer follows the model's dtype; the mask (0 / -100) is exact in bfloat16, and a bfloat16 model runs
+    model.to(torch.bfloat16)
+    assert blk.shift_mask.dtype == torch.bfloat16
+    torch.testing.assert_close(blk.shift_mask.float(), built)
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))).all()
+
+
 def test_bias_gather_is_differentiable_wrt_the_table() -> None:
     model = perturb_(vitlab.create_model(V1, num_classes=3, **ARCH)).train()
     model(torch.randn(2, 3, 32, 32)).square().sum().backward()
