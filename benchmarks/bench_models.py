@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 import vitlab
+from vitlab.allocator import keep_freed_memory
 from vitlab.benchmark import (
     DTYPES,
     MODES,
@@ -229,7 +230,12 @@ def main() -> int:
                         "models built in the reverse order (the first-built model's speed differs); given: one order")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_models",
                    help="writes OUT.json and OUT.md")
+    p.add_argument("--allocator", choices=["system", "keep"], default="system",
+                   help="system: glibc's defaults (a Python user's process); keep: glibc keeps freed memory, as "
+                        "`vitlab eval/predict/benchmark` set it. Every implementation shares the process's setting")
     args = p.parse_args()
+    if args.allocator == "keep" and not keep_freed_memory():
+        raise SystemExit("--allocator keep: glibc's mallopt is not available here, or VITLAB_ALLOCATOR/MALLOC_* is set")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     start = time.time()
