@@ -20,7 +20,9 @@ glibc = pytest.mark.skipif(allocator._glibc() is None, reason="glibc's mallopt i
 PROBE = """
 import json, resource, sys, torch
 from vitlab.allocator import keep_freed_memory
+from vitlab.benchmark import machine_info
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+recorded = machine_info()["allocator"]
 def resident():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1])
@@ -32,7 +34,7 @@ for _ in range(5):
     held = resident()
     del t
     released.append(held - resident())
-print(json.dumps({"applied": applied, "faults": faults, "released": released}))
+print(json.dumps({"applied": applied, "recorded": recorded, "faults": faults, "released": released}))
 """
 
 
@@ -50,8 +52,10 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
     # glibc's default: each freed 64 MiB block goes back to the system, and the next one faults in afresh
     assert min(system["released"]) > 0.9 * pages
     assert min(system["faults"][1:]) > 0.9 * pages
+    assert system["recorded"] == "glibc defaults"  # benchmark records say which allocator ran
     kept = _probe("keep")
     assert kept["applied"] is True
+    assert kept["recorded"] == "glibc, freed memory kept (vitlab.allocator)"
     assert max(kept["released"]) < 0.01 * pages  # freed memory stays in the process
     assert kept["faults"][0] > 0.9 * pages  # the first touch still faults in
     # Later allocations reuse those pages (most of them: one of the four may still fault in, not released memory)
@@ -62,6 +66,7 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
 def test_the_users_choice_is_left_alone() -> None:
     out = _probe("keep", **{allocator.OPT_OUT: "system"})
     assert out["applied"] is False
+    assert out["recorded"] == "the user's (VITLAB_ALLOCATOR=system)"
     out = _probe("keep", MALLOC_TRIM_THRESHOLD_="131072")
     assert out["applied"] is False
 

@@ -31,6 +31,7 @@ _TRIM_NEVER = 2**31 - 1  # mallopt's value is an int: trim only above 2 GiB of f
 _GLIBC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
 _PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")
 OPT_OUT = "VITLAB_ALLOCATOR"  # =system leaves the allocator alone
+_kept = False  # keep_freed_memory() took effect in this process
 
 
 def user_choice() -> str | None:
@@ -73,4 +74,16 @@ def keep_freed_memory() -> bool:
         return False
     ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER) == 1
     log.debug("glibc keeps freed memory: %s", ok)
+    global _kept
+    _kept = _kept or ok
     return ok
+
+
+def describe() -> str:
+    """The allocator setting this process runs with, for benchmark records (speed depends on it)."""
+    if _kept:
+        return "glibc, freed memory kept (vitlab.allocator)"
+    reason = user_choice()
+    if reason:
+        return f"the user's ({reason})"
+    return "glibc defaults" if _glibc() is not None else "not glibc"

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitlab import allocator
+
 log = logging.getLogger(__name__)
 
 DType = Literal["float32", "bfloat16"]
@@ -260,6 +262,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "loadavg": _loadavg(),
+        "allocator": allocator.describe(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     m = report["machine"]
-    print(f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}; batch {args.batch_size}, "
+    print(f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['allocator']}; batch {args.batch_size}, "
           f"{args.dtype}, {args.mode}, median of {args.repeats}")
     header = f"{'model':<28} {'img/s':>9} {'GFLOP/s':>9} {'matmul GFLOP/s':>15} {'of matmul':>10} {'spread':>7}"
     print(header)
@@ -113,7 +113,7 @@ def run_runtimes(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(json.dumps(report, indent=2))
         return 0
     m = report["machine"]
-    print(f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}; batch {args.batch_size}, median of "
+    print(f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['allocator']}; batch {args.batch_size}, median of "
           f"{args.repeats} interleaved rounds; agreement = top-1 agreement with float32 PyTorch")
     print(f"{'model':<28} {'runtime':<18} {'img/s':>8} {'vs first':>8} {'batch-1 ms':>10} {'agreement':>9} "
           f"{'max diff':>9} {'set-up s':>8}")
