@@ -58,7 +58,8 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
     assert kept["recorded"] == "glibc, freed memory kept (vitlab.allocator)"
     assert max(kept["released"]) < 0.01 * pages  # freed memory stays in the process
     assert kept["faults"][0] > 0.9 * pages  # the first touch still faults in
-    # Later allocations reuse those pages (most of them: one of the four may still fault in, not released memory)
+    # Later allocations reuse those pages. One of them may extend the heap once more: torch's aligned allocation
+    # asks a little more than the first block left free when something small was placed after it (strace).
     assert min(kept["faults"][1:]) < 0.01 * pages
 
 
