@@ -113,8 +113,8 @@ def run_runtimes(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(json.dumps(report, indent=2))
         return 0
     m = report["machine"]
-    print(f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['allocator']}; batch {args.batch_size}, median of "
-          f"{args.repeats} interleaved rounds; agreement = top-1 agreement with float32 PyTorch")
+    print(f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['allocator']}; batch {args.batch_size}, "
+          f"median of {args.repeats} interleaved rounds; agreement = top-1 agreement with float32 PyTorch")
     print(f"{'model':<28} {'runtime':<18} {'img/s':>8} {'vs first':>8} {'batch-1 ms':>10} {'agreement':>9} "
           f"{'max diff':>9} {'set-up s':>8}")
     for r in report["results"]:
