@@ -155,7 +155,8 @@ def attend_explicit(
     sink: AttentionSink | None = None,
 ) -> Tensor:
     """``softmax(q k^T * scale) v`` with the weights materialised; shapes (B, heads, N, hd)."""
-    attn = (q * scale) @ k.transpose(-2, -1)  # (B, heads, Nq, Nk)
+    # scale 1.0 (Swin v2, whose q carries its logit scale already): no pass over q that changes nothing
+    attn = (q if scale == 1.0 else q * scale) @ k.transpose(-2, -1)  # (B, heads, Nq, Nk)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             attn = attn.masked_fill(~attn_mask, float("-inf"))
