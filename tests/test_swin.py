@@ -257,6 +257,8 @@ def test_masks_and_index_are_cached_not_rebuilt() -> None:
         model(torch.randn(1, 3, 32, 32))
     assert blk._mask((16, 16), torch.device("cpu")) is first
     assert "relative_position_index" not in model.state_dict()  # a buffer, recomputed, never saved
+    # contiguous: a permuted bias made every add it joined strided (eager bfloat16 Swin-T ran 0.92x timm)
+    assert blk.attn.position_bias().is_contiguous()
 
 
 def test_the_built_size_mask_is_a_buffer_never_saved() -> None:
