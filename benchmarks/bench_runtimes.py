@@ -209,8 +209,7 @@ def main() -> None:
         sys.path.append(sp)  # after our own: torch and numpy stay the project's
         use_timm = True
     runtimes = args.runtimes.split(",")
-    result = {"machine": machine_info(), "command": " ".join(sys.argv), "note": args.note,
-              "allocator": args.allocator}
+    result = {"machine": machine_info(), "command": " ".join(sys.argv), "note": args.note}  # machine: allocator
     if "agreement" not in args.skip:
         result["agreement"] = agreement(runtimes, args.agreement_steps)
     if "speed" not in args.skip:

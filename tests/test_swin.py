@@ -249,13 +249,17 @@ def test_dynamic_size_pads_and_fixed_size_refuses() -> None:
 
 
 def test_masks_and_index_are_cached_not_rebuilt() -> None:
-    model = vitlab.create_model(V1, num_classes=3, **ARCH).eval()
+    # at another size than the built one (which has its buffer): the mask of a size is built once, then cached
+    model = vitlab.create_model(V1, num_classes=3, dynamic_img_size=True, **ARCH).eval()
     blk: SwinBlock = model.blocks_in_order()[1]
     with torch.no_grad():
-        model(torch.randn(1, 3, 32, 32))
-        first = blk._mask((16, 16), torch.device("cpu"))
-        model(torch.randn(1, 3, 32, 32))
-    assert blk._mask((16, 16), torch.device("cpu")) is first
+        model(torch.randn(1, 3, 40, 32))
+        assert blk.last_geometry.padded == (20, 16) != blk._built_padded
+        first = blk._masks[((20, 16), torch.device("cpu"))]
+        model(torch.randn(1, 3, 40, 32))
+    assert blk._mask((20, 16), torch.device("cpu")) is first
+    assert blk._mask(blk._built_padded, torch.device("cpu")) is blk.shift_mask
+    assert len(blk._masks) == 1
     assert "relative_position_index" not in model.state_dict()  # a buffer, recomputed, never saved
     # contiguous: a permuted bias made every add it joined strided (eager bfloat16 Swin-T ran 0.92x timm)
     assert blk.attn.position_bias().is_contiguous()
