@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import vitlab
 from vitlab.layers import (
@@ -14,6 +15,7 @@ from vitlab.layers import (
     capture_attention,
     resample_pos_embed,
     sincos_2d_pos_embed,
+    trunc_normal_linears,
 )
 
 from model_helpers import perturb_
@@ -237,3 +239,17 @@ def test_attention_dropout_on_cpu_takes_the_explicit_product(monkeypatch) -> Non
     drop.fused = False
     torch.manual_seed(0)
     torch.testing.assert_close(drop(x), a)
+
+
+def test_trunc_normal_linears_initialises_every_linear_but_the_skipped_one() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Sequential(nn.Linear(512, 256, bias=False)), nn.Linear(256, 8))
+    for p in net.parameters():
+        nn.init.constant_(p, 1.0)
+    head = net[3]
+    trunc_normal_linears(net, skip=head)
+    first, inner = net[0], net[2][0]
+    assert torch.equal(first.bias, torch.zeros(512))
+    for w in (first.weight, inner.weight):
+        assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert torch.equal(head.weight, torch.ones(8, 256)) and torch.equal(head.bias, torch.ones(8))  # skipped

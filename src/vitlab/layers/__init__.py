@@ -13,7 +13,7 @@ from vitlab.layers.conv_norm_act import ConvNormAct
 from vitlab.layers.cross_attention import CrossAttention, CrossAttentionBlock
 from vitlab.layers.drop_path import DropPath, drop_path
 from vitlab.layers.frozen_batch_norm import FrozenBatchNorm2d, freeze_batch_norm
-from vitlab.layers.helpers import make_divisible, to_2tuple
+from vitlab.layers.helpers import make_divisible, to_2tuple, trunc_normal_linears
 from vitlab.layers.inverted_residual import InvertedResidual
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import ConvMlp, Mlp
@@ -52,6 +52,7 @@ __all__ = [
     "TalkingHeadsAttention", "pad_same", "ConvMlp", "ConvNormAct", "FoldedAttention", "InvertedResidual",
     "SeparableAttentionBlock", "SeparableSelfAttention", "fold_patches", "fold_tokens", "make_divisible", "patch_grid",
     "resize_to_patches", "unfold_patches", "unfold_tokens", "resample_pos_embed", "sincos_2d_pos_embed", "sinusoid_1d_pos_embed", "to_2tuple",
+    "trunc_normal_linears",
     "PatchMerging", "WindowAttention", "WindowAttentionV2", "WindowGeometry", "merge_2x2", "relative_position_index",
     "resample_rel_pos_table", "shift_attention_mask", "window_partition", "window_reverse",
     "CrossAttention", "CrossAttentionBlock", "FrozenBatchNorm2d", "freeze_batch_norm", "sine_position_2d",

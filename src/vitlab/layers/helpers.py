@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 
 def to_2tuple(x: int | Sequence[int]) -> tuple[int, int]:
@@ -25,3 +26,14 @@ def make_divisible(v: float, divisor: int = 8, *, min_value: int | None = None, 
     if new_v < round_limit * v:
         new_v += divisor
     return new_v
+
+
+def trunc_normal_linears(module: nn.Module, *, std: float = 0.02, skip: nn.Module | None = None) -> None:
+    """The DeiT-style initialisation of every ``nn.Linear`` in ``module`` (``module.modules()`` order, so a
+    seeded model draws the same numbers as the loop it replaces): truncated normal weights, zero biases.
+    ``skip``: a Linear left as it is (Swin's head)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and m is not skip:
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

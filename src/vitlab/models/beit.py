@@ -33,7 +33,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import Block, PatchEmbed, TokenMasker, keep_tokens, resample_pos_embed, size_differs
+from vitlab.layers import (
+    Block,
+    PatchEmbed,
+    TokenMasker,
+    keep_tokens,
+    resample_pos_embed,
+    size_differs,
+    trunc_normal_linears,
+)
 from vitlab.layers.rel_pos_attention import (
     RelativePositionBias,
     RelPosAttention,
@@ -157,11 +165,7 @@ class Beit(nn.Module):
 
     # ----------------------------------------------------------------------------------------- set-up
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears(self)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)

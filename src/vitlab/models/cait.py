@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import Block, PatchEmbed, resample_pos_embed, size_differs
+from vitlab.layers import Block, PatchEmbed, resample_pos_embed, size_differs, trunc_normal_linears
 from vitlab.layers.class_attention import ClassAttentionBlock
 from vitlab.layers.talking_heads import TalkingHeadsAttention
 from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
@@ -127,11 +127,7 @@ class CaiT(nn.Module):
         # DeiT/CaiT initialisation: truncated normal (std 0.02) for tables and linear layers
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears(self)
 
     @property
     def num_classes(self) -> int:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.layers import Block, PatchEmbed, check_images, resample_pos_embed, to_2tuple
+from vitlab.layers import Block, PatchEmbed, check_images, resample_pos_embed, to_2tuple, trunc_normal_linears
 from vitlab.layers.cross_attention import CrossAttentionBlock
 from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
 from vitlab.models.registry import ModelEntry, register_model
@@ -207,11 +207,7 @@ class CrossViT(nn.Module):
     def _init_weights(self) -> None:
         for p in (*self.pos_embed, *self.cls_token):
             nn.init.trunc_normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears(self)
 
     @property
     def num_classes(self) -> int:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.layers import DropPath, Mlp, PatchEmbed, is_tracing_any_size, to_2tuple
+from vitlab.layers import DropPath, Mlp, PatchEmbed, is_tracing_any_size, to_2tuple, trunc_normal_linears
 from vitlab.layers.patch_merging import PatchMerging
 from vitlab.layers.window_attention import (
     WindowAttention,
@@ -285,11 +285,7 @@ class SwinTransformer(nn.Module):
 
     # ----------------------------------------------------------------------------------------- set-up
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and m is not self.head:
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears(self, skip=self.head)
         if self.cfg.version == 2:  # post-norm branches start at zero (the reference code's res-post-norm init)
             for stage in self.layers:
                 for blk in stage.blocks:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.layers import Block, Mlp, check_images, sinusoid_1d_pos_embed, to_2tuple
+from vitlab.layers import Block, Mlp, check_images, sinusoid_1d_pos_embed, to_2tuple, trunc_normal_linears
 from vitlab.layers.t2t_attention import PerformerAttention, TokenAttention
 from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
 from vitlab.models.registry import ModelEntry, register_model
@@ -175,11 +175,7 @@ class T2TViT(nn.Module):
     # ----------------------------------------------------------------------------------------- set-up
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears(self)
 
     @property
     def patch_embed(self) -> TokensToToken:

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import Attention, DropPath, Mlp, check_images, resample_pos_embed, to_2tuple
+from vitlab.layers import Attention, DropPath, Mlp, check_images, resample_pos_embed, to_2tuple, trunc_normal_linears
 from vitlab.models.base import INCEPTION_MEAN, INCEPTION_STD, Preprocessing, take_indices
 from vitlab.models.registry import ModelEntry, register_model
 
@@ -194,11 +194,7 @@ class TNT(nn.Module):
     def _init_weights(self) -> None:
         for p in (self.cls_token, self.patch_pos, self.pixel_pos):
             nn.init.trunc_normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears(self)
 
     @property
     def patch_embed(self) -> PixelEmbed:

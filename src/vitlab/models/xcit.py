@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import ClassAttention, DropPath, LayerScale, Mlp, check_images, to_2tuple
+from vitlab.layers import ClassAttention, DropPath, LayerScale, Mlp, check_images, to_2tuple, trunc_normal_linears
 from vitlab.layers.local_patch_interaction import LPI
 from vitlab.layers.pos_embed import FourierPosEmbed
 from vitlab.layers.xca import XCA
@@ -210,11 +210,7 @@ class XCiT(nn.Module):
     def _init_weights(self) -> None:
         # DeiT/XCiT initialisation: truncated normal (std 0.02) for the class token and linear layers
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears(self)
 
     @property
     def num_classes(self) -> int:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.layers import Block
+from vitlab.layers import Block, trunc_normal_linears
 from vitlab.ssl.masking import BlockMasking, patch_grid, patchify
 from vitlab.ssl.mpp import MaskEmbedding
 from vitlab.ssl.tokenizer import Tokenizer, check_grid, load_tokenizer, to_pixels
@@ -194,11 +194,7 @@ class PatchAggregation(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True,
                                             norm_layer=norm_layer) for _ in range(depth)])
         self.norm = norm_layer(dim)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.blocks(x))

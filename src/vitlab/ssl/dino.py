@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from vitlab.layers import trunc_normal_linears
 from vitlab.train.objective import Metrics, Objective
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,7 @@ class DINOHead(nn.Module):
             if i < len(dims) - 2:
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        trunc_normal_linears(self.mlp)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False), name="weight", dim=0)
         g = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.layers import Block
+from vitlab.layers import Block, trunc_normal_linears
 from vitlab.ssl.masking import patch_grid
 from vitlab.ssl.tokenizer import normalise, resize_to, to_pixels
 from vitlab.train.objective import Metrics, Objective
@@ -50,10 +50,7 @@ from vitlab.train.objective import Metrics, Objective
 def _task_layer(dim: int, out: int) -> nn.Sequential:
     """BEiT v2's Linear-Tanh-Linear projection (encoder -> code space, decoder -> teacher space)."""
     layer = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, out))
-    for m in layer:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+    trunc_normal_linears(layer)
     return layer
 
 
