@@ -79,6 +79,17 @@ def take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | N
     return out
 
 
+def zero_head(in_features: int, num_classes: int) -> nn.Module:
+    """A classifier head for ``reset_classifier``: a zero-initialised Linear (logits start at zero, as the
+    ViT paper fine-tunes), or Identity for ``num_classes`` 0 (a feature extractor)."""
+    if num_classes <= 0:
+        return nn.Identity()
+    head = nn.Linear(in_features, num_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 def init_linear_jax(module: nn.Module) -> None:
     """Xavier-uniform weights and zero biases for Linear layers, as in the reference JAX code."""
     if isinstance(module, nn.Linear):

@@ -49,7 +49,15 @@ from vitlab.layers.rel_pos_attention import (
     resample_class_rel_pos_table,
     table_grid,
 )
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, Preprocessing, take_indices
+from vitlab.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    Preprocessing,
+    take_indices,
+    zero_head,
+)
 from vitlab.models.registry import ModelEntry, register_model
 
 _EMBED_PREFIXES = ("patch_embed", "cls_token", "pos_embed", "rel_pos_bias")
@@ -199,10 +207,7 @@ class Beit(nn.Module):
             if global_pool not in ("avg", "token"):
                 raise ValueError(f"reset_classifier: global_pool must be 'avg' or 'token', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = zero_head(self.num_features, num_classes)
 
     def decay_layer_id(self, name: str) -> int:
         """Layer-wise lr decay: embeddings and the shared position table 0, ``blocks.i`` i + 1, the rest L + 1."""

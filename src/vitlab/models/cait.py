@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from vitlab.layers import Block, PatchEmbed, resample_pos_embed, size_differs, trunc_normal_linears
 from vitlab.layers.class_attention import ClassAttentionBlock
 from vitlab.layers.talking_heads import TalkingHeadsAttention
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -149,10 +149,7 @@ class CaiT(nn.Module):
             if global_pool == "token" and len(self.blocks_token_only) == 0:
                 raise ValueError("reset_classifier: global_pool='token' needs class-attention blocks")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = zero_head(self.num_features, num_classes)
 
     # ------------------------------------------------------------------------------------------ forward
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:

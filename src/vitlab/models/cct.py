@@ -44,7 +44,7 @@ from vitlab.layers import (
     size_differs,
     to_2tuple,
 )
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -263,10 +263,7 @@ class CCT(nn.Module):
             if self.attn_pool is not None:
                 nn.init.trunc_normal_(self.attn_pool.weight, std=0.02)
                 nn.init.zeros_(self.attn_pool.bias)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = zero_head(self.num_features, num_classes)
 
     def position_grid_table(self) -> tuple[Tensor, tuple[int, int], str] | None:
         """For the analysis tools: the per-token position table on its grid, the class entry dropped."""

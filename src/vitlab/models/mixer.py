@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from vitlab.layers import PatchEmbed, check_images
 from vitlab.layers.mixer_block import MixerBlock
-from vitlab.models.base import INCEPTION_MEAN, INCEPTION_STD, Preprocessing, init_linear_jax, take_indices
+from vitlab.models.base import INCEPTION_MEAN, INCEPTION_STD, Preprocessing, init_linear_jax, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -124,10 +124,7 @@ class MlpMixer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head by a zero-initialised (D x K) layer."""
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = zero_head(self.num_features, num_classes)
 
     def cam_layer(self) -> nn.Module:
         """Grad-CAM's layer: the last Mixer layer, whose (B, N, D) output tokens lie on the patch grid."""

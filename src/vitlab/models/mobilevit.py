@@ -64,7 +64,7 @@ from vitlab.layers import (
     unfold_patches,
     unfold_tokens,
 )
-from vitlab.models.base import Preprocessing, take_indices
+from vitlab.models.base import Preprocessing, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 Version = Literal["v1", "v2", "v3"]
@@ -261,10 +261,7 @@ class MobileViT(nn.Module):
         return self.final_conv if isinstance(self.final_conv, ConvNormAct) else self.stages[-1]
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = zero_head(self.num_features, num_classes)
 
     # ------------------------------------------------------------------------------------------ forward
     def _check(self, x: Tensor) -> None:

@@ -18,7 +18,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from vitlab.layers import DropPath, MaxPool2dSame, StdConv2d
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -235,10 +235,7 @@ class ResNet(nn.Module):
         return self.stages[-1]
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = zero_head(self.num_features, num_classes)
 
 
 # He et al. 2015, Table 1.

@@ -49,7 +49,7 @@ from vitlab.layers.window_attention import (
     window_reverse,
 )
 from vitlab.layers.window_geometry import WindowGeometry
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -314,10 +314,7 @@ class SwinTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head by a zero-initialised (C x K) layer."""
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = zero_head(self.num_features, num_classes)
 
     def blocks_in_order(self) -> list[SwinBlock]:
         return [blk for stage in self.layers for blk in stage.blocks]

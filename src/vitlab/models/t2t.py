@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from vitlab.layers import Block, Mlp, check_images, sinusoid_1d_pos_embed, to_2tuple, trunc_normal_linears
 from vitlab.layers.t2t_attention import PerformerAttention, TokenAttention
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 # (kernel, stride, padding) of the three soft splits
@@ -197,10 +197,7 @@ class T2TViT(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head by a zero-initialised (D x K) layer."""
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = zero_head(self.num_features, num_classes)
 
     def position_grid_table(self) -> tuple[Tensor, tuple[int, int], str]:
         """For the analysis tools: the fixed 1-D sinusoid table without its class-token entry."""

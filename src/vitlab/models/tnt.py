@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from vitlab.layers import Attention, DropPath, Mlp, check_images, resample_pos_embed, to_2tuple, trunc_normal_linears
-from vitlab.models.base import INCEPTION_MEAN, INCEPTION_STD, Preprocessing, take_indices
+from vitlab.models.base import INCEPTION_MEAN, INCEPTION_STD, Preprocessing, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -218,10 +218,7 @@ class TNT(nn.Module):
         """Replace the head by a zero-initialised (D x K) layer."""
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = zero_head(self.num_features, num_classes)
 
     def cam_layer(self) -> nn.Module:
         """Grad-CAM's map: the patch tokens entering the last block."""

@@ -42,6 +42,7 @@ from vitlab.models.base import (
     Preprocessing,
     init_linear_jax,
     take_indices,
+    zero_head,
 )
 from vitlab.models.registry import ModelEntry, register_model
 from vitlab.models.resnet import ResNet, ResNetConfig
@@ -274,10 +275,7 @@ class VisionTransformer(nn.Module):
         if not keep_pre_logits and not isinstance(self.pre_logits, nn.Identity):
             self.pre_logits = nn.Identity()
             self.head_hidden_size = self.num_features
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = zero_head(self.head_hidden_size, num_classes)
 
     # ------------------------------------------------------------------------------------------ forward
     def _pos_embed(self, x: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -31,7 +31,7 @@ from vitlab.layers import ClassAttention, DropPath, LayerScale, Mlp, check_image
 from vitlab.layers.local_patch_interaction import LPI
 from vitlab.layers.pos_embed import FourierPosEmbed
 from vitlab.layers.xca import XCA
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -233,10 +233,7 @@ class XCiT(nn.Module):
             if global_pool == "token" and not len(self.cls_attn_blocks):
                 raise ValueError("reset_classifier: global_pool='token' needs class-attention blocks")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = zero_head(self.num_features, num_classes)
 
     def cam_layer(self) -> nn.Module:
         """Grad-CAM's layer: the last XCA block, whose (B, N, D) output patch tokens lie on the grid."""
