@@ -247,8 +247,8 @@ class Beit(nn.Module):
         """Why a dynamic-size ONNX graph is refused (read by the exporter), or None (BEiT-3: no tables)."""
         if not self.has_rel_pos_tables:
             return None
-        return ("its relative position tables are built for one patch grid, as in timm; export at another fixed "
-                "size with img_size= (the tables are resampled to it)")
+        return ("its relative position tables are built for one patch grid, as in timm (export another fixed size "
+                "with --img-size: the tables are resampled to it)")
 
     @property
     def has_rel_pos_tables(self) -> bool:
