@@ -39,7 +39,7 @@ train() {
 for w in "${WHICH[@]}"; do train "$w" & done
 wait
 for w in "${WHICH[@]}"; do
-    $V export --checkpoint "$OUT/$w/model.safetensors" --output "$OUT/$w-int8.onnx" --int8 --data "$CIFAR" \
+    $V export --checkpoint "$OUT/$w/model.safetensors" --output "$OUT/$w-int8.onnx" --overwrite --int8 --data "$CIFAR" \
         --num-images "$IMAGES" --json > "$OUT/$w-int8.json" 2> "$OUT/$w-int8.log" || true
     echo "== $w: $(tail -1 "$OUT/$w.train.log")"
     cat "$OUT/$w-int8.json"

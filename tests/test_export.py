@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -298,6 +299,21 @@ def test_cli_refusal_prints_report(tmp_path, monkeypatch, capsys, digits_checkpo
                "--num-images", "4", "--no-timing"])
     assert rc == 2 and not (tmp_path / "m.onnx").exists()
     assert "NOT written" in capsys.readouterr().out
+
+
+def test_cli_never_replaces_an_existing_file_unasked(tmp_path, caplog, digits_checkpoint):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"the user's earlier export")
+    args = ["export", "--checkpoint", str(digits_checkpoint), "--output", str(out), "--num-images", "4", "--no-timing"]
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main(args) == 2
+    assert "m.onnx exists; pass --overwrite to replace it" in caplog.text
+    assert out.read_bytes() == b"the user's earlier export"
+    assert main([*args, "--overwrite"]) == 0
+    assert read_metadata(out)["model"]  # replaced by a real export
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main([*args[:4], str(tmp_path), *args[5:]]) == 2
+    assert "is a folder; give the file to write" in caplog.text
 
 
 # -------------------------------------------------------------------------------------------- int8

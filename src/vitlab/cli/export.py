@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from vitlab.export.onnx import DEFAULT_MIN_AGREEMENT, DEFAULT_NUM_IMAGES, DEFAULT_TOLERANCE
 
@@ -56,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
                    help="smallest accepted agreement of an --int8 file with float32 PyTorch (top-1; per query for "
                         "DETR, per pixel for SETR)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
     p.add_argument("--force", action="store_true", help="write the file even when a check fails (reported)")
     p.add_argument("--no-timing", action="store_true", help="skip the PyTorch vs ONNX Runtime speed comparison")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -68,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise ValueError("--num-images must be >= 1")
+    output = Path(args.output)
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give the file to write, e.g. {output / 'model.onnx'}")
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
     model = vitlab.load_model(args.checkpoint) if args.checkpoint else vitlab.create_model(args.model)
     try:
         report = export_onnx(
