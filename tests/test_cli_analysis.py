@@ -136,3 +136,26 @@ def test_fewshot_rejects_bad_shots(checkpoint, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fewshot", "--checkpoint", str(checkpoint), "--data", "digits", "--shots", "1,x"])
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_explain_and_predict_take_a_folder_and_keep_same_named_images_apart(tmp_path, checkpoint, digit_pngs,
+                                                                               capsys) -> None:
+    folder = tmp_path / "in"
+    (folder / "more").mkdir(parents=True)
+    for p in digit_pngs:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "more" / digit_pngs[0].name).write_bytes(digit_pngs[1].read_bytes())  # same name, other image
+    assert main(["predict", str(folder), "--checkpoint", str(checkpoint), "--json"]) == 0
+    by_folder = json.loads(capsys.readouterr().out)
+    listed = sorted(map(str, [*folder.glob("*.png"), *folder.glob("more/*.png")]))
+    assert sorted(r["image"] for r in by_folder) == listed
+    assert main(["predict", *listed, "--checkpoint", str(checkpoint), "--json"]) == 0
+    assert sorted(by_folder, key=lambda r: r["image"]) == sorted(json.loads(capsys.readouterr().out),
+                                                                 key=lambda r: r["image"])
+    out = tmp_path / "maps"
+    assert main(["explain", str(folder), "--checkpoint", str(checkpoint), "--method", "rollout",
+                 "--output", str(out)]) == 0
+    stem = digit_pngs[0].stem
+    assert len(list(out.glob("*.png"))) == len(digit_pngs) + 1
+    assert (out / f"{stem}_rollout.png").is_file() and (out / f"{stem}-1_rollout.png").is_file()
+    assert main(["predict", str(tmp_path / "maps" / "none"), "--checkpoint", str(checkpoint)]) == 2

@@ -410,3 +410,25 @@ def test_loader_seeded_order():
     b = [y.tolist() for _, y in create_loader(ds, batch_size=16, shuffle=True, seed=5)]
     c = [y.tolist() for _, y in create_loader(ds, batch_size=16, shuffle=True, seed=6)]
     assert a == b and a != c
+
+
+def test_expand_image_paths_lists_a_folders_images_and_names_an_empty_one(tmp_path: Path) -> None:
+    from vitlab.data import expand_image_paths
+
+    (tmp_path / "b" / "deep").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    for rel in ("b/2.png", "a.JPG", "b/deep/1.webp", ".hidden/x.png", "b/.y.png"):
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    single = tmp_path / "elsewhere.png"
+    assert expand_image_paths([str(single), tmp_path]) == [
+        single, tmp_path / "a.JPG", tmp_path / "b" / "2.png", tmp_path / "b" / "deep" / "1.webp"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty: a folder with no image files in it \(\.png, \.jpg"):
+        expand_image_paths([tmp_path / "empty"])
+
+
+def test_unique_stems_never_repeat() -> None:
+    from vitlab.data import unique_stems
+
+    assert unique_stems(["a/1.png", "b/1.jpg", "2.png", "c/1.png", "x/2.gif"]) == ["1", "1-1", "2", "1-2", "2-1"]

@@ -44,6 +44,15 @@ def test_detection_commands(data: Path, tmp_path: Path, capsys) -> None:
     dets = json.loads((tmp_path / "det" / "detections.json").read_text())
     assert len(dets[0]["objects"]) == 4 and (tmp_path / "det" / "00000.png").is_file()
     assert dets[0]["objects"][0]["label"] in [str(d) for d in range(10)]
+    # a folder, and a second file of the same name: both pictures kept
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / image.name).write_bytes((data / "val" / "images" / "00001.png").read_bytes())
+    assert main(["detect", str(data / "val" / "images"), str(other), "--checkpoint", str(out / "model.safetensors"),
+                 "--threshold", "0.0", "--output", str(tmp_path / "det2")]) == 0
+    n_val = len(list((data / "val" / "images").glob("*.png")))
+    assert len(json.loads((tmp_path / "det2" / "detections.json").read_text())) == n_val + 1
+    assert (tmp_path / "det2" / "00000.png").is_file() and (tmp_path / "det2" / "00000-1.png").is_file()
     assert main(["explain", str(image), "--checkpoint", str(out / "model.safetensors"),
                  "--output", str(tmp_path / "exp")]) == 0
     # the detector's threshold (0.5) may keep no object of an untrained model; the picture is always written
@@ -60,9 +69,14 @@ def test_segmentation_commands(data: Path, tmp_path: Path, capsys) -> None:
     assert main(["eval", "--checkpoint", str(out / "model.safetensors"), "--data", str(data), "--split", "val"]) == 0
     assert "mIoU" in capsys.readouterr().out
     image = data / "val" / "images" / "00001.png"
+    n_val = len(list((data / "val" / "images").glob("*.png")))
     assert main(["segment", str(image), "--checkpoint", str(out / "model.safetensors"),
                  "--output", str(tmp_path / "seg")]) == 0
     assert (tmp_path / "seg" / "00001.png").is_file() and (tmp_path / "seg" / "00001_mask.png").is_file()
+    assert main(["segment", str(data / "val" / "images"), str(image), "--checkpoint", str(out / "model.safetensors"),
+                 "--output", str(tmp_path / "seg2")]) == 0
+    assert (tmp_path / "seg2" / "00001_mask.png").is_file() and (tmp_path / "seg2" / "00001-1_mask.png").is_file()
+    assert len(json.loads((tmp_path / "seg2" / "segments.json").read_text())) == n_val + 1
 
 
 def test_task_and_model_must_agree(data: Path, tmp_path: Path) -> None:

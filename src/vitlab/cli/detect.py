@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog="examples:\n  vitlab detect canvas.png --checkpoint runs/detr/model.safetensors\n"
                               "  vitlab detect canvas.png --checkpoint detr.onnx    (ONNX Runtime; a file from vitlab export)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", type=Path)
+    p.add_argument("images", nargs="+", metavar="IMAGE", type=Path,
+                   help="image files, or folders of them (searched recursively)")
     p.add_argument("--checkpoint", required=True,
                    help="a DETR checkpoint (vitlab, Hugging Face folder), or an ONNX file written by vitlab export")
     p.add_argument("--runtime", choices=DENSE_RUNTIMES, default="auto",
@@ -30,13 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vitlab.data import expand_image_paths
     from vitlab.tasks.run import detect_images, load_dense
 
     if args.attention and (args.runtime == "onnx" or str(args.checkpoint).lower().endswith(".onnx")):
         raise ValueError("--attention reads the decoder's cross-attention inside the PyTorch model; an ONNX file "
                          "exports only logits and boxes: give the checkpoint and --runtime torch")
+    images = expand_image_paths(args.images)
     model = load_dense(args.checkpoint, "detection", args.runtime)
-    for r in detect_images(model, args.images, args.output, threshold=args.threshold, attention=args.attention):
+    for r in detect_images(model, images, args.output, threshold=args.threshold, attention=args.attention):
         objs = ", ".join(f"{o['label']} {o['score']:.2f}" for o in r["objects"]) or "nothing"
         print(f"{r['image']}: {objs}")
     print(f"pictures and detections.json in {args.output}")

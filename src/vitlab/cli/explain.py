@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "(Abnar & Zuidema 2020), gradient-weighted rollout for a chosen class, or "
                                    "the last layer's attention.",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them (searched recursively)")
     p.add_argument("--checkpoint", required=True, help="a vitlab checkpoint (model.safetensors)")
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="how the map is computed (auto: attention rollout where the model's attention allows "
@@ -74,30 +74,20 @@ def prepare_image(path: str, transform) -> torch.Tensor:
     return transform(load_image(path, min_size=transform.min_source_size))
 
 
-def _output_names(paths: list[str], method: str) -> list[str]:
-    """``STEM_METHOD.png``, made unique when two inputs share a stem."""
-    names, seen = [], {}
-    for p in paths:
-        stem = Path(p).stem
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        names.append(f"{stem}_{method}.png" if n == 0 else f"{stem}-{n}_{method}.png")
-    return names
-
-
 def run(args: argparse.Namespace) -> int:
     from vitlab import load_model
     from vitlab.analysis import explain, normalize_map
     from vitlab.analysis.figures import explain_figure, to_display
-    from vitlab.data import eval_transform
+    from vitlab.data import eval_transform, expand_image_paths, unique_stems
 
+    images = expand_image_paths(args.images)
     device = check_device(args)
     model = load_model(args.checkpoint).to(device).eval()
     if getattr(model, "task", "classification") == "detection":
         # DETR: each detected object's decoder cross-attention over the image (the paper's figure)
         from vitlab.tasks.run import detect_images
 
-        for r in detect_images(model.cpu(), [Path(p) for p in args.images], Path(args.output), attention=True):
+        for r in detect_images(model.cpu(), images, Path(args.output), attention=True):
             print(f"{r['image']}: {len(r['objects'])} objects -> {Path(args.output)}")
         return 0
     names = model_class_names(model)
@@ -117,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     transform = eval_transform(pre)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path, out_name in zip(args.images, _output_names(args.images, method)):
+    for path, stem in zip(images, unique_stems(images)):
+        out_name = f"{stem}_{method}.png"
         x = prepare_image(path, transform).unsqueeze(0).to(device)  # (1, C, H, W)
         e = explain(model, x, method=method, target=target, head_fusion=args.head_fusion,
                     discard_ratio=args.discard_ratio)

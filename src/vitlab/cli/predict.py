@@ -14,6 +14,7 @@ log = logging.getLogger("vitlab")
 EXAMPLE = """examples:
   vitlab predict digit0.png digit1.png --checkpoint runs/digits-vit/model.safetensors
   vitlab predict photo.jpg --checkpoint runs/mine/model.safetensors --topk 3 --json
+  vitlab predict ./photos --checkpoint runs/mine/model.safetensors          (every image in the folder)
   vitlab predict digit0.png --checkpoint digits.onnx          (ONNX Runtime; the file carries the preprocessing)
   vitlab predict digit0.png --checkpoint runs/digits-vit/model.safetensors --runtime torch-bf16"""
 
@@ -22,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files with a checkpoint",
                        description="Classify images with a vitlab checkpoint, using its own preprocessing.",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders of them (searched recursively)")
     p.add_argument("--checkpoint", required=True, help="vitlab checkpoint, or an ONNX file written by vitlab export")
     p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch float32; other runtimes report their "
@@ -39,11 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vitlab.data import eval_transform, load_image
+    from vitlab.data import eval_transform, expand_image_paths, load_image
     from vitlab.train.evaluate import logits_of
 
     if args.topk < 1:
         raise ValueError("--topk must be >= 1")
+    images = [str(p) for p in expand_image_paths(args.images)]
     from vitlab.export.runtimes import load_for_inference
 
     device = check_device(args)
@@ -61,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     k = min(args.topk, model.num_classes)
     results = []
     agree, seen = 0, 0
-    for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start:start + args.batch_size]
+    for start in range(0, len(images), args.batch_size):
+        paths = images[start:start + args.batch_size]
         x = torch.stack([transform(load_image(p, min_size=transform.min_source_size)) for p in paths]).to(device)  # (B, C, H, W)
         with torch.no_grad():
             logits = logits_of(model(x)).float()

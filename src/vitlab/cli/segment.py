@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog="examples:\n  vitlab segment canvas.png --checkpoint runs/setr/model.safetensors\n"
                               "  vitlab segment canvas.png --checkpoint setr.onnx    (ONNX Runtime; a file from vitlab export)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", type=Path)
+    p.add_argument("images", nargs="+", metavar="IMAGE", type=Path,
+                   help="image files, or folders of them (searched recursively)")
     p.add_argument("--checkpoint", required=True,
                    help="a SETR checkpoint, or an ONNX file written by vitlab export")
     p.add_argument("--runtime", choices=DENSE_RUNTIMES, default="auto",
@@ -29,10 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vitlab.data import expand_image_paths
     from vitlab.tasks.run import load_dense, segment_images
 
+    images = expand_image_paths(args.images)
     model = load_dense(args.checkpoint, "segmentation", args.runtime)
-    for r in segment_images(model, args.images, args.output, alpha=args.alpha):
+    for r in segment_images(model, images, args.output, alpha=args.alpha):
         print(f"{r['image']}: {r['pixels_per_class']}")
     print(f"overlays and masks in {args.output}")
     return 0

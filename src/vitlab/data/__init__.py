@@ -4,7 +4,14 @@ augmentation on tensors (no torchvision), mixup/cutmix, repeated-augmentation sa
 from vitlab.data.build import ACCEPTED_FORMS, build_dataset, parse_source
 from vitlab.data.dataset import ImageFileDataset, TensorImageDataset, VisionDataset
 from vitlab.data.errors import BadImageError, DatasetError
-from vitlab.data.image import IMAGE_EXTENSIONS, is_image_file, load_image, to_channels
+from vitlab.data.image import (
+    IMAGE_EXTENSIONS,
+    expand_image_paths,
+    is_image_file,
+    load_image,
+    to_channels,
+    unique_stems,
+)
 from vitlab.data.loader import collate_skip_none, create_loader, seed_worker
 from vitlab.data.mixup import Mixup, one_hot_smooth
 from vitlab.data.randaugment import OPS as RANDAUGMENT_OPS
@@ -40,6 +47,7 @@ __all__ = [
     "collate_skip_none",
     "create_loader",
     "eval_transform",
+    "expand_image_paths",
     "is_image_file",
     "load_image",
     "one_hot_smooth",
@@ -49,4 +57,5 @@ __all__ = [
     "stratified_split",
     "to_channels",
     "train_transform",
+    "unique_stems",
 ]

@@ -30,6 +30,34 @@ def is_image_file(name: str | os.PathLike) -> bool:
     return str(name).lower().endswith(IMAGE_EXTENSIONS)
 
 
+def expand_image_paths(paths: list[str | os.PathLike]) -> list[Path]:
+    """Image paths as a command line gives them: a file stays (decoding reports a bad one), a folder stands for
+    the image files below it (sorted, hidden ones skipped). A folder with none is an error that names it."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            out.append(p)
+            continue
+        found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not found:
+            raise ValueError(f"{p}: a folder with no image files in it ({', '.join(IMAGE_EXTENSIONS)})")
+        out.extend(found)
+    return out
+
+
+def unique_stems(paths: list[str | os.PathLike]) -> list[str]:
+    """Output names for input files: each file's stem, with -1, -2, ... for a stem seen before (a/1.png and
+    b/1.png must not write over each other's results)."""
+    names, seen = [], {}
+    for p in paths:
+        stem = Path(p).stem
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        names.append(stem if n == 0 else f"{stem}-{n}")
+    return names
+
+
 def _composite_on_white(img: Image.Image, out_mode: str) -> Image.Image:
     """Alpha-composite ``img`` (RGBA or LA) over a white background and return ``out_mode``."""
     rgba = img.convert("RGBA")

@@ -232,12 +232,13 @@ def detect_images(model: nn.Module, paths: list[Path], output: Path, *, threshol
     with ``attention``, also each detected object's decoder cross-attention (``NAME_attention.png``)."""
     from PIL import Image, ImageDraw
 
+    from vitlab.data import unique_stems
     from vitlab.tasks.metrics import detections_from_outputs
 
     names = _names(model)
     output.mkdir(parents=True, exist_ok=True)
     results = []
-    for path in paths:
+    for path, stem in zip(paths, unique_stems(paths)):
         x, image, _ = _prepare(model, path)
         H, W = image.shape[-2:]
         if attention:
@@ -255,10 +256,10 @@ def detect_images(model: nn.Module, paths: list[Path], output: Path, *, threshol
             draw.text((box[0] + 2, box[1] + 1), f"{names[label]} {score:.2f}", fill=(255, 255, 0))
             objects.append({"label": names[label], "class_index": label, "score": round(score, 4),
                             "box_xyxy": [round(v, 2) for v in box]})
-        pic.save(output / f"{path.stem}.png")
+        pic.save(output / f"{stem}.png")
         if attention and objects:
             keep = (out["logits"][0].softmax(-1)[:, :-1].max(-1).values >= threshold).nonzero().flatten()
-            _save_attention(pic, maps[0, keep], output / f"{path.stem}_attention.png",
+            _save_attention(pic, maps[0, keep], output / f"{stem}_attention.png",
                             [f"{o['label']} {o['score']:.2f}" for o in objects])
         results.append({"image": str(path), "width": W, "height": H, "objects": objects})
     (output / "detections.json").write_text(json.dumps(results, indent=2))
@@ -306,10 +307,12 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
     import numpy as np
     from PIL import Image
 
+    from vitlab.data import unique_stems
+
     output.mkdir(parents=True, exist_ok=True)
     names = _names(model)
     results = []
-    for path in paths:
+    for path, stem in zip(paths, unique_stems(paths)):
         x, image, _ = _prepare(model, path)
         H, W = image.shape[-2:]
         logits = model(x[None])["logits"]
@@ -317,8 +320,8 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
         colours = np.array([PALETTE[i % len(PALETTE)] for i in range(model.num_classes)], dtype=np.float32)
         overlay = (1 - alpha) * _rgb(image).astype(np.float32) + alpha * colours[pred]
         overlay = np.where((pred == 0)[..., None], _rgb(image), overlay)  # class 0 (background) left as is
-        Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(output / f"{path.stem}.png")
-        Image.fromarray(pred.astype(np.uint8)).save(output / f"{path.stem}_mask.png")
+        Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(output / f"{stem}.png")
+        Image.fromarray(pred.astype(np.uint8)).save(output / f"{stem}_mask.png")
         present = {names[c]: int((pred == c).sum()) for c in np.unique(pred).tolist()}
         results.append({"image": str(path), "pixels_per_class": present})
     (output / "segments.json").write_text(json.dumps(results, indent=2))
