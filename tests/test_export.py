@@ -499,13 +499,20 @@ def test_a_compiled_bf16_runtime_that_falls_back_says_so():
 def test_benchmark_runtimes_cli(capsys):
     rc = main(["benchmark", "--models", "vit_tiny_patch16_224", "--set", "depth=1", "--set", "img_size=32",
                "--set", "embed_dim=64", "--set", "num_heads=2", "--batch-size", "4", "--repeats", "1",
-               "--min-repeat-s", "0.01", "--runtime", "torch,torch-bf16,onnx", "--json"])
+               "--min-repeat-s", "0.01", "--runtime", "torch,torch-bf16,onnx", "--matmul-size", "64", "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     rows = {r["runtime"]: r for r in report["results"]}
     assert set(rows) == {"torch", "torch-bf16", "onnx"}
+    assert {k: r["matmul_dtype"] for k, r in rows.items()} == {"torch": "float32", "torch-bf16": "bfloat16",
+                                                                "onnx": "float32"}
     for r in rows.values():
         assert r["images_per_s"] > 0 and r["latency_ms_batch1"] > 0
+        # the FLOP bookkeeping: the model's forward FLOPs x batch over the runtime's time, against the matmul of
+        # the runtime's compute dtype timed in the same round (one round here, so the paired ratio is exact)
+        assert r["achieved_gflops"] == pytest.approx(r["gflops_per_image_fwd"] * 4 / r["timing"]["median_s"])
+        assert r["matmul_gflops"] == pytest.approx(2 * 64**3 / r["matmul_timing"]["median_s"] / 1e9)
+        assert r["fraction_of_matmul"] == pytest.approx(r["achieved_gflops"] / r["matmul_gflops"])
         # a random ViT has a zero head: all logits 0, so agreement would be 100% whatever ran; it says n/a
         assert r["top1_agreement"] is None and r["max_abs_logit_diff"] == 0
     rc = main(["benchmark", "--models", "vit_tiny_patch16_224", "--set", "depth=1", "--set", "img_size=32",
@@ -514,6 +521,7 @@ def test_benchmark_runtimes_cli(capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "torch-bf16-full" in text and "n/a" in text and "vitlab eval --checkpoint" in text
+    assert "GFLOP/s" in text and "of matmul" in text and "bfloat16 matmul's" in text
 
 
 def test_benchmark_runtimes_agreement_of_a_random_head():

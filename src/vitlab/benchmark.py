@@ -368,6 +368,7 @@ def benchmark_runtimes(
     overrides: dict[str, Any] | None = None,
     agreement_images: Any = None,
     num_agreement_images: int = 64,
+    matmul_size: int = 2048,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Inference runtimes of each model side by side (``vitlab.export.runtimes``): images/s at
@@ -375,7 +376,12 @@ def benchmark_runtimes(
     runtime's top-1 agreement and max |logit difference| with float32 PyTorch on real images
     (``agreement_images``: a data source, else the bundled digits, at the model's preprocessing).
 
-    Set-up time (export, quantisation, torch.compile's compile on the first call) is reported apart.
+    Achieved GFLOP/s (the model's forward FLOPs, whatever the runtime computes in) is set against an n x n
+    matmul timed in the same rounds, in the runtime's compute dtype: bfloat16 for the ``bf16`` runtimes,
+    float32 for the rest (int8 runtimes included: there is no int8 reference, so theirs can pass 100%).
+    ``fraction_of_matmul`` is the median over rounds of the two, so a machine that speeds up or slows down
+    between rounds moves both. Set-up time (export, quantisation, torch.compile's compile on the first call)
+    is reported apart.
     """
     from vitlab.export.onnx import _resolve_images, preprocess
     from vitlab.export.runtimes import build_runtime, compile_failure, setup_seconds
@@ -402,6 +408,11 @@ def benchmark_runtimes(
             built[rt](x_one)  # first call: compiles torch-compile, warms the others
         steps_b = {rt: (lambda r=r, xb=x_batch: r(xb)) for rt, r in built.items()}
         steps_1 = {rt: (lambda r=r, x1=x_one: r(x1)) for rt, r in built.items()}
+        compute = {rt: "bfloat16" if "bf16" in rt else "float32" for rt in runtimes}
+        matmul_flops = 0.0
+        for dtype in sorted(set(compute.values())):
+            steps_b[f"matmul-{dtype}"], matmul_flops = matmul_step(matmul_size, dtype=dtype)
+        flops_per_image, _ = registry_forward_flops(name, **overrides)
         stats_b = run_interleaved(steps_b, warmup=warmup, repeats=repeats, min_repeat_s=min_repeat_s)
         stats_1 = run_interleaved(steps_1, warmup=warmup, repeats=repeats, min_repeat_s=min_repeat_s)
         base = stats_b[runtimes[0]] if "torch" not in stats_b else stats_b["torch"]
@@ -410,9 +421,15 @@ def benchmark_runtimes(
         constant = bool((ref == ref.flatten()[0]).all())
         for rt, r in built.items():
             out = r(x_real)
+            matmul = stats_b[f"matmul-{compute[rt]}"]
             results.append({
                 "model": name, "runtime": rt, "batch_size": batch_size,
                 "images_per_s": batch_size / stats_b[rt].median,
+                "gflops_per_image_fwd": flops_per_image / 1e9,
+                "achieved_gflops": flops_per_image * batch_size / stats_b[rt].median / 1e9,
+                "matmul_dtype": compute[rt], "matmul_gflops": matmul_flops / matmul.median / 1e9,
+                "fraction_of_matmul": paired_ratio(stats_b[rt], matmul).median * flops_per_image * batch_size
+                / matmul_flops,
                 "latency_ms_batch1": 1000 * stats_1[rt].median,
                 "speedup_vs_first": paired_ratio(stats_b[rt], base).median,
                 "top1_agreement": None if constant else (out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
@@ -421,6 +438,7 @@ def benchmark_runtimes(
                 "setup_s": setup_seconds(r),
                 "compile_failed": compile_failure(r),
                 "timing": stats_b[rt].to_dict(), "timing_batch1": stats_1[rt].to_dict(),
+                "matmul_timing": matmul.to_dict(),
             })
             log.info("%s %s: %.1f img/s, batch-1 %.1f ms, agreement %s", name, rt, results[-1]["images_per_s"],
                      results[-1]["latency_ms_batch1"], "n/a" if constant else f"{results[-1]['top1_agreement']:.3f}")
@@ -428,6 +446,6 @@ def benchmark_runtimes(
     return {
         "machine": machine_info(),
         "settings": {"batch_size": batch_size, "runtimes": runtimes, "repeats": repeats, "warmup": warmup,
-                     "min_repeat_s": min_repeat_s, "overrides": overrides},
+                     "min_repeat_s": min_repeat_s, "matmul_size": matmul_size, "overrides": overrides},
         "results": results,
     }

@@ -108,22 +108,27 @@ def run_runtimes(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     with num_threads(args.threads):
         report = benchmark_runtimes(args.models, runtimes, batch_size=args.batch_size, repeats=args.repeats,
                                     warmup=args.warmup, min_repeat_s=args.min_repeat_s, overrides=overrides,
-                                    agreement_images=args.data)
+                                    agreement_images=args.data, matmul_size=args.matmul_size)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     m = report["machine"]
     print(f"{m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['allocator']}; batch {args.batch_size}, "
           f"median of {args.repeats} interleaved rounds; agreement = top-1 agreement with float32 PyTorch")
-    print(f"{'model':<28} {'runtime':<18} {'img/s':>8} {'vs first':>8} {'batch-1 ms':>10} {'agreement':>9} "
-          f"{'max diff':>9} {'set-up s':>8}")
+    print(f"{'model':<28} {'runtime':<18} {'img/s':>8} {'vs first':>8} {'GFLOP/s':>8} {'of matmul':>9} "
+          f"{'batch-1 ms':>10} {'agreement':>9} {'max diff':>9} {'set-up s':>8}")
     for r in report["results"]:
         agree = "n/a" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.1f}%"
         print(f"{r['model']:<28} {r['runtime']:<18} {r['images_per_s']:>8.1f} {r['speedup_vs_first']:>7.2f}x "
+              f"{r['achieved_gflops']:>8.1f} {100 * r['fraction_of_matmul']:>8.0f}% "
               f"{r['latency_ms_batch1']:>10.1f} {agree:>9} {r['max_abs_logit_diff']:>9.2g} "
               f"{r['setup_s']:>8.1f}" + (f"  (compile failed: {r['compile_failed']}; ran eager)"
                                           if r["compile_failed"] else ""))
     if report["results"]:
+        mm = {r["matmul_dtype"]: r["matmul_gflops"] for r in report["results"]}
+        print("of matmul: achieved GFLOP/s over a " + " and a ".join(
+            f"{args.matmul_size}^2 {d} matmul's ({g:.0f} GFLOP/s)" for d, g in sorted(mm.items()))
+              + " in the same rounds (bf16 runtimes against bfloat16)")
         print(f"agreement images: {report['results'][0]['agreement_images']}")
     if any(r["top1_agreement"] is None for r in report["results"]):
         print("agreement n/a: a randomly initialised model's logits are all 0 (zero-initialised head); measure "
