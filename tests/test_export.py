@@ -576,3 +576,27 @@ def test_ill_conditioned_inputs_are_arbitrated_in_float64(tmp_path, monkeypatch)
     monkeypatch.setattr(OnnxModel, "forward", lambda self, x: real_forward(self, x) + 0.01)
     with pytest.raises(ExportValidationError, match=r"tolerance 0.001\); on the 4 images .* ONNX Runtime 0.01"):
         export_onnx(model, tmp_path / "bad.onnx", num_images=4, timing=False)
+
+
+def test_bf16_runtime_on_a_cpu_without_bf16_says_so(tmp_path, digits_checkpoint, monkeypatch, caplog, capsys):
+    from PIL import Image
+
+    from vitlab.data.sources import read_digits
+    from vitlab.export.runtimes import slow_bf16_reason
+
+    images, _, _ = read_digits()
+    png = tmp_path / "d.png"
+    Image.fromarray(images[0, 0].numpy()).save(png)
+    args = ["predict", str(png), "--checkpoint", str(digits_checkpoint), "--runtime", "torch-bf16-full"]
+    for has_bf16 in (True, False):
+        monkeypatch.setattr("vitlab.train.hardware.cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vitlab"):
+            assert main(args) == 0
+        said = "neither AVX512-BF16 nor AMX-BF16" in caplog.text
+        assert said == (not has_bf16)
+    capsys.readouterr()
+    # only bfloat16 runtimes, only on the CPU
+    assert slow_bf16_reason("torch-compile", torch.device("cpu")) is None
+    assert slow_bf16_reason("torch-bf16", torch.device("cuda")) is None
+    assert "torch-bf16-compile" in slow_bf16_reason("torch-bf16-compile", torch.device("cpu"))

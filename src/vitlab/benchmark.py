@@ -384,10 +384,13 @@ def benchmark_runtimes(
     is reported apart.
     """
     from vitlab.export.onnx import _resolve_images, preprocess
-    from vitlab.export.runtimes import build_runtime, compile_failure, setup_seconds
+    from vitlab.export.runtimes import build_runtime, compile_failure, setup_seconds, slow_bf16_reason
     from vitlab.models.factory import create_model
 
     overrides = dict(overrides or {})
+    for rt in runtimes:
+        if reason := slow_bf16_reason(rt, torch.device("cpu")):
+            log.warning("%s", reason)
     results = []
     for name in names:
         torch.manual_seed(seed)

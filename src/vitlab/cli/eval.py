@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vitlab.data import build_dataset, eval_transform
-    from vitlab.export.runtimes import load_for_inference, setup_seconds
+    from vitlab.export.runtimes import load_for_inference, setup_seconds, slow_bf16_reason
     from vitlab.train.evaluate import evaluate
 
     runtime = "torch-compile" if args.compile else args.runtime
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if model.name.startswith("onnx") or model.name == "torch-int8":
         device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
     model = model.to(device).eval()
+    if reason := slow_bf16_reason(model.name, device):
+        log.warning("%s", reason)
     ds = build_dataset(args.data, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
                        transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
     protocol = args.protocol

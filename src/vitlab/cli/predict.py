@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ValueError("--topk must be >= 1")
     images = [str(p) for p in expand_image_paths(args.images)]
-    from vitlab.export.runtimes import load_for_inference
+    from vitlab.export.runtimes import load_for_inference, slow_bf16_reason
 
     device = check_device(args)
     model, reference = load_for_inference(args.checkpoint, args.runtime)
@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if model.name.startswith("onnx") or model.name == "torch-int8":
         device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
     model = model.to(device).eval()
+    if reason := slow_bf16_reason(model.name, device):
+        log.warning("%s", reason)
     if reference is not None:
         reference = reference.to(device)
     transform = eval_transform(model.preprocessing)

@@ -217,6 +217,17 @@ def build_runtime(name: str, model: nn.Module | None = None, *, onnx_path: str |
     return Runtime(name, inner, reference=model, setup_s=time.perf_counter() - t0)
 
 
+def slow_bf16_reason(name: str, device: torch.device) -> str | None:
+    """Why the bfloat16 runtime ``name`` will be slow on ``device`` (None: it will not be). Without
+    AVX512-BF16 or AMX-BF16, PyTorch emulates bfloat16 on the CPU, slower than float32."""
+    from vitlab.train.hardware import cpu_has_bf16
+
+    if "bf16" not in name or device.type != "cpu" or cpu_has_bf16():
+        return None
+    return (f"--runtime {name}: this CPU has neither AVX512-BF16 nor AMX-BF16, so PyTorch emulates bfloat16 "
+            "(slower than float32); torch or torch-compile will be faster here")
+
+
 def setup_seconds(rt: Runtime) -> float:
     """Preparation time of a runtime, including a compile that happened on its first call."""
     compile_s = sum(m.compile_s or 0.0 for m in rt.inner.modules() if isinstance(m, Compiled))
