@@ -600,3 +600,47 @@ def test_bf16_runtime_on_a_cpu_without_bf16_says_so(tmp_path, digits_checkpoint,
     assert slow_bf16_reason("torch-compile", torch.device("cpu")) is None
     assert slow_bf16_reason("torch-bf16", torch.device("cuda")) is None
     assert "torch-bf16-compile" in slow_bf16_reason("torch-bf16-compile", torch.device("cpu"))
+
+
+def test_weights_that_do_not_name_their_model_run_with_model(tmp_path, caplog, capsys):
+    """timm-style weights (a bare state dict, no vitlab metadata) go through predict, eval and export with
+    --model NAME and give what the same weights saved as a vitlab checkpoint give."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from vitlab.data.sources import read_digits
+
+    torch.manual_seed(0)
+    model = vitlab.create_model("cct_2_3x2_32").eval()
+    own = vitlab.save_model(model, tmp_path / "own.safetensors")
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bare))
+    images, _, _ = read_digits()
+    pngs = []
+    for i in range(4):
+        pngs.append(str(tmp_path / f"d{i}.png"))
+        Image.fromarray(images[i * 11, 0].numpy()).save(pngs[-1])
+
+    def run(*args: str) -> object:
+        assert main([*args, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    top = lambda rows: [r["predictions"][0]["index"] for r in rows]
+    assert top(run("predict", *pngs, "--checkpoint", str(bare), "--model", "cct_2_3x2_32")) == \
+        top(run("predict", *pngs, "--checkpoint", str(own)))
+    ours = run("eval", "--checkpoint", str(own), "--output", str(tmp_path / "e1"))
+    theirs = run("eval", "--checkpoint", str(bare), "--model", "cct_2_3x2_32", "--output", str(tmp_path / "e2"))
+    assert theirs["top1"] == ours["top1"]
+    onnx_path = tmp_path / "bare.onnx"
+    assert main(["export", "--checkpoint", str(bare), "--model", "cct_2_3x2_32", "--output", str(onnx_path),
+                 "--num-images", "4", "--no-timing"]) == 0
+    capsys.readouterr()
+    assert top(run("predict", *pngs, "--checkpoint", str(onnx_path))) == top(run("predict", *pngs, "--checkpoint",
+                                                                               str(own)))
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main(["predict", *pngs, "--checkpoint", str(bare)]) == 2
+        assert main(["predict", *pngs, "--checkpoint", str(onnx_path), "--model", "cct_2_3x2_32"]) == 2
+        assert main(["export", "--output", str(tmp_path / "x.onnx")]) == 2
+    assert "so the architecture is unknown; name it: --model NAME on the command line" in caplog.text
+    assert "names its model itself: leave --model out" in caplog.text
+    assert "give --checkpoint (and --model for timm or JAX weights)" in caplog.text

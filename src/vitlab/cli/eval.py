@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="vitlab checkpoint (model.safetensors of a run), or an ONNX file written by vitlab export")
+    p.add_argument("--model", help="registered architecture of weights that do not name it (timm, "
+                   "Hugging Face or JAX files); not needed for vitlab checkpoints")
     p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch float32; runtimes other than float32 "
                         "PyTorch also report their top-1 agreement with it")
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--amp {args.amp} applies to the plain PyTorch runtime; use --runtime torch-bf16 "
                          f"for bfloat16 inference with agreement")
     device = check_device(args)
-    model, reference = load_for_inference(args.checkpoint, runtime)
+    model, reference = load_for_inference(args.checkpoint, runtime, model_name=args.model)
     task = model.task
     if task != "classification":
         if runtime not in ("auto", "torch", "onnx"):

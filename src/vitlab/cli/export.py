@@ -15,6 +15,7 @@ EXAMPLE = """examples:
   vitlab export --checkpoint runs/digits-vit/model.safetensors --output digits.onnx
   vitlab export --checkpoint runs/mine/model.safetensors --output mine-int8.onnx --int8 --dynamic-batch
   vitlab export --checkpoint runs/mine/model.safetensors --output any.onnx --dynamic-size --data ./images
+  vitlab export --checkpoint deit_small.safetensors --model deit_small_patch16_224 --output deit.onnx   (timm weights)
   vitlab export --checkpoint runs/detr/model.safetensors --output detr.onnx --dynamic-size   (then: vitlab detect
       IMG --checkpoint detr.onnx; likewise a SETR checkpoint and vitlab segment / eval)
 
@@ -36,9 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Export a vitlab checkpoint to ONNX with its preprocessing and class names in "
                                    "the file's metadata, validated against PyTorch before it is written.",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="vitlab checkpoint (or a Hugging Face / timm folder)")
-    src.add_argument("--model", help="a registered model name with random weights (for trying the export)")
+    p.add_argument("--checkpoint", help="vitlab checkpoint, a Hugging Face folder, or timm / JAX weights with --model")
+    p.add_argument("--model", help="registered architecture: of --checkpoint weights that do not name it (timm, JAX), "
+                                   "or alone for random weights (for trying the export)")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="output format")
     p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
@@ -75,7 +76,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {output} is a folder; give the file to write, e.g. {output / 'model.onnx'}")
     if output.exists() and not args.overwrite:
         raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
-    model = vitlab.load_model(args.checkpoint) if args.checkpoint else vitlab.create_model(args.model)
+    if not (args.checkpoint or args.model):
+        raise ValueError("give --checkpoint (and --model for timm or JAX weights), or --model alone for random weights")
+    if args.checkpoint and args.model:
+        model = vitlab.create_model(args.model, pretrained=args.checkpoint)
+    else:
+        model = vitlab.load_model(args.checkpoint) if args.checkpoint else vitlab.create_model(args.model)
     try:
         report = export_onnx(
             model, args.output, img_size=args.img_size, dynamic_batch=args.dynamic_batch,

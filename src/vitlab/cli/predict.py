@@ -16,6 +16,7 @@ EXAMPLE = """examples:
   vitlab predict photo.jpg --checkpoint runs/mine/model.safetensors --topk 3 --json
   vitlab predict ./photos --checkpoint runs/mine/model.safetensors          (every image in the folder)
   vitlab predict digit0.png --checkpoint digits.onnx          (ONNX Runtime; the file carries the preprocessing)
+  vitlab predict cat.jpg --checkpoint vit_small.safetensors --model vit_small_patch16_224   (timm weights)
   vitlab predict digit0.png --checkpoint runs/digits-vit/model.safetensors --runtime torch-bf16"""
 
 
@@ -25,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files, or folders of them (searched recursively)")
     p.add_argument("--checkpoint", required=True, help="vitlab checkpoint, or an ONNX file written by vitlab export")
+    p.add_argument("--model", help="registered architecture of weights that do not name it (timm, "
+                   "Hugging Face or JAX files); not needed for vitlab checkpoints")
     p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch float32; other runtimes report their "
                         "top-1 agreement with float32 PyTorch")
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.export.runtimes import load_for_inference, slow_bf16_reason
 
     device = check_device(args)
-    model, reference = load_for_inference(args.checkpoint, args.runtime)
+    model, reference = load_for_inference(args.checkpoint, args.runtime, model_name=args.model)
     if model.task != "classification":
         command = {"detection": "vitlab detect", "segmentation": "vitlab segment"}.get(model.task, "its own command")
         raise ValueError(f"{args.checkpoint}: a {model.task} model, not a classifier; run it with {command}")

@@ -239,19 +239,24 @@ def compile_failure(rt: Runtime) -> str | None:
     return next((m.failed for m in rt.inner.modules() if isinstance(m, Compiled) and m.failed), None)
 
 
-def load_for_inference(path: str | os.PathLike, runtime: str = "auto") -> tuple[Runtime, nn.Module | None]:
+def load_for_inference(path: str | os.PathLike, runtime: str = "auto", *,
+                       model_name: str | None = None) -> tuple[Runtime, nn.Module | None]:
     """(runtime, float32 PyTorch model or None) for a checkpoint or an ONNX file.
 
     ``runtime="auto"``: ONNX Runtime for an ``.onnx`` file, PyTorch float32 otherwise. The PyTorch model
     is returned too (None for an ONNX file) so that callers can report agreement with float32.
+    ``model_name``: the registered architecture of weights that do not name it (timm, Hugging Face or JAX
+    files, as ``vitlab.create_model(model_name, pretrained=path)`` reads them).
     """
     if is_onnx_file(path):
         if runtime not in ("auto", "onnx", "onnx-int8"):
             raise ValueError(f"{path} is an ONNX file: use --runtime onnx (or leave --runtime out), not {runtime}")
+        if model_name is not None:
+            raise ValueError(f"{path} is an ONNX file, which names its model itself: leave --model out")
         return build_runtime("onnx", onnx_path=path), None
     import vitlab
 
-    model = vitlab.load_model(path).eval()
+    model = (vitlab.create_model(model_name, pretrained=path) if model_name else vitlab.load_model(path)).eval()
     return build_runtime("torch" if runtime == "auto" else runtime, model), model
 
 

@@ -173,8 +173,8 @@ def load_model(path: str | os.PathLike, *, num_classes: int | None = None,
     got = read_vitlab(p)
     if got is None:
         raise CheckpointError(
-            f"{p}: not a vitlab checkpoint (no vitlab metadata); use "
-            f"vitlab.create_model(NAME, pretrained={str(p)!r}) for timm or Hugging Face weights"
+            f"{p}: not a vitlab checkpoint (no vitlab metadata), so the architecture is unknown; name it: "
+            f"--model NAME on the command line, vitlab.create_model(NAME, pretrained={str(p)!r}) in Python"
         )
     name = got[1].get("model")
     if not isinstance(name, str) or not _is_registered(name):
