@@ -603,8 +603,8 @@ def test_bf16_runtime_on_a_cpu_without_bf16_says_so(tmp_path, digits_checkpoint,
 
 
 def test_weights_that_do_not_name_their_model_run_with_model(tmp_path, caplog, capsys):
-    """timm-style weights (a bare state dict, no vitlab metadata) go through predict, eval and export with
-    --model NAME and give what the same weights saved as a vitlab checkpoint give."""
+    """timm-style weights (a bare state dict, no vitlab metadata) go through predict, eval, explain and export
+    with --model NAME and give what the same weights saved as a vitlab checkpoint give."""
     from PIL import Image
     from safetensors.torch import save_file
 
@@ -631,6 +631,10 @@ def test_weights_that_do_not_name_their_model_run_with_model(tmp_path, caplog, c
     ours = run("eval", "--checkpoint", str(own), "--output", str(tmp_path / "e1"))
     theirs = run("eval", "--checkpoint", str(bare), "--model", "cct_2_3x2_32", "--output", str(tmp_path / "e2"))
     assert theirs["top1"] == ours["top1"]
+    assert main(["explain", pngs[0], "--checkpoint", str(bare), "--model", "cct_2_3x2_32",
+                 "--output", str(tmp_path / "maps")]) == 0
+    assert len(list((tmp_path / "maps").glob("d0_*.png"))) == 1
+    capsys.readouterr()
     onnx_path = tmp_path / "bare.onnx"
     assert main(["export", "--checkpoint", str(bare), "--model", "cct_2_3x2_32", "--output", str(onnx_path),
                  "--num-images", "4", "--no-timing"]) == 0

@@ -7,7 +7,14 @@ import logging
 import shlex
 from pathlib import Path
 
-from vitlab.cli.common import add_device_argument, add_image_limit_argument, add_threads_argument, check_device
+from vitlab.cli.common import (
+    add_device_argument,
+    add_image_limit_argument,
+    add_model_argument,
+    add_threads_argument,
+    check_device,
+    load_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "and the principal components of the embedding filters (ViT paper, Fig. 7), "
                                    "with an HTML report of the figures and the numbers behind them.",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a vitlab checkpoint (model.safetensors)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a vitlab checkpoint (model.safetensors), or timm / Hugging Face / JAX weights with --model")
+    add_model_argument(p)
     p.add_argument("--data", required=True, metavar="SOURCE", help="data source (e.g. digits, a folder, mnist)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split's images to use")
     p.add_argument("--num-images", type=int, default=256, metavar="N", help="images for the attention distance")
@@ -47,14 +56,13 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab import load_model
     from vitlab.analysis.analyze import POSITION_KINDS, REPORT_HTML, analyze_model
     from vitlab.data import build_dataset, eval_transform
 
     if args.num_images < 1:
         raise ValueError("--num-images must be at least 1")
     device = check_device(args)
-    model = load_model(args.checkpoint)
+    model = load_checkpoint(args)
     dataset = build_dataset(args.data, split=args.split, transform=eval_transform(model.preprocessing))
     name = getattr(model, "model_name", type(model).__name__)
     model_desc = f"{name} from {args.checkpoint}"

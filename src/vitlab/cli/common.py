@@ -14,6 +14,20 @@ import torch
 from vitlab.train.distributed import resolve_device
 
 
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="registered architecture of weights that do not name it (timm, Hugging Face or "
+                                   "JAX files); not needed for vitlab checkpoints")
+
+
+def load_checkpoint(args: argparse.Namespace) -> torch.nn.Module:
+    """``--checkpoint``'s model: a vitlab checkpoint names its architecture, other weights need ``--model``."""
+    import vitlab
+
+    if args.model:
+        return vitlab.create_model(args.model, pretrained=args.checkpoint)
+    return vitlab.load_model(args.checkpoint)
+
+
 def add_device_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import torch
 
-from vitlab.cli.common import add_device_argument, add_image_limit_argument, add_threads_argument, check_device
+from vitlab.cli.common import (
+    add_device_argument,
+    add_image_limit_argument,
+    add_model_argument,
+    add_threads_argument,
+    check_device,
+    load_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "the last layer's attention.",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them (searched recursively)")
-    p.add_argument("--checkpoint", required=True, help="a vitlab checkpoint (model.safetensors)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a vitlab checkpoint (model.safetensors), or timm / Hugging Face / JAX weights with --model")
+    add_model_argument(p)
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="how the map is computed (auto: attention rollout where the model's attention allows "
                         "it, else Grad-CAM on the last feature map)")
@@ -75,14 +84,13 @@ def prepare_image(path: str, transform) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab import load_model
     from vitlab.analysis import explain, normalize_map
     from vitlab.analysis.figures import explain_figure, to_display
     from vitlab.data import eval_transform, expand_image_paths, unique_stems
 
     images = expand_image_paths(args.images)
     device = check_device(args)
-    model = load_model(args.checkpoint).to(device).eval()
+    model = load_checkpoint(args).to(device).eval()
     if getattr(model, "task", "classification") == "detection":
         # DETR: each detected object's decoder cross-attention over the image (the paper's figure)
         from vitlab.tasks.run import detect_images

@@ -6,7 +6,14 @@ import argparse
 import json
 import logging
 
-from vitlab.cli.common import add_device_argument, add_image_limit_argument, add_threads_argument, check_device
+from vitlab.cli.common import (
+    add_device_argument,
+    add_image_limit_argument,
+    add_model_argument,
+    add_threads_argument,
+    check_device,
+    load_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Closed-form regularised least squares from frozen pre-logit features to "
                                    "{-1, 1}^K targets with a few examples per class, plus cosine k-NN.",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a vitlab checkpoint (model.safetensors)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a vitlab checkpoint (model.safetensors), or timm / Hugging Face / JAX weights with --model")
+    add_model_argument(p)
     p.add_argument("--data", required=True, metavar="SOURCE", help="data source (e.g. digits, a folder, mnist)")
     p.add_argument("--shots", type=_shots, default=(1, 5, 10, 25), help="examples per class, comma-separated")
     p.add_argument("--seeds", type=int, default=5, metavar="N", help="random support draws per shot count")
@@ -56,7 +65,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab import load_model
     from vitlab.analysis.analyze import collate_present, spread_images
     from vitlab.analysis.fewshot import extract_features, fewshot_evaluate
     from vitlab.data import build_dataset, eval_transform
@@ -64,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
     device = check_device(args)
-    model = load_model(args.checkpoint).to(device).eval()
+    model = load_checkpoint(args).to(device).eval()
     transform = eval_transform(model.preprocessing)
     train = build_dataset(args.data, split=args.train_split, transform=transform)
     test = build_dataset(args.data, split=args.test_split, transform=transform)

@@ -6,7 +6,13 @@ import argparse
 import json
 import logging
 
-from vitlab.cli.common import add_device_argument, add_image_limit_argument, add_threads_argument, check_device
+from vitlab.cli.common import (
+    add_device_argument,
+    add_image_limit_argument,
+    add_model_argument,
+    add_threads_argument,
+    check_device,
+)
 from vitlab.export.runtimes import RUNTIMES
 
 log = logging.getLogger("vitlab")
@@ -26,8 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files, or folders of them (searched recursively)")
     p.add_argument("--checkpoint", required=True, help="vitlab checkpoint, or an ONNX file written by vitlab export")
-    p.add_argument("--model", help="registered architecture of weights that do not name it (timm, "
-                   "Hugging Face or JAX files); not needed for vitlab checkpoints")
+    add_model_argument(p)
     p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch float32; other runtimes report their "
                         "top-1 agreement with float32 PyTorch")
