@@ -420,9 +420,9 @@ def test_expand_image_paths_lists_a_folders_images_and_names_an_empty_one(tmp_pa
     for rel in ("b/2.png", "a.JPG", "b/deep/1.webp", ".hidden/x.png", "b/.y.png"):
         (tmp_path / rel).write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not an image")
-    single = tmp_path / "elsewhere.png"
-    assert expand_image_paths([str(single), tmp_path]) == [
-        single, tmp_path / "a.JPG", tmp_path / "b" / "2.png", tmp_path / "b" / "deep" / "1.webp"]
+    as_written = f"{tmp_path}/./elsewhere.png"  # a file is kept as the user wrote it
+    assert expand_image_paths([as_written, tmp_path]) == [
+        as_written, *map(str, (tmp_path / "a.JPG", tmp_path / "b" / "2.png", tmp_path / "b" / "deep" / "1.webp"))]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: a folder with no image files in it \(\.png, \.jpg"):
         expand_image_paths([tmp_path / "empty"])

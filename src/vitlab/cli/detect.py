@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.attention and (args.runtime == "onnx" or str(args.checkpoint).lower().endswith(".onnx")):
         raise ValueError("--attention reads the decoder's cross-attention inside the PyTorch model; an ONNX file "
                          "exports only logits and boxes: give the checkpoint and --runtime torch")
-    images = expand_image_paths(args.images)
+    images = [Path(p) for p in expand_image_paths(args.images)]
     model = load_dense(args.checkpoint, "detection", args.runtime)
     for r in detect_images(model, images, args.output, threshold=args.threshold, attention=args.attention):
         objs = ", ".join(f"{o['label']} {o['score']:.2f}" for o in r["objects"]) or "nothing"

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         # DETR: each detected object's decoder cross-attention over the image (the paper's figure)
         from vitlab.tasks.run import detect_images
 
-        for r in detect_images(model.cpu(), images, Path(args.output), attention=True):
+        for r in detect_images(model.cpu(), [Path(p) for p in images], Path(args.output), attention=True):
             print(f"{r['image']}: {len(r['objects'])} objects -> {Path(args.output)}")
         return 0
     names = model_class_names(model)

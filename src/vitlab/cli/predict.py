@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.topk < 1:
         raise ValueError("--topk must be >= 1")
-    images = [str(p) for p in expand_image_paths(args.images)]
+    images = expand_image_paths(args.images)
     from vitlab.export.runtimes import load_for_inference, slow_bf16_reason
 
     device = check_device(args)

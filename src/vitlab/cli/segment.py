@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.data import expand_image_paths
     from vitlab.tasks.run import load_dense, segment_images
 
-    images = expand_image_paths(args.images)
+    images = [Path(p) for p in expand_image_paths(args.images)]
     model = load_dense(args.checkpoint, "segmentation", args.runtime)
     for r in segment_images(model, images, args.output, alpha=args.alpha):
         print(f"{r['image']}: {r['pixels_per_class']}")

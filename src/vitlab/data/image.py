@@ -30,19 +30,21 @@ def is_image_file(name: str | os.PathLike) -> bool:
     return str(name).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def expand_image_paths(paths: list[str | os.PathLike]) -> list[Path]:
-    """Image paths as a command line gives them: a file stays (decoding reports a bad one), a folder stands for
-    the image files below it (sorted, hidden ones skipped). A folder with none is an error that names it."""
-    out: list[Path] = []
-    for p in map(Path, paths):
+def expand_image_paths(paths: list[str | os.PathLike]) -> list[str]:
+    """Image paths as a command line gives them: a file stays as written (decoding reports a bad one), a folder
+    stands for the image files below it (sorted, hidden ones skipped). A folder with none is an error that
+    names it."""
+    out: list[str] = []
+    for given in paths:
+        p = Path(given)
         if not p.is_dir():
-            out.append(p)
+            out.append(str(given))
             continue
         found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not found:
             raise ValueError(f"{p}: a folder with no image files in it ({', '.join(IMAGE_EXTENSIONS)})")
-        out.extend(found)
+        out.extend(map(str, found))
     return out
 
 
