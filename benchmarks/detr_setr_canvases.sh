@@ -9,7 +9,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD/src}
 
 # 1. the data: 2000 training canvases (MNIST train digits), 200 held-out (MNIST test digits), 96x96, 1-4 digits
 $VITLAB make-canvases --mnist /work/shared/data/mnist --seed 0 --train 2000 --val 200 --size 96 \
-    --output "$OUT/data"
+    --output "$OUT/data" --overwrite
 
 # 2. DETR (recipe detr_canvases: small ResNet, width 128, 2+3 layers, 12 queries, AdamW 2e-4, clip 0.1,
 #    120 epochs), its backbone first trained as an MNIST classifier (recipe detr_canvases_backbone), as DETR
@@ -32,7 +32,7 @@ $VITLAB detect "$OUT"/data/val/images/0000{0,1,2,3}.png --checkpoint "$OUT/detr/
 #    bilinear interpolation of the 12x12 grid, and even per-canvas fitted grid logits score mIoU 0.49 against the
 #    digit strokes (a few px wide) (0.81 on a 24x24 grid); it learnt mIoU 0.18-0.26.
 $VITLAB make-canvases --mnist /work/shared/data/mnist --seed 0 --train 8000 --val 200 --size 96 \
-    --output "$OUT/data8k"
+    --output "$OUT/data8k" --overwrite
 /usr/bin/time -v $VITLAB train --task segmentation --data "$OUT/data8k" --recipe setr_canvases \
     --output "$OUT/setr" --no-progress --threads 1 --workers 0 2>&1 | tee "$OUT/setr.log"
 $VITLAB eval --checkpoint "$OUT/setr/model.safetensors" --data "$OUT/data8k" --split val

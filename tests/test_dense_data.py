@@ -144,3 +144,29 @@ def test_canvases_are_deterministic_and_boxes_masks_agree(tmp_path: Path) -> Non
             assert (inside == label + 1).any()  # the digit's own pixels lie in its box
             ys, xs = torch.nonzero(inside == label + 1, as_tuple=True)
             assert ys.min() == 0 and xs.min() == 0 and ys.max() == y1 - y0 - 1 and xs.max() == x1 - x0 - 1
+
+
+def test_canvases_never_half_written_or_mixed_with_an_older_set(tmp_path: Path) -> None:
+    mnist = write_fake_mnist(tmp_path / "mnist")
+    out = tmp_path / "c"
+    make_canvases(out, mnist=mnist, seed=0, n_train=5, n_val=2, size=32)
+    assert json.loads((out / "classes.json").read_text())[0] == "background"
+    with pytest.raises(DatasetError, match=r"c exists and is not empty; pass --overwrite"):
+        make_canvases(out, mnist=mnist, seed=1, n_train=3, n_val=1, size=32)
+    assert len(list((out / "train" / "images").iterdir())) == 5  # untouched
+    # a smaller set over a larger one: replaced whole, no image left without its annotation
+    make_canvases(out, mnist=mnist, seed=1, n_train=3, n_val=1, size=32, overwrite=True)
+    files = sorted(p.name for p in (out / "train" / "images").iterdir())
+    coco = json.loads((out / "train" / "annotations.json").read_text())
+    assert files == sorted(im["file_name"] for im in coco["images"]) and len(files) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".c.")]  # no temporary folder left
+    # an interrupted run leaves the folder as it was
+    with pytest.raises(DatasetError):
+        make_canvases(out, mnist=tmp_path / "no-mnist", n_train=2, n_val=1, size=32, overwrite=True)
+    assert len(list((out / "train" / "images").iterdir())) == 3
+    # --overwrite replaces a canvas set, never a folder of other files
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("mine")
+    with pytest.raises(DatasetError, match="holds files that are not a canvas set"):
+        make_canvases(tmp_path / "mine", mnist=mnist, n_train=2, n_val=1, size=32, overwrite=True)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "mine"

@@ -23,14 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", type=int, default=200, help="held-out canvases (from MNIST's test digits)")
     p.add_argument("--size", type=int, default=96, help="canvas side in pixels")
     p.add_argument("--digits", type=int, nargs=2, default=(1, 4), metavar=("MIN", "MAX"), help="digits per canvas")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder (default: refuse)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.data.dense import SEGMENTATION_CLASSES, make_canvases
+    from vitlab.data.dense import make_canvases
 
     summary = make_canvases(args.output, mnist=args.mnist, seed=args.seed, n_train=args.train, n_val=args.val,
-                            size=args.size, digits=tuple(args.digits))
-    (args.output / "classes.json").write_text(json.dumps(SEGMENTATION_CLASSES))
+                            size=args.size, digits=tuple(args.digits), overwrite=args.overwrite)
     print(json.dumps(summary))
     return 0

@@ -302,7 +302,8 @@ class MaskFolder(Dataset):
 
 def make_canvases(output: str | os.PathLike, *, mnist: str | os.PathLike, seed: int = 0, n_train: int = 512,
                   n_val: int = 128, size: int = 96, digits: tuple[int, int] = (1, 4),
-                  scale: tuple[float, float] = (0.6, 1.4), threshold: int = 128) -> dict[str, Any]:
+                  scale: tuple[float, float] = (0.6, 1.4), threshold: int = 128,
+                  overwrite: bool = False) -> dict[str, Any]:
     """Write detection and segmentation canvases of MNIST digits, deterministically from ``seed``.
 
     Each ``size`` x ``size`` grey canvas holds ``digits`` digits (drawn from MNIST's training images
@@ -311,14 +312,47 @@ def make_canvases(output: str | os.PathLike, *, mnist: str | os.PathLike, seed: 
     above ``threshold`` give its per-pixel mask (class digit + 1; 0 is background) and its tight box.
 
     Layout under ``output``: ``{train,val}/images/*.png``, ``{train,val}/annotations.json`` (COCO:
-    categories 1..10 named "0".."9") and ``{train,val}/masks/*.png``. Returns a summary.
+    categories 1..10 named "0".."9"), ``{train,val}/masks/*.png`` and ``classes.json`` (the segmentation
+    classes). Returns a summary.
+
+    The set is written into a temporary folder beside ``output`` and moved into place when complete, so an
+    interrupted run leaves no half set. A non-empty ``output`` is refused unless ``overwrite`` (then replaced
+    whole: a smaller set written over a larger one would leave the larger one's images without annotations).
     """
+    import shutil
+    import tempfile
+
+    final = Path(output)
+    if final.exists() and not final.is_dir():
+        raise DatasetError(f"{final} is a file; give a folder for the canvases")
+    existing = sorted(p.name for p in final.iterdir()) if final.is_dir() else []
+    if existing and not overwrite:
+        raise DatasetError(f"{final} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    if set(existing) - {"train", "val", "classes.json"}:  # --overwrite replaces a canvas set, nothing else
+        raise DatasetError(f"{final} holds files that are not a canvas set ({', '.join(existing[:5])}); "
+                           f"give a new or empty folder")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        summary = _write_canvases(out, mnist=mnist, seed=seed, n_train=n_train, n_val=n_val, size=size,
+                                  digits=digits, scale=scale, threshold=threshold)
+        (out / "classes.json").write_text(json.dumps(SEGMENTATION_CLASSES))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return {**summary, "output": str(final)}
+
+
+def _write_canvases(out: Path, *, mnist: str | os.PathLike, seed: int, n_train: int, n_val: int, size: int,
+                    digits: tuple[int, int], scale: tuple[float, float], threshold: int) -> dict[str, Any]:
     from PIL import Image
 
     from vitlab.data.sources import read_mnist
 
-    out = Path(output)
-    summary: dict[str, Any] = {"output": str(out), "seed": seed, "size": size}
+    summary: dict[str, Any] = {"seed": seed, "size": size}
     for split, prefix, n in (("train", "train", n_train), ("val", "t10k", n_val)):
         pool, labels, _ = read_mnist(mnist, prefix)
         g = np.random.default_rng([seed, 0 if split == "train" else 1])
