@@ -98,3 +98,12 @@ def test_canvas_recipes_build_their_models(name: str, classes: int) -> None:
     with torch.no_grad():
         out = model(torch.zeros(1, 1, recipe.img_size, recipe.img_size))
     assert out["logits"].shape[:2] == ((1, 12) if name == "detr_canvases" else (1, classes))
+
+
+def test_make_canvases_names_a_missing_mnist_folder(tmp_path: Path, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main(["make-canvases", "--mnist", str(tmp_path / "nope"), "--output", str(tmp_path / "c")]) == 2
+    assert "nope: no such folder; give the folder with MNIST's IDX files" in caplog.text
+    assert not (tmp_path / "c").exists()

@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitlab.data.dense import make_canvases
 
+    if not Path(args.mnist).exists():
+        raise ValueError(f"--mnist {args.mnist}: no such folder{' (the default)' if args.mnist == DEFAULT_MNIST else ''}; "
+                         "give the folder with MNIST's IDX files (train-/t10k-images-idx3-ubyte[.gz] and labels)")
     summary = make_canvases(args.output, mnist=args.mnist, seed=args.seed, n_train=args.train, n_val=args.val,
                             size=args.size, digits=tuple(args.digits), overwrite=args.overwrite)
     print(json.dumps(summary))
