@@ -40,8 +40,11 @@ def expand_image_paths(paths: list[str | os.PathLike]) -> list[str]:
         if not p.is_dir():
             out.append(str(given))
             continue
-        found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        found = []
+        for dirpath, dirnames, filenames in os.walk(p, followlinks=True):  # as the image-folder datasets scan
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            found += [Path(dirpath, f) for f in filenames if not f.startswith(".") and is_image_file(f)]
+        found.sort()
         if not found:
             raise ValueError(f"{p}: a folder with no image files in it ({', '.join(IMAGE_EXTENSIONS)})")
         out.extend(map(str, found))
