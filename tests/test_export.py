@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -648,3 +649,22 @@ def test_weights_that_do_not_name_their_model_run_with_model(tmp_path, caplog, c
     assert "so the architecture is unknown; name it: --model NAME on the command line" in caplog.text
     assert "names its model itself: leave --model out" in caplog.text
     assert "give --checkpoint (and --model for timm or JAX weights)" in caplog.text
+
+
+def test_bad_sizes_and_opsets_are_named_before_any_work(tmp_path, digits_checkpoint, caplog, capsys):
+    out = tmp_path / "m.onnx"
+    base = ["export", "--checkpoint", str(digits_checkpoint), "--output", str(out), "--num-images", "4", "--no-timing"]
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main([*base, "--img-size", "0"]) == 2
+        assert main([*base, "--opset", "0"]) == 2
+        # an opset the exporter cannot convert the graph to: refused, nothing written (it wrote 18 silently)
+        assert main([*base, "--opset", "9"]) == 2
+        assert main(["predict", str(tmp_path), "--checkpoint", str(digits_checkpoint), "--batch-size", "0"]) == 2
+        assert main(["eval", "--checkpoint", str(digits_checkpoint), "--batch-size", "0"]) == 2
+    assert "--img-size must be a positive number of pixels, got 0" in caplog.text
+    assert "--opset must be a positive ONNX opset version, got 0" in caplog.text
+    assert re.search(r"--opset 9: torch.onnx \w+ wrote opset \d+ instead", caplog.text)
+    assert "--topk and --batch-size must be >= 1, got 5 and 0" in caplog.text
+    assert "--batch-size must be >= 1, got 0" in caplog.text
+    assert not out.exists() and not list(tmp_path.glob(".m.onnx*"))
+    assert main([*base, "--opset", "18"]) == 0 and read_metadata(out)  # an opset it writes is honoured

@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.export.runtimes import load_for_inference, setup_seconds, slow_bf16_reason
     from vitlab.train.evaluate import evaluate
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     runtime = "torch-compile" if args.compile else args.runtime
     if args.compile and args.runtime not in ("auto", "torch", "torch-compile"):
         raise ValueError(f"--compile and --runtime {args.runtime} exclude each other")

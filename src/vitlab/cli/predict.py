@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.data import eval_transform, expand_image_paths, load_image
     from vitlab.train.evaluate import logits_of
 
-    if args.topk < 1:
-        raise ValueError("--topk must be >= 1")
+    if args.topk < 1 or args.batch_size < 1:
+        raise ValueError(f"--topk and --batch-size must be >= 1, got {args.topk} and {args.batch_size}")
     images = expand_image_paths(args.images)
     from vitlab.export.runtimes import load_for_inference, slow_bf16_reason
 

@@ -659,12 +659,16 @@ def export_onnx(
     task, spec = task_outputs(model)
     if tolerance <= 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    from vitlab.layers import to_2tuple
+
+    if img_size is not None and min(to_2tuple(img_size)) < 1:
+        raise ValueError(f"--img-size must be a positive number of pixels, got {img_size}")
+    if opset is not None and opset < 1:
+        raise ValueError(f"--opset must be a positive ONNX opset version, got {opset}")
     path = Path(path)
     name = getattr(model, "model_name", type(model).__name__)
     model = model.eval()
     if img_size is not None:
-        from vitlab.layers import to_2tuple
-
         if tuple(to_2tuple(img_size)) != tuple(model.preprocessing.input_size[1:]):
             model = rebuild(model, img_size=img_size)
     if dynamic_size:
@@ -700,6 +704,9 @@ def export_onnx(
         props = metadata(model, pre, class_names=class_names, dynamic_batch=dynamic_batch,
                          dynamic_size=dynamic_size, int8=False)
         report.opset = _set_metadata(float_path, props)
+        if opset is not None and report.opset != opset:  # the dynamo exporter writes its own opset when it cannot
+            raise ExportError(f"--opset {opset}: {report.exporter} wrote opset {report.opset} instead (it cannot "
+                              f"convert this graph to {opset}); ask for {report.opset} or later, or leave --opset out")
         report.export_s = time.perf_counter() - t0
 
         onnx_float = OnnxModel(float_path)
