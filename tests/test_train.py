@@ -183,6 +183,8 @@ def test_recipe_overrides_are_typed():
         apply_overrides(r, ["schedule=exponential"])
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         load_recipe("nope")
+    with pytest.raises(ValueError, match="img_size must be a positive number of pixels"):  # not a resize crash
+        apply_overrides(r, ["img_size=0"])
 
 
 def test_recipe_file(tmp_path):

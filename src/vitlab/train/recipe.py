@@ -118,6 +118,7 @@ class Recipe:
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.img_size is None or self.img_size >= 1, "img_size must be a positive number of pixels, or null"),
             (self.accum_steps >= 1, "accum_steps must be >= 1"),
             (self.global_batch is None or self.global_batch >= 1, "global_batch must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
