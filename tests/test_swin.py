@@ -229,6 +229,26 @@ def test_bias_table_resampling_to_the_same_window_is_identity_and_round_trips(tm
         assert torch.isfinite(big(torch.randn(1, 3, 64, 64))).all()
 
 
+def test_a_window_of_one_resamples_to_a_constant_table_not_nan(tmp_path: Path) -> None:
+    """A Swin trained on small images has 1 x 1 maps (window 1, a one-entry table) in its last stage; loaded at a
+    larger size that table must spread as a constant (it was NaN: a zero-width interpolation cell)."""
+    one = torch.randn(1, 4)
+    for mode in ("timm", "bicubic"):
+        torch.testing.assert_close(resample_rel_pos_table(one, (1, 1), (3, 3), mode=mode), one.expand(25, 4))
+    strip = torch.randn(5, 2)  # window 1 x 3: constant along the first axis only
+    grid = resample_rel_pos_table(strip, (1, 3), (2, 4)).reshape(3, 7, 2)
+    assert torch.isfinite(grid).all() and torch.equal(grid[0], grid[1]) and torch.equal(grid[1], grid[2])
+    # 32 px, patch 4, window 7: maps 8, 4, 2, 1 -> the last stage's window is 1
+    arch = {"img_size": 32, "embed_dim": 8, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2)}
+    model = perturb_(vitlab.create_model(V1, num_classes=3, **arch)).eval()
+    assert model.layers[3].blocks[0].attn.relative_position_bias_table.shape[0] == 1
+    from safetensors.torch import save_file
+    save_file(model.state_dict(), tmp_path / "small.safetensors")
+    big = vitlab.create_model(V1, pretrained=tmp_path / "small.safetensors", **{**arch, "img_size": 48}).eval()
+    with torch.no_grad():
+        assert torch.isfinite(big(torch.randn(2, 3, 48, 48))).all()
+
+
 def test_dynamic_size_pads_and_fixed_size_refuses() -> None:
     fixed = vitlab.create_model(V1, num_classes=3, **ARCH).eval()
     with pytest.raises(ValueError, match="built for 32x32"):

@@ -141,7 +141,12 @@ def _progression(src: int, dst: int) -> Tensor:
 
 def _interp_rectilinear(values: Tensor, ys: Tensor, xs: Tensor, ty: Tensor, tx: Tensor) -> Tensor:
     """Bilinear interpolation of (C, len(ys), len(xs)) samples on the grid ys x xs at ty x tx, constant
-    beyond the grid's edges."""
+    beyond the grid's edges (and along an axis with a single sample: a window of 1, as a Swin stage whose
+    map was 1 x 1 at training time has)."""
+    if len(ys) == 1:  # one sample: its value everywhere (a cell of width 0 would divide by zero)
+        ys, values = torch.cat([ys, ys + 1]), torch.cat([values, values], dim=1)
+    if len(xs) == 1:
+        xs, values = torch.cat([xs, xs + 1]), torch.cat([values, values], dim=2)
     def cell(grid: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         t = t.clamp(grid[0], grid[-1])  # beyond the outermost sample: its value (no extrapolation)
         i = torch.searchsorted(grid, t, right=True).sub(1).clamp(0, len(grid) - 2)
