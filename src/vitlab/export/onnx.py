@@ -47,6 +47,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -577,10 +578,21 @@ def quantize_int8(src: str, dst: str) -> int:
     nodes = linear_nodes(src)
     if not nodes:
         raise ExportError(f"{src}: found no linear layer (MatMul/Gemm with a constant weight) to quantise")
+    src, dst = os.path.abspath(src), os.path.abspath(dst)
     prepared = dst + ".prep.onnx"
+    cwd, scratch = os.getcwd(), tempfile.mkdtemp(prefix="vitlab-int8-")
     try:
         with _quiet_exporter():
-            quant_pre_process(src, prepared, skip_optimization=True)  # shape inference, as ORT recommends
+            try:  # shape inference first, as ORT recommends
+                # where it fails, ORT saves its partial model into the working directory: a scratch folder
+                os.chdir(scratch)
+                quant_pre_process(src, prepared, skip_optimization=True)
+            except Exception as e:  # its symbolic pass cannot follow some any-size graphs (MobileViT's resizes)
+                log.info("int8: symbolic shape inference failed (%s); using ONNX's own shape inference", e)
+                quant_pre_process(src, prepared, skip_optimization=True, skip_symbolic_shape=True)
+            finally:
+                os.chdir(cwd)
+                shutil.rmtree(scratch, ignore_errors=True)
             nodes = [n for n in linear_nodes(prepared) if n in set(nodes)] or nodes
             quantize_dynamic(prepared, dst, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
                              per_channel=True, weight_type=QuantType.QInt8)
