@@ -220,10 +220,14 @@ def build_runtime(name: str, model: nn.Module | None = None, *, onnx_path: str |
 def slow_bf16_reason(name: str, device: torch.device) -> str | None:
     """Why the bfloat16 runtime ``name`` will be slow on ``device`` (None: it will not be). Without
     AVX512-BF16 or AMX-BF16, PyTorch emulates bfloat16 on the CPU, slower than float32."""
+    import platform
+
     from vitlab.train.hardware import cpu_has_bf16
 
     if "bf16" not in name or device.type != "cpu" or cpu_has_bf16():
         return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or not os.path.exists("/proc/cpuinfo"):
+        return None  # the flags are x86's, read from Linux's /proc/cpuinfo: elsewhere we cannot tell
     return (f"--runtime {name}: this CPU has neither AVX512-BF16 nor AMX-BF16, so PyTorch emulates bfloat16 "
             "(slower than float32); torch or torch-compile will be faster here")
 
