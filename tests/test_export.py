@@ -690,3 +690,18 @@ def test_int8_dynamic_size_export_of_a_mobilevit(tmp_path, monkeypatch):
     with torch.no_grad():
         ref = rebuild(model, dynamic_img_size=True)(x) if hasattr(model.cfg, "dynamic_img_size") else model(x)
     assert (m(x) - ref).abs().max() < 0.05 * ref.abs().max() + 0.01  # int8 at another size, close to float32
+
+
+def test_onnx_int8_runtime_on_a_file_says_what_the_file_is(tmp_path, digits_checkpoint, caplog, capsys):
+    float_file, int8_file = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    for path, extra in ((float_file, []), (int8_file, ["--int8", "--min-agreement", "0.9"])):
+        assert main(["export", "--checkpoint", str(digits_checkpoint), "--output", str(path), "--num-images", "8",
+                     "--no-timing", "--dynamic-batch", *extra]) == 0
+    capsys.readouterr()
+    with caplog.at_level(logging.ERROR, logger="vitlab"):  # it ran the float file and called it onnx-int8's run
+        assert main(["eval", "--checkpoint", str(float_file), "--runtime", "onnx-int8"]) == 2
+    assert "f.onnx is a float32 ONNX file: --runtime onnx-int8 needs a file written by `vitlab export --int8`" in \
+        caplog.text
+    for runtime in ("auto", "onnx-int8"):
+        assert main(["eval", "--checkpoint", str(int8_file), "--runtime", runtime, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["runtime"] == "onnx-int8"

@@ -194,7 +194,11 @@ def build_runtime(name: str, model: nn.Module | None = None, *, onnx_path: str |
         if name not in ("onnx", "onnx-int8"):
             raise ValueError(f"{onnx_path} is an ONNX file: it runs with --runtime onnx, not {name}")
         m = OnnxModel(onnx_path)
-        return Runtime(name, m)
+        int8 = bool(m.meta.get("int8"))
+        if name == "onnx-int8" and not int8:  # running it float under an int8 name would report the wrong thing
+            raise ValueError(f"{onnx_path} is a float32 ONNX file: --runtime onnx-int8 needs a file written by "
+                             f"`vitlab export --int8`, or a checkpoint (quantised on the fly)")
+        return Runtime("onnx-int8" if int8 else "onnx", m)
     if model is None:
         raise ValueError("build_runtime: give a model or an ONNX file")
     model = model.eval()
@@ -257,7 +261,7 @@ def load_for_inference(path: str | os.PathLike, runtime: str = "auto", *,
             raise ValueError(f"{path} is an ONNX file: use --runtime onnx (or leave --runtime out), not {runtime}")
         if model_name is not None:
             raise ValueError(f"{path} is an ONNX file, which names its model itself: leave --model out")
-        return build_runtime("onnx", onnx_path=path), None
+        return build_runtime("onnx" if runtime == "auto" else runtime, onnx_path=path), None
     import vitlab
 
     model = (vitlab.create_model(model_name, pretrained=path) if model_name else vitlab.load_model(path)).eval()
