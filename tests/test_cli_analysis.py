@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -159,3 +160,21 @@ def test_explain_and_predict_take_a_folder_and_keep_same_named_images_apart(tmp_
     assert len(list(out.glob("*.png"))) == len(digit_pngs) + 1
     assert (out / f"{stem}_rollout.png").is_file() and (out / f"{stem}-1_rollout.png").is_file()
     assert main(["predict", str(tmp_path / "maps" / "none"), "--checkpoint", str(checkpoint)]) == 2
+
+
+def test_predict_stops_at_a_bad_image_or_skips_it_when_asked(tmp_path, checkpoint, digit_pngs, capsys,
+                                                             caplog) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in digit_pngs[:2]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main(["predict", str(folder), "--checkpoint", str(checkpoint)]) == 2
+    assert "broken.png: not an image file" in caplog.text and "--skip-bad-images" in caplog.text
+    capsys.readouterr()
+    assert main(["predict", str(folder), "--checkpoint", str(checkpoint), "--skip-bad-images", "--json"]) == 0
+    rows = {Path(r["image"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"broken.png", *(p.name for p in digit_pngs[:2])}
+    assert "not an image file" in rows["broken.png"]["error"] and "predictions" not in rows["broken.png"]
+    assert all(len(rows[p.name]["predictions"]) == 5 for p in digit_pngs[:2])

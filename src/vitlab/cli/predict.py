@@ -42,13 +42,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_image_limit_argument(p)
     add_threads_argument(p)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="report an undecodable file and go on (JSON: an entry with \"error\") instead of stopping")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vitlab.data import eval_transform, expand_image_paths, load_image
+    from vitlab.data import BadImageError, eval_transform, expand_image_paths, load_image
     from vitlab.train.evaluate import logits_of
 
     if args.topk < 1 or args.batch_size < 1:
@@ -74,8 +76,19 @@ def run(args: argparse.Namespace) -> int:
     results = []
     agree, seen = 0, 0
     for start in range(0, len(images), args.batch_size):
-        paths = images[start:start + args.batch_size]
-        x = torch.stack([transform(load_image(p, min_size=transform.min_source_size)) for p in paths]).to(device)  # (B, C, H, W)
+        paths, pixels = [], []
+        for p in images[start:start + args.batch_size]:
+            try:
+                pixels.append(transform(load_image(p, min_size=transform.min_source_size)))
+                paths.append(p)
+            except BadImageError as e:
+                if not args.skip_bad_images:
+                    raise BadImageError(f"{e} (--skip-bad-images reports such files and goes on)") from e
+                log.warning("skipped %s", e)
+                results.append({"image": p, "error": str(e)})
+        if not paths:
+            continue
+        x = torch.stack(pixels).to(device)  # (B, C, H, W)
         with torch.no_grad():
             logits = logits_of(model(x)).float()
             if reference is not None and model.name != "torch":
@@ -92,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
+            if "error" in r:
+                print(f"{r['error']} (skipped)")  # the message starts with the file's path
+                continue
             best = r["predictions"][0]
             others = ", ".join(f"{q['class']} {100 * q['probability']:.1f}%" for q in r["predictions"][1:])
             print(f"{r['image']}: {best['class']} ({100 * best['probability']:.1f}%)" + (f"  [{others}]" if others else ""))
