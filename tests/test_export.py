@@ -314,7 +314,9 @@ def test_cli_never_replaces_an_existing_file_unasked(tmp_path, caplog, digits_ch
     assert read_metadata(out)["model"]  # replaced by a real export
     with caplog.at_level(logging.ERROR, logger="vitlab"):
         assert main([*args[:4], str(tmp_path), *args[5:]]) == 2
+        assert main([*args[:4], str(tmp_path / "model"), *args[5:]]) == 2
     assert "is a folder; give the file to write" in caplog.text
+    assert "model: name the file *.onnx" in caplog.text and not (tmp_path / "model").exists()
 
 
 # -------------------------------------------------------------------------------------------- int8

@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder; give the file to write, e.g. {output / 'model.onnx'}")
+    if output.suffix.lower() != ".onnx":
+        raise ValueError(f"--output {output}: name the file *.onnx (predict, eval, detect and segment recognise ONNX "
+                         f"files by that suffix), e.g. {output.with_suffix('.onnx')}")
     if output.exists() and not args.overwrite:
         raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
     if not (args.checkpoint or args.model):
