@@ -162,7 +162,7 @@ def test_explain_and_predict_take_a_folder_and_keep_same_named_images_apart(tmp_
     assert main(["predict", str(tmp_path / "maps" / "none"), "--checkpoint", str(checkpoint)]) == 2
 
 
-def test_predict_stops_at_a_bad_image_or_skips_it_when_asked(tmp_path, checkpoint, digit_pngs, capsys,
+def test_predict_and_explain_stop_at_a_bad_image_or_skip_it_when_asked(tmp_path, checkpoint, digit_pngs, capsys,
                                                              caplog) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
@@ -178,3 +178,9 @@ def test_predict_stops_at_a_bad_image_or_skips_it_when_asked(tmp_path, checkpoin
     assert set(rows) == {"broken.png", *(p.name for p in digit_pngs[:2])}
     assert "not an image file" in rows["broken.png"]["error"] and "predictions" not in rows["broken.png"]
     assert all(len(rows[p.name]["predictions"]) == 5 for p in digit_pngs[:2])
+    out = tmp_path / "maps"
+    assert main(["explain", str(folder), "--checkpoint", str(checkpoint), "--method", "rollout",
+                 "--output", str(out)]) == 2
+    assert main(["explain", str(folder), "--checkpoint", str(checkpoint), "--method", "rollout",
+                 "--output", str(out), "--skip-bad-images"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.stem}_rollout.png" for p in digit_pngs[:2])

@@ -51,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
                    help="fraction of the lowest attentions dropped in each layer (0 keeps all)")
     p.add_argument("--output", default="explain", metavar="DIR", help="folder for the PNGs")
+    p.add_argument("--skip-bad-images", action="store_true", help="report an undecodable file and go on")
     add_device_argument(p)
     add_image_limit_argument(p)
     add_threads_argument(p)
@@ -86,7 +87,7 @@ def prepare_image(path: str, transform) -> torch.Tensor:
 def run(args: argparse.Namespace) -> int:
     from vitlab.analysis import explain, normalize_map
     from vitlab.analysis.figures import explain_figure, to_display
-    from vitlab.data import eval_transform, expand_image_paths, unique_stems
+    from vitlab.data import BadImageError, eval_transform, expand_image_paths, unique_stems
 
     images = expand_image_paths(args.images)
     device = check_device(args)
@@ -117,7 +118,13 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, stem in zip(images, unique_stems(images)):
         out_name = f"{stem}_{method}.png"
-        x = prepare_image(path, transform).unsqueeze(0).to(device)  # (1, C, H, W)
+        try:
+            x = prepare_image(path, transform).unsqueeze(0).to(device)  # (1, C, H, W)
+        except BadImageError as e:
+            if not args.skip_bad_images:
+                raise BadImageError(f"{e} (--skip-bad-images reports such files and goes on)") from e
+            log.warning("skipped %s", e)
+            continue
         e = explain(model, x, method=method, target=target, head_fusion=args.head_fusion,
                     discard_ratio=args.discard_ratio)
         if headless:
