@@ -23,9 +23,7 @@ def load_checkpoint(args: argparse.Namespace) -> torch.nn.Module:
     """``--checkpoint``'s model: a vitlab checkpoint names its architecture, other weights need ``--model``."""
     import vitlab
 
-    if args.model:
-        return vitlab.create_model(args.model, pretrained=args.checkpoint)
-    return vitlab.load_model(args.checkpoint)
+    return vitlab.load_model(args.checkpoint, model_name=args.model)
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:

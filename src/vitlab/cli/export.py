@@ -81,10 +81,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
     if not (args.checkpoint or args.model):
         raise ValueError("give --checkpoint (and --model for timm or JAX weights), or --model alone for random weights")
-    if args.checkpoint and args.model:
-        model = vitlab.create_model(args.model, pretrained=args.checkpoint)
-    else:
-        model = vitlab.load_model(args.checkpoint) if args.checkpoint else vitlab.create_model(args.model)
+    model = (vitlab.load_model(args.checkpoint, model_name=args.model) if args.checkpoint
+             else vitlab.create_model(args.model))
     try:
         report = export_onnx(
             model, args.output, img_size=args.img_size, dynamic_batch=args.dynamic_batch,

@@ -253,8 +253,7 @@ def load_for_inference(path: str | os.PathLike, runtime: str = "auto", *,
 
     ``runtime="auto"``: ONNX Runtime for an ``.onnx`` file, PyTorch float32 otherwise. The PyTorch model
     is returned too (None for an ONNX file) so that callers can report agreement with float32.
-    ``model_name``: the registered architecture of weights that do not name it (timm, Hugging Face or JAX
-    files, as ``vitlab.create_model(model_name, pretrained=path)`` reads them).
+    ``model_name``: the registered architecture of weights that do not name it (``vitlab.load_model``'s).
     """
     if is_onnx_file(path):
         if runtime not in ("auto", "onnx", "onnx-int8"):
@@ -264,7 +263,7 @@ def load_for_inference(path: str | os.PathLike, runtime: str = "auto", *,
         return build_runtime("onnx" if runtime == "auto" else runtime, onnx_path=path), None
     import vitlab
 
-    model = (vitlab.create_model(model_name, pretrained=path) if model_name else vitlab.load_model(path)).eval()
+    model = vitlab.load_model(path, model_name=model_name).eval()
     return build_runtime("torch" if runtime == "auto" else runtime, model), model
 
 

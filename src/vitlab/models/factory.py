@@ -162,11 +162,17 @@ def _tuplify(v: Any) -> Any:
     return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
 
 
-def load_model(path: str | os.PathLike, *, num_classes: int | None = None,
+def load_model(path: str | os.PathLike, *, model_name: str | None = None, num_classes: int | None = None,
                img_size: int | tuple[int, int] | None = None, **overrides: Any) -> nn.Module:
-    """Load a self-describing checkpoint (vitlab's own, or a Hugging Face ViT folder) without naming the model."""
+    """Load a self-describing checkpoint (vitlab's own, or a Hugging Face ViT folder) without naming the model.
+
+    ``model_name``: the registered architecture, for weights that do not name it (timm, JAX or official files):
+    the same as ``create_model(model_name, pretrained=path)``.
+    """
     from vitlab.checkpoints import CheckpointError, read_vitlab, resolve
 
+    if model_name is not None:
+        return create_model(model_name, pretrained=path, num_classes=num_classes, img_size=img_size, **overrides)
     p = resolve(path)
     if p.is_dir() or not p.name.endswith(".safetensors"):
         return _load_hf_folder(p, num_classes=num_classes, img_size=img_size, **overrides)
@@ -174,7 +180,7 @@ def load_model(path: str | os.PathLike, *, num_classes: int | None = None,
     if got is None:
         raise CheckpointError(
             f"{p}: not a vitlab checkpoint (no vitlab metadata), so the architecture is unknown; name it: "
-            f"--model NAME on the command line, vitlab.create_model(NAME, pretrained={str(p)!r}) in Python"
+            f"--model NAME on the command line, vitlab.load_model({str(p)!r}, model_name=NAME) in Python"
         )
     name = got[1].get("model")
     if not isinstance(name, str) or not _is_registered(name):
