@@ -4,6 +4,7 @@ weights were trained as."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from importlib import resources
 from pathlib import Path
@@ -84,3 +85,51 @@ def test_pretrained_true_at_the_weights_own_resolution(monkeypatch):
     assert m.preprocessing.input_size == (3, 384, 384)
     assert vitlab.create_model("mobilevitv2_150", pretrained=FIX / "mobilevit" / "timm_v2" / "model.safetensors"
                                ).preprocessing.input_size == (3, 256, 256)
+
+
+# ------------------------------------------------------------------ every published timm file's layout
+def _published_layouts() -> list[tuple[dict, dict[str, list[int]]]]:
+    """One row per (model, layout, input size) of fixtures/timm_pretrained_shapes.json.gz: the key names and
+    shapes of the weight files the table lists, as timm builds them (make_fixtures_timm_pretrained_shapes.py)."""
+    with gzip.open(FIX / "timm_pretrained_shapes.json.gz", "rt") as f:
+        data = json.load(f)
+    by_key = {(r["model"], r["tag"]): r for r in ROWS}
+    seen, out = set(), []
+    for r in data["rows"]:
+        row = by_key[(r["model"], r["tag"])]
+        key = (r["model"], r["layout"], tuple(row["input_size"]))
+        if key not in seen:
+            seen.add(key)
+            out.append((row, data["layouts"][r["layout"]]))
+    return out
+
+
+PUBLISHED = _published_layouts()
+
+
+def test_the_layout_fixture_covers_every_timm_row():
+    with gzip.open(FIX / "timm_pretrained_shapes.json.gz", "rt") as f:
+        covered = {(r["model"], r["tag"]) for r in json.load(f)["rows"]}
+    assert covered == {(r["model"], r["tag"]) for r in ROWS if r["format"] == "timm"}
+
+
+@pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter")
+@pytest.mark.parametrize("row, layout", PUBLISHED, ids=[f"{r['model']}.{r['tag']}" for r, _ in PUBLISHED])
+def test_every_published_timm_file_fits_the_model_its_row_builds(monkeypatch, row, layout):
+    """``create_model("model.tag", pretrained=True)`` on a file with the published keys and shapes: format
+    detection, the family's converter and the strict load accept it (on the meta device: no memory, no
+    download); the model has the row's classes and input size. Numerical parity per family is tested on the
+    tiny fixtures; this covers every size and variant the hub holds."""
+    import vitlab.checkpoints as ck
+    import vitlab.checkpoints.load as load
+
+    # layer-scale vectors are read by value (BEiT's converter sets init_values from them): real, small
+    sd = {k: torch.full(shape, 0.1) if "gamma" in k else torch.empty(shape, device="meta")
+          for k, shape in layout.items()}
+    monkeypatch.setattr(ck, "resolve", lambda src: Path("published.safetensors"))
+    monkeypatch.setattr(load, "read_vitlab", lambda path: None)
+    monkeypatch.setattr(load, "read_safetensors", lambda path: (dict(sd), {}))
+    with torch.device("meta"):
+        m = vitlab.create_model(f"{row['model']}.{row['tag']}", pretrained=True)
+    assert m.num_classes == row["num_classes"]
+    assert tuple(m.preprocessing.input_size) == tuple(row["input_size"])
