@@ -137,19 +137,32 @@ def make_train_step(
 ) -> Step:
     """One optimisation step: forward, cross-entropy, backward, AdamW update (``model`` goes to train mode).
 
+    A detector or segmenter (named outputs) is stepped on a stand-in loss, the sum of every output's mean, which
+    back-propagates through the whole model as its task loss would (DETR's box matching is not timed).
     The optimiser is built here with torch's defaults (foreach on), so every library is stepped the same way.
     """
+    from vitlab.train.evaluate import logits_of
+
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
     def step() -> None:
         with autocast(dtype):
-            loss = F.cross_entropy(model(images), targets)
+            out = model(images)
+            loss = _sum_of_means(out) if isinstance(out, dict) else F.cross_entropy(logits_of(out), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     return step
+
+
+def _sum_of_means(out: Any) -> Tensor:
+    """Sum of the means of every floating tensor in a (nested) dict / list / tuple of outputs."""
+    if isinstance(out, Tensor):
+        return out.float().mean() if out.is_floating_point() else out.new_zeros((), dtype=torch.float32)
+    items = out.values() if isinstance(out, dict) else out
+    return sum((_sum_of_means(v) for v in items), torch.zeros(()))
 
 
 def matmul_step(n: int = 2048, *, dtype: str = "float32") -> tuple[Step, float]:
@@ -219,9 +232,20 @@ def forward_flops(model: nn.Module, input_size: tuple[int, ...]) -> float:
     """FLOPs of one forward pass on one image, counted by torch's FlopCounterMode (matmuls, convs, SDPA)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.empty(1, *input_size, device=next(model.parameters()).device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
+    params = list(model.parameters())
+    x = torch.empty(1, *input_size, device=params[0].device)
+    # parameters stop requiring grad while counting, instead of no_grad: the counter's module tracker hooks
+    # every module input that requires grad, and a parameter passed straight to a submodule under no_grad (DETR's
+    # query embedding) has no grad function to hook, which torch asserts on
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
     return float(counter.get_total_flops())
 
 
@@ -235,6 +259,23 @@ def registry_forward_flops(name: str, **overrides: Any) -> tuple[float, tuple[in
         model = entry.build(_apply_overrides(name, entry.config, overrides))
         size = tuple(model.preprocessing.input_size)
         return forward_flops(model, size), size
+
+
+def model_forward_flops(model: nn.Module, input_size: tuple[int, ...]) -> float:
+    """FLOPs per image of a built model (a loaded checkpoint), counted on a meta-device twin built from its
+    config: on the CPU, torch's fused attention kernel is not seen by FlopCounterMode, on the meta device it
+    decomposes into matmuls that are. A model that is not a registered vitlab model is counted as it runs."""
+    from vitlab.models.registry import get_entry
+
+    name, cfg = getattr(model, "model_name", None), getattr(model, "cfg", None)
+    try:
+        entry = get_entry(name) if isinstance(name, str) and cfg is not None else None
+    except ValueError:
+        entry = None
+    if entry is None or not isinstance(cfg, type(entry.config)):
+        return forward_flops(model, input_size)
+    with torch.device("meta"):
+        return forward_flops(entry.build(cfg), input_size)
 
 
 def step_flops(forward_flops_per_image: float, batch_size: int, mode: str) -> float:
@@ -358,7 +399,7 @@ def benchmark_models(
 
 # ------------------------------------------------------------------------------------------ runtimes
 def benchmark_runtimes(
-    names: list[str],
+    models: list[str | nn.Module],
     runtimes: list[str],
     *,
     batch_size: int = 16,
@@ -373,8 +414,12 @@ def benchmark_runtimes(
 ) -> dict[str, Any]:
     """Inference runtimes of each model side by side (``vitlab.export.runtimes``): images/s at
     ``batch_size`` and latency at batch 1, all runtimes timed in the same interleaved rounds, and each
-    runtime's top-1 agreement and max |logit difference| with float32 PyTorch on real images
-    (``agreement_images``: a data source, else the bundled digits, at the model's preprocessing).
+    runtime's agreement and max |logit difference| with float32 PyTorch on real images
+    (``agreement_images``: a data source, else the bundled digits, at the model's preprocessing): top-1 for a
+    classifier, the argmax class per query of a detector and per pixel of a segmenter.
+
+    ``models`` are registered names (randomly initialised, with ``overrides``) or models (a loaded
+    checkpoint: its own weights, so agreement means something).
 
     Achieved GFLOP/s (the model's forward FLOPs, whatever the runtime computes in) is set against an n x n
     matmul timed in the same rounds, in the runtime's compute dtype: bfloat16 for the ``bf16`` runtimes,
@@ -383,27 +428,37 @@ def benchmark_runtimes(
     between rounds moves both. Set-up time (export, quantisation, torch.compile's compile on the first call)
     is reported apart.
     """
-    from vitlab.export.onnx import _resolve_images, preprocess
+    from vitlab.export.onnx import TASK_OUTPUTS, _resolve_images, preprocess
     from vitlab.export.runtimes import build_runtime, compile_failure, setup_seconds, slow_bf16_reason
     from vitlab.models.factory import create_model
+    from vitlab.train.evaluate import logits_of
 
     overrides = dict(overrides or {})
+    if overrides and any(isinstance(m, nn.Module) for m in models):
+        raise ValueError("overrides apply to registered names, not to a loaded model")
     for rt in runtimes:
         if reason := slow_bf16_reason(rt, torch.device("cpu")):
             log.warning("%s", reason)
     results = []
-    for name in names:
+    for entry in models:
         torch.manual_seed(seed)
-        model = create_model(name, **overrides).eval()
-        model.model_name = name
+        if isinstance(entry, nn.Module):
+            model = entry.eval()
+            name = getattr(model, "model_name", type(model).__name__)
+        else:
+            name = entry
+            model = create_model(name, **overrides).eval()
+            model.model_name = name
+        task = getattr(model, "task", "classification")
+        class_dim = TASK_OUTPUTS[task].class_dim if task in TASK_OUTPUTS else -1
         raw, source = _resolve_images(agreement_images, num_agreement_images)
-        x_real = preprocess(raw, model.preprocessing)
+        x_real = preprocess(raw, model.preprocessing, task)
         c, h, w = model.preprocessing.input_size
         g = torch.Generator().manual_seed(seed)
         x_batch = torch.randn(batch_size, c, h, w, generator=g)
         x_one = x_batch[:1]
         with torch.no_grad():
-            ref = model(x_real).float()
+            ref = logits_of(model(x_real)).float()
         built = {}
         for rt in runtimes:
             built[rt] = build_runtime(rt, model, validate_images=agreement_images,
@@ -415,7 +470,8 @@ def benchmark_runtimes(
         matmul_flops = 0.0
         for dtype in sorted(set(compute.values())):
             steps_b[f"matmul-{dtype}"], matmul_flops = matmul_step(matmul_size, dtype=dtype)
-        flops_per_image, _ = registry_forward_flops(name, **overrides)
+        flops_per_image = (model_forward_flops(model, (c, h, w)) if isinstance(entry, nn.Module)
+                           else registry_forward_flops(name, **overrides)[0])
         stats_b = run_interleaved(steps_b, warmup=warmup, repeats=repeats, min_repeat_s=min_repeat_s)
         stats_1 = run_interleaved(steps_1, warmup=warmup, repeats=repeats, min_repeat_s=min_repeat_s)
         base = stats_b[runtimes[0]] if "torch" not in stats_b else stats_b["torch"]
@@ -435,8 +491,10 @@ def benchmark_runtimes(
                 / matmul_flops,
                 "latency_ms_batch1": 1000 * stats_1[rt].median,
                 "speedup_vs_first": paired_ratio(stats_b[rt], base).median,
-                "top1_agreement": None if constant else (out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                "top1_agreement": None if constant else (out.argmax(class_dim) == ref.argmax(class_dim)).float()
+                .mean().item(),
                 "max_abs_logit_diff": (out - ref).abs().max().item(),
+                "agreement_kind": TASK_OUTPUTS[task].agreement if task in TASK_OUTPUTS else "top-1 agreement",
                 "agreement_images": f"{len(x_real)} ({source})",
                 "setup_s": setup_seconds(r),
                 "compile_failed": compile_failure(r),

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from vitlab.benchmark import DTYPES, MODES, benchmark_models, num_threads
-from vitlab.cli.common import add_device_argument, check_device, threads_type
+from vitlab.cli.common import add_device_argument, add_model_argument, check_device, load_checkpoint, threads_type
 from vitlab.export.runtimes import RUNTIMES
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "over the matmul's is an MFU-like fraction of the machine's practical peak.",
         epilog="example:\n  vitlab benchmark --models vit_tiny_patch16_224 vit_small_patch16_224 "
                "--mode train --dtype bfloat16\n"
-               "  vitlab benchmark --models vit_base_patch16_224 --set depth=2 --repeats 1 --json",
+               "  vitlab benchmark --models vit_base_patch16_224 --set depth=2 --repeats 1 --json\n"
+               "  vitlab benchmark --checkpoint runs/mine/model.safetensors --data ./images "
+               "--runtime torch,torch-bf16-compile,onnx,onnx-int8   (speed and agreement of your model)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["vit_tiny_patch16_224"], metavar="NAME",
-                   help="registered model names (default: vit_tiny_patch16_224)")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help="registered model names, randomly initialised (default: vit_tiny_patch16_224)")
+    p.add_argument("--checkpoint", help="a trained model instead of --models: its inference runtimes (--runtime, "
+                                        "default torch) with agreement on --data that means something")
+    add_model_argument(p)
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="float32, or bfloat16 autocast (default: float32)")
@@ -78,8 +83,25 @@ def run(args: argparse.Namespace) -> int:
     if check_device(args).type != "cpu" and args.device != "auto":
         raise ValueError(f"--device {args.device}: vitlab benchmark measures the CPU only; use --device cpu")
     overrides = parse_overrides(args.overrides)
+    if args.checkpoint is not None:
+        if args.models:
+            raise ValueError("give --models (registered names, random weights) or --checkpoint, not both")
+        if overrides:
+            raise ValueError("--set changes a registered model's config; a --checkpoint's model is fixed by its file")
+        if args.mode != "infer" or args.dtype != "float32":
+            raise ValueError("--checkpoint measures inference runtimes (--runtime); --mode and --dtype do not apply")
+        from vitlab.export import is_onnx_file
+
+        if is_onnx_file(args.checkpoint):
+            raise ValueError(f"--checkpoint {args.checkpoint}: an ONNX file has no float32 PyTorch reference to "
+                             f"compare with; give the checkpoint it was exported from (--runtime onnx exports it)")
+        args.runtime = args.runtime or "torch"
+        return run_runtimes(args, overrides, [load_checkpoint(args)])
+    if args.model is not None:
+        raise ValueError("--model names the architecture of --checkpoint's weights; for random weights use --models")
+    args.models = args.models or ["vit_tiny_patch16_224"]
     if args.runtime:
-        return run_runtimes(args, overrides)
+        return run_runtimes(args, overrides, args.models)
     with num_threads(args.threads):
         report = benchmark_models(
             args.models, batch_size=args.batch_size, dtype=args.dtype, mode=args.mode, warmup=args.warmup,
@@ -100,13 +122,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_runtimes(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+def run_runtimes(args: argparse.Namespace, overrides: dict[str, Any], models: list) -> int:
     from vitlab.benchmark import benchmark_runtimes
     from vitlab.export.runtimes import parse_runtimes
 
     runtimes = parse_runtimes(args.runtime)
     with num_threads(args.threads):
-        report = benchmark_runtimes(args.models, runtimes, batch_size=args.batch_size, repeats=args.repeats,
+        report = benchmark_runtimes(models, runtimes, batch_size=args.batch_size, repeats=args.repeats,
                                     warmup=args.warmup, min_repeat_s=args.min_repeat_s, overrides=overrides,
                                     agreement_images=args.data, matmul_size=args.matmul_size)
     if args.json:
@@ -130,6 +152,9 @@ def run_runtimes(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             f"{args.matmul_size}^2 {d} matmul's ({g:.0f} GFLOP/s)" for d, g in sorted(mm.items()))
               + " in the same rounds (bf16 runtimes against bfloat16)")
         print(f"agreement images: {report['results'][0]['agreement_images']}")
+        kinds = {r["agreement_kind"] for r in report["results"]} - {"top-1 agreement"}
+        if kinds:
+            print(f"agreement of a detector / segmenter: {', '.join(sorted(kinds))} (argmax class per query / pixel)")
     if any(r["top1_agreement"] is None for r in report["results"]):
         print("agreement n/a: a randomly initialised model's logits are all 0 (zero-initialised head); measure "
               "agreement on a trained checkpoint with `vitlab eval --checkpoint CKPT --data DATA --runtime R`")

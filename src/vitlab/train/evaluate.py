@@ -41,8 +41,11 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def logits_of(outputs: Tensor | tuple[Tensor, ...]) -> Tensor:
-    """A distilled DeiT in training mode returns (class, distillation) logits; average them."""
+def logits_of(outputs: Tensor | tuple[Tensor, ...] | dict[str, Any]) -> Tensor:
+    """The class logits of a model's output: a distilled DeiT in training mode returns (class, distillation)
+    logits, averaged here; a detector or segmenter returns named outputs, whose class logits are "logits"."""
+    if isinstance(outputs, dict):
+        return outputs["logits"]
     if isinstance(outputs, tuple):
         return sum(outputs) / len(outputs)
     return outputs
