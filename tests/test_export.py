@@ -464,6 +464,36 @@ def test_compiled_shifted_swin_compiles_once(size):
     torch.testing.assert_close(first, second)
 
 
+def test_compiled_pads_a_smaller_last_batch_instead_of_compiling_again():
+    """predict / eval over a folder end with a partial batch: it is padded to the size already compiled (one
+    graph, the same outputs) instead of costing a second compile; a size already run (batch 1 after batch 16 in
+    `vitlab benchmark`) runs unpadded, and training is never padded."""
+    from torch._dynamo.utils import counters
+
+    from vitlab.export.runtimes import Compiled
+
+    model = _tiny("vit_tiny_patch16_224")
+    torch._dynamo.reset()
+    counters.clear()
+    rt = build_runtime("torch-compile", model)
+    x = torch.randn(4, 3, *model.preprocessing.input_size[1:])
+    full = rt(x)
+    graphs = counters["stats"]["unique_graphs"]
+    part = rt(x[:3])
+    assert counters["stats"]["unique_graphs"] == graphs == 1
+    assert part.shape == (3, model.num_classes)
+    torch.testing.assert_close(part, full[:3], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(part, model(x[:3]), atol=1e-5, rtol=1e-5)
+
+    c = Compiled(model, freeze=True)
+    c.batch_sizes = {1, 16}  # as after benchmark's batch-1 warm-up and its batch-16 rounds
+    assert (c._padded_size(1), c._padded_size(16), c._padded_size(5), c._padded_size(32)) == (1, 16, 16, 32)
+    training = Compiled(_tiny("vit_tiny_patch16_224").train())
+    training.batch_sizes = {16}
+    assert training._padded_size(5) == 5
+
+
 def test_compile_falls_back_cleanly(monkeypatch, caplog):
     from vitlab.export.runtimes import Compiled
 
