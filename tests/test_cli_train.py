@@ -111,6 +111,30 @@ def test_finetune_to_new_classes(run_dir, tmp_path):
     assert model.pos_embed.shape[1] == 1 + (16 // 2) ** 2 and src.pos_embed.shape[1] == 1 + (8 // 2) ** 2
 
 
+def test_finetune_from_a_hugging_face_folder_needs_no_model_name(tmp_path, caplog):
+    """A Hugging Face folder names its architecture in config.json (as `vitlab.load_model` reads it): finetune
+    took it only with --model, and its error suggested a ViT for a Swin folder. A bare timm file still needs
+    --model, and the error says so."""
+    from pathlib import Path
+
+    import vitlab
+    from vitlab.models.factory import model_name_of
+
+    fix = Path(__file__).resolve().parent / "fixtures"
+    assert model_name_of(fix / "swin" / "hf_v1") == "swin_tiny_patch4_window7_224"
+    out = tmp_path / "ft"
+    assert main(["finetune", "--from", str(fix / "swin" / "hf_v1"), "--img-size", "32", "--output", str(out),
+                 "--steps", "1", "--batch-size", "4", "--no-progress", "--set", "global_batch=none",
+                 "--set", "warmup_steps=0"]) == 0
+    model = vitlab.load_model(out / "model.safetensors")
+    src = vitlab.load_model(fix / "swin" / "hf_v1")
+    assert model.model_name == "swin_tiny_patch4_window7_224" and model.num_classes == 10
+    assert (model.cfg.embed_dim, model.cfg.depths) == (src.cfg.embed_dim, src.cfg.depths)  # the folder's size
+    assert main(["finetune", "--from", str(fix / "mixer_timm_tiny.safetensors"), "--steps", "1",
+                 "--output", str(tmp_path / "m")]) == 2
+    assert "not a vitlab checkpoint" in caplog.text and "--model NAME" in caplog.text
+
+
 def test_train_with_a_distillation_teacher(run_dir, tmp_path):
     out = tmp_path / "student"
     assert main(["train", "--output", str(out), *FAST, "--steps", "2", "--teacher",

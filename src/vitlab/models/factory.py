@@ -164,18 +164,42 @@ def _tuplify(v: Any) -> Any:
 
 def load_model(path: str | os.PathLike, *, model_name: str | None = None, num_classes: int | None = None,
                img_size: int | tuple[int, int] | None = None, **overrides: Any) -> nn.Module:
-    """Load a self-describing checkpoint (vitlab's own, or a Hugging Face ViT folder) without naming the model.
+    """Load a self-describing checkpoint (vitlab's own, or a Hugging Face or timm hub folder) without naming the
+    model.
 
     ``model_name``: the registered architecture, for weights that do not name it (timm, JAX or official files):
     the same as ``create_model(model_name, pretrained=path)``.
     """
-    from vitlab.checkpoints import CheckpointError, read_vitlab, resolve
+    name = model_name if model_name is not None else model_name_of(path)
+    return create_model(name, pretrained=path, num_classes=num_classes, img_size=img_size, **overrides)
 
-    if model_name is not None:
-        return create_model(model_name, pretrained=path, num_classes=num_classes, img_size=img_size, **overrides)
+
+def model_name_of(path: str | os.PathLike) -> str:
+    """The registered name that builds a self-describing checkpoint: the model a vitlab checkpoint records, the
+    timm model a hub folder's config.json names, or the family of a Hugging Face folder's ``model_type`` (whose
+    config then sets the size). Weights that do not name their architecture are a CheckpointError saying so."""
+    from vitlab.checkpoints import CheckpointError, read_vitlab, resolve
+    from vitlab.checkpoints.io import read_json
+
     p = resolve(path)
     if p.is_dir() or not p.name.endswith(".safetensors"):
-        return _load_hf_folder(p, num_classes=num_classes, img_size=img_size, **overrides)
+        cfg_path = p / "config.json" if p.is_dir() else None
+        if cfg_path is None or not cfg_path.exists():
+            raise CheckpointError(f"{p}: neither a vitlab checkpoint nor a folder with config.json; for other "
+                                  f"weights name the architecture: --model NAME on the command line, "
+                                  f"vitlab.load_model({str(p)!r}, model_name=NAME) in Python")
+        cfg = read_json(cfg_path)
+        arch = cfg.get("architecture")  # a timm hub folder: config.json names the timm model, weights in timm's keys
+        if isinstance(arch, str) and _is_registered(arch.partition(".")[0]):
+            return arch.partition(".")[0]
+        from vitlab.checkpoints.converters import hf_model_types
+
+        model_type = cfg.get("model_type")
+        family_default = hf_model_types()  # each family's converter module registers the model_types it reads
+        if model_type not in family_default:
+            raise CheckpointError(f"{cfg_path}: model_type {model_type!r} is not one vitlab reads "
+                                  f"(known: {', '.join(family_default)})")
+        return family_default[model_type]
     got = read_vitlab(p)
     if got is None:
         raise CheckpointError(
@@ -189,28 +213,7 @@ def load_model(path: str | os.PathLike, *, model_name: str | None = None, num_cl
                 f"--tokenizer`" if tokenizer.is_file() else "")
         raise CheckpointError(f"{p}: its metadata names the model {name!r}, which is not a registered vitlab "
                               f"model (see `vitlab models`){hint}")
-    return create_model(name, pretrained=p, num_classes=num_classes, img_size=img_size, **overrides)
-
-
-def _load_hf_folder(p, **kwargs: Any) -> nn.Module:
-    from vitlab.checkpoints import CheckpointError
-    from vitlab.checkpoints.io import read_json
-
-    cfg_path = p / "config.json" if p.is_dir() else None
-    if cfg_path is None or not cfg_path.exists():
-        raise CheckpointError(f"{p}: neither a vitlab checkpoint nor a folder with config.json")
-    cfg = read_json(cfg_path)
-    arch = cfg.get("architecture")  # a timm hub folder: config.json names the timm model, weights in timm's keys
-    if isinstance(arch, str) and _is_registered(arch.partition(".")[0]):
-        return create_model(arch.partition(".")[0], pretrained=p, **kwargs)
-    from vitlab.checkpoints.converters import hf_model_types
-
-    model_type = cfg.get("model_type")
-    family_default = hf_model_types()  # each family's converter module registers the model_types it reads
-    if model_type not in family_default:
-        raise CheckpointError(f"{cfg_path}: model_type {model_type!r} is not one vitlab reads "
-                              f"(known: {', '.join(family_default)})")
-    return create_model(family_default[model_type], pretrained=p, **kwargs)
+    return name
 
 
 def model_info(name: str, **overrides: Any) -> dict[str, Any]:

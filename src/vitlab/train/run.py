@@ -110,16 +110,11 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int) -> nn.Module:
 
 
 def pretrained_model_name(source: str) -> str:
-    """The registered name recorded in a vitlab checkpoint; other formats need --model."""
-    from vitlab.checkpoints import read_vitlab, resolve
+    """The registered name of self-describing weights (a vitlab checkpoint, a Hugging Face or timm hub folder);
+    other formats need --model (the error says so)."""
+    from vitlab.models.factory import model_name_of
 
-    p = resolve(source)
-    weights = p / "model.safetensors" if p.is_dir() else p
-    got = read_vitlab(weights) if weights.name.endswith(".safetensors") and weights.exists() else None
-    if got is None:
-        raise ValueError(f"--from {source}: not a vitlab checkpoint, so the architecture is unknown; "
-                         f"add --model NAME (e.g. --model vit_base_patch16_224)")
-    return got[1]["model"]
+    return model_name_of(source)
 
 
 def check_output(job: TrainJob) -> None:
