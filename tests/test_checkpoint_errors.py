@@ -229,3 +229,23 @@ def test_position_table_resampled_to_another_size() -> None:
     assert model.pos_embed.shape == (1, 1 + 25, 32)
     assert torch.equal(model.pos_embed[:, :1], file_pos[:, :1])  # the class token's entry is not on the grid
     assert model(torch.randn(1, 3, 80, 80)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("command", [
+    ["explain", "img.png", "--checkpoint", "model.onnx"],
+    ["analyze", "--checkpoint", "model.onnx", "--data", "digits"],
+    ["finetune", "--from", "model.onnx", "--steps", "1"],
+    ["finetune", "--from", "model.onnx", "--model", "vit_tiny_patch16_224", "--steps", "1"],
+])
+def test_an_onnx_file_where_a_pytorch_checkpoint_is_needed_is_named(tmp_path, monkeypatch, caplog, command):
+    """An ONNX file given to a command that needs the PyTorch model: said so, not "add --model NAME"."""
+    from vitlab.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.onnx").write_bytes(b"not really onnx")
+    assert main(command) == 2
+    assert "model.onnx is an ONNX file" in caplog.text and "checkpoint it was exported from" in caplog.text
+    import vitlab
+
+    with pytest.raises(CheckpointError, match="is an ONNX file"):
+        vitlab.load_model(tmp_path / "model.onnx")

@@ -93,6 +93,10 @@ def read_source(path: Path, family: str) -> Source:
         sd = unwrap_state_dict(read_pickle(path), path)
         fmt = detect_format(family, sd, "hf" if _looks_hf(sd) else "timm")
         return Source(path, fmt, _convert(path, family, fmt, sd, {}))
+    if name.endswith(".onnx"):
+        from vitlab.models.factory import onnx_file_message
+
+        raise CheckpointError(onnx_file_message(path))
     raise CheckpointError(
         f"{path}: unknown checkpoint type; expected .safetensors, .pth/.pt/.bin, .npz, or a folder "
         f"with config.json and model.safetensors / pytorch_model.bin"

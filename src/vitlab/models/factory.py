@@ -174,6 +174,11 @@ def load_model(path: str | os.PathLike, *, model_name: str | None = None, num_cl
     return create_model(name, pretrained=path, num_classes=num_classes, img_size=img_size, **overrides)
 
 
+def onnx_file_message(p: Any) -> str:
+    return (f"{p} is an ONNX file: it runs with `vitlab predict`, `eval`, `detect` and `segment`; this needs the "
+            f"PyTorch checkpoint it was exported from")
+
+
 def model_name_of(path: str | os.PathLike) -> str:
     """The registered name that builds a self-describing checkpoint: the model a vitlab checkpoint records, the
     timm model a hub folder's config.json names, or the family of a Hugging Face folder's ``model_type`` (whose
@@ -182,6 +187,8 @@ def model_name_of(path: str | os.PathLike) -> str:
     from vitlab.checkpoints.io import read_json
 
     p = resolve(path)
+    if p.name.lower().endswith(".onnx"):
+        raise CheckpointError(onnx_file_message(p))
     if p.is_dir() or not p.name.endswith(".safetensors"):
         cfg_path = p / "config.json" if p.is_dir() else None
         if cfg_path is None or not cfg_path.exists():
