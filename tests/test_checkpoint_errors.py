@@ -183,7 +183,7 @@ def test_nonexistent_path(tmp_path: Path) -> None:
 
 
 def test_unknown_extension(tmp_path: Path) -> None:
-    path = tmp_path / "weights.onnx"
+    path = tmp_path / "weights.h5"
     path.write_bytes(b"\x08\x07")
     with pytest.raises(CheckpointError) as err:
         load(path)
