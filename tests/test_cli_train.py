@@ -80,6 +80,29 @@ def test_predict_on_png_files(run_dir, tmp_path, capsys):
     assert files[0] in capsys.readouterr().out
 
 
+def test_predict_prints_each_batch_as_it_goes(run_dir, tmp_path, capsys):
+    """Over a folder, text results come batch by batch: a run stopped by a bad file (or by the user) has already
+    printed the batches before it, and `vitlab predict ./photos | head` sees lines before the end."""
+    files, _ = write_digit_pngs(tmp_path / "imgs", per_class=2)  # 6 files, sorted: 0/, 1/, 2/
+    (tmp_path / "imgs" / "2" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["predict", str(tmp_path / "imgs"), "--checkpoint", str(run_dir / "model.safetensors"),
+                 "--batch-size", "2"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and all(": " in line for line in lines)  # the three batches before the broken file
+
+
+def test_predict_into_a_closed_pipe_exits_quietly(run_dir, tmp_path):
+    import subprocess
+    import sys
+
+    files, _ = write_digit_pngs(tmp_path / "imgs", per_class=4)
+    cmd = (f"{sys.executable} -m vitlab.cli.main predict {tmp_path / 'imgs'} --checkpoint {run_dir / 'model.safetensors'} "
+           f"--batch-size 2 | head -n 1")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert len(done.stdout.splitlines()) == 1
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+
+
 def test_predict_bad_image_is_a_clear_error(run_dir, tmp_path, caplog):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from vitlab import __version__
@@ -85,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logging.getLogger("vitlab").error("interrupted")
         return 130
+    except BrokenPipeError:  # the reader went away (`vitlab predict ./photos | head`): stop quietly, as a Unix tool
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would raise again
+        return 141
 
 
 def one_line(e: BaseException) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 from vitlab.cli.common import (
     add_device_argument,
@@ -41,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_device_argument(p)
     add_image_limit_argument(p)
     add_threads_argument(p)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="report an undecodable file and go on (JSON: an entry with \"error\") instead of stopping")
     p.set_defaults(func=run)
@@ -75,7 +76,13 @@ def run(args: argparse.Namespace) -> int:
     k = min(args.topk, model.num_classes)
     results = []
     agree, seen = 0, 0
+    bar = None
+    if len(images) > args.batch_size and sys.stderr.isatty():  # a redrawn bar is noise in a log file
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(images), desc="predict", unit="img", leave=False)
     for start in range(0, len(images), args.batch_size):
+        done = len(results)
         paths, pixels = [], []
         for p in images[start:start + args.batch_size]:
             try:
@@ -87,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 log.warning("skipped %s", e)
                 results.append({"image": p, "error": str(e)})
         if not paths:
+            _report(results[done:], args.json, bar)
             continue
         x = torch.stack(pixels).to(device)  # (B, C, H, W)
         with torch.no_grad():
@@ -99,16 +107,31 @@ def run(args: argparse.Namespace) -> int:
         for p, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
             results.append({"image": p, "predictions": [
                 {"class": names[i], "index": i, "probability": round(v, 6)} for v, i in zip(values, indices)]})
+        _report(results[done:], args.json, bar)
+    if bar is not None:
+        bar.close()
     if seen:
         log.info("runtime %s: top-1 agreement with float32 PyTorch on these images: %d/%d", model.name, agree, seen)
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            if "error" in r:
-                print(f"{r['error']} (skipped)")  # the message starts with the file's path
-                continue
+    return 0
+
+
+def _report(batch: list[dict], as_json: bool, bar) -> None:
+    """One batch's results: printed as they come in text mode (a long folder shows its progress and a stopped
+    run keeps what it printed), gathered for the end in JSON mode; the progress bar moves either way."""
+    if bar is not None:
+        bar.update(len(batch))
+    if as_json:
+        return
+    for r in batch:
+        if "error" in r:
+            line = f"{r['error']} (skipped)"  # the message starts with the file's path
+        else:
             best = r["predictions"][0]
             others = ", ".join(f"{q['class']} {100 * q['probability']:.1f}%" for q in r["predictions"][1:])
-            print(f"{r['image']}: {best['class']} ({100 * best['probability']:.1f}%)" + (f"  [{others}]" if others else ""))
-    return 0
+            line = f"{r['image']}: {best['class']} ({100 * best['probability']:.1f}%)" + (f"  [{others}]" if others else "")
+        if bar is not None:
+            bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
