@@ -492,6 +492,8 @@ def test_compiled_pads_a_smaller_last_batch_instead_of_compiling_again():
     training = Compiled(_tiny("vit_tiny_patch16_224").train())
     training.batch_sizes = {16}
     assert training._padded_size(5) == 5
+    training(x)  # a training-mode graph at batch 4: not a size the eval-mode graph has compiled
+    assert training.batch_sizes == {16}
 
 
 def test_compile_falls_back_cleanly(monkeypatch, caplog):

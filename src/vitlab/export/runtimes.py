@@ -126,7 +126,7 @@ class Compiled(nn.Module):
         self.freeze = freeze
         self.compile_s: float | None = None
         self.failed: str | None = None
-        self.batch_sizes: set[int] = set()  # batch sizes the compiled graph has run
+        self.batch_sizes: set[int] = set()  # batch sizes the compiled graph has run in inference
 
     def _call_compiled(self, x: Tensor) -> Tensor:
         if not self.freeze:
@@ -152,15 +152,18 @@ class Compiled(nn.Module):
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             log.warning("torch.compile failed (%s); running eager instead", self.failed)
             return self.model(x[:n])
-        self.batch_sizes.add(padded)
+        if self._inference():  # a size compiled for training is another graph: it does not count here
+            self.batch_sizes.add(padded)
         if self.compile_s is None:
             self.compile_s = time.perf_counter() - t0
             log.info("torch.compile: first call (compile) took %.1f s", self.compile_s)
         return _first_rows(out, n) if padded > n else out
 
+    def _inference(self) -> bool:
+        return self.freeze or not self.model.training
+
     def _padded_size(self, n: int) -> int:
-        inference = self.freeze or not self.model.training
-        if not inference or n in self.batch_sizes or not self.batch_sizes or n > max(self.batch_sizes):
+        if not self._inference() or n in self.batch_sizes or not self.batch_sizes or n > max(self.batch_sizes):
             return n
         return max(self.batch_sizes)
 
