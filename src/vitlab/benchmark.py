@@ -229,7 +229,9 @@ def run_interleaved(
 
 # -------------------------------------------------------------------------------------------- FLOPs
 def forward_flops(model: nn.Module, input_size: tuple[int, ...]) -> float:
-    """FLOPs of one forward pass on one image, counted by torch's FlopCounterMode (matmuls, convs, SDPA)."""
+    """FLOPs of one forward pass on one image, counted by torch's FlopCounterMode (matmuls, convs). On the meta
+    device attention decomposes into counted matmuls; on the CPU its fused kernel is not counted, so count
+    real models with :func:`model_forward_flops` (a meta twin) or :func:`registry_forward_flops`."""
     from torch.utils.flop_counter import FlopCounterMode
 
     params = list(model.parameters())
