@@ -125,10 +125,10 @@ def test_benchmark_of_a_detector_or_segmenter(name: str) -> None:
     rows = {r["runtime"]: r for r in report["results"]}
     kind = "per-pixel class agreement" if name.startswith("setr") else "per-query class agreement"
     assert {r["agreement_kind"] for r in rows.values()} == {kind}
-    if rows["torch"]["top1_agreement"] is not None:  # a random head can make every logit equal
-        assert rows["torch"]["top1_agreement"] == 1.0 and rows["onnx"]["top1_agreement"] == 1.0
-        assert rows["onnx"]["max_abs_logit_diff"] < 1e-3
-        assert 0.5 <= rows["torch-bf16-full"]["top1_agreement"] <= 1
+    # these heads are randomly initialised (not zero), so the agreement is a real figure
+    assert rows["torch"]["top1_agreement"] == 1.0 and rows["onnx"]["top1_agreement"] == 1.0
+    assert rows["onnx"]["max_abs_logit_diff"] < 1e-3 and rows["torch-bf16-full"]["max_abs_logit_diff"] > 0
+    assert 0.5 <= rows["torch-bf16-full"]["top1_agreement"] <= 1
 
 
 # ---------------------------------------------------------------------------------- --checkpoint
