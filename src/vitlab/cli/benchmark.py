@@ -150,7 +150,7 @@ def run_runtimes(args: argparse.Namespace, overrides: dict[str, Any], models: li
         mm = {r["matmul_dtype"]: r["matmul_gflops"] for r in report["results"]}
         print("of matmul: achieved GFLOP/s over a " + " and a ".join(
             f"{args.matmul_size}^2 {d} matmul's ({g:.0f} GFLOP/s)" for d, g in sorted(mm.items()))
-              + " in the same rounds (bf16 runtimes against bfloat16)")
+              + " in the same rounds" + (" (bf16 runtimes against bfloat16)" if len(mm) > 1 else ""))
         print(f"agreement images: {report['results'][0]['agreement_images']}")
         kinds = {r["agreement_kind"] for r in report["results"]} - {"top-1 agreement"}
         if kinds:
