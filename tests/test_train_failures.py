@@ -248,3 +248,22 @@ def test_predict_applies_max_image_pixels(digits_run, tmp_path, small_pixel_limi
     with caplog.at_level(logging.ERROR):
         assert main(["predict", str(path), "--checkpoint", ckpt, "--max-image-pixels", "100000"]) == 2
     assert "--max-image-pixels" in caplog.text
+
+
+def test_a_data_set_smaller_than_one_global_batch_names_the_setting(tmp_path, caplog):
+    """36 images under MAE's global batch of 4096: --batch-size 8 alone only raised the accumulation to 512;
+    the error says which recipe field to change and how."""
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(18):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    assert main(["pretrain", "--method", "mae", "--data", str(root), "--steps", "1", "--batch-size", "8",
+                 "--output", str(tmp_path / "run"), "--no-progress"]) == 2
+    text = caplog.text
+    assert "cannot fill one step of batch_size 8 x accum 512" in text
+    assert "global_batch is 4096" in text and "--set global_batch=none" in text
+    assert main(["pretrain", "--method", "mae", "--data", str(root), "--steps", "1", "--batch-size", "8",
+                 "--set", "global_batch=none", "--output", str(tmp_path / "run"), "--overwrite",
+                 "--no-progress"]) == 0

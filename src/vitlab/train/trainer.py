@@ -283,10 +283,12 @@ def fit(
     if steps_per_epoch < 1:
         have = (f"{len(base_sampler)} multi-scale batches per epoch" if recipe.multi_scale  # type: ignore[arg-type]
                 else f"{len(base_sampler)} samples per process")  # type: ignore[arg-type]
-        raise ValueError(
-            f"fit: {have} cannot fill one step of batch_size {recipe.batch_size} x "
-            f"accum {accum}; lower --batch-size or global_batch"
-        )
+        if recipe.global_batch is not None:
+            fix = (f"the recipe's global_batch is {recipe.global_batch}: --set global_batch=N for a smaller one "
+                   f"(a multiple of --batch-size), or --set global_batch=none for --batch-size alone")
+        else:
+            fix = "lower --batch-size or --set accum_steps=N"
+        raise ValueError(f"fit: {have} cannot fill one step of batch_size {recipe.batch_size} x accum {accum}; {fix}")
     total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     global_batch = recipe.batch_size * accum * ctx.world_size
