@@ -52,6 +52,20 @@ def test_timm_parity(name: str, tag: str) -> None:
 
 
 @pytest.mark.parametrize("name, tag", [(V1, "v1"), (V2, "v2")])
+def test_the_file_fixes_width_depths_heads_and_mlp_ratio(name: str, tag: str) -> None:
+    """Only what the weights cannot say (resolution, window; v2's pre-training windows) is given: width, depths,
+    heads and the MLP ratio come from the file (the ratio did not: a custom-size Swin did not fit)."""
+    given = {k: ARCH[k] for k in ("img_size", "window_size")}
+    if tag == "v2":
+        given["pretrained_window_sizes"] = V2_ARCH["pretrained_window_sizes"]
+    model = vitlab.create_model(name, pretrained=FIX / f"timm_{tag}.safetensors", **given).eval()
+    assert (model.cfg.embed_dim, tuple(model.cfg.depths), tuple(model.cfg.num_heads), model.cfg.mlp_ratio) == (
+        ARCH["embed_dim"], ARCH["depths"], ARCH["num_heads"], ARCH["mlp_ratio"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(IO["x"]), IO[f"timm_{tag}_logits"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, tag", [(V1, "v1"), (V2, "v2")])
 def test_timm_parity_with_dynamic_padding(name: str, tag: str) -> None:
     # 36x28 input: 18x14 map, padded to windows in every block; 9x7 is odd for the patch merging
     model = _load(name, FIX / f"timm_{tag}.safetensors", dynamic_img_size=True)

@@ -47,7 +47,8 @@ def _check_version(sd: dict[str, Tensor], family: str) -> None:
 
 
 def _overrides(sd: dict[str, Tensor]) -> dict[str, Any]:
-    """What the tensors fix: width, depths, heads, classes (window and resolution are resampled instead)."""
+    """What the tensors fix: width, depths, heads, MLP ratio, classes (window and resolution are resampled
+    instead)."""
     over = head_overrides(sd)
     if "patch_embed.proj.weight" in sd:
         w = sd["patch_embed.proj.weight"]
@@ -66,6 +67,9 @@ def _overrides(sd: dict[str, Tensor]) -> dict[str, Any]:
         over["depths"] = tuple(depths[i] for i in sorted(depths))
     if heads and len(heads) == len(depths):
         over["num_heads"] = tuple(heads[i] for i in sorted(heads))
+    fc1 = sd.get("layers.0.blocks.0.mlp.fc1.weight")
+    if fc1 is not None:
+        over["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
     if any(k.endswith("attn.qkv.weight") for k in sd) and not any(
             k.endswith(("attn.qkv.bias", "attn.q_bias")) for k in sd):
         over["qkv_bias"] = False
