@@ -133,6 +133,29 @@ def test_fewshot_table_and_json(checkpoint, capsys) -> None:
         assert len(r["linear"]) == 2 and 0.0 <= r["linear_mean"] <= 1.0 and r["knn_k"] == min(5, r["shots"])
 
 
+def test_fewshot_skips_shot_counts_a_small_class_cannot_fill(tmp_path, checkpoint, capsys, caplog) -> None:
+    """A folder whose smallest class has 6 training images: the default 1,5,10,25 stopped with an error at 10; the
+    counts that fit are reported and the others named, and a request none of whose counts fit names the class."""
+    from vitlab.data import build_dataset
+
+    ds = build_dataset("digits", split="train")
+    seen: dict[int, int] = {}
+    for img, label in (ds[i] for i in range(len(ds))):
+        if label < 3 and seen.get(label, 0) < (6 if label == 2 else 12):
+            (tmp_path / "data" / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[0].numpy()).save(tmp_path / "data" / str(label) / f"{seen.get(label, 0)}.png")
+            seen[label] = seen.get(label, 0) + 1
+    args = ["fewshot", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data"), "--seeds", "2", "--json"]
+    assert main(args) == 0
+    got = json.loads(capsys.readouterr().out)
+    fewest = min(torch.bincount(torch.tensor(
+        [label for _, label in build_dataset(str(tmp_path / "data"), split="train", transform=None)])).tolist())
+    assert [r["shots"] for r in got["results"]] == [s for s in (1, 5, 10, 25) if s <= fewest] and fewest < 10
+    assert "--shots 10,25 skipped: class '2'" in caplog.text
+    assert main([*args, "--shots", "20"]) == 2
+    assert f"--shots 20: class '2' has {fewest} training image(s)" in caplog.text
+
+
 def test_fewshot_rejects_bad_shots(checkpoint, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fewshot", "--checkpoint", str(checkpoint), "--data", "digits", "--shots", "1,x"])

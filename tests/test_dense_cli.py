@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from dense_helpers import DETR_TINY, SETR_TINY, write_fake_mnist
+import vitlab
+from dense_helpers import DETR_EXPORT, DETR_TINY, SETR_EXPORT, SETR_TINY, write_fake_mnist
 from vitlab.cli.main import main
 
 
@@ -107,3 +110,26 @@ def test_make_canvases_names_a_missing_mnist_folder(tmp_path: Path, caplog) -> N
         assert main(["make-canvases", "--mnist", str(tmp_path / "nope"), "--output", str(tmp_path / "c")]) == 2
     assert "nope: no such folder; give the folder with MNIST's IDX files" in caplog.text
     assert not (tmp_path / "c").exists()
+
+
+_DENSE = [("setr_pup_vit_small_patch16", "segmentation", "vitlab segment"),
+          ("detr_resnet50", "detection", "vitlab detect")]
+_TOOLS = [["explain", "IMAGE"], ["analyze", "--data", "digits"], ["fewshot", "--data", "digits"]]
+
+
+# explain of a DETR draws each object's attention (test_detection_commands), so it is not among these
+@pytest.mark.parametrize("command, name, task, runs_it", [
+    (c, *d) for c in _TOOLS for d in _DENSE if not (c[0] == "explain" and d[1] == "detection")])
+def test_classifier_tools_name_the_command_for_a_dense_model(tmp_path, caplog, command, name, task, runs_it):
+    """explain (of a SETR) / analyze / fewshot on a DETR or SETR checkpoint ended in AttributeError tracebacks
+    ('dict' object has no attribute 'shape', no forward_head) or an unrelated token-grid error; now one line naming
+    the commands that run the model. (explain of a DETR draws each object's attention: test_detection_commands.)"""
+    over = SETR_EXPORT if name.startswith("setr") else DETR_EXPORT
+    path = tmp_path / "model.safetensors"
+    vitlab.save_model(vitlab.create_model(name, **over), path)
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    args = [str(image) if a == "IMAGE" else a for a in command]
+    assert main([args[0], *args[1:], "--checkpoint", str(path), "--output", str(tmp_path / "out")]
+                if args[0] != "fewshot" else [*args, "--checkpoint", str(path)]) == 2
+    assert f"a {task} model; `vitlab {args[0]}` works on classifiers. Run it with `{runs_it}" in caplog.text

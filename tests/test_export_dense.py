@@ -147,7 +147,8 @@ def test_detect_with_the_onnx_file(detr_export, tmp_path, capsys, caplog):
                  "--output", str(tmp_path / "x")]) == 2
     capsys.readouterr()
     assert main(["predict", str(image), "--checkpoint", str(path)]) == 2  # a classifier's command
-    assert "a detection model, not a classifier; run it with vitlab detect" in caplog.text + capsys.readouterr().err
+    assert "a detection model; `vitlab predict` works on classifiers. Run it with `vitlab detect`" in (
+        caplog.text + capsys.readouterr().err)
 
 
 @pytest.fixture
@@ -270,3 +271,4 @@ def test_dense_dynamic_size_export_matches_pytorch(kind, over, tmp_path):
     m = OnnxModel(tmp_path / "d.onnx")
     for h, w in [(32, 32), (56, 40), (24, 72)]:
         _assert_same_outputs(m, dyn, _images(1, h, w, seed=h), names)
+

@@ -14,6 +14,7 @@ from vitlab.cli.common import (
     add_threads_argument,
     check_device,
     load_checkpoint,
+    require_classifier,
 )
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_images < 1:
         raise ValueError("--num-images must be at least 1")
     device = check_device(args)
-    model = load_checkpoint(args)
+    model = require_classifier(load_checkpoint(args), "analyze", args.checkpoint)
     dataset = build_dataset(args.data, split=args.split, transform=eval_transform(model.preprocessing))
     name = getattr(model, "model_name", type(model).__name__)
     model_desc = f"{name} from {args.checkpoint}"

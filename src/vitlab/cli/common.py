@@ -26,6 +26,17 @@ def load_checkpoint(args: argparse.Namespace) -> torch.nn.Module:
     return vitlab.load_model(args.checkpoint, model_name=args.model)
 
 
+def require_classifier(model: torch.nn.Module, command: str, source: str) -> torch.nn.Module:
+    """``model`` if it is a classifier; a detector or segmenter is one clear error naming what runs it."""
+    task = getattr(model, "task", "classification")
+    if task != "classification":
+        other = {"detection": "`vitlab detect` (with --attention for each object's attention map)",
+                 "segmentation": "`vitlab segment`"}.get(task, "its own command")
+        raise ValueError(f"{source}: a {task} model; `vitlab {command}` works on classifiers. Run it with {other}, "
+                         f"and `vitlab eval` for its metrics")
+    return model
+
+
 def add_device_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")

@@ -15,6 +15,7 @@ from vitlab.cli.common import (
     add_threads_argument,
     check_device,
     load_checkpoint,
+    require_classifier,
 )
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     images = expand_image_paths(args.images)
     device = check_device(args)
     model = load_checkpoint(args).to(device).eval()
+    if getattr(model, "task", "classification") != "detection":  # DETR is explained below, per object
+        require_classifier(model, "explain", args.checkpoint)
     if getattr(model, "task", "classification") == "detection":
         # DETR: each detected object's decoder cross-attention over the image (the paper's figure)
         from vitlab.tasks.run import detect_images

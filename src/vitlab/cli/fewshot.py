@@ -13,6 +13,7 @@ from vitlab.cli.common import (
     add_threads_argument,
     check_device,
     load_checkpoint,
+    require_classifier,
 )
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,12 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
     device = check_device(args)
-    model = load_checkpoint(args).to(device).eval()
+    model = require_classifier(load_checkpoint(args), "fewshot", args.checkpoint).to(device).eval()
     transform = eval_transform(model.preprocessing)
     train = build_dataset(args.data, split=args.train_split, transform=transform)
     test = build_dataset(args.data, split=args.test_split, transform=transform)
     num_classes = len(train.classes)
+    class_names = list(train.classes)
     pool = max(args.shots) * args.seeds if args.pool is None else args.pool
     if pool > 0 and hasattr(train, "targets"):
         from torch.utils.data import Subset
@@ -91,7 +93,20 @@ def run(args: argparse.Namespace) -> int:
     test_x, test_y = extract_features(model, test, batch_size=args.batch_size, device=device,
                                       collate_fn=collate_present)
     log.info("features: %d train, %d test, dimension %d", len(train_y), len(test_y), train_x.shape[1])
-    results = fewshot_evaluate(train_x, train_y, test_x, test_y, num_classes=num_classes, shots=args.shots,
+    import torch
+
+    counts = torch.bincount(train_y, minlength=num_classes)
+    fewest = int(counts.min())
+    smallest = class_names[int(counts.argmin())]
+    shots = tuple(s for s in args.shots if s <= fewest)
+    if not shots:
+        fix = f"use --shots {fewest} or fewer" if fewest else "every class needs at least one"
+        raise ValueError(f"--shots {','.join(map(str, args.shots))}: class {smallest!r} has {fewest} training "
+                         f"image(s) in {args.data} ({args.train_split} split); {fix}")
+    if len(shots) < len(args.shots):
+        log.warning("--shots %s skipped: class %r has %d training images", ",".join(
+            str(s) for s in args.shots if s > fewest), smallest, fewest)
+    results = fewshot_evaluate(train_x, train_y, test_x, test_y, num_classes=num_classes, shots=shots,
                                seeds=args.seeds, l2_reg=args.l2_reg, knn_k=args.knn_k)
     if args.json:
         print(json.dumps({

@@ -13,6 +13,7 @@ from vitlab.cli.common import (
     add_model_argument,
     add_threads_argument,
     check_device,
+    require_classifier,
 )
 from vitlab.export.runtimes import RUNTIMES
 
@@ -61,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = check_device(args)
     model, reference = load_for_inference(args.checkpoint, args.runtime, model_name=args.model)
-    if model.task != "classification":
-        command = {"detection": "vitlab detect", "segmentation": "vitlab segment"}.get(model.task, "its own command")
-        raise ValueError(f"{args.checkpoint}: a {model.task} model, not a classifier; run it with {command}")
+    require_classifier(model, "predict", args.checkpoint)
     if model.name.startswith("onnx") or model.name == "torch-int8":
         device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
     model = model.to(device).eval()
