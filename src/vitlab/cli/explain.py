@@ -93,8 +93,6 @@ def run(args: argparse.Namespace) -> int:
     images = expand_image_paths(args.images)
     device = check_device(args)
     model = load_checkpoint(args).to(device).eval()
-    if getattr(model, "task", "classification") != "detection":  # DETR is explained below, per object
-        require_classifier(model, "explain", args.checkpoint)
     if getattr(model, "task", "classification") == "detection":
         # DETR: each detected object's decoder cross-attention over the image (the paper's figure)
         from vitlab.tasks.run import detect_images
@@ -102,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         for r in detect_images(model.cpu(), [Path(p) for p in images], Path(args.output), attention=True):
             print(f"{r['image']}: {len(r['objects'])} objects -> {Path(args.output)}")
         return 0
+    require_classifier(model, "explain", args.checkpoint)  # a segmenter has no per-class map here
     names = model_class_names(model)
     target = resolve_class(args.target, names)
     from vitlab.analysis.explain import resolve_method
