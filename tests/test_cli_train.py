@@ -134,6 +134,18 @@ def test_finetune_to_new_classes(run_dir, tmp_path):
     assert model.pos_embed.shape[1] == 1 + (16 // 2) ** 2 and src.pos_embed.shape[1] == 1 + (8 // 2) ** 2
 
 
+def test_a_run_folder_names_its_model(run_dir, tmp_path):
+    """`finetune --from runs/mine` (the folder, not its model.safetensors) worked before model_name_of and must go
+    on working; vitlab.load_model takes the folder too."""
+    import vitlab
+    from vitlab.models.factory import model_name_of
+
+    assert model_name_of(run_dir) == vitlab.load_model(run_dir / "model.safetensors").model_name
+    assert vitlab.load_model(run_dir).model_name == model_name_of(run_dir)
+    assert main(["finetune", "--from", str(run_dir), "--img-size", "16", "--output", str(tmp_path / "ft"), "--steps", "1",
+                 "--batch-size", "4", "--no-progress", "--set", "global_batch=none", "--set", "warmup_steps=0"]) == 0
+
+
 def test_finetune_from_a_hugging_face_folder_needs_no_model_name(tmp_path, caplog):
     """A Hugging Face folder names its architecture in config.json (as `vitlab.load_model` reads it): finetune
     took it only with --model, and its error suggested a ViT for a Swin folder. A bare timm file still needs

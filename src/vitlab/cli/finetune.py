@@ -36,19 +36,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="source", required=True,
                    help="vitlab checkpoint, timm/HF weights, JAX .npz or hf-hub:ORG/NAME")
-    p.add_argument("--model", help="registered architecture (needed unless --from is a vitlab checkpoint)")
+    p.add_argument("--model", help="registered architecture (needed unless --from names it: a vitlab checkpoint or run folder, a Hugging Face or timm hub folder)")
     add_common_args(p, default_recipe="vit_finetune")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.train.run import pretrained_model_name
+    from vitlab.models.factory import model_name_of
 
     check_length_options(args)
     saved = saved_run(args, args.output) if args.output is not None else None
     if saved is not None:
         args.data = args.data or saved["job"].get("data")
-    model = args.model or pretrained_model_name(args.source)
+    model = args.model or model_name_of(args.source)
     recipe = resolve_recipe(args, "vit_finetune", saved, model=model)
     return train_or_explain(make_job(args, recipe, model=model, pretrained=args.source,
                                      output_tag=f"finetune-{model}"))

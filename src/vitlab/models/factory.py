@@ -180,8 +180,8 @@ def onnx_file_message(p: Any) -> str:
 
 
 def model_name_of(path: str | os.PathLike) -> str:
-    """The registered name that builds a self-describing checkpoint: the model a vitlab checkpoint records, the
-    timm model a hub folder's config.json names, or the family of a Hugging Face folder's ``model_type`` (whose
+    """The registered name that builds a self-describing checkpoint: the model a vitlab checkpoint (or run folder)
+    records, the timm model a hub folder's config.json names, or the family of a Hugging Face folder's ``model_type`` (whose
     config then sets the size). Weights that do not name their architecture are a CheckpointError saying so."""
     from vitlab.checkpoints import CheckpointError, read_vitlab, resolve
     from vitlab.checkpoints.io import read_json
@@ -189,6 +189,8 @@ def model_name_of(path: str | os.PathLike) -> str:
     p = resolve(path)
     if p.name.lower().endswith(".onnx"):
         raise CheckpointError(onnx_file_message(p))
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model.safetensors").is_file():
+        p = p / "model.safetensors"  # a vitlab run folder (its weights load from the folder too)
     if p.is_dir() or not p.name.endswith(".safetensors"):
         cfg_path = p / "config.json" if p.is_dir() else None
         if cfg_path is None or not cfg_path.exists():

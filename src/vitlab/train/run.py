@@ -90,7 +90,9 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int) -> nn.Module:
             raise ValueError("no model: give --model NAME (see `vitlab models`) or a recipe with a `model` field")
         overrides = {**model_overrides(name, recipe, in_chans), **job.extra_overrides}
         return vitlab.create_model(name, num_classes=num_classes, img_size=recipe.img_size, **overrides)
-    name = job.model or pretrained_model_name(job.pretrained)
+    from vitlab.models.factory import model_name_of
+
+    name = job.model or model_name_of(job.pretrained)  # weights that do not name it: the error asks for --model
     overrides = {**recipe.model_overrides, **job.extra_overrides}
     model = vitlab.create_model(name, pretrained=job.pretrained, num_classes=num_classes, img_size=recipe.img_size,
                                 **overrides)
@@ -107,14 +109,6 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int) -> nn.Module:
     if recipe.zero_init_head:
         model.reset_classifier(num_classes)  # the paper's zero-initialised D x K head, also when K is unchanged
     return model
-
-
-def pretrained_model_name(source: str) -> str:
-    """The registered name of self-describing weights (a vitlab checkpoint, a Hugging Face or timm hub folder);
-    other formats need --model (the error says so)."""
-    from vitlab.models.factory import model_name_of
-
-    return model_name_of(source)
 
 
 def check_output(job: TrainJob) -> None:
