@@ -617,6 +617,44 @@ def test_ill_conditioned_inputs_are_arbitrated_in_float64(tmp_path, monkeypatch)
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or not os.path.exists("/proc/cpuinfo"),
                     reason="the warning reads x86 flags from Linux's /proc/cpuinfo; elsewhere it stays silent")
+def test_predict_checks_agreement_on_the_first_images_only(tmp_path, digits_checkpoint, monkeypatch, caplog, capsys):
+    """A fast runtime over a big folder should not pay a float32 forward per image: --agreement N images."""
+    from PIL import Image
+
+    from vitlab.data.sources import read_digits
+    from vitlab.export import runtimes
+
+    images, _, _ = read_digits()
+    for i in range(5):
+        Image.fromarray(images[i, 0].numpy()).save(tmp_path / f"d{i}.png")
+    float32_rows = []
+    load = runtimes.load_for_inference
+
+    def counting_load(*a, **kw):
+        model, reference = load(*a, **kw)
+        reference.register_forward_hook(lambda m, inputs, out: float32_rows.append(len(inputs[0])))
+        return model, reference
+
+    monkeypatch.setattr(runtimes, "load_for_inference", counting_load)
+    base = ["predict", str(tmp_path), "--checkpoint", str(digits_checkpoint), "--runtime", "torch-bf16-full",
+            "--batch-size", "2"]
+    for extra, rows, said in ((["--agreement", "3"], 3, "on the first 3 of 5 images (--agreement): "),
+                              ([], 5, "on these images: "), (["--agreement", "all"], 5, "on these images: "),
+                              (["--agreement", "0"], 0, None)):
+        float32_rows.clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vitlab"):
+            assert main(base + extra) == 0
+        assert sum(float32_rows) == rows
+        assert ("top-1 agreement" in caplog.text) == (said is not None)
+        if said:
+            assert said in caplog.text and f"/{rows}" in caplog.text
+    assert len(capsys.readouterr().out.splitlines()) == 4 * 5  # every image still predicted each time
+    with pytest.raises(SystemExit):
+        main(base + ["--agreement", "some"])
+    assert "expected a number of images >= 0 or 'all', got 'some'" in capsys.readouterr().err
+
+
 def test_bf16_runtime_on_a_cpu_without_bf16_says_so(tmp_path, digits_checkpoint, monkeypatch, caplog, capsys):
     from PIL import Image
 

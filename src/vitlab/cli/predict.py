@@ -38,6 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch float32; other runtimes report their "
                         "top-1 agreement with float32 PyTorch")
+    p.add_argument("--agreement", type=_agreement_count, default=256, metavar="N|all",
+                   help="with a runtime other than float32 PyTorch: how many images (the first N) also go through "
+                        "the float32 model to report top-1 agreement; each costs a float32 forward (default: 256; "
+                        "0: none; all: every image; eval --runtime measures it over a whole data set)")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_device_argument(p)
@@ -98,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
         x = torch.stack(pixels).to(device)  # (B, C, H, W)
         with torch.no_grad():
             logits = logits_of(model(x)).float()
-            if reference is not None and model.name != "torch":
-                agree += (logits_of(reference(x)).argmax(-1) == logits.argmax(-1)).sum().item()
-                seen += len(x)
+            if reference is not None and model.name != "torch" and (check := max(0, args.agreement - seen)):
+                agree += (logits_of(reference(x[:check])).argmax(-1) == logits[:check].argmax(-1)).sum().item()
+                seen += min(check, len(x))
             probs = logits.softmax(dim=-1)
         top = probs.topk(k, dim=-1)
         for p, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
@@ -110,10 +114,24 @@ def run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     if seen:
-        log.info("runtime %s: top-1 agreement with float32 PyTorch on these images: %d/%d", model.name, agree, seen)
+        total = len(results) - sum("error" in r for r in results)
+        which = "these images" if seen == total else f"the first {seen} of {total} images (--agreement)"
+        log.info("runtime %s: top-1 agreement with float32 PyTorch on %s: %d/%d", model.name, which, agree, seen)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
+
+
+def _agreement_count(text: str) -> int:
+    if text == "all":
+        return sys.maxsize
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of images >= 0 or 'all', got {text!r}")
+    return n
 
 
 def _report(batch: list[dict], as_json: bool, bar) -> None:
