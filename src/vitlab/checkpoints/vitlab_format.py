@@ -42,6 +42,10 @@ def model_metadata(model: nn.Module, *, class_names: list[str] | None = None,
     name = getattr(model, "model_name", None)
     if name is None:
         raise ValueError("save_model: the model has no registered name; build it with vitlab.create_model")
+    classes = getattr(model, "num_classes", 0)
+    if class_names is not None and classes and len(class_names) != classes:
+        raise ValueError(f"save_model: {len(class_names)} class names for a model with {classes} classes "
+                         f"(after reset_classifier(n), give n names)")
     meta: dict[str, Any] = {
         FORMAT_KEY: FORMAT_NAME,
         "version": FORMAT_VERSION,

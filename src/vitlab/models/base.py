@@ -7,7 +7,7 @@ The common surface (``forward_features``, ``forward_head(x, pre_logits=False)``,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from torch import nn
@@ -88,6 +88,21 @@ def zero_head(in_features: int, num_classes: int) -> nn.Module:
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
+
+
+def check_global_pool(model: nn.Module, global_pool: str | None, allowed: tuple[str, ...]) -> None:
+    """``reset_classifier``'s pooling argument: None (keep), or one of the family's ``allowed`` kinds."""
+    if global_pool is None or global_pool in allowed:
+        return
+    hint = " (for unpooled tokens call forward_features)" if global_pool == "" else ""
+    raise ValueError(f"{type(model).__name__}.reset_classifier: global_pool must be one of "
+                     f"{', '.join(map(repr, allowed))}, got {global_pool!r}{hint}")
+
+
+def record_head(model: nn.Module, **changes: Any) -> None:
+    """Keep ``model.cfg`` describing the live model after ``reset_classifier`` changed its head or pooling:
+    a checkpoint is rebuilt from its config, so a stale one would reload the old head."""
+    model.cfg = replace(model.cfg, **changes)
 
 
 def init_linear_jax(module: nn.Module) -> None:

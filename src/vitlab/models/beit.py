@@ -55,6 +55,8 @@ from vitlab.models.base import (
     INCEPTION_MEAN,
     INCEPTION_STD,
     Preprocessing,
+    check_global_pool,
+    record_head,
     take_indices,
     zero_head,
 )
@@ -201,13 +203,13 @@ class Beit(nn.Module):
         names = {n for n, _ in self.named_parameters()}
         return {n for n in names if n in ("pos_embed", "cls_token") or n.endswith("relative_position_bias_table")}
 
-    def reset_classifier(self, num_classes: int, *, global_pool: Literal["avg", "token"] | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Literal["avg", "token"] | None = None) -> None:
         """Replace the head by a zero-initialised (D x K) layer (the pooling's norm stays as built)."""
+        check_global_pool(self, global_pool, ("avg", "token"))
         if global_pool is not None:
-            if global_pool not in ("avg", "token"):
-                raise ValueError(f"reset_classifier: global_pool must be 'avg' or 'token', got {global_pool!r}")
             self.global_pool = global_pool
         self.head = zero_head(self.num_features, num_classes)
+        record_head(self, num_classes=max(num_classes, 0), global_pool=self.global_pool)
 
     def decay_layer_id(self, name: str) -> int:
         """Layer-wise lr decay: embeddings and the shared position table 0, ``blocks.i`` i + 1, the rest L + 1."""

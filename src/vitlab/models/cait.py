@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from vitlab.layers import Block, PatchEmbed, resample_pos_embed, size_differs, trunc_normal_linears
 from vitlab.layers.class_attention import ClassAttentionBlock
 from vitlab.layers.talking_heads import TalkingHeadsAttention
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
+from vitlab.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    check_global_pool,
+    record_head,
+    take_indices,
+    zero_head,
+)
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -143,13 +151,15 @@ class CaiT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
-    def reset_classifier(self, num_classes: int, *, global_pool: Literal["token", "avg"] | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None) -> None:
         """Replace the head by a zero-initialised (D x K) layer."""
+        check_global_pool(self, global_pool, ("token", "avg"))
         if global_pool is not None:
             if global_pool == "token" and len(self.blocks_token_only) == 0:
                 raise ValueError("reset_classifier: global_pool='token' needs class-attention blocks")
             self.global_pool = global_pool
         self.head = zero_head(self.num_features, num_classes)
+        record_head(self, num_classes=max(num_classes, 0), global_pool=self.global_pool)
 
     # ------------------------------------------------------------------------------------------ forward
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:

@@ -44,7 +44,7 @@ from vitlab.layers import (
     size_differs,
     to_2tuple,
 )
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, record_head, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -251,7 +251,7 @@ class CCT(nn.Module):
         names = {n for n, _ in self.named_parameters(recurse=False)}
         return {n for n in ("pos_embed", "cls_token") if n in names}
 
-    def reset_classifier(self, num_classes: int, *, global_pool: Literal["seq", "avg"] | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Literal["seq", "avg"] | None = None) -> None:
         """Replace the head by a zero-initialised (D x K) layer; ``global_pool`` switches between "seq"
         (a new attention-pool layer where the model had none) and "avg" (a class token cannot be added)."""
         if global_pool is not None and global_pool != self.global_pool:
@@ -264,6 +264,7 @@ class CCT(nn.Module):
                 nn.init.trunc_normal_(self.attn_pool.weight, std=0.02)
                 nn.init.zeros_(self.attn_pool.bias)
         self.head = zero_head(self.num_features, num_classes)
+        record_head(self, num_classes=max(num_classes, 0), global_pool=self.global_pool)
 
     def position_grid_table(self) -> tuple[Tensor, tuple[int, int], str] | None:
         """For the analysis tools: the per-token position table on its grid, the class entry dropped."""

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from vitlab.layers import Block, PatchEmbed, check_images, resample_pos_embed, to_2tuple, trunc_normal_linears
 from vitlab.layers.cross_attention import CrossAttentionBlock
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, check_global_pool, record_head, take_indices
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -222,8 +222,9 @@ class CrossViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"{t}.{i}" for t in ("pos_embed", "cls_token") for i in range(2)}
 
-    def reset_classifier(self, num_classes: int, *, global_pool: Literal["token", "avg"] | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None) -> None:
         """Replace both heads by zero-initialised layers."""
+        check_global_pool(self, global_pool, ("token", "avg"))
         if global_pool is not None:
             self.global_pool = global_pool
         self.head = self._make_heads(num_classes)
@@ -231,6 +232,7 @@ class CrossViT(nn.Module):
             if isinstance(h, nn.Linear):
                 nn.init.zeros_(h.weight)
                 nn.init.zeros_(h.bias)
+        record_head(self, num_classes=max(num_classes, 0), global_pool=self.global_pool)
 
     def cam_layer(self) -> nn.Module:
         """Grad-CAM's map: the small-patch branch's tokens as they enter the last multi-scale block (its
@@ -331,7 +333,7 @@ class CrossViT(nn.Module):
         """[(B, 1 + N_i, D_i)] -> logits (B, K): the mean of the two heads; pre-logits: both tokens concatenated."""
         pooled = [t[:, 0] if self.global_pool == "token" else t[:, 1:].mean(dim=1) for t in xs]
         pooled = [self.head_drop(t) for t in pooled]
-        if pre_logits:
+        if pre_logits or self.num_classes == 0:  # no head: the features, as timm returns them
             return torch.cat(pooled, dim=-1)
         return torch.stack([head(t) for head, t in zip(self.head, pooled)]).mean(dim=0)
 

@@ -104,7 +104,7 @@ class DeiT(VisionTransformer):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | ({"dist_token"} if self.dist_token is not None else set())
 
-    def reset_classifier(self, num_classes: int, *, global_pool: Literal["token", "avg"] | None = None,
+    def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None, *,
                          keep_pre_logits: bool = False) -> None:
         """Replace the head (and the distillation head) by zero-initialised ones for ``num_classes``."""
         if self.cfg.distilled and global_pool not in (None, "token"):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitlab.layers import CrossAttention, Mlp, freeze_batch_norm, sine_position_2d
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, record_head
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -214,6 +214,7 @@ class DETR(nn.Module):
         self.class_embed = nn.Linear(self.cfg.dim, num_classes + 1)
         nn.init.zeros_(self.class_embed.weight)
         nn.init.zeros_(self.class_embed.bias)
+        record_head(self, num_classes=num_classes)
 
     def lr_scales(self) -> dict[str, float]:
         """Learning-rate multipliers by parameter-name prefix (the backbone trains 10x slower)."""

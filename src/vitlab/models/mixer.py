@@ -24,7 +24,16 @@ from torch import Tensor, nn
 
 from vitlab.layers import PatchEmbed, check_images
 from vitlab.layers.mixer_block import MixerBlock
-from vitlab.models.base import INCEPTION_MEAN, INCEPTION_STD, Preprocessing, init_linear_jax, take_indices, zero_head
+from vitlab.models.base import (
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    Preprocessing,
+    check_global_pool,
+    init_linear_jax,
+    record_head,
+    take_indices,
+    zero_head,
+)
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -122,9 +131,11 @@ class MlpMixer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set()  # no position table, no prefix tokens
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a zero-initialised (D x K) layer."""
+    def reset_classifier(self, num_classes: int, global_pool: Literal["avg"] | None = None) -> None:
+        """Replace the head by a zero-initialised layer (the pooling, 'avg', is the only one built)."""
+        check_global_pool(self, global_pool, ("avg",))
         self.head = zero_head(self.num_features, num_classes)
+        record_head(self, num_classes=max(num_classes, 0))
 
     def cam_layer(self) -> nn.Module:
         """Grad-CAM's layer: the last Mixer layer, whose (B, N, D) output tokens lie on the patch grid."""

@@ -64,7 +64,7 @@ from vitlab.layers import (
     unfold_patches,
     unfold_tokens,
 )
-from vitlab.models.base import Preprocessing, take_indices, zero_head
+from vitlab.models.base import Preprocessing, check_global_pool, record_head, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 Version = Literal["v1", "v2", "v3"]
@@ -260,8 +260,11 @@ class MobileViT(nn.Module):
         """The module whose output is the last spatial map (for Grad-CAM): the final expansion, else stage 5."""
         return self.final_conv if isinstance(self.final_conv, ConvNormAct) else self.stages[-1]
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Literal["avg"] | None = None) -> None:
+        """Replace the head by a zero-initialised layer (the pooling, 'avg', is the only one built)."""
+        check_global_pool(self, global_pool, ("avg",))
         self.head = zero_head(self.num_features, num_classes)
+        record_head(self, num_classes=max(num_classes, 0))
 
     # ------------------------------------------------------------------------------------------ forward
     def _check(self, x: Tensor) -> None:

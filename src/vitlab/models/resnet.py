@@ -18,7 +18,15 @@ from typing import Literal
 from torch import Tensor, nn
 
 from vitlab.layers import DropPath, MaxPool2dSame, StdConv2d
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
+from vitlab.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    check_global_pool,
+    record_head,
+    take_indices,
+    zero_head,
+)
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -234,8 +242,11 @@ class ResNet(nn.Module):
         """Grad-CAM's layer: the last stage, whose output is the final (B, C, H/r, W/r) feature map."""
         return self.stages[-1]
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Literal["avg"] | None = None) -> None:
+        """Replace the head by a zero-initialised layer (the pooling, 'avg', is the only one built)."""
+        check_global_pool(self, global_pool, ("avg",))
         self.head = zero_head(self.num_features, num_classes)
+        record_head(self, num_classes=max(num_classes, 0))
 
 
 # He et al. 2015, Table 1.

@@ -49,7 +49,15 @@ from vitlab.layers.window_attention import (
     window_reverse,
 )
 from vitlab.layers.window_geometry import WindowGeometry
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
+from vitlab.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    check_global_pool,
+    record_head,
+    take_indices,
+    zero_head,
+)
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -312,9 +320,11 @@ class SwinTransformer(nn.Module):
         keys = ("relative_position_bias_table", "cpb_mlp", "logit_scale")
         return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a zero-initialised (C x K) layer."""
+    def reset_classifier(self, num_classes: int, global_pool: Literal["avg"] | None = None) -> None:
+        """Replace the head by a zero-initialised layer (the pooling, 'avg', is the only one built)."""
+        check_global_pool(self, global_pool, ("avg",))
         self.head = zero_head(self.num_features, num_classes)
+        record_head(self, num_classes=max(num_classes, 0))
 
     def blocks_in_order(self) -> list[SwinBlock]:
         return [blk for stage in self.layers for blk in stage.blocks]

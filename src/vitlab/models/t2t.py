@@ -37,7 +37,15 @@ from torch import Tensor, nn
 
 from vitlab.layers import Block, Mlp, check_images, sinusoid_1d_pos_embed, to_2tuple, trunc_normal_linears
 from vitlab.layers.t2t_attention import PerformerAttention, TokenAttention
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
+from vitlab.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    check_global_pool,
+    record_head,
+    take_indices,
+    zero_head,
+)
 from vitlab.models.registry import ModelEntry, register_model
 
 # (kernel, stride, padding) of the three soft splits
@@ -195,9 +203,11 @@ class T2TViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"cls_token"}
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a zero-initialised (D x K) layer."""
+    def reset_classifier(self, num_classes: int, global_pool: Literal["token"] | None = None) -> None:
+        """Replace the head by a zero-initialised layer (the pooling, 'token', is the only one built)."""
+        check_global_pool(self, global_pool, ("token",))
         self.head = zero_head(self.num_features, num_classes)
+        record_head(self, num_classes=max(num_classes, 0))
 
     def position_grid_table(self) -> tuple[Tensor, tuple[int, int], str]:
         """For the analysis tools: the fixed 1-D sinusoid table without its class-token entry."""

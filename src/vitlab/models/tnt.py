@@ -30,7 +30,15 @@ import torch
 from torch import Tensor, nn
 
 from vitlab.layers import Attention, DropPath, Mlp, check_images, resample_pos_embed, to_2tuple, trunc_normal_linears
-from vitlab.models.base import INCEPTION_MEAN, INCEPTION_STD, Preprocessing, take_indices, zero_head
+from vitlab.models.base import (
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    Preprocessing,
+    check_global_pool,
+    record_head,
+    take_indices,
+    zero_head,
+)
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -214,11 +222,13 @@ class TNT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"patch_pos", "pixel_pos", "cls_token"}
 
-    def reset_classifier(self, num_classes: int, *, global_pool: Literal["token", "avg"] | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None) -> None:
         """Replace the head by a zero-initialised (D x K) layer."""
+        check_global_pool(self, global_pool, ("token", "avg"))
         if global_pool is not None:
             self.global_pool = global_pool
         self.head = zero_head(self.num_features, num_classes)
+        record_head(self, num_classes=max(num_classes, 0), global_pool=self.global_pool)
 
     def cam_layer(self) -> nn.Module:
         """Grad-CAM's map: the patch tokens entering the last block."""

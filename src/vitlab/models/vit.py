@@ -40,7 +40,9 @@ from vitlab.models.base import (
     INCEPTION_MEAN,
     INCEPTION_STD,
     Preprocessing,
+    check_global_pool,
     init_linear_jax,
+    record_head,
     take_indices,
     zero_head,
 )
@@ -262,12 +264,13 @@ class VisionTransformer(nn.Module):
         names = {n for n, _ in self.named_parameters(recurse=False)}
         return {n for n in ("pos_embed", "cls_token") if n in names}  # a gap model has no class token
 
-    def reset_classifier(self, num_classes: int, *, global_pool: Literal["token", "avg"] | None = None,
+    def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None, *,
                          keep_pre_logits: bool = False) -> None:
         """Replace the head by a zero-initialised (D x K) layer, as the paper does for fine-tuning.
 
         The pre-logits layer is removed too (the paper fine-tunes without it) unless ``keep_pre_logits``.
         """
+        check_global_pool(self, global_pool, ("token", "avg"))
         if global_pool is not None:
             if global_pool == "token" and self.cls_token is None:
                 raise ValueError("reset_classifier: global_pool='token' needs a model with a class token")
@@ -276,6 +279,10 @@ class VisionTransformer(nn.Module):
             self.pre_logits = nn.Identity()
             self.head_hidden_size = self.num_features
         self.head = zero_head(self.head_hidden_size, num_classes)
+        # the norm stays where it was built (fc_norm fixed), whatever the new pooling
+        record_head(self, num_classes=max(num_classes, 0), global_pool=self.global_pool,
+                    fc_norm=not isinstance(self.fc_norm, nn.Identity),
+                    representation_size=None if isinstance(self.pre_logits, nn.Identity) else self.head_hidden_size)
 
     # ------------------------------------------------------------------------------------------ forward
     def _pos_embed(self, x: Tensor, grid: tuple[int, int]) -> Tensor:

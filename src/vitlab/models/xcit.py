@@ -31,7 +31,15 @@ from vitlab.layers import ClassAttention, DropPath, LayerScale, Mlp, check_image
 from vitlab.layers.local_patch_interaction import LPI
 from vitlab.layers.pos_embed import FourierPosEmbed
 from vitlab.layers.xca import XCA
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, take_indices, zero_head
+from vitlab.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    check_global_pool,
+    record_head,
+    take_indices,
+    zero_head,
+)
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -227,13 +235,15 @@ class XCiT(nn.Module):
         names = {"cls_token", "pos_embed.token_projection.weight", "pos_embed.token_projection.bias"}
         return names | {n for n, _ in self.named_parameters() if n.endswith(".attn.temperature")}
 
-    def reset_classifier(self, num_classes: int, *, global_pool: Literal["token", "avg"] | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None) -> None:
         """Replace the head by a zero-initialised (D x K) layer."""
+        check_global_pool(self, global_pool, ("token", "avg"))
         if global_pool is not None:
             if global_pool == "token" and not len(self.cls_attn_blocks):
                 raise ValueError("reset_classifier: global_pool='token' needs class-attention blocks")
             self.global_pool = global_pool
         self.head = zero_head(self.num_features, num_classes)
+        record_head(self, num_classes=max(num_classes, 0), global_pool=self.global_pool)
 
     def cam_layer(self) -> nn.Module:
         """Grad-CAM's layer: the last XCA block, whose (B, N, D) output patch tokens lie on the grid."""
