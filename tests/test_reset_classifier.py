@@ -110,3 +110,19 @@ def test_class_names_must_match_the_head(tmp_path):
     with pytest.raises(ValueError, match=r"save_model: 10 class names for a model with 5 classes"):
         vitlab.save_model(model, tmp_path / "m.safetensors", class_names=[str(i) for i in range(10)])
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "mobilevit", "resnet"])
+def test_other_channel_counts_build_save_and_load(family, tmp_path):
+    """timm accepts in_chans=4 (RGB + near-infrared, say); the preprocessing gets a value per channel."""
+    name, overrides, size, _ = FAMILIES[family]
+    model = vitlab.create_model(name, **overrides, in_chans=4).eval()
+    pre = model.preprocessing
+    assert pre.input_size[0] == 4 and len(pre.mean) == len(pre.std) == 4
+    assert pre.mean[3] == pytest.approx(sum(pre.mean[:3]) / 3)
+    x = torch.randn(1, 4, size, size)
+    again = vitlab.load_model(vitlab.save_model(model, tmp_path / "m.safetensors")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    assert vitlab.create_model(name, **overrides, in_chans=2).preprocessing.mean == (pytest.approx(
+        sum(pre.mean[:3]) / 3),) * 2

@@ -121,3 +121,31 @@ def test_intermediates_and_no_weight_decay(io) -> None:
     torch.testing.assert_close(final[:, 0], model.forward_features(io["x48"])[:, 0])
     assert len(inter) == 2 and inter[0][0].shape == (1, 32, 3, 4) and inter[0][1].shape == (1, 1, 32)
     assert {"cls_token", "blocks.0.attn.temperature"} <= model.no_weight_decay()
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_one_image_input_gradient_is_right(mode):
+    """PyTorch 2.13's CPU BatchNorm backward is wrong at batch 1 for the channels-last gradient that the stem's
+    transpose to tokens hands it; explain's one-image gradient maps went through it."""
+    torch.manual_seed(0)
+    model = vitlab.create_model("xcit_nano_12_p16_224", img_size=32, embed_dim=32, depth=1, num_heads=4,
+                                num_classes=3).double()
+    for m in model.modules():  # non-trivial statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    model.head.weight.data.normal_()
+    model.train(mode == "train")
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x)[0, 1], x)
+    if mode == "eval":  # a row of a batch of two is right (checked against float64 references)
+        x2 = torch.cat([x.detach(), torch.randn_like(x)]).requires_grad_(True)
+        (grad2,) = torch.autograd.grad(model(x2)[0, 1], x2)
+        torch.testing.assert_close(grad, grad2[:1], rtol=1e-9, atol=1e-12)
+    else:  # a batch of one is its own statistics: against finite differences along the gradient
+        eps, d = 1e-6, grad / grad.norm()
+        with torch.no_grad():
+            slope = (model(x + eps * d)[0, 1] - model(x - eps * d)[0, 1]) / (2 * eps)
+        assert slope.item() == pytest.approx(grad.norm().item(), rel=1e-5)

@@ -51,15 +51,22 @@ class Preprocessing:
 
 
 def fit_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    """Per-channel normalisation values for ``channels`` inputs: RGB statistics averaged for one channel,
-    a single value repeated for many."""
+    """Per-channel normalisation values for ``channels`` inputs: a single value repeated; from RGB statistics,
+    their average for one channel (grey) or two, and for channels past the third (RGB plus e.g. near-infrared
+    or depth: pass ``mean=`` / ``std=`` with one value per channel for better ones)."""
     if len(values) == channels:
         return tuple(values)
-    if channels == 1:
-        return (sum(values) / len(values),)
     if len(values) == 1:
         return tuple(values) * channels
-    raise ValueError(f"normalisation values {values} do not fit {channels} input channels")
+    if channels < 1:
+        raise ValueError(f"normalisation values: expected at least one input channel, got {channels}")
+    average = sum(values) / len(values)
+    if len(values) == 3 and channels > 3:
+        return tuple(values) + (average,) * (channels - 3)
+    if len(values) == 3:
+        return (average,) * channels
+    raise ValueError(f"normalisation values {values} do not fit {channels} input channels: give one value or "
+                     f"one per channel (mean=, std=)")
 
 
 def take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:

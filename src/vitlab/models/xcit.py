@@ -115,7 +115,25 @@ class ConvPatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_images(x, in_chans=self.in_chans, patch=self.patch_size, expected=None, what="XCiT")
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, rows, cols) -> (B, N, D)
+        x = self.proj(x)
+        if x.requires_grad:
+            x = _ContiguousGrad.apply(x)
+        return x.flatten(2).transpose(1, 2)  # (B, D, rows, cols) -> (B, N, D)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient. PyTorch 2.13's CPU BatchNorm backward is wrong
+    for a batch of one image when the incoming gradient has channels-last strides, which is what the
+    transpose to tokens gives it (input gradients 4x off in float64; batch 2 is exact). Explain's one-image
+    gradient maps and batch-1 training went through it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 class XCABlock(nn.Module):
