@@ -116,3 +116,27 @@ def test_tiny_overrides_keep_variant_identity() -> None:
     assert tiny_overrides("vit_base_patch14_224")["img_size"] == 28
     m = make_tiny("vit_base_patch32_384")
     assert m.patch_embed.patch_size == (32, 32)
+
+
+@pytest.mark.parametrize(("name", "over", "option"), [
+    ("vit_tiny_patch16_224", {}, "or pass dynamic_img_size=True"),
+    ("vit_tiny_patch16_224", {"attn_type": "linformer", "linformer_k": 4}, None),
+    ("beit_base_patch16_224", {}, None),  # relative position tables are tied to the grid
+    ("beit3_base_patch16_224", {}, "or pass dynamic_img_size=True"),
+    ("setr_naive_vit_small_patch16", {"backbone_args": {"depth": 1}}, "or pass backbone_args={'dynamic_img_size': True}"),
+])
+def test_a_size_error_suggests_only_an_option_the_model_has(name, over, option):
+    tiny = {} if name.startswith("setr") else {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    model = vitlab.create_model(name, img_size=32, **tiny, **over).eval()
+    with pytest.raises(ValueError, match="built for 32x32") as e:
+        model(torch.randn(1, 3, 48, 48))
+    said = str(e.value)
+    if option is None:
+        assert "dynamic_img_size" not in said and said.endswith("or create the model with img_size=(48, 48)")
+        return
+    assert said.endswith(option)
+    option_kw = {"backbone_args": {"depth": 1, "dynamic_img_size": True}} if name.startswith("setr") else \
+        {"dynamic_img_size": True}
+    following = vitlab.create_model(name, img_size=32, **tiny, **{**over, **option_kw}).eval()
+    with torch.no_grad():
+        following(torch.randn(1, 3, 48, 48))  # the advice works

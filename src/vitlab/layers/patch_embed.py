@@ -8,15 +8,17 @@ from vitlab.layers.helpers import to_2tuple
 
 
 def check_image_size(h: int, w: int, patch: tuple[int, int], expected: tuple[int, int] | None, what: str,
-                     *, dynamic: bool = True) -> None:
+                     *, dynamic: bool | str = True) -> None:
     """Raise a clear error when (h, w) does not fit the patch size or a fixed input size.
 
-    ``dynamic``: whether the family has a ``dynamic_img_size`` option to suggest."""
+    ``dynamic``: the option that makes the model take any size, to suggest (True: ``dynamic_img_size=True``;
+    False: there is none)."""
     if expected is not None and (h, w) != tuple(expected):
+        option = "dynamic_img_size=True" if dynamic is True else dynamic
         raise ValueError(
             f"{what}: input image is {h}x{w} but this model was built for {expected[0]}x{expected[1]}; "
-            f"resize the input{', ' if dynamic else ' or '}create the model with img_size=({h}, {w})"
-            + (", or pass dynamic_img_size=True" if dynamic else "")
+            f"resize the input{', ' if option else ' or '}create the model with img_size=({h}, {w})"
+            + (f", or pass {option}" if option else "")
         )
     if h % patch[0] or w % patch[1]:
         raise ValueError(
@@ -25,7 +27,7 @@ def check_image_size(h: int, w: int, patch: tuple[int, int], expected: tuple[int
 
 
 def check_images(x: Tensor, *, in_chans: int, patch: tuple[int, int], expected: tuple[int, int] | None,
-                 what: str, dynamic: bool = True) -> None:
+                 what: str, dynamic: bool | str = True) -> None:
     """Raise a clear error unless ``x`` is a (batch, in_chans, H, W) batch that fits the patch (and size)."""
     if x.ndim != 4 or x.shape[1] != in_chans:
         raise ValueError(f"{what}: expected images of shape (batch, {in_chans}, H, W), got {tuple(x.shape)}")
@@ -38,6 +40,7 @@ class PatchEmbed(nn.Module):
     Args:
         img_size: the size the model is built for (sets the position table's grid).
         strict_img_size: reject inputs of another size (turned off by ``dynamic_img_size``).
+        ``dynamic_option`` (an attribute): the option a size error suggests, False where the model has none.
         flatten: return tokens (B, N, D); otherwise the map (B, D, H/P, W/P).
     """
 
@@ -60,6 +63,7 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.in_chans = in_chans
         self.strict_img_size = strict_img_size
+        self.dynamic_option: bool | str = True
         self.flatten = flatten
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
 
@@ -74,7 +78,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_images(x, in_chans=self.in_chans, patch=self.patch_size,
-                     expected=self.img_size if self.strict_img_size else None, what="PatchEmbed")
+                     expected=self.img_size if self.strict_img_size else None, what="PatchEmbed",
+                     dynamic=self.dynamic_option)
         x = self.proj(x)  # (B, D, H/P, W/P)
         if self.flatten:
             x = x.flatten(2).transpose(1, 2)  # (B, D, N) -> (B, N, D)

@@ -150,6 +150,7 @@ class Beit(nn.Module):
         self.dynamic_img_size = cfg.dynamic_img_size
         self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                                       embed_dim=D, strict_img_size=not cfg.dynamic_img_size)
+        self.patch_embed.dynamic_option = not (cfg.use_rel_pos_bias or cfg.use_shared_rel_pos_bias)
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], D)) if cfg.use_abs_pos_emb else None

@@ -197,6 +197,8 @@ class SETR(nn.Module):
             raise ValueError(f"SETRConfig: backbone {cfg.backbone!r} has no plain sequence of blocks (use a ViT/DeiT)")
         # the heads read the blocks' tokens before the final norm and normalise them themselves
         self.backbone.norm = nn.Identity()
+        if getattr(self.backbone.patch_embed, "dynamic_option", False) is True:
+            self.backbone.patch_embed.dynamic_option = "backbone_args={'dynamic_img_size': True}"
         depth, dim, C, K = len(self.backbone.blocks), self.backbone.num_features, cfg.channels, cfg.num_classes
         if cfg.decoder == "naive":
             self.main_index = [depth - 1]

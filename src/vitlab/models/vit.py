@@ -162,6 +162,7 @@ class VisionTransformer(nn.Module):
         else:
             self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                                           embed_dim=D, strict_img_size=not cfg.dynamic_img_size)
+            self.patch_embed.dynamic_option = cfg.attn_type != "linformer"
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         # The learned table has an entry for the class token (as in the paper); the sin-cos one does not.
