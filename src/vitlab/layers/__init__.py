@@ -8,6 +8,7 @@ from vitlab.layers.attention import (
     capture_attention,
 )
 from vitlab.layers.block import Block
+from vitlab.layers.checkpointing import call_block, run_sequential
 from vitlab.layers.class_attention import ClassAttention, ClassAttentionBlock
 from vitlab.layers.conv_norm_act import ConvNormAct
 from vitlab.layers.cross_attention import CrossAttention, CrossAttentionBlock
@@ -57,5 +58,5 @@ __all__ = [
     "resample_rel_pos_table", "shift_attention_mask", "window_partition", "window_reverse",
     "CrossAttention", "CrossAttentionBlock", "FrozenBatchNorm2d", "freeze_batch_norm", "sine_position_2d",
     "TokenMasker", "keep_tokens", "RelativePositionBias", "RelPosAttention",
-    "is_tracing_any_size", "size_differs", "tracing_any_size",
+    "is_tracing_any_size", "size_differs", "tracing_any_size", "call_block", "run_sequential",
 ]

@@ -50,6 +50,41 @@ class Preprocessing:
         return cls(**fields)
 
 
+class TimmSurface:
+    """The parts of timm's model interface that training scripts written for timm call, on every family:
+    ``set_grad_checkpointing``, ``get_classifier``, ``pretrained_cfg`` (``default_cfg``).
+
+    ``grad_checkpointing`` is read by the family's block loops (:mod:`vitlab.layers.checkpointing`); setting it
+    on the model sets it on every submodule that has the attribute (Swin's stages, DETR's encoder and decoder,
+    SETR's backbone)."""
+
+    grad_checkpointing: bool = False
+    classifier_name: str = "head"
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the blocks' activations in the backward pass instead of keeping them (less memory, about
+        one more forward per step); gradients are unchanged."""
+        for m in self.modules():  # type: ignore[attr-defined]
+            if isinstance(m, TimmSurface) or hasattr(type(m), "grad_checkpointing"):
+                m.grad_checkpointing = bool(enable)
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self, self.classifier_name)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The model's preprocessing as timm's data config reads it (``timm.data.resolve_data_config(model=m)``)."""
+        pre = self.preprocessing  # type: ignore[attr-defined]
+        return {"architecture": getattr(self, "model_name", None), "input_size": tuple(pre.input_size),
+                "mean": tuple(pre.mean), "std": tuple(pre.std), "crop_pct": pre.crop_pct,
+                "interpolation": pre.interpolation, "num_classes": self.num_classes,  # type: ignore[attr-defined]
+                "classifier": self.classifier_name}
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        return self.pretrained_cfg
+
+
 def fit_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     """Per-channel normalisation values for ``channels`` inputs: a single value repeated; from RGB statistics,
     their average for one channel (grey) or two, and for channels past the third (RGB plus e.g. near-infrared

@@ -37,6 +37,7 @@ from vitlab.layers import (
     Block,
     PatchEmbed,
     TokenMasker,
+    call_block,
     keep_tokens,
     resample_pos_embed,
     size_differs,
@@ -55,6 +56,7 @@ from vitlab.models.base import (
     INCEPTION_MEAN,
     INCEPTION_STD,
     Preprocessing,
+    TimmSurface,
     check_global_pool,
     record_head,
     take_indices,
@@ -133,7 +135,7 @@ class BeitConfig:
         return not self.uses_fc_norm if self.final_norm is None else self.final_norm
 
 
-class Beit(nn.Module):
+class Beit(TimmSurface, nn.Module):
     """BEiT / BEiT v2 / BEiT-3 vision encoder classifier; build with a :class:`BeitConfig` or through
     ``vitlab.create_model``."""
 
@@ -264,7 +266,7 @@ class Beit(nn.Module):
         kw = {"token_index": index} if index is not None and self.cfg.use_rel_pos_bias else {}
         kept: list[Tensor] = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, attn_mask=shared, **kw)
+            x = call_block(blk, x, attn_mask=shared, checkpointed=self.grad_checkpointing, **kw)
             if take is not None and i in take:
                 kept.append(x)
         return x, kept

@@ -20,13 +20,22 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import Block, PatchEmbed, resample_pos_embed, size_differs, trunc_normal_linears
+from vitlab.layers import (
+    Block,
+    PatchEmbed,
+    call_block,
+    resample_pos_embed,
+    run_sequential,
+    size_differs,
+    trunc_normal_linears,
+)
 from vitlab.layers.class_attention import ClassAttentionBlock
 from vitlab.layers.talking_heads import TalkingHeadsAttention
 from vitlab.models.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocessing,
+    TimmSurface,
     check_global_pool,
     record_head,
     take_indices,
@@ -91,7 +100,7 @@ class CaiTConfig:
         return self.init_values if self.init_values is not None else layer_scale_init(self.depth)
 
 
-class CaiT(nn.Module):
+class CaiT(TimmSurface, nn.Module):
     """CaiT classifier; build with a :class:`CaiTConfig` or through ``vitlab.create_model``."""
 
     token_attention = True  # tokens attend to tokens of one sequence: rollout applies
@@ -175,13 +184,13 @@ class CaiT(nn.Module):
         """Patch tokens (B, N, D) -> (B, 1 + N, D): the class token after the class-attention blocks, first."""
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         for blk in self.blocks_token_only:
-            cls = blk(x, cls)
+            cls = call_block(blk, x, cls, checkpointed=self.grad_checkpointing)
         return torch.cat([cls, x], dim=1)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, 1 + N, D), class token first."""
         x, _ = self._embed(x)
-        x = self.blocks(x)
+        x = run_sequential(self.blocks, x, checkpointed=self.grad_checkpointing)
         return self.norm(self.forward_cls(x))
 
     def forward_intermediates(
@@ -209,7 +218,7 @@ class CaiT(nn.Module):
         x, grid = self._embed(x)
         results: list = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = call_block(blk, x, checkpointed=self.grad_checkpointing)
             if i in take:
                 tokens = self.norm(x) if norm else x
                 if output_fmt == "NCHW":

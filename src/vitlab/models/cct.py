@@ -38,13 +38,23 @@ from vitlab.layers import (
     Attention,
     DropPath,
     Mlp,
+    call_block,
     check_images,
     resample_pos_embed,
+    run_sequential,
     sinusoid_1d_pos_embed,
     size_differs,
     to_2tuple,
 )
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, record_head, take_indices, zero_head
+from vitlab.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    TimmSurface,
+    record_head,
+    take_indices,
+    zero_head,
+)
 from vitlab.models.registry import ModelEntry, register_model
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -182,7 +192,7 @@ class CCTBlock(nn.Module):
         return x + self.drop_path(self.mlp(x))
 
 
-class CCT(nn.Module):
+class CCT(TimmSurface, nn.Module):
     """Compact Convolutional Transformer; build with a :class:`CCTConfig` or through ``vitlab.create_model``."""
 
     token_attention = True  # one sequence of tokens attends to itself: rollout applies (explain_cct.py)
@@ -303,7 +313,7 @@ class CCT(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, prefix + N, D)."""
         x, _ = self._embed(x)
-        return self.norm(self.blocks(x))
+        return self.norm(run_sequential(self.blocks, x, checkpointed=self.grad_checkpointing))
 
     def forward_intermediates(
         self,
@@ -332,7 +342,7 @@ class CCT(nn.Module):
         p = self.num_prefix_tokens
         results: list = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = call_block(blk, x, checkpointed=self.grad_checkpointing)
             if i in take:
                 y = self.norm(x) if norm else x
                 prefix, tokens = y[:, :p], y[:, p:]

@@ -32,9 +32,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.layers import Block, PatchEmbed, check_images, resample_pos_embed, to_2tuple, trunc_normal_linears
+from vitlab.layers import (
+    Block,
+    PatchEmbed,
+    call_block,
+    check_images,
+    resample_pos_embed,
+    to_2tuple,
+    trunc_normal_linears,
+)
 from vitlab.layers.cross_attention import CrossAttentionBlock
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, check_global_pool, record_head, take_indices
+from vitlab.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    TimmSurface,
+    check_global_pool,
+    record_head,
+    take_indices,
+)
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -155,7 +171,7 @@ class MultiScaleBlock(nn.Module):
         return out
 
 
-class CrossViT(nn.Module):
+class CrossViT(TimmSurface, nn.Module):
     """CrossViT classifier; build with a :class:`CrossViTConfig` or through ``vitlab.create_model``."""
 
     token_attention = False  # two token sequences: the family's explainer (analysis/explain_crossvit.py) applies
@@ -273,7 +289,7 @@ class CrossViT(nn.Module):
         for i, blk in enumerate(self.blocks):
             if i == len(self.blocks) - 1:
                 xs = [self.cam_tap(xs[0]), xs[1]]
-            xs = blk(xs)
+            xs = call_block(blk, xs, checkpointed=self.grad_checkpointing)
             if take is not None and i in take:
                 kept.append(xs)
         return xs, kept

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.layers import CrossAttention, Mlp, freeze_batch_norm, sine_position_2d
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, record_head
+from vitlab.layers import CrossAttention, Mlp, call_block, freeze_batch_norm, sine_position_2d
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, TimmSurface, record_head
 from vitlab.models.registry import ModelEntry, register_model
 
 
@@ -107,17 +107,19 @@ class DecoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
+    grad_checkpointing = False  # set by the model's set_grad_checkpointing
     def __init__(self, cfg: DETRConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_depth))
 
     def forward(self, x: Tensor, pos: Tensor, key_mask: Tensor | None) -> Tensor:
         for layer in self.layers:
-            x = layer(x, pos, key_mask)
+            x = call_block(layer, x, pos, key_mask, checkpointed=self.grad_checkpointing)
         return x
 
 
 class Decoder(nn.Module):
+    grad_checkpointing = False  # set by the model's set_grad_checkpointing
     def __init__(self, cfg: DETRConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_depth))
@@ -128,7 +130,7 @@ class Decoder(nn.Module):
         """Every layer's output through the shared final norm (the last is the prediction)."""
         outs = []
         for layer in self.layers:
-            tgt = layer(tgt, query_pos, memory, pos, key_mask)
+            tgt = call_block(layer, tgt, query_pos, memory, pos, key_mask, checkpointed=self.grad_checkpointing)
             outs.append(self.norm(tgt))
         return outs
 
@@ -164,11 +166,12 @@ def build_backbone(cfg: DETRConfig) -> nn.Module:
     return net
 
 
-class DETR(nn.Module):
+class DETR(TimmSurface, nn.Module):
     """DETR on a vitlab backbone: ``forward(images, pixel_mask=None) -> {"logits", "boxes", ...}``."""
 
     num_prefix_tokens = 0
     classifier_names = ("class_embed",)
+    classifier_name = "class_embed"
     task = "detection"
     explain_default = "last-layer"  # the paper's figure: an object's decoder cross-attention
 

@@ -22,12 +22,13 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from vitlab.layers import PatchEmbed, check_images
+from vitlab.layers import PatchEmbed, call_block, check_images, run_sequential
 from vitlab.layers.mixer_block import MixerBlock
 from vitlab.models.base import (
     INCEPTION_MEAN,
     INCEPTION_STD,
     Preprocessing,
+    TimmSurface,
     check_global_pool,
     init_linear_jax,
     record_head,
@@ -69,7 +70,7 @@ class MixerConfig:
             raise ValueError(f"MixerConfig: gelu must be 'exact' or 'tanh', got {self.gelu!r}")
 
 
-class MlpMixer(nn.Module):
+class MlpMixer(TimmSurface, nn.Module):
     """MLP-Mixer classifier; build with a :class:`MixerConfig` or through ``vitlab.create_model``."""
 
     token_attention = False  # no attention: rollout is undefined, explain falls back to Grad-CAM
@@ -172,7 +173,7 @@ class MlpMixer(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, N, D)."""
-        return self.norm(self.blocks(self._embed(x)))
+        return self.norm(run_sequential(self.blocks, self._embed(x), checkpointed=self.grad_checkpointing))
 
     def forward_intermediates(
         self,
@@ -195,7 +196,7 @@ class MlpMixer(nn.Module):
         x = self._embed(x)
         results: list = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = call_block(blk, x, checkpointed=self.grad_checkpointing)
             if i in take:
                 y = self.norm(x) if norm else x
                 if output_fmt == "NCHW":

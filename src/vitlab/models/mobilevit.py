@@ -56,15 +56,17 @@ from vitlab.layers import (
     FoldedAttention,
     InvertedResidual,
     SeparableAttentionBlock,
+    call_block,
     fold_patches,
     fold_tokens,
     make_divisible,
     resize_to_patches,
+    run_sequential,
     size_differs,
     unfold_patches,
     unfold_tokens,
 )
-from vitlab.models.base import Preprocessing, check_global_pool, record_head, take_indices, zero_head
+from vitlab.models.base import Preprocessing, TimmSurface, check_global_pool, record_head, take_indices, zero_head
 from vitlab.models.registry import ModelEntry, register_model
 
 Version = Literal["v1", "v2", "v3"]
@@ -192,7 +194,7 @@ class MobileViTV2Block(nn.Module):
         return self.conv_proj(y)
 
 
-class MobileViT(nn.Module):
+class MobileViT(TimmSurface, nn.Module):
     """A MobileViT classifier (any version), or a backbone of five stages when ``num_classes == 0``."""
 
     num_prefix_tokens = 0
@@ -275,7 +277,7 @@ class MobileViT(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> the last feature map (B, num_features, H/32, W/32)."""
         self._check(x)
-        return self.final_conv(self.stages(self.stem(x)))
+        return self.final_conv(run_sequential(self.stages, self.stem(x), checkpointed=self.grad_checkpointing))
 
     def forward_intermediates(
         self,
@@ -297,7 +299,7 @@ class MobileViT(nn.Module):
         x = self.stem(x)
         feats = []
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            x = call_block(stage, x, checkpointed=self.grad_checkpointing)
             if i in take:
                 feats.append(x.flatten(2).transpose(1, 2) if output_fmt == "NLC" else x)
         return self.final_conv(x), feats

@@ -17,11 +17,12 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from vitlab.layers import DropPath, MaxPool2dSame, StdConv2d
+from vitlab.layers import DropPath, MaxPool2dSame, StdConv2d, call_block, run_sequential
 from vitlab.models.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocessing,
+    TimmSurface,
     check_global_pool,
     record_head,
     take_indices,
@@ -147,7 +148,7 @@ class Stage(nn.Module):
         return self.blocks(x)
 
 
-class ResNet(nn.Module):
+class ResNet(TimmSurface, nn.Module):
     """A ResNet classifier, or a headless backbone when ``num_classes == 0``."""
 
     num_prefix_tokens = 0
@@ -210,7 +211,7 @@ class ResNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
             raise ValueError(f"ResNet: expected images of shape (batch, {self.cfg.in_chans}, H, W), "
                              f"got {tuple(x.shape)}")
-        return self.stages(self.stem(x))  # (B, C, H/r, W/r)
+        return run_sequential(self.stages, self.stem(x), checkpointed=self.grad_checkpointing)  # (B, C, H/r, W/r)
 
     def forward_intermediates(
         self,
@@ -226,7 +227,7 @@ class ResNet(nn.Module):
         x = self.stem(x)
         feats = []
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            x = call_block(stage, x, checkpointed=self.grad_checkpointing)
             if i in take:
                 feats.append(x.flatten(2).transpose(1, 2) if output_fmt == "NLC" else x)
         return x, feats

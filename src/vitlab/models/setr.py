@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitlab.layers import resample_pos_embed
-from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, TimmSurface
 from vitlab.models.registry import ModelEntry, register_model
 
 # SETR's block choices for a 24-block encoder (1-based), scaled to other depths
@@ -178,11 +178,12 @@ class MLAAuxHead(nn.Module):
         return _up(self.cls(x), size)
 
 
-class SETR(nn.Module):
+class SETR(TimmSurface, nn.Module):
     """SETR: ``forward(images) -> {"logits": (B, classes, H, W)[, "aux_logits": [...]]}``."""
 
     num_prefix_tokens = 0
     classifier_names = ("decode_head", "aux_heads")
+    classifier_name = "decode_head"
     task = "segmentation"
 
     def __init__(self, cfg: SETRConfig) -> None:

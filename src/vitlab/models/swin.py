@@ -38,7 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.layers import DropPath, Mlp, PatchEmbed, is_tracing_any_size, to_2tuple, trunc_normal_linears
+from vitlab.layers import (
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    is_tracing_any_size,
+    run_sequential,
+    to_2tuple,
+    trunc_normal_linears,
+)
 from vitlab.layers.patch_merging import PatchMerging
 from vitlab.layers.window_attention import (
     WindowAttention,
@@ -53,6 +61,7 @@ from vitlab.models.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocessing,
+    TimmSurface,
     check_global_pool,
     record_head,
     take_indices,
@@ -234,6 +243,7 @@ class SwinBlock(nn.Module):
 
 
 class SwinStage(nn.Module):
+    grad_checkpointing = False  # set by the model's set_grad_checkpointing
     """Patch merging (stages after the first), then the blocks, alternately without and with shift."""
 
     def __init__(self, dim: int, out_dim: int, *, size: tuple[int, int], depth: int, downsample: bool,
@@ -250,10 +260,10 @@ class SwinStage(nn.Module):
         ])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.downsample(x))
+        return run_sequential(self.blocks, self.downsample(x), checkpointed=self.grad_checkpointing)
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(TimmSurface, nn.Module):
     """Swin v1 / v2 classifier; build with a :class:`SwinConfig` or through ``vitlab.create_model``."""
 
     token_attention = False  # attention is per window: the generic token rollout does not apply

@@ -35,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.layers import Block, Mlp, check_images, sinusoid_1d_pos_embed, to_2tuple, trunc_normal_linears
+from vitlab.layers import Block, Mlp, call_block, check_images, sinusoid_1d_pos_embed, to_2tuple, trunc_normal_linears
 from vitlab.layers.t2t_attention import PerformerAttention, TokenAttention
 from vitlab.models.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocessing,
+    TimmSurface,
     check_global_pool,
     record_head,
     take_indices,
@@ -146,7 +147,7 @@ class TokensToToken(nn.Module):
         return self.project(x)
 
 
-class T2TViT(nn.Module):
+class T2TViT(TimmSurface, nn.Module):
     """T2T-ViT classifier; build with a :class:`T2TConfig` or through ``vitlab.create_model``."""
 
     # the T2T layers attend over the soft-split tokens, another sequence than the backbone's: the family's
@@ -231,7 +232,7 @@ class T2TViT(nn.Module):
         """Images (B, C, H, W) -> normalised tokens (B, 1 + N, D), class token first."""
         x = self._embed(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = call_block(blk, x, checkpointed=self.grad_checkpointing)
         return self.norm(x)
 
     def forward_intermediates(
@@ -256,7 +257,7 @@ class T2TViT(nn.Module):
         x = self._embed(x)
         results: list = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = call_block(blk, x, checkpointed=self.grad_checkpointing)
             if i in take:
                 y = self.norm(x) if norm else x
                 prefix, tokens = y[:, :1], y[:, 1:]

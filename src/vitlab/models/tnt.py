@@ -29,11 +29,21 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import Attention, DropPath, Mlp, check_images, resample_pos_embed, to_2tuple, trunc_normal_linears
+from vitlab.layers import (
+    Attention,
+    DropPath,
+    Mlp,
+    call_block,
+    check_images,
+    resample_pos_embed,
+    to_2tuple,
+    trunc_normal_linears,
+)
 from vitlab.models.base import (
     INCEPTION_MEAN,
     INCEPTION_STD,
     Preprocessing,
+    TimmSurface,
     check_global_pool,
     record_head,
     take_indices,
@@ -163,7 +173,7 @@ class TNTBlock(nn.Module):
         return pixels, patches
 
 
-class TNT(nn.Module):
+class TNT(TimmSurface, nn.Module):
     """TNT classifier; build with a :class:`TNTConfig` or through ``vitlab.create_model``."""
 
     # inner (pixel) and outer (patch) attention are over different sequences; the family's explainer
@@ -262,7 +272,7 @@ class TNT(nn.Module):
         for i, blk in enumerate(self.blocks):
             if i == len(self.blocks) - 1:
                 patches = self.cam_tap(patches)
-            pixels, patches = blk(pixels, patches)
+            pixels, patches = call_block(blk, pixels, patches, checkpointed=self.grad_checkpointing)
             if take is not None and i in take:
                 kept.append(patches)
         return patches, kept

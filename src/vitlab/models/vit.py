@@ -25,10 +25,12 @@ from vitlab.layers import (
     Block,
     PatchEmbed,
     TokenMasker,
+    call_block,
     check_image_size,
     check_images,
     keep_tokens,
     resample_pos_embed,
+    run_sequential,
     sincos_2d_pos_embed,
     size_differs,
     to_2tuple,
@@ -40,6 +42,7 @@ from vitlab.models.base import (
     INCEPTION_MEAN,
     INCEPTION_STD,
     Preprocessing,
+    TimmSurface,
     check_global_pool,
     init_linear_jax,
     record_head,
@@ -141,7 +144,7 @@ class HybridEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(TimmSurface, nn.Module):
     """ViT classifier; build with a :class:`ViTConfig` or through ``vitlab.create_model``."""
 
     token_attention = True  # tokens attend to tokens of one sequence: rollout applies
@@ -327,7 +330,7 @@ class VisionTransformer(nn.Module):
         patch embeddings and choose the K patches kept; the output is then (B, prefix + K, D).
         """
         x, _ = self._embed(x, mask)
-        x = self.blocks(x)
+        x = run_sequential(self.blocks, x, checkpointed=self.grad_checkpointing)
         return self.norm(x)
 
     def forward_intermediates(
@@ -362,7 +365,7 @@ class VisionTransformer(nn.Module):
             raise ValueError("forward_intermediates: output_fmt='NCHW' needs every token; the mask dropped some")
         outs = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = call_block(blk, x, checkpointed=self.grad_checkpointing)
             if i in take:
                 outs.append(final_norm(x) if norm else x)
         p = self.num_prefix_tokens

@@ -27,7 +27,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import ClassAttention, DropPath, LayerScale, Mlp, check_images, to_2tuple, trunc_normal_linears
+from vitlab.layers import (
+    ClassAttention,
+    DropPath,
+    LayerScale,
+    Mlp,
+    call_block,
+    check_images,
+    to_2tuple,
+    trunc_normal_linears,
+)
 from vitlab.layers.local_patch_interaction import LPI
 from vitlab.layers.pos_embed import FourierPosEmbed
 from vitlab.layers.xca import XCA
@@ -35,6 +44,7 @@ from vitlab.models.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocessing,
+    TimmSurface,
     check_global_pool,
     record_head,
     take_indices,
@@ -192,7 +202,7 @@ class XCiTClassAttentionBlock(nn.Module):
         return torch.cat([cls, 2 * x[:, 1:]], dim=1)
 
 
-class XCiT(nn.Module):
+class XCiT(TimmSurface, nn.Module):
     """XCiT classifier; build with an :class:`XCiTConfig` or through ``vitlab.create_model``."""
 
     # XCA's maps are channel x channel, the class-attention maps class token -> patches: no
@@ -278,14 +288,14 @@ class XCiT(nn.Module):
         """Patch tokens (B, N, D) -> (B, 1 + N, D) after the class-attention blocks."""
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         for blk in self.cls_attn_blocks:
-            x = blk(x)
+            x = call_block(blk, x, checkpointed=self.grad_checkpointing)
         return x
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, 1 + N, D), class token first."""
         x, grid = self._embed(x)
         for blk in self.blocks:
-            x = blk(x, grid)
+            x = call_block(blk, x, grid, checkpointed=self.grad_checkpointing)
         return self.norm(self.forward_cls(x))
 
     def forward_intermediates(
@@ -309,7 +319,7 @@ class XCiT(nn.Module):
         x, grid = self._embed(x)
         results: list = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, grid)
+            x = call_block(blk, x, grid, checkpointed=self.grad_checkpointing)
             if i in take:
                 tokens = self.norm(x) if norm else x
                 if output_fmt == "NCHW":
