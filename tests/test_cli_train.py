@@ -277,3 +277,13 @@ def test_resume_needs_only_the_run_directory(tmp_path):
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 5
     _, meta = read_vitlab(out / "model.safetensors")
     assert meta["config"]["depth"] == 1 and meta["config"]["embed_dim"] == 32  # the run's model, not the default
+
+
+def test_a_runs_recipe_json_runs_again(run_dir, tmp_path):
+    """The resolved recipe a run writes (with what it resolved on its machine) is a recipe for the next run."""
+    saved = json.loads((run_dir / "recipe.json").read_text())
+    assert "resolved" in saved
+    again = tmp_path / "again"
+    assert main(["train", "--recipe", str(run_dir / "recipe.json"), "--output", str(again), *FAST]) == 0
+    ours = json.loads((again / "recipe.json").read_text())
+    assert {k: v for k, v in ours.items() if k != "resolved"} == {k: v for k, v in saved.items() if k != "resolved"}

@@ -267,3 +267,34 @@ def test_a_data_set_smaller_than_one_global_batch_names_the_setting(tmp_path, ca
     assert main(["pretrain", "--method", "mae", "--data", str(root), "--steps", "1", "--batch-size", "8",
                  "--set", "global_batch=none", "--output", str(tmp_path / "run"), "--overwrite",
                  "--no-progress"]) == 0
+
+
+def test_output_that_is_a_file_is_one_clear_line(tmp_path, caplog):
+    taken = tmp_path / "out.txt"
+    taken.write_text("mine")
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        rc = main(["train", "--data", "digits", "--img-size", "16", "--steps", "1", "--no-progress",
+                   "--output", str(taken)])
+    assert rc == 2
+    assert f"{taken}: file exists" in caplog.text and "Traceback" not in caplog.text
+    assert taken.read_text() == "mine"
+
+
+def test_out_of_memory_is_one_clear_line(tmp_path, caplog, monkeypatch):
+    import vitlab.cli.train as train_cli
+
+    def no_memory(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 5435817984 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(train_cli, "run", no_memory)
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main(["train", "--data", "digits"]) == 2
+    assert "error: out of memory" in caplog.text and "lower --batch-size or --img-size" in caplog.text
+
+    def a_bug(args):
+        raise RuntimeError("shape mismatch")  # not memory: a real traceback, not hidden
+
+    monkeypatch.setattr(train_cli, "run", a_bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["train", "--data", "digits"])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -90,6 +91,32 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would raise again
         return 141
+    except OSError as e:  # an --output that is a file, a folder without write permission, a full disk
+        logging.getLogger("vitlab").error("error: %s", os_error_message(e))
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        logging.getLogger("vitlab").error(
+            "error: out of memory (%s); lower --batch-size or --img-size (a model's activations grow with "
+            "both)", one_line(e).split("\n")[0][:200])
+        return 2
+
+
+def os_error_message(e: OSError) -> str:
+    """``[Errno 17] File exists: 'runs/x'`` as ``runs/x: file exists``, naming what was expected."""
+    what = e.strerror or one_line(e)
+    name = e.filename
+    if name is None:
+        return what
+    hints = {errno.EEXIST: " (a folder is needed there)", errno.ENOTDIR: " (a path through a file: a folder was "
+             "expected)", errno.EACCES: " (no permission)", errno.ENOSPC: ""}
+    return f"{name}: {what[:1].lower() + what[1:]}{hints.get(e.errno or 0, '')}"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def one_line(e: BaseException) -> str:

@@ -240,6 +240,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not isinstance(data, dict):
         raise TypeError(f"{source}: a recipe is a JSON object of field -> value")
     data.setdefault("name", path.stem if source == str(path) else s)
+    # a run's recipe.json also records what it resolved on its machine (lr, global batch, accumulation): the
+    # recipe reused elsewhere resolves them again
+    data.pop("resolved", None)
     return recipe_from_dict(data, source=source)
 
 
