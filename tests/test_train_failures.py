@@ -298,3 +298,22 @@ def test_out_of_memory_is_one_clear_line(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(train_cli, "run", a_bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["train", "--data", "digits"])
+
+
+def test_a_mostly_colour_folder_gets_a_colour_model(tmp_path):
+    """The first file of each class is grey, most files are colour: 3 channels (grey ones repeated)."""
+    from vitlab.data.folder import guess_channels
+
+    paths, labels = [], []
+    rng = np.random.default_rng(0)
+    for label, cls in enumerate(("a", "b")):
+        (tmp_path / cls).mkdir()
+        for i in range(40):
+            p = tmp_path / cls / f"{i:03d}.png"
+            pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).convert("L" if i % 8 == 0 else "RGB").save(p)
+            paths.append(str(p))
+            labels.append(label)
+    assert guess_channels(paths, labels) == 3
+    grey = [p for i, p in enumerate(paths) if i % 8 == 0]
+    assert guess_channels(grey, [0] * len(grey)) == 1

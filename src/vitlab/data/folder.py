@@ -7,6 +7,7 @@ files to decide the channel count; images are decoded in ``__getitem__``.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 from vitlab.data.errors import DatasetError
@@ -58,13 +59,17 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
     return paths, labels, list(classes)
 
 
-def guess_channels(paths: list[str], labels: list[int], max_peek: int = 16) -> int:
-    """1 if the headers of a sample of files (first file of each class, up to ``max_peek``) are all
-    grayscale, else 3. Mixed folders get 3 channels; grayscale images are then repeated to RGB."""
+def guess_channels(paths: list[str], labels: list[int], max_peek: int = 64) -> int:
+    """1 if the headers of a sample of files (the first file of each class and a seeded random draw over all,
+    up to ``max_peek`` in all) are all grayscale, else 3. Mixed folders get 3 channels; grayscale images are
+    then repeated to RGB."""
     firsts: dict[int, str] = {}
     for p, t in zip(paths, labels):
         firsts.setdefault(t, p)
-    sample = list(firsts.values())[:max_peek]
+    sample = list(firsts.values())[:max_peek // 4]
+    chosen = set(sample)
+    rest = [p for p in paths if p not in chosen]
+    sample += random.Random(0).sample(rest, min(len(rest), max_peek - len(sample)))
     chans = [c for c in (peek_channels(p) for p in sample) if c is not None]
     return 1 if chans and all(c == 1 for c in chans) else 3
 
