@@ -215,3 +215,41 @@ def test_masked_objectives_refuse_a_backbone_without_the_masking_hook(tmp_path, 
                  "--no-progress", "--output", str(tmp_path / method)]) != 0
     assert f"--method {method} masks patch tokens, and cct_2_3x2_32 (cct) has no token-masking hook" in caplog.text
     assert not (tmp_path / method / "model.safetensors").exists()
+
+
+def test_pretrain_reads_a_flat_folder_of_unlabelled_images(tmp_path, caplog):
+    """`--data ./unlabelled` as the README writes it: images with no class folders (pre-training only)."""
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "unlabelled"
+    (folder / "more").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        where = folder / "more" if i % 3 == 0 else folder
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(where / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    data = ["--data", str(folder), "--recipe", "digits", "--steps", "2", "--no-progress", "--img-size", "16", *SMALL]
+    out = tmp_path / "mae"
+    assert main(["pretrain", "--method", "mae", *data, "--opt", "decoder_dim=16", "--opt", "decoder_depth=1",
+                 "--set", "global_batch=none", "--batch-size", "4", "--output", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+    from vitlab.data import build_dataset
+
+    train = build_dataset(folder, split="train", val_fraction=0.25, unlabelled=True)
+    val = build_dataset(folder, split="val", val_fraction=0.25, unlabelled=True)
+    assert len(train) + len(val) == 12 and not set(train.paths) & set(val.paths) and train.in_chans == 3
+    with caplog.at_level(logging.WARNING, logger="vitlab"):  # labelled, "more" is a class: the rest is unused
+        build_dataset(folder)
+    assert "8 image(s) directly in the folder, not in a class folder, are not used" in caplog.text
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in folder.glob("*.png"):
+        p.rename(flat / p.name)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="vitlab"):  # labels are needed to train a classifier
+        assert main(["train", "--data", str(flat), "--img-size", "16", "--steps", "1", "--no-progress",
+                     "--output", str(tmp_path / "cls")]) == 2
+    assert "holds images but no class folders" in caplog.text and "vitlab pretrain reads" in caplog.text

@@ -5,7 +5,9 @@ Accepted forms of ``source``:
     "mnist:PATH" / "idx:PATH"     folder with MNIST-style IDX files (train-*/t10k-*, raw or .gz)
     "cifar:PATH"                  CIFAR-10 / CIFAR-100 python-batch folder
     "folder:PATH"                 image folder: PATH/<class>/*.png or PATH/{train,val|test}/<class>/*
-    "PATH"                        any of the three above, recognised by content
+    "PATH"                        any of the three above, recognised by content; a folder of images without
+                                  class folders is read only with ``unlabelled=True`` (self-supervised
+                                  pre-training: every image below it, one class "images")
 
 Splits are disjoint and a pure function of (source, val_fraction, seed). Where the source has no held-out
 set of its own, "val" is a seeded stratified ``val_fraction`` of the training data and "train" the rest.
@@ -23,6 +25,7 @@ from pathlib import Path
 from vitlab.data.dataset import ImageFileDataset, TensorImageDataset, Transform, VisionDataset
 from vitlab.data.errors import DatasetError
 from vitlab.data.folder import folder_layout, guess_channels, list_class_dirs, scan_folder
+from vitlab.data.image import expand_image_paths, is_image_file
 from vitlab.data.sources import has_idx_files, is_cifar_dir, read_cifar, read_digits, read_mnist
 from vitlab.data.splits import stratified_split
 
@@ -72,6 +75,8 @@ def parse_source(source: str | Path) -> tuple[str, Path | None]:
         return "mnist", path
     if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
         return "folder", path
+    if any(is_image_file(p.name) and not p.name.startswith(".") for p in path.iterdir()):
+        return "images", path  # no class folders: unlabelled images (pre-training only)
     raise DatasetError(f"data source {s!r}: cannot tell what {path} holds (no CIFAR batches, no IDX files, "
                        f"no class folders). Accepted forms: {ACCEPTED_FORMS}")
 
@@ -101,6 +106,7 @@ def build_dataset(
     seed: int = 0,
     transform: Transform | None = None,
     skip_bad_images: bool = False,
+    unlabelled: bool = False,
 ) -> VisionDataset:
     """Build the ``split`` ("train" | "val" | "test") of ``source``; see the module docstring for the forms.
 
@@ -110,9 +116,13 @@ def build_dataset(
         transform: applied to the uint8 (C, H, W) image in ``__getitem__``.
         skip_bad_images: undecodable images yield ``None`` (dropped by ``create_loader``'s collate)
             instead of raising :class:`BadImageError`.
+        unlabelled: the labels will not be used (self-supervised pre-training), so a folder of images without
+            class folders is accepted, as one class.
     """
     _check_split(split, val_fraction)
     kind, path = parse_source(source)
+    if unlabelled and kind == "folder" and folder_layout(path)[1:] == (None, None) and _loose_images(path):
+        kind = "images"  # images beside sub-folders: without labels, every image below counts
     kw = {"transform": transform, "skip_bad_images": skip_bad_images}
     if split == "val" and val_fraction == 0.0 and not (kind == "folder" and folder_layout(path)[1] is not None):
         raise DatasetError(f"{source}: split='val' requested with val_fraction=0 (the source has no "
@@ -141,6 +151,13 @@ def build_dataset(
             ds = _subset_tensor(images, targets, idx, classes=classes,
                                 source=f"{kind}:{path}[{split}, val_fraction={val_fraction}, seed={seed}]", **kw)
 
+    elif kind == "images":
+        if not unlabelled:
+            raise DatasetError(f"data source {source!r}: {path} holds images but no class folders; labelled data "
+                               f"needs one sub-folder per class ({path}/<class>/<images>). (vitlab pretrain reads "
+                               f"such a folder as unlabelled images.)")
+        ds = _build_unlabelled(path, split, val_fraction, seed, **kw)
+
     else:
         ds = _build_folder(path, split, val_fraction, seed, **kw)
 
@@ -150,9 +167,29 @@ def build_dataset(
     return ds
 
 
+def _loose_images(root: Path) -> list[str]:
+    """Image files directly in ``root`` (not in a class folder)."""
+    return sorted(e.name for e in root.iterdir() if e.is_file() and is_image_file(e.name) and not e.name.startswith("."))
+
+
+def _build_unlabelled(root: Path, split: str, val_fraction: float, seed: int, **kw) -> ImageFileDataset:
+    """Every image below ``root`` as one class; "val" (and "test") a seeded ``val_fraction`` of them."""
+    paths = expand_image_paths([root])
+    targets = [0] * len(paths)
+    in_chans = guess_channels(paths, targets)
+    if split == "test":
+        log.info("%s has no test/ folder: split 'test' is the validation part", root)
+    idx = _pick(*stratified_split(targets, val_fraction, seed), "val" if split == "test" else split)
+    return ImageFileDataset([paths[i] for i in idx], [0] * len(idx), classes=["images"], in_chans=in_chans,
+                            source=f"images:{root}[{split}, val_fraction={val_fraction}, seed={seed}]", **kw)
+
+
 def _build_folder(root: Path, split: str, val_fraction: float, seed: int, **kw) -> ImageFileDataset:
     train_dir, val_dir, test_dir = folder_layout(root)
     paths, targets, classes = scan_folder(train_dir)
+    if loose := _loose_images(train_dir):
+        log.warning("%s: %d image(s) directly in the folder, not in a class folder, are not used (e.g. %s)",
+                    train_dir, len(loose), loose[0])
     # Channels are decided from the training files, so every split of one source agrees.
     in_chans = guess_channels(paths, targets)
     if split == "test" and test_dir is None:

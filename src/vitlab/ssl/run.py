@@ -226,7 +226,7 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
                 "method": job.method, "data": job.data, "model": job.model or recipe.model, "options": job.options,
                 "skip_bad_images": job.skip_bad_images}, indent=2))
         train_set = build_dataset(job.data, split="train", val_fraction=recipe.val_fraction, seed=recipe.seed,
-                                  skip_bad_images=job.skip_bad_images)
+                                  skip_bad_images=job.skip_bad_images, unlabelled=True)
         model = build_backbone(job, train_set.in_chans).to(ctx.device)
         if job.method == "dvae":  # one token per patch of the backbone, which is not trained itself
             from vitlab.ssl.dvae import DVAE_MODEL_OPTIONS, DiscreteVAE
