@@ -134,6 +134,22 @@ def test_finetune_to_new_classes(run_dir, tmp_path):
     assert model.pos_embed.shape[1] == 1 + (16 // 2) ** 2 and src.pos_embed.shape[1] == 1 + (8 // 2) ** 2
 
 
+def test_finetune_without_a_size_keeps_the_checkpoints(run_dir, tmp_path, caplog):
+    """No --img-size: the checkpoint's own resolution (8 px here), not the ViT paper recipe's 384 px (a 96 x 96
+    grid for this model); an explicit size or recipe still decides."""
+    import vitlab
+
+    write_digit_pngs(tmp_path / "three", per_class=8)
+    args = ["finetune", "--from", str(run_dir / "model.safetensors"), "--data", str(tmp_path / "three"), "--steps",
+            "1", "--batch-size", "4", "--no-progress", "--set", "global_batch=none", "--set", "warmup_steps=0"]
+    with caplog.at_level(logging.INFO, logger="vitlab"):
+        assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    assert "fine-tuning at the checkpoint's resolution, 8 px" in caplog.text
+    assert vitlab.load_model(tmp_path / "a" / "model.safetensors").preprocessing.input_size[1:] == (8, 8)
+    assert main([*args, "--set", "img_size=16", "--output", str(tmp_path / "b")]) == 0
+    assert vitlab.load_model(tmp_path / "b" / "model.safetensors").preprocessing.input_size[1:] == (16, 16)
+
+
 def test_a_run_folder_names_its_model(run_dir, tmp_path):
     """`finetune --from runs/mine` (the folder, not its model.safetensors) worked before model_name_of and must go
     on working; vitlab.load_model takes the folder too."""

@@ -7,6 +7,7 @@ embeddings are resampled to the fine-tuning resolution; the ``vit_finetune`` rec
 from __future__ import annotations
 
 import argparse
+import logging
 
 from vitlab.cli.train import (
     add_common_args,
@@ -18,6 +19,8 @@ from vitlab.cli.train import (
 )
 from vitlab.train.recipe import list_recipes
 
+log = logging.getLogger(__name__)
+
 EXAMPLE = """examples:
   vitlab finetune --from runs/digits-vit/model.safetensors --data ./my_digits --img-size 16 --steps 200
   vitlab finetune --from ViT-B_16.npz --model vit_base_patch16_384 --data ./flowers --img-size 384 \\
@@ -25,7 +28,8 @@ EXAMPLE = """examples:
   vitlab finetune --from hf-hub:google/vit-base-patch16-224 --model vit_base_patch16_224 --data ./pets
 
 recipes: {recipes} or a JSON file (default vit_finetune: SGD momentum 0.9, global batch 512 through
-gradient accumulation, cosine decay, no weight decay, clipping at norm 1, zero-initialised head)."""
+gradient accumulation, cosine decay, no weight decay, clipping at norm 1, zero-initialised head; at the
+checkpoint's own resolution unless --img-size or --recipe says otherwise)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,5 +54,23 @@ def run(args: argparse.Namespace) -> int:
         args.data = args.data or saved["job"].get("data")
     model = args.model or model_name_of(args.source)
     recipe = resolve_recipe(args, "vit_finetune", saved, model=model)
+    if saved is None and args.recipe is None and args.img_size is None and not _sets_img_size(args.overrides):
+        recipe = recipe.replace(img_size=_checkpoint_size(args.source, model))
     return train_or_explain(make_job(args, recipe, model=model, pretrained=args.source,
                                      output_tag=f"finetune-{model}"))
+
+
+def _sets_img_size(overrides: list[str] | None) -> bool:
+    return any(o.split("=", 1)[0].strip() == "img_size" for o in overrides or [])
+
+
+def _checkpoint_size(source: str, model: str) -> int:
+    """The resolution the checkpoint's model is built for: the default fine-tuning size when the user names
+    none. (The vit_finetune recipe's 384 px is the ViT paper's, for ImageNet-size models: a checkpoint trained
+    at 32 px went to a 96 x 96 grid and ran out of memory.)"""
+    import vitlab
+
+    h, w = vitlab.load_model(source, model_name=model).preprocessing.input_size[1:]
+    log.info("fine-tuning at the checkpoint's resolution, %d px (--img-size to choose another; --recipe "
+             "vit_finetune for the ViT paper's 384 px)%s", h, "" if h == w else f" (it was built for {h}x{w})")
+    return h
