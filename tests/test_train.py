@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -375,3 +376,52 @@ def test_deit_style_run_with_mixup_repeated_augmentation_and_layer_decay(tmp_pat
     assert res.step == 3 and all(math.isfinite(h["loss"]) for h in res.history)
     assert res.lr == pytest.approx(3e-3 * 16 / 512)  # DeiT's lr x batch / 512
     assert (tmp_path / "model_ema.safetensors").is_file()
+
+
+class _SignalAt(Dataset):
+    """``data`` that sends ``signum`` to this process when item number ``at`` is read (num_workers=0: in the
+    training process, mid-step), as Ctrl-C or a scheduler's SIGTERM would arrive."""
+
+    def __init__(self, data, at: int, signum: int):
+        self.data, self.at, self.signum, self.reads = data, at, signum, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.at:
+            os.kill(os.getpid(), self.signum)
+        return self.data[i]
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_at_the_end_of_the_step_with_its_state_saved(tmp_path, signame):
+    """Ctrl-C or SIGTERM mid-epoch: the step finishes, the state is saved, and --resume ends where an
+    uninterrupted run ends (the last periodic checkpoint would have lost the epoch's steps)."""
+    import signal
+
+    from vitlab.train.trainer import TrainingStopped
+
+    recipe = small_recipe(epochs=2, batch_size=16)
+    data = Quadrants(112, augment=True)  # 7 steps per epoch
+    straight = fit(tiny_vit(drop_path_rate=0.2), recipe, train_set=data, output_dir=tmp_path / "a", progress=False)
+    def unhandled(signum, frame):  # if fit did not catch it, fail here instead of SIGTERM killing pytest
+        raise RuntimeError(f"signal {signum} reached the test's own handler")
+
+    old_term = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        with pytest.raises(TrainingStopped, match="stopped at step 4 of 14"):
+            fit(tiny_vit(drop_path_rate=0.2), recipe, output_dir=tmp_path / "b", progress=False,
+                train_set=_SignalAt(data, 16 * 3 + 5, getattr(signal, signame)))
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    assert load_train_state(tmp_path / "b" / "train_state.pt")["step"] == 4
+    resumed = fit(tiny_vit(drop_path_rate=0.2), recipe, train_set=data, output_dir=tmp_path / "b", progress=False,
+                  resume=True)
+    assert resumed.step == straight.step == 14
+    a, b = _weights(tmp_path / "a" / "model.safetensors"), _weights(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k

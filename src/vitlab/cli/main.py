@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
         logging.getLogger("vitlab").error("error: %s", one_line(e))
         return 2
-    except KeyboardInterrupt:
-        logging.getLogger("vitlab").error("interrupted")
+    except KeyboardInterrupt as e:  # a training run stopped by a signal says where it saved its state
+        logging.getLogger("vitlab").error("interrupted%s", f": {e}" if str(e) else "")
         return 130
     except BrokenPipeError:  # the reader went away (`vitlab predict ./photos | head`): stop quietly, as a Unix tool
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,8 @@ def seed_worker(worker_id: int) -> None:
     """Worker init: seed python/numpy from torch's per-worker seed (base_seed + worker_id, where the base
     seed comes from the loader's seeded generator), and give each worker's transform its own stream."""
     info = get_worker_info()
+    if info is not None:  # Ctrl-C reaches the whole process group: the main process finishes its step and
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # shuts the workers down
     seed = info.seed if info is not None else torch.initial_seed()
     random.seed(seed)
     np.random.seed(seed % 2**32)

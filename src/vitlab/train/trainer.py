@@ -72,6 +72,39 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped before applying that step."""
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM during ``fit``: the run finished its step, saved its state and stopped (resumable)."""
+
+
+@contextlib.contextmanager
+def stop_at_step_boundary(enabled: bool) -> Iterator[list[int]]:
+    """While training: the first SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) is noted in the yielded
+    list instead of killing the process mid-step, so the loop can save its state at the end of the step; a
+    second SIGINT stops at once. Only in the main thread of one process (DDP ranks would have to agree on the
+    step); elsewhere the signals keep their default handling."""
+    import signal
+    import threading
+
+    got: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+        log.warning("%s: stopping after this step (its state is saved for --resume)%s", signal.Signals(signum).name,
+                    "; Ctrl-C again to stop at once" if signum == signal.SIGINT else "")
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 @dataclass(kw_only=True)
 class FitResult:
     output_dir: Path
@@ -444,7 +477,11 @@ def fit(
         if ctx.is_main:
             write_recipe()
 
-    try:
+    with contextlib.ExitStack() as stack:
+        signals = stack.enter_context(stop_at_step_boundary(not ctx.distributed))
+        stack.callback(writers.close)
+        if bar is not None:
+            stack.callback(bar.close)
         start_epoch = step // steps_per_epoch
         for epoch in itertools.count(start_epoch):
             if step >= stop:
@@ -522,16 +559,16 @@ def fit(
                                         lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}")
                 if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < stop:
                     checkpoint()
+                if signals and step < stop:
+                    checkpoint(val)
+                    raise TrainingStopped(f"stopped at step {step} of {total_steps}: state saved in {out}, "
+                                          f"--resume continues from there")
             epoch_done = step == (epoch + 1) * steps_per_epoch or step == total_steps
             if epoch_done and ((epoch + 1) % recipe.eval_every_epochs == 0 or step == total_steps):
                 val = validate(epoch)
             if step < stop:
                 checkpoint(val)
         checkpoint(val)
-    finally:
-        if bar is not None:
-            bar.close()
-        writers.close()
     seconds = time.perf_counter() - t_start
     return FitResult(output_dir=out, step=step, epoch=step // steps_per_epoch, total_steps=total_steps,
                      global_batch=global_batch, lr=lr, seconds=seconds, val=val, history=history,
