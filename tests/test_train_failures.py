@@ -317,3 +317,24 @@ def test_a_mostly_colour_folder_gets_a_colour_model(tmp_path):
     assert guess_channels(paths, labels) == 3
     grey = [p for i, p in enumerate(paths) if i % 8 == 0]
     assert guess_channels(grey, [0] * len(grey)) == 1
+
+
+def test_a_macos_zips_resource_folder_is_not_a_class(tmp_path):
+    root = write_folder(tmp_path / "data", classes=("a", "b"), per_class=4)
+    junk = root / "__MACOSX" / "a"
+    junk.mkdir(parents=True)
+    (junk / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    assert build_dataset(root, val_fraction=0.0).classes == ["a", "b"]
+
+
+def test_predict_fails_when_no_image_could_be_read(tmp_path, caplog):
+    from test_cli_train import FAST
+
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), *FAST]) == 0
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a png")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        rc = main(["predict", str(bad), "--checkpoint", str(out / "model.safetensors"), "--skip-bad-images"])
+    assert rc == 2 and "none of the 1 image(s) could be read" in caplog.text

@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
         log.info("runtime %s: top-1 agreement with float32 PyTorch on %s: %d/%d", model.name, which, agree, seen)
     if args.json:
         print(json.dumps(results, indent=2))
+    if results and all("error" in r for r in results):
+        log.error("error: none of the %d image(s) could be read (each is named above)", len(results))
+        return 2
     return 0
 
 

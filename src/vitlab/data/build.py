@@ -73,7 +73,7 @@ def parse_source(source: str | Path) -> tuple[str, Path | None]:
         return "cifar", path
     if has_idx_files(path):
         return "mnist", path
-    if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+    if any(p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX" for p in path.iterdir()):
         return "folder", path
     if any(is_image_file(p.name) and not p.name.startswith(".") for p in path.iterdir()):
         return "images", path  # no class folders: unlabelled images (pre-training only)

@@ -17,9 +17,11 @@ HELD_OUT_DIRS = ("val", "validation", "valid", "test")
 
 
 def list_class_dirs(root: Path) -> list[str]:
-    """Sorted names of the (non-hidden) sub-folders of ``root``: the class names."""
+    """Sorted names of the (non-hidden) sub-folders of ``root``: the class names (a ``__MACOSX`` folder, the
+    resource forks a macOS zip adds, is not a class)."""
     try:
-        names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        names = sorted(e.name for e in os.scandir(root)
+                       if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX")
     except OSError as e:
         raise DatasetError(f"{root}: cannot list image folder ({e})") from e
     if not names:
