@@ -338,3 +338,14 @@ def test_predict_fails_when_no_image_could_be_read(tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="vitlab"):
         rc = main(["predict", str(bad), "--checkpoint", str(out / "model.safetensors"), "--skip-bad-images"])
     assert rc == 2 and "none of the 1 image(s) could be read" in caplog.text
+
+
+def test_tiny_classes_that_inflate_the_held_out_split_are_named(tmp_path, caplog):
+    root = write_folder(tmp_path / "data", classes=tuple(f"c{i}" for i in range(6)), per_class=2)
+    with caplog.at_level(logging.WARNING, logger="vitlab"):
+        assert len(build_dataset(root, val_fraction=0.1)) == 6
+    assert "the held-out split takes 6 of 12 images (50%, not 10%)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vitlab"):
+        build_dataset(write_folder(tmp_path / "big", per_class=20), val_fraction=0.1)
+    assert "held-out split takes" not in caplog.text

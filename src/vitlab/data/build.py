@@ -206,7 +206,13 @@ def _build_folder(root: Path, split: str, val_fraction: float, seed: int, **kw) 
     elif val_dir is not None:  # train, with a separate val folder: all of train/
         desc = f"folder:{train_dir}"
     else:
-        idx = _pick(*stratified_split(targets, val_fraction, seed), split_eff)
+        kept, held = stratified_split(targets, val_fraction, seed)
+        if split_eff == "train" and len(held) > max(2 * val_fraction, val_fraction + 0.05) * len(targets):
+            log.warning("%s: the held-out split takes %d of %d images (%.0f%%, not %.0f%%): every class with two "
+                        "or more images gives at least one; with classes this small, a val/ folder or "
+                        "--set val_fraction=0 keeps more for training", train_dir, len(held), len(targets),
+                        100 * len(held) / len(targets), 100 * val_fraction)
+        idx = _pick(kept, held, split_eff)
         paths, targets = [paths[i] for i in idx], [targets[i] for i in idx]
         desc = f"folder:{train_dir}[{split}, val_fraction={val_fraction}, seed={seed}]"
     return ImageFileDataset(paths, targets, classes=classes, in_chans=in_chans, source=desc, **kw)
