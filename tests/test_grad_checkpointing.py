@@ -92,3 +92,15 @@ def test_timm_surface():
     assert cfg["num_classes"] == 7 and cfg["architecture"] == "vit_tiny_patch16_224"
     detr = _tiny("detr_resnet50")
     assert detr.get_classifier() is detr.class_embed and detr.pretrained_cfg["classifier"] == "class_embed"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in DENSE])
+def test_forward_intermediates_takes_timms_options(name):
+    model = perturb_(_tiny(name)).eval()
+    x = input_for(model)
+    with torch.no_grad():
+        final, kept = model.forward_intermediates(x, output_fmt="NCHW")
+        alone = model.forward_intermediates(x, output_fmt="NCHW", intermediates_only=True, stop_early=True)
+    assert len(alone) == len(kept) > 0
+    for a, b in zip(alone, kept):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

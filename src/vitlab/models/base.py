@@ -7,6 +7,7 @@ The common surface (``forward_features``, ``forward_head(x, pre_logits=False)``,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -60,6 +61,23 @@ class TimmSurface:
 
     grad_checkpointing: bool = False
     classifier_name: str = "head"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A family's own ``forward_intermediates`` also takes timm's ``intermediates_only`` (return the list
+        alone) and ``stop_early`` (accepted; the blocks after the last one asked for run anyway)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("forward_intermediates")
+        if own is None or getattr(own, "takes_timm_options", False):
+            return
+
+        @functools.wraps(own)
+        def forward_intermediates(self, x, indices=None, *, intermediates_only: bool = False,
+                                  stop_early: bool = False, **options: Any):
+            final, kept = own(self, x, indices, **options)
+            return kept if intermediates_only else (final, kept)
+
+        forward_intermediates.takes_timm_options = True  # type: ignore[attr-defined]
+        cls.forward_intermediates = forward_intermediates  # type: ignore[attr-defined]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the blocks' activations in the backward pass instead of keeping them (less memory, about
