@@ -133,3 +133,20 @@ def test_every_published_timm_file_fits_the_model_its_row_builds(monkeypatch, ro
         m = vitlab.create_model(f"{row['model']}.{row['tag']}", pretrained=True)
     assert m.num_classes == row["num_classes"]
     assert tuple(m.preprocessing.input_size) == tuple(row["input_size"])
+
+
+def test_list_models_pretrained_lists_every_set_of_weights(capsys):
+    from vitlab.cli.main import main
+    from vitlab.models.pretrained import _table, find_weights
+
+    tagged = list_models(pretrained=True, task=None)
+    assert len(tagged) == len(set(tagged)) == len(_table())  # every row, once
+    for t in tagged:
+        name, tag = t.split(".", 1)
+        assert find_weights(name, tag).model == name
+    names = list_models("swin_*", pretrained=True, include_tags=False)
+    assert names and set(names) == {t.split(".")[0] for t in list_models("swin_*", pretrained=True)}
+    assert "swin_tiny_patch4_window7_224.ms_in1k" in list_models("swin_*", pretrained=True)
+    assert main(["models", "swin_tiny*", "--pretrained"]) == 0
+    out = capsys.readouterr().out
+    assert "swin_tiny_patch4_window7_224.ms_in22k_ft_in1k" in out and "Swin-T" in out

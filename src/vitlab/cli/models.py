@@ -17,19 +17,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--family", help="only this family (vit, resnet, ...)")
     p.add_argument("--task", default="all", choices=["all", "classification", "detection", "segmentation"],
                    help="only models for this task (default: all)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="only models with known published weights, one NAME.TAG per set "
+                        "(vitlab.create_model('NAME.TAG', pretrained=True) loads it; `vitlab info NAME` gives "
+                        "each set's source)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    names = list_models(args.pattern, family=args.family, task=None if args.task == "all" else args.task)
+    names = list_models(args.pattern, family=args.family, task=None if args.task == "all" else args.task,
+                        pretrained=args.pretrained)
+    entry = lambda n: get_entry(n.split(".")[0])  # noqa: E731 - a NAME.TAG lists its model's entry
     if args.json:
-        print(json.dumps([{"name": n, "family": get_entry(n).family, "description": get_entry(n).description}
+        print(json.dumps([{"name": n, "family": entry(n).family, "description": entry(n).description}
                           for n in names], indent=2))
     else:
         width = max((len(n) for n in names), default=0)
         for n in names:
-            print(f"{n:<{width}}  {get_entry(n).description}")
+            print(f"{n:<{width}}  {entry(n).description}")
     if not names:
         print(f"no model matches {args.pattern!r}")
         return 1

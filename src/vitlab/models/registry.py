@@ -32,16 +32,28 @@ def register_model(entry: ModelEntry) -> None:
     _REGISTRY[entry.name] = entry
 
 
-def list_models(pattern: str = "*", *, family: str | None = None, task: str | None = "classification") -> list[str]:
+def list_models(pattern: str = "*", *, family: str | None = None, task: str | None = "classification",
+                pretrained: bool = False, include_tags: bool | None = None) -> list[str]:
     """Registered names matching a shell-style ``pattern`` (e.g. ``"vit_*_patch16_*"``), sorted.
 
     ``task`` selects classifiers (the default), ``"detection"`` or ``"segmentation"`` models, or all (None).
+    ``pretrained``: only models with known published weights, as timm's ``list_models(pretrained=True)``:
+    one ``name.tag`` per set of weights (which ``create_model("name.tag", pretrained=True)`` loads), or the
+    names alone with ``include_tags=False``.
     """
     _ensure_families_loaded()
-    return sorted(
+    names = sorted(
         n for n, e in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and (family is None or e.family == family)
         and (task is None or e.task == task)
     )
+    if not pretrained:
+        return names
+    from vitlab.models.pretrained import pretrained_weights
+
+    rows = [(n, pretrained_weights(n)) for n in names]
+    if include_tags is False:
+        return [n for n, weights in rows if weights]
+    return [f"{n}.{w.tag}" for n, weights in rows for w in weights]
 
 
 def get_entry(name: str) -> ModelEntry:
