@@ -425,3 +425,15 @@ def test_a_signal_stops_at_the_end_of_the_step_with_its_state_saved(tmp_path, si
     a, b = _weights(tmp_path / "a" / "model.safetensors"), _weights(tmp_path / "b" / "model.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+
+
+def test_grad_checkpointing_recipe_trains_the_same_weights(tmp_path):
+    recipe = small_recipe(epochs=1)
+    data = Quadrants(64, augment=True)
+    fit(tiny_vit(drop_path_rate=0.2), recipe, train_set=data, output_dir=tmp_path / "a", progress=False)
+    model = tiny_vit(drop_path_rate=0.2)
+    fit(model, recipe.replace(grad_checkpointing=True), train_set=data, output_dir=tmp_path / "b", progress=False)
+    assert model.grad_checkpointing
+    a, b = _weights(tmp_path / "a" / "model.safetensors"), _weights(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k

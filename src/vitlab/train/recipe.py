@@ -37,6 +37,9 @@ class Recipe:
     layer_decay: layer-wise learning-rate decay for fine-tuning (ViT: lr * layer_decay ** (L + 1 - layer)).
     ema_decay: keep an exponential moving average of the weights (None: off).
     amp: "bf16" autocast (CPU or CUDA), "fp16" autocast with a gradient scaler (CUDA only), or "none".
+    grad_checkpointing: recompute the blocks' activations in the backward pass instead of keeping them
+        (``model.set_grad_checkpointing()``): activation memory of about one block per stage, for about a
+        third more compute per step; the same weights.
     augment: random resized crop / flip / RandAugment / erasing on training images (False: eval transform).
     randaugment: (number of ops, magnitude) or None; randaugment_mstd is the magnitude noise.
     repeat_aug: DeiT's repeated augmentation: each image appears this many times per epoch (1: off).
@@ -88,6 +91,7 @@ class Recipe:
     ema_decay: float | None = None
     # precision
     amp: Literal["none", "bf16", "fp16"] = "none"
+    grad_checkpointing: bool = False
     # data and augmentation
     val_fraction: float = 0.1
     augment: bool = True

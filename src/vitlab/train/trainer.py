@@ -287,6 +287,8 @@ def fit(
     net = _unwrap(model)
     if not hasattr(net, "model_name"):
         raise ValueError("fit: build the model with vitlab.create_model so that its checkpoint is self-describing")
+    if recipe.grad_checkpointing:
+        net.set_grad_checkpointing()
     if objective is not None and criterion is not None:
         raise ValueError("fit: give either criterion= or objective=, not both")
     num_classes = net.num_classes
