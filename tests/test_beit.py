@@ -33,9 +33,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("case", sorted(TIMM_CASES))
 def test_timm_state_dicts_give_timms_features_and_logits(case: str) -> None:
-    arch = B3 if case == "timm_beit3" else ARCH
-    if case == "timm_beit_shared":  # class-token pooling: a final norm and no fc_norm do not say how timm pooled
-        arch = dict(arch, global_pool="token")
+    arch = B3 if case == "timm_beit3" else ARCH  # timm_beit_shared pools the class token: read off the file
     model = vitlab.create_model(TIMM_CASES[case], pretrained=FIX / f"{case}.safetensors", **arch).eval()
     with torch.no_grad():
         _close(model.forward_features(IO["x"]), IO[f"{case}_features"])
@@ -49,7 +47,8 @@ def test_timm_layouts_are_read_off_the_file() -> None:
     shared = vitlab.create_model("beit_base_patch16_224", pretrained=FIX / "timm_beit_shared.safetensors", **ARCH)
     assert shared.rel_pos_bias is not None and shared.pos_embed is not None
     assert shared.blocks[0].attn.relative_position_bias_table is not None  # both kinds of table add up
-    assert shared.global_pool == "avg" and not isinstance(shared.norm, torch.nn.Identity)
+    # a classifier with a final norm and no fc_norm: timm pooled the class token (it builds fc_norm to average)
+    assert shared.global_pool == "token" and not isinstance(shared.norm, torch.nn.Identity)
     b3 = vitlab.create_model("beit3_base_patch16_224", pretrained=FIX / "timm_beit3.safetensors", **B3)
     assert b3.blocks[0].attn.q_bias is None and b3.blocks[0].attn.qkv.bias is not None  # fused bias, k included
     assert isinstance(b3.blocks[0].attn.norm, torch.nn.LayerNorm) and isinstance(b3.blocks[0].mlp.norm, torch.nn.LayerNorm)

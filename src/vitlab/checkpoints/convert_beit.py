@@ -82,6 +82,12 @@ def beit_overrides(sd: dict[str, Tensor]) -> dict[str, Any]:
     over["fc_norm"], over["final_norm"] = has_fc_norm, has_norm
     if has_fc_norm:
         over["global_pool"] = "avg"
+    elif has_norm and "head.weight" in sd:
+        # a classifier with the final norm before pooling read the class token: timm's Beit (BEiT, BEiT v2) and
+        # its VisionTransformer (BEiT-3) build fc_norm exactly when they average (use_fc_norm / fc_norm default
+        # to global_pool == "avg"), as transformers' use_mean_pooling does. A file without a head (pre-training)
+        # does not say how a classifier pools: it keeps the fine-tuning default, averaging
+        over["global_pool"] = "token"
     return over
 
 
@@ -305,10 +311,8 @@ def convert_hf_beit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
         log.info("HF BEiT segmentation checkpoint: %d key(s) of the FPN necks and the UperNet / auxiliary heads "
                  "dropped; the backbone is read (its blocks' outputs: forward_intermediates)", len(seg))
     _report_dropped([k for k in head_keys if not k.startswith(HF_SEGMENTATION_HEAD)], "HF BEiT checkpoint")
-    over = beit_overrides(out)
+    over = beit_overrides(out)  # use_mean_pooling=False (a final norm, no fc_norm): class-token pooling
     over.update(hf_beit_overrides(meta.get("config") or {}))
-    if "norm.weight" in out and "fc_norm.weight" not in out and "head.weight" in out:
-        over["global_pool"] = "token"  # use_mean_pooling=False: the classifier reads the class token
     return Converted(out, over)
 
 

@@ -1,4 +1,10 @@
-"""Hugging Face transformers ViT (``ViTModel`` / ``ViTForImageClassification``) -> vitlab."""
+"""Hugging Face transformers ViT (``ViTModel`` / ``ViTForImageClassification``) -> vitlab.
+
+Both spellings of the encoder are read: the hub files' (transformers 4, and what transformers 5 writes with
+``save_pretrained``: ``encoder.layer.N.attention.attention.query``, ``attention.output.dense``,
+``intermediate.dense``) and transformers 5's in-memory one, which ``torch.save(model.state_dict())`` writes
+(``layers.N.attention.q_proj``, ``attention.o_proj``, ``mlp.fc1``).
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,21 @@ from torch import Tensor
 from vitlab.checkpoints.convert_timm import head_overrides
 from vitlab.checkpoints.converters import Converted, register_converter, register_hf_model_type
 
-_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
-_LAYER_MAP = {
+_LAYER = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
+_LAYER_MAP = {  # both spellings: hub files (transformers 4) and transformers 5 in memory
     "layernorm_before": "norm1",
     "layernorm_after": "norm2",
     "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
     "lambda1": "ls1.gamma",
     "lambda2": "ls2.gamma",
 }
+_QKV = {"attention.attention.query": "query", "attention.attention.key": "key", "attention.attention.value": "value",
+        "attention.q_proj": "query", "attention.k_proj": "key", "attention.v_proj": "value"}
 
 
 # transformers' ViTConfig defaults, for the fields a config.json may leave out
@@ -77,11 +88,10 @@ def convert_hf_encoder(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
             continue  # only used for masked image modelling
         elif m := _LAYER.match(k):
             i, rest = int(m.group(1)), m.group(2)
-            if rest.startswith("attention.attention."):
-                which, param = rest[len("attention.attention."):].split(".")
-                qkv.setdefault(i, {})[f"{which}.{param}"] = v
-                continue
             name, param = rest.rsplit(".", 1) if rest.count(".") else (rest, "")
+            if name in _QKV:
+                qkv.setdefault(i, {})[f"{_QKV[name]}.{param}"] = v
+                continue
             if rest in _LAYER_MAP:
                 out[f"blocks.{i}.{_LAYER_MAP[rest]}"] = v
             elif name in _LAYER_MAP:

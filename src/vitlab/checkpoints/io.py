@@ -6,10 +6,14 @@ safetensors files are read with ``safetensors``; PyTorch pickles only with
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import functools
 import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -36,6 +40,19 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 # the repositories built on it, e.g. T2T-ViT) saves "state_dict" and, with EMA on, "state_dict_ema": the
 # averaged weights are the ones those repositories evaluate and publish, so they come first.
 WRAPPER_KEYS = ("state_dict_ema", "state_dict", "model", "model_state", "module", "teacher")  # teacher: DINO training checkpoints
+# prefixes that wrapping a model adds to every key: DistributedDataParallel / DataParallel ("module."),
+# torch.compile ("_orig_mod.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# what torch's weights-only unpickler says when a real pickle names a class or function it will not import;
+# random bytes that happen to hold a GLOBAL opcode name no dotted identifier
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)")
+_GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+GIT_LFS_POINTER_MESSAGE = ("a git-lfs pointer file (a few lines of text naming the real file) stands in its place; "
+                           "`git lfs pull` in its repository fetches the real file")
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"  # torch.save's legacy (non-zip) format: pickle protocol 2, which opens with PROTO
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -49,28 +66,110 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
                 tensors[k] = f.get_tensor(k)
         return tensors, meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if _starts_with(path, _GIT_LFS_POINTER):
+            raise CheckpointError(f"{path}: not a readable safetensors file: {GIT_LFS_POINTER_MESSAGE}") from e
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def read_pickle(path: Path, *, mmap: bool = False) -> Any:
+def _starts_with(path: Path, magic: bytes) -> bool:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def read_pickle(path: Path, *, mmap: bool = False) -> Any:
+    not_a_checkpoint = _not_a_pickle_checkpoint(path)
+    if not_a_checkpoint == GIT_LFS_POINTER_MESSAGE:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {not_a_checkpoint}")
+    try:
+        with _allow_data_globals():
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        # torch's message opens with advice to retry with weights_only=False; keep only what it refused
-        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln]
-        what = f" ({lines[0].strip()})" if lines else ""
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused is None:  # the unpickler choked on the bytes themselves: not a pickle, or a damaged one
+            raise _unreadable(path, not_a_checkpoint, e) from e
         raise CheckpointError(
             f"{path}: refused to load: the pickle holds objects other than tensors and plain containers, "
-            f"and loading it could execute code{what}. Convert it to safetensors with the tool that wrote it."
+            f"and loading it could execute code (GLOBAL {refused.group(1)}). Convert it to safetensors with "
+            f"the tool that wrote it."
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {e}") from e
+    except Exception as e:
+        # torch.load reads bytes that are not a checkpoint (a text file, a web page, a truncated zip) into any
+        # exception the unpickler or the zip reader happens to hit: KeyError, IndexError, struct.error,
+        # UnicodeDecodeError, EOFError, RuntimeError, BadZipFile ... all mean the same to the caller
+        raise _unreadable(path, not_a_checkpoint, e) from e
+
+
+def _not_a_pickle_checkpoint(path: Path) -> str | None:
+    """What the file is instead of a PyTorch checkpoint, judged from its first bytes; None when it may be one
+    (a zip archive, torch.save's default, or a pickle, its legacy format)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None  # torch.load reports it
+    if head.startswith((_ZIP_MAGIC, _PICKLE_PROTO)):
+        return None
+    if head.startswith(_GIT_LFS_POINTER):
+        return GIT_LFS_POINTER_MESSAGE
+    if not head:
+        return "the file is empty"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return "it is a web page (a download that saved the server's page instead of the file?)"
+    return "it is neither a zip archive (torch.save) nor a pickle (torch.save's legacy format)"
+
+
+def _unreadable(path: Path, what: str | None, e: BaseException) -> CheckpointError:
+    # torch wraps the unpickler's complaint in advice to retry with weights_only=False: keep the complaint only
+    detail = str(e).rpartition("WeightsUnpickler error:")[2].strip().split("\n")[0]
+    detail = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+    if what is None:
+        return CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {detail}")
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint: {what} ({detail})")
+
+
+@functools.cache
+def _data_globals() -> tuple[Any, ...]:
+    """Classes and functions outside torch that training checkpoints hold beside the weights, and that the
+    weights-only unpickler may call: each one only rebuilds plain data from plain data (itself produced by the
+    same restricted unpickler); none imports, opens or runs anything. torch does not allow them by default
+    because they belong to other libraries."""
+    scalar = np.float64(0).__reduce__()[0]  # numpy._core.multiarray.scalar (numpy 2) / numpy.core... (1.x)
+    other_name = ("numpy.core.multiarray.scalar" if scalar.__module__.startswith("numpy._core")
+                  else "numpy._core.multiarray.scalar")
+    return (
+        # the training script's arguments: timm's CheckpointSaver, DeiT, MAE, DINO and DETR save "args".
+        # Unpickling makes an empty Namespace and fills its __dict__ from a plain dict (no __setstate__)
+        argparse.Namespace,
+        # numpy scalars, e.g. a "best_acc" / "max_accuracy" / "metric" computed with numpy: scalar(dtype, bytes)
+        # copies raw bytes into a number (numpy refuses bytes for dtypes that hold object pointers); the object
+        # dtype returns its argument, an object the restricted unpickler already made
+        scalar,
+        (scalar, other_name),  # the name the other numpy major version writes
+        # the scalar's dtype: np.dtype("f8") and, on BUILD, the concrete dtype class's C-level __setstate__
+        np.dtype,
+        *{type(np.dtype(c)) for c in np.typecodes["All"]},
+    )
+
+
+def _allow_data_globals() -> contextlib.AbstractContextManager:
+    """Allow :func:`_data_globals` for one torch.load, leaving any the caller allowed for good in place."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5: such files stay refused
+        return contextlib.nullcontext()
+    # (callable, "module.name") pairs name a callable under another module path: torch >= 2.6 reads them
+    pairs_ok = torch.__version__ >= "2.6"
+    have = torch.serialization.get_safe_globals()
+    return safe_globals([g for g in _data_globals() if g not in have and (pairs_ok or not isinstance(g, tuple))])
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     # np.load treats anything that is neither a zip nor a .npy as a pickle; say what the file is not instead
     with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
+        if f.read(4) != _ZIP_MAGIC:
             raise CheckpointError(f"{path}: not a .npz archive (no zip signature at the start of the file)")
     try:
         with np.load(str(path), allow_pickle=False) as z:
@@ -82,7 +181,8 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def unwrap_state_dict(obj: Any, path: Path | str) -> dict[str, Tensor]:
-    """Find the tensor mapping inside a training checkpoint and strip DDP's ``module.`` prefix."""
+    """Find the tensor mapping inside a training checkpoint and strip the ``module.`` (DDP) and ``_orig_mod.``
+    (torch.compile) prefixes."""
     for _ in range(3):
         if isinstance(obj, Mapping) and not _is_tensor_map(obj):
             for key in WRAPPER_KEYS:
@@ -96,8 +196,10 @@ def unwrap_state_dict(obj: Any, path: Path | str) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping) or not _is_tensor_map(obj):
         raise CheckpointError(f"{path}: holds no state dict (a mapping of names to tensors)")
     sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    # the wrappers' prefixes, nested in any order: DDP over a compiled model saves "module._orig_mod.", a
+    # compiled DDP model "_orig_mod.module." (timm's clean_state_dict strips the same)
+    while stripped := next((p for p in WRAPPER_PREFIXES if sd and all(k.startswith(p) for k in sd)), None):
+        sd = {k[len(stripped):]: v for k, v in sd.items()}
     return sd
 
 

@@ -31,7 +31,8 @@ class Source:
     path: Path
     format: SourceFormat
     converted: Converted
-    meta: dict[str, Any] = field(default_factory=dict)  # vitlab metadata, or {"config": hf_config}
+    # vitlab metadata, {"config": hf_config}, or {"timm_config": config.json of a timm hub folder}
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve(source: str | os.PathLike) -> Path:
@@ -122,6 +123,7 @@ def _read_folder(path: Path, family: str) -> Source:
         sd = unwrap_state_dict(read_pickle(weights), weights)
     if "architectures" in config or "model_type" in config or _looks_hf(sd):
         return Source(weights, "hf", _convert(weights, family, "hf", sd, {"config": config}), {"config": config})
-    # a timm hub folder: config.json with "architecture" and "pretrained_cfg", weights in timm's names
+    # a timm hub folder: config.json with "architecture", "model_args" and "pretrained_cfg", weights in timm's
+    # names; create_model applies model_args and pretrained_cfg (vitlab.checkpoints.timm_hub)
     fmt = detect_format(family, sd, "timm")
     return Source(weights, fmt, _convert(weights, family, fmt, sd, {}), {"timm_config": config})

@@ -98,8 +98,8 @@ def create_model(
         source = read_source(resolve(pretrained), entry.family)
         if source.format == "vitlab":
             file_overrides = _vitlab_overrides(name, source)
-        else:
-            file_overrides = dict(source.converted.overrides)
+        else:  # a timm hub folder's config.json over what the tensors say (e.g. average pooling without fc_norm)
+            file_overrides = {**source.converted.overrides, **_timm_hub_overrides(entry, source)}
     cfg_overrides = {**weights_overrides, **file_overrides, **overrides}
     if num_classes is not None:
         cfg_overrides["num_classes"] = num_classes
@@ -117,15 +117,48 @@ def create_model(
         names = _class_names(source)
         if names is not None and len(names) == model.num_classes:
             model.class_names = names
+        _check_timm_preprocessing(source, model)
         log.info("loaded %s weights from %s", source.format, label)
     return model
 
 
+def _timm_hub_overrides(entry: Any, source: Any) -> dict[str, Any]:
+    """The config fields a timm hub folder's config.json sets (``model_args``, ``pretrained_cfg``); {} otherwise."""
+    config = source.meta.get("timm_config")
+    if not config:
+        return {}
+    from vitlab.checkpoints import CheckpointError
+    from vitlab.checkpoints.timm_hub import timm_hub_overrides
+
+    try:
+        return timm_hub_overrides(config, entry.family, entry.config)
+    except ValueError as e:
+        raise CheckpointError(f"{source.path.parent / 'config.json'}: {e}") from e
+
+
+def _check_timm_preprocessing(source: Any, model: nn.Module) -> None:
+    config = source.meta.get("timm_config")
+    pre = getattr(model, "preprocessing", None)
+    if not config or pre is None:
+        return
+    from vitlab.checkpoints.timm_hub import preprocessing_not_applied
+
+    missed = preprocessing_not_applied(config, pre)
+    if missed:
+        log.warning("%s: config.json asks for preprocessing %s builds otherwise: %s", source.path.parent,
+                    model.model_name, "; ".join(missed))
+
+
 def _class_names(source: Any) -> list[str] | None:
-    """Class names a checkpoint carries: vitlab metadata, or a Hugging Face config's id2label."""
+    """Class names a checkpoint carries: vitlab metadata, a Hugging Face config's id2label, or a timm hub
+    config's label_names."""
     if source.format == "vitlab":
         names = source.meta.get("class_names")
         return list(names) if names else None
+    if source.meta.get("timm_config"):
+        from vitlab.checkpoints.timm_hub import timm_hub_class_names
+
+        return timm_hub_class_names(source.meta["timm_config"])
     id2label = (source.meta.get("config") or {}).get("id2label")
     if source.format == "hf" and id2label:
         try:

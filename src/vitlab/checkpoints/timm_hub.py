@@ -1,0 +1,117 @@
+"""timm hub folders (written by timm's ``save_for_hf`` / ``push_to_hf_hub``): what config.json adds to the weights.
+
+timm's config.json names the model (``architecture``) and records how it was built (``model_args``: img_size,
+num_classes, global_pool, fc_norm, depth, ...), how its inputs are prepared (``pretrained_cfg``: input_size, mean,
+std, crop_pct, interpolation, crop_mode) and its classes (``label_names``). ``timm.create_model("local-dir:...")``
+builds the architecture with ``model_args`` and preprocesses with ``pretrained_cfg``; :func:`timm_hub_overrides`
+turns both into vitlab config fields, so that vitlab builds the same function. Some of these (average pooling
+without fc_norm, a depth) cannot be read off the tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+# timm constructor arguments whose vitlab config field has another name, per family
+TIMM_ARG_NAMES: dict[str, dict[str, str]] = {
+    "beit": {"use_fc_norm": "fc_norm"},
+    # timm's BEiT-3 is its VisionTransformer with a norm inside attention and inside the MLP: vitlab's sub-LN
+    "beit3": {"scale_attn_norm": "sub_ln", "scale_mlp_norm": "sub_ln"},
+    "mixer": {"num_blocks": "depth"},
+}
+# timm argument values that vitlab spells otherwise
+TIMM_ARG_VALUES: dict[tuple[str, Any], Any] = {("pos_embed", ""): "none"}
+# timm arguments that only decide the initialisation, which the loaded weights replace
+INIT_ONLY_ARGS = frozenset({"weight_init", "fix_init", "head_init_scale"})
+# timm options vitlab's models do not have, at the value that turns them off (any other value is an error)
+TIMM_OFF_VALUES: dict[str, Any] = {
+    "reg_tokens": 0, "no_embed_class": False, "pre_norm": False, "final_norm": True, "qk_norm": False,
+    "patch_drop_rate": 0.0, "dynamic_img_pad": False, "proj_bias": True, "swiglu_mlp": False, "scale_mlp": False,
+    "scale_attn_norm": False, "scale_mlp_norm": False, "strict_img_size": True,
+}
+# pretrained_cfg entries that are config fields in vitlab (the rest of the preprocessing is fixed per family)
+PREPROCESSING_FIELDS = ("mean", "std", "crop_pct", "interpolation")
+
+
+def timm_hub_overrides(config: dict[str, Any], family: str, template: Any) -> dict[str, Any]:
+    """The config fields of ``template`` (a family's config dataclass) that a timm hub ``config.json`` sets.
+
+    ``pretrained_cfg`` gives the preprocessing (and the input size, unless ``model_args`` has ``img_size``);
+    ``model_args`` the architecture, on top. A model argument vitlab has no counterpart for is a ValueError
+    naming it: building without it would compute something else than the checkpoint's model.
+    """
+    fields = {f.name for f in dataclasses.fields(template)}
+    hints = typing.get_type_hints(type(template))
+    out: dict[str, Any] = {}
+    pcfg = config.get("pretrained_cfg") or {}
+    for key in PREPROCESSING_FIELDS:
+        if key in fields and pcfg.get(key) is not None:
+            out[key] = _value(pcfg[key])
+    if pcfg.get("input_size"):
+        c, h, w = (int(s) for s in pcfg["input_size"])
+        if "img_size" in fields:
+            out["img_size"] = h if h == w else (h, w)
+        if "in_chans" in fields:
+            out["in_chans"] = c
+    names = TIMM_ARG_NAMES.get(family, {})
+    from_args: dict[str, tuple[str, Any]] = {}  # vitlab field -> (timm argument, value)
+    for arg, raw in (config.get("model_args") or {}).items():
+        value = TIMM_ARG_VALUES.get((arg, raw), _value(raw)) if isinstance(raw, (str, int, float)) else _value(raw)
+        key = names.get(arg, arg)
+        if key not in fields:
+            if arg in INIT_ONLY_ARGS or (arg in TIMM_OFF_VALUES and value == TIMM_OFF_VALUES[arg]):
+                continue
+            raise ValueError(f"timm model_args {arg}={raw!r} has no counterpart in vitlab's {type(template).__name__} "
+                             f"(it accepts: {', '.join(sorted(fields))})")
+        if key == "img_size" and isinstance(value, tuple) and len(value) == 2 and value[0] == value[1]:
+            value = value[0]
+        allowed = _literal_values(hints.get(key))
+        if allowed and value not in allowed:
+            raise ValueError(f"timm model_args {arg}={raw!r}: vitlab's {type(template).__name__} supports "
+                             f"{key} = {' / '.join(map(repr, allowed))}")
+        if key in from_args and from_args[key][1] != value:
+            raise ValueError(f"timm model_args {from_args[key][0]}={from_args[key][1]!r} and {arg}={raw!r} differ; "
+                             f"vitlab has one option for both ({key})")
+        from_args[key] = (arg, value)
+    out.update({key: value for key, (_, value) in from_args.items()})
+    return out
+
+
+def timm_hub_class_names(config: dict[str, Any]) -> list[str] | None:
+    """``label_names`` of a timm config.json: a list, or a dict from class index to name."""
+    names = config.get("label_names") or (config.get("pretrained_cfg") or {}).get("label_names")
+    if isinstance(names, (list, tuple)):
+        return [str(n) for n in names]
+    if isinstance(names, dict):
+        try:
+            return [str(names[k]) for k in sorted(names, key=int)]
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def preprocessing_not_applied(config: dict[str, Any], pre: Any) -> list[str]:
+    """The preprocessing a timm config.json asks for that the built model's (``pre``) does not follow: the
+    resize interpolation or the crop mode, which some families fix."""
+    pcfg = config.get("pretrained_cfg") or {}
+    out = []
+    if pcfg.get("interpolation") and pcfg["interpolation"] != pre.interpolation:
+        out.append(f"interpolation {pcfg['interpolation']!r} (vitlab's model uses {pre.interpolation!r})")
+    if pcfg.get("crop_mode", "center") != "center":
+        out.append(f"crop_mode {pcfg['crop_mode']!r} (vitlab crops the centre)")
+    return out
+
+
+def _value(v: Any) -> Any:
+    """JSON lists back to the tuples the config dataclasses hold."""
+    return tuple(_value(x) for x in v) if isinstance(v, list) else v
+
+
+def _literal_values(hint: Any) -> tuple[Any, ...]:
+    """The allowed values of a ``Literal[...]`` (or ``Literal[...] | None``) field; () for other types."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    values = [a for arg in typing.get_args(hint) if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
+    return (*values, None) if values else ()
