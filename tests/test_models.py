@@ -140,3 +140,11 @@ def test_a_size_error_suggests_only_an_option_the_model_has(name, over, option):
     following = vitlab.create_model(name, img_size=32, **tiny, **{**over, **option_kw}).eval()
     with torch.no_grad():
         following(torch.randn(1, 3, 48, 48))  # the advice works
+
+
+@pytest.mark.parametrize("name", ["mixer_s32_224", "resnet18"])
+def test_capture_attention_on_a_model_without_attention_says_so(name):
+    model = make_tiny(name)
+    with pytest.raises(ValueError, match="has no attention layers"):
+        with capture_attention(model):
+            pass

@@ -81,6 +81,9 @@ def capture_attention(model: nn.Module) -> Iterator[AttentionMaps]:
     """
     maps = AttentionMaps()
     modules = [m for m in model.modules() if isinstance(m, CapturableAttention)]
+    if not modules:  # an empty list would read as "no attention was computed"
+        raise ValueError(f"capture_attention: {type(model).__name__} has no attention layers (e.g. MLP-Mixer mixes "
+                         f"tokens with MLPs); explain(model, x, method='grad-cam') works on any model")
     for m in modules:
         m.attn_sink = maps.sink_for(m)
     try:
