@@ -205,8 +205,13 @@ def test_resolution_change_256_to_320(name: str) -> None:
         for size in (256, 320):
             y = model(torch.rand(1, 3, size, size))
             assert y.shape == (1, 10) and torch.isfinite(y).all()
-        _, feats = model.forward_intermediates(torch.rand(1, 3, 320, 320))
+        x = torch.rand(1, 3, 320, 320)
+        final, feats = model.forward_intermediates(x)
+        torch.testing.assert_close(feats[-1], model.forward_features(x))  # after the final expansion, as timm's
+        torch.testing.assert_close(final, feats[-1])
+        _, without = model.forward_intermediates(x, exclude_final_conv=True)
     assert [f.shape[-1] for f in feats] == [160, 80, 40, 20, 10]  # strides 2 .. 32
+    assert without[-1].shape[1] == model.stages[-1](model.stages[:-1](model.stem(x))).shape[1]
 
 
 def test_capture_reports_per_image_weights_for_both_attention_kinds() -> None:

@@ -287,10 +287,13 @@ class MobileViT(TimmSurface, nn.Module):
         norm: bool = False,
         output_fmt: Literal["NCHW", "NLC"] = "NCHW",
         return_prefix_tokens: bool = False,
+        exclude_final_conv: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
         """forward_features' output and the outputs of the chosen stages (strides 2, 4, 8, 16, 32).
 
-        ``norm`` and ``return_prefix_tokens`` have nothing to act on here (no final norm, no prefix tokens).
+        The last stage's map is taken after the final 1x1 expansion (v1 and v3 have one), as timm's is, unless
+        ``exclude_final_conv``. ``norm`` and ``return_prefix_tokens`` have nothing to act on here (no final
+        norm, no prefix tokens).
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"forward_intermediates: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
@@ -298,11 +301,14 @@ class MobileViT(TimmSurface, nn.Module):
         take = set(take_indices(len(self.stages), indices))
         x = self.stem(x)
         feats = []
+        last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             x = call_block(stage, x, checkpointed=self.grad_checkpointing)
+            if i == last and not exclude_final_conv:
+                x = self.final_conv(x)
             if i in take:
                 feats.append(x.flatten(2).transpose(1, 2) if output_fmt == "NLC" else x)
-        return self.final_conv(x), feats
+        return (self.final_conv(x) if exclude_final_conv else x), feats
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_drop(x.mean(dim=(2, 3)))  # global average pool: (B, C, h, w) -> (B, C)
