@@ -58,13 +58,17 @@ def command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.analysis.analyze import POSITION_KINDS, REPORT_HTML, analyze_model
+    from vitlab.cli.eval import run_split
     from vitlab.data import build_dataset, eval_transform
 
     if args.num_images < 1:
         raise ValueError("--num-images must be at least 1")
     device = check_device(args)
     model = require_classifier(load_checkpoint(args), "analyze", args.checkpoint)
-    dataset = build_dataset(args.data, split=args.split, transform=eval_transform(model.preprocessing))
+    # the run's own split (its images feed attention statistics, not a score: overlap with training is harmless)
+    seed, val_fraction = run_split(args.checkpoint, args.data, args.split, measured=False)
+    dataset = build_dataset(args.data, split=args.split, seed=seed, val_fraction=val_fraction,
+                            transform=eval_transform(model.preprocessing))
     name = getattr(model, "model_name", type(model).__name__)
     model_desc = f"{name} from {args.checkpoint}"
     data_desc = f"{args.data} ({args.split} split, {len(dataset)} images, classes: {', '.join(map(str, dataset.classes))})"

@@ -42,8 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="same as --runtime torch-compile")
     p.add_argument("--data", default="digits", help="data source")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share when the source has no val set")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--val-fraction", type=float, help="held-out share when the source has no val set (default: "
+                   "the checkpoint's run's on the data it trained on, else 0.1)")
+    p.add_argument("--seed", type=int, help="seed of the held-out split (default: the checkpoint's run's on the "
+                   "data it trained on, else 0)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)
     add_device_argument(p)
@@ -76,12 +78,90 @@ def check_classes(model, classes: list[str], checkpoint: str, data: str) -> None
                     "index", classes[:3], list(names)[:3])
 
 
+DEFAULT_SEED, DEFAULT_VAL_FRACTION = 0, 0.1  # build_dataset's, for a checkpoint without a run record
+
+
+def seeded_split(data: str, split: str) -> bool:
+    """Whether ``split`` of ``data`` is drawn by seed and val_fraction from the training data (so that
+    another seed or fraction than the run's puts its training images in it), as vitlab.data.build makes it."""
+    from vitlab.data.build import parse_source
+    from vitlab.data.errors import DatasetError
+    from vitlab.data.folder import folder_layout
+
+    try:
+        kind, path = parse_source(data)
+        if kind != "folder":  # digits, MNIST and CIFAR have a fixed test set; val and train are drawn
+            return split != "test"
+        _, val_dir, test_dir = folder_layout(path)
+    except (DatasetError, OSError):
+        return False  # build_dataset reports the source
+    # a val/ folder fixes val and train; "test" without test/ is the held-out part
+    return val_dir is None and (split != "test" or test_dir is None)
+
+
+def run_split(checkpoint: str, data: str, split: str, *, seed: int | None = None,
+              val_fraction: float | None = None, measured: bool = True, options: str = "") -> tuple[int, float]:
+    """The seed and val_fraction for ``split`` of ``data``: those the checkpoint's run held out with (its
+    job.json and recipe.json beside it) when it trained on ``data``, unless given (not None).
+
+    Args:
+        measured: the command measures the model on the split, so it must be held out: where the run is
+            unknown and the split is drawn from the training data, a warning says it may hold the
+            checkpoint's training images, and a run that held nothing out is an error.
+        options: the command's options that set the split, named in those messages.
+    """
+    from vitlab.train.run import read_job, same_source
+
+    given = (DEFAULT_SEED if seed is None else seed, DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction)
+    if (seed is not None and val_fraction is not None) or not seeded_split(data, split):
+        return given
+    run_dir = Path(checkpoint).parent
+    job, recipe = read_job(run_dir), _read_recipe(run_dir / "recipe.json")
+    recorded = job.get("data")
+    if recorded is None or "seed" not in recipe or "val_fraction" not in recipe:
+        if measured:
+            log.warning("%s has no run record beside it (job.json, recipe.json): if it was trained on %s, the %r "
+                        "split made here (seed %d, val_fraction %g) may hold its training images%s", checkpoint,
+                        data, split, *given, f"; give the run's {options}" if options else "")
+        return given
+    if not same_source(data, recorded, job.get("data_source")):
+        log.info("%s was trained on %s, not %s: split %r drawn with seed %d, val_fraction %g", checkpoint, recorded,
+                 data, split, *given)
+        return given
+    run_seed, run_fraction = int(recipe["seed"]), float(recipe["val_fraction"])
+    if run_fraction == 0 and split != "train" and val_fraction is None:
+        if not measured:
+            return given
+        raise ValueError(f"{checkpoint}: its run trained on every image of {data} (val_fraction 0), so it has "
+                         f"no held-out {split!r} split there; evaluate on other data"
+                         + (f", or give {options} to split it anyway (into images it trained on)" if options
+                            else ""))
+    chosen = (run_seed if seed is None else seed, run_fraction if val_fraction is None else val_fraction)
+    if chosen == (run_seed, run_fraction):
+        log.info("%s split of %s as the run of %s held it out (seed %d, val_fraction %g)", split, data,
+                 checkpoint, *chosen)
+    elif measured and split != "train":
+        log.warning("the run of %s held %s out with seed %d, val_fraction %g: the %s split made with seed %d, "
+                    "val_fraction %g holds images it trained on", checkpoint, data, run_seed, run_fraction, split,
+                    *chosen)
+    return chosen
+
+
+def _read_recipe(path: Path) -> dict:
+    try:
+        recipe = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
 def _run_dense(args: argparse.Namespace, model) -> int:
     """A DETR / SETR checkpoint: COCO AP / AP50 / AP75 or mean IoU / pixel accuracy on DATA/SPLIT."""
-    from vitlab.tasks.run import evaluate_folder, format_metrics
+    from vitlab.tasks.run import evaluate_folder, format_metrics, recorded_categories
 
     split = "val" if args.split == "test" else args.split
-    metrics = evaluate_folder(model, args.data, split)
+    metrics = evaluate_folder(model, args.data, split, categories=recorded_categories(args.checkpoint),
+                              categories_from=f"the checkpoint {args.checkpoint}")
     out = args.output or Path(args.checkpoint).parent / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data,
@@ -119,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(device).eval()
     if reason := slow_bf16_reason(model.name, device):
         log.warning("%s", reason)
+    args.seed, args.val_fraction = run_split(args.checkpoint, args.data, args.split, seed=args.seed,
+                                             val_fraction=args.val_fraction, options="--seed / --val-fraction")
     ds = build_dataset(args.data, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
                        transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
     protocol = args.protocol

@@ -68,6 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitlab.analysis.analyze import collate_present, spread_images
     from vitlab.analysis.fewshot import extract_features, fewshot_evaluate
+    from vitlab.cli.eval import run_split
     from vitlab.data import build_dataset, eval_transform
 
     if args.seeds < 1:
@@ -75,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args)
     model = require_classifier(load_checkpoint(args), "fewshot", args.checkpoint).to(device).eval()
     transform = eval_transform(model.preprocessing)
-    train = build_dataset(args.data, split=args.train_split, transform=transform)
-    test = build_dataset(args.data, split=args.test_split, transform=transform)
+    # the split the checkpoint's run held out, so that test images are not its training images
+    seed, val_fraction = run_split(args.checkpoint, args.data, args.test_split)
+    split = {"seed": seed, "val_fraction": val_fraction, "transform": transform}
+    train = build_dataset(args.data, split=args.train_split, **split)
+    test = build_dataset(args.data, split=args.test_split, **split)
     num_classes = len(train.classes)
     class_names = list(train.classes)
     pool = max(args.shots) * args.seeds if args.pool is None else args.pool

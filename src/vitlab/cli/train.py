@@ -88,9 +88,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EXAMPLE.format(recipes=", ".join(list_recipes())),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="registered model name (default: the recipe's model)")
-    p.add_argument("--task", choices=["classification", "detection", "segmentation"], default="classification",
-                   help="detection (DETR) or segmentation (SETR): --data is a folder with train/ and val/ "
-                        "(images/ + annotations.json or masks/, as `vitlab make-canvases` writes)")
+    p.add_argument("--task", choices=["classification", "detection", "segmentation"],
+                   help="classification (default; with --resume: the run's own), detection (DETR) or segmentation "
+                        "(SETR): --data is then a folder with train/ and val/ (images/ + annotations.json or "
+                        "masks/, as `vitlab make-canvases` writes)")
     p.add_argument("--pretrained-backbone", help="detection/segmentation: a classifier checkpoint for the backbone")
     add_common_args(p, default_recipe=None)
     p.set_defaults(func=run)
@@ -105,6 +106,29 @@ def saved_run(args: argparse.Namespace, output: Path) -> dict | None:
     saved = json.loads((output / "recipe.json").read_text())
     job = json.loads((output / "job.json").read_text()) if (output / "job.json").is_file() else {}
     return {"recipe": {k: v for k, v in saved.items() if k != "resolved"}, "job": job}
+
+
+def saved_job(args: argparse.Namespace) -> dict:
+    """With --resume: the run's job.json (task, data, model), also when --recipe is given; else {}."""
+    from vitlab.train.run import read_job
+
+    return read_job(args.output) if args.resume and args.output is not None else {}
+
+
+def check_recipe_outside(args: argparse.Namespace, output: Path) -> None:
+    """--recipe naming the recipe.json the run writes into --output, a file no run wrote (the user's own), is
+    refused: the run would replace it with its resolved recipe."""
+    from vitlab.train.run import is_run_recipe
+    from vitlab.train.trainer import RECIPE_FILE
+
+    if args.recipe is None:
+        return
+    path = Path(args.recipe).expanduser()
+    target = output / RECIPE_FILE
+    if path.is_file() and target.is_file() and path.resolve() == target.resolve() and not is_run_recipe(path):
+        raise ValueError(f"--recipe {args.recipe} is the file the run writes its resolved recipe to "
+                         f"({target}): it would be replaced; copy it outside --output {output}, or choose "
+                         f"another --output")
 
 
 def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = None, base=None, *,
@@ -136,6 +160,7 @@ def make_job(args: argparse.Namespace, recipe, *, model: str | None, pretrained:
     from vitlab.train.run import Distill, TrainJob
 
     output = args.output or Path("runs") / output_tag
+    check_recipe_outside(args, output)
     if args.data is None:
         args.data = "digits"
     distill = Distill(teacher=args.teacher, kind=args.distill, alpha=args.alpha, tau=args.tau) if args.teacher else None
@@ -214,14 +239,19 @@ def run_dense(args: argparse.Namespace) -> int:
     if getattr(args, "fsdp", False):
         raise ValueError(f"--fsdp supports classification only, not --task {args.task} (which runs with DDP "
                          f"under torchrun)")
+    saved = saved_run(args, args.output) if args.output is not None else None
+    job = saved_job(args)  # `vitlab train --output DIR --resume` alone continues that run as it was
+    args.model = args.model or job.get("model")
+    args.data = args.data or job.get("data")
     if args.data is None:
         raise ValueError(f"--task {args.task} needs --data DIR (train/ and val/ folders; see `vitlab make-canvases`)")
     default = "detr_canvases" if args.task == "detection" else "setr_canvases"
-    recipe = resolve_recipe(args, default)
+    recipe = resolve_recipe(args, default, saved)
     model = args.model or recipe.model
     if model is None:
         raise ValueError(f"no model: give --model NAME (see `vitlab models --task {args.task}`)")
     output = args.output or Path("runs") / f"{recipe.name}-{model}"
+    check_recipe_outside(args, output)
     summary = run_dense_training(DenseJob(
         task=args.task, model=model, data=Path(args.data), output=output, recipe=recipe,
         pretrained_backbone=args.pretrained_backbone, resume=args.resume,
@@ -233,14 +263,25 @@ def run_dense(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_task(args: argparse.Namespace) -> str:
+    """--task, else (with --resume) the task the run recorded, else classification; a --task other than the
+    resumed run's is refused."""
+    recorded = saved_job(args).get("task")
+    if args.task is not None and recorded is not None and args.task != recorded:
+        raise ValueError(f"--resume --task {args.task}: the run in {args.output} is a {recorded} run; leave "
+                         f"--task out to continue it, or choose another --output")
+    return args.task or recorded or "classification"
+
+
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "task", "classification") != "classification":
+    args.task = resolve_task(args)
+    if args.task != "classification":
         return run_dense(args)
     check_length_options(args)
     saved = saved_run(args, args.output) if args.output is not None else None
-    if saved is not None:  # `vitlab train --output DIR --resume` alone continues that run as it was
-        args.model = args.model or saved["job"].get("model")
-        args.data = args.data or saved["job"].get("data")
+    job = saved_job(args)  # `vitlab train --output DIR --resume` alone continues that run as it was
+    args.model = args.model or job.get("model")
+    args.data = args.data or job.get("data")
     base = None
     if saved is None and (args.recipe == "auto" or (args.recipe is None and args.data not in (None, "digits"))):
         base = auto_recipe(args)

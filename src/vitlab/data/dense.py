@@ -143,13 +143,22 @@ class CocoDetection(Dataset):
     [x, y, w, h] in pixels, ``categories``) and the folder the ``file_name``s are relative to.
 
     Categories become contiguous labels 0..K-1 in the order of their ids (``cat_ids[label]`` maps
-    back). Crowd annotations are skipped in training targets. Every annotation is checked when the
-    data set is opened: a box outside its image, an unknown category id, a missing image or a
-    malformed entry raises a :class:`DatasetError` naming the JSON file and the entry.
+    back). A split evaluated against a model takes the labels of the training set or checkpoint instead
+    (``categories``): each category of this file is matched by its id (its name must then agree) or, for a
+    reference that records names only, by name; a category the reference lacks is an error, one this file
+    lacks is fine. Crowd annotations are skipped in training targets. Every annotation is checked when the
+    data set is opened: a box outside its image, an unknown category id, a missing image or a malformed
+    entry raises a :class:`DatasetError` naming the JSON file and the entry.
+
+    Args:
+        categories: the label order to use, one ``{"id", "name"}`` dict per label (either key may be
+            missing); None: this file's own categories, sorted by id.
+        categories_from: what ``categories`` come from, for the errors (e.g. "the training set").
     """
 
     def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, *,
-                 transform: DenseTransform | None = None, tolerance: float = 1.0) -> None:
+                 transform: DenseTransform | None = None, tolerance: float = 1.0,
+                 categories: Sequence[dict[str, Any]] | None = None, categories_from: str = "the model") -> None:
         self.root, self.ann_path = Path(images), Path(annotations)
         self.transform = transform
         try:
@@ -161,10 +170,23 @@ class CocoDetection(Dataset):
         for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
                 raise DatasetError(f"{self.ann_path}: COCO JSON needs a list {key!r}")
-        self.categories = sorted(data["categories"], key=lambda c: c["id"])
-        self.cat_ids = [int(c["id"]) for c in self.categories]
-        self.classes = [str(c.get("name", c["id"])) for c in self.categories]
-        label_of = {cid: i for i, cid in enumerate(self.cat_ids)}
+        try:
+            own = sorted(({**c, "id": int(c["id"])} for c in data["categories"]), key=lambda c: c["id"])
+        except (KeyError, TypeError, ValueError):
+            raise DatasetError(f"{self.ann_path}: every entry of 'categories' needs an integer 'id'") from None
+        if categories is None:
+            self.categories = own
+            label_of = {c["id"]: i for i, c in enumerate(own)}
+            self.cat_ids = [c["id"] for c in own]
+        else:
+            self.categories = [dict(c) for c in categories]
+            label_of = match_categories(own, self.categories, self.ann_path, categories_from)
+            # a label this file has no category for keeps the reference's id (or none: -1 - label, never a
+            # ground-truth id), so that its detections still count as false positives
+            id_of = {label: cid for cid, label in label_of.items()}
+            self.cat_ids = [int(c["id"]) if "id" in c else id_of.get(i, -1 - i)
+                            for i, c in enumerate(self.categories)]
+        self.classes = [str(c.get("name", c.get("id"))) for c in self.categories]
         self.images = data["images"]
         by_id: dict[int, dict] = {}
         for img in self.images:
@@ -186,7 +208,7 @@ class CocoDetection(Dataset):
                 raise DatasetError(f"{self.ann_path}: annotation id {aid}: unknown image_id {iid}")
             if cid not in label_of:
                 raise DatasetError(f"{self.ann_path}: annotation id {aid}: unknown category_id {cid} "
-                                   f"(categories: {self.cat_ids})")
+                                   f"(categories: {[c['id'] for c in own]})")
             W, H = float(by_id[iid]["width"]), float(by_id[iid]["height"])
             if w <= 0 or h <= 0 or x < -tolerance or y < -tolerance or x + w > W + tolerance or y + h > H + tolerance:
                 raise DatasetError(f"{self.ann_path}: annotation id {aid}: bbox {[x, y, w, h]} (x, y, w, h) lies "
@@ -221,6 +243,36 @@ class CocoDetection(Dataset):
     def collate(batch: list[Sample]) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
         """Pad images to the largest in the batch: (images, pixel_mask True on real pixels, targets)."""
         return pad_batch(batch)
+
+
+def match_categories(own: list[dict[str, Any]], reference: list[dict[str, Any]], path: Path,
+                     source: str) -> dict[int, int]:
+    """The reference's label of each category id of the file at ``path``: by id (with the name checked) when
+    the reference records ids, else by name (a category without one is named by its id)."""
+    by_id = {int(c["id"]): i for i, c in enumerate(reference) if "id" in c}
+    by_name = {str(c["name"]): i for i, c in enumerate(reference) if "name" in c}
+    known = ", ".join(f"{c['id']} ({c['name']})" if "id" in c and "name" in c else str(c.get("id", c.get("name")))
+                      for c in reference)
+    label_of = {}
+    for c in own:
+        cid, name = int(c["id"]), c.get("name")
+        what = f"category id {cid}" + (f" ({name!r})" if name is not None else "")
+        if by_id:
+            label = by_id.get(cid)
+            if label is None:
+                raise DatasetError(f"{path}: {what} is not one of the categories of {source} ({known}); "
+                                   f"it cannot be scored")
+            expected = reference[label].get("name")
+            if name is not None and expected is not None and str(name) != str(expected):
+                raise DatasetError(f"{path}: {what} is {expected!r} in {source}; the category ids of the two "
+                                   f"files must name the same categories")
+        else:
+            label = by_name.get(str(name if name is not None else cid))
+            if label is None:
+                raise DatasetError(f"{path}: {what} is not one of the categories of {source} ({known}); "
+                                   f"it cannot be scored")
+        label_of[cid] = label
+    return label_of
 
 
 def pad_batch(batch: list[Sample]) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
@@ -409,15 +461,31 @@ class Repeated(Dataset):
         return self.dataset[index % len(self.dataset)]
 
 
+def train_categories(annotations: str | os.PathLike) -> list[dict[str, Any]] | None:
+    """The categories (label order) of a training set's COCO JSON, or None when it has none to read."""
+    try:
+        data = json.loads(Path(annotations).read_text())
+        return sorted(({"id": int(c["id"]), **({"name": str(c["name"])} if "name" in c else {})}
+                       for c in data["categories"]), key=lambda c: c["id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 SEGMENTATION_CLASSES = ["background"] + [str(d) for d in range(10)]
 
 
 def canvas_datasets(root: str | os.PathLike, split: str, *, task: str, transform: DenseTransform | None = None
                     ) -> Dataset:
-    """The canvases of :func:`make_canvases` as a detection or segmentation data set."""
+    """The canvases of :func:`make_canvases` as a detection or segmentation data set (a split other than
+    train takes the train split's category labels)."""
     base = Path(root) / split
     if task == "detection":
-        return CocoDetection(base / "images", base / "annotations.json", transform=transform)
+        categories = None
+        if split != "train":
+            train = Path(root) / "train" / "annotations.json"
+            categories = train_categories(train)
+        return CocoDetection(base / "images", base / "annotations.json", transform=transform,
+                             categories=categories, categories_from=f"the training set ({Path(root) / 'train'})")
     if task == "segmentation":
         return MaskFolder(base / "images", base / "masks", num_classes=11, transform=transform,
                           classes=SEGMENTATION_CLASSES)
@@ -425,4 +493,4 @@ def canvas_datasets(root: str | os.PathLike, split: str, *, task: str, transform
 
 
 __all__ = ["CocoDetection", "DenseTransform", "MaskFolder", "Repeated", "canvas_datasets", "crop_sample", "hflip",
-           "make_canvases", "pad_batch", "resize_sample"]
+           "make_canvases", "match_categories", "pad_batch", "resize_sample", "train_categories"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vitlab.data.dense import CocoDetection, DenseTransform, MaskFolder
+from vitlab.data.dense import CocoDetection, DenseTransform, MaskFolder, train_categories
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,30 @@ def transform_for(model: nn.Module, *, train: bool, hflip: float = 0.5) -> Dense
 
 
 def open_split(root: str | os.PathLike, split: str, task: str, transform: DenseTransform | None,
-               num_classes: int | None = None):
+               num_classes: int | None = None, *, categories: list[dict[str, Any]] | None = None,
+               categories_from: str = "the model"):
+    """``root/split`` as a detection or segmentation data set; a detection split takes the label of each
+    category from ``categories`` (the training set's or the checkpoint's) when given."""
     base = Path(root) / split
     if task == "detection":
-        return CocoDetection(base / "images", base / "annotations.json", transform=transform)
+        return CocoDetection(base / "images", base / "annotations.json", transform=transform,
+                             categories=categories, categories_from=categories_from)
     return MaskFolder(base / "images", base / "masks", transform=transform, num_classes=num_classes)
+
+
+def recorded_categories(checkpoint: str | os.PathLike) -> list[dict[str, Any]] | None:
+    """A detector's COCO categories (id and name per label) as its run recorded them: the checkpoint's
+    metadata, else the run's job.json beside it when it names the same classes; None when not recorded."""
+    from vitlab.train.run import checkpoint_metadata, read_job
+
+    meta = checkpoint_metadata(checkpoint)
+    categories = (meta.get("extra") or {}).get("categories")
+    if categories:
+        return categories
+    job = read_job(Path(checkpoint).parent)
+    if job.get("categories") and job.get("classes") == meta.get("class_names"):
+        return job["categories"]
+    return None
 
 
 def _segmentation_classes(root: Path) -> list[str] | None:
@@ -103,7 +122,8 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
     from vitlab.tasks.segmentation import SegmentationObjective, evaluate_segmentation
     from vitlab.train import fit
     from vitlab.train.distributed import barrier
-    from vitlab.train.run import check_run_dir
+    from vitlab.train.run import JOB_FILE, check_resumable, check_run_dir, source_identity
+    from vitlab.train.trainer import atomic_text
 
     if job.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {job.task!r}")
@@ -114,9 +134,11 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
     overrides = dict(recipe.model_overrides)
     if recipe.img_size is not None:
         overrides["img_size"] = recipe.img_size
+    categories = None
     if job.task == "detection":
         probe = CocoDetection(job.data / "train" / "images", job.data / "train" / "annotations.json")
         classes = probe.classes
+        categories = train_categories(job.data / "train" / "annotations.json")
     else:
         classes = _segmentation_classes(job.data) or [str(i) for i in range(int(overrides.get("num_classes", 0)))]
     overrides["num_classes"] = len(classes) if classes else overrides.get("num_classes")
@@ -124,12 +146,22 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
         check_run_dir(job.output, resume=job.resume, overwrite=job.overwrite)
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank and every run
     model = vitlab.create_model(job.model, **overrides)
+    if job.resume:
+        check_resumable(job.output, model, recipe, data=str(job.data), classes=classes or None)
     if job.pretrained_backbone and not job.resume:
         load_backbone(model, job.pretrained_backbone)
     train_set = open_split(job.data, "train", job.task,
                            transform_for(model, train=recipe.augment, hflip=recipe.hflip),
                            model.num_classes)
-    val_set = open_split(job.data, "val", job.task, transform_for(model, train=False), model.num_classes)
+    # val labels follow train's categories (by id), also where val/annotations.json lists fewer of them
+    val_set = open_split(job.data, "val", job.task, transform_for(model, train=False), model.num_classes,
+                         categories=categories, categories_from=f"the training set ({job.data / 'train'})")
+    if ctx.is_main:  # what --resume continues: task, data, model (with the data's classes, to check them)
+        job.output.mkdir(parents=True, exist_ok=True)
+        atomic_text(job.output / JOB_FILE, json.dumps({
+            "task": job.task, "data": str(job.data), "data_source": source_identity(job.data), "classes": classes,
+            **({"categories": categories} if categories is not None else {}), "model": job.model,
+            "pretrained_backbone": job.pretrained_backbone}, indent=2))
     objective = DetectionObjective(model.num_classes) if job.task == "detection" else \
         SegmentationObjective(ignore_index=model.cfg.ignore_index, aux_weight=model.cfg.aux_weight)
     t0 = time.perf_counter()
@@ -142,7 +174,8 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
         return {"task": job.task, "model": job.model, "val": {}, "train_seconds": seconds,
                 "checkpoint": str(job.output / "model.safetensors")}
     save_model(model, job.output / "model.safetensors", class_names=classes,
-               extra={"task": job.task, "steps": result.steps if hasattr(result, "steps") else None})
+               extra={"task": job.task, "steps": result.steps if hasattr(result, "steps") else None,
+                      **({"categories": categories} if categories is not None else {})})
     if job.task == "detection":
         metrics = evaluate_detection(model, val_set)
     else:
@@ -163,14 +196,23 @@ def ignore_index_of(model: nn.Module) -> int:
     return int(getattr(model, "config", {}).get("ignore_index", 255))
 
 
-def evaluate_folder(model: nn.Module, data: str | os.PathLike, split: str = "val") -> dict[str, Any]:
-    """COCO AP or mean IoU of a loaded dense model (or an exported ONNX one) on ``data/split``."""
+def evaluate_folder(model: nn.Module, data: str | os.PathLike, split: str = "val", *,
+                    categories: list[dict[str, Any]] | None = None,
+                    categories_from: str = "the model") -> dict[str, Any]:
+    """COCO AP or mean IoU of a loaded dense model (or an exported ONNX one) on ``data/split``.
+
+    A detector's labels are the model's: ``categories`` (COCO id and name per label, as its run recorded
+    them), else its class names; the split's categories are matched to them, never renumbered per file."""
     from vitlab.export.runtime import OnnxModel
     from vitlab.tasks.detection import evaluate_detection
     from vitlab.tasks.segmentation import evaluate_segmentation
 
     task = task_of(model)
-    ds = open_split(data, split, task, transform_for(model, train=False), model.num_classes)
+    names = getattr(model, "class_names", None)
+    if task == "detection" and categories is None and names and len(names) == model.num_classes:
+        categories = [{"name": str(n)} for n in names]  # matched by name: a checkpoint that records no ids
+    ds = open_split(data, split, task, transform_for(model, train=False), model.num_classes,
+                    categories=categories, categories_from=categories_from)
     if task == "detection":
         # an exported detector takes no padding mask: images one by one, each at its own size
         return evaluate_detection(model, ds, batch_size=1 if isinstance(model, OnnxModel) else 8)
@@ -329,4 +371,4 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
 
 
 __all__ = ["DENSE_RUNTIMES", "DenseJob", "detect_images", "evaluate_folder", "format_metrics", "ignore_index_of",
-           "load_dense", "run_dense_training", "segment_images", "task_of", "transform_for"]
+           "load_dense", "recorded_categories", "run_dense_training", "segment_images", "task_of", "transform_for"]

@@ -28,11 +28,16 @@ from vitlab.train.hardware import training_threads
 from vitlab.train.losses import ClassificationLoss
 from vitlab.train.recipe import Recipe
 from vitlab.train.state import load_train_state
-from vitlab.train.trainer import EMA_FILE, MODEL_FILE, STATE_FILE, atomic_text, fit
+from vitlab.train.trainer import EMA_FILE, METRICS_FILE, MODEL_FILE, RECIPE_FILE, STATE_FILE, atomic_text, fit
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
+JOB_FILE = "job.json"  # what the run was asked to do: task, data source (and its classes), model
+# files only a vitlab run writes: a folder holding one of them is a run (finished, unfinished or just begun)
+RUN_MARKERS = (STATE_FILE, MODEL_FILE, JOB_FILE)
+# every file a run writes into its directory (the trainer's, the jobs' and the dense tasks' metrics.json)
+RUN_OUTPUTS = (*RUN_MARKERS, EMA_FILE, RECIPE_FILE, METRICS_FILE, RESULTS_FILE, "metrics.json", "tb")
 
 
 @dataclass(kw_only=True)
@@ -117,7 +122,14 @@ def check_output(job: TrainJob) -> None:
 
 
 def check_run_dir(output: Path, *, resume: bool, overwrite: bool) -> None:
-    """:func:`check_output` for any job writing a run directory (classification, detection, segmentation)."""
+    """:func:`check_output` for any job writing a run directory (classification, detection, segmentation).
+
+    An existing folder that is not a vitlab run (no run file in it) is used only when empty; with
+    --overwrite the run is written beside its files, but never over one of them (a user's recipe.json).
+    (--resume into such a folder fails as it finds no training state.)"""
+    if output.is_dir() and not resume and not is_run_dir(output):
+        _check_foreign_dir(output, overwrite=overwrite)
+        return
     if resume or overwrite:
         return
     state = output / STATE_FILE
@@ -137,19 +149,126 @@ def check_run_dir(output: Path, *, resume: bool, overwrite: bool) -> None:
                          f"or choose another --output")
 
 
-def check_resumable(output: Path, model: nn.Module, recipe: Recipe) -> None:
+def is_run_dir(output: Path) -> bool:
+    """Whether ``output`` holds a vitlab run: a file only a run writes, or a recipe.json a run resolved."""
+    if any((output / name).exists() for name in RUN_MARKERS):
+        return True
+    return is_run_recipe(output / RECIPE_FILE)
+
+
+def is_run_recipe(path: Path) -> bool:
+    """Whether ``path`` is a recipe.json written by a run (it records the ``resolved`` values), not by a user."""
+    try:
+        return isinstance(data := json.loads(path.read_text()), dict) and "resolved" in data
+    except (OSError, ValueError):
+        return False
+
+
+def _check_foreign_dir(output: Path, *, overwrite: bool) -> None:
+    """An existing folder that is not a run: empty, or (with --overwrite) holding none of the run's files."""
+    entries = sorted(p.name for p in output.iterdir())
+    if not entries:
+        return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    if not overwrite:
+        raise ValueError(f"--output {output} is not a vitlab run and is not empty ({shown}); choose a new or "
+                         f"empty folder, or pass --overwrite to write the run beside these files")
+    clash = [name for name in RUN_OUTPUTS if (output / name).exists()]
+    if clash:
+        raise ValueError(f"--output {output} is not a vitlab run and holds {', '.join(clash)}, which the run "
+                         f"would replace with its own (files it did not write are never replaced, --overwrite "
+                         f"or not); move {'it' if len(clash) == 1 else 'them'} or choose another --output")
+
+
+def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str | None = None,
+                    classes: list[str] | None = None) -> None:
     """Everything --resume needs, checked before the run directory is touched: the state exists and was
-    written by the same model and optimiser. (``fit`` checks again as it loads; this is the early refusal
-    that keeps a wrong --resume from rewriting the run's job.json.)"""
+    written by the same model and optimiser, on data with the same classes. (``fit`` checks again as it
+    loads; this is the early refusal that keeps a wrong --resume from rewriting the run's job.json.)"""
     from vitlab.train.trainer import check_same_model
 
     path = output / STATE_FILE
     state = load_train_state(path, mmap=True)
+    if data is not None:
+        check_resumed_data(output, data, classes)
     check_same_model(state, model, path)
     was = state.get("recipe", {}).get("optimizer")
     if was != recipe.optimizer:
         raise CheckpointError(f"--resume: {path} was trained with optimizer {was!r}, this run asks for "
                               f"{recipe.optimizer!r}; its optimizer state cannot be reused")
+
+
+def check_resumed_data(output: Path, data: str, classes: list[str] | None) -> None:
+    """--resume on data whose class names are not the run's is refused (the trained head would go on
+    under other labels); another data source with the same classes (a moved or grown copy) is allowed,
+    with a warning."""
+    job = read_job(output)
+    recorded = job.get("data")
+    names = job.get("classes")
+    if names is None:  # a run written before job.json recorded its classes: the checkpoint's
+        names = checkpoint_class_names(output / MODEL_FILE)
+    if classes is not None and names is not None and list(names) != list(classes):
+        raise ValueError(f"--resume: the run in {output} was trained on {recorded or 'its data'} with classes "
+                         f"{_names(names)}, but {data} has classes {_names(classes)}; resume with the run's "
+                         f"own data (leave --data out), or start a new run (another --output)")
+    if recorded is not None and not same_source(data, recorded, job.get("data_source")):
+        log.warning("--resume: the run in %s was trained on %s, this run continues on %s (the same classes); "
+                    "it will not match an uninterrupted run", output, recorded, data)
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(map(str, names[:limit]))
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def read_job(output: Path) -> dict[str, Any]:
+    """The run's job.json (what it was asked to do), or {} when it has none."""
+    path = output / JOB_FILE
+    try:
+        job = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return job if isinstance(job, dict) else {}
+
+
+def checkpoint_class_names(path: Path) -> list[str] | None:
+    """The class names in a vitlab checkpoint's metadata (None when absent)."""
+    names = checkpoint_metadata(path).get("class_names")
+    return list(names) if names else None
+
+
+def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """A vitlab checkpoint's metadata, read without its tensors ({} for a missing or foreign file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("vitlab", "{}"))
+    except (OSError, ValueError, SafetensorError):  # no file, not safetensors, or unreadable metadata
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def source_identity(data: str | os.PathLike) -> str:
+    """A data source as a comparable string: its kind and resolved path ("folder:/abs/path"), or the text
+    as given when it names no readable source."""
+    from vitlab.data.build import parse_source
+    from vitlab.data.errors import DatasetError
+
+    try:
+        kind, path = parse_source(data)
+    except (DatasetError, OSError):
+        return str(data)
+    return kind if path is None else f"{kind}:{os.path.realpath(path)}"
+
+
+def same_source(data: str | os.PathLike, recorded: str, recorded_identity: str | None = None) -> bool:
+    """Whether ``data`` is the source a run recorded (``job.json``'s ``data``, as given then, and its
+    ``data_source`` identity when it has one: a relative path then resolves from anywhere)."""
+    mine = source_identity(data)
+    return mine == recorded_identity or mine == source_identity(recorded)
 
 
 def run_training(job: TrainJob) -> dict[str, Any]:
@@ -191,12 +310,13 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans)
     log.info("model: %s", describe_model(model))
     if job.resume:
-        check_resumable(job.output, model, recipe)
+        check_resumable(job.output, model, recipe, data=job.data, classes=train_set.classes)
     criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
     if ctx.is_main:
         job.output.mkdir(parents=True, exist_ok=True)
-        atomic_text(job.output / "job.json", json.dumps({
-            "data": job.data, "model": job.model or recipe.model, "pretrained": job.pretrained,
+        atomic_text(job.output / JOB_FILE, json.dumps({
+            "task": "classification", "data": job.data, "data_source": source_identity(job.data),
+            "classes": list(train_set.classes), "model": job.model or recipe.model, "pretrained": job.pretrained,
             "skip_bad_images": job.skip_bad_images}, indent=2))
     pre = model.preprocessing
     if recipe.augment:
