@@ -313,3 +313,17 @@ def test_bf16_only_where_the_cpu_has_it(monkeypatch, caplog, native):
     assert got.amp == ("bf16" if native else "none")
     assert ("no native bfloat16" in caplog.text) != native
     assert _check_precision(Recipe(amp="none"), torch.device("cpu")).amp == "none"
+
+
+def test_the_auto_summary_is_followed_by_what_the_command_line_changed(tmp_path, caplog):
+    data = write_folder(tmp_path / "data", per_class=12)
+    with caplog.at_level(logging.INFO, logger="vitlab"):
+        assert main(["train", "--data", str(data), "--img-size", "16", "--steps", "2", "--no-progress",
+                     "--set", "augment=false", "--output", str(tmp_path / "run")]) == 0
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("auto recipe:"))
+    assert "16 px" not in summary  # the recipe as chosen ...
+    changed = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("auto recipe changed"))
+    assert "img_size" in changed and "-> 16" in changed and "max_steps None -> 2" in changed
+    assert "augment True -> False" in changed
+    saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert saved["img_size"] == 16 and saved["max_steps"] == 2

@@ -227,6 +227,15 @@ def auto_recipe(args: argparse.Namespace):
     return choice.recipe
 
 
+def report_changes(chosen, recipe) -> None:
+    """The fields of the auto recipe that --img-size, --steps, --set ... changed, after its one-line summary
+    (which describes the recipe as chosen)."""
+    mine, theirs = chosen.to_dict(), recipe.to_dict()
+    changed = [f"{k} {mine.get(k)!r} -> {v!r}" for k, v in theirs.items() if mine.get(k) != v and k != "description"]
+    if changed:
+        log.info("auto recipe changed by the command line: %s", ", ".join(changed))
+
+
 def check_length_options(args: argparse.Namespace) -> None:
     if getattr(args, "time_budget", None) is not None and (args.steps is not None or args.epochs is not None):
         raise ValueError("--time-budget sizes the run itself; give it without --steps / --epochs")
@@ -286,6 +295,8 @@ def run(args: argparse.Namespace) -> int:
     if saved is None and (args.recipe == "auto" or (args.recipe is None and args.data not in (None, "digits"))):
         base = auto_recipe(args)
     recipe = resolve_recipe(args, "digits", saved, base, model=args.model)
+    if base is not None:
+        report_changes(base, recipe)
     model = args.model or recipe.model
     if model is None:
         raise ValueError("no model: give --model NAME (see `vitlab models`)")
