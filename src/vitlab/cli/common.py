@@ -8,22 +8,44 @@ same one-line error (exit status 2) for ``train``, ``eval``, ``explain`` and the
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
 import torch
 
 from vitlab.train.distributed import resolve_device
 
 
-def add_model_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="registered architecture of weights that do not name it (timm, Hugging Face or "
-                                   "JAX files); not needed for vitlab checkpoints")
+def add_model_argument(p: argparse.ArgumentParser, *, with_model: bool = True) -> None:
+    if with_model:
+        p.add_argument("--model", help="registered architecture of weights that do not name it (timm, Hugging Face "
+                                       "or JAX files); not needed for vitlab checkpoints")
+    p.add_argument("--model-arg", dest="model_args", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model option the weights cannot tell (JSON value), for timm or official files, e.g. "
+                        "global_pool=\"avg\" with fc_norm=false; repeatable (vitlab checkpoints record theirs)")
+
+
+def model_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model-arg KEY=VALUE`` options as config overrides (values parsed as JSON, else kept as text)."""
+    out: dict[str, Any] = {}
+    for item in getattr(args, "model_args", None) or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. global_pool=\"avg\"")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out[key.strip()] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def load_checkpoint(args: argparse.Namespace) -> torch.nn.Module:
-    """``--checkpoint``'s model: a vitlab checkpoint names its architecture, other weights need ``--model``."""
+    """``--checkpoint``'s model: a vitlab checkpoint names its architecture, other weights need ``--model``
+    (and ``--model-arg`` for what their tensors do not show)."""
     import vitlab
 
-    return vitlab.load_model(args.checkpoint, model_name=args.model)
+    return vitlab.load_model(args.checkpoint, model_name=args.model, **model_args(args))
 
 
 def require_classifier(model: torch.nn.Module, command: str, source: str) -> torch.nn.Module:

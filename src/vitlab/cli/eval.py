@@ -17,6 +17,7 @@ from vitlab.cli.common import (
     add_model_argument,
     add_threads_argument,
     check_device,
+    model_args,
 )
 from vitlab.export.runtimes import RUNTIMES
 
@@ -187,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--amp {args.amp} applies to the plain PyTorch runtime; use --runtime torch-bf16 "
                          f"for bfloat16 inference with agreement")
     device = check_device(args)
-    model, reference = load_for_inference(args.checkpoint, runtime, model_name=args.model)
+    model, reference = load_for_inference(args.checkpoint, runtime, model_name=args.model,
+                                          model_args=model_args(args))
     task = model.task
     if task != "classification":
         if runtime not in ("auto", "torch", "onnx"):

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from vitlab.cli.common import add_model_argument, model_args
 from vitlab.export.onnx import DEFAULT_MIN_AGREEMENT, DEFAULT_NUM_IMAGES, DEFAULT_TOLERANCE
 
 log = logging.getLogger("vitlab")
@@ -40,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="vitlab checkpoint, a Hugging Face folder, or timm / JAX weights with --model")
     p.add_argument("--model", help="registered architecture: of --checkpoint weights that do not name it (timm, JAX), "
                                    "or alone for random weights (for trying the export)")
+    add_model_argument(p, with_model=False)
     p.add_argument("--format", choices=["onnx"], default="onnx", help="output format")
     p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
@@ -81,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
     if not (args.checkpoint or args.model):
         raise ValueError("give --checkpoint (and --model for timm or JAX weights), or --model alone for random weights")
-    model = (vitlab.load_model(args.checkpoint, model_name=args.model) if args.checkpoint
-             else vitlab.create_model(args.model))
+    model = (vitlab.load_model(args.checkpoint, model_name=args.model, **model_args(args)) if args.checkpoint
+             else vitlab.create_model(args.model, **model_args(args)))
     try:
         report = export_onnx(
             model, args.output, img_size=args.img_size, dynamic_batch=args.dynamic_batch,

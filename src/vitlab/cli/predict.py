@@ -13,6 +13,7 @@ from vitlab.cli.common import (
     add_model_argument,
     add_threads_argument,
     check_device,
+    model_args,
     require_classifier,
 )
 from vitlab.export.runtimes import RUNTIMES
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.export.runtimes import load_for_inference, slow_bf16_reason
 
     device = check_device(args)
-    model, reference = load_for_inference(args.checkpoint, args.runtime, model_name=args.model)
+    model, reference = load_for_inference(args.checkpoint, args.runtime, model_name=args.model,
+                                          model_args=model_args(args))
     require_classifier(model, "predict", args.checkpoint)
     if model.name.startswith("onnx") or model.name == "torch-int8":
         device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here

@@ -278,23 +278,24 @@ def compile_failure(rt: Runtime) -> str | None:
     return next((m.failed for m in rt.inner.modules() if isinstance(m, Compiled) and m.failed), None)
 
 
-def load_for_inference(path: str | os.PathLike, runtime: str = "auto", *,
-                       model_name: str | None = None) -> tuple[Runtime, nn.Module | None]:
+def load_for_inference(path: str | os.PathLike, runtime: str = "auto", *, model_name: str | None = None,
+                       model_args: dict[str, Any] | None = None) -> tuple[Runtime, nn.Module | None]:
     """(runtime, float32 PyTorch model or None) for a checkpoint or an ONNX file.
 
     ``runtime="auto"``: ONNX Runtime for an ``.onnx`` file, PyTorch float32 otherwise. The PyTorch model
     is returned too (None for an ONNX file) so that callers can report agreement with float32.
-    ``model_name``: the registered architecture of weights that do not name it (``vitlab.load_model``'s).
+    ``model_name``: the registered architecture of weights that do not name it (``vitlab.load_model``'s);
+    ``model_args``: config options their tensors do not show.
     """
     if is_onnx_file(path):
         if runtime not in ("auto", "onnx", "onnx-int8"):
             raise ValueError(f"{path} is an ONNX file: use --runtime onnx (or leave --runtime out), not {runtime}")
-        if model_name is not None:
-            raise ValueError(f"{path} is an ONNX file, which names its model itself: leave --model out")
+        if model_name is not None or model_args:
+            raise ValueError(f"{path} is an ONNX file, which names its model itself: leave --model / --model-arg out")
         return build_runtime("onnx" if runtime == "auto" else runtime, onnx_path=path), None
     import vitlab
 
-    model = vitlab.load_model(path, model_name=model_name).eval()
+    model = vitlab.load_model(path, model_name=model_name, **(model_args or {})).eval()
     return build_runtime("torch" if runtime == "auto" else runtime, model), model
 
 
