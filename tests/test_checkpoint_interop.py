@@ -274,3 +274,191 @@ def test_finetune_from_a_timm_hub_folder_keeps_its_architecture(tmp_path: Path) 
     assert model.model_name == "vit_tiny_patch16_224" and len(model.blocks) == 2 and model.global_pool == "avg"
     assert model.preprocessing.input_size == (3, 32, 32) and model.num_classes == 3  # the recipe's size wins
     assert model.preprocessing.mean == pytest.approx(IMAGENET_MEAN)
+
+
+# ------------------------------------------------------------------------------ sharded checkpoints
+IO_MORE = load_file(FIX / "io_more.safetensors")  # make_fixtures_interop.py more
+
+
+@pytest.mark.parametrize(("case", "name"), [("vit", "vit_base_patch16_224"), ("swin", "swin_tiny_patch4_window7_224")])
+def test_sharded_hf_folder_loads(case: str, name: str) -> None:
+    # save_pretrained(max_shard_size=...): model.safetensors.index.json and model-0000i-of-0000N.safetensors
+    folder = FIX / f"hf_{case}_sharded"
+    assert not (folder / "model.safetensors").exists() and len(list(folder.glob("model-*-of-*.safetensors"))) == 3
+    model = vitlab.load_model(folder).eval()
+    assert model.model_name == name
+    with torch.no_grad():
+        torch.testing.assert_close(model(IO_MORE["x32"]), IO_MORE[f"hf_{case}_sharded_logits"], **TOL)
+    index = vitlab.create_model(name, pretrained=folder / "model.safetensors.index.json").eval()  # the index alone
+    with torch.no_grad():
+        torch.testing.assert_close(index(IO_MORE["x32"]), IO_MORE[f"hf_{case}_sharded_logits"], **TOL)
+
+
+def _shard_as_bin(src: Path, dst: Path) -> None:
+    """The same shards as transformers 4 wrote them with safe_serialization=False: pytorch_model-*.bin + index."""
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        torch.save(load_file(src / shard), dst / ("pytorch_" + shard.replace(".safetensors", ".bin")))
+    index["weight_map"] = {k: "pytorch_" + v.replace(".safetensors", ".bin") for k, v in index["weight_map"].items()}
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+def test_sharded_pytorch_bin_folder_loads(tmp_path: Path) -> None:
+    folder = tmp_path / "bin"
+    _shard_as_bin(FIX / "hf_vit_sharded", folder)
+    model = vitlab.load_model(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IO_MORE["x32"]), IO_MORE["hf_vit_sharded_logits"], **TOL)
+
+
+def test_sharded_pytorch_bin_with_code_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "bin"
+    _shard_as_bin(FIX / "hf_vit_sharded", folder)
+    marker = tmp_path / "pwned"
+    shard = folder / "pytorch_model-00002-of-00003.bin"
+    torch.save({**torch.load(shard), "hook": _RunsShell(marker)}, shard)
+    with pytest.raises(CheckpointError, match="could execute code") as err:
+        vitlab.load_model(folder)
+    assert str(shard) in str(err.value) and not marker.exists()
+
+
+def test_sharded_timm_hub_folder_loads(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    shutil.copy(FIX / "timm_hub" / "config.json", folder / "config.json")
+    sd = load_file(FIX / "timm_hub" / "model.safetensors")
+    keys = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), start=1):
+        name = f"model-0000{i}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, folder / name)
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model = vitlab.load_model(folder).eval()  # architecture and model_args from config.json, as for one file
+    assert model.global_pool == "avg" and model.preprocessing.input_size == (3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IO["x64"]), IO["timm_hub_logits"], **TOL)
+
+
+def test_sharded_folder_with_a_missing_shard_names_it(tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    shutil.copytree(FIX / "hf_vit_sharded", folder)
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError) as err:
+        vitlab.load_model(folder)
+    msg = str(err.value)
+    assert str(folder / "model.safetensors.index.json") in msg
+    assert "missing" in msg and "model-00002-of-00003.safetensors" in msg
+    assert "model-00001-of-00003.safetensors" not in msg
+
+
+def test_sharded_index_listing_a_tensor_no_shard_holds(tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    shutil.copytree(FIX / "hf_vit_sharded", folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["vit.layernorm.extra"] = "model-00003-of-00003.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model-00003-of-00003\.safetensors lacks .*vit\.layernorm\.extra"):
+        vitlab.load_model(folder)
+
+
+def test_sharded_index_pointing_outside_its_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    shutil.copytree(FIX / "hf_vit_sharded", folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["classifier.bias"] = "../elsewhere.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"'\.\./elsewhere\.safetensors' .* not a file in its folder"):
+        vitlab.load_model(folder)
+
+
+# --------------------------------------------------------------- files of another family or layout
+FIXTURES = FIX.parent
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "deit_small_patch16_224"])
+def test_deit3_position_table_without_class_entry_is_named(name: str) -> None:
+    # timm's no_embed_class=True (DeiT-3): 16 entries for a 4x4 grid and none for the class token
+    path = FIX / "timm_deit3.safetensors"
+    for size in ({"img_size": 32, "patch_size": 8}, {}):  # the file's resolution, and another one
+        with pytest.raises(CheckpointError) as err:
+            vitlab.create_model(name, pretrained=path, embed_dim=32, depth=1, num_heads=4, **size)
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: pos_embed has 16 entries, a position table for the patch grid alone")
+        assert "without the class-token entry" in msg and "no_embed_class=True (DeiT-3)" in msg
+        assert "not a square grid" not in msg
+
+
+def test_vit_file_given_to_cait_says_it_is_a_vit_checkpoint() -> None:
+    path = FIXTURES / "timm_token_p16" / "model.safetensors"
+    with pytest.raises(CheckpointError) as err:
+        vitlab.create_model("cait_xxs24_224", pretrained=path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: looks like a ViT/DeiT checkpoint (a class token with its entry in the position "
+                          f"table, 'blocks.N' transformer blocks and no class-attention blocks), not one of the CaiT "
+                          f"family that cait_xxs24_224 belongs to")
+
+
+# one file per family, in timm's (or the official repository's) layout, and one model of each family
+FAMILY_FILES = {
+    "vit": FIXTURES / "timm_token_p16" / "model.safetensors",
+    "deit": FIXTURES / "deit_timm_tiny_distilled.safetensors",
+    "cait": FIXTURES / "cait_timm_tiny.safetensors",
+    "swin": FIXTURES / "swin" / "timm_v1.safetensors",
+    "swinv2": FIXTURES / "swin" / "timm_v2.safetensors",
+    "beit": FIXTURES / "beit" / "timm_beit.safetensors",
+    "beit3": FIXTURES / "beit" / "timm_beit3.safetensors",
+    "crossvit": FIXTURES / "crossvit_timm_tiny.safetensors",
+    "tnt": FIXTURES / "tnt_timm_tiny.safetensors",
+    "xcit": FIXTURES / "xcit_timm_tiny_p16.safetensors",
+    "mixer": FIXTURES / "mixer_timm_tiny.safetensors",
+    "mobilevit": FIXTURES / "mobilevit" / "timm_v1" / "model.safetensors",
+    "cct": FIXTURES / "cct_vitpytorch_learn.safetensors",
+    "t2t": FIXTURES / "t2t_vit_official_tiny.pth.tar",
+    "hf_vit": FIXTURES / "hf_vit_pooler" / "hf",
+    "hf_swin": FIXTURES / "swin" / "hf_v1",
+    "hf_beit": FIXTURES / "beit" / "hf_cls",
+}
+FAMILY_MODELS = {
+    "vit": "vit_tiny_patch16_224", "deit": "deit_tiny_distilled_patch16_224", "cait": "cait_xxs24_224",
+    "swin": "swin_tiny_patch4_window7_224", "swinv2": "swinv2_tiny_window8_256", "beit": "beit_base_patch16_224",
+    "beit3": "beit3_base_patch16_224", "crossvit": "crossvit_tiny_240", "tnt": "tnt_s_patch16_224",
+    "xcit": "xcit_nano_12_p16_224", "mixer": "mixer_s16_224", "mobilevit": "mobilevit_xxs", "cct": "cct_2_3x2_32",
+    "t2t": "t2t_vit_7", "resnet": "resnet18",
+}
+LABELS = {"vit": "ViT/DeiT", "deit": "DeiT", "cait": "CaiT", "swin": "Swin", "swinv2": "Swin v2", "beit": "BEiT",
+          "beit3": "BEiT-3", "crossvit": "CrossViT", "tnt": "TNT", "xcit": "XCiT", "mixer": "MLP-Mixer",
+          "mobilevit": "MobileViT", "cct": "CCT", "t2t": "T2T-ViT", "resnet": "ResNet"}
+# a ViT file is a DeiT model's file too; vitlab's BEiT-3 is its BEiT with sub-LN, and reads timm BEiT files
+LOADS = {("vit", "deit"), ("beit", "beit3")}
+
+
+@pytest.mark.parametrize("file_family", sorted(FAMILY_FILES))
+def test_file_of_another_family_names_both(file_family: str) -> None:
+    path = FAMILY_FILES[file_family]
+    family = file_family.removeprefix("hf_")
+    for model_family, name in FAMILY_MODELS.items():
+        if model_family == family or (family, model_family) in LOADS:
+            continue
+        with pytest.raises(CheckpointError) as err:
+            vitlab.create_model(name, pretrained=path)
+        msg = str(err.value)
+        article = "an" if LABELS[family].startswith(("MLP", "XCiT")) else "a"
+        assert f": looks like {article} {LABELS[family]} checkpoint (" in msg, (name, msg)
+        assert f"not one of the {LABELS[model_family].replace('ViT/DeiT', 'ViT')} family" in msg, (name, msg)
+        assert str(path) in msg and f"load it with {article} {LABELS[family].split('/')[0]} model (e.g. {family}" in msg
+
+
+def test_swin_file_given_to_vit_names_swin() -> None:
+    # the README's promise: refused with a message naming both families (before: a list of missing keys only)
+    path = FAMILY_FILES["swin"]
+    with pytest.raises(CheckpointError) as err:
+        vitlab.create_model("vit_tiny_patch16_224", pretrained=path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: looks like a Swin checkpoint (windowed stages 'layers.N.blocks.M'")
+    assert "not one of the ViT family that vit_tiny_patch16_224 belongs to" in msg
+    assert "does not fit vit_tiny_patch16_224" in msg  # what failed stays in the message

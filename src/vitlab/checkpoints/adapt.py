@@ -85,6 +85,15 @@ def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str) 
     n_old = v.shape[1] - prefix
     side = math.isqrt(max(n_old, 0))
     if side * side != n_old:
+        n = v.shape[1]
+        if prefix and (math.isqrt(n) ** 2 == n or n == new_grid[0] * new_grid[1]):
+            # timm's no_embed_class=True (DeiT-3's layout) adds the table to the patch tokens only
+            raise CheckpointError(
+                f"{source}: {key} has {n} entries, a position table for the patch grid alone, without the "
+                f"class-token entry that {getattr(model, 'model_name', type(model).__name__)} keeps in its table "
+                f"({prefix} prefix entr{'y' if prefix == 1 else 'ies'} + the grid): the layout of timm's "
+                f"no_embed_class=True (DeiT-3), which vitlab's ViT does not support"
+            )
         raise CheckpointError(f"{source}: {key} has {n_old} grid positions, which is not a square grid")
     log.info("%s: resampling %s from %dx%d to %dx%d", source, key, side, side, *new_grid)
     return resample_pos_embed(v, new_grid, old_size=(side, side), num_prefix_tokens=prefix)

@@ -234,6 +234,42 @@ def _umask() -> int:
     return mask
 
 
+def read_sharded(index: Path) -> dict[str, Tensor]:
+    """The tensors of a sharded checkpoint, as ``save_pretrained(max_shard_size=...)`` writes a large model: an index
+    (``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``) whose ``weight_map`` names the shard file
+    that holds each tensor, and the shards beside it (safetensors, or PyTorch pickles read like any other)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, Mapping) or not weight_map:
+        raise CheckpointError(f"{index}: not a sharded-checkpoint index (no 'weight_map' from tensor names to "
+                              f"shard files)")
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        # a bare file name: the index may only point at shards in its own folder
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise CheckpointError(f"{index}: weight_map names {shard!r} for {key!r}, not a file in its folder")
+        by_shard.setdefault(shard, []).append(key)
+    absent = [s for s in sorted(by_shard) if not (index.parent / s).is_file()]
+    if absent:
+        raise CheckpointError(f"{index}: shard file(s) named by the index are missing from {index.parent}: "
+                              f"{', '.join(absent)} (an interrupted download or copy?)")
+    sd: dict[str, Tensor] = {}
+    for shard, keys in sorted(by_shard.items()):
+        path = index.parent / shard
+        if shard.endswith(".safetensors"):
+            part, _ = read_safetensors(path)
+        else:  # the keys as the index lists them: wrapper prefixes are stripped from the whole, afterwards
+            obj = read_pickle(path)
+            if not isinstance(obj, Mapping):
+                raise CheckpointError(f"{path}: holds no state dict (a mapping of names to tensors)")
+            part = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+        missing = [k for k in keys if k not in part]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            raise CheckpointError(f"{index}: {path.name} lacks tensors the index places in it: {shown}")
+        sd.update(part)
+    return sd
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(Path(path).read_text())

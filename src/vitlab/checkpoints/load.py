@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vitlab.checkpoints.converters import Converted, SourceFormat, detect_format, get_converter
+from vitlab.checkpoints.families import LooksLike, looks_like, other_family_message
 from vitlab.checkpoints.io import (
     PICKLE_SUFFIXES,
     CheckpointError,
@@ -16,12 +17,18 @@ from vitlab.checkpoints.io import (
     read_npz,
     read_pickle,
     read_safetensors,
+    read_sharded,
     unwrap_state_dict,
 )
 from vitlab.checkpoints.vitlab_format import read_vitlab
 
 HF_HUB_PREFIX = "hf-hub:"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+# a large model's shards are listed by an index (save_pretrained(max_shard_size=...))
+HF_SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# the order transformers prefers: safetensors before pickles, one file before shards
+_FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin")
 
 
 @dataclass
@@ -33,6 +40,9 @@ class Source:
     converted: Converted
     # vitlab metadata, {"config": hf_config}, or {"timm_config": config.json of a timm hub folder}
     meta: dict[str, Any] = field(default_factory=dict)
+    # the family the tensors' names point to, for an error when they do not fit the model (None: vitlab's own
+    # files, which record their model, or no clear sign)
+    looks_like: LooksLike | None = None
 
 
 def resolve(source: str | os.PathLike) -> Path:
@@ -66,13 +76,27 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 def _convert(path: Path, family: str, fmt: SourceFormat, data: Any, meta: dict[str, Any]) -> Converted:
-    """Run the converter; its complaints (unknown keys, missing arrays, unsupported options) name the file."""
+    """Run the converter; its complaints (unknown keys, missing arrays, unsupported options) name the file, and
+    the family it looks like when that is another one."""
     try:
         return get_converter(family, fmt)(data, meta)
     except CheckpointError:
         raise
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be read as a {fmt} checkpoint of the {family!r} family: {e}") from e
+        detail = f"cannot be read as a {fmt} checkpoint of the {family!r} family: {e}"
+        other = other_family_message(path, looks_like(data, meta.get("config")), family)
+        if other is not None:
+            raise CheckpointError(f"{other}\n  ({detail})") from e
+        raise CheckpointError(f"{path}: {detail}") from e
+
+
+def refuse_other_family(source: Source, family: str, name: str, error: ValueError) -> None:
+    """Raise the error that names the family of ``source`` when the file is plainly another family's than the
+    model's (``name``, of ``family``) and loading it failed with ``error``; return otherwise."""
+    other = other_family_message(source.path, source.looks_like, family, name)
+    if other is not None:
+        detail = str(error).strip().replace("\n", "\n  ")
+        raise CheckpointError(f"{other}\n  Loading it failed: {detail}") from error
 
 
 def read_source(path: Path, family: str) -> Source:
@@ -80,8 +104,11 @@ def read_source(path: Path, family: str) -> Source:
     if path.is_dir():
         return _read_folder(path, family)
     name = path.name.lower()
+    if name.endswith(".index.json"):  # the index of a sharded checkpoint: read with its folder's config.json
+        return _read_folder(path.parent, family, weights=path)
     if name.endswith(".npz"):
-        return Source(path, "jax", _convert(path, family, "jax", read_npz(path), {}))
+        arrays = read_npz(path)
+        return Source(path, "jax", _convert(path, family, "jax", arrays, {}), looks_like=looks_like(arrays))
     if name.endswith(".safetensors"):
         got = read_vitlab(path)
         if got is not None:
@@ -89,18 +116,18 @@ def read_source(path: Path, family: str) -> Source:
             return Source(path, "vitlab", Converted(sd, {}), meta)
         sd, _ = read_safetensors(path)
         fmt: SourceFormat = detect_format(family, sd, "hf" if _looks_hf(sd) else "timm")
-        return Source(path, fmt, _convert(path, family, fmt, sd, {}))
+        return Source(path, fmt, _convert(path, family, fmt, sd, {}), looks_like=looks_like(sd))
     if name.endswith(PICKLE_SUFFIXES):
         sd = unwrap_state_dict(read_pickle(path), path)
         fmt = detect_format(family, sd, "hf" if _looks_hf(sd) else "timm")
-        return Source(path, fmt, _convert(path, family, fmt, sd, {}))
+        return Source(path, fmt, _convert(path, family, fmt, sd, {}), looks_like=looks_like(sd))
     if name.endswith(".onnx"):
         from vitlab.models.factory import onnx_file_message
 
         raise CheckpointError(onnx_file_message(path))
     raise CheckpointError(
         f"{path}: unknown checkpoint type; expected .safetensors, .pth/.pt/.bin, .npz, or a folder "
-        f"with config.json and model.safetensors / pytorch_model.bin"
+        f"with config.json and model.safetensors / pytorch_model.bin (or their .index.json and shards)"
     )
 
 
@@ -108,12 +135,15 @@ def _looks_hf(sd: dict) -> bool:
     return any(".embeddings.patch_embeddings." in k or k.startswith("embeddings.patch_embeddings.") for k in sd)
 
 
-def _read_folder(path: Path, family: str) -> Source:
-    weights = next((path / f for f in HF_WEIGHT_FILES if (path / f).exists()), None)
+def _read_folder(path: Path, family: str, weights: Path | None = None) -> Source:
+    weights = weights or next((path / f for f in _FOLDER_WEIGHTS if (path / f).exists()), None)
     if weights is None:
-        raise CheckpointError(f"{path}: folder has none of {', '.join(HF_WEIGHT_FILES)}")
+        raise CheckpointError(f"{path}: folder has none of {', '.join(HF_WEIGHT_FILES)}, nor a sharded checkpoint's "
+                              f"{' / '.join(HF_SHARD_INDEXES)}")
     config = read_json(path / "config.json") if (path / "config.json").exists() else {}
-    if weights.suffix == ".safetensors":
+    if weights.name.endswith(".index.json"):
+        sd = unwrap_state_dict(read_sharded(weights), weights)
+    elif weights.suffix == ".safetensors":
         got = read_vitlab(weights)
         if got is not None:
             sd, meta = got
@@ -122,8 +152,9 @@ def _read_folder(path: Path, family: str) -> Source:
     else:
         sd = unwrap_state_dict(read_pickle(weights), weights)
     if "architectures" in config or "model_type" in config or _looks_hf(sd):
-        return Source(weights, "hf", _convert(weights, family, "hf", sd, {"config": config}), {"config": config})
+        return Source(weights, "hf", _convert(weights, family, "hf", sd, {"config": config}), {"config": config},
+                      looks_like(sd, config))
     # a timm hub folder: config.json with "architecture", "model_args" and "pretrained_cfg", weights in timm's
     # names; create_model applies model_args and pretrained_cfg (vitlab.checkpoints.timm_hub)
     fmt = detect_format(family, sd, "timm")
-    return Source(weights, fmt, _convert(weights, family, fmt, sd, {}), {"timm_config": config})
+    return Source(weights, fmt, _convert(weights, family, fmt, sd, {}), {"timm_config": config}, looks_like(sd))

@@ -105,15 +105,23 @@ def create_model(
         cfg_overrides["num_classes"] = num_classes
     if img_size is not None:
         cfg_overrides["img_size"] = img_size
-    cfg = _apply_overrides(name, entry.config, cfg_overrides)
-    model = entry.build(cfg)
-    model.model_name = name
-    if source is not None:
-        from vitlab.checkpoints import adapt_state_dict, load_strict
+    try:
+        cfg = _apply_overrides(name, entry.config, cfg_overrides)
+        model = entry.build(cfg)
+        model.model_name = name
+        if source is not None:
+            from vitlab.checkpoints import adapt_state_dict, load_strict
 
-        label = str(source.path)
-        sd = adapt_state_dict(source.converted.state_dict, model, source=label)
-        load_strict(model, sd, source=label)
+            label = str(source.path)
+            sd = adapt_state_dict(source.converted.state_dict, model, source=label)
+            load_strict(model, sd, source=label)
+    except ValueError as e:  # a file of another family fails anywhere here: sizes, tables, keys
+        if source is not None:
+            from vitlab.checkpoints.load import refuse_other_family
+
+            refuse_other_family(source, entry.family, name, e)
+        raise
+    if source is not None:
         names = _class_names(source)
         if names is not None and len(names) == model.num_classes:
             model.class_names = names
