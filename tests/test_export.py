@@ -723,7 +723,7 @@ def test_weights_that_do_not_name_their_model_run_with_model(tmp_path, caplog, c
         assert main(["predict", *pngs, "--checkpoint", str(onnx_path), "--model", "cct_2_3x2_32"]) == 2
         assert main(["export", "--output", str(tmp_path / "x.onnx")]) == 2
     assert "so the architecture is unknown; name it: --model NAME on the command line" in caplog.text
-    assert "names its model itself: leave --model out" in caplog.text
+    assert "names its model itself: leave --model / --model-arg out" in caplog.text
     assert "give --checkpoint (and --model for timm or JAX weights)" in caplog.text
 
 
