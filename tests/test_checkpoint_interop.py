@@ -462,3 +462,27 @@ def test_swin_file_given_to_vit_names_swin() -> None:
     assert msg.startswith(f"{path}: looks like a Swin checkpoint (windowed stages 'layers.N.blocks.M'")
     assert "not one of the ViT family that vit_tiny_patch16_224 belongs to" in msg
     assert "does not fit vit_tiny_patch16_224" in msg  # what failed stays in the message
+
+
+def test_rgb_weights_load_into_a_model_of_other_channels():
+    """timm's adapt_input_conv: the first convolution summed over colour for one channel, so that a grey image
+    answers as the same image repeated to RGB does; for more channels, RGB repeated and scaled by 3 / channels."""
+    rgb = vitlab.load_model(FIX / "timm_hub").eval()
+    grey = vitlab.load_model(FIX / "timm_hub", in_chans=1).eval()
+    z = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(grey(z), rgb(z.repeat(1, 3, 1, 1)), **TOL)
+    assert grey.preprocessing.input_size[0] == 1
+    four = vitlab.load_model(FIX / "timm_hub", in_chans=4)
+    w = rgb.patch_embed.proj.weight
+    torch.testing.assert_close(four.patch_embed.proj.weight, torch.cat([w, w[:, :1]], dim=1) * 0.75, **TOL)
+
+
+def test_rgb_weights_load_into_a_grey_crossvit_through_both_branches():
+    path = Path(__file__).parent / "fixtures" / "crossvit_timm_tiny.safetensors"
+    tiny = {"img_size": 48, "branch_scale": (1.0, 2 / 3), "num_heads": (2, 4)}
+    rgb = vitlab.create_model("crossvit_9_240", pretrained=path, **tiny).eval()
+    grey = vitlab.create_model("crossvit_9_240", pretrained=path, in_chans=1, **tiny).eval()
+    z = torch.randn(1, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(grey(z), rgb(z.repeat(1, 3, 1, 1)), **TOL)

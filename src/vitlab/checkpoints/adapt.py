@@ -33,6 +33,7 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
                 and v.ndim == target[k].ndim == 3 and v.shape[-1] == target[k].shape[-1]):
             out[k] = _resample_to(v, target[k], model, k, source)
     _swap_pooling_norm(out, target, source)
+    _adapt_input_channels(out, model, source)
     heads = classifier_prefixes(model)
     if not any(k.split(".")[0] in heads for k in out):
         own = [k for k in target if k.split(".")[0] in heads]
@@ -53,6 +54,27 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
             out[k] = target[k]
         log.info("%s: classifier head replaced (%s)", source, ", ".join(sorted(dropped)))
     return out
+
+
+def _adapt_input_channels(out: dict[str, Tensor], model: nn.Module, source: str) -> None:
+    """RGB weights for a model of another channel count (``in_chans=1`` for grey images, 4 for RGB + infrared):
+    the first convolution's filters summed over colour for one channel, else repeated over the channels and
+    scaled by 3 / channels, as timm's adapt_input_conv does, so that a grey image repeated to RGB and the same
+    image on one channel give the same response."""
+    channels = getattr(getattr(model, "cfg", None), "in_chans", 3)
+    if channels == 3:
+        return
+    for name, m in model.named_modules():  # every convolution that reads the image (CrossViT has two)
+        key = f"{name}.weight"
+        v = out.get(key)
+        if (not isinstance(m, nn.Conv2d) or m.in_channels != channels or v is None or v.ndim != 4
+                or v.shape[1] != 3 or v.shape[0] != m.out_channels):
+            continue
+        if channels == 1:
+            out[key] = v.sum(dim=1, keepdim=True)
+        else:
+            out[key] = v.repeat(1, math.ceil(channels / 3), 1, 1)[:, :channels] * (3 / channels)
+        log.info("%s: %s's RGB filters adapted to %d input channel(s)", source, key, channels)
 
 
 def _swap_pooling_norm(out: dict[str, Tensor], target: dict[str, Tensor], source: str) -> None:
