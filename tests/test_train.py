@@ -437,3 +437,24 @@ def test_grad_checkpointing_recipe_trains_the_same_weights(tmp_path):
     a, b = _weights(tmp_path / "a" / "model.safetensors"), _weights(tmp_path / "b" / "model.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+
+
+def test_compiled_training_steps_take_the_whole_batch(tmp_path, monkeypatch):
+    """`train --compile`: the step module's input is the batch (images, targets), not a tensor; the compiled
+    wrapper's inference-only padding must leave it alone (it read batch.shape and crashed on the first step).
+    torch.compile itself is replaced by the identity here (a real compile takes tens of seconds on a CPU)."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    res = fit(tiny_vit(), small_recipe(epochs=1), train_set=Quadrants(32), output_dir=tmp_path, progress=False,
+              compile=True)
+    assert res.step == 2 and res.compile_failed is None and res.compile_seconds is not None
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    recipe = small_recipe(epochs=1)
+    fit(tiny_vit(), recipe, train_set=Quadrants(32), output_dir=tmp_path / "a", progress=False)
+    res = fit(tiny_vit(), recipe, train_set=Quadrants(32), output_dir=tmp_path / "b", progress=False, compile=True)
+    assert res.compile_failed is None
+    a, b = _weights(tmp_path / "a" / "model.safetensors"), _weights(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k

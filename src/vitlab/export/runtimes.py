@@ -138,11 +138,12 @@ class Compiled(nn.Module):
         with torch.no_grad(), inductor_config.patch(freezing=True):
             return self.compiled(x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Any) -> Any:
         if self.failed is not None:
             return self.model(x)
-        n = x.shape[0]
-        padded = self._padded_size(n)
+        # a training step's input is the whole batch (images and targets), run as it comes
+        n = x.shape[0] if isinstance(x, Tensor) else 0
+        padded = self._padded_size(n) if isinstance(x, Tensor) else 0
         if padded > n:
             x = torch.cat([x, x.new_zeros((padded - n, *x.shape[1:]))])
         t0 = time.perf_counter()
