@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -458,3 +459,20 @@ def test_compiled_training_matches_eager(tmp_path):
     a, b = _weights(tmp_path / "a" / "model.safetensors"), _weights(tmp_path / "b" / "model.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k
+
+
+@pytest.mark.parametrize(("setting", "said"), [
+    ("log_every=0", "log_every must be >= 1"), ("eval_every_epochs=0", "eval_every_epochs must be >= 1"),
+    ("hflip=2", "hflip must be a probability"), ("re_prob=3", "re_prob must be a probability"),
+    ("mixup_prob=3", "mixup_prob must be a probability"), ("mixup_alpha=-1", "mixup_alpha and cutmix_alpha"),
+    ("scale=[1.0,0.5]", "scale must be (min, max)"), ("weight_decay=-1", "weight_decay must be >= 0"),
+    ("warmup_steps=-5", "warmup_steps and warmup_epochs"), ("val_fraction=1", "val_fraction must be in [0, 1)"),
+    ("momentum=1.5", "momentum must be in [0, 1)"), ("checkpoint_every=-1", "checkpoint_every must be >= 0"),
+])
+def test_nonsense_recipe_values_are_refused_before_training(setting, said):
+    """They were accepted, then crashed an epoch in (log_every=0, eval_every_epochs=0) or trained silently
+    with the value (a flip probability of 2)."""
+    from vitlab.train.recipe import apply_overrides
+
+    with pytest.raises(ValueError, match=re.escape(said)):
+        apply_overrides(small_recipe(), [setting])

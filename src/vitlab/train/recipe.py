@@ -135,6 +135,27 @@ class Recipe:
             (self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must be in (0, 1)"),
             (self.layer_decay is None or 0.0 < self.layer_decay <= 1.0, "layer_decay must be in (0, 1]"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.min_lr >= 0, "min_lr must be >= 0"),
+            (self.warmup_steps >= 0 and self.warmup_epochs >= 0, "warmup_steps and warmup_epochs must be >= 0"),
+            (0.0 <= self.momentum < 1.0, "momentum must be in [0, 1)"),
+            (all(0.0 <= b < 1.0 for b in self.betas) and len(self.betas) == 2, "betas must be two values in [0, 1)"),
+            (self.eps > 0, "eps must be > 0"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (len(self.scale) == 2 and 0.0 < self.scale[0] <= self.scale[1] <= 1.0,
+             "scale must be (min, max) crop areas with 0 < min <= max <= 1"),
+            (len(self.ratio) == 2 and 0.0 < self.ratio[0] <= self.ratio[1], "ratio must be (min, max) with 0 < min <= max"),
+            (0.0 <= self.hflip <= 1.0, "hflip must be a probability in [0, 1]"),
+            (0.0 <= self.re_prob <= 1.0, "re_prob must be a probability in [0, 1]"),
+            (0.0 <= self.mixup_prob <= 1.0, "mixup_prob must be a probability in [0, 1]"),
+            (0.0 <= self.mixup_switch_prob <= 1.0, "mixup_switch_prob must be a probability in [0, 1]"),
+            (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha and cutmix_alpha must be >= 0"),
+            (self.randaugment is None or (len(self.randaugment) == 2 and self.randaugment[0] >= 0
+                                          and self.randaugment[1] >= 0), "randaugment must be (ops, magnitude) >= 0"),
+            (self.randaugment_mstd >= 0, "randaugment_mstd must be >= 0"),
+            (self.eval_every_epochs >= 1, "eval_every_epochs must be >= 1"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: only at epoch ends)"),
+            (self.log_every >= 1, "log_every must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
