@@ -476,3 +476,21 @@ def test_nonsense_recipe_values_are_refused_before_training(setting, said):
 
     with pytest.raises(ValueError, match=re.escape(said)):
         apply_overrides(small_recipe(), [setting])
+
+
+def test_a_resumed_runs_tensorboard_keeps_every_step(tmp_path):
+    """TensorBoard and metrics.jsonl hold the same steps after a resume (the purge dropped the checkpoint's own
+    step, one before the first the resumed run logs)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = small_recipe(epochs=1, batch_size=8)
+    data = Quadrants(64)
+    fit(tiny_vit(), recipe, train_set=data, output_dir=tmp_path, progress=False, until_step=3)
+    fit(tiny_vit(), recipe, train_set=data, output_dir=tmp_path, progress=False, resume=True)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]
+    assert logged == list(range(1, 9))
+    assert sorted(e.step for e in events.Scalars("train/loss")) == logged

@@ -222,7 +222,8 @@ class _Writers:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(out / "tb"), purge_step=start_step or None)
+            # a resumed run drops the events logged after its checkpoint's step (as metrics.jsonl's records)
+            self.tb = SummaryWriter(log_dir=str(out / "tb"), purge_step=start_step + 1 if start_step else None)
         except Exception as e:  # noqa: BLE001 - tensorboard missing or broken: metrics.jsonl still has it all
             log.warning("TensorBoard logging off (%s); metrics.jsonl still records the run", e)
 
