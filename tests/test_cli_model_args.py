@@ -3,6 +3,7 @@ every command that loads --checkpoint with --model."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 from pathlib import Path
@@ -56,3 +57,14 @@ def test_a_malformed_model_arg_is_named(bare_file, caplog):
         assert main(["predict", "x.png", "--checkpoint", str(bare_file), "--model", "vit_tiny_patch16_224",
                      "--model-arg", "global_pool"]) == 2
     assert "--model-arg 'global_pool': expected KEY=VALUE" in caplog.text
+
+
+def test_every_command_that_runs_a_model_takes_threads():
+    """The README: --threads is taken by every command that runs a model (export validates in PyTorch and ONNX
+    Runtime, which follows torch's thread count)."""
+    parser = build_parser()
+    commands = ["train", "finetune", "pretrain", "eval", "predict", "fewshot", "explain", "analyze", "benchmark",
+                "export", "detect", "segment"]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lacking = [c for c in commands if "--threads" not in sub.choices[c]._option_string_actions]
+    assert not lacking

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from vitlab.cli.common import add_model_argument, model_args
+from vitlab.cli.common import add_model_argument, add_threads_argument, model_args
 from vitlab.export.onnx import DEFAULT_MIN_AGREEMENT, DEFAULT_NUM_IMAGES, DEFAULT_TOLERANCE
 
 log = logging.getLogger("vitlab")
@@ -42,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="registered architecture: of --checkpoint weights that do not name it (timm, JAX), "
                                    "or alone for random weights (for trying the export)")
     add_model_argument(p, with_model=False)
+    add_threads_argument(p)
     p.add_argument("--format", choices=["onnx"], default="onnx", help="output format")
     p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
