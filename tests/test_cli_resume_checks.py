@@ -230,3 +230,21 @@ def test_detection_resume_continues_from_the_run_directory_alone(canvases, tmp_p
     with caplog.at_level(logging.ERROR, logger="vitlab"):
         assert main(["train", "--task", "segmentation", "--output", str(out), "--resume", "--no-progress"]) == 2
     assert "detection run" in caplog.text
+
+
+def test_resume_may_not_change_the_held_out_split_or_take_a_new_budget(tmp_path, caplog):
+    """A new seed or val_fraction on --resume re-drew the split (its test images were training images) and
+    rewrote the run's record; --time-budget was ignored without a word."""
+    from test_cli_train import FAST
+
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), *FAST]) == 0
+    recipe = (out / "recipe.json").read_text()
+    for extra, said in ((["--seed", "3"], "held its validation images out with seed 0"),
+                        (["--set", "val_fraction=0.5"], "val_fraction 0.0; this asks for seed 0, val_fraction 0.5"),
+                        (["--time-budget", "5s"], "--time-budget with --resume")):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="vitlab"):
+            assert main(["train", "--output", str(out), "--resume", "--no-progress", *extra]) == 2
+        assert said in caplog.text
+    assert (out / "recipe.json").read_text() == recipe  # nothing rewritten

@@ -193,6 +193,28 @@ def test_train_with_a_distillation_teacher(run_dir, tmp_path):
     assert json.loads((out / "results.json").read_text())["steps"] == 2
 
 
+def test_a_distillation_run_resumes_with_its_own_teacher(run_dir, tmp_path, caplog):
+    """--resume alone continues a distillation run (job.json records the teacher and its options); the command
+    line may repeat them but not change them."""
+    out = tmp_path / "student"
+    teacher = str(run_dir / "model.safetensors")
+    soft = ["--distill", "soft", "--tau", "2", "--alpha", "0.7"]
+    assert main(["train", "--output", str(out), *FAST, "--steps", "4", "--teacher", teacher, *soft,
+                 "--set", "checkpoint_every=2"]) == 0
+    assert json.loads((out / "job.json").read_text())["distill"] == {"teacher": teacher, "kind": "soft",
+                                                                     "alpha": 0.7, "tau": 2.0}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vitlab"):
+        assert main(["train", "--output", str(out), "--resume", "--steps", "6", "--no-progress"]) == 0
+    assert "soft, alpha 0.70, tau 2.00" in caplog.text
+    assert json.loads((out / "results.json").read_text())["steps"] == 6
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main(["train", "--output", str(out), "--resume", "--steps", "8", "--no-progress",
+                     "--distill", "hard"]) == 2
+    assert "distils with" in caplog.text and "kind 'soft' -> 'hard'" in caplog.text
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["train", "--model", "vit_tinny_patch16_224"], "unknown model 'vit_tinny_patch16_224'; did you mean"),
     (["train", "--set", "lerning_rate=0.1"], "unknown recipe key 'lerning_rate'; valid keys:"),

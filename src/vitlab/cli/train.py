@@ -68,9 +68,10 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -
                         "device; checkpoints are written in the plain format (recipe field fsdp)")
     g = p.add_argument_group("distillation (DeiT)")
     g.add_argument("--teacher", help="teacher checkpoint (enables distillation)")
-    g.add_argument("--distill", choices=["soft", "hard"], default="hard", help="distillation kind")
-    g.add_argument("--tau", type=float, default=1.0, help="soft distillation temperature")
-    g.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term")
+    g.add_argument("--distill", choices=["soft", "hard"], help="distillation kind (default: hard; with --resume: "
+                                                                 "the run's)")
+    g.add_argument("--tau", type=float, help="soft distillation temperature (default: 1.0)")
+    g.add_argument("--alpha", type=float, help="weight of the distillation term (default: 0.5)")
 
 
 def _duration(text: str) -> float:
@@ -157,19 +158,46 @@ def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = 
 def make_job(args: argparse.Namespace, recipe, *, model: str | None, pretrained: str | None, output_tag: str):
     import time
 
-    from vitlab.train.run import Distill, TrainJob
+    from vitlab.train.run import TrainJob
 
     output = args.output or Path("runs") / output_tag
     check_recipe_outside(args, output)
     if args.data is None:
         args.data = "digits"
-    distill = Distill(teacher=args.teacher, kind=args.distill, alpha=args.alpha, tau=args.tau) if args.teacher else None
+    distill = resolve_distill(args)
     return TrainJob(recipe=recipe, data=args.data, output=output, model=model, pretrained=pretrained,
                     device=None if args.device == "auto" else args.device, resume=args.resume,
                     overwrite=args.overwrite, skip_bad_images=args.skip_bad_images, distill=distill,
                     progress=not args.no_progress, threads=args.threads,
                     time_budget_s=None if args.resume else args.time_budget, compile=getattr(args, "compile", False),
                     started=getattr(args, "started", None) or time.monotonic())  # set by main: the command's start
+
+
+DISTILL_DEFAULTS = {"kind": "hard", "alpha": 0.5, "tau": 1.0}
+
+
+def resolve_distill(args: argparse.Namespace):
+    """--teacher and its options; with --resume, the run's own (job.json), which the command line may repeat but
+    not change: the objective's state and the steps so far were made with that teacher."""
+    from vitlab.train.run import Distill
+
+    given = {"kind": args.distill, "alpha": args.alpha, "tau": args.tau}
+    recorded = saved_job(args).get("distill") if args.resume else None
+    if recorded:
+        asked = {"teacher": args.teacher, **given}
+        changed = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in asked.items()
+                   if v is not None and (str(Path(v).resolve()) if k == "teacher" else v)
+                   != (str(Path(recorded[k]).resolve()) if k == "teacher" else recorded.get(k))]
+        if changed:
+            raise ValueError(f"--resume: the run in {args.output} distils with {recorded}; this asks for "
+                             f"{', '.join(changed)}; leave the distillation options out to continue it, or start a "
+                             f"new run (another --output)")
+        return Distill(**{k: recorded[k] for k in ("teacher", "kind", "alpha", "tau")})
+    if args.teacher is None:
+        if any(v is not None for v in given.values()):
+            raise ValueError("--distill / --alpha / --tau set the distillation from a --teacher; give --teacher")
+        return None
+    return Distill(teacher=args.teacher, **{k: DISTILL_DEFAULTS[k] if v is None else v for k, v in given.items()})
 
 
 def train_or_explain(job) -> int:
@@ -239,6 +267,10 @@ def report_changes(chosen, recipe) -> None:
 def check_length_options(args: argparse.Namespace) -> None:
     if getattr(args, "time_budget", None) is not None and (args.steps is not None or args.epochs is not None):
         raise ValueError("--time-budget sizes the run itself; give it without --steps / --epochs")
+    if getattr(args, "time_budget", None) is not None and args.resume:
+        raise ValueError("--time-budget with --resume: a resumed run continues on the length it planned (a budgeted "
+                         "run's re-planned length is saved with it); leave --time-budget out, or give --steps N "
+                         "for another length")
 
 
 def run_dense(args: argparse.Namespace) -> int:

@@ -192,7 +192,15 @@ def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str
     if data is not None:
         check_resumed_data(output, data, classes)
     check_same_model(state, model, path)
-    was = state.get("recipe", {}).get("optimizer")
+    saved = state.get("recipe", {})
+    split = {k: (saved[k], getattr(recipe, k)) for k in ("seed", "val_fraction") if k in saved}
+    if any(a != b for a, b in split.values()):
+        raise CheckpointError(f"--resume: the run in {output} held its validation images out with "
+                              + ", ".join(f"{k} {a}" for k, (a, _) in split.items()) + "; this asks for "
+                              + ", ".join(f"{k} {b}" for k, (_, b) in split.items())
+                              + ", which would test on images it trained on: leave --seed / val_fraction as they "
+                              "were, or start a new run (another --output)")
+    was = saved.get("optimizer")
     if was != recipe.optimizer:
         raise CheckpointError(f"--resume: {path} was trained with optimizer {was!r}, this run asks for "
                               f"{recipe.optimizer!r}; its optimizer state cannot be reused")
@@ -317,7 +325,8 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         atomic_text(job.output / JOB_FILE, json.dumps({
             "task": "classification", "data": job.data, "data_source": source_identity(job.data),
             "classes": list(train_set.classes), "model": job.model or recipe.model, "pretrained": job.pretrained,
-            "skip_bad_images": job.skip_bad_images}, indent=2))
+            "skip_bad_images": job.skip_bad_images,
+            "distill": dataclasses.asdict(job.distill) if job.distill is not None else None}, indent=2))
     pre = model.preprocessing
     if recipe.augment:
         crop = pre

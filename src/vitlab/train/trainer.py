@@ -593,8 +593,10 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     else:
         load_strict(net, state["model"], source=str(path))
     if state.get("objective_name", "classification") != objective.name:
+        hint = ("; give the run's --teacher (and --distill / --alpha / --tau)"
+                if state.get("objective_name") == "distillation" else "")
         raise CheckpointError(f"--resume: {path} was trained with the {state.get('objective_name')!r} "
-                              f"objective, this run asks for {objective.name!r}")
+                              f"objective, this run asks for {objective.name!r}{hint}")
     objective.load_state_dict(state.get("objective", {}))
     load_optimizer_state(net, optimizer, state["optimizer"])  # by index (one process, DDP) or by name (FSDP)
     scheduler.load_state_dict(state["scheduler"])
