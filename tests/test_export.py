@@ -411,6 +411,21 @@ def test_bf16_full_runtime_runs_every_family(name):
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("name", _registry_params())
+def test_int8_runtime_runs_every_family(name):
+    """torch-int8 (torch.ao dynamic quantisation of the Linear layers) on every family: logits of the model's
+    classes close to float32's. BEiT and Swin v2 handed the quantised qkv's weight (a method there) to F.linear;
+    CrossViT read its quantised head as no head and returned its features."""
+    model = _tiny(name)
+    x = preprocess(bundled_images(4), model.preprocessing)
+    with torch.no_grad():
+        ref = model(x)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    out = build_runtime("torch-int8", model)(x)
+    assert out.shape == ref.shape == (4, model.num_classes)
+    assert (out - ref).abs().max() <= 0.1 * ref.abs().max() + 0.05, (out - ref).abs().max()
+
+
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile's inductor needs a C++ compiler")
 def test_bf16_compile_runtime_compiles_frozen_and_matches_eager_bf16():

@@ -37,3 +37,14 @@ def trunc_normal_linears(module: nn.Module, *, std: float = 0.02, skip: nn.Modul
             nn.init.trunc_normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def linear_with_bias(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``layer`` (a Linear without a bias of its own) applied to ``x`` with ``bias`` (BEiT's and Swin v2's
+    q / v biases beside a bias-free k). A dynamically quantised layer (``torch.ao``, the int8 runtime) has no
+    weight tensor to hand to ``F.linear``: it runs itself and the bias is added after."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return torch.nn.functional.linear(x, weight, bias)
+    out = layer(x)
+    return out if bias is None else out + bias.to(out.dtype)

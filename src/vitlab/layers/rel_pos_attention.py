@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitlab.layers.attention import Attention
+from vitlab.layers.helpers import linear_with_bias
 from vitlab.layers.window_attention import relative_position_index, resample_rel_pos_table
 
 CLASS_SLOTS = 3  # the extra table rows: class -> patch, patch -> class, class -> class
@@ -142,7 +142,7 @@ class RelPosAttention(_TableBias, Attention):
         B, N, C = x.shape
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # k has no bias
-            qkv = F.linear(x, self.qkv.weight, bias)
+            qkv = linear_with_bias(self.qkv, x, bias)
         else:
             qkv = self.qkv(x)
         # (B, N, 3*C) -> (3, B, heads, N, head_dim)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitlab.layers.attention import CapturableAttention, attend_explicit
+from vitlab.layers.helpers import linear_with_bias
 
 SHIFT_MASK_VALUE = -100.0  # the reference code's value between tokens of different regions
 
@@ -271,7 +272,7 @@ class WindowAttentionV2(_WindowAttentionBase):
 
     def position_bias(self) -> Tensor:
         """(heads, N, N) continuous position bias of one window, in (0, 16)."""
-        table = self.cpb_mlp(self.relative_coords_table.to(self.proj.weight.dtype)).view(-1, self.num_heads)
+        table = self.cpb_mlp(self.relative_coords_table.to(self.logit_scale.dtype)).view(-1, self.num_heads)
         return 16 * torch.sigmoid(self._bias_gather(table))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -279,7 +280,7 @@ class WindowAttentionV2(_WindowAttentionBase):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias)
+        qkv = linear_with_bias(self.qkv, x, bias)
         qkv = qkv.reshape(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         logit_scale = self.logit_scale.clamp(max=self.max_logit_scale).exp()  # (heads, 1, 1)

@@ -227,7 +227,7 @@ class CrossViT(TimmSurface, nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.head[0].out_features if isinstance(self.head[0], nn.Linear) else 0
+        return getattr(self.head[0], "out_features", 0)  # 0 for Identity (a quantised Linear has it too)
 
     @property
     def preprocessing(self) -> Preprocessing:

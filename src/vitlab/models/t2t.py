@@ -193,7 +193,7 @@ class T2TViT(TimmSurface, nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.head.out_features if isinstance(self.head, nn.Linear) else 0
+        return getattr(self.head, "out_features", 0)  # 0 for Identity (a quantised Linear has it too)
 
     @property
     def preprocessing(self) -> Preprocessing:
