@@ -9,7 +9,14 @@ import torch
 
 import vitlab
 from dense_helpers import DETR_EXPORT, SETR_EXPORT
-from vitlab.benchmark import TimingStats, forward_flops, paired_ratio, registry_forward_flops, run_interleaved
+from vitlab.benchmark import (
+    TimingStats,
+    forward_flops,
+    model_forward_flops,
+    paired_ratio,
+    registry_forward_flops,
+    run_interleaved,
+)
 from vitlab.cli.benchmark import parse_overrides
 from vitlab.cli.main import main
 
@@ -180,3 +187,14 @@ def test_benchmark_refuses_an_onnx_file_and_a_model_name_without_checkpoint(tmp_
     assert "no float32 PyTorch reference" in caplog.text + capsys.readouterr().err
     assert main(["-q", "benchmark", "--model", "vit_tiny_patch16_224"]) == 2
     assert "for random weights use --models" in caplog.text + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilevit_xxs", "mobilevitv2_050"])
+def test_flops_of_a_batchnorm_model_whose_last_map_is_one_pixel(name: str) -> None:
+    """A ResNet or MobileViT at 32 px ends on a 1 x 1 map: the FLOP count (one image) ran the freshly built meta
+    twin in training mode, where BatchNorm refuses a single value per channel; every `vitlab benchmark` of such
+    a model failed, even --runtime torch."""
+    flops, size = registry_forward_flops(name, img_size=32)
+    assert flops > 0 and size[1:] == (32, 32)
+    model = vitlab.create_model(name, img_size=32).train()
+    assert model_forward_flops(model, size) == pytest.approx(flops) and model.training  # its mode left as it was

@@ -796,3 +796,25 @@ def test_onnx_int8_runtime_on_a_file_says_what_the_file_is(tmp_path, digits_chec
     for runtime in ("auto", "onnx-int8"):
         assert main(["eval", "--checkpoint", str(int8_file), "--runtime", runtime, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["runtime"] == "onnx-int8"
+
+
+def test_an_on_the_fly_int8_runtime_is_measured_not_refused(monkeypatch):
+    """eval / benchmark / predict --runtime onnx-int8 measure agreement themselves; the export's own refusal at
+    98% on 16 images (one miss is 94%) stopped `vitlab benchmark` on a model `vitlab export --int8` accepts."""
+    from vitlab.export import onnx as onnx_module
+    from vitlab.export.runtimes import onnx_from_model
+
+    seen = {}
+    real = onnx_module.export_onnx
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_module, "export_onnx", spy)
+    model = _tiny("vit_tiny_patch16_224")
+    rt = onnx_from_model(model, int8=True, num_images=4)
+    assert seen["min_agreement"] == 0.0 and rt.meta.get("int8")
+    seen.clear()
+    onnx_from_model(model, int8=False, num_images=4)
+    assert "min_agreement" not in seen  # the float export keeps its checks

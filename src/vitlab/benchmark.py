@@ -240,12 +240,17 @@ def forward_flops(model: nn.Module, input_size: tuple[int, ...]) -> float:
     # every module input that requires grad, and a parameter passed straight to a submodule under no_grad (DETR's
     # query embedding) has no grad function to hook, which torch asserts on
     flags = [p.requires_grad for p in params]
+    # in eval mode: a freshly built model is in training mode, where BatchNorm refuses a batch of one image
+    # whose last map is 1 x 1 (a ResNet or MobileViT at 32 px); the FLOPs are the same
+    training = model.training
     try:
         for p in params:
             p.requires_grad_(False)
+        model.eval()
         with FlopCounterMode(display=False) as counter:
             model(x)
     finally:
+        model.train(training)
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
     return float(counter.get_total_flops())
