@@ -535,7 +535,16 @@ def export_graph(model: nn.Module, x: Tensor, path: str, *, dynamic_batch: bool,
                                   output_names=list(output_names), opset_version=opset, external_data=False,
                                   dynamic_shapes=(axes,) if axes else None, verbose=False,
                                   optimize=True)
-            return "torch.onnx dynamo"
+            written = file_opset(path)
+            if opset is None or written == opset:
+                return "torch.onnx dynamo"
+            if written is not None and opset > written:
+                raise ExportError(f"--opset {opset}: the installed exporter wrote opset {written} instead (it does "
+                                  f"not support opset {opset}); ask for an older one, or leave --opset out")
+            # below the dynamo exporter's own minimum (18): the TorchScript exporter writes older opsets
+            log.info("--opset %d: the dynamo exporter wrote opset %s; using the TorchScript exporter", opset, written)
+        except ExportError:
+            raise
         except Exception as e:  # the dynamo exporter's failures come from many layers; report and fall back
             dynamo_error = e
             log.warning("the dynamo ONNX exporter failed (%s: %s); trying the TorchScript exporter",
@@ -600,6 +609,14 @@ def quantize_int8(src: str, dst: str) -> int:
         if os.path.exists(prepared):
             os.remove(prepared)
     return len(nodes)
+
+
+def file_opset(path: str) -> int | None:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _set_metadata(path: str, props: dict[str, str]) -> int | None:
@@ -716,9 +733,9 @@ def export_onnx(
         props = metadata(model, pre, class_names=class_names, dynamic_batch=dynamic_batch,
                          dynamic_size=dynamic_size, int8=False)
         report.opset = _set_metadata(float_path, props)
-        if opset is not None and report.opset != opset:  # the dynamo exporter writes its own opset when it cannot
+        if opset is not None and report.opset != opset:  # neither exporter could write the opset asked for
             raise ExportError(f"--opset {opset}: {report.exporter} wrote opset {report.opset} instead (it cannot "
-                              f"convert this graph to {opset}); ask for {report.opset} or later, or leave --opset out")
+                              f"convert this graph to {opset}); ask for {report.opset}, or leave --opset out")
         report.export_s = time.perf_counter() - t0
 
         onnx_float = OnnxModel(float_path)
