@@ -825,3 +825,29 @@ def test_an_on_the_fly_int8_runtime_is_measured_not_refused(monkeypatch):
     seen.clear()
     onnx_from_model(model, int8=False, num_images=4)
     assert "min_agreement" not in seen  # the float export keeps its checks
+
+
+def test_an_unwritable_output_is_named_before_the_export(tmp_path, monkeypatch):
+    """A folder the user cannot write to was reported as the hidden temporary's path, after the whole export."""
+    import tempfile as tempfile_module
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile_module, "mkdtemp", refuse)
+    exported = []
+    monkeypatch.setattr("vitlab.export.onnx.export_graph", lambda *a, **k: exported.append(1))
+    with pytest.raises(ExportError, match=r"--output .*m.onnx: cannot write in .*locked \(Permission denied\)"):
+        export_onnx(_tiny("vit_tiny_patch16_224"), tmp_path / "locked" / "m.onnx", num_images=2, timing=False)
+    assert not exported
+
+
+def test_a_random_model_export_says_its_validation_checks_nothing(tmp_path, caplog):
+    model = make_tiny("vit_tiny_patch16_224").eval()  # a zero head: every logit 0
+    with caplog.at_level(logging.WARNING, logger="vitlab"):
+        export_onnx(model, tmp_path / "r.onnx", num_images=2, timing=False)
+    assert "the validation below compares nothing" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vitlab"):
+        export_onnx(_tiny("vit_tiny_patch16_224"), tmp_path / "t.onnx", num_images=2, timing=False)
+    assert "compares nothing" not in caplog.text

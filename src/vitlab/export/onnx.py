@@ -717,10 +717,16 @@ def export_onnx(
                           dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, int8=int8, images=len(x),
                           image_source=source, tolerance=tolerance, min_agreement=min_agreement, forced=force)
     ref = _outputs(model, x, spec)
+    if all(bool((r == r.flatten()[0]).all()) for r in ref.values() if isinstance(r, Tensor)):
+        log.warning("%s: its outputs are the same for every image (random weights: a zero-initialised head), so "
+                    "the validation below compares nothing; export a trained checkpoint to check it", name)
     graph = model if task == "classification" else InferenceOutputs(model, spec.names)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
+    try:  # a temporary folder beside the file, renamed into place at the end
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise ExportError(f"--output {path}: cannot write in {path.parent} ({e.strerror or e})") from None
     try:
         float_path = os.path.join(tmpdir, "float.onnx")
         t0 = time.perf_counter()
@@ -788,7 +794,10 @@ def export_onnx(
         if report.problems:
             log.warning("%s: writing %s despite failed checks (forced): %s", name, path, "; ".join(report.problems))
         os.chmod(final_path, 0o644)
-        os.replace(final_path, path)
+        try:
+            os.replace(final_path, path)
+        except OSError as e:
+            raise ExportError(f"--output {path}: cannot write it ({e.strerror or e})") from None
         report.written = True
         report.file_bytes = path.stat().st_size
         return report
