@@ -851,3 +851,11 @@ def test_a_random_model_export_says_its_validation_checks_nothing(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="vitlab"):
         export_onnx(_tiny("vit_tiny_patch16_224"), tmp_path / "t.onnx", num_images=2, timing=False)
     assert "compares nothing" not in caplog.text
+
+
+def test_eval_of_an_onnx_file_refuses_amp(tmp_path, digits_checkpoint, caplog):
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(vitlab.load_model(digits_checkpoint), onnx_path, dynamic_batch=True, num_images=4, timing=False)
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main(["eval", "--checkpoint", str(onnx_path), "--amp", "bf16", "--output", str(tmp_path / "e")]) == 2
+    assert "--amp bf16 applies to PyTorch" in caplog.text  # it ran in float32 without a word

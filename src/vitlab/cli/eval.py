@@ -190,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args)
     model, reference = load_for_inference(args.checkpoint, runtime, model_name=args.model,
                                           model_args=model_args(args))
+    if args.amp != "none" and model.name != "torch":  # an .onnx file with the auto runtime
+        raise ValueError(f"--amp {args.amp} applies to PyTorch; {args.checkpoint} runs with ONNX Runtime (its "
+                         f"precision is the file's: `vitlab export --int8` for int8)")
     task = model.task
     if task != "classification":
         if runtime not in ("auto", "torch", "onnx"):
