@@ -10,6 +10,7 @@ image is normalised and the boxes become DETR's normalised (cx, cy, w, h) of the
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ def _shorter_side_size(h: int, w: int, shorter: int, max_size: int | None) -> tu
         lo, hi = min(h, w), max(h, w)
         if hi / lo * shorter > max_size:
             shorter = int(round(max_size * lo / hi))
+            if shorter < 1:  # a 3 x 900 strip at a small size: one row, the longer side at the limit
+                return (1, max_size) if h <= w else (max_size, 1)
     if h <= w:
         return shorter, int(shorter * w / h)
     return int(shorter * h / w), shorter
@@ -174,6 +177,8 @@ class CocoDetection(Dataset):
             own = sorted(({**c, "id": int(c["id"])} for c in data["categories"]), key=lambda c: c["id"])
         except (KeyError, TypeError, ValueError):
             raise DatasetError(f"{self.ann_path}: every entry of 'categories' needs an integer 'id'") from None
+        if dup := sorted({c["id"] for c in own if sum(o["id"] == c["id"] for o in own) > 1}):
+            raise DatasetError(f"{self.ann_path}: category id(s) {dup} appear more than once in 'categories'")
         if categories is None:
             self.categories = own
             label_of = {c["id"]: i for i, c in enumerate(own)}
@@ -191,13 +196,23 @@ class CocoDetection(Dataset):
         by_id: dict[int, dict] = {}
         for img in self.images:
             try:
-                iid, name, W, H = int(img["id"]), img["file_name"], img["width"], img["height"]
-            except (KeyError, TypeError, ValueError) as e:
+                name, W, H = img["file_name"], img["width"], img["height"]
+            except (KeyError, TypeError) as e:
                 raise DatasetError(f"{self.ann_path}: image entry {img!r} lacks {e}") from None
+            try:
+                iid = int(img["id"])
+            except (KeyError, TypeError, ValueError):
+                raise DatasetError(f"{self.ann_path}: image entry {img!r}: 'id' must be an integer") from None
             if not (self.root / name).is_file():
                 raise DatasetError(f"{self.ann_path}: image id {iid}: file {self.root / name} not found")
+            if iid in by_id:  # their annotations could not be told apart
+                raise DatasetError(f"{self.ann_path}: image id {iid} is given to both {by_id[iid]['file_name']} "
+                                   f"and {name}")
             by_id[iid] = img
         self.targets: dict[int, list[tuple[list[float], int]]] = {int(i["id"]): [] for i in self.images}
+        # crowd regions (iscrowd=1): not trained on; evaluation counts a detection inside one as neither right
+        # nor wrong, as COCO's does
+        self.crowd: dict[int, list[tuple[list[float], int]]] = {int(i["id"]): [] for i in self.images}
         for ann in data["annotations"]:
             aid = ann.get("id", "?")
             try:
@@ -210,10 +225,13 @@ class CocoDetection(Dataset):
                 raise DatasetError(f"{self.ann_path}: annotation id {aid}: unknown category_id {cid} "
                                    f"(categories: {[c['id'] for c in own]})")
             W, H = float(by_id[iid]["width"]), float(by_id[iid]["height"])
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                raise DatasetError(f"{self.ann_path}: annotation id {aid}: bbox {[x, y, w, h]} is not finite")
             if w <= 0 or h <= 0 or x < -tolerance or y < -tolerance or x + w > W + tolerance or y + h > H + tolerance:
                 raise DatasetError(f"{self.ann_path}: annotation id {aid}: bbox {[x, y, w, h]} (x, y, w, h) lies "
                                    f"outside image id {iid} ({by_id[iid]['file_name']}, {W:g}x{H:g}) or is empty")
             if ann.get("iscrowd", 0):
+                self.crowd[iid].append(([x, y, x + w, y + h], label_of[cid]))
                 continue
             self.targets[iid].append(([x, y, x + w, y + h], label_of[cid]))
 

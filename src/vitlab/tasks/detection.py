@@ -80,6 +80,10 @@ def evaluate_detection(model: nn.Module, dataset: Dataset, *, batch_size: int = 
                                 (b[:, 0] + b[:, 2] / 2) * W, (b[:, 1] + b[:, 3] / 2) * H], dim=1)
             for box, label in zip(xyxy_to_xywh(xyxy).tolist(), t["labels"].tolist()):
                 gts.append({"image_id": iid, "category_id": cat_ids[label] if cat_ids else label, "bbox": box})
+            for xyxy_crowd, label in getattr(base, "crowd", {}).get(iid, []):  # original pixels already
+                x0, y0, x1, y1 = xyxy_crowd
+                gts.append({"image_id": iid, "category_id": cat_ids[label] if cat_ids else label,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 1})
             for box, label, score in zip(xyxy_to_xywh(p["boxes"]).tolist(), p["labels"].tolist(),
                                          p["scores"].tolist()):
                 dets.append({"image_id": iid, "category_id": cat_ids[label] if cat_ids else label, "bbox": box,

@@ -157,9 +157,11 @@ class SegmentationMeter:
         tp = c.diag()
         union = c.sum(0) + c.sum(1) - tp
         present = union > 0
-        iou = torch.where(present, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+        iou = tp / union.clamp(min=1)
+        # a class in neither labels nor predictions has no IoU: None (JSON's null; NaN is not valid JSON)
         return {"mIoU": float(iou[present].mean()) if present.any() else 0.0,
-                "pixel_acc": float(tp.sum() / c.sum().clamp(min=1)), "iou": iou.tolist()}
+                "pixel_acc": float(tp.sum() / c.sum().clamp(min=1)),
+                "iou": [float(v) if ok else None for v, ok in zip(iou.tolist(), present.tolist())]}
 
 
 __all__ = ["SegmentationMeter", "coco_map", "detections_from_outputs"]

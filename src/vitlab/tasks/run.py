@@ -47,14 +47,15 @@ def transform_for(model: nn.Module, *, train: bool, hflip: float = 0.5) -> Dense
 
 def open_split(root: str | os.PathLike, split: str, task: str, transform: DenseTransform | None,
                num_classes: int | None = None, *, categories: list[dict[str, Any]] | None = None,
-               categories_from: str = "the model"):
+               categories_from: str = "the model", ignore_index: int = 255):
     """``root/split`` as a detection or segmentation data set; a detection split takes the label of each
     category from ``categories`` (the training set's or the checkpoint's) when given."""
     base = Path(root) / split
     if task == "detection":
         return CocoDetection(base / "images", base / "annotations.json", transform=transform,
                              categories=categories, categories_from=categories_from)
-    return MaskFolder(base / "images", base / "masks", transform=transform, num_classes=num_classes)
+    return MaskFolder(base / "images", base / "masks", transform=transform, num_classes=num_classes,
+                      ignore_index=ignore_index)
 
 
 def recorded_categories(checkpoint: str | os.PathLike) -> list[dict[str, Any]] | None:
@@ -141,6 +142,9 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
         categories = train_categories(job.data / "train" / "annotations.json")
     else:
         classes = _segmentation_classes(job.data) or [str(i) for i in range(int(overrides.get("num_classes", 0)))]
+        if not classes:  # the model's default (21, VOC's) would train, then fail to save its class names
+            raise ValueError(f"{job.data}: segmentation needs its classes: {job.data / 'classes.json'} (a JSON list "
+                             f"of names, the index being the mask value) or --set model_overrides.num_classes=N")
     overrides["num_classes"] = len(classes) if classes else overrides.get("num_classes")
     if ctx.is_main:
         check_run_dir(job.output, resume=job.resume, overwrite=job.overwrite)
@@ -150,12 +154,14 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
         check_resumable(job.output, model, recipe, data=str(job.data), classes=classes or None)
     if job.pretrained_backbone and not job.resume:
         load_backbone(model, job.pretrained_backbone)
+    ignore = ignore_index_of(model) if job.task == "segmentation" else 255  # masks' unlabelled value
     train_set = open_split(job.data, "train", job.task,
                            transform_for(model, train=recipe.augment, hflip=recipe.hflip),
-                           model.num_classes)
+                           model.num_classes, ignore_index=ignore)
     # val labels follow train's categories (by id), also where val/annotations.json lists fewer of them
     val_set = open_split(job.data, "val", job.task, transform_for(model, train=False), model.num_classes,
-                         categories=categories, categories_from=f"the training set ({job.data / 'train'})")
+                         categories=categories, categories_from=f"the training set ({job.data / 'train'})",
+                         ignore_index=ignore)
     if ctx.is_main:  # what --resume continues: task, data, model (with the data's classes, to check them)
         job.output.mkdir(parents=True, exist_ok=True)
         atomic_text(job.output / JOB_FILE, json.dumps({
@@ -212,7 +218,8 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, split: str = "val
     if task == "detection" and categories is None and names and len(names) == model.num_classes:
         categories = [{"name": str(n)} for n in names]  # matched by name: a checkpoint that records no ids
     ds = open_split(data, split, task, transform_for(model, train=False), model.num_classes,
-                    categories=categories, categories_from=categories_from)
+                    categories=categories, categories_from=categories_from,
+                    ignore_index=ignore_index_of(model) if task == "segmentation" else 255)
     if task == "detection":
         # an exported detector takes no padding mask: images one by one, each at its own size
         return evaluate_detection(model, ds, batch_size=1 if isinstance(model, OnnxModel) else 8)
