@@ -140,3 +140,30 @@ def test_detection_ap_ignores_detections_on_crowd_regions(tmp_path):
     model = _Boxes()
     ds = CocoDetection(root, path, transform=transform_for(model, train=False))
     assert evaluate_detection(model, ds)["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_the_canvas_recipe_follows_users_colour_data(tmp_path, task, caplog):
+    """Without --recipe, dense training takes the digit canvases' recipe: grey (colour data was averaged) and,
+    for segmentation, 11 classes whatever the masks hold."""
+    from vitlab.cli.train import fit_canvas_recipe
+    from vitlab.train.recipe import load_recipe
+
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "train" / "images" /
+                                                                                  f"{i}.png")
+    recipe = load_recipe("detr_canvases" if task == "detection" else "setr_canvases")
+    assert recipe.model_overrides["in_chans"] == 1
+    with caplog.at_level(logging.INFO, logger="vitlab"):
+        fitted = fit_canvas_recipe(recipe, tmp_path, task)
+    assert "in_chans" not in fitted.model_overrides and "mean" not in fitted.model_overrides
+    assert ("num_classes" in fitted.model_overrides) == (task == "detection" and "num_classes" in
+                                                         recipe.model_overrides)
+    assert "adapted to" in caplog.text
+    grey = tmp_path / "grey"  # a canvas-like set (grey, its classes.json) keeps the recipe as it is
+    (grey / "train" / "images").mkdir(parents=True)
+    (grey / "classes.json").write_text(json.dumps(["background", "x"]))
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(grey / "train" / "images" / "0.png")
+    assert fit_canvas_recipe(recipe, grey, task) == recipe

@@ -288,6 +288,8 @@ def run_dense(args: argparse.Namespace) -> int:
         raise ValueError(f"--task {args.task} needs --data DIR (train/ and val/ folders; see `vitlab make-canvases`)")
     default = "detr_canvases" if args.task == "detection" else "setr_canvases"
     recipe = resolve_recipe(args, default, saved)
+    if saved is None and args.recipe is None:
+        recipe = fit_canvas_recipe(recipe, Path(args.data), args.task)
     model = args.model or recipe.model
     if model is None:
         raise ValueError(f"no model: give --model NAME (see `vitlab models --task {args.task}`)")
@@ -302,6 +304,33 @@ def run_dense(args: argparse.Namespace) -> int:
         log.info("val %s after %.1f s; checkpoint: %s", format_metrics(args.task, summary["val"]),
                  summary["train_seconds"], summary["checkpoint"])
     return 0
+
+
+def fit_canvas_recipe(recipe, data: Path, task: str):
+    """The default dense recipes are the digit canvases' (grey, 11 classes): on other data, the channel count
+    comes from the images (colour data was averaged to grey) and, for segmentation, the classes from the data's
+    classes.json (or the refusal that asks for them), not the canvases' 11."""
+    from vitlab.data.folder import guess_channels
+    from vitlab.data.image import expand_image_paths
+
+    images = data / "train" / "images"
+    try:
+        paths = expand_image_paths([images])
+    except (FileNotFoundError, ValueError):
+        return recipe  # the data set's own check names what is missing
+    over = dict(recipe.model_overrides)
+    changed = []
+    if guess_channels(paths, [0] * len(paths)) == 3 and over.get("in_chans") == 1:
+        for key in ("in_chans", "mean", "std"):
+            over.pop(key, None)
+        changed.append("3 channels (the model's own normalisation)")
+    if task == "segmentation" and "num_classes" in over and not (data / "classes.json").is_file():
+        over.pop("num_classes")
+        changed.append("the classes from the data")
+    if not changed:
+        return recipe
+    log.info("recipe %s (made for the digit canvases) adapted to %s: %s", recipe.name, data, ", ".join(changed))
+    return recipe.replace(model_overrides=over)
 
 
 def resolve_task(args: argparse.Namespace) -> str:
