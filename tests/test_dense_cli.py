@@ -56,6 +56,18 @@ def test_detection_commands(data: Path, tmp_path: Path, capsys) -> None:
     n_val = len(list((data / "val" / "images").glob("*.png")))
     assert len(json.loads((tmp_path / "det2" / "detections.json").read_text())) == n_val + 1
     assert (tmp_path / "det2" / "00000.png").is_file() and (tmp_path / "det2" / "00000-1.png").is_file()
+    # an undecodable file: skipped and reported with --skip-bad-images; without it the run stops, and
+    # detections.json keeps the images done before it (it was written only at the end)
+    bad = tmp_path / "mixed"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(image.read_bytes())
+    (bad / "b.png").write_text("not a png")
+    args = ["detect", str(bad), "--checkpoint", str(out / "model.safetensors"), "--threshold", "0.0"]
+    assert main([*args, "--output", str(tmp_path / "det3"), "--skip-bad-images"]) == 0
+    rows = json.loads((tmp_path / "det3" / "detections.json").read_text())
+    assert [("error" in r) for r in rows] == [False, True] and "b.png" in rows[1]["error"]
+    assert main([*args, "--output", str(tmp_path / "det4")]) == 2
+    assert [r["image"] for r in json.loads((tmp_path / "det4" / "detections.json").read_text())] == [str(bad / "a.png")]
     assert main(["explain", str(image), "--checkpoint", str(out / "model.safetensors"),
                  "--output", str(tmp_path / "exp")]) == 0
     # the detector's threshold (0.5) may keep no object of an untrained model; the picture is always written

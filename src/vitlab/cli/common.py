@@ -104,6 +104,11 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.set_defaults(apply_threads=True)
 
 
+def add_skip_bad_images_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="report an undecodable file and go on (JSON: an entry with \"error\") instead of stopping")
+
+
 def apply_threads(args: argparse.Namespace) -> None:
     """Set torch's intra-op threads from ``--threads`` for the commands declared with add_threads_argument."""
     if getattr(args, "apply_threads", False) and args.threads is not None:

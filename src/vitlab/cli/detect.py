@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitlab.cli.common import add_threads_argument
+from vitlab.cli.common import add_skip_bad_images_argument, add_threads_argument
 from vitlab.tasks.run import DENSE_RUNTIMES
 
 
@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="lowest score kept")
     p.add_argument("--attention", action="store_true", help="also each object's decoder cross-attention")
     add_threads_argument(p)
+    add_skip_bad_images_argument(p)
     p.add_argument("--output", type=Path, default=Path("detections"), help="output folder")
     p.set_defaults(func=run)
 
@@ -39,7 +40,12 @@ def run(args: argparse.Namespace) -> int:
                          "exports only logits and boxes: give the checkpoint and --runtime torch")
     images = [Path(p) for p in expand_image_paths(args.images)]
     model = load_dense(args.checkpoint, "detection", args.runtime)
-    for r in detect_images(model, images, args.output, threshold=args.threshold, attention=args.attention):
+    results = detect_images(model, images, args.output, threshold=args.threshold, attention=args.attention,
+                            skip_bad_images=args.skip_bad_images)
+    for r in results:
+        if "error" in r:
+            print(f"{r['error']} (skipped)")
+            continue
         objs = ", ".join(f"{o['label']} {o['score']:.2f}" for o in r["objects"]) or "nothing"
         print(f"{r['image']}: {objs}")
     print(f"pictures and detections.json in {args.output}")

@@ -11,6 +11,7 @@ from vitlab.cli.common import (
     add_device_argument,
     add_image_limit_argument,
     add_model_argument,
+    add_skip_bad_images_argument,
     add_threads_argument,
     check_device,
     model_args,
@@ -49,8 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_image_limit_argument(p)
     add_threads_argument(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="report an undecodable file and go on (JSON: an entry with \"error\") instead of stopping")
+    add_skip_bad_images_argument(p)
     p.set_defaults(func=run)
 
 

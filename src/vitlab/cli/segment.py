@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitlab.cli.common import add_threads_argument
+from vitlab.cli.common import add_skip_bad_images_argument, add_threads_argument
 from vitlab.tasks.run import DENSE_RUNTIMES
 
 
@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "and run by ONNX Runtime")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     add_threads_argument(p)
+    add_skip_bad_images_argument(p)
     p.add_argument("--output", type=Path, default=Path("segments"), help="output folder")
     p.set_defaults(func=run)
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     images = [Path(p) for p in expand_image_paths(args.images)]
     model = load_dense(args.checkpoint, "segmentation", args.runtime)
-    for r in segment_images(model, images, args.output, alpha=args.alpha):
-        print(f"{r['image']}: {r['pixels_per_class']}")
+    for r in segment_images(model, images, args.output, alpha=args.alpha, skip_bad_images=args.skip_bad_images):
+        print(f"{r['error']} (skipped)" if "error" in r else f"{r['image']}: {r['pixels_per_class']}")
     print(f"overlays and masks in {args.output}")
     return 0

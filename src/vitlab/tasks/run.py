@@ -8,6 +8,7 @@ A data folder holds ``train/`` and ``val/``, each with ``images/`` and either ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -276,43 +277,76 @@ def _names(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def detect_images(model: nn.Module, paths: list[Path], output: Path, *, threshold: float = 0.5,
-                  attention: bool = False) -> list[dict[str, Any]]:
+                  attention: bool = False, skip_bad_images: bool = False) -> list[dict[str, Any]]:
     """Draw boxes, labels and scores on each image (``output/NAME.png``) and write ``detections.json``;
-    with ``attention``, also each detected object's decoder cross-attention (``NAME_attention.png``)."""
-    from PIL import Image, ImageDraw
+    with ``attention``, also each detected object's decoder cross-attention (``NAME_attention.png``).
 
+    ``skip_bad_images``: an undecodable file gets an entry with its ``error`` and the rest go on; otherwise it
+    stops the run, and ``detections.json`` still holds the images done before it."""
     from vitlab.data import unique_stems
-    from vitlab.tasks.metrics import detections_from_outputs
 
     names = _names(model)
     output.mkdir(parents=True, exist_ok=True)
-    results = []
-    for path, stem in zip(paths, unique_stems(paths)):
-        x, image, _ = _prepare(model, path)
-        H, W = image.shape[-2:]
-        if attention:
-            from vitlab.analysis.explain_detr import detection_attention
-
-            out, maps = detection_attention(model, x[None])
-        else:
-            out = model(x[None])
-        (det,) = detections_from_outputs(out["logits"], out["boxes"], [(H, W)], threshold=threshold)
-        pic = Image.fromarray(_rgb(image)).convert("RGB")
-        draw = ImageDraw.Draw(pic)
-        objects = []
-        for box, label, score in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
-            draw.rectangle(box, outline=(255, 64, 64), width=max(1, round(min(H, W) / 150)))
-            draw.text((box[0] + 2, box[1] + 1), f"{names[label]} {score:.2f}", fill=(255, 255, 0))
-            objects.append({"label": names[label], "class_index": label, "score": round(score, 4),
-                            "box_xyxy": [round(v, 2) for v in box]})
-        pic.save(output / f"{stem}.png")
-        if attention and objects:
-            keep = (out["logits"][0].softmax(-1)[:, :-1].max(-1).values >= threshold).nonzero().flatten()
-            _save_attention(pic, maps[0, keep], output / f"{stem}_attention.png",
-                            [f"{o['label']} {o['score']:.2f}" for o in objects])
-        results.append({"image": str(path), "width": W, "height": H, "objects": objects})
-    (output / "detections.json").write_text(json.dumps(results, indent=2))
+    results: list[dict[str, Any]] = []
+    with _written_at_the_end(results, output / "detections.json"):
+        for path, stem in zip(paths, unique_stems(paths)):
+            if (prepared := _prepare_or_skip(model, path, results, skip_bad_images)) is not None:
+                results.append(_detect_one(model, path, stem, prepared, output, names, threshold, attention))
     return results
+
+
+def _detect_one(model: nn.Module, path: Path, stem: str, prepared: tuple, output: Path, names: list[str],
+                threshold: float, attention: bool) -> dict[str, Any]:
+    """One image of :func:`detect_images`: its picture (and attention) written, its entry returned."""
+    from PIL import Image, ImageDraw
+
+    from vitlab.tasks.metrics import detections_from_outputs
+
+    x, image, _ = prepared
+    H, W = image.shape[-2:]
+    if attention:
+        from vitlab.analysis.explain_detr import detection_attention
+
+        out, maps = detection_attention(model, x[None])
+    else:
+        out = model(x[None])
+    (det,) = detections_from_outputs(out["logits"], out["boxes"], [(H, W)], threshold=threshold)
+    pic = Image.fromarray(_rgb(image)).convert("RGB")
+    draw = ImageDraw.Draw(pic)
+    objects = []
+    for box, label, score in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
+        draw.rectangle(box, outline=(255, 64, 64), width=max(1, round(min(H, W) / 150)))
+        draw.text((box[0] + 2, box[1] + 1), f"{names[label]} {score:.2f}", fill=(255, 255, 0))
+        objects.append({"label": names[label], "class_index": label, "score": round(score, 4),
+                        "box_xyxy": [round(v, 2) for v in box]})
+    pic.save(output / f"{stem}.png")
+    if attention and objects:
+        keep = (out["logits"][0].softmax(-1)[:, :-1].max(-1).values >= threshold).nonzero().flatten()
+        _save_attention(pic, maps[0, keep], output / f"{stem}_attention.png",
+                        [f"{o['label']} {o['score']:.2f}" for o in objects])
+    return {"image": str(path), "width": W, "height": H, "objects": objects}
+
+
+@contextlib.contextmanager
+def _written_at_the_end(results: list[dict[str, Any]], path: Path):
+    """``results`` written to ``path`` when the loop ends, also when an image stops it: what was done is kept."""
+    try:
+        yield
+    finally:
+        path.write_text(json.dumps(results, indent=2))
+
+
+def _prepare_or_skip(model: nn.Module, path: Path, results: list[dict[str, Any]], skip: bool):
+    from vitlab.data import BadImageError
+
+    try:
+        return _prepare(model, path)
+    except BadImageError as e:
+        if not skip:
+            raise BadImageError(f"{e} (--skip-bad-images reports such files and goes on)") from e
+        log.warning("skipped %s", e)
+        results.append({"image": str(path), "error": str(e)})
+        return None
 
 
 def _rgb(image: Tensor):
@@ -351,8 +385,10 @@ PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200
 
 
 @torch.no_grad()
-def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: float = 0.5) -> list[dict[str, Any]]:
-    """A colour overlay (``NAME.png``) and the class-index mask (``NAME_mask.png``) per image."""
+def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: float = 0.5,
+                   skip_bad_images: bool = False) -> list[dict[str, Any]]:
+    """A colour overlay (``NAME.png``) and the class-index mask (``NAME_mask.png``) per image, and
+    ``segments.json`` (``skip_bad_images`` as in :func:`detect_images`)."""
     import numpy as np
     from PIL import Image
 
@@ -360,20 +396,22 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
 
     output.mkdir(parents=True, exist_ok=True)
     names = _names(model)
-    results = []
-    for path, stem in zip(paths, unique_stems(paths)):
-        x, image, _ = _prepare(model, path)
-        H, W = image.shape[-2:]
-        logits = model(x[None])["logits"]
-        pred = torch.nn.functional.interpolate(logits, size=(H, W), mode="bilinear").argmax(1)[0].numpy()
-        colours = np.array([PALETTE[i % len(PALETTE)] for i in range(model.num_classes)], dtype=np.float32)
-        overlay = (1 - alpha) * _rgb(image).astype(np.float32) + alpha * colours[pred]
-        overlay = np.where((pred == 0)[..., None], _rgb(image), overlay)  # class 0 (background) left as is
-        Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(output / f"{stem}.png")
-        Image.fromarray(pred.astype(np.uint8)).save(output / f"{stem}_mask.png")
-        present = {names[c]: int((pred == c).sum()) for c in np.unique(pred).tolist()}
-        results.append({"image": str(path), "pixels_per_class": present})
-    (output / "segments.json").write_text(json.dumps(results, indent=2))
+    colours = np.array([PALETTE[i % len(PALETTE)] for i in range(model.num_classes)], dtype=np.float32)
+    results: list[dict[str, Any]] = []
+    with _written_at_the_end(results, output / "segments.json"):
+        for path, stem in zip(paths, unique_stems(paths)):
+            if (prepared := _prepare_or_skip(model, path, results, skip_bad_images)) is None:
+                continue
+            x, image, _ = prepared
+            H, W = image.shape[-2:]
+            logits = model(x[None])["logits"]
+            pred = torch.nn.functional.interpolate(logits, size=(H, W), mode="bilinear").argmax(1)[0].numpy()
+            overlay = (1 - alpha) * _rgb(image).astype(np.float32) + alpha * colours[pred]
+            overlay = np.where((pred == 0)[..., None], _rgb(image), overlay)  # class 0 (background) left as is
+            Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(output / f"{stem}.png")
+            Image.fromarray(pred.astype(np.uint8)).save(output / f"{stem}_mask.png")
+            present = {names[c]: int((pred == c).sum()) for c in np.unique(pred).tolist()}
+            results.append({"image": str(path), "pixels_per_class": present})
     return results
 
 
