@@ -54,6 +54,7 @@ def spread_images(dataset: Dataset, num_images: int) -> Dataset:
 
 
 def token_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *, device: str | torch.device,
+                             not_scored: str | None = None,
                              name: str) -> tuple[dict[str, Any], Section, int, int]:
     """Mean attention distance per layer and head over the layers whose tokens attend among the patch tokens
     (ViT, DeiT, CaiT; CrossViT's, TNT's and T2T-ViT's layers over [prefix + patches]): the numbers, the report
@@ -81,7 +82,7 @@ def token_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *,
         seen += x.shape[0]
     if seen == 0:
         raise ValueError("analyze: no images to analyse")
-    numbers: dict[str, Any] = {"num_images": seen, "accuracy_on_images": correct / seen}
+    numbers: dict[str, Any] = {"num_images": seen, "accuracy_on_images": None if not_scored else correct / seen}
     numbers["grid"] = list(layout.grid) if layout is not None else None
     numbers["patch_size"] = list(layout.patch_size) if layout is not None else None
     if why_not is not None:
@@ -90,7 +91,7 @@ def token_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *,
         section = Section(
             title="Mean attention distance (paper Fig. 7, right)",
             text=f"Does not apply to {name}: {why_not}. Mean attention distance needs attention from patch "
-                 f"tokens to patch tokens. Accuracy on these {seen} images: {correct / seen:.1%}.")
+                 f"tokens to patch tokens.{_accuracy_sentence(correct, seen, not_scored)}")
         return numbers, section, seen, correct
     dist = meter.compute()  # (layers, heads)
     L, H = dist.shape
@@ -114,9 +115,8 @@ def token_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *,
         text=f"Attention-weighted distance in pixels between query and key patch centres, averaged over query "
              f"patches (prefix tokens excluded) and {seen} images; patch {layout.patch_size[0]}x"
              f"{layout.patch_size[1]} px on a {layout.grid[0]}x{layout.grid[1]} grid; a head attending "
-             f"uniformly would score {numbers['attention_distance']['uniform_reference']:.2f} px. "
-             f"Accuracy on these images: "
-             f"{correct / seen:.1%}.",
+             f"uniformly would score {numbers['attention_distance']['uniform_reference']:.2f} px."
+             f"{_accuracy_sentence(correct, seen, not_scored)}",
         table=table)
     return numbers, section, seen, correct
 
@@ -131,6 +131,7 @@ def _uniform_window_distance(geom: WindowGeometry, stride: tuple[int, int]) -> f
 
 
 def windowed_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *, device: str | torch.device,
+                                not_scored: str | None = None,
                                 name: str) -> tuple[dict[str, Any], Section, int, int]:
     """Mean attention distance per block, stage and head of a windowed-attention model (Swin), between
     the true positions of query and key tokens (cyclic shift undone, padding left out), in input pixels:
@@ -155,7 +156,7 @@ def windowed_attention_distance(model: nn.Module, loader: DataLoader, out: Path,
         first_of_stage.setdefault(s, i)
     stage_ids = sorted(first_of_stage)
     depth = list(range(1, len(per_block) + 1))
-    numbers: dict[str, Any] = {"num_images": seen, "accuracy_on_images": correct / seen,
+    numbers: dict[str, Any] = {"num_images": seen, "accuracy_on_images": None if not_scored else correct / seen,
                                "grid": list(grid), "patch_size": list(patch)}
     numbers["attention_distance"] = {
         "pixels": [d.tolist() for d in per_block],  # [block][head]
@@ -199,9 +200,30 @@ def windowed_attention_distance(model: nn.Module, loader: DataLoader, out: Path,
         text=f"Attention-weighted distance in pixels between the true positions of query and key tokens "
              f"(cyclic shift undone, padding excluded), averaged over queries and {seen} images; one point "
              f"per head. {stages_text}. A head attending uniformly over the whole image would score "
-             f"{ad['uniform_reference']:.2f} px. Accuracy on these images: {correct / seen:.1%}.",
+             f"{ad['uniform_reference']:.2f} px.{_accuracy_sentence(correct, seen, not_scored)}",
         table=table)
     return numbers, section, seen, correct
+
+
+def _accuracy_sentence(correct: int, seen: int, not_scored: str | None) -> str:
+    """The sanity check's sentence: top-1 on the images, or why there is none (``not_scored``)."""
+    if not_scored:
+        return f" No accuracy: {not_scored}."
+    return f" Accuracy on these {seen} images: {correct / seen:.1%}."
+
+
+def why_not_scored(model: nn.Module, dataset: Dataset) -> str | None:
+    """Why top-1 on ``dataset`` means nothing for ``model`` (None: it does): no classifier, or other classes."""
+    classes = getattr(getattr(dataset, "dataset", dataset), "classes", None)
+    k = getattr(model, "num_classes", 0)
+    if not k:
+        return "the model has no classifier (its outputs are features)"
+    if classes is not None and len(classes) != k:
+        return f"the model has {k} classes, the data {len(classes)}"
+    names = getattr(model, "class_names", None)
+    if classes is not None and names and list(map(str, names)) != list(map(str, classes)):
+        return "the model's class names are not the data's"
+    return None
 
 
 @torch.no_grad()
@@ -219,7 +241,18 @@ def analyze_model(
     command: str = "",
 ) -> dict[str, Any]:
     """Write the figures, ``analysis.json`` and ``report.html`` to ``output_dir``; return the numbers."""
-    out = Path(output_dir)
+    was_training = model.training
+    try:
+        return _analyze(model, dataset, Path(output_dir), num_images=num_images, batch_size=batch_size,
+                        num_components=num_components, device=device, model_desc=model_desc, data_desc=data_desc,
+                        command=command)
+    finally:
+        model.train(was_training)  # the caller's model, as explain and extract_features leave it
+
+
+def _analyze(model: nn.Module, dataset: Dataset, out: Path, *, num_images: int, batch_size: int,
+             num_components: int, device: str | torch.device, model_desc: str, data_desc: str,
+             command: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(device).eval()
     name = getattr(model, "model_name", type(model).__name__)
@@ -230,7 +263,11 @@ def analyze_model(
     images = spread_images(dataset, num_images)
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_present)
     distance = windowed_attention_distance if is_windowed(model) else token_attention_distance
-    dist_numbers, section, seen, correct = distance(model, loader, out, device=device, name=name)
+    not_scored = why_not_scored(model, dataset)
+    dist_numbers, section, seen, correct = distance(model, loader, out, device=device, name=name,
+                                                    not_scored=not_scored)
+    if not_scored:
+        dist_numbers["accuracy_not_applicable"] = not_scored
     numbers.update(dist_numbers)
     sections.append(section)
 

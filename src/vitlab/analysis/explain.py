@@ -19,6 +19,7 @@ in :attr:`Explanation.method`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -171,15 +172,18 @@ def explain(
     method = resolve_method(model, method)
     was_training = model.training
     model.eval()
+    # the gradient methods differentiate whatever the caller's grad mode (inference code runs under no_grad)
+    needs_grad = method in GRADIENT_METHODS or method == "grad-rollout"
     try:
-        if method in GRADIENT_METHODS:
-            fn = _grad_cam if method == "grad-cam" else _grad_input
-            return fn(model, x, target=target)
-        family_fn = _family_explainer(model, method)
-        if family_fn is not None:
-            return family_fn(model, x, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
-        return _token_explain(model, x, method=method, target=target, head_fusion=head_fusion,
-                              discard_ratio=discard_ratio)
+        with torch.enable_grad() if needs_grad else contextlib.nullcontext():
+            if method in GRADIENT_METHODS:
+                fn = _grad_cam if method == "grad-cam" else _grad_input
+                return fn(model, x, target=target)
+            family_fn = _family_explainer(model, method)
+            if family_fn is not None:
+                return family_fn(model, x, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
+            return _token_explain(model, x, method=method, target=target, head_fusion=head_fusion,
+                                  discard_ratio=discard_ratio)
     finally:
         model.train(was_training)
 
@@ -251,7 +255,9 @@ def _grad_cam(model: nn.Module, x: Tensor, *, target: int | Tensor | None) -> Ex
         hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
     try:
         with torch.enable_grad():
-            logits = model(x)
+            # an input that requires grad: the graph reaches the cam layer also when the weights are frozen
+            # (requires_grad_(False), as for a linear probe)
+            logits = model(x.detach().requires_grad_(True))
             tgt = class_targets(logits, target)
             score = logits.gather(1, tgt[:, None]).sum()
             raw = seen[-1][0] if isinstance(seen[-1], (tuple, list)) else seen[-1]

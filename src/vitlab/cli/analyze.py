@@ -14,6 +14,7 @@ from vitlab.cli.common import (
     add_threads_argument,
     check_device,
     load_checkpoint,
+    positive_int,
     require_classifier,
 )
 
@@ -39,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="SOURCE", help="data source (e.g. digits, a folder, mnist)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split's images to use")
     p.add_argument("--num-images", type=int, default=256, metavar="N", help="images for the attention distance")
-    p.add_argument("--components", type=int, default=28, help="principal components of the filters to draw")
+    p.add_argument("--components", type=positive_int, default=28, help="principal components of the filters to draw")
     p.add_argument("--batch-size", type=int, default=32, help="images per captured forward pass (all maps are kept)")
     p.add_argument("--output", default="analysis", metavar="DIR", help="folder for the figures and report")
     add_device_argument(p)

@@ -104,6 +104,17 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.set_defaults(apply_threads=True)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def add_skip_bad_images_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="report an undecodable file and go on (JSON: an entry with \"error\") instead of stopping")

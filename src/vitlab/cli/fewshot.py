@@ -13,6 +13,7 @@ from vitlab.cli.common import (
     add_threads_argument,
     check_device,
     load_checkpoint,
+    positive_int,
     require_classifier,
 )
 
@@ -50,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=_shots, default=(1, 5, 10, 25), help="examples per class, comma-separated")
     p.add_argument("--seeds", type=int, default=5, metavar="N", help="random support draws per shot count")
     p.add_argument("--l2-reg", type=float, default=1.0, help="ridge regularisation (features are standardised)")
-    p.add_argument("--knn-k", type=int, default=5, help="neighbours for k-NN (capped at the shot count)")
+    p.add_argument("--knn-k", type=positive_int, default=5, help="neighbours for k-NN (capped at the shot count)")
     p.add_argument("--train-split", default="train", choices=("train", "val", "test"))
     p.add_argument("--test-split", default="test", choices=("train", "val", "test"))
     p.add_argument("--pool", type=int, default=None, metavar="N",

@@ -54,12 +54,16 @@ def expand_image_paths(paths: list[str | os.PathLike]) -> list[str]:
 def unique_stems(paths: list[str | os.PathLike]) -> list[str]:
     """Output names for input files: each file's stem, with -1, -2, ... for a stem seen before (a/1.png and
     b/1.png must not write over each other's results)."""
-    names, seen = [], {}
+    names: list[str] = []
+    taken: set[str] = set()
     for p in paths:
-        stem = Path(p).stem
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        names.append(stem if n == 0 else f"{stem}-{n}")
+        stem = name = Path(p).stem
+        n = 0
+        while name in taken:  # also a file whose own stem is another's generated name (x-1.png beside 2 x.png)
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name)
+        names.append(name)
     return names
 
 
