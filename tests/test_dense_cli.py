@@ -70,6 +70,10 @@ def test_detection_commands(data: Path, tmp_path: Path, capsys) -> None:
     assert [r["image"] for r in json.loads((tmp_path / "det4" / "detections.json").read_text())] == [str(bad / "a.png")]
     assert main(["explain", str(image), "--checkpoint", str(out / "model.safetensors"),
                  "--output", str(tmp_path / "exp")]) == 0
+    # explain of a detector honours --skip-bad-images (it stopped at the bad file although given the flag)
+    assert main(["explain", str(bad), "--checkpoint", str(out / "model.safetensors"), "--skip-bad-images",
+                 "--output", str(tmp_path / "exp2")]) == 0
+    assert (tmp_path / "exp2" / "a.png").is_file()
     # the detector's threshold (0.5) may keep no object of an untrained model; the picture is always written
     assert (tmp_path / "exp" / "00000.png").is_file()
 

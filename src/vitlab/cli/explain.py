@@ -97,8 +97,15 @@ def run(args: argparse.Namespace) -> int:
         # DETR: each detected object's decoder cross-attention over the image (the paper's figure)
         from vitlab.tasks.run import detect_images
 
-        for r in detect_images(model.cpu(), [Path(p) for p in images], Path(args.output), attention=True):
-            print(f"{r['image']}: {len(r['objects'])} objects -> {Path(args.output)}")
+        if args.method not in (None, "auto") or args.target is not None:
+            log.warning("a detector is explained by each object's decoder cross-attention: --method and --class do "
+                        "not apply (vitlab detect --attention --threshold T sets which objects are drawn)")
+        for r in detect_images(model.cpu(), [Path(p) for p in images], Path(args.output), attention=True,
+                               skip_bad_images=args.skip_bad_images):
+            if "error" in r:
+                print(f"{r['error']} (skipped)")
+            else:
+                print(f"{r['image']}: {len(r['objects'])} objects -> {Path(args.output)}")
         return 0
     require_classifier(model, "explain", args.checkpoint)  # a segmenter has no per-class map here
     names = model_class_names(model)
