@@ -113,10 +113,12 @@ class Compiled(nn.Module):
     graph, so linear and convolution weights are prepacked once and their bias and activation fused into
     oneDNN's kernels. Later changes to the parameters are not seen by the compiled graph.
 
-    In inference (``freeze=True``, or the model in eval mode), a batch of a size not run before and smaller than
-    the largest run so far (the last, partial batch of a folder or data set) is padded with zero images to that
-    size and their outputs dropped: a new batch size would compile again (10-30 s for a ViT-S on a CPU), the
-    padded rows cost a fraction of one batch. Sizes already run (batch 1 after batch 16) run as they are."""
+    In inference (``freeze=True``, or the model in eval mode), the first batch of a size not run before and
+    smaller than the largest run so far (the last, partial batch of a folder or data set) is padded with zero
+    images to that size and their outputs dropped: a new batch size would compile again (10-30 s for a ViT-S on
+    a CPU), the padded rows cost a fraction of one batch. A size that comes again is compiled and runs as it is
+    (a server warmed at batch 16 and then answering single images would otherwise compute 16 images for each).
+    Sizes already run (batch 1 after batch 16) run as they are."""
 
     def __init__(self, model: nn.Module, *, freeze: bool = False, **compile_kwargs: Any) -> None:
         super().__init__()
@@ -127,6 +129,7 @@ class Compiled(nn.Module):
         self.compile_s: float | None = None
         self.failed: str | None = None
         self.batch_sizes: set[int] = set()  # batch sizes the compiled graph has run in inference
+        self.padded_sizes: set[int] = set()  # sizes padded once: the next batch of such a size compiles
 
     def _call_compiled(self, x: Tensor) -> Tensor:
         if not self.freeze:
@@ -164,8 +167,10 @@ class Compiled(nn.Module):
         return self.freeze or not self.model.training
 
     def _padded_size(self, n: int) -> int:
-        if not self._inference() or n in self.batch_sizes or not self.batch_sizes or n > max(self.batch_sizes):
+        if (not self._inference() or n in self.batch_sizes or not self.batch_sizes or n > max(self.batch_sizes)
+                or n in self.padded_sizes):
             return n
+        self.padded_sizes.add(n)
         return max(self.batch_sizes)
 
 
