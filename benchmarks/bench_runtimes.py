@@ -83,7 +83,9 @@ def speed(names: list[str], runtimes: list[str], batches: list[int], repeats: in
             mm32, mmf = matmul_step(2048, dtype="float32")
             mm16, _ = matmul_step(2048, dtype="bfloat16")
             steps["matmul-fp32"], steps["matmul-bf16"] = mm32, mm16
-            stats = run_interleaved(steps, warmup=1, repeats=repeats, min_repeat_s=min_repeat_s)
+            # two warm-up rounds: a compiled runtime pads a batch size smaller than one it has compiled the first
+            # time it comes (batch 1 after batch 16) and compiles it the second time
+            stats = run_interleaved(steps, warmup=2, repeats=repeats, min_repeat_s=min_repeat_s)
             faults = {k: page_faults(f) for k, f in steps.items() if not k.startswith("matmul")}
             timm_arms = [stats[k] for k in ("timm", "timm-bf16", "timm-bf16-full") if k in stats]
             if timm_arms:  # timm at its best eager setting, round by round: the fastest of its arms that round
