@@ -73,6 +73,11 @@ def test_forward_flops_of_a_tiny_vit_match_the_closed_form() -> None:
 def test_parse_overrides_literals_and_strings() -> None:
     assert parse_overrides(["depth=2", "global_pool=avg", "img_size=(32, 48)", "qkv_bias=False"]) == {
         "depth": 2, "global_pool": "avg", "img_size": (32, 48), "qkv_bias": False}
+    # one reader with --model-arg: JSON spellings too, lists as the tuples configs hold
+    assert parse_overrides(['global_pool="avg"', "fc_norm=false", "img_size=[32, 48]"]) == {
+        "global_pool": "avg", "fc_norm": False, "img_size": (32, 48)}
+    with pytest.raises(ValueError, match="--set 'depth': expected KEY=VALUE"):
+        parse_overrides(["depth"])
 
 
 def test_interleaved_rounds_and_paired_ratio() -> None:

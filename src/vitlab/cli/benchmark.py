@@ -7,13 +7,19 @@ vitlab alone and needs nothing beyond vitlab's own dependencies.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 from typing import Any
 
 from vitlab.benchmark import DTYPES, MODES, benchmark_models, num_threads
-from vitlab.cli.common import add_device_argument, add_model_argument, check_device, load_checkpoint, threads_type
+from vitlab.cli.common import (
+    add_device_argument,
+    add_model_argument,
+    check_device,
+    load_checkpoint,
+    parse_assignments,
+    threads_type,
+)
 from vitlab.export.runtimes import RUNTIMES
 
 log = logging.getLogger(__name__)
@@ -61,20 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["depth=2", "img_size=64", "global_pool='avg'"]`` -> {"depth": 2, "img_size": 64, "global_pool": "avg"}.
-
-    Values are Python literals; anything that is not one is taken as a plain string.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
-    return out
+    """``["depth=2", "img_size=64", "global_pool='avg'"]`` -> {"depth": 2, "img_size": 64, "global_pool": "avg"}
+    (the same reading as ``--model-arg``: :func:`vitlab.cli.common.parse_assignments`)."""
+    return parse_assignments(items, "--set")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,19 +25,31 @@ def add_model_argument(p: argparse.ArgumentParser, *, with_model: bool = True) -
                         "global_pool=\"avg\" with fc_norm=false; repeatable (vitlab checkpoints record theirs)")
 
 
-def model_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``--model-arg KEY=VALUE`` options as config overrides (values parsed as JSON, else kept as text)."""
+def parse_assignments(items: list[str], option: str) -> dict[str, Any]:
+    """``KEY=VALUE`` options (``--model-arg``, benchmark's ``--set``) as config overrides: the value read as JSON
+    (``false``, ``"avg"``, ``[1, 2]``), else as a Python literal (``False``, ``'avg'``, ``(1, 2)``), else kept as
+    text; lists become the tuples the config dataclasses hold."""
+    import ast
+
     out: dict[str, Any] = {}
-    for item in getattr(args, "model_args", None) or []:
+    for item in items:
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. global_pool=\"avg\"")
+            raise ValueError(f"{option} {item!r}: expected KEY=VALUE, e.g. global_pool=\"avg\"")
         try:
             value = json.loads(text)
         except ValueError:
-            value = text
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
         out[key.strip()] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+def model_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model-arg KEY=VALUE`` options as config overrides."""
+    return parse_assignments(getattr(args, "model_args", None) or [], "--model-arg")
 
 
 def load_checkpoint(args: argparse.Namespace) -> torch.nn.Module:
