@@ -132,7 +132,11 @@ def test_every_published_timm_file_fits_the_model_its_row_builds(monkeypatch, ro
     with torch.device("meta"):
         m = vitlab.create_model(f"{row['model']}.{row['tag']}", pretrained=True)
     assert m.num_classes == row["num_classes"]
-    assert tuple(m.preprocessing.input_size) == tuple(row["input_size"])
+    pre = m.preprocessing
+    assert tuple(pre.input_size) == tuple(row["input_size"])
+    # the preprocessing the weights were trained with, also where the family fixes it (the miil ViT's bilinear)
+    assert (pre.interpolation, pre.crop_pct) == (row["interpolation"], pytest.approx(row["crop_pct"]))
+    assert pre.mean == pytest.approx(tuple(row["mean"])) and pre.std == pytest.approx(tuple(row["std"]))
 
 
 def test_list_models_pretrained_lists_every_set_of_weights(capsys):

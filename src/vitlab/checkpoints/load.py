@@ -152,7 +152,11 @@ def _read_folder(path: Path, family: str, weights: Path | None = None) -> Source
     else:
         sd = unwrap_state_dict(read_pickle(weights), weights)
     if "architectures" in config or "model_type" in config or _looks_hf(sd):
-        return Source(weights, "hf", _convert(weights, family, "hf", sd, {"config": config}), {"config": config},
+        meta = {"config": config}
+        processor = path / "preprocessor_config.json"
+        if processor.exists():  # how the folder's images are prepared (vitlab.checkpoints.hf_processor)
+            meta["hf_processor"] = read_json(processor)
+        return Source(weights, "hf", _convert(weights, family, "hf", sd, {"config": config}), meta,
                       looks_like(sd, config))
     # a timm hub folder: config.json with "architecture", "model_args" and "pretrained_cfg", weights in timm's
     # names; create_model applies model_args and pretrained_cfg (vitlab.checkpoints.timm_hub)

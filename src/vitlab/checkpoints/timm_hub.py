@@ -31,6 +31,8 @@ TIMM_OFF_VALUES: dict[str, Any] = {
     "patch_drop_rate": 0.0, "dynamic_img_pad": False, "proj_bias": True, "swiglu_mlp": False, "scale_mlp": False,
     "scale_attn_norm": False, "scale_mlp_norm": False, "strict_img_size": True,
 }
+# what a family without a global_pool option computes (timm's save_for_hf writes global_pool="avg" for them all)
+FIXED_POOLING = "avg"
 # pretrained_cfg entries that are config fields in vitlab (the rest of the preprocessing is fixed per family)
 PREPROCESSING_FIELDS = ("mean", "std", "crop_pct", "interpolation")
 
@@ -63,6 +65,8 @@ def timm_hub_overrides(config: dict[str, Any], family: str, template: Any) -> di
         if key not in fields:
             if arg in INIT_ONLY_ARGS or (arg in TIMM_OFF_VALUES and value == TIMM_OFF_VALUES[arg]):
                 continue
+            if arg == "global_pool" and value == FIXED_POOLING:  # the family has no other pooling (Swin, Mixer, ...)
+                continue
             raise ValueError(f"timm model_args {arg}={raw!r} has no counterpart in vitlab's {type(template).__name__} "
                              f"(it accepts: {', '.join(sorted(fields))})")
         if key == "img_size" and isinstance(value, tuple) and len(value) == 2 and value[0] == value[1]:
@@ -92,16 +96,24 @@ def timm_hub_class_names(config: dict[str, Any]) -> list[str] | None:
     return None
 
 
-def preprocessing_not_applied(config: dict[str, Any], pre: Any) -> list[str]:
-    """The preprocessing a timm config.json asks for that the built model's (``pre``) does not follow: the
-    resize interpolation or the crop mode, which some families fix."""
+def timm_hub_style(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The preprocessing a timm config.json's ``pretrained_cfg`` asks for beyond vitlab's config fields (the
+    interpolation and the crop mode, which the families fix), as :func:`vitlab.models.base.set_preprocessing_style`
+    fields, and notes on what vitlab cannot follow (timm's ``crop_mode="border"``)."""
     pcfg = config.get("pretrained_cfg") or {}
-    out = []
-    if pcfg.get("interpolation") and pcfg["interpolation"] != pre.interpolation:
-        out.append(f"interpolation {pcfg['interpolation']!r} (vitlab's model uses {pre.interpolation!r})")
-    if pcfg.get("crop_mode", "center") != "center":
-        out.append(f"crop_mode {pcfg['crop_mode']!r} (vitlab crops the centre)")
-    return out
+    style: dict[str, Any] = {}
+    notes = []
+    interpolation = pcfg.get("interpolation")
+    if interpolation in ("bicubic", "bilinear", "nearest"):
+        style["interpolation"] = interpolation
+    elif interpolation:
+        notes.append(f"pretrained_cfg interpolation {interpolation!r}: vitlab resizes with the model's default")
+    crop_mode = pcfg.get("crop_mode")
+    if crop_mode in ("center", "squash"):
+        style["crop_mode"] = crop_mode
+    elif crop_mode:
+        notes.append(f"pretrained_cfg crop_mode {crop_mode!r}: vitlab crops the centre")
+    return style, notes
 
 
 def _value(v: Any) -> Any:

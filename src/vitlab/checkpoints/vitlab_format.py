@@ -54,6 +54,12 @@ def model_metadata(model: nn.Module, *, class_names: list[str] | None = None,
         "preprocessing": model.preprocessing.to_dict(),
         "class_names": list(class_names) if class_names is not None else getattr(model, "class_names", None),
     }
+    score = getattr(model, "score_function", "softmax")
+    if score != "softmax":  # a multi-label or regression head (from a Hugging Face config's problem_type)
+        meta["score_function"] = score
+    style = getattr(model, "preprocessing_style", None)
+    if style:  # set from a Hugging Face / timm hub folder's preprocessing: restored on load
+        meta["preprocessing_style"] = dict(style)
     if extra:
         meta["extra"] = extra
     return meta

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  mean / std     {tuple(pre['mean'])} / {tuple(pre['std'])}")
     if pre.get("channel_order", "RGB") != "RGB":
         print(f"  channel order  {pre['channel_order']}")
-    print(f"  crop fraction  {pre['crop_pct']}, {pre['interpolation']} interpolation")
+    squash = ", both sides (squash)" if pre.get("crop_mode", "center") == "squash" else ""
+    print(f"  crop fraction  {pre['crop_pct']}{squash}, {pre['interpolation']} interpolation")
     for w in info["pretrained"]:
         print(f"  weights        {args.name}.{w['tag']}: {w['hub']} ({w['format']}, {w['num_classes']} classes, "
               f"{w['license']})")

@@ -45,6 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the float32 model to report top-1 agreement; each costs a float32 forward (default: 256; "
                         "0: none; all: every image; eval --runtime measures it over a whole data set)")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image")
+    p.add_argument("--scores", choices=["auto", "softmax", "sigmoid", "none"], default="auto",
+                   help="how logits become scores: auto (default) takes the checkpoint's (softmax; sigmoid for a "
+                        "Hugging Face multi-label or single-label head, none for regression, as transformers' "
+                        "pipeline does); none reports raw logits as 'score'")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_device_argument(p)
     add_image_limit_argument(p)
@@ -78,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         reference = reference.to(device)
     transform = eval_transform(model.preprocessing)
     names = model.class_names
+    scores = getattr(model, "score_function", "softmax") if args.scores == "auto" else args.scores
+    if scores != "softmax":
+        log.info("scores: %s of the logits%s", scores, " (the checkpoint's)" if args.scores == "auto" else "")
     k = min(args.topk, model.num_classes)
     results = []
     agree, seen = 0, 0
@@ -107,11 +114,12 @@ def run(args: argparse.Namespace) -> int:
             if reference is not None and model.name != "torch" and (check := max(0, args.agreement - seen)):
                 agree += (logits_of(reference(x[:check])).argmax(-1) == logits[:check].argmax(-1)).sum().item()
                 seen += min(check, len(x))
-            probs = logits.softmax(dim=-1)
+            probs = {"softmax": lambda t: t.softmax(dim=-1), "sigmoid": torch.sigmoid, "none": lambda t: t}[scores](logits)
         top = probs.topk(k, dim=-1)
+        key = "score" if scores == "none" else "probability"
         for p, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
             results.append({"image": p, "predictions": [
-                {"class": names[i], "index": i, "probability": round(v, 6)} for v, i in zip(values, indices)]})
+                {"class": names[i], "index": i, key: round(v, 6)} for v, i in zip(values, indices)]})
         _report(results[done:], args.json, bar)
     if bar is not None:
         bar.close()
@@ -139,6 +147,10 @@ def _agreement_count(text: str) -> int:
     return n
 
 
+def _score_text(q: dict) -> str:
+    return f"{100 * q['probability']:.1f}%" if "probability" in q else f"score {q['score']:.4g}"
+
+
 def _report(batch: list[dict], as_json: bool, bar) -> None:
     """One batch's results: printed as they come in text mode (a long folder shows its progress and a stopped
     run keeps what it printed), gathered for the end in JSON mode; the progress bar moves either way."""
@@ -151,8 +163,8 @@ def _report(batch: list[dict], as_json: bool, bar) -> None:
             line = f"{r['error']} (skipped)"  # the message starts with the file's path
         else:
             best = r["predictions"][0]
-            others = ", ".join(f"{q['class']} {100 * q['probability']:.1f}%" for q in r["predictions"][1:])
-            line = f"{r['image']}: {best['class']} ({100 * best['probability']:.1f}%)" + (f"  [{others}]" if others else "")
+            others = ", ".join(f"{q['class']} {_score_text(q)}" for q in r["predictions"][1:])
+            line = f"{r['image']}: {best['class']} ({_score_text(best)})" + (f"  [{others}]" if others else "")
         if bar is not None:
             bar.write(line, file=sys.stdout)
         else:

@@ -3,7 +3,8 @@
 Both are plain picklable callables (DataLoader workers may be spawned), built from a model's
 :class:`~vitlab.models.base.Preprocessing`:
 
-    eval:  resize shorter side to size / crop_pct -> centre crop -> channels -> [0, 1] -> normalise
+    eval:  resize shorter side to size / crop_pct (both sides for crop_mode "squash") -> centre crop -> channels
+           -> [0, 1] -> normalise
     train: random resized crop -> h-flip -> channels -> RandAugment -> [0, 1] -> normalise -> random erasing
 
 Images are decoded as RGB; a model whose ``channel_order`` is "BGR" gets the channels reversed just before
@@ -52,16 +53,16 @@ class EvalTransform:
     def min_source_size(self) -> int:
         """The shorter side an input needs for full quality (the resize target): larger photos may be
         decoded smaller (``load_image(min_size=...)``)."""
-        return math.floor(max(self.size) / self.pre.crop_pct)
+        return self.pre.resize_side(max(self.size))
 
     def __call__(self, x: Tensor) -> Tensor:
         h, w = self.size
-        crop_pct = self.pre.crop_pct
+        pre = self.pre
         v = to_float(x)
-        if h == w:
-            v = resize_shorter(v, math.floor(h / crop_pct), self.pre.interpolation)
-        else:  # non-square target: scale both sides by 1 / crop_pct (no aspect-preserving rule fits both)
-            v = resize(v, (math.floor(h / crop_pct), math.floor(w / crop_pct)), self.pre.interpolation)
+        if h == w and pre.crop_mode == "center":
+            v = resize_shorter(v, pre.resize_side(h), pre.interpolation)
+        else:  # squash, or a non-square target: scale both sides by 1 / crop_pct (no aspect-preserving rule fits both)
+            v = resize(v, (pre.resize_side(h), pre.resize_side(w)), pre.interpolation)
         v = center_crop(v, self.size)
         v = to_channel_order(to_channels(v, self.channels), self.pre.channel_order)
         return normalize(v, self.pre.mean, self.pre.std)
@@ -71,7 +72,8 @@ class EvalTransform:
 
 
 def eval_transform(pre: Preprocessing) -> EvalTransform:
-    """Resize the shorter side to ``size / crop_pct`` (``pre.interpolation``), centre-crop to
+    """Resize the shorter side to ``size / crop_pct`` (``pre.interpolation``; both sides for ``pre.crop_mode``
+    "squash"), centre-crop to
     ``pre.input_size[1:]``, convert to ``pre.input_size[0]`` channels (1->3 repeat, 3->1 luma), scale to
     [0, 1] and normalise with ``pre.mean`` / ``pre.std``."""
     return EvalTransform(pre)

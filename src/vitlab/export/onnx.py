@@ -454,6 +454,7 @@ def metadata(model: nn.Module, pre: Preprocessing, *, class_names: list[str] | N
                   "dynamic_batch": dynamic_batch, "dynamic_size": dynamic_size},
         "task": task,
         "num_classes": int(model.num_classes),
+        "score_function": getattr(model, "score_function", "softmax"),
         "output": {"name": OUTPUT_NAME, "meaning": spec.meaning[OUTPUT_NAME]},  # the (first) logits output
         "outputs": [{"name": k, "meaning": spec.meaning[k]} for k in spec.names],
         "int8": int8,
@@ -470,6 +471,7 @@ def metadata(model: nn.Module, pre: Preprocessing, *, class_names: list[str] | N
         "mean": json.dumps(list(pre.mean)),
         "std": json.dumps(list(pre.std)),
         "crop_pct": str(pre.crop_pct),
+        "crop_mode": pre.crop_mode,
         "interpolation": pre.interpolation,
         "pixel_scale": "1/255",
         "task": task,

@@ -131,6 +131,7 @@ class OnnxModel(nn.Module):
             c, (h, w) = self.in_chans or 3, self.input_hw or (224, 224)
             self.preprocessing = Preprocessing(input_size=(c, h, w))
         self.task = self.meta.get("task", "classification")
+        self.score_function = self.meta.get("score_function", "softmax")
         self.config = dict(self.meta.get("config") or {})
         self.output_names = [o.name for o in self.session.get_outputs()]
         shape = self.session.get_outputs()[0].shape

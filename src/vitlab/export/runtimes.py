@@ -68,6 +68,7 @@ class Runtime(nn.Module):
                                 [str(i) for i in range(self.num_classes)])
         self.model_name = getattr(described, "model_name", type(described).__name__)
         self.task = getattr(described, "task", "classification")
+        self.score_function = getattr(described, "score_function", "softmax")
         self.setup_s = setup_s
 
     def forward(self, x: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ The common surface (``forward_features``, ``forward_head(x, pre_logits=False)``,
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -23,6 +24,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Preprocessing:
     """How images must be prepared for a model: resize to input_size / crop_pct, centre-crop, normalise.
 
+    ``crop_mode``: "center" resizes the shorter side to ``size / crop_pct`` (aspect kept) before the centre crop
+    (timm's default); "squash" resizes both sides to ``size / crop_pct`` (aspect not kept), as timm's
+    ``crop_mode="squash"`` and Hugging Face's processors with a ``{"height", "width"}`` size do.
     ``channel_order`` is the colour order the weights expect: "BGR" for checkpoints trained on OpenCV-loaded
     images (e.g. Hugging Face's MobileViT, whose processor flips RGB to BGR); vitlab's transforms apply it.
     """
@@ -33,6 +37,7 @@ class Preprocessing:
     crop_pct: float = 0.9
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     channel_order: Literal["RGB", "BGR"] = "RGB"
+    crop_mode: Literal["center", "squash"] = "center"
 
     def __post_init__(self) -> None:
         # one place for every family: a grayscale model built from RGB statistics gets their average
@@ -41,6 +46,18 @@ class Preprocessing:
         object.__setattr__(self, "std", fit_channels(tuple(self.std), channels))
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"Preprocessing: channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
+        if self.crop_mode not in ("center", "squash"):
+            raise ValueError(f"Preprocessing: crop_mode must be 'center' or 'squash', got {self.crop_mode!r}")
+        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise ValueError(f"Preprocessing: interpolation must be 'bicubic', 'bilinear' or 'nearest', "
+                             f"got {self.interpolation!r}")
+        if not self.crop_pct > 0:
+            raise ValueError(f"Preprocessing: crop_pct must be positive, got {self.crop_pct!r}")
+
+    def resize_side(self, side: int) -> int:
+        """The resize target of an output side: ``side / crop_pct`` rounded down as timm does, without losing a
+        pixel to float rounding when the quotient is a whole number (224 / (224 / 256) is 255.99...)."""
+        return math.floor(side / self.crop_pct + 1e-6)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,6 +66,23 @@ class Preprocessing:
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**fields)
+
+
+# the Preprocessing fields a checkpoint's own files may set on a built model (a Hugging Face
+# preprocessor_config.json, a timm hub pretrained_cfg) where the family fixes them; the input size is the model's
+STYLE_FIELDS = ("mean", "std", "crop_pct", "interpolation", "channel_order", "crop_mode")
+
+
+def set_preprocessing_style(model: nn.Module, **fields: Any) -> None:
+    """Make ``model.preprocessing`` use ``fields`` (of :data:`STYLE_FIELDS`) over what its family computes from
+    its config; the input size stays the model's. Recorded in vitlab checkpoints (``preprocessing_style``) and
+    restored when they load. Called with no fields, it clears them."""
+    unknown = sorted(set(fields) - set(STYLE_FIELDS))
+    if unknown:
+        raise ValueError(f"preprocessing style: unknown field(s) {unknown}; choose from {', '.join(STYLE_FIELDS)}")
+    style = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    replace(model.preprocessing, **style)  # type: ignore[attr-defined]  # checks the values
+    model.preprocessing_style = style
 
 
 class TimmSurface:
@@ -64,8 +98,12 @@ class TimmSurface:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A family's own ``forward_intermediates`` also takes timm's ``intermediates_only`` (return the list
-        alone) and ``stop_early`` (accepted; the blocks after the last one asked for run anyway)."""
+        alone) and ``stop_early`` (accepted; the blocks after the last one asked for run anyway). A family's
+        ``preprocessing`` follows the model's ``preprocessing_style`` (:func:`set_preprocessing_style`)."""
         super().__init_subclass__(**kwargs)
+        prop = cls.__dict__.get("preprocessing")
+        if isinstance(prop, property) and not getattr(prop.fget, "styled", False):
+            cls.preprocessing = property(_styled(prop.fget), doc=prop.__doc__)  # type: ignore[attr-defined]
         own = cls.__dict__.get("forward_intermediates")
         if own is None or getattr(own, "takes_timm_options", False):
             return
@@ -95,12 +133,23 @@ class TimmSurface:
         pre = self.preprocessing  # type: ignore[attr-defined]
         return {"architecture": getattr(self, "model_name", None), "input_size": tuple(pre.input_size),
                 "mean": tuple(pre.mean), "std": tuple(pre.std), "crop_pct": pre.crop_pct,
-                "interpolation": pre.interpolation, "num_classes": self.num_classes,  # type: ignore[attr-defined]
+                "interpolation": pre.interpolation, "crop_mode": pre.crop_mode, "num_classes": self.num_classes,  # type: ignore[attr-defined]
                 "classifier": self.classifier_name}
 
     @property
     def default_cfg(self) -> dict[str, Any]:
         return self.pretrained_cfg
+
+
+def _styled(fget: Any) -> Any:
+    @functools.wraps(fget)
+    def preprocessing(self: Any) -> Preprocessing:
+        pre = fget(self)
+        style = self.__dict__.get("preprocessing_style")
+        return replace(pre, **style) if style else pre
+
+    preprocessing.styled = True  # type: ignore[attr-defined]
+    return preprocessing
 
 
 def fit_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:

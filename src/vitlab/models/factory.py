@@ -77,6 +77,7 @@ def create_model(
     source = None
     file_overrides: dict[str, Any] = {}
     weights_overrides: dict[str, Any] = {}
+    weights_style: dict[str, Any] = {}
     if pretrained is True:
         from vitlab.models.pretrained import find_weights
 
@@ -85,6 +86,9 @@ def create_model(
         fields = {f.name for f in dataclasses.fields(entry.config)}
         weights_overrides = {k: getattr(weights, k) for k in ("mean", "std", "crop_pct", "interpolation")
                              if k in fields}
+        # what the family fixes but these weights were trained otherwise with (the miil ViT's bilinear resize)
+        weights_style = {k: getattr(weights, k) for k in ("mean", "std", "crop_pct", "interpolation")
+                         if k not in fields}
         if "img_size" in fields:  # weights fine-tuned at another size than the name's (mobilevitv2_150 at 384)
             h, w = weights.input_size[1:]
             weights_overrides["img_size"] = h if h == w else (h, w)
@@ -125,7 +129,10 @@ def create_model(
         names = _class_names(source)
         if names is not None and len(names) == model.num_classes:
             model.class_names = names
-        _check_timm_preprocessing(source, model)
+        _apply_preprocessing_style(source, model, given=set(overrides), weights_style=weights_style)
+        score = _score_function(source)
+        if score != "softmax" and model.num_classes:
+            model.score_function = score
         log.info("loaded %s weights from %s", source.format, label)
     return model
 
@@ -144,17 +151,74 @@ def _timm_hub_overrides(entry: Any, source: Any) -> dict[str, Any]:
         raise CheckpointError(f"{source.path.parent / 'config.json'}: {e}") from e
 
 
-def _check_timm_preprocessing(source: Any, model: nn.Module) -> None:
-    config = source.meta.get("timm_config")
-    pre = getattr(model, "preprocessing", None)
-    if not config or pre is None:
-        return
-    from vitlab.checkpoints.timm_hub import preprocessing_not_applied
+def _apply_preprocessing_style(source: Any, model: nn.Module, *, given: set[str],
+                               weights_style: dict[str, Any]) -> None:
+    """The preprocessing a checkpoint's files record beyond its config: a vitlab file's ``preprocessing_style``, a
+    Hugging Face folder's preprocessor_config.json, a timm hub config's interpolation and crop mode. Fields the
+    caller gave (``overrides``) win; what vitlab cannot follow is a warning."""
+    from vitlab.checkpoints import CheckpointError
+    from vitlab.models.base import STYLE_FIELDS, set_preprocessing_style
 
-    missed = preprocessing_not_applied(config, pre)
-    if missed:
-        log.warning("%s: config.json asks for preprocessing %s builds otherwise: %s", source.path.parent,
-                    model.model_name, "; ".join(missed))
+    pre = getattr(model, "preprocessing", None)
+    if pre is None:
+        return
+    style: dict[str, Any] = {}
+    notes: list[str] = []
+    where = str(source.path)
+    if source.format == "vitlab":
+        style = dict(source.meta.get("preprocessing_style") or {})
+    elif source.meta.get("hf_processor") is not None and getattr(model, "task", "classification") == "classification":
+        from vitlab.checkpoints.hf_processor import processor_style
+
+        where = str(source.path.parent / "preprocessor_config.json")
+        style, notes = processor_style(source.meta["hf_processor"], tuple(pre.input_size[1:]))
+    elif source.meta.get("timm_config"):
+        from vitlab.checkpoints.timm_hub import timm_hub_style
+
+        where = str(source.path.parent / "config.json")
+        style, notes = timm_hub_style(source.meta["timm_config"])
+    style = {**weights_style, **style}
+    style = {k: v for k, v in style.items() if k in STYLE_FIELDS and k not in given
+             and (source.format == "vitlab" or _differs(v, getattr(pre, k)))}
+    for note in notes:
+        log.warning("%s: %s", where, note)
+    if style:
+        try:
+            set_preprocessing_style(model, **style)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from e
+        if source.format != "vitlab":
+            log.info("%s: preprocessing %s", where, ", ".join(f"{k}={v}" for k, v in sorted(style.items())))
+
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "none")
+
+
+def _score_function(source: Any) -> str:
+    """How a checkpoint's logits become scores: a vitlab file's ``score_function``; for a Hugging Face config, as
+    transformers' image-classification pipeline decides (sigmoid for ``problem_type`` multi_label_classification
+    or a single label, none for regression, else softmax)."""
+    if source.format == "vitlab":
+        score = source.meta.get("score_function", "softmax")
+        return score if score in SCORE_FUNCTIONS else "softmax"
+    config = source.meta.get("config") or {}
+    if source.format != "hf" or not config:
+        return "softmax"
+    problem = config.get("problem_type")
+    labels = config.get("num_labels", len(config.get("id2label") or {}) or None)
+    if problem == "regression":
+        return "none"
+    if problem == "multi_label_classification" or labels == 1:
+        return "sigmoid"
+    return "softmax"
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) != len(b) or any(abs(float(x) - float(y)) > 1e-9 for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) > 1e-9
+    return a != b
 
 
 def _class_names(source: Any) -> list[str] | None:
@@ -242,6 +306,10 @@ def model_name_of(path: str | os.PathLike) -> str:
         arch = cfg.get("architecture")  # a timm hub folder: config.json names the timm model, weights in timm's keys
         if isinstance(arch, str) and _is_registered(arch.partition(".")[0]):
             return arch.partition(".")[0]
+        if isinstance(arch, str) and "model_type" not in cfg:  # a timm hub folder of a model vitlab has no name for
+            raise CheckpointError(f"{cfg_path}: timm architecture {arch!r} is not a vitlab model name (`vitlab models` "
+                                  f"lists them); if it is a variant of one, name it: --model NAME on the command "
+                                  f"line, vitlab.load_model({str(p)!r}, model_name=NAME) in Python")
         from vitlab.checkpoints.converters import hf_model_types
 
         model_type = cfg.get("model_type")

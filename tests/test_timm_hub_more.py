@@ -1,0 +1,52 @@
+"""timm hub folders as timm's own ``save_for_hf`` writes them for families with one pooling, and of models
+vitlab has no name for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import vitlab
+from vitlab.checkpoints import CheckpointError
+
+from model_helpers import perturb_
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4)),
+    ("mixer_s16_224", dict(img_size=32, embed_dim=16, depth=1)),
+    ("mobilevit_xxs", dict(img_size=64)),
+])
+def test_timm_save_for_hf_folder_of_an_average_pooling_family_loads(name: str, args: dict, tmp_path: Path) -> None:
+    # timm 1.0.31's save_for_hf writes model_args {in_chans, num_classes, global_pool: "avg", img_size} for them all
+    model = perturb_(vitlab.create_model(name, num_classes=5, **args)).eval()
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    model_args = {"in_chans": 3, "num_classes": 5, "global_pool": "avg", "img_size": [args["img_size"]] * 2,
+                  **{k: v for k, v in args.items() if k != "img_size"}}
+    (folder / "config.json").write_text(json.dumps({"architecture": name, "num_classes": 5,
+                                                    "model_args": model_args, "pretrained_cfg": {}}))
+    loaded = vitlab.load_model(folder).eval()
+    x = torch.randn(2, 3, args["img_size"], args["img_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    model_args["global_pool"] = "max"  # a pooling the family does not compute is still refused
+    (folder / "config.json").write_text(json.dumps({"architecture": name, "model_args": model_args}))
+    with pytest.raises(CheckpointError, match="global_pool='max'"):
+        vitlab.load_model(folder)
+
+
+def test_timm_hub_folder_of_an_unregistered_architecture_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_small_patch14_dinov2.lvd142m",
+                                                    "model_args": {}}))
+    save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"timm architecture 'vit_small_patch14_dinov2.lvd142m' is not a vitlab "
+                                              r"model name .* model_name=NAME"):
+        vitlab.load_model(folder)
