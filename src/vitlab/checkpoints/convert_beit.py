@@ -300,6 +300,10 @@ def hf_beit_overrides(config: dict[str, Any]) -> dict[str, Any]:
     if "layer_scale_init_value" in config:
         value = float(config["layer_scale_init_value"])
         over["init_values"] = value if value > 0 else None
+    if isinstance(config.get("use_mean_pooling"), bool):
+        # transformers' pooler (BeitPooler, and the classifier on top of it): the normalised mean of the patch
+        # tokens, or the class token. A classifier's norms already say which; a headless BeitModel's do not
+        over["global_pool"] = "avg" if config["use_mean_pooling"] else "token"
     return over
 
 

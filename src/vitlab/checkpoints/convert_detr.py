@@ -5,7 +5,10 @@
   ``encoder.stages.S.layers.B.layer.i`` - or from timm - ``conv1`` / ``layerS.B``): separate
   ``q_proj`` / ``k_proj`` / ``v_proj``, ``o_proj``, ``self_attn_layer_norm``, ``encoder_attn``,
   ``final_layer_norm``, ``model.decoder.layernorm``, ``model.query_position_embeddings``,
-  ``class_labels_classifier``, ``bbox_predictor``. The config gives the sizes.
+  ``class_labels_classifier``, ``bbox_predictor``. The config gives the heads (``decoder_attention_heads``
+  may differ from the encoder's) and, in ``backbone_config``, where the ResNet strides
+  (``downsample_in_bottleneck``, ``downsample_in_first_stage``); a backbone ``hidden_act`` other than relu
+  is refused.
 * The official repository (``{"model": ...}``; ``backbone.0.body.*`` in torchvision's ResNet names,
   ``transformer.encoder.layers.N.self_attn.in_proj_weight`` fused q/k/v, ``linear1/2``, ``norm1..3``,
   ``multihead_attn``, ``transformer.decoder.norm``, ``query_embed``, ``input_proj``, ``class_embed``,
@@ -158,7 +161,29 @@ def convert_hf(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
                 break
         else:
             raise ValueError(f"unexpected key {k!r}")
-    return _finish(out, backbone, heads=config.get("encoder_attention_heads"))
+    converted = _finish(out, backbone, heads=config.get("encoder_attention_heads"))
+    if config:  # transformers' defaults: 8 heads in both
+        enc_heads = int(config.get("encoder_attention_heads", 8))
+        dec_heads = int(config.get("decoder_attention_heads", 8))
+        converted.overrides["num_heads"] = enc_heads
+        if dec_heads != enc_heads:
+            converted.overrides["dec_num_heads"] = dec_heads
+    converted.overrides["backbone_args"].update(_hf_backbone_args(config.get("backbone_config") or {}))
+    return converted
+
+
+def _hf_backbone_args(bb: dict[str, Any]) -> dict[str, Any]:
+    """What a Hugging Face ``backbone_config`` (transformers' ResNetConfig) sets beyond the tensors: where the
+    stride sits. An activation other than ReLU is refused."""
+    act = bb.get("hidden_act", "relu")
+    if act != "relu":
+        raise ValueError(f"backbone_config.hidden_act={act!r}; vitlab's ResNet backbone uses relu")
+    args: dict[str, Any] = {}
+    if bb.get("downsample_in_bottleneck") and bb.get("layer_type", "bottleneck") == "bottleneck":
+        args["stride_in_1x1"] = True  # the stride on the bottleneck's first 1x1 convolution (ResNet v1)
+    if bb.get("downsample_in_first_stage"):
+        args["first_stage_stride"] = 2
+    return args
 
 
 @register_converter("detr", "official")

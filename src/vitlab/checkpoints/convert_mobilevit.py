@@ -10,6 +10,10 @@ Three layouts:
   ``channel_order="BGR"`` and vitlab's transforms flip the channels for it. Hugging Face's v2 does not
   resize odd maps (a 224 px input ends on a 7x7 map) where cvnets, timm and vitlab resize the block input
   to an even size (8x8): the same weights agree at 256 px (all maps even) and differ at 224 px.
+  ``config.json`` gives the heads, ``patch_size``, ``image_size`` (the input size) and ``layer_norm_eps``;
+  ``mlp_ratio`` / ``ffn_multiplier``, ``qkv_bias`` and ``conv_kernel_size`` are read off the tensors (the
+  stated MLP ratio first). A ``hidden_act`` other than SiLU, ``output_stride`` other than 32 (dilated
+  segmentation backbones) and an even ``conv_kernel_size`` are refused.
 * the official cvnets layout (apple/ml-cvnets and micronDLA/MobileViTv3 ``checkpoint_ema_best.pt``):
   ``conv_1.block.{conv,norm}``, ``layer_{i}.{j}.block.{exp_1x1,conv_3x3,red_1x1}.block.*``,
   ``layer_{i}.1.local_rep.{conv_3x3,conv_1x1}`` (v1, v3-S/XS/XXS) or ``local_rep.{0,1}`` (v2, v3-0.5..1.0),
@@ -116,12 +120,55 @@ def convert_hf_mobilevit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Convert
         out[_rename(k, _HF_RULES)] = v
     for (prefix, kind), parts in qkv.items():
         out[f"{prefix}.attn.qkv.{kind}"] = _cat(parts["query"], parts["key"], parts["value"])
-    overrides = infer_overrides(out)
-    overrides["channel_order"] = "BGR"  # the checkpoints were trained on (and HF's processor feeds) BGR images
     config = meta.get("config") or {}
-    if "num_attention_heads" in config:
-        overrides["num_heads"] = int(config["num_attention_heads"])
+    stated = config.get("mlp_ratio", config.get("ffn_multiplier"))  # v1 / v2
+    overrides = infer_overrides(out, mlp_ratio=float(stated) if stated is not None else None)
+    overrides["channel_order"] = "BGR"  # the checkpoints were trained on (and HF's processor feeds) BGR images
+    overrides.update(hf_config_overrides(config))
     return Converted(out, overrides)
+
+
+# Hugging Face's defaults for what vitlab's MobileViT computes (MobileViTConfig / MobileViTV2Config)
+_HF_ACTIVATIONS = ("silu", "swish")  # the same function: x * sigmoid(x)
+
+
+def hf_config_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """What a Hugging Face MobileViT / MobileViTV2 ``config.json`` sets beyond the tensors (they give widths,
+    depths, kernel, MLP widths and biases): heads, patch size, input size, LayerNorm eps; settings vitlab
+    does not compute are refused, naming the field."""
+    if not config:
+        return {}
+    what = f"HF {config.get('model_type', 'mobilevit')} config"
+    act = config.get("hidden_act", "silu")
+    if act not in _HF_ACTIVATIONS:
+        raise ValueError(f"{what}: hidden_act={act!r}; vitlab's MobileViT uses SiLU ('silu' / 'swish') in every "
+                         f"convolution and MLP")
+    if int(config.get("output_stride", 32)) != 32:
+        raise ValueError(f"{what}: output_stride={config['output_stride']!r} (dilated last stages, as in the "
+                         f"DeepLabV3 segmentation models); vitlab's MobileViT supports output_stride=32 only")
+    kernel = config.get("conv_kernel_size", 3)
+    if int(kernel) % 2 == 0:
+        raise ValueError(f"{what}: conv_kernel_size={kernel!r}; vitlab's MobileViT supports odd kernels only "
+                         f"(Hugging Face pads an even kernel asymmetrically)")
+    over: dict[str, Any] = {}
+    if "num_attention_heads" in config:
+        over["num_heads"] = int(config["num_attention_heads"])
+    if "patch_size" in config:
+        over["patch_size"] = _square(config["patch_size"], "patch_size", what)
+    if "image_size" in config:
+        img = config["image_size"]
+        over["img_size"] = tuple(int(s) for s in img) if isinstance(img, (list, tuple)) else int(img)
+    if "layer_norm_eps" in config:
+        over["norm_eps"] = float(config["layer_norm_eps"])
+    return over
+
+
+def _square(value: Any, field: str, what: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"{what}: {field}={list(value)}; vitlab's MobileViT supports square patches only")
+        value = value[0]
+    return int(value)
 
 
 def _cat(*ts: Tensor) -> Tensor:
@@ -185,8 +232,10 @@ def convert_official_mobilevit(sd: dict[str, Tensor], meta: dict[str, Any]) -> C
 
 
 # -------------------------------------------------------------------------------- architecture read-off
-def infer_overrides(sd: dict[str, Tensor]) -> dict[str, Any]:
-    """The config fields a converted state dict determines: widths, depths, expansion, head."""
+def infer_overrides(sd: dict[str, Tensor], *, mlp_ratio: float | None = None) -> dict[str, Any]:
+    """The config fields a converted state dict determines: widths, depths, expansion, MLP ratio, kernel of the
+    local convolution, attention biases, head. ``mlp_ratio``: the ratio a config file states (tried first; the
+    tensors' own ratio otherwise)."""
     over: dict[str, Any] = {}
     if "stem.conv.weight" in sd:
         over["stem_chs"] = int(sd["stem.conv.weight"].shape[0])
@@ -208,7 +257,34 @@ def infer_overrides(sd: dict[str, Tensor]) -> dict[str, Any]:
     over.update(channels=tuple(channels), mv2_depths=tuple(mv2), transformer_dims=tuple(dims),
                 transformer_depths=tuple(depths), expand_ratio=float(w.shape[0] / w.shape[1]))
     over["final_chs"] = int(sd["final_conv.conv.weight"].shape[0]) if "final_conv.conv.weight" in sd else 0
+    kxk = sd.get("stages.2.1.conv_kxk.conv.weight")
+    if kxk is not None:
+        over["kernel_size"] = int(kxk.shape[-1])
+    if "stages.2.1.transformer.0.attn.qkv.weight" in sd:  # multi-head attention (v1, v3-S/XS/XXS)
+        over["qkv_bias"] = "stages.2.1.transformer.0.attn.qkv.bias" in sd
+    ratio = _mlp_ratio(sd, dims, mlp_ratio)
+    if ratio is not None:
+        over["mlp_ratio"] = ratio
     return over | _head(sd)
+
+
+def _mlp_ratio(sd: dict[str, Tensor], dims: list[int], stated: float | None) -> float | None:
+    """The one ratio r with int(d * r) == the MLP width of every MobileViT stage (the model builds each stage's
+    MLP that way); the stated ratio first, then the first stage's width / d. Refused when none fits."""
+    widths = []
+    for i, d in enumerate(dims):
+        w = sd.get(f"stages.{2 + i}.1.transformer.0.mlp.fc1.weight")
+        if w is None:
+            return stated
+        widths.append((d, int(w.shape[0])))
+    if not widths:
+        return stated
+    for ratio in (stated, widths[0][1] / widths[0][0]):
+        if ratio is not None and all(int(d * ratio) == hidden for d, hidden in widths):
+            return float(ratio)
+    raise ValueError(f"MobileViT transformer MLP widths {[h for _, h in widths]} for widths d = {dims}: no single "
+                     f"ratio r gives them all as int(d * r)" + (f" (the config states {stated})" if stated else "")
+                     + "; vitlab's MobileViT uses one mlp_ratio for every stage")
 
 
 def _head(sd: dict[str, Tensor]) -> dict[str, Any]:

@@ -8,7 +8,9 @@
   at the end of a stage. The hub files spell the attention ``attention.self.{query,key,value}`` /
   ``attention.output.dense`` and the MLP ``intermediate.dense`` / ``output.dense``; transformers 5 renames
   Swin v1 in memory to ``attention.{q,k,v,o}_proj``, ``attention.relative_position_bias.*``, ``mlp.fc1/fc2``.
-  Both are read.
+  Both are read. transformers pads a token map to a multiple of the window before the cyclic shift (timm
+  after it), so these files build ``pad_before_shift=True``; a rectangular ``image_size`` on which
+  transformers clamps the window differently from vitlab is refused.
 """
 
 from __future__ import annotations
@@ -214,6 +216,8 @@ def _from_hf(sd: dict[str, Tensor], config: dict[str, Any], family: str) -> Conv
         elif "q.bias" in parts:
             out[base + "qkv.bias"] = torch.cat([parts["q.bias"], parts["k.bias"], parts["v.bias"]])
     converted = _finish(out, family)
+    # transformers pads a map to a multiple of the window before the cyclic shift (timm: after it)
+    converted.overrides["pad_before_shift"] = True
     converted.overrides.update(_hf_config_overrides(config, family))
     return converted
 
@@ -238,7 +242,42 @@ def _hf_config_overrides(config: dict[str, Any], family: str) -> dict[str, Any]:
     if family == "swinv2":
         pws = config.get("pretrained_window_sizes")
         over["pretrained_window_sizes"] = tuple(int(w) for w in pws) if pws and any(pws) else None
+    _check_hf_window_clamp(config, family)
     return over
+
+
+def _check_hf_window_clamp(config: dict[str, Any], family: str) -> None:
+    """Refuse a rectangular input on which transformers clamps the window differently from vitlab.
+
+    A stage whose map is no larger than the window along an axis uses the map there and no shift. vitlab (and
+    timm) decide per axis; transformers decides once for both axes: Swin from the shorter side (window =
+    min(H, W), no shift), Swin v2 from the height. On square maps, and where the window is smaller than both
+    sides, they agree."""
+    img, patch = config.get("image_size"), config.get("patch_size", 4)
+    window, depths = config.get("window_size"), config.get("depths")
+    if not isinstance(img, (list, tuple)) or window is None or not depths:
+        return
+    patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
+    h, w = (-(-int(img[0]) // int(patch[0])), -(-int(img[1]) // int(patch[1])))  # HF pads to whole patches
+    window = int(window)
+    for stage in range(len(depths)):
+        if stage:
+            h, w = (h + 1) // 2, (w + 1) // 2
+        ours = tuple(s if s <= window else window for s in (h, w))
+        our_shift = tuple(0 if s <= win else window // 2 for s, win in zip((h, w), ours))
+        if family == "swin":
+            hf_win = min(h, w) if min(h, w) <= window else window
+            hf_shift = 0 if min(h, w) <= window else window // 2
+        else:
+            hf_win = min(h, window)
+            hf_shift = 0 if h <= hf_win else window // 2
+        if ours != (hf_win, hf_win) or (depths[stage] > 1 and our_shift != (hf_shift, hf_shift)):
+            raise ValueError(
+                f"HF {family} config: image_size={list(img)} with patch_size={config.get('patch_size', 4)} and "
+                f"window_size={window} gives stage {stage} a {h}x{w} map, on which transformers uses one "
+                f"{hf_win}x{hf_win} window (shift {hf_shift}) for both axes and vitlab a per-axis "
+                f"{ours[0]}x{ours[1]} window (shift {our_shift}); vitlab supports HF Swin inputs whose maps are "
+                f"square or larger than the window on both sides")
 
 
 register_hf_model_type("swin", "swin_tiny_patch4_window7_224")

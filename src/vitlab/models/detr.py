@@ -47,6 +47,9 @@ class DETRConfig:
     num_classes: object classes, without "no object" (COCO: 91 = largest category id + 1).
     num_queries: object queries (100 for COCO).
     img_size: the nominal input size (preprocessing; any size runs).
+    num_heads: attention heads of the encoder (and of the decoder unless ``dec_num_heads`` is given).
+    dec_num_heads: attention heads of the decoder's self- and cross-attention (None: ``num_heads``; Hugging
+        Face's ``decoder_attention_heads``).
     """
 
     backbone: str = "resnet50"
@@ -57,6 +60,7 @@ class DETRConfig:
     num_queries: int = 100
     dim: int = 256
     num_heads: int = 8
+    dec_num_heads: int | None = None
     enc_depth: int = 6
     dec_depth: int = 6
     ffn_dim: int = 2048
@@ -90,9 +94,10 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: DETRConfig) -> None:
         super().__init__()
-        self.self_attn = CrossAttention(cfg.dim, num_heads=cfg.num_heads, attn_drop=cfg.dropout)
+        heads = cfg.num_heads if cfg.dec_num_heads is None else cfg.dec_num_heads
+        self.self_attn = CrossAttention(cfg.dim, num_heads=heads, attn_drop=cfg.dropout)
         self.norm1 = nn.LayerNorm(cfg.dim)
-        self.cross_attn = CrossAttention(cfg.dim, num_heads=cfg.num_heads, attn_drop=cfg.dropout)
+        self.cross_attn = CrossAttention(cfg.dim, num_heads=heads, attn_drop=cfg.dropout)
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.mlp = Mlp(cfg.dim, hidden_features=cfg.ffn_dim, act_layer=nn.ReLU, drop=cfg.dropout)
         self.norm3 = nn.LayerNorm(cfg.dim)

@@ -83,6 +83,11 @@ class MobileViTConfig:
     transformer_dims / transformer_depths: width d and number of transformer blocks of stages 3-5.
     expand_ratio: expansion of every inverted residual.
     final_chs: channels of the 1x1 expansion before pooling (v1, v3-S/XS/XXS); 0 for none (v2).
+    mlp_ratio: hidden width of the transformer MLPs relative to d (v1: 2; v2 calls it ``ffn_multiplier``).
+    qkv_bias: biases on the query / key / value projections (multi-head attention only).
+    kernel_size: kernel of the blocks' local convolution (``conv_kxk``) and of v1's fusion convolution; 3 in
+        every released model (Hugging Face's ``conv_kernel_size``). Odd: the convolutions pad ``k // 2``.
+    norm_eps: epsilon of the transformer's LayerNorms (v1, v3-S/XS/XXS) or GroupNorms (v2, v3-0.5..1.0).
     channel_order: the colour order the weights expect ("BGR" for Hugging Face MobileViT checkpoints,
         whose processor flips RGB to BGR); recorded in ``preprocessing`` and applied by vitlab's transforms.
     """
@@ -97,7 +102,10 @@ class MobileViTConfig:
     expand_ratio: float = 4.0
     num_heads: int = 4
     mlp_ratio: float = 2.0
+    qkv_bias: bool = True
     patch_size: int = 2
+    kernel_size: int = 3
+    norm_eps: float = 1e-5
     final_chs: int = 640
     in_chans: int = 3
     num_classes: int = 1000
@@ -120,6 +128,9 @@ class MobileViTConfig:
                              f"{self.mv2_depths}")
         if len(self.transformer_dims) != 3 or len(self.transformer_depths) != 3:
             raise ValueError("MobileViTConfig: transformer_dims and transformer_depths need 3 entries (stages 3-5)")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"MobileViTConfig: kernel_size must be odd (the convolutions pad k // 2), "
+                             f"got {self.kernel_size}")
 
 
 def _concat(*xs: Tensor) -> Tensor:
@@ -131,23 +142,25 @@ class MobileViTBlock(nn.Module):
     concat(local, global), residual). The transformer sees (B*P, N, d) token sequences."""
 
     def __init__(self, dim: int, transformer_dim: int, depth: int, *, v3: bool, num_heads: int,
-                 mlp_ratio: float, patch_size: int, drop: float, attn_drop: float, drop_path: list[float]) -> None:
+                 mlp_ratio: float, qkv_bias: bool = True, patch_size: int, kernel_size: int = 3,
+                 norm_eps: float = 1e-5, drop: float, attn_drop: float, drop_path: list[float]) -> None:
         super().__init__()
         self.v3 = v3
         self.patch = (patch_size, patch_size)
         d = transformer_dim
-        self.conv_kxk = ConvNormAct(dim, dim, 3, groups=dim if v3 else 1)
+        norm = partial(nn.LayerNorm, eps=norm_eps)
+        self.conv_kxk = ConvNormAct(dim, dim, kernel_size, groups=dim if v3 else 1)
         self.conv_1x1 = nn.Conv2d(dim, d, 1, bias=False)
         attn = partial(FoldedAttention, groups=patch_size * patch_size)
         self.transformer = nn.Sequential(*[
-            Block(d, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=drop, attn_drop=attn_drop,
-                  drop_path=drop_path[i], norm_layer=nn.LayerNorm, act_layer=nn.SiLU, attn_layer=attn)
+            Block(d, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop,
+                  attn_drop=attn_drop, drop_path=drop_path[i], norm_layer=norm, act_layer=nn.SiLU, attn_layer=attn)
             for i in range(depth)
         ])
-        self.norm = nn.LayerNorm(d)
+        self.norm = norm(d)
         self.conv_proj = ConvNormAct(d, dim, 1)
-        # v1: 3x3 over concat(input, global) (2C); v3: 1x1 over concat(local, global) (d + C)
-        self.conv_fusion = ConvNormAct(d + dim, dim, 1) if v3 else ConvNormAct(2 * dim, dim, 3)
+        # v1: kxk (3x3) over concat(input, global) (2C); v3: 1x1 over concat(local, global) (d + C)
+        self.conv_fusion = ConvNormAct(d + dim, dim, 1) if v3 else ConvNormAct(2 * dim, dim, kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         local = self.conv_1x1(self.conv_kxk(x))  # (B, d, H, W)
@@ -169,18 +182,20 @@ class MobileViTV2Block(nn.Module):
     residual). The separable-attention blocks see (B, d, P, N) patch maps."""
 
     def __init__(self, dim: int, transformer_dim: int, depth: int, *, v3: bool, mlp_ratio: float,
-                 patch_size: int, drop: float, attn_drop: float, drop_path: list[float]) -> None:
+                 patch_size: int, kernel_size: int = 3, norm_eps: float = 1e-5, drop: float, attn_drop: float,
+                 drop_path: list[float]) -> None:
         super().__init__()
         self.v3 = v3
         self.patch = (patch_size, patch_size)
         d = transformer_dim
-        self.conv_kxk = ConvNormAct(dim, dim, 3, groups=dim)
+        self.conv_kxk = ConvNormAct(dim, dim, kernel_size, groups=dim)
         self.conv_1x1 = nn.Conv2d(dim, d, 1, bias=False)
         self.transformer = nn.Sequential(*[
-            SeparableAttentionBlock(d, mlp_ratio=mlp_ratio, drop=drop, attn_drop=attn_drop, drop_path=drop_path[i])
+            SeparableAttentionBlock(d, mlp_ratio=mlp_ratio, drop=drop, attn_drop=attn_drop, drop_path=drop_path[i],
+                                    eps=norm_eps)
             for i in range(depth)
         ])
-        self.norm = nn.GroupNorm(1, d)
+        self.norm = nn.GroupNorm(1, d, eps=norm_eps)
         self.conv_proj = ConvNormAct(2 * d if v3 else d, dim, 1, act_layer=None)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -218,9 +233,11 @@ class MobileViT(TimmSurface, nn.Module):
         for i in range(3):
             dim, d, depth = C[2 + i], cfg.transformer_dims[i], cfg.transformer_depths[i]
             common = dict(v3=cfg.version == "v3", mlp_ratio=cfg.mlp_ratio, patch_size=cfg.patch_size,
-                          drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate, drop_path=dpr[k:k + depth])
+                          kernel_size=cfg.kernel_size, norm_eps=cfg.norm_eps, drop=cfg.proj_drop_rate,
+                          attn_drop=cfg.attn_drop_rate, drop_path=dpr[k:k + depth])
             if cfg.attention == "mhsa":
-                block: nn.Module = MobileViTBlock(dim, d, depth, num_heads=cfg.num_heads, **common)
+                block: nn.Module = MobileViTBlock(dim, d, depth, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias,
+                                                  **common)
             else:
                 block = MobileViTV2Block(dim, d, depth, **common)
             stages.append(nn.Sequential(InvertedResidual(cin, dim, stride=2, expand_ratio=cfg.expand_ratio), block))
@@ -335,7 +352,7 @@ class MobileViT(TimmSurface, nn.Module):
 
 def describe_kind(version: str, attention: str) -> str:
     return {
-        ("v1", "mhsa"): "v1 (3x3 fusion over input and global features)",
+        ("v1", "mhsa"): "v1 (3x3 (kxk) fusion over input and global features)",
         ("v3", "mhsa"): "v3-S/XS/XXS (1x1 fusion over local and global features, residual)",
         ("v2", "separable"): "v2 (separable attention, projection of the global features only)",
         ("v3", "separable"): "v3-0.5/0.75/1.0 (separable attention, projection over global and local, residual)",
@@ -347,7 +364,12 @@ def checkpoint_kind(sd: dict[str, Tensor]) -> tuple[Version, AttentionKind] | No
     for i in range(2, 5):
         p = f"stages.{i}.1."
         if f"{p}conv_fusion.conv.weight" in sd:  # multi-head attention blocks
-            return ("v1", "mhsa") if sd[f"{p}conv_fusion.conv.weight"].shape[-1] == 3 else ("v3", "mhsa")
+            # v3's local convolution is depthwise (one input channel per filter), v1's a full one; the fusion's
+            # kernel does not tell them apart (v1 with conv_kernel_size=1 has a 1x1 fusion too)
+            kxk = sd.get(f"{p}conv_kxk.conv.weight")
+            if kxk is not None and kxk.shape[0] > 1:
+                return ("v3", "mhsa") if kxk.shape[1] == 1 else ("v1", "mhsa")
+            return ("v1", "mhsa") if sd[f"{p}conv_fusion.conv.weight"].shape[-1] != 1 else ("v3", "mhsa")
         if f"{p}conv_proj.conv.weight" in sd and f"{p}conv_1x1.weight" in sd:
             d = sd[f"{p}conv_1x1.weight"].shape[0]
             return ("v3", "separable") if sd[f"{p}conv_proj.conv.weight"].shape[1] == 2 * d else ("v2", "separable")

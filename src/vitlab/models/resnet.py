@@ -5,8 +5,8 @@
   section 3.1): group norm, weight-standardised convolutions, TF 'SAME' padding; ResNet-50's first
   three stages give the stride-16 feature map that the hybrid ViT cuts into 1x1 "patches".
 
-Both are post-activation (v1.5: the stride sits on the 3x3 convolution) and share the common
-classifier surface. Module names follow the stem/stages/blocks layout of ResNetV2 checkpoints.
+Both are post-activation (v1.5: the stride sits on the 3x3 convolution; ``stride_in_1x1`` moves it to the
+first 1x1, as in the original v1) and share the common classifier surface. Module names follow the stem/stages/blocks layout of ResNetV2 checkpoints.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class ResNetConfig:
     stem: "imagenet" (7x7 stride-2 convolution and max pool: stride 4) or "small" (one 3x3 stride-1
         convolution, for 32x32 images such as CIFAR, as in He et al. section 4.2).
     num_classes: 0 leaves the model headless (a backbone returning feature maps).
+    stride_in_1x1: put a bottleneck's stride on its first 1x1 convolution (the original ResNet, "v1";
+        Hugging Face's ``downsample_in_bottleneck``) instead of on its 3x3 convolution (v1.5, the default).
+    first_stage_stride: stride of the first stage's first block (1 in He et al.; Hugging Face's
+        ``downsample_in_first_stage`` makes it 2).
     """
 
     layers: tuple[int, ...] = (3, 4, 6, 3)
@@ -52,6 +56,8 @@ class ResNetConfig:
     std_conv: bool = False
     padding: Literal["symmetric", "same"] = "symmetric"
     stem: Literal["imagenet", "small"] = "imagenet"
+    stride_in_1x1: bool = False
+    first_stage_stride: Literal[1, 2] = 1
     in_chans: int = 3
     num_classes: int = 1000
     img_size: int | tuple[int, int] = 224
@@ -72,8 +78,9 @@ class ResNetConfig:
 
     @property
     def reduction(self) -> int:
-        """Total stride of the feature map: the stem's (4 or 1) times 2 for every stage after the first."""
-        return (4 if self.stem == "imagenet" else 1) * 2 ** (len(self.layers) - 1)
+        """Total stride of the feature map: the stem's (4 or 1), the first stage's (1 or 2), times 2 for every
+        later stage."""
+        return (4 if self.stem == "imagenet" else 1) * self.first_stage_stride * 2 ** (len(self.layers) - 1)
 
 
 def _conv(cfg: ResNetConfig, cin: int, cout: int, k: int, stride: int = 1) -> nn.Module:
@@ -122,9 +129,9 @@ class Bottleneck(nn.Module):
         super().__init__()
         mid = cout // 4
         self.downsample = Downsample(cfg, cin, cout, stride) if stride != 1 or cin != cout else None
-        self.conv1 = _conv(cfg, cin, mid, 1)
+        self.conv1 = _conv(cfg, cin, mid, 1, stride if cfg.stride_in_1x1 else 1)
         self.norm1 = _norm(cfg, mid)
-        self.conv2 = _conv(cfg, mid, mid, 3, stride)
+        self.conv2 = _conv(cfg, mid, mid, 3, 1 if cfg.stride_in_1x1 else stride)
         self.norm2 = _norm(cfg, mid)
         self.conv3 = _conv(cfg, mid, cout, 1)
         self.norm3 = _norm(cfg, cout)
@@ -171,7 +178,8 @@ class ResNet(TimmSurface, nn.Module):
         for i, (n, cout) in enumerate(zip(cfg.layers, cfg.stage_channels)):
             blocks = []
             for j in range(n):
-                blocks.append(block_cls(cfg, cin, cout, 2 if (j == 0 and i > 0) else 1, dpr[k]))
+                stride = 1 if j > 0 else (2 if i > 0 else cfg.first_stage_stride)
+                blocks.append(block_cls(cfg, cin, cout, stride, dpr[k]))
                 cin, k = cout, k + 1
             stages.append(Stage(blocks))
         self.stages = nn.Sequential(*stages)

@@ -26,6 +26,12 @@ multiple of the patch size and every block pads its (rolled) map at the bottom /
 of its window (the shift mask is then built for that padded size, cached per size). The padding and
 the mask are expressed in traceable operations, so a dynamic-size ONNX export computes them per input
 (``vitlab.layers.tracing_any_size``).
+
+Where a window does not divide the map, the order of roll and pad matters: timm (and vitlab by default)
+rolls the map, then pads it; Hugging Face's ``SwinLayer`` / ``Swinv2Layer`` (and the Swin detection
+code they follow) pad first and roll the padded map, so the padding cells move to the top / left with
+the shift. ``pad_before_shift=True`` computes the latter; the Hugging Face converter sets it. Both
+agree wherever the windows divide the map (every released classifier at its own resolution).
 """
 
 from __future__ import annotations
@@ -80,6 +86,9 @@ class SwinConfig:
     dynamic_img_size: accept any input size (padding as described in the module docstring).
     rel_pos_resample: how ``adapt_checkpoint`` resamples v1 bias tables to another window: "timm"
         (timm's checkpoint filter, the BEiT geometric-progression interpolation) or "bicubic" (Microsoft's).
+    pad_before_shift: on maps that the window does not divide, pad to a multiple of the window before the
+        cyclic shift and roll the padded map (Hugging Face's order) instead of rolling, then padding (timm's);
+        the shift mask is built on the padded size either way. Set for Hugging Face checkpoints.
     """
 
     version: Literal[1, 2] = 1
@@ -101,6 +110,7 @@ class SwinConfig:
     drop_path_rate: float = 0.0
     dynamic_img_size: bool = False
     rel_pos_resample: Literal["timm", "bicubic"] = "timm"
+    pad_before_shift: bool = False
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
     crop_pct: float | None = None
@@ -157,13 +167,16 @@ class SwinBlock(nn.Module):
 
     v1 is pre-norm: ``x + attn(norm1(x))``; v2 post-norm on the branch: ``x + norm1(attn(x))``.
     Records ``last_geometry`` (a :class:`WindowGeometry`) on every forward.
+    ``pad_before_shift``: see :class:`SwinConfig`.
     """
 
     def __init__(self, dim: int, *, num_heads: int, size: tuple[int, int], window: int, shifted: bool,
                  version: int, mlp_ratio: float, qkv_bias: bool, proj_drop: float, attn_drop: float,
-                 drop_path: float, norm_layer: partial, pretrained_window: int = 0) -> None:
+                 drop_path: float, norm_layer: partial, pretrained_window: int = 0,
+                 pad_before_shift: bool = False) -> None:
         super().__init__()
         self.version = version
+        self.pad_before_shift = pad_before_shift
         self.window, self.shift = block_geometry(size, window, shifted)
         self.norm1 = norm_layer(dim)
         if version == 1:
@@ -214,7 +227,10 @@ class SwinBlock(nn.Module):
         # while an exporter traces any size, H and W are symbolic: pad and crop unconditionally (by zero
         # at sizes that fit, an exact identity) instead of branching on the traced size
         any_size = is_tracing_any_size()
-        if sh or sw:
+        # timm's order rolls the (H, W) map, then pads; Hugging Face's pads, then rolls the (Hp, Wp) map
+        roll_first = bool(sh or sw) and not self.pad_before_shift
+        roll_padded = bool(sh or sw) and self.pad_before_shift
+        if roll_first:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         # windows per axis, the last one padded; written as ceil-divisions (not (-H) % wh) so that symbolic
         # sizes stay short expressions the tracer can reason about
@@ -222,17 +238,27 @@ class SwinBlock(nn.Module):
         padded = any_size or Hp != H or Wp != W
         if padded:
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        if roll_padded:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))  # (B, Hp, Wp, C)
         if not any_size:
             self.last_geometry = WindowGeometry((H, W), (Hp, Wp), self.window, self.shift)
         windows = self.attn(window_partition(x, self.window), self._mask((Hp, Wp), x.device))
         x = window_reverse(windows, self.window, (Hp, Wp))
+        if roll_padded:
+            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         if any_size:  # gathered, not sliced: a view of the padded map would make the tracer fix its strides
             x = x.index_select(1, torch.arange(H, device=x.device)).index_select(2, torch.arange(W, device=x.device))
         elif padded:
             x = x[:, :H, :W]
-        if sh or sw:
+        if roll_first:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         return x
+
+    def rolls_padding(self) -> bool:
+        """Whether the last forward rolled padding cells into the map (``pad_before_shift`` on a map the window
+        does not divide): a layout that ``WindowGeometry``, which describes timm's order, cannot express."""
+        g = self.last_geometry
+        return self.pad_before_shift and g is not None and any(g.shift) and tuple(g.padded) != tuple(g.size)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.version == 1:
@@ -292,7 +318,8 @@ class SwinTransformer(TimmSurface, nn.Module):
                 dims[max(i - 1, 0)], dims[i], size=size, depth=cfg.depths[i], downsample=i > 0,
                 window=cfg.windows()[i], drop_path=dpr[i], version=cfg.version, norm_layer=norm_layer,
                 pretrained_window=pretrained[i], num_heads=cfg.num_heads[i], mlp_ratio=cfg.mlp_ratio,
-                qkv_bias=cfg.qkv_bias, proj_drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate)
+                qkv_bias=cfg.qkv_bias, proj_drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate,
+                pad_before_shift=cfg.pad_before_shift)
             size = stage.size
             stages.append(stage)
         self.layers = nn.Sequential(*stages)
@@ -340,7 +367,16 @@ class SwinTransformer(TimmSurface, nn.Module):
         return [blk for stage in self.layers for blk in stage.blocks]
 
     def analysis_modules(self) -> list[nn.Module]:
-        """The windowed blocks and patch-merging modules, in execution order."""
+        """The windowed blocks and patch-merging modules, in execution order.
+
+        Refused (ValueError) after a forward in which a ``pad_before_shift`` block rolled padding into its map:
+        the window analysis maps tokens in timm's roll-then-pad order and would misplace them."""
+        odd = [i for i, blk in enumerate(self.blocks_in_order()) if blk.rolls_padding()]
+        if odd:
+            raise ValueError(
+                f"SwinTransformer: window analysis is not available for pad_before_shift=True (Hugging Face's "
+                f"pad-then-roll order) when a window does not divide the map: block(s) {odd} padded a shifted map "
+                f"at this input size; use an input size whose maps the windows divide")
         out: list[nn.Module] = []
         for stage in self.layers:
             if isinstance(stage.downsample, PatchMerging):
