@@ -50,3 +50,22 @@ def test_timm_hub_folder_of_an_unregistered_architecture_says_so(tmp_path: Path)
     with pytest.raises(CheckpointError, match=r"timm architecture 'vit_small_patch14_dinov2.lvd142m' is not a vitlab "
                                               r"model name .* model_name=NAME"):
         vitlab.load_model(folder)
+
+
+def test_swin_tables_of_another_window_are_resampled_with_a_warning(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    args = dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(1, 2))
+    src = perturb_(vitlab.create_model("swin_tiny_patch4_window7_224", window_size=4, **args))
+    path = tmp_path / "w4.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    with caplog.at_level("WARNING"):
+        vitlab.create_model("swin_tiny_patch4_window7_224", pretrained=path, window_size=8, **args)
+    assert "window 4x4 resampled to this model's window 8x8 (4 block(s))" in caplog.text
+    assert "window_size=4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the file's own window: nothing resampled, nothing said
+        same = vitlab.create_model("swin_tiny_patch4_window7_224", pretrained=path, window_size=4, **args)
+    assert "resampled" not in caplog.text
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval()(x), src.eval()(x))

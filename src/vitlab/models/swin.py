@@ -36,6 +36,7 @@ agree wherever the windows divide the map (every released classifier at its own 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -74,6 +75,8 @@ from vitlab.models.base import (
     zero_head,
 )
 from vitlab.models.registry import ModelEntry, register_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -457,6 +460,7 @@ class SwinTransformer(TimmSurface, nn.Module):
         index, mask and v2 coordinate tables are recomputed by the model, so dropped."""
         out = {}
         target = self.state_dict()
+        resampled: dict[tuple[tuple[int, int], tuple[int, int]], int] = {}  # (file's window, model's) -> blocks
         for k, v in sd.items():
             if k.endswith(("relative_position_index", "relative_coords_table", "attn_mask")):
                 continue
@@ -468,7 +472,13 @@ class SwinTransformer(TimmSurface, nn.Module):
                                      f"((2w-1)^2, {target[k].shape[1]}) table")
                 old = ((side + 1) // 2, (side + 1) // 2)
                 v = resample_rel_pos_table(v, old, attn.window, mode=self.cfg.rel_pos_resample)
+                pair = (old, tuple(attn.window))
+                resampled[pair] = resampled.get(pair, 0) + 1
             out[k] = v
+        for (old, new), blocks in resampled.items():  # the file's model attended within other windows
+            log.warning("%s: relative-position bias tables of window %dx%d resampled to this model's window %dx%d "
+                        "(%d block(s)); to load the checkpoint's model as it was, build it with window_size=%d",
+                        source, *old, *new, blocks, old[0])
         return out
 
 
