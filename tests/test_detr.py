@@ -13,6 +13,8 @@ from vitlab.layers import CrossAttention, FrozenBatchNorm2d, capture_attention
 from vitlab.tasks import SetCriterion
 from vitlab.train.optim import param_groups
 
+from model_helpers import perturb_
+
 FIX = Path(__file__).parent / "fixtures"
 
 
@@ -146,3 +148,24 @@ def test_a_grey_classifier_loads_as_the_backbone_of_a_grey_detr(tmp_path, freeze
     for k, v in model.backbone.state_dict().items():
         if k.endswith("running_mean"):
             torch.testing.assert_close(v, src[k])
+
+
+def test_vit_backbone_takes_sides_that_are_not_multiples_of_its_patch() -> None:
+    """DETR's own resize keeps the aspect ratio (a 640 x 480 photo becomes 224 x 298): a ViT backbone's input is
+    zero-padded to its patch multiple (it was a ValueError), the padding marked in the pixel mask as batch
+    padding is: the same outputs as the image padded by hand."""
+    torch.manual_seed(0)
+    model = vitlab.create_model("detr_vit_small_patch16", num_classes=3, dec_depth=1, enc_depth=1,
+                                backbone_args={"dynamic_img_size": True, "depth": 1, "embed_dim": 64,
+                                               "num_heads": 2}).eval()
+    perturb_(model, std=0.3)
+    x = torch.randn(2, 3, 40, 54)
+    with torch.no_grad():
+        out = model(x)
+        padded = torch.nn.functional.pad(x, (0, 10, 0, 8))
+        mask = torch.zeros(2, 48, 64, dtype=torch.bool)
+        mask[:, :40, :54] = True
+        same = model(padded, mask)
+    assert out["boxes"].shape == (2, 100, 4) and torch.isfinite(out["boxes"]).all()
+    torch.testing.assert_close(out["logits"], same["logits"])
+    torch.testing.assert_close(out["boxes"], same["boxes"])

@@ -250,6 +250,7 @@ class DETR(TimmSurface, nn.Module):
         if pixel_mask is not None and pixel_mask.shape != (x.shape[0], *x.shape[-2:]):
             raise ValueError(f"DETR: pixel_mask must be (batch, H, W) = {(x.shape[0], *x.shape[-2:])}, "
                              f"got {tuple(pixel_mask.shape)}")
+        x, pixel_mask = self.pad_to_patches(x, pixel_mask)
         if hasattr(self.backbone, "stages") and hasattr(self.backbone, "stem"):
             feat = self.backbone.forward_features(x)
         else:
@@ -261,8 +262,25 @@ class DETR(TimmSurface, nn.Module):
             mask = F.interpolate(pixel_mask[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
         return self.input_proj(feat), mask
 
+    def pad_to_patches(self, x: Tensor, pixel_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """A patch-embedding backbone (ViT) needs sides that are multiples of its patch: pad the images at the
+        bottom / right with zeros and mark the padding in the pixel mask (made here if there was none), as
+        DETR's batch padding does; images that fit, and convolutional backbones, pass unchanged."""
+        patch = getattr(getattr(self.backbone, "patch_embed", None), "patch_size", None)
+        if patch is None:
+            return x, pixel_mask
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        H, W = x.shape[-2:]
+        pad_h, pad_w = -H % ph, -W % pw
+        if isinstance(pad_h, int) and isinstance(pad_w, int) and pad_h == pad_w == 0:
+            return x, pixel_mask
+        if pixel_mask is None:
+            pixel_mask = torch.ones(x.shape[0], H, W, dtype=torch.bool, device=x.device)
+        return F.pad(x, (0, pad_w, 0, pad_h)), F.pad(pixel_mask, (0, pad_w, 0, pad_h), value=False)
+
     def forward_features(self, x: Tensor, pixel_mask: Tensor | None = None) -> list[Tensor]:
         """Every decoder layer's normalised query embeddings (B, Q, dim); the last is the final one."""
+        x, pixel_mask = self.pad_to_patches(x, pixel_mask)
         feat, mask = self.forward_backbone(x, pixel_mask)
         B = feat.shape[0]
         pos = sine_position_2d(mask, self.cfg.dim, dtype=feat.dtype).flatten(2).transpose(1, 2)
