@@ -93,10 +93,16 @@ def test_global_pool_is_positional_and_checked():
     model = vitlab.create_model(name, **overrides)
     model.reset_classifier(3, "avg")
     assert model.global_pool == "avg" and model.cfg.global_pool == "avg"
-    with pytest.raises(ValueError, match=r"global_pool must be one of 'token', 'avg', got 'max'"):
-        model.reset_classifier(3, "max")
-    with pytest.raises(ValueError, match="for unpooled tokens call forward_features"):
+    # ViT computes timm's "max" / "avgmax" too, and "" (unpooled tokens) without a classifier
+    with pytest.raises(ValueError, match=r"global_pool must be one of 'token', 'avg', 'max', 'avgmax', '', got 'maxx'"):
+        model.reset_classifier(3, "maxx")
+    with pytest.raises(ValueError, match=r"global_pool='' \(unpooled tokens\) needs num_classes=0"):
         model.reset_classifier(3, "")
+    cait = vitlab.create_model(*FAMILIES["cait"][:1], **FAMILIES["cait"][1])
+    with pytest.raises(ValueError, match=r"CaiT.reset_classifier: global_pool must be one of 'token', 'avg', got 'max'"):
+        cait.reset_classifier(3, "max")
+    with pytest.raises(ValueError, match="for unpooled tokens call forward_features"):
+        cait.reset_classifier(3, "")
     swin = vitlab.create_model(*FAMILIES["swin"][:1], **FAMILIES["swin"][1])
     swin.reset_classifier(3, "avg")
     with pytest.raises(ValueError, match="SwinTransformer.reset_classifier: global_pool must be one of 'avg'"):

@@ -1,11 +1,12 @@
-"""Fit a converted state dict to a model: resample position tables, drop a head of another size, and
-load strictly with an error that lists what does not fit."""
+"""Fit a converted state dict to a model: resample position tables, replace a head of another size (or a missing
+one) by a zero-initialised one, and load strictly with an error that lists what does not fit."""
 
 from __future__ import annotations
 
 import logging
 import math
 
+import torch
 from torch import Tensor, nn
 
 from vitlab.checkpoints.io import CheckpointError
@@ -19,8 +20,28 @@ def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(getattr(model, "classifier_names", ("head",)))
 
 
+def new_head_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The head tensors a loaded model gets where the checkpoint has no head of its size: the model's own, with the
+    weights and biases of every Linear classifier layer (``head``; DeiT's ``head_dist``; CrossViT's ``head.0`` and
+    ``head.1``) set to zero, as the ViT paper fine-tunes. Every family thus starts from zero logits, the same on
+    every load; a freshly built model keeps its family's own initialisation (random, BEiT's scaled-down one).
+    Dense-prediction heads (a segmentation decoder, DETR's class embedding) keep the model's initialisation."""
+    heads = classifier_prefixes(model)
+    target = model.state_dict()
+    out = {k: target[k] for k in target if k.split(".")[0] in heads}
+    if getattr(model, "task", "classification") != "classification":
+        return out
+    for name, m in model.named_modules():
+        if name.split(".")[0] in heads and isinstance(m, nn.Linear):
+            for key in (f"{name}.weight", f"{name}.bias"):
+                if key in out:
+                    out[key] = torch.zeros_like(out[key])
+    return out
+
+
 def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) -> dict[str, Tensor]:
-    """Resample ``*pos_embed`` tables to the model's grid and drop heads whose shape differs."""
+    """Resample ``*pos_embed`` tables to the model's grid and replace heads whose shape differs (or that the
+    checkpoint lacks) by zero-initialised ones (:func:`new_head_tensors`)."""
     target = model.state_dict()
     out = dict(sd)
     family_adapt = getattr(model, "adapt_checkpoint", None)
@@ -37,22 +58,22 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
     heads = classifier_prefixes(model)
     if not any(k.split(".")[0] in heads for k in out):
         own = [k for k in target if k.split(".")[0] in heads]
-        if own:  # a backbone without a classifier (self-supervised, num_classes=0): keep the model's new head
-            out.update({k: target[k] for k in own})
-            log.info("%s: no classifier in the checkpoint; the model's zero-initialised head is kept", source)
+        if own:  # a backbone without a classifier (self-supervised, num_classes=0): the model's head is new
+            out.update(new_head_tensors(model))
+            log.info("%s: no classifier in the checkpoint; the model's new head (%d classes) is zero-initialised",
+                     source, getattr(model, "num_classes", 0))
     dropped = [
         k for k in out
         if k.split(".")[0] in heads and (k not in target or out[k].shape != target[k].shape)
     ]
     if dropped:
-        # a head for other classes (or none asked for): the model keeps its own, zero-initialised one
+        # a head for other classes (or none asked for): the model's new head, zero-initialised
         for k in dropped:
             del out[k]
         for k in [k for k in out if k.startswith("pre_logits.") and k not in target]:
             del out[k]  # the paper drops the pre-logits layer with the pre-training head
-        for k in (k for k in target if k.split(".")[0] in heads):
-            out[k] = target[k]
-        log.info("%s: classifier head replaced (%s)", source, ", ".join(sorted(dropped)))
+        out.update(new_head_tensors(model))
+        log.info("%s: classifier head replaced by a zero-initialised one (%s)", source, ", ".join(sorted(dropped)))
     return out
 
 

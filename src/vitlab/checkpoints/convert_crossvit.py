@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
+from vitlab.checkpoints.convert_timm import head_overrides
 from vitlab.checkpoints.converters import Converted, register_converter, register_format_detector
 
 _TABLE = re.compile(r"^(pos_embed|cls_token)[._]([01])$")
@@ -42,7 +43,8 @@ def _convert(sd: dict[str, Tensor]) -> Converted:
 
 
 def _overrides(sd: dict[str, Tensor]) -> dict[str, Any]:
-    """The architecture the tensors fix: widths, blocks per branch, MLP ratios, dagger stem, classes."""
+    """The architecture the tensors fix: widths, blocks per branch, MLP ratios, dagger stem, classes (0 without
+    heads)."""
     dims = tuple(int(sd[f"cls_token.{b}"].shape[-1]) for b in range(2))
     over: dict[str, Any] = {"embed_dim": dims, "multi_conv": "patch_embed.0.proj.0.weight" in sd}
     blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.")})
@@ -56,8 +58,7 @@ def _overrides(sd: dict[str, Tensor]) -> dict[str, Any]:
     if depth:
         over["depth"] = tuple(depth)
         over["mlp_ratio"] = tuple(sd[f"blocks.0.blocks.{b}.0.mlp.fc1.weight"].shape[0] / dims[b] for b in range(2))
-    if "head.0.weight" in sd:
-        over["num_classes"] = int(sd["head.0.weight"].shape[0])
+    over.update(head_overrides(sd, "head.0"))  # no heads: a backbone (timm's num_classes=0)
     return over
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitlab.checkpoints.convert_timm import head_overrides
 from vitlab.checkpoints.converters import Converted, register_converter, register_format_detector
 
 # official name fragment -> timm's (the order matters: "patch_embed" before anything else that contains it)
@@ -57,8 +58,7 @@ def _overrides(sd: dict[str, Tensor]) -> dict[str, Any]:
         over["legacy"] = "blocks.0.norm2_proj.weight" not in sd
         over["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
         over["qkv_bias"] = "blocks.0.attn_out.qkv.bias" in sd
-    if "head.weight" in sd:
-        over["num_classes"] = int(sd["head.weight"].shape[0])
+    over.update(head_overrides(sd))  # no head: a backbone (timm's num_classes=0), not the variant's 1000 classes
     return over
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from typing import Any, Literal
 
 from torch import nn
@@ -199,13 +199,20 @@ def zero_head(in_features: int, num_classes: int) -> nn.Module:
     return head
 
 
-def check_global_pool(model: nn.Module, global_pool: str | None, allowed: tuple[str, ...]) -> None:
-    """``reset_classifier``'s pooling argument: None (keep), or one of the family's ``allowed`` kinds."""
-    if global_pool is None or global_pool in allowed:
+def check_global_pool(owner: Any, global_pool: str | None, allowed: tuple[str, ...]) -> None:
+    """A pooling kind the family computes: one of its ``allowed`` kinds, else a ValueError naming both.
+
+    ``owner`` is the model (``reset_classifier``'s argument, where None keeps the current pooling) or the
+    family's config dataclass (its ``__post_init__``, where a value is required): a kind the family does not
+    compute (timm's "max", a typo) must not build a model that silently pools otherwise.
+    """
+    is_config = is_dataclass(owner)
+    if global_pool in allowed or (global_pool is None and not is_config):
         return
+    where = type(owner).__name__ if is_config else f"{type(owner).__name__}.reset_classifier"
     hint = " (for unpooled tokens call forward_features)" if global_pool == "" else ""
-    raise ValueError(f"{type(model).__name__}.reset_classifier: global_pool must be one of "
-                     f"{', '.join(map(repr, allowed))}, got {global_pool!r}{hint}")
+    raise ValueError(f"{where}: global_pool must be one of {', '.join(map(repr, allowed))}, "
+                     f"got {global_pool!r}{hint}")
 
 
 def record_head(model: nn.Module, **changes: Any) -> None:

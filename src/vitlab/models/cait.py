@@ -53,6 +53,10 @@ def layer_scale_init(depth: int) -> float:
     return 1e-6
 
 
+# the poolings the family computes: the class token or the mean of the patch tokens
+CAIT_POOLS = ("token", "avg")
+
+
 @dataclass(frozen=True, kw_only=True)
 class CaiTConfig:
     """Args:
@@ -89,6 +93,7 @@ class CaiTConfig:
     crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
+        check_global_pool(self, self.global_pool, CAIT_POOLS)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"CaiTConfig: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.depth_token_only < 1 and self.global_pool == "token":
@@ -162,7 +167,7 @@ class CaiT(TimmSurface, nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None) -> None:
         """Replace the head by a zero-initialised (D x K) layer."""
-        check_global_pool(self, global_pool, ("token", "avg"))
+        check_global_pool(self, global_pool, CAIT_POOLS)
         if global_pool is not None:
             if global_pool == "token" and len(self.blocks_token_only) == 0:
                 raise ValueError("reset_classifier: global_pool='token' needs class-attention blocks")

@@ -53,6 +53,9 @@ from vitlab.models.base import (
 )
 from vitlab.models.registry import ModelEntry, register_model
 
+# the poolings the family computes: the class token or the mean of the patch tokens
+CROSSVIT_POOLS = ("token", "avg")
+
 
 @dataclass(frozen=True, kw_only=True)
 class CrossViTConfig:
@@ -90,6 +93,7 @@ class CrossViTConfig:
     crop_pct: float = 0.875
 
     def __post_init__(self) -> None:
+        check_global_pool(self, self.global_pool, CROSSVIT_POOLS)
         for d, h in zip(self.embed_dim, self.num_heads):
             if d % h:
                 raise ValueError(f"CrossViTConfig: embed_dim {d} is not divisible by num_heads {h}")
@@ -240,7 +244,7 @@ class CrossViT(TimmSurface, nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None) -> None:
         """Replace both heads by zero-initialised layers."""
-        check_global_pool(self, global_pool, ("token", "avg"))
+        check_global_pool(self, global_pool, CROSSVIT_POOLS)
         if global_pool is not None:
             self.global_pool = global_pool
         self.head = self._make_heads(num_classes)

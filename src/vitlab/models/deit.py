@@ -12,7 +12,6 @@ The distillation objectives themselves live apart from the architecture in ``vit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from vitlab.layers import resample_pos_embed, size_differs
 from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD
 from vitlab.models.registry import ModelEntry, register_model
-from vitlab.models.vit import VIT_SIZES, VisionTransformer, ViTConfig
+from vitlab.models.vit import VIT_SIZES, VisionTransformer, ViTConfig, ViTPool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +103,7 @@ class DeiT(VisionTransformer):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | ({"dist_token"} if self.dist_token is not None else set())
 
-    def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None, *,
+    def reset_classifier(self, num_classes: int, global_pool: ViTPool | None = None, *,
                          keep_pre_logits: bool = False) -> None:
         """Replace the head (and the distillation head) by zero-initialised ones for ``num_classes``."""
         if self.cfg.distilled and global_pool not in (None, "token"):

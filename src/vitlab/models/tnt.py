@@ -51,6 +51,9 @@ from vitlab.models.base import (
 )
 from vitlab.models.registry import ModelEntry, register_model
 
+# the poolings the family computes: the class token or the mean of the patch tokens
+TNT_POOLS = ("token", "avg")
+
 
 @dataclass(frozen=True, kw_only=True)
 class TNTConfig:
@@ -88,6 +91,7 @@ class TNTConfig:
     crop_pct: float = 0.9
 
     def __post_init__(self) -> None:
+        check_global_pool(self, self.global_pool, TNT_POOLS)
         if self.embed_dim % self.num_heads_outer or self.inner_dim % self.num_heads_inner:
             raise ValueError(f"TNTConfig: embed_dim {self.embed_dim} / inner_dim {self.inner_dim} not divisible "
                              f"by num_heads_outer {self.num_heads_outer} / num_heads_inner {self.num_heads_inner}")
@@ -234,7 +238,7 @@ class TNT(TimmSurface, nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None) -> None:
         """Replace the head by a zero-initialised (D x K) layer."""
-        check_global_pool(self, global_pool, ("token", "avg"))
+        check_global_pool(self, global_pool, TNT_POOLS)
         if global_pool is not None:
             self.global_pool = global_pool
         self.head = zero_head(self.num_features, num_classes)

@@ -52,14 +52,22 @@ from vitlab.models.base import (
 from vitlab.models.registry import ModelEntry, register_model
 from vitlab.models.resnet import ResNet, ResNetConfig
 
+# Poolings ViT computes, with timm's names and semantics (vision_transformer.global_pool_nlc): "token" reads
+# the class token; "avg", "max" and "avgmax" (the mean of the two) reduce the patch tokens, prefix tokens
+# excluded; "" pools nothing (the head sees every token; only without a classifier, num_classes=0).
+VIT_POOLS = ("token", "avg", "max", "avgmax", "")
+ViTPool = Literal["token", "avg", "max", "avgmax", ""]
+
 
 @dataclass(frozen=True, kw_only=True)
 class ViTConfig:
     """Args:
-    global_pool: "token" reads the class token, "avg" averages the patch tokens (paper, Appendix D.3).
+    global_pool: "token" reads the class token, "avg" averages the patch tokens (paper, Appendix D.3);
+        as in timm, "max" takes their per-channel maximum, "avgmax" the mean of "avg" and "max", and ""
+        (with num_classes=0) returns every token unpooled: ``forward`` gives (B, prefix + N, D).
     pos_embed: "learn" (1-D learned, the paper's default), "sincos" (fixed 2-D) or "none" (Appendix D.4).
     representation_size: width of the pre-logits layer (Dense + tanh) used in pre-training; None: none.
-    fc_norm: put the final LayerNorm after pooling instead of before (None: only for "avg" pooling).
+    fc_norm: put the final LayerNorm after pooling instead of before (None: for "avg", "max" and "avgmax").
     init_values: LayerScale initial value (None: no LayerScale).
     hybrid_layers: blocks per ResNet stage of the hybrid stem (None: plain patch embedding).
     dynamic_img_size: accept any input size, resampling the position table per batch.
@@ -80,7 +88,7 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     class_token: bool = True
-    global_pool: Literal["token", "avg"] = "token"
+    global_pool: ViTPool = "token"
     pos_embed: Literal["learn", "sincos", "none"] = "learn"
     representation_size: int | None = None
     fc_norm: bool | None = None
@@ -103,6 +111,11 @@ class ViTConfig:
     linformer_sharing: Literal["none", "headwise", "kv", "layerwise"] = "headwise"
 
     def __post_init__(self) -> None:
+        check_global_pool(self, self.global_pool, VIT_POOLS)
+        if self.global_pool == "" and self.num_classes > 0:
+            raise ValueError(f"{type(self).__name__}: global_pool='' (unpooled tokens) needs num_classes=0, got "
+                             f"num_classes={self.num_classes}; pool with 'token', 'avg', 'max' or 'avgmax' "
+                             f"for a classifier")
         if self.attn_type not in ("softmax", "linformer"):
             raise ValueError(f"ViTConfig: attn_type must be 'softmax' or 'linformer', got {self.attn_type!r}")
         if self.attn_type == "linformer" and self.dynamic_img_size:
@@ -158,7 +171,7 @@ class VisionTransformer(TimmSurface, nn.Module):
         self.global_pool = cfg.global_pool
         self.dynamic_img_size = cfg.dynamic_img_size
         self.num_prefix_tokens = 1 if cfg.class_token else 0
-        use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
+        use_fc_norm = cfg.global_pool in ("avg", "max", "avgmax") if cfg.fc_norm is None else cfg.fc_norm
 
         if cfg.hybrid_layers is not None:
             self.patch_embed: PatchEmbed | HybridEmbed = HybridEmbed(cfg)
@@ -268,17 +281,21 @@ class VisionTransformer(TimmSurface, nn.Module):
         names = {n for n, _ in self.named_parameters(recurse=False)}
         return {n for n in ("pos_embed", "cls_token") if n in names}  # a gap model has no class token
 
-    def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None, *,
+    def reset_classifier(self, num_classes: int, global_pool: ViTPool | None = None, *,
                          keep_pre_logits: bool = False) -> None:
         """Replace the head by a zero-initialised (D x K) layer, as the paper does for fine-tuning.
 
         The pre-logits layer is removed too (the paper fine-tunes without it) unless ``keep_pre_logits``.
+        ``reset_classifier(0, "")`` makes ``forward`` return the unpooled tokens, as in timm.
         """
-        check_global_pool(self, global_pool, ("token", "avg"))
-        if global_pool is not None:
-            if global_pool == "token" and self.cls_token is None:
-                raise ValueError("reset_classifier: global_pool='token' needs a model with a class token")
-            self.global_pool = global_pool
+        check_global_pool(self, global_pool, VIT_POOLS)
+        pool = self.global_pool if global_pool is None else global_pool
+        if pool == "token" and self.cls_token is None:
+            raise ValueError("reset_classifier: global_pool='token' needs a model with a class token")
+        if pool == "" and num_classes > 0:
+            raise ValueError(f"reset_classifier: global_pool='' (unpooled tokens) needs num_classes=0, got "
+                             f"{num_classes}; pass global_pool='token', 'avg', 'max' or 'avgmax' for a classifier")
+        self.global_pool = pool
         if not keep_pre_logits and not isinstance(self.pre_logits, nn.Identity):
             self.pre_logits = nn.Identity()
             self.head_hidden_size = self.num_features
@@ -378,12 +395,23 @@ class VisionTransformer(TimmSurface, nn.Module):
         return self.norm(x), results
 
     def pool(self, x: Tensor) -> Tensor:
+        """Tokens (B, prefix + N, D) -> (B, D) by ``global_pool``; "" returns them as they are."""
+        if self.global_pool == "":
+            return x
         if self.global_pool == "token":
             return x[:, 0]
-        return x[:, self.num_prefix_tokens:].mean(dim=1)
+        patches = x[:, self.num_prefix_tokens:]  # (B, N, D): prefix tokens take no part, as in timm
+        if self.global_pool == "avg":
+            return patches.mean(dim=1)
+        if self.global_pool == "max":
+            return patches.amax(dim=1)
+        if self.global_pool == "avgmax":
+            return 0.5 * (patches.amax(dim=1) + patches.mean(dim=1))
+        raise ValueError(f"{type(self).__name__}: global_pool {self.global_pool!r} is not one of {VIT_POOLS}")
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Tokens (B, prefix + N, D) -> logits (B, K), or the features the head reads if ``pre_logits``."""
+        """Tokens (B, prefix + N, D) -> logits (B, K), or the features the head reads if ``pre_logits``
+        (with ``global_pool=""``: every token, (B, prefix + N, D))."""
         x = self.head_drop(self.fc_norm(self.pool(x)))
         x = self.pre_logits(x)
         return x if pre_logits else self.head(x)

@@ -52,6 +52,9 @@ from vitlab.models.base import (
 )
 from vitlab.models.registry import ModelEntry, register_model
 
+# the poolings the family computes: the class token or the mean of the patch tokens
+XCIT_POOLS = ("token", "avg")
+
 
 @dataclass(frozen=True, kw_only=True)
 class XCiTConfig:
@@ -87,6 +90,7 @@ class XCiTConfig:
     crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
+        check_global_pool(self, self.global_pool, XCIT_POOLS)
         if self.patch_size not in (8, 16):
             raise ValueError(f"XCiTConfig: patch_size must be 8 or 16 (the convolutional stem), got {self.patch_size}")
         if self.embed_dim % self.num_heads:
@@ -265,7 +269,7 @@ class XCiT(TimmSurface, nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None) -> None:
         """Replace the head by a zero-initialised (D x K) layer."""
-        check_global_pool(self, global_pool, ("token", "avg"))
+        check_global_pool(self, global_pool, XCIT_POOLS)
         if global_pool is not None:
             if global_pool == "token" and not len(self.cls_attn_blocks):
                 raise ValueError("reset_classifier: global_pool='token' needs class-attention blocks")
