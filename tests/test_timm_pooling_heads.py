@@ -229,3 +229,31 @@ def test_a_timm_file_with_another_head_size_gets_a_zero_head(tmp_path: Path, cro
     assert not model.head.weight.any() and not model.head.bias.any()
     with torch.no_grad():
         assert torch.equal(model(crossvit_tnt_io["tnt_x"]), torch.zeros(2, 4))
+
+
+def test_headless_t2t_and_cct_files_load_as_backbones(tmp_path: Path) -> None:
+    """As for TNT / CrossViT: a file without a head is a backbone, not the variant's classifier with a new head
+    (T2T-ViT in the official layout, CCT in vitlab's own names)."""
+    from vitlab.checkpoints.io import read_pickle, unwrap_state_dict
+
+    from model_helpers import perturb_
+
+    official = FIX / "t2t_vit_t_official_tiny.pth.tar"
+    kw = dict(img_size=32, num_heads=4)
+    full = vitlab.create_model("t2t_vit_t_14", pretrained=official, **kw).eval()
+    sd = unwrap_state_dict(read_pickle(official), "x")
+    cases = [("t2t_vit_t_14", kw, full, {k: v for k, v in sd.items() if not k.startswith("head.")})]
+    cct = perturb_(vitlab.create_model("cct_2_3x2_32", num_classes=5)).eval()
+    cases.append(("cct_2_3x2_32", {}, cct, {k: v for k, v in cct.state_dict().items() if not k.startswith("head.")}))
+    x = torch.randn(2, 3, 32, 32)
+    for name, args, whole, headless in cases:
+        file = tmp_path / f"{name}.pth"
+        torch.save(headless, file)
+        model = vitlab.create_model(name, pretrained=file, **args).eval()
+        assert model.num_classes == 0, name
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), whole.forward_head(whole.forward_features(x), pre_logits=True), **TOL)
+    file = tmp_path / "cct_5.pth"  # with its head: its own classes, not the variant's 10 and a zero head
+    torch.save(cct.state_dict(), file)
+    with torch.no_grad():
+        torch.testing.assert_close(vitlab.create_model("cct_2_3x2_32", pretrained=file).eval()(x), cct(x), **TOL)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitlab.checkpoints.convert_timm import head_overrides
 from vitlab.checkpoints.converters import Converted, register_converter, register_format_detector
 from vitlab.layers import sinusoid_1d_pos_embed
 
@@ -90,8 +91,7 @@ def convert_official_cct(sd: dict[str, Tensor], meta: dict[str, Any]) -> Convert
         over["mlp_ratio"] = sd["classifier.blocks.0.linear1.weight"].shape[0] / D
     over.setdefault("pos_embed", "learn" if "pos_embed" in out else "none")
     over["global_pool"] = "seq" if "attn_pool.weight" in out else "token" if "cls_token" in out else "avg"
-    if "head.weight" in out:
-        over["num_classes"] = int(out["head.weight"].shape[0])
+    over.update(head_overrides(out))  # no head: a backbone (num_classes=0), not the variant's 1000 classes
     return Converted(out, over)
 
 
@@ -101,4 +101,4 @@ def convert_plain_cct(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
     if "tokenizer.layers.0.conv.weight" not in sd or "norm.weight" not in sd:
         raise KeyError("no tokenizer.layers.0.conv / norm (vitlab) nor tokenizer.conv_layers.0.0 (official) "
                        "weights: this is not a CCT state dict")
-    return Converted(dict(sd), {})
+    return Converted(dict(sd), head_overrides(sd))  # its classes; none: a backbone

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitlab.checkpoints.convert_timm import head_overrides
 from vitlab.checkpoints.converters import Converted, register_converter, register_format_detector
 
 _PERFORMER = re.compile(r"^(tokens_to_token\.attention\d)\.(kqv|proj|w|mlp\.0|mlp\.2)(\.weight|\.bias|)$")
@@ -52,8 +53,7 @@ def convert_official_t2t(sd: dict[str, Tensor], meta: dict[str, Any]) -> Convert
     if depth:
         over["mlp_ratio"] = out["blocks.0.mlp.fc1.weight"].shape[0] / D
         over["qkv_bias"] = "blocks.0.attn.qkv.bias" in out
-    if "head.weight" in out:
-        over["num_classes"] = int(out["head.weight"].shape[0])
+    over.update(head_overrides(out))  # no head: a backbone (num_classes=0), not the variant's 1000 classes
     return Converted(out, over)
 
 
