@@ -367,13 +367,15 @@ def test_predict_runtime_onnx_same_class(tmp_path, digits_checkpoint, capsys):
 def test_eval_runtimes_report_agreement(tmp_path, digits_checkpoint, capsys):
     onnx_path = tmp_path / "m.onnx"
     export_onnx(vitlab.load_model(digits_checkpoint), onnx_path, dynamic_batch=True, num_images=8, timing=False)
-    assert main(["eval", "--checkpoint", str(digits_checkpoint), "--json", "--output", str(tmp_path / "a")]) == 0
+    assert main(["eval", "--checkpoint", str(digits_checkpoint), "--data", "digits", "--json", "--output",
+                 str(tmp_path / "a")]) == 0
     ref = json.loads(capsys.readouterr().out)
-    assert main(["eval", "--checkpoint", str(onnx_path), "--json", "--output", str(tmp_path / "b")]) == 0
+    assert main(["eval", "--checkpoint", str(onnx_path), "--data", "digits", "--json", "--output",
+                 str(tmp_path / "b")]) == 0
     onnx_metrics = json.loads(capsys.readouterr().out)
     assert onnx_metrics["runtime"] == "onnx" and onnx_metrics["top1"] == pytest.approx(ref["top1"], abs=1e-6)
     assert ref["top1"] > 0.6  # the fixture's model learned something
-    assert main(["eval", "--checkpoint", str(digits_checkpoint), "--runtime", "torch-bf16", "--json",
+    assert main(["eval", "--checkpoint", str(digits_checkpoint), "--data", "digits", "--runtime", "torch-bf16", "--json",
                  "--output", str(tmp_path / "c")]) == 0
     bf16 = json.loads(capsys.readouterr().out)
     assert bf16["top1_agreement_with_float32"] >= 0.97
@@ -724,8 +726,9 @@ def test_weights_that_do_not_name_their_model_run_with_model(tmp_path, caplog, c
     top = lambda rows: [r["predictions"][0]["index"] for r in rows]
     assert top(run("predict", *pngs, "--checkpoint", str(bare), "--model", "cct_2_3x2_32")) == \
         top(run("predict", *pngs, "--checkpoint", str(own)))
-    ours = run("eval", "--checkpoint", str(own), "--output", str(tmp_path / "e1"))
-    theirs = run("eval", "--checkpoint", str(bare), "--model", "cct_2_3x2_32", "--output", str(tmp_path / "e2"))
+    ours = run("eval", "--checkpoint", str(own), "--data", "digits", "--output", str(tmp_path / "e1"))
+    theirs = run("eval", "--checkpoint", str(bare), "--model", "cct_2_3x2_32", "--data", "digits",
+                 "--output", str(tmp_path / "e2"))
     assert theirs["top1"] == ours["top1"]
     assert main(["explain", pngs[0], "--checkpoint", str(bare), "--model", "cct_2_3x2_32",
                  "--output", str(tmp_path / "maps")]) == 0

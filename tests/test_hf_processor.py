@@ -161,3 +161,12 @@ def test_a_single_label_head_gets_a_sigmoid(tmp_path: Path) -> None:
 
     folder = _hf_folder(tmp_path, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     assert _score_function(read_source(resolve(folder), "deit")) == "sigmoid"
+
+
+def test_predict_with_a_backbone_says_it_has_no_classes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from vitlab.cli.main import main
+
+    backbone = vitlab.save_model(vitlab.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1,
+                                                     num_classes=0), tmp_path / "b.safetensors")
+    assert main(["predict", str(PROC / CASES["images"][0]), "--checkpoint", str(backbone)]) != 0
+    assert "a backbone without a classifier" in caplog.text and "--protocol knn" in caplog.text

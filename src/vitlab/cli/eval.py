@@ -9,6 +9,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 from vitlab.cli.common import (
@@ -41,7 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch float32; runtimes other than float32 "
                         "PyTorch also report their top-1 agreement with it")
     p.add_argument("--compile", action="store_true", help="same as --runtime torch-compile")
-    p.add_argument("--data", default="digits", help="data source")
+    p.add_argument("--data", help="data source (default: the one the checkpoint's run trained on, from its "
+                                  "job.json)")
+    p.add_argument("--class-match", choices=["auto", "name", "index"], default="auto",
+                   help="how the data's classes meet the checkpoint's: by name (the data may hold a subset of "
+                        "them, in any order), or by index (the i-th class folder is the head's i-th class); auto: "
+                        "by name where the checkpoint names its classes, else by index")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split")
     p.add_argument("--val-fraction", type=float, help="held-out share when the source has no val set (default: "
                    "the checkpoint's run's on the data it trained on, else 0.1)")
@@ -66,17 +72,76 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def check_classes(model, classes: list[str], checkpoint: str, data: str) -> None:
-    """The data's classes must be the head's; a different count needs fine-tuning first."""
+def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: str = "auto") -> list[int]:
+    """The head's class index of each of the data's classes (``classes``, in the data set's label order).
+
+    By name (``how`` "name", or "auto" when the checkpoint names its classes): the data may hold any subset of
+    the checkpoint's classes, in any order (a folder sorts "10" before "2"); a class the checkpoint does not have
+    is an error. By index ("index", or "auto" without names): the data's i-th class is the head's i-th, and the
+    counts must agree."""
+    names = list(getattr(model, "class_names", None) or [])
+    by_name = how == "name" or (how == "auto" and bool(names) and names != [str(i) for i in range(len(names))])
+    if how == "name" and not names:
+        raise ValueError(f"--class-match name: the checkpoint {checkpoint} does not name its classes; use "
+                         f"--class-match index")
+    if by_name:
+        index = {n: i for i, n in enumerate(names)}
+        folded = {n.casefold(): i for i, n in enumerate(names)}
+        missing = [c for c in classes if c not in index and c.casefold() not in folded]
+        if missing:
+            shown = ", ".join(map(repr, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(
+                f"{data} has class(es) {shown} that the checkpoint {checkpoint} does not know (its classes: "
+                f"{', '.join(map(repr, names[:5]))}{', ...' if len(names) > 5 else ''}); fine-tune it for this data "
+                f"first (vitlab finetune --from {checkpoint} --data {data}), or match classes by position with "
+                f"--class-match index")
+        mapping = [index[c] if c in index else folded[c.casefold()] for c in classes]
+        if mapping != list(range(len(classes))):
+            log.info("%s: %d of the checkpoint's %d classes, matched by name", data, len(classes), len(names))
+        return mapping
     if len(classes) != model.num_classes:
         raise ValueError(
             f"{data} has {len(classes)} classes but the checkpoint {checkpoint} has a head for "
             f"{model.num_classes}; fine-tune it for this data first: vitlab finetune --from {checkpoint} --data {data}"
         )
-    names = getattr(model, "class_names", None)
-    if names and list(names) != list(classes):
+    if names and names != list(classes):
         log.warning("the data's class names differ from the checkpoint's (%s... vs %s...); labels are matched by "
-                    "index", classes[:3], list(names)[:3])
+                    "index (--class-match index)", classes[:3], names[:3])
+    return list(range(len(classes)))
+
+
+class RemappedLabels:
+    """A labelled data set whose labels are mapped to the head's class indices (``mapping[label]``); skipped
+    (None) samples pass through."""
+
+    def __init__(self, dataset, mapping: list[int]) -> None:
+        self.dataset, self.mapping = dataset, list(mapping)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        if item is None:
+            return None
+        x, y = item
+        return x, self.mapping[int(y)]
+
+
+def default_data(checkpoint: str) -> str:
+    """--data left out: the source the checkpoint's run trained on (its job.json), or an error."""
+    from vitlab.train.run import read_job, source_identity
+
+    job = read_job(Path(checkpoint).parent)
+    recorded, identity = job.get("data"), job.get("data_source")
+    if recorded is not None and (identity is None or source_identity(recorded) == identity):
+        log.info("--data: %s, the data the run of %s trained on", recorded, checkpoint)
+        return str(recorded)
+    if identity is not None and source_identity(identity) == identity:  # a path recorded relative to elsewhere
+        log.info("--data: %s, the data the run of %s trained on", identity, checkpoint)
+        return str(identity)
+    raise ValueError(f"--data is required: {checkpoint} has no run record (job.json) beside it naming its data"
+                     + (f" that is readable from here ({recorded})" if recorded else ""))
 
 
 DEFAULT_SEED, DEFAULT_VAL_FRACTION = 0, 0.1  # build_dataset's, for a checkpoint without a run record
@@ -156,19 +221,49 @@ def _read_recipe(path: Path) -> dict:
     return recipe if isinstance(recipe, dict) else {}
 
 
+# --batch-size's default (256) is a classifier's: detection / segmentation images are large, and at that default
+# a dense model evaluates DENSE_BATCH_SIZE at a time (an explicit --batch-size is taken as given)
+CLASSIFIER_BATCH_SIZE, DENSE_BATCH_SIZE = 256, 8
+
+
+def dense_split(data: str, split: str) -> str:
+    """The folder split a dense evaluation scores: the one named; "test" (the default) needs DATA/test/, a
+    detection / segmentation folder having no held-out part to stand in for it."""
+    if split == "test" and not (Path(data) / "test").is_dir():
+        raise ValueError(f"--split test: {data} has no test/ folder ({Path(data) / 'test'}); give --split val to "
+                         f"evaluate on {Path(data) / 'val'}, or add test/ (images/ with annotations.json or masks/)")
+    return split
+
+
 def _run_dense(args: argparse.Namespace, model) -> int:
-    """A DETR / SETR checkpoint: COCO AP / AP50 / AP75 or mean IoU / pixel accuracy on DATA/SPLIT."""
+    """A DETR / SETR checkpoint: COCO AP / AP50 / AP75 or mean IoU / pixel accuracy on DATA/SPLIT, with
+    --batch-size, --device, --amp and --skip-bad-images as for a classifier."""
+    import torch
+
+    from vitlab.export.runtime import OnnxModel
     from vitlab.tasks.run import evaluate_folder, format_metrics, recorded_categories
 
-    split = "val" if args.split == "test" else args.split
+    if args.protocol in ("knn", "linear"):
+        scored = "COCO AP" if model.task == "detection" else "mean IoU"
+        raise ValueError(f"--protocol {args.protocol} probes a classifier's features (classification only); a "
+                         f"{model.task} model is scored with its own head ({scored}): leave --protocol out")
+    split = dense_split(args.data, args.split)
+    device = torch.device("cpu") if isinstance(model, OnnxModel) else check_device(args)  # ONNX Runtime: the CPU
+    batch_size = DENSE_BATCH_SIZE if args.batch_size == CLASSIFIER_BATCH_SIZE else args.batch_size
+    if batch_size != args.batch_size:
+        log.info("%s model: %d images per batch (--batch-size sets another number)", model.task, batch_size)
     metrics = evaluate_folder(model, args.data, split, categories=recorded_categories(args.checkpoint),
-                              categories_from=f"the checkpoint {args.checkpoint}")
+                              categories_from=f"the checkpoint {args.checkpoint}", batch_size=batch_size,
+                              device=device, amp=args.amp, skip_bad_images=args.skip_bad_images)
     out = args.output or Path(args.checkpoint).parent / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data,
-                                                  "split": split, **metrics}, indent=2))
+                                                  "split": split, **({"amp": args.amp} if args.amp != "none" else {}),
+                                                  **metrics}, indent=2))
     print(json.dumps(metrics) if args.json else f"{model.task} on {args.data}/{split}: "
           f"{format_metrics(model.task, metrics)}")
+    if args.skip_bad_images and not args.json:
+        print(f"skipped {metrics['skipped_images']} undecodable image(s) in total")
     return 0
 
 
@@ -181,6 +276,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.data is None:
+        args.data = default_data(args.checkpoint)
     runtime = "torch-compile" if args.compile else args.runtime
     if args.compile and args.runtime not in ("auto", "torch", "torch-compile"):
         raise ValueError(f"--compile and --runtime {args.runtime} exclude each other")
@@ -204,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(device).eval()
     if reason := slow_bf16_reason(model.name, device):
         log.warning("%s", reason)
+    args.given_split = (args.seed, args.val_fraction)  # the probes' training split is drawn from these too
     args.seed, args.val_fraction = run_split(args.checkpoint, args.data, args.split, seed=args.seed,
                                              val_fraction=args.val_fraction, options="--seed / --val-fraction")
     ds = build_dataset(args.data, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
@@ -219,35 +317,47 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--protocol {protocol}: evaluate the vitlab checkpoint (features of the backbone), "
                              f"not an exported file ({args.checkpoint})")
         return feature_report(reference.to(device), ds, args, device, protocol)
-    check_classes(model, ds.classes, args.checkpoint, args.data)
-    r = evaluate(model, ds, num_classes=model.num_classes, batch_size=args.batch_size, device=device, amp=args.amp,
-                 workers=args.workers, class_names=ds.classes, progress=not args.json)
+    mapping = class_mapping(model, ds.classes, args.checkpoint, args.data, args.class_match)
+    scored = RemappedLabels(ds, mapping)
+    head_names = list(getattr(model, "class_names", None) or []) or (
+        list(ds.classes) if mapping == list(range(model.num_classes)) else [str(i) for i in range(model.num_classes)])
+    r = evaluate(model, scored, num_classes=model.num_classes, batch_size=args.batch_size, device=device,
+                 amp=args.amp, workers=args.workers, class_names=head_names, progress=not args.json)
     out = args.output or Path(args.checkpoint).parent / f"eval_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
+    per_class = {name: r.per_class[j] for name, j in zip(ds.classes, mapping)}  # the data's classes
     metrics = {"checkpoint": str(args.checkpoint), "runtime": model.name, "data": args.data, "split": args.split,
-               **r.summary(), "per_class": dict(zip(ds.classes, r.per_class))}
+               **r.summary(), "per_class": {k: None if math.isnan(v) else v for k, v in per_class.items()}}
+    if mapping != list(range(model.num_classes)):
+        metrics["class_match"] = {name: head_names[j] for name, j in zip(ds.classes, mapping)}
     if model.name != "torch":
         metrics["setup_s"] = round(setup_seconds(model), 3)  # export / quantisation / compile time
     if reference is not None and model.name != "torch":
-        ref = evaluate(reference.to(device), ds, num_classes=model.num_classes, batch_size=args.batch_size,
-                       device=device, workers=args.workers, class_names=ds.classes, progress=False)
+        ref = evaluate(reference.to(device), scored, num_classes=model.num_classes, batch_size=args.batch_size,
+                       device=device, workers=args.workers, class_names=head_names, progress=False)
         metrics["float32_top1"] = round(ref.top1, 6)
         metrics["top1_agreement_with_float32"] = round((ref.predictions == r.predictions).float().mean().item(), 6)
     if args.skip_bad_images:
         metrics["skipped_images"] = ds.num_skipped
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    support = r.confusion.sum(dim=1).tolist()
     with open(out / "per_class.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "support", "accuracy"])
-        for name, support, acc in zip(ds.classes, r.confusion.sum(dim=1).tolist(), r.per_class):
-            w.writerow([name, support, f"{acc:.6f}"])
+        for name, j in zip(ds.classes, mapping):
+            w.writerow([name, support[j], "" if math.isnan(r.per_class[j]) else f"{r.per_class[j]:.6f}"])
+    # rows: the data's classes; columns: those and any other class of the head that was predicted
+    cols = list(mapping) + [j for j in range(model.num_classes)
+                            if j not in mapping and r.confusion[:, j].sum().item() > 0]
+    confusion = r.confusion[mapping][:, cols]
+    col_names = [ds.classes[mapping.index(j)] if j in mapping else head_names[j] for j in cols]
     with open(out / "confusion.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["true \\ predicted", *ds.classes])
-        for name, row in zip(ds.classes, r.confusion.tolist()):
+        w.writerow(["true \\ predicted", *col_names])
+        for name, row in zip(ds.classes, confusion.tolist()):
             w.writerow([name, *row])
-    save_confusion_png(r.confusion, ds.classes, out / "confusion.png", title=f"{Path(args.checkpoint).name} on "
-                       f"{args.data} [{args.split}]: top-1 {100 * r.top1:.2f}%")
+    save_confusion_png(confusion, col_names, out / "confusion.png", title=f"{Path(args.checkpoint).name} on "
+                       f"{args.data} [{args.split}]: top-1 {100 * r.top1:.2f}%", row_names=list(ds.classes))
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -258,8 +368,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{100 * metrics['top1_agreement_with_float32']:.2f}% (float32 top-1 "
                   f"{100 * metrics['float32_top1']:.2f}%), set-up {metrics['setup_s']:.1f} s")
         width = max(len(c) for c in ds.classes)
-        for name, acc in zip(ds.classes, r.per_class):
-            print(f"  {name:<{width}}  {100 * acc:6.2f}%")
+        for name, acc in per_class.items():
+            print(f"  {name:<{width}}  " + ("   n/a (no image)" if math.isnan(acc) else f"{100 * acc:6.2f}%"))
         if args.skip_bad_images:
             print(f"skipped {ds.num_skipped} undecodable image(s) in total")
         print(f"report: {out}/ (metrics.json, per_class.csv, confusion.csv, confusion.png)")
@@ -276,7 +386,10 @@ def feature_report(model, test_set, args: argparse.Namespace, device, protocol: 
     from vitlab.ssl.knn import weighted_knn
     from vitlab.ssl.probe import train_linear_probe
 
-    train = build_dataset(args.data, split="train", val_fraction=args.val_fraction, seed=args.seed,
+    # the run's own training split (on a fixed test set, the evaluated split says nothing of it)
+    seed, fraction = getattr(args, "given_split", (args.seed, args.val_fraction))
+    seed, fraction = run_split(args.checkpoint, args.data, "train", seed=seed, val_fraction=fraction, measured=False)
+    train = build_dataset(args.data, split="train", val_fraction=fraction, seed=seed,
                           transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
     what = (f"k-NN evaluation (k={args.knn_k}, T={args.knn_t:g})" if protocol == "knn"
             else f"linear probe ({args.probe_epochs} epochs)")
@@ -305,25 +418,29 @@ def feature_report(model, test_set, args: argparse.Namespace, device, protocol: 
     return 0
 
 
-def save_confusion_png(confusion, classes: list[str], path: Path, *, title: str) -> None:
+def save_confusion_png(confusion, classes: list[str], path: Path, *, title: str,
+                       row_names: list[str] | None = None) -> None:
+    """The confusion matrix as a figure: rows are the true classes (``row_names``, default ``classes``), columns
+    the predicted ones (``classes``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = len(classes)
+    rows = list(row_names if row_names is not None else classes)
+    k = max(len(classes), len(rows))
     size = min(4 + 0.35 * k, 30)
     fig, ax = plt.subplots(figsize=(size, size))
     try:
         im = ax.imshow(confusion.numpy(), cmap="Blues")
         fig.colorbar(im, ax=ax, fraction=0.046)
         if k <= 40:
-            ax.set_xticks(range(k), classes, rotation=90)
-            ax.set_yticks(range(k), classes)
+            ax.set_xticks(range(len(classes)), classes, rotation=90)
+            ax.set_yticks(range(len(rows)), rows)
         if k <= 20:
             peak = confusion.max().item() or 1
-            for i in range(k):
-                for j in range(k):
+            for i in range(len(rows)):
+                for j in range(len(classes)):
                     v = confusion[i, j].item()
                     ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
                             color="white" if v > peak / 2 else "black")

@@ -73,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
     model, reference = load_for_inference(args.checkpoint, args.runtime, model_name=args.model,
                                           model_args=model_args(args))
     require_classifier(model, "predict", args.checkpoint)
+    if not model.num_classes:
+        raise ValueError(f"{args.checkpoint}: a backbone without a classifier (no classes to predict); fine-tune it "
+                         f"(vitlab finetune --from {args.checkpoint} --data ...), or evaluate its features with "
+                         f"vitlab eval --protocol knn|linear")
     if model.name.startswith("onnx") or model.name == "torch-int8":
         device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
     model = model.to(device).eval()

@@ -12,7 +12,8 @@ from vitlab.tasks.run import DENSE_RUNTIMES
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segment", help="segment images (SETR)",
                        description="Run a trained segmenter; writes OUTPUT/NAME.png (colour overlay), "
-                                   "OUTPUT/NAME_mask.png (class indices) and OUTPUT/segments.json.",
+                                   "OUTPUT/NAME_mask.png (class indices; 16-bit for more than 256 classes) and "
+                                   "OUTPUT/segments.json.",
                        epilog="examples:\n  vitlab segment canvas.png --checkpoint runs/setr/model.safetensors\n"
                               "  vitlab segment canvas.png --checkpoint setr.onnx    (ONNX Runtime; a file from vitlab export)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -275,11 +275,18 @@ def check_length_options(args: argparse.Namespace) -> None:
 
 def run_dense(args: argparse.Namespace) -> int:
     """``--task detection|segmentation``: DETR / SETR on a data folder, then the held-out metrics."""
+    import time
+
     from vitlab.tasks.run import DenseJob, format_metrics, run_dense_training
 
     if getattr(args, "fsdp", False):
         raise ValueError(f"--fsdp supports classification only, not --task {args.task} (which runs with DDP "
                          f"under torchrun)")
+    distill = [f"--{k}" for k in ("teacher", "distill", "tau", "alpha") if getattr(args, k, None) is not None]
+    if distill:
+        raise ValueError(f"{' / '.join(distill)}: distillation (DeiT's) trains classifiers only, not --task "
+                         f"{args.task}; leave {'it' if len(distill) == 1 else 'them'} out")
+    check_length_options(args)
     saved = saved_run(args, args.output) if args.output is not None else None
     job = saved_job(args)  # `vitlab train --output DIR --resume` alone continues that run as it was
     args.model = args.model or job.get("model")
@@ -299,11 +306,26 @@ def run_dense(args: argparse.Namespace) -> int:
         task=args.task, model=model, data=Path(args.data), output=output, recipe=recipe,
         pretrained_backbone=args.pretrained_backbone, resume=args.resume,
         device=None if args.device == "auto" else args.device, progress=not args.no_progress,
-        threads=args.threads, overwrite=args.overwrite))
+        threads=args.threads, overwrite=args.overwrite, skip_bad_images=args.skip_bad_images,
+        time_budget_s=None if args.resume else args.time_budget, compile=args.compile,
+        started=getattr(args, "started", None) or time.monotonic()))  # set by main: the command's start
     if summary["val"]:  # (empty on the other processes of a torchrun job: rank 0 evaluates)
         log.info("val %s after %.1f s; checkpoint: %s", format_metrics(args.task, summary["val"]),
                  summary["train_seconds"], summary["checkpoint"])
+    report_dense_extras(summary)
     return 0
+
+
+def report_dense_extras(summary: dict) -> None:
+    """--skip-bad-images' total and --compile's time, as :func:`report` says them for classification."""
+    if "skipped_images" in summary:
+        log.info("skipped %d undecodable image(s) in total (--skip-bad-images; each was named above)",
+                 summary["skipped_images"])
+    if "compile_seconds" in summary:
+        if summary.get("compile_failed"):
+            log.info("torch.compile failed (%s): trained eager", summary["compile_failed"])
+        else:
+            log.info("torch.compile: %s s of the training time was the compile", summary["compile_seconds"])
 
 
 def fit_canvas_recipe(recipe, data: Path, task: str):

@@ -10,6 +10,7 @@ image is normalised and the boxes become DETR's normalised (cx, cy, w, h) of the
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -23,11 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from vitlab.data.errors import DatasetError
+from vitlab.data.errors import BadImageError, DatasetError
 from vitlab.data.functional import normalize, resize, to_float
 from vitlab.data.image import IMAGE_EXTENSIONS, load_image, to_channels
 
+log = logging.getLogger(__name__)
+
 Sample = dict[str, Any]
+
+# Pillow modes of a mask of class indices: grey (8, 16 or 32 bit), palette, and 1-bit (classes 0 and 1, what
+# Image.fromarray of a boolean array writes)
+MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B")
+SKIP_HINT = "--skip-bad-images skips such files"
 
 # ------------------------------------------------------------------------------------ transforms
 
@@ -95,6 +103,10 @@ class DenseTransform:
             ``crop_scale`` of each side before resizing.
         mean / std: normalisation after scaling to [0, 1].
         channels: the model's input channels (grey images are repeated, RGB averaged).
+        resize_mask: resize the mask with the image (training); False keeps the mask at its own size
+            (flipped and cropped with the image all the same), so that evaluation scores the predictions,
+            upsampled to it, against the user's masks rather than against copies squashed to the model's size
+            (where a class a pixel or two wide vanishes).
     """
 
     size: int | Sequence[int] = 800
@@ -107,6 +119,7 @@ class DenseTransform:
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
     channels: int = 3
+    resize_mask: bool = True
     generator: torch.Generator | None = None
 
     def _rand(self) -> float:
@@ -127,7 +140,10 @@ class DenseTransform:
         sizes = [self.size] if isinstance(self.size, int) else list(self.size)
         size = sizes[min(int(self._rand() * len(sizes)), len(sizes) - 1)] if self.train else sizes[-1]
         h, w = s["image"].shape[-2:]
+        mask = None if self.resize_mask else s.pop("mask", None)
         s = resize_sample(s, (size, size) if self.square else _shorter_side_size(h, w, size, self.max_size))
+        if mask is not None:
+            s["mask"] = mask
         s["image"] = normalize(to_float(s["image"]), self.mean, self.std)
         if "boxes" in s:
             h, w = s["image"].shape[-2:]
@@ -138,10 +154,71 @@ class DenseTransform:
         return s
 
 
+# ------------------------------------------------------------------------------------ bad files
+
+
+def image_header(path: Path, *, oriented: bool = True) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) of an image file from its header, without decoding the pixels; ``oriented``:
+    the size :func:`~vitlab.data.image.load_image` gives it (EXIF rotations by 90 degrees swap the sides).
+    A file Pillow cannot open raises :class:`BadImageError` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    from vitlab.data.image import _open_unguarded
+
+    try:
+        with _open_unguarded(path) as img:
+            w, h = img.size
+            # Image.getexif reads the EXIF (and XMP) the header holds; a PNG's own getexif would decode the
+            # whole file to look past the pixel data (an eXIf chunk there, rare, is not seen here)
+            if oriented and Image.Image.getexif(img).get(0x0112, 1) in (5, 6, 7, 8):
+                w, h = h, w
+            return img.mode, (w, h)
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise BadImageError(f"{path}: not an image file Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError) as e:
+        raise BadImageError(f"{path}: cannot read the image header ({type(e).__name__}: {e})") from None
+
+
+class SkipsBadImages:
+    """``skip_bad_images`` for the dense data sets, as the classification data sets have it: a sample whose
+    image (or mask) cannot be decoded comes out as ``None``, which the loaders' collate functions drop; each
+    such file is warned about once and counted across DataLoader workers (a flag per sample in shared memory).
+    Without it, the :class:`BadImageError` goes up."""
+
+    skip_bad_images: bool = False
+
+    def _track_bad_images(self, n: int, skip: bool) -> None:
+        self.skip_bad_images = skip
+        self._skipped = torch.zeros(n, dtype=torch.bool).share_memory_()
+
+    def _bad_image(self, index: int, error: BadImageError) -> None:
+        """Sample ``index`` is undecodable: remembered (and warned about once) with ``skip_bad_images``, else
+        ``error`` is raised."""
+        if not self.skip_bad_images:
+            raise BadImageError(f"{error} ({SKIP_HINT})") from None
+        if not self._skipped[index]:
+            log.warning("skipping bad image: %s", error)
+        self._skipped[index] = True
+
+    def describe(self, index: int) -> str:
+        raise NotImplementedError
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct samples skipped so far because a file could not be decoded."""
+        return int(self._skipped.sum())
+
+    def skipped(self) -> list[str]:
+        """The image of each skipped sample."""
+        return [self.describe(i) for i in self._skipped.nonzero().flatten().tolist()]
+
+
 # ------------------------------------------------------------------------------------ COCO detection
 
 
-class CocoDetection(Dataset):
+class CocoDetection(SkipsBadImages, Dataset):
     """COCO-format detection: ``annotations`` JSON (``images``, ``annotations`` with ``bbox`` =
     [x, y, w, h] in pixels, ``categories``) and the folder the ``file_name``s are relative to.
 
@@ -151,17 +228,20 @@ class CocoDetection(Dataset):
     reference that records names only, by name; a category the reference lacks is an error, one this file
     lacks is fine. Crowd annotations are skipped in training targets. Every annotation is checked when the
     data set is opened: a box outside its image, an unknown category id, a missing image or a malformed
-    entry raises a :class:`DatasetError` naming the JSON file and the entry.
+    entry raises a :class:`DatasetError` naming the JSON file and the entry; :meth:`check_files` checks the
+    image files from their headers (before training, say).
 
     Args:
         categories: the label order to use, one ``{"id", "name"}`` dict per label (either key may be
             missing); None: this file's own categories, sorted by id.
         categories_from: what ``categories`` come from, for the errors (e.g. "the training set").
+        skip_bad_images: an undecodable image gives ``None`` (dropped by :meth:`collate`), counted.
     """
 
     def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, *,
                  transform: DenseTransform | None = None, tolerance: float = 1.0,
-                 categories: Sequence[dict[str, Any]] | None = None, categories_from: str = "the model") -> None:
+                 categories: Sequence[dict[str, Any]] | None = None, categories_from: str = "the model",
+                 skip_bad_images: bool = False) -> None:
         self.root, self.ann_path = Path(images), Path(annotations)
         self.transform = transform
         try:
@@ -234,9 +314,30 @@ class CocoDetection(Dataset):
                 self.crowd[iid].append(([x, y, x + w, y + h], label_of[cid]))
                 continue
             self.targets[iid].append(([x, y, x + w, y + h], label_of[cid]))
+        self._track_bad_images(len(self.images), skip_bad_images)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def describe(self, index: int) -> str:
+        return str(self.root / self.images[index]["file_name"])
+
+    def _size_error(self, img: dict[str, Any], width: int, height: int) -> DatasetError:
+        return DatasetError(f"{self.ann_path}: image id {int(img['id'])}: {img['file_name']} is {width}x{height}, "
+                            f"the JSON says {img['width']}x{img['height']}")
+
+    def check_files(self) -> None:
+        """Every image opens and has the size its JSON entry gives, read from the file headers (no decoding):
+        a :class:`DatasetError` (wrong size) or :class:`BadImageError` (unreadable; skipped and counted
+        instead with ``skip_bad_images``) naming the file."""
+        for i, img in enumerate(self.images):
+            try:
+                _, (w, h) = image_header(self.root / img["file_name"])
+            except BadImageError as e:
+                self._bad_image(i, e)
+                continue
+            if (h, w) != (int(img["height"]), int(img["width"])):
+                raise self._size_error(img, w, h)
 
     def raw(self, index: int) -> Sample:
         img = self.images[index]
@@ -245,22 +346,27 @@ class CocoDetection(Dataset):
         boxes = torch.tensor([a[0] for a in anns], dtype=torch.float32).reshape(-1, 4)
         image = load_image(self.root / img["file_name"])
         if tuple(image.shape[-2:]) != (int(img["height"]), int(img["width"])):
-            raise DatasetError(f"{self.ann_path}: image id {iid}: {img['file_name']} is "
-                               f"{image.shape[-1]}x{image.shape[-2]}, the JSON says {img['width']}x{img['height']}")
+            raise self._size_error(img, image.shape[-1], image.shape[-2])
         W, H = image.shape[-1], image.shape[-2]
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
         return {"image": image, "boxes": boxes, "labels": torch.tensor([a[1] for a in anns], dtype=torch.int64),
                 "image_id": iid, "orig_size": (H, W)}
 
-    def __getitem__(self, index: int) -> Sample:
-        s = self.raw(index)
+    def __getitem__(self, index: int) -> Sample | None:
+        try:
+            s = self.raw(index)
+        except BadImageError as e:
+            self._bad_image(index, e)
+            return None
         return self.transform(s) if self.transform is not None else s
 
     @staticmethod
-    def collate(batch: list[Sample]) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
-        """Pad images to the largest in the batch: (images, pixel_mask True on real pixels, targets)."""
-        return pad_batch(batch)
+    def collate(batch: list[Sample | None]) -> tuple[Tensor, Tensor, list[dict[str, Any]]] | None:
+        """Pad images to the largest in the batch: (images, pixel_mask True on real pixels, targets); the
+        samples of skipped images are dropped (a batch of only those is ``None``)."""
+        kept = [s for s in batch if s is not None]
+        return pad_batch(kept) if kept else None
 
 
 def match_categories(own: list[dict[str, Any]], reference: list[dict[str, Any]], path: Path,
@@ -311,13 +417,16 @@ def pad_batch(batch: list[Sample]) -> tuple[Tensor, Tensor, list[dict[str, Any]]
 # ------------------------------------------------------------------------------------ segmentation
 
 
-class MaskFolder(Dataset):
+class MaskFolder(SkipsBadImages, Dataset):
     """VOC-style segmentation: ``images/NAME.jpg|png`` and ``masks/NAME.png`` whose pixel values are
-    class indices (palette or grey PNGs), ``ignore_index`` (255) for unlabelled pixels."""
+    class indices (palette, grey 8- or 16-bit, or 1-bit PNGs), ``ignore_index`` (255) for unlabelled pixels.
+
+    Each sample is checked when it is read (the mask's mode, size and classes); :meth:`check_files` checks
+    them all up front. ``skip_bad_images``: a sample whose image or mask cannot be decoded is ``None``."""
 
     def __init__(self, images: str | os.PathLike, masks: str | os.PathLike, *, num_classes: int | None = None,
                  transform: DenseTransform | None = None, ignore_index: int = 255,
-                 classes: list[str] | None = None) -> None:
+                 classes: list[str] | None = None, skip_bad_images: bool = False) -> None:
         self.images_dir, self.masks_dir = Path(images), Path(masks)
         self.transform, self.ignore_index = transform, ignore_index
         if not self.images_dir.is_dir():
@@ -333,35 +442,76 @@ class MaskFolder(Dataset):
             self.pairs.append((p, m))
         self.num_classes = num_classes
         self.classes = classes
+        self._track_bad_images(len(self.pairs), skip_bad_images)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def raw(self, index: int) -> Sample:
+    def describe(self, index: int) -> str:
+        return str(self.pairs[index][0])
+
+    @staticmethod
+    def _check_mode(mask_path: Path, mode: str) -> None:
+        if mode not in MASK_MODES:
+            raise DatasetError(f"{mask_path}: mask mode {mode}; expected a grey, palette or 1-bit PNG of class "
+                               f"indices")
+
+    @staticmethod
+    def _check_size(mask_path: Path, mask_wh: tuple[int, int], img_path: Path, image_wh: tuple[int, int]) -> None:
+        if tuple(mask_wh) != tuple(image_wh):
+            raise DatasetError(f"{mask_path}: mask is {mask_wh[0]}x{mask_wh[1]}, its image {img_path.name} is "
+                               f"{image_wh[0]}x{image_wh[1]}")
+
+    def _read_mask(self, mask_path: Path) -> Tensor:
+        """The (H, W) int64 class indices of a mask file, its mode and classes checked."""
         from PIL import Image
 
-        img_path, mask_path = self.pairs[index]
-        image = load_image(img_path)
         try:
             with Image.open(mask_path) as m:
-                if m.mode not in ("L", "P", "I", "I;16"):
-                    raise DatasetError(f"{mask_path}: mask mode {m.mode}; expected a grey or palette PNG of class "
-                                       f"indices")
-                mask = torch.from_numpy(np.array(m, dtype=np.int64))
+                self._check_mode(mask_path, m.mode)
+                mask = torch.from_numpy(np.array(m, dtype=np.int64))  # mode "1": booleans, classes 0 and 1
         except OSError as e:
-            raise DatasetError(f"{mask_path}: cannot read the mask ({e})") from None
-        if tuple(mask.shape) != tuple(image.shape[-2:]):
-            raise DatasetError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {img_path.name} is "
-                               f"{image.shape[-1]}x{image.shape[-2]}")
+            raise BadImageError(f"{mask_path}: cannot read the mask ({e})") from None
         if self.num_classes is not None:
             bad = (mask >= self.num_classes) & (mask != self.ignore_index)
             if bad.any():
                 raise DatasetError(f"{mask_path}: class {int(mask[bad][0])} outside 0..{self.num_classes - 1} "
                                    f"(ignore index {self.ignore_index})")
+        return mask
+
+    def check_files(self, *, classes: bool = False) -> None:
+        """Every image and mask opens, each mask is a mode of class indices and has its image's size, all read
+        from the file headers (no decoding); ``classes``: the masks are also decoded (they are small) and
+        their values checked. A :class:`DatasetError` (a mask that does not fit) or :class:`BadImageError`
+        (an unreadable file; skipped and counted instead with ``skip_bad_images``) names the file."""
+        for i, (img_path, mask_path) in enumerate(self.pairs):
+            try:
+                _, image_wh = image_header(img_path)
+                mode, mask_wh = image_header(mask_path, oriented=False)  # a mask is read as stored
+            except BadImageError as e:
+                self._bad_image(i, e)
+                continue
+            self._check_mode(mask_path, mode)
+            self._check_size(mask_path, mask_wh, img_path, image_wh)
+            if classes:
+                try:
+                    self._read_mask(mask_path)
+                except BadImageError as e:
+                    self._bad_image(i, e)
+
+    def raw(self, index: int) -> Sample:
+        img_path, mask_path = self.pairs[index]
+        image = load_image(img_path)
+        mask = self._read_mask(mask_path)
+        self._check_size(mask_path, (mask.shape[1], mask.shape[0]), img_path, (image.shape[-1], image.shape[-2]))
         return {"image": image, "mask": mask}
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        s = self.raw(index)
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor] | None:
+        try:
+            s = self.raw(index)
+        except BadImageError as e:
+            self._bad_image(index, e)
+            return None
         if self.transform is not None:
             s = self.transform(s)
         return s["image"], s["mask"]
@@ -510,5 +660,6 @@ def canvas_datasets(root: str | os.PathLike, split: str, *, task: str, transform
     raise ValueError(f"canvas_datasets: task must be 'detection' or 'segmentation', got {task!r}")
 
 
-__all__ = ["CocoDetection", "DenseTransform", "MaskFolder", "Repeated", "canvas_datasets", "crop_sample", "hflip",
-           "make_canvases", "match_categories", "pad_batch", "resize_sample", "train_categories"]
+__all__ = ["MASK_MODES", "CocoDetection", "DenseTransform", "MaskFolder", "Repeated", "SkipsBadImages",
+           "canvas_datasets", "crop_sample", "hflip", "image_header", "make_canvases", "match_categories",
+           "pad_batch", "resize_sample", "train_categories"]

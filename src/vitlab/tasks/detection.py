@@ -59,18 +59,26 @@ def predict_detections(model: nn.Module, images: Tensor, pixel_mask: Tensor | No
 
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, dataset: Dataset, *, batch_size: int = 8,
-                       device: torch.device | str = "cpu") -> dict[str, float]:
-    """COCO AP / AP50 / AP75 of ``model`` on a CocoDetection data set (boxes in original pixels)."""
+                       device: torch.device | str = "cpu", amp: str = "none") -> dict[str, float]:
+    """COCO AP / AP50 / AP75 of ``model`` on a CocoDetection data set (boxes in original pixels); ``amp``:
+    autocast ("bf16", "fp16"). Images a ``skip_bad_images`` data set skipped are left out."""
+    from vitlab.train.evaluate import autocast_context
+
+    device = torch.device(device)
     model.eval().to(device)
     collate = getattr(dataset, "collate", None)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     base = getattr(dataset, "dataset", dataset)
     cat_ids = getattr(base, "cat_ids", None)
     gts, dets = [], []
-    for images, mask, targets in loader:
+    for batch in loader:
+        if batch is None:  # every image of it was skipped
+            continue
+        images, mask, targets = batch
         sizes = [tuple(t["orig_size"]) for t in targets]
         # boxes are predicted relative to the transformed, unpadded image: map them to the original
-        preds = predict_detections(model, images.to(device), mask.to(device), sizes)
+        with autocast_context(device, amp):
+            preds = predict_detections(model, images.to(device), mask.to(device), sizes)
         for t, p in zip(targets, preds):
             iid = int(t["image_id"])
             H, W = t["orig_size"]

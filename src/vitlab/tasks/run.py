@@ -12,7 +12,8 @@ import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from vitlab.data.dense import CocoDetection, DenseTransform, MaskFolder, train_categories
+from vitlab.data.errors import BadImageError, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,14 @@ def task_of(model: nn.Module) -> str:
     return getattr(model, "task", "classification")
 
 
-def transform_for(model: nn.Module, *, train: bool, hflip: float = 0.5) -> DenseTransform:
+def transform_for(model: nn.Module, *, train: bool, hflip: float = 0.5,
+                  keep_mask_size: bool | None = None) -> DenseTransform:
     """DETR: shorter side to the model's size (multi-scale in training), SETR: the square size it is built for.
+
+    ``train``: the training augmentations. ``keep_mask_size`` (default: not ``train``): a mask keeps its own
+    size, for evaluation: the predictions are scored at the size of the user's masks
+    (:func:`~vitlab.tasks.segmentation.evaluate_segmentation` upsamples the logits to it); a training set, also
+    one without augmentation, gives False (its loss is taken at the model's size).
 
     A fixed-size ONNX export (``model.input_hw`` set, :class:`~vitlab.export.OnnxModel`) takes images of
     exactly its size: a detector's images are then resized to it without keeping their aspect (its boxes
@@ -39,7 +47,8 @@ def transform_for(model: nn.Module, *, train: bool, hflip: float = 0.5) -> Dense
     pp = model.preprocessing
     c, h, _ = pp.input_size
     if task_of(model) == "segmentation" or getattr(model, "input_hw", None) is not None:
-        return DenseTransform(size=h, square=True, train=train, hflip=hflip, mean=pp.mean, std=pp.std, channels=c)
+        return DenseTransform(size=h, square=True, train=train, hflip=hflip, mean=pp.mean, std=pp.std, channels=c,
+                              resize_mask=train if keep_mask_size is None else not keep_mask_size)
     sizes = sorted({max(16, int(h * f) // 16 * 16) for f in (0.75, 0.875, 1.0)}) if train else h
     return DenseTransform(size=sizes, max_size=int(h * 5 / 3), train=train, hflip=hflip,
                           crop_prob=0.5 if train else 0.0,
@@ -48,15 +57,15 @@ def transform_for(model: nn.Module, *, train: bool, hflip: float = 0.5) -> Dense
 
 def open_split(root: str | os.PathLike, split: str, task: str, transform: DenseTransform | None,
                num_classes: int | None = None, *, categories: list[dict[str, Any]] | None = None,
-               categories_from: str = "the model", ignore_index: int = 255):
+               categories_from: str = "the model", ignore_index: int = 255, skip_bad_images: bool = False):
     """``root/split`` as a detection or segmentation data set; a detection split takes the label of each
     category from ``categories`` (the training set's or the checkpoint's) when given."""
     base = Path(root) / split
     if task == "detection":
         return CocoDetection(base / "images", base / "annotations.json", transform=transform,
-                             categories=categories, categories_from=categories_from)
+                             categories=categories, categories_from=categories_from, skip_bad_images=skip_bad_images)
     return MaskFolder(base / "images", base / "masks", transform=transform, num_classes=num_classes,
-                      ignore_index=ignore_index)
+                      ignore_index=ignore_index, skip_bad_images=skip_bad_images)
 
 
 def recorded_categories(checkpoint: str | os.PathLike) -> list[dict[str, Any]] | None:
@@ -92,6 +101,11 @@ class DenseJob:
     progress: bool = True
     threads: int | None = None  # --threads (None: the recipe's cpu_threads, else the cores given)
     overwrite: bool = False
+    skip_bad_images: bool = False  # undecodable images (or masks) skipped and counted
+    time_budget_s: float | None = None  # --time-budget: the run's length sized to end on time (fresh runs)
+    # when the job began, for the budget (time.monotonic(); the CLI gives the process's start)
+    started: float = field(default_factory=time.monotonic)
+    compile: bool = False  # torch.compile the training step (falls back to eager)
 
 
 def run_dense_training(job: DenseJob) -> dict[str, Any]:
@@ -115,8 +129,6 @@ def run_dense_training(job: DenseJob) -> dict[str, Any]:
 
 
 def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
-    import time
-
     import vitlab
     from vitlab.checkpoints import save_model
     from vitlab.models.dense import load_backbone
@@ -157,42 +169,159 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
         load_backbone(model, job.pretrained_backbone)
     ignore = ignore_index_of(model) if job.task == "segmentation" else 255  # masks' unlabelled value
     train_set = open_split(job.data, "train", job.task,
-                           transform_for(model, train=recipe.augment, hflip=recipe.hflip),
-                           model.num_classes, ignore_index=ignore)
+                           transform_for(model, train=recipe.augment, hflip=recipe.hflip, keep_mask_size=False),
+                           model.num_classes, ignore_index=ignore, skip_bad_images=job.skip_bad_images)
     # val labels follow train's categories (by id), also where val/annotations.json lists fewer of them
     val_set = open_split(job.data, "val", job.task, transform_for(model, train=False), model.num_classes,
                          categories=categories, categories_from=f"the training set ({job.data / 'train'})",
-                         ignore_index=ignore)
+                         ignore_index=ignore, skip_bad_images=job.skip_bad_images)
+    check_dense_files(train_set, val_set)
     if ctx.is_main:  # what --resume continues: task, data, model (with the data's classes, to check them)
         job.output.mkdir(parents=True, exist_ok=True)
         atomic_text(job.output / JOB_FILE, json.dumps({
             "task": job.task, "data": str(job.data), "data_source": source_identity(job.data), "classes": classes,
             **({"categories": categories} if categories is not None else {}), "model": job.model,
-            "pretrained_backbone": job.pretrained_backbone}, indent=2))
+            "pretrained_backbone": job.pretrained_backbone, "skip_bad_images": job.skip_bad_images}, indent=2))
     objective = DetectionObjective(model.num_classes) if job.task == "detection" else \
         SegmentationObjective(ignore_index=model.cfg.ignore_index, aux_weight=model.cfg.aux_weight)
+    if job.time_budget_s is not None and not job.resume:
+        recipe = _fit_dense_to_budget(job, ctx, recipe, model, objective, train_set, val_set)
     t0 = time.perf_counter()
-    result = fit(model.to(ctx.device), recipe, train_set=train_set, output_dir=job.output, resume=job.resume,
-                 objective=objective, progress=job.progress, ctx=ctx)
+    try:
+        result = fit(model.to(ctx.device), recipe, train_set=train_set, output_dir=job.output, resume=job.resume,
+                     objective=objective, progress=job.progress, ctx=ctx, compile=job.compile)
+    except (BadImageError, DatasetError) as e:  # a file the checks before training could not see (a truncated one)
+        raise type(e)(f"{e}; {_where_training_stopped(job.output)}") from e
     seconds = time.perf_counter() - t0
     model = model.cpu()
+    summary: dict[str, Any] = {"task": job.task, "model": job.model, "val": {}, "train_seconds": seconds,
+                               "checkpoint": str(job.output / "model.safetensors")}
+    if job.compile:
+        summary["compile_seconds"] = None if result.compile_seconds is None else round(result.compile_seconds, 1)
+        summary["compile_failed"] = result.compile_failed
     if not ctx.is_main:  # rank 0 writes the model and evaluates; the others wait for it
         barrier(ctx)
-        return {"task": job.task, "model": job.model, "val": {}, "train_seconds": seconds,
-                "checkpoint": str(job.output / "model.safetensors")}
+        return summary
     save_model(model, job.output / "model.safetensors", class_names=classes,
-               extra={"task": job.task, "steps": result.steps if hasattr(result, "steps") else None,
+               extra={"task": job.task, "steps": result.step,
                       **({"categories": categories} if categories is not None else {})})
-    if job.task == "detection":
-        metrics = evaluate_detection(model, val_set)
-    else:
-        metrics = evaluate_segmentation(model, val_set, num_classes=model.num_classes,
-                                        ignore_index=model.cfg.ignore_index)
-    summary = {"task": job.task, "model": job.model, "val": metrics, "train_seconds": seconds,
-               "checkpoint": str(job.output / "model.safetensors")}
+    try:
+        if job.task == "detection":
+            metrics = evaluate_detection(model, val_set)
+        else:
+            metrics = evaluate_segmentation(model, val_set, num_classes=model.num_classes,
+                                            ignore_index=model.cfg.ignore_index)
+    except (BadImageError, DatasetError) as e:
+        raise type(e)(f"{e}; the training finished and its model is saved ({job.output / 'model.safetensors'}), "
+                      f"the evaluation on {job.data / 'val'} stopped there: fix or remove the file, then "
+                      f"`vitlab train --output {job.output} --resume` evaluates it (without training again)") from e
+    summary["val"] = metrics
+    if job.skip_bad_images:  # distinct files, counted across worker processes and epochs
+        summary["skipped_images"] = len({f for ds in (train_set, val_set) for f in ds.skipped()})
     (job.output / "metrics.json").write_text(json.dumps(summary, indent=2))
     barrier(ctx)
     return summary
+
+
+def check_dense_files(train_set: CocoDetection | MaskFolder, val_set: CocoDetection | MaskFolder) -> None:
+    """Before training: every file of both splits opens, a COCO image has its JSON size, a mask has its image's
+    size and a mode of class indices, all from the file headers; val's masks are also decoded for their
+    classes (small files, else reached only after the whole training). The error names the file."""
+    t0 = time.perf_counter()
+    train_set.check_files()
+    if isinstance(val_set, MaskFolder):
+        val_set.check_files(classes=True)
+    else:
+        val_set.check_files()
+    log.debug("checked the files of %d training and %d val samples in %.1f s", len(train_set), len(val_set),
+              time.perf_counter() - t0)
+
+
+def _where_training_stopped(output: Path) -> str:
+    """What a run stopped by a bad file left behind, and how to go on."""
+    from vitlab.checkpoints import CheckpointError
+    from vitlab.train.state import load_train_state
+    from vitlab.train.trainer import STATE_FILE
+
+    try:
+        step = int(load_train_state(output / STATE_FILE, mmap=True)["step"])
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError):
+        return "the training stopped before its first checkpoint: fix or remove the file, then start again with --overwrite"
+    return (f"the training stopped; its state after step {step} is saved in {output}: fix or remove the file, then "
+            f"`vitlab train --output {output} --resume` continues from there")
+
+
+def _fit_dense_to_budget(job: DenseJob, ctx: Any, recipe: Any, model: nn.Module, objective: Any, train_set,
+                         val_set) -> Any:
+    """--time-budget: time the first steps of ``objective`` on a copy of the model and give the recipe the
+    number of steps that ends training and the val evaluation on time (:mod:`vitlab.train.budget`'s planning,
+    as for classification; the length is planned once, the dense objectives are not re-timed during the run)."""
+    from vitlab.train.budget import finish_reserve_s, fit_recipe_to_budget
+    from vitlab.train.progress import format_duration
+
+    step_s = _dense_step_seconds(model, objective, recipe, train_set, ctx.device,
+                                 min_seconds=0.005 * job.time_budget_s)
+    if ctx.distributed:  # every rank runs the same number of steps: rank 0's
+        import torch.distributed as dist
+
+        box = [step_s]
+        dist.broadcast_object_list(box, src=0)
+        step_s = box[0]
+    elapsed = time.monotonic() - job.started
+    budget = job.time_budget_s - finish_reserve_s(job.time_budget_s)
+    fitted = fit_recipe_to_budget(recipe, budget_s=budget, elapsed_s=elapsed, step_s=step_s,
+                                  num_images=len(train_set), eval_images=len(val_set), world_size=ctx.world_size)
+    log.info("time budget %s: %.3f s per step measured, %s already spent -> %d steps (%d epoch(s)), then the val "
+             "evaluation", format_duration(job.time_budget_s), step_s, format_duration(elapsed), fitted.max_steps,
+             fitted.epochs)
+    return fitted
+
+
+def _dense_step_seconds(model: nn.Module, objective: Any, recipe: Any, train_set, device: torch.device, *,
+                        min_seconds: float = 0.0) -> float:
+    """Seconds per optimiser step of ``objective`` on a copy of ``model``, data loading included
+    (:func:`vitlab.train.budget.time_steps`); every random generator is left as it was."""
+    import copy
+
+    from vitlab.data import create_loader
+    from vitlab.train.budget import time_steps
+    from vitlab.train.evaluate import autocast_context
+    from vitlab.train.optim import build_optimizer
+    from vitlab.train.state import preserved_rng
+
+    with preserved_rng():
+        net = copy.deepcopy(model).to(device).train()
+        objective.to(device)
+        optimizer = build_optimizer(net, recipe, lr=recipe.lr)
+        loader = create_loader(train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=recipe.workers or 0,
+                               seed=recipe.seed + 7919, drop_last=True, persistent_workers=False)
+        accum = recipe.accum_for(1)
+        batches = iter(loader)
+
+        def next_batch():
+            nonlocal batches
+            for _ in range(len(loader) + 1):  # a whole pass without a batch: nothing to time
+                try:
+                    b = next(batches)
+                except StopIteration:
+                    batches = iter(loader)
+                    continue
+                if b is not None:
+                    return tuple(t.to(device) if isinstance(t, Tensor) else t for t in b)
+            raise ValueError(f"--time-budget: {len(train_set)} training samples (less those skipped) fill no batch of "
+                             f"{recipe.batch_size}; lower --batch-size")
+
+        def one_step() -> None:
+            for _ in range(accum):
+                with autocast_context(device, recipe.amp):
+                    loss, _ = objective.step(net, next_batch())
+                (loss / accum).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        return time_steps(one_step, min_seconds=min_seconds)
 
 
 def ignore_index_of(model: nn.Module) -> int:
@@ -204,12 +333,16 @@ def ignore_index_of(model: nn.Module) -> int:
 
 
 def evaluate_folder(model: nn.Module, data: str | os.PathLike, split: str = "val", *,
-                    categories: list[dict[str, Any]] | None = None,
-                    categories_from: str = "the model") -> dict[str, Any]:
+                    categories: list[dict[str, Any]] | None = None, categories_from: str = "the model",
+                    batch_size: int = 8, device: torch.device | str = "cpu", amp: str = "none",
+                    skip_bad_images: bool = False) -> dict[str, Any]:
     """COCO AP or mean IoU of a loaded dense model (or an exported ONNX one) on ``data/split``.
 
     A detector's labels are the model's: ``categories`` (COCO id and name per label, as its run recorded
-    them), else its class names; the split's categories are matched to them, never renumbered per file."""
+    them), else its class names; the split's categories are matched to them, never renumbered per file. A
+    detector with neither (an official DETR ``.pth``) is read by :func:`unnamed_detector_categories`.
+    A segmenter is scored at the size of each mask. ``amp``: autocast ("bf16", "fp16"); ``skip_bad_images``:
+    undecodable images are left out and counted (``skipped_images``)."""
     from vitlab.export.runtime import OnnxModel
     from vitlab.tasks.detection import evaluate_detection
     from vitlab.tasks.segmentation import evaluate_segmentation
@@ -218,13 +351,53 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, split: str = "val
     names = getattr(model, "class_names", None)
     if task == "detection" and categories is None and names and len(names) == model.num_classes:
         categories = [{"name": str(n)} for n in names]  # matched by name: a checkpoint that records no ids
+    elif task == "detection" and categories is None and not names:
+        categories = unnamed_detector_categories(model.num_classes, Path(data) / split / "annotations.json")
+        categories_from = "the model's labels read as category ids"
     ds = open_split(data, split, task, transform_for(model, train=False), model.num_classes,
                     categories=categories, categories_from=categories_from,
-                    ignore_index=ignore_index_of(model) if task == "segmentation" else 255)
+                    ignore_index=ignore_index_of(model) if task == "segmentation" else 255,
+                    skip_bad_images=skip_bad_images)
     if task == "detection":
         # an exported detector takes no padding mask: images one by one, each at its own size
-        return evaluate_detection(model, ds, batch_size=1 if isinstance(model, OnnxModel) else 8)
-    return evaluate_segmentation(model, ds, num_classes=model.num_classes, ignore_index=ignore_index_of(model))
+        metrics = evaluate_detection(model, ds, batch_size=1 if isinstance(model, OnnxModel) else batch_size,
+                                     device=device, amp=amp)
+    else:
+        metrics = evaluate_segmentation(model, ds, num_classes=model.num_classes,
+                                        ignore_index=ignore_index_of(model), batch_size=batch_size, device=device,
+                                        amp=amp)
+    if skip_bad_images:
+        metrics["skipped_images"] = ds.num_skipped
+    return metrics
+
+
+def unnamed_detector_categories(num_classes: int, annotations: Path) -> list[dict[str, Any]] | None:
+    """The categories (label order) of a detector that names no classes, scored on the COCO file
+    ``annotations``: None (the file's categories in id order, as vitlab numbers them in training) or, where the
+    model's labels reach past the file's largest category id, the label as the category id itself
+    (official facebookresearch/detr: num_classes = largest id + 1, 91 for COCO). Which was used is logged;
+    where both are plausible, a warning says so."""
+    own = train_categories(annotations)
+    if not own:
+        return None  # the data set's own check reports the file
+    ids = [int(c["id"]) for c in own]
+    if ids == list(range(len(ids))):
+        return None  # label i is category id i either way
+    if min(ids) < 0 or num_classes <= max(ids):
+        log.info("%s: the model names no classes; label i is the i-th of the file's %d categories in id order "
+                 "(its %d labels do not reach category id %d)", annotations, len(ids), num_classes, max(ids))
+        return None
+    names = {int(c["id"]): c["name"] for c in own if "name" in c}
+    categories = [{"id": i, **({"name": names[i]} if i in names else {})} for i in range(num_classes)]
+    if num_classes == max(ids) + 1:
+        log.info("%s: the model names no classes and has %d labels, the largest category id + 1: its labels are "
+                 "read as the category ids (official DETR's convention)", annotations, num_classes)
+    else:
+        log.warning("%s: the model names no classes; its %d labels are read as category ids (official DETR's "
+                    "convention; the largest id here is %d), but they could also number its training data's "
+                    "categories in id order: ambiguous without the model's class names (a vitlab checkpoint "
+                    "records them)", annotations, num_classes, max(ids))
+    return categories
 
 
 DENSE_RUNTIMES = ("auto", "torch", "onnx")
@@ -387,8 +560,9 @@ PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200
 @torch.no_grad()
 def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: float = 0.5,
                    skip_bad_images: bool = False) -> list[dict[str, Any]]:
-    """A colour overlay (``NAME.png``) and the class-index mask (``NAME_mask.png``) per image, and
-    ``segments.json`` (``skip_bad_images`` as in :func:`detect_images`)."""
+    """A colour overlay (``NAME.png``) and the class-index mask (``NAME_mask.png``: 8-bit grey, 16-bit for a
+    model of more than 256 classes) per image, and ``segments.json`` (``skip_bad_images`` as in
+    :func:`detect_images`)."""
     import numpy as np
     from PIL import Image
 
@@ -397,6 +571,7 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
     output.mkdir(parents=True, exist_ok=True)
     names = _names(model)
     colours = np.array([PALETTE[i % len(PALETTE)] for i in range(model.num_classes)], dtype=np.float32)
+    mask_dtype = np.uint8 if model.num_classes <= 256 else np.uint16  # class 299 must not be written as 43
     results: list[dict[str, Any]] = []
     with _written_at_the_end(results, output / "segments.json"):
         for path, stem in zip(paths, unique_stems(paths)):
@@ -409,11 +584,12 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
             overlay = (1 - alpha) * _rgb(image).astype(np.float32) + alpha * colours[pred]
             overlay = np.where((pred == 0)[..., None], _rgb(image), overlay)  # class 0 (background) left as is
             Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(output / f"{stem}.png")
-            Image.fromarray(pred.astype(np.uint8)).save(output / f"{stem}_mask.png")
+            Image.fromarray(pred.astype(mask_dtype)).save(output / f"{stem}_mask.png")  # mode L or I;16
             present = {names[c]: int((pred == c).sum()) for c in np.unique(pred).tolist()}
             results.append({"image": str(path), "pixels_per_class": present})
     return results
 
 
-__all__ = ["DENSE_RUNTIMES", "DenseJob", "detect_images", "evaluate_folder", "format_metrics", "ignore_index_of",
-           "load_dense", "recorded_categories", "run_dense_training", "segment_images", "task_of", "transform_for"]
+__all__ = ["DENSE_RUNTIMES", "DenseJob", "check_dense_files", "detect_images", "evaluate_folder", "format_metrics",
+           "ignore_index_of", "load_dense", "recorded_categories", "run_dense_training", "segment_images", "task_of",
+           "transform_for", "unnamed_detector_categories"]

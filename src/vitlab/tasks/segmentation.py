@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -32,16 +33,42 @@ class SegmentationObjective(Objective):
         return f"segmentation (cross entropy, auxiliary heads x {self.aux_weight})"
 
 
+def collate_eval(batch: list[tuple[Tensor, Tensor] | None]) -> tuple[Tensor, list[Tensor]] | None:
+    """(images stacked, masks as a list): evaluation masks keep each image's own size. Skipped samples
+    (``None``) are dropped; a batch of only those is ``None``."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return None
+    return torch.stack([image for image, _ in kept]), [mask for _, mask in kept]
+
+
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size: int = 8,
-                          ignore_index: int = 255, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Mean IoU and pixel accuracy of ``model`` on (image, mask) pairs."""
+                          ignore_index: int = 255, device: torch.device | str = "cpu",
+                          amp: str = "none") -> dict[str, Any]:
+    """Mean IoU and pixel accuracy of ``model`` on (image, mask) pairs.
+
+    Each image's logits are upsampled (bilinear) to its mask's size before the argmax, as mmsegmentation and
+    Hugging Face score: with masks at their original size (``DenseTransform(resize_mask=False)``, what
+    :func:`vitlab.tasks.run.transform_for` gives for evaluation), the score is the one on the user's masks,
+    where thin structures are not lost to a resize to the model's input. ``amp``: autocast ("bf16", "fp16")."""
+    from vitlab.train.evaluate import autocast_context
+
+    device = torch.device(device)
     model.eval().to(device)
     meter = SegmentationMeter(num_classes, ignore_index)
-    for images, masks in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        pred = model(images.to(device))["logits"].argmax(1)
-        meter.update(pred, masks.to(device))
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_eval):
+        if batch is None:
+            continue
+        images, masks = batch
+        with autocast_context(device, amp):
+            logits = model(images.to(device))["logits"]  # (B, classes, h, w)
+        for lg, mask in zip(logits, masks):
+            lg = lg.float()
+            if lg.shape[-2:] != mask.shape[-2:]:
+                lg = F.interpolate(lg[None], size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)[0]
+            meter.update(lg.argmax(0), mask.to(device))
     return meter.summary()
 
 
-__all__ = ["SegmentationObjective", "evaluate_segmentation"]
+__all__ = ["SegmentationObjective", "collate_eval", "evaluate_segmentation"]
