@@ -69,3 +69,20 @@ def test_swin_tables_of_another_window_are_resampled_with_a_warning(tmp_path: Pa
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(same.eval()(x), src.eval()(x))
+
+
+def test_stating_fc_norm_alone_keeps_the_familys_pooling(tmp_path: Path) -> None:
+    """timm's BEiT built with use_fc_norm=False averages with the final norm before pooling: its file has
+    ``norm`` and no ``fc_norm``, which the converter alone reads as class-token pooling. A caller who states
+    fc_norm=False (as they built it in timm) gets BEiT's averaging, not the converter's guess."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=4)
+    model = perturb_(vitlab.create_model("beit_base_patch16_224", fc_norm=False, global_pool="avg", **args)).eval()
+    path = tmp_path / "beit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    x = torch.randn(2, 3, 32, 32)
+    loaded = vitlab.create_model("beit_base_patch16_224", pretrained=path, fc_norm=False, **args).eval()
+    assert loaded.cfg.global_pool == "avg"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    guessed = vitlab.create_model("beit_base_patch16_224", pretrained=path, **args)  # the file alone: token
+    assert guessed.cfg.global_pool == "token"

@@ -104,6 +104,11 @@ def create_model(
             file_overrides = _vitlab_overrides(name, source)
         else:  # a timm hub folder's config.json over what the tensors say (e.g. average pooling without fc_norm)
             file_overrides = {**source.converted.overrides, **_timm_hub_overrides(entry, source)}
+    if source is not None and source.format != "vitlab" and "fc_norm" in overrides and "global_pool" not in overrides:
+        # the pooling a converter reads off the norms is a guess from where the final norm sits (fc_norm or
+        # norm); a caller who states fc_norm alone means the family's own pooling with it, as timm's
+        # create_model(..., use_fc_norm=False) does (BEiT: averaging, the norm before it)
+        file_overrides.pop("global_pool", None)
     cfg_overrides = {**weights_overrides, **file_overrides, **overrides}
     if num_classes is not None:
         cfg_overrides["num_classes"] = num_classes
