@@ -19,8 +19,8 @@ Interpolation = str  # "bicubic" | "bilinear" | "nearest"
 class Rng:
     """Random draws from an explicit ``torch.Generator``, or the global torch RNG when it is None.
 
-    The global RNG is what DataLoader seeds per worker (``base_seed + worker_id``), so transforms without an
-    explicit generator are still reproducible under ``create_loader(seed=...)``.
+    :func:`~vitlab.data.create_loader` seeds the global RNG (and reseeds explicit generators) before each sample,
+    so transforms without an explicit generator are still reproducible under ``create_loader(seed=...)``.
     """
 
     def __init__(self, generator: torch.Generator | None = None) -> None:

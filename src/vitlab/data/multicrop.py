@@ -31,6 +31,7 @@ class MultiCropTransform(PicklableGenerator):
         self.generator = generator
 
     def reseed(self, seed: int) -> None:
+        """Restart the random stream from ``seed`` (``create_loader`` calls it before each sample)."""
         if self.generator is not None:
             self.generator.manual_seed(int(seed))
 

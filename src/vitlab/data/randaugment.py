@@ -171,7 +171,8 @@ class RandAugment(PicklableGenerator):
         magnitude_std: std of the per-application magnitude noise (DeiT: 0.5).
         prob: probability that each chosen operation is applied.
         fill: value (0..255 scale, one per channel or one for all) for pixels warped in from outside.
-        generator: explicit random source; None uses the global torch RNG (seeded per DataLoader worker).
+        generator: explicit random source; None uses the global torch RNG (seeded per sample by
+            :func:`vitlab.data.create_loader`).
         ops: restrict to these operation names (default: all of ``OPS``).
     """
 

@@ -110,8 +110,9 @@ class RandomErasing(PicklableGenerator):
 class TrainTransform(PicklableGenerator):
     """Training augmentation for ``pre`` (see :func:`train_transform`).
 
-    ``generator`` is shared by every random step. :func:`vitlab.data.create_loader` reseeds it in each
-    worker (``reseed``), so workers do not replay the same random stream.
+    ``generator`` is shared by every random step. :func:`vitlab.data.create_loader` reseeds it before each
+    sample (``reseed``) from (seed, epoch, the sample's position), so the augmentation of a sample does not
+    depend on the worker that makes it.
     """
 
     def __init__(self, pre: Preprocessing, *, scale: tuple[float, float] = (0.08, 1.0),
@@ -147,7 +148,7 @@ class TrainTransform(PicklableGenerator):
         return math.ceil(max(self.size) / math.sqrt(max(self.scale[0], 1e-3)))
 
     def reseed(self, seed: int) -> None:
-        """Give this copy of the transform its own random stream (called in each DataLoader worker)."""
+        """Restart the random stream from ``seed`` (``create_loader`` calls it before each sample)."""
         if self.generator is not None:
             self.generator.manual_seed(int(seed))
 
@@ -179,8 +180,8 @@ def train_transform(pre: Preprocessing, *, scale: tuple[float, float] = (0.08, 1
     horizontal flip with probability ``hflip``, channel conversion, RandAugment ``(num_ops, magnitude)``
     with magnitude noise ``randaugment_mstd``, [0, 1] + normalisation, random erasing with ``re_prob``.
 
-    Every random draw comes from ``generator`` (or, when None, the global torch RNG, which DataLoader
-    seeds per worker), so the output is a function of the seed.
+    Every random draw comes from ``generator`` (or, when None, the global torch RNG), both of which
+    :func:`~vitlab.data.create_loader` seeds per sample, so the output is a function of the loader's seed.
     """
     return TrainTransform(pre, scale=scale, ratio=ratio, hflip=hflip, randaugment=randaugment,
                           randaugment_mstd=randaugment_mstd, re_prob=re_prob, generator=generator)

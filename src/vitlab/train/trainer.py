@@ -15,8 +15,11 @@ Under torchrun the model is replicated (DDP), or sharded with ``recipe.fsdp`` (:
 the same files, gathered on rank 0; the optimiser state then by parameter name).
 
 Exact resumption: the sampler's order is a function of (seed, epoch) and the resumed epoch skips the
-sample indices already consumed without loading them; every random generator is restored; evaluation
-and checkpointing run inside :func:`preserved_rng` so they never move the training run's generators.
+sample indices already consumed without loading them; each sample's augmentation is seeded from (seed,
+epoch, its position in the epoch's order) by :func:`~vitlab.data.create_loader`, whichever loader worker
+makes it (so also with ``workers`` > 0, and the same with any number of workers); every random generator of
+the main process is restored; evaluation and checkpointing run inside :func:`preserved_rng` so they never
+move the training run's generators.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from vitlab.checkpoints import CheckpointError, load_strict, save_model
 from vitlab.checkpoints.vitlab_format import config_to_dict
+from vitlab.data.errors import DatasetError
+from vitlab.data.loader import seeded_sampler
 from vitlab.train.budget import Deadline, Replanner
 from vitlab.train.distributed import DistContext, all_reduce_mean, barrier
 from vitlab.train.ema import ModelEMA
@@ -70,6 +75,11 @@ Criterion = Callable[[Tensor, Any, Tensor], Tensor]
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped before applying that step."""
+
+
+class OutOfBatchesError(DatasetError):
+    """The training data ran out of batches mid-epoch: ``skip_bad_images`` dropped so many undecodable images
+    that whole batches were empty. A data error (a ``ValueError``), reported by the CLI in one line."""
 
 
 class TrainingStopped(KeyboardInterrupt):
@@ -124,23 +134,6 @@ class FitResult:
         return self.output_dir / MODEL_FILE
 
 
-class _SkipSampler(Sampler[Any]):
-    """The base sampler's items (indices, or batches of a batch sampler) for this epoch, minus the first
-    ``skip`` (already consumed before a resume)."""
-
-    def __init__(self, base: Sampler[Any]) -> None:
-        self.base = base
-        self.skip = 0
-
-    def __iter__(self) -> Iterator[Any]:
-        for i, idx in enumerate(self.base):
-            if i >= self.skip:
-                yield idx
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)  # type: ignore[arg-type]
-
-
 def _build_sampler(dataset: Dataset, recipe: Recipe, ctx: DistContext) -> Sampler[int]:
     if recipe.repeat_aug > 1:
         from vitlab.data import RepeatAugSampler
@@ -175,6 +168,16 @@ def _make_loader(dataset: Dataset, sampler: Sampler[Any], recipe: Recipe, batch_
                              num_workers=recipe.workers or 0, seed=recipe.seed, batch_sampler=sampler)
     return create_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=recipe.workers or 0,
                          seed=recipe.seed, drop_last=True, sampler=sampler)
+
+
+def _out_of_batches(train_set: Dataset, epoch: int, step: int, steps_per_epoch: int) -> str:
+    """Why the loader ran dry: the images skipped as undecodable, counted so far."""
+    skipped = getattr(train_set, "num_skipped", None)
+    what = (f"{skipped} of its {len(train_set)} images were undecodable and skipped (--skip-bad-images)"  # type: ignore[arg-type]
+            if skipped else "undecodable images were skipped (--skip-bad-images)")
+    return (f"training stopped at step {step}, in epoch {epoch + 1} (of {steps_per_epoch} steps each): the training "
+            f"data ran out of batches, because {what}, which left whole batches empty; replace or remove the bad "
+            f"files (each was named above), or lower --batch-size")
 
 
 def _non_empty(loader: DataLoader) -> Iterator[Any]:
@@ -312,8 +315,10 @@ def fit(
         base_sampler, per_micro = _multiscale_sampler(base_sampler, recipe, net), 1
         log.info("multi-scale sampling: %s per process (size px: batch), %d batches per epoch",
                  ", ".join(f"{s}: {b}" for s, b in base_sampler.scales), len(base_sampler))  # type: ignore[attr-defined]
-    sampler = _SkipSampler(base_sampler)
-    loader = _make_loader(train_set, sampler, recipe, recipe.batch_size)
+    loader = _make_loader(train_set, base_sampler, recipe, recipe.batch_size)
+    # skips the items (indices, or multi-scale batches) a resumed epoch consumed before; the samples after them
+    # keep their positions in the epoch's order, and with them their augmentation (see vitlab.data.loader)
+    sampler = seeded_sampler(loader)
     micro_per_epoch = len(base_sampler) // per_micro  # type: ignore[arg-type]
     steps_per_epoch = micro_per_epoch // accum
     if steps_per_epoch < 1:
@@ -501,8 +506,7 @@ def fit(
                 for micro in range(accum):
                     batch = next(batches, None)
                     if batch is None:
-                        raise RuntimeError("fit: the data loader ran out of batches mid-epoch: whole batches of "
-                                           "undecodable images were skipped")
+                        raise OutOfBatchesError(_out_of_batches(train_set, epoch, step, steps_per_epoch))
                     batch = _to_device(batch, device)
                     sync = micro == accum - 1
                     # DDP: no all-reduce before the last micro-batch; FSDP reduce-scatters each (sharded sums)
