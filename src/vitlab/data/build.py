@@ -208,10 +208,15 @@ def _build_folder(root: Path, split: str, val_fraction: float, seed: int, **kw) 
     else:
         kept, held = stratified_split(targets, val_fraction, seed)
         if split_eff == "train" and len(held) > max(2 * val_fraction, val_fraction + 0.05) * len(targets):
+            if test_dir is not None:  # test/ measures the run: nothing need be held out of train/
+                advice = (f"--set val_fraction=0 keeps them all for training (the run is then measured on "
+                          f"{test_dir.name}/ only, without validation during training)")
+            else:  # the held-out part is also the test set here: val_fraction=0 would leave nothing to test on
+                advice = (f"a val/ folder of your own keeps more for training: {root}/train/<class>/ for training, "
+                          f"{root}/val/<class>/ for the images to measure it on")
             log.warning("%s: the held-out split takes %d of %d images (%.0f%%, not %.0f%%): every class with two "
-                        "or more images gives at least one; with classes this small, a val/ folder or "
-                        "--set val_fraction=0 keeps more for training", train_dir, len(held), len(targets),
-                        100 * len(held) / len(targets), 100 * val_fraction)
+                        "or more images gives at least one; with classes this small, %s", train_dir, len(held),
+                        len(targets), 100 * len(held) / len(targets), 100 * val_fraction, advice)
         idx = _pick(kept, held, split_eff)
         paths, targets = [paths[i] for i in idx], [targets[i] for i in idx]
         desc = f"folder:{train_dir}[{split}, val_fraction={val_fraction}, seed={seed}]"

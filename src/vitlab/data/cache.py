@@ -112,6 +112,7 @@ def cache_decoded(ds: ImageFileDataset, *, max_bytes: int, workers: int = 0) -> 
     else:
         store = images
     ds.set_cache(store, errors)
-    log.info("%s: %d images decoded into memory (%.0f MB) in %.1f s", ds.source, len(ds), need / 1e6,
-             time.perf_counter() - t0)
+    log.info("%s: %d images decoded into memory (%.0f MB) in %.1f s%s", ds.source, len(ds) - len(errors),
+             need / 1e6, time.perf_counter() - t0,
+             f"; {len(errors)} undecodable, skipped" if errors else "")
     return True

@@ -73,6 +73,13 @@ class VisionDataset(Dataset):
         """Where each skipped image comes from (``describe``), for totals across splits of one source."""
         return [self.describe(i) for i in self._skipped.nonzero().flatten().tolist()]
 
+    def skipped_per_class(self) -> dict[str, tuple[int, int]]:
+        """{class: (images skipped, images)} for the classes with skipped images, in class order."""
+        skipped = [0] * len(self.classes)
+        for i in self._skipped.nonzero().flatten().tolist():
+            skipped[self.targets[i]] += 1
+        return {name: (k, n) for name, k, n in zip(self.classes, skipped, self.class_counts()) if k}
+
     def load(self, index: int) -> Tensor:
         """The uint8 (in_chans, H, W) image of sample ``index``, untransformed; raises BadImageError."""
         raise NotImplementedError
@@ -160,10 +167,18 @@ class ImageFileDataset(VisionDataset):
         return sum(t.numel() for t in self._cache if t is not None)
 
     def set_cache(self, images: Tensor | list[Tensor | None], errors: dict[int, str]) -> None:
-        """Serve ``images[i]`` instead of decoding file i (``errors``: the files that failed, by index)."""
+        """Serve ``images[i]`` instead of decoding file i (``errors``: the files that failed, by index).
+
+        The failed files are skipped from here on (``skip_bad_images``): each is named in a warning now, and
+        counted by ``num_skipped`` and ``skipped_per_class`` before any epoch has read it."""
         if len(images) != len(self):
             raise ValueError(f"{self.source}: cache of {len(images)} images for {len(self)} files")
         self._cache, self._cache_errors = images, dict(errors)
+        if self.skip_bad_images:
+            for i in sorted(errors):
+                if not self._skipped[i]:
+                    log.warning("skipping bad image: %s", errors[i])
+                    self._skipped[i] = True
 
     def decode(self, index: int, *, min_size: int | None = None) -> Tensor:
         """Decode file ``index`` to uint8 (in_chans, H, W); raises BadImageError."""

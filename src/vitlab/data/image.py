@@ -7,6 +7,7 @@ keep their look instead of showing whatever colour hides under alpha = 0.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -19,9 +20,26 @@ from torch import Tensor
 
 from vitlab.data.errors import BadImageError
 
-IMAGE_EXTENSIONS = (
-    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm",
+log = logging.getLogger(__name__)
+
+# Photo and bitmap formats a class folder may hold, in the order error messages list them. Pillow registers the
+# extensions of a format it can read only when its codec is present (WebP, AVIF), so the list is decided here,
+# at import, from Pillow's registered extensions: a file this Pillow cannot decode is not taken for an image.
+# (Pillow knows more extensions than these: video frames, HDF5/GRIB stubs, EPS through Ghostscript, icons; a
+# data folder's stray ones of those are not images to train on.)
+_CANDIDATE_EXTENSIONS = (
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif",
+    ".ppm", ".pgm", ".pbm", ".pnm",
 )
+
+
+def _decodable_extensions(candidates: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``candidates`` whose format Pillow both registers for the extension and can open."""
+    registered = Image.registered_extensions()  # imports Pillow's plugins (Image.init)
+    return tuple(e for e in candidates if registered.get(e) in Image.OPEN)
+
+
+IMAGE_EXTENSIONS = _decodable_extensions(_CANDIDATE_EXTENSIONS)
 # Modes whose natural channel count is one (before alpha handling).
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
@@ -40,15 +58,49 @@ def expand_image_paths(paths: list[str | os.PathLike]) -> list[str]:
         if not p.is_dir():
             out.append(str(given))
             continue
-        found = []
-        for dirpath, dirnames, filenames in os.walk(p, followlinks=True):  # as the image-folder datasets scan
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found += [Path(dirpath, f) for f in filenames if not f.startswith(".") and is_image_file(f)]
-        found.sort()
+        found = sorted(walk_image_files(p), key=Path)  # as the image-folder datasets scan
         if not found:
             raise ValueError(f"{p}: a folder with no image files in it ({', '.join(IMAGE_EXTENSIONS)})")
-        out.extend(map(str, found))
+        out.extend(found)
     return out
+
+
+_reported_links: set[str] = set()  # folders (by path) already reported as links back into the scan
+
+
+def walk_image_files(top: str | os.PathLike, *, inside: tuple[str | os.PathLike, ...] = ()) -> list[str]:
+    """The image files below ``top`` (hidden files and folders skipped), following symbolic links to folders,
+    but never into a folder already read by this walk (by resolved path), nor into one that holds ``top``
+    itself or a folder of ``inside`` (a link such as ``a/up -> ..``, which would lead round and round, and
+    count other classes' images as this one's). Each such link is named in one warning.
+
+    Args:
+        inside: folders the walk must not climb back into (the data set's root, beside the class folder).
+    """
+    top = os.fspath(top)
+    guard = [os.path.realpath(d) for d in (top, *inside)]
+    visited = {os.path.realpath(top)}
+    files: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        kept = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            full = os.path.join(dirpath, d)
+            real = os.path.realpath(full)
+            loop = any(g == real or g.startswith(real.rstrip(os.sep) + os.sep) for g in guard)
+            if loop or real in visited:
+                if full not in _reported_links:
+                    _reported_links.add(full)
+                    why = (f"which holds {top} (a symbolic-link loop)" if loop
+                           else f"a folder already read in {top}")
+                    log.warning("%s: a link to %s, %s: not followed", full, real, why)
+                continue
+            visited.add(real)
+            kept.append(d)
+        dirnames[:] = kept
+        files.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and is_image_file(f))
+    return files
 
 
 def unique_stems(paths: list[str | os.PathLike]) -> list[str]:
@@ -191,8 +243,8 @@ def load_image(path: str | os.PathLike, *, min_size: int | None = None) -> Tenso
                 w, h = img.size
                 if MAX_IMAGE_PIXELS is not None and w * h > MAX_IMAGE_PIXELS:
                     raise BadImageError(
-                        f"{p}: refused, {w} x {h} = {w * h / 1e6:.0f} megapixels is above the limit of "
-                        f"{MAX_IMAGE_PIXELS / 1e6:.0f} (a decompression bomb?); raise it with --max-image-pixels "
+                        f"{p}: refused, {w} x {h} = {w * h:,} pixels is above the limit of "
+                        f"{MAX_IMAGE_PIXELS:,} (a decompression bomb?); raise it with --max-image-pixels "
                         f"or {_ENV_MAX_PIXELS}")
                 factor = _reduce_factor((w, h), min_size)
                 if factor > 1 and img.format == "JPEG":

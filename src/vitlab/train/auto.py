@@ -22,9 +22,10 @@ How it decides, in order:
    epochs into the time (failing that, ``MIN_EPOCHS``), by an estimate of training FLOPs per image and
    the machine's FLOP rate. The wanted number of epochs falls with the data set's size (small data
    needs more passes); the run gets as many of them as the time allows.
-4. Batch, learning rate and schedule: batch 128 (256 on a GPU; never more than a sixteenth of the
-   data), AdamW at 2e-3 scaled by sqrt(batch / 128), cosine decay after a 5% warm-up, label smoothing
-   0.1, weight decay 0.05.
+4. Batch, learning rate and schedule: batch 64 (256 on a GPU; never more than a sixteenth of the
+   data, nor more than its training images), AdamW at 2e-3 scaled by sqrt(batch / 128), cosine decay after
+   a 5% warm-up, label smoothing 0.1, weight decay 0.05. Everything is sized by the images the run trains
+   on: where the source has no val/ or test/ set of its own, 10% of each class is held out to measure it.
 5. Augmentation strength: random-resized crops whose smallest area falls with the run's length;
    horizontal flips for colour images only (small grayscale images are usually characters, which
    mirroring changes); RandAugment, stochastic depth and attention dropout only for long runs.
@@ -112,11 +113,26 @@ class DataFacts:
         image_size: (H, W) of the images (native, or typical for a folder of mixed sizes).
     """
 
-    num_images: int
+    num_images: int  # all the training data, before any part of it is held out for validation
     num_classes: int
     image_size: tuple[int, int]
     channels: int
     has_test: bool = False  # the source has a test set of its own (else "test" is the held-out part)
+    has_val: bool = False  # the source has a validation set of its own (an image folder's val/)
+    class_counts: tuple[int, ...] | None = None  # images per class (None: taken as even), for the held-out part
+
+
+def held_out_images(data: DataFacts, val_fraction: float) -> int:
+    """How many of ``data``'s images a hold-out of ``val_fraction`` takes: per class, as
+    :func:`vitlab.data.splits.stratified_split` draws it (round(fraction x n), at least one of a class of two
+    or more, never all of it)."""
+    if val_fraction <= 0:
+        return 0
+    counts = data.class_counts
+    if counts is None:
+        q, r = divmod(data.num_images, max(1, data.num_classes))
+        counts = tuple(q + (1 if i < r else 0) for i in range(data.num_classes))
+    return sum(min(max(round(val_fraction * n), 1), n - 1) if n >= 2 else 0 for n in counts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,7 +264,11 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
     if data.num_images < 1:
         raise ValueError("choose_recipe: no training images")
     budget = time_budget_s or (DEFAULT_BUDGET_GPU_S if hw.gpu else DEFAULT_BUDGET_CPU_S)
-    n = data.num_images
+    # a held-out part measures the run where the source has no held-out set of its own (val/ or test/); the run
+    # trains on the rest, which sizes everything below (epochs, model, batch)
+    val_fraction = 0.0 if data.has_test or data.has_val else 0.1
+    held = held_out_images(data, val_fraction)
+    n = max(1, data.num_images - held)
     want = wanted_epochs(n)
     floor = min(want, MIN_EPOCHS)
     generous = max(floor, want / 3)
@@ -279,6 +299,7 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
     # the updates (CIFAR-10, CCT-2, 17 epochs: 79.2% against 78.7% at 128; benchmarks/RESULTS.md)
     batch = 256 if hw.gpu else 64
     batch = max(8, min(batch, 2 ** int(math.log2(max(8, n // 16)))))
+    batch = max(1, min(batch, n))  # a tiny data set: one batch of all its training images
     per_image = image_seconds(hw, flops, bf16, batch)
     epochs_fit = budget / (n * per_image)
     steps_per_epoch = max(1, n // batch)
@@ -314,8 +335,7 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
         min_lr=1e-5,
         label_smoothing=0.1,
         amp="bf16" if bf16 else "none",
-        # a held-out part measures the run where the source has no test set of its own
-        val_fraction=0.0 if data.has_test else 0.1,
+        val_fraction=val_fraction,
         augment=True,
         scale=(scale_min, 1.0),
         ratio=(0.75, 4 / 3) if not small else (0.8, 1.25),
@@ -337,10 +357,10 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
         arch = model_name
     summary = (f"auto recipe: {arch} at {f'{img} px' if img else 'its own resolution'}; batch {batch}, "
                f"{epochs if max_steps is None else f'{max_steps} steps of 1'} epoch(s) of {n:,} images "
-               f"({total_steps:,} steps), {'bf16' if bf16 else 'float32'}, "
+               f"({total_steps:,} steps{f'; {held:,} more held out for validation' if held else ''}), {'bf16' if bf16 else 'float32'}, "
                f"{'flips, ' if colour else ''}crops {scale_min:g}-1; estimated {_duration(estimated)} on {where} "
                f"(budget {_duration(budget)})")
-    description = (f"Chosen by vitlab.train.auto for {n:,} images of {data.image_size[0]}x{data.image_size[1]} px, "
+    description = (f"Chosen by vitlab.train.auto for {n:,} training images of {data.image_size[0]}x{data.image_size[1]} px, "
                    f"{data.channels} channel(s), {data.num_classes} classes on {where}: {summary}")
     return AutoChoice(recipe=recipe.replace(description=description), estimated_s=estimated, summary=summary)
 
@@ -399,18 +419,21 @@ def data_facts(ds) -> DataFacts:
     size = ds.native_size
     if size is None:
         size = _typical_file_size(getattr(ds, "paths", []))
-    return DataFacts(num_images=len(ds), num_classes=len(ds.classes), image_size=tuple(size), channels=ds.in_chans)
+    return DataFacts(num_images=len(ds), num_classes=len(ds.classes), image_size=tuple(size), channels=ds.in_chans,
+                     class_counts=tuple(ds.class_counts()))
 
 
 def facts_for_source(source: str) -> DataFacts:
-    """The facts of a data source's training data (all of it: the held-out part is small)."""
+    """The facts of a data source's training data (all of it, with its images per class: the chooser works out
+    the part it holds out), and whether the source has its own val and test sets."""
     from vitlab.data import build_dataset, parse_source
     from vitlab.data.folder import folder_layout
 
     kind, path = parse_source(source)
-    has_test = kind in ("digits", "mnist", "cifar") or (kind == "folder" and folder_layout(path)[2] is not None)
+    layout = folder_layout(path) if kind == "folder" else (None, None, None)
+    has_test = kind in ("digits", "mnist", "cifar") or layout[2] is not None
     return dataclasses.replace(data_facts(build_dataset(source, split="train", val_fraction=0.0)),
-                               has_test=has_test)
+                               has_test=has_test, has_val=layout[1] is not None)
 
 
 def _typical_file_size(paths: list[str], sample: int = 16) -> tuple[int, int]:

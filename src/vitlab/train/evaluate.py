@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ class EvalResult:
     loss: float
     top1: float
     top5: float
+    # accuracy of each class; NaN for a class with no image in the data set (its accuracy is undefined):
+    # written out through per_class_json(), which gives null there, as JSON has no NaN
     per_class: list[float]
     confusion: Tensor  # (K, K) int64: row = true class, column = predicted class
     class_names: list[str] = field(default_factory=list)
@@ -29,6 +32,15 @@ class EvalResult:
     def summary(self) -> dict[str, Any]:
         return {"samples": self.num_samples, "loss": round(self.loss, 6), "top1": round(self.top1, 6),
                 "top5": round(self.top5, 6)}
+
+    def per_class_json(self, class_names: list[str] | None = None) -> dict[str, float | None]:
+        """{class name: accuracy} for a JSON report: None (null) for a class with no image, where ``per_class``
+        holds NaN (``json.dumps`` would write ``NaN``, which is not JSON). Names: ``class_names``, else the
+        result's own, else the class indices."""
+        names = class_names or self.class_names or [str(i) for i in range(len(self.per_class))]
+        if len(names) != len(self.per_class):
+            raise ValueError(f"per_class_json: {len(names)} class names for {len(self.per_class)} classes")
+        return {name: (None if math.isnan(acc) else acc) for name, acc in zip(names, self.per_class)}
 
 
 def autocast_context(device: torch.device, amp: str):

@@ -34,10 +34,15 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 JOB_FILE = "job.json"  # what the run was asked to do: task, data source (and its classes), model
-# files only a vitlab run writes: a folder holding one of them is a run (finished, unfinished or just begun)
+# files a vitlab run writes that mark a folder as a run (finished, unfinished or just begun), when they are
+# vitlab's own: the training state, a model with vitlab's metadata, a job.json with the keys every job writes
 RUN_MARKERS = (STATE_FILE, MODEL_FILE, JOB_FILE)
+JOB_KEYS = ("data", "model")  # in every job.json vitlab writes (train, finetune, pretrain, detection, segmentation)
+# what `vitlab pretrain` writes besides (vitlab.ssl.tokenizer.TOKENIZER_FILE, vitlab.ssl.run.TEACHER_FILE)
+PRETRAIN_OUTPUTS = ("tokenizer.safetensors", "teacher.safetensors")
 # every file a run writes into its directory (the trainer's, the jobs' and the dense tasks' metrics.json)
-RUN_OUTPUTS = (*RUN_MARKERS, EMA_FILE, RECIPE_FILE, METRICS_FILE, RESULTS_FILE, "metrics.json", "tb")
+RUN_OUTPUTS = (*RUN_MARKERS, EMA_FILE, RECIPE_FILE, METRICS_FILE, RESULTS_FILE, "metrics.json", "tb",
+               *PRETRAIN_OUTPUTS)
 
 
 @dataclass(kw_only=True)
@@ -124,8 +129,9 @@ def check_output(job: TrainJob) -> None:
 def check_run_dir(output: Path, *, resume: bool, overwrite: bool) -> None:
     """:func:`check_output` for any job writing a run directory (classification, detection, segmentation).
 
-    An existing folder that is not a vitlab run (no run file in it) is used only when empty; with
-    --overwrite the run is written beside its files, but never over one of them (a user's recipe.json).
+    An existing folder that is not a vitlab run (:func:`is_run_dir`: no file in it that a run wrote) is used
+    only when empty; with --overwrite the run is written beside its files, but never over one of them (a
+    user's recipe.json, job.json, tokenizer.safetensors: any name in ``RUN_OUTPUTS``).
     (--resume into such a folder fails as it finds no training state.)"""
     if output.is_dir() and not resume and not is_run_dir(output):
         _check_foreign_dir(output, overwrite=overwrite)
@@ -150,10 +156,25 @@ def check_run_dir(output: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def is_run_dir(output: Path) -> bool:
-    """Whether ``output`` holds a vitlab run: a file only a run writes, or a recipe.json a run resolved."""
-    if any((output / name).exists() for name in RUN_MARKERS):
+    """Whether ``output`` holds a vitlab run: its training state, a model.safetensors with vitlab's metadata, a
+    job.json or recipe.json a run wrote. A file of the same name that vitlab did not write (a user's job.json,
+    another library's model.safetensors) does not make a folder a run: such a folder is the user's, and its
+    files are never replaced."""
+    if (output / STATE_FILE).exists():
         return True
-    return is_run_recipe(output / RECIPE_FILE)
+    if (output / MODEL_FILE).is_file() and checkpoint_metadata(output / MODEL_FILE):
+        return True
+    return is_run_job(output / JOB_FILE) or is_run_recipe(output / RECIPE_FILE)
+
+
+def is_run_job(path: Path) -> bool:
+    """Whether ``path`` is a job.json written by a vitlab run (a JSON object with the keys every job records),
+    not a file of the user's that has the same name."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in JOB_KEYS)
 
 
 def is_run_recipe(path: Path) -> bool:
@@ -181,10 +202,12 @@ def _check_foreign_dir(output: Path, *, overwrite: bool) -> None:
 
 
 def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str | None = None,
-                    classes: list[str] | None = None) -> None:
+                    classes: list[str] | None = None, objective: Any = None) -> None:
     """Everything --resume needs, checked before the run directory is touched: the state exists and was
-    written by the same model and optimiser, on data with the same classes. (``fit`` checks again as it
-    loads; this is the early refusal that keeps a wrong --resume from rewriting the run's job.json.)"""
+    written by the same model and optimiser, on data with the same classes, and (given ``objective``, an
+    :class:`~vitlab.train.objective.Objective`) by the same objective with state of the same shapes. (``fit``
+    checks again as it loads; this is the early refusal that keeps a wrong --resume from rewriting the run's
+    job.json.)"""
     from vitlab.train.trainer import check_same_model
 
     path = output / STATE_FILE
@@ -192,6 +215,8 @@ def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str
     if data is not None:
         check_resumed_data(output, data, classes)
     check_same_model(state, model, path)
+    if objective is not None:
+        check_same_objective(state, objective, path)
     saved = state.get("recipe", {})
     split = {k: (saved[k], getattr(recipe, k)) for k in ("seed", "val_fraction") if k in saved}
     if any(a != b for a, b in split.values()):
@@ -204,6 +229,33 @@ def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str
     if was != recipe.optimizer:
         raise CheckpointError(f"--resume: {path} was trained with optimizer {was!r}, this run asks for "
                               f"{recipe.optimizer!r}; its optimizer state cannot be reused")
+
+
+def check_same_objective(state: dict[str, Any], objective: Any, path: Path) -> None:
+    """The saved state was written by ``objective``'s kind, and its owned modules (heads, decoders, teachers,
+    tokenizers) have the tensors, of the same shapes, that this run's objective builds."""
+    was = state.get("objective_name", "classification")
+    if was != objective.name:
+        raise CheckpointError(f"--resume: {path} was trained with the {was!r} objective, this run asks for "
+                              f"{objective.name!r}; resume with the run's own method, or start a new run (another "
+                              f"--output)")
+    saved = state.get("objective", {})
+    mine = objective.state_dict()
+    problems = [f"{name} (saved: {'yes' if name in saved else 'no'}, built: {'yes' if name in mine else 'no'})"
+                for name in sorted(set(saved) ^ set(mine))]
+    for name in sorted(set(saved) & set(mine)):
+        a, b = saved[name], mine[name]
+        for key in sorted(set(a) | set(b)):
+            sa = tuple(a[key].shape) if key in a else None
+            sb = tuple(b[key].shape) if key in b else None
+            if sa != sb:
+                problems.append(f"{name}.{key} (saved: {sa if sa is not None else 'none'}, built: "
+                                f"{sb if sb is not None else 'none'})")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise CheckpointError(f"--resume: the {objective.name} objective this run builds does not match the one "
+                              f"saved in {path}: {shown}. Resume with the run's own options (leave --opt out), or "
+                              f"start a new run (another --output)")
 
 
 def check_resumed_data(output: Path, data: str, classes: list[str] | None) -> None:
@@ -311,22 +363,20 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
     train_set = build_dataset(job.data, split="train", **common)
     check_classification_data(train_set)
-    val_set = build_dataset(job.data, split="val", **common) if recipe.val_fraction > 0 else None
+    # a source's own val/ folder is always validated on; val_fraction only holds out part of train where none is
+    validate = recipe.val_fraction > 0 or has_own_val_split(job.data)
+    val_set = build_dataset(job.data, split="val", **common) if validate else None
     test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
     if _same_images(val_set, test_set):  # a source without a test set: "test" is the held-out part itself
         test_set = val_set  # decoded and cached once; its final validation is the test result
     model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans)
     log.info("model: %s", describe_model(model))
+    if model.preprocessing.input_size[0] == 1 and train_set.in_chans == 3:
+        log.warning("%s takes 1-channel (grayscale) images: the colour images of %s are converted to grayscale "
+                    "for it (their colour is lost to the model)", job.pretrained or model.model_name, job.data)
     if job.resume:
         check_resumable(job.output, model, recipe, data=job.data, classes=train_set.classes)
     criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
-    if ctx.is_main:
-        job.output.mkdir(parents=True, exist_ok=True)
-        atomic_text(job.output / JOB_FILE, json.dumps({
-            "task": "classification", "data": job.data, "data_source": source_identity(job.data),
-            "classes": list(train_set.classes), "model": job.model or recipe.model, "pretrained": job.pretrained,
-            "skip_bad_images": job.skip_bad_images,
-            "distill": dataclasses.asdict(job.distill) if job.distill is not None else None}, indent=2))
     pre = model.preprocessing
     if recipe.augment:
         crop = pre
@@ -343,6 +393,15 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         if ds is not None:
             ds.transform = eval_transform(pre)
     recipe = _prepare_data(recipe, [train_set, val_set, test_set])
+    if job.skip_bad_images:  # images found undecodable while decoding into memory: checked before training
+        check_readable(train_set, [val_set, test_set], batch_size=recipe.batch_size)
+    if ctx.is_main:
+        job.output.mkdir(parents=True, exist_ok=True)
+        atomic_text(job.output / JOB_FILE, json.dumps({
+            "task": "classification", "data": job.data, "data_source": source_identity(job.data),
+            "classes": list(train_set.classes), "model": job.model or recipe.model, "pretrained": job.pretrained,
+            "skip_bad_images": job.skip_bad_images,
+            "distill": dataclasses.asdict(job.distill) if job.distill is not None else None}, indent=2))
     recipe = _check_precision(recipe, ctx.device)
     deadline = None
     if job.time_budget_s is not None and not job.resume:
@@ -382,9 +441,63 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     if job.skip_bad_images:  # distinct files, counted across worker processes and epochs
         summary["skipped_images"] = len({f for ds in (train_set, val_set, test_set) if ds is not None
                                          for f in ds.skipped()})
+        for ds in {id(d): d for d in (train_set, val_set, test_set) if d is not None}.values():
+            if not getattr(ds, "cached", False):  # decoded during the run: what it skipped is known only now
+                report_skipped(ds, training=ds is train_set)
     if ctx.is_main and "test" in summary:
         atomic_text(job.output / "results.json", json.dumps(summary, indent=2))
     return summary
+
+
+def has_own_val_split(data: str) -> bool:
+    """Whether the data source has a validation set of its own (an image folder's val/), which a run validates
+    on whatever its val_fraction (that only holds out part of the training data where there is none)."""
+    from vitlab.data.build import parse_source
+    from vitlab.data.folder import folder_layout
+
+    kind, path = parse_source(data)
+    return kind == "folder" and folder_layout(path)[1] is not None
+
+
+def report_skipped(ds, *, training: bool) -> list[str]:
+    """Log, per class, the images of ``ds`` skipped as undecodable (``--skip-bad-images``); returns the classes
+    of which no image was readable."""
+    per_class = ds.skipped_per_class()
+    if not per_class:
+        return []
+    total = sum(k for k, _ in per_class.values())
+    log.warning("%s: %d of %d images undecodable, skipped (--skip-bad-images): %s", ds.source, total, len(ds),
+                ", ".join(f"{name} {k} of {n}" for name, (k, n) in per_class.items()))
+    dead = [name for name, (k, n) in per_class.items() if k == n]
+    if dead and training:
+        log.warning("%s: no readable training image of class(es) %s: the model learns nothing of %s",
+                    ds.source, ", ".join(dead), "it" if len(dead) == 1 else "them")
+    return dead
+
+
+def check_readable(train_set, held_out: list, *, batch_size: int) -> None:
+    """With --skip-bad-images, after the images were decoded into memory: report what each split skips, per
+    class, and refuse a training split in which a class has no readable image (a model would be trained with
+    a class it never sees) or whose readable images do not fill one batch."""
+    from vitlab.data.errors import DatasetError
+
+    for ds in {id(d): d for d in held_out if d is not None and d is not train_set}.values():
+        if getattr(ds, "cached", False):
+            report_skipped(ds, training=False)
+    if not getattr(train_set, "cached", False):
+        return  # decoded as the run goes: its bad images are reported at the end
+    dead = report_skipped(train_set, training=False)
+    if dead:
+        counts = train_set.skipped_per_class()
+        raise DatasetError(f"{train_set.source}: class(es) {', '.join(repr(c) for c in dead)} have no readable "
+                           f"training image (" + ", ".join(f"{c}: all {counts[c][1]} undecodable" for c in dead)
+                           + "; --skip-bad-images skipped them): replace those files with images, or remove the "
+                           "class folder(s)")
+    readable = len(train_set) - train_set.num_skipped
+    if readable < batch_size:
+        raise DatasetError(f"{train_set.source}: only {readable} of {len(train_set)} training images are readable "
+                           f"({train_set.num_skipped} undecodable, skipped by --skip-bad-images), fewer than one "
+                           f"batch of {batch_size}; replace the bad files, or lower --batch-size")
 
 
 def _same_images(a, b) -> bool:
