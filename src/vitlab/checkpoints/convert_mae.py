@@ -14,6 +14,12 @@ As a ``vit`` checkpoint (``create_model(..., pretrained=...)``, ``load_model``) 
 encoder; :func:`read_mae_decoder` gives the decoder for :func:`vitlab.ssl.mae.load_mae`. The fixed
 decoder position table is not loaded but checked against the 2-D sin-cos table vitlab computes.
 
+The loss options of a file: a Hugging Face config records ``mask_ratio`` and ``norm_pix_loss``; an official
+training checkpoint (``main_pretrain.py``'s ``checkpoint-N.pth``) records them in its ``args``; the
+``mae_visualize_*.pth`` releases record nothing and were trained with pixels as targets
+(``norm_pix_loss=False``, ``models_mae.py``'s default; "an MAE model trained with pixels as targets for
+visualization" in the official demo notebook, ``demo/mae_visualize.ipynb``), at mask ratio 0.75.
+
 This module also holds the ``vit`` family's format detector: it tells the official MAE and DINO
 layouts (:mod:`vitlab.checkpoints.convert_dino`) from plain timm state dicts.
 """
@@ -90,7 +96,8 @@ class MAEDecoderWeights:
     mlp_ratio: float
     pos_embed: Tensor | None  # the file's fixed table, checked against vitlab's
     num_heads: int | None = None  # official files do not record it
-    options: dict[str, Any] | None = None  # mask_ratio, norm_pix_loss, norm_eps from a HF config
+    options: dict[str, Any] | None = None  # mask_ratio, norm_pix_loss (and norm_eps from a HF config)
+    qkv_bias: bool = True  # biases on the blocks' query/key/value (HF's qkv_bias=False has none)
 
 
 def _decoder_from_official(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -142,6 +149,7 @@ def read_mae_decoder(path: str | Path) -> MAEDecoderWeights:
 
     path = Path(path)
     config: dict[str, Any] = {}
+    train_args: Any = None  # an official training checkpoint's argparse arguments
     if path.is_dir():
         weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).exists()), None)
         if weights is None:
@@ -152,9 +160,13 @@ def read_mae_decoder(path: str | Path) -> MAEDecoderWeights:
     elif path.suffix == ".safetensors":
         sd = read_safetensors(path)[0]
     else:
-        sd = unwrap_state_dict(read_pickle(path), path)
+        obj = read_pickle(path)
+        train_args = obj.get("args") if isinstance(obj, dict) else None
+        sd = unwrap_state_dict(obj, path)
+    official_options: dict[str, Any] = {}
     if is_official_mae(sd):
         dec, pos = _decoder_from_official(sd), sd.get("decoder_pos_embed")
+        official_options = official_mae_options(train_args)
     elif "decoder.decoder_embed.weight" in sd:
         dec, pos = _decoder_from_hf(sd), sd.get("decoder.decoder_pos_embed")
     else:
@@ -164,9 +176,23 @@ def read_mae_decoder(path: str | Path) -> MAEDecoderWeights:
     depth = len({k.split(".")[1] for k in dec if k.startswith("blocks.")})
     mlp_ratio = float(dec["blocks.0.mlp.fc1.weight"].shape[0]) / dim if depth else 4.0
     heads = config.get("decoder_num_attention_heads")
-    options = {}
+    options = official_options
     if config:
         options = {"mask_ratio": float(config.get("mask_ratio", 0.75)),
                    "norm_pix_loss": bool(config.get("norm_pix_loss", False)),
                    "norm_eps": float(config.get("layer_norm_eps", 1e-12))}
-    return MAEDecoderWeights(dec, dim, depth, mlp_ratio, pos, int(heads) if heads else None, options)
+    qkv_bias = "blocks.0.attn.qkv.bias" in dec if depth else True
+    return MAEDecoderWeights(dec, dim, depth, mlp_ratio, pos, int(heads) if heads else None, options, qkv_bias)
+
+
+def official_mae_options(train_args: Any = None) -> dict[str, Any]:
+    """MAE's loss options for an official file: those its training arguments record (``--mask_ratio``,
+    ``--norm_pix_loss`` of ``main_pretrain.py``), else the defaults of ``models_mae.py`` and of the
+    ``mae_visualize_*`` releases: pixels as targets (``norm_pix_loss=False``), mask ratio 0.75."""
+    options: dict[str, Any] = {"mask_ratio": 0.75, "norm_pix_loss": False}
+    values = vars(train_args) if hasattr(train_args, "__dict__") else train_args if isinstance(train_args, dict) else {}
+    if isinstance(values.get("norm_pix_loss"), bool):
+        options["norm_pix_loss"] = values["norm_pix_loss"]
+    if isinstance(values.get("mask_ratio"), (int, float)) and not isinstance(values.get("mask_ratio"), bool):
+        options["mask_ratio"] = float(values["mask_ratio"])
+    return options

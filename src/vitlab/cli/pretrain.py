@@ -13,11 +13,10 @@ Labels of the data source, if any, are ignored. The run directory's
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-from vitlab.cli.common import add_device_argument, add_threads_argument
+from vitlab.cli.common import add_device_argument, add_threads_argument, parse_assignments
 from vitlab.train.recipe import list_recipes
 
 log = logging.getLogger("vitlab")
@@ -36,15 +35,19 @@ EXAMPLE = """examples:
   vitlab finetune --from runs/pretrain-mae-vit_small_patch16_224/model.safetensors --data ./labelled
   vitlab pretrain --output runs/mine --resume      # continue that run exactly where it stopped
 
---opt sets the objective's own options (JSON values): mae: mask_ratio, decoder_dim, decoder_depth,
-decoder_heads, norm_pix_loss; mpp: ratio, mask_prob, random_prob, bits; dino: out_dim, hidden_dim,
+--opt sets the method's own options (JSON or Python values: true / false, numbers, "text"; each checked
+against the method's options and their types): mae: mask_ratio, decoder_dim, decoder_depth,
+decoder_heads, norm_pix_loss, decoder_qkv_bias; mpp: ratio, mask_prob, random_prob, bits; dino: out_dim, hidden_dim,
 bottleneck_dim, teacher_temp, student_temp, momentum, center_momentum, freeze_last_layer_epochs,
 clip_per_param, num_local, local_size; beit: vocab_size, ratio, min_patches, tokenizer_iters
 (without --tokenizer: a k-means tokenizer over patch pixels, not the DALL-E dVAE); beit2: ratio,
 min_patches, early_layers, aggregation_depth, aggregation_heads; dvae: vocab_size, embed_dim,
 hidden_dim, num_resblocks, recon (logit_laplace, l1, mse), tau_start, tau_end, anneal, kl_weight,
 kl_warmup, hard; vqkd: vocab_size, code_dim, decay, beta, kmeans_init, decoder_dim, decoder_depth,
-decoder_heads, dead_after.
+decoder_heads, dead_after. num_local 0 runs DINO on its two global crops alone; a backbone that runs at one size
+only (BEiT) gets local crops at that size.
+On a labelled folder without val/, pre-training leaves out the split `finetune` and `eval` hold out of it by
+default (val_fraction 0.1, the run's seed; recorded in job.json); --set val_fraction=0 uses every image.
 recipes: {recipes} (default: the method's own) or a JSON file; --set changes any field."""
 
 
@@ -69,7 +72,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (repeatable)")
     p.add_argument("--opt", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of the objective (repeatable; value as JSON, e.g. --opt mask_ratio=0.6)")
+                   help="an option of the method (repeatable; JSON or Python value, e.g. --opt mask_ratio=0.6, "
+                        "--opt norm_pix_loss=false)")
     p.add_argument("--tokenizer", metavar="RUN_OR_FILE",
                    help="beit, beit2: the visual tokenizer (tokenizer.safetensors of a dvae or vqkd run, or its "
                         "directory); beit without it fits a k-means codebook")
@@ -83,16 +87,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_options(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--opt {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    """``--opt KEY=VALUE`` items, read as every KEY=VALUE option is (JSON, else a Python literal: ``false`` and
+    ``False`` alike); their names and types are checked against the method by vitlab.ssl.run.check_options."""
+    return parse_assignments(items, "--opt")
+
+
+def _sets(overrides: list[str] | None, key: str) -> bool:
+    """Whether ``--set`` changes recipe field ``key``."""
+    return any(o.split("=", 1)[0].strip() == key for o in overrides or [])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     job = PretrainJob(method=args.method, recipe=recipe, data=args.data or "digits", output=output, model=model,
                       options=options, device=None if args.device == "auto" else args.device, resume=args.resume,
                       overwrite=args.overwrite, skip_bad_images=args.skip_bad_images, progress=not args.no_progress,
-                      threads=args.threads)
+                      threads=args.threads, hold_out=not _sets(args.overrides, "val_fraction"))
     try:
         summary = run_pretraining(job)
     except NonFiniteLossError as e:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from vitlab.layers import Block, trunc_normal_linears
 from vitlab.ssl.masking import BlockMasking, patch_grid, patchify
 from vitlab.ssl.mpp import MaskEmbedding
-from vitlab.ssl.tokenizer import Tokenizer, check_grid, load_tokenizer, to_pixels
+from vitlab.ssl.tokenizer import Tokenizer, check_channels, check_grid, load_tokenizer, to_pixels
 from vitlab.train.objective import Metrics, Objective
 
 
@@ -122,7 +122,11 @@ class BEiT(Objective):
     :class:`~vitlab.ssl.tokenizer.Tokenizer` module, the path of a tokenizer file or run directory
     (``vitlab pretrain --method dvae|vqkd``), or None for a k-means codebook (``vocab_size`` tokens,
     default 512) fitted by :meth:`fit_tokenizer` before training. The tokenizer sees the backbone's
-    input as [0, 1] pixels and must give one token per patch."""
+    input as [0, 1] pixels, must read its number of channels and give one token per patch.
+
+    ``ratio`` (0.4) is the share of patches masked, in (0, 1): ``round(ratio * N)`` patches, at least one
+    (a ratio below ``0.5 / N`` still masks one patch). Blocks are smaller than the grid in both directions,
+    so the patch grid must be at least 2 x 2."""
 
     name = "beit"
 
@@ -131,10 +135,23 @@ class BEiT(Objective):
         grid, patch = patch_grid(model)
         device = next(model.parameters()).device
         pre = model.preprocessing
+        if isinstance(ratio, bool) or not 0 < ratio < 1:
+            raise ValueError(f"{self.name}: ratio={ratio!r} is the share of patches masked; give a value between 0 "
+                             f"and 1 (exclusive; BEiT's is 0.4)")
+        if min(grid) < 2:
+            who = getattr(model, "model_name", type(model).__name__)
+            raise ValueError(f"{self.name}: blockwise masking needs a patch grid of at least 2x2 (its blocks are "
+                             f"smaller than the grid), and {who} has a {grid[0]}x{grid[1]} grid at "
+                             f"{pre.input_size[1]}x{pre.input_size[2]} px: nothing would ever be masked. Use smaller "
+                             f"patches (--set model_overrides.patch_size=N) or larger images (--img-size)")
+        if min_patches is not None and (isinstance(min_patches, bool) or min_patches < 1):
+            raise ValueError(f"{self.name}: min_patches={min_patches!r} must be at least 1 (or left out)")
         self.mean, self.std = pre.mean, pre.std
         self.ratio, self.min_patches = ratio, min_patches
         self.num_prefix_tokens = model.num_prefix_tokens
+        source = None
         if isinstance(tokenizer, (str, os.PathLike)):
+            source = tokenizer
             tokenizer = load_tokenizer(tokenizer, device=device)
         if tokenizer is None:
             tokenizer = KMeansTokenizer(vocab_size or 512, patch, pre.input_size[0])
@@ -144,6 +161,7 @@ class BEiT(Objective):
         elif vocab_size is not None and vocab_size != tokenizer.vocab_size:
             raise ValueError(f"{self.name}: vocab_size={vocab_size} but the {tokenizer.kind} tokenizer has "
                              f"{tokenizer.vocab_size} tokens; leave vocab_size out with a tokenizer")
+        check_channels(tokenizer, pre.input_size[0], self.name, source)
         check_grid(tokenizer, tuple(pre.input_size[1:]), grid, self.name)
         self.tokenizer = tokenizer.to(device).eval().requires_grad_(False)
         self.mask_embedding = MaskEmbedding(model.num_features).to(device)

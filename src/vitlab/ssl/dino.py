@@ -78,6 +78,12 @@ class DINOLoss(nn.Module):
     def __init__(self, out_dim: int, *, student_temp: float = 0.1, teacher_temp: float = 0.04,
                  center_momentum: float = 0.9) -> None:
         super().__init__()
+        for name, value in (("student_temp", student_temp), ("teacher_temp", teacher_temp)):
+            if not value > 0:  # the logits are divided by it: 0 gives inf / NaN at the first step
+                raise ValueError(f"DINO: {name}={value!r} must be positive (the paper's: student 0.1, teacher "
+                                 f"0.04 to 0.07)")
+        if not 0 <= center_momentum <= 1:
+            raise ValueError(f"DINO: center_momentum={center_momentum!r} must lie in [0, 1] (the paper's: 0.9)")
         self.student_temp, self.teacher_temp, self.center_momentum = student_temp, teacher_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
@@ -133,6 +139,11 @@ class DINO(Objective):
                  teacher_temp: float = 0.04, center_momentum: float = 0.9, momentum: float = 0.996,
                  freeze_last_layer_epochs: int = 1, clip_per_param: float | None = 3.0,
                  collapse_tolerance: float = 1e-3, collapse_patience: int = 20) -> None:
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"DINO: momentum={momentum!r}, the teacher's base momentum, must lie in [0, 1] (the "
+                             f"paper's: 0.996)")
+        if num_global < 1:
+            raise ValueError(f"DINO: num_global={num_global!r} must be at least 1")
         device = next(model.parameters()).device
         self.student = model
         self.head = DINOHead(model.num_features, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
@@ -175,9 +186,10 @@ class DINO(Objective):
 
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         views = batch[0] if isinstance(batch, (tuple, list)) and isinstance(batch[0], (list, tuple)) else batch
-        if not isinstance(views, (list, tuple)) or len(views) <= self.num_global:
-            raise ValueError(f"DINO: a batch must hold a list of more than {self.num_global} crops (globals first); "
-                             f"use vitlab.data.multicrop.MultiCropTransform")
+        if not isinstance(views, (list, tuple)) or len(views) < max(2, self.num_global):
+            # the loss pairs different views: two global crops alone (no local ones) are DINO without multi-crop
+            raise ValueError(f"DINO: a batch must hold a list of at least {max(2, self.num_global)} crops, the "
+                             f"{self.num_global} global ones first; use vitlab.data.multicrop.MultiCropTransform")
         with torch.no_grad():
             t = self._embed(self.teacher, self.teacher_head, list(views[:self.num_global]))
         s = self._embed(model, self.head, list(views))

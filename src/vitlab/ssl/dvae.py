@@ -235,6 +235,11 @@ class DVAETokenizer(nn.Module):
     def vocab_size(self) -> int:
         return self.dvae.cfg.vocab_size
 
+    @property
+    def channels(self) -> int:
+        """Channels of the images the dVAE was trained on (and reads)."""
+        return self.dvae.cfg.in_chans
+
     def config(self) -> dict[str, Any]:
         from vitlab.checkpoints.vitlab_format import config_to_dict
 

@@ -34,13 +34,13 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, *, embed_dim: int, patch_dim: int, grid: tuple[int, int], num_prefix_tokens: int = 1,
                  dim: int = 512, depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 norm_eps: float = 1e-6) -> None:
+                 norm_eps: float = 1e-6, qkv_bias: bool = True) -> None:
         super().__init__()
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.grid, self.num_prefix_tokens, self.dim = tuple(grid), num_prefix_tokens, dim
         self.embed = nn.Linear(embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.Sequential(*[Block(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+        self.blocks = nn.Sequential(*[Block(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                                             norm_layer=norm_layer) for _ in range(depth)])
         self.norm = norm_layer(dim)
         self.pred = nn.Linear(dim, patch_dim)
@@ -103,26 +103,35 @@ class MAE(Objective):
     """The MAE objective over ``model`` (a backbone with the token-masking hook).
 
     Args:
-        mask_ratio: fraction of patches removed (0.75).
+        mask_ratio: fraction of patches removed (0.75); at least one patch must be removed and one kept on
+            the backbone's grid.
         decoder_dim / decoder_depth / decoder_heads / decoder_mlp_ratio: the decoder (512 / 8 / 16 / 4).
         norm_pix_loss: normalise each target patch (the paper's best setting).
+        decoder_qkv_bias: biases on the decoder's query/key/value projections (the official code's; Hugging
+            Face's ``qkv_bias=False`` has none).
     """
 
     name = "mae"
 
     def __init__(self, model: nn.Module, *, mask_ratio: float = 0.75, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, decoder_mlp_ratio: float = 4.0,
-                 norm_pix_loss: bool = True, norm_eps: float = 1e-6) -> None:
+                 norm_pix_loss: bool = True, norm_eps: float = 1e-6, decoder_qkv_bias: bool = True) -> None:
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         grid, patch = patch_grid(model)
         self.patch = patch
         channels = model.preprocessing.input_size[0]
+        n = grid[0] * grid[1]
+        if isinstance(mask_ratio, bool) or not 0 < mask_ratio < 1 or not 0 < int(n * (1 - mask_ratio)) < n:
+            raise ValueError(f"MAE: mask_ratio={mask_ratio!r} must remove at least one of the {n} patches of the "
+                             f"{grid[0]}x{grid[1]} grid and keep at least one (the loss is over removed patches, the "
+                             f"encoder sees the kept ones); give a ratio between 0 and 1 (the paper's is 0.75)")
         if decoder_dim % 4:
             raise ValueError(f"MAE: decoder_dim={decoder_dim} must be divisible by 4 (2-D sin-cos positions)")
         self.decoder = MAEDecoder(embed_dim=model.num_features, patch_dim=patch[0] * patch[1] * channels, grid=grid,
                                   num_prefix_tokens=model.num_prefix_tokens, dim=decoder_dim, depth=decoder_depth,
-                                  num_heads=decoder_heads, mlp_ratio=decoder_mlp_ratio, norm_eps=norm_eps)
+                                  num_heads=decoder_heads, mlp_ratio=decoder_mlp_ratio, norm_eps=norm_eps,
+                                  qkv_bias=decoder_qkv_bias)
         self.decoder.to(next(model.parameters()).device)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -156,7 +165,11 @@ def load_mae(path: Any, *, model: str | None = None, decoder_heads: int | None =
         decoder_heads: heads of the decoder's attention (official files do not record it; default
             width / 32, i.e. 16 at width 512).
         model_overrides: config fields of the encoder (official files: the size of a tiny variant).
-        options: MAE options (mask_ratio, norm_pix_loss); a HF config supplies its own.
+        options: MAE options (mask_ratio, norm_pix_loss), which win over the file's. A HF config supplies
+            its own. An official file gives those of its training arguments where it holds them (``args`` of
+            a ``main_pretrain.py`` checkpoint); otherwise ``norm_pix_loss=False``: the ``mae_visualize_*``
+            releases, the official files with a decoder, were trained with pixels as targets (the official
+            demo notebook says so; ``models_mae.py`` defaults to it), and mask ratio 0.75.
     """
     import vitlab
     from vitlab.checkpoints import resolve
@@ -171,7 +184,7 @@ def load_mae(path: Any, *, model: str | None = None, decoder_heads: int | None =
     opts = {**(weights.options or {}), **options}
     heads = decoder_heads or weights.num_heads or max(1, weights.dim // 32)
     mae = MAE(encoder, decoder_dim=weights.dim, decoder_depth=weights.depth, decoder_heads=heads,
-              decoder_mlp_ratio=weights.mlp_ratio, **opts)
+              decoder_mlp_ratio=weights.mlp_ratio, decoder_qkv_bias=weights.qkv_bias, **opts)
     from vitlab.checkpoints import load_strict
 
     load_strict(mae.decoder, weights.state_dict, source=f"{p} (MAE decoder)")

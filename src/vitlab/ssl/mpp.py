@@ -102,6 +102,10 @@ class MaskedPatchPrediction(Objective):
 
     def __init__(self, model: nn.Module, *, ratio: float = 0.5, mask_prob: float = 0.8, random_prob: float = 0.1,
                  bits: int = 3) -> None:
+        if not 0.0 < ratio <= 1.0 or mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
+            raise ValueError(f"mpp: ratio={ratio!r} is the share of patches corrupted, in (0, 1] (the paper's 0.5); "
+                             f"mask_prob={mask_prob!r} and random_prob={random_prob!r} the shares of those masked and "
+                             f"swapped, at least 0 and at most 1 together (0.8 and 0.1)")
         pre = model.preprocessing
         self.channels = pre.input_size[0]
         self.mean, self.std = tuple(pre.mean), tuple(pre.std)

@@ -14,6 +14,9 @@ The protocol (:class:`Tokenizer`): ``tokenize(pixels)`` takes images (B, C, H, W
 (the masked-image objective un-normalises its backbone's input first, so a tokenizer never depends on
 the backbone's mean/std) and returns token ids (B, rows, cols) on the patch grid; ``token_grid((H, W))``
 says which grid that is for an input size; ``vocab_size``; ``kind`` and ``config()`` (JSON) rebuild it.
+A tokenizer that reads a fixed number of channels says so in ``channels`` (k-means, dVAE: those of the
+images it was fitted or trained on); one that adapts any input (VQ-KD: its encoder converts grey and colour)
+has none. :func:`check_channels` and :func:`check_grid` refuse a tokenizer that does not fit a backbone.
 
 The file (:func:`save_tokenizer`, :func:`load_tokenizer`): one safetensors file whose header holds
 ``{"vitlab_tokenizer": {"kind", "version", "config"}}`` as JSON and whose tensors are the tokenizer's
@@ -148,6 +151,24 @@ def resize_to(pixels: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(pixels, size=tuple(size), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
+def check_channels(tokenizer: Tokenizer, channels: int, who: str, source: str | os.PathLike | None = None) -> None:
+    """Refuse a tokenizer made for images of another number of channels than the backbone's (and the data's).
+
+    Tokenizers without a ``channels`` attribute adapt their input themselves and always pass."""
+    made_for = getattr(tokenizer, "channels", None)
+    if made_for is None or int(made_for) == int(channels):
+        return
+    where = f" ({source})" if source is not None else ""
+
+    def kind(c: int) -> str:
+        return {1: "1-channel (grayscale)", 3: "3-channel (colour)"}.get(int(c), f"{c}-channel")
+
+    raise ValueError(f"{who}: the {tokenizer.kind} tokenizer{where} was made for {kind(made_for)} images, but the "
+                     f"backbone (and the data) has {kind(channels)} ones; train a tokenizer on this data "
+                     f"(`vitlab pretrain --method dvae` with the same --data), or leave --tokenizer out for a k-means "
+                     f"tokenizer fitted on it")
+
+
 def check_grid(tokenizer: Tokenizer, size: tuple[int, int], grid: tuple[int, int], who: str) -> None:
     """Refuse a tokenizer whose tokens do not lie on the backbone's patch grid."""
     got = tuple(tokenizer.token_grid(tuple(size)))
@@ -157,5 +178,5 @@ def check_grid(tokenizer: Tokenizer, size: tuple[int, int], grid: tuple[int, int
                          f"train the tokenizer for this backbone's patch size and resolution")
 
 
-__all__ = ["TOKENIZER_FILE", "TOKENIZER_KINDS", "Tokenizer", "check_grid", "load_tokenizer", "normalise",
-           "resize_to", "save_tokenizer", "to_pixels", "tokenizer_path"]
+__all__ = ["TOKENIZER_FILE", "TOKENIZER_KINDS", "Tokenizer", "check_channels", "check_grid", "load_tokenizer",
+           "normalise", "resize_to", "save_tokenizer", "to_pixels", "tokenizer_path"]
