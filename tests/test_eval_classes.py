@@ -120,3 +120,12 @@ def test_knn_bank_is_the_runs_training_split_on_a_fixed_test_set(tmp_path: Path,
     with caplog.at_level("INFO"):
         metrics = _eval(capsys, "--checkpoint", str(ckpt), "--protocol", "knn")
     assert metrics["train_images"] == 1438  # digits' whole training split, not 90% of it (1295)
+
+
+def test_no_name_in_common_falls_back_to_positions_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    ckpt = _bright_dark_checkpoint(tmp_path / "m.safetensors")  # its classes: "2" (bright), "10" (dark)
+    data = _folder(tmp_path / "data" / "test", {"a_bright": 250, "b_dark": 5}).parent
+    (data / "train").symlink_to(data / "test")
+    metrics = _eval(capsys, "--checkpoint", str(ckpt), "--data", str(data))
+    assert metrics["top1"] == 1.0 and "labels are matched by index" in caplog.text

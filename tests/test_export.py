@@ -805,11 +805,11 @@ def test_onnx_int8_runtime_on_a_file_says_what_the_file_is(tmp_path, digits_chec
                      "--no-timing", "--dynamic-batch", *extra]) == 0
     capsys.readouterr()
     with caplog.at_level(logging.ERROR, logger="vitlab"):  # it ran the float file and called it onnx-int8's run
-        assert main(["eval", "--checkpoint", str(float_file), "--runtime", "onnx-int8"]) == 2
+        assert main(["eval", "--checkpoint", str(float_file), "--data", "digits", "--runtime", "onnx-int8"]) == 2
     assert "f.onnx is a float32 ONNX file: --runtime onnx-int8 needs a file written by `vitlab export --int8`" in \
         caplog.text
     for runtime in ("auto", "onnx-int8"):
-        assert main(["eval", "--checkpoint", str(int8_file), "--runtime", runtime, "--json"]) == 0
+        assert main(["eval", "--checkpoint", str(int8_file), "--data", "digits", "--runtime", runtime, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["runtime"] == "onnx-int8"
 
 

@@ -77,17 +77,19 @@ def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: st
 
     By name (``how`` "name", or "auto" when the checkpoint names its classes): the data may hold any subset of
     the checkpoint's classes, in any order (a folder sorts "10" before "2"); a class the checkpoint does not have
-    is an error. By index ("index", or "auto" without names): the data's i-th class is the head's i-th, and the
-    counts must agree."""
+    is an error. By index ("index"; "auto" without names, or where no name is shared and the counts agree, with a
+    warning): the data's i-th class is the head's i-th, and the counts must agree."""
     names = list(getattr(model, "class_names", None) or [])
     by_name = how == "name" or (how == "auto" and bool(names) and names != [str(i) for i in range(len(names))])
     if how == "name" and not names:
         raise ValueError(f"--class-match name: the checkpoint {checkpoint} does not name its classes; use "
                          f"--class-match index")
+    index = {n: i for i, n in enumerate(names)}
+    folded = {n.casefold(): i for i, n in enumerate(names)}
+    missing = [c for c in classes if c not in index and c.casefold() not in folded]
+    if by_name and how == "auto" and len(missing) == len(classes) == model.num_classes:
+        by_name = False  # no name in common (a checkpoint's own spelling, "digit 3" for "3"): by position, warned
     if by_name:
-        index = {n: i for i, n in enumerate(names)}
-        folded = {n.casefold(): i for i, n in enumerate(names)}
-        missing = [c for c in classes if c not in index and c.casefold() not in folded]
         if missing:
             shown = ", ".join(map(repr, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(
@@ -276,8 +278,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.data is None:
-        args.data = default_data(args.checkpoint)
     runtime = "torch-compile" if args.compile else args.runtime
     if args.compile and args.runtime not in ("auto", "torch", "torch-compile"):
         raise ValueError(f"--compile and --runtime {args.runtime} exclude each other")
@@ -290,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
     if args.amp != "none" and model.name != "torch":  # an .onnx file with the auto runtime
         raise ValueError(f"--amp {args.amp} applies to PyTorch; {args.checkpoint} runs with ONNX Runtime (its "
                          f"precision is the file's: `vitlab export --int8` for int8)")
+    if args.data is None:  # after the checks of the options and the file: their errors come first
+        args.data = default_data(args.checkpoint)
     task = model.task
     if task != "classification":
         if runtime not in ("auto", "torch", "onnx"):
