@@ -389,3 +389,25 @@ def test_hf_vitmae_without_qkv_bias_loads_its_decoder(tmp_path):
     with torch.no_grad():
         a, b = mae.forward(enc, x, noise=noise), ref.forward(ref_enc, x, noise=noise)
     assert torch.allclose(a.pred, b.pred, atol=1e-6) and torch.allclose(a.loss, b.loss, atol=1e-6)
+
+
+def test_finetuning_from_a_pretraining_run_holds_out_what_it_left_out(tmp_path, caplog):
+    data = write_folder(tmp_path / "flat")
+    pre = tmp_path / "pre"
+    assert pretrain("--method", "mpp", "--data", str(data), *SMALL, "--seed", "3", "--output", str(pre)) == 0
+    held = json.loads((pre / "job.json").read_text())["held_out"]
+    assert held["seed"] == 3
+    tune = ["finetune", "--from", str(pre / "model.safetensors"), "--data", str(data), "--threads", "1",
+            "--no-progress", "--steps", "1", "--batch-size", "8", "--set", "global_batch=null", "--img-size", "8"]
+    with caplog.at_level(logging.INFO, logger="vitlab"):
+        assert main([*tune, "--output", str(tmp_path / "ft")]) == 0  # no --seed: the pre-training run's split
+    rec = json.loads((tmp_path / "ft" / "recipe.json").read_text())
+    assert (rec["seed"], rec["val_fraction"]) == (3, held["val_fraction"])
+    assert "fine-tuning holds out the same images" in caplog.text
+    seen = build_dataset(data, split="train", val_fraction=held["val_fraction"], seed=3, unlabelled=True)
+    test = build_dataset(data, split="test", val_fraction=rec["val_fraction"], seed=rec["seed"])
+    assert not set(seen.paths) & set(test.paths)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vitlab"):  # another seed asked for: kept, and the overlap named
+        assert main([*tune, "--seed", "0", "--output", str(tmp_path / "ft0")]) == 0
+    assert "include images pre-trained on" in caplog.text

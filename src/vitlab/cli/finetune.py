@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from vitlab.cli.train import (
     add_common_args,
@@ -56,12 +57,45 @@ def run(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(args, "vit_finetune", saved, model=model)
     if saved is None and args.recipe is None and args.img_size is None and not _sets_img_size(args.overrides):
         recipe = recipe.replace(img_size=_checkpoint_size(args.source, model))
+    if saved is None:
+        recipe = _pretraining_hold_out(args, recipe)
     return train_or_explain(make_job(args, recipe, model=model, pretrained=args.source,
                                      output_tag=f"finetune-{model}"))
 
 
 def _sets_img_size(overrides: list[str] | None) -> bool:
-    return any(o.split("=", 1)[0].strip() == "img_size" for o in overrides or [])
+    return _sets(overrides, "img_size")
+
+
+def _sets(overrides: list[str] | None, key: str) -> bool:
+    return any(o.split("=", 1)[0].strip() == key for o in overrides or [])
+
+
+def _pretraining_hold_out(args: argparse.Namespace, recipe):
+    """Fine-tuning from a pre-training run on the data it pre-trained on: hold out what that run left out (its
+    job.json's ``held_out``: seed and val_fraction), so that validation and test images were never pre-trained on;
+    a --seed / val_fraction given otherwise is kept, with a warning naming the overlap."""
+    from vitlab.train.run import read_job, same_source
+
+    job = read_job(Path(args.source).parent) if Path(args.source).is_file() else {}
+    held = job.get("held_out")
+    if not isinstance(held, dict) or args.data is None or job.get("data") is None:
+        return recipe
+    if not same_source(args.data, job["data"], job.get("data_source")):
+        return recipe
+    seed, fraction = int(held.get("seed", 0)), float(held.get("val_fraction", 0))
+    given_seed = args.seed is not None or _sets(args.overrides, "seed")
+    given_fraction = _sets(args.overrides, "val_fraction")
+    if not given_seed and not given_fraction:
+        if (recipe.seed, recipe.val_fraction) != (seed, fraction):
+            log.info("%s pre-trained on %s leaving out its %s split (seed %d, val_fraction %g): fine-tuning holds out "
+                     "the same images", args.source, args.data, held.get("split", "held-out"), seed, fraction)
+        return recipe.replace(seed=seed, val_fraction=fraction)
+    if (recipe.seed, recipe.val_fraction) != (seed, fraction):
+        log.warning("%s was pre-trained on %s leaving out the split of seed %d, val_fraction %g; this run holds out "
+                    "seed %d, val_fraction %g, so its validation / test images include images pre-trained on",
+                    args.source, args.data, seed, fraction, recipe.seed, recipe.val_fraction)
+    return recipe
 
 
 def _checkpoint_size(source: str, model: str) -> int:
