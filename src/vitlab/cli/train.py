@@ -215,9 +215,7 @@ def train_or_explain(job) -> int:
 
 
 def report(summary: dict) -> None:
-    if "skipped_images" in summary:
-        log.info("skipped %d undecodable image(s) in total (--skip-bad-images; each was named above)",
-                 summary["skipped_images"])
+    report_skipped(summary)
     test = summary.get("test")
     if test is None:
         log.info("stopped at step %d; checkpoint: %s", summary["steps"], summary["checkpoint"])
@@ -227,6 +225,16 @@ def report(summary: dict) -> None:
         line += f"; EMA weights {100 * summary['test_ema']['top1']:.2f}%"
     log.info("%s after %d steps in %.1f s; checkpoint: %s", line, summary["steps"], summary["train_seconds"],
              summary["checkpoint"])
+    report_compile(summary)
+
+
+def report_skipped(summary: dict) -> None:
+    if "skipped_images" in summary:
+        log.info("skipped %d undecodable image(s) in total (--skip-bad-images; each was named above)",
+                 summary["skipped_images"])
+
+
+def report_compile(summary: dict) -> None:
     if "compile_seconds" in summary:
         if summary.get("compile_failed"):
             log.info("torch.compile failed (%s): trained eager", summary["compile_failed"])
@@ -318,14 +326,8 @@ def run_dense(args: argparse.Namespace) -> int:
 
 def report_dense_extras(summary: dict) -> None:
     """--skip-bad-images' total and --compile's time, as :func:`report` says them for classification."""
-    if "skipped_images" in summary:
-        log.info("skipped %d undecodable image(s) in total (--skip-bad-images; each was named above)",
-                 summary["skipped_images"])
-    if "compile_seconds" in summary:
-        if summary.get("compile_failed"):
-            log.info("torch.compile failed (%s): trained eager", summary["compile_failed"])
-        else:
-            log.info("torch.compile: %s s of the training time was the compile", summary["compile_seconds"])
+    report_skipped(summary)
+    report_compile(summary)
 
 
 def fit_canvas_recipe(recipe, data: Path, task: str):

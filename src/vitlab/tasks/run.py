@@ -279,49 +279,11 @@ def _fit_dense_to_budget(job: DenseJob, ctx: Any, recipe: Any, model: nn.Module,
 
 def _dense_step_seconds(model: nn.Module, objective: Any, recipe: Any, train_set, device: torch.device, *,
                         min_seconds: float = 0.0) -> float:
-    """Seconds per optimiser step of ``objective`` on a copy of ``model``, data loading included
-    (:func:`vitlab.train.budget.time_steps`); every random generator is left as it was."""
-    import copy
+    """Seconds per optimiser step of ``objective`` on a copy of ``model``, data loading included; every random
+    generator is left as it was (:func:`vitlab.train.budget.measure_step_seconds`)."""
+    from vitlab.train.budget import measure_step_seconds
 
-    from vitlab.data import create_loader
-    from vitlab.train.budget import time_steps
-    from vitlab.train.evaluate import autocast_context
-    from vitlab.train.optim import build_optimizer
-    from vitlab.train.state import preserved_rng
-
-    with preserved_rng():
-        net = copy.deepcopy(model).to(device).train()
-        objective.to(device)
-        optimizer = build_optimizer(net, recipe, lr=recipe.lr)
-        loader = create_loader(train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=recipe.workers or 0,
-                               seed=recipe.seed + 7919, drop_last=True, persistent_workers=False)
-        accum = recipe.accum_for(1)
-        batches = iter(loader)
-
-        def next_batch():
-            nonlocal batches
-            for _ in range(len(loader) + 1):  # a whole pass without a batch: nothing to time
-                try:
-                    b = next(batches)
-                except StopIteration:
-                    batches = iter(loader)
-                    continue
-                if b is not None:
-                    return tuple(t.to(device) if isinstance(t, Tensor) else t for t in b)
-            raise ValueError(f"--time-budget: {len(train_set)} training samples (less those skipped) fill no batch of "
-                             f"{recipe.batch_size}; lower --batch-size")
-
-        def one_step() -> None:
-            for _ in range(accum):
-                with autocast_context(device, recipe.amp):
-                    loss, _ = objective.step(net, next_batch())
-                (loss / accum).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        return time_steps(one_step, min_seconds=min_seconds)
+    return measure_step_seconds(model, recipe, train_set, device, min_seconds=min_seconds, objective=objective)
 
 
 def ignore_index_of(model: nn.Module) -> int:

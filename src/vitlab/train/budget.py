@@ -22,9 +22,10 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from vitlab.train.recipe import Recipe
@@ -176,9 +177,12 @@ def time_steps(step: Callable[[], None], *, steps: int = 8, warmup: int = 2, min
 
 
 def measure_step_seconds(model: nn.Module, recipe: Recipe, train_set: Dataset, device: torch.device, *,
-                         steps: int = 8, warmup: int = 2, min_seconds: float = 0.0) -> float:
+                         steps: int = 8, warmup: int = 2, min_seconds: float = 0.0, objective: Any = None) -> float:
     """Seconds per optimiser step of ``recipe`` on a copy of ``model``, data loading included. Every
-    random generator is left as it was, so the run itself is unchanged by the measurement."""
+    random generator is left as it was, so the run itself is unchanged by the measurement.
+
+    ``objective``: a task's objective (``objective.step(net, batch) -> (loss, logs)``: detection, segmentation);
+    None: classification with the recipe's label smoothing."""
     from vitlab.data import create_loader
     from vitlab.train.evaluate import autocast_context
     from vitlab.train.losses import ClassificationLoss
@@ -188,29 +192,37 @@ def measure_step_seconds(model: nn.Module, recipe: Recipe, train_set: Dataset, d
     with preserved_rng():
         net = copy.deepcopy(model).to(device).train()
         optimizer = build_optimizer(net, recipe, lr=recipe.lr)
-        criterion = ClassificationLoss(label_smoothing=recipe.label_smoothing)
+        if objective is None:
+            criterion = ClassificationLoss(label_smoothing=recipe.label_smoothing)
+        else:
+            objective.to(device)
         loader = create_loader(train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=recipe.workers or 0,
                                seed=recipe.seed + 7919, drop_last=True, persistent_workers=False)
         accum = recipe.accum_for(1)
         batches = iter(loader)
 
-        def next_batch():
+        def next_batch() -> tuple:
             nonlocal batches
-            while True:
+            for _ in range(len(loader) + 1):  # a whole pass without a batch (all skipped): nothing to time
                 try:
                     b = next(batches)
                 except StopIteration:
                     batches = iter(loader)
                     continue
                 if b is not None:
-                    return b
+                    return tuple(t.to(device) if isinstance(t, Tensor) else t for t in b)
+            raise ValueError(f"--time-budget: {len(train_set)} training samples (less those skipped) fill no batch "  # type: ignore[arg-type]
+                             f"of {recipe.batch_size}; lower --batch-size")
 
         def one_step() -> None:
             for _ in range(accum):
-                x, y = next_batch()
-                x, y = x.to(device), y.to(device)
+                batch = next_batch()
                 with autocast_context(device, recipe.amp):
-                    loss = criterion(x, net(x), y)
+                    if objective is None:
+                        x, y = batch
+                        loss = criterion(x, net(x), y)
+                    else:
+                        loss, _ = objective.step(net, batch)
                 (loss / accum).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
