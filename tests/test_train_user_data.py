@@ -147,7 +147,7 @@ class _Fixed(nn.Module):
 
 def test_the_accuracy_of_a_class_without_images_is_null_in_json():
     ds = TensorImageDataset(torch.zeros(4, 1, 4, 4, dtype=torch.uint8), [0, 0, 1, 1], classes=["a", "b", "c"],
-                            source="three classes, c absent")
+                            source="three classes, c absent", transform=lambda x: x.float() / 255)
     r = evaluate(_Fixed(), ds, num_classes=3, class_names=ds.classes)
     assert r.per_class[:2] == [1.0, 0.0] and math.isnan(r.per_class[2])
     per_class = r.per_class_json()

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vitlab.analysis.explain import Explanation, register_explainer
-from vitlab.layers import capture_attention
+from vitlab.layers import CapturableAttention, capture_attention
+from vitlab.layers.attention import attention_sinks
 from vitlab.models.detr import DETR
 
 
@@ -20,11 +21,10 @@ def detection_attention(model: DETR, x: Tensor, pixel_mask: Tensor | None = None
     (B, queries, h, w) on the backbone's feature grid."""
     last = model.decoder.layers[-1].cross_attn
     maps: list[Tensor] = []
-    last.attn_sink = maps.append
-    try:
+    sinks = {m: None for m in model.modules() if isinstance(m, CapturableAttention)}  # only the last one reports
+    sinks[last] = maps.append
+    with attention_sinks(sinks):
         out = model(x, pixel_mask)
-    finally:
-        last.attn_sink = None
     h, w = model._feature_size
     attn = maps[-1].mean(1)  # (B, Q, h*w)
     return out, attn.reshape(attn.shape[0], attn.shape[1], h, w)

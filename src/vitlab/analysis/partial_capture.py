@@ -25,22 +25,21 @@ from vitlab.analysis.rollout import (
     token_relevance,
 )
 from vitlab.layers import CapturableAttention
+from vitlab.layers.attention import attention_sinks
 
 
 def capture_tagged(model: nn.Module, x: Tensor, modules: Mapping[CapturableAttention, Hashable], *,
                    with_grad: bool = False) -> tuple[Tensor, list[tuple[Hashable, Tensor]]]:
     """Run ``model`` on ``x``; return its logits and the (tag, weights) of the given modules, in call order."""
     seen: list[tuple[Hashable, Tensor]] = []
-    for m, tag in modules.items():
-        m.attn_sink = lambda a, tag=tag: seen.append((tag, a))
-    try:
-        with torch.set_grad_enabled(with_grad):
-            if with_grad and not x.requires_grad:
-                x = x.detach().requires_grad_(True)  # the maps join a graph even with frozen parameters
-            logits = model(x)
-    finally:
-        for m in modules:
-            m.attn_sink = None
+    # the other attention modules report nowhere during this forward (an enclosing capture of the user's does not
+    # get the explainer's forward), and every sink is given back afterwards
+    sinks = {m: None for m in model.modules() if isinstance(m, CapturableAttention)}
+    sinks.update({m: (lambda a, tag=tag: seen.append((tag, a))) for m, tag in modules.items()})
+    with attention_sinks(sinks), torch.set_grad_enabled(with_grad):
+        if with_grad and not x.requires_grad:
+            x = x.detach().requires_grad_(True)  # the maps join a graph even with frozen parameters
+        logits = model(x)
     return logits, seen
 
 

@@ -195,9 +195,13 @@ def unwrap_state_dict(obj: Any, path: Path | str) -> dict[str, Tensor]:
                 break
     if not isinstance(obj, Mapping) or not _is_tensor_map(obj):
         raise CheckpointError(f"{path}: holds no state dict (a mapping of names to tensors)")
-    sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    # the wrappers' prefixes, nested in any order: DDP over a compiled model saves "module._orig_mod.", a
-    # compiled DDP model "_orig_mod.module." (timm's clean_state_dict strips the same)
+    return strip_wrapper_prefixes({k: v for k, v in obj.items() if isinstance(v, Tensor)})
+
+
+def strip_wrapper_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``sd`` without the prefix a wrapper added to every key: ``module.`` (DDP) and ``_orig_mod.``
+    (torch.compile), nested in any order: DDP over a compiled model saves "module._orig_mod.", a compiled
+    DDP model "_orig_mod.module." (timm's clean_state_dict strips the same)."""
     while stripped := next((p for p in WRAPPER_PREFIXES if sd and all(k.startswith(p) for k in sd)), None):
         sd = {k[len(stripped):]: v for k, v in sd.items()}
     return sd

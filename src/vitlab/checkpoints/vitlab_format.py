@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from vitlab.checkpoints.io import CheckpointError, atomic_write, read_safetensors
+from vitlab.checkpoints.io import CheckpointError, atomic_write, read_safetensors, strip_wrapper_prefixes
+
+log = logging.getLogger(__name__)
 
 FORMAT_KEY = "format"
 FORMAT_NAME = "vitlab"
@@ -37,8 +41,23 @@ def _tuplify(v: Any) -> Any:
     return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside its wrappers: ``torch.compile``'s (``_orig_mod``) and DDP's / DataParallel's
+    (``module``), nested in any order; their state dicts prefix every key, which a checkpoint must not."""
+    # torch.compile's wrapper class, where torch.compile was ever called (no dynamo import otherwise)
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def model_metadata(model: nn.Module, *, class_names: list[str] | None = None,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    model = unwrap_model(model)
     name = getattr(model, "model_name", None)
     if name is None:
         raise ValueError("save_model: the model has no registered name; build it with vitlab.create_model")
@@ -46,13 +65,21 @@ def model_metadata(model: nn.Module, *, class_names: list[str] | None = None,
     if class_names is not None and classes and len(class_names) != classes:
         raise ValueError(f"save_model: {len(class_names)} class names for a model with {classes} classes "
                          f"(after reset_classifier(n), give n names)")
+    if class_names is None:
+        class_names = getattr(model, "class_names", None)
+        if class_names is not None and classes and len(class_names) != classes:
+            # names set on the model by hand for another head: a checkpoint must not pair them with this one
+            log.warning("save_model: %s.class_names has %d names but its head has %d classes: the checkpoint is "
+                        "written without class names (pass class_names= with %d names)", name, len(class_names),
+                        classes, classes)
+            class_names = None
     meta: dict[str, Any] = {
         FORMAT_KEY: FORMAT_NAME,
         "version": FORMAT_VERSION,
         "model": name,
         "config": config_to_dict(model.cfg),
         "preprocessing": model.preprocessing.to_dict(),
-        "class_names": list(class_names) if class_names is not None else getattr(model, "class_names", None),
+        "class_names": list(class_names) if class_names is not None else None,
     }
     score = getattr(model, "score_function", "softmax")
     if score != "softmax":  # a multi-label or regression head (from a Hugging Face config's problem_type)
@@ -73,9 +100,10 @@ def save_model(model: nn.Module, path: str | Path, *, class_names: list[str] | N
     full state dict; ``model`` then only describes them)."""
     from safetensors.torch import save_file
 
+    model = unwrap_model(model)  # a compiled / DDP model's keys carry the wrapper's prefix
     meta = model_metadata(model, class_names=class_names, extra=extra)
     # safetensors refuses shared storage; contiguous copies of tied/viewed tensors are fine here
-    state_dict = model.state_dict() if state_dict is None else state_dict
+    state_dict = model.state_dict() if state_dict is None else strip_wrapper_prefixes(dict(state_dict))
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     header = {"vitlab": json.dumps(meta)}
     return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=header))
@@ -92,4 +120,5 @@ def read_vitlab(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
         raise CheckpointError(f"{path}: vitlab metadata is not valid JSON ({e})") from e
     if meta.get(FORMAT_KEY) != FORMAT_NAME or "model" not in meta or "config" not in meta:
         raise CheckpointError(f"{path}: vitlab metadata lacks the model name or config")
-    return sd, meta
+    # files that save_model wrote from a compiled / DDP model before it unwrapped them
+    return strip_wrapper_prefixes(sd), meta

@@ -67,9 +67,34 @@ class PicklableGenerator:
         self.__dict__.update(d)
 
 
+# float images a little outside [0, 1] (rounding in an earlier operation) are still images in [0, 1]
+_UNIT_RANGE_SLACK = 1e-3
+
+
+def check_unit_range(x: Tensor, where: str = "image") -> None:
+    """Refuse a non-uint8 image whose values are not in [0, 1] (0..255 floats, an already normalised
+    tensor): the operations here would silently give a wrong image. One min/max pass."""
+    if x.dtype == torch.uint8 or x.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x.detach().float()))
+    if lo < -_UNIT_RANGE_SLACK or hi > 1 + _UNIT_RANGE_SLACK:
+        if lo >= -_UNIT_RANGE_SLACK and hi <= 255:
+            hint = " (0..255 values: pass them as uint8, or divide by 255)"
+        elif lo < -_UNIT_RANGE_SLACK:
+            hint = " (normalised already? transform the image before normalisation)"
+        else:
+            hint = ""
+        raise ValueError(f"{where}: a {str(x.dtype).removeprefix('torch.')} image with values in {lo:.4g}..{hi:.4g}; "
+                         f"expected uint8 (0..255) or floats in [0, 1]{hint}")
+
+
 def to_float(x: Tensor) -> Tensor:
-    """uint8 0..255 -> float32 0..1; float tensors are returned as float32 unchanged."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    """uint8 0..255 -> float32 0..1; float tensors in [0, 1] are returned as float32 unchanged; other
+    ranges (0..255 floats, normalised tensors) are refused with a ValueError."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    check_unit_range(x)
+    return x.float()
 
 
 def resize(x: Tensor, size: tuple[int, int], interpolation: Interpolation = "bilinear") -> Tensor:
@@ -79,6 +104,8 @@ def resize(x: Tensor, size: tuple[int, int], interpolation: Interpolation = "bil
     squeeze = x.ndim == 3
     v = x[None] if squeeze else x
     dtype = v.dtype
+    if interpolation == "bicubic":  # the clamp below assumes a [0, 1] image: 0..255 floats would turn white
+        check_unit_range(v)
     v = v.float()
     antialias = interpolation in ("bilinear", "bicubic")
     kwargs = {"align_corners": False} if interpolation in ("bilinear", "bicubic") else {}

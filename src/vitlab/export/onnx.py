@@ -43,6 +43,7 @@ difference) or of each pixel (SETR).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -648,6 +649,30 @@ def _time_pair(model: nn.Module, onnx_model: nn.Module, x: Tensor) -> tuple[floa
 
 
 # ------------------------------------------------------------------------------------------- export
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode within the block, then every submodule back in the mode it had (a training
+    loop that exports a snapshot goes on training; frozen BatchNorm layers stay frozen)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _float32(model: nn.Module, name: str) -> nn.Module:
+    """``model`` itself when its floating-point weights are float32, else a float32 copy (the ONNX graph takes
+    and computes float32, and the validation compares against float32 PyTorch)."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if dtypes <= {torch.float32}:
+        return model
+    log.info("%s: exporting a float32 copy of the %s model (the ONNX file is float32)", name,
+             "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes - {torch.float32})))
+    return copy.deepcopy(model).float()
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -698,112 +723,113 @@ def export_onnx(
         raise ValueError(f"--opset must be a positive ONNX opset version, got {opset}")
     path = Path(path)
     name = getattr(model, "model_name", type(model).__name__)
-    model = model.eval()
-    if img_size is not None:
-        if tuple(to_2tuple(img_size)) != tuple(model.preprocessing.input_size[1:]):
-            model = rebuild(model, img_size=img_size)
-    if dynamic_size:
-        reason = getattr(model, "onnx_fixed_size_reason", None)
-        if reason:
-            raise ExportError(f"{name}: --dynamic-size is not supported for {type(model).__name__}: {reason}")
-        model = _any_size_model(model)
-    nparams = sum(p.numel() * p.element_size() for p in model.parameters())
-    if nparams > MAX_PROTO_BYTES:
-        raise ExportError(f"{name}: {nparams / 1e9:.1f} GB of weights exceed the 2 GB limit of a single-file ONNX "
-                          f"model; vitlab does not write external-data exports yet")
-    pre = model.preprocessing
-    c, h, w = pre.input_size
-    raw, source = _resolve_images(validate_images, num_images)
-    x = preprocess(raw, pre, task)  # (N, C, H, W)
-    report = ExportReport(path=str(path), model=name, task=task, agreement=spec.agreement, input_size=(c, h, w),
-                          dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, int8=int8, images=len(x),
-                          image_source=source, tolerance=tolerance, min_agreement=min_agreement, forced=force)
-    ref = _outputs(model, x, spec)
-    if all(bool((r == r.flatten()[0]).all()) for r in ref.values() if isinstance(r, Tensor)):
-        log.warning("%s: its outputs are the same for every image (random weights: a zero-initialised head), so "
-                    "the validation below compares nothing; export a trained checkpoint to check it", name)
-    graph = model if task == "classification" else InferenceOutputs(model, spec.names)
-
-    try:  # a temporary folder beside the file, renamed into place at the end
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as e:
-        raise ExportError(f"--output {path}: cannot write in {path.parent} ({e.strerror or e})") from None
-    try:
-        float_path = os.path.join(tmpdir, "float.onnx")
-        t0 = time.perf_counter()
-        trace_x = x[:2] if dynamic_batch and len(x) >= 2 else x[:1]  # batch 2: never specialised like 1
-        if dynamic_size:  # traced at a larger size, where no map is 1 x 1 (see trace_size)
-            trace_pre = dataclasses.replace(pre, input_size=(c, *trace_size(model, h, w)))
-            trace_x = preprocess(raw[:len(trace_x)], trace_pre, task)
-        report.exporter = export_graph(graph, trace_x, float_path, dynamic_batch=dynamic_batch,
-                                       dynamic_size=dynamic_size, opset=opset, output_names=spec.names)
-        props = metadata(model, pre, class_names=class_names, dynamic_batch=dynamic_batch,
-                         dynamic_size=dynamic_size, int8=False)
-        report.opset = _set_metadata(float_path, props)
-        if opset is not None and report.opset != opset:  # neither exporter could write the opset asked for
-            raise ExportError(f"--opset {opset}: {report.exporter} wrote opset {report.opset} instead (it cannot "
-                              f"convert this graph to {opset}); ask for {report.opset}, or leave --opset out")
-        report.export_s = time.perf_counter() - t0
-
-        onnx_float = OnnxModel(float_path)
-        got = _onnx_outputs(onnx_float, x)
-        report.output_diffs, report.top1_agreement = compare_outputs(spec, ref, got)
-        report.max_abs_diff = _worst(report.output_diffs)
-        for k, d in report.output_diffs.items():
-            if d <= tolerance:
-                continue
-            verdict = float64_verdict(model, x, spec, k, ref, got, tolerance) if d == d else None  # not for NaN
-            if verdict is not None and verdict.accepted:
-                report.notes.append(verdict.text)
-            else:
-                report.problems.append(f"float32 ONNX {k} differ from PyTorch's by {d:.3g} (> tolerance {tolerance:g})"
-                                       + (f"; {verdict.text}" if verdict is not None else ""))
+    model = _float32(model, name)
+    with _eval_mode(model):  # the caller's model goes back to the mode(s) it had
+        if img_size is not None:
+            if tuple(to_2tuple(img_size)) != tuple(model.preprocessing.input_size[1:]):
+                model = rebuild(model, img_size=img_size)
         if dynamic_size:
-            for hw in other_sizes(model, h, w):
-                xs = preprocess(raw, dataclasses.replace(pre, input_size=(c, *hw)), task)
-                try:
-                    ds, a = compare_outputs(spec, _outputs(model, xs, spec), _onnx_outputs(onnx_float, xs))
-                    d = _worst(ds)
-                except Exception as e:  # a graph with the size baked in fails at run time
-                    report.problems.append(f"at {hw[0]}x{hw[1]} the graph fails: {str(e).splitlines()[0][:300]}")
-                    continue
-                report.other_sizes.append(SizeCheck(size=hw, max_abs_diff=d, top1_agreement=a))
-                if not d <= tolerance:
-                    report.problems.append(f"at {hw[0]}x{hw[1]} ONNX differs from PyTorch by {d:.3g} "
-                                           f"(> tolerance {tolerance:g}): the size is baked into the graph")
-        final_path, final_model = float_path, onnx_float
-        if int8:
-            int8_path = os.path.join(tmpdir, "int8.onnx")
-            n = quantize_int8(float_path, int8_path)
-            _set_metadata(int8_path, metadata(model, pre, class_names=class_names, dynamic_batch=dynamic_batch,
-                                              dynamic_size=dynamic_size, int8=True))
-            log.info("%s: quantised %d linear layers to int8", name, n)
-            onnx_int8 = OnnxModel(int8_path)
-            report.int8_output_diffs, report.int8_top1_agreement = compare_outputs(spec, ref, _onnx_outputs(onnx_int8, x))
-            report.int8_max_abs_diff = _worst(report.int8_output_diffs)
-            if not report.int8_top1_agreement >= min_agreement:
-                report.problems.append(f"int8 {spec.agreement} with float32 PyTorch {100 * report.int8_top1_agreement:.1f}%"
-                                       f" < required {100 * min_agreement:.0f}%")
-            final_path, final_model = int8_path, onnx_int8
-        if timing:
-            tx = x if dynamic_batch else x[:1]
-            report.timing_batch = len(tx)
-            report.torch_images_per_s, report.onnx_images_per_s = _time_pair(graph, final_model, tx)
-        if report.problems and not force:
-            raise ExportValidationError(f"{name}: refusing to write {path}: " + "; ".join(report.problems)
-                                        + " (pass force=True / --force to write it anyway)", report)
-        if report.problems:
-            log.warning("%s: writing %s despite failed checks (forced): %s", name, path, "; ".join(report.problems))
-        os.chmod(final_path, 0o644)
-        try:
-            os.replace(final_path, path)
+            reason = getattr(model, "onnx_fixed_size_reason", None)
+            if reason:
+                raise ExportError(f"{name}: --dynamic-size is not supported for {type(model).__name__}: {reason}")
+            model = _any_size_model(model)
+        nparams = sum(p.numel() * p.element_size() for p in model.parameters())
+        if nparams > MAX_PROTO_BYTES:
+            raise ExportError(f"{name}: {nparams / 1e9:.1f} GB of weights exceed the 2 GB limit of a single-file ONNX "
+                              f"model; vitlab does not write external-data exports yet")
+        pre = model.preprocessing
+        c, h, w = pre.input_size
+        raw, source = _resolve_images(validate_images, num_images)
+        x = preprocess(raw, pre, task)  # (N, C, H, W)
+        report = ExportReport(path=str(path), model=name, task=task, agreement=spec.agreement, input_size=(c, h, w),
+                              dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, int8=int8, images=len(x),
+                              image_source=source, tolerance=tolerance, min_agreement=min_agreement, forced=force)
+        ref = _outputs(model, x, spec)
+        if all(bool((r == r.flatten()[0]).all()) for r in ref.values() if isinstance(r, Tensor)):
+            log.warning("%s: its outputs are the same for every image (random weights: a zero-initialised head), so "
+                        "the validation below compares nothing; export a trained checkpoint to check it", name)
+        graph = model if task == "classification" else InferenceOutputs(model, spec.names)
+
+        try:  # a temporary folder beside the file, renamed into place at the end
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
         except OSError as e:
-            raise ExportError(f"--output {path}: cannot write it ({e.strerror or e})") from None
-        report.written = True
-        report.file_bytes = path.stat().st_size
-        return report
-    finally:
-        for f in Path(tmpdir).iterdir():
-            f.unlink()
-        os.rmdir(tmpdir)
+            raise ExportError(f"--output {path}: cannot write in {path.parent} ({e.strerror or e})") from None
+        try:
+            float_path = os.path.join(tmpdir, "float.onnx")
+            t0 = time.perf_counter()
+            trace_x = x[:2] if dynamic_batch and len(x) >= 2 else x[:1]  # batch 2: never specialised like 1
+            if dynamic_size:  # traced at a larger size, where no map is 1 x 1 (see trace_size)
+                trace_pre = dataclasses.replace(pre, input_size=(c, *trace_size(model, h, w)))
+                trace_x = preprocess(raw[:len(trace_x)], trace_pre, task)
+            report.exporter = export_graph(graph, trace_x, float_path, dynamic_batch=dynamic_batch,
+                                           dynamic_size=dynamic_size, opset=opset, output_names=spec.names)
+            props = metadata(model, pre, class_names=class_names, dynamic_batch=dynamic_batch,
+                             dynamic_size=dynamic_size, int8=False)
+            report.opset = _set_metadata(float_path, props)
+            if opset is not None and report.opset != opset:  # neither exporter could write the opset asked for
+                raise ExportError(f"--opset {opset}: {report.exporter} wrote opset {report.opset} instead (it cannot "
+                                  f"convert this graph to {opset}); ask for {report.opset}, or leave --opset out")
+            report.export_s = time.perf_counter() - t0
+
+            onnx_float = OnnxModel(float_path)
+            got = _onnx_outputs(onnx_float, x)
+            report.output_diffs, report.top1_agreement = compare_outputs(spec, ref, got)
+            report.max_abs_diff = _worst(report.output_diffs)
+            for k, d in report.output_diffs.items():
+                if d <= tolerance:
+                    continue
+                verdict = float64_verdict(model, x, spec, k, ref, got, tolerance) if d == d else None  # not for NaN
+                if verdict is not None and verdict.accepted:
+                    report.notes.append(verdict.text)
+                else:
+                    report.problems.append(f"float32 ONNX {k} differ from PyTorch's by {d:.3g} (> tolerance {tolerance:g})"
+                                           + (f"; {verdict.text}" if verdict is not None else ""))
+            if dynamic_size:
+                for hw in other_sizes(model, h, w):
+                    xs = preprocess(raw, dataclasses.replace(pre, input_size=(c, *hw)), task)
+                    try:
+                        ds, a = compare_outputs(spec, _outputs(model, xs, spec), _onnx_outputs(onnx_float, xs))
+                        d = _worst(ds)
+                    except Exception as e:  # a graph with the size baked in fails at run time
+                        report.problems.append(f"at {hw[0]}x{hw[1]} the graph fails: {str(e).splitlines()[0][:300]}")
+                        continue
+                    report.other_sizes.append(SizeCheck(size=hw, max_abs_diff=d, top1_agreement=a))
+                    if not d <= tolerance:
+                        report.problems.append(f"at {hw[0]}x{hw[1]} ONNX differs from PyTorch by {d:.3g} "
+                                               f"(> tolerance {tolerance:g}): the size is baked into the graph")
+            final_path, final_model = float_path, onnx_float
+            if int8:
+                int8_path = os.path.join(tmpdir, "int8.onnx")
+                n = quantize_int8(float_path, int8_path)
+                _set_metadata(int8_path, metadata(model, pre, class_names=class_names, dynamic_batch=dynamic_batch,
+                                                  dynamic_size=dynamic_size, int8=True))
+                log.info("%s: quantised %d linear layers to int8", name, n)
+                onnx_int8 = OnnxModel(int8_path)
+                report.int8_output_diffs, report.int8_top1_agreement = compare_outputs(spec, ref, _onnx_outputs(onnx_int8, x))
+                report.int8_max_abs_diff = _worst(report.int8_output_diffs)
+                if not report.int8_top1_agreement >= min_agreement:
+                    report.problems.append(f"int8 {spec.agreement} with float32 PyTorch {100 * report.int8_top1_agreement:.1f}%"
+                                           f" < required {100 * min_agreement:.0f}%")
+                final_path, final_model = int8_path, onnx_int8
+            if timing:
+                tx = x if dynamic_batch else x[:1]
+                report.timing_batch = len(tx)
+                report.torch_images_per_s, report.onnx_images_per_s = _time_pair(graph, final_model, tx)
+            if report.problems and not force:
+                raise ExportValidationError(f"{name}: refusing to write {path}: " + "; ".join(report.problems)
+                                            + " (pass force=True / --force to write it anyway)", report)
+            if report.problems:
+                log.warning("%s: writing %s despite failed checks (forced): %s", name, path, "; ".join(report.problems))
+            os.chmod(final_path, 0o644)
+            try:
+                os.replace(final_path, path)
+            except OSError as e:
+                raise ExportError(f"--output {path}: cannot write it ({e.strerror or e})") from None
+            report.written = True
+            report.file_bytes = path.stat().st_size
+            return report
+        finally:
+            for f in Path(tmpdir).iterdir():
+                f.unlink()
+            os.rmdir(tmpdir)

@@ -4,11 +4,18 @@ The fast path calls ``F.scaled_dot_product_attention`` and never materialises th
 Capture mode computes ``softmax(q k^T / sqrt(d))`` explicitly, hands the weights to whoever asked for
 them and produces the same output; it is switched on per module by :func:`capture_attention`, so a
 model's default forward stays untouched.
+
+The sinks live per thread, not on the modules: a capture sees only the forwards of the thread that opened
+it (a server answering predictions on the same model in other threads is not captured), and a capture
+opened inside another (``explain`` inside a user's ``capture_attention`` block) takes the maps until it
+closes, then hands the modules back to the outer one. While no capture is open anywhere, the modules read
+one module-level counter and take the fast path (what export, tracing and ``torch.compile`` see).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -18,16 +25,58 @@ from torch import Tensor, nn
 AttentionSink = Callable[[Tensor], None]
 
 
+class _ThreadSinks(threading.local):
+    """This thread's sinks, by attention module."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[nn.Module, AttentionSink] = {}
+
+
+_SINKS = _ThreadSinks()
+_NUM_SINKS = [0]  # sinks set in all threads together; 0 keeps every module on its fast path without a lookup
+_COUNT_LOCK = threading.Lock()
+
+
+def _set_sink(module: nn.Module, sink: AttentionSink | None) -> None:
+    """Set (or, with None, remove) this thread's sink for ``module``."""
+    sinks = _SINKS.sinks
+    had = module in sinks
+    if sink is None:
+        sinks.pop(module, None)
+    else:
+        sinks[module] = sink
+    change = (sink is not None) - had
+    if change:
+        with _COUNT_LOCK:
+            _NUM_SINKS[0] += change
+
+
+@contextmanager
+def attention_sinks(sinks: Mapping[nn.Module, AttentionSink]) -> Iterator[None]:
+    """Within this block, each given attention module hands its weights to its sink, in this thread only;
+    on exit the modules get back the sinks they had before (an enclosing capture's, or none)."""
+    previous = {m: _SINKS.sinks.get(m) for m in sinks}
+    for m, sink in sinks.items():
+        _set_sink(m, sink)
+    try:
+        yield
+    finally:
+        for m, sink in previous.items():
+            _set_sink(m, sink)
+
+
 class CapturableAttention(nn.Module):
     """Base of every attention module that can report its softmax weights.
 
     Subclasses call :meth:`_emit` with the (batch, heads, queries, keys) weights whenever
-    ``self.attn_sink`` is set; :func:`capture_attention` sets and clears it. A kind whose weights are
-    not queries over key TOKENS of the sequence (XCiT's channel attention, Linformer's projected keys)
-    sets ``token_map = False``, so that analysis tools do not read them as token-to-token attention.
+    ``self.attn_sink`` is set for the calling thread; :func:`capture_attention` (or :func:`attention_sinks`)
+    sets it and restores the previous one. Assigning ``module.attn_sink = fn`` / ``None`` sets or clears
+    the calling thread's sink without restoring an enclosing capture's (prefer the context managers).
+    A kind whose weights are not queries over key TOKENS of the sequence (XCiT's channel attention,
+    Linformer's projected keys) sets ``token_map = False``, so that analysis tools do not read them as
+    token-to-token attention.
     """
 
-    attn_sink: AttentionSink | None = None
     token_map: bool = True
 
     def _init_heads(self, dim: int, num_heads: int) -> None:
@@ -39,12 +88,24 @@ class CapturableAttention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     @property
+    def attn_sink(self) -> AttentionSink | None:
+        """The calling thread's sink for this module (None: fast path, nothing reported)."""
+        if not _NUM_SINKS[0]:  # no capture open in any thread: no per-thread lookup on the fast path
+            return None
+        return _SINKS.sinks.get(self)
+
+    @attn_sink.setter
+    def attn_sink(self, sink: AttentionSink | None) -> None:
+        _set_sink(self, sink)
+
+    @property
     def capturing(self) -> bool:
         return self.attn_sink is not None
 
     def _emit(self, attn: Tensor) -> None:
-        if self.attn_sink is not None:
-            self.attn_sink(attn)
+        sink = self.attn_sink
+        if sink is not None:
+            sink(attn)
 
 
 class AttentionMaps(list):
@@ -73,6 +134,9 @@ def capture_attention(model: nn.Module) -> Iterator[AttentionMaps]:
     attention call (see :class:`AttentionMaps` for which are token maps). Outputs are the same as
     without capture (up to float rounding).
 
+    Only forwards run by the calling thread are captured. Captures nest: an inner capture of the same
+    modules collects their maps until it closes, then the outer one goes on collecting.
+
     Example::
 
         with capture_attention(model) as maps:
@@ -84,13 +148,8 @@ def capture_attention(model: nn.Module) -> Iterator[AttentionMaps]:
     if not modules:  # an empty list would read as "no attention was computed"
         raise ValueError(f"capture_attention: {type(model).__name__} has no attention layers (e.g. MLP-Mixer mixes "
                          f"tokens with MLPs); explain(model, x, method='grad-cam') works on any model")
-    for m in modules:
-        m.attn_sink = maps.sink_for(m)
-    try:
+    with attention_sinks({m: maps.sink_for(m) for m in modules}):
         yield maps
-    finally:
-        for m in modules:
-            m.attn_sink = None
 
 
 class Attention(CapturableAttention):
@@ -186,6 +245,7 @@ class FoldedAttention(Attention):
         self.groups = groups
 
     def _emit(self, attn: Tensor) -> None:
-        if self.attn_sink is not None:
+        sink = self.attn_sink
+        if sink is not None:
             BG, h, N, M = attn.shape
-            self.attn_sink(attn.reshape(BG // self.groups, self.groups * h, N, M))  # (B, G*heads, N, N)
+            sink(attn.reshape(BG // self.groups, self.groups * h, N, M))  # (B, G*heads, N, N)

@@ -217,8 +217,11 @@ def check_global_pool(owner: Any, global_pool: str | None, allowed: tuple[str, .
 
 def record_head(model: nn.Module, **changes: Any) -> None:
     """Keep ``model.cfg`` describing the live model after ``reset_classifier`` changed its head or pooling:
-    a checkpoint is rebuilt from its config, so a stale one would reload the old head."""
+    a checkpoint is rebuilt from its config, so a stale one would reload the old head. A new head has new
+    classes: the old head's ``class_names`` are dropped (set them, or pass ``class_names=`` to save_model)."""
     model.cfg = replace(model.cfg, **changes)
+    if "num_classes" in changes and getattr(model, "class_names", None) is not None:
+        model.class_names = None
 
 
 def init_linear_jax(module: nn.Module) -> None:

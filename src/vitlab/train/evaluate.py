@@ -63,12 +63,75 @@ def logits_of(outputs: Tensor | tuple[Tensor, ...] | dict[str, Any]) -> Tensor:
     return outputs
 
 
+EXPECTED_BATCH = ("(image, label) batches: images float (B, C, H, W), already transformed (vitlab.data."
+                  "eval_transform / train_transform(model.preprocessing) scale uint8 images to [0, 1] and normalise "
+                  "them); labels int64 class indices (B,), or float class probabilities (B, K)")
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, Tensor):
+        return f"{str(v.dtype).removeprefix('torch.')} tensor {tuple(v.shape)}"
+    if isinstance(v, (tuple, list)) and v:
+        return f"{type(v).__name__} of {type(v[0]).__name__}"
+    return type(v).__name__
+
+
+def check_classification_batch(batch: Any, *, num_classes: int, in_chans: int | None = None,
+                               labels: bool = True, where: str = "fit") -> None:
+    """Refuse a batch that a classifier cannot be trained or evaluated on, with one message naming what came,
+    what is expected and the conversion to use (run on the first batch: the errors deep inside the model or
+    the loss name none of these). ``labels=False``: the labels are a custom criterion's business."""
+    def refuse(what: str, fix: str) -> None:
+        raise ValueError(f"{where}: the data's first batch has {what}; expected {EXPECTED_BATCH} (K = {num_classes} "
+                         f"here). {fix}")
+
+    if isinstance(batch, dict):
+        refuse(f"dict samples (keys {sorted(map(str, batch))})", "Return (image, label) from the data set's "
+               "__getitem__ (e.g. a wrapper returning sample['image'], sample['label']), or give the data set a "
+               "collate(samples) method that makes such batches")
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        n = len(batch) if isinstance(batch, (tuple, list)) else None
+        refuse(f"samples of {n} items" if n is not None else f"samples of type {_kind(batch)}",
+               "Return exactly (image, label) per sample (drop extra items such as indices or paths)")
+    x, y = batch
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        refuse(f"images of type {_kind(x)}", "Transform the images first: uint8 (C, H, W) tensors through "
+               "vitlab.data.eval_transform(model.preprocessing) (or train_transform); PIL images / numpy arrays "
+               "first to uint8 (C, H, W) tensors (torch.from_numpy(np.asarray(img)).permute(2, 0, 1)), or use "
+               "vitlab.data.build_dataset / TensorImageDataset, which do both")
+    if x.ndim != 4 or (in_chans is not None and x.shape[1] != in_chans):
+        refuse(f"images of shape {tuple(x.shape)}" + (f" for a model that takes {in_chans} channel(s)" if in_chans else ""),
+               "Give each image as a channels-first (C, H, W) tensor (permute(2, 0, 1) from (H, W, C)), with the "
+               "model's channels (vitlab.data.eval_transform converts grayscale / RGB)")
+    if not labels:
+        return
+    if not isinstance(y, Tensor):
+        refuse(f"labels of type {_kind(y)}", "Give class indices: map label names to their index (classes.index(name)),"
+               " as vitlab.data's data sets do")
+    if y.is_floating_point():
+        if y.ndim != 2 or y.shape[1] != num_classes:
+            refuse(f"float labels of shape {tuple(y.shape)}", f"Give int class indices, or (K,) = ({num_classes},) "
+                   "class probabilities per sample")
+    elif y.dtype == torch.bool or y.is_complex() or y.ndim != 1:
+        refuse(f"labels of type {_kind(y)}", "Give each label as an int (int(label), or label.squeeze() for a (1,) "
+               "tensor)" if y.ndim == 2 and y.shape[1] == 1 else "Give each label as an int class index")
+    elif y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        refuse(f"class indices in {int(y.min())}..{int(y.max())} for a head of {num_classes} classes",
+               f"Give indices 0..{num_classes - 1} (or reset_classifier to the data's number of classes)")
+    if len(y) != len(x):
+        refuse(f"{len(x)} images but {len(y)} labels", "Give one label per image")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size: int = 256,
              device: torch.device | str = "cpu", amp: str = "none", workers: int = 0,
              class_names: list[str] | None = None, progress: bool = False) -> EvalResult:
-    """Run ``model`` over ``dataset`` (already transformed with the model's eval preprocessing)."""
+    """Run ``model`` over ``dataset`` (already transformed with the model's eval preprocessing).
+
+    Labels: class indices, or (K,) class probabilities per sample (one-hot / soft labels: cross-entropy
+    against them, accuracy against their most probable class)."""
     device = torch.device(device)
+    in_chans = getattr(getattr(model, "preprocessing", None), "input_size", (None,))[0]
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -85,6 +148,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
         for batch in loader:
             if batch is None:
                 continue
+            if n == 0:
+                check_classification_batch(batch, num_classes=num_classes, in_chans=in_chans, where="evaluate")
             x, y = batch
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_context(device, amp):
@@ -92,7 +157,10 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
             logits = logits.float()
             if logits.shape[-1] != num_classes:
                 raise ValueError(f"evaluate: the model outputs {logits.shape[-1]} classes, the data has {num_classes}")
+            y = y.float() if y.is_floating_point() else y.long()  # (B, K) class probabilities or (B,) indices
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            if y.is_floating_point():  # one-hot / soft labels: accuracy against the most probable class
+                y = y.argmax(dim=-1)
             k = min(5, num_classes)
             topk = logits.topk(k, dim=-1).indices  # (B, k)
             top5_hits += (topk == y[:, None]).any(dim=-1).sum().item()

@@ -14,8 +14,11 @@ from vitlab.train.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-# Parameters before the first block (patch embedding, prefix tokens, position table) share layer 0.
-_EMBED_PREFIXES = ("patch_embed", "cls_token", "dist_token", "reg_token", "pos_embed", "pos_drop")
+# Parameters before the first block (patch embedding, prefix tokens, position table) share layer 0; the
+# convolutional / unfolding stems of T2T-ViT (tokens_to_token) and CCT (tokenizer) are patch embeddings too.
+# A family whose stem has other names numbers its own layers (``decay_layer_id``: TNT, Swin, BEiT).
+_EMBED_PREFIXES = ("patch_embed", "cls_token", "dist_token", "reg_token", "pos_embed", "pos_drop",
+                   "tokens_to_token", "tokenizer")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
