@@ -53,6 +53,8 @@ from vitlab.models.registry import ModelEntry, register_model
 
 # the poolings the family computes: the class token or the mean of the patch tokens
 TNT_POOLS = ("token", "avg")
+# what runs before the first block: layer 0 of layer-wise lr decay
+_DECAY_STEM = frozenset({"pixel_embed", "pixel_pos", "norm1_proj", "proj", "norm2_proj", "cls_token", "patch_pos"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +146,9 @@ class TNTBlock(nn.Module):
                        fused=False)
         self.norm_in = norm(d_in)
         self.attn_in = attn(d_in, num_heads=cfg.num_heads_inner)
+        # its maps are over the pixels of each patch, not the image's tokens: analysis takes the outer maps only
+        # (at 64 px the 4 x 4 patch grid has as many tokens as a patch has pixels); explain_tnt.py names its modules
+        self.attn_in.token_map = False
         self.norm_mlp_in = norm(d_in)
         self.mlp_in = Mlp(d_in, hidden_features=int(d_in * cfg.inner_mlp_ratio), drop=cfg.proj_drop_rate)
         self.legacy = cfg.legacy
@@ -243,6 +248,19 @@ class TNT(TimmSurface, nn.Module):
             self.global_pool = global_pool
         self.head = zero_head(self.num_features, num_classes)
         record_head(self, num_classes=max(num_classes, 0), global_pool=self.global_pool)
+
+    def decay_layer_id(self, name: str) -> int:
+        """Layer-wise lr decay (as timm's group_matcher for TNT): the pixel and patch embeddings with their
+        position tables and the class token 0, ``blocks.i`` i + 1, the final norm and head L + 1."""
+        top = name.split(".", 1)[0]
+        if top in _DECAY_STEM:
+            return 0
+        if top == "blocks":
+            return int(name.split(".")[1]) + 1
+        return self.num_decay_layers() + 1
+
+    def num_decay_layers(self) -> int:
+        return len(self.blocks)
 
     def cam_layer(self) -> nn.Module:
         """Grad-CAM's map: the patch tokens entering the last block."""

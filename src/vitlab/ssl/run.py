@@ -537,7 +537,7 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
     everything that can be checked without training has been."""
     from vitlab.checkpoints import save_model
     from vitlab.data import build_dataset
-    from vitlab.train.run import JOB_FILE, check_output, check_resumable, source_identity
+    from vitlab.train.run import JOB_FILE, check_output, check_resumable, clear_run_outputs, source_identity
 
     _check_method(job.method)
     with distributed_context(job.device) as ctx:
@@ -573,6 +573,8 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
             check_resumable(job.output, model, recipe, data=job.data, objective=objective)
             _warn_changed_options(job)
         if ctx.is_main:
+            if job.overwrite and not job.resume:  # the old run's outputs (its tokenizer / teacher were read above)
+                clear_run_outputs(job.output)
             job.output.mkdir(parents=True, exist_ok=True)
             record = json.dumps({
                 "method": job.method, "data": job.data, "data_source": source_identity(job.data),
@@ -588,7 +590,7 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
             save_tokenizer(objective.tokenizer, own_tokenizer,
                            extra={"source": options.get("tokenizer") or f"k-means on {job.data}"})
         train_set.transform = transform
-        result = fit(model, recipe, train_set=train_set, output_dir=job.output, ctx=ctx, resume=job.resume,
+        result = fit(model, recipe, built_from_recipe=True, train_set=train_set, output_dir=job.output, ctx=ctx, resume=job.resume,
                      objective=objective, until_step=job.until_step, progress=job.progress)
         last = result.history[-1] if result.history else {}
         summary: dict[str, Any] = {"method": job.method, "model": model.model_name, "recipe": recipe.name,

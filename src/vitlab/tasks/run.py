@@ -136,7 +136,7 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
     from vitlab.tasks.segmentation import SegmentationObjective, evaluate_segmentation
     from vitlab.train import fit
     from vitlab.train.distributed import barrier
-    from vitlab.train.run import JOB_FILE, check_resumable, check_run_dir, source_identity
+    from vitlab.train.run import JOB_FILE, check_resumable, check_run_dir, clear_run_outputs, source_identity
     from vitlab.train.trainer import atomic_text
 
     if job.task not in TASKS:
@@ -177,6 +177,8 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
                          ignore_index=ignore, skip_bad_images=job.skip_bad_images)
     check_dense_files(train_set, val_set)
     if ctx.is_main:  # what --resume continues: task, data, model (with the data's classes, to check them)
+        if job.overwrite and not job.resume:
+            clear_run_outputs(job.output)
         job.output.mkdir(parents=True, exist_ok=True)
         atomic_text(job.output / JOB_FILE, json.dumps({
             "task": job.task, "data": str(job.data), "data_source": source_identity(job.data), "classes": classes,
@@ -188,7 +190,7 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
         recipe = _fit_dense_to_budget(job, ctx, recipe, model, objective, train_set, val_set)
     t0 = time.perf_counter()
     try:
-        result = fit(model.to(ctx.device), recipe, train_set=train_set, output_dir=job.output, resume=job.resume,
+        result = fit(model.to(ctx.device), recipe, built_from_recipe=True, train_set=train_set, output_dir=job.output, resume=job.resume,
                      objective=objective, progress=job.progress, ctx=ctx, compile=job.compile)
     except (BadImageError, DatasetError) as e:  # a file the checks before training could not see (a truncated one)
         raise type(e)(f"{e}; {_where_training_stopped(job.output)}") from e

@@ -47,10 +47,11 @@ RUN_OUTPUTS = (*RUN_MARKERS, EMA_FILE, RECIPE_FILE, METRICS_FILE, RESULTS_FILE, 
 
 @dataclass(kw_only=True)
 class Distill:
-    teacher: str
+    teacher: str  # as resolved (an absolute path for a file or folder), so that --resume finds it from anywhere
     kind: Literal["soft", "hard"] = "soft"
     alpha: float = 0.5
     tau: float = 1.0
+    model: str | None = None  # --teacher-model: the teacher's architecture, for weights that do not name it
 
 
 @dataclass(kw_only=True)
@@ -89,7 +90,9 @@ def model_overrides(name: str, recipe: Recipe, in_chans: int | None) -> dict[str
     return out
 
 
-def build_model(job: TrainJob, num_classes: int, in_chans: int) -> nn.Module:
+def build_model(job: TrainJob, num_classes: int, in_chans: int, classes: list[str] | None = None) -> nn.Module:
+    """The model to train; from ``job.pretrained``, a kept head (``zero_init_head`` false) is matched to the
+    data's ``classes`` by name (:func:`vitlab.checkpoints.adapt.match_head_classes`)."""
     import vitlab
 
     recipe = job.recipe
@@ -118,6 +121,10 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int) -> nn.Module:
                                     use_rel_pos_bias=True)
     if recipe.zero_init_head:
         model.reset_classifier(num_classes)  # the paper's zero-initialised D x K head, also when K is unchanged
+    elif classes is not None:
+        from vitlab.checkpoints.adapt import match_head_classes
+
+        match_head_classes(model, classes, source=str(job.pretrained))
     return model
 
 
@@ -185,6 +192,28 @@ def is_run_recipe(path: Path) -> bool:
         return False
 
 
+def clear_run_outputs(output: Path) -> None:
+    """--overwrite of a run: the files the old run wrote (``RUN_OUTPUTS``: its state, models, EMA model,
+    metrics.jsonl, TensorBoard events, ...) are removed before the new run starts, so that none of them is
+    left beside the new run's or appended to. Other files, and a folder that is not a run, are left as they are."""
+    import shutil
+
+    if not is_run_dir(output):
+        return
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = output / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log.info("--overwrite: removed the previous run's %s from %s", ", ".join(removed), output)
+
+
 def _check_foreign_dir(output: Path, *, overwrite: bool) -> None:
     """An existing folder that is not a run: empty, or (with --overwrite) holding none of the run's files."""
     entries = sorted(p.name for p in output.iterdir())
@@ -208,7 +237,7 @@ def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str
     :class:`~vitlab.train.objective.Objective`) by the same objective with state of the same shapes. (``fit``
     checks again as it loads; this is the early refusal that keeps a wrong --resume from rewriting the run's
     job.json.)"""
-    from vitlab.train.trainer import check_same_model
+    from vitlab.train.trainer import check_same_model, check_same_optimizer
 
     path = output / STATE_FILE
     state = load_train_state(path, mmap=True)
@@ -225,10 +254,7 @@ def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str
                               + ", ".join(f"{k} {b}" for k, (_, b) in split.items())
                               + ", which would test on images it trained on: leave --seed / val_fraction as they "
                               "were, or start a new run (another --output)")
-    was = saved.get("optimizer")
-    if was != recipe.optimizer:
-        raise CheckpointError(f"--resume: {path} was trained with optimizer {was!r}, this run asks for "
-                              f"{recipe.optimizer!r}; its optimizer state cannot be reused")
+    check_same_optimizer(state, recipe, path)
 
 
 def check_same_objective(state: dict[str, Any], objective: Any, path: Path) -> None:
@@ -369,7 +395,8 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
     if _same_images(val_set, test_set):  # a source without a test set: "test" is the held-out part itself
         test_set = val_set  # decoded and cached once; its final validation is the test result
-    model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans)
+    model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans,
+                        classes=list(train_set.classes))
     log.info("model: %s", describe_model(model))
     if model.preprocessing.input_size[0] == 1 and train_set.in_chans == 3:
         log.warning("%s takes 1-channel (grayscale) images: the colour images of %s are converted to grayscale "
@@ -396,6 +423,8 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     if job.skip_bad_images:  # images found undecodable while decoding into memory: checked before training
         check_readable(train_set, [val_set, test_set], batch_size=recipe.batch_size)
     if ctx.is_main:
+        if job.overwrite and not job.resume:
+            clear_run_outputs(job.output)
         job.output.mkdir(parents=True, exist_ok=True)
         atomic_text(job.output / JOB_FILE, json.dumps({
             "task": "classification", "data": job.data, "data_source": source_identity(job.data),
@@ -406,7 +435,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     deadline = None
     if job.time_budget_s is not None and not job.resume:
         recipe, deadline = _fit_to_budget(job, ctx, recipe, model, train_set, val_set, test_set)
-    result = fit(model, recipe, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
+    result = fit(model, recipe, built_from_recipe=True, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
                  resume=job.resume, class_names=train_set.classes, criterion=criterion,
                  until_step=job.until_step, progress=job.progress, compile=job.compile, deadline=deadline)
     summary: dict[str, Any] = {"model": model.model_name, "recipe": recipe.name, "data": job.data,
@@ -584,10 +613,18 @@ def _test(model: nn.Module, test_set, recipe: Recipe, ctx: DistContext, label: s
 
 def _distillation(job: TrainJob, ctx: DistContext, student: nn.Module, classes: list[str]):
     import vitlab
+    from vitlab.checkpoints import CheckpointNotFoundError
     from vitlab.train.distill import DistillationLoss, adapt_teacher, check_teacher_classes
 
     d = job.distill
-    teacher = vitlab.load_model(d.teacher)
+    try:
+        teacher = vitlab.load_model(d.teacher, model_name=d.model)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(f"--teacher {d.teacher}: no such file or folder") from None
+    except CheckpointError as e:
+        if d.model is None and "--model NAME" in str(e):  # --model names the student: the teacher's is its own
+            raise CheckpointError(f"--teacher {str(e).replace('--model NAME', '--teacher-model NAME')}") from None
+        raise
     check_teacher_classes(teacher, classes)
     teacher = adapt_teacher(teacher, student.preprocessing).to(ctx.device)
     base = ClassificationLoss(label_smoothing=job.recipe.label_smoothing)

@@ -42,13 +42,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from vitlab.checkpoints import CheckpointError, load_strict, save_model
-from vitlab.checkpoints.vitlab_format import config_to_dict
+from vitlab.checkpoints.io import strip_wrapper_prefixes
+from vitlab.checkpoints.vitlab_format import config_to_dict, unwrap_model
 from vitlab.data.errors import DatasetError
 from vitlab.data.loader import seeded_sampler
 from vitlab.train.budget import Deadline, Replanner
 from vitlab.train.distributed import DistContext, all_reduce_mean, barrier
 from vitlab.train.ema import ModelEMA
-from vitlab.train.evaluate import EvalResult, autocast_context, evaluate
+from vitlab.train.evaluate import EXPECTED_BATCH, EvalResult, autocast_context, check_classification_batch, evaluate
 from vitlab.train.fsdp import (
     full_model_state,
     full_optimizer_state,
@@ -56,7 +57,13 @@ from vitlab.train.fsdp import (
     load_optimizer_state,
     reshard,
 )
-from vitlab.train.objective import Metrics, Objective, objective_for
+from vitlab.train.objective import (
+    ClassificationObjective,
+    DistillationObjective,
+    Metrics,
+    Objective,
+    objective_for,
+)
 from vitlab.train.optim import build_optimizer
 from vitlab.train.recipe import Recipe
 from vitlab.train.schedule import Horizon, build_scheduler
@@ -187,7 +194,58 @@ def _non_empty(loader: DataLoader) -> Iterator[Any]:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The model inside DDP's and torch.compile's wrappers: the one trained, saved and described."""
+    return unwrap_model(model)
+
+
+# Recipe fields that vitlab.train.run (the CLI) applies while building the model and the data before it calls
+# fit; fit itself trains the model and the data it is given
+BUILD_FIELDS = ("model", "model_overrides", "img_size", "zero_init_head", "scale", "ratio", "hflip", "randaugment",
+                "randaugment_mstd", "re_prob", "val_fraction", "cache_images", "cpu_threads")
+_AUGMENTATION = frozenset({"scale", "ratio", "hflip", "randaugment", "randaugment_mstd", "re_prob"})
+# the runners that build the model and data from those fields, then call fit
+
+
+def unapplied_fields(recipe: Recipe, net: nn.Module) -> list[str]:
+    """The recipe's :data:`BUILD_FIELDS` whose values would change something fit does not do: set to other values
+    than the defaults, except where the model already has them (its name, input size, config) or where the
+    value asks for nothing (augmentation switched off, no validation split)."""
+    default = Recipe()
+
+    def plain(v: Any) -> Any:  # (0.08, 1.0) and [0.08, 1.0] are the same setting
+        return tuple(plain(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    cfg = getattr(net, "cfg", None)
+    out = []
+    for k in BUILD_FIELDS:
+        value = getattr(recipe, k)
+        if plain(value) == plain(getattr(default, k)) or (k in _AUGMENTATION and not recipe.augment):
+            continue
+        if k == "model" and value == getattr(net, "model_name", None):
+            continue
+        if k == "img_size" and tuple(net.preprocessing.input_size[1:]) == (value, value):
+            continue
+        if k == "model_overrides" and cfg is not None and all(
+                plain(getattr(cfg, key, object())) == plain(v) for key, v in value.items()):
+            continue
+        if k == "val_fraction" and not value:
+            continue
+        out.append(k)
+    return out
+
+
+def _first_batch(batches: Iterator[Any]) -> Any:
+    """The first batch, with samples the default collate cannot batch (PIL images, strings of mixed
+    structure) explained."""
+    try:
+        return next(batches, None)
+    except TypeError as e:
+        if "collate" not in str(e):
+            raise
+        raise TypeError(f"fit: the data set's samples cannot be batched ({str(e).strip().splitlines()[-1]}); "
+                        f"expected {EXPECTED_BATCH}. Convert PIL images / numpy arrays to uint8 (C, H, W) tensors "
+                        f"and transform them with vitlab.data.eval_transform / train_transform(model.preprocessing) "
+                        f"in the data set's __getitem__") from e
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -262,11 +320,17 @@ def fit(
     progress: bool = True,
     compile: bool = False,
     deadline: Deadline | None = None,
+    built_from_recipe: bool = False,
 ) -> FitResult:
-    """Train ``model`` (built with ``vitlab.create_model``) on ``train_set`` following ``recipe``.
+    """Train ``model`` (built with ``vitlab.create_model``; a ``torch.compile`` / DDP wrapper is looked through)
+    on ``train_set`` following ``recipe``. The recipe's model and data fields (:data:`BUILD_FIELDS`: model,
+    img_size, augmentation...) are what ``vitlab.train.run`` builds the model and data from; fit trains the
+    model and the data it is given, and warns when those fields ask for something else.
 
     Args:
-        train_set / val_set: map-style data sets yielding (image tensor, label), already transformed.
+        train_set / val_set: map-style data sets yielding (image tensor, label), already transformed: float
+            (C, H, W) images; labels int class indices, or float (K,) class probabilities (one-hot / soft
+            labels). The first batch is checked, and refused with the conversion to use.
         ctx: the distributed context (``distributed_context()``); None: one process on the model's device.
         resume: continue from ``output_dir/train_state.pt``.
         criterion: ``loss(images, outputs, targets)``; default: cross entropy with the recipe's label
@@ -282,6 +346,8 @@ def fit(
             the end of the warm-up and at set points of the decay and re-plans its length to end on time,
             the learning rate kept continuous; ``recipe.json`` and the saved state follow the new length,
             so that ``--resume`` continues the same schedule. Supervised objectives only.
+        built_from_recipe: the caller built the model and the data from the recipe's fields (the commands'
+            runners do), so there is nothing to warn about.
     """
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     out = Path(output_dir)
@@ -289,8 +355,16 @@ def fit(
     if not recipe.fsdp:  # FSDP moves only each rank's shard to the device
         model.to(device)
     net = _unwrap(model)
+    if net is not model and not isinstance(model, nn.parallel.DistributedDataParallel):
+        log.info("fit: training the model inside its %s wrapper (checkpoints hold its own weights); fit(..., "
+                 "compile=True) compiles the training step", type(model).__name__)
     if not hasattr(net, "model_name"):
         raise ValueError("fit: build the model with vitlab.create_model so that its checkpoint is self-describing")
+    ignored = [] if built_from_recipe else unapplied_fields(recipe, net)
+    if ignored:
+        log.warning("fit: recipe field(s) %s are not applied by fit: they belong to building the model and the data "
+                    "(vitlab.train.run / the `vitlab train` command build them from the recipe, then call fit); fit "
+                    "trains the model and the data it is given as they are", ", ".join(ignored))
     if recipe.grad_checkpointing:
         net.set_grad_checkpointing()
     if objective is not None and criterion is not None:
@@ -385,7 +459,8 @@ def fit(
                                               "world_size": ctx.world_size, "total_steps": total_steps,
                                               "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
                                               "objective": objective.describe(),
-                                              "model": net.model_name, "model_config": config_to_dict(net.cfg)}},
+                                              "model": net.model_name, "model_config": config_to_dict(net.cfg),
+                                              **({"not_applied_by_fit": ignored} if ignored else {})}},
             indent=2))
 
     if ctx.is_main:
@@ -485,6 +560,11 @@ def fit(
         if ctx.is_main:
             write_recipe()
 
+    # the classification objectives take (image, label) batches: the first one is checked; other objectives
+    # (self-supervised, dense tasks) take batches of their own forms
+    checked = not isinstance(objective, ClassificationObjective)
+    # a criterion of the user's own may take other targets (regression, multi-label); distillation takes labels
+    standard_labels = not getattr(objective, "custom", False) or isinstance(objective, DistillationObjective)
     with contextlib.ExitStack() as stack:
         signals = stack.enter_context(stop_at_step_boundary(not ctx.distributed))
         stack.callback(writers.close)
@@ -504,9 +584,13 @@ def fit(
                 loss_sum = torch.zeros((), device=device)
                 metric_sums: dict[str, Any] = {}
                 for micro in range(accum):
-                    batch = next(batches, None)
+                    batch = next(batches, None) if checked else _first_batch(batches)
                     if batch is None:
                         raise OutOfBatchesError(_out_of_batches(train_set, epoch, step, steps_per_epoch))
+                    if not checked:  # what came, against what a classifier trains on, before the model sees it
+                        check_classification_batch(batch, num_classes=num_classes,
+                                                   in_chans=net.preprocessing.input_size[0], labels=standard_labels)
+                        checked = True
                     batch = _to_device(batch, device)
                     sync = micro == accum - 1
                     # DDP: no all-reduce before the last micro-batch; FSDP reduce-scatters each (sharded sums)
@@ -588,10 +672,11 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     """Load everything ``--resume`` needs from ``path`` into the run's objects; returns the step reached."""
     state = load_train_state(path)
     check_same_model(state, net, path)
-    was = state.get("recipe", {}).get("optimizer")
-    if was != recipe.optimizer:
-        raise CheckpointError(f"--resume: {path} was trained with optimizer {was!r}, this run "
-                              f"asks for {recipe.optimizer!r}; its optimizer state cannot be reused")
+    check_same_optimizer(state, recipe, path)
+    # states written while fit did not yet unwrap a compiled model carry "_orig_mod." on every key
+    state["model"] = strip_wrapper_prefixes(state["model"])
+    if state.get("ema") is not None:
+        state["ema"] = strip_wrapper_prefixes(state["ema"])
     if recipe.fsdp:
         load_full_model_state(net, state["model"])
     else:
@@ -633,6 +718,34 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
         _seed_everything(recipe.seed + 1000 * ctx.rank + step)
     log.info("resumed %s at step %d of %d", path.parent, step, total_steps)
     return step
+
+
+# recipe fields that the saved optimiser and scheduler state carries (param groups' lr, betas, eps, momentum,
+# nesterov, weight_decay; the scheduler's base lrs): a resumed run keeps the saved values whatever it is given
+OPTIMIZER_FIELDS = ("lr", "lr_base_batch", "layer_decay", "weight_decay", "betas", "eps", "momentum", "nesterov")
+
+
+def check_same_optimizer(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
+    """--resume continues the saved optimiser and schedule: another optimizer, or another value of a field the
+    restored state would override (``OPTIMIZER_FIELDS``), is refused rather than recorded and ignored."""
+    saved = state.get("recipe", {})
+    was = saved.get("optimizer")
+    if was != recipe.optimizer:
+        raise CheckpointError(f"--resume: {path} was trained with optimizer {was!r}, this run "
+                              f"asks for {recipe.optimizer!r}; its optimizer state cannot be reused")
+    mine = recipe.to_dict()
+    # the fields this optimizer uses (an adamw run's momentum is not in its state)
+    unused = ("momentum", "nesterov") if recipe.optimizer != "sgd" else ("betas", "eps")
+    changed = [k for k in OPTIMIZER_FIELDS if k not in unused and k in saved and saved[k] != mine[k]]
+    if changed:
+        run = path.parent
+        raise CheckpointError(f"--resume: the run in {run} was trained with "
+                              f"{', '.join(f'{k} {saved[k]!r}' for k in changed)}; this asks for "
+                              f"{', '.join(f'{k} {mine[k]!r}' for k in changed)}. A resumed run continues its saved "
+                              f"optimiser and schedule, which would override {' / '.join(changed)}: leave "
+                              f"{'it' if len(changed) == 1 else 'them'} as the run had, or start a new run from its "
+                              f"weights to change {'it' if len(changed) == 1 else 'them'} "
+                              f"(`vitlab finetune --from {run / MODEL_FILE} --output NEW ...`)")
 
 
 def check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None:
