@@ -411,3 +411,14 @@ def test_finetuning_from_a_pretraining_run_holds_out_what_it_left_out(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="vitlab"):  # another seed asked for: kept, and the overlap named
         assert main([*tune, "--seed", "0", "--output", str(tmp_path / "ft0")]) == 0
     assert "include images pre-trained on" in caplog.text
+
+
+def test_overwrite_of_a_pretraining_run_removes_its_old_outputs(tmp_path, caplog):
+    out = tmp_path / "pre"
+    assert pretrain("--method", "mpp", "--data", "digits", *SMALL, "--steps", "3", "--output", str(out)) == 0
+    (out / "notes.txt").write_text("mine")
+    with caplog.at_level(logging.INFO, logger="vitlab"):
+        assert pretrain("--method", "mpp", "--data", "digits", *SMALL, "--output", str(out), "--overwrite") == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps and max(steps) == 1  # the new run's records only, not appended to the old run's
+    assert (out / "notes.txt").read_text() == "mine" and "--overwrite: removed" in caplog.text

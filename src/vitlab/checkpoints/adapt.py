@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,62 @@ def new_head_tensors(model: nn.Module) -> dict[str, Tensor]:
                 if key in out:
                     out[key] = torch.zeros_like(out[key])
     return out
+
+
+def match_class_names(names: Sequence[str], classes: Sequence[str]) -> list[int | None]:
+    """The index in ``names`` (a head's classes, in its row order) of each of ``classes``: by exact name, else
+    case-insensitively ("Cat" for "cat"); None for a class the head does not name. The rule by which
+    ``vitlab eval`` meets a data set's classes and fine-tuning reorders a kept head."""
+    index = {n: i for i, n in enumerate(names)}
+    folded = {n.casefold(): i for i, n in enumerate(names)}
+    return [index[c] if c in index else folded.get(c.casefold()) for c in classes]
+
+
+def match_head_classes(model: nn.Module, classes: Sequence[str], *, source: str) -> None:
+    """Fit a head kept from a checkpoint (``model.class_names``, its rows' classes) to the data's ``classes``.
+
+    The same classes in another order (a Hugging Face id2label against a folder's sorted names): the rows of every
+    classifier (weight and bias; DeiT's ``head_dist``, CrossViT's two heads) are permuted to the data's order.
+    Other classes: the head is new, zero-initialised as for a head of another size (:func:`new_head_tensors`).
+    A checkpoint that does not name its classes: the rows are kept by position, with a warning. A head that is
+    already new (all zeros) has nothing to match. ``model.class_names`` becomes ``classes``."""
+    classes = list(classes)
+    heads = _classifier_layers(model, len(classes))
+    if not heads or all(not t.any() for m in heads for t in (m.weight, m.bias) if t is not None):
+        model.class_names = classes
+        return
+    names = list(getattr(model, "class_names", None) or [])
+    if not names:
+        log.warning("%s does not name its classes: its head's rows are kept by position for the data's classes "
+                    "%s...", source, classes[:3])
+    elif names != classes:
+        found = match_class_names(names, classes)
+        with torch.no_grad():
+            if None not in found and sorted(found) == list(range(len(names))):
+                order = torch.tensor(found)
+                for m in heads:
+                    m.weight.copy_(m.weight[order])
+                    if m.bias is not None:
+                        m.bias.copy_(m.bias[order])
+                log.info("%s: the head's rows (classes %s...) reordered to the data's classes %s...", source,
+                         names[:3], classes[:3])
+            else:
+                for m in heads:
+                    m.weight.zero_()
+                    if m.bias is not None:
+                        m.bias.zero_()
+                log.info("%s: its head is for other classes (%s...) than the data's (%s...): the head is new, "
+                         "zero-initialised", source, names[:3], classes[:3])
+    model.class_names = classes
+
+
+def _classifier_layers(model: nn.Module, num_classes: int) -> list[nn.Linear]:
+    """The Linear classifier layers of ``model`` (:func:`classifier_prefixes`) with one row per class."""
+    if getattr(model, "task", "classification") != "classification":
+        return []
+    heads = classifier_prefixes(model)
+    return [m for name, m in model.named_modules()
+            if name.split(".")[0] in heads and isinstance(m, nn.Linear) and m.out_features == num_classes]
 
 
 def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) -> dict[str, Tensor]:

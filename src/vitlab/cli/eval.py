@@ -12,6 +12,7 @@ import logging
 import math
 from pathlib import Path
 
+from vitlab.checkpoints.adapt import match_class_names
 from vitlab.cli.common import (
     add_device_argument,
     add_image_limit_argument,
@@ -84,9 +85,8 @@ def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: st
     if how == "name" and not names:
         raise ValueError(f"--class-match name: the checkpoint {checkpoint} does not name its classes; use "
                          f"--class-match index")
-    index = {n: i for i, n in enumerate(names)}
-    folded = {n.casefold(): i for i, n in enumerate(names)}
-    missing = [c for c in classes if c not in index and c.casefold() not in folded]
+    found = match_class_names(names, classes)
+    missing = [c for c, i in zip(classes, found) if i is None]
     if by_name and how == "auto" and len(missing) == len(classes) == model.num_classes:
         by_name = False  # no name in common (a checkpoint's own spelling, "digit 3" for "3"): by position, warned
     if by_name:
@@ -97,7 +97,7 @@ def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: st
                 f"{', '.join(map(repr, names[:5]))}{', ...' if len(names) > 5 else ''}); fine-tune it for this data "
                 f"first (vitlab finetune --from {checkpoint} --data {data}), or match classes by position with "
                 f"--class-match index")
-        mapping = [index[c] if c in index else folded[c.casefold()] for c in classes]
+        mapping = [i for i in found if i is not None]
         if mapping != list(range(len(classes))):
             log.info("%s: %d of the checkpoint's %d classes, matched by name", data, len(classes), len(names))
         return mapping

@@ -50,13 +50,16 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.models.factory import model_name_of
 
     check_length_options(args)
+    if _sets(args.overrides, "model"):
+        raise ValueError("--set model=...: finetune's model is the one --from holds (or --model names for weights "
+                         "that do not name it); leave --set model out")
     saved = saved_run(args, args.output) if args.output is not None else None
     if saved is not None:
         args.data = args.data or saved["job"].get("data")
     model = args.model or model_name_of(args.source)
     recipe = resolve_recipe(args, "vit_finetune", saved, model=model)
     if saved is None and args.recipe is None and args.img_size is None and not _sets_img_size(args.overrides):
-        recipe = recipe.replace(img_size=_checkpoint_size(args.source, model))
+        recipe = recipe.replace(img_size=_checkpoint_size(args.source, model, recipe.model_overrides))
     if saved is None:
         recipe = _pretraining_hold_out(args, recipe)
     return train_or_explain(make_job(args, recipe, model=model, pretrained=args.source,
@@ -98,13 +101,36 @@ def _pretraining_hold_out(args: argparse.Namespace, recipe):
     return recipe
 
 
-def _checkpoint_size(source: str, model: str) -> int:
+def _checkpoint_size(source: str, model: str, overrides: dict | None = None) -> int:
     """The resolution the checkpoint's model is built for: the default fine-tuning size when the user names
     none. (The vit_finetune recipe's 384 px is the ViT paper's, for ImageNet-size models: a checkpoint trained
-    at 32 px went to a 96 x 96 grid and ran out of memory.)"""
-    import vitlab
+    at 32 px went to a 96 x 96 grid and ran out of memory.) ``overrides``: the recipe's model_overrides (--set
+    model_overrides.*), which may be needed to build the file's architecture.
 
-    h, w = vitlab.load_model(source, model_name=model).preprocessing.input_size[1:]
-    log.info("fine-tuning at the checkpoint's resolution, %d px (--img-size to choose another; --recipe "
-             "vit_finetune for the ViT paper's 384 px)%s", h, "" if h == w else f" (it was built for {h}x{w})")
+    A vitlab checkpoint or a hub folder records its size; weights alone (a timm or JAX file) have it in their
+    position table (grid x patch size) when the family has one; otherwise it is the registered model's size."""
+    import math
+
+    import vitlab
+    from vitlab.checkpoints import read_source, resolve
+    from vitlab.models.registry import get_entry
+
+    probe = vitlab.load_model(source, model_name=model, **(overrides or {}))
+    h, w = probe.preprocessing.input_size[1:]
+    where = "the checkpoint's resolution"
+    src = read_source(resolve(source), get_entry(model).family)
+    if src.format != "vitlab" and not src.meta:  # weights alone: no config with their size
+        table = src.converted.state_dict.get("pos_embed")
+        patch = getattr(getattr(probe, "patch_embed", None), "patch_size", None)
+        prefix = getattr(probe, "pos_embed_prefix", getattr(probe, "num_prefix_tokens", 0))
+        n = table.shape[1] - prefix if table is not None and table.ndim == 3 else 0
+        grid = math.isqrt(max(n, 0))
+        if grid > 0 and grid * grid == n and patch is not None:
+            ph, pw = (patch, patch) if isinstance(patch, int) else patch
+            h, w = grid * ph, grid * pw
+            where = f"the checkpoint's resolution (its {grid}x{grid} position table x patch {ph})"
+        else:
+            where = f"the model's registered size ({model}; the file does not record its resolution)"
+    log.info("fine-tuning at %s, %d px (--img-size to choose another; --recipe vit_finetune for the ViT paper's "
+             "384 px)%s", where, h, "" if h == w else f" (it was built for {h}x{w})")
     return h

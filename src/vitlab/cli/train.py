@@ -36,20 +36,23 @@ recipes: {recipes} or a JSON file; every field can be changed with --set key=val
 
 def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -> None:
     p.add_argument("--data", help="data source (default: digits; with --resume: the run's own)")
-    p.add_argument("--recipe", help=f"shipped recipe name, a JSON file, or auto (default: "
+    auto = default_recipe is None  # `vitlab train` has the auto recipe; finetune's default is a named one
+    p.add_argument("--recipe", help=f"shipped recipe name{', a JSON file, or auto' if auto else ' or a JSON file'} "
+                   f"(default: "
                    f"{default_recipe or 'digits for the bundled digits, else auto: chosen from the data and the machine'}"
                    f"; with --resume: the run's own)")
     p.add_argument("--time-budget", type=_duration, metavar="DURATION",
                    help="train for this long in all (e.g. 20m, 1h30m): the first steps are timed and the schedule "
-                        "sized to end on time, then the model is evaluated; with the auto recipe the model size "
-                        "is chosen for it too")
+                        "sized to end on time, then the model is evaluated"
+                        + ("; with the auto recipe the model size is chosen for it too" if auto else ""))
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--steps", type=int, help="override the run length in optimiser steps (recipe max_steps)")
     p.add_argument("--batch-size", type=int, help="per-process batch of one micro-step")
     p.add_argument("--img-size", type=int, help="training resolution")
     p.add_argument("--output", type=Path, help="run directory (default: runs/RECIPE-MODEL)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output exactly where it stopped")
-    p.add_argument("--overwrite", action="store_true", help="replace an unfinished run in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --output (the files it wrote are "
+                   "removed first)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (repeatable), e.g. --set lr=3e-4 --set model_overrides.depth=6")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
@@ -68,6 +71,9 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -
                         "device; checkpoints are written in the plain format (recipe field fsdp)")
     g = p.add_argument_group("distillation (DeiT)")
     g.add_argument("--teacher", help="teacher checkpoint (enables distillation)")
+    g.add_argument("--teacher-model", metavar="NAME",
+                   help="the teacher's registered architecture, for weights that do not name it (a timm, JAX or "
+                        "bare-weights file); --model names the student")
     g.add_argument("--distill", choices=["soft", "hard"], help="distillation kind (default: hard; with --resume: "
                                                                  "the run's)")
     g.add_argument("--tau", type=float, help="soft distillation temperature (default: 1.0)")
@@ -182,22 +188,36 @@ def resolve_distill(args: argparse.Namespace):
     from vitlab.train.run import Distill
 
     given = {"kind": args.distill, "alpha": args.alpha, "tau": args.tau}
+    teacher_model = getattr(args, "teacher_model", None)
     recorded = saved_job(args).get("distill") if args.resume else None
     if recorded:
-        asked = {"teacher": args.teacher, **given}
+        asked = {"teacher": args.teacher, "model": teacher_model, **given}
         changed = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in asked.items()
-                   if v is not None and (str(Path(v).resolve()) if k == "teacher" else v)
-                   != (str(Path(recorded[k]).resolve()) if k == "teacher" else recorded.get(k))]
+                   if v is not None and (teacher_identity(v) if k == "teacher" else v)
+                   != (teacher_identity(recorded[k]) if k == "teacher" else recorded.get(k))]
         if changed:
             raise ValueError(f"--resume: the run in {args.output} distils with {recorded}; this asks for "
                              f"{', '.join(changed)}; leave the distillation options out to continue it, or start a "
                              f"new run (another --output)")
-        return Distill(**{k: recorded[k] for k in ("teacher", "kind", "alpha", "tau")})
+        return Distill(**{k: recorded[k] for k in ("teacher", "kind", "alpha", "tau")}, model=recorded.get("model"))
+    if args.teacher is not None and args.tau is not None and (args.distill or DISTILL_DEFAULTS["kind"]) == "hard":
+        raise ValueError("--tau is the soft distillation's temperature; hard distillation (--distill hard, the "
+                         "default) does not use it: leave --tau out, or give --distill soft")
     if args.teacher is None:
-        if any(v is not None for v in given.values()):
-            raise ValueError("--distill / --alpha / --tau set the distillation from a --teacher; give --teacher")
+        if any(v is not None for v in (*given.values(), teacher_model)):
+            raise ValueError("--distill / --alpha / --tau / --teacher-model set the distillation from a --teacher; "
+                             "give --teacher")
         return None
-    return Distill(teacher=args.teacher, **{k: DISTILL_DEFAULTS[k] if v is None else v for k, v in given.items()})
+    return Distill(teacher=teacher_identity(args.teacher), model=teacher_model,
+                   **{k: DISTILL_DEFAULTS[k] if v is None else v for k, v in given.items()})
+
+
+def teacher_identity(teacher: str) -> str:
+    """--teacher as recorded and compared: the absolute path of an existing file or folder (a run resumed from
+    another directory finds it, and the same teacher typed otherwise is the same), else the text as given (a
+    hub name, or a path that is not there any more)."""
+    path = Path(teacher).expanduser()
+    return str(path.resolve()) if path.exists() else teacher
 
 
 def train_or_explain(job) -> int:
@@ -273,8 +293,14 @@ def report_changes(chosen, recipe) -> None:
 
 
 def check_length_options(args: argparse.Namespace) -> None:
-    if getattr(args, "time_budget", None) is not None and (args.steps is not None or args.epochs is not None):
-        raise ValueError("--time-budget sizes the run itself; give it without --steps / --epochs")
+    sets_length = [k for k in ("max_steps", "epochs")
+                   if any(o.split("=", 1)[0].strip() == k for o in getattr(args, "overrides", None) or [])]
+    if getattr(args, "time_budget", None) is not None and (args.steps is not None or args.epochs is not None
+                                                           or sets_length):
+        raise ValueError("--time-budget sizes the run itself; give it without --steps / --epochs / --set "
+                         "max_steps / --set epochs")
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError("--steps and --epochs both set the run's length (--steps would win); give one of them")
     if getattr(args, "time_budget", None) is not None and args.resume:
         raise ValueError("--time-budget with --resume: a resumed run continues on the length it planned (a budgeted "
                          "run's re-planned length is saved with it); leave --time-budget out, or give --steps N "

@@ -11,6 +11,7 @@ ResNet-50 with group norm and weight standardisation, cut after stage 3 (stride 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ from vitlab.models.resnet import ResNet, ResNetConfig
 # excluded; "" pools nothing (the head sees every token; only without a classifier, num_classes=0).
 VIT_POOLS = ("token", "avg", "max", "avgmax", "")
 ViTPool = Literal["token", "avg", "max", "avgmax", ""]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,11 +230,23 @@ class VisionTransformer(TimmSurface, nn.Module):
                        shared=shared)
 
     def adapt_checkpoint(self, sd: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:
-        """Move Linformer projections saved for another patch grid to this model's (see resample_projection)."""
-        if self.cfg.attn_type != "linformer":
-            return sd
-        p, grid = self.num_prefix_tokens, self.patch_embed.grid_size
+        """Move Linformer projections saved for another patch grid to this model's (see resample_projection).
+
+        A model that learns its position table (``pos_embed="learn"``) from a checkpoint without one (a fixed
+        sin-cos table, MAE's, is not saved): the table starts from the 2-D sin-cos values at the model's grid,
+        0 for the prefix tokens, and is trained, as MAE's fine-tuning loads them into timm's learned table."""
         out = dict(sd)
+        if (self.pos_embed is not None and "pos_embed" not in sd and "patch_embed.proj.weight" in sd
+                and self.num_features % 4 == 0):
+            out.pop("pos_embed_fixed", None)  # a copy of the fixed table, if a converter kept one
+            table = sincos_2d_pos_embed(self.num_features, self.patch_embed.grid_size)  # (1, N, D)
+            prefix = table.new_zeros(1, self.pos_embed_prefix, table.shape[-1])
+            out["pos_embed"] = torch.cat([prefix, table], dim=1).to(self.pos_embed.dtype)  # (1, prefix + N, D)
+            log.info("%s has no position table (a fixed sin-cos one is not saved): the model's learned table "
+                     "starts from the 2-D sin-cos values, as MAE's fine-tuning does", source)
+        if self.cfg.attn_type != "linformer":
+            return out
+        p, grid = self.num_prefix_tokens, self.patch_embed.grid_size
         for key, v in sd.items():
             if key == "linformer_proj" or key.endswith((".attn.proj_e", ".attn.proj_f")):
                 side = math.isqrt(v.shape[-1] - p)
