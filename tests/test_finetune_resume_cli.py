@@ -179,3 +179,28 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, caplog, cmd, needle
         assert main([*cmd, "--output", str(tmp_path / "run"), "--threads", "1", "--no-progress"]) == 2
     assert needle in caplog.text
     assert not (tmp_path / "run").exists()
+
+
+def test_the_budget_times_steps_with_the_runs_criterion() -> None:
+    """With --teacher, a step includes the teacher's forward: the step timing runs the distillation loss."""
+    import torch
+
+    import vitlab
+    from vitlab.data import build_dataset, eval_transform
+    from vitlab.train import Recipe
+    from vitlab.train.budget import measure_step_seconds
+    from vitlab.train.losses import ClassificationLoss
+
+    model = vitlab.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, depth=1, embed_dim=16,
+                                num_heads=2, in_chans=1, num_classes=10)
+    data = build_dataset("digits", split="train", transform=eval_transform(model.preprocessing))
+    calls = []
+
+    class Spy(ClassificationLoss):
+        def forward(self, x, outputs, y):
+            calls.append(len(x))
+            return super().forward(x, outputs, y)
+
+    recipe = Recipe(name="t", batch_size=8, workers=0)
+    measure_step_seconds(model, recipe, data, torch.device("cpu"), steps=2, warmup=1, criterion=Spy())
+    assert calls and set(calls) == {8}

@@ -177,12 +177,14 @@ def time_steps(step: Callable[[], None], *, steps: int = 8, warmup: int = 2, min
 
 
 def measure_step_seconds(model: nn.Module, recipe: Recipe, train_set: Dataset, device: torch.device, *,
-                         steps: int = 8, warmup: int = 2, min_seconds: float = 0.0, objective: Any = None) -> float:
+                         steps: int = 8, warmup: int = 2, min_seconds: float = 0.0, objective: Any = None,
+                         criterion: Any = None) -> float:
     """Seconds per optimiser step of ``recipe`` on a copy of ``model``, data loading included. Every
     random generator is left as it was, so the run itself is unchanged by the measurement.
 
     ``objective``: a task's objective (``objective.step(net, batch) -> (loss, logs)``: detection, segmentation);
-    None: classification with the recipe's label smoothing."""
+    None: classification, with ``criterion(images, outputs, labels)`` (a distillation loss, whose teacher's forward
+    is then timed too) or the recipe's label smoothing."""
     from vitlab.data import create_loader
     from vitlab.train.evaluate import autocast_context
     from vitlab.train.losses import ClassificationLoss
@@ -193,7 +195,9 @@ def measure_step_seconds(model: nn.Module, recipe: Recipe, train_set: Dataset, d
         net = copy.deepcopy(model).to(device).train()
         optimizer = build_optimizer(net, recipe, lr=recipe.lr)
         if objective is None:
-            criterion = ClassificationLoss(label_smoothing=recipe.label_smoothing)
+            criterion = criterion or ClassificationLoss(label_smoothing=recipe.label_smoothing)
+            if isinstance(criterion, nn.Module):
+                criterion.to(device)
         else:
             objective.to(device)
         loader = create_loader(train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=recipe.workers or 0,

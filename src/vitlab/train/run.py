@@ -434,7 +434,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     recipe = _check_precision(recipe, ctx.device)
     deadline = None
     if job.time_budget_s is not None and not job.resume:
-        recipe, deadline = _fit_to_budget(job, ctx, recipe, model, train_set, val_set, test_set)
+        recipe, deadline = _fit_to_budget(job, ctx, recipe, model, train_set, val_set, test_set, criterion)
     result = fit(model, recipe, built_from_recipe=True, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
                  resume=job.resume, class_names=train_set.classes, criterion=criterion,
                  until_step=job.until_step, progress=job.progress, compile=job.compile, deadline=deadline)
@@ -538,15 +538,17 @@ def _same_images(a, b) -> bool:
 
 
 def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Module, train_set, val_set,
-                   test_set) -> tuple[Recipe, Deadline]:
-    """Time the first steps and give the run the number of steps that ends its schedule on time; the
-    deadline lets the run re-time its own steps and correct that number as it goes."""
+                   test_set, criterion=None) -> tuple[Recipe, Deadline]:
+    """Time the first steps (with the run's ``criterion``: a distillation teacher's forward counts) and give the
+    run the number of steps that ends its schedule on time; the deadline lets the run re-time its own steps and
+    correct that number as it goes."""
     from vitlab.train.budget import finish_reserve_s, fit_recipe_to_budget, measure_step_seconds
     from vitlab.train.progress import format_duration
 
     # a first estimate, timed for 0.5% of the budget (at least 8 steps); the run re-times its own steps at the
     # end of its warm-up and corrects the plan (the Deadline), so these steps need not be many
-    step_s = measure_step_seconds(model, recipe, train_set, ctx.device, min_seconds=0.005 * job.time_budget_s)
+    step_s = measure_step_seconds(model, recipe, train_set, ctx.device, min_seconds=0.005 * job.time_budget_s,
+                                  criterion=criterion)
     if ctx.distributed:  # every rank runs the same number of steps: rank 0's
         import torch.distributed as dist
 
