@@ -86,3 +86,13 @@ def test_stating_fc_norm_alone_keeps_the_familys_pooling(tmp_path: Path) -> None
         torch.testing.assert_close(loaded(x), model(x))
     guessed = vitlab.create_model("beit_base_patch16_224", pretrained=path, **args)  # the file alone: token
     assert guessed.cfg.global_pool == "token"
+
+
+def test_a_vitlab_file_of_another_variant_says_what_it_builds(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    small = vitlab.save_model(vitlab.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1),
+                              tmp_path / "tiny.safetensors")
+    with caplog.at_level("INFO"):
+        model = vitlab.create_model("vit_large_patch16_224", pretrained=small)
+    assert model.cfg.embed_dim == 192 and len(model.blocks) == 1  # the file's config, as the README example has it
+    assert "holds a vit_tiny_patch16_224; built with its recorded config under the name vit_large_patch16_224" \
+        in caplog.text

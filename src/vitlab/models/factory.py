@@ -257,6 +257,8 @@ def _vitlab_overrides(name: str, source: Any) -> dict[str, Any]:
             f"{source.path}: a checkpoint of {meta['model']} ({saved_entry.family}), not of the "
             f"{entry.family} family that {name} belongs to"
         )
+    if meta["model"] != name:  # same family, another variant: the file's config (sizes included) is what is built
+        log.info("%s holds a %s; built with its recorded config under the name %s", source.path, meta["model"], name)
     return {k: _tuplify(v) for k, v in meta["config"].items()}
 
 
