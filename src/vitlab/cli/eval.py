@@ -44,12 +44,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "PyTorch also report their top-1 agreement with it")
     p.add_argument("--compile", action="store_true", help="same as --runtime torch-compile")
     p.add_argument("--data", help="data source (default: the one the checkpoint's run trained on, from its "
-                                  "job.json)")
+                                  "job.json; an ONNX file or a checkpoint without its run folder needs --data)")
     p.add_argument("--class-match", choices=["auto", "name", "index"], default="auto",
                    help="how the data's classes meet the checkpoint's: by name (the data may hold a subset of "
                         "them, in any order), or by index (the i-th class folder is the head's i-th class); auto: "
                         "by name where the checkpoint names its classes, else by index")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test",
+                   help="which split (default: test; on data without a test set, the held-out part of the training "
+                        "images, as the run held it out)")
     p.add_argument("--val-fraction", type=float, help="held-out share when the source has no val set (default: "
                    "the checkpoint's run's on the data it trained on, else 0.1)")
     p.add_argument("--seed", type=int, help="seed of the held-out split (default: the checkpoint's run's on the "

@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="source", required=True,
                    help="vitlab checkpoint, timm/HF weights, JAX .npz or hf-hub:ORG/NAME")
     p.add_argument("--model", help="registered architecture (needed unless --from names it: a vitlab checkpoint or run folder, a Hugging Face or timm hub folder)")
-    add_common_args(p, default_recipe="vit_finetune")
+    add_common_args(p, default_recipe="vit_finetune", output_default="finetune-MODEL")
     p.set_defaults(func=run)
 
 

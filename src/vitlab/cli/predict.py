@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with a runtime other than float32 PyTorch: how many images (the first N) also go through "
                         "the float32 model to report top-1 agreement; each costs a float32 forward (default: 256; "
                         "0: none; all: every image; eval --runtime measures it over a whole data set)")
-    p.add_argument("--topk", type=int, default=5, help="classes to show per image")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image (default: 5)")
     p.add_argument("--scores", choices=["auto", "softmax", "sigmoid", "none"], default="auto",
                    help="how logits become scores: auto (default) takes the checkpoint's (softmax; sigmoid for a "
                         "Hugging Face multi-label or single-label head, none for regression, as transformers' "

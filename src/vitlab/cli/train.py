@@ -34,7 +34,8 @@ an MNIST IDX folder, a CIFAR python-batch folder.
 recipes: {recipes} or a JSON file; every field can be changed with --set key=value."""
 
 
-def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -> None:
+def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None,
+                    output_default: str | None = None) -> None:
     p.add_argument("--data", help="data source (default: digits; with --resume: the run's own)")
     auto = default_recipe is None  # `vitlab train` has the auto recipe; finetune's default is a named one
     p.add_argument("--recipe", help=f"shipped recipe name{', a JSON file, or auto' if auto else ' or a JSON file'} "
@@ -49,7 +50,9 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None) -
     p.add_argument("--steps", type=int, help="override the run length in optimiser steps (recipe max_steps)")
     p.add_argument("--batch-size", type=int, help="per-process batch of one micro-step")
     p.add_argument("--img-size", type=int, help="training resolution")
-    p.add_argument("--output", type=Path, help="run directory (default: runs/RECIPE-MODEL)")
+    p.add_argument("--output", type=Path, help="run directory (default: "
+                   + ("runs/digits-vit for the bundled digits recipe, else runs/RECIPE-MODEL)" if auto
+                      else f"runs/{output_default})" if output_default else "runs/RECIPE-MODEL)"))
     p.add_argument("--resume", action="store_true", help="continue the run in --output exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --output (the files it wrote are "
                    "removed first)")
