@@ -23,7 +23,43 @@ log = logging.getLogger(__name__)
 Transform = Callable[[Tensor], Tensor]
 
 
-class VisionDataset(Dataset):
+class SkipsBadImages:
+    """``skip_bad_images`` bookkeeping shared by the classification and the dense data sets: a sample whose image
+    (or mask) cannot be decoded comes out as ``None``, which the loaders' collate functions drop; each such file is
+    warned about once and counted across DataLoader workers (one flag per sample in shared memory: workers, fork
+    or spawn, write into the same storage, so the parent counts distinct files across epochs)."""
+
+    skip_bad_images: bool = False
+
+    def _track_bad_images(self, n: int, skip: bool) -> None:
+        self.skip_bad_images = skip
+        self._skipped = torch.zeros(n, dtype=torch.bool).share_memory_()
+
+    def _bad_image(self, index: int, error: BadImageError, *, hint: str | None = None) -> None:
+        """Sample ``index`` is undecodable: with ``skip_bad_images`` remembered (and warned about once), else
+        ``error`` is raised (with ``hint`` appended, if given)."""
+        if not self.skip_bad_images:
+            if hint:
+                raise BadImageError(f"{error} ({hint})") from None
+            raise error
+        if not self._skipped[index]:
+            log.warning("skipping bad image: %s", error)
+        self._skipped[index] = True
+
+    def describe(self, index: int) -> str:
+        raise NotImplementedError
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct samples skipped so far because a file could not be decoded (``skip_bad_images=True``)."""
+        return int(self._skipped.sum())
+
+    def skipped(self) -> list[str]:
+        """Where each skipped sample comes from (``describe``), for totals across splits of one source."""
+        return [self.describe(i) for i in self._skipped.nonzero().flatten().tolist()]
+
+
+class VisionDataset(SkipsBadImages, Dataset):
     """Base class: labelled uint8 images plus what reports and models need to know about them.
 
     Attributes:
@@ -51,11 +87,7 @@ class VisionDataset(Dataset):
         self.native_size = native_size
         self.source = source
         self.transform = transform
-        self.skip_bad_images = skip_bad_images
-        # One flag per sample in shared memory: DataLoader workers (fork or spawn) write into the same
-        # storage, so the parent sees how many distinct images were skipped, across epochs without
-        # double counting.
-        self._skipped = torch.zeros(len(self.targets), dtype=torch.bool).share_memory_()
+        self._track_bad_images(len(self.targets), skip_bad_images)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -63,15 +95,6 @@ class VisionDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    @property
-    def num_skipped(self) -> int:
-        """Distinct images skipped so far because they could not be decoded (``skip_bad_images=True``)."""
-        return int(self._skipped.sum())
-
-    def skipped(self) -> list[str]:
-        """Where each skipped image comes from (``describe``), for totals across splits of one source."""
-        return [self.describe(i) for i in self._skipped.nonzero().flatten().tolist()]
 
     def skipped_per_class(self) -> dict[str, tuple[int, int]]:
         """{class: (images skipped, images)} for the classes with skipped images, in class order."""
@@ -96,11 +119,7 @@ class VisionDataset(Dataset):
         try:
             img = self.load(index)
         except BadImageError as e:
-            if not self.skip_bad_images:
-                raise
-            if not self._skipped[index]:
-                log.warning("skipping bad image: %s", e)
-            self._skipped[index] = True
+            self._bad_image(index, e)
             return None
         if self.transform is not None:
             img = self.transform(img)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vitlab.data.dataset import SkipsBadImages
 from vitlab.data.errors import BadImageError, DatasetError
 from vitlab.data.functional import normalize, resize, to_float
 from vitlab.data.image import IMAGE_EXTENSIONS, load_image, to_channels
@@ -181,40 +182,6 @@ def image_header(path: Path, *, oriented: bool = True) -> tuple[str, tuple[int, 
         raise BadImageError(f"{path}: cannot read the image header ({type(e).__name__}: {e})") from None
 
 
-class SkipsBadImages:
-    """``skip_bad_images`` for the dense data sets, as the classification data sets have it: a sample whose
-    image (or mask) cannot be decoded comes out as ``None``, which the loaders' collate functions drop; each
-    such file is warned about once and counted across DataLoader workers (a flag per sample in shared memory).
-    Without it, the :class:`BadImageError` goes up."""
-
-    skip_bad_images: bool = False
-
-    def _track_bad_images(self, n: int, skip: bool) -> None:
-        self.skip_bad_images = skip
-        self._skipped = torch.zeros(n, dtype=torch.bool).share_memory_()
-
-    def _bad_image(self, index: int, error: BadImageError) -> None:
-        """Sample ``index`` is undecodable: remembered (and warned about once) with ``skip_bad_images``, else
-        ``error`` is raised."""
-        if not self.skip_bad_images:
-            raise BadImageError(f"{error} ({SKIP_HINT})") from None
-        if not self._skipped[index]:
-            log.warning("skipping bad image: %s", error)
-        self._skipped[index] = True
-
-    def describe(self, index: int) -> str:
-        raise NotImplementedError
-
-    @property
-    def num_skipped(self) -> int:
-        """Distinct samples skipped so far because a file could not be decoded."""
-        return int(self._skipped.sum())
-
-    def skipped(self) -> list[str]:
-        """The image of each skipped sample."""
-        return [self.describe(i) for i in self._skipped.nonzero().flatten().tolist()]
-
-
 # ------------------------------------------------------------------------------------ COCO detection
 
 
@@ -334,7 +301,7 @@ class CocoDetection(SkipsBadImages, Dataset):
             try:
                 _, (w, h) = image_header(self.root / img["file_name"])
             except BadImageError as e:
-                self._bad_image(i, e)
+                self._bad_image(i, e, hint=SKIP_HINT)
                 continue
             if (h, w) != (int(img["height"]), int(img["width"])):
                 raise self._size_error(img, w, h)
@@ -357,7 +324,7 @@ class CocoDetection(SkipsBadImages, Dataset):
         try:
             s = self.raw(index)
         except BadImageError as e:
-            self._bad_image(index, e)
+            self._bad_image(index, e, hint=SKIP_HINT)
             return None
         return self.transform(s) if self.transform is not None else s
 
@@ -489,7 +456,7 @@ class MaskFolder(SkipsBadImages, Dataset):
                 _, image_wh = image_header(img_path)
                 mode, mask_wh = image_header(mask_path, oriented=False)  # a mask is read as stored
             except BadImageError as e:
-                self._bad_image(i, e)
+                self._bad_image(i, e, hint=SKIP_HINT)
                 continue
             self._check_mode(mask_path, mode)
             self._check_size(mask_path, mask_wh, img_path, image_wh)
@@ -497,7 +464,7 @@ class MaskFolder(SkipsBadImages, Dataset):
                 try:
                     self._read_mask(mask_path)
                 except BadImageError as e:
-                    self._bad_image(i, e)
+                    self._bad_image(i, e, hint=SKIP_HINT)
 
     def raw(self, index: int) -> Sample:
         img_path, mask_path = self.pairs[index]
@@ -510,7 +477,7 @@ class MaskFolder(SkipsBadImages, Dataset):
         try:
             s = self.raw(index)
         except BadImageError as e:
-            self._bad_image(index, e)
+            self._bad_image(index, e, hint=SKIP_HINT)
             return None
         if self.transform is not None:
             s = self.transform(s)
