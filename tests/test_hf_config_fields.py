@@ -3,7 +3,7 @@
 
 Fixtures: fixtures/hf_config_fields.json.gz (make_fixtures_hf_config_fields.py, transformers in the peer env):
 per case the config.json, the saved file's layout and transformers' outputs. The weights are a fixed function
-of each tensor's name and shape (``fill``, the generator's), written here into a folder that
+of each tensor's name and shape (the generator's ``fill``, imported from it), written here into a folder that
 ``vitlab.load_model`` reads as a user's ``save_pretrained`` folder.
 """
 
@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.util
 import json
-import math
 import tempfile
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,41 +30,18 @@ FIX = Path(__file__).resolve().parent / "fixtures"
 with gzip.open(FIX / "hf_config_fields.json.gz", "rt") as _f:
     CASES = {c["name"]: c for c in json.load(_f)["cases"]}
 ATOL = 1e-5
-_MASK = 0x7FFFFFFF
+def _generator():
+    """The fixture generator's module (it imports transformers only inside the functions that build the cases):
+    its ``fill`` and ``make_input`` are the weights and input the expected outputs were made with."""
+    spec = importlib.util.spec_from_file_location("make_fixtures_hf_config_fields",
+                                                  FIX / "make_fixtures_hf_config_fields.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-# ------------------------------------------------------------------- the generator's weights and input
-def _uniform(n: int, seed: int) -> torch.Tensor:
-    h = (torch.arange(n, dtype=torch.int64) * 0x9E3779B1 + seed) & _MASK
-    h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & _MASK
-    h = ((h ^ (h >> 12)) * 0x297A2D39) & _MASK
-    h = h ^ (h >> 15)
-    return h.to(torch.float64) / 2**30 - 1.0
-
-
-def fill(key: str, shape: list[int], dtype: str) -> torch.Tensor:
-    n = math.prod(shape)
-    if dtype != "float32":
-        return torch.zeros(shape, dtype=getattr(torch, dtype))
-    v = _uniform(n, zlib.crc32(key.encode()))
-    name = key.rsplit(".", 1)[-1]
-    if name == "running_var":
-        v = 1.0 + 0.4 * v
-    elif name == "running_mean" or name == "bias":
-        v = 0.1 * v
-    elif name == "logit_scale":
-        v = math.log(10.0) + 0.3 * v
-    elif (len(shape) >= 2 and name == "weight") or name == "relative_position_bias_table":
-        v = v * 1.2 * math.sqrt(3.0) / math.sqrt(max(n // shape[0], 1))
-    elif name == "weight":
-        v = 1.0 + 0.2 * v
-    else:
-        v = 0.5 * v
-    return v.reshape(shape).to(torch.float32)
-
-
-def make_input(shape: list[int]) -> torch.Tensor:
-    return _uniform(math.prod(shape), 12345).reshape(shape).to(torch.float32)
+_GEN = _generator()
+fill, make_input = _GEN.fill, _GEN.make_input
 
 
 def hf_folder(tmp_path: Path, name: str, **changes: Any) -> Path:
