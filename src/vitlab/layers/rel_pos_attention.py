@@ -75,6 +75,11 @@ class _TableBias:
         self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
         self.register_buffer("relative_position_index", class_relative_position_index(self.grid), persistent=False)
 
+    def _init_buffers(self) -> None:
+        index = getattr(self, "relative_position_index", None)  # None: a layer reading a shared table
+        if index is not None:
+            self.relative_position_index = class_relative_position_index(self.grid).to(index.device)
+
     def position_bias(self) -> Tensor:
         """(heads, 1 + N, 1 + N); differentiable w.r.t. the table."""
         n = self.relative_position_index.shape[0]

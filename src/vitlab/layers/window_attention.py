@@ -226,6 +226,10 @@ class WindowAttention(_WindowAttentionBase):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def _init_buffers(self) -> None:
+        device = self.relative_position_index.device
+        self.relative_position_index = relative_position_index(self.window).to(device)
+
     def position_bias(self) -> Tensor:
         """(heads, N, N) relative-position bias of one window."""
         return self._bias_gather(self.relative_position_bias_table)
@@ -269,6 +273,11 @@ class WindowAttentionV2(_WindowAttentionBase):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    def _init_buffers(self) -> None:
+        device = self.relative_position_index.device
+        self.relative_position_index = relative_position_index(self.window).to(device)
+        self.relative_coords_table = log_spaced_coords(self.window, self.pretrained_window).to(device)
 
     def position_bias(self) -> Tensor:
         """(heads, N, N) continuous position bias of one window, in (0, 16)."""

@@ -17,12 +17,12 @@ from vitlab.models import (  # noqa: F401  (registration side effect)
     vit,
     xcit,
 )
-from vitlab.models.base import Preprocessing
+from vitlab.models.base import Preprocessing, init_non_persistent_buffers
 from vitlab.models.registry import ModelEntry, get_entry, list_models, register_model
 from vitlab.models.resnet import ResNet, ResNetConfig
 from vitlab.models.vit import VisionTransformer, ViTConfig
 
 __all__ = [
     "ModelEntry", "Preprocessing", "ResNet", "ResNetConfig", "ViTConfig", "VisionTransformer", "get_entry",
-    "list_models", "register_model",
+    "init_non_persistent_buffers", "list_models", "register_model",
 ]

@@ -127,6 +127,10 @@ class TimmSurface:
     def get_classifier(self) -> nn.Module:
         return getattr(self, self.classifier_name)
 
+    def init_non_persistent_buffers(self) -> list[str]:
+        """Recompute the buffers that state dicts leave out; see :func:`init_non_persistent_buffers`."""
+        return init_non_persistent_buffers(self)  # type: ignore[arg-type]
+
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
         """The model's preprocessing as timm's data config reads it (``timm.data.resolve_data_config(model=m)``)."""
@@ -139,6 +143,24 @@ class TimmSurface:
     @property
     def default_cfg(self) -> dict[str, Any]:
         return self.pretrained_cfg
+
+
+def init_non_persistent_buffers(model: nn.Module) -> list[str]:
+    """Recompute every buffer of ``model`` that is derived from its config and left out of state dicts
+    (relative-position indices, Swin's shift masks and v2 coordinates, fixed sin-cos tables), in place, on each
+    buffer's device. Needed after building on the meta device: ``to_empty()`` gives such buffers uninitialised
+    memory and ``load_state_dict`` does not fill them (an index past its table's end, or silently wrong
+    numbers). Returns the names of the modules that recomputed theirs.
+
+    ``with torch.device("meta"): m = create_model(...)``; ``m.to_empty(device="cpu")``;
+    ``m.load_state_dict(sd)``; ``m.init_non_persistent_buffers()``."""
+    done = []
+    for name, module in model.named_modules():
+        hook = getattr(module, "_init_buffers", None)
+        if callable(hook):
+            hook()
+            done.append(name)
+    return done
 
 
 def _styled(fget: Any) -> Any:

@@ -285,6 +285,12 @@ class CCT(TimmSurface, nn.Module):
             return self.pos_embed_fixed[0, p:], self.tokenizer.grid_size, "sincos-1d"
         return None
 
+    def _init_buffers(self) -> None:
+        if self.cfg.pos_embed == "sine":
+            grid, device = self.tokenizer.grid_size, self.pos_embed_fixed.device
+            n = self.pos_embed_prefix + grid[0] * grid[1]
+            self.pos_embed_fixed = sinusoid_1d_pos_embed(n, self.num_features).to(device)
+
     # ------------------------------------------------------------------------------------------ forward
     def _positions(self, grid: tuple[int, int], x: Tensor) -> Tensor | None:
         """The (1, prefix + rows*cols, D) position table for a token grid."""

@@ -204,6 +204,12 @@ class SwinBlock(nn.Module):
         self.register_buffer("shift_mask", shift_attention_mask(self._built_padded, self.window, self.shift)
                              if any(self.shift) else None, persistent=False)
 
+    def _init_buffers(self) -> None:
+        self._masks.clear()
+        if self.shift_mask is not None:
+            device = self.shift_mask.device
+            self.shift_mask = shift_attention_mask(self._built_padded, self.window, self.shift).to(device)
+
     def _mask(self, padded: tuple[int, int], device: torch.device) -> Tensor | None:
         if not any(self.shift):
             return None

@@ -320,6 +320,11 @@ class VisionTransformer(TimmSurface, nn.Module):
                     fc_norm=not isinstance(self.fc_norm, nn.Identity),
                     representation_size=None if isinstance(self.pre_logits, nn.Identity) else self.head_hidden_size)
 
+    def _init_buffers(self) -> None:
+        if self.cfg.pos_embed == "sincos":
+            device = self.pos_embed_fixed.device
+            self.pos_embed_fixed = sincos_2d_pos_embed(self.num_features, self.patch_embed.grid_size).to(device)
+
     # ------------------------------------------------------------------------------------------ forward
     def _pos_embed(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Prepend prefix tokens and add position embeddings; x: (B, N, D) patch tokens on ``grid``."""

@@ -47,6 +47,9 @@ class MAEDecoder(nn.Module):
         self.register_buffer("pos_embed", self._table(self.grid), persistent=False)
         self._init_weights()
 
+    def _init_buffers(self) -> None:
+        self.pos_embed = self._table(self.grid).to(self.pos_embed.device)
+
     def _table(self, grid: tuple[int, int]) -> Tensor:
         # fixed 2-D sin-cos, zero rows for the prefix tokens: (1, prefix + N, dim)
         pe = sincos_2d_pos_embed(self.dim, grid)
