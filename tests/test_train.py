@@ -254,6 +254,10 @@ def test_resume_is_exact(tmp_path):
     resumed = fit(tiny_vit(**kw), recipe, train_set=data, val_set=Quadrants(32, seed=1),
                   output_dir=tmp_path / "b", progress=False, resume=True)
     assert resumed.step == 21
+    # the run's training time counts the segment before the resume too (it reported the last segment alone)
+    before = load_train_state(tmp_path / "b" / "train_state.pt")["train_seconds"]
+    assert resumed.seconds > resumed.segment_seconds > 0 and resumed.seconds == pytest.approx(
+        first.seconds + resumed.segment_seconds, abs=0.5) and before == pytest.approx(resumed.seconds, abs=0.5)
     for name in ("model.safetensors", "model_ema.safetensors"):
         a, b = _weights(tmp_path / "a" / name), _weights(tmp_path / "b" / name)
         for k in a:

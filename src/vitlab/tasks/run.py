@@ -188,15 +188,13 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
         SegmentationObjective(ignore_index=model.cfg.ignore_index, aux_weight=model.cfg.aux_weight)
     if job.time_budget_s is not None and not job.resume:
         recipe = _fit_dense_to_budget(job, ctx, recipe, model, objective, train_set, val_set)
-    t0 = time.perf_counter()
     try:
         result = fit(model.to(ctx.device), recipe, built_from_recipe=True, train_set=train_set, output_dir=job.output, resume=job.resume,
                      objective=objective, progress=job.progress, ctx=ctx, compile=job.compile)
     except (BadImageError, DatasetError) as e:  # a file the checks before training could not see (a truncated one)
         raise type(e)(f"{e}; {_where_training_stopped(job.output)}") from e
-    seconds = time.perf_counter() - t0
     model = model.cpu()
-    summary: dict[str, Any] = {"task": job.task, "model": job.model, "val": {}, "train_seconds": seconds,
+    summary: dict[str, Any] = {"task": job.task, "model": job.model, "val": {}, "train_seconds": round(result.seconds, 1),
                                "checkpoint": str(job.output / "model.safetensors")}
     if job.compile:
         summary["compile_seconds"] = None if result.compile_seconds is None else round(result.compile_seconds, 1)

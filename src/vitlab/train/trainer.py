@@ -130,7 +130,8 @@ class FitResult:
     total_steps: int
     global_batch: int
     lr: float
-    seconds: float
+    seconds: float  # training time of the whole run, the segments before a --resume included
+    segment_seconds: float | None = None  # this call's part of ``seconds``
     val: dict[str, Any] | None = None
     compile_seconds: float | None = None  # torch.compile's first call (the compile), part of ``seconds``
     compile_failed: str | None = None  # why torch.compile fell back to eager
@@ -436,9 +437,9 @@ def fit(
         raise ValueError("amp=fp16 needs CUDA (a gradient scaler on the GPU); use --set amp=bf16 on the CPU")
 
     # ---- state: fresh or resumed
-    step = 0
+    step, seconds_before = 0, 0.0
     if resume:
-        step = _restore(out / STATE_FILE, net=net, objective=objective, optimizer=optimizer, scheduler=scheduler,
+        step, seconds_before = _restore(out / STATE_FILE, net=net, objective=objective, optimizer=optimizer, scheduler=scheduler,
                         horizon=horizon, scaler=scaler, ema=ema, recipe=recipe, ctx=ctx, total_steps=total_steps,
                         global_batch=global_batch)
         if ctx.is_main:
@@ -492,6 +493,7 @@ def fit(
                 save_train_state(out / STATE_FILE, {
                     "model_name": net.model_name, "model_config": config_to_dict(net.cfg),
                     "step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
+                    "train_seconds": seconds_before + time.perf_counter() - t_start,
                     "global_batch": global_batch, "model": model_sd,
                     "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
                     "horizon": horizon.state_dict(),
@@ -662,14 +664,16 @@ def fit(
         checkpoint(val)
     seconds = time.perf_counter() - t_start
     return FitResult(output_dir=out, step=step, epoch=step // steps_per_epoch, total_steps=total_steps,
-                     global_batch=global_batch, lr=lr, seconds=seconds, val=val, history=history,
+                     global_batch=global_batch, lr=lr, seconds=seconds_before + seconds, segment_seconds=seconds,
+                     val=val, history=history,
                      compile_seconds=getattr(forward, "compile_s", None),
                      compile_failed=getattr(forward, "failed", None))
 
 
 def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, scheduler, horizon: Horizon, scaler, ema,
-             recipe: Recipe, ctx: DistContext, total_steps: int, global_batch: int) -> int:
-    """Load everything ``--resume`` needs from ``path`` into the run's objects; returns the step reached."""
+             recipe: Recipe, ctx: DistContext, total_steps: int, global_batch: int) -> tuple[int, float]:
+    """Load everything ``--resume`` needs from ``path`` into the run's objects; returns the step reached and the
+    training seconds spent to reach it (0 for states written before they were recorded)."""
     state = load_train_state(path)
     check_same_model(state, net, path)
     check_same_optimizer(state, recipe, path)
@@ -717,7 +721,7 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
                     ctx.world_size, len(rngs))
         _seed_everything(recipe.seed + 1000 * ctx.rank + step)
     log.info("resumed %s at step %d of %d", path.parent, step, total_steps)
-    return step
+    return step, float(state.get("train_seconds", 0.0))
 
 
 # recipe fields that the saved optimiser and scheduler state carries (param groups' lr, betas, eps, momentum,
