@@ -179,9 +179,10 @@ def test_randaugment_pixel_ops_match_pillow():
     assert torch.equal(apply_op("equalize", x, 5), from_pil(ImageOps.equalize(im)))
     assert (apply_op("autocontrast", x, 5).int() - from_pil(ImageOps.autocontrast(im)).int()).abs().max() <= 1
     assert torch.equal(apply_op("solarize", x, 5), from_pil(ImageOps.solarize(im, 128)))
-    assert torch.equal(apply_op("posterize", x, 5), from_pil(ImageOps.posterize(im, 6)))
+    assert torch.equal(apply_op("posterize", x, 5), from_pil(ImageOps.posterize(im, 2)))  # timm's 4 - int(2.0)
     for name in OPS:
-        assert torch.equal(apply_op(name, x, 0.0, Rng()), x) or name in ("autocontrast", "equalize"), name
+        assert torch.equal(apply_op(name, x, 0.0, Rng()), x) or name in ("autocontrast", "equalize", "invert",
+                                                                          "posterize"), name
 
 
 def test_affine_conventions():

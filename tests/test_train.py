@@ -159,7 +159,7 @@ def test_shipped_recipes_load_and_match_papers():
     assert {"vit_pretrain", "vit_finetune", "digits", "deit"} <= set(list_recipes())
     pre = load_recipe("vit_pretrain")
     assert (pre.optimizer, pre.betas, pre.global_batch, pre.weight_decay, pre.warmup_steps, pre.schedule,
-            pre.lr) == ("adam", (0.9, 0.999), 4096, 0.1, 10000, "linear", 1e-3)
+            pre.lr) == ("adamw", (0.9, 0.999), 4096, 0.1, 10000, "linear", 1e-3)
     ft = load_recipe("vit_finetune")
     assert (ft.optimizer, ft.momentum, ft.global_batch, ft.schedule, ft.weight_decay, ft.clip_grad, ft.img_size,
             ft.zero_init_head) == ("sgd", 0.9, 512, "cosine", 0.0, 1.0, 384, True)

@@ -1,13 +1,18 @@
 """RandAugment (Cubuk et al., "RandAugment: Practical automated data augmentation with a reduced search
-space", arXiv:1909.13719) on tensors, in the form DeiT trains with ("rand-m9-mstd0.5").
+space", arXiv:1909.13719) on tensors, in the form DeiT trains with: timm's "rand-m9-mstd0.5-inc1".
 
+The operations and their magnitude -> argument mappings are timm's increasing ("inc1") list
+(``timm.data.auto_augment._RAND_INCREASING_TRANSFORMS``; :data:`TIMM_NAMES` gives each op's timm name).
 Each call picks ``num_ops`` operations uniformly (with replacement) and applies each with probability
 ``prob`` (0.5, as in timm's recipe used by DeiT). The magnitude lives on a 0..10 scale; with
 ``magnitude_std > 0`` every application draws its magnitude from N(magnitude, std), clipped to [0, 10].
-All magnitude-dependent operations grow stronger with the magnitude (the "increasing" variant), so
-magnitude 0 is close to the identity for every op.
+Rotations, shears, translations and enhancement factors take a random sign. Not every op is close to the
+identity at magnitude 0: Invert, AutoContrast and Equalize ignore the magnitude, and Posterize keeps 4 bits
+at magnitude 0 down to none at 10.
 
 Operations take and return a (C, H, W) image: uint8 in 0..255 or float in 0..1 (converted internally).
+Geometric ops interpolate bilinearly (timm: the training interpolation, bicubic in DeiT, else bilinear or
+bicubic at random) and fill with ``fill`` (timm: ``img_mean``).
 """
 
 from __future__ import annotations
@@ -37,14 +42,15 @@ def _blend(degenerate: Tensor, v: Tensor, factor: float) -> Tensor:
 
 
 def _factor(level: float, rng: Rng) -> float:
-    return 1.0 + rng.sign() * 0.9 * level / MAX_LEVEL
+    """timm's increasing enhancement factor: 1 +- 0.9 * level / 10, at least 0.1."""
+    return max(0.1, 1.0 + rng.sign() * (level / MAX_LEVEL) * 0.9)
 
 
 # ------------------------------------------------------------------------------------------ operations
 
 
-def identity(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
-    return v
+def invert(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
+    return 255.0 - v
 
 
 def autocontrast(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
@@ -73,14 +79,21 @@ def equalize(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
 
 
 def rotate(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
-    angle = torch.deg2rad(torch.tensor(rng.sign() * 30.0 * level / MAX_LEVEL))
+    angle = torch.deg2rad(torch.tensor(rng.sign() * (level / MAX_LEVEL) * 30.0))  # PIL's rotate(+deg) for +
     cos, sin = float(torch.cos(angle)), float(torch.sin(angle))
     return affine(v, ((cos, -sin), (sin, cos)), fill=fill)
 
 
 def solarize(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
-    threshold = 256.0 - 256.0 * level / MAX_LEVEL  # level 0 -> 256: nothing inverted
+    """Invert values >= the threshold 256 - int(256 * level / 10) (level 0: nothing; level 10: all)."""
+    threshold = 256 - min(256, int((level / MAX_LEVEL) * 256))
     return torch.where(v >= threshold, 255.0 - v, v)
+
+
+def solarize_add(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
+    """Add int(110 * level / 10) to values below 128 (capped at 255); the others are kept."""
+    add = min(128, int((level / MAX_LEVEL) * 110))
+    return torch.where(v < 128.0, (v + add).clamp_max(255.0), v)
 
 
 def color(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
@@ -90,7 +103,8 @@ def color(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
 
 
 def posterize(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
-    bits = 8 - int(4 * level / MAX_LEVEL)  # 8 bits (identity) down to 4
+    """Keep the 4 - int(4 * level / 10) most significant bits: 4 at level 0 down to 0 (black) at 10."""
+    bits = 4 - int((level / MAX_LEVEL) * 4)
     mask = 0xFF ^ ((1 << (8 - bits)) - 1)
     return (v.round().clamp(0, 255).to(torch.uint8) & mask).float()
 
@@ -119,31 +133,41 @@ def sharpness(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
 
 
 def shear_x(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
-    s = rng.sign() * 0.3 * level / MAX_LEVEL
-    return affine(v, ((1.0, s), (0.0, 1.0)), fill=fill)
+    # PIL's affine (1, s, 0, 0, 1, 0) samples x + s * y: a shear about the top-left corner, so about the
+    # centre plus a shift of s * H / 2
+    s = rng.sign() * (level / MAX_LEVEL) * 0.3
+    return affine(v, ((1.0, s), (0.0, 1.0)), (s * v.shape[1] / 2, 0.0), fill=fill)
 
 
 def shear_y(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
-    s = rng.sign() * 0.3 * level / MAX_LEVEL
-    return affine(v, ((1.0, 0.0), (s, 1.0)), fill=fill)
+    s = rng.sign() * (level / MAX_LEVEL) * 0.3
+    return affine(v, ((1.0, 0.0), (s, 1.0)), (0.0, s * v.shape[2] / 2), fill=fill)
 
 
 def translate_x(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
-    t = rng.sign() * 0.45 * level / MAX_LEVEL * v.shape[2]  # up to 45% of the width
+    t = rng.sign() * (level / MAX_LEVEL) * 0.45 * v.shape[2]  # up to 45% of the width
     return affine(v, ((1.0, 0.0), (0.0, 1.0)), (t, 0.0), fill=fill)
 
 
 def translate_y(v: Tensor, level: float, rng: Rng, fill: Tensor) -> Tensor:
-    t = rng.sign() * 0.45 * level / MAX_LEVEL * v.shape[1]
+    t = rng.sign() * (level / MAX_LEVEL) * 0.45 * v.shape[1]
     return affine(v, ((1.0, 0.0), (0.0, 1.0)), (0.0, t), fill=fill)
 
 
 Op = Callable[[Tensor, float, Rng, Tensor], Tensor]
+# timm's increasing list, in its order
 OPS: dict[str, Op] = {
-    "identity": identity, "autocontrast": autocontrast, "equalize": equalize, "rotate": rotate,
-    "solarize": solarize, "color": color, "posterize": posterize, "contrast": contrast,
-    "brightness": brightness, "sharpness": sharpness, "shear_x": shear_x, "shear_y": shear_y,
-    "translate_x": translate_x, "translate_y": translate_y,
+    "autocontrast": autocontrast, "equalize": equalize, "invert": invert, "rotate": rotate,
+    "posterize": posterize, "solarize": solarize, "solarize_add": solarize_add, "color": color,
+    "contrast": contrast, "brightness": brightness, "sharpness": sharpness, "shear_x": shear_x,
+    "shear_y": shear_y, "translate_x": translate_x, "translate_y": translate_y,
+}
+TIMM_NAMES: dict[str, str] = {
+    "autocontrast": "AutoContrast", "equalize": "Equalize", "invert": "Invert", "rotate": "Rotate",
+    "posterize": "PosterizeIncreasing", "solarize": "SolarizeIncreasing", "solarize_add": "SolarizeAdd",
+    "color": "ColorIncreasing", "contrast": "ContrastIncreasing", "brightness": "BrightnessIncreasing",
+    "sharpness": "SharpnessIncreasing", "shear_x": "ShearX", "shear_y": "ShearY", "translate_x": "TranslateXRel",
+    "translate_y": "TranslateYRel",
 }
 
 

@@ -165,6 +165,20 @@ class CaiT(TimmSurface, nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
+    def decay_layer_id(self, name: str) -> int:
+        """Layer-wise lr decay as timm's group_matcher for CaiT: embeddings and class token 0, ``blocks.i``
+        i + 1, and the C class-attention blocks overlap the last trunk blocks (``blocks_token_only.j``
+        j + L - C + 1, at least 1); the final norm and head L + 1."""
+        top, _, rest = name.partition(".")
+        if top in ("cls_token", "pos_embed", "patch_embed"):
+            return 0
+        depth = len(self.blocks)
+        if top == "blocks":
+            return int(rest.split(".")[0]) + 1
+        if top == "blocks_token_only":
+            return max(1, int(rest.split(".")[0]) + depth - len(self.blocks_token_only) + 1)
+        return depth + 1
+
     def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None) -> None:
         """Replace the head by a zero-initialised (D x K) layer."""
         check_global_pool(self, global_pool, CAIT_POOLS)

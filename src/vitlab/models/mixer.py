@@ -45,6 +45,8 @@ class MixerConfig:
     tokens_mlp_ratio: token-mixing hidden width D_S as a fraction of ``embed_dim`` (paper: 0.5).
     channels_mlp_ratio: channel-mixing hidden width D_C as a multiple of ``embed_dim`` (paper: 4).
     gelu: "exact" (timm's ``nn.GELU``) or "tanh" (the approximation of the original JAX models).
+    drop_path_rate: stochastic-depth rate of every block (the same in all, as timm's MlpMixer; not the
+        linear increase with depth of ViT/DeiT).
     """
 
     img_size: int | tuple[int, int] = 224
@@ -91,7 +93,7 @@ class MlpMixer(TimmSurface, nn.Module):
         self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                                       embed_dim=D)
         n = self.patch_embed.num_patches
-        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        dpr = [cfg.drop_path_rate] * cfg.depth  # the same rate in every block, as timm's MlpMixer
         self.blocks = nn.Sequential(*[
             MixerBlock(D, num_tokens=n, tokens_hidden=int(cfg.tokens_mlp_ratio * D),
                        channels_hidden=int(cfg.channels_mlp_ratio * D), act_layer=act_layer,

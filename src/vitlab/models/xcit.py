@@ -267,6 +267,22 @@ class XCiT(TimmSurface, nn.Module):
         names = {"cls_token", "pos_embed.token_projection.weight", "pos_embed.token_projection.bias"}
         return names | {n for n, _ in self.named_parameters() if n.endswith(".attn.temperature")}
 
+    def decay_layer_id(self, name: str) -> int:
+        """Layer-wise lr decay as timm's group_matcher for XCiT: the stem (convolutional patch embedding,
+        position encoding, class token) 0, ``blocks.i`` i + 1, the class-attention blocks after them
+        (``cls_attn_blocks.j`` L + 1 + j); the final norm and head L + C + 1."""
+        top, _, rest = name.partition(".")
+        if top in ("cls_token", "pos_embed", "patch_embed"):
+            return 0
+        if top == "blocks":
+            return int(rest.split(".")[0]) + 1
+        if top == "cls_attn_blocks":
+            return len(self.blocks) + 1 + int(rest.split(".")[0])
+        return self.num_decay_layers() + 1
+
+    def num_decay_layers(self) -> int:
+        return len(self.blocks) + len(self.cls_attn_blocks)
+
     def reset_classifier(self, num_classes: int, global_pool: Literal["token", "avg"] | None = None) -> None:
         """Replace the head by a zero-initialised (D x K) layer."""
         check_global_pool(self, global_pool, XCIT_POOLS)

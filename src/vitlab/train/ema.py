@@ -9,7 +9,9 @@ from torch import nn
 
 
 class ModelEMA(nn.Module):
-    """``ema = decay * ema + (1 - decay) * weights`` after every optimiser step; buffers are copied.
+    """``ema = decay * ema + (1 - decay) * weights`` after every optimiser step, for the parameters and the
+    floating-point buffers (BatchNorm running statistics) alike, as timm's ModelEmaV3 by default; integer
+    buffers (``num_batches_tracked``) are copied.
 
     The average lives in a frozen copy of the model (``self.module``), usable for evaluation and export.
     """

@@ -1,5 +1,13 @@
 """Optimisers with the usual parameter grouping: no weight decay on norms, biases, position embeddings
-and prefix tokens, and optional layer-wise learning-rate decay for fine-tuning."""
+and prefix tokens, and optional layer-wise learning-rate decay for fine-tuning.
+
+Layer-wise decay numbers the embeddings 0 and the blocks 1..L (L: ``num_layers_for_decay``); a parameter
+of layer i gets ``layer_decay ** (L + 1 - i)``. Everything after the blocks (final norm, head) is layer
+L + 1, scale 1.0, as in MAE's and BEiT's ``param_groups_lrd``. This differs from timm, whose
+group_matchers merge the final norm into the last block (scale ``layer_decay``). Class-attention blocks
+follow timm (the models' ``decay_layer_id``): XCiT's get layers of their own after the trunk, CaiT's share
+the last trunk blocks' layers.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ log = logging.getLogger(__name__)
 
 # Parameters before the first block (patch embedding, prefix tokens, position table) share layer 0; the
 # convolutional / unfolding stems of T2T-ViT (tokens_to_token) and CCT (tokenizer) are patch embeddings too.
-# A family whose stem has other names numbers its own layers (``decay_layer_id``: TNT, Swin, BEiT).
+# A family whose stem has other names, or with blocks outside ``blocks``, numbers its own layers
+# (``decay_layer_id``: TNT, Swin, BEiT, CaiT, XCiT).
 _EMBED_PREFIXES = ("patch_embed", "cls_token", "dist_token", "reg_token", "pos_embed", "pos_drop",
                    "tokens_to_token", "tokenizer")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -44,7 +53,8 @@ def num_layers_for_decay(model: nn.Module) -> int:
 
 
 def layer_id(name: str, num_layers: int) -> int:
-    """ViT layer of a parameter: embeddings -> 0, ``blocks.i`` -> i + 1, everything after -> L + 1."""
+    """ViT layer of a parameter: embeddings -> 0, ``blocks.i`` -> i + 1, everything after -> L + 1 (the
+    final norm too: timm would put it in layer L, with the last block)."""
     if name.startswith(_EMBED_PREFIXES):
         return 0
     m = _BLOCK.match(name)

@@ -42,7 +42,9 @@ class Recipe:
         third more compute per step; the same weights.
     augment: random resized crop / flip / RandAugment / erasing on training images (False: eval transform).
     randaugment: (number of ops, magnitude) or None; randaugment_mstd is the magnitude noise.
-    repeat_aug: DeiT's repeated augmentation: each image appears this many times per epoch (1: off).
+    repeat_aug: DeiT's repeated augmentation (its RASampler): an epoch still has as many samples as the data
+        set, made of len / repeat_aug distinct images (a new random subset each epoch), each drawn repeat_aug
+        times with its own augmentation, the copies spread over the processes (1: off).
     multi_scale: MobileViT's multi-scale sampler (``vitlab.data.multiscale``): the square training sizes
         (e.g. [160, 192, 256, 288, 320]); each batch is drawn at one of them with batch_size scaled by
         (input size / size)^2, so that batches hold as many pixels as at the model's input size; the
