@@ -87,6 +87,39 @@ def test_pretrained_true_at_the_weights_own_resolution(monkeypatch):
                                ).preprocessing.input_size == (3, 256, 256)
 
 
+
+# registered names whose default preprocessing differs from their default row, and why (pretrained=True applies
+# the row; a file loaded from disk gets the model's defaults)
+DEFAULT_ROW_EXCEPTIONS = {
+    # generated from ViT's variants table with the family's statistics (0.5); its only published weights are
+    # DINO's self-supervised backbone, trained with ImageNet's
+    "vit_small_patch8_224": {"mean", "std"},
+    # the name's statistics are the original ViT-H/14's (its orig_in21k row); the default row (the first,
+    # no row being a 1000-class classifier) is MAE's backbone, trained with ImageNet's
+    "vit_huge_patch14_224": {"mean", "std"},
+}
+WITH_ROWS = sorted({r["model"] for r in ROWS})
+
+
+def _preprocessing_fields(pre) -> dict:
+    return {"input_size": tuple(pre.input_size), "mean": tuple(pre.mean), "std": tuple(pre.std),
+            "crop_pct": pre.crop_pct, "interpolation": pre.interpolation}
+
+
+@pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter")
+@pytest.mark.parametrize("name", WITH_ROWS)
+def test_default_preprocessing_is_the_default_rows(name):
+    """The same weights get the same eval preprocessing whether loaded by ``pretrained=True`` (the row) or from a
+    file on disk (the model's defaults): DeiT's 224px crop 0.9, the MIIL ViT's bilinear resize (timm's configs)."""
+    row = find_weights(name)
+    with torch.device("meta"):
+        model = vitlab.create_model(name)
+    got = _preprocessing_fields(model.preprocessing)
+    want = _preprocessing_fields(row)
+    differ = {k for k in got if got[k] != (want[k] if isinstance(want[k], str) else pytest.approx(want[k]))}
+    assert differ == DEFAULT_ROW_EXCEPTIONS.get(name, set()), (row.tag, {k: (got[k], want[k]) for k in differ})
+
+
 # ------------------------------------------------------------------ every published timm file's layout
 def _published_layouts() -> list[tuple[dict, dict[str, list[int]]]]:
     """One row per (model, layout, input size) of fixtures/timm_pretrained_shapes.json.gz: the key names and

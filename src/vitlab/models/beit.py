@@ -294,7 +294,9 @@ class Beit(TimmSurface, nn.Module):
 
         Args:
             indices: None for all blocks, n for the last n, or a list of block indices.
-            norm: pass each intermediate through the final norm (the pooling norm when there is none).
+            norm: pass each intermediate through ``self.norm`` (as timm); with average pooling and no final
+                norm that is an Identity, so the intermediates stay un-normalised (the pooling norm ``fc_norm``
+                is not applied to tokens).
             output_fmt: "NLC" (B, N, D) patch tokens or "NCHW" (B, D, rows, cols) maps.
             return_prefix_tokens: return (patch_tokens, class_token) pairs.
             mask: the token-masking hook, as in ``forward_features`` (BEiT v2's patch aggregation reads a
@@ -305,7 +307,6 @@ class Beit(TimmSurface, nn.Module):
         if output_fmt not in ("NLC", "NCHW"):
             raise ValueError(f"forward_intermediates: output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}")
         take = set(take_indices(len(self.blocks), indices))
-        final_norm = self.norm if not isinstance(self.norm, nn.Identity) else self.fc_norm
         B = x.shape[0]
         x, grid, index = self._embed(x, mask)
         if output_fmt == "NCHW" and x.shape[1] != 1 + grid[0] * grid[1]:
@@ -313,7 +314,7 @@ class Beit(TimmSurface, nn.Module):
         x, outs = self._blocks(x, index, take)
         results: list = []
         for y in outs:
-            y = final_norm(y) if norm else y
+            y = self.norm(y) if norm else y
             prefix, tokens = y[:, :1], y[:, 1:]
             if output_fmt == "NCHW":
                 tokens = tokens.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # (B, D, rows, cols)

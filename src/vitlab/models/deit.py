@@ -38,7 +38,7 @@ class DeiTConfig(ViTConfig):
     dist_head: bool = True
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
-    crop_pct: float | None = 0.875
+    crop_pct: float | None = 0.9
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,7 +143,9 @@ class DeiT(VisionTransformer):
 
 # ------------------------------------------------------------------------------------------- variants
 # DeiT, Table 1: DeiT-Ti/S/B share ViT's widths (tiny/small/base); all use 16x16 patches. Evaluation
-# crops: 0.875 at 224px, the full image at 384px (fine-tuned at that resolution, section 6).
+# crops are those of the published weights' timm config (as pretrained.json): 0.9 at 224px, the full image
+# at 384px (fine-tuned at that resolution, section 6). The official repository evaluates at 224px with
+# 0.875 (its --eval-crop-ratio); pass crop_pct=0.875 for that.
 DEIT_VARIANTS: tuple[tuple[str, int], ...] = (
     ("tiny", 224), ("small", 224), ("base", 224), ("base", 384),
 )
@@ -155,7 +157,7 @@ def _register_deit_variants() -> None:
             tag = "_distilled" if distilled else ""
             name = f"deit_{size}{tag}_patch16_{res}"
             cfg = DeiTConfig(img_size=res, patch_size=16, distilled=distilled,
-                             crop_pct=0.875 if res == 224 else 1.0, **VIT_SIZES[size])
+                             crop_pct=0.9 if res == 224 else 1.0, **VIT_SIZES[size])
             desc = f"DeiT-{'Ti' if size == 'tiny' else size[0].upper()}/16 at {res}px"
             register_model(ModelEntry(name=name, family="deit", config=cfg, build=DeiT,
                                       description=desc + (" with distillation token" if distilled else "")))

@@ -86,7 +86,7 @@ def create_model(
         fields = {f.name for f in dataclasses.fields(entry.config)}
         weights_overrides = {k: getattr(weights, k) for k in ("mean", "std", "crop_pct", "interpolation")
                              if k in fields}
-        # what the family fixes but these weights were trained otherwise with (the miil ViT's bilinear resize)
+        # what the family fixes but these weights were trained otherwise with (a family without the field)
         weights_style = {k: getattr(weights, k) for k in ("mean", "std", "crop_pct", "interpolation")
                          if k not in fields}
         if "img_size" in fields:  # weights fine-tuned at another size than the name's (mobilevitv2_150 at 384)

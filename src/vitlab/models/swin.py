@@ -467,6 +467,9 @@ class SwinTransformer(TimmSurface, nn.Module):
         out = {}
         target = self.state_dict()
         resampled: dict[tuple[tuple[int, int], tuple[int, int]], int] = {}  # (file's window, model's) -> blocks
+        stage_of = {id(blk.attn): i for i, stage in enumerate(self.layers) for blk in stage.blocks}
+        file_windows: dict[int, int] = {}  # stage -> the file's window, where it differs from this model's
+        stage_pair: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
         for k, v in sd.items():
             if k.endswith(("relative_position_index", "relative_coords_table", "attn_mask")):
                 continue
@@ -480,12 +483,55 @@ class SwinTransformer(TimmSurface, nn.Module):
                 v = resample_rel_pos_table(v, old, attn.window, mode=self.cfg.rel_pos_resample)
                 pair = (old, tuple(attn.window))
                 resampled[pair] = resampled.get(pair, 0) + 1
+                file_windows[stage_of[id(attn)]] = old[0]
+                stage_pair[stage_of[id(attn)]] = pair
             out[k] = v
-        for (old, new), blocks in resampled.items():  # the file's model attended within other windows
-            log.warning("%s: relative-position bias tables of window %dx%d resampled to this model's window %dx%d "
-                        "(%d block(s)); to load the checkpoint's model as it was, build it with window_size=%d",
-                        source, *old, *new, blocks, old[0])
+        if resampled:  # the file's model attended within other windows
+            clamped, advice = self._window_advice(file_windows)
+            for (old, new), blocks in resampled.items():
+                why = next((clamped[i] for i, p in sorted(stage_pair.items()) if p == (old, new) and i in clamped), "")
+                log.warning("%s: relative-position bias tables of window %dx%d resampled to this model's window %dx%d "
+                            "(%d block(s))%s; to load the checkpoint's model as it was, build it with %s",
+                            source, *old, *new, blocks, why, advice)
         return out
+
+    def _window_advice(self, file_windows: dict[int, int]) -> tuple[dict[int, str], str]:
+        """How to build a model whose blocks attend within the file's windows (stage -> window): the file's
+        ``window_size``, and a larger ``img_size`` where a stage's map is smaller than the file's window (the
+        model clamps its window to the map, whatever ``window_size`` says). Returns (stage -> why its window was
+        clamped, the advice)."""
+        cfg, patch, sizes = self.cfg, self.cfg.patch_size, [stage.size for stage in self.layers]
+        img = list(to_2tuple(cfg.img_size))
+        clamped: dict[int, str] = {}
+        for i, w in file_windows.items():
+            for ax in (0, 1):
+                if sizes[i][ax] < w:  # e.g. swin_tiny at 192 px: the last stage's 6x6 map < window 7
+                    img[ax] = max(img[ax], w * patch * 2**i)
+                    clamped[i] = (f"; at img_size={cfg.img_size} the map of layers.{i} is {sizes[i][0]}x{sizes[i][1]}, "
+                                  f"smaller than the checkpoint's window {w}x{w}, so its window is clamped to the map")
+        grids, grid = [], [s // patch for s in img]  # each stage's map at the advised size, as SwinStage halves it
+        for i in range(len(self.layers)):
+            grid = grid if i == 0 else [(g + 1) // 2 for g in grid]
+            grids.append(tuple(grid))
+        # every stage must attend within the file's window: the resampled ones' and the others' (this model's)
+        targets = [(file_windows[i],) * 2 if i in file_windows else tuple(stage.blocks[0].attn.window)
+                   for i, stage in enumerate(self.layers)]
+
+        def fits(windows: tuple[int, ...]) -> bool:
+            return all(block_geometry(g, w, shifted=False)[0] == t for g, w, t in zip(grids, windows, targets))
+
+        n = len(targets)
+        uniform = [cfg.windows()] + [(w,) * n for w in dict.fromkeys(file_windows[i] for i in sorted(file_windows))]
+        windows = next((ws for ws in uniform if fits(ws)), None)
+        if windows is None:  # one window per stage: this model's where it fits, else the file's
+            windows = tuple(w if block_geometry(g, w, shifted=False)[0] == t else max(t)
+                            for g, w, t in zip(grids, cfg.windows(), targets))
+        advice = []
+        if tuple(img) != to_2tuple(cfg.img_size):
+            advice.append(f"img_size={img[0] if img[0] == img[1] else tuple(img)}")
+        if windows != cfg.windows():
+            advice.append(f"window_size={windows[0] if windows == (windows[0],) * n else windows}")
+        return clamped, " and ".join(advice)
 
 
 # ------------------------------------------------------------------------------------------- variants

@@ -74,6 +74,8 @@ class ViTConfig:
     init_values: LayerScale initial value (None: no LayerScale).
     hybrid_layers: blocks per ResNet stage of the hybrid stem (None: plain patch embedding).
     dynamic_img_size: accept any input size, resampling the position table per batch.
+    crop_pct, interpolation: evaluation crop (None: 0.9 up to 224px, else 1.0) and resize of the default
+        preprocessing, those of the published weights (the MIIL ViT was trained with bilinear resizes).
     attn_type: "softmax" (the paper's attention) or "linformer" (Wang et al. 2020, arXiv:2006.04768: keys and
         values projected along the sequence to ``linformer_k``; :mod:`vitlab.layers.linformer`).
     linformer_k: the projected length k.
@@ -109,6 +111,7 @@ class ViTConfig:
     mean: tuple[float, ...] = field(default=INCEPTION_MEAN)
     std: tuple[float, ...] = field(default=INCEPTION_STD)
     crop_pct: float | None = None
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     attn_type: Literal["softmax", "linformer"] = "softmax"
     linformer_k: int = 256
     linformer_sharing: Literal["none", "headwise", "kv", "layerwise"] = "headwise"
@@ -119,6 +122,9 @@ class ViTConfig:
             raise ValueError(f"{type(self).__name__}: global_pool='' (unpooled tokens) needs num_classes=0, got "
                              f"num_classes={self.num_classes}; pool with 'token', 'avg', 'max' or 'avgmax' "
                              f"for a classifier")
+        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise ValueError(f"{type(self).__name__}: interpolation must be 'bicubic', 'bilinear' or 'nearest', "
+                             f"got {self.interpolation!r}")
         if self.attn_type not in ("softmax", "linformer"):
             raise ValueError(f"ViTConfig: attn_type must be 'softmax' or 'linformer', got {self.attn_type!r}")
         if self.attn_type == "linformer" and self.dynamic_img_size:
@@ -289,7 +295,7 @@ class VisionTransformer(TimmSurface, nn.Module):
         crop = self.cfg.crop_pct if self.cfg.crop_pct is not None else (0.9 if max(h, w) <= 224 else 1.0)
         return Preprocessing(input_size=(self.cfg.in_chans, h, w), mean=self.cfg.mean,
                              std=self.cfg.std,
-                             crop_pct=crop, interpolation="bicubic")
+                             crop_pct=crop, interpolation=self.cfg.interpolation)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that should not be weight-decayed (position table and prefix tokens)."""
@@ -384,7 +390,9 @@ class VisionTransformer(TimmSurface, nn.Module):
 
         Args:
             indices: None for all blocks, n for the last n, or a list of block indices.
-            norm: pass each intermediate through the final norm.
+            norm: pass each intermediate through ``self.norm`` (as timm); a model that pools with ``fc_norm``
+                has an Identity there, so its intermediates stay un-normalised (the pooling norm is not applied
+                to tokens).
             output_fmt: "NLC" (B, N, D) patch tokens or "NCHW" (B, D, rows, cols) maps.
             return_prefix_tokens: return (patch_tokens, prefix_tokens) pairs.
             mask: the token-masking hook, as in ``forward_features`` (BEiT v2's patch aggregation reads a
@@ -395,7 +403,6 @@ class VisionTransformer(TimmSurface, nn.Module):
         if output_fmt not in ("NLC", "NCHW"):
             raise ValueError(f"forward_intermediates: output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}")
         take = set(take_indices(len(self.blocks), indices))
-        final_norm = self.norm if not isinstance(self.norm, nn.Identity) else self.fc_norm
         B = x.shape[0]
         x, grid = self._embed(x, mask)
         if output_fmt == "NCHW" and x.shape[1] != self.num_prefix_tokens + grid[0] * grid[1]:
@@ -404,7 +411,7 @@ class VisionTransformer(TimmSurface, nn.Module):
         for i, blk in enumerate(self.blocks):
             x = call_block(blk, x, checkpointed=self.grad_checkpointing)
             if i in take:
-                outs.append(final_norm(x) if norm else x)
+                outs.append(self.norm(x) if norm else x)
         p = self.num_prefix_tokens
         results: list = []
         for y in outs:
@@ -490,7 +497,8 @@ TIMM_VIT_LAYOUTS: dict[str, tuple[int, int, dict, str]] = {
     "vit_gigantic_patch14_224": (14, 224, dict(embed_dim=1664, depth=48, num_heads=16, mlp_ratio=64 / 13),
                                  "ViT-G/14 (width 1664, depth 48, MLP 8192)"),
     "vit_base_patch16_224_miil": (16, 224, dict(**VIT_SIZES["base"], qkv_bias=False, num_classes=11221,
-                                                mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_pct=0.875),
+                                                mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_pct=0.875,
+                                                interpolation="bilinear"),
                                   "ViT-B/16 without qkv bias, ImageNet-21k-P head (MIIL)"),
     "vit_base_patch16_plus_240": (16, 240, dict(**_PLUS), "ViT-B+/16 (width 896, 14 heads), LayerScale"),
     "vit_base_patch32_plus_256": (32, 256, dict(**_PLUS), "ViT-B+/32 (width 896, 14 heads), LayerScale"),
