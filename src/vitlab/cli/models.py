@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from vitlab.models import get_entry, list_models
+
+log = logging.getLogger("vitlab")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    families = sorted({get_entry(n).family for n in list_models(task=None)})
+    if args.family is not None and args.family not in families:
+        log.error("--family %r: no such family; one of %s", args.family, ", ".join(families))
+        return 2
     names = list_models(args.pattern, family=args.family, task=None if args.task == "all" else args.task,
                         pretrained=args.pretrained)
     entry = lambda n: get_entry(n.split(".")[0])  # noqa: E731 - a NAME.TAG lists its model's entry
@@ -37,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
         for n in names:
             print(f"{n:<{width}}  {entry(n).description}")
     if not names:
-        print(f"no model matches {args.pattern!r}")
+        where = [f"family {args.family!r}"] if args.family else []
+        where += [f"task {args.task!r}"] if args.task != "all" else []
+        where += ["published weights"] if args.pretrained else []
+        log.error("no model matches %r%s", args.pattern, f" with {', '.join(where)}" if where else "")
         return 1
     return 0
