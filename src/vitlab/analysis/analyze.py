@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vitlab.analysis.capture import capture
+from vitlab.analysis.capture import token_layout
 from vitlab.analysis.distance import AttentionDistanceMeter, patch_centre_distances
 from vitlab.analysis.explain_windows import capture_windowed, is_windowed
 from vitlab.analysis.figures import attention_distance_figure, filters_figure, position_similarity_figure
@@ -23,6 +23,7 @@ from vitlab.analysis.pos_similarity import position_similarity, position_similar
 from vitlab.analysis.report import Section, write_report
 from vitlab.analysis.windows import WindowDistanceMeter, window_attention_distance
 from vitlab.checkpoints.io import atomic_write
+from vitlab.layers import CapturableAttention, capture_attention
 from vitlab.layers.window_geometry import WindowGeometry
 
 log = logging.getLogger(__name__)
@@ -53,28 +54,76 @@ def spread_images(dataset: Dataset, num_images: int) -> Dataset:
     return Subset(dataset, idx)
 
 
+def attention_layer_labels(model: nn.Module) -> dict[nn.Module, tuple[int, int | None]]:
+    """(block, branch) of each attention module inside ``model.blocks``: the block's 1-based depth and, inside a
+    block that runs one sequence of blocks per branch (CrossViT's multi-scale blocks), the 1-based branch.
+    Empty for a model without ``blocks``; attention outside them (T2T-ViT's tokens-to-token layers, CaiT's
+    class attention) has no label."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        return {}
+    labels: dict[nn.Module, tuple[int, int | None]] = {}
+    for i, blk in enumerate(blocks):
+        labels.update({m: (i + 1, None) for m in blk.modules() if isinstance(m, CapturableAttention)})
+        branches = getattr(blk, "blocks", None)
+        if isinstance(branches, nn.ModuleList):
+            for b, seq in enumerate(branches):
+                labels.update({m: (i + 1, b + 1) for m in seq.modules() if isinstance(m, CapturableAttention)})
+    return labels
+
+
+def _capture_token_maps(model: nn.Module, x: torch.Tensor, labels: dict[nn.Module, tuple[int, int | None]]):
+    """Logits, layout and the (map, (block, branch)) of every token-to-token attention map of one forward; with
+    ``labels``, only the maps of labelled modules (the model's blocks), else numbered in call order."""
+    with torch.no_grad(), capture_attention(model) as maps:
+        logits = model(x)
+    token = [(a, layer) for a, layer, t in zip(maps, maps.layers, maps.token_maps) if t]
+    layout = token_layout(model, (x.shape[-2], x.shape[-1]), token[0][0].shape[-1] if token else None)
+    if labels:
+        kept = [(a, labels[layer]) for a, layer in token if layer in labels]
+    else:
+        kept = [(a, (i + 1, None)) for i, (a, _) in enumerate(token)]
+    return logits, layout, kept
+
+
+def _distance_not_applicable(numbers: dict[str, Any], why_not: str, *, name: str, correct: int, seen: int,
+                             not_scored: str | None, windowed: bool = False) -> Section:
+    numbers["attention_distance"] = None
+    numbers["attention_distance_not_applicable"] = why_not
+    if windowed:
+        return Section(title="Mean attention distance per stage (windowed attention)",
+                       text=f"Not measured for {name} at this input size: {why_not}."
+                            f"{_accuracy_sentence(correct, seen, not_scored)}")
+    return Section(title="Mean attention distance (paper Fig. 7, right)",
+                   text=f"Does not apply to {name}: {why_not}. Mean attention distance needs attention from patch "
+                        f"tokens to patch tokens.{_accuracy_sentence(correct, seen, not_scored)}")
+
+
 def token_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *, device: str | torch.device,
                              not_scored: str | None = None,
                              name: str) -> tuple[dict[str, Any], Section, int, int]:
     """Mean attention distance per layer and head over the layers whose tokens attend among the patch tokens
     (ViT, DeiT, CaiT; CrossViT's, TNT's and T2T-ViT's layers over [prefix + patches]): the numbers, the report
     section (its figure written to ``out``), images seen, correct. Where no layer qualifies (MLP-Mixer, XCiT's
-    channel attention, Linformer's projected keys) the section says why the measure does not apply."""
+    channel attention, Linformer's projected keys) the section says why the measure does not apply. Layers are
+    numbered by the model's block (``model.blocks``: T2T-ViT's backbone blocks, CrossViT's multi-scale blocks)."""
     meter = AttentionDistanceMeter()
     why_not = no_token_attention_reason(model)
+    labels = attention_layer_labels(model)
+    kept_labels: list[tuple[int, int | None]] = []
     correct = seen = 0
     layout = None
     for x, y in loader:
         x, y = x.to(device), torch.as_tensor(y).to(device)
         if why_not is None:
-            cap = capture(model, x)
-            layout = cap.layout
-            logits = cap.logits
-            token_maps = [a for a, t in zip(cap.attentions, cap.token_maps or [True] * len(cap.attentions)) if t]
+            logits, layout, token_maps = _capture_token_maps(model, x, labels)
             try:
-                meter.update(token_maps, layout.grid, layout.patch_size, max_prefix=layout.num_prefix_tokens)
+                meter.update([a for a, _ in token_maps], layout.grid, layout.patch_size,
+                             max_prefix=layout.num_prefix_tokens)
             except ValueError:
                 why_not = "none of its attention layers has patch tokens as queries and keys" + _other_maps(model)
+            else:
+                kept_labels = [token_maps[i][1] for i in meter.layers]  # class attention (CaiT) has no patch queries
         else:
             logits = model(x)
             layout = layout or token_layout_or_none(model, x)
@@ -86,12 +135,8 @@ def token_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *,
     numbers["grid"] = list(layout.grid) if layout is not None else None
     numbers["patch_size"] = list(layout.patch_size) if layout is not None else None
     if why_not is not None:
-        numbers["attention_distance"] = None
-        numbers["attention_distance_not_applicable"] = why_not
-        section = Section(
-            title="Mean attention distance (paper Fig. 7, right)",
-            text=f"Does not apply to {name}: {why_not}. Mean attention distance needs attention from patch "
-                 f"tokens to patch tokens.{_accuracy_sentence(correct, seen, not_scored)}")
+        section = _distance_not_applicable(numbers, why_not, name=name, correct=correct, seen=seen,
+                                           not_scored=not_scored)
         return numbers, section, seen, correct
     dist = meter.compute()  # (layers, heads)
     L, H = dist.shape
@@ -104,12 +149,18 @@ def token_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *,
         # what a head attending uniformly over the grid would score: the yardstick for "local" vs "global"
         "uniform_reference": float(patch_centre_distances(layout.grid, layout.patch_size).mean()),
     }
-    depth = [i + 1 for i in meter.layers]  # class-attention layers (CaiT) have no patch queries
+    depth = [block for block, _ in kept_labels]
     numbers["attention_distance"]["layers"] = depth
+    branches = [b for _, b in kept_labels]
+    two_branches = len({b for b in branches if b is not None}) > 1  # CrossViT with both branches on this grid
+    if two_branches:
+        numbers["attention_distance"]["branch_of_layer"] = branches
     attention_distance_figure(dist, out / DISTANCE_PNG, layers=depth, title=f"mean attention distance: {name} ({seen} images)")
-    table: list[list] = [["layer", *[f"head {h + 1}" for h in range(H)], "mean", "max - min"]]
+    table: list[list] = [["layer", *(["branch"] if two_branches else []), *[f"head {h + 1}" for h in range(H)],
+                          "mean", "max - min"]]
     for i in range(L):
-        table.append([depth[i], *[float(v) for v in dist[i]], float(dist[i].mean()), float(dist[i].max() - dist[i].min())])
+        table.append([depth[i], *([branches[i]] if two_branches else []), *[float(v) for v in dist[i]],
+                      float(dist[i].mean()), float(dist[i].max() - dist[i].min())])
     section = Section(
         title="Mean attention distance (paper Fig. 7, right)", figure=DISTANCE_PNG,
         text=f"Attention-weighted distance in pixels between query and key patch centres, averaged over query "
@@ -136,18 +187,39 @@ def windowed_attention_distance(model: nn.Module, loader: DataLoader, out: Path,
     """Mean attention distance per block, stage and head of a windowed-attention model (Swin), between
     the true positions of query and key tokens (cyclic shift undone, padding left out), in input pixels:
     the numbers, the report section (its figure written to ``out``), images seen, correct predictions."""
+    from vitlab.analysis.explain import window_analysis_refused
+
     meter = WindowDistanceMeter()
     correct = seen = 0
     grid = patch = None
+    why_not = None
     for x, y in loader:
         x, y = x.to(device), torch.as_tensor(y).to(device)
-        cap = capture_windowed(model, x)
-        grid, patch = cap.grid, cap.patch_size
-        meter.update(cap.attentions, cap.steps, cap.patch_size)
-        correct += int((cap.logits.argmax(dim=-1) == y).sum())
+        if why_not is None:
+            try:
+                cap = capture_windowed(model, x)
+            except ValueError as e:
+                if not window_analysis_refused(model):
+                    raise
+                why_not = str(e)  # e.g. a Hugging Face-order Swin whose windows do not divide the maps
+        if why_not is None:
+            grid, patch = cap.grid, cap.patch_size
+            meter.update(cap.attentions, cap.steps, cap.patch_size)
+            logits = cap.logits
+        else:
+            logits = model(x)
+        correct += int((logits.argmax(dim=-1) == y).sum())
         seen += x.shape[0]
     if seen == 0:
         raise ValueError("analyze: no images to analyse")
+    if why_not is not None:
+        layout = token_layout_or_none(model, x)
+        numbers = {"num_images": seen, "accuracy_on_images": None if not_scored else correct / seen,
+                   "grid": list(layout.grid) if layout is not None else None,
+                   "patch_size": list(layout.patch_size) if layout is not None else None}
+        section = _distance_not_applicable(numbers, why_not, name=name, correct=correct, seen=seen,
+                                           not_scored=not_scored, windowed=True)
+        return numbers, section, seen, correct
     per_block = meter.compute()  # one (heads,) per block; heads differ between stages
     per_stage = meter.compute_stages()
     blocks = [s for s in meter.steps if isinstance(s, WindowGeometry)]

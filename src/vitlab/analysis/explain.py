@@ -10,7 +10,10 @@ Methods for every model:
   last transformer block, its patch tokens laid on the grid): channels weighted by the mean gradient of
   the class score, positive part. Also for models without token-to-token attention (MLP-Mixer, XCiT's
   channel attention, Linformer, MobileViT), which name their last spatial stage in ``cam_layer()``.
-- "grad-input": gradient x input, summed over colour channels, absolute value. Any differentiable model.
+- "grad-input": gradient x input, summed over colour channels, absolute value. Any differentiable classifier.
+
+Task models (DETR, SETR) have no one class score: DETR offers its decoder cross-attention ("last-layer"), SETR
+nothing. The gradient methods need autograd: they refuse to run inside ``torch.inference_mode()``.
 
 ``method="auto"`` picks the family's ``explain_default`` where it declares one (DETR: "last-layer", the
 decoder's cross-attention), else rollout where the model supports it, else Grad-CAM; the chosen method is recorded
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +48,11 @@ Method = Literal["auto", "rollout", "grad-rollout", "last-layer", "grad-cam", "g
 METHODS: tuple[str, ...] = ("auto", "rollout", "grad-rollout", "last-layer", "grad-cam", "grad-input")
 ATTENTION_METHODS: tuple[str, ...] = ("rollout", "grad-rollout", "last-layer")
 GRADIENT_METHODS: tuple[str, ...] = ("grad-cam", "grad-input")
+# the options each one uses (others are ignored, with a warning)
+HEAD_FUSION_METHODS: tuple[str, ...] = ("rollout", "last-layer")
+DISCARD_RATIO_METHODS: tuple[str, ...] = ("rollout", "grad-rollout")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,14 +121,44 @@ def _token_attention(model: nn.Module) -> bool:
     return bool(getattr(model, "token_attention", False))
 
 
+def _task(model: nn.Module) -> str:
+    return getattr(model, "task", "classification")
+
+
 def methods_for(model: nn.Module) -> tuple[str, ...]:
-    """The methods that give a meaningful map for ``model`` (besides "auto")."""
+    """The methods that give a meaningful map for ``model`` (besides "auto").
+
+    Task models (DETR, SETR) have no one class score to differentiate: only the attention maps their family
+    registers (DETR: each object's cross-attention as "last-layer").
+    """
     attention = [m for m in ATTENTION_METHODS
                  if _token_attention(model) or _family_explainer(model, m) is not None]
+    if _task(model) != "classification":
+        return tuple(m for m in attention if _family_explainer(model, m) is not None)
     return (*attention, *GRADIENT_METHODS)
 
 
+def _not_available(model: nn.Module, method: str, available: tuple[str, ...]) -> str:
+    name = type(model).__name__
+    task = _task(model)
+    if task == "detection":
+        return (f"explain: {method!r} does not apply to {name}, a detector: it predicts a set of objects, not "
+                f"one class score; use method='last-layer' (the most confident object's decoder cross-attention, "
+                f"vitlab.analysis.explain_detr.detection_attention for every object) or `vitlab detect "
+                f"--attention`")
+    if task != "classification":
+        return (f"explain: {name} ({task}) is not supported: explain maps one class score of a classifier, and a "
+                f"{task} model predicts a map per pixel")
+    return (f"explain: {method!r} is not defined for {name} (it has no token-to-token attention over one "
+            f"sequence); use one of: {', '.join(available)}")
+
+
 def resolve_method(model: nn.Module, method: str) -> str:
+    """The method ``explain`` runs for ``method`` ("auto" resolved); refuses one not available for ``model``.
+
+    "auto" with a windowed family's rollout may still fall back to Grad-CAM in :func:`explain`, for an input
+    size at which the model refuses its window analysis.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     available = methods_for(model)
@@ -127,18 +166,58 @@ def resolve_method(model: nn.Module, method: str) -> str:
         preferred = getattr(model, "explain_default", None)  # a family's own best map (DETR: cross-attention)
         if preferred in available:
             return preferred
-        return "rollout" if "rollout" in available else "grad-cam"
+        method = "rollout" if "rollout" in available else "grad-cam"
     if method not in available:
-        raise ValueError(
-            f"explain: {method!r} is not defined for {type(model).__name__} (it has no token-to-token "
-            f"attention over one sequence); use one of: {', '.join(available)}"
-        )
+        raise ValueError(_not_available(model, method, available))
     return method
 
 
 def uses_class_token(model: nn.Module) -> bool:
     """Whether the head reads the class token (True) or an average of the patch tokens (False)."""
     return getattr(model, "global_pool", "token") == "token" and getattr(model, "num_prefix_tokens", 0) > 0
+
+
+def class_token_rows(model: nn.Module) -> tuple[int, ...]:
+    """The prefix tokens whose heads make the prediction: (0,) for a class token; (0, 1) for a distilled DeiT,
+    whose prediction averages the class-token and distillation-token heads (outside distilled training)."""
+    two_heads = getattr(model, "dist_token", None) is not None and getattr(model, "head_dist", None) is not None
+    if two_heads and not (getattr(model, "distilled_training", False) and model.training):
+        return (0, 1)
+    return (0,)
+
+
+def window_analysis_refused(model: nn.Module) -> bool:
+    """Whether a windowed model refuses its window analysis after the last forward (a Hugging Face-order Swin
+    whose windows do not divide the maps at this input size)."""
+    modules = getattr(model, "analysis_modules", None)
+    if not callable(modules):
+        return False
+    try:
+        modules()
+    except ValueError:
+        return True
+    return False
+
+
+def _warn_ignored(method: str, head_fusion: str, discard_ratio: float) -> None:
+    if head_fusion != "mean" and method not in HEAD_FUSION_METHODS:
+        log.warning("head_fusion=%r is ignored by %s (it applies to %s)", head_fusion, method,
+                    " and ".join(HEAD_FUSION_METHODS))
+    if discard_ratio != 0 and method not in DISCARD_RATIO_METHODS:
+        log.warning("discard_ratio=%g is ignored by %s (it applies to %s)", discard_ratio, method,
+                    " and ".join(DISCARD_RATIO_METHODS))
+
+
+def _autograd_input(x: Tensor) -> Tensor:
+    """``x`` usable in an autograd graph; refuses inside torch.inference_mode, where no graph is recorded."""
+    if torch.is_inference_mode_enabled():
+        raise ValueError("explain: the gradient methods (grad-rollout, grad-cam, grad-input) need autograd, which "
+                         "torch.inference_mode() turns off; call explain outside torch.inference_mode (inside "
+                         "torch.no_grad() is fine)")
+    if x.is_inference():  # made under inference_mode: a normal copy can join a graph
+        with torch.inference_mode(False):
+            x = x.clone()
+    return x
 
 
 def class_targets(logits: Tensor, target: int | Tensor | None) -> Tensor:
@@ -165,15 +244,22 @@ def explain(
     """Relevance maps of ``model`` for images ``x`` (B, C, H, W).
 
     Args:
-        method: see the module docstring; "auto" picks rollout where defined, else Grad-CAM.
+        method: see the module docstring; "auto" picks rollout where defined (and, for windowed attention,
+            possible at this input size), else Grad-CAM.
         target: class index (or (B,) indices) for the class-specific methods (grad-rollout, grad-cam,
             grad-input); default: the predicted class. Rollout and last-layer maps do not depend on it.
+        head_fusion: how heads are combined by rollout and last-layer (a warning where it is ignored).
+        discard_ratio: fraction of the lowest attentions dropped per layer by rollout and grad-rollout.
     """
+    auto = method == "auto"
     method = resolve_method(model, method)
-    was_training = model.training
-    model.eval()
+    _warn_ignored(method, head_fusion, discard_ratio)
     # the gradient methods differentiate whatever the caller's grad mode (inference code runs under no_grad)
     needs_grad = method in GRADIENT_METHODS or method == "grad-rollout"
+    if needs_grad:
+        x = _autograd_input(x)
+    was_training = model.training
+    model.eval()
     try:
         with torch.enable_grad() if needs_grad else contextlib.nullcontext():
             if method in GRADIENT_METHODS:
@@ -181,7 +267,14 @@ def explain(
                 return fn(model, x, target=target)
             family_fn = _family_explainer(model, method)
             if family_fn is not None:
-                return family_fn(model, x, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
+                try:
+                    return family_fn(model, x, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
+                except ValueError:
+                    if not (auto and window_analysis_refused(model)):
+                        raise
+                # "auto": the windows cannot be analysed at this input size; Grad-CAM still applies
+                with torch.enable_grad():
+                    return _grad_cam(model, _autograd_input(x), target=target)
             return _token_explain(model, x, method=method, target=target, head_fusion=head_fusion,
                                   discard_ratio=discard_ratio)
     finally:
@@ -208,7 +301,8 @@ def _token_explain(model: nn.Module, x: Tensor, *, method: str, target: int | Te
     else:
         last = out.attentions[-1].float()
         joint = embed_square(fuse_heads(last, head_fusion), p + layout.num_patches, num_prefix_tokens=p)
-    relevance = token_relevance(joint.detach(), num_prefix_tokens=p, use_class_token=uses_class_token(model))
+    relevance = token_relevance(joint.detach(), num_prefix_tokens=p, use_class_token=uses_class_token(model),
+                                class_rows=class_token_rows(model))
     patch_maps = relevance.reshape(B, *layout.grid)  # (B, rows, cols)
     maps = relevance_to_image(relevance, layout.grid, (x.shape[-2], x.shape[-1]))
     return Explanation(maps=maps, patch_maps=patch_maps, probs=probs, target=tgt.detach(), method=method)
@@ -269,10 +363,29 @@ def _grad_cam(model: nn.Module, x: Tensor, *, target: int | Tensor | None) -> Ex
     gmap = _as_feature_map(model, grad, image_size)
     weights = gmap.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1): channel importance
     cam = (weights * fmap).sum(dim=1).clamp(min=0)  # (B, h, w)
-    B, h, w = cam.shape
-    maps = relevance_to_image(cam.reshape(B, h * w), (h, w), image_size)
+    maps = _cam_to_image(model, cam, image_size)
     probs = logits.detach().float().softmax(dim=-1)
     return Explanation(maps=maps, patch_maps=cam, probs=probs, target=tgt.detach(), method="grad-cam")
+
+
+def _cam_to_image(model: nn.Module, cam: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """(B, h, w) Grad-CAM -> (B, H, W). A windowed model (Swin) pads the image to whole patches and each
+    patch merging pads odd maps, so its last-stage cells cover ph * 2^k pixels past the image's edge: the map
+    is placed on those pixels (upsampled to the padded extent, cropped); other maps are stretched over the image."""
+    B, h, w = cam.shape
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if callable(getattr(model, "analysis_modules", None)) and patch is not None:
+        from vitlab.analysis.explain_windows import windowed_map_to_image
+        from vitlab.layers.helpers import to_2tuple
+
+        ph, pw = to_2tuple(patch)
+        gh, gw = -(-image_size[0] // ph), -(-image_size[1] // pw)  # first-stage grid (ceil)
+        scale = 1
+        while (gh, gw) != (h, w) and (gh > h or gw > w):  # each merging halves the grid, rounding up
+            gh, gw, scale = -(-gh // 2), -(-gw // 2), scale * 2
+        if (gh, gw) == (h, w):
+            return windowed_map_to_image(cam, (ph * scale, pw * scale), image_size)
+    return relevance_to_image(cam.reshape(B, h * w), (h, w), image_size)
 
 
 def _grad_input(model: nn.Module, x: Tensor, *, target: int | Tensor | None) -> Explanation:

@@ -6,11 +6,14 @@ unchanged (identity rows); a fusion layer of branch i gives the row of i's class
 itself and to branch j's patch tokens. Each layer's head-fused matrix gets the identity added for the
 residual path and its rows renormalised, as in Abnar & Zuidema's rollout, and the matrices are multiplied
 in execution order. The head averages both branches' logits, so the relevance of a patch is the mean of
-the two class tokens' rows; a patch's relevance is spread over its pixels (branch b's map is multiplied
-by its number of patches before the two are added at image resolution).
+the two class tokens' rows (with ``global_pool="avg"``, of each branch's mean patch-token row, what that
+head reads); a patch's relevance is spread over its pixels (branch b's map is multiplied by its number of
+patches before the two are added at image resolution).
 
 "last-layer": each branch's class token over the OTHER branch's patches in the last fusion, the same
-weighting. ``patch_maps`` are the image maps averaged onto the small branch's (finer) grid.
+weighting; with ``global_pool="avg"`` (the fusions reach no patch token the head reads) each branch's last
+self-attention, its patch queries' mean row over the patches. ``patch_maps`` are the image maps averaged onto
+the small branch's (finer) grid.
 """
 
 from __future__ import annotations
@@ -71,7 +74,13 @@ def _explain(model: CrossViT, x: Tensor, *, method: str, target, head_fusion: He
     tgt = class_targets(logits, target)
     sizes = (1 + model.grids[0][0] * model.grids[0][1], 1 + model.grids[1][0] * model.grids[1][1])
     image_size = (x.shape[-2], x.shape[-1])
-    if method == "last-layer":
+    avg = model.global_pool == "avg"  # the head reads each branch's mean patch token, not the class tokens
+    if method == "last-layer" and avg:
+        last_self = {b: a for (kind, b), a in seen if kind == "self"}
+        r0, r1 = (fuse_heads(last_self[b].detach().float(), head_fusion)[:, 1:, 1:].mean(dim=1) if b in last_self
+                  else torch.full((x.shape[0], sizes[b] - 1), 1.0 / (sizes[b] - 1), device=x.device)
+                  for b in (0, 1))
+    elif method == "last-layer":
         last = {b: a for (kind, b), a in seen[-2:]}  # the last block's two fusions
         r0 = fuse_heads(last[1].detach().float(), head_fusion)[:, 0, 1:]  # large class token over small patches
         r1 = fuse_heads(last[0].detach().float(), head_fusion)[:, 0, 1:]  # small class token over large patches
@@ -86,7 +95,10 @@ def _explain(model: CrossViT, x: Tensor, *, method: str, target, head_fusion: He
             m = _layer_matrix(kind, b, f, sizes, discard_ratio)
             joint = m if joint is None else m @ joint
         o1 = sizes[0]
-        row = 0.5 * (joint[:, 0] + joint[:, o1])  # both heads' class tokens, averaged like the logits
+        if avg:  # each head reads its branch's mean patch token: the mean of those rows, per branch
+            row = 0.5 * (joint[:, 1:o1].mean(dim=1) + joint[:, o1 + 1:].mean(dim=1))
+        else:
+            row = 0.5 * (joint[:, 0] + joint[:, o1])  # both heads' class tokens, averaged like the logits
         r0, r1 = row[:, 1:o1], row[:, o1 + 1:]
     maps, patch_maps = _to_image(model, r0, r1, image_size)
     return Explanation(maps=maps, patch_maps=patch_maps, probs=probs, target=tgt.detach(), method=method)

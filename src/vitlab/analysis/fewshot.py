@@ -54,8 +54,11 @@ def ridge_classifier(x: Tensor, y: Tensor, num_classes: int, *, l2_reg: float = 
 
     Features are standardised with the support set's statistics and an unregularised intercept is
     fitted by centring; the solve uses whichever of the primal (F x F) or dual (n x n) systems is
-    smaller, which is the same solution.
+    smaller, which is the same solution. ``l2_reg`` must be > 0: at 0 the system is singular when there are
+    fewer support images than feature dimensions, and below 0 it is indefinite.
     """
+    if not l2_reg > 0:
+        raise ValueError(f"ridge_classifier: l2_reg must be > 0 (--l2-reg), got {l2_reg}")
     x = x.double()
     targets = 2.0 * F.one_hot(y, num_classes).double() - 1.0  # (n, K) in {-1, 1}
     mu, sd = x.mean(dim=0), x.std(dim=0, unbiased=False).clamp(min=1e-6)

@@ -9,6 +9,7 @@ to layers that attend over one (prefix + patches) sequence.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping
 
 import torch
@@ -26,6 +27,8 @@ from vitlab.analysis.rollout import (
 )
 from vitlab.layers import CapturableAttention
 from vitlab.layers.attention import attention_sinks
+
+log = logging.getLogger(__name__)
 
 
 def capture_tagged(model: nn.Module, x: Tensor, modules: Mapping[CapturableAttention, Hashable], *,
@@ -76,6 +79,9 @@ def explain_token_layers(model: nn.Module, x: Tensor, modules: list[CapturableAt
         joint = gradient_rollout([a.detach() for a in maps], [g.detach() for g in grads],
                                  discard_ratio=discard_ratio, num_prefix_tokens=p)
     elif query is not None:  # last-layer: the head's own attention over the tokens
+        if head_fusion != "mean":
+            log.warning("head_fusion=%r is ignored: the last-layer map of %s is its sequence pooling's weights, "
+                        "which have no heads", head_fusion, type(model).__name__)
         joint = torch.eye(p + layout.num_patches, device=query.device).expand(x.shape[0], -1, -1)
     else:
         joint = embed_square(fuse_heads(maps[-1].float(), head_fusion), p + layout.num_patches, num_prefix_tokens=p)

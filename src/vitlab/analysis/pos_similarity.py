@@ -39,9 +39,14 @@ def position_table(model: nn.Module) -> PositionTable | None:
     cfg = getattr(model, "cfg", None)
     kind = getattr(cfg, "pos_embed", None)
     pe = getattr(model, "patch_embed", None)
-    if pe is None or kind not in ("learn", "sincos"):
+    if pe is None or not hasattr(pe, "grid_size"):
         return None
     grid = tuple(int(g) for g in pe.grid_size)
+    if not hasattr(cfg, "pos_embed"):
+        # a family without a pos_embed option (CaiT, BEiT with use_abs_pos_emb, BEiT-3): a stored table is learned
+        kind = "learn" if _learned_table(model, grid) is not None else None
+    if kind not in ("learn", "sincos"):
+        return None
     if kind == "learn" and getattr(model, "pos_embed", None) is not None:
         prefix = int(getattr(model, "pos_embed_prefix", model.num_prefix_tokens))
         table = model.pos_embed.detach()[0, prefix:]  # (rows*cols, D): the class token's entry dropped
@@ -52,6 +57,21 @@ def position_table(model: nn.Module) -> PositionTable | None:
     if table.shape[0] != grid[0] * grid[1]:
         raise ValueError(f"position_table: {table.shape[0]} entries do not fill the {grid[0]}x{grid[1]} grid")
     return PositionTable(table=table.float(), grid=grid, kind=kind)
+
+
+def _learned_table(model: nn.Module, grid: tuple[int, ...]) -> Tensor | None:
+    """``model.pos_embed`` where it is a learned (1, prefix + rows*cols, D) table whose prefix entries are
+    ``pos_embed_prefix`` (else at most the model's prefix tokens); None otherwise."""
+    table = getattr(model, "pos_embed", None)
+    if not isinstance(table, nn.Parameter) or table.ndim != 3 or table.shape[0] != 1:
+        return None
+    extra = table.shape[1] - grid[0] * grid[1]  # the table's prefix entries
+    prefix = getattr(model, "pos_embed_prefix", None)
+    if prefix is not None and extra != int(prefix):
+        return None
+    if not 0 <= extra <= int(getattr(model, "num_prefix_tokens", 0)):
+        return None
+    return table
 
 
 def position_similarity(table: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ part and averages over heads, so that different classes give different maps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -133,13 +134,14 @@ def gradient_rollout(
 
 
 def token_relevance(joint: Tensor, *, num_prefix_tokens: int, use_class_token: bool,
-                    query_weights: Tensor | None = None) -> Tensor:
+                    query_weights: Tensor | None = None, class_rows: Sequence[int] = (0,)) -> Tensor:
     """Relevance of each patch token, (B, num_patches), read off a (B, N, N) token-to-token matrix.
 
     With a class token that the head reads, its row; otherwise (average pooling, no class token) the
-    mean of the patch tokens' rows, since the head reads their mean. ``query_weights`` (B, num_patches):
-    the head reads that weighted sum of the patch tokens instead (CCT's sequence pooling), so the rows
-    are weighted by it.
+    mean of the patch tokens' rows, since the head reads their mean. ``class_rows``: the prefix tokens whose
+    heads are averaged into the prediction (a distilled DeiT: (0, 1), class and distillation token), whose
+    rows are averaged likewise. ``query_weights`` (B, num_patches): the head reads that weighted sum of the
+    patch tokens instead (CCT's sequence pooling), so the rows are weighted by it.
     """
     p = num_prefix_tokens
     if query_weights is not None:
@@ -147,7 +149,10 @@ def token_relevance(joint: Tensor, *, num_prefix_tokens: int, use_class_token: b
     if use_class_token:
         if p == 0:
             raise ValueError("token_relevance: use_class_token needs a prefix token")
-        return joint[:, 0, p:]
+        rows = list(class_rows)
+        if not rows or min(rows) < 0 or max(rows) >= p:
+            raise ValueError(f"token_relevance: class_rows {tuple(class_rows)} are not among the {p} prefix tokens")
+        return joint[:, rows, p:].mean(dim=1)
     return joint[:, p:, p:].mean(dim=1)
 
 

@@ -80,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
     if dist is None:
         log.info("mean attention distance does not apply: %s", numbers["attention_distance_not_applicable"])
     else:
-        for i, m, s in zip(dist["layers"], dist["layer_mean"], dist["layer_spread"]):
-            log.info("layer %d: mean attention distance %.2f px, spread over heads %.2f px", i, m, s)
+        branches = dist.get("branch_of_layer") or [None] * len(dist["layers"])
+        for i, b, m, s in zip(dist["layers"], branches, dist["layer_mean"], dist["layer_spread"]):
+            where = f"layer {i}" + (f" (branch {b})" if b is not None else "")
+            log.info("%s: mean attention distance %.2f px, spread over heads %.2f px", where, m, s)
         log.info("(uniform attention would give %.2f px)", dist["uniform_reference"])
     pos = numbers["position_similarity"]
     if pos is None:

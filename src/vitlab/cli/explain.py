@@ -43,14 +43,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_argument(p)
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="how the map is computed (auto: attention rollout where the model's attention allows "
-                        "it, else Grad-CAM on the last feature map)")
+                        "it at this input size, else Grad-CAM on the last feature map)")
     p.add_argument("--class", dest="target", default=None, metavar="NAME",
                    help="class to explain with grad-rollout, grad-cam or grad-input (name or index; default: "
                         "the predicted class)")
     p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean",
-                   help="how the heads of a layer are combined (rollout, last-layer)")
+                   help="how the heads of a layer are combined (rollout and last-layer only; grad-rollout averages "
+                        "its gradient-weighted heads; ignored with a warning where a map has no heads)")
     p.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
-                   help="fraction of the lowest attentions dropped in each layer (0 keeps all)")
+                   help="fraction of the lowest attentions dropped in each layer, 0 keeps all (rollout and "
+                        "grad-rollout only)")
     p.add_argument("--output", default="explain", metavar="DIR", help="folder for the PNGs")
     p.add_argument("--skip-bad-images", action="store_true", help="report an undecodable file and go on")
     add_device_argument(p)
@@ -110,15 +112,24 @@ def run(args: argparse.Namespace) -> int:
     require_classifier(model, "explain", args.checkpoint)  # a segmenter has no per-class map here
     names = model_class_names(model)
     target = resolve_class(args.target, names)
-    from vitlab.analysis.explain import resolve_method
+    from vitlab.analysis.explain import methods_for, resolve_method
 
-    method = resolve_method(model, args.method)
     headless = model.num_classes == 0  # a self-supervised backbone: only class-agnostic attention maps
-    if headless and method not in ("rollout", "last-layer"):
-        if args.method != "auto":
+    if headless:
+        agnostic = [m for m in ("last-layer", "rollout") if m in methods_for(model)]  # DINO's class-token maps first
+        if not agnostic:
+            raise ValueError(f"{args.checkpoint} has no classifier (a pre-trained backbone), and "
+                             f"{type(model).__name__} has no attention map that does without one: its explain methods "
+                             f"({', '.join(methods_for(model))}) all explain a class score. Use a checkpoint with a "
+                             f"classification head (fine-tune this one first)")
+        if args.method not in ("auto", *agnostic):
             raise ValueError(f"--method {args.method}: {args.checkpoint} has no classifier (a pre-trained backbone); "
-                             f"use rollout or last-layer, or fine-tune it first")
-        method = "last-layer"  # DINO's class-token attention maps
+                             f"use {' or '.join(agnostic)}, or fine-tune it first")
+        method = agnostic[0] if args.method == "auto" else args.method
+    else:
+        method = resolve_method(model, args.method)
+    # "auto" is passed on: explain falls back to Grad-CAM where the windows cannot be analysed at an image's size
+    asked = "auto" if args.method == "auto" and not headless else method
     if target is not None and method in ("rollout", "last-layer"):
         log.warning("--class does not change %s maps; use grad-rollout, grad-cam or grad-input", method)
     pre = model.preprocessing
@@ -126,7 +137,6 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, stem in zip(images, unique_stems(images)):
-        out_name = f"{stem}_{method}.png"
         try:
             x = prepare_image(path, transform).unsqueeze(0).to(device)  # (1, C, H, W)
         except BadImageError as e:
@@ -134,8 +144,9 @@ def run(args: argparse.Namespace) -> int:
                 raise BadImageError(f"{e} (--skip-bad-images reports such files and goes on)") from e
             log.warning("skipped %s", e)
             continue
-        e = explain(model, x, method=method, target=target, head_fusion=args.head_fusion,
+        e = explain(model, x, method=asked, target=target, head_fusion=args.head_fusion,
                     discard_ratio=args.discard_ratio)
+        out_name = f"{stem}_{e.method}.png"
         if headless:
             image = to_display(x[0], pre.mean, pre.std)
             out = explain_figure(image, normalize_map(e.maps)[0], out_dir / out_name,
