@@ -33,6 +33,7 @@ def test_every_row_names_a_registered_model_a_readable_format_and_its_preprocess
         assert r["hub"].startswith("hf-hub:") and r["num_classes"] >= 0, r
         assert len(r["input_size"]) == 3 and len(r["mean"]) == len(r["std"]) == r["input_size"][0], r
         assert 0 < r["crop_pct"] <= 1 and r["interpolation"] in ("bicubic", "bilinear", "nearest"), r
+        assert r.get("crop_mode", "center") in ("center", "squash"), r
 
 
 @pytest.mark.parametrize("model, tags", [
@@ -48,8 +49,72 @@ def test_the_families_published_weights_are_listed(model, tags):
     assert tags <= {w.tag for w in pretrained_weights(model)}
 
 
-def test_default_weights_are_an_imagenet_classifier():
-    assert find_weights("beit_base_patch16_224").tag == "in22k_ft_in22k_in1k"
+# timm 1.0.31's default tag per name: timm.get_pretrained_cfg(NAME).tag, what timm.create_model(NAME,
+# pretrained=True) loads. The first 26 were taken wrongly before (the table followed list_pretrained()'s
+# alphabetical order and picked the first 1000-class row); then one name per family.
+TIMM_DEFAULT_TAGS = [
+    ("beitv2_base_patch16_224", "in1k_ft_in22k_in1k"),
+    ("beitv2_large_patch16_224", "in1k_ft_in22k_in1k"),
+    ("swin_base_patch4_window12_384", "ms_in22k_ft_in1k"),
+    ("swin_base_patch4_window7_224", "ms_in22k_ft_in1k"),
+    ("swin_small_patch4_window7_224", "ms_in22k_ft_in1k"),
+    ("vit_base_patch16_224_miil", "in21k"),  # 11221 classes, as in timm
+    ("vit_base_patch16_384", "augreg_in21k_ft_in1k"),
+    ("vit_base_patch32_224", "augreg_in21k_ft_in1k"),
+    ("vit_base_patch32_384", "augreg_in21k_ft_in1k"),
+    ("vit_huge_patch14_224", "orig_in21k"),  # a headless backbone, as in timm
+    ("vit_small_patch16_224", "augreg_in21k_ft_in1k"),
+    ("vit_small_patch16_384", "augreg_in21k_ft_in1k"),
+    ("xcit_large_24_p16_224", "fb_in1k"),
+    ("xcit_large_24_p8_224", "fb_in1k"),
+    ("xcit_medium_24_p16_224", "fb_in1k"),
+    ("xcit_medium_24_p8_224", "fb_in1k"),
+    ("xcit_nano_12_p16_224", "fb_in1k"),
+    ("xcit_nano_12_p8_224", "fb_in1k"),
+    ("xcit_small_12_p16_224", "fb_in1k"),
+    ("xcit_small_12_p8_224", "fb_in1k"),
+    ("xcit_small_24_p16_224", "fb_in1k"),
+    ("xcit_small_24_p8_224", "fb_in1k"),
+    ("xcit_tiny_12_p16_224", "fb_in1k"),
+    ("xcit_tiny_12_p8_224", "fb_in1k"),
+    ("xcit_tiny_24_p16_224", "fb_in1k"),
+    ("xcit_tiny_24_p8_224", "fb_in1k"),
+    ("xcit_large_24_p16_384", "fb_dist_in1k"),  # at 384 timm's default is the distilled one
+    ("beit_base_patch16_224", "in22k_ft_in22k_in1k"),
+    ("beit3_base_patch16_224", "in22k_ft_in1k"),
+    ("cait_s24_224", "fb_dist_in1k"),
+    ("crossvit_15_240", "in1k"),
+    ("deit_base_patch16_224", "fb_in1k"),
+    ("mixer_b16_224", "goog_in21k_ft_in1k"),
+    ("mobilevit_s", "cvnets_in1k"),
+    ("swinv2_base_window12_192", "ms_in22k"),  # 21841 classes
+    ("tnt_s_patch16_224", "in1k"),
+    ("vit_base_patch16_224", "augreg2_in21k_ft_in1k"),
+    ("vit_medium_patch16_gap_384", "sw_in12k_ft_in1k"),
+]
+
+
+@pytest.mark.parametrize("name, tag", TIMM_DEFAULT_TAGS)
+def test_a_bare_name_gets_timms_default_weights(name, tag):
+    assert find_weights(name).tag == tag
+
+
+def test_each_name_has_one_default_row_first():
+    """What the generator guarantees: a name with timm rows has exactly one marked default (timm's default
+    tag), its first row, in timm's format."""
+    by_model: dict[str, list[dict]] = {}
+    for r in ROWS:
+        by_model.setdefault(r["model"], []).append(r)
+    for model, rows in by_model.items():
+        defaults = [r["tag"] for r in rows if r.get("default")]
+        if any(r["format"] == "timm" for r in rows):
+            assert defaults == [rows[0]["tag"]] and rows[0]["format"] == "timm", (model, defaults)
+            assert find_weights(model).tag == rows[0]["tag"] == pretrained_weights(model)[0].tag
+        else:
+            assert len(defaults) <= 1, model
+
+
+def test_tagged_weights_and_unknown_tags():
     assert find_weights("vit_small_patch16_224", "dino").num_classes == 0
     with pytest.raises(ValueError, match="no weights tagged 'nope'"):
         find_weights("vit_small_patch16_224", "nope")
@@ -87,23 +152,22 @@ def test_pretrained_true_at_the_weights_own_resolution(monkeypatch):
                                ).preprocessing.input_size == (3, 256, 256)
 
 
-
 # registered names whose default preprocessing differs from their default row, and why (pretrained=True applies
 # the row; a file loaded from disk gets the model's defaults)
 DEFAULT_ROW_EXCEPTIONS = {
     # generated from ViT's variants table with the family's statistics (0.5); its only published weights are
     # DINO's self-supervised backbone, trained with ImageNet's
     "vit_small_patch8_224": {"mean", "std"},
-    # the name's statistics are the original ViT-H/14's (its orig_in21k row); the default row (the first,
-    # no row being a 1000-class classifier) is MAE's backbone, trained with ImageNet's
-    "vit_huge_patch14_224": {"mean", "std"},
+    # ViT's variants hold no crop mode; its only weights were evaluated squashed (timm's config.json says so
+    # for a hub folder, the row for pretrained=True)
+    "vit_medium_patch16_gap_384": {"crop_mode"},
 }
 WITH_ROWS = sorted({r["model"] for r in ROWS})
 
 
 def _preprocessing_fields(pre) -> dict:
     return {"input_size": tuple(pre.input_size), "mean": tuple(pre.mean), "std": tuple(pre.std),
-            "crop_pct": pre.crop_pct, "interpolation": pre.interpolation}
+            "crop_pct": pre.crop_pct, "interpolation": pre.interpolation, "crop_mode": pre.crop_mode}
 
 
 @pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter")
@@ -140,6 +204,34 @@ def _published_layouts() -> list[tuple[dict, dict[str, list[int]]]]:
 PUBLISHED = _published_layouts()
 
 
+def _build_published(monkeypatch, name: str, layout: dict[str, list[int]]):
+    """``create_model(name, pretrained=True)`` on the meta device, the hub file replaced by one with ``layout``."""
+    import vitlab.checkpoints as ck
+    import vitlab.checkpoints.load as load
+
+    # layer-scale vectors are read by value (BEiT's converter sets init_values from them): real, small
+    sd = {k: torch.full(shape, 0.1) if "gamma" in k else torch.empty(shape, device="meta")
+          for k, shape in layout.items()}
+    monkeypatch.setattr(ck, "resolve", lambda src: Path("published.safetensors"))
+    monkeypatch.setattr(load, "read_vitlab", lambda path: None)
+    monkeypatch.setattr(load, "read_safetensors", lambda path: (dict(sd), {}))
+    with torch.device("meta"):
+        return vitlab.create_model(name, pretrained=True)
+
+
+@pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter")
+def test_pretrained_true_applies_the_rows_crop_mode(monkeypatch):
+    """vit_medium_patch16_gap_384's weights are evaluated with timm's crop_mode="squash" (both sides resized);
+    no config field holds it, so it comes from the row as a preprocessing style."""
+    row, layout = next((r, lay) for r, lay in PUBLISHED if r["model"] == "vit_medium_patch16_gap_384")
+    assert row["crop_mode"] == "squash" and find_weights("vit_medium_patch16_gap_384").crop_mode == "squash"
+    m = _build_published(monkeypatch, "vit_medium_patch16_gap_384", layout)
+    assert m.preprocessing.crop_mode == "squash"
+    assert m.preprocessing_style["crop_mode"] == "squash"  # recorded: a saved checkpoint keeps it
+    with torch.device("meta"):
+        assert vitlab.create_model("vit_medium_patch16_gap_384").preprocessing.crop_mode == "center"
+
+
 def test_the_layout_fixture_covers_every_timm_row():
     with gzip.open(FIX / "timm_pretrained_shapes.json.gz", "rt") as f:
         covered = {(r["model"], r["tag"]) for r in json.load(f)["rows"]}
@@ -153,23 +245,14 @@ def test_every_published_timm_file_fits_the_model_its_row_builds(monkeypatch, ro
     detection, the family's converter and the strict load accept it (on the meta device: no memory, no
     download); the model has the row's classes and input size. Numerical parity per family is tested on the
     tiny fixtures; this covers every size and variant the hub holds."""
-    import vitlab.checkpoints as ck
-    import vitlab.checkpoints.load as load
-
-    # layer-scale vectors are read by value (BEiT's converter sets init_values from them): real, small
-    sd = {k: torch.full(shape, 0.1) if "gamma" in k else torch.empty(shape, device="meta")
-          for k, shape in layout.items()}
-    monkeypatch.setattr(ck, "resolve", lambda src: Path("published.safetensors"))
-    monkeypatch.setattr(load, "read_vitlab", lambda path: None)
-    monkeypatch.setattr(load, "read_safetensors", lambda path: (dict(sd), {}))
-    with torch.device("meta"):
-        m = vitlab.create_model(f"{row['model']}.{row['tag']}", pretrained=True)
+    m = _build_published(monkeypatch, f"{row['model']}.{row['tag']}", layout)
     assert m.num_classes == row["num_classes"]
     pre = m.preprocessing
     assert tuple(pre.input_size) == tuple(row["input_size"])
     # the preprocessing the weights were trained with, also where the family fixes it (the miil ViT's bilinear)
     assert (pre.interpolation, pre.crop_pct) == (row["interpolation"], pytest.approx(row["crop_pct"]))
     assert pre.mean == pytest.approx(tuple(row["mean"])) and pre.std == pytest.approx(tuple(row["std"]))
+    assert pre.crop_mode == row["crop_mode"]
 
 
 def test_list_models_pretrained_lists_every_set_of_weights(capsys):

@@ -79,19 +79,13 @@ def create_model(
     weights_overrides: dict[str, Any] = {}
     weights_style: dict[str, Any] = {}
     if pretrained is True:
-        from vitlab.models.pretrained import find_weights
+        from vitlab.models.pretrained import find_weights, weights_settings
 
         weights = find_weights(name, tag or None)
         pretrained = weights.hub
-        fields = {f.name for f in dataclasses.fields(entry.config)}
-        weights_overrides = {k: getattr(weights, k) for k in ("mean", "std", "crop_pct", "interpolation")
-                             if k in fields}
-        # what the family fixes but these weights were trained otherwise with (a family without the field)
-        weights_style = {k: getattr(weights, k) for k in ("mean", "std", "crop_pct", "interpolation")
-                         if k not in fields}
-        if "img_size" in fields:  # weights fine-tuned at another size than the name's (mobilevitv2_150 at 384)
-            h, w = weights.input_size[1:]
-            weights_overrides["img_size"] = h if h == w else (h, w)
+        # the config fields the row sets, and the preprocessing the family fixes but these weights were trained
+        # otherwise with (crop_mode, a family's fixed statistics)
+        weights_overrides, weights_style = weights_settings(weights, {f.name for f in dataclasses.fields(entry.config)})
     elif tag:
         raise ValueError(f"create_model({name}.{tag!r}): a weights tag needs pretrained=True")
     if pretrained is False:

@@ -1,5 +1,7 @@
 """Published weights as data: ``pretrained.json`` lists, per registered model, the checkpoints vitlab
-can load (hub id, file format, classes, license) and the preprocessing they were trained with."""
+can load (hub id, file format, classes, license) and the preprocessing they were trained with. A name's first
+row, marked ``default``, is what ``pretrained=True`` loads for the bare name: timm's default tag, as
+``timm.create_model(NAME, pretrained=True)`` loads it."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,6 +25,8 @@ class PretrainedWeights:
     crop_pct: float
     interpolation: str
     license: str
+    crop_mode: str = "center"  # "squash": both sides resized to size / crop_pct (timm's crop_mode)
+    default: bool = False  # the weights a bare name gets
 
 
 @cache
@@ -39,13 +44,31 @@ def pretrained_weights(model: str) -> list[PretrainedWeights]:
 
 
 def find_weights(model: str, tag: str | None = None) -> PretrainedWeights:
-    """The weights of ``model`` with ``tag`` (default: the first fine-tuned classifier, else the first)."""
+    """The weights of ``model`` with ``tag``; no tag: the row marked default (timm's default tag, whatever its
+    class count: ``vit_huge_patch14_224`` gets the ImageNet-21k backbone), else the first."""
     rows = pretrained_weights(model)
     if not rows:
         raise ValueError(f"no published weights are known for {model!r}; pass a file path as pretrained=")
     if tag is None:
-        return next((w for w in rows if w.num_classes == 1000), rows[0])
+        return next((w for w in rows if w.default), rows[0])
     for w in rows:
         if w.tag == tag:
             return w
     raise ValueError(f"{model!r} has no weights tagged {tag!r}; known: {', '.join(w.tag for w in rows)}")
+
+
+# the row fields that set a model's preprocessing (the input size goes through the config's img_size)
+PREPROCESSING_FIELDS = ("mean", "std", "crop_pct", "interpolation", "crop_mode")
+
+
+def weights_settings(weights: PretrainedWeights, fields: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``create_model(..., pretrained=True)`` sets from ``weights`` on a family whose config has ``fields``:
+    the config overrides (the preprocessing fields the config has, ``img_size`` for weights fine-tuned at
+    another size, e.g. mobilevitv2_150 at 384) and the preprocessing style (the fields the family fixes
+    otherwise, e.g. ``crop_mode``, which no config holds)."""
+    overrides = {k: getattr(weights, k) for k in PREPROCESSING_FIELDS if k in fields}
+    style = {k: getattr(weights, k) for k in PREPROCESSING_FIELDS if k not in fields}
+    if "img_size" in fields:
+        h, w = weights.input_size[1:]
+        overrides["img_size"] = h if h == w else (h, w)
+    return overrides, style
