@@ -13,6 +13,8 @@ from vitlab.cli.common import (
     add_threads_argument,
     check_device,
     load_checkpoint,
+    non_negative_int,
+    positive_float,
     positive_int,
     require_classifier,
 )
@@ -39,28 +41,6 @@ def _shots(text: str) -> tuple[int, ...]:
     return shots
 
 
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (argparse names the option in its error)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fewshot", help="linear few-shot and k-NN accuracy of a checkpoint's features",
                        description="Closed-form regularised least squares from frozen pre-logit features to "
@@ -72,12 +52,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="SOURCE", help="data source (e.g. digits, a folder, mnist)")
     p.add_argument("--shots", type=_shots, default=(1, 5, 10, 25), help="examples per class, comma-separated")
     p.add_argument("--seeds", type=positive_int, default=5, metavar="N", help="random support draws per shot count")
-    p.add_argument("--l2-reg", type=_positive_float, default=1.0,
+    p.add_argument("--l2-reg", type=positive_float, default=1.0,
                    help="ridge regularisation, > 0 (features are standardised)")
     p.add_argument("--knn-k", type=positive_int, default=5, help="neighbours for k-NN (capped at the shot count)")
     p.add_argument("--train-split", default="train", choices=("train", "val", "test"))
     p.add_argument("--test-split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--pool", type=_non_negative_int, default=None, metavar="N",
+    p.add_argument("--pool", type=non_negative_int, default=None, metavar="N",
                    help="embed only N random training images per class (default: max shots x seeds, so that "
                         "a large training set is not embedded whole; 0: all)")
     p.add_argument("--max-test", type=positive_int, default=None, metavar="N",
