@@ -33,10 +33,10 @@ echo "== vitlab predict"
 $VITLAB predict "$RUN"/digits/*.png --checkpoint "$RUN/model.safetensors" --topk 2
 
 echo "== vitlab explain (attention rollout overlays)"
-$VITLAB explain "$RUN"/digits/*.png --checkpoint "$RUN/model.safetensors" --output "$RUN/explain"
+$VITLAB explain "$RUN"/digits/*.png --checkpoint "$RUN/model.safetensors" --output "$RUN/explain" --overwrite
 
 echo "== vitlab analyze (attention distance, position similarity, embedding filters)"
-$VITLAB analyze --checkpoint "$RUN/model.safetensors" --data digits --output "$RUN/analysis"
+$VITLAB analyze --checkpoint "$RUN/model.safetensors" --data digits --output "$RUN/analysis" --overwrite
 
 echo
 echo "checkpoint:        $RUN/model.safetensors"

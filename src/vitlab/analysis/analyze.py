@@ -33,6 +33,7 @@ POSITION_PNG = "position_similarity.png"
 FILTERS_PNG = "embedding_filters.png"
 REPORT_HTML = "report.html"
 NUMBERS_JSON = "analysis.json"
+OUTPUT_FILES = (NUMBERS_JSON, REPORT_HTML, DISTANCE_PNG, POSITION_PNG, FILTERS_PNG)
 
 POSITION_KINDS = {"learn": "learned", "sincos": "fixed 2-D sin-cos (not learned)",
                   "sincos-1d": "fixed 1-D sinusoid over the row-major grid (not learned)"}

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import logging
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -212,24 +214,103 @@ def _is_tensor_map(obj: Mapping) -> bool:
 
 
 def atomic_write(path: str | os.PathLike, write_fn) -> Path:
-    """Write through ``write_fn(tmp_path)`` to a temporary file beside ``path``, then rename it into place.
+    """Write through ``write_fn(tmp_path)``, then rename ``tmp_path`` into place at ``path``.
 
-    A crash leaves either the old file or the new one, never a partial file.
+    ``tmp_path`` (named like ``path``) lies in a temporary folder ``.NAME.XXXXXXXX.tmp`` beside ``path``, which
+    also holds any temporary file of the writer's own (safetensors' ``save_file`` writes one beside the path it
+    is given). A crash leaves either the old file or the new one, never a partial file; a killed process leaves
+    the folder, which :func:`vitlab.train.state.remove_stale_temporaries` removes. A full disk or a file-size
+    limit raises an OSError naming ``path``, whatever error the writer raised.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
+        folder = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) or e from None
+    tmp = os.path.join(folder, path.name)
+    try:
+        open(tmp, "xb").close()  # a writer that writes nothing leaves an empty file
         write_fn(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except Exception as e:
+        if (error := _write_error(path, e)) is not None:
+            raise error from e
         raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return path
+
+
+# errnos that mean no room: a full disk, a file-size limit (ulimit -f, RLIMIT_FSIZE), a disk quota
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# torch.save's stream writer reports a short write without its errno: "[enforce fail at inline_container.cc:672]
+# . unexpected pos 576 vs 534", or "PytorchStreamWriter failed writing file data/0: file write failed"
+_TORCH_SHORT_WRITE = ("unexpected pos", "failed writing file", "file write failed")
+# safetensors' writer (Rust) reports an I/O error as "... I/O error: File too large (os error 27)"
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def check_outputs_free(planned, *, inputs=(), output: str | os.PathLike, overwrite: bool = False,
+                       earlier: str = "") -> None:
+    """Before anything is written: refuse a ``planned`` output file that is one of the ``inputs`` (always; a
+    link to one counts), and one that exists unless ``overwrite``. The errors name ``--output`` and list the
+    files; ``earlier`` (e.g. "the results of an earlier `vitlab detect` there?") is added to the second."""
+    sources: dict[tuple[int, int], Path] = {}
+    for p in inputs:
+        with contextlib.suppress(OSError):  # a missing input is reported when it is read
+            st = os.stat(p)
+            sources[(st.st_dev, st.st_ino)] = Path(p)
+    over_inputs, existing = [], []
+    for f in planned:
+        try:
+            st = os.stat(f)  # follows a link: writing through it would change its target
+        except OSError:
+            continue
+        source = sources.get((st.st_dev, st.st_ino))
+        if source is None:
+            existing.append(str(f))
+        else:
+            over_inputs.append(str(f) if source == Path(f) else f"{f} (the input {source})")
+    if over_inputs:
+        raise ValueError(f"--output {output}: the results would be written over input images: "
+                         f"{_listed(over_inputs)}; give another --output folder (--overwrite never replaces an "
+                         f"input image)")
+    if existing and not overwrite:
+        one = len(existing) == 1
+        raise FileExistsError(
+            f"--output {output}: {_listed(existing)} {'exists' if one else 'exist'}"
+            + (f" ({earlier})" if earlier else "")
+            + f"; pass --overwrite to replace {'it' if one else 'them'}, or give another --output folder")
+
+
+def _listed(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _write_error(path: Path, e: Exception) -> OSError | None:
+    """``e``, raised while writing ``path``, as an OSError naming ``path`` where it is an I/O error (a full disk
+    or a file-size limit said so); None for any other error."""
+    text = str(e).strip()
+    if isinstance(e, OSError):
+        code = e.errno
+        if code not in _NO_ROOM:
+            return None
+        text = e.strerror or text
+    elif type(e).__name__ == "SafetensorError" and (m := _RUST_OS_ERROR.search(text)):
+        code = int(m.group(1))
+    elif isinstance(e, RuntimeError) and any(s in text for s in _TORCH_SHORT_WRITE):
+        code = None
+    else:
+        return None
+    if code is None or code in _NO_ROOM:
+        why = "the disk may be full, or a file-size limit (ulimit -f) or disk quota reached"
+        return OSError(code, f"not written: {why} ({text}); an earlier file of that name is left as it was",
+                       str(path))
+    return OSError(code, f"not written ({text})", str(path))
 
 
 def _umask() -> int:

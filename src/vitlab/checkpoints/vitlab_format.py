@@ -106,6 +106,8 @@ def save_model(model: nn.Module, path: str | Path, *, class_names: list[str] | N
     state_dict = model.state_dict() if state_dict is None else strip_wrapper_prefixes(dict(state_dict))
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     header = {"vitlab": json.dumps(meta)}
+    # save_file streams the tensors (no in-memory copy of the file, as safetensors.torch.save would make);
+    # the temporary file it makes beside ``tmp`` lands in atomic_write's own temporary folder
     return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=header))
 
 
@@ -118,7 +120,18 @@ def read_vitlab(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
         meta = json.loads(header["vitlab"])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: vitlab metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: vitlab metadata is a JSON {_json_kind(meta)}, not an object (expected "
+                              f"{{\"format\": \"vitlab\", \"model\": ..., \"config\": {{...}}, ...}})")
     if meta.get(FORMAT_KEY) != FORMAT_NAME or "model" not in meta or "config" not in meta:
         raise CheckpointError(f"{path}: vitlab metadata lacks the model name or config")
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{path}: vitlab metadata's config is a JSON {_json_kind(meta['config'])}, not an "
+                              f"object of the model's config fields")
     # files that save_model wrote from a compiled / DDP model before it unwrapped them
     return strip_wrapper_prefixes(sd), meta
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "list", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)

@@ -43,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--components", type=positive_int, default=28, help="principal components of the filters to draw")
     p.add_argument("--batch-size", type=int, default=32, help="images per captured forward pass (all maps are kept)")
     p.add_argument("--output", default="analysis", metavar="DIR", help="folder for the figures and report")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report, numbers and figures of an earlier analysis in --output")
     add_device_argument(p)
     add_image_limit_argument(p)
     add_threads_argument(p)
@@ -58,12 +60,16 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.analysis.analyze import POSITION_KINDS, REPORT_HTML, analyze_model
+    from vitlab.analysis.analyze import NUMBERS_JSON, OUTPUT_FILES, POSITION_KINDS, REPORT_HTML, analyze_model
+    from vitlab.checkpoints.io import check_outputs_free
     from vitlab.cli.eval import run_split
     from vitlab.data import build_dataset, eval_transform
 
     if args.num_images < 1:
         raise ValueError("--num-images must be at least 1")
+    out = Path(args.output)
+    check_outputs_free([out / f for f in OUTPUT_FILES], output=out, overwrite=args.overwrite,
+                       earlier="an earlier analysis there?" if (out / NUMBERS_JSON).is_file() else "")
     device = check_device(args)
     model = require_classifier(load_checkpoint(args), "analyze", args.checkpoint)
     # the run's own split (its images feed attention statistics, not a score: overlap with training is harmless)

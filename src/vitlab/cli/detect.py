@@ -28,20 +28,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_threads_argument(p)
     add_skip_bad_images_argument(p)
     p.add_argument("--output", type=Path, default=Path("detections"), help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the same names in --output, e.g. an earlier run's (default: refuse); an "
+                        "input image is never replaced")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.data import expand_image_paths
-    from vitlab.tasks.run import detect_images, load_dense
+    from vitlab.tasks.run import check_output_files, detect_images, load_dense
 
     if args.attention and (args.runtime == "onnx" or str(args.checkpoint).lower().endswith(".onnx")):
         raise ValueError("--attention reads the decoder's cross-attention inside the PyTorch model; an ONNX file "
                          "exports only logits and boxes: give the checkpoint and --runtime torch")
     images = [Path(p) for p in expand_image_paths(args.images)]
+    # before the model is loaded: nothing is written when a file is in the way
+    check_output_files(images, args.output, "detection", attention=args.attention, overwrite=args.overwrite)
     model = load_dense(args.checkpoint, "detection", args.runtime)
     results = detect_images(model, images, args.output, threshold=args.threshold, attention=args.attention,
-                            skip_bad_images=args.skip_bad_images)
+                            skip_bad_images=args.skip_bad_images, overwrite=args.overwrite)
     for r in results:
         if "error" in r:
             print(f"{r['error']} (skipped)")

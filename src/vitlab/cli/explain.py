@@ -54,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fraction of the lowest attentions dropped in each layer, 0 keeps all (rollout and "
                         "grad-rollout only)")
     p.add_argument("--output", default="explain", metavar="DIR", help="folder for the PNGs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace PNGs of the same names in --output (an input image is never replaced)")
     p.add_argument("--skip-bad-images", action="store_true", help="report an undecodable file and go on")
     add_device_argument(p)
     add_image_limit_argument(p)
@@ -90,6 +92,7 @@ def prepare_image(path: str, transform) -> torch.Tensor:
 def run(args: argparse.Namespace) -> int:
     from vitlab.analysis import explain, normalize_map
     from vitlab.analysis.figures import explain_figure, to_display
+    from vitlab.checkpoints.io import check_outputs_free
     from vitlab.data import BadImageError, eval_transform, expand_image_paths, unique_stems
 
     images = expand_image_paths(args.images)
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             log.warning("a detector is explained by each object's decoder cross-attention: --method and --class do "
                         "not apply (vitlab detect --attention --threshold T sets which objects are drawn)")
         for r in detect_images(model.cpu(), [Path(p) for p in images], Path(args.output), attention=True,
-                               skip_bad_images=args.skip_bad_images):
+                               skip_bad_images=args.skip_bad_images, overwrite=args.overwrite):
             if "error" in r:
                 print(f"{r['error']} (skipped)")
             else:
@@ -135,8 +138,12 @@ def run(args: argparse.Namespace) -> int:
     pre = model.preprocessing
     transform = eval_transform(pre)
     out_dir = Path(args.output)
+    stems = unique_stems(images)
+    names_of = {method, "grad-cam"} if asked == "auto" else {method}  # auto may fall back to Grad-CAM
+    check_outputs_free([out_dir / f"{stem}_{m}.png" for stem in stems for m in sorted(names_of)], inputs=images,
+                       output=out_dir, overwrite=args.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path, stem in zip(images, unique_stems(images)):
+    for path, stem in zip(images, stems):
         try:
             x = prepare_image(path, transform).unsqueeze(0).to(device)  # (1, C, H, W)
         except BadImageError as e:

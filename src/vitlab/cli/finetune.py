@@ -15,6 +15,7 @@ from vitlab.cli.train import (
     check_length_options,
     make_job,
     resolve_recipe,
+    saved_job,
     saved_run,
     train_or_explain,
 )
@@ -39,8 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "classes, position embeddings resampled to --img-size.",
                        epilog=EXAMPLE.format(recipes=", ".join(list_recipes())),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="source", required=True,
-                   help="vitlab checkpoint, timm/HF weights, JAX .npz or hf-hub:ORG/NAME")
+    p.add_argument("--from", dest="source",
+                   help="vitlab checkpoint, timm/HF weights, JAX .npz or hf-hub:ORG/NAME (required; with --resume: "
+                        "the run's own, which need not exist any more)")
     p.add_argument("--model", help="registered architecture (needed unless --from names it: a vitlab checkpoint or run folder, a Hugging Face or timm hub folder)")
     add_common_args(p, default_recipe="vit_finetune", output_default="finetune-MODEL")
     p.set_defaults(func=run)
@@ -54,11 +56,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--set model=...: finetune's model is the one --from holds (or --model names for weights "
                          "that do not name it); leave --set model out")
     saved = saved_run(args, args.output) if args.output is not None else None
-    if saved is not None:
-        args.data = args.data or saved["job"].get("data")
-    model = args.model or model_name_of(args.source)
+    recorded = saved_job(args)  # with --resume: the run's job.json (its data, --from source and model)
+    args.data = args.data or recorded.get("data")
+    if args.source is None:
+        args.source = recorded.get("pretrained")
+        if args.source is None:
+            raise ValueError(f"--resume: {args.output / 'job.json'} records no --from source; give --from"
+                             if args.resume and args.output is not None else
+                             "--from is required: the checkpoint, weights or hf-hub:ORG/NAME to fine-tune (with "
+                             "--resume and --output RUN: the run's own)")
+    # a resumed run's model is the one it records: its --from source is not read again (train.run.build_model)
+    model = args.model or recorded.get("model") or model_name_of(args.source)
     recipe = resolve_recipe(args, "vit_finetune", saved, model=model)
-    if saved is None and args.recipe is None and args.img_size is None and not _sets_img_size(args.overrides):
+    if (saved is None and not args.resume and args.recipe is None and args.img_size is None
+            and not _sets_img_size(args.overrides)):
         recipe = recipe.replace(img_size=_checkpoint_size(args.source, model, recipe.model_overrides))
     if saved is None:
         recipe = _pretraining_hold_out(args, recipe)

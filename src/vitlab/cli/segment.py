@@ -28,16 +28,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_threads_argument(p)
     add_skip_bad_images_argument(p)
     p.add_argument("--output", type=Path, default=Path("segments"), help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the same names in --output, e.g. an earlier run's (default: refuse); an "
+                        "input image is never replaced")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.data import expand_image_paths
-    from vitlab.tasks.run import load_dense, segment_images
+    from vitlab.tasks.run import check_output_files, load_dense, segment_images
 
     images = [Path(p) for p in expand_image_paths(args.images)]
+    # before the model is loaded: nothing is written when a file is in the way
+    check_output_files(images, args.output, "segmentation", overwrite=args.overwrite)
     model = load_dense(args.checkpoint, "segmentation", args.runtime)
-    for r in segment_images(model, images, args.output, alpha=args.alpha, skip_bad_images=args.skip_bad_images):
+    results = segment_images(model, images, args.output, alpha=args.alpha, skip_bad_images=args.skip_bad_images,
+                             overwrite=args.overwrite)
+    for r in results:
         print(f"{r['error']} (skipped)" if "error" in r else f"{r['image']}: {r['pixels_per_class']}")
     print(f"overlays and masks in {args.output}")
     return 0

@@ -111,11 +111,20 @@ def saved_run(args: argparse.Namespace, output: Path) -> dict | None:
     """With --resume and no --recipe: the recipe, model and data recorded in the run directory."""
     import json
 
-    if not args.resume or args.recipe is not None or not (output / "recipe.json").is_file():
+    from vitlab.train.run import read_job
+
+    path = output / "recipe.json"
+    if not args.resume or args.recipe is not None or not path.is_file():
         return None
-    saved = json.loads((output / "recipe.json").read_text())
-    job = json.loads((output / "job.json").read_text()) if (output / "job.json").is_file() else {}
-    return {"recipe": {k: v for k, v in saved.items() if k != "resolved"}, "job": job}
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); --resume continues the run's own recipe: repair the "
+                         f"file") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a recipe (a JSON object of recipe fields); --resume continues the run's "
+                         f"own recipe: repair the file")
+    return {"recipe": {k: v for k, v in saved.items() if k != "resolved"}, "job": read_job(output)}
 
 
 def saved_job(args: argparse.Namespace) -> dict:
@@ -126,16 +135,17 @@ def saved_job(args: argparse.Namespace) -> dict:
 
 
 def check_recipe_outside(args: argparse.Namespace, output: Path) -> None:
-    """--recipe naming the recipe.json the run writes into --output, a file no run wrote (the user's own), is
-    refused: the run would replace it with its resolved recipe."""
-    from vitlab.train.run import is_run_recipe
+    """--recipe naming the recipe.json the run writes into --output of a folder that is not a vitlab run
+    (:func:`vitlab.train.run.is_run_dir`: the file is the user's own, also when copied from a run) is refused:
+    the run would replace it with its resolved recipe."""
+    from vitlab.train.run import is_run_dir
     from vitlab.train.trainer import RECIPE_FILE
 
     if args.recipe is None:
         return
     path = Path(args.recipe).expanduser()
     target = output / RECIPE_FILE
-    if path.is_file() and target.is_file() and path.resolve() == target.resolve() and not is_run_recipe(path):
+    if path.is_file() and target.is_file() and path.resolve() == target.resolve() and not is_run_dir(output):
         raise ValueError(f"--recipe {args.recipe} is the file the run writes its resolved recipe to "
                          f"({target}): it would be replaced; copy it outside --output {output}, or choose "
                          f"another --output")
@@ -199,10 +209,12 @@ def resolve_distill(args: argparse.Namespace):
                    if v is not None and (teacher_identity(v) if k == "teacher" else v)
                    != (teacher_identity(recorded[k]) if k == "teacher" else recorded.get(k))]
         if changed:
-            raise ValueError(f"--resume: the run in {args.output} distils with {recorded}; this asks for "
+            shown = {k: v for k, v in recorded.items() if k != "fingerprint"}
+            raise ValueError(f"--resume: the run in {args.output} distils with {shown}; this asks for "
                              f"{', '.join(changed)}; leave the distillation options out to continue it, or start a "
                              f"new run (another --output)")
-        return Distill(**{k: recorded[k] for k in ("teacher", "kind", "alpha", "tau")}, model=recorded.get("model"))
+        return Distill(**{k: recorded[k] for k in ("teacher", "kind", "alpha", "tau")}, model=recorded.get("model"),
+                       fingerprint=recorded.get("fingerprint"))
     if args.teacher is not None and args.tau is not None and (args.distill or DISTILL_DEFAULTS["kind"]) == "hard":
         raise ValueError("--tau is the soft distillation's temperature; hard distillation (--distill hard, the "
                          "default) does not use it: leave --tau out, or give --distill soft")

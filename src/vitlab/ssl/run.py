@@ -537,10 +537,18 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
     everything that can be checked without training has been."""
     from vitlab.checkpoints import save_model
     from vitlab.data import build_dataset
-    from vitlab.train.run import JOB_FILE, check_output, check_resumable, clear_run_outputs, source_identity
+    from vitlab.train.run import (
+        JOB_FILE,
+        check_output,
+        check_resumable,
+        clear_run_outputs,
+        run_dir_lock,
+        run_marker,
+        source_identity,
+    )
 
     _check_method(job.method)
-    with distributed_context(job.device) as ctx:
+    with distributed_context(job.device) as ctx, run_dir_lock(job.output, enabled=ctx.is_main):
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)
         threads = job.threads if job.threads is not None else job.recipe.cpu_threads  # --threads, else the recipe's
@@ -577,7 +585,7 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
                 clear_run_outputs(job.output)
             job.output.mkdir(parents=True, exist_ok=True)
             record = json.dumps({
-                "method": job.method, "data": job.data, "data_source": source_identity(job.data),
+                **run_marker(), "method": job.method, "data": job.data, "data_source": source_identity(job.data),
                 "model": job.model or recipe.model, "options": job.options, "skip_bad_images": job.skip_bad_images,
                 **({"held_out": held_out} if held_out else {})}, indent=2, default=str)
             path = job.output / JOB_FILE

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vitlab.checkpoints.io import check_outputs_free
 from vitlab.data.dense import CocoDetection, DenseTransform, MaskFolder, train_categories
 from vitlab.data.errors import BadImageError, DatasetError
 
@@ -119,7 +120,9 @@ def run_dense_training(job: DenseJob) -> dict[str, Any]:
     from vitlab.train.hardware import training_threads
 
     recipe = job.recipe
-    with distributed_context(job.device) as ctx:
+    from vitlab.train.run import run_dir_lock
+
+    with distributed_context(job.device) as ctx, run_dir_lock(job.output, enabled=ctx.is_main):
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
@@ -136,7 +139,14 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
     from vitlab.tasks.segmentation import SegmentationObjective, evaluate_segmentation
     from vitlab.train import fit
     from vitlab.train.distributed import barrier
-    from vitlab.train.run import JOB_FILE, check_resumable, check_run_dir, clear_run_outputs, source_identity
+    from vitlab.train.run import (
+        JOB_FILE,
+        check_resumable,
+        check_run_dir,
+        clear_run_outputs,
+        run_marker,
+        source_identity,
+    )
     from vitlab.train.trainer import atomic_text
 
     if job.task not in TASKS:
@@ -181,6 +191,7 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
             clear_run_outputs(job.output)
         job.output.mkdir(parents=True, exist_ok=True)
         atomic_text(job.output / JOB_FILE, json.dumps({
+            **run_marker(),
             "task": job.task, "data": str(job.data), "data_source": source_identity(job.data), "classes": classes,
             **({"categories": categories} if categories is not None else {}), "model": job.model,
             "pretrained_backbone": job.pretrained_backbone, "skip_bad_images": job.skip_bad_images}, indent=2))
@@ -410,16 +421,44 @@ def _names(model: nn.Module) -> list[str]:
     return list(getattr(model, "class_names", None) or [str(i) for i in range(model.num_classes)])
 
 
+RESULTS_FILES = {"detection": "detections.json", "segmentation": "segments.json"}
+_COMMANDS = {"detection": "vitlab detect", "segmentation": "vitlab segment"}
+
+
+def output_files(paths: list[Path], output: Path, task: str, *, attention: bool = False) -> list[Path]:
+    """The files :func:`detect_images` (``task`` "detection") or :func:`segment_images` writes for ``paths``."""
+    from vitlab.data import unique_stems
+
+    suffixes = ("", "_attention") if attention else ("",)
+    if task == "segmentation":
+        suffixes = ("", "_mask")
+    pictures = [output / f"{stem}{suffix}.png" for stem in unique_stems(paths) for suffix in suffixes]
+    return [*pictures, output / RESULTS_FILES[task]]
+
+
+def check_output_files(paths: list[Path], output: Path, task: str, *, attention: bool = False,
+                       overwrite: bool = False) -> None:
+    """Before anything is written: refuse an output file that is one of the input images (always: a folder of
+    images given as its own ``output``), and one that exists unless ``overwrite``. The error lists them."""
+    earlier = f"the results of an earlier `{_COMMANDS[task]}` there?" if (output / RESULTS_FILES[task]).is_file() else ""
+    check_outputs_free(output_files(paths, output, task, attention=attention), inputs=paths, output=output,
+                       overwrite=overwrite, earlier=earlier)
+
+
 @torch.no_grad()
 def detect_images(model: nn.Module, paths: list[Path], output: Path, *, threshold: float = 0.5,
-                  attention: bool = False, skip_bad_images: bool = False) -> list[dict[str, Any]]:
+                  attention: bool = False, skip_bad_images: bool = False,
+                  overwrite: bool = True) -> list[dict[str, Any]]:
     """Draw boxes, labels and scores on each image (``output/NAME.png``) and write ``detections.json``;
     with ``attention``, also each detected object's decoder cross-attention (``NAME_attention.png``).
 
     ``skip_bad_images``: an undecodable file gets an entry with its ``error`` and the rest go on; otherwise it
-    stops the run, and ``detections.json`` still holds the images done before it."""
+    stops the run, and ``detections.json`` still holds the images done before it. ``overwrite=False`` refuses
+    files that exist in ``output`` (``vitlab detect`` without --overwrite); an input image is never written over
+    (:func:`check_output_files`)."""
     from vitlab.data import unique_stems
 
+    check_output_files(paths, output, "detection", attention=attention, overwrite=overwrite)
     names = _names(model)
     output.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
@@ -521,15 +560,16 @@ PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200
 
 @torch.no_grad()
 def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: float = 0.5,
-                   skip_bad_images: bool = False) -> list[dict[str, Any]]:
+                   skip_bad_images: bool = False, overwrite: bool = True) -> list[dict[str, Any]]:
     """A colour overlay (``NAME.png``) and the class-index mask (``NAME_mask.png``: 8-bit grey, 16-bit for a
-    model of more than 256 classes) per image, and ``segments.json`` (``skip_bad_images`` as in
-    :func:`detect_images`)."""
+    model of more than 256 classes) per image, and ``segments.json`` (``skip_bad_images`` and ``overwrite`` as
+    in :func:`detect_images`)."""
     import numpy as np
     from PIL import Image
 
     from vitlab.data import unique_stems
 
+    check_output_files(paths, output, "segmentation", overwrite=overwrite)
     output.mkdir(parents=True, exist_ok=True)
     names = _names(model)
     colours = np.array([PALETTE[i % len(PALETTE)] for i in range(model.num_classes)], dtype=np.float32)
@@ -552,6 +592,6 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
     return results
 
 
-__all__ = ["DENSE_RUNTIMES", "DenseJob", "check_dense_files", "detect_images", "evaluate_folder", "format_metrics",
-           "ignore_index_of", "load_dense", "recorded_categories", "run_dense_training", "segment_images", "task_of",
-           "transform_for", "unnamed_detector_categories"]
+__all__ = ["DENSE_RUNTIMES", "DenseJob", "check_dense_files", "check_output_files", "detect_images", "evaluate_folder",
+           "format_metrics", "ignore_index_of", "load_dense", "output_files", "recorded_categories",
+           "run_dense_training", "segment_images", "task_of", "transform_for", "unnamed_detector_categories"]

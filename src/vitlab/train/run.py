@@ -6,11 +6,13 @@ It builds the data splits and the model, attaches the model's own preprocessing 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,10 +36,14 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 JOB_FILE = "job.json"  # what the run was asked to do: task, data source (and its classes), model
+MARKER_KEY = "written_by"  # in every job.json vitlab writes: "vitlab VERSION" (run_marker)
+LOCK_FILE = ".vitlab.lock"  # held by the process writing the run (run_dir_lock): its PID and host
 # files a vitlab run writes that mark a folder as a run (finished, unfinished or just begun), when they are
-# vitlab's own: the training state, a model with vitlab's metadata, a job.json with the keys every job writes
+# vitlab's own: the training state, a model with vitlab's metadata, a job.json with vitlab's marker
 RUN_MARKERS = (STATE_FILE, MODEL_FILE, JOB_FILE)
 JOB_KEYS = ("data", "model")  # in every job.json vitlab writes (train, finetune, pretrain, detection, segmentation)
+# what a run appends to as it trains: a new run must not append to a stopped one's
+TRAINING_LOGS = (METRICS_FILE, "tb")
 # what `vitlab pretrain` writes besides (vitlab.ssl.tokenizer.TOKENIZER_FILE, vitlab.ssl.run.TEACHER_FILE)
 PRETRAIN_OUTPUTS = ("tokenizer.safetensors", "teacher.safetensors")
 # every file a run writes into its directory (the trainer's, the jobs' and the dense tasks' metrics.json)
@@ -52,6 +58,8 @@ class Distill:
     alpha: float = 0.5
     tau: float = 1.0
     model: str | None = None  # --teacher-model: the teacher's architecture, for weights that do not name it
+    # the teacher's weights when the run began (weights_fingerprint): --resume refuses a teacher that changed since
+    fingerprint: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -97,6 +105,8 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int, classes: list[st
 
     recipe = job.recipe
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank and every run
+    if job.pretrained is not None and job.resume:
+        return _resumed_model(job, num_classes)
     if job.pretrained is None:
         name = job.model or recipe.model
         if name is None:
@@ -128,6 +138,30 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int, classes: list[st
     return model
 
 
+def _resumed_model(job: TrainJob, num_classes: int) -> nn.Module:
+    """--resume of a fine-tune: the model as the run built it, from the config (and preprocessing) its own
+    model.safetensors records, else its training state's config; the training state supplies every weight,
+    so the --from source is not read (it may have been moved or deleted since)."""
+    import vitlab
+    from vitlab.checkpoints.vitlab_format import config_from_dict
+
+    own = job.output / MODEL_FILE
+    meta = checkpoint_metadata(own)
+    if meta.get("model") and meta.get("config"):
+        name = job.model or meta["model"]
+        overrides = {**job.recipe.model_overrides, **job.extra_overrides}
+        model = vitlab.create_model(name, pretrained=own, num_classes=num_classes, img_size=job.recipe.img_size,
+                                    **overrides)
+    else:  # no model file (removed by hand): the architecture the training state records
+        state = load_train_state(resumable_state(job.output), mmap=True)
+        name = job.model or state["model_name"]
+        model = get_entry(name).build(config_from_dict(get_entry(name).config, state["model_config"]))
+        model.model_name = name
+    log.info("--resume: %s built as the run built it (the weights come from its %s; %s is not read)", name,
+             STATE_FILE, job.pretrained)
+    return model
+
+
 def check_output(job: TrainJob) -> None:
     """Without --resume or --overwrite, a run directory that already holds a run (finished or not) is refused."""
     check_run_dir(job.output, resume=job.resume, overwrite=job.overwrite)
@@ -139,7 +173,9 @@ def check_run_dir(output: Path, *, resume: bool, overwrite: bool) -> None:
     An existing folder that is not a vitlab run (:func:`is_run_dir`: no file in it that a run wrote) is used
     only when empty; with --overwrite the run is written beside its files, but never over one of them (a
     user's recipe.json, job.json, tokenizer.safetensors: any name in ``RUN_OUTPUTS``).
-    (--resume into such a folder fails as it finds no training state.)"""
+    (--resume into such a folder fails as it finds no training state.) A run that logged steps but stopped
+    before its first checkpoint (no state to resume) is not appended to: it needs --overwrite too. The caller
+    holds the folder's lock (:func:`run_dir_lock`): no other run writes it meanwhile."""
     if output.is_dir() and not resume and not is_run_dir(output):
         _check_foreign_dir(output, overwrite=overwrite)
         return
@@ -160,36 +196,82 @@ def check_run_dir(output: Path, *, resume: bool, overwrite: bool) -> None:
     if (output / MODEL_FILE).exists():
         raise ValueError(f"{output} already holds a model ({MODEL_FILE}); replace it with --overwrite, "
                          f"or choose another --output")
+    logged = stopped_before_checkpoint(output)
+    if logged:  # a new run would append its records to the old run's
+        raise ValueError(f"{output} holds a run that stopped before its first checkpoint (it logged "
+                         f"{', '.join(logged)}, but has no {STATE_FILE}): it cannot be resumed; start it over with "
+                         f"--overwrite (its files are removed first), or choose another --output")
+
+
+def stopped_before_checkpoint(output: Path) -> list[str]:
+    """The training logs (metrics.jsonl, tb/) of a vitlab run in ``output`` that stopped before it saved its
+    first training state; [] for a folder with a state, one that is not a run, or a run that never logged (a
+    run refused before training: starting again simply rewrites its job.json and recipe.json)."""
+    if (output / STATE_FILE).exists() or not is_run_dir(output):
+        return []
+    return [name for name in TRAINING_LOGS if (output / name).exists()]
+
+
+def resumable_state(output: Path) -> Path:
+    """The training state --resume continues from; a run without one is refused with the way to start it
+    over (a run that trained some steps needs --overwrite, see :func:`check_run_dir`)."""
+    path = output / STATE_FILE
+    if not path.is_file():
+        logged = stopped_before_checkpoint(output)
+        if logged:
+            raise FileNotFoundError(f"--resume: no training state at {path}: the run stopped before its first "
+                                    f"checkpoint (it logged {', '.join(logged)}); start it over with --overwrite")
+    return path
 
 
 def is_run_dir(output: Path) -> bool:
-    """Whether ``output`` holds a vitlab run: its training state, a model.safetensors with vitlab's metadata, a
-    job.json or recipe.json a run wrote. A file of the same name that vitlab did not write (a user's job.json,
-    another library's model.safetensors) does not make a folder a run: such a folder is the user's, and its
-    files are never replaced."""
-    if (output / STATE_FILE).exists():
+    """Whether ``output`` holds a vitlab run: a job.json with vitlab's marker (every run writes one before it
+    trains), or vitlab's training state; for a run written before job.json had the marker, a job.json with the
+    keys every job records together with a model.safetensors with vitlab's metadata. A file of the same name
+    that vitlab did not write (a user's job.json or recipe.json, another library's model.safetensors) does not
+    make a folder a run: such a folder is the user's, and its files are never replaced."""
+    if is_run_job(output / JOB_FILE) or _is_train_state(output / STATE_FILE):
         return True
-    if (output / MODEL_FILE).is_file() and checkpoint_metadata(output / MODEL_FILE):
-        return True
-    return is_run_job(output / JOB_FILE) or is_run_recipe(output / RECIPE_FILE)
+    return _has_job_keys(output / JOB_FILE) and bool(checkpoint_metadata(output / MODEL_FILE))
+
+
+def run_marker() -> dict[str, str]:
+    """The entry that marks a job.json as vitlab's (first in every job.json a run writes)."""
+    from vitlab import __version__
+
+    return {MARKER_KEY: f"vitlab {__version__}"}
 
 
 def is_run_job(path: Path) -> bool:
-    """Whether ``path`` is a job.json written by a vitlab run (a JSON object with the keys every job records),
-    not a file of the user's that has the same name."""
+    """Whether ``path`` is a job.json written by a vitlab run (it carries :func:`run_marker`'s entry), not a file
+    of the user's that has the same name."""
+    data = _json_object(path)
+    return isinstance(data.get(MARKER_KEY), str) and data[MARKER_KEY].startswith("vitlab ")
+
+
+def _has_job_keys(path: Path) -> bool:
+    """A job.json with the keys every job records (how a run's job.json looked before it had the marker)."""
+    data = _json_object(path)
+    return all(k in data for k in JOB_KEYS)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_train_state(path: Path) -> bool:
+    """Whether ``path`` is vitlab's training state (another tool's train_state.pt is not)."""
+    if not path.is_file():
         return False
-    return isinstance(data, dict) and all(k in data for k in JOB_KEYS)
-
-
-def is_run_recipe(path: Path) -> bool:
-    """Whether ``path`` is a recipe.json written by a run (it records the ``resolved`` values), not by a user."""
     try:
-        return isinstance(data := json.loads(path.read_text()), dict) and "resolved" in data
-    except (OSError, ValueError):
+        load_train_state(path, mmap=True)
+    except (CheckpointError, OSError, ValueError):
         return False
+    return True
 
 
 def clear_run_outputs(output: Path) -> None:
@@ -216,7 +298,7 @@ def clear_run_outputs(output: Path) -> None:
 
 def _check_foreign_dir(output: Path, *, overwrite: bool) -> None:
     """An existing folder that is not a run: empty, or (with --overwrite) holding none of the run's files."""
-    entries = sorted(p.name for p in output.iterdir())
+    entries = sorted(p.name for p in output.iterdir() if p.name != LOCK_FILE)
     if not entries:
         return
     shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
@@ -239,7 +321,7 @@ def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str
     job.json.)"""
     from vitlab.train.trainer import check_same_model, check_same_optimizer
 
-    path = output / STATE_FILE
+    path = resumable_state(output)
     state = load_train_state(path, mmap=True)
     if data is not None:
         check_resumed_data(output, data, classes)
@@ -368,7 +450,8 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-        with training_threads(job.threads if job.threads is not None else recipe.cpu_threads, local) as threads:
+        with training_threads(job.threads if job.threads is not None else recipe.cpu_threads, local) as threads, \
+                run_dir_lock(job.output, enabled=ctx.is_main):
             log.info("%d CPU thread(s) per process", threads)
             return _run(job, ctx)
 
@@ -427,7 +510,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
             clear_run_outputs(job.output)
         job.output.mkdir(parents=True, exist_ok=True)
         atomic_text(job.output / JOB_FILE, json.dumps({
-            "task": "classification", "data": job.data, "data_source": source_identity(job.data),
+            **run_marker(), "task": "classification", "data": job.data, "data_source": source_identity(job.data),
             "classes": list(train_set.classes), "model": job.model or recipe.model, "pretrained": job.pretrained,
             "skip_bad_images": job.skip_bad_images,
             "distill": dataclasses.asdict(job.distill) if job.distill is not None else None}, indent=2))
@@ -614,6 +697,9 @@ def _test(model: nn.Module, test_set, recipe: Recipe, ctx: DistContext, label: s
 
 
 def _distillation(job: TrainJob, ctx: DistContext, student: nn.Module, classes: list[str]):
+    """The distillation loss from ``job.distill``'s teacher; records the teacher's fingerprint in
+    ``job.distill`` (job.json), and on --resume refuses a teacher whose weights are not those the run began
+    with (a teacher file replaced meanwhile)."""
     import vitlab
     from vitlab.checkpoints import CheckpointNotFoundError
     from vitlab.train.distill import DistillationLoss, adapt_teacher, check_teacher_classes
@@ -627,8 +713,161 @@ def _distillation(job: TrainJob, ctx: DistContext, student: nn.Module, classes: 
         if d.model is None and "--model NAME" in str(e):  # --model names the student: the teacher's is its own
             raise CheckpointError(f"--teacher {str(e).replace('--model NAME', '--teacher-model NAME')}") from None
         raise
+    fingerprint = weights_fingerprint(teacher)
+    if job.resume and d.fingerprint is not None and d.fingerprint != fingerprint:
+        raise CheckpointError(
+            f"--resume: the teacher {d.teacher} is not the one this run distilled from: its weights changed since "
+            f"the run began (fingerprint {_short(d.fingerprint)} in {job.output / JOB_FILE}, {_short(fingerprint)} "
+            f"now{_modified(d.teacher)}); put the run's teacher back at {d.teacher}, or start a new run (another "
+            f"--output)")
+    job.distill = dataclasses.replace(d, fingerprint=fingerprint)
     check_teacher_classes(teacher, classes)
     teacher = adapt_teacher(teacher, student.preprocessing).to(ctx.device)
     base = ClassificationLoss(label_smoothing=job.recipe.label_smoothing)
     log.info("distilling from %s (%s, alpha %.2f, tau %.2f)", d.teacher, d.kind, d.alpha, d.tau)
     return DistillationLoss(base, teacher, kind=d.kind, alpha=d.alpha, tau=d.tau)
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """``"sha256:HEX"`` of a module's state (each tensor's name, dtype, shape and bytes): the same weights give
+    the same value whatever file, format or path they were read from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return f"sha256:{h.hexdigest()}"
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint.split(":", 1)[-1][:12]
+
+
+def _modified(path: str) -> str:
+    """When the file at ``path`` was last modified (what replaced the teacher), as a clause of the refusal."""
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError:
+        return ""
+    return f"; {path} was modified at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(mtime))}"
+
+
+# ---------------------------------------------------------------------------------------------- the run's lock
+class RunDirInUseError(ValueError):
+    """Another running vitlab process holds the run directory (:func:`run_dir_lock`)."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(output: Path, *, enabled: bool = True) -> Iterator[None]:
+    """Hold the run directory ``output`` for the block: an exclusive ``fcntl.flock`` on ``output/.vitlab.lock``
+    (which records this process's PID and host), taken before the folder is checked, released (the file
+    removed) at the end; the system releases it if the process dies. Another run into the same folder
+    meanwhile is refused with :class:`RunDirInUseError` naming the holder; a lock left by a process that no
+    longer runs is taken over, with a log line. Under torchrun only the main process (``enabled``) takes it:
+    it alone writes the run directory. A folder created here and left empty is removed again."""
+    if not enabled:
+        yield
+        return
+    lock = _RunLock(Path(output))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class _RunLock:
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.path = output / LOCK_FILE
+        self.fd: int | None = None
+        self.created: list[Path] = []
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        self.created = [p for p in (self.output, *self.output.parents) if not p.exists()]  # deepest first
+        self.output.mkdir(parents=True, exist_ok=True)
+        host = socket.gethostname()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                if holder is not None and holder[1] == host and not _pid_alive(holder[0]):
+                    # its PID is gone, a child it left (a data-loader worker) still holds the file: leave them it
+                    log.warning("%s: the run of PID %d that locked it is not running any more; taking the folder "
+                                "over", self.output, holder[0])
+                    self.path.unlink(missing_ok=True)
+                    continue
+                who = f"PID {holder[0]} on {holder[1]}" if holder is not None else "another process"
+                raise RunDirInUseError(f"--output {self.output} is in use by another vitlab run ({who}, which holds "
+                                       f"{self.path}); wait for it to finish, or choose another --output") from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder we waited for removed the file as it let go: lock the new one
+        previous = _lock_holder(fd)
+        if previous is not None and previous[1] != host:
+            os.close(fd)
+            raise RunDirInUseError(f"--output {self.output} is locked by a vitlab run on another machine (PID "
+                                   f"{previous[0]} on {previous[1]}, {self.path}); if that run has ended, delete "
+                                   f"{self.path}, else choose another --output")
+        if previous is not None:
+            log.info("%s: took over the lock left by PID %d, which is not running any more (a run killed before it "
+                     "let the folder go)", self.output, previous[0])
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {host}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        import fcntl
+
+        if self.fd is None:
+            return
+        try:
+            if _same_file(self.fd, self.path):
+                self.path.unlink()  # before letting go: a waiting process then finds the file gone and retries
+        except OSError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)  # also for data-loader workers that share the open file
+        os.close(self.fd)
+        self.fd = None
+        for p in self.created:  # the folders made for the lock, when the run wrote nothing into them
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def _lock_holder(fd: int) -> tuple[int, str] | None:
+    """(PID, host) recorded in an open lock file, or None when it is empty or unreadable."""
+    try:
+        pid, host = os.pread(fd, 4096, 0).decode().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

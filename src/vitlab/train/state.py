@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,18 +76,34 @@ def load_train_state(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
+# what a killed checkpoint write leaves: atomic_write's folder ".NAME.XXXXXXXX.tmp" (Python's tempfile: 8 of
+# [a-z0-9_]); a ".NAME.XXXXXXXX.tmp" file (earlier vitlab versions); safetensors' own ".tmpXXXXXX" (Rust's
+# tempfile crate: 6 of [A-Za-z0-9]), which save_file made beside the checkpoint before vitlab wrote through a folder
+_TEMP_FOLDER = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+_TEMP_FILE = re.compile(r"\..*\.tmp")
+_SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete the temporary files a killed :func:`~vitlab.checkpoints.io.atomic_write` left in ``run_dir``.
 
-    ``atomic_write`` writes ``.NAME.XXXXXXXX.tmp`` beside its target and renames it into place; a SIGKILL
-    between the two leaves the temporary file (as large as a checkpoint) behind. Called on --resume,
-    when no other writer of this run can be active. Returns the files removed.
+    ``atomic_write`` writes in a folder ``.NAME.XXXXXXXX.tmp`` beside its target and renames the file into place;
+    a SIGKILL between the two leaves the folder (as large as a checkpoint) behind. Earlier vitlab versions left a
+    file of that name, or safetensors' own ``.tmpXXXXXX``. Called on --resume, when no other writer of this run
+    can be active. Returns the files and folders removed.
     """
     removed = []
-    for p in Path(run_dir).glob(".*.tmp"):
-        if p.is_file():
+    for p in sorted(Path(run_dir).glob(".*")):
+        if p.is_symlink():
+            continue
+        if p.is_file() and (_TEMP_FILE.fullmatch(p.name) or _SAFETENSORS_TEMP.fullmatch(p.name)):
             p.unlink(missing_ok=True)
-            removed.append(p)
+        elif (p.is_dir() and _TEMP_FOLDER.fullmatch(p.name)
+              and all(f.is_file() and not f.is_symlink() for f in p.iterdir())):  # only what a writer put there
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            continue
+        removed.append(p)
     return removed
 
 
