@@ -256,6 +256,19 @@ def forward_flops(model: nn.Module, input_size: tuple[int, ...]) -> float:
     return float(counter.get_total_flops())
 
 
+def check_overrides(names: list[Any], overrides: dict[str, Any]) -> None:
+    """Raise before any timing when a registered name is unknown or ``overrides`` do not fit its config (an
+    option one of several models lacks would otherwise fail only after the others were timed)."""
+    from vitlab.models.factory import _apply_overrides
+    from vitlab.models.registry import get_entry
+
+    for name in names:
+        if isinstance(name, str):
+            entry = get_entry(name)
+            with torch.device("meta"):  # the config's own checks and the build's, free of memory
+                entry.build(_apply_overrides(name, entry.config, overrides))
+
+
 def registry_forward_flops(name: str, **overrides: Any) -> tuple[float, tuple[int, ...]]:
     """FLOPs per image of a registered model (built on the meta device, so free), and its input size."""
     from vitlab.models.factory import _apply_overrides
@@ -361,6 +374,7 @@ def benchmark_models(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     overrides = dict(overrides or {})
+    check_overrides(list(names), overrides)
     results = []
     for name in names:
         torch.manual_seed(seed)
@@ -443,6 +457,7 @@ def benchmark_runtimes(
     overrides = dict(overrides or {})
     if overrides and any(isinstance(m, nn.Module) for m in models):
         raise ValueError("overrides apply to registered names, not to a loaded model")
+    check_overrides(list(models), overrides)
     for rt in runtimes:
         if reason := slow_bf16_reason(rt, torch.device("cpu")):
             log.warning("%s", reason)

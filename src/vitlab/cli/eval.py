@@ -75,6 +75,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _finetune_hint(checkpoint: str, data: str) -> str:
+    """How to get a model for the data's classes: fine-tune the checkpoint; an ONNX file cannot be fine-tuned,
+    the PyTorch checkpoint it was exported from can (then export again)."""
+    from vitlab.export.runtime import is_onnx_file
+
+    if is_onnx_file(checkpoint):
+        return (f"fine-tune the PyTorch checkpoint {checkpoint} was exported from (an ONNX file cannot be "
+                f"fine-tuned: vitlab finetune --from CHECKPOINT --data {data}), then export it again")
+    return f"fine-tune it for this data first (vitlab finetune --from {checkpoint} --data {data})"
+
+
 def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: str = "auto") -> list[int]:
     """The head's class index of each of the data's classes (``classes``, in the data set's label order).
 
@@ -96,9 +107,8 @@ def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: st
             shown = ", ".join(map(repr, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(
                 f"{data} has class(es) {shown} that the checkpoint {checkpoint} does not know (its classes: "
-                f"{', '.join(map(repr, names[:5]))}{', ...' if len(names) > 5 else ''}); fine-tune it for this data "
-                f"first (vitlab finetune --from {checkpoint} --data {data}), or match classes by position with "
-                f"--class-match index")
+                f"{', '.join(map(repr, names[:5]))}{', ...' if len(names) > 5 else ''}); "
+                f"{_finetune_hint(checkpoint, data)}, or match classes by position with --class-match index")
         mapping = [i for i in found if i is not None]
         if mapping != list(range(len(classes))):
             log.info("%s: %d of the checkpoint's %d classes, matched by name", data, len(classes), len(names))
@@ -106,7 +116,7 @@ def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: st
     if len(classes) != model.num_classes:
         raise ValueError(
             f"{data} has {len(classes)} classes but the checkpoint {checkpoint} has a head for "
-            f"{model.num_classes}; fine-tune it for this data first: vitlab finetune --from {checkpoint} --data {data}"
+            f"{model.num_classes}; {_finetune_hint(checkpoint, data)}"
         )
     if names and names != list(classes):
         log.warning("the data's class names differ from the checkpoint's (%s... vs %s...); labels are matched by "

@@ -8,8 +8,10 @@ is an ``nn.Module`` without parameters that answers like the PyTorch model it wa
 detection and benchmark code runs it as it runs a PyTorch model.
 
 A fixed-size file refuses other sizes with :class:`InputSizeError` before ONNX Runtime sees them (ONNX
-Runtime's own message is "INVALID_ARGUMENT : Got invalid dimensions for input ..."); a file exported
-with a fixed batch of 1 is run image by image.
+Runtime's own message is "INVALID_ARGUMENT : Got invalid dimensions for input ..."), and so does a
+dynamic-size file for the sizes its metadata rules out (not a multiple of the patch, where PyTorch refuses
+them too); a file exported with a fixed batch of 1 is run image by image. A file from another tool must
+take NCHW images; of several outputs, the one named like logits is scored.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,53 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: the vitlab metadata is not valid JSON ({e})") from e
 
 
+_SHAPE_FAILURE = re.compile(r"shape|broadcast|dimension|Scale value", re.I)  # ORT's words for a size a node refuses
+_LOGITS_NAMES = (re.compile(r"logits?", re.I), re.compile(r".*logit.*", re.I),
+                 re.compile(r"outputs?|output_?0|y|probs?|scores?", re.I))
+_warned_detectors: set[tuple[str, tuple[int, int]]] = set()
+
+
+def _channels_last(shape: list[Any]) -> bool:
+    """An image input laid out (N, H, W, C): 1 or 3 channels last, and not at index 1."""
+    return len(shape) == 4 and shape[3] in (1, 3) and shape[1] not in (1, 3)
+
+
+def _shape_text(shape: list[Any]) -> str:
+    return "(" + ", ".join(str(s) if s not in (None, "") else "?" for s in shape) + ")"
+
+
+def _numbers(values: Any) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _logits_output(names: list[str], path: Path) -> str:
+    """The output a foreign classifier file is scored on: the only one, else the one named like logits
+    ("logits", then "*logit*", then "output"...); several candidates or none is an error naming them."""
+    if len(names) == 1:
+        return names[0]
+    for pattern in _LOGITS_NAMES:
+        hits = [n for n in names if pattern.fullmatch(n)]
+        if len(hits) == 1:
+            log.info("%s has %d outputs (%s): scoring %r", path.name, len(names), ", ".join(names), hits[0])
+            return hits[0]
+        if hits:
+            break
+    raise ValueError(f"{path.name} has {len(names)} outputs ({', '.join(map(repr, names))}) and vitlab cannot tell "
+                     f"which holds the class logits: export the model with one output, or name the logits output "
+                     f"'logits'")
+
+
+def _warn_fixed_size_detector(name: str, hw: tuple[int, int]) -> None:
+    """Once per model and size: a fixed-size DETR file is fed squashed images (vitlab's checkpoint keeps the
+    aspect), so its boxes on non-square images differ from the checkpoint's."""
+    if (name, tuple(hw)) in _warned_detectors:
+        return
+    _warned_detectors.add((name, tuple(hw)))
+    log.warning("%s: this ONNX detector takes %dx%d images only, so every image is resized to %dx%d without keeping "
+                "its aspect (the PyTorch checkpoint resizes the shorter side and keeps it): on non-square images its "
+                "boxes differ from the checkpoint's; export with --dynamic-size to keep the aspect", name, *hw, *hw)
+
+
 def session_options(threads: int | None = None) -> Any:
     import onnxruntime as ort
 
@@ -98,10 +148,11 @@ class OnnxModel(nn.Module):
         preprocessing: the :class:`Preprocessing` recorded at export.
         class_names: the class names recorded at export (or "0".."K-1").
         input_hw: (H, W) of a fixed-size file, None for a dynamic-size one.
+        size_multiple, min_size: the sizes a dynamic-size file takes (from its metadata; None: any).
         fixed_batch: the batch size of a file exported without a dynamic batch axis, else None.
         task: "classification", "detection" or "segmentation" (from the metadata; classification for a
             foreign file).
-        output_names: the graph's outputs in order.
+        output_names: the graph's outputs in order; ``logits_name`` the one a classifier is scored on.
         config: the exported model's config (a dict; empty for a foreign file).
     """
 
@@ -119,22 +170,37 @@ class OnnxModel(nn.Module):
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shape = list(inp.shape)  # ints for fixed axes, strings (or None) for dynamic ones
+        if not self.meta and _channels_last(shape):
+            raise ValueError(
+                f"{self.path.name}: its input {inp.name!r} has shape {_shape_text(shape)}, channels last (NHWC: batch, "
+                f"height, width, {shape[3]} channels); vitlab feeds images channels first (NCHW: batch, channels, "
+                f"height, width): export the model with an NCHW input (or a transpose in front of it)")
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.input_hw = (shape[2], shape[3]) if all(isinstance(s, int) for s in shape[2:4]) else None
         self.in_chans = shape[1] if isinstance(shape[1], int) else None
+        # the sizes a dynamic-size file takes (export's size_rule): multiples of its patch, from a minimum
+        io = self.meta.get("input") or {}
+        self.size_multiple = tuple(io["size_multiple"]) if io.get("size_multiple") else None
+        self.min_size = tuple(io["min_size"]) if io.get("min_size") else None
         pre = self.meta.get("preprocessing")
         if pre is not None:
             self.preprocessing = Preprocessing.from_dict(pre)
-        else:  # a foreign file: only the input size is known; say so, since mean/std are a guess
-            log.warning("%s has no vitlab metadata: assuming ImageNet-style preprocessing at its input size",
-                        self.path)
+        else:  # a foreign file: only the input size is known; say what the rest is, since it is a guess
             c, (h, w) = self.in_chans or 3, self.input_hw or (224, 224)
             self.preprocessing = Preprocessing(input_size=(c, h, w))
+            p = self.preprocessing
+            log.warning("%s has no vitlab metadata: assuming vitlab's default preprocessing at its input size: %dx%d, "
+                        "shorter side resized to %d (%s) and centre-cropped, mean %s, std %s (Inception-style, not "
+                        "ImageNet's), softmax scores; a model trained with other values scores worse", self.path, h, w,
+                        p.resize_side(min(h, w)), p.interpolation, _numbers(p.mean), _numbers(p.std))
         self.task = self.meta.get("task", "classification")
         self.score_function = self.meta.get("score_function", "softmax")
         self.config = dict(self.meta.get("config") or {})
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        shape = self.session.get_outputs()[0].shape
+        outputs = self.session.get_outputs()
+        self.output_names = [o.name for o in outputs]
+        self.logits_name = OUTPUT_NAME if OUTPUT_NAME in self.output_names else _logits_output(self.output_names,
+                                                                                                   self.path)
+        shape = outputs[self.output_names.index(self.logits_name)].shape
         # the class axis: (B, K) logits, (B, Q, C + 1) with "no object" last, (B, C, H, W)
         k = {"detection": shape[-1], "segmentation": shape[1]}.get(self.task, shape[-1])
         k = k - (self.task == "detection") if isinstance(k, int) else None
@@ -142,10 +208,20 @@ class OnnxModel(nn.Module):
         self.num_classes = len(names) if names else (k or self.meta.get("num_classes") or 0)
         self.class_names = list(names) if names else [str(i) for i in range(self.num_classes)]
         self.model_name = self.meta.get("model", self.path.stem)
+        if self.task == "detection" and self.input_hw is not None:
+            _warn_fixed_size_detector(self.model_name, self.input_hw)
 
     @property
     def dynamic_size(self) -> bool:
         return self.input_hw is None
+
+    def size_text(self) -> str:
+        """The sizes a dynamic-size file takes, in words ("" when any size)."""
+        mh, mw = self.size_multiple or (1, 1)
+        nh, nw = self.min_size or (1, 1)
+        parts = ([f"height and width multiples of {mh}x{mw} (its patch size; PyTorch refuses other sizes)"]
+                 if (mh, mw) != (1, 1) else []) + ([f"at least {nh}x{nw}"] if (nh, nw) != (1, 1) else [])
+        return " and ".join(parts)
 
     def check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or (self.in_chans is not None and x.shape[1] != self.in_chans):
@@ -156,18 +232,32 @@ class OnnxModel(nn.Module):
             raise InputSizeError(
                 f"{self.path.name} was exported for {h}x{w} images and got {x.shape[-2]}x{x.shape[-1]}: "
                 f"resize the images to {h}x{w} (its preprocessing does), or export again with --dynamic-size")
+        if self.input_hw is None:
+            h, w = x.shape[-2:]
+            mh, mw = self.size_multiple or (1, 1)
+            nh, nw = self.min_size or (1, 1)
+            if h % mh or w % mw or h < nh or w < nw:
+                fit_h, fit_w = max(nh, -(-h // mh) * mh), max(nw, -(-w // mw) * mw)
+                raise InputSizeError(f"{self.path.name} takes images of {self.size_text()}, and got {h}x{w}: resize "
+                                     f"(or pad) them to e.g. {fit_h}x{fit_w}")
 
     def run_numpy(self, x: np.ndarray) -> np.ndarray:
-        """One ORT call, the first output; ORT's complaints about the input come back as :class:`InputSizeError`."""
-        return self.run_all_numpy(x)[0]
+        """One ORT call, the logits output; ORT's complaints about the input come back as :class:`InputSizeError`."""
+        return self.run_all_numpy(x)[self.output_names.index(self.logits_name)]
 
     def run_all_numpy(self, x: np.ndarray) -> list[np.ndarray]:
         """One ORT call, every output (in ``output_names``' order)."""
         try:
             return self.session.run(None, {self.input_name: x})
         except Exception as e:  # onnxruntime's InvalidArgument/Fail are not importable portably
-            if "INVALID_ARGUMENT" in str(e) or "invalid dimensions" in str(e).lower():
+            text = str(e)
+            if "INVALID_ARGUMENT" in text or "invalid dimensions" in text.lower():
                 raise InputSizeError(f"{self.path.name}: ONNX Runtime rejected an input of shape {x.shape}: {e}") from e
+            if "Non-zero status code returned while running" in text and (
+                    self.dynamic_size or _SHAPE_FAILURE.search(text)):  # a node that cannot take this size
+                rule = f" (it takes {self.size_text()})" if self.size_text() else ""
+                raise InputSizeError(f"{self.path.name}: ONNX Runtime cannot run this graph on an input of shape "
+                                     f"{x.shape}{rule}: {e}") from e
             raise
 
     def run_outputs(self, x: Tensor) -> dict[str, Tensor]:
@@ -194,7 +284,7 @@ class OnnxModel(nn.Module):
                                  f"mask); run padded images one by one at their own size (a dynamic-size export)")
         outs = self.run_outputs(x)
         if self.task == "classification":
-            return outs[self.output_names[0]]
+            return outs[self.logits_name]
         return outs
 
     def extra_repr(self) -> str:

@@ -78,8 +78,10 @@ class MlpMixer(TimmSurface, nn.Module):
     token_attention = False  # no attention: rollout is undefined, explain falls back to Grad-CAM
     num_prefix_tokens = 0
     onnx_fixed_size_reason = ("the token-mixing MLPs have one weight per patch of the built size (N = H/P x W/P "
-                              "tokens); another input size has another token count"
-                              " (export another fixed size with --img-size)")
+                              "tokens); another input size has another token count, and no other size can be "
+                              "exported either (--img-size is refused: the weights fix the size). Export it at its "
+                              "own size and resize images to it (its preprocessing does), or train a model at the "
+                              "size you need")
     global_pool = "avg"
     position_note = "MLP-Mixer has no position embeddings: its token-mixing MLPs are tied to the patch positions"
 
