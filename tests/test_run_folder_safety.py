@@ -325,3 +325,13 @@ def test_resume_refuses_a_teacher_replaced_since_the_run_began(finished, tmp_pat
     assert main(resume) == 0
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 4
     assert json.loads((out / "job.json").read_text())["distill"]["fingerprint"] == recorded
+
+
+def test_overwrite_also_removes_what_a_killed_checkpoint_write_left(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    left = run / ".model.safetensors.k1ll3d00.tmp"  # atomic_write's folder, as a SIGKILL leaves it
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"\0" * 64)
+    assert main(["train", "--output", str(run), "--overwrite", *TINY]) == 0
+    assert not left.exists()

@@ -292,6 +292,9 @@ def clear_run_outputs(output: Path) -> None:
         else:
             continue
         removed.append(name)
+    from vitlab.train.state import remove_stale_temporaries
+
+    removed += [p.name for p in remove_stale_temporaries(output)]  # what a killed checkpoint write left
     if removed:
         log.info("--overwrite: removed the previous run's %s from %s", ", ".join(removed), output)
 
