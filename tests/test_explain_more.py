@@ -260,3 +260,24 @@ def test_task_models_offer_only_what_works_and_refuse_the_rest_clearly() -> None
     for method in ("auto", "grad-cam", "grad-input"):
         with pytest.raises(ValueError, match="SETR.*not supported"):
             explain(setr, x, method=method)
+
+
+def test_detr_last_layer_fuses_heads_as_asked() -> None:
+    from vitlab.analysis.explain_detr import detection_attention
+    from vitlab.layers import capture_attention
+
+    torch.manual_seed(0)
+    detr = vitlab.create_model("detr_resnet50", num_classes=3, num_queries=5, dim=32, num_heads=4, enc_depth=1,
+                               dec_depth=1, ffn_dim=64, img_size=64,
+                               backbone_args={"layers": (1, 1, 1, 1), "channels": (16, 16, 32, 32), "stem_chs": 8})
+    detr = perturb_(detr.eval())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), capture_attention(detr) as maps:
+        detr(x)
+    last = maps[-1]  # the last decoder layer's cross-attention: (1, heads, queries, h*w)
+    for fusion, reduce in (("mean", last.mean(1)), ("max", last.amax(1)), ("min", last.amin(1))):
+        _, fused = detection_attention(detr, x, head_fusion=fusion)
+        torch.testing.assert_close(fused.flatten(2), reduce)
+    a = explain(detr, x, method="last-layer", head_fusion="max").patch_maps
+    b = explain(detr, x, method="last-layer").patch_maps
+    assert not torch.allclose(a, b)
