@@ -40,6 +40,17 @@ def io(case: str) -> dict[str, torch.Tensor]:
     return load_file(str(FIXTURES / case / "io.safetensors"))
 
 
+def expected(case: str) -> dict[str, torch.Tensor]:
+    """The peer's outputs; a JAX case's model runs tanh GELU as the original JAX code (flax.linen.gelu): its outputs
+    are timm's with act_layer='gelu_tanh' (official_more_jax_tanh.safetensors, make_fixtures_official_more.py), not
+    the exact-GELU ones in its io.safetensors."""
+    ref = io(case)
+    if case.startswith("jax_"):
+        tanh = load_file(str(FIXTURES / "official_more_jax_tanh.safetensors"))
+        ref.update({k.split("/", 1)[1]: v for k, v in tanh.items() if k.startswith(f"{case}/")})
+    return ref
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     err = (actual - expected).abs().max().item()
@@ -54,7 +65,7 @@ def load_case(case: str, **extra: Any) -> torch.nn.Module:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_outputs_match_peer(case: str) -> None:
     model = load_case(case)
-    ref = io(case)
+    ref = expected(case)
     with torch.no_grad():
         feats = model.forward_features(ref["input"])
         assert_close(feats, ref["features"], f"{case} forward_features")
@@ -65,7 +76,7 @@ def test_outputs_match_peer(case: str) -> None:
 def test_fixture_outputs_are_informative() -> None:
     """Guards the fixtures themselves: logits that barely depend on the input would test little."""
     for case in [*CASES, "hf_vit_cls_bin"]:
-        logits = io(case)["logits"]
+        logits = expected(case)["logits"]
         assert logits.std() > 0.3, case
         assert (logits[0] - logits[1]).abs().max() > 0.1, f"{case}: both samples give the same logits"
 

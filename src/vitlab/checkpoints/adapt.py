@@ -16,6 +16,17 @@ from vitlab.layers import resample_pos_embed
 log = logging.getLogger(__name__)
 
 
+class SourceStateDict(dict):
+    """A converted state dict with its source format's rule for resampling position tables to another grid, where
+    that differs from vitlab's (bicubic, antialiased): timm reads the original JAX ``.npz`` files bilinearly without
+    antialiasing (the JAX code interpolates linearly), and so does vitlab, to give the same model."""
+
+    def __init__(self, *args: object, pos_interpolation: str = "bicubic", pos_antialias: bool = True) -> None:
+        super().__init__(*args)
+        self.pos_interpolation = pos_interpolation
+        self.pos_antialias = pos_antialias
+
+
 def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Names of the modules that make up the classification head(s)."""
     return tuple(getattr(model, "classifier_names", ("head",)))
@@ -100,6 +111,7 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
     """Resample ``*pos_embed`` tables to the model's grid and replace heads whose shape differs (or that the
     checkpoint lacks) by zero-initialised ones (:func:`new_head_tensors`)."""
     target = model.state_dict()
+    rule = (getattr(sd, "pos_interpolation", "bicubic"), getattr(sd, "pos_antialias", True))
     out = dict(sd)
     family_adapt = getattr(model, "adapt_checkpoint", None)
     if family_adapt is not None:
@@ -109,7 +121,7 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
         # a table of another width is no resolution change: leave it to load_strict, which lists every misfit
         if (k.endswith("pos_embed") and k in target and v.shape != target[k].shape
                 and v.ndim == target[k].ndim == 3 and v.shape[-1] == target[k].shape[-1]):
-            out[k] = _resample_to(v, target[k], model, k, source)
+            out[k] = _resample_to(v, target[k], model, k, source, rule)
     _swap_pooling_norm(out, target, source)
     _adapt_input_channels(out, model, source)
     heads = classifier_prefixes(model)
@@ -174,7 +186,8 @@ def _swap_pooling_norm(out: dict[str, Tensor], target: dict[str, Tensor], source
             return
 
 
-def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str) -> Tensor:
+def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str,
+                 rule: tuple[str, bool] = ("bicubic", True)) -> Tensor:
     prefix = getattr(model, "pos_embed_prefix", getattr(model, "num_prefix_tokens", 0))
     if v.ndim != 3 or t.ndim != 3 or v.shape[-1] != t.shape[-1]:
         raise CheckpointError(
@@ -195,8 +208,10 @@ def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str) 
                 f"no_embed_class=True (DeiT-3), which vitlab's ViT does not support"
             )
         raise CheckpointError(f"{source}: {key} has {n_old} grid positions, which is not a square grid")
-    log.info("%s: resampling %s from %dx%d to %dx%d", source, key, side, side, *new_grid)
-    return resample_pos_embed(v, new_grid, old_size=(side, side), num_prefix_tokens=prefix)
+    log.info("%s: resampling %s from %dx%d to %dx%d (%s%s)", source, key, side, side, *new_grid, rule[0],
+             ", antialiased" if rule[1] else "")
+    return resample_pos_embed(v, new_grid, old_size=(side, side), num_prefix_tokens=prefix, interpolation=rule[0],
+                              antialias=rule[1])
 
 
 def load_strict(model: nn.Module, sd: dict[str, Tensor], *, source: str) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitlab.checkpoints.adapt import SourceStateDict
 from vitlab.checkpoints.converters import Converted, register_converter
 
 _ENC = "Transformer/encoderblock_{}/"
@@ -79,8 +80,10 @@ def _convert_resnet(w: dict[str, np.ndarray], prefix: str, out: dict[str, Tensor
 @register_converter("vit", "jax")
 def convert_jax_vit(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Converted:
     w = _strip_root(arrays)
-    out: dict[str, Tensor] = {}
-    overrides: dict[str, Any] = {}
+    # resampled to another grid as timm's .npz reader does (bilinear, not antialiased)
+    out: dict[str, Tensor] = SourceStateDict(pos_interpolation="bilinear", pos_antialias=False)
+    # the original models' MLP GELU is flax.linen.gelu, the tanh approximation (as for MLP-Mixer)
+    overrides: dict[str, Any] = {"gelu": "tanh"}
     if any(k.startswith(("conv_root/", "ResNet/conv_root/")) for k in w):  # hybrid: a ResNet before the embedding
         _convert_resnet(w, "ResNet/" if "ResNet/conv_root/kernel" in w else "", out)
     out["patch_embed.proj.weight"] = _conv(w["embedding/kernel"])  # a 1x1 kernel in the hybrid

@@ -21,7 +21,8 @@ training checkpoint (``main_pretrain.py``'s ``checkpoint-N.pth``) records them i
 visualization" in the official demo notebook, ``demo/mae_visualize.ipynb``), at mask ratio 0.75.
 
 This module also holds the ``vit`` family's format detector: it tells the official MAE and DINO
-layouts (:mod:`vitlab.checkpoints.convert_dino`) from plain timm state dicts.
+layouts (:mod:`vitlab.checkpoints.convert_dino`) from plain timm state dicts. DeiT reads ViT's files, these too:
+the encoder, without a distillation token (the file decides, as for any ViT file: ``distilled=False``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def official_mae_encoder(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith(MAE_DECODER_PREFIXES) and k not in MAE_DECODER_KEYS}
 
 
+@register_format_detector("deit")
 @register_format_detector("vit")
 def detect_vit_format(sd: dict[str, Any]) -> str | None:
     from vitlab.checkpoints.convert_dino import is_official_dino
@@ -64,16 +66,29 @@ def detect_vit_format(sd: dict[str, Any]) -> str | None:
     return None
 
 
-@register_converter("vit", "official")
-def convert_official_vit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
-    """The encoder of an official MAE or DINO checkpoint (the decoder / projection head are left out)."""
+def official_encoder(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The encoder of an official MAE or DINO checkpoint in timm names (the decoder / projection head left out)."""
     from vitlab.checkpoints.convert_dino import dino_backbone, is_official_dino
 
     if is_official_mae(sd):
-        return convert_timm_vit(official_mae_encoder(sd), meta)
+        return official_mae_encoder(sd)
     if is_official_dino(sd):
-        return convert_timm_vit(dino_backbone(sd), meta)
+        return dino_backbone(sd)
     raise ValueError("not an official MAE or DINO checkpoint (no decoder_embed.* / backbone.* keys)")
+
+
+@register_converter("vit", "official")
+def convert_official_vit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
+    """The encoder of an official MAE or DINO checkpoint."""
+    return convert_timm_vit(official_encoder(sd), meta)
+
+
+@register_converter("deit", "official")
+def convert_official_deit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
+    """The encoder of an official MAE or DINO checkpoint for a DeiT model (no distillation token)."""
+    from vitlab.checkpoints.convert_deit import convert_timm_deit
+
+    return convert_timm_deit(official_encoder(sd), meta)
 
 
 register_hf_model_type("vit_mae", "vit_base_patch16_224")

@@ -1,14 +1,29 @@
 """timm-format state dicts -> vitlab. vitlab's ViT uses timm's module names, so this is mostly renaming
 of legacy keys, plus reading off the file the choices that change which tensors exist: head size, class
-token, where the final norm sits (and so the pooling), LayerScale, qkv bias."""
+token, where the final norm sits (and so the pooling), LayerScale, qkv bias.
+
+The official DeiT III files (facebookresearch/deit ``models_v2.py``) differ in two ways: LayerScale is
+``blocks.N.gamma_1`` / ``gamma_2`` on the block (renamed to ``blocks.N.ls1.gamma``, as timm's DeiT converter does),
+and the position table has no entry for the class token, which is prepended after the table is added (timm's
+``no_embed_class=True``). A zero entry for it in front of the table gives the same sums in vitlab's table, which
+covers the class token, at the file's resolution and when the patch grid is resampled.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import re
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from vitlab.checkpoints.converters import Converted, register_converter
+
+log = logging.getLogger(__name__)
+
+_GAMMA = re.compile(r"^(blocks\.\d+)\.gamma_([12])$")  # DeiT III's official LayerScale names
 
 # timm ViT options whose tensors vitlab's ViT has no place for
 _UNSUPPORTED = {
@@ -36,7 +51,11 @@ def convert_timm_vit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
                 raise ValueError(f"timm checkpoint has {what}, which vitlab's ViT does not have (key {k!r})")
         if ".q_norm." in k or ".k_norm." in k:
             raise ValueError(f"timm checkpoint normalises queries and keys (key {k!r}); vitlab's ViT does not")
+        if m := _GAMMA.match(k):
+            k = f"{m.group(1)}.ls{m.group(2)}.gamma"
         out[k] = v
+    if any(_GAMMA.match(k) for k in sd):
+        _add_class_entry(out)
     overrides = head_overrides(out)
     if "pre_logits.fc.weight" in out:  # timm < 0.9 kept the representation layer
         overrides["representation_size"] = int(out["pre_logits.fc.weight"].shape[0])
@@ -55,3 +74,15 @@ def convert_timm_vit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
     if "blocks.0.attn.qkv.weight" in out and "blocks.0.attn.qkv.bias" not in out:
         overrides["qkv_bias"] = False
     return Converted(out, overrides)
+
+
+def _add_class_entry(out: dict[str, Tensor]) -> None:
+    """DeiT III's table (1, H*W, D), added to the patch tokens only -> (1, 1 + H*W, D) with a zero class entry."""
+    pos = out.get("pos_embed")
+    if "cls_token" not in out or pos is None or pos.ndim != 3:
+        return
+    n = int(pos.shape[1])
+    if n > 1 and math.isqrt(n) ** 2 == n and math.isqrt(n - 1) ** 2 != n - 1:
+        out["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)  # (1, 1 + H*W, D)
+        log.info("DeiT III layout: its position table has no class-token entry; a zero one is added in front "
+                 "(the same sums)")

@@ -24,6 +24,9 @@ FAMILY_NAMES = {
 # families whose models load files of another family: DeiT without distillation is ViT; SETR and DETR are built
 # around ViT / ResNet backbones. A failure there is about the file's size or options, not its family.
 READS_FILES_OF = {"deit": {"vit"}, "setr": {"vit"}, "detr": {"vit", "resnet"}}
+# how the dense models take a classifier file as their backbone (not through create_model's pretrained=)
+_BACKBONE_FILES = {"setr": "a ViT / DeiT checkpoint as its encoder",
+                   "detr": "a ResNet / ViT checkpoint as its backbone"}
 # the first key component of Hugging Face models (``swin.encoder...``), per family
 _HF_PREFIXES = {
     "vit": "vit", "deit": "deit", "beit": "beit", "data2vec_vision": "beit", "swin": "swin", "swinv2": "swinv2",
@@ -135,6 +138,17 @@ def _hf_model_type_family(model_type: str) -> str | None:
 
     default = hf_model_types().get(model_type)
     return get_entry(default).family if default is not None else None
+
+
+def backbone_route(family: str) -> str | None:
+    """How a dense model (SETR, DETR) loads a classifier checkpoint into its backbone; None for other families."""
+    what = _BACKBONE_FILES.get(family)
+    if what is None:
+        return None
+    return (f"a {family_label(family)} model takes {what} through load_backbone, not pretrained=: build it (the "
+            f"backbone's name and sizes in backbone= / backbone_args=), then "
+            f"vitlab.models.dense.load_backbone(model, PATH); on the command line, vitlab train --task "
+            f"{'segmentation' if family == 'setr' else 'detection'} --pretrained-backbone PATH")
 
 
 def other_family_message(path: Any, found: LooksLike | None, family: str, name: str | None = None) -> str | None:

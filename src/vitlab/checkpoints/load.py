@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vitlab.checkpoints.converters import Converted, SourceFormat, detect_format, get_converter
-from vitlab.checkpoints.families import LooksLike, looks_like, other_family_message
+from vitlab.checkpoints.families import LooksLike, backbone_route, looks_like, other_family_message
 from vitlab.checkpoints.io import (
     PICKLE_SUFFIXES,
     CheckpointError,
@@ -79,7 +79,14 @@ def _convert(path: Path, family: str, fmt: SourceFormat, data: Any, meta: dict[s
     """Run the converter; its complaints (unknown keys, missing arrays, unsupported options) name the file, and
     the family it looks like when that is another one."""
     try:
-        return get_converter(family, fmt)(data, meta)
+        try:
+            convert = get_converter(family, fmt)
+        except ValueError as e:
+            route = backbone_route(family)  # SETR, DETR: a classifier file is their backbone's
+            if route is not None:
+                raise CheckpointError(f"{path}: {e}; {route}") from e
+            raise
+        return convert(data, meta)
     except CheckpointError:
         raise
     except (KeyError, ValueError) as e:

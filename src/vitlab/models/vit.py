@@ -72,6 +72,8 @@ class ViTConfig:
     representation_size: width of the pre-logits layer (Dense + tanh) used in pre-training; None: none.
     fc_norm: put the final LayerNorm after pooling instead of before (None: for "avg", "max" and "avgmax").
     init_values: LayerScale initial value (None: no LayerScale).
+    gelu: the MLP's GELU: "exact" (timm's ``nn.GELU``) or "tanh" (the approximation of the original JAX models,
+        ``flax.linen.gelu``; the ``.npz`` converter sets it).
     hybrid_layers: blocks per ResNet stage of the hybrid stem (None: plain patch embedding).
     dynamic_img_size: accept any input size, resampling the position table per batch.
     crop_pct, interpolation: evaluation crop (None: 0.9 up to 224px, else 1.0) and resize of the default
@@ -98,6 +100,7 @@ class ViTConfig:
     representation_size: int | None = None
     fc_norm: bool | None = None
     init_values: float | None = None
+    gelu: Literal["exact", "tanh"] = "exact"
     norm_eps: float = 1e-6
     drop_rate: float = 0.0
     pos_drop_rate: float = 0.0
@@ -125,6 +128,8 @@ class ViTConfig:
         if self.interpolation not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"{type(self).__name__}: interpolation must be 'bicubic', 'bilinear' or 'nearest', "
                              f"got {self.interpolation!r}")
+        if self.gelu not in ("exact", "tanh"):
+            raise ValueError(f"{type(self).__name__}: gelu must be 'exact' or 'tanh', got {self.gelu!r}")
         if self.attn_type not in ("softmax", "linformer"):
             raise ValueError(f"ViTConfig: attn_type must be 'softmax' or 'linformer', got {self.attn_type!r}")
         if self.attn_type == "linformer" and self.dynamic_img_size:
@@ -201,11 +206,12 @@ class VisionTransformer(TimmSurface, nn.Module):
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
 
         attn_layer = self._linformer_layer(grid) if cfg.attn_type == "linformer" else Attention
+        act_layer = nn.GELU if cfg.gelu == "exact" else partial(nn.GELU, approximate="tanh")
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # grows with depth
         self.blocks = nn.Sequential(*[
             Block(D, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
                   proj_drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate, init_values=cfg.init_values,
-                  drop_path=dpr[i], norm_layer=norm_layer, attn_layer=attn_layer)
+                  drop_path=dpr[i], norm_layer=norm_layer, act_layer=act_layer, attn_layer=attn_layer)
             for i in range(cfg.depth)
         ])
         self.norm = norm_layer(D) if not use_fc_norm else nn.Identity()
