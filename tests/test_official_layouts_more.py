@@ -162,3 +162,20 @@ def test_deit3_names_with_a_class_entry_in_the_table(tmp_path: Path) -> None:
     m = vitlab.create_model("vit_small_patch16_224", pretrained=tmp_path / "ls.pth", img_size=32, **P8).eval()
     with torch.no_grad():
         assert_close(m(io["input_32"]), io["logits_32"], "logits")
+
+
+def test_errors_name_layer_scale_and_a_missing_distillation_token(tmp_path) -> None:
+    import pytest as _pytest
+
+    from vitlab.checkpoints import CheckpointError
+    from vitlab.checkpoints.adapt import load_strict
+
+    small = dict(depth=1, embed_dim=32, num_heads=2, img_size=32)
+    with_ls = vitlab.create_model("vit_small_patch16_224", init_values=0.1, **small)
+    without = vitlab.create_model("vit_small_patch16_224", **small)
+    with _pytest.raises(CheckpointError, match="has LayerScale .*init_values"):
+        load_strict(without, with_ls.state_dict(), source="ls.pth")
+    torch.save(without.state_dict(), tmp_path / "vit.pth")
+    with _pytest.raises(CheckpointError, match="one prefix entry .* without a distillation token"):
+        vitlab.create_model("deit_small_distilled_patch16_224", pretrained=tmp_path / "vit.pth", distilled=True,
+                            **small)

@@ -207,6 +207,12 @@ def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str,
                 f"({prefix} prefix entr{'y' if prefix == 1 else 'ies'} + the grid): the layout of timm's "
                 f"no_embed_class=True (DeiT-3), which vitlab's ViT does not support"
             )
+        if prefix > 1 and math.isqrt(n - 1) ** 2 == n - 1:  # one prefix entry in the file, more in the model
+            raise CheckpointError(
+                f"{source}: {key} has one prefix entry (a class token) before a {math.isqrt(n - 1)}x"
+                f"{math.isqrt(n - 1)} grid, and {getattr(model, 'model_name', type(model).__name__)} keeps "
+                f"{prefix} (class and distillation tokens): the file is a model without a distillation token; "
+                f"build a non-distilled model (e.g. distilled=False) to load it")
         raise CheckpointError(f"{source}: {key} has {n_old} grid positions, which is not a square grid")
     log.info("%s: resampling %s from %dx%d to %dx%d (%s%s)", source, key, side, side, *new_grid, rule[0],
              ", antialiased" if rule[1] else "")
@@ -229,6 +235,9 @@ def load_strict(model: nn.Module, sd: dict[str, Tensor], *, source: str) -> None
             if items:
                 shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
                 parts.append(f"  {title}: {shown}")
+        if any(".ls1.gamma" in k or ".ls2.gamma" in k for k in unexpected):
+            parts.append("  The file has LayerScale (ls1/ls2 gamma): build the model with init_values=<a number>, "
+                         "as the file's model was (its values are then read from the file).")
         parts.append("  Is it a checkpoint of another architecture or size?")
         raise CheckpointError("\n".join(parts))
     model.load_state_dict(sd, strict=True)
