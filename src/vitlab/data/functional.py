@@ -6,6 +6,7 @@ the input dtype (uint8 results are rounded and clamped, like a PIL round trip wo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -97,10 +98,29 @@ def to_float(x: Tensor) -> Tensor:
     return x.float()
 
 
+@functools.lru_cache(maxsize=256)
+def _nearest_index(n_in: int, n_out: int) -> Tensor:
+    """Source index of each output position for a nearest resize of ``n_in`` -> ``n_out``, as Pillow's NEAREST
+    takes it: floor((i + 0.5) * n_in / n_out), the centre of output pixel i, with the positions accumulated in
+    doubles as Pillow's ImagingScaleAffine adds them up (which decides the exact ties, e.g. 64 -> 7 at i = 3:
+    31, not 32). torch's "nearest" takes floor(i * scale), half a pixel off; "nearest-exact" uses a float32
+    scale, which rounds some ties the other way."""
+    step = n_in / n_out
+    pos, out = step * 0.5, []
+    for _ in range(n_out):
+        out.append(min(max(int(pos), 0), n_in - 1))
+        pos += step
+    return torch.tensor(out, dtype=torch.long)  # shared by later calls: read, never written
+
+
 def resize(x: Tensor, size: tuple[int, int], interpolation: Interpolation = "bilinear") -> Tensor:
-    """Resize a (C, H, W) or (B, C, H, W) image to ``size`` = (H, W); anti-aliased when shrinking."""
+    """Resize a (C, H, W) or (B, C, H, W) image to ``size`` = (H, W); anti-aliased when shrinking. "nearest"
+    picks the source pixels Pillow's NEAREST picks (timm, Hugging Face's processors)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    if interpolation == "nearest":
+        rows, cols = _nearest_index(x.shape[-2], size[0]), _nearest_index(x.shape[-1], size[1])
+        return x.index_select(-2, rows.to(x.device)).index_select(-1, cols.to(x.device))
     squeeze = x.ndim == 3
     v = x[None] if squeeze else x
     dtype = v.dtype

@@ -8,6 +8,7 @@ keep their look instead of showing whatever colour hides under alpha = 0.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import warnings
@@ -213,10 +214,17 @@ def _open_unguarded(p: Path) -> Image.Image:
 
 
 def _reduce_factor(size: tuple[int, int], min_size: int | None) -> int:
-    """Integer downscale that keeps the shorter side at least twice ``min_size`` (1: keep the image)."""
+    """The largest integer that divides both sides and keeps the shorter side at least twice ``min_size`` (1: keep
+    the image). Dividing both sides, the smaller image is exactly the original scaled down (no partial box at the
+    right or bottom edge, the aspect ratio unchanged), so a transform computes the same resize and crop from it
+    as from the full image: 1000 x 750 with ``min_size`` 36 takes 10 (100 x 75), where a JPEG drafted at 1/8
+    would be 125 x 94 (Pillow rounds up) and resize to 36 x 47 instead of 36 x 48."""
     if not min_size:
         return 1
-    return max(1, min(size) // (2 * int(min_size)))
+    w, h = size
+    most = min(w, h) // (2 * int(min_size))
+    common = math.gcd(w, h)
+    return next((f for f in range(most, 1, -1) if common % f == 0), 1)
 
 
 def load_image(path: str | os.PathLike, *, min_size: int | None = None) -> Tensor:
@@ -228,10 +236,13 @@ def load_image(path: str | os.PathLike, *, min_size: int | None = None) -> Tenso
 
     Args:
         min_size: the shorter side the caller needs (e.g. ``EvalTransform.min_source_size``). An image
-            at least four times larger is decoded smaller, to a shorter side of at least ``2 * min_size``:
-            JPEGs at 1/2, 1/4 or 1/8 scale inside the decoder (``Image.draft``), other formats by an
-            integer box reduction after decoding, so a 100-megapixel photo never exists as several
-            full-size copies.
+            at least four times larger is decoded smaller, by integer factors that divide both sides and
+            keep the shorter side at least ``2 * min_size``: JPEGs first at 1/2, 1/4 or 1/8 scale inside the
+            decoder (``Image.draft``), then (other formats from the start) by the largest such box reduction
+            after decoding, so a 100-megapixel photo never exists as several full-size copies. The smaller
+            image is exactly the original scaled down, so a transform's resize and crop (and a random crop's
+            area and aspect) are the full image's; an image whose sides have no common factor in range is
+            decoded in full.
     """
     p = Path(path)
     try:
@@ -246,10 +257,13 @@ def load_image(path: str | os.PathLike, *, min_size: int | None = None) -> Tenso
                         f"{p}: refused, {w} x {h} = {w * h:,} pixels is above the limit of "
                         f"{MAX_IMAGE_PIXELS:,} (a decompression bomb?); raise it with --max-image-pixels "
                         f"or {_ENV_MAX_PIXELS}")
-                factor = _reduce_factor((w, h), min_size)
-                if factor > 1 and img.format == "JPEG":
-                    # the decoder picks the largest of 1/2..1/8 that still gives at least this size
-                    img.draft(None, (max(1, w // factor), max(1, h // factor)))
+                if img.format == "JPEG" and min_size:
+                    # the largest DCT scaling (1/8, 1/4, 1/2) that divides both sides (an exact size) in range:
+                    # decoding at 1/4 is several times faster than a full decode and a box reduction
+                    most = min(w, h) // (2 * int(min_size))
+                    draft = next((a for a in (8, 4, 2) if a <= most and w % a == 0 and h % a == 0), 1)
+                    if draft > 1:
+                        img.draft(None, (w // draft, h // draft))
                 img.load()  # force the full decode here, so truncation errors surface inside the try
                 factor = _reduce_factor(img.size, min_size) if img.mode in _REDUCIBLE_MODES else 1
                 small = img.reduce(factor) if factor > 1 else img

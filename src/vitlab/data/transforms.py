@@ -3,8 +3,8 @@
 Both are plain picklable callables (DataLoader workers may be spawned), built from a model's
 :class:`~vitlab.models.base.Preprocessing`:
 
-    eval:  resize shorter side to size / crop_pct (both sides for crop_mode "squash") -> centre crop -> channels
-           -> [0, 1] -> normalise
+    eval:  resize to cover size / crop_pct, aspect kept (both sides to it for crop_mode "squash") -> centre crop
+           -> channels -> [0, 1] -> normalise
     train: random resized crop -> h-flip -> channels -> RandAugment -> [0, 1] -> normalise -> random erasing
 
 Images are decoded as RGB; a model whose ``channel_order`` is "BGR" gets the channels reversed just before
@@ -28,7 +28,6 @@ from vitlab.data.functional import (
     normalize,
     random_resized_crop_params,
     resize,
-    resize_shorter,
     to_float,
 )
 from vitlab.data.image import to_channels
@@ -55,14 +54,23 @@ class EvalTransform:
         decoded smaller (``load_image(min_size=...)``)."""
         return self.pre.resize_side(max(self.size))
 
+    def resize_size(self, h: int, w: int) -> tuple[int, int]:
+        """The (H, W) an ``h`` x ``w`` image is resized to before the centre crop, as timm's eval transform
+        computes it: each output side's target is ``side / crop_pct``; "squash" takes both. "center" keeps the
+        aspect: for a square target the shorter side becomes the target and the longer one is truncated
+        (torchvision's ``Resize(int)``); for a non-square one the image is scaled by the smaller of the two
+        side ratios, each side rounded (timm's ``ResizeKeepRatio``), so that it covers the crop."""
+        sh, sw = self.pre.resize_side(self.size[0]), self.pre.resize_side(self.size[1])
+        if self.pre.crop_mode == "squash":
+            return sh, sw
+        if sh == sw:
+            return (sh, max(1, int(sh * w / h))) if h <= w else (max(1, int(sh * h / w)), sh)
+        ratio = min(h / sh, w / sw)
+        return max(1, round(h / ratio)), max(1, round(w / ratio))
+
     def __call__(self, x: Tensor) -> Tensor:
-        h, w = self.size
-        pre = self.pre
         v = to_float(x)
-        if h == w and pre.crop_mode == "center":
-            v = resize_shorter(v, pre.resize_side(h), pre.interpolation)
-        else:  # squash, or a non-square target: scale both sides by 1 / crop_pct (no aspect-preserving rule fits both)
-            v = resize(v, (pre.resize_side(h), pre.resize_side(w)), pre.interpolation)
+        v = resize(v, self.resize_size(*v.shape[-2:]), self.pre.interpolation)
         v = center_crop(v, self.size)
         v = to_channel_order(to_channels(v, self.channels), self.pre.channel_order)
         return normalize(v, self.pre.mean, self.pre.std)
@@ -72,8 +80,8 @@ class EvalTransform:
 
 
 def eval_transform(pre: Preprocessing) -> EvalTransform:
-    """Resize the shorter side to ``size / crop_pct`` (``pre.interpolation``; both sides for ``pre.crop_mode``
-    "squash"), centre-crop to
+    """Resize to cover ``size / crop_pct`` with the aspect kept (``pre.interpolation``; both sides to it for
+    ``pre.crop_mode`` "squash"; :meth:`EvalTransform.resize_size`), centre-crop to
     ``pre.input_size[1:]``, convert to ``pre.input_size[0]`` channels (1->3 repeat, 3->1 luma), scale to
     [0, 1] and normalise with ``pre.mean`` / ``pre.std``."""
     return EvalTransform(pre)

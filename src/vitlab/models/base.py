@@ -25,7 +25,8 @@ class Preprocessing:
     """How images must be prepared for a model: resize to input_size / crop_pct, centre-crop, normalise.
 
     ``crop_mode``: "center" resizes the shorter side to ``size / crop_pct`` (aspect kept) before the centre crop
-    (timm's default); "squash" resizes both sides to ``size / crop_pct`` (aspect not kept), as timm's
+    (timm's default; for a non-square size, the image is scaled to cover ``size / crop_pct`` per side, as timm's
+    ``ResizeKeepRatio``); "squash" resizes both sides to ``size / crop_pct`` (aspect not kept), as timm's
     ``crop_mode="squash"`` and Hugging Face's processors with a ``{"height", "width"}`` size do.
     ``channel_order`` is the colour order the weights expect: "BGR" for checkpoints trained on OpenCV-loaded
     images (e.g. Hugging Face's MobileViT, whose processor flips RGB to BGR); vitlab's transforms apply it.
