@@ -185,3 +185,16 @@ def test_readme_serving_snippet_crops_a_non_square_input_as_vitlab(tmp_path):
     Image.fromarray(_pattern()).save(path)
     t = eval_transform(Preprocessing(input_size=(c, h, w), crop_pct=0.9, interpolation="nearest", **ZERO_ONE))
     assert np.array_equal(ns["prepare"](path), t(load_image(path)).numpy())
+
+
+def test_segmentation_masks_are_resized_at_pixel_centres_as_pillow() -> None:
+    """A mask resized with its image keeps the image's pixel centres (Pillow's NEAREST, as Hugging Face's
+    segmentation processors resize labels); torch's "nearest" was half a pixel off."""
+    from vitlab.data.dense import resize_sample
+
+    rng = np.random.default_rng(0)
+    for (h, w), size in (((37, 50), (16, 24)), ((20, 20), (7, 9)), ((9, 12), (31, 40))):
+        mask = rng.integers(0, 300, size=(h, w)).astype(np.int32)
+        out = resize_sample({"image": torch.rand(3, h, w), "mask": torch.from_numpy(mask).long()}, size)["mask"]
+        expected = np.asarray(Image.fromarray(mask, mode="I").resize(size[::-1], Image.NEAREST))
+        assert out.dtype == torch.long and np.array_equal(out.numpy(), expected)

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -61,7 +60,7 @@ def resize_sample(s: Sample, size: tuple[int, int]) -> Sample:
         sy, sx = size[0] / h, size[1] / w
         out["boxes"] = s["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=s["boxes"].dtype)
     if "mask" in s:
-        out["mask"] = F.interpolate(s["mask"][None, None].float(), size=size, mode="nearest")[0, 0].long()
+        out["mask"] = resize(s["mask"][None], size, "nearest")[0]  # pixel centres, as Pillow's NEAREST
     return out
 
 
