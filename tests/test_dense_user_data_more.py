@@ -272,8 +272,9 @@ def test_dense_training_compiles_when_asked_and_refuses_distillation(tmp_path, m
     data = _seg_data(tmp_path / "data")
     with caplog.at_level(logging.INFO, logger="vitlab"):
         assert _train("segmentation", data, tmp_path / "run", _recipe(tmp_path, "segmentation"), "--compile") == 0
-    assert compiled and "torch.compile: 0.0 s" in caplog.text
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["compile_seconds"] == 0.0
+    # compile_seconds: the first step's forward and backward less the second's (nothing compiles here: ~0)
+    seconds = json.loads((tmp_path / "run" / "metrics.json").read_text())["compile_seconds"]
+    assert compiled and 0.0 <= seconds < 1.0 and f"torch.compile: {seconds} s" in caplog.text
     teacher = tmp_path / "run" / "model.safetensors"
     for extra in (["--teacher", str(teacher)], ["--teacher", str(teacher), "--distill", "soft"]):
         caplog.clear()

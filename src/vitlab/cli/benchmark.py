@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--model names the architecture of --checkpoint's weights; for random weights use --models")
     args.models = args.models or ["vit_tiny_patch16_224"]
     if args.runtime:
+        if args.mode != "infer" or args.dtype != "float32":
+            raise ValueError("--runtime measures inference runtimes; --mode and --dtype do not apply (a bfloat16 "
+                             "runtime is --runtime torch-bf16; training steps: leave --runtime out)")
         return run_runtimes(args, overrides, args.models)
     with num_threads(args.threads):
         report = benchmark_models(

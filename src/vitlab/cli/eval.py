@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vitlab.data import build_dataset, eval_transform
-    from vitlab.export.runtimes import load_for_inference, setup_seconds, slow_bf16_reason
+    from vitlab.export.runtimes import compile_failure, load_for_inference, setup_seconds, slow_bf16_reason
     from vitlab.train.evaluate import evaluate
 
     if args.batch_size < 1:
@@ -346,6 +346,8 @@ def run(args: argparse.Namespace) -> int:
         metrics["class_match"] = {name: head_names[j] for name, j in zip(ds.classes, mapping)}
     if model.name != "torch":
         metrics["setup_s"] = round(setup_seconds(model), 3)  # export / quantisation / compile time
+    if "compile" in model.name:  # why the compiled runtime ran eager (None: it compiled)
+        metrics["compile_failed"] = compile_failure(model)
     if reference is not None and model.name != "torch":
         ref = evaluate(reference.to(device), scored, num_classes=model.num_classes, batch_size=args.batch_size,
                        device=device, workers=args.workers, class_names=head_names, progress=False)
@@ -376,7 +378,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2))
     else:
         print(f"{args.data} [{args.split}], {r.num_samples} images: top-1 {100 * r.top1:.2f}%  "
-              f"top-5 {100 * r.top5:.2f}%  loss {r.loss:.4f}" + ("" if model.name == "torch" else f"  ({model.name})"))
+              f"top-5 {100 * r.top5:.2f}%  loss {r.loss:.4f}" + ("" if model.name == "torch" else f"  ({model.name})")
+              + (f"  (compile failed: {metrics['compile_failed']}; ran eager)" if metrics.get("compile_failed")
+                 else ""))
         if "top1_agreement_with_float32" in metrics:
             print(f"  {model.name} vs float32 PyTorch: top-1 agreement "
                   f"{100 * metrics['top1_agreement_with_float32']:.2f}% (float32 top-1 "

@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch float32; other runtimes report their "
                         "top-1 agreement with float32 PyTorch")
-    p.add_argument("--agreement", type=_agreement_count, default=256, metavar="N|all",
+    p.add_argument("--agreement", type=_agreement_count, default=None, metavar="N|all",
                    help="with a runtime other than float32 PyTorch: how many images (the first N) also go through "
                         "the float32 model to report top-1 agreement; each costs a float32 forward (default: 256; "
                         "0: none; all: every image; eval --runtime measures it over a whole data set)")
@@ -67,12 +67,16 @@ def run(args: argparse.Namespace) -> int:
     if args.topk < 1 or args.batch_size < 1:
         raise ValueError(f"--topk and --batch-size must be >= 1, got {args.topk} and {args.batch_size}")
     images = expand_image_paths(args.images)
-    from vitlab.export.runtimes import load_for_inference, slow_bf16_reason
+    from vitlab.export.runtimes import compile_failure, load_for_inference, slow_bf16_reason
 
     device = check_device(args)
     model, reference = load_for_inference(args.checkpoint, args.runtime, model_name=args.model,
                                           model_args=model_args(args))
     require_classifier(model, "predict", args.checkpoint)
+    if reference is None and args.agreement:  # None: not given
+        raise ValueError(f"--agreement needs the PyTorch checkpoint: {args.checkpoint} is an ONNX file, with no "
+                         f"float32 model to compare with; give --checkpoint CKPT --runtime {model.name}")
+    agreement = 256 if args.agreement is None else args.agreement
     if not model.num_classes:
         raise ValueError(f"{args.checkpoint}: a backbone without a classifier (no classes to predict); fine-tune it "
                          f"(vitlab finetune --from {args.checkpoint} --data ...), or evaluate its features with "
@@ -115,18 +119,22 @@ def run(args: argparse.Namespace) -> int:
         x = torch.stack(pixels).to(device)  # (B, C, H, W)
         with torch.no_grad():
             logits = logits_of(model(x)).float()
-            if reference is not None and model.name != "torch" and (check := max(0, args.agreement - seen)):
+            if reference is not None and model.name != "torch" and (check := max(0, agreement - seen)):
                 agree += (logits_of(reference(x[:check])).argmax(-1) == logits[:check].argmax(-1)).sum().item()
                 seen += min(check, len(x))
             probs = {"softmax": lambda t: t.softmax(dim=-1), "sigmoid": torch.sigmoid, "none": lambda t: t}[scores](logits)
         top = probs.topk(k, dim=-1)
         key = "score" if scores == "none" else "probability"
+        failed = compile_failure(model)  # these images ran eager
         for p, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
             results.append({"image": p, "predictions": [
-                {"class": names[i], "index": i, key: round(v, 6)} for v, i in zip(values, indices)]})
+                {"class": names[i], "index": i, key: round(v, 6)} for v, i in zip(values, indices)],
+                **({"compile_failed": failed} if failed else {})})
         _report(results[done:], args.json, bar)
     if bar is not None:
         bar.close()
+    if failed := compile_failure(model):
+        log.warning("runtime %s: compile failed (%s); ran eager", model.name, failed)
     if seen:
         total = len(results) - sum("error" in r for r in results)
         which = "these images" if seen == total else f"the first {seen} of {total} images (--agreement)"

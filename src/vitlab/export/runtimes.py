@@ -108,7 +108,8 @@ class Bf16Model(nn.Module):
 
 class Compiled(nn.Module):
     """``torch.compile(model)``, compiled on the first call; falls back to eager (logged) when compiling or
-    running the compiled graph fails. ``compile_s`` holds the first call's time (the compile).
+    running the compiled graph fails. ``compile_s`` holds the first call's time (the compile; in training only the
+    forward's: the backward graph compiles in the first backward, which ``fit`` times with it).
 
     ``freeze=True`` (inference only) compiles with inductor's freezing: parameters become constants of the
     graph, so linear and convolution weights are prepacked once and their bias and activation fused into
@@ -145,9 +146,12 @@ class Compiled(nn.Module):
     def forward(self, x: Any) -> Any:
         if self.failed is not None:
             return self.model(x)
-        # a training step's input is the whole batch (images and targets), run as it comes
-        n = x.shape[0] if isinstance(x, Tensor) else 0
-        padded = self._padded_size(n) if isinstance(x, Tensor) else 0
+        # a training step's input is the whole batch (a tuple of images and targets, a dict): run as it comes,
+        # never padded; only an image tensor is padded
+        n = padded = x.shape[0] if isinstance(x, Tensor) else 0
+        if isinstance(x, Tensor):
+            padded = self._padded_size(n)
+        given = x
         if padded > n:
             x = torch.cat([x, x.new_zeros((padded - n, *x.shape[1:]))])
         t0 = time.perf_counter()
@@ -156,12 +160,14 @@ class Compiled(nn.Module):
         except Exception as e:  # inductor needs a C++ compiler; any failure means: run eager
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             log.warning("torch.compile failed (%s); running eager instead", self.failed)
-            return self.model(x[:n])
-        if self._inference():  # a size compiled for training is another graph: it does not count here
+            return self.model(given)
+        # a size compiled for training is another graph: it does not count here; nor does a batch not a tensor
+        if self._inference() and isinstance(given, Tensor):
             self.batch_sizes.add(padded)
         if self.compile_s is None:
             self.compile_s = time.perf_counter() - t0
-            log.info("torch.compile: first call (compile) took %.1f s", self.compile_s)
+            log.info("torch.compile: first %s (compile) took %.1f s",
+                     "call" if self._inference() else "training forward", self.compile_s)
         return _first_rows(out, n) if padded > n else out
 
     def _inference(self) -> bool:

@@ -133,7 +133,9 @@ class FitResult:
     seconds: float  # training time of the whole run, the segments before a --resume included
     segment_seconds: float | None = None  # this call's part of ``seconds``
     val: dict[str, Any] | None = None
-    compile_seconds: float | None = None  # torch.compile's first call (the compile), part of ``seconds``
+    # the compile in this call, part of ``seconds``: the first step's forward and backward (the backward graph
+    # compiles in the first backward) less the second step's (the first's alone when it is the only one)
+    compile_seconds: float | None = None
     compile_failed: str | None = None  # why torch.compile fell back to eager
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -342,7 +344,8 @@ def fit(
         until_step: stop (with a checkpoint) after this many optimiser steps in all, as if killed there;
             the schedule still spans the whole run.
         compile: run the forward through ``torch.compile`` (falls back to eager, logged, when it fails);
-            the compile time is reported apart in the result.
+            the compile time is reported apart in the result: the first step's forward and backward time
+            less the second step's (``FitResult.compile_seconds``).
         deadline: when the whole command should be done (``--time-budget``): the run times its own steps at
             the end of the warm-up and at set points of the decay and re-plans its length to end on time,
             the learning rate kept continuous; ``recipe.json`` and the saved state follow the new length,
@@ -540,6 +543,8 @@ def fit(
     objective.train()
     params = list(net.parameters()) + objective.parameters()
     forward = model  # the step module (or its DDP wrapper): objective and model in one call
+    # --compile: forward + backward seconds of the first micro-batch of this call's first two steps
+    compile_probe: list[float] = []
     if compile:
         from vitlab.export.runtimes import compile_model
 
@@ -598,10 +603,17 @@ def fit(
                     # DDP: no all-reduce before the last micro-batch; FSDP reduce-scatters each (sharded sums)
                     no_sync = (model.no_sync() if ctx.distributed and not sync and not recipe.fsdp
                                else contextlib.nullcontext())
+                    timed = compile and micro == 0 and len(compile_probe) < 2
+                    if timed:
+                        _synchronize(device)
+                        t_probe = time.perf_counter()
                     with no_sync:
                         with autocast_context(device, recipe.amp):
                             loss, metrics = forward(batch)
                         scaler.scale(loss / accum).backward()
+                    if timed:
+                        _synchronize(device)
+                        compile_probe.append(time.perf_counter() - t_probe)
                     loss_sum += loss.detach().float()
                     for k, v in metrics.items():
                         v = v.detach().float() if isinstance(v, Tensor) else float(v)
@@ -666,8 +678,21 @@ def fit(
     return FitResult(output_dir=out, step=step, epoch=step // steps_per_epoch, total_steps=total_steps,
                      global_batch=global_batch, lr=lr, seconds=seconds_before + seconds, segment_seconds=seconds,
                      val=val, history=history,
-                     compile_seconds=getattr(forward, "compile_s", None),
+                     compile_seconds=_compile_seconds(forward, compile_probe),
                      compile_failed=getattr(forward, "failed", None))
+
+
+def _compile_seconds(forward: Any, probe: list[float]) -> float | None:
+    """The compile's share of the training time: the first step's forward and backward less the second's
+    (None: nothing compiled, or the compile failed)."""
+    if getattr(forward, "compile_s", None) is None or getattr(forward, "failed", None) or not probe:
+        return None
+    return max(probe[0] - (probe[1] if len(probe) > 1 else 0.0), 0.0)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, scheduler, horizon: Horizon, scaler, ema,
