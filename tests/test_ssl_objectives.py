@@ -183,6 +183,8 @@ def test_dino_loss_pairs_temperatures_and_centring_order():
     terms = [-(q[i] * ls[v]).sum(-1).mean() for i in range(2) for v in range(4) if v != i]
     assert len(terms) == 6
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+    assert torch.equal(loss_fn.center, old)  # the centre moves once per optimiser step (after_optimizer_step)
+    loss_fn.update_center()
     assert torch.allclose(loss_fn.center, 0.9 * old + 0.1 * t.mean(0, keepdim=True), atol=1e-6)  # after
 
 

@@ -2,10 +2,10 @@
 
 Global crops cover 40-100% of the image (``global_scale``) at the model's input size; local crops
 5-40% (``local_scale``) at a smaller size (96 px for 224 px globals in DINO; here by default 3/7 of the
-global size rounded to the patch grid by the caller). Each crop is flipped with probability 0.5 and
-gets a brightness/contrast jitter; DINO's blur, solarisation and colour jitter are left out (a
-documented deviation). Returns a list of normalised tensors, globals first; the default collate turns
-a batch into a list of (B, C, h, w) tensors.
+global size rounded to the patch grid by the caller); both of aspect ratio 3/4 to 4/3 (``ratio``). Each
+crop is flipped with probability 0.5 and gets a brightness/contrast jitter; DINO's blur, solarisation and
+colour jitter are left out (a documented deviation). Returns a list of normalised tensors, globals first;
+the default collate turns a batch into a list of (B, C, h, w) tensors.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from vitlab.models.base import Preprocessing
 class MultiCropTransform(PicklableGenerator):
     def __init__(self, pre: Preprocessing, *, local_size: int | tuple[int, int], num_local: int = 8,
                  global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
-                 jitter: float = 0.4, hflip: float = 0.5, generator: torch.Generator | None = None) -> None:
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4, hflip: float = 0.5,
+                 generator: torch.Generator | None = None) -> None:
         c, h, w = pre.input_size
         self.pre, self.channels, self.global_size = pre, c, (h, w)
         self.local_size = (local_size, local_size) if isinstance(local_size, int) else tuple(local_size)
         self.num_local = num_local
-        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.global_scale, self.local_scale, self.ratio = tuple(global_scale), tuple(local_scale), tuple(ratio)
         self.jitter, self.hflip = jitter, hflip
         self.generator = generator
 
@@ -36,7 +37,7 @@ class MultiCropTransform(PicklableGenerator):
             self.generator.manual_seed(int(seed))
 
     def _crop(self, x: Tensor, size: tuple[int, int], scale: tuple[float, float], rng: Rng) -> Tensor:
-        top, left, ch, cw = random_resized_crop_params(x.shape[-2], x.shape[-1], scale, (3 / 4, 4 / 3), rng)
+        top, left, ch, cw = random_resized_crop_params(x.shape[-2], x.shape[-1], scale, self.ratio, rng)
         v = resize(x[..., top:top + ch, left:left + cw], size, self.pre.interpolation)
         if rng.random() < self.hflip:
             v = v.flip(-1)

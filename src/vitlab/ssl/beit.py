@@ -1,7 +1,7 @@
 """BEiT-style masked image modelling (Bao et al. 2021, arXiv:2106.08254) over any backbone with the
 token-masking hook, with a tokenizer vitlab can build itself.
 
-About 40% of the patches are masked in blocks (:class:`~vitlab.ssl.masking.BlockMasking`: rectangles
+75 of 196 patches (38%; unilm's ``num_mask_patches``) are masked in blocks (:class:`~vitlab.ssl.masking.BlockMasking`: rectangles
 of at least 16 patches on a 14 x 14 grid, aspect ratio 0.3-3.3); their patch embeddings are replaced
 by a learned mask embedding before position embeddings are added, and the model predicts each masked
 patch's visual token from its output token (cross entropy on masked positions only, accuracy logged).
@@ -16,8 +16,9 @@ default, a CPU-scale stand-in that is not in the official code), (b) a discrete 
 :class:`BEiT2` adds BEiT v2's patch-aggregation loss (``vitlab pretrain --method beit2``).
 
 Deviations, stated: the backbone is whatever model is trained (a vitlab ViT), not necessarily BEiT's own
-family with a shared relative position bias and LayerScale. The minimum block scales with the grid (16
-patches of 196, so at least 2 on small grids) unless given.
+family with a shared relative position bias and LayerScale. unilm masks 75 patches whatever the grid;
+vitlab scales the count and the minimum block with the grid (``round(75 N / 196)`` and 16 N / 196, at
+least 2) unless ``ratio`` / ``min_patches`` are given.
 """
 
 from __future__ import annotations
@@ -100,16 +101,26 @@ class KMeansTokenizer(nn.Module):
         return self(pixels).view(pixels.shape[0], *self.token_grid(tuple(pixels.shape[-2:])))
 
 
+BEIT_MASKED = (75, 196)  # unilm run_beit_pretraining.py: num_mask_patches 75 on the 14 x 14 grid of 224 / 16
+
+
+def num_masked(num_patches: int, ratio: float | None = None) -> int:
+    """Patches BEiT masks on a grid of ``num_patches``: ``round(ratio * N)``, or without ``ratio`` unilm's 75 of
+    196 scaled to the grid (``round(75 * N / 196)``); at least one."""
+    share = ratio if ratio is not None else BEIT_MASKED[0] / BEIT_MASKED[1]
+    return max(1, round(share * num_patches))
+
+
 class BlockMasker:
     """BEiT's masking as a :class:`~vitlab.layers.token_mask.TokenMasker`: a block mask per sample,
     masked embeddings replaced by the mask embedding; ``mask`` (B, N) bool after a call."""
 
-    def __init__(self, mask_embedding: Tensor, ratio: float = 0.4, min_patches: int | None = None) -> None:
+    def __init__(self, mask_embedding: Tensor, ratio: float | None = None, min_patches: int | None = None) -> None:
         self.mask_embedding, self.ratio, self.min_patches = mask_embedding, ratio, min_patches
 
     def __call__(self, tokens: Tensor, grid: tuple[int, int]) -> tuple[Tensor, None]:
         B, N, D = tokens.shape
-        num = max(1, round(self.ratio * N))
+        num = num_masked(N, self.ratio)
         min_patches = self.min_patches or max(2, round(16 * N / 196))
         gen = BlockMasking(grid, num, min_patches=min(min_patches, num))
         self.mask = torch.stack([gen().flatten() for _ in range(B)]).to(tokens.device)  # (B, N)
@@ -124,20 +135,20 @@ class BEiT(Objective):
     default 512) fitted by :meth:`fit_tokenizer` before training. The tokenizer sees the backbone's
     input as [0, 1] pixels, must read its number of channels and give one token per patch.
 
-    ``ratio`` (0.4) is the share of patches masked, in (0, 1): ``round(ratio * N)`` patches, at least one
-    (a ratio below ``0.5 / N`` still masks one patch). Blocks are smaller than the grid in both directions,
+    ``ratio`` is the share of patches masked, in (0, 1): ``round(ratio * N)`` patches, at least one (a ratio
+    below ``0.5 / N`` still masks one patch); left out, unilm's 75 of 196 patches, scaled to the grid. Blocks are smaller than the grid in both directions,
     so the patch grid must be at least 2 x 2."""
 
     name = "beit"
 
-    def __init__(self, model: nn.Module, *, vocab_size: int | None = None, ratio: float = 0.4,
+    def __init__(self, model: nn.Module, *, vocab_size: int | None = None, ratio: float | None = None,
                  min_patches: int | None = None, tokenizer: nn.Module | str | None = None) -> None:
         grid, patch = patch_grid(model)
         device = next(model.parameters()).device
         pre = model.preprocessing
-        if isinstance(ratio, bool) or not 0 < ratio < 1:
+        if ratio is not None and (isinstance(ratio, bool) or not 0 < ratio < 1):
             raise ValueError(f"{self.name}: ratio={ratio!r} is the share of patches masked; give a value between 0 "
-                             f"and 1 (exclusive; BEiT's is 0.4)")
+                             f"and 1 (exclusive; BEiT masks 75 of 196 patches, 0.38), or leave it out")
         if min(grid) < 2:
             who = getattr(model, "model_name", type(model).__name__)
             raise ValueError(f"{self.name}: blockwise masking needs a patch grid of at least 2x2 (its blocks are "
@@ -181,7 +192,8 @@ class BEiT(Objective):
         return {"mask_embedding": self.mask_embedding, "head": self.head, "tokenizer": self.tokenizer}
 
     def describe(self) -> str:
-        return f"{self.name} (blockwise {self.ratio:g}, {self.head.out_features} {self.tokenizer.kind} tokens)"
+        share = f"{self.ratio:g}" if self.ratio is not None else "75/196"
+        return f"{self.name} (blockwise {share}, {self.head.out_features} {self.tokenizer.kind} tokens)"
 
     def targets(self, images: Tensor) -> Tensor:
         """Token ids (B, N) of the backbone's input ``images``."""
@@ -234,7 +246,7 @@ class BEiT2(BEiT):
     name = "beit2"
 
     def __init__(self, model: nn.Module, *, tokenizer: nn.Module | str, vocab_size: int | None = None,
-                 ratio: float = 0.4, min_patches: int | None = None, early_layers: int | None = None,
+                 ratio: float | None = None, min_patches: int | None = None, early_layers: int | None = None,
                  aggregation_depth: int = 2, aggregation_heads: int | None = None) -> None:
         if tokenizer is None:
             raise ValueError("beit2: give a tokenizer (--tokenizer RUN_OR_FILE of a `vitlab pretrain --method vqkd` "

@@ -5,8 +5,9 @@ a teacher (an exponential moving average of the student, never trained by gradie
 crops of one image: the teacher the 2 global crops, the student those and N smaller local crops, each
 at its own resolution (the backbone resamples its position table: build it with
 ``dynamic_img_size=True``). The student's K-way output, softmax at temperature 0.1, is trained to match
-the teacher's, centred (a running mean of the teacher's outputs, EMA 0.9, updated *after* the loss)
-and sharpened (temperature 0.04): cross entropy over every pair of different views, averaged.
+the teacher's, centred (a running mean of the teacher's outputs, EMA 0.9, updated *after* the loss, once
+per optimiser step from the whole batch: the micro-batches of gradient accumulation are pooled) and
+sharpened (temperature 0.04): cross entropy over every pair of different views, averaged.
 
 Details that matter (each tested): the projection head is a 3-layer MLP (GELU) to a 256-d bottleneck,
 L2-normalised, then a weight-normalised linear layer without bias whose norm is fixed to 1
@@ -71,8 +72,9 @@ class DINOLoss(nn.Module):
     """Cross entropy between the sharpened, centred teacher and the student over all pairs of different views.
 
     ``forward(student_out, teacher_out, num_views)``: student outputs of every view stacked view-major
-    ((V * B, K)), teacher outputs of the global views ((G * B, K)). The centre is updated after the loss,
-    from the teacher outputs of this batch (averaged over processes).
+    ((V * B, K)), teacher outputs of the global views ((G * B, K)). ``forward`` adds the teacher outputs to
+    a pending sum; :meth:`update_center` (once per optimiser step) moves the centre to their mean over
+    every micro-batch and process since the last update, as official DINO does with its whole batch.
     """
 
     def __init__(self, out_dim: int, *, student_temp: float = 0.1, teacher_temp: float = 0.04,
@@ -86,6 +88,8 @@ class DINOLoss(nn.Module):
             raise ValueError(f"DINO: center_momentum={center_momentum!r} must lie in [0, 1] (the paper's: 0.9)")
         self.student_temp, self.teacher_temp, self.center_momentum = student_temp, teacher_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("pending_sum", torch.zeros(1, out_dim), persistent=False)
+        self.register_buffer("pending_count", torch.zeros(()), persistent=False)
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, num_views: int) -> tuple[Tensor, Tensor]:
         """Returns (loss, teacher probabilities (G * B, K))."""
@@ -100,17 +104,27 @@ class DINOLoss(nn.Module):
                 total = total + torch.sum(-q * F.log_softmax(s[v], dim=-1), dim=-1).mean()
                 terms += 1
         loss = total / terms
-        self.update_center(teacher_out)
+        self.accumulate(teacher_out)
         return loss, t_probs
 
     @torch.no_grad()
-    def update_center(self, teacher_out: Tensor) -> None:
-        batch_sum = teacher_out.float().sum(dim=0, keepdim=True)
-        count = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
+    def accumulate(self, teacher_out: Tensor) -> None:
+        """Add teacher outputs (n, K) to the pending centre update."""
+        self.pending_sum += teacher_out.detach().float().sum(dim=0, keepdim=True)
+        self.pending_count += teacher_out.shape[0]
+
+    @torch.no_grad()
+    def update_center(self) -> None:
+        """center <- m * center + (1 - m) * mean of the pending teacher outputs (all processes); then clear.
+        Every process must call it (it all-reduces), once per optimiser step."""
+        batch_sum, count = self.pending_sum, self.pending_count
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
-        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+        if count > 0:
+            self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+        batch_sum.zero_()
+        count.zero_()
 
 
 def teacher_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
@@ -219,6 +233,7 @@ class DINO(Objective):
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
+        self.loss.update_center()  # once per step, from every micro-batch of it
         m = teacher_momentum(step - 1, self.total_steps, self.base_momentum)
         self.last_momentum = m
         for src, dst in ((self.student, self.teacher), (self.head, self.teacher_head)):

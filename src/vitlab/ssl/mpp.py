@@ -106,6 +106,9 @@ class MaskedPatchPrediction(Objective):
             raise ValueError(f"mpp: ratio={ratio!r} is the share of patches corrupted, in (0, 1] (the paper's 0.5); "
                              f"mask_prob={mask_prob!r} and random_prob={random_prob!r} the shares of those masked and "
                              f"swapped, at least 0 and at most 1 together (0.8 and 0.1)")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"mpp: bits={bits!r} is the number of bits per channel of the target colour, a whole "
+                             f"number from 1 to 8 (the paper's 3; 2^(bits x channels) classes)")
         pre = model.preprocessing
         self.channels = pre.input_size[0]
         self.mean, self.std = tuple(pre.mean), tuple(pre.std)

@@ -82,6 +82,8 @@ RUN_OPTIONS: dict[str, dict[str, Any]] = {
 # files given with --tokenizer / --teacher, by the methods that read them
 PATH_OPTIONS = {"tokenizer": ("beit", "beit2"), "teacher": ("vqkd",)}
 DINO_GLOBAL_CROPS = 2  # what vitlab.data.multicrop.MultiCropTransform makes
+DINO_LOCAL_CROPS = 8  # the paper's (and MultiCropTransform's) default number of local crops
+DINO_GLOBAL_SCALE = (0.4, 1.0)  # the global crops' area range (official DINO's global_crops_scale)
 TOKENIZER_SAMPLE = 2000  # images whose patches fit BEiT's k-means tokenizer
 FINETUNE_RECIPE = "vit_finetune"  # `vitlab finetune`'s default: its val_fraction is what fine-tuning holds out
 
@@ -220,6 +222,9 @@ def check_options(method: str, options: dict[str, Any]) -> None:
                              f"(0: DINO on the two global crops alone, without multi-crop)")
         if options.get("local_size") is not None and options["local_size"] < 1:
             raise ValueError(f"--opt local_size={options['local_size']}: a side in pixels, at least 1")
+    if method == "mpp" and not 1 <= options.get("bits", 3) <= 8:
+        raise ValueError(f"--opt bits={options['bits']}: mpp's bits per channel of the target colour lie in 1..8 "
+                         f"(the paper's 3)")
     if method == "beit" and options.get("tokenizer_iters", 1) < 1:
         raise ValueError(f"--opt tokenizer_iters={options['tokenizer_iters']}: k-means needs at least 1 iteration")
 
@@ -280,16 +285,60 @@ def _transform(job: PretrainJob, model: nn.Module):
     recipe, pre = job.recipe, model.preprocessing
     if job.method == "dino":
         local, num_local = dino_crops(job, model)
-        return MultiCropTransform(pre, local_size=local, num_local=num_local, hflip=recipe.hflip)
+        # the recipe's scale, where set, replaces DINO's global-crop range (the recipe default 0.08-1 is
+        # RandomResizedCrop's, not DINO's); ratio applies to every crop (its default is DINO's 3/4-4/3)
+        scale = DINO_GLOBAL_SCALE if _plain(recipe.scale) == _plain(Recipe().scale) else tuple(recipe.scale)
+        if scale != DINO_GLOBAL_SCALE or _plain(recipe.ratio) != _plain(Recipe().ratio):
+            log.info("DINO: global crops cover %g-%g of the image, every crop of aspect ratio %g-%g (recipe scale "
+                     "and ratio)", *scale, *recipe.ratio)
+        return MultiCropTransform(pre, local_size=local, num_local=num_local, global_scale=scale,
+                                  ratio=tuple(recipe.ratio), hflip=recipe.hflip)
     if not recipe.augment:
         return eval_transform(pre)
     return train_transform(pre, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip)
 
 
+def _plain(v: Any) -> Any:
+    """(0.08, 1.0) and [0.08, 1.0] are the same setting."""
+    return tuple(_plain(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def unapplied_augmentation(method: str, recipe: Recipe) -> dict[str, Any]:
+    """The recipe's augmentation and label fields, set to other values than the defaults, that pre-training with
+    ``method`` does not apply: RandAugment, random erasing, Mixup / CutMix and label smoothing for every method;
+    for DINO (its multi-crop is the augmentation) also ``augment`` switched off. The fields that ask for nothing
+    (augmentation off, other than for DINO) are left out, as fit's own check does."""
+    default = Recipe()
+    fields = ["randaugment", "randaugment_mstd", "re_prob", "mixup_alpha", "cutmix_alpha", "mixup_prob",
+              "mixup_switch_prob", "label_smoothing"]
+    augmentation = {"randaugment", "randaugment_mstd", "re_prob"}
+    if method == "dino":
+        fields.append("augment")
+    out = {}
+    for k in fields:
+        value = getattr(recipe, k)
+        if _plain(value) == _plain(getattr(default, k)):
+            continue
+        if k in augmentation and not recipe.augment and method != "dino":
+            continue
+        out[k] = value
+    return out
+
+
+def _warn_unapplied(method: str, recipe: Recipe) -> None:
+    ignored = unapplied_augmentation(method, recipe)
+    if ignored:
+        log.warning("pretrain: recipe field(s) %s are not applied by --method %s: pre-training applies only "
+                    "%s; leave them out or set them to their defaults", ", ".join(
+                        f"{k}={_plain(v)!r}" for k, v in ignored.items()), method,
+                    "the multi-crop transform (scale, ratio, hflip)" if method == "dino"
+                    else "the random resized crop and flip (scale, ratio, hflip)")
+
+
 def dino_crops(job: PretrainJob, model: nn.Module) -> tuple[int, int]:
     """(local crop side, number of local crops) of a DINO job, checked against the backbone and logged."""
     c, h, w = model.preprocessing.input_size
-    num_local = int(job.options.get("num_local", 6))
+    num_local = int(job.options.get("num_local", DINO_LOCAL_CROPS))
     name = getattr(model, "model_name", type(model).__name__)
     local = job.options.get("local_size")
     if local is not None and num_local > 0 and not _runs_at(model, c, int(local)):
@@ -576,6 +625,8 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
         if job.method in ("beit", "beit2") and job.resume and own_tokenizer.is_file():
             options["tokenizer"] = str(own_tokenizer)  # the run's own copy (the original may have moved)
         objective = build_objective(job.method, model, options)
+        if ctx.is_main:
+            _warn_unapplied(job.method, recipe)
         transform = _transform(dataclasses.replace(job, recipe=recipe), model)
         if job.resume:  # everything fit() will load, checked before the run directory is touched
             check_resumable(job.output, model, recipe, data=job.data, objective=objective)
