@@ -39,26 +39,28 @@ def test_soft_distillation_matches_hand_computation() -> None:
     y = torch.tensor([0])
     crit = DistillationLoss(nn.CrossEntropyLoss(), teacher, kind="soft", alpha=0.5, tau=1.0)
     kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    kl /= 2  # DeiT's scaling: the summed KL over batch x classes (1 x 2)
     assert crit(images_for([0]), s, y).item() == pytest.approx(0.5 * math.log(4.0) + 0.5 * kl, rel=1e-6)
     assert crit.last_parts["distill"].item() == pytest.approx(kl, rel=1e-6)
 
-    # temperature 2: p_s = softmax([0, ln3 / 2]), KL scaled by tau^2 = 4, label loss unchanged
+    # temperature 2: p_s = softmax([0, ln3 / 2]), KL scaled by tau^2 = 4 (and / 2 classes), label loss unchanged
     crit = DistillationLoss(nn.CrossEntropyLoss(), teacher, kind="soft", alpha=0.25, tau=2.0)
     r = math.sqrt(3.0)
     ps = (1 / (1 + r), r / (1 + r))
     kl2 = 0.5 * math.log(0.5 / ps[0]) + 0.5 * math.log(0.5 / ps[1])
-    expected = 0.75 * math.log(4.0) + 0.25 * 4.0 * kl2
+    expected = 0.75 * math.log(4.0) + 0.25 * 4.0 * kl2 / 2
     assert crit(images_for([0]), s, y).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_soft_distillation_is_batch_mean() -> None:
+def test_soft_distillation_is_divided_by_batch_times_classes() -> None:
     table = torch.tensor([[0.0, 0.0], [2.0, -1.0]])
     teacher = FixedTeacher(table)
     s = torch.tensor([[0.0, math.log(3.0)], [0.5, 0.5]])
     crit = DistillationLoss(nn.CrossEntropyLoss(), teacher, kind="soft", alpha=1.0)
     per_sample = [(F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(si, -1))).sum().item()
                   for t, si in zip(table, s)]
-    assert crit(images_for([0, 1]), s, torch.tensor([0, 1])).item() == pytest.approx(sum(per_sample) / 2, rel=1e-6)
+    # DeiT's official scaling: the summed KL / (batch x classes) = / (2 x 2)
+    assert crit(images_for([0, 1]), s, torch.tensor([0, 1])).item() == pytest.approx(sum(per_sample) / 4, rel=1e-6)
 
 
 def test_hard_distillation_matches_hand_computation() -> None:

@@ -26,16 +26,20 @@ def extract_features(model: nn.Module, dataset: Dataset, *, batch_size: int = 25
     """Pre-logit features (n, F) and labels (n,) of a dataset of (image, label) items.
 
     Uses ``model.forward_head(model.forward_features(x), pre_logits=True)``: the representation the
-    classifier reads, with the model in eval mode. With ``limit``, only the first ``limit`` items.
+    classifier reads, with the model in eval mode. With ``limit``, only the first ``limit`` items. A ``collate_fn``
+    that returns None for a batch (``collate_skip_none``: every image undecodable) skips it.
     """
     was_training = model.training
     model.eval()
     feats, labels, seen = [], [], 0
     try:
-        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
-                               collate_fn=collate_fn):
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
+                                collate_fn=collate_fn):
             if limit is not None and seen >= limit:
                 break
+            if batch is None:
+                continue
+            x, y = batch
             x = x.to(device)
             f = model.forward_head(model.forward_features(x), pre_logits=True)
             feats.append(f.float().cpu())

@@ -20,6 +20,8 @@ from vitlab.cli.common import (
     add_threads_argument,
     check_device,
     model_args,
+    positive_float,
+    positive_int,
 )
 from vitlab.export.runtimes import RUNTIMES
 
@@ -69,10 +71,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="classifier: the checkpoint's own head; knn: weighted k-NN on the pre-logit features of "
                         "the training split; linear: a linear probe (non-affine BatchNorm + linear, MAE's) trained "
                         "on those features; auto: classifier, or knn for a backbone without one")
-    p.add_argument("--probe-epochs", type=int, default=90, help="linear probe epochs over the cached features")
-    p.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (backbones without a classifier)")
-    p.add_argument("--knn-t", type=float, default=0.07, help="k-NN vote temperature (DINO: 0.07)")
+    p.add_argument("--probe-epochs", type=positive_int,
+                   help=f"--protocol linear: probe epochs over the cached features (default: {PROBE_EPOCHS})")
+    p.add_argument("--knn-k", type=positive_int, help=f"--protocol knn: neighbours that vote (default: {KNN_K}; "
+                   "at most the training images)")
+    p.add_argument("--knn-t", type=positive_float, help=f"--protocol knn: vote temperature (default: {KNN_T}, DINO's)")
     p.set_defaults(func=run)
+
+
+KNN_K, KNN_T, PROBE_EPOCHS = 20, 0.07, 90  # DINO's k-NN (k 20, T 0.07); MAE's probe epochs
+
+
+def protocol_options(args: argparse.Namespace, protocol: str) -> None:
+    """Warn about --knn-k / --knn-t / --probe-epochs given for a protocol that does not use them; fill in the
+    defaults of those it uses."""
+    unused = {"knn": ["probe_epochs"], "linear": ["knn_k", "knn_t"]}.get(protocol, ["knn_k", "knn_t", "probe_epochs"])
+    given = ["--" + k.replace("_", "-") for k in unused if getattr(args, k, None) is not None]
+    if given:
+        log.warning("%s: not used by --protocol %s (ignored)", " / ".join(given), protocol)
+    for key, default in (("knn_k", KNN_K), ("knn_t", KNN_T), ("probe_epochs", PROBE_EPOCHS)):
+        if getattr(args, key, None) is None:
+            setattr(args, key, default)
 
 
 def _finetune_hint(checkpoint: str, data: str) -> str:
@@ -91,15 +110,19 @@ def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: st
 
     By name (``how`` "name", or "auto" when the checkpoint names its classes): the data may hold any subset of
     the checkpoint's classes, in any order (a folder sorts "10" before "2"); a class the checkpoint does not have
-    is an error. By index ("index"; "auto" without names, or where no name is shared and the counts agree, with a
-    warning): the data's i-th class is the head's i-th, and the counts must agree."""
+    is an error. Names "0".."N-1" (digits, MNIST, or an ONNX file's stand-ins) count as names in "auto" where the
+    data holds some of them only (fewer classes than the head), else as positions. By index ("index"; "auto"
+    without names, or where no name is shared and the counts agree, with a warning): the data's i-th class is the
+    head's i-th, and the counts must agree."""
     names = list(getattr(model, "class_names", None) or [])
-    by_name = how == "name" or (how == "auto" and bool(names) and names != [str(i) for i in range(len(names))])
     if how == "name" and not names:
         raise ValueError(f"--class-match name: the checkpoint {checkpoint} does not name its classes; use "
                          f"--class-match index")
     found = match_class_names(names, classes)
     missing = [c for c, i in zip(classes, found) if i is None]
+    index_like = names == [str(i) for i in range(len(names))]
+    by_name = how == "name" or (how == "auto" and bool(names) and (
+        not index_like or (not missing and len(classes) < len(names))))  # a subset of "0".."N-1": by name
     if by_name and how == "auto" and len(missing) == len(classes) == model.num_classes:
         by_name = False  # no name in common (a checkpoint's own spelling, "digit 3" for "3"): by position, warned
     if by_name:
@@ -261,6 +284,7 @@ def _run_dense(args: argparse.Namespace, model) -> int:
         scored = "COCO AP" if model.task == "detection" else "mean IoU"
         raise ValueError(f"--protocol {args.protocol} probes a classifier's features (classification only); a "
                          f"{model.task} model is scored with its own head ({scored}): leave --protocol out")
+    protocol_options(args, "classifier")
     split = dense_split(args.data, args.split)
     device = torch.device("cpu") if isinstance(model, OnnxModel) else check_device(args)  # ONNX Runtime: the CPU
     batch_size = DENSE_BATCH_SIZE if args.batch_size == CLASSIFIER_BATCH_SIZE else args.batch_size
@@ -323,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
     protocol = args.protocol
     if protocol == "auto":
         protocol = "knn" if model.num_classes == 0 else "classifier"  # a backbone: DINO's k-NN protocol
+    protocol_options(args, protocol)
     if protocol == "classifier" and model.num_classes == 0:
         raise ValueError(f"--protocol classifier: {args.checkpoint} is a backbone without a classifier; "
                          "use --protocol knn or linear, or fine-tune it first")
@@ -395,13 +420,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def feature_report(model, test_set, args: argparse.Namespace, device, protocol: str) -> int:
-    """k-NN (k 20, T 0.07) or a linear probe from the training split's pre-logit features to the evaluated
+    """k-NN (--knn-k, --knn-t) or a linear probe from the training split's pre-logit features to the evaluated
     split's."""
     import torch
 
     from vitlab.analysis.fewshot import extract_features
-    from vitlab.data import build_dataset, eval_transform
-    from vitlab.ssl.knn import weighted_knn
+    from vitlab.data import build_dataset, collate_skip_none, eval_transform
+    from vitlab.ssl.knn import knn_neighbours, weighted_knn
     from vitlab.ssl.probe import train_linear_probe
 
     # the run's own training split (on a fixed test set, the evaluated split says nothing of it)
@@ -412,19 +437,25 @@ def feature_report(model, test_set, args: argparse.Namespace, device, protocol: 
     what = (f"k-NN evaluation (k={args.knn_k}, T={args.knn_t:g})" if protocol == "knn"
             else f"linear probe ({args.probe_epochs} epochs)")
     log.info("%s: %s on its features, from %d training images", args.checkpoint, what, len(train))
-    tx, ty = extract_features(model, train, batch_size=args.batch_size, device=device)
-    vx, vy = extract_features(model, test_set, batch_size=args.batch_size, device=device)
+    # --skip-bad-images: undecodable images come as None and are dropped from the batches
+    tx, ty = extract_features(model, train, batch_size=args.batch_size, device=device, collate_fn=collate_skip_none)
+    vx, vy = extract_features(model, test_set, batch_size=args.batch_size, device=device,
+                              collate_fn=collate_skip_none)
     metrics = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "protocol": protocol}
     if protocol == "knn":
-        pred = weighted_knn(tx, ty, vx, len(train.classes), k=args.knn_k, temperature=args.knn_t)
-        metrics.update(k=args.knn_k, temperature=args.knn_t)
+        k = knn_neighbours(args.knn_k, len(ty))
+        if k != args.knn_k:
+            log.warning("--knn-k %d: only %d training images, so k-NN votes with k=%d", args.knn_k, len(ty), k)
+            what = f"k-NN evaluation (k={k}, T={args.knn_t:g})"
+        pred = weighted_knn(tx, ty, vx, len(train.classes), k=k, temperature=args.knn_t)
+        metrics.update(k=k, temperature=args.knn_t)
     else:
         probe = train_linear_probe(tx, ty, len(train.classes), epochs=args.probe_epochs, seed=args.seed)
         with torch.no_grad():
             pred = probe(vx).argmax(-1)
         metrics.update(epochs=args.probe_epochs)
     top1 = float((pred == vy).float().mean())
-    metrics.update(train_images=len(train), samples=len(vy), top1=top1)
+    metrics.update(train_images=len(ty), samples=len(vy), top1=top1)
     out = args.output or Path(args.checkpoint).parent / f"eval_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -432,7 +463,7 @@ def feature_report(model, test_set, args: argparse.Namespace, device, protocol: 
         print(json.dumps(metrics, indent=2))
     else:
         print(f"{args.data} [{args.split}], {len(vy)} images: {what} top-1 {100 * top1:.2f}% "
-              f"({len(train)} training images)")
+              f"({len(ty)} training images)")
     return 0
 
 

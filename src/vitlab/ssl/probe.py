@@ -51,6 +51,9 @@ def train_linear_probe(features: Tensor, labels: Tensor, num_classes: int, *, ep
     if features.ndim != 2 or features.shape[0] != labels.shape[0]:
         raise ValueError(f"linear probe: features must be (n, F) with n labels, got {tuple(features.shape)} "
                          f"and {tuple(labels.shape)}")
+    if not epochs >= 1 or int(epochs) != epochs:
+        raise ValueError(f"linear probe: epochs must be an integer >= 1, got {epochs!r}")
+    epochs = int(epochs)
     if features.shape[0] < 2:
         raise ValueError("linear probe: need at least 2 training images (BatchNorm statistics)")
     g = torch.Generator().manual_seed(seed)

@@ -5,9 +5,9 @@ distillation term is applied to the same logits as the label loss) or a pair ``(
 dist_logits)`` from a distillation-token student (a DeiT with ``set_distilled_training(True)``): the
 label loss reads the class head, the distillation term the distillation head.
 
-* soft: ``(1 - alpha) * base + alpha * tau^2 * KL(softmax(t / tau) || softmax(s / tau))``, the KL
-  averaged over the batch ("batchmean"). The original DeiT code divides the summed KL by
-  batch x classes instead, which only rescales alpha by 1/classes.
+* soft: ``(1 - alpha) * base + alpha * tau^2 * KL(softmax(t / tau) || softmax(s / tau))``, the KL summed
+  and divided by batch x classes, as the official DeiT ``DistillationLoss`` does (so that ``alpha`` means
+  what it means there; a per-sample "batchmean" KL would be ``classes`` times larger).
 * hard: ``(1 - alpha) * base + alpha * CE(s, argmax t)``; the paper's 1:1 mix is ``alpha = 0.5``
   (the default). ``tau`` is unused.
 
@@ -260,10 +260,11 @@ class DistillationLoss(nn.Module):
         s = student_logits.float()
         if self.kind == "soft":
             T = self.tau
-            # KL(p_t || p_s) with both given as log-probabilities; T^2 keeps gradients' scale independent of T
-            kl = F.kl_div(F.log_softmax(s / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1),
-                          reduction="batchmean", log_target=True)
-            return kl * (T * T)
+            # KL(p_t || p_s) with both given as log-probabilities; T^2 keeps gradients' scale independent of T;
+            # summed, then divided by B x K (DeiT's official scaling, not the per-sample mean)
+            kl = F.kl_div(F.log_softmax(s / T, dim=-1), F.log_softmax(teacher_logits.float() / T, dim=-1),
+                          reduction="sum", log_target=True)
+            return kl * (T * T) / s.numel()
         return F.cross_entropy(s, teacher_logits.argmax(dim=-1))
 
     def forward(self, images: Tensor, outputs: StudentOutput, targets: Tensor, *,

@@ -164,7 +164,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
             k = min(5, num_classes)
             topk = logits.topk(k, dim=-1).indices  # (B, k)
             top5_hits += (topk == y[:, None]).any(dim=-1).sum().item()
-            pred = topk[:, 0]
+            pred = logits.argmax(dim=-1)  # the first maximal class on ties (topk's order on ties is unspecified)
             preds.append(pred.cpu())
             confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes ** 2).view(
                 num_classes, num_classes)  # (K, K)

@@ -92,9 +92,11 @@ def model_overrides(name: str, recipe: Recipe, in_chans: int | None) -> dict[str
     if in_chans is not None and "in_chans" in fields and "in_chans" not in out:
         out["in_chans"] = in_chans
     c = out.get("in_chans", getattr(template, "in_chans", 3))
-    for key in ("mean", "std"):  # a 1-channel model needs 1-value normalisation
+    for key in ("mean", "std"):  # another channel count: fit_channels' values (grey: the RGB average), as create_model
         if key in fields and key not in out and len(getattr(template, key)) != c:
-            out[key] = tuple(getattr(template, key)[:1]) * c
+            from vitlab.models.base import fit_channels
+
+            out[key] = fit_channels(tuple(getattr(template, key)), c)
     return out
 
 
