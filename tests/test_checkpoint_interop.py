@@ -239,7 +239,7 @@ def test_timm_hub_folder_explicit_overrides_win() -> None:
 
 @pytest.mark.parametrize(("args", "expected"), [
     ({"reg_tokens": 4}, r"reg_tokens=4 has no counterpart"),
-    ({"act_layer": "gelu_tanh"}, r"act_layer='gelu_tanh' has no counterpart"),
+    ({"act_layer": "quick_gelu"}, r"act_layer='quick_gelu': vitlab's ViTConfig supports gelu = 'exact' / 'tanh'"),
     ({"global_pool": "map"}, r"global_pool='map': vitlab's ViTConfig supports global_pool = 'token' / 'avg'"),
 ])
 def test_timm_hub_folder_with_args_vitlab_lacks_names_them(args: dict, expected: str, tmp_path: Path) -> None:
@@ -262,6 +262,19 @@ def test_timm_hub_folder_args_off_or_init_only_are_accepted(tmp_path: Path) -> N
     model = vitlab.load_model(folder).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(IO["x64"]), IO["timm_hub_logits"], **TOL)
+
+
+@pytest.mark.parametrize(("act_layer", "gelu"), [("gelu", "exact"), ("gelu_tanh", "tanh")])
+def test_timm_hub_folder_act_layer_sets_the_gelu(act_layer: str, gelu: str, tmp_path: Path) -> None:
+    folder = tmp_path / "hub"
+    shutil.copytree(FIX / "timm_hub", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"]["act_layer"] = act_layer
+    (folder / "config.json").write_text(json.dumps(config))
+    model = vitlab.load_model(folder).eval()
+    assert model.cfg.gelu == gelu
+    assert isinstance(model.blocks[0].mlp.act, torch.nn.GELU) and model.blocks[0].mlp.act.approximate == (
+        "none" if gelu == "exact" else "tanh")
 
 
 def test_finetune_from_a_timm_hub_folder_keeps_its_architecture(tmp_path: Path) -> None:

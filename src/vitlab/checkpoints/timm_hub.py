@@ -19,17 +19,20 @@ TIMM_ARG_NAMES: dict[str, dict[str, str]] = {
     "beit": {"use_fc_norm": "fc_norm"},
     # timm's BEiT-3 is its VisionTransformer with a norm inside attention and inside the MLP: vitlab's sub-LN
     "beit3": {"scale_attn_norm": "sub_ln", "scale_mlp_norm": "sub_ln"},
-    "mixer": {"num_blocks": "depth"},
+    "mixer": {"num_blocks": "depth", "act_layer": "gelu"},
+    "vit": {"act_layer": "gelu"},
+    "deit": {"act_layer": "gelu"},
 }
 # timm argument values that vitlab spells otherwise
-TIMM_ARG_VALUES: dict[tuple[str, Any], Any] = {("pos_embed", ""): "none"}
+TIMM_ARG_VALUES: dict[tuple[str, Any], Any] = {("pos_embed", ""): "none", ("act_layer", "gelu"): "exact",
+                                               ("act_layer", "gelu_tanh"): "tanh"}
 # timm arguments that only decide the initialisation, which the loaded weights replace
 INIT_ONLY_ARGS = frozenset({"weight_init", "fix_init", "head_init_scale"})
 # timm options vitlab's models do not have, at the value that turns them off (any other value is an error)
 TIMM_OFF_VALUES: dict[str, Any] = {
     "reg_tokens": 0, "no_embed_class": False, "pre_norm": False, "final_norm": True, "qk_norm": False,
     "patch_drop_rate": 0.0, "dynamic_img_pad": False, "proj_bias": True, "swiglu_mlp": False, "scale_mlp": False,
-    "scale_attn_norm": False, "scale_mlp_norm": False, "strict_img_size": True,
+    "scale_attn_norm": False, "scale_mlp_norm": False, "strict_img_size": True, "act_layer": "exact",
 }
 # what a family without a global_pool option computes (timm's save_for_hf writes global_pool="avg" for them all)
 FIXED_POOLING = "avg"
