@@ -202,3 +202,10 @@ def test_predict_agreement_with_an_onnx_file_is_refused(tmp_path, caplog, capsys
     # the default (agreement where a float32 model is at hand) and --agreement 0 still run the file
     assert main(["predict", *files, "--checkpoint", str(onnx_path)]) == 0
     assert main(["predict", *files, "--checkpoint", str(onnx_path), "--agreement", "0"]) == 0
+
+
+def test_predict_agreement_with_the_float32_runtime_says_it_is_the_reference(tmp_path, caplog):
+    ckpt = _digits_checkpoint(tmp_path)
+    files, _ = write_digit_pngs(tmp_path / "imgs", classes=(0,), per_class=1)
+    assert main(["predict", *files, "--checkpoint", str(ckpt), "--agreement", "all"]) == 0
+    assert "--agreement all: the float32 PyTorch runtime is the reference itself" in caplog.text

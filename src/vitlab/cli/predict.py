@@ -76,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     if reference is None and args.agreement:  # None: not given
         raise ValueError(f"--agreement needs the PyTorch checkpoint: {args.checkpoint} is an ONNX file, with no "
                          f"float32 model to compare with; give --checkpoint CKPT --runtime {model.name}")
+    if model.name == "torch" and args.agreement:
+        log.warning("--agreement %s: the float32 PyTorch runtime is the reference itself; agreement is reported for "
+                    "the other runtimes (--runtime torch-bf16, onnx, ...)",
+                    "all" if args.agreement == sys.maxsize else args.agreement)
     agreement = 256 if args.agreement is None else args.agreement
     if not model.num_classes:
         raise ValueError(f"{args.checkpoint}: a backbone without a classifier (no classes to predict); fine-tune it "
