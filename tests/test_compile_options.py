@@ -209,3 +209,10 @@ def test_predict_agreement_with_the_float32_runtime_says_it_is_the_reference(tmp
     files, _ = write_digit_pngs(tmp_path / "imgs", classes=(0,), per_class=1)
     assert main(["predict", *files, "--checkpoint", str(ckpt), "--agreement", "all"]) == 0
     assert "--agreement all: the float32 PyTorch runtime is the reference itself" in caplog.text
+
+
+def test_benchmark_models_without_runtime_refuses_data(caplog, capsys):
+    argv = ["-q", "benchmark", "--models", "vit_tiny_patch16_224", "--set", "depth=1", "--set", "img_size=32",
+            "--repeats", "1", "--min-repeat-s", "0", "--matmul-size", "32", "--data", "digits"]
+    assert main(argv) == 2
+    assert "--data gives the agreement images of --runtime" in caplog.text + capsys.readouterr().err

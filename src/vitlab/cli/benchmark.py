@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--runtime measures inference runtimes; --mode and --dtype do not apply (a bfloat16 "
                              "runtime is --runtime torch-bf16; training steps: leave --runtime out)")
         return run_runtimes(args, overrides, args.models)
+    if args.data is not None:
+        raise ValueError("--data gives the agreement images of --runtime; without --runtime the benchmark times "
+                         "training or inference steps on random images, which no data changes")
     with num_threads(args.threads):
         report = benchmark_models(
             args.models, batch_size=args.batch_size, dtype=args.dtype, mode=args.mode, warmup=args.warmup,
