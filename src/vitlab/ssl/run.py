@@ -54,7 +54,7 @@ from vitlab.ssl import METHODS
 from vitlab.ssl.tokenizer import TOKENIZER_FILE, save_tokenizer
 from vitlab.train.distributed import distributed_context
 from vitlab.train.objective import Objective
-from vitlab.train.recipe import Recipe
+from vitlab.train.recipe import Recipe, changed_fields, plain
 from vitlab.train.trainer import atomic_text, fit
 
 log = logging.getLogger(__name__)
@@ -287,8 +287,8 @@ def _transform(job: PretrainJob, model: nn.Module):
         local, num_local = dino_crops(job, model)
         # the recipe's scale, where set, replaces DINO's global-crop range (the recipe default 0.08-1 is
         # RandomResizedCrop's, not DINO's); ratio applies to every crop (its default is DINO's 3/4-4/3)
-        scale = DINO_GLOBAL_SCALE if _plain(recipe.scale) == _plain(Recipe().scale) else tuple(recipe.scale)
-        if scale != DINO_GLOBAL_SCALE or _plain(recipe.ratio) != _plain(Recipe().ratio):
+        scale = DINO_GLOBAL_SCALE if plain(recipe.scale) == plain(Recipe().scale) else tuple(recipe.scale)
+        if scale != DINO_GLOBAL_SCALE or plain(recipe.ratio) != plain(Recipe().ratio):
             log.info("DINO: global crops cover %g-%g of the image, every crop of aspect ratio %g-%g (recipe scale "
                      "and ratio)", *scale, *recipe.ratio)
         return MultiCropTransform(pre, local_size=local, num_local=num_local, global_scale=scale,
@@ -298,31 +298,15 @@ def _transform(job: PretrainJob, model: nn.Module):
     return train_transform(pre, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip)
 
 
-def _plain(v: Any) -> Any:
-    """(0.08, 1.0) and [0.08, 1.0] are the same setting."""
-    return tuple(_plain(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-
 def unapplied_augmentation(method: str, recipe: Recipe) -> dict[str, Any]:
     """The recipe's augmentation and label fields, set to other values than the defaults, that pre-training with
     ``method`` does not apply: RandAugment, random erasing, Mixup / CutMix and label smoothing for every method;
     for DINO (its multi-crop is the augmentation) also ``augment`` switched off. The fields that ask for nothing
     (augmentation off, other than for DINO) are left out, as fit's own check does."""
-    default = Recipe()
     fields = ["randaugment", "randaugment_mstd", "re_prob", "mixup_alpha", "cutmix_alpha", "mixup_prob",
-              "mixup_switch_prob", "label_smoothing"]
-    augmentation = {"randaugment", "randaugment_mstd", "re_prob"}
-    if method == "dino":
-        fields.append("augment")
-    out = {}
-    for k in fields:
-        value = getattr(recipe, k)
-        if _plain(value) == _plain(getattr(default, k)):
-            continue
-        if k in augmentation and not recipe.augment and method != "dino":
-            continue
-        out[k] = value
-    return out
+              "mixup_switch_prob", "label_smoothing", *(["augment"] if method == "dino" else [])]
+    augmentation = frozenset() if method == "dino" else frozenset({"randaugment", "randaugment_mstd", "re_prob"})
+    return {k: getattr(recipe, k) for k in changed_fields(recipe, fields, only_with_augment=augmentation)}
 
 
 def _warn_unapplied(method: str, recipe: Recipe) -> None:
@@ -330,7 +314,7 @@ def _warn_unapplied(method: str, recipe: Recipe) -> None:
     if ignored:
         log.warning("pretrain: recipe field(s) %s are not applied by --method %s: pre-training applies only "
                     "%s; leave them out or set them to their defaults", ", ".join(
-                        f"{k}={_plain(v)!r}" for k, v in ignored.items()), method,
+                        f"{k}={plain(v)!r}" for k, v in ignored.items()), method,
                     "the multi-crop transform (scale, ratio, hflip)" if method == "dino"
                     else "the random resized crop and flip (scale, ratio, hflip)")
 

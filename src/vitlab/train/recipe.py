@@ -236,6 +236,19 @@ def _fits(config: Any, overrides: dict[str, Any]) -> bool:
 CARRY_OVER = ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "crop_pct")
 
 
+def plain(v: Any) -> Any:
+    """A recipe value compared as a setting: (0.08, 1.0) and [0.08, 1.0] are the same."""
+    return tuple(plain(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def changed_fields(recipe: Recipe, fields, *, only_with_augment=frozenset()) -> list[str]:
+    """The ``fields`` of ``recipe`` set to other values than the defaults; those in ``only_with_augment`` only when
+    augmentation is on (off, they ask for nothing)."""
+    default = Recipe()
+    return [k for k in fields if plain(getattr(recipe, k)) != plain(getattr(default, k))
+            and (recipe.augment or k not in only_with_augment)]
+
+
 def recipe_fields() -> dict[str, Any]:
     """Field name -> declared type of every recipe field."""
     hints = typing.get_type_hints(Recipe)

@@ -65,7 +65,7 @@ from vitlab.train.objective import (
     objective_for,
 )
 from vitlab.train.optim import build_optimizer
-from vitlab.train.recipe import Recipe
+from vitlab.train.recipe import Recipe, changed_fields, plain
 from vitlab.train.schedule import Horizon, build_scheduler
 from vitlab.train.state import get_rng_state, load_train_state, preserved_rng, save_train_state, set_rng_state
 
@@ -213,17 +213,10 @@ def unapplied_fields(recipe: Recipe, net: nn.Module) -> list[str]:
     """The recipe's :data:`BUILD_FIELDS` whose values would change something fit does not do: set to other values
     than the defaults, except where the model already has them (its name, input size, config) or where the
     value asks for nothing (augmentation switched off, no validation split)."""
-    default = Recipe()
-
-    def plain(v: Any) -> Any:  # (0.08, 1.0) and [0.08, 1.0] are the same setting
-        return tuple(plain(x) for x in v) if isinstance(v, (list, tuple)) else v
-
     cfg = getattr(net, "cfg", None)
     out = []
-    for k in BUILD_FIELDS:
+    for k in changed_fields(recipe, BUILD_FIELDS, only_with_augment=_AUGMENTATION):
         value = getattr(recipe, k)
-        if plain(value) == plain(getattr(default, k)) or (k in _AUGMENTATION and not recipe.augment):
-            continue
         if k == "model" and value == getattr(net, "model_name", None):
             continue
         if k == "img_size" and tuple(net.preprocessing.input_size[1:]) == (value, value):
