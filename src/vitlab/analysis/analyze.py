@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vitlab.analysis.capture import token_layout
+from vitlab.analysis.capture import capture, token_layout
 from vitlab.analysis.distance import AttentionDistanceMeter, patch_centre_distances
 from vitlab.analysis.explain_windows import capture_windowed, is_windowed
 from vitlab.analysis.figures import attention_distance_figure, filters_figure, position_similarity_figure
@@ -23,7 +23,7 @@ from vitlab.analysis.pos_similarity import position_similarity, position_similar
 from vitlab.analysis.report import Section, write_report
 from vitlab.analysis.windows import WindowDistanceMeter, window_attention_distance
 from vitlab.checkpoints.io import atomic_write
-from vitlab.layers import CapturableAttention, capture_attention
+from vitlab.layers import CapturableAttention
 from vitlab.layers.window_geometry import WindowGeometry
 
 log = logging.getLogger(__name__)
@@ -73,20 +73,6 @@ def attention_layer_labels(model: nn.Module) -> dict[nn.Module, tuple[int, int |
     return labels
 
 
-def _capture_token_maps(model: nn.Module, x: torch.Tensor, labels: dict[nn.Module, tuple[int, int | None]]):
-    """Logits, layout and the (map, (block, branch)) of every token-to-token attention map of one forward; with
-    ``labels``, only the maps of labelled modules (the model's blocks), else numbered in call order."""
-    with torch.no_grad(), capture_attention(model) as maps:
-        logits = model(x)
-    token = [(a, layer) for a, layer, t in zip(maps, maps.layers, maps.token_maps) if t]
-    layout = token_layout(model, (x.shape[-2], x.shape[-1]), token[0][0].shape[-1] if token else None)
-    if labels:
-        kept = [(a, labels[layer]) for a, layer in token if layer in labels]
-    else:
-        kept = [(a, (i + 1, None)) for i, (a, _) in enumerate(token)]
-    return logits, layout, kept
-
-
 def _distance_not_applicable(numbers: dict[str, Any], why_not: str, *, name: str, correct: int, seen: int,
                              not_scored: str | None, windowed: bool = False) -> Section:
     numbers["attention_distance"] = None
@@ -117,7 +103,12 @@ def token_attention_distance(model: nn.Module, loader: DataLoader, out: Path, *,
     for x, y in loader:
         x, y = x.to(device), torch.as_tensor(y).to(device)
         if why_not is None:
-            logits, layout, token_maps = _capture_token_maps(model, x, labels)
+            cap = capture(model, x)
+            logits, layout = cap.logits, cap.layout
+            token = [(a, layer) for a, layer, t in zip(cap.attentions, cap.layers, cap.token_maps) if t]
+            # labelled by the model's blocks (attention outside them left out), else numbered in call order
+            token_maps = ([(a, labels[layer]) for a, layer in token if layer in labels] if labels
+                          else [(a, (i + 1, None)) for i, (a, _) in enumerate(token)])
             try:
                 meter.update([a for a, _ in token_maps], layout.grid, layout.patch_size,
                              max_prefix=layout.num_prefix_tokens)
@@ -414,7 +405,6 @@ def no_token_attention_reason(model: nn.Module) -> str | None:
 
 
 def token_layout_or_none(model: nn.Module, x: torch.Tensor):
-    from vitlab.analysis.capture import token_layout
 
     try:
         return token_layout(model, (x.shape[-2], x.shape[-1]))

@@ -48,6 +48,7 @@ class Captured:
             attention and Linformer's projected keys; see ``CapturableAttention.token_map``).
         tokens: one (B, N, D) tensor per block: the block's output tokens.
         layout: the patch grid of this input.
+        layers: per attention map, the attention module that made it.
     """
 
     logits: Tensor
@@ -55,6 +56,7 @@ class Captured:
     tokens: list[Tensor]
     layout: TokenLayout
     token_maps: tuple[bool, ...] = ()
+    layers: tuple[nn.Module, ...] = ()
 
 
 def attention_blocks(model: nn.Module) -> list[nn.Module]:
@@ -125,4 +127,4 @@ def capture(model: nn.Module, x: Tensor, *, with_grad: bool = False) -> Captured
     layout = token_layout(model, (x.shape[-2], x.shape[-1]),
                           first_token_map.shape[-1] if first_token_map is not None else None)
     return Captured(logits=logits, attentions=list(maps), tokens=tokens, layout=layout,
-                    token_maps=tuple(maps.token_maps))
+                    token_maps=tuple(maps.token_maps), layers=tuple(maps.layers))
