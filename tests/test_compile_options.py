@@ -216,3 +216,36 @@ def test_benchmark_models_without_runtime_refuses_data(caplog, capsys):
             "--repeats", "1", "--min-repeat-s", "0", "--matmul-size", "32", "--data", "digits"]
     assert main(argv) == 2
     assert "--data gives the agreement images of --runtime" in caplog.text + capsys.readouterr().err
+
+
+class _FailingBackward(torch.autograd.Function):
+    """The identity, whose backward raises as a failed compile of the backward graph does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(NO_CXX)
+
+
+def test_fit_trains_eager_when_only_the_backward_compile_fails(tmp_path, monkeypatch):
+    """The forward compiles and runs, the first backward fails (the backward graph compiles lazily there):
+    the step runs again eager and the run is the eager run, weights equal."""
+    def backward_failing_compile(module, **kwargs):
+        def compiled(batch):
+            loss, metrics = module(batch)
+            return _FailingBackward.apply(loss), metrics
+
+        return compiled
+
+    recipe = small_recipe(epochs=1)
+    fit(tiny_vit(), recipe, train_set=Quadrants(32), output_dir=tmp_path / "eager", progress=False)
+    monkeypatch.setattr(torch, "compile", backward_failing_compile)
+    res = fit(tiny_vit(), recipe, train_set=Quadrants(32), output_dir=tmp_path / "c", progress=False, compile=True)
+    assert res.step == res.total_steps == 2
+    assert NO_CXX in res.compile_failed and res.compile_seconds is None
+    a, b = _weights(tmp_path / "eager" / "model.safetensors"), _weights(tmp_path / "c" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

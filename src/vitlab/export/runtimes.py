@@ -158,8 +158,7 @@ class Compiled(nn.Module):
         try:
             out = self._call_compiled(x)
         except Exception as e:  # inductor needs a C++ compiler; any failure means: run eager
-            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            log.warning("torch.compile failed (%s); running eager instead", self.failed)
+            self.fall_back(e)
             return self.model(given)
         # a size compiled for training is another graph: it does not count here; nor does a batch not a tensor
         if self._inference() and isinstance(given, Tensor):
@@ -169,6 +168,11 @@ class Compiled(nn.Module):
             log.info("torch.compile: first %s (compile) took %.1f s",
                      "call" if self._inference() else "training forward", self.compile_s)
         return _first_rows(out, n) if padded > n else out
+
+    def fall_back(self, error: BaseException, *, where: str = "") -> None:
+        """Run eager from now on, and say why (``where``: the failed part, when not the forward's compile)."""
+        self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        log.warning("torch.compile failed%s (%s); running eager instead", where, self.failed)
 
     def _inference(self) -> bool:
         return self.freeze or not self.model.training

@@ -603,7 +603,20 @@ def fit(
                     with no_sync:
                         with autocast_context(device, recipe.amp):
                             loss, metrics = forward(batch)
-                        scaler.scale(loss / accum).backward()
+                        try:
+                            scaler.scale(loss / accum).backward()
+                        except Exception as e:
+                            # the backward graph compiles in the first backward: when that fails, this
+                            # micro-batch (the call's first) runs again eager, from zeroed gradients (not under
+                            # DDP, whose reducer is left waiting for the failed backward's gradients)
+                            if not (timed and not compile_probe and getattr(forward, "failed", "") is None
+                                    and not ctx.distributed):
+                                raise
+                            forward.fall_back(e, where=" in the first backward")
+                            optimizer.zero_grad(set_to_none=True)
+                            with autocast_context(device, recipe.amp):
+                                loss, metrics = forward(batch)
+                            scaler.scale(loss / accum).backward()
                     if timed:
                         _synchronize(device)
                         compile_probe.append(time.perf_counter() - t_probe)
