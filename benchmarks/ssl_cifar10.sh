@@ -65,11 +65,14 @@ PYEOF
             --set scale=0.2,1.0 --opt decoder_dim=64 --opt decoder_depth=2 --opt decoder_heads=2 --output $OUT/mae ;;
   mae10)  run $V finetune --from $OUT/mae/model.safetensors $FT --data folder:$DATA/lab10 --set epochs=90 --set warmup_epochs=5 --output $OUT/mae10 ;;
   mae100) run $V finetune --from $OUT/mae/model.safetensors $FT --data folder:$DATA/all --output $OUT/mae100 ;;
-  # ---- DINO: 2 x 32 px + 4 x 16 px crops, K 4096, teacher k-NN before (random init: one step at lr 1e-12) and after
+  # ---- DINO: 2 x 32 px + 4 x 16 px crops, K 4096, teacher k-NN before (random init: one step at lr 1e-12) and after.
+  # DINO's own crop ranges (global 0.4-1, aspect 3/4-4/3), as in the recorded run: pretrain now applies the
+  # cifar10 recipe's scale / ratio to DINO's crops, so they are set back here
   dino)
-    run $V pretrain --method dino $PRE --data folder:$DATA/all --epochs 4 --set lr=5e-4 --set weight_decay=0.04 \
+    DINO_CROPS="--set scale=0.4,1.0 --set ratio=0.75,1.3333333333333333"
+    run $V pretrain --method dino $PRE $DINO_CROPS --data folder:$DATA/all --epochs 4 --set lr=5e-4 --set weight_decay=0.04 \
       --set warmup_epochs=1 --opt out_dim=4096 --opt num_local=4 --opt local_size=16 --opt momentum=0.99 --output $OUT/dino
-    $V pretrain --method dino $PRE --data folder:$DATA/all --steps 1 --set lr=1e-12 --set warmup_epochs=0 \
+    $V pretrain --method dino $PRE $DINO_CROPS --data folder:$DATA/all --steps 1 --set lr=1e-12 --set warmup_epochs=0 \
       --opt out_dim=4096 --opt num_local=4 --opt local_size=16 --output $OUT/dino_init >/dev/null
     for ck in dino_init/teacher dino/teacher dino/model; do  # DINO's k-NN (k 20, T 0.07) from all 45,000 training images
       $V eval --checkpoint $OUT/$ck.safetensors --data folder:$DATA/all --split test --val-fraction 0 \
