@@ -24,6 +24,7 @@ from dense_helpers import DETR_EXPORT, SETR_EXPORT
 from vitlab.data import load_image
 from vitlab.export import ExportError, InputSizeError, OnnxModel, export_onnx, read_metadata
 from vitlab.export.onnx import _any_size_model, _set_metadata, metadata
+from vitlab.export.runtime import METADATA_KEY
 
 from model_helpers import make_tiny, perturb_
 
@@ -197,6 +198,54 @@ def test_dynamic_size_file_refuses_the_sizes_pytorch_refuses(multilabel_vit):
     x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(1))  # a size it takes: PyTorch's numbers
     with torch.no_grad():
         torch.testing.assert_close(m(x), dyn(x), atol=1e-4, rtol=1e-4)
+
+
+def _without_size_rule(props: dict[str, str]) -> dict[str, str]:
+    """A file's metadata as a vitlab from before the size rule wrote it."""
+    record = json.loads(props[METADATA_KEY])
+    for key in ("size_multiple", "min_size"):
+        record["input"].pop(key, None)
+    return {**{k: v for k, v in props.items() if k not in ("size_multiple", "min_size")},
+            METADATA_KEY: json.dumps(record)}
+
+
+def test_a_dynamic_size_file_without_a_size_rule_gets_it_from_its_model(multilabel_vit, tmp_path, caplog):
+    """A file exported before the size rule was recorded took 37 x 50 silently (the top-left 32 x 48 crop's
+    logits); the rule is now worked out from the model its metadata describes, and the size refused."""
+    import shutil
+
+    _, path = multilabel_vit
+    old = tmp_path / "old.onnx"
+    shutil.copy(path, old)
+    _set_metadata(str(old), _without_size_rule(_props(path)))
+    assert "size_multiple" not in read_metadata(old)["input"]
+    with caplog.at_level(logging.INFO, logger="vitlab.export.runtime"):
+        m = OnnxModel(old)
+    assert "worked out from its model: multiples of 16x16" in caplog.text
+    with pytest.raises(InputSizeError, match=r"multiples of 16x16.*got 37x50"):
+        m(torch.randn(1, 3, 37, 50))
+    assert m(torch.randn(1, 3, 48, 64)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mobilevit_xxs",
+                                  "vit_base_r50_s16_224", "cct_7_3x1_32", "xcit_nano_12_p16_224", "resnet18",
+                                  "detr_resnet50", "setr_naive_vit_small_patch16"])
+def test_the_size_rule_worked_out_on_the_meta_device_equals_exports(name):
+    """The rule rebuilt from an old file's metadata (a model on the meta device, no weights) is the one export
+    records from the real model."""
+    from vitlab.export.onnx import size_rule
+    from vitlab.export.runtime import _derived_size_rule
+
+    over = {"detr_resnet50": DETR_EXPORT, "setr_naive_vit_small_patch16": SETR_EXPORT}.get(name, {})
+    if name.startswith("swin"):
+        over = {"img_size": 64, "window_size": 4}
+    model = _any_size_model(_tiny(name, **over))
+    c, h, w = model.preprocessing.input_size
+    rule = size_rule(model, c, h, w)
+    props = metadata(model, model.preprocessing, class_names=None, dynamic_batch=True, dynamic_size=True,
+                     int8=False)
+    derived = _derived_size_rule(json.loads(_without_size_rule(props)[METADATA_KEY]), Path("old.onnx"))
+    assert derived == {"size_multiple": rule["multiple"], "min_size": rule["min"]}
 
 
 def test_size_rule_per_family():

@@ -466,17 +466,19 @@ def rebuild(model: nn.Module, **changes: Any) -> nn.Module:
     return new.eval()
 
 
-def size_rule(model: nn.Module, c: int, h: int, w: int) -> dict[str, list[int]]:
+def size_rule(model: nn.Module, c: int, h: int, w: int, *, device: str = "cpu") -> dict[str, list[int]]:
     """The input sizes a dynamic-size graph takes, as the PyTorch model does: ``{"multiple": [mh, mw], "min":
     [h, w]}``. A family whose patch embedding checks divisibility (ViT, DeiT, CaiT, BEiT-3, XCiT, the R50 hybrid,
     SETR) refuses a size one pixel past a multiple of its step, where the graph would drop the last rows and
     columns (or fail inside ONNX Runtime): the file takes multiples of the step. The families that pad or resize
     per input (Swin, MobileViT, ResNet, CCT, DETR) take any size. The minimum is the smallest of 1, 2, 4...
-    steps (up to the model's own size) that PyTorch runs (a hybrid's stem needs more than one patch)."""
+    steps (up to the model's own size) that PyTorch runs (a hybrid's stem needs more than one patch).
+    ``device="meta"`` for a model built there (shapes only: an operator meta tensors cannot run counts as a
+    refusal, so the rule errs on the strict side)."""
     def runs(hw: tuple[int, int]) -> bool:
         try:
             with torch.no_grad():
-                model(torch.zeros(1, c, *hw))
+                model(torch.zeros(1, c, *hw, device=device))
         except Exception:  # any refusal: PyTorch does not take this size
             return False
         return True

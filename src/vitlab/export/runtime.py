@@ -85,6 +85,30 @@ _LOGITS_NAMES = (re.compile(r"logits?", re.I), re.compile(r".*logit.*", re.I),
 _warned_detectors: set[tuple[str, tuple[int, int]]] = set()
 
 
+def _derived_size_rule(meta: dict[str, Any], path: Path) -> dict[str, list[int]]:
+    """The size rule of a dynamic-size file from a vitlab that did not record it (files exported before
+    ``size_multiple`` / ``min_size``), worked out as export does, from the model its metadata describes
+    (built on the meta device: no weights); {} with a warning when that model cannot be rebuilt."""
+    from vitlab.checkpoints.vitlab_format import config_from_dict
+    from vitlab.export.onnx import _any_size_model, size_rule
+    from vitlab.models.registry import get_entry
+
+    try:
+        entry = get_entry(meta["model"])
+        c, h, w = meta["preprocessing"]["input_size"]
+        with torch.device("meta"):
+            model = _any_size_model(entry.build(config_from_dict(entry.config, meta["config"])).eval())
+        rule = size_rule(model, c, h, w, device="meta")
+    except Exception as e:  # any failure: the file runs as before, with the caveat said
+        log.warning("%s does not record the input sizes it takes (an older vitlab wrote it) and they could not be "
+                    "worked out (%s): a size its model refuses in PyTorch (not a multiple of its patch) may give "
+                    "wrong outputs; export it again", path, e)
+        return {}
+    log.info("%s does not record the input sizes it takes (an older vitlab wrote it): worked out from its model: "
+             "multiples of %dx%d, at least %dx%d", path, *rule["multiple"], *rule["min"])
+    return {"size_multiple": rule["multiple"], "min_size": rule["min"]}
+
+
 def _channels_last(shape: list[Any]) -> bool:
     """An image input laid out (N, H, W, C): 1 or 3 channels last, and not at index 1."""
     return len(shape) == 4 and shape[3] in (1, 3) and shape[1] not in (1, 3)
@@ -180,6 +204,8 @@ class OnnxModel(nn.Module):
         self.in_chans = shape[1] if isinstance(shape[1], int) else None
         # the sizes a dynamic-size file takes (export's size_rule): multiples of its patch, from a minimum
         io = self.meta.get("input") or {}
+        if self.input_hw is None and self.meta and "size_multiple" not in io:
+            io = {**io, **_derived_size_rule(self.meta, self.path)}
         self.size_multiple = tuple(io["size_multiple"]) if io.get("size_multiple") else None
         self.min_size = tuple(io["min_size"]) if io.get("min_size") else None
         pre = self.meta.get("preprocessing")
