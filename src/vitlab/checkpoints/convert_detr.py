@@ -6,9 +6,10 @@
   ``q_proj`` / ``k_proj`` / ``v_proj``, ``o_proj``, ``self_attn_layer_norm``, ``encoder_attn``,
   ``final_layer_norm``, ``model.decoder.layernorm``, ``model.query_position_embeddings``,
   ``class_labels_classifier``, ``bbox_predictor``. The config gives the heads (``decoder_attention_heads``
-  may differ from the encoder's) and, in ``backbone_config``, where the ResNet strides
-  (``downsample_in_bottleneck``, ``downsample_in_first_stage``); a backbone ``hidden_act`` other than relu
-  is refused.
+  may differ from the encoder's), ``auxiliary_loss`` (true: transformers' decoder normalises each layer's
+  output before the next, kept as ``dec_norm_between_layers``) and, in ``backbone_config``, where the ResNet
+  strides (``downsample_in_bottleneck``, ``downsample_in_first_stage``) and which stage's map is used
+  (``out_features``: the backbone ends there); a backbone ``hidden_act`` other than relu is refused.
 * The official repository (``{"model": ...}``; ``backbone.0.body.*`` in torchvision's ResNet names,
   ``transformer.encoder.layers.N.self_attn.in_proj_weight`` fused q/k/v, ``linear1/2``, ``norm1..3``,
   ``multihead_attn``, ``transformer.decoder.norm``, ``query_embed``, ``input_proj``, ``class_embed``,
@@ -18,6 +19,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -29,6 +31,8 @@ from vitlab.checkpoints.converters import (
     register_format_detector,
     register_hf_model_type,
 )
+
+log = logging.getLogger(__name__)
 
 register_hf_model_type("detr", "detr_resnet50")
 
@@ -161,7 +165,10 @@ def convert_hf(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
                 break
         else:
             raise ValueError(f"unexpected key {k!r}")
+    backbone = _keep_stages(backbone, _feature_stage(config))
     converted = _finish(out, backbone, heads=config.get("encoder_attention_heads"))
+    if config.get("auxiliary_loss"):  # transformers' decoder then normalises each layer's output before the next
+        converted.overrides["dec_norm_between_layers"] = True
     if config:  # transformers' defaults: 8 heads in both
         enc_heads = int(config.get("encoder_attention_heads", 8))
         dec_heads = int(config.get("decoder_attention_heads", 8))
@@ -170,6 +177,48 @@ def convert_hf(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
             converted.overrides["dec_num_heads"] = dec_heads
     converted.overrides["backbone_args"].update(_hf_backbone_args(config.get("backbone_config") or {}))
     return converted
+
+
+def _feature_stage(config: dict[str, Any]) -> int | None:
+    """The 1-based ResNet stage whose map feeds DETR's transformer: transformers takes the last of the backbone's
+    ``out_features`` (``"stageN"``) / ``out_indices`` (0 the stem); for a timm backbone, the last of
+    ``backbone_kwargs.out_indices``. None: not given (the last stage)."""
+    bb = config.get("backbone_config") or {}
+    if config.get("use_timm_backbone"):
+        names, indices, what = None, (config.get("backbone_kwargs") or {}).get("out_indices"), "backbone_kwargs"
+    else:
+        names, indices, what = bb.get("out_features"), bb.get("out_indices"), "backbone_config"
+    if names:
+        m = re.fullmatch(r"stage(\d+)", str(names[-1]))
+        if m is None or int(m.group(1)) < 1:
+            raise ValueError(f"{what}.out_features={list(names)!r}: DETR reads the last of them, which must be a "
+                             f"ResNet stage ('stage1', 'stage2', ...), not {names[-1]!r}")
+        return int(m.group(1))
+    if indices:
+        last = int(indices[-1])
+        if last == 0:
+            raise ValueError(f"{what}.out_indices={list(indices)!r}: DETR reads the last of them, which must be a "
+                             f"ResNet stage (1, 2, ...), not the stem (0)")
+        return last
+    return None
+
+
+def _keep_stages(backbone: dict[str, Tensor], stage: int | None) -> dict[str, Tensor]:
+    """The ResNet up to ``stage`` (1-based; None or a negative index from the end: as counted on the tensors),
+    without the later stages' tensors, which transformers builds but never runs."""
+    n = len({int(m.group(1)) for k in backbone if (m := re.match(r"^stages\.(\d+)\.", k))})
+    if stage is None:
+        return backbone
+    if stage < 0:
+        stage = n + 1 + stage
+    if not 1 <= stage <= n:
+        raise ValueError(f"backbone out_features / out_indices name stage {stage}, but the ResNet has {n} stages")
+    if stage == n:
+        return backbone
+    log.info("DETR backbone: the map of stage %d of %d feeds the transformer (out_features); the later stages' "
+             "weights are not used", stage, n)
+    return {k: v for k, v in backbone.items()
+            if not ((m := re.match(r"^stages\.(\d+)\.", k)) and int(m.group(1)) >= stage)}
 
 
 def _hf_backbone_args(bb: dict[str, Any]) -> dict[str, Any]:

@@ -223,7 +223,8 @@ class ExportReport:
                          f"{_diffs_text(self.int8_output_diffs or {}, self.int8_max_abs_diff, '.3g')}, "
                          f"each image run alone")
         if self.int8_batched_agreement is not None:
-            lines.append(f"  int8 batching effect: all {self.images} images in one batch vs each alone: max |diff| "
+            lines.append(f"  int8 batching effect: the {self.images} images in batches of up to {VALIDATION_BATCH} vs "
+                         f"each alone: max |diff| "
                          f"{self.int8_batched_max_abs_diff:.3g}, {self.agreement} {100 * self.int8_batched_agreement:.1f}% "
                          f"(activation scales are per batch: outputs depend on the other images in the batch)")
         if self.speedup is not None:
@@ -359,10 +360,19 @@ def _worst(diffs: dict[str, float]) -> float:
     return float("nan") if any(v != v for v in vals) else max(vals, default=0.0)
 
 
-def _onnx_outputs(onnx_model: OnnxModel, x: Tensor) -> dict[str, Tensor]:
-    """ONNX Runtime's outputs by name, through the adapter's forward (as predict / detect run it)."""
-    out = onnx_model(x)
-    return out if isinstance(out, dict) else {"logits": out}
+# images per ONNX Runtime call in validation: one call on every image (64 at 800x800 for a detector) can need
+# far more memory than the model (a DETR's encoder attention grows with the tokens of the whole batch)
+VALIDATION_BATCH = 8
+
+
+def _onnx_outputs(onnx_model: OnnxModel, x: Tensor, batch: int = VALIDATION_BATCH) -> dict[str, Tensor]:
+    """ONNX Runtime's outputs by name, through the adapter's forward (as predict / detect run it), in calls of at
+    most ``batch`` images (a file with a fixed batch of 1 runs them one by one), concatenated."""
+    parts = []
+    for i in range(0, len(x), batch):
+        out = onnx_model(x[i:i + batch])
+        parts.append(out if isinstance(out, dict) else {"logits": out})
+    return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def _one_by_one(onnx_model: OnnxModel, x: Tensor) -> dict[str, Tensor]:
@@ -970,7 +980,7 @@ def export_onnx(
                                            f" < required {100 * min_agreement:.0f}%")
                 final_path, final_model = int8_path, onnx_int8
             if timing:
-                tx = x if dynamic_batch else x[:1]
+                tx = x[:VALIDATION_BATCH] if dynamic_batch else x[:1]
                 report.timing_batch = len(tx)
                 report.torch_images_per_s, report.onnx_images_per_s = _time_pair(graph, final_model, tx)
             if report.problems and not force:

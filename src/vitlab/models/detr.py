@@ -24,7 +24,7 @@ What differs from a ViT classifier:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -46,10 +46,17 @@ class DETRConfig:
     freeze_stem: freeze the ResNet stem and first stage (DETR) and turn its batch norms into frozen ones.
     num_classes: object classes, without "no object" (COCO: 91 = largest category id + 1).
     num_queries: object queries (100 for COCO).
-    img_size: the nominal input size (preprocessing; any size runs).
+    img_size: the nominal input size (preprocessing; any size runs): the shorter side of the resize (an
+        (H, W) pair with a ``crop_mode="squash"`` preprocessing style: both sides, aspect not kept).
+    max_size: cap on the longer side of the resize (None: 5/3 of ``img_size``, DETR's 800 / 1333; Hugging
+        Face's ``longest_edge``).
     num_heads: attention heads of the encoder (and of the decoder unless ``dec_num_heads`` is given).
     dec_num_heads: attention heads of the decoder's self- and cross-attention (None: ``num_heads``; Hugging
         Face's ``decoder_attention_heads``).
+    dec_norm_between_layers: feed each decoder layer the final LayerNorm of the previous layer's output, and
+        normalise the last output twice, as transformers' ``DetrDecoder`` does when its config has
+        ``auxiliary_loss: true`` (set when such a folder loads; training and the auxiliary losses then use
+        this form too). False: the paper's decoder (the norm only before the heads).
     """
 
     backbone: str = "resnet50"
@@ -61,12 +68,14 @@ class DETRConfig:
     dim: int = 256
     num_heads: int = 8
     dec_num_heads: int | None = None
+    dec_norm_between_layers: bool = False
     enc_depth: int = 6
     dec_depth: int = 6
     ffn_dim: int = 2048
     dropout: float = 0.1
     aux_loss: bool = True
     img_size: int | tuple[int, int] = 800
+    max_size: int | None = None
     in_chans: int = 3
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -129,14 +138,23 @@ class Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_depth))
         self.norm = nn.LayerNorm(cfg.dim)
+        self.norm_between_layers = cfg.dec_norm_between_layers
 
     def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor,
                 key_mask: Tensor | None) -> list[Tensor]:
-        """Every layer's output through the shared final norm (the last is the prediction)."""
+        """Every layer's output through the shared final norm (the last is the prediction); with
+        ``norm_between_layers`` the normalised output is also the next layer's input and the last is
+        normalised once more (transformers' ``auxiliary_loss`` decoder)."""
         outs = []
         for layer in self.layers:
             tgt = call_block(layer, tgt, query_pos, memory, pos, key_mask, checkpointed=self.grad_checkpointing)
-            outs.append(self.norm(tgt))
+            if self.norm_between_layers:
+                tgt = self.norm(tgt)
+                outs.append(tgt)
+            else:
+                outs.append(self.norm(tgt))
+        if self.norm_between_layers and outs:
+            outs[-1] = self.norm(outs[-1])
         return outs
 
 
@@ -213,6 +231,19 @@ class DETR(TimmSurface, nn.Module):
         size = self.cfg.img_size if isinstance(self.cfg.img_size, tuple) else (self.cfg.img_size,) * 2
         return Preprocessing(input_size=(self.cfg.in_chans, *size), mean=self.cfg.mean, std=self.cfg.std,
                              crop_pct=1.0, interpolation="bilinear")
+
+    @property
+    def max_size(self) -> int:
+        """The cap on the longer side of the resize (``cfg.max_size``, else 5/3 of the shorter side)."""
+        if self.cfg.max_size is not None:
+            return int(self.cfg.max_size)
+        size = self.cfg.img_size
+        return int((size if isinstance(size, int) else min(size)) * 5 / 3)
+
+    def set_resize(self, img_size: int | tuple[int, int], max_size: int | None = None) -> None:
+        """Resize images to ``img_size`` (the shorter side, the longer at most ``max_size``; an (H, W) pair for a
+        squash); kept in the config, so vitlab checkpoints record it. Only preprocessing uses these sizes."""
+        self.cfg = replace(self.cfg, img_size=img_size, max_size=max_size)
 
     def no_weight_decay(self) -> set[str]:
         return set()

@@ -171,6 +171,9 @@ def _apply_preprocessing_style(source: Any, model: nn.Module, *, given: set[str]
 
         where = str(source.path.parent / "preprocessor_config.json")
         style, notes = processor_style(source.meta["hf_processor"], tuple(pre.input_size[1:]))
+    elif source.meta.get("hf_processor") is not None and getattr(model, "task", None) == "detection":
+        where = str(source.path.parent / "preprocessor_config.json")
+        style, notes = _detection_processor_style(source.meta["hf_processor"], model, given)
     elif source.meta.get("timm_config"):
         from vitlab.checkpoints.timm_hub import timm_hub_style
 
@@ -188,6 +191,48 @@ def _apply_preprocessing_style(source: Any, model: nn.Module, *, given: set[str]
             raise CheckpointError(f"{where}: {e}") from e
         if source.format != "vitlab":
             log.info("%s: preprocessing %s", where, ", ".join(f"{k}={v}" for k, v in sorted(style.items())))
+
+
+def _detection_processor_style(config: dict[str, Any], model: nn.Module,
+                               given: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """A Hugging Face DETR processor (``DetrImageProcessor``) on a vitlab detector: its ``size`` sets the model's
+    resize (``shortest_edge`` / ``longest_edge``; a square ``{"height", "width"}``: squash), and the returned style
+    its normalisation (``image_mean`` / ``image_std`` with ``do_rescale`` / ``rescale_factor`` / ``do_normalize``,
+    as vitlab scales pixels to [0, 1] before normalising); notes on what vitlab does otherwise."""
+    notes: list[str] = []
+    style: dict[str, Any] = {}
+    size = config.get("size")
+    if isinstance(size, (int, float)):  # the processor's legacy integer size: the shortest edge, 1333 at most
+        size = {"shortest_edge": int(size), "longest_edge": int(config.get("max_size") or 1333)}
+    if config.get("do_resize", True) is False:
+        notes.append("do_resize is false: vitlab resizes images to the model's input size")
+    elif isinstance(size, dict) and "img_size" not in given and hasattr(model, "set_resize"):
+        if "shortest_edge" in size:
+            longest = size.get("longest_edge")
+            model.set_resize(int(size["shortest_edge"]), None if longest is None else int(longest))
+        elif "height" in size and "width" in size and int(size["height"]) == int(size["width"]):
+            model.set_resize(int(size["height"]))
+            style["crop_mode"] = "squash"
+        else:
+            notes.append(f"size {size!r} is not a size vitlab's detection transform reads (shortest_edge / "
+                         f"longest_edge, or a square height / width); using the model's resize")
+    if config.get("resample", 2) not in (2, "bilinear"):
+        notes.append(f"resample {config['resample']!r}: vitlab resizes detection images bilinearly")
+    # the processor computes (r * x - mean) / std on pixels x in [0, 1] with r = 255 * rescale_factor (255 without
+    # rescaling), mean 0 / std 1 without normalising: vitlab's (x - mean / r) / (std / r)
+    r = 255.0 * float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 255.0
+    if config.get("do_normalize", True):
+        mean, std = config.get("image_mean"), config.get("image_std")
+        if mean is None or std is None:
+            return style, notes
+    else:
+        mean, std = [0.0], [1.0]
+    channels = model.preprocessing.input_size[0]
+    mean = list(mean) * channels if len(mean) == 1 else list(mean)
+    std = list(std) * channels if len(std) == 1 else list(std)
+    style["mean"] = tuple(float(m) / r for m in mean)
+    style["std"] = tuple(float(v) / r for v in std)
+    return style, notes
 
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "none")

@@ -15,7 +15,7 @@ the encoder's final norm (each head has its own LayerNorm and drops the prefix t
   per stream 2 x (3x3 conv 128 + BN + ReLU) and 4x bilinear, concatenated -> 3x3 conv to the classes.
 
 Auxiliary heads on intermediate blocks (naive: blocks 10/15/20 of 24; PUP: 10/15/20/24; MLA: each
-stream) add their cross entropy with weight 0.4 in training; the heads train at 10x the encoder's
+stream, a 1x1 conv without bias) add their cross entropy with weight 0.4 in training; the heads train at 10x the encoder's
 learning rate (``lr_scales``). Block indices scale with the encoder's depth.
 
 ``forward(x)`` returns ``{"logits": (B, classes, H, W)}`` and, in training, ``"aux_logits"``: a list.
@@ -170,9 +170,12 @@ class MLAHead(nn.Module):
 
 
 class MLAAuxHead(nn.Module):
+    """One MLA stream (``channels`` wide) -> 1x1 conv to the classes, no bias -> up to the input, as the official
+    ``VIT_MLA_AUXIHead`` with 256 input channels (its ``aux``)."""
+
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
-        self.cls = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.cls = nn.Conv2d(channels, num_classes, 1, bias=False)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         return _up(self.cls(x), size)

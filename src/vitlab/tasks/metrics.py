@@ -139,7 +139,8 @@ def detections_from_outputs(logits: Tensor, boxes: Tensor, sizes: list[tuple[int
 
 
 class SegmentationMeter:
-    """Accumulate a confusion matrix; ``summary()`` gives ``mIoU``, ``pixel_acc`` and per-class IoU."""
+    """Accumulate a confusion matrix; ``summary()`` gives ``mIoU``, ``pixel_acc`` (None when no pixel was
+    labelled) and per-class IoU."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -158,9 +159,11 @@ class SegmentationMeter:
         union = c.sum(0) + c.sum(1) - tp
         present = union > 0
         iou = tp / union.clamp(min=1)
-        # a class in neither labels nor predictions has no IoU: None (JSON's null; NaN is not valid JSON)
-        return {"mIoU": float(iou[present].mean()) if present.any() else 0.0,
-                "pixel_acc": float(tp.sum() / c.sum().clamp(min=1)),
+        # a class in neither labels nor predictions has no IoU: None (JSON's null; NaN is not valid JSON); with no
+        # labelled pixel at all (every target the ignore index) there is nothing to score: None, not 0.0
+        labelled = bool(c.sum() > 0)
+        return {"mIoU": float(iou[present].mean()) if labelled else None,
+                "pixel_acc": float(tp.sum() / c.sum()) if labelled else None,
                 "iou": [float(v) if ok else None for v, ok in zip(iou.tolist(), present.tolist())]}
 
 

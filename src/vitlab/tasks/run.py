@@ -35,7 +35,8 @@ def task_of(model: nn.Module) -> str:
 
 def transform_for(model: nn.Module, *, train: bool, hflip: float = 0.5,
                   keep_mask_size: bool | None = None) -> DenseTransform:
-    """DETR: shorter side to the model's size (multi-scale in training), SETR: the square size it is built for.
+    """DETR: shorter side to the model's size (multi-scale in training), the longer at most its ``max_size``
+    (a square size with a squash preprocessing style), SETR: the square size it is built for.
 
     ``train``: the training augmentations. ``keep_mask_size`` (default: not ``train``): a mask keeps its own
     size, for evaluation: the predictions are scored at the size of the user's masks
@@ -50,8 +51,12 @@ def transform_for(model: nn.Module, *, train: bool, hflip: float = 0.5,
     if task_of(model) == "segmentation" or getattr(model, "input_hw", None) is not None:
         return DenseTransform(size=h, square=True, train=train, hflip=hflip, mean=pp.mean, std=pp.std, channels=c,
                               resize_mask=train if keep_mask_size is None else not keep_mask_size)
+    if pp.crop_mode == "squash" and pp.input_size[1] == pp.input_size[2]:  # a processor's {"height", "width"}
+        return DenseTransform(size=h, square=True, train=train, hflip=hflip, mean=pp.mean, std=pp.std, channels=c)
+    # the longer side's cap: the model's (a Hugging Face processor's longest_edge), else DETR's 1333 for 800
+    max_size = getattr(model, "max_size", None) or int(h * 5 / 3)
     sizes = sorted({max(16, int(h * f) // 16 * 16) for f in (0.75, 0.875, 1.0)}) if train else h
-    return DenseTransform(size=sizes, max_size=int(h * 5 / 3), train=train, hflip=hflip,
+    return DenseTransform(size=sizes, max_size=max_size, train=train, hflip=hflip,
                           crop_prob=0.5 if train else 0.0,
                           mean=pp.mean, std=pp.std, channels=c)
 
@@ -406,6 +411,8 @@ def load_dense(path: str | os.PathLike, task: str, runtime: str = "auto") -> nn.
 def format_metrics(task: str, m: dict[str, Any]) -> str:
     if task == "detection":
         return f"AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}"
+    if m["mIoU"] is None:  # every pixel of the masks had the ignore index
+        return "mIoU n/a  pixel accuracy n/a (no labelled pixels)"
     return f"mIoU {m['mIoU']:.4f}  pixel accuracy {m['pixel_acc']:.4f}"
 
 
