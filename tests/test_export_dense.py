@@ -151,6 +151,27 @@ def test_detect_with_the_onnx_file(detr_export, tmp_path, capsys, caplog):
         caplog.text + capsys.readouterr().err)
 
 
+def test_detect_with_an_onnx_file_keeps_the_models_longer_side_cap(tmp_path):
+    """A DETR whose longer side is capped below DETR's 5/3 (a Hugging Face processor's longest_edge): the
+    dynamic-size file records the cap and `vitlab detect` with it resizes as the checkpoint does."""
+    model = _detr()
+    model.set_resize(32, 40)  # 5/3 would give 53 for a 1:3 image
+    ckpt = vitlab.save_model(model, tmp_path / "capped.safetensors", class_names=CLASSES)
+    path = tmp_path / "capped.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(path), "--dynamic-size", "--num-images", "2",
+                 "--no-timing"]) == 0
+    assert OnnxModel(path).max_size == 40
+    image = _save_png(tmp_path / "wide.png", 20, 60, seed=2)
+    results = {}
+    for name, source in (("torch", ckpt), ("onnx", path)):
+        assert main(["detect", str(image), "--checkpoint", str(source), "--threshold", "0",
+                     "--output", str(tmp_path / name)]) == 0
+        results[name] = json.loads((tmp_path / name / "detections.json").read_text())[0]["objects"]
+    for a, b in zip(results["torch"], results["onnx"], strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-3)
+        assert a["box_xyxy"] == pytest.approx(b["box_xyxy"], abs=0.02)
+
+
 @pytest.fixture
 def reuse_export(monkeypatch):
     """Swap the graph export for a copy of an already exported file of the same model (the validation,

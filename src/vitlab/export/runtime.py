@@ -208,6 +208,9 @@ class OnnxModel(nn.Module):
             io = {**io, **_derived_size_rule(self.meta, self.path)}
         self.size_multiple = tuple(io["size_multiple"]) if io.get("size_multiple") else None
         self.min_size = tuple(io["min_size"]) if io.get("min_size") else None
+        # a dynamic-size detector's cap on the longer side (the model's ``max_size``, read by ``transform_for``)
+        resize = io.get("resize") or {}
+        self.max_size = int(resize["max_size"]) if resize.get("max_size") else None
         pre = self.meta.get("preprocessing")
         if pre is not None:
             self.preprocessing = Preprocessing.from_dict(pre)
