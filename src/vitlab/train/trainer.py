@@ -151,9 +151,37 @@ def _build_sampler(dataset: Dataset, recipe: Recipe, ctx: DistContext) -> Sample
         return RepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                 num_repeats=recipe.repeat_aug, seed=recipe.seed)
     # The same permutation of (seed, epoch) on every rank; rank r takes every world_size-th index, so
-    # one process with batch B*W sees the same samples per step as W processes with batch B.
+    # one process with batch B*W sees the same samples per step as W processes with batch B. drop_last: no
+    # padding with repeated samples, so the steps per epoch are one process's, floor(floor(N/W)/B) = floor(N/(W*B)).
     return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                              seed=recipe.seed, drop_last=False)
+                              seed=recipe.seed, drop_last=True)
+
+
+def _sync_batch_norm(module: nn.Module, ctx: DistContext, *, fsdp: bool = False) -> Callable[[], None]:
+    """Under DDP on GPUs: ``module``'s BatchNorm layers replaced by SyncBatchNorm (sharing their parameters and
+    running statistics), so that they normalise with the global batch's statistics as one process does. Returns
+    what puts the original layers back. torch's SyncBatchNorm runs on GPUs only: on the CPU (gloo), and under
+    FSDP, each process keeps its own batch statistics, which is logged."""
+    found = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+             if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)]
+    if not ctx.distributed or not found:
+        return lambda: None
+    if fsdp or ctx.device.type == "cpu":
+        if ctx.is_main:
+            log.warning("%d BatchNorm layer(s) normalise with each process's own part of the batch (%s): the run "
+                        "equals one process with the same global batch only in distribution, and the saved running "
+                        "statistics are rank 0's", len(found),
+                        "under FSDP" if fsdp else "torch's SyncBatchNorm needs GPUs, not gloo on the CPU")
+        return lambda: None
+    for parent, name, child in found:
+        setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    log.debug("%d BatchNorm layer(s) synchronised across the %d processes", len(found), ctx.world_size)
+
+    def undo() -> None:
+        for parent, name, child in found:
+            setattr(parent, name, child)
+
+    return undo
 
 
 def _multiscale_sampler(indices: Sampler[int], recipe: Recipe, net: nn.Module) -> Sampler[Any]:
@@ -390,11 +418,14 @@ def fit(
     # skips the items (indices, or multi-scale batches) a resumed epoch consumed before; the samples after them
     # keep their positions in the epoch's order, and with them their augmentation (see vitlab.data.loader)
     sampler = seeded_sampler(loader)
-    micro_per_epoch = len(base_sampler) // per_micro  # type: ignore[arg-type]
+    per_rank = len(base_sampler)  # type: ignore[arg-type]
+    if not recipe.multi_scale:  # RepeatAugSampler pads its share to ceil(N/W): one process's steps use N // W
+        per_rank = min(per_rank, len(train_set) // ctx.world_size)  # type: ignore[arg-type]
+    micro_per_epoch = per_rank // per_micro
     steps_per_epoch = micro_per_epoch // accum
     if steps_per_epoch < 1:
         have = (f"{len(base_sampler)} multi-scale batches per epoch" if recipe.multi_scale  # type: ignore[arg-type]
-                else f"{len(base_sampler)} samples per process")  # type: ignore[arg-type]
+                else f"{per_rank} samples per process")
         if recipe.global_batch is not None:
             fix = (f"the recipe's global_batch is {recipe.global_batch}: --set global_batch=N for a smaller one "
                    f"(a multiple of --batch-size), or --set global_batch=none for --batch-size alone")
@@ -444,6 +475,7 @@ def fit(
         _seed_everything(recipe.seed + 1000 * ctx.rank)
 
     step_module = _Step(net, objective)
+    undo_sync_bn = _sync_batch_norm(step_module, ctx, fsdp=recipe.fsdp)
     if ctx.distributed and not recipe.fsdp:
         model = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -566,6 +598,7 @@ def fit(
     # a criterion of the user's own may take other targets (regression, multi-label); distillation takes labels
     standard_labels = not getattr(objective, "custom", False) or isinstance(objective, DistillationObjective)
     with contextlib.ExitStack() as stack:
+        stack.callback(undo_sync_bn)
         signals = stack.enter_context(stop_at_step_boundary(not ctx.distributed))
         stack.callback(writers.close)
         if bar is not None:
@@ -659,7 +692,7 @@ def fit(
                     now = time.perf_counter()
                     ips = steps_since_log * global_batch / max(now - t_log, 1e-9)
                     t_log, steps_since_log = now, 0
-                    shown = {k: round(float(v), 6) for k, v in metric_sums.items()}
+                    shown = {k: round(float(v), 6) for k, v in _mean_over_ranks(metric_sums, ctx).items()}
                     rec = {"kind": "train", "step": step, "epoch": epoch, "loss": round(loss_mean, 6), "lr": lr_now,
                            "img_per_s": round(ips, 1), **({"grad_norm": round(grad_norm, 4)} if grad_norm else {}),
                            **shown}
@@ -688,6 +721,16 @@ def fit(
                      compile_failed=getattr(forward, "failed", None))
 
 
+def _mean_over_ranks(metrics: dict[str, Any], ctx: DistContext) -> dict[str, Any]:
+    """A step's metrics averaged over the processes (the global batch's, as one process logs them); every rank
+    calls this at the same steps with the same names."""
+    if not ctx.distributed or not metrics:
+        return metrics
+    names = sorted(metrics)
+    values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).to(ctx.device) for k in names])
+    return dict(zip(names, all_reduce_mean(values, ctx).tolist(), strict=True))
+
+
 def _compile_seconds(forward: Any, probe: list[float]) -> float | None:
     """The compile's share of the training time: the first step's forward and backward less the second's
     (None: nothing compiled, or the compile failed)."""
@@ -708,6 +751,7 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     state = load_train_state(path)
     check_same_model(state, net, path)
     check_same_optimizer(state, recipe, path)
+    check_same_global_batch(state, recipe, path, global_batch=global_batch, world_size=ctx.world_size)
     # states written while fit did not yet unwrap a compiled model carry "_orig_mod." on every key
     state["model"] = strip_wrapper_prefixes(state["model"])
     if state.get("ema") is not None:
@@ -735,15 +779,15 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
         else:
             ema.module.load_state_dict(state["ema"])
     step = int(state["step"])
+    # how the (checked, unchanged) global batch is split over processes and micro-batches is logistics too
     logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description",
-                 "fsdp"}
+                 "fsdp", "batch_size", "accum_steps", "global_batch"}
     changed = sorted(k for k, v in recipe.to_dict().items()
                      if k not in logistics and state.get("recipe", {}).get(k) != v)
-    if changed or state.get("total_steps") != total_steps or state.get("global_batch") != global_batch:
-        log.warning("resuming with a changed recipe (%s; %s -> %s steps, global batch %s -> %s): the optimiser "
-                    "and schedule continue from their saved state, and the run will not match an "
-                    "uninterrupted one", ", ".join(changed) or "no field", state.get("total_steps"), total_steps,
-                    state.get("global_batch"), global_batch)
+    if changed or state.get("total_steps") != total_steps:
+        log.warning("resuming with a changed recipe (%s; %s -> %s steps): the optimiser and schedule continue from "
+                    "their saved state, and the run will not match an uninterrupted one", ", ".join(changed) or
+                    "no field", state.get("total_steps"), total_steps)
     rngs = state["rng"]
     if len(rngs) == ctx.world_size:
         set_rng_state(rngs[ctx.rank])
@@ -781,6 +825,29 @@ def check_same_optimizer(state: dict[str, Any], recipe: Recipe, path: Path) -> N
                               f"{'it' if len(changed) == 1 else 'them'} as the run had, or start a new run from its "
                               f"weights to change {'it' if len(changed) == 1 else 'them'} "
                               f"(`vitlab finetune --from {run / MODEL_FILE} --output NEW ...`)")
+
+
+def check_same_global_batch(state: dict[str, Any], recipe: Recipe, path: Path, *, global_batch: int,
+                            world_size: int) -> None:
+    """--resume with another number of processes: the run's steps (warm-up, epochs, the place in the data) are
+    steps of its global batch, so batch_size x accum x processes must give the saved one."""
+    saved = state.get("global_batch")
+    if saved is None or saved == global_batch:
+        return
+    accum = global_batch // (recipe.batch_size * world_size)
+    procs = len(state.get("rng") or []) or "?"
+    ways = []
+    if saved % (accum * world_size) == 0:
+        ways.append(f"--batch-size {saved // (accum * world_size)}")
+    if recipe.global_batch is None and saved % (recipe.batch_size * world_size) == 0:
+        ways.append(f"--set accum_steps={saved // (recipe.batch_size * world_size)}")
+    ways.append(f"the run's {procs} process(es)")
+    raise CheckpointError(
+        f"--resume: the run in {path.parent} was trained with global batch {saved} (on {procs} process(es)); this "
+        f"run's is {global_batch} ({recipe.batch_size} x {accum} accum x {world_size} process(es)). Its warm-up, "
+        f"schedule and place in the data are counted in steps of {saved}: resume with batch_size x accum x "
+        f"processes = {saved} ({' or '.join(ways)}), or start a new run from its weights "
+        f"(`vitlab finetune --from {path.parent / MODEL_FILE} --output NEW ...`)")
 
 
 def check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None:
