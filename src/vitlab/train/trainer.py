@@ -853,12 +853,27 @@ def check_same_global_batch(state: dict[str, Any], recipe: Recipe, path: Path, *
 def check_same_model(state: dict[str, Any], net: nn.Module, path: Path) -> None:
     name, cfg = state.get("model_name"), state.get("model_config")
     mine = config_to_dict(net.cfg)
+    missing = sorted(set(mine) - set(cfg or {})) if name == net.model_name else []
+    if missing:
+        # a run written by an older vitlab, whose config had fewer fields: those added since take the registered
+        # model's values, as loading its model.safetensors does (the model it trained)
+        from vitlab.checkpoints.vitlab_format import config_from_dict
+        from vitlab.models.registry import get_entry
+
+        try:
+            cfg = config_to_dict(config_from_dict(get_entry(name).config, cfg or {}))
+        except Exception:  # noqa: S110 - an unknown field or model: the comparison below says what differs
+            pass
     if name != net.model_name or cfg != mine:
         diff = sorted(k for k in set(cfg or {}) | set(mine) if (cfg or {}).get(k) != mine.get(k))
+        values = "; ".join(f"{k}: {(cfg or {}).get(k)!r} -> {mine.get(k)!r}" for k in diff)
+        older = (f" The run was written by an older vitlab (its config lacks {', '.join(missing)}), whose defaults "
+                 f"differed: resume with the run's values (--set model_overrides.FIELD=VALUE), or continue it with "
+                 f"the older vitlab" if missing else "")
         raise CheckpointError(
             f"--resume: {path} is a checkpoint of {name!r}, but this run builds {net.model_name!r}"
-            + (f" (config differs in: {', '.join(diff)})" if diff else "")
-            + "; resume with the same --model / recipe, or choose another --output"
+            + (f" (config differs in: {values})" if diff else "")
+            + "; resume with the same --model / recipe, or choose another --output." + older
         )
 
 
