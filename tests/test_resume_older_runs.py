@@ -45,3 +45,21 @@ def test_a_default_changed_since_is_refused_naming_both_values(tmp_path):
     with pytest.raises(CheckpointError, match=r"crop_pct: 0\.5 -> .*older vitlab \(its config lacks gelu, "
                                               r"interpolation\).*model_overrides"):
         fit(tiny_vit(), recipe, train_set=Quadrants(64), output_dir=tmp_path, progress=False, resume=True)
+
+
+def test_a_runs_recipe_json_names_the_model_it_trained(tmp_path, caplog):
+    """`train --model X` recorded the recipe's default model in recipe.json, so `--recipe RUN/recipe.json`
+    trained another architecture; it now names X, and a rerun from it builds X."""
+    import json
+
+    from test_cli_train import FAST
+    from vitlab.cli.main import main
+
+    name = "deit_tiny_distilled_patch16_224"
+    assert main(["train", "--model", name, "--img-size", "16", "--output", str(tmp_path / "a"), *FAST]) == 0
+    assert json.loads((tmp_path / "a" / "recipe.json").read_text())["model"] == name
+    with caplog.at_level("INFO"):
+        assert main(["train", "--recipe", str(tmp_path / "a" / "recipe.json"), "--steps", "2", "--no-progress",
+                     "--output", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "job.json").read_text())["model"] == name
+    assert f"training {name}" in caplog.text

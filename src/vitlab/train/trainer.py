@@ -390,6 +390,9 @@ def fit(
         log.warning("fit: recipe field(s) %s are not applied by fit: they belong to building the model and the data "
                     "(vitlab.train.run / the `vitlab train` command build them from the recipe, then call fit); fit "
                     "trains the model and the data it is given as they are", ", ".join(ignored))
+    # the recipe this run records (recipe.json, the training state) names the model it trains, not the recipe's
+    # default one: `--recipe RUN/recipe.json` builds it again
+    recipe = recipe.replace(model=net.model_name) if recipe.model != net.model_name else recipe
     if recipe.grad_checkpointing:
         net.set_grad_checkpointing()
     if objective is not None and criterion is not None:
@@ -781,7 +784,8 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     step = int(state["step"])
     # how the (checked, unchanged) global batch is split over processes and micro-batches is logistics too
     logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description",
-                 "fsdp", "batch_size", "accum_steps", "global_batch"}
+                 "fsdp", "batch_size", "accum_steps", "global_batch",
+                 "model"}  # the model is checked itself (check_same_model); older runs recorded the recipe's default
     changed = sorted(k for k, v in recipe.to_dict().items()
                      if k not in logistics and state.get("recipe", {}).get(k) != v)
     if changed or state.get("total_steps") != total_steps:
