@@ -149,9 +149,20 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
 def _adapt_input_channels(out: dict[str, Tensor], model: nn.Module, source: str) -> None:
     """RGB weights for a model of another channel count (``in_chans=1`` for grey images, 4 for RGB + infrared):
     the first convolution's filters summed over colour for one channel, else repeated over the channels and
-    scaled by 3 / channels, as timm's adapt_input_conv does, so that a grey image repeated to RGB and the same
-    image on one channel give the same response."""
+    scaled by 3 / channels, as timm's adapt_input_conv does. For a plain convolution a grey image on one channel
+    then gives the response of that image repeated to RGB; not for a weight-standardised one (the R50 hybrid's
+    stem), which standardises the summed filter (timm's gap too). T2T-ViT reads the image without a convolution
+    and is refused."""
     channels = getattr(getattr(model, "cfg", None), "in_chans", 3)
+    key = "tokens_to_token.attention1.norm1.weight"  # T2T-ViT: Unfold (C * 7 * 7 values) -> LayerNorm -> Linear
+    v = out.get(key)
+    if v is not None and hasattr(model, "tokens_to_token") and v.shape != model.get_parameter(key).shape:
+        raise CheckpointError(
+            f"{source}: in_chans={channels} differs from the checkpoint's input channels ({key}: checkpoint "
+            f"{tuple(v.shape)}, model {tuple(model.get_parameter(key).shape)}): adapting weights to another channel "
+            f"count is not supported for T2T-ViT, whose tokenizer reads the image through Unfold + LayerNorm + "
+            f"Linear, not a convolution; build it with the checkpoint's in_chans (3 for RGB weights), or train it "
+            f"from scratch with in_chans={channels}")
     if channels == 3:
         return
     for name, m in model.named_modules():  # every convolution that reads the image (CrossViT has two)

@@ -293,7 +293,10 @@ class WindowAttentionV2(_WindowAttentionBase):
         qkv = qkv.reshape(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         logit_scale = self.logit_scale.clamp(max=self.max_logit_scale).exp()  # (heads, 1, 1)
-        q = F.normalize(q, dim=-1) * logit_scale
-        k = F.normalize(k, dim=-1)
+        # padded tokens' keys are 0: an eps the dtype can hold (1e-12 is 0 in float16, and 0 / 0 is NaN);
+        # float32 and bfloat16 keep 1e-12
+        eps = max(1e-12, torch.finfo(q.dtype).tiny)
+        q = F.normalize(q, dim=-1, eps=eps) * logit_scale
+        k = F.normalize(k, dim=-1, eps=eps)
         x = self._attend(q, k, v, self._combine(self.position_bias(), mask, B_), 1.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, C)))

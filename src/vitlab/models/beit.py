@@ -62,7 +62,7 @@ from vitlab.models.base import (
     take_indices,
     zero_head,
 )
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 _EMBED_PREFIXES = ("patch_embed", "cls_token", "pos_embed", "rel_pos_bias")
 
@@ -119,6 +119,7 @@ class BeitConfig:
             raise ValueError(f"BeitConfig: global_pool must be 'avg' or 'token', got {self.global_pool!r}")
         if self.qkv_bias_layout not in ("qv", "qkv"):
             raise ValueError(f"BeitConfig: qkv_bias_layout must be 'qv' or 'qkv', got {self.qkv_bias_layout!r}")
+        check_config(self)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"BeitConfig: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.dynamic_img_size and (self.use_rel_pos_bias or self.use_shared_rel_pos_bias):

@@ -41,7 +41,7 @@ from vitlab.models.base import (
     take_indices,
     zero_head,
 )
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 
 def layer_scale_init(depth: int) -> float:
@@ -94,6 +94,7 @@ class CaiTConfig:
 
     def __post_init__(self) -> None:
         check_global_pool(self, self.global_pool, CAIT_POOLS)
+        check_config(self)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"CaiTConfig: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.depth_token_only < 1 and self.global_pool == "token":

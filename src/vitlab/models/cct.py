@@ -55,7 +55,7 @@ from vitlab.models.base import (
     take_indices,
     zero_head,
 )
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -102,6 +102,7 @@ class CCTConfig:
     crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
+        check_config(self)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"CCTConfig: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.pos_embed not in ("learn", "sine", "none"):

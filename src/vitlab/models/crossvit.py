@@ -51,7 +51,7 @@ from vitlab.models.base import (
     record_head,
     take_indices,
 )
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 # the poolings the family computes: the class token or the mean of the patch tokens
 CROSSVIT_POOLS = ("token", "avg")
@@ -94,6 +94,7 @@ class CrossViTConfig:
 
     def __post_init__(self) -> None:
         check_global_pool(self, self.global_pool, CROSSVIT_POOLS)
+        check_config(self)
         for d, h in zip(self.embed_dim, self.num_heads):
             if d % h:
                 raise ValueError(f"CrossViTConfig: embed_dim {d} is not divisible by num_heads {h}")
@@ -101,6 +102,9 @@ class CrossViTConfig:
             raise ValueError(f"CrossViTConfig: multi_conv needs patch sizes 12 or 16, got {self.patch_size}")
         if not self.depth:
             raise ValueError("CrossViTConfig: depth needs at least one multi-scale block")
+        if any(max(d, default=0) < 1 for d in self.depth):
+            raise ValueError(f"CrossViTConfig: each multi-scale block needs a ViT block in a branch, got depth "
+                             f"{self.depth}")
 
     def branch_sizes(self) -> list[tuple[int, int]]:
         """The resolution each branch is fed (the rule of the module docstring), (rows, cols) per branch."""

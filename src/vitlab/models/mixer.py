@@ -35,7 +35,7 @@ from vitlab.models.base import (
     take_indices,
     zero_head,
 )
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +70,7 @@ class MixerConfig:
     def __post_init__(self) -> None:
         if self.gelu not in ("exact", "tanh"):
             raise ValueError(f"MixerConfig: gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+        check_config(self)
 
 
 class MlpMixer(TimmSurface, nn.Module):

@@ -67,7 +67,7 @@ from vitlab.layers import (
     unfold_tokens,
 )
 from vitlab.models.base import Preprocessing, TimmSurface, check_global_pool, record_head, take_indices, zero_head
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 Version = Literal["v1", "v2", "v3"]
 AttentionKind = Literal["mhsa", "separable"]
@@ -120,6 +120,7 @@ class MobileViTConfig:
     channel_order: Literal["RGB", "BGR"] = "RGB"
 
     def __post_init__(self) -> None:
+        check_config(self)
         if (self.version, self.attention) in (("v1", "separable"), ("v2", "mhsa")):
             raise ValueError(f"MobileViTConfig: version {self.version!r} has no {self.attention!r} attention "
                              f"(v1 uses 'mhsa', v2 'separable', v3 either)")

@@ -28,7 +28,7 @@ from vitlab.models.base import (
     take_indices,
     zero_head,
 )
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +66,9 @@ class ResNetConfig:
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
     crop_pct: float = 0.875
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
     @property
     def stage_channels(self) -> tuple[int, ...]:

@@ -74,7 +74,7 @@ from vitlab.models.base import (
     take_indices,
     zero_head,
 )
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class SwinConfig:
             value = getattr(self, name)
             if isinstance(value, list):  # from JSON (recipes, saved configs)
                 object.__setattr__(self, name, tuple(value))
+        check_config(self)
         n = len(self.depths)
         if len(self.num_heads) != n:
             raise ValueError(f"SwinConfig: depths {self.depths} and num_heads {self.num_heads} differ in length")

@@ -47,7 +47,7 @@ from vitlab.models.base import (
     take_indices,
     zero_head,
 )
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 # (kernel, stride, padding) of the three soft splits
 SOFT_SPLITS: tuple[tuple[int, int, int], ...] = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
@@ -84,6 +84,7 @@ class T2TConfig:
     crop_pct: float = 0.9
 
     def __post_init__(self) -> None:
+        check_config(self)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"T2TConfig: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.t2t_type not in ("performer", "transformer"):
@@ -139,7 +140,7 @@ class TokensToToken(nn.Module):
         grid = tuple(x.shape[-2:])
         for i, (k, s, p) in enumerate(SOFT_SPLITS):
             if i > 0:  # re-structurise: tokens (B, N, C) back onto their grid (B, C, h, w)
-                x = x.transpose(1, 2).reshape(B, -1, *grid)
+                x = x.transpose(1, 2).reshape(B, x.shape[-1], *grid)  # sizes given: B may be 0
             grid = split_grid(*grid, k, s, p)
             x = F.unfold(x, kernel_size=k, stride=s, padding=p).transpose(1, 2)  # (B, N, C*k*k)
             if i < 2:
@@ -262,7 +263,7 @@ class T2TViT(TimmSurface, nn.Module):
                 y = self.norm(x) if norm else x
                 prefix, tokens = y[:, :1], y[:, 1:]
                 if output_fmt == "NCHW":
-                    tokens = tokens.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # (B, D, rows, cols)
+                    tokens = tokens.reshape(B, *grid, tokens.shape[-1]).permute(0, 3, 1, 2)  # (B, D, rows, cols)
                 results.append((tokens, prefix) if return_prefix_tokens else tokens)
         return self.norm(x), results
 

@@ -49,7 +49,7 @@ from vitlab.models.base import (
     take_indices,
     zero_head,
 )
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 # the poolings the family computes: the class token or the mean of the patch tokens
 TNT_POOLS = ("token", "avg")
@@ -94,6 +94,7 @@ class TNTConfig:
 
     def __post_init__(self) -> None:
         check_global_pool(self, self.global_pool, TNT_POOLS)
+        check_config(self)
         if self.embed_dim % self.num_heads_outer or self.inner_dim % self.num_heads_inner:
             raise ValueError(f"TNTConfig: embed_dim {self.embed_dim} / inner_dim {self.inner_dim} not divisible "
                              f"by num_heads_outer {self.num_heads_outer} / num_heads_inner {self.num_heads_inner}")
@@ -171,10 +172,11 @@ class TNTBlock(nn.Module):
         pixels = pixels + self.drop_path(self.attn_in(self.norm_in(pixels)))
         pixels = pixels + self.drop_path(self.mlp_in(self.norm_mlp_in(pixels)))
         B, T, _ = patches.shape
+        width = pixels.shape[1] * pixels.shape[2]  # given, not -1: B may be 0
         if self.legacy:
-            words = self.norm1_proj(pixels).reshape(B, T - 1, -1)
+            words = self.norm1_proj(pixels).reshape(B, T - 1, width)
         else:
-            words = self.norm1_proj(pixels.reshape(B, T - 1, -1))
+            words = self.norm1_proj(pixels.reshape(B, T - 1, width))
         words = self.norm2_proj(self.proj(words))  # (B, N, D)
         patches = torch.cat([patches[:, :1], patches[:, 1:] + words], dim=1)
         patches = patches + self.drop_path(self.attn_out(self.norm_out(patches)))
@@ -284,7 +286,8 @@ class TNT(TimmSurface, nn.Module):
         B = x.shape[0]
         pixels = self.pixel_embed(x, self.pixel_pos)  # (B*N, P, inner)
         n = self.pixel_embed.grid_size[0] * self.pixel_embed.grid_size[1]
-        patches = self.norm2_proj(self.proj(self.norm1_proj(pixels.reshape(B, n, -1))))  # (B, N, D)
+        words = pixels.reshape(B, n, pixels.shape[1] * pixels.shape[2])  # (B, N, P * inner); B may be 0
+        patches = self.norm2_proj(self.proj(self.norm1_proj(words)))  # (B, N, D)
         patches = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1) + self.patch_pos
         return pixels, self.pos_drop(patches)
 
@@ -327,7 +330,7 @@ class TNT(TimmSurface, nn.Module):
             y = self.norm(y) if norm else y
             prefix, tokens = y[:, :1], y[:, 1:]
             if output_fmt == "NCHW":
-                tokens = tokens.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # (B, D, rows, cols)
+                tokens = tokens.reshape(B, *grid, tokens.shape[-1]).permute(0, 3, 1, 2)  # (B, D, rows, cols)
             results.append((tokens, prefix) if return_prefix_tokens else tokens)
         return self.norm(final), results
 

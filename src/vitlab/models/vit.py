@@ -50,7 +50,7 @@ from vitlab.models.base import (
     take_indices,
     zero_head,
 )
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 from vitlab.models.resnet import ResNet, ResNetConfig
 
 # Poolings ViT computes, with timm's names and semantics (vision_transformer.global_pool_nlc): "token" reads
@@ -130,13 +130,12 @@ class ViTConfig:
                              f"got {self.interpolation!r}")
         if self.gelu not in ("exact", "tanh"):
             raise ValueError(f"{type(self).__name__}: gelu must be 'exact' or 'tanh', got {self.gelu!r}")
-        if self.attn_type not in ("softmax", "linformer"):
-            raise ValueError(f"ViTConfig: attn_type must be 'softmax' or 'linformer', got {self.attn_type!r}")
         if self.attn_type == "linformer" and self.dynamic_img_size:
             raise ValueError("ViTConfig: Linformer projections are tied to the sequence length; dynamic_img_size "
                              "is not supported with attn_type='linformer' (build the model at its img_size)")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("ViTConfig: global_pool='token' needs class_token=True")
+        check_config(self)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"ViTConfig: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
 

@@ -50,7 +50,7 @@ from vitlab.models.base import (
     take_indices,
     zero_head,
 )
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 # the poolings the family computes: the class token or the mean of the patch tokens
 XCIT_POOLS = ("token", "avg")
@@ -93,6 +93,7 @@ class XCiTConfig:
         check_global_pool(self, self.global_pool, XCIT_POOLS)
         if self.patch_size not in (8, 16):
             raise ValueError(f"XCiTConfig: patch_size must be 8 or 16 (the convolutional stem), got {self.patch_size}")
+        check_config(self)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"XCiTConfig: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.embed_dim % 8:
