@@ -233,3 +233,14 @@ def test_swinv2_float32_and_bfloat16_are_unchanged(dtype: torch.dtype, monkeypat
         monkeypatch.setattr(window_attention.F, "normalize", lambda t, dim, eps=None: normalize(t, dim=dim))
         before = model(x)
     assert torch.equal(got, before)
+
+
+@pytest.mark.parametrize(("name", "kw", "field"), [("setr_naive_vit_small_patch16", {"decoder": "pupp"}, "decoder"),
+                                                   ("setr_naive_vit_small_patch16", {"channels": 0}, "channels"),
+                                                   ("detr_resnet50", {"num_heads": 0}, "num_heads")])
+def test_dense_configs_are_checked_too(name, kw, field):
+    """DETR and SETR configs rebuilt from saved files (not through create_model) are checked as well."""
+    from vitlab.models.registry import get_entry
+
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(get_entry(name).config, **kw)

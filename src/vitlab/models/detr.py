@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from vitlab.layers import CrossAttention, Mlp, call_block, freeze_batch_norm, sine_position_2d
 from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, TimmSurface, record_head
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +79,9 @@ class DETRConfig:
     in_chans: int = 3
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 class EncoderLayer(nn.Module):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from vitlab.layers import resample_pos_embed
 from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, TimmSurface
-from vitlab.models.registry import ModelEntry, register_model
+from vitlab.models.registry import ModelEntry, check_config, register_model
 
 # SETR's block choices for a 24-block encoder (1-based), scaled to other depths
 _NAIVE_AUX = (10, 15, 20)
@@ -74,6 +74,9 @@ class SETRConfig:
     ignore_index: int = 255
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 def conv_bn_relu(cin: int, cout: int, k: int, *, bias: bool = False) -> nn.Sequential:
