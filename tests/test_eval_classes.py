@@ -86,7 +86,8 @@ def test_a_class_without_images_in_the_split_is_null(tmp_path: Path, capsys: pyt
     assert metrics["per_class"] == {"10": None, "2": 1.0}
     assert json.loads((out / "metrics.json").read_text())["per_class"]["10"] is None  # valid JSON, no NaN
     assert (out / "per_class.csv").read_text().splitlines()[1:] == ["10,0,", "2,3,1.000000"]
-    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--output", str(out), "--threads", "1"]) == 0
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--output", str(out), "--threads", "1",
+                 "--overwrite"]) == 0
     assert "n/a (no image)" in capsys.readouterr().out
 
 

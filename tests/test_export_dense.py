@@ -252,7 +252,7 @@ def test_setr_fixed_size_export_segment_and_eval(tmp_path, canvases, capsys):
     metrics = []
     for source in (ckpt, path):
         assert main(["eval", "--checkpoint", str(source), "--data", str(canvases), "--split", "val", "--json",
-                     "--output", str(tmp_path / "eval")]) == 0
+                     "--output", str(tmp_path / "eval"), "--overwrite"]) == 0
         metrics.append(json.loads(capsys.readouterr().out))
     assert metrics[1]["mIoU"] == pytest.approx(metrics[0]["mIoU"], abs=1e-6)
     assert metrics[1]["pixel_acc"] == pytest.approx(metrics[0]["pixel_acc"], abs=1e-6)

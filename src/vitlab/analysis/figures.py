@@ -24,6 +24,12 @@ def _figure(size: tuple[int, int]):
     return fig
 
 
+def display_text(text: str) -> str:
+    """``text`` that matplotlib can draw and a UTF-8 stream can print: a file name that is not valid UTF-8 (its
+    bytes kept as surrogates by os.fsdecode) shows those bytes as ``\\xff`` escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +65,7 @@ def explain_figure(image: Tensor, relevance: Tensor, path: str | Path, *, title:
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(display_text(title), fontsize=11)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.80, wspace=0.05)
     return _save(fig, path)
 
@@ -87,7 +93,7 @@ def attention_distance_figure(distances: Tensor, path: str | Path, *, layers: li
     ax.grid(alpha=0.3)
     if heads <= 16:
         ax.legend(fontsize=7, ncol=2, loc="best")
-    ax.set_title(title or "mean attention distance", fontsize=10)
+    ax.set_title(display_text(title or "mean attention distance"), fontsize=10)
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.9)
     return _save(fig, path)
 
@@ -122,7 +128,7 @@ def position_similarity_figure(sim: Tensor, grid: tuple[int, int], path: str | P
     ax.set_ylabel("input patch row")
     fig.subplots_adjust(left=0.1, right=0.86, bottom=0.1, top=0.92)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="cosine similarity")
-    ax.set_title(title or "position embedding similarity", fontsize=10)
+    ax.set_title(display_text(title or "position embedding similarity"), fontsize=10)
     return _save(fig, path)
 
 
@@ -149,7 +155,7 @@ def filters_figure(components: Tensor, path: str | Path, *, title: str = "",
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(mosaic, cmap=None if C == 3 else "gray", interpolation="nearest")
     ax.axis("off")
-    ax.set_title(title or f"embedding filters: first {k} principal components", fontsize=10)
+    ax.set_title(display_text(title or f"embedding filters: first {k} principal components"), fontsize=10)
     return _save(fig, path)
 
 

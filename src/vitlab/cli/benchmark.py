@@ -17,7 +17,10 @@ from vitlab.cli.common import (
     add_model_argument,
     check_device,
     load_checkpoint,
+    non_negative_float,
+    non_negative_int,
     parse_assignments,
+    positive_int,
     threads_type,
 )
 from vitlab.export.runtimes import RUNTIMES
@@ -49,10 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="infer: eval forward without autograd; train: forward + backward + AdamW step "
                         "(default: infer)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default: 1)")
-    p.add_argument("--min-repeat-s", type=float, default=0.5,
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed calls before timing (default: 1)")
+    p.add_argument("--min-repeat-s", type=non_negative_float, default=0.5,
                    help="each repeat averages enough steps to last about this long (default: 0.5)")
-    p.add_argument("--matmul-size", type=int, default=2048, help="size n of the n x n reference matmul")
+    p.add_argument("--matmul-size", type=positive_int, default=2048, help="size n of the n x n reference matmul")
     p.add_argument("--threads", type=threads_type, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, repeatable, e.g. --set depth=2 --set img_size=64")

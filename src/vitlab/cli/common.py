@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 import torch
@@ -134,7 +135,7 @@ def positive_float(text: str) -> float:
     except ValueError:
         value = float("nan")
     if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -146,6 +147,28 @@ def non_negative_int(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1 (a fraction, not a percentage; nan refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
     return value
 
 
@@ -174,3 +197,12 @@ def check_device(args: argparse.Namespace) -> torch.device | None:
     if not hasattr(args, "device"):
         return None
     return resolve_device(args.device)
+
+
+def refuse_torchrun(command: str) -> None:
+    """``vitlab COMMAND`` runs in one process: under torchrun (WORLD_SIZE > 1) every process would evaluate all
+    of the data and write the same files, so it is refused (a ValueError, exit status 2)."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world.isdigit() and int(world) > 1:
+        raise ValueError(f"`vitlab {command}` runs in one process: run it without torchrun (here each of the "
+                         f"{world} processes would evaluate all of the data and write the same files)")

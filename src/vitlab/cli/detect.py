@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
-from vitlab.cli.common import add_skip_bad_images_argument, add_threads_argument
+from vitlab.cli.common import add_skip_bad_images_argument, add_threads_argument, fraction
 from vitlab.tasks.run import DENSE_RUNTIMES
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=DENSE_RUNTIMES, default="auto",
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch; onnx: a checkpoint is exported (validated) "
                         "and run by ONNX Runtime")
-    p.add_argument("--threshold", type=float, default=0.5, help="lowest score kept")
+    p.add_argument("--threshold", type=fraction, default=0.5, help="lowest score kept, from 0 to 1 (default: 0.5)")
     p.add_argument("--attention", action="store_true", help="also each object's decoder cross-attention")
     add_threads_argument(p)
     add_skip_bad_images_argument(p)
@@ -53,5 +56,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         objs = ", ".join(f"{o['label']} {o['score']:.2f}" for o in r["objects"]) or "nothing"
         print(f"{r['image']}: {objs}")
+    if results and all("error" in r for r in results):
+        log.error("error: none of the %d image(s) could be read (each is named above); nothing but "
+                  "detections.json written to %s", len(results), args.output)
+        return 2
     print(f"pictures and detections.json in {args.output}")
     return 0

@@ -20,8 +20,10 @@ from vitlab.cli.common import (
     add_threads_argument,
     check_device,
     model_args,
+    non_negative_int,
     positive_float,
     positive_int,
+    refuse_torchrun,
 )
 from vitlab.export.runtimes import RUNTIMES
 
@@ -59,13 +61,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the held-out split (default: the checkpoint's run's on the "
                    "data it trained on, else 0)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=non_negative_int, default=0, help="data loading processes (default: 0)")
     add_device_argument(p)
     add_image_limit_argument(p)
     add_threads_argument(p)
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast precision")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
-    p.add_argument("--output", type=Path, help="report folder (default: beside the checkpoint, eval_SPLIT)")
+    p.add_argument("--output", type=Path, help="report folder (default: beside the checkpoint, eval_SPLIT, where "
+                                               "an earlier report is replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace report files ({', '.join(REPORT_FILES)}) that exist in --output (default: refuse)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--protocol", choices=["auto", "classifier", "knn", "linear"], default="auto",
                    help="classifier: the checkpoint's own head; knn: weighted k-NN on the pre-logit features of "
@@ -80,6 +85,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 KNN_K, KNN_T, PROBE_EPOCHS = 20, 0.07, 90  # DINO's k-NN (k 20, T 0.07); MAE's probe epochs
+REPORT_FILES = ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")
+
+
+def report_folder(args: argparse.Namespace, split: str, files: tuple[str, ...] = REPORT_FILES) -> Path:
+    """The report folder, checked before the evaluation: in a folder given with --output, existing report
+    ``files`` are refused unless --overwrite (the default folder beside the checkpoint is eval's own)."""
+    from vitlab.checkpoints.io import check_outputs_free
+
+    if args.output is None:
+        return Path(args.checkpoint).parent / f"eval_{split}"
+    earlier = "an earlier `vitlab eval` report there?" if "checkpoint" in _read_recipe(args.output / "metrics.json") \
+        else ""
+    check_outputs_free([args.output / f for f in files], output=args.output, overwrite=args.overwrite,
+                       earlier=earlier)
+    return args.output
 
 
 def protocol_options(args: argparse.Namespace, protocol: str) -> None:
@@ -287,13 +307,13 @@ def _run_dense(args: argparse.Namespace, model) -> int:
     protocol_options(args, "classifier")
     split = dense_split(args.data, args.split)
     device = torch.device("cpu") if isinstance(model, OnnxModel) else check_device(args)  # ONNX Runtime: the CPU
+    out = report_folder(args, split, ("metrics.json",))
     batch_size = DENSE_BATCH_SIZE if args.batch_size == CLASSIFIER_BATCH_SIZE else args.batch_size
     if batch_size != args.batch_size:
         log.info("%s model: %d images per batch (--batch-size sets another number)", model.task, batch_size)
     metrics = evaluate_folder(model, args.data, split, categories=recorded_categories(args.checkpoint),
                               categories_from=f"the checkpoint {args.checkpoint}", batch_size=batch_size,
                               device=device, amp=args.amp, skip_bad_images=args.skip_bad_images)
-    out = args.output or Path(args.checkpoint).parent / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data,
                                                   "split": split, **({"amp": args.amp} if args.amp != "none" else {}),
@@ -312,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.export.runtimes import compile_failure, load_for_inference, setup_seconds, slow_bf16_reason
     from vitlab.train.evaluate import evaluate
 
+    refuse_torchrun("eval")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     runtime = "torch-compile" if args.compile else args.runtime
@@ -360,9 +381,9 @@ def run(args: argparse.Namespace) -> int:
     scored = RemappedLabels(ds, mapping)
     head_names = list(getattr(model, "class_names", None) or []) or (
         list(ds.classes) if mapping == list(range(model.num_classes)) else [str(i) for i in range(model.num_classes)])
+    out = report_folder(args, args.split)
     r = evaluate(model, scored, num_classes=model.num_classes, batch_size=args.batch_size, device=device,
                  amp=args.amp, workers=args.workers, class_names=head_names, progress=not args.json)
-    out = args.output or Path(args.checkpoint).parent / f"eval_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
     per_class = {name: r.per_class[j] for name, j in zip(ds.classes, mapping)}  # the data's classes
     metrics = {"checkpoint": str(args.checkpoint), "runtime": model.name, "data": args.data, "split": args.split,
@@ -429,6 +450,7 @@ def feature_report(model, test_set, args: argparse.Namespace, device, protocol: 
     from vitlab.ssl.knn import knn_neighbours, weighted_knn
     from vitlab.ssl.probe import train_linear_probe
 
+    out = report_folder(args, args.split, ("metrics.json",))
     # the run's own training split (on a fixed test set, the evaluated split says nothing of it)
     seed, fraction = getattr(args, "given_split", (args.seed, args.val_fraction))
     seed, fraction = run_split(args.checkpoint, args.data, "train", seed=seed, val_fraction=fraction, measured=False)
@@ -456,7 +478,6 @@ def feature_report(model, test_set, args: argparse.Namespace, device, protocol: 
         metrics.update(epochs=args.probe_epochs)
     top1 = float((pred == vy).float().mean())
     metrics.update(train_images=len(ty), samples=len(vy), top1=top1)
-    out = args.output or Path(args.checkpoint).parent / f"eval_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if args.json:

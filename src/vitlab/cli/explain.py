@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -82,6 +83,19 @@ def model_class_names(model: torch.nn.Module) -> list[str]:
     return list(names) if names else [str(i) for i in range(model.num_classes)]
 
 
+def printable(path: str | Path) -> str:
+    """``path`` as stdout can print it: a file name that is not UTF-8 keeps its bytes where the stream takes
+    them (surrogateescape), else they are shown as escapes."""
+    from vitlab.analysis.figures import display_text
+
+    text = str(path)
+    try:
+        text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict")
+    except (UnicodeEncodeError, LookupError):
+        return display_text(text)
+    return text
+
+
 def prepare_image(path: str, transform) -> torch.Tensor:
     """Decode a file to the normalised (C, H, W) tensor the model expects (channels converted too)."""
     from vitlab.data import load_image
@@ -95,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.checkpoints.io import check_outputs_free
     from vitlab.data import BadImageError, eval_transform, expand_image_paths, unique_stems
 
+    if not 0 <= args.discard_ratio < 1:
+        raise ValueError(f"--discard-ratio {args.discard_ratio}: expected a fraction in [0, 1) (0 keeps every "
+                         f"attention)")
     images = expand_image_paths(args.images)
     device = check_device(args)
     model = load_checkpoint(args).to(device).eval()
@@ -142,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     names_of = {method, "grad-cam"} if asked == "auto" else {method}  # auto may fall back to Grad-CAM
     check_outputs_free([out_dir / f"{stem}_{m}.png" for stem in stems for m in sorted(names_of)], inputs=images,
                        output=out_dir, overwrite=args.overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # out_dir is made by the first figure written: a run that fails on its input leaves no empty folder
     for path, stem in zip(images, stems):
         try:
             x = prepare_image(path, transform).unsqueeze(0).to(device)  # (1, C, H, W)
@@ -159,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             out = explain_figure(image, normalize_map(e.maps)[0], out_dir / out_name,
                                  title=f"{Path(path).name}  [{e.method}, backbone without classifier]")
             log.info("%s -> %s", path, out)
-            print(out)
+            print(printable(out))
             continue
         pred = int(e.probs[0].argmax())
         title = f"{Path(path).name}: {names[pred]} ({float(e.probs[0, pred]):.1%})  [{e.method}"
@@ -174,5 +191,5 @@ def run(args: argparse.Namespace) -> int:
         how = e.method + (" chosen by --method auto" if args.method == "auto" else "")
         log.info("%s -> %s (method %s; predicted %s, %.1f%%)", path, out, how, names[pred],
                  100 * float(e.probs[0, pred]))
-        print(out)
+        print(printable(out))
     return 0

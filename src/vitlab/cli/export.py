@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from vitlab.cli.common import add_model_argument, add_threads_argument, model_args
+from vitlab.cli.common import add_model_argument, add_threads_argument, fraction, model_args, positive_float
 from vitlab.export.onnx import DEFAULT_MIN_AGREEMENT, DEFAULT_NUM_IMAGES, DEFAULT_TOLERANCE
 
 log = logging.getLogger("vitlab")
@@ -55,12 +55,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--data", help="data source whose test images validate the export (default: bundled digits)")
     p.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES, help="validation images")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    p.add_argument("--tolerance", type=positive_float, default=DEFAULT_TOLERANCE,
                    help="largest accepted |difference| of each output (logits, DETR's boxes) between ONNX Runtime "
                         "(float32) and PyTorch")
-    p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
-                   help="smallest accepted agreement of an --int8 file with float32 PyTorch (top-1; per query for "
-                        "DETR, per pixel for SETR)")
+    p.add_argument("--min-agreement", type=fraction, default=None, metavar="FRACTION",
+                   help=f"--int8 only: smallest accepted agreement of the int8 file with float32 PyTorch, a fraction "
+                        f"from 0 to 1 (default {DEFAULT_MIN_AGREEMENT}; top-1, per query for DETR, per pixel for "
+                        f"SETR)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
     p.add_argument("--force", action="store_true", help="write the file even when a check fails (reported)")
     p.add_argument("--no-timing", action="store_true", help="skip the PyTorch vs ONNX Runtime speed comparison")
@@ -82,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
                          f"files by that suffix), e.g. {output.with_suffix('.onnx')}")
     if output.exists() and not args.overwrite:
         raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
+    if args.min_agreement is not None and not args.int8:
+        raise ValueError("--min-agreement applies to --int8 files (their agreement with float32 PyTorch); a float32 "
+                         "export is checked by --tolerance")
     if not (args.checkpoint or args.model):
         raise ValueError("give --checkpoint (and --model for timm or JAX weights), or --model alone for random weights")
     model = (vitlab.load_model(args.checkpoint, model_name=args.model, **model_args(args)) if args.checkpoint
@@ -90,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         report = export_onnx(
             model, args.output, img_size=args.img_size, dynamic_batch=args.dynamic_batch,
             dynamic_size=args.dynamic_size, opset=args.opset, validate_images=args.data, num_images=args.num_images,
-            tolerance=args.tolerance, int8=args.int8, min_agreement=args.min_agreement, force=args.force,
+            tolerance=args.tolerance, int8=args.int8, force=args.force,
+            min_agreement=DEFAULT_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
             timing=not args.no_timing)
     except ExportValidationError as e:
         print(json.dumps(e.report.to_dict(), indent=2) if args.json else e.report.format())

@@ -16,6 +16,7 @@ from vitlab.cli.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    refuse_torchrun,
     require_classifier,
 )
 
@@ -39,6 +40,24 @@ def _shots(text: str) -> tuple[int, ...]:
     if not shots or min(shots) < 1:
         raise argparse.ArgumentTypeError(f"--shots: expected positive integers, got {text!r}")
     return shots
+
+
+def same_images(data: str, train_split: str, test_split: str) -> bool:
+    """Whether the two splits of ``data`` hold the same images: the same name, or val and test of a folder
+    without test/ (whose "test" is its val part)."""
+    if train_split == test_split:
+        return True
+    if {train_split, test_split} != {"val", "test"}:
+        return False
+    from vitlab.data.build import parse_source
+    from vitlab.data.errors import DatasetError
+    from vitlab.data.folder import folder_layout
+
+    try:
+        kind, path = parse_source(data)
+        return kind == "folder" and folder_layout(path)[2] is None
+    except (DatasetError, OSError):
+        return False  # build_dataset reports the source
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -76,8 +95,14 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.cli.eval import run_split
     from vitlab.data import build_dataset, eval_transform
 
+    refuse_torchrun("fewshot")
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
+    if same_images(args.data, args.train_split, args.test_split):
+        same = "the same split" if args.train_split == args.test_split else \
+            f"the same images ({args.data} has no test/ folder: its 'test' split is the 'val' part)"
+        raise ValueError(f"--train-split {args.train_split} --test-split {args.test_split}: {same}; the support "
+                         f"images would be scored as test images. Give two different splits (default: train, test)")
     device = check_device(args)
     model = require_classifier(load_checkpoint(args), "fewshot", args.checkpoint).to(device).eval()
     transform = eval_transform(model.preprocessing)
@@ -88,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     test = build_dataset(args.data, split=args.test_split, **split)
     num_classes = len(train.classes)
     class_names = list(train.classes)
+    if num_classes < 2:
+        raise ValueError(f"{args.data} has {num_classes} class ({', '.join(class_names)}): few-shot accuracy needs "
+                         f"at least 2 classes (with one, every image is right)")
     pool = max(args.shots) * args.seeds if args.pool is None else args.pool
     if pool > 0 and hasattr(train, "targets"):
         from torch.utils.data import Subset

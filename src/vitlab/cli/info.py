@@ -60,6 +60,12 @@ def _weights_preprocessing(w: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if Path(args.name).exists():  # a checkpoint or run folder, not a name (whose dots would read as .TAG)
+        kind = "a folder" if Path(args.name).is_dir() else "a file"
+        raise ValueError(f"{args.name} is {kind}: `vitlab info` takes a registered model name (see `vitlab models`), "
+                         f"optionally NAME.TAG of its published weights, e.g. vit_base_patch16_224.augreg_in1k")
     info = weights_info(args.name)
     if args.json:
         print(json.dumps(info, indent=2))

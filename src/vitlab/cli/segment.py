@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
-from vitlab.cli.common import add_skip_bad_images_argument, add_threads_argument
+from vitlab.cli.common import add_skip_bad_images_argument, add_threads_argument, fraction
 from vitlab.tasks.run import DENSE_RUNTIMES
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=DENSE_RUNTIMES, default="auto",
                    help="auto: ONNX Runtime for an .onnx file, else PyTorch; onnx: a checkpoint is exported (validated) "
                         "and run by ONNX Runtime")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--alpha", type=fraction, default=0.5, help="overlay opacity, from 0 to 1 (default: 0.5)")
     add_threads_argument(p)
     add_skip_bad_images_argument(p)
     p.add_argument("--output", type=Path, default=Path("segments"), help="output folder")
@@ -46,5 +49,9 @@ def run(args: argparse.Namespace) -> int:
                              overwrite=args.overwrite)
     for r in results:
         print(f"{r['error']} (skipped)" if "error" in r else f"{r['image']}: {r['pixels_per_class']}")
+    if results and all("error" in r for r in results):
+        log.error("error: none of the %d image(s) could be read (each is named above); nothing but "
+                  "segments.json written to %s", len(results), args.output)
+        return 2
     print(f"overlays and masks in {args.output}")
     return 0
