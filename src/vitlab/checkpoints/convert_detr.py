@@ -189,10 +189,12 @@ def _feature_stage(config: dict[str, Any]) -> int | None:
     else:
         names, indices, what = bb.get("out_features"), bb.get("out_indices"), "backbone_config"
     if names:
-        m = re.fullmatch(r"stage(\d+)", str(names[-1]))
+        # transformers' ResNet names its stages "stageN", a timm backbone (transformers 5's config of the published
+        # DETR folders: model_type "timm_backbone") "layerN"
+        m = re.fullmatch(r"(?:stage|layer)(\d+)", str(names[-1]))
         if m is None or int(m.group(1)) < 1:
             raise ValueError(f"{what}.out_features={list(names)!r}: DETR reads the last of them, which must be a "
-                             f"ResNet stage ('stage1', 'stage2', ...), not {names[-1]!r}")
+                             f"ResNet stage ('stage1' / 'layer1', 'stage2' / 'layer2', ...), not {names[-1]!r}")
         return int(m.group(1))
     if indices:
         last = int(indices[-1])
