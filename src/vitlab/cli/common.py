@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -117,59 +119,29 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.set_defaults(apply_threads=True)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (argparse names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def number_type(parse: Callable[[str], Any], ok: Callable[[Any], bool], expected: str,
+                name: str) -> Callable[[str], Any]:
+    """An argparse type: ``parse(text)`` where ``ok`` holds, else an error saying what was ``expected`` (argparse
+    names the option in it)."""
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    convert.__name__ = name
+    return convert
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (argparse names the option in its error)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """An argparse type: a number from 0 to 1 (a fraction, not a percentage; nan refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0 <= value <= 1):
-        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
-    return value
+# nan fails every comparison below: refused
+positive_int = number_type(int, lambda v: v >= 1, "an integer >= 1", "positive_int")
+non_negative_int = number_type(int, lambda v: v >= 0, "an integer >= 0", "non_negative_int")
+positive_float = number_type(float, lambda v: 0 < v < math.inf, "a finite number > 0", "positive_float")
+non_negative_float = number_type(float, lambda v: 0 <= v < math.inf, "a finite number >= 0", "non_negative_float")
+fraction = number_type(float, lambda v: 0 <= v <= 1, "a fraction from 0 to 1", "fraction")
 
 
 def add_skip_bad_images_argument(p: argparse.ArgumentParser) -> None:

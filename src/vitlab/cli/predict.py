@@ -15,6 +15,7 @@ from vitlab.cli.common import (
     add_threads_argument,
     check_device,
     model_args,
+    number_type,
     require_classifier,
 )
 from vitlab.export.runtimes import RUNTIMES
@@ -151,16 +152,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agreement_count(text: str) -> int:
-    if text == "all":
-        return sys.maxsize
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of images >= 0 or 'all', got {text!r}")
-    return n
+_agreement_count = number_type(lambda text: sys.maxsize if text == "all" else int(text), lambda n: n >= 0,
+                               "a number of images >= 0 or 'all'", "agreement_count")
 
 
 def _score_text(q: dict) -> str:
