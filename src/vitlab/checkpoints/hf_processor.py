@@ -52,7 +52,7 @@ def processor_style(config: dict[str, Any], input_hw: tuple[int, int]) -> tuple[
         notes.append("do_resize is false: vitlab resizes images to the model's input size")
     else:
         style.update(_geometry(config, kind, input_hw, notes))
-    style.update(_normalisation(config, notes))
+    style.update(normalisation(config))
     flip = config.get("do_flip_channel_order")
     if flip is None and any(kind.startswith(t) for t in _BGR_TYPES):
         flip = True
@@ -119,7 +119,7 @@ def _crop_size(config: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
-def _normalisation(config: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+def normalisation(config: dict[str, Any]) -> dict[str, Any]:
     """mean and std on vitlab's [0, 1] pixels that give the processor's ``(pixel * rescale_factor - mean) / std``
     (a processor without rescaling, or with another factor, is the same map with scaled mean and std)."""
     mean, std = config.get("image_mean"), config.get("image_std")

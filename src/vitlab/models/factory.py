@@ -204,6 +204,8 @@ def _detection_processor_style(config: dict[str, Any], model: nn.Module,
     resize (``shortest_edge`` / ``longest_edge``; a square ``{"height", "width"}``: squash), and the returned style
     its normalisation (``image_mean`` / ``image_std`` with ``do_rescale`` / ``rescale_factor`` / ``do_normalize``,
     as vitlab scales pixels to [0, 1] before normalising); notes on what vitlab does otherwise."""
+    from vitlab.checkpoints.hf_processor import normalisation
+
     notes: list[str] = []
     style: dict[str, Any] = {}
     size = config.get("size")
@@ -223,20 +225,10 @@ def _detection_processor_style(config: dict[str, Any], model: nn.Module,
                          f"longest_edge, or a square height / width); using the model's resize")
     if config.get("resample", 2) not in (2, "bilinear"):
         notes.append(f"resample {config['resample']!r}: vitlab resizes detection images bilinearly")
-    # the processor computes (r * x - mean) / std on pixels x in [0, 1] with r = 255 * rescale_factor (255 without
-    # rescaling), mean 0 / std 1 without normalising: vitlab's (x - mean / r) / (std / r)
-    r = 255.0 * float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 255.0
-    if config.get("do_normalize", True):
-        mean, std = config.get("image_mean"), config.get("image_std")
-        if mean is None or std is None:
-            return style, notes
-    else:
-        mean, std = [0.0], [1.0]
+    norm = normalisation(config)  # the same mean / std a classifier's processor gives
     channels = model.preprocessing.input_size[0]
-    mean = list(mean) * channels if len(mean) == 1 else list(mean)
-    std = list(std) * channels if len(std) == 1 else list(std)
-    style["mean"] = tuple(float(m) / r for m in mean)
-    style["std"] = tuple(float(v) / r for v in std)
+    for key, values in norm.items():  # one value for every channel
+        style[key] = tuple(values) * channels if len(values) == 1 else tuple(values)
     return style, notes
 
 
