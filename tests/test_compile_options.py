@@ -31,6 +31,27 @@ def _failing_compile(module, **kwargs):
     return compiled
 
 
+class _FailingBackward(torch.autograd.Function):
+    """The identity, whose backward raises as a failed compile of the backward graph does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(NO_CXX)
+
+
+def _backward_failing_compile(module, **kwargs):
+    """The forward compiles and runs; the first backward fails (the backward graph compiles lazily there)."""
+    def compiled(batch):
+        loss, metrics = module(batch)
+        return _FailingBackward.apply(loss), metrics
+
+    return compiled
+
+
 def _digits_checkpoint(tmp_path) -> str:
     """A tiny untrained classifier of the bundled 8x8 digits (its classes named as the data's)."""
     torch.manual_seed(0)
@@ -60,10 +81,12 @@ def test_compiled_wrapper_passes_a_batch_that_is_not_a_tensor_to_eager_unchanged
         assert seen[-1] is batch and NO_CXX in c.failed and c.batch_sizes == set()
 
 
-def test_fit_trains_eager_to_the_end_when_the_compile_fails(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", [_failing_compile, _backward_failing_compile], ids=["forward", "backward"])
+def test_fit_trains_eager_to_the_end_when_the_compile_fails(tmp_path, monkeypatch, failing):
+    """A compile failing in the first forward, or in the first backward (whose step then runs again eager)."""
     recipe = small_recipe(epochs=1)
     fit(tiny_vit(), recipe, train_set=Quadrants(32), output_dir=tmp_path / "eager", progress=False)
-    monkeypatch.setattr(torch, "compile", _failing_compile)
+    monkeypatch.setattr(torch, "compile", failing)
     res = fit(tiny_vit(), recipe, train_set=Quadrants(32), output_dir=tmp_path / "c", progress=False, compile=True)
     assert res.step == res.total_steps == 2
     assert NO_CXX in res.compile_failed and res.compile_seconds is None
@@ -217,35 +240,3 @@ def test_benchmark_models_without_runtime_refuses_data(caplog, capsys):
     assert main(argv) == 2
     assert "--data gives the agreement images of --runtime" in caplog.text + capsys.readouterr().err
 
-
-class _FailingBackward(torch.autograd.Function):
-    """The identity, whose backward raises as a failed compile of the backward graph does."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError(NO_CXX)
-
-
-def test_fit_trains_eager_when_only_the_backward_compile_fails(tmp_path, monkeypatch):
-    """The forward compiles and runs, the first backward fails (the backward graph compiles lazily there):
-    the step runs again eager and the run is the eager run, weights equal."""
-    def backward_failing_compile(module, **kwargs):
-        def compiled(batch):
-            loss, metrics = module(batch)
-            return _FailingBackward.apply(loss), metrics
-
-        return compiled
-
-    recipe = small_recipe(epochs=1)
-    fit(tiny_vit(), recipe, train_set=Quadrants(32), output_dir=tmp_path / "eager", progress=False)
-    monkeypatch.setattr(torch, "compile", backward_failing_compile)
-    res = fit(tiny_vit(), recipe, train_set=Quadrants(32), output_dir=tmp_path / "c", progress=False, compile=True)
-    assert res.step == res.total_steps == 2
-    assert NO_CXX in res.compile_failed and res.compile_seconds is None
-    a, b = _weights(tmp_path / "eager" / "model.safetensors"), _weights(tmp_path / "c" / "model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
