@@ -237,7 +237,17 @@ def test_swinv2_float32_and_bfloat16_are_unchanged(dtype: torch.dtype, monkeypat
 
 @pytest.mark.parametrize(("name", "kw", "field"), [("setr_naive_vit_small_patch16", {"decoder": "pupp"}, "decoder"),
                                                    ("setr_naive_vit_small_patch16", {"channels": 0}, "channels"),
-                                                   ("detr_resnet50", {"num_heads": 0}, "num_heads")])
+                                                   ("detr_resnet50", {"num_heads": 0}, "num_heads"),
+                                                   ("detr_resnet50", {"dropout": 1.0}, "dropout"),
+                                                   ("detr_resnet50", {"dropout": -0.1}, "dropout"),
+                                                   ("detr_resnet50", {"dec_depth": 0}, "dec_depth"),
+                                                   ("detr_resnet50", {"enc_depth": -1}, "enc_depth"),
+                                                   ("detr_resnet50", {"num_queries": 0}, "num_queries"),
+                                                   ("detr_resnet50", {"max_size": 0}, "max_size"),
+                                                   ("setr_pup_vit_small_patch16", {"pup_upsamples": -1},
+                                                    "pup_upsamples"),
+                                                   ("setr_naive_vit_small_patch16", {"aux_weight": -0.4},
+                                                    "aux_weight")])
 def test_dense_configs_are_checked_too(name, kw, field):
     """DETR and SETR configs rebuilt from saved files (not through create_model) are checked as well."""
     from vitlab.models.registry import get_entry

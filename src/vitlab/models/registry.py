@@ -81,11 +81,15 @@ _POSITIVE = ("img_size", "patch_size", "in_chans", "embed_dim", "num_heads", "nu
              "inner_dim", "token_dim", "stem_chs", "hybrid_stem_chs", "hybrid_channels", "channels", "conv_channels",
              "transformer_dims", "kernel_size", "first_stride", "window_size", "linformer_k", "norm_eps",
              "mlp_ratio", "mlp_ratio_token_only", "inner_mlp_ratio", "tokens_mlp_ratio", "channels_mlp_ratio",
-             "expand_ratio", "kernel_ratio", "branch_scale", "crop_pct", "std")
+             "expand_ratio", "kernel_ratio", "branch_scale", "crop_pct", "std",
+             # DETR / SETR (a DETR without a decoder layer has no output to read)
+             "dim", "ffn_dim", "num_queries", "dec_depth", "dec_num_heads", "max_size", "mla_head_channels")
 # 0 blocks is a model (timm builds depth=0 too: the patch embedding, the norm and the head)
 _NON_NEGATIVE = ("num_classes", "depth", "depths", "layers", "hybrid_layers", "mv2_depths", "transformer_depths",
-                 "depth_token_only", "cls_attn_layers", "final_chs", "pretrained_window_sizes")
-_RATES = ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "t2t_drop_rate")
+                 "depth_token_only", "cls_attn_layers", "final_chs", "pretrained_window_sizes",
+                 "enc_depth", "pup_upsamples", "aux_weight", "head_lr_scale", "backbone_lr_scale")
+_RATES = ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "t2t_drop_rate",
+          "dropout")
 
 
 def check_config(cfg: Any) -> None:
