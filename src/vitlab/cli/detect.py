@@ -15,11 +15,14 @@ log = logging.getLogger(__name__)
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="detect objects in images (DETR)",
                        description="Run a trained detector; writes OUTPUT/NAME.png with boxes, labels and scores, "
-                                   "and OUTPUT/detections.json (boxes xyxy in the image's pixels).",
+                                   "and OUTPUT/detections.json (boxes xyxy in the image's pixels; each entry's "
+                                   "'picture' (and 'attention') names its files in OUTPUT). NAME is the image's "
+                                   "stem, NAME-1, NAME-2, ... where another input's files have that name.",
                        epilog="examples:\n  vitlab detect canvas.png --checkpoint runs/detr/model.safetensors\n"
                               "  vitlab detect canvas.png --checkpoint detr.onnx    (ONNX Runtime; a file from vitlab export)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", type=Path,
+    # kept as typed (no type=Path, which folds the // of a URL before it can be refused)
+    p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files, or folders of them (searched recursively)")
     p.add_argument("--checkpoint", required=True,
                    help="a DETR checkpoint (vitlab, Hugging Face folder), or an ONNX file written by vitlab export")
@@ -38,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vitlab.cli.explain import printable
     from vitlab.data import expand_image_paths
     from vitlab.tasks.run import check_output_files, detect_images, load_dense
 
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['error']} (skipped)")
             continue
         objs = ", ".join(f"{o['label']} {o['score']:.2f}" for o in r["objects"]) or "nothing"
-        print(f"{r['image']}: {objs}")
+        written = ", ".join(printable(args.output / r[k]) for k in ("picture", "attention") if k in r)
+        print(f"{printable(r['image'])} -> {written}: {objs}")
     if results and all("error" in r for r in results):
         log.error("error: none of the %d image(s) could be read (each is named above); nothing but "
                   "detections.json written to %s", len(results), args.output)

@@ -107,19 +107,22 @@ def run(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=len(images), desc="predict", unit="img", leave=False)
     for start in range(0, len(images), args.batch_size):
-        done = len(results)
-        paths, pixels = [], []
-        for p in images[start:start + args.batch_size]:
+        batch = images[start:start + args.batch_size]
+        rows: list[dict | None] = [None] * len(batch)  # the batch's entries in input order, whatever fails
+        slots, paths, pixels = [], [], []
+        for i, p in enumerate(batch):
             try:
                 pixels.append(transform(load_image(p, min_size=transform.min_source_size)))
                 paths.append(p)
+                slots.append(i)
             except BadImageError as e:
                 if not args.skip_bad_images:
                     raise BadImageError(f"{e} (--skip-bad-images reports such files and goes on)") from e
                 log.warning("skipped %s", e)
-                results.append({"image": p, "error": str(e)})
+                rows[i] = {"image": p, "error": str(e)}
         if not paths:
-            _report(results[done:], args.json, bar)
+            results.extend(rows)
+            _report(rows, args.json, bar)
             continue
         x = torch.stack(pixels).to(device)  # (B, C, H, W)
         with torch.no_grad():
@@ -131,11 +134,12 @@ def run(args: argparse.Namespace) -> int:
         top = probs.topk(k, dim=-1)
         key = "score" if scores == "none" else "probability"
         failed = compile_failure(model)  # these images ran eager
-        for p, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
-            results.append({"image": p, "predictions": [
+        for slot, p, values, indices in zip(slots, paths, top.values.tolist(), top.indices.tolist()):
+            rows[slot] = {"image": p, "predictions": [
                 {"class": names[i], "index": i, key: round(v, 6)} for v, i in zip(values, indices)],
-                **({"compile_failed": failed} if failed else {})})
-        _report(results[done:], args.json, bar)
+                **({"compile_failed": failed} if failed else {})}
+        results.extend(rows)
+        _report(rows, args.json, bar)
     if bar is not None:
         bar.close()
     if failed := compile_failure(model):

@@ -16,11 +16,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segment", help="segment images (SETR)",
                        description="Run a trained segmenter; writes OUTPUT/NAME.png (colour overlay), "
                                    "OUTPUT/NAME_mask.png (class indices; 16-bit for more than 256 classes) and "
-                                   "OUTPUT/segments.json.",
+                                   "OUTPUT/segments.json (each entry's 'picture' and 'mask' name its files in "
+                                   "OUTPUT). NAME is the image's stem, NAME-1, NAME-2, ... where another input's "
+                                   "files have that name.",
                        epilog="examples:\n  vitlab segment canvas.png --checkpoint runs/setr/model.safetensors\n"
                               "  vitlab segment canvas.png --checkpoint setr.onnx    (ONNX Runtime; a file from vitlab export)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", type=Path,
+    # kept as typed (no type=Path, which folds the // of a URL before it can be refused)
+    p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files, or folders of them (searched recursively)")
     p.add_argument("--checkpoint", required=True,
                    help="a SETR checkpoint, or an ONNX file written by vitlab export")
@@ -38,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vitlab.cli.explain import printable
     from vitlab.data import expand_image_paths
     from vitlab.tasks.run import check_output_files, load_dense, segment_images
 
@@ -48,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
     results = segment_images(model, images, args.output, alpha=args.alpha, skip_bad_images=args.skip_bad_images,
                              overwrite=args.overwrite)
     for r in results:
-        print(f"{r['error']} (skipped)" if "error" in r else f"{r['image']}: {r['pixels_per_class']}")
+        if "error" in r:
+            print(f"{r['error']} (skipped)")
+            continue
+        written = ", ".join(printable(args.output / r[k]) for k in ("picture", "mask"))
+        print(f"{printable(r['image'])} -> {written}: {r['pixels_per_class']}")
     if results and all("error" in r for r in results):
         log.error("error: none of the %d image(s) could be read (each is named above); nothing but "
                   "segments.json written to %s", len(results), args.output)

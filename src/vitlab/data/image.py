@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -49,12 +50,30 @@ def is_image_file(name: str | os.PathLike) -> bool:
     return str(name).lower().endswith(IMAGE_EXTENSIONS)
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def not_a_local_file(given: str | os.PathLike) -> str | None:
+    """Why ``given`` (as typed, before ``Path`` folds its ``//``) is not read: a URL, or ``-`` (stdin), unless a
+    file of that name exists; None otherwise."""
+    text = os.fspath(given)
+    if not isinstance(text, str) or os.path.exists(text):
+        return None
+    if _URL.match(text):
+        return f"{text}: URLs are not read; download the file first and give its path"
+    if text == "-":
+        return "-: images are not read from stdin; save the image to a file and give its path"
+    return None
+
+
 def expand_image_paths(paths: list[str | os.PathLike]) -> list[str]:
     """Image paths as a command line gives them: a file stays as written (decoding reports a bad one), a folder
     stands for the image files below it (sorted, hidden ones skipped). A folder with none is an error that
-    names it."""
+    names it, and so is a URL or ``-`` (:func:`not_a_local_file`)."""
     out: list[str] = []
     for given in paths:
+        if why := not_a_local_file(given):
+            raise ValueError(why)
         p = Path(given)
         if not p.is_dir():
             out.append(str(given))
@@ -104,18 +123,22 @@ def walk_image_files(top: str | os.PathLike, *, inside: tuple[str | os.PathLike,
     return files
 
 
-def unique_stems(paths: list[str | os.PathLike]) -> list[str]:
-    """Output names for input files: each file's stem, with -1, -2, ... for a stem seen before (a/1.png and
-    b/1.png must not write over each other's results)."""
+def unique_stems(paths: list[str | os.PathLike], suffixes: tuple[str, ...] = ("",)) -> list[str]:
+    """Output names for input files: each file's stem, with -1, -2, ... where a name it gives is taken (a/1.png
+    and b/1.png must not write over each other's results).
+
+    ``suffixes``: the names written per input (``stem + suffix``); all of them, over all the inputs, are
+    distinct: with ("", "_mask"), a.png and a_mask.png give a, a_mask and a_mask-1, a_mask-1_mask."""
     names: list[str] = []
     taken: set[str] = set()
     for p in paths:
         stem = name = Path(p).stem
         n = 0
-        while name in taken:  # also a file whose own stem is another's generated name (x-1.png beside 2 x.png)
+        # also a file whose own stem is another's generated name (x-1.png beside 2 x.png)
+        while any(name + s in taken for s in suffixes):
             n += 1
             name = f"{stem}-{n}"
-        taken.add(name)
+        taken.update(name + s for s in suffixes)
         names.append(name)
     return names
 
@@ -244,6 +267,8 @@ def load_image(path: str | os.PathLike, *, min_size: int | None = None) -> Tenso
             area and aspect) are the full image's; an image whose sides have no common factor in range is
             decoded in full.
     """
+    if why := not_a_local_file(path):
+        raise BadImageError(why)
     p = Path(path)
     try:
         with warnings.catch_warnings():

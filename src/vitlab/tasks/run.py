@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -432,15 +433,32 @@ RESULTS_FILES = {"detection": "detections.json", "segmentation": "segments.json"
 _COMMANDS = {"detection": "vitlab detect", "segmentation": "vitlab segment"}
 
 
-def output_files(paths: list[Path], output: Path, task: str, *, attention: bool = False) -> list[Path]:
-    """The files :func:`detect_images` (``task`` "detection") or :func:`segment_images` writes for ``paths``."""
+def _suffixes(task: str, attention: bool) -> tuple[str, ...]:
+    """The pictures written per image: ``NAME + suffix + ".png"``."""
+    if task == "segmentation":
+        return ("", "_mask")
+    return ("", "_attention") if attention else ("",)
+
+
+def output_stems(paths: list[Path], task: str, *, attention: bool = False) -> list[str]:
+    """The NAME of each image's pictures: its stem, with -1, -2, ... where one of its pictures would take a
+    name another's has (x.png twice; a.png beside a_mask.png for segment)."""
     from vitlab.data import unique_stems
 
-    suffixes = ("", "_attention") if attention else ("",)
-    if task == "segmentation":
-        suffixes = ("", "_mask")
-    pictures = [output / f"{stem}{suffix}.png" for stem in unique_stems(paths) for suffix in suffixes]
-    return [*pictures, output / RESULTS_FILES[task]]
+    return unique_stems(paths, _suffixes(task, attention))
+
+
+def output_files(paths: list[Path], output: Path, task: str, *, attention: bool = False) -> list[Path]:
+    """The files :func:`detect_images` (``task`` "detection") or :func:`segment_images` writes for ``paths``;
+    each name once (a name given twice would be one image's results written over another's)."""
+    suffixes = _suffixes(task, attention)
+    pictures = [output / f"{stem}{suffix}.png" for stem in output_stems(paths, task, attention=attention)
+                for suffix in suffixes]
+    planned = [*pictures, output / RESULTS_FILES[task]]
+    if twice := sorted(str(f) for f, n in Counter(planned).items() if n > 1):
+        raise ValueError(f"internal error: {', '.join(twice)} would be written for two inputs (a bug in vitlab's "
+                         f"output names); nothing was written")
+    return planned
 
 
 def check_output_files(paths: list[Path], output: Path, task: str, *, attention: bool = False,
@@ -457,20 +475,20 @@ def detect_images(model: nn.Module, paths: list[Path], output: Path, *, threshol
                   attention: bool = False, skip_bad_images: bool = False,
                   overwrite: bool = True) -> list[dict[str, Any]]:
     """Draw boxes, labels and scores on each image (``output/NAME.png``) and write ``detections.json``;
-    with ``attention``, also each detected object's decoder cross-attention (``NAME_attention.png``).
+    with ``attention``, also each detected object's decoder cross-attention (``NAME_attention.png``, where an
+    object was found). NAME: :func:`output_stems`; each entry names its files, relative to ``output``
+    (``picture``, ``attention``).
 
     ``skip_bad_images``: an undecodable file gets an entry with its ``error`` and the rest go on; otherwise it
     stops the run, and ``detections.json`` still holds the images done before it. ``overwrite=False`` refuses
     files that exist in ``output`` (``vitlab detect`` without --overwrite); an input image is never written over
     (:func:`check_output_files`)."""
-    from vitlab.data import unique_stems
-
     check_output_files(paths, output, "detection", attention=attention, overwrite=overwrite)
     names = _names(model)
     output.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     with _written_at_the_end(results, output / "detections.json"):
-        for path, stem in zip(paths, unique_stems(paths)):
+        for path, stem in zip(paths, output_stems(paths, "detection", attention=attention)):
             if (prepared := _prepare_or_skip(model, path, results, skip_bad_images)) is not None:
                 results.append(_detect_one(model, path, stem, prepared, output, names, threshold, attention))
     return results
@@ -501,11 +519,13 @@ def _detect_one(model: nn.Module, path: Path, stem: str, prepared: tuple, output
         objects.append({"label": names[label], "class_index": label, "score": round(score, 4),
                         "box_xyxy": [round(v, 2) for v in box]})
     pic.save(output / f"{stem}.png")
+    files = {"picture": f"{stem}.png"}
     if attention and objects:
         keep = (out["logits"][0].softmax(-1)[:, :-1].max(-1).values >= threshold).nonzero().flatten()
         _save_attention(pic, maps[0, keep], output / f"{stem}_attention.png",
                         [f"{o['label']} {o['score']:.2f}" for o in objects])
-    return {"image": str(path), "width": W, "height": H, "objects": objects}
+        files["attention"] = f"{stem}_attention.png"
+    return {"image": str(path), **files, "width": W, "height": H, "objects": objects}
 
 
 @contextlib.contextmanager
@@ -569,12 +589,10 @@ PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200
 def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: float = 0.5,
                    skip_bad_images: bool = False, overwrite: bool = True) -> list[dict[str, Any]]:
     """A colour overlay (``NAME.png``) and the class-index mask (``NAME_mask.png``: 8-bit grey, 16-bit for a
-    model of more than 256 classes) per image, and ``segments.json`` (``skip_bad_images`` and ``overwrite`` as
-    in :func:`detect_images`)."""
+    model of more than 256 classes) per image, and ``segments.json``, whose entries name them (``picture``,
+    ``mask``, relative to ``output``); NAME, ``skip_bad_images`` and ``overwrite`` as in :func:`detect_images`."""
     import numpy as np
     from PIL import Image
-
-    from vitlab.data import unique_stems
 
     check_output_files(paths, output, "segmentation", overwrite=overwrite)
     output.mkdir(parents=True, exist_ok=True)
@@ -583,7 +601,7 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
     mask_dtype = np.uint8 if model.num_classes <= 256 else np.uint16  # class 299 must not be written as 43
     results: list[dict[str, Any]] = []
     with _written_at_the_end(results, output / "segments.json"):
-        for path, stem in zip(paths, unique_stems(paths)):
+        for path, stem in zip(paths, output_stems(paths, "segmentation")):
             if (prepared := _prepare_or_skip(model, path, results, skip_bad_images)) is None:
                 continue
             x, image, _ = prepared
@@ -595,10 +613,11 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
             Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(output / f"{stem}.png")
             Image.fromarray(pred.astype(mask_dtype)).save(output / f"{stem}_mask.png")  # mode L or I;16
             present = {names[c]: int((pred == c).sum()) for c in np.unique(pred).tolist()}
-            results.append({"image": str(path), "pixels_per_class": present})
+            results.append({"image": str(path), "picture": f"{stem}.png", "mask": f"{stem}_mask.png",
+                            "pixels_per_class": present})
     return results
 
 
 __all__ = ["DENSE_RUNTIMES", "DenseJob", "check_dense_files", "check_output_files", "detect_images", "evaluate_folder",
-           "format_metrics", "ignore_index_of", "load_dense", "output_files", "recorded_categories",
+           "format_metrics", "ignore_index_of", "load_dense", "output_files", "output_stems", "recorded_categories",
            "run_dense_training", "segment_images", "task_of", "transform_for", "unnamed_detector_categories"]
