@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
+    # the leading name component every key of the file shares (:func:`shared_key_prefix`), set where the keys
+    # may not fit because of it; create_model then tries them without it
+    key_prefix: str | None = None
+
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No file or folder at the given path (caught by ``except FileNotFoundError`` too)."""
@@ -207,6 +211,25 @@ def strip_wrapper_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     while stripped := next((p for p in WRAPPER_PREFIXES if sd and all(k.startswith(p) for k in sd)), None):
         sd = {k[len(stripped):]: v for k, v in sd.items()}
     return sd
+
+
+def shared_key_prefix(keys) -> str | None:
+    """The leading component (``"model."``) that every key shares, as a wrapper that holds the model as an
+    attribute saves it (a PyTorch Lightning module's ``self.model``, ``self.net``, ``self.backbone``); None when
+    the keys do not all share one. Whether the keys need it (a layout of their own, e.g. a Hugging Face
+    backbone's ``vit.``) only the model they are loaded into can tell."""
+    first = None
+    for k in keys:
+        head, dot, rest = k.partition(".")
+        if not dot or not rest or head.isdigit() or (first is not None and head != first):
+            return None
+        first = head
+    return None if first is None else first + "."
+
+
+def strip_key_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """``sd`` with ``prefix`` removed from every key (each must start with it)."""
+    return {k[len(prefix):]: v for k, v in sd.items()}
 
 
 def _is_tensor_map(obj: Mapping) -> bool:

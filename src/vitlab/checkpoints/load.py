@@ -1,7 +1,8 @@
-"""Find, read and convert a pretrained source: a local file or folder, or ``hf-hub:ORG/NAME``."""
+"""Find, read and convert a pretrained source: a local file or folder, or ``hf-hub:ORG/NAME[@REV]``."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,17 @@ from vitlab.checkpoints.io import (
     read_pickle,
     read_safetensors,
     read_sharded,
+    shared_key_prefix,
+    strip_key_prefix,
     unwrap_state_dict,
 )
 from vitlab.checkpoints.vitlab_format import read_vitlab
 
+log = logging.getLogger(__name__)
+
 HF_HUB_PREFIX = "hf-hub:"
+# timm's older spelling, which timm still accepts
+HF_HUB_PREFIXES = (HF_HUB_PREFIX, "hf_hub:")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 # a large model's shards are listed by an index (save_pretrained(max_shard_size=...))
 HF_SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -43,41 +50,85 @@ class Source:
     # the family the tensors' names point to, for an error when they do not fit the model (None: vitlab's own
     # files, which record their model, or no clear sign)
     looks_like: LooksLike | None = None
+    # the leading component every key of the file shared (e.g. "model." from a PyTorch Lightning module), kept
+    # (None when there was none, or when it was removed: ``read_source(strip_prefix=...)``)
+    key_prefix: str | None = None
+
+
+def hub_repo(source: str | os.PathLike) -> str | None:
+    """``ORG/NAME[@REV]`` of an ``hf-hub:`` (or timm's ``hf_hub:``) source; None for any other source."""
+    s = str(source)
+    prefix = next((p for p in HF_HUB_PREFIXES if s.startswith(p)), None)
+    return None if prefix is None else s[len(prefix):]
 
 
 def resolve(source: str | os.PathLike) -> Path:
     """Local path of ``source``; ``hf-hub:ORG/NAME`` is fetched (or found in the local cache offline)."""
     s = str(source)
-    if s.startswith(HF_HUB_PREFIX):
-        return _hub_snapshot(s[len(HF_HUB_PREFIX):])
+    repo = hub_repo(s)
+    if repo is not None:
+        return _hub_snapshot(repo)
     p = Path(s).expanduser()
     if not p.exists():
         raise CheckpointNotFoundError(f"pretrained={s!r}: no such file or folder ({p.absolute()})")
     return p
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+# fetched first; a repo's PyTorch pickles only when it has no safetensors file (timm publishes both copies)
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.npz"]
+_HUB_PICKLE_PATTERNS = ["*.json", "*.bin"]
+
+
+def _hub_snapshot(spec: str) -> Path:
+    """The local snapshot of ``spec`` (``ORG/NAME``, or ``ORG/NAME@REV`` for a branch, tag or commit, as timm
+    writes it): downloaded when the hub is reachable, else the one the local cache holds."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
     except ImportError:
         raise CheckpointError(
-            f"hf-hub:{repo_id}: huggingface_hub is not installed; pip install 'vitlab[hub]'"
+            f"hf-hub:{spec}: huggingface_hub is not installed; pip install 'vitlab[hub]'"
         ) from None
-    patterns = ["*.json", "*.safetensors", "*.bin", "*.npz"]
+    repo_id, _, revision = spec.partition("@")
+
+    def download(**kwargs: Any) -> Path:
+        path = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=_HUB_PATTERNS, **kwargs))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=_HUB_PICKLE_PATTERNS,
+                                          **kwargs))
+        return path
+
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return download()
     except Exception as online_error:  # network down: fall back to whatever the cache holds
+        if type(online_error).__name__ == "HFValidationError":
+            raise CheckpointError(f"hf-hub:{spec}: not a hub repo id ORG/NAME[@REVISION]: {online_error}") from None
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+            path = download(local_files_only=True)
         except Exception:
+            cache = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
             raise CheckpointError(
-                f"hf-hub:{repo_id}: not reachable and not in the local Hugging Face cache ({online_error})"
+                f"hf-hub:{spec}: not reachable and not in the local Hugging Face cache (looked in {cache}"
+                f"{f' for the revision {revision!r}' if revision else ''}; HF_HUB_CACHE or HF_HOME set the cache "
+                f"folder): {online_error}"
             ) from online_error
+        log.warning("hf-hub:%s: downloading from the hub failed (%s: %s); using the local cache's copy %s", spec,
+                    type(online_error).__name__, online_error, path)
+        return path
 
 
-def _convert(path: Path, family: str, fmt: SourceFormat, data: Any, meta: dict[str, Any]) -> Converted:
+def _convert(path: Path, family: str, fmt: SourceFormat, data: Any, meta: dict[str, Any],
+             key_prefix: str | None = None) -> Converted:
     """Run the converter; its complaints (unknown keys, missing arrays, unsupported options) name the file, and
-    the family it looks like when that is another one."""
+    the family it looks like when that is another one. ``key_prefix``: the component all keys share, recorded
+    on the error (create_model then tries the keys without it)."""
+    try:
+        return _run_converter(path, family, fmt, data, meta)
+    except CheckpointError as e:
+        e.key_prefix = key_prefix
+        raise
+
+
+def _run_converter(path: Path, family: str, fmt: SourceFormat, data: Any, meta: dict[str, Any]) -> Converted:
     try:
         try:
             convert = get_converter(family, fmt)
@@ -106,13 +157,14 @@ def refuse_other_family(source: Source, family: str, name: str, error: ValueErro
         raise CheckpointError(f"{other}\n  Loading it failed: {detail}") from error
 
 
-def read_source(path: Path, family: str) -> Source:
-    """Detect the format of ``path`` and convert it for ``family``."""
+def read_source(path: Path, family: str, *, strip_prefix: str | None = None) -> Source:
+    """Detect the format of ``path`` and convert it for ``family``. ``strip_prefix``: a leading component that
+    every key has and that is removed first (a wrapper's attribute name, :attr:`Source.key_prefix`)."""
     if path.is_dir():
-        return _read_folder(path, family)
+        return _read_folder(path, family, strip_prefix=strip_prefix)
     name = path.name.lower()
     if name.endswith(".index.json"):  # the index of a sharded checkpoint: read with its folder's config.json
-        return _read_folder(path.parent, family, weights=path)
+        return _read_folder(path.parent, family, weights=path, strip_prefix=strip_prefix)
     if name.endswith(".npz"):
         arrays = read_npz(path)
         return Source(path, "jax", _convert(path, family, "jax", arrays, {}), looks_like=looks_like(arrays))
@@ -122,12 +174,9 @@ def read_source(path: Path, family: str) -> Source:
             sd, meta = got
             return Source(path, "vitlab", Converted(sd, {}), meta)
         sd, _ = read_safetensors(path)
-        fmt: SourceFormat = detect_format(family, sd, "hf" if _looks_hf(sd) else "timm")
-        return Source(path, fmt, _convert(path, family, fmt, sd, {}), looks_like=looks_like(sd))
+        return _read_state_dict(path, family, sd, strip_prefix)
     if name.endswith(PICKLE_SUFFIXES):
-        sd = unwrap_state_dict(read_pickle(path), path)
-        fmt = detect_format(family, sd, "hf" if _looks_hf(sd) else "timm")
-        return Source(path, fmt, _convert(path, family, fmt, sd, {}), looks_like=looks_like(sd))
+        return _read_state_dict(path, family, unwrap_state_dict(read_pickle(path), path), strip_prefix)
     if name.endswith(".onnx"):
         from vitlab.models.factory import onnx_file_message
 
@@ -138,11 +187,25 @@ def read_source(path: Path, family: str) -> Source:
     )
 
 
+def _prefixed(sd: dict, strip_prefix: str | None) -> tuple[dict, str | None]:
+    """``sd`` without ``strip_prefix``, and the component all its keys then still share."""
+    if strip_prefix is not None:
+        sd = strip_key_prefix(sd, strip_prefix)
+    return sd, shared_key_prefix(sd)
+
+
+def _read_state_dict(path: Path, family: str, sd: dict, strip_prefix: str | None) -> Source:
+    sd, prefix = _prefixed(sd, strip_prefix)
+    fmt: SourceFormat = detect_format(family, sd, "hf" if _looks_hf(sd) else "timm")
+    return Source(path, fmt, _convert(path, family, fmt, sd, {}, prefix), looks_like=looks_like(sd),
+                  key_prefix=prefix)
+
+
 def _looks_hf(sd: dict) -> bool:
     return any(".embeddings.patch_embeddings." in k or k.startswith("embeddings.patch_embeddings.") for k in sd)
 
 
-def _read_folder(path: Path, family: str, weights: Path | None = None) -> Source:
+def _read_folder(path: Path, family: str, weights: Path | None = None, strip_prefix: str | None = None) -> Source:
     weights = weights or next((path / f for f in _FOLDER_WEIGHTS if (path / f).exists()), None)
     if weights is None:
         raise CheckpointError(f"{path}: folder has none of {', '.join(HF_WEIGHT_FILES)}, nor a sharded checkpoint's "
@@ -158,14 +221,16 @@ def _read_folder(path: Path, family: str, weights: Path | None = None) -> Source
         sd, _ = read_safetensors(weights)
     else:
         sd = unwrap_state_dict(read_pickle(weights), weights)
+    sd, prefix = _prefixed(sd, strip_prefix)
     if "architectures" in config or "model_type" in config or _looks_hf(sd):
         meta = {"config": config}
         processor = path / "preprocessor_config.json"
         if processor.exists():  # how the folder's images are prepared (vitlab.checkpoints.hf_processor)
             meta["hf_processor"] = read_json(processor)
-        return Source(weights, "hf", _convert(weights, family, "hf", sd, {"config": config}), meta,
-                      looks_like(sd, config))
+        return Source(weights, "hf", _convert(weights, family, "hf", sd, {"config": config}, prefix), meta,
+                      looks_like(sd, config), prefix)
     # a timm hub folder: config.json with "architecture", "model_args" and "pretrained_cfg", weights in timm's
     # names; create_model applies model_args and pretrained_cfg (vitlab.checkpoints.timm_hub)
     fmt = detect_format(family, sd, "timm")
-    return Source(weights, fmt, _convert(weights, family, fmt, sd, {}), {"timm_config": config}, looks_like(sd))
+    return Source(weights, fmt, _convert(weights, family, fmt, sd, {}, prefix), {"timm_config": config},
+                  looks_like(sd), prefix)

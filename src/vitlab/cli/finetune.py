@@ -28,6 +28,8 @@ EXAMPLE = """examples:
   vitlab finetune --from ViT-B_16.npz --model vit_base_patch16_384 --data ./flowers --img-size 384 \\
       --set max_steps=500 --set lr=0.003
   vitlab finetune --from hf-hub:google/vit-base-patch16-224 --model vit_base_patch16_224 --data ./pets
+  vitlab finetune --from vit_base_patch16_224.augreg2_in21k_ft_in1k --data ./pets   (published weights, as
+      timm's train.py --model NAME --pretrained: `vitlab models NAME --pretrained` lists the tags)
 
 recipes: {recipes} or a JSON file (default vit_finetune: SGD momentum 0.9, global batch 512 through
 gradient accumulation, cosine decay, no weight decay, clipping at norm 1, zero-initialised head; at the
@@ -41,8 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EXAMPLE.format(recipes=", ".join(list_recipes())),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="source",
-                   help="vitlab checkpoint, timm/HF weights, JAX .npz or hf-hub:ORG/NAME (required; with --resume: "
-                        "the run's own, which need not exist any more)")
+                   help="vitlab checkpoint, timm/HF weights, JAX .npz, hf-hub:ORG/NAME, or a registered NAME[.TAG] for "
+                        "its published weights (required; with --resume: the run's own, which need not exist any "
+                        "more)")
     p.add_argument("--model", help="registered architecture (needed unless --from names it: a vitlab checkpoint or run folder, a Hugging Face or timm hub folder)")
     add_common_args(p, default_recipe="vit_finetune", output_default="finetune-MODEL")
     p.set_defaults(func=run)
@@ -65,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
                              if args.resume and args.output is not None else
                              "--from is required: the checkpoint, weights or hf-hub:ORG/NAME to fine-tune (with "
                              "--resume and --output RUN: the run's own)")
+    args.source, published = _published_weights(args.source, args.model)
     # a resumed run's model is the one it records: its --from source is not read again (train.run.build_model)
-    model = args.model or recorded.get("model") or model_name_of(args.source)
+    model = args.model or recorded.get("model") or published or model_name_of(args.source)
     recipe = resolve_recipe(args, "vit_finetune", saved, model=model)
     if (saved is None and not args.resume and args.recipe is None and args.img_size is None
             and not _sets_img_size(args.overrides)):
@@ -75,6 +79,29 @@ def run(args: argparse.Namespace) -> int:
         recipe = _pretraining_hold_out(args, recipe)
     return train_or_explain(make_job(args, recipe, model=model, pretrained=args.source,
                                      output_tag=f"finetune-{model}"))
+
+
+def _published_weights(source: str, model: str | None) -> tuple[str, str | None]:
+    """``--from NAME[.TAG]``, a registered name that is no file or folder: the published weights that
+    ``create_model("NAME.TAG", pretrained=True)`` loads, as timm's ``train.py --model NAME --pretrained`` does.
+    Returns their hub source (whose row in models/pretrained.json sets the preprocessing) and NAME; any other
+    source as it is, and None."""
+    from vitlab.checkpoints.load import hub_repo
+    from vitlab.models.factory import _is_registered
+    from vitlab.models.pretrained import find_weights
+
+    name, _, tag = source.partition(".")
+    if hub_repo(source) is not None or Path(source).expanduser().exists() or not _is_registered(name):
+        return source, None
+    try:
+        weights = find_weights(name, tag or None)
+    except ValueError as e:
+        raise ValueError(f"--from {source}: {e}") from None
+    if model is not None and model != name:
+        raise ValueError(f"--from {source}: the published weights of {name}; --model {model} names another model "
+                         f"(leave --model out)")
+    log.info("--from %s: the published weights %s (models/pretrained.json)", source, weights.hub)
+    return weights.hub, name
 
 
 def _sets_img_size(overrides: list[str] | None) -> bool:
@@ -120,6 +147,7 @@ def _checkpoint_size(source: str, model: str, overrides: dict | None = None) -> 
 
     A vitlab checkpoint or a hub folder records its size; weights alone (a timm or JAX file) have it in their
     position table (grid x patch size) when the family has one; otherwise it is the registered model's size."""
+    import contextlib
     import math
 
     import vitlab
@@ -129,7 +157,11 @@ def _checkpoint_size(source: str, model: str, overrides: dict | None = None) -> 
     probe = vitlab.load_model(source, model_name=model, **(overrides or {}))
     h, w = probe.preprocessing.input_size[1:]
     where = "the checkpoint's resolution"
-    src = read_source(resolve(source), get_entry(model).family)
+    path, family = resolve(source), get_entry(model).family
+    src = read_source(path, family)
+    if src.format != "vitlab" and not src.meta and src.key_prefix is not None:
+        with contextlib.suppress(ValueError):  # the keys as create_model loaded them (a Lightning module's model.)
+            src = read_source(path, family, strip_prefix=src.key_prefix)
     if src.format != "vitlab" and not src.meta:  # weights alone: no config with their size
         table = src.converted.state_dict.get("pos_embed")
         patch = getattr(getattr(probe, "patch_embed", None), "patch_size", None)

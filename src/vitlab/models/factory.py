@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,10 +62,13 @@ def create_model(
 
     Args:
         name: a registered name (``vitlab.list_models()``), optionally with a weights tag
-            (``"vit_base_patch16_224.augreg2_in21k_ft_in1k"``) for ``pretrained=True``.
+            (``"vit_base_patch16_224.augreg2_in21k_ft_in1k"``) for ``pretrained=True``; or, as timm accepts,
+            ``"hf-hub:ORG/NAME"``: that repo's weights, built as the architecture its config.json names.
         pretrained: True for the published weights listed for the name (fetched from the hub when the
             network allows, else from the local cache), or a vitlab checkpoint, a timm state dict (.safetensors/.pth/.bin), a Hugging Face
-            folder (config.json + weights), an original JAX .npz, or ``hf-hub:ORG/NAME``.
+            folder (config.json + weights), an original JAX .npz, or ``hf-hub:ORG/NAME[@REVISION]`` (a repo
+            that models/pretrained.json lists for this model gets that row's preprocessing where the repo's own
+            files do not state it).
         num_classes: classes of the head; a checkpoint's head of another size is replaced by a
             zero-initialised one. Default: the checkpoint's, else the variant's.
         img_size: input resolution; a checkpoint's position table is resampled to it.
@@ -74,31 +78,71 @@ def create_model(
 
         model = vitlab.create_model("vit_base_patch16_224", pretrained="ViT-B_16.npz", num_classes=10)
     """
+    from vitlab.checkpoints.load import hub_repo
+
     if not isinstance(name, str):
         raise TypeError(f"create_model: name must be a registered model name (a string, see `vitlab models`), "
                         f"got {name!r}")
+    if hub_repo(name) is not None:
+        return _create_from_hub_name(name, pretrained, num_classes=num_classes, img_size=img_size, **overrides)
+    if "/" in name or ":" in name:
+        raise ValueError(_not_a_model_name(name))
     name, _, tag = name.partition(".")
-    entry = get_entry(name)
-    source = None
-    file_overrides: dict[str, Any] = {}
-    weights_overrides: dict[str, Any] = {}
-    weights_style: dict[str, Any] = {}
+    entry = _get_entry(name, tag)
+    fields = {f.name for f in dataclasses.fields(entry.config)}
+    weights = None
     if pretrained is True:
-        from vitlab.models.pretrained import find_weights, weights_settings
+        from vitlab.models.pretrained import find_weights
 
         weights = find_weights(name, tag or None)
         pretrained = weights.hub
-        # the config fields the row sets, and the preprocessing the family fixes but these weights were trained
-        # otherwise with (crop_mode, a family's fixed statistics)
-        weights_overrides, weights_style = weights_settings(weights, {f.name for f in dataclasses.fields(entry.config)})
     elif tag:
-        raise ValueError(f"create_model({name}.{tag!r}): a weights tag needs pretrained=True")
+        raise ValueError(_tag_needs_pretrained(name, tag, pretrained))
     if pretrained is False:
         pretrained = None
-    if pretrained is not None:
-        from vitlab.checkpoints import read_source, resolve
+    repo = hub_repo(pretrained) if pretrained is not None else None
+    if repo is not None and weights is None:  # a repo the table lists for this model: its row, as pretrained=True
+        from vitlab.models.pretrained import weights_of_hub
 
-        source = read_source(resolve(pretrained), entry.family)
+        weights = weights_of_hub(repo, name)
+    weights_overrides: dict[str, Any] = {}
+    weights_style: dict[str, Any] = {}
+    if weights is not None:
+        from vitlab.models.pretrained import weights_settings
+
+        # the config fields the row sets, and the preprocessing the family fixes but these weights were trained
+        # otherwise with (crop_mode, a family's fixed statistics); the checkpoint's own files win over both
+        weights_overrides, weights_style = weights_settings(weights, fields)
+
+    def build(source: Any) -> nn.Module:
+        return _build_loaded(name, entry, source, overrides=overrides, weights_overrides=weights_overrides,
+                             num_classes=num_classes, img_size=img_size)
+
+    if pretrained is None:
+        return build(None)
+    from vitlab.checkpoints import resolve
+
+    model, source = _load_source(resolve(pretrained), entry.family, build)
+    names = _class_names(source)
+    if names is not None and len(names) == model.num_classes:
+        model.class_names = names
+    if repo is not None and weights is None and not _records_preprocessing(source):
+        _warn_default_preprocessing(repo, name, model)
+    _apply_preprocessing_style(source, model, given=set(overrides), weights_style=weights_style)
+    score = _score_function(source)
+    if score != "softmax" and model.num_classes:
+        model.score_function = score
+    log.info("loaded %s weights from %s", source.format, source.path)
+    return model
+
+
+def _build_loaded(name: str, entry: Any, source: Any, *, overrides: dict[str, Any],
+                  weights_overrides: dict[str, Any], num_classes: int | None,
+                  img_size: int | tuple[int, int] | None) -> nn.Module:
+    """The model ``name`` built with what ``source`` (None: no weights), the weights' row and the caller set,
+    with the source's weights loaded strictly."""
+    file_overrides: dict[str, Any] = {}
+    if source is not None:
         if source.format == "vitlab":
             file_overrides = _vitlab_overrides(name, source)
         else:  # a timm hub folder's config.json over what the tensors say (e.g. average pooling without fc_norm)
@@ -118,9 +162,14 @@ def create_model(
         model = entry.build(cfg)
         model.model_name = name
         if source is not None:
-            from vitlab.checkpoints import adapt_state_dict, load_strict
+            from vitlab.checkpoints import CheckpointError, adapt_state_dict, load_strict
 
             label = str(source.path)
+            prefix = source.key_prefix
+            if prefix is not None and all(k.startswith(prefix) for k in source.converted.state_dict) and not (
+                    set(source.converted.state_dict) & set(model.state_dict())):
+                # none fits as it is (create_model tries them without the prefix): say so before adapting them
+                raise CheckpointError(f"{label}: none of its keys is one of {name}'s")
             sd = adapt_state_dict(source.converted.state_dict, model, source=label)
             load_strict(model, sd, source=label)
     except ValueError as e:  # a file of another family fails anywhere here: sizes, tables, keys
@@ -129,16 +178,134 @@ def create_model(
 
             refuse_other_family(source, entry.family, name, e)
         raise
-    if source is not None:
-        names = _class_names(source)
-        if names is not None and len(names) == model.num_classes:
-            model.class_names = names
-        _apply_preprocessing_style(source, model, given=set(overrides), weights_style=weights_style)
-        score = _score_function(source)
-        if score != "softmax" and model.num_classes:
-            model.score_function = score
-        log.info("loaded %s weights from %s", source.format, label)
     return model
+
+
+# how many leading components (``model.``, ``net.backbone.``) loading removes at most to make the keys fit
+_MAX_STRIPPED = 3
+
+
+def _load_source(path: Any, family: str, build: Callable[[Any], nn.Module]) -> tuple[nn.Module, Any]:
+    """``build(read_source(path))``; when that fails and every key of the file starts with the same component
+    (``model.``: a PyTorch Lightning module holding the network as ``self.model``), the keys without it are tried
+    (a layout that needs the component loads on the first try and is left alone). An error that remains says
+    that every key had the component."""
+    from vitlab.checkpoints import CheckpointError, read_source
+
+    strip: str | None = None
+    first: ValueError | None = None
+    while True:
+        source = None
+        try:
+            source = read_source(path, family, strip_prefix=strip)
+            model = build(source)
+        except ValueError as e:
+            prefix = source.key_prefix if source is not None else getattr(e, "key_prefix", None)
+            if first is None:
+                first = e
+            if prefix is None or (strip or "").count(".") >= _MAX_STRIPPED:
+                if strip is None:
+                    raise
+                detail = str(e).strip().replace("\n", "\n    ")
+                raise CheckpointError(f"{first}\n  Every key of {path} starts with {strip!r} (a wrapper's attribute, "
+                                      f"e.g. a PyTorch Lightning module's self.{strip.split('.')[0]}?); without it "
+                                      f"the keys do not fit either:\n    {detail}") from first
+            strip = (strip or "") + prefix
+            continue
+        if strip is not None:
+            log.info("%s: every key started with %r (a wrapper's attribute name); loaded them without it", path,
+                     strip)
+        return model, source
+
+
+def _get_entry(name: str, tag: str) -> Any:
+    """The registry entry of ``name``; an unknown ``name.tag`` suggests names with that tag only (a suggestion
+    without it would load other weights)."""
+    try:
+        return get_entry(name)
+    except ValueError:
+        if not tag:
+            raise
+    import difflib
+
+    from vitlab.models.registry import list_models
+
+    close = difflib.get_close_matches(f"{name}.{tag}", list_models(pretrained=True, task=None), n=3)
+    hint = (f"; did you mean {', '.join(close)}?" if close else
+            "; `vitlab models PATTERN --pretrained` lists the published weights as NAME.TAG")
+    raise ValueError(f"unknown model {name!r} (in {name}.{tag}){hint}")
+
+
+def _tag_needs_pretrained(name: str, tag: str, pretrained: Any) -> str:
+    """A ``NAME.TAG`` without pretrained=True (also ``--model NAME.TAG`` on the command line): how to get those
+    weights, in Python and on the command line."""
+    from vitlab.models.pretrained import find_weights
+
+    full = f"{name}.{tag}"
+    try:
+        row = find_weights(name, tag)
+    except ValueError as e:
+        text = f"{full!r}: {e}"
+    else:
+        text = (f"{full!r} names published weights, which only pretrained=True loads: create_model({full!r}, "
+                f"pretrained=True) in Python; on the command line `vitlab finetune --from {full}`, and "
+                f"`--checkpoint {row.hub}` for predict, eval and the other commands that take --checkpoint")
+    if pretrained is not None:
+        text += f". To load {str(pretrained)!r}, name the architecture alone: {name} (--model {name})"
+    return text
+
+
+def _not_a_model_name(name: str) -> str:
+    """A hub repo id (or a path) given as the model name: the spellings that load it. (timm, too, refuses a repo id
+    without its prefix: loading the registry's model of the same basename would load other weights.)"""
+    import re
+
+    from vitlab.models.pretrained import weights_of_hub
+
+    repo = name.rpartition(":")[2]
+    text = f"create_model({name!r}): not a registered model name"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", repo):
+        text += (f"; a Hugging Face hub repo is named with the hf-hub: prefix: create_model('hf-hub:{repo}') "
+                 f"(built as the architecture its config.json names)")
+        row = weights_of_hub(repo)
+        if row is not None:
+            text += (f", or create_model('{row.model}.{row.tag}', pretrained=True), as models/pretrained.json lists "
+                     f"the repo")
+    return text + "; a file: create_model(NAME, pretrained=PATH)"
+
+
+def _create_from_hub_name(name: str, pretrained: Any, **kwargs: Any) -> nn.Module:
+    """``create_model("hf-hub:ORG/NAME")``, as timm reads it: the repo's weights, built as the architecture its
+    config.json names (or the model models/pretrained.json lists the repo for)."""
+    from vitlab.checkpoints.load import HF_HUB_PREFIX, hub_repo
+
+    if pretrained not in (None, True):
+        raise ValueError(f"create_model({name!r}, pretrained={pretrained!r}): a hub repo as the name loads its own "
+                         f"weights; give one source: create_model({name!r}), or create_model(MODEL, "
+                         f"pretrained={pretrained!r}) (MODEL alone builds the architecture without weights)")
+    source = HF_HUB_PREFIX + hub_repo(name)
+    return create_model(model_name_of(source), pretrained=source, **kwargs)
+
+
+def _records_preprocessing(source: Any) -> bool:
+    """Whether ``source``'s files state how its images are prepared."""
+    if source.format == "vitlab" or source.meta.get("hf_processor") is not None:
+        return True
+    return bool((source.meta.get("timm_config") or {}).get("pretrained_cfg"))
+
+
+def _warn_default_preprocessing(repo: str, name: str, model: nn.Module) -> None:
+    from vitlab.models.pretrained import weights_of_hub
+
+    other = weights_of_hub(repo)
+    listed = (f"; models/pretrained.json lists it for {other.model}, not {name}" if other is not None else
+              "; models/pretrained.json does not list it")
+    pre = getattr(model, "preprocessing", None)
+    if pre is None:
+        return
+    log.warning("hf-hub:%s: the repo states no preprocessing (no preprocessor_config.json, no timm pretrained_cfg)%s: "
+                "using %s's default preprocessing (mean %s, std %s, %s, crop_pct %s); check it against the weights' "
+                "model card", repo, listed, name, tuple(pre.mean), tuple(pre.std), pre.interpolation, pre.crop_pct)
 
 
 def _timm_hub_overrides(entry: Any, source: Any) -> dict[str, Any]:
@@ -330,11 +497,20 @@ def onnx_file_message(p: Any) -> str:
 def model_name_of(path: str | os.PathLike) -> str:
     """The registered name that builds a self-describing checkpoint: the model a vitlab checkpoint (or run folder)
     records, the timm model a hub folder's config.json names, or the family of a Hugging Face folder's ``model_type`` (whose
-    config then sets the size). Weights that do not name their architecture are a CheckpointError saying so."""
+    config then sets the size); an ``hf-hub:`` repo without config.json: the model models/pretrained.json lists it
+    for. Weights that do not name their architecture are a CheckpointError saying so."""
     from vitlab.checkpoints import CheckpointError, read_vitlab, resolve
     from vitlab.checkpoints.io import read_json
+    from vitlab.checkpoints.load import hub_repo
 
     p = resolve(path)
+    repo = hub_repo(path)
+    if repo is not None and not (p / "config.json").exists():  # weights alone, as timm caches a repo
+        from vitlab.models.pretrained import weights_of_hub
+
+        row = weights_of_hub(repo)
+        if row is not None:
+            return row.model
     if p.name.lower().endswith(".onnx"):
         raise CheckpointError(onnx_file_message(p))
     if p.is_dir() and not (p / "config.json").exists() and (p / "model.safetensors").is_file():

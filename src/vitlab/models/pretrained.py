@@ -57,6 +57,14 @@ def find_weights(model: str, tag: str | None = None) -> PretrainedWeights:
     raise ValueError(f"{model!r} has no weights tagged {tag!r}; known: {', '.join(w.tag for w in rows)}")
 
 
+def weights_of_hub(repo_id: str, model: str | None = None) -> PretrainedWeights | None:
+    """The row whose ``hub`` is ``repo_id`` (``ORG/NAME``, hub ids are case-insensitive; a ``@REV`` is ignored),
+    of ``model`` when given; None when no row lists it."""
+    repo = repo_id.partition("@")[0].lower()
+    return next((w for w in _table() if w.hub.partition(":")[2].lower() == repo
+                 and (model is None or w.model == model)), None)
+
+
 # the row fields that set a model's preprocessing (the input size goes through the config's img_size)
 PREPROCESSING_FIELDS = ("mean", "std", "crop_pct", "interpolation", "crop_mode")
 
