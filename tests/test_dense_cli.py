@@ -74,6 +74,7 @@ def test_detection_commands(data: Path, tmp_path: Path, capsys) -> None:
     assert main(["explain", str(bad), "--checkpoint", str(out / "model.safetensors"), "--skip-bad-images",
                  "--output", str(tmp_path / "exp2")]) == 0
     assert (tmp_path / "exp2" / "a.png").is_file()
+    assert f"{bad / 'a.png'} -> {tmp_path / 'exp2' / 'a.png'}" in capsys.readouterr().out  # which picture is whose
     # the detector's threshold (0.5) may keep no object of an untrained model; the picture is always written
     assert (tmp_path / "exp" / "00000.png").is_file()
 

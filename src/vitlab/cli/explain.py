@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
             if "error" in r:
                 print(f"{r['error']} (skipped)")
             else:
-                print(f"{r['image']}: {len(r['objects'])} objects -> {Path(args.output)}")
+                written = ", ".join(printable(Path(args.output) / r[k]) for k in ("picture", "attention") if k in r)
+                print(f"{printable(r['image'])} -> {written}: {len(r['objects'])} objects")
         return 0
     require_classifier(model, "explain", args.checkpoint)  # a segmenter has no per-class map here
     names = model_class_names(model)
