@@ -331,7 +331,7 @@ def machine_info() -> dict[str, Any]:
 def _loadavg() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
+    except (OSError, AttributeError):  # AttributeError: no os.getloadavg (Windows)
         return None
 
 

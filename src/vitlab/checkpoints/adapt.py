@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from vitlab.checkpoints.io import CheckpointError
+from vitlab.data.folder import class_name
 from vitlab.layers import resample_pos_embed
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,18 @@ def new_head_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 def match_class_names(names: Sequence[str], classes: Sequence[str]) -> list[int | None]:
     """The index in ``names`` (a head's classes, in its row order) of each of ``classes``: by exact name, else
-    case-insensitively ("Cat" for "cat"); None for a class the head does not name. The rule by which
-    ``vitlab eval`` meets a data set's classes and fine-tuning reorders a kept head."""
-    index = {n: i for i, n in enumerate(names)}
-    folded = {n.casefold(): i for i, n in enumerate(names)}
-    return [index[c] if c in index else folded.get(c.casefold()) for c in classes]
+    case-insensitively ("Cat" for "cat"); None for a class the head does not name. Names are compared as
+    :func:`vitlab.data.folder.class_name` reads folder names: "café" spelt with a combining accent (NFD, macOS
+    folder names) or left undecoded by a non-UTF-8 locale is "café". The rule by which ``vitlab eval`` meets a
+    data set's classes and fine-tuning reorders a kept head."""
+    index = {class_name(n): i for i, n in enumerate(names)}
+    folded = {class_name(n).casefold(): i for i, n in enumerate(names)}
+    return [index.get(class_name(c), folded.get(class_name(c).casefold())) for c in classes]
+
+
+def same_class_names(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two class lists are the same names in the same order, compared as :func:`match_class_names` does."""
+    return len(a) == len(b) and all(class_name(x) == class_name(y) for x, y in zip(a, b))
 
 
 def match_head_classes(model: nn.Module, classes: Sequence[str], *, source: str) -> None:
@@ -77,7 +85,7 @@ def match_head_classes(model: nn.Module, classes: Sequence[str], *, source: str)
     if not names:
         log.warning("%s does not name its classes: its head's rows are kept by position for the data's classes "
                     "%s...", source, classes[:3])
-    elif names != classes:
+    elif not same_class_names(names, classes):
         found = match_class_names(names, classes)
         with torch.no_grad():
             if None not in found and sorted(found) == list(range(len(names))):

@@ -12,7 +12,7 @@ import logging
 import math
 from pathlib import Path
 
-from vitlab.checkpoints.adapt import match_class_names
+from vitlab.checkpoints.adapt import match_class_names, same_class_names
 from vitlab.cli.common import (
     add_device_argument,
     add_image_limit_argument,
@@ -161,7 +161,7 @@ def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: st
             f"{data} has {len(classes)} classes but the checkpoint {checkpoint} has a head for "
             f"{model.num_classes}; {_finetune_hint(checkpoint, data)}"
         )
-    if names and names != list(classes):
+    if names and not same_class_names(names, classes):
         log.warning("the data's class names differ from the checkpoint's (%s... vs %s...); labels are matched by "
                     "index (--class-match index)", classes[:3], names[:3])
     return list(range(len(classes)))
@@ -272,7 +272,7 @@ def run_split(checkpoint: str, data: str, split: str, *, seed: int | None = None
 
 def _read_recipe(path: Path) -> dict:
     try:
-        recipe = json.loads(path.read_text())
+        recipe = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return recipe if isinstance(recipe, dict) else {}
@@ -317,7 +317,7 @@ def _run_dense(args: argparse.Namespace, model) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data,
                                                   "split": split, **({"amp": args.amp} if args.amp != "none" else {}),
-                                                  **metrics}, indent=2))
+                                                  **metrics}, indent=2), encoding="utf-8")
     print(json.dumps(metrics) if args.json else f"{model.task} on {args.data}/{split}: "
           f"{format_metrics(model.task, metrics)}")
     if args.skip_bad_images and not args.json:
@@ -401,9 +401,10 @@ def run(args: argparse.Namespace) -> int:
         metrics["top1_agreement_with_float32"] = round((ref.predictions == r.predictions).float().mean().item(), 6)
     if args.skip_bad_images:
         metrics["skipped_images"] = ds.num_skipped
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     support = r.confusion.sum(dim=1).tolist()
-    with open(out / "per_class.csv", "w", newline="") as f:
+    # UTF-8 under any locale; a name's bytes that a non-UTF-8 locale left undecoded are written as they came
+    with open(out / "per_class.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(["class", "support", "accuracy"])
         for name, j in zip(ds.classes, mapping):
@@ -413,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
                             if j not in mapping and r.confusion[:, j].sum().item() > 0]
     confusion = r.confusion[mapping][:, cols]
     col_names = [ds.classes[mapping.index(j)] if j in mapping else head_names[j] for j in cols]
-    with open(out / "confusion.csv", "w", newline="") as f:
+    with open(out / "confusion.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(["true \\ predicted", *col_names])
         for name, row in zip(ds.classes, confusion.tolist()):
@@ -479,13 +480,23 @@ def feature_report(model, test_set, args: argparse.Namespace, device, protocol: 
     top1 = float((pred == vy).float().mean())
     metrics.update(train_images=len(ty), samples=len(vy), top1=top1)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
         print(f"{args.data} [{args.split}], {len(vy)} images: {what} top-1 {100 * top1:.2f}% "
               f"({len(ty)} training images)")
     return 0
+
+
+def displayable(text: str) -> str:
+    """``text`` that fonts and UTF-8 files take: bytes a non-UTF-8 locale left undecoded in a path or a folder
+    name (Python's surrogate escapes, e.g. under LC_ALL=C) read as UTF-8, else shown as U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def save_confusion_png(confusion, classes: list[str], path: Path, *, title: str,
@@ -497,7 +508,8 @@ def save_confusion_png(confusion, classes: list[str], path: Path, *, title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(row_names if row_names is not None else classes)
+    classes, title = [displayable(c) for c in classes], displayable(title)
+    rows = [displayable(c) for c in (row_names if row_names is not None else classes)]
     k = max(len(classes), len(rows))
     size = min(4 + 0.35 * k, 30)
     fig, ax = plt.subplots(figsize=(size, size))

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 EXAMPLE = """example:
   vitlab fewshot --checkpoint runs/demo/model.safetensors --data digits --shots 1,5,10,25 --seeds 5
-  vitlab fewshot --checkpoint model.safetensors --data /work/shared/data/mnist --shots 1,5,10 --json
+  vitlab fewshot --checkpoint model.safetensors --data path/to/mnist --shots 1,5,10 --json
 
 Support images come from the train split (a random pool of --pool per class), accuracy is measured
 on the test split; each shot count is drawn --seeds times and reported as mean +- standard deviation

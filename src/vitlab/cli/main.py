@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import errno
 import importlib
 import logging
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose, args.quiet)
+    tolerant_stdout()
     try:
         check_device(args)  # every command's --device, checked the same way before any work
         apply_image_limit(args)
@@ -82,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             keep_freed_memory()
         return int(args.func(args) or 0)
     except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
+        logging.getLogger("vitlab").error("error: %s", one_line(e))
+        return 2
+    except ImportError as e:  # an optional extra that is not installed: the error says which, as `export` does
+        if not is_missing_extra(e):
+            raise
         logging.getLogger("vitlab").error("error: %s", one_line(e))
         return 2
     except KeyboardInterrupt as e:  # a training run stopped by a signal says where it saved its state
@@ -103,6 +110,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _stdout_errors(e: UnicodeError) -> tuple[str | bytes, int]:
+    if not isinstance(e, UnicodeEncodeError):
+        raise e
+    try:  # bytes of a file name that the locale could not decode go out as they came
+        return codecs.lookup_error("surrogateescape")(e)
+    except UnicodeError:  # a character the locale cannot encode ("café" under LC_ALL=C): a backslash escape
+        return codecs.lookup_error("backslashreplace")(e)
+
+
+def tolerant_stdout() -> None:
+    """Make printing a class or file name that stdout's encoding cannot hold (a non-UTF-8 locale) write an escape
+    instead of failing the command after its work is done."""
+    try:
+        codecs.lookup_error("vitlab.stdout")
+    except LookupError:
+        codecs.register_error("vitlab.stdout", _stdout_errors)
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and getattr(sys.stdout, "errors", None) in ("strict", "surrogateescape"):
+        reconfigure(errors="vitlab.stdout")
+
+
 def os_error_message(e: OSError) -> str:
     """``[Errno 17] File exists: 'runs/x'`` as ``runs/x: file exists``, naming what was expected."""
     what = e.strerror or one_line(e)
@@ -112,6 +140,14 @@ def os_error_message(e: OSError) -> str:
     hints = {errno.EEXIST: " (a folder is needed there)", errno.ENOTDIR: " (a path through a file: a folder was "
              "expected)", errno.EACCES: " (no permission)", errno.ENOSPC: ""}
     return f"{name}: {what[:1].lower() + what[1:]}{hints.get(e.errno or 0, '')}"
+
+
+def is_missing_extra(e: ImportError) -> bool:
+    """Whether ``e`` says that an optional extra is missing: :class:`~vitlab.export.ExportUnavailableError`
+    (``vitlab[export]``), or an ImportError whose message names the extra to install (``pip install 'vitlab[...]'``)."""
+    from vitlab.export.runtime import ExportUnavailableError
+
+    return isinstance(e, ExportUnavailableError) or "pip install 'vitlab[" in str(e)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

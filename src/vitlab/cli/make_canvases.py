@@ -11,17 +11,17 @@ from vitlab.cli.common import non_negative_int, positive_int
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MNIST = "/work/shared/data/mnist"
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-canvases", help="write digit canvases for detection / segmentation",
                        description="Several MNIST digits per canvas at random scales and positions; boxes and "
                                    "per-pixel masks from the digits' own pixels. Deterministic for a seed. Writes "
                                    "OUTPUT/{train,val}/images, annotations.json (COCO) and masks/ (class = digit + 1).",
-                       epilog="example:\n  vitlab make-canvases --mnist data/mnist --seed 0 --output data/canvases",
+                       epilog="example:\n  vitlab make-canvases --mnist path/to/mnist --seed 0 --output data/canvases",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mnist", default=DEFAULT_MNIST, help="folder with MNIST's IDX files")
+    p.add_argument("--mnist", required=True, metavar="FOLDER",
+                   help="the MNIST folder, laid out as `--data mnist:FOLDER` reads it: MNIST's four IDX files "
+                        "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                        "t10k-labels-idx1-ubyte (each raw or .gz) in FOLDER"),
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--train", type=positive_int, default=2000, help="training canvases")
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if high < 1 or low > high:
         raise ValueError(f"--digits {low} {high}: expected MIN <= MAX and MAX >= 1 (digits per canvas)")
     if not Path(args.mnist).exists():
-        raise ValueError(f"--mnist {args.mnist}: no such folder{' (the default)' if args.mnist == DEFAULT_MNIST else ''}; "
+        raise ValueError(f"--mnist {args.mnist}: no such folder; "
                          "give the folder with MNIST's IDX files (train-/t10k-images-idx3-ubyte[.gz] and labels)")
     summary = make_canvases(args.output, mnist=args.mnist, seed=args.seed, n_train=args.train, n_val=args.val,
                             size=args.size, digits=tuple(args.digits), overwrite=args.overwrite)

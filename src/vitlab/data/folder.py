@@ -6,6 +6,10 @@ The split folders are recognised whatever their case, under the names the public
 
 Building lists file names only (one ``os.walk`` per class folder) and reads the headers of a few
 files to decide the channel count; images are decoded in ``__getitem__``.
+
+Class names are the folder names in Unicode NFC (:func:`class_name`), sorted as such: macOS (and zips made there)
+stores "café" as "cafe" + a combining accent (NFD), which would otherwise be another name, sorted elsewhere, than
+the "café" a checkpoint trained on Linux or Windows knows. Files are read from the folders as named on disk.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import unicodedata
 from pathlib import Path
 
 from vitlab.data.errors import DatasetError
@@ -30,12 +35,37 @@ HELD_OUT_DIRS = (*SPLIT_DIR_NAMES["val"], *SPLIT_DIR_NAMES["test"])
 
 
 def list_class_dirs(root: Path) -> list[str]:
-    """Sorted names of the (non-hidden) sub-folders of ``root``: the class names (a ``__MACOSX`` folder, the
+    """Sorted names (NFC) of the (non-hidden) sub-folders of ``root``: the class names (a ``__MACOSX`` folder, the
     resource forks a macOS zip adds, is not a class)."""
-    names = _sub_dirs(root)
-    if not names:
+    return list(_class_dirs(root))
+
+
+def class_name(folder_name: str) -> str:
+    """The class a folder name stands for: NFC, and UTF-8 bytes that a non-UTF-8 locale left undecoded (Python's
+    surrogate escapes under LC_ALL=C) read as UTF-8, so that "café" is "café" under every locale and OS."""
+    try:
+        folder_name.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            folder_name = folder_name.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
+        except UnicodeError:  # a lone surrogate of another kind (Windows): the name as it is
+            pass
+    return unicodedata.normalize("NFC", folder_name)
+
+
+def _class_dirs(root: Path) -> dict[str, str]:
+    """Class name (NFC) -> the sub-folder's name on disk, sorted by class name."""
+    folders: dict[str, str] = {}
+    for disk in _sub_dirs(root):
+        name = class_name(disk)
+        if name in folders:
+            raise DatasetError(f"{root}: the class folders {folders[name]!r} and {disk!r} are the same name "
+                               f"{name!r} in two Unicode spellings (composed / decomposed accents); merge them "
+                               f"into one folder")
+        folders[name] = disk
+    if not folders:
         raise DatasetError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
-    return names
+    return dict(sorted(folders.items()))
 
 
 def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
@@ -45,11 +75,13 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
     of ``root`` that is not in it is an error, a missing or empty one is allowed (a val set may lack a class).
     Symbolic links are followed, but never back into a folder already read (see ``walk_image_files``).
     """
-    found = list_class_dirs(root)
+    folders = _class_dirs(root)
+    found = list(folders)
     held_out = classes is not None
     if classes is None:
         classes = found
     else:
+        classes = [class_name(c) for c in classes]
         extra = sorted(set(found) - set(classes))
         if extra:
             raise DatasetError(f"{root}: class folders {extra} do not exist in the training split "
@@ -59,7 +91,7 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
     labels: list[int] = []
     empty: list[str] = []
     for name in found:
-        cdir = root / name
+        cdir = root / folders[name]
         files = walk_image_files(cdir, inside=(root,))
         if not files:
             if held_out:  # as a class folder left out of val/: the split has no images of it

@@ -113,11 +113,18 @@ _ALLOWED_GLOBALS = {
 }
 
 
+# numpy 2 pickles its helpers as numpy._core.*, numpy 1.x as numpy.core.*; numpy 1.x has no numpy._core and
+# numpy 2 warns on most of numpy.core, so either spelling is read from this numpy's own module
+_NUMPY_CORE = np.float64(0).__reduce__()[0].__module__.rsplit(".", 1)[0]  # "numpy._core" / "numpy.core"
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR batch")
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR batch")
+        if module.startswith(("numpy.core.", "numpy._core.")):
+            module = f"{_NUMPY_CORE}.{module.split('.', 2)[2]}"
+        return super().find_class(module, name)
 
 
 def load_cifar_pickle(path: Path) -> dict:
@@ -127,7 +134,7 @@ def load_cifar_pickle(path: Path) -> dict:
             obj = _RestrictedUnpickler(f, encoding="bytes").load()
     except pickle.UnpicklingError as e:
         raise DatasetError(f"{path}: refused to load CIFAR batch: {e}") from e
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except Exception as e:  # a truncated, corrupt or foreign file, or a numpy helper this numpy lacks
         raise DatasetError(f"{path}: not a readable CIFAR python batch ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}: a CIFAR batch must hold a dict, found {type(obj).__name__}")

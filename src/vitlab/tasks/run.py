@@ -92,7 +92,7 @@ def recorded_categories(checkpoint: str | os.PathLike) -> list[dict[str, Any]] |
 
 def _segmentation_classes(root: Path) -> list[str] | None:
     p = root / "classes.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
 
 
 @dataclass
@@ -235,7 +235,7 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
     summary["val"] = metrics
     if job.skip_bad_images:  # distinct files, counted across worker processes and epochs
         summary["skipped_images"] = len({f for ds in (train_set, val_set) for f in ds.skipped()})
-    (job.output / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (job.output / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     barrier(ctx)
     return summary
 
@@ -534,7 +534,7 @@ def _written_at_the_end(results: list[dict[str, Any]], path: Path):
     try:
         yield
     finally:
-        path.write_text(json.dumps(results, indent=2))
+        path.write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
 def _prepare_or_skip(model: nn.Module, path: Path, results: list[dict[str, Any]], skip: bool):

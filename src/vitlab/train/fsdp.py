@@ -19,7 +19,8 @@ What is written is what a single-process run writes: rank 0 gathers the full sta
 which lets ``--resume`` re-shard it exactly (also onto a different number of processes) and lets a
 run continue without FSDP. The EMA copy of the weights is sharded like the model.
 
-Not supported (refused by :func:`check_fsdp` with the reason): a single process (FSDP shards across
+Not supported (refused by :func:`check_fsdp` with the reason): torch < 2.6 (FSDP2 became public in 2.6; without
+it :func:`is_sharded` is False and plain runs train as usual), a single process (FSDP shards across
 processes: run under torchrun with 2 or more), ``amp=fp16`` (needs a sharded gradient scaler),
 ``--compile``, objectives other than classification and distillation (self-supervised pre-training and
 detection/segmentation call the model through other methods than ``forward`` and train extra heads),
@@ -41,11 +42,13 @@ log = logging.getLogger(__name__)
 _BLOCK_NAMES = ("blocks",)
 _STAGE_NAMES = ("stages", "layers")
 SUPPORTED_OBJECTIVES = ("classification", "distillation")
+FSDP_MIN_TORCH = "2.6"  # torch.distributed.fsdp.fully_shard / FSDPModule / MixedPrecisionPolicy became public
 
 
 def check_fsdp(*, world_size: int, amp: str = "none", compile: bool = False, objective: str | None = None,
                trains_extra_modules: bool = False, time_budget: bool = False) -> None:
     """Refuse ``fsdp`` where it cannot run, naming the option and what to do instead (a ValueError)."""
+    _require_fsdp2()
     if world_size < 2:
         raise ValueError(
             "--fsdp (recipe fsdp=true) shards the model across processes: run it under torchrun with 2 or more "
@@ -64,6 +67,20 @@ def check_fsdp(*, world_size: int, amp: str = "none", compile: bool = False, obj
     if time_budget:
         raise ValueError("--fsdp with --time-budget is not supported (the budget's throughput probe runs the "
                          "unsharded model in each process); give --steps or --epochs")
+
+
+def _require_fsdp2() -> None:
+    """Refuse ``--fsdp`` on a torch without FSDP2 (public in ``torch.distributed.fsdp`` from torch 2.6 on)."""
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise ImportError("this torch build has no torch.distributed")
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--fsdp (recipe fsdp=true) needs torch >= {FSDP_MIN_TORCH} with torch.distributed "
+                         f"(FSDP2: torch.distributed.fsdp.fully_shard); this is torch {torch.__version__} ({e}): "
+                         f"upgrade torch, or train without --fsdp (DDP under torchrun)") from e
 
 
 def shard_units(model: nn.Module) -> list[str]:
@@ -89,6 +106,8 @@ def shard_model(model: nn.Module, *, device: torch.device, amp: str = "none") ->
     after this call. The model keeps its class (a subclass of it), attributes and parameter names.
     """
     import torch.distributed as dist
+
+    _require_fsdp2()
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -113,8 +132,10 @@ def is_sharded(module: nn.Module) -> bool:
 
     if not dist.is_available():  # a torch build without distributed support shards nothing
         return False
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2, so nothing is sharded (shard_model refuses)
+        return False
     return isinstance(module, FSDPModule)
 
 

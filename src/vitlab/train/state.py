@@ -117,7 +117,7 @@ def truncate_metrics(path: str | Path, step: int) -> int:
     if not path.is_file():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
             keep = int(record.get("step", 0)) <= step
@@ -128,5 +128,5 @@ def truncate_metrics(path: str | Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{ln}\n" for ln in kept)))
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{ln}\n" for ln in kept), encoding="utf-8"))
     return dropped
