@@ -97,3 +97,26 @@ def test_no_object_weight_and_aux_layers_are_rematched() -> None:
     w = torch.tensor([1.0, 1.0, 0.1])[tc]
     nll = -torch.log_softmax(logits[0], -1)[torch.arange(4), tc]
     assert parts["loss_ce"].item() == pytest.approx(((w * nll).sum() / w.sum()).item(), abs=1e-6)
+
+
+def test_bfloat16_predictions_are_scored_in_float32_against_float32_targets() -> None:
+    """Under bfloat16 autocast the heads give bfloat16 logits and boxes: the targets and the no-object weight were
+    rounded to them and the GIoU computed in bfloat16 (its gradient 7% off). Now each term equals the float32
+    loss of the same (bfloat16-valued) predictions, as in transformers' DETR loss, gradients included."""
+    crit = SetCriterion(2, eos_coef=0.1, aux=False)
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 3, generator=g).bfloat16()
+    boxes = _random_boxes(12, g).reshape(2, 6, 4).bfloat16()
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": _random_boxes(2, g) * 0.977 + 0.0113},
+               {"labels": torch.tensor([1]), "boxes": _random_boxes(1, g) * 0.977 + 0.0113}]
+    half = {k: v.clone().requires_grad_() for k, v in (("logits", logits), ("boxes", boxes))}
+    full = {k: v.detach().float().requires_grad_() for k, v in half.items()}
+    _, got = crit(half, targets)
+    _, ref = crit(full, targets)
+    for k in ("loss_ce", "loss_bbox", "loss_giou"):
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
+    (got["loss_giou"] + got["loss_ce"]).backward()
+    (ref["loss_giou"] + ref["loss_ce"]).backward()
+    torch.testing.assert_close(half["boxes"].grad.float(), full["boxes"].grad.bfloat16().float())
+    torch.testing.assert_close(half["logits"].grad.float(), full["logits"].grad.bfloat16().float())

@@ -64,10 +64,13 @@ class SetCriterion(nn.Module):
         target_classes = torch.full((B, Q), self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, query_idx] = torch.cat(
             [t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, matches)]).to(logits.device)
-        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
-        src_boxes = boxes[batch_idx, query_idx]
+        # the losses in float32 at least, as the matcher's costs (under bfloat16 autocast the heads' outputs are
+        # bfloat16: rounding the targets and the no-object weight 0.1 to them moved the GIoU gradient by 7%)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        loss_ce = F.cross_entropy(logits.to(dtype).transpose(1, 2), target_classes, self.empty_weight.to(dtype))
+        src_boxes = boxes[batch_idx, query_idx].to(dtype)
         tgt_boxes = torch.cat([t["boxes"][tgt.to(t["boxes"].device)] for t, (_, tgt) in zip(targets, matches)]
-                              ).to(boxes)
+                              ).to(device=boxes.device, dtype=dtype)
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_boxes
         giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)))
         loss_giou = (1 - giou).sum() / num_boxes
