@@ -189,7 +189,8 @@ def make_job(args: argparse.Namespace, recipe, *, model: str | None, pretrained:
                     overwrite=args.overwrite, skip_bad_images=args.skip_bad_images, distill=distill,
                     progress=not args.no_progress, threads=args.threads,
                     time_budget_s=None if args.resume else args.time_budget, compile=getattr(args, "compile", False),
-                    started=getattr(args, "started", None) or time.monotonic())  # set by main: the command's start
+                    started=getattr(args, "started", None) or time.monotonic(),  # set by main: the command's start
+                    set_fields=frozenset(o.partition("=")[0].strip() for o in args.overrides))
 
 
 DISTILL_DEFAULTS = {"kind": "hard", "alpha": 0.5, "tau": 1.0}

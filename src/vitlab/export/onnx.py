@@ -608,6 +608,28 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(lv)
 
 
+@contextlib.contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """The root logger's handlers and level as they were, after the block: onnxruntime.quantization logs through
+    the module-level ``logging.info`` / ``logging.warning``, which call ``logging.basicConfig()`` when the root
+    logger has no handler, and that handler would stay (a notebook's own ``logging.basicConfig(...)`` afterwards
+    would then do nothing). A NullHandler meanwhile makes those implicit calls no-ops."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    placeholder = logging.NullHandler()
+    if not handlers:
+        root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        for h in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(h)  # the placeholder, and whatever else the block added
+        for h in handlers:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(level)
+
+
 class _DropBelow(logging.Filter):
     def __init__(self, level: int) -> None:
         super().__init__()
@@ -729,8 +751,9 @@ def linear_nodes(path: str) -> list[str]:
 def quantize_int8(src: str, dst: str) -> int:
     """ONNX Runtime dynamic int8 quantisation of ``src``'s linear layers into ``dst``; returns how many
     layers were quantised. Weights int8 per output channel, activations quantised per call (uint8)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    with _root_logging_kept():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.shape_inference import quant_pre_process
 
     nodes = linear_nodes(src)
     if not nodes:
@@ -739,7 +762,7 @@ def quantize_int8(src: str, dst: str) -> int:
     prepared = dst + ".prep.onnx"
     cwd, scratch = os.getcwd(), tempfile.mkdtemp(prefix="vitlab-int8-")
     try:
-        with _quiet_exporter():
+        with _root_logging_kept(), _quiet_exporter():
             try:  # shape inference first, as ORT recommends
                 # where it fails, ORT saves its partial model into the working directory: a scratch folder
                 os.chdir(scratch)

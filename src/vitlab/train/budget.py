@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import re
 import statistics
@@ -237,14 +238,95 @@ def measure_step_seconds(model: nn.Module, recipe: Recipe, train_set: Dataset, d
     return seconds
 
 
+# the recipe fields a budget re-plans, unless the command line set them (:func:`user_set_fields`)
+PLANNED_FIELDS = ("warmup_steps", "warmup_epochs", "eval_every_epochs")
+# a budget's own warm-up: this share of its steps
+BUDGET_WARMUP = 0.05
+
+
+def user_set_fields(recipe: Recipe) -> set[str]:
+    """The fields of ``PLANNED_FIELDS`` that this run's recipe sets beyond what it is built from: for a shipped
+    recipe, those that differ from the shipped file; for a recipe of the user's own (a JSON file), those that
+    differ from :class:`Recipe`'s defaults; for the auto recipe (which plans its own warm-up steps and
+    validation), a warmup_epochs. The command line's ``--set`` keys are added by the caller
+    (``TrainJob.set_fields``): a --set to the value the recipe has is not seen here."""
+    from vitlab.train.recipe import list_recipes, load_recipe
+
+    if recipe.name == "auto":
+        return {"warmup_epochs"} if recipe.warmup_epochs else set()
+    base = load_recipe(recipe.name) if recipe.name in list_recipes() else Recipe()
+    return {k for k in PLANNED_FIELDS if getattr(recipe, k) != getattr(base, k)}
+
+
+def least_budget_s(*, elapsed_s: float, step_s: float, eval_images: int, batch: int, steps: int = 1,
+                   safety: float = SAFETY) -> float:
+    """The shortest budget that trains ``steps`` steps after ``elapsed_s`` of set-up, with the final
+    evaluation of ``eval_images`` and :func:`finish_reserve_s`'s end (which grows with the budget)."""
+    need = elapsed_s + eval_images * EVAL_COST * step_s / max(1, batch) + steps * step_s / safety
+    budget = need + finish_reserve_s(need)
+    for _ in range(3):  # the reserve is a share of the budget itself
+        budget = need + finish_reserve_s(budget)
+    return budget
+
+
 def fit_recipe_to_budget(recipe: Recipe, *, budget_s: float, elapsed_s: float, step_s: float, num_images: int,
-                         eval_images: int, world_size: int = 1) -> Recipe:
-    """The recipe with ``max_steps`` (and warm-up) sized to the budget; evaluation only at the end."""
+                         eval_images: int, world_size: int = 1, time_budget_s: float | None = None,
+                         user_fields: set[str] | None = None) -> Recipe:
+    """The recipe with ``max_steps`` sized to the budget; the warm-up (5% of the steps) and validation (only
+    at the end) re-planned for it, except where the run set them (``user_fields``, default
+    :func:`user_set_fields`): a warm-up given is kept, in steps of the planned epochs (cut to 5% with a
+    warning where it would take the whole run), and so is ``eval_every_epochs``.
+
+    ``budget_s`` is the time for the steps and the final evaluation (``time_budget_s``, the budget as given,
+    less :func:`finish_reserve_s`). A budget that the set-up (``elapsed_s``) has used up, so that no step
+    fits, is refused with the least budget that trains."""
+    from vitlab.train.progress import format_duration
+
     accum = recipe.accum_for(world_size)
     batch = recipe.batch_size * accum * world_size
+    eval_s = eval_images * EVAL_COST * step_s / max(1, batch)
+    if step_s > 0 and SAFETY * (budget_s - elapsed_s - eval_s) < step_s:
+        given = f" {format_duration(time_budget_s)}" if time_budget_s is not None else ""
+        least = least_budget_s(elapsed_s=elapsed_s, step_s=step_s, eval_images=eval_images, batch=batch)
+        reserve = (f"{format_duration(time_budget_s - budget_s)} kept for the end"
+                   if time_budget_s is not None else "the time kept for the end")
+        raise ValueError(f"--time-budget{given} is used up before training starts: the set-up (data, model, timing "
+                         f"the steps) took {format_duration(elapsed_s)}, and with the final evaluation "
+                         f"({format_duration(eval_s)}) and {reserve} no step of {step_s:.3f} s fits. Give --time-budget "
+                         f"{format_duration(math.ceil(least))} at least (that trains one step; each further step "
+                         f"takes about {step_s:.3f} s)")
     steps = steps_for_budget(budget_s=budget_s, elapsed_s=elapsed_s, step_s=step_s, eval_images=eval_images,
                              batch=batch)
     steps_per_epoch = max(1, num_images // batch)
-    warmup = min(max(recipe.warmup_steps, round(recipe.warmup_epochs * steps_per_epoch)), max(1, steps // 20))
-    return recipe.replace(max_steps=steps, epochs=max(1, -(-steps // steps_per_epoch)), warmup_steps=warmup,
-                          warmup_epochs=0.0, eval_every_epochs=10**6)
+    epochs = max(1, -(-steps // steps_per_epoch))
+    mine = user_set_fields(recipe) if user_fields is None else set(user_fields)
+    budget_warmup = max(1, int(BUDGET_WARMUP * steps))
+    asked = max(recipe.warmup_steps, round(recipe.warmup_epochs * steps_per_epoch))
+    given = [f"{k} {getattr(recipe, k):g}" for k in ("warmup_steps", "warmup_epochs") if k in mine]
+    changes, kept = [], []
+    if given:
+        if asked >= steps:
+            log.warning("--time-budget: the warm-up set (%s: %d steps) would take the whole run of %d steps; it is "
+                        "cut to %d steps (%d%% of the run)", ", ".join(given), asked, steps, budget_warmup,
+                        round(100 * BUDGET_WARMUP))
+            warmup = budget_warmup
+        else:
+            warmup = asked
+            kept.append(f"{', '.join(given)} ({warmup} warm-up steps)")
+    else:
+        warmup = min(asked, budget_warmup)
+        if warmup != asked:
+            changes.append(f"warm-up {asked} -> {warmup} steps ({round(100 * BUDGET_WARMUP)}% of the run)")
+    if "eval_every_epochs" in mine:
+        every = recipe.eval_every_epochs
+        kept.append(f"eval_every_epochs {every}")
+    else:
+        every = 10**6
+        if recipe.eval_every_epochs < epochs:
+            changes.append(f"validation only at the end (the recipe's every {recipe.eval_every_epochs} epoch(s))")
+    if changes or kept:
+        log.info("time budget, %d steps: %s", steps, "; ".join(
+            ([f"re-planned {', '.join(changes)}"] if changes else [])
+            + ([f"kept as set: {', '.join(kept)}"] if kept else [])))
+    return recipe.replace(max_steps=steps, epochs=epochs, warmup_steps=warmup, warmup_epochs=0.0,
+                          eval_every_epochs=every)

@@ -49,6 +49,11 @@ PRETRAIN_OUTPUTS = ("tokenizer.safetensors", "teacher.safetensors")
 # every file a run writes into its directory (the trainer's, the jobs' and the dense tasks' metrics.json)
 RUN_OUTPUTS = (*RUN_MARKERS, EMA_FILE, RECIPE_FILE, METRICS_FILE, RESULTS_FILE, "metrics.json", "tb",
                *PRETRAIN_OUTPUTS)
+# what `fit` itself writes as it trains: a second fit into the folder would replace or append to them
+FIT_OUTPUTS = (STATE_FILE, MODEL_FILE, EMA_FILE, METRICS_FILE, "tb")
+# `vitlab eval`'s report beside a checkpoint, its default folder (eval_SPLIT): vitlab.cli.eval.REPORT_FILES
+EVAL_REPORT_PREFIX = "eval_"
+EVAL_REPORT_FILES = ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")
 
 
 @dataclass(kw_only=True)
@@ -82,6 +87,8 @@ class TrainJob:
     started: float = field(default_factory=time.monotonic)
     compile: bool = False  # torch.compile the training forward (compile time reported apart)
     extra_overrides: dict[str, Any] = field(default_factory=dict)
+    # the recipe fields the command line set (--set KEY=...): a --time-budget keeps these as given
+    set_fields: frozenset[str] = frozenset()
 
 
 def model_overrides(name: str, recipe: Recipe, in_chans: int | None) -> dict[str, Any]:
@@ -278,11 +285,12 @@ def _is_train_state(path: Path) -> bool:
 
 def clear_run_outputs(output: Path) -> None:
     """--overwrite of a run: the files the old run wrote (``RUN_OUTPUTS``: its state, models, EMA model,
-    metrics.jsonl, TensorBoard events, ...) are removed before the new run starts, so that none of them is
-    left beside the new run's or appended to. Other files, and a folder that is not a run, are left as they are."""
+    metrics.jsonl, TensorBoard events, ...) and the reports `vitlab eval` wrote of its models in their default
+    folders (:func:`eval_reports`) are removed before the new run starts, so that none of them is left beside
+    the new run's or appended to. Other files, and a folder that is not a run, are left as they are."""
     import shutil
 
-    if not is_run_dir(output):
+    if not (is_run_dir(output) or _written_by_fit(output)):
         return
     removed = []
     for name in RUN_OUTPUTS:
@@ -294,11 +302,70 @@ def clear_run_outputs(output: Path) -> None:
         else:
             continue
         removed.append(name)
+    for folder in eval_reports(output):
+        shutil.rmtree(folder)
+        removed.append(f"{folder.name}/ (a `vitlab eval` report of its model)")
     from vitlab.train.state import remove_stale_temporaries
 
     removed += [p.name for p in remove_stale_temporaries(output)]  # what a killed checkpoint write left
     if removed:
         log.info("--overwrite: removed the previous run's %s from %s", ", ".join(removed), output)
+
+
+def eval_reports(output: Path) -> list[Path]:
+    """The report folders `vitlab eval` wrote by default beside this run's models: ``eval_SPLIT/`` holding only
+    eval's report files, whose metrics.json names the run's model.safetensors or model_ema.safetensors (as
+    given to eval: a path from wherever it ran, whose folder is this one). A folder of the user's (other files
+    in it, another checkpoint named) is not one."""
+    found = []
+    for folder in sorted(output.glob(f"{EVAL_REPORT_PREFIX}*")):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        names = {p.name for p in folder.iterdir()}
+        if "metrics.json" not in names or not names <= set(EVAL_REPORT_FILES):
+            continue
+        checkpoint = _json_object(folder / "metrics.json").get("checkpoint")
+        if isinstance(checkpoint, str) and _names_run_model(Path(checkpoint), output):
+            found.append(folder)
+    return found
+
+
+def _names_run_model(checkpoint: Path, output: Path) -> bool:
+    """Whether ``checkpoint`` (a path as eval was given it) is this run's model or EMA model."""
+    if checkpoint.name not in (MODEL_FILE, EMA_FILE):
+        return False
+    if checkpoint.is_absolute():
+        return os.path.realpath(checkpoint.parent) == os.path.realpath(output)
+    # relative to the folder eval ran in, which is not recorded: the run's own folder name, or the folder itself
+    return checkpoint.parent == Path(".") or checkpoint.parent.name == Path(os.path.realpath(output)).name
+
+
+def _written_by_fit(output: Path) -> bool:
+    """A folder :func:`vitlab.train.fit` trained into (called directly, not by a command: no job.json), before
+    its first checkpoint too: its recipe.json with the values fit resolved."""
+    resolved = _json_object(output / RECIPE_FILE).get("resolved")
+    return isinstance(resolved, dict) and "total_steps" in resolved and "model" in resolved
+
+
+def prepare_fit_dir(output: Path, *, resume: bool, overwrite: bool) -> None:
+    """``fit``'s ``output_dir``: a folder holding a run's files (``FIT_OUTPUTS``: a notebook cell run twice) is
+    refused unless ``resume`` (continue that run) or ``overwrite`` (its files are removed first, as the
+    commands' --overwrite does: :func:`clear_run_outputs`). The commands check their --output before they call
+    fit, and clear it for --overwrite: a fresh run reaches fit with none of these files."""
+    if resume or not output.is_dir():
+        return
+    found = [name for name in FIT_OUTPUTS if (output / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(f"fit: output_dir {output} already holds a run ({', '.join(found)}); training into it "
+                         f"would replace its model and state and append to its {METRICS_FILE}. Pass overwrite=True "
+                         f"to remove the old run's files first, resume=True to continue that run, or another "
+                         f"output_dir")
+    if not (is_run_dir(output) or _written_by_fit(output)):
+        raise ValueError(f"fit: output_dir {output} holds {', '.join(found)}, which vitlab did not write; "
+                         f"overwrite=True removes only a vitlab run's files: move them, or choose another output_dir")
+    clear_run_outputs(output)
 
 
 def _check_foreign_dir(output: Path, *, overwrite: bool) -> None:
@@ -630,7 +697,7 @@ def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Mo
     """Time the first steps (with the run's ``criterion``: a distillation teacher's forward counts) and give the
     run the number of steps that ends its schedule on time; the deadline lets the run re-time its own steps and
     correct that number as it goes."""
-    from vitlab.train.budget import finish_reserve_s, fit_recipe_to_budget, measure_step_seconds
+    from vitlab.train.budget import finish_reserve_s, fit_recipe_to_budget, measure_step_seconds, user_set_fields
     from vitlab.train.progress import format_duration
 
     # a first estimate, timed for 0.5% of the budget (at least 8 steps); the run re-times its own steps at the
@@ -649,7 +716,8 @@ def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Mo
     budget = job.time_budget_s - finish_reserve_s(job.time_budget_s)  # the steps and the evaluation end by then
     fitted = fit_recipe_to_budget(recipe, budget_s=budget, elapsed_s=elapsed, step_s=step_s,
                                   num_images=len(train_set) * (recipe.repeat_aug or 1), eval_images=eval_images,
-                                  world_size=ctx.world_size)
+                                  world_size=ctx.world_size, time_budget_s=job.time_budget_s,
+                                  user_fields=user_set_fields(recipe) | job.set_fields)
     log.info("time budget %s: %.3f s per step measured, %s already spent -> %d steps (%d epoch(s)); the cosine "
              "decay ends on time and the model is evaluated at the end", format_duration(job.time_budget_s), step_s,
              format_duration(elapsed), fitted.max_steps, fitted.epochs)

@@ -85,8 +85,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmu
     min_factor = min_lr / peak_lr
     horizon = horizon or Horizon(total_steps=total_steps, warmup_steps=warmup_steps)
 
-    def fn(step: int) -> float:
-        return lr_factor(step, total_steps=horizon.total_steps, warmup_steps=warmup_steps, kind=kind,
+    def fn(step: int) -> float:  # the horizon's warm-up: a resume with another length keeps the run's own
+        return lr_factor(step, total_steps=horizon.total_steps, warmup_steps=horizon.warmup_steps, kind=kind,
                          min_factor=min_factor, horizon=horizon)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -337,6 +337,7 @@ def fit(
     output_dir: str | Path,
     ctx: DistContext | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     class_names: list[str] | None = None,
     criterion: Criterion | None = None,
     objective: Objective | None = None,
@@ -357,6 +358,9 @@ def fit(
             labels). The first batch is checked, and refused with the conversion to use.
         ctx: the distributed context (``distributed_context()``); None: one process on the model's device.
         resume: continue from ``output_dir/train_state.pt``.
+        overwrite: replace the run already in ``output_dir`` (its files are removed first, as the commands'
+            ``--overwrite`` does); without it (or ``resume``), a folder holding a run's model, state or
+            metrics is refused.
         criterion: ``loss(images, outputs, targets)``; default: cross entropy with the recipe's label
             smoothing (soft targets under Mixup). Distillation passes its own.
         objective: what a step computes (:class:`~vitlab.train.objective.Objective`); default: the
@@ -376,6 +380,10 @@ def fit(
     """
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     out = Path(output_dir)
+    if ctx.is_main:
+        from vitlab.train.run import prepare_fit_dir
+
+        prepare_fit_dir(out, resume=resume, overwrite=overwrite)
     device = ctx.device
     if not recipe.fsdp:  # FSDP moves only each rank's shard to the device
         model.to(device)
@@ -471,7 +479,8 @@ def fit(
     if resume:
         step, seconds_before = _restore(out / STATE_FILE, net=net, objective=objective, optimizer=optimizer, scheduler=scheduler,
                         horizon=horizon, scaler=scaler, ema=ema, recipe=recipe, ctx=ctx, total_steps=total_steps,
-                        global_batch=global_batch)
+                        global_batch=global_batch, steps_per_epoch=steps_per_epoch)
+        warmup = horizon.warmup_steps  # the run's own, where its length changed
         if ctx.is_main:
             tidy_run_directory(out, step)
     else:
@@ -689,8 +698,6 @@ def fit(
                     replan(*got)
                 if ema is not None:
                     ema.update(net)
-                if bar is not None:
-                    bar.update(1)
                 if step % recipe.log_every == 0 or step == stop:
                     now = time.perf_counter()
                     ips = steps_since_log * global_batch / max(now - t_log, 1e-9)
@@ -704,6 +711,8 @@ def fit(
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_mean:.4f}", **{k: f"{v:.4g}" for k, v in shown.items()},
                                         lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}")
+                if bar is not None:  # after the postfix: the line it logs (the last one included) shows this step's
+                    bar.update(1)
                 if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < stop:
                     checkpoint()
                 if signals and step < stop:
@@ -748,13 +757,29 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, scheduler, horizon: Horizon, scaler, ema,
-             recipe: Recipe, ctx: DistContext, total_steps: int, global_batch: int) -> tuple[int, float]:
+             recipe: Recipe, ctx: DistContext, total_steps: int, global_batch: int,
+             steps_per_epoch: int = 1) -> tuple[int, float]:
     """Load everything ``--resume`` needs from ``path`` into the run's objects; returns the step reached and the
-    training seconds spent to reach it (0 for states written before they were recorded)."""
+    training seconds spent to reach it (0 for states written before they were recorded).
+
+    Another length (``total_steps`` not the saved one) re-plans the decay from the step reached, as a deadline
+    does (:meth:`Horizon.replan`): the learning rate goes on from its saved value and reaches min_lr at the new
+    end. A length that ends at or before the step reached is refused."""
     state = load_train_state(path)
+    saved_total = int(state.get("total_steps") or total_steps)
     check_same_model(state, net, path)
     check_same_optimizer(state, recipe, path)
     check_same_global_batch(state, recipe, path, global_batch=global_batch, world_size=ctx.world_size)
+    if total_steps != saved_total and total_steps <= int(state["step"]):
+        step = int(state["step"])
+        asked = f"max_steps {recipe.max_steps}" if recipe.max_steps else f"epochs {recipe.epochs}"
+        longer = (f"--steps {step + 1} or more" if recipe.max_steps else
+                  f"--epochs {step // steps_per_epoch + 1} or more, or --steps {step + 1} or more")
+        raise CheckpointError(
+            f"--resume: the run in {path.parent} already reached step {step} (of {saved_total}); the length asked "
+            f"for now, {total_steps} steps ({asked}), does not go past it and would train nothing. Leave --epochs / "
+            f"--steps out to continue the run's own length, give a longer one ({longer}), or start a new run from "
+            f"its weights (`vitlab finetune --from {path.parent / MODEL_FILE} --output NEW ...`)")
     # states written while fit did not yet unwrap a compiled model carry "_orig_mod." on every key
     state["model"] = strip_wrapper_prefixes(state["model"])
     if state.get("ema") is not None:
@@ -771,7 +796,7 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     objective.load_state_dict(state.get("objective", {}))
     load_optimizer_state(net, optimizer, state["optimizer"])  # by index (one process, DDP) or by name (FSDP)
     scheduler.load_state_dict(state["scheduler"])
-    if "horizon" in state:  # a re-planned run's pace (the end is this run's length)
+    if "horizon" in state:  # a re-planned run's pace
         horizon.load_state_dict({k: state["horizon"][k] for k in ("knot_step", "knot_progress")})
     scaler.load_state_dict(state["scaler"])
     if ema is not None:
@@ -782,16 +807,40 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
         else:
             ema.module.load_state_dict(state["ema"])
     step = int(state["step"])
+    if total_steps != saved_total:  # the saved plan (its warm-up too), then re-planned from here to the new end
+        warmup = state.get("horizon", {}).get("warmup_steps")
+        if warmup is None:  # a state written before it recorded its horizon: the warm-up its recipe gave
+            r = state.get("recipe", {})
+            warmup = min(max(int(r.get("warmup_steps", 0)), round(float(r.get("warmup_epochs", 0.0)) * steps_per_epoch)),
+                         max(0, saved_total - 1))
+        horizon.warmup_steps, horizon.total_steps = int(warmup), saved_total
+        horizon.replan(step, total_steps)
     # how the (checked, unchanged) global batch is split over processes and micro-batches is logistics too
     logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description",
                  "fsdp", "batch_size", "accum_steps", "global_batch",
                  "model"}  # the model is checked itself (check_same_model); older runs recorded the recipe's default
     changed = sorted(k for k, v in recipe.to_dict().items()
                      if k not in logistics and state.get("recipe", {}).get(k) != v)
-    if changed or state.get("total_steps") != total_steps:
-        log.warning("resuming with a changed recipe (%s; %s -> %s steps): the optimiser and schedule continue from "
-                    "their saved state, and the run will not match an uninterrupted one", ", ".join(changed) or
-                    "no field", state.get("total_steps"), total_steps)
+    if total_steps != saved_total:
+        group = optimizer.param_groups[-1]
+        lr_now = group["lr"] / group.get("lr_scale", 1.0)
+        min_lr = min(recipe.min_lr, scheduler.base_lrs[-1] / group.get("lr_scale", 1.0))
+        others = [k for k in changed if k not in ("epochs", "max_steps")]
+        if recipe.schedule == "constant":
+            how = "which stays constant"
+        elif horizon.progress(step) >= 1.0 and step > horizon.warmup_steps:  # a finished run, made longer
+            how = (f"which stays at min_lr: the run had ended its decay; to train the new steps on a schedule of "
+                   f"their own, start a new run from its weights (`vitlab finetune --from {path.parent / MODEL_FILE} "
+                   f"--output NEW ...`)")
+        else:
+            how = f"decaying to min_lr ({min_lr:.3g}) at the new end (re-planned from here, as --time-budget does)"
+        log.warning("resuming with another length (%d -> %d steps, at step %d%s): the optimiser continues from its "
+                    "saved state and the learning rate from its value here (%.3g), %s; the run will not match an "
+                    "uninterrupted one", saved_total, total_steps, step,
+                    f"; also changed: {', '.join(others)}" if others else "", lr_now, how)
+    elif changed:
+        log.warning("resuming with a changed recipe (%s): the optimiser and schedule continue from their saved state, "
+                    "and the run will not match an uninterrupted one", ", ".join(changed))
     rngs = state["rng"]
     if len(rngs) == ctx.world_size:
         set_rng_state(rngs[ctx.rank])
