@@ -171,14 +171,22 @@ def test_eval_under_a_non_utf8_locale_writes_its_reports_in_utf8(tmp_path: Path)
 def test_run_files_are_read_as_utf8_under_a_non_utf8_locale(tmp_path: Path) -> None:
     (tmp_path / "classes.json").write_text(json.dumps(["fond", "forêt"], ensure_ascii=False), encoding="utf-8")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "note": "forêt"}\n{"step": 2}\n', encoding="utf-8")
+    # a recipe of the user's own and a folder's config.json, written as editors and transformers write them
+    (tmp_path / "r.json").write_text(json.dumps({"description": "forêt", "epochs": 2}, ensure_ascii=False),
+                                     encoding="utf-8")
+    (tmp_path / "config.json").write_text(json.dumps({"id2label": {"0": "forêt"}}, ensure_ascii=False),
+                                          encoding="utf-8")
     code = ("import sys; from pathlib import Path; from vitlab.tasks.run import _segmentation_classes; "
-            "from vitlab.train.state import truncate_metrics; d = Path(sys.argv[1]); "
-            "print(ascii(_segmentation_classes(d))); print(truncate_metrics(d / 'metrics.jsonl', 1))")
+            "from vitlab.train.state import truncate_metrics; from vitlab.train.recipe import load_recipe; "
+            "from vitlab.checkpoints.io import read_json; d = Path(sys.argv[1]); "
+            "print(ascii(_segmentation_classes(d))); print(truncate_metrics(d / 'metrics.jsonl', 1)); "
+            "print(ascii(load_recipe(str(d / 'r.json')).description)); "
+            "print(ascii(read_json(d / 'config.json')['id2label']['0']))")
     env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
                        timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.splitlines() == [ascii(["fond", "forêt"]), "1"]
+    assert p.stdout.splitlines() == [ascii(["fond", "forêt"]), "1", ascii("forêt"), ascii("forêt")]
     assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == '{"step": 1, "note": "forêt"}\n'
 
 
@@ -305,3 +313,39 @@ def test_python_m_vitlab_runs_the_cli(monkeypatch: pytest.MonkeyPatch, capsys: p
     with pytest.raises(SystemExit) as e:
         runpy.run_module("vitlab", run_name="__main__")
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"vitlab {vitlab.__version__}"
+
+
+def test_a_run_trained_on_nfd_folders_resumes_on_nfc_ones(tmp_path: Path) -> None:
+    """A run made on a macOS copy of the data (its job.json records NFD names) resumes on the same classes in
+    NFC; other names are still refused."""
+    from vitlab.train.run import check_resumed_data
+
+    (tmp_path / "job.json").write_text(json.dumps({"data": "x", "classes": [nfd("café"), nfd("thé")]}),
+                                       encoding="utf-8")
+    check_resumed_data(tmp_path, "x", ["café", "thé"])
+    with pytest.raises(ValueError, match="has classes"):
+        check_resumed_data(tmp_path, "x", ["café", "tea"])
+
+
+def test_the_torchscript_exporter_is_asked_for_as_the_installed_torch_takes_it(monkeypatch) -> None:
+    """torch.onnx.export took no ``dynamo`` argument before torch 2.5: passing dynamo=False there was a TypeError,
+    so no exporter could run."""
+    from vitlab.export import onnx as onnx_export
+
+    assert onnx_export._torchscript_exporter() == {"dynamo": False}  # this torch
+    monkeypatch.setattr(torch.onnx, "export", lambda model, args, f, input_names=None, output_names=None,
+                        opset_version=None, dynamic_axes=None, do_constant_folding=True: None)
+    assert onnx_export._torchscript_exporter() == {}
+
+
+def test_training_runs_without_fcntl_and_says_the_folder_is_not_locked(tmp_path: Path, monkeypatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Windows has no fcntl: every train / finetune / pretrain failed with ModuleNotFoundError at the lock."""
+    import logging
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--output", str(tmp_path / "run"), "--threads", "1", "--no-progress", "--steps", "2",
+                     "--set", "model_overrides.depth=1", "--set", "eval_every_epochs=1000"]) == 0
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert "the run folder is not locked" in caplog.text

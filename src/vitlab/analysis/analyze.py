@@ -375,7 +375,7 @@ def _analyze(model: nn.Module, dataset: Dataset, out: Path, *, num_images: int, 
             table=[["component", "variance explained", "cumulative"]]
             + [[i + 1, float(evr[i]), float(evr[: i + 1].sum())] for i in range(k)]))
 
-    atomic_write(out / NUMBERS_JSON, lambda tmp: Path(tmp).write_text(json.dumps(numbers, indent=2) + "\n"))
+    atomic_write(out / NUMBERS_JSON, lambda tmp: Path(tmp).write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8"))
     (out / NUMBERS_JSON).chmod(0o644)
     write_report(out / REPORT_HTML, title=f"vitlab analysis: {name}",
                  meta=[("model", numbers["model"]), ("data", data_desc), ("images", str(seen)),

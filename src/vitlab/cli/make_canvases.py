@@ -53,7 +53,7 @@ def _warn_if_crowded(root: Path, size: int, low: int, high: int) -> None:
     """A warning when canvases hold fewer than --digits MIN digits: no free place was found for the rest."""
     counts: list[int] = []
     for split in ("train", "val"):
-        coco = json.loads((root / split / "annotations.json").read_text())
+        coco = json.loads((root / split / "annotations.json").read_text(encoding="utf-8"))
         per_image = dict.fromkeys((im["id"] for im in coco["images"]), 0)
         for a in coco["annotations"]:
             per_image[a["image_id"]] += 1

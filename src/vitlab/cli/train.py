@@ -117,7 +117,7 @@ def saved_run(args: argparse.Namespace, output: Path) -> dict | None:
     if not args.resume or args.recipe is not None or not path.is_file():
         return None
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); --resume continues the run's own recipe: repair the "
                          f"file") from None

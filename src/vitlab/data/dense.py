@@ -211,7 +211,7 @@ class CocoDetection(SkipsBadImages, Dataset):
         self.root, self.ann_path = Path(images), Path(annotations)
         self.transform = transform
         try:
-            data = json.loads(self.ann_path.read_text())
+            data = json.loads(self.ann_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DatasetError(f"{self.ann_path}: annotation file not found") from None
         except json.JSONDecodeError as e:
@@ -522,7 +522,7 @@ def make_canvases(output: str | os.PathLike, *, mnist: str | os.PathLike, seed: 
     try:
         summary = _write_canvases(out, mnist=mnist, seed=seed, n_train=n_train, n_val=n_val, size=size,
                                   digits=digits, scale=scale, threshold=threshold)
-        (out / "classes.json").write_text(json.dumps(SEGMENTATION_CLASSES))
+        (out / "classes.json").write_text(json.dumps(SEGMENTATION_CLASSES), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         os.replace(out, final)
@@ -576,7 +576,7 @@ def _write_canvases(out: Path, *, mnist: str | os.PathLike, seed: int, n_train: 
             images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
         coco = {"images": images, "annotations": anns,
                 "categories": [{"id": d + 1, "name": str(d)} for d in range(10)]}
-        (out / split / "annotations.json").write_text(json.dumps(coco))
+        (out / split / "annotations.json").write_text(json.dumps(coco), encoding="utf-8")
         summary[split] = {"images": n, "objects": n_objects}
     return summary
 
@@ -598,7 +598,7 @@ class Repeated(Dataset):
 def train_categories(annotations: str | os.PathLike) -> list[dict[str, Any]] | None:
     """The categories (label order) of a training set's COCO JSON, or None when it has none to read."""
     try:
-        data = json.loads(Path(annotations).read_text())
+        data = json.loads(Path(annotations).read_text(encoding="utf-8"))
         return sorted(({"id": int(c["id"]), **({"name": str(c["name"])} if "name" in c else {})}
                        for c in data["categories"]), key=lambda c: c["id"])
     except (OSError, ValueError, KeyError, TypeError):

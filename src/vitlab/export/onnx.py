@@ -585,6 +585,15 @@ def metadata(model: nn.Module, pre: Preprocessing, *, class_names: list[str] | N
     return flat
 
 
+def _torchscript_exporter() -> dict[str, bool]:
+    """The argument that picks torch.onnx.export's TorchScript exporter: ``dynamo=False`` where the function
+    takes it (torch >= 2.5, where dynamo became an option), nothing before (the TorchScript exporter was the
+    only one)."""
+    import inspect
+
+    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The exporters warn at length about things that do not concern the user (torchvision ops, pytree
@@ -687,7 +696,7 @@ def export_graph(model: nn.Module, x: Tensor, path: str, *, dynamic_batch: bool,
     printed: list[str] = []
     try:  # it prints its whole TorchScript graph (from C++) when it fails: captured, an excerpt goes in the error
         with _quiet_exporter(), _captured_output(printed), any_size, torch.no_grad():
-            torch.onnx.export(model, (x,), path, dynamo=False, input_names=[INPUT_NAME],
+            torch.onnx.export(model, (x,), path, input_names=[INPUT_NAME], **_torchscript_exporter(),
                               output_names=list(output_names), opset_version=opset or 17, dynamic_axes=dyn_axes,
                               do_constant_folding=True)
     except Exception as e:

@@ -31,7 +31,7 @@ class PretrainedWeights:
 
 @cache
 def _table() -> tuple[PretrainedWeights, ...]:
-    raw = json.loads(resources.files("vitlab.models").joinpath("pretrained.json").read_text())
+    raw = json.loads(resources.files("vitlab.models").joinpath("pretrained.json").read_text(encoding="utf-8"))
     return tuple(
         PretrainedWeights(**{k: tuple(v) if isinstance(v, list) else v for k, v in row.items()})
         for row in raw["weights"]

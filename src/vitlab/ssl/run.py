@@ -624,7 +624,7 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
                 "model": job.model or recipe.model, "options": job.options, "skip_bad_images": job.skip_bad_images,
                 **({"held_out": held_out} if held_out else {})}, indent=2, default=str)
             path = job.output / JOB_FILE
-            if not (path.is_file() and path.read_text() == record):  # a resumed run's record stays as it was
+            if not (path.is_file() and path.read_text(encoding="utf-8") == record):  # a resumed run's record stays as it was
                 atomic_text(path, record)
         if job.method == "beit" and not options.get("tokenizer") and not job.resume:
             _fit_tokenizer(objective, train_set, model, job)  # (a resumed run reads its tokenizer from the state)

@@ -267,12 +267,12 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if s.endswith(".json") or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {s!r} does not exist")
-        text, source = path.read_text(), str(path)
+        text, source = path.read_text(encoding="utf-8"), str(path)
     else:
         res = resources.files("vitlab.train") / RECIPE_DIR / f"{s}.json"
         if not res.is_file():
             raise ValueError(f"unknown recipe {s!r}; shipped recipes: {', '.join(list_recipes())}, or give a .json file")
-        text, source = res.read_text(), f"recipe {s}"
+        text, source = res.read_text(encoding="utf-8"), f"recipe {s}"
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

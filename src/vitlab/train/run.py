@@ -266,7 +266,7 @@ def _has_job_keys(path: Path) -> bool:
 
 def _json_object(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -442,12 +442,15 @@ def check_resumed_data(output: Path, data: str, classes: list[str] | None) -> No
     """--resume on data whose class names are not the run's is refused (the trained head would go on
     under other labels); another data source with the same classes (a moved or grown copy) is allowed,
     with a warning."""
+    from vitlab.checkpoints.adapt import same_class_names
+
     job = read_job(output)
     recorded = job.get("data")
     names = job.get("classes")
     if names is None:  # a run written before job.json recorded its classes: the checkpoint's
         names = checkpoint_class_names(output / MODEL_FILE)
-    if classes is not None and names is not None and list(names) != list(classes):
+    # compared as eval compares them: a run made on a macOS (NFD) copy of the folder resumes on an NFC one
+    if classes is not None and names is not None and not same_class_names(names, classes):
         raise ValueError(f"--resume: the run in {output} was trained on {recorded or 'its data'} with classes "
                          f"{_names(names)}, but {data} has classes {_names(classes)}; resume with the run's "
                          f"own data (leave --data out), or start a new run (another --output)")
@@ -465,7 +468,7 @@ def read_job(output: Path) -> dict[str, Any]:
     """The run's job.json (what it was asked to do), or {} when it has none."""
     path = output / JOB_FILE
     try:
-        job = json.loads(path.read_text())
+        job = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except ValueError as e:
@@ -841,8 +844,18 @@ def run_dir_lock(output: Path, *, enabled: bool = True) -> Iterator[None]:
     removed) at the end; the system releases it if the process dies. Another run into the same folder
     meanwhile is refused with :class:`RunDirInUseError` naming the holder; a lock left by a process that no
     longer runs is taken over, with a log line. Under torchrun only the main process (``enabled``) takes it:
-    it alone writes the run directory. A folder created here and left empty is removed again."""
+    it alone writes the run directory. A folder created here and left empty is removed again.
+
+    Where the system has no ``fcntl`` (Windows), the folder is not locked: a warning says that two runs into
+    it are not kept apart."""
     if not enabled:
+        yield
+        return
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        log.warning("%s: this system has no fcntl (Windows?): the run folder is not locked, so make sure no other "
+                    "vitlab run writes into it meanwhile", output)
         yield
         return
     lock = _RunLock(Path(output))

@@ -315,7 +315,7 @@ class _Writers:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.metrics, "a") as f:
+        with open(self.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             step = record["step"]
@@ -956,7 +956,7 @@ def atomic_text(path: Path, text: str) -> None:
     from vitlab.checkpoints import atomic_write
 
     def write(tmp: str) -> None:
-        Path(tmp).write_text(text)
+        Path(tmp).write_text(text, encoding="utf-8")
 
     atomic_write(path, write)
 
