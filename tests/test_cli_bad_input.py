@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import vitlab
-from dense_helpers import DETR_TINY, SETR_TINY
+from dense_helpers import DETR_TINY, SETR_TINY, write_fake_mnist
 from vitlab.cli.main import main
 
 TINY_VIT = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=2,
@@ -231,6 +231,39 @@ def test_detect_and_segment_fail_when_no_image_could_be_read(command, dense_chec
     assert "overlays and masks in" not in capsys.readouterr().out
     listed = "detections.json" if command == "detect" else "segments.json"
     assert sorted(p.name for p in out.iterdir()) == [listed]  # the errors, and no picture
+
+
+@pytest.mark.parametrize("which", ["classifier", "detector"])
+def test_explain_fails_when_no_image_could_be_read(which, classifier, dense_checkpoints, tmp_path, caplog):
+    """explain --skip-bad-images exited 0, writing nothing and saying nothing, where predict / detect / segment
+    exit 2."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_text("not a png")
+    ckpt = classifier if which == "classifier" else dense_checkpoints["detect"]
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main(["explain", str(bad), "--checkpoint", str(ckpt), "--output", str(tmp_path / "out"),
+                     "--skip-bad-images", "--threads", "1"]) == 2
+    assert "none of the 1 image(s) could be read" in caplog.text
+
+
+def test_eval_json_of_a_dense_checkpoint_is_its_metrics_json(tmp_path, capsys):
+    """For a detector, --json printed the bare metrics where metrics.json (and a classifier's --json) also name
+    the checkpoint, data and split."""
+    from vitlab.data.dense import make_canvases
+
+    data = tmp_path / "canvases"
+    make_canvases(data, mnist=write_fake_mnist(tmp_path / "mnist", n=10), seed=0, n_train=2, n_val=2, size=32,
+                  digits=(1, 1))
+    torch.manual_seed(0)  # a detector of the canvases' classes (category id k + 1 is digit k)
+    detr = vitlab.create_model("detr_resnet50", **{**DETR_TINY, "img_size": 32, "num_classes": 11})
+    ckpt = vitlab.save_model(detr, tmp_path / "detr.safetensors", class_names=["n/a", *map(str, range(10))])
+    out = tmp_path / "report"
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--split", "val",
+                 "--output", str(out), "--json", "--threads", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert {"checkpoint", "data", "split", "AP50"} <= set(printed)
 
 
 # ------------------------------------------------------------------------------------------------ info

@@ -315,10 +315,11 @@ def _run_dense(args: argparse.Namespace, model) -> int:
                               categories_from=f"the checkpoint {args.checkpoint}", batch_size=batch_size,
                               device=device, amp=args.amp, skip_bad_images=args.skip_bad_images)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data,
-                                                  "split": split, **({"amp": args.amp} if args.amp != "none" else {}),
-                                                  **metrics}, indent=2), encoding="utf-8")
-    print(json.dumps(metrics) if args.json else f"{model.task} on {args.data}/{split}: "
+    report = {"checkpoint": str(args.checkpoint), "data": args.data, "split": split,
+              **({"amp": args.amp} if args.amp != "none" else {}), **metrics}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    # --json prints what metrics.json holds, as for classifiers
+    print(json.dumps(report, indent=2) if args.json else f"{model.task} on {args.data}/{split}: "
           f"{format_metrics(model.task, metrics)}")
     if args.skip_bad_images and not args.json:
         print(f"skipped {metrics['skipped_images']} undecodable image(s) in total")

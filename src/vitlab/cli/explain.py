@@ -122,13 +122,17 @@ def run(args: argparse.Namespace) -> int:
         if args.method not in (None, "auto") or args.target is not None:
             log.warning("a detector is explained by each object's decoder cross-attention: --method and --class do "
                         "not apply (vitlab detect --attention --threshold T sets which objects are drawn)")
-        for r in detect_images(model.cpu(), [Path(p) for p in images], Path(args.output), attention=True,
-                               skip_bad_images=args.skip_bad_images, overwrite=args.overwrite):
+        results = detect_images(model.cpu(), [Path(p) for p in images], Path(args.output), attention=True,
+                                skip_bad_images=args.skip_bad_images, overwrite=args.overwrite)
+        for r in results:
             if "error" in r:
                 print(f"{r['error']} (skipped)")
             else:
                 written = ", ".join(printable(Path(args.output) / r[k]) for k in ("picture", "attention") if k in r)
                 print(f"{printable(r['image'])} -> {written}: {len(r['objects'])} objects")
+        if results and all("error" in r for r in results):
+            log.error("error: none of the %d image(s) could be read (each is named above)", len(results))
+            return 2
         return 0
     require_classifier(model, "explain", args.checkpoint)  # a segmenter has no per-class map here
     names = model_class_names(model)
@@ -161,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs_free([out_dir / f"{stem}_{m}.png" for stem in stems for m in sorted(names_of)], inputs=images,
                        output=out_dir, overwrite=args.overwrite)
     # out_dir is made by the first figure written: a run that fails on its input leaves no empty folder
+    skipped = 0
     for path, stem in zip(images, stems):
         try:
             x = prepare_image(path, transform).unsqueeze(0).to(device)  # (1, C, H, W)
@@ -168,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.skip_bad_images:
                 raise BadImageError(f"{e} (--skip-bad-images reports such files and goes on)") from e
             log.warning("skipped %s", e)
+            skipped += 1
             continue
         e = explain(model, x, method=asked, target=target, head_fusion=args.head_fusion,
                     discard_ratio=args.discard_ratio)
@@ -193,4 +199,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("%s -> %s (method %s; predicted %s, %.1f%%)", path, out, how, names[pred],
                  100 * float(e.probs[0, pred]))
         print(printable(out))
+    if images and skipped == len(images):  # as predict / detect / segment: a script must not take it for success
+        log.error("error: none of the %d image(s) could be read (each is named above); nothing written", skipped)
+        return 2
     return 0

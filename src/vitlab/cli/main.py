@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vitlab", formatter_class=HelpFormatter,
         description="Vision transformers: build, train, fine-tune, evaluate, explain.",
         epilog="Run `vitlab COMMAND --help` for a command's options and an example.\n\n"
+               "Exit status: 0 success; 1 `models` matched nothing, or training stopped on a non-finite loss; 2 bad "
+               "input or a refused / failed command (one `error:` line on stderr); 130 interrupted.\n\n"
                f"{', '.join(KEEP_FREED_MEMORY)} tell glibc to keep freed memory for reuse instead of returning it to "
                "the system after every forward (faster CPU inference, peak memory kept until exit); "
                f"{OPT_OUT}=system leaves the allocator alone.",
