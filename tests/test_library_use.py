@@ -446,3 +446,12 @@ def test_fit_explains_a_first_batch_it_cannot_train_on(tmp_path, kind: str, name
 def test_evaluate_explains_a_batch_it_cannot_score() -> None:
     with pytest.raises(ValueError, match="evaluate: the data's first batch has dict samples"):
         evaluate(tiny_vit(), Forms("dict"), num_classes=4, batch_size=8)
+
+
+def test_a_checkpoint_records_the_vitlab_version_that_wrote_it(tmp_path) -> None:
+    """As the ONNX files do: a checkpoint that travels without its run folder says what wrote it."""
+    from vitlab.checkpoints import read_vitlab
+
+    path = vitlab.save_model(tiny_vit(2), tmp_path / "m.safetensors")
+    assert read_vitlab(path)[1]["vitlab_version"] == vitlab.__version__
+    assert vitlab.load_model(path).num_classes == 2

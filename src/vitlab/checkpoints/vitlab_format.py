@@ -55,6 +55,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _vitlab_version() -> str:
+    from vitlab import __version__
+
+    return __version__
+
+
 def model_metadata(model: nn.Module, *, class_names: list[str] | None = None,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     model = unwrap_model(model)
@@ -80,6 +86,7 @@ def model_metadata(model: nn.Module, *, class_names: list[str] | None = None,
         "config": config_to_dict(model.cfg),
         "preprocessing": model.preprocessing.to_dict(),
         "class_names": list(class_names) if class_names is not None else None,
+        "vitlab_version": _vitlab_version(),  # what wrote it (as the ONNX files record)
     }
     score = getattr(model, "score_function", "softmax")
     if score != "softmax":  # a multi-label or regression head (from a Hugging Face config's problem_type)
