@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -203,8 +204,12 @@ def test_eval_split_test_scores_test_or_says_there_is_none(tmp_path, caplog):
 def test_dense_training_honours_the_time_budget(tmp_path, monkeypatch, caplog):
     """--time-budget was ignored: the recipe's 60 steps ran whatever the budget."""
     import vitlab.tasks.run as run
+    import vitlab.train.budget as budget
 
     monkeypatch.setattr(run, "_dense_step_seconds", lambda *a, **k: 1.0)  # as if one step took a second
+    # the budget counts from the command's start, not from this test process's (whose start-up, when the test
+    # runs first in a fresh process, would use the 10 s up: refused since the set-up leaves no step)
+    monkeypatch.setattr(budget, "process_started", lambda *a, **k: time.monotonic())
     data = _seg_data(tmp_path / "data")
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="vitlab"):

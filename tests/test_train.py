@@ -336,8 +336,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         loss = torch.nn.functional.cross_entropy(out, y)
         return loss * float("nan") if calls["n"] > 6 else loss
 
-    with pytest.raises(NonFiniteLossError, match="non-finite loss.*step 7.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss.*step 7.*last good checkpoint") as e:
         fit(model, recipe, train_set=Quadrants(64), output_dir=tmp_path, criterion=criterion, progress=False)
+    # what it advises can be done: --resume keeps the optimiser's lr (a lower one is refused there)
+    assert "--resume --set clip_grad" in str(e.value) and "finetune --from" in str(e.value)
+    assert "--resume after lowering lr" not in str(e.value)
     state = load_train_state(tmp_path / "train_state.pt")
     assert state["step"] == 4
     sd = _weights(tmp_path / "model.safetensors")

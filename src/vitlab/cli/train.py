@@ -328,6 +328,7 @@ def run_dense(args: argparse.Namespace) -> int:
     import time
 
     from vitlab.tasks.run import DenseJob, format_metrics, run_dense_training
+    from vitlab.train import NonFiniteLossError
 
     if getattr(args, "fsdp", False):
         raise ValueError(f"--fsdp supports classification only, not --task {args.task} (which runs with DDP "
@@ -352,13 +353,17 @@ def run_dense(args: argparse.Namespace) -> int:
         raise ValueError(f"no model: give --model NAME (see `vitlab models --task {args.task}`)")
     output = args.output or Path("runs") / f"{recipe.name}-{model}"
     check_recipe_outside(args, output)
-    summary = run_dense_training(DenseJob(
-        task=args.task, model=model, data=Path(args.data), output=output, recipe=recipe,
-        pretrained_backbone=args.pretrained_backbone, resume=args.resume,
-        device=None if args.device == "auto" else args.device, progress=not args.no_progress,
-        threads=args.threads, overwrite=args.overwrite, skip_bad_images=args.skip_bad_images,
-        time_budget_s=None if args.resume else args.time_budget, compile=args.compile,
-        started=getattr(args, "started", None) or time.monotonic()))  # set by main: the command's start
+    try:
+        summary = run_dense_training(DenseJob(
+            task=args.task, model=model, data=Path(args.data), output=output, recipe=recipe,
+            pretrained_backbone=args.pretrained_backbone, resume=args.resume,
+            device=None if args.device == "auto" else args.device, progress=not args.no_progress,
+            threads=args.threads, overwrite=args.overwrite, skip_bad_images=args.skip_bad_images,
+            time_budget_s=None if args.resume else args.time_budget, compile=args.compile,
+            started=getattr(args, "started", None) or time.monotonic()))  # set by main: the command's start
+    except NonFiniteLossError as e:  # one error line, as for classification (train_or_explain)
+        log.error("error: %s", e)
+        return 1
     if summary["val"]:  # (empty on the other processes of a torchrun job: rank 0 evaluates)
         log.info("val %s after %.1f s; checkpoint: %s", format_metrics(args.task, summary["val"]),
                  summary["train_seconds"], summary["checkpoint"])

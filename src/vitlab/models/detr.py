@@ -278,7 +278,13 @@ class DETR(TimmSurface, nn.Module):
 
     # ------------------------------------------------------------------------- forward
     def forward_backbone(self, x: Tensor, pixel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The projected feature map (B, dim, h, w) and its mask (B, h, w), True on real cells."""
+        """The projected feature map (B, dim, h, w) and its mask (B, h, w), True on real cells.
+
+        A convolutional backbone (ResNet) runs on the padded batch. A token backbone that takes any size (a ViT
+        with ``dynamic_img_size``) runs on each group of images of one real size at that size (padded only to
+        its patch multiple, as the image alone is), so that padded patches are never attended and its position
+        table is resampled to the image's own grid: an image's features do not depend on the other images of
+        its batch. A fixed-size token backbone runs on the padded batch (the one size it takes)."""
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
             raise ValueError(f"DETR: expected images (batch, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
         if pixel_mask is not None and pixel_mask.shape != (x.shape[0], *x.shape[-2:]):
@@ -288,13 +294,51 @@ class DETR(TimmSurface, nn.Module):
         if hasattr(self.backbone, "stages") and hasattr(self.backbone, "stem"):
             feat = self.backbone.forward_features(x)
         else:
-            _, inter = self.backbone.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW")
-            feat = inter[-1]
+            feat = self._token_features_by_size(x, pixel_mask)
         if pixel_mask is None:
             mask = torch.ones(feat.shape[0], *feat.shape[-2:], dtype=torch.bool, device=feat.device)
         else:
             mask = F.interpolate(pixel_mask[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
         return self.input_proj(feat), mask
+
+    def _token_features(self, x: Tensor) -> Tensor:
+        _, inter = self.backbone.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW")
+        return inter[-1]  # (B, C, H / patch, W / patch)
+
+    def _token_features_by_size(self, x: Tensor, pixel_mask: Tensor | None) -> Tensor:
+        """A token backbone's map of the padded batch ``x``, each image computed at its real size (the extent of
+        its ``pixel_mask``, zero-padded to the patch multiple) and placed at the top left; zeros elsewhere."""
+        patch = getattr(getattr(self.backbone, "patch_embed", None), "patch_size", None)
+        plain = hasattr(self.backbone, "blocks") and patch is not None  # a map of stride patch (not Swin's)
+        # an exported graph takes no mask (every pixel real): the grouping, which reads the mask, is not traced
+        exporting = (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                     or getattr(torch.compiler, "is_exporting", lambda: False)())
+        if pixel_mask is None or not plain or not getattr(self.backbone, "dynamic_img_size", False) or exporting:
+            return self._token_features(x)
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        B, _, H, W = x.shape
+        # each image's real extent (pad_batch pads at the bottom / right); no real pixel: the whole input
+        rows = (pixel_mask.any(2) * torch.arange(1, H + 1, device=x.device)).amax(1)  # (B,)
+        cols = (pixel_mask.any(1) * torch.arange(1, W + 1, device=x.device)).amax(1)
+        sizes = [(h or H, w or W) for h, w in zip(rows.tolist(), cols.tolist())]
+        if set(sizes) == {(H, W)}:
+            return self._token_features(x)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(size, []).append(i)
+        gh, gw = H // ph, W // pw  # the padded batch's grid (pad_to_patches made H, W patch multiples)
+        maps, order = [], []
+        for (h, w), idx in groups.items():
+            crop = x[idx, :, :h, :w]  # the real pixels only, zero-padded to the patch multiple as when alone
+            crop = F.pad(crop, (0, -w % pw, 0, -h % ph))
+            f = self._token_features(crop)  # (n, C, ceil(h / ph), ceil(w / pw))
+            if tuple(f.shape[-2:]) != (crop.shape[-2] // ph, crop.shape[-1] // pw):
+                return self._token_features(x)  # a backbone whose stride is not its patch (Swin): as before
+            maps.append(F.pad(f, (0, gw - f.shape[-1], 0, gh - f.shape[-2])))
+            order.extend(idx)
+        inverse = torch.empty(B, dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(B)
+        return torch.cat(maps)[inverse.to(x.device)]  # (B, C, gh, gw), the batch's order
 
     def pad_to_patches(self, x: Tensor, pixel_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """A patch-embedding backbone (ViT) needs sides that are multiples of its patch: pad the images at the

@@ -290,14 +290,22 @@ class SETR(TimmSurface, nn.Module):
 
 
 def segmentation_loss(out: dict[str, Any], target: Tensor, *, aux_weight: float = 0.4,
-                      ignore_index: int = 255) -> tuple[Tensor, dict[str, Tensor]]:
+                      ignore_index: int = 255, normaliser: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross entropy of the main head plus ``aux_weight`` x each auxiliary head's (pixels at
-    ``ignore_index`` do not count)."""
-    main = F.cross_entropy(out["logits"], target, ignore_index=ignore_index)
+    ``ignore_index`` do not count): each summed over the labelled pixels and divided by ``normaliser``, by
+    default their number in ``target`` (the mean; 0 where no pixel is labelled). The trainer gives the count
+    of the whole global batch, so that accumulation and DDP equal one batch."""
+    if normaliser is None:
+        normaliser = (target != ignore_index).sum().clamp_min(1)
+
+    def ce(logits: Tensor) -> Tensor:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / normaliser
+
+    main = ce(out["logits"])
     parts = {"loss_main": main.detach()}
     total = main
     for i, a in enumerate(out.get("aux_logits", [])):
-        la = F.cross_entropy(a, target, ignore_index=ignore_index)
+        la = ce(a)
         parts[f"loss_aux{i}"] = la.detach()
         total = total + aux_weight * la
     return total, parts

@@ -35,7 +35,7 @@ from vitlab.layers import Block, trunc_normal_linears
 from vitlab.ssl.masking import BlockMasking, patch_grid, patchify
 from vitlab.ssl.mpp import MaskEmbedding
 from vitlab.ssl.tokenizer import Tokenizer, check_channels, check_grid, load_tokenizer, to_pixels
-from vitlab.train.objective import Metrics, Objective
+from vitlab.train.objective import Metrics, Objective, StepBatches
 
 
 def _normalise_patches(p: Tensor, eps: float = 1e-6) -> Tensor:
@@ -113,17 +113,28 @@ def num_masked(num_patches: int, ratio: float | None = None) -> int:
 
 class BlockMasker:
     """BEiT's masking as a :class:`~vitlab.layers.token_mask.TokenMasker`: a block mask per sample,
-    masked embeddings replaced by the mask embedding; ``mask`` (B, N) bool after a call."""
+    masked embeddings replaced by the mask embedding; ``mask`` (B, N) bool after a call. ``planned``: masks
+    drawn beforehand (:meth:`draw`), used when their shape fits the tokens."""
 
-    def __init__(self, mask_embedding: Tensor, ratio: float | None = None, min_patches: int | None = None) -> None:
+    def __init__(self, mask_embedding: Tensor, ratio: float | None = None, min_patches: int | None = None,
+                 planned: Tensor | None = None) -> None:
         self.mask_embedding, self.ratio, self.min_patches = mask_embedding, ratio, min_patches
+        self.planned = planned
+        self.used_planned = False
 
-    def __call__(self, tokens: Tensor, grid: tuple[int, int]) -> tuple[Tensor, None]:
-        B, N, D = tokens.shape
+    def draw(self, batch: int, grid: tuple[int, int]) -> Tensor:
+        """Block masks (batch, rows * cols) bool, from torch's global generator."""
+        N = grid[0] * grid[1]
         num = num_masked(N, self.ratio)
         min_patches = self.min_patches or max(2, round(16 * N / 196))
         gen = BlockMasking(grid, num, min_patches=min(min_patches, num))
-        self.mask = torch.stack([gen().flatten() for _ in range(B)]).to(tokens.device)  # (B, N)
+        return torch.stack([gen().flatten() for _ in range(batch)])
+
+    def __call__(self, tokens: Tensor, grid: tuple[int, int]) -> tuple[Tensor, None]:
+        B, N, D = tokens.shape
+        planned = self.planned is not None and tuple(self.planned.shape) == (B, N)
+        self.used_planned = planned
+        self.mask = (self.planned if planned else self.draw(B, grid)).to(tokens.device)  # (B, N)
         w = self.mask.unsqueeze(-1).to(tokens.dtype)
         return tokens * (1 - w) + self.mask_embedding.to(tokens.dtype) * w, None
 
@@ -159,6 +170,9 @@ class BEiT(Objective):
             raise ValueError(f"{self.name}: min_patches={min_patches!r} must be at least 1 (or left out)")
         self.mean, self.std = pre.mean, pre.std
         self.ratio, self.min_patches = ratio, min_patches
+        self.patch = patch
+        self._planned: list[Tensor] = []  # the step's masks, drawn by begin_step, one per micro-batch
+        self._normaliser: float | None = None
         self.num_prefix_tokens = model.num_prefix_tokens
         source = None
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -200,7 +214,31 @@ class BEiT(Objective):
         return self.tokenizer.tokenize(to_pixels(images.float(), self.mean, self.std)).flatten(1)
 
     def masker(self) -> BlockMasker:
-        return BlockMasker(self.mask_embedding.weight, self.ratio, self.min_patches)
+        """The masker of the next ``step``: with the masks ``begin_step`` drew for it, if any."""
+        return BlockMasker(self.mask_embedding.weight, self.ratio, self.min_patches,
+                           planned=self._planned.pop(0) if self._planned else None)
+
+    def begin_step(self, batches: StepBatches) -> None:
+        """Draw every micro-batch's masks now (in the order the steps would), so that the masked-token mean is
+        over the masked patches of the whole global batch: accumulation and DDP equal one batch."""
+        drawer = BlockMasker(self.mask_embedding.weight, self.ratio, self.min_patches)
+        planned = []
+        for batch in batches.micro_batches:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            grid = (images.shape[-2] // self.patch[0], images.shape[-1] // self.patch[1])
+            planned.append(drawer.draw(images.shape[0], grid))
+        self._planned = planned
+        (self._normaliser,) = batches.normaliser([float(sum(int(m.sum()) for m in planned))])
+
+    def end_step(self) -> None:
+        self._planned, self._normaliser = [], None
+
+    def _masked_ce(self, logits: Tensor, targets: Tensor, masker: BlockMasker) -> Tensor:
+        """Cross entropy over the masked tokens: their mean, or under the trainer their sum over the masked
+        patches of the step's global batch."""
+        if self._normaliser is None or not masker.used_planned:
+            return F.cross_entropy(logits.float(), targets)
+        return F.cross_entropy(logits.float(), targets, reduction="sum") / self._normaliser
 
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -208,7 +246,7 @@ class BEiT(Objective):
         masker = self.masker()
         tokens = model.forward_features(images, mask=masker)[:, self.num_prefix_tokens:]  # (B, N, D)
         logits = self.head(tokens[masker.mask])  # (M, V): masked positions only
-        loss = F.cross_entropy(logits.float(), targets[masker.mask])
+        loss = self._masked_ce(logits, targets[masker.mask], masker)
         acc = (logits.argmax(-1) == targets[masker.mask]).float().mean()
         return loss, {"mlm_acc": acc.detach()}
 
@@ -297,8 +335,8 @@ class BEiT2(BEiT):
         t = targets[m]
         logits = self.head(final[:, p:][m])  # (M, V): masked positions only
         logits_agg = self.head(agg[m])
-        loss_mim = F.cross_entropy(logits.float(), t)
-        loss_agg = F.cross_entropy(logits_agg.float(), t)
+        loss_mim = self._masked_ce(logits, t, masker)
+        loss_agg = self._masked_ce(logits_agg, t, masker)
         acc = (logits.argmax(-1) == t).float().mean()
         acc_agg = (logits_agg.argmax(-1) == t).float().mean()
         return loss_mim + loss_agg, {"mlm_acc": acc.detach(), "agg_acc": acc_agg.detach(),

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from vitlab.tasks.boxes import xyxy_to_xywh
 from vitlab.tasks.metrics import coco_map, detections_from_outputs
 from vitlab.tasks.set_loss import SetCriterion
-from vitlab.train.objective import Metrics, Objective
+from vitlab.train.objective import Metrics, Objective, StepBatches
 
 
 def _targets_on(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Tensor]]:
@@ -24,12 +24,35 @@ class DetectionObjective(Objective):
     is :class:`SetCriterion` (matching, no-object weight, batch-wide normalisation, auxiliary layers).
 
     Labels matter, but the engine's classification checks and validation do not apply (``supervised``
-    is False); evaluate with :func:`evaluate_detection`."""
+    is False); evaluate with :func:`evaluate_detection`.
+
+    Under the trainer the loss's denominators (target boxes, the cross entropy's weight) are those of the
+    step's whole global batch (:meth:`begin_step`), so accumulation and DDP equal one batch."""
 
     name = "detection"
 
     def __init__(self, num_classes: int, *, eos_coef: float = 0.1, aux: bool = True) -> None:
         self.criterion = SetCriterion(num_classes, eos_coef=eos_coef, aux=aux)
+        self.num_queries: int | None = None
+        self._normalisers: tuple[float, float] | None = None
+
+    def setup(self, model: nn.Module, *, steps_per_epoch: int, total_steps: int) -> None:
+        super().setup(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        self.num_queries = getattr(getattr(model, "cfg", None), "num_queries", None)
+
+    def begin_step(self, batches: StepBatches) -> None:
+        if self.num_queries is None:  # a model that does not say: each micro-batch normalises by its own
+            return
+        counts = [0.0, 0.0]
+        for _, _, targets in batches.micro_batches:
+            for i, n in enumerate(self.criterion.counts(targets, self.num_queries)):
+                counts[i] += n
+        # at least one box (DETR's clamp); the cross entropy's weight only above zero (eos_coef 0 and no box)
+        num_boxes, class_weight = batches.normaliser(counts, minimum=[1.0, 1e-12])
+        self._normalisers = (num_boxes, class_weight)
+
+    def end_step(self) -> None:
+        self._normalisers = None
 
     def modules(self) -> dict[str, nn.Module]:
         return {}  # the criterion holds only a constant buffer
@@ -41,7 +64,8 @@ class DetectionObjective(Objective):
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         images, pixel_mask, targets = batch
         out = model(images, pixel_mask)
-        loss, parts = self.criterion(out, _targets_on(targets, images.device))
+        norm = self._normalisers if self.num_queries == out["logits"].shape[1] else None
+        loss, parts = self.criterion(out, _targets_on(targets, images.device), normalisers=norm)
         keep = ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
         return loss, {k: parts[k].detach() for k in keep}
 

@@ -12,21 +12,32 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitlab.models.setr import segmentation_loss
 from vitlab.tasks.metrics import SegmentationMeter
-from vitlab.train.objective import Metrics, Objective
+from vitlab.train.objective import Metrics, Objective, StepBatches
 
 
 class SegmentationObjective(Objective):
-    """``batch`` = (images, masks); loss = CE(main) + aux_weight x CE(each auxiliary head)."""
+    """``batch`` = (images, masks); loss = CE(main) + aux_weight x CE(each auxiliary head), each a mean over the
+    labelled pixels; under the trainer, over those of the step's whole global batch (:meth:`begin_step`), so
+    that accumulation and DDP equal one batch, and a micro-batch without a labelled pixel adds nothing."""
 
     name = "segmentation"
 
     def __init__(self, *, aux_weight: float = 0.4, ignore_index: int = 255) -> None:
         self.aux_weight, self.ignore_index = aux_weight, ignore_index
+        self._normaliser: float | None = None
+
+    def begin_step(self, batches: StepBatches) -> None:
+        labelled = sum(float((masks != self.ignore_index).sum()) for _, masks in batches.micro_batches)
+        (self._normaliser,) = batches.normaliser([labelled])
+
+    def end_step(self) -> None:
+        self._normaliser = None
 
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         images, masks = batch
         out = model(images)
-        loss, parts = segmentation_loss(out, masks, aux_weight=self.aux_weight, ignore_index=self.ignore_index)
+        loss, parts = segmentation_loss(out, masks, aux_weight=self.aux_weight, ignore_index=self.ignore_index,
+                                        normaliser=self._normaliser)
         return loss, parts
 
     def describe(self) -> str:

@@ -13,6 +13,10 @@ model, checkpoints and exact resume, DDP). What the step computes from a batch i
   update: e.g. DINO drops the last layer's gradients in the first epoch and clips per parameter.
 * ``after_optimizer_step(step)``: after each update: EMA teachers, momentum schedules.
   ``step`` is the number of optimiser steps taken so far (1 after the first update).
+* ``begin_step(batches)`` / ``end_step()``: around the micro-batches of one optimiser step, with all of
+  them (:class:`StepBatches`). A loss that is a mean over a count that depends on the batch (target
+  boxes, labelled pixels, masked patches) counts its denominator over the whole global batch here, so
+  that accumulation and DDP give the update of one process with that batch (:meth:`StepBatches.normaliser`).
 
 Random draws inside ``step`` (masks, noise) must come from torch's global generator, which the trainer
 saves and restores, so that resumed runs equal uninterrupted ones.
@@ -24,12 +28,44 @@ frozen teacher never becomes a submodule that someone trains by accident.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 Metrics = dict[str, Tensor | float]
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class StepBatches:
+    """The micro-batches of one optimiser step on this process, in the order ``step`` receives them (as the
+    loader gave them, before they are moved to the device), with what is needed to count over the processes.
+
+    The trainer divides each micro-batch's loss by their number (``accum``) and DDP averages gradients over
+    the ``world_size`` processes. A loss ``sum / N`` whose count ``N`` depends on the batch is the one of a
+    single process with the whole global batch when each micro-batch divides its own sum by
+    ``normaliser(...)``: ``max(N_global, minimum) / (accum * world_size)``."""
+
+    micro_batches: list[Any]
+    world_size: int = 1
+    sum_over_processes: Callable[[Tensor], Tensor] = _same  # an all-reduce (sum) under DDP
+
+    @property
+    def accum(self) -> int:
+        return len(self.micro_batches)
+
+    def normaliser(self, counts: list[float], minimum: float | list[float] = 1.0) -> list[float]:
+        """This process's counts over its micro-batches (one per loss term) -> each term's divisor for a
+        micro-batch's sum: the count over all micro-batches and processes (at least ``minimum``, one or one per
+        term), divided by ``accum * world_size``."""
+        total = self.sum_over_processes(torch.tensor(counts, dtype=torch.float64)).tolist()
+        least = minimum if isinstance(minimum, list) else [minimum] * len(total)
+        return [max(n, m) / (self.accum * self.world_size) for n, m in zip(total, least, strict=True)]
 
 
 class Objective:
@@ -84,6 +120,14 @@ class Objective:
 
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         raise NotImplementedError
+
+    def begin_step(self, batches: StepBatches) -> None:
+        """Before the first micro-batch of an optimiser step: all of its micro-batches (e.g. to count a loss's
+        denominator over the global batch). Default: nothing."""
+
+    def end_step(self) -> None:
+        """After the last micro-batch of the step (also when the run stops): forget what ``begin_step`` kept,
+        so that ``step`` called on its own normalises by its batch again."""
 
     def before_optimizer_step(self, step: int) -> None:
         """Gradients are final; ``step`` optimiser steps were taken before this one."""
@@ -163,4 +207,4 @@ def objective_for(criterion: Callable | None, recipe: Any, num_classes: int) -> 
     return ClassificationObjective(criterion, label_smoothing=recipe.label_smoothing, mixup=mixup)
 
 
-__all__ = ["ClassificationObjective", "DistillationObjective", "Metrics", "Objective", "objective_for"]
+__all__ = ["ClassificationObjective", "DistillationObjective", "Metrics", "Objective", "StepBatches", "objective_for"]

@@ -2,7 +2,9 @@
 
 What the step computes is an :class:`~vitlab.train.objective.Objective` (classification by default,
 distillation, the self-supervised objectives of :mod:`vitlab.ssl`); the loop around it is the same for
-all. What a step does, in order: ``accum_steps`` micro-batches through ``objective.step`` under
+all. What a step does, in order: the step's ``accum_steps`` micro-batches are taken from the loader and
+given to ``objective.begin_step`` (which may count a loss's denominator over the whole global batch, so
+that accumulation and DDP give one process's update), then each goes through ``objective.step`` under
 autocast, loss / accum_steps, backward (DDP synchronises gradients on the last micro-batch only); then
 the loss is averaged over ranks and checked for finiteness *before* the update, gradients are unscaled,
 the objective's ``before_optimizer_step`` runs, gradients are clipped to the global norm, the optimiser
@@ -62,6 +64,7 @@ from vitlab.train.objective import (
     DistillationObjective,
     Metrics,
     Objective,
+    StepBatches,
     objective_for,
 )
 from vitlab.train.optim import build_optimizer
@@ -208,14 +211,15 @@ def _make_loader(dataset: Dataset, sampler: Sampler[Any], recipe: Recipe, batch_
                          seed=recipe.seed, drop_last=True, sampler=sampler)
 
 
-def _out_of_batches(train_set: Dataset, epoch: int, step: int, steps_per_epoch: int) -> str:
-    """Why the loader ran dry: the images skipped as undecodable, counted so far."""
+def _out_of_batches(train_set: Dataset, epoch: int, step: int, steps_per_epoch: int, batch_size: int = 2) -> str:
+    """Why the loader ran dry: the images skipped as undecodable, counted so far (a smaller batch is suggested
+    only where there is one)."""
     skipped = getattr(train_set, "num_skipped", None)
     what = (f"{skipped} of its {len(train_set)} images were undecodable and skipped (--skip-bad-images)"  # type: ignore[arg-type]
             if skipped else "undecodable images were skipped (--skip-bad-images)")
     return (f"training stopped at step {step}, in epoch {epoch + 1} (of {steps_per_epoch} steps each): the training "
             f"data ran out of batches, because {what}, which left whole batches empty; replace or remove the bad "
-            f"files (each was named above), or lower --batch-size")
+            f"files (each was named above){', or lower --batch-size' if batch_size > 1 else ''}")
 
 
 def _non_empty(loader: DataLoader) -> Iterator[Any]:
@@ -512,7 +516,11 @@ def fit(
              "warm-up %d", net.model_name, objective.describe(), total_steps, epochs, steps_per_epoch, global_batch, recipe.batch_size,
              accum, ctx.world_size, lr, warmup)
 
+    checkpointed = resume  # whether the run directory holds a state to --resume from
+
     def checkpoint(val: dict[str, Any] | None = None) -> None:
+        nonlocal checkpointed
+        checkpointed = True
         with preserved_rng():
             rngs = [get_rng_state()]
             if ctx.distributed:
@@ -609,8 +617,18 @@ def fit(
     checked = not isinstance(objective, ClassificationObjective)
     # a criterion of the user's own may take other targets (regression, multi-label); distillation takes labels
     standard_labels = not getattr(objective, "custom", False) or isinstance(objective, DistillationObjective)
+
+    def sum_over_processes(counts: Tensor) -> Tensor:
+        """A step's counts (loss denominators) summed over the processes."""
+        if not ctx.distributed:
+            return counts
+        counts = counts.to(device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        return counts.cpu()
+
     with contextlib.ExitStack() as stack:
         stack.callback(undo_sync_bn)
+        stack.callback(objective.end_step)
         signals = stack.enter_context(stop_at_step_boundary(not ctx.distributed))
         stack.callback(writers.close)
         if bar is not None:
@@ -628,14 +646,21 @@ def fit(
                     break
                 loss_sum = torch.zeros((), device=device)
                 metric_sums: dict[str, Any] = {}
-                for micro in range(accum):
+                # the step's micro-batches first (the same batches in the same order): the objective may count a
+                # loss's denominator over the whole global batch before any of them runs
+                micro_batches = []
+                for _micro in range(accum):
                     batch = next(batches, None) if checked else _first_batch(batches)
                     if batch is None:
-                        raise OutOfBatchesError(_out_of_batches(train_set, epoch, step, steps_per_epoch))
+                        raise OutOfBatchesError(_out_of_batches(train_set, epoch, step, steps_per_epoch,
+                                                                recipe.batch_size))
                     if not checked:  # what came, against what a classifier trains on, before the model sees it
                         check_classification_batch(batch, num_classes=num_classes,
                                                    in_chans=net.preprocessing.input_size[0], labels=standard_labels)
                         checked = True
+                    micro_batches.append(batch)
+                objective.begin_step(StepBatches(micro_batches, ctx.world_size, sum_over_processes))
+                for micro, batch in enumerate(micro_batches):
                     batch = _to_device(batch, device)
                     sync = micro == accum - 1
                     # DDP: no all-reduce before the last micro-batch; FSDP reduce-scatters each (sharded sums)
@@ -669,12 +694,19 @@ def fit(
                     for k, v in metrics.items():
                         v = v.detach().float() if isinstance(v, Tensor) else float(v)
                         metric_sums[k] = metric_sums.get(k, 0.0) + v / accum
+                objective.end_step()
                 loss_mean = all_reduce_mean(loss_sum / accum, ctx).item()
                 if not math.isfinite(loss_mean):
+                    fixes = "lowering lr, enabling clip_grad or switching amp off"
+                    # --resume keeps the optimiser's settings (a lower lr is refused there): clip_grad / amp only
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss_mean}) at step {step + 1}: the run stopped before applying it. "
-                        f"The last good checkpoint in {out} is kept (resume with --resume after lowering lr, "
-                        f"enabling clip_grad or switching amp off)"
+                        + (f"The last good checkpoint in {out} is kept: continue it with --resume --set "
+                           f"clip_grad=1.0 (or --set amp=none), or for a lower lr start a new run from its weights "
+                           f"(`vitlab finetune --from {out / MODEL_FILE} --set lr=...`)"
+                           if checkpointed else
+                           f"There is no last good checkpoint yet (none was written in {out}): start the run again "
+                           f"with --overwrite after {fixes}")
                     )
                 grad_norm = None
                 scaler.unscale_(optimizer)  # a no-op without fp16: the hooks and clipping see true gradients
