@@ -128,6 +128,8 @@ def tolerant_stdout() -> None:
         codecs.lookup_error("vitlab.stdout")
     except LookupError:
         codecs.register_error("vitlab.stdout", _stdout_errors)
+    if sys.stdout is not sys.__stdout__:  # a caller's stream (a test's capture, a notebook's): left as it is
+        return
     reconfigure = getattr(sys.stdout, "reconfigure", None)
     if reconfigure is not None and getattr(sys.stdout, "errors", None) in ("strict", "surrogateescape"):
         reconfigure(errors="vitlab.stdout")
