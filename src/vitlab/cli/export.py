@@ -1,4 +1,5 @@
-"""``vitlab export``: a checkpoint to a validated ONNX file (optionally int8), with a report."""
+"""``vitlab export``: a checkpoint to a validated ONNX file (optionally int8), with a report; or its weights in timm's
+layout (``--format timm``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ EXAMPLE = """examples:
   vitlab export --checkpoint deit_small.safetensors --model deit_small_patch16_224 --output deit.onnx   (timm weights)
   vitlab export --checkpoint runs/detr/model.safetensors --output detr.onnx --dynamic-size   (then: vitlab detect
       IMG --checkpoint detr.onnx; likewise a SETR checkpoint and vitlab segment / eval)
+  vitlab export --checkpoint runs/mine/model.safetensors --format timm --output mine-timm.safetensors
+      (the weights under timm's names; it prints the timm.create_model(...) line that loads them)
 
 The file is written only after the same real images (--data, else bundled digits) went through PyTorch
 and ONNX Runtime with the checkpoint's own preprocessing and agreed (max |difference| of every output <=
@@ -30,7 +33,12 @@ Outputs: a classifier's "logits" (B, K); a DETR's "logits" (B, queries, classes 
 and "boxes" (B, queries, 4: normalised cx, cy, w, h), compared by the argmax class per query; a SETR's
 "logits" (B, classes, H, W) at the input resolution, compared by the argmax class per pixel. Auxiliary
 outputs are not exported. An exported DETR takes the image only: no padding mask, every pixel is real.
-The task, the outputs' meaning and the class names are in the file's metadata."""
+The task, the outputs' meaning and the class names are in the file's metadata.
+
+--format timm writes a plain safetensors file that timm's model of the same architecture loads strictly (the same
+outputs), with metadata: the timm model name and the create_model arguments where the model differs from that name's
+defaults, the class names and the preprocessing. Families timm has no model for (T2T-ViT, CCT, MobileViT v3, DETR,
+SETR, Linformer attention) and options timm has no argument for are refused, naming them."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "or alone for random weights (for trying the export)")
     add_model_argument(p, with_model=False)
     add_threads_argument(p)
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="output format")
-    p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx")
+    p.add_argument("--format", choices=["onnx", "timm"], default="onnx",
+                   help="onnx: a validated ONNX file; timm: the weights in timm's layout (*.safetensors) and the "
+                        "timm.create_model line that loads them")
+    p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx (model.safetensors for timm)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
     p.add_argument("--dynamic-size", action="store_true",
                    help="any input size, checked at two other sizes (refused for families that cannot)")
@@ -71,6 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import vitlab
+
+    if args.format == "timm":
+        return run_timm(args)
     from vitlab.export import ExportUnavailableError, ExportValidationError, export_onnx
 
     if args.num_images < 1:
@@ -104,4 +117,55 @@ def run(args: argparse.Namespace) -> int:
         log.error("error: %s", e)
         return 2
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0
+
+
+# options of the ONNX export, and their defaults: given with --format timm, they are refused (nothing to apply them to)
+_ONNX_ONLY = (("dynamic_batch", "--dynamic-batch", False), ("dynamic_size", "--dynamic-size", False),
+              ("img_size", "--img-size", None), ("int8", "--int8", False), ("opset", "--opset", None),
+              ("data", "--data", None), ("num_images", "--num-images", DEFAULT_NUM_IMAGES),
+              ("tolerance", "--tolerance", DEFAULT_TOLERANCE), ("min_agreement", "--min-agreement", None),
+              ("force", "--force", False), ("no_timing", "--no-timing", False))
+
+
+def run_timm(args: argparse.Namespace) -> int:
+    """``--format timm``: the checkpoint's weights in timm's layout, and how timm loads them."""
+    import vitlab
+    from vitlab.checkpoints import save_timm, timm_model_args
+
+    given = [flag for attr, flag, default in _ONNX_ONLY if getattr(args, attr) != default]
+    if given:
+        raise ValueError(f"{', '.join(given)}: options of the ONNX export; --format timm writes the weights as they "
+                         f"are (the model's own input size)")
+    output = Path(args.output)
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give the file to write, e.g. {output / 'model.safetensors'}")
+    if output.suffix.lower() != ".safetensors":
+        raise ValueError(f"--output {output}: --format timm writes a safetensors file; name it *.safetensors, e.g. "
+                         f"{output.with_suffix('.safetensors')}")
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
+    if not (args.checkpoint or args.model):
+        raise ValueError("give --checkpoint (and --model for timm or JAX weights), or --model alone for random weights")
+    model = (vitlab.load_model(args.checkpoint, model_name=args.model, **model_args(args)) if args.checkpoint
+             else vitlab.create_model(args.model, **model_args(args)))
+    timm_model_args(model)  # refuses a family or option timm has not, before anything is written
+    found = save_timm(model, output)
+    pre = model.preprocessing
+    report = {"output": str(output), "format": "timm", "timm_model": found.model_name, "timm_kwargs": found.kwargs,
+              "builder": found.builder, "load": found.load_line(output), "notes": list(found.notes),
+              "input_size": list(pre.input_size), "mean": list(pre.mean), "std": list(pre.std)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    built = "timm's " + (found.model_name if found.builder == "timm.create_model" else found.builder.rsplit(".", 1)[1])
+    print(f"wrote {output}: {model.model_name}'s weights in {built} layout")
+    print("load it in timm:")
+    print("    import safetensors.torch, timm")
+    print(f"    model = {found.build_call()}")
+    print(f"    model.load_state_dict(safetensors.torch.load_file({str(output)!r}))")
+    print(f"its inputs: {pre.input_size[1]}x{pre.input_size[2]} px, mean {tuple(pre.mean)}, std {tuple(pre.std)} (also in "
+          f"the file's metadata)")
+    for note in found.notes:
+        print(f"note: {note}")
     return 0
