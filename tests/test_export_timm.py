@@ -266,5 +266,5 @@ def test_cli_export_timm_refuses_onnx_options_and_other_suffixes(tmp_path, cait_
         assert main([*base, "--output", str(tmp_path / "m.safetensors"), "--int8", "--img-size", "64"]) == 2
         assert main([*base, "--output", str(tmp_path / "m.onnx")]) == 2
     assert "--img-size, --int8: options of the ONNX export" in caplog.text
-    assert "name it *.safetensors" in caplog.text
+    assert "name the file *.safetensors" in caplog.text
     assert not list(tmp_path.glob("m.*"))

@@ -80,7 +80,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import vitlab
 
     if args.format == "timm":
         return run_timm(args)
@@ -88,21 +87,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise ValueError("--num-images must be >= 1")
-    output = Path(args.output)
-    if output.is_dir():
-        raise ValueError(f"--output {output} is a folder; give the file to write, e.g. {output / 'model.onnx'}")
-    if output.suffix.lower() != ".onnx":
-        raise ValueError(f"--output {output}: name the file *.onnx (predict, eval, detect and segment recognise ONNX "
-                         f"files by that suffix), e.g. {output.with_suffix('.onnx')}")
-    if output.exists() and not args.overwrite:
-        raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
+    check_output(args, ".onnx", "predict, eval, detect and segment recognise ONNX files by that suffix")
     if args.min_agreement is not None and not args.int8:
         raise ValueError("--min-agreement applies to --int8 files (their agreement with float32 PyTorch); a float32 "
                          "export is checked by --tolerance")
-    if not (args.checkpoint or args.model):
-        raise ValueError("give --checkpoint (and --model for timm or JAX weights), or --model alone for random weights")
-    model = (vitlab.load_model(args.checkpoint, model_name=args.model, **model_args(args)) if args.checkpoint
-             else vitlab.create_model(args.model, **model_args(args)))
+    model = model_to_export(args)
     try:
         report = export_onnx(
             model, args.output, img_size=args.img_size, dynamic_batch=args.dynamic_batch,
@@ -120,6 +109,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_output(args: argparse.Namespace, suffix: str, why: str) -> Path:
+    """``--output``: a file named ``*suffix`` that is not there yet (or ``--overwrite``)."""
+    output = Path(args.output)
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give the file to write, e.g. {output / ('model' + suffix)}")
+    if output.suffix.lower() != suffix:
+        raise ValueError(f"--output {output}: name the file *{suffix} ({why}), e.g. {output.with_suffix(suffix)}")
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
+    return output
+
+
+def model_to_export(args: argparse.Namespace):
+    """The model ``--checkpoint`` holds (``--model`` naming its architecture where the weights do not), or
+    ``--model`` alone with random weights."""
+    import vitlab
+
+    if not (args.checkpoint or args.model):
+        raise ValueError("give --checkpoint (and --model for timm or JAX weights), or --model alone for random weights")
+    return (vitlab.load_model(args.checkpoint, model_name=args.model, **model_args(args)) if args.checkpoint
+            else vitlab.create_model(args.model, **model_args(args)))
+
+
 # options of the ONNX export, and their defaults: given with --format timm, they are refused (nothing to apply them to)
 _ONNX_ONLY = (("dynamic_batch", "--dynamic-batch", False), ("dynamic_size", "--dynamic-size", False),
               ("img_size", "--img-size", None), ("int8", "--int8", False), ("opset", "--opset", None),
@@ -130,25 +142,14 @@ _ONNX_ONLY = (("dynamic_batch", "--dynamic-batch", False), ("dynamic_size", "--d
 
 def run_timm(args: argparse.Namespace) -> int:
     """``--format timm``: the checkpoint's weights in timm's layout, and how timm loads them."""
-    import vitlab
     from vitlab.checkpoints import save_timm, timm_model_args
 
     given = [flag for attr, flag, default in _ONNX_ONLY if getattr(args, attr) != default]
     if given:
         raise ValueError(f"{', '.join(given)}: options of the ONNX export; --format timm writes the weights as they "
                          f"are (the model's own input size)")
-    output = Path(args.output)
-    if output.is_dir():
-        raise ValueError(f"--output {output} is a folder; give the file to write, e.g. {output / 'model.safetensors'}")
-    if output.suffix.lower() != ".safetensors":
-        raise ValueError(f"--output {output}: --format timm writes a safetensors file; name it *.safetensors, e.g. "
-                         f"{output.with_suffix('.safetensors')}")
-    if output.exists() and not args.overwrite:
-        raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
-    if not (args.checkpoint or args.model):
-        raise ValueError("give --checkpoint (and --model for timm or JAX weights), or --model alone for random weights")
-    model = (vitlab.load_model(args.checkpoint, model_name=args.model, **model_args(args)) if args.checkpoint
-             else vitlab.create_model(args.model, **model_args(args)))
+    output = check_output(args, ".safetensors", "--format timm writes a safetensors file")
+    model = model_to_export(args)
     timm_model_args(model)  # refuses a family or option timm has not, before anything is written
     found = save_timm(model, output)
     pre = model.preprocessing
