@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -178,3 +179,16 @@ def refuse_torchrun(command: str) -> None:
     if world.isdigit() and int(world) > 1:
         raise ValueError(f"`vitlab {command}` runs in one process: run it without torchrun (here each of the "
                          f"{world} processes would evaluate all of the data and write the same files)")
+
+
+def printable(path: str | os.PathLike) -> str:
+    """``path`` as stdout can print it: a file name that is not UTF-8 keeps its bytes where the stream takes
+    them (surrogateescape), else they are shown as escapes."""
+    from vitlab.analysis.figures import display_text
+
+    text = str(path)
+    try:
+        text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict")
+    except (UnicodeEncodeError, LookupError):
+        return display_text(text)
+    return text

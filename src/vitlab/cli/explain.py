@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from vitlab.cli.common import (
     add_threads_argument,
     check_device,
     load_checkpoint,
+    printable,
     require_classifier,
 )
 
@@ -81,19 +81,6 @@ def resolve_class(target: str | None, class_names: list[str]) -> int | None:
 def model_class_names(model: torch.nn.Module) -> list[str]:
     names = getattr(model, "class_names", None)
     return list(names) if names else [str(i) for i in range(model.num_classes)]
-
-
-def printable(path: str | Path) -> str:
-    """``path`` as stdout can print it: a file name that is not UTF-8 keeps its bytes where the stream takes
-    them (surrogateescape), else they are shown as escapes."""
-    from vitlab.analysis.figures import display_text
-
-    text = str(path)
-    try:
-        text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict")
-    except (UnicodeEncodeError, LookupError):
-        return display_text(text)
-    return text
 
 
 def prepare_image(path: str, transform) -> torch.Tensor:

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.cli.explain import printable
+    from vitlab.cli.common import printable
     from vitlab.data import expand_image_paths
     from vitlab.tasks.run import check_output_files, load_dense, segment_images
 
