@@ -455,3 +455,18 @@ def test_a_checkpoint_records_the_vitlab_version_that_wrote_it(tmp_path) -> None
     path = vitlab.save_model(tiny_vit(2), tmp_path / "m.safetensors")
     assert read_vitlab(path)[1]["vitlab_version"] == vitlab.__version__
     assert vitlab.load_model(path).num_classes == 2
+
+
+def test_a_trained_checkpoint_records_the_settings_it_was_trained_with(tmp_path) -> None:
+    """The recipe's name alone hid --set changes (lr, ema_decay ...): the checkpoint has every setting now."""
+    from vitlab.checkpoints import read_vitlab
+    from vitlab.cli.main import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), "--threads", "1", "--no-progress", "--steps", "2",
+                 "--set", "model_overrides.depth=1", "--set", "lr=0.00123", "--set", "eval_every_epochs=1000"]) == 0
+    extra = read_vitlab(out / "model.safetensors")[1]["extra"]
+    assert extra["recipe"] == "digits" and extra["recipe_settings"]["lr"] == 0.00123
+    recorded = json.loads((out / "recipe.json").read_text(encoding="utf-8"))
+    recorded.pop("resolved")  # the run's resolved lr / batch: recipe.json's own addition
+    assert extra["recipe_settings"] == recorded

@@ -532,8 +532,10 @@ def fit(
                 ema_sd = full_model_state(ema.module) if ema is not None else None
                 optim_sd = full_optimizer_state(net, optimizer) if recipe.fsdp else optimizer.state_dict()
             if ctx.is_main:
-                extra = {"step": step, "recipe": recipe.name, **({"val": val} if val else {}),
-                         **({} if supervised else {"objective": objective.describe()})}
+                # the recipe's name and every setting it trained with (--set changes included): a checkpoint travels
+                # without the run folder's recipe.json
+                extra = {"step": step, "recipe": recipe.name, "recipe_settings": recipe.to_dict(),
+                         **({"val": val} if val else {}), **({} if supervised else {"objective": objective.describe()})}
                 save_model(net, out / MODEL_FILE, class_names=class_names, extra=extra, state_dict=model_sd)
                 if ema is not None:
                     save_model(ema.module, out / EMA_FILE, class_names=class_names, extra={**extra, "ema": True},
