@@ -11,53 +11,22 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 import vitlab
+from eval_helpers import bright_dark_checkpoint, eval_json, grey_class_folders
 from vitlab.cli.main import main
-
-
-def _bright_dark_checkpoint(path: Path) -> Path:
-    model = vitlab.create_model("vit_tiny_patch16_224", img_size=16, patch_size=16, depth=0, embed_dim=8,
-                                num_heads=2, num_classes=2, global_pool="avg", class_token=False, in_chans=1,
-                                mean=(0.5,), std=(0.5,), crop_pct=1.0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.patch_embed.proj.weight[0] = 1.0  # feature 0: the image's summed brightness (normalised: -256..256)
-        model.patch_embed.proj.weight[1] = -1.0
-        model.fc_norm.weight.fill_(1.0)
-        model.head.weight[0, 0], model.head.weight[1, 1] = 1.0, 1.0  # "2": bright, "10": dark
-    model.class_names = ["2", "10"]  # the head's order, as numbers sort
-    return vitlab.save_model(model, path)
-
-
-def _folder(root: Path, classes: dict[str, int]) -> Path:
-    """Class folders of 3 grey 16 x 16 images each, all of one brightness."""
-    for name, value in classes.items():
-        (root / name).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(np.full((16, 16), value, np.uint8)).save(root / name / f"{i}.png")
-    return root
-
-
-def _eval(capsys: pytest.CaptureFixture, *args: str) -> dict:
-    assert main(["eval", *args, "--json", "--threads", "1"]) == 0
-    return json.loads(capsys.readouterr().out)
 
 
 def test_classes_in_another_order_are_matched_by_name(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    ckpt = _bright_dark_checkpoint(tmp_path / "m.safetensors")
-    data = _folder(tmp_path / "data" / "test", {"2": 250, "10": 5}).parent  # sorted as text: "10", "2"
+    ckpt = bright_dark_checkpoint(tmp_path / "m.safetensors")
+    data = grey_class_folders(tmp_path / "data" / "test", {"2": 250, "10": 5}).parent  # sorted as text: "10", "2"
     (data / "train").symlink_to(data / "test")
-    metrics = _eval(capsys, "--checkpoint", str(ckpt), "--data", str(data))
+    metrics = eval_json(capsys, "--checkpoint", str(ckpt), "--data", str(data))
     assert metrics["top1"] == 1.0 and metrics["per_class"] == {"10": 1.0, "2": 1.0}
     assert metrics["class_match"] == {"10": "10", "2": "2"}
-    by_index = _eval(capsys, "--checkpoint", str(ckpt), "--data", str(data), "--class-match", "index")
+    by_index = eval_json(capsys, "--checkpoint", str(ckpt), "--data", str(data), "--class-match", "index")
     assert by_index["top1"] == 0.0  # what eval reported before: the i-th folder taken for the head's i-th class
     assert "labels are matched by index" in caplog.text
 
@@ -65,24 +34,24 @@ def test_classes_in_another_order_are_matched_by_name(tmp_path: Path, capsys: py
 def test_a_subset_of_the_classes_is_scored_and_an_unknown_class_refused(tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
-    ckpt = _bright_dark_checkpoint(tmp_path / "m.safetensors")
-    only = _folder(tmp_path / "only" / "test", {"2": 250}).parent
+    ckpt = bright_dark_checkpoint(tmp_path / "m.safetensors")
+    only = grey_class_folders(tmp_path / "only" / "test", {"2": 250}).parent
     (only / "train").symlink_to(only / "test")
-    metrics = _eval(capsys, "--checkpoint", str(ckpt), "--data", str(only))
+    metrics = eval_json(capsys, "--checkpoint", str(ckpt), "--data", str(only))
     assert metrics["top1"] == 1.0 and metrics["samples"] == 3 and metrics["per_class"] == {"2": 1.0}
-    other = _folder(tmp_path / "other" / "test", {"2": 250, "7": 5}).parent
+    other = grey_class_folders(tmp_path / "other" / "test", {"2": 250, "7": 5}).parent
     (other / "train").symlink_to(other / "test")
     assert main(["eval", "--checkpoint", str(ckpt), "--data", str(other), "--threads", "1"]) != 0
     assert re.search(r"has class\(es\) '7' that the checkpoint .* does not know", caplog.text)
 
 
 def test_a_class_without_images_in_the_split_is_null(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    ckpt = _bright_dark_checkpoint(tmp_path / "m.safetensors")
+    ckpt = bright_dark_checkpoint(tmp_path / "m.safetensors")
     data = tmp_path / "data"
-    _folder(data / "train", {"2": 250, "10": 5})
-    _folder(data / "test", {"2": 250})
+    grey_class_folders(data / "train", {"2": 250, "10": 5})
+    grey_class_folders(data / "test", {"2": 250})
     out = tmp_path / "report"
-    metrics = _eval(capsys, "--checkpoint", str(ckpt), "--data", str(data), "--output", str(out))
+    metrics = eval_json(capsys, "--checkpoint", str(ckpt), "--data", str(data), "--output", str(out))
     assert metrics["per_class"] == {"10": None, "2": 1.0}
     assert json.loads((out / "metrics.json").read_text())["per_class"]["10"] is None  # valid JSON, no NaN
     assert (out / "per_class.csv").read_text().splitlines()[1:] == ["10,0,", "2,3,1.000000"]
@@ -95,15 +64,15 @@ def test_data_defaults_to_the_runs_own(tmp_path: Path, capsys: pytest.CaptureFix
                                        caplog: pytest.LogCaptureFixture) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    ckpt = _bright_dark_checkpoint(run / "model.safetensors")
+    ckpt = bright_dark_checkpoint(run / "model.safetensors")
     assert main(["eval", "--checkpoint", str(ckpt), "--threads", "1"]) != 0
     assert re.search("--data is required: .* has no run record", caplog.text)
-    data = _folder(tmp_path / "data" / "test", {"2": 250, "10": 5}).parent
+    data = grey_class_folders(tmp_path / "data" / "test", {"2": 250, "10": 5}).parent
     (data / "train").symlink_to(data / "test")
     from vitlab.train.run import source_identity
 
     (run / "job.json").write_text(json.dumps({"data": str(data), "data_source": source_identity(data)}))
-    metrics = _eval(capsys, "--checkpoint", str(ckpt))
+    metrics = eval_json(capsys, "--checkpoint", str(ckpt))
     assert metrics["data"] == str(data) and metrics["top1"] == 1.0
 
 
@@ -119,14 +88,14 @@ def test_knn_bank_is_the_runs_training_split_on_a_fixed_test_set(tmp_path: Path,
     (run / "job.json").write_text(json.dumps({"data": "digits", "data_source": source_identity("digits")}))
     (run / "recipe.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.0}))  # trained on every image
     with caplog.at_level("INFO"):
-        metrics = _eval(capsys, "--checkpoint", str(ckpt), "--protocol", "knn")
+        metrics = eval_json(capsys, "--checkpoint", str(ckpt), "--protocol", "knn")
     assert metrics["train_images"] == 1438  # digits' whole training split, not 90% of it (1295)
 
 
 def test_no_name_in_common_falls_back_to_positions_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    ckpt = _bright_dark_checkpoint(tmp_path / "m.safetensors")  # its classes: "2" (bright), "10" (dark)
-    data = _folder(tmp_path / "data" / "test", {"a_bright": 250, "b_dark": 5}).parent
+    ckpt = bright_dark_checkpoint(tmp_path / "m.safetensors")  # its classes: "2" (bright), "10" (dark)
+    data = grey_class_folders(tmp_path / "data" / "test", {"a_bright": 250, "b_dark": 5}).parent
     (data / "train").symlink_to(data / "test")
-    metrics = _eval(capsys, "--checkpoint", str(ckpt), "--data", str(data))
+    metrics = eval_json(capsys, "--checkpoint", str(ckpt), "--data", str(data))
     assert metrics["top1"] == 1.0 and "labels are matched by index" in caplog.text

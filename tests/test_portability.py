@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 import vitlab
+from eval_helpers import bright_dark_checkpoint, eval_json, grey_class_folders
 from vitlab.checkpoints.adapt import match_class_names
 from vitlab.cli.main import main
 from vitlab.data.errors import DatasetError
@@ -70,38 +70,14 @@ def test_fsdp_on_a_torch_without_fsdp2_names_the_torch_it_needs(no_fsdp2) -> Non
 # --------------------------------------------------------------------- class folder names in NFD (macOS)
 
 
-def _folder(root: Path, classes: dict[str, int], n: int = 3) -> Path:
-    """Class folders (named exactly as given) of ``n`` grey 16 x 16 images, all of one brightness."""
-    for name, value in classes.items():
-        (root / name).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(np.full((16, 16), value, np.uint8)).save(root / name / f"{i}.png")
-    return root
 
 
-def _bright_dark_checkpoint(path: Path, names: list[str]) -> Path:
-    """A hand-set model: its class ``names[0]`` for bright images, ``names[1]`` for dark ones."""
-    model = vitlab.create_model("vit_tiny_patch16_224", img_size=16, patch_size=16, depth=0, embed_dim=8,
-                                num_heads=2, num_classes=2, global_pool="avg", class_token=False, in_chans=1,
-                                mean=(0.5,), std=(0.5,), crop_pct=1.0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.patch_embed.proj.weight[0] = 1.0  # feature 0: the image's brightness; feature 1: its darkness
-        model.patch_embed.proj.weight[1] = -1.0
-        model.fc_norm.weight.fill_(1.0)
-        model.head.weight[0, 0], model.head.weight[1, 1] = 1.0, 1.0
-    model.class_names = names
-    return vitlab.save_model(model, path)
 
 
-def _eval(capsys: pytest.CaptureFixture, *args: str) -> dict:
-    assert main(["eval", *args, "--json", "--threads", "1"]) == 0
-    return json.loads(capsys.readouterr().out)
 
 
 def test_nfd_class_folders_are_the_nfc_classes_in_nfc_order(tmp_path: Path) -> None:
-    root = _folder(tmp_path / "d", {nfd("zéro"): 250, nfd("été"): 5}, n=2)
+    root = grey_class_folders(tmp_path / "d", {nfd("zéro"): 250, nfd("été"): 5}, n=2)
     paths, labels, classes = scan_folder(root)
     # NFC sorts "zéro" before "été" (U+00E9 > "z"); NFD would put "e" + accent first
     assert classes == ["zéro", "été"] and all(unicodedata.is_normalized("NFC", c) for c in classes)
@@ -112,7 +88,7 @@ def test_nfd_class_folders_are_the_nfc_classes_in_nfc_order(tmp_path: Path) -> N
 
 
 def test_two_spellings_of_one_class_folder_are_refused(tmp_path: Path) -> None:
-    root = _folder(tmp_path / "d", {"café": 250, nfd("café"): 5}, n=1)
+    root = grey_class_folders(tmp_path / "d", {"café": 250, nfd("café"): 5}, n=1)
     with pytest.raises(DatasetError, match="same name 'café' in two Unicode spellings"):
         scan_folder(root)
 
@@ -125,14 +101,14 @@ def test_class_names_match_across_unicode_forms() -> None:
 def test_eval_on_nfd_folders_matches_an_nfc_checkpoint_by_name(tmp_path: Path, capsys) -> None:
     # trained on NFC folders (Linux): head order "zéro" (bright), "été" (dark); by position the NFD folder's
     # sorted classes ("été", "zéro") would swap the labels: 0% where 100% is right
-    ckpt = _bright_dark_checkpoint(tmp_path / "m.safetensors", ["zéro", "été"])
-    data = _folder(tmp_path / "mac", {nfd("zéro"): 250, nfd("été"): 5})
-    metrics = _eval(capsys, "--checkpoint", str(ckpt), "--data", f"folder:{data}", "--split", "train",
+    ckpt = bright_dark_checkpoint(tmp_path / "m.safetensors", ["zéro", "été"])
+    data = grey_class_folders(tmp_path / "mac", {nfd("zéro"): 250, nfd("été"): 5})
+    metrics = eval_json(capsys, "--checkpoint", str(ckpt), "--data", f"folder:{data}", "--split", "train",
                     "--val-fraction", "0", "--output", str(tmp_path / "e1"))
     assert metrics["top1"] == 1.0 and metrics["per_class"] == {"zéro": 1.0, "été": 1.0}
     # a subset of the classes, matched by name
-    sub = _folder(tmp_path / "mac_sub", {nfd("été"): 5})
-    metrics = _eval(capsys, "--checkpoint", str(ckpt), "--data", f"folder:{sub}", "--split", "train",
+    sub = grey_class_folders(tmp_path / "mac_sub", {nfd("été"): 5})
+    metrics = eval_json(capsys, "--checkpoint", str(ckpt), "--data", f"folder:{sub}", "--split", "train",
                     "--val-fraction", "0", "--output", str(tmp_path / "e2"))
     assert metrics["top1"] == 1.0 and metrics["per_class"] == {"été": 1.0}
 
@@ -140,9 +116,9 @@ def test_eval_on_nfd_folders_matches_an_nfc_checkpoint_by_name(tmp_path: Path, c
 def test_eval_of_a_checkpoint_with_nfd_names_on_nfc_folders(tmp_path: Path, capsys) -> None:
     # trained on a Mac: NFD names in NFD order, "été" (bright) before "zéro" (dark); the NFC folder sorts
     # "zéro" first, so by position the labels would swap
-    ckpt = _bright_dark_checkpoint(tmp_path / "m.safetensors", [nfd("été"), nfd("zéro")])
-    data = _folder(tmp_path / "linux", {"été": 250, "zéro": 5})
-    metrics = _eval(capsys, "--checkpoint", str(ckpt), "--data", f"folder:{data}", "--split", "train",
+    ckpt = bright_dark_checkpoint(tmp_path / "m.safetensors", [nfd("été"), nfd("zéro")])
+    data = grey_class_folders(tmp_path / "linux", {"été": 250, "zéro": 5})
+    metrics = eval_json(capsys, "--checkpoint", str(ckpt), "--data", f"folder:{data}", "--split", "train",
                     "--val-fraction", "0", "--output", str(tmp_path / "e"))
     assert metrics["top1"] == 1.0 and metrics["per_class"] == {"zéro": 1.0, "été": 1.0}
 
@@ -151,8 +127,8 @@ def test_eval_of_a_checkpoint_with_nfd_names_on_nfc_folders(tmp_path: Path, caps
 
 
 def test_eval_under_a_non_utf8_locale_writes_its_reports_in_utf8(tmp_path: Path) -> None:
-    ckpt = _bright_dark_checkpoint(tmp_path / "m.safetensors", ["café", "thé"])
-    data = _folder(tmp_path / "data", {"café": 250, "thé": 5})
+    ckpt = bright_dark_checkpoint(tmp_path / "m.safetensors", ["café", "thé"])
+    data = grey_class_folders(tmp_path / "data", {"café": 250, "thé": 5})
     out = tmp_path / "eval"
     env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
            "OMP_NUM_THREADS": "1"}
@@ -206,8 +182,8 @@ def no_export_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 ])
 def test_onnx_runtimes_without_the_export_extra_say_what_to_install(command, no_export_extra, tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    ckpt = _bright_dark_checkpoint(tmp_path / "m.safetensors", ["a", "b"])
-    data = _folder(tmp_path / "data", {"a": 250, "b": 5}, n=1)
+    ckpt = bright_dark_checkpoint(tmp_path / "m.safetensors", ["a", "b"])
+    data = grey_class_folders(tmp_path / "data", {"a": 250, "b": 5}, n=1)
     (tmp_path / "m.onnx").write_bytes(b"not read")
     subst = {"IMAGE": str(data / "a" / "0.png"), "CKPT": str(ckpt), "ONNX": str(tmp_path / "m.onnx"),
              "DATA": f"folder:{data}", "OUT": str(tmp_path / "out")}
