@@ -37,3 +37,13 @@ SETR_TINY = {"in_chans": 1, "channels": 16, "mean": [0.5], "std": [0.5],
 # the same at 32 px with three classes, for the ONNX export tests and the export table
 DETR_EXPORT = {**DETR_TINY, "img_size": 32, "num_classes": 3}
 SETR_EXPORT = {**SETR_TINY, "img_size": 32, "num_classes": 3}
+
+
+def make_test_canvases(root: Path, *, train: int = 4, val: int = 2, size: int = 32, seed: int = 1) -> Path:
+    """Digit canvases from :func:`write_fake_mnist` through `vitlab make-canvases` (``root/c``)."""
+    from vitlab.cli.main import main
+
+    mnist = write_fake_mnist(root / "mnist")
+    assert main(["make-canvases", "--mnist", str(mnist), "--seed", str(seed), "--output", str(root / "c"), "--train",
+                 str(train), "--val", str(val), "--size", str(size)]) == 0
+    return root / "c"

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import vitlab
-from dense_helpers import DETR_TINY, SETR_TINY, write_fake_mnist
+from dense_helpers import DETR_TINY, SETR_TINY, make_test_canvases
 from vitlab.cli.main import main
 
 TINY_VIT = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=2,
@@ -250,11 +250,8 @@ def test_explain_fails_when_no_image_could_be_read(which, classifier, dense_chec
 def test_eval_json_of_a_dense_checkpoint_is_its_metrics_json(tmp_path, capsys):
     """For a detector, --json printed the bare metrics where metrics.json (and a classifier's --json) also name
     the checkpoint, data and split."""
-    from vitlab.data.dense import make_canvases
-
-    data = tmp_path / "canvases"
-    make_canvases(data, mnist=write_fake_mnist(tmp_path / "mnist", n=10), seed=0, n_train=2, n_val=2, size=32,
-                  digits=(1, 1))
+    data = make_test_canvases(tmp_path, train=2)
+    capsys.readouterr()  # make-canvases' own summary line
     torch.manual_seed(0)  # a detector of the canvases' classes (category id k + 1 is digit k)
     detr = vitlab.create_model("detr_resnet50", **{**DETR_TINY, "img_size": 32, "num_classes": 11})
     ckpt = vitlab.save_model(detr, tmp_path / "detr.safetensors", class_names=["n/a", *map(str, range(10))])

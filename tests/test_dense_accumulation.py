@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 import vitlab
-from dense_helpers import DETR_TINY, SETR_TINY, write_fake_mnist
+from dense_helpers import DETR_TINY, SETR_TINY, make_test_canvases
 from vitlab.cli.main import main
 from vitlab.data.dense import pad_batch
 from vitlab.layers import capture_attention
@@ -305,9 +305,7 @@ def unlabelled(tmp_path_factory) -> Path:
     from PIL import Image
 
     tmp = tmp_path_factory.mktemp("unlabelled")
-    mnist = write_fake_mnist(tmp / "mnist")
-    assert main(["make-canvases", "--mnist", str(mnist), "--seed", "1", "--output", str(tmp / "c"), "--train", "4",
-                 "--val", "2", "--size", "32"]) == 0
+    make_test_canvases(tmp)
     for f in sorted((tmp / "c" / "train" / "masks").iterdir()):
         Image.fromarray(np.full((32, 32), 255, dtype=np.uint8)).save(f)
     recipe = tmp / "r.json"

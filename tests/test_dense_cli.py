@@ -11,18 +11,15 @@ import pytest
 from PIL import Image
 
 import vitlab
-from dense_helpers import DETR_EXPORT, DETR_TINY, SETR_EXPORT, SETR_TINY, write_fake_mnist
+from dense_helpers import DETR_EXPORT, DETR_TINY, SETR_EXPORT, SETR_TINY, make_test_canvases
 from vitlab.cli.main import main
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("canvases")
-    mnist = write_fake_mnist(tmp / "mnist")
-    assert main(["make-canvases", "--mnist", str(mnist), "--seed", "1", "--output", str(tmp / "c"), "--train", "4",
-                 "--val", "2", "--size", "32"]) == 0
-    assert json.loads((tmp / "c" / "classes.json").read_text())[0] == "background"
-    return tmp / "c"
+    canvases = make_test_canvases(tmp_path_factory.mktemp("canvases"))
+    assert json.loads((canvases / "classes.json").read_text())[0] == "background"
+    return canvases
 
 
 def _recipe(tmp: Path, model: str, overrides: dict) -> Path:

@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime", reason="ONNX export tests need the optional e
 pytest.importorskip("onnxscript", reason="ONNX export tests need the optional extra: pip install 'vitlab[export]'")
 
 import vitlab
-from dense_helpers import DETR_EXPORT, SETR_EXPORT, write_fake_mnist
+from dense_helpers import DETR_EXPORT, SETR_EXPORT, make_test_canvases
 from vitlab.cli.main import main
 from vitlab.export import ExportError, ExportValidationError, InputSizeError, OnnxModel, export_onnx, read_metadata
 from vitlab.export.onnx import rebuild
@@ -128,16 +128,19 @@ def test_exported_detr_refuses_a_padding_mask(detr_export):
         m(x, mask)
 
 
+def _detect(image: Path, checkpoint: Path, output: Path) -> list[dict]:
+    """`vitlab detect IMAGE --checkpoint CHECKPOINT --threshold 0`'s objects."""
+    assert main(["detect", str(image), "--checkpoint", str(checkpoint), "--threshold", "0",
+                 "--output", str(output)]) == 0
+    return json.loads((output / "detections.json").read_text())[0]["objects"]
+
+
 def test_detect_with_the_onnx_file(detr_export, tmp_path, capsys, caplog):
     """`vitlab detect` with the .onnx file gives the checkpoint's detections (a non-square image: the
     dynamic-size file keeps DETR's aspect-preserving resize)."""
     ckpt, path, _ = detr_export
     image = _save_png(tmp_path / "canvas.png", 30, 47, seed=1)
-    results = {}
-    for name, source in (("torch", ckpt), ("onnx", path)):
-        assert main(["detect", str(image), "--checkpoint", str(source), "--threshold", "0",
-                     "--output", str(tmp_path / name)]) == 0
-        results[name] = json.loads((tmp_path / name / "detections.json").read_text())[0]["objects"]
+    results = {name: _detect(image, source, tmp_path / name) for name, source in (("torch", ckpt), ("onnx", path))}
     assert len(results["onnx"]) == 4 and (tmp_path / "onnx" / "canvas.png").is_file()
     for a, b in zip(results["torch"], results["onnx"]):
         assert a["label"] == b["label"] and a["label"] in CLASSES
@@ -162,11 +165,7 @@ def test_detect_with_an_onnx_file_keeps_the_models_longer_side_cap(tmp_path):
                  "--no-timing"]) == 0
     assert OnnxModel(path).max_size == 40
     image = _save_png(tmp_path / "wide.png", 20, 60, seed=2)
-    results = {}
-    for name, source in (("torch", ckpt), ("onnx", path)):
-        assert main(["detect", str(image), "--checkpoint", str(source), "--threshold", "0",
-                     "--output", str(tmp_path / name)]) == 0
-        results[name] = json.loads((tmp_path / name / "detections.json").read_text())[0]["objects"]
+    results = {name: _detect(image, source, tmp_path / name) for name, source in (("torch", ckpt), ("onnx", path))}
     for a, b in zip(results["torch"], results["onnx"], strict=True):
         assert a["score"] == pytest.approx(b["score"], abs=1e-3)
         assert a["box_xyxy"] == pytest.approx(b["box_xyxy"], abs=0.02)
@@ -213,11 +212,7 @@ def test_detr_int8_reports_query_agreement(detr_export, reuse_export, tmp_path):
 # ------------------------------------------------------------------------------------ SETR (default)
 @pytest.fixture(scope="module")
 def canvases(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("canvases")
-    mnist = write_fake_mnist(tmp / "mnist")
-    assert main(["make-canvases", "--mnist", str(mnist), "--seed", "1", "--output", str(tmp / "c"), "--train", "2",
-                 "--val", "2", "--size", "32"]) == 0
-    return tmp / "c"
+    return make_test_canvases(tmp_path_factory.mktemp("canvases"), train=2)
 
 
 def test_setr_fixed_size_export_segment_and_eval(tmp_path, canvases, capsys):
