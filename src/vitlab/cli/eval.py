@@ -26,6 +26,7 @@ from vitlab.cli.common import (
     refuse_torchrun,
 )
 from vitlab.export.runtimes import RUNTIMES
+from vitlab.train.run import EVAL_REPORT_FILES, EVAL_REPORT_PREFIX
 
 log = logging.getLogger("vitlab")
 
@@ -85,7 +86,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 KNN_K, KNN_T, PROBE_EPOCHS = 20, 0.07, 90  # DINO's k-NN (k 20, T 0.07); MAE's probe epochs
-REPORT_FILES = ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")
+# what a report holds, and its default folder beside the checkpoint (train --overwrite removes such folders)
+REPORT_FILES = EVAL_REPORT_FILES
 
 
 def report_folder(args: argparse.Namespace, split: str, files: tuple[str, ...] = REPORT_FILES) -> Path:
@@ -94,7 +96,7 @@ def report_folder(args: argparse.Namespace, split: str, files: tuple[str, ...] =
     from vitlab.checkpoints.io import check_outputs_free
 
     if args.output is None:
-        return Path(args.checkpoint).parent / f"eval_{split}"
+        return Path(args.checkpoint).parent / f"{EVAL_REPORT_PREFIX}{split}"
     earlier = "an earlier `vitlab eval` report there?" if "checkpoint" in _read_recipe(args.output / "metrics.json") \
         else ""
     check_outputs_free([args.output / f for f in files], output=args.output, overwrite=args.overwrite,

@@ -51,7 +51,7 @@ RUN_OUTPUTS = (*RUN_MARKERS, EMA_FILE, RECIPE_FILE, METRICS_FILE, RESULTS_FILE, 
                *PRETRAIN_OUTPUTS)
 # what `fit` itself writes as it trains: a second fit into the folder would replace or append to them
 FIT_OUTPUTS = (STATE_FILE, MODEL_FILE, EMA_FILE, METRICS_FILE, "tb")
-# `vitlab eval`'s report beside a checkpoint, its default folder (eval_SPLIT): vitlab.cli.eval.REPORT_FILES
+# `vitlab eval`'s report (its files, and its default folder beside a checkpoint: eval_SPLIT); the eval command reads them here
 EVAL_REPORT_PREFIX = "eval_"
 EVAL_REPORT_FILES = ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")
 
