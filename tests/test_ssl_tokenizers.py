@@ -377,6 +377,31 @@ def test_resume_of_a_tokenizer_run_is_exact(tmp_path, setup):
     assert straight.history[-1][key] == pytest.approx(resumed.history[-1][key], abs=1e-9)
 
 
+def test_resume_with_a_longer_run_continues_the_temperature_schedule(tmp_path):
+    """A dVAE run of 15 steps stopped at 7 and resumed as 30: tau goes on from its value at step 7 (no jump back
+    up to the 30-step cosine's) and reaches tau_end at the new end, as the learning rate does; stopped again and
+    resumed with that length, it equals the run resumed once (the re-planned schedule is saved)."""
+    def taus(run):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["tau"] for r in recs if r["kind"] == "train"}
+
+    rec = recipe()  # 5 steps per epoch, 15 in all
+    for run, stops in (("a", [7, None]), ("b", [7, 20, None])):
+        for i, until in enumerate(stops):
+            model, obj, data = dvae_setup()
+            fit(model, rec if i == 0 else rec.replace(epochs=6), train_set=data, output_dir=tmp_path / run,
+                objective=obj, progress=False, until_step=until, resume=i > 0)
+    a, b = taus(tmp_path / "a"), taus(tmp_path / "b")
+    old = [gumbel_temperature(s, 15, 1.0, 1 / 16) for s in range(15)]
+    assert [a[s + 1] for s in range(7)] == pytest.approx(old[:7], rel=1e-5)
+    # from step 7 on: progress 7/15 at step 7, running linearly to 1 at step 30
+    expect = [gumbel_temperature(7 / 15 + (1 - 7 / 15) * (s - 7) / 23, 1.0, 1.0, 1 / 16) for s in range(7, 30)]
+    assert [a[s + 1] for s in range(7, 30)] == pytest.approx(expect, rel=1e-5)  # logged to 6 digits
+    assert all(x >= y for x, y in zip(list(a.values()), list(a.values())[1:]))  # never rises
+    assert gumbel_temperature(7, 30, 1.0, 1 / 16) > a[8] * 1.2  # what a restart of the cosine over 30 would give
+    assert b == pytest.approx(a)  # a second resume keeps the re-planned schedule
+
+
 # ---------------------------------------------------------------------------------------------- the CLI
 SMALL = ["--set", "model_overrides.depth=2", "--set", "model_overrides.embed_dim=32", "--set",
          "model_overrides.num_heads=2", "--set", "batch_size=32"]

@@ -129,7 +129,12 @@ class DINOLoss(nn.Module):
 
 def teacher_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
     """Momentum for the update after optimiser step index ``step`` (0-based): cosine from ``base`` to 1."""
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1) / 2
+    return momentum_at(step / max(total_steps, 1), base)
+
+
+def momentum_at(progress: float, base: float = 0.996) -> float:
+    """The teacher's momentum where the run has made ``progress`` (0 to 1): cosine from ``base`` to 1."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 class DINO(Objective):
@@ -234,7 +239,7 @@ class DINO(Objective):
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         self.loss.update_center()  # once per step, from every micro-batch of it
-        m = teacher_momentum(step - 1, self.total_steps, self.base_momentum)
+        m = momentum_at(self.progress(step - 1), self.base_momentum)
         self.last_momentum = m
         for src, dst in ((self.student, self.teacher), (self.head, self.teacher_head)):
             for ps, pt in zip(src.parameters(), dst.parameters(), strict=True):

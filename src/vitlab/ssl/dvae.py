@@ -277,9 +277,9 @@ class _Clock(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
 
-def gumbel_temperature(step: int, anneal_steps: int, start: float = 1.0, end: float = 1 / 16) -> float:
-    """Cosine from ``start`` (step 0) to ``end`` (step ``anneal_steps`` and after)."""
-    t = min(step / max(anneal_steps, 1), 1.0)
+def gumbel_temperature(step: float, anneal_steps: float, start: float = 1.0, end: float = 1 / 16) -> float:
+    """Cosine from ``start`` (step 0) to ``end`` (step ``anneal_steps`` and after); steps or fractions of a run."""
+    t = min(step / anneal_steps, 1.0) if anneal_steps > 0 else 1.0
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -319,11 +319,12 @@ class DVAEObjective(Objective):
         self._cfg = model.cfg
 
     def temperature(self, step: int) -> float:
-        return gumbel_temperature(step, round(self.anneal * self.total_steps), self.tau_start, self.tau_end)
+        """tau at ``step``: the cosine over the first ``anneal`` of the run's progress (re-planned with its length)."""
+        return gumbel_temperature(self.progress(step), self.anneal, self.tau_start, self.tau_end)
 
     def beta(self, step: int) -> float:
-        warm = round(self.kl_warmup * self.total_steps)
-        return self.kl_weight * (min(step / warm, 1.0) if warm > 0 else 1.0)
+        warm = self.kl_warmup
+        return self.kl_weight * (min(self.progress(step) / warm, 1.0) if warm > 0 else 1.0)
 
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         pixels = batch[0] if isinstance(batch, (tuple, list)) else batch  # [0, 1]: the dVAE's preprocessing

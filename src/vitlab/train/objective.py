@@ -13,6 +13,10 @@ model, checkpoints and exact resume, DDP). What the step computes from a batch i
   update: e.g. DINO drops the last layer's gradients in the first epoch and clips per parameter.
 * ``after_optimizer_step(step)``: after each update: EMA teachers, momentum schedules.
   ``step`` is the number of optimiser steps taken so far (1 after the first update).
+* ``progress(step)``: where a schedule over the whole run stands (0 at the start, 1 at its end), for the
+  objective's own schedules (DINO's teacher momentum, the dVAE's temperature). A run whose length changes
+  (``--time-budget``, ``--resume`` with another length) re-plans it (``replan``) so that they go on from where
+  they are instead of jumping.
 * ``begin_step(batches)`` / ``end_step()``: around the micro-batches of one optimiser step, with all of
   them (:class:`StepBatches`). A loss that is a mean over a count that depends on the batch (target
   boxes, labelled pixels, masked patches) counts its denominator over the whole global batch here, so
@@ -33,6 +37,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from vitlab.train.schedule import Horizon
 
 Metrics = dict[str, Tensor | float]
 
@@ -114,8 +120,19 @@ class Objective:
     # ---------------------------------------------------------------------------------- the step
     def setup(self, model: nn.Module, *, steps_per_epoch: int, total_steps: int) -> None:
         """Called once by the engine before the optimiser is built (and before a resume loads state):
-        the model being trained and the run length, for schedules that depend on it."""
+        the model being trained and the run length, for schedules that depend on it (:meth:`progress`).
+        Subclasses that override it call ``super().setup``."""
         self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.schedule = Horizon(total_steps=total_steps, warmup_steps=0)
+
+    def progress(self, step: int) -> float:
+        """The run's progress at optimiser step ``step``, 0 to 1, continuous when the length is re-planned."""
+        return self.schedule.progress(step)
+
+    def replan(self, step: int, total_steps: int) -> None:
+        """The run now ends at ``total_steps``: schedules go on from their value at ``step`` to their end there."""
+        self.schedule.replan(step, total_steps)
         self.total_steps = total_steps
 
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:

@@ -546,7 +546,7 @@ def fit(
                     "train_seconds": seconds_before + time.perf_counter() - t_start,
                     "global_batch": global_batch, "model": model_sd,
                     "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-                    "horizon": horizon.state_dict(),
+                    "horizon": horizon.state_dict(), "objective_schedule": objective.schedule.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema_sd,
                     "objective_name": objective.name, "objective": objective.state_dict(),
                     "rng": rngs, "recipe": recipe.to_dict(),
@@ -606,6 +606,7 @@ def fit(
         log.info("time budget: %.3f s per step over the last steps; %d steps now fit instead of %d (the learning "
                  "rate decays from here to the new end)", step_s, new_total, total_steps)
         horizon.replan(step, new_total)
+        objective.replan(step, new_total)
         total_steps, epochs = new_total, math.ceil(new_total / steps_per_epoch)
         stop = min(total_steps, until_step) if until_step is not None else total_steps
         recipe = recipe.replace(max_steps=total_steps, epochs=epochs)
@@ -849,6 +850,13 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
                          max(0, saved_total - 1))
         horizon.warmup_steps, horizon.total_steps = int(warmup), saved_total
         horizon.replan(step, total_steps)
+    if "objective_schedule" in state:  # the objective's own schedules (DINO's momentum, the dVAE's temperature)
+        objective.schedule.load_state_dict(state["objective_schedule"])
+    else:  # a state written before it was recorded: the saved length, never re-planned
+        objective.schedule = Horizon(total_steps=saved_total, warmup_steps=0)
+    objective.total_steps = objective.schedule.total_steps
+    if total_steps != saved_total:
+        objective.replan(step, total_steps)
     # how the (checked, unchanged) global batch is split over processes and micro-batches is logistics too
     logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description",
                  "fsdp", "batch_size", "accum_steps", "global_batch",
