@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 
 from vitlab.train.distributed import resolve_device
+
+log = logging.getLogger("vitlab")
 
 
 def add_model_argument(p: argparse.ArgumentParser, *, with_model: bool = True) -> None:
@@ -192,3 +195,61 @@ def printable(path: str | os.PathLike) -> str:
     except (UnicodeEncodeError, LookupError):
         return display_text(text)
     return text
+
+
+def add_class_map_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class-map", type=str, metavar="FILE",
+                   help="a text file of the head's class names, one per line in the order of its outputs (timm's "
+                        "--class-map .txt; blank lines are skipped): names for weights that record none (a timm "
+                        "state dict), or in place of the checkpoint's own")
+
+
+def read_class_map(path: str) -> list[str]:
+    """The class names of a ``--class-map`` text file: one per line (surrounding spaces stripped, blank lines
+    skipped), line i naming the head's i-th output, as timm reads a ``.txt`` class map. A pickled map (timm's
+    ``.pkl``) is refused: unpickling a file can run code."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in (".pkl", ".pickle"):
+        raise ValueError(f"--class-map {path}: a pickle file is not read (unpickling can run code); write its "
+                         f"class names to a .txt file, one per line in index order")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+    except FileNotFoundError:
+        raise ValueError(f"--class-map {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"--class-map {path}: a folder, not a text file of class names") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--class-map {path}: not UTF-8 text ({e.reason} at byte {e.start}); expected class "
+                         f"names, one per line") from None
+    if not lines:
+        raise ValueError(f"--class-map {path}: no class names in it (expected one per line)")
+    seen: dict[str, int] = {}
+    for number, name in lines:
+        if name in seen:
+            raise ValueError(f"--class-map {path}: class {name!r} is named twice (lines {seen[name]} and "
+                             f"{number}); each of the head's outputs needs its own name")
+        seen[name] = number
+    return [name for _, name in lines]
+
+
+def recorded_class_names(model: torch.nn.Module, reference: torch.nn.Module | None = None) -> list[str]:
+    """The class names a checkpoint records ([] for one that names none, such as a timm state dict, whose
+    runtime shows stand-ins "0".."N-1"): ``reference``'s (the PyTorch model of a runtime), else those in the
+    metadata of the ONNX file ``model`` runs."""
+    described = reference if reference is not None else getattr(model, "inner", model)
+    meta = getattr(described, "meta", None)
+    names = meta.get("class_names") if isinstance(meta, dict) else getattr(described, "class_names", None)
+    return list(names or [])
+
+
+def apply_class_map(model: torch.nn.Module, names: list[str], path: str, *, recorded: list[str]) -> None:
+    """``model.class_names`` becomes the ``--class-map`` file's ``names``; their number must be the head's.
+    ``recorded``: the checkpoint's own names (replaced with a warning where they differ)."""
+    if len(names) != model.num_classes:
+        raise ValueError(f"--class-map {path}: {len(names)} class names, but the checkpoint's head has "
+                         f"{model.num_classes} outputs; the file needs one name per output, in their order")
+    if recorded and recorded != names:
+        log.warning("--class-map %s: its names replace the checkpoint's own (%s... become %s...)", path,
+                    recorded[:3], names[:3])
+    model.class_names = list(names)

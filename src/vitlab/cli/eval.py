@@ -10,19 +10,24 @@ import csv
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 from vitlab.checkpoints.adapt import match_class_names, same_class_names
 from vitlab.cli.common import (
+    add_class_map_argument,
     add_device_argument,
     add_image_limit_argument,
     add_model_argument,
     add_threads_argument,
+    apply_class_map,
     check_device,
     model_args,
     non_negative_int,
     positive_float,
     positive_int,
+    read_class_map,
+    recorded_class_names,
     refuse_torchrun,
 )
 from vitlab.export.runtimes import RUNTIMES
@@ -54,6 +59,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how the data's classes meet the checkpoint's: by name (the data may hold a subset of "
                         "them, in any order), or by index (the i-th class folder is the head's i-th class); auto: "
                         "by name where the checkpoint names its classes, else by index")
+    p.add_argument("--class-order", choices=["sorted", "natural"],
+                   help="by index: how the data's class folders are numbered; sorted: as text (1, 10, 2; Cat, "
+                        "Dog, bird), as vitlab, torchvision and Hugging Face number them; natural: numbers by value, "
+                        "letters case-insensitively (1, 2, 10; bird, Cat, Dog), as timm's training does (default: "
+                        "sorted, with a warning where a checkpoint that names no classes would see another order)")
+    add_class_map_argument(p)
     p.add_argument("--split", choices=["train", "val", "test"], default="test",
                    help="which split (default: test; on data without a test set, the held-out part of the training "
                         "images, as the run held it out)")
@@ -127,7 +138,18 @@ def _finetune_hint(checkpoint: str, data: str) -> str:
     return f"fine-tune it for this data first (vitlab finetune --from {checkpoint} --data {data})"
 
 
-def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: str = "auto") -> list[int]:
+def natural_key(name: str) -> list:
+    """timm's sort key for class folders (``timm.utils.misc.natural_key``): lower-cased, digit runs compared as
+    numbers, so "2" comes before "10" and "bird" before "Cat"."""
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", name.lower())]
+
+
+def _shown(names: list[str], start: int, count: int = 4) -> str:
+    return ", ".join(map(repr, names[start:start + count])) + (", ..." if len(names) > start + count else "")
+
+
+def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: str = "auto", *,
+                  named: bool | None = None, order: str | None = None) -> list[int]:
     """The head's class index of each of the data's classes (``classes``, in the data set's label order).
 
     By name (``how`` "name", or "auto" when the checkpoint names its classes): the data may hold any subset of
@@ -135,14 +157,23 @@ def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: st
     is an error. Names "0".."N-1" (digits, MNIST, or an ONNX file's stand-ins) count as names in "auto" where the
     data holds some of them only (fewer classes than the head), else as positions. By index ("index"; "auto"
     without names, or where no name is shared and the counts agree, with a warning): the data's i-th class is the
-    head's i-th, and the counts must agree."""
+    head's i-th, and the counts must agree.
+
+    Args:
+        named: True: ``model.class_names`` are real names (recorded, or from --class-map), matched by name in
+            "auto" even where they read "0".."N-1"; False: stand-ins "0".."N-1" of a checkpoint that names no
+            classes (a timm state dict); None: judged from the names as above.
+        order: by index, how the data's classes are numbered: "sorted" (their order in ``classes``, as vitlab
+            numbers folders) or "natural" (timm's: :func:`natural_key`); None: "sorted", with a warning for a
+            checkpoint without names where timm's order differs.
+    """
     names = list(getattr(model, "class_names", None) or [])
     if how == "name" and not names:
         raise ValueError(f"--class-match name: the checkpoint {checkpoint} does not name its classes; use "
                          f"--class-match index")
     found = match_class_names(names, classes)
     missing = [c for c, i in zip(classes, found) if i is None]
-    index_like = names == [str(i) for i in range(len(names))]
+    index_like = names == [str(i) for i in range(len(names))] if named is None else not named
     by_name = how == "name" or (how == "auto" and bool(names) and (
         not index_like or (not missing and len(classes) < len(names))))  # a subset of "0".."N-1": by name
     if by_name and how == "auto" and len(missing) == len(classes) == model.num_classes:
@@ -154,6 +185,9 @@ def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: st
                 f"{data} has class(es) {shown} that the checkpoint {checkpoint} does not know (its classes: "
                 f"{', '.join(map(repr, names[:5]))}{', ...' if len(names) > 5 else ''}); "
                 f"{_finetune_hint(checkpoint, data)}, or match classes by position with --class-match index")
+        if order is not None:
+            log.warning("--class-order %s: classes are matched by name here (ignored; --class-match index "
+                        "matches them by position)", order)
         mapping = [i for i in found if i is not None]
         if mapping != list(range(len(classes))):
             log.info("%s: %d of the checkpoint's %d classes, matched by name", data, len(classes), len(names))
@@ -163,10 +197,30 @@ def class_mapping(model, classes: list[str], checkpoint: str, data: str, how: st
             f"{data} has {len(classes)} classes but the checkpoint {checkpoint} has a head for "
             f"{model.num_classes}; {_finetune_hint(checkpoint, data)}"
         )
-    if names and not same_class_names(names, classes):
+    natural = sorted(classes, key=natural_key)
+    numbered = natural if order == "natural" else list(classes)
+    nameless = named is False or not names
+    if nameless:
+        first = next((i for i, (a, b) in enumerate(zip(classes, natural)) if a != b), None)
+        if order is None and first is not None:
+            log.warning(
+                "%s names no classes of its own: the i-th class folder of %s, sorted as text, is taken as its "
+                "head's i-th output (from the %s output on: %s), but timm's training numbers folders in natural "
+                "order (%s there); if it was trained with timm, give --class-order natural (or --class-map FILE "
+                "with its classes in the head's order)", checkpoint, data, _ordinal(first + 1),
+                _shown(classes, first), _shown(natural, first))
+        elif order is None:
+            log.info("%s names no classes of its own: the i-th class of %s is its head's i-th output (--class-map "
+                     "FILE names them)", checkpoint, data)
+    elif not same_class_names(names, numbered):
         log.warning("the data's class names differ from the checkpoint's (%s... vs %s...); labels are matched by "
-                    "index (--class-match index)", classes[:3], names[:3])
-    return list(range(len(classes)))
+                    "index (--class-match index)", numbered[:3], names[:3])
+    position = {c: i for i, c in enumerate(numbered)}
+    return [position[c] for c in classes]
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 class RemappedLabels:
@@ -345,6 +399,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--amp {args.amp} applies to the plain PyTorch runtime; use --runtime torch-bf16 "
                          f"for bfloat16 inference with agreement")
     device = check_device(args)
+    class_map = read_class_map(args.class_map) if args.class_map else None  # before the model: its errors first
     model, reference = load_for_inference(args.checkpoint, runtime, model_name=args.model,
                                           model_args=model_args(args))
     if args.amp != "none" and model.name != "torch":  # an .onnx file with the auto runtime
@@ -354,6 +409,7 @@ def run(args: argparse.Namespace) -> int:
         args.data = default_data(args.checkpoint)
     task = model.task
     if task != "classification":
+        _unused_class_options(args, f"a {task} model is scored against its checkpoint's categories")
         if runtime not in ("auto", "torch", "onnx"):
             raise ValueError(f"--runtime {runtime}: a {task} model evaluates with PyTorch (auto, torch) or ONNX "
                              f"Runtime (onnx, or an .onnx file)")
@@ -363,6 +419,9 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(device).eval()
     if reason := slow_bf16_reason(model.name, device):
         log.warning("%s", reason)
+    recorded = recorded_class_names(model, reference)
+    if class_map is not None and args.protocol in ("auto", "classifier") and model.num_classes:
+        apply_class_map(model, class_map, args.class_map, recorded=recorded)  # before the data: its count first
     args.given_split = (args.seed, args.val_fraction)  # the probes' training split is drawn from these too
     args.seed, args.val_fraction = run_split(args.checkpoint, args.data, args.split, seed=args.seed,
                                              val_fraction=args.val_fraction, options="--seed / --val-fraction")
@@ -376,11 +435,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--protocol classifier: {args.checkpoint} is a backbone without a classifier; "
                          "use --protocol knn or linear, or fine-tune it first")
     if protocol in ("knn", "linear"):
+        _unused_class_options(args, f"--protocol {protocol} learns the data's own classes")
         if reference is None:
             raise ValueError(f"--protocol {protocol}: evaluate the vitlab checkpoint (features of the backbone), "
                              f"not an exported file ({args.checkpoint})")
         return feature_report(reference.to(device), ds, args, device, protocol)
-    mapping = class_mapping(model, ds.classes, args.checkpoint, args.data, args.class_match)
+    # --class-map names are names; a checkpoint's own "0".."N-1" are judged as before; none: stand-ins
+    named = True if class_map is not None else (None if recorded else False)
+    mapping = class_mapping(model, ds.classes, args.checkpoint, args.data, args.class_match, named=named,
+                            order=args.class_order)
     scored = RemappedLabels(ds, mapping)
     head_names = list(getattr(model, "class_names", None) or []) or (
         list(ds.classes) if mapping == list(range(model.num_classes)) else [str(i) for i in range(model.num_classes)])
@@ -393,6 +456,10 @@ def run(args: argparse.Namespace) -> int:
                **r.summary(), "per_class": {k: None if math.isnan(v) else v for k, v in per_class.items()}}
     if mapping != list(range(model.num_classes)):
         metrics["class_match"] = {name: head_names[j] for name, j in zip(ds.classes, mapping)}
+    if args.class_order is not None:
+        metrics["class_order"] = args.class_order
+    if class_map is not None:
+        metrics["class_map"] = str(args.class_map)
     if model.name != "torch":
         metrics["setup_s"] = round(setup_seconds(model), 3)  # export / quantisation / compile time
     if "compile" in model.name:  # why the compiled runtime ran eager (None: it compiled)
@@ -442,6 +509,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipped {ds.num_skipped} undecodable image(s) in total")
         print(f"report: {out}/ (metrics.json, per_class.csv, confusion.csv, confusion.png)")
     return 0
+
+
+def _unused_class_options(args: argparse.Namespace, why: str) -> None:
+    given = [o for o, k in (("--class-map", "class_map"), ("--class-order", "class_order")) if getattr(args, k, None)]
+    if given:
+        log.warning("%s: not used (%s; ignored)", " / ".join(given), why)
 
 
 def feature_report(model, test_set, args: argparse.Namespace, device, protocol: str) -> int:

@@ -8,14 +8,18 @@ import logging
 import sys
 
 from vitlab.cli.common import (
+    add_class_map_argument,
     add_device_argument,
     add_image_limit_argument,
     add_model_argument,
     add_skip_bad_images_argument,
     add_threads_argument,
+    apply_class_map,
     check_device,
     model_args,
     number_type,
+    read_class_map,
+    recorded_class_names,
     require_classifier,
 )
 from vitlab.export.runtimes import RUNTIMES
@@ -56,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_threads_argument(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
     add_skip_bad_images_argument(p)
+    add_class_map_argument(p)
     p.set_defaults(func=run)
 
 
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.export.runtimes import compile_failure, load_for_inference, slow_bf16_reason
 
     device = check_device(args)
+    class_map = read_class_map(args.class_map) if args.class_map else None  # before the model: its errors first
     model, reference = load_for_inference(args.checkpoint, args.runtime, model_name=args.model,
                                           model_args=model_args(args))
     require_classifier(model, "predict", args.checkpoint)
@@ -86,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint}: a backbone without a classifier (no classes to predict); fine-tune it "
                          f"(vitlab finetune --from {args.checkpoint} --data ...), or evaluate its features with "
                          f"vitlab eval --protocol knn|linear")
+    if class_map is not None:
+        apply_class_map(model, class_map, args.class_map, recorded=recorded_class_names(model, reference))
     if model.name.startswith("onnx") or model.name == "torch-int8":
         device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
     model = model.to(device).eval()

@@ -382,6 +382,35 @@ def fit(
         built_from_recipe: the caller built the model and the data from the recipe's fields (the commands'
             runners do), so there is nothing to warn about.
     """
+    # checked before anything is written: a DataLoader fails deep inside, (X, y) arrays pass as 2 samples
+    from collections.abc import Mapping
+
+    from torch.utils.data import DataLoader, IterableDataset
+
+    for arg, data in (("train_set", train_set), ("val_set", val_set)):
+        if data is None and arg == "val_set":
+            continue
+        arrays = (isinstance(data, (tuple, list)) and len(data) == 2  # (X, y); not a list of samples
+                  and all(hasattr(a, "ndim") for a in data) and data[0].ndim >= 3 and data[1].ndim == 1)
+        if not (arrays or isinstance(data, (DataLoader, IterableDataset, Mapping))
+                or not hasattr(data, "__len__") or not hasattr(data, "__getitem__")):
+            continue
+        given = (f"a {type(data).__name__} of {len(data)} arrays (shapes "
+                 f"{', '.join(str(tuple(a.shape)) for a in data if hasattr(a, 'shape'))})" if arrays
+                 else f"a {type(data).__module__}.{type(data).__name__}")
+        hint = ""
+        if arrays:
+            hint = ("wrap arrays in torch.utils.data.TensorDataset(images, labels): images a float (N, C, H, W) "
+                    "tensor (uint8 (N, H, W, C) pixels: torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255), "
+                    "labels an int64 (N,) tensor")
+        elif isinstance(data, DataLoader):
+            hint = ("pass its data set (loader.dataset): fit makes its own loader from the recipe's batch_size "
+                    "and workers")
+        elif isinstance(data, IterableDataset):
+            hint = "an IterableDataset has no length or indexing: fit samples its items by index each epoch"
+        raise TypeError(f"fit: {arg} must be a map-style data set (a torch Dataset with __len__ and __getitem__ "
+                        f"returning (float (C, H, W) image tensor, int label)); got {given}"
+                        + (f"; {hint}" if hint else ""))
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     out = Path(output_dir)
     if ctx.is_main:
