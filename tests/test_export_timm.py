@@ -268,3 +268,138 @@ def test_cli_export_timm_refuses_onnx_options_and_other_suffixes(tmp_path, cait_
     assert "--img-size, --int8: options of the ONNX export" in caplog.text
     assert "name the file *.safetensors" in caplog.text
     assert not list(tmp_path.glob("m.*"))
+
+
+# ------------------------------------------------------------------------------------- timm hub folder
+HUB = json.loads((Path(__file__).parent / "fixtures" / "timm_layout" / "hub_configs.json").read_text())
+
+
+def _hub_model(case_id: str, *, meta: bool = False) -> torch.nn.Module:
+    """The case's tiny model with the preprocessing the fixture's save_for_hf was given."""
+    from vitlab.models.base import set_preprocessing_style
+
+    if meta:
+        with torch.device("meta"):
+            model = vitlab.create_model(CASES[case_id]["vitlab_model"], **_overrides(CASES[case_id]))
+    else:
+        model = _tiny(CASES[case_id])
+    set_preprocessing_style(model, **HUB["data"])
+    return model
+
+
+@pytest.mark.parametrize("case_id", sorted(HUB["cases"]))
+def test_timm_hub_config_is_what_timm_save_for_hf_writes(case_id):
+    """config.json has timm's own fields and values (hub_configs.json: timm's save_for_hf for the same model)."""
+    from vitlab.checkpoints import timm_hub_config
+
+    timm_cfg = HUB["cases"][case_id]
+    got = timm_hub_config(_hub_model(case_id, meta=True), class_names=HUB["labels"])
+    for key in ("architecture", "num_classes", "num_features", "global_pool", "label_names"):
+        assert got[key] == timm_cfg[key], key
+    for key in ("input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
+                "num_classes", "first_conv", "classifier", "custom_load"):
+        assert got["pretrained_cfg"][key] == pytest.approx(timm_cfg["pretrained_cfg"][key]), key
+    # the create_model arguments beyond the name's defaults; num_classes is the top-level entry (transformers'
+    # TimmWrapper passes num_classes itself: a second one in model_args is a TypeError)
+    expected = {k: v for k, v in CASES[case_id]["timm_kwargs"].items() if k != "num_classes"}
+    assert got.get("model_args", {}) == expected
+    for key, value in expected.items():  # what timm records for them (it records every argument)
+        recorded = timm_cfg["model_args"][key]
+        assert recorded == value or (key == "img_size" and recorded == [value, value]), key
+
+
+@pytest.mark.parametrize("case_id", ["cait", "deit_distilled", "swin", "beit", "beit_token_pool", "mobilevit", "xcit",
+                                     "crossvit", "crossvit_18", "crossvit_dagger"])
+def test_timm_folder_loads_back_in_vitlab(tmp_path, case_id):
+    """vitlab reads the folder as a timm hub folder: the same outputs, class names and preprocessing."""
+    from vitlab.checkpoints import save_timm_folder
+
+    model = _hub_model(case_id).eval()
+    folder = tmp_path / "export"
+    args = save_timm_folder(model, folder, class_names=HUB["labels"])
+    assert args.model_name == CASES[case_id]["timm_model"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary folder left
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # transformers loads only "pt" safetensors files
+        assert sorted(f.keys()) == sorted(CASES[case_id]["keys"])
+    again = vitlab.load_model(folder).eval()
+    assert again.class_names == HUB["labels"]
+    assert again.preprocessing == model.preprocessing
+    x = _input(model)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_timm_folder_refuses_what_create_model_cannot_build_by_name(tmp_path):
+    from vitlab.checkpoints import save_timm_folder
+
+    with pytest.raises(ValueError, match=r"timm.models.mlp_mixer.MlpMixer\(...\), not by a registered name.*"
+                                         r"export a .safetensors file"):
+        save_timm_folder(_tiny(CASES["mixer"]), tmp_path / "mixer")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_timm_folder_is_written_atomically_and_never_replaced_unasked(tmp_path, monkeypatch):
+    from vitlab.checkpoints import save_timm_folder
+
+    model = _tiny(CASES["cait"])
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "README.md").write_text("the user's model card")
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"export is a folder that is not empty \(README.md, config.json\); pass "
+                                         r"overwrite=True"):
+        save_timm_folder(model, folder)
+    assert (folder / "config.json").read_text() == "{}" and not (folder / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        save_timm_folder(model, folder / "README.md")
+
+    # a writer that fails leaves the folder as it was and no temporary folder
+    import safetensors.torch
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_timm_folder(model, folder, overwrite=True)
+    with pytest.raises(OSError, match="disk full"):
+        save_timm_folder(model, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert (folder / "config.json").read_text() == "{}"
+    monkeypatch.undo()
+
+    save_timm_folder(model, folder, overwrite=True)  # replaces the two files, keeps the model card
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads((folder / "config.json").read_text())["architecture"] == "cait_xxs24_224"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_timm_folder(model, empty)  # an empty folder is no refusal
+    assert sorted(p.name for p in empty.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_cli_export_timm_folder(tmp_path, cait_checkpoint, capsys, caplog):
+    out = tmp_path / "cait-timm"
+    base = ["export", "--checkpoint", str(cait_checkpoint), "--format", "timm", "--output", str(out)]
+    assert main(base) == 0
+    printed = capsys.readouterr().out
+    assert f"model = timm.create_model('local-dir:{out}', pretrained=True)" in printed
+    assert f"model = AutoModelForImageClassification.from_pretrained({str(out)!r})" in printed
+    assert f"processor = AutoImageProcessor.from_pretrained({str(out)!r})" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["label_names"] == list("abcde") and config["architecture"] == "cait_xxs24_224"
+    model = vitlab.load_model(cait_checkpoint).eval()
+    again = vitlab.load_model(out).eval()
+    x = _input(model)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main(base) == 2
+    assert "cait-timm is a folder that is not empty; pass --overwrite" in caplog.text
+    assert main([*base, "--overwrite", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layout"] == "timm hub folder" and report["load_timm"] == f"timm.create_model('local-dir:{out}', pretrained=True)"
+    assert main(["export", "--checkpoint", str(cait_checkpoint), "--format", "timm", "--output", str(tmp_path)]) == 2

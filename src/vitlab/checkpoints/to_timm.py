@@ -29,7 +29,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from vitlab.checkpoints.families import family_label
-from vitlab.checkpoints.io import atomic_write
+from vitlab.checkpoints.io import _umask, atomic_write
 from vitlab.checkpoints.vitlab_format import model_metadata, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -493,4 +496,114 @@ def save_timm(model: nn.Module, path: str | Path, *, class_names: list[str] | No
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _json(v) for k, v in d.items()}
+
+
+# ------------------------------------------------------------------------------------------ hub folder
+HUB_WEIGHTS = "model.safetensors"
+HUB_CONFIG = "config.json"
+_ANY_INPUT_SIZE = frozenset({"mobilevit"})  # timm models built without a fixed input size (fixed_input_size=False)
+
+
+def _timm_module_names(model: nn.Module, family: str, names: list[str]) -> str | list[str]:
+    """vitlab module names -> the names of the same modules in timm's layout (one string, or a list as timm)."""
+    renamed = [k.removesuffix(".weight") for k in _TO_TIMM[family]({f"{n}.weight": None for n in names})]
+    return renamed[0] if len(renamed) == 1 else renamed
+
+
+def timm_hub_config(model: nn.Module, *, class_names: list[str] | None = None) -> dict[str, Any]:
+    """The ``config.json`` of ``model``'s timm hub folder, in the layout timm's ``save_for_hf`` writes:
+    ``architecture``, ``num_classes``, ``num_features``, ``global_pool``, ``label_names`` (where the model has class
+    names), ``model_args`` (:func:`timm_model_args`' arguments) and ``pretrained_cfg`` (the model's preprocessing,
+    its input convolution(s) and classifier(s) in timm's names). ValueError where timm.create_model cannot build the
+    model by name (MLP-Mixer with another patch size, depth or width)."""
+    model = unwrap_model(model)
+    args = timm_model_args(model)
+    if args.builder != CREATE_MODEL:
+        raise ValueError(f"{model.model_name}: timm builds this model with {args.builder}(...), not by a registered "
+                         f"name, so timm.create_model('local-dir:...') and transformers cannot load a timm folder of "
+                         f"it; export a .safetensors file (save_timm) instead")
+    family = _family(model)
+    meta = model_metadata(model, class_names=class_names)
+    pre = model.preprocessing
+    in_chans = pre.input_size[0]
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == in_chans]
+    heads = [f"{h}.{n}" if n else h for h in getattr(model, "classifier_names", (model.classifier_name,))
+             for n, m in getattr(model, h).named_modules() if isinstance(m, nn.Linear)]
+    heads = heads or list(getattr(model, "classifier_names", (model.classifier_name,)))  # no head (num_classes=0)
+    pretrained_cfg = {
+        "custom_load": False,  # timm's own state dict (save_for_hf writes this too)
+        "input_size": list(pre.input_size),
+        "fixed_input_size": family not in _ANY_INPUT_SIZE and not getattr(model.cfg, "dynamic_img_size", False),
+        "interpolation": pre.interpolation,
+        "crop_pct": pre.crop_pct,
+        "crop_mode": pre.crop_mode,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "num_classes": model.num_classes,
+        "first_conv": _timm_module_names(model, family, convs),
+        "classifier": _timm_module_names(model, family, heads),
+    }
+    config: dict[str, Any] = {"architecture": args.model_name, "num_classes": model.num_classes,
+                              "num_features": model.num_features,
+                              "global_pool": getattr(model.cfg, "global_pool", None) or "avg"}
+    if meta["class_names"]:
+        config["label_names"] = list(meta["class_names"])
+    # num_classes is the top-level entry's (timm applies it): transformers' TimmWrapper passes num_classes itself,
+    # and a second one in model_args is a TypeError there
+    model_args = {k: v for k, v in args.kwargs.items() if k != "num_classes"}
+    if model_args:
+        config["model_args"] = model_args
+    config["pretrained_cfg"] = pretrained_cfg
+    return config
+
+
+def save_timm_folder(model: nn.Module, folder: str | Path, *, class_names: list[str] | None = None,
+                     overwrite: bool = False) -> TimmModelArgs:
+    """Write ``model`` as a timm hub folder: ``model.safetensors`` in timm's layout and ``config.json``
+    (:func:`timm_hub_config`), which ``timm.create_model("local-dir:FOLDER", pretrained=True)`` and transformers'
+    ``AutoModelForImageClassification`` / ``AutoImageProcessor.from_pretrained(FOLDER)`` load.
+
+    Both files are written into a temporary folder beside ``folder``, which is then renamed into place. An existing
+    non-empty ``folder`` is refused unless ``overwrite``, which replaces its model.safetensors and config.json
+    (each by a rename) and keeps its other files."""
+    from safetensors.torch import save_file
+
+    model = unwrap_model(model)
+    folder = Path(folder)
+    _check_folder(folder, overwrite)
+    config = timm_hub_config(model, class_names=class_names)  # refuses before anything is written
+    args = timm_model_args(model)
+    sd = {k: v.detach().contiguous().cpu() for k, v in to_timm_state_dict(model).items()}
+    for note in args.notes:
+        log.info("timm export of %s: %s", model.model_name, note)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        save_file(sd, tmp / HUB_WEIGHTS, metadata={"format": "pt"})  # transformers reads "pt" files only
+        (tmp / HUB_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for name in (HUB_WEIGHTS, HUB_CONFIG):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp / name, 0o666 & ~_umask())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+        _check_folder(folder, overwrite)
+        if folder.is_dir() and any(folder.iterdir()):
+            for name in (HUB_WEIGHTS, HUB_CONFIG):  # the weights first: a config never names weights it lacks
+                os.replace(tmp / name, folder / name)
+        else:
+            os.replace(tmp, folder)  # onto a missing or empty folder: one rename
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return args
+
+
+def _check_folder(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder; a timm hub export writes a folder")
+    if folder.is_dir() and not overwrite:
+        held = sorted(p.name for p in folder.iterdir())
+        if held:
+            raise ValueError(f"{folder} is a folder that is not empty ({', '.join(held[:5])}"
+                             f"{', ...' if len(held) > 5 else ''}); pass overwrite=True to replace its "
+                             f"{HUB_WEIGHTS} and {HUB_CONFIG}")
 

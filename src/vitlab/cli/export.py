@@ -22,6 +22,9 @@ EXAMPLE = """examples:
       IMG --checkpoint detr.onnx; likewise a SETR checkpoint and vitlab segment / eval)
   vitlab export --checkpoint runs/mine/model.safetensors --format timm --output mine-timm.safetensors
       (the weights under timm's names; it prints the timm.create_model(...) line that loads them)
+  vitlab export --checkpoint runs/mine/model.safetensors --format timm --output mine-timm
+      (a timm hub folder: timm.create_model("local-dir:mine-timm", pretrained=True) and transformers'
+      AutoModelForImageClassification / AutoImageProcessor.from_pretrained("mine-timm") load it)
 
 The file is written only after the same real images (--data, else bundled digits) went through PyTorch
 and ONNX Runtime with the checkpoint's own preprocessing and agreed (max |difference| of every output <=
@@ -38,7 +41,10 @@ The task, the outputs' meaning and the class names are in the file's metadata.
 --format timm writes a plain safetensors file that timm's model of the same architecture loads strictly (the same
 outputs), with metadata: the timm model name and the create_model arguments where the model differs from that name's
 defaults, the class names and the preprocessing. Families timm has no model for (T2T-ViT, CCT, MobileViT v3, DETR,
-SETR, Linformer attention) and options timm has no argument for are refused, naming them."""
+SETR, Linformer attention) and options timm has no argument for are refused, naming them. An --output without the
+.safetensors suffix (or an existing folder) is a timm hub folder instead: model.safetensors and config.json (the
+timm name and arguments, class names as label_names, the preprocessing as pretrained_cfg), as timm's save_for_hf
+writes it; a non-empty folder is refused without --overwrite, which replaces those two files."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,9 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_argument(p, with_model=False)
     add_threads_argument(p)
     p.add_argument("--format", choices=["onnx", "timm"], default="onnx",
-                   help="onnx: a validated ONNX file; timm: the weights in timm's layout (*.safetensors) and the "
-                        "timm.create_model line that loads them")
-    p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx (model.safetensors for timm)")
+                   help="onnx: a validated ONNX file; timm: the weights in timm's layout (*.safetensors, or a "
+                        "timm hub folder that timm and transformers load) and the lines that load them")
+    p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx (model.safetensors for timm, "
+                                                   "or a folder: a timm hub folder)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
     p.add_argument("--dynamic-size", action="store_true",
                    help="any input size, checked at two other sizes (refused for families that cannot)")
@@ -148,7 +155,11 @@ def run_timm(args: argparse.Namespace) -> int:
     if given:
         raise ValueError(f"{', '.join(given)}: options of the ONNX export; --format timm writes the weights as they "
                          f"are (the model's own input size)")
-    output = check_output(args, ".safetensors", "--format timm writes a safetensors file")
+    output = Path(args.output)
+    if output.is_dir() or (output.suffix.lower() != ".safetensors" and output.suffix.lower() not in _FILE_SUFFIXES):
+        return run_timm_folder(args, output)
+    output = check_output(args, ".safetensors", "--format timm writes a safetensors file, or a timm hub folder "
+                                                "given a name without a file suffix")
     model = model_to_export(args)
     timm_model_args(model)  # refuses a family or option timm has not, before anything is written
     found = save_timm(model, output)
@@ -167,6 +178,50 @@ def run_timm(args: argparse.Namespace) -> int:
     print(f"    model.load_state_dict(safetensors.torch.load_file({str(output)!r}))")
     print(f"its inputs: {pre.input_size[1]}x{pre.input_size[2]} px, mean {tuple(pre.mean)}, std {tuple(pre.std)} (also in "
           f"the file's metadata)")
+    for note in found.notes:
+        print(f"note: {note}")
+    return 0
+
+
+# --output suffixes of files, not folders: refused with --format timm (a name without one is a timm hub folder)
+_FILE_SUFFIXES = (".onnx", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".npz", ".json", ".h5", ".tar", ".zip")
+
+
+def run_timm_folder(args: argparse.Namespace, output: Path) -> int:
+    """``--format timm --output DIR``: a timm hub folder (model.safetensors + config.json), and how timm and
+    transformers load it."""
+    from vitlab.checkpoints import save_timm_folder, timm_hub_config
+
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; a timm hub folder export writes a folder (name a folder, or "
+                         f"a *.safetensors file for the weights alone)")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise ValueError(f"--output {output} is a folder that is not empty; pass --overwrite to replace its "
+                         f"model.safetensors and config.json")
+    model = model_to_export(args)
+    config = timm_hub_config(model)  # refuses what timm cannot build by name, before anything is written
+    found = save_timm_folder(model, output, overwrite=args.overwrite)
+    timm_line = f"timm.create_model({'local-dir:' + str(output)!r}, pretrained=True)"
+    hf_lines = [f"AutoModelForImageClassification.from_pretrained({str(output)!r})",
+                f"AutoImageProcessor.from_pretrained({str(output)!r})"]
+    pcfg = config["pretrained_cfg"]
+    if args.json:
+        print(json.dumps({"output": str(output), "format": "timm", "layout": "timm hub folder",
+                          "timm_model": found.model_name, "timm_kwargs": found.kwargs, "load_timm": timm_line,
+                          "load_transformers": hf_lines, "notes": list(found.notes),
+                          "input_size": pcfg["input_size"], "mean": pcfg["mean"], "std": pcfg["std"]}, indent=2))
+        return 0
+    print(f"wrote {output}/ (model.safetensors, config.json): {model.model_name}'s weights in timm's "
+          f"{found.model_name} layout")
+    print("load it in timm:")
+    print("    import timm")
+    print(f"    model = {timm_line}")
+    print("or in transformers:")
+    print("    from transformers import AutoImageProcessor, AutoModelForImageClassification")
+    print(f"    model = {hf_lines[0]}")
+    print(f"    processor = {hf_lines[1]}")
+    print(f"its inputs: {pcfg['input_size'][1]}x{pcfg['input_size'][2]} px, mean {tuple(pcfg['mean'])}, "
+          f"std {tuple(pcfg['std'])} (config.json's pretrained_cfg)")
     for note in found.notes:
         print(f"note: {note}")
     return 0
