@@ -22,10 +22,12 @@ TIMM_ARG_NAMES: dict[str, dict[str, str]] = {
     "mixer": {"num_blocks": "depth", "act_layer": "gelu"},
     "vit": {"act_layer": "gelu"},
     "deit": {"act_layer": "gelu"},
+    "crossvit": {"img_scale": "branch_scale"},
 }
 # timm argument values that vitlab spells otherwise
 TIMM_ARG_VALUES: dict[tuple[str, Any], Any] = {("pos_embed", ""): "none", ("act_layer", "gelu"): "exact",
-                                               ("act_layer", "gelu_tanh"): "tanh"}
+                                               ("act_layer", "gelu_tanh"): "tanh",
+                                               ("init_values", 0): None}  # timm: no LayerScale for 0 / None
 # timm arguments that only decide the initialisation, which the loaded weights replace
 INIT_ONLY_ARGS = frozenset({"weight_init", "fix_init", "head_init_scale"})
 # timm options vitlab's models do not have, at the value that turns them off (any other value is an error)
@@ -62,7 +64,10 @@ def timm_hub_overrides(config: dict[str, Any], family: str, template: Any) -> di
             out["in_chans"] = c
     names = TIMM_ARG_NAMES.get(family, {})
     from_args: dict[str, tuple[str, Any]] = {}  # vitlab field -> (timm argument, value)
-    for arg, raw in (config.get("model_args") or {}).items():
+    model_args = dict(config.get("model_args") or {})
+    if family == "crossvit":
+        model_args = _crossvit_args(model_args)
+    for arg, raw in model_args.items():
         value = TIMM_ARG_VALUES.get((arg, raw), _value(raw)) if isinstance(raw, (str, int, float)) else _value(raw)
         key = names.get(arg, arg)
         if key not in fields:
@@ -84,6 +89,21 @@ def timm_hub_overrides(config: dict[str, Any], family: str, template: Any) -> di
         from_args[key] = (arg, value)
     out.update({key: value for key, (_, value) in from_args.items()})
     return out
+
+
+def _crossvit_args(args: dict[str, Any]) -> dict[str, Any]:
+    """timm's CrossVit depth [branch 0, branch 1, blocks after the fusion] per multi-scale block and its three MLP
+    ratios (the third for those blocks) -> vitlab's pairs; blocks after the fusion are a ValueError (vitlab's
+    CrossViT has none, as no published model does)."""
+    depth, ratio = args.get("depth"), args.get("mlp_ratio")
+    if isinstance(depth, (list, tuple)) and all(isinstance(d, (list, tuple)) and len(d) == 3 for d in depth):
+        if any(int(d[2]) for d in depth):
+            raise ValueError(f"timm model_args depth={depth!r}: blocks after CrossViT's fusion (a non-zero third "
+                             f"entry) have no counterpart in vitlab's CrossViTConfig")
+        args["depth"] = [[int(d[0]), int(d[1])] for d in depth]
+    if isinstance(ratio, (list, tuple)) and len(ratio) == 3:  # the third: blocks after the fusion, none here
+        args["mlp_ratio"] = list(ratio[:2])
+    return args
 
 
 def timm_hub_class_names(config: dict[str, Any]) -> list[str] | None:
