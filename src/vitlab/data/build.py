@@ -4,10 +4,11 @@ Accepted forms of ``source``:
     "digits"                      scikit-learn's bundled 8x8 digits (stratified train/val/test split)
     "mnist:PATH" / "idx:PATH"     folder with MNIST-style IDX files (train-*/t10k-*, raw or .gz)
     "cifar:PATH"                  CIFAR-10 / CIFAR-100 python-batch folder
-    "folder:PATH"                 image folder: PATH/<class>/*.png or PATH/{train,val|test}/<class>/*
+    "folder:PATH"                 image folder: PATH/<class>/*.png or PATH/{train,val|test}/<class>/*, or
+                                  folders of images labelled by a label file (vitlab.data.folder.label_file)
     "PATH"                        any of the three above, recognised by content; a folder of images without
-                                  class folders is read only with ``unlabelled=True`` (self-supervised
-                                  pre-training: every image below it, one class "images")
+                                  class folders or label file is read only with ``unlabelled=True``
+                                  (self-supervised pre-training: every image below it, one class "images")
 
 Splits are disjoint and a pure function of (source, val_fraction, seed). Where the source has no held-out
 set of its own, "val" is a seeded stratified ``val_fraction`` of the training data and "train" the rest.
@@ -24,7 +25,15 @@ from pathlib import Path
 
 from vitlab.data.dataset import ImageFileDataset, TensorImageDataset, Transform, VisionDataset
 from vitlab.data.errors import DatasetError
-from vitlab.data.folder import folder_layout, guess_channels, list_class_dirs, scan_folder
+from vitlab.data.folder import (
+    check_not_wrapper,
+    folder_layout,
+    guess_channels,
+    label_file,
+    labelled_by,
+    scan_folder,
+    unlabelled_split_dirs,
+)
 from vitlab.data.image import expand_image_paths, is_image_file
 from vitlab.data.sources import has_idx_files, is_cifar_dir, read_cifar, read_digits, read_mnist
 from vitlab.data.splits import stratified_split
@@ -41,7 +50,8 @@ ACCEPTED_FORMS = (
     "'digits' (scikit-learn's 8x8 digits); "
     "'mnist:PATH' or 'idx:PATH' (folder with train-images-idx3-ubyte[.gz] etc.); "
     "'cifar:PATH' (CIFAR-10/100 python batches: data_batch_*, test_batch, batches.meta or train, test, meta); "
-    "'folder:PATH' (PATH/<class>/<images> or PATH/train|val|test/<class>/<images>); "
+    "'folder:PATH' (PATH/<class>/<images> or PATH/train|val|test/<class>/<images>, or images labelled by "
+    "PATH/metadata.csv or PATH/train.csv beside PATH/train/); "
     "or a plain PATH to any of these, recognised by its content"
 )
 _PREFIX = re.compile(r"^(digits|mnist|idx|cifar|cifar10|cifar100|folder|imagefolder):(.*)$", re.IGNORECASE)
@@ -76,6 +86,8 @@ def parse_source(source: str | Path) -> tuple[str, Path | None]:
     if any(p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX" for p in path.iterdir()):
         return "folder", path
     if any(is_image_file(p.name) and not p.name.startswith(".") for p in path.iterdir()):
+        if label_file(path) is not None:
+            return "folder", path  # images labelled by a label file
         return "images", path  # no class folders: unlabelled images (pre-training only)
     raise DatasetError(f"data source {s!r}: cannot tell what {path} holds (no CIFAR batches, no IDX files, "
                        f"no class folders). Accepted forms: {ACCEPTED_FORMS}")
@@ -159,7 +171,7 @@ def build_dataset(
         ds = _build_unlabelled(path, split, val_fraction, seed, **kw)
 
     else:
-        ds = _build_folder(path, split, val_fraction, seed, **kw)
+        ds = _build_folder(path, split, val_fraction, seed, labelled=not unlabelled, **kw)
 
     log.info("dataset %s: %d images, %d classes", ds.source, len(ds), len(ds.classes))
     if len(ds) == 0:
@@ -184,21 +196,38 @@ def _build_unlabelled(root: Path, split: str, val_fraction: float, seed: int, **
                             source=f"images:{root}[{split}, val_fraction={val_fraction}, seed={seed}]", **kw)
 
 
-def _build_folder(root: Path, split: str, val_fraction: float, seed: int, **kw) -> ImageFileDataset:
+def check_labelled_split(source: str | Path, split: str) -> None:
+    """Raise DatasetError where ``split`` of an image folder is a folder of unlabelled images (which
+    :func:`build_dataset` leaves out, answering with the held-out part of the training images instead): for a
+    command that measures a model on that folder."""
+    kind, path = parse_source(source)
+    if kind != "folder" or split not in ("val", "test"):
+        return
+    if (folder := unlabelled_split_dirs(path).get(split)) is not None:
+        raise DatasetError(f"{folder}: the {split} folder holds images without labels (no class folders, no label "
+                           f"file), so a model cannot be measured on it; label it (class folders, or "
+                           f"{folder}/metadata.csv with a header file_name,label) or choose another split")
+
+
+def _build_folder(root: Path, split: str, val_fraction: float, seed: int, *, labelled: bool = True,
+                  **kw) -> ImageFileDataset:
     train_dir, val_dir, test_dir = folder_layout(root)
+    if labelled and train_dir == root:
+        check_not_wrapper(root)
     paths, targets, classes = scan_folder(train_dir)
-    if loose := _loose_images(train_dir):
+    if labelled_by(train_dir) is None and (loose := _loose_images(train_dir)):
         log.warning("%s: %d image(s) directly in the folder, not in a class folder, are not used (e.g. %s)",
                     train_dir, len(loose), loose[0])
     # Channels are decided from the training files, so every split of one source agrees.
     in_chans = guess_channels(paths, targets)
     if split == "test" and test_dir is None:
-        log.info("%s has no test/ folder: split 'test' is the validation part", root)
+        log.info("%s has no test/ folder%s: split 'test' is the validation part", root,
+                 " of labelled images" if "test" in unlabelled_split_dirs(root) else "")
         split_eff = "val"
     else:
         split_eff = split
     if split_eff == "test":
-        paths, targets, _ = scan_folder(test_dir, list_class_dirs(train_dir))
+        paths, targets, _ = scan_folder(test_dir, classes)
         desc = f"folder:{test_dir}"
     elif split_eff == "val" and val_dir is not None:
         paths, targets, _ = scan_folder(val_dir, classes)

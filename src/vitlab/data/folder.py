@@ -1,8 +1,17 @@
 """Image-folder data sets: ``root/<class>/<image>``, optionally under ``train/`` and ``val/`` (or ``test/``).
 
-The split folders are recognised whatever their case, under the names the public data sets use:
-``train``/``training``, ``val``/``valid``/``validation``, ``test``/``testing`` (Kaggle's ``Train/`` and
-``Test/`` included). A ``train`` folder that holds images itself and no sub-folders is a class, not a split.
+The split folders are recognised whatever their case, under Hugging Face datasets' split keywords:
+``train``/``training``, ``val``/``valid``/``validation``/``dev``, ``test``/``testing``/``eval``/``evaluation``
+(Kaggle's ``Train/`` and ``Test/`` included). A ``train`` folder that holds images itself and no sub-folders,
+beside class folders that are not split folders (bus/, car/, train/), is a class, not a split.
+
+A folder of images without class folders is labelled by a label file (:func:`label_file`): Hugging Face
+imagefolder's ``metadata.csv`` / ``metadata.jsonl`` inside it, or, for a split folder, Kaggle's CSV beside it
+(``train.csv`` or ``train_labels.csv`` for ``train/``). A held-out split folder (val, test) of images with neither
+is unlabelled: left out, with a warning, and its part taken from the training images.
+
+Everything below a class folder belongs to that class, as in torchvision's ImageFolder (timm's reader makes each
+leaf folder a class instead); a class folder that merges several sub-folders is named in a warning.
 
 Building lists file names only (one ``os.walk`` per class folder) and reads the headers of a few
 files to decide the channel count; images are decoded in ``__getitem__``.
@@ -14,9 +23,12 @@ the "café" a checkpoint trained on Linux or Windows knows. Files are read from 
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import os
 import random
+import re
 import unicodedata
 from pathlib import Path
 
@@ -25,13 +37,31 @@ from vitlab.data.image import IMAGE_EXTENSIONS, is_image_file, peek_channels, wa
 
 log = logging.getLogger(__name__)
 
-# The names of the split folders, compared in lower case.
+# The names of the split folders, compared in lower case: Hugging Face datasets' SPLIT_KEYWORDS (data_files.py).
 SPLIT_DIR_NAMES = {
     "train": ("train", "training"),
-    "val": ("val", "valid", "validation"),
-    "test": ("test", "testing"),
+    "val": ("val", "valid", "validation", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
 }
+SPLIT_NAMES = frozenset(n for names in SPLIT_DIR_NAMES.values() for n in names)
 HELD_OUT_DIRS = (*SPLIT_DIR_NAMES["val"], *SPLIT_DIR_NAMES["test"])
+# Label files of a folder of images without class folders (Hugging Face imagefolder's, inside the folder).
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+# The label column of a label file, by name (compared in lower case); else the only column beside the file's.
+LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
+LABEL_FILE_FORMS = ("FOLDER/metadata.csv with a header file_name,label and one line per image (Hugging Face "
+                    "imagefolder; or metadata.jsonl), or for a split folder train/ a train.csv beside it with a "
+                    "header such as id,label and lines <file name or its stem>,<class> (Kaggle's)")
+# Word parts of a class folder name that say it is a split, not a class (Kaggle's seg_train, seg_test, seg_pred).
+_SPLIT_WORDS = SPLIT_NAMES | {"pred", "predict", "prediction"}
+
+_warned: set[tuple[str, str]] = set()  # (kind, folder): warnings given once per data set and process
+
+
+def _warn_once(kind: str, folder: Path, msg: str, *args: object) -> None:
+    if (kind, str(folder)) not in _warned:
+        _warned.add((kind, str(folder)))
+        log.warning(msg, *args)
 
 
 def list_class_dirs(root: Path) -> list[str]:
@@ -69,12 +99,15 @@ def _class_dirs(root: Path) -> dict[str, str]:
 
 
 def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
-    """(paths, labels, classes) for ``root/<class>/**/<image>``; paths sorted within each class.
+    """(paths, labels, classes) for ``root/<class>/**/<image>``, or for a folder of images labelled by a label file
+    (:func:`labelled_by`); paths sorted within each class.
 
     ``classes`` fixes the label order (e.g. the train split's classes for a val folder); a class folder
     of ``root`` that is not in it is an error, a missing or empty one is allowed (a val set may lack a class).
     Symbolic links are followed, but never back into a folder already read (see ``walk_image_files``).
     """
+    if (labels_file := labelled_by(root)) is not None:
+        return _scan_label_file(root, labels_file, classes)
     folders = _class_dirs(root)
     found = list(folders)
     held_out = classes is not None
@@ -90,6 +123,7 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
     paths: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
+    merged: list[str] = []
     for name in found:
         cdir = root / folders[name]
         files = walk_image_files(cdir, inside=(root,))
@@ -102,10 +136,150 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
         files.sort()
         paths.extend(files)
         labels.extend([index[name]] * len(files))
+        top = str(cdir)
+        if not any(os.path.dirname(f) == top for f in files):  # no image of its own: sub-folders' only
+            subs = sorted({os.path.relpath(f, top).split(os.sep)[0] for f in files})
+            if len(subs) > 1:
+                merged.append(f"{name} ({', '.join(subs[:4])}{', ...' if len(subs) > 4 else ''})")
     if empty:
         log.info("%s: class folder(s) %s hold no images; this split has none of %s", root, ", ".join(empty),
                  "that class" if len(empty) == 1 else "those classes")
+    if merged and not held_out:
+        _warn_once("merged", root, "%s: class folder(s) %s hold no images themselves: each is one class of "
+                   "all its sub-folders' images (timm would make each leaf folder a class)", root,
+                   "; ".join(merged))
     return paths, labels, list(classes)
+
+
+def labelled_by(folder: Path) -> Path | None:
+    """The label file of ``folder`` where it holds images directly and no sub-folders (:func:`label_file`)."""
+    if _sub_dirs(folder) or not _holds_images(folder):
+        return None
+    return label_file(folder)
+
+
+def label_file(folder: Path) -> Path | None:
+    """``folder``'s ``metadata.csv`` / ``metadata.jsonl`` (Hugging Face imagefolder) or, where ``folder`` is a
+    split folder (train/, val/, test/, ...), a CSV beside it named after it (``train.csv``, ``train_labels.csv``:
+    Kaggle's); None if there is none. Two of them are an error."""
+    found = [folder / n for n in METADATA_FILES if (folder / n).is_file()]
+    if folder.name.lower() in SPLIT_NAMES:
+        wanted = {f"{folder.name.lower()}.csv", f"{folder.name.lower()}_labels.csv"}
+        try:
+            found += sorted(folder.parent / e.name for e in os.scandir(folder.parent)
+                            if e.name.lower() in wanted and e.is_file())
+        except OSError:
+            pass
+    if len(found) > 1:
+        raise DatasetError(f"{folder}: {' and '.join(str(f) for f in found)} both label its images; keep one")
+    return found[0] if found else None
+
+
+def _label_column(path: Path, columns: list[str], file_col: int) -> int:
+    lower = [c.strip().lower() for c in columns]
+    for name in LABEL_COLUMNS:
+        if name in lower and lower.index(name) != file_col:
+            return lower.index(name)
+    others = [i for i in range(len(columns)) if i != file_col]
+    if len(others) == 1:
+        return others[0]
+    raise DatasetError(f"{path}: cannot tell which column holds the labels (columns: {columns}); name it one of "
+                       f"{', '.join(LABEL_COLUMNS)}, or keep one column beside {columns[file_col]!r}")
+
+
+def _read_label_rows(path: Path) -> list[tuple[int, str, str]]:
+    """(line, file name or stem, label) per entry of a label file: a CSV with a header whose file column is
+    ``file_name`` (metadata.csv) or the first one (Kaggle's), or metadata.jsonl."""
+    rows: list[tuple[int, str, str]] = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            if path.suffix.lower() == ".jsonl":
+                cols: list[str] | None = None
+                for line, text in enumerate(f, start=1):
+                    if not text.strip():
+                        continue
+                    try:
+                        entry = json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise DatasetError(f"{path}, line {line}: not a JSON object ({e})") from e
+                    if not isinstance(entry, dict):
+                        raise DatasetError(f"{path}, line {line}: not a JSON object")
+                    if cols is None:
+                        cols = list(entry)
+                        if "file_name" not in cols:
+                            raise DatasetError(f"{path}: no 'file_name' key (keys: {cols})")
+                        label_key = cols[_label_column(path, cols, cols.index("file_name"))]
+                    value = entry.get(label_key)
+                    rows.append((line, str(entry.get("file_name", "")), "" if value is None else str(value)))
+                return rows
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header:
+                raise DatasetError(f"{path}: an empty label file (expected {LABEL_FILE_FORMS})")
+            cols = [c.strip() for c in header]
+            if path.name.lower() == "metadata.csv":
+                if "file_name" not in cols:
+                    raise DatasetError(f"{path}: no 'file_name' column (columns: {cols})")
+                file_col = cols.index("file_name")
+            else:
+                file_col = 0
+            label_col = _label_column(path, cols, file_col)
+            for row in reader:
+                if not any(c.strip() for c in row):
+                    continue
+                if len(row) <= max(file_col, label_col):
+                    raise DatasetError(f"{path}, line {reader.line_num}: {len(row)} column(s), the header has "
+                                       f"{len(cols)}")
+                rows.append((reader.line_num, row[file_col].strip(), row[label_col].strip()))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{path}: cannot read the label file ({e})") from e
+    return rows
+
+
+def _scan_label_file(root: Path, path: Path, classes: list[str] | None) -> tuple[list[str], list[int], list[str]]:
+    """scan_folder's result for a folder of images labelled by ``path``."""
+    images = sorted(e.name for e in os.scandir(root)
+                    if not e.name.startswith(".") and is_image_file(e.name) and e.is_file())
+    names = set(images)
+    by_stem: dict[str, list[str]] = {}
+    for n in images:
+        by_stem.setdefault(os.path.splitext(n)[0], []).append(n)
+    seen: dict[str, int] = {}
+    entries: list[tuple[str, str]] = []
+    for line, given, label in _read_label_rows(path):
+        if given in names:
+            name = given
+        elif len(by_stem.get(given, ())) == 1:
+            name = by_stem[given][0]
+        elif given in by_stem:
+            raise DatasetError(f"{path}, line {line}: {given!r} is the stem of several files in {root} "
+                               f"({', '.join(by_stem[given])}); give the file name")
+        elif given and "/" in given and (root / given).is_file():  # a path below the folder (file_name)
+            name = os.path.normpath(given)
+        else:
+            raise DatasetError(f"{path}, line {line}: no image file {given!r} in {root}")
+        if not label:
+            raise DatasetError(f"{path}, line {line}: {given!r} has an empty label")
+        if name in seen:
+            raise DatasetError(f"{path}, lines {seen[name]} and {line}: {name} is listed twice")
+        seen[name] = line
+        entries.append((str(root / name), class_name(label)))
+    if not entries:
+        raise DatasetError(f"{path}: lists no images (expected {LABEL_FILE_FORMS})")
+    found = sorted({c for _, c in entries})
+    if classes is None:
+        classes = found
+    else:
+        classes = [class_name(c) for c in classes]
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise DatasetError(f"{path}: labels {extra} do not exist in the training split (classes: {classes})")
+    if unlisted := [n for n in images if n not in seen]:
+        _warn_once("unlisted", root, "%s: %d image(s) not listed in %s are not used (e.g. %s)", root,
+                   len(unlisted), path.name, unlisted[0])
+    index = {c: i for i, c in enumerate(classes)}
+    entries.sort(key=lambda e: (index[e[1]], e[0]))
+    return [p for p, _ in entries], [index[c] for _, c in entries], list(classes)
 
 
 def guess_channels(paths: list[str], labels: list[int], max_peek: int = 64) -> int:
@@ -140,6 +314,23 @@ def _holds_images(folder: Path) -> bool:
         return False
 
 
+def _images_within(folder: Path, levels: int = 2) -> bool:
+    """Whether ``folder`` or its sub-folders down to ``levels`` deep hold image files."""
+    if _holds_images(folder):
+        return True
+    if levels <= 1:
+        return False
+    try:
+        return any(_images_within(folder / d, levels - 1) for d in _sub_dirs(folder))
+    except DatasetError:
+        return False
+
+
+def looks_like_split(name: str) -> bool:
+    """Whether a folder name has a split's name as a word part (seg_train, val2017, seg_pred)."""
+    return any(part in _SPLIT_WORDS for part in re.split(r"[^a-z]+", name.lower()))
+
+
 def _split_dirs(root: Path, names: list[str], split: str) -> Path | None:
     """The one folder among ``names`` (sub-folders of ``root``) named as ``split``, whatever its case."""
     hits = [n for n in names if n.lower() in SPLIT_DIR_NAMES[split]]
@@ -149,24 +340,66 @@ def _split_dirs(root: Path, names: list[str], split: str) -> Path | None:
     return root / hits[0] if hits else None
 
 
+def unlabelled_dir(folder: Path | None) -> bool:
+    """Whether ``folder`` holds images but neither class folders nor a label file."""
+    return (folder is not None and not _sub_dirs(folder) and _holds_images(folder)
+            and label_file(folder) is None)
+
+
+def unlabelled_split_dirs(root: Path) -> dict[str, Path]:
+    """The held-out split folders of ``root`` (``"val"``, ``"test"``) that :func:`folder_layout` leaves out as
+    unlabelled (:func:`unlabelled_dir`)."""
+    names = _sub_dirs(root)
+    if _split_dirs(root, names, "train") is None or folder_layout(root)[0] == root:
+        return {}
+    return {s: d for s in ("val", "test") if unlabelled_dir(d := _split_dirs(root, names, s))}
+
+
+def check_not_wrapper(root: Path) -> None:
+    """Refuse a root whose only folder holds no images itself, only sub-folders: a wrapper (as zips add) whose
+    contents are the data set, not one class."""
+    names = _sub_dirs(root)
+    if len(names) != 1 or _holds_images(root) or label_file(root) is not None:
+        return
+    inner = root / names[0]
+    subs = _sub_dirs(inner)
+    if subs and not _holds_images(inner):
+        raise DatasetError(f"{root}: its only folder, {names[0]}/, holds no images itself but the folders "
+                           f"{', '.join(subs[:5])}{', ...' if len(subs) > 5 else ''}, which would make one class; "
+                           f"if {names[0]}/ wraps the data set, give --data {inner}")
+
+
 def folder_layout(root: Path) -> tuple[Path, Path | None, Path | None]:
     """(train dir, val dir or None, test dir or None). A root without a train split folder is one flat class
     folder set (returned as the train dir).
 
     Split folders are recognised by name, whatever the case (``SPLIT_DIR_NAMES``). A ``train`` folder holding
-    images itself and no sub-folders is a class of a flat folder set (bus/, car/, train/), not the training
-    split; one with sub-folders, beside folders that hold images as classes do and are not split folders, is
-    ambiguous, and refused with an error that says how to proceed.
+    images itself and no sub-folders is a class of a flat folder set (bus/, car/, train/) where folders that are
+    not split folders stand beside it and it has no label file; where every folder is a split folder, it is the
+    training split, read through its label file (an error without one). A train folder with sub-folders beside
+    folders that hold images as classes do and are not split folders is ambiguous, and refused with an error that
+    says how to proceed. A val or test folder of images without class folders or label file is unlabelled: left
+    out (None), with a warning.
     """
     names = _sub_dirs(root)
     train = _split_dirs(root, names, "train")
     if train is None:
+        if like := [n for n in names if looks_like_split(n)]:
+            _warn_once("split-like", root, "%s: the class folder(s) %s are named like data splits, not classes; "
+                       "if they are splits, give --data the folder that holds them as train/ and val/ or test/",
+                       root, ", ".join(like))
         return root, None, None
-    inner = _sub_dirs(train)
-    if not inner and _holds_images(train):
-        return root, None, None  # images, no class folders: "train" is a class beside the others
-    split_names = {n for names_ in SPLIT_DIR_NAMES.values() for n in names_}
-    classes_beside = [n for n in names if n.lower() not in split_names and _holds_images(root / n)]
+    others = [n for n in names if n.lower() not in SPLIT_NAMES]
+    if not _sub_dirs(train) and _holds_images(train) and label_file(train) is None:
+        if others:
+            return root, None, None  # images, no class folders: "train" is a class beside the others
+        raise DatasetError(
+            f"{root}: {train.name}/ holds images but no class folders, and no label file gives their classes "
+            f"(every folder of {root} is named as a split: {', '.join(names)}). Put each class's images in "
+            f"{train}/<class>/, or give a label file: {train}/metadata.csv with a header file_name,label and a "
+            f"line per image (Hugging Face imagefolder's), or {root}/{train.name}.csv with a header such as id,label "
+            f"and lines <file name or its stem>,<class> (Kaggle's)")
+    classes_beside = [n for n in others if _holds_images(root / n)]
     if classes_beside:
         shown = ", ".join(classes_beside[:5]) + (f" and {len(classes_beside) - 5} more"
                                                   if len(classes_beside) > 5 else "")
@@ -175,4 +408,16 @@ def folder_layout(root: Path) -> tuple[Path, Path | None, Path | None]:
             f"beside it hold images as class folders do, and would be left out. If {train.name!r} is a class, "
             f"rename its folder (e.g. {train.name}_) so that it is not read as a split; if it is the training "
             f"split, move {shown} into it (or out of {root})")
-    return train, _split_dirs(root, names, "val"), _split_dirs(root, names, "test")
+    if unread := [n for n in others if _images_within(root / n)]:
+        _warn_once("unread", root, "%s: %s beside %s/ hold(s) images but is not read: not a split folder name "
+                   "(%s)", root, ", ".join(f"{n}/" for n in unread), train.name,
+                   "; ".join("/".join(v) for v in SPLIT_DIR_NAMES.values()))
+    val, test = _split_dirs(root, names, "val"), _split_dirs(root, names, "test")
+    for split, folder in (("val", val), ("test", test)):
+        if unlabelled_dir(folder):
+            instead = (f"split 'test' is {val.name}/ instead" if split == "test" and val is not None
+                       and not unlabelled_dir(val) else
+                       f"the held-out part is taken from {train.name}/ (val_fraction) instead")
+            _warn_once("unlabelled", folder, "%s: images without class folders or a label file, unlabelled: left "
+                       "out; %s", folder, instead)
+    return (train, None if unlabelled_dir(val) else val, None if unlabelled_dir(test) else test)
