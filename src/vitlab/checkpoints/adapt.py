@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 class SourceStateDict(dict):
     """A converted state dict with its source format's rule for resampling position tables to another grid, where
     that differs from vitlab's (bicubic, antialiased): timm reads the original JAX ``.npz`` files bilinearly without
-    antialiasing (the JAX code interpolates linearly), and so does vitlab, to give the same model."""
+    antialiasing (the JAX code interpolates linearly), and so does vitlab, to give the same model; transformers'
+    ``interpolate_pos_encoding`` (ViT, DeiT, BEiT) is bicubic without antialiasing, and vitlab reads its folders so."""
 
     def __init__(self, *args: object, pos_interpolation: str = "bicubic", pos_antialias: bool = True) -> None:
         super().__init__(*args)

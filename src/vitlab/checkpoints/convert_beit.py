@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitlab.checkpoints.adapt import SourceStateDict
 from vitlab.checkpoints.convert_timm import head_overrides
 from vitlab.checkpoints.converters import (
     Converted,
@@ -300,6 +301,7 @@ def hf_beit_overrides(config: dict[str, Any]) -> dict[str, Any]:
     if "layer_scale_init_value" in config:
         value = float(config["layer_scale_init_value"])
         over["init_values"] = value if value > 0 else None
+    _warn_hf_rect_rel_pos(config)
     if isinstance(config.get("use_mean_pooling"), bool):
         # transformers' pooler (BeitPooler, and the classifier on top of it): the normalised mean of the patch
         # tokens, or the class token. A classifier's norms already say which; a headless BeitModel's do not
@@ -307,9 +309,27 @@ def hf_beit_overrides(config: dict[str, Any]) -> dict[str, Any]:
     return over
 
 
+def _warn_hf_rect_rel_pos(config: dict[str, Any]) -> None:
+    """Warn where transformers reads a relative position table differently from vitlab (and timm): on a
+    rectangular patch grid, BeitRelativePositionBias reshapes the (2H-1)(2W-1) entries as (2W-1, 2H-1) rows and
+    columns and resamples them bilinearly to (2H-1, 2W-1), even at the model's own size."""
+    img, patch = config.get("image_size"), config.get("patch_size", 16)
+    if not isinstance(img, (list, tuple)) or not (config.get("use_relative_position_bias")
+                                                  or config.get("use_shared_relative_position_bias")):
+        return
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    h, w = int(img[0]) // int(patch), int(img[1]) // int(patch)
+    if h != w:
+        log.warning("HF BEiT config: image_size=%s gives a %dx%d patch grid; transformers reads the relative "
+                    "position tables (%dx%d offsets) with their axes swapped and resamples them bilinearly "
+                    "(BeitRelativePositionBias), where vitlab reads them as stored, as timm does: outputs differ "
+                    "from transformers' (by about 1e-4 on small models)", list(img), h, w, 2 * h - 1, 2 * w - 1)
+
+
 @register_converter("beit", "hf")
 def convert_hf_beit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
     out, head_keys = convert_hf_beit_state_dict(sd)
+    out = SourceStateDict(out, pos_antialias=False)  # transformers' interpolate_pos_encoding: no antialiasing
     seg = [k for k in head_keys if k.startswith(HF_SEGMENTATION_HEAD)]
     if seg:
         log.info("HF BEiT segmentation checkpoint: %d key(s) of the FPN necks and the UperNet / auxiliary heads "

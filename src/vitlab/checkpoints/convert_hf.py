@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitlab.checkpoints.adapt import SourceStateDict
 from vitlab.checkpoints.convert_timm import head_overrides
 from vitlab.checkpoints.converters import Converted, register_converter, register_hf_model_type
 
@@ -51,13 +52,17 @@ def hf_vit_overrides(config: dict[str, Any]) -> dict[str, Any]:
     except KeyError as e:
         raise ValueError(f"HF ViT config lacks {e.args[0]!r}") from None
     img, patch = config.get("image_size", 224), config.get("patch_size", 16)
+    if isinstance(patch, (list, tuple)):
+        if len(set(patch)) != 1:
+            raise ValueError(f"HF ViT config: patch_size={list(patch)}; vitlab's ViT supports square patches only")
+        patch = patch[0]
     return {
         "embed_dim": hidden,
         "depth": depth,
         "num_heads": heads,
         "mlp_ratio": int(config.get("intermediate_size", 4 * hidden)) / hidden,
         "img_size": tuple(int(s) for s in img) if isinstance(img, (list, tuple)) else int(img),
-        "patch_size": int(patch[0] if isinstance(patch, (list, tuple)) else patch),
+        "patch_size": int(patch),
         "in_chans": int(config.get("num_channels", 3)),
         "qkv_bias": bool(config.get("qkv_bias", True)),
         "norm_eps": float(config.get("layer_norm_eps", HF_LAYER_NORM_EPS)),
@@ -65,8 +70,9 @@ def hf_vit_overrides(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def convert_hf_encoder(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The shared embeddings + encoder part of HF ViT-like models (ViT, DeiT) under ``prefix``."""
-    out: dict[str, Tensor] = {}
+    """The shared embeddings + encoder part of HF ViT-like models (ViT, DeiT) under ``prefix``; the position table
+    resamples to another grid as transformers' ``interpolate_pos_encoding`` does (bicubic, not antialiased)."""
+    out: dict[str, Tensor] = SourceStateDict(pos_antialias=False)
     qkv: dict[int, dict[str, Tensor]] = {}
     for k, v in sd.items():
         if not k.startswith(prefix):

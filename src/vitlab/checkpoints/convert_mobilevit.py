@@ -8,8 +8,9 @@ Three layouts:
   ``transformer.layer.{j}`` (v1: split query/key/value), ``conv_projection``, ``fusion``, ``conv_1x1_exp``,
   ``classifier``. Hugging Face's processor feeds BGR images, so the converted model records
   ``channel_order="BGR"`` and vitlab's transforms flip the channels for it. Hugging Face's v2 does not
-  resize odd maps (a 224 px input ends on a 7x7 map) where cvnets, timm and vitlab resize the block input
-  to an even size (8x8): the same weights agree at 256 px (all maps even) and differ at 224 px.
+  resize odd maps (a 224 px input ends on a 7x7 map) where cvnets, timm and vitlab by default resize the block
+  input to an even size (8x8); it unfolds with stride 2, leaving the last row and column out of the
+  transformer and zero after folding. Its folders convert with ``patch_remainder="drop"``, which computes that.
   ``config.json`` gives the heads, ``patch_size``, ``image_size`` (the input size) and ``layer_norm_eps``;
   ``mlp_ratio`` / ``ffn_multiplier``, ``qkv_bias`` and ``conv_kernel_size`` are read off the tensors (the
   stated MLP ratio first). A ``hidden_act`` other than SiLU, ``output_stride`` other than 32 (dilated
@@ -124,6 +125,8 @@ def convert_hf_mobilevit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Convert
     stated = config.get("mlp_ratio", config.get("ffn_multiplier"))  # v1 / v2
     overrides = infer_overrides(out, mlp_ratio=float(stated) if stated is not None else None)
     overrides["channel_order"] = "BGR"  # the checkpoints were trained on (and HF's processor feeds) BGR images
+    if any(".attn.qkv_proj." in k for k in out):  # v2: F.unfold(stride=patch) drops an odd map's last row / column
+        overrides["patch_remainder"] = "drop"
     overrides.update(hf_config_overrides(config))
     return Converted(out, overrides)
 

@@ -222,6 +222,9 @@ def _from_hf(sd: dict[str, Tensor], config: dict[str, Any], family: str) -> Conv
     return converted
 
 
+_HF_EMBED_NORM_EPS = 1e-5  # nn.LayerNorm's default: transformers' SwinEmbeddings / SwinPatchMerging norms
+
+
 def _hf_config_overrides(config: dict[str, Any], family: str) -> dict[str, Any]:
     if not config:
         return {}
@@ -239,6 +242,8 @@ def _hf_config_overrides(config: dict[str, Any], family: str) -> dict[str, Any]:
         over["mlp_ratio"] = float(config["mlp_ratio"])
     if "layer_norm_eps" in config:
         over["norm_eps"] = float(config["layer_norm_eps"])
+        if over["norm_eps"] != _HF_EMBED_NORM_EPS:  # transformers' embedding / merging norms keep nn.LayerNorm's
+            over["embed_norm_eps"] = _HF_EMBED_NORM_EPS
     if family == "swinv2":
         pws = config.get("pretrained_window_sizes")
         over["pretrained_window_sizes"] = tuple(int(w) for w in pws) if pws and any(pws) else None

@@ -382,6 +382,14 @@ def _mobilevit(a: _Args) -> None:
     if a.cfg.channel_order != "RGB":
         a.notes.append(f"the model reads {a.cfg.channel_order} images (channel_order={a.cfg.channel_order!r}): "
                        f"feed timm's model the same")
+    if a.has("patch_remainder"):  # transformers' v2 rule (a Hugging Face folder): timm resizes odd maps instead
+        h, w = (a.cfg.img_size, a.cfg.img_size) if isinstance(a.cfg.img_size, int) else a.cfg.img_size
+        if h % 64 or w % 64:  # the maps the transformer blocks see (1/8, 1/16, 1/32) are not all multiples of 2
+            a.refuse("patch_remainder", f"at {h}x{w} its feature maps have an odd side, whose last row / column "
+                                        f"transformers' rule leaves out where timm resizes the map")
+        a.note_dropped("patch_remainder", f"the same model at {h}x{w} (every map a multiple of the patch); at sizes "
+                                          f"that are not multiples of 64 timm resizes the maps where the Hugging "
+                                          f"Face model leaves their last row / column out")
     a.same("num_classes", "in_chans")
     a.timm_class = "MobileViT (a ByobNet built from a fixed block table per name)"
 

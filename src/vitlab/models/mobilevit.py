@@ -19,7 +19,9 @@ The blocks:
   bilinearly to the next multiple and back (align_corners=False).
 * v2: depthwise 3x3 -> 1x1 -> separable self-attention blocks with GroupNorm(1) -> fold -> 1x1 projection
   with BN and no activation; no fusion, no residual, no final expansion conv. The block input is resized
-  (align_corners=True) to an even size and the output stays at that size, as cvnets and timm do.
+  (align_corners=True) to an even size and the output stays at that size, as cvnets and timm do
+  (``patch_remainder="resize"``). Hugging Face's v2 instead unfolds with stride p, dropping the last row /
+  column of an odd map, and folds zeros back there (``patch_remainder="drop"``, set for its folders).
 * v3 (S, XS, XXS; built on v1): depthwise 3x3; the fusion is a 1x1 over concat(LOCAL features, projected
   global features) - local first - plus a residual from the block input; wider stages.
 * v3 (0.5, 0.75, 1.0; built on v2): the v2 block whose projection reads concat(GLOBAL, LOCAL) - global
@@ -90,6 +92,9 @@ class MobileViTConfig:
     norm_eps: epsilon of the transformer's LayerNorms (v1, v3-S/XS/XXS) or GroupNorms (v2, v3-0.5..1.0).
     channel_order: the colour order the weights expect ("BGR" for Hugging Face MobileViT checkpoints,
         whose processor flips RGB to BGR); recorded in ``preprocessing`` and applied by vitlab's transforms.
+    patch_remainder: separable-attention blocks (v2, v3-0.5..1.0) on a map whose sides are not multiples of
+        the patch: "resize" the block input to the next multiple and keep that size (cvnets, timm), or
+        "drop" the last rows / columns from the transformer and fold zeros back there (Hugging Face's v2).
     """
 
     version: Version = "v1"
@@ -118,6 +123,7 @@ class MobileViTConfig:
     std: tuple[float, ...] = field(default=(1.0, 1.0, 1.0))
     crop_pct: float = 0.9
     channel_order: Literal["RGB", "BGR"] = "RGB"
+    patch_remainder: Literal["resize", "drop"] = "resize"
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -132,6 +138,9 @@ class MobileViTConfig:
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"MobileViTConfig: kernel_size must be odd (the convolutions pad k // 2), "
                              f"got {self.kernel_size}")
+        if self.patch_remainder == "drop" and self.attention == "mhsa":
+            raise ValueError("MobileViTConfig: patch_remainder='drop' (Hugging Face's v2 unfolding) applies to "
+                             "separable attention (v2, v3-0.5..1.0) only; multi-head attention blocks resize")
 
 
 def _concat(*xs: Tensor) -> Tensor:
@@ -184,10 +193,11 @@ class MobileViTV2Block(nn.Module):
 
     def __init__(self, dim: int, transformer_dim: int, depth: int, *, v3: bool, mlp_ratio: float,
                  patch_size: int, kernel_size: int = 3, norm_eps: float = 1e-5, drop: float, attn_drop: float,
-                 drop_path: list[float]) -> None:
+                 drop_path: list[float], patch_remainder: Literal["resize", "drop"] = "resize") -> None:
         super().__init__()
         self.v3 = v3
         self.patch = (patch_size, patch_size)
+        self.patch_remainder = patch_remainder
         d = transformer_dim
         self.conv_kxk = ConvNormAct(dim, dim, kernel_size, groups=dim)
         self.conv_1x1 = nn.Conv2d(dim, d, 1, bias=False)
@@ -200,11 +210,19 @@ class MobileViTV2Block(nn.Module):
         self.conv_proj = ConvNormAct(2 * d if v3 else d, dim, 1, act_layer=None)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = resize_to_patches(x, self.patch, align_corners=True)  # the output keeps this (larger) size
+        if self.patch_remainder == "resize":
+            x = resize_to_patches(x, self.patch, align_corners=True)  # the output keeps this (larger) size
         local = self.conv_1x1(self.conv_kxk(x))  # (B, d, H, W)
-        grid = (x.shape[-2] // self.patch[0], x.shape[-1] // self.patch[1])
-        p = self.norm(self.transformer(unfold_patches(local, self.patch)))  # (B, d, P, N)
-        y = fold_patches(p, grid, self.patch)
+        h, w = local.shape[-2:]
+        grid = (h // self.patch[0], w // self.patch[1])
+        fit = (grid[0] * self.patch[0], grid[1] * self.patch[1])
+        if self.patch_remainder == "drop":  # F.unfold(stride=p) semantics: the remainder rows / columns skipped
+            p = self.norm(self.transformer(unfold_patches(local[..., :fit[0], :fit[1]], self.patch)))
+        else:
+            p = self.norm(self.transformer(unfold_patches(local, self.patch)))  # (B, d, P, N)
+        y = fold_patches(p, grid, self.patch)  # (B, d, fit_h, fit_w)
+        if self.patch_remainder == "drop" and size_differs(fit, (h, w)):
+            y = F.pad(y, (0, w - fit[1], 0, h - fit[0]))  # F.fold leaves zeros where no patch was
         if self.v3:
             return self.conv_proj(_concat(y, local)) + x
         return self.conv_proj(y)
@@ -240,7 +258,7 @@ class MobileViT(TimmSurface, nn.Module):
                 block: nn.Module = MobileViTBlock(dim, d, depth, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias,
                                                   **common)
             else:
-                block = MobileViTV2Block(dim, d, depth, **common)
+                block = MobileViTV2Block(dim, d, depth, patch_remainder=cfg.patch_remainder, **common)
             stages.append(nn.Sequential(InvertedResidual(cin, dim, stride=2, expand_ratio=cfg.expand_ratio), block))
             cin, k = dim, k + depth
         self.stages = nn.Sequential(*stages)

@@ -92,6 +92,8 @@ class SwinConfig:
     pad_before_shift: on maps that the window does not divide, pad to a multiple of the window before the
         cyclic shift and roll the padded map (Hugging Face's order) instead of rolling, then padding (timm's);
         the shift mask is built on the padded size either way. Set for Hugging Face checkpoints.
+    embed_norm_eps: epsilon of the patch-embedding and patch-merging LayerNorms; None: ``norm_eps``.
+        transformers builds those with nn.LayerNorm's 1e-5 whatever its ``layer_norm_eps``.
     """
 
     version: Literal[1, 2] = 1
@@ -114,6 +116,7 @@ class SwinConfig:
     dynamic_img_size: bool = False
     rel_pos_resample: Literal["timm", "bicubic"] = "timm"
     pad_before_shift: bool = False
+    embed_norm_eps: float | None = None
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
     crop_pct: float | None = None
@@ -131,6 +134,8 @@ class SwinConfig:
             raise ValueError(f"SwinConfig: window_size {self.window_size} needs one entry per stage ({n})")
         if self.pretrained_window_sizes is not None and len(self.pretrained_window_sizes) != n:
             raise ValueError(f"SwinConfig: pretrained_window_sizes needs one entry per stage ({n})")
+        if self.embed_norm_eps is not None and not self.embed_norm_eps > 0:
+            raise ValueError(f"SwinConfig: embed_norm_eps must be > 0 (or None), got {self.embed_norm_eps!r}")
         if self.version not in (1, 2):
             raise ValueError(f"SwinConfig: version must be 1 or 2, got {self.version!r}")
         for i, h in enumerate(self.num_heads):
@@ -284,9 +289,10 @@ class SwinStage(nn.Module):
 
     def __init__(self, dim: int, out_dim: int, *, size: tuple[int, int], depth: int, downsample: bool,
                  window: int, drop_path: list[float], version: int, norm_layer: partial,
-                 pretrained_window: int = 0, **block_kw) -> None:
+                 merge_norm_layer: partial | None = None, pretrained_window: int = 0, **block_kw) -> None:
         super().__init__()
-        self.downsample = (PatchMerging(dim, out_dim=out_dim, norm_first=version == 1, norm_layer=norm_layer)
+        self.downsample = (PatchMerging(dim, out_dim=out_dim, norm_first=version == 1,
+                                        norm_layer=merge_norm_layer or norm_layer)
                            if downsample else nn.Identity())
         self.size = ((size[0] + 1) // 2, (size[1] + 1) // 2) if downsample else size  # the blocks' map
         self.blocks = nn.Sequential(*[
@@ -310,13 +316,15 @@ class SwinTransformer(TimmSurface, nn.Module):
         super().__init__()
         self.cfg = cfg
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
+        # the patch-embedding and patch-merging norms
+        embed_norm = partial(nn.LayerNorm, eps=cfg.norm_eps if cfg.embed_norm_eps is None else cfg.embed_norm_eps)
         n = len(cfg.depths)
         dims = [cfg.embed_dim * 2**i for i in range(n)]
         self.num_features = self.head_hidden_size = dims[-1]
         self.dynamic_img_size = cfg.dynamic_img_size
         self.patch_embed = SwinPatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                                           embed_dim=cfg.embed_dim, strict_img_size=not cfg.dynamic_img_size,
-                                          norm_layer=norm_layer, pad=cfg.dynamic_img_size)
+                                          norm_layer=embed_norm, pad=cfg.dynamic_img_size)
         total = sum(cfg.depths)  # drop-path rate grows linearly over all blocks
         rates = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         dpr = [rates[sum(cfg.depths[:i]):sum(cfg.depths[:i + 1])] for i in range(n)]
@@ -327,6 +335,7 @@ class SwinTransformer(TimmSurface, nn.Module):
             stage = SwinStage(
                 dims[max(i - 1, 0)], dims[i], size=size, depth=cfg.depths[i], downsample=i > 0,
                 window=cfg.windows()[i], drop_path=dpr[i], version=cfg.version, norm_layer=norm_layer,
+                merge_norm_layer=embed_norm,
                 pretrained_window=pretrained[i], num_heads=cfg.num_heads[i], mlp_ratio=cfg.mlp_ratio,
                 qkv_bias=cfg.qkv_bias, proj_drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate,
                 pad_before_shift=cfg.pad_before_shift)
