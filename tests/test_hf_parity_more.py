@@ -97,6 +97,18 @@ def test_hf_position_table_resampled_as_transformers_does(io, case, hw):
                                atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(("case", "hw"), [("vit", (40, 56)), ("deit", (48, 48)), ("beit", (48, 40))])
+def test_hf_position_table_resampled_per_batch_as_transformers_does(io, case, hw):
+    """With dynamic_img_size the table is resampled per batch by the same rule (a Hugging Face folder's model
+    records pos_antialias=False): interpolate_pos_encoding=True's numbers at any size."""
+    model = vitlab.load_model(FIXTURES / case, dynamic_img_size=True)
+    assert model.cfg.pos_antialias is False
+    out = _logits(model, *hw)
+    torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, io[f"{case}_logits_{hw[0]}x{hw[1]}"],
+                               atol=ATOL, rtol=0)
+    assert vitlab.create_model("vit_tiny_patch16_224").cfg.pos_antialias is True  # timm's rule for everything else
+
+
 # ---------------------------------------------------------------------------------------------------- Swin
 @pytest.mark.parametrize("case", ["swin", "swinv2"])
 def test_hf_swin_layer_norm_eps_only_in_blocks_and_final_norm(io, case):

@@ -292,7 +292,8 @@ def hf_beit_overrides(config: dict[str, Any]) -> dict[str, Any]:
         return {}
     if config.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"HF BEiT config: hidden_act={config['hidden_act']!r}; vitlab's BEiT uses exact 'gelu'")
-    over: dict[str, Any] = {"norm_eps": float(config.get("layer_norm_eps", HF_LAYER_NORM_EPS))}
+    over: dict[str, Any] = {"norm_eps": float(config.get("layer_norm_eps", HF_LAYER_NORM_EPS)),
+                            "pos_antialias": False}  # interpolate_pos_encoding: bicubic without antialiasing
     if "num_attention_heads" in config:
         over["num_heads"] = int(config["num_attention_heads"])
     if "image_size" in config:

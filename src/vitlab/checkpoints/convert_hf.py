@@ -66,6 +66,7 @@ def hf_vit_overrides(config: dict[str, Any]) -> dict[str, Any]:
         "in_chans": int(config.get("num_channels", 3)),
         "qkv_bias": bool(config.get("qkv_bias", True)),
         "norm_eps": float(config.get("layer_norm_eps", HF_LAYER_NORM_EPS)),
+        "pos_antialias": False,  # interpolate_pos_encoding: bicubic without antialiasing
     }
 
 

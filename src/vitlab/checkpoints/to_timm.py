@@ -227,8 +227,13 @@ _NO_DYNAMIC = ("timm's model has no such option: it takes the input size it is b
                "there), where vitlab's resamples its position table per input")
 
 
+_POS_ANTIALIAS_NOTE = ("timm resamples the position table antialiased where an input of another size meets it "
+                       "(dynamic_img_size), as transformers does not: the same outputs at the model's own size")
+
+
 def _vit(a: _Args) -> None:
     a.take("attn_type", "linformer_k", "linformer_sharing")  # softmax attention (Linformer refused before)
+    a.note_dropped("pos_antialias", _POS_ANTIALIAS_NOTE)
     a.take("distilled", "dist_head")  # DeiT: the timm name says which (_timm_name)
     if a.has("gelu"):
         a.renamed("gelu", "act_layer", lambda g: {"exact": "gelu", "tanh": "gelu_tanh"}[g])
@@ -278,6 +283,7 @@ def _beit(a: _Args) -> None:
     if cfg.qkv_bias and cfg.qkv_bias_layout != "qv":
         a.refuse("qkv_bias_layout", "timm's Beit has q and v biases only")
     a.take("sub_ln", "qkv_bias_layout")
+    a.note_dropped("pos_antialias", _POS_ANTIALIAS_NOTE)
     if a.has("global_pool", "fc_norm", "final_norm"):
         fc_norm, final_norm = _norms(cfg)
         if fc_norm == final_norm:

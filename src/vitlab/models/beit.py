@@ -110,6 +110,7 @@ class BeitConfig:
     drop_path_rate: float = 0.0
     head_init_scale: float = 0.001
     dynamic_img_size: bool = False  # only without relative position tables (BEiT-3): the absolute table is resampled
+    pos_antialias: bool = True  # that resampling antialiased (timm) or not (transformers: Hugging Face folders)
     mean: tuple[float, ...] = field(default=INCEPTION_MEAN)
     std: tuple[float, ...] = field(default=INCEPTION_STD)
     crop_pct: float | None = None
@@ -240,7 +241,8 @@ class Beit(TimmSurface, nn.Module):
         if self.pos_embed is not None:
             pos = self.pos_embed
             if self.dynamic_img_size and size_differs(grid, self.patch_embed.grid_size):
-                pos = resample_pos_embed(pos, grid, old_size=self.patch_embed.grid_size, num_prefix_tokens=1)
+                pos = resample_pos_embed(pos, grid, old_size=self.patch_embed.grid_size, num_prefix_tokens=1,
+                                         antialias=self.cfg.pos_antialias)
             x = x + pos
         index = None
         if keep is not None:  # each kept patch carries its own position; the class token stays in front

@@ -119,7 +119,8 @@ class DeiT(VisionTransformer):
             return super()._pos_embed(x, grid)
         pos = self.pos_embed
         if self.dynamic_img_size and size_differs(grid, self.patch_embed.grid_size):
-            pos = resample_pos_embed(pos, grid, old_size=self.patch_embed.grid_size, num_prefix_tokens=2)
+            pos = resample_pos_embed(pos, grid, old_size=self.patch_embed.grid_size, num_prefix_tokens=2,
+                                     antialias=self.cfg.pos_antialias)
         B = x.shape[0]
         # (B, N, D) -> (B, 2 + N, D): class token, distillation token, patches; then the table is added
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1), x], dim=1)

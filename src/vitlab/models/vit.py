@@ -76,6 +76,8 @@ class ViTConfig:
         ``flax.linen.gelu``; the ``.npz`` converter sets it).
     hybrid_layers: blocks per ResNet stage of the hybrid stem (None: plain patch embedding).
     dynamic_img_size: accept any input size, resampling the position table per batch.
+    pos_antialias: that resampling antialiased (bicubic, as timm) or not (transformers' ``interpolate_pos_encoding``:
+        Hugging Face folders load with False).
     crop_pct, interpolation: evaluation crop (None: 0.9 up to 224px, else 1.0) and resize of the default
         preprocessing, those of the published weights (the MIIL ViT was trained with bilinear resizes).
     attn_type: "softmax" (the paper's attention) or "linformer" (Wang et al. 2020, arXiv:2006.04768: keys and
@@ -108,6 +110,7 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     dynamic_img_size: bool = False
+    pos_antialias: bool = True
     hybrid_layers: tuple[int, ...] | None = None
     hybrid_channels: tuple[int, ...] | None = None
     hybrid_stem_chs: int = 64
@@ -343,7 +346,7 @@ class VisionTransformer(TimmSurface, nn.Module):
             pos = self.pos_embed
             if self.dynamic_img_size and size_differs(grid, self.patch_embed.grid_size):
                 pos = resample_pos_embed(pos, grid, old_size=self.patch_embed.grid_size,
-                                         num_prefix_tokens=self.pos_embed_prefix)
+                                         num_prefix_tokens=self.pos_embed_prefix, antialias=self.cfg.pos_antialias)
         elif self.cfg.pos_embed == "sincos":
             pos = self.pos_embed_fixed
             if size_differs(grid, self.patch_embed.grid_size):
