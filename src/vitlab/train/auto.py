@@ -28,7 +28,9 @@ How it decides, in order:
    on: where the source has no val/ or test/ set of its own, 10% of each class is held out to measure it.
 5. Augmentation strength: random-resized crops whose smallest area falls with the run's length;
    horizontal flips for colour images only (small grayscale images are usually characters, which
-   mirroring changes); RandAugment, stochastic depth and attention dropout only for long runs.
+   mirroring changes; RGB files whose sampled pixels are all grey count as grey); RandAugment, stochastic
+   depth and attention dropout only for long runs. Non-square pictures (which the square centre crop cuts)
+   and strongly imbalanced classes get a warning.
 6. Precision: bfloat16 autocast on a GPU that has it; on a CPU with native bfloat16 (AVX512-BF16/AMX)
    only for models of width >= ``CPU_BF16_MIN_WIDTH``: the small models' matmuls are too small for
    bf16 to pay for autocast's casts (measured 2-3x slower than float32 for width 64 on an AMD EPYC with
@@ -120,6 +122,7 @@ class DataFacts:
     has_test: bool = False  # the source has a test set of its own (else "test" is the held-out part)
     has_val: bool = False  # the source has a validation set of its own (an image folder's val/)
     class_counts: tuple[int, ...] | None = None  # images per class (None: taken as even), for the held-out part
+    grey_rgb: bool = False  # 3-channel files whose sampled pixels all have R == G == B (grey pictures saved as RGB)
 
 
 def held_out_images(data: DataFacts, val_fraction: float) -> int:
@@ -310,7 +313,7 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
         epochs, max_steps = 1, max(1, int(epochs_fit * steps_per_epoch))
         total_steps = max_steps
     long_run = epochs >= 40
-    colour = data.channels == 3
+    colour = data.channels == 3 and not data.grey_rgb  # grey pictures stored as RGB get grey's choices
     small = min(data.image_size) <= 64
     if model is None and model_name == CCT_BASE_MODEL:  # CCT's regularisers only pay in long runs
         overrides["drop_path_rate"] = overrides["attn_drop_rate"] = 0.1 if long_run else 0.0
@@ -345,6 +348,8 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
         log_every=max(1, min(50, steps_per_epoch // 4)),
     )
     estimated = total_steps * batch * per_image
+    for warning in data_warnings(data):
+        log.warning("auto recipe: %s", warning)
     where = f"{hw.gpu}" if hw.gpu else f"{hw.threads} CPU thread{'s' if hw.threads != 1 else ''}"
     if model is None and model_name == CCT_BASE_MODEL:
         g = cct_grid(img, overrides["num_conv_layers"])
@@ -358,7 +363,8 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
     summary = (f"auto recipe: {arch} at {f'{img} px' if img else 'its own resolution'}; batch {batch}, "
                f"{epochs if max_steps is None else f'{max_steps} steps of 1'} epoch(s) of {n:,} images "
                f"({total_steps:,} steps{f'; {held:,} more held out for validation' if held else ''}), {'bf16' if bf16 else 'float32'}, "
-               f"{'flips, ' if colour else ''}crops {scale_min:g}-1; estimated {_duration(estimated)} on {where} "
+               f"{'flips, ' if colour else 'grey pictures stored as RGB: no flips, ' if data.grey_rgb else ''}"
+               f"crops {scale_min:g}-1; estimated {_duration(estimated)} on {where} "
                f"(budget {_duration(budget)})")
     description = (f"Chosen by vitlab.train.auto for {n:,} training images of {data.image_size[0]}x{data.image_size[1]} px, "
                    f"{data.channels} channel(s), {data.num_classes} classes on {where}: {summary}")
@@ -407,6 +413,33 @@ def depth_of(overrides: dict[str, Any]) -> int:
     return int(overrides.get("depth", 12))
 
 
+# beyond this aspect ratio (either way) the square centre crop drops a third or more of each picture (photos of
+# 4:3 and 3:2, cropped as ImageNet's are, get no warning)
+ASPECT_LIMIT = 1.5
+# the largest class this many times the smallest: the small classes' accuracy is worth a look of its own
+IMBALANCE_RATIO = 10
+
+
+def data_warnings(data: DataFacts) -> list[str]:
+    """What the auto recipe does not handle in the data and the user should know: a centre crop that drops much
+    of non-square pictures, strongly imbalanced classes."""
+    out = []
+    h, w = data.image_size
+    if max(h, w) > ASPECT_LIMIT * min(h, w):
+        s = min(h, w)
+        out.append(f"the images are {h}x{w} px (height x width) and the model's input is square: training and "
+                   f"evaluation see the centre {s}x{s} of each, about {100 * s / max(h, w):.0f}% of the picture; "
+                   f"resize them to a square on disk to train on the whole image")
+    counts = data.class_counts
+    if counts and max(counts) >= IMBALANCE_RATIO * max(min(counts), 1) and max(counts) > min(counts):
+        lo, hi = min(counts), max(counts)
+        times = f" ({hi / lo:.0f}x)" if lo else ""
+        out.append(f"imbalanced classes: the largest has {hi:,} images, the smallest {lo:,}{times}; small classes "
+                   f"can score far below the overall accuracy: `vitlab eval` reports each class's accuracy "
+                   f"(per_class.csv)")
+    return out
+
+
 def _duration(seconds: float) -> str:
     from vitlab.train.progress import format_duration
 
@@ -419,8 +452,9 @@ def data_facts(ds) -> DataFacts:
     size = ds.native_size
     if size is None:
         size = _typical_file_size(getattr(ds, "paths", []))
+    grey_rgb = ds.in_chans == 3 and _grey_as_rgb(getattr(ds, "paths", []), getattr(ds, "targets", []))
     return DataFacts(num_images=len(ds), num_classes=len(ds.classes), image_size=tuple(size), channels=ds.in_chans,
-                     class_counts=tuple(ds.class_counts()))
+                     class_counts=tuple(ds.class_counts()), grey_rgb=grey_rgb)
 
 
 def facts_for_source(source: str) -> DataFacts:
@@ -452,6 +486,44 @@ def _typical_file_size(paths: list[str], sample: int = 16) -> tuple[int, int]:
         return (224, 224)
     sizes.sort(key=lambda s: s[0] * s[1])
     return sizes[len(sizes) // 2]
+
+
+GREY_TOLERANCE = 2  # levels of R/G/B difference a grey JPEG may show after chroma rounding
+
+
+def _grey_as_rgb(paths: list[str], targets: list[int], sample: int = 16) -> bool:
+    """Whether ``sample`` files spread over the classes all decode to R == G == B (grey pictures saved as RGB;
+    a few levels of difference allowed for JPEG). False when none can be read."""
+    from PIL import ImageChops
+
+    from vitlab.data.image import _open_unguarded
+
+    by_class: dict[int, list[str]] = {}
+    for p, t in zip(paths, targets):
+        by_class.setdefault(t, []).append(p)
+    classes = sorted(by_class)[::max(1, math.ceil(len(by_class) / sample))]
+    picks: list[str] = []
+    for k in range(sample):  # round robin over the classes, each class's files taken spread out
+        for c in classes:
+            files = by_class[c]
+            n = min(len(files), sample)
+            if k < n:
+                picks.append(files[k * len(files) // n])
+    seen = 0
+    for p in picks[:sample]:
+        try:
+            with _open_unguarded(p) as img:
+                if img.width * img.height > 50_000_000:
+                    continue
+                img.draft("RGB", (256, 256))  # JPEG: decode reduced
+                r, g, b = img.convert("RGB").split()
+        except Exception:  # noqa: BLE001 - a bad file is reported when it is decoded
+            continue
+        if max(ImageChops.difference(r, g).getextrema()[1],
+               ImageChops.difference(g, b).getextrema()[1]) > GREY_TOLERANCE:
+            return False
+        seen += 1
+    return seen > 0
 
 
 def with_changes(choice: AutoChoice, **changes: Any) -> AutoChoice:
