@@ -1,5 +1,5 @@
 """The auto recipe (train/auto.py) on data that is not plain square colour pictures in even classes: grey pictures
-saved as RGB, non-square pictures, imbalanced classes."""
+saved as RGB, non-square pictures (squashed whole), imbalanced classes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vitlab.train.auto import DataFacts, choose_recipe, data_facts, facts_for_source
@@ -62,14 +63,34 @@ def test_one_colour_picture_among_the_sample_makes_the_data_colour(tmp_path):
 
 
 # -------------------------------------------------------------------------------- non-square pictures
-@pytest.mark.parametrize("size, share", [((28, 56), "50%"), ((56, 28), "50%"), ((16, 256), "6%")])
-def test_non_square_pictures_are_named_with_the_share_the_model_sees(size, share, caplog):
+@pytest.mark.parametrize("size", [(28, 56), (56, 28), (16, 256)])
+def test_non_square_pictures_are_squashed_whole_and_cropped_with_their_own_aspect(size):
+    """A 2:1 picture's square centre crop kept half of it (a 16x256 one 6%), and no crop of >= 80% of its area
+    had an aspect in 0.8-1.25, so training fell back to one fixed crop every time."""
     facts = DataFacts(num_images=3000, num_classes=100, image_size=size, channels=1)
-    with caplog.at_level(logging.WARNING, logger="vitlab"):
-        choose_recipe(facts, LAPTOP)
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1
-    assert f"{size[0]}x{size[1]} px" in warned[0] and f"about {share} of the picture" in warned[0]
+    choice = choose_recipe(facts, LAPTOP)
+    aspect = size[1] / size[0]
+    lo, hi = choice.recipe.ratio
+    assert choice.recipe.model_overrides["crop_mode"] == "squash"
+    assert lo < aspect < hi and hi / lo == pytest.approx(1.25 / 0.8)
+    assert "whole pictures squashed to the square" in choice.summary
+
+
+def test_a_non_square_run_evaluates_and_exports_the_whole_picture(tmp_path):
+    """End to end: the checkpoint records crop_mode "squash", so eval's transform sees every column."""
+    import vitlab
+    from vitlab.cli.main import main
+    from vitlab.data import eval_transform
+
+    root = write_pictures(tmp_path / "data", grey=False, size=(8, 24), per_class=4)
+    assert main(["train", "--data", str(root), "--steps", "2", "--threads", "1", "--no-progress",
+                 "--output", str(tmp_path / "run")]) == 0
+    model = vitlab.load_model(tmp_path / "run" / "model.safetensors")
+    assert model.preprocessing.crop_mode == "squash"
+    x = torch.zeros(3, 8, 24, dtype=torch.uint8)
+    x[:, :, -1] = 255  # the last column only: a centre crop drops it
+    assert float(eval_transform(model.preprocessing)(x).amax()) > float(eval_transform(model.preprocessing)(
+        torch.zeros_like(x)).amax())
 
 
 @pytest.mark.parametrize("size", [(28, 28), (375, 500), (64, 48), (32, 48)])
@@ -96,3 +117,18 @@ def test_mildly_imbalanced_classes_get_no_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="vitlab"):
         choose_recipe(facts, LAPTOP)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_create_model_takes_preprocessing_the_family_fixes(tmp_path):
+    """crop_mode is no config field of CCT or ViT: create_model sets it on the model's preprocessing (as timm's
+    pretrained_cfg_overlay does), a checkpoint keeps it, and a caller's value wins over the checkpoint's."""
+    import vitlab
+
+    model = vitlab.create_model("cct_7_3x2_32", num_classes=3, img_size=16, depth=1, crop_mode="squash")
+    assert model.preprocessing.crop_mode == "squash"
+    path = vitlab.save_model(model, tmp_path / "m.safetensors")
+    assert vitlab.load_model(path).preprocessing.crop_mode == "squash"
+    again = vitlab.create_model("cct_7_3x2_32", pretrained=path, crop_mode="center")
+    assert again.preprocessing.crop_mode == "center"
+    with pytest.raises(ValueError, match="crop_mode must be 'center' or 'squash'"):
+        vitlab.create_model("cct_7_3x2_32", num_classes=3, img_size=16, depth=1, crop_mode="border")

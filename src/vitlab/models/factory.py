@@ -90,6 +90,11 @@ def create_model(
     name, _, tag = name.partition(".")
     entry = _get_entry(name, tag)
     fields = {f.name for f in dataclasses.fields(entry.config)}
+    from vitlab.models.base import STYLE_FIELDS
+
+    # preprocessing the family fixes rather than configures (crop_mode, interpolation, ...), as timm's
+    # pretrained_cfg_overlay sets it: applied to the built model, recorded in its checkpoints
+    style_given = {k: overrides.pop(k) for k in list(overrides) if k in STYLE_FIELDS and k not in fields}
     weights = None
     if pretrained is True:
         from vitlab.models.pretrained import find_weights
@@ -119,7 +124,7 @@ def create_model(
                              num_classes=num_classes, img_size=img_size)
 
     if pretrained is None:
-        return build(None)
+        return _with_style(build(None), style_given)
     from vitlab.checkpoints import resolve
 
     model, source = _load_source(resolve(pretrained), entry.family, build)
@@ -128,11 +133,23 @@ def create_model(
         model.class_names = names
     if repo is not None and weights is None and not _records_preprocessing(source):
         _warn_default_preprocessing(repo, name, model)
-    _apply_preprocessing_style(source, model, given=set(overrides), weights_style=weights_style)
+    _apply_preprocessing_style(source, model, given=set(overrides) | set(style_given), weights_style=weights_style)
     score = _score_function(source)
     if score != "softmax" and model.num_classes:
         model.score_function = score
     log.info("loaded %s weights from %s", source.format, source.path)
+    return _with_style(model, style_given)
+
+
+def _with_style(model: nn.Module, style: dict[str, Any]) -> nn.Module:
+    """``model`` with the preprocessing ``style`` the caller gave over what it has (checked by Preprocessing)."""
+    if style:
+        from vitlab.models.base import set_preprocessing_style
+
+        if getattr(model, "preprocessing", None) is None:
+            raise TypeError(f"create_model({model.model_name!r}): {', '.join(sorted(style))}: the model has no "
+                            f"image preprocessing to set")
+        set_preprocessing_style(model, **{**getattr(model, "preprocessing_style", {}), **style})
     return model
 
 

@@ -29,8 +29,9 @@ How it decides, in order:
 5. Augmentation strength: random-resized crops whose smallest area falls with the run's length;
    horizontal flips for colour images only (small grayscale images are usually characters, which
    mirroring changes; RGB files whose sampled pixels are all grey count as grey); RandAugment, stochastic
-   depth and attention dropout only for long runs. Non-square pictures (which the square centre crop cuts)
-   and strongly imbalanced classes get a warning.
+   depth and attention dropout only for long runs. Pictures beyond 3:2 (or 2:3) are squashed whole to the
+   square input (crop_mode "squash") and cropped in training with their own aspect; strongly imbalanced classes
+   get a warning.
 6. Precision: bfloat16 autocast on a GPU that has it; on a CPU with native bfloat16 (AVX512-BF16/AMX)
    only for models of width >= ``CPU_BF16_MIN_WIDTH``: the small models' matmuls are too small for
    bf16 to pay for autocast's casts (measured 2-3x slower than float32 for width 64 on an AMD EPYC with
@@ -315,6 +316,13 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
     long_run = epochs >= 40
     colour = data.channels == 3 and not data.grey_rgb  # grey pictures stored as RGB get grey's choices
     small = min(data.image_size) <= 64
+    h, w = data.image_size
+    aspect = w / h
+    squash = max(aspect, 1 / aspect) > ASPECT_LIMIT  # the whole picture to the square, in training and evaluation
+    ratio = (0.75, 4 / 3) if not small else (0.8, 1.25)
+    if squash:  # crops shaped as the pictures are (which the square input then squashes), not square ones
+        ratio = (ratio[0] * aspect, ratio[1] * aspect)
+        overrides["crop_mode"] = "squash"
     if model is None and model_name == CCT_BASE_MODEL:  # CCT's regularisers only pay in long runs
         overrides["drop_path_rate"] = overrides["attn_drop_rate"] = 0.1 if long_run else 0.0
     elif model is None and long_run and depth_of(overrides) >= 6:
@@ -341,7 +349,7 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
         val_fraction=val_fraction,
         augment=True,
         scale=(scale_min, 1.0),
-        ratio=(0.75, 4 / 3) if not small else (0.8, 1.25),
+        ratio=ratio,
         hflip=0.5 if colour else 0.0,
         randaugment=(2, 7) if long_run and colour else None,
         eval_every_epochs=max(1, epochs // 4),
@@ -364,7 +372,7 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
                f"{epochs if max_steps is None else f'{max_steps} steps of 1'} epoch(s) of {n:,} images "
                f"({total_steps:,} steps{f'; {held:,} more held out for validation' if held else ''}), {'bf16' if bf16 else 'float32'}, "
                f"{'flips, ' if colour else 'grey pictures stored as RGB: no flips, ' if data.grey_rgb else ''}"
-               f"crops {scale_min:g}-1; estimated {_duration(estimated)} on {where} "
+               f"crops {scale_min:g}-1{f' of aspect {ratio[0]:.2g}-{ratio[1]:.2g}, whole pictures squashed to the square' if squash else ''}; estimated {_duration(estimated)} on {where} "
                f"(budget {_duration(budget)})")
     description = (f"Chosen by vitlab.train.auto for {n:,} training images of {data.image_size[0]}x{data.image_size[1]} px, "
                    f"{data.channels} channel(s), {data.num_classes} classes on {where}: {summary}")
@@ -413,23 +421,16 @@ def depth_of(overrides: dict[str, Any]) -> int:
     return int(overrides.get("depth", 12))
 
 
-# beyond this aspect ratio (either way) the square centre crop drops a third or more of each picture (photos of
-# 4:3 and 3:2, cropped as ImageNet's are, get no warning)
+# beyond this aspect ratio (either way) the square centre crop would drop a third or more of each picture: the
+# whole picture is squashed to the square instead (photos of 4:3 and 3:2 are cropped as ImageNet's are)
 ASPECT_LIMIT = 1.5
 # the largest class this many times the smallest: the small classes' accuracy is worth a look of its own
 IMBALANCE_RATIO = 10
 
 
 def data_warnings(data: DataFacts) -> list[str]:
-    """What the auto recipe does not handle in the data and the user should know: a centre crop that drops much
-    of non-square pictures, strongly imbalanced classes."""
+    """What the auto recipe does not handle in the data and the user should know: strongly imbalanced classes."""
     out = []
-    h, w = data.image_size
-    if max(h, w) > ASPECT_LIMIT * min(h, w):
-        s = min(h, w)
-        out.append(f"the images are {h}x{w} px (height x width) and the model's input is square: training and "
-                   f"evaluation see the centre {s}x{s} of each, about {100 * s / max(h, w):.0f}% of the picture; "
-                   f"resize them to a square on disk to train on the whole image")
     counts = data.class_counts
     if counts and max(counts) >= IMBALANCE_RATIO * max(min(counts), 1) and max(counts) > min(counts):
         lo, hi = min(counts), max(counts)
