@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -161,24 +161,69 @@ def image_header(path: Path, *, oriented: bool = True) -> tuple[str, tuple[int, 
     """(mode, (width, height)) of an image file from its header, without decoding the pixels; ``oriented``:
     the size :func:`~vitlab.data.image.load_image` gives it (EXIF rotations by 90 degrees swap the sides).
     A file Pillow cannot open raises :class:`BadImageError` naming it."""
+    mode, (w, h), _, orientation = _header(path, with_format=False)
+    if oriented and orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return mode, (w, h)
+
+
+# EXIF orientations that turn the image by 90 degrees (its displayed width and height swap)
+_QUARTER_TURNS = {5: "mirrored and rotated 90 degrees", 6: "rotated 90 degrees clockwise",
+                  7: "mirrored and rotated 90 degrees", 8: "rotated 90 degrees counter-clockwise"}
+
+
+def _header(path: Path, *, with_format: bool = True) -> tuple[str, tuple[int, int], str | None, int]:
+    """(mode, stored (width, height), format (:func:`_format_of`; None without ``with_format``), EXIF orientation
+    (1: none)) from the header."""
     from PIL import Image, UnidentifiedImageError
 
     from vitlab.data.image import _open_unguarded
 
     try:
         with _open_unguarded(path) as img:
-            w, h = img.size
             # Image.getexif reads the EXIF (and XMP) the header holds; a PNG's own getexif would decode the
             # whole file to look past the pixel data (an eXIf chunk there, rare, is not seen here)
-            if oriented and Image.Image.getexif(img).get(0x0112, 1) in (5, 6, 7, 8):
-                w, h = h, w
-            return img.mode, (w, h)
+            orientation = Image.Image.getexif(img).get(0x0112, 1)
+            return img.mode, img.size, _format_of(path, img) if with_format else None, orientation
     except FileNotFoundError:
         raise BadImageError(f"{path}: file not found") from None
     except UnidentifiedImageError:
         raise BadImageError(f"{path}: not an image file Pillow can identify") from None
     except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError) as e:
         raise BadImageError(f"{path}: cannot read the image header ({type(e).__name__}: {e})") from None
+
+
+def _format_of(path: Path, img: Any) -> str | None:
+    """Pillow's format name of an open image, with "(lossy)" / "(JPEG-compressed)" for the WebP and TIFF files
+    whose compression is lossy."""
+    fmt = img.format
+    if fmt == "TIFF" and str(img.info.get("compression", "")).endswith("jpeg"):
+        return "TIFF (JPEG-compressed)"
+    if fmt == "WEBP" and _webp_is_lossy(path):
+        return "WEBP (lossy)"
+    return fmt
+
+
+def _webp_is_lossy(path: Path) -> bool:
+    """Whether a WebP file's first image chunk is VP8 (lossy) rather than VP8L (lossless), walking the RIFF
+    chunks from the header."""
+    with open(path, "rb") as f:
+        f.seek(12)  # "RIFF", size, "WEBP"
+        while len(head := f.read(8)) == 8:
+            fourcc, size = head[:4], int.from_bytes(head[4:], "little")
+            if fourcc in (b"VP8 ", b"ALPH"):  # ALPH: the alpha of a lossy image
+                return True
+            if fourcc == b"VP8L":
+                return False
+            if fourcc == b"ANMF":  # an animation frame: its own chunks start after 16 bytes of frame header
+                f.seek(16, 1)
+                continue
+            f.seek(size + size % 2, 1)
+    return False
+
+
+# mask file formats whose compression changes pixel values (a class index off by one at every edge)
+LOSSY_MASK_FORMATS = ("JPEG", "MPO", "WEBP (lossy)", "TIFF (JPEG-compressed)")
 
 
 # ------------------------------------------------------------------------------------ COCO detection
@@ -213,7 +258,10 @@ class CocoDetection(SkipsBadImages, Dataset):
         try:
             data = json.loads(self.ann_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise DatasetError(f"{self.ann_path}: annotation file not found") from None
+            folder = self.ann_path.parent
+            there = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
+            raise DatasetError(f"{self.ann_path}: annotation file not found"
+                               + (f" (JSON files there: {', '.join(there[:10])})" if there else "")) from None
         except json.JSONDecodeError as e:
             raise DatasetError(f"{self.ann_path}: not valid JSON ({e})") from None
         for key in ("images", "annotations", "categories"):
@@ -289,8 +337,20 @@ class CocoDetection(SkipsBadImages, Dataset):
         return str(self.root / self.images[index]["file_name"])
 
     def _size_error(self, img: dict[str, Any], width: int, height: int) -> DatasetError:
+        """The JSON size disagrees with the image as read (EXIF orientation applied); where the stored pixels
+        have the JSON's size and an EXIF orientation turns them, the error says so."""
+        turned = ""
+        try:
+            _, stored, _, orientation = _header(self.root / img["file_name"])
+        except BadImageError:
+            orientation, stored = 1, (width, height)
+        if orientation in _QUARTER_TURNS and stored == (int(img["width"]), int(img["height"])):
+            turned = (f"; the file stores {stored[0]}x{stored[1]}, {width}x{height} after its EXIF orientation "
+                      f"({orientation}: {_QUARTER_TURNS[orientation]}). COCO boxes refer to the image as displayed, "
+                      f"EXIF applied (as transformers' load_image reads it): where they were drawn on the stored "
+                      f"pixels, remove the file's EXIF orientation tag; else give the JSON the displayed size")
         return DatasetError(f"{self.ann_path}: image id {int(img['id'])}: {img['file_name']} is {width}x{height}, "
-                            f"the JSON says {img['width']}x{img['height']}")
+                            f"the JSON says {img['width']}x{img['height']}{turned}")
 
     def check_files(self) -> None:
         """Every image opens and has the size its JSON entry gives, read from the file headers (no decoding):
@@ -383,6 +443,52 @@ def pad_batch(batch: list[Sample]) -> tuple[Tensor, Tensor, list[dict[str, Any]]
 # ------------------------------------------------------------------------------------ segmentation
 
 
+@dataclass
+class MaskValues:
+    """Pixels per value over some decoded masks, and the first mask holding each value."""
+
+    pixels: dict[int, int] = field(default_factory=dict)
+    first: dict[int, Path] = field(default_factory=dict)
+    masks: int = 0
+
+    def add(self, path: Path, mask: Tensor) -> None:
+        self.masks += 1
+        values, counts = torch.unique(mask, return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist()):
+            self.pixels[v] = self.pixels.get(v, 0) + c
+            self.first.setdefault(v, path)
+
+    def __or__(self, other: MaskValues) -> MaskValues:
+        out = MaskValues(dict(self.pixels), dict(self.first), self.masks + other.masks)
+        for v, c in other.pixels.items():
+            out.pixels[v] = out.pixels.get(v, 0) + c
+            out.first.setdefault(v, other.first[v])
+        return out
+
+
+def check_mask_classes(values: MaskValues, classes: Sequence[str], *, ignore_index: int = 255) -> None:
+    """Classes of ``classes`` (index = mask value) that no decoded mask holds: a :class:`DatasetError` for
+    binary masks saved 0 / ``ignore_index`` (the object as 255, silently never trained nor scored), a warning
+    naming the classes otherwise."""
+    if not values.pixels:
+        return
+    missing = [k for k in range(len(classes)) if values.pixels.get(k, 0) == 0]
+    if not missing:
+        return
+    total = sum(values.pixels.values())
+    ignored = values.pixels.get(ignore_index, 0)
+    if set(values.pixels) <= {0, ignore_index} and ignored > 0.05 * total:
+        raise DatasetError(
+            f"{values.first[ignore_index]}: the masks hold only the values 0 and {ignore_index} ({ignore_index} on "
+            f"{ignored / total:.0%} of their pixels) and no pixel of class(es) "
+            f"{', '.join(f'{classes[k]!r} ({k})' for k in missing)}: {ignore_index} is "
+            f"the ignore index (unlabelled, neither trained nor scored); binary masks must hold the object as 1, "
+            f"e.g. re-save each as mask // {ignore_index} (Image.fromarray(np.array(Image.open(p)) // "
+            f"{ignore_index}).save(p))")
+    log.warning("no pixel of class(es) %s (mask value %s) in the %d masks read: not learnt unless other masks "
+                "hold them", ", ".join(repr(classes[k]) for k in missing), ", ".join(map(str, missing)), values.masks)
+
+
 class MaskFolder(SkipsBadImages, Dataset):
     """VOC-style segmentation: ``images/NAME.jpg|png`` and ``masks/NAME.png`` whose pixel values are
     class indices (palette, grey 8- or 16-bit, or 1-bit PNGs), ``ignore_index`` (255) for unlabelled pixels.
@@ -417,7 +523,10 @@ class MaskFolder(SkipsBadImages, Dataset):
         return str(self.pairs[index][0])
 
     @staticmethod
-    def _check_mode(mask_path: Path, mode: str) -> None:
+    def _check_mode(mask_path: Path, mode: str, fmt: str | None = None) -> None:
+        if fmt in LOSSY_MASK_FORMATS:  # a JPEG saved under a .png name: its values blur at every class edge
+            raise DatasetError(f"{mask_path}: a {fmt} file; a mask must be stored losslessly (PNG), lossy "
+                               f"compression changes its class indices at every edge: re-export the masks as PNG")
         if mode not in MASK_MODES:
             raise DatasetError(f"{mask_path}: mask mode {mode}; expected a grey, palette or 1-bit PNG of class "
                                f"indices")
@@ -434,7 +543,7 @@ class MaskFolder(SkipsBadImages, Dataset):
 
         try:
             with Image.open(mask_path) as m:
-                self._check_mode(mask_path, m.mode)
+                self._check_mode(mask_path, m.mode, _format_of(mask_path, m))
                 mask = torch.from_numpy(np.array(m, dtype=np.int64))  # mode "1": booleans, classes 0 and 1
         except OSError as e:
             raise BadImageError(f"{mask_path}: cannot read the mask ({e})") from None
@@ -445,25 +554,31 @@ class MaskFolder(SkipsBadImages, Dataset):
                                    f"(ignore index {self.ignore_index})")
         return mask
 
-    def check_files(self, *, classes: bool = False) -> None:
-        """Every image and mask opens, each mask is a mode of class indices and has its image's size, all read
-        from the file headers (no decoding); ``classes``: the masks are also decoded (they are small) and
-        their values checked. A :class:`DatasetError` (a mask that does not fit) or :class:`BadImageError`
-        (an unreadable file; skipped and counted instead with ``skip_bad_images``) names the file."""
+    def check_files(self, *, classes: bool = False, sample: int = 0) -> MaskValues:
+        """Every image and mask opens, each mask is a lossless file of a mode of class indices and has its image's
+        size, all read from the file headers (no decoding); ``classes``: the masks are also decoded (they are
+        small) and their values checked; ``sample``: that many of them (at most), spread over the set. A
+        :class:`DatasetError` (a mask that does not fit) or :class:`BadImageError` (an unreadable file; skipped
+        and counted instead with ``skip_bad_images``) names the file. Returns the values of the decoded masks."""
+        n = len(self.pairs)
+        k = n if classes else min(sample, n)
+        decode = {i * n // k for i in range(k)} if k else set()  # k of the n, evenly spread
+        values = MaskValues()
         for i, (img_path, mask_path) in enumerate(self.pairs):
             try:
                 _, image_wh = image_header(img_path)
-                mode, mask_wh = image_header(mask_path, oriented=False)  # a mask is read as stored
+                mode, mask_wh, fmt, _ = _header(mask_path)  # a mask is read as stored (no EXIF orientation)
             except BadImageError as e:
                 self._bad_image(i, e, hint=SKIP_HINT)
                 continue
-            self._check_mode(mask_path, mode)
+            self._check_mode(mask_path, mode, fmt)
             self._check_size(mask_path, mask_wh, img_path, image_wh)
-            if classes:
+            if i in decode:
                 try:
-                    self._read_mask(mask_path)
+                    values.add(mask_path, self._read_mask(mask_path))
                 except BadImageError as e:
                     self._bad_image(i, e, hint=SKIP_HINT)
+        return values
 
     def raw(self, index: int) -> Sample:
         img_path, mask_path = self.pairs[index]
@@ -626,6 +741,6 @@ def canvas_datasets(root: str | os.PathLike, split: str, *, task: str, transform
     raise ValueError(f"canvas_datasets: task must be 'detection' or 'segmentation', got {task!r}")
 
 
-__all__ = ["MASK_MODES", "CocoDetection", "DenseTransform", "MaskFolder", "Repeated", "SkipsBadImages",
-           "canvas_datasets", "crop_sample", "hflip", "image_header", "make_canvases", "match_categories",
-           "pad_batch", "resize_sample", "train_categories"]
+__all__ = ["LOSSY_MASK_FORMATS", "MASK_MODES", "CocoDetection", "DenseTransform", "MaskFolder", "MaskValues",
+           "Repeated", "SkipsBadImages", "canvas_datasets", "check_mask_classes", "crop_sample", "hflip",
+           "image_header", "make_canvases", "match_categories", "pad_batch", "resize_sample", "train_categories"]

@@ -1,9 +1,10 @@
 """The command-line jobs of the dense tasks: train / evaluate DETR and SETR on a data folder, and run a
 trained model on images (boxes, colour overlays, DETR's per-object cross-attention).
 
-A data folder holds ``train/`` and ``val/``, each with ``images/`` and either ``annotations.json``
-(COCO format: detection) or ``masks/`` (VOC-style PNGs of class indices: segmentation), as
-``vitlab make-canvases`` writes them.
+A data folder holds ``train/`` and ``val/`` (its split folders named as for classification, whatever the
+case: ``valid/`` ...), each with ``images/`` and either ``annotations.json`` (COCO format: detection; or
+Roboflow's layout, the images beside ``_annotations.coco.json``) or ``masks/`` (VOC-style PNGs of class
+indices: segmentation), as ``vitlab make-canvases`` writes them.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from vitlab.checkpoints.io import check_outputs_free
-from vitlab.data.dense import CocoDetection, DenseTransform, MaskFolder, train_categories
+from vitlab.data.dense import CocoDetection, DenseTransform, MaskFolder, check_mask_classes, train_categories
 from vitlab.data.errors import BadImageError, DatasetError
+from vitlab.data.folder import SPLIT_DIR_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +64,53 @@ def transform_for(model: nn.Module, *, train: bool, hflip: float = 0.5,
                           mean=pp.mean, std=pp.std, channels=c)
 
 
+# the COCO JSON of a split folder: vitlab's (beside images/) or Roboflow's COCO export (beside the images)
+COCO_JSON_NAMES = ("annotations.json", "_annotations.coco.json")
+DETECTION_LAYOUTS = ("SPLIT/images/ with SPLIT/annotations.json (as `vitlab make-canvases` writes it), or the "
+                     "images beside SPLIT/_annotations.coco.json (Roboflow's COCO export)")
+
+
+def split_dir(root: str | os.PathLike, split: str) -> Path:
+    """The folder of ``split`` under ``root``, named as for classification whatever its case (``val``:
+    val/, valid/, validation/, dev/); an error lists the folders there when there is none."""
+    root = Path(root)
+    names = SPLIT_DIR_NAMES.get(split, (split,))
+    if not root.is_dir():
+        raise DatasetError(f"{root}: data folder not found")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    hits = [n for n in folders if n.lower() in names]
+    if len(hits) > 1:
+        raise DatasetError(f"{root}: {' and '.join(hits)} both name the {split} split; keep one of them")
+    if not hits:
+        raise DatasetError(f"{root}: no {split} split folder ({', '.join(n + '/' for n in names)} whatever the "
+                           f"case); folders there: {', '.join(n + '/' for n in folders[:20]) or 'none'}")
+    return root / hits[0]
+
+
+def coco_split_files(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
+    """(images folder, COCO JSON) of a detection split (:data:`DETECTION_LAYOUTS`); an error lists the JSON
+    files and folders found."""
+    base = split_dir(root, split)
+    for name in COCO_JSON_NAMES:
+        if (base / name).is_file():
+            return (base / "images" if (base / "images").is_dir() else base), base / name
+    found = sorted(str(p.relative_to(base)) for p in [*base.glob("*.json"), *base.glob("*/*.json")])
+    folders = sorted(p.name + "/" for p in base.iterdir() if p.is_dir())
+    raise DatasetError(f"{base}: no COCO annotation file ({' or '.join(COCO_JSON_NAMES)}); JSON files there: "
+                       f"{', '.join(found[:10]) or 'none'}; folders: {', '.join(folders[:10]) or 'none'}; accepted "
+                       f"layouts: {DETECTION_LAYOUTS}")
+
+
 def open_split(root: str | os.PathLike, split: str, task: str, transform: DenseTransform | None,
                num_classes: int | None = None, *, categories: list[dict[str, Any]] | None = None,
                categories_from: str = "the model", ignore_index: int = 255, skip_bad_images: bool = False):
-    """``root/split`` as a detection or segmentation data set; a detection split takes the label of each
-    category from ``categories`` (the training set's or the checkpoint's) when given."""
-    base = Path(root) / split
+    """``root/split`` (:func:`split_dir`) as a detection or segmentation data set; a detection split takes the
+    label of each category from ``categories`` (the training set's or the checkpoint's) when given."""
     if task == "detection":
-        return CocoDetection(base / "images", base / "annotations.json", transform=transform,
+        images, annotations = coco_split_files(root, split)
+        return CocoDetection(images, annotations, transform=transform,
                              categories=categories, categories_from=categories_from, skip_bad_images=skip_bad_images)
+    base = split_dir(root, split)
     return MaskFolder(base / "images", base / "masks", transform=transform, num_classes=num_classes,
                       ignore_index=ignore_index, skip_bad_images=skip_bad_images)
 
@@ -90,9 +130,58 @@ def recorded_categories(checkpoint: str | os.PathLike) -> list[dict[str, Any]] |
     return None
 
 
+CLASSES_JSON_FORMS = ('a list of names ["background", "cat", ...], an id2label object {"0": "background", '
+                      '"1": "cat", ...}, or a list of objects [{"id": 0, "name": "background"}, ...]; the index '
+                      'or id of a class is its value in the masks, 0..K-1')
+
+
 def _segmentation_classes(root: Path) -> list[str] | None:
+    """The class names of ``root/classes.json`` (:data:`CLASSES_JSON_FORMS`), index = mask value; None
+    without the file. Anything else is refused naming the file."""
     p = root / "classes.json"
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{p}: not valid JSON ({e})") from None
+
+    def refuse(why: str) -> DatasetError:
+        return DatasetError(f"{p}: {why}; expected {CLASSES_JSON_FORMS}")
+
+    if isinstance(data, dict):  # Hugging Face's id2label
+        try:
+            by_id = {int(k): v for k, v in data.items()}
+        except ValueError:
+            raise refuse(f"the keys of an id2label object must be class ids, got {list(data)[:5]}") from None
+    elif isinstance(data, list) and data and all(isinstance(c, dict) for c in data):  # COCO / ADE style
+        if any("name" not in c for c in data):
+            raise refuse("every object needs a 'name'")
+        if all("id" in c for c in data):
+            try:
+                by_id = {int(c["id"]): c["name"] for c in data}
+            except (TypeError, ValueError):
+                raise refuse("an 'id' is not an integer") from None
+            if len(by_id) < len(data):
+                raise refuse("an 'id' appears twice")
+        elif any("id" in c for c in data):
+            raise refuse("some objects have an 'id', others not")
+        else:
+            by_id = dict(enumerate(c["name"] for c in data))
+    elif isinstance(data, list):
+        by_id = dict(enumerate(data))
+    else:
+        raise refuse(f"got a JSON {type(data).__name__}")
+    if not by_id:
+        raise refuse("no classes")
+    if sorted(by_id) != list(range(len(by_id))):
+        raise refuse(f"the class ids are {sorted(by_id)[:10]}, not 0..{len(by_id) - 1}")
+    names = [by_id[i] for i in range(len(by_id))]
+    if bad := [n for n in names if not isinstance(n, str) or not n.strip()]:
+        raise refuse(f"class names must be non-empty strings, got {bad[0]!r}")
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise refuse(f"class name(s) {twice} appear more than once")
+    return names
 
 
 @dataclass
@@ -166,9 +255,10 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
         overrides["img_size"] = recipe.img_size
     categories = None
     if job.task == "detection":
-        probe = CocoDetection(job.data / "train" / "images", job.data / "train" / "annotations.json")
+        train_images, train_json = coco_split_files(job.data, "train")
+        probe = CocoDetection(train_images, train_json)
         classes = probe.classes
-        categories = train_categories(job.data / "train" / "annotations.json")
+        categories = train_categories(train_json)
     else:
         classes = _segmentation_classes(job.data) or [str(i) for i in range(int(overrides.get("num_classes", 0)))]
         if not classes:  # the model's default (21, VOC's) would train, then fail to save its class names
@@ -189,9 +279,9 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
                            model.num_classes, ignore_index=ignore, skip_bad_images=job.skip_bad_images)
     # val labels follow train's categories (by id), also where val/annotations.json lists fewer of them
     val_set = open_split(job.data, "val", job.task, transform_for(model, train=False), model.num_classes,
-                         categories=categories, categories_from=f"the training set ({job.data / 'train'})",
+                         categories=categories, categories_from=f"the training set ({split_dir(job.data, 'train')})",
                          ignore_index=ignore, skip_bad_images=job.skip_bad_images)
-    check_dense_files(train_set, val_set)
+    check_dense_files(train_set, val_set, classes=classes)
     if ctx.is_main:  # what --resume continues: task, data, model (with the data's classes, to check them)
         if job.overwrite and not job.resume:
             clear_run_outputs(job.output)
@@ -230,7 +320,7 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
                                             ignore_index=model.cfg.ignore_index)
     except (BadImageError, DatasetError) as e:
         raise type(e)(f"{e}; the training finished and its model is saved ({job.output / 'model.safetensors'}), "
-                      f"the evaluation on {job.data / 'val'} stopped there: fix or remove the file, then "
+                      f"the evaluation on {split_dir(job.data, 'val')} stopped there: fix or remove the file, then "
                       f"`vitlab train --output {job.output} --resume` evaluates it (without training again)") from e
     summary["val"] = metrics
     if job.skip_bad_images:  # distinct files, counted across worker processes and epochs
@@ -240,15 +330,25 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
     return summary
 
 
-def check_dense_files(train_set: CocoDetection | MaskFolder, val_set: CocoDetection | MaskFolder) -> None:
+# training masks decoded before training to see which classes they hold (the val masks are all decoded)
+TRAIN_MASKS_SAMPLED = 64
+
+
+def check_dense_files(train_set: CocoDetection | MaskFolder, val_set: CocoDetection | MaskFolder, *,
+                      classes: list[str] | None = None) -> None:
     """Before training: every file of both splits opens, a COCO image has its JSON size, a mask has its image's
     size and a mode of class indices, all from the file headers; val's masks are also decoded for their
-    classes (small files, else reached only after the whole training). The error names the file."""
+    classes (small files, else reached only after the whole training), and up to :data:`TRAIN_MASKS_SAMPLED` of
+    train's, spread over it: a class of ``classes`` none of them holds is an error where the masks look like
+    binary masks saved 0/255 (:func:`~vitlab.data.dense.check_mask_classes`), else a warning. The error names
+    the file."""
     t0 = time.perf_counter()
-    train_set.check_files()
     if isinstance(val_set, MaskFolder):
-        val_set.check_files(classes=True)
+        values = train_set.check_files(sample=TRAIN_MASKS_SAMPLED) | val_set.check_files(classes=True)
+        if classes:
+            check_mask_classes(values, classes, ignore_index=val_set.ignore_index)
     else:
+        train_set.check_files()
         val_set.check_files()
     log.debug("checked the files of %d training and %d val samples in %.1f s", len(train_set), len(val_set),
               time.perf_counter() - t0)
@@ -331,7 +431,7 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, split: str = "val
     if task == "detection" and categories is None and names and len(names) == model.num_classes:
         categories = [{"name": str(n)} for n in names]  # matched by name: a checkpoint that records no ids
     elif task == "detection" and categories is None and not names:
-        categories = unnamed_detector_categories(model.num_classes, Path(data) / split / "annotations.json")
+        categories = unnamed_detector_categories(model.num_classes, coco_split_files(data, split)[1])
         categories_from = "the model's labels read as category ids"
     ds = open_split(data, split, task, transform_for(model, train=False), model.num_classes,
                     categories=categories, categories_from=categories_from,
@@ -618,6 +718,7 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
     return results
 
 
-__all__ = ["DENSE_RUNTIMES", "DenseJob", "check_dense_files", "check_output_files", "detect_images", "evaluate_folder",
-           "format_metrics", "ignore_index_of", "load_dense", "output_files", "output_stems", "recorded_categories",
-           "run_dense_training", "segment_images", "task_of", "transform_for", "unnamed_detector_categories"]
+__all__ = ["COCO_JSON_NAMES", "DENSE_RUNTIMES", "DenseJob", "check_dense_files", "check_output_files",
+           "coco_split_files", "detect_images", "evaluate_folder", "format_metrics", "ignore_index_of", "load_dense",
+           "output_files", "output_stems", "recorded_categories", "run_dense_training", "segment_images", "split_dir",
+           "task_of", "transform_for", "unnamed_detector_categories"]
