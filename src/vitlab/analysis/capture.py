@@ -10,6 +10,8 @@ size in pixels and the number of prefix tokens.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,19 @@ class Captured:
     layout: TokenLayout
     token_maps: tuple[bool, ...] = ()
     layers: tuple[nn.Module, ...] = ()
+
+
+def this_thread_only(fn: Callable[..., None]) -> Callable[..., None]:
+    """A module hook that acts only in the thread that made it: forward hooks fire in every thread, and
+    another thread running the same model (a service answering predictions) must not feed a capture, as
+    :func:`~vitlab.layers.capture_attention` does for the attention maps."""
+    owner = threading.get_ident()
+
+    def hook(*args: object) -> None:
+        if threading.get_ident() == owner:
+            fn(*args)
+
+    return hook
 
 
 def attention_blocks(model: nn.Module) -> list[nn.Module]:
@@ -113,7 +128,7 @@ def capture(model: nn.Module, x: Tensor, *, with_grad: bool = False) -> Captured
     if not blocks:
         raise ValueError(f"capture: {type(model).__name__} has no attention layers to capture")
     tokens: list[Tensor] = []
-    hooks = [b.register_forward_hook(lambda _m, _i, out: tokens.append(out)) for b in blocks]
+    hooks = [b.register_forward_hook(this_thread_only(lambda _m, _i, out: tokens.append(out))) for b in blocks]
     try:
         with torch.set_grad_enabled(with_grad), capture_attention(model) as maps:
             if with_grad and not x.requires_grad:

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vitlab.analysis.capture import attention_blocks, capture, token_layout
+from vitlab.analysis.capture import attention_blocks, capture, this_thread_only, token_layout
 from vitlab.analysis.rollout import (
     HeadFusion,
     attention_rollout,
@@ -343,10 +343,11 @@ def _as_feature_map(model: nn.Module, out: Tensor | tuple, image_size: tuple[int
 def _grad_cam(model: nn.Module, x: Tensor, *, target: int | Tensor | None) -> Explanation:
     seen: list[Tensor] = []
     layer, use_input = cam_layer(model)
+    # only this thread's forward: another thread running the model would hand over a tensor of another graph
     if use_input:
-        hook = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        hook = layer.register_forward_pre_hook(this_thread_only(lambda _m, args: seen.append(args[0])))
     else:
-        hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        hook = layer.register_forward_hook(this_thread_only(lambda _m, _i, out: seen.append(out)))
     try:
         with torch.enable_grad():
             # an input that requires grad: the graph reaches the cam layer also when the weights are frozen

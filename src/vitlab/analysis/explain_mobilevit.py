@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from vitlab.analysis.capture import this_thread_only
 from vitlab.analysis.explain import Explanation, class_targets, register_explainer
 from vitlab.analysis.rollout import HeadFusion, fuse_heads, relevance_to_image
 from vitlab.layers import capture_attention
@@ -32,7 +33,7 @@ def mobilevit_last_layer(model: MobileViT, x: Tensor, *, target: int | Tensor | 
                          head_fusion: HeadFusion = "mean", **_: object) -> Explanation:
     sizes: list[tuple[int, int]] = []
     block = model.stages[-1][1]
-    hook = block.register_forward_pre_hook(lambda _m, args: sizes.append(tuple(args[0].shape[-2:])))
+    hook = block.register_forward_pre_hook(this_thread_only(lambda _m, args: sizes.append(tuple(args[0].shape[-2:]))))
     try:
         with torch.no_grad(), capture_attention(model) as maps:
             logits = model(x)

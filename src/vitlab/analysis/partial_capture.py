@@ -15,7 +15,7 @@ from collections.abc import Hashable, Mapping
 import torch
 from torch import Tensor, nn
 
-from vitlab.analysis.capture import TokenLayout
+from vitlab.analysis.capture import TokenLayout, this_thread_only
 from vitlab.analysis.rollout import (
     HeadFusion,
     attention_rollout,
@@ -59,7 +59,7 @@ def explain_token_layers(model: nn.Module, x: Tensor, modules: list[CapturableAt
     from vitlab.analysis.explain import Explanation, class_targets
 
     pooled: list[Tensor] = []
-    hook = (pool_logits.register_forward_hook(lambda _m, _i, out: pooled.append(out.detach()))
+    hook = (pool_logits.register_forward_hook(this_thread_only(lambda _m, _i, out: pooled.append(out.detach())))
             if pool_logits is not None else None)
     try:
         logits, seen = capture_tagged(model, x, {m: i for i, m in enumerate(modules)},

@@ -67,7 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vitlab.data import BadImageError, eval_transform, expand_image_paths, load_image
+    from vitlab.data import BadImageError, eval_transform, expand_image_paths
+    from vitlab.inference import prepare_image, score_kind, to_scores
     from vitlab.train.evaluate import logits_of
 
     if args.topk < 1 or args.batch_size < 1:
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         reference = reference.to(device)
     transform = eval_transform(model.preprocessing)
     names = model.class_names
-    scores = getattr(model, "score_function", "softmax") if args.scores == "auto" else args.scores
+    scores = score_kind(model, args.scores)  # the library's vitlab.predict decodes, prepares and scores alike
     if scores != "softmax":
         log.info("scores: %s of the logits%s", scores, " (the checkpoint's)" if args.scores == "auto" else "")
     k = min(args.topk, model.num_classes)
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         slots, paths, pixels = [], [], []
         for i, p in enumerate(batch):
             try:
-                pixels.append(transform(load_image(p, min_size=transform.min_source_size)))
+                pixels.append(prepare_image(p, transform))
                 paths.append(p)
                 slots.append(i)
             except BadImageError as e:
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             if reference is not None and model.name != "torch" and (check := max(0, agreement - seen)):
                 agree += (logits_of(reference(x[:check])).argmax(-1) == logits[:check].argmax(-1)).sum().item()
                 seen += min(check, len(x))
-            probs = {"softmax": lambda t: t.softmax(dim=-1), "sigmoid": torch.sigmoid, "none": lambda t: t}[scores](logits)
+            probs = to_scores(logits, scores)
         top = probs.topk(k, dim=-1)
         key = "score" if scores == "none" else "probability"
         failed = compile_failure(model)  # these images ran eager

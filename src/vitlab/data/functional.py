@@ -74,10 +74,13 @@ _UNIT_RANGE_SLACK = 1e-3
 
 def check_unit_range(x: Tensor, where: str = "image") -> None:
     """Refuse a non-uint8 image whose values are not in [0, 1] (0..255 floats, an already normalised
-    tensor): the operations here would silently give a wrong image. One min/max pass."""
+    tensor, NaN or inf): the operations here would silently give a wrong image. One min/max pass."""
     if x.dtype == torch.uint8 or x.numel() == 0:
         return
     lo, hi = (float(v) for v in torch.aminmax(x.detach().float()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN fails every comparison below
+        raise ValueError(f"{where}: a {str(x.dtype).removeprefix('torch.')} image with NaN or infinite values; "
+                         f"expected uint8 (0..255) or floats in [0, 1]")
     if lo < -_UNIT_RANGE_SLACK or hi > 1 + _UNIT_RANGE_SLACK:
         if lo >= -_UNIT_RANGE_SLACK and hi <= 255:
             hint = " (0..255 values: pass them as uint8, or divide by 255)"

@@ -305,16 +305,25 @@ def load_image(path: str | os.PathLike, *, min_size: int | None = None) -> Tenso
         # OSError covers "image file is truncated" and decoder errors; SyntaxError is what some Pillow
         # plugins raise on malformed headers.
         raise BadImageError(f"{p}: cannot decode image ({type(e).__name__}: {e})") from e
-    if arr.ndim == 2:
-        arr = arr[None]  # (1, H, W)
-    else:
-        arr = arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
-    if arr.shape[1] == 0 or arr.shape[2] == 0:
-        raise BadImageError(f"{p}: image has zero size {arr.shape[1:]}")
+    if 0 in arr.shape[:2]:
+        raise BadImageError(f"{p}: image has zero size {arr.shape[:2]}")
+    return _chw_tensor(arr)
+
+
+def _chw_tensor(arr: np.ndarray) -> Tensor:
+    """uint8 (H, W) or (H, W, C) array -> a (C, H, W) tensor owning its memory."""
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # -> (C, H, W)
     arr = np.ascontiguousarray(arr)
     if not arr.flags.writeable:  # Pillow's buffer is read-only; torch tensors must own writable memory
         arr = arr.copy()
     return torch.from_numpy(arr)
+
+
+def pil_to_tensor(img: Image.Image) -> Tensor:
+    """A Pillow image -> uint8 (C, H, W), converted as :func:`load_image` converts a decoded file: EXIF
+    orientation applied, transparency laid over white, 16-bit and float modes scaled to 0..255, 1 channel for
+    grayscale modes and 3 for the others."""
+    return _chw_tensor(_to_uint8_array(ImageOps.exif_transpose(img) or img))
 
 
 def peek_channels(path: str | os.PathLike) -> int | None:

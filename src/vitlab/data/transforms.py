@@ -17,8 +17,11 @@ instead of a random one.
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from vitlab.data.functional import (
@@ -30,7 +33,7 @@ from vitlab.data.functional import (
     resize,
     to_float,
 )
-from vitlab.data.image import to_channels
+from vitlab.data.image import pil_to_tensor, to_channels
 from vitlab.data.randaugment import RandAugment
 from vitlab.models.base import Preprocessing
 
@@ -38,6 +41,31 @@ from vitlab.models.base import Preprocessing
 def to_channel_order(x: Tensor, order: str) -> Tensor:
     """RGB (C, H, W) image -> the model's channel order ("RGB" unchanged, "BGR" reversed)."""
     return x.flip(-3) if order == "BGR" and x.shape[-3] == 3 else x
+
+
+IMAGE_FORMS = ("a uint8 (C, H, W) tensor, a PIL image or a (H, W[, C]) uint8 array; e.g. "
+               "vitlab.data.load_image(path)")
+
+
+def image_tensor(x: Any, where: str = "eval_transform") -> Tensor:
+    """An image as the transforms take it: a (C, H, W) tensor (uint8, or floats in [0, 1]) as it is; a PIL
+    image as :func:`~vitlab.data.load_image` converts a decoded file (:func:`~vitlab.data.image.pil_to_tensor`:
+    EXIF orientation, transparency over white); a uint8 (H, W) or (H, W, C) array through Pillow the same way.
+    Anything else, a (H, W, C) tensor included, is a ValueError naming the accepted forms."""
+    if isinstance(x, Image.Image):
+        return pil_to_tensor(x)
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.uint8 and (x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 2, 3, 4))):
+            return pil_to_tensor(Image.fromarray(x[..., 0] if x.ndim == 3 and x.shape[-1] == 1 else x))
+        raise ValueError(f"{where}: a {x.dtype} array of shape {x.shape}; expected {IMAGE_FORMS}")
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{where}: got {type(x).__name__}; expected {IMAGE_FORMS}")
+    if x.ndim not in (3, 4):
+        raise ValueError(f"{where}: a tensor of shape {tuple(x.shape)}; expected {IMAGE_FORMS}")
+    if x.shape[-1] in (1, 3, 4) and x.shape[-3] not in (1, 3, 4):
+        raise ValueError(f"{where}: a tensor of shape {tuple(x.shape)} looks channels-last (H, W, C); expected "
+                         f"{IMAGE_FORMS} (permute(2, 0, 1) a (H, W, C) tensor)")
+    return x
 
 
 class EvalTransform:
@@ -68,8 +96,10 @@ class EvalTransform:
         ratio = min(h / sh, w / sw)
         return max(1, round(h / ratio)), max(1, round(w / ratio))
 
-    def __call__(self, x: Tensor) -> Tensor:
-        v = to_float(x)
+    def __call__(self, x: Tensor | Image.Image | np.ndarray) -> Tensor:
+        """``x``: a uint8 (C, H, W) tensor (or floats in [0, 1]), a PIL image or a uint8 (H, W[, C]) array
+        (:func:`image_tensor`)."""
+        v = to_float(image_tensor(x))
         v = resize(v, self.resize_size(*v.shape[-2:]), self.pre.interpolation)
         v = center_crop(v, self.size)
         v = to_channel_order(to_channels(v, self.channels), self.pre.channel_order)

@@ -271,21 +271,38 @@ def images_from_source(source: str | os.PathLike, n: int = DEFAULT_NUM_IMAGES) -
     return torch.stack(imgs)
 
 
-def preprocess(images: Tensor | list[Tensor], pre: Preprocessing, task: str = "classification") -> Tensor:
-    """Raw uint8 images -> the model's input batch (B, C, H, W), with ``pre``'s eval pipeline: a
+def preprocess(images: Any, pre: Preprocessing, task: str = "classification") -> Tensor:
+    """Raw images -> the model's input batch (B, C, H, W), with ``pre``'s eval pipeline: a
     classifier's (resize, centre crop), or for detection / segmentation the dense tasks' evaluation
-    transform (bilinear resize to the input size, no crop; :class:`~vitlab.data.dense.DenseTransform`)."""
-    if task == "classification":
-        from vitlab.data import eval_transform
+    transform (bilinear resize to the input size, no crop; :class:`~vitlab.data.dense.DenseTransform`).
 
-        t = eval_transform(pre)
-        return torch.stack([t(img) for img in images])
+    ``images``: a list (or a (B, C, H, W) batch) of uint8 (C, H, W) tensors, PIL images, uint8 (H, W[, C])
+    arrays or file paths; a path is decoded as ``vitlab predict`` decodes it (``load_image`` with the
+    transform's ``min_source_size`` for a classifier)."""
+    import numpy as np
+    from PIL import Image
+
+    from vitlab.data.image import load_image
+    from vitlab.data.transforms import eval_transform, image_tensor
+
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        images = [images]  # one image
+    t = eval_transform(pre) if task == "classification" else None
+    min_size = t.min_source_size if t is not None else None
+
+    def decoded(img: Any) -> Tensor:
+        if isinstance(img, (str, os.PathLike)):
+            return load_image(img, min_size=min_size)
+        return image_tensor(img, "preprocess")
+
+    if t is not None:
+        return torch.stack([t(decoded(img)) for img in images])
     from vitlab.data.dense import resize_sample
     from vitlab.data.functional import normalize, to_float
     from vitlab.data.image import to_channels
 
     c, h, w = pre.input_size
-    return torch.stack([normalize(to_float(resize_sample({"image": to_channels(img, c)}, (h, w))["image"]),
+    return torch.stack([normalize(to_float(resize_sample({"image": to_channels(decoded(img), c)}, (h, w))["image"]),
                                   pre.mean, pre.std) for img in images])
 
 

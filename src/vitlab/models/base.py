@@ -96,6 +96,8 @@ class TimmSurface:
 
     grad_checkpointing: bool = False
     classifier_name: str = "head"
+    class_names: list[str] | None = None  # a checkpoint's names of the classes; None where none are known
+    score_function: str = "softmax"  # how logits become scores: "sigmoid" (multi-label) / "none" (regression) heads
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A family's own ``forward_intermediates`` also takes timm's ``intermediates_only`` (return the list
