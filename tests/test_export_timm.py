@@ -309,7 +309,7 @@ def test_timm_hub_config_is_what_timm_save_for_hf_writes(case_id):
 
 
 @pytest.mark.parametrize("case_id", ["cait", "deit_distilled", "swin", "beit", "beit_token_pool", "mobilevit", "xcit",
-                                     "crossvit", "crossvit_18", "crossvit_dagger"])
+                                     "crossvit", "crossvit_18", "crossvit_dagger", "mixer_ratios"])
 def test_timm_folder_loads_back_in_vitlab(tmp_path, case_id):
     """vitlab reads the folder as a timm hub folder: the same outputs, class names and preprocessing."""
     from vitlab.checkpoints import save_timm_folder

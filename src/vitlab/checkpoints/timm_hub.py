@@ -67,6 +67,10 @@ def timm_hub_overrides(config: dict[str, Any], family: str, template: Any) -> di
     model_args = dict(config.get("model_args") or {})
     if family == "crossvit":
         model_args = _crossvit_args(model_args)
+    if family == "mixer" and "mlp_ratio" in model_args:  # timm's (token-mixing, channel-mixing) pair, or one for both
+        ratio = model_args.pop("mlp_ratio")
+        tokens, channels = ratio if isinstance(ratio, (list, tuple)) else (ratio, ratio)
+        model_args.update(tokens_mlp_ratio=float(tokens), channels_mlp_ratio=float(channels))
     for arg, raw in model_args.items():
         value = TIMM_ARG_VALUES.get((arg, raw), _value(raw)) if isinstance(raw, (str, int, float)) else _value(raw)
         key = names.get(arg, arg)
