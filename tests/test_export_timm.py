@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -403,3 +404,21 @@ def test_cli_export_timm_folder(tmp_path, cait_checkpoint, capsys, caplog):
     report = json.loads(capsys.readouterr().out)
     assert report["layout"] == "timm hub folder" and report["load_timm"] == f"timm.create_model('local-dir:{out}', pretrained=True)"
     assert main(["export", "--checkpoint", str(cait_checkpoint), "--format", "timm", "--output", str(tmp_path)]) == 2
+
+
+def test_an_export_never_replaces_the_checkpoint_it_reads(tmp_path, cait_checkpoint, caplog):
+    """--output RUN --overwrite (the run folder holding model.safetensors) replaced the run's vitlab checkpoint
+    with the timm-layout weights; a file export onto its own input likewise."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = run / "model.safetensors"
+    shutil.copy(cait_checkpoint, ckpt)
+    before = ckpt.read_bytes()
+    for output in (run, ckpt):
+        with caplog.at_level(logging.ERROR, logger="vitlab"):
+            assert main(["export", "--checkpoint", str(ckpt), "--format", "timm", "--output", str(output),
+                         "--overwrite"]) == 2
+        assert "which the checkpoint being exported" in caplog.text
+        caplog.clear()
+    assert ckpt.read_bytes() == before and sorted(p.name for p in run.iterdir()) == ["model.safetensors"]
+    vitlab.load_model(ckpt)  # still the vitlab checkpoint

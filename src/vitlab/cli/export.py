@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from vitlab.cli.common import add_model_argument, add_threads_argument, fraction, model_args, positive_float
@@ -125,7 +126,22 @@ def check_output(args: argparse.Namespace, suffix: str, why: str) -> Path:
         raise ValueError(f"--output {output}: name the file *{suffix} ({why}), e.g. {output.with_suffix(suffix)}")
     if output.exists() and not args.overwrite:
         raise ValueError(f"--output {output} exists; pass --overwrite to replace it")
+    refuse_own_input(args, [output])
     return output
+
+
+def refuse_own_input(args: argparse.Namespace, targets: list[Path]) -> None:
+    """An export never writes over the checkpoint it reads (also not with --overwrite): the weights would be lost."""
+    if not getattr(args, "checkpoint", None):
+        return
+    source = Path(args.checkpoint)
+    for target in targets:
+        same = (source.exists() and target.exists() and os.path.samefile(source, target)) or (
+            source.resolve() == target.resolve())
+        inside = source.is_dir() and target.resolve().parent == source.resolve()  # a folder checkpoint's files
+        if same or inside:
+            raise ValueError(f"--output {args.output} would replace {target}, which the checkpoint being exported "
+                             f"({args.checkpoint}) is read from; write the export elsewhere")
 
 
 def model_to_export(args: argparse.Namespace):
@@ -198,6 +214,7 @@ def run_timm_folder(args: argparse.Namespace, output: Path) -> int:
     if output.is_dir() and any(output.iterdir()) and not args.overwrite:
         raise ValueError(f"--output {output} is a folder that is not empty; pass --overwrite to replace its "
                          f"model.safetensors and config.json")
+    refuse_own_input(args, [output / "model.safetensors", output / "config.json"])
     model = model_to_export(args)
     config = timm_hub_config(model)  # refuses what timm cannot build by name, before anything is written
     found = save_timm_folder(model, output, overwrite=args.overwrite)
