@@ -153,3 +153,20 @@ def test_patch_remainder_drop_any_size_path_equals_eager():
             with tracing_any_size():
                 out = model(x)
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("config", "name"), [
+    ({"model_type": "mobilevitv2", "width_multiplier": 0.5}, "mobilevitv2_050"),
+    ({"model_type": "mobilevitv2", "width_multiplier": 1.75}, "mobilevitv2_175"),
+    ({"model_type": "mobilevitv2", "width_multiplier": 0.0625}, "mobilevitv2_100"),  # no such variant: sized by the file
+    ({"model_type": "mobilevit", "hidden_sizes": [64, 80, 96]}, "mobilevit_xxs"),
+    ({"model_type": "mobilevit", "hidden_sizes": [96, 120, 144]}, "mobilevit_xs"),
+    ({"model_type": "mobilevit"}, "mobilevit_s"),
+])
+def test_hf_mobilevit_folders_build_as_the_variant_they_are(tmp_path, config, name):
+    """An HF MobileViTV2 at width 0.5 was built as mobilevitv2_100 with its widths changed: the same numbers, but
+    timm (whose MobileViT takes no width arguments) export refused it as another model."""
+    from vitlab.models.factory import model_name_of
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert model_name_of(tmp_path) == name

@@ -28,7 +28,7 @@ EXPECTED = {  # the registered family each folder builds, its classes, and a siz
     "swin_tiny": ("swin_tiny_patch4_window7_224", 1000, 224),
     "swin_base_384": ("swin_tiny_patch4_window7_224", 1000, 384),
     "swinv2_tiny": ("swinv2_tiny_window8_256", 1000, 256), "mobilevit_small": ("mobilevit_s", 1000, 256),
-    "mobilevit_xx_small": ("mobilevit_s", 1000, 256), "mobilevitv2_1.0": ("mobilevitv2_100", 1000, 256),
+    "mobilevit_xx_small": ("mobilevit_xxs", 1000, 256), "mobilevitv2_1.0": ("mobilevitv2_100", 1000, 256),
     "detr_resnet50": ("detr_resnet50", 91, 800),
 }
 

@@ -42,8 +42,22 @@ from vitlab.checkpoints.converters import (
     register_hf_model_type,
 )
 
-register_hf_model_type("mobilevit", "mobilevit_s")
-register_hf_model_type("mobilevitv2", "mobilevitv2_100")
+
+def _hf_v1_name(config: dict[str, Any]) -> str | None:
+    """The named v1 size whose transformer widths (HF hidden_sizes) the folder has."""
+    sizes = {(64, 80, 96): "mobilevit_xxs", (96, 120, 144): "mobilevit_xs", (144, 192, 240): "mobilevit_s"}
+    return sizes.get(tuple(config.get("hidden_sizes") or ()))
+
+
+def _hf_v2_name(config: dict[str, Any]) -> str | None:
+    """The named v2 width (mobilevitv2_050 .. _200) of the folder's width_multiplier."""
+    width = config.get("width_multiplier", 1.0)
+    name = f"mobilevitv2_{round(float(width) * 100):03d}" if isinstance(width, (int, float)) else None
+    return name if name in {f"mobilevitv2_{w:03d}" for w in (50, 75, 100, 125, 150, 175, 200)} else None
+
+
+register_hf_model_type("mobilevit", "mobilevit_s", _hf_v1_name)
+register_hf_model_type("mobilevitv2", "mobilevitv2_100", _hf_v2_name)
 
 _BUFFERS = ("num_batches_tracked",)
 

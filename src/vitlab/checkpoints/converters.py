@@ -28,6 +28,7 @@ FormatDetector = Callable[[dict[str, Any]], "SourceFormat | None"]
 _CONVERTERS: dict[tuple[str, str], Converter] = {}
 _DETECTORS: dict[str, FormatDetector] = {}
 _HF_MODEL_TYPES: dict[str, str] = {}
+_HF_NAME_CHOOSERS: dict[str, Callable[[dict[str, Any]], str | None]] = {}
 
 
 def register_converter(family: str, fmt: SourceFormat) -> Callable[[Converter], Converter]:
@@ -60,10 +61,21 @@ def detect_format(family: str, sd: dict[str, Any], default: SourceFormat) -> Sou
     return found or default
 
 
-def register_hf_model_type(model_type: str, default_model: str) -> None:
+def register_hf_model_type(model_type: str, default_model: str,
+                           choose: Callable[[dict[str, Any]], str | None] | None = None) -> None:
     """A Hugging Face ``config.json`` ``model_type`` that vitlab reads, and the registered name that
-    ``load_model`` builds for it (the converter's overrides then fit the size to the file)."""
+    ``load_model`` builds for it (the converter's overrides then fit the size to the file); ``choose`` picks a
+    closer registered name from the config where the sizes are a named variant's (None: the default)."""
     _HF_MODEL_TYPES[model_type] = default_model
+    if choose is not None:
+        _HF_NAME_CHOOSERS[model_type] = choose
+
+
+def hf_model_name(model_type: str, config: dict[str, Any]) -> str:
+    """The registered name ``load_model`` builds for a Hugging Face folder of ``model_type`` (a known one)."""
+    _ensure_loaded()
+    choose = _HF_NAME_CHOOSERS.get(model_type)
+    return (choose(config) if choose is not None else None) or _HF_MODEL_TYPES[model_type]
 
 
 def hf_model_types() -> dict[str, str]:

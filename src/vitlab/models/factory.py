@@ -546,14 +546,14 @@ def model_name_of(path: str | os.PathLike) -> str:
             raise CheckpointError(f"{cfg_path}: timm architecture {arch!r} is not a vitlab model name (`vitlab models` "
                                   f"lists them); if it is a variant of one, name it: --model NAME on the command "
                                   f"line, vitlab.load_model({str(p)!r}, model_name=NAME) in Python")
-        from vitlab.checkpoints.converters import hf_model_types
+        from vitlab.checkpoints.converters import hf_model_name, hf_model_types
 
         model_type = cfg.get("model_type")
         family_default = hf_model_types()  # each family's converter module registers the model_types it reads
         if model_type not in family_default:
             raise CheckpointError(f"{cfg_path}: model_type {model_type!r} is not one vitlab reads "
                                   f"(known: {', '.join(family_default)})")
-        return family_default[model_type]
+        return hf_model_name(model_type, cfg)
     got = read_vitlab(p)
     if got is None:
         raise CheckpointError(
