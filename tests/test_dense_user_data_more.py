@@ -191,10 +191,13 @@ def test_eval_split_test_scores_test_or_says_there_is_none(tmp_path, caplog):
     assert main([*args, "--output", str(tmp_path / "e1")]) == 0
     metrics = json.loads((tmp_path / "e1" / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["pixel_acc"] == 1.0  # val's would be below 1
-    (data / "test").rename(data / "held")
+    (data / "test").rename(data / "Testing")  # the split names of classification, whatever the case
+    assert main([*args, "--output", str(tmp_path / "e3")]) == 0
+    assert json.loads((tmp_path / "e3" / "metrics.json").read_text())["pixel_acc"] == 1.0
+    (data / "Testing").rename(data / "held")
     with caplog.at_level(logging.ERROR, logger="vitlab"):
         assert main([*args, "--output", str(tmp_path / "e2")]) == 2
-    assert f"{data} has no test/ folder" in caplog.text and "--split val" in caplog.text
+    assert f"{data}: no test split folder" in caplog.text and "held/" in caplog.text and "--split val" in caplog.text
     assert not (tmp_path / "e2").exists()
 
 

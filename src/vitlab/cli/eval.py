@@ -342,9 +342,15 @@ CLASSIFIER_BATCH_SIZE, DENSE_BATCH_SIZE = 256, 8
 def dense_split(data: str, split: str) -> str:
     """The folder split a dense evaluation scores: the one named; "test" (the default) needs DATA/test/, a
     detection / segmentation folder having no held-out part to stand in for it."""
-    if split == "test" and not (Path(data) / "test").is_dir():
-        raise ValueError(f"--split test: {data} has no test/ folder ({Path(data) / 'test'}); give --split val to "
-                         f"evaluate on {Path(data) / 'val'}, or add test/ (images/ with annotations.json or masks/)")
+    from vitlab.data.errors import DatasetError
+    from vitlab.tasks.run import split_dir
+
+    if split == "test":  # Test/, testing/, eval/ as well (the split names of classification)
+        try:
+            split_dir(data, "test")
+        except DatasetError as e:
+            raise ValueError(f"--split test: {e}; give --split val to evaluate on the val split, or add test/ "
+                             f"(images/ with annotations.json or masks/)") from None
     return split
 
 
