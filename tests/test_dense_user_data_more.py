@@ -446,3 +446,17 @@ def test_a_1_bit_mask_is_classes_0_and_1(tmp_path):
     folder.check_files(classes=True)
     mask = folder.raw(0)["mask"]
     assert mask.dtype == torch.int64 and torch.equal(mask, torch.from_numpy(m.astype(np.int64)))
+
+
+def test_eval_refuses_binary_masks_saved_0_255(tmp_path, caplog):
+    """The object saved as 255 is the ignore index: eval scored only the background, silently (training refuses
+    such masks before it starts; eval now does too)."""
+    blob = np.zeros((32, 32), np.uint8)
+    blob[8:20, 8:20] = 255
+    _seg_split(tmp_path / "data" / "val", {"v0": blob, "v1": blob})
+    checkpoint = tmp_path / "setr.safetensors"
+    vitlab.save_model(_setr(num_classes=2, constant=0), checkpoint, class_names=["background", "object"])
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data"), "--split", "val",
+                     "--output", str(tmp_path / "e")]) == 2
+    assert "255 is the ignore index" in caplog.text and "'object'" in caplog.text

@@ -441,7 +441,9 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, split: str = "val
         # an exported detector takes no padding mask: images one by one, each at its own size
         metrics = evaluate_detection(model, ds, batch_size=1 if isinstance(model, OnnxModel) else batch_size,
                                      device=device, amp=amp)
-    else:
+    else:  # masks saved 0/255 would score the object as ignored: refused as before training
+        class_names = [str(n) for n in names] if names else [str(i) for i in range(model.num_classes)]
+        check_mask_classes(ds.check_files(classes=True), class_names, ignore_index=ds.ignore_index)
         metrics = evaluate_segmentation(model, ds, num_classes=model.num_classes,
                                         ignore_index=ignore_index_of(model), batch_size=batch_size, device=device,
                                         amp=amp)
