@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import unicodedata
 
 import numpy as np
@@ -206,3 +207,135 @@ def test_a_held_out_label_the_training_split_lacks_is_an_error(tmp_path):
     _metadata(tmp_path / "val", ["a", "c"])
     with pytest.raises(DatasetError, match=r"labels \['c'\] do not exist in the training split"):
         build_dataset(tmp_path, split="val")
+
+
+# ------------------------------------------------- C: label files with sub-folders, unlabelled rows, CSV forms
+def _labels_by_path(ds, root):
+    return {str(p)[len(str(root)) + 1:]: ds.classes[t] for p, t in zip(ds.paths, ds.targets)}
+
+
+@pytest.mark.parametrize("parts", [("part1", "part2"), ("images",)])
+def test_metadata_file_names_may_point_into_sub_folders(tmp_path, parts):
+    rows = []
+    for i in range(6):  # labels cross the sub-folders: sub-folder names are no classes
+        rel = f"{parts[i * len(parts) // 6]}/{i:03d}.png"
+        _png(tmp_path / rel, i)
+        rows.append(f"{rel},{'dark' if i % 2 == 0 else 'bright'}\n")
+    (tmp_path / "metadata.csv").write_text("file_name,label\n" + "".join(rows))
+    ds = build_dataset(tmp_path, split="train", val_fraction=0)  # was: classes part1/part2, or only 'images'
+    assert ds.classes == ["bright", "dark"]
+    assert _labels_by_path(ds, tmp_path) == {r.split(",")[0]: r.strip().split(",")[1] for r in rows}
+
+
+@pytest.mark.parametrize("given", ["../outside.png", "/etc/x.png", "part1/../../x.png"])
+def test_metadata_file_names_cannot_leave_the_folder(tmp_path, given):
+    flat(tmp_path / "data" / "part1", 2)
+    _png(tmp_path / "outside.png")
+    (tmp_path / "data" / "metadata.csv").write_text(f"file_name,label\npart1/0.png,a\n{given},b\n")
+    with pytest.raises(DatasetError, match=rf"metadata.csv, line 3: '{re.escape(given)}' is not inside"):
+        build_dataset(tmp_path / "data", split="train", val_fraction=0)
+
+
+def test_a_kaggle_csv_finds_ids_in_a_wrapper_folder(tmp_path):
+    for i in range(6):  # Kaggle zips unpack as train/train/*.jpg beside train.csv
+        _png(tmp_path / "train" / "train" / f"{i:03d}.png", i)
+    (tmp_path / "train.csv").write_text("id,label\n" + "".join(f"{i:03d},{'ab'[i % 2]}\n" for i in range(6)))
+    ds = build_dataset(tmp_path, split="train", val_fraction=0)
+    assert ds.classes == ["a", "b"] and ds.class_counts() == [3, 3]  # was: one class "train"
+    assert _labels_by_path(ds, tmp_path)["train/train/001.png"] == "b"
+    _png(tmp_path / "train" / "extra" / "003.png")  # the id 003 now names two files
+    with pytest.raises(DatasetError, match=r"train.csv, line 5: '003' names several files below .*train "
+                                           r"\(extra/003.png, train/003.png\)"):
+        build_dataset(tmp_path, split="train", val_fraction=0)
+
+
+def test_label_files_that_are_not_used_are_named_in_a_warning(tmp_path, caplog):
+    class_folders(tmp_path / "a", ("cat", "dog"), 2)  # captions, no labels: the class folders label the images
+    (tmp_path / "a" / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{c}/{i}.png", "text": "x"})
+                                                           + "\n" for c in ("cat", "dog") for i in range(2)))
+    _metadata(tmp_path / "b" / "train", ["x", "y"] * 2)  # a root metadata.csv beside split folders
+    (tmp_path / "b" / "metadata.csv").write_text("file_name,label\ntrain/0.png,x\n")
+    with caplog.at_level(logging.WARNING, logger="vitlab"):
+        assert build_dataset(tmp_path / "a", split="train", val_fraction=0).classes == ["cat", "dog"]
+        assert build_dataset(tmp_path / "b", split="train", val_fraction=0).classes == ["x", "y"]
+    said = warnings_of(caplog)
+    assert any(f"{tmp_path / 'a' / 'metadata.jsonl'}: not used (its labels would come from 'text'" in w and
+               "class folders" in w for w in said)
+    assert any(f"{tmp_path / 'b' / 'metadata.csv'}: not used: the split folders" in w for w in said)
+
+
+@pytest.mark.parametrize("name, content, why", [
+    ("test.csv", "id\n100\n101\n102\n", r"no label column \(columns: \['id'\]\)"),
+    ("test/metadata.jsonl", "".join(json.dumps({"file_name": f"{i}.png", "label": -1}) + "\n" for i in range(100, 103)),
+     "every label is empty, null or -1"),
+    ("test/metadata.jsonl", "".join(json.dumps({"file_name": f"{i}.png", "label": None}) + "\n"
+                                    for i in range(100, 103)), "every label is empty, null or -1"),
+    ("test/metadata.jsonl", "".join(json.dumps({"file_name": f"{i}.png"}) + "\n" for i in range(100, 103)),
+     r"no label key \(keys: \['file_name'\]\)"),
+], ids=["kaggle-ids-only", "hf-minus-1", "hf-null", "hf-file-name-only"])
+def test_a_held_out_label_file_without_labels_leaves_the_folder_out(tmp_path, caplog, name, content, why):
+    _metadata(tmp_path / "train", ["a", "b"] * 5)
+    flat(tmp_path / "test", 3, prefix="1")  # 10.png ... 12.png
+    for i in range(3):
+        (tmp_path / "test" / f"1{i}.png").rename(tmp_path / "test" / f"{100 + i}.png")
+    (tmp_path / name).write_text(content)
+    with caplog.at_level(logging.WARNING, logger="vitlab"):  # was: an error, training refused
+        test = build_dataset(tmp_path, split="test")
+    assert len(test) == 2 and all("/train/" in p for p in test.paths)
+    said = [w for w in warnings_of(caplog) if "unlabelled: left out" in w]
+    assert len(said) == 1 and re.search(why, said[0]) and str(tmp_path / name) in said[0]
+    from vitlab.data.build import check_labelled_split
+
+    with pytest.raises(DatasetError, match=f"test folder holds images without labels .*{why}"):
+        check_labelled_split(str(tmp_path), "test")
+    # the same file for the training split stays an error, naming it and why
+    (tmp_path / "test").rename(tmp_path / "train2")
+    (tmp_path / "train").rename(tmp_path / "valid")
+    (tmp_path / "train2").rename(tmp_path / "train")
+    if name == "test.csv":
+        (tmp_path / "test.csv").rename(tmp_path / "train.csv")
+    with pytest.raises(DatasetError, match=f"gives no labels \\({why}\\), so the images of .*train cannot be "
+                                           f"trained on"):
+        build_dataset(tmp_path, split="train")
+
+
+def test_a_held_out_label_file_that_labels_some_images_only_is_an_error(tmp_path):
+    _metadata(tmp_path / "train", ["a", "b"] * 2)
+    flat(tmp_path / "val", 3)
+    (tmp_path / "val" / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "label": lab}) + "\n" for i, lab in enumerate(["a", None, "b"])))
+    with pytest.raises(DatasetError, match=r"metadata.jsonl: line 2 \('1.png'\) has no label but line 1 "
+                                           r"\('0.png'\) has one"):
+        build_dataset(tmp_path, split="val")
+
+
+def test_metadata_jsonl_takes_its_label_key_over_all_lines(tmp_path):
+    flat(tmp_path, 4)
+    lines = [{"file_name": f"{i}.png", "camera": "AB"[i // 2]} | ({"label": "xy"[i % 2]} if i else {})
+             for i in range(4)]  # the first line lacks "label": "camera" must not label the images
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    with pytest.raises(DatasetError, match=r"metadata.jsonl, line 1: '0.png' has no label"):
+        build_dataset(tmp_path, split="train", val_fraction=0)
+    lines = [{"file_name": f"{i}.png", ("camera" if i < 2 else "digit"): i} for i in range(4)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    with pytest.raises(DatasetError, match=r"cannot tell which key holds the labels .*line 1 has the keys "
+                                           r"\['file_name', 'camera'\], line 3 \['file_name', 'digit'\]"):
+        build_dataset(tmp_path, split="train", val_fraction=0)
+
+
+def test_a_header_less_kaggle_csv_keeps_its_first_row(tmp_path, caplog):
+    flat(tmp_path / "train", 4, prefix="img")
+    (tmp_path / "train.csv").write_text("img0,ant\nimg1,bee\nimg2,ant\nimg3,bee\n")
+    with caplog.at_level(logging.INFO, logger="vitlab"):
+        ds = build_dataset(tmp_path, split="train", val_fraction=0)
+    assert ds.class_counts() == [2, 2]  # was: 3 images, the first line read as the header
+    assert any("train.csv: read without a header" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_semicolon_and_tab_separated_label_files_are_read(tmp_path, sep):
+    flat(tmp_path, 4)
+    (tmp_path / "metadata.csv").write_text(f"file_name{sep}label\n" + "".join(f"{i}.png{sep}{'ab'[i % 2]}\n"
+                                                                              for i in range(4)))
+    ds = build_dataset(tmp_path, split="train", val_fraction=0)  # was: "no 'file_name' column"
+    assert ds.classes == ["a", "b"] and ds.class_counts() == [2, 2]

@@ -32,6 +32,7 @@ from vitlab.data.folder import (
     label_file,
     labelled_by,
     scan_folder,
+    unlabelled_reason,
     unlabelled_split_dirs,
 )
 from vitlab.data.image import expand_image_paths, is_image_file
@@ -204,8 +205,8 @@ def check_labelled_split(source: str | Path, split: str) -> None:
     if kind != "folder" or split not in ("val", "test"):
         return
     if (folder := unlabelled_split_dirs(path).get(split)) is not None:
-        raise DatasetError(f"{folder}: the {split} folder holds images without labels (no class folders, no label "
-                           f"file), so a model cannot be measured on it; label it (class folders, or "
+        raise DatasetError(f"{folder}: the {split} folder holds images without labels ({unlabelled_reason(folder)}), "
+                           f"so a model cannot be measured on it; label it (class folders, or "
                            f"{folder}/metadata.csv with a header file_name,label) or choose another split")
 
 

@@ -5,10 +5,13 @@ The split folders are recognised whatever their case, under Hugging Face dataset
 (Kaggle's ``Train/`` and ``Test/`` included). A ``train`` folder that holds images itself and no sub-folders,
 beside class folders that are not split folders (bus/, car/, train/), is a class, not a split.
 
-A folder of images without class folders is labelled by a label file (:func:`label_file`): Hugging Face
-imagefolder's ``metadata.csv`` / ``metadata.jsonl`` inside it, or, for a split folder, Kaggle's CSV beside it
-(``train.csv`` or ``train_labels.csv`` for ``train/``). A held-out split folder (val, test) of images with neither
-is unlabelled: left out, with a warning, and its part taken from the training images.
+A folder with a label file (:func:`label_file`) is labelled by it, whatever its sub-folders: Hugging Face
+imagefolder's ``metadata.csv`` / ``metadata.jsonl`` inside it (file names relative to it, sub-folders allowed), or,
+for a split folder, Kaggle's CSV beside it (``train.csv`` or ``train_labels.csv`` for ``train/``; ids matched
+against the files below it, wrappers such as ``train/train/`` included). Class folders (two or more, no images
+beside them) that their label file cannot label keep their classes, with a warning naming the file. A held-out
+split folder (val, test) of images with neither, or whose label file gives no labels (no label column; every
+label empty, null or -1), is unlabelled: left out, with a warning, and its part taken from the training images.
 
 Everything below a class folder belongs to that class, as in torchvision's ImageFolder (timm's reader makes each
 leaf folder a class instead); a class folder that merges several sub-folders is named in a warning.
@@ -24,12 +27,15 @@ the "café" a checkpoint trained on Linux or Windows knows. Files are read from 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
+import posixpath
 import random
 import re
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 from vitlab.data.errors import DatasetError
@@ -152,10 +158,27 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
 
 
 def labelled_by(folder: Path) -> Path | None:
-    """The label file of ``folder`` where it holds images directly and no sub-folders (:func:`label_file`)."""
-    if _sub_dirs(folder) or not _holds_images(folder):
-        return None
-    return label_file(folder)
+    """The label file that labels ``folder``'s images (:func:`label_file`), whatever its sub-folders; None where
+    there is none, or where ``folder`` is a class-folder layout (two or more sub-folders, no images of its own)
+    that its label file cannot label (no labels, unreadable, or naming none of the images): the class folders
+    label the images then, and a warning names the file and why."""
+    path = label_file(folder)
+    if path is None or len(_sub_dirs(folder)) < 2 or _holds_images(folder):
+        return path
+    try:
+        table = _label_table(path, folder)
+        why = table.no_labels or (None if any(table.images.find(g) for _, g, _ in table.rows)
+                                  else f"it names none of the images below {folder}")
+        if why is None and table.label_key.strip().lower() not in LABEL_COLUMNS:
+            why = (f"its labels would come from {table.label_key!r}, the only other column, not one named "
+                   f"{'/'.join(LABEL_COLUMNS)}")
+    except DatasetError as e:
+        why = str(e)
+    if why is None:
+        return path
+    _warn_once("label-file-unused", folder, "%s: not used (%s); the class folders of %s label its images", path,
+               why, folder)
+    return None
 
 
 def label_file(folder: Path) -> Path | None:
@@ -175,95 +198,224 @@ def label_file(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _label_column(path: Path, columns: list[str], file_col: int) -> int:
+class _Images:
+    """The image files below a label file's folder, found by the file name or id a label file gives."""
+
+    def __init__(self, folder: Path):
+        top = os.fspath(folder)
+        self.rel = sorted(os.path.relpath(p, top).replace(os.sep, "/") for p in walk_image_files(top))
+        self._paths = set(self.rel)
+        self._keys: dict[str, dict[str, list[str]]] = {"path_stem": {}, "name": {}, "stem": {}}
+        for r in self.rel:
+            name = r.rsplit("/", 1)[-1]
+            self._keys["path_stem"].setdefault(os.path.splitext(r)[0], []).append(r)
+            self._keys["name"].setdefault(name, []).append(r)
+            self._keys["stem"].setdefault(os.path.splitext(name)[0], []).append(r)
+
+    def find(self, given: str) -> list[str]:
+        """The relative paths ``given`` names: a path relative to the folder (sub-folders allowed), with or without
+        its extension, or a bare file name or stem anywhere below (a wrapper such as train/train/); several where
+        it is ambiguous, none where it names nothing or leaves the folder."""
+        if not given or _leaves_folder(given):
+            return []
+        given = posixpath.normpath(given.replace("\\", "/"))
+        if given in self._paths:
+            return [given]
+        for key in ("path_stem", "name", "stem"):
+            if key != "path_stem" and "/" in given:
+                break
+            if hits := self._keys[key].get(given):
+                return hits
+        return []
+
+
+def _leaves_folder(given: str) -> bool:
+    """Whether a file name of a label file is absolute or climbs out of the folder with ``..``."""
+    g = given.replace("\\", "/")
+    return g.startswith("/") or re.match(r"^[A-Za-z]:/", g) is not None or ".." in g.split("/")
+
+
+class _LabelTable:
+    """A label file read against its folder's images."""
+
+    def __init__(self, rows: list[tuple[int, str, str | None]], label_key: str | None, no_label_column: str | None,
+                 images: _Images):
+        self.rows = rows  # (line, file name or id, label: None where null, missing or without a label column)
+        self.label_key = label_key or ""
+        self.images = images
+        if no_label_column is not None:
+            self.no_labels: str | None = no_label_column
+        elif rows and all(lab in _NO_LABEL_VALUES for _, _, lab in rows):
+            self.no_labels = "every label is empty, null or -1"
+        else:
+            self.no_labels = None
+
+
+# Label values of an unlabelled image (Hugging Face datasets' ClassLabel writes -1): a file of only these gives no
+# labels; "-1" beside other labels is a class name.
+_NO_LABEL_VALUES = (None, "", "-1")
+_tables: dict[tuple, _LabelTable] = {}
+
+
+def _label_table(path: Path, folder: Path) -> _LabelTable:
+    """``path`` read against the images below ``folder`` (cached while neither changes)."""
+    try:
+        st, fst = path.stat(), folder.stat()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read the label file ({e})") from e
+    key = (str(path), str(folder), st.st_mtime_ns, st.st_size, fst.st_mtime_ns)
+    if key not in _tables:
+        if len(_tables) >= 16:
+            _tables.clear()
+        images = _Images(folder)
+        _tables[key] = _LabelTable(*_read_label_rows(path, images.find), images)
+    return _tables[key]
+
+
+def _label_column(path: Path, columns: list[str], file_col: int) -> int | None:
+    """The label column: one named as labels, else the only column beside the file's; None where there is no
+    other column."""
     lower = [c.strip().lower() for c in columns]
     for name in LABEL_COLUMNS:
         if name in lower and lower.index(name) != file_col:
             return lower.index(name)
     others = [i for i in range(len(columns)) if i != file_col]
-    if len(others) == 1:
-        return others[0]
+    if len(others) <= 1:
+        return others[0] if others else None
     raise DatasetError(f"{path}: cannot tell which column holds the labels (columns: {columns}); name it one of "
                        f"{', '.join(LABEL_COLUMNS)}, or keep one column beside {columns[file_col]!r}")
 
 
-def _read_label_rows(path: Path) -> list[tuple[int, str, str]]:
-    """(line, file name or stem, label) per entry of a label file: a CSV with a header whose file column is
-    ``file_name`` (metadata.csv) or the first one (Kaggle's), or metadata.jsonl."""
-    rows: list[tuple[int, str, str]] = []
+def _read_label_rows(path: Path, names_image: Callable[[str], object] = lambda name: False
+                     ) -> tuple[list[tuple[int, str, str | None]], str | None, str | None]:
+    """((line, file name or stem, label or None) per entry, the label column's name, why the file has no label
+    column or None) of a label
+    file: a CSV (``,``, ``;`` or tab separated) with a header whose file column is ``file_name`` (metadata.csv) or
+    the first one (Kaggle's), or without a header where its first cell names an image (``names_image``): then the
+    columns are file, label; or metadata.jsonl, its label key taken over all lines."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            if path.suffix.lower() == ".jsonl":
-                cols: list[str] | None = None
-                for line, text in enumerate(f, start=1):
-                    if not text.strip():
-                        continue
-                    try:
-                        entry = json.loads(text)
-                    except json.JSONDecodeError as e:
-                        raise DatasetError(f"{path}, line {line}: not a JSON object ({e})") from e
-                    if not isinstance(entry, dict):
-                        raise DatasetError(f"{path}, line {line}: not a JSON object")
-                    if cols is None:
-                        cols = list(entry)
-                        if "file_name" not in cols:
-                            raise DatasetError(f"{path}: no 'file_name' key (keys: {cols})")
-                        label_key = cols[_label_column(path, cols, cols.index("file_name"))]
-                    value = entry.get(label_key)
-                    rows.append((line, str(entry.get("file_name", "")), "" if value is None else str(value)))
-                return rows
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if not header:
-                raise DatasetError(f"{path}: an empty label file (expected {LABEL_FILE_FORMS})")
-            cols = [c.strip() for c in header]
-            if path.name.lower() == "metadata.csv":
-                if "file_name" not in cols:
-                    raise DatasetError(f"{path}: no 'file_name' column (columns: {cols})")
-                file_col = cols.index("file_name")
-            else:
-                file_col = 0
-            label_col = _label_column(path, cols, file_col)
-            for row in reader:
-                if not any(c.strip() for c in row):
-                    continue
-                if len(row) <= max(file_col, label_col):
-                    raise DatasetError(f"{path}, line {reader.line_num}: {len(row)} column(s), the header has "
-                                       f"{len(cols)}")
-                rows.append((reader.line_num, row[file_col].strip(), row[label_col].strip()))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: cannot read the label file ({e})") from e
-    return rows
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path, text)
+    rows: list[tuple[int, str, str | None]] = []
+    try:
+        try:
+            sample = "".join(text.splitlines(keepends=True)[:20])
+            delimiter = csv.Sniffer().sniff(sample, delimiters=",;\t").delimiter
+        except csv.Error:
+            delimiter = ","
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        header = next(reader, None)
+        if not header:
+            raise DatasetError(f"{path}: an empty label file (expected {LABEL_FILE_FORMS})")
+        cols = [c.strip() for c in header]
+        headerless = bool(names_image(cols[0]))
+        if headerless:  # the first line is an entry: file, label
+            log.info("%s: read without a header (its first line names the image %s)", path, cols[0])
+            file_col, label_col = 0, (1 if len(cols) > 1 else None)
+            cols = ["file", "label"][:len(cols)] + cols[2:]
+        elif path.name.lower() == "metadata.csv":
+            if "file_name" not in cols:
+                raise DatasetError(f"{path}: no 'file_name' column (columns: {cols})")
+            file_col = cols.index("file_name")
+            label_col = _label_column(path, cols, file_col)
+        else:
+            file_col = 0
+            label_col = _label_column(path, cols, file_col)
+        entries = [(reader.line_num, header)] if headerless else []
+        entries += ((reader.line_num, row) for row in reader)
+        for line, row in entries:
+            if not any(c.strip() for c in row):
+                continue
+            if len(row) <= max(file_col, label_col or 0):
+                raise DatasetError(f"{path}, line {line}: {len(row)} column(s), the header has {len(cols)}")
+            rows.append((line, row[file_col].strip(), None if label_col is None else row[label_col].strip()))
+    except csv.Error as e:
+        raise DatasetError(f"{path}: cannot read the label file ({e})") from e
+    if label_col is None:
+        return rows, None, f"no label column (columns: {cols})"
+    return rows, cols[label_col], None
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[list[tuple[int, str, str | None]], str | None, str | None]:
+    """_read_label_rows for metadata.jsonl: the label key is one named as labels on any line, else the only key
+    beside ``file_name``, which every line must then have."""
+    entries: list[tuple[int, dict]] = []
+    for line, s in enumerate(text.splitlines(), start=1):
+        if not s.strip():
+            continue
+        try:
+            entry = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}, line {line}: not a JSON object ({e})") from e
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{path}, line {line}: not a JSON object")
+        if "file_name" not in entry:
+            raise DatasetError(f"{path}, line {line}: no 'file_name' key (keys: {list(entry)})")
+        entries.append((line, entry))
+    others = list(dict.fromkeys(k for _, e in entries for k in e if k != "file_name"))
+    lower = [k.strip().lower() for k in others]
+    named = [others[lower.index(n)] for n in LABEL_COLUMNS if n in lower]
+    first = set(entries[0][1]) if entries else set()
+    differ = next(((line, e) for line, e in entries if set(e) != first), None)
+    if named:
+        key: str | None = named[0]
+    elif not others:
+        key = None
+    elif len(others) == 1 and differ is None:
+        key = others[0]
+    else:
+        lines = (f"; line {entries[0][0]} has the keys {list(entries[0][1])}, line {differ[0]} {list(differ[1])}"
+                 if differ is not None else "")
+        raise DatasetError(f"{path}: cannot tell which key holds the labels (keys: {['file_name', *others]}{lines}); "
+                           f"name it one of {', '.join(LABEL_COLUMNS)} on every line, or keep one key beside "
+                           f"'file_name'")
+    rows = [(line, str(e["file_name"]), None if key is None or e.get(key) is None else str(e[key]))
+            for line, e in entries]
+    return rows, key, (f"no label key (keys: {['file_name', *others]})" if key is None else None)
 
 
 def _scan_label_file(root: Path, path: Path, classes: list[str] | None) -> tuple[list[str], list[int], list[str]]:
-    """scan_folder's result for a folder of images labelled by ``path``."""
-    images = sorted(e.name for e in os.scandir(root)
-                    if not e.name.startswith(".") and is_image_file(e.name) and e.is_file())
-    names = set(images)
-    by_stem: dict[str, list[str]] = {}
-    for n in images:
-        by_stem.setdefault(os.path.splitext(n)[0], []).append(n)
+    """scan_folder's result for the images below ``root`` labelled by ``path``; file names are relative to
+    ``root``."""
+    table = _label_table(path, root)
+    held_out = classes is not None
+    if table.no_labels is not None:
+        raise DatasetError(f"{path}: gives no labels ({table.no_labels}), so the images of {root} cannot be "
+                           f"{'measured' if held_out else 'trained'} on; expected {LABEL_FILE_FORMS}")
     seen: dict[str, int] = {}
     entries: list[tuple[str, str]] = []
-    for line, given, label in _read_label_rows(path):
-        if given in names:
-            name = given
-        elif len(by_stem.get(given, ())) == 1:
-            name = by_stem[given][0]
-        elif given in by_stem:
-            raise DatasetError(f"{path}, line {line}: {given!r} is the stem of several files in {root} "
-                               f"({', '.join(by_stem[given])}); give the file name")
-        elif given and "/" in given and (root / given).is_file():  # a path below the folder (file_name)
-            name = os.path.normpath(given)
-        else:
+    unlabelled: tuple[int, str] | None = None
+    labelled: tuple[int, str] | None = None
+    for line, given, label in table.rows:
+        if _leaves_folder(given):
+            raise DatasetError(f"{path}, line {line}: {given!r} is not inside {root} (file names are relative to "
+                               f"{root}: no absolute paths, no '..')")
+        hits = table.images.find(given)
+        if len(hits) > 1:
+            raise DatasetError(f"{path}, line {line}: {given!r} names several files below {root} "
+                               f"({', '.join(hits[:4])}); give the file's path relative to {root}")
+        if not hits:
             raise DatasetError(f"{path}, line {line}: no image file {given!r} in {root}")
+        name = hits[0]
         if not label:
-            raise DatasetError(f"{path}, line {line}: {given!r} has an empty label")
+            if not held_out:
+                raise DatasetError(f"{path}, line {line}: {given!r} has "
+                                   f"{'an empty label' if label == '' else 'no label (null or no label key)'}")
+            unlabelled = unlabelled or (line, given)
+            continue
+        labelled = labelled or (line, given)
         if name in seen:
             raise DatasetError(f"{path}, lines {seen[name]} and {line}: {name} is listed twice")
         seen[name] = line
-        entries.append((str(root / name), class_name(label)))
+        entries.append((os.path.join(root, name), class_name(label)))
+    if unlabelled and labelled:
+        raise DatasetError(f"{path}: line {unlabelled[0]} ({unlabelled[1]!r}) has no label but line {labelled[0]} "
+                           f"({labelled[1]!r}) has one; label every image of a held-out split, or none (it is then "
+                           f"left out as unlabelled)")
     if not entries:
         raise DatasetError(f"{path}: lists no images (expected {LABEL_FILE_FORMS})")
     found = sorted({c for _, c in entries})
@@ -274,7 +426,7 @@ def _scan_label_file(root: Path, path: Path, classes: list[str] | None) -> tuple
         extra = sorted(set(found) - set(classes))
         if extra:
             raise DatasetError(f"{path}: labels {extra} do not exist in the training split (classes: {classes})")
-    if unlisted := [n for n in images if n not in seen]:
+    if unlisted := [n for n in table.images.rel if n not in seen]:
         _warn_once("unlisted", root, "%s: %d image(s) not listed in %s are not used (e.g. %s)", root,
                    len(unlisted), path.name, unlisted[0])
     index = {c: i for i, c in enumerate(classes)}
@@ -341,9 +493,20 @@ def _split_dirs(root: Path, names: list[str], split: str) -> Path | None:
 
 
 def unlabelled_dir(folder: Path | None) -> bool:
-    """Whether ``folder`` holds images but neither class folders nor a label file."""
-    return (folder is not None and not _sub_dirs(folder) and _holds_images(folder)
-            and label_file(folder) is None)
+    """Whether ``folder`` holds images without labels (:func:`unlabelled_reason`)."""
+    return unlabelled_reason(folder) is not None
+
+
+def unlabelled_reason(folder: Path | None) -> str | None:
+    """Why ``folder`` holds images without labels: neither class folders nor a label file, or a label file that
+    gives none (no label column; every label empty, null or -1); None where it is labelled."""
+    if folder is None:
+        return None
+    if (path := labelled_by(folder)) is None:
+        no_classes = not _sub_dirs(folder) and _holds_images(folder)
+        return "no class folders, no label file" if no_classes else None
+    why = _label_table(path, folder).no_labels
+    return None if why is None else f"{path}: {why}"
 
 
 def unlabelled_split_dirs(root: Path) -> dict[str, Path]:
@@ -378,8 +541,8 @@ def folder_layout(root: Path) -> tuple[Path, Path | None, Path | None]:
     not split folders stand beside it and it has no label file; where every folder is a split folder, it is the
     training split, read through its label file (an error without one). A train folder with sub-folders beside
     folders that hold images as classes do and are not split folders is ambiguous, and refused with an error that
-    says how to proceed. A val or test folder of images without class folders or label file is unlabelled: left
-    out (None), with a warning.
+    says how to proceed. A val or test folder of images without labels (:func:`unlabelled_reason`) is left out
+    (None), with a warning; so is a label file of ``root`` itself beside the split folders.
     """
     names = _sub_dirs(root)
     train = _split_dirs(root, names, "train")
@@ -389,6 +552,10 @@ def folder_layout(root: Path) -> tuple[Path, Path | None, Path | None]:
                        "if they are splits, give --data the folder that holds them as train/ and val/ or test/",
                        root, ", ".join(like))
         return root, None, None
+    if (unused := label_file(root)) is not None:
+        _warn_once("label-file-beside-splits", root, "%s: not used: the split folders of %s are read instead (a "
+                   "label file labels its own folder's images: one in each split folder, its file names relative "
+                   "to it)", unused, root)
     others = [n for n in names if n.lower() not in SPLIT_NAMES]
     if not _sub_dirs(train) and _holds_images(train) and label_file(train) is None:
         if others:
@@ -414,10 +581,10 @@ def folder_layout(root: Path) -> tuple[Path, Path | None, Path | None]:
                    "; ".join("/".join(v) for v in SPLIT_DIR_NAMES.values()))
     val, test = _split_dirs(root, names, "val"), _split_dirs(root, names, "test")
     for split, folder in (("val", val), ("test", test)):
-        if unlabelled_dir(folder):
+        if why := unlabelled_reason(folder):
             instead = (f"split 'test' is {val.name}/ instead" if split == "test" and val is not None
                        and not unlabelled_dir(val) else
                        f"the held-out part is taken from {train.name}/ (val_fraction) instead")
-            _warn_once("unlabelled", folder, "%s: images without class folders or a label file, unlabelled: left "
-                       "out; %s", folder, instead)
+            _warn_once("unlabelled", folder, "%s: images without labels (%s), unlabelled: left out; %s", folder,
+                       why, instead)
     return (train, None if unlabelled_dir(val) else val, None if unlabelled_dir(test) else test)
