@@ -12,8 +12,10 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 import vitlab
@@ -282,3 +284,64 @@ def test_an_int8_export_leaves_the_root_logger_as_it_was(tmp_path):
         root.handlers[:] = saved
         root.setLevel(level)
     assert after == [] and level_after == level
+
+
+def test_eval_default_report_folders_are_each_checkpoints_own(tmp_path, caplog):
+    """Two checkpoints in one folder (a run's model and model_ema, downloaded files) wrote the same eval_test/,
+    each replacing the other's report, and a user's own metrics.json there was replaced silently."""
+    model = tiny_vit()
+    for name in ("model", "model_ema", "vit_small"):
+        vitlab.save_model(model, tmp_path / f"{name}.safetensors", class_names=["a", "b", "c", "d"])
+    data = tmp_path / "data"
+    for c in "abcd":
+        (data / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 60 * "abcd".index(c), np.uint8)).save(data / c / f"{i}.png")
+    for name in ("model", "model_ema", "vit_small"):
+        assert main(["eval", "--checkpoint", str(tmp_path / f"{name}.safetensors"), "--data", str(data),
+                     "--split", "train", "--val-fraction", "0"]) == 0
+    folders = {"model": "eval_train", "model_ema": "eval_train_model_ema", "vit_small": "eval_train_vit_small"}
+    for name, folder in folders.items():
+        report = json.loads((tmp_path / folder / "metrics.json").read_text())
+        assert Path(report["checkpoint"]).name == f"{name}.safetensors"
+    (tmp_path / folders["vit_small"] / "notes.txt").write_text("mine")
+    args = ["eval", "--checkpoint", str(tmp_path / "vit_small.safetensors"), "--data", str(data), "--split", "train",
+            "--val-fraction", "0"]
+    with caplog.at_level(logging.ERROR, logger="vitlab"):
+        assert main(args) == 2
+    assert "eval_train_vit_small, the default report folder" in caplog.text and "notes.txt" in caplog.text
+    assert main([*args, "--overwrite"]) == 0 and (tmp_path / folders["vit_small"] / "notes.txt").read_text() == "mine"
+
+
+def test_eval_scores_every_image_of_data_the_checkpoint_never_trained_on(tmp_path, capsys):
+    """A folder without split folders that the checkpoint's run did not train on: every image is scored (only
+    the held-out 10% was, with a message that the test split is the validation part)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    vitlab.save_model(tiny_vit(), run / "model.safetensors", class_names=["a", "b", "c", "d"])
+    (run / "job.json").write_text(json.dumps({**run_marker(), "data": "digits", "model": "m"}))
+    data = tmp_path / "new"
+    for c in "abcd":
+        (data / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((8, 8), 60 * "abcd".index(c) + i, np.uint8)).save(data / c / f"{i}.png")
+    assert main(["eval", "--checkpoint", str(run / "model.safetensors"), "--data", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split"] == "all" and report["samples"] == 20
+    # --val-fraction holds a part out as before; the run's own data keeps the run's held-out split
+    assert main(["eval", "--checkpoint", str(run / "model.safetensors"), "--data", str(data), "--val-fraction", "0.2",
+                 "--seed", "0", "--json", "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 4
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_of(tmp_path, caplog):
+    """--steps 20 under the digits recipe's 22-step warm-up trained at a rising lr to the end, silently."""
+    with caplog.at_level(logging.WARNING):
+        fit(tiny_vit(), recipe(epochs=1, warmup_steps=10), train_set=Noise(112), output_dir=tmp_path / "a",
+            progress=False)
+    assert "the warm-up (10 steps) is as long as the run (7 steps)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fit(tiny_vit(), recipe(epochs=1, warmup_steps=3), train_set=Noise(112), output_dir=tmp_path / "b",
+            progress=False)
+    assert "warm-up" not in caplog.text

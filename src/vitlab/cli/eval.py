@@ -103,11 +103,27 @@ REPORT_FILES = EVAL_REPORT_FILES
 
 def report_folder(args: argparse.Namespace, split: str, files: tuple[str, ...] = REPORT_FILES) -> Path:
     """The report folder, checked before the evaluation: in a folder given with --output, existing report
-    ``files`` are refused unless --overwrite (the default folder beside the checkpoint is eval's own)."""
+    ``files`` are refused unless --overwrite. The default folder beside the checkpoint is that checkpoint's own
+    (``eval_SPLIT`` for a run's model.safetensors, ``eval_SPLIT_STEM`` for another file, such as
+    model_ema.safetensors or a downloaded file beside others), replaced by its next report; one holding another
+    checkpoint's report or files eval does not write is refused unless --overwrite."""
     from vitlab.checkpoints.io import check_outputs_free
 
     if args.output is None:
-        return Path(args.checkpoint).parent / f"{EVAL_REPORT_PREFIX}{split}"
+        checkpoint = Path(args.checkpoint)
+        stem = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
+        folder = checkpoint.parent / f"{EVAL_REPORT_PREFIX}{split}{'' if stem == 'model' else '_' + stem}"
+        if folder.is_dir() and not args.overwrite:
+            recorded = _read_recipe(folder / "metrics.json").get("checkpoint")
+            theirs = sorted(p.name for p in folder.iterdir() if p.name not in EVAL_REPORT_FILES)
+            # the name, not the path: a report records the path as typed, from wherever eval ran
+            if theirs or (recorded is not None and Path(str(recorded)).name != checkpoint.name) or (
+                    recorded is None and (folder / "metrics.json").exists()):
+                why = (f"it holds {', '.join(theirs[:3])}, which eval does not write" if theirs else
+                       f"its report is of {recorded}" if recorded else "its metrics.json is not an eval report")
+                raise ValueError(f"{folder}, the default report folder of {args.checkpoint}: {why}; pass --overwrite "
+                                 f"to replace its report files, or --output FOLDER")
+        return folder
     earlier = "an earlier `vitlab eval` report there?" if "checkpoint" in _read_recipe(args.output / "metrics.json") \
         else ""
     check_outputs_free([args.output / f for f in files], output=args.output, overwrite=args.overwrite,
@@ -278,6 +294,14 @@ def seeded_split(data: str, split: str) -> bool:
     return val_dir is None and (split != "test" or test_dir is None)
 
 
+def trained_elsewhere(checkpoint: str, data: str) -> bool:
+    """Whether the checkpoint's run record (job.json beside it) names another data source than ``data``."""
+    from vitlab.train.run import read_job, same_source
+
+    recorded = read_job(Path(checkpoint).parent).get("data")
+    return recorded is not None and not same_source(data, recorded, read_job(Path(checkpoint).parent).get("data_source"))
+
+
 def run_split(checkpoint: str, data: str, split: str, *, seed: int | None = None,
               val_fraction: float | None = None, measured: bool = True, options: str = "") -> tuple[int, float]:
     """The seed and val_fraction for ``split`` of ``data``: those the checkpoint's run held out with (its
@@ -431,7 +455,14 @@ def run(args: argparse.Namespace) -> int:
     args.given_split = (args.seed, args.val_fraction)  # the probes' training split is drawn from these too
     args.seed, args.val_fraction = run_split(args.checkpoint, args.data, args.split, seed=args.seed,
                                              val_fraction=args.val_fraction, options="--seed / --val-fraction")
-    ds = build_dataset(args.data, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
+    args.whole = (model.num_classes > 0 and args.protocol in ("auto", "classifier") and args.split != "train"
+                  and args.given_split == (None, None) and seeded_split(args.data, args.split)
+                  and trained_elsewhere(args.checkpoint, args.data))
+    if args.whole:  # nothing of it was trained on: no part needs holding out
+        log.info("%s is not the data %s was trained on: every image of it is scored (--seed / --val-fraction "
+                 "hold a part out instead)", args.data, args.checkpoint)
+    ds = build_dataset(args.data, split="train" if args.whole else args.split,
+                       val_fraction=0.0 if args.whole else args.val_fraction, seed=args.seed,
                        transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
     protocol = args.protocol
     if protocol == "auto":
@@ -458,7 +489,8 @@ def run(args: argparse.Namespace) -> int:
                  amp=args.amp, workers=args.workers, class_names=head_names, progress=not args.json)
     out.mkdir(parents=True, exist_ok=True)
     per_class = {name: r.per_class[j] for name, j in zip(ds.classes, mapping)}  # the data's classes
-    metrics = {"checkpoint": str(args.checkpoint), "runtime": model.name, "data": args.data, "split": args.split,
+    metrics = {"checkpoint": str(args.checkpoint), "runtime": model.name, "data": args.data,
+               "split": "all" if args.whole else args.split,
                **r.summary(), "per_class": {k: None if math.isnan(v) else v for k, v in per_class.items()}}
     if mapping != list(range(model.num_classes)):
         metrics["class_match"] = {name: head_names[j] for name, j in zip(ds.classes, mapping)}
@@ -496,11 +528,11 @@ def run(args: argparse.Namespace) -> int:
         for name, row in zip(ds.classes, confusion.tolist()):
             w.writerow([name, *row])
     save_confusion_png(confusion, col_names, out / "confusion.png", title=f"{Path(args.checkpoint).name} on "
-                       f"{args.data} [{args.split}]: top-1 {100 * r.top1:.2f}%", row_names=list(ds.classes))
+                       f"{args.data} [{metrics['split']}]: top-1 {100 * r.top1:.2f}%", row_names=list(ds.classes))
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(f"{args.data} [{args.split}], {r.num_samples} images: top-1 {100 * r.top1:.2f}%  "
+        print(f"{args.data} [{metrics['split']}], {r.num_samples} images: top-1 {100 * r.top1:.2f}%  "
               f"top-5 {100 * r.top5:.2f}%  loss {r.loss:.4f}" + ("" if model.name == "torch" else f"  ({model.name})")
               + (f"  (compile failed: {metrics['compile_failed']}; ran eager)" if metrics.get("compile_failed")
                  else ""))

@@ -481,6 +481,10 @@ def fit(
     global_batch = recipe.batch_size * accum * ctx.world_size
     lr = recipe.lr * (global_batch / recipe.lr_base_batch if recipe.lr_base_batch else 1.0)
     warmup = max(recipe.warmup_steps, round(recipe.warmup_epochs * steps_per_epoch))
+    if warmup >= total_steps > 1 and not resume:  # e.g. --steps 20 under a recipe's 2-epoch warm-up
+        log.warning("the warm-up (%d steps) is as long as the run (%d steps): the learning rate only climbs and "
+                    "never decays; give --set warmup_epochs=... / warmup_steps=... shorter than the run, or more "
+                    "steps", warmup, total_steps)
     warmup = min(warmup, max(0, total_steps - 1))
 
     # ---- the objective and optimisation
