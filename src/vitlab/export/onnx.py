@@ -21,6 +21,11 @@ The graph is written to a temporary file beside the target, checked, and only th
    activation products in float; its top-1 agreement with the float PyTorch model, each image run alone,
    must reach ``min_agreement`` (activations are scaled per call, so a batched run's outputs depend on the
    batch: that effect is reported apart).
+6. a model whose tensors exceed one file (:data:`MAX_PROTO_BYTES`, protobuf's 2 GiB, less
+   :data:`GRAPH_MARGIN_BYTES` for the graph: ViT-H, ViT-g) is written as ``model.onnx`` and its tensors in one
+   external data file beside it, ``model.onnx.data``, which the .onnx references by that relative name; the data
+   file is renamed into place first, then the .onnx; a data file there is replaced only with the .onnx that uses
+   it. An int8 file that fits is one file again.
 
 Families: a model whose config has ``dynamic_img_size`` is rebuilt with it switched on for a dynamic-size
 export; shape-dependent branches use :func:`vitlab.layers.size_differs` / ``is_tracing_any_size``, which
@@ -64,7 +69,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vitlab.export.runtime import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, OnnxModel, require
+from vitlab.export.runtime import (
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAME,
+    OnnxModel,
+    external_data_files,
+    graph_tensors,
+    require,
+)
 from vitlab.models.base import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -72,7 +85,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TOLERANCE = 1e-3  # max |logit difference| between ONNX Runtime and PyTorch in float32
 DEFAULT_MIN_AGREEMENT = 0.98  # top-1 agreement of an int8 file with the float32 PyTorch model
 DEFAULT_NUM_IMAGES = 64
-MAX_PROTO_BYTES = 2_000_000_000  # a single-file ONNX model is one protobuf message, limited to 2 GiB
+MAX_PROTO_BYTES = 2**31 - 1  # a single-file ONNX model is one protobuf message, smaller than 2 GiB
+# room for the rest of the message (nodes, shapes, metadata): a ViT-B/16 graph without its weights is 0.6 MB
+GRAPH_MARGIN_BYTES = 64 * 2**20
 DETECTION_NO_MASK = ("none: the exported detector takes the image only and treats every pixel as real (PyTorch's "
                      "pixel_mask=None); run images one by one, or batch images of one size, never padded ones")
 
@@ -188,6 +203,10 @@ class ExportReport:
     onnx_images_per_s: float | None = None
     export_s: float = 0.0
     file_bytes: int = 0
+    # a model whose tensors exceed a single file's limit (MAX_PROTO_BYTES): its weights in this external data
+    # file beside ``path`` (``model.onnx.data``), which the .onnx references by its name
+    data_path: str | None = None
+    data_bytes: int = 0
     written: bool = False
     forced: bool = False
     problems: list[str] = field(default_factory=list)
@@ -206,7 +225,8 @@ class ExportReport:
 
     def format(self) -> str:
         c, h, w = self.input_size
-        lines = [f"{self.model} -> {self.path}" + ("" if self.written else " (NOT written)"),
+        data = f" + {Path(self.data_path).name}" if self.data_path else ""
+        lines = [f"{self.model} -> {self.path}{data}" + ("" if self.written else " (NOT written)"),
                  f"  exporter {self.exporter}, opset {self.opset}, input (batch, {c}, {h}, {w}), batch "
                  f"{'dynamic' if self.dynamic_batch else 'fixed 1'}, size {'dynamic' if self.dynamic_size else 'fixed'}"
                  + (", int8 linear layers" if self.int8 else "")]
@@ -231,7 +251,11 @@ class ExportReport:
             lines.append(f"  speed at batch {self.timing_batch}: PyTorch {self.torch_images_per_s:.1f} img/s, "
                          f"ONNX Runtime{' int8' if self.int8 else ''} {self.onnx_images_per_s:.1f} img/s "
                          f"({self.speedup:.2f}x)")
-        if self.file_bytes:
+        if self.file_bytes and self.data_path:
+            lines.append(f"  files {Path(self.path).name} {self.file_bytes / 1e6:.1f} MB + {Path(self.data_path).name} "
+                         f"{self.data_bytes / 1e6:.1f} MB (the weights, over a single ONNX file's 2 GB: keep both "
+                         f"files in one folder), export took {self.export_s:.1f} s")
+        elif self.file_bytes:
             lines.append(f"  file {self.file_bytes / 1e6:.1f} MB, export took {self.export_s:.1f} s")
         for p in self.problems:
             lines.append(f"  {'FORCED past: ' if self.forced else 'problem: '}{p}")
@@ -674,9 +698,10 @@ def _has_onnxscript() -> bool:
 
 
 def export_graph(model: nn.Module, x: Tensor, path: str, *, dynamic_batch: bool, dynamic_size: bool,
-                 opset: int | None, output_names: tuple[str, ...] = (OUTPUT_NAME,)) -> str:
+                 opset: int | None, output_names: tuple[str, ...] = (OUTPUT_NAME,), external_data: bool = False) -> str:
     """Write the bare graph of ``model`` traced on ``x`` (outputs named ``output_names``); returns which
-    exporter wrote it."""
+    exporter wrote it. ``external_data``: the dynamo exporter writes the weights into ``path + ".data"`` (a
+    model over 2 GB; the TorchScript exporter decides that itself)."""
     from vitlab.layers import tracing_any_size
 
     any_size = tracing_any_size() if dynamic_size else contextlib.nullcontext()
@@ -686,7 +711,7 @@ def export_graph(model: nn.Module, x: Tensor, path: str, *, dynamic_batch: bool,
         try:
             with _quiet_exporter(), any_size, torch.no_grad():
                 torch.onnx.export(model, (x,), path, dynamo=True, input_names=[INPUT_NAME],
-                                  output_names=list(output_names), opset_version=opset, external_data=False,
+                                  output_names=list(output_names), opset_version=opset, external_data=external_data,
                                   dynamic_shapes=(axes,) if axes else None, verbose=False,
                                   optimize=True)
             written = file_opset(path)
@@ -767,7 +792,7 @@ def linear_nodes(path: str) -> list[str]:
     (the attention's query-key and weight-value products multiply two activations and are left out)."""
     import onnx
 
-    proto = onnx.load(path)
+    proto = onnx.load(path, load_external_data=False)  # names only: a large model's weights stay in its .data
     consts = {t.name for t in proto.graph.initializer}
     consts |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in proto.graph.node
@@ -776,7 +801,12 @@ def linear_nodes(path: str) -> list[str]:
 
 def quantize_int8(src: str, dst: str) -> int:
     """ONNX Runtime dynamic int8 quantisation of ``src``'s linear layers into ``dst``; returns how many
-    layers were quantised. Weights int8 per output channel, activations quantised per call (uint8)."""
+    layers were quantised. Weights int8 per output channel, activations quantised per call (uint8).
+
+    A ``src`` with external data (over 2 GB) gives a ``dst`` with its tensors in ``dst + ".data"``
+    (:func:`_set_metadata` makes it one file again where the quantised model fits)."""
+    import onnx
+
     with _root_logging_kept():
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -786,26 +816,64 @@ def quantize_int8(src: str, dst: str) -> int:
         raise ExportError(f"{src}: found no linear layer (MatMul/Gemm with a constant weight) to quantise")
     src, dst = os.path.abspath(src), os.path.abspath(dst)
     prepared = dst + ".prep.onnx"
+    external = bool(external_data_files(onnx.load(src, load_external_data=False), os.path.dirname(src)))
+    # a model over 2 GB cannot be one protobuf message: ORT's steps write (and read) their tensors in one file beside
+    big = dict(save_as_external_data=True, all_tensors_to_one_file=True,
+               external_data_location=os.path.basename(prepared) + ".data") if external else {}
     cwd, scratch = os.getcwd(), tempfile.mkdtemp(prefix="vitlab-int8-")
     try:
         with _root_logging_kept(), _quiet_exporter():
             try:  # shape inference first, as ORT recommends
                 # where it fails, ORT saves its partial model into the working directory: a scratch folder
                 os.chdir(scratch)
-                quant_pre_process(src, prepared, skip_optimization=True)
+                quant_pre_process(src, prepared, skip_optimization=True, **big)
             except Exception as e:  # its symbolic pass cannot follow some any-size graphs (MobileViT's resizes)
                 log.info("int8: symbolic shape inference failed (%s); using ONNX's own shape inference", e)
-                quant_pre_process(src, prepared, skip_optimization=True, skip_symbolic_shape=True)
+                _remove_with_data(prepared)  # onnx appends to an existing data file
+                quant_pre_process(src, prepared, skip_optimization=True, skip_symbolic_shape=True, **big)
             finally:
                 os.chdir(cwd)
                 shutil.rmtree(scratch, ignore_errors=True)
             nodes = [n for n in linear_nodes(prepared) if n in set(nodes)] or nodes
             quantize_dynamic(prepared, dst, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
-                             per_channel=True, weight_type=QuantType.QInt8)
+                             per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=external)
     finally:
-        if os.path.exists(prepared):
-            os.remove(prepared)
+        _remove_with_data(prepared)
     return len(nodes)
+
+
+def _remove_with_data(path: str) -> None:
+    """Remove ``path`` and its data file (``path + ".data"``) where they exist."""
+    for f in (path, path + ".data"):
+        if os.path.exists(f):
+            os.remove(f)
+
+
+def data_path_of(path: str | os.PathLike) -> Path:
+    """The external data file of a large ONNX file: ``model.onnx.data`` beside ``model.onnx`` (the name torch's
+    exporter and onnx give it); the .onnx references it by that name, relative to its folder."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def tensor_bytes(proto: Any) -> int:
+    """The bytes of an ONNX model's tensors, those in external data files included (from their shapes)."""
+    import numpy as np
+    from onnx.external_data_helper import uses_external_data
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    total = 0
+    for t in graph_tensors(proto.graph):
+        if uses_external_data(t):
+            total += int(np.prod(t.dims, dtype=np.int64)) * tensor_dtype_to_np_dtype(t.data_type).itemsize
+        else:
+            total += t.ByteSize()
+    return total
+
+
+def needs_external_data(nbytes: int) -> bool:
+    """Whether tensors of ``nbytes`` (plus :data:`GRAPH_MARGIN_BYTES` for the graph) exceed one ONNX file."""
+    return nbytes + GRAPH_MARGIN_BYTES > MAX_PROTO_BYTES
 
 
 def file_opset(path: str) -> int | None:
@@ -817,16 +885,92 @@ def file_opset(path: str) -> int | None:
 
 
 def _set_metadata(path: str, props: dict[str, str]) -> int | None:
-    """Write ``props`` into the file's metadata_props; returns the file's default-domain opset."""
+    """Write ``props`` into the file's metadata_props and lay its tensors out as :func:`needs_external_data`
+    says: in the file, or all in ``data_path_of(path)`` (and no other data file), whatever the exporter or
+    quantiser wrote (one file, a file per tensor, another name). ``path`` is in export's own temporary folder:
+    the data files it referenced are replaced. Returns the file's default-domain opset."""
     import onnx
 
-    proto = onnx.load(path)
+    path = os.path.abspath(path)
+    proto = onnx.load(path, load_external_data=False)
+    folder = os.path.dirname(path)
+    old = external_data_files(proto, folder)
+    external, data = needs_external_data(tensor_bytes(proto)), data_path_of(path)
+    if old and (not external or old != [data]):  # tensors to move: into the file, or into one data file
+        onnx.load_external_data_for_model(proto, folder)
+        for f in old:
+            f.unlink()  # onnx appends to an existing data file
+        old = []
     del proto.metadata_props[:]
     for k, v in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    onnx.save(proto, path)
+    if external and not old:
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                        convert_attribute=True)
+    else:  # one file, or the header of a file whose tensors already are in ``data``
+        onnx.save(proto, path)
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _data_of_existing(path: Path) -> bool:
+    """Whether the data file beside ``path`` (``data_path_of``) is the one an existing ``path`` references."""
+    import onnx
+
+    data = data_path_of(path)
+    if not (data.is_file() and path.is_file()):
+        return False
+    try:
+        header = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file: the data file is not its
+        return False
+    return data in external_data_files(header, path.parent)
+
+
+def _foreign_data_error(path: Path) -> ExportError:
+    data = data_path_of(path)
+    return ExportError(f"--output {path}: {data} exists and is not the data file of {path.name} (a model over 2 GB "
+                       f"is written as {path.name} + {data.name}): remove it, or choose another --output")
+
+
+def _install(src: str, path: Path) -> Path | None:
+    """Move the validated ``src`` to ``path``; a ``src`` with external data takes its data file to
+    ``data_path_of(path)`` first and then the .onnx (renamed to reference it), so that the new .onnx never
+    appears without its data; if the second rename fails, the first is undone (a data file it replaced is put
+    back). A data file that the replaced ``path`` used and the new one does not is removed. Returns the data
+    file, or None for a single file."""
+    import onnx
+
+    data, src_data = data_path_of(path), data_path_of(src)  # ``src`` as _set_metadata laid it out
+    previous = _data_of_existing(path)
+    if not src_data.exists():
+        os.replace(src, path)
+        if previous:  # the replaced file's weights, used by nothing now
+            data.unlink()
+        return None
+    if data.exists() and not previous:
+        raise _foreign_data_error(path)
+    from onnx.external_data_helper import uses_external_data
+
+    header = onnx.load(src, load_external_data=False)  # small: the tensors are in ``src_data``
+    for t in graph_tensors(header.graph):  # the data file's name beside ``path``
+        for e in (t.external_data if uses_external_data(t) else []):
+            if e.key == "location":
+                e.value = data.name
+    onnx.save(header, src)
+    backup = src_data.with_name("previous.data")
+    if previous:
+        os.replace(data, backup)
+    os.chmod(src_data, 0o644)
+    os.replace(src_data, data)
+    try:
+        os.replace(src, path)
+    except OSError:
+        os.replace(data, src_data)  # back into the temporary folder, removed with it
+        if previous:
+            os.replace(backup, data)
+        raise
+    return data
 
 
 def _time_pair(model: nn.Module, onnx_model: nn.Module, x: Tensor) -> tuple[float, float]:
@@ -865,6 +1009,14 @@ def _float32(model: nn.Module, name: str) -> nn.Module:
     log.info("%s: exporting a float32 copy of the %s model (the ONNX file is float32)", name,
              "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes - {torch.float32})))
     return copy.deepcopy(model).float()
+
+
+def _state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (a tensor shared by two names counted once)."""
+    seen: dict[int, int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+    return sum(seen.values())
 
 
 def remove_stale_temp_folders(path: Path) -> list[Path]:
@@ -941,10 +1093,10 @@ def export_onnx(
             if reason:
                 raise ExportError(f"{name}: --dynamic-size is not supported for {type(model).__name__}: {reason}")
             model = _any_size_model(model)
-        nparams = sum(p.numel() * p.element_size() for p in model.parameters())
-        if nparams > MAX_PROTO_BYTES:
-            raise ExportError(f"{name}: {nparams / 1e9:.1f} GB of weights exceed the 2 GB limit of a single-file ONNX "
-                              f"model; vitlab does not write external-data exports yet")
+        # over a single file's 2 GB, the weights go into one external data file beside it (model.onnx.data)
+        external = needs_external_data(_state_bytes(model))
+        if external and data_path_of(path).exists() and not _data_of_existing(path):
+            raise _foreign_data_error(path)  # before the long work, not after
         pre = model.preprocessing
         c, h, w = pre.input_size
         sizes = size_rule(model, c, h, w) if dynamic_size else None
@@ -973,7 +1125,8 @@ def export_onnx(
                 trace_pre = dataclasses.replace(pre, input_size=(c, *trace_size(model, h, w)))
                 trace_x = preprocess(raw[:len(trace_x)], trace_pre, task)
             report.exporter = export_graph(graph, trace_x, float_path, dynamic_batch=dynamic_batch,
-                                           dynamic_size=dynamic_size, opset=opset, output_names=spec.names)
+                                           dynamic_size=dynamic_size, opset=opset, output_names=spec.names,
+                                           external_data=external)
             props = metadata(model, pre, class_names=class_names, dynamic_batch=dynamic_batch,
                              dynamic_size=dynamic_size, int8=False, sizes=sizes)
             report.opset = _set_metadata(float_path, props)
@@ -1032,6 +1185,8 @@ def export_onnx(
                 tx = x[:VALIDATION_BATCH] if dynamic_batch else x[:1]
                 report.timing_batch = len(tx)
                 report.torch_images_per_s, report.onnx_images_per_s = _time_pair(graph, final_model, tx)
+            if data_path_of(final_path).exists():  # _set_metadata put its tensors there
+                report.data_path = str(data_path_of(path))
             if report.problems and not force:
                 raise ExportValidationError(f"{name}: refusing to write {path}: " + "; ".join(report.problems)
                                             + " (pass force=True / --force to write it anyway)", report)
@@ -1039,13 +1194,13 @@ def export_onnx(
                 log.warning("%s: writing %s despite failed checks (forced): %s", name, path, "; ".join(report.problems))
             os.chmod(final_path, 0o644)
             try:
-                os.replace(final_path, path)
+                data = _install(final_path, path)
             except OSError as e:
                 raise ExportError(f"--output {path}: cannot write it ({e.strerror or e})") from None
             report.written = True
             report.file_bytes = path.stat().st_size
+            if data is not None:
+                report.data_bytes = data.stat().st_size
             return report
         finally:
-            for f in Path(tmpdir).iterdir():
-                f.unlink()
-            os.rmdir(tmpdir)
+            shutil.rmtree(tmpdir, ignore_errors=True)

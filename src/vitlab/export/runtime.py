@@ -7,6 +7,9 @@ is an ``nn.Module`` without parameters that answers like the PyTorch model it wa
 (``logits`` (B, Q, C+1), ``boxes`` (B, Q, 4)) or a segmenter (``logits`` (B, C, H, W)), so the evaluation,
 detection and benchmark code runs it as it runs a PyTorch model.
 
+A file over 2 GB keeps its weights in an external data file beside it (``model.onnx.data``); ONNX Runtime reads
+it from there, and a missing one is a :class:`FileNotFoundError` naming it.
+
 A fixed-size file refuses other sizes with :class:`InputSizeError` before ONNX Runtime sees them (ONNX
 Runtime's own message is "INVALID_ARGUMENT : Got invalid dimensions for input ..."), and so does a
 dynamic-size file for the sizes its metadata rules out (not a multiple of the patch, where PyTorch refuses
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +68,47 @@ def is_onnx_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(".onnx")
 
 
+def external_data_files(proto: Any, folder: str | os.PathLike) -> list[Path]:
+    """The external data files (``model.onnx.data`` beside a large ``model.onnx``) that an ONNX model's tensors
+    reference, in ``folder`` (the file's own): locations are relative to it."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    locations = {ExternalDataInfo(t).location for t in graph_tensors(proto.graph) if uses_external_data(t)}
+    return [Path(folder) / loc for loc in sorted(locations)]
+
+
+def graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of an ONNX graph: its initializers and the tensors in node attributes (Constant
+    nodes), subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from graph_tensors(g)
+
+
+def check_external_data(proto: Any, path: str | os.PathLike) -> None:
+    """A clear error where a file's weights are in an external data file that is not beside it."""
+    path = Path(path)
+    missing = [f for f in external_data_files(proto, path.parent) if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: its weights are in the external data file {missing[0]}, which is missing: "
+                                f"a model over 2 GB is two files, {path.name} and {missing[0].name}; copy both into "
+                                f"the same folder")
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """vitlab's metadata record of an ONNX file (empty if the file was not written by vitlab)."""
     require("onnx")
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
+    return _metadata(onnx.load(str(path), load_external_data=False), path)
+
+
+def _metadata(proto: Any, path: str | os.PathLike) -> dict[str, Any]:
     props = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in props:
         return {}
@@ -188,7 +227,12 @@ class OnnxModel(nn.Module):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such ONNX file")
-        self.meta = read_metadata(self.path)
+        import onnx
+
+        header = onnx.load(str(self.path), load_external_data=False)  # tensors in a .data file stay there
+        check_external_data(header, self.path)
+        self.meta = _metadata(header, self.path)
+        del header
         self.session = ort.InferenceSession(str(self.path), session_options(threads),
                                             providers=["CPUExecutionProvider"])
         inp = self.session.get_inputs()[0]
