@@ -32,7 +32,7 @@ from vitlab.export import (
 from vitlab.export.runtimes import build_runtime
 from vitlab.models import get_entry
 
-from model_helpers import make_tiny, perturb_
+from model_helpers import make_tiny, perturb_, train_tiny_digits_vit
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -66,26 +66,8 @@ def _tiny(name: str) -> torch.nn.Module:
 def digits_checkpoint(tmp_path_factory) -> Path:
     """A tiny ViT trained for a few seconds on the bundled digits (about 90% test accuracy): a model whose
     predictions mean something, for agreement checks."""
-    from vitlab.data import build_dataset, eval_transform
-
-    torch.manual_seed(0)
-    model = vitlab.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32,
-                                depth=2, num_heads=2, num_classes=10, crop_pct=1.0, mean=(0.5,), std=(0.5,))
-    ds = build_dataset("digits", split="train", transform=eval_transform(model.preprocessing))
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
-    y = torch.tensor([ds[i][1] for i in range(len(ds))])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(100):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("digits") / "model.safetensors"
-    vitlab.save_model(model.eval(), path, class_names=[f"digit {i}" for i in range(10)])
-    return path
+    return train_tiny_digits_vit(tmp_path_factory.mktemp("digits") / "model.safetensors",
+                                 [f"digit {i}" for i in range(10)])
 
 
 # ------------------------------------------------------------------------------------- round trips

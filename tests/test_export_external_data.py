@@ -32,6 +32,8 @@ from vitlab.export import (
 )
 from vitlab.export.runtime import graph_tensors
 
+from model_helpers import train_tiny_digits_vit
+
 # the tiny model below: float32 tensors of about 106 kB in the exported graph, 36 kB once quantised to int8
 FLOAT_BYTES, INT8_BYTES = 106_000, 36_000
 CLASSES = [f"digit {i}" for i in range(10)]
@@ -40,26 +42,7 @@ CLASSES = [f"digit {i}" for i in range(10)]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny ViT trained for a few seconds on the bundled digits (its classes mean something)."""
-    from vitlab.data import build_dataset, eval_transform
-
-    torch.manual_seed(0)
-    model = vitlab.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32,
-                                depth=2, num_heads=2, num_classes=10, crop_pct=1.0, mean=(0.5,), std=(0.5,))
-    ds = build_dataset("digits", split="train", transform=eval_transform(model.preprocessing))
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
-    y = torch.tensor([ds[i][1] for i in range(len(ds))])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(100):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("ext") / "model.safetensors"
-    vitlab.save_model(model.eval(), path, class_names=CLASSES)
-    return path
+    return train_tiny_digits_vit(tmp_path_factory.mktemp("ext") / "model.safetensors", CLASSES)
 
 
 @pytest.fixture

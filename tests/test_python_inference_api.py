@@ -42,6 +42,16 @@ def _forward_elsewhere(model: nn.Module, x_other: torch.Tensor) -> torch.utils.h
     return model.get_classifier().register_forward_hook(hook)
 
 
+def _alone_and_beside(call, model: nn.Module, x_other: torch.Tensor):
+    """``call()`` run alone, then again while another thread runs ``model(x_other)`` inside its forward."""
+    ref = call()
+    handle = _forward_elsewhere(model, x_other)
+    try:
+        return ref, call()
+    finally:
+        handle.remove()
+
+
 def _tiny_vit() -> nn.Module:
     torch.manual_seed(0)
     return vitlab.create_model("vit_small_patch16_224", num_classes=10, img_size=32, depth=2, embed_dim=64,
@@ -51,12 +61,7 @@ def _tiny_vit() -> nn.Module:
 def test_capture_tokens_ignore_other_threads_forwards() -> None:
     model = _tiny_vit()
     x, x_other = torch.randn(1, 3, 32, 32), torch.randn(8, 3, 32, 32)
-    ref = capture(model, x)
-    handle = _forward_elsewhere(model, x_other)
-    try:
-        out = capture(model, x)
-    finally:
-        handle.remove()
+    ref, out = _alone_and_beside(lambda: capture(model, x), model, x_other)
     assert len(out.tokens) == len(ref.tokens) == 2
     for a, b in zip(out.tokens, ref.tokens):
         assert a.shape == b.shape == (1, 5, 64)
@@ -66,12 +71,7 @@ def test_capture_tokens_ignore_other_threads_forwards() -> None:
 def test_grad_cam_differentiates_its_own_forward() -> None:
     model = _tiny_vit()
     x, x_other = torch.randn(1, 3, 32, 32), torch.randn(8, 3, 32, 32)
-    ref = explain(model, x, method="grad-cam").maps
-    handle = _forward_elsewhere(model, x_other)
-    try:
-        maps = explain(model, x, method="grad-cam").maps
-    finally:
-        handle.remove()
+    ref, maps = _alone_and_beside(lambda: explain(model, x, method="grad-cam").maps, model, x_other)
     torch.testing.assert_close(maps, ref)
 
 
@@ -79,12 +79,7 @@ def test_mobilevit_last_layer_uses_its_own_input_size() -> None:
     torch.manual_seed(0)
     model = vitlab.create_model("mobilevit_xxs", num_classes=10).eval()
     x, x_other = torch.randn(1, 3, 64, 96), torch.randn(1, 3, 96, 64)  # landscape explained, portrait served
-    ref = explain(model, x, method="last-layer")
-    handle = _forward_elsewhere(model, x_other)
-    try:
-        out = explain(model, x, method="last-layer")
-    finally:
-        handle.remove()
+    ref, out = _alone_and_beside(lambda: explain(model, x, method="last-layer"), model, x_other)
     assert out.patch_maps.shape == ref.patch_maps.shape
     torch.testing.assert_close(out.maps, ref.maps)
 
@@ -93,12 +88,7 @@ def test_cct_sequence_pooling_map_uses_its_own_forward() -> None:
     torch.manual_seed(0)
     model = vitlab.create_model("cct_2_3x2_32", num_classes=10).eval()
     x, x_other = torch.randn(1, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    ref = explain(model, x, method="last-layer").maps
-    handle = _forward_elsewhere(model, x_other)
-    try:
-        maps = explain(model, x, method="last-layer").maps
-    finally:
-        handle.remove()
+    ref, maps = _alone_and_beside(lambda: explain(model, x, method="last-layer").maps, model, x_other)
     torch.testing.assert_close(maps, ref)
 
 
