@@ -115,22 +115,14 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
     if (labels_file := labelled_by(root)) is not None:
         return _scan_label_file(root, labels_file, classes)
     folders = _class_dirs(root)
-    found = list(folders)
     held_out = classes is not None
-    if classes is None:
-        classes = found
-    else:
-        classes = [class_name(c) for c in classes]
-        extra = sorted(set(found) - set(classes))
-        if extra:
-            raise DatasetError(f"{root}: class folders {extra} do not exist in the training split "
-                               f"(classes: {classes})")
+    classes = _split_classes(list(folders), classes, f"{root}: class folders")
     index = {c: i for i, c in enumerate(classes)}
     paths: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
     merged: list[str] = []
-    for name in found:
+    for name in folders:
         cdir = root / folders[name]
         files = walk_image_files(cdir, inside=(root,))
         if not files:
@@ -418,20 +410,25 @@ def _scan_label_file(root: Path, path: Path, classes: list[str] | None) -> tuple
                            f"left out as unlabelled)")
     if not entries:
         raise DatasetError(f"{path}: lists no images (expected {LABEL_FILE_FORMS})")
-    found = sorted({c for _, c in entries})
-    if classes is None:
-        classes = found
-    else:
-        classes = [class_name(c) for c in classes]
-        extra = sorted(set(found) - set(classes))
-        if extra:
-            raise DatasetError(f"{path}: labels {extra} do not exist in the training split (classes: {classes})")
+    classes = _split_classes(sorted({c for _, c in entries}), classes, f"{path}: labels")
     if unlisted := [n for n in table.images.rel if n not in seen]:
         _warn_once("unlisted", root, "%s: %d image(s) not listed in %s are not used (e.g. %s)", root,
                    len(unlisted), path.name, unlisted[0])
     index = {c: i for i, c in enumerate(classes)}
     entries.sort(key=lambda e: (index[e[1]], e[0]))
     return [p for p, _ in entries], [index[c] for _, c in entries], list(classes)
+
+
+def _split_classes(found: list[str], classes: list[str] | None, where: str) -> list[str]:
+    """The classes of a split: its own (``found``), or for a held-out split the training split's ``classes``, of
+    which ``found`` must be a subset (an error starting with ``where`` names those that are not)."""
+    if classes is None:
+        return found
+    classes = [class_name(c) for c in classes]
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise DatasetError(f"{where} {extra} do not exist in the training split (classes: {classes})")
+    return classes
 
 
 def guess_channels(paths: list[str], labels: list[int], max_peek: int = 64) -> int:
