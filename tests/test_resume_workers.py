@@ -3,6 +3,8 @@ gives the same run; the per-sample seeds follow (seed, epoch, position in the ep
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -183,3 +185,37 @@ def test_two_processes_augment_each_sample_as_one_process_does(tmp_path):
     for k in a:  # drawn per process, the crops would differ by ~4e-3 here
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
     assert a["head.weight"].abs().max() > 1e-3
+
+
+class _Finalised:
+    """Records the pid of the process that destroys it (a stand-in for an ONNX Runtime session, whose destructor
+    hung in a forked DataLoader worker that collected it)."""
+
+    freed_in: list[int] = []
+
+    def __del__(self) -> None:
+        _Finalised.freed_in.append(os.getpid())
+
+
+def test_garbage_is_collected_before_workers_fork():
+    """An unreachable object in a reference cycle is freed in the parent before the workers start, so that no
+    forked worker runs its destructor (a full make test hung there once an ONNX session was such garbage)."""
+    import gc
+
+    from vitlab.data.loader import create_loader
+
+    ds = torch.utils.data.TensorDataset(torch.zeros(8, 1, 4, 4), torch.zeros(8, dtype=torch.long))
+    loader = create_loader(ds, batch_size=4, shuffle=False, num_workers=1, seed=0)
+    _Finalised.freed_in.clear()
+    was_enabled = gc.isenabled()
+    gc.disable()  # only an explicit collection may free the cycle
+    try:
+        cycle: list = [_Finalised()]
+        cycle.append(cycle)
+        del cycle
+        assert _Finalised.freed_in == []
+        next(iter(loader))
+        assert _Finalised.freed_in == [os.getpid()]
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -13,10 +13,11 @@ import time
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from vitlab.data.dataset import ImageFileDataset
 from vitlab.data.errors import BadImageError
+from vitlab.data.loader import WorkerLoader
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def cache_decoded(ds: ImageFileDataset, *, max_bytes: int, workers: int = 0) -> 
     t0 = time.perf_counter()
     images: list[Tensor | None] = [None] * len(ds)
     errors: dict[int, str] = {}
-    loader = DataLoader(_Decode(ds, min_size), batch_size=64, shuffle=False, num_workers=workers,
+    loader = WorkerLoader(_Decode(ds, min_size), batch_size=64, shuffle=False, num_workers=workers,
                         collate_fn=_pack)
     for indices, stacked, rest in loader:
         if stacked is not None:

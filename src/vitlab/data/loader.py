@@ -13,6 +13,7 @@ all ranks, so N processes augment each sample as one process does.
 from __future__ import annotations
 
 import contextlib
+import gc
 import random
 import signal
 from collections.abc import Callable, Iterator
@@ -33,6 +34,20 @@ from torch.utils.data import (
 )
 
 _MASK64 = (1 << 64) - 1
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader that collects the process's garbage before it starts worker processes.
+
+    Workers are forked (Linux's default) from a process that may hold unreachable objects whose destructors
+    need threads that a forked child does not have: an ONNX Runtime session left in a reference cycle waited
+    forever on its thread pool when the child's first garbage collection freed it (a worker hung in
+    ``torch.manual_seed``). Collected in the parent first, nothing of the kind is left for a child to free."""
+
+    def _get_iterator(self):  # noqa: ANN202 - DataLoader's own
+        if self.num_workers > 0:
+            gc.collect()
+        return super()._get_iterator()
 
 
 def collate_skip_none(batch: list[Any]) -> Any:
@@ -284,7 +299,7 @@ def create_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_worke
             sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         batching = {"batch_size": batch_size, "sampler": SeededSampler(sampler, seed=seed), "drop_last": drop_last}
         dataset = SeededDataset(dataset)
-    return DataLoader(
+    return WorkerLoader(
         dataset,
         **batching,
         num_workers=num_workers,

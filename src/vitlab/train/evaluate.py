@@ -11,9 +11,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from vitlab.data.loader import collate_skip_none
+from vitlab.data.loader import WorkerLoader, collate_skip_none
 
 
 @dataclass(kw_only=True)
@@ -134,7 +134,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
     in_chans = getattr(getattr(model, "preprocessing", None), "input_size", (None,))[0]
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+    loader = WorkerLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(0))
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum, n, top5_hits = 0.0, 0, 0
