@@ -210,3 +210,20 @@ def test_lossless_mask_files_are_read(tmp_path, fmt, options):
     ds = MaskFolder(tmp_path / "images", tmp_path / "masks", num_classes=21)
     ds.check_files(classes=True)
     assert ds.raw(0)["mask"].unique().tolist() == [0, 3]
+
+
+def test_a_grey_mask_stored_through_a_reordered_palette_is_refused(tmp_path):
+    """Pillow saves a grey mask as GIF with a palette of the greys it holds, in another order: the indices read back
+    are not the classes drawn (3 read as 2), silently; an identity grey palette (a PNG) is read as before."""
+    m = np.zeros((24, 32), np.uint8)
+    m[2:6, 2:6], m[10:14, 10:14] = 3, 1
+    _masks(tmp_path / "train", {"t0": _blob(1)})
+    _masks(tmp_path / "val", {"v0": _blob(1)})
+    Image.fromarray(m).save(tmp_path / "val" / "masks" / "v0.png", format="GIF")
+    with pytest.raises(DatasetError, match=r"v0\.png: a palette image whose colours are greys other than their "
+                                           r"indices \(index 2 shows grey 3\)"):
+        _check(tmp_path, ["bg", "a", "b", "c"])
+    palette = Image.fromarray(m).convert("P")  # a grey palette in index order: its indices are the values
+    palette.putpalette([v for g in range(256) for v in (g, g, g)])
+    palette.save(tmp_path / "val" / "masks" / "v0.png")
+    _check(tmp_path, ["bg", "a", "b", "c"])

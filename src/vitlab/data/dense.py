@@ -489,6 +489,22 @@ def check_mask_classes(values: MaskValues, classes: Sequence[str], *, ignore_ind
                 "hold them", ", ".join(repr(classes[k]) for k in missing), ", ".join(map(str, missing)), values.masks)
 
 
+def _check_grey_palette(mask_path: Path, indices: Tensor, palette: list[int]) -> None:
+    """A palette mask's indices are its classes (VOC); a palette of greys whose values differ from their indices
+    is a grey mask stored through a reordered palette (Pillow saves a grey image as GIF so), whose indices are not
+    the values drawn: refused."""
+    used = torch.unique(indices).tolist()
+    rgb = [tuple(palette[3 * i:3 * i + 3]) for i in used]
+    if len(rgb[-1:]) and all(len(c) == 3 and c[0] == c[1] == c[2] for c in rgb):
+        moved = [(i, c[0]) for i, c in zip(used, rgb) if c[0] != i]
+        if moved:
+            i, v = moved[0]
+            raise DatasetError(f"{mask_path}: a palette image whose colours are greys other than their indices (index "
+                               f"{i} shows grey {v}): a grey mask stored through a reordered palette (as Pillow "
+                               f"saves one as GIF), so its indices are not the classes drawn; re-save the masks as "
+                               f"8-bit grey PNGs")
+
+
 class MaskFolder(SkipsBadImages, Dataset):
     """VOC-style segmentation: ``images/NAME.jpg|png`` and ``masks/NAME.png`` whose pixel values are
     class indices (palette, grey 8- or 16-bit, or 1-bit PNGs), ``ignore_index`` (255) for unlabelled pixels.
@@ -545,6 +561,8 @@ class MaskFolder(SkipsBadImages, Dataset):
             with Image.open(mask_path) as m:
                 self._check_mode(mask_path, m.mode, _format_of(mask_path, m))
                 mask = torch.from_numpy(np.array(m, dtype=np.int64))  # mode "1": booleans, classes 0 and 1
+                if m.mode == "P":
+                    _check_grey_palette(mask_path, mask, m.getpalette() or [])
         except OSError as e:
             raise BadImageError(f"{mask_path}: cannot read the mask ({e})") from None
         if self.num_classes is not None:
