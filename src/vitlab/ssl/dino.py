@@ -35,6 +35,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from vitlab.layers import trunc_normal_linears
 from vitlab.train.objective import Metrics, Objective
+from vitlab.train.schedule import Horizon
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class DINO(Objective):
         self.freeze_last_layer_epochs, self.clip_per_param = freeze_last_layer_epochs, clip_per_param
         self.collapse_tolerance, self.collapse_patience = collapse_tolerance, collapse_patience
         self.stuck, self.collapse_reported = 0, False
-        self.steps_per_epoch, self.total_steps = 1, 1
+        self.steps_per_epoch, self.schedule = 1, Horizon(total_steps=1, warmup_steps=0)  # until setup
 
     def modules(self) -> dict[str, nn.Module]:
         return {"head": self.head, "teacher": self.teacher, "teacher_head": self.teacher_head, "loss": self.loss}

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from vitlab.models.base import Preprocessing
 from vitlab.train.objective import Metrics, Objective
+from vitlab.train.schedule import Horizon
 
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels
 
@@ -305,7 +306,7 @@ class DVAEObjective(Objective):
         self.tau_start, self.tau_end, self.anneal = tau_start, tau_end, anneal
         self.kl_weight, self.kl_warmup, self.hard = kl_weight, kl_warmup, hard
         self.clock = _Clock().to(next(model.parameters()).device)
-        self.total_steps = 1
+        self.schedule = Horizon(total_steps=1, warmup_steps=0)  # until setup
 
     def modules(self) -> dict[str, nn.Module]:
         return {"clock": self.clock}

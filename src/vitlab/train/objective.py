@@ -123,8 +123,12 @@ class Objective:
         the model being trained and the run length, for schedules that depend on it (:meth:`progress`).
         Subclasses that override it call ``super().setup``."""
         self.steps_per_epoch = steps_per_epoch
-        self.total_steps = total_steps
         self.schedule = Horizon(total_steps=total_steps, warmup_steps=0)
+
+    @property
+    def total_steps(self) -> int:
+        """The run's length in optimiser steps, as last planned (:meth:`replan`)."""
+        return self.schedule.total_steps
 
     def progress(self, step: int) -> float:
         """The run's progress at optimiser step ``step``, 0 to 1, continuous when the length is re-planned."""
@@ -133,7 +137,6 @@ class Objective:
     def replan(self, step: int, total_steps: int) -> None:
         """The run now ends at ``total_steps``: schedules go on from their value at ``step`` to their end there."""
         self.schedule.replan(step, total_steps)
-        self.total_steps = total_steps
 
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         raise NotImplementedError

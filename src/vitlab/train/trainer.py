@@ -887,7 +887,6 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
         objective.schedule.load_state_dict(state["objective_schedule"])
     else:  # a state written before it was recorded: the saved length, never re-planned
         objective.schedule = Horizon(total_steps=saved_total, warmup_steps=0)
-    objective.total_steps = objective.schedule.total_steps
     if total_steps != saved_total:
         objective.replan(step, total_steps)
     # how the (checked, unchanged) global batch is split over processes and micro-batches is logistics too
