@@ -298,8 +298,8 @@ def trained_elsewhere(checkpoint: str, data: str) -> bool:
     """Whether the checkpoint's run record (job.json beside it) names another data source than ``data``."""
     from vitlab.train.run import read_job, same_source
 
-    recorded = read_job(Path(checkpoint).parent).get("data")
-    return recorded is not None and not same_source(data, recorded, read_job(Path(checkpoint).parent).get("data_source"))
+    job = read_job(Path(checkpoint).parent)
+    return job.get("data") is not None and not same_source(data, job["data"], job.get("data_source"))
 
 
 def run_split(checkpoint: str, data: str, split: str, *, seed: int | None = None,
