@@ -225,7 +225,8 @@ def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str,
                 f"{source}: {key} has {n} entries, a position table for the patch grid alone, without the "
                 f"class-token entry that {getattr(model, 'model_name', type(model).__name__)} keeps in its table "
                 f"({prefix} prefix entr{'y' if prefix == 1 else 'ies'} + the grid): the layout of timm's "
-                f"no_embed_class=True (DeiT-3), which vitlab's ViT does not support"
+                f"no_embed_class=True (DeiT-3); load it with a deit3_* name (or a DeiT name with "
+                f"no_embed_class=True), which keeps that layout"
             )
         if prefix > 1 and math.isqrt(n - 1) ** 2 == n - 1:  # one prefix entry in the file, more in the model
             raise CheckpointError(

@@ -6,7 +6,8 @@ The official DeiT III files (facebookresearch/deit ``models_v2.py``) differ in t
 ``blocks.N.gamma_1`` / ``gamma_2`` on the block (renamed to ``blocks.N.ls1.gamma``, as timm's DeiT converter does),
 and the position table has no entry for the class token, which is prepended after the table is added (timm's
 ``no_embed_class=True``). A zero entry for it in front of the table gives the same sums in vitlab's table, which
-covers the class token, at the file's resolution and when the patch grid is resampled.
+covers the class token, at the file's resolution and when the patch grid is resampled. The ``deit3_*`` names (DeiT's
+``no_embed_class``) take it back out (``DeiT.adapt_checkpoint``); timm's own deit3 files load there unchanged.
 """
 
 from __future__ import annotations

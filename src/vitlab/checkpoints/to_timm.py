@@ -240,7 +240,8 @@ def _vit(a: _Args) -> None:
     if a.cfg.pos_embed == "sincos":
         a.refuse("pos_embed", "timm's VisionTransformer has no fixed 2-D sin-cos position table")
     a.same("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
-           "mlp_ratio", "qkv_bias", "init_values", "class_token", "pos_embed", "fc_norm", "dynamic_img_size")
+           "mlp_ratio", "qkv_bias", "init_values", "class_token", "pos_embed", "fc_norm", "dynamic_img_size",
+           "no_embed_class")  # DeiT III's table without a class-token entry: timm's option of that name
 
 
 def _cait(a: _Args) -> None:
@@ -426,6 +427,9 @@ def _timm_name(name: str, family: str, cfg: Any) -> str:
     from vitlab.models.registry import get_entry
 
     timm_name = _TIMM_NAME.get(name, name)
+    if family == "deit" and cfg.distilled and timm_name.startswith("deit3_"):
+        raise ValueError(f"{name} has a distillation token: timm has no distilled DeiT III (deit3_*) model; there is "
+                         f"no timm layout to export it to")
     if family == "deit" and cfg.distilled != get_entry(timm_name).config.distilled:
         # timm builds a distillation token by name (deit_*_distilled_patch*)
         timm_name = (timm_name.replace("_patch", "_distilled_patch", 1) if cfg.distilled
