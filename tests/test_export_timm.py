@@ -150,7 +150,6 @@ def test_families_without_a_timm_model_are_refused(name, overrides, words):
     ("vit_small_patch16_224", {"pos_embed": "sincos"}, ["pos_embed='sincos'", "sin-cos"]),
     ("vit_base_r50_s16_224", {"hybrid_layers": (1, 1, 1)}, ["hybrid_layers=(1, 1, 1)", "(3, 4, 9)"]),
     ("swin_tiny_patch4_window7_224", {"pad_before_shift": True}, ["pad_before_shift=True", "Hugging Face"]),
-    ("swin_tiny_patch4_window7_224", {"window_size": (7, 7, 7, 4)}, ["window_size=(7, 7, 7, 4)", "one window"]),
     ("beit_base_patch16_224", {"sub_ln": True}, ["sub_ln=True"]),
     ("beit_base_patch16_224", {"fc_norm": True, "final_norm": True}, ["final_norm=True", "both"]),
     ("beit3_base_patch16_224", {"use_rel_pos_bias": True}, ["use_rel_pos_bias=True", "relative position"]),

@@ -31,7 +31,7 @@ def test_patch_embed_non_square_and_errors() -> None:
         pe(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"expected images of shape \(batch, 3, H, W\), got \(1, 1, 32, 48\)"):
         pe(torch.randn(1, 1, 32, 48))
-    with pytest.raises(ValueError, match=r"40x48 is not divisible by the patch size 16x16"):
+    with pytest.raises(ValueError, match=r"img_size 40x48 is not a multiple of the patch size 16x16; build the model at a multiple of it \(e.g. img_size 32x48\)"):
         PatchEmbed(img_size=(40, 48), patch_size=16)
     dyn = PatchEmbed(img_size=32, patch_size=16, strict_img_size=False)
     with pytest.raises(ValueError, match="not divisible by the patch size"):

@@ -37,13 +37,17 @@ _QKV = {"attention.attention.query": "query", "attention.attention.key": "key", 
 
 # transformers' ViTConfig defaults, for the fields a config.json may leave out
 HF_LAYER_NORM_EPS = 1e-12
+# transformers' hidden_act names -> vitlab's ViTConfig.gelu
+HF_GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
 def hf_vit_overrides(config: dict[str, Any]) -> dict[str, Any]:
     """Architecture fields of a ViT ``config.json``."""
-    # "gelu" is the exact (erf) GELU in transformers, as in vitlab; the tanh approximation differs at 1e-4
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"HF ViT config: hidden_act={config.get('hidden_act')!r}; vitlab's ViT uses exact 'gelu'")
+    # "gelu" is the exact (erf) GELU in transformers, as vitlab's default; "gelu_new" / "gelu_pytorch_tanh" the tanh
+    # approximation (vitlab's gelu="tanh"), which differs from it at 1e-4
+    act = config.get("hidden_act", "gelu")
+    if act not in HF_GELU:
+        raise ValueError(f"HF ViT config: hidden_act={act!r}; vitlab's ViT has {' / '.join(map(repr, HF_GELU))}")
     if config.get("pooler_act", "tanh") != "tanh":
         raise ValueError(f"HF ViT config: pooler_act={config.get('pooler_act')!r}; vitlab's pre-logits use 'tanh'")
     try:
@@ -67,6 +71,7 @@ def hf_vit_overrides(config: dict[str, Any]) -> dict[str, Any]:
         "qkv_bias": bool(config.get("qkv_bias", True)),
         "norm_eps": float(config.get("layer_norm_eps", HF_LAYER_NORM_EPS)),
         "pos_antialias": False,  # interpolate_pos_encoding: bicubic without antialiasing
+        "gelu": HF_GELU[act],
     }
 
 

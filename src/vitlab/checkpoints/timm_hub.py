@@ -67,6 +67,8 @@ def timm_hub_overrides(config: dict[str, Any], family: str, template: Any) -> di
     model_args = dict(config.get("model_args") or {})
     if family == "crossvit":
         model_args = _crossvit_args(model_args)
+    if family in ("swin", "swinv2"):
+        model_args = _swin_windows(model_args, len(getattr(template, "depths", ())))
     if family == "mixer" and "mlp_ratio" in model_args:  # timm's (token-mixing, channel-mixing) pair, or one for both
         ratio = model_args.pop("mlp_ratio")
         tokens, channels = ratio if isinstance(ratio, (list, tuple)) else (ratio, ratio)
@@ -93,6 +95,29 @@ def timm_hub_overrides(config: dict[str, Any], family: str, template: Any) -> di
         from_args[key] = (arg, value)
     out.update({key: value for key, (_, value) in from_args.items()})
     return out
+
+
+def _swin_windows(args: dict[str, Any], template_stages: int) -> dict[str, Any]:
+    """timm's Swin window arguments -> vitlab's square window per stage. timm (``resolve_stage_window_sizes``) reads
+    an int or a sequence of exactly two ints as one (h, w) window for every stage, any other sequence as one window
+    (an int or (h, w)) per stage; vitlab's tuple is always per stage. A non-square window is a ValueError."""
+    stages = len(args["depths"]) if isinstance(args.get("depths"), (list, tuple)) else template_stages
+    for arg in ("window_size", "pretrained_window_sizes"):
+        raw = args.get(arg)
+        if not isinstance(raw, (list, tuple)):
+            continue
+        per_stage = raw
+        if arg == "window_size" and len(raw) == 2 and not isinstance(raw[0], (list, tuple)):
+            per_stage = [raw] * stages  # one (h, w) window for all stages
+        sides = []
+        for w in per_stage:
+            h, w2 = (w, w) if not isinstance(w, (list, tuple)) else tuple(w)
+            if int(h) != int(w2):
+                raise ValueError(f"timm model_args {arg}={raw!r}: a {h}x{w2} window; vitlab's Swin has square "
+                                 f"windows only")
+            sides.append(int(h))
+        args[arg] = sides[0] if arg == "window_size" and len(set(sides)) == 1 else sides
+    return args
 
 
 def _crossvit_args(args: dict[str, Any]) -> dict[str, Any]:

@@ -261,10 +261,9 @@ def _swin(a: _Args) -> None:
                                      "Face's Swin, whose files set it, pads before)")
     a.take("pad_before_shift")
     if a.has("window_size"):
-        windows = {cfg.window_size} if isinstance(cfg.window_size, int) else set(cfg.window_size)
-        if len(windows) != 1:
-            a.refuse("window_size", "timm's Swin has one window for every stage")
-        a.changed["window_size"] = windows.pop()
+        windows = cfg.windows()
+        # one int for every stage, else one (w, w) pair per stage: timm reads a flat pair as one (h, w) window
+        a.changed["window_size"] = windows[0] if len(set(windows)) == 1 else [[w, w] for w in windows]
     if cfg.version == 2 and a.has("pretrained_window_sizes"):  # None: each stage's own window, timm's zeros
         a.changed["pretrained_window_sizes"] = cfg.pretrained_window_sizes or (0,) * len(cfg.depths)
         a.same("pretrained_window_sizes")

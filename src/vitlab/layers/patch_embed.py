@@ -26,6 +26,15 @@ def check_image_size(h: int, w: int, patch: tuple[int, int], expected: tuple[int
         )
 
 
+def check_model_size(h: int, w: int, patch: tuple[int, int], what: str) -> None:
+    """Raise a clear error when a model's own img_size is not a whole number of patches (timm builds such a model
+    and drops the remainder; vitlab's models need whole patches)."""
+    if h % patch[0] or w % patch[1]:
+        fit = "x".join(str(max(p, s // p * p)) for s, p in zip((h, w), patch))
+        raise ValueError(f"{what}: img_size {h}x{w} is not a multiple of the patch size {patch[0]}x{patch[1]}; "
+                         f"build the model at a multiple of it (e.g. img_size {fit}) and resize inputs to it")
+
+
 def check_images(x: Tensor, *, in_chans: int, patch: tuple[int, int], expected: tuple[int, int] | None,
                  what: str, dynamic: bool | str = True) -> None:
     """Raise a clear error unless ``x`` is a (batch, in_chans, H, W) batch that fits the patch (and size)."""
@@ -58,7 +67,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
-        check_image_size(*self.img_size, self.patch_size, None, "PatchEmbed")
+        check_model_size(*self.img_size, self.patch_size, "PatchEmbed")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.in_chans = in_chans
@@ -69,7 +78,7 @@ class PatchEmbed(nn.Module):
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
         self.img_size = to_2tuple(img_size)
-        check_image_size(*self.img_size, self.patch_size, None, "PatchEmbed")
+        check_model_size(*self.img_size, self.patch_size, "PatchEmbed")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
