@@ -48,7 +48,7 @@ def test_processor_fields_vitlab_cannot_follow_are_named() -> None:
     mobile, _ = processor_style({"feature_extractor_type": "MobileViTFeatureExtractor", "size": 288, "crop_size": 256,
                                  "do_center_crop": True, "resample": 2}, (256, 256))
     assert mobile == {"interpolation": "bilinear", "crop_mode": "center", "crop_pct": 256 / 288, "mean": (0.0,),
-                      "std": (1.0,), "channel_order": "BGR"}
+                      "std": (1.0,), "channel_order": "BGR", "crop_offset": "floor"}
     vit, _ = processor_style({"feature_extractor_type": "ViTFeatureExtractor", "size": 224, "resample": 2,
                               "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}, (224, 224))
     assert vit["crop_mode"] == "squash" and vit["crop_pct"] == 1.0

@@ -31,7 +31,7 @@ def processor_type(config: dict[str, Any]) -> str:
 
 
 def processor_style(config: dict[str, Any], input_hw: tuple[int, int]) -> tuple[dict[str, Any], list[str]]:
-    """The Preprocessing fields (mean, std, crop_pct, interpolation, crop_mode, channel_order) that
+    """The Preprocessing fields (mean, std, crop_pct, interpolation, crop_mode, crop_offset, channel_order) that
     ``config`` (a preprocessor_config.json) asks for, for a model whose input is ``input_hw``, and notes on
     what vitlab does otherwise."""
     kind = processor_type(config)
@@ -63,7 +63,8 @@ def processor_style(config: dict[str, Any], input_hw: tuple[int, int]) -> tuple[
 
 def _geometry(config: dict[str, Any], kind: str, input_hw: tuple[int, int],
               notes: list[str]) -> dict[str, Any]:
-    """crop_mode and crop_pct from the resize size, the optional centre crop and the model's input size."""
+    """crop_mode and crop_pct from the resize size, the optional centre crop and the model's input size; a
+    processor that crops places its crop at ``margin // 2`` (``crop_offset`` "floor")."""
     size = config.get("size")
     if size is None:
         return {}
@@ -82,6 +83,8 @@ def _geometry(config: dict[str, Any], kind: str, input_hw: tuple[int, int],
             notes.append(f"resize to {rh}x{rw} and crop to {ch}x{cw} keep different fractions of the two sides; "
                          f"vitlab crops {ch / rh:.4g} of both")
         out = {"crop_mode": "squash", "crop_pct": ch / rh}
+        if crop is not None:
+            out["crop_offset"] = "floor"
     elif "shortest_edge" in size:
         short = int(size["shortest_edge"])
         if "longest_edge" in size:
@@ -89,7 +92,7 @@ def _geometry(config: dict[str, Any], kind: str, input_hw: tuple[int, int],
         crop_pct = config.get("crop_pct")
         if kind.startswith("ConvNext") and crop_pct is not None:
             if short < _CONVNEXT_CROP_BELOW:  # shorter side to shortest_edge / crop_pct, then a shortest_edge crop
-                out, crop = {"crop_mode": "center", "crop_pct": float(crop_pct)}, (short, short)
+                out, crop = {"crop_mode": "center", "crop_pct": float(crop_pct), "crop_offset": "floor"}, (short, short)
             else:  # warped to shortest_edge x shortest_edge, no crop
                 out, crop = {"crop_mode": "squash", "crop_pct": 1.0}, (short, short)
         elif crop is None:
@@ -97,7 +100,7 @@ def _geometry(config: dict[str, Any], kind: str, input_hw: tuple[int, int],
                          f"{h}x{w}, centre-cropped")
             out, crop = {"crop_mode": "center", "crop_pct": min(h, w) / short}, (min(h, w), min(h, w))
         else:
-            out = {"crop_mode": "center", "crop_pct": min(crop) / short}
+            out = {"crop_mode": "center", "crop_pct": min(crop) / short, "crop_offset": "floor"}
         ch, cw = crop
     else:
         notes.append(f"size {size!r} is not a size vitlab reads; using the model's default resize")

@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  channel order  {pre['channel_order']}")
     squash = ", both sides (squash)" if pre.get("crop_mode", "center") == "squash" else ""
     print(f"  crop fraction  {pre['crop_pct']}{squash}, {pre['interpolation']} interpolation")
+    if pre.get("crop_offset", "round") != "round":
+        print(f"  crop offset    {pre['crop_offset']} (odd margins split as Hugging Face's processors do)")
     if info["pretrained"]:
         from vitlab.models.pretrained import find_weights
 

@@ -152,16 +152,22 @@ def resize_shorter(x: Tensor, shorter: int, interpolation: Interpolation = "bili
     return resize(x, size, interpolation)
 
 
-def center_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Centre crop to ``size`` = (H, W); an image smaller than that is zero-padded around the centre first."""
+def center_crop(x: Tensor, size: tuple[int, int], offset: str = "round") -> Tensor:
+    """Centre crop to ``size`` = (H, W); an image smaller than that is zero-padded around the centre first.
+    ``offset`` places the crop on an odd margin: "round" at ``round(margin / 2)`` (half to even, as timm and
+    torchvision), "floor" at ``margin // 2`` (as Hugging Face's image processors)."""
+    if offset not in ("round", "floor"):
+        raise ValueError(f"center_crop: offset must be 'round' or 'floor', got {offset!r}")
     th, tw = size
     h, w = x.shape[-2:]
     if h < th or w < tw:
         ph, pw = max(th - h, 0), max(tw - w, 0)
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
         h, w = x.shape[-2:]
-    top = round((h - th) / 2.0)
-    left = round((w - tw) / 2.0)
+    if offset == "floor":
+        top, left = (h - th) // 2, (w - tw) // 2
+    else:
+        top, left = round((h - th) / 2.0), round((w - tw) / 2.0)
     return x[..., top:top + th, left:left + tw]
 
 

@@ -101,7 +101,7 @@ class EvalTransform:
         (:func:`image_tensor`)."""
         v = to_float(image_tensor(x))
         v = resize(v, self.resize_size(*v.shape[-2:]), self.pre.interpolation)
-        v = center_crop(v, self.size)
+        v = center_crop(v, self.size, self.pre.crop_offset)
         v = to_channel_order(to_channels(v, self.channels), self.pre.channel_order)
         return normalize(v, self.pre.mean, self.pre.std)
 
@@ -112,8 +112,8 @@ class EvalTransform:
 def eval_transform(pre: Preprocessing) -> EvalTransform:
     """Resize to cover ``size / crop_pct`` with the aspect kept (``pre.interpolation``; both sides to it for
     ``pre.crop_mode`` "squash"; :meth:`EvalTransform.resize_size`), centre-crop to
-    ``pre.input_size[1:]``, convert to ``pre.input_size[0]`` channels (1->3 repeat, 3->1 luma), scale to
-    [0, 1] and normalise with ``pre.mean`` / ``pre.std``."""
+    ``pre.input_size[1:]`` (an odd margin split as ``pre.crop_offset`` says), convert to ``pre.input_size[0]``
+    channels (1->3 repeat, 3->1 luma), scale to [0, 1] and normalise with ``pre.mean`` / ``pre.std``."""
     return EvalTransform(pre)
 
 

@@ -608,6 +608,7 @@ def metadata(model: nn.Module, pre: Preprocessing, *, class_names: list[str] | N
         "std": json.dumps(list(pre.std)),
         "crop_pct": str(pre.crop_pct),
         "crop_mode": pre.crop_mode,
+        "crop_offset": pre.crop_offset,  # "floor": the crop at margin // 2 (Hugging Face); absent in older files: "round"
         "interpolation": pre.interpolation,
         "pixel_scale": "1/255",
         "task": task,

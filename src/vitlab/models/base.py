@@ -30,6 +30,9 @@ class Preprocessing:
     ``crop_mode="squash"`` and Hugging Face's processors with a ``{"height", "width"}`` size do.
     ``channel_order`` is the colour order the weights expect: "BGR" for checkpoints trained on OpenCV-loaded
     images (e.g. Hugging Face's MobileViT, whose processor flips RGB to BGR); vitlab's transforms apply it.
+    ``crop_offset``: where the centre crop starts on an odd margin: "round" is ``round(margin / 2)`` (half to
+    even; timm, torchvision), "floor" is ``margin // 2`` (Hugging Face's image processors). They are one pixel
+    apart where ``margin / 2`` rounds up (margin 3: 2 against 1).
     """
 
     input_size: tuple[int, int, int] = (3, 224, 224)  # (C, H, W)
@@ -39,6 +42,7 @@ class Preprocessing:
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     channel_order: Literal["RGB", "BGR"] = "RGB"
     crop_mode: Literal["center", "squash"] = "center"
+    crop_offset: Literal["round", "floor"] = "round"
 
     def __post_init__(self) -> None:
         # one place for every family: a grayscale model built from RGB statistics gets their average
@@ -49,6 +53,8 @@ class Preprocessing:
             raise ValueError(f"Preprocessing: channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
         if self.crop_mode not in ("center", "squash"):
             raise ValueError(f"Preprocessing: crop_mode must be 'center' or 'squash', got {self.crop_mode!r}")
+        if self.crop_offset not in ("round", "floor"):
+            raise ValueError(f"Preprocessing: crop_offset must be 'round' or 'floor', got {self.crop_offset!r}")
         if self.interpolation not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"Preprocessing: interpolation must be 'bicubic', 'bilinear' or 'nearest', "
                              f"got {self.interpolation!r}")
@@ -71,7 +77,7 @@ class Preprocessing:
 
 # the Preprocessing fields a checkpoint's own files may set on a built model (a Hugging Face
 # preprocessor_config.json, a timm hub pretrained_cfg) where the family fixes them; the input size is the model's
-STYLE_FIELDS = ("mean", "std", "crop_pct", "interpolation", "channel_order", "crop_mode")
+STYLE_FIELDS = ("mean", "std", "crop_pct", "interpolation", "channel_order", "crop_mode", "crop_offset")
 
 
 def set_preprocessing_style(model: nn.Module, **fields: Any) -> None:
