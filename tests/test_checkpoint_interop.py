@@ -238,7 +238,7 @@ def test_timm_hub_folder_explicit_overrides_win() -> None:
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    ({"reg_tokens": 4}, r"reg_tokens=4 has no counterpart"),
+    ({"pre_norm": True}, r"pre_norm=True has no counterpart"),
     ({"act_layer": "quick_gelu"}, r"act_layer='quick_gelu': vitlab's ViTConfig supports gelu = 'exact' / 'tanh'"),
     ({"global_pool": "map"}, r"global_pool='map': vitlab's ViTConfig supports global_pool = 'token' / 'avg'"),
 ])

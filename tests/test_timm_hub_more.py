@@ -44,10 +44,10 @@ def test_timm_save_for_hf_folder_of_an_average_pooling_family_loads(name: str, a
 def test_timm_hub_folder_of_an_unregistered_architecture_says_so(tmp_path: Path) -> None:
     folder = tmp_path / "hub"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architecture": "vit_small_patch14_dinov2.lvd142m",
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_giant_patch14_dinov2.lvd142m",
                                                     "model_args": {}}))
     save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"timm architecture 'vit_small_patch14_dinov2.lvd142m' is not a vitlab "
+    with pytest.raises(CheckpointError, match=r"timm architecture 'vit_giant_patch14_dinov2.lvd142m' is not a vitlab "
                                               r"model name .* model_name=NAME"):
         vitlab.load_model(folder)
 

@@ -1,5 +1,6 @@
 """timm's ViT names whose architecture vitlab has: each builds with timm's parameter count and defaults. DeiT III's
-names (``deit3_*``: timm's VisionTransformer without a class-token position, with LayerScale) are DeiT's.
+names (``deit3_*``: timm's VisionTransformer without a class-token position, with LayerScale) are DeiT's; DINOv2's
+(``vit_*_patch14_dinov2``, ``vit_*_patch14_reg4_dinov2``: LayerScale, registers) are ViT's.
 
 The expected numbers come from timm itself (tests/fixtures/make_fixtures_timm_vit_names.py, run with the
 peer environment); models are built on the meta device, so the giant ones cost nothing.
@@ -30,6 +31,22 @@ def test_every_timm_deit3_name_is_registered():
     timm_names = {n for n in FIXTURE if n.startswith("deit3_")}
     assert len(timm_names) == 8
     assert set(list_models("deit3_*")) == timm_names
+
+
+def test_dinov2_names_are_registered_with_timms_architecture():
+    """DINOv2 S/B/L, with and without 4 registers (timm's reg_tokens=4, no_embed_class=True), at 518px, headless;
+    the giant ones (a SwiGLU MLP) are not vitlab's."""
+    names = {n for n in FIXTURE if n.endswith("_dinov2")}
+    assert len(names) == 6 and names <= set(list_models("vit_*"))
+    assert not list_models("vit_giant_patch14*dinov2")
+    for name in names:
+        cfg = get_entry(name).config
+        assert (cfg.img_size, cfg.patch_size, cfg.init_values, cfg.num_classes) == (518, 14, 1e-5, 0)
+        reg = "_reg4_" in name
+        assert (cfg.reg_tokens, cfg.no_embed_class) == ((4, True) if reg else (0, False))
+    with torch.device("meta"):
+        m = vitlab.create_model("vit_small_patch14_reg4_dinov2")
+    assert m.reg_token.shape == (1, 4, 384) and m.pos_embed.shape == (1, 37 * 37, 384) and m.num_prefix_tokens == 5
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURE))

@@ -225,15 +225,18 @@ def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str,
                 f"{source}: {key} has {n} entries, a position table for the patch grid alone, without the "
                 f"class-token entry that {getattr(model, 'model_name', type(model).__name__)} keeps in its table "
                 f"({prefix} prefix entr{'y' if prefix == 1 else 'ies'} + the grid): the layout of timm's "
-                f"no_embed_class=True (DeiT-3); load it with a deit3_* name (or a DeiT name with "
-                f"no_embed_class=True), which keeps that layout"
+                f"no_embed_class=True (DeiT-3); load it with a deit3_* name (or, with register tokens, a "
+                f"vit_*_reg4_dinov2 name; or any ViT / DeiT name with no_embed_class=True), which keeps that layout"
             )
         if prefix > 1 and math.isqrt(n - 1) ** 2 == n - 1:  # one prefix entry in the file, more in the model
+            regs = int(getattr(getattr(model, "cfg", None), "reg_tokens", 0) or 0)
+            what, fix = (("class and register tokens", "model without register tokens (reg_tokens=0)") if regs else
+                         ("class and distillation tokens", "non-distilled model (e.g. distilled=False)"))
             raise CheckpointError(
                 f"{source}: {key} has one prefix entry (a class token) before a {math.isqrt(n - 1)}x"
                 f"{math.isqrt(n - 1)} grid, and {getattr(model, 'model_name', type(model).__name__)} keeps "
-                f"{prefix} (class and distillation tokens): the file is a model without a distillation token; "
-                f"build a non-distilled model (e.g. distilled=False) to load it")
+                f"{prefix} ({what}): the file is a model without {'them' if regs else 'a distillation token'}; "
+                f"build a {fix} to load it")
         raise CheckpointError(f"{source}: {key} has {n_old} grid positions, which is not a square grid")
     log.info("%s: resampling %s from %dx%d to %dx%d (%s%s)", source, key, side, side, *new_grid, rule[0],
              ", antialiased" if rule[1] else "")

@@ -4,6 +4,12 @@ Both spellings of the encoder are read: the hub files' (transformers 4, and what
 ``save_pretrained``: ``encoder.layer.N.attention.attention.query``, ``attention.output.dense``,
 ``intermediate.dense``) and transformers 5's in-memory one, which ``torch.save(model.state_dict())`` writes
 (``layers.N.attention.q_proj``, ``attention.o_proj``, ``mlp.fc1``).
+
+DINOv2 (``Dinov2Model``, ``Dinov2WithRegistersModel``: model_type ``dinov2`` / ``dinov2_with_registers``) is read
+as a headless ViT with LayerScale (``layer_scale1.lambda1``). transformers interpolates the position table for
+every input (bicubic; antialiased for the register model only), so these folders load with ``dynamic_img_size=True``. The register model
+adds the table to the class and patch tokens and inserts the registers after: the class entry goes into
+``cls_token`` and the table covers the patches only (``no_embed_class``), as timm's DINOv2 converter does.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ _LAYER_MAP = {  # both spellings: hub files (transformers 4) and transformers 5 
     "mlp.fc2": "mlp.fc2",
     "lambda1": "ls1.gamma",
     "lambda2": "ls2.gamma",
+    "norm1": "norm1",  # DINOv2
+    "norm2": "norm2",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
 }
 _QKV = {"attention.attention.query": "query", "attention.attention.key": "key", "attention.attention.value": "value",
         "attention.q_proj": "query", "attention.k_proj": "key", "attention.v_proj": "value"}
@@ -88,6 +98,8 @@ def convert_hf_encoder(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
             out["cls_token"] = v
         elif k == "embeddings.distillation_token":
             out["dist_token"] = v
+        elif k == "embeddings.register_tokens":
+            out["reg_token"] = v
         elif k == "embeddings.position_embeddings":
             out["pos_embed"] = v
         elif k.startswith("embeddings.patch_embeddings.projection."):
@@ -120,10 +132,60 @@ def convert_hf_encoder(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 register_hf_model_type("vit", "vit_base_patch16_224")
+DINOV2_TYPES = {"dinov2": "", "dinov2_with_registers": "_reg4"}  # model_type -> the tag of vitlab's names
+_DINOV2_SIZES = {384: "small", 768: "base", 1024: "large"}
+
+
+def _dinov2_name(model_type: str) -> Any:
+    def choose(config: dict[str, Any]) -> str | None:
+        size = _DINOV2_SIZES.get(config.get("hidden_size"))
+        return f"vit_{size}_patch14{DINOV2_TYPES[model_type]}_dinov2" if size else None
+
+    return choose
+
+
+for _type, _tag in DINOV2_TYPES.items():
+    register_hf_model_type(_type, f"vit_base_patch14{_tag}_dinov2", _dinov2_name(_type))
+
+
+def hf_dinov2_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """Architecture fields of a ``Dinov2Config`` / ``Dinov2WithRegistersConfig``; SwiGLU (ViT-g) is refused."""
+    if config.get("use_swiglu_ffn"):
+        raise ValueError("HF DINOv2 config: use_swiglu_ffn=True (the ViT-g models' SwiGLU MLP); vitlab's ViT has a "
+                         "GELU MLP only")
+    hidden = int(config.get("hidden_size", 768))
+    over = hf_vit_overrides({**config, "intermediate_size": round(float(config.get("mlp_ratio", 4)) * hidden),
+                             "hidden_size": hidden, "layer_norm_eps": config.get("layer_norm_eps", 1e-6)})
+    regs = int(config.get("num_register_tokens", 0)) if config.get("model_type") == "dinov2_with_registers" else 0
+    over.update(init_values=float(config.get("layerscale_value", 1.0)) or 1.0, reg_tokens=regs,
+                no_embed_class=regs > 0, dynamic_img_size=True, num_classes=0, global_pool="token")
+    return over
+
+
+def _convert_hf_dinov2(sd: dict[str, Tensor], config: dict[str, Any]) -> Converted:
+    heads = sorted(k for k in sd if k.startswith("classifier."))
+    if heads:
+        raise ValueError(f"HF DINOv2 classifier ({heads[0]}): Dinov2ForImageClassification reads the class token and "
+                         f"the mean patch token together, which vitlab's ViT head does not; load its Dinov2Model "
+                         f"backbone (the 'dinov2.' weights) instead")
+    prefix = "dinov2." if any(k.startswith("dinov2.") for k in sd) else ""
+    out = convert_hf_encoder(sd, prefix)
+    over = hf_dinov2_overrides(config)
+    if config.get("model_type") == "dinov2_with_registers":
+        # its interpolate_pos_encoding antialiases (Dinov2Model's does not), which changes bicubic's kernel
+        over["pos_antialias"] = out.pos_antialias = True
+    if over["reg_tokens"] and "pos_embed" in out and "cls_token" in out:
+        pos = out["pos_embed"]  # (1, 1 + H*W, D): the class entry goes into the class token, (1, H*W, D) remain
+        out["cls_token"] = out["cls_token"] + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+    return Converted(out, over)
 
 
 @register_converter("vit", "hf")
 def convert_hf_vit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
+    config = meta.get("config") or {}
+    if config.get("model_type") in DINOV2_TYPES:
+        return _convert_hf_dinov2(sd, config)
     prefix = "vit." if any(k.startswith("vit.") for k in sd) else ""
     out = convert_hf_encoder(sd, prefix)
     for k, v in sd.items():

@@ -1,6 +1,8 @@
 """timm-format state dicts -> vitlab. vitlab's ViT uses timm's module names, so this is mostly renaming
 of legacy keys, plus reading off the file the choices that change which tensors exist: head size, class
-token, where the final norm sits (and so the pooling), LayerScale, qkv bias.
+token, register tokens (``reg_token``, (1, R, D)), where the final norm sits (and so the pooling), LayerScale, qkv
+bias. Whether the position table has entries for the prefix tokens (timm's ``no_embed_class``) is the model
+name's: the ``deit3_*`` and ``vit_*_reg4_dinov2`` names have none.
 
 The official DeiT III files (facebookresearch/deit ``models_v2.py``) differ in two ways: LayerScale is
 ``blocks.N.gamma_1`` / ``gamma_2`` on the block (renamed to ``blocks.N.ls1.gamma``, as timm's DeiT converter does),
@@ -29,7 +31,6 @@ _GAMMA = re.compile(r"^(blocks\.\d+)\.gamma_([12])$")  # DeiT III's official Lay
 # timm ViT options whose tensors vitlab's ViT has no place for
 _UNSUPPORTED = {
     "norm_pre.": "a pre-norm before the blocks ('norm_pre', as in CLIP)",
-    "reg_token": "register tokens ('reg_token')",
     "attn_pool.": "attention pooling ('attn_pool', as in SigLIP)",
     "dist_token": "a distillation token (load it as a DeiT model)",
 }
@@ -68,6 +69,8 @@ def convert_timm_vit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
         overrides.update(global_pool="avg", fc_norm=True)
     if "cls_token" not in out:
         overrides.update(class_token=False, global_pool="avg", fc_norm=has_fc_norm)
+    reg = out.get("reg_token")
+    overrides["reg_tokens"] = int(reg.shape[1]) if reg is not None and reg.ndim == 3 else 0
     if "pos_embed" not in out:
         overrides["pos_embed"] = "none"
     if "blocks.0.ls1.gamma" in out:

@@ -241,7 +241,7 @@ def _vit(a: _Args) -> None:
         a.refuse("pos_embed", "timm's VisionTransformer has no fixed 2-D sin-cos position table")
     a.same("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
            "mlp_ratio", "qkv_bias", "init_values", "class_token", "pos_embed", "fc_norm", "dynamic_img_size",
-           "no_embed_class")  # DeiT III's table without a class-token entry: timm's option of that name
+           "reg_tokens", "no_embed_class")  # registers; a table for the patch tokens only (DeiT III, DINOv2 reg4)
 
 
 def _cait(a: _Args) -> None:

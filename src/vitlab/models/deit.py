@@ -8,7 +8,7 @@ teacher's predictions (section 4). At test time the two heads' logits are averag
 
 DeiT III ("DeiT III: Revenge of the ViT", Touvron et al., 2022, arXiv:2204.07118) keeps the ViT and changes
 the recipe again; its models add LayerScale and a position table for the patch tokens only, the class token
-being prepended after the table is added (timm's ``no_embed_class=True``; official ``models_v2.py``).
+being prepended after the table is added (timm's ``no_embed_class=True``, ViT's option; official ``models_v2.py``).
 
 The distillation objectives themselves live apart from the architecture in ``vitlab.train.distill``.
 """
@@ -16,7 +16,6 @@ The distillation objectives themselves live apart from the architecture in ``vit
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -40,22 +39,17 @@ class DeiTConfig(ViTConfig):
             heads at inference (the paper). False: only the class token's head is used while the
             distillation token still takes part in attention, as in Hugging Face's
             ``DeiTForImageClassification``.
-        no_embed_class: the position table covers the patch tokens only (DeiT III, timm's option of that name):
-            (1, H*W, D), added before the class token is prepended, so the class token has no position.
+    ``no_embed_class`` (DeiT III's table for the patch tokens only) is ViT's option.
     """
 
     distilled: bool = False
     dist_head: bool = True
-    no_embed_class: bool = False
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
     crop_pct: float | None = 0.9
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.no_embed_class and self.pos_embed != "learn":
-            raise ValueError(f"DeiTConfig: no_embed_class=True is an option of the learned position table "
-                             f"(pos_embed='learn'), got pos_embed={self.pos_embed!r}")
         if self.distilled:
             problems = []
             if not self.class_token or self.global_pool != "token":
@@ -69,6 +63,8 @@ class DeiTConfig(ViTConfig):
             if self.no_embed_class:
                 problems.append("table entries for the prefix tokens (no_embed_class=False; timm has no distilled "
                                 "DeiT III either)")
+            if self.reg_tokens:
+                problems.append("no register tokens (reg_tokens=0)")
             if problems:
                 raise ValueError("DeiTConfig: distilled=True needs " + "; ".join(problems))
 
@@ -89,12 +85,6 @@ class DeiT(VisionTransformer):
             self.dist_token = None
             self.head_dist = None
             self.classifier_names = ("head",)
-            if cfg.no_embed_class:
-                grid = self.patch_embed.grid_size
-                # (1, rows*cols, D): no entry for the class token, which ViT's _pos_embed then prepends after
-                self.pos_embed_prefix = 0
-                self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], cfg.embed_dim))
-                nn.init.trunc_normal_(self.pos_embed, std=0.02)
             return
         D = cfg.embed_dim
         self.num_prefix_tokens = 2
@@ -115,30 +105,6 @@ class DeiT(VisionTransformer):
         nn.init.zeros_(head.weight)  # zero-initialised, like ViT's head (logits start at zero)
         nn.init.zeros_(head.bias)
         return head
-
-    # ----------------------------------------------------------------------------------------- set-up
-    def adapt_checkpoint(self, sd: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:
-        """A table with a class-token entry (1, 1 + H*W, D), loaded into a model without one (``no_embed_class``):
-        the entry is added to ``cls_token`` (the class token's input is the same) and dropped from the table.
-        The same outputs, at any resolution: the entry is not on the grid that resampling changes."""
-        out = super().adapt_checkpoint(sd, source=source)
-        pos, cls = out.get("pos_embed"), out.get("cls_token")
-        if not self.cfg.no_embed_class or pos is None or cls is None or pos.ndim != 3 or self.cls_token is None:
-            return out
-        n, grid = int(pos.shape[1]), self.patch_embed.grid_size
-        own = grid[0] * grid[1]
-
-        def square(k: int) -> bool:
-            return k > 0 and math.isqrt(k) ** 2 == k
-
-        # the model's own grid plus one, or (for a table of another resolution) a square grid plus one
-        if n != own and (n == 1 + own or (square(n - 1) and not square(n))):
-            out["cls_token"] = cls + pos[:, :1].to(cls.dtype)  # (1, 1, D): the class token with its position
-            out["pos_embed"] = pos[:, 1:]  # (1, H*W, D)
-            log.info("%s: its position table has a class-token entry, which %s's table (patch tokens only) has "
-                     "not: the entry is added to cls_token (the same outputs)", source,
-                     getattr(self, "model_name", type(self).__name__))
-        return out
 
     def set_distilled_training(self, enable: bool = True) -> None:
         """Return both heads' logits separately in training mode (for a distillation-token loss)."""

@@ -5,6 +5,10 @@ a learned class token is prepended, learned 1-D position embeddings are added, a
 transformer blocks follows. The classifier reads the class token (or the average of the patch
 tokens), optionally through the pre-training "pre-logits" layer (Dense + tanh).
 
+Registers ("Vision Transformers Need Registers", Darcet et al. 2023, arXiv:2309.16588): ``reg_tokens`` learned
+tokens after the class token, which take part in attention and are discarded at the output (DINOv2, Oquab et al.
+2023, arXiv:2304.07193, is this ViT with LayerScale; its register models add four).
+
 The hybrid model (section 3.1) takes its "patches" from a ResNet feature map instead of raw pixels:
 ResNet-50 with group norm and weight standardisation, cut after stage 3 (stride 16) or 4 (stride 32).
 """
@@ -69,6 +73,10 @@ class ViTConfig:
         as in timm, "max" takes their per-channel maximum, "avgmax" the mean of "avg" and "max", and ""
         (with num_classes=0) returns every token unpooled: ``forward`` gives (B, prefix + N, D).
     pos_embed: "learn" (1-D learned, the paper's default), "sincos" (fixed 2-D) or "none" (Appendix D.4).
+    reg_tokens: register tokens (Darcet et al. 2023), placed after the class token: [cls, reg..., patches].
+    no_embed_class: the learned table covers the patch tokens only (DeiT III, DINOv2 with registers; timm's option
+        of that name): it is added before the class and register tokens are prepended. Otherwise it has an entry
+        for each of them too, as timm's.
     representation_size: width of the pre-logits layer (Dense + tanh) used in pre-training; None: none.
     fc_norm: put the final LayerNorm after pooling instead of before (None: for "avg", "max" and "avgmax").
     init_values: LayerScale initial value (None: no LayerScale).
@@ -97,6 +105,8 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     class_token: bool = True
+    reg_tokens: int = 0
+    no_embed_class: bool = False
     global_pool: ViTPool = "token"
     pos_embed: Literal["learn", "sincos", "none"] = "learn"
     representation_size: int | None = None
@@ -138,7 +148,12 @@ class ViTConfig:
                              "is not supported with attn_type='linformer' (build the model at its img_size)")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("ViTConfig: global_pool='token' needs class_token=True")
+        if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
+            raise ValueError(f"{type(self).__name__}: reg_tokens must be a whole number >= 0, got {self.reg_tokens!r}")
         check_config(self)
+        if self.no_embed_class and self.pos_embed != "learn":
+            raise ValueError(f"{type(self).__name__}: no_embed_class=True is an option of the learned position table "
+                             f"(pos_embed='learn'), got pos_embed={self.pos_embed!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"ViTConfig: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
 
@@ -186,7 +201,7 @@ class VisionTransformer(TimmSurface, nn.Module):
         self.num_features = D
         self.global_pool = cfg.global_pool
         self.dynamic_img_size = cfg.dynamic_img_size
-        self.num_prefix_tokens = 1 if cfg.class_token else 0
+        self.num_prefix_tokens = (1 if cfg.class_token else 0) + cfg.reg_tokens  # class, then registers
         use_fc_norm = cfg.global_pool in ("avg", "max", "avgmax") if cfg.fc_norm is None else cfg.fc_norm
 
         if cfg.hybrid_layers is not None:
@@ -197,8 +212,11 @@ class VisionTransformer(TimmSurface, nn.Module):
             self.patch_embed.dynamic_option = cfg.attn_type != "linformer"
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
-        # The learned table has an entry for the class token (as in the paper); the sin-cos one does not.
-        self.pos_embed_prefix = self.num_prefix_tokens if cfg.pos_embed == "learn" else 0
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, D)) if cfg.reg_tokens else None  # (1, R, D)
+        # The learned table has an entry for each prefix token (as in the paper), unless no_embed_class; the
+        # sin-cos one has none.
+        learned_prefix = cfg.pos_embed == "learn" and not cfg.no_embed_class
+        self.pos_embed_prefix = self.num_prefix_tokens if learned_prefix else 0
         if cfg.pos_embed == "learn":
             self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_embed_prefix + grid[0] * grid[1], D))
         else:
@@ -248,8 +266,14 @@ class VisionTransformer(TimmSurface, nn.Module):
 
         A model that learns its position table (``pos_embed="learn"``) from a checkpoint without one (a fixed
         sin-cos table, MAE's, is not saved): the table starts from the 2-D sin-cos values at the model's grid,
-        0 for the prefix tokens, and is trained, as MAE's fine-tuning loads them into timm's learned table."""
+        0 for the prefix tokens, and is trained, as MAE's fine-tuning loads them into timm's learned table.
+
+        A table with entries for the prefix tokens (1, prefix + H*W, D), loaded into a model without them
+        (``no_embed_class``): each entry is added to its token (``cls_token``, ``reg_token``), whose input is then
+        the same, and dropped from the table, as timm's checkpoint_filter_fn does. The same outputs at any
+        resolution: the entries are not on the grid that resampling changes."""
         out = dict(sd)
+        self._move_prefix_entries(out, source)
         if (self.pos_embed is not None and "pos_embed" not in sd and "patch_embed.proj.weight" in sd
                 and self.num_features % 4 == 0):
             out.pop("pos_embed_fixed", None)  # a copy of the fixed table, if a converter kept one
@@ -268,11 +292,40 @@ class VisionTransformer(TimmSurface, nn.Module):
                     out[key] = resample_projection(v, grid, old_grid=(side, side), num_prefix_tokens=p)
         return out
 
+    def _move_prefix_entries(self, out: dict[str, Tensor], source: str) -> None:
+        pos, p = out.get("pos_embed"), self.num_prefix_tokens
+        if not self.cfg.no_embed_class or pos is None or pos.ndim != 3 or p == 0:
+            return
+        tokens = [(k, out.get(k)) for k, t in (("cls_token", self.cls_token), ("reg_token", self.reg_token))
+                  if t is not None]
+        if any(v is None or v.ndim != 3 for _, v in tokens) or sum(int(v.shape[1]) for _, v in tokens) != p:
+            return  # the tokens do not fit: load_strict names them
+        n, grid = int(pos.shape[1]), self.patch_embed.grid_size
+        own = grid[0] * grid[1]
+
+        def square(k: int) -> bool:
+            return k > 0 and math.isqrt(k) ** 2 == k
+
+        # the model's own grid plus the prefix entries, or (another resolution) a square grid plus them
+        if n == own or not (n == p + own or (square(n - p) and not square(n))):
+            return
+        start = 0
+        for key, v in tokens:
+            k = int(v.shape[1])
+            out[key] = v + pos[:, start:start + k].to(v.dtype)  # (1, k, D): the tokens with their positions
+            start += k
+        out["pos_embed"] = pos[:, p:]  # (1, H*W, D)
+        log.info("%s: its position table has entries for the %d prefix token(s), which %s's table (patch tokens "
+                 "only, no_embed_class) has not: they are added to the tokens (the same outputs)", source, p,
+                 getattr(self, "model_name", type(self).__name__))
+
     def _init_weights(self) -> None:
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         self.apply(init_linear_jax)
         if isinstance(self.patch_embed, PatchEmbed):  # LeCun normal on the patch projection, as in JAX
             w = self.patch_embed.proj.weight
@@ -308,7 +361,7 @@ class VisionTransformer(TimmSurface, nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names that should not be weight-decayed (position table and prefix tokens)."""
         names = {n for n, _ in self.named_parameters(recurse=False)}
-        return {n for n in ("pos_embed", "cls_token") if n in names}  # a gap model has no class token
+        return {n for n in ("pos_embed", "cls_token", "reg_token") if n in names}  # a gap model has no class token
 
     def reset_classifier(self, num_classes: int, global_pool: ViTPool | None = None, *,
                          keep_pre_logits: bool = False) -> None:
@@ -355,8 +408,9 @@ class VisionTransformer(TimmSurface, nn.Module):
             pos = None
         if pos is not None and self.pos_embed_prefix == 0:
             x = x + pos
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)  # (B, prefix + N, D): class, registers, patches
         if pos is not None and self.pos_embed_prefix > 0:
             x = x + pos
         return self.pos_drop(x)
@@ -510,6 +564,14 @@ TIMM_VIT_LAYOUTS: dict[str, tuple[int, int, dict, str]] = {
                                   "ViT-B/16 without qkv bias, ImageNet-21k-P head (MIIL)"),
     "vit_base_patch16_plus_240": (16, 240, dict(**_PLUS), "ViT-B+/16 (width 896, 14 heads), LayerScale"),
     "vit_base_patch32_plus_256": (32, 256, dict(**_PLUS), "ViT-B+/32 (width 896, 14 heads), LayerScale"),
+    # DINOv2 (Oquab et al. 2023) and DINOv2 with 4 registers (Darcet et al. 2023): S/B/L at 518px with LayerScale,
+    # headless; the register models' table covers the patch tokens only. (ViT-g's SwiGLU MLP is not in vitlab.)
+    **{f"vit_{size}_patch14{tag}_dinov2": (14, 518, dict(**VIT_SIZES[size], init_values=1e-5, **_IMAGENET,
+                                                         num_classes=0, crop_pct=1.0, **extra),
+                                           f"DINOv2 ViT-{size[0].upper()}/14{desc}, LayerScale, headless")
+       for size in ("small", "base", "large")
+       for tag, extra, desc in (("", {}, ""),
+                                ("_reg4", dict(reg_tokens=4, no_embed_class=True), " with 4 registers"))},
 }
 
 
