@@ -7,6 +7,7 @@ embeddings are resampled to the fine-tuning resolution; the ``vit_finetune`` rec
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from vitlab.cli.train import (
     saved_run,
     train_or_explain,
 )
-from vitlab.train.recipe import list_recipes
+from vitlab.train.recipe import CARRY_OVER, list_recipes, plain
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,12 @@ def run(args: argparse.Namespace) -> int:
                              "--from is required: the checkpoint, weights or hf-hub:ORG/NAME to fine-tune (with "
                              "--resume and --output RUN: the run's own)")
     args.source, published = _published_weights(args.source, args.model)
+    args.source = _dino_teacher(args.source, quiet=args.resume)
     # a resumed run's model is the one it records: its --from source is not read again (train.run.build_model)
     model = args.model or recorded.get("model") or published or model_name_of(args.source)
     recipe = resolve_recipe(args, "vit_finetune", saved, model=model)
+    if saved is None and not args.resume:
+        recipe = _checkpoint_architecture(args.source, recipe, args.overrides)
     if (saved is None and not args.resume and args.recipe is None and args.img_size is None
             and not _sets_img_size(args.overrides)):
         recipe = recipe.replace(img_size=_checkpoint_size(args.source, model, recipe.model_overrides))
@@ -102,6 +106,70 @@ def _published_weights(source: str, model: str | None) -> tuple[str, str | None]
                          f"(leave --model out)")
     log.info("--from %s: the published weights %s (models/pretrained.json)", source, weights.hub)
     return weights.hub, name
+
+
+def _dino_teacher(source: str, *, quiet: bool = False) -> str:
+    """A DINO pre-training run folder: its teacher.safetensors, the backbone DINO's paper evaluates and fine-tunes
+    (the official eval_linear.py / eval_knn.py read checkpoint_key "teacher"); any other source, a file named
+    explicitly included, as it is."""
+    from vitlab.ssl.run import TEACHER_FILE
+    from vitlab.train.run import MODEL_FILE, read_job
+
+    folder = Path(source).expanduser()
+    teacher = folder / TEACHER_FILE
+    if not folder.is_dir() or not teacher.is_file() or read_job(folder).get("method") != "dino":
+        return source
+    if not quiet:
+        log.info("fine-tuning DINO's teacher %s (the backbone the paper evaluates); give %s for the student",
+                 teacher, folder / MODEL_FILE)
+    return str(teacher)
+
+
+def _vitlab_metadata(source: str) -> dict:
+    """The metadata of a vitlab checkpoint (a file, or a run folder's model.safetensors) read without its tensors;
+    {} for any other source."""
+    from vitlab.train.run import MODEL_FILE, checkpoint_metadata
+
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        path = path / MODEL_FILE
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    meta = checkpoint_metadata(path)
+    return meta if isinstance(meta.get("config"), dict) else {}
+
+
+# model options that fine-tuning may set otherwise than the checkpoint was built with: the loader adapts the weights
+# (size, channels, windows, pooling norm, position table) or they hold no weights (drop rates, head, preprocessing)
+FINETUNE_OPTIONS = (*CARRY_OVER, "img_size", "num_classes", "global_pool", "fc_norm", "pos_embed", "dynamic_img_size",
+                    "in_chans", "mean", "std", "window_size", "use_shared_rel_pos_bias", "use_rel_pos_bias")
+
+
+def _checkpoint_architecture(source: str, recipe, overrides: list[str] | None):
+    """With --from a vitlab checkpoint, the architecture it records (depth, width, heads, patch size...) wins over
+    the recipe's model_overrides, which describe a model built from scratch (the digits recipe's depth 4 against a
+    depth-2 checkpoint); those set aside are logged. A ``--set model_overrides.KEY=...`` that contradicts the
+    checkpoint is an error naming both values. :data:`FINETUNE_OPTIONS` stay as the recipe sets them."""
+    config = _vitlab_metadata(source).get("config")
+    if not config:
+        return recipe
+    keys = [o.split("=", 1)[0].strip() for o in overrides or []]
+    given = (set(recipe.model_overrides) if "model_overrides" in keys
+             else {k.split(".", 1)[1] for k in keys if k.startswith("model_overrides.")})
+    clash = {k: v for k, v in recipe.model_overrides.items()
+             if k in config and k not in FINETUNE_OPTIONS and plain(v) != plain(config[k])}
+    mine = sorted(k for k in clash if k in given)
+    if mine:
+        said = ", ".join(f"{k}={json.dumps(clash[k])} (the checkpoint: {json.dumps(config[k])})" for k in mine)
+        raise ValueError(f"--set model_overrides: {said}: {source} holds a model built with the latter, which "
+                         f"fine-tuning keeps; leave the option out, or train such a model from scratch with `vitlab "
+                         f"train`")
+    if clash:
+        log.info("recipe %s: model_overrides %s set aside: %s records %s, whose architecture fine-tuning keeps",
+                 recipe.name, ", ".join(f"{k}={json.dumps(v)}" for k, v in clash.items()), source,
+                 ", ".join(f"{k}={json.dumps(config[k])}" for k in clash))
+        recipe = recipe.replace(model_overrides={k: v for k, v in recipe.model_overrides.items() if k not in clash})
+    return recipe
 
 
 def _sets_img_size(overrides: list[str] | None) -> bool:
@@ -145,35 +213,75 @@ def _checkpoint_size(source: str, model: str, overrides: dict | None = None) -> 
     at 32 px went to a 96 x 96 grid and ran out of memory.) ``overrides``: the recipe's model_overrides (--set
     model_overrides.*), which may be needed to build the file's architecture.
 
-    A vitlab checkpoint or a hub folder records its size; weights alone (a timm or JAX file) have it in their
-    position table (grid x patch size) when the family has one; otherwise it is the registered model's size."""
+    A vitlab checkpoint records its size in its metadata (its tensors are not read); a hub folder in its config;
+    weights alone (a timm or JAX file) have it in their position table (grid x patch size) when the family has
+    one; otherwise it is the registered model's size. No model is loaded: the file's patch size and prefix tokens
+    come from its architecture built on the meta device, without weights."""
+    size = _recorded_size(_vitlab_metadata(source))
+    if size is not None:
+        (h, w), where = size, "the checkpoint's resolution"
+    else:
+        h, w, where = _weights_size(source, model, overrides or {})
+    log.info("fine-tuning at %s, %d px (--img-size to choose another; --recipe vit_finetune for the ViT paper's "
+             "384 px)%s", where, h, "" if h == w else f" (it was built for {h}x{w})")
+    return h
+
+
+def _recorded_size(meta: dict) -> tuple[int, int] | None:
+    """(height, width) a vitlab checkpoint's metadata records: its preprocessing's input size (C, H, W), else its
+    config's img_size; None when it records neither (or for {}: no vitlab checkpoint)."""
+    input_size = (meta.get("preprocessing") or {}).get("input_size")
+    if isinstance(input_size, list) and len(input_size) == 3:
+        return int(input_size[1]), int(input_size[2])
+    img = (meta.get("config") or {}).get("img_size")
+    if isinstance(img, int):
+        return img, img
+    if isinstance(img, list) and len(img) == 2:
+        return int(img[0]), int(img[1])
+    return None
+
+
+def _weights_size(source: str, model: str, overrides: dict) -> tuple[int, int, str]:
+    """(height, width, where from) of weights that are not a vitlab checkpoint: read and converted once, no model
+    built with them (a model at the registered size would resample their position table)."""
     import contextlib
+    import dataclasses
     import math
+
+    import torch
 
     import vitlab
     from vitlab.checkpoints import read_source, resolve
+    from vitlab.checkpoints.load import hub_repo
+    from vitlab.checkpoints.timm_hub import timm_hub_overrides
+    from vitlab.models.pretrained import weights_of_hub, weights_settings
     from vitlab.models.registry import get_entry
 
-    probe = vitlab.load_model(source, model_name=model, **(overrides or {}))
-    h, w = probe.preprocessing.input_size[1:]
-    where = "the checkpoint's resolution"
-    path, family = resolve(source), get_entry(model).family
+    entry = get_entry(model)
+    path, family = resolve(source), entry.family
     src = read_source(path, family)
     if src.format != "vitlab" and not src.meta and src.key_prefix is not None:
         with contextlib.suppress(ValueError):  # the keys as create_model loaded them (a Lightning module's model.)
             src = read_source(path, family, strip_prefix=src.key_prefix)
-    if src.format != "vitlab" and not src.meta:  # weights alone: no config with their size
-        table = src.converted.state_dict.get("pos_embed")
-        patch = getattr(getattr(probe, "patch_embed", None), "patch_size", None)
-        prefix = getattr(probe, "pos_embed_prefix", getattr(probe, "num_prefix_tokens", 0))
-        n = table.shape[1] - prefix if table is not None and table.ndim == 3 else 0
-        grid = math.isqrt(max(n, 0))
-        if grid > 0 and grid * grid == n and patch is not None:
-            ph, pw = (patch, patch) if isinstance(patch, int) else patch
-            h, w = grid * ph, grid * pw
-            where = f"the checkpoint's resolution (its {grid}x{grid} position table x patch {ph})"
-        else:
-            where = f"the model's registered size ({model}; the file does not record its resolution)"
-    log.info("fine-tuning at %s, %d px (--img-size to choose another; --recipe vit_finetune for the ViT paper's "
-             "384 px)%s", where, h, "" if h == w else f" (it was built for {h}x{w})")
-    return h
+    # the config create_model builds for the file (vitlab.models.factory.create_model): the weights' row of
+    # models/pretrained.json, what the file's tensors and config say, then the caller's options
+    fields = {f.name for f in dataclasses.fields(entry.config)}
+    repo = hub_repo(source)
+    row = weights_of_hub(repo, model) if repo is not None else None
+    config = {**(weights_settings(row, fields)[0] if row is not None else {}), **src.converted.overrides}
+    if src.meta.get("timm_config"):
+        config.update(timm_hub_overrides(src.meta["timm_config"], family, entry.config))
+    with torch.device("meta"):  # shapes only: no memory, no weights, nothing resampled
+        probe = vitlab.create_model(model, **{**config, **overrides})
+    h, w = probe.preprocessing.input_size[1:]
+    if src.meta:  # a hub folder's config records the size
+        return h, w, "the checkpoint's resolution"
+    table = src.converted.state_dict.get("pos_embed")
+    patch = getattr(getattr(probe, "patch_embed", None), "patch_size", None)
+    prefix = getattr(probe, "pos_embed_prefix", getattr(probe, "num_prefix_tokens", 0))
+    n = table.shape[1] - prefix if table is not None and table.ndim == 3 else 0
+    grid = math.isqrt(max(n, 0))
+    if grid > 0 and grid * grid == n and patch is not None:
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        return grid * ph, grid * pw, f"the checkpoint's resolution (its {grid}x{grid} position table x patch {ph})"
+    return h, w, f"the model's registered size ({model}; the file does not record its resolution)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ class Recipe:
     img_size: training resolution (None: the data set's native size, or the model's own).
     batch_size: per process and per micro-step; the global batch is batch_size * accum_steps * world size.
     global_batch: if set, accum_steps is derived from it (global_batch / (batch_size * world size)), so a
-        paper's batch (4096, 512) is reached on any hardware; it must divide evenly.
+        paper's batch (4096, 512) is reached on any hardware; it must divide evenly. ``--set accum_steps``
+        without ``--set global_batch`` drops it (:func:`apply_overrides`).
     max_steps: the run's length in optimiser steps (None: epochs x steps per epoch); the schedule spans it.
     lr_base_batch: if set, the effective learning rate is lr * global_batch / lr_base_batch (DeiT's rule).
     warmup_steps / warmup_epochs: linear warm-up length; the larger of the two (epochs converted) is used.
@@ -312,7 +314,27 @@ def apply_overrides(recipe: Recipe, assignments: list[str] | None) -> Recipe:
         if key not in types_:
             raise ValueError(f"--set {key}=...: unknown recipe key {key!r}; valid keys: {', '.join(sorted(types_))}")
         changes[key] = _parse(raw, types_[key], key)
-    return dataclasses.replace(recipe, **changes)
+    return _accumulation(recipe, dataclasses.replace(recipe, **changes), set(changes))
+
+
+def _accumulation(before: Recipe, after: Recipe, given: set[str]) -> Recipe:
+    """``--set accum_steps`` wins over the recipe's global_batch (from which accum_steps is otherwise derived):
+    without ``--set global_batch`` the recipe's is dropped, logged; both given must agree on this run's processes
+    (torchrun's WORLD_SIZE)."""
+    if "accum_steps" not in given or after.global_batch is None:
+        return after
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    batch = after.batch_size * after.accum_steps * world
+    if "global_batch" in given:
+        if after.global_batch != batch:
+            raise ValueError(f"--set accum_steps={after.accum_steps} and --set global_batch={after.global_batch} "
+                             f"disagree: batch_size x accum_steps x processes = {after.batch_size} x "
+                             f"{after.accum_steps} x {world} = {batch}; give one of them")
+        return after
+    log.info("--set accum_steps=%d: recipe %s's global_batch %d is set aside; the global batch is now %d "
+             "(batch_size %d x %d accum x %d processes)", after.accum_steps, before.name, before.global_batch, batch,
+             after.batch_size, after.accum_steps, world)
+    return dataclasses.replace(after, global_batch=None)
 
 
 # ------------------------------------------------------------------------------------------ typing
