@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -253,3 +254,19 @@ def apply_class_map(model: torch.nn.Module, names: list[str], path: str, *, reco
         log.warning("--class-map %s: its names replace the checkpoint's own (%s... become %s...)", path,
                     recorded[:3], names[:3])
     model.class_names = list(names)
+
+
+def recorded_data(run_dir: str | os.PathLike, job: dict[str, Any] | None = None) -> str | None:
+    """The data source a run recorded (its job.json, or ``job`` as read from it), as readable from here: its
+    ``data`` as given, or, for a relative path given from another folder, the absolute ``data_source`` (what
+    ``eval`` and ``train --resume`` use without --data); None when neither names a source readable from here."""
+    from vitlab.train.run import read_job, source_identity
+
+    job = read_job(Path(run_dir)) if job is None else job
+    recorded, identity = job.get("data"), job.get("data_source")
+    if recorded is not None and (identity is None or source_identity(recorded) == identity):
+        return str(recorded)
+    if identity is not None and source_identity(identity) == identity:  # a path recorded relative to elsewhere
+        path = str(identity).partition(":")[2]  # "folder:/abs/path": the path alone where it reads the same
+        return path if path and source_identity(path) == identity else str(identity)
+    return None

@@ -259,16 +259,14 @@ class RemappedLabels:
 
 def default_data(checkpoint: str) -> str:
     """--data left out: the source the checkpoint's run trained on (its job.json), or an error."""
-    from vitlab.train.run import read_job, source_identity
+    from vitlab.cli.common import recorded_data
+    from vitlab.train.run import read_job
 
     job = read_job(Path(checkpoint).parent)
-    recorded, identity = job.get("data"), job.get("data_source")
-    if recorded is not None and (identity is None or source_identity(recorded) == identity):
-        log.info("--data: %s, the data the run of %s trained on", recorded, checkpoint)
-        return str(recorded)
-    if identity is not None and source_identity(identity) == identity:  # a path recorded relative to elsewhere
-        log.info("--data: %s, the data the run of %s trained on", identity, checkpoint)
-        return str(identity)
+    recorded, data = job.get("data"), recorded_data(Path(checkpoint).parent, job)
+    if data is not None:
+        log.info("--data: %s, the data the run of %s trained on", data, checkpoint)
+        return data
     raise ValueError(f"--data is required: {checkpoint} has no run record (job.json) beside it naming its data"
                      + (f" that is readable from here ({recorded})" if recorded else ""))
 

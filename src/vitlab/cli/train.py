@@ -124,7 +124,8 @@ def saved_run(args: argparse.Namespace, output: Path) -> dict | None:
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: not a recipe (a JSON object of recipe fields); --resume continues the run's "
                          f"own recipe: repair the file")
-    return {"recipe": {k: v for k, v in saved.items() if k != "resolved"}, "job": read_job(output)}
+    # "changes": the settings changed on an earlier --resume (the fields hold those in force now)
+    return {"recipe": {k: v for k, v in saved.items() if k not in ("resolved", "changes")}, "job": read_job(output)}
 
 
 def saved_job(args: argparse.Namespace) -> dict:
@@ -132,6 +133,15 @@ def saved_job(args: argparse.Namespace) -> dict:
     from vitlab.train.run import read_job
 
     return read_job(args.output) if args.resume and args.output is not None else {}
+
+
+def run_data(args: argparse.Namespace, job: dict) -> str | None:
+    """With --resume and no --data: the run's data source, as `vitlab eval` finds it (readable from here)."""
+    from vitlab.cli.common import recorded_data
+
+    if not job:
+        return None
+    return recorded_data(args.output, job) or job.get("data")
 
 
 def check_recipe_outside(args: argparse.Namespace, output: Path) -> None:
@@ -338,10 +348,14 @@ def run_dense(args: argparse.Namespace) -> int:
         raise ValueError(f"{' / '.join(distill)}: distillation (DeiT's) trains classifiers only, not --task "
                          f"{args.task}; leave {'it' if len(distill) == 1 else 'them'} out")
     check_length_options(args)
+    if not args.no_progress:
+        from vitlab.train.progress import log_interval_s
+
+        log_interval_s()  # a bad VITLAB_LOG_INTERVAL is refused before the run directory is touched
     saved = saved_run(args, args.output) if args.output is not None else None
     job = saved_job(args)  # `vitlab train --output DIR --resume` alone continues that run as it was
     args.model = args.model or job.get("model")
-    args.data = args.data or job.get("data")
+    args.data = args.data or run_data(args, job)
     if args.data is None:
         raise ValueError(f"--task {args.task} needs --data DIR (train/ and val/ folders; see `vitlab make-canvases`)")
     default = "detr_canvases" if args.task == "detection" else "setr_canvases"
@@ -422,7 +436,7 @@ def run(args: argparse.Namespace) -> int:
     saved = saved_run(args, args.output) if args.output is not None else None
     job = saved_job(args)  # `vitlab train --output DIR --resume` alone continues that run as it was
     args.model = args.model or job.get("model")
-    args.data = args.data or job.get("data")
+    args.data = args.data or run_data(args, job)
     base = None
     if saved is None and (args.recipe == "auto" or (args.recipe is None and args.data not in (None, "digits"))):
         base = auto_recipe(args)

@@ -39,12 +39,18 @@ class LogProgress:
         self.start_n = initial
         self.t_start = self.t_last = time.perf_counter()
         self.postfix: dict[str, Any] = {}
+        self.postfix_step: int | None = None  # the step the postfix values are of
+        self._fresh = False
 
     def set_postfix(self, **values: Any) -> None:
+        """Values of the step that the next ``update`` counts."""
         self.postfix = values
+        self._fresh = True
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        if self._fresh:
+            self.postfix_step, self._fresh = self.n, False
         now = time.perf_counter()
         if now - self.t_last >= self.interval_s or self.n >= self.total:
             self.t_last = now
@@ -57,6 +63,8 @@ class LogProgress:
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.n) / rate if rate > 0 else float("nan")
         extra = "".join(f", {k.replace('img_s', 'img/s')} {v}" for k, v in self.postfix.items())
+        if extra and self.postfix_step is not None and self.postfix_step != self.n:
+            extra += f" (at step {self.postfix_step})"  # values are set on log steps only
         log.info("%s step %d/%d (%.0f%%)%s, %.2f steps/s, elapsed %s, ETA %s", self.desc, self.n, self.total,
                  100.0 * self.n / max(self.total, 1), extra, rate, format_duration(elapsed),
                  format_duration(eta) if eta == eta else "?")
@@ -65,12 +73,34 @@ class LogProgress:
         pass
 
 
+def log_interval_s() -> float:
+    """Seconds between progress log lines: ``VITLAB_LOG_INTERVAL`` (a number of seconds, or a duration such as
+    10s, 2m), else 30. A value that is neither raises ValueError naming the variable."""
+    raw = os.environ.get(_ENV_INTERVAL)
+    if raw is None or not raw.strip():
+        return DEFAULT_INTERVAL_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        from vitlab.train.budget import parse_duration
+
+        try:
+            seconds = parse_duration(raw)
+        except ValueError:
+            seconds = float("nan")
+    if not seconds >= 0:  # also NaN
+        raise ValueError(f"{_ENV_INTERVAL}={raw!r}: expected the seconds between progress log lines, a number "
+                         f"(e.g. 30) or a duration (e.g. 10s, 2m); unset it for the default "
+                         f"({DEFAULT_INTERVAL_S:g} s)")
+    return seconds
+
+
 def make_progress(total: int, initial: int = 0, *, desc: str = "train", stream: Any = None,
                   interval_s: float | None = None):
     """A tqdm bar when ``stream`` (default: stderr) is a terminal, else a :class:`LogProgress`.
 
     Args:
-        interval_s: seconds between log lines (default: ``VITLAB_LOG_INTERVAL`` or 30).
+        interval_s: seconds between log lines (default: :func:`log_interval_s`).
     """
     stream = sys.stderr if stream is None else stream
     if getattr(stream, "isatty", lambda: False)():
@@ -78,5 +108,5 @@ def make_progress(total: int, initial: int = 0, *, desc: str = "train", stream: 
 
         return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=stream)
     if interval_s is None:
-        interval_s = float(os.environ.get(_ENV_INTERVAL, DEFAULT_INTERVAL_S))
+        interval_s = log_interval_s()
     return LogProgress(total, initial, interval_s=interval_s, desc=desc)

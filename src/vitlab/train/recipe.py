@@ -285,7 +285,25 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     # a run's recipe.json also records what it resolved on its machine (lr, global batch, accumulation): the
     # recipe reused elsewhere resolves them again
     data.pop("resolved", None)
+    changes = data.pop("changes", None)
+    if changes:
+        _warn_changes(changes, source)
     return recipe_from_dict(data, source=source)
+
+
+def _warn_changes(changes: Any, source: str) -> None:
+    """A run's recipe.json whose settings were changed on --resume holds the final ones: a run from it does not
+    reproduce that run."""
+    try:
+        said = "; ".join(f"from step {c['from_step']}: " + ", ".join(f"{k} {old!r} -> {new!r}"
+                                                                    for k, (old, new) in c["settings"].items())
+                         for c in changes)
+        first = int(changes[0]["from_step"]) - 1
+    except (KeyError, TypeError, ValueError, IndexError):
+        said, first = repr(changes), None
+    log.warning("%s: the run it records changed settings on --resume (%s); this run uses the final settings from "
+                "its first step, so it does not reproduce that run%s", source, said,
+                f" (whose first {first} steps used the earlier ones)" if first else "")
 
 
 def recipe_from_dict(data: dict[str, Any], *, source: str = "recipe") -> Recipe:

@@ -244,11 +244,16 @@ def is_run_dir(output: Path) -> bool:
     return _has_job_keys(output / JOB_FILE) and bool(checkpoint_metadata(output / MODEL_FILE))
 
 
-def run_marker() -> dict[str, str]:
-    """The entry that marks a job.json as vitlab's (first in every job.json a run writes)."""
+def run_marker() -> dict[str, Any]:
+    """The entries every job.json a run writes begins with: the one that marks it as vitlab's, then the command
+    line (``sys.argv``) and the Python and torch versions."""
+    import platform
+    import sys
+
     from vitlab import __version__
 
-    return {MARKER_KEY: f"vitlab {__version__}"}
+    return {MARKER_KEY: f"vitlab {__version__}", "command": list(sys.argv), "python": platform.python_version(),
+            "torch": torch.__version__}
 
 
 def is_run_job(path: Path) -> bool:
@@ -521,6 +526,10 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     state have been checked.
     """
     recipe = job.recipe
+    if job.progress:
+        from vitlab.train.progress import log_interval_s
+
+        log_interval_s()  # a bad VITLAB_LOG_INTERVAL is refused before the run directory is touched
     with distributed_context(job.device) as ctx:
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)

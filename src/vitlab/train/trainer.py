@@ -12,7 +12,8 @@ and scheduler step, then the objective's ``after_optimizer_step`` (EMA teachers)
 
 The run directory holds ``model.safetensors`` (a vitlab checkpoint: later commands need only this
 file), ``model_ema.safetensors`` when EMA is on, ``train_state.pt`` (everything ``--resume`` needs),
-``recipe.json``, ``metrics.jsonl`` and TensorBoard events under ``tb/``. Only rank 0 writes.
+``recipe.json``, ``metrics.jsonl`` and TensorBoard events under ``tb/``. Only rank 0 writes. Settings changed
+on ``--resume`` are recorded with the step they took effect (``recipe.json``'s ``changes``).
 Under torchrun the model is replicated (DDP), or sharded with ``recipe.fsdp`` (:mod:`vitlab.train.fsdp`:
 the same files, gathered on rank 0; the optimiser state then by parameter name).
 
@@ -35,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -413,6 +414,10 @@ def fit(
                         + (f"; {hint}" if hint else ""))
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     out = Path(output_dir)
+    if progress:  # on every rank (they share the environment), so that none is left waiting
+        from vitlab.train.progress import log_interval_s
+
+        log_interval_s()  # a bad VITLAB_LOG_INTERVAL is refused before anything is written
     if ctx.is_main:
         from vitlab.train.run import prepare_fit_dir
 
@@ -513,10 +518,14 @@ def fit(
 
     # ---- state: fresh or resumed
     step, seconds_before = 0, 0.0
+    # settings changed on --resume: [{"from_step": N, "settings": {field: [old, new]}}], oldest first
+    changes: list[dict[str, Any]] = []
+    val: dict[str, Any] | None = None  # the last validation's metrics
     if resume:
-        step, seconds_before = _restore(out / STATE_FILE, net=net, objective=objective, optimizer=optimizer, scheduler=scheduler,
-                        horizon=horizon, scaler=scaler, ema=ema, recipe=recipe, ctx=ctx, total_steps=total_steps,
-                        global_batch=global_batch, steps_per_epoch=steps_per_epoch)
+        resumed = _restore(out / STATE_FILE, net=net, objective=objective, optimizer=optimizer, scheduler=scheduler,
+                           horizon=horizon, scaler=scaler, ema=ema, recipe=recipe, ctx=ctx, total_steps=total_steps,
+                           global_batch=global_batch, steps_per_epoch=steps_per_epoch)
+        step, seconds_before, changes, val = resumed.step, resumed.seconds, resumed.changes, resumed.val
         warmup = horizon.warmup_steps  # the run's own, where its length changed
         if ctx.is_main:
             tidy_run_directory(out, step)
@@ -538,7 +547,8 @@ def fit(
                                               "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
                                               "objective": objective.describe(),
                                               "model": net.model_name, "model_config": config_to_dict(net.cfg),
-                                              **({"not_applied_by_fit": ignored} if ignored else {})}},
+                                              **({"not_applied_by_fit": ignored} if ignored else {})},
+             **({"changes": changes} if changes else {})},
             indent=2))
 
     if ctx.is_main:
@@ -568,6 +578,7 @@ def fit(
                 # the recipe's name and every setting it trained with (--set changes included): a checkpoint travels
                 # without the run folder's recipe.json
                 extra = {"step": step, "recipe": recipe.name, "recipe_settings": recipe.to_dict(),
+                         **({"recipe_changes": changes} if changes else {}),
                          **({"val": val} if val else {}), **({} if supervised else {"objective": objective.describe()})}
                 save_model(net, out / MODEL_FILE, class_names=class_names, extra=extra, state_dict=model_sd)
                 if ema is not None:
@@ -582,7 +593,7 @@ def fit(
                     "horizon": horizon.state_dict(), "objective_schedule": objective.schedule.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema_sd,
                     "objective_name": objective.name, "objective": objective.state_dict(),
-                    "rng": rngs, "recipe": recipe.to_dict(),
+                    "rng": rngs, "recipe": recipe.to_dict(), "recipe_changes": changes, "val": last_val,
                 })
             barrier(ctx)
 
@@ -616,7 +627,7 @@ def fit(
 
         bar = make_progress(total_steps, step)  # a bar on a terminal, else a log line every N seconds
     history: list[dict[str, Any]] = []
-    val: dict[str, Any] | None = None
+    last_val = val  # what the training state keeps (--resume restores it; checkpoint's ``val`` may be None)
     t_start = time.perf_counter()
     t_log, steps_since_log = t_start, 0
     model.train()
@@ -789,7 +800,7 @@ def fit(
                                           f"--resume continues from there")
             epoch_done = step == (epoch + 1) * steps_per_epoch or step == total_steps
             if epoch_done and ((epoch + 1) % recipe.eval_every_epochs == 0 or step == total_steps):
-                val = validate(epoch)
+                val = last_val = validate(epoch)
             if step < stop:
                 checkpoint(val)
         checkpoint(val)
@@ -824,11 +835,20 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Resumed(NamedTuple):
+    step: int  # the step reached
+    seconds: float  # the training seconds spent to reach it (0 for states written before they were recorded)
+    changes: list[dict[str, Any]]  # the run's recorded setting changes, this resume's last
+    val: dict[str, Any] | None  # the last validation's metrics
+
+
 def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, scheduler, horizon: Horizon, scaler, ema,
              recipe: Recipe, ctx: DistContext, total_steps: int, global_batch: int,
-             steps_per_epoch: int = 1) -> tuple[int, float]:
-    """Load everything ``--resume`` needs from ``path`` into the run's objects; returns the step reached and the
-    training seconds spent to reach it (0 for states written before they were recorded).
+             steps_per_epoch: int = 1) -> _Resumed:
+    """Load everything ``--resume`` needs from ``path`` into the run's objects.
+
+    Settings that differ from the saved recipe (other than logistics) are appended to the run's changes, as
+    ``{"from_step": step + 1, "settings": {field: [old, new]}}``.
 
     Another length (``total_steps`` not the saved one) re-plans the decay from the step reached, as a deadline
     does (:meth:`Horizon.replan`): the learning rate goes on from its saved value and reaches min_lr at the new
@@ -893,8 +913,16 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description",
                  "fsdp", "batch_size", "accum_steps", "global_batch",
                  "model"}  # the model is checked itself (check_same_model); older runs recorded the recipe's default
+    saved_recipe = state.get("recipe", {})
+    # fields an older vitlab did not record are not changes of the run's
     changed = sorted(k for k, v in recipe.to_dict().items()
-                     if k not in logistics and state.get("recipe", {}).get(k) != v)
+                     if k not in logistics and k in saved_recipe and saved_recipe[k] != v)
+    changes = list(state.get("recipe_changes") or [])
+    if changed:
+        changes.append({"from_step": step + 1,
+                        "settings": {k: [saved_recipe.get(k), recipe.to_dict()[k]] for k in changed}})
+    kept = (f"; recipe.json and the checkpoints keep the settings now in force and record this change (\"changes\": "
+            f"from step {step + 1})") if changed else ""
     if total_steps != saved_total:
         group = optimizer.param_groups[-1]
         lr_now = group["lr"] / group.get("lr_scale", 1.0)
@@ -910,11 +938,11 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
             how = f"decaying to min_lr ({min_lr:.3g}) at the new end (re-planned from here, as --time-budget does)"
         log.warning("resuming with another length (%d -> %d steps, at step %d%s): the optimiser continues from its "
                     "saved state and the learning rate from its value here (%.3g), %s; the run will not match an "
-                    "uninterrupted one", saved_total, total_steps, step,
-                    f"; also changed: {', '.join(others)}" if others else "", lr_now, how)
+                    "uninterrupted one%s", saved_total, total_steps, step,
+                    f"; also changed: {', '.join(others)}" if others else "", lr_now, how, kept)
     elif changed:
         log.warning("resuming with a changed recipe (%s): the optimiser and schedule continue from their saved state, "
-                    "and the run will not match an uninterrupted one", ", ".join(changed))
+                    "and the run will not match an uninterrupted one%s", ", ".join(changed), kept)
     rngs = state["rng"]
     if len(rngs) == ctx.world_size:
         set_rng_state(rngs[ctx.rank])
@@ -923,7 +951,18 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
                     ctx.world_size, len(rngs))
         _seed_everything(recipe.seed + 1000 * ctx.rank + step)
     log.info("resumed %s at step %d of %d", path.parent, step, total_steps)
-    return step, float(state.get("train_seconds", 0.0))
+    return _Resumed(step, float(state.get("train_seconds", 0.0)), changes, _last_validation(state, path))
+
+
+def _last_validation(state: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """The validation metrics the saved state kept; for a state written before it kept them, those of the run's
+    model.safetensors when it was written at the same step."""
+    if "val" in state:
+        return state["val"]
+    from vitlab.train.run import checkpoint_metadata
+
+    extra = checkpoint_metadata(path.parent / MODEL_FILE).get("extra") or {}
+    return extra.get("val") if extra.get("step") == state.get("step") else None
 
 
 # recipe fields that the saved optimiser and scheduler state carries (param groups' lr, betas, eps, momentum,
