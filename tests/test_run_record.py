@@ -126,6 +126,26 @@ def test_resume_from_another_folder_finds_data_given_as_a_relative_path(tmp_path
     assert load_train_state(out / "train_state.pt")["step"] == 3
 
 
+def test_finetune_and_pretrain_resume_from_another_folder_find_relative_data(tmp_path, monkeypatch):
+    from test_cli_resume_checks import TINY
+
+    write_folder(tmp_path / "work" / "A", ("cat", "dog", "ship"))
+    monkeypatch.chdir(tmp_path / "work")
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    assert main(["train", "--data", "A", "--output", str(base), *TINY]) == 0
+    assert main(["finetune", "--from", str(base), "--data", "A", "--output", str(tuned), *TINY]) == 0
+    monkeypatch.chdir(tmp_path)  # "A" does not exist here
+    assert main(["finetune", "--output", str(tuned), "--resume", "--no-progress", "--steps", "3"]) == 0
+    assert load_train_state(tuned / "train_state.pt")["step"] == 3
+    ssl = tmp_path / "mpp"
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["pretrain", "--method", "mpp", "--data", "A", "--output", str(ssl), "--threads", "1", "--no-progress",
+                 "--steps", "2", "--batch-size", "8", "--img-size", "16", "--set", "model_overrides.depth=1",
+                 "--set", "global_batch=none"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--output", str(ssl), "--resume", "--no-progress", "--steps", "3"]) == 0
+
+
 # ---------------------------------------------------------------------------- the last validation
 def _finished_then_resumed(out: Path, *, drop_state_val: bool = False) -> tuple[dict, dict]:
     common = ["--output", str(out), "--no-progress", "--threads", "1"]

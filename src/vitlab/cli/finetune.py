@@ -16,6 +16,7 @@ from vitlab.cli.train import (
     check_length_options,
     make_job,
     resolve_recipe,
+    run_data,
     saved_job,
     saved_run,
     train_or_explain,
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                          "that do not name it); leave --set model out")
     saved = saved_run(args, args.output) if args.output is not None else None
     recorded = saved_job(args)  # with --resume: the run's job.json (its data, --from source and model)
-    args.data = args.data or recorded.get("data")
+    args.data = args.data or run_data(args, recorded)
     if args.source is None:
         args.source = recorded.get("pretrained")
         if args.source is None:

@@ -98,7 +98,7 @@ def _sets(overrides: list[str] | None, key: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.cli.train import resolve_recipe, saved_run
+    from vitlab.cli.train import resolve_recipe, run_data, saved_run
     from vitlab.ssl.run import PretrainJob, run_pretraining
     from vitlab.train import NonFiniteLossError
 
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         job_saved = saved["job"]
         args.method = args.method or job_saved.get("method")
         args.model = args.model or job_saved.get("model")
-        args.data = args.data or job_saved.get("data")
+        args.data = args.data or run_data(args, job_saved)
         options = {**job_saved.get("options", {}), **options}
     if args.method is None:
         raise ValueError(f"--method: choose one of {', '.join(METHODS)}")
