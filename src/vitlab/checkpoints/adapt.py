@@ -3,9 +3,12 @@ one) by a zero-initialised one, and load strictly with an error that lists what 
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -21,12 +24,17 @@ class SourceStateDict(dict):
     """A converted state dict with its source format's rule for resampling position tables to another grid, where
     that differs from vitlab's (bicubic, antialiased): timm reads the original JAX ``.npz`` files bilinearly without
     antialiasing (the JAX code interpolates linearly), and so does vitlab, to give the same model; transformers'
-    ``interpolate_pos_encoding`` (ViT, DeiT, BEiT) is bicubic without antialiasing, and vitlab reads its folders so."""
+    ``interpolate_pos_encoding`` (ViT, DeiT, BEiT) is bicubic without antialiasing, and vitlab reads its folders so.
+    ``rel_pos_interpolation``: the rule for BEiT's relative position tables (with the class rows), read by the
+    family's ``adapt_checkpoint``: "timm" (timm's ``resize_rel_pos_bias_table``) or "bilinear" (transformers'
+    ``BeitRelativePositionBias``: the table as a (2H-1, 2W-1) image, bilinear, not antialiased)."""
 
-    def __init__(self, *args: object, pos_interpolation: str = "bicubic", pos_antialias: bool = True) -> None:
+    def __init__(self, *args: object, pos_interpolation: str = "bicubic", pos_antialias: bool = True,
+                 rel_pos_interpolation: str = "timm") -> None:
         super().__init__(*args)
         self.pos_interpolation = pos_interpolation
         self.pos_antialias = pos_antialias
+        self.rel_pos_interpolation = rel_pos_interpolation
 
 
 def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -119,18 +127,23 @@ def _classifier_layers(model: nn.Module, num_classes: int) -> list[nn.Linear]:
 def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) -> dict[str, Tensor]:
     """Resample ``*pos_embed`` tables to the model's grid and replace heads whose shape differs (or that the
     checkpoint lacks) by zero-initialised ones (:func:`new_head_tensors`)."""
+    check_distillation(sd, model, source=source)
     target = model.state_dict()
     rule = (getattr(sd, "pos_interpolation", "bicubic"), getattr(sd, "pos_antialias", True))
-    out = dict(sd)
+    out = copy.copy(sd) if isinstance(sd, SourceStateDict) else dict(sd)  # a copy that keeps the source's rules
     family_adapt = getattr(model, "adapt_checkpoint", None)
     if family_adapt is not None:
         # a family's own tables that depend on resolution or window (e.g. Swin's relative-position bias)
         out = family_adapt(out, source=source)
+    recorded = _recorded_grid(source)
+    grid = tuple(getattr(getattr(model, "patch_embed", None), "grid_size", ()))
+    # a table as long as the model's for another grid of as many patches (a vitlab file's 4x16 for 8x8)
+    relaid = recorded is not None and len(grid) == 2 and recorded != grid and math.prod(recorded) == math.prod(grid)
     for k, v in list(out.items()):
         # a table of another width is no resolution change: leave it to load_strict, which lists every misfit
-        if (k.endswith("pos_embed") and k in target and v.shape != target[k].shape
-                and v.ndim == target[k].ndim == 3 and v.shape[-1] == target[k].shape[-1]):
-            out[k] = _resample_to(v, target[k], model, k, source, rule)
+        if (k.endswith("pos_embed") and k in target and v.ndim == target[k].ndim == 3
+                and v.shape[-1] == target[k].shape[-1] and (v.shape != target[k].shape or (relaid and k == "pos_embed"))):
+            out[k] = _resample_to(v, target[k], model, k, source, rule, recorded)
     _swap_pooling_norm(out, target, source)
     _adapt_input_channels(out, model, source)
     heads = classifier_prefixes(model)
@@ -207,7 +220,7 @@ def _swap_pooling_norm(out: dict[str, Tensor], target: dict[str, Tensor], source
 
 
 def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str,
-                 rule: tuple[str, bool] = ("bicubic", True)) -> Tensor:
+                 rule: tuple[str, bool] = ("bicubic", True), recorded: tuple[int, int] | None = None) -> Tensor:
     prefix = getattr(model, "pos_embed_prefix", getattr(model, "num_prefix_tokens", 0))
     if v.ndim != 3 or t.ndim != 3 or v.shape[-1] != t.shape[-1]:
         raise CheckpointError(
@@ -217,7 +230,11 @@ def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str,
     new_grid = model.patch_embed.grid_size
     n_old = v.shape[1] - prefix
     side = math.isqrt(max(n_old, 0))
-    if side * side != n_old:
+    # a vitlab file records its grid (``recorded``: 4x16 and 8x8 tables have the same length); others' are square
+    old_grid = recorded
+    if old_grid is None or old_grid[0] * old_grid[1] != n_old:
+        old_grid = (side, side) if side * side == n_old else None
+    if old_grid is None:
         n = v.shape[1]
         if prefix and (math.isqrt(n) ** 2 == n or n == new_grid[0] * new_grid[1]):
             # timm's no_embed_class=True (DeiT-3's layout) adds the table to the patch tokens only
@@ -238,10 +255,71 @@ def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str,
                 f"{prefix} ({what}): the file is a model without {'them' if regs else 'a distillation token'}; "
                 f"build a {fix} to load it")
         raise CheckpointError(f"{source}: {key} has {n_old} grid positions, which is not a square grid")
-    log.info("%s: resampling %s from %dx%d to %dx%d (%s%s)", source, key, side, side, *new_grid, rule[0],
+    log.info("%s: resampling %s from %dx%d to %dx%d (%s%s)", source, key, *old_grid, *new_grid, rule[0],
              ", antialiased" if rule[1] else "")
-    return resample_pos_embed(v, new_grid, old_size=(side, side), num_prefix_tokens=prefix, interpolation=rule[0],
+    return resample_pos_embed(v, new_grid, old_size=old_grid, num_prefix_tokens=prefix, interpolation=rule[0],
                               antialias=rule[1])
+
+
+def _recorded_grid(source: str) -> tuple[int, int] | None:
+    """The patch grid (rows, cols) that a vitlab checkpoint's config records (img_size // patch_size): the layout of
+    a table for a rectangular grid, which its length alone does not give. None for any other source."""
+    path = Path(source)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:  # the header only: no tensor is read
+            cfg = json.loads((f.metadata() or {})["vitlab"])["config"]
+        (h, w), (ph, pw) = (v if isinstance(v, list) else (v, v) for v in (cfg["img_size"], cfg["patch_size"]))
+        return int(h) // int(ph), int(w) // int(pw)
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError):  # not vitlab's metadata / fields
+        return None
+
+
+def check_distillation(sd: Mapping[str, Tensor], model: nn.Module, *, source: str) -> None:
+    """Refuse a file with a distillation token (``dist_token``) for a DeiT without one, and the converse: the model
+    name (``deit_*_distilled_*``) or ``distilled=`` says which model is built, and timm refuses both loads too."""
+    wanted = getattr(getattr(model, "cfg", None), "distilled", None)
+    has = "dist_token" in sd
+    if not isinstance(wanted, bool) or has == wanted:
+        return
+    name = getattr(model, "model_name", type(model).__name__)
+    fit = _distillation_fit(name, has)
+    if has:
+        head = ", its head head_dist" if any(k.startswith("head_dist.") for k in sd) else ""
+        raise CheckpointError(
+            f"{source}: the file is a distilled DeiT (a distillation token: dist_token, a second prefix entry in "
+            f"pos_embed{head}), and {name} has no distillation token (distilled=False); load it with {fit}")
+    raise CheckpointError(
+        f"{source}: no dist_token in the file, whose pos_embed has one prefix entry (the class token); {name} has "
+        f"a distillation token (distilled=True): the file is a model without a distillation token; load it with "
+        f"{fit}")
+
+
+def _distillation_fit(name: str, distilled: bool) -> str:
+    """The names (or option) that build a DeiT with (``distilled``) or without a distillation token, for an error."""
+    from vitlab.models.registry import get_entry
+
+    option = f"distilled={distilled}"
+    try:
+        own = get_entry(name).config.distilled
+    except (ValueError, KeyError, AttributeError):
+        own = None
+    if own == distilled:  # the name fits: distilled= was given against it
+        return f"{name} without distilled={not distilled}"
+    other = (name.replace("_patch", "_distilled_patch", 1) if distilled and "_distilled_" not in name
+             else name.replace("_distilled_patch", "_patch", 1))
+    try:
+        fits = other != name and get_entry(other).config.distilled == distilled
+    except (ValueError, KeyError, AttributeError):
+        fits = False
+    if fits:
+        return f"{other} (or {name} with {option})"
+    if distilled and name.startswith("deit3_"):
+        return "a deit_*_distilled_* name (timm has no distilled DeiT III either)"
+    return f"{'a deit_*_distilled_* name' if distilled else 'a DeiT name without _distilled'} (or {option})"
 
 
 def load_strict(model: nn.Module, sd: dict[str, Tensor], *, source: str) -> None:

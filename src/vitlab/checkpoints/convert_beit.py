@@ -330,7 +330,9 @@ def _warn_hf_rect_rel_pos(config: dict[str, Any]) -> None:
 @register_converter("beit", "hf")
 def convert_hf_beit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
     out, head_keys = convert_hf_beit_state_dict(sd)
-    out = SourceStateDict(out, pos_antialias=False)  # transformers' interpolate_pos_encoding: no antialiasing
+    # transformers' resizing: the absolute table bicubic without antialiasing (interpolate_pos_encoding), the
+    # relative ones bilinearly (BeitRelativePositionBias; data2vec-vision's is the same)
+    out = SourceStateDict(out, pos_antialias=False, rel_pos_interpolation="bilinear")
     seg = [k for k in head_keys if k.startswith(HF_SEGMENTATION_HEAD)]
     if seg:
         log.info("HF BEiT segmentation checkpoint: %d key(s) of the FPN necks and the UperNet / auxiliary heads "

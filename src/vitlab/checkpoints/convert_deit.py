@@ -1,8 +1,10 @@
 """DeiT checkpoints -> vitlab: timm / original DeiT state dicts, and Hugging Face DeiT models.
 
 vitlab's DeiT keeps timm's module names (``dist_token``, ``head_dist``), so the timm converter only
-reuses ViT's and reads the architecture the file implies (distillation token or not). Hugging Face's
-``DeiTForImageClassificationWithTeacher`` has ``cls_classifier`` / ``distillation_classifier``;
+reuses ViT's. Whether the model has a distillation token is the model name's (``deit_*_distilled_*``, or
+``distilled=``), as in timm: a timm file that disagrees is refused when it is loaded
+(:func:`vitlab.checkpoints.adapt.check_distillation`), never built as another model than the one named.
+Hugging Face's ``DeiTForImageClassificationWithTeacher`` has ``cls_classifier`` / ``distillation_classifier``;
 ``DeiTForImageClassification`` has one ``classifier`` on the class token although its encoder still
 carries the distillation token (``dist_head=False``).
 """
@@ -21,7 +23,16 @@ _HF_HEADS = {"cls_classifier.": "head.", "distillation_classifier.": "head_dist.
 
 
 @register_converter("deit", "timm")
+def convert_timm_deit_named(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
+    """A timm / original DeiT file for a named model: ``distilled`` is left to the name."""
+    conv = convert_timm_deit(sd, meta)
+    conv.overrides.pop("distilled", None)
+    return conv
+
+
 def convert_timm_deit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
+    """The tensors and the architecture the file implies, distillation token included (``distilled``): what the
+    official MAE / DINO encoders' converter builds (vitlab.checkpoints.convert_mae)."""
     # The distillation parts are DeiT's own; ViT's converter handles (and checks) the rest.
     dist: dict[str, Tensor] = {}
     for k, v in sd.items():

@@ -124,12 +124,11 @@ def _crossvit_args(args: dict[str, Any]) -> dict[str, Any]:
     """timm's CrossVit depth [branch 0, branch 1, blocks after the fusion] per multi-scale block and its three MLP
     ratios (the third for those blocks) -> vitlab's pairs; blocks after the fusion are a ValueError (vitlab's
     CrossViT has none, as no published model does)."""
+    from vitlab.models.crossvit import crossvit_depth_pairs
+
     depth, ratio = args.get("depth"), args.get("mlp_ratio")
     if isinstance(depth, (list, tuple)) and all(isinstance(d, (list, tuple)) and len(d) == 3 for d in depth):
-        if any(int(d[2]) for d in depth):
-            raise ValueError(f"timm model_args depth={depth!r}: blocks after CrossViT's fusion (a non-zero third "
-                             f"entry) have no counterpart in vitlab's CrossViTConfig")
-        args["depth"] = [[int(d[0]), int(d[1])] for d in depth]
+        args["depth"] = [[int(b0), int(b1)] for b0, b1 in crossvit_depth_pairs(depth, what="timm model_args depth")]
     if isinstance(ratio, (list, tuple)) and len(ratio) == 3:  # the third: blocks after the fusion, none here
         args["mlp_ratio"] = list(ratio[:2])
     return args

@@ -31,6 +31,7 @@ from functools import partial
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitlab.layers import (
@@ -44,6 +45,7 @@ from vitlab.layers import (
     trunc_normal_linears,
 )
 from vitlab.layers.rel_pos_attention import (
+    CLASS_SLOTS,
     RelativePositionBias,
     RelPosAttention,
     gather_bias,
@@ -338,8 +340,11 @@ class Beit(TimmSurface, nn.Module):
     # ------------------------------------------------------------------------------------- checkpoints
     def adapt_checkpoint(self, sd: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:
         """Fit grid-dependent tables to this model: relative position tables of another grid are resampled
-        (timm's ``resize_rel_pos_bias_table``, class-token rows kept); a shared (pre-training) table is copied
-        into every layer when the model has per-layer tables and the file none (BEiT's fine-tuning set-up)."""
+        (timm's ``resize_rel_pos_bias_table``, class-token rows kept; a Hugging Face folder's bilinearly, as
+        transformers does: ``rel_pos_interpolation`` of :class:`~vitlab.checkpoints.adapt.SourceStateDict`); a
+        shared (pre-training) table is copied into every layer when the model has per-layer tables and the file none
+        (BEiT's fine-tuning set-up)."""
+        bilinear = getattr(sd, "rel_pos_interpolation", "timm") == "bilinear"
         target = self.state_dict()
         out = {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}
         shared_key = "rel_pos_bias.relative_position_bias_table"
@@ -353,8 +358,23 @@ class Beit(TimmSurface, nn.Module):
                 if old is None or v.shape[1] != target[k].shape[1]:
                     raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}; expected a square grid's "
                                      f"((2g-1)^2 + 3, {target[k].shape[1]}) table")
-                out[k] = resample_class_rel_pos_table(v, old, self.patch_embed.grid_size)
+                resample = _resample_bilinear if bilinear else resample_class_rel_pos_table
+                out[k] = resample(v, old, self.patch_embed.grid_size)
         return out
+
+
+def _resample_bilinear(table: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+    """A ((2H-1)(2W-1) + 3, heads) table for another grid as transformers' ``BeitRelativePositionBias`` resizes it:
+    the grid part as a (2H-1, 2W-1) image, bilinear (align_corners=False, not antialiased), the class rows kept."""
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    grid_part, cls_part = table[:-CLASS_SLOTS], table[-CLASS_SLOTS:]
+    heads = table.shape[1]
+    src = (2 * old_grid[0] - 1, 2 * old_grid[1] - 1)
+    dst = (2 * new_grid[0] - 1, 2 * new_grid[1] - 1)
+    image = grid_part.float().t().reshape(1, heads, *src)  # (S, heads) -> (1, heads, 2H-1, 2W-1)
+    image = F.interpolate(image, size=dst, mode="bilinear", align_corners=False)
+    return torch.cat([image.reshape(heads, -1).t().to(table.dtype), cls_part])  # (1, heads, h, w) -> (h * w, heads)
 
 
 # ------------------------------------------------------------------------------------------- variants

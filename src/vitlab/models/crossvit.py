@@ -57,6 +57,24 @@ from vitlab.models.registry import ModelEntry, check_config, register_model
 CROSSVIT_POOLS = ("token", "avg")
 
 
+def crossvit_depth_pairs(depth: object, *, what: str) -> tuple[tuple[int, int], ...]:
+    """A CrossViT depth as (small-branch blocks, large-branch blocks) per multi-scale block. timm's spelling
+    [b0, b1, blocks after the fusion] is read with a third entry of 0; a non-zero one is a ValueError (vitlab's
+    CrossViT has no blocks after the fusion, as no published model has). ``what`` names the value in errors."""
+    form = "one [small-branch blocks, large-branch blocks] pair per multi-scale block (or timm's [b0, b1, 0])"
+    if not isinstance(depth, (list, tuple)) or not all(isinstance(d, (list, tuple)) for d in depth):
+        raise ValueError(f"{what}={depth!r}: expected {form}")
+    pairs = []
+    for d in depth:
+        if len(d) == 3 and d[2]:
+            raise ValueError(f"{what}={depth!r}: blocks after CrossViT's fusion (a non-zero third entry, timm's) "
+                             f"have no counterpart in vitlab's CrossViT; expected {form}")
+        if len(d) not in (2, 3):
+            raise ValueError(f"{what}={depth!r}: expected {form}")
+        pairs.append((d[0], d[1]))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CrossViTConfig:
     """Args:
@@ -64,7 +82,8 @@ class CrossViTConfig:
     branch_scale: relative resize factor of each branch before its patch embedding.
     patch_size: patch size of the (small, large) branches.
     embed_dim: widths of the two branches.
-    depth: per multi-scale block, the ViT blocks of each branch (the paper's M and N).
+    depth: per multi-scale block, the ViT blocks of each branch (the paper's M and N); timm's
+        [M, N, 0] is read as [M, N].
     num_heads: heads of each branch; a cross-attention into branch j uses branch j's heads.
     mlp_ratio: MLP width ratio of each branch's ViT blocks.
     multi_conv: the dagger patch embedding (three convolutions).
@@ -93,6 +112,7 @@ class CrossViTConfig:
     crop_pct: float = 0.875
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "depth", crossvit_depth_pairs(self.depth, what="CrossViTConfig: depth"))
         check_global_pool(self, self.global_pool, CROSSVIT_POOLS)
         check_config(self)
         for d, h in zip(self.embed_dim, self.num_heads):
