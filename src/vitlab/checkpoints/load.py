@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -173,8 +174,9 @@ def read_source(path: Path, family: str, *, strip_prefix: str | None = None) -> 
         if got is not None:
             sd, meta = got
             return Source(path, "vitlab", Converted(sd, {}), meta)
-        sd, _ = read_safetensors(path)
-        return _read_state_dict(path, family, sd, strip_prefix)
+        sd, header = read_safetensors(path)
+        # vitlab's own timm export carries what a timm hub folder's config.json holds: read it as one
+        return _read_state_dict(path, family, sd, strip_prefix, timm_file_meta(header, path))
     if name.endswith(PICKLE_SUFFIXES):
         return _read_state_dict(path, family, unwrap_state_dict(read_pickle(path), path), strip_prefix)
     if name.endswith(".onnx"):
@@ -187,6 +189,44 @@ def read_source(path: Path, family: str, *, strip_prefix: str | None = None) -> 
     )
 
 
+# a single-file timm export's preprocessing entries that timm's pretrained_cfg holds too
+_PRETRAINED_CFG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
+
+
+def timm_file_meta(header: dict[str, str], path: Path) -> dict[str, Any] | None:
+    """The metadata of a safetensors file written by ``vitlab export --format timm`` (``save_timm``: ``format``
+    "timm", ``timm_model``, ``timm_kwargs``, ``class_names``, ``preprocessing``, ``vitlab_model``) as a timm hub
+    folder's: ``{"timm_config": config.json's equivalent, "timm_file": {"vitlab_model", "preprocessing"}}``;
+    None for any other file."""
+    if header.get("format") != "timm" or "timm_model" not in header:
+        return None
+    try:
+        kwargs = json.loads(header.get("timm_kwargs") or "{}")
+        pre = json.loads(header.get("preprocessing") or "{}")
+        names = json.loads(header["class_names"]) if header.get("class_names") else None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its timm export metadata is not valid JSON ({e})") from e
+    if not isinstance(kwargs, dict) or not isinstance(pre, dict):
+        raise CheckpointError(f"{path}: its timm export metadata (timm_kwargs, preprocessing) are not JSON objects")
+    config: dict[str, Any] = {"architecture": header["timm_model"], "model_args": kwargs,
+                              "pretrained_cfg": {k: pre[k] for k in _PRETRAINED_CFG_KEYS if k in pre}}
+    if names:
+        config["label_names"] = list(names)
+    return {"timm_config": config, "timm_file": {"vitlab_model": header.get("vitlab_model"), "preprocessing": pre}}
+
+
+def safetensors_header(path: Path) -> dict[str, str]:
+    """The metadata strings of a safetensors file, without reading its tensors ({} if it has none or cannot be
+    read: the reader that loads it says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}
+    except Exception:  # SafetensorError, OSError...: reported when the file is read for its weights
+        return {}
+
+
 def _prefixed(sd: dict, strip_prefix: str | None) -> tuple[dict, str | None]:
     """``sd`` without ``strip_prefix``, and the component all its keys then still share."""
     if strip_prefix is not None:
@@ -194,10 +234,11 @@ def _prefixed(sd: dict, strip_prefix: str | None) -> tuple[dict, str | None]:
     return sd, shared_key_prefix(sd)
 
 
-def _read_state_dict(path: Path, family: str, sd: dict, strip_prefix: str | None) -> Source:
+def _read_state_dict(path: Path, family: str, sd: dict, strip_prefix: str | None,
+                     meta: dict[str, Any] | None = None) -> Source:
     sd, prefix = _prefixed(sd, strip_prefix)
     fmt: SourceFormat = detect_format(family, sd, "hf" if _looks_hf(sd) else "timm")
-    return Source(path, fmt, _convert(path, family, fmt, sd, {}, prefix), looks_like=looks_like(sd),
+    return Source(path, fmt, _convert(path, family, fmt, sd, {}, prefix), meta or {}, looks_like=looks_like(sd),
                   key_prefix=prefix)
 
 
@@ -218,7 +259,9 @@ def _read_folder(path: Path, family: str, weights: Path | None = None, strip_pre
         if got is not None:
             sd, meta = got
             return Source(weights, "vitlab", Converted(sd, {}), meta)
-        sd, _ = read_safetensors(weights)
+        sd, header = read_safetensors(weights)
+        if not config and (timm_file := timm_file_meta(header, weights)) is not None:
+            return _read_state_dict(weights, family, sd, strip_prefix, timm_file)
     else:
         sd = unwrap_state_dict(read_pickle(weights), weights)
     sd, prefix = _prefixed(sd, strip_prefix)

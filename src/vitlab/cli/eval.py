@@ -471,9 +471,11 @@ def run(args: argparse.Namespace) -> int:
                          "use --protocol knn or linear, or fine-tune it first")
     if protocol in ("knn", "linear"):
         _unused_class_options(args, f"--protocol {protocol} learns the data's own classes")
+        if reference is None and getattr(model.inner, "features", False):  # a backbone's ONNX file: its features
+            return feature_report(model.inner, ds, args, device, protocol)
         if reference is None:
             raise ValueError(f"--protocol {protocol}: evaluate the vitlab checkpoint (features of the backbone), "
-                             f"not an exported file ({args.checkpoint})")
+                             f"not an exported classifier ({args.checkpoint} gives its logits only)")
         return feature_report(reference.to(device), ds, args, device, protocol)
     # --class-map names are names; a checkpoint's own "0".."N-1" are judged as before; none: stand-ins
     named = True if class_map is not None else (None if recorded else False)

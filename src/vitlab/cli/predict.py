@@ -89,10 +89,11 @@ def run(args: argparse.Namespace) -> int:
                     "the other runtimes (--runtime torch-bf16, onnx, ...)",
                     "all" if args.agreement == sys.maxsize else args.agreement)
     agreement = 256 if args.agreement is None else args.agreement
-    if not model.num_classes:
-        raise ValueError(f"{args.checkpoint}: a backbone without a classifier (no classes to predict); fine-tune it "
-                         f"(vitlab finetune --from {args.checkpoint} --data ...), or evaluate its features with "
-                         f"vitlab eval --protocol knn|linear")
+    if not model.num_classes:  # a backbone's checkpoint, or its ONNX file (features)
+        tune = ("fine-tune the PyTorch checkpoint it was exported from (vitlab finetune --from CHECKPOINT --data "
+                "...)" if reference is None else f"fine-tune it (vitlab finetune --from {args.checkpoint} --data ...)")
+        raise ValueError(f"{args.checkpoint}: a backbone without a classifier (no classes to predict); {tune}, or "
+                         f"evaluate its features with vitlab eval --protocol knn|linear")
     if class_map is not None:
         apply_class_map(model, class_map, args.class_map, recorded=recorded_class_names(model, reference))
     if model.name.startswith("onnx") or model.name == "torch-int8":

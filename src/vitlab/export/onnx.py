@@ -70,6 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from vitlab.export.runtime import (
+    FEATURES_TASK,
     INPUT_NAME,
     METADATA_KEY,
     OUTPUT_NAME,
@@ -129,8 +130,16 @@ SCORE_MEANINGS = {
 }
 
 
+# A backbone without a classifier (num_classes=0: MAE / DINO / BEiT pre-training) exports its pooled features: the
+# metadata's task says so, for deployments and for vitlab predict / eval, which refuse to read them as class scores.
+FEATURES_MEANING = ("features (batch, dim): the pooled pre-logit features of a backbone without a classifier; not "
+                    "class scores (no softmax, no classes): for k-NN, retrieval or a new head")
+
+
 def output_meanings(task: str, spec: TaskOutputs, score_function: str) -> dict[str, str]:
     """Each output's meaning; a classifier's logits as its ``score_function`` turns them into scores."""
+    if task == FEATURES_TASK:
+        return {"logits": FEATURES_MEANING}
     if task != "classification":
         return dict(spec.meaning)
     return {"logits": f"class logits (batch, classes); {SCORE_MEANINGS.get(score_function, SCORE_MEANINGS['softmax'])}"}
@@ -230,6 +239,10 @@ class ExportReport:
                  f"  exporter {self.exporter}, opset {self.opset}, input (batch, {c}, {h}, {w}), batch "
                  f"{'dynamic' if self.dynamic_batch else 'fixed 1'}, size {'dynamic' if self.dynamic_size else 'fixed'}"
                  + (", int8 linear layers" if self.int8 else "")]
+        if self.task == FEATURES_TASK:
+            lines.append("  exported features: a backbone without a classifier (num_classes 0); its output 'logits' "
+                         "holds (batch, dim) pooled features, not class scores (metadata task 'features'; vitlab "
+                         "predict refuses it, vitlab eval scores it by k-NN or a linear probe)")
         lines.append(f"  validation: {self.images} real images ({self.image_source}), model's own preprocessing")
         lines.append(f"  float32 ONNX vs PyTorch: {_diffs_text(self.output_diffs, self.max_abs_diff, '.2e')} (tolerance "
                      f"{self.tolerance:g}), {self.agreement} {100 * self.top1_agreement:.1f}%")
@@ -569,6 +582,14 @@ def metadata(model: nn.Module, pre: Preprocessing, *, class_names: list[str] | N
     names = list(class_names) if class_names is not None else getattr(model, "class_names", None)
     task, spec = task_outputs(model)
     score = getattr(model, "score_function", "softmax")
+    if task == "classification" and not model.num_classes:  # a backbone: its output is features
+        task, score, names = FEATURES_TASK, "none", None
+    elif task == "classification" and names is not None and len(names) != model.num_classes:
+        if class_names is not None:
+            raise ExportError(f"class_names: {len(names)} names for a model with {model.num_classes} classes")
+        log.warning("%s.class_names has %d names but its head has %d classes: exported without class names",
+                    getattr(model, "model_name", type(model).__name__), len(names), model.num_classes)
+        names = None
     meanings = output_meanings(task, spec, score)
     c, h, w = pre.input_size
     # the order the weights expect (a Hugging Face MobileViT wants BGR): a deployment reading only these
@@ -612,6 +633,7 @@ def metadata(model: nn.Module, pre: Preprocessing, *, class_names: list[str] | N
         "interpolation": pre.interpolation,
         "pixel_scale": "1/255",
         "task": task,
+        "num_classes": str(int(model.num_classes)),
         "score_function": score,
         "output_names": json.dumps(list(spec.names)),
         "outputs": json.dumps(meanings),
@@ -1103,7 +1125,9 @@ def export_onnx(
         sizes = size_rule(model, c, h, w) if dynamic_size else None
         raw, source = _resolve_images(validate_images, num_images)
         x = preprocess(raw, pre, task)  # (N, C, H, W)
-        report = ExportReport(path=str(path), model=name, task=task, agreement=spec.agreement, input_size=(c, h, w),
+        features = task == "classification" and not model.num_classes
+        report = ExportReport(path=str(path), model=name, task=FEATURES_TASK if features else task,
+                              agreement="argmax agreement" if features else spec.agreement, input_size=(c, h, w),
                               dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, int8=int8, images=len(x),
                               image_source=source, tolerance=tolerance, min_agreement=min_agreement, forced=force)
         ref = _outputs(model, x, spec)

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 METADATA_KEY = "vitlab"  # the full JSON record; the other keys are flat copies for non-vitlab deployments
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
+# the task of a backbone's file (num_classes=0): its output holds pooled features, not class logits
+FEATURES_TASK = "features"
 
 
 class ExportUnavailableError(ImportError):
@@ -214,7 +216,9 @@ class OnnxModel(nn.Module):
         size_multiple, min_size: the sizes a dynamic-size file takes (from its metadata; None: any).
         fixed_batch: the batch size of a file exported without a dynamic batch axis, else None.
         task: "classification", "detection" or "segmentation" (from the metadata; classification for a
-            foreign file).
+            foreign file, and for a backbone's file, with ``num_classes`` 0).
+        features: the file holds a backbone without a classifier (metadata task "features", or num_classes 0
+            from an older vitlab): its output is (B, D) pooled features; ``forward_features`` gives them.
         output_names: the graph's outputs in order; ``logits_name`` the one a classifier is scored on.
         config: the exported model's config (a dict; empty for a foreign file).
     """
@@ -266,8 +270,12 @@ class OnnxModel(nn.Module):
                         "shorter side resized to %d (%s) and centre-cropped, mean %s, std %s (Inception-style, not "
                         "ImageNet's), softmax scores; a model trained with other values scores worse", self.path, h, w,
                         p.resize_side(min(h, w)), p.interpolation, _numbers(p.mean), _numbers(p.std))
-        self.task = self.meta.get("task", "classification")
-        self.score_function = self.meta.get("score_function", "softmax")
+        task = self.meta.get("task", "classification")
+        # a backbone's file (task "features"; an older vitlab wrote "classification" with num_classes 0) runs as the
+        # PyTorch backbone does: a classifier of no classes, which predict refuses and eval probes (k-NN, linear)
+        self.features = task == FEATURES_TASK or (task == "classification" and self.meta.get("num_classes") == 0)
+        self.task = "classification" if self.features else task
+        self.score_function = "none" if self.features else self.meta.get("score_function", "softmax")
         self.config = dict(self.meta.get("config") or {})
         outputs = self.session.get_outputs()
         self.output_names = [o.name for o in outputs]
@@ -277,12 +285,37 @@ class OnnxModel(nn.Module):
         # the class axis: (B, K) logits, (B, Q, C + 1) with "no object" last, (B, C, H, W)
         k = {"detection": shape[-1], "segmentation": shape[1]}.get(self.task, shape[-1])
         k = k - (self.task == "detection") if isinstance(k, int) else None
-        names = self.meta.get("class_names")
-        self.num_classes = len(names) if names else (k or self.meta.get("num_classes") or 0)
+        names = None if self.features else self.meta.get("class_names")
+        if self.meta and not self.features and self.task == "classification" and isinstance(k, int):
+            self._check_classes(k, names)
+        self.num_classes = 0 if self.features else len(names) if names else (k or self.meta.get("num_classes") or 0)
         self.class_names = list(names) if names else [str(i) for i in range(self.num_classes)]
         self.model_name = self.meta.get("model", self.path.stem)
         if self.task == "detection" and self.input_hw is not None:
             _warn_fixed_size_detector(self.model_name, self.input_hw)
+
+    def _check_classes(self, width: int, names: list[str] | None) -> None:
+        """A vitlab classifier file whose logits are not as wide as the classes its metadata records is refused:
+        read as class scores, its outputs would be labelled wrongly."""
+        recorded = self.meta.get("num_classes")
+        counts = ([f"{len(names)} class names"] if names and len(names) != width else []) + (
+            [f"num_classes {recorded}"] if isinstance(recorded, int) and recorded != width else [])
+        if counts:
+            raise ValueError(f"{self.path}: its output {self.logits_name!r} has {width} values per image but its "
+                             f"metadata records {' and '.join(counts)}: its outputs cannot be read as class scores; "
+                             f"export it again from its checkpoint (vitlab export)")
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, D) pooled features of a backbone's file (what ``extract_features`` probes); a classifier's file gives
+        its logits only."""
+        if not self.features:
+            raise ValueError(f"{self.path.name}: an exported classifier gives its logits only, not its features; "
+                             f"probe the PyTorch checkpoint it was exported from")
+        return self.run_outputs(x)[self.logits_name]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """The features as they are: a backbone's file has no head (``forward_features`` already pools)."""
+        return x
 
     @property
     def dynamic_size(self) -> bool:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -187,7 +188,11 @@ def _build_loaded(name: str, entry: Any, source: Any, *, overrides: dict[str, An
                     set(source.converted.state_dict) & set(model.state_dict())):
                 # none fits as it is (create_model tries them without the prefix): say so before adapting them
                 raise CheckpointError(f"{label}: none of its keys is one of {name}'s")
-            sd = adapt_state_dict(source.converted.state_dict, model, source=label)
+            sd = source.converted.state_dict
+            # the checkpoint's own classes (num_classes not given: predict, eval, export, a teacher): a head of
+            # another shape means another width, which load_strict reports; it is never replaced
+            sd = (adapt_state_dict(sd, model, source=label) if num_classes is not None
+                  else _adapted_keeping_heads(sd, model, label))
             load_strict(model, sd, source=label)
     except ValueError as e:  # a file of another family fails anywhere here: sizes, tables, keys
         if source is not None:
@@ -196,6 +201,27 @@ def _build_loaded(name: str, entry: Any, source: Any, *, overrides: dict[str, An
             refuse_other_family(source, entry.family, name, e)
         raise
     return model
+
+
+def _adapted_keeping_heads(sd: dict[str, Any], model: nn.Module, label: str) -> dict[str, Any]:
+    """``adapt_state_dict`` (position tables, channels), except that classifier tensors of another shape than the
+    model's stay as they are, so that :func:`load_strict` names them with every other misfit: no new head."""
+    import copy
+
+    from vitlab.checkpoints import adapt_state_dict
+    from vitlab.checkpoints.adapt import classifier_prefixes
+
+    target = model.state_dict()
+    heads = classifier_prefixes(model)
+    misfit = {k: v for k, v in sd.items()
+              if k.split(".")[0] in heads and k in target and v.shape != target[k].shape}
+    if not misfit:
+        return adapt_state_dict(sd, model, source=label)
+    stand_in = copy.copy(sd)  # the model's own head tensors in their place: adapt_state_dict keeps them
+    stand_in.update({k: target[k] for k in misfit})
+    out = adapt_state_dict(stand_in, model, source=label)
+    out.update(misfit)
+    return out
 
 
 # how many leading components (``model.``, ``net.backbone.``) loading removes at most to make the keys fit
@@ -336,7 +362,7 @@ def _timm_hub_overrides(entry: Any, source: Any) -> dict[str, Any]:
     try:
         return timm_hub_overrides(config, entry.family, entry.config)
     except ValueError as e:
-        raise CheckpointError(f"{source.path.parent / 'config.json'}: {e}") from e
+        raise CheckpointError(f"{_timm_config_file(source)}: {e}") from e
 
 
 def _apply_preprocessing_style(source: Any, model: nn.Module, *, given: set[str],
@@ -366,8 +392,11 @@ def _apply_preprocessing_style(source: Any, model: nn.Module, *, given: set[str]
     elif source.meta.get("timm_config"):
         from vitlab.checkpoints.timm_hub import timm_hub_style
 
-        where = str(source.path.parent / "config.json")
+        where = str(_timm_config_file(source))
         style, notes = timm_hub_style(source.meta["timm_config"])
+        if source.meta.get("timm_file"):  # a timm export records vitlab's whole preprocessing: all of it
+            recorded = source.meta["timm_file"].get("preprocessing") or {}
+            style.update({k: _tuplify(recorded[k]) for k in STYLE_FIELDS if k in recorded})
     style = {**weights_style, **style}
     style = {k: v for k, v in style.items() if k in STYLE_FIELDS and k not in given
              and (source.format == "vitlab" or _differs(v, getattr(pre, k)))}
@@ -555,6 +584,8 @@ def model_name_of(path: str | os.PathLike) -> str:
                                   f"(known: {', '.join(family_default)})")
         return hf_model_name(model_type, cfg)
     got = read_vitlab(p)
+    if got is None and (name := _timm_file_model_name(p)) is not None:
+        return name
     if got is None:
         raise CheckpointError(
             f"{p}: not a vitlab checkpoint (no vitlab metadata), so the architecture is unknown; name it: "
@@ -568,6 +599,45 @@ def model_name_of(path: str | os.PathLike) -> str:
         raise CheckpointError(f"{p}: its metadata names the model {name!r}, which is not a registered vitlab "
                               f"model (see `vitlab models`){hint}")
     return name
+
+
+def _timm_file_model_name(p: Path) -> str | None:
+    """The registered name of a file that ``vitlab export --format timm`` wrote: the vitlab model it records, else
+    its timm model where vitlab has that name; None for any other file (a CheckpointError when neither is
+    registered)."""
+    from vitlab.checkpoints import CheckpointError
+    from vitlab.checkpoints.load import safetensors_header, timm_file_meta
+
+    meta = timm_file_meta(safetensors_header(p), p)
+    if meta is None:
+        return None
+    own, timm_name = meta["timm_file"].get("vitlab_model"), meta["timm_config"]["architecture"]
+    names = [n for n in (own, str(timm_name).partition(".")[0]) if isinstance(n, str) and _is_registered(n)]
+    if len(names) == 2 and names[0] != names[1]:
+        mine, timms = (_timm_file_config(n, meta["timm_config"]) for n in names)
+        if timms is not None and mine != timms:  # the vitlab name misses what timm's implies (DeiT's distillation)
+            return names[1]
+    if names:
+        return names[0]
+    raise CheckpointError(f"{p}: a timm export of {own or timm_name!r} (timm model {timm_name!r}), which is not a "
+                          f"registered vitlab model (see `vitlab models`); if it is a variant of one, name it: --model "
+                          f"NAME on the command line, vitlab.load_model({str(p)!r}, model_name=NAME) in Python")
+
+
+def _timm_file_config(name: str, timm_config: dict[str, Any]) -> Any:
+    """The config ``name`` builds with a timm export's arguments (None where they do not apply to it)."""
+    from vitlab.checkpoints.timm_hub import timm_hub_overrides
+
+    entry = get_entry(name)
+    try:
+        return _apply_overrides(name, entry.config, timm_hub_overrides(timm_config, entry.family, entry.config))
+    except (TypeError, ValueError):
+        return None
+
+
+def _timm_config_file(source: Any) -> Path:
+    """Where a source's timm config comes from: a hub folder's config.json, or a timm export's own metadata."""
+    return source.path if source.meta.get("timm_file") else source.path.parent / "config.json"
 
 
 def model_info(name: str, **overrides: Any) -> dict[str, Any]:
