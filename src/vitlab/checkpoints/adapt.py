@@ -4,11 +4,9 @@ one) by a zero-initialised one, and load strictly with an error that lists what 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -27,14 +25,17 @@ class SourceStateDict(dict):
     ``interpolate_pos_encoding`` (ViT, DeiT, BEiT) is bicubic without antialiasing, and vitlab reads its folders so.
     ``rel_pos_interpolation``: the rule for BEiT's relative position tables (with the class rows), read by the
     family's ``adapt_checkpoint``: "timm" (timm's ``resize_rel_pos_bias_table``) or "bilinear" (transformers'
-    ``BeitRelativePositionBias``: the table as a (2H-1, 2W-1) image, bilinear, not antialiased)."""
+    ``BeitRelativePositionBias``: the table as a (2H-1, 2W-1) image, bilinear, not antialiased). ``grid``: the
+    patch grid (rows, cols) of the file's position table where the file records it (a vitlab checkpoint's config):
+    a rectangular grid's table, which its length alone does not give (others' tables are square)."""
 
     def __init__(self, *args: object, pos_interpolation: str = "bicubic", pos_antialias: bool = True,
-                 rel_pos_interpolation: str = "timm") -> None:
+                 rel_pos_interpolation: str = "timm", grid: tuple[int, int] | None = None) -> None:
         super().__init__(*args)
         self.pos_interpolation = pos_interpolation
         self.pos_antialias = pos_antialias
         self.rel_pos_interpolation = rel_pos_interpolation
+        self.grid = grid
 
 
 def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -135,7 +136,7 @@ def adapt_state_dict(sd: dict[str, Tensor], model: nn.Module, *, source: str) ->
     if family_adapt is not None:
         # a family's own tables that depend on resolution or window (e.g. Swin's relative-position bias)
         out = family_adapt(out, source=source)
-    recorded = _recorded_grid(source)
+    recorded = getattr(sd, "grid", None)
     grid = tuple(getattr(getattr(model, "patch_embed", None), "grid_size", ()))
     # a table as long as the model's for another grid of as many patches (a vitlab file's 4x16 for 8x8)
     relaid = recorded is not None and len(grid) == 2 and recorded != grid and math.prod(recorded) == math.prod(grid)
@@ -259,23 +260,6 @@ def _resample_to(v: Tensor, t: Tensor, model: nn.Module, key: str, source: str,
              ", antialiased" if rule[1] else "")
     return resample_pos_embed(v, new_grid, old_size=old_grid, num_prefix_tokens=prefix, interpolation=rule[0],
                               antialias=rule[1])
-
-
-def _recorded_grid(source: str) -> tuple[int, int] | None:
-    """The patch grid (rows, cols) that a vitlab checkpoint's config records (img_size // patch_size): the layout of
-    a table for a rectangular grid, which its length alone does not give. None for any other source."""
-    path = Path(source)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:  # the header only: no tensor is read
-            cfg = json.loads((f.metadata() or {})["vitlab"])["config"]
-        (h, w), (ph, pw) = (v if isinstance(v, list) else (v, v) for v in (cfg["img_size"], cfg["patch_size"]))
-        return int(h) // int(ph), int(w) // int(pw)
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError):  # not vitlab's metadata / fields
-        return None
 
 
 def check_distillation(sd: Mapping[str, Tensor], model: nn.Module, *, source: str) -> None:

@@ -173,7 +173,7 @@ def read_source(path: Path, family: str, *, strip_prefix: str | None = None) -> 
         got = read_vitlab(path)
         if got is not None:
             sd, meta = got
-            return Source(path, "vitlab", Converted(sd, {}), meta)
+            return Source(path, "vitlab", Converted(recorded_grid(sd, meta), {}), meta)
         sd, header = read_safetensors(path)
         # vitlab's own timm export carries what a timm hub folder's config.json holds: read it as one
         return _read_state_dict(path, family, sd, strip_prefix, timm_file_meta(header, path))
@@ -227,6 +227,20 @@ def safetensors_header(path: Path) -> dict[str, str]:
         return {}
 
 
+def recorded_grid(sd: dict, meta: dict[str, Any]) -> dict:
+    """A vitlab checkpoint's state dict carrying the patch grid its config records (img_size // patch_size), so
+    that a rectangular grid's position table resamples from its own layout (:class:`SourceStateDict`)."""
+    from vitlab.checkpoints.adapt import SourceStateDict
+
+    cfg = meta.get("config") or {}
+    try:
+        (h, w), (ph, pw) = (v if isinstance(v, (list, tuple)) else (v, v) for v in (cfg["img_size"], cfg["patch_size"]))
+        grid = (int(h) // int(ph), int(w) // int(pw))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a family without these fields
+        return sd
+    return SourceStateDict(sd, grid=grid)
+
+
 def _prefixed(sd: dict, strip_prefix: str | None) -> tuple[dict, str | None]:
     """``sd`` without ``strip_prefix``, and the component all its keys then still share."""
     if strip_prefix is not None:
@@ -258,7 +272,7 @@ def _read_folder(path: Path, family: str, weights: Path | None = None, strip_pre
         got = read_vitlab(weights)
         if got is not None:
             sd, meta = got
-            return Source(weights, "vitlab", Converted(sd, {}), meta)
+            return Source(weights, "vitlab", Converted(recorded_grid(sd, meta), {}), meta)
         sd, header = read_safetensors(weights)
         if not config and (timm_file := timm_file_meta(header, weights)) is not None:
             return _read_state_dict(weights, family, sd, strip_prefix, timm_file)
