@@ -238,9 +238,9 @@ def test_timm_hub_folder_explicit_overrides_win() -> None:
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    ({"pre_norm": True}, r"pre_norm=True has no counterpart"),
-    ({"act_layer": "quick_gelu"}, r"act_layer='quick_gelu': vitlab's ViTConfig supports gelu = 'exact' / 'tanh'"),
-    ({"global_pool": "map"}, r"global_pool='map': vitlab's ViTConfig supports global_pool = 'token' / 'avg'"),
+    ({"qk_norm": True}, r"qk_norm=True has no counterpart"),
+    ({"act_layer": "silu"}, r"act_layer='silu': vitlab's ViTConfig supports gelu = 'exact' / 'tanh' / 'quick'"),
+    ({"global_pool": "prr"}, r"global_pool='prr': vitlab's ViTConfig supports global_pool = 'token' / 'avg'"),
 ])
 def test_timm_hub_folder_with_args_vitlab_lacks_names_them(args: dict, expected: str, tmp_path: Path) -> None:
     folder = tmp_path / "hub"

@@ -18,7 +18,10 @@ def test_registry_has_the_paper_variants() -> None:
     for name in ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_base_patch32_384",
                  "vit_large_patch16_224", "vit_huge_patch14_224", "vit_base_patch8_224", "vit_base_r50_s16_384"):
         assert name in ALL
-    assert vitlab.list_models("vit_huge_*") == ["vit_huge_patch14_224", "vit_huge_patch14_gap_224",
+    assert vitlab.list_models("vit_huge_*") == ["vit_huge_patch14_224", "vit_huge_patch14_clip_224",
+                                                "vit_huge_patch14_clip_336", "vit_huge_patch14_clip_378",
+                                                "vit_huge_patch14_clip_quickgelu_224",
+                                                "vit_huge_patch14_clip_quickgelu_378", "vit_huge_patch14_gap_224",
                                                 "vit_huge_patch16_224", "vit_huge_patch16_384",
                                                 "vit_huge_patch16_gap_448", "vit_huge_patch32_224",
                                                 "vit_huge_patch32_384", "vit_huge_patch8_224", "vit_huge_patch8_384"]

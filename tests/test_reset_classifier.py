@@ -94,7 +94,7 @@ def test_global_pool_is_positional_and_checked():
     model.reset_classifier(3, "avg")
     assert model.global_pool == "avg" and model.cfg.global_pool == "avg"
     # ViT computes timm's "max" / "avgmax" too, and "" (unpooled tokens) without a classifier
-    with pytest.raises(ValueError, match=r"global_pool must be one of 'token', 'avg', 'max', 'avgmax', '', got 'maxx'"):
+    with pytest.raises(ValueError, match=r"global_pool must be one of 'token', 'avg', 'max', 'avgmax', 'map', '', got 'maxx'"):
         model.reset_classifier(3, "maxx")
     with pytest.raises(ValueError, match=r"global_pool='' \(unpooled tokens\) needs num_classes=0"):
         model.reset_classifier(3, "")

@@ -44,9 +44,9 @@ def crossvit_tnt_io() -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- 1. global_pool is checked
 @pytest.mark.parametrize(("name", "value", "supported"), [
-    ("vit_tiny_patch16_224", "maxx", "'token', 'avg', 'max', 'avgmax', ''"),
-    ("vit_tiny_patch16_224", "map", "'token', 'avg', 'max', 'avgmax', ''"),
-    ("deit_tiny_patch16_224", "MAX", "'token', 'avg', 'max', 'avgmax', ''"),
+    ("vit_tiny_patch16_224", "maxx", "'token', 'avg', 'max', 'avgmax', 'map', ''"),
+    ("vit_tiny_patch16_224", "prr", "'token', 'avg', 'max', 'avgmax', 'map', ''"),
+    ("deit_tiny_patch16_224", "MAX", "'token', 'avg', 'max', 'avgmax', 'map', ''"),
     ("cait_xxs24_224", "max", "'token', 'avg'"),
     ("cait_xxs24_224", "", "'token', 'avg'"),
     ("xcit_nano_12_p16_224", "avgmax", "'token', 'avg'"),

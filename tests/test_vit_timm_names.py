@@ -1,6 +1,7 @@
 """timm's ViT names whose architecture vitlab has: each builds with timm's parameter count and defaults. DeiT III's
 names (``deit3_*``: timm's VisionTransformer without a class-token position, with LayerScale) are DeiT's; DINOv2's
-(``vit_*_patch14_dinov2``, ``vit_*_patch14_reg4_dinov2``: LayerScale, registers) are ViT's.
+(``vit_*_patch14_dinov2``, ``vit_*_patch14_reg4_dinov2``: LayerScale, registers) are ViT's, and so are CLIP's and
+SigLIP's image towers (``vit_*_clip_*``: a norm before the blocks; ``vit_*_siglip_*``: attention pooling).
 
 The expected numbers come from timm itself (tests/fixtures/make_fixtures_timm_vit_names.py, run with the
 peer environment); models are built on the meta device, so the giant ones cost nothing.
@@ -47,6 +48,36 @@ def test_dinov2_names_are_registered_with_timms_architecture():
     with torch.device("meta"):
         m = vitlab.create_model("vit_small_patch14_reg4_dinov2")
     assert m.reg_token.shape == (1, 4, 384) and m.pos_embed.shape == (1, 37 * 37, 384) and m.num_prefix_tokens == 5
+
+
+def test_clip_and_siglip_names_are_registered_with_timms_architecture():
+    """Every ViT CLIP / SigLIP image tower timm has (the fixture lists them all): CLIP's with a norm before the blocks
+    (eps 1e-5, no patch bias) and QuickGELU where the name says so; SigLIP's without a class token, pooled by
+    attention ("map") or averaged ("_gap"), the tanh GELU where timm's name has it."""
+    clip = {n for n in FIXTURE if "_clip_" in n}
+    siglip = {n for n in FIXTURE if "_siglip_" in n}
+    assert len(clip) == 26 and len(siglip) == 32  # timm's 34 but the so400m/14 ones at 384 px (not 14 px patches)
+    assert clip == set(list_models("vit_*_clip_*")) and siglip == set(list_models("vit_*_siglip_*"))
+    for name in clip:
+        cfg = get_entry(name).config
+        assert (cfg.pre_norm, cfg.norm_eps, cfg.class_token, cfg.global_pool) == (True, 1e-5, True, "token")
+        assert cfg.gelu == ("quick" if "_quickgelu_" in name else "exact")
+    tanh = {"vit_base_patch32_siglip_256", "vit_large_patch16_siglip_512", "vit_so400m_patch16_siglip_256",
+            "vit_giantopt_patch16_siglip_384"}
+    for name in siglip:
+        cfg = get_entry(name).config
+        assert (cfg.pre_norm, cfg.class_token, cfg.num_classes) == (False, False, 0)
+        assert cfg.global_pool == ("avg" if "_gap_" in name else "map")
+        if name in tanh or name.replace("_siglip_gap_", "_siglip_") in tanh:
+            assert cfg.gelu == "tanh"
+    assert get_entry("vit_base_patch16_siglip_224").config.gelu == "exact"
+    with torch.device("meta"):
+        m = vitlab.create_model("vit_base_patch16_clip_quickgelu_224")
+    assert m.patch_embed.proj.bias is None and m.norm_pre.weight.shape == (768,) and m.attn_pool is None
+    assert not list_models("vit_so400m_patch14_siglip*_384")
+    with torch.device("meta"):
+        m = vitlab.create_model("vit_so400m_patch14_siglip_378")
+    assert m.attn_pool.mlp.fc1.out_features == 4304 and m.num_prefix_tokens == 0
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURE))

@@ -1,7 +1,9 @@
 """timm-format state dicts -> vitlab. vitlab's ViT uses timm's module names, so this is mostly renaming
 of legacy keys, plus reading off the file the choices that change which tensors exist: head size, class
 token, register tokens (``reg_token``, (1, R, D)), where the final norm sits (and so the pooling), LayerScale, qkv
-bias. Whether the position table has entries for the prefix tokens (timm's ``no_embed_class``) is the model
+bias, a norm before the blocks (``norm_pre``: CLIP's ``pre_norm``) and attention pooling (``attn_pool``: SigLIP's
+``global_pool="map"``). The MLP's activation (CLIP's QuickGELU, SigLIP's tanh GELU) is not in the tensors: the
+model name decides it, as in timm. Whether the position table has entries for the prefix tokens (timm's ``no_embed_class``) is the model
 name's: the ``deit3_*`` and ``vit_*_reg4_dinov2`` names have none.
 
 The official DeiT III files (facebookresearch/deit ``models_v2.py``) differ in two ways: LayerScale is
@@ -30,8 +32,6 @@ _GAMMA = re.compile(r"^(blocks\.\d+)\.gamma_([12])$")  # DeiT III's official Lay
 
 # timm ViT options whose tensors vitlab's ViT has no place for
 _UNSUPPORTED = {
-    "norm_pre.": "a pre-norm before the blocks ('norm_pre', as in CLIP)",
-    "attn_pool.": "attention pooling ('attn_pool', as in SigLIP)",
     "dist_token": "a distillation token (load it as a DeiT model)",
 }
 
@@ -69,6 +69,15 @@ def convert_timm_vit(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
         overrides.update(global_pool="avg", fc_norm=True)
     if "cls_token" not in out:
         overrides.update(class_token=False, global_pool="avg", fc_norm=has_fc_norm)
+    if "attn_pool.latent" in out:  # timm's AttentionPoolLatent: the final norm stays before it
+        if "attn_pool.pos_embed" in out or "attn_pool.q_norm.weight" in out:
+            raise ValueError("timm checkpoint's attention pool has a position table or query/key norms "
+                             "('attn_pool.pos_embed' / 'attn_pool.q_norm'); vitlab's has neither")
+        overrides.update(global_pool="map", fc_norm=False)
+    elif any(k.startswith("attn_pool.") for k in out):
+        raise ValueError("timm checkpoint pools with an attention pool without a learned query (timm's "
+                         "AttentionPoolPrr, 'attn_pool.*' without 'attn_pool.latent'); vitlab's ViT has not")
+    overrides["pre_norm"] = "norm_pre.weight" in out  # timm's patch projection has no bias then
     reg = out.get("reg_token")
     overrides["reg_tokens"] = int(reg.shape[1]) if reg is not None and reg.ndim == 3 else 0
     if "pos_embed" not in out:

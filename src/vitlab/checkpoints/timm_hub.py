@@ -27,6 +27,7 @@ TIMM_ARG_NAMES: dict[str, dict[str, str]] = {
 # timm argument values that vitlab spells otherwise
 TIMM_ARG_VALUES: dict[tuple[str, Any], Any] = {("pos_embed", ""): "none", ("act_layer", "gelu"): "exact",
                                                ("act_layer", "gelu_tanh"): "tanh",
+                                               ("act_layer", "quick_gelu"): "quick",  # CLIP's QuickGELU
                                                ("init_values", 0): None}  # timm: no LayerScale for 0 / None
 # timm arguments that only decide the initialisation, which the loaded weights replace
 INIT_ONLY_ARGS = frozenset({"weight_init", "fix_init", "head_init_scale"})

@@ -236,12 +236,13 @@ def _vit(a: _Args) -> None:
     a.note_dropped("pos_antialias", _POS_ANTIALIAS_NOTE)
     a.take("distilled", "dist_head")  # DeiT: the timm name says which (_timm_name)
     if a.has("gelu"):
-        a.renamed("gelu", "act_layer", lambda g: {"exact": "gelu", "tanh": "gelu_tanh"}[g])
+        a.renamed("gelu", "act_layer", lambda g: {"exact": "gelu", "tanh": "gelu_tanh", "quick": "quick_gelu"}[g])
     if a.cfg.pos_embed == "sincos":
         a.refuse("pos_embed", "timm's VisionTransformer has no fixed 2-D sin-cos position table")
     a.same("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
            "mlp_ratio", "qkv_bias", "init_values", "class_token", "pos_embed", "fc_norm", "dynamic_img_size",
-           "reg_tokens", "no_embed_class")  # registers; a table for the patch tokens only (DeiT III, DINOv2 reg4)
+           "reg_tokens", "no_embed_class",  # registers; a table for the patch tokens only (DeiT III, DINOv2 reg4)
+           "pre_norm")  # CLIP's norm before the blocks (timm drops the patch bias with it, as vitlab)
 
 
 def _cait(a: _Args) -> None:

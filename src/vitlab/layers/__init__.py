@@ -7,6 +7,7 @@ from vitlab.layers.attention import (
     attend_explicit,
     capture_attention,
 )
+from vitlab.layers.attention_pool import AttentionPoolLatent
 from vitlab.layers.block import Block
 from vitlab.layers.checkpointing import call_block, run_sequential
 from vitlab.layers.class_attention import ClassAttention, ClassAttentionBlock
@@ -58,5 +59,5 @@ __all__ = [
     "resample_rel_pos_table", "shift_attention_mask", "window_partition", "window_reverse",
     "CrossAttention", "CrossAttentionBlock", "FrozenBatchNorm2d", "freeze_batch_norm", "sine_position_2d",
     "TokenMasker", "keep_tokens", "RelativePositionBias", "RelPosAttention",
-    "is_tracing_any_size", "size_differs", "tracing_any_size", "call_block", "run_sequential",
+    "is_tracing_any_size", "size_differs", "tracing_any_size", "call_block", "run_sequential", "AttentionPoolLatent",
 ]

@@ -22,12 +22,19 @@ def load_backbone(model: nn.Module, source: str | os.PathLike) -> nn.Module:
         args.setdefault("img_size", tuple(model.backbone.patch_embed.img_size))
     pretrained = create_model(cfg.backbone, pretrained=source, num_classes=0, **args)
     target = model.backbone.state_dict()
-    # batch-norm counters where the backbone has none (frozen batch norm) and a final norm the dense model does
-    # not use (SETR)
+    # batch-norm counters where the backbone has none (frozen batch norm), a final norm the dense model does not
+    # use (SETR) and an attention pool (SigLIP's "map"; :func:`drop_attention_pool`)
     sd = {k: v for k, v in pretrained.state_dict().items()
-          if k in target or not (k.endswith("num_batches_tracked") or k.startswith(("norm.", "fc_norm.")))}
+          if k in target or not (k.endswith("num_batches_tracked") or k.startswith(("norm.", "fc_norm.", "attn_pool.")))}
     load_strict(model.backbone, sd, source=str(source))
     return model
+
+
+def drop_attention_pool(backbone: nn.Module) -> None:
+    """A dense model reads the backbone's tokens, never its pooled output: an attention pool (``global_pool="map"``)
+    would hold parameters without gradients (an error under DDP), so the backbone pools by averaging instead."""
+    if getattr(backbone, "attn_pool", None) is not None:
+        backbone.reset_classifier(0, "avg")
 
 
 def backbone_fixed_size_reason(model: nn.Module) -> str | None:

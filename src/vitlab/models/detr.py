@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from vitlab.layers import CrossAttention, Mlp, call_block, freeze_batch_norm, sine_position_2d
 from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, TimmSurface, record_head
+from vitlab.models.dense import drop_attention_pool
 from vitlab.models.registry import ModelEntry, check_config, register_model
 
 
@@ -185,6 +186,7 @@ def build_backbone(cfg: DETRConfig) -> nn.Module:
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.backbone_args.items()}
     args.setdefault("in_chans", cfg.in_chans)
     net = create_model(cfg.backbone, num_classes=0, **args)
+    drop_attention_pool(net)
     if get_entry(cfg.backbone).family == "resnet" and cfg.freeze_stem:
         freeze_batch_norm(net)
         for m in (net.stem, net.stages[0]):

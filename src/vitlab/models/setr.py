@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from vitlab.layers import resample_pos_embed
 from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, TimmSurface
+from vitlab.models.dense import drop_attention_pool
 from vitlab.models.registry import ModelEntry, check_config, register_model
 
 # SETR's block choices for a 24-block encoder (1-based), scaled to other depths
@@ -204,6 +205,7 @@ class SETR(TimmSurface, nn.Module):
             raise ValueError(f"SETRConfig: backbone {cfg.backbone!r} has no plain sequence of blocks (use a ViT/DeiT)")
         # the heads read the blocks' tokens before the final norm and normalise them themselves
         self.backbone.norm = nn.Identity()
+        drop_attention_pool(self.backbone)
         if getattr(self.backbone.patch_embed, "dynamic_option", False) is True:
             self.backbone.patch_embed.dynamic_option = "backbone_args={'dynamic_img_size': True}"
         depth, dim, C, K = len(self.backbone.blocks), self.backbone.num_features, cfg.channels, cfg.num_classes

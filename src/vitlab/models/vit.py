@@ -9,6 +9,11 @@ Registers ("Vision Transformers Need Registers", Darcet et al. 2023, arXiv:2309.
 tokens after the class token, which take part in attention and are discarded at the output (DINOv2, Oquab et al.
 2023, arXiv:2304.07193, is this ViT with LayerScale; its register models add four).
 
+CLIP's image tower (Radford et al. 2021, arXiv:2103.00020) adds a LayerNorm on the tokens before the blocks
+(``pre_norm``; its patch projection has no bias) and, in OpenAI's models, QuickGELU (``gelu="quick"``). SigLIP's
+(Zhai et al. 2023, arXiv:2303.15343) has no class token and pools with multi-head attention from a learned query
+(``global_pool="map"``, :class:`~vitlab.layers.AttentionPoolLatent`).
+
 The hybrid model (section 3.1) takes its "patches" from a ResNet feature map instead of raw pixels:
 ResNet-50 with group norm and weight standardisation, cut after stage 3 (stride 16) or 4 (stride 32).
 """
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 
 from vitlab.layers import (
     Attention,
+    AttentionPoolLatent,
     Block,
     PatchEmbed,
     TokenMasker,
@@ -59,9 +65,13 @@ from vitlab.models.resnet import ResNet, ResNetConfig
 
 # Poolings ViT computes, with timm's names and semantics (vision_transformer.global_pool_nlc): "token" reads
 # the class token; "avg", "max" and "avgmax" (the mean of the two) reduce the patch tokens, prefix tokens
-# excluded; "" pools nothing (the head sees every token; only without a classifier, num_classes=0).
-VIT_POOLS = ("token", "avg", "max", "avgmax", "")
-ViTPool = Literal["token", "avg", "max", "avgmax", ""]
+# excluded; "map" attends from a learned query over the patch tokens (timm's attn_pool, SigLIP's head); "" pools
+# nothing (the head sees every token; only without a classifier, num_classes=0).
+VIT_POOLS = ("token", "avg", "max", "avgmax", "map", "")
+ViTPool = Literal["token", "avg", "max", "avgmax", "map", ""]
+# OpenAI's CLIP normalisation (timm's OPENAI_CLIP_MEAN / OPENAI_CLIP_STD)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +80,22 @@ log = logging.getLogger(__name__)
 class ViTConfig:
     """Args:
     global_pool: "token" reads the class token, "avg" averages the patch tokens (paper, Appendix D.3);
-        as in timm, "max" takes their per-channel maximum, "avgmax" the mean of "avg" and "max", and ""
-        (with num_classes=0) returns every token unpooled: ``forward`` gives (B, prefix + N, D).
+        as in timm, "max" takes their per-channel maximum, "avgmax" the mean of "avg" and "max", "map" attends
+        over the patch tokens from a learned query (``attn_pool``, SigLIP), and "" (with num_classes=0) returns
+        every token unpooled: ``forward`` gives (B, prefix + N, D).
     pos_embed: "learn" (1-D learned, the paper's default), "sincos" (fixed 2-D) or "none" (Appendix D.4).
     reg_tokens: register tokens (Darcet et al. 2023), placed after the class token: [cls, reg..., patches].
     no_embed_class: the learned table covers the patch tokens only (DeiT III, DINOv2 with registers; timm's option
         of that name): it is added before the class and register tokens are prepended. Otherwise it has an entry
         for each of them too, as timm's.
     representation_size: width of the pre-logits layer (Dense + tanh) used in pre-training; None: none.
+    pre_norm: a LayerNorm on the tokens before the first block (CLIP's ``ln_pre``, timm's ``norm_pre``); as in timm,
+        the patch projection then has no bias.
     fc_norm: put the final LayerNorm after pooling instead of before (None: for "avg", "max" and "avgmax").
     init_values: LayerScale initial value (None: no LayerScale).
-    gelu: the MLP's GELU: "exact" (timm's ``nn.GELU``) or "tanh" (the approximation of the original JAX models,
-        ``flax.linen.gelu``; the ``.npz`` converter sets it).
+    gelu: the MLP's GELU: "exact" (timm's ``nn.GELU``), "tanh" (the approximation of the original JAX models,
+        ``flax.linen.gelu``; the ``.npz`` converter sets it) or "quick" (``x * sigmoid(1.702 x)``, OpenAI CLIP's
+        QuickGELU, timm's ``act_layer="quick_gelu"``).
     hybrid_layers: blocks per ResNet stage of the hybrid stem (None: plain patch embedding).
     dynamic_img_size: accept any input size, resampling the position table per batch.
     pos_antialias: that resampling antialiased (bicubic, as timm) or not (transformers' ``interpolate_pos_encoding``:
@@ -109,10 +123,11 @@ class ViTConfig:
     no_embed_class: bool = False
     global_pool: ViTPool = "token"
     pos_embed: Literal["learn", "sincos", "none"] = "learn"
+    pre_norm: bool = False
     representation_size: int | None = None
     fc_norm: bool | None = None
     init_values: float | None = None
-    gelu: Literal["exact", "tanh"] = "exact"
+    gelu: Literal["exact", "tanh", "quick"] = "exact"
     norm_eps: float = 1e-6
     drop_rate: float = 0.0
     pos_drop_rate: float = 0.0
@@ -136,13 +151,13 @@ class ViTConfig:
         check_global_pool(self, self.global_pool, VIT_POOLS)
         if self.global_pool == "" and self.num_classes > 0:
             raise ValueError(f"{type(self).__name__}: global_pool='' (unpooled tokens) needs num_classes=0, got "
-                             f"num_classes={self.num_classes}; pool with 'token', 'avg', 'max' or 'avgmax' "
+                             f"num_classes={self.num_classes}; pool with 'token', 'avg', 'max', 'avgmax' or 'map' "
                              f"for a classifier")
         if self.interpolation not in ("bicubic", "bilinear", "nearest"):
             raise ValueError(f"{type(self).__name__}: interpolation must be 'bicubic', 'bilinear' or 'nearest', "
                              f"got {self.interpolation!r}")
-        if self.gelu not in ("exact", "tanh"):
-            raise ValueError(f"{type(self).__name__}: gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+        if self.gelu not in ("exact", "tanh", "quick"):
+            raise ValueError(f"{type(self).__name__}: gelu must be 'exact', 'tanh' or 'quick', got {self.gelu!r}")
         if self.attn_type == "linformer" and self.dynamic_img_size:
             raise ValueError("ViTConfig: Linformer projections are tied to the sequence length; dynamic_img_size "
                              "is not supported with attn_type='linformer' (build the model at its img_size)")
@@ -188,6 +203,18 @@ class HybridEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the GELU approximation of OpenAI's CLIP (timm's ``quick_gelu``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def vit_activation(gelu: str) -> type[nn.Module] | partial:
+    """The MLP activation of a ``ViTConfig.gelu``."""
+    return {"exact": nn.GELU, "tanh": partial(nn.GELU, approximate="tanh"), "quick": QuickGELU}[gelu]
+
+
 class VisionTransformer(TimmSurface, nn.Module):
     """ViT classifier; build with a :class:`ViTConfig` or through ``vitlab.create_model``."""
 
@@ -208,7 +235,8 @@ class VisionTransformer(TimmSurface, nn.Module):
             self.patch_embed: PatchEmbed | HybridEmbed = HybridEmbed(cfg)
         else:
             self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-                                          embed_dim=D, strict_img_size=not cfg.dynamic_img_size)
+                                          embed_dim=D, strict_img_size=not cfg.dynamic_img_size,
+                                          bias=not cfg.pre_norm)  # CLIP's projection has no bias (timm ties it)
             self.patch_embed.dynamic_option = cfg.attn_type != "linformer"
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
@@ -224,9 +252,10 @@ class VisionTransformer(TimmSurface, nn.Module):
             if cfg.pos_embed == "sincos":
                 self.register_buffer("pos_embed_fixed", sincos_2d_pos_embed(D, grid), persistent=False)
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
+        self.norm_pre = norm_layer(D) if cfg.pre_norm else nn.Identity()
 
         attn_layer = self._linformer_layer(grid) if cfg.attn_type == "linformer" else Attention
-        act_layer = nn.GELU if cfg.gelu == "exact" else partial(nn.GELU, approximate="tanh")
+        act_layer = vit_activation(cfg.gelu)
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # grows with depth
         self.blocks = nn.Sequential(*[
             Block(D, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
@@ -235,6 +264,10 @@ class VisionTransformer(TimmSurface, nn.Module):
             for i in range(cfg.depth)
         ])
         self.norm = norm_layer(D) if not use_fc_norm else nn.Identity()
+        # "map": attention pooling with its own norm and MLP (the model's), as timm's attn_pool
+        self.attn_pool = AttentionPoolLatent(D, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
+                                             norm_layer=norm_layer, act_layer=act_layer) \
+            if cfg.global_pool == "map" else None
         self.fc_norm = norm_layer(D) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         if cfg.representation_size:
@@ -330,7 +363,8 @@ class VisionTransformer(TimmSurface, nn.Module):
         if isinstance(self.patch_embed, PatchEmbed):  # LeCun normal on the patch projection, as in JAX
             w = self.patch_embed.proj.weight
             nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()))
-            nn.init.zeros_(self.patch_embed.proj.bias)
+            if self.patch_embed.proj.bias is not None:
+                nn.init.zeros_(self.patch_embed.proj.bias)
         for blk in self.blocks:  # MLP biases: small normal noise, as in the reference JAX code
             nn.init.normal_(blk.mlp.fc1.bias, std=1e-6)
             nn.init.normal_(blk.mlp.fc2.bias, std=1e-6)
@@ -359,16 +393,19 @@ class VisionTransformer(TimmSurface, nn.Module):
                              crop_pct=crop, interpolation=self.cfg.interpolation)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names that should not be weight-decayed (position table and prefix tokens)."""
+        """Parameter names that should not be weight-decayed (position table, prefix tokens and the attention
+        pool's learned query, which big_vision's SigLIP does not decay either; timm decays it)."""
         names = {n for n, _ in self.named_parameters(recurse=False)}
-        return {n for n in ("pos_embed", "cls_token", "reg_token") if n in names}  # a gap model has no class token
+        skip = {n for n in ("pos_embed", "cls_token", "reg_token") if n in names}  # a gap model has no class token
+        return skip | ({"attn_pool.latent"} if self.attn_pool is not None else set())
 
     def reset_classifier(self, num_classes: int, global_pool: ViTPool | None = None, *,
                          keep_pre_logits: bool = False) -> None:
         """Replace the head by a zero-initialised (D x K) layer, as the paper does for fine-tuning.
 
         The pre-logits layer is removed too (the paper fine-tunes without it) unless ``keep_pre_logits``.
-        ``reset_classifier(0, "")`` makes ``forward`` return the unpooled tokens, as in timm.
+        ``reset_classifier(0, "")`` makes ``forward`` return the unpooled tokens, as in timm. As timm, another
+        pooling than "map" drops the attention pool (``attn_pool``) and "map" keeps it; it cannot be added.
         """
         check_global_pool(self, global_pool, VIT_POOLS)
         pool = self.global_pool if global_pool is None else global_pool
@@ -376,7 +413,14 @@ class VisionTransformer(TimmSurface, nn.Module):
             raise ValueError("reset_classifier: global_pool='token' needs a model with a class token")
         if pool == "" and num_classes > 0:
             raise ValueError(f"reset_classifier: global_pool='' (unpooled tokens) needs num_classes=0, got "
-                             f"{num_classes}; pass global_pool='token', 'avg', 'max' or 'avgmax' for a classifier")
+                             f"{num_classes}; pass global_pool='token', 'avg', 'max', 'avgmax' or 'map' for a "
+                             f"classifier")
+        if pool == "map" and self.attn_pool is None:
+            raise ValueError(f"reset_classifier: global_pool='map' needs the attention pool (attn_pool) that a model "
+                             f"built with global_pool='map' has; this one pools with {self.global_pool!r} (build it "
+                             f"with global_pool='map' to train a new one)")
+        if pool != "map":
+            self.attn_pool = None  # timm drops it too
         self.global_pool = pool
         if not keep_pre_logits and not isinstance(self.pre_logits, nn.Identity):
             self.pre_logits = nn.Identity()
@@ -426,7 +470,7 @@ class VisionTransformer(TimmSurface, nn.Module):
         if keep is not None:  # each kept patch carries its own position; prefix tokens go in front after
             p = self.num_prefix_tokens
             x = torch.cat([x[:, :p], keep_tokens(x[:, p:], keep)], dim=1)  # (B, prefix + K, D)
-        return x, grid
+        return self.norm_pre(x), grid
 
     def forward_features(self, x: Tensor, *, mask: TokenMasker | None = None) -> Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, prefix + N, D).
@@ -490,6 +534,8 @@ class VisionTransformer(TimmSurface, nn.Module):
         if self.global_pool == "token":
             return x[:, 0]
         patches = x[:, self.num_prefix_tokens:]  # (B, N, D): prefix tokens take no part, as in timm
+        if self.global_pool == "map":
+            return self.attn_pool(patches)
         if self.global_pool == "avg":
             return patches.mean(dim=1)
         if self.global_pool == "max":
@@ -573,6 +619,84 @@ TIMM_VIT_LAYOUTS: dict[str, tuple[int, int, dict, str]] = {
        for tag, extra, desc in (("", {}, ""),
                                 ("_reg4", dict(reg_tokens=4, no_embed_class=True), " with 4 registers"))},
 }
+
+# CLIP's image towers (Radford et al. 2021) under timm's names: a norm before the blocks, eps 1e-5, OpenAI's
+# normalisation; "_quickgelu" names use QuickGELU (OpenAI's, MetaCLIP's and DFN's weights). The head is the
+# projection into the joint embedding, or an ImageNet classifier where timm's default weights are fine-tuned.
+_CLIP_WIDTHS: dict[str, dict] = {
+    "xsmall": dict(embed_dim=256, depth=10, num_heads=4), "medium": dict(embed_dim=512, depth=12, num_heads=8),
+    "betwixt": dict(embed_dim=640, depth=12, num_heads=10), "base": VIT_SIZES["base"],
+    "large": VIT_SIZES["large"], "huge": VIT_SIZES["huge"], "giant": _GIANT,
+    "gigantic": dict(embed_dim=1664, depth=48, num_heads=16, mlp_ratio=64 / 13),
+}
+# (size, patch, resolution, quick_gelu, num_classes, crop_pct) of timm's default weights for each name
+_CLIP_ROWS = [
+    ("xsmall", 16, 224, False, 512, 0.9), ("medium", 16, 224, False, 512, 0.9), ("medium", 32, 224, False, 512, 0.9),
+    ("betwixt", 32, 224, False, 512, 0.9),
+    ("base", 16, 224, False, 1000, 0.95), ("base", 16, 384, False, 1000, 1.0), ("base", 16, 224, True, 512, 1.0),
+    ("base", 32, 224, False, 1000, 0.9), ("base", 32, 256, False, 512, 1.0), ("base", 32, 384, False, 1000, 1.0),
+    ("base", 32, 448, False, 1000, 1.0), ("base", 32, 224, True, 512, 0.9),
+    ("large", 14, 224, False, 1000, 1.0), ("large", 14, 336, False, 1000, 1.0), ("large", 14, 224, True, 768, 1.0),
+    ("large", 14, 336, True, 768, 1.0),
+    ("huge", 14, 224, False, 1000, 1.0), ("huge", 14, 336, False, 1000, 1.0), ("huge", 14, 378, False, 1024, 1.0),
+    ("huge", 14, 224, True, 1024, 1.0), ("huge", 14, 378, True, 1024, 1.0),
+    ("giant", 14, 224, False, 1024, 1.0),
+    ("gigantic", 14, 224, False, 1280, 1.0), ("gigantic", 14, 378, False, 1280, 1.0),
+    ("gigantic", 14, 224, True, 1280, 1.0),
+]
+_CLIP = dict(pre_norm=True, norm_eps=1e-5, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+_CLIP_INCEPTION = ("vit_large_patch14_clip_224", "vit_large_patch14_clip_336")  # LAION's fine-tuned: mean/std 0.5
+
+
+def _clip_layouts() -> dict[str, tuple[int, int, dict, str]]:
+    out = {}
+    for size, patch, res, quick, classes, crop in _CLIP_ROWS:
+        name = f"vit_{size}_patch{patch}_clip{'_quickgelu' if quick else ''}_{res}"
+        norm = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD) if name in _CLIP_INCEPTION else {}
+        out[name] = (patch, res, {**_CLIP_WIDTHS[size], **_CLIP, **norm, "num_classes": classes, "crop_pct": crop,
+                                  **({"gelu": "quick"} if quick else {})},
+                     f"CLIP image tower ViT-{size}/{patch}{' (QuickGELU)' if quick else ''} at {res}px")
+    out["vit_base_patch16_plus_clip_240"] = (
+        16, 240, dict(embed_dim=896, depth=12, num_heads=14, **_CLIP, num_classes=640, crop_pct=1.0),
+        "CLIP image tower ViT-B+/16 (width 896, 14 heads) at 240px")
+    return out
+
+
+# SigLIP's image towers (Zhai et al. 2023), headless: no class token, attention pooling ("map"), or the patch
+# tokens averaged (timm's "_gap" names, PaliGemma's encoders); some use the tanh GELU (timm's names say which).
+_SIGLIP_WIDTHS: dict[str, dict] = {
+    "base": VIT_SIZES["base"], "large": VIT_SIZES["large"],
+    "so400m": dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362),  # "shape-optimised" 400M
+    "giantopt": dict(embed_dim=1536, depth=40, num_heads=16),
+}
+# (size, patch, map resolutions, gap resolutions, tanh-GELU resolutions)
+_SIGLIP_ROWS = [
+    ("base", 16, (224, 256, 384, 512), (224, 256, 384, 512), ()), ("base", 32, (256,), (256,), (256,)),
+    ("large", 16, (256, 384, 512), (256, 384, 512), (512,)),
+    ("so400m", 14, (224, 378), (224, 378, 448, 896), ()),  # (timm's 384px: 27 patches of 14, the rest dropped)
+    ("so400m", 16, (256, 384, 512), (256, 384, 512), (256, 384, 512)),
+    ("giantopt", 16, (256, 384), (256, 384), (256, 384)),
+]
+_SIGLIP_FULL_CROP = ("vit_so400m_patch14_siglip_gap_448", "vit_so400m_patch14_siglip_gap_896")  # timm's: no crop
+
+
+def _siglip_layouts() -> dict[str, tuple[int, int, dict, str]]:
+    out = {}
+    for size, patch, maps, gaps, tanh in _SIGLIP_ROWS:
+        for gap, resolutions in ((False, maps), (True, gaps)):
+            for res in resolutions:
+                name = f"vit_{size}_patch{patch}_siglip{'_gap' if gap else ''}_{res}"
+                pool = dict(global_pool="avg", fc_norm=False) if gap else dict(global_pool="map")
+                out[name] = (patch, res, {**_SIGLIP_WIDTHS[size], "class_token": False, **pool, "num_classes": 0,
+                                          "crop_pct": 1.0 if name in _SIGLIP_FULL_CROP else 0.9,
+                                          **({"gelu": "tanh"} if res in tanh else {})},
+                             f"SigLIP image tower ViT-{size}/{patch}, {'average' if gap else 'attention'} pooling, "
+                             f"at {res}px, headless")
+    return out
+
+
+TIMM_VIT_LAYOUTS.update(_clip_layouts())
+TIMM_VIT_LAYOUTS.update(_siglip_layouts())
 
 
 def _register_vit_variants() -> None:

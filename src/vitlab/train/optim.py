@@ -23,11 +23,13 @@ from vitlab.train.recipe import Recipe
 log = logging.getLogger(__name__)
 
 # Parameters before the first block (patch embedding, prefix tokens, position table) share layer 0; the
-# convolutional / unfolding stems of T2T-ViT (tokens_to_token) and CCT (tokenizer) are patch embeddings too.
+# convolutional / unfolding stems of T2T-ViT (tokens_to_token) and CCT (tokenizer) are patch embeddings too, and
+# CLIP's norm on the embedded tokens (norm_pre) belongs to them, as in timm's group_matcher. SigLIP's attention
+# pool (attn_pool) comes after the blocks: layer L + 1, with the head.
 # A family whose stem has other names, or with blocks outside ``blocks``, numbers its own layers
 # (``decay_layer_id``: TNT, Swin, BEiT, CaiT, XCiT).
 _EMBED_PREFIXES = ("patch_embed", "cls_token", "dist_token", "reg_token", "pos_embed", "pos_drop",
-                   "tokens_to_token", "tokenizer")
+                   "tokens_to_token", "tokenizer", "norm_pre.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
