@@ -61,7 +61,7 @@ class Explanation:
     maps: (B, H, W) relevance at image resolution (not normalised; see ``normalize_map``).
     patch_maps: (B, rows, cols) relevance on the grid the method works on (patch tokens, a feature
         map, or the pixels themselves for grad-input).
-    probs: (B, K) softmax of the logits.
+    probs: (B, K) the model's scores of the logits (:func:`class_scores`: softmax, sigmoid or raw values).
     target: (B,) the class each map explains (the prediction unless one was asked for).
     method: the method that made the maps (what "auto" resolved to).
     """
@@ -220,6 +220,14 @@ def _autograd_input(x: Tensor) -> Tensor:
     return x
 
 
+def class_scores(model: nn.Module, logits: Tensor) -> Tensor:
+    """(B, K) scores of ``logits`` by the model's ``score_function`` (softmax; sigmoid for a multi-label head; the
+    raw values for regression), as ``vitlab.predict`` scores them."""
+    from vitlab.inference import score_kind, to_scores
+
+    return to_scores(logits.detach().float(), score_kind(model))
+
+
 def class_targets(logits: Tensor, target: int | Tensor | None) -> Tensor:
     """(B,) class indices: the prediction, or the asked-for class(es), range-checked."""
     B = logits.shape[0]
@@ -286,7 +294,7 @@ def _token_explain(model: nn.Module, x: Tensor, *, method: str, target: int | Te
     out = capture(model, x, with_grad=method == "grad-rollout")
     B = x.shape[0]
     logits = out.logits
-    probs = logits.detach().float().softmax(dim=-1)
+    probs = class_scores(model, logits)
     tgt = class_targets(logits, target)
     layout = out.layout
     p = layout.num_prefix_tokens
@@ -365,7 +373,7 @@ def _grad_cam(model: nn.Module, x: Tensor, *, target: int | Tensor | None) -> Ex
     weights = gmap.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1): channel importance
     cam = (weights * fmap).sum(dim=1).clamp(min=0)  # (B, h, w)
     maps = _cam_to_image(model, cam, image_size)
-    probs = logits.detach().float().softmax(dim=-1)
+    probs = class_scores(model, logits)
     return Explanation(maps=maps, patch_maps=cam, probs=probs, target=tgt.detach(), method="grad-cam")
 
 
@@ -397,5 +405,5 @@ def _grad_input(model: nn.Module, x: Tensor, *, target: int | Tensor | None) -> 
         score = logits.gather(1, tgt[:, None]).sum()
         (grad,) = torch.autograd.grad(score, xi)
     maps = (grad * xi).detach().sum(dim=1).abs()  # (B, H, W)
-    probs = logits.detach().float().softmax(dim=-1)
+    probs = class_scores(model, logits)
     return Explanation(maps=maps, patch_maps=maps, probs=probs, target=tgt.detach(), method="grad-input")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vitlab.analysis.explain import Explanation, class_targets, register_explainer
+from vitlab.analysis.explain import Explanation, class_scores, class_targets, register_explainer
 from vitlab.analysis.partial_capture import capture_tagged
 from vitlab.analysis.rollout import HeadFusion, discard_lowest, fuse_heads, relevance_to_image
 from vitlab.models.crossvit import CrossViT
@@ -70,7 +70,7 @@ def _to_image(model: CrossViT, r0: Tensor, r1: Tensor, image_size: tuple[int, in
 def _explain(model: CrossViT, x: Tensor, *, method: str, target, head_fusion: HeadFusion,
              discard_ratio: float) -> Explanation:
     logits, seen = capture_tagged(model, x, _tagged_modules(model), with_grad=method == "grad-rollout")
-    probs = logits.detach().float().softmax(dim=-1)
+    probs = class_scores(model, logits)
     tgt = class_targets(logits, target)
     sizes = (1 + model.grids[0][0] * model.grids[0][1], 1 + model.grids[1][0] * model.grids[1][1])
     image_size = (x.shape[-2], x.shape[-1])

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from vitlab.analysis.capture import this_thread_only
-from vitlab.analysis.explain import Explanation, class_targets, register_explainer
+from vitlab.analysis.explain import Explanation, class_scores, class_targets, register_explainer
 from vitlab.analysis.rollout import HeadFusion, fuse_heads, relevance_to_image
 from vitlab.layers import capture_attention
 from vitlab.layers.attention import FoldedAttention
@@ -54,5 +54,5 @@ def mobilevit_last_layer(model: MobileViT, x: Tensor, *, target: int | Tensor | 
                         type(model).__name__)
         relevance = last.mean(dim=(1, 2))  # (B, N): context weight per patch, averaged over positions
     return Explanation(maps=relevance_to_image(relevance, grid, (x.shape[-2], x.shape[-1])),
-                       patch_maps=relevance.reshape(B, *grid), probs=logits.float().softmax(dim=-1),
+                       patch_maps=relevance.reshape(B, *grid), probs=class_scores(model, logits),
                        target=class_targets(logits, target), method="last-layer")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.analysis.explain import ATTENTION_METHODS, Explanation, class_targets, register_explainer
+from vitlab.analysis.explain import ATTENTION_METHODS, Explanation, class_scores, class_targets, register_explainer
 from vitlab.analysis.rollout import HeadFusion, relevance_to_image
 from vitlab.analysis.windows import (
     Step,
@@ -131,7 +131,7 @@ def explain_windowed(
         raise ValueError(f"explain_windowed: method must be one of {', '.join(ATTENTION_METHODS)}, got {method!r}")
     cap = capture_windowed(model, x, with_grad=method == "grad-rollout")
     logits = cap.logits
-    probs = logits.detach().float().softmax(dim=-1)
+    probs = class_scores(model, logits)
     tgt = class_targets(logits, target)
     if method == "rollout":
         rel = window_rollout([a.detach() for a in cap.attentions], cap.steps, head_fusion=head_fusion,

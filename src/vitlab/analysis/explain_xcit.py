@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from vitlab.analysis.capture import token_layout
-from vitlab.analysis.explain import Explanation, class_targets, register_explainer
+from vitlab.analysis.explain import Explanation, class_scores, class_targets, register_explainer
 from vitlab.analysis.rollout import HeadFusion, fuse_heads, relevance_to_image
 from vitlab.layers import ClassAttention, capture_attention
 from vitlab.models.xcit import XCiT
@@ -36,5 +36,5 @@ def xcit_last_class_attention(model: nn.Module, x: Tensor, *, target: int | Tens
     relevance = fuse_heads(ca[-1].float(), head_fusion)[:, 0, 1:]  # (B, N): class token -> patches
     B = x.shape[0]
     return Explanation(maps=relevance_to_image(relevance, layout.grid, (x.shape[-2], x.shape[-1])),
-                       patch_maps=relevance.reshape(B, *layout.grid), probs=logits.float().softmax(dim=-1),
+                       patch_maps=relevance.reshape(B, *layout.grid), probs=class_scores(model, logits),
                        target=class_targets(logits, target), method="last-layer")

@@ -485,8 +485,9 @@ def _family(model: nn.Module) -> str:
 def save_timm(model: nn.Module, path: str | Path, *, class_names: list[str] | None = None) -> TimmModelArgs:
     """Write ``model`` as a plain safetensors file in timm's layout (:func:`to_timm_state_dict`), atomically, and
     return how timm builds it. The metadata (strings) holds ``format`` ("timm"), ``timm_model``, ``timm_kwargs``
-    (JSON), ``timm_builder`` (where it is not create_model), ``class_names`` (JSON), ``preprocessing`` (JSON: input
-    size, mean, std, crop, channel order) and ``vitlab_model``; load it with the line
+    (JSON), ``timm_builder`` (where it is not create_model), ``class_names`` (JSON), ``score_function`` (where it
+    is not softmax), ``preprocessing`` (JSON: input size, mean, std, crop, channel order) and ``vitlab_model``;
+    load it with the line
     :meth:`TimmModelArgs.load_line` gives."""
     from safetensors.torch import save_file
 
@@ -506,6 +507,8 @@ def save_timm(model: nn.Module, path: str | Path, *, class_names: list[str] | No
         header["timm_builder"] = args.builder
     if meta["class_names"] is not None:
         header["class_names"] = json.dumps(meta["class_names"], ensure_ascii=False)
+    if meta.get("score_function"):  # sigmoid (multi-label) / none (regression); absent: softmax
+        header["score_function"] = meta["score_function"]
     for note in args.notes:
         log.info("timm export of %s: %s", meta["model"], note)
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=header))
@@ -532,7 +535,8 @@ def timm_hub_config(model: nn.Module, *, class_names: list[str] | None = None) -
     """The ``config.json`` of ``model``'s timm hub folder, in the layout timm's ``save_for_hf`` writes:
     ``architecture``, ``num_classes``, ``num_features``, ``global_pool``, ``label_names`` (where the model has class
     names), ``model_args`` (:func:`timm_model_args`' arguments) and ``pretrained_cfg`` (the model's preprocessing,
-    its input convolution(s) and classifier(s) in timm's names). ValueError where timm.create_model cannot build the
+    its input convolution(s) and classifier(s) in timm's names); ``problem_type`` as transformers names the
+    model's score function ("multi_label_classification" for sigmoid, "regression" for none). ValueError where timm.create_model cannot build the
     model by name (MLP-Mixer with another patch size, depth or width)."""
     model = unwrap_model(model)
     args = timm_model_args(model)
@@ -566,6 +570,9 @@ def timm_hub_config(model: nn.Module, *, class_names: list[str] | None = None) -
                               "global_pool": getattr(model.cfg, "global_pool", None) or "avg"}
     if meta["class_names"]:
         config["label_names"] = list(meta["class_names"])
+    problem = {"sigmoid": "multi_label_classification", "none": "regression"}.get(meta.get("score_function", ""))
+    if problem and model.num_classes:  # transformers' pipeline then scores with sigmoid / raw values
+        config["problem_type"] = problem
     # num_classes is the top-level entry's (timm applies it): transformers' TimmWrapper passes num_classes itself,
     # and a second one in model_args is a TypeError there
     model_args = {k: v for k, v in args.kwargs.items() if k != "num_classes"}

@@ -144,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
     asked = "auto" if args.method == "auto" and not headless else method
     if target is not None and method in ("rollout", "last-layer"):
         log.warning("--class does not change %s maps; use grad-rollout, grad-cam or grad-input", method)
+    from vitlab.inference import score_kind
+
+    kind = score_kind(model)  # the scores shown: the model's score function, as predict's
     pre = model.preprocessing
     transform = eval_transform(pre)
     out_dir = Path(args.output)
@@ -173,20 +176,30 @@ def run(args: argparse.Namespace) -> int:
             print(printable(out))
             continue
         pred = int(e.probs[0].argmax())
-        title = f"{Path(path).name}: {names[pred]} ({float(e.probs[0, pred]):.1%})  [{e.method}"
+        title = f"{Path(path).name}: {names[pred]} ({_score_text(e.probs[0, pred], kind)})  [{e.method}"
+        explained = ""
         if e.method not in ("rollout", "last-layer"):
             t = int(e.target[0])
-            title += f" for {names[t]} ({float(e.probs[0, t]):.1%})"
+            title += f" for {names[t]} ({_score_text(e.probs[0, t], kind)})"
+            if target is not None:
+                explained = f"; explained {names[t]}, {_score_text(e.probs[0, t], kind)}"
         title += "]"
         image = to_display(x[0], pre.mean, pre.std)
         if pre.channel_order == "BGR" and image.shape[0] == 3:
             image = image.flip(0)  # shown in RGB
         out = explain_figure(image, normalize_map(e.maps)[0], out_dir / out_name, title=title)
         how = e.method + (" chosen by --method auto" if args.method == "auto" else "")
-        log.info("%s -> %s (method %s; predicted %s, %.1f%%)", path, out, how, names[pred],
-                 100 * float(e.probs[0, pred]))
+        log.info("%s -> %s (method %s; predicted %s, %s%s)", path, out, how, names[pred],
+                 _score_text(e.probs[0, pred], kind), explained)
         print(printable(out))
     if images and skipped == len(images):  # as predict / detect / segment: a script must not take it for success
         log.error("error: none of the %d image(s) could be read (each is named above); nothing written", skipped)
         return 2
     return 0
+
+
+def _score_text(score: torch.Tensor, kind: str) -> str:
+    """A class's score as shown: a probability (softmax; sigmoid: of that class alone), or the raw value."""
+    if kind == "none":
+        return f"value {float(score):.4g}"
+    return f"{float(score):.1%}" + (" sigmoid" if kind == "sigmoid" else "")

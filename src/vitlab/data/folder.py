@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import random
@@ -365,6 +366,12 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[tuple[int, str, str | None]
         raise DatasetError(f"{path}: cannot tell which key holds the labels (keys: {['file_name', *others]}{lines}); "
                            f"name it one of {', '.join(LABEL_COLUMNS)} on every line, or keep one key beside "
                            f"'file_name'")
+    for line, e in entries:  # str() of a list would make one class per combination of labels
+        if isinstance(e.get(key), (list, dict)):
+            raise DatasetError(f"{path}, line {line}: the label {key!r} is a JSON {type(e[key]).__name__} "
+                               f"({json.dumps(e[key])[:80]}); vitlab trains single-label classifiers, one label per "
+                               f"image (a string or an int); for multi-label targets, train with vitlab.train.fit and "
+                               f"a criterion of your own")
     rows = [(line, str(e["file_name"]), None if key is None or e.get(key) is None else str(e[key]))
             for line, e in entries]
     return rows, key, (f"no label key (keys: {['file_name', *others]})" if key is None else None)
@@ -410,6 +417,7 @@ def _scan_label_file(root: Path, path: Path, classes: list[str] | None) -> tuple
                            f"left out as unlabelled)")
     if not entries:
         raise DatasetError(f"{path}: lists no images (expected {LABEL_FILE_FORMS})")
+    _warn_if_values(path, table.label_key, [c for _, c in entries])
     classes = _split_classes(sorted({c for _, c in entries}), classes, f"{path}: labels")
     if unlisted := [n for n in table.images.rel if n not in seen]:
         _warn_once("unlisted", root, "%s: %d image(s) not listed in %s are not used (e.g. %s)", root,
@@ -417,6 +425,22 @@ def _scan_label_file(root: Path, path: Path, classes: list[str] | None) -> tuple
     index = {c: i for i, c in enumerate(classes)}
     entries.sort(key=lambda e: (index[e[1]], e[0]))
     return [p for p, _ in entries], [index[c] for _, c in entries], list(classes)
+
+
+def _warn_if_values(path: Path, column: str, labels: list[str]) -> None:
+    """Warn when the labels look like a regression target (all numbers, some with a fraction, or nearly all
+    distinct): each value would become a class."""
+    try:
+        values = [float(v) for v in labels]
+    except ValueError:
+        return
+    distinct = len(set(labels))
+    fractional = [v for v in values if math.isfinite(v) and not v.is_integer()]
+    if fractional or (len(labels) >= 20 and distinct >= 0.9 * len(labels)):
+        _warn_once("numeric labels", path, "%s: the label column %r holds numbers (%d distinct values over %d "
+                   "images, e.g. %s), and each value becomes a class: vitlab trains single-label classifiers; for "
+                   "regression, train with vitlab.train.fit and a criterion of your own", path, column, distinct,
+                   len(labels), ", ".join(sorted(set(labels), key=labels.index)[:3]))
 
 
 def _split_classes(found: list[str], classes: list[str] | None, where: str) -> list[str]:

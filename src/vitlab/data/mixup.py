@@ -80,9 +80,19 @@ class Mixup(PicklableGenerator):
         return y0, y1, x0, x1
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (B, C, H, W) float, y: (B,) labels -> (mixed x, soft targets (B, K))."""
+        """x: (B, C, H, W) float, y: (B,) labels or float (B, K) targets (one-hot, soft or multi-hot: smoothed
+        as one-hot ones, ``(1 - s) y + s / K``, then mixed as given) -> (mixed x, soft targets (B, K))."""
         rng = Rng(self.generator)
-        targets = one_hot_smooth(y, self.num_classes, self.label_smoothing).to(x.device)
+        y = torch.as_tensor(y)
+        if y.is_floating_point():
+            if y.ndim != 2 or y.shape[1] != self.num_classes:
+                raise ValueError(f"Mixup: float targets of shape {tuple(y.shape)}; expected int class indices (B,) "
+                                 f"or float (B, K) = (B, {self.num_classes}) targets")
+            # in float64, so that one-hot rows give exactly one_hot_smooth's values
+            s = self.label_smoothing
+            targets = (y.double() * (1.0 - s) + s / self.num_classes).float().to(x.device)
+        else:
+            targets = one_hot_smooth(y, self.num_classes, self.label_smoothing).to(x.device)
         mode, lam = self._params(rng)
         if mode == "mixup":
             x = x * lam + x.flip(0) * (1.0 - lam)

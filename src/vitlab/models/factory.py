@@ -449,12 +449,21 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid", "none")
 
 
 def _score_function(source: Any) -> str:
-    """How a checkpoint's logits become scores: a vitlab file's ``score_function``; for a Hugging Face config, as
-    transformers' image-classification pipeline decides (sigmoid for ``problem_type`` multi_label_classification
-    or a single label, none for regression, else softmax)."""
+    """How a checkpoint's logits become scores: a vitlab file's (or a single-file timm export's)
+    ``score_function``; for a Hugging Face config, as transformers' image-classification pipeline decides (sigmoid
+    for ``problem_type`` multi_label_classification or a single label, none for regression, else softmax); for a
+    timm hub folder, its config's ``problem_type`` (written by ``vitlab export --format timm``)."""
     if source.format == "vitlab":
         score = source.meta.get("score_function", "softmax")
         return score if score in SCORE_FUNCTIONS else "softmax"
+    if "timm_file" in source.meta:  # save_timm's file: the score function in its safetensors metadata
+        from vitlab.checkpoints.load import safetensors_header
+
+        score = safetensors_header(source.path).get("score_function", "softmax")
+        return score if score in SCORE_FUNCTIONS else "softmax"
+    if "timm_config" in source.meta:
+        problem = (source.meta.get("timm_config") or {}).get("problem_type")
+        return {"multi_label_classification": "sigmoid", "regression": "none"}.get(problem, "softmax")
     config = source.meta.get("config") or {}
     if source.format != "hf" or not config:
         return "softmax"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +21,9 @@ from vitlab.data.loader import WorkerLoader, collate_skip_none
 class EvalResult:
     num_samples: int
     loss: float
-    top1: float
-    top5: float
+    # None where the targets are not classes (a custom criterion's regression or multi-label targets)
+    top1: float | None
+    top5: float | None
     # accuracy of each class; NaN for a class with no image in the data set (its accuracy is undefined):
     # written out through per_class_json(), which gives null there, as JSON has no NaN
     per_class: list[float]
@@ -30,8 +32,11 @@ class EvalResult:
     predictions: Tensor | None = None  # (N,) top-1 class of every sample, in data set order
 
     def summary(self) -> dict[str, Any]:
-        return {"samples": self.num_samples, "loss": round(self.loss, 6), "top1": round(self.top1, 6),
-                "top5": round(self.top5, 6)}
+        """samples, loss, top1, top5 (the last two left out where they are None)."""
+        out: dict[str, Any] = {"samples": self.num_samples, "loss": round(self.loss, 6)}
+        if self.top1 is not None and self.top5 is not None:
+            out.update(top1=round(self.top1, 6), top5=round(self.top5, 6))
+        return out
 
     def per_class_json(self, class_names: list[str] | None = None) -> dict[str, float | None]:
         """{class name: accuracy} for a JSON report: None (null) for a class with no image, where ``per_class``
@@ -76,6 +81,14 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
+def _not_probabilities(y: Tensor) -> tuple[int, float] | None:
+    """(row, its sum) of the first (B, K) row that does not sum to 1 within 1e-3 (multi-hot, all zero), or
+    None."""
+    sums = y.detach().float().sum(dim=-1)
+    bad = ((sums - 1).abs() > 1e-3).nonzero()
+    return (int(bad[0, 0]), float(sums[bad[0, 0]])) if len(bad) else None
+
+
 def check_classification_batch(batch: Any, *, num_classes: int, in_chans: int | None = None,
                                labels: bool = True, where: str = "fit") -> None:
     """Refuse a batch that a classifier cannot be trained or evaluated on, with one message naming what came,
@@ -112,6 +125,11 @@ def check_classification_batch(batch: Any, *, num_classes: int, in_chans: int | 
         if y.ndim != 2 or y.shape[1] != num_classes:
             refuse(f"float labels of shape {tuple(y.shape)}", f"Give int class indices, or (K,) = ({num_classes},) "
                    "class probabilities per sample")
+        if bad := _not_probabilities(y):
+            refuse(f"float label rows that are not class probabilities (row {bad[0]} sums to {bad[1]:.4g})",
+                   "Softmax cross entropy takes one class per image; for multi-label (multi-hot) targets pass "
+                   "criterion=lambda x, out, y: F.binary_cross_entropy_with_logits(out, y) to fit and set "
+                   "model.score_function = 'sigmoid'")
     elif y.dtype == torch.bool or y.is_complex() or y.ndim != 1:
         refuse(f"labels of type {_kind(y)}", "Give each label as an int (int(label), or label.squeeze() for a (1,) "
                "tensor)" if y.ndim == 2 and y.shape[1] == 1 else "Give each label as an int class index")
@@ -125,11 +143,17 @@ def check_classification_batch(batch: Any, *, num_classes: int, in_chans: int | 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size: int = 256,
              device: torch.device | str = "cpu", amp: str = "none", workers: int = 0,
-             class_names: list[str] | None = None, progress: bool = False) -> EvalResult:
+             class_names: list[str] | None = None, progress: bool = False,
+             criterion: Callable[[Tensor, Any, Tensor], Tensor] | None = None) -> EvalResult:
     """Run ``model`` over ``dataset`` (already transformed with the model's eval preprocessing).
 
     Labels: class indices, or (K,) class probabilities per sample (one-hot / soft labels: cross-entropy
-    against them, accuracy against their most probable class)."""
+    against them, accuracy against their most probable class).
+
+    ``criterion``: ``loss(images, outputs, targets)`` (fit's, a mean over the batch): the loss is its value and
+    the targets are its business (regression, multi-label); top-1 / top-5, per-class accuracy and the confusion
+    are then given only where every target is a class index or a row of class probabilities, else None / empty.
+    """
     device = torch.device(device)
     in_chans = getattr(getattr(model, "preprocessing", None), "input_size", (None,))[0]
     was_training = model.training
@@ -138,6 +162,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
                         collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(0))
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum, n, top5_hits = 0.0, 0, 0
+    scored = True  # every target so far is a class (index or probabilities): accuracy means something
     preds: list[Tensor] = []
     bar = None
     if progress and sys.stderr.isatty():  # a redrawn bar is noise in a log file
@@ -146,19 +171,31 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
         bar = tqdm(total=len(loader), desc="eval", unit="batch", leave=False)
     try:
         for batch in loader:
+            if bar is not None:
+                bar.update(1)
             if batch is None:
                 continue
             if n == 0:
-                check_classification_batch(batch, num_classes=num_classes, in_chans=in_chans, where="evaluate")
+                check_classification_batch(batch, num_classes=num_classes, in_chans=in_chans, where="evaluate",
+                                           labels=criterion is None)
             x, y = batch
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_context(device, amp):
-                logits = logits_of(model(x))
-            logits = logits.float()
-            if logits.shape[-1] != num_classes:
+                outputs = model(x)
+                if criterion is not None:
+                    loss_sum += float(criterion(x, outputs, y)) * len(x)
+            logits = logits_of(outputs).float()
+            if criterion is not None:
+                n += len(x)
+                scored = scored and _class_targets(y, logits, num_classes)
+                if not scored:
+                    continue
+            elif logits.shape[-1] != num_classes:
                 raise ValueError(f"evaluate: the model outputs {logits.shape[-1]} classes, the data has {num_classes}")
             y = y.float() if y.is_floating_point() else y.long()  # (B, K) class probabilities or (B,) indices
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            if criterion is None:
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                n += y.shape[0]
             if y.is_floating_point():  # one-hot / soft labels: accuracy against the most probable class
                 y = y.argmax(dim=-1)
             k = min(5, num_classes)
@@ -168,18 +205,29 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
             preds.append(pred.cpu())
             confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes ** 2).view(
                 num_classes, num_classes)  # (K, K)
-            n += y.numel()
-            if bar is not None:
-                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
     if n == 0:
         raise ValueError("evaluate: the data set is empty")
+    if not scored:
+        return EvalResult(num_samples=n, loss=loss_sum / n, top1=None, top5=None, per_class=[],
+                          confusion=torch.zeros(0, 0, dtype=torch.int64), class_names=list(class_names or []))
     correct = confusion.diag()
     support = confusion.sum(dim=1)
     per_class = [c / s if s > 0 else float("nan") for c, s in zip(correct.tolist(), support.tolist())]
     return EvalResult(num_samples=n, loss=loss_sum / n, top1=correct.sum().item() / n, top5=top5_hits / n,
                       per_class=per_class, confusion=confusion, class_names=list(class_names or []),
                       predictions=torch.cat(preds))
+
+
+def _class_targets(y: Tensor, logits: Tensor, num_classes: int) -> bool:
+    """Whether a custom criterion's targets are classes of ``logits``: (B,) int indices in range, or (B, K) rows
+    of class probabilities."""
+    if logits.ndim != 2 or logits.shape[-1] != num_classes:
+        return False
+    if y.is_floating_point():
+        return y.ndim == 2 and y.shape[1] == num_classes and _not_probabilities(y) is None
+    return (y.ndim == 1 and y.dtype not in (torch.bool, torch.uint8) and not y.is_complex()
+            and (not y.numel() or (int(y.min()) >= 0 and int(y.max()) < num_classes)))

@@ -17,17 +17,22 @@ class SoftTargetCrossEntropy(nn.Module):
 class ClassificationLoss(nn.Module):
     """``loss(images, outputs, targets)``: the signature the trainer calls, shared with distillation.
 
-    ``targets`` are class indices (label smoothing applied here) or soft targets (already smoothed by Mixup).
+    ``targets`` are class indices or (B, K) class probabilities, label smoothing applied here to both alike
+    (``(1 - s) y + s / K``), except to targets made by Mixup (``mixed_targets``: ``fit`` sets it under a recipe
+    with Mixup/CutMix, which smooths them itself).
     A tuple of outputs (a distilled DeiT's class and distillation heads) is averaged for the plain loss.
     """
 
-    def __init__(self, *, label_smoothing: float = 0.0) -> None:
+    def __init__(self, *, label_smoothing: float = 0.0, mixed_targets: bool = False) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
+        self.mixed_targets = mixed_targets
         self.soft = SoftTargetCrossEntropy()
 
     def base(self, logits: Tensor, targets: Tensor) -> Tensor:
         if targets.ndim == 2:
+            if not self.mixed_targets and self.label_smoothing:
+                targets = targets.float() * (1.0 - self.label_smoothing) + self.label_smoothing / targets.shape[-1]
             return self.soft(logits, targets)
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
 

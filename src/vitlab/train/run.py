@@ -115,7 +115,7 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int, classes: list[st
     recipe = job.recipe
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank and every run
     if job.pretrained is not None and job.resume:
-        return _resumed_model(job, num_classes)
+        return _softmax_scores(_resumed_model(job, num_classes), job.pretrained)
     if job.pretrained is None:
         name = job.model or recipe.model
         if name is None:
@@ -144,6 +144,17 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int, classes: list[st
         from vitlab.checkpoints.adapt import match_head_classes
 
         match_head_classes(model, classes, source=str(job.pretrained))
+    return _softmax_scores(model, job.pretrained)
+
+
+def _softmax_scores(model: nn.Module, source: object) -> nn.Module:
+    """``model`` scoring with softmax: a fine-tune trains its head with softmax cross entropy, whatever score
+    function (sigmoid: multi-label; none: regression) the source's head had."""
+    was = getattr(model, "score_function", "softmax")
+    if was != "softmax":
+        log.info("%s scores with %s; the fine-tuned head is trained with softmax cross entropy, so its checkpoint "
+                 "scores with softmax", source, was)
+        model.score_function = "softmax"
     return model
 
 

@@ -60,6 +60,7 @@ from vitlab.train.fsdp import (
     load_optimizer_state,
     reshard,
 )
+from vitlab.train.losses import ClassificationLoss
 from vitlab.train.objective import (
     ClassificationObjective,
     DistillationObjective,
@@ -367,7 +368,9 @@ def fit(
             ``--overwrite`` does); without it (or ``resume``), a folder holding a run's model, state or
             metrics is refused.
         criterion: ``loss(images, outputs, targets)``; default: cross entropy with the recipe's label
-            smoothing (soft targets under Mixup). Distillation passes its own.
+            smoothing (soft targets under Mixup). Distillation passes its own. A criterion of your own (regression,
+            multi-label) takes the targets as given and is the validation loss too; validation reports top-1 /
+            top-5 only where the targets are classes (indices, or rows of class probabilities).
         objective: what a step computes (:class:`~vitlab.train.objective.Objective`); default: the
             classification objective over ``criterion`` (distillation for a DistillationLoss).
             Self-supervised objectives ignore labels; ``val_set`` is then not evaluated.
@@ -494,6 +497,10 @@ def fit(
 
     # ---- the objective and optimisation
     objective = objective or objective_for(criterion, recipe, num_classes)
+    if isinstance(objective, ClassificationObjective):  # Mixup smooths the targets it makes: the loss must not
+        for loss in (objective.criterion, getattr(objective.criterion, "base_module", None)):
+            if isinstance(loss, ClassificationLoss):
+                loss.mixed_targets = objective.mixup is not None
     if recipe.fsdp:
         from vitlab.train.fsdp import check_fsdp
 
@@ -597,6 +604,10 @@ def fit(
                 })
             barrier(ctx)
 
+    # a criterion of the user's own is the validation loss too, on the targets it takes (distillation's is not)
+    val_criterion = (objective.criterion if isinstance(objective, ClassificationObjective) and objective.custom
+                     and not isinstance(objective, DistillationObjective) else None)
+
     def validate(epoch: int) -> dict[str, Any] | None:
         if val_set is None or not supervised:
             return None
@@ -604,18 +615,23 @@ def fit(
         with preserved_rng():
             if ctx.is_main or recipe.fsdp:  # a sharded model evaluates on every rank (each gathers its units)
                 r = evaluate(net, val_set, num_classes=num_classes, batch_size=max(recipe.batch_size, 256),
-                             device=device, amp=recipe.amp)
+                             device=device, amp=recipe.amp, criterion=val_criterion)
                 res = {f"val_{k}": v for k, v in r.summary().items()}
                 if ema is not None:
                     re_ = evaluate(ema.module, val_set, num_classes=num_classes,
-                                   batch_size=max(recipe.batch_size, 256), device=device, amp=recipe.amp)
+                                   batch_size=max(recipe.batch_size, 256), device=device, amp=recipe.amp,
+                                   criterion=val_criterion)
                     res.update({f"val_ema_{k}": v for k, v in re_.summary().items()})
                 for m in (net, *([ema.module] if ema is not None else [])):
                     reshard(m)
             if ctx.is_main:
                 writers.write({"kind": "val", "step": step, "epoch": epoch, **res})
-                log.info("epoch %d step %d: val loss %.4f top-1 %.4f%s", epoch + 1, step, res["val_loss"],
-                         res["val_top1"], f" (EMA {res['val_ema_top1']:.4f})" if ema is not None else "")
+                ema_part = ""
+                if ema is not None:  # top-1 where the targets are classes, else the loss
+                    ema_part = (f" (EMA {res['val_ema_top1']:.4f})" if "val_ema_top1" in res
+                                else f" (EMA loss {res['val_ema_loss']:.4f})")
+                log.info("epoch %d step %d: val loss %.4f%s%s", epoch + 1, step, res["val_loss"],
+                         f" top-1 {res['val_top1']:.4f}" if "val_top1" in res else "", ema_part)
             barrier(ctx)
         return res
 
