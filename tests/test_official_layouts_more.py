@@ -89,7 +89,7 @@ def test_gelu_option_in_every_vit_layout(name: str, extra: dict) -> None:
         h = blk.mlp.fc1(blk.norm2(torch.randn(2, 5, 32)))
         assert torch.equal(tanh.blocks[0].mlp.act(h), nn.functional.gelu(h, approximate="tanh"))
         assert (exact.forward_features(x) - tanh.forward_features(x)).abs().max() > 0
-    with pytest.raises(ValueError, match="gelu must be 'exact' or 'tanh'"):
+    with pytest.raises(ValueError, match="gelu must be 'exact', 'tanh' or 'quick', got 'erf'"):
         ViTConfig(gelu="erf")
 
 
