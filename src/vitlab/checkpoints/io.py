@@ -92,6 +92,8 @@ def read_pickle(path: Path, *, mmap: bool = False) -> Any:
     try:
         with _allow_data_globals():
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except _RefusedNumpyValue as e:
+        raise CheckpointError(f"{path}: refused to load: the pickle holds a {e}") from e
     except pickle.UnpicklingError as e:
         refused = _REFUSED_GLOBAL.search(str(e))
         if refused is None:  # the unpickler choked on the bytes themselves: not a pickle, or a damaged one
@@ -143,22 +145,61 @@ def _data_globals() -> tuple[Any, ...]:
     weights-only unpickler may call: each one only rebuilds plain data from plain data (itself produced by the
     same restricted unpickler); none imports, opens or runs anything. torch does not allow them by default
     because they belong to other libraries."""
-    scalar = np.float64(0).__reduce__()[0]  # numpy._core.multiarray.scalar (numpy 2) / numpy.core... (1.x)
-    other_name = ("numpy.core.multiarray.scalar" if scalar.__module__.startswith("numpy._core")
+    other_name = ("numpy.core.multiarray.scalar" if _SCALAR.__module__.startswith("numpy._core")
                   else "numpy._core.multiarray.scalar")
     return (
         # the training script's arguments: timm's CheckpointSaver, DeiT, MAE, DINO and DETR save "args".
         # Unpickling makes an empty Namespace and fills its __dict__ from a plain dict (no __setstate__)
         argparse.Namespace,
-        # numpy scalars, e.g. a "best_acc" / "max_accuracy" / "metric" computed with numpy: scalar(dtype, bytes)
-        # copies raw bytes into a number (numpy refuses bytes for dtypes that hold object pointers); the object
-        # dtype returns its argument, an object the restricted unpickler already made
-        scalar,
-        (scalar, other_name),  # the name the other numpy major version writes
-        # the scalar's dtype: np.dtype("f8") and, on BUILD, the concrete dtype class's C-level __setstate__
-        np.dtype,
-        *{type(np.dtype(c)) for c in np.typecodes["All"]},
+        # numpy scalars, e.g. a "best_acc" / "max_accuracy" / "metric" computed with numpy: numpy's
+        # scalar(dtype, bytes) behind a check (_numpy_scalar), under the names numpy 2 and numpy 1.x write
+        (_numpy_scalar, _SCALAR.__module__ + ".scalar"),
+        (_numpy_scalar, other_name),
+        # the scalar's dtype: numpy.dtype("f8", False, True) (numeric dtypes only), then BUILD with the concrete
+        # dtype class's C-level __setstate__. No void, object, string or datetime dtype class is allowed: their
+        # __setstate__ takes fields and flags from the file as they are
+        (_numeric_dtype, "numpy.dtype"),
+        *{type(np.dtype(c)) for c in np.typecodes["All"] if np.dtype(c).kind in _SCALAR_KINDS},
     )
+
+
+# numpy dtype kinds a checkpoint's numpy scalar may have: bool, signed and unsigned integer, float, complex
+_SCALAR_KINDS = "biufc"
+_SCALAR = np.float64(0).__reduce__()[0]  # numpy._core.multiarray.scalar (numpy 2) / numpy.core... (1.x)
+
+
+class _RefusedNumpyValue(Exception):
+    """A numpy dtype or scalar in a checkpoint that vitlab will not build (read_pickle names the file)."""
+
+
+def _numeric_dtype(*args: Any) -> np.dtype:
+    """``numpy.dtype(...)`` as a checkpoint's pickle calls it, for plain numeric dtypes only."""
+    dtype = np.dtype(*args)
+    if dtype.kind not in _SCALAR_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise _RefusedNumpyValue(f"numpy {type(dtype).__name__} of kind {dtype.kind!r} (only bool, integer, "
+                                 f"float and complex dtypes are read)")
+    return dtype
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    """numpy's ``scalar(dtype, bytes)`` for bool, integer, float and complex numbers only.
+
+    The pickle BUILDs ``dtype`` with numpy's ``__setstate__``, which takes fields, a subarray and flags from the
+    file unchecked (a dtype saying it holds no object pointers while it does would turn file bytes into
+    pointers), so such a dtype is refused and the number is made with a dtype rebuilt from its type code and
+    byte order alone."""
+    # no repr of a forged dtype in the message: only attributes numpy takes from the dtype's class
+    if not isinstance(dtype, np.dtype):
+        raise _RefusedNumpyValue(f"numpy scalar made from a {type(dtype).__name__} instead of a dtype")
+    if (dtype.kind not in _SCALAR_KINDS or dtype.fields is not None or dtype.subdtype is not None
+            or dtype.hasobject):
+        raise _RefusedNumpyValue(f"numpy scalar of a {type(dtype).__name__} with fields, a subarray or object "
+                                 f"pointers (only bool, integer, float and complex numbers are read)")
+    clean = np.dtype(dtype.char).newbyteorder(dtype.byteorder)
+    if not isinstance(data, bytes) or len(data) != clean.itemsize:
+        raise _RefusedNumpyValue(f"numpy scalar of dtype {clean} made from {type(data).__name__} "
+                                 f"(expected {clean.itemsize} bytes)")
+    return _SCALAR(clean, data)
 
 
 def _allow_data_globals() -> contextlib.AbstractContextManager:

@@ -113,17 +113,101 @@ _ALLOWED_GLOBALS = {
 }
 
 
-# numpy 2 pickles its helpers as numpy._core.*, numpy 1.x as numpy.core.*; numpy 1.x has no numpy._core and
-# numpy 2 warns on most of numpy.core, so either spelling is read from this numpy's own module
-_NUMPY_CORE = np.float64(0).__reduce__()[0].__module__.rsplit(".", 1)[0]  # "numpy._core" / "numpy.core"
+# A batch's numpy objects go through the classes below instead of numpy's: the unpickler's BUILD calls the
+# object's __setstate__, and numpy's takes a dtype's fields, subarray and flags from the file unchecked (a
+# dtype that holds object pointers while saying it does not turns file bytes into pointers), while
+# numpy.ndarray(shape, "O", buffer) makes an object array from raw bytes. Only the classes and functions below
+# meet the file; they check each dtype before numpy sees it. numpy 2 pickles its helpers as numpy._core.*,
+# numpy 1.x as numpy.core.*: either spelling gets this numpy's own function.
+
+# dtype kinds a CIFAR batch's arrays may have: bool, integer, float, complex, bytes, str (real batches: uint8)
+_ARRAY_KINDS = "biufcSU"
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]  # numpy._core.multiarray._reconstruct (numpy 1.x: .core.)
+_SCALAR = np.float64(0).__reduce__()[0]
+_FROMBUFFER = np.frombuffer(bytearray(1), np.uint8).__reduce_ex__(5)[0]  # numpy._core.numeric._frombuffer
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` itself if it is a plain dtype of a kind in ``_ARRAY_KINDS``, with the flags, size and
+    alignment numpy gives that type code."""
+    if isinstance(dtype, _Dtype):
+        dtype = dtype.dtype
+    if not isinstance(dtype, np.dtype):
+        raise pickle.UnpicklingError(f"a numpy dtype was expected, got a {type(dtype).__name__}")
+    if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"numpy {type(dtype).__name__} with fields or a subarray, or of kind "
+                                     f"{dtype.kind!r}, is not allowed in a CIFAR batch")
+    same = np.dtype(dtype.str)
+    if (dtype.flags, dtype.itemsize, dtype.alignment) != (same.flags, same.itemsize, same.alignment) or (
+            dtype.kind in "SU" and dtype.itemsize == 0):
+        raise pickle.UnpicklingError(f"numpy dtype {dtype.str} with forged flags or size in a CIFAR batch")
+    return dtype
+
+
+class _Dtype:
+    """What ``numpy.dtype(...)`` makes in a CIFAR batch; ``dtype`` is the checked numpy dtype."""
+
+    def __init__(self, *args: Any) -> None:
+        self.dtype = _check_dtype(np.dtype(*args))
+
+    def __setstate__(self, state: Any) -> None:
+        # (3, byte order, subarray, names, fields, size, alignment, flags): only plain dtypes
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
+                and state[2] is None and state[3] is None and state[4] is None):
+            raise pickle.UnpicklingError("numpy dtype state with fields or a subarray in a CIFAR batch")
+        dtype = np.dtype(self.dtype, False, True)  # a copy: numpy's builtin dtypes ignore __setstate__
+        dtype.__setstate__(state)
+        self.dtype = _check_dtype(dtype)
+
+
+class _Array(np.ndarray):
+    """What ``_reconstruct`` makes in a CIFAR batch: an ndarray whose BUILD checks the dtype first."""
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, shape, dtype, is_fortran, raw bytes); old numpy wrote it without the version
+        if not (isinstance(state, tuple) and len(state) in (4, 5) and isinstance(state[-1], (bytes, bytearray))):
+            raise pickle.UnpicklingError("numpy array state without raw bytes in a CIFAR batch")
+        super().__setstate__((*state[:-3], _check_dtype(state[-3]), *state[-2:]))
+
+
+class _NdarrayName:
+    """``numpy.ndarray`` as a CIFAR batch names it, only ever the first argument of ``_reconstruct``."""
+
+    def __init__(self, *args: Any) -> None:
+        raise pickle.UnpicklingError("numpy.ndarray(...) is not allowed in a CIFAR batch")
+
+
+def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> _Array:
+    if subtype is not _NdarrayName:
+        raise pickle.UnpicklingError("_reconstruct of anything but numpy.ndarray in a CIFAR batch")
+    return _RECONSTRUCT(_Array, (0,), b"b")  # what numpy writes; BUILD sets shape, dtype and data
+
+
+def _scalar(dtype: Any, *args: Any) -> Any:
+    return _SCALAR(_check_dtype(dtype), *args)
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> _Array:  # protocol 5 pickles
+    return _FROMBUFFER(buf, _check_dtype(dtype), shape, order).view(_Array)
+
+
+_CHECKED = {"dtype": _Dtype, "ndarray": _NdarrayName, "_reconstruct": _reconstruct, "scalar": _scalar,
+            "_frombuffer": _frombuffer}
+
+
+def _plain(value: Any) -> Any:
+    """A batch's value with numpy objects made plain again (nested ones stay checked subclasses)."""
+    if isinstance(value, _Array):
+        return value.view(np.ndarray)
+    return value.dtype if isinstance(value, _Dtype) else value
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR batch")
-        if module.startswith(("numpy.core.", "numpy._core.")):
-            module = f"{_NUMPY_CORE}.{module.split('.', 2)[2]}"
+        if name in _CHECKED:
+            return _CHECKED[name]
         return super().find_class(module, name)
 
 
@@ -138,7 +222,7 @@ def load_cifar_pickle(path: Path) -> dict:
         raise DatasetError(f"{path}: not a readable CIFAR python batch ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}: a CIFAR batch must hold a dict, found {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return {k.decode("latin1") if isinstance(k, bytes) else k: _plain(v) for k, v in obj.items()}
 
 
 def _names(values: Any, path: Path) -> list[str]:
