@@ -38,6 +38,26 @@ def test_patch_embed_non_square_and_errors() -> None:
         dyn(torch.randn(1, 3, 40, 32))
 
 
+def test_patch_embed_drop_remainder_floors_the_grid_as_timm() -> None:
+    """drop_remainder (ViT's): an img_size that is not a multiple of the patch gives timm's floor grid, and an input
+    of exactly that size is taken with its last rows / columns unused; other sizes follow the usual rules."""
+    pe = PatchEmbed(img_size=(36, 44), patch_size=8, embed_dim=8, drop_remainder=True)
+    assert pe.grid_size == (4, 5) and pe.has_remainder
+    x = torch.randn(1, 3, 36, 44)
+    assert torch.equal(pe(x), pe.proj(x[..., :32, :40]).flatten(2).transpose(1, 2))  # (1, 20, 8): remainder unused
+    with pytest.raises(ValueError, match="input image is 32x40 but this model was built for 36x44"):
+        pe(x[..., :32, :40])
+    dyn = PatchEmbed(img_size=36, patch_size=8, embed_dim=8, strict_img_size=False, drop_remainder=True)
+    assert dyn(torch.randn(1, 3, 36, 36)).shape == (1, 16, 8) and dyn(torch.randn(1, 3, 48, 40)).shape == (1, 30, 8)
+    with pytest.raises(ValueError, match="input image 44x36 is not divisible by the patch size 8x8"):
+        dyn(torch.randn(1, 3, 44, 36))
+    dyn.set_input_size(40)
+    assert dyn.grid_size == (5, 5) and not dyn.has_remainder
+    model = vitlab.create_model("vit_tiny_patch16_224", img_size=36, patch_size=8, **TINY)  # ViT builds it, as timm
+    assert model.patch_embed.grid_size == (4, 4) and model.pos_embed.shape == (1, 17, 64)
+    assert model(torch.randn(1, 3, 36, 36)).shape == (1, 1000)
+
+
 def test_model_rejects_wrong_size_and_channels_clearly() -> None:
     model = vitlab.create_model("vit_tiny_patch16_224", img_size=32, **TINY)
     with pytest.raises(ValueError, match="built for 32x32"):

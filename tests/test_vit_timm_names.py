@@ -56,7 +56,7 @@ def test_clip_and_siglip_names_are_registered_with_timms_architecture():
     attention ("map") or averaged ("_gap"), the tanh GELU where timm's name has it."""
     clip = {n for n in FIXTURE if "_clip_" in n}
     siglip = {n for n in FIXTURE if "_siglip_" in n}
-    assert len(clip) == 26 and len(siglip) == 32  # timm's 34 but the so400m/14 ones at 384 px (not 14 px patches)
+    assert len(clip) == 26 and len(siglip) == 34
     assert clip == set(list_models("vit_*_clip_*")) and siglip == set(list_models("vit_*_siglip_*"))
     for name in clip:
         cfg = get_entry(name).config
@@ -74,10 +74,23 @@ def test_clip_and_siglip_names_are_registered_with_timms_architecture():
     with torch.device("meta"):
         m = vitlab.create_model("vit_base_patch16_clip_quickgelu_224")
     assert m.patch_embed.proj.bias is None and m.norm_pre.weight.shape == (768,) and m.attn_pool is None
-    assert not list_models("vit_so400m_patch14_siglip*_384")
     with torch.device("meta"):
         m = vitlab.create_model("vit_so400m_patch14_siglip_378")
     assert m.attn_pool.mlp.fc1.out_features == 4304 and m.num_prefix_tokens == 0
+
+
+@pytest.mark.parametrize("name", ["vit_so400m_patch14_siglip_384", "vit_so400m_patch14_siglip_gap_384"])
+def test_so400m_at_384_px_has_timms_27x27_grid_and_takes_384_px_images(name):
+    """384 is not a multiple of 14: timm (and big_vision's VALID convolution) cut 27 x 27 patches and leave the last
+    6 pixel rows / columns unused; the model takes 384 px images (its preprocessing's size) and refuses others."""
+    assert name in list_models("vit_so400m_patch14_siglip*_384")
+    with torch.device("meta"):
+        m = vitlab.create_model(name)
+        assert m.patch_embed.grid_size == (27, 27) and m.pos_embed.shape == (1, 729, 1152)
+        assert m.preprocessing.input_size == (3, 384, 384)
+        assert m(torch.empty(1, 3, 384, 384)).shape == (1, 1152)
+        with pytest.raises(ValueError, match="built for 384x384"):
+            m(torch.empty(1, 3, 378, 378))
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURE))

@@ -28,7 +28,7 @@ def check_image_size(h: int, w: int, patch: tuple[int, int], expected: tuple[int
 
 def check_model_size(h: int, w: int, patch: tuple[int, int], what: str) -> None:
     """Raise a clear error when a model's own img_size is not a whole number of patches (timm builds such a model
-    and drops the remainder; vitlab's models need whole patches)."""
+    and drops the remainder; so does :class:`PatchEmbed` with ``drop_remainder``, ViT's)."""
     if h % patch[0] or w % patch[1]:
         fit = "x".join(str(max(p, s // p * p)) for s, p in zip((h, w), patch))
         raise ValueError(f"{what}: img_size {h}x{w} is not a multiple of the patch size {patch[0]}x{patch[1]}; "
@@ -49,6 +49,10 @@ class PatchEmbed(nn.Module):
     Args:
         img_size: the size the model is built for (sets the position table's grid).
         strict_img_size: reject inputs of another size (turned off by ``dynamic_img_size``).
+        drop_remainder: allow an ``img_size`` that is not a multiple of the patch, as timm (and big_vision's VALID
+            convolution): the grid is floor(img_size / patch) and the convolution ignores the last rows / columns
+            of an input of exactly ``img_size`` (SigLIP so400m/14 at 384 px: 27 x 27 patches, 6 pixels unused).
+            Any other input size must still be a whole number of patches.
         ``dynamic_option`` (an attribute): the option a size error suggests, False where the model has none.
         flatten: return tokens (B, N, D); otherwise the map (B, D, H/P, W/P).
     """
@@ -63,11 +67,14 @@ class PatchEmbed(nn.Module):
         bias: bool = True,
         strict_img_size: bool = True,
         flatten: bool = True,
+        drop_remainder: bool = False,
     ) -> None:
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
-        check_model_size(*self.img_size, self.patch_size, "PatchEmbed")
+        self.drop_remainder = drop_remainder
+        if not drop_remainder:
+            check_model_size(*self.img_size, self.patch_size, "PatchEmbed")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.in_chans = in_chans
@@ -78,15 +85,23 @@ class PatchEmbed(nn.Module):
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
         self.img_size = to_2tuple(img_size)
-        check_model_size(*self.img_size, self.patch_size, "PatchEmbed")
+        if not self.drop_remainder:
+            check_model_size(*self.img_size, self.patch_size, "PatchEmbed")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def has_remainder(self) -> bool:
+        """Whether ``img_size`` leaves pixels that no patch covers (``drop_remainder``)."""
+        return bool(self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1])
 
     def dynamic_grid(self, h: int, w: int) -> tuple[int, int]:
         return h // self.patch_size[0], w // self.patch_size[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        check_images(x, in_chans=self.in_chans, patch=self.patch_size,
+        # the model's own size is taken whole even where it leaves a remainder (drop_remainder, as timm)
+        own = self.drop_remainder and tuple(x.shape[-2:]) == self.img_size
+        check_images(x, in_chans=self.in_chans, patch=(1, 1) if own else self.patch_size,
                      expected=self.img_size if self.strict_img_size else None, what="PatchEmbed",
                      dynamic=self.dynamic_option)
         x = self.proj(x)  # (B, D, H/P, W/P)

@@ -236,7 +236,8 @@ class VisionTransformer(TimmSurface, nn.Module):
         else:
             self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                                           embed_dim=D, strict_img_size=not cfg.dynamic_img_size,
-                                          bias=not cfg.pre_norm)  # CLIP's projection has no bias (timm ties it)
+                                          bias=not cfg.pre_norm,  # CLIP's projection has no bias (timm ties it)
+                                          drop_remainder=True)  # timm's floor grid (SigLIP so400m/14 at 384 px)
             self.patch_embed.dynamic_option = cfg.attn_type != "linformer"
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
@@ -378,6 +379,12 @@ class VisionTransformer(TimmSurface, nn.Module):
         if self.cfg.attn_type == "linformer":
             return ("Linformer's key/value projections (k x n) are sized for the sequence length n of the built "
                     "resolution; another input size has another n (export another fixed size with --img-size)")
+        pe = self.patch_embed
+        if isinstance(pe, PatchEmbed) and pe.has_remainder:
+            (h, w), (ph, pw) = pe.img_size, pe.patch_size
+            return (f"its img_size {h}x{w} is not a multiple of the patch {ph}x{pw} (the last {h % ph} row(s) / "
+                    f"{w % pw} column(s) are ignored, as in timm), and other input sizes must be multiples of the "
+                    f"patch; export it at its fixed size, or at a multiple (--img-size {h // ph * ph})")
         return None
 
     @property
@@ -673,11 +680,13 @@ _SIGLIP_WIDTHS: dict[str, dict] = {
 _SIGLIP_ROWS = [
     ("base", 16, (224, 256, 384, 512), (224, 256, 384, 512), ()), ("base", 32, (256,), (256,), (256,)),
     ("large", 16, (256, 384, 512), (256, 384, 512), (512,)),
-    ("so400m", 14, (224, 378), (224, 378, 448, 896), ()),  # (timm's 384px: 27 patches of 14, the rest dropped)
+    # at 384 px: 27 x 27 patches of 14 px, the last 6 pixel rows / columns unused (timm's and big_vision's grid)
+    ("so400m", 14, (224, 378, 384), (224, 378, 384, 448, 896), ()),
     ("so400m", 16, (256, 384, 512), (256, 384, 512), (256, 384, 512)),
     ("giantopt", 16, (256, 384), (256, 384), (256, 384)),
 ]
-_SIGLIP_FULL_CROP = ("vit_so400m_patch14_siglip_gap_448", "vit_so400m_patch14_siglip_gap_896")  # timm's: no crop
+_SIGLIP_FULL_CROP = ("vit_so400m_patch14_siglip_gap_384", "vit_so400m_patch14_siglip_gap_448",
+                     "vit_so400m_patch14_siglip_gap_896")  # timm's: no crop
 
 
 def _siglip_layouts() -> dict[str, tuple[int, int, dict, str]]:
