@@ -240,13 +240,21 @@ def test_cifar_batch_of_numpy_2_is_read_under_numpy_1(tmp_path: Path, monkeypatc
     assert torch.equal(again[0], images) and again[1:] == (labels, classes) == ([0, 1, 0, 1], ["cat", "dog"])
 
 
-def test_cifar_batch_this_numpy_cannot_read_is_a_dataset_error(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cifar_batch_needs_no_numpy_pickling_helpers_and_a_damaged_one_is_a_dataset_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vitlab's CIFAR unpickler rebuilds arrays itself (it checks their dtypes first), so a batch reads under a
+    numpy whose pickling helpers have either name; a damaged batch is one error naming it."""
     from vitlab.data import sources
 
     root = _cifar(tmp_path / "c")
-    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        monkeypatch.setitem(sys.modules, name, None)
+    images, labels, classes = sources.read_cifar(root, "train")
+    with monkeypatch.context() as m:
+        for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            m.setitem(sys.modules, name, None)
+        again = sources.read_cifar(root, "train")
+    assert torch.equal(again[0], images) and again[1:] == (labels, classes)
+    batch = root / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:200])
     with pytest.raises(DatasetError, match="data_batch_1: not a readable CIFAR python batch"):
         sources.read_cifar(root, "train")
 

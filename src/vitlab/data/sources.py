@@ -127,20 +127,24 @@ _SCALAR = np.float64(0).__reduce__()[0]
 _FROMBUFFER = np.frombuffer(bytearray(1), np.uint8).__reduce_ex__(5)[0]  # numpy._core.numeric._frombuffer
 
 
+class _Refused(pickle.UnpicklingError):
+    """What a CIFAR batch holds beyond plain numbers, bytes and numeric arrays (told apart from a damaged file)."""
+
+
 def _check_dtype(dtype: Any) -> np.dtype:
     """``dtype`` itself if it is a plain dtype of a kind in ``_ARRAY_KINDS``, with the flags, size and
     alignment numpy gives that type code."""
     if isinstance(dtype, _Dtype):
         dtype = dtype.dtype
     if not isinstance(dtype, np.dtype):
-        raise pickle.UnpicklingError(f"a numpy dtype was expected, got a {type(dtype).__name__}")
+        raise _Refused(f"a numpy dtype was expected, got a {type(dtype).__name__}")
     if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise pickle.UnpicklingError(f"numpy {type(dtype).__name__} with fields or a subarray, or of kind "
+        raise _Refused(f"numpy {type(dtype).__name__} with fields or a subarray, or of kind "
                                      f"{dtype.kind!r}, is not allowed in a CIFAR batch")
     same = np.dtype(dtype.str)
     if (dtype.flags, dtype.itemsize, dtype.alignment) != (same.flags, same.itemsize, same.alignment) or (
             dtype.kind in "SU" and dtype.itemsize == 0):
-        raise pickle.UnpicklingError(f"numpy dtype {dtype.str} with forged flags or size in a CIFAR batch")
+        raise _Refused(f"numpy dtype {dtype.str} with forged flags or size in a CIFAR batch")
     return dtype
 
 
@@ -154,7 +158,7 @@ class _Dtype:
         # (3, byte order, subarray, names, fields, size, alignment, flags): only plain dtypes
         if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
                 and state[2] is None and state[3] is None and state[4] is None):
-            raise pickle.UnpicklingError("numpy dtype state with fields or a subarray in a CIFAR batch")
+            raise _Refused("numpy dtype state with fields or a subarray in a CIFAR batch")
         dtype = np.dtype(self.dtype, False, True)  # a copy: numpy's builtin dtypes ignore __setstate__
         dtype.__setstate__(state)
         self.dtype = _check_dtype(dtype)
@@ -166,7 +170,7 @@ class _Array(np.ndarray):
     def __setstate__(self, state: Any) -> None:
         # (version, shape, dtype, is_fortran, raw bytes); old numpy wrote it without the version
         if not (isinstance(state, tuple) and len(state) in (4, 5) and isinstance(state[-1], (bytes, bytearray))):
-            raise pickle.UnpicklingError("numpy array state without raw bytes in a CIFAR batch")
+            raise _Refused("numpy array state without raw bytes in a CIFAR batch")
         super().__setstate__((*state[:-3], _check_dtype(state[-3]), *state[-2:]))
 
 
@@ -174,12 +178,12 @@ class _NdarrayName:
     """``numpy.ndarray`` as a CIFAR batch names it, only ever the first argument of ``_reconstruct``."""
 
     def __init__(self, *args: Any) -> None:
-        raise pickle.UnpicklingError("numpy.ndarray(...) is not allowed in a CIFAR batch")
+        raise _Refused("numpy.ndarray(...) is not allowed in a CIFAR batch")
 
 
 def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> _Array:
     if subtype is not _NdarrayName:
-        raise pickle.UnpicklingError("_reconstruct of anything but numpy.ndarray in a CIFAR batch")
+        raise _Refused("_reconstruct of anything but numpy.ndarray in a CIFAR batch")
     return _RECONSTRUCT(_Array, (0,), b"b")  # what numpy writes; BUILD sets shape, dtype and data
 
 
@@ -205,7 +209,7 @@ def _plain(value: Any) -> Any:
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR batch")
+            raise _Refused(f"global '{module}.{name}' is not allowed in a CIFAR batch")
         if name in _CHECKED:
             return _CHECKED[name]
         return super().find_class(module, name)
@@ -216,7 +220,7 @@ def load_cifar_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _RestrictedUnpickler(f, encoding="bytes").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise DatasetError(f"{path}: refused to load CIFAR batch: {e}") from e
     except Exception as e:  # a truncated, corrupt or foreign file, or a numpy helper this numpy lacks
         raise DatasetError(f"{path}: not a readable CIFAR python batch ({type(e).__name__}: {e})") from e
