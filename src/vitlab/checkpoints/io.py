@@ -321,7 +321,8 @@ _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 def check_outputs_free(planned, *, inputs=(), output: str | os.PathLike, overwrite: bool = False,
                        earlier: str = "") -> None:
     """Before anything is written: refuse a ``planned`` output file that is one of the ``inputs`` (always; a
-    link to one counts), and one that exists unless ``overwrite``. The errors name ``--output`` and list the
+    link to one counts), and one that exists unless ``overwrite`` (a symbolic link, dangling too, counts: writers
+    replace it with :func:`atomic_write`, never write through it). The errors name ``--output`` and list the
     files; ``earlier`` (e.g. "the results of an earlier `vitlab detect` there?") is added to the second."""
     sources: dict[tuple[int, int], Path] = {}
     for p in inputs:
@@ -331,9 +332,11 @@ def check_outputs_free(planned, *, inputs=(), output: str | os.PathLike, overwri
     over_inputs, existing = [], []
     for f in planned:
         try:
-            st = os.stat(f)  # follows a link: writing through it would change its target
+            st = os.lstat(f)  # a link, dangling too, counts as an existing file: it is replaced, never followed
         except OSError:
             continue
+        with contextlib.suppress(OSError):
+            st = os.stat(f)  # a link to an input is refused as the input is
         source = sources.get((st.st_dev, st.st_ino))
         if source is None:
             existing.append(str(f))
@@ -419,8 +422,21 @@ def read_sharded(index: Path) -> dict[str, Tensor]:
     return sd
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` where every way hostile text fails is a ValueError: malformed JSON, an integer over Python's
+    digit limit, and nesting deeper than the interpreter's recursion limit (a RecursionError from json)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file (config.json, an index); anything else is a CheckpointError naming it."""
+    try:
+        data = parse_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
         raise CheckpointError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    return data

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from vitlab.checkpoints.io import CheckpointError, atomic_write, read_safetensors, strip_wrapper_prefixes
+from vitlab.checkpoints.io import CheckpointError, atomic_write, parse_json, read_safetensors, strip_wrapper_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,9 @@ def read_vitlab(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
     if "vitlab" not in header:
         return None
     try:
-        meta = json.loads(header["vitlab"])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: vitlab metadata is not valid JSON ({e})") from e
+        meta = parse_json(header["vitlab"])
+    except ValueError as e:  # malformed, nested too deeply, an integer of too many digits
+        raise CheckpointError(f"{path}: vitlab metadata is not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: vitlab metadata is a JSON {_json_kind(meta)}, not an object (expected "
                               f"{{\"format\": \"vitlab\", \"model\": ..., \"config\": {{...}}, ...}})")

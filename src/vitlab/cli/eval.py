@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ import re
 from pathlib import Path
 
 from vitlab.checkpoints.adapt import match_class_names, same_class_names
+from vitlab.checkpoints.io import atomic_write, parse_json
 from vitlab.cli.common import (
     add_class_map_argument,
     add_device_argument,
@@ -106,26 +108,39 @@ def report_folder(args: argparse.Namespace, split: str, files: tuple[str, ...] =
     ``files`` are refused unless --overwrite. The default folder beside the checkpoint is that checkpoint's own
     (``eval_SPLIT`` for a run's model.safetensors, ``eval_SPLIT_STEM`` for another file, such as
     model_ema.safetensors or a downloaded file beside others), replaced by its next report; one holding another
-    checkpoint's report or files eval does not write is refused unless --overwrite."""
+    checkpoint's report or files eval does not write is refused unless --overwrite. A symbolic link there (the
+    folder itself or a report file) is never written through: refused, or with --overwrite replaced."""
     from vitlab.checkpoints.io import check_outputs_free
 
     if args.output is None:
         checkpoint = Path(args.checkpoint)
         stem = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
         folder = checkpoint.parent / f"{EVAL_REPORT_PREFIX}{split}{'' if stem == 'model' else '_' + stem}"
+        if folder.is_symlink():  # a downloaded run's link would send the report anywhere
+            if not args.overwrite:
+                raise ValueError(f"{folder}, the default report folder of {args.checkpoint}: a symbolic link, which "
+                                 f"eval does not write through; pass --overwrite to replace the link with a folder, "
+                                 f"or --output FOLDER")
+            folder.unlink()
         if folder.is_dir() and not args.overwrite:
-            recorded = _read_recipe(folder / "metrics.json").get("checkpoint")
             theirs = sorted(p.name for p in folder.iterdir() if p.name not in EVAL_REPORT_FILES)
+            # report files that are links (dangling too) or not plain files are not eval's either
+            links = sorted(p.name for p in folder.iterdir()
+                           if p.name in EVAL_REPORT_FILES and (p.is_symlink() or not p.is_file()))
+            recorded = None if theirs or links else _read_recipe(folder / "metrics.json").get("checkpoint")
             # the name, not the path: a report records the path as typed, from wherever eval ran
-            if theirs or (recorded is not None and Path(str(recorded)).name != checkpoint.name) or (
+            if theirs or links or (recorded is not None and Path(str(recorded)).name != checkpoint.name) or (
                     recorded is None and (folder / "metrics.json").exists()):
                 why = (f"it holds {', '.join(theirs[:3])}, which eval does not write" if theirs else
+                       f"its {', '.join(links)}: symbolic link(s) or not files, which eval does not write through"
+                       if links else
                        f"its report is of {recorded}" if recorded else "its metrics.json is not an eval report")
                 raise ValueError(f"{folder}, the default report folder of {args.checkpoint}: {why}; pass --overwrite "
                                  f"to replace its report files, or --output FOLDER")
         return folder
-    earlier = "an earlier `vitlab eval` report there?" if "checkpoint" in _read_recipe(args.output / "metrics.json") \
-        else ""
+    metrics = args.output / "metrics.json"
+    earlier = ("an earlier `vitlab eval` report there?" if metrics.is_file() and not metrics.is_symlink()
+               and "checkpoint" in _read_recipe(metrics) else "")
     check_outputs_free([args.output / f for f in files], output=args.output, overwrite=args.overwrite,
                        earlier=earlier)
     return args.output
@@ -350,10 +365,23 @@ def run_split(checkpoint: str, data: str, split: str, *, seed: int | None = None
 
 def _read_recipe(path: Path) -> dict:
     try:
-        recipe = json.loads(path.read_text(encoding="utf-8"))
+        recipe = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return recipe if isinstance(recipe, dict) else {}
+
+
+def write_report(path: Path, text: str) -> None:
+    """``text`` (UTF-8; a name's bytes that the locale left undecoded as they came) written by replacing ``path``:
+    a symbolic link there is replaced, never written through."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape",
+                                                       newline=""))
+
+
+def _csv_text(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
 
 
 # --batch-size's default (256) is a classifier's: detection / segmentation images are large, and at that default
@@ -401,7 +429,7 @@ def _run_dense(args: argparse.Namespace, model) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(args.checkpoint), "data": args.data, "split": split,
               **({"amp": args.amp} if args.amp != "none" else {}), **metrics}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    write_report(out / "metrics.json", json.dumps(report, indent=2))
     # --json prints what metrics.json holds, as for classifiers
     print(json.dumps(report, indent=2) if args.json else f"{model.task} on {args.data}/{split}: "
           f"{format_metrics(model.task, metrics)}")
@@ -509,26 +537,23 @@ def run(args: argparse.Namespace) -> int:
         metrics["top1_agreement_with_float32"] = round((ref.predictions == r.predictions).float().mean().item(), 6)
     if args.skip_bad_images:
         metrics["skipped_images"] = ds.num_skipped
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_report(out / "metrics.json", json.dumps(metrics, indent=2))
     support = r.confusion.sum(dim=1).tolist()
     # UTF-8 under any locale; a name's bytes that a non-UTF-8 locale left undecoded are written as they came
-    with open(out / "per_class.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        w = csv.writer(f)
-        w.writerow(["class", "support", "accuracy"])
-        for name, j in zip(ds.classes, mapping):
-            w.writerow([name, support[j], "" if math.isnan(r.per_class[j]) else f"{r.per_class[j]:.6f}"])
+    write_report(out / "per_class.csv", _csv_text(
+        [["class", "support", "accuracy"]]
+        + [[name, support[j], "" if math.isnan(r.per_class[j]) else f"{r.per_class[j]:.6f}"]
+           for name, j in zip(ds.classes, mapping)]))
     # rows: the data's classes; columns: those and any other class of the head that was predicted
     cols = list(mapping) + [j for j in range(model.num_classes)
                             if j not in mapping and r.confusion[:, j].sum().item() > 0]
     confusion = r.confusion[mapping][:, cols]
     col_names = [ds.classes[mapping.index(j)] if j in mapping else head_names[j] for j in cols]
-    with open(out / "confusion.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        w = csv.writer(f)
-        w.writerow(["true \\ predicted", *col_names])
-        for name, row in zip(ds.classes, confusion.tolist()):
-            w.writerow([name, *row])
-    save_confusion_png(confusion, col_names, out / "confusion.png", title=f"{Path(args.checkpoint).name} on "
-                       f"{args.data} [{metrics['split']}]: top-1 {100 * r.top1:.2f}%", row_names=list(ds.classes))
+    write_report(out / "confusion.csv", _csv_text(
+        [["true \\ predicted", *col_names]] + [[name, *row] for name, row in zip(ds.classes, confusion.tolist())]))
+    title = f"{Path(args.checkpoint).name} on {args.data} [{metrics['split']}]: top-1 {100 * r.top1:.2f}%"
+    atomic_write(out / "confusion.png", lambda tmp: save_confusion_png(confusion, col_names, Path(tmp), title=title,
+                                                                        row_names=list(ds.classes)))
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -594,7 +619,7 @@ def feature_report(model, test_set, args: argparse.Namespace, device, protocol: 
     top1 = float((pred == vy).float().mean())
     metrics.update(train_images=len(ty), samples=len(vy), top1=top1)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_report(out / "metrics.json", json.dumps(metrics, indent=2))
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

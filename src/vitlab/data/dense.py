@@ -23,8 +23,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vitlab.checkpoints.io import parse_json
 from vitlab.data.dataset import SkipsBadImages
 from vitlab.data.errors import BadImageError, DatasetError
+from vitlab.data.folder import leaves_folder
 from vitlab.data.functional import normalize, resize, to_float
 from vitlab.data.image import IMAGE_EXTENSIONS, load_image, to_channels
 
@@ -256,14 +258,19 @@ class CocoDetection(SkipsBadImages, Dataset):
         self.root, self.ann_path = Path(images), Path(annotations)
         self.transform = transform
         try:
-            data = json.loads(self.ann_path.read_text(encoding="utf-8"))
+            data = parse_json(self.ann_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             folder = self.ann_path.parent
             there = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
             raise DatasetError(f"{self.ann_path}: annotation file not found"
                                + (f" (JSON files there: {', '.join(there[:10])})" if there else "")) from None
-        except json.JSONDecodeError as e:
+        except OSError as e:
+            raise DatasetError(f"{self.ann_path}: cannot read the annotation file ({e.strerror or e})") from None
+        except ValueError as e:  # bad JSON (nested too deeply, an integer of too many digits) or not UTF-8
             raise DatasetError(f"{self.ann_path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise DatasetError(f"{self.ann_path}: COCO JSON must be an object with 'images', 'annotations' and "
+                               f"'categories'")
         for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
                 raise DatasetError(f"{self.ann_path}: COCO JSON needs a list {key!r}")
@@ -297,6 +304,9 @@ class CocoDetection(SkipsBadImages, Dataset):
                 iid = int(img["id"])
             except (KeyError, TypeError, ValueError):
                 raise DatasetError(f"{self.ann_path}: image entry {img!r}: 'id' must be an integer") from None
+            if not isinstance(name, str) or leaves_folder(name):
+                raise DatasetError(f"{self.ann_path}: image id {iid}: file_name {name!r} is not inside {self.root} "
+                                   f"(file names are relative to {self.root}: no absolute paths, no '..')")
             if not (self.root / name).is_file():
                 raise DatasetError(f"{self.ann_path}: image id {iid}: file {self.root / name} not found")
             if iid in by_id:  # their annotations could not be told apart
@@ -731,7 +741,7 @@ class Repeated(Dataset):
 def train_categories(annotations: str | os.PathLike) -> list[dict[str, Any]] | None:
     """The categories (label order) of a training set's COCO JSON, or None when it has none to read."""
     try:
-        data = json.loads(Path(annotations).read_text(encoding="utf-8"))
+        data = parse_json(Path(annotations).read_text(encoding="utf-8"))
         return sorted(({"id": int(c["id"]), **({"name": str(c["name"])} if "name" in c else {})}
                        for c in data["categories"]), key=lambda c: c["id"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -209,7 +209,7 @@ class _Images:
         """The relative paths ``given`` names: a path relative to the folder (sub-folders allowed), with or without
         its extension, or a bare file name or stem anywhere below (a wrapper such as train/train/); several where
         it is ambiguous, none where it names nothing or leaves the folder."""
-        if not given or _leaves_folder(given):
+        if not given or leaves_folder(given):
             return []
         given = posixpath.normpath(given.replace("\\", "/"))
         if given in self._paths:
@@ -222,8 +222,9 @@ class _Images:
         return []
 
 
-def _leaves_folder(given: str) -> bool:
-    """Whether a file name of a label file is absolute or climbs out of the folder with ``..``."""
+def leaves_folder(given: str) -> bool:
+    """Whether a file name that a label or annotation file gives is absolute or climbs out of its folder with
+    ``..`` (``/`` or ``\\`` separated; a Windows drive too): such names are refused, never opened."""
     g = given.replace("\\", "/")
     return g.startswith("/") or re.match(r"^[A-Za-z]:/", g) is not None or ".." in g.split("/")
 
@@ -390,7 +391,7 @@ def _scan_label_file(root: Path, path: Path, classes: list[str] | None) -> tuple
     unlabelled: tuple[int, str] | None = None
     labelled: tuple[int, str] | None = None
     for line, given, label in table.rows:
-        if _leaves_folder(given):
+        if leaves_folder(given):
             raise DatasetError(f"{path}, line {line}: {given!r} is not inside {root} (file names are relative to "
                                f"{root}: no absolute paths, no '..')")
         hits = table.images.find(given)

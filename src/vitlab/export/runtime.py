@@ -19,7 +19,6 @@ take NCHW images; of several outputs, the one named like logits is scored.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -93,9 +92,16 @@ def graph_tensors(graph: Any) -> Iterator[Any]:
 
 
 def check_external_data(proto: Any, path: str | os.PathLike) -> None:
-    """A clear error where a file's weights are in an external data file that is not beside it."""
+    """A clear error where a file's weights are in an external data file that is not beside it, or outside its
+    folder (an absolute location, '..' or a symbolic link out of it: ONNX Runtime refuses those too)."""
     path = Path(path)
-    missing = [f for f in external_data_files(proto, path.parent) if not f.is_file()]
+    folder = path.parent.resolve()
+    files = external_data_files(proto, path.parent)
+    if outside := [f for f in files if not f.resolve().is_relative_to(folder)]:
+        raise ValueError(f"{path}: its weights are to be read from {outside[0]}, outside its folder {path.parent} "
+                         f"(an absolute path, '..' or a symbolic link out of it); an ONNX file's external data "
+                         f"must lie in its own folder")
+    missing = [f for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"{path}: its weights are in the external data file {missing[0]}, which is missing: "
                                 f"a model over 2 GB is two files, {path.name} and {missing[0].name}; copy both into "
@@ -105,19 +111,41 @@ def check_external_data(proto: Any, path: str | os.PathLike) -> None:
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """vitlab's metadata record of an ONNX file (empty if the file was not written by vitlab)."""
     require("onnx")
-    import onnx
+    return _metadata(_load_header(path), path)
 
-    return _metadata(onnx.load(str(path), load_external_data=False), path)
+
+def _load_header(path: str | os.PathLike) -> Any:
+    """The ModelProto of an ONNX file, its external data left where it is; a truncated or damaged file is a
+    ValueError naming it (onnx raises protobuf's DecodeError)."""
+    import onnx
+    from google.protobuf.message import Error as ProtobufError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (ProtobufError, RecursionError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable ONNX file ({e}); a truncated or damaged copy?") from None
+
+
+# metadata fields that must be JSON objects where present (read with .get)
+_METADATA_OBJECTS = ("input", "preprocessing", "config")
 
 
 def _metadata(proto: Any, path: str | os.PathLike) -> dict[str, Any]:
+    from vitlab.checkpoints.io import parse_json
+
     props = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in props:
         return {}
     try:
-        return json.loads(props[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: the vitlab metadata is not valid JSON ({e})") from e
+        meta = parse_json(props[METADATA_KEY])
+    except ValueError as e:  # malformed, nested too deeply, an integer of too many digits
+        raise ValueError(f"{path}: the vitlab metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the vitlab metadata is a JSON {type(meta).__name__}, not an object")
+    if bad := [k for k in _METADATA_OBJECTS if meta.get(k) is not None and not isinstance(meta[k], dict)]:
+        raise ValueError(f"{path}: the vitlab metadata's {bad[0]!r} is a JSON {type(meta[bad[0]]).__name__}, not an "
+                         f"object")
+    return meta
 
 
 _SHAPE_FAILURE = re.compile(r"shape|broadcast|dimension|Scale value", re.I)  # ORT's words for a size a node refuses
@@ -231,14 +259,17 @@ class OnnxModel(nn.Module):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such ONNX file")
-        import onnx
-
-        header = onnx.load(str(self.path), load_external_data=False)  # tensors in a .data file stay there
+        header = _load_header(self.path)  # tensors in a .data file stay there
         check_external_data(header, self.path)
         self.meta = _metadata(header, self.path)
         del header
-        self.session = ort.InferenceSession(str(self.path), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT's own exception classes (Fail, InvalidGraph, ...) derive from Exception only
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise ValueError(f"{self.path}: ONNX Runtime cannot load it ({str(e).strip()})") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shape = list(inp.shape)  # ints for fixed axes, strings (or None) for dynamic ones

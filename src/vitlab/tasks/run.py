@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vitlab.checkpoints.io import check_outputs_free
+from vitlab.checkpoints.io import atomic_write, check_outputs_free, parse_json
 from vitlab.data.dense import CocoDetection, DenseTransform, MaskFolder, check_mask_classes, train_categories
 from vitlab.data.errors import BadImageError, DatasetError
 from vitlab.data.folder import SPLIT_DIR_NAMES
@@ -142,8 +142,8 @@ def _segmentation_classes(root: Path) -> list[str] | None:
     if not p.is_file():
         return None
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        data = parse_json(p.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
         raise DatasetError(f"{p}: not valid JSON ({e})") from None
 
     def refuse(why: str) -> DatasetError:
@@ -620,12 +620,13 @@ def _detect_one(model: nn.Module, path: Path, stem: str, prepared: tuple, output
         draw.text((box[0] + 2, box[1] + 1), f"{names[label]} {score:.2f}", fill=(255, 255, 0))
         objects.append({"label": names[label], "class_index": label, "score": round(score, 4),
                         "box_xyxy": [round(v, 2) for v in box]})
-    pic.save(output / f"{stem}.png")
+    _save_image(pic, output / f"{stem}.png")
     files = {"picture": f"{stem}.png"}
     if attention and objects:
         keep = (out["logits"][0].softmax(-1)[:, :-1].max(-1).values >= threshold).nonzero().flatten()
-        _save_attention(pic, maps[0, keep], output / f"{stem}_attention.png",
-                        [f"{o['label']} {o['score']:.2f}" for o in objects])
+        titles = [f"{o['label']} {o['score']:.2f}" for o in objects]
+        atomic_write(output / f"{stem}_attention.png",
+                     lambda tmp: _save_attention(pic, maps[0, keep], Path(tmp), titles))
         files["attention"] = f"{stem}_attention.png"
     return {"image": str(path), **files, "width": W, "height": H, "objects": objects}
 
@@ -636,7 +637,14 @@ def _written_at_the_end(results: list[dict[str, Any]], path: Path):
     try:
         yield
     finally:
-        path.write_text(json.dumps(results, indent=2), encoding="utf-8")
+        text = json.dumps(results, indent=2)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _save_image(image, path: Path) -> None:
+    """A PIL image written as PNG by replacing ``path``: a symbolic link there is replaced, never written
+    through (each output file of detect / segment is written so)."""
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _prepare_or_skip(model: nn.Module, path: Path, results: list[dict[str, Any]], skip: bool):
@@ -712,8 +720,8 @@ def segment_images(model: nn.Module, paths: list[Path], output: Path, *, alpha: 
             pred = torch.nn.functional.interpolate(logits, size=(H, W), mode="bilinear").argmax(1)[0].numpy()
             overlay = (1 - alpha) * _rgb(image).astype(np.float32) + alpha * colours[pred]
             overlay = np.where((pred == 0)[..., None], _rgb(image), overlay)  # class 0 (background) left as is
-            Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(output / f"{stem}.png")
-            Image.fromarray(pred.astype(mask_dtype)).save(output / f"{stem}_mask.png")  # mode L or I;16
+            _save_image(Image.fromarray(overlay.clip(0, 255).astype(np.uint8)), output / f"{stem}.png")
+            _save_image(Image.fromarray(pred.astype(mask_dtype)), output / f"{stem}_mask.png")  # mode L or I;16
             present = {names[c]: int((pred == c).sum()) for c in np.unique(pred).tolist()}
             results.append({"image": str(path), "picture": f"{stem}.png", "mask": f"{stem}_mask.png",
                             "pixels_per_class": present})

@@ -482,12 +482,14 @@ def _names(names: list[str], limit: int = 8) -> str:
 
 def read_job(output: Path) -> dict[str, Any]:
     """The run's job.json (what it was asked to do), or {} when it has none."""
+    from vitlab.checkpoints.io import parse_json
+
     path = output / JOB_FILE
     try:
-        job = json.loads(path.read_text(encoding="utf-8"))
+        job = parse_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except ValueError as e:
+    except ValueError as e:  # malformed, nested too deeply, not UTF-8
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     return job if isinstance(job, dict) else {}
 

@@ -9,6 +9,8 @@ since the safe unpickler accepts nothing else.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import random
 import re
 import shutil
@@ -19,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitlab.checkpoints.io import CheckpointError, atomic_write, read_pickle
+from vitlab.checkpoints.io import CheckpointError, atomic_write, parse_json, read_pickle
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = "vitlab-train-state"
 STATE_VERSION = 1
@@ -110,16 +114,22 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
 def truncate_metrics(path: str | Path, step: int) -> int:
     """Drop the records of ``metrics.jsonl`` logged after optimiser step ``step`` (the checkpoint resumed
     from), which the resumed run logs again. A torn last line (killed mid-write) goes too. Returns how
-    many lines were dropped."""
-    import json
+    many lines were dropped.
 
+    The trainer appends to the file, which would follow a symbolic link: one there (a run folder from elsewhere;
+    dangling too) is replaced by a plain file holding the records of the file it points to (none where it points
+    at no file), with a warning. A folder of that name is refused."""
     path = Path(path)
-    if not path.is_file():
+    link = path.is_symlink()
+    if not link and not path.is_file():
+        if path.exists():
+            raise ValueError(f"--resume: {path} is not a file; the run appends its metrics there: remove it")
         return 0
     kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    for line in text.splitlines():
         try:
-            record = json.loads(line)
+            record = parse_json(line)
             keep = int(record.get("step", 0)) <= step
         except (ValueError, TypeError, AttributeError):
             keep = False
@@ -127,6 +137,9 @@ def truncate_metrics(path: str | Path, step: int) -> int:
             kept.append(line)
         else:
             dropped += 1
-    if dropped:
+    if dropped or link:
+        if link:
+            log.warning("%s is a symbolic link (to %s), which the run would append through: replaced by a file of "
+                        "its %d record(s) up to step %d", path, os.readlink(path), len(kept), step)
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{ln}\n" for ln in kept), encoding="utf-8"))
     return dropped
