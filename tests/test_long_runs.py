@@ -340,6 +340,13 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(tmp_path, caplog):
         fit(tiny_vit(), recipe(epochs=1, warmup_steps=10), train_set=Noise(112), output_dir=tmp_path / "a",
             progress=False)
     assert "the warm-up (10 steps) is as long as the run (7 steps)" in caplog.text
+    assert "--set warmup_steps=... shorter than the run (warmup_epochs is 0)" in caplog.text
+    caplog.clear()
+    # the recipe's epochs set it: lowering warmup_steps alone would change nothing, so the hint names warmup_epochs
+    with caplog.at_level(logging.WARNING):
+        fit(tiny_vit(), recipe(epochs=1, warmup_steps=1, warmup_epochs=2.0), train_set=Noise(112),
+            output_dir=tmp_path / "c", progress=False)
+    assert "--set warmup_epochs=... shorter than the run (warmup_steps is 1)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         fit(tiny_vit(), recipe(epochs=1, warmup_steps=3), train_set=Noise(112), output_dir=tmp_path / "b",
