@@ -149,8 +149,9 @@ def test_weight_decay_and_layer_decay_groups():
 
 
 def test_rollout_reads_the_blocks_of_a_map_pooled_model():
-    """No class token, the head reads attention pooling over the patch tokens: as for an averaged model, the mean of
-    the patch tokens' rows; the pool's (1 x N) weights are not captured as a token map."""
+    """No class token, the head reads attention pooling over the patch tokens: the blocks' maps are captured as for
+    any ViT; the pool's (1 x N) weights are captured apart (``pool_attention``) and weight the relevance rows
+    (tests/test_explain_map_pool.py checks the numbers)."""
     from vitlab.analysis import capture, explain
 
     m = _load("siglip")

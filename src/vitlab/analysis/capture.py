@@ -2,7 +2,8 @@
 
 The layers' capture mode (:func:`vitlab.layers.capture_attention`) computes the softmax weights
 explicitly only while the context is open, so the model's default fused path is untouched; forward
-hooks on the blocks (the modules that own an attention layer) record the token states. The result
+hooks on the blocks (the modules that own an attention layer) record the token states, and one on an
+attention pool (SigLIP's head) its weights over the tokens. The result
 also carries what the analysis tools need to place tokens on the image: the patch grid, the patch
 size in pixels and the number of prefix tokens.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vitlab.layers import CapturableAttention, capture_attention
+from vitlab.layers import AttentionPoolLatent, CapturableAttention, capture_attention
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +52,8 @@ class Captured:
         tokens: one (B, N, D) tensor per block: the block's output tokens.
         layout: the patch grid of this input.
         layers: per attention map, the attention module that made it.
+        pool_attention: (B, heads, N) the weights of the model's attention pool (SigLIP's ``global_pool="map"``)
+            over the N tokens it pooled, for the pool's last call; None if no pool ran.
     """
 
     logits: Tensor
@@ -59,6 +62,7 @@ class Captured:
     layout: TokenLayout
     token_maps: tuple[bool, ...] = ()
     layers: tuple[nn.Module, ...] = ()
+    pool_attention: Tensor | None = None
 
 
 def this_thread_only(fn: Callable[..., None]) -> Callable[..., None]:
@@ -129,6 +133,14 @@ def capture(model: nn.Module, x: Tensor, *, with_grad: bool = False) -> Captured
         raise ValueError(f"capture: {type(model).__name__} has no attention layers to capture")
     tokens: list[Tensor] = []
     hooks = [b.register_forward_hook(this_thread_only(lambda _m, _i, out: tokens.append(out))) for b in blocks]
+    pooled: list[Tensor] = []
+
+    def keep_pool(pool: AttentionPoolLatent, inputs: tuple, _out: object) -> None:
+        with torch.no_grad():
+            pooled.append(pool.attention_weights(inputs[0]).detach())
+
+    hooks += [m.register_forward_hook(this_thread_only(keep_pool)) for m in model.modules()
+              if isinstance(m, AttentionPoolLatent)]
     try:
         with torch.set_grad_enabled(with_grad), capture_attention(model) as maps:
             if with_grad and not x.requires_grad:
@@ -142,4 +154,5 @@ def capture(model: nn.Module, x: Tensor, *, with_grad: bool = False) -> Captured
     layout = token_layout(model, (x.shape[-2], x.shape[-1]),
                           first_token_map.shape[-1] if first_token_map is not None else None)
     return Captured(logits=logits, attentions=list(maps), tokens=tokens, layout=layout,
-                    token_maps=tuple(maps.token_maps), layers=tuple(maps.layers))
+                    token_maps=tuple(maps.token_maps), layers=tuple(maps.layers),
+                    pool_attention=pooled[-1] if pooled else None)

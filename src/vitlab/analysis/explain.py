@@ -5,7 +5,9 @@ Methods for every model:
 - "rollout", "grad-rollout", "last-layer": attention rollout (Abnar & Zuidema), its class-specific
   gradient-weighted form, and the last layer's class-token attention. Defined where tokens attend to
   tokens of one sequence (ViT, DeiT, CaiT); families whose attention is windowed, pooled or cross-branch
-  register their own form of these methods (:func:`register_explainer`).
+  register their own form of these methods (:func:`register_explainer`). A head that pools by attention
+  (SigLIP's ``global_pool="map"``) reads a weighted mix of the tokens: the rollouts weight the tokens' rows by
+  the pool's weights (mean over its heads), and "last-layer" is the pool's own attention.
 - "grad-cam": Grad-CAM (Selvaraju et al. 2017) on the output of the model's ``cam_layer()`` (default: the
   last transformer block, its patch tokens laid on the grid): channels weighted by the mean gradient of
   the class score, positive part. Also for models without token-to-token attention (MLP-Mixer, XCiT's
@@ -298,6 +300,9 @@ def _token_explain(model: nn.Module, x: Tensor, *, method: str, target: int | Te
     tgt = class_targets(logits, target)
     layout = out.layout
     p = layout.num_prefix_tokens
+    # an attention pool (SigLIP's head) reads its weighted mix of the tokens: the rows are weighted by it
+    pool = out.pool_attention  # (B, heads, N) or None
+    query = pool.mean(dim=1) if pool is not None else None  # (B, N)
     if method == "rollout":
         joint = attention_rollout(out.attentions, head_fusion=head_fusion, discard_ratio=discard_ratio,
                                   num_prefix_tokens=p)
@@ -306,11 +311,14 @@ def _token_explain(model: nn.Module, x: Tensor, *, method: str, target: int | Te
         grads = torch.autograd.grad(score, out.attentions)
         joint = gradient_rollout([a.detach() for a in out.attentions], [g.detach() for g in grads],
                                  discard_ratio=discard_ratio, num_prefix_tokens=p)
+    elif pool is not None:  # last-layer: the pool's attention, the last before the head
+        query = fuse_heads(pool[:, :, None], head_fusion)[:, 0]  # (B, heads, 1, N) -> (B, N)
+        joint = torch.eye(p + layout.num_patches, device=x.device).expand(B, -1, -1)
     else:
         last = out.attentions[-1].float()
         joint = embed_square(fuse_heads(last, head_fusion), p + layout.num_patches, num_prefix_tokens=p)
     relevance = token_relevance(joint.detach(), num_prefix_tokens=p, use_class_token=uses_class_token(model),
-                                class_rows=class_token_rows(model))
+                                class_rows=class_token_rows(model), query_weights=query)
     patch_maps = relevance.reshape(B, *layout.grid)  # (B, rows, cols)
     maps = relevance_to_image(relevance, layout.grid, (x.shape[-2], x.shape[-1]))
     return Explanation(maps=maps, patch_maps=patch_maps, probs=probs, target=tgt.detach(), method=method)

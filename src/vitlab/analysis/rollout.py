@@ -140,12 +140,18 @@ def token_relevance(joint: Tensor, *, num_prefix_tokens: int, use_class_token: b
     With a class token that the head reads, its row; otherwise (average pooling, no class token) the
     mean of the patch tokens' rows, since the head reads their mean. ``class_rows``: the prefix tokens whose
     heads are averaged into the prediction (a distilled DeiT: (0, 1), class and distillation token), whose
-    rows are averaged likewise. ``query_weights`` (B, num_patches): the head reads that weighted sum of the
-    patch tokens instead (CCT's sequence pooling), so the rows are weighted by it.
+    rows are averaged likewise. ``query_weights`` (B, num_patches), or (B, N) over every token: the head reads
+    that weighted sum of the tokens instead (CCT's sequence pooling, SigLIP's attention pool), so the rows are
+    weighted by it.
     """
     p = num_prefix_tokens
     if query_weights is not None:
-        return torch.einsum("bq,bqk->bk", query_weights.to(joint.dtype), joint[:, p:, p:])  # (B, num_patches)
+        N = joint.shape[1]
+        if query_weights.shape[1] not in (N - p, N):
+            raise ValueError(f"token_relevance: query_weights over {query_weights.shape[1]} tokens, expected "
+                             f"{N - p} patch tokens or all {N} tokens")
+        rows = joint[:, N - query_weights.shape[1]:, p:]  # (B, Nq, num_patches)
+        return torch.einsum("bq,bqk->bk", query_weights.to(joint.dtype), rows)  # (B, num_patches)
     if use_class_token:
         if p == 0:
             raise ValueError("token_relevance: use_class_token needs a prefix token")

@@ -5,8 +5,9 @@ learned query attends over the tokens, then a residual MLP on the pooled vector 
 and parameter names are timm's ``AttentionPoolLatent`` (``latent``, ``q``, ``kv``, ``proj``, ``norm``, ``mlp``), so
 timm's files load unchanged.
 
-Not a :class:`~vitlab.layers.CapturableAttention`: its (1 x N) weights are not token-to-token maps, and the
-analysis tools read the blocks' attention only.
+Not a :class:`~vitlab.layers.CapturableAttention`: its (1 x N) weights are not token-to-token maps.
+:meth:`AttentionPoolLatent.attention_weights` recomputes them for the analysis tools (explain weights the rollout's
+rows by them, as the head reads that mix of the tokens).
 """
 
 from __future__ import annotations
@@ -65,3 +66,13 @@ class AttentionPoolLatent(nn.Module):
         x = self.proj(x.transpose(1, 2).reshape(B, 1, C))  # (B, 1, D)
         x = x + self.mlp(self.norm(x))
         return x[:, 0]  # (B, D)
+
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """The softmax weights (B, heads, N) the latent query puts on the N tokens of ``x`` (B, N, D) in forward."""
+        B, N, C = x.shape
+        q = self.q(self.latent).expand(B, -1, -1)  # (B, 1, D)
+        q = q.reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, 1, hd)
+        # keys only: (B, N, D) -> (B, heads, N, hd)
+        k = self.kv(x)[..., :C].reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, heads, 1, N), sdpa's default scale
+        return logits.float().softmax(dim=-1)[:, :, 0]  # (B, heads, N)

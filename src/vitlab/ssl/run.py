@@ -407,7 +407,12 @@ def build_backbone(job: PretrainJob, in_chans: int) -> nn.Module:
     # a method's model defaults apply where the family has the option (XCiT and MobileViT take any size anyway)
     fields = {f.name for f in dataclasses.fields(entry.config)}
     overrides = model_overrides(name, recipe, in_chans)
-    defaults = {k: v for k, v in METHOD_MODEL_DEFAULTS.get(job.method, {}).items() if k in fields and k not in overrides}
+    # the method's own value given as an override (the mae recipe's pos_embed='sincos', kept for a name of the
+    # recipe's family) is still the method's default: a refusal of it gets the same explanation
+    optional = OPTIONAL_MODEL_DEFAULTS.get(job.method, ())
+    defaults = {k: v for k, v in METHOD_MODEL_DEFAULTS.get(job.method, {}).items()
+                if k in fields and (k not in overrides or (k not in optional and overrides[k] == v))}
+    overrides = {k: v for k, v in overrides.items() if k not in defaults}
     torch.manual_seed(recipe.seed)
     try:
         return vitlab.create_model(name, num_classes=0, img_size=recipe.img_size, **defaults, **overrides)
