@@ -31,10 +31,11 @@ def display_text(text: str) -> str:
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")  # no bbox_inches="tight": it would change the pixel size
-    return path
+    from vitlab.checkpoints.io import atomic_write
+
+    # renamed into place: a symbolic link at ``path`` is replaced, never written through; no bbox_inches="tight":
+    # it would change the pixel size
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
 def _to_hwc(image: Tensor) -> np.ndarray:

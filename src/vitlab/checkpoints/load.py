@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from vitlab.checkpoints.io import (
     PICKLE_SUFFIXES,
     CheckpointError,
     CheckpointNotFoundError,
+    parse_json,
     read_json,
     read_npz,
     read_pickle,
@@ -201,11 +201,11 @@ def timm_file_meta(header: dict[str, str], path: Path) -> dict[str, Any] | None:
     if header.get("format") != "timm" or "timm_model" not in header:
         return None
     try:
-        kwargs = json.loads(header.get("timm_kwargs") or "{}")
-        pre = json.loads(header.get("preprocessing") or "{}")
-        names = json.loads(header["class_names"]) if header.get("class_names") else None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: its timm export metadata is not valid JSON ({e})") from e
+        kwargs = parse_json(header.get("timm_kwargs") or "{}")
+        pre = parse_json(header.get("preprocessing") or "{}")
+        names = parse_json(header["class_names"]) if header.get("class_names") else None
+    except ValueError as e:  # malformed, nested too deeply, an integer of too many digits
+        raise CheckpointError(f"{path}: its timm export metadata is not valid JSON ({e})") from None
     if not isinstance(kwargs, dict) or not isinstance(pre, dict):
         raise CheckpointError(f"{path}: its timm export metadata (timm_kwargs, preprocessing) are not JSON objects")
     config: dict[str, Any] = {"architecture": header["timm_model"], "model_args": kwargs,

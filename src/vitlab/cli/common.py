@@ -8,7 +8,6 @@ same one-line error (exit status 2) for ``train``, ``eval``, ``explain`` and the
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -39,14 +38,16 @@ def parse_assignments(items: list[str], option: str) -> dict[str, Any]:
     text; lists become the tuples the config dataclasses hold."""
     import ast
 
+    from vitlab.checkpoints.io import parse_json
+
     out: dict[str, Any] = {}
     for item in items:
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"{option} {item!r}: expected KEY=VALUE, e.g. global_pool=\"avg\"")
         try:
-            value = json.loads(text)
-        except ValueError:
+            value = parse_json(text)
+        except ValueError:  # not JSON (nested too deeply included): a Python literal, else text
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):

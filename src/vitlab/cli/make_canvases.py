@@ -51,9 +51,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _warn_if_crowded(root: Path, size: int, low: int, high: int) -> None:
     """A warning when canvases hold fewer than --digits MIN digits: no free place was found for the rest."""
+    from vitlab.checkpoints.io import parse_json
+
     counts: list[int] = []
     for split in ("train", "val"):
-        coco = json.loads((root / split / "annotations.json").read_text(encoding="utf-8"))
+        path = root / split / "annotations.json"
+        try:
+            coco = parse_json(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # malformed, nested too deeply, not UTF-8
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         per_image = dict.fromkeys((im["id"] for im in coco["images"]), 0)
         for a in coco["annotations"]:
             per_image[a["image_id"]] += 1

@@ -109,16 +109,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def saved_run(args: argparse.Namespace, output: Path) -> dict | None:
     """With --resume and no --recipe: the recipe, model and data recorded in the run directory."""
-    import json
-
+    from vitlab.checkpoints.io import parse_json
     from vitlab.train.run import read_job
 
     path = output / "recipe.json"
     if not args.resume or args.recipe is not None or not path.is_file():
         return None
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
+        saved = parse_json(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # malformed, nested too deeply, not UTF-8
         raise ValueError(f"{path}: not valid JSON ({e}); --resume continues the run's own recipe: repair the "
                          f"file") from None
     if not isinstance(saved, dict):

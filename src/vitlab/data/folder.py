@@ -39,6 +39,7 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
+from vitlab.checkpoints.io import parse_json
 from vitlab.data.errors import DatasetError
 from vitlab.data.image import IMAGE_EXTENSIONS, is_image_file, peek_channels, walk_image_files
 
@@ -342,9 +343,9 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[tuple[int, str, str | None]
         if not s.strip():
             continue
         try:
-            entry = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}, line {line}: not a JSON object ({e})") from e
+            entry = parse_json(s)
+        except ValueError as e:  # malformed, nested too deeply, an integer of too many digits
+            raise DatasetError(f"{path}, line {line}: not a JSON object ({e})") from None
         if not isinstance(entry, dict):
             raise DatasetError(f"{path}, line {line}: not a JSON object")
         if "file_name" not in entry:

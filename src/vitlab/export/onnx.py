@@ -75,6 +75,7 @@ from vitlab.export.runtime import (
     METADATA_KEY,
     OUTPUT_NAME,
     OnnxModel,
+    _load_header,
     external_data_files,
     graph_tensors,
     require,
@@ -813,9 +814,7 @@ def _captured_output(into: list[str]) -> Iterator[None]:
 def linear_nodes(path: str) -> list[str]:
     """Names of the MatMul/Gemm nodes whose second operand is a constant weight: the linear layers
     (the attention's query-key and weight-value products multiply two activations and are left out)."""
-    import onnx
-
-    proto = onnx.load(path, load_external_data=False)  # names only: a large model's weights stay in its .data
+    proto = _load_header(path)  # names only: a large model's weights stay in its .data
     consts = {t.name for t in proto.graph.initializer}
     consts |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in proto.graph.node
@@ -828,8 +827,6 @@ def quantize_int8(src: str, dst: str) -> int:
 
     A ``src`` with external data (over 2 GB) gives a ``dst`` with its tensors in ``dst + ".data"``
     (:func:`_set_metadata` makes it one file again where the quantised model fits)."""
-    import onnx
-
     with _root_logging_kept():
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -839,7 +836,7 @@ def quantize_int8(src: str, dst: str) -> int:
         raise ExportError(f"{src}: found no linear layer (MatMul/Gemm with a constant weight) to quantise")
     src, dst = os.path.abspath(src), os.path.abspath(dst)
     prepared = dst + ".prep.onnx"
-    external = bool(external_data_files(onnx.load(src, load_external_data=False), os.path.dirname(src)))
+    external = bool(external_data_files(_load_header(src), os.path.dirname(src)))
     # a model over 2 GB cannot be one protobuf message: ORT's steps write (and read) their tensors in one file beside
     big = dict(save_as_external_data=True, all_tensors_to_one_file=True,
                external_data_location=os.path.basename(prepared) + ".data") if external else {}
@@ -901,9 +898,7 @@ def needs_external_data(nbytes: int) -> bool:
 
 def file_opset(path: str) -> int | None:
     """The default-domain opset an ONNX file declares."""
-    import onnx
-
-    proto = onnx.load(path, load_external_data=False)
+    proto = _load_header(path)
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 

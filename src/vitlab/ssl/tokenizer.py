@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitlab.checkpoints.io import CheckpointError, CheckpointNotFoundError, atomic_write, read_safetensors
+from vitlab.checkpoints.io import CheckpointError, CheckpointNotFoundError, atomic_write, parse_json, read_safetensors
 
 TOKENIZER_FILE = "tokenizer.safetensors"
 HEADER_KEY = "vitlab_tokenizer"
@@ -112,9 +112,11 @@ def load_tokenizer(source: str | os.PathLike, *, device: torch.device | str = "c
         raise CheckpointError(f"--tokenizer {path}: not a vitlab tokenizer (no {HEADER_KEY!r} metadata; a "
                               f"backbone's model.safetensors is not a tokenizer)")
     try:
-        meta = json.loads(header[HEADER_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"--tokenizer {path}: tokenizer metadata is not valid JSON ({e})") from e
+        meta = parse_json(header[HEADER_KEY])
+    except ValueError as e:  # malformed, nested too deeply, an integer of too many digits
+        raise CheckpointError(f"--tokenizer {path}: tokenizer metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"--tokenizer {path}: tokenizer metadata is a JSON {type(meta).__name__}, not an object")
     kinds = _kinds()
     kind = meta.get("kind")
     if kind not in kinds:

@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from vitlab.checkpoints.io import parse_json
+
 RECIPE_DIR = "recipes"
 log = logging.getLogger(__name__)
 
@@ -276,9 +278,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             raise ValueError(f"unknown recipe {s!r}; shipped recipes: {', '.join(list_recipes())}, or give a .json file")
         text, source = res.read_text(encoding="utf-8"), f"recipe {s}"
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{source}: not valid JSON ({e})") from e
+        data = parse_json(text)
+    except ValueError as e:  # malformed, nested too deeply, an integer of too many digits
+        raise ValueError(f"{source}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise TypeError(f"{source}: a recipe is a JSON object of field -> value")
     data.setdefault("name", path.stem if source == str(path) else s)
@@ -358,8 +360,8 @@ def _accumulation(before: Recipe, after: Recipe, given: set[str]) -> Recipe:
 # ------------------------------------------------------------------------------------------ typing
 def _parse_json_or_str(raw: str) -> Any:
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
+        return parse_json(raw)
+    except ValueError:  # not JSON (nested too deeply included): the text itself
         return raw
 
 
@@ -377,7 +379,10 @@ def _parse(raw: str, tp: Any, key: str) -> Any:
             return False
         raise ValueError(f"--set {key}={raw}: expected true or false")
     if origin is tuple:
-        parts = json.loads(raw) if raw.startswith("[") else [p for p in raw.strip("()").split(",") if p.strip()]
+        try:
+            parts = parse_json(raw) if raw.startswith("[") else [p for p in raw.strip("()").split(",") if p.strip()]
+        except ValueError as e:  # malformed, nested too deeply
+            raise ValueError(f"--set {key}=...: not a JSON list ({e})") from None
         return _coerce(parts, base, key)
     if origin is dict:
         value = _parse_json_or_str(raw)

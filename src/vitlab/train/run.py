@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vitlab.checkpoints import CheckpointError
+from vitlab.checkpoints.io import parse_json
 from vitlab.models.describe import describe_model
 from vitlab.models.registry import get_entry
 from vitlab.train.budget import Deadline
@@ -282,8 +283,8 @@ def _has_job_keys(path: Path) -> bool:
 
 def _json_object(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: malformed, nested too deeply, not UTF-8
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -506,7 +507,7 @@ def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     try:
         with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("vitlab", "{}"))
+            meta = parse_json((f.metadata() or {}).get("vitlab", "{}"))
     except (OSError, ValueError, SafetensorError):  # no file, not safetensors, or unreadable metadata
         return {}
     return meta if isinstance(meta, dict) else {}
