@@ -63,7 +63,7 @@ def test_a_dino_run_folder_finetunes_its_teacher(tmp_path, dino_run, caplog):
     with caplog.at_level(logging.INFO, logger="vitlab"):
         assert main(["finetune", "--from", str(dino_run), "--data", "digits", "--img-size", "8", *FAST,
                      "--set", "lr=1e-9", "--output", str(out)]) == 0
-    assert "fine-tuning DINO's teacher" in caplog.text
+    assert f"fine-tuning {dino_run}: DINO's teacher" in caplog.text
     assert f"give {dino_run / 'model.safetensors'} for the student" in caplog.text
     assert json.loads((out / "job.json").read_text())["pretrained"] == str(dino_run / "teacher.safetensors")
     tuned = vitlab.load_model(out / "model.safetensors")
@@ -82,6 +82,30 @@ def test_a_dino_student_named_as_a_file_is_used_as_given(tmp_path, dino_run, cap
 
 
 # ------------------------------------------------------------------------------ 2. the checkpoint's architecture
+def test_eval_of_a_dino_run_folder_probes_its_teacher(tmp_path, dino_run, capsys, caplog):
+    """k-NN of the folder = k-NN of teacher.safetensors (the student's features give other numbers here)."""
+    def knn(checkpoint: Path, out: str) -> dict:
+        assert main(["eval", "--checkpoint", str(checkpoint), "--data", "digits", "--protocol", "knn", "--threads",
+                     "1", "--json", "--output", str(tmp_path / out)]) == 0
+        report = json.loads(capsys.readouterr().out)
+        return {k: report[k] for k in ("top1", "samples") if k in report} or report
+
+    with caplog.at_level(logging.INFO, logger="vitlab"):
+        folder = knn(dino_run, "folder")
+    assert f"DINO's teacher {dino_run / 'teacher.safetensors'}" in caplog.text
+    assert folder == knn(dino_run / "teacher.safetensors", "teacher")
+
+
+def test_eval_of_a_run_folder_finds_its_run_record(tmp_path):
+    """`vitlab eval --checkpoint RUN` looked for job.json beside the folder ("--data is required") and would have
+    written its report beside it, outside the run."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--img-size", "8", "--set", "model_overrides.depth=1", "--output",
+                 str(run), *FAST]) == 0
+    assert main(["eval", "--checkpoint", str(run), "--threads", "1"]) == 0
+    assert (run / "eval_test" / "metrics.json").is_file() and not (tmp_path / "eval_test").exists()
+
+
 def test_the_checkpoints_architecture_wins_over_the_recipes_model_overrides(tmp_path, mae_run, caplog):
     out = tmp_path / "ft"
     with caplog.at_level(logging.INFO, logger="vitlab"):

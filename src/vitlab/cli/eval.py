@@ -446,6 +446,12 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.train.evaluate import evaluate
 
     refuse_torchrun("eval")
+    from vitlab.train.run import run_checkpoint
+
+    # a run folder: its checkpoint file, beside which eval finds the run's job.json and writes its report
+    args.checkpoint, note = run_checkpoint(args.checkpoint)
+    if note:
+        log.info("evaluating %s", note)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     runtime = "torch-compile" if args.compile else args.runtime

@@ -55,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.models.factory import model_name_of
+    from vitlab.train.run import run_checkpoint
 
     check_length_options(args)
     if _sets(args.overrides, "model"):
@@ -71,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
                              "--from is required: the checkpoint, weights or hf-hub:ORG/NAME to fine-tune (with "
                              "--resume and --output RUN: the run's own)")
     args.source, published = _published_weights(args.source, args.model)
-    args.source = _dino_teacher(args.source, quiet=args.resume)
+    args.source, note = run_checkpoint(args.source)  # a run folder: its checkpoint (DINO's: the teacher)
+    if note and not args.resume:
+        log.info("fine-tuning %s", note)
     # a resumed run's model is the one it records: its --from source is not read again (train.run.build_model)
     model = args.model or recorded.get("model") or published or model_name_of(args.source)
     recipe = resolve_recipe(args, "vit_finetune", saved, model=model)
@@ -107,23 +110,6 @@ def _published_weights(source: str, model: str | None) -> tuple[str, str | None]
                          f"(leave --model out)")
     log.info("--from %s: the published weights %s (models/pretrained.json)", source, weights.hub)
     return weights.hub, name
-
-
-def _dino_teacher(source: str, *, quiet: bool = False) -> str:
-    """A DINO pre-training run folder: its teacher.safetensors, the backbone DINO's paper evaluates and fine-tunes
-    (the official eval_linear.py / eval_knn.py read checkpoint_key "teacher"); any other source, a file named
-    explicitly included, as it is."""
-    from vitlab.ssl.run import TEACHER_FILE
-    from vitlab.train.run import MODEL_FILE, read_job
-
-    folder = Path(source).expanduser()
-    teacher = folder / TEACHER_FILE
-    if not folder.is_dir() or not teacher.is_file() or read_job(folder).get("method") != "dino":
-        return source
-    if not quiet:
-        log.info("fine-tuning DINO's teacher %s (the backbone the paper evaluates); give %s for the student",
-                 teacher, folder / MODEL_FILE)
-    return str(teacher)
 
 
 def _vitlab_metadata(source: str) -> dict:

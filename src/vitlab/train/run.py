@@ -495,6 +495,23 @@ def read_job(output: Path) -> dict[str, Any]:
     return job if isinstance(job, dict) else {}
 
 
+def run_checkpoint(source: str | os.PathLike) -> tuple[str, str | None]:
+    """A vitlab run folder given where a checkpoint file is expected, as the file it stands for: a DINO
+    pre-training run's teacher.safetensors (the network DINO's paper evaluates and fine-tunes; the official
+    eval_knn.py / eval_linear.py read checkpoint_key "teacher"), any other run's model.safetensors; with a note
+    saying which (None for any other source, which is returned as it is: a file, a hub folder, a hub name)."""
+    from vitlab.ssl.run import TEACHER_FILE
+
+    folder = Path(source).expanduser()
+    if not folder.is_dir() or (folder / "config.json").exists() or not (folder / MODEL_FILE).is_file():
+        return str(source), None
+    teacher = folder / TEACHER_FILE
+    if teacher.is_file() and read_job(folder).get("method") == "dino":
+        return str(teacher), (f"{folder}: DINO's teacher {teacher} (the network the paper evaluates); give "
+                              f"{folder / MODEL_FILE} for the student")
+    return str(folder / MODEL_FILE), None
+
+
 def checkpoint_class_names(path: Path) -> list[str] | None:
     """The class names in a vitlab checkpoint's metadata (None when absent)."""
     names = checkpoint_metadata(path).get("class_names")
