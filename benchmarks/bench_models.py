@@ -133,7 +133,7 @@ def bench_group(name: str, dtype: str, mode: str, impls: list[str], args: argpar
     c, h, w = info["preprocessing"]["input_size"]
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, c, h, w, generator=g)
-    targets = torch.randint(0, info["num_classes"], (args.batch_size,), generator=g)
+    targets = torch.randint(0, max(info["num_classes"], 1), (args.batch_size,), generator=g)  # headless: unused
     params = {}
     mm, mm_flops = matmul_step(args.matmul_size, dtype=dtype)
     load_before = _loadavg()
