@@ -243,3 +243,23 @@ def test_hub_model_args_with_registers_the_weights_lack_are_named(tmp_path):
     (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"keeps 5 \(class and register tokens\).*reg_tokens=0"):
         vitlab.load_model(tmp_path / "hub")
+
+
+def test_a_square_table_is_read_as_a_grid_not_as_prefix_entries(tmp_path):
+    """A reg4 (no_embed_class) table of 3x3 patches has as many entries as 2x2 plus the 5 prefix tokens: it was
+    split into tokens and an unresampled 2x2 table. It is the file's grid, resampled; the tokens stay."""
+    from safetensors.torch import save_file
+
+    from vitlab.layers import resample_pos_embed
+
+    kw = dict(patch_size=16, depth=1, embed_dim=32, num_heads=2)
+    torch.manual_seed(0)
+    big = vitlab.create_model("vit_small_patch14_reg4_dinov2", img_size=48, **kw)
+    sd = {k: v.detach().clone() for k, v in big.state_dict().items()}
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    small = vitlab.create_model("vit_small_patch14_reg4_dinov2", img_size=32, pretrained=tmp_path / "w.safetensors",
+                                **kw)
+    torch.testing.assert_close(small.cls_token, sd["cls_token"], atol=0, rtol=0)
+    torch.testing.assert_close(small.reg_token, sd["reg_token"], atol=0, rtol=0)
+    expected = resample_pos_embed(sd["pos_embed"], (2, 2), old_size=(3, 3), num_prefix_tokens=0)
+    torch.testing.assert_close(small.pos_embed.detach(), expected)

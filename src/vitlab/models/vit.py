@@ -307,7 +307,7 @@ class VisionTransformer(TimmSurface, nn.Module):
         the same, and dropped from the table, as timm's checkpoint_filter_fn does. The same outputs at any
         resolution: the entries are not on the grid that resampling changes."""
         out = dict(sd)
-        self._move_prefix_entries(out, source)
+        self._move_prefix_entries(out, source, getattr(sd, "grid", None))
         if (self.pos_embed is not None and "pos_embed" not in sd and "patch_embed.proj.weight" in sd
                 and self.num_features % 4 == 0):
             out.pop("pos_embed_fixed", None)  # a copy of the fixed table, if a converter kept one
@@ -326,7 +326,7 @@ class VisionTransformer(TimmSurface, nn.Module):
                     out[key] = resample_projection(v, grid, old_grid=(side, side), num_prefix_tokens=p)
         return out
 
-    def _move_prefix_entries(self, out: dict[str, Tensor], source: str) -> None:
+    def _move_prefix_entries(self, out: dict[str, Tensor], source: str, recorded: tuple[int, int] | None) -> None:
         pos, p = out.get("pos_embed"), self.num_prefix_tokens
         if not self.cfg.no_embed_class or pos is None or pos.ndim != 3 or p == 0:
             return
@@ -340,8 +340,12 @@ class VisionTransformer(TimmSurface, nn.Module):
         def square(k: int) -> bool:
             return k > 0 and math.isqrt(k) ** 2 == k
 
-        # the model's own grid plus the prefix entries, or (another resolution) a square grid plus them
-        if n == own or not (n == p + own or (square(n - p) and not square(n))):
+        # the model's own grid plus the prefix entries, or (another resolution) a square grid plus them; a table
+        # that is itself the file's recorded grid, or a square one, has none (3x3 is also 2x2 plus 5 prefix
+        # entries: read as the grid it is, as timm reads it)
+        if recorded is not None and recorded[0] * recorded[1] == n:
+            return
+        if n == own or square(n) or not (n == p + own or square(n - p)):
             return
         start = 0
         for key, v in tokens:
