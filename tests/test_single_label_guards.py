@@ -179,6 +179,21 @@ def test_fit_marks_mixup_targets_as_smoothed(tmp_path: Path) -> None:
     assert loss.mixed_targets is True
 
 
+def test_an_objective_with_mixup_does_not_smooth_its_targets_twice() -> None:
+    """Outside fit (a library user's own loop), the objective marks its loss: Mixup's targets are smoothed once."""
+    from vitlab.train.objective import ClassificationObjective
+
+    torch.manual_seed(0)
+    mixup = Mixup(num_classes=3, mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1)
+    objective = ClassificationObjective(label_smoothing=0.1, mixup=mixup)
+    x, y = mixup(torch.randn(4, 3, 8, 8), torch.arange(4) % 3)
+    logits = torch.randn(4, 3)
+    expected = -(y * logits.log_softmax(-1)).sum(-1).mean()  # the targets as Mixup made them
+    torch.testing.assert_close(objective.criterion(x, logits, y), expected)
+    plain = ClassificationObjective(label_smoothing=0.1)  # no Mixup: (B, K) targets are smoothed by the loss
+    assert plain.criterion.mixed_targets is False
+
+
 def test_fit_trains_one_hot_targets_under_mixup(tmp_path: Path) -> None:
     torch.manual_seed(0)
     X, Y = torch.randn(16, 3, 16, 16), F.one_hot(torch.arange(16) % 3, 3).float()

@@ -18,8 +18,8 @@ class ClassificationLoss(nn.Module):
     """``loss(images, outputs, targets)``: the signature the trainer calls, shared with distillation.
 
     ``targets`` are class indices or (B, K) class probabilities, label smoothing applied here to both alike
-    (``(1 - s) y + s / K``), except to targets made by Mixup (``mixed_targets``: ``fit`` sets it under a recipe
-    with Mixup/CutMix, which smooths them itself).
+    (``(1 - s) y + s / K``), except to targets made by Mixup (``mixed_targets``: ``ClassificationObjective`` sets it
+    when it mixes, as Mixup/CutMix smooth the targets they make).
     A tuple of outputs (a distilled DeiT's class and distillation heads) is averaged for the plain loss.
     """
 

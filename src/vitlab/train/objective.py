@@ -174,6 +174,10 @@ class ClassificationObjective(Objective):
         self.custom = criterion is not None
         self.criterion = criterion or ClassificationLoss(label_smoothing=label_smoothing)
         self.mixup = mixup
+        # Mixup smooths the targets it makes: the loss (or a distillation loss's base) must not smooth them again
+        for loss in (self.criterion, getattr(self.criterion, "base_module", None)):
+            if isinstance(loss, ClassificationLoss):
+                loss.mixed_targets = mixup is not None
 
     def setup(self, model: nn.Module, *, steps_per_epoch: int, total_steps: int) -> None:
         super().setup(model, steps_per_epoch=steps_per_epoch, total_steps=total_steps)

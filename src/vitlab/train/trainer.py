@@ -60,7 +60,6 @@ from vitlab.train.fsdp import (
     load_optimizer_state,
     reshard,
 )
-from vitlab.train.losses import ClassificationLoss
 from vitlab.train.objective import (
     ClassificationObjective,
     DistillationObjective,
@@ -501,10 +500,6 @@ def fit(
 
     # ---- the objective and optimisation
     objective = objective or objective_for(criterion, recipe, num_classes)
-    if isinstance(objective, ClassificationObjective):  # Mixup smooths the targets it makes: the loss must not
-        for loss in (objective.criterion, getattr(objective.criterion, "base_module", None)):
-            if isinstance(loss, ClassificationLoss):
-                loss.mixed_targets = objective.mixup is not None
     if recipe.fsdp:
         from vitlab.train.fsdp import check_fsdp
 
