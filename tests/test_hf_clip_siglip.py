@@ -185,10 +185,11 @@ def test_hf_tower_classifier_and_unknown_activation_are_refused_by_name(tmp_path
 
 
 # ------------------------------------------------------------------- img_size not a multiple of the patch
-TIMM_36 = dict(img_size=36, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5)
+TIMM_36 = dict(img_size=36, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5,
+               drop_remainder=True)
 
 
-def test_timm_vit_whose_img_size_leaves_a_remainder_gives_timms_logits():
+def test_timm_vit_whose_img_size_leaves_a_remainder_gives_timms_logits(tmp_path):
     """timm builds img_size=36 with 8 px patches as a 4 x 4 grid and ignores the last 4 pixel rows / columns; so does
     vitlab, fixed-size and (other sizes multiples of the patch, as timm's) with dynamic_img_size."""
     m = vitlab.create_model("vit_base_patch16_224", pretrained=HF / "timm_36.safetensors", **TIMM_36).eval()
@@ -203,6 +204,17 @@ def test_timm_vit_whose_img_size_leaves_a_remainder_gives_timms_logits():
         m(torch.zeros(1, 3, 40, 40))
     with pytest.raises(ValueError, match="input image 44x44 is not divisible by the patch size 8x8"):
         dyn(torch.zeros(1, 3, 44, 44))
+    # a timm hub folder (its model_args: img_size 36, patch 8) is built as timm builds it
+    from vitlab.checkpoints import save_timm_folder
+
+    save_timm_folder(m, tmp_path / "hub")
+    assert "drop_remainder" not in json.loads((tmp_path / "hub" / "config.json").read_text())["model_args"]
+    with torch.no_grad():
+        _close(vitlab.load_model(tmp_path / "hub").eval()(IO["input_36"]), IO["timm36_logits_36"])
+    # a plain state dict does not say it: asked for, not assumed (a size typed by mistake stays an error)
+    with pytest.raises(ValueError, match=r"img_size 36x36 is not a multiple of the patch size 8: .*drop_remainder=True"):
+        vitlab.create_model("vit_base_patch16_224", pretrained=HF / "timm_36.safetensors",
+                            **{**TIMM_36, "drop_remainder": False})
 
 
 def test_onnx_export_of_a_remainder_model_is_fixed_size(tmp_path):

@@ -53,7 +53,11 @@ def test_patch_embed_drop_remainder_floors_the_grid_as_timm() -> None:
         dyn(torch.randn(1, 3, 44, 36))
     dyn.set_input_size(40)
     assert dyn.grid_size == (5, 5) and not dyn.has_remainder
-    model = vitlab.create_model("vit_tiny_patch16_224", img_size=36, patch_size=8, **TINY)  # ViT builds it, as timm
+    # ViT builds it when asked (a size typed by mistake stays an error: no pixels dropped silently)
+    with pytest.raises(ValueError, match=r"img_size 36x36 is not a multiple of the patch size 8: build the model at a "
+                                         r"multiple \(e.g. 32x32\), or pass drop_remainder=True"):
+        vitlab.create_model("vit_tiny_patch16_224", img_size=36, patch_size=8, **TINY)
+    model = vitlab.create_model("vit_tiny_patch16_224", img_size=36, patch_size=8, drop_remainder=True, **TINY)
     assert model.patch_embed.grid_size == (4, 4) and model.pos_embed.shape == (1, 17, 64)
     assert model(torch.randn(1, 3, 36, 36)).shape == (1, 1000)
 

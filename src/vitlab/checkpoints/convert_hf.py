@@ -73,7 +73,10 @@ def hf_vit_overrides(config: dict[str, Any]) -> dict[str, Any]:
         if len(set(patch)) != 1:
             raise ValueError(f"HF ViT config: patch_size={list(patch)}; vitlab's ViT supports square patches only")
         patch = patch[0]
+    sides = tuple(int(s) for s in img) if isinstance(img, (list, tuple)) else (int(img),)
     return {
+        # transformers' patch convolution leaves the pixels past the last whole patch unused, as timm's
+        **({"drop_remainder": True} if any(s % int(patch) for s in sides) else {}),
         "embed_dim": hidden,
         "depth": depth,
         "num_heads": heads,

@@ -95,6 +95,10 @@ def timm_hub_overrides(config: dict[str, Any], family: str, template: Any) -> di
                              f"vitlab has one option for both ({key})")
         from_args[key] = (arg, value)
     out.update({key: value for key, (_, value) in from_args.items()})
+    if "drop_remainder" in fields:  # timm builds any size, the floored grid where patches do not fill it
+        img, patch = out.get("img_size", template.img_size), out.get("patch_size", template.patch_size)
+        if any(int(s) % int(patch) for s in ((img, img) if isinstance(img, int) else img)):
+            out["drop_remainder"] = True
     return out
 
 

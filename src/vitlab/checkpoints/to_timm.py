@@ -235,6 +235,7 @@ def _vit(a: _Args) -> None:
     a.take("attn_type", "linformer_k", "linformer_sharing")  # softmax attention (Linformer refused before)
     a.note_dropped("pos_antialias", _POS_ANTIALIAS_NOTE)
     a.take("distilled", "dist_head")  # DeiT: the timm name says which (_timm_name)
+    a.take("drop_remainder")  # timm builds the floored grid of any img_size itself
     if a.has("gelu"):
         a.renamed("gelu", "act_layer", lambda g: {"exact": "gelu", "tanh": "gelu_tanh", "quick": "quick_gelu"}[g])
     if a.cfg.pos_embed == "sincos":

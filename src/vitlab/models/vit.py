@@ -85,6 +85,9 @@ class ViTConfig:
         every token unpooled: ``forward`` gives (B, prefix + N, D).
     pos_embed: "learn" (1-D learned, the paper's default), "sincos" (fixed 2-D) or "none" (Appendix D.4).
     reg_tokens: register tokens (Darcet et al. 2023), placed after the class token: [cls, reg..., patches].
+    drop_remainder: an img_size that is not a multiple of the patch builds the floored grid, its last pixel rows /
+        columns unused, as timm and big_vision build it (SigLIP so400m/14 at 384 px: 27 x 27 patches); otherwise
+        such a size is an error.
     no_embed_class: the learned table covers the patch tokens only (DeiT III, DINOv2 with registers; timm's option
         of that name): it is added before the class and register tokens are prepended. Otherwise it has an entry
         for each of them too, as timm's.
@@ -121,6 +124,7 @@ class ViTConfig:
     class_token: bool = True
     reg_tokens: int = 0
     no_embed_class: bool = False
+    drop_remainder: bool = False
     global_pool: ViTPool = "token"
     pos_embed: Literal["learn", "sincos", "none"] = "learn"
     pre_norm: bool = False
@@ -166,6 +170,12 @@ class ViTConfig:
         if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
             raise ValueError(f"{type(self).__name__}: reg_tokens must be a whole number >= 0, got {self.reg_tokens!r}")
         check_config(self)
+        h, w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+        if (h % self.patch_size or w % self.patch_size) and not self.drop_remainder and self.hybrid_layers is None:
+            fit = f"{h // self.patch_size * self.patch_size}x{w // self.patch_size * self.patch_size}"
+            raise ValueError(f"{type(self).__name__}: img_size {h}x{w} is not a multiple of the patch size "
+                             f"{self.patch_size}: build the model at a multiple (e.g. {fit}), or pass "
+                             f"drop_remainder=True for timm's floored grid, the last pixels unused")
         if self.no_embed_class and self.pos_embed != "learn":
             raise ValueError(f"{type(self).__name__}: no_embed_class=True is an option of the learned position table "
                              f"(pos_embed='learn'), got pos_embed={self.pos_embed!r}")
@@ -237,7 +247,7 @@ class VisionTransformer(TimmSurface, nn.Module):
             self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                                           embed_dim=D, strict_img_size=not cfg.dynamic_img_size,
                                           bias=not cfg.pre_norm,  # CLIP's projection has no bias (timm ties it)
-                                          drop_remainder=True)  # timm's floor grid (SigLIP so400m/14 at 384 px)
+                                          drop_remainder=cfg.drop_remainder)
             self.patch_embed.dynamic_option = cfg.attn_type != "linformer"
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
@@ -702,6 +712,7 @@ def _siglip_layouts() -> dict[str, tuple[int, int, dict, str]]:
                 pool = dict(global_pool="avg", fc_norm=False) if gap else dict(global_pool="map")
                 out[name] = (patch, res, {**_SIGLIP_WIDTHS[size], "class_token": False, **pool, "num_classes": 0,
                                           "crop_pct": 1.0 if name in _SIGLIP_FULL_CROP else 0.9,
+                                          **({"drop_remainder": True} if res % patch else {}),
                                           **({"gelu": "tanh"} if res in tanh else {})},
                              f"SigLIP image tower ViT-{size}/{patch}, {'average' if gap else 'attention'} pooling, "
                              f"at {res}px, headless")
