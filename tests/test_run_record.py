@@ -210,3 +210,15 @@ def test_job_json_records_the_command_and_versions(tmp_path):
     job = json.loads((out / "job.json").read_text())
     assert job["command"] == sys.argv and job["python"] == platform.python_version()
     assert job["torch"] == torch.__version__ and job["written_by"].startswith("vitlab ")
+
+
+def test_a_resume_keeps_the_command_that_started_the_run(tmp_path, monkeypatch):
+    """job.json is rewritten on --resume: the command that started the run stays, the resume's is added."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["vitlab", "train", "--first"])
+    assert main(["train", "--output", str(out), *FAST, "--steps", "1"]) == 0
+    monkeypatch.setattr(sys, "argv", ["vitlab", "train", "--second"])
+    assert main(["train", "--output", str(out), "--resume", "--no-progress", "--steps", "2"]) == 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["command"] == ["vitlab", "train", "--first"]
+    assert job["resumed_with"] == [["vitlab", "train", "--second"]]

@@ -625,7 +625,7 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
                 clear_run_outputs(job.output)
             job.output.mkdir(parents=True, exist_ok=True)
             record = json.dumps({
-                **run_marker(), "method": job.method, "data": job.data, "data_source": source_identity(job.data),
+                **run_marker(job.output if job.resume else None), "method": job.method, "data": job.data, "data_source": source_identity(job.data),
                 "model": job.model or recipe.model, "options": job.options, "skip_bad_images": job.skip_bad_images,
                 **({"held_out": held_out} if held_out else {})}, indent=2, default=str)
             path = job.output / JOB_FILE

@@ -287,7 +287,7 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
             clear_run_outputs(job.output)
         job.output.mkdir(parents=True, exist_ok=True)
         atomic_text(job.output / JOB_FILE, json.dumps({
-            **run_marker(),
+            **run_marker(job.output if job.resume else None),
             "task": job.task, "data": str(job.data), "data_source": source_identity(job.data), "classes": classes,
             **({"categories": categories} if categories is not None else {}), "model": job.model,
             "pretrained_backbone": job.pretrained_backbone, "skip_bad_images": job.skip_bad_images}, indent=2))

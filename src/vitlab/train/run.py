@@ -256,15 +256,21 @@ def is_run_dir(output: Path) -> bool:
     return _has_job_keys(output / JOB_FILE) and bool(checkpoint_metadata(output / MODEL_FILE))
 
 
-def run_marker() -> dict[str, Any]:
+def run_marker(resumed: Path | None = None) -> dict[str, Any]:
     """The entries every job.json a run writes begins with: the one that marks it as vitlab's, then the command
-    line (``sys.argv``) and the Python and torch versions."""
+    line (``sys.argv``) and the Python and torch versions. ``resumed``: the run folder a --resume continues, whose
+    job.json keeps the command that started the run; this one is added to its ``resumed_with`` list."""
     import platform
     import sys
 
     from vitlab import __version__
 
-    return {MARKER_KEY: f"vitlab {__version__}", "command": list(sys.argv), "python": platform.python_version(),
+    command: dict[str, Any] = {"command": list(sys.argv)}
+    earlier = read_job(resumed) if resumed is not None else {}
+    if isinstance(earlier.get("command"), list):
+        command = {"command": earlier["command"],
+                   "resumed_with": [*earlier.get("resumed_with", []), list(sys.argv)]}
+    return {MARKER_KEY: f"vitlab {__version__}", **command, "python": platform.python_version(),
             "torch": torch.__version__}
 
 
@@ -625,7 +631,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
             clear_run_outputs(job.output)
         job.output.mkdir(parents=True, exist_ok=True)
         atomic_text(job.output / JOB_FILE, json.dumps({
-            **run_marker(), "task": "classification", "data": job.data, "data_source": source_identity(job.data),
+            **run_marker(job.output if job.resume else None), "task": "classification", "data": job.data, "data_source": source_identity(job.data),
             "classes": list(train_set.classes), "model": job.model or recipe.model, "pretrained": job.pretrained,
             "skip_bad_images": job.skip_bad_images,
             "distill": dataclasses.asdict(job.distill) if job.distill is not None else None}, indent=2))
