@@ -348,6 +348,11 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(tmp_path, caplog):
             output_dir=tmp_path / "c", progress=False)
     assert "--set warmup_epochs=... shorter than the run (warmup_steps is 1)" in caplog.text
     caplog.clear()
+    with caplog.at_level(logging.WARNING):  # both long enough: lowering one alone would change nothing
+        fit(tiny_vit(), recipe(epochs=1, warmup_steps=20, warmup_epochs=2.0), train_set=Noise(112),
+            output_dir=tmp_path / "d", progress=False)
+    assert "--set warmup_epochs=... and warmup_steps=..., both shorter than the run" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         fit(tiny_vit(), recipe(epochs=1, warmup_steps=3), train_set=Noise(112), output_dir=tmp_path / "b",
             progress=False)

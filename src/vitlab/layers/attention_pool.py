@@ -55,13 +55,19 @@ class AttentionPoolLatent(nn.Module):
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
         nn.init.trunc_normal_(self.latent, std=dim**-0.5)
 
-    def forward(self, x: Tensor) -> Tensor:
-        B, N, C = x.shape
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The latent query (B, heads, 1, hd) and the tokens' keys and values (B, heads, N, hd): what forward attends
+        with, and what :meth:`attention_weights` reads, from one place."""
+        B, N, _ = x.shape
         q = self.q(self.latent).expand(B, -1, -1)  # (B, 1, D)
         q = q.reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, 1, hd)
         # (B, N, 2*D) -> (2, B, heads, N, hd)
-        kv = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)
+        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, _, C = x.shape
+        q, k, v = self._qkv(x)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, hd)
         x = self.proj(x.transpose(1, 2).reshape(B, 1, C))  # (B, 1, D)
         x = x + self.mlp(self.norm(x))
@@ -69,10 +75,6 @@ class AttentionPoolLatent(nn.Module):
 
     def attention_weights(self, x: Tensor) -> Tensor:
         """The softmax weights (B, heads, N) the latent query puts on the N tokens of ``x`` (B, N, D) in forward."""
-        B, N, C = x.shape
-        q = self.q(self.latent).expand(B, -1, -1)  # (B, 1, D)
-        q = q.reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, 1, hd)
-        # keys only: (B, N, D) -> (B, heads, N, hd)
-        k = self.kv(x)[..., :C].reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        q, k, _ = self._qkv(x)
         logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, heads, 1, N), sdpa's default scale
         return logits.float().softmax(dim=-1)[:, :, 0]  # (B, heads, N)

@@ -489,10 +489,14 @@ def fit(
     lr = recipe.lr * (global_batch / recipe.lr_base_batch if recipe.lr_base_batch else 1.0)
     warmup = max(recipe.warmup_steps, round(recipe.warmup_epochs * steps_per_epoch))
     if warmup >= total_steps > 1 and not resume:  # e.g. --steps 20 under a recipe's 2-epoch warm-up
-        # the larger of the two settings counts: the hint names the one to lower and the other's value
-        by_epochs = round(recipe.warmup_epochs * steps_per_epoch) >= recipe.warmup_steps
-        hint = (f"--set warmup_epochs=... shorter than the run (warmup_steps is {recipe.warmup_steps})" if by_epochs
-                else f"--set warmup_steps=... shorter than the run (warmup_epochs is {recipe.warmup_epochs:g})")
+        # the larger of the two settings counts: the hint names the one(s) to lower and the other's value
+        from_epochs = round(recipe.warmup_epochs * steps_per_epoch)
+        if min(from_epochs, recipe.warmup_steps) >= total_steps:
+            hint = "--set warmup_epochs=... and warmup_steps=..., both shorter than the run"
+        elif from_epochs >= recipe.warmup_steps:
+            hint = f"--set warmup_epochs=... shorter than the run (warmup_steps is {recipe.warmup_steps})"
+        else:
+            hint = f"--set warmup_steps=... shorter than the run (warmup_epochs is {recipe.warmup_epochs:g})"
         log.warning("the warm-up (%d steps) is as long as the run (%d steps): the learning rate only climbs and "
                     "never decays; give %s - the larger of the two is used - or more steps", warmup, total_steps,
                     hint)
