@@ -125,3 +125,19 @@ def test_mae_on_a_table_without_class_entry_says_why_and_what_to_pass(name, tmp_
     assert "Build it with --set model_overrides.pos_embed=learn instead" in caplog.text
     if name.startswith("vit_"):  # the fix it names works
         assert main([*base, "--set", "model_overrides.pos_embed=learn", "--output", str(tmp_path / "b")]) == 0
+
+
+def test_maps_of_a_floored_grid_cover_only_the_pixels_its_patches_see():
+    """drop_remainder (SigLIP so400m/14 at 384 px: 27 x 27 patches over 378 px): the map was stretched over the whole
+    image, shifted by up to the remainder; it covers the patches' pixels, the rest 0."""
+    from vitlab.analysis import explain
+    from vitlab.analysis.rollout import relevance_to_image
+
+    torch.manual_seed(0)
+    m = vitlab.create_model("vit_base_patch16_siglip_224", img_size=36, patch_size=8, drop_remainder=True, depth=2,
+                            embed_dim=32, num_heads=2, num_classes=3).eval()
+    out = explain(m, torch.randn(1, 3, 36, 36), method="rollout")
+    assert out.maps.shape == (1, 36, 36) and out.patch_maps.shape == (1, 4, 4)
+    torch.testing.assert_close(out.maps[:, :32, :32], relevance_to_image(out.patch_maps.reshape(1, 16), (4, 4),
+                                                                          (32, 32)))
+    assert out.maps[:, 32:].abs().max() == 0 and out.maps[:, :, 32:].abs().max() == 0

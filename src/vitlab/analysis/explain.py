@@ -45,6 +45,7 @@ from vitlab.analysis.rollout import (
     relevance_to_image,
     token_relevance,
 )
+from vitlab.layers import PatchEmbed
 
 Method = Literal["auto", "rollout", "grad-rollout", "last-layer", "grad-cam", "grad-input"]
 METHODS: tuple[str, ...] = ("auto", "rollout", "grad-rollout", "last-layer", "grad-cam", "grad-input")
@@ -320,7 +321,10 @@ def _token_explain(model: nn.Module, x: Tensor, *, method: str, target: int | Te
     relevance = token_relevance(joint.detach(), num_prefix_tokens=p, use_class_token=uses_class_token(model),
                                 class_rows=class_token_rows(model), query_weights=query)
     patch_maps = relevance.reshape(B, *layout.grid)  # (B, rows, cols)
-    maps = relevance_to_image(relevance, layout.grid, (x.shape[-2], x.shape[-1]))
+    pe = getattr(model, "patch_embed", None)
+    patch = pe.patch_size if isinstance(pe, PatchEmbed) else None
+    covered = (layout.grid[0] * patch[0], layout.grid[1] * patch[1]) if patch is not None else None
+    maps = relevance_to_image(relevance, layout.grid, (x.shape[-2], x.shape[-1]), covered)
     return Explanation(maps=maps, patch_maps=patch_maps, probs=probs, target=tgt.detach(), method=method)
 
 

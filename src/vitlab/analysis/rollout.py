@@ -162,11 +162,17 @@ def token_relevance(joint: Tensor, *, num_prefix_tokens: int, use_class_token: b
     return joint[:, p:, p:].mean(dim=1)
 
 
-def relevance_to_image(relevance: Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
-    """(B, rows*cols) patch relevance -> (B, H, W) map, bilinearly upsampled to the image."""
+def relevance_to_image(relevance: Tensor, grid: tuple[int, int], image_size: tuple[int, int],
+                       covered: tuple[int, int] | None = None) -> Tensor:
+    """(B, rows*cols) patch relevance -> (B, H, W) map, bilinearly upsampled to the image. ``covered``: the (h, w)
+    the patches cover where it is less than the image (a grid floored as timm's, ``drop_remainder``): the map is
+    upsampled to it and the uncovered last rows / columns are 0."""
     B = relevance.shape[0]
     m = relevance.reshape(B, 1, grid[0], grid[1]).float()  # (B, 1, rows, cols)
-    m = F.interpolate(m, size=tuple(image_size), mode="bilinear", align_corners=False)
+    h, w = tuple(covered) if covered is not None else tuple(image_size)
+    m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+    if (h, w) != tuple(image_size):
+        m = F.pad(m, (0, image_size[1] - w, 0, image_size[0] - h))
     return m[:, 0]  # (B, H, W)
 
 
