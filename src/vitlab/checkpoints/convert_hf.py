@@ -130,11 +130,17 @@ def convert_hf_encoder(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
                 raise ValueError(f"HF checkpoint: unexpected key {prefix}{k}")
         else:
             raise ValueError(f"HF checkpoint: unexpected key {prefix}{k}")
-    for i, parts in qkv.items():  # separate q, k, v projections -> one fused (3D, D) projection
+    _fuse_qkv(out, qkv)
+    return out
+
+
+def _fuse_qkv(out: dict[str, Tensor], qkv: dict[int, dict[str, Tensor]]) -> None:
+    """Each block's separate query / key / value projections (``parts["query.weight"]`` ...) -> the one fused
+    (3D, D) projection vitlab's attention has (``blocks.N.attn.qkv``); biases where the file has them."""
+    for i, parts in qkv.items():
         out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts[f"{n}.weight"] for n in ("query", "key", "value")])
         if "query.bias" in parts:
             out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([parts[f"{n}.bias"] for n in ("query", "key", "value")])
-    return out
 
 
 register_hf_model_type("vit", "vit_base_patch16_224")
@@ -348,9 +354,7 @@ def convert_hf_tower(sd: dict[str, Tensor], config: dict[str, Any]) -> Converted
             out[f"blocks.{m.group(1)}.{_TOWER_LAYER[m.group(2)]}.{param}"] = v
         else:
             raise ValueError(f"HF {kind} checkpoint: unexpected key {key}")
-    for i, parts in qkv.items():  # separate q, k, v projections -> one fused (3D, D) projection
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts[f"{n}.weight"] for n in ("query", "key", "value")])
-        out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([parts[f"{n}.bias"] for n in ("query", "key", "value")])
+    _fuse_qkv(out, qkv)
     for param in ("weight", "bias"):
         if f"in_proj_{param}" in pool:
             w = pool[f"in_proj_{param}"]

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from vitlab.checkpoints.families import family_label
 from vitlab.checkpoints.io import _umask, atomic_write
+from vitlab.checkpoints.timm_hub import TIMM_ARG_VALUES
 from vitlab.checkpoints.vitlab_format import model_metadata, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -231,13 +232,17 @@ _POS_ANTIALIAS_NOTE = ("timm resamples the position table antialiased where an i
                        "(dynamic_img_size), as transformers does not: the same outputs at the model's own size")
 
 
+# vitlab's gelu -> timm's act_layer: the reading table (timm_hub.TIMM_ARG_VALUES) turned around
+_TIMM_ACT = {ours: theirs for (arg, theirs), ours in TIMM_ARG_VALUES.items() if arg == "act_layer"}
+
+
 def _vit(a: _Args) -> None:
     a.take("attn_type", "linformer_k", "linformer_sharing")  # softmax attention (Linformer refused before)
     a.note_dropped("pos_antialias", _POS_ANTIALIAS_NOTE)
     a.take("distilled", "dist_head")  # DeiT: the timm name says which (_timm_name)
     a.take("drop_remainder")  # timm builds the floored grid of any img_size itself
     if a.has("gelu"):
-        a.renamed("gelu", "act_layer", lambda g: {"exact": "gelu", "tanh": "gelu_tanh", "quick": "quick_gelu"}[g])
+        a.renamed("gelu", "act_layer", lambda g: _TIMM_ACT[g])
     if a.cfg.pos_embed == "sincos":
         a.refuse("pos_embed", "timm's VisionTransformer has no fixed 2-D sin-cos position table")
     a.same("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
