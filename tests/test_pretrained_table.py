@@ -158,9 +158,6 @@ DEFAULT_ROW_EXCEPTIONS = {
     # generated from ViT's variants table with the family's statistics (0.5); its only published weights are
     # DINO's self-supervised backbone, trained with ImageNet's
     "vit_small_patch8_224": {"mean", "std"},
-    # ViT's variants hold no crop mode; its only weights were evaluated squashed (timm's config.json says so
-    # for a hub folder, the row for pretrained=True)
-    "vit_medium_patch16_gap_384": {"crop_mode"},
 }
 WITH_ROWS = sorted({r["model"] for r in ROWS})
 
@@ -222,14 +219,49 @@ def _build_published(monkeypatch, name: str, layout: dict[str, list[int]]):
 @pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter")
 def test_pretrained_true_applies_the_rows_crop_mode(monkeypatch):
     """vit_medium_patch16_gap_384's weights are evaluated with timm's crop_mode="squash" (both sides resized);
-    no config field holds it, so it comes from the row as a preprocessing style."""
+    no config field holds it: the name squashes as timm's pretrained_cfg for it does, and a row of the same
+    name that crops the centre (vit_large_patch14_clip_336.openai among its squashed rows) sets that."""
     row, layout = next((r, lay) for r, lay in PUBLISHED if r["model"] == "vit_medium_patch16_gap_384")
     assert row["crop_mode"] == "squash" and find_weights("vit_medium_patch16_gap_384").crop_mode == "squash"
     m = _build_published(monkeypatch, "vit_medium_patch16_gap_384", layout)
     assert m.preprocessing.crop_mode == "squash"
     assert m.preprocessing_style["crop_mode"] == "squash"  # recorded: a saved checkpoint keeps it
     with torch.device("meta"):
-        assert vitlab.create_model("vit_medium_patch16_gap_384").preprocessing.crop_mode == "center"
+        assert vitlab.create_model("vit_medium_patch16_gap_384").preprocessing.crop_mode == "squash"
+        assert vitlab.create_model("vit_large_patch14_clip_336").preprocessing.crop_mode == "squash"
+        assert vitlab.create_model("vit_large_patch14_clip_224").preprocessing.crop_mode == "center"
+        assert vitlab.create_model("vit_medium_patch16_gap_384", crop_mode="center").preprocessing.crop_mode \
+            == "center"
+    openai = find_weights("vit_large_patch14_clip_336", "openai")
+    assert openai.crop_mode == "center"
+    _, layout = next((r, lay) for r, lay in PUBLISHED if (r["model"], r["tag"]) ==
+                     ("vit_large_patch14_clip_336", "openai"))
+    m = _build_published(monkeypatch, "vit_large_patch14_clip_336.openai", layout)
+    assert m.preprocessing.crop_mode == "center" and m.preprocessing_style["crop_mode"] == "center"
+
+
+def test_a_vitlab_file_keeps_the_crop_it_was_written_with(tmp_path):
+    """A vitlab file of a name that squashes keeps its recorded crop mode: squashed when written with the
+    name's style, centre-cropped when written before the name had one (its preprocessing says centre, no
+    style recorded)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from vitlab.checkpoints.vitlab_format import save_model
+
+    small = dict(embed_dim=32, depth=1, num_heads=2, img_size=32)
+    m = vitlab.create_model("vit_medium_patch16_gap_384", **small)
+    assert m.preprocessing.crop_mode == "squash"
+    save_model(m, tmp_path / "now.safetensors")
+    assert vitlab.load_model(tmp_path / "now.safetensors").preprocessing.crop_mode == "squash"
+    with safe_open(str(tmp_path / "now.safetensors"), "pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    vitlab_meta = json.loads(meta["vitlab"])
+    assert vitlab_meta["preprocessing"]["crop_mode"] == "squash"
+    vitlab_meta.pop("preprocessing_style")
+    vitlab_meta["preprocessing"]["crop_mode"] = "center"  # as a vitlab without the name's style wrote it
+    save_file(sd, str(tmp_path / "before.safetensors"), metadata={**meta, "vitlab": json.dumps(vitlab_meta)})
+    assert vitlab.load_model(tmp_path / "before.safetensors").preprocessing.crop_mode == "center"
 
 
 def test_the_layout_fixture_covers_every_timm_row():

@@ -53,7 +53,7 @@ def timm_rows() -> list[dict]:
             rows.append({"model": name, "tag": tag, **({"default": True} if tag == default else {}),
                          "hub": f"hf-hub:{cfg.hf_hub_id}", "format": "timm",
                          "num_classes": cfg.num_classes, "input_size": list(cfg.input_size),
-                         "mean": [round(float(v), 6) for v in cfg.mean], "std": [round(float(v), 6) for v in cfg.std],
+                         "mean": [float(v) for v in cfg.mean], "std": [float(v) for v in cfg.std],
                          "crop_pct": cfg.crop_pct, "crop_mode": cfg.crop_mode, "interpolation": cfg.interpolation,
                          "license": cfg.license or "unknown"})
     return rows

@@ -154,6 +154,17 @@ def _with_style(model: nn.Module, style: dict[str, Any]) -> nn.Module:
     return model
 
 
+def _build_entry(entry: Any, cfg: Any) -> nn.Module:
+    """``entry``'s model built from ``cfg``, with the preprocessing its name's weights were evaluated with beyond
+    the config (``entry.style``: timm's pretrained_cfg crop mode)."""
+    model = entry.build(cfg)
+    if entry.style:
+        from vitlab.models.base import set_preprocessing_style
+
+        set_preprocessing_style(model, **dict(entry.style))
+    return model
+
+
 def _build_loaded(name: str, entry: Any, source: Any, *, overrides: dict[str, Any],
                   weights_overrides: dict[str, Any], num_classes: int | None,
                   img_size: int | tuple[int, int] | None) -> nn.Module:
@@ -177,7 +188,7 @@ def _build_loaded(name: str, entry: Any, source: Any, *, overrides: dict[str, An
         cfg_overrides["img_size"] = img_size
     try:
         cfg = _apply_overrides(name, entry.config, cfg_overrides)
-        model = entry.build(cfg)
+        model = _build_entry(entry, cfg)
         model.model_name = name
         if source is not None:
             from vitlab.checkpoints import CheckpointError, adapt_state_dict, load_strict
@@ -380,7 +391,11 @@ def _apply_preprocessing_style(source: Any, model: nn.Module, *, given: set[str]
     notes: list[str] = []
     where = str(source.path)
     if source.format == "vitlab":
-        style = dict(source.meta.get("preprocessing_style") or {})
+        # the file's preprocessing decides the fields a name's style sets (a file written before the name had
+        # one), then its recorded style
+        recorded = source.meta.get("preprocessing") or {}
+        style = {k: _tuplify(recorded[k]) for k in getattr(model, "preprocessing_style", {}) if k in recorded}
+        style.update(source.meta.get("preprocessing_style") or {})
     elif source.meta.get("hf_processor") is not None and getattr(model, "task", "classification") == "classification":
         from vitlab.checkpoints.hf_processor import processor_style
 
@@ -404,7 +419,7 @@ def _apply_preprocessing_style(source: Any, model: nn.Module, *, given: set[str]
         log.warning("%s: %s", where, note)
     if style:
         try:
-            set_preprocessing_style(model, **style)
+            set_preprocessing_style(model, **{**getattr(model, "preprocessing_style", {}), **style})
         except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from e
         if source.format != "vitlab":
@@ -658,7 +673,7 @@ def model_info(name: str, **overrides: Any) -> dict[str, Any]:
     entry = get_entry(name)
     cfg = _apply_overrides(name, entry.config, overrides)
     with torch.device("meta"):  # no memory and no init cost, even for ViT-H
-        model = entry.build(cfg)
+        model = _build_entry(entry, cfg)
         pre: Preprocessing = model.preprocessing
         x = torch.empty(1, *pre.input_size)
         with FlopCounterMode(display=False) as counter:

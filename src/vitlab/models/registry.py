@@ -25,6 +25,9 @@ class ModelEntry:
     build: Callable[[Any], nn.Module]
     description: str = ""
     task: str = "classification"  # "detection" / "segmentation": not on the classifier surface
+    # preprocessing the name's published weights were evaluated with that its config cannot hold (crop_mode
+    # "squash"), as timm's pretrained_cfg for the bare name states it: (field, value) pairs
+    style: tuple[tuple[str, Any], ...] = ()
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

@@ -699,6 +699,9 @@ _SIGLIP_ROWS = [
     ("so400m", 16, (256, 384, 512), (256, 384, 512), (256, 384, 512)),
     ("giantopt", 16, (256, 384), (256, 384), (256, 384)),
 ]
+# names whose default weights timm evaluates squashed (crop_mode "squash": both sides resized, aspect not kept)
+_SQUASHED = ("vit_medium_patch16_gap_384", "vit_base_patch16_clip_384", "vit_large_patch14_clip_336",
+             "vit_huge_patch14_clip_336", "vit_gigantic_patch14_clip_378")
 _SIGLIP_FULL_CROP = ("vit_so400m_patch14_siglip_gap_384", "vit_so400m_patch14_siglip_gap_448",
                      "vit_so400m_patch14_siglip_gap_896")  # timm's: no crop
 
@@ -743,7 +746,8 @@ def _register_vit_variants() -> None:
     for name, (patch, res, fields, description) in TIMM_VIT_LAYOUTS.items():
         cfg = ViTConfig(img_size=res, patch_size=patch, **fields)
         register_model(ModelEntry(name=name, family="vit", config=cfg, build=VisionTransformer,
-                                  description=description))
+                                  description=description,
+                                  style=(("crop_mode", "squash"),) if name in _SQUASHED else ()))
 
 
 _register_vit_variants()
