@@ -172,12 +172,28 @@ class _RefusedNumpyValue(Exception):
     """A numpy dtype or scalar in a checkpoint that vitlab will not build (read_pickle names the file)."""
 
 
+def dtype_problem(dtype: Any, kinds: str) -> str | None:
+    """Why ``dtype`` (from an untrusted pickle) is not a plain numpy dtype of one of ``kinds`` (numpy's kind
+    codes, e.g. ``"biufc"``), or None when it is: a dtype with fields, a subarray or object pointers, or whose
+    flags, size or alignment differ from what numpy gives its type code (numpy's ``__setstate__`` takes them from
+    the file unchecked), is not. No repr of the dtype in the reason: only what numpy takes from its class."""
+    if not isinstance(dtype, np.dtype):
+        return f"a numpy dtype was expected, got a {type(dtype).__name__}"
+    if dtype.kind not in kinds or dtype.fields is not None or dtype.subdtype is not None or dtype.hasobject:
+        return f"numpy {type(dtype).__name__} with fields, a subarray or object pointers, or of kind {dtype.kind!r}"
+    same = np.dtype(dtype.str)
+    if (dtype.flags, dtype.itemsize, dtype.alignment) != (same.flags, same.itemsize, same.alignment) or (
+            dtype.kind in "SUV" and dtype.itemsize == 0):
+        return f"numpy dtype {dtype.str} with forged flags or size"
+    return None
+
+
 def _numeric_dtype(*args: Any) -> np.dtype:
     """``numpy.dtype(...)`` as a checkpoint's pickle calls it, for plain numeric dtypes only."""
     dtype = np.dtype(*args)
-    if dtype.kind not in _SCALAR_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise _RefusedNumpyValue(f"numpy {type(dtype).__name__} of kind {dtype.kind!r} (only bool, integer, "
-                                 f"float and complex dtypes are read)")
+    problem = dtype_problem(dtype, _SCALAR_KINDS)
+    if problem:
+        raise _RefusedNumpyValue(f"{problem} (only bool, integer, float and complex dtypes are read)")
     return dtype
 
 
@@ -188,13 +204,9 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     file unchecked (a dtype saying it holds no object pointers while it does would turn file bytes into
     pointers), so such a dtype is refused and the number is made with a dtype rebuilt from its type code and
     byte order alone."""
-    # no repr of a forged dtype in the message: only attributes numpy takes from the dtype's class
-    if not isinstance(dtype, np.dtype):
-        raise _RefusedNumpyValue(f"numpy scalar made from a {type(dtype).__name__} instead of a dtype")
-    if (dtype.kind not in _SCALAR_KINDS or dtype.fields is not None or dtype.subdtype is not None
-            or dtype.hasobject):
-        raise _RefusedNumpyValue(f"numpy scalar of a {type(dtype).__name__} with fields, a subarray or object "
-                                 f"pointers (only bool, integer, float and complex numbers are read)")
+    problem = dtype_problem(dtype, _SCALAR_KINDS)
+    if problem:
+        raise _RefusedNumpyValue(f"numpy scalar: {problem} (only bool, integer, float and complex numbers are read)")
     clean = np.dtype(dtype.char).newbyteorder(dtype.byteorder)
     if not isinstance(data, bytes) or len(data) != clean.itemsize:
         raise _RefusedNumpyValue(f"numpy scalar of dtype {clean} made from {type(data).__name__} "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitlab.checkpoints.io import dtype_problem
 from vitlab.data.errors import DatasetError
 
 # --------------------------------------------------------------------------------------------- digits
@@ -136,15 +137,9 @@ def _check_dtype(dtype: Any) -> np.dtype:
     alignment numpy gives that type code."""
     if isinstance(dtype, _Dtype):
         dtype = dtype.dtype
-    if not isinstance(dtype, np.dtype):
-        raise _Refused(f"a numpy dtype was expected, got a {type(dtype).__name__}")
-    if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise _Refused(f"numpy {type(dtype).__name__} with fields or a subarray, or of kind "
-                                     f"{dtype.kind!r}, is not allowed in a CIFAR batch")
-    same = np.dtype(dtype.str)
-    if (dtype.flags, dtype.itemsize, dtype.alignment) != (same.flags, same.itemsize, same.alignment) or (
-            dtype.kind in "SU" and dtype.itemsize == 0):
-        raise _Refused(f"numpy dtype {dtype.str} with forged flags or size in a CIFAR batch")
+    problem = dtype_problem(dtype, _ARRAY_KINDS)
+    if problem:
+        raise _Refused(f"{problem}: not allowed in a CIFAR batch")
     return dtype
 
 
