@@ -232,16 +232,13 @@ def _weights_size(source: str, model: str, overrides: dict) -> tuple[int, int, s
     """(height, width, where from) of weights that are not a vitlab checkpoint: read and converted once, no model
     built with them (a model at the registered size would resample their position table)."""
     import contextlib
-    import dataclasses
     import math
 
     import torch
 
-    import vitlab
     from vitlab.checkpoints import read_source, resolve
     from vitlab.checkpoints.load import hub_repo
-    from vitlab.checkpoints.timm_hub import timm_hub_overrides
-    from vitlab.models.pretrained import weights_of_hub, weights_settings
+    from vitlab.models.factory import source_config
     from vitlab.models.registry import get_entry
 
     entry = get_entry(model)
@@ -250,16 +247,9 @@ def _weights_size(source: str, model: str, overrides: dict) -> tuple[int, int, s
     if src.format != "vitlab" and not src.meta and src.key_prefix is not None:
         with contextlib.suppress(ValueError):  # the keys as create_model loaded them (a Lightning module's model.)
             src = read_source(path, family, strip_prefix=src.key_prefix)
-    # the config create_model builds for the file (vitlab.models.factory.create_model): the weights' row of
-    # models/pretrained.json, what the file's tensors and config say, then the caller's options
-    fields = {f.name for f in dataclasses.fields(entry.config)}
-    repo = hub_repo(source)
-    row = weights_of_hub(repo, model) if repo is not None else None
-    config = {**(weights_settings(row, fields)[0] if row is not None else {}), **src.converted.overrides}
-    if src.meta.get("timm_config"):
-        config.update(timm_hub_overrides(src.meta["timm_config"], family, entry.config))
+    cfg = source_config(model, src, repo=hub_repo(source), **overrides)  # as create_model resolves it
     with torch.device("meta"):  # shapes only: no memory, no weights, nothing resampled
-        probe = vitlab.create_model(model, **{**config, **overrides})
+        probe = entry.build(cfg)
     h, w = probe.preprocessing.input_size[1:]
     if src.meta:  # a hub folder's config records the size
         return h, w, "the checkpoint's resolution"

@@ -165,11 +165,11 @@ def _build_entry(entry: Any, cfg: Any) -> nn.Module:
     return model
 
 
-def _build_loaded(name: str, entry: Any, source: Any, *, overrides: dict[str, Any],
-                  weights_overrides: dict[str, Any], num_classes: int | None,
-                  img_size: int | tuple[int, int] | None) -> nn.Module:
-    """The model ``name`` built with what ``source`` (None: no weights), the weights' row and the caller set,
-    with the source's weights loaded strictly."""
+def _loaded_config(name: str, entry: Any, source: Any, *, overrides: dict[str, Any],
+                   weights_overrides: dict[str, Any], num_classes: int | None = None,
+                   img_size: int | tuple[int, int] | None = None) -> Any:
+    """The config ``name`` is built with for ``source`` (None: no weights): the weights' row
+    (``weights_overrides``), then what the file's tensors and config say, then the caller's options."""
     file_overrides: dict[str, Any] = {}
     if source is not None:
         if source.format == "vitlab":
@@ -186,8 +186,32 @@ def _build_loaded(name: str, entry: Any, source: Any, *, overrides: dict[str, An
         cfg_overrides["num_classes"] = num_classes
     if img_size is not None:
         cfg_overrides["img_size"] = img_size
+    return _apply_overrides(name, entry.config, cfg_overrides)
+
+
+def source_config(name: str, source: Any, *, repo: str | None = None, **overrides: Any) -> Any:
+    """The config ``create_model(name, pretrained=...)`` builds for the read ``source``
+    (:func:`vitlab.checkpoints.read_source`) with ``overrides``, without building the model; ``repo``: the
+    ``hf-hub:`` repo it came from (its models/pretrained.json row applies)."""
+    from vitlab.models.base import STYLE_FIELDS
+    from vitlab.models.pretrained import weights_of_hub, weights_settings
+
+    entry = _get_entry(name, "")
+    row = weights_of_hub(repo, name) if repo is not None else None
+    fields = {f.name for f in dataclasses.fields(entry.config)}
+    overrides = {k: v for k, v in overrides.items() if k in fields or k not in STYLE_FIELDS}  # no style: no model
+    weights_overrides = weights_settings(row, fields)[0] if row is not None else {}
+    return _loaded_config(name, entry, source, overrides=overrides, weights_overrides=weights_overrides)
+
+
+def _build_loaded(name: str, entry: Any, source: Any, *, overrides: dict[str, Any],
+                  weights_overrides: dict[str, Any], num_classes: int | None,
+                  img_size: int | tuple[int, int] | None) -> nn.Module:
+    """The model ``name`` built with what ``source`` (None: no weights), the weights' row and the caller set,
+    with the source's weights loaded strictly."""
     try:
-        cfg = _apply_overrides(name, entry.config, cfg_overrides)
+        cfg = _loaded_config(name, entry, source, overrides=overrides, weights_overrides=weights_overrides,
+                             num_classes=num_classes, img_size=img_size)
         model = _build_entry(entry, cfg)
         model.model_name = name
         if source is not None:
