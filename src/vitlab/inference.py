@@ -8,6 +8,7 @@ regression).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -63,7 +64,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | None = 5, batch_size: int = 32,
-            device: str | torch.device | None = None, scores: str = "auto") -> list:
+            device: str | torch.device | None = None, scores: str = "auto", threshold: float | None = None) -> list:
     """Class scores for images, as ``vitlab predict`` gives them (same decoding, preprocessing and scores).
 
     Args:
@@ -75,6 +76,9 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
         batch_size: images per forward.
         device: where the model runs (None: where its parameters are; a path loads on the CPU).
         scores: "auto" (the model's ``score_function``), "softmax", "sigmoid" or "none" (raw logits).
+        threshold: instead of the top-k, every label whose score is >= ``threshold``, best first (``topk`` does not
+            limit them): a multi-label model's (sigmoid scores) predicted labels, as ``vitlab predict`` lists them
+            (its ``--threshold``, default 0.5); possibly none.
 
     Returns:
         per image a list of ``{"label": name, "score": float, "index": class}`` (the Hugging Face pipeline's
@@ -84,9 +88,13 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
 
         vitlab.predict("runs/mine/model.safetensors", "photo.jpg", topk=3)
         # [{'label': 'cat', 'score': 0.91, 'index': 3}, ...]
+        vitlab.predict("runs/tags/model.safetensors", "photo.jpg", threshold=0.5)   # multi-label
+        # [{'label': 'even', 'score': 0.93, 'index': 1}, {'label': 'big', 'score': 0.71, 'index': 0}]
     """
     if (topk is not None and topk < 1) or batch_size < 1:
         raise ValueError(f"predict: topk and batch_size must be >= 1, got topk={topk}, batch_size={batch_size}")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ValueError(f"predict: threshold must be a finite number, got {threshold}")
     if isinstance(model, (str, os.PathLike)):
         from vitlab.export.runtimes import load_for_inference
 
@@ -101,7 +109,7 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
     single = _single(images)
     items = [images] if single else list(images)
     names = getattr(model, "class_names", None) or [str(i) for i in range(num_classes)]
-    k = num_classes if topk is None else min(topk, num_classes)
+    k = num_classes if topk is None or threshold is not None else min(topk, num_classes)
     transform = eval_transform(model.preprocessing)
     device = torch.device(device) if device is not None else _device_of(model)
     runtime = str(getattr(model, "name", "")) if hasattr(model, "inner") else ""  # a vitlab.export Runtime
@@ -116,7 +124,8 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
         for start in range(0, len(items), batch_size):
             x = torch.stack([prepare_image(im, transform) for im in items[start:start + batch_size]]).to(device)
             top = to_scores(logits_of(model(x)).float(), kind).topk(k, dim=-1)
-            out.extend([{"label": names[i], "score": v, "index": i} for v, i in zip(values, indices)]
+            out.extend([{"label": names[i], "score": v, "index": i} for v, i in zip(values, indices)
+                        if threshold is None or v >= threshold]
                        for values, indices in zip(top.values.tolist(), top.indices.tolist()))
     finally:
         model.train(was_training)

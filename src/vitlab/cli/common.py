@@ -150,6 +150,24 @@ non_negative_float = number_type(float, lambda v: 0 <= v < math.inf, "a finite n
 fraction = number_type(float, lambda v: 0 <= v <= 1, "a fraction from 0 to 1", "fraction")
 
 
+def add_threshold_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """``--threshold``: the sigmoid score from which a multi-label model gives a label (default 0.5)."""
+    p.add_argument("--threshold", type=fraction, default=None, metavar="T",
+                   help=f"multi-label models (sigmoid scores): a label is given where its score is >= T; {what} "
+                        f"(default: 0.5)")
+
+
+def multilabel_threshold(args: argparse.Namespace, score_function: str) -> float:
+    """``--threshold``, or 0.5; given for a model that does not score with sigmoid, it is ignored with a warning."""
+    from vitlab.train.multilabel import DEFAULT_THRESHOLD
+
+    given = getattr(args, "threshold", None)
+    if given is not None and score_function != "sigmoid":
+        log.warning("--threshold %g: the model scores with %s, not sigmoid (multi-label); ignored", given,
+                    score_function)
+    return DEFAULT_THRESHOLD if given is None else float(given)
+
+
 def add_skip_bad_images_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="report an undecodable file and go on (JSON: an entry with \"error\") instead of stopping")

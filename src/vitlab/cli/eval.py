@@ -1,6 +1,8 @@
 """``vitlab eval``: accuracy of a checkpoint on a labelled data split, with the checkpoint's own preprocessing.
 
-Writes ``metrics.json``, ``per_class.csv``, ``confusion.csv`` and ``confusion.png`` to the output folder.
+Writes ``metrics.json``, ``per_class.csv``, ``confusion.csv`` and ``confusion.png`` to the output folder. A
+multi-label checkpoint (sigmoid scores) on multi-label data: loss, mAP, micro / macro F1 and exact match at
+``--threshold``, with each label's AP, precision, recall, F1 and support in ``metrics.json`` and ``per_class.csv``.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from vitlab.cli.common import (
     add_image_limit_argument,
     add_model_argument,
     add_threads_argument,
+    add_threshold_argument,
     apply_class_map,
     check_device,
     model_args,
+    multilabel_threshold,
     non_negative_int,
     positive_float,
     positive_int,
@@ -86,6 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace report files ({', '.join(REPORT_FILES)}) that exist in --output (default: refuse)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_threshold_argument(p, "micro / macro F1, exact match and each label's precision and recall are measured there")
     p.add_argument("--protocol", choices=["auto", "classifier", "knn", "linear"], default="auto",
                    help="classifier: the checkpoint's own head; knn: weighted k-NN on the pre-logit features of "
                         "the training split; linear: a linear probe (non-affine BatchNorm + linear, MAE's) trained "
@@ -493,6 +498,10 @@ def run(args: argparse.Namespace) -> int:
     if args.whole:  # nothing of it was trained on: no part needs holding out
         log.info("%s is not the data %s was trained on: every image of it is scored (--seed / --val-fraction "
                  "hold a part out instead)", args.data, args.checkpoint)
+    score_function = getattr(model, "score_function", "softmax")
+    threshold = multilabel_threshold(args, score_function)
+    if score_function == "sigmoid" and model.num_classes and args.protocol in ("auto", "classifier"):
+        return _run_multilabel(args, model, reference, device, threshold)
     ds = build_dataset(args.data, split="train" if args.whole else args.split,
                        val_fraction=0.0 if args.whole else args.val_fraction, seed=args.seed,
                        transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
@@ -577,6 +586,119 @@ def run(args: argparse.Namespace) -> int:
         if args.skip_bad_images:
             print(f"skipped {ds.num_skipped} undecodable image(s) in total")
         print(f"report: {out}/ (metrics.json, per_class.csv, confusion.csv, confusion.png)")
+    return 0
+
+
+class MultiHotForHead:
+    """A multi-label data set whose (K_data,) multi-hot targets become the head's (K,) rows (``mapping``: the
+    head's index of each data label); skipped (None) samples pass through."""
+
+    def __init__(self, dataset, mapping: list[int], num_classes: int) -> None:
+        import torch
+
+        self.dataset, self.num_classes = dataset, num_classes
+        self.index = torch.tensor(mapping, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        if item is None:
+            return None
+        x, y = item
+        out = y.new_zeros(self.num_classes)
+        out[self.index] = y
+        return x, out
+
+
+def label_mapping(model, labels: list[str], checkpoint: str, data: str) -> list[int]:
+    """The head's index of each of the data's labels: by name where the checkpoint names its labels (the data may
+    hold a subset of them), else by position (the counts must agree)."""
+    names = list(getattr(model, "class_names", None) or [])
+    if names and names != [str(i) for i in range(len(names))]:
+        found = match_class_names(names, labels)
+        missing = [c for c, i in zip(labels, found) if i is None]
+        if missing:
+            raise ValueError(f"{data} has label(s) {', '.join(map(repr, missing[:5]))} that the checkpoint "
+                             f"{checkpoint} does not know (its labels: {', '.join(map(repr, names[:8]))}"
+                             f"{', ...' if len(names) > 8 else ''}); {_finetune_hint(checkpoint, data)}")
+        return [i for i in found if i is not None]
+    if len(labels) != model.num_classes:
+        raise ValueError(f"{data} has {len(labels)} labels but the checkpoint {checkpoint} has a head for "
+                         f"{model.num_classes}; {_finetune_hint(checkpoint, data)}")
+    return list(range(len(labels)))
+
+
+def _run_multilabel(args: argparse.Namespace, model, reference, device, threshold: float) -> int:
+    """A multi-label checkpoint (sigmoid scores) on multi-label data (:mod:`vitlab.data.multilabel`): loss, mAP,
+    F1 and exact match at ``threshold``, per label in metrics.json and per_class.csv."""
+    from vitlab.data import eval_transform
+    from vitlab.data.multilabel import build_multilabel_dataset
+    from vitlab.export.runtimes import setup_seconds
+    from vitlab.train.evaluate import evaluate
+
+    if args.class_order is not None or args.class_match != "auto":
+        log.warning("--class-match / --class-order: a multi-label model's labels are matched by name (or by position "
+                    "where the checkpoint names none); ignored")
+    if getattr(args, "class_map", None):
+        log.warning("--class-map: not used for multi-label data (ignored)")
+    ds = build_multilabel_dataset(args.data, split="train" if args.whole else args.split,
+                                  val_fraction=0.0 if args.whole else args.val_fraction, seed=args.seed,
+                                  transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
+    mapping = label_mapping(model, ds.classes, args.checkpoint, args.data)
+    head_names = list(getattr(model, "class_names", None) or []) or [str(i) for i in range(model.num_classes)]
+    if head_names == [str(i) for i in range(model.num_classes)] and mapping == list(range(model.num_classes)):
+        head_names = list(ds.classes)
+    scored = MultiHotForHead(ds, mapping, model.num_classes)
+    out = report_folder(args, args.split, ("metrics.json", "per_class.csv"))
+    r = evaluate(model, scored, num_classes=model.num_classes, batch_size=args.batch_size, device=device,
+                 amp=args.amp, workers=args.workers, class_names=head_names, progress=not args.json,
+                 multi_label=True, threshold=threshold)
+    ml = r.multilabel
+    assert ml is not None
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"checkpoint": str(args.checkpoint), "runtime": model.name, "data": args.data,
+               "split": "all" if args.whole else args.split, "multi_label": True, **r.summary(),
+               "per_label": ml.per_label(head_names)}
+    if mapping != list(range(model.num_classes)):
+        metrics["label_match"] = {name: head_names[j] for name, j in zip(ds.classes, mapping)}
+    if model.name != "torch":
+        metrics["setup_s"] = round(setup_seconds(model), 3)
+    if reference is not None and model.name != "torch":
+        ref = evaluate(reference.to(device), scored, num_classes=model.num_classes, batch_size=args.batch_size,
+                       device=device, workers=args.workers, class_names=head_names, progress=False,
+                       multi_label=True, threshold=threshold)
+        metrics["float32_mAP"] = ref.summary()["mAP"]
+        metrics["label_agreement_with_float32"] = round((ref.predictions == r.predictions).float().mean().item(), 6)
+    if args.skip_bad_images:
+        metrics["skipped_images"] = ds.num_skipped
+    write_report(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_report(out / "per_class.csv", _csv_text(
+        [["label", "support", "ap", "precision", "recall", "f1"]]
+        + [[name, v["support"], "" if v["ap"] is None else f"{v['ap']:.6f}", f"{v['precision']:.6f}",
+            f"{v['recall']:.6f}", f"{v['f1']:.6f}"] for name, v in metrics["per_label"].items()]))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    left = (f" ({ml.labels_without_positives} label(s) without a positive image left out)"
+            if ml.labels_without_positives else "")
+    shown = "n/a" if math.isnan(ml.mAP) else f"{100 * ml.mAP:.2f}%"
+    print(f"{args.data} [{metrics['split']}], {r.num_samples} images: mAP {shown}{left}  micro-F1 "
+          f"{100 * ml.micro_f1:.2f}%  macro-F1 {100 * ml.macro_f1:.2f}%  exact match {100 * ml.exact_match:.2f}% "
+          f"(threshold {threshold:g})  loss {r.loss:.4f}" + ("" if model.name == "torch" else f"  ({model.name})"))
+    if "float32_mAP" in metrics:
+        print(f"  {model.name} vs float32 PyTorch: label agreement {100 * metrics['label_agreement_with_float32']:.2f}%"
+              f" (float32 mAP {metrics['float32_mAP']})")
+    width = max(len(c) for c in head_names)
+    print(f"  {'label':<{width}}  support      AP  precision  recall      F1")
+    for name, v in metrics["per_label"].items():
+        ap = "   n/a" if v["ap"] is None else f"{100 * v['ap']:6.2f}"
+        print(f"  {name:<{width}}  {v['support']:7d}  {ap}  {100 * v['precision']:9.2f}  {100 * v['recall']:6.2f}  "
+              f"{100 * v['f1']:6.2f}")
+    if args.skip_bad_images:
+        print(f"skipped {ds.num_skipped} undecodable image(s) in total")
+    print(f"report: {out}/ (metrics.json, per_class.csv)")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``vitlab predict``: class names and probabilities for image files, as text or JSON."""
+"""``vitlab predict``: class names and probabilities for image files, as text or JSON; for a multi-label model
+(sigmoid scores) also the labels whose score reaches ``--threshold``."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from vitlab.cli.common import (
     add_model_argument,
     add_skip_bad_images_argument,
     add_threads_argument,
+    add_threshold_argument,
     apply_class_map,
     check_device,
     model_args,
+    multilabel_threshold,
     number_type,
     read_class_map,
     recorded_class_names,
@@ -32,7 +35,8 @@ EXAMPLE = """examples:
   vitlab predict ./photos --checkpoint runs/mine/model.safetensors          (every image in the folder)
   vitlab predict digit0.png --checkpoint digits.onnx          (ONNX Runtime; the file carries the preprocessing)
   vitlab predict cat.jpg --checkpoint vit_small.safetensors --model vit_small_patch16_224   (timm weights)
-  vitlab predict digit0.png --checkpoint runs/digits-vit/model.safetensors --runtime torch-bf16"""
+  vitlab predict digit0.png --checkpoint runs/digits-vit/model.safetensors --runtime torch-bf16
+  vitlab predict ./photos --checkpoint runs/tags --threshold 0.3   (multi-label: the labels scoring >= 0.3)"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "Hugging Face multi-label or single-label head, none for regression, as transformers' "
                         "pipeline does); none reports raw logits as 'score'")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_threshold_argument(p, "each image's labels (JSON: \"labels\") are listed beside its top-k scores")
     add_device_argument(p)
     add_image_limit_argument(p)
     add_threads_argument(p)
@@ -108,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     scores = score_kind(model, args.scores)  # the library's vitlab.predict decodes, prepares and scores alike
     if scores != "softmax":
         log.info("scores: %s of the logits%s", scores, " (the checkpoint's)" if args.scores == "auto" else "")
+    threshold = multilabel_threshold(args, scores)
+    multi_label = scores == "sigmoid"  # each label scored alone: those at or above the threshold are given
     k = min(args.topk, model.num_classes)
     results = []
     agree, seen = 0, 0
@@ -144,10 +151,14 @@ def run(args: argparse.Namespace) -> int:
         top = probs.topk(k, dim=-1)
         key = "score" if scores == "none" else "probability"
         failed = compile_failure(model)  # these images ran eager
-        for slot, p, values, indices in zip(slots, paths, top.values.tolist(), top.indices.tolist()):
+        for j, (slot, p, values, indices) in enumerate(zip(slots, paths, top.values.tolist(), top.indices.tolist())):
             rows[slot] = {"image": p, "predictions": [
                 {"class": names[i], "index": i, key: round(v, 6)} for v, i in zip(values, indices)],
                 **({"compile_failed": failed} if failed else {})}
+            if multi_label:
+                rows[slot]["labels"] = [{"class": names[i], "index": i, key: round(v, 6)}
+                                        for v, i in above_threshold(probs[j], threshold)]
+                rows[slot]["threshold"] = threshold
         results.extend(rows)
         _report(rows, args.json, bar)
     if bar is not None:
@@ -164,6 +175,12 @@ def run(args: argparse.Namespace) -> int:
         log.error("error: none of the %d image(s) could be read (each is named above)", len(results))
         return 2
     return 0
+
+
+def above_threshold(scores, threshold: float) -> list[tuple[float, int]]:
+    """(score, index) of each label whose score is >= ``threshold``, best first (ties: lower index first)."""
+    picked = [(float(v), i) for i, v in enumerate(scores.tolist()) if v >= threshold]
+    return sorted(picked, key=lambda vi: (-vi[0], vi[1]))
 
 
 _agreement_count = number_type(lambda text: sys.maxsize if text == "all" else int(text), lambda n: n >= 0,
@@ -184,6 +201,10 @@ def _report(batch: list[dict], as_json: bool, bar) -> None:
     for r in batch:
         if "error" in r:
             line = f"{r['error']} (skipped)"  # the message starts with the file's path
+        elif "labels" in r:  # multi-label: the labels at or above the threshold, then the top-k scores
+            given = ", ".join(f"{q['class']} ({_score_text(q)})" for q in r["labels"]) or "no label"
+            top = ", ".join(f"{q['class']} {_score_text(q)}" for q in r["predictions"])
+            line = f"{r['image']}: {given} [>= {r['threshold']:g}]  [top: {top}]"
         else:
             best = r["predictions"][0]
             others = ", ".join(f"{q['class']} {_score_text(q)}" for q in r["predictions"][1:])

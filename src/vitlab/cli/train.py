@@ -28,6 +28,7 @@ EXAMPLE = """examples:
   torchrun --nproc_per_node 8 -m vitlab.cli.main train --model vit_huge_patch14_224 --data ./images --device cuda \
       --fsdp --set amp=bf16                      # sharded (FSDP): each GPU holds 1/8 of the model and optimiser
   vitlab train --output runs/mine --resume        # continue that run exactly where it stopped
+  vitlab train --data ./tagged --multi-label      # several labels per image (metadata.jsonl lists, tags, 0/1 columns)
 
 data sources: digits (bundled), an image folder (class sub-folders, or train/ val/ [test/]),
 an MNIST IDX folder, a CIFAR python-batch folder.
@@ -59,6 +60,11 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None,
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (repeatable), e.g. --set lr=3e-4 --set model_overrides.depth=6")
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable images")
+    p.add_argument("--multi-label", action="store_true",
+                   help="several labels per image, from the folder's label file (a metadata.jsonl list, a column of "
+                        "tags separated by spaces or one of | ; ,, or one 0/1 column per label): binary cross "
+                        "entropy, mAP / F1 metrics, sigmoid scores (recipe field multi_label; with --resume: the "
+                        "run's)")
     p.add_argument("--workers", type=int, help="data loader worker processes (default: from the data and cores)")
     p.add_argument("--threads", type=threads_type, help="CPU threads per process (default: the cores given, or "
                    "OMP_NUM_THREADS; overrides the recipe's cpu_threads)")
@@ -177,7 +183,8 @@ def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = 
             recipe = recipe.for_model(model)
     changes = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.steps), ("batch_size", args.batch_size),
                                   ("img_size", args.img_size), ("workers", args.workers), ("seed", args.seed),
-                                  ("fsdp", True if getattr(args, "fsdp", False) else None))
+                                  ("fsdp", True if getattr(args, "fsdp", False) else None),
+                                  ("multi_label", True if getattr(args, "multi_label", False) else None))
                if v is not None}
     recipe = recipe.replace(**changes) if changes else recipe
     return apply_overrides(recipe, args.overrides)
@@ -265,12 +272,23 @@ def report(summary: dict) -> None:
     if test is None:
         log.info("stopped at step %d; checkpoint: %s", summary["steps"], summary["checkpoint"])
         return
-    line = f"test accuracy {100 * test['top1']:.2f}% (top-5 {100 * test['top5']:.2f}%) on {test['samples']} images"
-    if "test_ema" in summary:
-        line += f"; EMA weights {100 * summary['test_ema']['top1']:.2f}%"
+    if "mAP" in test:  # multi-label
+        line = (f"test mAP {_percent(test['mAP'])} (micro-F1 {100 * test['micro_f1']:.2f}%, exact match "
+                f"{100 * test['exact_match']:.2f}% at threshold {test['threshold']:g}) on {test['samples']} images")
+        if "test_ema" in summary:
+            line += f"; EMA weights mAP {_percent(summary['test_ema'].get('mAP'))}"
+    else:
+        line = (f"test accuracy {100 * test['top1']:.2f}% (top-5 {100 * test['top5']:.2f}%) on {test['samples']} "
+                f"images")
+        if "test_ema" in summary:
+            line += f"; EMA weights {100 * summary['test_ema']['top1']:.2f}%"
     log.info("%s after %d steps in %.1f s; checkpoint: %s", line, summary["steps"], summary["train_seconds"],
              summary["checkpoint"])
     report_compile(summary)
+
+
+def _percent(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
 def report_skipped(summary: dict) -> None:
@@ -293,7 +311,7 @@ def auto_recipe(args: argparse.Namespace):
     from vitlab.train.auto import TRAIN_FLOP_FACTOR, choose_recipe, facts_for_source
     from vitlab.train.hardware import default_threads, detect
 
-    facts = facts_for_source(args.data)
+    facts = multilabel_facts(args.data) if getattr(args, "multi_label", False) else facts_for_source(args.data)
     hw = detect(check_device(args), threads=args.threads or default_threads())
     model_flops = model_width = None
     if args.model is not None:
@@ -306,6 +324,20 @@ def auto_recipe(args: argparse.Namespace):
                            model_width=model_width)
     log.info("%s", choice.summary)
     return choice.recipe
+
+
+def multilabel_facts(source: str):
+    """vitlab.train.auto's facts of a multi-label source (its images per label: the positives)."""
+    import dataclasses
+
+    from vitlab.data.build import parse_source
+    from vitlab.data.folder import folder_layout
+    from vitlab.data.multilabel import build_multilabel_dataset
+    from vitlab.train.auto import data_facts
+
+    ds = build_multilabel_dataset(source, split="train", val_fraction=0.0)
+    _, val_dir, test_dir = folder_layout(parse_source(source)[1])  # type: ignore[arg-type]
+    return dataclasses.replace(data_facts(ds), has_test=test_dir is not None, has_val=val_dir is not None)
 
 
 def report_changes(chosen, recipe) -> None:
@@ -342,6 +374,8 @@ def run_dense(args: argparse.Namespace) -> int:
     if getattr(args, "fsdp", False):
         raise ValueError(f"--fsdp supports classification only, not --task {args.task} (which runs with DDP "
                          f"under torchrun)")
+    if getattr(args, "multi_label", False):
+        raise ValueError(f"--multi-label trains classifiers (several labels per image), not --task {args.task}")
     distill = [f"--{k}" for k in ("teacher", "distill", "tau", "alpha") if getattr(args, k, None) is not None]
     if distill:
         raise ValueError(f"{' / '.join(distill)}: distillation (DeiT's) trains classifiers only, not --task "

@@ -19,6 +19,11 @@ leaf folder a class instead); a class folder that merges several sub-folders is 
 Building lists file names only (one ``os.walk`` per class folder) and reads the headers of a few
 files to decide the channel count; images are decoded in ``__getitem__``.
 
+Multi-label targets (:func:`scan_folder_multilabel`, ``--multi-label``) come from the same label files: a metadata.jsonl
+list per image, a column of tags separated by spaces or by one of ``|`` ``;`` ``,`` (the same one in the whole file;
+then spaces belong to the tag), or one 0/1 column per label. The label names are the sorted union of the tags, or
+the 0/1 columns in the header's order.
+
 Class names are the folder names in Unicode NFC (:func:`class_name`), sorted as such: macOS (and zips made there)
 stores "café" as "cafe" + a combining accent (NFD), which would otherwise be another name, sorted elsewhere, than
 the "café" a checkpoint trained on Linux or Windows knows. Files are read from the folders as named on disk.
@@ -38,6 +43,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vitlab.checkpoints.io import parse_json
 from vitlab.data.errors import DatasetError
@@ -60,6 +66,15 @@ LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
 LABEL_FILE_FORMS = ("FOLDER/metadata.csv with a header file_name,label and one line per image (Hugging Face "
                     "imagefolder; or metadata.jsonl), or for a split folder train/ a train.csv beside it with a "
                     "header such as id,label and lines <file name or its stem>,<class> (Kaggle's)")
+# Multi-label reading (--multi-label): the tags column, by name (compared in lower case; Planet's "tags"), else the
+# only column beside the file's; several other columns, none named so, are one 0/1 column per label.
+MULTI_LABEL_COLUMNS = (*LABEL_COLUMNS, "tags")
+# Tag separators inside one cell, besides white space (Planet's): one of them per file.
+TAG_SEPARATORS = ("|", ";", ",")
+MULTI_LABEL_FORMS = ("FOLDER/metadata.jsonl with a list per image ({\"file_name\": \"a.png\", \"labels\": [\"cat\", "
+                     "\"dog\"]}, [] for none), or a metadata.csv / Kaggle train.csv whose label column holds the tags "
+                     "of each image separated by spaces (Planet's image_name,tags) or by one of | ; , (quoted), or "
+                     "one 0/1 column per label (a header file,cat,dog,...)")
 # Word parts of a class folder name that say it is a split, not a class (Kaggle's seg_train, seg_test, seg_pred).
 _SPLIT_WORDS = SPLIT_NAMES | {"pred", "predict", "prediction"}
 
@@ -161,8 +176,9 @@ def labelled_by(folder: Path) -> Path | None:
         return path
     try:
         table = _label_table(path, folder)
-        why = table.no_labels or (None if any(table.images.find(g) for _, g, _ in table.rows)
-                                  else f"it names none of the images below {folder}")
+        why = table.no_labels or table.columns_error or (
+            None if any(table.images.find(g) for _, g, _ in table.rows)
+            else f"it names none of the images below {folder}")
         if why is None and table.label_key.strip().lower() not in LABEL_COLUMNS:
             why = (f"its labels would come from {table.label_key!r}, the only other column, not one named "
                    f"{'/'.join(LABEL_COLUMNS)}")
@@ -233,14 +249,20 @@ def leaves_folder(given: str) -> bool:
 class _LabelTable:
     """A label file read against its folder's images."""
 
-    def __init__(self, rows: list[tuple[int, str, str | None]], label_key: str | None, no_label_column: str | None,
-                 images: _Images):
-        self.rows = rows  # (line, file name or id, label: None where null, missing or without a label column)
+    def __init__(self, rows: list[tuple[int, str, Any]], label_key: str | None, no_label_column: str | None,
+                 images: _Images, columns_error: str | None = None):
+        # (line, file name or id, label: None where null, missing or without a label column; a metadata.jsonl's
+        # JSON list or object as it is)
+        self.rows = rows
         self.label_key = label_key or ""
         self.images = images
+        # several columns beside the file's, none named as labels: an error for single-label reading (raised when
+        # the file is read for labels), one 0/1 column per label for multi-label reading
+        self.columns_error = columns_error
         if no_label_column is not None:
             self.no_labels: str | None = no_label_column
-        elif rows and all(lab in _NO_LABEL_VALUES for _, _, lab in rows):
+        elif columns_error is None and rows and all(
+                not isinstance(lab, (list, dict)) and lab in _NO_LABEL_VALUES for _, _, lab in rows):
             self.no_labels = "every label is empty, null or -1"
         else:
             self.no_labels = None
@@ -263,7 +285,8 @@ def _label_table(path: Path, folder: Path) -> _LabelTable:
         if len(_tables) >= 16:
             _tables.clear()
         images = _Images(folder)
-        _tables[key] = _LabelTable(*_read_label_rows(path, images.find), images)
+        rows, label_key, no_label_column, columns_error = _read_label_rows(path, images.find)
+        _tables[key] = _LabelTable(rows, label_key, no_label_column, images, columns_error)
     return _tables[key]
 
 
@@ -281,21 +304,18 @@ def _label_column(path: Path, columns: list[str], file_col: int) -> int | None:
                        f"{', '.join(LABEL_COLUMNS)}, or keep one column beside {columns[file_col]!r}")
 
 
-def _read_label_rows(path: Path, names_image: Callable[[str], object] = lambda name: False
-                     ) -> tuple[list[tuple[int, str, str | None]], str | None, str | None]:
-    """((line, file name or stem, label or None) per entry, the label column's name, why the file has no label
-    column or None) of a label
-    file: a CSV (``,``, ``;`` or tab separated) with a header whose file column is ``file_name`` (metadata.csv) or
-    the first one (Kaggle's), or without a header where its first cell names an image (``names_image``): then the
-    columns are file, label; or metadata.jsonl, its label key taken over all lines."""
+def _read_label_text(path: Path) -> str:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            text = f.read()
+            return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: cannot read the label file ({e})") from e
-    if path.suffix.lower() == ".jsonl":
-        return _read_jsonl(path, text)
-    rows: list[tuple[int, str, str | None]] = []
+
+
+def _csv_entries(path: Path, text: str, names_image: Callable[[str], object]
+                 ) -> tuple[list[str], int | None, list[tuple[int, list[str]]], bool]:
+    """(columns, the file column or None for metadata.csv without ``file_name``, (line, cells) per non-blank
+    entry, whether the file has no header) of a CSV label file (``,``, ``;`` or tab separated)."""
     try:
         try:
             sample = "".join(text.splitlines(keepends=True)[:20])
@@ -308,36 +328,54 @@ def _read_label_rows(path: Path, names_image: Callable[[str], object] = lambda n
             raise DatasetError(f"{path}: an empty label file (expected {LABEL_FILE_FORMS})")
         cols = [c.strip() for c in header]
         headerless = bool(names_image(cols[0]))
+        file_col: int | None = 0
         if headerless:  # the first line is an entry: file, label
             log.info("%s: read without a header (its first line names the image %s)", path, cols[0])
-            file_col, label_col = 0, (1 if len(cols) > 1 else None)
             cols = ["file", "label"][:len(cols)] + cols[2:]
         elif path.name.lower() == "metadata.csv":
-            if "file_name" not in cols:
-                raise DatasetError(f"{path}: no 'file_name' column (columns: {cols})")
-            file_col = cols.index("file_name")
-            label_col = _label_column(path, cols, file_col)
-        else:
-            file_col = 0
-            label_col = _label_column(path, cols, file_col)
+            file_col = cols.index("file_name") if "file_name" in cols else None
         entries = [(reader.line_num, header)] if headerless else []
         entries += ((reader.line_num, row) for row in reader)
-        for line, row in entries:
-            if not any(c.strip() for c in row):
-                continue
-            if len(row) <= max(file_col, label_col or 0):
-                raise DatasetError(f"{path}, line {line}: {len(row)} column(s), the header has {len(cols)}")
-            rows.append((line, row[file_col].strip(), None if label_col is None else row[label_col].strip()))
     except csv.Error as e:
         raise DatasetError(f"{path}: cannot read the label file ({e})") from e
+    return cols, file_col, [(line, row) for line, row in entries if any(c.strip() for c in row)], headerless
+
+
+def _read_label_rows(path: Path, names_image: Callable[[str], object] = lambda name: False
+                     ) -> tuple[list[tuple[int, str, Any]], str | None, str | None, str | None]:
+    """((line, file name or stem, label or None) per entry, the label column's name, why the file has no label
+    column or None, why the label column cannot be told or None) of a label
+    file: a CSV (``,``, ``;`` or tab separated) with a header whose file column is ``file_name`` (metadata.csv) or
+    the first one (Kaggle's), or without a header where its first cell names an image (``names_image``): then the
+    columns are file, label; or metadata.jsonl, its label key taken over all lines."""
+    text = _read_label_text(path)
+    if path.suffix.lower() == ".jsonl":
+        return (*_read_jsonl(path, text), None)
+    cols, file_col, entries, headerless = _csv_entries(path, text, names_image)
+    if file_col is None:
+        raise DatasetError(f"{path}: no 'file_name' column (columns: {cols})")
+    columns_error = None
+    if headerless:
+        label_col = 1 if len(cols) > 1 else None
+    else:
+        try:
+            label_col = _label_column(path, cols, file_col)
+        except DatasetError as e:  # several other columns: refused when read for single labels
+            label_col, columns_error = None, str(e)
+    rows: list[tuple[int, str, Any]] = []
+    for line, row in entries:
+        if len(row) <= max(file_col, label_col or 0):
+            raise DatasetError(f"{path}, line {line}: {len(row)} column(s), the header has {len(cols)}")
+        rows.append((line, row[file_col].strip(), None if label_col is None else row[label_col].strip()))
+    if columns_error is not None:
+        return rows, None, None, columns_error
     if label_col is None:
-        return rows, None, f"no label column (columns: {cols})"
-    return rows, cols[label_col], None
+        return rows, None, f"no label column (columns: {cols})", None
+    return rows, cols[label_col], None, None
 
 
-def _read_jsonl(path: Path, text: str) -> tuple[list[tuple[int, str, str | None]], str | None, str | None]:
-    """_read_label_rows for metadata.jsonl: the label key is one named as labels on any line, else the only key
-    beside ``file_name``, which every line must then have."""
+def _jsonl_entries(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line, object) per non-blank line of a metadata.jsonl; each must be an object with a ``file_name``."""
     entries: list[tuple[int, dict]] = []
     for line, s in enumerate(text.splitlines(), start=1):
         if not s.strip():
@@ -351,6 +389,14 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[tuple[int, str, str | None]
         if "file_name" not in entry:
             raise DatasetError(f"{path}, line {line}: no 'file_name' key (keys: {list(entry)})")
         entries.append((line, entry))
+    return entries
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[list[tuple[int, str, Any]], str | None, str | None]:
+    """_read_label_rows for metadata.jsonl: the label key is one named as labels on any line, else the only key
+    beside ``file_name``, which every line must then have. A JSON list or object is kept as it is (multi-label
+    reading takes lists; single-label reading refuses them)."""
+    entries = _jsonl_entries(path, text)
     others = list(dict.fromkeys(k for _, e in entries for k in e if k != "file_name"))
     lower = [k.strip().lower() for k in others]
     named = [others[lower.index(n)] for n in LABEL_COLUMNS if n in lower]
@@ -368,14 +414,8 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[tuple[int, str, str | None]
         raise DatasetError(f"{path}: cannot tell which key holds the labels (keys: {['file_name', *others]}{lines}); "
                            f"name it one of {', '.join(LABEL_COLUMNS)} on every line, or keep one key beside "
                            f"'file_name'")
-    for line, e in entries:  # str() of a list would make one class per combination of labels
-        if isinstance(e.get(key), (list, dict)):
-            raise DatasetError(f"{path}, line {line}: the label {key!r} is a JSON {type(e[key]).__name__} "
-                               f"({json.dumps(e[key])[:80]}); vitlab trains single-label classifiers, one label per "
-                               f"image (a string or an int); for multi-label targets, train with vitlab.train.fit and "
-                               f"a criterion of your own")
-    rows = [(line, str(e["file_name"]), None if key is None or e.get(key) is None else str(e[key]))
-            for line, e in entries]
+    rows = [(line, str(e["file_name"]), None if key is None or e.get(key) is None
+             else e[key] if isinstance(e[key], (list, dict)) else str(e[key])) for line, e in entries]
     return rows, key, (f"no label key (keys: {['file_name', *others]})" if key is None else None)
 
 
@@ -384,6 +424,16 @@ def _scan_label_file(root: Path, path: Path, classes: list[str] | None) -> tuple
     ``root``."""
     table = _label_table(path, root)
     held_out = classes is not None
+    if table.columns_error is not None:
+        raise DatasetError(f"{table.columns_error}; for one 0/1 column per label (multi-label targets), train with "
+                           f"--multi-label")
+    for line, _, label in table.rows:  # str() of a list would make one class per combination of labels
+        if isinstance(label, (list, dict)):
+            raise DatasetError(f"{path}, line {line}: the label {table.label_key!r} is a JSON "
+                               f"{type(label).__name__} ({json.dumps(label)[:80]}); vitlab trains single-label "
+                               f"classifiers by default, one label per image (a string or an int); for multi-label "
+                               f"targets (a list of labels per image), train with --multi-label (recipe field "
+                               f"multi_label: true)")
     if table.no_labels is not None:
         raise DatasetError(f"{path}: gives no labels ({table.no_labels}), so the images of {root} cannot be "
                            f"{'measured' if held_out else 'trained'} on; expected {LABEL_FILE_FORMS}")
@@ -427,6 +477,137 @@ def _scan_label_file(root: Path, path: Path, classes: list[str] | None) -> tuple
     index = {c: i for i, c in enumerate(classes)}
     entries.sort(key=lambda e: (index[e[1]], e[0]))
     return [p for p, _ in entries], [index[c] for _, c in entries], list(classes)
+
+
+def scan_folder_multilabel(root: Path, classes: list[str] | None = None
+                            ) -> tuple[list[str], list[tuple[int, ...]], list[str]]:
+    """(paths, label indices per image, label names) for the images below ``root`` labelled by its label file
+    with several labels per image (see the module docstring); paths sorted. ``classes`` (a held-out split's: the
+    training split's label names) fixes the order; a label outside it is an error."""
+    path = labelled_by(root)
+    if path is None:
+        raise DatasetError(f"{root}: --multi-label reads the labels of each image from a label file, and there is none "
+                           f"(class folders give one label per image); expected {MULTI_LABEL_FORMS}")
+    table = _label_table(path, root)
+    rows, header_names = _read_multilabel_rows(path, table.images.find)
+    held_out = classes is not None
+    seen: dict[str, int] = {}
+    entries: list[tuple[str, list[str]]] = []
+    for line, given, tags in rows:
+        if leaves_folder(given):
+            raise DatasetError(f"{path}, line {line}: {given!r} is not inside {root} (file names are relative to "
+                               f"{root}: no absolute paths, no '..')")
+        hits = table.images.find(given)
+        if len(hits) > 1:
+            raise DatasetError(f"{path}, line {line}: {given!r} names several files below {root} "
+                               f"({', '.join(hits[:4])}); give the file's path relative to {root}")
+        if not hits:
+            raise DatasetError(f"{path}, line {line}: no image file {given!r} in {root}")
+        if tags is None:
+            raise DatasetError(f"{path}, line {line}: {given!r} has no labels (null or no label key); give [] for an "
+                               f"image without any of the labels")
+        if hits[0] in seen:
+            raise DatasetError(f"{path}, lines {seen[hits[0]]} and {line}: {hits[0]} is listed twice")
+        seen[hits[0]] = line
+        entries.append((os.path.join(root, hits[0]), tags))
+    if not entries:
+        raise DatasetError(f"{path}: lists no images (expected {MULTI_LABEL_FORMS})")
+    found = header_names if header_names is not None else sorted({t for _, tags in entries for t in tags})
+    if not found and not held_out:
+        raise DatasetError(f"{path}: no image has any label (every label list is empty)")
+    names = _split_classes(found, classes, f"{path}: labels")
+    if unlisted := [n for n in table.images.rel if n not in seen]:
+        _warn_once("unlisted", root, "%s: %d image(s) not listed in %s are not used (e.g. %s)", root,
+                   len(unlisted), path.name, unlisted[0])
+    index = {c: i for i, c in enumerate(names)}
+    entries.sort(key=lambda e: e[0])
+    return ([p for p, _ in entries], [tuple(sorted({index[t] for t in tags})) for _, tags in entries],
+            list(names))
+
+
+def _read_multilabel_rows(path: Path, names_image: Callable[[str], object]
+                          ) -> tuple[list[tuple[int, str, list[str] | None]], list[str] | None]:
+    """((line, file name or id, label names or None where the image has no label value) per entry, the label names
+    of a file of 0/1 columns in its header's order, else None) of a label file read for several labels per
+    image (names in NFC)."""
+    text = _read_label_text(path)
+    if path.suffix.lower() == ".jsonl":
+        records = [(line, str(e["file_name"]), e) for line, e in _jsonl_entries(path, text)]
+        keys = list(dict.fromkeys(k for _, _, e in records for k in e if k != "file_name"))
+        where = "key"
+    else:
+        cols, file_col, entries, headerless = _csv_entries(path, text, names_image)
+        if file_col is None:
+            raise DatasetError(f"{path}: no 'file_name' column (columns: {cols})")
+        if len(set(cols)) != len(cols):
+            raise DatasetError(f"{path}: the header names a column twice (columns: {cols})")
+        records = []
+        for line, row in entries:
+            if len(row) != len(cols):
+                raise DatasetError(f"{path}, line {line}: {len(row)} column(s), the header has {len(cols)}")
+            records.append((line, row[file_col].strip(), {c: v for j, (c, v) in enumerate(zip(cols, row))
+                                                          if j != file_col}))
+        keys = [c for j, c in enumerate(cols) if j != file_col]
+        where = "column"
+    lower = [k.strip().lower() for k in keys]
+    named = [keys[lower.index(n)] for n in MULTI_LABEL_COLUMNS if n in lower]
+    if named or len(keys) == 1:
+        key = named[0] if named else keys[0]
+        return _tag_rows(path, [(line, given, e.get(key)) for line, given, e in records], key), None
+    if not keys:
+        raise DatasetError(f"{path}: no label {where} (expected {MULTI_LABEL_FORMS})")
+    names = [class_name(k.strip()) for k in keys]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{path}: two label {where}s have the same name ({keys})")
+    rows: list[tuple[int, str, list[str] | None]] = []
+    for line, given, e in records:
+        tags = []
+        for k, name in zip(keys, names):
+            v = e.get(k)
+            if isinstance(v, str):
+                v = v.strip()
+            if v in (1, "1", "1.0", True):
+                tags.append(name)
+            elif v not in (0, "0", "0.0", False):
+                raise DatasetError(f"{path}, line {line}, {where} {k!r}: {json.dumps(v)[:40]} is not 0 or 1 (with "
+                                   f"several {where}s beside the file's, none named "
+                                   f"{'/'.join(MULTI_LABEL_COLUMNS)}, each is one label, 0 or 1 for every image)")
+        rows.append((line, given, tags))
+    return rows, names
+
+
+def _tag_rows(path: Path, cells: list[tuple[int, str, Any]], key: str
+              ) -> list[tuple[int, str, list[str] | None]]:
+    """The tags of each row from its label value: a JSON list, or text split by the file's one separator (the
+    first of ``TAG_SEPARATORS`` it holds; white space where it holds none); None for a null or missing value."""
+    first: dict[str, int] = {}  # separator -> the first line holding it
+    for line, _, v in cells:
+        if isinstance(v, str):
+            for sep in TAG_SEPARATORS:
+                if sep in v:
+                    first.setdefault(sep, line)
+    if len(first) > 1:
+        (a, la), (b, lb) = sorted(first.items(), key=lambda kv: kv[1])[:2]
+        row = next(v for line, _, v in cells if line == lb)
+        raise DatasetError(f"{path}, line {lb}: the labels {row!r} hold {b!r} but line {la} separates labels with "
+                           f"{a!r}; expected one separator in the whole file: spaces (Planet's tags), or one of "
+                           f"{' '.join(TAG_SEPARATORS)} (then spaces belong to the label names)")
+    sep = next(iter(first), None)
+    rows: list[tuple[int, str, list[str] | None]] = []
+    for line, given, v in cells:
+        if v is None:
+            rows.append((line, given, None))
+            continue
+        if isinstance(v, dict) or (isinstance(v, list) and any(isinstance(t, (list, dict)) or t is None for t in v)):
+            raise DatasetError(f"{path}, line {line}: the label {key!r} is {json.dumps(v)[:80]}; expected a list of "
+                               f"label names (strings or numbers) per image")
+        if isinstance(v, list):
+            tags = [str(t).strip() for t in v]
+        else:
+            v = str(v)
+            tags = [t.strip() for t in (v.split(sep) if sep is not None else v.split())]
+        rows.append((line, given, sorted({class_name(t) for t in tags if t})))
+    return rows
 
 
 def _warn_if_values(path: Path, column: str, labels: list[str]) -> None:

@@ -1,5 +1,6 @@
 """Mixup (Zhang et al., arXiv:1710.09412) and CutMix (Yun et al., arXiv:1905.04899) on a batch, with label
-smoothing, producing soft targets (B, K) whose rows sum to one.
+smoothing, producing soft targets (B, K) whose rows sum to one; multi-hot (multi-label) rows are smoothed alike
+(``(1 - s) y + s / K``, timm's BinaryCrossEntropy smoothing) and mixed by the same lambda, as timm's Mixup mixes them.
 
 Each batch is paired with its reverse (sample i with sample B-1-i), as DeiT/timm do, so no second batch
 is needed. CutMix's label weight is recomputed from the box actually pasted after clipping it to the

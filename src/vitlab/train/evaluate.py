@@ -1,4 +1,6 @@
-"""Evaluation of a classifier on a labelled data set: loss, top-1/top-5, per-class accuracy, confusion."""
+"""Evaluation of a classifier on a labelled data set: loss, top-1/top-5, per-class accuracy, confusion; for a
+multi-label classifier (multi-hot targets, sigmoid scores) loss, mAP, F1 and exact match
+(:mod:`vitlab.train.multilabel`)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from vitlab.data.loader import WorkerLoader, collate_skip_none
+from vitlab.train.multilabel import DEFAULT_THRESHOLD, MultiLabelMetrics, multilabel_metrics
 
 
 @dataclass(kw_only=True)
@@ -29,12 +32,17 @@ class EvalResult:
     per_class: list[float]
     confusion: Tensor  # (K, K) int64: row = true class, column = predicted class
     class_names: list[str] = field(default_factory=list)
-    predictions: Tensor | None = None  # (N,) top-1 class of every sample, in data set order
+    # (N,) top-1 class of every sample, in data set order; multi-label: (N, K) bool, the labels at the threshold
+    predictions: Tensor | None = None
+    multilabel: MultiLabelMetrics | None = None  # multi-label evaluation: mAP, F1, exact match, per label
 
     def summary(self) -> dict[str, Any]:
-        """samples, loss, top1, top5 (the last two left out where they are None)."""
+        """samples, loss, top1, top5 (the last two left out where they are None); multi-label: samples, loss, mAP,
+        micro_f1, macro_f1, exact_match, threshold, labels_without_positives."""
         out: dict[str, Any] = {"samples": self.num_samples, "loss": round(self.loss, 6)}
-        if self.top1 is not None and self.top5 is not None:
+        if self.multilabel is not None:
+            out.update(self.multilabel.summary())
+        elif self.top1 is not None and self.top5 is not None:
             out.update(top1=round(self.top1, 6), top5=round(self.top5, 6))
         return out
 
@@ -90,10 +98,11 @@ def _not_probabilities(y: Tensor) -> tuple[int, float] | None:
 
 
 def check_classification_batch(batch: Any, *, num_classes: int, in_chans: int | None = None,
-                               labels: bool = True, where: str = "fit") -> None:
+                               labels: bool = True, where: str = "fit", multi_label: bool = False) -> None:
     """Refuse a batch that a classifier cannot be trained or evaluated on, with one message naming what came,
     what is expected and the conversion to use (run on the first batch: the errors deep inside the model or
-    the loss name none of these). ``labels=False``: the labels are a custom criterion's business."""
+    the loss name none of these). ``labels=False``: the labels are a custom criterion's business.
+    ``multi_label``: the labels must be float multi-hot (B, K) rows of values in [0, 1]."""
     def refuse(what: str, fix: str) -> None:
         raise ValueError(f"{where}: the data's first batch has {what}; expected {EXPECTED_BATCH} (K = {num_classes} "
                          f"here). {fix}")
@@ -118,6 +127,17 @@ def check_classification_batch(batch: Any, *, num_classes: int, in_chans: int | 
                "model's channels (vitlab.data.eval_transform converts grayscale / RGB)")
     if not labels:
         return
+    if multi_label:
+        if not isinstance(y, Tensor) or not y.is_floating_point() or y.ndim != 2 or y.shape[1] != num_classes:
+            refuse(f"labels of type {_kind(y)} for multi-label training", f"Give float multi-hot (K,) = "
+                   f"({num_classes},) rows per sample (1.0 for each label of the image, else 0.0), as "
+                   f"vitlab.data.multilabel's data sets do")
+        if y.numel() and (float(y.min()) < 0 or float(y.max()) > 1):
+            refuse(f"multi-hot labels outside [0, 1] ({float(y.min()):.4g}..{float(y.max()):.4g})",
+                   "Give 0/1 (or soft, in [0, 1]) values per label")
+        if len(y) != len(x):
+            refuse(f"{len(x)} images but {len(y)} labels", "Give one label row per image")
+        return
     if not isinstance(y, Tensor):
         refuse(f"labels of type {_kind(y)}", "Give class indices: map label names to their index (classes.index(name)),"
                " as vitlab.data's data sets do")
@@ -127,8 +147,9 @@ def check_classification_batch(batch: Any, *, num_classes: int, in_chans: int | 
                    "class probabilities per sample")
         if bad := _not_probabilities(y):
             refuse(f"float label rows that are not class probabilities (row {bad[0]} sums to {bad[1]:.4g})",
-                   "Softmax cross entropy takes one class per image; for multi-label (multi-hot) targets pass "
-                   "criterion=lambda x, out, y: F.binary_cross_entropy_with_logits(out, y) to fit and set "
+                   "Softmax cross entropy takes one class per image; for multi-label (multi-hot) targets train "
+                   "with the recipe's multi_label (--multi-label; fit(..., recipe.replace(multi_label=True))), or "
+                   "pass criterion=lambda x, out, y: F.binary_cross_entropy_with_logits(out, y) to fit and set "
                    "model.score_function = 'sigmoid'")
     elif y.dtype == torch.bool or y.is_complex() or y.ndim != 1:
         refuse(f"labels of type {_kind(y)}", "Give each label as an int (int(label), or label.squeeze() for a (1,) "
@@ -144,7 +165,8 @@ def check_classification_batch(batch: Any, *, num_classes: int, in_chans: int | 
 def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size: int = 256,
              device: torch.device | str = "cpu", amp: str = "none", workers: int = 0,
              class_names: list[str] | None = None, progress: bool = False,
-             criterion: Callable[[Tensor, Any, Tensor], Tensor] | None = None) -> EvalResult:
+             criterion: Callable[[Tensor, Any, Tensor], Tensor] | None = None, multi_label: bool = False,
+             threshold: float = DEFAULT_THRESHOLD) -> EvalResult:
     """Run ``model`` over ``dataset`` (already transformed with the model's eval preprocessing).
 
     Labels: class indices, or (K,) class probabilities per sample (one-hot / soft labels: cross-entropy
@@ -153,7 +175,15 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
     ``criterion``: ``loss(images, outputs, targets)`` (fit's, a mean over the batch): the loss is its value and
     the targets are its business (regression, multi-label); top-1 / top-5, per-class accuracy and the confusion
     are then given only where every target is a class index or a row of class probabilities, else None / empty.
+
+    ``multi_label``: the targets are multi-hot (K,) rows; the loss is binary cross entropy with logits (mean over
+    samples x labels; ``criterion``'s where given) and the result's ``multilabel`` holds mAP, F1 at ``threshold``
+    (on the sigmoid scores) and exact match (:func:`vitlab.train.multilabel.multilabel_metrics`).
     """
+    if multi_label:
+        return _evaluate_multilabel(model, dataset, num_classes=num_classes, batch_size=batch_size, device=device,
+                                    amp=amp, workers=workers, class_names=class_names, progress=progress,
+                                    criterion=criterion, threshold=threshold)
     device = torch.device(device)
     in_chans = getattr(getattr(model, "preprocessing", None), "input_size", (None,))[0]
     was_training = model.training
@@ -231,3 +261,60 @@ def _class_targets(y: Tensor, logits: Tensor, num_classes: int) -> bool:
         return y.ndim == 2 and y.shape[1] == num_classes and _not_probabilities(y) is None
     return (y.ndim == 1 and y.dtype not in (torch.bool, torch.uint8) and not y.is_complex()
             and (not y.numel() or (int(y.min()) >= 0 and int(y.max()) < num_classes)))
+
+
+@torch.no_grad()
+def _evaluate_multilabel(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size: int,
+                         device: torch.device | str, amp: str, workers: int, class_names: list[str] | None,
+                         progress: bool, criterion: Callable[[Tensor, Any, Tensor], Tensor] | None,
+                         threshold: float) -> EvalResult:
+    """evaluate() of a multi-label classifier: every sample's sigmoid scores and targets, then the metrics."""
+    device = torch.device(device)
+    in_chans = getattr(getattr(model, "preprocessing", None), "input_size", (None,))[0]
+    was_training = model.training
+    model.eval()
+    loader = WorkerLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                          collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(0))
+    loss_sum, n = 0.0, 0
+    scores: list[Tensor] = []
+    targets: list[Tensor] = []
+    bar = None
+    if progress and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(loader), desc="eval", unit="batch", leave=False)
+    try:
+        for batch in loader:
+            if bar is not None:
+                bar.update(1)
+            if batch is None:
+                continue
+            if n == 0:
+                check_classification_batch(batch, num_classes=num_classes, in_chans=in_chans, where="evaluate",
+                                           labels=criterion is None, multi_label=True)
+            x, y = batch
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_context(device, amp):
+                outputs = model(x)
+                if criterion is not None:
+                    loss_sum += float(criterion(x, outputs, y)) * len(x)
+            logits = logits_of(outputs).float()
+            if logits.shape[-1] != num_classes:
+                raise ValueError(f"evaluate: the model outputs {logits.shape[-1]} labels, the data has {num_classes}")
+            y = y.float()
+            if criterion is None:  # the mean over labels, summed over samples
+                loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum").item() / num_classes
+            n += len(x)
+            scores.append(torch.sigmoid(logits).cpu())
+            targets.append(y.cpu())
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate: the data set is empty")
+    all_scores, all_targets = torch.cat(scores), torch.cat(targets)
+    metrics = multilabel_metrics(all_scores, all_targets, threshold=threshold)
+    return EvalResult(num_samples=n, loss=loss_sum / n, top1=None, top5=None, per_class=[],
+                      confusion=torch.zeros(0, 0, dtype=torch.int64), class_names=list(class_names or []),
+                      predictions=all_scores >= threshold, multilabel=metrics)

@@ -1,4 +1,5 @@
-"""Classification losses: cross entropy on soft targets (Mixup/CutMix) and a uniform signature."""
+"""Classification losses: cross entropy on soft targets (Mixup/CutMix), binary cross entropy on multi-hot targets
+(multi-label), and a uniform signature."""
 
 from __future__ import annotations
 
@@ -40,3 +41,24 @@ class ClassificationLoss(nn.Module):
         if isinstance(outputs, tuple):
             return sum(self.base(o, targets) for o in outputs) / len(outputs)
         return self.base(outputs, targets)
+
+
+class MultiLabelLoss(ClassificationLoss):
+    """Binary cross entropy with logits on multi-hot (B, K) targets, the mean over batch x labels (torch's default
+    reduction; Hugging Face's ``problem_type="multi_label_classification"``).
+
+    Label smoothing as timm's ``BinaryCrossEntropy``: a target 1 becomes ``1 - s + s/K``, a 0 becomes ``s/K``, i.e.
+    ``(1 - s) y + s / K`` (not applied again to targets Mixup made, which smooths them alike). Class indices (B,) are
+    taken as one-hot rows, as timm does."""
+
+    def base(self, logits: Tensor, targets: Tensor) -> Tensor:
+        logits = logits.float()
+        if not targets.is_floating_point() and targets.ndim == 1:
+            targets = F.one_hot(targets.long(), logits.shape[-1])
+        if targets.shape != logits.shape:
+            raise ValueError(f"multi-label loss: targets of shape {tuple(targets.shape)} for logits of shape "
+                             f"{tuple(logits.shape)}; expected multi-hot (B, K) rows")
+        targets = targets.float()
+        if not self.mixed_targets and self.label_smoothing:
+            targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / targets.shape[-1]
+        return F.binary_cross_entropy_with_logits(logits, targets)

@@ -167,12 +167,14 @@ class ClassificationObjective(Objective):
     supervised = True
 
     def __init__(self, criterion: Callable[[Tensor, Any, Tensor], Tensor] | None = None, *,
-                 label_smoothing: float = 0.0, mixup: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
-                 ) -> None:
-        from vitlab.train.losses import ClassificationLoss
+                 label_smoothing: float = 0.0, mixup: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+                 multi_label: bool = False) -> None:
+        from vitlab.train.losses import ClassificationLoss, MultiLabelLoss
 
         self.custom = criterion is not None
-        self.criterion = criterion or ClassificationLoss(label_smoothing=label_smoothing)
+        self.multi_label = multi_label  # multi-hot targets: binary cross entropy by default, mAP / F1 metrics
+        self.criterion = criterion or (MultiLabelLoss if multi_label else ClassificationLoss)(
+            label_smoothing=label_smoothing)
         self.mixup = mixup
         # Mixup smooths the targets it makes: the loss (or a distillation loss's base) must not smooth them again
         for loss in (self.criterion, getattr(self.criterion, "base_module", None)):
@@ -186,6 +188,9 @@ class ClassificationObjective(Objective):
 
     def modules(self) -> dict[str, nn.Module]:
         return {"criterion": self.criterion} if isinstance(self.criterion, nn.Module) else {}
+
+    def describe(self) -> str:
+        return f"{self.name} (multi-label)" if self.multi_label else self.name
 
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         x, y = batch
@@ -216,9 +221,15 @@ class DistillationObjective(ClassificationObjective):
 
 def objective_for(criterion: Callable | None, recipe: Any, num_classes: int) -> Objective:
     """The classification objective ``fit`` runs by default: cross entropy (or ``criterion``; distillation
-    for a DistillationLoss) with the recipe's label smoothing and Mixup/CutMix."""
+    for a DistillationLoss) with the recipe's label smoothing and Mixup/CutMix; with ``recipe.multi_label``,
+    binary cross entropy on multi-hot targets (:class:`~vitlab.train.losses.MultiLabelLoss`), Mixup/CutMix mixing
+    the multi-hot rows by their lambda."""
     from vitlab.train.distill import DistillationLoss
 
+    multi_label = bool(getattr(recipe, "multi_label", False))
+    if multi_label and isinstance(criterion, DistillationLoss):
+        raise ValueError("distillation (--teacher) trains single-label classifiers (the teacher's softmax or its "
+                         "top class); it is not supported with multi_label (--multi-label): leave --teacher out")
     mixup = None
     if recipe.uses_mixup:
         from vitlab.data import Mixup
@@ -228,7 +239,8 @@ def objective_for(criterion: Callable | None, recipe: Any, num_classes: int) -> 
                       label_smoothing=recipe.label_smoothing)
     if isinstance(criterion, DistillationLoss):
         return DistillationObjective(criterion, mixup=mixup)
-    return ClassificationObjective(criterion, label_smoothing=recipe.label_smoothing, mixup=mixup)
+    return ClassificationObjective(criterion, label_smoothing=recipe.label_smoothing, mixup=mixup,
+                                   multi_label=multi_label)
 
 
 __all__ = ["ClassificationObjective", "DistillationObjective", "Metrics", "Objective", "StepBatches", "objective_for"]

@@ -62,6 +62,8 @@ class Recipe:
     checkpoint_every: also checkpoint every N optimiser steps (0: only at epoch ends and at the end).
     fsdp: under torchrun, shard parameters, gradients and optimiser state across the processes (FSDP)
         instead of replicating them (DDP); see :mod:`vitlab.train.fsdp` for what it supports.
+    multi_label: several labels per image (``--multi-label``): float multi-hot targets, binary cross entropy
+        with logits (label smoothing as timm's BinaryCrossEntropy), mAP / F1 metrics, sigmoid scores.
     """
 
     name: str = "custom"
@@ -92,6 +94,8 @@ class Recipe:
     warmup_steps: int = 0
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
+    # targets
+    multi_label: bool = False
     # regularisation
     label_smoothing: float = 0.0
     ema_decay: float | None = None

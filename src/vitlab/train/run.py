@@ -116,7 +116,7 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int, classes: list[st
     recipe = job.recipe
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank and every run
     if job.pretrained is not None and job.resume:
-        return _softmax_scores(_resumed_model(job, num_classes), job.pretrained)
+        return _head_scores(_resumed_model(job, num_classes), job.pretrained, recipe)
     if job.pretrained is None:
         name = job.model or recipe.model
         if name is None:
@@ -145,7 +145,15 @@ def build_model(job: TrainJob, num_classes: int, in_chans: int, classes: list[st
         from vitlab.checkpoints.adapt import match_head_classes
 
         match_head_classes(model, classes, source=str(job.pretrained))
-    return _softmax_scores(model, job.pretrained)
+    return _head_scores(model, job.pretrained, recipe)
+
+
+def _head_scores(model: nn.Module, source: object, recipe: Recipe) -> nn.Module:
+    """A fine-tuned ``model`` scoring as its head is trained: sigmoid for a multi-label recipe, else softmax."""
+    if recipe.multi_label:
+        model.score_function = "sigmoid"
+        return model
+    return _softmax_scores(model, source)
 
 
 def _softmax_scores(model: nn.Module, source: object) -> nn.Module:
@@ -414,10 +422,11 @@ def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str
     :class:`~vitlab.train.objective.Objective`) by the same objective with state of the same shapes. (``fit``
     checks again as it loads; this is the early refusal that keeps a wrong --resume from rewriting the run's
     job.json.)"""
-    from vitlab.train.trainer import check_same_model, check_same_optimizer
+    from vitlab.train.trainer import check_same_model, check_same_optimizer, check_same_targets
 
     path = resumable_state(output)
     state = load_train_state(path, mmap=True)
+    check_same_targets(state, recipe, path)
     if data is not None:
         check_resumed_data(output, data, classes)
     check_same_model(state, model, path)
@@ -590,13 +599,28 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
                    time_budget=job.time_budget_s is not None and not job.resume)
     if ctx.is_main:
         check_output(job)
+    if recipe.multi_label and job.distill is not None:
+        raise ValueError("--teacher: distillation trains single-label classifiers (the teacher's softmax or its top "
+                         "class); it is not supported with --multi-label (recipe multi_label): leave --teacher out")
+    if job.resume and ctx.is_main:  # before the data is read as the other kind of targets
+        from vitlab.train.trainer import check_same_targets
+
+        path = job.output / STATE_FILE
+        if path.is_file():  # else check_resumable says what is missing
+            check_same_targets(load_train_state(path, mmap=True), recipe, path)
     common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
-    train_set = build_dataset(job.data, split="train", **common)
-    check_classification_data(train_set)
+    build = build_dataset
+    if recipe.multi_label:  # several labels per image, from the folder's label file
+        from vitlab.data.multilabel import build_multilabel_dataset as build
+    train_set = build(job.data, split="train", **common)
+    if recipe.multi_label:
+        check_multilabel_data(train_set)
+    else:
+        check_classification_data(train_set)
     # a source's own val/ folder is always validated on; val_fraction only holds out part of train where none is
     validate = recipe.val_fraction > 0 or has_own_val_split(job.data)
-    val_set = build_dataset(job.data, split="val", **common) if validate else None
-    test_set = build_dataset(job.data, split="test", **common) if ctx.is_main else None
+    val_set = build(job.data, split="val", **common) if validate else None
+    test_set = build(job.data, split="test", **common) if ctx.is_main else None
     if _same_images(val_set, test_set):  # a source without a test set: "test" is the held-out part itself
         test_set = val_set  # decoded and cached once; its final validation is the test result
     model = build_model(job, num_classes=len(train_set.classes), in_chans=train_set.in_chans,
@@ -632,13 +656,19 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         job.output.mkdir(parents=True, exist_ok=True)
         atomic_text(job.output / JOB_FILE, json.dumps({
             **run_marker(job.output if job.resume else None), "task": "classification", "data": job.data, "data_source": source_identity(job.data),
-            "classes": list(train_set.classes), "model": job.model or recipe.model, "pretrained": job.pretrained,
+            "classes": list(train_set.classes), **({"multi_label": True} if recipe.multi_label else {}),
+            "model": job.model or recipe.model, "pretrained": job.pretrained,
             "skip_bad_images": job.skip_bad_images,
             "distill": dataclasses.asdict(job.distill) if job.distill is not None else None}, indent=2))
     recipe = _check_precision(recipe, ctx.device)
     deadline = None
     if job.time_budget_s is not None and not job.resume:
-        recipe, deadline = _fit_to_budget(job, ctx, recipe, model, train_set, val_set, test_set, criterion)
+        timed = criterion
+        if timed is None and recipe.multi_label:  # the steps timed with the loss the run trains with
+            from vitlab.train.losses import MultiLabelLoss
+
+            timed = MultiLabelLoss(label_smoothing=recipe.label_smoothing)
+        recipe, deadline = _fit_to_budget(job, ctx, recipe, model, train_set, val_set, test_set, timed)
     result = fit(model, recipe, built_from_recipe=True, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
                  resume=job.resume, class_names=train_set.classes, criterion=criterion,
                  until_step=job.until_step, progress=job.progress, compile=job.compile, deadline=deadline)
@@ -656,14 +686,15 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
             import vitlab
 
             model = vitlab.load_model(job.output / MODEL_FILE).to(ctx.device)
-        reuse = test_set is val_set and result.val is not None and "val_top1" in result.val
+        reuse = test_set is val_set and result.val is not None and ("val_top1" in result.val
+                                                                     or "val_mAP" in result.val)
         if reuse:  # the fit's last validation ran on these images with this final model (and EMA model)
             summary["test"] = {k[len("val_"):]: v for k, v in result.val.items()
                                if k.startswith("val_") and not k.startswith("val_ema_")}
         else:
             summary["test"] = _test(model, test_set, recipe, ctx, "model")
         if recipe.ema_decay is not None:
-            if reuse and "val_ema_top1" in result.val:
+            if reuse and ("val_ema_top1" in result.val or "val_ema_mAP" in result.val):
                 summary["test_ema"] = {k[len("val_ema_"):]: v for k, v in result.val.items()
                                        if k.startswith("val_ema_")}
             else:
@@ -813,9 +844,17 @@ def _prepare_data(recipe: Recipe, datasets: list) -> Recipe:
 
 def _test(model: nn.Module, test_set, recipe: Recipe, ctx: DistContext, label: str) -> dict[str, Any]:
     r: EvalResult = evaluate(model, test_set, num_classes=len(test_set.classes), device=ctx.device, amp=recipe.amp,
-                             batch_size=max(256, recipe.batch_size))
-    log.debug("test accuracy (%s, %d images): top-1 %.4f, top-5 %.4f", label, r.num_samples, r.top1, r.top5)
+                             batch_size=max(256, recipe.batch_size), multi_label=recipe.multi_label)
+    log.debug("test (%s, %d images): %s", label, r.num_samples, r.summary())
     return r.summary()
+
+
+def check_multilabel_data(ds) -> None:
+    """A multi-label training split: labels without any positive image are named in a warning (the model learns
+    only to answer no for them)."""
+    counts = ds.class_counts()
+    if none := [name for name, n in zip(ds.classes, counts) if n == 0]:
+        log.warning("%s: label(s) %s have no positive training image", ds.source, ", ".join(none[:10]))
 
 
 def _distillation(job: TrainJob, ctx: DistContext, student: nn.Module, classes: list[str]):

@@ -455,6 +455,15 @@ def fit(
                          "schedules (teacher momentum, masking) do not follow; give them a fixed max_steps")
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"fit: the data has {len(class_names)} classes but the model's head has {num_classes}")
+    multi_label = supervised and recipe.multi_label
+    if supervised and getattr(train_set, "multi_label", False) and not recipe.multi_label:
+        raise ValueError("fit: the training data gives several labels per image (multi-hot targets); train with "
+                         "the recipe's multi_label (--multi-label, or recipe.replace(multi_label=True))")
+    if multi_label and getattr(net, "score_function", "softmax") != "sigmoid":
+        # the checkpoints then score with sigmoid: predict, export and explain follow it
+        log.info("multi-label: %s scores with sigmoid (was %s)", net.model_name,
+                 getattr(net, "score_function", "softmax"))
+        net.score_function = "sigmoid"
 
     # ---- data and run length
     accum = recipe.accum_for(ctx.world_size)
@@ -617,24 +626,28 @@ def fit(
         res: dict[str, Any] = {}
         with preserved_rng():
             if ctx.is_main or recipe.fsdp:  # a sharded model evaluates on every rank (each gathers its units)
+                # the whole validation set on each evaluating process: the metrics are over every prediction
                 r = evaluate(net, val_set, num_classes=num_classes, batch_size=max(recipe.batch_size, 256),
-                             device=device, amp=recipe.amp, criterion=val_criterion)
+                             device=device, amp=recipe.amp, criterion=val_criterion, multi_label=multi_label)
                 res = {f"val_{k}": v for k, v in r.summary().items()}
                 if ema is not None:
                     re_ = evaluate(ema.module, val_set, num_classes=num_classes,
                                    batch_size=max(recipe.batch_size, 256), device=device, amp=recipe.amp,
-                                   criterion=val_criterion)
+                                   criterion=val_criterion, multi_label=multi_label)
                     res.update({f"val_ema_{k}": v for k, v in re_.summary().items()})
                 for m in (net, *([ema.module] if ema is not None else [])):
                     reshard(m)
             if ctx.is_main:
                 writers.write({"kind": "val", "step": step, "epoch": epoch, **res})
                 ema_part = ""
-                if ema is not None:  # top-1 where the targets are classes, else the loss
+                if ema is not None:  # top-1 where the targets are classes (mAP: multi-label), else the loss
                     ema_part = (f" (EMA {res['val_ema_top1']:.4f})" if "val_ema_top1" in res
+                                else f" (EMA mAP {_number(res['val_ema_mAP'])})" if "val_ema_mAP" in res
                                 else f" (EMA loss {res['val_ema_loss']:.4f})")
-                log.info("epoch %d step %d: val loss %.4f%s%s", epoch + 1, step, res["val_loss"],
-                         f" top-1 {res['val_top1']:.4f}" if "val_top1" in res else "", ema_part)
+                shown = (f" top-1 {res['val_top1']:.4f}" if "val_top1" in res else
+                         f" mAP {_number(res['val_mAP'])} micro-F1 {res['val_micro_f1']:.4f}" if "val_mAP" in res
+                         else "")
+                log.info("epoch %d step %d: val loss %.4f%s%s", epoch + 1, step, res["val_loss"], shown, ema_part)
             barrier(ctx)
         return res
 
@@ -722,7 +735,8 @@ def fit(
                                                                 recipe.batch_size))
                     if not checked:  # what came, against what a classifier trains on, before the model sees it
                         check_classification_batch(batch, num_classes=num_classes,
-                                                   in_chans=net.preprocessing.input_size[0], labels=standard_labels)
+                                                   in_chans=net.preprocessing.input_size[0], labels=standard_labels,
+                                                   multi_label=multi_label)
                         checked = True
                     micro_batches.append(batch)
                 objective.begin_step(StepBatches(micro_batches, ctx.world_size, sum_over_processes))
@@ -831,6 +845,11 @@ def fit(
                      compile_failed=getattr(forward, "failed", None))
 
 
+def _number(v: float | None) -> str:
+    """A metric for a log line: 4 decimals, or n/a (an mAP without any positive label)."""
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def _mean_over_ranks(metrics: dict[str, Any], ctx: DistContext) -> dict[str, Any]:
     """A step's metrics averaged over the processes (the global batch's, as one process logs them); every rank
     calls this at the same steps with the same names."""
@@ -876,6 +895,7 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     saved_total = int(state.get("total_steps") or total_steps)
     check_same_model(state, net, path)
     check_same_optimizer(state, recipe, path)
+    check_same_targets(state, recipe, path)
     check_same_global_batch(state, recipe, path, global_batch=global_batch, world_size=ctx.world_size)
     if total_steps != saved_total and total_steps <= int(state["step"]):
         step = int(state["step"])
@@ -1010,6 +1030,17 @@ def check_same_optimizer(state: dict[str, Any], recipe: Recipe, path: Path) -> N
                               f"{'it' if len(changed) == 1 else 'them'} as the run had, or start a new run from its "
                               f"weights to change {'it' if len(changed) == 1 else 'them'} "
                               f"(`vitlab finetune --from {run / MODEL_FILE} --output NEW ...`)")
+
+
+def check_same_targets(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
+    """--resume keeps the run's kind of targets: a multi-label run (binary cross entropy, sigmoid scores) does not
+    go on as a single-label one, nor the reverse."""
+    was = bool(state.get("recipe", {}).get("multi_label", False))
+    if was != recipe.multi_label:
+        kinds = {True: "multi-label (multi_label true, --multi-label)", False: "single-label (multi_label false)"}
+        raise CheckpointError(f"--resume: the run in {path.parent} was trained {kinds[was]}; this run asks for "
+                              f"{kinds[recipe.multi_label]}; resume with the run's own setting, or start a new run "
+                              f"(another --output)")
 
 
 def check_same_global_batch(state: dict[str, Any], recipe: Recipe, path: Path, *, global_batch: int,
