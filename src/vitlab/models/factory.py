@@ -73,7 +73,9 @@ def create_model(
         num_classes: classes of the head; a checkpoint's head of another size is replaced by a
             zero-initialised one. Default: the checkpoint's, else the variant's.
         img_size: input resolution; a checkpoint's position table is resampled to it.
-        overrides: any field of the family's config (e.g. ``depth=2``, ``drop_path_rate=0.1``).
+        overrides: any field of the family's config (e.g. ``depth=2``, ``drop_path_rate=0.1``); and, as timm's,
+            ``features_only=True`` with ``out_indices`` / ``output_fmt``: the classifier's feature maps
+            (:mod:`vitlab.models.features`), head dropped.
 
     Example::
 
@@ -84,6 +86,10 @@ def create_model(
     if not isinstance(name, str):
         raise TypeError(f"create_model: name must be a registered model name (a string, see `vitlab models`), "
                         f"got {name!r}")
+    if overrides.get("features_only") or "out_indices" in overrides:
+        return _create_features(name, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
+                                **overrides)
+    overrides.pop("features_only", None)
     if hub_repo(name) is not None:
         return _create_from_hub_name(name, pretrained, num_classes=num_classes, img_size=img_size, **overrides)
     if "/" in name or ":" in name:
@@ -140,6 +146,24 @@ def create_model(
         model.score_function = score
     log.info("loaded %s weights from %s", source.format, source.path)
     return _with_style(model, style_given)
+
+
+def _create_features(name: str, *, features_only: bool = False, out_indices: Any = None,
+                     output_fmt: str | None = None, **kwargs: Any) -> nn.Module:
+    """``create_model(name, features_only=True, ...)``: the classifier built as usual, wrapped as timm's feature
+    extractor (:func:`vitlab.models.features.features_only_model`)."""
+    from vitlab.models.features import features_only_model
+
+    if not features_only:
+        raise TypeError(f"create_model({name!r}): out_indices needs features_only=True (a feature extractor)")
+    base = name.partition(".")[0]
+    if not name.startswith("hf-hub:") and "/" not in name and ":" not in name:
+        entry = _get_entry(base, name.partition(".")[2])
+        if entry.task != "classification":
+            raise ValueError(f"create_model({name!r}, features_only=True): {base} is a {entry.task} model; "
+                             f"features_only takes a classifier's name (its backbone's, e.g. vit_small_patch16_224)")
+    model = create_model(name, **kwargs)
+    return features_only_model(name, get_entry(model.model_name), model, out_indices, output_fmt)
 
 
 def _with_style(model: nn.Module, style: dict[str, Any]) -> nn.Module:
