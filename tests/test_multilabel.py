@@ -265,3 +265,18 @@ def test_train_refuses_a_teacher_with_multi_label(ml_run, tmp_path: Path, caplog
     assert main(["train", "--data", str(data), "--multi-label", "--teacher", str(out), "--steps", "1",
                  "--output", str(tmp_path / "d"), *TINY_CLI]) == 2
     assert "not supported with --multi-label" in caplog.text
+
+
+def test_export_validates_a_multi_label_model_on_its_tagged_folder(tmp_path):
+    """A sigmoid-scored model's export takes its validation images from a folder of label lists (the folder its
+    run trained on), which the single-label reader refuses."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vitlab.export.onnx import export_onnx
+
+    data = tagged_digits(tmp_path / "tagged", n=40)  # its test split: the 4 images held out (val_fraction 0.1)
+    model = _tiny(3).eval()
+    model.score_function = "sigmoid"
+    report = export_onnx(model, tmp_path / "m.onnx", validate_images=data, num_images=4)
+    assert report.images == 4 and report.image_source == str(data)
+    assert (tmp_path / "m.onnx").is_file()

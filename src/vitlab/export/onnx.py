@@ -295,12 +295,16 @@ def bundled_images(n: int = DEFAULT_NUM_IMAGES) -> Tensor:
     return images[idx].clone()
 
 
-def images_from_source(source: str | os.PathLike, n: int = DEFAULT_NUM_IMAGES) -> Tensor:
+def images_from_source(source: str | os.PathLike, n: int = DEFAULT_NUM_IMAGES, *,
+                       multi_label: bool = False) -> Tensor:
     """``n`` raw images (uint8 (n, C, H, W), one size) from a data source (``vitlab.data.build_dataset``'s
-    forms: a folder, ``mnist:DIR``, ``digits``...), test split, evenly spread."""
+    forms: a folder, ``mnist:DIR``, ``digits``...), test split, evenly spread; ``multi_label``: a folder whose
+    label file gives each image a set of labels (a multi-label model's data)."""
     from vitlab.data import build_dataset
+    from vitlab.data.multilabel import build_multilabel_dataset
 
-    ds = build_dataset(source, split="test", transform=None)
+    build = build_multilabel_dataset if multi_label else build_dataset
+    ds = build(source, split="test", transform=None)
     idx = torch.linspace(0, len(ds) - 1, steps=min(n, len(ds))).long().tolist()
     imgs = [ds[i][0] for i in idx]
     sizes = {tuple(t.shape) for t in imgs}
@@ -344,11 +348,11 @@ def preprocess(images: Any, pre: Preprocessing, task: str = "classification") ->
                                   pre.mean, pre.std) for img in images])
 
 
-def _resolve_images(validate_images: Any, n: int) -> tuple[Any, str]:
+def _resolve_images(validate_images: Any, n: int, *, multi_label: bool = False) -> tuple[Any, str]:
     if validate_images is None:
         return bundled_images(n), "bundled scikit-learn digits"
     if isinstance(validate_images, (str, os.PathLike)):
-        return images_from_source(validate_images, n), str(validate_images)
+        return images_from_source(validate_images, n, multi_label=multi_label), str(validate_images)
     if isinstance(validate_images, Tensor):
         if validate_images.ndim != 4 or validate_images.dtype != torch.uint8:
             raise ValueError(f"validate_images: expected uint8 images (N, C, H, W), got {validate_images.dtype} "
@@ -1118,7 +1122,8 @@ def export_onnx(
         pre = model.preprocessing
         c, h, w = pre.input_size
         sizes = size_rule(model, c, h, w) if dynamic_size else None
-        raw, source = _resolve_images(validate_images, num_images)
+        raw, source = _resolve_images(validate_images, num_images,
+                                      multi_label=getattr(model, "score_function", "softmax") == "sigmoid")
         x = preprocess(raw, pre, task)  # (N, C, H, W)
         features = task == "classification" and not model.num_classes
         report = ExportReport(path=str(path), model=name, task=FEATURES_TASK if features else task,
