@@ -91,27 +91,39 @@ def cache_decoded(ds: ImageFileDataset, *, max_bytes: int, workers: int = 0) -> 
     t0 = time.perf_counter()
     images: list[Tensor | None] = [None] * len(ds)
     errors: dict[int, str] = {}
+    # images of one shape go straight into one (N, C, H, W) block as they arrive (one copy of the data set in
+    # memory, not a list and then a stacked copy); others, if any, stay tensors of their own. The block's rows
+    # that no image fills are never written, so their pages are never taken.
+    block: Tensor | None = None
+
+    def keep(i: int, image: Tensor) -> None:
+        nonlocal block
+        if block is None:  # the first image's shape (a folder of one size: every image's)
+            block = image.new_empty((len(ds), *image.shape))
+        if block is not None and block.shape[1:] == image.shape:
+            block[i].copy_(image)
+            images[i] = block[i]
+        else:
+            images[i] = image.clone() if workers else image
+
     loader = WorkerLoader(_Decode(ds, min_size), batch_size=64, shuffle=False, num_workers=workers,
                         collate_fn=_pack)
     for indices, stacked, rest in loader:
         if stacked is not None:
-            # a tensor from a worker lives in shared memory held by an open file descriptor; a copy lets it
-            # go, so that caching 50,000 images does not exhaust the process's descriptors (ulimit -n)
-            stacked = stacked.clone() if workers else stacked
+            # a tensor from a worker lives in shared memory held by an open file descriptor: copied out, it
+            # goes, so that caching 50,000 images does not exhaust the process's descriptors (ulimit -n)
             for j, i in enumerate(indices):
-                images[i] = stacked[j]
+                keep(i, stacked[j])
         for i, item in rest:
             if isinstance(item, str):
                 if not ds.skip_bad_images:
                     raise BadImageError(item)
                 errors[i] = item
             else:
-                images[i] = item.clone() if workers else item
-    shapes = {tuple(t.shape) for t in images if t is not None}
-    if len(shapes) == 1 and not errors:
-        store: Tensor | list[Tensor | None] = torch.stack(images)  # (N, C, H, W) in one block
-    else:
-        store = images
+                keep(i, item)
+    same = block is not None and not errors and all(t is not None and t.data_ptr() == block[i].data_ptr()
+                                                    for i, t in enumerate(images))
+    store: Tensor | list[Tensor | None] = block if same else images  # type: ignore[assignment]
     ds.set_cache(store, errors)
     log.info("%s: %d images decoded into memory (%.0f MB) in %.1f s%s", ds.source, len(ds) - len(errors),
              need / 1e6, time.perf_counter() - t0,
