@@ -81,6 +81,7 @@ from vitlab.export.runtime import (
     require,
 )
 from vitlab.models.base import Preprocessing
+from vitlab.models.base import rebuild as rebuild_model
 
 log = logging.getLogger(__name__)
 
@@ -516,23 +517,15 @@ def _any_size_model(model: nn.Module) -> nn.Module:
 
 def rebuild(model: nn.Module, **changes: Any) -> nn.Module:
     """A copy of ``model`` built from its config with ``changes``, carrying its weights (position tables
-    resampled where the size changed)."""
-    from vitlab.checkpoints import adapt_state_dict, load_strict
+    resampled where the size changed): :func:`vitlab.models.base.rebuild`, its refusals as ExportError."""
+    from vitlab.checkpoints import CheckpointError
 
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or not dataclasses.is_dataclass(cfg):
-        raise ExportError(f"{type(model).__name__} has no config (model.cfg) to rebuild it with {changes}")
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(changes) - fields)
-    if unknown:
-        raise ExportError(f"{type(model).__name__}'s config has no field(s) {unknown}")
-    new = type(model)(dataclasses.replace(cfg, **changes))
-    sd = adapt_state_dict(dict(model.state_dict()), new, source="the model being exported")
-    load_strict(new, sd, source="the model being exported")
-    for attr in ("model_name", "class_names", "score_function"):
-        if hasattr(model, attr):
-            setattr(new, attr, getattr(model, attr))
-    return new.eval()
+    try:
+        return rebuild_model(model, **changes)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise ExportError(str(e)) from e
 
 
 def size_rule(model: nn.Module, c: int, h: int, w: int, *, device: str = "cpu") -> dict[str, list[int]]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from typing import Any, Literal
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -136,6 +138,66 @@ class TimmSurface:
     def get_classifier(self) -> nn.Module:
         return getattr(self, self.classifier_name)
 
+    # options of set_input_size besides img_size and patch_size (Swin: window_size, window_ratio, always_partition)
+    input_size_options: tuple[str, ...] = ()
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None,
+                       **options: Any) -> None:
+        """Change the input size in place, as timm's ``set_input_size``: the model is rebuilt from its config with
+        the new ``img_size`` (and ``patch_size``, family options), its weights carried as a checkpoint is loaded
+        at another size (position tables and relative-position tables resampled by the model's own rule,
+        :func:`vitlab.checkpoints.adapt_state_dict`), and the result moved into this object. Kept: the device and
+        dtype of the weights, each module's train / eval mode, ``requires_grad``, hooks, ``model_name``,
+        ``class_names``, ``score_function``, the preprocessing style and gradient checkpointing; parameters whose
+        shape is unchanged stay the same objects. The old size is then refused as any other (unless
+        ``dynamic_img_size``). ``patch_size``: the patch projection is resampled by FlexiViT's pseudo-inverse
+        (timm's ``resample_patch_embed``), where the patch embedding is a plain convolution. Swin's options and
+        window rule: :meth:`vitlab.models.swin.SwinTransformer._input_size_changes`. A family whose weights fix
+        the size (MLP-Mixer's token-mixing MLPs) is refused, the model left as it was.
+
+        Example: ``m = vitlab.create_model("vit_base_patch16_224", pretrained=True); m.set_input_size(img_size=384)``
+        """
+        name = getattr(self, "model_name", None) or type(self).__name__
+        unknown = sorted(set(options) - set(self.input_size_options))
+        if unknown:
+            takes = ", ".join(("img_size", "patch_size", *self.input_size_options))
+            raise ValueError(f"set_input_size: unknown option(s) {', '.join(unknown)} for {name}; it takes {takes}")
+        cfg = getattr(self, "cfg", None)
+        if not is_dataclass(cfg) or "img_size" not in {f.name for f in fields(cfg)}:
+            raise ValueError(f"set_input_size: {name} ({type(self).__name__}) has no input size to change: its "
+                             f"config has no img_size (the model takes the size of its input, or has none to set)")
+        if img_size is not None:
+            img_size = _check_size(img_size)
+        if patch_size is not None:
+            patch_size = _check_patch(patch_size)
+        changes, state, attrs = self._input_size_changes(img_size, patch_size, **options)
+        try:
+            new = rebuild_with(self, changes, state_dict=state, source=f"{name}'s weights")  # type: ignore[arg-type]
+        except ValueError as e:
+            what = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+            raise ValueError(f"set_input_size({what}) for {name}: {e}") from e
+        checkpointing = self.grad_checkpointing
+        first = next(iter(self.parameters()), None)  # type: ignore[attr-defined]
+        _graft(self, new, first)  # type: ignore[arg-type]
+        _remap_references(self, new)  # type: ignore[arg-type]
+        if checkpointing:
+            self.set_grad_checkpointing(True)
+        for k, v in attrs.items():
+            setattr(self, k, v)
+
+    def _input_size_changes(self, img_size: int | tuple[int, int] | None, patch_size: int | None,
+                            **options: Any) -> tuple[dict[str, Any], dict[str, Tensor] | None, dict[str, Any]]:
+        """(config changes, the weights to carry if not ``state_dict()``, attributes to set afterwards) of
+        :meth:`set_input_size`; families with options override it."""
+        changes: dict[str, Any] = {}
+        state = None
+        if img_size is not None:
+            changes["img_size"] = img_size
+        if patch_size is not None and patch_size != getattr(self.cfg, "patch_size", None):  # type: ignore[attr-defined]
+            state = resampled_patch_state(self, patch_size)  # type: ignore[arg-type]
+            changes["patch_size"] = patch_size
+        return changes, state, {}
+
     def init_non_persistent_buffers(self) -> list[str]:
         """Recompute the buffers that state dicts leave out; see :func:`init_non_persistent_buffers`."""
         return init_non_persistent_buffers(self)  # type: ignore[arg-type]
@@ -152,6 +214,194 @@ class TimmSurface:
     @property
     def default_cfg(self) -> dict[str, Any]:
         return self.pretrained_cfg
+
+
+def _check_size(img_size: Any) -> int | tuple[int, int]:
+    """An img_size argument: an int or an (h, w) pair of positive ints."""
+    size = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
+    pair = (size, size) if isinstance(size, int) else size
+    if (not isinstance(pair, tuple) or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)):
+        raise ValueError(f"set_input_size: img_size must be a positive int or an (h, w) pair of them, got {img_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _check_patch(patch_size: Any) -> int:
+    """A patch_size argument: vitlab's patches are square (an int, or an (h, w) pair of equal ints)."""
+    if isinstance(patch_size, (list, tuple)) and len(patch_size) == 2 and patch_size[0] == patch_size[1]:
+        patch_size = patch_size[0]
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+        raise ValueError(f"set_input_size: patch_size must be a positive int (square patches), got {patch_size!r}")
+    return patch_size
+
+
+def resample_patch_kernel(weight: Tensor, new_size: tuple[int, int]) -> Tensor:
+    """A (D, C, p, p) patch projection for another patch size by FlexiViT's pseudo-inverse resize (Beyer et al.
+    2023, arXiv:2212.08013; timm's ``resample_patch_embed``): the kernel w' minimising the difference between
+    <x, w> and <resize(x), w'> over patches x, with the bicubic, antialiased resize; float32 throughout."""
+    old = tuple(weight.shape[-2:])
+    if old == tuple(new_size):
+        return weight
+    n_old, n_new = old[0] * old[1], new_size[0] * new_size[1]
+    basis = torch.eye(n_old, dtype=torch.float32, device=weight.device).reshape(n_old, 1, *old)
+    resize = F.interpolate(basis, size=new_size, mode="bicubic", antialias=True, align_corners=False)
+    resize = resize.squeeze(1).permute(1, 2, 0).reshape(n_new, n_old)  # (p'^2, p^2): resize as a matrix
+    kernel = weight.float().reshape(*weight.shape[:2], n_old) @ torch.linalg.pinv(resize)  # (D, C, p'^2)
+    return kernel.reshape(*weight.shape[:2], *new_size).to(weight.dtype)
+
+
+def resampled_patch_state(model: nn.Module, patch_size: int) -> dict[str, Tensor]:
+    """``model.state_dict()`` with the patch projection resampled to ``patch_size`` (:func:`resample_patch_kernel`),
+    for a model whose patch embedding is one convolution with kernel = stride = patch; else a ValueError."""
+    from vitlab.layers import PatchEmbed
+
+    name = getattr(model, "model_name", None) or type(model).__name__
+    pe = getattr(model, "patch_embed", None)
+    proj = getattr(pe, "proj", None)
+    if (not isinstance(pe, PatchEmbed) or not isinstance(proj, nn.Conv2d)
+            or tuple(proj.kernel_size) != tuple(proj.stride) or "patch_size" not in model.cfg.__dataclass_fields__):
+        raise ValueError(f"set_input_size: patch_size is supported for models whose patch embedding is one "
+                         f"convolution (ViT, DeiT, BEiT, Swin); {name} ({type(model).__name__}) has "
+                         f"{type(pe).__name__ if pe is not None else 'no patch_embed'}")
+    sd = dict(model.state_dict())
+    key = "patch_embed.proj.weight"
+    sd[key] = resample_patch_kernel(sd[key], (patch_size, patch_size))
+    return sd
+
+
+def rebuild(model: nn.Module, **changes: Any) -> nn.Module:
+    """A copy of ``model`` built from its config with ``changes``, carrying its weights (see :func:`rebuild_with`)."""
+    return rebuild_with(model, changes)
+
+
+def rebuild_with(model: nn.Module, changes: dict[str, Any], *, state_dict: dict[str, Tensor] | None = None,
+                 source: str = "the model being rebuilt") -> nn.Module:
+    """A new model (CPU, float32, eval mode) built from ``model.cfg`` with ``changes``, carrying ``model``'s weights
+    (or ``state_dict``) as a checkpoint is loaded: position tables and relative-position tables resampled to the
+    new grid / window by the model's rules (its grid and ``pos_antialias`` passed to
+    :func:`vitlab.checkpoints.adapt_state_dict`). ``model_name``, ``class_names``, ``score_function`` and the
+    preprocessing style are carried. The global random state is left as it was. ValueError: no config, or no
+    such field in it."""
+    from vitlab.checkpoints.adapt import SourceStateDict, adapt_state_dict, load_strict
+
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not is_dataclass(cfg):
+        raise ValueError(f"{type(model).__name__} has no config (model.cfg) to rebuild it with {changes}")
+    unknown = sorted(set(changes) - {f.name for f in fields(cfg)})
+    if unknown:
+        raise ValueError(f"{type(model).__name__}'s config has no field(s) {unknown}")
+    new_cfg = replace(cfg, **changes)
+    with torch.random.fork_rng(devices=[]):  # the new model's random initialisation is overwritten
+        new = type(model)(new_cfg)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    sd = SourceStateDict(model.state_dict() if state_dict is None else state_dict,
+                         pos_antialias=getattr(cfg, "pos_antialias", True),
+                         grid=tuple(grid) if grid is not None and len(grid) == 2 else None)
+    sd.intended_resize = True  # type: ignore[attr-defined]  # asked for: no advice to rebuild as the file was
+    sd = adapt_state_dict(sd, new, source=source)
+    load_strict(new, sd, source=source)
+    for attr in ("model_name", "class_names", "score_function", "preprocessing_style"):
+        if attr in vars(model):
+            setattr(new, attr, getattr(model, attr))
+    return new.eval()
+
+
+# nn.Module's own bookkeeping (hooks, mode, registries): kept from the model being changed, or rebuilt by _graft
+_MODULE_STATE = frozenset(nn.Module().__dict__)
+_KEPT_ATTRS = frozenset({"grad_checkpointing", "model_name", "class_names", "score_function", "preprocessing_style"})
+
+
+def _graft(old: nn.Module, new: nn.Module, like: Tensor | None) -> None:
+    """Move ``new``'s structure, tensors and attributes into ``old`` (same module path, same type: kept as the
+    same object), keeping ``old``'s hooks and modes. A tensor of unchanged shape is copied into ``old``'s (the
+    same Parameter); another takes the device, dtype and ``requires_grad`` of the one it replaces (else of
+    ``like``)."""
+
+    def place(t: Tensor, ref: Tensor | None) -> Tensor:
+        ref = ref if ref is not None else like
+        if ref is None:
+            return t.detach()
+        dtype = ref.dtype if t.is_floating_point() and ref.is_floating_point() else t.dtype
+        return t.detach().to(device=ref.device, dtype=dtype)
+
+    params: dict[str, nn.Parameter | None] = {}
+    for key, p in new._parameters.items():
+        q = old._parameters.get(key)
+        if p is None:
+            params[key] = None
+            continue
+        if q is not None and q.shape == p.shape:
+            with torch.no_grad():
+                q.copy_(p)
+            params[key] = q
+        else:
+            grad = q.requires_grad if q is not None else p.requires_grad
+            params[key] = nn.Parameter(place(p, q), requires_grad=grad)
+    buffers: dict[str, Tensor | None] = {}
+    for key, b in new._buffers.items():
+        c = old._buffers.get(key)
+        if b is None:
+            buffers[key] = None
+        elif c is not None and c.shape == b.shape and c.dtype.is_floating_point == b.dtype.is_floating_point:
+            c.copy_(b)
+            buffers[key] = c
+        else:
+            buffers[key] = place(b, c)
+    children: dict[str, nn.Module | None] = {}
+    for key, child in new._modules.items():
+        mine = old._modules.get(key)
+        if child is not None and mine is not None and type(mine) is type(child):
+            _graft(mine, child, like)
+            children[key] = mine
+        elif child is not None:  # a module the old structure has not: the new one, placed as the model
+            if like is not None:
+                child.to(device=like.device)
+                if like.is_floating_point():
+                    child.to(dtype=like.dtype)
+            children[key] = child.train(old.training)
+        else:
+            children[key] = None
+    for key, value in new.__dict__.items():
+        if key not in _MODULE_STATE and key not in _KEPT_ATTRS:
+            old.__dict__[key] = value
+    old.__dict__["_parameters"] = params
+    old.__dict__["_buffers"] = buffers
+    old.__dict__["_non_persistent_buffers_set"] = set(new._non_persistent_buffers_set)
+    old.__dict__["_modules"] = children
+
+
+def _remap_references(model: nn.Module, new: nn.Module) -> None:
+    """After :func:`_graft`: plain attributes that held ``new``'s modules or tensors (e.g. a Linformer layer's
+    reference to the model's shared projection) point at the objects that replaced them."""
+    swap: dict[int, Any] = {}
+    _pair_objects(model, new, swap)
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, (nn.Module, Tensor)):
+            return swap.get(id(value), value)
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(fix(v) for v in value)
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        return value
+
+    for module in model.modules():
+        for key, value in list(module.__dict__.items()):
+            if key not in _MODULE_STATE:
+                module.__dict__[key] = fix(value)
+
+
+def _pair_objects(old: nn.Module, new: nn.Module, swap: dict[int, Any]) -> None:
+    """``swap``: id of each of ``new``'s modules and tensors -> the object at the same path in ``old``."""
+    for key, obj in [*new.named_modules(), *new.named_parameters(remove_duplicate=False),
+                     *new.named_buffers(remove_duplicate=False)]:
+        try:
+            mine = old.get_submodule(key) if isinstance(obj, nn.Module) else (
+                old.get_parameter(key) if isinstance(obj, nn.Parameter) else old.get_buffer(key))
+        except AttributeError:
+            continue
+        if mine is not obj:
+            swap[id(obj)] = mine
 
 
 def init_non_persistent_buffers(model: nn.Module) -> list[str]:

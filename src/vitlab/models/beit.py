@@ -352,9 +352,11 @@ class Beit(TimmSurface, nn.Module):
         if shared_key in out and shared_key not in target and per_layer[0] in target and per_layer[0] not in out:
             table = out.pop(shared_key)
             out.update({k: table.clone() for k in per_layer})
+        recorded = getattr(sd, "grid", None)  # the file's (or, in set_input_size, the model's) grid, if known
         for k, v in list(out.items()):
             if k.endswith("relative_position_bias_table") and k in target and v.shape != target[k].shape:
-                old = table_grid(v.shape[0])
+                fits = recorded is not None and (2 * recorded[0] - 1) * (2 * recorded[1] - 1) + 3 == v.shape[0]
+                old = tuple(recorded) if fits else table_grid(v.shape[0])
                 if old is None or v.shape[1] != target[k].shape[1]:
                     raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}; expected a square grid's "
                                      f"((2g-1)^2 + 3, {target[k].shape[1]}) table")

@@ -37,9 +37,10 @@ agree wherever the windows divide the map (every released classifier at its own 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -382,6 +383,55 @@ class SwinTransformer(TimmSurface, nn.Module):
         self.head = zero_head(self.num_features, num_classes)
         record_head(self, num_classes=max(num_classes, 0))
 
+    input_size_options = ("window_size", "window_ratio", "always_partition")
+
+    def _input_size_changes(self, img_size: int | tuple[int, int] | None, patch_size: int | None, *,
+                            window_size: int | Sequence[int | Sequence[int]] | None = None,
+                            window_ratio: int | Sequence[int] | None = None, always_partition: bool | None = None,
+                            ) -> tuple[dict[str, Any], dict[str, Tensor] | None, dict[str, Any]]:
+        """timm's rule for the windows: ``window_size`` (an int or (h, w) for every stage, or one per stage), else
+        ``window_ratio`` (the patch grid, before the stages' downsampling, divided by it), else each stage's window
+        scaled with the patch grid (``w * new_grid // reference_grid``; the reference is the windows and grid
+        of the model as built, or of the last explicit window). Windows are square; a stage's window is clamped
+        to a map no larger than it, as at construction (timm's ``always_partition=False``)."""
+        if always_partition:
+            raise ValueError("set_input_size: always_partition=True is not supported: vitlab's Swin clamps a "
+                             "window to a map no larger than it (the reference code's rule; always_partition=False)")
+        changes, state, attrs = super()._input_size_changes(img_size, patch_size)
+        cfg, n = self.cfg, len(self.cfg.depths)
+        img = to_2tuple(changes.get("img_size", cfg.img_size))
+        patch = changes.get("patch_size", cfg.patch_size)
+        grid = (img[0] // patch, img[1] // patch)
+        if window_size is not None:
+            spec = window_size
+            if not isinstance(spec, (list, tuple)) or (len(spec) == 2 and not isinstance(spec[0], (list, tuple))):
+                spec = (spec,) * n  # one window (an int or (h, w)) for every stage, as timm reads it
+            if len(spec) != n:
+                raise ValueError(f"set_input_size: window_size {window_size!r} needs one entry per stage ({n})")
+            windows = [_pair(w, "window_size") for w in spec]
+            reference = (tuple(windows), grid)
+        elif window_ratio is not None:
+            ratios = (window_ratio,) * n if not isinstance(window_ratio, (list, tuple)) else tuple(window_ratio)
+            if len(ratios) != n or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ratios):
+                raise ValueError(f"set_input_size: window_ratio must be a positive int or one per stage ({n}), "
+                                 f"got {window_ratio!r}")
+            windows = [tuple(max(1, g // r) for g in grid) for r in ratios]
+            reference = (tuple(windows), grid)
+        else:
+            reference = self.__dict__.get("window_reference") or (
+                tuple((w, w) for w in cfg.windows()), tuple(self.patch_embed.grid_size))
+            ref_windows, ref_grid = reference
+            windows = [tuple(max(1, w * g // r) for w, g, r in zip(ws, grid, ref_grid)) for ws in ref_windows]
+        if any(h != w for h, w in windows):
+            raise ValueError(f"set_input_size: window_size: vitlab's Swin has square windows; this gives "
+                             f"{[tuple(w) for w in windows]} (for a grid of {grid[0]}x{grid[1]} patches): pass "
+                             f"window_size= with square windows")
+        sides = tuple(h for h, _ in windows)
+        new_window = sides[0] if len(set(sides)) == 1 and isinstance(cfg.window_size, int) else sides
+        if new_window != cfg.window_size:
+            changes["window_size"] = new_window
+        return changes, state, {**attrs, "window_reference": reference}
+
     def blocks_in_order(self) -> list[SwinBlock]:
         return [blk for stage in self.layers for blk in stage.blocks]
 
@@ -496,7 +546,10 @@ class SwinTransformer(TimmSurface, nn.Module):
                 file_windows[stage_of[id(attn)]] = old[0]
                 stage_pair[stage_of[id(attn)]] = pair
             out[k] = v
-        if resampled:  # the file's model attended within other windows
+        if resampled and getattr(sd, "intended_resize", False):  # set_input_size: the windows asked for
+            log.info("%s: relative-position bias tables resampled to the new windows (%s)", source,
+                     ", ".join(f"{o[0]}x{o[1]} -> {w[0]}x{w[1]}" for o, w in resampled))
+        elif resampled:  # the file's model attended within other windows
             clamped, advice = self._window_advice(file_windows)
             for (old, new), blocks in resampled.items():
                 why = next((clamped[i] for i, p in sorted(stage_pair.items()) if p == (old, new) and i in clamped), "")
@@ -542,6 +595,14 @@ class SwinTransformer(TimmSurface, nn.Module):
         if windows != cfg.windows():
             advice.append(f"window_size={windows[0] if windows == (windows[0],) * n else windows}")
         return clamped, " and ".join(advice)
+
+
+def _pair(value: object, what: str) -> tuple[int, int]:
+    """A positive int or an (h, w) pair of them, as a pair; else a ValueError naming ``what``."""
+    pair = tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"set_input_size: {what} must be a positive int or an (h, w) pair of them, got {value!r}")
+    return pair  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------- variants
