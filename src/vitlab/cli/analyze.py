@@ -62,7 +62,7 @@ def command_line(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from vitlab.analysis.analyze import NUMBERS_JSON, OUTPUT_FILES, POSITION_KINDS, REPORT_HTML, analyze_model
     from vitlab.checkpoints.io import check_outputs_free
-    from vitlab.cli.eval import run_split
+    from vitlab.cli.eval import run_split, run_split_method
     from vitlab.data import build_dataset, eval_transform
 
     if args.num_images < 1:
@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     # the run's own split (its images feed attention statistics, not a score: overlap with training is harmless)
     seed, val_fraction = run_split(args.checkpoint, args.data, args.split, measured=False)
     dataset = build_dataset(args.data, split=args.split, seed=seed, val_fraction=val_fraction,
-                            transform=eval_transform(model.preprocessing))
+                            transform=eval_transform(model.preprocessing),
+                            split_method=run_split_method(args.checkpoint, args.data))
     name = getattr(model, "model_name", type(model).__name__)
     model_desc = f"{name} from {args.checkpoint}"
     data_desc = f"{args.data} ({args.split} split, {len(dataset)} images, classes: {', '.join(map(str, dataset.classes))})"

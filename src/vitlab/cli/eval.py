@@ -368,6 +368,40 @@ def run_split(checkpoint: str, data: str, split: str, *, seed: int | None = None
     return chosen
 
 
+def run_split_method(checkpoint: str, data: str) -> str:
+    """How the checkpoint's run drew its held-out split of ``data`` (job.json's ``split_method``; a run recorded
+    without one used the old randperm draw); the current method for other data or a checkpoint without a run."""
+    from vitlab.data.splits import SPLIT_METHOD, recorded_split_method
+    from vitlab.train.run import read_job, same_source
+
+    job = read_job(Path(checkpoint).parent)
+    if job.get("data") is None or not same_source(data, job["data"], job.get("data_source")):
+        return SPLIT_METHOD
+    return recorded_split_method(job)
+
+
+def check_run_split_source(checkpoint: str, data: str, ds, seed: int, val_fraction: float) -> None:
+    """Warn where ``ds``, a split held out as the checkpoint's run held it out, was drawn from other training files
+    than the run's (job.json's ``split_from``: files added, removed or replaced since)."""
+    from vitlab.data.splits import changed_split_note, split_source_changes
+    from vitlab.train.run import read_job, same_source
+
+    now = getattr(ds, "split_from", None)
+    if now is None or val_fraction <= 0:
+        return
+    run_dir = Path(checkpoint).parent
+    job, recipe = read_job(run_dir), _read_recipe(run_dir / "recipe.json")
+    recorded = job.get("split_from")
+    if (not isinstance(recorded, dict) or job.get("data") is None
+            or not same_source(data, job["data"], job.get("data_source"))
+            or (recipe.get("seed"), recipe.get("val_fraction")) != (seed, val_fraction)):
+        return
+    if (changes := split_source_changes(recorded, now)) is not None:
+        note = changed_split_note(run_split_method(checkpoint, data))
+        log.warning("the training files of %s that the run of %s held its split out of have changed since it "
+                    "trained (%s), %s", data, checkpoint, changes, note)
+
+
 def _read_recipe(path: Path) -> dict:
     try:
         recipe = parse_json(path.read_text(encoding="utf-8"))
@@ -504,7 +538,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_multilabel(args, model, reference, device, threshold)
     ds = build_dataset(args.data, split="train" if args.whole else args.split,
                        val_fraction=0.0 if args.whole else args.val_fraction, seed=args.seed,
-                       transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
+                       transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images,
+                       split_method=run_split_method(args.checkpoint, args.data))
+    if not args.whole:
+        check_run_split_source(args.checkpoint, args.data, ds, args.seed, args.val_fraction)
     protocol = args.protocol
     if protocol == "auto":
         protocol = "knn" if model.num_classes == 0 else "classifier"  # a backbone: DINO's k-NN protocol
@@ -645,7 +682,10 @@ def _run_multilabel(args: argparse.Namespace, model, reference, device, threshol
         log.warning("--class-map: not used for multi-label data (ignored)")
     ds = build_multilabel_dataset(args.data, split="train" if args.whole else args.split,
                                   val_fraction=0.0 if args.whole else args.val_fraction, seed=args.seed,
-                                  transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
+                                  transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images,
+                                  split_method=run_split_method(args.checkpoint, args.data))
+    if not args.whole:
+        check_run_split_source(args.checkpoint, args.data, ds, args.seed, args.val_fraction)
     mapping = label_mapping(model, ds.classes, args.checkpoint, args.data)
     head_names = list(getattr(model, "class_names", None) or []) or [str(i) for i in range(model.num_classes)]
     if head_names == [str(i) for i in range(model.num_classes)] and mapping == list(range(model.num_classes)):
@@ -723,7 +763,8 @@ def feature_report(model, test_set, args: argparse.Namespace, device, protocol: 
     seed, fraction = getattr(args, "given_split", (args.seed, args.val_fraction))
     seed, fraction = run_split(args.checkpoint, args.data, "train", seed=seed, val_fraction=fraction, measured=False)
     train = build_dataset(args.data, split="train", val_fraction=fraction, seed=seed,
-                          transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images)
+                          transform=eval_transform(model.preprocessing), skip_bad_images=args.skip_bad_images,
+                          split_method=run_split_method(args.checkpoint, args.data))
     what = (f"k-NN evaluation (k={args.knn_k}, T={args.knn_t:g})" if protocol == "knn"
             else f"linear probe ({args.probe_epochs} epochs)")
     log.info("%s: %s on its features, from %d training images", args.checkpoint, what, len(train))

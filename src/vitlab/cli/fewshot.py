@@ -92,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitlab.analysis.analyze import collate_present, spread_images
     from vitlab.analysis.fewshot import extract_features, fewshot_evaluate
-    from vitlab.cli.eval import run_split
+    from vitlab.cli.eval import run_split, run_split_method
     from vitlab.data import build_dataset, eval_transform
 
     refuse_torchrun("fewshot")
@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     transform = eval_transform(model.preprocessing)
     # the split the checkpoint's run held out, so that test images are not its training images
     seed, val_fraction = run_split(args.checkpoint, args.data, args.test_split)
-    split = {"seed": seed, "val_fraction": val_fraction, "transform": transform}
+    split = {"seed": seed, "val_fraction": val_fraction, "transform": transform,
+             "split_method": run_split_method(args.checkpoint, args.data)}
     train = build_dataset(args.data, split=args.train_split, **split)
     test = build_dataset(args.data, split=args.test_split, **split)
     num_classes = len(train.classes)

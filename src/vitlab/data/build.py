@@ -11,7 +11,9 @@ Accepted forms of ``source``:
                                   (self-supervised pre-training: every image below it, one class "images")
 
 Splits are disjoint and a pure function of (source, val_fraction, seed). Where the source has no held-out
-set of its own, "val" is a seeded stratified ``val_fraction`` of the training data and "train" the rest.
+set of its own, "val" is a seeded stratified ``val_fraction`` of the training data and "train" the rest; of image
+files, drawn by ``split_method`` (:mod:`vitlab.data.splits`: by default stable under added or removed files), and
+the dataset's ``split_from`` says what it was drawn from (per class: file count and a hash of the names).
 "test" is the source's own test set (MNIST t10k, CIFAR test batch, a ``test/`` folder); a source
 without one (a flat image folder) answers "test" with its validation part, and says so in the log.
 """
@@ -37,7 +39,7 @@ from vitlab.data.folder import (
 )
 from vitlab.data.image import expand_image_paths, is_image_file
 from vitlab.data.sources import has_idx_files, is_cifar_dir, read_cifar, read_digits, read_mnist
-from vitlab.data.splits import stratified_split
+from vitlab.data.splits import SPLIT_METHOD, check_split_method, relative_keys, split_source, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ def build_dataset(
     transform: Transform | None = None,
     skip_bad_images: bool = False,
     unlabelled: bool = False,
+    split_method: str = SPLIT_METHOD,
 ) -> VisionDataset:
     """Build the ``split`` ("train" | "val" | "test") of ``source``; see the module docstring for the forms.
 
@@ -131,8 +134,11 @@ def build_dataset(
             instead of raising :class:`BadImageError`.
         unlabelled: the labels will not be used (self-supervised pre-training), so a folder of images without
             class folders is accepted, as one class.
+        split_method: how image files are held out (:mod:`vitlab.data.splits`): ``"path-hash-v1"``, or
+            ``"randperm"`` for a run recorded without a method. Arrays (digits, MNIST, CIFAR) always use randperm.
     """
     _check_split(split, val_fraction)
+    check_split_method(split_method)
     kind, path = parse_source(source)
     if unlabelled and kind == "folder" and folder_layout(path)[1:] == (None, None) and _loose_images(path):
         kind = "images"  # images beside sub-folders: without labels, every image below counts
@@ -169,10 +175,10 @@ def build_dataset(
             raise DatasetError(f"data source {source!r}: {path} holds images but no class folders; labelled data "
                                f"needs one sub-folder per class ({path}/<class>/<images>). (vitlab pretrain reads "
                                f"such a folder as unlabelled images.)")
-        ds = _build_unlabelled(path, split, val_fraction, seed, **kw)
+        ds = _build_unlabelled(path, split, val_fraction, seed, split_method, **kw)
 
     else:
-        ds = _build_folder(path, split, val_fraction, seed, labelled=not unlabelled, **kw)
+        ds = _build_folder(path, split, val_fraction, seed, split_method, labelled=not unlabelled, **kw)
 
     log.info("dataset %s: %d images, %d classes", ds.source, len(ds), len(ds.classes))
     if len(ds) == 0:
@@ -185,16 +191,21 @@ def _loose_images(root: Path) -> list[str]:
     return sorted(e.name for e in root.iterdir() if e.is_file() and is_image_file(e.name) and not e.name.startswith("."))
 
 
-def _build_unlabelled(root: Path, split: str, val_fraction: float, seed: int, **kw) -> ImageFileDataset:
+def _build_unlabelled(root: Path, split: str, val_fraction: float, seed: int, split_method: str,
+                      **kw) -> ImageFileDataset:
     """Every image below ``root`` as one class; "val" (and "test") a seeded ``val_fraction`` of them."""
     paths = expand_image_paths([root])
     targets = [0] * len(paths)
     in_chans = guess_channels(paths, targets)
     if split == "test":
         log.info("%s has no test/ folder: split 'test' is the validation part", root)
-    idx = _pick(*stratified_split(targets, val_fraction, seed), "val" if split == "test" else split)
-    return ImageFileDataset([paths[i] for i in idx], [0] * len(idx), classes=["images"], in_chans=in_chans,
-                            source=f"images:{root}[{split}, val_fraction={val_fraction}, seed={seed}]", **kw)
+    keys = relative_keys(paths, root)
+    split_keys = keys if split_method == SPLIT_METHOD else None
+    idx = _pick(*stratified_split(targets, val_fraction, seed, keys=split_keys), "val" if split == "test" else split)
+    ds = ImageFileDataset([paths[i] for i in idx], [0] * len(idx), classes=["images"], in_chans=in_chans,
+                          source=f"images:{root}[{split}, val_fraction={val_fraction}, seed={seed}]", **kw)
+    ds.split_from = split_source(keys, targets, ["images"])
+    return ds
 
 
 def check_labelled_split(source: str | Path, split: str) -> None:
@@ -210,8 +221,8 @@ def check_labelled_split(source: str | Path, split: str) -> None:
                            f"{folder}/metadata.csv with a header file_name,label) or choose another split")
 
 
-def _build_folder(root: Path, split: str, val_fraction: float, seed: int, *, labelled: bool = True,
-                  **kw) -> ImageFileDataset:
+def _build_folder(root: Path, split: str, val_fraction: float, seed: int, split_method: str, *,
+                  labelled: bool = True, **kw) -> ImageFileDataset:
     train_dir, val_dir, test_dir = folder_layout(root)
     if labelled and train_dir == root:
         check_not_wrapper(root)
@@ -227,6 +238,7 @@ def _build_folder(root: Path, split: str, val_fraction: float, seed: int, *, lab
         split_eff = "val"
     else:
         split_eff = split
+    split_from = None  # what a held-out split was drawn from
     if split_eff == "test":
         paths, targets, _ = scan_folder(test_dir, classes)
         desc = f"folder:{test_dir}"
@@ -236,7 +248,9 @@ def _build_folder(root: Path, split: str, val_fraction: float, seed: int, *, lab
     elif val_dir is not None:  # train, with a separate val folder: all of train/
         desc = f"folder:{train_dir}"
     else:
-        kept, held = stratified_split(targets, val_fraction, seed)
+        keys = relative_keys(paths, train_dir)
+        split_from = split_source(keys, targets, classes)
+        kept, held = stratified_split(targets, val_fraction, seed, keys=keys if split_method == SPLIT_METHOD else None)
         if split_eff == "train" and len(held) > max(2 * val_fraction, val_fraction + 0.05) * len(targets):
             if test_dir is not None:  # test/ measures the run: nothing need be held out of train/
                 advice = (f"--set val_fraction=0 keeps them all for training (the run is then measured on "
@@ -250,4 +264,7 @@ def _build_folder(root: Path, split: str, val_fraction: float, seed: int, *, lab
         idx = _pick(kept, held, split_eff)
         paths, targets = [paths[i] for i in idx], [targets[i] for i in idx]
         desc = f"folder:{train_dir}[{split}, val_fraction={val_fraction}, seed={seed}]"
-    return ImageFileDataset(paths, targets, classes=classes, in_chans=in_chans, source=desc, **kw)
+    ds = ImageFileDataset(paths, targets, classes=classes, in_chans=in_chans, source=desc, **kw)
+    if split_from is not None:
+        ds.split_from = split_from
+    return ds

@@ -18,6 +18,7 @@ from torch import Tensor
 from vitlab.data.dataset import ImageFileDataset, Transform
 from vitlab.data.errors import DatasetError
 from vitlab.data.folder import folder_layout, guess_channels, scan_folder_multilabel, unlabelled_split_dirs
+from vitlab.data.splits import SPLIT_METHOD, check_split_method, relative_keys, split_source, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,16 @@ class MultiLabelImageDataset(ImageFileDataset):
         return {name: (k, n) for name, k, n in zip(self.classes, skipped, self.class_counts()) if k}
 
 
-def random_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def random_split(n: int, fraction: float, seed: int, *,
+                 keys: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
     """(kept, held out) indices: a seeded random ``round(fraction * n)`` held out (at least one where
-    ``fraction > 0`` and ``n >= 2``, never all); both sorted."""
+    ``fraction > 0`` and ``n >= 2``, never all); both sorted. With ``keys`` (paths relative to the data root):
+    the first of them in the order of a hash of (seed, key), stable under added files (``path-hash-v1``, see
+    :func:`vitlab.data.splits.stratified_split`); without: the old randperm draw."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
+    if keys is not None:
+        return stratified_split([0] * n, fraction, seed, keys=keys)
     k = round(fraction * n)
     if fraction > 0 and n >= 2:
         k = min(max(k, 1), n - 1)
@@ -84,17 +90,19 @@ def random_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[in
 
 
 def build_multilabel_dataset(source: str | Path, *, split: str = "train", val_fraction: float = 0.1, seed: int = 0,
-                             transform: Transform | None = None,
-                             skip_bad_images: bool = False) -> MultiLabelImageDataset:
+                             transform: Transform | None = None, skip_bad_images: bool = False,
+                             split_method: str = SPLIT_METHOD) -> MultiLabelImageDataset:
     """The ``split`` ("train" | "val" | "test") of an image folder whose label file gives several labels per
     image, as :func:`vitlab.data.build_dataset` splits a folder: its own val/ and test/ folders, else "val" held
-    out of the training images (a seeded random ``val_fraction``) and "test" answered with it."""
+    out of the training images (a seeded random ``val_fraction``, drawn by ``split_method``) and "test" answered
+    with it."""
     from vitlab.data.build import SPLITS, parse_source
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_split_method(split_method)
     kind, root = parse_source(source)
     if kind != "folder" or root is None:
         raise DatasetError(f"{source}: --multi-label reads several labels per image from an image folder's label "
@@ -104,6 +112,7 @@ def build_multilabel_dataset(source: str | Path, *, split: str = "train", val_fr
     paths, label_sets, classes = scan_folder_multilabel(train_dir)
     in_chans = guess_channels(paths, [0] * len(paths))
     split_eff = split
+    split_from = None  # what a held-out split was drawn from
     if split == "test" and test_dir is None:
         log.info("%s has no test/ folder%s: split 'test' is the validation part", root,
                  " of labelled images" if "test" in unlabelled_split_dirs(root) else "")
@@ -118,12 +127,16 @@ def build_multilabel_dataset(source: str | Path, *, split: str = "train", val_fr
         if split == "val" and val_fraction == 0.0:
             raise DatasetError(f"{source}: split='val' requested with val_fraction=0 (the source has no "
                                f"validation set of its own)")
-        kept, held = random_split(len(paths), val_fraction, seed)
+        keys = relative_keys(paths, train_dir)
+        split_from = split_source(keys, [0] * len(keys), ["(all images)"])
+        kept, held = random_split(len(paths), val_fraction, seed, keys=keys if split_method == SPLIT_METHOD else None)
         idx = held if split_eff == "val" else kept
         paths, label_sets = [paths[i] for i in idx], [label_sets[i] for i in idx]
         desc = f"folder:{train_dir}[{split}, val_fraction={val_fraction}, seed={seed}]"
     ds = MultiLabelImageDataset(paths, label_sets, classes=classes, in_chans=in_chans, source=desc,
                                 transform=transform, skip_bad_images=skip_bad_images)
+    if split_from is not None:
+        ds.split_from = split_from
     log.info("dataset %s: %d images, %d labels (multi-label)", ds.source, len(ds), len(ds.classes))
     if len(ds) == 0:
         raise DatasetError(f"{ds.source}: split {split!r} is empty")

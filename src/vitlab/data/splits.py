@@ -1,21 +1,82 @@
-"""Seeded, stratified hold-out splits: disjoint, deterministic, and independent of file-listing order."""
+"""Seeded, stratified hold-out splits: disjoint, deterministic, and independent of file-listing order.
+
+Two methods, recorded in a run's job.json (``split_method``) so that --resume and eval hold out what the run did:
+
+- ``path-hash-v1`` (:data:`SPLIT_METHOD`, for files): within each class the files are ordered by a hash of (seed,
+  path relative to the data root) and the first k are held out, so adding or removing a file changes at most
+  its own class's held-out part, by about one file, and a moved folder splits the same.
+- ``randperm`` (:data:`LEGACY_SPLIT_METHOD`): one ``torch.randperm`` per class from a shared seeded generator; what
+  runs written before ``split_method`` was recorded used, and the split of fixed arrays (digits, MNIST, CIFAR).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import os
+import unicodedata
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
+SPLIT_METHOD = "path-hash-v1"
+LEGACY_SPLIT_METHOD = "randperm"
+SPLIT_METHODS = (SPLIT_METHOD, LEGACY_SPLIT_METHOD)
 
-def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+
+def check_split_method(method: str) -> str:
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"split method {method!r} is not one this vitlab knows ({', '.join(SPLIT_METHODS)}); "
+                         f"a run recorded by a newer vitlab needs that version")
+    return method
+
+
+def recorded_split_method(job: Mapping[str, Any]) -> str:
+    """The split method a run's job.json records; a run without one was split with the old randperm draw."""
+    return check_split_method(str(job.get("split_method", LEGACY_SPLIT_METHOD)))
+
+
+def held_out_count(n: int, fraction: float) -> int:
+    """round(fraction * n), at least one of a class of two or more where ``fraction > 0``, never all."""
+    if n < 2:
+        return 0
+    k = round(fraction * n)
+    return min(max(k, 1), n - 1) if fraction > 0 else k
+
+
+def relative_keys(paths: Sequence[str | os.PathLike], root: str | os.PathLike) -> list[str]:
+    """Each path relative to ``root`` ('/'-separated, Unicode NFC): the key a file is split by."""
+    prefix = os.path.join(os.fspath(root), "")
+    out = []
+    for p in map(os.fspath, paths):
+        rel = p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root)  # the common case: fast
+        out.append(unicodedata.normalize("NFC", Path(rel).as_posix() if os.sep != "/" else rel))
+    return out
+
+
+def _rank(seed: int, key: str) -> bytes:
+    return hashlib.sha256(f"{int(seed)}\0{key}".encode("utf-8", "surrogateescape")).digest()
+
+
+def stratified_split(targets: Sequence[int], fraction: float, seed: int, *,
+                     keys: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
     """Split sample indices into (kept, held_out), holding out ``fraction`` of every class.
 
     Each class with at least two samples contributes round(fraction * n) samples (at least one when
     ``fraction > 0``, and never all of them), so a small class is still seen on both sides. Both lists
-    are sorted; the same (targets, fraction, seed) always give the same split.
+    are sorted; the same (targets, fraction, seed, keys) always give the same split.
+
+    Args:
+        keys: one string per sample (a file's path relative to the data root): each class's held-out part is
+            then its first k samples in the order of a hash of (seed, key), which another sample added to or
+            removed from the class changes by at most one (``path-hash-v1``). Without keys: the old seeded
+            randperm draw (``randperm``), which any change of the class sizes re-draws.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
+    if keys is not None and len(keys) != len(targets):
+        raise ValueError(f"{len(keys)} keys for {len(targets)} samples")
     by_class: dict[int, list[int]] = {}
     for i, t in enumerate(targets):
         by_class.setdefault(int(t), []).append(i)
@@ -24,14 +85,56 @@ def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tupl
     # Iterate classes in sorted order so that the random stream does not depend on dict order.
     for c in sorted(by_class):
         idx = by_class[c]
-        n = len(idx)
-        k = round(fraction * n)
-        if fraction > 0 and n >= 2:
-            k = min(max(k, 1), n - 1)
-        elif n < 2:
-            k = 0
-        perm = torch.randperm(n, generator=g).tolist()
-        held.extend(idx[j] for j in perm[:k])
+        k = held_out_count(len(idx), fraction)
+        if keys is not None:
+            order = sorted(idx, key=lambda i: (_rank(seed, keys[i]), keys[i]))
+            held.extend(order[:k])
+        else:
+            perm = torch.randperm(len(idx), generator=g).tolist()
+            held.extend(idx[j] for j in perm[:k])
     held_set = set(held)
     kept = [i for i in range(len(targets)) if i not in held_set]
     return kept, sorted(held)
+
+
+def split_source(keys: Sequence[str], targets: Sequence[int], classes: Sequence[str]) -> dict[str, Any]:
+    """What a split was taken from, for a run record: per class, its file count and a hash of its sorted keys."""
+    per: dict[int, list[str]] = {}
+    for k, t in zip(keys, targets):
+        per.setdefault(int(t), []).append(k)
+    out: dict[str, Any] = {}
+    for c, names in sorted(per.items()):
+        digest = hashlib.sha256("\n".join(sorted(names)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        out[str(classes[c]) if c < len(classes) else str(c)] = {"files": len(names), "sha256": digest}
+    return {"files": len(keys), "classes": out}
+
+
+def split_source_changes(recorded: Mapping[str, Any], now: Mapping[str, Any], limit: int = 5) -> str | None:
+    """How the files a split is taken from differ from those recorded (``split_source``), or None if they don't."""
+    was, cur = recorded.get("classes") or {}, now.get("classes") or {}
+    changes = []
+    for name in sorted(set(was) | set(cur)):
+        a, b = was.get(name), cur.get(name)
+        if a == b:
+            continue
+        n0, n1 = int((a or {}).get("files", 0)), int((b or {}).get("files", 0))
+        if n1 > n0:
+            changes.append(f"{name!r}: {n1 - n0} file(s) added ({n0} -> {n1})")
+        elif n1 < n0:
+            changes.append(f"{name!r}: {n0 - n1} file(s) removed ({n0} -> {n1})")
+        else:
+            changes.append(f"{name!r}: files replaced or renamed ({n0})")
+    if not changes:
+        return None
+    total = f"{int(recorded.get('files', 0))} -> {int(now.get('files', 0))} files"
+    more = f"; and {len(changes) - limit} more class(es)" if len(changes) > limit else ""
+    return f"{total}; {len(changes)} class(es) changed: " + "; ".join(changes[:limit]) + more
+
+
+def changed_split_note(method: str) -> str:
+    """What a change of the files a run's held-out split was drawn from means, for that split's ``method``."""
+    if method == SPLIT_METHOD:
+        return ("so its held-out part may now hold images it trained on (split method path-hash-v1: about one "
+                "image per changed class at most, the rest of the split is unchanged)")
+    return (f"and with the run's split method {method!r} every class's held-out part is drawn anew: most of its "
+            f"held-out images may now be images it trained on")

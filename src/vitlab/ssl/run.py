@@ -575,11 +575,13 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
     everything that can be checked without training has been."""
     from vitlab.checkpoints import save_model
     from vitlab.data import build_dataset
+    from vitlab.data.splits import SPLIT_METHOD, recorded_split_method
     from vitlab.train.run import (
         JOB_FILE,
         check_output,
         check_resumable,
         clear_run_outputs,
+        read_job,
         run_dir_lock,
         run_marker,
         source_identity,
@@ -598,8 +600,10 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
         if ctx.is_main:
             check_output(job)
         recipe, held_out = _hold_out(job, job.recipe)
+        # how the held-out part is drawn: a resumed run's own way (runs recorded without one: the old draw)
+        split_method = recorded_split_method(read_job(job.output)) if job.resume else SPLIT_METHOD
         train_set = build_dataset(job.data, split="train", val_fraction=recipe.val_fraction, seed=recipe.seed,
-                                  skip_bad_images=job.skip_bad_images, unlabelled=True)
+                                  skip_bad_images=job.skip_bad_images, unlabelled=True, split_method=split_method)
         model = build_backbone(dataclasses.replace(job, recipe=recipe), train_set.in_chans).to(ctx.device)
         if job.method == "dvae":  # one token per patch of the backbone, which is not trained itself
             from vitlab.ssl.dvae import DVAE_MODEL_OPTIONS, DiscreteVAE
@@ -627,7 +631,7 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
             record = json.dumps({
                 **run_marker(job.output if job.resume else None), "method": job.method, "data": job.data, "data_source": source_identity(job.data),
                 "model": job.model or recipe.model, "options": job.options, "skip_bad_images": job.skip_bad_images,
-                **({"held_out": held_out} if held_out else {})}, indent=2, default=str)
+                "split_method": split_method, **({"held_out": held_out} if held_out else {})}, indent=2, default=str)
             path = job.output / JOB_FILE
             if not (path.is_file() and path.read_text(encoding="utf-8") == record):  # a resumed run's record stays as it was
                 atomic_text(path, record)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from torch import nn
 
 from vitlab.checkpoints import CheckpointError
 from vitlab.checkpoints.io import parse_json
+from vitlab.data.splits import SPLIT_METHOD, changed_split_note, recorded_split_method, split_source_changes
 from vitlab.models.describe import describe_model
 from vitlab.models.registry import get_entry
 from vitlab.train.budget import Deadline
@@ -491,6 +493,17 @@ def check_resumed_data(output: Path, data: str, classes: list[str] | None) -> No
                     "it will not match an uninterrupted run", output, recorded, data)
 
 
+def check_split_source(output: Path, data: str, recorded: dict[str, Any] | None, now: dict[str, Any],
+                       method: str) -> None:
+    """--resume: warn where the training files that the run's held-out split is drawn from differ from those
+    recorded when the run began (job.json's ``split_from``); users add data deliberately, so it is not refused."""
+    if not isinstance(recorded, dict):
+        return
+    if (changes := split_source_changes(recorded, now)) is not None:
+        log.warning("--resume: the files of %s that the run in %s held its validation images out of have changed "
+                    "since it began (%s), %s", data, output, changes, changed_split_note(method))
+
+
 def _names(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(map(str, names[:limit]))
     return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
@@ -608,11 +621,19 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         path = job.output / STATE_FILE
         if path.is_file():  # else check_resumable says what is missing
             check_same_targets(load_train_state(path, mmap=True), recipe, path)
-    common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images}
+    split_method = _split_method(job)
+    common = {"val_fraction": recipe.val_fraction, "seed": recipe.seed, "skip_bad_images": job.skip_bad_images,
+              "split_method": split_method}
     build = build_dataset
     if recipe.multi_label:  # several labels per image, from the folder's label file
         from vitlab.data.multilabel import build_multilabel_dataset as build
     train_set = build(job.data, split="train", **common)
+    split_from = getattr(train_set, "split_from", None)  # None: nothing drawn out of the training files
+    if job.resume:
+        recorded_from = read_job(job.output).get("split_from")
+        if split_from is not None and recipe.val_fraction > 0:
+            check_split_source(job.output, job.data, recorded_from, split_from, split_method)
+        split_from = recorded_from  # what the run's split was first drawn from (unknown for an older run)
     if recipe.multi_label:
         check_multilabel_data(train_set)
     else:
@@ -658,7 +679,8 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
             **run_marker(job.output if job.resume else None), "task": "classification", "data": job.data, "data_source": source_identity(job.data),
             "classes": list(train_set.classes), **({"multi_label": True} if recipe.multi_label else {}),
             "model": job.model or recipe.model, "pretrained": job.pretrained,
-            "skip_bad_images": job.skip_bad_images,
+            "skip_bad_images": job.skip_bad_images, "split_method": split_method,
+            **({"split_from": split_from} if split_from is not None else {}),
             "distill": dataclasses.asdict(job.distill) if job.distill is not None else None}, indent=2))
     recipe = _check_precision(recipe, ctx.device)
     deadline = None
@@ -711,6 +733,27 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     if ctx.is_main and "test" in summary:
         atomic_text(job.output / "results.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _split_method(job: TrainJob) -> str:
+    """How the run holds images out of the training files: a resumed run as it did (a run recorded before
+    ``split_method``: the old randperm draw); fine-tuning from a pre-training run on its data with the part that
+    run left out (job.json ``held_out``, the same seed and fraction) as that run drew it; else the current method."""
+    if job.resume:
+        return recorded_split_method(read_job(job.output))
+    source = Path(str(job.pretrained)) if job.pretrained is not None else None
+    if source is None or not source.is_file():
+        return SPLIT_METHOD
+    try:
+        pre = read_job(source.parent)
+    except ValueError:
+        return SPLIT_METHOD
+    held = pre.get("held_out")
+    if (isinstance(held, dict) and pre.get("data") is not None
+            and same_source(job.data, pre["data"], pre.get("data_source"))
+            and (held.get("seed"), held.get("val_fraction")) == (job.recipe.seed, job.recipe.val_fraction)):
+        return recorded_split_method(pre)
+    return SPLIT_METHOD
 
 
 def has_own_val_split(data: str) -> bool:
@@ -829,8 +872,19 @@ def _prepare_data(recipe: Recipe, datasets: list) -> Recipe:
             if recipe.cache_images is False:
                 in_memory = False
                 continue
-            workers = min(8, cores) if cores > 1 else 0  # the main process only collects: decode on every core
-            cached = cache_decoded(ds, max_bytes=budget, workers=workers)
+            # --workers (recipe workers) given: decode with that many (0: in this process); else the main process
+            # only collects and every core decodes
+            workers = recipe.workers if recipe.workers is not None else min(8, cores) if cores > 1 else 0
+            try:
+                cached = cache_decoded(ds, max_bytes=budget, workers=workers)
+            except (OSError, RuntimeError) as e:
+                if not workers or not _shm_full(e):
+                    raise
+                raise ValueError(f"{ds.source}: decoding the images into memory in {workers} worker process(es) ran "
+                                 f"out of shared memory (/dev/shm, which passes the images from the workers: "
+                                 f"{str(e).strip().splitlines()[-1][:200]}); --workers 0 decodes in this process "
+                                 f"without it, --set cache_images=false decodes every epoch instead (or give the "
+                                 f"container a larger /dev/shm, e.g. docker --shm-size)") from e
             budget -= ds.cache_nbytes
             if not cached and recipe.cache_images:
                 raise ValueError(f"cache_images=true: {ds.source} does not fit in memory; set it to false or none")
@@ -840,6 +894,14 @@ def _prepare_data(recipe: Recipe, datasets: list) -> Recipe:
         log.info("data loader: %d worker process(es) (%s)", recipe.workers,
                  "images in memory" if in_memory else "decoding files")
     return recipe
+
+
+def _shm_full(e: BaseException) -> bool:
+    """Whether ``e`` (raised by a DataLoader whose workers pass tensors through /dev/shm) says that is full."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "shared memory" in text or "/dev/shm" in text
 
 
 def _test(model: nn.Module, test_set, recipe: Recipe, ctx: DistContext, label: str) -> dict[str, Any]:
