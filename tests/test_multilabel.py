@@ -280,3 +280,18 @@ def test_export_validates_a_multi_label_model_on_its_tagged_folder(tmp_path):
     report = export_onnx(model, tmp_path / "m.onnx", validate_images=data, num_images=4)
     assert report.images == 4 and report.image_source == str(data)
     assert (tmp_path / "m.onnx").is_file()
+    assert report.agreement == "label-set agreement (threshold 0.5)" and report.top1_agreement == 1.0
+
+
+def test_export_agreement_of_a_multi_label_head_is_each_images_label_set():
+    """Top-1 can agree where the labels do not: the second image's second label crosses 0.5 in one output only."""
+    from vitlab.export.onnx import TASK_OUTPUTS, compare_outputs, task_outputs
+
+    model = _tiny(3)
+    assert task_outputs(model)[1] is TASK_OUTPUTS["classification"]
+    model.score_function = "sigmoid"
+    _, spec = task_outputs(model)
+    ref = {"logits": torch.tensor([[2.0, -1.0, -3.0], [3.0, 0.2, -1.0]])}
+    out = {"logits": torch.tensor([[2.1, -1.1, -3.0], [3.0, -0.1, -1.0]])}
+    assert compare_outputs(spec, ref, out)[1] == 0.5
+    assert compare_outputs(TASK_OUTPUTS["classification"], ref, out)[1] == 1.0

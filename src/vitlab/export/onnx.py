@@ -104,6 +104,15 @@ class TaskOutputs:
     meaning: dict[str, str]
     agreement: str
     class_dim: int = -1
+    # "argmax": the class each position's logits pick; "labels": a multi-label head's labels (logit >= 0, a
+    # sigmoid's 0.5), the same set for the whole image
+    decide: str = "argmax"
+
+
+# a sigmoid-scored (multi-label) classifier: its validation compares each image's set of labels
+MULTI_LABEL_OUTPUTS = TaskOutputs(
+    ("logits",), {"logits": "class logits (batch, classes)"}, "label-set agreement (threshold 0.5)",
+    decide="labels")
 
 
 TASK_OUTPUTS: dict[str, TaskOutputs] = {
@@ -152,6 +161,9 @@ def task_outputs(model: nn.Module) -> tuple[str, TaskOutputs]:
     if task not in TASK_OUTPUTS:
         raise ExportError(f"{getattr(model, 'model_name', type(model).__name__)}: vitlab export writes "
                           f"{', '.join(TASK_OUTPUTS)} models, not a {task!r} one")
+    if task == "classification" and getattr(model, "score_function", "softmax") == "sigmoid" \
+            and (getattr(model, "num_classes", 0) or 0) > 1:
+        return task, MULTI_LABEL_OUTPUTS
     return task, TASK_OUTPUTS[task]
 
 
@@ -365,7 +377,7 @@ def _resolve_images(validate_images: Any, n: int, *, multi_label: bool = False) 
 # ------------------------------------------------------------------------------------------ helpers
 def compare_outputs(spec: TaskOutputs, ref: dict[str, Tensor], out: dict[str, Tensor]) -> tuple[dict[str, float], float]:
     """({output: max |difference|}, agreement of the argmax of ``logits`` over the classes, position by
-    position: per image, per query or per pixel)."""
+    position: per image, per query or per pixel; for a multi-label head, of each image's set of labels)."""
     diffs = {}
     for name in spec.names:
         r, o = ref[name].float(), out[name].float()
@@ -373,7 +385,12 @@ def compare_outputs(spec: TaskOutputs, ref: dict[str, Tensor], out: dict[str, Te
             raise ExportError(f"output {name!r} shapes differ: PyTorch {tuple(r.shape)}, ONNX {tuple(o.shape)}")
         diffs[name] = (r - o).abs().max().item() if r.numel() else 0.0
     r, o = ref["logits"].float(), out["logits"].float()
-    agree = (r.argmax(spec.class_dim) == o.argmax(spec.class_dim)).float().mean().item() if r.numel() else 1.0
+    if not r.numel():
+        agree = 1.0
+    elif spec.decide == "labels":
+        agree = ((r >= 0) == (o >= 0)).all(dim=-1).float().mean().item()
+    else:
+        agree = (r.argmax(spec.class_dim) == o.argmax(spec.class_dim)).float().mean().item()
     return diffs, agree
 
 
