@@ -99,3 +99,25 @@ def test_no_name_in_common_falls_back_to_positions_with_a_warning(tmp_path: Path
     (data / "train").symlink_to(data / "test")
     metrics = eval_json(capsys, "--checkpoint", str(ckpt), "--data", str(data))
     assert metrics["top1"] == 1.0 and "labels are matched by index" in caplog.text
+
+
+def test_an_interrupt_while_drawing_the_figure_leaves_the_earlier_report_whole(tmp_path: Path, monkeypatch,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    """The confusion figure (seconds for many classes) is drawn before any report file is replaced: Ctrl-C there
+    leaves the earlier report as it was, not new metrics beside an old figure."""
+    import vitlab.cli.eval as cli_eval
+
+    ckpt = bright_dark_checkpoint(tmp_path / "m.safetensors")
+    data = grey_class_folders(tmp_path / "data" / "test", {"2": 250, "10": 5}).parent
+    (data / "train").symlink_to(data / "test")
+    out = tmp_path / "report"
+    eval_json(capsys, "--checkpoint", str(ckpt), "--data", str(data), "--output", str(out))
+    before = {f: (out / f).read_bytes() for f in ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_eval, "save_confusion_png", interrupted)
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--output", str(out), "--overwrite",
+                 "--class-match", "index", "--json"]) == 130  # interrupted
+    assert {f: (out / f).read_bytes() for f in before} == before

@@ -589,23 +589,25 @@ def run(args: argparse.Namespace) -> int:
         metrics["top1_agreement_with_float32"] = round((ref.predictions == r.predictions).float().mean().item(), 6)
     if args.skip_bad_images:
         metrics["skipped_images"] = ds.num_skipped
-    write_report(out / "metrics.json", json.dumps(metrics, indent=2))
     support = r.confusion.sum(dim=1).tolist()
-    # UTF-8 under any locale; a name's bytes that a non-UTF-8 locale left undecoded are written as they came
-    write_report(out / "per_class.csv", _csv_text(
-        [["class", "support", "accuracy"]]
-        + [[name, support[j], "" if math.isnan(r.per_class[j]) else f"{r.per_class[j]:.6f}"]
-           for name, j in zip(ds.classes, mapping)]))
     # rows: the data's classes; columns: those and any other class of the head that was predicted
     cols = list(mapping) + [j for j in range(model.num_classes)
                             if j not in mapping and r.confusion[:, j].sum().item() > 0]
     confusion = r.confusion[mapping][:, cols]
     col_names = [ds.classes[mapping.index(j)] if j in mapping else head_names[j] for j in cols]
-    write_report(out / "confusion.csv", _csv_text(
-        [["true \\ predicted", *col_names]] + [[name, *row] for name, row in zip(ds.classes, confusion.tolist())]))
+    # the slow figure first, metrics.json last: an interrupt while drawing leaves the earlier report whole (each
+    # file is replaced atomically; together they are replaced within milliseconds)
     title = f"{Path(args.checkpoint).name} on {args.data} [{metrics['split']}]: top-1 {100 * r.top1:.2f}%"
     atomic_write(out / "confusion.png", lambda tmp: save_confusion_png(confusion, col_names, Path(tmp), title=title,
                                                                         row_names=list(ds.classes)))
+    # UTF-8 under any locale; a name's bytes that a non-UTF-8 locale left undecoded are written as they came
+    write_report(out / "per_class.csv", _csv_text(
+        [["class", "support", "accuracy"]]
+        + [[name, support[j], "" if math.isnan(r.per_class[j]) else f"{r.per_class[j]:.6f}"]
+           for name, j in zip(ds.classes, mapping)]))
+    write_report(out / "confusion.csv", _csv_text(
+        [["true \\ predicted", *col_names]] + [[name, *row] for name, row in zip(ds.classes, confusion.tolist())]))
+    write_report(out / "metrics.json", json.dumps(metrics, indent=2))
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
