@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,19 +27,35 @@ MEMORY_SHARE = 0.25
 
 
 class _Decode(Dataset):
-    """(index, uint8 image or the BadImageError message) of every file, decoded at ``min_size``."""
+    """(index, uint8 image or the BadImageError message) of every file, decoded at ``min_size``; with
+    ``transform``, the transform's output of it."""
 
-    def __init__(self, ds: ImageFileDataset, min_size: int | None) -> None:
-        self.ds, self.min_size = ds, min_size
+    def __init__(self, ds: ImageFileDataset, min_size: int | None, transform: Any = None) -> None:
+        self.ds, self.min_size, self.transform = ds, min_size, transform
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> tuple[int, Tensor | str]:
         try:
-            return i, self.ds.decode(i, min_size=self.min_size)
+            image = self.ds.decode(i, min_size=self.min_size)
         except BadImageError as e:
             return i, str(e)
+        return i, image if self.transform is None else self.transform(image)
+
+
+def _kept_transformed(ds: ImageFileDataset, decoded_bytes: int) -> int | None:
+    """Bytes of one transformed image where ``ds``'s transform is deterministic (evaluation's resize and crop)
+    and its float32 output is smaller than the decoded image: a validation split of large photos is kept as
+    the model's inputs (e.g. 3 x 64 x 64 floats, 49 KB, for a 500 x 375 photo's 563 KB), which are what the
+    transform would compute from the kept pixels every epoch. None: keep the decoded images."""
+    from vitlab.data.transforms import EvalTransform
+
+    t = ds.transform
+    if not isinstance(t, EvalTransform):
+        return None
+    out = t.channels * t.size[0] * t.size[1] * 4
+    return out if out < decoded_bytes else None
 
 
 def _pack(batch: list[tuple[int, Tensor | str]]) -> tuple[list[int], Tensor | None, list[tuple[int, Tensor | str]]]:
@@ -84,6 +101,10 @@ def cache_decoded(ds: ImageFileDataset, *, max_bytes: int, workers: int = 0) -> 
         return True
     min_size = getattr(ds.transform, "min_source_size", None)
     need = estimated_bytes(ds, min_size)
+    per_image = _kept_transformed(ds, need // max(1, len(ds)))
+    transform = ds.transform if per_image is not None else None
+    if per_image is not None:
+        need = per_image * len(ds)
     if need > max_bytes:
         log.info("%s: decoded images would take about %.1f GB (limit %.1f GB): decoded every epoch instead",
                  ds.source, need / 1e9, max_bytes / 1e9)
@@ -106,7 +127,7 @@ def cache_decoded(ds: ImageFileDataset, *, max_bytes: int, workers: int = 0) -> 
         else:
             images[i] = image.clone() if workers else image
 
-    loader = WorkerLoader(_Decode(ds, min_size), batch_size=64, shuffle=False, num_workers=workers,
+    loader = WorkerLoader(_Decode(ds, min_size, transform), batch_size=64, shuffle=False, num_workers=workers,
                         collate_fn=_pack)
     for indices, stacked, rest in loader:
         if stacked is not None:
@@ -124,8 +145,8 @@ def cache_decoded(ds: ImageFileDataset, *, max_bytes: int, workers: int = 0) -> 
     same = block is not None and not errors and all(t is not None and t.data_ptr() == block[i].data_ptr()
                                                     for i, t in enumerate(images))
     store: Tensor | list[Tensor | None] = block if same else images  # type: ignore[assignment]
-    ds.set_cache(store, errors)
-    log.info("%s: %d images decoded into memory (%.0f MB) in %.1f s%s", ds.source, len(ds) - len(errors),
-             need / 1e6, time.perf_counter() - t0,
+    ds.set_cache(store, errors, transform=transform)
+    log.info("%s: %d images decoded into memory%s (%.0f MB) in %.1f s%s", ds.source, len(ds) - len(errors),
+             " as the model's inputs" if transform is not None else "", need / 1e6, time.perf_counter() - t0,
              f"; {len(errors)} undecodable, skipped" if errors else "")
     return True

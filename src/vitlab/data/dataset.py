@@ -170,6 +170,7 @@ class ImageFileDataset(VisionDataset):
         self.paths = [os.fspath(p) for p in paths]
         self._cache: Tensor | list[Tensor | None] | None = None
         self._cache_errors: dict[int, str] = {}
+        self._cache_transform: Transform | None = None  # the transform whose outputs the cache holds, if any
 
     @property
     def cached(self) -> bool:
@@ -182,17 +183,20 @@ class ImageFileDataset(VisionDataset):
         if self._cache is None:
             return 0
         if isinstance(self._cache, Tensor):
-            return self._cache.numel()
-        return sum(t.numel() for t in self._cache if t is not None)
+            return self._cache.numel() * self._cache.element_size()
+        return sum(t.numel() * t.element_size() for t in self._cache if t is not None)
 
-    def set_cache(self, images: Tensor | list[Tensor | None], errors: dict[int, str]) -> None:
+    def set_cache(self, images: Tensor | list[Tensor | None], errors: dict[int, str], *,
+                  transform: Transform | None = None) -> None:
         """Serve ``images[i]`` instead of decoding file i (``errors``: the files that failed, by index).
+        ``transform``: the images are that (deterministic) transform's outputs, served as they are while it is
+        the data set's transform (another one decodes the files again).
 
         The failed files are skipped from here on (``skip_bad_images``): each is named in a warning now, and
         counted by ``num_skipped`` and ``skipped_per_class`` before any epoch has read it."""
         if len(images) != len(self):
             raise ValueError(f"{self.source}: cache of {len(images)} images for {len(self)} files")
-        self._cache, self._cache_errors = images, dict(errors)
+        self._cache, self._cache_errors, self._cache_transform = images, dict(errors), transform
         if self.skip_bad_images:
             for i in sorted(errors):
                 if not self._skipped[i]:
@@ -203,11 +207,24 @@ class ImageFileDataset(VisionDataset):
         """Decode file ``index`` to uint8 (in_chans, H, W); raises BadImageError."""
         return to_channels(load_image(self.paths[index], min_size=min_size), self.in_chans)
 
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        if self._cache is None or self._cache_transform is None or self.transform is not self._cache_transform:
+            return super().__getitem__(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
+        if index in self._cache_errors:
+            self._bad_image(index, BadImageError(self._cache_errors[index]))
+            return None
+        return self._cache[index], self.targets[index]  # type: ignore[return-value]  # transformed already
+
     def load(self, index: int) -> Tensor:
         if self._cache is not None:
             if index in self._cache_errors:
                 raise BadImageError(self._cache_errors[index])
-            return self._cache[index]
+            if self._cache_transform is None:
+                return self._cache[index]  # type: ignore[return-value]
         # the transform says what resolution it needs, so that a huge photo is decoded no larger than that
         return self.decode(index, min_size=getattr(self.transform, "min_source_size", None))
 
