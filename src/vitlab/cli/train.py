@@ -270,7 +270,7 @@ def report(summary: dict) -> None:
     report_skipped(summary)
     test = summary.get("test")
     if test is None:
-        log.info("stopped at step %d; checkpoint: %s", summary["steps"], summary["checkpoint"])
+        log.info("stopped at step %d; checkpoint: %s%s", summary["steps"], summary["checkpoint"], _best(summary))
         return
     if "mAP" in test:  # multi-label
         line = (f"test mAP {_percent(test['mAP'])} (micro-F1 {100 * test['micro_f1']:.2f}%, exact match "
@@ -282,9 +282,16 @@ def report(summary: dict) -> None:
                 f"images")
         if "test_ema" in summary:
             line += f"; EMA weights {100 * summary['test_ema']['top1']:.2f}%"
-    log.info("%s after %d steps in %.1f s; checkpoint: %s", line, summary["steps"], summary["train_seconds"],
-             summary["checkpoint"])
+    log.info("%s after %d steps in %.1f s; checkpoint: %s%s", line, summary["steps"], summary["train_seconds"],
+             summary["checkpoint"], _best(summary))
     report_compile(summary)
+
+
+def _best(summary: dict) -> str:
+    """The best validation's part of the final line (the test above scores the last model)."""
+    parts = [f"{what} (val {b['metric']} {b['value']:.4f} at step {b['step']}): {b['file']}"
+             for what, b in (("best", summary.get("best")), ("EMA best", summary.get("best_ema"))) if b]
+    return "".join(f"; {p}" for p in parts)
 
 
 def _percent(v: float | None) -> str:

@@ -21,6 +21,9 @@ from typing import Any, Literal
 from vitlab.checkpoints.io import parse_json
 
 RECIPE_DIR = "recipes"
+# recipe.best_metric's values: "auto", "none", or a key of the validation summary (EvalResult.summary: top1 / top5
+# for classes, mAP / F1 / exact match for multi-label, the loss for any targets)
+BEST_METRICS = ("auto", "none", "top1", "top5", "loss", "mAP", "micro_f1", "macro_f1", "exact_match")
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +67,10 @@ class Recipe:
         instead of replicating them (DDP); see :mod:`vitlab.train.fsdp` for what it supports.
     multi_label: several labels per image (``--multi-label``): float multi-hot targets, binary cross entropy
         with logits (label smoothing as timm's BinaryCrossEntropy), mAP / F1 metrics, sigmoid scores.
+    best_metric: the validation metric that picks ``model_best.safetensors`` (and the EMA's
+        ``model_ema_best.safetensors`` by its own): "auto" (top1 for classification, mAP for multi-label, the
+        loss where the targets are not classes), a key of the validation summary (``BEST_METRICS``: losses are
+        minimised, the others maximised), or "none" (no best model kept).
     """
 
     name: str = "custom"
@@ -126,6 +133,7 @@ class Recipe:
     checkpoint_every: int = 0
     log_every: int = 10
     fsdp: bool = False
+    best_metric: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -170,6 +178,9 @@ class Recipe:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"recipe {self.name!r}: {msg}")
+        if self.best_metric not in BEST_METRICS:
+            raise ValueError(f"recipe {self.name!r}: best_metric={self.best_metric!r} is not a validation metric; "
+                             f"choose from {', '.join(BEST_METRICS)}")
         for name, allowed in (("optimizer", ("adamw", "adam", "sgd")), ("schedule", ("cosine", "linear", "constant")),
                               ("amp", ("none", "bf16", "fp16"))):
             if getattr(self, name) not in allowed:

@@ -33,7 +33,18 @@ from vitlab.train.hardware import training_threads
 from vitlab.train.losses import ClassificationLoss
 from vitlab.train.recipe import Recipe
 from vitlab.train.state import load_train_state
-from vitlab.train.trainer import EMA_FILE, METRICS_FILE, MODEL_FILE, RECIPE_FILE, STATE_FILE, atomic_text, fit
+from vitlab.train.trainer import (
+    BEST_FILE,
+    EMA_BEST_FILE,
+    EMA_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    RECIPE_FILE,
+    STATE_FILE,
+    atomic_text,
+    check_best_metric,
+    fit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +61,10 @@ TRAINING_LOGS = (METRICS_FILE, "tb")
 # what `vitlab pretrain` writes besides (vitlab.ssl.tokenizer.TOKENIZER_FILE, vitlab.ssl.run.TEACHER_FILE)
 PRETRAIN_OUTPUTS = ("tokenizer.safetensors", "teacher.safetensors")
 # every file a run writes into its directory (the trainer's, the jobs' and the dense tasks' metrics.json)
-RUN_OUTPUTS = (*RUN_MARKERS, EMA_FILE, RECIPE_FILE, METRICS_FILE, RESULTS_FILE, "metrics.json", "tb",
+RUN_OUTPUTS = (*RUN_MARKERS, EMA_FILE, BEST_FILE, EMA_BEST_FILE, RECIPE_FILE, METRICS_FILE, RESULTS_FILE, "metrics.json", "tb",
                *PRETRAIN_OUTPUTS)
 # what `fit` itself writes as it trains: a second fit into the folder would replace or append to them
-FIT_OUTPUTS = (STATE_FILE, MODEL_FILE, EMA_FILE, METRICS_FILE, "tb")
+FIT_OUTPUTS = (STATE_FILE, MODEL_FILE, EMA_FILE, BEST_FILE, EMA_BEST_FILE, METRICS_FILE, "tb")
 # `vitlab eval`'s report (its files, and its default folder beside a checkpoint: eval_SPLIT); the eval command reads them here
 EVAL_REPORT_PREFIX = "eval_"
 EVAL_REPORT_FILES = ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")
@@ -347,7 +358,7 @@ def clear_run_outputs(output: Path) -> None:
 
 def eval_reports(output: Path) -> list[Path]:
     """The report folders `vitlab eval` wrote by default beside this run's models: ``eval_SPLIT/`` holding only
-    eval's report files, whose metrics.json names the run's model.safetensors or model_ema.safetensors (as
+    eval's report files, whose metrics.json names one of the run's models (model, EMA or best .safetensors, as
     given to eval: a path from wherever it ran, whose folder is this one). A folder of the user's (other files
     in it, another checkpoint named) is not one."""
     found = []
@@ -364,8 +375,8 @@ def eval_reports(output: Path) -> list[Path]:
 
 
 def _names_run_model(checkpoint: Path, output: Path) -> bool:
-    """Whether ``checkpoint`` (a path as eval was given it) is this run's model or EMA model."""
-    if checkpoint.name not in (MODEL_FILE, EMA_FILE):
+    """Whether ``checkpoint`` (a path as eval was given it) is one of this run's models (last, EMA, best)."""
+    if checkpoint.name not in (MODEL_FILE, EMA_FILE, BEST_FILE, EMA_BEST_FILE):
         return False
     if checkpoint.is_absolute():
         return os.path.realpath(checkpoint.parent) == os.path.realpath(output)
@@ -612,6 +623,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
                    time_budget=job.time_budget_s is not None and not job.resume)
     if ctx.is_main:
         check_output(job)
+    check_best_metric(recipe, multi_label=recipe.multi_label)
     if recipe.multi_label and job.distill is not None:
         raise ValueError("--teacher: distillation trains single-label classifiers (the teacher's softmax or its top "
                          "class); it is not supported with --multi-label (recipe multi_label): leave --teacher out")
@@ -698,6 +710,11 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
                                "steps": result.step, "global_batch": result.global_batch,
                                "train_seconds": round(result.seconds, 1), "val": result.val,
                                "checkpoint": str(result.model_path)}
+    # the model at its best validation (recipe.best_metric); the test below scores the last model
+    if result.best is not None:
+        summary["best"] = {**result.best, "file": str(job.output / result.best["file"])}
+    if result.best_ema is not None:
+        summary["best_ema"] = {**result.best_ema, "file": str(job.output / result.best_ema["file"])}
     if job.compile:
         summary["compile_seconds"] = None if result.compile_seconds is None else round(result.compile_seconds, 1)
         summary["compile_failed"] = result.compile_failed

@@ -11,7 +11,8 @@ the objective's ``before_optimizer_step`` runs, gradients are clipped to the glo
 and scheduler step, then the objective's ``after_optimizer_step`` (EMA teachers) and the model EMA.
 
 The run directory holds ``model.safetensors`` (a vitlab checkpoint: later commands need only this
-file), ``model_ema.safetensors`` when EMA is on, ``train_state.pt`` (everything ``--resume`` needs),
+file), ``model_ema.safetensors`` when EMA is on, ``model_best.safetensors`` (and ``model_ema_best.safetensors``)
+at the best validation by ``recipe.best_metric``, ``train_state.pt`` (everything ``--resume`` needs),
 ``recipe.json``, ``metrics.jsonl`` and TensorBoard events under ``tb/``. Only rank 0 writes. Settings changed
 on ``--resume`` are recorded with the step they took effect (``recipe.json``'s ``changes``).
 Under torchrun the model is replicated (DDP), or sharded with ``recipe.fsdp`` (:mod:`vitlab.train.fsdp`:
@@ -77,6 +78,8 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
+BEST_FILE = "model_best.safetensors"  # the model at its best validation (recipe.best_metric)
+EMA_BEST_FILE = "model_ema_best.safetensors"  # the EMA model at its own best validation
 STATE_FILE = "train_state.pt"
 RECIPE_FILE = "recipe.json"
 METRICS_FILE = "metrics.jsonl"
@@ -142,10 +145,97 @@ class FitResult:
     compile_seconds: float | None = None
     compile_failed: str | None = None  # why torch.compile fell back to eager
     history: list[dict[str, Any]] = field(default_factory=list)
+    # the best validation so far ({metric, value, step, epoch, file}; None: none kept), and the EMA model's
+    best: dict[str, Any] | None = None
+    best_ema: dict[str, Any] | None = None
 
     @property
     def model_path(self) -> Path:
         return self.output_dir / MODEL_FILE
+
+
+def check_best_metric(recipe: Recipe, *, multi_label: bool) -> None:
+    """``recipe.best_metric`` names a metric this run's validation reports: top1 / top5 are single-label
+    metrics, mAP / F1 / exact match multi-label ones. Checked before anything is written."""
+    single, multi = ("top1", "top5"), ("mAP", "micro_f1", "macro_f1", "exact_match")
+    wrong = single if multi_label else multi
+    if recipe.best_metric in wrong:
+        kind, has = ("multi-label", "mAP, micro_f1, macro_f1, exact_match, loss") if multi_label else \
+            ("single-label", "top1, top5, loss")
+        raise ValueError(f"recipe {recipe.name!r}: best_metric={recipe.best_metric!r} is not reported by the "
+                         f"validation of a {kind} run (it reports {has}); --set best_metric=auto picks "
+                         f"{'mAP' if multi_label else 'top1'}")
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith("loss")
+
+
+@dataclass
+class _Best:
+    """The best validation so far of one model (the trained one, or its EMA): compared at each validation, and
+    written (``pending``) by the next checkpoint, which follows the validation at the same step."""
+
+    file: str
+    prefix: str  # of the model's keys in the validation record: "val_" or "val_ema_"
+    setting: str  # recipe.best_metric
+    metric: str | None = None  # the one resolved at the first validation
+    value: float | None = None
+    step: int | None = None
+    epoch: int | None = None
+    pending: bool = False
+    off: bool = False  # the metric asked for is not in the validation's summary (said once)
+
+    def record(self) -> dict[str, Any] | None:
+        if self.value is None:
+            return None
+        return {"metric": self.metric, "value": self.value, "step": self.step, "epoch": self.epoch, "file": self.file}
+
+    def offer(self, res: dict[str, Any], *, step: int, epoch: int) -> bool:
+        """Whether the validation ``res`` is strictly better than the best so far (ties keep the earlier)."""
+        if self.off:
+            return False
+        if self.metric is None:
+            have = [k[len(self.prefix):] for k in res if k.startswith(self.prefix)]
+            if self.setting == "auto":  # top1 where the targets are classes, mAP (multi-label), else the loss
+                self.metric = next((m for m in ("top1", "mAP", "loss") if m in have), None)
+            elif self.setting in have:
+                self.metric = self.setting
+            if self.metric is None:
+                self.off = True
+                log.warning("best_metric %s: the validation reports no %s (it reports %s): no %s is written; "
+                            "--set best_metric=loss keeps the lowest validation loss", self.setting, self.setting,
+                            ", ".join(k for k in have if k != "samples"), self.file)
+                return False
+        value = res.get(self.prefix + self.metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):  # an mAP without positives: None
+            return False
+        if self.value is not None and not (value < self.value if lower_is_better(self.metric) else value > self.value):
+            return False
+        self.value, self.step, self.epoch, self.pending = float(value), step, epoch, True
+        return True
+
+    def restore(self, saved: Any, path: Path, *, check_file: bool = True) -> None:
+        """The best so far from a resumed state (absent in a state written before it was kept: none yet); another
+        metric asked for now starts the comparison over."""
+        if not isinstance(saved, dict) or saved.get("value") is None:
+            return
+        if self.setting not in ("auto", saved.get("metric")):
+            log.warning("--resume: the run kept %s by validation %s (best %.6g at step %s); best_metric is now %s: "
+                        "the comparison starts over at the next validation", self.file, saved.get("metric"),
+                        saved["value"], saved.get("step"), self.setting)
+            return
+        self.metric, self.value = saved["metric"], float(saved["value"])
+        self.step, self.epoch = saved.get("step"), saved.get("epoch")
+        if not check_file:
+            return
+        from vitlab.train.run import checkpoint_metadata
+
+        written = (checkpoint_metadata(path.parent / self.file).get("extra") or {}).get("step")
+        if written is not None and written != self.step:
+            log.warning("--resume: %s holds step %s, but the run's state says its best was at step %s (the run "
+                        "stopped between the two writes); it is replaced at the next better validation",
+                        self.file, written, self.step)
 
 
 def _build_sampler(dataset: Dataset, recipe: Recipe, ctx: DistContext) -> Sampler[int]:
@@ -416,6 +506,8 @@ def fit(
                         + (f"; {hint}" if hint else ""))
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     out = Path(output_dir)
+    if objective is None or objective.supervised:
+        check_best_metric(recipe, multi_label=recipe.multi_label)
     if progress:  # on every rank (they share the environment), so that none is left waiting
         from vitlab.train.progress import log_interval_s
 
@@ -535,6 +627,19 @@ def fit(
     if recipe.amp == "fp16" and device.type != "cuda":
         raise ValueError("amp=fp16 needs CUDA (a gradient scaler on the GPU); use --set amp=bf16 on the CPU")
 
+    # ---- the best model by validation (recipe.best_metric): the trained one, and the EMA's by its own metric
+    bests: list[_Best] = []
+    if recipe.best_metric != "none":
+        if val_set is not None and supervised:
+            bests = [_Best(file=BEST_FILE, prefix="val_", setting=recipe.best_metric)]
+            if ema is not None:
+                bests.append(_Best(file=EMA_BEST_FILE, prefix="val_ema_", setting=recipe.best_metric))
+        elif ctx.is_main:
+            why = ("no val_set to validate on as it trains" if supervised
+                   else f"the {objective.name} objective has no validation")
+            log.info("best_metric %s: this run does not validate (%s): no %s is written", recipe.best_metric, why,
+                     BEST_FILE)
+
     # ---- state: fresh or resumed
     step, seconds_before = 0, 0.0
     # settings changed on --resume: [{"from_step": N, "settings": {field: [old, new]}}], oldest first
@@ -545,6 +650,8 @@ def fit(
                            horizon=horizon, scaler=scaler, ema=ema, recipe=recipe, ctx=ctx, total_steps=total_steps,
                            global_batch=global_batch, steps_per_epoch=steps_per_epoch)
         step, seconds_before, changes, val = resumed.step, resumed.seconds, resumed.changes, resumed.val
+        for b, saved in zip(bests, resumed.best):
+            b.restore(saved, out / STATE_FILE, check_file=ctx.is_main)
         warmup = horizon.warmup_steps  # the run's own, where its length changed
         if ctx.is_main:
             tidy_run_directory(out, step)
@@ -603,6 +710,13 @@ def fit(
                 if ema is not None:
                     save_model(ema.module, out / EMA_FILE, class_names=class_names, extra={**extra, "ema": True},
                                state_dict=ema_sd)
+                # a better validation at this step (checkpoint follows validate): before the state that records it
+                for b, module, sd in zip(bests, (net, ema.module if ema is not None else None), (model_sd, ema_sd)):
+                    if b.pending:
+                        save_model(module, out / b.file, class_names=class_names, state_dict=sd, extra={
+                            **extra, "epoch": b.epoch, "best": b.record(),
+                            **({"ema": True} if module is not net else {})})
+                        b.pending = False
                 save_train_state(out / STATE_FILE, {
                     "model_name": net.model_name, "model_config": config_to_dict(net.cfg),
                     "step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
@@ -613,6 +727,8 @@ def fit(
                     "scaler": scaler.state_dict(), "ema": ema_sd,
                     "objective_name": objective.name, "objective": objective.state_dict(),
                     "rng": rngs, "recipe": recipe.to_dict(), "recipe_changes": changes, "val": last_val,
+                    "best": bests[0].record() if bests else None,
+                    "best_ema": bests[1].record() if len(bests) > 1 else None,
                 })
             barrier(ctx)
 
@@ -648,6 +764,10 @@ def fit(
                          f" mAP {_number(res['val_mAP'])} micro-F1 {res['val_micro_f1']:.4f}" if "val_mAP" in res
                          else "")
                 log.info("epoch %d step %d: val loss %.4f%s%s", epoch + 1, step, res["val_loss"], shown, ema_part)
+                for b in bests:
+                    if b.offer(res, step=step, epoch=epoch + 1):
+                        log.info("%s: the best validation %s so far (%.6g at step %d)", b.file, b.metric,
+                                 b.value, step)
             barrier(ctx)
         return res
 
@@ -841,6 +961,8 @@ def fit(
     return FitResult(output_dir=out, step=step, epoch=step // steps_per_epoch, total_steps=total_steps,
                      global_batch=global_batch, lr=lr, seconds=seconds_before + seconds, segment_seconds=seconds,
                      val=val, history=history,
+                     best=bests[0].record() if bests and ctx.is_main else None,
+                     best_ema=bests[1].record() if len(bests) > 1 and ctx.is_main else None,
                      compile_seconds=_compile_seconds(forward, compile_probe),
                      compile_failed=getattr(forward, "failed", None))
 
@@ -878,6 +1000,7 @@ class _Resumed(NamedTuple):
     seconds: float  # the training seconds spent to reach it (0 for states written before they were recorded)
     changes: list[dict[str, Any]]  # the run's recorded setting changes, this resume's last
     val: dict[str, Any] | None  # the last validation's metrics
+    best: tuple[Any, Any]  # the saved best validations (the model's, the EMA's; None where not kept)
 
 
 def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, scheduler, horizon: Horizon, scaler, ema,
@@ -950,7 +1073,7 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
         objective.replan(step, total_steps)
     # how the (checked, unchanged) global batch is split over processes and micro-batches is logistics too
     logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description",
-                 "fsdp", "batch_size", "accum_steps", "global_batch",
+                 "best_metric", "fsdp", "batch_size", "accum_steps", "global_batch",
                  "model"}  # the model is checked itself (check_same_model); older runs recorded the recipe's default
     saved_recipe = state.get("recipe", {})
     # fields an older vitlab did not record are not changes of the run's
@@ -990,7 +1113,8 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
                     ctx.world_size, len(rngs))
         _seed_everything(recipe.seed + 1000 * ctx.rank + step)
     log.info("resumed %s at step %d of %d", path.parent, step, total_steps)
-    return _Resumed(step, float(state.get("train_seconds", 0.0)), changes, _last_validation(state, path))
+    return _Resumed(step, float(state.get("train_seconds", 0.0)), changes, _last_validation(state, path),
+                    (state.get("best"), state.get("best_ema")))
 
 
 def _last_validation(state: dict[str, Any], path: Path) -> dict[str, Any] | None:
