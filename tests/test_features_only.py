@@ -173,3 +173,13 @@ def test_errors() -> None:
 def test_plain_create_model_unchanged() -> None:
     model = vitlab.create_model("vit_tiny_patch16_224", features_only=False, **VIT)
     assert model.num_classes == 1000 and len(model.blocks) == 3
+
+
+def test_save_model_refuses_an_extractor_naming_what_to_save(tmp_path):
+    from vitlab.checkpoints.vitlab_format import save_model
+
+    fx = vitlab.create_model("vit_tiny_patch16_224", features_only=True, img_size=32, patch_size=8, depth=2,
+                             embed_dim=16, num_heads=2)
+    with pytest.raises(ValueError, match="features_only extractor.*create_model without features_only"):
+        save_model(fx, tmp_path / "fx.safetensors")
+    assert not (tmp_path / "fx.safetensors").exists()

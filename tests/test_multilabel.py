@@ -3,6 +3,7 @@ exact match against scikit-learn, fit and the commands (train, eval, predict, --
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -295,3 +296,28 @@ def test_export_agreement_of_a_multi_label_head_is_each_images_label_set():
     out = {"logits": torch.tensor([[2.1, -1.1, -3.0], [3.0, -0.1, -1.0]])}
     assert compare_outputs(spec, ref, out)[1] == 0.5
     assert compare_outputs(TASK_OUTPUTS["classification"], ref, out)[1] == 1.0
+
+
+def test_the_auto_recipe_counts_images_not_label_positives(tmp_path):
+    """100 images with about 11 of 12 tags each: the auto recipe sizes the run for 100 images with 10 held out
+    (one draw over the images), not for the 1 image left after a per-label hold-out of the ~1,100 positives."""
+    from vitlab.data.multilabel import build_multilabel_dataset, random_split
+    from vitlab.train.auto import choose_recipe, data_facts, data_warnings, held_out_images
+    from vitlab.train.hardware import detect
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(100):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        tags = [f"t{k}" for k in range(12) if rng.random() < 0.9 or (k == 11 and i < 3)]
+        lines.append(json.dumps({"file_name": f"{i}.png", "labels": tags if i >= 3 else ["t11"]}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    facts = data_facts(build_multilabel_dataset(tmp_path, split="train", val_fraction=0.0))
+    assert facts.multi_label and facts.num_images == 100 and sum(facts.class_counts) > 1000
+    assert held_out_images(facts, 0.1) == len(random_split(100, 0.1, 0)[1]) == 10
+    choice = choose_recipe(facts, detect(threads=1))
+    assert "90 images" in choice.summary and "10 more held out" in choice.summary
+    assert choice.recipe.batch_size > 1
+    assert "12 labels" in choice.recipe.description
+    warnings = data_warnings(dataclasses.replace(facts, class_counts=(100, 5)))
+    assert warnings and "label" in warnings[0] and "AP" in warnings[0]

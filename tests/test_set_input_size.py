@@ -295,3 +295,17 @@ def test_export_rebuild_is_the_models_helper() -> None:
         assert copy.preprocessing.mean == (0.1, 0.2, 0.3)
     with pytest.raises(ExportError, match=r"config has no field\(s\) \['nope'\]"):
         export_rebuild(model, nope=1)
+
+
+def test_a_model_on_the_meta_device_changes_size_there():
+    """As timm's: a model built on the meta device (shapes only, filled later) takes a new size and stays there."""
+    with torch.device("meta"):
+        vit = vitlab.create_model("vit_tiny_patch16_224", patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                                  img_size=32)
+        swin = vitlab.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1, 1, 1),
+                                   num_heads=(1, 1, 1, 1), img_size=64, window_size=2)
+    vit.set_input_size(img_size=48, patch_size=8)
+    assert vit.pos_embed.is_meta and tuple(vit.pos_embed.shape) == (1, 37, 16)
+    assert tuple(vit.patch_embed.proj.weight.shape) == (16, 3, 8, 8)
+    swin.set_input_size(img_size=128, window_size=4)
+    assert swin.preprocessing.input_size == (3, 128, 128) and all(p.is_meta for p in swin.parameters())

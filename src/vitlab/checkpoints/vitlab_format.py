@@ -67,6 +67,11 @@ def model_metadata(model: nn.Module, *, class_names: list[str] | None = None,
     name = getattr(model, "model_name", None)
     if name is None:
         raise ValueError("save_model: the model has no registered name; build it with vitlab.create_model")
+    if not dataclasses.is_dataclass(getattr(model, "cfg", None)):
+        what = ("a features_only extractor, which a vitlab checkpoint does not describe: save the classifier it is "
+                "made from (create_model without features_only), or its state_dict() with torch / safetensors"
+                if hasattr(model, "feature_info") else "a model without a config (model.cfg)")
+        raise ValueError(f"save_model: {name} is {what}")
     classes = getattr(model, "num_classes", 0)
     if class_names is not None and classes and len(class_names) != classes:
         raise ValueError(f"save_model: {len(class_names)} class names for a model with {classes} classes "

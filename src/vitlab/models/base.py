@@ -291,15 +291,18 @@ def rebuild_with(model: nn.Module, changes: dict[str, Any], *, state_dict: dict[
     if unknown:
         raise ValueError(f"{type(model).__name__}'s config has no field(s) {unknown}")
     new_cfg = replace(cfg, **changes)
-    with torch.random.fork_rng(devices=[]):  # the new model's random initialisation is overwritten
-        new = type(model)(new_cfg)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    sd = SourceStateDict(model.state_dict() if state_dict is None else state_dict,
-                         pos_antialias=getattr(cfg, "pos_antialias", True),
-                         grid=tuple(grid) if grid is not None and len(grid) == 2 else None)
-    sd.intended_resize = True  # type: ignore[attr-defined]  # asked for: no advice to rebuild as the file was
-    sd = adapt_state_dict(sd, new, source=source)
-    load_strict(new, sd, source=source)
+    weights = model.state_dict() if state_dict is None else state_dict
+    # a model on the meta device (shapes only, as timm's set_input_size takes it): the new one is too, nothing to carry
+    on_meta = any(t.is_meta for t in weights.values())
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if on_meta else "cpu"):
+        new = type(model)(new_cfg)  # its random initialisation is overwritten (or never made, on meta)
+    if not on_meta:
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        sd = SourceStateDict(weights, pos_antialias=getattr(cfg, "pos_antialias", True),
+                             grid=tuple(grid) if grid is not None and len(grid) == 2 else None)
+        sd.intended_resize = True  # type: ignore[attr-defined]  # asked for: no advice to rebuild as the file was
+        sd = adapt_state_dict(sd, new, source=source)
+        load_strict(new, sd, source=source)
     for attr in ("model_name", "class_names", "score_function", "preprocessing_style"):
         if attr in vars(model):
             setattr(new, attr, getattr(model, attr))

@@ -124,6 +124,9 @@ class DataFacts:
     has_val: bool = False  # the source has a validation set of its own (an image folder's val/)
     class_counts: tuple[int, ...] | None = None  # images per class (None: taken as even), for the held-out part
     grey_rgb: bool = False  # 3-channel files whose sampled pixels all have R == G == B (grey pictures saved as RGB)
+    # several labels per image: class_counts are each label's positive images, and the held-out part is one
+    # seeded draw over the images (vitlab.data.multilabel.random_split), not one per class
+    multi_label: bool = False
 
 
 def held_out_images(data: DataFacts, val_fraction: float) -> int:
@@ -132,6 +135,10 @@ def held_out_images(data: DataFacts, val_fraction: float) -> int:
     or more, never all of it)."""
     if val_fraction <= 0:
         return 0
+    if data.multi_label:
+        from vitlab.data.splits import held_out_count
+
+        return held_out_count(data.num_images, val_fraction)
     counts = data.class_counts
     if counts is None:
         q, r = divmod(data.num_images, max(1, data.num_classes))
@@ -263,8 +270,9 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
             image at its own resolution and its token width: the chooser then sizes only the schedule,
             batch, augmentation and precision for it.
     """
-    if data.num_classes < 2:
-        raise ValueError(f"choose_recipe: {data.num_classes} class(es); a classifier needs at least two")
+    if data.num_classes < (1 if data.multi_label else 2):
+        raise ValueError(f"choose_recipe: {data.num_classes} class(es); a classifier needs at least two "
+                         f"(a multi-label one at least one label)")
     if data.num_images < 1:
         raise ValueError("choose_recipe: no training images")
     budget = time_budget_s or (DEFAULT_BUDGET_GPU_S if hw.gpu else DEFAULT_BUDGET_CPU_S)
@@ -375,7 +383,8 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
                f"crops {scale_min:g}-1{f' of aspect {ratio[0]:.2g}-{ratio[1]:.2g}, whole pictures squashed to the square' if squash else ''}; estimated {_duration(estimated)} on {where} "
                f"(budget {_duration(budget)})")
     description = (f"Chosen by vitlab.train.auto for {n:,} training images of {data.image_size[0]}x{data.image_size[1]} px, "
-                   f"{data.channels} channel(s), {data.num_classes} classes on {where}: {summary}")
+                   f"{data.channels} channel(s), {data.num_classes} {'labels' if data.multi_label else 'classes'} on {where}: "
+                   f"{summary}")
     return AutoChoice(recipe=recipe.replace(description=description), estimated_s=estimated, summary=summary)
 
 
@@ -435,6 +444,11 @@ def data_warnings(data: DataFacts) -> list[str]:
     if counts and max(counts) >= IMBALANCE_RATIO * max(min(counts), 1) and max(counts) > min(counts):
         lo, hi = min(counts), max(counts)
         times = f" ({hi / lo:.0f}x)" if lo else ""
+        if data.multi_label:
+            out.append(f"imbalanced labels: the most frequent is on {hi:,} images, the rarest on {lo:,}{times}; rare "
+                       f"labels can score far below the mean: `vitlab eval` reports each label's AP, precision and "
+                       f"recall (per_class.csv)")
+            return out
         out.append(f"imbalanced classes: the largest has {hi:,} images, the smallest {lo:,}{times}; small classes "
                    f"can score far below the overall accuracy: `vitlab eval` reports each class's accuracy "
                    f"(per_class.csv)")
@@ -455,7 +469,8 @@ def data_facts(ds) -> DataFacts:
         size = _typical_file_size(getattr(ds, "paths", []))
     grey_rgb = ds.in_chans == 3 and _grey_as_rgb(getattr(ds, "paths", []), getattr(ds, "targets", []))
     return DataFacts(num_images=len(ds), num_classes=len(ds.classes), image_size=tuple(size), channels=ds.in_chans,
-                     class_counts=tuple(ds.class_counts()), grey_rgb=grey_rgb)
+                     class_counts=tuple(ds.class_counts()), grey_rgb=grey_rgb,
+                     multi_label=bool(getattr(ds, "multi_label", False)))
 
 
 def facts_for_source(source: str) -> DataFacts:
