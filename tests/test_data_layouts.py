@@ -339,3 +339,20 @@ def test_semicolon_and_tab_separated_label_files_are_read(tmp_path, sep):
                                                                               for i in range(4)))
     ds = build_dataset(tmp_path, split="train", val_fraction=0)  # was: "no 'file_name' column"
     assert ds.classes == ["a", "b"] and ds.class_counts() == [2, 2]
+
+
+def test_an_empty_held_out_split_says_how_to_get_one(tmp_path):
+    """val_fraction 0 (e.g. the digits recipe's) on a folder without val/: the error says why it is empty and what
+    to give; the multi-label reader says the same."""
+    from vitlab.data.multilabel import build_multilabel_dataset
+
+    class_folders(tmp_path / "cls")
+    with pytest.raises(DatasetError, match=r"split 'test' is empty \(val_fraction 0 holds none .* no test/ folder.*"
+                                           r"--set val_fraction=0.1"):
+        build_dataset(tmp_path / "cls", split="test", val_fraction=0.0)
+    tagged = tmp_path / "tagged"
+    flat(tagged)
+    (tagged / "metadata.jsonl").write_text("\n".join(
+        json.dumps({"file_name": p.name, "labels": ["a"]}) for p in sorted(tagged.glob("*.png"))) + "\n")
+    with pytest.raises(DatasetError, match=r"split 'test' is empty \(.*--set val_fraction=0.1"):
+        build_multilabel_dataset(tagged, split="test", val_fraction=0.0)

@@ -182,8 +182,18 @@ def build_dataset(
 
     log.info("dataset %s: %d images, %d classes", ds.source, len(ds), len(ds.classes))
     if len(ds) == 0:
-        raise DatasetError(f"{ds.source}: split {split!r} is empty")
+        raise DatasetError(empty_split_message(ds.source, split, val_fraction))
     return ds
+
+
+def empty_split_message(source: str, split: str, val_fraction: float) -> str:
+    """The error for an empty ``split``: where the held-out part is empty because nothing was held out, how to
+    get one."""
+    hint = ""
+    if split in ("val", "test") and val_fraction <= 0:
+        hint = (f" (val_fraction {val_fraction:g} holds none of the training images out, and the source has no "
+                f"{split}/ folder: give it one, or hold a part out, e.g. --set val_fraction=0.1)")
+    return f"{source}: split {split!r} is empty{hint}"
 
 
 def _loose_images(root: Path) -> list[str]:

@@ -96,7 +96,7 @@ def build_multilabel_dataset(source: str | Path, *, split: str = "train", val_fr
     image, as :func:`vitlab.data.build_dataset` splits a folder: its own val/ and test/ folders, else "val" held
     out of the training images (a seeded random ``val_fraction``, drawn by ``split_method``) and "test" answered
     with it."""
-    from vitlab.data.build import SPLITS, parse_source
+    from vitlab.data.build import SPLITS, empty_split_message, parse_source
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -139,7 +139,7 @@ def build_multilabel_dataset(source: str | Path, *, split: str = "train", val_fr
         ds.split_from = split_from
     log.info("dataset %s: %d images, %d labels (multi-label)", ds.source, len(ds), len(ds.classes))
     if len(ds) == 0:
-        raise DatasetError(f"{ds.source}: split {split!r} is empty")
+        raise DatasetError(empty_split_message(ds.source, split, val_fraction))
     return ds
 
 
