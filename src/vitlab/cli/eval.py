@@ -312,12 +312,32 @@ def seeded_split(data: str, split: str) -> bool:
     return val_dir is None and (split != "test" or test_dir is None)
 
 
+def run_data_match(job: dict, data: str) -> str | None:
+    """How ``data`` is the data of the run that recorded ``job`` (its job.json): "source" (the source it names),
+    "copy" (another folder whose training files are those the run's split was drawn from: the same names, relative
+    to the folder, per class, as job.json's ``split_from`` records them, e.g. the run's folder moved or copied), or
+    None (other data, or a run that recorded no data)."""
+    from vitlab.data.splits import MULTI_LABEL_CLASS, folder_split_source
+    from vitlab.train.run import same_source
+
+    if job.get("data") is None:
+        return None
+    if same_source(data, job["data"], job.get("data_source")):
+        return "source"
+    recorded = job.get("split_from")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("classes"), dict):
+        return None
+    multi_label = list(recorded["classes"]) == [MULTI_LABEL_CLASS]
+    return "copy" if folder_split_source(data, multi_label=multi_label) == recorded else None
+
+
 def trained_elsewhere(checkpoint: str, data: str) -> bool:
-    """Whether the checkpoint's run record (job.json beside it) names another data source than ``data``."""
-    from vitlab.train.run import read_job, same_source
+    """Whether the checkpoint's run record (job.json beside it) names other data than ``data`` (neither its source
+    nor a copy of it: :func:`run_data_match`)."""
+    from vitlab.train.run import read_job
 
     job = read_job(Path(checkpoint).parent)
-    return job.get("data") is not None and not same_source(data, job["data"], job.get("data_source"))
+    return job.get("data") is not None and run_data_match(job, data) is None
 
 
 def run_split(checkpoint: str, data: str, split: str, *, seed: int | None = None,
@@ -331,7 +351,7 @@ def run_split(checkpoint: str, data: str, split: str, *, seed: int | None = None
             checkpoint's training images, and a run that held nothing out is an error.
         options: the command's options that set the split, named in those messages.
     """
-    from vitlab.train.run import read_job, same_source
+    from vitlab.train.run import read_job
 
     given = (DEFAULT_SEED if seed is None else seed, DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction)
     if (seed is not None and val_fraction is not None) or not seeded_split(data, split):
@@ -345,10 +365,14 @@ def run_split(checkpoint: str, data: str, split: str, *, seed: int | None = None
                         "split made here (seed %d, val_fraction %g) may hold its training images%s", checkpoint,
                         data, split, *given, f"; give the run's {options}" if options else "")
         return given
-    if not same_source(data, recorded, job.get("data_source")):
+    match = run_data_match(job, data)
+    if match is None:
         log.info("%s was trained on %s, not %s: split %r drawn with seed %d, val_fraction %g", checkpoint, recorded,
                  data, split, *given)
         return given
+    if match == "copy":
+        log.info("%s is recognised as a copy of %s, the data %s was trained on, by its files (those the run's "
+                 "split was drawn from)", data, recorded, checkpoint)
     run_seed, run_fraction = int(recipe["seed"]), float(recipe["val_fraction"])
     if run_fraction == 0 and split != "train" and val_fraction is None:
         if not measured:
@@ -372,10 +396,10 @@ def run_split_method(checkpoint: str, data: str) -> str:
     """How the checkpoint's run drew its held-out split of ``data`` (job.json's ``split_method``; a run recorded
     without one used the old randperm draw); the current method for other data or a checkpoint without a run."""
     from vitlab.data.splits import SPLIT_METHOD, recorded_split_method
-    from vitlab.train.run import read_job, same_source
+    from vitlab.train.run import read_job
 
     job = read_job(Path(checkpoint).parent)
-    if job.get("data") is None or not same_source(data, job["data"], job.get("data_source")):
+    if run_data_match(job, data) is None:
         return SPLIT_METHOD
     return recorded_split_method(job)
 
@@ -392,14 +416,16 @@ def check_run_split_source(checkpoint: str, data: str, ds, seed: int, val_fracti
     run_dir = Path(checkpoint).parent
     job, recipe = read_job(run_dir), _read_recipe(run_dir / "recipe.json")
     recorded = job.get("split_from")
-    if (not isinstance(recorded, dict) or job.get("data") is None
+    if (not isinstance(recorded, dict) or job.get("data") is None  # (a copy of it: the recorded files)
             or not same_source(data, job["data"], job.get("data_source"))
             or (recipe.get("seed"), recipe.get("val_fraction")) != (seed, val_fraction)):
         return
     if (changes := split_source_changes(recorded, now)) is not None:
         note = changed_split_note(run_split_method(checkpoint, data))
         log.warning("the training files of %s that the run of %s held its split out of have changed since it "
-                    "trained (%s), %s", data, checkpoint, changes, note)
+                    "trained (%s), %s; to score only images it never trained on, give --data the run's folder as it "
+                    "was, or images it never saw (e.g. in a test/ folder beside train/)", data,
+                    checkpoint, changes, note)
 
 
 def _read_recipe(path: Path) -> dict:
@@ -524,14 +550,16 @@ def run(args: argparse.Namespace) -> int:
     if class_map is not None and args.protocol in ("auto", "classifier") and model.num_classes:
         apply_class_map(model, class_map, args.class_map, recorded=recorded)  # before the data: its count first
     args.given_split = (args.seed, args.val_fraction)  # the probes' training split is drawn from these too
-    args.seed, args.val_fraction = run_split(args.checkpoint, args.data, args.split, seed=args.seed,
-                                             val_fraction=args.val_fraction, options="--seed / --val-fraction")
     args.whole = (model.num_classes > 0 and args.protocol in ("auto", "classifier") and args.split != "train"
                   and args.given_split == (None, None) and seeded_split(args.data, args.split)
                   and trained_elsewhere(args.checkpoint, args.data))
-    if args.whole:  # nothing of it was trained on: no part needs holding out
+    if args.whole:  # nothing of it was trained on: no part needs holding out (nor a seed or fraction to draw it)
         log.info("%s is not the data %s was trained on: every image of it is scored (--seed / --val-fraction "
                  "hold a part out instead)", args.data, args.checkpoint)
+        args.seed, args.val_fraction = DEFAULT_SEED, DEFAULT_VAL_FRACTION
+    else:
+        args.seed, args.val_fraction = run_split(args.checkpoint, args.data, args.split, seed=args.seed,
+                                                 val_fraction=args.val_fraction, options="--seed / --val-fraction")
     score_function = getattr(model, "score_function", "softmax")
     threshold = multilabel_threshold(args, score_function)
     if score_function == "sigmoid" and model.num_classes and args.protocol in ("auto", "classifier"):

@@ -469,6 +469,10 @@ def resolve_task(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume and args.output is not None:  # before the recipe, data and model are built
+        from vitlab.train.run import check_resume_start
+
+        check_resume_start(Path(args.output))
     args.task = resolve_task(args)
     if args.task != "classification":
         return run_dense(args)

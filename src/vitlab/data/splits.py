@@ -3,8 +3,8 @@
 Two methods, recorded in a run's job.json (``split_method``) so that --resume and eval hold out what the run did:
 
 - ``path-hash-v1`` (:data:`SPLIT_METHOD`, for files): within each class the files are ordered by a hash of (seed,
-  path relative to the data root) and the first k are held out, so adding or removing a file changes at most
-  its own class's held-out part, by about one file, and a moved folder splits the same.
+  path relative to the data root) and the first k are held out, so each file added or removed moves at most one
+  other file of its own class between the parts, and a moved folder splits the same.
 - ``randperm`` (:data:`LEGACY_SPLIT_METHOD`): one ``torch.randperm`` per class from a shared seeded generator; what
   runs written before ``split_method`` was recorded used, and the split of fixed arrays (digits, MNIST, CIFAR).
 """
@@ -109,8 +109,39 @@ def split_source(keys: Sequence[str], targets: Sequence[int], classes: Sequence[
     return {"files": len(keys), "classes": out}
 
 
+MULTI_LABEL_CLASS = "(all images)"  # a multi-label folder's split is drawn from all its images as one class
+
+
+def folder_split_source(source: str | os.PathLike, *, multi_label: bool = False) -> dict[str, Any] | None:
+    """``split_source`` of the training files of an image folder without val/, listed as ``build_dataset`` (or,
+    ``multi_label``, ``build_multilabel_dataset``) lists them, without reading an image: what a run on it would
+    record. None for another source, a folder with val/, or one that cannot be read."""
+    from vitlab.data.build import parse_source
+    from vitlab.data.errors import DatasetError
+    from vitlab.data.folder import folder_layout, scan_folder, scan_folder_multilabel
+
+    try:
+        kind, path = parse_source(source)
+        if kind != "folder" or path is None:
+            return None
+        train_dir, val_dir, _ = folder_layout(path)
+        if val_dir is not None:
+            return None
+        if multi_label:
+            paths = scan_folder_multilabel(train_dir)[0]
+            targets, classes = [0] * len(paths), [MULTI_LABEL_CLASS]
+        else:
+            paths, targets, classes = scan_folder(train_dir)
+    except (DatasetError, OSError, ValueError):
+        return None
+    return split_source(relative_keys(paths, train_dir), targets, classes)
+
+
 def split_source_changes(recorded: Mapping[str, Any], now: Mapping[str, Any], limit: int = 5) -> str | None:
-    """How the files a split is taken from differ from those recorded (``split_source``), or None if they don't."""
+    """How the files a split is taken from differ from those recorded (``split_source``), or None if they don't.
+
+    The record holds each class's file count and a hash of its names, so per changed class only the counts before
+    and after are known (not which files, nor how many, were added or removed)."""
     was, cur = recorded.get("classes") or {}, now.get("classes") or {}
     changes = []
     for name in sorted(set(was) | set(cur)):
@@ -118,12 +149,14 @@ def split_source_changes(recorded: Mapping[str, Any], now: Mapping[str, Any], li
         if a == b:
             continue
         n0, n1 = int((a or {}).get("files", 0)), int((b or {}).get("files", 0))
-        if n1 > n0:
-            changes.append(f"{name!r}: {n1 - n0} file(s) added ({n0} -> {n1})")
-        elif n1 < n0:
-            changes.append(f"{name!r}: {n0 - n1} file(s) removed ({n0} -> {n1})")
+        if a is None:
+            changes.append(f"{name!r}: a new class ({n1} files)")
+        elif b is None:
+            changes.append(f"{name!r}: gone ({n0} files)")
+        elif n0 != n1:
+            changes.append(f"{name!r}: {n0} -> {n1} files")
         else:
-            changes.append(f"{name!r}: files replaced or renamed ({n0})")
+            changes.append(f"{name!r}: {n0} files, the same count but other files")
     if not changes:
         return None
     total = f"{int(recorded.get('files', 0))} -> {int(now.get('files', 0))} files"
@@ -134,7 +167,11 @@ def split_source_changes(recorded: Mapping[str, Any], now: Mapping[str, Any], li
 def changed_split_note(method: str) -> str:
     """What a change of the files a run's held-out split was drawn from means, for that split's ``method``."""
     if method == SPLIT_METHOD:
-        return ("so its held-out part may now hold images it trained on (split method path-hash-v1: about one "
-                "image per changed class at most, the rest of the split is unchanged)")
+        # a file added or removed shifts each class's hash order by one place at most, and its held-out count by
+        # one at most: at most one trained image of its class moves into the held-out part per file
+        return ("so its held-out part may now hold images it trained on: with split method path-hash-v1, in each "
+                "changed class up to one per file added or removed there (the record holds only each class's file "
+                "count and a hash of its names, not how many files changed), and the other classes' held-out "
+                "images are unchanged")
     return (f"and with the run's split method {method!r} every class's held-out part is drawn anew: most of its "
             f"held-out images may now be images it trained on")

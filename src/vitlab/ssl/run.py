@@ -580,6 +580,7 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
         JOB_FILE,
         check_output,
         check_resumable,
+        check_resume_start,
         clear_run_outputs,
         read_job,
         run_dir_lock,
@@ -588,6 +589,8 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
     )
 
     _check_method(job.method)
+    if job.resume:
+        check_resume_start(job.output)
     with distributed_context(job.device) as ctx, run_dir_lock(job.output, enabled=ctx.is_main):
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)

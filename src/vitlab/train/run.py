@@ -266,6 +266,18 @@ def resumable_state(output: Path) -> Path:
     return path
 
 
+def check_resume_start(output: Path) -> None:
+    """--resume: refused at once, before any recipe, data or model is built, where ``output`` holds no training
+    state to continue from (:func:`resumable_state`)."""
+    path = resumable_state(output)
+    if path.is_file():
+        return
+    why = (f"{output} does not exist" if not output.exists() else
+           f"the run in {output} stopped before its first checkpoint" if is_run_dir(output) else
+           f"{output} holds no vitlab run")
+    raise FileNotFoundError(f"--resume: no training state at {path} ({why}); start without --resume")
+
+
 def is_run_dir(output: Path) -> bool:
     """Whether ``output`` holds a vitlab run: a job.json with vitlab's marker (every run writes one before it
     trains), or vitlab's training state; for a run written before job.json had the marker, a job.json with the
@@ -512,7 +524,9 @@ def check_split_source(output: Path, data: str, recorded: dict[str, Any] | None,
         return
     if (changes := split_source_changes(recorded, now)) is not None:
         log.warning("--resume: the files of %s that the run in %s held its validation images out of have changed "
-                    "since it began (%s), %s", data, output, changes, changed_split_note(method))
+                    "since it began (%s), %s; to validate on images it never trained on, resume on the files as "
+                    "they were (--data: the run's folder as it was), or start a new run (another --output) on these",
+                    data, output, changes, changed_split_note(method))
 
 
 def _names(names: list[str], limit: int = 8) -> str:
@@ -600,6 +614,8 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         from vitlab.train.progress import log_interval_s
 
         log_interval_s()  # a bad VITLAB_LOG_INTERVAL is refused before the run directory is touched
+    if job.resume:
+        check_resume_start(job.output)
     with distributed_context(job.device) as ctx:
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)
