@@ -84,6 +84,9 @@ def test_an_evaluation_split_of_large_images_is_kept_as_the_models_inputs(tmp_pa
         if a is not None:
             assert a[1] == b[1] and torch.equal(a[0], b[0]), i
     assert torch.equal(ds.load(0), fresh.decode(0)) and ds.load(0).dtype == torch.uint8  # the file's pixels
+    x = ds[0][0]
+    x.fill_(7.0)  # a caller's in-place edit of what it was served leaves the cache alone
+    assert torch.equal(ds[0][0], fresh[0][0])
     other = _eval_split(root, 4, skip=True).transform  # another transform: images from the files again
     ds.transform = other
     assert torch.equal(ds[1][0], _eval_split(root, 4, skip=True)[1][0]) and ds[1][0].shape == (3, 4, 4)

@@ -321,3 +321,47 @@ def test_the_auto_recipe_counts_images_not_label_positives(tmp_path):
     assert "12 labels" in choice.recipe.description
     warnings = data_warnings(dataclasses.replace(facts, class_counts=(100, 5)))
     assert warnings and "label" in warnings[0] and "AP" in warnings[0]
+
+
+def _sigmoid_checkpoint_and_class_folders(tmp_path):
+    from vitlab.checkpoints import save_model
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    model = _tiny(2)
+    model.score_function = "sigmoid"  # a Hugging Face multi-label head, or fit with a BCE criterion
+    save_model(model, tmp_path / "ck.safetensors", class_names=["a", "b"])
+    return model, tmp_path / "ck.safetensors", tmp_path / "data"
+
+
+def test_a_sigmoid_head_on_class_folders_is_scored_by_top1_as_before(tmp_path, capsys):
+    """Only label sets make eval score a sigmoid head as multi-label: on class folders (one label per image) it is
+    top-1 as before (refused with a --multi-label hint in between); tagged data from a run without a record
+    (job.json) is multi-label."""
+    _, ck, data = _sigmoid_checkpoint_and_class_folders(tmp_path)
+    assert main(["eval", "--checkpoint", str(ck), "--data", str(data), "--output", str(tmp_path / "ev"), "--json",
+                 "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "top1" in report and "mAP" not in report
+    tagged = tagged_digits(tmp_path / "tagged", n=12)
+    model3 = _tiny(3)
+    model3.score_function = "sigmoid"
+    from vitlab.checkpoints import save_model
+
+    save_model(model3, tmp_path / "ck3.safetensors", class_names=["big", "even", "round"])
+    assert main(["eval", "--checkpoint", str(tmp_path / "ck3.safetensors"), "--data", str(tagged),
+                 "--output", str(tmp_path / "ev3"), "--json", "--threads", "1"]) == 0
+    assert "mAP" in json.loads(capsys.readouterr().out)
+
+
+def test_export_of_a_sigmoid_head_validates_on_class_folders(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vitlab.export.onnx import export_onnx
+
+    model, _, data = _sigmoid_checkpoint_and_class_folders(tmp_path)
+    report = export_onnx(model.eval(), tmp_path / "m.onnx", validate_images=data, num_images=2)
+    assert report.image_source == str(data) and report.images >= 1

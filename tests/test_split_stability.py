@@ -279,3 +279,27 @@ def test_a_pretraining_run_records_its_split_and_fine_tuning_from_it_holds_out_t
     val = build_dataset(data, split="val", val_fraction=held["val_fraction"], seed=held["seed"],
                         split_method=_split_method(ft))
     assert len(val) == held["images"] and not set(val.paths) & set(pretrained_on.paths)
+
+
+def test_fine_tuning_from_an_older_training_run_holds_out_what_it_left_out(tmp_path):
+    """A `vitlab train` run recorded before split_method (its seed and fraction in recipe.json, no held_out):
+    fine-tuning from it on its data with its seed and fraction takes its old draw, so the fine-tune's held-out
+    images are the ones the base run never trained on; another seed draws anew."""
+    from vitlab.train.recipe import Recipe
+    from vitlab.train.run import TrainJob, _split_method, source_identity
+
+    data = write_folder(tmp_path / "data", per_class=12)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"")
+    (base / "job.json").write_text(json.dumps({"task": "classification", "data": str(data),
+                                               "data_source": source_identity(str(data)), "classes": CLASSES}))
+    (base / "recipe.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.25}))
+    ft = TrainJob(recipe=Recipe(seed=0, val_fraction=0.25), data=str(data), output=tmp_path / "ft",
+                  pretrained=str(base / "model.safetensors"))
+    assert _split_method(ft) == "randperm"
+    trained = set(build_dataset(data, split="train", val_fraction=0.25, seed=0, split_method="randperm").paths)
+    held = build_dataset(data, split="val", val_fraction=0.25, seed=0, split_method=_split_method(ft))
+    assert not set(held.paths) & trained
+    ft.recipe = Recipe(seed=1, val_fraction=0.25)
+    assert _split_method(ft) == "path-hash-v1"

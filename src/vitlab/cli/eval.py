@@ -562,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
                                                  val_fraction=args.val_fraction, options="--seed / --val-fraction")
     score_function = getattr(model, "score_function", "softmax")
     threshold = multilabel_threshold(args, score_function)
-    if score_function == "sigmoid" and model.num_classes and args.protocol in ("auto", "classifier"):
+    if args.protocol in ("auto", "classifier") and _scores_label_sets(args, model):
         return _run_multilabel(args, model, reference, device, threshold)
     ds = build_dataset(args.data, split="train" if args.whole else args.split,
                        val_fraction=0.0 if args.whole else args.val_fraction, seed=args.seed,
@@ -656,6 +656,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scores_label_sets(args: argparse.Namespace, model) -> bool:
+    """Whether ``model`` is scored as a multi-label classifier on ``args.data``: a sigmoid head whose run trained
+    with --multi-label (its job.json), or, for a checkpoint without that record (a Hugging Face multi-label head), on
+    data whose label file gives some image other than one label. A sigmoid head on class folders or one label per
+    image (a single-output binary head, a fit criterion of the user's) is scored by top-1 as before."""
+    if getattr(model, "score_function", "softmax") != "sigmoid" or not model.num_classes:
+        return False
+    from vitlab.data.errors import DatasetError
+    from vitlab.data.multilabel import build_multilabel_dataset
+    from vitlab.train.run import read_job
+
+    try:
+        if read_job(Path(args.checkpoint).parent).get("multi_label"):
+            return True
+    except ValueError:  # a damaged job.json: the data decides
+        pass
+    try:
+        ds = build_multilabel_dataset(args.data, split="train", val_fraction=0.0)
+    except (DatasetError, ValueError):
+        return False
+    return any(len(t) != 1 for t in ds.targets)
+
+
 class MultiHotForHead:
     """A multi-label data set whose (K_data,) multi-hot targets become the head's (K,) rows (``mapping``: the
     head's index of each data label); skipped (None) samples pass through."""
@@ -743,11 +766,11 @@ def _run_multilabel(args: argparse.Namespace, model, reference, device, threshol
         metrics["label_agreement_with_float32"] = round((ref.predictions == r.predictions).float().mean().item(), 6)
     if args.skip_bad_images:
         metrics["skipped_images"] = ds.num_skipped
-    write_report(out / "metrics.json", json.dumps(metrics, indent=2))
     write_report(out / "per_class.csv", _csv_text(
         [["label", "support", "ap", "precision", "recall", "f1"]]
         + [[name, v["support"], "" if v["ap"] is None else f"{v['ap']:.6f}", f"{v['precision']:.6f}",
             f"{v['recall']:.6f}", f"{v['f1']:.6f}"] for name, v in metrics["per_label"].items()]))
+    write_report(out / "metrics.json", json.dumps(metrics, indent=2))  # last, as the single-label report
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0

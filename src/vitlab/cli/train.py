@@ -65,7 +65,9 @@ def add_common_args(p: argparse.ArgumentParser, *, default_recipe: str | None,
                         "tags separated by spaces or one of | ; ,, or one 0/1 column per label): binary cross "
                         "entropy, mAP / F1 metrics, sigmoid scores (recipe field multi_label; with --resume: the "
                         "run's)")
-    p.add_argument("--workers", type=int, help="data loader worker processes (default: from the data and cores)")
+    p.add_argument("--workers", type=int, help="data loader worker processes, also those that decode a small data "
+                                               "set into memory before training (default: from the data and cores; "
+                                               "0: all in this process)")
     p.add_argument("--threads", type=threads_type, help="CPU threads per process (default: the cores given, or "
                    "OMP_NUM_THREADS; overrides the recipe's cpu_threads)")
     add_device_argument(p)

@@ -10,7 +10,7 @@ Accepted forms of ``source``:
                                   class folders or label file is read only with ``unlabelled=True``
                                   (self-supervised pre-training: every image below it, one class "images")
 
-Splits are disjoint and a pure function of (source, val_fraction, seed). Where the source has no held-out
+Splits are disjoint and a pure function of (source, val_fraction, seed, split_method). Where the source has no held-out
 set of its own, "val" is a seeded stratified ``val_fraction`` of the training data and "train" the rest; of image
 files, drawn by ``split_method`` (:mod:`vitlab.data.splits`: by default stable under added or removed files), and
 the dataset's ``split_from`` says what it was drawn from (per class: file count and a hash of the names).

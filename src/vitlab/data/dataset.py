@@ -217,7 +217,8 @@ class ImageFileDataset(VisionDataset):
         if index in self._cache_errors:
             self._bad_image(index, BadImageError(self._cache_errors[index]))
             return None
-        return self._cache[index], self.targets[index]  # type: ignore[return-value]  # transformed already
+        # transformed already; a copy, as the transform's output would be (an in-place edit leaves the cache alone)
+        return self._cache[index].clone(), self.targets[index]  # type: ignore[union-attr]
 
     def load(self, index: int) -> Tensor:
         if self._cache is not None:

@@ -18,7 +18,14 @@ from torch import Tensor
 from vitlab.data.dataset import ImageFileDataset, Transform
 from vitlab.data.errors import DatasetError
 from vitlab.data.folder import folder_layout, guess_channels, scan_folder_multilabel, unlabelled_split_dirs
-from vitlab.data.splits import SPLIT_METHOD, check_split_method, relative_keys, split_source, stratified_split
+from vitlab.data.splits import (
+    SPLIT_METHOD,
+    check_split_method,
+    held_out_count,
+    relative_keys,
+    split_source,
+    stratified_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +85,7 @@ def random_split(n: int, fraction: float, seed: int, *,
         raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
     if keys is not None:
         return stratified_split([0] * n, fraction, seed, keys=keys)
-    k = round(fraction * n)
-    if fraction > 0 and n >= 2:
-        k = min(max(k, 1), n - 1)
-    elif n < 2:
-        k = 0
+    k = held_out_count(n, fraction)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
     held = sorted(perm[:k])
     held_set = set(held)

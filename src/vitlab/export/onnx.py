@@ -314,10 +314,20 @@ def images_from_source(source: str | os.PathLike, n: int = DEFAULT_NUM_IMAGES, *
     forms: a folder, ``mnist:DIR``, ``digits``...), test split, evenly spread; ``multi_label``: a folder whose
     label file gives each image a set of labels (a multi-label model's data)."""
     from vitlab.data import build_dataset
+    from vitlab.data.errors import DatasetError
     from vitlab.data.multilabel import build_multilabel_dataset
 
-    build = build_multilabel_dataset if multi_label else build_dataset
-    ds = build(source, split="test", transform=None)
+    # only the pixels are used: a folder of either kind of labels gives them (a sigmoid head may have been
+    # trained on class folders, a softmax one's images may sit beside label lists)
+    first, second = (build_multilabel_dataset, build_dataset) if multi_label else (build_dataset,
+                                                                                   build_multilabel_dataset)
+    try:
+        ds = first(source, split="test", transform=None)
+    except DatasetError as e:
+        try:
+            ds = second(source, split="test", transform=None)
+        except (DatasetError, ValueError):
+            raise e from None
     idx = torch.linspace(0, len(ds) - 1, steps=min(n, len(ds))).long().tolist()
     imgs = [ds[i][0] for i in idx]
     sizes = {tuple(t.shape) for t in imgs}

@@ -770,8 +770,9 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
 
 def _split_method(job: TrainJob) -> str:
     """How the run holds images out of the training files: a resumed run as it did (a run recorded before
-    ``split_method``: the old randperm draw); fine-tuning from a pre-training run on its data with the part that
-    run left out (job.json ``held_out``, the same seed and fraction) as that run drew it; else the current method."""
+    ``split_method``: the old randperm draw); fine-tuning from a run's checkpoint on that run's data with its seed
+    and fraction (a pre-training run's job.json ``held_out``, a training run's recipe.json) as that run drew it,
+    so that the held-out part is the one it left out; else the current method."""
     if job.resume:
         return recorded_split_method(read_job(job.output))
     source = Path(str(job.pretrained)) if job.pretrained is not None else None
@@ -781,10 +782,16 @@ def _split_method(job: TrainJob) -> str:
         pre = read_job(source.parent)
     except ValueError:
         return SPLIT_METHOD
-    held = pre.get("held_out")
-    if (isinstance(held, dict) and pre.get("data") is not None
-            and same_source(job.data, pre["data"], pre.get("data_source"))
-            and (held.get("seed"), held.get("val_fraction")) == (job.recipe.seed, job.recipe.val_fraction)):
+    if pre.get("data") is None or not same_source(job.data, pre["data"], pre.get("data_source")):
+        return SPLIT_METHOD
+    held = pre.get("held_out")  # a pre-training run's record; a training run's seed and fraction: its recipe.json
+    if not isinstance(held, dict):
+        try:
+            held = parse_json((source.parent / "recipe.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            held = None
+    if isinstance(held, dict) and (held.get("seed"), held.get("val_fraction")) == (job.recipe.seed,
+                                                                                   job.recipe.val_fraction):
         return recorded_split_method(pre)
     return SPLIT_METHOD
 
