@@ -239,6 +239,21 @@ class _Images:
         return []
 
 
+def _named_image(path: Path, line: int, given: str, root: Path, table: Any) -> str:
+    """The one image file below ``root`` that line ``line`` of the label file ``path`` names as ``given``; a
+    DatasetError naming the line where it leaves the folder, names none or several."""
+    if leaves_folder(given):
+        raise DatasetError(f"{path}, line {line}: {given!r} is not inside {root} (file names are relative to "
+                           f"{root}: no absolute paths, no '..')")
+    hits = table.images.find(given)
+    if len(hits) > 1:
+        raise DatasetError(f"{path}, line {line}: {given!r} names several files below {root} "
+                           f"({', '.join(hits[:4])}); give the file's path relative to {root}")
+    if not hits:
+        raise DatasetError(f"{path}, line {line}: no image file {given!r} in {root}")
+    return hits[0]
+
+
 def leaves_folder(given: str) -> bool:
     """Whether a file name that a label or annotation file gives is absolute or climbs out of its folder with
     ``..`` (``/`` or ``\\`` separated; a Windows drive too): such names are refused, never opened."""
@@ -442,16 +457,7 @@ def _scan_label_file(root: Path, path: Path, classes: list[str] | None) -> tuple
     unlabelled: tuple[int, str] | None = None
     labelled: tuple[int, str] | None = None
     for line, given, label in table.rows:
-        if leaves_folder(given):
-            raise DatasetError(f"{path}, line {line}: {given!r} is not inside {root} (file names are relative to "
-                               f"{root}: no absolute paths, no '..')")
-        hits = table.images.find(given)
-        if len(hits) > 1:
-            raise DatasetError(f"{path}, line {line}: {given!r} names several files below {root} "
-                               f"({', '.join(hits[:4])}); give the file's path relative to {root}")
-        if not hits:
-            raise DatasetError(f"{path}, line {line}: no image file {given!r} in {root}")
-        name = hits[0]
+        name = _named_image(path, line, given, root, table)
         if not label:
             if not held_out:
                 raise DatasetError(f"{path}, line {line}: {given!r} has "
@@ -494,22 +500,14 @@ def scan_folder_multilabel(root: Path, classes: list[str] | None = None
     seen: dict[str, int] = {}
     entries: list[tuple[str, list[str]]] = []
     for line, given, tags in rows:
-        if leaves_folder(given):
-            raise DatasetError(f"{path}, line {line}: {given!r} is not inside {root} (file names are relative to "
-                               f"{root}: no absolute paths, no '..')")
-        hits = table.images.find(given)
-        if len(hits) > 1:
-            raise DatasetError(f"{path}, line {line}: {given!r} names several files below {root} "
-                               f"({', '.join(hits[:4])}); give the file's path relative to {root}")
-        if not hits:
-            raise DatasetError(f"{path}, line {line}: no image file {given!r} in {root}")
+        name = _named_image(path, line, given, root, table)
         if tags is None:
             raise DatasetError(f"{path}, line {line}: {given!r} has no labels (null or no label key); give [] for an "
                                f"image without any of the labels")
-        if hits[0] in seen:
-            raise DatasetError(f"{path}, lines {seen[hits[0]]} and {line}: {hits[0]} is listed twice")
-        seen[hits[0]] = line
-        entries.append((os.path.join(root, hits[0]), tags))
+        if name in seen:
+            raise DatasetError(f"{path}, lines {seen[name]} and {line}: {name} is listed twice")
+        seen[name] = line
+        entries.append((os.path.join(root, name), tags))
     if not entries:
         raise DatasetError(f"{path}: lists no images (expected {MULTI_LABEL_FORMS})")
     found = header_names if header_names is not None else sorted({t for _, tags in entries for t in tags})
