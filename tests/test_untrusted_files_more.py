@@ -115,6 +115,7 @@ def test_resume_with_a_recipe_json_nested_too_deeply_names_the_file(tmp_path, ca
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.json").write_text(DEEP_JSON)
+    (run / "train_state.pt").write_bytes(b"")  # a run with a state (without one, --resume is refused first)
     with pytest.raises(ValueError, match=f"{run / 'recipe.json'}: not valid JSON \\(nested too deeply to read\\)"):
         saved_run(argparse.Namespace(resume=True, recipe=None), run)
     with caplog.at_level(logging.ERROR, logger="vitlab"):
