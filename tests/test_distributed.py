@@ -77,3 +77,30 @@ def test_a_failing_rank_fails_the_run_without_hanging(tmp_path):
         pytest.fail("the run hung after a rank failed")
     assert res.returncode != 0
     assert "injected failure on rank 1" in res.stderr + res.stdout
+
+
+def test_multi_label_two_processes_match_one(tmp_path):
+    """--multi-label under torchrun: the same weights as one process with the same global batch (BCE's mean over
+    the batch's labels), the same validation mAP and the same best checkpoint, written once."""
+    import json
+
+    from test_multilabel import tagged_digits
+
+    data = tagged_digits(tmp_path / "tagged", n=80)
+    run = [r for r in RUN if r not in ("--data", "digits")] + [
+        "--data", str(data), "--multi-label", "--recipe", "digits", "--set", "val_fraction=0.25", "--img-size", "8",
+        "--set", "model_overrides.patch_size=4"]
+    two = _torchrun(["-m", "vitlab.cli.main", *run, "--batch-size", "8", "--output", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "vitlab.cli.main", *run, "--batch-size", "16",
+                          "--output", str(tmp_path / "one")], env=_env(), capture_output=True, text=True,
+                         timeout=150, check=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, meta_a = read_vitlab(tmp_path / "one" / "model.safetensors")
+    b, meta_b = read_vitlab(tmp_path / "two" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert a["head.weight"].abs().max() > 1e-3
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert ra["val"]["val_mAP"] == pytest.approx(rb["val"]["val_mAP"], abs=1e-6)
+    assert ra["best"]["step"] == rb["best"]["step"] and (tmp_path / "two" / "model_best.safetensors").is_file()
