@@ -159,6 +159,33 @@ def test_a_run_records_its_split_method_and_files(run):
     assert {k: v["files"] for k, v in job["split_from"]["classes"].items()} == dict.fromkeys(CLASSES, 12)
 
 
+def test_a_checkpoint_away_from_its_run_folder_keeps_its_split_method(run, tmp_path):
+    """The checkpoint records how its run drew the held-out part (metadata ``extra.split_method``), for eval of a
+    file copied out of its run folder (no job.json beside it); one written before runs recorded it (its
+    recipe_settings without the field) drew randperm; a file that no run wrote: the current method."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from vitlab.cli.eval import run_split_method
+
+    data, out = run
+    moved = tmp_path / "moved.safetensors"
+    shutil.copy(out / "model.safetensors", moved)
+    assert run_split_method(str(moved), str(data)) == "path-hash-v1"
+    with safe_open(str(moved), "pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    record = json.loads(meta["vitlab"])
+    assert record["extra"]["split_method"] == "path-hash-v1"
+    del record["extra"]["split_method"]  # as a run before today wrote it
+    save_file(sd, str(tmp_path / "older.safetensors"), metadata={**meta, "vitlab": json.dumps(record)})
+    assert run_split_method(str(tmp_path / "older.safetensors"), str(data)) == "randperm"
+    del record["extra"]["recipe_settings"]  # not written by a training run
+    save_file(sd, str(tmp_path / "other.safetensors"), metadata={**meta, "vitlab": json.dumps(record)})
+    assert run_split_method(str(tmp_path / "other.safetensors"), str(data)) == "path-hash-v1"
+
+
 def test_resume_and_eval_warn_of_an_added_file(run, tmp_path, caplog):
     data, out = _copy(run, tmp_path)
     _png(data / "dog" / "zz_new.png", 4242)

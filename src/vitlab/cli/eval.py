@@ -399,9 +399,26 @@ def run_split_method(checkpoint: str, data: str) -> str:
     from vitlab.train.run import read_job
 
     job = read_job(Path(checkpoint).parent)
+    if not job:  # a checkpoint away from its run folder: what it records (one trained before split_method: randperm)
+        return _checkpoint_split_method(checkpoint)
     if run_data_match(job, data) is None:
         return SPLIT_METHOD
     return recorded_split_method(job)
+
+
+def _checkpoint_split_method(checkpoint: str) -> str:
+    """The split method a vitlab checkpoint's metadata records (``extra.split_method``); one written by a run before
+    the runs recorded it (its ``recipe_settings`` without it) drew randperm; any other file: the current method."""
+    from vitlab.data.splits import LEGACY_SPLIT_METHOD, SPLIT_METHOD, check_split_method
+    from vitlab.train.run import checkpoint_metadata
+
+    path = Path(checkpoint)
+    if not (path.is_file() and path.name.endswith(".safetensors")):
+        return SPLIT_METHOD
+    extra = checkpoint_metadata(path).get("extra")
+    if not isinstance(extra, dict) or "recipe_settings" not in extra:
+        return SPLIT_METHOD
+    return check_split_method(str(extra.get("split_method", LEGACY_SPLIT_METHOD)))
 
 
 def check_run_split_source(checkpoint: str, data: str, ds, seed: int, val_fraction: float) -> None:

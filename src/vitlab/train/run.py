@@ -721,7 +721,8 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         recipe, deadline = _fit_to_budget(job, ctx, recipe, model, train_set, val_set, test_set, timed)
     result = fit(model, recipe, built_from_recipe=True, train_set=train_set, val_set=val_set, output_dir=job.output, ctx=ctx,
                  resume=job.resume, class_names=train_set.classes, criterion=criterion,
-                 until_step=job.until_step, progress=job.progress, compile=job.compile, deadline=deadline)
+                 until_step=job.until_step, progress=job.progress, compile=job.compile, deadline=deadline,
+                 record={"split_method": split_method})
     summary: dict[str, Any] = {"model": model.model_name, "recipe": recipe.name, "data": job.data,
                                "steps": result.step, "global_batch": result.global_batch,
                                "train_seconds": round(result.seconds, 1), "val": result.val,

@@ -441,6 +441,7 @@ def fit(
     compile: bool = False,
     deadline: Deadline | None = None,
     built_from_recipe: bool = False,
+    record: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` (built with ``vitlab.create_model``; a ``torch.compile`` / DDP wrapper is looked through)
     on ``train_set`` following ``recipe``. The recipe's model and data fields (:data:`BUILD_FIELDS`: model,
@@ -474,6 +475,8 @@ def fit(
             so that ``--resume`` continues the same schedule. Supervised objectives only.
         built_from_recipe: the caller built the model and the data from the recipe's fields (the commands'
             runners do), so there is nothing to warn about.
+        record: what every checkpoint's metadata (``extra``) records beside the recipe (the commands' runners: how
+            the held-out split was drawn, ``split_method``).
     """
     # checked before anything is written: a DataLoader fails deep inside, (X, y) arrays pass as 2 samples
     from collections.abc import Mapping
@@ -703,7 +706,7 @@ def fit(
             if ctx.is_main:
                 # the recipe's name and every setting it trained with (--set changes included): a checkpoint travels
                 # without the run folder's recipe.json
-                extra = {"step": step, "recipe": recipe.name, "recipe_settings": recipe.to_dict(),
+                extra = {**(record or {}), "step": step, "recipe": recipe.name, "recipe_settings": recipe.to_dict(),
                          **({"recipe_changes": changes} if changes else {}),
                          **({"val": val} if val else {}), **({} if supervised else {"objective": objective.describe()})}
                 save_model(net, out / MODEL_FILE, class_names=class_names, extra=extra, state_dict=model_sd)
