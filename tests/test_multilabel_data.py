@@ -148,3 +148,15 @@ def test_a_val_folder_uses_the_training_labels(tmp_path: Path) -> None:
     _jsonl(tmp_path / "val", [["c"], ["zebra"]])
     with pytest.raises(DatasetError, match=r"labels \['zebra'\] do not exist in the training split"):
         build_multilabel_dataset(tmp_path, split="val")
+
+
+def test_a_wrapper_folder_names_the_folder_to_give(tmp_path: Path) -> None:
+    """As for class folders: a folder whose only folder holds the data set (as zips add) is named, not read as
+    'no label file'."""
+    inner = tmp_path / "dataset"
+    _images(inner / "train", 4)
+    _jsonl(inner / "train", [["a"], ["b"], [], ["a", "b"]])
+    (inner / "val").mkdir()
+    with pytest.raises(DatasetError, match=rf"give --data {inner}"):
+        build_multilabel_dataset(tmp_path, split="train")
+    assert len(build_multilabel_dataset(inner, split="train")) == 4

@@ -17,7 +17,13 @@ from torch import Tensor
 
 from vitlab.data.dataset import ImageFileDataset, Transform
 from vitlab.data.errors import DatasetError
-from vitlab.data.folder import folder_layout, guess_channels, scan_folder_multilabel, unlabelled_split_dirs
+from vitlab.data.folder import (
+    check_not_wrapper,
+    folder_layout,
+    guess_channels,
+    scan_folder_multilabel,
+    unlabelled_split_dirs,
+)
 from vitlab.data.splits import (
     SPLIT_METHOD,
     check_split_method,
@@ -112,6 +118,8 @@ def build_multilabel_dataset(source: str | Path, *, split: str = "train", val_fr
                            f"file (metadata.jsonl, metadata.csv or a Kaggle train.csv); a {kind} source has one "
                            f"label per image")
     train_dir, val_dir, test_dir = folder_layout(root)
+    if train_dir == root:
+        check_not_wrapper(root)  # a folder whose only folder is the data set: named, as for class folders
     paths, label_sets, classes = scan_folder_multilabel(train_dir)
     in_chans = guess_channels(paths, [0] * len(paths))
     split_eff = split
