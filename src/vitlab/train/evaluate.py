@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,25 +186,12 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
                                     criterion=criterion, threshold=threshold)
     device = torch.device(device)
     in_chans = getattr(getattr(model, "preprocessing", None), "input_size", (None,))[0]
-    was_training = model.training
-    model.eval()
-    loader = WorkerLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(0))
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum, n, top5_hits = 0.0, 0, 0
     scored = True  # every target so far is a class (index or probabilities): accuracy means something
     preds: list[Tensor] = []
-    bar = None
-    if progress and sys.stderr.isatty():  # a redrawn bar is noise in a log file
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(loader), desc="eval", unit="batch", leave=False)
-    try:
-        for batch in loader:
-            if bar is not None:
-                bar.update(1)
-            if batch is None:
-                continue
+    with _eval_batches(model, dataset, batch_size=batch_size, workers=workers, progress=progress) as batches:
+        for batch in batches:
             if n == 0:
                 check_classification_batch(batch, num_classes=num_classes, in_chans=in_chans, where="evaluate",
                                            labels=criterion is None)
@@ -235,10 +222,6 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
             preds.append(pred.cpu())
             confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes ** 2).view(
                 num_classes, num_classes)  # (K, K)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
     if n == 0:
         raise ValueError("evaluate: the data set is empty")
     if not scored:
@@ -250,6 +233,36 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
     return EvalResult(num_samples=n, loss=loss_sum / n, top1=correct.sum().item() / n, top5=top5_hits / n,
                       per_class=per_class, confusion=confusion, class_names=list(class_names or []),
                       predictions=torch.cat(preds))
+
+
+@contextlib.contextmanager
+def _eval_batches(model: nn.Module, dataset: Dataset, *, batch_size: int, workers: int,
+                  progress: bool) -> Iterator[Iterator[Any]]:
+    """The data set's batches in order (undecodable images' empty batches left out), the model in eval mode
+    meanwhile (its mode restored after), with a progress bar on a terminal (a redrawn bar is noise in a log)."""
+    was_training = model.training
+    model.eval()
+    loader = WorkerLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                          collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(0))
+    bar = None
+    if progress and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(loader), desc="eval", unit="batch", leave=False)
+
+    def batches() -> Iterator[Any]:
+        for batch in loader:
+            if bar is not None:
+                bar.update(1)
+            if batch is not None:
+                yield batch
+
+    try:
+        yield batches()
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
 
 
 def _class_targets(y: Tensor, logits: Tensor, num_classes: int) -> bool:
@@ -271,24 +284,11 @@ def _evaluate_multilabel(model: nn.Module, dataset: Dataset, *, num_classes: int
     """evaluate() of a multi-label classifier: every sample's sigmoid scores and targets, then the metrics."""
     device = torch.device(device)
     in_chans = getattr(getattr(model, "preprocessing", None), "input_size", (None,))[0]
-    was_training = model.training
-    model.eval()
-    loader = WorkerLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                          collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(0))
     loss_sum, n = 0.0, 0
     scores: list[Tensor] = []
     targets: list[Tensor] = []
-    bar = None
-    if progress and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(loader), desc="eval", unit="batch", leave=False)
-    try:
-        for batch in loader:
-            if bar is not None:
-                bar.update(1)
-            if batch is None:
-                continue
+    with _eval_batches(model, dataset, batch_size=batch_size, workers=workers, progress=progress) as batches:
+        for batch in batches:
             if n == 0:
                 check_classification_batch(batch, num_classes=num_classes, in_chans=in_chans, where="evaluate",
                                            labels=criterion is None, multi_label=True)
@@ -307,10 +307,6 @@ def _evaluate_multilabel(model: nn.Module, dataset: Dataset, *, num_classes: int
             n += len(x)
             scores.append(torch.sigmoid(logits).cpu())
             targets.append(y.cpu())
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
     if n == 0:
         raise ValueError("evaluate: the data set is empty")
     all_scores, all_targets = torch.cat(scores), torch.cat(targets)
