@@ -23,7 +23,10 @@ from vitlab.checkpoints.io import parse_json
 RECIPE_DIR = "recipes"
 # recipe.best_metric's values: "auto", "none", or a key of the validation summary (EvalResult.summary: top1 / top5
 # for classes, mAP / F1 / exact match for multi-label, the loss for any targets)
-BEST_METRICS = ("auto", "none", "top1", "top5", "loss", "mAP", "micro_f1", "macro_f1", "exact_match")
+# the validation metrics a run can keep its best checkpoint by: a single-label run's, a multi-label run's, both's
+SINGLE_LABEL_METRICS = ("top1", "top5")
+MULTI_LABEL_METRICS = ("mAP", "micro_f1", "macro_f1", "exact_match")
+BEST_METRICS = ("auto", "none", *SINGLE_LABEL_METRICS, "loss", *MULTI_LABEL_METRICS)
 log = logging.getLogger(__name__)
 
 

@@ -157,11 +157,12 @@ class FitResult:
 def check_best_metric(recipe: Recipe, *, multi_label: bool) -> None:
     """``recipe.best_metric`` names a metric this run's validation reports: top1 / top5 are single-label
     metrics, mAP / F1 / exact match multi-label ones. Checked before anything is written."""
-    single, multi = ("top1", "top5"), ("mAP", "micro_f1", "macro_f1", "exact_match")
-    wrong = single if multi_label else multi
+    from vitlab.train.recipe import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS
+
+    wrong = SINGLE_LABEL_METRICS if multi_label else MULTI_LABEL_METRICS
     if recipe.best_metric in wrong:
-        kind, has = ("multi-label", "mAP, micro_f1, macro_f1, exact_match, loss") if multi_label else \
-            ("single-label", "top1, top5, loss")
+        kind, reported = ("multi-label", MULTI_LABEL_METRICS) if multi_label else ("single-label", SINGLE_LABEL_METRICS)
+        has = ", ".join((*reported, "loss"))
         raise ValueError(f"recipe {recipe.name!r}: best_metric={recipe.best_metric!r} is not reported by the "
                          f"validation of a {kind} run (it reports {has}); --set best_metric=auto picks "
                          f"{'mAP' if multi_label else 'top1'}")
