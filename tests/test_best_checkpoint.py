@@ -79,7 +79,7 @@ def test_the_best_file_is_the_model_at_its_best_top1_and_the_emas_at_its_own(tmp
         assert stopped.step == step
         last = "model.safetensors" if key == "val_top1" else "model_ema.safetensors"
         assert _same(tmp_path / "a" / name, tmp_path / f"until{step}" / last)
-    assert load_train_state(tmp_path / "a" / "train_state.pt")["best"] == res.best
+    assert load_train_state(tmp_path / "a" / "train_state.pt")["best"] == {**res.best, "setting": "auto"}
 
 
 def test_the_loss_is_minimised_and_no_worse_validation_rewrites_the_file(tmp_path, writes):
@@ -172,3 +172,24 @@ def test_eval_of_model_best_uses_the_runs_held_out_split_and_results_record_it(t
     assert "split of" in caplog.text and "held it out (seed 3, val_fraction 0.25)" in caplog.text
     report = json.loads((out / "eval_test_model_best" / "metrics.json").read_text())
     assert report["samples"] == 9 and report["top1"] == pytest.approx(best["value"], abs=1e-6)
+
+
+def test_resume_with_auto_after_an_explicit_metric_starts_over(tmp_path, caplog):
+    """best_metric=loss, then --resume with auto (top-1 for classes): the comparison starts over (it kept comparing
+    the loss); the same setting, or auto again, continues; a state without the setting continues as before."""
+    from vitlab.train.trainer import _Best
+
+    saved = {"metric": "loss", "value": 0.5, "step": 8, "epoch": 2, "file": "model_best.safetensors",
+             "setting": "loss"}
+
+    def restored(setting, record):
+        b = _Best(file="model_best.safetensors", prefix="val_", setting=setting)
+        b.restore(record, tmp_path / "train_state.pt", check_file=False)
+        return b.value
+
+    with caplog.at_level(logging.WARNING, logger="vitlab"):
+        assert restored("auto", saved) is None
+    assert "best_metric is now auto" in caplog.text
+    assert restored("loss", saved) == 0.5
+    assert restored("auto", {**saved, "metric": "top1", "setting": "auto"}) == 0.5
+    assert restored("auto", {k: v for k, v in saved.items() if k != "setting"}) == 0.5

@@ -192,6 +192,11 @@ class _Best:
             return None
         return {"metric": self.metric, "value": self.value, "step": self.step, "epoch": self.epoch, "file": self.file}
 
+    def state(self) -> dict[str, Any] | None:
+        """The record and the setting that chose its metric, as the training state keeps them for --resume."""
+        record = self.record()
+        return None if record is None else {**record, "setting": self.setting}
+
     def offer(self, res: dict[str, Any], *, step: int, epoch: int) -> bool:
         """Whether the validation ``res`` is strictly better than the best so far (ties keep the earlier)."""
         if self.off:
@@ -221,7 +226,10 @@ class _Best:
         metric asked for now starts the comparison over."""
         if not isinstance(saved, dict) or saved.get("value") is None:
             return
-        if self.setting not in ("auto", saved.get("metric")):
+        # the same metric asked for: by name, or "auto" again (the saved setting; a state without one: any metric)
+        same = self.setting == saved.get("metric") or (self.setting == "auto"
+                                                        and saved.get("setting", "auto") == "auto")
+        if not same:
             log.warning("--resume: the run kept %s by validation %s (best %.6g at step %s); best_metric is now %s: "
                         "the comparison starts over at the next validation", self.file, saved.get("metric"),
                         saved["value"], saved.get("step"), self.setting)
@@ -731,8 +739,8 @@ def fit(
                     "scaler": scaler.state_dict(), "ema": ema_sd,
                     "objective_name": objective.name, "objective": objective.state_dict(),
                     "rng": rngs, "recipe": recipe.to_dict(), "recipe_changes": changes, "val": last_val,
-                    "best": bests[0].record() if bests else None,
-                    "best_ema": bests[1].record() if len(bests) > 1 else None,
+                    "best": bests[0].state() if bests else None,
+                    "best_ema": bests[1].state() if len(bests) > 1 else None,
                 })
             barrier(ctx)
 
