@@ -9,39 +9,16 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vitlab.data
+from test_split_stability import TINY, _png, rel, write_folder
 from vitlab.cli.main import main
 from vitlab.data import build_dataset
 from vitlab.data.splits import changed_split_note, split_source, split_source_changes
 
 torch.set_num_threads(1)
-
-CLASSES = ("cat", "dog", "ship")
-TINY = ["--recipe", "digits", "--threads", "1", "--no-progress", "--batch-size", "8",
-        "--set", "model_overrides.depth=1", "--set", "model_overrides.embed_dim=16",
-        "--set", "model_overrides.num_heads=2", "--set", "val_fraction=0.25", "--workers", "0"]
-
-
-def _png(path: Path, seed: int) -> None:
-    img = np.random.default_rng(seed).integers(0, 255, size=(8, 8)).astype(np.uint8)
-    Image.fromarray(img, mode="L").save(path)
-
-
-def write_folder(root: Path, per_class: int = 12, prefix: str = "", seed: int = 0) -> Path:
-    for i, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for j in range(per_class):
-            _png(root / name / f"{prefix}{j:02d}.png", seed + 100 * i + j)
-    return root
-
-
-def rel(ds, root: Path) -> set[str]:
-    return {Path(p).relative_to(root).as_posix() for p in ds.paths}
 
 
 def _record(names: dict[str, list[str]]) -> dict:

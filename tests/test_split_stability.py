@@ -33,11 +33,11 @@ def _png(path: Path, seed: int) -> None:
     Image.fromarray(img, mode="L").save(path)
 
 
-def write_folder(root: Path, per_class: int = 12) -> Path:
+def write_folder(root: Path, per_class: int = 12, prefix: str = "", seed: int = 0) -> Path:
     for i, name in enumerate(CLASSES):
         (root / name).mkdir(parents=True)
         for j in range(per_class):
-            _png(root / name / f"{j:02d}.png", 100 * i + j)
+            _png(root / name / f"{prefix}{j:02d}.png", seed + 100 * i + j)
     return root
 
 
@@ -75,6 +75,7 @@ def test_adding_a_file_leaves_other_classes_and_most_of_its_class_in_place(tmp_p
 
 
 def test_a_moved_folder_splits_the_same(tmp_path):
+    """Regression guard (the old draw never read paths either): the split is of paths within the folder."""
     root = write_folder(tmp_path / "a" / "data")
     moved = tmp_path / "elsewhere" / "copy"
     shutil.copytree(root, moved)

@@ -308,24 +308,19 @@ def bundled_images(n: int = DEFAULT_NUM_IMAGES) -> Tensor:
     return images[idx].clone()
 
 
-def images_from_source(source: str | os.PathLike, n: int = DEFAULT_NUM_IMAGES, *,
-                       multi_label: bool = False) -> Tensor:
+def images_from_source(source: str | os.PathLike, n: int = DEFAULT_NUM_IMAGES) -> Tensor:
     """``n`` raw images (uint8 (n, C, H, W), one size) from a data source (``vitlab.data.build_dataset``'s
-    forms: a folder, ``mnist:DIR``, ``digits``...), test split, evenly spread; ``multi_label``: a folder whose
-    label file gives each image a set of labels (a multi-label model's data)."""
+    forms: a folder, ``mnist:DIR``, ``digits``...), test split, evenly spread. Only the pixels are used: a folder
+    whose label file gives images sets of labels (a multi-label model's data) gives them too."""
     from vitlab.data import build_dataset
     from vitlab.data.errors import DatasetError
     from vitlab.data.multilabel import build_multilabel_dataset
 
-    # only the pixels are used: a folder of either kind of labels gives them (a sigmoid head may have been
-    # trained on class folders, a softmax one's images may sit beside label lists)
-    first, second = (build_multilabel_dataset, build_dataset) if multi_label else (build_dataset,
-                                                                                   build_multilabel_dataset)
     try:
-        ds = first(source, split="test", transform=None)
+        ds = build_dataset(source, split="test", transform=None)
     except DatasetError as e:
         try:
-            ds = second(source, split="test", transform=None)
+            ds = build_multilabel_dataset(source, split="test", transform=None)
         except (DatasetError, ValueError):
             raise e from None
     idx = torch.linspace(0, len(ds) - 1, steps=min(n, len(ds))).long().tolist()
@@ -371,11 +366,11 @@ def preprocess(images: Any, pre: Preprocessing, task: str = "classification") ->
                                   pre.mean, pre.std) for img in images])
 
 
-def _resolve_images(validate_images: Any, n: int, *, multi_label: bool = False) -> tuple[Any, str]:
+def _resolve_images(validate_images: Any, n: int) -> tuple[Any, str]:
     if validate_images is None:
         return bundled_images(n), "bundled scikit-learn digits"
     if isinstance(validate_images, (str, os.PathLike)):
-        return images_from_source(validate_images, n, multi_label=multi_label), str(validate_images)
+        return images_from_source(validate_images, n), str(validate_images)
     if isinstance(validate_images, Tensor):
         if validate_images.ndim != 4 or validate_images.dtype != torch.uint8:
             raise ValueError(f"validate_images: expected uint8 images (N, C, H, W), got {validate_images.dtype} "
@@ -1142,8 +1137,7 @@ def export_onnx(
         pre = model.preprocessing
         c, h, w = pre.input_size
         sizes = size_rule(model, c, h, w) if dynamic_size else None
-        raw, source = _resolve_images(validate_images, num_images,
-                                      multi_label=getattr(model, "score_function", "softmax") == "sigmoid")
+        raw, source = _resolve_images(validate_images, num_images)
         x = preprocess(raw, pre, task)  # (N, C, H, W)
         features = task == "classification" and not model.num_classes
         report = ExportReport(path=str(path), model=name, task=FEATURES_TASK if features else task,

@@ -195,13 +195,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
             if n == 0:
                 check_classification_batch(batch, num_classes=num_classes, in_chans=in_chans, where="evaluate",
                                            labels=criterion is None)
-            x, y = batch
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_context(device, amp):
-                outputs = model(x)
-                if criterion is not None:
-                    loss_sum += float(criterion(x, outputs, y)) * len(x)
-            logits = logits_of(outputs).float()
+            x, y, logits, loss = _forward_batch(model, batch, device=device, amp=amp, criterion=criterion)
+            loss_sum += loss
             if criterion is not None:
                 n += len(x)
                 scored = scored and _class_targets(y, logits, num_classes)
@@ -233,6 +228,20 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
     return EvalResult(num_samples=n, loss=loss_sum / n, top1=correct.sum().item() / n, top5=top5_hits / n,
                       per_class=per_class, confusion=confusion, class_names=list(class_names or []),
                       predictions=torch.cat(preds))
+
+
+def _forward_batch(model: nn.Module, batch: Any, *, device: torch.device, amp: str,
+                   criterion: Callable[[Tensor, Any, Tensor], Tensor] | None) -> tuple[Tensor, Tensor, Tensor, float]:
+    """(images, targets on ``device``, float32 logits, the criterion's loss summed over the batch: 0.0 without
+    one) of one evaluation batch, the forward under ``amp``."""
+    x, y = batch
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    loss = 0.0
+    with autocast_context(device, amp):
+        outputs = model(x)
+        if criterion is not None:
+            loss = float(criterion(x, outputs, y)) * len(x)
+    return x, y, logits_of(outputs).float(), loss
 
 
 @contextlib.contextmanager
@@ -292,13 +301,8 @@ def _evaluate_multilabel(model: nn.Module, dataset: Dataset, *, num_classes: int
             if n == 0:
                 check_classification_batch(batch, num_classes=num_classes, in_chans=in_chans, where="evaluate",
                                            labels=criterion is None, multi_label=True)
-            x, y = batch
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_context(device, amp):
-                outputs = model(x)
-                if criterion is not None:
-                    loss_sum += float(criterion(x, outputs, y)) * len(x)
-            logits = logits_of(outputs).float()
+            x, y, logits, loss = _forward_batch(model, batch, device=device, amp=amp, criterion=criterion)
+            loss_sum += loss
             if logits.shape[-1] != num_classes:
                 raise ValueError(f"evaluate: the model outputs {logits.shape[-1]} labels, the data has {num_classes}")
             y = y.float()
