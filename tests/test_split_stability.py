@@ -270,6 +270,34 @@ def test_workers_0_decodes_the_cache_in_this_process(tmp_path, monkeypatch):
     assert ds.cached and used == [0] and recipe.workers == 0
 
 
+def test_each_process_of_a_torchrun_caches_within_its_share_of_memory_and_cores(tmp_path, monkeypatch):
+    """Under torchrun every process of a machine holds its own copy of the decoded images and runs its own workers:
+    with 2 processes each gets half the memory budget (a set that fits one process's whole budget but not half of
+    it is decoded every epoch, not cached twice) and half the cores."""
+    import vitlab.data.cache
+    import vitlab.train.hardware
+    from vitlab.train.recipe import Recipe
+    from vitlab.train.run import _prepare_data
+
+    asked = []
+
+    def decode(ds, *, max_bytes, workers):
+        asked.append((max_bytes, workers))
+        return False
+
+    monkeypatch.setattr(vitlab.data.cache, "cache_decoded", decode)
+    monkeypatch.setattr(vitlab.train.hardware, "available_cores", lambda: 16)
+    monkeypatch.setattr(vitlab.train.hardware, "available_memory_gb", lambda: 8.0)
+    one = _prepare_data(Recipe(), [_images(tmp_path)])
+    two = _prepare_data(Recipe(), [_images(tmp_path / "again")], processes=2)
+    assert asked == [(2 * 2**30, 8), (2**30, 8)]  # a quarter of the memory; decoding on up to 8 cores
+    assert (one.workers, two.workers) == (8, 4)  # files to decode: half the process's cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert vitlab.train.hardware.processes_per_machine(8) == 4  # torchrun on two machines of 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert vitlab.train.hardware.processes_per_machine(2) == 2
+
+
 def test_a_full_dev_shm_while_caching_names_the_ways_out(tmp_path, monkeypatch):
     import vitlab.data.cache
     from vitlab.train.recipe import Recipe

@@ -212,7 +212,7 @@ def run_dense_training(job: DenseJob) -> dict[str, Any]:
     written before the options, the data and the run directory have been checked.
     """
     from vitlab.train.distributed import distributed_context
-    from vitlab.train.hardware import training_threads
+    from vitlab.train.hardware import processes_per_machine, training_threads
 
     recipe = job.recipe
     from vitlab.train.run import run_dir_lock
@@ -220,7 +220,7 @@ def run_dense_training(job: DenseJob) -> dict[str, Any]:
     with distributed_context(job.device) as ctx, run_dir_lock(job.output, enabled=ctx.is_main):
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        local = processes_per_machine(ctx.world_size)
         with training_threads(job.threads if job.threads is not None else recipe.cpu_threads, local) as threads:
             log.info("%d CPU thread(s) per process", threads)
             return _run_dense(job, ctx)

@@ -44,6 +44,12 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def processes_per_machine(world_size: int = 1) -> int:
+    """Processes of this run on this machine: torchrun's LOCAL_WORLD_SIZE, else the world size (one machine)."""
+    env = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return max(1, int(env)) if env.isdigit() else max(1, world_size)
+
+
 def default_threads(processes_per_machine: int = 1) -> int:
     """Intra-op threads when none were asked for: OMP_NUM_THREADS if set, else the cores given, shared by
     the processes of this machine (torchrun's local world size)."""

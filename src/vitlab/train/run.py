@@ -29,7 +29,7 @@ from vitlab.models.registry import get_entry
 from vitlab.train.budget import Deadline
 from vitlab.train.distributed import DistContext, distributed_context
 from vitlab.train.evaluate import EvalResult, evaluate
-from vitlab.train.hardware import training_threads
+from vitlab.train.hardware import processes_per_machine, training_threads
 from vitlab.train.losses import ClassificationLoss
 from vitlab.train.recipe import Recipe
 from vitlab.train.state import load_train_state
@@ -619,7 +619,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     with distributed_context(job.device) as ctx:
         if not ctx.is_main:
             logging.getLogger("vitlab").setLevel(logging.WARNING)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        local = processes_per_machine(ctx.world_size)
         with training_threads(job.threads if job.threads is not None else recipe.cpu_threads, local) as threads, \
                 run_dir_lock(job.output, enabled=ctx.is_main):
             log.info("%d CPU thread(s) per process", threads)
@@ -696,7 +696,8 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     for ds in (val_set, test_set):
         if ds is not None:
             ds.transform = eval_transform(pre)
-    recipe = _prepare_data(recipe, [train_set, val_set, test_set])
+    local = processes_per_machine(ctx.world_size)
+    recipe = _prepare_data(recipe, [train_set, val_set, test_set], processes=local)
     if job.skip_bad_images:  # images found undecodable while decoding into memory: checked before training
         check_readable(train_set, [val_set, test_set], batch_size=recipe.batch_size)
     if ctx.is_main:
@@ -899,15 +900,19 @@ def _check_precision(recipe: Recipe, device: torch.device) -> Recipe:
     return recipe
 
 
-def _prepare_data(recipe: Recipe, datasets: list) -> Recipe:
-    """Decode small image folders into memory once (``cache_images``) and choose the loader's workers."""
+def _prepare_data(recipe: Recipe, datasets: list, *, processes: int = 1) -> Recipe:
+    """Decode small image folders into memory once (``cache_images``) and choose the loader's workers.
+
+    ``processes``: this run's processes on this machine (torchrun's local world size). Each holds its own copy
+    of the images, so each gets that share of the memory budget, and of the cores for decoding and loading.
+    """
     from vitlab.data.cache import MEMORY_SHARE, cache_decoded
     from vitlab.data.dataset import ImageFileDataset
     from vitlab.train.hardware import available_cores, available_memory_gb, default_workers
 
-    cores = available_cores()
+    cores = max(1, available_cores() // processes)
     in_memory = True
-    budget = int(MEMORY_SHARE * available_memory_gb() * 2**30)
+    budget = int(MEMORY_SHARE * available_memory_gb() * 2**30 / processes)
     for ds in {id(d): d for d in datasets}.values():  # a split given twice is cached once
         if isinstance(ds, ImageFileDataset):
             if recipe.cache_images is False:
@@ -928,7 +933,9 @@ def _prepare_data(recipe: Recipe, datasets: list) -> Recipe:
                                  f"container a larger /dev/shm, e.g. docker --shm-size)") from e
             budget -= ds.cache_nbytes
             if not cached and recipe.cache_images:
-                raise ValueError(f"cache_images=true: {ds.source} does not fit in memory; set it to false or none")
+                share = f" (its share for one of the {processes} processes on this machine, each of which holds a copy)"
+                raise ValueError(f"cache_images=true: {ds.source} does not fit in memory{share if processes > 1 else ''}; "
+                                 f"set it to false or none")
             in_memory = in_memory and cached
     if recipe.workers is None:
         recipe = recipe.replace(workers=default_workers(in_memory=in_memory, cores=cores))
