@@ -96,8 +96,8 @@ def test_vitlab_checkpoint_of_another_family(tmp_path: Path) -> None:
 
 def test_no_converter_for_the_family_names_the_file() -> None:
     folder = FIXTURES / "hf_vit_pooler" / "hf"
-    with pytest.raises(CheckpointError, match="no converter from 'hf' checkpoints for the 'resnet' family") as err:
-        create_model("resnet18", pretrained=folder)
+    with pytest.raises(CheckpointError, match="no converter from 'hf' checkpoints for the 't2t' family") as err:
+        create_model("t2t_vit_7", pretrained=folder)
     assert str(folder / "model.safetensors") in str(err.value)
 
 

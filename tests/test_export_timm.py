@@ -133,7 +133,6 @@ def test_tnt_split_takes_q_k_rows_then_v():
     ("mobilevitv3_xxs", {}, ["MobileViT v3", "timm has MobileViT v1 and v2 only"]),
     ("detr_resnet50", {}, ["DETR", "no detection models"]),
     ("setr_naive_vit_small_patch16", {}, ["SETR", "no segmentation models"]),
-    ("resnet18", {}, ["ResNet", "torchvision-style"]),
     ("vit_small_patch16_224", {"attn_type": "linformer"}, ["Linformer", "attn_type='linformer'"]),
 ])
 def test_families_without_a_timm_model_are_refused(name, overrides, words):

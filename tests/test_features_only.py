@@ -35,13 +35,17 @@ CASES = {
     "swinv2": ("swinv2_tiny_window8_256", SWIN),
     "mobilevit": ("mobilevit_xxs", dict(img_size=32)),
     "mobilevitv2": ("mobilevitv2_050", dict(img_size=32)),
+    "resnet18": ("resnet18", dict(img_size=16)),
+    "resnet50": ("resnet50", dict(img_size=16)),
 }
+# vitlab's own module names where its modules are not named as timm's (ResNet: stem / stages, timm: act1 / layerN)
+MODULES = {"act1": "stem.act", **{f"layer{i}": f"stages.{i - 1}" for i in range(1, 5)}}
 
 
 # the chosen out_indices as the generator passed them (negative ones included)
 CASES_CHOSEN = {"vit": (0, -2), "vit_reg": (-2,), "deit_distilled": (0, -2), "beit": (0, -2), "cait": (0, -2),
                 "xcit": (0, -2), "crossvit": (0, -2), "tnt": (0, -2), "mixer": (0, -2), "swin": (1, -1),
-                "swinv2": (0, 2), "mobilevit": (1, 3), "mobilevitv2": (-1,)}
+                "swinv2": (0, 2), "mobilevit": (1, 3), "mobilevitv2": (-1,), "resnet18": (1, -1), "resnet50": (0, 2)}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +74,7 @@ def features(case: str, **kw) -> torch.nn.Module:
 
 
 def test_fixture_size() -> None:
-    assert sum(p.stat().st_size for p in FIX.iterdir()) < 500_000
+    assert sum(p.stat().st_size for p in FIX.iterdir()) < 700_000
     assert set(CASES) == set(json.loads((FIX / "expected.json").read_text())) - {"_versions"}
 
 
@@ -92,10 +96,13 @@ def test_maps_and_feature_info_match_timm(case: str, expected: dict, io: dict) -
         if tag == "chosen":
             fi = model.feature_info
             assert fi.channels() == e["channels"] and fi.reduction() == e["reduction"]
-            assert fi.module_name() == e["module_name"]
+            names = MODULES if case.startswith("resnet") else {}
+            assert fi.module_name() == [names.get(m, m) for m in e["module_name"]]
             every = list(range(len(fi)))
             keys = ("num_chs", "reduction", "module", "index")
-            assert fi.get_dicts(keys=keys, idx=every) == e["feature_info"]
+            assert fi.get_dicts(keys=keys, idx=every) == [{**d, "module": names.get(d["module"], d["module"])}
+                                                          for d in e["feature_info"]]
+            model.model.get_submodule(fi.module_name()[-1])  # the names are the model's own modules
             assert [fi[i]["num_chs"] for i in every] == [d["num_chs"] for d in e["feature_info"]]
             assert model.output_fmt == e["output_fmt"]
 
@@ -139,10 +146,10 @@ def test_output_formats() -> None:
     ("t2t_vit_7", dict(embed_dim=16, depth=4, num_heads=2, token_dim=8), 4),
     ("cct_2_3x2_32", dict(embed_dim=16, num_heads=2, depth=2), 2),
     ("mobilevitv3_xxs", dict(img_size=64), 5),
-    ("resnet18", dict(layers=(1, 1, 1, 1), img_size=64), 4),
+    ("resnet18", dict(layers=(1, 1, 1, 1), img_size=64, stem="small"), 5),
 ])
 def test_families_without_timm(name: str, options: dict, n: int) -> None:
-    """T2T-ViT, CCT, MobileViTv3 and vitlab's ResNet (stages only): through their forward_intermediates, with
+    """T2T-ViT, CCT, MobileViTv3 and vitlab's small-stem ResNet (no max pool): through their forward_intermediates, with
     feature_info from the meta-device probe agreeing with the maps."""
     model = vitlab.create_model(name, features_only=True, out_indices=tuple(range(-n, 0)), **options).eval()
     size = model.preprocessing.input_size

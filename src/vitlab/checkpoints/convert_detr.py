@@ -25,6 +25,9 @@ from typing import Any
 
 from torch import Tensor
 
+from vitlab.checkpoints.convert_resnet import hf_resnet_key as _hf_resnet_key
+from vitlab.checkpoints.convert_resnet import resnet_args as _resnet_args
+from vitlab.checkpoints.convert_resnet import tv_resnet_key as _tv_resnet_key
 from vitlab.checkpoints.converters import (
     Converted,
     register_converter,
@@ -35,59 +38,6 @@ from vitlab.checkpoints.converters import (
 log = logging.getLogger(__name__)
 
 register_hf_model_type("detr", "detr_resnet50")
-
-_TV_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(.+)$")
-_HF_BLOCK = re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)$")
-
-
-def _tv_resnet_key(k: str) -> str:
-    """torchvision/timm ResNet names (``conv1``, ``bn1``, ``layerS.B.*``) -> vitlab's ResNet names."""
-    if k.startswith("conv1."):
-        return "stem.conv." + k[len("conv1."):]
-    if k.startswith("bn1."):
-        return "stem.norm." + k[len("bn1."):]
-    m = _TV_BLOCK.match(k)
-    if not m:
-        raise ValueError(f"unexpected backbone key {k!r}")
-    rest = m.group(3)
-    rest = re.sub(r"^bn(\d)\.", r"norm\1.", rest)
-    rest = rest.replace("downsample.0.", "downsample.conv.").replace("downsample.1.", "downsample.norm.")
-    return f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.{rest}"
-
-
-def _hf_resnet_key(k: str) -> str:
-    """transformers' ResNetBackbone names -> vitlab's ResNet names."""
-    k = k.replace("embedder.embedder.convolution.", "stem.conv.").replace("embedder.embedder.normalization.",
-                                                                         "stem.norm.")
-    if k.startswith("stem."):
-        return k
-    m = _HF_BLOCK.match(k)
-    if not m:
-        raise ValueError(f"unexpected backbone key {k!r}")
-    rest = m.group(3).replace("shortcut.convolution.", "downsample.conv.").replace("shortcut.normalization.",
-                                                                                   "downsample.norm.")
-    rest = re.sub(r"^layer\.(\d)\.convolution\.", lambda g: f"conv{int(g.group(1)) + 1}.", rest)
-    rest = re.sub(r"^layer\.(\d)\.normalization\.", lambda g: f"norm{int(g.group(1)) + 1}.", rest)
-    return f"stages.{m.group(1)}.blocks.{m.group(2)}.{rest}"
-
-
-def _resnet_args(backbone: dict[str, Tensor]) -> dict[str, Any]:
-    """A vitlab ResNet's layers / channels / stem width from its (vitlab-named) tensors."""
-    stages: dict[int, set[int]] = {}
-    for k in backbone:
-        m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", k)
-        if m:
-            stages.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    n = len(stages)
-    bottleneck = any(k.endswith("conv3.weight") for k in backbone)
-    last = "conv3" if bottleneck else "conv2"
-    return {
-        "layers": tuple(len(stages[i]) for i in range(n)),
-        "channels": tuple(int(backbone[f"stages.{i}.blocks.0.{last}.weight"].shape[0]) for i in range(n)),
-        "stem_chs": int(backbone["stem.conv.weight"].shape[0]),
-        "block": "bottleneck" if bottleneck else "basic",
-    }
-
 
 def _backbone_name(args: dict[str, Any]) -> str:
     return "resnet50" if args["block"] == "bottleneck" else "resnet18"

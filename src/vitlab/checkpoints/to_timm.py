@@ -57,8 +57,6 @@ _NO_TIMM_MODEL = {
     "cct": "timm has no CCT (Compact Convolutional Transformer) model",
     "detr": "timm has no detection models (DETR)",
     "setr": "timm has no segmentation models (SETR)",
-    "resnet": "vitlab's ResNet uses ResNetV2's stem/stages/blocks names and reads no timm ResNet files, so it has "
-              "no converter to write timm's torchvision-style resnet18/34/50 layout (conv1, layer1, fc) against",
 }
 _INSTEAD = ("export it to ONNX (vitlab export --format onnx) or keep the vitlab checkpoint, which vitlab.load_model "
             "reads")
@@ -115,7 +113,8 @@ class TimmModelArgs:
 
 
 # ------------------------------------------------------------------------------------------------- names
-def _rename(rules: tuple[tuple[str, str], ...]) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+def _rename(rules: tuple[tuple[str, str | Callable[[re.Match[str]], str]], ...]
+            ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
     compiled = [(re.compile(p), r) for p, r in rules]
 
     def rename(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -156,6 +155,10 @@ _TO_TIMM: dict[str, Callable[[dict[str, Tensor]], dict[str, Tensor]]] = {
                          (r"^(blocks\.\d+\.fusion\.\d+\.attn\.)([qkv])\.", r"\1w\2."))),
     "tnt": _split_tnt_qkv,
     "mixer": _rename(((r"^patch_embed\.", "stem."),)),
+    "resnet": _rename(((r"^stem\.conv\.", "conv1."), (r"^stem\.norm\.", "bn1."), (r"^head\.", "fc."),
+                       (r"^stages\.(\d+)\.blocks\.", lambda m: f"layer{int(m.group(1)) + 1}."),
+                       (r"\.norm(\d)\.", r".bn\1."), (r"\.downsample\.conv\.", ".downsample.0."),
+                       (r"\.downsample\.norm\.", ".downsample.1."))),
 }
 
 
@@ -407,11 +410,31 @@ def _mobilevit(a: _Args) -> None:
     a.timm_class = "MobileViT (a ByobNet built from a fixed block table per name)"
 
 
+def _resnet(a: _Args) -> None:
+    cfg = a.cfg
+    for field, why in (("norm", "timm's ResNet uses batch norm"), ("std_conv", "timm's ResNet has plain convolutions"),
+                       ("padding", "timm's ResNet pads symmetrically"),
+                       ("stem", "timm's ResNet stem is the 7x7 stride-2 convolution and max pool"),
+                       ("stride_in_1x1", "timm's ResNet strides on the bottleneck's 3x3 convolution (v1.5)"),
+                       ("first_stage_stride", "timm's ResNet does not stride in its first stage")):
+        if a.has(field):
+            a.refuse(field, why)
+    a.take("img_size", "block")  # any input size; the block kind chose the timm name (_timm_name)
+    if cfg.stage_channels != a.default.stage_channels:  # timm's widths: the bottleneck's inner one; vitlab's: output
+        a.kwargs["channels"] = [c // (4 if cfg.block == "bottleneck" else 1) for c in cfg.stage_channels]
+    a.take("channels")
+    if a.has("stem_chs"):
+        a.refuse("stem_chs", "timm's ResNet gives its 7x7 stem 64 channels whatever stem_width says (that sets its "
+                             "deep stems)")
+    a.same("layers", "in_chans", "num_classes")
+
+
 _ARGS: dict[str, tuple[Callable[[_Args], None], str]] = {
     "vit": (_vit, "VisionTransformer"), "deit": (_vit, "VisionTransformer"), "cait": (_cait, "Cait"),
     "swin": (_swin, "SwinTransformer"), "swinv2": (_swin, "SwinTransformerV2"), "beit": (_beit, "Beit"),
     "beit3": (_beit3, "VisionTransformer"), "crossvit": (_crossvit, "CrossVit"), "tnt": (_tnt, "TNT"),
     "xcit": (_xcit, "Xcit"), "mixer": (_mixer, "MlpMixer"), "mobilevit": (_mobilevit, "MobileViT"),
+    "resnet": (_resnet, "ResNet"),
 }
 
 
@@ -433,6 +456,8 @@ def _timm_name(name: str, family: str, cfg: Any) -> str:
     from vitlab.models.registry import get_entry
 
     timm_name = _TIMM_NAME.get(name, name)
+    if family == "resnet" and cfg.block != get_entry(timm_name).config.block:  # timm's block is chosen by name
+        timm_name = "resnet50" if cfg.block == "bottleneck" else "resnet18"
     if family == "deit" and cfg.distilled and timm_name.startswith("deit3_"):
         raise ValueError(f"{name} has a distillation token: timm has no distilled DeiT III (deit3_*) model; there is "
                          f"no timm layout to export it to")

@@ -87,11 +87,13 @@ def _units(model: nn.Module, family: str) -> int:
     """How many features the model offers (before pruning)."""
     if family == "crossvit":
         return 2 * len(model.blocks)
+    if family == "resnet":  # timm's count: the stem's activation, then every stage
+        return len(model.stages) + 1
     return len(getattr(model, _STAGED.get(family, "blocks")))
 
 
 def _default_out_indices(family: str, n: int) -> tuple[int, ...]:
-    """timm 1.0.31's defaults: every stage (Swin, MobileViT via ByobNet's (0..4), ResNet), each CrossViT branch's
+    """timm 1.0.31's defaults: every stage (Swin, MobileViT via ByobNet's (0..4), ResNet's stem and stages), each CrossViT branch's
     last block, else the last 3 blocks (as absolute indices; fewer blocks: all of them)."""
     if family in _STAGED:
         return tuple(range(n))
@@ -144,6 +146,8 @@ def _feature_dicts(entry: Any, model: nn.Module) -> list[dict[str, Any]]:
     for i, f in enumerate(feats):
         unit = i % n_blocks
         module = f"{attr}.{unit}"
+        if family == "resnet":  # index 0: the stem's activation (timm's act1), i: stage i - 1 (timm's layer<i>)
+            module = "stem.act" if i == 0 else f"stages.{i - 1}"
         if family == "mobilevit" and unit == n_blocks - 1:  # timm taps its last stage after final_conv
             module = "final_conv"
         reduction = round(size[1] / f.shape[2])
@@ -207,7 +211,7 @@ def _prune(model: nn.Module, family: str, take: tuple[int, ...]) -> None:
     for extra in ("blocks_token_only", "cls_attn_blocks"):  # CaiT / XCiT class attention: after the features
         if isinstance(getattr(model, extra, None), nn.ModuleList):
             setattr(model, extra, nn.ModuleList())
-    setattr(model, attr, getattr(model, attr)[:last + 1])
+    setattr(model, attr, getattr(model, attr)[:last if family == "resnet" else last + 1])
 
 
 class FeatureExtractor(nn.Module):

@@ -233,14 +233,23 @@ class ResNet(TimmSurface, nn.Module):
         output_fmt: Literal["NCHW", "NLC"] = "NCHW",
         return_prefix_tokens: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Final feature map and the outputs of the chosen stages."""
-        take = set(take_indices(len(self.stages), indices))
-        x = self.stem(x)
+        """Final feature map and the chosen features, counted as timm's ResNet counts them: 0 is the stem's
+        activation (before its max pool; stride 2, or 1 for the small stem), 1.. the stages' outputs."""
+        take = set(take_indices(len(self.stages) + 1, indices))
         feats = []
-        for i, stage in enumerate(self.stages):
+
+        def keep(y: Tensor) -> None:
+            feats.append(y.flatten(2).transpose(1, 2) if output_fmt == "NLC" else y)
+
+        x = self.stem.act(self.stem.norm(self.stem.conv(x)))
+        if 0 in take:
+            keep(x)
+        if hasattr(self.stem, "pool"):
+            x = self.stem.pool(x)
+        for i, stage in enumerate(self.stages, start=1):
             x = call_block(stage, x, checkpointed=self.grad_checkpointing)
             if i in take:
-                feats.append(x.flatten(2).transpose(1, 2) if output_fmt == "NLC" else x)
+                keep(x)
         return x, feats
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
