@@ -79,7 +79,8 @@ def test_the_best_file_is_the_model_at_its_best_top1_and_the_emas_at_its_own(tmp
         assert stopped.step == step
         last = "model.safetensors" if key == "val_top1" else "model_ema.safetensors"
         assert _same(tmp_path / "a" / name, tmp_path / f"until{step}" / last)
-    assert load_train_state(tmp_path / "a" / "train_state.pt")["best"] == {**res.best, "setting": "auto"}
+    stale = sum(v["step"] > res.best["step"] for v in vals)  # validations since the best (early stopping's count)
+    assert load_train_state(tmp_path / "a" / "train_state.pt")["best"] == {**res.best, "setting": "auto", "stale": stale}
 
 
 def test_the_loss_is_minimised_and_no_worse_validation_rewrites_the_file(tmp_path, writes):

@@ -104,3 +104,21 @@ def test_multi_label_two_processes_match_one(tmp_path):
     ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert ra["val"]["val_mAP"] == pytest.approx(rb["val"]["val_mAP"], abs=1e-6)
     assert ra["best"]["step"] == rb["best"]["step"] and (tmp_path / "two" / "model_best.safetensors").is_file()
+
+
+def test_early_stopping_stops_every_process_at_the_same_step(tmp_path):
+    """Rank 0 validates and judges early stopping; the other rank follows it (without the broadcast it would train
+    on alone and the run would hang at its next collective)."""
+    import json
+
+    from test_cli_resume_checks import write_folder
+
+    data = write_folder(tmp_path / "A", ("cat", "dog", "ship"), per_class=12)
+    swap = {"digits": str(data), "3": "30", "lr=0.05": "lr=1e-12"}  # --data, --steps, the same top-1 every epoch
+    run = [swap.get(r, r) for r in RUN] + [
+        "--recipe", "digits", "--set", "val_fraction=0.25", "--set", "eval_every_epochs=1",
+        "--set", "early_stopping_patience=1", "--batch-size", "4", "--output", str(tmp_path / "two")]
+    two = _torchrun(["-m", "vitlab.cli.main", *run])
+    assert two.returncode == 0, two.stderr[-3000:]
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["stopped_early"]["step"] == results["steps"] == 6  # 27 training images, global batch 8: 3 per epoch

@@ -74,6 +74,9 @@ class Recipe:
         ``model_ema_best.safetensors`` by its own): "auto" (top1 for classification, mAP for multi-label, the
         loss where the targets are not classes), a key of the validation summary (``BEST_METRICS``: losses are
         minimised, the others maximised), or "none" (no best model kept).
+    early_stopping_patience: stop training after this many validations in a row without a better
+        ``best_metric`` (of the model, or of its EMA where EMA is on); the last and the best models are kept as
+        in a run that ends, and results.json says where it stopped. None: train to the end.
     """
 
     name: str = "custom"
@@ -137,6 +140,7 @@ class Recipe:
     log_every: int = 10
     fsdp: bool = False
     best_metric: str = "auto"
+    early_stopping_patience: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -177,6 +181,10 @@ class Recipe:
             (self.eval_every_epochs >= 1, "eval_every_epochs must be >= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: only at epoch ends)"),
             (self.log_every >= 1, "log_every must be >= 1"),
+            (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+             "early_stopping_patience must be >= 1 (validations without a better best_metric), or none"),
+            (self.early_stopping_patience is None or self.best_metric != "none",
+             "early_stopping_patience needs a best_metric to compare (it is 'none')"),
         ]
         for ok, msg in checks:
             if not ok:

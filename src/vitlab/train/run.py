@@ -233,6 +233,10 @@ def check_run_dir(output: Path, *, resume: bool, overwrite: bool) -> None:
         if step is not None and step >= total:
             raise ValueError(f"{output} holds a finished run ({step} steps); replace it with --overwrite, "
                              f"or choose another --output")
+        if step is not None and s.get("stopped_early"):
+            raise ValueError(f"{output} holds a run that stopped early at step {step} of {total} (recipe "
+                             f"early_stopping_patience); replace it with --overwrite, train it on with --resume --set "
+                             f"early_stopping_patience=N (a larger N, or none), or choose another --output")
         raise ValueError(f"{output} holds an unfinished run (step {step if step is not None else '?'}); "
                          f"continue it with --resume, or start over with --overwrite or another --output")
     if (output / MODEL_FILE).exists():
@@ -736,7 +740,9 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     if job.compile:
         summary["compile_seconds"] = None if result.compile_seconds is None else round(result.compile_seconds, 1)
         summary["compile_failed"] = result.compile_failed
-    if ctx.is_main and test_set is not None and result.step >= result.total_steps:
+    if result.stopped_early is not None:
+        summary["stopped_early"] = result.stopped_early
+    if ctx.is_main and test_set is not None and (result.step >= result.total_steps or result.stopped_early):
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(False)
         if recipe.fsdp:  # the sharded model cannot run on one rank: its checkpoint, loaded without FSDP, can

@@ -148,6 +148,8 @@ class FitResult:
     # the best validation so far ({metric, value, step, epoch, file}; None: none kept), and the EMA model's
     best: dict[str, Any] | None = None
     best_ema: dict[str, Any] | None = None
+    # where recipe.early_stopping_patience stopped the run ({step, epoch, total_steps, patience, metric, best_step})
+    stopped_early: dict[str, Any] | None = None
 
     @property
     def model_path(self) -> Path:
@@ -186,6 +188,7 @@ class _Best:
     epoch: int | None = None
     pending: bool = False
     off: bool = False  # the metric asked for is not in the validation's summary (said once)
+    stale: int = 0  # validations since the best (recipe.early_stopping_patience counts them)
 
     def record(self) -> dict[str, Any] | None:
         if self.value is None:
@@ -195,7 +198,7 @@ class _Best:
     def state(self) -> dict[str, Any] | None:
         """The record and the setting that chose its metric, as the training state keeps them for --resume."""
         record = self.record()
-        return None if record is None else {**record, "setting": self.setting}
+        return None if record is None else {**record, "setting": self.setting, "stale": self.stale}
 
     def offer(self, res: dict[str, Any], *, step: int, epoch: int) -> bool:
         """Whether the validation ``res`` is strictly better than the best so far (ties keep the earlier)."""
@@ -214,11 +217,12 @@ class _Best:
                             ", ".join(k for k in have if k != "samples"), self.file)
                 return False
         value = res.get(self.prefix + self.metric)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):  # an mAP without positives: None
+        better = isinstance(value, (int, float)) and math.isfinite(value) and (  # an mAP without positives: None
+            self.value is None or (value < self.value if lower_is_better(self.metric) else value > self.value))
+        if not better:
+            self.stale += 1
             return False
-        if self.value is not None and not (value < self.value if lower_is_better(self.metric) else value > self.value):
-            return False
-        self.value, self.step, self.epoch, self.pending = float(value), step, epoch, True
+        self.value, self.step, self.epoch, self.pending, self.stale = float(value), step, epoch, True, 0
         return True
 
     def restore(self, saved: Any, path: Path, *, check_file: bool = True) -> None:
@@ -235,7 +239,7 @@ class _Best:
                         saved["value"], saved.get("step"), self.setting)
             return
         self.metric, self.value = saved["metric"], float(saved["value"])
-        self.step, self.epoch = saved.get("step"), saved.get("epoch")
+        self.step, self.epoch, self.stale = saved.get("step"), saved.get("epoch"), int(saved.get("stale") or 0)
         if not check_file:
             return
         from vitlab.train.run import checkpoint_metadata
@@ -741,6 +745,7 @@ def fit(
                     "rng": rngs, "recipe": recipe.to_dict(), "recipe_changes": changes, "val": last_val,
                     "best": bests[0].state() if bests else None,
                     "best_ema": bests[1].state() if len(bests) > 1 else None,
+                    "stopped_early": stopped_early,
                 })
             barrier(ctx)
 
@@ -785,6 +790,39 @@ def fit(
 
     # ---- the loop
     stop = min(total_steps, until_step) if until_step is not None else total_steps
+    stopped_early: dict[str, Any] | None = None
+
+    def stalled() -> bool:
+        """recipe.early_stopping_patience validations in a row without a better best_metric of the model (or of its
+        EMA): rank 0 judges (it validates), every rank follows."""
+        patience = recipe.early_stopping_patience
+        judged = [b for b in bests if not b.off and b.metric is not None]
+        flag = bool(patience and judged and all(b.stale >= patience for b in judged))
+        if ctx.distributed:
+            box = [flag]
+            dist.broadcast_object_list(box, src=0)
+            flag = box[0]
+        return flag
+
+    def stop_early(at_resume: bool = False) -> None:
+        nonlocal stop, stopped_early
+        stop = step
+        b = bests[0]
+        stopped_early = {"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
+                         "patience": recipe.early_stopping_patience, "metric": b.metric, "best_step": b.step}
+        if not ctx.is_main:
+            return
+        if at_resume:
+            log.info("early stopping: the run stopped at step %d of %d (no better validation %s in %d validations); "
+                     "--set early_stopping_patience=N with a larger N (or none) trains on", step, total_steps, b.metric,
+                     b.stale)
+        else:
+            log.info("early stopping at step %d of %d: no better validation %s in %d validations (best %.6g at step "
+                     "%s, kept in %s)", step, total_steps, b.metric, recipe.early_stopping_patience, b.value, b.step,
+                     b.file)
+
+    if resume and bests and stalled():
+        stop_early(at_resume=True)
     bar = None
     if progress and ctx.is_main:
         from vitlab.train.progress import make_progress
@@ -966,6 +1004,8 @@ def fit(
             epoch_done = step == (epoch + 1) * steps_per_epoch or step == total_steps
             if epoch_done and ((epoch + 1) % recipe.eval_every_epochs == 0 or step == total_steps):
                 val = last_val = validate(epoch)
+                if step < stop and bests and stalled():
+                    stop_early()
             if step < stop:
                 checkpoint(val)
         checkpoint(val)
@@ -974,7 +1014,7 @@ def fit(
                      global_batch=global_batch, lr=lr, seconds=seconds_before + seconds, segment_seconds=seconds,
                      val=val, history=history,
                      best=bests[0].record() if bests and ctx.is_main else None,
-                     best_ema=bests[1].record() if len(bests) > 1 and ctx.is_main else None,
+                     best_ema=bests[1].record() if len(bests) > 1 and ctx.is_main else None, stopped_early=stopped_early,
                      compile_seconds=_compile_seconds(forward, compile_probe),
                      compile_failed=getattr(forward, "failed", None))
 
