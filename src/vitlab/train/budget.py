@@ -194,7 +194,7 @@ def measure_step_seconds(model: nn.Module, recipe: Recipe, train_set: Dataset, d
 
     with preserved_rng():
         net = copy.deepcopy(model).to(device).train()
-        optimizer = build_optimizer(net, recipe, lr=recipe.lr)
+        optimizer = build_optimizer(net, recipe, lr=recipe.lr, quiet=True)  # fit warns about the recipe
         if objective is None:
             criterion = criterion or ClassificationLoss(label_smoothing=recipe.label_smoothing)
             if isinstance(criterion, nn.Module):

@@ -3,10 +3,28 @@ and prefix tokens, and optional layer-wise learning-rate decay for fine-tuning.
 
 Layer-wise decay numbers the embeddings 0 and the blocks 1..L (L: ``num_layers_for_decay``); a parameter
 of layer i gets ``layer_decay ** (L + 1 - i)``. Everything after the blocks (final norm, head) is layer
-L + 1, scale 1.0, as in MAE's and BEiT's ``param_groups_lrd``. This differs from timm, whose
-group_matchers merge the final norm into the last block (scale ``layer_decay``). Class-attention blocks
-follow timm (the models' ``decay_layer_id``): XCiT's get layers of their own after the trunk, CaiT's share
-the last trunk blocks' layers.
+L + 1, scale 1.0, as in MAE's and BEiT's ``param_groups_lrd``. Class-attention blocks follow timm (the
+models' ``decay_layer_id``): XCiT's get layers of their own after the trunk, CaiT's share the last trunk
+blocks' layers.
+
+Where the groups differ from timm's (``param_groups_weight_decay`` / ``param_groups_layer_decay`` with the
+model's ``no_weight_decay()``):
+
+* the final norm: layer L + 1 (scale 1.0); timm's group_matchers merge it into the last block (scale
+  ``layer_decay``).
+* XCiT's attention temperatures (``blocks.i.attn.temperature``, shape (heads, 1, 1)): no weight decay, as the
+  official XCA module declares in its own ``no_weight_decay()``; timm decays them (as, in effect, does the
+  official ``main.py``: timm 0.4's ``create_optimizer`` reads only the top-level model's list).
+* SigLIP's attention-pool query (``attn_pool.latent``): no weight decay, as in big_vision; timm decays it.
+
+Where they differ from the official pre-training code: MAE's ``main_pretrain.py`` groups with timm 0.3's
+``add_weight_decay`` without a skip list, so it decays the class token and the decoder's mask token, which
+vitlab (the model's ``no_weight_decay()``, the decoder's ``mask_token``) does not; official DINO decays the class
+token and position table likewise. Kept: changing it would make the optimiser state of runs started before
+unreadable by ``--resume``.
+
+Settings of the optimiser not chosen (momentum under AdamW, betas under SGD: ``OPTIMIZER_SETTINGS``) changed
+from their defaults have no effect; :func:`build_optimizer` warns about them.
 """
 
 from __future__ import annotations
@@ -18,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitlab.train.recipe import Recipe
+from vitlab.train.recipe import OPTIMIZER_SETTINGS, Recipe, unused_optimizer_settings
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +124,20 @@ def owned_param_groups(modules: dict[str, nn.Module], *, weight_decay: float) ->
     return [g for g in (plain, decay) if g["params"]]
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, *, lr: float,
-                    extra: dict[str, nn.Module] | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, recipe: Recipe, *, lr: float, extra: dict[str, nn.Module] | None = None,
+                    quiet: bool = False) -> torch.optim.Optimizer:
     """The recipe's optimiser over ``param_groups``; each group's lr is ``lr * lr_scale``.
 
-    ``extra``: modules an objective trains besides the model (heads, decoders), in groups of their own.
+    ``extra``: modules an objective trains besides the model (heads, decoders), in groups of their own. Settings of
+    another optimiser changed from their defaults are warned about (``quiet``: not, for a probe of the run's steps).
     """
+    unused = unused_optimizer_settings(recipe)
+    if unused and not quiet:
+        said = ", ".join(f"{k}={getattr(recipe, k)!r} (used by {' / '.join(OPTIMIZER_SETTINGS[k])})" for k in unused)
+        log.warning("recipe %s: optimizer %s does not use %s; %s no effect on this run (choose the optimizer that "
+                    "uses %s with --set optimizer=..., or leave %s at the default)", recipe.name, recipe.optimizer,
+                    said, "it has" if len(unused) == 1 else "they have", "it" if len(unused) == 1 else "them",
+                    "it" if len(unused) == 1 else "them")
     groups = param_groups(model, weight_decay=recipe.weight_decay, layer_decay=recipe.layer_decay)
     if extra:
         groups += owned_param_groups(extra, weight_decay=recipe.weight_decay)

@@ -44,6 +44,8 @@ class Recipe:
     lr_base_batch: if set, the effective learning rate is lr * global_batch / lr_base_batch (DeiT's rule).
     warmup_steps / warmup_epochs: linear warm-up length; the larger of the two (epochs converted) is used.
     schedule: decay after warm-up down to min_lr: "cosine", "linear" or "constant".
+    betas / eps: AdamW's and Adam's; momentum / nesterov: SGD's. One set to another value than its default
+        under an optimizer that does not use it has no effect, with a warning (:data:`OPTIMIZER_SETTINGS`).
     layer_decay: layer-wise learning-rate decay for fine-tuning (ViT: lr * layer_decay ** (L + 1 - layer)).
     ema_decay: keep an exponential moving average of the weights (None: off).
     amp: "bf16" autocast (CPU or CUDA), "fp16" autocast with a gradient scaler (CUDA only), or "none".
@@ -277,6 +279,17 @@ def changed_fields(recipe: Recipe, fields, *, only_with_augment=frozenset()) -> 
     default = Recipe()
     return [k for k in fields if plain(getattr(recipe, k)) != plain(getattr(default, k))
             and (recipe.augment or k not in only_with_augment)]
+
+
+# The optimiser settings and the optimisers that use them; the others ignore them.
+OPTIMIZER_SETTINGS: dict[str, tuple[str, ...]] = {"betas": ("adamw", "adam"), "eps": ("adamw", "adam"),
+                                                  "momentum": ("sgd",), "nesterov": ("sgd",)}
+
+
+def unused_optimizer_settings(recipe: Recipe) -> list[str]:
+    """The :data:`OPTIMIZER_SETTINGS` of ``recipe`` set to other values than the defaults that its optimizer does
+    not use (e.g. momentum under adamw, betas under sgd)."""
+    return [k for k in changed_fields(recipe, OPTIMIZER_SETTINGS) if recipe.optimizer not in OPTIMIZER_SETTINGS[k]]
 
 
 def recipe_fields() -> dict[str, Any]:

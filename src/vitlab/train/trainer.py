@@ -70,7 +70,7 @@ from vitlab.train.objective import (
     objective_for,
 )
 from vitlab.train.optim import build_optimizer
-from vitlab.train.recipe import Recipe, changed_fields, plain
+from vitlab.train.recipe import OPTIMIZER_SETTINGS, Recipe, changed_fields, plain
 from vitlab.train.schedule import Horizon, build_scheduler
 from vitlab.train.state import get_rng_state, load_train_state, preserved_rng, save_train_state, set_rng_state
 
@@ -1195,7 +1195,7 @@ def check_same_optimizer(state: dict[str, Any], recipe: Recipe, path: Path) -> N
                               f"asks for {recipe.optimizer!r}; its optimizer state cannot be reused")
     mine = recipe.to_dict()
     # the fields this optimizer uses (an adamw run's momentum is not in its state)
-    unused = ("momentum", "nesterov") if recipe.optimizer != "sgd" else ("betas", "eps")
+    unused = {k for k, users in OPTIMIZER_SETTINGS.items() if recipe.optimizer not in users}
     changed = [k for k in OPTIMIZER_FIELDS if k not in unused and k in saved and saved[k] != mine[k]]
     if changed:
         run = path.parent
