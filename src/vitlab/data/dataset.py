@@ -171,6 +171,8 @@ class ImageFileDataset(VisionDataset):
         self._cache: Tensor | list[Tensor | None] | None = None
         self._cache_errors: dict[int, str] = {}
         self._cache_transform: Transform | None = None  # the transform whose outputs the cache holds, if any
+        # whether a colour image was warned about (a 1-channel data set): shared, as _skipped, across workers
+        self._colour_warned = torch.zeros(1, dtype=torch.bool).share_memory_()
 
     @property
     def cached(self) -> bool:
@@ -204,8 +206,15 @@ class ImageFileDataset(VisionDataset):
                     self._skipped[i] = True
 
     def decode(self, index: int, *, min_size: int | None = None) -> Tensor:
-        """Decode file ``index`` to uint8 (in_chans, H, W); raises BadImageError."""
-        return to_channels(load_image(self.paths[index], min_size=min_size), self.in_chans)
+        """Decode file ``index`` to uint8 (in_chans, H, W); raises BadImageError. In a 1-channel data set, the
+        first colour image (channels that differ) is named in a warning: its colour is lost."""
+        image = load_image(self.paths[index], min_size=min_size)
+        if self.in_chans == 1 and image.shape[0] == 3 and not self._colour_warned[0] and _in_colour(image):
+            self._colour_warned[0] = True
+            log.warning("%s: a colour image in %s, a 1-channel data set (in_chans=1; an image folder is, where "
+                        "the headers read were all grayscale): converted to grayscale, its colour is lost to the "
+                        "model; a data set with in_chans=3 keeps it", self.paths[index], self.source)
+        return to_channels(image, self.in_chans)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         if self._cache is None or self._cache_transform is None or self.transform is not self._cache_transform:
@@ -231,3 +240,8 @@ class ImageFileDataset(VisionDataset):
 
     def describe(self, index: int) -> str:
         return self.paths[index]
+
+
+def _in_colour(image: Tensor) -> bool:
+    """Whether a (3, H, W) image's channels differ somewhere (not a grey picture stored as RGB)."""
+    return not (torch.equal(image[0], image[1]) and torch.equal(image[1], image[2]))

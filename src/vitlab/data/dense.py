@@ -26,9 +26,9 @@ from torch.utils.data import Dataset
 from vitlab.checkpoints.io import parse_json
 from vitlab.data.dataset import SkipsBadImages
 from vitlab.data.errors import BadImageError, DatasetError
-from vitlab.data.folder import leaves_folder
+from vitlab.data.folder import image_files_in, leaves_folder
 from vitlab.data.functional import normalize, resize, to_float
-from vitlab.data.image import IMAGE_EXTENSIONS, load_image, to_channels
+from vitlab.data.image import load_image, to_channels
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +163,13 @@ def image_header(path: Path, *, oriented: bool = True) -> tuple[str, tuple[int, 
     """(mode, (width, height)) of an image file from its header, without decoding the pixels; ``oriented``:
     the size :func:`~vitlab.data.image.load_image` gives it (EXIF rotations by 90 degrees swap the sides).
     A file Pillow cannot open raises :class:`BadImageError` naming it."""
-    mode, (w, h), _, orientation = _header(path, with_format=False)
-    if oriented and orientation in (5, 6, 7, 8):
-        w, h = h, w
-    return mode, (w, h)
+    mode, size, _, orientation = _header(path, with_format=False)
+    return mode, _oriented(size, orientation) if oriented else size
+
+
+def _oriented(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """The (width, height) of stored pixels of ``size`` as displayed after the EXIF ``orientation``."""
+    return (size[1], size[0]) if orientation in _QUARTER_TURNS else size
 
 
 # EXIF orientations that turn the image by 90 degrees (its displayed width and height swap)
@@ -518,6 +521,8 @@ def _check_grey_palette(mask_path: Path, indices: Tensor, palette: list[int]) ->
 class MaskFolder(SkipsBadImages, Dataset):
     """VOC-style segmentation: ``images/NAME.jpg|png`` and ``masks/NAME.png`` whose pixel values are
     class indices (palette, grey 8- or 16-bit, or 1-bit PNGs), ``ignore_index`` (255) for unlabelled pixels.
+    Hidden files (``._NAME.png``, macOS's) are not images. Image and mask are aligned as displayed: each with its
+    own EXIF orientation applied (a mask's by transposing it, its class indices unchanged).
 
     Each sample is checked when it is read (the mask's mode, size and classes); :meth:`check_files` checks
     them all up front. ``skip_bad_images``: a sample whose image or mask cannot be decoded is ``None``."""
@@ -529,7 +534,7 @@ class MaskFolder(SkipsBadImages, Dataset):
         self.transform, self.ignore_index = transform, ignore_index
         if not self.images_dir.is_dir():
             raise DatasetError(f"{self.images_dir}: image folder not found")
-        files = sorted(p for p in self.images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = image_files_in(self.images_dir)  # hidden files (macOS's ._NAME.png) skipped, as image folders do
         if not files:
             raise DatasetError(f"{self.images_dir}: no images")
         self.pairs = []
@@ -559,20 +564,40 @@ class MaskFolder(SkipsBadImages, Dataset):
 
     @staticmethod
     def _check_size(mask_path: Path, mask_wh: tuple[int, int], img_path: Path, image_wh: tuple[int, int]) -> None:
-        if tuple(mask_wh) != tuple(image_wh):
-            raise DatasetError(f"{mask_path}: mask is {mask_wh[0]}x{mask_wh[1]}, its image {img_path.name} is "
-                               f"{image_wh[0]}x{image_wh[1]}")
+        """Mask and image have the same size as displayed (EXIF orientation applied); the error says where an EXIF
+        orientation turns either of them."""
+        if tuple(mask_wh) == tuple(image_wh):
+            return
+        turned = []
+        for what, path in (("the image", img_path), ("the mask", mask_path)):
+            try:
+                _, stored, _, orientation = _header(path, with_format=False)
+            except BadImageError:
+                continue
+            if orientation in _QUARTER_TURNS:
+                turned.append(f"{what} stores {stored[0]}x{stored[1]}, turned by its EXIF orientation ({orientation}: "
+                              f"{_QUARTER_TURNS[orientation]})")
+        hint = ""
+        if turned:
+            hint = (f" as displayed; {' and '.join(turned)}. Masks align with their image as displayed, each file's "
+                    f"EXIF orientation applied: a mask drawn on the image's stored pixels needs the image's EXIF "
+                    f"orientation tag too (or the image none)")
+        raise DatasetError(f"{mask_path}: mask is {mask_wh[0]}x{mask_wh[1]}, its image {img_path.name} is "
+                           f"{image_wh[0]}x{image_wh[1]}{hint}")
 
     def _read_mask(self, mask_path: Path) -> Tensor:
-        """The (H, W) int64 class indices of a mask file, its mode and classes checked."""
-        from PIL import Image
+        """The (H, W) int64 class indices of a mask file as displayed (its own EXIF orientation applied, by
+        transposing: the indices unchanged), its mode and classes checked."""
+        from PIL import Image, ImageOps
 
         try:
             with Image.open(mask_path) as m:
                 self._check_mode(mask_path, m.mode, _format_of(mask_path, m))
-                mask = torch.from_numpy(np.array(m, dtype=np.int64))  # mode "1": booleans, classes 0 and 1
-                if m.mode == "P":
-                    _check_grey_palette(mask_path, mask, m.getpalette() or [])
+                palette = (m.getpalette() or []) if m.mode == "P" else None
+                shown = ImageOps.exif_transpose(m) or m  # flips and quarter turns only, never resampled
+                mask = torch.from_numpy(np.array(shown, dtype=np.int64))  # mode "1": booleans, classes 0 and 1
+                if palette is not None:
+                    _check_grey_palette(mask_path, mask, palette)
         except OSError as e:
             raise BadImageError(f"{mask_path}: cannot read the mask ({e})") from None
         if self.num_classes is not None:
@@ -584,10 +609,11 @@ class MaskFolder(SkipsBadImages, Dataset):
 
     def check_files(self, *, classes: bool = False, sample: int = 0) -> MaskValues:
         """Every image and mask opens, each mask is a lossless file of a mode of class indices and has its image's
-        size, all read from the file headers (no decoding); ``classes``: the masks are also decoded (they are
-        small) and their values checked; ``sample``: that many of them (at most), spread over the set. A
-        :class:`DatasetError` (a mask that does not fit) or :class:`BadImageError` (an unreadable file; skipped
-        and counted instead with ``skip_bad_images``) names the file. Returns the values of the decoded masks."""
+        size as displayed (each file's EXIF orientation applied), all read from the file headers (no decoding);
+        ``classes``: the masks are also decoded (they are small) and their values checked; ``sample``: that many
+        of them (at most), spread over the set. A :class:`DatasetError` (a mask that does not fit) or
+        :class:`BadImageError` (an unreadable file; skipped and counted instead with ``skip_bad_images``) names the
+        file. Returns the values of the decoded masks."""
         n = len(self.pairs)
         k = n if classes else min(sample, n)
         decode = {i * n // k for i in range(k)} if k else set()  # k of the n, evenly spread
@@ -595,12 +621,12 @@ class MaskFolder(SkipsBadImages, Dataset):
         for i, (img_path, mask_path) in enumerate(self.pairs):
             try:
                 _, image_wh = image_header(img_path)
-                mode, mask_wh, fmt, _ = _header(mask_path)  # a mask is read as stored (no EXIF orientation)
+                mode, mask_wh, fmt, orientation = _header(mask_path)
             except BadImageError as e:
                 self._bad_image(i, e, hint=SKIP_HINT)
                 continue
             self._check_mode(mask_path, mode, fmt)
-            self._check_size(mask_path, mask_wh, img_path, image_wh)
+            self._check_size(mask_path, _oriented(mask_wh, orientation), img_path, image_wh)
             if i in decode:
                 try:
                     values.add(mask_path, self._read_mask(mask_path))
