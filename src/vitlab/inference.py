@@ -8,16 +8,24 @@ regression).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
+import threading
+import warnings
+import weakref
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from vitlab.data.image import load_image
+from vitlab.data import image as _image
+from vitlab.data.errors import BadImageError
+from vitlab.data.image import load_image, pil_to_tensor
 from vitlab.data.transforms import EvalTransform, eval_transform
 
 SCORE_KINDS = ("softmax", "sigmoid", "none")
@@ -45,21 +53,151 @@ def to_scores(logits: Tensor, kind: str) -> Tensor:
 
 def prepare_image(image: Any, transform: EvalTransform) -> Tensor:
     """One image -> the model's (C, H, W) input. A path is decoded with ``load_image(path,
-    min_size=transform.min_source_size)`` (a large JPEG at 1/2..1/8 scale, as ``vitlab predict`` does); a PIL
+    min_size=transform.min_source_size)`` (a large JPEG at 1/2..1/8 scale, as ``vitlab predict`` does); an encoded
+    file (bytes, ``io.BytesIO``, a file opened ``"rb"``) is decoded the same way, to the same pixels; a PIL
     image, a uint8 (H, W[, C]) array or a uint8 (C, H, W) tensor goes to ``transform`` as it is."""
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image, min_size=transform.min_source_size)
+    elif _is_encoded(image):
+        image = _load_encoded(image, min_size=transform.min_source_size)
     return transform(image)
 
 
+_IMAGE_FORMS = ("file paths, encoded image files (bytes, io.BytesIO, a file opened 'rb'), PIL images, uint8 "
+               "(H, W[, C]) arrays or uint8 (C, H, W) tensors, one or a list of them; a (B, C, H, W) uint8 "
+               "tensor is B images")
+
+
+def _is_encoded(x: Any) -> bool:
+    """Whether ``x`` is an encoded image file in memory: bytes-like, or an object with ``read`` (a file)."""
+    return isinstance(x, (bytes, bytearray, memoryview)) or callable(getattr(x, "read", None))
+
+
+def _is_image(x: Any) -> bool:
+    return isinstance(x, (str, os.PathLike, Image.Image, np.ndarray, Tensor)) or _is_encoded(x)
+
+
+def _kind(x: Any) -> str:
+    if x is None:
+        return "None"
+    name = type(x).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _load_encoded(data: Any, *, min_size: int | None = None) -> Tensor:
+    """An encoded image (bytes-like or a binary file object) -> uint8 (C, H, W), decoded as
+    :func:`~vitlab.data.load_image` decodes the same file from a path: the pixel limit, the reduced decode for
+    ``min_size`` (JPEG draft, box reduction), EXIF orientation, transparency over white, 16-bit scaling.
+    A failure is a :class:`~vitlab.data.errors.BadImageError` naming the input."""
+    if isinstance(data, io.TextIOBase):
+        raise TypeError(f"{getattr(data, 'name', 'a file')}: open in text mode; open image files with 'rb'")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        what, fp = f"image ({memoryview(data).nbytes:,} bytes)", io.BytesIO(data)
+    else:
+        name = getattr(data, "name", None)
+        what, fp = (os.fspath(name) if isinstance(name, (str, os.PathLike)) else type(data).__name__), data
+    try:
+        # the steps of load_image, on a file object (load_image takes paths only); the pixel equality with
+        # load_image on the same file is tested (tests/test_predict_service.py)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _image._open_unguarded(fp) as img:
+                w, h = img.size
+                limit = _image.MAX_IMAGE_PIXELS
+                if limit is not None and w * h > limit:
+                    raise BadImageError(f"{what}: refused, {w} x {h} = {w * h:,} pixels is above the limit of "
+                                        f"{limit:,} (a decompression bomb?); raise it with set_max_image_pixels")
+                if img.format == "JPEG" and min_size:
+                    most = min(w, h) // (2 * int(min_size))
+                    draft = next((a for a in (8, 4, 2) if a <= most and w % a == 0 and h % a == 0), 1)
+                    if draft > 1:
+                        img.draft(None, (w // draft, h // draft))
+                img.load()
+                factor = _image._reduce_factor(img.size, min_size) if img.mode in _image._REDUCIBLE_MODES else 1
+                x = pil_to_tensor(img.reduce(factor) if factor > 1 else img)
+    except BadImageError:
+        raise
+    except UnidentifiedImageError as e:
+        raise BadImageError(f"{what}: not an image file Pillow can identify") from e
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError) as e:
+        raise BadImageError(f"{what}: cannot decode image ({type(e).__name__}: {e})") from e
+    if 0 in x.shape[-2:]:
+        raise BadImageError(f"{what}: image has zero size {tuple(x.shape[-2:])}")
+    return x
+
+
 def _single(images: Any) -> bool:
-    return (isinstance(images, (str, os.PathLike, Image.Image, np.ndarray))
+    return (isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or _is_encoded(images)
             or (isinstance(images, Tensor) and images.ndim != 4))
+
+
+def _image_list(images: Any) -> tuple[list, bool]:
+    """(the images as a list, whether one image was given); anything but the accepted forms is a TypeError."""
+    if _single(images):
+        return [images], True
+    if isinstance(images, Tensor):
+        return list(images), False
+    if images is None or isinstance(images, (Mapping, set, frozenset)) or not hasattr(images, "__iter__"):
+        hint = " (give list(d) or list(d.values()))" if isinstance(images, Mapping) else (
+            " (a set has no order: give a list)" if isinstance(images, (set, frozenset)) else "")
+        raise TypeError(f"predict: images is {_kind(images)}{hint}; expected {_IMAGE_FORMS}")
+    items = list(images)
+    for i, im in enumerate(items):
+        if not _is_image(im):
+            raise TypeError(f"predict: images[{i}] is {_kind(im)}; expected {_IMAGE_FORMS}")
+    return items, False
 
 
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+class _EvalShare:
+    """The predict calls running on one model that was in train mode: the first switched it to eval mode and
+    recorded each module's mode in ``modes``; the last puts them back."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.modes: list[tuple[nn.Module, bool]] | None = None
+
+
+_shares: weakref.WeakKeyDictionary[nn.Module, _EvalShare] = weakref.WeakKeyDictionary()
+_shares_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _in_eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode meanwhile, safely for concurrent calls on one model: a model whose modules are all
+    in eval mode is not touched; otherwise the first concurrent call switches it to eval mode and the last one
+    to leave restores every module's own mode (restoring in each call would put the model back in train mode
+    while other calls are still in their forward)."""
+    with _shares_lock:
+        share = _shares.get(model)
+        if share is None:
+            share = _shares[model] = _EvalShare()
+    with share.lock:
+        if share.users == 0:
+            modes = [(m, m.training) for m in model.modules()]
+            share.modes = modes if any(training for _, training in modes) else None
+            if share.modes is not None:
+                model.eval()
+        share.users += 1
+    try:
+        yield
+    finally:
+        with share.lock:
+            share.users -= 1
+            if share.users == 0 and share.modes is not None:
+                for m, training in share.modes:  # each module's own flag (a frozen part may have been in eval)
+                    m.training = training
+                share.modes = None
+
+
+def _same_device(want: torch.device, have: torch.device) -> bool:
+    return want.type == have.type and (want.index is None or want.index == have.index)
 
 
 @torch.no_grad()
@@ -70,11 +208,15 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
     Args:
         model: a vitlab classifier, or a checkpoint path (vitlab checkpoint, Hugging Face folder, or an
             ONNX file written by ``vitlab export``; run with ONNX Runtime).
-        images: one image or a list of them: file paths, PIL images, uint8 (H, W[, C]) arrays or uint8
-            (C, H, W) tensors; a (B, C, H, W) uint8 tensor is a list of B images.
+        images: one image or a list of them: file paths, encoded image files (bytes, ``io.BytesIO``, a file
+            opened ``"rb"``: what a web framework hands over for an upload; decoded as the same file from a
+            path), PIL images, uint8 (H, W[, C]) arrays or uint8 (C, H, W) tensors; a (B, C, H, W) uint8 tensor
+            is a list of B images. Anything else (a dict, a set, None, a number) is a TypeError.
         topk: classes per image, best first (None: all).
         batch_size: images per forward.
-        device: where the model runs (None: where its parameters are; a path loads on the CPU).
+        device: where the model runs. A path is loaded on the CPU and moved there (None: the CPU). A model given
+            as a module is never moved (other calls may be using it): ``device`` must be where its parameters
+            are (None: there), otherwise a ValueError; move it yourself first (``model.to(device)``).
         scores: "auto" (the model's ``score_function``), "softmax", "sigmoid" or "none" (raw logits).
         threshold: instead of the top-k, every label whose score is >= ``threshold``, best first (``topk`` does not
             limit them): a multi-label model's (sigmoid scores) predicted labels, as ``vitlab predict`` lists them
@@ -83,6 +225,12 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
     Returns:
         per image a list of ``{"label": name, "score": float, "index": class}`` (the Hugging Face pipeline's
         form, plus the class index); for a single image, that list alone.
+
+    Threads: calls from several threads may share one model. A model in eval mode (``model.eval()``, as a
+    service should hold it; every ``vitlab.export`` runtime is) is not touched. A model with modules in train
+    mode (``vitlab.load_model`` returns one so) is switched to eval mode by the first of the concurrent calls
+    and its modules' modes are restored by the last one to finish, so no call's forward runs in train mode;
+    code of your own that switches the model's mode meanwhile is not guarded against.
 
     Example::
 
@@ -95,7 +243,9 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
         raise ValueError(f"predict: topk and batch_size must be >= 1, got topk={topk}, batch_size={batch_size}")
     if threshold is not None and not math.isfinite(threshold):
         raise ValueError(f"predict: threshold must be a finite number, got {threshold}")
-    if isinstance(model, (str, os.PathLike)):
+    items, single = _image_list(images)
+    loaded = isinstance(model, (str, os.PathLike))
+    if loaded:
         from vitlab.export.runtimes import load_for_inference
 
         model, _ = load_for_inference(model)
@@ -106,19 +256,24 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
     if not num_classes:
         raise ValueError("predict: a backbone without a classifier (num_classes 0): no classes to predict")
     kind = score_kind(model, scores)
-    single = _single(images)
-    items = [images] if single else list(images)
     names = getattr(model, "class_names", None) or [str(i) for i in range(num_classes)]
     k = num_classes if topk is None or threshold is not None else min(topk, num_classes)
     transform = eval_transform(model.preprocessing)
-    device = torch.device(device) if device is not None else _device_of(model)
     runtime = str(getattr(model, "name", "")) if hasattr(model, "inner") else ""  # a vitlab.export Runtime
     if runtime.startswith("onnx") or runtime == "torch-int8":
         device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
-    was_training = model.training
-    model.to(device).eval()
+    elif loaded:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        model.to(device)  # predict's own model
+    else:
+        here = _device_of(model)
+        if device is not None and not _same_device(torch.device(device), here):
+            raise ValueError(f"predict: device={str(device)!r}, but the model's parameters are on {here}; predict "
+                             f"does not move a model it is given: move it first (model.to({str(device)!r})) "
+                             f"or leave device out")
+        device = here
     out: list[list[dict[str, Any]]] = []
-    try:
+    with _in_eval_mode(model):
         from vitlab.train.evaluate import logits_of
 
         for start in range(0, len(items), batch_size):
@@ -127,8 +282,6 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
             out.extend([{"label": names[i], "score": v, "index": i} for v, i in zip(values, indices)
                         if threshold is None or v >= threshold]
                        for values, indices in zip(top.values.tolist(), top.indices.tolist()))
-    finally:
-        model.train(was_training)
     return out[0] if single else out
 
 

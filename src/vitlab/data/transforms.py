@@ -51,11 +51,14 @@ def image_tensor(x: Any, where: str = "eval_transform") -> Tensor:
     """An image as the transforms take it: a (C, H, W) tensor (uint8, or floats in [0, 1]) as it is; a PIL
     image as :func:`~vitlab.data.load_image` converts a decoded file (:func:`~vitlab.data.image.pil_to_tensor`:
     EXIF orientation, transparency over white); a uint8 (H, W) or (H, W, C) array through Pillow the same way.
-    Anything else, a (H, W, C) tensor included, is a ValueError naming the accepted forms."""
+    Anything else, a (H, W, C) tensor included, is a ValueError naming the accepted forms; so is an empty image
+    (0 height or width)."""
     if isinstance(x, Image.Image):
+        _refuse_empty(where, x.height, x.width, f"a {x.width} x {x.height} (width x height) PIL image")
         return pil_to_tensor(x)
     if isinstance(x, np.ndarray):
         if x.dtype == np.uint8 and (x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 2, 3, 4))):
+            _refuse_empty(where, x.shape[0], x.shape[1], f"an array of shape {x.shape}")
             return pil_to_tensor(Image.fromarray(x[..., 0] if x.ndim == 3 and x.shape[-1] == 1 else x))
         raise ValueError(f"{where}: a {x.dtype} array of shape {x.shape}; expected {IMAGE_FORMS}")
     if not isinstance(x, Tensor):
@@ -65,7 +68,13 @@ def image_tensor(x: Any, where: str = "eval_transform") -> Tensor:
     if x.shape[-1] in (1, 3, 4) and x.shape[-3] not in (1, 3, 4):
         raise ValueError(f"{where}: a tensor of shape {tuple(x.shape)} looks channels-last (H, W, C); expected "
                          f"{IMAGE_FORMS} (permute(2, 0, 1) a (H, W, C) tensor)")
+    _refuse_empty(where, x.shape[-2], x.shape[-1], f"a tensor of shape {tuple(x.shape)}")
     return x
+
+
+def _refuse_empty(where: str, h: int, w: int, what: str) -> None:
+    if h < 1 or w < 1:
+        raise ValueError(f"{where}: an empty image, {what} (height {h}, width {w}): nothing to resize")
 
 
 class EvalTransform:
@@ -87,7 +96,10 @@ class EvalTransform:
         computes it: each output side's target is ``side / crop_pct``; "squash" takes both. "center" keeps the
         aspect: for a square target the shorter side becomes the target and the longer one is truncated
         (torchvision's ``Resize(int)``); for a non-square one the image is scaled by the smaller of the two
-        side ratios, each side rounded (timm's ``ResizeKeepRatio``), so that it covers the crop."""
+        side ratios, each side rounded (timm's ``ResizeKeepRatio``), so that it covers the crop. An empty image
+        (``h`` or ``w`` 0) is a ValueError."""
+        if h < 1 or w < 1:
+            raise ValueError(f"cannot resize an empty image of height {h} and width {w}")
         sh, sw = self.pre.resize_side(self.size[0]), self.pre.resize_side(self.size[1])
         if self.pre.crop_mode == "squash":
             return sh, sw

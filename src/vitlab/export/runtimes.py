@@ -54,7 +54,12 @@ def parse_runtimes(spec: str) -> list[str]:
 
 class Runtime(nn.Module):
     """A model run one way; ``setup_s`` is the time spent preparing it (export, quantisation; for
-    ``torch-compile`` the compile, measured on the first call)."""
+    ``torch-compile`` the compile, measured on the first call).
+
+    Inference only: a runtime is in eval mode from construction on, and ``train()`` keeps it there
+    (``train(True)`` is logged once and ignored), so dropout and drop-path never run in it and a compiled
+    graph never recompiles for a changed mode. The inner model is the one given: switching that model's mode
+    directly (``torch`` shares the caller's model) is not prevented."""
 
     def __init__(self, name: str, inner: nn.Module, *, reference: nn.Module | None = None,
                  setup_s: float = 0.0) -> None:
@@ -70,6 +75,15 @@ class Runtime(nn.Module):
         self.task = getattr(described, "task", "classification")
         self.score_function = getattr(described, "score_function", "softmax")
         self.setup_s = setup_s
+        self._refused_train = False
+        self.eval()
+
+    def train(self, mode: bool = True) -> Runtime:
+        """Stays in eval mode (see the class): ``train(True)`` is ignored, with a warning the first time."""
+        if mode and not self._refused_train:
+            self._refused_train = True
+            log.warning("runtime %s is inference only: train(True) ignored, it stays in eval mode", self.name)
+        return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
         from vitlab.train.evaluate import logits_of
