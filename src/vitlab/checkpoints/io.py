@@ -452,3 +452,51 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object")
     return data
+
+
+# ------------------------------------------------------------------------------------ model folders (hub layouts)
+HUB_WEIGHTS = "model.safetensors"
+
+
+def check_model_folder(folder: Path, overwrite: bool, *, kind: str, names: tuple[str, ...]) -> None:
+    """A folder an export may write: missing, empty, or (``overwrite``) one whose ``names`` it replaces."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder; {kind} writes a folder")
+    if folder.is_dir() and not overwrite:
+        held = sorted(p.name for p in folder.iterdir())
+        if held:
+            raise ValueError(f"{folder} is a folder that is not empty ({', '.join(held[:5])}"
+                             f"{', ...' if len(held) > 5 else ''}); pass overwrite=True to replace its "
+                             f"{', '.join(names)}")
+
+
+def write_model_folder(folder: Path, state_dict: dict[str, Tensor], files: dict[str, Any], *, overwrite: bool,
+                       kind: str) -> None:
+    """Write a model folder: ``model.safetensors`` (``state_dict``) and a JSON file per ``files`` entry (name ->
+    object). All are written into a temporary folder beside ``folder`` and synced, then renamed into place: onto a
+    missing or empty folder in one rename; into a non-empty one (``overwrite``) file by file, the weights first (a
+    config never names weights it lacks), keeping its other files."""
+    from safetensors.torch import save_file
+
+    names = (HUB_WEIGHTS, *files)
+    check_model_folder(folder, overwrite, kind=kind, names=names)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        save_file(state_dict, tmp / HUB_WEIGHTS, metadata={"format": "pt"})  # transformers reads "pt" files only
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for name in names:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp / name, 0o666 & ~_umask())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+        check_model_folder(folder, overwrite, kind=kind, names=names)
+        if folder.is_dir() and any(folder.iterdir()):
+            for name in names:
+                os.replace(tmp / name, folder / name)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+

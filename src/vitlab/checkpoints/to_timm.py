@@ -29,10 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +38,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from vitlab.checkpoints.families import family_label
-from vitlab.checkpoints.io import _umask, atomic_write
+from vitlab.checkpoints.io import HUB_WEIGHTS, atomic_write, check_model_folder, write_model_folder
 from vitlab.checkpoints.timm_hub import TIMM_ARG_VALUES
 from vitlab.checkpoints.vitlab_format import model_metadata, unwrap_model
 
@@ -551,7 +548,6 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ hub folder
-HUB_WEIGHTS = "model.safetensors"
 HUB_CONFIG = "config.json"
 _ANY_INPUT_SIZE = frozenset({"mobilevit"})  # timm models built without a fixed input size (fixed_input_size=False)
 
@@ -622,44 +618,14 @@ def save_timm_folder(model: nn.Module, folder: str | Path, *, class_names: list[
     Both files are written into a temporary folder beside ``folder``, which is then renamed into place. An existing
     non-empty ``folder`` is refused unless ``overwrite``, which replaces its model.safetensors and config.json
     (each by a rename) and keeps its other files."""
-    from safetensors.torch import save_file
 
     model = unwrap_model(model)
     folder = Path(folder)
-    _check_folder(folder, overwrite)
+    check_model_folder(folder, overwrite, kind="a timm hub export", names=(HUB_WEIGHTS, HUB_CONFIG))
     config = timm_hub_config(model, class_names=class_names)  # refuses before anything is written
     args = timm_model_args(model)
     sd = {k: v.detach().contiguous().cpu() for k, v in to_timm_state_dict(model).items()}
     for note in args.notes:
         log.info("timm export of %s: %s", model.model_name, note)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        save_file(sd, tmp / HUB_WEIGHTS, metadata={"format": "pt"})  # transformers reads "pt" files only
-        (tmp / HUB_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for name in (HUB_WEIGHTS, HUB_CONFIG):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp / name, 0o666 & ~_umask())
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
-        _check_folder(folder, overwrite)
-        if folder.is_dir() and any(folder.iterdir()):
-            for name in (HUB_WEIGHTS, HUB_CONFIG):  # the weights first: a config never names weights it lacks
-                os.replace(tmp / name, folder / name)
-        else:
-            os.replace(tmp, folder)  # onto a missing or empty folder: one rename
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_model_folder(folder, sd, {HUB_CONFIG: config}, overwrite=overwrite, kind="a timm hub export")
     return args
-
-
-def _check_folder(folder: Path, overwrite: bool) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} exists and is not a folder; a timm hub export writes a folder")
-    if folder.is_dir() and not overwrite:
-        held = sorted(p.name for p in folder.iterdir())
-        if held:
-            raise ValueError(f"{folder} is a folder that is not empty ({', '.join(held[:5])}"
-                             f"{', ...' if len(held) > 5 else ''}); pass overwrite=True to replace its "
-                             f"{HUB_WEIGHTS} and {HUB_CONFIG}")
-

@@ -1,5 +1,5 @@
 """``vitlab export``: a checkpoint to a validated ONNX file (optionally int8), with a report; or its weights in timm's
-layout (``--format timm``)."""
+layout (``--format timm``) or as a Hugging Face transformers folder (``--format hf``)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ EXAMPLE = """examples:
   vitlab export --checkpoint runs/mine/model.safetensors --format timm --output mine-timm
       (a timm hub folder: timm.create_model("local-dir:mine-timm", pretrained=True) and transformers'
       AutoModelForImageClassification / AutoImageProcessor.from_pretrained("mine-timm") load it)
+  vitlab export --checkpoint runs/mine/model.safetensors --format hf --output mine-hf
+      (a ViT / DeiT as transformers' own ViTForImageClassification folder, with its image processor)
 
 The file is written only after the same real images (--data, else bundled digits) went through PyTorch
 and ONNX Runtime with the checkpoint's own preprocessing and agreed (max |difference| of every output <=
@@ -45,7 +47,14 @@ defaults, the class names and the preprocessing. Families timm has no model for 
 SETR, Linformer attention) and options timm has no argument for are refused, naming them. An --output without the
 .safetensors suffix (or an existing folder) is a timm hub folder instead: model.safetensors and config.json (the
 timm name and arguments, class names as label_names, the preprocessing as pretrained_cfg), as timm's save_for_hf
-writes it; a non-empty folder is refused without --overwrite, which replaces those two files."""
+writes it; a non-empty folder is refused without --overwrite, which replaces those two files.
+
+--format hf writes a folder as transformers' save_pretrained does: a ViT (or DeiT without a distillation token) as
+ViTForImageClassification, a distilled DeiT as DeiTForImageClassificationWithTeacher, with config.json (class names
+as id2label) and preprocessor_config.json (the processor that resizes and crops as the model's preprocessing);
+transformers loads it without timm or vitlab. What transformers' classes cannot compute (average pooling,
+registers, LayerScale, other families) is refused; preprocessing differences (the odd pixel of a crop margin) are
+printed as notes."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,11 +67,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "or alone for random weights (for trying the export)")
     add_model_argument(p, with_model=False)
     add_threads_argument(p)
-    p.add_argument("--format", choices=["onnx", "timm"], default="onnx",
+    p.add_argument("--format", choices=["onnx", "timm", "hf"], default="onnx",
                    help="onnx: a validated ONNX file; timm: the weights in timm's layout (*.safetensors, or a "
-                        "timm hub folder that timm and transformers load) and the lines that load them")
+                        "timm hub folder that timm and transformers load) and the lines that load them; hf: a "
+                        "Hugging Face transformers folder (ViT and DeiT: ViTForImageClassification / "
+                        "DeiTForImageClassificationWithTeacher and their image processor), loaded without timm")
     p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx (model.safetensors for timm, "
-                                                   "or a folder: a timm hub folder)")
+                                                   "or a folder: a timm hub folder; a folder for hf)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
     p.add_argument("--dynamic-size", action="store_true",
                    help="any input size, checked at two other sizes (refused for families that cannot)")
@@ -91,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.format == "timm":
         return run_timm(args)
+    if args.format == "hf":
+        return run_hf(args)
     from vitlab.export import ExportUnavailableError, ExportValidationError, export_onnx
 
     if args.num_images < 1:
@@ -163,14 +176,18 @@ _ONNX_ONLY = (("dynamic_batch", "--dynamic-batch", False), ("dynamic_size", "--d
               ("force", "--force", False), ("no_timing", "--no-timing", False))
 
 
+def _refuse_onnx_options(args: argparse.Namespace) -> None:
+    given = [flag for attr, flag, default in _ONNX_ONLY if getattr(args, attr) != default]
+    if given:
+        raise ValueError(f"{', '.join(given)}: options of the ONNX export; --format {args.format} writes the weights "
+                         f"as they are (the model's own input size)")
+
+
 def run_timm(args: argparse.Namespace) -> int:
     """``--format timm``: the checkpoint's weights in timm's layout, and how timm loads them."""
     from vitlab.checkpoints import save_timm, timm_model_args
 
-    given = [flag for attr, flag, default in _ONNX_ONLY if getattr(args, attr) != default]
-    if given:
-        raise ValueError(f"{', '.join(given)}: options of the ONNX export; --format timm writes the weights as they "
-                         f"are (the model's own input size)")
+    _refuse_onnx_options(args)
     output = Path(args.output)
     if output.is_dir() or (output.suffix.lower() != ".safetensors" and output.suffix.lower() not in _FILE_SUFFIXES):
         return run_timm_folder(args, output)
@@ -242,3 +259,41 @@ def run_timm_folder(args: argparse.Namespace, output: Path) -> int:
     for note in found.notes:
         print(f"note: {note}")
     return 0
+
+
+def run_hf(args: argparse.Namespace) -> int:
+    """``--format hf --output DIR``: a Hugging Face transformers folder (model.safetensors, config.json,
+    preprocessor_config.json), and how transformers loads it."""
+    from vitlab.checkpoints.to_hf import hf_config, save_hf_folder
+
+    _refuse_onnx_options(args)
+    output = Path(args.output)
+    if output.suffix.lower() in (".safetensors", *_FILE_SUFFIXES):
+        raise ValueError(f"--output {output}: --format hf writes a folder (model.safetensors, config.json, "
+                         f"preprocessor_config.json); name a folder, e.g. {output.with_suffix('')}")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; --format hf writes a folder")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise ValueError(f"--output {output} is a folder that is not empty; pass --overwrite to replace its "
+                         f"model.safetensors, config.json and preprocessor_config.json")
+    refuse_own_input(args, [output / "model.safetensors", output / "config.json"])
+    model = model_to_export(args)
+    hf_config(model)  # refuses what transformers cannot build, before anything is written
+    found = save_hf_folder(model, output, overwrite=args.overwrite)
+    lines = [f"AutoModelForImageClassification.from_pretrained({str(output)!r})",
+             f"AutoImageProcessor.from_pretrained({str(output)!r})"]
+    if args.json:
+        print(json.dumps({"output": str(output), "format": "hf", "architecture": found.architecture,
+                          "model_type": found.model_type, "load_transformers": lines, "notes": list(found.notes)},
+                         indent=2))
+        return 0
+    print(f"wrote {output}/ (model.safetensors, config.json, preprocessor_config.json): {model.model_name} as "
+          f"transformers' {found.architecture}")
+    print("load it in transformers:")
+    print("    from transformers import AutoImageProcessor, AutoModelForImageClassification")
+    print(f"    model = {lines[0]}")
+    print(f"    processor = {lines[1]}")
+    for note in found.notes:
+        print(f"note: {note}")
+    return 0
+

@@ -1,0 +1,117 @@
+"""Hugging Face folders written by vitlab (``save_hf_folder``, ``vitlab export --format hf``): transformers loads
+them as ViTForImageClassification / DeiTForImageClassificationWithTeacher with vitlab's outputs, its processor
+prepares images as vitlab does, and vitlab reads them back with the same outputs.
+
+Fixtures: tests/fixtures/hf_export/make_fixtures_hf_export.py (transformers 5.25 in the peer environment loaded the
+folders vitlab wrote and recorded its logits and pixel values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vitlab
+from vitlab.checkpoints.to_hf import hf_config, hf_processor_config, save_hf_folder, to_hf_state_dict
+from vitlab.cli.main import main
+from vitlab.data.transforms import eval_transform
+
+FIX = Path(__file__).parent / "fixtures" / "hf_export"
+CASES = ["vit", "vit_squash", "deit_distilled", "vit_sigmoid"]
+
+
+@pytest.fixture(scope="module")
+def io() -> dict[str, torch.Tensor]:
+    return load_file(FIX / "io.safetensors")
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict:
+    return json.loads((FIX / "expected.json").read_text())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_transformers_computes_vitlabs_logits_from_the_exported_folder(case: str, io: dict, expected: dict) -> None:
+    model = vitlab.load_model(FIX / f"{case}.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(io[f"{case}.pixels"]), io[f"{case}.logits"], atol=2e-5, rtol=1e-5)
+    e = expected[case]
+    config = hf_config(model)
+    assert [config["architectures"][0], config["model_type"]] == [e["class"], e["model_type"]]
+    assert config["id2label"] == e["id2label"] and config.get("problem_type") == e["problem_type"]
+    assert hf_processor_config(model)[0]["image_processor_type"] == e["processor"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_processor_prepares_images_as_vitlab(case: str, io: dict) -> None:
+    """The same resize and crop, up to where an odd margin's crop starts (transformers: margin // 2; vitlab and timm:
+    round(margin / 2)), which the export names in its notes. The 40 x 52 picture has odd margins at crop_pct 0.9
+    (resized to 35 x 45 for a 32 x 32 crop), even ones at 0.8 (40 x 52)."""
+    model = vitlab.load_model(FIX / f"{case}.safetensors")
+    pre = model.preprocessing
+    floor = eval_transform(dataclasses.replace(pre, crop_offset="floor"))(io["image"].numpy())
+    assert (floor - io[f"{case}.pixels"][0]).abs().mean() < 0.01  # Pillow's uint8 rounding between resize passes
+    config, notes = hf_processor_config(model)
+    odd = pre.crop_mode == "center" and pre.resize_side(32) == 35  # crop_pct 0.9: margins 3 and 13
+    ours = eval_transform(pre)(io["image"].numpy())
+    assert ((ours - io[f"{case}.pixels"][0]).abs().mean() > 0.1) == odd
+    assert any("margin // 2" in n for n in notes) == bool(config.get("do_center_crop"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_vitlab_reads_its_hf_folder_back_with_the_same_outputs(case: str, tmp_path: Path) -> None:
+    model = vitlab.load_model(FIX / f"{case}.safetensors").eval()
+    save_hf_folder(model, tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors",
+                                                                   "preprocessor_config.json"]
+    back = vitlab.load_model(tmp_path / "hf").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-6, rtol=1e-6)
+    assert back.class_names == model.class_names and back.score_function == model.score_function
+    pre, again = model.preprocessing, back.preprocessing
+    assert (again.crop_mode, again.interpolation, again.mean, again.std) == (pre.crop_mode, pre.interpolation,
+                                                                            pre.mean, pre.std)
+    assert again.resize_side(32) == pre.resize_side(32)  # the same resize before the crop
+
+
+def test_the_weights_are_transformers_names_split_from_the_fused_projection() -> None:
+    model = vitlab.load_model(FIX / "deit_distilled.safetensors")
+    sd = to_hf_state_dict(model)
+    qkv = model.state_dict()["blocks.1.attn.qkv.weight"]
+    parts = [sd[f"deit.encoder.layer.1.attention.attention.{p}.weight"] for p in ("query", "key", "value")]
+    assert torch.equal(torch.cat(parts), qkv)
+    assert {"cls_classifier.weight", "distillation_classifier.weight", "deit.embeddings.distillation_token"} <= set(sd)
+
+
+@pytest.mark.parametrize("name, options, words", [
+    ("vit_tiny_patch16_224", {"global_pool": "avg"}, ["global_pool='avg'", "classifies the class token"]),
+    ("vit_tiny_patch16_224", {"init_values": 1e-5}, ["init_values=1e-05", "LayerScale"]),
+    ("vit_small_patch14_reg4_dinov2", {}, ["reg_tokens=4"]),
+    ("vit_tiny_patch16_224", {"attn_type": "linformer"}, ["Linformer"]),
+    ("swin_tiny_patch4_window7_224", {}, ["Swin", "--format timm"]),
+    ("vit_tiny_patch16_224", {"num_classes": 0}, ["no classifier"]),
+])
+def test_what_transformers_cannot_build_is_refused_before_anything_is_written(name, options, words, tmp_path):
+    with torch.device("meta"):
+        model = vitlab.create_model(name, **options)
+    with pytest.raises(ValueError) as e:
+        save_hf_folder(model, tmp_path / "hf")
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_format_hf_on_the_command_line(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(FIX / "vit.safetensors"), "--format", "hf", "--output", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "AutoModelForImageClassification.from_pretrained" in said and "margin // 2" in said
+    assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "cat", "1": "dog", "2": "ship"}
+    assert main(["export", "--checkpoint", str(FIX / "vit.safetensors"), "--format", "hf", "--output", str(out)]) != 0
+    assert main(["export", "--checkpoint", str(FIX / "vit.safetensors"), "--format", "hf", "--output", str(out),
+                 "--overwrite"]) == 0
