@@ -1,5 +1,6 @@
 """Hugging Face folders written by vitlab (``save_hf_folder``, ``vitlab export --format hf``): transformers loads
-them as ViTForImageClassification / DeiTForImageClassificationWithTeacher with vitlab's outputs, its processor
+them as ViTForImageClassification / DeiTForImageClassificationWithTeacher / SwinForImageClassification with vitlab's
+outputs, its processor
 prepares images as vitlab does, and vitlab reads them back with the same outputs.
 
 Fixtures: tests/fixtures/hf_export/make_fixtures_hf_export.py (transformers 5.25 in the peer environment loaded the
@@ -22,7 +23,7 @@ from vitlab.cli.main import main
 from vitlab.data.transforms import eval_transform
 
 FIX = Path(__file__).parent / "fixtures" / "hf_export"
-CASES = ["vit", "vit_squash", "deit_distilled", "vit_sigmoid"]
+CASES = ["vit", "vit_squash", "deit_distilled", "vit_sigmoid", "swin"]
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +93,15 @@ def test_the_weights_are_transformers_names_split_from_the_fused_projection() ->
 @pytest.mark.parametrize("name, options, words", [
     ("vit_tiny_patch16_224", {"global_pool": "avg"}, ["global_pool='avg'", "classifies the class token"]),
     ("vit_tiny_patch16_224", {"init_values": 1e-5}, ["init_values=1e-05", "LayerScale"]),
-    ("vit_small_patch14_reg4_dinov2", {}, ["reg_tokens=4"]),
+    ("vit_small_patch14_reg4_dinov2", {"num_classes": 10}, ["reg_tokens=4"]),
     ("vit_tiny_patch16_224", {"attn_type": "linformer"}, ["Linformer"]),
-    ("swin_tiny_patch4_window7_224", {}, ["Swin", "--format timm"]),
+    ("swinv2_tiny_window8_256", {}, ["Swin v2", "--format timm"]),
+    ("mobilevit_xxs", {}, ["MobileViT", "--format timm"]),
+    ("swin_tiny_patch4_window7_224", {"img_size": 32, "window_size": 4, "patch_size": 2},
+     ["stage(s) [3] have maps smaller than the window", "full window"]),
+    ("swin_tiny_patch4_window7_224", {"window_size": (7, 7, 7, 4)}, ["one window for every stage"]),
+    ("swin_tiny_patch4_window7_224", {"img_size": 256}, ["stage(s) [0, 1, 2, 3] pad", "transformers pads before it"]),
+    ("swin_tiny_patch4_window7_224", {"norm_eps": 1e-6}, ["eps 1e-06", "embed_norm_eps=1e-05"]),
     ("vit_tiny_patch16_224", {"num_classes": 0}, ["no classifier"]),
 ])
 def test_what_transformers_cannot_build_is_refused_before_anything_is_written(name, options, words, tmp_path):

@@ -3,7 +3,8 @@
 A ViT (and a DeiT without a distillation token, which transformers runs as ``ViTForImageClassification``, as the
 hub's ``facebook/deit-*`` folders do) becomes ``ViTForImageClassification``; a distilled DeiT with its two heads
 ``DeiTForImageClassificationWithTeacher`` (the average of the class and distillation heads, as vitlab's
-inference). The folder holds ``model.safetensors`` under transformers' names (those its saved files carry:
+inference); a Swin v1 ``SwinForImageClassification`` (each stage's patch merging at the end of the stage before,
+as transformers places it). The folder holds ``model.safetensors`` under transformers' names (those its saved files carry:
 ``vit.encoder.layer.N.attention.attention.query``, ...; the fused q / k / v projection split), ``config.json``
 (sizes, ``hidden_act``, ``layer_norm_eps``, ``id2label`` from the class names, ``problem_type`` for a sigmoid or
 regression head) and ``preprocessor_config.json``: the processor that prepares images as the model's
@@ -13,8 +14,9 @@ and a crop, ``BitImageProcessor`` for the shorter side and a centre crop). ``Aut
 back (``vitlab.load_model``) with the same outputs.
 
 What transformers' classes cannot compute is refused, naming it (average pooling, registers, LayerScale, a
-pre-logits layer, a norm before the blocks, fixed or no position tables, Linformer, a hybrid stem, other
-families). What differs only in preprocessing or at other input sizes is returned as notes: transformers' processors
+pre-logits layer, a norm before the blocks, fixed or no position tables, Linformer, a hybrid stem; a Swin with
+windows per stage, other norm epsilons in its embedding, padding after the shift where its maps need padding;
+other families). What differs only in preprocessing or at other input sizes is returned as notes: transformers' processors
 place an odd crop margin's extra pixel after the crop (``margin // 2``; vitlab's default, as timm's, rounds
 ``margin / 2``), keep the aspect of a non-square input's shorter side, and resample the position table only when
 asked (``interpolate_pos_encoding=True``, bicubic without antialiasing).
@@ -23,6 +25,7 @@ asked (``interpolate_pos_encoding=True``, bicubic without antialiasing).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,13 +80,18 @@ def _distilled(model: nn.Module) -> bool:
 
 
 def _check(model: nn.Module) -> None:
-    """Refuse what transformers' ViT / DeiT classifiers cannot compute, naming it."""
+    """Refuse what transformers' ViT / DeiT / Swin classifiers cannot compute, naming it."""
     name = getattr(model, "model_name", type(model).__name__)
     family = _family(model)
-    if family not in ("vit", "deit"):
-        raise ValueError(f"{name} is a {family_label(family)} model: vitlab writes Hugging Face folders of ViT and DeiT "
-                         f"models; export it with --format timm (a timm hub folder, which transformers' "
+    if family not in ("vit", "deit", "swin"):
+        raise ValueError(f"{name} is a {family_label(family)} model: vitlab writes Hugging Face folders of ViT, DeiT "
+                         f"and Swin (v1) models; export it with --format timm (a timm hub folder, which transformers' "
                          f"AutoModelForImageClassification loads with timm installed) or --format onnx")
+    if not model.num_classes:
+        raise ValueError(f"{name} has no classifier (num_classes=0): vitlab writes Hugging Face image classifiers")
+    if family == "swin":
+        _check_swin(model, name)
+        return
     cfg = model.cfg
     for field, (value, why) in _VIT_FIXED.items():
         have = getattr(cfg, field, value)
@@ -100,20 +108,86 @@ def _check(model: nn.Module) -> None:
     if hidden != cfg.mlp_ratio * cfg.embed_dim:
         raise ValueError(f"{name}: mlp_ratio {cfg.mlp_ratio} x embed_dim {cfg.embed_dim} is not a whole MLP width "
                          f"(transformers' intermediate_size)")
-    if not model.num_classes:
-        raise ValueError(f"{name} has no classifier (num_classes=0): vitlab writes Hugging Face image classifiers")
+
+
+_HF_SWIN_EMBED_EPS = 1e-5  # transformers' Swin patch-embedding and patch-merging norms: nn.LayerNorm's default
+
+
+def _check_swin(model: nn.Module, name: str) -> None:
+    cfg = model.cfg
+    if cfg.version != 1:
+        raise ValueError(f"{name} is a Swin v2 model: vitlab writes Hugging Face folders of Swin v1; export it with "
+                         f"--format timm or onnx")
+    windows = cfg.window_size if isinstance(cfg.window_size, tuple) else (cfg.window_size,)
+    if len(set(windows)) != 1:
+        raise ValueError(f"{name} has window_size={cfg.window_size!r}: transformers' Swin has one window for every "
+                         f"stage")
+    embed_eps = cfg.embed_norm_eps if cfg.embed_norm_eps is not None else cfg.norm_eps
+    if embed_eps != _HF_SWIN_EMBED_EPS:
+        raise ValueError(f"{name}: its patch-embedding and patch-merging norms have eps {embed_eps}; transformers' "
+                         f"Swin keeps {_HF_SWIN_EMBED_EPS} there (build it with embed_norm_eps={_HF_SWIN_EMBED_EPS})")
+    small = _stages(model, lambda side, window: side < window)
+    if small:
+        raise ValueError(f"{name}: at its input size stage(s) {small} have maps smaller than the window, which vitlab "
+                         f"(as the official Swin and timm) shrinks there with its bias table; transformers builds "
+                         f"every stage's table for the full window")
+    if not cfg.pad_before_shift and _padded_stages(model):
+        raise ValueError(f"{name}: at its input size stage(s) {_padded_stages(model)} pad their map to a multiple of "
+                         f"the window, after the cyclic shift (timm's order, pad_before_shift=False); transformers "
+                         f"pads before it, which gives other outputs there")
+    from vitlab.checkpoints.convert_swin import _check_hf_window_clamp
+
+    size = cfg.img_size if isinstance(cfg.img_size, tuple) else (cfg.img_size, cfg.img_size)
+    try:
+        _check_hf_window_clamp({"image_size": list(size), "patch_size": cfg.patch_size, "window_size": windows[0],
+                                "depths": list(cfg.depths)}, "swin")
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def _padded_stages(model: nn.Module) -> list[int]:
+    """The stages whose map (at the model's input size) is larger than the window and not a multiple of it."""
+    return _stages(model, lambda side, window: side > window and side % window)
+
+
+def _stages(model: nn.Module, test: Any) -> list[int]:
+    """The stages where ``test(side, window)`` holds for a side of the map at the model's input size."""
+    cfg = model.cfg
+    h, w = cfg.img_size if isinstance(cfg.img_size, tuple) else (cfg.img_size, cfg.img_size)
+    h, w = -(-h // cfg.patch_size), -(-w // cfg.patch_size)
+    window = cfg.window_size if isinstance(cfg.window_size, int) else cfg.window_size[0]
+    out = []
+    for stage in range(len(cfg.depths)):
+        if stage:
+            h, w = (h + 1) // 2, (w + 1) // 2
+        if any(test(side, window) for side in (h, w)):
+            out.append(stage)
+    return out
 
 
 def hf_config(model: nn.Module, *, class_names: list[str] | None = None) -> dict[str, Any]:
-    """``config.json`` of ``model``'s transformers folder (ViTConfig / DeiTConfig fields, as save_pretrained writes
-    them); a ValueError names what transformers cannot build."""
+    """``config.json`` of ``model``'s transformers folder (ViTConfig / DeiTConfig / SwinConfig fields, as save_pretrained
+    writes them); a ValueError names what transformers cannot build."""
     model = unwrap_model(model)
     _check(model)
     cfg = model.cfg
     meta = model_metadata(model, class_names=class_names)
     names = meta["class_names"] or [f"LABEL_{i}" for i in range(model.num_classes)]
-    distilled = _distilled(model)
+    labels = {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
+    problem = _PROBLEM.get(meta.get("score_function", ""))
+    if problem:  # transformers' pipeline then scores with sigmoid / raw values, as vitlab
+        labels["problem_type"] = problem
     size = cfg.img_size
+    if _family(model) == "swin":
+        window = cfg.window_size if isinstance(cfg.window_size, int) else cfg.window_size[0]
+        return {"architectures": ["SwinForImageClassification"], "model_type": "swin",
+                "image_size": list(size) if isinstance(size, tuple) else size, "patch_size": cfg.patch_size,
+                "num_channels": cfg.in_chans, "embed_dim": cfg.embed_dim, "depths": list(cfg.depths),
+                "num_heads": list(cfg.num_heads), "window_size": window, "mlp_ratio": cfg.mlp_ratio,
+                "qkv_bias": cfg.qkv_bias, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                "drop_path_rate": 0.0, "hidden_act": "gelu", "use_absolute_embeddings": False,
+                "initializer_range": 0.02, "layer_norm_eps": cfg.norm_eps, "encoder_stride": 32, **labels}
+    distilled = _distilled(model)
     config: dict[str, Any] = {
         "architectures": ["DeiTForImageClassificationWithTeacher" if distilled else "ViTForImageClassification"],
         "model_type": "deit" if distilled else "vit",
@@ -131,13 +205,14 @@ def hf_config(model: nn.Module, *, class_names: list[str] | None = None) -> dict
         "num_channels": cfg.in_chans,
         "qkv_bias": cfg.qkv_bias,
         "encoder_stride": cfg.patch_size,
-        "id2label": {str(i): n for i, n in enumerate(names)},
-        "label2id": {n: i for i, n in enumerate(names)},
+        **labels,
     }
-    problem = _PROBLEM.get(meta.get("score_function", ""))
-    if problem:  # transformers' pipeline then scores with sigmoid / raw values, as vitlab
-        config["problem_type"] = problem
     return config
+
+
+# the names of a block's norms and MLP in transformers' ViT / DeiT / Swin layers
+_BLOCK_NAMES = {"norm1.": "layernorm_before.", "norm2.": "layernorm_after.", "mlp.fc1.": "intermediate.dense.",
+                "mlp.fc2.": "output.dense."}
 
 
 def to_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -145,6 +220,8 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     query / key / value); the class :func:`hf_config` names loads them strictly."""
     model = unwrap_model(model)
     _check(model)
+    if _family(model) == "swin":
+        return _swin_state_dict(model)
     distilled = _distilled(model)
     root = "deit." if distilled else "vit."
     out: dict[str, Tensor] = {}
@@ -158,8 +235,7 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
                 for part, t in zip(("query", "key", "value"), v.chunk(3)):
                     out[f"{base}attention.attention.{part}.{kind}"] = t.contiguous()
                 continue
-            renamed = {"norm1.": "layernorm_before.", "norm2.": "layernorm_after.", "attn.proj.": "attention.output.dense.",
-                       "mlp.fc1.": "intermediate.dense.", "mlp.fc2.": "output.dense."}
+            renamed = {**_BLOCK_NAMES, "attn.proj.": "attention.output.dense."}
             prefix = next(p for p in renamed if rest.startswith(p))
             out[base + renamed[prefix] + rest[len(prefix):]] = v
             continue
@@ -174,6 +250,38 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if k not in top:
             raise ValueError(f"{model.model_name}: no transformers name for {k!r}")
         out[top[k]] = v
+    return out
+
+
+def _swin_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """A Swin v1 under transformers' names: a stage's patch merging belongs to the stage before it there."""
+    out: dict[str, Tensor] = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().contiguous().cpu()
+        if k.startswith(("patch_embed.proj.", "patch_embed.norm.")):
+            part = "patch_embeddings.projection." if k.startswith("patch_embed.proj.") else "norm."
+            out["swin.embeddings." + part + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("norm."):
+            out["swin.layernorm." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("head."):
+            out["classifier." + k.rsplit(".", 1)[1]] = v
+        elif m := re.match(r"^layers\.(\d+)\.downsample\.(.+)$", k):
+            out[f"swin.encoder.layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"] = v
+        elif m := re.match(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$", k):
+            base, rest = f"swin.encoder.layers.{m.group(1)}.blocks.{m.group(2)}.", m.group(3)
+            if rest.startswith("attn.qkv."):
+                kind = rest.rsplit(".", 1)[1]
+                for part, t in zip(("query", "key", "value"), v.chunk(3)):
+                    out[f"{base}attention.self.{part}.{kind}"] = t.contiguous()
+            elif rest == "attn.relative_position_bias_table":
+                out[base + "attention.self.relative_position_bias_table"] = v
+            elif rest.startswith("attn.proj."):
+                out[base + "attention.output.dense." + rest.rsplit(".", 1)[1]] = v
+            else:
+                prefix = next(p for p in _BLOCK_NAMES if rest.startswith(p))
+                out[base + _BLOCK_NAMES[prefix] + rest[len(prefix):]] = v
+        else:
+            raise ValueError(f"{model.model_name}: no transformers name for {k!r}")
     return out
 
 
@@ -220,7 +328,7 @@ def save_hf_folder(model: nn.Module, folder: str | Path, *, class_names: list[st
     folder = Path(folder)
     config = hf_config(model, class_names=class_names)  # refuses before anything is written
     processor, notes = hf_processor_config(model)
-    if model.cfg.dynamic_img_size:
+    if model.cfg.dynamic_img_size and _family(model) != "swin":
         notes.append("at other input sizes transformers resamples the position table only when asked "
                      "(interpolate_pos_encoding=True), bicubic without antialiasing"
                      + ("" if not model.cfg.pos_antialias else "; vitlab's resamples it antialiased"))
