@@ -140,6 +140,8 @@ def test_predict_does_not_move_the_callers_model():
         vitlab.predict(model, _picture(), device="meta")
     assert all(p.device.type == "cpu" for p in model.parameters())
     np.testing.assert_allclose(_scores(vitlab.predict(model, _picture(), topk=2, device="cpu")), expected, atol=0)
+    for same in ("cpu:0", torch.device("cpu", 0)):  # the CPU has one device, whatever index names it
+        np.testing.assert_allclose(_scores(vitlab.predict(model, _picture(), topk=2, device=same)), expected, atol=0)
 
 
 # --------------------------------------------------------------------------- 4: uploads and what is not an image

@@ -7,6 +7,7 @@ Fixtures: tests/fixtures/resnet/make_fixtures_resnet.py (peer environment: timm 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,38 @@ def test_a_bottleneck_resnet18_is_written_as_timms_resnet50() -> None:
     its layers."""
     args = timm_model_args(vitlab.create_model("resnet18", block="bottleneck"))
     assert args.model_name == "resnet50" and args.kwargs == {"layers": [2, 2, 2, 2]}
+
+
+@pytest.mark.parametrize("variant, words", [
+    ("resnext50_32x4d", "grouped 3x3 convolutions (ResNeXt"),
+    ("wide_resnet50_2", "bottlenecks 2x narrower than their output, not 4x (timm's wide_resnet"),
+    ("resnet50_gn", "norms without running statistics (group norm"),
+    ("skresnet18", "selective-kernel convolutions (timm's skresnet"),
+])
+def test_timm_resnet_variants_with_the_plain_names_are_refused_by_name(variant: str, words: str,
+                                                                        tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    shapes = json.loads((FIX / "timm_variant_shapes.json").read_text())[variant]
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(tmp_path / f"{variant}.safetensors"))
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        vitlab.create_model("resnet50", pretrained=tmp_path / f"{variant}.safetensors")
+
+
+def test_timm_hub_folders_of_resnets(tmp_path: Path) -> None:
+    """A ResNet's timm hub folder says its input size is not fixed (timm's loader would pass img_size, which timm's
+    ResNet does not take); a hub folder of a timm ResNet variant is refused by name, timm's plain deeper ResNets are
+    read as vitlab's ResNet sized from the tensors."""
+    model = vitlab.create_model("resnet18", pretrained=FIX / "timm_basic.safetensors")
+    save_timm_folder(model, tmp_path / "hub")
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert config["pretrained_cfg"]["fixed_input_size"] is False
+    for arch, refused in (("resnetaa50", True), ("resnet50d.gluon_in1k", True), ("resnetv2_50", True),
+                          ("resnet26", False)):
+        config["architecture"] = arch
+        (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError) as e:
+            load_model(tmp_path / "hub")
+        assert ("is a ResNet variant that vitlab's ResNet does not build" in str(e.value)) is refused, str(e.value)
+    loaded = load_model(tmp_path / "hub", model_name="resnet18")  # named (basic blocks), sized from the tensors
+    assert loaded.cfg.block == "basic" and loaded.cfg.layers == (1, 1, 1, 1)

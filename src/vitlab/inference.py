@@ -197,7 +197,8 @@ def _in_eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _same_device(want: torch.device, have: torch.device) -> bool:
-    return want.type == have.type and (want.index is None or want.index == have.index)
+    """``want`` names where ``have`` is: the same type and index ("cuda" is any CUDA device; the CPU has one)."""
+    return want.type == have.type and (want.type == "cpu" or want.index is None or want.index == have.index)
 
 
 @torch.no_grad()

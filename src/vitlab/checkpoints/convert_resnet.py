@@ -2,8 +2,11 @@
 
 * timm and torchvision (one layout: ``conv1``, ``bn1``, ``layerS.B.{conv1..3, bn1..3, downsample.0/1}``, ``fc``):
   the ResNet v1.5 of both libraries (stride on the bottleneck's 3x3 convolution), as vitlab builds it. timm's
-  variants with other stems or blocks (``resnet50d``'s deep stem, squeeze-excitation, anti-aliasing) are refused
-  by name. Files saved before PyTorch 0.4.1 have no ``num_batches_tracked``; it is set to zero.
+  variants with other stems or blocks (``resnet50d``'s deep stem, squeeze-excitation, selective kernels, ResNeXt's
+  groups, wide bottlenecks, group norm) are refused by name. Its anti-aliased ``resnetaa*`` / ``resnetblur*`` hold
+  the plain ResNet's tensors (the blur has no weights): their files cannot be told apart, and load as a plain
+  ResNet, which computes something else. Files saved before PyTorch 0.4.1 have no ``num_batches_tracked``; it is
+  set to zero.
 * Hugging Face (``resnet.embedder``, ``resnet.encoder.stages.S.layers.B``, ``classifier.1``): the config's
   ``layer_type``, ``downsample_in_bottleneck`` (stride on the first 1x1, ResNet v1) and
   ``downsample_in_first_stage`` are kept; an activation other than ReLU is refused.
@@ -30,7 +33,8 @@ from vitlab.checkpoints.converters import (
 
 _TV_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(.+)$")
 _HF_BLOCK = re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)$")
-_TV_BLOCK_PARTS = re.compile(r"^(conv[123]|bn[123]|downsample\.[01])\.")
+_TV_BLOCK_PARTS = re.compile(r"^(conv[123]|bn[123]|downsample\.[01])\.(weight|bias|running_mean|running_var|"
+                             r"num_batches_tracked)$")
 
 
 def tv_resnet_key(k: str) -> str:
@@ -93,28 +97,47 @@ def _classifier(out: dict[str, Tensor], where: str) -> dict[str, Any]:
 
 
 _TIMM_VARIANTS = {  # keys of timm ResNet variants that vitlab's ResNet does not build
-    "conv1.0.": "a deep stem (timm's resnet*c / *d / *s: three 3x3 convolutions)",
+    "conv1.0.": "a deep stem (timm's resnet*c / *d / *s / *t: three 3x3 convolutions)",
     ".se.": "squeeze-and-excitation blocks (timm's seresnet*)",
     ".aa.": "anti-aliased downsampling (timm's resnetaa*)",
     ".downsample.1.conv.": "average-pool downsampling shortcuts (timm's resnet*d)",
+    ".paths.": "selective-kernel convolutions (timm's skresnet*)",
 }
+_PLAIN = "vitlab's ResNet is the plain v1.5 ResNet (resnet18 / 34 / 50 of timm and torchvision)"
+
+
+def _refuse_other_blocks(out: dict[str, Tensor]) -> None:
+    """timm's ResNet variants with the plain ResNet's key names but other tensors, named (not a shape listing)."""
+    w1, w2 = out.get("stages.0.blocks.0.conv1.weight"), out.get("stages.0.blocks.0.conv2.weight")
+    if "stages.0.blocks.0.norm1.weight" in out and "stages.0.blocks.0.norm1.running_mean" not in out:
+        raise ValueError(f"the file's ResNet has norms without running statistics (group norm: timm's "
+                         f"resnet*_gn); {_PLAIN}")
+    if w1 is None or w2 is None or w1.ndim != 4 or w2.ndim != 4:
+        return
+    if w2.shape[1] != w1.shape[0]:  # conv2's input width per group against conv1's output
+        raise ValueError(f"the file's ResNet has grouped 3x3 convolutions (ResNeXt: timm's resnext*); {_PLAIN}")
+    w3 = out.get("stages.0.blocks.0.conv3.weight")
+    if w3 is not None and w3.shape[0] != 4 * w1.shape[0]:
+        raise ValueError(f"the file's ResNet has bottlenecks {w3.shape[0] // w1.shape[0]}x narrower than their output, "
+                         f"not 4x (timm's wide_resnet*); {_PLAIN}")
 
 
 @register_converter("resnet", "timm")
 def convert_timm_resnet(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
+    for part, what in _TIMM_VARIANTS.items():  # every key first: a variant is named before any other complaint
+        if k := next((k for k in sd if part in k or k.startswith(part)), None):
+            raise ValueError(f"the file's ResNet has {what} (key {k!r}); {_PLAIN}")
     out: dict[str, Tensor] = {}
     for k, v in sd.items():
-        for part, what in _TIMM_VARIANTS.items():
-            if part in k or k.startswith(part):
-                raise ValueError(f"the file's ResNet has {what} (key {k!r}); vitlab's ResNet is the plain v1.5 "
-                                 f"ResNet (resnet18 / 34 / 50 of timm and torchvision)")
         if k.startswith("fc."):
             out["head." + k[len("fc."):]] = v
             continue
         m = _TV_BLOCK.match(k)
         if m and not _TV_BLOCK_PARTS.match(m.group(3)):
-            raise ValueError(f"unexpected key {k!r}: vitlab's ResNet blocks hold conv1..3, bn1..3 and downsample.0/1")
+            raise ValueError(f"unexpected key {k!r}: vitlab's ResNet blocks hold conv1..3, bn1..3 and downsample.0/1 "
+                             f"(a timm ResNet variant? {_PLAIN})")
         out[tv_resnet_key(k)] = v
+    _refuse_other_blocks(out)
     return Converted(out, _classifier(out, "'conv1'"))
 
 

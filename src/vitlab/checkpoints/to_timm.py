@@ -549,7 +549,9 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ hub folder
 HUB_CONFIG = "config.json"
-_ANY_INPUT_SIZE = frozenset({"mobilevit"})  # timm models built without a fixed input size (fixed_input_size=False)
+# timm models built without a fixed input size (fixed_input_size=False: timm's loader then passes no img_size, which
+# their constructors do not take)
+_ANY_INPUT_SIZE = frozenset({"mobilevit", "resnet"})
 
 
 def _timm_module_names(model: nn.Module, family: str, names: list[str]) -> str | list[str]:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -644,6 +645,10 @@ def model_name_of(path: str | os.PathLike) -> str:
         if isinstance(arch, str) and _is_registered(arch.partition(".")[0]):
             return arch.partition(".")[0]
         if isinstance(arch, str) and "model_type" not in cfg:  # a timm hub folder of a model vitlab has no name for
+            if _timm_resnet_variant(arch):
+                raise CheckpointError(f"{cfg_path}: timm architecture {arch!r} is a ResNet variant that vitlab's ResNet "
+                                      f"does not build (vitlab's is the plain v1.5 resnet18 / 34 / 50): loaded as one "
+                                      f"it would compute something else")
             raise CheckpointError(f"{cfg_path}: timm architecture {arch!r} is not a vitlab model name (`vitlab models` "
                                   f"lists them); if it is a variant of one, name it: --model NAME on the command "
                                   f"line, vitlab.load_model({str(p)!r}, model_name=NAME) in Python")
@@ -671,6 +676,16 @@ def model_name_of(path: str | os.PathLike) -> str:
         raise CheckpointError(f"{p}: its metadata names the model {name!r}, which is not a registered vitlab "
                               f"model (see `vitlab models`){hint}")
     return name
+
+
+def _timm_resnet_variant(arch: str) -> bool:
+    """Whether a timm architecture is a ResNet of another build than vitlab's plain one (a hub folder of one is
+    refused by name: the anti-aliased ones hold the plain ResNet's tensors). timm's plain ``resnet<depth>`` is not:
+    vitlab reads it as its ResNet sized from the tensors (``--model resnet50``)."""
+    base = arch.partition(".")[0]
+    return (base.startswith(("seresnet", "ecaresnet", "skresnet", "resnext", "wide_resnet", "gcresnet",
+                             "legacy_seresnet", "seresnext"))
+            or (base.startswith("resnet") and re.fullmatch(r"resnet\d+", base) is None))
 
 
 def _timm_file_model_name(p: Path) -> str | None:
