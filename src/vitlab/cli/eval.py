@@ -612,6 +612,7 @@ def run(args: argparse.Namespace) -> int:
     out = report_folder(args, args.split)
     r = evaluate(model, scored, num_classes=model.num_classes, batch_size=args.batch_size, device=device,
                  amp=args.amp, workers=args.workers, class_names=head_names, progress=not args.json)
+    warn_nonfinite(r, args.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     per_class = {name: r.per_class[j] for name, j in zip(ds.classes, mapping)}  # the data's classes
     metrics = {"checkpoint": str(args.checkpoint), "runtime": model.name, "data": args.data,
@@ -671,6 +672,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipped {ds.num_skipped} undecodable image(s) in total")
         print(f"report: {out}/ (metrics.json, per_class.csv, confusion.csv, confusion.png)")
     return 0
+
+
+def warn_nonfinite(r, checkpoint: str) -> None:
+    """Logits that are NaN or infinite for some images: their loss is not finite (null in metrics.json) and their
+    predictions mean nothing, which is said."""
+    if r.nonfinite:
+        log.warning("%s gave NaN or infinite logits for %d of its %d images: the loss is not finite (null in "
+                    "metrics.json) and those images' predictions mean nothing (weights that diverged in training?)",
+                    checkpoint, r.nonfinite, r.num_samples)
 
 
 def _scores_label_sets(args: argparse.Namespace, model) -> bool:
@@ -765,6 +775,7 @@ def _run_multilabel(args: argparse.Namespace, model, reference, device, threshol
     r = evaluate(model, scored, num_classes=model.num_classes, batch_size=args.batch_size, device=device,
                  amp=args.amp, workers=args.workers, class_names=head_names, progress=not args.json,
                  multi_label=True, threshold=threshold)
+    warn_nonfinite(r, args.checkpoint)
     ml = r.multilabel
     assert ml is not None
     out.mkdir(parents=True, exist_ok=True)

@@ -151,7 +151,8 @@ def _composite_on_white(img: Image.Image, out_mode: str) -> Image.Image:
 
 
 def _to_uint8_array(img: Image.Image) -> np.ndarray:
-    """Pillow image of any mode -> uint8 array (H, W) or (H, W, 3)."""
+    """Pillow image of any mode -> uint8 array (H, W) or (H, W, 3). Float ("F") images: scaled by 255 when their
+    finite values lie in [0, 1], else taken as 0..255; NaN pixels (missing values) become 0, +-inf 255 / 0."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         # 16-bit grayscale: the full 0..65535 range maps to 0..255 (x / 257, rounded).
@@ -166,9 +167,10 @@ def _to_uint8_array(img: Image.Image) -> np.ndarray:
         return np.clip(np.rint(a), 0, 255).astype(np.uint8)
     if mode == "F":
         a = np.asarray(img).astype(np.float64)
-        if a.size and a.max() <= 1.0 and a.min() >= 0.0:  # float images are usually stored in [0, 1]
+        finite = a[np.isfinite(a)]  # a NaN (a missing value) or inf pixel does not decide the range
+        if finite.size and finite.max() <= 1.0 and finite.min() >= 0.0:  # float images are usually stored in [0, 1]
             a = a * 255.0
-        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return np.clip(np.rint(np.nan_to_num(a, nan=0.0)), 0, 255).astype(np.uint8)
     if mode == "1":
         return np.asarray(img.convert("L"), dtype=np.uint8)
     if mode == "L":

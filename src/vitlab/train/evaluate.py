@@ -35,11 +35,14 @@ class EvalResult:
     # (N,) top-1 class of every sample, in data set order; multi-label: (N, K) bool, the labels at the threshold
     predictions: Tensor | None = None
     multilabel: MultiLabelMetrics | None = None  # multi-label evaluation: mAP, F1, exact match, per label
+    nonfinite: int = 0  # samples whose logits hold NaN or infinite values (the loss is then not finite either)
 
     def summary(self) -> dict[str, Any]:
         """samples, loss, top1, top5 (the last two left out where they are None); multi-label: samples, loss, mAP,
-        micro_f1, macro_f1, exact_match, threshold, labels_without_positives."""
-        out: dict[str, Any] = {"samples": self.num_samples, "loss": round(self.loss, 6)}
+        micro_f1, macro_f1, exact_match, threshold, labels_without_positives. A NaN or infinite loss is None (JSON's
+        null: ``json.dumps`` would write ``NaN``, which is not JSON)."""
+        loss = round(self.loss, 6) if math.isfinite(self.loss) else None
+        out: dict[str, Any] = {"samples": self.num_samples, "loss": loss}
         if self.multilabel is not None:
             out.update(self.multilabel.summary())
         elif self.top1 is not None and self.top5 is not None:
@@ -187,7 +190,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
     device = torch.device(device)
     in_chans = getattr(getattr(model, "preprocessing", None), "input_size", (None,))[0]
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    loss_sum, n, top5_hits = 0.0, 0, 0
+    loss_sum, n, top5_hits, nonfinite = 0.0, 0, 0, 0
     scored = True  # every target so far is a class (index or probabilities): accuracy means something
     preds: list[Tensor] = []
     with _eval_batches(model, dataset, batch_size=batch_size, workers=workers, progress=progress) as batches:
@@ -197,6 +200,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
                                            labels=criterion is None)
             x, y, logits, loss = _forward_batch(model, batch, device=device, amp=amp, criterion=criterion)
             loss_sum += loss
+            nonfinite += _nonfinite_rows(logits)
             if criterion is not None:
                 n += len(x)
                 scored = scored and _class_targets(y, logits, num_classes)
@@ -221,13 +225,20 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
         raise ValueError("evaluate: the data set is empty")
     if not scored:
         return EvalResult(num_samples=n, loss=loss_sum / n, top1=None, top5=None, per_class=[],
-                          confusion=torch.zeros(0, 0, dtype=torch.int64), class_names=list(class_names or []))
+                          confusion=torch.zeros(0, 0, dtype=torch.int64), class_names=list(class_names or []),
+                          nonfinite=nonfinite)
     correct = confusion.diag()
     support = confusion.sum(dim=1)
     per_class = [c / s if s > 0 else float("nan") for c, s in zip(correct.tolist(), support.tolist())]
     return EvalResult(num_samples=n, loss=loss_sum / n, top1=correct.sum().item() / n, top5=top5_hits / n,
                       per_class=per_class, confusion=confusion, class_names=list(class_names or []),
-                      predictions=torch.cat(preds))
+                      predictions=torch.cat(preds), nonfinite=nonfinite)
+
+
+def _nonfinite_rows(logits: Tensor) -> int:
+    """The samples (rows of (B, K) logits; any other output as one) holding NaN or infinite values."""
+    bad = ~torch.isfinite(logits)
+    return int(bad.flatten(1).any(dim=1).sum()) if bad.ndim >= 2 else int(bad.any())
 
 
 def _forward_batch(model: nn.Module, batch: Any, *, device: torch.device, amp: str,
@@ -293,7 +304,7 @@ def _evaluate_multilabel(model: nn.Module, dataset: Dataset, *, num_classes: int
     """evaluate() of a multi-label classifier: every sample's sigmoid scores and targets, then the metrics."""
     device = torch.device(device)
     in_chans = getattr(getattr(model, "preprocessing", None), "input_size", (None,))[0]
-    loss_sum, n = 0.0, 0
+    loss_sum, n, nonfinite = 0.0, 0, 0
     scores: list[Tensor] = []
     targets: list[Tensor] = []
     with _eval_batches(model, dataset, batch_size=batch_size, workers=workers, progress=progress) as batches:
@@ -303,6 +314,7 @@ def _evaluate_multilabel(model: nn.Module, dataset: Dataset, *, num_classes: int
                                            labels=criterion is None, multi_label=True)
             x, y, logits, loss = _forward_batch(model, batch, device=device, amp=amp, criterion=criterion)
             loss_sum += loss
+            nonfinite += _nonfinite_rows(logits)
             if logits.shape[-1] != num_classes:
                 raise ValueError(f"evaluate: the model outputs {logits.shape[-1]} labels, the data has {num_classes}")
             y = y.float()
@@ -317,4 +329,4 @@ def _evaluate_multilabel(model: nn.Module, dataset: Dataset, *, num_classes: int
     metrics = multilabel_metrics(all_scores, all_targets, threshold=threshold)
     return EvalResult(num_samples=n, loss=loss_sum / n, top1=None, top5=None, per_class=[],
                       confusion=torch.zeros(0, 0, dtype=torch.int64), class_names=list(class_names or []),
-                      predictions=all_scores >= threshold, multilabel=metrics)
+                      predictions=all_scores >= threshold, multilabel=metrics, nonfinite=nonfinite)

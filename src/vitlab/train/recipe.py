@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import types
 import typing
@@ -43,7 +44,8 @@ class Recipe:
     max_steps: the run's length in optimiser steps (None: epochs x steps per epoch); the schedule spans it.
     lr_base_batch: if set, the effective learning rate is lr * global_batch / lr_base_batch (DeiT's rule).
     warmup_steps / warmup_epochs: linear warm-up length; the larger of the two (epochs converted) is used.
-    schedule: decay after warm-up down to min_lr: "cosine", "linear" or "constant".
+    schedule: decay after warm-up down to min_lr: "cosine", "linear" or "constant". A min_lr above the (scaled)
+        lr: the decay's floor is the lr, warned of (``--set min_lr`` above lr is refused).
     betas / eps: AdamW's and Adam's; momentum / nesterov: SGD's. One set to another value than its default
         under an optimizer that does not use it has no effect, with a warning (:data:`OPTIMIZER_SETTINGS`).
     layer_decay: layer-wise learning-rate decay for fine-tuning (ViT: lr * layer_decay ** (L + 1 - layer)).
@@ -145,6 +147,12 @@ class Recipe:
     early_stopping_patience: int | None = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # inf passes the checks below (lr > 0) and NaN gives a vaguer message
+            value = getattr(self, f.name)
+            if any(isinstance(v, float) and not math.isfinite(v)
+                   for v in (value if isinstance(value, (tuple, list)) else (value,))):
+                hint = "; null for no clipping" if f.name == "clip_grad" else ""
+                raise ValueError(f"recipe {self.name!r}: {f.name}={value!r} is not finite: give a finite number{hint}")
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
@@ -373,7 +381,15 @@ def apply_overrides(recipe: Recipe, assignments: list[str] | None) -> Recipe:
         if key not in types_:
             raise ValueError(f"--set {key}=...: unknown recipe key {key!r}; valid keys: {', '.join(sorted(types_))}")
         changes[key] = _parse(raw, types_[key], key)
-    return _accumulation(recipe, dataclasses.replace(recipe, **changes), set(changes))
+    after = _accumulation(recipe, dataclasses.replace(recipe, **changes), set(changes))
+    # a min_lr given above the lr is refused; an lr given under the recipe's min_lr is fit's to warn of (the decay's
+    # floor is then lowered to the lr), as is one that lr_base_batch scales (known once the global batch is)
+    if ("min_lr" in changes and after.lr_base_batch is None and after.schedule != "constant"
+            and after.min_lr > after.lr):
+        raise ValueError(f"--set min_lr={after.min_lr:g} is above lr={after.lr:g}: the {after.schedule} schedule "
+                         f"decays the learning rate from lr down to min_lr; give a min_lr of at most {after.lr:g} "
+                         f"(0: down to zero), or a higher lr")
+    return after
 
 
 def _accumulation(before: Recipe, after: Recipe, given: set[str]) -> Recipe:

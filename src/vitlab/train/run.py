@@ -962,6 +962,9 @@ def _test(model: nn.Module, test_set, recipe: Recipe, ctx: DistContext, label: s
     r: EvalResult = evaluate(model, test_set, num_classes=len(test_set.classes), device=ctx.device, amp=recipe.amp,
                              batch_size=max(256, recipe.batch_size), multi_label=recipe.multi_label)
     log.debug("test (%s, %d images): %s", label, r.num_samples, r.summary())
+    if r.nonfinite:  # the loss is then null in results.json
+        log.warning("test (%s): NaN or infinite logits for %d of the %d images: the test loss is not finite and "
+                    "those images' predictions mean nothing", label, r.nonfinite, r.num_samples)
     return r.summary()
 
 

@@ -7,8 +7,11 @@ given to ``objective.begin_step`` (which may count a loss's denominator over the
 that accumulation and DDP give one process's update), then each goes through ``objective.step`` under
 autocast, loss / accum_steps, backward (DDP synchronises gradients on the last micro-batch only); then
 the loss is averaged over ranks and checked for finiteness *before* the update, gradients are unscaled,
-the objective's ``before_optimizer_step`` runs, gradients are clipped to the global norm, the optimiser
-and scheduler step, then the objective's ``after_optimizer_step`` (EMA teachers) and the model EMA.
+the objective's ``before_optimizer_step`` runs, gradients are clipped to the global norm (a non-finite norm
+stops the run before the update), the optimiser and scheduler step, then the objective's
+``after_optimizer_step`` (EMA teachers) and the model EMA. Nothing non-finite is written: each checkpoint and
+validation first checks the weights, the EMA weights and the optimiser state (an update with a finite loss
+may still leave them NaN or infinite), and the run stops with :class:`NonFiniteLossError` naming the step.
 
 The run directory holds ``model.safetensors`` (a vitlab checkpoint: later commands need only this
 file), ``model_ema.safetensors`` when EMA is on, ``model_best.safetensors`` (and ``model_ema_best.safetensors``)
@@ -88,7 +91,8 @@ Criterion = Callable[[Tensor, Any, Tensor], Tensor]
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped before applying that step."""
+    """The loss, the gradients or the weights became NaN or infinite: the run stopped, and no file of the run
+    (model, EMA, best, training state) was written with non-finite values; the message names the step."""
 
 
 class OutOfBatchesError(DatasetError):
@@ -168,6 +172,27 @@ def check_best_metric(recipe: Recipe, *, multi_label: bool) -> None:
         raise ValueError(f"recipe {recipe.name!r}: best_metric={recipe.best_metric!r} is not reported by the "
                          f"validation of a {kind} run (it reports {has}); --set best_metric=auto picks "
                          f"{'mAP' if multi_label else 'top1'}")
+
+
+def peak_lr(recipe: Recipe, global_batch: int) -> float:
+    """The learning rate the schedule peaks at: the recipe's lr, scaled by global_batch / lr_base_batch where set."""
+    return recipe.lr * (global_batch / recipe.lr_base_batch if recipe.lr_base_batch else 1.0)
+
+
+def check_min_lr(recipe: Recipe, *, global_batch: int) -> None:
+    """``recipe.min_lr`` above the peak learning rate (an lr set under the recipe's min_lr, or scaled under it by
+    ``lr_base_batch``): the decay's floor is lowered to the peak, so the learning rate stays there after the warm-up,
+    which is warned of. (``--set min_lr`` above lr is refused by :func:`~vitlab.train.recipe.apply_overrides`.)"""
+    if recipe.schedule == "constant":  # no decay: min_lr is not used
+        return
+    lr = peak_lr(recipe, global_batch)
+    if recipe.min_lr <= lr:
+        return
+    scaled = (f" (the recipe's lr {recipe.lr:g} x global batch {global_batch} / lr_base_batch {recipe.lr_base_batch})"
+              if recipe.lr_base_batch else "")
+    log.warning("min_lr %g is above the peak learning rate %.3g%s: the %s decay's floor is lowered to it, so the "
+                "learning rate stays at %.3g after the warm-up, without a decay; --set min_lr=... below %.3g keeps "
+                "one", recipe.min_lr, lr, scaled, recipe.schedule, lr, lr)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -332,6 +357,41 @@ def _non_empty(loader: DataLoader) -> Iterator[Any]:
             yield batch
 
 
+def _local(t: Tensor) -> Tensor:
+    """A tensor's own elements: the local shard of an FSDP2 parameter or optimiser state (a DTensor), else itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _float_tensors(tensors: Any) -> list[Tensor]:
+    return [_local(t).detach() for t in tensors
+            if isinstance(t, Tensor) and t.is_floating_point() and _local(t).numel()]
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The optimiser's state tensors (moments, momentum buffers)."""
+    return _float_tensors(v for state in optimizer.state.values() for v in state.values())
+
+
+def _nonfinite(tensors: list[Tensor], device: torch.device, *, exact: bool = False) -> Tensor:
+    """1.0 if an element of ``tensors`` may be NaN or infinite, else 0.0: a float32 scalar on ``device``, computed
+    without waiting for it. The screen is one fused 2-norm per tensor (NaN and inf carry through its sum of squares;
+    the fastest reduction on CPUs, one kernel on GPUs); finite values above ~1e19 overflow it too, a false alarm that
+    ``exact=True`` (element-wise, slower: only after an alarm) tells apart."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    if exact:
+        return torch.stack([(~torch.isfinite(t)).any().to(device) for t in tensors]).any().float()
+    norms = torch._foreach_norm(tensors, 2)
+    return (~torch.isfinite(torch.stack([n.float().to(device) for n in norms]))).any().float()
+
+
+def _nonfinite_names(named: Any, limit: int = 3) -> str:
+    """The first ``limit`` names of ``(name, tensor)`` pairs holding NaN or infinite values (an error's details)."""
+    bad = [name for name, t in named if isinstance(t, Tensor) and t.is_floating_point()
+           and not bool(torch.isfinite(_local(t).detach()).all())]
+    return ", ".join(bad[:limit]) + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP's and torch.compile's wrappers: the one trained, saved and described."""
     return unwrap_model(model)
@@ -459,7 +519,8 @@ def fit(
     """Train ``model`` (built with ``vitlab.create_model``; a ``torch.compile`` / DDP wrapper is looked through)
     on ``train_set`` following ``recipe``. The recipe's model and data fields (:data:`BUILD_FIELDS`: model,
     img_size, augmentation...) are what ``vitlab.train.run`` builds the model and data from; fit trains the
-    model and the data it is given, and warns when those fields ask for something else.
+    model and the data it is given, and warns when those fields ask for something else. Gradients the model holds
+    are dropped first, and none is left behind when the run stops mid-step.
 
     Args:
         train_set / val_set: map-style data sets yielding (image tensor, label), already transformed: float
@@ -603,7 +664,8 @@ def fit(
     total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     global_batch = recipe.batch_size * accum * ctx.world_size
-    lr = recipe.lr * (global_batch / recipe.lr_base_batch if recipe.lr_base_batch else 1.0)
+    lr = peak_lr(recipe, global_batch)
+    check_min_lr(recipe, global_batch=global_batch)
     warmup = max(recipe.warmup_steps, round(recipe.warmup_epochs * steps_per_epoch))
     if warmup >= total_steps > 1 and not resume:  # e.g. --steps 20 under a recipe's 2-epoch warm-up
         # the larger of the two settings counts: the hint names the one(s) to lower and the other's value
@@ -614,9 +676,10 @@ def fit(
             hint = f"--set warmup_epochs=... shorter than the run (warmup_steps is {recipe.warmup_steps})"
         else:
             hint = f"--set warmup_steps=... shorter than the run (warmup_epochs is {recipe.warmup_epochs:g})"
-        log.warning("the warm-up (%d steps) is as long as the run (%d steps): the learning rate only climbs and "
-                    "never decays; give %s - the larger of the two is used - or more steps", warmup, total_steps,
-                    hint)
+        log.warning("the warm-up (%d steps) is as long as the run (%d steps): it is cut to %d steps: the "
+                    "learning rate climbs to its peak (%.3g) at step %d and holds it to the end, without any decay; "
+                    "give %s - the larger of the two is used - or more steps", warmup, total_steps, total_steps - 1, lr,
+                    total_steps - 1, hint)
     warmup = min(warmup, max(0, total_steps - 1))
 
     # ---- the objective and optimisation
@@ -637,6 +700,7 @@ def fit(
             shard_model(m, device=device, amp=recipe.amp)
     optimizer = build_optimizer(net, recipe, lr=lr, extra=owned)
     horizon = Horizon(total_steps=total_steps, warmup_steps=warmup)  # re-planned by a deadline
+    # min_lr above the peak: the floor is the peak (check_min_lr warned)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, kind=recipe.schedule,
                                 peak_lr=lr, min_lr=min(recipe.min_lr, lr), horizon=horizon)
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.amp == "fp16" and device.type == "cuda")
@@ -702,10 +766,80 @@ def fit(
              accum, ctx.world_size, lr, warmup)
 
     checkpointed = resume  # whether the run directory holds a state to --resume from
+    last_good = step  # the step of the last checkpoint written (or resumed from)
+    start_step = step
+    # Non-finite values never reach a file. An update whose loss was finite may still leave the weights NaN / inf
+    # (too large a step); nothing is added to the steps for it: the next step's loss is then NaN or inf (checked
+    # already), and the weights are checked then, to say which it was; checkpoint() and validations check the
+    # weights, the EMA weights and the optimiser state first (a fused screen and one sync each), which also stops
+    # a run whose last step did it, and catches weights the loss does not see.
+    checked_at: int | None = None  # the step at which everything was last found finite
+    last_loss: float | None = None  # the last step's loss and learning rate
+    last_lr: float | None = None
+
+    def named_params() -> list[tuple[str, Tensor]]:
+        return [(name.removeprefix("model."), p) for name, p in step_module.named_parameters()]
+
+    def advice(*, loss: bool) -> str:
+        """What to do after a non-finite loss, gradient or weights: from the last good checkpoint, if any."""
+        if not checkpointed:
+            return (f"There is no last good checkpoint yet (none was written in {out}): start the run again with "
+                    f"--overwrite after " + ("lowering lr, enabling clip_grad or switching amp off" if loss
+                                                   else "lowering lr or enabling clip_grad"))
+        # --resume keeps the optimiser's settings (a lower lr is refused there): clip_grad / amp only
+        fixes = [f for f, useful in (("--set clip_grad=1.0", recipe.clip_grad is None),
+                                     ("--set amp=none", loss and recipe.amp != "none")) if useful]
+        resume_fix = f"--resume {fixes[0]}" + (f" (or {fixes[1]})" if len(fixes) > 1 else "") if fixes else ""
+        lower = (f"start a new run from its weights with a lower lr (`vitlab finetune --from {out / MODEL_FILE} "
+                 f"--set lr=...`)")
+        kept = f"The last good checkpoint in {out} (step {last_good}) is kept: "
+        if loss and resume_fix:
+            return f"{kept}continue it with {resume_fix}, or {lower}"
+        return f"{kept}{lower}" + (f", or continue it with {resume_fix}" if resume_fix else "")
+
+    def diverged(bad: str, names: str) -> NonFiniteLossError:
+        """The error for non-finite ``bad`` (weights, EMA weights, optimiser state) after the last update."""
+        return NonFiniteLossError(
+            f"non-finite {bad}{names} after the update of step {step} (whose loss, {last_loss:.4g}, was finite; lr "
+            f"{last_lr:.3g}): an update too large for the weights; the run stopped without writing them. "
+            f"{advice(loss=False)}")
+
+    def weights_diverged() -> bool:
+        """Whether the weights hold NaN or inf (an element-wise check: after a non-finite loss only)."""
+        return checked_at != step and all_reduce_mean(
+            _nonfinite(_float_tensors(params), device, exact=True), ctx).item() > 0
+
+    def check_finite() -> None:
+        """Refuse weights, EMA weights or optimiser state holding NaN or inf before validating or writing them."""
+        nonlocal checked_at
+        if checked_at == step:
+            return
+        parts = {"weights": _float_tensors(params),
+                 "EMA weights": _float_tensors(ema.module.parameters()) if ema is not None else [],
+                 "optimiser state": _optimizer_tensors(optimizer)}
+        flags = all_reduce_mean(torch.stack([_nonfinite(ts, device) for ts in parts.values()]), ctx).tolist()
+        if any(flags):  # the screen's alarm: confirmed element by element (huge finite values raise it too)
+            flags = all_reduce_mean(torch.stack([_nonfinite(ts, device, exact=True) for ts in parts.values()]),
+                                    ctx).tolist()
+        found = [what for what, flag in zip(parts, flags, strict=True) if flag > 0]
+        if found:
+            bad = " and ".join(filter(None, (", ".join(found[:-1]), found[-1])))
+            names = f" ({_nonfinite_names(named_params())})" if flags[0] > 0 else ""
+            if step == start_step:  # before this call's first update: the model (or the state) came so
+                if resume:
+                    raise CheckpointError(
+                        f"--resume: {out / STATE_FILE} holds non-finite {bad}{names} at step {step} (an older vitlab "
+                        f"wrote them after a diverging update): the run cannot continue from it; start it again "
+                        f"(--overwrite) or a new run from an earlier copy of its weights")
+                raise ValueError(f"fit: the model's {bad} hold NaN or infinite values before training{names}; "
+                                 f"give it finite weights")
+            raise diverged(bad, names)
+        checked_at = step
 
     def checkpoint(val: dict[str, Any] | None = None) -> None:
-        nonlocal checkpointed
-        checkpointed = True
+        nonlocal checkpointed, last_good
+        check_finite()
+        checkpointed, last_good = True, step
         with preserved_rng():
             rngs = [get_rng_state()]
             if ctx.distributed:
@@ -776,11 +910,11 @@ def fit(
                 if ema is not None:  # top-1 where the targets are classes (mAP: multi-label), else the loss
                     ema_part = (f" (EMA {res['val_ema_top1']:.4f})" if "val_ema_top1" in res
                                 else f" (EMA mAP {_number(res['val_ema_mAP'])})" if "val_ema_mAP" in res
-                                else f" (EMA loss {res['val_ema_loss']:.4f})")
+                                else f" (EMA loss {_loss(res['val_ema_loss'])})")
                 shown = (f" top-1 {res['val_top1']:.4f}" if "val_top1" in res else
                          f" mAP {_number(res['val_mAP'])} micro-F1 {res['val_micro_f1']:.4f}" if "val_mAP" in res
                          else "")
-                log.info("epoch %d step %d: val loss %.4f%s%s", epoch + 1, step, res["val_loss"], shown, ema_part)
+                log.info("epoch %d step %d: val loss %s%s%s", epoch + 1, step, _loss(res["val_loss"]), shown, ema_part)
                 for b in bests:
                     if b.offer(res, step=step, epoch=epoch + 1):
                         log.info("%s: the best validation %s so far (%.6g at step %d)", b.file, b.metric,
@@ -835,6 +969,9 @@ def fit(
     model.train()
     objective.train()
     params = list(net.parameters()) + objective.parameters()
+    for p in params:  # gradients the model came with (an earlier fit's refused step) are not this run's
+        p.grad = None
+    check_finite()  # a model (or a resumed state) that is not finite is refused before training
     forward = model  # the step module (or its DDP wrapper): objective and model in one call
     # --compile: forward + backward seconds of the first micro-batch of this call's first two steps
     compile_probe: list[float] = []
@@ -875,7 +1012,12 @@ def fit(
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         return counts.cpu()
 
+    def drop_gradients() -> None:  # a step stopped before its update leaves none behind
+        for p in params:
+            p.grad = None
+
     with contextlib.ExitStack() as stack:
+        stack.callback(drop_gradients)
         stack.callback(undo_sync_bn)
         stack.callback(objective.end_step)
         signals = stack.enter_context(stop_at_step_boundary(not ctx.distributed))
@@ -947,26 +1089,24 @@ def fit(
                 objective.end_step()
                 loss_mean = all_reduce_mean(loss_sum / accum, ctx).item()
                 if not math.isfinite(loss_mean):
-                    fixes = "lowering lr, enabling clip_grad or switching amp off"
-                    # --resume keeps the optimiser's settings (a lower lr is refused there): clip_grad / amp only
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss_mean}) at step {step + 1}: the run stopped before applying it. "
-                        + (f"The last good checkpoint in {out} is kept: continue it with --resume --set "
-                           f"clip_grad=1.0 (or --set amp=none), or for a lower lr start a new run from its weights "
-                           f"(`vitlab finetune --from {out / MODEL_FILE} --set lr=...`)"
-                           if checkpointed else
-                           f"There is no last good checkpoint yet (none was written in {out}): start the run again "
-                           f"with --overwrite after {fixes}")
-                    )
+                    if step > start_step and weights_diverged():  # the cause: the last update, not this batch
+                        raise diverged("weights", f" ({_nonfinite_names(named_params())})")
+                    raise NonFiniteLossError(f"non-finite loss ({loss_mean}) at step {step + 1}: the run stopped "
+                                             f"before applying it. {advice(loss=True)}")
                 grad_norm = None
                 scaler.unscale_(optimizer)  # a no-op without fp16: the hooks and clipping see true gradients
                 objective.before_optimizer_step(step)
                 if recipe.clip_grad is not None:
                     grad_norm = nn.utils.clip_grad_norm_(params, recipe.clip_grad).item()
+                    if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: the scaler skips the step
+                        raise NonFiniteLossError(
+                            f"non-finite gradient norm ({grad_norm}) at step {step + 1} (its loss, {loss_mean:.4g}, "
+                            f"was finite): the run stopped before applying it. {advice(loss=True)}")
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 lr_now = optimizer.param_groups[-1]["lr"] / optimizer.param_groups[-1]["lr_scale"]
+                last_loss, last_lr = loss_mean, lr_now
                 scheduler.step()
                 step += 1
                 steps_since_log += 1
@@ -1003,6 +1143,8 @@ def fit(
                                           f"--resume continues from there")
             epoch_done = step == (epoch + 1) * steps_per_epoch or step == total_steps
             if epoch_done and ((epoch + 1) % recipe.eval_every_epochs == 0 or step == total_steps):
+                if val_set is not None and supervised:
+                    check_finite()
                 val = last_val = validate(epoch)
                 if step < stop and bests and stalled():
                     stop_early()
@@ -1022,6 +1164,11 @@ def fit(
 def _number(v: float | None) -> str:
     """A metric for a log line: 4 decimals, or n/a (an mAP without any positive label)."""
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def _loss(v: float | None) -> str:
+    """A validation loss for a log line: 4 decimals, or "not finite" (None: its summary's NaN or inf)."""
+    return "not finite" if v is None else f"{v:.4f}"
 
 
 def _mean_over_ranks(metrics: dict[str, Any], ctx: DistContext) -> dict[str, Any]:
