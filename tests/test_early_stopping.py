@@ -78,3 +78,11 @@ def test_the_cli_reports_the_stop_tests_the_model_and_refuses_to_start_over_sile
     caplog.clear()
     assert main(args) != 0
     assert "stopped early at step 6 of 30" in caplog.text and "--resume --set early_stopping_patience=N" in caplog.text
+
+
+def test_a_run_without_validation_says_the_patience_has_no_effect(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="vitlab.train"):
+        res = fit(tiny_vit(), recipe(epochs=2, early_stopping_patience=1), train_set=Noise(32), output_dir=tmp_path,
+                  progress=False)
+    assert res.step == res.total_steps and res.stopped_early is None
+    assert "early_stopping_patience=1 has no effect: this run does not validate" in caplog.text

@@ -115,3 +115,12 @@ def test_self_supervised_objectives_keep_the_models_no_weight_decay(method):
     assert {"cls_token", "pos_embed"} <= skip
     assert {n for n in params if n in skip or params[n].ndim <= 1} == {n for n in plain if n in params}
     assert {n for n in params if n not in skip and params[n].ndim > 1} == {n for n in decayed if n in params}
+
+
+def test_nesterov_without_momentum_is_refused_by_the_recipe():
+    """torch's SGD refuses it only once the model is built ("Nesterov momentum requires a momentum and zero
+    dampening"); the recipe says so first, naming the settings."""
+    with pytest.raises(ValueError, match=r"nesterov=true needs a momentum above 0"):
+        apply_overrides(load_recipe("digits"), ["optimizer=sgd", "nesterov=true", "momentum=0"])
+    Recipe(optimizer="adamw", nesterov=True, momentum=0.0)  # not SGD: warned of as unused, not refused
+

@@ -191,6 +191,8 @@ class Recipe:
             (self.eval_every_epochs >= 1, "eval_every_epochs must be >= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: only at epoch ends)"),
             (self.log_every >= 1, "log_every must be >= 1"),
+            (not (self.optimizer == "sgd" and self.nesterov and self.momentum <= 0),
+             "nesterov=true needs a momentum above 0 (SGD's Nesterov momentum)"),
             (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
              "early_stopping_patience must be >= 1 (validations without a better best_metric), or none"),
             (self.early_stopping_patience is None or self.best_metric != "none",

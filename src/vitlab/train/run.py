@@ -701,7 +701,9 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         if ds is not None:
             ds.transform = eval_transform(pre)
     local = processes_per_machine(ctx.world_size)
-    recipe = _prepare_data(recipe, [train_set, val_set, test_set], processes=local)
+    # under DDP rank 0 alone validates (FSDP: every rank): the others do not keep the validation images in memory
+    validating = val_set if ctx.is_main or recipe.fsdp else None
+    recipe = _prepare_data(recipe, [train_set, validating, test_set], processes=local)
     if job.skip_bad_images:  # images found undecodable while decoding into memory: checked before training
         check_readable(train_set, [val_set, test_set], batch_size=recipe.batch_size)
     if ctx.is_main:

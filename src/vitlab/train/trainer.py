@@ -719,6 +719,9 @@ def fit(
                    else f"the {objective.name} objective has no validation")
             log.info("best_metric %s: this run does not validate (%s): no %s is written", recipe.best_metric, why,
                      BEST_FILE)
+            if recipe.early_stopping_patience is not None:
+                log.warning("early_stopping_patience=%d has no effect: this run does not validate (%s), so it trains "
+                            "to the end", recipe.early_stopping_patience, why)
 
     # ---- state: fresh or resumed
     step, seconds_before = 0, 0.0
