@@ -13,19 +13,17 @@ import io
 import math
 import os
 import threading
-import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor, nn
 
 from vitlab.data import image as _image
-from vitlab.data.errors import BadImageError
-from vitlab.data.image import load_image, pil_to_tensor
+from vitlab.data.image import load_image
 from vitlab.data.transforms import EvalTransform, eval_transform
 
 SCORE_KINDS = ("softmax", "sigmoid", "none")
@@ -85,9 +83,8 @@ def _kind(x: Any) -> str:
 
 
 def _load_encoded(data: Any, *, min_size: int | None = None) -> Tensor:
-    """An encoded image (bytes-like or a binary file object) -> uint8 (C, H, W), decoded as
-    :func:`~vitlab.data.load_image` decodes the same file from a path: the pixel limit, the reduced decode for
-    ``min_size`` (JPEG draft, box reduction), EXIF orientation, transparency over white, 16-bit scaling.
+    """An encoded image (bytes-like or a binary file object) -> uint8 (C, H, W), decoded by
+    :func:`~vitlab.data.image.decode_image` as :func:`~vitlab.data.load_image` decodes the same file from a path.
     A failure is a :class:`~vitlab.data.errors.BadImageError` naming the input."""
     if isinstance(data, io.TextIOBase):
         raise TypeError(f"{getattr(data, 'name', 'a file')}: open in text mode; open image files with 'rb'")
@@ -96,35 +93,7 @@ def _load_encoded(data: Any, *, min_size: int | None = None) -> Tensor:
     else:
         name = getattr(data, "name", None)
         what, fp = (os.fspath(name) if isinstance(name, (str, os.PathLike)) else type(data).__name__), data
-    try:
-        # the steps of load_image, on a file object (load_image takes paths only); the pixel equality with
-        # load_image on the same file is tested (tests/test_predict_service.py)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _image._open_unguarded(fp) as img:
-                w, h = img.size
-                limit = _image.MAX_IMAGE_PIXELS
-                if limit is not None and w * h > limit:
-                    raise BadImageError(f"{what}: refused, {w} x {h} = {w * h:,} pixels is above the limit of "
-                                        f"{limit:,} (a decompression bomb?); raise it with set_max_image_pixels")
-                if img.format == "JPEG" and min_size:
-                    most = min(w, h) // (2 * int(min_size))
-                    draft = next((a for a in (8, 4, 2) if a <= most and w % a == 0 and h % a == 0), 1)
-                    if draft > 1:
-                        img.draft(None, (w // draft, h // draft))
-                img.load()
-                factor = _image._reduce_factor(img.size, min_size) if img.mode in _image._REDUCIBLE_MODES else 1
-                x = pil_to_tensor(img.reduce(factor) if factor > 1 else img)
-    except BadImageError:
-        raise
-    except UnidentifiedImageError as e:
-        raise BadImageError(f"{what}: not an image file Pillow can identify") from e
-    except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError) as e:
-        raise BadImageError(f"{what}: cannot decode image ({type(e).__name__}: {e})") from e
-    if 0 in x.shape[-2:]:
-        raise BadImageError(f"{what}: image has zero size {tuple(x.shape[-2:])}")
-    return x
+    return _image.decode_image(fp, name=what, min_size=min_size)
 
 
 def _single(images: Any) -> bool:

@@ -37,7 +37,7 @@ from vitlab.data.folder import (
     unlabelled_reason,
     unlabelled_split_dirs,
 )
-from vitlab.data.image import expand_image_paths, is_image_file
+from vitlab.data.image import expand_image_paths, listed_image
 from vitlab.data.sources import has_idx_files, is_cifar_dir, read_cifar, read_digits, read_mnist
 from vitlab.data.splits import SPLIT_METHOD, check_split_method, relative_keys, split_source, stratified_split
 
@@ -88,7 +88,7 @@ def parse_source(source: str | Path) -> tuple[str, Path | None]:
         return "mnist", path
     if any(p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX" for p in path.iterdir()):
         return "folder", path
-    if any(is_image_file(p.name) and not p.name.startswith(".") for p in path.iterdir()):
+    if any(listed_image(p.name) for p in path.iterdir()):
         if label_file(path) is not None:
             return "folder", path  # images labelled by a label file
         return "images", path  # no class folders: unlabelled images (pre-training only)
@@ -198,7 +198,7 @@ def empty_split_message(source: str, split: str, val_fraction: float) -> str:
 
 def _loose_images(root: Path) -> list[str]:
     """Image files directly in ``root`` (not in a class folder)."""
-    return sorted(e.name for e in root.iterdir() if e.is_file() and is_image_file(e.name) and not e.name.startswith("."))
+    return sorted(e.name for e in root.iterdir() if e.is_file() and listed_image(e.name))
 
 
 def _build_unlabelled(root: Path, split: str, val_fraction: float, seed: int, split_method: str,

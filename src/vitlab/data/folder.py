@@ -51,7 +51,7 @@ from PIL import Image
 
 from vitlab.checkpoints.io import parse_json
 from vitlab.data.errors import DatasetError
-from vitlab.data.image import GRAY_MODES, IMAGE_EXTENSIONS, is_image_file, peek_channels, walk_image_files
+from vitlab.data.image import GRAY_MODES, IMAGE_EXTENSIONS, listed_image, peek_channels, walk_image_files
 
 log = logging.getLogger(__name__)
 
@@ -725,13 +725,6 @@ def _sub_dirs(root: Path) -> list[str]:
                       if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX")
     except OSError as e:
         raise DatasetError(f"{root}: cannot list image folder ({e})") from e
-
-
-def listed_image(name: str) -> bool:
-    """Whether a file name is one an image folder lists: an image extension, and not hidden (a name starting with
-    ".": macOS's AppleDouble ``._photo.jpg`` beside each file copied from a Mac, ``.DS_Store``), as
-    :func:`~vitlab.data.image.walk_image_files` lists them."""
-    return not name.startswith(".") and is_image_file(name)
 
 
 def image_files_in(folder: Path) -> list[Path]:

@@ -14,6 +14,7 @@ import re
 import threading
 import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -88,6 +89,12 @@ def expand_image_paths(paths: list[str | os.PathLike]) -> list[str]:
 _reported_links: set[str] = set()  # folders (by path) already reported as links back into the scan
 
 
+def listed_image(name: str) -> bool:
+    """Whether a file name is one an image folder lists: an image extension, and not hidden (a name starting with
+    ".": macOS's AppleDouble ``._photo.jpg`` beside each file copied from a Mac, ``.DS_Store``)."""
+    return not name.startswith(".") and is_image_file(name)
+
+
 def walk_image_files(top: str | os.PathLike, *, inside: tuple[str | os.PathLike, ...] = ()) -> list[str]:
     """The image files below ``top`` (hidden files and folders skipped), following symbolic links to folders,
     but never into a folder already read by this walk (by resolved path), nor into one that holds ``top``
@@ -119,7 +126,7 @@ def walk_image_files(top: str | os.PathLike, *, inside: tuple[str | os.PathLike,
             visited.add(real)
             kept.append(d)
         dirnames[:] = kept
-        files.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and is_image_file(f))
+        files.extend(os.path.join(dirpath, f) for f in filenames if listed_image(f))
     return files
 
 
@@ -227,7 +234,7 @@ def set_max_image_pixels(limit: int | None) -> None:
     os.environ[_ENV_MAX_PIXELS] = "none" if limit is None else str(int(limit))
 
 
-def _open_unguarded(p: Path) -> Image.Image:
+def _open_unguarded(p: Path | IO[bytes]) -> Image.Image:
     """``Image.open`` without Pillow's global pixel guard (load_image applies MAX_IMAGE_PIXELS instead)."""
     with _pillow_guard:
         saved = Image.MAX_IMAGE_PIXELS
@@ -273,17 +280,27 @@ def load_image(path: str | os.PathLike, *, min_size: int | None = None) -> Tenso
         raise BadImageError(why)
     p = Path(path)
     try:
+        return decode_image(p, name=str(p), min_size=min_size)
+    except FileNotFoundError as e:
+        raise BadImageError(f"{p}: file not found") from e
+
+
+def decode_image(source: Path | IO[bytes], *, name: str, min_size: int | None = None) -> Tensor:
+    """:func:`load_image`'s decoding of a path or an open binary file (an upload in memory: ``io.BytesIO``), to the
+    same pixels; ``name`` names the image in errors (:class:`BadImageError`). A missing path raises
+    FileNotFoundError (load_image says so)."""
+    try:
         with warnings.catch_warnings():
             # Pillow warns about palette/EXIF oddities; keep them quiet so that a bad file never floods a log.
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open_unguarded(p) as img:
+            with _open_unguarded(source) as img:
                 w, h = img.size
                 if MAX_IMAGE_PIXELS is not None and w * h > MAX_IMAGE_PIXELS:
                     raise BadImageError(
-                        f"{p}: refused, {w} x {h} = {w * h:,} pixels is above the limit of "
-                        f"{MAX_IMAGE_PIXELS:,} (a decompression bomb?); raise it with --max-image-pixels "
-                        f"or {_ENV_MAX_PIXELS}")
+                        f"{name}: refused, {w} x {h} = {w * h:,} pixels is above the limit of "
+                        f"{MAX_IMAGE_PIXELS:,} (a decompression bomb?); raise it with --max-image-pixels, "
+                        f"{_ENV_MAX_PIXELS} or vitlab.data.image.set_max_image_pixels")
                 if img.format == "JPEG" and min_size:
                     # the largest DCT scaling (1/8, 1/4, 1/2) that divides both sides (an exact size) in range:
                     # decoding at 1/4 is several times faster than a full decode and a box reduction
@@ -297,18 +314,16 @@ def load_image(path: str | os.PathLike, *, min_size: int | None = None) -> Tenso
                 small = ImageOps.exif_transpose(small) or small
                 arr = _to_uint8_array(small)
                 del small
-    except BadImageError:
+    except (BadImageError, FileNotFoundError):
         raise
-    except FileNotFoundError as e:
-        raise BadImageError(f"{p}: file not found") from e
     except UnidentifiedImageError as e:
-        raise BadImageError(f"{p}: not an image file Pillow can identify") from e
+        raise BadImageError(f"{name}: not an image file Pillow can identify") from e
     except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError) as e:
         # OSError covers "image file is truncated" and decoder errors; SyntaxError is what some Pillow
         # plugins raise on malformed headers.
-        raise BadImageError(f"{p}: cannot decode image ({type(e).__name__}: {e})") from e
+        raise BadImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
     if 0 in arr.shape[:2]:
-        raise BadImageError(f"{p}: image has zero size {arr.shape[:2]}")
+        raise BadImageError(f"{name}: image has zero size {arr.shape[:2]}")
     return _chw_tensor(arr)
 
 
