@@ -97,6 +97,20 @@ def test_each_modules_own_mode_is_restored():
     assert not model.patch_embed.training and not any(m.training for m in model.patch_embed.modules())
 
 
+def test_evaluation_restores_each_modules_own_mode():
+    """evaluate (a validation during fit, vitlab eval) as predict: a part the caller froze in eval mode stays so."""
+    from torch.utils.data import TensorDataset
+
+    from vitlab.train.evaluate import evaluate
+
+    model = _model()
+    model.patch_embed.eval()
+    data = TensorDataset(torch.rand(4, 3, TINY["img_size"], TINY["img_size"]), torch.tensor([0, 1, 2, 0]))
+    evaluate(model, data, num_classes=model.num_classes, batch_size=2)
+    assert model.training and model.blocks[0].training
+    assert not any(m.training for m in model.patch_embed.modules())
+
+
 def test_a_model_in_eval_mode_is_not_touched(monkeypatch):
     model = _model().eval()
     expected = _scores(vitlab.predict(model, _picture(), topk=2))

@@ -8,13 +8,10 @@ regression).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import os
-import threading
-import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,6 +22,7 @@ from torch import Tensor, nn
 from vitlab.data import image as _image
 from vitlab.data.image import load_image
 from vitlab.data.transforms import EvalTransform, eval_transform
+from vitlab.train.evaluate import eval_mode
 
 SCORE_KINDS = ("softmax", "sigmoid", "none")
 
@@ -123,48 +121,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-class _EvalShare:
-    """The predict calls running on one model that was in train mode: the first switched it to eval mode and
-    recorded each module's mode in ``modes``; the last puts them back."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.users = 0
-        self.modes: list[tuple[nn.Module, bool]] | None = None
-
-
-_shares: weakref.WeakKeyDictionary[nn.Module, _EvalShare] = weakref.WeakKeyDictionary()
-_shares_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _in_eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode meanwhile, safely for concurrent calls on one model: a model whose modules are all
-    in eval mode is not touched; otherwise the first concurrent call switches it to eval mode and the last one
-    to leave restores every module's own mode (restoring in each call would put the model back in train mode
-    while other calls are still in their forward)."""
-    with _shares_lock:
-        share = _shares.get(model)
-        if share is None:
-            share = _shares[model] = _EvalShare()
-    with share.lock:
-        if share.users == 0:
-            modes = [(m, m.training) for m in model.modules()]
-            share.modes = modes if any(training for _, training in modes) else None
-            if share.modes is not None:
-                model.eval()
-        share.users += 1
-    try:
-        yield
-    finally:
-        with share.lock:
-            share.users -= 1
-            if share.users == 0 and share.modes is not None:
-                for m, training in share.modes:  # each module's own flag (a frozen part may have been in eval)
-                    m.training = training
-                share.modes = None
-
-
 def _same_device(want: torch.device, have: torch.device) -> bool:
     """``want`` names where ``have`` is: the same type and index ("cuda" is any CUDA device; the CPU has one)."""
     return want.type == have.type and (want.type == "cpu" or want.index is None or want.index == have.index)
@@ -243,7 +199,7 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
                              f"or leave device out")
         device = here
     out: list[list[dict[str, Any]]] = []
-    with _in_eval_mode(model):
+    with eval_mode(model):
         from vitlab.train.evaluate import logits_of
 
         for start in range(0, len(items), batch_size):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,34 +257,76 @@ def _forward_batch(model: nn.Module, batch: Any, *, device: torch.device, amp: s
     return x, y, logits_of(outputs).float(), loss
 
 
+class _EvalShare:
+    """The predict calls running on one model that was in train mode: the first switched it to eval mode and
+    recorded each module's mode in ``modes``; the last puts them back."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.modes: list[tuple[nn.Module, bool]] | None = None
+
+
+_shares: weakref.WeakKeyDictionary[nn.Module, _EvalShare] = weakref.WeakKeyDictionary()
+_shares_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode meanwhile (evaluation, ``vitlab.predict``), safely for concurrent calls on one model:
+    a model whose modules are all in eval mode is not touched; otherwise the first concurrent call switches it to
+    eval mode and the last one to leave restores every module's own mode (a part the caller froze in eval mode
+    stays so; restoring in each call would put the model back in train mode while other calls are still in their
+    forward)."""
+    with _shares_lock:
+        share = _shares.get(model)
+        if share is None:
+            share = _shares[model] = _EvalShare()
+    with share.lock:
+        if share.users == 0:
+            modes = [(m, m.training) for m in model.modules()]
+            share.modes = modes if any(training for _, training in modes) else None
+            if share.modes is not None:
+                model.eval()
+        share.users += 1
+    try:
+        yield
+    finally:
+        with share.lock:
+            share.users -= 1
+            if share.users == 0 and share.modes is not None:
+                for m, training in share.modes:  # each module's own flag (a frozen part may have been in eval)
+                    m.training = training
+                share.modes = None
+
+
 @contextlib.contextmanager
 def _eval_batches(model: nn.Module, dataset: Dataset, *, batch_size: int, workers: int,
                   progress: bool) -> Iterator[Iterator[Any]]:
     """The data set's batches in order (undecodable images' empty batches left out), the model in eval mode
-    meanwhile (its mode restored after), with a progress bar on a terminal (a redrawn bar is noise in a log)."""
-    was_training = model.training
-    model.eval()
-    loader = WorkerLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                          collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(0))
-    bar = None
-    if progress and sys.stderr.isatty():
-        from tqdm.auto import tqdm
+    meanwhile (:func:`eval_mode`: each module's mode restored after), with a progress bar on a terminal (a redrawn
+    bar is noise in a log)."""
+    with eval_mode(model):
+        loader = WorkerLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                              collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(0))
+        bar = None
+        if progress and sys.stderr.isatty():
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(loader), desc="eval", unit="batch", leave=False)
+            bar = tqdm(total=len(loader), desc="eval", unit="batch", leave=False)
 
-    def batches() -> Iterator[Any]:
-        for batch in loader:
+        def batches() -> Iterator[Any]:
+            for batch in loader:
+                if bar is not None:
+                    bar.update(1)
+                if batch is not None:
+                    yield batch
+
+        try:
+            yield batches()
+        finally:
             if bar is not None:
-                bar.update(1)
-            if batch is not None:
-                yield batch
-
-    try:
-        yield batches()
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
+                bar.close()
 
 
 def _class_targets(y: Tensor, logits: Tensor, num_classes: int) -> bool:
