@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -176,7 +177,7 @@ def test_readme_serving_snippet_crops_a_non_square_input_as_vitlab(tmp_path):
     vitlab does (nearest resampling: the same pixels)."""
     code = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "def decode(" in b)
     c, h, w = 3, 96, 64
-    ns = {"np": np, "Image": Image, "ImageOps": ImageOps, "json": json, "c": c, "h": h, "w": w,
+    ns = {"np": np, "math": math, "Image": Image, "ImageOps": ImageOps, "json": json, "c": c, "h": h, "w": w,
           "meta": {"channel_order": "RGB"}, "mean": np.float32([0, 0, 0]), "std": np.float32([1, 1, 1]),
           "crop_pct": 0.9, "crop_mode": "center", "resample": Image.NEAREST}
     for name in ("decode", "prepare"):
