@@ -31,8 +31,8 @@ Options (``--opt KEY=VALUE``, :attr:`PretrainJob.options`) are checked before an
 be one of the method's (its objective's keyword arguments, the dVAE's model options, and the job's own:
 ``num_local`` / ``local_size`` for dino, ``tokenizer_iters`` for beit), of the type its annotation says
 (a bool is ``true`` / ``false``, numbers are numbers). ``--resume`` is checked (method, model, data,
-optimiser, the objective's saved state) before the run directory is touched: a refused resume leaves it
-as it was.
+optimiser, the objective's saved state, and vqkd's ``--teacher`` weights against the fingerprint in
+``job.json``) before the run directory is touched: a refused resume leaves it as it was.
 """
 
 from __future__ import annotations
@@ -555,18 +555,46 @@ def _check_resumed_method(job: PretrainJob) -> None:
                          f"run (another --output)")
 
 
-def _warn_changed_options(job: PretrainJob) -> None:
+def _warn_changed_options(job: PretrainJob, *, same_teacher: bool = False) -> None:
+    """--resume with other options than job.json's: a warning. ``same_teacher``: the teacher file's weights are
+    the run's (its recorded fingerprint), so a teacher that moved is no change."""
     from vitlab.train.run import read_job
 
     def plain(d: dict[str, Any]) -> dict[str, Any]:
         return json.loads(json.dumps(d, default=str))
 
     recorded, asked = plain(read_job(job.output).get("options", {})), plain(job.options)
+    if same_teacher and recorded.get("teacher") != asked.get("teacher"):
+        log.info("--resume: the teacher moved (%s -> %s); its weights are the run's (the same fingerprint)",
+                 recorded.get("teacher"), asked.get("teacher"))
     changed = [f"{k} {recorded.get(k)!r} -> {asked.get(k)!r}" for k in sorted(set(recorded) | set(asked))
-               if recorded.get(k) != asked.get(k)]
+               if recorded.get(k) != asked.get(k) and not (same_teacher and k == "teacher")]
     if changed:
         log.warning("--resume with other options than the run's (%s): it goes on from the saved state, and will not "
                     "match an uninterrupted run", ", ".join(changed))
+
+
+def _teacher_fingerprint(job: PretrainJob, objective: Objective) -> str | None:
+    """The fingerprint of the external teacher whose weights the objective reads and does not save (vqkd's
+    ``--teacher``; None for the other methods: DINO's teacher and BEiT's tokenizer are in the training state).
+    On --resume, a teacher whose weights are not those recorded in job.json (the file replaced meanwhile) is
+    refused; the same weights at another path are accepted."""
+    from vitlab.checkpoints import CheckpointError
+    from vitlab.train.run import JOB_FILE, _modified, _short, read_job, weights_fingerprint
+
+    teacher = getattr(objective, "teacher", None)
+    if teacher is None or "teacher" not in objective.unsaved:
+        return None
+    fingerprint = weights_fingerprint(teacher)
+    recorded = read_job(job.output).get("teacher_fingerprint") if job.resume else None
+    if recorded is not None and recorded != fingerprint:
+        path = job.options.get("teacher")
+        raise CheckpointError(
+            f"--resume: the teacher {path} is not the one this run learned from: its weights changed since the run "
+            f"began (fingerprint {_short(recorded)} in {job.output / JOB_FILE}, {_short(fingerprint)} "
+            f"now{_modified(str(path))}); put the run's teacher back at {path} (or give --teacher with its file), "
+            f"or start a new run (another --output)")
+    return fingerprint
 
 
 def run_pretraining(job: PretrainJob) -> dict[str, Any]:
@@ -624,9 +652,11 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
         if ctx.is_main:
             _warn_unapplied(job.method, recipe)
         transform = _transform(dataclasses.replace(job, recipe=recipe), model)
+        teacher_fingerprint = _teacher_fingerprint(job, objective)  # vqkd's --teacher; refused if replaced
         if job.resume:  # everything fit() will load, checked before the run directory is touched
             check_resumable(job.output, model, recipe, data=job.data, objective=objective)
-            _warn_changed_options(job)
+            _warn_changed_options(job, same_teacher=teacher_fingerprint is not None and
+                                  read_job(job.output).get("teacher_fingerprint") == teacher_fingerprint)
         if ctx.is_main:
             if job.overwrite and not job.resume:  # the old run's outputs (its tokenizer / teacher were read above)
                 clear_run_outputs(job.output)
@@ -634,6 +664,7 @@ def run_pretraining(job: PretrainJob) -> dict[str, Any]:
             record = json.dumps({
                 **run_marker(job.output if job.resume else None), "method": job.method, "data": job.data, "data_source": source_identity(job.data),
                 "model": job.model or recipe.model, "options": job.options, "skip_bad_images": job.skip_bad_images,
+                **({"teacher_fingerprint": teacher_fingerprint} if teacher_fingerprint else {}),
                 "split_method": split_method, **({"held_out": held_out} if held_out else {})}, indent=2, default=str)
             path = job.output / JOB_FILE
             if not (path.is_file() and path.read_text(encoding="utf-8") == record):  # a resumed run's record stays as it was

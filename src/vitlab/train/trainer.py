@@ -731,8 +731,10 @@ def fit(
     if resume:
         resumed = _restore(out / STATE_FILE, net=net, objective=objective, optimizer=optimizer, scheduler=scheduler,
                            horizon=horizon, scaler=scaler, ema=ema, recipe=recipe, ctx=ctx, total_steps=total_steps,
-                           global_batch=global_batch, steps_per_epoch=steps_per_epoch)
+                           global_batch=global_batch, steps_per_epoch=steps_per_epoch, train_images=len(train_set))
         step, seconds_before, changes, val = resumed.step, resumed.seconds, resumed.changes, resumed.val
+        total_steps = resumed.total_steps  # the run's own, where only the data's size changed
+        epochs = math.ceil(total_steps / steps_per_epoch)
         for b, saved in zip(bests, resumed.best):
             b.restore(saved, out / STATE_FILE, check_file=ctx.is_main)
         warmup = horizon.warmup_steps  # the run's own, where its length changed
@@ -1203,11 +1205,12 @@ class _Resumed(NamedTuple):
     changes: list[dict[str, Any]]  # the run's recorded setting changes, this resume's last
     val: dict[str, Any] | None  # the last validation's metrics
     best: tuple[Any, Any]  # the saved best validations (the model's, the EMA's; None where not kept)
+    total_steps: int  # the run's length from here: the one asked for, or the run's own (data of another size)
 
 
 def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, scheduler, horizon: Horizon, scaler, ema,
              recipe: Recipe, ctx: DistContext, total_steps: int, global_batch: int,
-             steps_per_epoch: int = 1) -> _Resumed:
+             steps_per_epoch: int = 1, train_images: int | None = None) -> _Resumed:
     """Load everything ``--resume`` needs from ``path`` into the run's objects.
 
     Settings that differ from the saved recipe (other than logistics) are appended to the run's changes, as
@@ -1215,23 +1218,41 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
 
     Another length (``total_steps`` not the saved one) re-plans the decay from the step reached, as a deadline
     does (:meth:`Horizon.replan`): the learning rate goes on from its saved value and reaches min_lr at the new
-    end. A length that ends at or before the step reached is refused."""
+    end. A length that ends at or before the step reached is refused. An epoch-based run resumed with its own
+    length settings on data of another size (other steps per epoch; ``train_images``: how many images the data
+    has now) keeps its planned length in steps and its schedule, with a warning: the returned ``total_steps``."""
     state = load_train_state(path)
     saved_total = int(state.get("total_steps") or total_steps)
     check_same_model(state, net, path)
     check_same_optimizer(state, recipe, path)
     check_same_targets(state, recipe, path)
     check_same_global_batch(state, recipe, path, global_batch=global_batch, world_size=ctx.world_size)
-    if total_steps != saved_total and total_steps <= int(state["step"]):
-        step = int(state["step"])
+    step = int(state["step"])
+    planned_spe = _planned_steps_per_epoch(state, saved_total)
+    data_now = (f"the training data now gives {steps_per_epoch} steps per epoch"
+                f"{f' ({train_images} images, global batch {global_batch})' if train_images is not None else ''}")
+    if (total_steps != saved_total and not recipe.max_steps and planned_spe is not None
+            and planned_spe != steps_per_epoch and _same_length_settings(state, recipe)):
+        # the length was not asked for: only the data's size changed it. A changed folder is warned about, not
+        # refused (check_split_source), and the run goes on as it was planned, in steps
+        log.warning("--resume on training data of another size: %s, %d when the run planned its %d epochs (%d "
+                    "steps); the run keeps its length of %d steps (%.3g epochs of the data now) and its "
+                    "learning-rate schedule, and will not match an uninterrupted run; for another length give "
+                    "--steps N (N past %d, the step reached)", data_now, planned_spe, recipe.epochs, saved_total,
+                    saved_total, saved_total / steps_per_epoch, step)
+        total_steps = saved_total
+    if total_steps != saved_total and total_steps <= step:
         asked = f"max_steps {recipe.max_steps}" if recipe.max_steps else f"epochs {recipe.epochs}"
         longer = (f"--steps {step + 1} or more" if recipe.max_steps else
                   f"--epochs {step // steps_per_epoch + 1} or more, or --steps {step + 1} or more")
+        why = (f" ({data_now}, {planned_spe} when the run was planned)"
+               if planned_spe is not None and planned_spe != steps_per_epoch else "")
         raise CheckpointError(
             f"--resume: the run in {path.parent} already reached step {step} (of {saved_total}); the length asked "
-            f"for now, {total_steps} steps ({asked}), does not go past it and would train nothing. Leave --epochs / "
-            f"--steps out to continue the run's own length, give a longer one ({longer}), or start a new run from "
-            f"its weights (`vitlab finetune --from {path.parent / MODEL_FILE} --output NEW ...`)")
+            f"for now, {total_steps} steps ({asked}){why}, does not go past it and would train nothing. Continue "
+            f"the run's own length (its {saved_total} steps: leave out the --epochs / --steps / recipe that changed "
+            f"it), give a longer one ({longer}), or start a new run from its weights (`vitlab finetune --from "
+            f"{path.parent / MODEL_FILE} --output NEW ...`)")
     # states written while fit did not yet unwrap a compiled model carry "_orig_mod." on every key
     state["model"] = strip_wrapper_prefixes(state["model"])
     if state.get("ema") is not None:
@@ -1258,15 +1279,20 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
             load_full_model_state(ema.module, state["ema"])
         else:
             ema.module.load_state_dict(state["ema"])
-    step = int(state["step"])
+    saved_recipe = state.get("recipe", {})
+    same_warmup = all(k in saved_recipe and saved_recipe[k] == getattr(recipe, k)
+                      for k in ("warmup_steps", "warmup_epochs"))
     if total_steps != saved_total:  # the saved plan (its warm-up too), then re-planned from here to the new end
         warmup = state.get("horizon", {}).get("warmup_steps")
         if warmup is None:  # a state written before it recorded its horizon: the warm-up its recipe gave
-            r = state.get("recipe", {})
+            r = saved_recipe
             warmup = min(max(int(r.get("warmup_steps", 0)), round(float(r.get("warmup_epochs", 0.0)) * steps_per_epoch)),
                          max(0, saved_total - 1))
         horizon.warmup_steps, horizon.total_steps = int(warmup), saved_total
         horizon.replan(step, total_steps)
+    elif same_warmup and state.get("horizon", {}).get("warmup_steps") is not None:
+        # the run's own warm-up, in steps: warmup_epochs on data of another size would give another
+        horizon.warmup_steps, horizon.total_steps = int(state["horizon"]["warmup_steps"]), saved_total
     if "objective_schedule" in state:  # the objective's own schedules (DINO's momentum, the dVAE's temperature)
         objective.schedule.load_state_dict(state["objective_schedule"])
     else:  # a state written before it was recorded: the saved length, never re-planned
@@ -1277,7 +1303,6 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description",
                  "best_metric", "fsdp", "batch_size", "accum_steps", "global_batch",
                  "model"}  # the model is checked itself (check_same_model); older runs recorded the recipe's default
-    saved_recipe = state.get("recipe", {})
     # fields an older vitlab did not record are not changes of the run's
     changed = sorted(k for k, v in recipe.to_dict().items()
                      if k not in logistics and k in saved_recipe and saved_recipe[k] != v)
@@ -1316,7 +1341,23 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
         _seed_everything(recipe.seed + 1000 * ctx.rank + step)
     log.info("resumed %s at step %d of %d", path.parent, step, total_steps)
     return _Resumed(step, float(state.get("train_seconds", 0.0)), changes, _last_validation(state, path),
-                    (state.get("best"), state.get("best_ema")))
+                    (state.get("best"), state.get("best_ema")), total_steps)
+
+
+def _planned_steps_per_epoch(state: dict[str, Any], saved_total: int) -> int | None:
+    """The steps per epoch an epoch-based run planned its length with (its saved total over its epochs); None
+    for a run whose length was given in steps (or re-planned by a deadline, which records max_steps)."""
+    r = state.get("recipe", {})
+    epochs = r.get("epochs")
+    if r.get("max_steps") or not isinstance(epochs, int) or epochs < 1 or saved_total % epochs:
+        return None
+    return saved_total // epochs
+
+
+def _same_length_settings(state: dict[str, Any], recipe: Recipe) -> bool:
+    """Whether the resumed run asks for the saved run's own length (its epochs and max_steps, as recorded)."""
+    r = state.get("recipe", {})
+    return "epochs" in r and "max_steps" in r and r["epochs"] == recipe.epochs and r["max_steps"] == recipe.max_steps
 
 
 def _last_validation(state: dict[str, Any], path: Path) -> dict[str, Any] | None:
