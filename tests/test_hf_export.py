@@ -122,3 +122,33 @@ def test_export_format_hf_on_the_command_line(tmp_path: Path, capsys) -> None:
     assert main(["export", "--checkpoint", str(FIX / "vit.safetensors"), "--format", "hf", "--output", str(out)]) != 0
     assert main(["export", "--checkpoint", str(FIX / "vit.safetensors"), "--format", "hf", "--output", str(out),
                  "--overwrite"]) == 0
+
+
+def test_processors_and_configs_for_the_edge_cases(tmp_path: Path) -> None:
+    """What a tester met: a quick-GELU ViT read back, 1-channel and RGBA-safe processors, a non-square input not
+    padded with black, nearest resampling noted, one-output heads, a Swin whose padded stages have no shift."""
+    tiny = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3)
+    quick = vitlab.create_model("vit_tiny_patch16_224", gelu="quick", **tiny).eval()
+    save_hf_folder(quick, tmp_path / "quick")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(vitlab.load_model(tmp_path / "quick").eval()(x), quick(x), rtol=0, atol=1e-6)
+    assert hf_processor_config(quick)[0]["do_convert_rgb"] is True  # grey / RGBA images to RGB, as vitlab
+    grey, notes = hf_processor_config(vitlab.create_model("vit_tiny_patch16_224", **{**tiny, "in_chans": 1}))
+    assert grey["do_convert_rgb"] is False and any("pipeline('image-classification')" in n for n in notes)
+    wide, notes = hf_processor_config(vitlab.create_model("vit_tiny_patch16_224", **{**tiny, "img_size": (32, 48)}))
+    assert wide["image_processor_type"] == "DeiTImageProcessor" and wide["size"] == {"height": 35, "width": 53}
+    assert wide["crop_size"] == {"height": 32, "width": 48} and any("squashes every image" in n for n in notes)
+    nearest = vitlab.create_model("vit_tiny_patch16_224", **tiny)
+    from vitlab.models.base import set_preprocessing_style
+
+    set_preprocessing_style(nearest, interpolation="nearest")
+    assert any("backend='pil'" in n for n in hf_processor_config(nearest)[1])
+    assert hf_config(vitlab.create_model("vit_tiny_patch16_224", **{**tiny, "num_classes": 1}))["problem_type"] == \
+        "single_label_classification"  # transformers would score one output with sigmoid
+    # maps 20 and 10 for a window of 6, padded after the shift: with one block per stage nothing is shifted, so
+    # padding before or after the shift is the same; with two in stage 0 it is not
+    swin = dict(img_size=40, patch_size=2, embed_dim=8, num_heads=(1, 2), window_size=6, num_classes=3)
+    assert hf_config(vitlab.create_model("swin_tiny_patch4_window7_224", depths=(1, 1), **swin))["model_type"] == "swin"
+    with pytest.raises(ValueError, match=r"stage\(s\) \[0\] pad"):
+        hf_config(vitlab.create_model("swin_tiny_patch4_window7_224", depths=(2, 1), **swin))

@@ -51,7 +51,7 @@ _QKV = {"attention.attention.query": "query", "attention.attention.key": "key", 
 # transformers' ViTConfig defaults, for the fields a config.json may leave out
 HF_LAYER_NORM_EPS = 1e-12
 # transformers' hidden_act names -> vitlab's ViTConfig.gelu
-HF_GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+HF_GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "quick_gelu": "quick"}
 
 
 def hf_vit_overrides(config: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +233,6 @@ _CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers
 _SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                         image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
                         vision_use_head=True)
-_TOWER_GELU = {**HF_GELU, "quick_gelu": "quick"}
 _CLIP_SIZES = {256: "xsmall", 512: "medium", 640: "betwixt", 768: "base", 1024: "large", 1280: "huge",
                1408: "giant", 1664: "gigantic"}
 _SIGLIP_SIZES = {768: "base", 1024: "large", 1152: "so400m", 1536: "giantopt"}
@@ -289,14 +288,14 @@ def hf_tower_overrides(config: dict[str, Any], *, projection: int = 0) -> dict[s
     kind = config.get("model_type")
     cfg = tower_config(config)
     act = cfg["hidden_act"]
-    if act not in _TOWER_GELU:
+    if act not in HF_GELU:
         raise ValueError(f"HF {kind} config: hidden_act={act!r}; vitlab's ViT has "
-                         f"{' / '.join(map(repr, _TOWER_GELU))}")
+                         f"{' / '.join(map(repr, HF_GELU))}")
     over = hf_vit_overrides({**cfg, "hidden_act": "gelu"})
     hidden, inner = over["embed_dim"], int(cfg["intermediate_size"])
     if int(hidden * over["mlp_ratio"]) != inner:  # a ratio that rounds below the width (int() in the MLP)
         over["mlp_ratio"] = (inner + 0.5) / hidden
-    over.update(gelu=_TOWER_GELU[act], representation_size=None, init_values=None, reg_tokens=0,
+    over.update(gelu=HF_GELU[act], representation_size=None, init_values=None, reg_tokens=0,
                 no_embed_class=False, pos_embed="learn", hybrid_layers=None)
     if kind in CLIP_TYPES:
         over.update(pre_norm=True, class_token=True, global_pool="token", fc_norm=None, num_classes=projection)

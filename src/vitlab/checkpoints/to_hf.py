@@ -141,13 +141,15 @@ def _check_swin(model: nn.Module, name: str) -> None:
     try:
         _check_hf_window_clamp({"image_size": list(size), "patch_size": cfg.patch_size, "window_size": windows[0],
                                 "depths": list(cfg.depths)}, "swin")
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
+    except ValueError as e:  # the reading side's check, in its words: transformers decides the window otherwise
+        raise ValueError(f"{name}: transformers' Swin would compute this input size otherwise, so there is no "
+                         f"transformers layout to export it to ({e})") from None
 
 
 def _padded_stages(model: nn.Module) -> list[int]:
-    """The stages whose map (at the model's input size) is larger than the window and not a multiple of it."""
-    return _stages(model, lambda side, window: side > window and side % window)
+    """The stages with a shifted block (two blocks or more) whose map (at the model's input size) is larger than the
+    window and not a multiple of it: where padding before or after the shift gives other outputs."""
+    return [s for s in _stages(model, lambda side, window: side > window and side % window) if model.cfg.depths[s] > 1]
 
 
 def _stages(model: nn.Module, test: Any) -> list[int]:
@@ -175,7 +177,9 @@ def hf_config(model: nn.Module, *, class_names: list[str] | None = None) -> dict
     names = meta["class_names"] or [f"LABEL_{i}" for i in range(model.num_classes)]
     labels = {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
     problem = _PROBLEM.get(meta.get("score_function", ""))
-    if problem:  # transformers' pipeline then scores with sigmoid / raw values, as vitlab
+    if problem is None and model.num_classes == 1:  # transformers takes one output for a regression / sigmoid head
+        problem = "single_label_classification"
+    if problem:  # transformers' pipeline then scores with sigmoid / raw values (softmax: said for one output), as vitlab
         labels["problem_type"] = problem
     size = cfg.img_size
     if _family(model) == "swin":
@@ -296,22 +300,30 @@ def hf_processor_config(model: nn.Module) -> tuple[dict[str, Any], list[str]]:
         raise ValueError(f"{model.model_name} reads {pre.channel_order} images: transformers' ViT processors feed RGB")
     common = {"do_resize": True, "resample": _RESAMPLE[pre.interpolation], "do_rescale": True,
               "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(pre.mean), "image_std": list(pre.std)}
+    # grey, RGBA and palette images to RGB first, as vitlab does (ViT / DeiT processors otherwise fail on them)
+    common["do_convert_rgb"] = c == 3
     if c == 1:
-        common["do_convert_rgb"] = False
-        notes.append("a 1-channel model: give transformers' processor grayscale images (it does not convert them)")
+        notes.append("a 1-channel model: call its processor and model with grayscale images yourself; "
+                     "pipeline('image-classification') converts every image to RGB and cannot feed it")
+    if pre.interpolation == "nearest":
+        notes.append("nearest resampling: transformers' default (torchvision) processors pick other pixels than "
+                     "Pillow's, which vitlab follows; load the processor with backend='pil' for vitlab's inputs")
     rh, rw = pre.resize_side(h), pre.resize_side(w)
     cropped = (rh, rw) != (h, w)
     if pre.crop_mode == "squash" and not cropped:
         config = {"image_processor_type": "ViTImageProcessor", **common, "size": {"height": h, "width": w}}
-    elif pre.crop_mode == "squash":
+    elif pre.crop_mode == "squash" or h != w:
+        # a non-square centre crop: transformers' shorter-edge resize would leave the longer side short of the crop
+        # (the processor pads it with black); squashed to the cover size, the aspect is lost instead
         config = {"image_processor_type": "DeiTImageProcessor", **common, "size": {"height": rh, "width": rw},
                   "do_center_crop": True, "crop_size": {"height": h, "width": w}}
+        if pre.crop_mode != "squash":
+            notes.append(f"a {h}x{w} input: transformers' processors cannot keep an image's aspect and cover "
+                         f"{rh}x{rw} as vitlab (timm's ResizeKeepRatio) does; the exported processor squashes every "
+                         f"image to {rh}x{rw} before the crop, so the inputs differ for images of another aspect")
     else:
-        config = {"image_processor_type": "BitImageProcessor", **common, "size": {"shortest_edge": min(rh, rw)},
+        config = {"image_processor_type": "BitImageProcessor", **common, "size": {"shortest_edge": rh},
                   "do_center_crop": True, "crop_size": {"height": h, "width": w}}
-        if h != w:
-            notes.append(f"a {h}x{w} input: transformers' processor resizes the shorter side to {min(rh, rw)} and crops; "
-                         f"vitlab scales the image to cover {rh}x{rw} (timm's ResizeKeepRatio)")
     if config.get("do_center_crop") and pre.crop_offset == "round":
         notes.append("transformers' processors start an odd crop margin's crop at margin // 2, vitlab (as timm) at "
                      "round(margin / 2): one pixel apart on images whose margin is odd")
