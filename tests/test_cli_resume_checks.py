@@ -80,6 +80,7 @@ def test_resume_of_a_run_without_recorded_classes_checks_the_checkpoints(run_a, 
 def test_resume_on_another_source_with_the_same_classes_warns(run_a, tmp_path, caplog):
     out = _copy_run(run_a, tmp_path / "run")
     moved = shutil.copytree(run_a.parent / "A", tmp_path / "A_copy")
+    shutil.copy(moved / "cat" / "0.png", moved / "cat" / "extra.png")  # other files (an identical copy: a note)
     with caplog.at_level(logging.WARNING, logger="vitlab"):
         assert main(["train", "--output", str(out), "--resume", "--data", str(moved), *TINY, "--steps", "3"]) == 0
     assert "was trained on" in caplog.text and str(moved) in caplog.text

@@ -19,6 +19,7 @@ from vitlab.cli.train import (
     run_data,
     saved_job,
     saved_run,
+    skip_bad_images_of_run,
     train_or_explain,
 )
 from vitlab.train.recipe import CARRY_OVER, list_recipes, plain
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     saved = saved_run(args, args.output) if args.output is not None else None
     recorded = saved_job(args)  # with --resume: the run's job.json (its data, --from source and model)
     args.data = args.data or run_data(args, recorded)
+    skip_bad_images_of_run(args, recorded)
+    given = args.source
     if args.source is None:
         args.source = recorded.get("pretrained")
         if args.source is None:
@@ -73,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
                              "--resume and --output RUN: the run's own)")
     args.source, published = _published_weights(args.source, args.model)
     args.source, note = run_checkpoint(args.source)  # a run folder: its checkpoint (DINO's: the teacher)
+    if given is not None and args.resume and recorded.get("pretrained") is not None:
+        args.source = _resumed_source(args, given, recorded["pretrained"])
     if note and not args.resume:
         log.info("fine-tuning %s", note)
     # a resumed run's model is the one it records: its --from source is not read again (train.run.build_model)
@@ -87,6 +92,20 @@ def run(args: argparse.Namespace) -> int:
         recipe = _pretraining_hold_out(args, recipe)
     return train_or_explain(make_job(args, recipe, model=model, pretrained=args.source,
                                      output_tag=f"finetune-{model}"))
+
+
+def _resumed_source(args: argparse.Namespace, given: str, recorded: str) -> str:
+    """--resume --from: the run's own source (job.json's ``pretrained``, kept as recorded), which the command line
+    may repeat but not change, as the distillation --teacher: a resumed run takes its weights from its training
+    state, so another --from would be recorded but never read."""
+    if args.source == recorded:
+        return recorded
+    a, b = Path(args.source).expanduser(), Path(recorded).expanduser()
+    if a.exists() and b.exists() and a.resolve() == b.resolve():
+        return recorded
+    raise ValueError(f"--resume --from {given}: the run in {args.output} fine-tunes from {recorded} (its job.json); "
+                     f"a resumed run takes its weights from its training state and does not read --from: leave --from "
+                     f"out to continue it, or start a new run (another --output) to fine-tune from {given}")
 
 
 def _published_weights(source: str, model: str | None) -> tuple[str, str | None]:

@@ -98,7 +98,7 @@ def _sets(overrides: list[str] | None, key: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.cli.train import resolve_recipe, run_data, saved_run
+    from vitlab.cli.train import resolve_recipe, run_data, saved_job, saved_run, skip_bad_images_of_run
     from vitlab.ssl.run import PretrainJob, run_pretraining
     from vitlab.train import NonFiniteLossError
 
@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         args.model = args.model or job_saved.get("model")
         args.data = args.data or run_data(args, job_saved)
         options = {**job_saved.get("options", {}), **options}
+    skip_bad_images_of_run(args, saved_job(args))
     if args.method is None:
         raise ValueError(f"--method: choose one of {', '.join(METHODS)}")
     # default: the method's own recipe; its model options are for its own model (Recipe.for_model)

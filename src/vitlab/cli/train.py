@@ -121,8 +121,10 @@ def saved_run(args: argparse.Namespace, output: Path) -> dict | None:
     from vitlab.train.run import read_job
 
     path = output / "recipe.json"
-    if not args.resume or args.recipe is not None or not path.is_file():
+    if not args.resume or args.recipe is not None:
         return None
+    if not path.is_file():
+        return _recipe_from_state(output)
     try:
         saved = parse_json(path.read_text(encoding="utf-8"))
     except ValueError as e:  # malformed, nested too deeply, not UTF-8
@@ -135,6 +137,28 @@ def saved_run(args: argparse.Namespace, output: Path) -> dict | None:
     return {"recipe": {k: v for k, v in saved.items() if k not in ("resolved", "changes")}, "job": read_job(output)}
 
 
+def _recipe_from_state(output: Path) -> dict | None:
+    """--resume of a run whose recipe.json is gone: the recipe its training state holds (the settings in force at
+    its last checkpoint, which recipe.json recorded too), with a warning; None where there is no such state."""
+    from vitlab.checkpoints import CheckpointError
+    from vitlab.train.run import read_job
+    from vitlab.train.state import load_train_state
+    from vitlab.train.trainer import STATE_FILE
+
+    state_path = output / STATE_FILE
+    if not state_path.is_file():
+        return None
+    try:
+        recipe = load_train_state(state_path, mmap=True).get("recipe")
+    except (CheckpointError, OSError, ValueError):
+        return None  # the resume's own checks say what is wrong with the state
+    if not isinstance(recipe, dict) or not recipe:
+        return None
+    log.warning("--resume: %s is missing; the run's recipe is taken from its %s (the settings in force at its last "
+                "checkpoint), and recipe.json is written again", output / "recipe.json", STATE_FILE)
+    return {"recipe": recipe, "job": read_job(output)}
+
+
 def saved_job(args: argparse.Namespace) -> dict:
     """With --resume: the run's job.json (task, data, model), also when --recipe is given; else {}."""
     from vitlab.train.run import read_job
@@ -145,10 +169,29 @@ def saved_job(args: argparse.Namespace) -> dict:
 def run_data(args: argparse.Namespace, job: dict) -> str | None:
     """With --resume and no --data: the run's data source, as `vitlab eval` finds it (readable from here)."""
     from vitlab.cli.common import recorded_data
+    from vitlab.data.build import parse_source
+    from vitlab.data.errors import DatasetError
 
     if not job:
         return None
-    return recorded_data(args.output, job) or job.get("data")
+    data = recorded_data(args.output, job) or job.get("data")
+    if data is None:
+        return None
+    try:
+        parse_source(data)
+    except DatasetError as e:  # the folder moved or removed since the run began
+        raise ValueError(f"--resume: the data the run in {args.output} was trained on, {job.get('data')} (its "
+                         f"job.json), cannot be read any more ({e}); if it moved, continue the run on it with "
+                         f"--data NEWPATH (its classes and files are checked against the run's record)") from None
+    return data
+
+
+def skip_bad_images_of_run(args: argparse.Namespace, job: dict) -> None:
+    """--resume of a run started with --skip-bad-images (job.json's ``skip_bad_images``): it goes on skipping
+    undecodable images, as the run did, without the option repeated."""
+    if args.resume and job.get("skip_bad_images") is True and not args.skip_bad_images:
+        args.skip_bad_images = True
+        log.info("--resume: undecodable images are skipped, as the run did (--skip-bad-images, in its job.json)")
 
 
 def check_recipe_outside(args: argparse.Namespace, output: Path) -> None:
@@ -189,7 +232,21 @@ def resolve_recipe(args: argparse.Namespace, default: str, saved: dict | None = 
                                   ("multi_label", True if getattr(args, "multi_label", False) else None))
                if v is not None}
     recipe = recipe.replace(**changes) if changes else recipe
-    return apply_overrides(recipe, args.overrides)
+    recipe = apply_overrides(recipe, args.overrides)
+    if saved is not None and base is None and args.resume:
+        check_resumed_length(args, saved["recipe"], recipe)
+    return recipe
+
+
+def check_resumed_length(args: argparse.Namespace, saved: dict, recipe) -> None:
+    """--resume --epochs N (or --set epochs=N) on a run whose length is max_steps (--steps, or a time budget's
+    plan): max_steps wins over epochs, so the epochs would change nothing; refused, as a fresh run given both is."""
+    asked = args.epochs is not None or any(o.split("=", 1)[0].strip() == "epochs" for o in args.overrides or [])
+    if not asked or recipe.max_steps is None or recipe.epochs == saved.get("epochs"):
+        return
+    raise ValueError(f"--resume --epochs {recipe.epochs}: the run in {args.output} is {recipe.max_steps} steps long "
+                     f"(max_steps: from --steps, a time budget's plan or its recipe), which wins over epochs: the epochs "
+                     f"would change nothing; give --steps N for another length")
 
 
 def make_job(args: argparse.Namespace, recipe, *, model: str | None, pretrained: str | None, output_tag: str):
@@ -224,16 +281,26 @@ def resolve_distill(args: argparse.Namespace):
     recorded = saved_job(args).get("distill") if args.resume else None
     if recorded:
         asked = {"teacher": args.teacher, "model": teacher_model, **given}
+        teacher, moved_from = recorded["teacher"], list(recorded.get("moved_from") or [])
+        if (args.teacher is not None and recorded.get("fingerprint")
+                and teacher_identity(args.teacher) != teacher_identity(teacher)):
+            # the teacher is its weights: at another path (a moved file) it is the run's own where they are those
+            # the run recorded (train.run._distillation compares them as it loads the teacher)
+            moved_from.append(teacher)
+            teacher = teacher_identity(args.teacher)
+            del asked["teacher"]
+            log.info("--resume --teacher %s: the run distilled from %s; the teacher at the new path goes on where its "
+                     "weights are those the run began with (checked as it loads)", args.teacher, recorded["teacher"])
         changed = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in asked.items()
                    if v is not None and (teacher_identity(v) if k == "teacher" else v)
                    != (teacher_identity(recorded[k]) if k == "teacher" else recorded.get(k))]
         if changed:
-            shown = {k: v for k, v in recorded.items() if k != "fingerprint"}
+            shown = {k: v for k, v in recorded.items() if k not in ("fingerprint", "moved_from")}
             raise ValueError(f"--resume: the run in {args.output} distils with {shown}; this asks for "
                              f"{', '.join(changed)}; leave the distillation options out to continue it, or start a "
                              f"new run (another --output)")
-        return Distill(**{k: recorded[k] for k in ("teacher", "kind", "alpha", "tau")}, model=recorded.get("model"),
-                       fingerprint=recorded.get("fingerprint"))
+        return Distill(teacher=teacher, **{k: recorded[k] for k in ("kind", "alpha", "tau")},
+                       model=recorded.get("model"), fingerprint=recorded.get("fingerprint"), moved_from=moved_from)
     if args.teacher is not None and args.tau is not None and (args.distill or DISTILL_DEFAULTS["kind"]) == "hard":
         raise ValueError("--tau is the soft distillation's temperature; hard distillation (--distill hard, the "
                          "default) does not use it: leave --tau out, or give --distill soft")
@@ -327,12 +394,25 @@ def auto_recipe(args: argparse.Namespace):
         from vitlab.benchmark import registry_forward_flops
         from vitlab.models.registry import get_entry
 
-        model_flops = registry_forward_flops(args.model, in_chans=facts.channels)[0] * TRAIN_FLOP_FACTOR
-        model_width = getattr(get_entry(args.model).config, "embed_dim", None)
+        built = built_model_options(args)  # the model the run builds: its --set model_overrides and --img-size
+        model_flops = registry_forward_flops(args.model, **{"in_chans": facts.channels, **built})[0] * TRAIN_FLOP_FACTOR
+        model_width = built.get("embed_dim", getattr(get_entry(args.model).config, "embed_dim", None))
     choice = choose_recipe(facts, hw, time_budget_s=args.time_budget, model=args.model, model_flops=model_flops,
                            model_width=model_width)
     log.info("%s", choice.summary)
     return choice.recipe
+
+
+def built_model_options(args: argparse.Namespace) -> dict:
+    """The options the auto recipe's run builds ``--model`` with, as :func:`resolve_recipe` applies them: --img-size
+    and --set (img_size, model_overrides...). The auto recipe itself sets none of the model's architecture."""
+    from vitlab.train.recipe import Recipe
+
+    probe = apply_overrides(Recipe(name="auto", img_size=args.img_size), args.overrides)
+    options = dict(probe.model_overrides)
+    if probe.img_size is not None:
+        options["img_size"] = probe.img_size
+    return options
 
 
 def multilabel_facts(source: str):
@@ -398,6 +478,7 @@ def run_dense(args: argparse.Namespace) -> int:
     job = saved_job(args)  # `vitlab train --output DIR --resume` alone continues that run as it was
     args.model = args.model or job.get("model")
     args.data = args.data or run_data(args, job)
+    skip_bad_images_of_run(args, job)
     if args.data is None:
         raise ValueError(f"--task {args.task} needs --data DIR (train/ and val/ folders; see `vitlab make-canvases`)")
     default = "detr_canvases" if args.task == "detection" else "setr_canvases"
@@ -483,6 +564,7 @@ def run(args: argparse.Namespace) -> int:
     job = saved_job(args)  # `vitlab train --output DIR --resume` alone continues that run as it was
     args.model = args.model or job.get("model")
     args.data = args.data or run_data(args, job)
+    skip_bad_images_of_run(args, job)
     base = None
     if saved is None and (args.recipe == "auto" or (args.recipe is None and args.data not in (None, "digits"))):
         base = auto_recipe(args)

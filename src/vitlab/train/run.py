@@ -79,6 +79,8 @@ class Distill:
     model: str | None = None  # --teacher-model: the teacher's architecture, for weights that do not name it
     # the teacher's weights when the run began (weights_fingerprint): --resume refuses a teacher that changed since
     fingerprint: str | None = None
+    # the teacher's earlier paths: a --resume that gave it at a new path (a moved file with the same weights)
+    moved_from: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -445,10 +447,12 @@ def _check_foreign_dir(output: Path, *, overwrite: bool) -> None:
 
 
 def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str | None = None,
-                    classes: list[str] | None = None, objective: Any = None) -> None:
+                    classes: list[str] | None = None, objective: Any = None,
+                    split_from: dict[str, Any] | None = None) -> None:
     """Everything --resume needs, checked before the run directory is touched: the state exists and was
     written by the same model and optimiser, on data with the same classes, and (given ``objective``, an
-    :class:`~vitlab.train.objective.Objective`) by the same objective with state of the same shapes. (``fit``
+    :class:`~vitlab.train.objective.Objective`) by the same objective with state of the same shapes; ``split_from``:
+    what the data's held-out split is drawn from now (:func:`check_resumed_data`). (``fit``
     checks again as it loads; this is the early refusal that keeps a wrong --resume from rewriting the run's
     job.json.)"""
     from vitlab.train.trainer import check_same_model, check_same_optimizer, check_same_targets
@@ -457,7 +461,7 @@ def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str
     state = load_train_state(path, mmap=True)
     check_same_targets(state, recipe, path)
     if data is not None:
-        check_resumed_data(output, data, classes)
+        check_resumed_data(output, data, classes, split_from)
     check_same_model(state, model, path)
     if objective is not None:
         check_same_objective(state, objective, path)
@@ -499,10 +503,12 @@ def check_same_objective(state: dict[str, Any], objective: Any, path: Path) -> N
                               f"start a new run (another --output)")
 
 
-def check_resumed_data(output: Path, data: str, classes: list[str] | None) -> None:
+def check_resumed_data(output: Path, data: str, classes: list[str] | None,
+                       split_from: dict[str, Any] | None = None) -> None:
     """--resume on data whose class names are not the run's is refused (the trained head would go on
     under other labels); another data source with the same classes (a moved or grown copy) is allowed,
-    with a warning."""
+    with a warning, or a note where its training files are those the run recorded (``split_from``, what the
+    data's held-out split is drawn from now, equal to job.json's: a moved copy)."""
     from vitlab.checkpoints.adapt import same_class_names
 
     job = read_job(output)
@@ -515,9 +521,16 @@ def check_resumed_data(output: Path, data: str, classes: list[str] | None) -> No
         raise ValueError(f"--resume: the run in {output} was trained on {recorded or 'its data'} with classes "
                          f"{_names(names)}, but {data} has classes {_names(classes)}; resume with the run's "
                          f"own data (leave --data out), or start a new run (another --output)")
-    if recorded is not None and not same_source(data, recorded, job.get("data_source")):
-        log.warning("--resume: the run in %s was trained on %s, this run continues on %s (the same classes); "
-                    "it will not match an uninterrupted run", output, recorded, data)
+    if recorded is None or same_source(data, recorded, job.get("data_source")):
+        return
+    was = job.get("split_from")
+    if isinstance(was, dict) and split_from is not None and split_source_changes(was, split_from) is None:
+        log.info("--resume: the run in %s was trained on %s, this run continues on %s, which holds the training files "
+                 "the run recorded (the same names in each class): it goes on as on its own data if their contents "
+                 "are unchanged", output, recorded, data)
+        return
+    log.warning("--resume: the run in %s was trained on %s, this run continues on %s (the same classes); "
+                "it will not match an uninterrupted run", output, recorded, data)
 
 
 def check_split_source(output: Path, data: str, recorded: dict[str, Any] | None, now: dict[str, Any],
@@ -661,6 +674,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         from vitlab.data.multilabel import build_multilabel_dataset as build
     train_set = build(job.data, split="train", **common)
     split_from = getattr(train_set, "split_from", None)  # None: nothing drawn out of the training files
+    split_now = split_from  # kept for check_resumed_data: split_from becomes the run's record on --resume
     if job.resume:
         recorded_from = read_job(job.output).get("split_from")
         if split_from is not None and recipe.val_fraction > 0:
@@ -683,8 +697,9 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         log.warning("%s takes 1-channel (grayscale) images: the colour images of %s are converted to grayscale "
                     "for it (their colour is lost to the model)", job.pretrained or model.model_name, job.data)
     if job.resume:
-        check_resumable(job.output, model, recipe, data=job.data, classes=train_set.classes)
+        check_resumable(job.output, model, recipe, data=job.data, classes=train_set.classes, split_from=split_now)
     criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
+    compile_changes = _compile_changes(job) if job.resume and ctx.is_main else []
     pre = model.preprocessing
     if recipe.augment:
         crop = pre
@@ -716,7 +731,8 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
             "model": job.model or recipe.model, "pretrained": job.pretrained,
             "skip_bad_images": job.skip_bad_images, "split_method": split_method,
             **({"split_from": split_from} if split_from is not None else {}),
-            "distill": dataclasses.asdict(job.distill) if job.distill is not None else None}, indent=2))
+            "distill": _distill_record(job.distill), "compile": job.compile,
+            **({"compile_changes": compile_changes} if compile_changes else {})}, indent=2))
     recipe = _check_precision(recipe, ctx.device)
     deadline = None
     if job.time_budget_s is not None and not job.resume:
@@ -776,6 +792,38 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     if ctx.is_main and "test" in summary:
         atomic_text(job.output / "results.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _distill_record(d: Distill | None) -> dict[str, Any] | None:
+    """job.json's ``distill``: the teacher and its options (``moved_from`` only where the teacher moved)."""
+    if d is None:
+        return None
+    record = dataclasses.asdict(d)
+    if not record["moved_from"]:
+        del record["moved_from"]
+    return record
+
+
+def _compile_changes(job: TrainJob) -> list[dict[str, Any]]:
+    """--resume: job.json's ``compile_changes`` with this resume's, where it turns --compile on or off (a compiled
+    forward rounds otherwise than an eager one, so the run will not match an uninterrupted one bitwise; warned).
+    A run recorded before job.json kept ``compile``: the command line that last ran it says."""
+    recorded = read_job(job.output)
+    changes = [c for c in recorded.get("compile_changes") or [] if isinstance(c, dict)]
+    was = recorded.get("compile")
+    if not isinstance(was, bool):
+        lines = [c for c in (recorded.get("command"), *(recorded.get("resumed_with") or [])) if isinstance(c, list)]
+        if not lines:
+            return changes
+        was = "--compile" in lines[-1]
+    if was == job.compile:
+        return changes
+    step = int(load_train_state(job.output / STATE_FILE, mmap=True)["step"])
+    log.warning("--resume %s: the run's %d steps so far ran %s, the rest run %s; a compiled forward rounds otherwise "
+                "than an eager one, so the result will not match an uninterrupted run bitwise (job.json records it: "
+                "compile_changes)", "with --compile" if job.compile else "without --compile", step,
+                "compiled" if was else "eager", "compiled" if job.compile else "eager")
+    return [*changes, {"from_step": step + 1, "compile": [was, job.compile]}]
 
 
 def _split_method(job: TrainJob) -> str:
@@ -987,15 +1035,31 @@ def _distillation(job: TrainJob, ctx: DistContext, student: nn.Module, classes: 
     from vitlab.train.distill import DistillationLoss, adapt_teacher, check_teacher_classes
 
     d = job.distill
+    was = (read_job(job.output).get("distill") or {}).get("teacher") if job.resume else None
+    moved = was is not None and was != d.teacher  # --resume --teacher NEWPATH
     try:
         teacher = vitlab.load_model(d.teacher, model_name=d.model)
     except CheckpointNotFoundError:
+        if job.resume and not moved:
+            raise CheckpointNotFoundError(
+                f"--resume: the run's teacher {d.teacher} (recorded in {job.output / JOB_FILE}) is not there any "
+                f"more: no such file or folder; if it moved, give its new path with --teacher NEWPATH (its weights "
+                f"are checked against those the run began with)") from None
         raise CheckpointNotFoundError(f"--teacher {d.teacher}: no such file or folder") from None
     except CheckpointError as e:
         if d.model is None and "--model NAME" in str(e):  # --model names the student: the teacher's is its own
             raise CheckpointError(f"--teacher {str(e).replace('--model NAME', '--teacher-model NAME')}") from None
         raise
     fingerprint = weights_fingerprint(teacher)
+    if moved and d.fingerprint is not None and d.fingerprint != fingerprint:
+        raise CheckpointError(
+            f"--resume --teacher {d.teacher}: not the teacher this run distilled from ({was}, recorded in "
+            f"{job.output / JOB_FILE}): its weights differ from those the run began with (fingerprint "
+            f"{_short(d.fingerprint)} recorded, {_short(fingerprint)} here); give the run's own teacher, or start a "
+            f"new run (another --output)")
+    if moved and d.fingerprint is not None:
+        log.info("--resume: the teacher at %s has the weights the run began with (it was at %s); job.json records "
+                 "the new path", d.teacher, was)
     if job.resume and d.fingerprint is not None and d.fingerprint != fingerprint:
         raise CheckpointError(
             f"--resume: the teacher {d.teacher} is not the one this run distilled from: its weights changed since "
