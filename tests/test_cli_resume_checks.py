@@ -24,7 +24,7 @@ TINY = ["--recipe", "digits", "--threads", "1", "--no-progress", "--batch-size",
         "--set", "model_overrides.num_heads=2", "--set", "val_fraction=0.25"]
 
 
-def write_folder(root: Path, classes: tuple[str, ...], per_class: int = 8) -> Path:
+def write_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "ship"), per_class: int = 8) -> Path:
     """A flat class folder (no train/ val/ test/) of 8x8 grey PNGs: class i is brighter rows."""
     g = np.random.default_rng(0)
     for i, name in enumerate(classes):

@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 import vitlab
+from test_long_runs import Noise, tiny_vit
 from vitlab.checkpoints import CheckpointError
 from vitlab.data import load_image
 from vitlab.train import NonFiniteLossError, Recipe, apply_overrides, fit, load_recipe
@@ -28,28 +29,6 @@ from vitlab.train.state import load_train_state, save_train_state
 
 torch.set_num_threads(1)
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-class Noise(Dataset):
-    """4 classes of 8x8 grey images: a class-dependent mean plus noise."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.y = torch.randint(0, 4, (n,), generator=g)
-        self.x = self.y[:, None, None, None].float() / 2 - 0.75 + 0.5 * torch.randn(n, 1, 8, 8, generator=g)
-        self.classes = ["a", "b", "c", "d"]
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int):
-        return self.x[i], self.y[i]
-
-
-def tiny_vit():
-    torch.manual_seed(0)
-    return vitlab.create_model("vit_tiny_patch16_224", num_classes=4, img_size=8, patch_size=4, in_chans=1,
-                               embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0, mean=(0.5,), std=(0.5,))
 
 
 def recipe(**kw) -> Recipe:

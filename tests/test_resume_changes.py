@@ -10,44 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 import vitlab
+from test_long_runs import Noise, recipe, tiny_vit
 from vitlab.checkpoints import CheckpointError, save_model
 from vitlab.cli.main import main
-from vitlab.train import Recipe, fit, lr_factor
+from vitlab.train import fit, lr_factor
 from vitlab.train.state import load_train_state
 
 torch.set_num_threads(1)
-
-
-class Noise(Dataset):
-    """4 classes of 8x8 grey images: a class-dependent mean plus noise."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.y = torch.randint(0, 4, (n,), generator=g)
-        self.x = self.y[:, None, None, None].float() / 2 - 0.75 + 0.5 * torch.randn(n, 1, 8, 8, generator=g)
-        self.classes = ["a", "b", "c", "d"]
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int):
-        return self.x[i], int(self.y[i])
-
-
-def tiny_vit():
-    torch.manual_seed(0)
-    return vitlab.create_model("vit_tiny_patch16_224", num_classes=4, img_size=8, patch_size=4, in_chans=1,
-                               embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0, mean=(0.5,), std=(0.5,))
-
-
-def recipe(**kw) -> Recipe:
-    base = {"name": "test", "epochs": 2, "batch_size": 16, "lr": 3e-3, "min_lr": 1e-4, "warmup_steps": 2,
-            "log_every": 1, "augment": False, "hflip": 0.0, "workers": 0}
-    base.update(kw)
-    return Recipe(**base)
 
 
 def lrs(run: Path) -> dict[int, float]:

@@ -12,32 +12,16 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from test_cli_resume_checks import TINY, write_folder
 from vitlab.cli.main import main
 
 torch.set_num_threads(1)
 
 # a tiny ViT on 8x8 grey images; a quarter of each class held out
-TINY = ["--recipe", "digits", "--threads", "1", "--no-progress", "--batch-size", "8", "--steps", "2",
-        "--set", "model_overrides.depth=1", "--set", "model_overrides.embed_dim=16",
-        "--set", "model_overrides.num_heads=2", "--set", "val_fraction=0.25"]
 RESUME = ["--resume", "--threads", "1", "--no-progress"]
-
-
-def write_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "ship"), per_class: int = 8) -> Path:
-    """A flat class folder of 8x8 grey PNGs: class i has a bright row i."""
-    g = np.random.default_rng(0)
-    for i, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for j in range(per_class):
-            img = g.integers(0, 64, size=(8, 8)).astype(np.uint8)
-            img[i % 8] = 255
-            Image.fromarray(img, mode="L").save(root / name / f"{j}.png")
-    return root
 
 
 def step_of(run: Path) -> int:
