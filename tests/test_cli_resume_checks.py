@@ -249,3 +249,14 @@ def test_resume_may_not_change_the_held_out_split_or_take_a_new_budget(tmp_path,
             assert main(["train", "--output", str(out), "--resume", "--no-progress", *extra]) == 2
         assert said in caplog.text
     assert (out / "recipe.json").read_text() == recipe  # nothing rewritten
+
+
+def test_the_auto_recipes_model_options_are_read_without_the_other_settings():
+    """--model under the auto recipe is priced with its overrides; the other --set values are checked against the
+    recipe the chooser then picks (its own lr), not against a default recipe's."""
+    import argparse
+
+    from vitlab.cli.train import built_model_options
+
+    args = argparse.Namespace(img_size=24, overrides=["min_lr=0.0012", "model_overrides.depth=1"])
+    assert built_model_options(args) == {"depth": 1, "img_size": 24}

@@ -289,3 +289,17 @@ def test_the_warmup_warning_says_it_is_cut_and_the_lr_reaches_its_peak(tmp_path,
     assert "climbs to its peak (0.001) at step 3 and holds it to the end" in caplog.text
     assert "only climbs" not in caplog.text
     assert [h["lr"] for h in result.history] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+
+
+def test_batch_norm_statistics_made_infinite_are_never_written(tmp_path):
+    """Running statistics are written with the weights: inputs of 1e20 make a ResNet's running variance infinite
+    while its loss and weights stay finite, which the check before each checkpoint finds."""
+    torch.manual_seed(0)
+    model = vitlab.create_model("resnet18", layers=(1, 1, 1, 1), channels=(4, 4, 4, 4), stem_chs=4, num_classes=4,
+                                in_chans=1, img_size=16, stem="small")
+    data = TensorDataset(torch.randn(16, 1, 16, 16) * 1e20, torch.randint(0, 4, (16,)))
+    data.classes = ["a", "b", "c", "d"]
+    with pytest.raises(NonFiniteLossError, match=r"running_var"):
+        fit(model, recipe(max_steps=2, batch_size=8), train_set=data, output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+

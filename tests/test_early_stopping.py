@@ -52,8 +52,23 @@ def test_the_count_survives_resume_and_a_larger_patience_trains_on(tmp_path, cap
     with caplog.at_level(logging.INFO, logger="vitlab.train"):
         again = _fit(tmp_path / "parts", patience=3, start=5, resume=True)
     assert again.step == 20 and "the run stopped at step 20 of 40" in caplog.text
-    longer = _fit(tmp_path / "parts", patience=5, start=5, resume=True)  # 0.5 at step 24 is better: to the end
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vitlab.train"):
+        longer = _fit(tmp_path / "parts", patience=5, start=5, resume=True)  # 0.5 at step 24 is better: to the end
     assert longer.step == 40 and longer.stopped_early is None and longer.best["step"] == 40
+    assert "will not match" not in caplog.text  # the patience changes no update: not a change of the training
+
+
+def test_the_count_before_any_finite_validation_is_kept_by_resume():
+    from vitlab.train.trainer import _Best
+
+    b = _Best(file="model_best.safetensors", prefix="val_", setting="loss")
+    for _ in range(2):
+        b.offer({"val_loss": float("nan")}, step=4, epoch=1)
+    assert b.value is None and b.stale == 2
+    again = _Best(file="model_best.safetensors", prefix="val_", setting="loss")
+    again.restore(b.state(), None, check_file=False)
+    assert again.stale == 2
 
 
 def test_bad_settings_are_refused():

@@ -246,3 +246,15 @@ def test_an_empty_image_is_a_value_error_naming_its_shape(given, says):
     assert says in str(e.value)
     with pytest.raises(ValueError, match="cannot resize an empty image of height 0 and width 5"):
         eval_transform(model.preprocessing).resize_size(0, 5)
+
+
+def test_an_async_upload_is_told_how_to_give_its_bytes():
+    """Starlette / FastAPI's UploadFile reads asynchronously: named, with what to pass instead."""
+
+    class UploadFile:
+        async def read(self, size: int = -1) -> bytes:
+            return b""
+
+    with pytest.raises(TypeError, match=r"UploadFile: its read\(\) is a coroutine; pass its file \(upload.file\)"):
+        vitlab.predict(_model().eval(), UploadFile())
+

@@ -294,6 +294,7 @@ def test_each_process_of_a_torchrun_caches_within_its_share_of_memory_and_cores(
     assert (one.workers, two.workers) == (8, 4)  # files to decode: half the process's cores
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert vitlab.train.hardware.processes_per_machine(8) == 4  # torchrun on two machines of 4
+    assert vitlab.train.hardware.processes_per_machine(1) == 1  # left in a single process's environment
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert vitlab.train.hardware.processes_per_machine(2) == 2
 

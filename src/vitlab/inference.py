@@ -8,6 +8,7 @@ regression).
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import os
@@ -86,6 +87,9 @@ def _load_encoded(data: Any, *, min_size: int | None = None) -> Tensor:
     A failure is a :class:`~vitlab.data.errors.BadImageError` naming the input."""
     if isinstance(data, io.TextIOBase):
         raise TypeError(f"{getattr(data, 'name', 'a file')}: open in text mode; open image files with 'rb'")
+    if inspect.iscoroutinefunction(getattr(data, "read", None)):  # Starlette / FastAPI's UploadFile
+        raise TypeError(f"{type(data).__name__}: its read() is a coroutine; pass its file (upload.file) or the bytes "
+                        f"(await upload.read())")
     if isinstance(data, (bytes, bytearray, memoryview)):
         what, fp = f"image ({memoryview(data).nbytes:,} bytes)", io.BytesIO(data)
     else:

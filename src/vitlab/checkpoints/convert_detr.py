@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 register_hf_model_type("detr", "detr_resnet50")
 
 def _backbone_name(args: dict[str, Any]) -> str:
-    return "resnet50" if args["block"] == "bottleneck" else "resnet18"
+    from vitlab.models.resnet import resnet_name
+
+    return resnet_name(args["block"])
 
 
 def _split_qkv(prefix: str, w: Tensor, kind: str, out: dict[str, Tensor]) -> None:

@@ -30,6 +30,7 @@ from vitlab.checkpoints.converters import (
     register_format_detector,
     register_hf_model_type,
 )
+from vitlab.models.resnet import BOTTLENECK_EXPANSION
 
 _TV_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(.+)$")
 _HF_BLOCK = re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)$")
@@ -117,7 +118,7 @@ def _refuse_other_blocks(out: dict[str, Tensor]) -> None:
     if w2.shape[1] != w1.shape[0]:  # conv2's input width per group against conv1's output
         raise ValueError(f"the file's ResNet has grouped 3x3 convolutions (ResNeXt: timm's resnext*); {_PLAIN}")
     w3 = out.get("stages.0.blocks.0.conv3.weight")
-    if w3 is not None and w3.shape[0] != 4 * w1.shape[0]:
+    if w3 is not None and w3.shape[0] != BOTTLENECK_EXPANSION * w1.shape[0]:
         raise ValueError(f"the file's ResNet has bottlenecks {w3.shape[0] // w1.shape[0]}x narrower than their output, "
                          f"not 4x (timm's wide_resnet*); {_PLAIN}")
 

@@ -71,8 +71,10 @@ def timm_hub_overrides(config: dict[str, Any], family: str, template: Any) -> di
     if family in ("swin", "swinv2"):
         model_args = _swin_windows(model_args, len(getattr(template, "depths", ())))
     if family == "resnet" and isinstance(model_args.get("channels"), (list, tuple)):  # timm: a bottleneck's inner
-        inner = 4 if getattr(template, "block", "basic") == "bottleneck" else 1  # widths; vitlab: a stage's output
-        model_args["channels"] = [int(c) * inner for c in model_args["channels"]]
+        from vitlab.models.resnet import expansion  # widths; vitlab: a stage's output
+
+        model_args["channels"] = [int(c) * expansion(getattr(template, "block", "basic"))
+                                  for c in model_args["channels"]]
     if family == "mixer" and "mlp_ratio" in model_args:  # timm's (token-mixing, channel-mixing) pair, or one for both
         ratio = model_args.pop("mlp_ratio")
         tokens, channels = ratio if isinstance(ratio, (list, tuple)) else (ratio, ratio)

@@ -41,6 +41,7 @@ from vitlab.checkpoints.families import family_label
 from vitlab.checkpoints.io import HUB_WEIGHTS, atomic_write, check_model_folder, write_model_folder
 from vitlab.checkpoints.timm_hub import TIMM_ARG_VALUES
 from vitlab.checkpoints.vitlab_format import model_metadata, unwrap_model
+from vitlab.models.resnet import expansion, resnet_name
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +419,7 @@ def _resnet(a: _Args) -> None:
             a.refuse(field, why)
     a.take("img_size", "block")  # any input size; the block kind chose the timm name (_timm_name)
     if cfg.stage_channels != a.default.stage_channels:  # timm's widths: the bottleneck's inner one; vitlab's: output
-        a.kwargs["channels"] = [c // (4 if cfg.block == "bottleneck" else 1) for c in cfg.stage_channels]
+        a.kwargs["channels"] = [c // expansion(cfg.block) for c in cfg.stage_channels]
     a.take("channels")
     if a.has("stem_chs"):
         a.refuse("stem_chs", "timm's ResNet gives its 7x7 stem 64 channels whatever stem_width says (that sets its "
@@ -454,7 +455,7 @@ def _timm_name(name: str, family: str, cfg: Any) -> str:
 
     timm_name = _TIMM_NAME.get(name, name)
     if family == "resnet" and cfg.block != get_entry(timm_name).config.block:  # timm's block is chosen by name
-        timm_name = "resnet50" if cfg.block == "bottleneck" else "resnet18"
+        timm_name = resnet_name(cfg.block)
     if family == "deit" and cfg.distilled and timm_name.startswith("deit3_"):
         raise ValueError(f"{name} has a distillation token: timm has no distilled DeiT III (deit3_*) model; there is "
                          f"no timm layout to export it to")

@@ -408,7 +408,10 @@ def built_model_options(args: argparse.Namespace) -> dict:
     and --set (img_size, model_overrides...). The auto recipe itself sets none of the model's architecture."""
     from vitlab.train.recipe import Recipe
 
-    probe = apply_overrides(Recipe(name="auto", img_size=args.img_size), args.overrides)
+    model_keys = [a for a in args.overrides or [] if a.partition("=")[0].strip().startswith(("img_size",
+                                                                                          "model_overrides"))]
+    # the model's keys only: the others are checked against the recipe the auto chooser then picks (its own lr)
+    probe = apply_overrides(Recipe(name="auto", img_size=args.img_size), model_keys)
     options = dict(probe.model_overrides)
     if probe.img_size is not None:
         options["img_size"] = probe.img_size

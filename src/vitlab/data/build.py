@@ -37,7 +37,7 @@ from vitlab.data.folder import (
     unlabelled_reason,
     unlabelled_split_dirs,
 )
-from vitlab.data.image import expand_image_paths, listed_image
+from vitlab.data.image import expand_image_paths, listed_folder, listed_image
 from vitlab.data.sources import has_idx_files, is_cifar_dir, read_cifar, read_digits, read_mnist
 from vitlab.data.splits import SPLIT_METHOD, check_split_method, relative_keys, split_source, stratified_split
 
@@ -86,7 +86,7 @@ def parse_source(source: str | Path) -> tuple[str, Path | None]:
         return "cifar", path
     if has_idx_files(path):
         return "mnist", path
-    if any(p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX" for p in path.iterdir()):
+    if any(p.is_dir() and listed_folder(p.name) for p in path.iterdir()):
         return "folder", path
     if any(listed_image(p.name) for p in path.iterdir()):
         if label_file(path) is not None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -41,6 +42,7 @@ import os
 import posixpath
 import random
 import re
+import threading
 import unicodedata
 import warnings
 from collections.abc import Callable
@@ -51,7 +53,14 @@ from PIL import Image
 
 from vitlab.checkpoints.io import parse_json
 from vitlab.data.errors import DatasetError
-from vitlab.data.image import GRAY_MODES, IMAGE_EXTENSIONS, listed_image, peek_channels, walk_image_files
+from vitlab.data.image import (
+    GRAY_MODES,
+    IMAGE_EXTENSIONS,
+    listed_folder,
+    listed_image,
+    peek_channels,
+    walk_image_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -652,15 +661,24 @@ def guess_channels(paths: list[str], labels: list[int], max_files: int = GUESS_C
     instead, and a warning says so where it finds no colour one. Unreadable headers are left out. The answer is
     kept for the same files, unchanged (size and time stamp), as the splits of one source ask for the training
     files' channels each."""
-    key = (tuple(_file_stamp(p) for p in paths), max_files)
-    if key not in _channels_of:
-        if len(_channels_of) >= 4:
+    digest = hashlib.blake2b(repr(max_files).encode(), digest_size=16)
+    for p in paths:
+        digest.update(repr(_file_stamp(p)).encode())
+    key = digest.hexdigest()
+    with _channels_lock:
+        if key in _channels_of:
+            return _channels_of[key]
+    found = _guess_channels(paths, labels, max_files)
+    with _channels_lock:
+        while len(_channels_of) >= 8:
             _channels_of.pop(next(iter(_channels_of)))
-        _channels_of[key] = _guess_channels(paths, labels, max_files)
-    return _channels_of[key]
+        _channels_of[key] = found
+    return found
 
 
-_channels_of: dict[tuple[tuple[tuple[str, int, int], ...], int], int] = {}  # guess_channels' recent answers
+# guess_channels' recent answers, by a digest of the files' (path, size, modification time) stamps
+_channels_of: dict[str, int] = {}
+_channels_lock = threading.Lock()
 
 
 def _file_stamp(path: str) -> tuple[str, int, int]:
@@ -722,7 +740,7 @@ def _sub_dirs(root: Path) -> list[str]:
     """The non-hidden sub-folders of ``root`` (links to folders included), sorted."""
     try:
         return sorted(e.name for e in os.scandir(root)
-                      if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX")
+                      if e.is_dir() and listed_folder(e.name))
     except OSError as e:
         raise DatasetError(f"{root}: cannot list image folder ({e})") from e
 

@@ -95,6 +95,12 @@ def listed_image(name: str) -> bool:
     return not name.startswith(".") and is_image_file(name)
 
 
+def listed_folder(name: str) -> bool:
+    """Whether a sub-folder is one an image folder reads (a class): not hidden, not the ``__MACOSX`` folder of
+    resource forks that macOS's zip adds."""
+    return not name.startswith(".") and name != "__MACOSX"
+
+
 def walk_image_files(top: str | os.PathLike, *, inside: tuple[str | os.PathLike, ...] = ()) -> list[str]:
     """The image files below ``top`` (hidden files and folders skipped), following symbolic links to folders,
     but never into a folder already read by this walk (by resolved path), nor into one that holds ``top``

@@ -30,6 +30,19 @@ from vitlab.models.base import (
 )
 from vitlab.models.registry import ModelEntry, check_config, register_model
 
+# a bottleneck block's output width over its inner width (He et al. 2015); timm and torchvision give the inner one
+BOTTLENECK_EXPANSION = 4
+
+
+def expansion(block: str) -> int:
+    """A block kind's output width over its inner width: 4 for bottlenecks, 1 for basic blocks."""
+    return BOTTLENECK_EXPANSION if block == "bottleneck" else 1
+
+
+def resnet_name(block: str) -> str:
+    """The registered ResNet whose blocks are ``block`` (its layers and widths are given with it)."""
+    return "resnet50" if block == "bottleneck" else "resnet18"
+
 
 @dataclass(frozen=True, kw_only=True)
 class ResNetConfig:
@@ -76,8 +89,7 @@ class ResNetConfig:
             if len(self.channels) != len(self.layers):
                 raise ValueError(f"ResNetConfig: channels {self.channels} and layers {self.layers} differ in length")
             return self.channels
-        expansion = 4 if self.block == "bottleneck" else 1
-        return tuple(64 * 2**i * expansion for i in range(len(self.layers)))
+        return tuple(64 * 2**i * expansion(self.block) for i in range(len(self.layers)))
 
     @property
     def reduction(self) -> int:
@@ -130,7 +142,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     def __init__(self, cfg: ResNetConfig, cin: int, cout: int, stride: int, drop_path: float) -> None:
         super().__init__()
-        mid = cout // 4
+        mid = cout // BOTTLENECK_EXPANSION
         self.downsample = Downsample(cfg, cin, cout, stride) if stride != 1 or cin != cout else None
         self.conv1 = _conv(cfg, cin, mid, 1, stride if cfg.stride_in_1x1 else 1)
         self.norm1 = _norm(cfg, mid)

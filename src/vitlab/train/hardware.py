@@ -45,9 +45,10 @@ def available_cores() -> int:
 
 
 def processes_per_machine(world_size: int = 1) -> int:
-    """Processes of this run on this machine: torchrun's LOCAL_WORLD_SIZE, else the world size (one machine)."""
+    """Processes of this run on this machine: torchrun's LOCAL_WORLD_SIZE (at most the world size: one left in the
+    environment of a single process does not count), else the world size (one machine)."""
     env = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
-    return max(1, int(env)) if env.isdigit() else max(1, world_size)
+    return max(1, min(int(env), world_size)) if env.isdigit() else max(1, world_size)
 
 
 def default_threads(processes_per_machine: int = 1) -> int:

@@ -221,9 +221,12 @@ class _Best:
         return {"metric": self.metric, "value": self.value, "step": self.step, "epoch": self.epoch, "file": self.file}
 
     def state(self) -> dict[str, Any] | None:
-        """The record and the setting that chose its metric, as the training state keeps them for --resume."""
+        """The record and the setting that chose its metric, as the training state keeps them for --resume (before
+        any finite value, the validations counted for early stopping alone)."""
         record = self.record()
-        return None if record is None else {**record, "setting": self.setting, "stale": self.stale}
+        if record is None:
+            return {"setting": self.setting, "stale": self.stale} if self.stale else None
+        return {**record, "setting": self.setting, "stale": self.stale}
 
     def offer(self, res: dict[str, Any], *, step: int, epoch: int) -> bool:
         """Whether the validation ``res`` is strictly better than the best so far (ties keep the earlier)."""
@@ -253,6 +256,8 @@ class _Best:
     def restore(self, saved: Any, path: Path, *, check_file: bool = True) -> None:
         """The best so far from a resumed state (absent in a state written before it was kept: none yet); another
         metric asked for now starts the comparison over."""
+        if isinstance(saved, dict) and saved.get("value") is None and saved.get("setting") == self.setting:
+            self.stale = int(saved.get("stale") or 0)  # validations without any finite value yet
         if not isinstance(saved, dict) or saved.get("value") is None:
             return
         # the same metric asked for: by name, or "auto" again (the saved setting; a state without one: any metric)
@@ -365,6 +370,13 @@ def _local(t: Tensor) -> Tensor:
 def _float_tensors(tensors: Any) -> list[Tensor]:
     return [_local(t).detach() for t in tensors
             if isinstance(t, Tensor) and t.is_floating_point() and _local(t).numel()]
+
+
+def _saved_buffers(module: nn.Module) -> list[Tensor]:
+    """The buffers a checkpoint of ``module`` holds (batch norm's running statistics); non-persistent ones (masks,
+    index tables) are not written."""
+    return [b for m in module.modules() for name, b in m._buffers.items()
+            if b is not None and name not in m._non_persistent_buffers_set]
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -665,7 +677,8 @@ def fit(
     epochs = math.ceil(total_steps / steps_per_epoch)
     global_batch = recipe.batch_size * accum * ctx.world_size
     lr = peak_lr(recipe, global_batch)
-    check_min_lr(recipe, global_batch=global_batch)
+    if ctx.is_main:
+        check_min_lr(recipe, global_batch=global_batch)
     warmup = max(recipe.warmup_steps, round(recipe.warmup_epochs * steps_per_epoch))
     if warmup >= total_steps > 1 and not resume:  # e.g. --steps 20 under a recipe's 2-epoch warm-up
         # the larger of the two settings counts: the hint names the one(s) to lower and the other's value
@@ -698,7 +711,7 @@ def fit(
 
         for m in (net, *([ema.module] if ema is not None else [])):
             shard_model(m, device=device, amp=recipe.amp)
-    optimizer = build_optimizer(net, recipe, lr=lr, extra=owned)
+    optimizer = build_optimizer(net, recipe, lr=lr, extra=owned, quiet=not ctx.is_main)
     horizon = Horizon(total_steps=total_steps, warmup_steps=warmup)  # re-planned by a deadline
     # min_lr above the peak: the floor is the peak (check_min_lr warned)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, kind=recipe.schedule,
@@ -782,8 +795,9 @@ def fit(
     last_loss: float | None = None  # the last step's loss and learning rate
     last_lr: float | None = None
 
-    def named_params() -> list[tuple[str, Tensor]]:
-        return [(name.removeprefix("model."), p) for name, p in step_module.named_parameters()]
+    def named_params() -> list[tuple[str, Tensor]]:  # the weights and the saved buffers (running statistics)
+        return [(name.removeprefix("model."), p) for name, p in
+                [*step_module.named_parameters(), *step_module.named_buffers()]]
 
     def advice(*, loss: bool) -> str:
         """What to do after a non-finite loss, gradient or weights: from the last good checkpoint, if any."""
@@ -819,8 +833,9 @@ def fit(
         nonlocal checked_at
         if checked_at == step:
             return
-        parts = {"weights": _float_tensors(params),
-                 "EMA weights": _float_tensors(ema.module.parameters()) if ema is not None else [],
+        parts = {"weights": _float_tensors([*params, *_saved_buffers(net)]),
+                 "EMA weights": _float_tensors([*ema.module.parameters(), *_saved_buffers(ema.module)])
+                 if ema is not None else [],
                  "optimiser state": _optimizer_tensors(optimizer)}
         flags = all_reduce_mean(torch.stack([_nonfinite(ts, device) for ts in parts.values()]), ctx).tolist()
         if any(flags):  # the screen's alarm: confirmed element by element (huge finite values raise it too)
@@ -1301,7 +1316,7 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
         objective.replan(step, total_steps)
     # how the (checked, unchanged) global batch is split over processes and micro-batches is logistics too
     logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description",
-                 "best_metric", "fsdp", "batch_size", "accum_steps", "global_batch",
+                 "best_metric", "early_stopping_patience", "fsdp", "batch_size", "accum_steps", "global_batch",
                  "model"}  # the model is checked itself (check_same_model); older runs recorded the recipe's default
     # fields an older vitlab did not record are not changes of the run's
     changed = sorted(k for k, v in recipe.to_dict().items()
