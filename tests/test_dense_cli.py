@@ -147,3 +147,24 @@ def test_classifier_tools_name_the_command_for_a_dense_model(tmp_path, caplog, c
     assert main([args[0], *args[1:], "--checkpoint", str(path), "--output", str(tmp_path / "out")]
                 if args[0] != "fewshot" else [*args, "--checkpoint", str(path)]) == 2
     assert f"a {task} model; `vitlab {args[0]}` works on classifiers. Run it with `{runs_it}" in caplog.text
+
+
+def test_compile_switched_on_resume_of_a_dense_run_is_recorded(data: Path, tmp_path: Path, caplog, monkeypatch) -> None:
+    """As for classification: a segmentation run resumed with --compile is warned of (not bitwise an uninterrupted
+    run) and job.json records it."""
+    import logging
+
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # a real compile takes long on a CPU
+    out = tmp_path / "run"
+    recipe = str(_recipe(tmp_path, "setr_pup_vit_small_patch16", SETR_TINY))
+    base = ["train", "--task", "segmentation", "--data", str(data), "--recipe", recipe, "--output", str(out),
+            "--no-progress"]
+    assert main(base) == 0
+    assert json.loads((out / "job.json").read_text())["compile"] is False
+    with caplog.at_level(logging.WARNING, logger="vitlab"):
+        assert main([*base, "--resume", "--steps", "3", "--compile"]) == 0
+    assert "will not match an uninterrupted run bitwise" in caplog.text
+    job = json.loads((out / "job.json").read_text())
+    assert job["compile"] is True and job["compile_changes"] == [{"from_step": 3, "compile": [False, True]}]

@@ -239,6 +239,7 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
         check_resumable,
         check_run_dir,
         clear_run_outputs,
+        compile_changes,
         run_marker,
         source_identity,
     )
@@ -282,6 +283,7 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
                          categories=categories, categories_from=f"the training set ({split_dir(job.data, 'train')})",
                          ignore_index=ignore, skip_bad_images=job.skip_bad_images)
     check_dense_files(train_set, val_set, classes=classes)
+    changes = compile_changes(job) if job.resume and ctx.is_main else []  # --compile switched: warned of
     if ctx.is_main:  # what --resume continues: task, data, model (with the data's classes, to check them)
         if job.overwrite and not job.resume:
             clear_run_outputs(job.output)
@@ -290,7 +292,8 @@ def _run_dense(job: DenseJob, ctx: Any) -> dict[str, Any]:
             **run_marker(job.output if job.resume else None),
             "task": job.task, "data": str(job.data), "data_source": source_identity(job.data), "classes": classes,
             **({"categories": categories} if categories is not None else {}), "model": job.model,
-            "pretrained_backbone": job.pretrained_backbone, "skip_bad_images": job.skip_bad_images}, indent=2))
+            "pretrained_backbone": job.pretrained_backbone, "skip_bad_images": job.skip_bad_images,
+            "compile": job.compile, **({"compile_changes": changes} if changes else {})}, indent=2))
     objective = DetectionObjective(model.num_classes) if job.task == "detection" else \
         SegmentationObjective(ignore_index=model.cfg.ignore_index, aux_weight=model.cfg.aux_weight)
     if job.time_budget_s is not None and not job.resume:

@@ -699,7 +699,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     if job.resume:
         check_resumable(job.output, model, recipe, data=job.data, classes=train_set.classes, split_from=split_now)
     criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
-    compile_changes = _compile_changes(job) if job.resume and ctx.is_main else []
+    changes = compile_changes(job) if job.resume and ctx.is_main else []
     pre = model.preprocessing
     if recipe.augment:
         crop = pre
@@ -732,7 +732,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
             "skip_bad_images": job.skip_bad_images, "split_method": split_method,
             **({"split_from": split_from} if split_from is not None else {}),
             "distill": _distill_record(job.distill), "compile": job.compile,
-            **({"compile_changes": compile_changes} if compile_changes else {})}, indent=2))
+            **({"compile_changes": changes} if changes else {})}, indent=2))
     recipe = _check_precision(recipe, ctx.device)
     deadline = None
     if job.time_budget_s is not None and not job.resume:
@@ -804,8 +804,9 @@ def _distill_record(d: Distill | None) -> dict[str, Any] | None:
     return record
 
 
-def _compile_changes(job: TrainJob) -> list[dict[str, Any]]:
-    """--resume: job.json's ``compile_changes`` with this resume's, where it turns --compile on or off (a compiled
+def compile_changes(job: Any) -> list[dict[str, Any]]:
+    """--resume of ``job`` (a TrainJob, a dense task's DenseJob): job.json's ``compile_changes`` with this resume's,
+    where it turns --compile on or off (a compiled
     forward rounds otherwise than an eager one, so the run will not match an uninterrupted one bitwise; warned).
     A run recorded before job.json kept ``compile``: the command line that last ran it says."""
     recorded = read_job(job.output)
