@@ -265,7 +265,7 @@ def run_timm_folder(args: argparse.Namespace, output: Path) -> int:
 def run_hf(args: argparse.Namespace) -> int:
     """``--format hf --output DIR``: a Hugging Face transformers folder (model.safetensors, config.json,
     preprocessor_config.json), and how transformers loads it."""
-    from vitlab.checkpoints.to_hf import hf_config, save_hf_folder
+    from vitlab.checkpoints.to_hf import save_hf_folder
 
     _refuse_onnx_options(args)
     output = Path(args.output)
@@ -279,8 +279,7 @@ def run_hf(args: argparse.Namespace) -> int:
                          f"model.safetensors, config.json and preprocessor_config.json")
     refuse_own_input(args, [output / "model.safetensors", output / "config.json"])
     model = model_to_export(args)
-    hf_config(model)  # refuses what transformers cannot build, before anything is written
-    found = save_hf_folder(model, output, overwrite=args.overwrite)
+    found = save_hf_folder(model, output, overwrite=args.overwrite)  # refuses what transformers cannot build first
     lines = [f"AutoModelForImageClassification.from_pretrained({str(output)!r})",
              f"AutoImageProcessor.from_pretrained({str(output)!r})"]
     if args.json:

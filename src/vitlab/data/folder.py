@@ -32,7 +32,6 @@ the "café" a checkpoint trained on Linux or Windows knows. Files are read from 
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import json
@@ -44,17 +43,13 @@ import random
 import re
 import threading
 import unicodedata
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from vitlab.checkpoints.io import parse_json
 from vitlab.data.errors import DatasetError
 from vitlab.data.image import (
-    GRAY_MODES,
     IMAGE_EXTENSIONS,
     listed_folder,
     listed_image,
@@ -702,7 +697,7 @@ def _guess_channels(paths: list[str], labels: list[int], max_files: int) -> int:
     sampled = len(order) > max_files
     seen = 0
     for p in order[:max_files]:
-        c = _header_channels(p)
+        c = peek_channels(p)
         if c == 3:
             return 3
         seen += c is not None
@@ -713,27 +708,6 @@ def _guess_channels(paths: list[str], labels: list[int], max_files: int) -> int:
                    "sample of %d (the first is %s) are all grayscale, so the data set is 1-channel; a colour image "
                    "among the others is converted to grayscale", len(order), max_files, order[0])
     return 1
-
-
-def _header_channels(path: str) -> int | None:
-    """:func:`~vitlab.data.image.peek_channels`, opening the file first as the format its extension names
-    (half the time of Pillow's probing through every format), then as any format."""
-    fmt = _extension_formats().get(os.path.splitext(path)[1].lower())
-    if fmt is not None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF oddities
-                with Image.open(path, formats=(fmt,)) as img:
-                    return 1 if img.mode in GRAY_MODES else 3
-        except Exception:  # noqa: BLE001 - another format under this name, a huge or bad file: peek_channels decides
-            pass
-    return peek_channels(path)
-
-
-@functools.cache
-def _extension_formats() -> dict[str, str]:
-    """Pillow's format name per image file extension (".jpg" -> "JPEG")."""
-    return {e: f for e, f in Image.registered_extensions().items() if e in IMAGE_EXTENSIONS}
 
 
 def _sub_dirs(root: Path) -> list[str]:
