@@ -9,7 +9,8 @@
   set to zero.
 * Hugging Face (``resnet.embedder``, ``resnet.encoder.stages.S.layers.B``, ``classifier.1``): the config's
   ``layer_type``, ``downsample_in_bottleneck`` (stride on the first 1x1, ResNet v1) and
-  ``downsample_in_first_stage`` are kept; an activation other than ReLU is refused.
+  ``downsample_in_first_stage`` are kept; an activation other than ReLU is refused. transformers' ResNetConfig has
+  no input size; an ``image_size`` there (which vitlab's export writes and transformers keeps) is read.
 
 Sizes (blocks per stage, widths, the stem's width, basic or bottleneck blocks) come from the tensors. The
 helpers that rename ResNet keys also serve DETR's backbone (``convert_detr``).
@@ -174,6 +175,9 @@ def convert_hf_resnet(sd: dict[str, Tensor], meta: dict[str, Any]) -> Converted:
         overrides["stride_in_1x1"] = True  # the stride on the bottleneck's first 1x1 convolution (ResNet v1)
     if config.get("downsample_in_first_stage"):
         overrides["first_stage_stride"] = 2
+    if "image_size" in config:  # not a ResNetConfig field: vitlab's export records the input size there
+        img = config["image_size"]
+        overrides["img_size"] = tuple(int(s) for s in img) if isinstance(img, (list, tuple)) else int(img)
     return Converted(out, overrides)
 
 
