@@ -193,3 +193,82 @@ def test_processors_and_configs_for_the_edge_cases(tmp_path: Path) -> None:
     assert hf_config(vitlab.create_model("swin_tiny_patch4_window7_224", depths=(1, 1), **swin))["model_type"] == "swin"
     with pytest.raises(ValueError, match=r"stage\(s\) \[0\] pad"):
         hf_config(vitlab.create_model("swin_tiny_patch4_window7_224", depths=(2, 1), **swin))
+
+
+def test_the_processor_each_new_family_gets() -> None:
+    """MobileViTImageProcessor (never normalises) for vitlab's MobileViT statistics, flipping only a BGR model's
+    channels; the generic processor for an RGB model with a mean / std; a BGR model with one refused. ResNet:
+    ConvNextImageProcessor (as the hub's ResNet folders) where its int(size / crop_pct) is vitlab's resize."""
+    from vitlab.models.base import IMAGENET_MEAN, IMAGENET_STD, set_preprocessing_style
+
+    with torch.device("meta"):
+        rgb, bgr = vitlab.create_model("mobilevit_xxs"), vitlab.create_model("mobilevit_xxs", channel_order="BGR")
+        normalised = vitlab.create_model("mobilevitv2_050", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        normalised_bgr = vitlab.create_model("mobilevit_xxs", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                             channel_order="BGR")
+        vit_bgr = vitlab.create_model("vit_tiny_patch16_224")
+    for model, flip in ((rgb, False), (bgr, True)):
+        config = hf_processor_config(model)[0]
+        assert config["image_processor_type"] == "MobileViTImageProcessor"
+        assert (config["do_flip_channel_order"], config["do_normalize"]) == (flip, False)
+        assert (config["size"], config["crop_size"]) == ({"shortest_edge": 284}, {"height": 256, "width": 256})
+    config = hf_processor_config(normalised)[0]
+    assert config["image_processor_type"] == "BitImageProcessor" and config["image_mean"] == list(IMAGENET_MEAN)
+    with pytest.raises(ValueError, match="does not normalise"):
+        hf_processor_config(normalised_bgr)
+    set_preprocessing_style(vit_bgr, channel_order="BGR", mean=(0.0,) * 3, std=(1.0,) * 3)
+    assert hf_processor_config(vit_bgr)[0]["do_flip_channel_order"] is True  # any family: the flipping processor
+
+    def resnet(**options):
+        with torch.device("meta"):
+            return hf_processor_config(vitlab.create_model("resnet50", **options))[0]
+
+    assert {k: resnet()[k] for k in ("image_processor_type", "size", "crop_pct")} == {
+        "image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 224}, "crop_pct": 0.875}
+    assert resnet(img_size=384)["image_processor_type"] == "BitImageProcessor"  # ConvNext squashes from 384 px on
+    assert resnet(img_size=(224, 192))["image_processor_type"] == "DeiTImageProcessor"
+    # 224 / 0.56 is 399.99...: ConvNext's int() would resize to 399, vitlab to 400
+    assert (resnet(crop_pct=0.56)["image_processor_type"], resnet(crop_pct=0.56)["size"]) == (
+        "BitImageProcessor", {"shortest_edge": 400})
+
+
+def test_notes_of_the_new_families(tmp_path: Path) -> None:
+    """Swin v2: transformers' doubled shift mask, noted where the weights' logit scales can make it matter;
+    MobileViT v2: the remainder of odd maps, resized by vitlab by default; BEiT: an absolute table transformers
+    resamples at every other size."""
+    import math
+
+    swin = vitlab.create_model("swinv2_tiny_window8_256", img_size=32, patch_size=2, embed_dim=8, depths=(2, 1),
+                               num_heads=(1, 2), window_size=4, num_classes=3)
+    assert not any("mask twice" in n for n in save_hf_folder(swin, tmp_path / "swin").notes)  # log(10) at init
+    with torch.no_grad():
+        swin.layers[0].blocks[1].attn.logit_scale[0] = math.log(50.0)
+    notes = save_hf_folder(swin, tmp_path / "swin", overwrite=True).notes
+    assert any("mask twice" in n and "up to 50.0" in n for n in notes)
+
+    tiny_v2 = dict(img_size=64, stem_chs=16, channels=(16, 16, 32, 48, 64), transformer_dims=(16, 24, 32),
+                   transformer_depths=(1, 1, 1), num_classes=3)
+    for remainder, noted in (("resize", True), ("drop", False)):
+        model = vitlab.create_model("mobilevitv2_050", patch_remainder=remainder, **tiny_v2)
+        notes = save_hf_folder(model, tmp_path / remainder).notes
+        assert any("leaves the remainder out" in n for n in notes) == noted
+
+    beit = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3, use_abs_pos_emb=True,
+                use_rel_pos_bias=False)
+    for dynamic in (False, True):
+        notes = save_hf_folder(vitlab.create_model("beit_base_patch16_224", dynamic_img_size=dynamic, **beit),
+                               tmp_path / f"beit{dynamic}").notes
+        assert any("resamples the position table, bicubic without antialiasing; vitlab's resamples it antialiased"
+                   in n for n in notes) == dynamic
+
+
+def test_export_format_hf_of_a_new_family_on_the_command_line(tmp_path: Path, capsys, caplog) -> None:
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(FIX / "mobilevit.safetensors"), "--format", "hf", "--output",
+                 str(out), "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert (said["architecture"], said["model_type"]) == ("MobileViTForImageClassification", "mobilevit")
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["do_flip_channel_order"] is True  # the fixture reads BGR, as transformers' own v1 weights
+    assert main(["export", "--model", "mobilevitv3_xs", "--format", "hf", "--output", str(tmp_path / "v3")]) != 0
+    assert "MobileViT v3" in caplog.text and not (tmp_path / "v3").exists()
