@@ -195,7 +195,7 @@ def test_processors_and_configs_for_the_edge_cases(tmp_path: Path) -> None:
         hf_config(vitlab.create_model("swin_tiny_patch4_window7_224", depths=(2, 1), **swin))
 
 
-def test_the_processor_each_new_family_gets() -> None:
+def test_the_processor_each_new_family_gets(tmp_path: Path) -> None:
     """MobileViTImageProcessor (never normalises) for vitlab's MobileViT statistics, flipping only a BGR model's
     channels; the generic processor for an RGB model with a mean / std; a BGR model with one refused. ResNet:
     ConvNextImageProcessor (as the hub's ResNet folders) where its int(size / crop_pct) is vitlab's resize."""
@@ -214,6 +214,14 @@ def test_the_processor_each_new_family_gets() -> None:
         assert (config["size"], config["crop_size"]) == ({"shortest_edge": 284}, {"height": 256, "width": 256})
     config = hf_processor_config(normalised)[0]
     assert config["image_processor_type"] == "BitImageProcessor" and config["image_mean"] == list(IMAGENET_MEAN)
+    # said not to flip: vitlab reads a MobileViT folder as BGR unless its processor says otherwise
+    assert config["do_flip_channel_order"] is False
+    tiny = vitlab.create_model("mobilevitv2_050", img_size=64, stem_chs=16, channels=(16, 16, 32, 48, 64),
+                               transformer_dims=(16, 24, 32), transformer_depths=(1, 1, 1), num_classes=3,
+                               mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    save_hf_folder(tiny, tmp_path / "hf")
+    again = vitlab.load_model(tmp_path / "hf").preprocessing
+    assert (again.channel_order, again.mean, again.std) == ("RGB", IMAGENET_MEAN, IMAGENET_STD)
     with pytest.raises(ValueError, match="does not normalise"):
         hf_processor_config(normalised_bgr)
     set_preprocessing_style(vit_bgr, channel_order="BGR", mean=(0.0,) * 3, std=(1.0,) * 3)

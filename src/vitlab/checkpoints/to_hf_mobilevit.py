@@ -19,7 +19,8 @@ transformers' MobileViT classes fix what vitlab's configs leave open, so a model
 ``do_flip_channel_order`` is false, and never normalises. It is written for a model with vitlab's MobileViT
 preprocessing (mean 0, std 1; BGR for weights converted from transformers' or cvnets' v1 files, else RGB); a model
 fine-tuned with another mean / std gets the generic processor of :func:`~vitlab.checkpoints.to_hf.image_processor`
-if it reads RGB, and is refused if it reads BGR (no transformers processor flips and normalises).
+(with ``do_flip_channel_order: false``, which readers of MobileViT folders look for) if it reads RGB, and is refused
+if it reads BGR (no transformers processor flips and normalises).
 """
 
 from __future__ import annotations
@@ -243,7 +244,11 @@ def _processor(model: nn.Module) -> tuple[dict[str, Any], list[str]]:
     pre = model.preprocessing
     if _plain(pre) or pre.channel_order == "BGR":
         return flipping_processor(model)
-    return image_processor(model)  # fine-tuned with a mean / std, on RGB: a processor that normalises
+    # fine-tuned with a mean / std, on RGB: a processor that normalises. It says that it does not flip: a reader of
+    # a MobileViT folder (vitlab's import, as transformers' own v1 weights) takes BGR unless told (transformers'
+    # processors keep the field unused)
+    config, notes = image_processor(model)
+    return {**config, "do_flip_channel_order": False}, notes
 
 
 def _notes(model: nn.Module) -> list[str]:
