@@ -27,7 +27,8 @@ EXAMPLE = """examples:
       (a timm hub folder: timm.create_model("local-dir:mine-timm", pretrained=True) and transformers'
       AutoModelForImageClassification / AutoImageProcessor.from_pretrained("mine-timm") load it)
   vitlab export --checkpoint runs/mine/model.safetensors --format hf --output mine-hf
-      (a ViT / DeiT / Swin as transformers' own ViTForImageClassification (...) folder, with its image processor)
+      (a ViT / DeiT / Swin v1-v2 / BEiT / MobileViT v1-v2 / ResNet as transformers' own ViTForImageClassification
+      (...) folder, with its image processor)
 
 The file is written only after the same real images (--data, else bundled digits) went through PyTorch
 and ONNX Runtime with the checkpoint's own preprocessing and agreed (max |difference| of every output <=
@@ -50,11 +51,16 @@ timm name and arguments, class names as label_names, the preprocessing as pretra
 writes it; a non-empty folder is refused without --overwrite, which replaces those two files.
 
 --format hf writes a folder as transformers' save_pretrained does: a ViT (or DeiT without a distillation token) as
-ViTForImageClassification, a distilled DeiT as DeiTForImageClassificationWithTeacher, a Swin v1 as
-SwinForImageClassification, with config.json (class names as id2label) and preprocessor_config.json (the processor
-that resizes and crops as the model's preprocessing); transformers loads it without timm or vitlab. What transformers' classes cannot compute (average pooling,
-registers, LayerScale, other families) is refused; preprocessing differences (the odd pixel of a crop margin) are
-printed as notes."""
+ViTForImageClassification, a distilled DeiT as DeiTForImageClassificationWithTeacher, a Swin v1 / v2 as
+SwinForImageClassification / Swinv2ForImageClassification, a BEiT (data2vec-vision's too) as
+BeitForImageClassification, a MobileViT v1 / v2 as MobileViTForImageClassification /
+MobileViTV2ForImageClassification, a ResNet as ResNetForImageClassification, with config.json (class names as
+id2label) and preprocessor_config.json (the processor that resizes, crops, normalises and orders the channels as the
+model's preprocessing: MobileViTImageProcessor for MobileViT, ConvNextImageProcessor for ResNet, as the hub's
+folders); transformers loads it without timm or vitlab. What transformers' classes cannot compute is refused, naming
+it (ViT's average pooling, registers, LayerScale; a Swin window per stage; BEiT-3's sub-LN; MobileViT v3, or depths
+and widths transformers' MobileViT fixes otherwise; BiT's group-norm ResNet; other families); preprocessing and
+other-size differences (the odd pixel of a crop margin) are printed as notes."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -70,9 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["onnx", "timm", "hf"], default="onnx",
                    help="onnx: a validated ONNX file; timm: the weights in timm's layout (*.safetensors, or a "
                         "timm hub folder that timm and transformers load) and the lines that load them; hf: a "
-                        "Hugging Face transformers folder (ViT, DeiT and Swin: ViTForImageClassification / "
-                        "DeiTForImageClassificationWithTeacher / SwinForImageClassification and their image "
-                        "processor), loaded without timm")
+                        "Hugging Face transformers folder (ViT, DeiT, Swin v1/v2, BEiT, MobileViT v1/v2, ResNet as "
+                        "transformers' own ...ForImageClassification, with their image processor), loaded without "
+                        "timm")
     p.add_argument("--output", required=True, help="the file to write, e.g. model.onnx (model.safetensors for timm, "
                                                    "or a folder: a timm hub folder; a folder for hf)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
