@@ -5,7 +5,8 @@ ResNetForImageClassification with vitlab's outputs, its processor prepares image
 them back with the same outputs.
 
 Fixtures: tests/fixtures/hf_export/make_fixtures_hf_export.py (transformers 5.25 in the peer environment loaded the
-folders vitlab wrote and recorded its logits and pixel values).
+folders vitlab wrote and recorded its logits and pixel values). The folders transformers wrote itself for the import
+tests, read by vitlab and exported again, give back transformers' own tensors and names.
 """
 
 from __future__ import annotations
@@ -280,3 +281,42 @@ def test_export_format_hf_of_a_new_family_on_the_command_line(tmp_path: Path, ca
     assert processor["do_flip_channel_order"] is True  # the fixture reads BGR, as transformers' own v1 weights
     assert main(["export", "--model", "mobilevitv3_xs", "--format", "hf", "--output", str(tmp_path / "v3")]) != 0
     assert "MobileViT v3" in caplog.text and not (tmp_path / "v3").exists()
+
+
+# folders transformers wrote itself (save_pretrained), committed with the import tests
+_TRANSFORMERS_FOLDERS = ["hf_parity_more/swin", "swin/hf_v2", "hf_parity_more/swinv2", "beit/hf_cls",
+                         "hf_parity_more/beit", "beit/hf_data2vec_cls", "mobilevit/hf_v1/hf", "mobilevit/hf_v2/hf",
+                         "hf_parity_more/mvit2", "resnet/hf_basic", "resnet/hf_bottleneck"]
+# config fields the export writes otherwise, and why: dropout and stochastic depth are training settings (the
+# export writes 0); data2vec-vision's classifier is BEiT's, written as beit
+_TRAINING_FIELDS = {"classifier_dropout_prob", "hidden_dropout_prob", "drop_path_rate"}
+
+
+@pytest.mark.parametrize("folder", _TRANSFORMERS_FOLDERS)
+def test_a_transformers_folder_read_and_written_back_has_transformers_own_tensors(folder: str, tmp_path: Path) -> None:
+    """Independent of the fixtures above: what transformers saved, read by vitlab and exported again, is the same
+    tensors under the same names (data2vec-vision's prefix written as beit's), with the same architecture fields."""
+    from vitlab.layers import make_divisible
+
+    source = FIX.parent / folder
+    save_hf_folder(vitlab.load_model(source), tmp_path / "hf")
+    ours, theirs = load_file(tmp_path / "hf" / "model.safetensors"), load_file(source / "model.safetensors")
+    theirs = {k.replace("data2vec_vision.", "beit."): v for k, v in theirs.items()}
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k].to(theirs[k].dtype), theirs[k]) for k in ours)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    original = json.loads((source / "config.json").read_text())
+    differ = {k for k in config if k in original and config[k] != original[k]} - _TRAINING_FIELDS - {"id2label",
+                                                                                                       "label2id"}
+    if original["model_type"] == "data2vec-vision":
+        assert (config["model_type"], original["architectures"]) == ("beit", ["Data2VecVisionForImageClassification"])
+        differ -= {"model_type", "architectures"}
+    if "pretrained_window_sizes" in differ:  # transformers keeps its 4-stage default for a 2-stage model
+        assert original["pretrained_window_sizes"][:len(config["depths"])] == config["pretrained_window_sizes"]
+        differ.remove("pretrained_window_sizes")
+    if "base_attn_unit_dims" in differ:  # other bases that give the same widths at this width multiplier
+        m = config["width_multiplier"]
+        assert [make_divisible(b * m, 8) for b in config["base_attn_unit_dims"]] == \
+            [make_divisible(b * m, 8) for b in original["base_attn_unit_dims"]]
+        differ.remove("base_attn_unit_dims")
+    assert not differ, {k: (config[k], original[k]) for k in differ}

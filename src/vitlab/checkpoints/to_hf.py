@@ -250,7 +250,10 @@ def hf_config(model: nn.Module, *, class_names: list[str] | None = None) -> dict
     """``config.json`` of ``model``'s transformers folder (the family's config fields, as save_pretrained writes
     them); a ValueError names what transformers cannot build."""
     model = unwrap_model(model)
-    exporter = _exporter(model)
+    return _config(model, _exporter(model), class_names)
+
+
+def _config(model: nn.Module, exporter: HfFamily, class_names: list[str] | None) -> dict[str, Any]:
     meta = model_metadata(model, class_names=class_names)
     names = meta["class_names"] or [f"LABEL_{i}" for i in range(model.num_classes)]
     labels: dict[str, Any] = {"id2label": {str(i): n for i, n in enumerate(names)},
@@ -352,7 +355,7 @@ def save_hf_folder(model: nn.Module, folder: str | Path, *, class_names: list[st
     model = unwrap_model(model)
     folder = Path(folder)
     exporter = _exporter(model)  # refuses before anything is written
-    config = hf_config(model, class_names=class_names)
+    config = _config(model, exporter, class_names)
     processor, notes = hf_processor_config(model)
     notes += exporter.notes(model) if exporter.notes else []
     sd = exporter.state_dict(model)
