@@ -1,9 +1,10 @@
-"""Images to class scores in Python, exactly as ``vitlab predict`` computes them.
+"""Images to class scores and to embeddings in Python, exactly as ``vitlab predict`` and ``vitlab embed`` compute
+them.
 
 The CLI calls the same pieces: :func:`prepare_image` (decode a file as the CLI does, smaller when the model
-needs less than its full size, then the model's eval transform) and :func:`to_scores` (the checkpoint's
+needs less than its full size, then the model's eval transform), :func:`to_scores` (the checkpoint's
 ``score_function``: softmax; sigmoid for a multi-label or single-label Hugging Face head; raw values for
-regression).
+regression), and for embeddings :func:`load_for_embedding` and :func:`embed_batches`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import inspect
 import io
 import math
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
@@ -24,6 +26,9 @@ from vitlab.data import image as _image
 from vitlab.data.image import load_image
 from vitlab.data.transforms import EvalTransform, eval_transform
 from vitlab.train.evaluate import eval_mode
+
+if TYPE_CHECKING:
+    from vitlab.export.runtimes import Runtime
 
 SCORE_KINDS = ("softmax", "sigmoid", "none")
 
@@ -103,8 +108,9 @@ def _single(images: Any) -> bool:
             or (isinstance(images, Tensor) and images.ndim != 4))
 
 
-def _image_list(images: Any) -> tuple[list, bool]:
-    """(the images as a list, whether one image was given); anything but the accepted forms is a TypeError."""
+def _image_list(images: Any, who: str = "predict") -> tuple[list, bool]:
+    """(the images as a list, whether one image was given); anything but the accepted forms is a TypeError
+    (its message starts with ``who``, the function called)."""
     if _single(images):
         return [images], True
     if isinstance(images, Tensor):
@@ -112,11 +118,11 @@ def _image_list(images: Any) -> tuple[list, bool]:
     if images is None or isinstance(images, (Mapping, set, frozenset)) or not hasattr(images, "__iter__"):
         hint = " (give list(d) or list(d.values()))" if isinstance(images, Mapping) else (
             " (a set has no order: give a list)" if isinstance(images, (set, frozenset)) else "")
-        raise TypeError(f"predict: images is {_kind(images)}{hint}; expected {_IMAGE_FORMS}")
+        raise TypeError(f"{who}: images is {_kind(images)}{hint}; expected {_IMAGE_FORMS}")
     items = list(images)
     for i, im in enumerate(items):
         if not _is_image(im):
-            raise TypeError(f"predict: images[{i}] is {_kind(im)}; expected {_IMAGE_FORMS}")
+            raise TypeError(f"{who}: images[{i}] is {_kind(im)}; expected {_IMAGE_FORMS}")
     return items, False
 
 
@@ -128,6 +134,25 @@ def _device_of(model: nn.Module) -> torch.device:
 def _same_device(want: torch.device, have: torch.device) -> bool:
     """``want`` names where ``have`` is: the same type and index ("cuda" is any CUDA device; the CPU has one)."""
     return want.type == have.type and (want.type == "cpu" or want.index is None or want.index == have.index)
+
+
+def _placed(model: nn.Module, device: str | torch.device | None, *, owned: bool, who: str) -> torch.device:
+    """Where ``model`` runs: the CPU for ONNX Runtime and torch.ao int8 kernels; a model of the call's own
+    (``owned``: loaded from a path) is moved to ``device`` (None: the CPU); a caller's model is never moved (other
+    calls may be using it), so ``device`` must be where its parameters are (None: there), else a ValueError."""
+    runtime = str(getattr(model, "name", "")) if hasattr(model, "inner") else ""  # a vitlab.export Runtime
+    if runtime.startswith("onnx") or runtime == "torch-int8":
+        return torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
+    if owned:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        model.to(device)
+        return device
+    here = _device_of(model)
+    if device is not None and not _same_device(torch.device(device), here):
+        raise ValueError(f"{who}: device={str(device)!r}, but the model's parameters are on {here}; {who} "
+                         f"does not move a model it is given: move it first (model.to({str(device)!r})) "
+                         f"or leave device out")
+    return here
 
 
 @torch.no_grad()
@@ -189,19 +214,7 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
     names = getattr(model, "class_names", None) or [str(i) for i in range(num_classes)]
     k = num_classes if topk is None or threshold is not None else min(topk, num_classes)
     transform = eval_transform(model.preprocessing)
-    runtime = str(getattr(model, "name", "")) if hasattr(model, "inner") else ""  # a vitlab.export Runtime
-    if runtime.startswith("onnx") or runtime == "torch-int8":
-        device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
-    elif loaded:
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        model.to(device)  # predict's own model
-    else:
-        here = _device_of(model)
-        if device is not None and not _same_device(torch.device(device), here):
-            raise ValueError(f"predict: device={str(device)!r}, but the model's parameters are on {here}; predict "
-                             f"does not move a model it is given: move it first (model.to({str(device)!r})) "
-                             f"or leave device out")
-        device = here
+    device = _placed(model, device, owned=loaded, who="predict")
     out: list[list[dict[str, Any]]] = []
     with eval_mode(model):
         from vitlab.train.evaluate import logits_of
@@ -215,4 +228,195 @@ def predict(model: nn.Module | str | os.PathLike, images: Any, *, topk: int | No
     return out[0] if single else out
 
 
-__all__ = ["SCORE_KINDS", "predict", "prepare_image", "score_kind", "to_scores"]
+# --------------------------------------------------------------------------------------------------- embeddings
+# What an embedding is, in the words the output file and the docs use (timm's spelling of the same computation).
+PRE_LOGITS = "forward_head(forward_features(x), pre_logits=True)"
+
+
+def _refuse_unembeddable(model: nn.Module, source: str) -> None:
+    """A clear error for a model whose pre-logits features are not one vector per image."""
+    task = getattr(model, "task", "classification")
+    if task != "classification":
+        raise ValueError(f"{source}: a {task} model; embeddings come from classifiers and backbones (the vector "
+                         f"their classifier head reads), where a {task} model's outputs are per "
+                         f"{'object' if task == 'detection' else 'pixel'}: embed the backbone's own checkpoint")
+    if getattr(model, "features", None) is False:  # an ONNX file of a classifier (vitlab.export.runtime.OnnxModel)
+        raise ValueError(f"{source}: an exported classifier, whose only output is its class logits (metadata task "
+                         f"{task!r}): embed the PyTorch checkpoint it was exported from (--runtime onnx runs it "
+                         f"through ONNX Runtime), or an ONNX file of a backbone without a classifier (metadata task "
+                         f"'features')")
+    if getattr(model, "global_pool", None) == "":
+        raise ValueError(f"{source}: global_pool '' (no pooling): its pre-logits features are every token, not one "
+                         f"vector per image; load it with another pooling (global_pool \"token\" or \"avg\"; "
+                         f"--model-arg global_pool='\"avg\"')")
+
+
+def embedding_meaning(model: nn.Module, *, normalized: bool = False) -> str:
+    """What ``model``'s embeddings are, in one sentence for an output file: the pre-logits features as timm computes
+    them (the pooling named where the model has a ``global_pool``), or an ONNX backbone file's output."""
+    if hasattr(model, "features") and hasattr(model, "meta"):  # an ONNX file of a backbone
+        what = f"the output of the ONNX file {model.path.name}: the pooled pre-logit features of a backbone"
+    else:
+        pool = getattr(model, "global_pool", None)
+        what = (f"pre-logits features, {PRE_LOGITS}: the vector the classifier head reads"
+                + (f" (global_pool {pool!r})" if isinstance(pool, str) and pool else ""))
+    return what + ("; each row L2-normalized (unit length)" if normalized else "; not normalized")
+
+
+def features_runtime(model: nn.Module, runtime: str = "torch", **export_kwargs: Any) -> Runtime:
+    """A :class:`~vitlab.export.runtimes.Runtime` (``runtime``: one of :data:`~vitlab.export.runtimes.RUNTIMES`)
+    whose forward gives ``model``'s embeddings, the (B, D) pre-logits features, in float32.
+
+    It runs a copy of ``model`` rebuilt with ``num_classes=0`` (its pooling, ``fc_norm`` and pre-logits layer kept,
+    its head dropped): the same features as ``model.forward_head(model.forward_features(x), pre_logits=True)``, an
+    ONNX runtime exports a backbone's features (metadata task "features"), and ``model`` itself is left as it was.
+    Build it once and pass it to :func:`embed` for many calls; ``export_kwargs`` go to
+    :func:`~vitlab.export.export_onnx` for the ONNX runtimes."""
+    _refuse_unembeddable(model, getattr(model, "model_name", type(model).__name__))
+    from vitlab.models.base import rebuild
+
+    return _backbone_runtime(rebuild(model, num_classes=0), runtime, **export_kwargs)
+
+
+def _backbone_runtime(backbone: nn.Module, runtime: str, **export_kwargs: Any) -> Runtime:
+    from vitlab.export.runtimes import build_runtime
+
+    return build_runtime("torch" if runtime == "auto" else runtime, backbone, **export_kwargs)
+
+
+def load_for_embedding(path: str | os.PathLike, runtime: str = "auto", *, model_name: str | None = None,
+                       model_args: dict[str, Any] | None = None, normalized: bool = False) -> tuple[Runtime, str]:
+    """(runtime giving embeddings, :func:`embedding_meaning`) for a checkpoint or an ONNX file, as ``vitlab embed``
+    loads ``--checkpoint``.
+
+    A checkpoint (with ``model_name`` / ``model_args`` for weights that do not name their model, as
+    ``vitlab.load_model``'s) runs through :func:`features_runtime` (``runtime="auto"``: PyTorch float32). An ONNX
+    file is taken where its metadata says task "features" (a backbone exported without a classifier, whose output
+    is its pooled features); an exported classifier is refused, its only output being logits."""
+    from vitlab.export.runtime import is_onnx_file
+
+    if is_onnx_file(path):
+        from vitlab.export.runtimes import load_for_inference
+
+        rt, _ = load_for_inference(path, runtime, model_name=model_name, model_args=model_args)
+        _refuse_unembeddable(rt.inner, str(path))
+        return rt, embedding_meaning(rt.inner, normalized=normalized)
+    import vitlab
+
+    model = vitlab.load_model(path, model_name=model_name, **(model_args or {}))
+    _refuse_unembeddable(model, str(path))
+    meaning = embedding_meaning(model, normalized=normalized)
+    if model.num_classes:
+        from vitlab.models.base import rebuild
+
+        model = rebuild(model, num_classes=0)  # the loaded one is dropped: one copy held
+    return _backbone_runtime(model.eval(), runtime), meaning
+
+
+def _features_of(model: nn.Module, source: str) -> Callable[[Tensor], Tensor]:
+    """``x -> (B, D)`` features of ``model``: a Runtime of a backbone (:func:`features_runtime`,
+    :func:`load_for_embedding`) as it is; any other model through its pre-logits features."""
+    if hasattr(model, "inner") and hasattr(model, "setup_s"):  # a vitlab.export Runtime: its outputs are its head's
+        if getattr(model, "task", "classification") != "classification" or model.num_classes:
+            raise ValueError(f"{source}: a runtime of a {getattr(model, 'task', 'classification')} model gives its "
+                             f"outputs (class logits), not embeddings; build one that gives embeddings with "
+                             f"vitlab.inference.features_runtime(model, {getattr(model, 'name', 'torch')!r}), or "
+                             f"give embed the PyTorch model or the checkpoint's path")
+        return model
+    _refuse_unembeddable(model, source)
+    return lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def embed_batches(features: Callable[[Tensor], Tensor], items: list, transform: EvalTransform, *, batch_size: int,
+                  device: torch.device, normalize: bool = False,
+                  on_bad: Callable[[int, Exception], None] | None = None) -> Iterator[tuple[list[int], Tensor]]:
+    """The embeddings of ``items`` (images in any form :func:`prepare_image` takes), ``batch_size`` at a time:
+    per batch, the indices of the images embedded and their (b, D) float32 embeddings on the CPU (unit rows with
+    ``normalize``). Images are decoded one batch at a time, so memory is bounded by the batch, not by
+    ``len(items)``. A :class:`~vitlab.data.errors.BadImageError` is raised, or with ``on_bad`` handed to
+    ``on_bad(index, error)`` and the image left out (a batch of none is not yielded)."""
+    from vitlab.data.errors import BadImageError
+
+    for start in range(0, len(items), batch_size):
+        kept, pixels = [], []
+        for i in range(start, min(start + batch_size, len(items))):
+            try:
+                pixels.append(prepare_image(items[i], transform))
+            except BadImageError as e:
+                if on_bad is None:
+                    raise
+                on_bad(i, e)
+                continue
+            kept.append(i)
+        if not kept:
+            continue
+        f = features(torch.stack(pixels).to(device))  # (B, D)
+        if f.ndim != 2:
+            raise ValueError(f"the model's pre-logits features have shape {tuple(f.shape)}, not (batch, dim): "
+                             f"not one vector per image")
+        f = f.float()
+        yield kept, (F.normalize(f, dim=-1) if normalize else f).cpu()
+
+
+@torch.no_grad()
+def embed(model: nn.Module | str | os.PathLike, images: Any, *, batch_size: int = 32, normalize: bool = False,
+          device: str | torch.device | None = None, runtime: str = "auto") -> Tensor:
+    """Embeddings of images: a float32 (N, D) tensor on the CPU, one row per image in order (a single image gives
+    (1, D)), as ``vitlab embed`` writes them.
+
+    An embedding is the model's pre-logits features, what timm's ``model.forward_head(model.forward_features(x),
+    pre_logits=True)`` returns (and ``num_classes=0`` models' ``forward``): the class token, the average of the
+    tokens or the pooled map, after ``fc_norm`` and any pre-logits layer, as each family pools (a distilled DeiT:
+    the mean of its class and distillation tokens; CrossViT: both branches' tokens concatenated). A backbone
+    without a classifier (num_classes 0: a pre-training checkpoint) gives the same. Detectors and segmenters are
+    refused (their outputs are per object / pixel), and so is a ViT with ``global_pool=""`` (every token).
+
+    Args:
+        model: a vitlab model, or a checkpoint path (vitlab checkpoint, Hugging Face folder, or an ONNX file of a
+            backbone, written by ``vitlab export`` from a checkpoint without a classifier), or a runtime from
+            :func:`features_runtime`.
+        images: as :func:`predict` takes them (file paths, encoded files, PIL images, uint8 arrays or tensors, one
+            or a list), decoded and preprocessed exactly as predict does.
+        batch_size: images per forward; they are decoded a batch at a time.
+        normalize: L2-normalize each row (unit length: dot products are cosine similarities).
+        device: as :func:`predict`'s: a path is loaded on the CPU and moved there; a model given is never moved.
+        runtime: how a checkpoint path runs (one of :data:`vitlab.export.runtimes.RUNTIMES`; "auto": PyTorch
+            float32, ONNX Runtime for an ONNX file). For a model given as a module, another runtime than "auto" /
+            "torch" runs on a copy built by :func:`features_runtime` for this call (for ONNX an export each call:
+            build the runtime once with :func:`features_runtime` and pass it instead).
+
+    Threads: as :func:`predict`: calls from several threads may share one model (a model in train mode runs in
+    eval mode meanwhile and gets its modes back after the last call).
+
+    Example::
+
+        vitlab.embed("runs/mine/model.safetensors", ["a.jpg", "b.jpg"], normalize=True)   # (2, D)
+    """
+    from vitlab.export.runtimes import RUNTIMES
+
+    if batch_size < 1:
+        raise ValueError(f"embed: batch_size must be >= 1, got {batch_size}")
+    if runtime not in ("auto", *RUNTIMES):
+        raise ValueError(f"embed: runtime must be 'auto' or one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    items, _ = _image_list(images, "embed")
+    if not items:
+        raise ValueError("embed: no images given (an empty list)")
+    owned = isinstance(model, (str, os.PathLike))
+    source = str(model) if owned else getattr(model, "model_name", type(model).__name__)
+    if owned:
+        model, _ = load_for_embedding(model, runtime)
+    elif runtime not in ("auto", "torch") and not hasattr(model, "inner"):
+        here = _device_of(model)
+        model = features_runtime(model, runtime)  # a copy of embed's own, on the CPU
+        owned, device = True, here if device is None else device
+    features = _features_of(model, source)
+    device = _placed(model, device, owned=owned, who="embed")
+    transform = eval_transform(model.preprocessing)
+    with eval_mode(model):
+        rows = [f for _, f in embed_batches(features, items, transform, batch_size=batch_size, device=device,
+                                            normalize=normalize)]
+    return torch.cat(rows)
+
+
+__all__ = ["PRE_LOGITS", "SCORE_KINDS", "embed", "embed_batches", "embedding_meaning", "features_runtime",
+           "load_for_embedding", "predict", "prepare_image", "score_kind", "to_scores"]
