@@ -273,9 +273,18 @@ def features_runtime(model: nn.Module, runtime: str = "torch", **export_kwargs: 
     Build it once and pass it to :func:`embed` for many calls; ``export_kwargs`` go to
     :func:`~vitlab.export.export_onnx` for the ONNX runtimes."""
     _refuse_unembeddable(model, getattr(model, "model_name", type(model).__name__))
-    from vitlab.models.base import rebuild
+    return _backbone_runtime(_headless(model), runtime, **export_kwargs)
 
-    return _backbone_runtime(rebuild(model, num_classes=0), runtime, **export_kwargs)
+
+def _headless(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` without its classifier (CPU, float32, eval mode): rebuilt with ``num_classes=0`` from its
+    weights less the head's (a head-less model has no head to load: nothing is "replaced")."""
+    from vitlab.checkpoints.adapt import classifier_prefixes
+    from vitlab.models.base import rebuild_with
+
+    heads = classifier_prefixes(model)
+    weights = {k: v for k, v in model.state_dict().items() if k.split(".")[0] not in heads}
+    return rebuild_with(model, {"num_classes": 0}, state_dict=weights, source="the model without its head")
 
 
 def _backbone_runtime(backbone: nn.Module, runtime: str, **export_kwargs: Any) -> Runtime:
@@ -307,9 +316,7 @@ def load_for_embedding(path: str | os.PathLike, runtime: str = "auto", *, model_
     _refuse_unembeddable(model, str(path))
     meaning = embedding_meaning(model, normalized=normalized)
     if model.num_classes:
-        from vitlab.models.base import rebuild
-
-        model = rebuild(model, num_classes=0)  # the loaded one is dropped: one copy held
+        model = _headless(model)  # the loaded one is dropped: one copy held
     return _backbone_runtime(model.eval(), runtime), meaning
 
 

@@ -18,13 +18,13 @@ from vitlab.cli.common import apply_image_limit, apply_threads, check_device
 
 # Subcommand modules, in the order `vitlab --help` lists them.
 SUBCOMMANDS = (
-    "models", "info", "train", "pretrain", "finetune", "eval", "predict", "fewshot", "explain", "analyze", "benchmark",
-    "export", "detect", "segment", "make_canvases",
+    "models", "info", "train", "pretrain", "finetune", "eval", "predict", "embed", "fewshot", "explain", "analyze",
+    "benchmark", "export", "detect", "segment", "make_canvases",
 )
 # Commands that run a model forward many times: glibc is told to keep freed memory for reuse (vitlab.allocator),
 # which halves a conv-heavy model's CPU forward. Training commands keep glibc's defaults: there the gain was small
 # (0.9x the time) and the peak memory grew (MobileViT-XXS: +27%).
-KEEP_FREED_MEMORY = ("eval", "predict", "benchmark", "export")
+KEEP_FREED_MEMORY = ("eval", "predict", "embed", "benchmark", "export")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
