@@ -147,6 +147,7 @@ COMMANDS = {
     "finetune": ["finetune", "--from", "x.safetensors"],
     "eval": ["eval", "--checkpoint", "x.safetensors"],
     "predict": ["predict", "a.png", "--checkpoint", "x.safetensors"],
+    "embed": ["embed", "a.png", "--checkpoint", "x.safetensors", "--output", "e.npz"],
     "explain": ["explain", "a.png", "--checkpoint", "x.safetensors"],
     "fewshot": ["fewshot", "--checkpoint", "x.safetensors", "--data", "digits"],
     "analyze": ["analyze", "--checkpoint", "x.safetensors", "--data", "digits"],
