@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,49 @@ def test_the_model_keeps_its_modes_and_dropout_does_not_run() -> None:
     reference = tiny_vit().eval()
     torch.testing.assert_close(got, vitlab.embed(reference, [x, x]), atol=1e-6, rtol=0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_concurrent_calls_never_run_a_forward_in_train_mode() -> None:
+    """Call A finishes while call B is inside its forward on the same train-mode model: B's forward still runs in
+    eval mode (no dropout), and the model is back in train mode once both are done."""
+    model = tiny_vit(drop_rate=0.5, proj_drop_rate=0.5, drop_path_rate=0.5).train()
+    x = np.uint8(np.random.default_rng(3).integers(0, 255, (32, 32, 3)))
+    expected = vitlab.embed(tiny_vit().eval(), x)
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    modes: dict[str, bool] = {}
+    results: dict[str, torch.Tensor] = {}
+
+    def block(_m, _args) -> None:  # at the start of each forward: A waits for B to start, B for A to finish
+        role = threading.current_thread().name
+        if role == "A":
+            a_in.set()
+            assert b_in.wait(10)
+        elif role == "B":
+            b_in.set()
+            assert a_done.wait(10)
+
+    def record(_m, _args) -> None:  # at the last block, after the wait: the mode the rest of the forward ran in
+        modes[threading.current_thread().name] = any(m.training for m in model.modules())
+
+    hooks = [model.patch_embed.register_forward_pre_hook(block), model.blocks[-1].register_forward_pre_hook(record)]
+    try:
+        def call() -> None:
+            results[threading.current_thread().name] = vitlab.embed(model, x)
+
+        a, b = threading.Thread(target=call, name="A"), threading.Thread(target=call, name="B")
+        a.start()
+        assert a_in.wait(10)
+        b.start()
+        a.join(10)
+        a_done.set()
+        b.join(10)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert modes == {"A": False, "B": False}
+    for role in ("A", "B"):
+        torch.testing.assert_close(results[role], expected, atol=1e-6, rtol=0)
+    assert model.training and all(m.training for m in model.modules())
 
 
 def test_another_runtime_runs_a_copy_and_leaves_the_model_alone() -> None:
