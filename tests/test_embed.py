@@ -516,3 +516,17 @@ def test_onnx_runtimes_embed_as_pytorch(checkpoint, folder, tmp_path) -> None:
         ref = vitlab.embed(model, [folder / p for p in f["paths"]])
         np.testing.assert_allclose(f["embeddings"], ref.numpy(), atol=1e-5, rtol=1e-5)
         assert str(f["runtime"]) == "onnx"
+
+
+def test_the_head_less_copy_keeps_the_checkpoints_preprocessing(folder) -> None:
+    """A Hugging Face MobileViT folder prepares images in BGR (its processor's channel flip): the runtime vitlab embed
+    builds without the head prepares them so too, and embeds as the loaded model does."""
+    from vitlab.inference import load_for_embedding
+
+    hf = FIX / "mobilevit" / "hf_v1" / "hf"
+    model = vitlab.load_model(hf)
+    runtime, meaning = load_for_embedding(hf)
+    assert model.num_classes and runtime.num_classes == 0 and runtime.preprocessing.channel_order == "BGR"
+    assert runtime.preprocessing == model.preprocessing and "not normalized" in meaning
+    files = sorted(folder.glob("*.png"))
+    torch.testing.assert_close(vitlab.embed(runtime, files), vitlab.embed(model, files), atol=1e-6, rtol=0)
