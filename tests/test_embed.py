@@ -288,6 +288,8 @@ def test_another_runtime_runs_a_copy_and_leaves_the_model_alone() -> None:
     runtime = features_runtime(model, "torch")  # built once, then passed to every call
     assert runtime.num_classes == 0
     torch.testing.assert_close(vitlab.embed(runtime, [x, x]), torch.cat([ref, ref]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"runtime='onnx', but the model given is a 'torch' runtime"):
+        vitlab.embed(runtime, x, runtime="onnx")
 
 
 def test_a_pre_logits_layer_and_distillation_head_are_kept_in_the_head_less_copy() -> None:

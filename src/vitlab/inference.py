@@ -239,7 +239,8 @@ def _refuse_unembeddable(model: nn.Module, source: str) -> None:
     if task != "classification":
         raise ValueError(f"{source}: a {task} model; embeddings come from classifiers and backbones (the vector "
                          f"their classifier head reads), where a {task} model's outputs are per "
-                         f"{'object' if task == 'detection' else 'pixel'}: embed the backbone's own checkpoint")
+                         f"{'object' if task == 'detection' else 'pixel'}: give a classifier's or a backbone's "
+                         f"checkpoint instead")
     if getattr(model, "features", None) is False:  # an ONNX file of a classifier (vitlab.export.runtime.OnnxModel)
         raise ValueError(f"{source}: an exported classifier, whose only output is its class logits (metadata task "
                          f"{task!r}): embed the PyTorch checkpoint it was exported from (--runtime onnx runs it "
@@ -323,7 +324,9 @@ def load_for_embedding(path: str | os.PathLike, runtime: str = "auto", *, model_
 def _features_of(model: nn.Module, source: str) -> Callable[[Tensor], Tensor]:
     """``x -> (B, D)`` features of ``model``: a Runtime of a backbone (:func:`features_runtime`,
     :func:`load_for_embedding`) as it is; any other model through its pre-logits features."""
-    if hasattr(model, "inner") and hasattr(model, "setup_s"):  # a vitlab.export Runtime: its outputs are its head's
+    from vitlab.export.runtimes import Runtime
+
+    if isinstance(model, Runtime):  # its outputs are its model's: embeddings only where that model has no head
         if getattr(model, "task", "classification") != "classification" or model.num_classes:
             raise ValueError(f"{source}: a runtime of a {getattr(model, 'task', 'classification')} model gives its "
                              f"outputs (class logits), not embeddings; build one that gives embeddings with "
@@ -412,7 +415,11 @@ def embed(model: nn.Module | str | os.PathLike, images: Any, *, batch_size: int 
     source = str(model) if owned else getattr(model, "model_name", type(model).__name__)
     if owned:
         model, _ = load_for_embedding(model, runtime)
-    elif runtime not in ("auto", "torch") and not hasattr(model, "inner"):
+    elif hasattr(model, "inner"):  # a runtime: it runs as it was built
+        if runtime not in ("auto", model.name):
+            raise ValueError(f"embed: runtime={runtime!r}, but the model given is a {model.name!r} runtime; leave "
+                             f"runtime out, or build another with features_runtime(model, {runtime!r})")
+    elif runtime not in ("auto", "torch"):
         here = _device_of(model)
         model = features_runtime(model, runtime)  # a copy of embed's own, on the CPU
         owned, device = True, here if device is None else device
