@@ -39,16 +39,25 @@ class EvalResult:
     multilabel: MultiLabelMetrics | None = None  # multi-label evaluation: mAP, F1, exact match, per label
     nonfinite: int = 0  # samples whose logits hold NaN or infinite values (the loss is then not finite either)
 
+    @property
+    def balanced_accuracy(self) -> float | None:
+        """The mean of the per-class accuracies (recall) over the classes the data set has images of: each class
+        counts alike, however many images it has (None where there is no per-class accuracy)."""
+        seen = [a for a in self.per_class if not math.isnan(a)]
+        return sum(seen) / len(seen) if seen else None
+
     def summary(self) -> dict[str, Any]:
-        """samples, loss, top1, top5 (the last two left out where they are None); multi-label: samples, loss, mAP,
-        micro_f1, macro_f1, exact_match, threshold, labels_without_positives. A NaN or infinite loss is None (JSON's
-        null: ``json.dumps`` would write ``NaN``, which is not JSON)."""
+        """samples, loss, top1, top5, balanced_accuracy (the last three left out where top-1 is None); multi-label:
+        samples, loss, mAP, micro_f1, macro_f1, exact_match, threshold, labels_without_positives. A NaN or infinite
+        loss is None (JSON's null: ``json.dumps`` would write ``NaN``, which is not JSON)."""
         loss = round(self.loss, 6) if math.isfinite(self.loss) else None
         out: dict[str, Any] = {"samples": self.num_samples, "loss": loss}
         if self.multilabel is not None:
             out.update(self.multilabel.summary())
         elif self.top1 is not None and self.top5 is not None:
             out.update(top1=round(self.top1, 6), top5=round(self.top5, 6))
+            if (balanced := self.balanced_accuracy) is not None:
+                out.update(balanced_accuracy=round(balanced, 6))
         return out
 
     def per_class_json(self, class_names: list[str] | None = None) -> dict[str, float | None]:

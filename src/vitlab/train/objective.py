@@ -192,6 +192,15 @@ class ClassificationObjective(Objective):
     def describe(self) -> str:
         return f"{self.name} (multi-label)" if self.multi_label else self.name
 
+    def weigh_classes(self, weights: Tensor) -> None:
+        """Per-class weights (``recipe.class_balance = "loss"``) for the loss on the labels: vitlab's cross entropy
+        (binary cross entropy's ``pos_weight`` for multi-label), also as a distillation loss's label term."""
+        losses = label_losses(self.criterion)
+        if not losses:
+            raise ValueError(class_weights_refused(self.criterion))
+        for loss in losses:
+            loss.class_weights = weights
+
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         x, y = batch
         if self.mixup is not None:
@@ -217,6 +226,21 @@ class DistillationObjective(ClassificationObjective):
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, Metrics]:
         loss, _ = super().step(model, batch)
         return loss, dict(getattr(self.criterion, "last_parts", {}))
+
+
+def label_losses(criterion: Any) -> list[Any]:
+    """The :class:`~vitlab.train.losses.ClassificationLoss` instances that make ``criterion``'s loss on the labels:
+    the criterion itself, or a distillation loss's label term; none for a criterion of the user's own."""
+    from vitlab.train.losses import ClassificationLoss
+
+    return [loss for loss in {id(x): x for x in (criterion, getattr(criterion, "base_module", None))}.values()
+            if isinstance(loss, ClassificationLoss)]
+
+
+def class_weights_refused(criterion: Any) -> str:
+    return (f"class_balance=loss weighs vitlab's cross entropy by class; the criterion given to fit "
+            f"({type(criterion).__name__}) is not one (nor a distillation loss over one): weigh the classes in it "
+            f"yourself, or use class_balance=sampler")
 
 
 def objective_for(criterion: Callable | None, recipe: Any, num_classes: int) -> Objective:

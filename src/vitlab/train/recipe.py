@@ -25,7 +25,7 @@ RECIPE_DIR = "recipes"
 # recipe.best_metric's values: "auto", "none", or a key of the validation summary (EvalResult.summary: top1 / top5
 # for classes, mAP / F1 / exact match for multi-label, the loss for any targets)
 # the validation metrics a run can keep its best checkpoint by: a single-label run's, a multi-label run's, both's
-SINGLE_LABEL_METRICS = ("top1", "top5")
+SINGLE_LABEL_METRICS = ("top1", "top5", "balanced_accuracy")
 MULTI_LABEL_METRICS = ("mAP", "micro_f1", "macro_f1", "exact_match")
 BEST_METRICS = ("auto", "none", *SINGLE_LABEL_METRICS, "loss", *MULTI_LABEL_METRICS)
 log = logging.getLogger(__name__)
@@ -81,6 +81,16 @@ class Recipe:
     early_stopping_patience: stop training after this many validations in a row without a better
         ``best_metric`` (of the model, or of its EMA where EMA is on); the last and the best models are kept as
         in a run that ends, and results.json says where it stopped. None: train to the end.
+    class_balance: what to do about imbalanced classes, from the training data's images per class n_c
+        (counted at the run's start; ``--resume`` keeps those counts): "none" (every image alike), "loss" (the
+        cross entropy weighs a target of class c by w_c proportional to n_c^-class_balance_power, scaled so that
+        the mean weight over the training images is 1, so that lr keeps its meaning; soft targets (label
+        smoothing, Mixup/CutMix) weigh each class's share; distillation weighs its label term; multi-label: binary
+        cross entropy's ``pos_weight`` per label, (negatives / positives)^class_balance_power), or "sampler"
+        (each training image drawn at random with replacement, class c with probability proportional to
+        n_c^(1 - class_balance_power), an epoch as many steps as without it; single-label only).
+    class_balance_power: in (0, 1]: 1 is inverse frequency (the "sampler" then draws every class equally often),
+        0.5 its square root (a softer correction).
     """
 
     name: str = "custom"
@@ -145,6 +155,9 @@ class Recipe:
     fsdp: bool = False
     best_metric: str = "auto"
     early_stopping_patience: int | None = None
+    # imbalanced classes
+    class_balance: Literal["none", "loss", "sampler"] = "none"
+    class_balance_power: float = 1.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # inf passes the checks below (lr > 0) and NaN gives a vaguer message
@@ -197,6 +210,11 @@ class Recipe:
              "early_stopping_patience must be >= 1 (validations without a better best_metric), or none"),
             (self.early_stopping_patience is None or self.best_metric != "none",
              "early_stopping_patience needs a best_metric to compare (it is 'none')"),
+            (0.0 < self.class_balance_power <= 1.0,
+             "class_balance_power must be in (0, 1] (1: inverse class frequency, 0.5: its square root)"),
+            (not (self.class_balance == "sampler" and self.multi_label),
+             "class_balance=sampler draws each image for its class, and a multi-label image has several: use "
+             "class_balance=loss (binary cross entropy's pos_weight per label) for multi-label data"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -205,7 +223,7 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: best_metric={self.best_metric!r} is not a validation metric; "
                              f"choose from {', '.join(BEST_METRICS)}")
         for name, allowed in (("optimizer", ("adamw", "adam", "sgd")), ("schedule", ("cosine", "linear", "constant")),
-                              ("amp", ("none", "bf16", "fp16"))):
+                              ("amp", ("none", "bf16", "fp16")), ("class_balance", ("none", "loss", "sampler"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"recipe {self.name!r}: {name}={getattr(self, name)!r}; choose from {allowed}")
 

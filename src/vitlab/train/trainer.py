@@ -281,7 +281,76 @@ class _Best:
                         self.file, written, self.step)
 
 
-def _build_sampler(dataset: Dataset, recipe: Recipe, ctx: DistContext) -> Sampler[int]:
+class _Balance(NamedTuple):
+    """recipe.class_balance's view of the training data: every sample's label and the images per class (per
+    label for multi-label data) of ``images`` images."""
+
+    labels: list[Any]
+    counts: list[int]
+    images: int
+
+    def record(self) -> dict[str, Any]:
+        return {"counts": self.counts, "images": self.images}
+
+
+def _class_balance(train_set: Dataset, recipe: Recipe, *, num_classes: int, criterion: Any,
+                   objective: Objective | None) -> _Balance | None:
+    """The training labels and class counts that ``recipe.class_balance`` needs (None: "none"); refused where it
+    cannot apply (no labels, a loss of the user's own to weigh)."""
+    if recipe.class_balance == "none":
+        if recipe.class_balance_power != 1.0:
+            log.warning("class_balance_power=%g has no effect: class_balance is none (--set class_balance=loss or "
+                        "sampler uses it)", recipe.class_balance_power)
+        return None
+    if objective is not None and not objective.supervised:
+        raise ValueError(f"class_balance={recipe.class_balance}: the {objective.name} objective is self-supervised "
+                         f"(no labels to balance); set class_balance=none")
+    if recipe.class_balance == "loss":
+        from vitlab.train.objective import class_weights_refused, label_losses
+
+        loss = objective.criterion if isinstance(objective, ClassificationObjective) else criterion
+        if loss is not None and not label_losses(loss):
+            raise ValueError(class_weights_refused(loss))
+    from vitlab.data.sampler import label_counts, training_labels
+
+    labels = training_labels(train_set)
+    if len(labels) != len(train_set):  # type: ignore[arg-type]
+        raise ValueError(f"class_balance: the training data's targets hold {len(labels)} labels for "
+                         f"{len(train_set)} samples")  # type: ignore[arg-type]
+    if recipe.class_balance == "sampler" and any(isinstance(y, tuple) for y in labels):
+        raise ValueError("class_balance=sampler draws each image for its class, and this training data gives "
+                         "several labels per image: use class_balance=loss (pos_weight per label)")
+    return _Balance(labels, label_counts(labels, num_classes), len(labels))
+
+
+def _weigh_classes(balance: _Balance, recipe: Recipe, objective: Objective, sampler: Sampler[Any],
+                   device: torch.device) -> dict[str, Any]:
+    """Apply recipe.class_balance from ``balance``'s counts (the run's at its start): the loss's class weights
+    or the sampler's class probabilities. Returns what recipe.json records of it."""
+    from vitlab.train.losses import class_weights, positive_weights
+
+    power = recipe.class_balance_power
+    if recipe.class_balance == "loss":
+        if recipe.multi_label:
+            weights = positive_weights(balance.counts, balance.images, power)
+        else:
+            weights = class_weights(balance.counts, power)
+        objective.weigh_classes(weights.to(device))  # type: ignore[attr-defined]
+        key = "pos_weight" if recipe.multi_label else "class_weights"
+        return {**balance.record(), key: [round(w, 6) for w in weights.tolist()]}
+    base = getattr(sampler, "indices", sampler)  # under the multi-scale batch sampler
+    base.set_counts(balance.counts)  # type: ignore[attr-defined]
+    return {**balance.record(), "class_probabilities": [round(p, 6) for p in base.probabilities.tolist()]}  # type: ignore[attr-defined]
+
+
+def _build_sampler(dataset: Dataset, recipe: Recipe, ctx: DistContext, balance: _Balance | None = None
+                   ) -> Sampler[int]:
+    if recipe.class_balance == "sampler" and balance is not None:
+        from vitlab.data.sampler import ClassBalancedSampler
+
+        return ClassBalancedSampler(balance.labels, num_replicas=ctx.world_size, rank=ctx.rank,
+                                    power=recipe.class_balance_power, num_classes=len(balance.counts),
+                                    num_repeats=recipe.repeat_aug, seed=recipe.seed)
     if recipe.repeat_aug > 1:
         from vitlab.data import RepeatAugSampler
 
@@ -627,6 +696,7 @@ def fit(
     if objective is not None and criterion is not None:
         raise ValueError("fit: give either criterion= or objective=, not both")
     num_classes = net.num_classes
+    balance = _class_balance(train_set, recipe, num_classes=num_classes, criterion=criterion, objective=objective)
     class_names = list(class_names) if class_names is not None else getattr(train_set, "classes", None)
     supervised = objective is None or objective.supervised
     if not supervised:
@@ -648,7 +718,7 @@ def fit(
 
     # ---- data and run length
     accum = recipe.accum_for(ctx.world_size)
-    base_sampler = _build_sampler(train_set, recipe, ctx)
+    base_sampler = _build_sampler(train_set, recipe, ctx, balance)
     # the unit the resumed epoch skips: sample indices, or whole batches of the multi-scale sampler
     per_micro = recipe.batch_size
     if recipe.multi_scale:
@@ -755,6 +825,22 @@ def fit(
             tidy_run_directory(out, step)
     else:
         _seed_everything(recipe.seed + 1000 * ctx.rank)
+    balanced: dict[str, Any] | None = None  # recipe.class_balance as applied: counts, weights or probabilities
+    if balance is not None:
+        recorded = resumed.class_balance if resume else None
+        if recorded is not None and (recorded["counts"], recorded["images"]) != (balance.counts, balance.images):
+            if ctx.is_main:
+                log.warning("--resume: the training data has other images per class than when the run began "
+                            "(%s of %d images, now %s of %d); class_balance=%s keeps the run's own counts, recorded "
+                            "at its start", recorded["counts"], recorded["images"], balance.counts, balance.images,
+                            recipe.class_balance)
+            balance = balance._replace(counts=list(recorded["counts"]), images=int(recorded["images"]))
+        balanced = _weigh_classes(balance, recipe, objective, base_sampler, device)
+        if ctx.is_main:
+            key = next(k for k in balanced if k not in ("counts", "images"))
+            log.info("class_balance=%s (power %g): %s from %.4g to %.4g (images per class %d to %d; recipe.json "
+                     "records them)", recipe.class_balance, recipe.class_balance_power, key.replace("_", " "),
+                     min(balanced[key]), max(balanced[key]), min(balance.counts), max(balance.counts))
 
     step_module = _Step(net, objective)
     undo_sync_bn = _sync_batch_norm(step_module, ctx, fsdp=recipe.fsdp)
@@ -770,6 +856,7 @@ def fit(
                                               "world_size": ctx.world_size, "total_steps": total_steps,
                                               "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
                                               "objective": objective.describe(),
+                                              **({"class_balance": balanced} if balanced else {}),
                                               "model": net.model_name, "model_config": config_to_dict(net.cfg),
                                               **({"not_applied_by_fit": ignored} if ignored else {})},
              **({"changes": changes} if changes else {})},
@@ -900,6 +987,7 @@ def fit(
                     "best": bests[0].state() if bests else None,
                     "best_ema": bests[1].state() if len(bests) > 1 else None,
                     "stopped_early": stopped_early,
+                    **({"class_balance": balance.record()} if balance is not None else {}),
                 })
             barrier(ctx)
 
@@ -1221,6 +1309,7 @@ class _Resumed(NamedTuple):
     val: dict[str, Any] | None  # the last validation's metrics
     best: tuple[Any, Any]  # the saved best validations (the model's, the EMA's; None where not kept)
     total_steps: int  # the run's length from here: the one asked for, or the run's own (data of another size)
+    class_balance: dict[str, Any] | None = None  # the class counts recorded at the run's start (class_balance)
 
 
 def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, scheduler, horizon: Horizon, scaler, ema,
@@ -1356,7 +1445,7 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
         _seed_everything(recipe.seed + 1000 * ctx.rank + step)
     log.info("resumed %s at step %d of %d", path.parent, step, total_steps)
     return _Resumed(step, float(state.get("train_seconds", 0.0)), changes, _last_validation(state, path),
-                    (state.get("best"), state.get("best_ema")), total_steps)
+                    (state.get("best"), state.get("best_ema")), total_steps, state.get("class_balance"))
 
 
 def _planned_steps_per_epoch(state: dict[str, Any], saved_total: int) -> int | None:
