@@ -446,12 +446,14 @@ def data_warnings(data: DataFacts) -> list[str]:
         times = f" ({hi / lo:.0f}x)" if lo else ""
         if data.multi_label:
             out.append(f"imbalanced labels: the most frequent is on {hi:,} images, the rarest on {lo:,}{times}; rare "
-                       f"labels can score far below the mean: `vitlab eval` reports each label's AP, precision and "
-                       f"recall (per_class.csv)")
+                       f"labels can score far below the mean: --set class_balance=loss weighs each label's positives "
+                       f"(binary cross entropy's pos_weight), and `vitlab eval` reports each label's AP, precision "
+                       f"and recall (per_class.csv)")
             return out
         out.append(f"imbalanced classes: the largest has {hi:,} images, the smallest {lo:,}{times}; small classes "
-                   f"can score far below the overall accuracy: `vitlab eval` reports each class's accuracy "
-                   f"(per_class.csv)")
+                   f"can score far below the overall accuracy: --set class_balance=loss (class-weighted cross "
+                   f"entropy) or class_balance=sampler (class-balanced sampling) trains for them, and `vitlab eval` "
+                   f"reports each class's accuracy and the balanced accuracy (per_class.csv, metrics.json)")
     return out
 
 

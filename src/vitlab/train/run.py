@@ -760,6 +760,8 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         summary["compile_failed"] = result.compile_failed
     if result.stopped_early is not None:
         summary["stopped_early"] = result.stopped_early
+    if result.class_balance is not None:  # the class weights or sampling probabilities the run trained with
+        summary["class_balance"] = result.class_balance
     if ctx.is_main and test_set is not None and (result.step >= result.total_steps or result.stopped_early):
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(False)

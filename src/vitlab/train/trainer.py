@@ -154,6 +154,8 @@ class FitResult:
     best_ema: dict[str, Any] | None = None
     # where recipe.early_stopping_patience stopped the run ({step, epoch, total_steps, patience, metric, best_step})
     stopped_early: dict[str, Any] | None = None
+    # recipe.class_balance as applied: {mode, power, counts, images, class_weights | pos_weight | class_probabilities}
+    class_balance: dict[str, Any] | None = None
 
     @property
     def model_path(self) -> Path:
@@ -1266,7 +1268,9 @@ def fit(
                      best=bests[0].record() if bests and ctx.is_main else None,
                      best_ema=bests[1].record() if len(bests) > 1 and ctx.is_main else None, stopped_early=stopped_early,
                      compile_seconds=_compile_seconds(forward, compile_probe),
-                     compile_failed=getattr(forward, "failed", None))
+                     compile_failed=getattr(forward, "failed", None),
+                     class_balance={"mode": recipe.class_balance, "power": recipe.class_balance_power, **balanced}
+                     if balanced else None)
 
 
 def _number(v: float | None) -> str:
