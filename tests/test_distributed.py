@@ -122,3 +122,23 @@ def test_early_stopping_stops_every_process_at_the_same_step(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["stopped_early"]["step"] == results["steps"] == 6  # 27 training images, global batch 8: 3 per epoch
+
+
+def test_class_balanced_sampling_two_processes_match_one(tmp_path):
+    """class_balance=sampler under torchrun: each rank takes its share of the one draw of (seed, epoch), so two
+    processes of batch 16 train the weights of one process of batch 32; both record the same class probabilities."""
+    import json
+
+    run = [r if r != "3" else "6" for r in RUN] + ["--set", "class_balance=sampler", "--set", "class_balance_power=0.5"]
+    two = _torchrun(["-m", "vitlab.cli.main", *run, "--batch-size", "16", "--output", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "vitlab.cli.main", *run, "--batch-size", "32",
+                          "--output", str(tmp_path / "one")], env=_env(), capture_output=True, text=True,
+                         timeout=150, check=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, _ = read_vitlab(tmp_path / "one" / "model.safetensors")
+    b, _ = read_vitlab(tmp_path / "two" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text())["class_balance"] for d in ("one", "two"))
+    assert ra == rb and ra["mode"] == "sampler" and len(ra["class_probabilities"]) == 10
