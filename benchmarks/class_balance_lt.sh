@@ -48,19 +48,30 @@ for job in "${jobs_[@]}"; do
 done
 wait
 
-$PY - "$OUT" <<'EOF'
-import json, math, pathlib, statistics, sys
+$PY - "$OUT" "$DATA" <<'EOF'
+# per setting (mean over seeds): top-1 on the balanced test split (= its balanced accuracy: 1,000 images a class),
+# the worst class's accuracy (and which), the head (3 largest) and tail (3 smallest) classes' mean accuracy, and the
+# accuracy a test set distributed as the training data would give (each class's accuracy weighted by its images)
+import json, pathlib, statistics, sys
+out, data = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+counts = {d.name: sum(1 for _ in d.iterdir()) for d in (data / "train").iterdir()}
+order = sorted(counts, key=counts.get, reverse=True)
 rows = {}
-for m in sorted(pathlib.Path(sys.argv[1], "runs").glob("*/eval/metrics.json")):
+for m in sorted((out / "runs").glob("*/eval/metrics.json")):
     r = json.loads(m.read_text())
-    name = m.parent.parent.name
-    setting, seed = name.rsplit("-s", 1)
-    per = [v for v in r["per_class"].values() if v is not None]
-    worst = min(per)
-    rows.setdefault(setting, []).append((r["top1"], r["balanced_accuracy"], worst, min(r["per_class"], key=lambda k: r["per_class"][k] if r["per_class"][k] is not None else 2)))
-print("| setting | seeds | top-1 | balanced accuracy | worst class |")
-print("|---|---|---|---|---|")
+    setting = m.parent.parent.name.rsplit("-s", 1)[0]
+    acc = r["per_class"]
+    worst = min(acc, key=acc.get)
+    rows.setdefault(setting, []).append({
+        "top1": r["top1"], "balanced": r["balanced_accuracy"], "worst": acc[worst], "worst_name": worst,
+        "head": statistics.mean(acc[c] for c in order[:3]), "tail": statistics.mean(acc[c] for c in order[-3:]),
+        "lt": sum(acc[c] * counts[c] for c in counts) / sum(counts.values())})
+print("| setting | seeds | top-1 (balanced test) | balanced accuracy | worst class | head 3 | tail 3 | "
+      "as distributed in training |")
+print("|---|---|---|---|---|---|---|---|")
 for setting, vals in rows.items():
-    f = lambda i: statistics.mean(v[i] for v in vals)
-    print(f"| {setting} | {len(vals)} | {100 * f(0):.2f}% | {100 * f(1):.2f}% | {100 * f(2):.2f}% ({', '.join(v[3] for v in vals)}) |")
+    def f(k):
+        return 100 * statistics.mean(v[k] for v in vals)
+    print(f"| {setting} | {len(vals)} | {f('top1'):.2f}% | {f('balanced'):.2f}% | {f('worst'):.2f}% "
+          f"({', '.join(v['worst_name'] for v in vals)}) | {f('head'):.2f}% | {f('tail'):.2f}% | {f('lt'):.2f}% |")
 EOF
