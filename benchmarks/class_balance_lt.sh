@@ -4,6 +4,7 @@
 # "Imbalanced classes").
 #
 #   OUT=/tmp/cb_lt SEEDS="0" PARALLEL=2 BUDGET=240 benchmarks/class_balance_lt.sh
+#   OUT=/tmp/cb_lt10 IMBALANCE=10 SETTINGS="none sampler:0.5" benchmarks/class_balance_lt.sh
 #
 # The recipe is the auto recipe's choice for this data on one CPU thread with a BUDGET-second budget, written once
 # to $OUT/auto_lt.json with its length fixed in epochs (no --time-budget: every setting trains the same steps, so
@@ -16,9 +17,10 @@ SEEDS=${SEEDS:-0}
 PARALLEL=${PARALLEL:-2}
 BUDGET=${BUDGET:-240}
 SETTINGS=${SETTINGS:-"none loss:1 loss:0.5 sampler:1 sampler:0.5"}
+IMBALANCE=${IMBALANCE:-100}
 DATA=$OUT/cifar10_lt
 mkdir -p "$OUT"
-[ -d "$DATA" ] || $PY benchmarks/make_long_tail.py --source cifar10 --output "$DATA" --imbalance 100 \
+[ -d "$DATA" ] || $PY benchmarks/make_long_tail.py --source cifar10 --output "$DATA" --imbalance "$IMBALANCE" \
     --test-per-class 1000 --seed 0
 [ -f "$OUT/auto_lt.json" ] || $PY - "$DATA" "$BUDGET" > "$OUT/auto_lt.json" <<'EOF'
 import json, sys

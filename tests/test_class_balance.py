@@ -164,6 +164,16 @@ def test_distillation_weighs_its_label_term_only():
     assert float(total) == pytest.approx(0.5 * float(weighted) + 0.5 * float(loss.last_parts["distill"]), rel=1e-6)
 
 
+def test_fit_weighs_a_distillation_losss_label_term(tmp_path):
+    from vitlab.train.distill import DistillationLoss
+
+    loss = DistillationLoss(ClassificationLoss(label_smoothing=0.1), tiny_vit(), kind="hard", alpha=0.5)
+    res = fit(tiny_vit(), recipe(max_steps=2, class_balance="loss"), train_set=LongTail(), criterion=loss,
+              output_dir=tmp_path, progress=False)
+    assert torch.equal(loss.base_module.class_weights, class_weights([48, 24, 8, 4]))
+    assert res.class_balance["class_weights"] == [0.4375, 0.875, 2.625, 5.25]  # 84 images / (4 classes x n_c)
+
+
 # ------------------------------------------------------------------------------------------ the sampler
 def test_training_labels_and_counts_from_the_usual_data_sets():
     ds = LongTail((3, 2, 0, 1))
