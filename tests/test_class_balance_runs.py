@@ -149,13 +149,29 @@ def test_a_time_budgets_replanned_run_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_auto_recipes_warning_names_the_remedy(caplog):
+def test_the_auto_recipe_balances_strongly_imbalanced_classes(caplog):
+    """Past IMBALANCE_RATIO (10x) single-label data trains with class-balanced sampling at power 0.5, said in the
+    warning and the summary; milder imbalance, and multi-label data, train on the data's own mix."""
     from vitlab.train.auto import DataFacts, choose_recipe
     from vitlab.train.hardware import Hardware
 
-    facts = DataFacts(num_images=5000, num_classes=3, image_size=(28, 28), channels=1, has_test=True,
-                      class_counts=(4000, 900, 100))
+    def choose(counts, **kw):
+        facts = DataFacts(num_images=sum(counts), num_classes=len(counts), image_size=(28, 28), channels=1,
+                          has_test=True, class_counts=counts, **kw)
+        return choose_recipe(facts, Hardware(cores=2, threads=2))
+
     with caplog.at_level(logging.WARNING):
-        choose_recipe(facts, Hardware(cores=2, threads=2))
-    assert "imbalanced classes: the largest has 4,000 images, the smallest 100 (40x)" in caplog.text
-    assert "--set class_balance=" in caplog.text
+        choice = choose((4000, 900, 100))
+    assert (choice.recipe.class_balance, choice.recipe.class_balance_power) == ("sampler", 0.5)
+    assert "class-balanced sampling (power 0.5)" in choice.summary
+    assert "imbalanced classes: the largest has 4,000 images, the smallest 100 (40x); the auto recipe trains with " \
+           "class-balanced sampling (class_balance=sampler, class_balance_power=0.5" in caplog.text
+    assert "--set class_balance=none" in caplog.text
+    for counts in ((4000, 900, 401), (500, 500, 500)):
+        mild = choose(counts)
+        assert mild.recipe.class_balance == "none" and "class-balanced" not in mild.summary
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        tags = choose((4000, 900, 100), multi_label=True)
+    assert tags.recipe.class_balance == "none" and "--set class_balance=loss weighs each label's positives" in \
+        caplog.text
