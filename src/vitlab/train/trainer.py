@@ -300,9 +300,9 @@ def _class_balance(train_set: Dataset, recipe: Recipe, *, num_classes: int, crit
     """The training labels and class counts that ``recipe.class_balance`` needs (None: "none"); refused where it
     cannot apply (no labels, a loss of the user's own to weigh)."""
     if recipe.class_balance == "none":
-        if recipe.class_balance_power != 1.0:
-            log.warning("class_balance_power=%g has no effect: class_balance is none (--set class_balance=loss or "
-                        "sampler uses it)", recipe.class_balance_power)
+        if recipe.class_balance_power != 1.0:  # info: the auto recipe's power stays when --set turns it off
+            log.info("class_balance_power=%g is not used: class_balance is none (--set class_balance=loss or sampler "
+                     "uses it)", recipe.class_balance_power)
         return None
     if objective is not None and not objective.supervised:
         raise ValueError(f"class_balance={recipe.class_balance}: the {objective.name} objective is self-supervised "
