@@ -22,8 +22,8 @@ from typing import Any, Literal
 from vitlab.checkpoints.io import parse_json
 
 RECIPE_DIR = "recipes"
-# recipe.best_metric's values: "auto", "none", or a key of the validation summary (EvalResult.summary: top1 / top5
-# for classes, mAP / F1 / exact match for multi-label, the loss for any targets)
+# recipe.best_metric's values: "auto", "none", or a key of the validation summary (EvalResult.summary: top1 / top5 /
+# balanced_accuracy for classes, mAP / F1 / exact match for multi-label, the loss for any targets)
 # the validation metrics a run can keep its best checkpoint by: a single-label run's, a multi-label run's, both's
 SINGLE_LABEL_METRICS = ("top1", "top5", "balanced_accuracy")
 MULTI_LABEL_METRICS = ("mAP", "micro_f1", "macro_f1", "exact_match")
