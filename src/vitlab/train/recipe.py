@@ -91,6 +91,15 @@ class Recipe:
         n_c^(1 - class_balance_power), an epoch as many steps as without it; single-label only).
     class_balance_power: in (0, 1]: 1 is inverse frequency (the "sampler" then draws every class equally often),
         0.5 its square root (a softer correction).
+    freeze / freeze_blocks / train_norms / train_biases / lora_*: parameter-efficient fine-tuning, applied by fit
+        (:mod:`vitlab.train.peft`). freeze: "backbone" trains the head alone (linear probing), "embed" freezes the
+        patch embedding, prefix tokens and position table; freeze_blocks=N also freezes the first N blocks (partial
+        fine-tuning; layers as layer_decay numbers them). train_norms / train_biases: the norm layers' / the bias
+        parameters of frozen parts still train (freeze=backbone with train_biases: BitFit). lora_rank > 0: LoRA
+        (Hu et al. 2021) of that rank on the lora_targets Linear layers ("qkv", "proj", "mlp", comma-separated,
+        or "all"), scaled by lora_alpha / lora_rank (lora_alpha None: the rank, a scale of 1), dropout
+        lora_dropout on the adapters' input; every pretrained weight is frozen, the head trains. Checkpoints hold
+        the merged weights (a plain model); the training state keeps the adapters for --resume.
     """
 
     name: str = "custom"
@@ -158,6 +167,15 @@ class Recipe:
     # imbalanced classes
     class_balance: Literal["none", "loss", "sampler"] = "none"
     class_balance_power: float = 1.0
+    # parameter-efficient fine-tuning (vitlab.train.peft)
+    freeze: Literal["none", "embed", "backbone"] = "none"
+    freeze_blocks: int = 0
+    train_norms: bool = False
+    train_biases: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: str = "qkv"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # inf passes the checks below (lr > 0) and NaN gives a vaguer message
@@ -216,6 +234,7 @@ class Recipe:
              "class_balance=sampler draws each image for its class, and a multi-label image has several: use "
              "class_balance=loss (binary cross entropy's pos_weight per label) for multi-label data"),
         ]
+        checks += _peft_checks(self)
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"recipe {self.name!r}: {msg}")
@@ -273,6 +292,42 @@ class Recipe:
                  "set options of %s with --set model_overrides.KEY=VALUE (see `vitlab info %s`)",
                  self.name, dropped, self.model, own.family, name, entry.family, name, name)
         return dataclasses.replace(self, model_overrides=kept)
+
+
+LORA_TARGETS = ("qkv", "proj", "mlp")  # lora_targets' names ("all": every one)
+
+
+def lora_target_kinds(spec: str) -> tuple[str, ...]:
+    """``lora_targets`` ("qkv", "qkv,proj", "all") as kinds of :data:`LORA_TARGETS`, in that order; a ValueError
+    naming the unknown ones."""
+    given = [t.strip().lower() for t in str(spec).split(",") if t.strip()]
+    unknown = [t for t in given if t not in (*LORA_TARGETS, "all")]
+    if unknown or not given:
+        raise ValueError(f"lora_targets={spec!r}: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'empty'}; "
+                         f"give some of {', '.join(LORA_TARGETS)} separated by commas (e.g. qkv,proj), or all")
+    return LORA_TARGETS if "all" in given else tuple(t for t in LORA_TARGETS if t in given)
+
+
+def _peft_checks(r: Recipe) -> list[tuple[bool, str]]:
+    """The parameter-efficient fine-tuning fields' checks (Recipe.__post_init__)."""
+    try:
+        lora_target_kinds(r.lora_targets)
+        targets = ""
+    except ValueError as e:
+        targets = str(e)
+    return [
+        (r.freeze in ("none", "embed", "backbone"), f"freeze={r.freeze!r}; choose from none, embed, backbone"),
+        (r.freeze_blocks >= 0, "freeze_blocks must be >= 0 (the first N blocks frozen, with the patch embedding)"),
+        (not (r.freeze == "backbone" and r.freeze_blocks), f"freeze_blocks={r.freeze_blocks} with freeze=backbone: "
+         "the backbone, every block included, is frozen already; give one of them"),
+        (r.lora_rank >= 0, "lora_rank must be >= 0 (0: no LoRA)"),
+        (not (r.lora_rank and (r.freeze == "embed" or r.freeze_blocks)), f"lora_rank={r.lora_rank} with "
+         f"{'freeze=embed' if r.freeze == 'embed' else f'freeze_blocks={r.freeze_blocks}'}: LoRA freezes every "
+         "pretrained weight already (the adapters and the head train); leave freeze / freeze_blocks out"),
+        (r.lora_alpha is None or r.lora_alpha > 0, "lora_alpha must be > 0, or null (the rank: a scale of 1)"),
+        (0.0 <= r.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
+        (not targets, targets),
+    ]
 
 
 def _fits(config: Any, overrides: dict[str, Any]) -> bool:

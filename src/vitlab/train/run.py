@@ -26,6 +26,7 @@ from vitlab.checkpoints.io import parse_json
 from vitlab.data.splits import SPLIT_METHOD, changed_split_note, recorded_split_method, split_source_changes
 from vitlab.models.describe import describe_model
 from vitlab.models.registry import get_entry
+from vitlab.train import peft
 from vitlab.train.budget import Deadline
 from vitlab.train.distributed import DistContext, distributed_context
 from vitlab.train.evaluate import EvalResult, evaluate
@@ -474,6 +475,7 @@ def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str
                               + ", which would test on images it trained on: leave --seed / val_fraction as they "
                               "were, or start a new run (another --output)")
     check_same_optimizer(state, recipe, path)
+    peft.check_same_peft(state, recipe, path)
 
 
 def check_same_objective(state: dict[str, Any], objective: Any, path: Path) -> None:
@@ -698,6 +700,9 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
                     "for it (their colour is lost to the model)", job.pretrained or model.model_name, job.data)
     if job.resume:
         check_resumable(job.output, model, recipe, data=job.data, classes=train_set.classes, split_from=split_now)
+    # freezing and LoRA (recipe fields; fit finds the model ready): before the budget's timing and job.json
+    peft.check_run(recipe, "distillation" if job.distill is not None else "classification")
+    parameters = {**peft.prepare(model, recipe), "peft": peft.describe(model)}
     criterion = _distillation(job, ctx, model, train_set.classes) if job.distill is not None else None
     changes = compile_changes(job) if job.resume and ctx.is_main else []
     pre = model.preprocessing
@@ -732,7 +737,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
             "skip_bad_images": job.skip_bad_images, "split_method": split_method,
             **({"split_from": split_from} if split_from is not None else {}),
             "distill": _distill_record(job.distill), "compile": job.compile,
-            **({"compile_changes": changes} if changes else {})}, indent=2))
+            **({"compile_changes": changes} if changes else {}), **parameters}, indent=2))
     recipe = _check_precision(recipe, ctx.device)
     deadline = None
     if job.time_budget_s is not None and not job.resume:
@@ -749,7 +754,7 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
     summary: dict[str, Any] = {"model": model.model_name, "recipe": recipe.name, "data": job.data,
                                "steps": result.step, "global_batch": result.global_batch,
                                "train_seconds": round(result.seconds, 1), "val": result.val,
-                               "checkpoint": str(result.model_path)}
+                               "checkpoint": str(result.model_path), **(result.parameters or {})}
     # the model at its best validation (recipe.best_metric); the test below scores the last model
     if result.best is not None:
         summary["best"] = {**result.best, "file": str(job.output / result.best["file"])}

@@ -53,6 +53,7 @@ from vitlab.checkpoints.io import strip_wrapper_prefixes
 from vitlab.checkpoints.vitlab_format import config_to_dict, unwrap_model
 from vitlab.data.errors import DatasetError
 from vitlab.data.loader import seeded_sampler
+from vitlab.train import peft
 from vitlab.train.budget import Deadline, Replanner
 from vitlab.train.distributed import DistContext, all_reduce_mean, barrier
 from vitlab.train.ema import ModelEMA
@@ -156,6 +157,8 @@ class FitResult:
     stopped_early: dict[str, Any] | None = None
     # recipe.class_balance as applied: {mode, power, counts, images, class_weights | pos_weight | class_probabilities}
     class_balance: dict[str, Any] | None = None
+    # the parameters that trained (trainable_params, total_params, trainable_fraction) and how (peft: None for all)
+    parameters: dict[str, Any] | None = None
 
     @property
     def model_path(self) -> Path:
@@ -774,6 +777,8 @@ def fit(
 
         check_fsdp(world_size=ctx.world_size, amp=recipe.amp, compile=compile, objective=objective.name,
                    trains_extra_modules=bool(objective.trainable_modules()))
+    peft.check_run(recipe, objective.name)
+    parameters = {**peft.prepare(net, recipe), "peft": peft.describe(net)}  # freezing, LoRA: before the EMA copy
     objective.to(device)
     objective.setup(net, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     owned = objective.trainable_modules()
@@ -964,13 +969,17 @@ def fit(
                 # without the run folder's recipe.json
                 extra = {**(record or {}), "step": step, "recipe": recipe.name, "recipe_settings": recipe.to_dict(),
                          **({"recipe_changes": changes} if changes else {}),
+                         **({"peft": parameters["peft"]} if parameters["peft"] else {}),
                          **({"val": val} if val else {}), **({} if supervised else {"objective": objective.describe()})}
-                save_model(net, out / MODEL_FILE, class_names=class_names, extra=extra, state_dict=model_sd)
+                # the files hold plain models (LoRA merged); the training state keeps the adapters
+                plain_sd = peft.plain_state_dict(net, model_sd)
+                plain_ema = peft.plain_state_dict(ema.module, ema_sd) if ema is not None else None
+                save_model(net, out / MODEL_FILE, class_names=class_names, extra=extra, state_dict=plain_sd)
                 if ema is not None:
                     save_model(ema.module, out / EMA_FILE, class_names=class_names, extra={**extra, "ema": True},
-                               state_dict=ema_sd)
+                               state_dict=plain_ema)
                 # a better validation at this step (checkpoint follows validate): before the state that records it
-                for b, module, sd in zip(bests, (net, ema.module if ema is not None else None), (model_sd, ema_sd)):
+                for b, module, sd in zip(bests, (net, ema.module if ema is not None else None), (plain_sd, plain_ema)):
                     if b.pending:
                         save_model(module, out / b.file, class_names=class_names, state_dict=sd, extra={
                             **extra, "epoch": b.epoch, "best": b.record(),
@@ -1078,6 +1087,7 @@ def fit(
     t_log, steps_since_log = t_start, 0
     model.train()
     objective.train()
+    peft.eval_frozen_modules(net)  # a frozen part is a fixed function: no dropout, BatchNorm statistics kept
     params = list(net.parameters()) + objective.parameters()
     for p in params:  # gradients the model came with (an earlier fit's refused step) are not this run's
         p.grad = None
@@ -1127,6 +1137,7 @@ def fit(
             p.grad = None
 
     with contextlib.ExitStack() as stack:
+        stack.callback(peft.restore, net)  # last: the model given back plain (LoRA merged), as its checkpoint
         stack.callback(drop_gradients)
         stack.callback(undo_sync_bn)
         stack.callback(objective.end_step)
@@ -1270,7 +1281,7 @@ def fit(
                      compile_seconds=_compile_seconds(forward, compile_probe),
                      compile_failed=getattr(forward, "failed", None),
                      class_balance={"mode": recipe.class_balance, "power": recipe.class_balance_power, **balanced}
-                     if balanced else None)
+                     if balanced else None, parameters=parameters)
 
 
 def _number(v: float | None) -> str:
@@ -1335,6 +1346,7 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     check_same_optimizer(state, recipe, path)
     check_same_targets(state, recipe, path)
     check_same_global_batch(state, recipe, path, global_batch=global_batch, world_size=ctx.world_size)
+    peft.check_same_peft(state, recipe, path)
     step = int(state["step"])
     planned_spe = _planned_steps_per_epoch(state, saved_total)
     data_now = (f"the training data now gives {steps_per_epoch} steps per epoch"
