@@ -63,7 +63,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # (..., in) -> (..., r) -> (..., out)
         update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
-        return self.base(x) + update * self.scaling
+        # added into the base's output (not saved for its backward), which keeps that output's memory layout: with
+        # B = 0 the layer then gives the pretrained one's result bit for bit, and its consumers run the same kernels
+        return self.base(x).add_(update, alpha=self.scaling)
 
     def merged(self) -> nn.Linear:
         """A plain Linear computing what this layer computes (without dropout): weight W + scaling * B A."""
