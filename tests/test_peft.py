@@ -52,6 +52,8 @@ def test_lora_linear_starts_as_its_base_and_merges_into_a_plain_linear():
     expect = base(x).detach()
     lora = LoRALinear(copy.deepcopy(base), rank=4, alpha=8.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(lora(x), expect)  # B = 0: bit for bit the pretrained layer
+    dropped = LoRALinear(copy.deepcopy(base), rank=4, alpha=8.0, dropout=0.5).train()
+    assert torch.equal(dropped(x), expect)  # dropout acts on the adapter's input alone, never on the pretrained path
     # A as nn.Linear draws its weight (Kaiming-uniform, a = sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)); B zero
     bound = 1 / math.sqrt(24)
     assert lora.lora_a.abs().max() <= bound and lora.lora_a.abs().max() > 0.9 * bound
@@ -384,3 +386,29 @@ def test_cli_finetune_with_lora_records_the_trainable_parameters_and_writes_a_pl
     # resumed: the adapters come back from the training state (the run's own recipe: its LoRA settings)
     assert main(["finetune", "--resume", "--output", str(out), "--steps", "3", "--no-progress"]) == 0
     assert json.loads((out / "results.json").read_text())["steps"] == 3
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+@pytest.mark.slow  # two torchrun launches, ~20 s
+def test_lora_under_two_processes_matches_one_with_the_same_global_batch(tmp_path):
+    """DDP with frozen parameters and adapters (no find_unused_parameters needed: every trainable parameter gets a
+    gradient each step): the same merged weights as one process, the pretrained ones frozen in both."""
+    import subprocess
+    import sys
+
+    from test_distributed import RUN, _env, _torchrun
+
+    run = [*RUN, "--set", "lora_rank=2", "--set", "lora_targets=qkv,mlp", "--set", "train_biases=true"]
+    two = _torchrun(["-m", "vitlab.cli.main", *run, "--batch-size", "16", "--output", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "vitlab.cli.main", *run, "--batch-size", "32",
+                          "--output", str(tmp_path / "one")], env=_env(), capture_output=True, text=True,
+                         timeout=150, check=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = _weights(tmp_path / "one" / "model.safetensors"), _weights(tmp_path / "two" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    state = load_train_state(tmp_path / "two" / "train_state.pt")
+    assert state["model"]["blocks.0.attn.qkv.lora_b"].abs().max() > 0  # the adapters trained
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], state["model"]["blocks.0.attn.qkv.base.weight"])
+    assert torch.equal(a["blocks.0.attn.proj.weight"], state["model"]["blocks.0.attn.proj.weight"])  # frozen
