@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Fine-tuning methods on a transfer, on the CPU: a small ViT pre-trained by vitlab on CIFAR-10 for a few minutes,
+# then fine-tuned onto a small MNIST folder (N training images per digit, MNIST's 10,000 test images) by
+#   full fine-tuning | partial (embedding and the first 3 of 6 blocks frozen) | LoRA r=8 on qkv | LoRA r=8 on all
+#   | linear probe (the head alone)
+# plus the same architecture trained from scratch on the small folder, each with the same steps, batch, schedule
+# and seed, the learning rate picked per method from LRS by the held-out 10% of the training folder (the test set
+# is not looked at to choose). results.json of each run holds val / test top-1 and the trainable parameters.
+#
+# Usage: benchmarks/peft_transfer.sh [OUT]   (default OUT=runs/peft_transfer)
+# Env:   CIFAR (/tmp/cifar_peft: the tar extracted there), SMALL (/tmp/mnist_small), PER_DIGIT (100),
+#        PRE_EPOCHS (3), STEPS (500), LRS ("0.001 0.003 0.01"), THREADS (2), VITLAB ("python -m vitlab").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${1:-runs/peft_transfer}
+CIFAR=${CIFAR:-/tmp/cifar_peft}
+SMALL=${SMALL:-/tmp/mnist_small}
+PER_DIGIT=${PER_DIGIT:-100}
+PRE_EPOCHS=${PRE_EPOCHS:-3}
+STEPS=${STEPS:-500}
+LRS=${LRS:-"0.001 0.003 0.01"}
+THREADS=${THREADS:-2}
+VITLAB=${VITLAB:-"python -m vitlab"}
+mkdir -p "$OUT"
+
+[ -d "$CIFAR/train" ] || { mkdir -p "$CIFAR"; tar -xf /work/shared/data/cifar10-jpg-train.tar -C "$CIFAR"; }
+[ -d "$SMALL/train" ] || python benchmarks/make_mnist_subset.py --mnist /work/shared/data/mnist --output "$SMALL" \
+    --train "$PER_DIGIT"
+
+timed() {  # timed NAME CMD...: run CMD, keep its log and its wall seconds
+    local name=$1; shift
+    local t0=$SECONDS
+    "$@" > "$OUT/$name.log" 2>&1
+    echo "$name $((SECONDS - t0))" >> "$OUT/wall_seconds.txt"
+}
+
+# 1. pre-training: the cifar10 recipe (6 blocks, width 64, 4x4 patches at 32 px), shortened to PRE_EPOCHS
+[ -f "$OUT/pretrain/results.json" ] || timed pretrain $VITLAB train --data "$CIFAR" --recipe cifar10 \
+    --epochs "$PRE_EPOCHS" --threads "$THREADS" --no-progress --output "$OUT/pretrain" --overwrite
+
+# 2. fine-tuning: AdamW, batch 64, STEPS steps, 10% warm-up, cosine to 0, no augmentation (digits: no flips)
+COMMON=(--data "$SMALL" --steps "$STEPS" --batch-size 64 --threads "$THREADS" --no-progress --overwrite
+        --set global_batch=none --set optimizer=adamw --set weight_decay=0.05 --set warmup_steps=$((STEPS / 10))
+        --set augment=false --set checkpoint_every=0 --set eval_every_epochs=1000 --set label_smoothing=0.1)
+declare -A METHOD=([full]="" [partial3]="--set freeze_blocks=3" [lora_qkv]="--set lora_rank=8 --set lora_targets=qkv"
+                   [lora_all]="--set lora_rank=8 --set lora_targets=all" [probe]="--set freeze=backbone")
+for m in full partial3 lora_qkv lora_all probe; do
+    for lr in $LRS; do
+        # shellcheck disable=SC2086
+        timed "${m}_lr$lr" $VITLAB finetune --from "$OUT/pretrain/model.safetensors" "${COMMON[@]}" --set lr="$lr" \
+            ${METHOD[$m]} --output "$OUT/${m}_lr$lr"
+    done
+done
+# 3. the same architecture from scratch on the small folder (at 32 px, as the fine-tunes)
+for lr in $LRS; do
+    timed "scratch_lr$lr" $VITLAB train --recipe cifar10 --img-size 32 "${COMMON[@]}" --set lr="$lr" \
+        --set zero_init_head=false --output "$OUT/scratch_lr$lr"
+done
+
+python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+walls = dict(line.split() for line in (out / "wall_seconds.txt").read_text().splitlines())
+pre = json.loads((out / "pretrain" / "results.json").read_text())
+print(f"pre-training: CIFAR-10 held-out top-1 {100 * pre['test']['top1']:.2f}% in {walls['pretrain']} s")
+print("| method | trainable params | fraction | lr (by val) | val top-1 | test top-1 | wall s | test top-1 at each lr |")
+print("|---|---|---|---|---|---|---|---|")
+runs = {}
+for d in sorted(out.glob("*_lr*")):
+    r = json.loads((d / "results.json").read_text())
+    method, lr = d.name.rsplit("_lr", 1)
+    runs.setdefault(method, []).append((float(lr), r, walls.get(d.name, "?")))
+for method in ("full", "partial3", "lora_qkv", "lora_all", "probe", "scratch"):
+    rows = sorted(runs.get(method, []))
+    if not rows:
+        continue
+    lr, best, wall = max(rows, key=lambda t: (t[1]["val"]["val_top1"], -t[0]))
+    each = ", ".join(f"{l:g}: {100 * r['test']['top1']:.2f}" for l, r, _ in rows)
+    print(f"| {method} | {best.get('trainable_params', 0):,} | {100 * best.get('trainable_fraction', 1):.2f}% | {lr:g} | "
+          f"{100 * best['val']['val_top1']:.2f}% | {100 * best['test']['top1']:.2f}% | {wall} | {each} |")
+PY
