@@ -9,7 +9,8 @@
 #
 # Usage: benchmarks/peft_transfer.sh [OUT]   (default OUT=runs/peft_transfer)
 # Env:   CIFAR (/tmp/cifar_peft: the tar extracted there), SMALL (/tmp/mnist_small), PER_DIGIT (100),
-#        PRE_EPOCHS (3), STEPS (500), LRS ("0.001 0.003 0.01"), THREADS (2), VITLAB ("python -m vitlab").
+#        PRE_EPOCHS (3), STEPS (500), LRS ("0.001 0.003 0.01"), THREADS (2), PYTHON (python), VITLAB
+#        ("$PYTHON -m vitlab").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,11 +22,12 @@ PRE_EPOCHS=${PRE_EPOCHS:-3}
 STEPS=${STEPS:-500}
 LRS=${LRS:-"0.001 0.003 0.01"}
 THREADS=${THREADS:-2}
-VITLAB=${VITLAB:-"python -m vitlab"}
+PYTHON=${PYTHON:-python}
+VITLAB=${VITLAB:-"$PYTHON -m vitlab"}
 mkdir -p "$OUT"
 
 [ -d "$CIFAR/train" ] || { mkdir -p "$CIFAR"; tar -xf /work/shared/data/cifar10-jpg-train.tar -C "$CIFAR"; }
-[ -d "$SMALL/train" ] || python benchmarks/make_mnist_subset.py --mnist /work/shared/data/mnist --output "$SMALL" \
+[ -d "$SMALL/train" ] || $PYTHON benchmarks/make_mnist_subset.py --mnist /work/shared/data/mnist --output "$SMALL" \
     --train "$PER_DIGIT"
 
 timed() {  # timed NAME CMD...: run CMD, keep its log and its wall seconds
@@ -58,7 +60,7 @@ for lr in $LRS; do
         --set zero_init_head=false --output "$OUT/scratch_lr$lr"
 done
 
-python - "$OUT" <<'PY'
+$PYTHON - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])

@@ -19,7 +19,9 @@ at the best validation by ``recipe.best_metric``, ``train_state.pt`` (everything
 ``recipe.json``, ``metrics.jsonl`` and TensorBoard events under ``tb/``. Only rank 0 writes. Settings changed
 on ``--resume`` are recorded with the step they took effect (``recipe.json``'s ``changes``).
 Under torchrun the model is replicated (DDP), or sharded with ``recipe.fsdp`` (:mod:`vitlab.train.fsdp`:
-the same files, gathered on rank 0; the optimiser state then by parameter name).
+the same files, gathered on rank 0; the optimiser state then by parameter name). The recipe's freezing and LoRA
+fields (:mod:`vitlab.train.peft`) are applied to the model first; its files then hold the plain model (LoRA
+merged), the training state the adapters, and the model is given back merged.
 
 Exact resumption: the sampler's order is a function of (seed, epoch) and the resumed epoch skips the
 sample indices already consumed without loading them; each sample's augmentation is seeded from (seed,
