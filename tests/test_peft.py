@@ -304,6 +304,42 @@ def test_a_lora_run_trains_adapters_and_head_and_writes_plain_merged_checkpoints
     assert all(torch.equal(v, merged[k]) for k, v in model.state_dict().items())
 
 
+def test_the_adapter_file_puts_the_run_back_onto_the_model_it_started_from(tmp_path):
+    """adapter.safetensors holds what trained (adapters and head) alone; applied to the starting model it gives the
+    weights of model.safetensors bit for bit. Another model, or a full checkpoint, is refused."""
+    start = _pretrained()
+    fit(copy.deepcopy(start), recipe(max_steps=4, lora_rank=2, lora_targets="all"), train_set=Noise(64),
+        output_dir=tmp_path, progress=False)
+    adapter = _weights_any(tmp_path / "adapter.safetensors")
+    assert set(adapter) == {k for k in load_train_state(tmp_path / "train_state.pt")["model"]
+                            if k.endswith(("lora_a", "lora_b")) or k.startswith("head.")}
+    restored = peft.apply_adapter(copy.deepcopy(start), tmp_path / "adapter.safetensors")
+    merged = _weights(tmp_path / "model.safetensors")
+    assert set(restored.state_dict()) == set(merged)
+    assert all(torch.equal(v, merged[k]) for k, v in restored.state_dict().items())
+    with pytest.raises(CheckpointError, match=r"an adapter of vit_tiny_patch16_224, not of resnet18"):
+        from model_helpers import make_tiny
+
+        peft.apply_adapter(make_tiny("resnet18"), tmp_path / "adapter.safetensors")
+    with pytest.raises(CheckpointError, match=r"does not fit vit_tiny_patch16_224 as built \(head.bias: \(4,\) in the "
+                                              r"file, \(7,\) in the model, head.weight: \(4, 16\) in the file"):
+        peft.apply_adapter(_pretrained_classes(7), tmp_path / "adapter.safetensors")
+    with pytest.raises(CheckpointError, match="not a vitlab adapter file"):
+        peft.apply_adapter(copy.deepcopy(start), tmp_path / "model.safetensors")
+
+
+def _weights_any(path) -> dict[str, torch.Tensor]:
+    from vitlab.checkpoints.io import read_safetensors
+
+    return read_safetensors(path)[0]
+
+
+def _pretrained_classes(n: int) -> nn.Module:
+    torch.manual_seed(0)
+    return vitlab.create_model("vit_tiny_patch16_224", num_classes=n, img_size=8, patch_size=4, in_chans=1,
+                               embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0, mean=(0.5,), std=(0.5,))
+
+
 def test_lora_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     """Stopped mid-epoch and resumed (adapter dropout, drop-path, EMA, a best model): every file bitwise the run's
     without a break, and the adapters of the training state too."""

@@ -251,6 +251,66 @@ def check_same_peft(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
                           f"--output NEW --set ...`)")
 
 
+# ------------------------------------------------------------------------------------------ the adapter file
+ADAPTER_FORMAT = "vitlab-adapter"
+_ADAPTER_KEY = "vitlab_adapter"  # the safetensors header entry holding the adapter's metadata (JSON)
+
+
+def save_adapter(model: nn.Module, state_dict: dict[str, Tensor], path: str | Path,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write what a prepared ``model`` trains (the LoRA adapters, the head, norms / biases kept trainable) from its
+    ``state_dict``, atomically: a file of kilobytes to megabytes beside the run's full checkpoint, which
+    :func:`apply_adapter` puts back onto the model it was trained from."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from vitlab.checkpoints.io import atomic_write
+    from vitlab.checkpoints.vitlab_format import config_to_dict
+
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k in names}
+    meta = {"format": ADAPTER_FORMAT, "model": model.model_name, "config": config_to_dict(model.cfg),
+            "peft": dataclasses.asdict(model._peft_settings), **(extra or {})}
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={_ADAPTER_KEY: json.dumps(meta)}))
+
+
+def apply_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Put the adapter file a run wrote (``adapter.safetensors``) onto ``model``, the plain model the run was
+    trained from (built with the run's number of classes), and merge it: ``model`` then holds the weights of the
+    run's ``model.safetensors`` at the same step. Returns ``model``."""
+    from vitlab.checkpoints import CheckpointError
+    from vitlab.checkpoints.io import parse_json, read_safetensors
+
+    path = Path(path)
+    sd, header = read_safetensors(path)
+    meta = parse_json(header[_ADAPTER_KEY]) if _ADAPTER_KEY in header else None
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT or not isinstance(meta.get("peft"), dict):
+        raise CheckpointError(f"{path}: not a vitlab adapter file (a run's adapter.safetensors); a full checkpoint "
+                              f"loads with vitlab.load_model")
+    name = getattr(model, "model_name", type(model).__name__)
+    if meta.get("model") != name:
+        raise CheckpointError(f"{path}: an adapter of {meta.get('model')}, not of {name}")
+    prepare(model, Recipe(**{k: v for k, v in meta["peft"].items() if k in PEFT_FIELDS}))
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    wrong = sorted(k for k in sd if k in params and tuple(sd[k].shape) != tuple(params[k].shape))
+    if set(sd) != expected or wrong:
+        restore(model)
+        said = "; ".join(part for part in (
+            f"missing {sorted(expected - set(sd))[:3]}" if expected - set(sd) else "",
+            f"unexpected {sorted(set(sd) - expected)[:3]}" if set(sd) - expected else "",
+            ", ".join(f"{k}: {tuple(sd[k].shape)} in the file, {tuple(params[k].shape)} in the model"
+                      for k in wrong[:3])) if part)
+        raise CheckpointError(f"{path} does not fit {name} as built ({said}): build the model the run was trained "
+                              f"from, with the run's number of classes")
+    with torch.no_grad():
+        for k, v in sd.items():
+            params[k].copy_(v)
+    restore(model)
+    return model
+
+
 # ------------------------------------------------------------------------------------------ which parameters
 def _warn_unused(s: PeftSettings) -> None:
     default = PeftSettings()

@@ -35,6 +35,7 @@ from vitlab.train.losses import ClassificationLoss
 from vitlab.train.recipe import Recipe
 from vitlab.train.state import load_train_state
 from vitlab.train.trainer import (
+    ADAPTER_FILE,
     BEST_FILE,
     EMA_BEST_FILE,
     EMA_FILE,
@@ -63,9 +64,9 @@ TRAINING_LOGS = (METRICS_FILE, "tb")
 PRETRAIN_OUTPUTS = ("tokenizer.safetensors", "teacher.safetensors")
 # every file a run writes into its directory (the trainer's, the jobs' and the dense tasks' metrics.json)
 RUN_OUTPUTS = (*RUN_MARKERS, EMA_FILE, BEST_FILE, EMA_BEST_FILE, RECIPE_FILE, METRICS_FILE, RESULTS_FILE, "metrics.json", "tb",
-               *PRETRAIN_OUTPUTS)
+               *PRETRAIN_OUTPUTS, ADAPTER_FILE)
 # what `fit` itself writes as it trains: a second fit into the folder would replace or append to them
-FIT_OUTPUTS = (STATE_FILE, MODEL_FILE, EMA_FILE, BEST_FILE, EMA_BEST_FILE, METRICS_FILE, "tb")
+FIT_OUTPUTS = (STATE_FILE, MODEL_FILE, EMA_FILE, BEST_FILE, EMA_BEST_FILE, METRICS_FILE, "tb", ADAPTER_FILE)
 # `vitlab eval`'s report (its files, and its default folder beside a checkpoint: eval_SPLIT); the eval command reads them here
 EVAL_REPORT_PREFIX = "eval_"
 EVAL_REPORT_FILES = ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")

@@ -87,6 +87,7 @@ EMA_FILE = "model_ema.safetensors"
 BEST_FILE = "model_best.safetensors"  # the model at its best validation (recipe.best_metric)
 EMA_BEST_FILE = "model_ema_best.safetensors"  # the EMA model at its own best validation
 STATE_FILE = "train_state.pt"
+ADAPTER_FILE = "adapter.safetensors"  # what a freezing / LoRA run trains, alone (vitlab.train.peft.apply_adapter)
 RECIPE_FILE = "recipe.json"
 METRICS_FILE = "metrics.jsonl"
 
@@ -977,6 +978,8 @@ def fit(
                 plain_sd = peft.plain_state_dict(net, model_sd)
                 plain_ema = peft.plain_state_dict(ema.module, ema_sd) if ema is not None else None
                 save_model(net, out / MODEL_FILE, class_names=class_names, extra=extra, state_dict=plain_sd)
+                if parameters["peft"]:
+                    peft.save_adapter(net, model_sd, out / ADAPTER_FILE, extra={"step": step})
                 if ema is not None:
                     save_model(ema.module, out / EMA_FILE, class_names=class_names, extra={**extra, "ema": True},
                                state_dict=plain_ema)
