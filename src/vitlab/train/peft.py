@@ -386,14 +386,14 @@ def _add_lora(model: nn.Module, s: PeftSettings, generator: torch.Generator, nam
 
     kinds = lora_target_kinds(s.lora_targets)
     heads = set(classifier_prefixes(model))
-    found: dict[str, list[tuple[nn.Module, str, str]]] = {k: [] for k in ("qkv", "proj", "mlp")}
+    found: dict[str, list[str]] = {k: [] for k in ("qkv", "proj", "mlp")}  # kind -> qualified names
     for parent_name, parent in model.named_modules():
         if parent_name.split(".")[0] in heads:
             continue
         for child_name, child in parent.named_children():
             kind = _lora_kind(parent_name, child_name)
             if kind is not None and type(child) is nn.Linear:
-                found[kind].append((parent, child_name, f"{parent_name}.{child_name}"))
+                found[kind].append(f"{parent_name}.{child_name}")
     missing = [k for k in kinds if not found[k]]
     has = [k for k in found if found[k]]
     if missing and (len(kinds) < 3 or not has):  # "all" adapts what there is
@@ -405,7 +405,7 @@ def _add_lora(model: nn.Module, s: PeftSettings, generator: torch.Generator, nam
                             " (its layers are convolutions, or its attention computes with them)")
                          + "; or fine-tune it with --set freeze=backbone (linear probe) / freeze_blocks=N")
     # one pass in the model's own order, whatever the order of the kinds asked for
-    wanted = {q for k in kinds for _, _, q in found[k]}
+    wanted = {q for k in kinds for q in found[k]}
     adapted = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
