@@ -75,12 +75,12 @@ print(f"pre-training: CIFAR-10 held-out top-1 {100 * pre['test']['top1']:.2f}% i
 print("| method | trainable params | fraction | lr (by val) | val top-1 | test top-1 | wall s | test top-1 at each lr |")
 print("|---|---|---|---|---|---|---|---|")
 runs = {}
-for d in sorted(out.glob("*_lr*")):
+for d in sorted(p for p in out.glob("*_lr*") if p.is_dir()):
     r = json.loads((d / "results.json").read_text())
     method, lr = d.name.rsplit("_lr", 1)
     runs.setdefault(method, []).append((float(lr), r, walls.get(d.name, "?")))
 for method in ("full", "partial3", "lora_qkv", "lora_all", "probe", "scratch"):
-    rows = sorted(runs.get(method, []))
+    rows = sorted(runs.get(method, []), key=lambda t: t[0])
     if not rows:
         continue
     lr, best, wall = max(rows, key=lambda t: (t[1]["val"]["val_top1"], -t[0]))
