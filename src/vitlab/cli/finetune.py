@@ -33,6 +33,8 @@ EXAMPLE = """examples:
   vitlab finetune --from hf-hub:google/vit-base-patch16-224 --model vit_base_patch16_224 --data ./pets
   vitlab finetune --from vit_base_patch16_224.augreg2_in21k_ft_in1k --data ./pets   (published weights, as
       timm's train.py --model NAME --pretrained: `vitlab models NAME --pretrained` lists the tags)
+  vitlab finetune --from runs/digits-vit/model.safetensors --data ./my_digits --set lora_rank=8 --set lr=0.003
+      (LoRA on qkv; --set freeze=backbone: a linear probe; --set freeze_blocks=N: the first N blocks frozen)
 
 recipes: {recipes} or a JSON file (default vit_finetune: SGD momentum 0.9, global batch 512 through
 gradient accumulation, cosine decay, no weight decay, clipping at norm 1, zero-initialised head; at the
