@@ -192,6 +192,18 @@ def test_partial_freezing_counts_blocks_as_layer_decay_does_and_refuses_what_doe
         peft.prepare(make_tiny("resnet18"), Recipe(freeze="embed"))
 
 
+def test_train_norms_and_biases_keep_those_parameters_of_frozen_parts_trainable():
+    model = _tiny_vit()
+    peft.prepare(model, Recipe(freeze="backbone", train_norms=True))
+    norms = {n for n, _ in model.named_parameters() if ".norm" in f".{n}" or n.startswith("norm.")}
+    assert norms and {n for n, p in model.named_parameters() if p.requires_grad} == norms | {"head.weight", "head.bias"}
+    lora = _tiny_vit()
+    peft.prepare(lora, Recipe(lora_rank=2, train_biases=True))  # an adapted layer's bias is its base's now
+    trains = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert "blocks.0.attn.qkv.base.bias" in trains and "blocks.0.attn.qkv.base.weight" not in trains
+    assert "blocks.0.mlp.fc1.bias" in trains and "blocks.0.mlp.fc1.weight" not in trains
+
+
 # ------------------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("setting", [{"freeze": "backbone"}, {"freeze_blocks": 1},
                                      {"freeze": "backbone", "train_biases": True}],
