@@ -70,6 +70,9 @@ def test_the_processor_prepares_images_as_vitlab(case: str, io: dict) -> None:
     assert ((ours - pixels).abs().mean() > 0.02) == odd
     crops = config.get("do_center_crop") or config["image_processor_type"] == "ConvNextImageProcessor"
     assert any("margin // 2" in n for n in notes) == bool(crops)
+    # at the models' own sizes a margin of 3 (35 to 32) or 7 (71 to 64) moves every image's crop, and the note says so
+    # (40 x 52 has its odd margins along the shorter side); even margins, or 5, start where vitlab's does
+    assert any("is cropped one pixel off" in n for n in notes) == odd
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -337,13 +337,33 @@ def processor_geometry(model: nn.Module, notes: list[str]) -> dict[str, Any]:
     else:
         geometry = {"size": {"shortest_edge": rh}, "do_center_crop": True, "crop_size": {"height": h, "width": w}}
     if pre.crop_offset == "round":
-        notes.append(crop_margin_note())
+        notes.append(crop_margin_note(pre, squashed=pre.crop_mode == "squash" or h != w))
     return geometry
 
 
-def crop_margin_note() -> str:
-    return ("transformers' processors start an odd crop margin's crop at margin // 2, vitlab (as timm) at "
-            "round(margin / 2): one pixel apart on images whose margin is odd")
+def crop_margin_note(pre: Any, *, squashed: bool = False) -> str:
+    """What transformers' centre crop (at ``margin // 2``) does against vitlab's (``round(margin / 2)``, half to
+    even, as timm) for a model with preprocessing ``pre``: where the margin at the model's own size puts them a pixel
+    apart, every image is (``squashed``: the processor resizes both sides to fixed sizes; else the shorter side)."""
+    _, h, w = pre.input_size
+    margins = {"rows": pre.resize_side(h) - h, "columns": pre.resize_side(w) - w}
+    off = {axis: m for axis, m in margins.items() if m // 2 != round(m / 2)}
+    rule = ("transformers' processors start a centre crop at margin // 2, vitlab (as timm) at round(margin / 2), "
+            "half to even")
+    if not off:
+        return (f"{rule}: the same start at this model's size (margins {margins['rows']} x {margins['columns']}); "
+                f"images whose longer side leaves another odd margin are cropped one pixel apart along it")
+    if squashed:  # both sides resized to fixed sizes: each axis's margin is the same for every image
+        where = " and ".join(f"{axis} (margin {m}: transformers starts at {m // 2}, vitlab at {round(m / 2)})"
+                             for axis, m in off.items())
+        which = f"every image is cropped one pixel off along its {where}"
+    else:  # the shorter side resized: its margin is the same for every image
+        m = margins["rows"]
+        which = (f"every image is cropped one pixel off along its shorter side (a square image: both), whose margin "
+                 f"is {m} ({pre.resize_side(h)} to {h}): transformers starts at {m // 2}, vitlab at {round(m / 2)}")
+    return (f"{rule}: at this model's size {which}; the folder's scores differ from the checkpoint's a little (the "
+            f"model computes the same on the same pixels); an input size whose margin is even or 1 more than a "
+            f"multiple of 4 avoids it")
 
 
 def save_hf_folder(model: nn.Module, folder: str | Path, *, class_names: list[str] | None = None,

@@ -86,7 +86,7 @@ def _processor(model: nn.Module) -> tuple[dict[str, Any], list[str]]:
     if not (pre.channel_order == "RGB" and pre.crop_mode == "center" and h == w < _CONVNEXT_CROPS_BELOW
             and int(h / pre.crop_pct) == pre.resize_side(h)):  # ConvNext rounds h / crop_pct down without a margin
         return image_processor(model)
-    notes: list[str] = [crop_margin_note()] if pre.crop_offset == "round" else []
+    notes: list[str] = [crop_margin_note(pre)] if pre.crop_offset == "round" else []
     return {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": h}, "crop_pct": pre.crop_pct,
             **common_processor_fields(model, notes), "do_normalize": True, "image_mean": list(pre.mean),
             "image_std": list(pre.std)}, notes
