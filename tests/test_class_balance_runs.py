@@ -175,3 +175,17 @@ def test_the_auto_recipe_balances_strongly_imbalanced_classes(caplog):
         tags = choose((4000, 900, 100), multi_label=True)
     assert tags.recipe.class_balance == "none" and "--set class_balance=loss weighs each label's positives" in \
         caplog.text
+
+
+def test_eval_prints_the_balanced_accuracy_it_records(tmp_path, capsys):
+    """`vitlab eval` prints the balanced accuracy (mean per-class accuracy) beside top-1, the value metrics.json
+    holds, so that a user training on imbalanced classes sees it without opening the file."""
+    data = long_tailed_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--output", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "model.safetensors"), "--data", str(data), "--split", "val",
+                 "--output", str(tmp_path / "report"), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    balanced = json.loads((tmp_path / "report" / "metrics.json").read_text())["balanced_accuracy"]
+    assert f"balanced accuracy {100 * balanced:.2f}%" in printed

@@ -658,7 +658,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2))
     else:
         print(f"{args.data} [{metrics['split']}], {r.num_samples} images: top-1 {100 * r.top1:.2f}%  "
-              f"top-5 {100 * r.top5:.2f}%  loss {r.loss:.4f}" + ("" if model.name == "torch" else f"  ({model.name})")
+              f"top-5 {100 * r.top5:.2f}%  loss {r.loss:.4f}"
+              + ("" if r.balanced_accuracy is None else f"  balanced accuracy {100 * r.balanced_accuracy:.2f}%")
+              + ("" if model.name == "torch" else f"  ({model.name})")
               + (f"  (compile failed: {metrics['compile_failed']}; ran eager)" if metrics.get("compile_failed")
                  else ""))
         if "top1_agreement_with_float32" in metrics:
