@@ -260,3 +260,23 @@ def test_the_auto_recipes_model_options_are_read_without_the_other_settings():
 
     args = argparse.Namespace(img_size=24, overrides=["min_lr=0.0012", "model_overrides.depth=1"])
     assert built_model_options(args) == {"depth": 1, "img_size": 24}
+
+
+def test_resuming_a_finished_run_with_other_settings_is_refused_and_writes_nothing(tmp_path, caplog):
+    """A run that trained all its steps and is resumed with --set (and no more steps) would train nothing with the
+    new settings: it was rewritten as if it had (its model file's recorded recipe, results.json). Refused now,
+    naming the setting, with every file as it was; with more steps the new setting trains, and a plain --resume of
+    the finished run still works."""
+    data = write_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--output", str(run), *TINY]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", "--resume", "--output", str(run), "--threads", "1", "--no-progress",
+                     "--set", "label_smoothing=0.3"]) == 2
+    assert "trained all its steps (2 of 2)" in caplog.text and "label_smoothing=0.3" in caplog.text
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert main(["train", "--resume", "--output", str(run), "--threads", "1", "--no-progress"]) == 0
+    assert main(["train", "--resume", "--output", str(run), "--threads", "1", "--no-progress", "--steps", "3",
+                 "--set", "label_smoothing=0.3"]) == 0
+    assert json.loads((run / "results.json").read_text())["steps"] == 3

@@ -457,7 +457,12 @@ def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str
     what the data's held-out split is drawn from now (:func:`check_resumed_data`). (``fit``
     checks again as it loads; this is the early refusal that keeps a wrong --resume from rewriting the run's
     job.json.)"""
-    from vitlab.train.trainer import check_same_model, check_same_optimizer, check_same_targets
+    from vitlab.train.trainer import (
+        check_finished_unchanged,
+        check_same_model,
+        check_same_optimizer,
+        check_same_targets,
+    )
 
     path = resumable_state(output)
     state = load_train_state(path, mmap=True)
@@ -477,6 +482,7 @@ def check_resumable(output: Path, model: nn.Module, recipe: Recipe, *, data: str
                               "were, or start a new run (another --output)")
     check_same_optimizer(state, recipe, path)
     peft.check_same_peft(state, recipe, path)
+    check_finished_unchanged(state, recipe, path)
 
 
 def check_same_objective(state: dict[str, Any], objective: Any, path: Path) -> None:

@@ -1424,13 +1424,7 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
         objective.schedule = Horizon(total_steps=saved_total, warmup_steps=0)
     if total_steps != saved_total:
         objective.replan(step, total_steps)
-    # how the (checked, unchanged) global batch is split over processes and micro-batches is logistics too
-    logistics = {"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every", "eval_every_epochs", "description",
-                 "best_metric", "early_stopping_patience", "fsdp", "batch_size", "accum_steps", "global_batch",
-                 "model"}  # the model is checked itself (check_same_model); older runs recorded the recipe's default
-    # fields an older vitlab did not record are not changes of the run's
-    changed = sorted(k for k, v in recipe.to_dict().items()
-                     if k not in logistics and k in saved_recipe and saved_recipe[k] != v)
+    changed = changed_settings(recipe, saved_recipe)
     changes = list(state.get("recipe_changes") or [])
     if changed:
         changes.append({"from_step": step + 1,
@@ -1467,6 +1461,38 @@ def _restore(path: Path, *, net: nn.Module, objective: Objective, optimizer, sch
     log.info("resumed %s at step %d of %d", path.parent, step, total_steps)
     return _Resumed(step, float(state.get("train_seconds", 0.0)), changes, _last_validation(state, path),
                     (state.get("best"), state.get("best_ema")), total_steps, state.get("class_balance"))
+
+
+# recipe fields that do not change what a run computes: how the (checked, unchanged) global batch is split over
+# processes and micro-batches is logistics too; the model is checked itself (check_same_model), and older runs
+# recorded the recipe's default
+RESUME_LOGISTICS = frozenset({"workers", "cache_images", "cpu_threads", "log_every", "checkpoint_every",
+                              "eval_every_epochs", "description", "best_metric", "early_stopping_patience", "fsdp",
+                              "batch_size", "accum_steps", "global_batch", "model"})
+
+
+def changed_settings(recipe: Recipe, saved_recipe: dict[str, Any]) -> list[str]:
+    """The recipe fields a resumed run changes (sorted), logistics aside; fields an older vitlab did not record are
+    not changes of the run's."""
+    return sorted(k for k, v in recipe.to_dict().items()
+                  if k not in RESUME_LOGISTICS and k in saved_recipe and saved_recipe[k] != v)
+
+
+def check_finished_unchanged(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
+    """A run that has trained all its steps, resumed with other settings and no longer length, would train nothing
+    with them and only rewrite its records as if it had: refused, naming them."""
+    step, total = int(state["step"]), state.get("total_steps")
+    saved = state.get("recipe", {})
+    if total is None or step < int(total) or state.get("stopped_early"):
+        return
+    changed = [k for k in changed_settings(recipe, saved) if k not in ("epochs", "max_steps")]
+    longer = any(k in saved and saved[k] != getattr(recipe, k) for k in ("epochs", "max_steps"))
+    if changed and not longer:
+        raise CheckpointError(
+            f"--resume: the run in {path.parent} has trained all its steps ({step} of {total}), so "
+            f"{', '.join(f'{k}={getattr(recipe, k)!r}' for k in changed)} would train nothing and only rewrite its "
+            f"records as if it had: leave them out, give more steps (--steps / --epochs) to train on with them, or "
+            f"start a new run from its weights (vitlab finetune --from {path.parent / MODEL_FILE} --output NEW ...)")
 
 
 def _planned_steps_per_epoch(state: dict[str, Any], saved_total: int) -> int | None:
