@@ -189,3 +189,23 @@ def test_eval_prints_the_balanced_accuracy_it_records(tmp_path, capsys):
     printed = capsys.readouterr().out
     balanced = json.loads((tmp_path / "report" / "metrics.json").read_text())["balanced_accuracy"]
     assert f"balanced accuracy {100 * balanced:.2f}%" in printed
+
+
+def test_a_recipe_of_ones_own_on_imbalanced_classes_is_told_what_helps(tmp_path, caplog):
+    """The auto recipe balances strongly imbalanced classes itself; a run with a recipe of the user's own (train
+    --recipe, finetune) did not even say the data was imbalanced. It warns now, naming class_balance, and not once
+    class_balance is set or the classes are balanced."""
+    data = long_tailed_folder(tmp_path / "data", counts=(40, 4, 4))
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--data", str(data), "--output", str(tmp_path / "a"), *TINY]) == 0
+    assert "imbalanced classes: the largest has 30 images, the smallest 3 (10x)" in caplog.text
+    assert "--set class_balance=sampler" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--data", str(data), "--output", str(tmp_path / "b"), *TINY,
+                     "--set", "class_balance=loss"]) == 0
+    assert "imbalanced classes" not in caplog.text
+    balanced = long_tailed_folder(tmp_path / "even", counts=(8, 8, 8))
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--data", str(balanced), "--output", str(tmp_path / "c"), *TINY]) == 0
+    assert "imbalanced classes" not in caplog.text

@@ -693,6 +693,8 @@ def _run(job: TrainJob, ctx: DistContext) -> dict[str, Any]:
         check_multilabel_data(train_set)
     else:
         check_classification_data(train_set)
+    if ctx.is_main and not job.resume:
+        _warn_imbalance(train_set, recipe)
     # a source's own val/ folder is always validated on; val_fraction only holds out part of train where none is
     validate = recipe.val_fraction > 0 or has_own_val_split(job.data)
     val_set = build(job.data, split="val", **common) if validate else None
@@ -926,6 +928,30 @@ def _same_images(a, b) -> bool:
     if a is None or b is None or getattr(a, "paths", None) is None or getattr(b, "paths", None) is None:
         return False
     return a.paths == b.paths and a.targets == b.targets
+
+
+def _warn_imbalance(train_set: Any, recipe: Recipe) -> None:
+    """A recipe of the user's own on strongly imbalanced classes without class_balance: said, with what helps (the
+    auto recipe balances such data itself and says so)."""
+    from vitlab.data.sampler import label_counts, training_labels
+    from vitlab.train.auto import IMBALANCE_RATIO
+
+    if recipe.name == "auto" or recipe.class_balance != "none":
+        return
+    try:
+        counts = label_counts(training_labels(train_set), len(train_set.classes))
+    except (TypeError, ValueError):  # no labels to count without decoding: nothing to say
+        return
+    lo, hi = min(counts), max(counts)
+    if hi < IMBALANCE_RATIO * max(lo, 1) or hi == lo:
+        return
+    fix = ("--set class_balance=loss weighs each label's positives (binary cross entropy's pos_weight)"
+           if recipe.multi_label else
+           "--set class_balance=sampler --set class_balance_power=0.5 draws the small classes more often (what the "
+           "auto recipe does for such data; README, \"Imbalanced classes\")")
+    log.warning("imbalanced %s: the largest has %d images, the smallest %d%s; small %s can score far below the mean: "
+                "%s, and `vitlab eval` reports each one's accuracy", "labels" if recipe.multi_label else "classes",
+                hi, lo, f" ({hi / lo:.0f}x)" if lo else "", "labels" if recipe.multi_label else "classes", fix)
 
 
 def _fit_to_budget(job: TrainJob, ctx: DistContext, recipe: Recipe, model: nn.Module, train_set, val_set,
