@@ -460,3 +460,17 @@ def test_lora_under_two_processes_matches_one_with_the_same_global_batch(tmp_pat
     assert state["model"]["blocks.0.attn.qkv.lora_b"].abs().max() > 0  # the adapters trained
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], state["model"]["blocks.0.attn.qkv.base.weight"])
     assert torch.equal(a["blocks.0.attn.proj.weight"], state["model"]["blocks.0.attn.proj.weight"])  # frozen
+
+
+def test_a_refusal_suggests_only_what_the_model_takes():
+    """ResNet has neither LoRA targets nor blocks to count: the LoRA refusal suggested freeze_blocks and the
+    freeze_blocks refusal suggested lora_rank, each refused in turn (a tester went round in the circle). Each names
+    what the model takes; a Mixer's still offers freeze_blocks."""
+    from model_helpers import make_tiny
+
+    for recipe, other in ((Recipe(lora_rank=4), "freeze_blocks"), (Recipe(freeze_blocks=1), "lora_rank")):
+        with pytest.raises(ValueError, match=r"freeze=backbone \(linear probe\)") as e:
+            peft.prepare(make_tiny("resnet18"), recipe)
+        assert other not in str(e.value).split(";")[-1]
+    with pytest.raises(ValueError, match=r"lora_targets=mlp; or .*freeze=backbone \(linear probe\) / freeze_blocks=N"):
+        peft.prepare(make_tiny("mixer_s16_224"), Recipe(lora_rank=4))  # blocks to count, and MLPs to adapt

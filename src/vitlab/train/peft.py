@@ -351,9 +351,10 @@ def _layer_numbering(model: nn.Module, what: str, name: str):
     try:
         layers = num_layers_for_decay(model)
     except ValueError:
+        lora = " or lora_rank" if any(_lora_candidates(model).values()) else ""
         raise ValueError(f"{what}: {name} has no sequence of transformer blocks to count (partial fine-tuning "
-                         f"freezes the embedding and the first N blocks); give freeze=backbone (linear probe) or "
-                         f"lora_rank") from None
+                         f"freezes the embedding and the first N blocks); give freeze=backbone (linear probe){lora}"
+                         ) from None
     own = getattr(model, "decay_layer_id", None)
     return layers, (own if own is not None else (lambda n: layer_id(n, layers)))
 
@@ -380,13 +381,12 @@ def _lora_kind(parent: str, child: str) -> str | None:
     return None
 
 
-def _add_lora(model: nn.Module, s: PeftSettings, generator: torch.Generator, name: str) -> list[str]:
-    """Replace the targeted Linear layers by LoRALinear (in ``named_modules`` order: the draws of A follow it)."""
+def _lora_candidates(model: nn.Module) -> dict[str, list[str]]:
+    """The Linear layers LoRA can adapt, by kind ("qkv", "proj", "mlp" -> qualified names), the head left out."""
     from vitlab.checkpoints.adapt import classifier_prefixes
 
-    kinds = lora_target_kinds(s.lora_targets)
     heads = set(classifier_prefixes(model))
-    found: dict[str, list[str]] = {k: [] for k in ("qkv", "proj", "mlp")}  # kind -> qualified names
+    found: dict[str, list[str]] = {k: [] for k in ("qkv", "proj", "mlp")}
     for parent_name, parent in model.named_modules():
         if parent_name.split(".")[0] in heads:
             continue
@@ -394,6 +394,24 @@ def _add_lora(model: nn.Module, s: PeftSettings, generator: torch.Generator, nam
             kind = _lora_kind(parent_name, child_name)
             if kind is not None and type(child) is nn.Linear:
                 found[kind].append(f"{parent_name}.{child_name}")
+    return found
+
+
+def _countable(model: nn.Module) -> bool:
+    """Whether ``model`` has blocks that freeze_blocks can count (as layer decay numbers them)."""
+    from vitlab.train.optim import num_layers_for_decay
+
+    try:
+        num_layers_for_decay(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _add_lora(model: nn.Module, s: PeftSettings, generator: torch.Generator, name: str) -> list[str]:
+    """Replace the targeted Linear layers by LoRALinear (in ``named_modules`` order: the draws of A follow it)."""
+    kinds = lora_target_kinds(s.lora_targets)
+    found = _lora_candidates(model)
     missing = [k for k in kinds if not found[k]]
     has = [k for k in found if found[k]]
     if missing and (len(kinds) < 3 or not has):  # "all" adapts what there is
@@ -403,7 +421,8 @@ def _add_lora(model: nn.Module, s: PeftSettings, generator: torch.Generator, nam
                          f"{' or '.join(what[k] for k in missing)} for LoRA to adapt"
                          + (f"; it has {', '.join(has)}: --set lora_targets={','.join(has)}" if has else
                             " (its layers are convolutions, or its attention computes with them)")
-                         + "; or fine-tune it with --set freeze=backbone (linear probe) / freeze_blocks=N")
+                         + "; or fine-tune it with --set freeze=backbone (linear probe)"
+                         + (" / freeze_blocks=N" if _countable(model) else ""))
     # one pass in the model's own order, whatever the order of the kinds asked for
     wanted = {q for k in kinds for q in found[k]}
     adapted = []
