@@ -468,9 +468,9 @@ def test_a_refusal_suggests_only_what_the_model_takes():
     what the model takes; a Mixer's still offers freeze_blocks."""
     from model_helpers import make_tiny
 
-    for recipe, other in ((Recipe(lora_rank=4), "freeze_blocks"), (Recipe(freeze_blocks=1), "lora_rank")):
+    for asked, other in ((Recipe(lora_rank=4), "freeze_blocks"), (Recipe(freeze_blocks=1), "lora_rank")):
         with pytest.raises(ValueError, match=r"freeze=backbone \(linear probe\)") as e:
-            peft.prepare(make_tiny("resnet18"), recipe)
+            peft.prepare(make_tiny("resnet18"), asked)
         assert other not in str(e.value).split(";")[-1]
     with pytest.raises(ValueError, match=r"lora_targets=mlp; or .*freeze=backbone \(linear probe\) / freeze_blocks=N"):
         peft.prepare(make_tiny("mixer_s16_224"), Recipe(lora_rank=4))  # blocks to count, and MLPs to adapt
