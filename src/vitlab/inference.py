@@ -140,9 +140,10 @@ def _placed(model: nn.Module, device: str | torch.device | None, *, owned: bool,
     """Where ``model`` runs: the CPU for ONNX Runtime and torch.ao int8 kernels; a model of the call's own
     (``owned``: loaded from a path) is moved to ``device`` (None: the CPU); a caller's model is never moved (other
     calls may be using it), so ``device`` must be where its parameters are (None: there), else a ValueError."""
-    runtime = str(getattr(model, "name", "")) if hasattr(model, "inner") else ""  # a vitlab.export Runtime
-    if runtime.startswith("onnx") or runtime == "torch-int8":
-        return torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
+    from vitlab.export.runtimes import cpu_only
+
+    if hasattr(model, "inner") and cpu_only(str(getattr(model, "name", ""))):  # a vitlab.export Runtime
+        return torch.device("cpu")
     if owned:
         device = torch.device(device) if device is not None else torch.device("cpu")
         model.to(device)

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vitlab.data import BadImageError, eval_transform
-    from vitlab.export.runtimes import compile_failure, slow_bf16_reason
+    from vitlab.export.runtimes import compile_failure, runtime_device, slow_bf16_reason
     from vitlab.inference import embed_batches, load_for_embedding
 
     output = check_output(args)
@@ -95,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args)
     model, meaning = load_for_embedding(args.checkpoint, args.runtime, model_name=args.model,
                                         model_args=model_args(args), normalized=args.normalize)
-    if model.name.startswith("onnx") or model.name == "torch-int8":
-        device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
+    device = runtime_device(model.name, device)
     model = model.to(device)
     if reason := slow_bf16_reason(model.name, device):
         log.warning("%s", reason)

@@ -521,10 +521,14 @@ def _run_dense(args: argparse.Namespace, model) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from vitlab.data import build_dataset, eval_transform
-    from vitlab.export.runtimes import compile_failure, load_for_inference, setup_seconds, slow_bf16_reason
+    from vitlab.export.runtimes import (
+        compile_failure,
+        load_for_inference,
+        runtime_device,
+        setup_seconds,
+        slow_bf16_reason,
+    )
     from vitlab.train.evaluate import evaluate
 
     refuse_torchrun("eval")
@@ -558,8 +562,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--runtime {runtime}: a {task} model evaluates with PyTorch (auto, torch) or ONNX "
                              f"Runtime (onnx, or an .onnx file)")
         return _run_dense(args, model.inner if runtime == "onnx" or reference is None else reference.cpu())
-    if model.name.startswith("onnx") or model.name == "torch-int8":
-        device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
+    device = runtime_device(model.name, device)
     model = model.to(device).eval()
     if reason := slow_bf16_reason(model.name, device):
         log.warning("%s", reason)

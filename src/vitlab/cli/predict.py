@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.topk < 1 or args.batch_size < 1:
         raise ValueError(f"--topk and --batch-size must be >= 1, got {args.topk} and {args.batch_size}")
     images = expand_image_paths(args.images)
-    from vitlab.export.runtimes import compile_failure, load_for_inference, slow_bf16_reason
+    from vitlab.export.runtimes import compile_failure, load_for_inference, runtime_device, slow_bf16_reason
 
     device = check_device(args)
     class_map = read_class_map(args.class_map) if args.class_map else None  # before the model: its errors first
@@ -101,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
                          f"evaluate its features with vitlab eval --protocol knn|linear")
     if class_map is not None:
         apply_class_map(model, class_map, args.class_map, recorded=recorded_class_names(model, reference))
-    if model.name.startswith("onnx") or model.name == "torch-int8":
-        device = torch.device("cpu")  # ONNX Runtime and torch.ao int8 kernels run on the CPU here
+    device = runtime_device(model.name, device)
     model = model.to(device).eval()
     if reason := slow_bf16_reason(model.name, device):
         log.warning("%s", reason)

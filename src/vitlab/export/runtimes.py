@@ -288,6 +288,16 @@ def build_runtime(name: str, model: nn.Module | None = None, *, onnx_path: str |
     return Runtime(name, inner, reference=model, setup_s=time.perf_counter() - t0)
 
 
+def cpu_only(name: str) -> bool:
+    """Whether the runtime ``name`` runs on the CPU only: ONNX Runtime here, and torch.ao's int8 kernels."""
+    return name.startswith("onnx") or name == "torch-int8"
+
+
+def runtime_device(name: str, device: torch.device) -> torch.device:
+    """Where the runtime ``name`` runs when ``device`` is asked: the CPU for :func:`cpu_only` runtimes."""
+    return torch.device("cpu") if cpu_only(name) else device
+
+
 def slow_bf16_reason(name: str, device: torch.device) -> str | None:
     """Why the bfloat16 runtime ``name`` will be slow on ``device`` (None: it will not be). Without
     AVX512-BF16 or AMX-BF16, PyTorch emulates bfloat16 on the CPU, slower than float32."""
