@@ -74,18 +74,10 @@ class ClassificationLoss(nn.Module):
 
     def _weighted(self, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
         logp = F.log_softmax(logits.float(), dim=-1)  # (B, K)
-        w = weights.to(logp.device)
-        s = 0.0 if self.mixed_targets else self.label_smoothing
-        if targets.ndim == 2:
-            t = targets.float()
-            if s:
-                t = t * (1.0 - s) + s / t.shape[-1]
-            return -(t * w * logp).sum(dim=-1).mean()
-        picked = -logp.gather(1, targets[:, None].long()).squeeze(1) * w[targets]  # (B,): w_y * -log p_y
-        if not s:
-            return picked.mean()
-        spread = -(logp * w).sum(dim=-1) / logp.shape[-1]  # (B,): the smoothing's uniform share, weighted
-        return ((1.0 - s) * picked + s * spread).mean()
+        t = targets.float() if targets.ndim == 2 else F.one_hot(targets.long(), logp.shape[-1]).float()
+        if not self.mixed_targets and self.label_smoothing:
+            t = t * (1.0 - self.label_smoothing) + self.label_smoothing / t.shape[-1]
+        return -(t * weights.to(logp.device) * logp).sum(dim=-1).mean()
 
     def forward(self, images: Tensor, outputs: Tensor | tuple[Tensor, Tensor], targets: Tensor) -> Tensor:
         if isinstance(outputs, tuple):
