@@ -56,18 +56,24 @@ _MLP_LAYERS = frozenset({"fc1", "fc2"})
 
 @dataclasses.dataclass(frozen=True)
 class PeftSettings:
-    freeze: str = "none"
-    freeze_blocks: int = 0
-    train_norms: bool = False
-    train_biases: bool = False
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_targets: str = "qkv"
+    """The recipe's PEFT_FIELDS, as a prepared model records them (their defaults: :meth:`default`, the recipe's)."""
+
+    freeze: str
+    freeze_blocks: int
+    train_norms: bool
+    train_biases: bool
+    lora_rank: int
+    lora_alpha: float | None
+    lora_dropout: float
+    lora_targets: str
 
     @classmethod
     def of(cls, recipe: Recipe) -> PeftSettings:
         return cls(**{k: getattr(recipe, k) for k in PEFT_FIELDS})
+
+    @classmethod
+    def default(cls) -> PeftSettings:
+        return cls.of(Recipe())
 
     @property
     def active(self) -> bool:
@@ -150,7 +156,8 @@ def describe(model: nn.Module) -> dict[str, Any] | None:
     settings = getattr(model, "_peft_settings", None)
     if settings is None:
         return None
-    out = {k: v for k, v in dataclasses.asdict(settings).items() if plain(v) != plain(getattr(PeftSettings(), k))}
+    default = dataclasses.asdict(PeftSettings.default())
+    out = {k: v for k, v in dataclasses.asdict(settings).items() if plain(v) != plain(default[k])}
     if settings.lora_rank:
         out["lora_alpha"] = settings.alpha
         out["lora_targets"] = ",".join(lora_target_kinds(settings.lora_targets))
@@ -313,7 +320,7 @@ def apply_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------ which parameters
 def _warn_unused(s: PeftSettings) -> None:
-    default = PeftSettings()
+    default = PeftSettings.default()
     if not s.lora_rank:
         unused = [k for k in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(s, k) != getattr(default, k)]
         if unused:
