@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from torch import nn
 import vitlab
 import vitlab.inference as inference
 from dense_helpers import DETR_TINY, SETR_TINY
+from test_predict_service import overlapping_calls
 from vitlab.cli.main import main
 from vitlab.data import eval_transform
 from vitlab.data.errors import BadImageError
@@ -239,37 +239,7 @@ def test_concurrent_calls_never_run_a_forward_in_train_mode() -> None:
     model = tiny_vit(drop_rate=0.5, proj_drop_rate=0.5, drop_path_rate=0.5).train()
     x = np.uint8(np.random.default_rng(3).integers(0, 255, (32, 32, 3)))
     expected = vitlab.embed(tiny_vit().eval(), x)
-    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
-    modes: dict[str, bool] = {}
-    results: dict[str, torch.Tensor] = {}
-
-    def block(_m, _args) -> None:  # at the start of each forward: A waits for B to start, B for A to finish
-        role = threading.current_thread().name
-        if role == "A":
-            a_in.set()
-            assert b_in.wait(10)
-        elif role == "B":
-            b_in.set()
-            assert a_done.wait(10)
-
-    def record(_m, _args) -> None:  # at the last block, after the wait: the mode the rest of the forward ran in
-        modes[threading.current_thread().name] = any(m.training for m in model.modules())
-
-    hooks = [model.patch_embed.register_forward_pre_hook(block), model.blocks[-1].register_forward_pre_hook(record)]
-    try:
-        def call() -> None:
-            results[threading.current_thread().name] = vitlab.embed(model, x)
-
-        a, b = threading.Thread(target=call, name="A"), threading.Thread(target=call, name="B")
-        a.start()
-        assert a_in.wait(10)
-        b.start()
-        a.join(10)
-        a_done.set()
-        b.join(10)
-    finally:
-        for h in hooks:
-            h.remove()
+    results, modes = overlapping_calls(model, lambda: vitlab.embed(model, x), model.patch_embed, model.blocks[-1])
     assert modes == {"A": False, "B": False}
     for role in ("A", "B"):
         torch.testing.assert_close(results[role], expected, atol=1e-6, rtol=0)

@@ -45,16 +45,13 @@ def _scores(out: list) -> list[float]:
 
 
 # --------------------------------------------------------------------------- 1: threads sharing a model
-def test_concurrent_calls_never_run_a_forward_in_train_mode():
-    """Call A switches the train-mode model to eval and finishes while call B is inside its forward: B's forward
-    must still run in eval mode, and the model is in train mode again once both are done."""
-    model = _model()
-    img = _picture()
-    with torch.no_grad():
-        expected = _scores(vitlab.predict(_model().eval(), img, topk=2))
+def overlapping_calls(model: nn.Module, call, first: nn.Module, late: nn.Module) -> tuple[dict, dict]:
+    """``call()`` in two threads on one ``model``, overlapped: A enters ``first``'s forward and waits there until B
+    has entered it too, B then waits until A's call has returned. Returns (each thread's result, whether any module
+    was in train mode when its forward reached ``late``, after the wait), keyed "A" / "B"."""
     a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
     modes: dict[str, bool] = {}
-    results: dict[str, list] = {}
+    results: dict[str, object] = {}
 
     def block(_m, _args) -> None:  # at the start of each forward: A waits for B to start, B for A to finish
         role = threading.current_thread().name
@@ -65,15 +62,15 @@ def test_concurrent_calls_never_run_a_forward_in_train_mode():
             b_in.set()
             assert a_done.wait(10)
 
-    def record(_m, _args) -> None:  # at the classifier, after the wait: the mode the rest of the forward ran in
+    def record(_m, _args) -> None:  # after the wait: the mode the rest of the forward ran in
         modes[threading.current_thread().name] = any(m.training for m in model.modules())
 
-    hooks = [model.register_forward_pre_hook(block), model.get_classifier().register_forward_pre_hook(record)]
-    try:
-        def call() -> None:
-            results[threading.current_thread().name] = vitlab.predict(model, img, topk=2)
+    def run() -> None:
+        results[threading.current_thread().name] = call()
 
-        a, b = threading.Thread(target=call, name="A"), threading.Thread(target=call, name="B")
+    hooks = [first.register_forward_pre_hook(block), late.register_forward_pre_hook(record)]
+    try:
+        a, b = threading.Thread(target=run, name="A"), threading.Thread(target=run, name="B")
         a.start()
         assert a_in.wait(10)
         b.start()
@@ -83,6 +80,18 @@ def test_concurrent_calls_never_run_a_forward_in_train_mode():
     finally:
         for h in hooks:
             h.remove()
+    return results, modes
+
+
+def test_concurrent_calls_never_run_a_forward_in_train_mode():
+    """Call A switches the train-mode model to eval and finishes while call B is inside its forward: B's forward
+    must still run in eval mode, and the model is in train mode again once both are done."""
+    model = _model()
+    img = _picture()
+    with torch.no_grad():
+        expected = _scores(vitlab.predict(_model().eval(), img, topk=2))
+    results, modes = overlapping_calls(model, lambda: vitlab.predict(model, img, topk=2), model,
+                                       model.get_classifier())
     assert modes == {"A": False, "B": False}
     for role in ("A", "B"):
         np.testing.assert_allclose(_scores(results[role]), expected, atol=1e-6)
