@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,23 @@ def _env():
 def _torchrun(args, timeout=150):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def two_match_one(run: list[str], batch: int, out: Path) -> tuple[dict, dict]:
+    """``run`` (vitlab CLI arguments) under torchrun on two processes of ``batch`` (into ``out / "two"``) and in one
+    process of ``2 * batch`` (``out / "one"``): both succeed and their final weights agree as one global batch's
+    update should (float rounding apart). Returns the weights (one, two)."""
+    two = _torchrun(["-m", "vitlab.cli.main", *run, "--batch-size", str(batch), "--output", str(out / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "vitlab.cli.main", *run, "--batch-size", str(2 * batch),
+                          "--output", str(out / "one")], env=_env(), capture_output=True, text=True,
+                         timeout=150, check=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, _ = read_vitlab(out / "one" / "model.safetensors")
+    b, _ = read_vitlab(out / "two" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    return a, b
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
@@ -90,16 +108,7 @@ def test_multi_label_two_processes_match_one(tmp_path):
     run = [r for r in RUN if r not in ("--data", "digits")] + [
         "--data", str(data), "--multi-label", "--recipe", "digits", "--set", "val_fraction=0.25", "--img-size", "8",
         "--set", "model_overrides.patch_size=4"]
-    two = _torchrun(["-m", "vitlab.cli.main", *run, "--batch-size", "8", "--output", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "vitlab.cli.main", *run, "--batch-size", "16",
-                          "--output", str(tmp_path / "one")], env=_env(), capture_output=True, text=True,
-                         timeout=150, check=False)
-    assert one.returncode == 0, one.stderr[-3000:]
-    a, meta_a = read_vitlab(tmp_path / "one" / "model.safetensors")
-    b, meta_b = read_vitlab(tmp_path / "two" / "model.safetensors")
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    a, _ = two_match_one(run, 8, tmp_path)
     assert a["head.weight"].abs().max() > 1e-3
     ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert ra["val"]["val_mAP"] == pytest.approx(rb["val"]["val_mAP"], abs=1e-6)
@@ -130,15 +139,6 @@ def test_class_balanced_sampling_two_processes_match_one(tmp_path):
     import json
 
     run = [r if r != "3" else "6" for r in RUN] + ["--set", "class_balance=sampler", "--set", "class_balance_power=0.5"]
-    two = _torchrun(["-m", "vitlab.cli.main", *run, "--batch-size", "16", "--output", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "vitlab.cli.main", *run, "--batch-size", "32",
-                          "--output", str(tmp_path / "one")], env=_env(), capture_output=True, text=True,
-                         timeout=150, check=False)
-    assert one.returncode == 0, one.stderr[-3000:]
-    a, _ = read_vitlab(tmp_path / "one" / "model.safetensors")
-    b, _ = read_vitlab(tmp_path / "two" / "model.safetensors")
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    two_match_one(run, 16, tmp_path)
     ra, rb = (json.loads((tmp_path / d / "results.json").read_text())["class_balance"] for d in ("one", "two"))
     assert ra == rb and ra["mode"] == "sampler" and len(ra["class_probabilities"]) == 10

@@ -441,21 +441,10 @@ def test_cli_finetune_with_lora_records_the_trainable_parameters_and_writes_a_pl
 def test_lora_under_two_processes_matches_one_with_the_same_global_batch(tmp_path):
     """DDP with frozen parameters and adapters (no find_unused_parameters needed: every trainable parameter gets a
     gradient each step): the same merged weights as one process, the pretrained ones frozen in both."""
-    import subprocess
-    import sys
-
-    from test_distributed import RUN, _env, _torchrun
+    from test_distributed import RUN, two_match_one
 
     run = [*RUN, "--set", "lora_rank=2", "--set", "lora_targets=qkv,mlp", "--set", "train_biases=true"]
-    two = _torchrun(["-m", "vitlab.cli.main", *run, "--batch-size", "16", "--output", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "vitlab.cli.main", *run, "--batch-size", "32",
-                          "--output", str(tmp_path / "one")], env=_env(), capture_output=True, text=True,
-                         timeout=150, check=False)
-    assert one.returncode == 0, one.stderr[-3000:]
-    a, b = _weights(tmp_path / "one" / "model.safetensors"), _weights(tmp_path / "two" / "model.safetensors")
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    a, _ = two_match_one(run, 16, tmp_path)
     state = load_train_state(tmp_path / "two" / "train_state.pt")
     assert state["model"]["blocks.0.attn.qkv.lora_b"].abs().max() > 0  # the adapters trained
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], state["model"]["blocks.0.attn.qkv.base.weight"])
