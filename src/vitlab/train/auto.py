@@ -364,7 +364,7 @@ def choose_recipe(data: DataFacts, hw: Hardware, *, time_budget_s: float | None 
         randaugment=(2, 7) if long_run and colour else None,
         eval_every_epochs=max(1, epochs // 4),
         log_every=max(1, min(50, steps_per_epoch // 4)),
-        **(AUTO_CLASS_BALANCE if imbalanced(data) and not data.multi_label else {}),
+        **(AUTO_CLASS_BALANCE if imbalanced(data.class_counts) and not data.multi_label else {}),
     )
     estimated = total_steps * batch * per_image
     for warning in data_warnings(data):
@@ -449,9 +449,9 @@ IMBALANCE_RATIO = 10
 AUTO_CLASS_BALANCE = {"class_balance": "sampler", "class_balance_power": 0.5}
 
 
-def imbalanced(data: DataFacts) -> bool:
-    """Whether the largest class has at least ``IMBALANCE_RATIO`` times the images of the smallest."""
-    counts = data.class_counts
+def imbalanced(counts: list[int] | None) -> bool:
+    """Whether the largest class (of ``counts``, images per class) has at least ``IMBALANCE_RATIO`` times the images
+    of the smallest."""
     return bool(counts) and max(counts) >= IMBALANCE_RATIO * max(min(counts), 1) and max(counts) > min(counts)
 
 
@@ -460,7 +460,7 @@ def data_warnings(data: DataFacts) -> list[str]:
     them."""
     out = []
     counts = data.class_counts
-    if counts and imbalanced(data):
+    if imbalanced(counts):
         lo, hi = min(counts), max(counts)
         times = f" ({hi / lo:.0f}x)" if lo else ""
         if data.multi_label:

@@ -934,7 +934,7 @@ def _warn_imbalance(train_set: Any, recipe: Recipe) -> None:
     """A recipe of the user's own on strongly imbalanced classes without class_balance: said, with what helps (the
     auto recipe balances such data itself and says so)."""
     from vitlab.data.sampler import label_counts, training_labels
-    from vitlab.train.auto import IMBALANCE_RATIO
+    from vitlab.train.auto import imbalanced
 
     if recipe.name == "auto" or recipe.class_balance != "none":
         return
@@ -942,9 +942,9 @@ def _warn_imbalance(train_set: Any, recipe: Recipe) -> None:
         counts = label_counts(training_labels(train_set), len(train_set.classes))
     except (TypeError, ValueError):  # no labels to count without decoding: nothing to say
         return
-    lo, hi = min(counts), max(counts)
-    if hi < IMBALANCE_RATIO * max(lo, 1) or hi == lo:
+    if not imbalanced(counts):
         return
+    lo, hi = min(counts), max(counts)
     fix = ("--set class_balance=loss weighs each label's positives (binary cross entropy's pos_weight)"
            if recipe.multi_label else
            "--set class_balance=sampler --set class_balance_power=0.5 draws the small classes more often (what the "
